@@ -1,0 +1,592 @@
+"""Numba CPU kernels: the per-batch forward/backward core and the optimizer update.
+
+The kernel contract (shared with the NumPy reference and the GPU backend)
+---------------------------------------------------------------------------
+* Kernels are procedures: inputs first, then outputs (``out_*`` or the caller-owned flat
+  buffers ``grad``/``ws``/``state``), then scalars.  They write into caller-owned buffers,
+  never allocate, never validate, never branch on names (activation and loss arrive as the
+  integer codes of :mod:`minigd.nn`).
+* Every array is C-contiguous.  ``params``/``grad`` are flat (P,) vectors in the order
+  W0 (row-major, shape (fan_in, fan_out)), b0, W1, b1, ...  The workspace ``ws`` is one flat
+  buffer; activations are batch-major (B, width) blocks inside it.
+* ``lay`` is an int64 (8, max(L+1, 4)) table built by :mod:`minigd.kernels.workspace`:
+  row 0 the layer sizes n_0..n_L; rows 1/2 the offsets of W_l / b_l in ``params``;
+  row 3 the activation code of layer l (identity for the output layer); rows 4/5/6 the
+  offsets in ``ws`` of the pre-activations z_l, the activations a_l and the deltas
+  d_l = dLoss/dz_l, each a (capacity, n_{l+1}) block; row 7 holds
+  [offset of the gathered-input block x0, offset of a (capacity,) scratch, capacity, L].
+* The batch is rows ``idx[:B]`` of ``X`` (labels ``yi`` for cross-entropy, else targets
+  ``yf``); the unused one of ``yi``/``yf`` is an empty array so that each kernel has exactly
+  one signature per dtype (float32, float64).
+* Scaling: the batch loss is the **mean** of per-example losses, so deltas carry a 1/B
+  factor; per-example quantities multiply it back out.
+* Loss values are accumulated in float64 whatever the model dtype.
+* Determinism: every loop runs serially in a fixed order, so results are bitwise
+  reproducible for the same inputs.
+
+Two regimes, chosen per batch by the backend (see ``minigd.backends.cpu``):
+``step_loops`` runs a whole step (gather, forward, loss, backward, optional per-example
+squared norms) as hand-written loops in one call: for small batches the cost is call
+overhead, and one compiled call has the least.  For large batches the GEMMs go to BLAS
+through numpy (``matmul(out=...)``), and only the epilogues below are compiled.
+
+All kernels live in this one file on purpose: numba's on-disk cache only notices changes
+to the file of the cached function, so keeping callees beside their callers keeps the
+cache honest.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._jit import jit
+
+# activation and loss codes; must match minigd.nn (tests check)
+IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID, GELU = range(6)
+CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY = range(3)
+LEAKY_SLOPE = 0.01
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# optimizer primitive codes; must match minigd.optim (tests check)
+OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
+
+# rows of the `lay` table
+R_SIZE, R_WOFF, R_BOFF, R_ACT, R_Z, R_A, R_D, R_MISC = range(8)
+
+
+# ----------------------------------------------------------------------------- views
+# Kernels index 2-D views of the flat buffers, never ``buf[offset + j]``: with a plain
+# range index numba can drop its negative-index wraparound check and LLVM vectorises the
+# inner loops (about 6x faster than offset arithmetic, measured).
+@jit(inline="always")
+def _W(params, lay, l):
+    fi = lay[R_SIZE, l]
+    fo = lay[R_SIZE, l + 1]
+    o = lay[R_WOFF, l]
+    return params[o:o + fi * fo].reshape(fi, fo)
+
+
+@jit(inline="always")
+def _b(params, lay, l):
+    o = lay[R_BOFF, l]
+    return params[o:o + lay[R_SIZE, l + 1]]
+
+
+@jit(inline="always")
+def _blk(ws, lay, row, l, B):
+    """(B, n_{l+1}) view of block ``row`` (R_Z, R_A or R_D) of layer l."""
+    n = lay[R_SIZE, l + 1]
+    o = lay[row, l]
+    return ws[o:o + B * n].reshape(B, n)
+
+
+@jit(inline="always")
+def _flat(ws, lay, row, l, B):
+    n = lay[R_SIZE, l + 1]
+    o = lay[row, l]
+    return ws[o:o + B * n]
+
+
+@jit(inline="always")
+def _input(ws, lay, l, B):
+    """Input of layer l: the gathered x0 block for l == 0, else a_{l-1}; (B, n_l)."""
+    if l == 0:
+        n = lay[R_SIZE, 0]
+        o = lay[R_MISC, 0]
+        return ws[o:o + B * n].reshape(B, n)
+    return _blk(ws, lay, R_A, l - 1, B)
+
+
+@jit(inline="always")
+def _scratch(ws, lay, B):
+    o = lay[R_MISC, 1]
+    return ws[o:o + B]
+
+
+# ----------------------------------------------------------------------------- activations
+@jit(inline="always")
+def _act_forward(code, z, a):
+    """a = f(z), elementwise over equal-length 1-D views."""
+    n = z.shape[0]
+    if code == RELU:
+        for k in range(n):
+            v = z[k]
+            a[k] = v if v > 0 else v * 0
+    elif code == IDENTITY:
+        for k in range(n):
+            a[k] = z[k]
+    elif code == LEAKY_RELU:
+        for k in range(n):
+            v = z[k]
+            a[k] = v if v > 0 else v * LEAKY_SLOPE
+    elif code == TANH:
+        for k in range(n):
+            a[k] = math.tanh(z[k])
+    elif code == SIGMOID:
+        for k in range(n):
+            a[k] = 1 / (1 + math.exp(-z[k]))
+    else:  # GELU (exact, erf form): z * Phi(z)
+        for k in range(n):
+            v = z[k]
+            a[k] = 0.5 * v * (1 + math.erf(v * _SQRT_HALF))
+
+
+@jit(inline="always")
+def _act_backward(code, z, a, d):
+    """d *= f'(z) (f' from z for relu/leaky/gelu, from a = f(z) for tanh/sigmoid)."""
+    n = z.shape[0]
+    if code == RELU:
+        for k in range(n):
+            if not z[k] > 0:
+                d[k] = 0
+    elif code == IDENTITY:
+        pass
+    elif code == LEAKY_RELU:
+        for k in range(n):
+            if not z[k] > 0:
+                d[k] *= LEAKY_SLOPE
+    elif code == TANH:
+        for k in range(n):
+            d[k] *= 1 - a[k] * a[k]
+    elif code == SIGMOID:
+        for k in range(n):
+            d[k] *= a[k] * (1 - a[k])
+    else:  # GELU: Phi(z) + z phi(z)
+        for k in range(n):
+            v = z[k]
+            d[k] *= 0.5 * (1 + math.erf(v * _SQRT_HALF)) + v * math.exp(-0.5 * v * v) * _INV_SQRT_2PI
+
+
+# ----------------------------------------------------------------------------- losses
+@jit(inline="always")
+def _loss_rows(code, Z, D, yi, yf, idx, B, scale, row_loss):
+    """Per-example losses of the logit rows Z[:B] and their gradients.
+
+    Writes D[r] = scale * dloss_r/dz_r; returns the float64 sum of the per-example losses,
+    and writes each one to ``row_loss[r]`` when that view is non-empty.
+    """
+    n = Z.shape[1]
+    total = 0.0
+    keep = row_loss.shape[0] > 0
+    for r in range(B):
+        z = Z[r]
+        d = D[r]
+        row = idx[r]
+        lr = 0.0
+        if code == CROSS_ENTROPY:
+            m = z[0]
+            for k in range(1, n):
+                if z[k] > m:
+                    m = z[k]
+            s = 0.0
+            for k in range(n):
+                e = math.exp(z[k] - m)
+                d[k] = e
+                s += e
+            lab = yi[row]
+            lr = math.log(s) + m - z[lab]
+            inv = scale / s
+            for k in range(n):
+                d[k] = d[k] * inv
+            d[lab] -= scale
+        elif code == MSE:
+            for k in range(n):
+                diff = z[k] - yf[row, k]
+                lr += 0.5 * diff * diff
+                d[k] = diff * scale
+        else:  # binary cross-entropy with logits
+            for k in range(n):
+                v = z[k]
+                t = yf[row, k]
+                lr += max(v, 0.0) + math.log1p(math.exp(-abs(v))) - t * v
+                d[k] = (1 / (1 + math.exp(-v)) - t) * scale
+        if keep:
+            row_loss[r] = lr
+        total += lr
+    return total
+
+
+# ----------------------------------------------------------------------------- loop path
+@jit(inline="always")
+def _gather(X, idx, B, ws, lay):
+    x0 = _input(ws, lay, 0, B)
+    n0 = x0.shape[1]
+    for r in range(B):
+        row = idx[r]
+        for i in range(n0):
+            x0[r, i] = X[row, i]
+
+
+@jit(inline="always")
+def _forward_loops(B, params, ws, lay, L):
+    """Forward pass of the gathered batch through all layers (hand-written loops).
+
+    Loop order i (fan-in) outermost: row i of W is read once and applied to every batch
+    row, while the (B, fan_out) output block stays in L1.
+    """
+    for l in range(L):
+        A = _input(ws, lay, l, B)
+        W = _W(params, lay, l)
+        b = _b(params, lay, l)
+        Z = _blk(ws, lay, R_Z, l, B)
+        fi, fo = W.shape
+        for r in range(B):
+            for j in range(fo):
+                Z[r, j] = b[j]
+        for i in range(fi):
+            for r in range(B):
+                v = A[r, i]
+                if v != 0:
+                    for j in range(fo):
+                        Z[r, j] += v * W[i, j]
+        if l < L - 1:
+            _act_forward(lay[R_ACT, l], _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B))
+
+
+@jit(inline="always")
+def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
+    """Backward pass from the output deltas; writes the gradient of the mean loss.
+
+    With a non-empty ``sqn`` (B,) view (zeroed by the caller) it also accumulates each
+    example's squared gradient norm: a dense layer's per-example weight gradient is the
+    outer product a_r^T d_r, so its squared norm is |a_r|^2 |d_r|^2, plus |d_r|^2 for the
+    bias (Goodfellow 2015).  ``sqn_scale`` (= B^2) turns deltas of the mean loss back into
+    deltas of the per-example loss.
+    """
+    want_sqn = sqn.shape[0] > 0
+    for l in range(L - 1, -1, -1):
+        A = _input(ws, lay, l, B)
+        D = _blk(ws, lay, R_D, l, B)
+        W = _W(params, lay, l)
+        gW = _W(grad, lay, l)
+        gb = _b(grad, lay, l)
+        fi, fo = W.shape
+        # dW[i, :] = sum_r a[r, i] d[r, :]
+        for i in range(fi):
+            v = A[0, i]
+            for j in range(fo):
+                gW[i, j] = v * D[0, j]
+            for r in range(1, B):
+                v = A[r, i]
+                if v != 0:
+                    for j in range(fo):
+                        gW[i, j] += v * D[r, j]
+        for j in range(fo):
+            gb[j] = D[0, j]
+        for r in range(1, B):
+            for j in range(fo):
+                gb[j] += D[r, j]
+        if want_sqn:
+            _sqnorm_rows(A, D, B, sqn, sqn_scale)
+        if l > 0:
+            # d_prev[r, i] = (sum_j d[r, j] W[i, j]) * f'(z_prev[r, i])
+            Dp = _blk(ws, lay, R_D, l - 1, B)
+            for i in range(fi):
+                for r in range(B):
+                    s = D[r, 0] * 0
+                    for j in range(fo):
+                        s += D[r, j] * W[i, j]
+                    Dp[r, i] = s
+            _act_backward(lay[R_ACT, l - 1], _flat(ws, lay, R_Z, l - 1, B),
+                          _flat(ws, lay, R_A, l - 1, B), _flat(ws, lay, R_D, l - 1, B))
+
+
+@jit(inline="always")
+def _sqnorm_rows(A, D, B, sqn, scale):
+    """sqn[r] += scale * (|A[r]|^2 + 1) * |D[r]|^2 (float64 accumulation)."""
+    for r in range(B):
+        asq = 1.0
+        a = A[r]
+        for i in range(a.shape[0]):
+            asq += a[i] * a[i]
+        dsq = 0.0
+        d = D[r]
+        for j in range(d.shape[0]):
+            dsq += d[j] * d[j]
+        sqn[r] += asq * dsq * scale
+
+
+@jit
+def forward_loops(X, idx, B, params, ws, lay):
+    """Evaluation-mode forward of rows idx[:B] of X; the logits land in the z block of
+    the last layer ((B, n_L))."""
+    _gather(X, idx, B, ws, lay)
+    _forward_loops(B, params, ws, lay, lay[R_MISC, 3])
+
+
+@jit(inline="always")
+def _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss):
+    L = lay[R_MISC, 3]
+    _gather(X, idx, B, ws, lay)
+    _forward_loops(B, params, ws, lay, L)
+    rows = _scratch(ws, lay, B)
+    total = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
+                       yi, yf, idx, B, 1.0 / B, rows[:B if (want_row_loss and not want_sqn) else 0])
+    if want_sqn:
+        for r in range(B):
+            rows[r] = 0
+    _backward_loops(B, params, grad, ws, lay, L, rows[:B if want_sqn else 0], float(B) * float(B))
+    return total / B
+
+
+@jit
+def loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss):
+    """Mean loss of rows idx[:B] and its gradient (written to ``grad``), by loops.
+
+    Returns the mean loss (float64).  With ``want_sqn`` the per-example squared gradient
+    norms land in the scratch block; with ``want_row_loss`` (and not want_sqn) the
+    per-example losses do.
+    """
+    return _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn,
+                            want_row_loss)
+
+
+# ----------------------------------------------------------------------------- BLAS path
+# Python drives np.matmul(out=...) on views of the workspace; these are the epilogues.
+@jit
+def gather_rows(X, idx, B, ws, lay):
+    """x0[r, :] = X[idx[r], :] for r < B (the input block)."""
+    _gather(X, idx, B, ws, lay)
+
+
+@jit
+def bias_act_forward(B, params, ws, lay, l):
+    """z_l += b_l (row-broadcast), then a_l = f(z_l) for hidden layers."""
+    Z = _blk(ws, lay, R_Z, l, B)
+    b = _b(params, lay, l)
+    for r in range(B):
+        for j in range(Z.shape[1]):
+            Z[r, j] += b[j]
+    if l < lay[R_MISC, 3] - 1:
+        _act_forward(lay[R_ACT, l], _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B))
+
+
+@jit
+def loss_rows(yi, yf, idx, B, ws, lay, loss_code, want_row_loss):
+    """Output-layer loss and deltas; returns the mean loss (per-example losses to the
+    scratch block when ``want_row_loss``)."""
+    L = lay[R_MISC, 3]
+    rows = _scratch(ws, lay, B)
+    total = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
+                       yi, yf, idx, B, 1.0 / B, rows[:B if want_row_loss else 0])
+    return total / B
+
+
+@jit
+def bias_grad(B, grad, ws, lay, l):
+    """db_l = sum_r d_l[r, :]."""
+    D = _blk(ws, lay, R_D, l, B)
+    gb = _b(grad, lay, l)
+    for j in range(gb.shape[0]):
+        gb[j] = 0
+    for r in range(B):
+        for j in range(gb.shape[0]):
+            gb[j] += D[r, j]
+
+
+@jit
+def act_backward(B, ws, lay, l):
+    """d_l *= f'(z_l) for hidden layer l (after d_l = d_{l+1} W_{l+1}^T)."""
+    _act_backward(lay[R_ACT, l], _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B),
+                  _flat(ws, lay, R_D, l, B))
+
+
+@jit
+def sqnorm_accumulate(B, ws, lay, l, scale, first):
+    """scratch[r] (+)= scale * (|a_{l-1,r}|^2 + 1) * |d_{l,r}|^2: the per-example squared
+    gradient norm of layer l's weights and bias (a_{-1} is the gathered input x0)."""
+    rows = _scratch(ws, lay, B)
+    if first:
+        for r in range(B):
+            rows[r] = 0
+    _sqnorm_rows(_input(ws, lay, l, B), _blk(ws, lay, R_D, l, B), B, rows, scale)
+
+
+# ----------------------------------------------------------------------------- optimizer
+@jit(inline="always")
+def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
+    """Run each primitive of the chain as its own pass over ``grad`` (any chain)."""
+    P = params.shape[0]
+    for k in range(codes.shape[0]):
+        c = codes[k]
+        so = soff[k]
+        if c == OP_CLIP:
+            _clip_factor(grad, hp, k)
+            f = hp[k, 3]
+            for p in range(P):
+                grad[p] *= f
+        elif c == OP_DECAY:
+            wd = hp[k, 0]
+            for p in range(P):
+                grad[p] += wd * params[p]
+        elif c == OP_TRACE:
+            m = hp[k, 0]
+            v = state[so:so + P]
+            if hp[k, 1] != 0:  # Nesterov
+                for p in range(P):
+                    vp = m * v[p] + grad[p]
+                    v[p] = vp
+                    grad[p] = grad[p] + m * vp
+            else:
+                for p in range(P):
+                    vp = m * v[p] + grad[p]
+                    v[p] = vp
+                    grad[p] = vp
+        elif c == OP_ADAM:
+            _adam_scalars(hp, k, t)
+            b1, b2, eps = hp[k, 0], hp[k, 1], hp[k, 2]
+            c1, c2, ob1, ob2 = hp[k, 3], hp[k, 4], hp[k, 5], hp[k, 6]
+            m1 = state[so:so + P]
+            m2 = state[so + P:so + 2 * P]
+            for p in range(P):
+                g = grad[p]
+                a = b1 * m1[p] + ob1 * g
+                s = b2 * m2[p] + ob2 * g * g
+                m1[p] = a
+                m2[p] = s
+                grad[p] = (a / c1) / (np.sqrt(s / c2) + eps)
+        elif c == OP_SCALE_LR:
+            hp[k, 3] = -lr
+            f = hp[k, 3]
+            for p in range(P):
+                grad[p] *= f
+        else:  # OP_SCALE
+            f = hp[k, 0]
+            for p in range(P):
+                grad[p] *= f
+
+
+@jit(inline="always")
+def _clip_factor(grad, hp, k):
+    """hp[k, 3] = min(1, max_norm / |grad|) in the model dtype."""
+    sq = 0.0
+    for p in range(grad.shape[0]):
+        sq += grad[p] * grad[p]
+    nrm = math.sqrt(sq)
+    hp[k, 3] = hp[k, 0] / nrm if nrm > hp[k, 0] else 1.0
+
+
+@jit(inline="always")
+def _adam_scalars(hp, k, t):
+    """Bias corrections and 1 - beta, cast to the model dtype, into hp[k, 3:7]."""
+    hp[k, 3] = 1.0 - float(hp[k, 0]) ** t
+    hp[k, 4] = 1.0 - float(hp[k, 1]) ** t
+    hp[k, 5] = 1 - hp[k, 0]
+    hp[k, 6] = 1 - hp[k, 1]
+
+
+@jit(inline="always")
+def _opt_chain_fused(params, grad, codes, hp, soff, state, plan, lr, t):
+    """The usual chains -- [clip] [decay] [trace | adam] [decay] scale_by_lr -- in ONE
+    pass over the vector (each extra pass over P costs as much as the forward at batch 1).
+
+    ``plan`` (int64, from minigd.optim) = [fused?, i_clip, i_decay_before, i_trace_or_adam,
+    i_decay_after, i_lr]: row indices into codes/hp (-1 absent).  Arithmetic per element
+    is the generic chain's, in the same order, so both give the same numbers.  Returns
+    the float64 sum of params + update (finite iff every new parameter is).
+    """
+    check = 0.0
+    P = params.shape[0]
+    zero = grad[0] * 0
+    i_clip, i_wd1, i_mid, i_wd2, i_lr = plan[1], plan[2], plan[3], plan[4], plan[5]
+    if i_clip >= 0:
+        _clip_factor(grad, hp, i_clip)
+        if hp[i_clip, 3] != 1:
+            f = hp[i_clip, 3]
+            for p in range(P):
+                grad[p] *= f
+    wd1 = hp[i_wd1, 0] if i_wd1 >= 0 else zero
+    wd2 = hp[i_wd2, 0] if i_wd2 >= 0 else zero
+    if i_lr >= 0:
+        hp[i_lr, 3] = -lr
+    nlr = hp[i_lr, 3] if i_lr >= 0 else zero + 1
+    mid = codes[i_mid] if i_mid >= 0 else -1
+    if mid == OP_TRACE:
+        m = hp[i_mid, 0]
+        v = state[soff[i_mid]:soff[i_mid] + P]
+        if hp[i_mid, 1] != 0:
+            for p in range(P):
+                g = grad[p] + wd1 * params[p]
+                vp = m * v[p] + g
+                v[p] = vp
+                u = nlr * ((g + m * vp) + wd2 * params[p])
+                grad[p] = u
+                check += params[p] + u
+        else:
+            for p in range(P):
+                g = grad[p] + wd1 * params[p]
+                vp = m * v[p] + g
+                v[p] = vp
+                u = nlr * (vp + wd2 * params[p])
+                grad[p] = u
+                check += params[p] + u
+    elif mid == OP_ADAM:
+        k = i_mid
+        _adam_scalars(hp, k, t)
+        b1, b2, eps = hp[k, 0], hp[k, 1], hp[k, 2]
+        c1, c2, ob1, ob2 = hp[k, 3], hp[k, 4], hp[k, 5], hp[k, 6]
+        so = soff[k]
+        m1 = state[so:so + P]
+        m2 = state[so + P:so + 2 * P]
+        for p in range(P):
+            g = grad[p] + wd1 * params[p]
+            a = b1 * m1[p] + ob1 * g
+            s = b2 * m2[p] + ob2 * g * g
+            m1[p] = a
+            m2[p] = s
+            u = nlr * ((a / c1) / (np.sqrt(s / c2) + eps) + wd2 * params[p])
+            grad[p] = u
+            check += params[p] + u
+    else:
+        for p in range(P):
+            u = nlr * ((grad[p] + wd1 * params[p]) + wd2 * params[p])
+            grad[p] = u
+            check += params[p] + u
+    return check
+
+
+@jit(inline="always")
+def _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
+    """Run the optimizer chain on ``grad`` (turned in place into the update), then
+    params += update if every new parameter is finite.
+
+    ``codes[k]``/``hp[k, :]``/``soff[k]`` describe primitive k (see minigd.optim); ``hp``
+    has the model dtype, and its columns 3.. are scratch used to cast step-dependent
+    scalars to that dtype.  ``t`` is the 1-based step count.  Returns 1 if the update was
+    applied, 0 if it would have produced a non-finite parameter (params untouched then).
+    """
+    P = params.shape[0]
+    if plan[0] != 0:
+        check = _opt_chain_fused(params, grad, codes, hp, soff, state, plan, lr, t)
+    else:
+        _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t)
+        check = 0.0
+        for p in range(P):
+            check += params[p] + grad[p]
+    if not math.isfinite(check):
+        return 0
+    for p in range(P):
+        params[p] += grad[p]
+    return 1
+
+
+@jit
+def opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
+    """Compiled entry for :func:`_opt_apply` (the BLAS path and the public API)."""
+    return _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t)
+
+
+@jit
+def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code,
+                     codes, hp, soff, state, plan, lr, t):
+    """One whole training step by loops: gather, forward, loss, backward, optimizer update.
+
+    Returns (mean batch loss, applied) where applied is 0 when the loss or the new
+    parameters were non-finite; then params are left untouched.
+    """
+    loss = _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, False, False)
+    if not math.isfinite(loss):
+        return loss, 0
+    return loss, _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t)

@@ -1,0 +1,18 @@
+"""minigd: a small, fast MLP trainer built to measure what batch size does.
+
+Public API (see README.md and ../shared/API.md): :class:`MLP`, :func:`fit`, the optimizers
+:func:`SGD`, :func:`Adam`, :func:`AdamW` and the :mod:`minigd.optim` primitives and
+schedules, :class:`History`, :func:`available_backends`.
+"""
+from . import optim
+from .backends import available_backends
+from .errors import BackendUnavailable, DivergenceError
+from .history import History
+from .model import MLP
+from .optim import SGD, Adam, AdamW, BatchSizeSchedule, scale_lr
+from .train import fit
+
+__version__ = "0.1.0"
+
+__all__ = ["MLP", "fit", "SGD", "Adam", "AdamW", "BatchSizeSchedule", "scale_lr", "History",
+           "DivergenceError", "BackendUnavailable", "available_backends", "optim"]

@@ -1,0 +1,122 @@
+"""Input validation: every public entry point checks its arguments here, once, up front.
+
+Errors name the argument, what was expected and what was got.  Nothing is silently
+coerced: a float64 array handed to a float32 model is an error, not a copy.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import nn
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array of shape {value.shape} and dtype {value.dtype}"
+    r = repr(value)
+    return f"{type(value).__name__} {r[:60]}"
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {_got(value)}")
+    return value
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {_got(value)}")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: expected an integer <= {high}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {_got(value)}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name}: expected a number {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name}: expected a number {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_dtype(name: str, value: Any) -> np.dtype:
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        dt = None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"{name}: expected 'float32' or 'float64', got {_got(value)}")
+    return dt
+
+
+def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
+    """A finite 2-D array of the model's dtype with ``n_in`` columns (made C-contiguous)."""
+    if not isinstance(X, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {_got(X)}")
+    if X.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n_examples, {n_in}), got {_got(X)}")
+    if X.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one example (row), got {_got(X)}")
+    if X.shape[1] != n_in:
+        raise ValueError(f"{name}: expected {n_in} columns (the model's input size), got {_got(X)}")
+    if X.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the model's dtype), got {_got(X)}; "
+                        f"convert explicitly, e.g. {name}.astype(np.{dtype})")
+    if not np.isfinite(X).all():
+        bad = int(np.count_nonzero(~np.isfinite(X)))
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
+    return np.ascontiguousarray(X)
+
+
+def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: str = "y"):
+    """Validate targets; returns ``(y_int, y_float)`` where the unused one is empty.
+
+    * cross_entropy: integer labels of shape (n,) in ``[0, n_out)``.
+    * mse / binary_cross_entropy: shape (n, n_out), or (n,) when n_out == 1, of the model's dtype.
+    """
+    if not isinstance(y, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {_got(y)}")
+    if loss_code == nn.CROSS_ENTROPY:
+        if y.ndim != 1 or y.shape[0] != n:
+            raise ValueError(f"{name}: expected integer class labels of shape ({n},), got {_got(y)}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"{name}: expected integer class labels for loss 'cross_entropy', got {_got(y)}")
+        if n and (y.min() < 0 or y.max() >= n_out):
+            raise ValueError(f"{name}: expected class labels in [0, {n_out}), got values in "
+                             f"[{y.min()}, {y.max()}]")
+        return np.ascontiguousarray(y, dtype=np.int64), np.empty((0, n_out), dtype)
+    if y.ndim == 1 and n_out == 1:
+        y = y.reshape(-1, 1)
+    if y.ndim != 2 or y.shape != (n, n_out):
+        raise ValueError(f"{name}: expected targets of shape ({n}, {n_out})"
+                         f"{f' or ({n},)' if n_out == 1 else ''}, got {_got(y)}")
+    if y.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the model's dtype), got {_got(y)}; "
+                        f"convert explicitly, e.g. {name}.astype(np.{dtype})")
+    if not np.isfinite(y).all():
+        raise ValueError(f"{name}: expected finite values, got NaN/inf entries")
+    if loss_code == nn.BINARY_CROSS_ENTROPY and (y.min() < 0 or y.max() > 1):
+        raise ValueError(f"{name}: expected targets in [0, 1] for 'binary_cross_entropy', "
+                         f"got values in [{y.min()}, {y.max()}]")
+    return np.empty(0, np.int64), np.ascontiguousarray(y)
+
+
+def check_seed(name: str, seed: Any) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        return np.random.default_rng(seed)
+    raise TypeError(f"{name}: expected a non-negative int, None or numpy.random.Generator, got {_got(seed)}")

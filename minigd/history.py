@@ -1,0 +1,121 @@
+"""Training history: per-step columns, per-epoch and per-evaluation records."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+
+import numpy as np
+
+STEP_COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples", "time")
+
+
+class History:
+    """What :func:`minigd.fit` recorded.
+
+    Per step (columns, numpy arrays via :meth:`column`): ``step`` (0-based), ``epoch``,
+    ``loss`` (mean loss of the step's batch, before the update), ``lr``, ``batch_size``,
+    ``examples`` (examples seen after the step), ``time`` (seconds of training after the
+    step, evaluation time excluded).  Evaluations (every ``eval_every`` steps and at the end)
+    are in :attr:`evals`; epoch summaries in :attr:`epochs`.
+
+    Attributes
+    ----------
+    records : list of dict
+        One dict per step, with the evaluation metrics merged into the step at which
+        they were measured (tidy: ``pandas.DataFrame(hist.records)`` works).
+    reached : bool or None
+        Whether the target was reached (None without a target).
+    steps_to_target, examples_to_target, time_to_target : int, int, float or None
+        When the target was first met (at an evaluation point).
+    stop_reason : str
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self._cols = {c: np.zeros(max(capacity, 16), np.float64) for c in STEP_COLUMNS}
+        self.n_steps = 0
+        self.epochs: list[dict] = []
+        self.evals: list[dict] = []
+        self.target: dict | None = None
+        self.reached: bool | None = None
+        self.steps_to_target = None
+        self.examples_to_target = None
+        self.time_to_target = None
+        self.stop_reason = ""
+        self.config: dict = {}
+
+    # -- recording (hot path: keep it cheap) -------------------------------------------------
+    def _grow(self):
+        for c, a in self._cols.items():
+            b = np.zeros(2 * len(a), np.float64)
+            b[:len(a)] = a
+            self._cols[c] = b
+
+    def record_step(self, step, epoch, loss, lr, batch_size, examples, t):
+        i = self.n_steps
+        if i == len(self._cols["step"]):
+            self._grow()
+        c = self._cols
+        c["step"][i] = step
+        c["epoch"][i] = epoch
+        c["loss"][i] = loss
+        c["lr"][i] = lr
+        c["batch_size"][i] = batch_size
+        c["examples"][i] = examples
+        c["time"][i] = t
+        self.n_steps = i + 1
+
+    # -- reading --------------------------------------------------------------------------
+    def column(self, name: str) -> np.ndarray:
+        if name not in self._cols:
+            raise KeyError(f"name: expected one of {list(STEP_COLUMNS)}, got {name!r}")
+        a = self._cols[name][:self.n_steps].copy()
+        return a if name in ("loss", "lr", "time") else a.astype(np.int64)
+
+    @property
+    def records(self) -> list:
+        cols = {c: self.column(c) for c in STEP_COLUMNS}
+        recs = [{c: cols[c][i].item() for c in STEP_COLUMNS} for i in range(self.n_steps)]
+        for ev in self.evals:
+            s = ev["step"]
+            if 0 <= s - 1 < len(recs):
+                recs[s - 1].update({k: v for k, v in ev.items() if k not in recs[s - 1]})
+        return recs
+
+    @property
+    def final(self) -> dict:
+        """The last evaluation record (or the last step if nothing was evaluated)."""
+        if self.evals:
+            return dict(self.evals[-1])
+        return self.records[-1] if self.n_steps else {}
+
+    def __len__(self):
+        return self.n_steps
+
+    def __repr__(self):
+        return (f"History(steps={self.n_steps}, epochs={len(self.epochs)}, evals={len(self.evals)}, "
+                f"reached={self.reached}, stop_reason={self.stop_reason!r})")
+
+    def to_csv(self, path) -> None:
+        """Write :attr:`records` as CSV, atomically (temp file + rename)."""
+        recs = self.records
+        keys = list(STEP_COLUMNS)
+        for r in recs:
+            for k in r:
+                if k not in keys:
+                    keys.append(k)
+        path = os.fspath(path)
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".csv")
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys, restval="")
+                w.writeheader()
+                for r in recs:
+                    w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise

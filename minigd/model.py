@@ -1,0 +1,245 @@
+"""The MLP model: layer sizes, activations, a loss, and one flat parameter vector."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from minigd import nn
+from minigd._validation import (check_choice, check_dtype, check_int, check_seed, check_X, check_y)
+from minigd.backends import get_backend_class
+from minigd.kernels.workspace import ParamLayout
+
+#: rows per chunk when evaluating on more examples than one batch
+EVAL_CHUNK = 2048
+
+
+class MLP:
+    """A multilayer perceptron with its parameters in one flat, contiguous vector.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer sizes ``[n_in, hidden..., n_out]``; any depth (``[n_in, n_out]`` is linear /
+        logistic regression) and any width >= 1.
+    activation : str or list of str
+        Hidden activation, one of ``relu``, ``leaky_relu`` (slope 0.01), ``tanh``,
+        ``sigmoid``, ``gelu`` (exact, erf form), ``identity``; or one per hidden layer.
+        The output layer is always linear: the loss holds the link.
+    loss : str
+        ``cross_entropy`` (integer labels), ``mse`` or ``binary_cross_entropy`` (logits).
+        The batch loss is the **mean** of per-example losses (see :mod:`minigd.nn`).
+    dtype : "float32" or "float64"
+    init : str
+        ``he_uniform``, ``he_normal``, ``glorot_uniform`` or ``glorot_normal`` for the
+        weights; biases start at 0.  Drawn in float64, then cast, so float32 and float64
+        models with the same seed start from the same point.
+    seed : int or numpy.random.Generator
+    backend : str
+        ``cpu`` (Numba, default), ``numpy`` (the reference) or ``gpu``.
+
+    Attributes
+    ----------
+    params : ndarray (P,)
+        The flat parameter vector, order W0 (row-major, (fan_in, fan_out)), b0, W1, b1, ...
+        Writable; ``weights[i]`` and ``biases[i]`` are views into it.
+
+    Examples
+    --------
+    >>> import numpy as np, minigd as mg
+    >>> model = mg.MLP([4, 8, 3], activation="tanh", seed=0)
+    >>> model.n_params
+    67
+    >>> model.predict(np.zeros((2, 4), np.float32)).shape
+    (2,)
+    """
+
+    def __init__(self, sizes: Sequence[int], activation="relu", loss: str = "cross_entropy",
+                 dtype="float32", init: str = "he_uniform", seed=0, backend: str = "cpu"):
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) < 2:
+            raise ValueError(f"sizes: expected a sequence of at least 2 layer sizes (input, ..., output), "
+                             f"got {sizes!r}")
+        sizes = tuple(check_int(f"sizes[{i}]", s, low=1) for i, s in enumerate(sizes))
+        n_hidden = len(sizes) - 2
+        if isinstance(activation, str):
+            acts = [activation] * n_hidden
+        else:
+            acts = list(activation)
+            if len(acts) != n_hidden:
+                raise ValueError(f"activation: expected one name per hidden layer ({n_hidden}), "
+                                 f"got {len(acts)}: {acts!r}")
+        for a in (acts or [activation if isinstance(activation, str) else "relu"]):
+            check_choice("activation", a, nn.ACTIVATIONS)
+        self.activations = tuple(acts)
+        self.loss_name = check_choice("loss", loss, nn.LOSSES)
+        self.dtype = check_dtype("dtype", dtype)
+        self.init = check_choice("init", init, nn.INITS)
+        self.layout = ParamLayout(sizes)
+        cls = get_backend_class(backend) if isinstance(backend, str) else None
+        if cls is None:
+            raise ValueError(f"backend: expected a backend name, got {backend!r}")
+        self._backend_name = backend
+        self.params = np.zeros(self.layout.n_params, dtype=self.dtype)
+        self.weights, self.biases = self.layout.views(self.params)
+        rng = check_seed("seed", seed)
+        self._init_params(rng)
+        self.backend_impl = cls(self.layout, [nn.ACTIVATIONS[a] for a in self.activations],
+                                nn.LOSSES[self.loss_name], self.dtype)
+        self._grad = np.zeros_like(self.params)
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def sizes(self) -> tuple:
+        return self.layout.sizes
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.n_params
+
+    @property
+    def backend(self) -> str:
+        return self._backend_name
+
+    @property
+    def loss_code(self) -> int:
+        return nn.LOSSES[self.loss_name]
+
+    @property
+    def n_in(self) -> int:
+        return self.sizes[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.sizes[-1]
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.loss_name in ("cross_entropy", "binary_cross_entropy")
+
+    def _init_params(self, rng: np.random.Generator) -> None:
+        for W, b in zip(self.weights, self.biases):
+            fi, fo = W.shape
+            if self.init.startswith("he"):
+                var = 2.0 / fi
+            else:
+                var = 2.0 / (fi + fo)
+            if self.init.endswith("uniform"):
+                lim = np.sqrt(3.0 * var)
+                W[...] = rng.uniform(-lim, lim, size=W.shape)
+            else:
+                W[...] = rng.normal(0.0, np.sqrt(var), size=W.shape)
+            b[...] = 0
+
+    def config(self) -> dict:
+        """The constructor arguments (without seed): enough to rebuild the architecture."""
+        return dict(sizes=list(self.sizes), activation=list(self.activations), loss=self.loss_name,
+                    dtype=str(self.dtype), init=self.init, backend=self.backend)
+
+    def to(self, backend: str) -> "MLP":
+        """A copy of this model (same parameters) on another backend."""
+        cfg = self.config()
+        cfg["backend"] = backend
+        m = MLP(**cfg, seed=0)
+        m.params[...] = self.params
+        return m
+
+    def copy(self) -> "MLP":
+        return self.to(self.backend)
+
+    def __repr__(self):
+        return (f"MLP({list(self.sizes)}, activation={list(self.activations)}, loss={self.loss_name!r}, "
+                f"dtype={str(self.dtype)!r}, backend={self.backend!r}, n_params={self.n_params})")
+
+    # -- validation ------------------------------------------------------------------------
+    def check_X(self, X, name="X"):
+        return check_X(X, self.n_in, self.dtype, name)
+
+    def check_Xy(self, X, y, xname="X", yname="y"):
+        X = self.check_X(X, xname)
+        yi, yf = check_y(y, X.shape[0], self.loss_code, self.n_out, self.dtype, yname)
+        return X, yi, yf
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _chunks(self, n):
+        idx = np.arange(n, dtype=np.int64)
+        for s in range(0, n, EVAL_CHUNK):
+            yield s, idx[s:s + EVAL_CHUNK]
+
+    def forward(self, X, training: bool = False) -> np.ndarray:
+        """Outputs before the loss's link, (n, n_out): logits for the classification losses.
+
+        ``training`` selects batch/ghost statistics and dropout once those layers exist;
+        for the plain MLP both modes compute the same function.
+        """
+        X = self.check_X(X)
+        n = X.shape[0]
+        out = np.empty((n, self.n_out), dtype=self.dtype)
+        for s, idx in self._chunks(n):
+            out[s:s + len(idx)] = self.backend_impl.forward(self.params, X, idx, len(idx))
+        return out
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities: softmax (cross_entropy; (n, n_out)) or sigmoid
+        (binary_cross_entropy; (n, n_out))."""
+        if not self.is_classifier:
+            raise ValueError(f"predict_proba: expected a classification loss, the model's loss is {self.loss_name!r}")
+        z = self.forward(X).astype(np.float64)
+        if self.loss_name == "cross_entropy":
+            z -= z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            p = e / e.sum(axis=1, keepdims=True)
+        else:
+            p = 1.0 / (1.0 + np.exp(-z))
+        return p.astype(self.dtype)
+
+    def predict(self, X) -> np.ndarray:
+        """Labels (cross_entropy: argmax, (n,); binary_cross_entropy: z > 0, (n, n_out) int)
+        or outputs (mse: (n, n_out), or (n,) for one output)."""
+        z = self.forward(X)
+        if self.loss_name == "cross_entropy":
+            return z.argmax(axis=1)
+        if self.loss_name == "binary_cross_entropy":
+            return (z > 0).astype(np.int64)
+        return z[:, 0] if self.n_out == 1 else z
+
+    def _loss_grad_chunked(self, X, yi, yf, want_grad: bool):
+        n = X.shape[0]
+        total = 0.0
+        grad = np.zeros(self.n_params, np.float64) if want_grad else None
+        for s, idx in self._chunks(n):
+            B = len(idx)
+            if want_grad:
+                loss, _ = self.backend_impl.loss_grad(self.params, self._grad, X, yi, yf, idx, B)
+                if n <= EVAL_CHUNK:
+                    return loss, self._grad.copy()
+                grad += self._grad * (B / n)
+            else:
+                rows = self.backend_impl.losses(self.params, X, yi, yf, idx, B)
+                loss = float(np.sum(rows, dtype=np.float64)) / B
+            total += loss * B
+        return total / n, (grad.astype(self.dtype) if want_grad else None)
+
+    def loss(self, X, y) -> float:
+        """Mean per-example loss over (X, y) (evaluation mode)."""
+        X, yi, yf = self.check_Xy(X, y)
+        return self._loss_grad_chunked(X, yi, yf, want_grad=False)[0]
+
+    def loss_and_grad(self, X, y):
+        """(mean loss, gradient of the mean loss as a flat (P,) array), training mode."""
+        X, yi, yf = self.check_Xy(X, y)
+        return self._loss_grad_chunked(X, yi, yf, want_grad=True)
+
+    def evaluate(self, X, y) -> dict:
+        """{'loss': mean loss, 'accuracy': ...} (accuracy for classification losses only)."""
+        X, yi, yf = self.check_Xy(X, y)
+        out = {"loss": self._loss_grad_chunked(X, yi, yf, want_grad=False)[0]}
+        if self.loss_name == "cross_entropy":
+            out["accuracy"] = float(np.mean(self.predict(X) == yi))
+        elif self.loss_name == "binary_cross_entropy":
+            out["accuracy"] = float(np.mean(self.predict(X) == (yf > 0.5)))
+        return out
+
+    def score(self, X, y) -> float:
+        """Accuracy (classification) or negative mean loss (regression)."""
+        r = self.evaluate(X, y)
+        return r.get("accuracy", -r["loss"])

@@ -1,0 +1,197 @@
+"""Optimizers as chains of primitive transformations over the flat parameter vector.
+
+An optimizer is a sequence of primitives, each mapping the incoming direction ``u``
+(initially the gradient of the mean batch loss) to a new one, possibly with its own state
+of P-sized slots (optax's design, with flat arrays instead of pytrees).  The last
+primitive usually scales by ``-lr``; the result is added to the parameters.
+
+Every primitive has a readable NumPy update (the reference, used by the ``numpy`` backend)
+and an integer code that the compiled backends interpret in one fused call
+(``kernels/cpu.py::_opt_apply``).  Both read the same ``OptState`` buffers, so the two
+implementations are checked against each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
+_HP_COLS = 8  # columns 0..2 hyper-parameters, 3.. scratch for in-kernel dtype casts
+
+
+@dataclass(frozen=True)
+class Primitive:
+    """One transformation of the update direction.
+
+    Attributes
+    ----------
+    name : str
+    code : int
+        The kernel's op code.
+    hp : tuple of float
+        Up to three hyper-parameters (their meaning depends on ``code``).
+    slots : int
+        Number of P-sized state vectors (momentum: 1, Adam: 2).
+    """
+
+    name: str
+    code: int
+    hp: tuple = ()
+    slots: int = 0
+
+    def update_numpy(self, u, params, state, hp_row, lr, t):
+        """Reference update: turns ``u`` into the new direction in place.
+
+        ``state`` is a (slots * P,) view; ``hp_row`` is this primitive's row of the
+        hyper-parameter table (model dtype), so arithmetic happens in the model dtype.
+        """
+        P = u.shape[0]
+        if self.code == OP_CLIP:           # u *= min(1, max_norm / |u|)
+            norm = np.sqrt(np.sum(u.astype(np.float64) ** 2))
+            if norm > hp_row[0]:
+                u *= u.dtype.type(hp_row[0] / norm)
+        elif self.code == OP_DECAY:        # u += wd * params
+            u += hp_row[0] * params
+        elif self.code == OP_TRACE:        # v = m v + u ; u = v  (Nesterov: u + m v)
+            m, v = hp_row[0], state[:P]
+            v *= m
+            v += u
+            if hp_row[1] != 0:
+                u += m * v
+            else:
+                u[...] = v
+        elif self.code == OP_ADAM:         # Kingma & Ba 2015, bias-corrected moments
+            b1, b2, eps = hp_row[0], hp_row[1], hp_row[2]
+            m1, m2 = state[:P], state[P:2 * P]
+            ob1, ob2 = u.dtype.type(1 - b1), u.dtype.type(1 - b2)
+            m1[...] = b1 * m1 + ob1 * u
+            m2[...] = b2 * m2 + ob2 * u * u
+            c1 = u.dtype.type(1.0 - float(b1) ** t)
+            c2 = u.dtype.type(1.0 - float(b2) ** t)
+            u[...] = (m1 / c1) / (np.sqrt(m2 / c2) + eps)
+        elif self.code == OP_SCALE_LR:     # u *= -lr
+            u *= u.dtype.type(-lr)
+        elif self.code == OP_SCALE:
+            u *= hp_row[0]
+        else:  # pragma: no cover
+            raise ValueError(f"unknown primitive code {self.code}")
+
+
+@dataclass
+class OptState:
+    """The buffers an optimizer needs for one parameter vector.
+
+    codes : (T,) int64 op codes; hp : (T, 8) model-dtype hyper-parameters (+ scratch);
+    soff : (T,) int64 offsets into ``state``; state : (S,) model-dtype slots (momentum,
+    Adam moments); plan : int64 (6,) the fused-pass plan for compiled backends (see
+    :func:`fusion_plan`); t : number of updates applied so far.
+    """
+
+    primitives: tuple
+    codes: np.ndarray
+    hp: np.ndarray
+    soff: np.ndarray
+    state: np.ndarray
+    plan: np.ndarray = None
+    t: int = 0
+
+    def apply_numpy(self, params, grad, lr, t) -> bool:
+        """Reference optimizer step (the ``numpy`` backend's opt_apply)."""
+        P = params.shape[0]
+        for k, prim in enumerate(self.primitives):
+            so = int(self.soff[k])
+            prim.update_numpy(grad, params, self.state[so:so + prim.slots * P], self.hp[k], lr, t)
+        new = params + grad
+        if not np.isfinite(new.astype(np.float64).sum()):
+            return False
+        params[...] = new
+        return True
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """A chain of primitives plus the learning-rate schedule read by ``scale_by_lr``.
+
+    Build one with :func:`minigd.SGD`, :func:`minigd.Adam`, :func:`minigd.AdamW` or
+    :func:`chain`.  ``lr`` is a float or a callable ``step -> lr`` (see
+    :mod:`minigd.optim.schedules`).
+    """
+
+    primitives: tuple
+    lr: object = 0.0
+    name: str = "chain"
+    config: dict = field(default_factory=dict, compare=False)
+
+    def lr_at(self, step: int) -> float:
+        return float(self.lr(step)) if callable(self.lr) else float(self.lr)
+
+    def init(self, params: np.ndarray) -> OptState:
+        P = params.shape[0]
+        dt = params.dtype
+        T = len(self.primitives)
+        codes = np.array([p.code for p in self.primitives], dtype=np.int64)
+        hp = np.zeros((max(T, 1), _HP_COLS), dtype=dt)[:T] if T else np.zeros((0, _HP_COLS), dt)
+        soff = np.zeros(T, dtype=np.int64)
+        off = 0
+        for k, p in enumerate(self.primitives):
+            hp[k, :len(p.hp)] = p.hp
+            soff[k] = off
+            off += p.slots * P
+        return OptState(tuple(self.primitives), codes, np.ascontiguousarray(hp), soff,
+                        np.zeros(off, dtype=dt), fusion_plan(codes))
+
+    def __repr__(self):
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+
+def fusion_plan(codes) -> np.ndarray:
+    """How a compiled backend may run the chain in one pass over the parameters.
+
+    Returns int64 [fused, i_clip, i_decay_before, i_trace_or_adam, i_decay_after, i_lr]
+    (row indices, -1 when absent).  ``fused`` is 1 when the chain has the shape
+    [clip] [decay] [trace | adam] [decay] [scale_by_lr] (every named optimizer does),
+    else 0 and the backend runs the primitives one pass each.
+    """
+    plan = [1, -1, -1, -1, -1, -1]
+    k = 0
+    codes = [int(c) for c in codes]
+    n = len(codes)
+    if k < n and codes[k] == OP_CLIP:
+        plan[1] = k
+        k += 1
+    if k < n and codes[k] == OP_DECAY:
+        plan[2] = k
+        k += 1
+    if k < n and codes[k] in (OP_TRACE, OP_ADAM):
+        plan[3] = k
+        k += 1
+    if k < n and codes[k] == OP_DECAY:
+        plan[4] = k
+        k += 1
+    if k < n and codes[k] == OP_SCALE_LR:
+        plan[5] = k
+        k += 1
+    if k != n:
+        plan = [0, -1, -1, -1, -1, -1]
+    return np.array(plan, dtype=np.int64)
+
+
+def chain(*primitives: Primitive, lr: float | Callable[[int], float] = 0.0) -> Optimizer:
+    """Compose primitives (applied left to right) into an optimizer.
+
+    Examples
+    --------
+    >>> import minigd as mg
+    >>> opt = mg.optim.chain(mg.optim.clip_by_global_norm(1.0), mg.optim.trace(0.9),
+    ...                      mg.optim.scale_by_lr(), lr=0.05)
+    """
+    for p in primitives:
+        if not isinstance(p, Primitive):
+            raise TypeError(f"chain: expected minigd.optim primitives, got {type(p).__name__}")
+    return Optimizer(tuple(primitives), lr, "chain", {"primitives": [p.name for p in primitives]})
+
+
+def as_sequence(x) -> Sequence:
+    return x if isinstance(x, (list, tuple)) else (x,)
