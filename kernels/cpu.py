@@ -56,6 +56,7 @@ OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
 R_SIZE, R_WOFF, R_BOFF, R_ACT, R_Z, R_A, R_D, R_MISC = range(8)
 
 
+
 # ----------------------------------------------------------------------------- views
 # Kernels index 2-D views of the flat buffers, never ``buf[offset + j]``: with a plain
 # range index numba can drop its negative-index wraparound check and LLVM vectorises the
@@ -254,6 +255,9 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
     outer product a_r^T d_r, so its squared norm is |a_r|^2 |d_r|^2, plus |d_r|^2 for the
     bias (Goodfellow 2015).  ``sqn_scale`` (= B^2) turns deltas of the mean loss back into
     deltas of the per-example loss.
+
+    (Fusing the optimizer into this pass, row by row, was measured slower than one
+    separate pass: rows of the last layer are too short to vectorise.)
     """
     want_sqn = sqn.shape[0] > 0
     for l in range(L - 1, -1, -1):
@@ -263,7 +267,9 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
         gW = _W(grad, lay, l)
         gb = _b(grad, lay, l)
         fi, fo = W.shape
-        # dW[i, :] = sum_r a[r, i] d[r, :]
+        if want_sqn:
+            _sqnorm_rows(A, D, B, sqn, sqn_scale)
+        # dW[i, :] = sum_r a[r, i] d[r, :]  (the first row assigns: no zeroing pass)
         for i in range(fi):
             v = A[0, i]
             for j in range(fo):
@@ -278,17 +284,15 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
         for r in range(1, B):
             for j in range(fo):
                 gb[j] += D[r, j]
-        if want_sqn:
-            _sqnorm_rows(A, D, B, sqn, sqn_scale)
         if l > 0:
             # d_prev[r, i] = (sum_j d[r, j] W[i, j]) * f'(z_prev[r, i])
             Dp = _blk(ws, lay, R_D, l - 1, B)
             for i in range(fi):
                 for r in range(B):
-                    s = D[r, 0] * 0
+                    acc = D[r, 0] * 0
                     for j in range(fo):
-                        s += D[r, j] * W[i, j]
-                    Dp[r, i] = s
+                        acc += D[r, j] * W[i, j]
+                    Dp[r, i] = acc
             _act_backward(lay[R_ACT, l - 1], _flat(ws, lay, R_Z, l - 1, B),
                           _flat(ws, lay, R_A, l - 1, B), _flat(ws, lay, R_D, l - 1, B))
 
@@ -460,12 +464,13 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
 
 @jit(inline="always")
 def _clip_factor(grad, hp, k):
-    """hp[k, 3] = min(1, max_norm / |grad|) in the model dtype."""
+    """hp[k, 3] = min(1, max_norm / |grad|) in the model dtype; returns |grad|^2."""
     sq = 0.0
     for p in range(grad.shape[0]):
         sq += grad[p] * grad[p]
     nrm = math.sqrt(sq)
     hp[k, 3] = hp[k, 0] / nrm if nrm > hp[k, 0] else 1.0
+    return sq
 
 
 @jit(inline="always")
@@ -478,73 +483,116 @@ def _adam_scalars(hp, k, t):
 
 
 @jit(inline="always")
-def _opt_chain_fused(params, grad, codes, hp, soff, state, plan, lr, t):
-    """The usual chains -- [clip] [decay] [trace | adam] [decay] scale_by_lr -- in ONE
-    pass over the vector (each extra pass over P costs as much as the forward at batch 1).
+def _opt_consts(hp, codes, plan, lr, t):
+    """Cast this step's scalars (-lr, Adam's bias corrections) into hp's scratch columns."""
+    if plan[5] >= 0:
+        hp[plan[5], 3] = -lr
+    if plan[3] >= 0 and codes[plan[3]] == OP_ADAM:
+        _adam_scalars(hp, plan[3], t)
 
-    ``plan`` (int64, from minigd.optim) = [fused?, i_clip, i_decay_before, i_trace_or_adam,
-    i_decay_after, i_lr]: row indices into codes/hp (-1 absent).  Arithmetic per element
-    is the generic chain's, in the same order, so both give the same numbers.  Returns
-    the float64 sum of params + update (finite iff every new parameter is).
+
+@jit(inline="always")
+def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
+    """The usual chains -- [decay] [trace | adam] [decay] [scale_by_lr] -- in ONE pass
+    over a slice: ``gg`` (raw gradient in, update out), ``pp`` the matching parameters,
+    ``s1``/``s2`` the matching state slots (momentum / Adam moments; unused ones may be
+    anything).  Per-element arithmetic is the generic chain's, in the same order.
+
+    ``plan`` (int64, from minigd.optim.fusion_plan) = [fused?, i_clip, i_decay_before,
+    i_trace_or_adam, i_decay_after, i_lr]: row indices into codes/hp (-1 absent); the
+    step's scalars were cast by :func:`_opt_consts`.  Returns (float64 sum of
+    params + update, which is finite iff every new parameter is; |raw gradient|^2).
     """
-    check = 0.0
-    P = params.shape[0]
-    zero = grad[0] * 0
-    i_clip, i_wd1, i_mid, i_wd2, i_lr = plan[1], plan[2], plan[3], plan[4], plan[5]
-    if i_clip >= 0:
-        _clip_factor(grad, hp, i_clip)
-        if hp[i_clip, 3] != 1:
-            f = hp[i_clip, 3]
-            for p in range(P):
-                grad[p] *= f
+    n = gg.shape[0]
+    zero = hp[hp.shape[0] - 1, 7]   # spare row: 0 in column 7
+    i_wd1, i_mid, i_wd2, i_lr = plan[2], plan[3], plan[4], plan[5]
     wd1 = hp[i_wd1, 0] if i_wd1 >= 0 else zero
     wd2 = hp[i_wd2, 0] if i_wd2 >= 0 else zero
-    if i_lr >= 0:
-        hp[i_lr, 3] = -lr
-    nlr = hp[i_lr, 3] if i_lr >= 0 else zero + 1
+    nlr = hp[i_lr, 3] if i_lr >= 0 else hp[hp.shape[0] - 1, 6]   # spare row: 1 in column 6
     mid = codes[i_mid] if i_mid >= 0 else -1
+    check = 0.0
+    gsq = 0.0
     if mid == OP_TRACE:
         m = hp[i_mid, 0]
-        v = state[soff[i_mid]:soff[i_mid] + P]
         if hp[i_mid, 1] != 0:
-            for p in range(P):
-                g = grad[p] + wd1 * params[p]
-                vp = m * v[p] + g
-                v[p] = vp
-                u = nlr * ((g + m * vp) + wd2 * params[p])
-                grad[p] = u
-                check += params[p] + u
+            for p in range(n):
+                g0 = gg[p]
+                gsq += g0 * g0
+                g = g0 + wd1 * pp[p]
+                vp = m * s1[p] + g
+                s1[p] = vp
+                u = nlr * ((g + m * vp) + wd2 * pp[p])
+                gg[p] = u
+                check += pp[p] + u
         else:
-            for p in range(P):
-                g = grad[p] + wd1 * params[p]
-                vp = m * v[p] + g
-                v[p] = vp
-                u = nlr * (vp + wd2 * params[p])
-                grad[p] = u
-                check += params[p] + u
+            for p in range(n):
+                g0 = gg[p]
+                gsq += g0 * g0
+                g = g0 + wd1 * pp[p]
+                vp = m * s1[p] + g
+                s1[p] = vp
+                u = nlr * (vp + wd2 * pp[p])
+                gg[p] = u
+                check += pp[p] + u
     elif mid == OP_ADAM:
         k = i_mid
-        _adam_scalars(hp, k, t)
         b1, b2, eps = hp[k, 0], hp[k, 1], hp[k, 2]
         c1, c2, ob1, ob2 = hp[k, 3], hp[k, 4], hp[k, 5], hp[k, 6]
-        so = soff[k]
-        m1 = state[so:so + P]
-        m2 = state[so + P:so + 2 * P]
-        for p in range(P):
-            g = grad[p] + wd1 * params[p]
-            a = b1 * m1[p] + ob1 * g
-            s = b2 * m2[p] + ob2 * g * g
-            m1[p] = a
-            m2[p] = s
-            u = nlr * ((a / c1) / (np.sqrt(s / c2) + eps) + wd2 * params[p])
-            grad[p] = u
-            check += params[p] + u
+        for p in range(n):
+            g0 = gg[p]
+            gsq += g0 * g0
+            g = g0 + wd1 * pp[p]
+            a = b1 * s1[p] + ob1 * g
+            sv = b2 * s2[p] + ob2 * g * g
+            s1[p] = a
+            s2[p] = sv
+            u = nlr * ((a / c1) / (np.sqrt(sv / c2) + eps) + wd2 * pp[p])
+            gg[p] = u
+            check += pp[p] + u
     else:
-        for p in range(P):
-            u = nlr * ((grad[p] + wd1 * params[p]) + wd2 * params[p])
-            grad[p] = u
-            check += params[p] + u
-    return check
+        for p in range(n):
+            g0 = gg[p]
+            gsq += g0 * g0
+            u = nlr * ((g0 + wd1 * pp[p]) + wd2 * pp[p])
+            gg[p] = u
+            check += pp[p] + u
+    return check, gsq
+
+
+@jit(inline="always")
+def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t):
+    """Turn ``grad`` into the update in place; returns (check, |raw gradient|^2)."""
+    P = params.shape[0]
+    if plan[0] != 0:
+        gsq = -1.0
+        if plan[1] >= 0:   # clip: needs the global norm first
+            gsq = _clip_factor(grad, hp, plan[1])
+            f = hp[plan[1], 3]
+            if f != 1:
+                for p in range(P):
+                    grad[p] *= f
+        _opt_consts(hp, codes, plan, lr, t)
+        so = soff[plan[3]] if plan[3] >= 0 else 0
+        check, q = _opt_fused_slice(params, grad, state[so:so + P], state[so + P:so + 2 * P], hp, codes, plan)
+        return check, (q if gsq < 0 else gsq)
+    gsq = 0.0
+    for p in range(P):
+        gsq += grad[p] * grad[p]
+    _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t)
+    check = 0.0
+    for p in range(P):
+        check += params[p] + grad[p]
+    return check, gsq
+
+
+@jit(inline="always")
+def _apply_if_finite(params, grad, check):
+    """params += grad unless ``check`` (their float64 sum) is non-finite; returns 1/0."""
+    if not math.isfinite(check):
+        return 0
+    for p in range(params.shape[0]):
+        params[p] += grad[p]
+    return 1
 
 
 @jit(inline="always")
@@ -554,22 +602,12 @@ def _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
 
     ``codes[k]``/``hp[k, :]``/``soff[k]`` describe primitive k (see minigd.optim); ``hp``
     has the model dtype, and its columns 3.. are scratch used to cast step-dependent
-    scalars to that dtype.  ``t`` is the 1-based step count.  Returns 1 if the update was
-    applied, 0 if it would have produced a non-finite parameter (params untouched then).
+    scalars to that dtype.  ``t`` is the 1-based step count.  Returns (applied, |g|^2):
+    applied is 0 if the update would have produced a non-finite parameter (params are
+    untouched then); |g|^2 is the squared norm of the raw gradient.
     """
-    P = params.shape[0]
-    if plan[0] != 0:
-        check = _opt_chain_fused(params, grad, codes, hp, soff, state, plan, lr, t)
-    else:
-        _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t)
-        check = 0.0
-        for p in range(P):
-            check += params[p] + grad[p]
-    if not math.isfinite(check):
-        return 0
-    for p in range(P):
-        params[p] += grad[p]
-    return 1
+    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t)
+    return _apply_if_finite(params, grad, check), gsq
 
 
 @jit
@@ -579,14 +617,35 @@ def opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
 
 
 @jit
-def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code,
+def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn,
                      codes, hp, soff, state, plan, lr, t):
     """One whole training step by loops: gather, forward, loss, backward, optimizer update.
 
-    Returns (mean batch loss, applied) where applied is 0 when the loss or the new
-    parameters were non-finite; then params are left untouched.
+    Returns (mean batch loss, applied, |g|^2): applied is 0 when the loss or the new
+    parameters were non-finite (params are then left untouched); |g|^2 is the squared
+    norm of the batch gradient (NaN when the loss was non-finite).  With ``want_sqn`` the
+    per-example squared gradient norms are left in the scratch block.
     """
-    loss = _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, False, False)
+    L = lay[R_MISC, 3]
+    _gather(X, idx, B, ws, lay)
+    _forward_loops(B, params, ws, lay, L)
+    rows = _scratch(ws, lay, B)
+    loss = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
+                      yi, yf, idx, B, 1.0 / B, rows[:0]) / B
     if not math.isfinite(loss):
-        return loss, 0
-    return loss, _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t)
+        return loss, 0, math.nan
+    if want_sqn:
+        for r in range(B):
+            rows[r] = 0
+    _backward_loops(B, params, grad, ws, lay, L, rows[:B if want_sqn else 0], float(B) * float(B))
+    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t)
+    return loss, _apply_if_finite(params, grad, check), gsq
+
+
+@jit
+def grad_sqnorm(grad):
+    """|grad|^2 accumulated in float64."""
+    s = 0.0
+    for p in range(grad.shape[0]):
+        s += grad[p] * grad[p]
+    return s

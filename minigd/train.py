@@ -228,7 +228,7 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
             idx = src[s0:s0 + b]
             lr = lr_fn(step) if lr_fn is not None else lr_const
             t0 = time.perf_counter()
-            loss, ok = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + 1)
+            loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + 1)
             train_time += time.perf_counter() - t0
             if not ok:
                 hist.stop_reason = "diverged"

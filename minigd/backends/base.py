@@ -16,9 +16,12 @@ called) and offers batch-level operations that write into caller-owned buffers:
     (``want_sqn``) or per-example losses (``want_row_loss``), else None; a workspace view.
 ``opt_apply(params, grad, opt_state, lr, t)``
     runs the optimizer chain on ``grad`` (in place, turning it into the update) and adds
-    it to ``params`` unless that would make a parameter non-finite; returns applied (bool).
-``train_step(...)``
-    loss_grad followed by opt_apply, as one call where the backend can fuse them.
+    it to ``params`` unless that would make a parameter non-finite; returns
+    ``(applied, |g|^2)`` with the squared norm of the raw gradient.
+``train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False)``
+    loss_grad followed by opt_apply, as one call where the backend can fuse them;
+    returns ``(loss, applied, |g|^2)``.  With ``want_sqn`` the per-example squared
+    gradient norms of the batch are left in ``self.ws.scratch(B)``.
 
 All arrays are C-contiguous, of the model dtype (labels int64); ``idx`` is int64.
 """
@@ -61,11 +64,12 @@ class Backend:
     def loss_grad(self, params, grad, X, yi, yf, idx, B, want_sqn=False, want_row_loss=False):
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def opt_apply(self, params, grad, opt_state, lr, t) -> bool:
+    def opt_apply(self, params, grad, opt_state, lr, t):
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t):
-        loss, _ = self.loss_grad(params, grad, X, yi, yf, idx, B)
+    def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
+        loss, _ = self.loss_grad(params, grad, X, yi, yf, idx, B, want_sqn=want_sqn)
         if not np.isfinite(loss):
-            return loss, False
-        return loss, self.opt_apply(params, grad, opt_state, lr, t)
+            return loss, False, float("nan")
+        ok, gsq = self.opt_apply(params, grad, opt_state, lr, t)
+        return loss, ok, gsq

@@ -71,17 +71,18 @@ class CpuBackend(Backend):
         return loss, rows
 
     def opt_apply(self, params, grad, opt_state, lr, t):
-        return bool(K.opt_apply(params, grad, opt_state.codes, opt_state.hp, opt_state.soff,
-                                opt_state.state, opt_state.plan, lr, t))
+        ok, gsq = K.opt_apply(params, grad, opt_state.codes, opt_state.hp, opt_state.soff,
+                              opt_state.state, opt_state.plan, lr, t)
+        return bool(ok), gsq
 
-    def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t):
+    def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
         if self.use_blas(B):
-            return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t)
+            return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
         ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
-        loss, ok = K.train_step_loops(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
-                                      self.loss_code, opt_state.codes, opt_state.hp,
-                                      opt_state.soff, opt_state.state, opt_state.plan, lr, t)
-        return loss, bool(ok)
+        loss, ok, gsq = K.train_step_loops(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
+                                           self.loss_code, want_sqn, opt_state.codes, opt_state.hp,
+                                           opt_state.soff, opt_state.state, opt_state.plan, lr, t)
+        return loss, bool(ok), gsq
 
     # -- BLAS path -----------------------------------------------------------------------
     def _forward_blas(self, params, X, idx, B, ws):

@@ -83,7 +83,8 @@ class Primitive:
 class OptState:
     """The buffers an optimizer needs for one parameter vector.
 
-    codes : (T,) int64 op codes; hp : (T, 8) model-dtype hyper-parameters (+ scratch);
+    codes : (T,) int64 op codes; hp : (T + 1, 8) model-dtype hyper-parameters (+ scratch
+    columns and a spare row);
     soff : (T,) int64 offsets into ``state``; state : (S,) model-dtype slots (momentum,
     Adam moments); plan : int64 (6,) the fused-pass plan for compiled backends (see
     :func:`fusion_plan`); t : number of updates applied so far.
@@ -97,17 +98,19 @@ class OptState:
     plan: np.ndarray = None
     t: int = 0
 
-    def apply_numpy(self, params, grad, lr, t) -> bool:
-        """Reference optimizer step (the ``numpy`` backend's opt_apply)."""
+    def apply_numpy(self, params, grad, lr, t):
+        """Reference optimizer step (the ``numpy`` backend's opt_apply); returns
+        (applied, |raw gradient|^2)."""
+        gsq = float(np.sum(grad.astype(np.float64) ** 2))
         P = params.shape[0]
         for k, prim in enumerate(self.primitives):
             so = int(self.soff[k])
             prim.update_numpy(grad, params, self.state[so:so + prim.slots * P], self.hp[k], lr, t)
         new = params + grad
         if not np.isfinite(new.astype(np.float64).sum()):
-            return False
+            return False, gsq
         params[...] = new
-        return True
+        return True, gsq
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ class Optimizer:
         dt = params.dtype
         T = len(self.primitives)
         codes = np.array([p.code for p in self.primitives], dtype=np.int64)
-        hp = np.zeros((max(T, 1), _HP_COLS), dtype=dt)[:T] if T else np.zeros((0, _HP_COLS), dt)
+        hp = np.zeros((T + 1, _HP_COLS), dtype=dt)   # spare last row: typed constants
+        hp[T, 6] = 1                                  # (column 6: one, column 7: zero)
         soff = np.zeros(T, dtype=np.int64)
         off = 0
         for k, p in enumerate(self.primitives):
