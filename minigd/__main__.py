@@ -1,0 +1,5 @@
+import sys
+
+from minigd.cli import main
+
+sys.exit(main())
