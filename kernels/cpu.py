@@ -327,7 +327,7 @@ def forward_loops(X, idx, B, params, ws, lay):
     _forward_loops(B, params, ws, lay, lay[R_MISC, 3])
 
 
-@jit(inline="always")
+@jit
 def _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss):
     L = lay[R_MISC, 3]
     _gather(X, idx, B, ws, lay)
@@ -365,6 +365,11 @@ def gather_rows(X, idx, B, ws, lay):
 @jit
 def bias_act_forward(B, params, ws, lay, l):
     """z_l += b_l (row-broadcast), then a_l = f(z_l) for hidden layers."""
+    _bias_act(B, params, ws, lay, l)
+
+
+@jit(inline="always")
+def _bias_act(B, params, ws, lay, l):
     Z = _blk(ws, lay, R_Z, l, B)
     b = _b(params, lay, l)
     for r in range(B):
@@ -388,6 +393,11 @@ def loss_rows(yi, yf, idx, B, ws, lay, loss_code, want_row_loss):
 @jit
 def bias_grad(B, grad, ws, lay, l):
     """db_l = sum_r d_l[r, :]."""
+    _bias_grad(B, grad, ws, lay, l)
+
+
+@jit(inline="always")
+def _bias_grad(B, grad, ws, lay, l):
     D = _blk(ws, lay, R_D, l, B)
     gb = _b(grad, lay, l)
     for j in range(gb.shape[0]):
@@ -415,8 +425,64 @@ def sqnorm_accumulate(B, ws, lay, l, scale, first):
     _sqnorm_rows(_input(ws, lay, l, B), _blk(ws, lay, R_D, l, B), B, rows, scale)
 
 
-# ----------------------------------------------------------------------------- optimizer
+# ----------------------------------------------------------------------------- compiled BLAS path
+# The same BLAS path as one compiled call: numba lowers np.dot(..., out) on the workspace
+# views to BLAS gemm through SciPy's BLAS bindings, so these need SciPy at compile time
+# (the backend checks; without SciPy it drives the GEMMs from Python instead).
 @jit(inline="always")
+def _forward_blas(B, params, ws, lay, L):
+    for l in range(L):
+        np.dot(_input(ws, lay, l, B), _W(params, lay, l), _blk(ws, lay, R_Z, l, B))
+        _bias_act(B, params, ws, lay, l)
+
+
+@jit
+def forward_blas(X, idx, B, params, ws, lay):
+    """Evaluation-mode forward through BLAS (see forward_loops)."""
+    _gather(X, idx, B, ws, lay)
+    _forward_blas(B, params, ws, lay, lay[R_MISC, 3])
+
+
+@jit
+def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss):
+    """:func:`loss_grad_loops` with the GEMMs in BLAS: same contract, same outputs."""
+    L = lay[R_MISC, 3]
+    _gather(X, idx, B, ws, lay)
+    _forward_blas(B, params, ws, lay, L)
+    rows = _scratch(ws, lay, B)
+    total = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
+                       yi, yf, idx, B, 1.0 / B, rows[:B if (want_row_loss and not want_sqn) else 0])
+    if want_sqn:
+        for r in range(B):
+            rows[r] = 0
+    scale = float(B) * float(B)
+    for l in range(L - 1, -1, -1):
+        A = _input(ws, lay, l, B)
+        D = _blk(ws, lay, R_D, l, B)
+        np.dot(A.T, D, _W(grad, lay, l))
+        _bias_grad(B, grad, ws, lay, l)
+        if want_sqn:
+            _sqnorm_rows(A, D, B, rows, scale)
+        if l > 0:
+            np.dot(D, _W(params, lay, l).T, _blk(ws, lay, R_D, l - 1, B))
+            _act_backward(lay[R_ACT, l - 1], _flat(ws, lay, R_Z, l - 1, B),
+                          _flat(ws, lay, R_A, l - 1, B), _flat(ws, lay, R_D, l - 1, B))
+    return total / B
+
+
+@jit
+def train_step_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn,
+                    codes, hp, soff, state, plan, lr, t):
+    """:func:`train_step_loops` with the GEMMs in BLAS, as one compiled call."""
+    loss = loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, False)
+    if not math.isfinite(loss):
+        return loss, 0, math.nan
+    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
+    return loss, _apply_if_finite(params, grad, check), gsq
+
+
+# ----------------------------------------------------------------------------- optimizer
+@jit
 def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
     """Run each primitive of the chain as its own pass over ``grad`` (any chain)."""
     P = params.shape[0]
@@ -498,8 +564,8 @@ def _opt_consts(hp, codes, plan, lr, t):
         _adam_scalars(hp, plan[3], t)
 
 
-@jit(inline="always")
-def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
+@jit
+def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan, want_gsq):
     """The usual chains -- [decay] [trace | adam] [decay] [scale_by_lr] -- in ONE pass
     over a slice: ``gg`` (raw gradient in, update out), ``pp`` the matching parameters,
     ``s1``/``s2`` the matching state slots (momentum / Adam moments; unused ones may be
@@ -508,7 +574,8 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
     ``plan`` (int64, from minigd.optim.fusion_plan) = [fused?, i_clip, i_decay_before,
     i_trace_or_adam, i_decay_after, i_lr]: row indices into codes/hp (-1 absent); the
     step's scalars were cast by :func:`_opt_consts`.  Returns (float64 sum of
-    params + update, which is finite iff every new parameter is; |raw gradient|^2).
+    params + update, which is finite iff every new parameter is; |raw gradient|^2 if
+    ``want_gsq`` else 0 -- a second reduction costs a third of the pass).
     """
     n = gg.shape[0]
     zero = hp[hp.shape[0] - 1, 7]   # spare row: 0 in column 7
@@ -524,7 +591,8 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
         if hp[i_mid, 1] != 0:
             for p in range(n):
                 g0 = gg[p]
-                gsq += g0 * g0
+                if want_gsq:
+                    gsq += g0 * g0
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
                 s1[p] = vp
@@ -534,7 +602,8 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
         else:
             for p in range(n):
                 g0 = gg[p]
-                gsq += g0 * g0
+                if want_gsq:
+                    gsq += g0 * g0
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
                 s1[p] = vp
@@ -547,7 +616,8 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
         c1, c2, ob1, ob2 = hp[k, 3], hp[k, 4], hp[k, 5], hp[k, 6]
         for p in range(n):
             g0 = gg[p]
-            gsq += g0 * g0
+            if want_gsq:
+                gsq += g0 * g0
             g = g0 + wd1 * pp[p]
             a = b1 * s1[p] + ob1 * g
             sv = b2 * s2[p] + ob2 * g * g
@@ -559,15 +629,16 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
     else:
         for p in range(n):
             g0 = gg[p]
-            gsq += g0 * g0
+            if want_gsq:
+                gsq += g0 * g0
             u = nlr * ((g0 + wd1 * pp[p]) + wd2 * pp[p])
             gg[p] = u
             check += pp[p] + u
     return check, gsq
 
 
-@jit(inline="always")
-def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t):
+@jit
+def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
     """Turn ``grad`` into the update in place; returns (check, |raw gradient|^2)."""
     P = params.shape[0]
     if plan[0] != 0:
@@ -580,7 +651,8 @@ def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t):
                     grad[p] *= f
         _opt_consts(hp, codes, plan, lr, t)
         so = soff[plan[3]] if plan[3] >= 0 else 0
-        check, q = _opt_fused_slice(params, grad, state[so:so + P], state[so + P:so + 2 * P], hp, codes, plan)
+        check, q = _opt_fused_slice(params, grad, state[so:so + P], state[so + P:so + 2 * P], hp, codes,
+                                    plan, want_gsq)
         return check, (q if gsq < 0 else gsq)
     gsq = 0.0
     for p in range(P):
@@ -613,7 +685,7 @@ def _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
     applied is 0 if the update would have produced a non-finite parameter (params are
     untouched then); |g|^2 is the squared norm of the raw gradient.
     """
-    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t)
+    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, True)
     return _apply_if_finite(params, grad, check), gsq
 
 
@@ -629,9 +701,9 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
     """One whole training step by loops: gather, forward, loss, backward, optimizer update.
 
     Returns (mean batch loss, applied, |g|^2): applied is 0 when the loss or the new
-    parameters were non-finite (params are then left untouched); |g|^2 is the squared
-    norm of the batch gradient (NaN when the loss was non-finite).  With ``want_sqn`` the
-    per-example squared gradient norms are left in the scratch block.
+    parameters were non-finite (params are then left untouched).  With ``want_sqn`` the
+    per-example squared gradient norms are left in the scratch block and |g|^2 is the
+    squared norm of the batch gradient (else 0; NaN when the loss was non-finite).
     """
     L = lay[R_MISC, 3]
     _gather(X, idx, B, ws, lay)
@@ -645,7 +717,7 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
         for r in range(B):
             rows[r] = 0
     _backward_loops(B, params, grad, ws, lay, L, rows[:B if want_sqn else 0], float(B) * float(B))
-    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t)
+    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
     return loss, _apply_if_finite(params, grad, check), gsq
 
 

@@ -1,46 +1,55 @@
-"""The default ``"cpu"`` backend: Numba kernels, BLAS for large batches.
+"""The default ``"cpu"`` backend: Numba kernels, BLAS for larger batches.
 
 Per batch it picks one of two regimes (both follow the kernel contract in
 ``kernels/cpu.py``, and both are tested against the NumPy reference):
 
 * **loops** (small batches): the whole step -- gather, forward, loss, backward, per-example
   norms and the optimizer update -- is one compiled call of hand-written loops.  At batch 1
-  the cost of a step is mostly call overhead, and one call has the least.
-* **BLAS** (large batches): the GEMMs run through numpy's BLAS (``np.matmul(out=...)`` on
-  views of the preallocated workspace: no allocation), and compiled kernels do the
-  epilogues (bias + activation, fused softmax cross-entropy, activation backward, bias
-  gradient, per-example norms, optimizer).
+  the cost of a step is mostly call overhead and passes over the parameter vector; one
+  compiled call has the least of both.
+* **BLAS** (larger batches): the GEMMs run in BLAS on views of the preallocated workspace
+  (no allocation) and compiled kernels do the epilogues (bias + activation, fused softmax
+  cross-entropy, activation backward, bias gradient, per-example norms, optimizer).  With
+  SciPy installed the whole step is again ONE compiled call (numba lowers ``np.dot(...,
+  out)`` to BLAS through SciPy's bindings); without it, Python drives ``np.matmul(out=...)``
+  between compiled epilogues (about 20 calls per step: fine at large batches).
 
 The crossover is a batch size that depends on the widest layer; it was measured with
-``bench/step.py`` (see bench/results) and can be overridden per backend instance
+``bench/crossover.py`` (see bench/results) and can be overridden per backend instance
 (``model.backend_impl.blas_min_batch = ...``).
 """
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 
 from minigd.backends.base import Backend
 from minigd.kernels import cpu as K
+from minigd.kernels import cpu_stats as KS
+
+#: numba's np.dot inside compiled code needs SciPy's BLAS bindings
+HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
 
 
 class CpuBackend(Backend):
     name = "cpu"
-    #: smallest batch for which the BLAS path may be chosen, whatever the widths
-    BLAS_MIN_BATCH_FLOOR = 16
 
     def __init__(self, layout, act_codes, loss_code, dtype):
         super().__init__(layout, act_codes, loss_code, dtype)
-        self.blas_min_batch = self.default_blas_min_batch(layout.sizes)
+        self.compiled_blas = HAVE_SCIPY
+        self.blas_min_batch = self.default_blas_min_batch(layout.sizes, self.compiled_blas)
 
-    @classmethod
-    def default_blas_min_batch(cls, sizes) -> int:
-        """Measured crossover (bench/step.py): loops win below it, BLAS at and above it."""
+    @staticmethod
+    def default_blas_min_batch(sizes, compiled_blas: bool = HAVE_SCIPY) -> int:
+        """Measured crossover (bench/crossover.py, 1 thread): loops win below it, BLAS at
+        and above.  Compiled BLAS ties the loops at batch 1 and wins from batch 2 at every
+        width measured (32-512); Python-driven BLAS pays ~40 µs of call overhead per step,
+        which only wider layers or larger batches repay."""
+        if compiled_blas:
+            return 2
         width = max(sizes)
-        if width >= 512:
-            return cls.BLAS_MIN_BATCH_FLOOR
-        if width >= 192:
-            return 32
-        return 64
+        return 2 if width >= 512 else 4 if width >= 256 else 8 if width >= 128 else 24 if width >= 64 else 48
 
     def use_blas(self, B: int) -> bool:
         return B >= self.blas_min_batch
@@ -48,10 +57,12 @@ class CpuBackend(Backend):
     # -- contract ------------------------------------------------------------------------
     def forward(self, params, X, idx, B):
         ws = self.reserve(B)
-        if self.use_blas(B):
-            self._forward_blas(params, X, idx, B, ws)
-        else:
+        if not self.use_blas(B):
             K.forward_loops(X, idx, B, params, ws.buf, ws.lay)
+        elif self.compiled_blas:
+            K.forward_blas(X, idx, B, params, ws.buf, ws.lay)
+        else:
+            self._forward_py(params, X, idx, B, ws)
         return ws.views(B)[1][-1]
 
     def losses(self, params, X, yi, yf, idx, B):
@@ -62,11 +73,14 @@ class CpuBackend(Backend):
 
     def loss_grad(self, params, grad, X, yi, yf, idx, B, want_sqn=False, want_row_loss=False):
         ws = self.reserve(B)
-        if self.use_blas(B):
-            loss = self._loss_grad_blas(params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss)
-        else:
+        if not self.use_blas(B):
             loss = K.loss_grad_loops(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
                                      self.loss_code, want_sqn, want_row_loss)
+        elif self.compiled_blas:
+            loss = K.loss_grad_blas(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
+                                    self.loss_code, want_sqn, want_row_loss)
+        else:
+            loss = self._loss_grad_py(params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss)
         rows = ws.scratch(B) if (want_sqn or want_row_loss) else None
         return loss, rows
 
@@ -76,16 +90,20 @@ class CpuBackend(Backend):
         return bool(ok), gsq
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
-        if self.use_blas(B):
-            return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
         ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
-        loss, ok, gsq = K.train_step_loops(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
-                                           self.loss_code, want_sqn, opt_state.codes, opt_state.hp,
-                                           opt_state.soff, opt_state.state, opt_state.plan, lr, t)
+        if not self.use_blas(B):
+            step = K.train_step_loops
+        elif self.compiled_blas:
+            step = K.train_step_blas
+        else:
+            return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
+        loss, ok, gsq = step(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code,
+                             want_sqn, opt_state.codes, opt_state.hp, opt_state.soff,
+                             opt_state.state, opt_state.plan, lr, t)
         return loss, bool(ok), gsq
 
-    # -- BLAS path -----------------------------------------------------------------------
-    def _forward_blas(self, params, X, idx, B, ws):
+    # -- BLAS path driven from Python (no SciPy) ----------------------------------------------
+    def _forward_py(self, params, X, idx, B, ws):
         x0, zs, as_, _, _ = ws.views(B)
         Ws = self._weight_views(params)
         K.gather_rows(X, idx, B, ws.buf, ws.lay)
@@ -96,8 +114,8 @@ class CpuBackend(Backend):
             K.bias_act_forward(B, params, ws.buf, ws.lay, l)
             a = as_[l]
 
-    def _loss_grad_blas(self, params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss):
-        self._forward_blas(params, X, idx, B, ws)
+    def _loss_grad_py(self, params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss):
+        self._forward_py(params, X, idx, B, ws)
         x0, zs, as_, ds, _ = ws.views(B)
         loss = K.loss_rows(yi, yf, idx, B, ws.buf, ws.lay, self.loss_code,
                            want_row_loss and not want_sqn)
@@ -128,3 +146,31 @@ class CpuBackend(Backend):
                 cache.clear()
             v = cache[key] = (self.layout.views(vec)[0], vec)
         return v[0]
+
+    # -- per-example gradient statistics (kernels/cpu_stats.py) ---------------------------------
+    def _stats_scratch(self, B):
+        """(grad-sized vector, width-sized vectors, (B,) int64) scratch for the stats kernels."""
+        s = getattr(self, "_st", None)
+        if s is None or s[3].shape[0] < B:
+            w = max(self.layout.sizes)
+            s = self._st = (np.zeros(self.layout.n_params, self.dtype), np.zeros(w, self.dtype),
+                            np.zeros(w, self.dtype), np.zeros(max(B, 1), np.int64))
+        return s
+
+    def per_example_terms(self, params, X, yi, yf, idx, B, grad=None):
+        """[(A_l, Dper_l)]: the layer inputs (workspace views) and per-example deltas
+        (B times the workspace's mean-loss deltas, new arrays) of one loss_grad call."""
+        g = self._stats_scratch(B)[0] if grad is None else grad
+        self.loss_grad(params, g, X, yi, yf, idx, B)
+        x0, _, as_, ds, _ = self.ws.views(B)
+        return [(x0 if l == 0 else as_[l - 1], ds[l] * B) for l in range(self.layout.n_layers)]
+
+    def per_example_grads(self, params, X, yi, yf, idx, B, out):
+        g, tmp, _, _ = self._stats_scratch(B)
+        self.loss_grad(params, g, X, yi, yf, idx, B)
+        KS.per_example_fill(B, self.ws.buf, self.ws.lay, out, tmp)
+
+    def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2):
+        _, mus, acc, nz = self._stats_scratch(B)
+        self.loss_grad(params, grad, X, yi, yf, idx, B)
+        KS.moments_update(B, grad, self.ws.buf, self.ws.lay, n_old, mean, m2, mus, acc, nz)

@@ -67,5 +67,30 @@ class NumpyBackend(Backend):
             return loss, sqn
         return loss, (losses if want_row_loss else None)
 
+    def per_example_terms(self, params, X, yi, yf, idx, B, grad=None):
+        """[(A_l, Dper_l)] per layer: the layer input and the deltas of each example's own
+        loss; example r's gradient is outer(A_l[r], Dper_l[r]) for W_l, Dper_l[r] for b_l.
+        With ``grad`` the mean-loss gradient (their mean over rows) is written there."""
+        rows = idx[:B]
+        inp, cache = self._forward_all(params, X, idx, B)
+        z_out = cache[-1][0]
+        delta = nn.loss_grad(self.loss_code, z_out, yi[rows] if yi.size else yi,
+                             yf[rows] if yf.size else yf)
+        params_W = self.layout.views(params)[0]
+        terms = []
+        for l in range(self.layout.n_layers - 1, -1, -1):
+            a_prev = inp if l == 0 else cache[l - 1][1]
+            terms.append((a_prev, delta))
+            if l > 0:
+                z_prev, a_prev_act = cache[l - 1]
+                delta = (delta @ params_W[l].T) * nn.activation_grad(self.act_codes[l - 1], z_prev, a_prev_act)
+        terms.reverse()
+        if grad is not None:
+            Ws, bs = self.layout.views(grad)
+            for l, (A, D) in enumerate(terms):
+                Ws[l][...] = A.T @ D / B
+                bs[l][...] = D.sum(axis=0) / B
+        return terms
+
     def opt_apply(self, params, grad, opt_state, lr, t):
         return opt_state.apply_numpy(params, grad, lr, t)

@@ -425,6 +425,15 @@ class MomentAccumulator:
         self._combine(k, mean_b, m2_b)
         return self
 
+    def _fold(self, k: int, fold) -> "MomentAccumulator":
+        """Add k examples through ``fold(n_old, mean, m2)``, which updates the float64 state
+        arrays in place by Chan's rule (used by compiled backends that never materialise
+        the per-example gradients, see ``minigd.grad_moments``)."""
+        if k:
+            fold(self._n, self._mean, self._m2)
+            self._n += int(k)
+        return self
+
     def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
         """Fold in another accumulator's state (from disjoint data), in place.
 

@@ -1,0 +1,60 @@
+"""Where should the cpu backend switch from hand-written loops to BLAS?
+
+Times one ``train_step`` (float32, ReLU, softmax-CE, SGD) on the loop path and on the BLAS
+path (compiled with SciPy, and Python-driven without) for a few widths and small batch
+sizes, interleaved, medians; prints the table and the smallest batch size at which BLAS
+wins.  ``CpuBackend.default_blas_min_batch`` encodes the result.
+
+    OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/crossover.py
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+import minigd as mg
+
+WIDTHS = (32, 64, 128, 256, 512)
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def main(quick: bool = False) -> list:
+    widths = (8,) if quick else WIDTHS
+    batches = (1, 4) if quick else BATCHES
+    rng = np.random.default_rng(0)
+    out = []
+    print(f"{'sizes':>18} {'B':>4} {'loops µs':>9} {'blas µs':>8} {'py-blas µs':>10}")
+    for w in widths:
+        sizes = [64, w, w, 10]
+        X = rng.standard_normal((256, 64)).astype(np.float32)
+        y = rng.integers(0, 10, 256)
+        yf = np.empty((0, 10), np.float32)
+        m = mg.MLP(sizes, seed=0)
+        impl = m.backend_impl
+        opt = mg.SGD(lr=1e-3).init(m.params)
+        for B in batches:
+            idx = np.arange(B, dtype=np.int64)
+            impl.reserve(B)
+            modes = {"loops": (10**9, True), "blas": (1, True), "py-blas": (1, False)}
+            t = {k: [] for k in modes}
+            for k, (mb, cb) in modes.items():
+                impl.blas_min_batch, impl.compiled_blas = mb, cb
+                impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
+            reps = 1 if quick else 200
+            for _ in range(1 if quick else 7):
+                for k, (mb, cb) in modes.items():
+                    impl.blas_min_batch, impl.compiled_blas = mb, cb
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
+                    t[k].append((time.perf_counter() - t0) / reps * 1e6)
+            med = {k: float(np.median(v)) for k, v in t.items()}
+            out.append({"sizes": sizes, "batch": B, **med})
+            print(f"{str(sizes):>18} {B:4d} {med['loops']:9.1f} {med['blas']:8.1f} {med['py-blas']:10.1f}")
+    return out
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
