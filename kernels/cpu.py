@@ -46,10 +46,12 @@ from ._jit import jit
 IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID, GELU = range(6)
 CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY = range(3)
 LEAKY_SLOPE = 0.01
-#: loss gradients smaller than this are flushed to 0.  A confident softmax produces
-#: probabilities far below float32's smallest normal number, and arithmetic on subnormals
-#: is ~100x slower on x86 (it made full-batch steps 50x slower); 1e-30 is invisible next
-#: to any gradient that matters, in float32 and float64 alike.
+#: loss gradients and optimizer state (momentum, Adam moments) smaller in magnitude than
+#: this are flushed to 0.  A confident softmax produces probabilities far below float32's
+#: smallest normal number, and the momentum of a dead unit decays geometrically into
+#: subnormals; arithmetic on subnormals is ~100x slower on x86 (it made full-batch steps
+#: 50x and momentum steps 4x slower).  1e-30 is invisible next to any value that matters,
+#: in float32 and float64 alike.
 FLUSH = 1e-30
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -486,6 +488,7 @@ def train_step_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sq
 def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
     """Run each primitive of the chain as its own pass over ``grad`` (any chain)."""
     P = params.shape[0]
+    fl = hp[hp.shape[0] - 1, 5]
     for k in range(codes.shape[0]):
         c = codes[k]
         so = soff[k]
@@ -504,11 +507,13 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
             if hp[k, 1] != 0:  # Nesterov
                 for p in range(P):
                     vp = m * v[p] + grad[p]
+                    vp = vp if abs(vp) > fl else vp * 0
                     v[p] = vp
                     grad[p] = grad[p] + m * vp
             else:
                 for p in range(P):
                     vp = m * v[p] + grad[p]
+                    vp = vp if abs(vp) > fl else vp * 0
                     v[p] = vp
                     grad[p] = vp
         elif c == OP_ADAM:
@@ -521,6 +526,8 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
                 g = grad[p]
                 a = b1 * m1[p] + ob1 * g
                 s = b2 * m2[p] + ob2 * g * g
+                a = a if abs(a) > fl else a * 0
+                s = s if s > fl else s * 0
                 m1[p] = a
                 m2[p] = s
                 grad[p] = (a / c1) / (np.sqrt(s / c2) + eps)
@@ -565,7 +572,7 @@ def _opt_consts(hp, codes, plan, lr, t):
 
 
 @jit
-def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan, want_gsq):
+def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
     """The usual chains -- [decay] [trace | adam] [decay] [scale_by_lr] -- in ONE pass
     over a slice: ``gg`` (raw gradient in, update out), ``pp`` the matching parameters,
     ``s1``/``s2`` the matching state slots (momentum / Adam moments; unused ones may be
@@ -573,9 +580,9 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan, want_gsq):
 
     ``plan`` (int64, from minigd.optim.fusion_plan) = [fused?, i_clip, i_decay_before,
     i_trace_or_adam, i_decay_after, i_lr]: row indices into codes/hp (-1 absent); the
-    step's scalars were cast by :func:`_opt_consts`.  Returns (float64 sum of
-    params + update, which is finite iff every new parameter is; |raw gradient|^2 if
-    ``want_gsq`` else 0 -- a second reduction costs a third of the pass).
+    step's scalars were cast by :func:`_opt_consts`.  Returns the float64 sum of
+    params + update, which is finite iff every new parameter is.  (No other reduction or
+    run-time branch in these loops: either one stops LLVM from vectorising them.)
     """
     n = gg.shape[0]
     zero = hp[hp.shape[0] - 1, 7]   # spare row: 0 in column 7
@@ -584,17 +591,16 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan, want_gsq):
     wd2 = hp[i_wd2, 0] if i_wd2 >= 0 else zero
     nlr = hp[i_lr, 3] if i_lr >= 0 else hp[hp.shape[0] - 1, 6]   # spare row: 1 in column 6
     mid = codes[i_mid] if i_mid >= 0 else -1
+    fl = hp[hp.shape[0] - 1, 5]      # FLUSH in the model dtype (a float64 compare costs 40%)
     check = 0.0
-    gsq = 0.0
     if mid == OP_TRACE:
         m = hp[i_mid, 0]
         if hp[i_mid, 1] != 0:
             for p in range(n):
                 g0 = gg[p]
-                if want_gsq:
-                    gsq += g0 * g0
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
+                vp = vp if abs(vp) > fl else zero
                 s1[p] = vp
                 u = nlr * ((g + m * vp) + wd2 * pp[p])
                 gg[p] = u
@@ -602,10 +608,9 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan, want_gsq):
         else:
             for p in range(n):
                 g0 = gg[p]
-                if want_gsq:
-                    gsq += g0 * g0
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
+                vp = vp if abs(vp) > fl else zero
                 s1[p] = vp
                 u = nlr * (vp + wd2 * pp[p])
                 gg[p] = u
@@ -616,11 +621,11 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan, want_gsq):
         c1, c2, ob1, ob2 = hp[k, 3], hp[k, 4], hp[k, 5], hp[k, 6]
         for p in range(n):
             g0 = gg[p]
-            if want_gsq:
-                gsq += g0 * g0
             g = g0 + wd1 * pp[p]
             a = b1 * s1[p] + ob1 * g
             sv = b2 * s2[p] + ob2 * g * g
+            a = a if abs(a) > fl else zero
+            sv = sv if sv > fl else zero
             s1[p] = a
             s2[p] = sv
             u = nlr * ((a / c1) / (np.sqrt(sv / c2) + eps) + wd2 * pp[p])
@@ -629,34 +634,28 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan, want_gsq):
     else:
         for p in range(n):
             g0 = gg[p]
-            if want_gsq:
-                gsq += g0 * g0
             u = nlr * ((g0 + wd1 * pp[p]) + wd2 * pp[p])
             gg[p] = u
             check += pp[p] + u
-    return check, gsq
+    return check
 
 
 @jit
 def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
-    """Turn ``grad`` into the update in place; returns (check, |raw gradient|^2)."""
+    """Turn ``grad`` into the update in place; returns (check, |raw gradient|^2 or 0)."""
     P = params.shape[0]
+    gsq = grad_sqnorm(grad) if want_gsq else 0.0
     if plan[0] != 0:
-        gsq = -1.0
         if plan[1] >= 0:   # clip: needs the global norm first
-            gsq = _clip_factor(grad, hp, plan[1])
+            _clip_factor(grad, hp, plan[1])
             f = hp[plan[1], 3]
             if f != 1:
                 for p in range(P):
                     grad[p] *= f
         _opt_consts(hp, codes, plan, lr, t)
         so = soff[plan[3]] if plan[3] >= 0 else 0
-        check, q = _opt_fused_slice(params, grad, state[so:so + P], state[so + P:so + 2 * P], hp, codes,
-                                    plan, want_gsq)
-        return check, (q if gsq < 0 else gsq)
-    gsq = 0.0
-    for p in range(P):
-        gsq += grad[p] * grad[p]
+        check = _opt_fused_slice(params, grad, state[so:so + P], state[so + P:so + 2 * P], hp, codes, plan)
+        return check, gsq
     _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t)
     check = 0.0
     for p in range(P):

@@ -18,6 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
+#: optimizer state (momentum, Adam moments) below this magnitude is flushed to 0 by the
+#: compiled backends, to keep the arithmetic out of (100x slower) subnormal numbers
+FLUSH = 1e-30
 _HP_COLS = 8  # columns 0..2 hyper-parameters, 3.. scratch for in-kernel dtype casts
 
 
@@ -136,7 +139,8 @@ class Optimizer:
         T = len(self.primitives)
         codes = np.array([p.code for p in self.primitives], dtype=np.int64)
         hp = np.zeros((T + 1, _HP_COLS), dtype=dt)   # spare last row: typed constants
-        hp[T, 6] = 1                                  # (column 6: one, column 7: zero)
+        hp[T, 5] = FLUSH                              # (column 5: the subnormal flush threshold,
+        hp[T, 6] = 1                                  #  column 6: one, column 7: zero)
         soff = np.zeros(T, dtype=np.int64)
         off = 0
         for k, p in enumerate(self.primitives):

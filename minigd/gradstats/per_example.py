@@ -1,0 +1,198 @@
+"""Per-example gradients of an :class:`~minigd.MLP`: explicit, as norms, and as streamed moments.
+
+Conventions (as everywhere in minigd): the batch loss is the **mean** of per-example
+losses; the per-example gradient :math:`g_i` is the gradient of example *i*'s own loss, so
+the mean of the :math:`g_i` over a batch is that batch's gradient (what
+``model.loss_and_grad`` returns).  Gradients are taken in training mode.  Variances use
+``ddof=1``.
+
+For a dense layer :math:`z = aW + b` the per-example gradient is an outer product,
+:math:`\\partial\\ell_i/\\partial W = a_i^\\top\\delta_i` and :math:`\\partial\\ell_i/\\partial b
+= \\delta_i` (:math:`\\delta_i = \\partial\\ell_i/\\partial z`), so what the backward pass keeps
+per layer -- the inputs :math:`a_i` and the deltas :math:`\\delta_i` -- determines every
+per-example statistic without forming the :math:`(n, P)` matrix (Goodfellow 2015).
+
+References
+----------
+.. [Goo15] I. Goodfellow, "Efficient Per-Example Gradient Computations", arXiv:1510.01799, 2015.
+.. [Cha79] T. F. Chan, G. H. Golub, R. J. LeVeque, "Updating Formulae and a Pairwise
+   Algorithm for Computing Sample Variances", STAN-CS-79-773, 1979.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minigd._validation import check_int
+from minigd.model import EVAL_CHUNK
+
+from .moments import GradMoments, MomentAccumulator
+
+__all__ = ["per_example_grads", "per_example_grad_norms", "grad_moments"]
+
+#: the generic (materialising) moments path holds at most this many gradient entries at once
+_GENERIC_BLOCK_ENTRIES = 1 << 22
+
+
+def _check_model(model, fn: str):
+    if not (hasattr(model, "backend_impl") and hasattr(model, "check_Xy")):
+        raise TypeError(f"model: expected a minigd.MLP, got {type(model).__name__}")
+
+
+def _chunks(n: int, size: int):
+    idx = np.arange(n, dtype=np.int64)
+    for s in range(0, n, size):
+        yield s, idx[s:s + size]
+
+
+def per_example_grads(model, X, y, *, out=None) -> np.ndarray:
+    """Per-example gradients as an (n, P) array.
+
+    Row *i* is the gradient of example *i*'s own loss with respect to the flat parameter
+    vector (order W0 row-major, b0, W1, b1, ...), so ``per_example_grads(m, X, y).mean(0)``
+    equals ``m.loss_and_grad(X, y)[1]`` up to rounding.  Needs n * P numbers of memory:
+    for large models use :func:`per_example_grad_norms` or :func:`grad_moments`, which
+    never form it.
+
+    Parameters
+    ----------
+    model : minigd.MLP
+    X : ndarray (n, n_in) of the model's dtype
+    y : ndarray
+        Labels / targets as for :func:`minigd.fit`.
+    out : ndarray (n, P) of the model's dtype, C-contiguous, optional
+        Written in place and returned (saves the allocation when called repeatedly).
+
+    Returns
+    -------
+    ndarray (n, P), the model's dtype
+
+    Examples
+    --------
+    >>> import numpy as np, minigd as mg
+    >>> m = mg.MLP([3, 4, 2], dtype="float64", seed=0)
+    >>> X = np.random.default_rng(0).normal(size=(5, 3)); y = np.array([0, 1, 1, 0, 1])
+    >>> G = mg.per_example_grads(m, X, y)
+    >>> G.shape
+    (5, 26)
+    >>> bool(np.allclose(G.mean(axis=0), m.loss_and_grad(X, y)[1]))
+    True
+    """
+    _check_model(model, "per_example_grads")
+    X, yi, yf = model.check_Xy(X, y)
+    n, P = X.shape[0], model.n_params
+    if out is None:
+        out = np.empty((n, P), dtype=model.dtype)
+    elif not (isinstance(out, np.ndarray) and out.shape == (n, P) and out.dtype == model.dtype
+              and out.flags.c_contiguous and out.flags.writeable):
+        got = (f"array of shape {out.shape}, dtype {out.dtype}" if isinstance(out, np.ndarray)
+               else type(out).__name__)
+        raise ValueError(f"out: expected a writable C-contiguous array of shape ({n}, {P}) "
+                         f"and dtype {model.dtype}, got {got}")
+    impl = model.backend_impl
+    for s, idx in _chunks(n, EVAL_CHUNK):
+        impl.per_example_grads(model.params, X, yi, yf, idx, len(idx), out[s:])
+    return out
+
+
+def per_example_grad_norms(model, X, y, *, squared: bool = False) -> np.ndarray:
+    """Euclidean norms of the per-example gradients, (n,), without forming them.
+
+    Fused into the backward pass (Goodfellow 2015): per dense layer,
+    :math:`|\\partial\\ell_i/\\partial W|^2 + |\\partial\\ell_i/\\partial b|^2
+    = (|a_i|^2 + 1)\\,|\\delta_i|^2`, summed over layers; the cost is a few percent of a
+    forward/backward pass, and memory is that of one batch.
+
+    Parameters
+    ----------
+    model : minigd.MLP
+    X, y : as for :func:`per_example_grads`
+    squared : bool, default False
+        Return the squared norms :math:`|g_i|^2` instead (what the noise-scale estimators
+        take, e.g. :func:`minigd.gradstats.per_example_estimates`).
+
+    Returns
+    -------
+    ndarray (n,), the model's dtype (gradient units; squared with ``squared=True``)
+    """
+    _check_model(model, "per_example_grad_norms")
+    X, yi, yf = model.check_Xy(X, y)
+    if not isinstance(squared, (bool, np.bool_)):
+        raise TypeError(f"squared: expected a bool, got {type(squared).__name__} {squared!r}")
+    n = X.shape[0]
+    impl = model.backend_impl
+    grad = np.empty(model.n_params, dtype=model.dtype)
+    out = np.empty(n, dtype=model.dtype)
+    for s, idx in _chunks(n, EVAL_CHUNK):
+        _, rows = impl.loss_grad(model.params, grad, X, yi, yf, idx, len(idx), want_sqn=True)
+        out[s:s + len(idx)] = rows
+    np.maximum(out, 0, out=out)
+    return out if squared else np.sqrt(out, out=out)
+
+
+def grad_moments(model, X, y, *, chunk_size: int = EVAL_CHUNK) -> GradMoments:
+    """Mean and variance (``ddof=1``) of the per-example gradients over a data set, streamed.
+
+    The data are processed ``chunk_size`` rows at a time.  Each chunk is reduced exactly
+    -- its mean is the chunk's batch gradient, its
+    :math:`M_2 = \\sum_{i\\in b}(g_i - \\bar g_b)^2` is a two-pass sum of squared deviations
+    -- and combined with the running float64 state by Chan et al.'s rule, never as
+    :math:`E[g^2] - E[g]^2`.  Memory is O(P) plus one chunk of activations.  On the ``cpu``
+    backend a compiled kernel computes :math:`M_2` from the layer inputs and deltas
+    without materialising the chunk's per-example gradients; other backends materialise
+    them in blocks of at most 2^22 entries.
+
+    Parameters
+    ----------
+    model : minigd.MLP
+    X, y : as for :func:`per_example_grads`; at least 2 examples
+    chunk_size : int, default ``minigd.model.EVAL_CHUNK`` (2048)
+        Rows per backend call.  Only speed, memory and rounding depend on it.
+
+    Returns
+    -------
+    GradMoments
+        ``n``, ``mean`` (the full-data gradient; (P,) float64), ``var`` ((P,) float64,
+        ``ddof=1``), and the derived ``trace_cov``, ``grad_norm_sq``, ``noise_scale``
+        (:math:`B_\\mathrm{simple}`), ``gsnr``, ``mean_gsnr``, ``diversity``.
+
+    Notes
+    -----
+    Accuracy: the result equals a float64 two-pass mean / variance of
+    :func:`per_example_grads` up to rounding in the model's dtype (the chunk's :math:`M_2`
+    is accumulated in the model's dtype, chunks are combined in float64).
+
+    Examples
+    --------
+    >>> import numpy as np, minigd as mg
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(1000, 8)).astype(np.float32); y = rng.integers(0, 3, 1000)
+    >>> m = mg.grad_moments(mg.MLP([8, 16, 3], seed=0), X, y)
+    >>> m.n, m.mean.shape
+    (1000, (195,))
+    >>> bool(m.noise_scale > 0)
+    True
+    """
+    _check_model(model, "grad_moments")
+    X, yi, yf = model.check_Xy(X, y)
+    chunk_size = check_int("chunk_size", chunk_size, low=1)
+    n, P = X.shape[0], model.n_params
+    if n < 2:
+        raise ValueError(f"X: expected at least 2 examples for the ddof=1 variance, got {n}")
+    impl = model.backend_impl
+    acc = MomentAccumulator(P)
+    params = model.params
+    if hasattr(impl, "moments_update"):
+        grad = np.empty(P, dtype=model.dtype)
+        impl.reserve(min(chunk_size, n))
+        for _, idx in _chunks(n, chunk_size):
+            B = len(idx)
+            acc._fold(B, lambda n_old, mean, m2: impl.moments_update(
+                params, grad, X, yi, yf, idx, B, n_old, mean, m2))
+    else:
+        block = max(1, min(chunk_size, _GENERIC_BLOCK_ENTRIES // P, n))
+        G = np.empty((block, P), dtype=model.dtype)
+        for _, idx in _chunks(n, block):
+            B = len(idx)
+            impl.per_example_grads(params, X, yi, yf, idx, B, G)
+            acc.update(G[:B])
+    return acc.finalize()
