@@ -25,7 +25,7 @@ def warmup(dtypes=("float32", "float64")) -> dict:
         for loss in ("cross_entropy", "mse"):
             X = np.ones((4, 3), dt)
             y = np.zeros(4, np.int64) if loss == "cross_entropy" else np.zeros((4, 2), dt)
-            for blas_min_batch in (1, 10**9):   # force each path once
+            for blas_min_batch in (1, 10**9):   # force each path once (the active BLAS flavour)
                 m = MLP([3, 2, 2], loss=loss, dtype=dt, backend="cpu", seed=0)
                 m.backend_impl.blas_min_batch = blas_min_batch
                 m.loss_and_grad(X, y)

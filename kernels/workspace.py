@@ -96,6 +96,16 @@ class Workspace:
         self.buf = xp.zeros(off, dtype=self.dtype)
         self._views = {}
 
+    @staticmethod
+    def nbytes_for(layout: ParamLayout, capacity: int, dtype) -> int:
+        """Bytes of a workspace for ``capacity`` rows (without allocating it)."""
+        sizes = layout.sizes
+        L = layout.n_layers
+        n = capacity * sizes[0] + capacity
+        for l in range(L):
+            n += capacity * sizes[l + 1] * (3 if l < L - 1 else 2)
+        return int(n * np.dtype(dtype).itemsize)
+
     @property
     def nbytes(self) -> int:
         return int(self.size * self.dtype.itemsize)

@@ -1,8 +1,14 @@
-"""Command line: ``minigd demo`` (train on digits at several batch sizes) and
-``minigd backends`` (which compute backends run here, and why not)."""
+"""Command line.
+
+``minigd study``     which batch size should I use? sweep, measure, analyse, report
+``minigd report``    (re)write the report of a study from its results file
+``minigd demo``      train one MLP on digits at a few batch sizes and print a table
+``minigd backends``  which compute backends run here, and why one does not
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -70,6 +76,114 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text):
+        out = []
+        for tok in text.split(","):
+            tok = tok.strip()
+            if not tok:
+                continue
+            if kind is int and tok == "full":
+                out.append("full")
+                continue
+            try:
+                out.append(kind(tok))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}")
+        return tuple(out)
+    return parse
+
+
+def _data_spec(args):
+    from minigd.study import DataSpec
+
+    params = (("std_floor", 1.0),) if args.data == "digits" else ()
+    return DataSpec(name=args.data, val_fraction=args.val_fraction, standardize=not args.no_standardize,
+                    seed=args.data_seed, params=params)
+
+
+def _print_answers(analysis, report_dir) -> None:
+    for arch in analysis["architectures"]:
+        a = arch["answers"]
+        tgt = f"{arch['target_metric']} {'>=' if 'accuracy' in (arch['target_metric'] or '') else '<='} {arch['target']}"
+        print(f"\nMLP {arch['sizes']} ({arch['activation']}, {arch['optimizer']}), target {tgt}:")
+        def show(label, key, unit=""):
+            v = a.get(key)
+            print(f"  {label:<44} {('%.4g' % v if isinstance(v, float) else v) if v is not None else 'not measured'}{unit}")
+        show("fastest batch size (wall time to target)", "fastest_wall_time")
+        show("fewest examples to target", "fewest_examples")
+        show("highest goodput (throughput x efficiency)", "max_goodput")
+        show("smallest reasonable batch size", "smallest_reasonable")
+        show("critical batch size (steps/examples fit)", "critical_batch_size_fit")
+        show("gradient noise scale B_simple (mid-run)", "critical_batch_size_noise")
+        show("best final validation", "best_final_validation")
+    if analysis["n_failed"]:
+        print(f"\n{analysis['n_failed']} trial(s) failed; see the report's appendix.")
+    if report_dir:
+        print(f"\nReport: {os.path.join(report_dir, 'summary.md')} (and summary.html, *.png)")
+
+
+def cmd_study(args) -> int:
+    from minigd.study import SearchSpace, SweepSpec, TrialConfig, run_study, search
+
+    data = _data_spec(args)
+    if args.search:
+        base = TrialConfig(data=data, activation=args.activation, optimizer=args.optimizer,
+                           max_epochs=args.max_epochs, target_metric=args.target_metric, target=args.target,
+                           backend=args.backend)
+        os.makedirs(args.out, exist_ok=True)
+        space = SearchSpace(width_min=min(args.widths), width_max=max(args.widths),
+                            depth_min=min(args.depths), depth_max=max(args.depths))
+        res = search(space, args.n_trials, os.path.join(args.out, "results.sqlite"), method=args.search,
+                     objective=args.objective, base=base, seed=args.seed, workers=args.workers,
+                     scheduler=args.scheduler)
+        if res["best"] is None:
+            print(f"no trial reached the target ({args.objective} is inf for all {args.n_trials})")
+            return 1
+        cfg, r = res["best"]
+        print(f"best of {args.n_trials} ({args.search} search, minimising {args.objective}): "
+              f"batch {cfg['batch_size']}, lr {cfg['lr']:.4g}, momentum {cfg['momentum']:.3g}, "
+              f"sizes {cfg['sizes']} -> {args.objective} = {r.get(args.objective)}")
+        return 0
+    spec = SweepSpec(data=data, batch_sizes=args.batch_sizes, lr_policy=args.lr_policy, base_lr=args.base_lr,
+                     base_batch_size=args.base_batch_size, lr_grid=args.lr_grid, seeds=args.seeds,
+                     widths=args.widths, depths=args.depths, activation=args.activation,
+                     optimizer=args.optimizer, momentum=args.momentum, warmup_steps=args.warmup_steps,
+                     max_epochs=args.max_epochs, target_metric=args.target_metric, target=args.target,
+                     backend=args.backend)
+    t0 = time.perf_counter()
+    print(f"minigd study: {args.data}, results in {args.out}/results.sqlite "
+          f"(re-running resumes: only missing trials run)")
+    out = run_study(spec, args.out, workers=args.workers, scheduler=args.scheduler,
+                    progress=not args.quiet, retry_failed=args.retry_failed)
+    c = out["counts"]
+    print(f"{c['total']} trials: {c['skipped']} already stored, {c['ran']} ran ({c['failed']} failed) "
+          f"on the {c['executor']} executor in {time.perf_counter() - t0:.1f} s")
+    _print_answers(out["analysis"], os.path.join(args.out, "report"))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from minigd.report import write_report
+    from minigd.study import ResultStore, analyze
+
+    path = args.results
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.sqlite")
+    if not os.path.isfile(path):
+        raise SystemExit(f"minigd report: RESULTS: expected a results.sqlite file or a study directory, got {args.results!r}")
+    with ResultStore(path) as store:
+        rows = store.rows()
+        spec = store.meta("spec")
+    if not rows:
+        raise SystemExit(f"minigd report: {path} holds no trials yet")
+    analysis = analyze(rows)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "report")
+    write_report(analysis, out, spec=spec)
+    _print_answers(analysis, out)
+    return 0
+
+
 def cmd_backends(args) -> int:
     import minigd as mg
 
@@ -81,6 +195,58 @@ def cmd_backends(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minigd", description="Train MLPs and measure what batch size does.")
     sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser(
+        "study", help="which batch size should I use? sweep, measure, analyse, report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the same model at many batch sizes (and learning rates, seeds, widths, depths), "
+                    "measure steps, examples and wall time to a target validation metric, throughput, "
+                    "memory and the gradient noise scale, then fit the steps/examples trade-off and say "
+                    "which batch size to use. With no options: a sensible sweep on scikit-learn's digits "
+                    "(a few minutes on 2 cores). Results go to OUT/results.sqlite, one row per trial: an "
+                    "interrupted study resumes where it stopped. The report (plots + summary) goes to OUT/report.")
+    g = st.add_argument_group("data")
+    g.add_argument("--data", default="digits", help="digits | teacher_student | linear_regression | a .npz/.csv/IDX file")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation")
+    g.add_argument("--no-standardize", action="store_true", help="do not standardise features")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation split")
+    g = st.add_argument_group("sweep")
+    g.add_argument("--batch-sizes", type=_csv(int), default=(), help="e.g. 1,8,64,full (default: powers of two up to the full batch)")
+    g.add_argument("--lr-policy", default="tuned", choices=["tuned", "linear", "sqrt", "fixed"],
+                   help="tuned: try --lr-grid multiples of the sqrt rule per batch size and keep the best "
+                        "(Shallue et al. 2018); linear/sqrt: scaling rule from --base-batch-size; fixed: --base-lr")
+    g.add_argument("--base-lr", type=float, default=0.02, help="learning rate at --base-batch-size")
+    g.add_argument("--base-batch-size", type=int, default=32)
+    g.add_argument("--lr-grid", type=_csv(float), default=(0.5, 1.0, 2.0), help="multipliers tried by --lr-policy tuned")
+    g.add_argument("--seeds", type=_csv(int), default=(0, 1))
+    g.add_argument("--widths", type=_csv(int), default=(64,), help="hidden widths (1 allowed)")
+    g.add_argument("--depths", type=_csv(int), default=(1,), help="numbers of hidden layers (0 = linear model)")
+    g.add_argument("--activation", default="relu")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    g.add_argument("--max-epochs", type=int, default=50, help="budget per trial (large batches get >= 200 steps)")
+    g.add_argument("--target-metric", default="val_accuracy", choices=["val_accuracy", "val_loss"])
+    g.add_argument("--target", type=float, default=0.95, help="target value of --target-metric")
+    g.add_argument("--backend", default="cpu")
+    g = st.add_argument_group("search (instead of the grid sweep)")
+    g.add_argument("--search", choices=["random", "bayes"], default=None,
+                   help="random or Bayesian (Optuna) search over batch size, lr, momentum, widths, depths")
+    g.add_argument("--n-trials", type=int, default=30)
+    g.add_argument("--objective", default="time_to_target",
+                   choices=["time_to_target", "steps_to_target", "examples_to_target", "val_loss"])
+    g.add_argument("--seed", type=int, default=0, help="seed of the search")
+    g = st.add_argument_group("execution")
+    g.add_argument("--out", default="minigd-study", help="output directory")
+    g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per CPU; 1 = in-process)")
+    g.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) to run trials on a cluster")
+    g.add_argument("--retry-failed", action="store_true", help="re-run trials stored as failed")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    st.set_defaults(func=cmd_study)
+    rp = sub.add_parser("report", help="write the report (plots + summary) of a study's results",
+                        description="Analyse a study's results file and write the report.")
+    rp.add_argument("results", help="OUT/results.sqlite or the study directory OUT")
+    rp.add_argument("--out", default=None, help="report directory (default: next to the results file, report/)")
+    rp.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="train on scikit-learn's digits at several batch sizes and print a table",
                        description="Train the same MLP on scikit-learn's bundled digits at several batch sizes "
                                    "and print steps, examples and time to a target validation accuracy.")

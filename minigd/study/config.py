@@ -1,0 +1,92 @@
+"""Trial configurations: what one training run of a sweep is, and its key.
+
+A trial is fully described by a :class:`TrialConfig` (frozen, JSON-serialisable).  Its
+``key`` is a digest of that JSON: the results store has one row per key, so a resumed
+sweep recognises finished trials whatever order they are generated in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+#: bump when the meaning of a stored result changes; it is part of every trial key
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset, and how it is split and preprocessed (see minigd.data)."""
+
+    name: str = "digits"
+    val_fraction: float = 0.2
+    standardize: bool = True
+    seed: int = 0
+    params: tuple = (("std_floor", 1.0),)   # sorted (key, value) pairs passed to the loader;
+    #   digits pixels are 0..16: features with std <= 1 are only centred (not blown up)
+
+    def kwargs(self) -> dict:
+        return dict(self.params)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One training run: model, data, batch size, optimizer, budget, target and seed.
+
+    ``lr`` is the learning rate actually used at this batch size (whatever policy chose
+    it); ``lr_policy`` records how ("tuned" over a grid, or a scaling rule from a base
+    batch size) so the analysis can group trials.
+    """
+
+    data: DataSpec = field(default_factory=DataSpec)
+    sizes: tuple = (64, 64, 10)
+    activation: str = "relu"
+    loss: str = "cross_entropy"
+    dtype: str = "float32"
+    init: str = "he_uniform"
+    backend: str = "cpu"
+    batch_size: int = 32              # a positive int; the full batch is stored as its size
+    full_batch: bool = False
+    optimizer: str = "sgd"            # "sgd" | "adam"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_policy: str = "tuned"          # "tuned" | "linear" | "sqrt" | "fixed"
+    base_batch_size: int = 32
+    base_lr: float = 0.05
+    warmup_steps: int = 0
+    bs_schedule: tuple = ()           # ((epoch, batch_size), ...) instead of LR decay; () = off
+    sampler: str = "shuffle"
+    seed: int = 0
+    max_epochs: int = 50
+    min_steps: int = 200              # large batches get at least this many steps of budget
+    target_metric: str = "val_accuracy"
+    target: float = 0.95
+    evals_per_epoch: int = 4          # resolution of steps-to-target (at least every 8 steps)
+    noise_subset: int = 512           # examples used to measure the gradient noise scale
+    search_id: str = ""               # which search produced it ("" = grid sweep)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialConfig":
+        d = dict(d)
+        data = d.pop("data", {}) or {}
+        data = dict(data)
+        data["params"] = tuple(tuple(p) for p in data.get("params", ()))
+        d["sizes"] = tuple(d["sizes"])
+        d["bs_schedule"] = tuple(tuple(p) for p in d.get("bs_schedule", ()))
+        return cls(data=DataSpec(**data), **d)
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps({"v": SCHEMA_VERSION, **self.to_dict()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    @property
+    def label(self) -> str:
+        b = "full" if self.full_batch else str(self.batch_size)
+        return f"B={b} lr={self.lr:.4g} seed={self.seed} sizes={'-'.join(map(str, self.sizes))}"

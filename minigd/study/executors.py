@@ -1,0 +1,148 @@
+"""Where trials run: in this process, a local process pool (default), or a Dask cluster.
+
+Every executor has one method, ``run(fn, items)``, an iterator of ``(item, result)`` pairs
+in completion order; the sweep records each result as it arrives.  ``fn`` must never raise
+(``run_trial`` turns errors into a "failed" result); what an executor adds is surviving
+its workers: a worker that dies is replaced and its trial retried once, then recorded as
+failed.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import multiprocessing
+import os
+
+#: environment that pins a worker to one thread (set before numpy/numba load in the worker)
+ONE_THREAD_ENV = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                  "MKL_NUM_THREADS": "1"}
+MAX_ATTEMPTS = 2
+
+
+def _died(item, exc) -> dict:
+    return {"status": "failed", "error": f"worker process died ({type(exc).__name__}: {exc}); "
+                                         f"tried {MAX_ATTEMPTS} times"}
+
+
+class SerialExecutor:
+    """Run trials one after another in this process (debugging, tiny sweeps)."""
+
+    name = "serial"
+    n_workers = 1
+
+    def run(self, fn, items):
+        for item in items:
+            yield item, fn(item)
+
+
+@contextlib.contextmanager
+def _env(extra: dict):
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class LocalExecutor:
+    """A pool of worker processes on this machine, each pinned to one thread.
+
+    Parameters
+    ----------
+    n_workers : int, optional
+        Default: the number of CPUs available to this process.
+    """
+
+    name = "local"
+
+    def __init__(self, n_workers: int | None = None):
+        if n_workers is None:
+            n_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+            raise ValueError(f"n_workers: expected a positive int, got {n_workers!r}")
+        self.n_workers = n_workers
+
+    def _pool(self):
+        with _env(ONE_THREAD_ENV):   # spawned workers inherit it before importing numpy
+            return cf.ProcessPoolExecutor(self.n_workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, fn, items):
+        items = list(items)
+        attempts = {i: 0 for i in range(len(items))}
+        todo = list(range(len(items)))
+        while todo:
+            pool = self._pool()
+            futures = {}
+            try:
+                for i in todo:
+                    attempts[i] += 1
+                    futures[pool.submit(fn, items[i])] = i
+                todo = []
+                for fut in cf.as_completed(futures):
+                    i = futures[fut]
+                    try:
+                        res = fut.result()
+                    except cf.process.BrokenProcessPool as exc:
+                        if attempts[i] < MAX_ATTEMPTS:
+                            todo.append(i)
+                            continue
+                        res = _died(items[i], exc)
+                    yield items[i], res
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DaskExecutor:
+    """Trials on a Dask distributed cluster.
+
+    Parameters
+    ----------
+    client_or_address : dask.distributed.Client or str
+        A client, or the scheduler address (``tcp://host:8786``).  Workers need minigd
+        installed; pin their threads (``--nthreads 1`` and NUMBA_NUM_THREADS=1) for honest
+        timings.
+    """
+
+    name = "dask"
+
+    def __init__(self, client_or_address):
+        try:
+            from dask.distributed import Client
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError("the Dask executor needs dask.distributed: pip install 'minigd[study]'") from exc
+        self.client = client_or_address if isinstance(client_or_address, Client) else Client(client_or_address)
+        self.n_workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def run(self, fn, items):
+        from dask.distributed import as_completed
+
+        items = list(items)
+        futures = {}
+        for i, item in enumerate(items):
+            futures[self.client.submit(fn, item, pure=False, retries=MAX_ATTEMPTS - 1)] = i
+        try:
+            for fut in as_completed(list(futures)):
+                i = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as exc:  # KilledWorker and friends
+                    res = _died(items[i], exc)
+                yield items[i], res
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def make_executor(workers=None, scheduler=None):
+    """Dask when a scheduler (address or Client) is given, else a local pool
+    (``workers=1`` runs in-process)."""
+    if scheduler is not None:
+        return DaskExecutor(scheduler)
+    if workers == 1:
+        return SerialExecutor()
+    return LocalExecutor(workers)

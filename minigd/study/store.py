@@ -1,0 +1,91 @@
+"""The results store: one SQLite file, one row per trial, keyed by its full configuration.
+
+Every finished trial is committed in its own transaction the moment its result arrives, so
+an interrupted sweep (Ctrl-C, a killed worker, a crashed machine) loses at most the trials
+that were still running; SQLite's journal makes each commit atomic.  Resuming reads the
+keys already stored and runs only the missing trials.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+
+from .config import TrialConfig
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trials (
+    key TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL,          -- 'ok' or 'failed'
+    result TEXT NOT NULL,
+    error TEXT,
+    finished REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class ResultStore:
+    """SQLite-backed store of trial results.
+
+    Parameters
+    ----------
+    path : str
+        The database file (created if missing).  Opening a file that is not a minigd
+        results database is a clear error.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        d = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"results: expected a path in an existing directory, got {self.path!r}")
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"results: expected a minigd SQLite results file, got {self.path!r} ({exc})") from exc
+
+    def close(self):
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+    def put(self, cfg: TrialConfig, result: dict) -> None:
+        """Record one trial (replacing an earlier row for the same key), atomically."""
+        status = result.get("status", "failed")
+        self._db.execute(
+            "INSERT OR REPLACE INTO trials (key, config, status, result, error, finished) VALUES (?,?,?,?,?,?)",
+            (cfg.key, json.dumps(cfg.to_dict(), sort_keys=True), status, json.dumps(result),
+             result.get("error"), time.time()))
+
+    def set_meta(self, name: str, value) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, json.dumps(value)))
+
+    # -- reading ----------------------------------------------------------------------------
+    def meta(self, name: str, default=None):
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def keys(self, status: str | None = None) -> set:
+        q = "SELECT key FROM trials" + (" WHERE status = ?" if status else "")
+        return {r[0] for r in self._db.execute(q, (status,) if status else ())}
+
+    def rows(self) -> list:
+        """[(TrialConfig, result dict)] for every stored trial, oldest first."""
+        out = []
+        for cfg, res in self._db.execute("SELECT config, result FROM trials ORDER BY finished"):
+            out.append((TrialConfig.from_dict(json.loads(cfg)), json.loads(res)))
+        return out
+
+    def __len__(self):
+        return self._db.execute("SELECT COUNT(*) FROM trials").fetchone()[0]

@@ -1,0 +1,179 @@
+"""Batch-size sweeps: a specification, its trials, and running them resumably."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+from minigd._validation import check_choice, check_float, check_int
+
+from .config import DataSpec, TrialConfig
+from .executors import make_executor
+from .store import ResultStore
+from .trial import run_trial
+
+LR_POLICIES = ("tuned", "linear", "sqrt", "fixed")
+
+
+def default_batch_sizes(n: int) -> tuple:
+    """Powers of two from 1 below n, then the full batch (n)."""
+    out, b = [], 1
+    while b < n:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (n,)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to sweep.
+
+    batch_sizes : ints, and/or "full"; default powers of two up to the full batch.
+    lr_policy : "tuned" -- every batch size tries ``lr_grid`` multiples of the square-root
+        rule's rate (base_lr * sqrt(B / base_batch_size)) and the analysis keeps the best
+        (the protocol of Shallue et al. 2018); "linear" / "sqrt" -- one rate per batch size
+        from the scaling rule (Goyal et al. 2017 / Hoffer et al. 2017); "fixed" -- base_lr
+        everywhere.
+    widths, depths : hidden layer width(s) and count(s) to sweep (a width of 1 is allowed).
+    """
+
+    data: DataSpec = field(default_factory=DataSpec)
+    batch_sizes: tuple = ()
+    lr_policy: str = "tuned"
+    base_lr: float = 0.02
+    base_batch_size: int = 32
+    lr_grid: tuple = (0.5, 1.0, 2.0)
+    seeds: tuple = (0, 1)
+    widths: tuple = (64,)
+    depths: tuple = (1,)
+    activation: str = "relu"
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    bs_schedule: tuple = ()
+    max_epochs: int = 50
+    min_steps: int = 200
+    target_metric: str = "val_accuracy"
+    target: float = 0.95
+    dtype: str = "float32"
+    backend: str = "cpu"
+
+    def __post_init__(self):
+        check_choice("lr_policy", self.lr_policy, LR_POLICIES)
+        check_float("base_lr", self.base_lr, low=0, low_open=True)
+        check_int("base_batch_size", self.base_batch_size, low=1)
+        for w in self.widths:
+            check_int("widths", w, low=1)
+        for d in self.depths:
+            check_int("depths", d, low=0)
+        for s in self.seeds:
+            check_int("seeds", s, low=0)
+        for b in self.batch_sizes:
+            if b != "full":
+                check_int("batch_sizes", b, low=1)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_int("max_epochs", self.max_epochs, low=1)
+
+    def lrs_for(self, B: int) -> list:
+        if self.lr_policy == "fixed":
+            return [self.base_lr]
+        rule = "sqrt" if self.lr_policy in ("tuned", "sqrt") else "linear"
+        from minigd.optim.schedules import scale_lr
+        center = scale_lr(self.base_lr, B, self.base_batch_size, rule)
+        if self.lr_policy != "tuned":
+            return [center]
+        return [center * f for f in self.lr_grid]
+
+    def trials(self, n_train: int, n_in: int, n_out: int) -> list:
+        """Every TrialConfig of the sweep for a dataset with n_train training examples."""
+        sizes_b = self.batch_sizes or default_batch_sizes(n_train)
+        out = []
+        for depth in self.depths:
+            for width in self.widths:
+                sizes = (n_in,) + (width,) * depth + (n_out,)
+                for b in sizes_b:
+                    full = b == "full" or b == n_train
+                    B = n_train if full else int(b)
+                    if B > n_train:
+                        raise ValueError(f"batch_sizes: expected sizes <= the number of training examples "
+                                         f"({n_train}), got {B}")
+                    for lr in self.lrs_for(B):
+                        for seed in self.seeds:
+                            out.append(TrialConfig(
+                                data=self.data, sizes=sizes, activation=self.activation, dtype=self.dtype,
+                                backend=self.backend, batch_size=B, full_batch=full,
+                                optimizer=self.optimizer, lr=float(lr), momentum=self.momentum,
+                                lr_policy=self.lr_policy, base_batch_size=self.base_batch_size,
+                                base_lr=self.base_lr, warmup_steps=self.warmup_steps,
+                                bs_schedule=tuple(self.bs_schedule), seed=int(seed),
+                                max_epochs=self.max_epochs, min_steps=self.min_steps,
+                                target_metric=self.target_metric, target=self.target))
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - the study extra brings tqdm
+        return None
+    return tqdm(total=total, unit="trial", dynamic_ncols=True, file=sys.stderr)
+
+
+def run_sweep(configs, results, *, executor=None, workers=None, scheduler=None,
+              retry_failed: bool = False, progress: bool = False, log=None) -> dict:
+    """Run every trial of ``configs`` not already in the store ``results``.
+
+    Parameters
+    ----------
+    configs : list of TrialConfig
+    results : ResultStore or path
+        Finished trials are committed one by one as they arrive: interrupting the sweep
+        (Ctrl-C, a killed worker or machine) loses only the trials still running, and
+        running it again runs only the missing ones.
+    executor : optional
+        An executor (``minigd.study.executors``); else ``workers``/``scheduler`` pick one:
+        a Dask cluster when ``scheduler`` (address or Client) is given, else a local
+        process pool of ``workers`` processes (default: one per CPU; 1 = in-process).
+    retry_failed : bool
+        Also re-run trials whose stored status is "failed".
+
+    Returns
+    -------
+    dict with counts: total, skipped (already stored), ran, failed.
+    """
+    store = results if isinstance(results, ResultStore) else ResultStore(results)
+    done = store.keys() if not retry_failed else store.keys("ok")
+    seen, todo = set(), []
+    for c in configs:
+        if c.key not in done and c.key not in seen:
+            todo.append(c)
+            seen.add(c.key)
+    ex = executor or make_executor(workers, scheduler)
+    bar = _progress(len(todo), progress)
+    counts = {"total": len(configs), "skipped": len(configs) - len(todo), "ran": 0, "failed": 0,
+              "executor": ex.name}
+    t0 = time.time()
+    try:
+        for cfg, res in ex.run(run_trial, todo):
+            store.put(cfg, res)
+            counts["ran"] += 1
+            counts["failed"] += res.get("status") != "ok"
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{cfg.label} {'ok' if res.get('status') == 'ok' else 'FAILED'}")
+            if log is not None:
+                log(cfg, res)
+    finally:
+        if bar is not None:
+            bar.close()
+        if store is not results:
+            store.close()
+    counts["seconds"] = time.time() - t0
+    return counts

@@ -1,0 +1,167 @@
+"""Run one trial of a sweep: train, measure, return a JSON-serialisable result.
+
+``run_trial`` is a pure function of its :class:`~minigd.study.config.TrialConfig` (and the
+machine it runs on, for the timings): executors ship configs to workers and results back.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import platform
+import time
+import traceback
+
+import numpy as np
+
+from .config import DataSpec, TrialConfig
+
+#: steps-to-target resolution: evaluate at least every this many steps
+MAX_EVAL_INTERVAL = 32
+
+
+@functools.lru_cache(maxsize=8)
+def load_data(spec: DataSpec, dtype: str):
+    """The dataset of a spec (cached per process: a worker loads it once)."""
+    from minigd.data import load_dataset
+
+    return load_dataset(spec.name, val_fraction=spec.val_fraction, standardize=spec.standardize,
+                        seed=spec.seed, dtype=dtype, **spec.kwargs())
+
+
+def _noise(model, Xs, ys) -> dict:
+    """Exact gradient moments on a fixed subset: B_simple = tr(Sigma)/|G|^2."""
+    from minigd import grad_moments
+
+    m = grad_moments(model, Xs, ys)
+    return {"noise_scale": float(m.noise_scale), "trace_cov": float(m.trace_cov),
+            "grad_norm_sq": float(m.grad_norm_sq)}
+
+
+def _optimizer(cfg: TrialConfig):
+    import minigd as mg
+
+    lr = cfg.lr
+    if cfg.warmup_steps:
+        lr = mg.optim.warmup(lr, cfg.warmup_steps)
+    if cfg.optimizer == "adam":
+        return mg.Adam(lr=lr, weight_decay=cfg.weight_decay)
+    return mg.SGD(lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                  weight_decay=cfg.weight_decay)
+
+
+def run_trial(cfg: TrialConfig) -> dict:
+    """Train one model as ``cfg`` says and measure it.
+
+    Returns a dict with ``status`` "ok" and the measurements (see the keys below), or
+    ``status`` "failed" with the error and its traceback -- a failing trial never raises
+    into the sweep.
+    """
+    t_wall = time.perf_counter()
+    try:
+        return _run(cfg, t_wall)
+    except Exception as exc:  # recorded, the sweep goes on
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=20), "wall_time": time.perf_counter() - t_wall}
+
+
+_WARM: set = set()
+
+
+def _warmup(dtype: str) -> None:
+    """Compile (or load) the kernels once per worker process, so no trial's timings
+    include JIT compilation."""
+    if dtype not in _WARM:
+        from minigd.kernels import warmup
+        warmup((dtype,))
+        _WARM.add(dtype)
+
+
+def _run(cfg: TrialConfig, t_wall: float) -> dict:
+    import minigd as mg
+
+    _warmup(cfg.dtype)
+    ds = load_data(cfg.data, cfg.dtype)
+    Xtr, ytr, Xva, yva = ds.X_train, ds.y_train, ds.X_val, ds.y_val
+    n = len(Xtr)
+    B = n if cfg.full_batch else cfg.batch_size
+    if B > n:
+        raise ValueError(f"batch_size: expected at most the number of training examples ({n}), got {B}")
+    sizes = (Xtr.shape[1],) + tuple(cfg.sizes[1:-1]) + (ds.n_out,)
+    model = mg.MLP(list(sizes), activation=cfg.activation, loss=ds.loss, dtype=cfg.dtype,
+                   init=cfg.init, seed=cfg.seed, backend=cfg.backend)
+    rng = np.random.default_rng(cfg.seed + 7919)
+    sub = rng.choice(n, size=min(cfg.noise_subset, n), replace=False)
+    Xs, ys = Xtr[sub], ytr[sub]
+
+    if cfg.bs_schedule:
+        bs = mg.BatchSizeSchedule(B, {int(e): int(b) for e, b in cfg.bs_schedule})
+    else:
+        bs = B
+    spe = -(-n // B)
+    eval_every = max(1, min(MAX_EVAL_INTERVAL, spe // max(1, cfg.evals_per_epoch)))
+    epochs = max(cfg.max_epochs, math.ceil(cfg.min_steps / spe))
+    target_metric = cfg.target_metric if ds.task == "classification" or "loss" in cfg.target_metric else "val_loss"
+
+    noise = [{"step": 0, "examples": 0, **_noise(model, Xs, ys)}]
+    next_noise = [1]
+
+    class NoiseProbe:
+        def on_eval(self, m, rec):
+            if rec["step"] >= next_noise[0]:
+                noise.append({"step": rec["step"], "examples": rec["examples"], **_noise(m, Xs, ys)})
+                next_noise[0] = 2 * rec["step"]
+            return False
+
+    diverged = False
+    try:
+        hist = mg.fit(model, Xtr, ytr, batch_size=bs, epochs=epochs, optimizer=_optimizer(cfg),
+                      sampler=cfg.sampler, validation=(Xva, yva), eval_every=eval_every,
+                      eval_train=False, target={target_metric: cfg.target}, seed=cfg.seed,
+                      callbacks=[NoiseProbe()])
+    except mg.DivergenceError as err:
+        diverged = True
+        hist = err.history
+        model.params[...] = err.params
+    if not noise or noise[-1]["step"] != hist.n_steps:
+        noise.append({"step": hist.n_steps, "examples": int(hist.column("examples")[-1]) if hist.n_steps else 0,
+                      **_noise(model, Xs, ys)})
+    train = model.evaluate(Xtr, ytr)
+    val = model.evaluate(Xva, yva)
+    steps = hist.n_steps
+    train_time = float(hist.column("time")[-1]) if steps else 0.0
+    examples = int(hist.column("examples")[-1]) if steps else 0
+    curve = [{k: ev.get(k) for k in ("step", "examples", "time", "val_loss", "val_accuracy")}
+             for ev in hist.evals]
+    # memory a training step at this batch size needs: its workspace (activations, deltas)
+    # + parameters + gradient + optimizer state (momentum / Adam moments)
+    from minigd.kernels.workspace import Workspace
+    ws_bytes = Workspace.nbytes_for(model.layout, B, model.dtype)
+    state_bytes = 2 * model.params.nbytes + _optimizer(cfg).init(model.params).state.nbytes
+    res = {
+        "status": "ok",
+        "reached": bool(hist.reached),
+        "diverged": diverged,
+        "steps_to_target": hist.steps_to_target,
+        "examples_to_target": hist.examples_to_target,
+        "time_to_target": hist.time_to_target,
+        "steps": steps, "examples": examples, "epochs": examples / n,
+        "train_time": train_time,
+        "us_per_step": train_time / steps * 1e6 if steps else None,
+        "throughput": examples / train_time if train_time > 0 else None,
+        "workspace_bytes": ws_bytes,
+        "memory_bytes": ws_bytes + state_bytes,
+        "final_train_loss": train["loss"], "final_val_loss": val["loss"],
+        "final_train_accuracy": train.get("accuracy"), "final_val_accuracy": val.get("accuracy"),
+        "best_val_accuracy": max((ev.get("val_accuracy", -1) for ev in hist.evals), default=None),
+        "gen_gap_loss": val["loss"] - train["loss"],
+        "gen_gap_accuracy": (train["accuracy"] - val["accuracy"]) if "accuracy" in train else None,
+        "batch_size": B, "n_train": n, "n_params": model.n_params,
+        "noise": noise, "curve": curve[-400:],
+        "host": platform.node(), "pid": os.getpid(),
+        "wall_time": time.perf_counter() - t_wall,
+    }
+    for k, v in list(res.items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            res[k] = None
+    return res

@@ -1,0 +1,236 @@
+"""The batch-size study: trials, the resumable store, executors (local pool, Dask), the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+
+import numpy as np
+import pytest
+
+from minigd.study import (DataSpec, LocalExecutor, ResultStore, SerialExecutor, SweepSpec, TrialConfig,
+                          analyze, run_study, run_sweep, run_trial)
+
+TINY_DATA = DataSpec(name="teacher_student", params=(("n", 300), ("n_classes", 3), ("n_in", 6)), seed=0)
+
+
+def tiny_spec(**kw):
+    base = dict(data=TINY_DATA, batch_sizes=(4, 32, "full"), lr_policy="sqrt", base_lr=0.05,
+                base_batch_size=32, seeds=(0, 1), widths=(8,), depths=(1,), max_epochs=4, min_steps=20,
+                target_metric="val_accuracy", target=0.6)
+    base.update(kw)
+    return SweepSpec(**base)
+
+
+def tiny_configs(**kw):
+    return tiny_spec(**kw).trials(240, 6, 3)
+
+
+DETERMINISTIC = ("reached", "steps_to_target", "examples_to_target", "steps", "examples",
+                 "final_train_loss", "final_val_loss", "final_val_accuracy")
+
+
+def test_trial_result_fields_and_determinism():
+    cfg = tiny_configs()[0]
+    a, b = run_trial(cfg), run_trial(cfg)
+    assert a["status"] == "ok", a.get("error")
+    for k in DETERMINISTIC:
+        assert a[k] == b[k], k
+    assert a["throughput"] > 0 and a["us_per_step"] > 0
+    assert a["memory_bytes"] > a["workspace_bytes"] > 0
+    assert a["noise"][0]["step"] == 0 and a["noise"][-1]["step"] == a["steps"]
+    assert all(np.isfinite(p["noise_scale"]) for p in a["noise"])
+
+
+def test_failing_trial_is_recorded_not_raised():
+    cfg = dataclasses.replace(tiny_configs()[0], backend="gpu")
+    res = run_trial(cfg)
+    assert res["status"] == "failed" and "gpu" in res["error"]
+
+
+def test_batch_size_larger_than_data_is_a_clear_error():
+    with pytest.raises(ValueError, match="batch_sizes"):
+        tiny_spec(batch_sizes=(1000,)).trials(240, 6, 3)
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+    spec = tiny_spec(data=DataSpec(name="no_such_data", params=()))
+    with pytest.raises(ValueError, match="no_such_data"):
+        run_study(spec, tmp_path, workers=1, report=False)
+
+
+def test_malformed_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("1,2,3\n4,five,6\n")
+    spec = tiny_spec(data=DataSpec(name=str(bad), params=()))
+    with pytest.raises(ValueError):
+        run_study(spec, tmp_path / "out", workers=1, report=False)
+
+
+def test_store_rejects_a_non_database(tmp_path):
+    p = tmp_path / "x.sqlite"
+    p.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ValueError, match="results"):
+        ResultStore(p)
+
+
+class Interrupting:
+    """Serial executor that raises KeyboardInterrupt after ``k`` results (Ctrl-C)."""
+
+    name = "interrupting"
+    n_workers = 1
+
+    def __init__(self, k):
+        self.k = k
+
+    def run(self, fn, items):
+        for i, item in enumerate(items):
+            if i == self.k:
+                raise KeyboardInterrupt
+            yield item, fn(item)
+
+
+def test_interrupted_sweep_resumes_and_runs_every_trial_once(tmp_path):
+    configs = tiny_configs()
+    path = tmp_path / "r.sqlite"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(configs, path, executor=Interrupting(2))
+    with ResultStore(path) as s:
+        assert len(s) == 2          # the finished trials were committed before the interrupt
+        first = s.keys()
+    ran = []
+    counts = run_sweep(configs, path, executor=SerialExecutor(), log=lambda c, r: ran.append(c.key))
+    assert counts["skipped"] == 2 and counts["ran"] == len(configs) - 2
+    assert not set(ran) & first     # only the missing ones ran
+    with ResultStore(path) as s:
+        assert s.keys() == {c.key for c in configs}
+    # one row per trial, even after a third run
+    run_sweep(configs, path, executor=SerialExecutor())
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == len(configs)
+
+
+def _die_once(cfg):
+    """Kill the worker process the first time a given trial runs (a marker file says)."""
+    marker = os.environ["MINIGD_TEST_MARKER"] + cfg.key
+    if cfg.batch_size == 4 and cfg.seed == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return run_trial(cfg)
+
+
+def test_killed_worker_is_replaced_and_its_trial_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIGD_TEST_MARKER", str(tmp_path / "killed-"))
+    configs = tiny_configs(seeds=(0,))
+    ex = LocalExecutor(2)
+    results = dict((c.key, r) for c, r in ex.run(_die_once, configs))
+    assert set(results) == {c.key for c in configs}
+    assert all(r["status"] == "ok" for r in results.values())
+    assert len(list(tmp_path.glob("killed-*"))) == 1
+
+
+def test_local_pool_matches_serial(tmp_path):
+    configs = tiny_configs(seeds=(0,))
+    serial = {c.key: r for c, r in SerialExecutor().run(run_trial, configs)}
+    pooled = {c.key: r for c, r in LocalExecutor(2).run(run_trial, configs)}
+    for k in serial:
+        for f in DETERMINISTIC:
+            assert serial[k][f] == pooled[k][f], f
+
+
+def test_dask_local_cluster_matches_local_executor():
+    distributed = pytest.importorskip("dask.distributed")
+    configs = tiny_configs(seeds=(0,))
+    serial = {c.key: r for c, r in SerialExecutor().run(run_trial, configs)}
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        from minigd.study import DaskExecutor
+        got = {c.key: r for c, r in DaskExecutor(client).run(run_trial, configs)}
+    assert set(got) == set(serial)
+    for k in serial:
+        assert got[k]["status"] == "ok"
+        for f in DETERMINISTIC:
+            assert serial[k][f] == got[k][f], f
+
+
+def test_unreachable_target_is_a_recorded_outcome(tmp_path):
+    configs = tiny_configs(target=1.01, seeds=(0,), batch_sizes=(32,), max_epochs=2)
+    run_sweep(configs, tmp_path / "r.sqlite", executor=SerialExecutor())
+    with ResultStore(tmp_path / "r.sqlite") as s:
+        rows = s.rows()
+    assert len(rows) == 1 and rows[0][1]["status"] == "ok" and rows[0][1]["reached"] is False
+    a = analyze(rows)["architectures"][0]
+    assert a["per_batch"][0]["steps_to_target"] is None
+    assert a["answers"]["fastest_wall_time"] is None
+
+
+def test_analysis_picks_best_lr_and_fits_tradeoff():
+    """Synthetic results generated by the trade-off formula: the analysis recovers B_crit."""
+    s_min, b_crit = 40.0, 64.0
+    rows = []
+    for B in (1, 4, 16, 64, 256, 1024):
+        for lr, slow in ((0.1, 1.0), (0.2, 1.5)):
+            S = s_min * (1 + b_crit / B) * slow
+            cfg = TrialConfig(data=TINY_DATA, batch_size=B, lr=lr, seed=0)
+            rows.append((cfg, {"status": "ok", "reached": True, "steps_to_target": S, "examples_to_target": S * B,
+                               "time_to_target": S * (1e-4 + 1e-6 * B), "final_val_accuracy": 0.9,
+                               "throughput": B / (1e-4 + 1e-6 * B),
+                               "noise": [{"step": 0, "noise_scale": 60.0}, {"step": 10, "noise_scale": 60.0}]}))
+    a = analyze(rows)["architectures"][0]
+    assert [r["best_lr"] for r in a["per_batch"]] == [0.1] * 6
+    assert a["tradeoff_fit"]["b_crit"] == pytest.approx(b_crit, rel=1e-3)
+    assert a["tradeoff_fit"]["s_min"] == pytest.approx(s_min, rel=1e-3)
+    assert a["answers"]["fewest_examples"] == 1 and a["answers"]["fewest_steps"] == 1024
+    assert [r["regime"] for r in a["per_batch"]] == ["perfect scaling"] * 3 + ["diminishing returns"] * 1 + ["no benefit"] * 2
+
+
+def test_cli_study_end_to_end_writes_the_report(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from minigd.cli import main
+
+    out = tmp_path / "study"
+    rc = main(["study", "--data", "digits", "--batch-sizes", "16,256,full", "--seeds", "0", "--lr-grid", "1",
+               "--max-epochs", "3", "--target", "0.8", "--workers", "1", "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Report:" in text and "fastest batch size" in text
+    rep = out / "report"
+    for name in ("summary.md", "summary.html", "steps_examples.png", "time_to_target.png",
+                 "generalization.png", "best_lr.png", "throughput_memory.png", "noise_scale.png"):
+        f = rep / name
+        assert f.exists() and f.stat().st_size > 1000, name
+        if name.endswith(".png"):
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resuming runs nothing new
+    rc = main(["study", "--data", "digits", "--batch-sizes", "16,256,full", "--seeds", "0", "--lr-grid", "1",
+               "--max-epochs", "3", "--target", "0.8", "--workers", "1", "--out", str(out), "--quiet"])
+    assert "3 already stored, 0 ran" in capsys.readouterr().out
+    # the report command rebuilds the report from the results file
+    assert main(["report", str(out), "--out", str(tmp_path / "rep2")]) == 0
+    assert (tmp_path / "rep2" / "summary.md").exists()
+
+
+def test_cli_report_on_missing_results_is_a_clear_error(tmp_path):
+    from minigd.cli import main
+
+    with pytest.raises(SystemExit, match="RESULTS"):
+        main(["report", str(tmp_path / "nothing")])
+
+
+def test_random_and_bayes_search_store_every_trial(tmp_path):
+    pytest.importorskip("optuna")
+    from minigd.study import SearchSpace, search
+
+    base = TrialConfig(data=TINY_DATA, sizes=(6, 8, 3), max_epochs=2, min_steps=10, target=0.5)
+    space = SearchSpace(batch_min=4, batch_max=64, lr_min=0.01, lr_max=0.3, width_min=2, width_max=8,
+                        depth_min=0, depth_max=1)
+    for method in ("random", "bayes"):
+        path = tmp_path / f"{method}.sqlite"
+        res = search(space, 4, path, method=method, base=base, workers=1, seed=1,
+                     objective="steps_to_target")
+        assert len(res["trials"]) == 4
+        with ResultStore(path) as s:
+            assert 1 <= len(s) <= 4      # identical draws share one row
+        if res["best"] is not None:
+            cfg, r = res["best"]
+            assert r["reached"] and r["steps_to_target"] == min(v for _, v in res["trials"] if v is not None)
