@@ -1,19 +1,23 @@
-# minigd: `make demo` runs the main job on bundled data, `make test` runs the whole suite.
+# minigd: `make study` runs the main job (the batch-size study on bundled digits),
+# `make test` runs the whole suite.
 # Both build a local virtual environment (.venv) from nothing but python3 and pip.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench install clean
+.PHONY: study demo test bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[sklearn,test]"
+	$(BIN)/python -m pip install --quiet -e ".[study,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+study: $(STAMP)
+	$(BIN)/minigd study
 
 demo: $(STAMP)
 	$(BIN)/minigd demo
