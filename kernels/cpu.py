@@ -62,6 +62,10 @@ OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
 # rows of the `lay` table
 R_SIZE, R_WOFF, R_BOFF, R_ACT, R_Z, R_A, R_D, R_MISC = range(8)
 
+# A compiled kernel that passes the constant False/True to another one makes numba compile
+# the callee again for Literal[bool]; reading the flag from this array types it plain bool.
+_FALSE = np.zeros(1, dtype=np.bool_)
+
 
 
 # ----------------------------------------------------------------------------- views
@@ -308,17 +312,22 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
 
 @jit(inline="always")
 def _sqnorm_rows(A, D, B, sqn, scale):
-    """sqn[r] += scale * (|A[r]|^2 + 1) * |D[r]|^2 (float64 accumulation)."""
+    """sqn[r] += scale * (|A[r]|^2 + 1) * |D[r]|^2.
+
+    Row sums accumulate in the model dtype (vectorised partial sums; converting each
+    float32 to float64 first cost as much as the backward's GEMV at batch 32), the
+    product in float64.
+    """
     for r in range(B):
-        asq = 1.0
         a = A[r]
+        asq = a[0] * 0
         for i in range(a.shape[0]):
             asq += a[i] * a[i]
-        dsq = 0.0
         d = D[r]
+        dsq = d[0] * 0
         for j in range(d.shape[0]):
             dsq += d[j] * d[j]
-        sqn[r] += asq * dsq * scale
+        sqn[r] += (1.0 + float(asq)) * float(dsq) * scale
 
 
 @jit
@@ -476,7 +485,7 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
 def train_step_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn,
                     codes, hp, soff, state, plan, lr, t):
     """:func:`train_step_loops` with the GEMMs in BLAS, as one compiled call."""
-    loss = loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, False)
+    loss = loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, _FALSE[0])
     if not math.isfinite(loss):
         return loss, 0, math.nan
     check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
@@ -684,7 +693,7 @@ def _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
     applied is 0 if the update would have produced a non-finite parameter (params are
     untouched then); |g|^2 is the squared norm of the raw gradient.
     """
-    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, True)
+    check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, not _FALSE[0])
     return _apply_if_finite(params, grad, check), gsq
 
 
@@ -722,8 +731,8 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
 
 @jit
 def grad_sqnorm(grad):
-    """|grad|^2 accumulated in float64."""
-    s = 0.0
+    """|grad|^2, accumulated in the model dtype (vectorised partial sums), as a float."""
+    s = grad[0] * 0
     for p in range(grad.shape[0]):
         s += grad[p] * grad[p]
-    return s
+    return float(s)

@@ -2,11 +2,15 @@
 
 Public API (see README.md and ../shared/API.md): :class:`MLP`, :func:`fit`, the optimizers
 :func:`SGD`, :func:`Adam`, :func:`AdamW` and the :mod:`minigd.optim` primitives and
-schedules, :class:`History`, :func:`available_backends`.
+schedules, :class:`History`, :func:`available_backends`; gradient statistics
+(:mod:`minigd.gradstats`): :func:`per_example_grads`, :func:`per_example_grad_norms`,
+:func:`grad_moments`, :func:`variance_vs_batch_size`, :class:`TwoBatchNoiseScale`.
 """
-from . import optim
+from . import gradstats, optim
 from .backends import available_backends
 from .errors import BackendUnavailable, DivergenceError
+from .gradstats import (BatchVarianceCurve, GradMoments, TwoBatchNoiseScale, grad_moments,
+                        per_example_grad_norms, per_example_grads, variance_vs_batch_size)
 from .history import History
 from .model import MLP
 from .optim import SGD, Adam, AdamW, BatchSizeSchedule, scale_lr
@@ -15,4 +19,6 @@ from .train import fit
 __version__ = "0.1.0"
 
 __all__ = ["MLP", "fit", "SGD", "Adam", "AdamW", "BatchSizeSchedule", "scale_lr", "History",
-           "DivergenceError", "BackendUnavailable", "available_backends", "optim"]
+           "DivergenceError", "BackendUnavailable", "available_backends", "optim",
+           "per_example_grads", "per_example_grad_norms", "grad_moments", "GradMoments",
+           "TwoBatchNoiseScale", "variance_vs_batch_size", "BatchVarianceCurve", "gradstats"]

@@ -63,7 +63,8 @@ def check_dtype(name: str, value: Any) -> np.dtype:
 
 
 def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
-    """A finite 2-D array of the model's dtype with ``n_in`` columns (made C-contiguous)."""
+    """A finite 2-D array of the model's dtype with ``n_in`` columns (made C-contiguous and
+    writeable: a read-only array is copied)."""
     if not isinstance(X, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {_got(X)}")
     if X.ndim != 2:
@@ -78,7 +79,16 @@ def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
     if not np.isfinite(X).all():
         bad = int(np.count_nonzero(~np.isfinite(X)))
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
-    return np.ascontiguousarray(X)
+    return _kernel_ready(X)
+
+
+def _kernel_ready(a: np.ndarray) -> np.ndarray:
+    """C-contiguous and writeable: Numba types read-only arrays differently, so a read-only
+    input (a memmap, a broadcast, ``setflags(write=False)``) would compile every kernel a
+    third time; the kernels never write inputs, but a copy is the only way to hand them
+    the usual array type."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
 
 
 def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: str = "y"):
@@ -97,7 +107,7 @@ def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: s
         if n and (y.min() < 0 or y.max() >= n_out):
             raise ValueError(f"{name}: expected class labels in [0, {n_out}), got values in "
                              f"[{y.min()}, {y.max()}]")
-        return np.ascontiguousarray(y, dtype=np.int64), np.empty((0, n_out), dtype)
+        return _kernel_ready(y.astype(np.int64, copy=False)), np.empty((0, n_out), dtype)
     if y.ndim == 1 and n_out == 1:
         y = y.reshape(-1, 1)
     if y.ndim != 2 or y.shape != (n, n_out):
@@ -111,7 +121,7 @@ def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: s
     if loss_code == nn.BINARY_CROSS_ENTROPY and (y.min() < 0 or y.max() > 1):
         raise ValueError(f"{name}: expected targets in [0, 1] for 'binary_cross_entropy', "
                          f"got values in [{y.min()}, {y.max()}]")
-    return np.empty(0, np.int64), np.ascontiguousarray(y)
+    return np.empty(0, np.int64), _kernel_ready(y)
 
 
 def check_seed(name: str, seed: Any) -> np.random.Generator:

@@ -18,7 +18,9 @@ class History:
     ``loss`` (mean loss of the step's batch, before the update), ``lr``, ``batch_size``,
     ``examples`` (examples seen after the step), ``time`` (seconds of training after the
     step, evaluation time excluded).  Evaluations (every ``eval_every`` steps and at the end)
-    are in :attr:`evals`; epoch summaries in :attr:`epochs`.
+    are in :attr:`evals`; epoch summaries in :attr:`epochs`.  With ``fit(track_noise=k)``
+    the gradient-noise records (noise scale, |G|^2, tr(Sigma), ...) are in :attr:`noise`
+    and merged into :attr:`records`.
 
     Attributes
     ----------
@@ -44,6 +46,8 @@ class History:
         self.time_to_target = None
         self.stop_reason = ""
         self.config: dict = {}
+        #: the gradient-noise tracker of ``fit(track_noise=k)`` (None when tracking was off)
+        self.noise_tracker = None
 
     # -- recording (hot path: keep it cheap) -------------------------------------------------
     def _grow(self):
@@ -74,9 +78,20 @@ class History:
         return a if name in ("loss", "lr", "time") else a.astype(np.int64)
 
     @property
+    def noise(self) -> list:
+        """Gradient-noise records of ``fit(track_noise=k)``, one dict per tracked step
+        (see :class:`minigd.gradstats.tracking.NoiseTracker`); ``[]`` when tracking was off.
+        Also merged into :attr:`records` at their steps."""
+        return [] if self.noise_tracker is None else self.noise_tracker.records()
+
+    @property
     def records(self) -> list:
         cols = {c: self.column(c) for c in STEP_COLUMNS}
         recs = [{c: cols[c][i].item() for c in STEP_COLUMNS} for i in range(self.n_steps)]
+        for nr in self.noise:
+            s = nr["step"]
+            if 0 <= s < len(recs):
+                recs[s].update({k: v for k, v in nr.items() if k not in recs[s]})
         for ev in self.evals:
             s = ev["step"]
             if 0 <= s - 1 < len(recs):

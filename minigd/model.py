@@ -63,6 +63,9 @@ class MLP:
         n_hidden = len(sizes) - 2
         if isinstance(activation, str):
             acts = [activation] * n_hidden
+        elif not isinstance(activation, (list, tuple)):
+            raise TypeError(f"activation: expected a name or a list of names (one per hidden layer), "
+                            f"got {type(activation).__name__} {activation!r}")
         else:
             acts = list(activation)
             if len(acts) != n_hidden:

@@ -14,7 +14,9 @@ import numpy as np
 
 from minigd._validation import _got, check_choice, check_int, check_seed
 from minigd.errors import DivergenceError
+from minigd.gradstats.tracking import NoiseTracker, gsnr_summary
 from minigd.history import History
+from minigd.model import EVAL_CHUNK
 from minigd.optim.aliases import SGD
 from minigd.optim.base import Optimizer
 from minigd.optim.schedules import BatchSizeSchedule
@@ -71,6 +73,28 @@ def _met(target, ev):
     return True
 
 
+def _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler):
+    """Validate the tracking options; a NoiseTracker, or None when tracking is off."""
+    if track_noise is None:
+        if track_gsnr is not None:
+            raise ValueError(f"track_gsnr: needs track_noise (the GSNR summary is added to the "
+                             f"tracked records), got track_gsnr={track_gsnr!r} and track_noise=None")
+        return None
+    k = check_int("track_noise", track_noise, low=1)
+    if isinstance(noise_beta, bool) or not isinstance(noise_beta, numbers.Real) \
+            or not 0.0 <= float(noise_beta) < 1.0:
+        raise ValueError(f"noise_beta: expected a number in [0, 1), got {_got(noise_beta)}")
+    if track_gsnr is not None:
+        g = check_int("track_gsnr", track_gsnr, low=1)
+        if g % k:
+            raise ValueError(f"track_gsnr: expected a multiple of track_noise={k} (GSNR is "
+                             f"recorded on tracked steps), got {g}")
+    if bs.max_batch < 2:
+        raise ValueError(f"track_noise: needs batches of at least 2 examples (the per-example "
+                         f"estimators use the spread within a batch), got batch_size={bs.max_batch}")
+    return NoiseTracker(n, replacement=(sampler == "replacement"), beta=float(noise_beta))
+
+
 def steps_per_epoch(n: int, B: int, drop_last: bool) -> int:
     """Number of steps in one epoch of n examples at batch size B."""
     return n // B if drop_last else -(-n // B)
@@ -79,7 +103,8 @@ def steps_per_epoch(n: int, B: int, drop_last: bool) -> int:
 def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, target=None,
         optimizer: Optimizer | None = None, sampler: str = "shuffle", drop_last: bool = False,
         validation=None, eval_every=None, eval_train: bool = False, seed=0,
-        max_time: float | None = None, callbacks=()) -> History:
+        max_time: float | None = None, callbacks=(), track_noise: int | None = None,
+        noise_beta: float = 0.99, track_gsnr: int | None = None) -> History:
     """Train ``model`` in place on (X, y) with mini-batch gradient descent.
 
     Parameters
@@ -124,6 +149,25 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
     callbacks : sequence
         Objects with ``on_step(model, step, loss)`` (called after each step) and/or
         ``on_eval(model, record)``; a truthy return from either stops training.
+    track_noise : int, optional
+        Record gradient-noise statistics every ``track_noise`` steps (1 = every step) into
+        :attr:`History.noise` (also merged into ``records``): the batch gradient's squared
+        norm and unbiased estimates of |G|^2, tr(Sigma) and the noise scale B_simple
+        = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from the batch's per-example gradient norms,
+        which the backward pass computes alongside the step for a few percent of its
+        cost (formulas: :mod:`minigd.gradstats.tracking`).  The live estimator is
+        ``hist.noise_tracker`` (callbacks can read ``.noise_scale``).  Needs batches of
+        at least 2 examples.  Untracked steps run exactly as without tracking; the
+        bookkeeping is not counted in ``time``.
+    noise_beta : float
+        Decay of the bias-corrected moving averages of the tracked estimates, per tracked
+        step (0 = no smoothing; window about ``1 / (1 - noise_beta)`` tracked steps).
+    track_gsnr : int, optional
+        Every ``track_gsnr`` steps (a multiple of ``track_noise``) also record the
+        gradient signal-to-noise ratio of the batch (``gsnr_mean``, ``gsnr_median``) and
+        its exact ``ddof=1`` trace (``batch_trace_cov``): an extra forward/backward and a
+        per-parameter variance pass over the batch (about 2-4 plain steps), so keep it
+        rare; not counted in ``time``.
 
     Returns
     -------
@@ -166,9 +210,15 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
         raise ValueError(f"target: accuracy needs a classification loss, the model's loss is {model.loss_name!r}")
     eval_train = bool(eval_train) or bool(target and any(k.startswith("train_") for k in target))
     rng = check_seed("seed", seed)
+    tracker = _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler)
+    if tracker is not None:
+        from minigd.kernels.cpu_stats import sum64   # numba: imported only when tracking
 
     impl = model.backend_impl
-    impl.reserve(bs.max_batch)
+    # evaluations run forward passes of up to EVAL_CHUNK rows on the same workspace:
+    # reserve for them too, so that nothing is re-allocated once training has started
+    n_eval = max(len(Xv) if validation is not None else 0, n if eval_train else 0)
+    impl.reserve(max(bs.max_batch, min(n_eval, EVAL_CHUNK)))
     params, grad = model.params, model._grad
     opt_state = optimizer.init(params)
     lr_fn = optimizer.lr if callable(optimizer.lr) else None
@@ -180,6 +230,7 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
     cap = steps or (epochs * steps_per_epoch(n, first_B, drop_last) if epochs else 1024)
     hist = History(capacity=min(cap, 1 << 20))
     hist.target = target
+    hist.noise_tracker = tracker
     hist.config = dict(batch_size=batch_size if not isinstance(batch_size, BatchSizeSchedule) else repr(batch_size),
                        sampler=sampler, drop_last=drop_last, optimizer=repr(optimizer), n=n,
                        backend=model.backend)
@@ -226,10 +277,23 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
             s0 = k * B
             b = min(B, len(src) - s0) if sampler != "replacement" else B
             idx = src[s0:s0 + b]
-            lr = lr_fn(step) if lr_fn is not None else lr_const
+            # float(): a schedule may return an int or a numpy scalar; the kernels are
+            # compiled for a float64 learning rate only
+            lr = float(lr_fn(step)) if lr_fn is not None else lr_const
             t0 = time.perf_counter()
-            loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + 1)
-            train_time += time.perf_counter() - t0
+            if tracker is None:
+                loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + 1)
+                train_time += time.perf_counter() - t0
+            else:
+                track = step % track_noise == 0
+                if track and track_gsnr is not None and step % track_gsnr == 0 and b >= 2:
+                    tracker.add_extra(step, gsnr_summary(model, X, yi, yf, idx))
+                    t0 = time.perf_counter()      # the GSNR pass is not training time
+                loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + 1,
+                                                track)
+                train_time += time.perf_counter() - t0
+                if track and ok:
+                    tracker.update(step, b, sum64(impl.last_sqnorms(b)), gsq)
             if not ok:
                 hist.stop_reason = "diverged"
                 raise DivergenceError(step, loss, params.copy(), hist,

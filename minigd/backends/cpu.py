@@ -149,12 +149,16 @@ class CpuBackend(Backend):
 
     # -- per-example gradient statistics (kernels/cpu_stats.py) ---------------------------------
     def _stats_scratch(self, B):
-        """(grad-sized vector, width-sized vectors, (B,) int64) scratch for the stats kernels."""
+        """Scratch for the stats kernels: (grad-sized vector, two (max width * B) blocks,
+        two buffers of the largest layer's weight count)."""
         s = getattr(self, "_st", None)
-        if s is None or s[3].shape[0] < B:
-            w = max(self.layout.sizes)
-            s = self._st = (np.zeros(self.layout.n_params, self.dtype), np.zeros(w, self.dtype),
-                            np.zeros(w, self.dtype), np.zeros(max(B, 1), np.int64))
+        sizes = self.layout.sizes
+        if s is None or s[1].shape[0] < max(sizes) * B:
+            big = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+            wb = max(sizes) * max(B, 1)
+            s = self._st = (np.zeros(self.layout.n_params, self.dtype), np.zeros(wb, self.dtype),
+                            np.zeros(wb, self.dtype), np.zeros(big, self.dtype),
+                            np.zeros(big, self.dtype))
         return s
 
     def per_example_terms(self, params, X, yi, yf, idx, B, grad=None):
@@ -166,11 +170,11 @@ class CpuBackend(Backend):
         return [(x0 if l == 0 else as_[l - 1], ds[l] * B) for l in range(self.layout.n_layers)]
 
     def per_example_grads(self, params, X, yi, yf, idx, B, out):
-        g, tmp, _, _ = self._stats_scratch(B)
+        g, _, _, tmp, _ = self._stats_scratch(B)
         self.loss_grad(params, g, X, yi, yf, idx, B)
         KS.per_example_fill(B, self.ws.buf, self.ws.lay, out, tmp)
 
     def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2):
-        _, mus, acc, nz = self._stats_scratch(B)
+        _, tr, dsc, mus, acc = self._stats_scratch(B)
         self.loss_grad(params, grad, X, yi, yf, idx, B)
-        KS.moments_update(B, grad, self.ws.buf, self.ws.lay, n_old, mean, m2, mus, acc, nz)
+        KS.moments_update(B, grad, self.ws.buf, self.ws.lay, n_old, mean, m2, tr, dsc, mus, acc)

@@ -1,10 +1,18 @@
-"""Gradient statistics: streamed per-example gradient moments, the gradient noise scale and
-the batch-size formulas built on it (model-independent, pure numpy).
+"""Gradient statistics: per-example gradients, their norms and streamed moments, the
+gradient noise scale and the batch-size formulas built on it.
+
+Model-independent estimators (pure numpy): :mod:`.moments`, :mod:`.noise_scale`.  On a
+model: :mod:`.per_example` (``per_example_grads``, ``per_example_grad_norms``,
+``grad_moments``), :mod:`.variance_curve` (``variance_vs_batch_size``) and
+:mod:`.tracking` (what ``fit(track_noise=k)`` records).
 
 Conventions: the batch loss is the mean of per-example losses, so the batch gradient is the
 mean of the per-example gradients :math:`g_i`; variances over examples use ``ddof=1``.
 """
 from .moments import GradMoments, MomentAccumulator
+from .per_example import grad_moments, per_example_grad_norms, per_example_grads
+from .tracking import NoiseTracker
+from .variance_curve import BatchVarianceCurve, variance_vs_batch_size
 from .noise_scale import (
     TradeoffFit,
     TwoBatchNoiseScale,
@@ -21,6 +29,12 @@ from .noise_scale import (
 )
 
 __all__ = [
+    "per_example_grads",
+    "per_example_grad_norms",
+    "grad_moments",
+    "variance_vs_batch_size",
+    "BatchVarianceCurve",
+    "NoiseTracker",
     "GradMoments",
     "MomentAccumulator",
     "TwoBatchNoiseScale",

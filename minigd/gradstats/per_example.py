@@ -27,13 +27,13 @@ from minigd.model import EVAL_CHUNK
 
 from .moments import GradMoments, MomentAccumulator
 
-__all__ = ["per_example_grads", "per_example_grad_norms", "grad_moments"]
+__all__ = ["per_example_grads", "per_example_grad_norms", "grad_moments", "accumulate_moments"]
 
 #: the generic (materialising) moments path holds at most this many gradient entries at once
 _GENERIC_BLOCK_ENTRIES = 1 << 22
 
 
-def _check_model(model, fn: str):
+def _check_model(model):
     if not (hasattr(model, "backend_impl") and hasattr(model, "check_Xy")):
         raise TypeError(f"model: expected a minigd.MLP, got {type(model).__name__}")
 
@@ -77,7 +77,7 @@ def per_example_grads(model, X, y, *, out=None) -> np.ndarray:
     >>> bool(np.allclose(G.mean(axis=0), m.loss_and_grad(X, y)[1]))
     True
     """
-    _check_model(model, "per_example_grads")
+    _check_model(model)
     X, yi, yf = model.check_Xy(X, y)
     n, P = X.shape[0], model.n_params
     if out is None:
@@ -114,7 +114,7 @@ def per_example_grad_norms(model, X, y, *, squared: bool = False) -> np.ndarray:
     -------
     ndarray (n,), the model's dtype (gradient units; squared with ``squared=True``)
     """
-    _check_model(model, "per_example_grad_norms")
+    _check_model(model)
     X, yi, yf = model.check_Xy(X, y)
     if not isinstance(squared, (bool, np.bool_)):
         raise TypeError(f"squared: expected a bool, got {type(squared).__name__} {squared!r}")
@@ -172,27 +172,40 @@ def grad_moments(model, X, y, *, chunk_size: int = EVAL_CHUNK) -> GradMoments:
     >>> bool(m.noise_scale > 0)
     True
     """
-    _check_model(model, "grad_moments")
+    _check_model(model)
     X, yi, yf = model.check_Xy(X, y)
     chunk_size = check_int("chunk_size", chunk_size, low=1)
-    n, P = X.shape[0], model.n_params
+    n = X.shape[0]
     if n < 2:
         raise ValueError(f"X: expected at least 2 examples for the ddof=1 variance, got {n}")
+    return accumulate_moments(model, X, yi, yf, np.arange(n, dtype=np.int64), chunk_size).finalize()
+
+
+def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
+                       acc: MomentAccumulator | None = None) -> MomentAccumulator:
+    """Fold the per-example gradients of rows ``idx`` of already validated ``(X, yi, yf)``
+    (see ``model.check_Xy``) into a float64 :class:`MomentAccumulator` (a new one unless
+    ``acc`` is given), ``chunk_size`` rows per backend call.  The engine of
+    :func:`grad_moments`."""
     impl = model.backend_impl
-    acc = MomentAccumulator(P)
+    P = model.n_params
+    acc = MomentAccumulator(P) if acc is None else acc
     params = model.params
+    n = len(idx)
     if hasattr(impl, "moments_update"):
         grad = np.empty(P, dtype=model.dtype)
         impl.reserve(min(chunk_size, n))
-        for _, idx in _chunks(n, chunk_size):
-            B = len(idx)
+        for s in range(0, n, chunk_size):
+            rows = idx[s:s + chunk_size]
+            B = len(rows)
             acc._fold(B, lambda n_old, mean, m2: impl.moments_update(
-                params, grad, X, yi, yf, idx, B, n_old, mean, m2))
+                params, grad, X, yi, yf, rows, B, n_old, mean, m2))
     else:
         block = max(1, min(chunk_size, _GENERIC_BLOCK_ENTRIES // P, n))
         G = np.empty((block, P), dtype=model.dtype)
-        for _, idx in _chunks(n, block):
-            B = len(idx)
-            impl.per_example_grads(params, X, yi, yf, idx, B, G)
+        for s in range(0, n, block):
+            rows = idx[s:s + block]
+            B = len(rows)
+            impl.per_example_grads(params, X, yi, yf, rows, B, G)
             acc.update(G[:B])
-    return acc.finalize()
+    return acc

@@ -14,7 +14,22 @@ def _check_lr(lr):
 
 
 def _clip(clip_norm):
-    return [] if clip_norm is None else [clip_by_global_norm(clip_norm)]
+    if clip_norm is None:
+        return []
+    return [clip_by_global_norm(check_float("clip_norm", clip_norm, low=0, low_open=True))]
+
+
+def _check_betas(betas):
+    """(b1, b2), each in [0, 1); errors name ``betas``."""
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise TypeError(f"betas: expected a pair (beta1, beta2) of numbers in [0, 1), got {betas!r}")
+    return tuple(check_float(f"betas[{i}]", b, low=0, high=1, high_open=True) for i, b in enumerate(betas))
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def SGD(lr=0.1, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
@@ -47,6 +62,8 @@ def SGD(lr=0.1, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
     """
     lr = _check_lr(lr)
     momentum = check_float("momentum", momentum, low=0, high=1, high_open=True)
+    _check_bool("nesterov", nesterov)
+    _check_bool("decoupled_weight_decay", decoupled_weight_decay)
     weight_decay = check_float("weight_decay", weight_decay, low=0)
     prims = _clip(clip_norm)
     if weight_decay and not decoupled_weight_decay:
@@ -78,6 +95,7 @@ def Adam(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0
     wd = check_float("weight_decay", weight_decay, low=0)
     if wd:
         prims.append(add_decayed_weights(wd))
+    betas = _check_betas(betas)
     prims += [scale_by_adam(betas[0], betas[1], eps), scale_by_lr()]
     return Optimizer(tuple(prims), lr, "Adam", dict(lr=lr, betas=tuple(betas), eps=eps,
                                                     weight_decay=wd, clip_norm=clip_norm))
@@ -90,6 +108,7 @@ def AdamW(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 
     as ``torch.optim.AdamW``."""
     lr = _check_lr(lr)
     wd = check_float("weight_decay", weight_decay, low=0)
+    betas = _check_betas(betas)
     prims = _clip(clip_norm) + [scale_by_adam(betas[0], betas[1], eps)]
     if wd:
         prims.append(add_decayed_weights(wd))

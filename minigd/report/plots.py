@@ -1,0 +1,653 @@
+"""Figures of a batch-size study, drawn from the output of :func:`minigd.study.analysis.analyze`.
+
+Every figure is one PNG file drawn with matplotlib's Agg backend (no display needed).  Every
+plotting function tolerates missing data: where a figure's data are absent (``None``,
+``NaN``, an empty sweep) it writes a small placeholder figure saying ``not enough data: ...``
+instead, and a figure that fails for any other reason is replaced by a placeholder naming
+the error, so a report is always complete.  Files are written atomically (a temporary file
+in the same directory, then :func:`os.replace`), so a reader never sees half a PNG.
+
+Conventions: batch size on a log2 axis; with several architectures in the analysis, one
+series (one colour) per architecture.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+import warnings
+from dataclasses import dataclass
+
+#: file names of the figures, in the order they are drawn
+PLOT_FILES = (
+    "steps_examples.png",
+    "time_to_target.png",
+    "generalization.png",
+    "best_lr.png",
+    "throughput_memory.png",
+    "noise_scale.png",
+)
+
+_DPI = 100
+_REGIME_COLOURS = {"perfect scaling": "#2ca02c", "diminishing returns": "#ffbf00", "no benefit": "#d62728"}
+
+
+class NotEnoughData(Exception):
+    """A figure's data are missing: a placeholder is drawn with this message."""
+
+
+@dataclass(frozen=True)
+class PlotResult:
+    """One figure written: its name, path, and why it is a placeholder (``None`` if it is not)."""
+
+    name: str
+    path: str
+    placeholder: str | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _thresholds():
+    """The regime thresholds of the analysis (B <= PERFECT_BELOW*B_crit, B >= NO_BENEFIT_ABOVE*B_crit)."""
+    try:
+        from minigd.study.analysis import NO_BENEFIT_ABOVE, PERFECT_BELOW, REASONABLE_TIME_FACTOR
+    except ImportError:  # pragma: no cover - the study package ships with minigd
+        return 1 / 3, 3.0, 2.0
+    return PERFECT_BELOW, NO_BENEFIT_ABOVE, REASONABLE_TIME_FACTOR
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear ImportError."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(
+            "minigd.report needs matplotlib to draw its figures: pip install 'minigd[study]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    # a fresh name, not mkstemp: the file gets the usual umask permissions, not 0600
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return os.fspath(path)
+
+
+def _save(fig, path, description: str = ""):
+    plt = _pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=_DPI, metadata={"Description": description or "minigd report"})
+    finally:
+        plt.close(fig)
+
+
+def fnum(x):
+    """``x`` as a finite float, or ``None`` (missing, NaN, infinite or not a number)."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _pos(x):
+    v = fnum(x)
+    return v if v is not None and v > 0 else None
+
+
+def architectures(analysis) -> list:
+    """The per-architecture dicts of an analysis (an empty list if it has none)."""
+    if not isinstance(analysis, dict):
+        return []
+    return [a for a in (analysis.get("architectures") or []) if isinstance(a, dict)]
+
+
+def rows_of(arch) -> list:
+    """An architecture's per-batch rows with a usable batch size, sorted by batch size."""
+    rows = [r for r in (arch.get("per_batch") or []) if isinstance(r, dict) and _pos(r.get("batch_size"))]
+    return sorted(rows, key=lambda r: float(r["batch_size"]))
+
+
+def arch_label(arch) -> str:
+    """A short name of an architecture: ``64-64-10 relu sgd``."""
+    sizes = arch.get("sizes") or []
+    parts = ["-".join(str(s) for s in sizes) if sizes else "?"]
+    parts += [str(arch[k]) for k in ("activation", "optimizer") if arch.get(k)]
+    return " ".join(parts)
+
+
+def b_crit_of(arch):
+    """The fitted critical batch size, if finite and positive, else ``None``."""
+    fit = arch.get("tradeoff_fit")
+    if not isinstance(fit, dict) or "error" in fit:
+        return None
+    return _pos(fit.get("b_crit"))
+
+
+def b_simple_of(arch):
+    """The gradient noise scale B_simple measured mid-training, if positive, else ``None``."""
+    ns = arch.get("noise_scale") or {}
+    v = _pos(ns.get("middle")) if isinstance(ns, dict) else None
+    if v is None:
+        v = _pos((arch.get("answers") or {}).get("critical_batch_size_noise"))
+    return v
+
+
+def uses_accuracy(archs) -> bool:
+    """Whether the generalisation metric is accuracy (classification) rather than loss."""
+    have_acc = have_loss = False
+    for a in archs:
+        for r in rows_of(a):
+            have_acc |= fnum(r.get("final_val_accuracy")) is not None
+            have_loss |= fnum(r.get("final_val_loss")) is not None
+    return have_acc or not have_loss
+
+
+def _colours(n):
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(max(n, 1))]
+
+
+def _series(arch, key):
+    """(batch sizes, values) of a row field, dropping missing values; positive values only."""
+    xs, ys = [], []
+    for r in rows_of(arch):
+        v = _pos(r.get(key))
+        if v is not None:
+            xs.append(float(r["batch_size"]))
+            ys.append(v)
+    return xs, ys
+
+
+def _series_any(arch, key):
+    xs, ys = [], []
+    for r in rows_of(arch):
+        v = fnum(r.get(key))
+        if v is not None:
+            xs.append(float(r["batch_size"]))
+            ys.append(v)
+    return xs, ys
+
+
+def _log2_batch_axis(ax, lo=None, hi=None):
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    if lo is not None and hi is not None and hi > lo > 0:
+        ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(LogLocator(base=2, numticks=14))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+    def fmt(x, _pos):
+        if x >= 1 and abs(x - round(x)) < 1e-6 * x:
+            return f"{int(round(x))}"
+        return f"{x:.3g}"
+
+    ax.xaxis.set_major_formatter(FuncFormatter(fmt))
+    ax.set_xlabel("batch size B (examples, log2 scale)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _batch_range(archs, extra=()):
+    """x limits covering every batch size, and the markers in ``extra`` when near it."""
+    bs = [float(r["batch_size"]) for a in archs for r in rows_of(a)]
+    if not bs:
+        return None, None
+    lo, hi = min(bs) / 1.6, max(bs) * 1.6
+    for v in extra:
+        if v is not None and lo / 64 < v < hi * 64:
+            lo, hi = min(lo, v / 1.6), max(hi, v * 1.6)
+    return lo, hi
+
+
+def _log_y(ax):
+    """A log y axis with plain-text tick labels (mathtext labels are slow to lay out)."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+
+def _in_range(v, lo, hi):
+    return v is not None and lo is not None and lo <= v <= hi
+
+
+def _fmt_g(v):
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _legend(ax, **kw):
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, **kw)
+
+
+def _shade_regimes(ax, b_crit, lo, hi, label=True):
+    perfect, no_benefit, _ = _thresholds()
+    if b_crit is None or lo is None:
+        return
+    bands = [("perfect scaling", lo, perfect * b_crit),
+             ("diminishing returns", perfect * b_crit, no_benefit * b_crit),
+             ("no benefit", no_benefit * b_crit, hi)]
+    for name, a, b in bands:
+        a, b = max(a, lo), min(b, hi)
+        if b > a:
+            ax.axvspan(a, b, color=_REGIME_COLOURS[name], alpha=0.12, lw=0,
+                       label=f"regime: {name}" if label else None)
+
+
+def _arch_prefix(archs, arch):
+    return f"{arch_label(arch)}: " if len(archs) > 1 else ""
+
+
+def _suptitle(fig, text, archs):
+    if len(archs) == 1:
+        text = f"{text}\n{arch_label(archs[0])}"
+    fig.suptitle(text, fontsize=11)
+
+
+def _target_words(arch) -> str:
+    metric, target = arch.get("target_metric"), fnum(arch.get("target"))
+    if metric is None or target is None:
+        return "the target"
+    if "accuracy" in str(metric):
+        return f"{target * 100:.4g}% {'validation' if 'val' in str(metric) else 'training'} accuracy"
+    if "loss" in str(metric):
+        return f"{'validation' if 'val' in str(metric) else 'training'} loss {target:.4g}"
+    return f"{metric} = {target:.4g}"
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_placeholder(path, message: str, title: str = "") -> None:
+    """A small figure saying ``message`` (a plot whose data are missing)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=11)
+    ax.text(0.5, 0.5, "\n".join(_wrap(message, 70)), ha="center", va="center", fontsize=10,
+            transform=ax.transAxes, bbox={"boxstyle": "round", "facecolor": "#f3f3f3", "edgecolor": "#999999"})
+    _save(fig, path, f"placeholder: {message}")
+
+
+def _wrap(text, width):
+    import textwrap
+
+    out = []
+    for line in str(text).splitlines() or [""]:
+        out += textwrap.wrap(line, width) or [""]
+    return out[:8]
+
+
+def plot_steps_examples(analysis, path) -> None:
+    """Steps and examples to target vs batch size (log-log), with the fitted trade-off
+    S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit), B_crit (fit) and B_simple (noise
+    scale mid-training) marked, and the regimes shaded."""
+    archs = architectures(analysis)
+    if not any(_series(a, "steps_to_target")[0] for a in archs):
+        raise NotEnoughData("no batch size reached the target, so there are no steps or examples to plot")
+    plt = _pyplot()
+    extra = [v for a in archs for v in (b_crit_of(a), b_simple_of(a))]
+    lo, hi = _batch_range(archs, extra)
+    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(12, 5))
+    colours = _colours(len(archs))
+    shaded = False
+    import numpy as np
+
+    grid = np.geomspace(lo, hi, 200)
+    for colour, arch in zip(colours, archs):
+        pre = _arch_prefix(archs, arch)
+        bc, bs = b_crit_of(arch), b_simple_of(arch)
+        if not shaded and bc is not None:
+            for ax in (ax_s, ax_e):
+                _shade_regimes(ax, bc, lo, hi, label=ax is ax_s)
+            shaded = True
+        fit = arch.get("tradeoff_fit") if isinstance(arch.get("tradeoff_fit"), dict) else {}
+        s_min, e_min = _pos(fit.get("s_min")), _pos(fit.get("e_min"))
+        for ax, key, fmin, curve in (
+            (ax_s, "steps_to_target", s_min, lambda b, m=s_min: m * (1 + bc / b) if m else None),
+            (ax_e, "examples_to_target", e_min, lambda b, m=e_min: m * (1 + b / bc) if m else None),
+        ):
+            xs, ys = _series(arch, key)
+            if xs:
+                ax.plot(xs, ys, "o", color=colour, ms=6, label=f"{pre}measured (median over seeds)")
+                for r in rows_of(arch):
+                    v = _pos(r.get(key))
+                    if r.get("full_batch") and v is not None:
+                        ax.annotate("full", (float(r["batch_size"]), v), textcoords="offset points",
+                                    xytext=(4, 4), fontsize=7, color=colour)
+            if bc is not None and fmin is not None:
+                name = "S_min(1 + B_crit/B)" if ax is ax_s else "E_min(1 + B/B_crit)"
+                ax.plot(grid, curve(grid), "-", color=colour, lw=1.5, alpha=0.85, label=f"{pre}fit {name}")
+                ax.axhline(fmin, color=colour, ls=(0, (1, 3)), lw=0.8, alpha=0.7)
+            if _in_range(bc, lo, hi):
+                ax.axvline(bc, color=colour, ls="--", lw=1.2, label=f"{pre}B_crit (fit) ≈ {_fmt_g(bc)}")
+            if _in_range(bs, lo, hi):
+                ax.axvline(bs, color=colour, ls=":", lw=1.6,
+                           label=f"{pre}B_simple (noise scale, mid-training) ≈ {_fmt_g(bs)}")
+    for ax, what in ((ax_s, "steps to target (optimizer steps)"), (ax_e, "examples to target (training examples)")):
+        _log2_batch_axis(ax, lo, hi)
+        _log_y(ax)
+        ax.set_ylabel(what)
+    ax_s.set_title("steps to target")
+    ax_e.set_title("examples to target")
+    _legend(ax_s, loc="upper right")
+    _legend(ax_e, loc="upper left")
+    target = _target_words(archs[0]) if archs else "target"
+    _suptitle(fig, f"Steps and examples to {target} vs batch size (McCandlish et al. 2018 trade-off)", archs)
+    fig.tight_layout()
+    _save(fig, path, "steps and examples to target vs batch size")
+
+
+def plot_time_to_target(analysis, path) -> None:
+    """Wall time to target vs batch size (log-log); the fastest and the smallest reasonable
+    batch size marked, with the 'reasonable' threshold (a factor of the fastest time)."""
+    archs = architectures(analysis)
+    if not any(_series(a, "time_to_target")[0] for a in archs):
+        raise NotEnoughData("no batch size reached the target, so there is no time to target to plot")
+    _, _, factor = _thresholds()
+    plt = _pyplot()
+    lo, hi = _batch_range(archs)
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    for colour, arch in zip(_colours(len(archs)), archs):
+        pre = _arch_prefix(archs, arch)
+        xs, ys = _series(arch, "time_to_target")
+        if not xs:
+            continue
+        ax.plot(xs, ys, "o-", color=colour, ms=5, lw=1.2, label=f"{pre}measured (median over seeds)")
+        by_b = dict(zip(xs, ys))
+        ans = arch.get("answers") or {}
+        fb, rb = _pos(ans.get("fastest_wall_time")), _pos(ans.get("smallest_reasonable"))
+        if fb in by_b:
+            ax.plot([fb], [by_b[fb]], "*", color=colour, ms=18, mec="black",
+                    label=f"{pre}fastest: B = {_fmt_g(fb)} ({by_b[fb]:.3g} s)")
+            ax.axhline(factor * by_b[fb], color=colour, ls="--", lw=0.9, alpha=0.7,
+                       label=f"{pre}{factor:g} × fastest time (the 'reasonable' bound)")
+        if rb in by_b:
+            ax.plot([rb], [by_b[rb]], "o", ms=16, mfc="none", mec=colour, mew=2.2,
+                    label=f"{pre}smallest reasonable: B = {_fmt_g(rb)} ({by_b[rb]:.3g} s)")
+    _log2_batch_axis(ax, lo, hi)
+    _log_y(ax)
+    ax.set_ylabel("wall-clock time to target (s)")
+    _legend(ax, loc="best")
+    target = _target_words(archs[0]) if archs else "target"
+    _suptitle(fig, f"Wall-clock time to {target} vs batch size", archs)
+    fig.tight_layout()
+    _save(fig, path, "time to target vs batch size")
+
+
+def plot_generalization(analysis, path) -> None:
+    """Final validation metric (accuracy, or loss for regression) and generalisation gap vs
+    batch size."""
+    archs = architectures(analysis)
+    acc = uses_accuracy(archs)
+    vkey, gkey = ("final_val_accuracy", "gen_gap_accuracy") if acc else ("final_val_loss", "gen_gap_loss")
+    if not any(_series_any(a, vkey)[0] or _series_any(a, gkey)[0] for a in archs):
+        raise NotEnoughData("no final validation metric or generalisation gap was measured")
+    plt = _pyplot()
+    lo, hi = _batch_range(archs)
+    fig, (ax_v, ax_g) = plt.subplots(1, 2, figsize=(12, 5))
+    for colour, arch in zip(_colours(len(archs)), archs):
+        pre = _arch_prefix(archs, arch)
+        xs, ys = _series_any(arch, vkey)
+        if xs:
+            ax_v.plot(xs, [100 * y for y in ys] if acc else ys, "o-", color=colour, ms=5,
+                      label=f"{pre}final validation {'accuracy' if acc else 'loss'}")
+        t, metric = fnum(arch.get("target")), str(arch.get("target_metric") or "")
+        if t is not None and (("accuracy" in metric) == acc) and "val" in metric:
+            ax_v.axhline(100 * t if acc else t, color=colour, ls="--", lw=0.9, alpha=0.7,
+                         label=f"{pre}target ({_target_words(arch)})")
+        xs, ys = _series_any(arch, gkey)
+        if xs:
+            ax_g.plot(xs, [100 * y for y in ys] if acc else ys, "s-", color=colour, ms=5,
+                      label=f"{pre}{'train − validation accuracy' if acc else 'validation − train loss'}")
+    for ax in (ax_v, ax_g):
+        _log2_batch_axis(ax, lo, hi)
+    ax_g.axhline(0, color="black", lw=0.6)
+    ax_v.set_ylabel("final validation accuracy (%)" if acc else "final validation loss")
+    ax_g.set_ylabel("generalisation gap, train − val accuracy (percentage points)" if acc
+                    else "generalisation gap, val − train loss")
+    ax_v.set_title("final validation " + ("accuracy" if acc else "loss") + " (best LR per batch size)")
+    ax_g.set_title("generalisation gap")
+    _legend(ax_v, loc="best")
+    _legend(ax_g, loc="best")
+    _suptitle(fig, "Generalisation vs batch size", archs)
+    fig.tight_layout()
+    _save(fig, path, "generalisation vs batch size")
+
+
+def plot_best_lr(analysis, path) -> None:
+    """Best learning rate vs batch size (log-log), with the learning rates tried in grey and
+    the linear (Goyal et al. 2017) and square-root (Hoffer et al. 2017) scaling rules drawn
+    through the best learning rate at the smallest batch size."""
+    archs = architectures(analysis)
+    if not any(_series(a, "best_lr")[0] for a in archs):
+        raise NotEnoughData("no best learning rate was recorded")
+    import numpy as np
+
+    plt = _pyplot()
+    lo, hi = _batch_range(archs)
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    grid = np.geomspace(lo, hi, 100)
+    tried_label = True
+    ys_all = []
+    for colour, arch in zip(_colours(len(archs)), archs):
+        pre = _arch_prefix(archs, arch)
+        for r in rows_of(arch):
+            tried = [v for v in (_pos(x) for x in (r.get("lrs_tried") or [])) if v is not None]
+            if tried:
+                ax.plot([float(r["batch_size"])] * len(tried), tried, "_", color="0.6", ms=10, mew=1.2,
+                        label="learning rates tried" if tried_label else None)
+                tried_label = False
+                ys_all += tried
+        xs, ys = _series(arch, "best_lr")
+        if not xs:
+            continue
+        ys_all += ys
+        ax.plot(xs, ys, "o-", color=colour, ms=6, lw=1.4, label=f"{pre}best learning rate (fewest steps)")
+        b0, lr0 = xs[0], ys[0]
+        ax.plot(grid, lr0 * grid / b0, "--", color=colour, lw=1, alpha=0.8, label=f"{pre}linear scaling ∝ B")
+        ax.plot(grid, lr0 * np.sqrt(grid / b0), ":", color=colour, lw=1.4, alpha=0.9, label=f"{pre}sqrt scaling ∝ √B")
+    _log2_batch_axis(ax, lo, hi)
+    _log_y(ax)
+    if ys_all:
+        ax.set_ylim(min(ys_all) / 3, max(ys_all) * 3)
+    ax.set_ylabel("learning rate (log scale)")
+    _legend(ax, loc="best")
+    _suptitle(fig, "Best learning rate vs batch size (reference lines through the smallest batch)", archs)
+    fig.tight_layout()
+    _save(fig, path, "best learning rate vs batch size")
+
+
+def plot_throughput_memory(analysis, path) -> None:
+    """Throughput and goodput (samples/s) vs batch size, and memory (MiB) on a second panel."""
+    archs = architectures(analysis)
+    has_tp = any(_series(a, "throughput")[0] or _series(a, "goodput")[0] for a in archs)
+    has_mem = any(_series(a, "memory_bytes")[0] or _series(a, "workspace_bytes")[0] for a in archs)
+    if not (has_tp or has_mem):
+        raise NotEnoughData("neither throughput nor memory was measured")
+    plt = _pyplot()
+    lo, hi = _batch_range(archs)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
+    for colour, arch in zip(_colours(len(archs)), archs):
+        pre = _arch_prefix(archs, arch)
+        xs, ys = _series(arch, "throughput")
+        if xs:
+            ax_t.plot(xs, ys, "o-", color=colour, ms=5, label=f"{pre}throughput")
+        xs, ys = _series(arch, "goodput")
+        if xs:
+            ax_t.plot(xs, ys, "s--", color=colour, ms=5, alpha=0.85,
+                      label=f"{pre}goodput = throughput × statistical efficiency")
+            best = _pos((arch.get("answers") or {}).get("max_goodput"))
+            by_b = dict(zip(xs, ys))
+            if best in by_b:
+                ax_t.plot([best], [by_b[best]], "*", color=colour, ms=16, mec="black",
+                          label=f"{pre}max goodput: B = {_fmt_g(best)}")
+        xs, ys = _series(arch, "memory_bytes")
+        if xs:
+            ax_m.plot(xs, [y / 2**20 for y in ys], "o-", color=colour, ms=5,
+                      label=f"{pre}total (workspace + params, grads, optimizer state)")
+        xs, ys = _series(arch, "workspace_bytes")
+        if xs:
+            ax_m.plot(xs, [y / 2**20 for y in ys], "^:", color=colour, ms=5, alpha=0.85, label=f"{pre}workspace")
+    for ax in (ax_t, ax_m):
+        _log2_batch_axis(ax, lo, hi)
+        if ax.lines:
+            _log_y(ax)
+    if not has_tp:
+        ax_t.text(0.5, 0.5, "not enough data: throughput not measured", ha="center", va="center",
+                  transform=ax_t.transAxes)
+    if not has_mem:
+        ax_m.text(0.5, 0.5, "not enough data: memory not measured", ha="center", va="center",
+                  transform=ax_m.transAxes)
+    ax_t.set_ylabel("samples per second (training examples/s)")
+    ax_m.set_ylabel("memory (MiB)")
+    ax_t.set_title("throughput and goodput (Pollux)")
+    ax_m.set_title("memory")
+    _legend(ax_t, loc="best")
+    _legend(ax_m, loc="best")
+    _suptitle(fig, "Hardware efficiency vs batch size", archs)
+    fig.tight_layout()
+    _save(fig, path, "throughput, goodput and memory vs batch size")
+
+
+def _curve_points(curve):
+    xs, ys = [], []
+    for p in curve or []:
+        if not isinstance(p, dict):
+            continue
+        x, y = _pos(p.get("examples")), _pos(p.get("noise_scale"))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def _pick_spread(items, k):
+    if len(items) <= k:
+        return list(items)
+    idx = sorted({round(i * (len(items) - 1) / (k - 1)) for i in range(k)})
+    return [items[i] for i in idx]
+
+
+def plot_noise_scale(analysis, path, max_curves: int = 6) -> None:
+    """The gradient noise scale B_simple = tr(Sigma)/|G|^2 over training (x = examples seen,
+    log), for up to ``max_curves`` batch sizes spread over the sweep (the first seed of each);
+    one panel per architecture (at most four)."""
+    archs = architectures(analysis)
+    per_arch = []
+    for arch in archs:
+        have = []
+        for r in rows_of(arch):
+            curves = [c for c in (r.get("noise_curves") or []) if _curve_points(c)[0]]
+            if curves:
+                have.append((float(r["batch_size"]), curves[0]))
+        if have:
+            per_arch.append((arch, have))
+    if not per_arch:
+        raise NotEnoughData("no gradient-noise-scale measurements over training were stored")
+    plt = _pyplot()
+    per_arch = per_arch[:4]
+    n = len(per_arch)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 4.6 * n), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, (arch, have) in zip(axes[:, 0], per_arch):
+        chosen = _pick_spread(have, max_curves)
+        for i, (b, curve) in enumerate(chosen):
+            xs, ys = _curve_points(curve)
+            colour = cmap(i / max(1, len(chosen) - 1) * 0.9)
+            ax.plot(xs, ys, "o-", color=colour, ms=3.5, lw=1.3, label=f"B = {_fmt_g(b)}")
+        bc = b_crit_of(arch)
+        if bc is not None:
+            ax.axhline(bc, color="black", ls="--", lw=1, label=f"B_crit (trade-off fit) ≈ {_fmt_g(bc)}")
+        bs = b_simple_of(arch)
+        if bs is not None:
+            ax.axhline(bs, color="0.4", ls=":", lw=1.3, label=f"median B_simple mid-training ≈ {_fmt_g(bs)}")
+        ax.set_xscale("log")
+        _log_y(ax)
+        ax.set_xlabel("training examples seen (log scale)")
+        ax.set_ylabel("B_simple = tr(Σ)/|G|² (examples)")
+        ax.grid(True, which="major", alpha=0.3)
+        if n > 1:
+            ax.set_title(arch_label(arch), fontsize=10)
+        _legend(ax, loc="best", title="batch size")
+    _suptitle(fig, "Gradient noise scale B_simple over training (McCandlish et al. 2018)", archs if n == 1 else [])
+    fig.tight_layout()
+    _save(fig, path, "gradient noise scale over training")
+
+
+_PLOTTERS = {
+    "steps_examples.png": (plot_steps_examples, "Steps and examples to target vs batch size"),
+    "time_to_target.png": (plot_time_to_target, "Wall-clock time to target vs batch size"),
+    "generalization.png": (plot_generalization, "Generalisation vs batch size"),
+    "best_lr.png": (plot_best_lr, "Best learning rate vs batch size"),
+    "throughput_memory.png": (plot_throughput_memory, "Throughput, goodput and memory vs batch size"),
+    "noise_scale.png": (plot_noise_scale, "Gradient noise scale over training"),
+}
+
+
+def make_plots(analysis: dict, out_dir) -> list[PlotResult]:
+    """Draw every figure of :data:`PLOT_FILES` into ``out_dir`` (which must exist).
+
+    A figure without data becomes a placeholder ("not enough data: ..."); a figure that
+    fails for any other reason too (with a :class:`RuntimeWarning`): this never raises
+    except for a missing matplotlib (:class:`ImportError`) or an unwritable directory.
+    """
+    _pyplot()  # fail early and clearly without matplotlib
+    out = []
+    for name in PLOT_FILES:
+        fn, title = _PLOTTERS[name]
+        path = os.path.join(os.fspath(out_dir), name)
+        reason = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # tight_layout / log-axis chatter
+                fn(analysis, path)
+        except NotEnoughData as exc:
+            reason = f"not enough data: {exc}"
+        except (ImportError, OSError):
+            raise
+        except Exception as exc:  # a report is always complete; say what went wrong
+            reason = f"not enough data: the figure could not be drawn ({type(exc).__name__}: {exc})"
+            warnings.warn(f"minigd.report: {name}: {reason}", RuntimeWarning, stacklevel=2)
+        if reason is not None:
+            _pyplot().close("all")
+            plot_placeholder(path, reason, title)
+        out.append(PlotResult(name, path, reason))
+    return out

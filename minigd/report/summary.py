@@ -1,0 +1,593 @@
+"""The written report of a batch-size study: ``summary.md`` and ``summary.html`` plus figures.
+
+:func:`write_report` turns the output of :func:`minigd.study.analysis.analyze` into plain
+answers with the numbers behind them (fastest batch size, fewest examples, critical batch
+size, smallest reasonable batch size, regimes, generalisation), a per-batch-size table,
+the figures of :mod:`minigd.report.plots` and an appendix (failed trials, the study spec).
+Missing values are reported as "not reached" (a target no batch size met) or "not
+measured"; nothing in the analysis is required to be present.
+
+The Markdown and HTML files carry the same content, built from one list of blocks; the HTML
+is self-contained (inline CSS) and refers to the figures by relative path.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+
+from .plots import (
+    PLOT_FILES,
+    _thresholds,
+    arch_label,
+    architectures,
+    atomic_write_text,
+    b_crit_of,
+    b_simple_of,
+    fnum,
+    make_plots,
+    rows_of,
+    uses_accuracy,
+)
+
+__all__ = ["write_report", "build_blocks", "render_markdown", "render_html"]
+
+NOT_REACHED = "not reached"
+NOT_MEASURED = "not measured"
+SMALL_BATCH = 32
+
+_PLOT_CAPTIONS = {
+    "steps_examples.png": "Steps and examples to target vs batch size: measured points, the fitted "
+                          "trade-off S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit), B_crit (fit, dashed) "
+                          "and B_simple (noise scale mid-training, dotted); regimes shaded.",
+    "time_to_target.png": "Wall-clock time to target vs batch size; the fastest (star) and the smallest "
+                          "reasonable batch size (ring) marked.",
+    "generalization.png": "Final validation metric and generalisation gap vs batch size (best learning "
+                          "rate per batch size).",
+    "best_lr.png": "Best learning rate vs batch size, with linear and square-root scaling lines through "
+                   "the smallest batch size; grey ticks are the learning rates tried.",
+    "throughput_memory.png": "Throughput and goodput (throughput × statistical efficiency) vs batch size; "
+                             "memory in MiB.",
+    "noise_scale.png": "The gradient noise scale B_simple over training, for several batch sizes.",
+}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _g(x, missing=NOT_MEASURED) -> str:
+    """A number in a few significant figures (``missing`` when absent)."""
+    v = fnum(x)
+    if v is None:
+        return missing
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}".rstrip("0").rstrip(".")
+    return f"{v:.3g}"
+
+
+def _count(x, missing=NOT_REACHED) -> str:
+    v = fnum(x)
+    if v is None:
+        return missing
+    return f"{int(round(v)):,}" if abs(v - round(v)) < 1e-9 else f"{v:,.1f}"
+
+
+def _dur(x, missing=NOT_REACHED) -> str:
+    v = fnum(x)
+    if v is None:
+        return missing
+    if v < 0.01:
+        return f"{v * 1e3:.3g} ms"
+    if v < 120:
+        return f"{v:.3g} s"
+    if v < 7200:
+        return f"{v / 60:.3g} min"
+    return f"{v / 3600:.3g} h"
+
+
+def _lr(x) -> str:
+    v = fnum(x)
+    return NOT_MEASURED if v is None else f"{v:.3g}"
+
+
+def _pct(x, missing=NOT_MEASURED) -> str:
+    v = fnum(x)
+    return missing if v is None else f"{100 * v:.1f}%"
+
+
+def _mib(x) -> str:
+    v = fnum(x)
+    return NOT_MEASURED if v is None else f"{v / 2**20:.3g} MiB"
+
+
+def _rate(x) -> str:
+    v = fnum(x)
+    if v is None:
+        return NOT_MEASURED
+    return f"{v:,.0f} samples/s" if v >= 100 else f"{v:.3g} samples/s"
+
+
+def _batch(b, row=None) -> str:
+    v = fnum(b)
+    if v is None:
+        return "none"
+    s = f"{int(round(v))}" if abs(v - round(v)) < 1e-9 else f"{v:g}"
+    if row is not None and row.get("full_batch"):
+        return f"{s} (full batch)"
+    return s
+
+
+def target_words(arch) -> str:
+    """The target in words: "95% validation accuracy", "validation loss ≤ 0.1"."""
+    metric, t = arch.get("target_metric"), fnum(arch.get("target"))
+    if metric is None or t is None:
+        return "the target"
+    m = str(metric)
+    split = "validation" if m.startswith("val") else "training" if m.startswith("train") else ""
+    if "accuracy" in m:
+        return f"{100 * t:.4g}% {split} accuracy".replace("  ", " ")
+    if "loss" in m:
+        return f"{split} loss ≤ {t:.4g}".strip()
+    return f"{m} = {t:.4g}"
+
+
+def _row(arch, b):
+    v = fnum(b)
+    if v is None:
+        return None
+    for r in rows_of(arch):
+        if abs(float(r["batch_size"]) - v) < 1e-9:
+            return r
+    return None
+
+
+def _spearman(xs, ys):
+    import numpy as np
+
+    if len(xs) < 3:
+        return None
+    rx = np.argsort(np.argsort(xs)).astype(float)
+    ry = np.argsort(np.argsort(ys)).astype(float)
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def _ans(arch, key):
+    return (arch.get("answers") or {}).get(key)
+
+
+def _steps_ex_time(r) -> str:
+    return (f"{_count(r.get('steps_to_target'))} steps, {_count(r.get('examples_to_target'))} examples, "
+            f"learning rate {_lr(r.get('best_lr'))}")
+
+
+def answer_fastest(arch) -> str:
+    tw = target_words(arch)
+    head = f"**Fastest to {tw} in wall-clock time:** "
+    b = _ans(arch, "fastest_wall_time")
+    r = _row(arch, b)
+    if r is None or fnum(r.get("time_to_target")) is None:
+        return head + f"{NOT_REACHED} — no batch size reached the target in most of its seeds with a measured time."
+    timed = sorted((x for x in rows_of(arch) if fnum(x.get("time_to_target")) is not None),
+                   key=lambda x: float(x["time_to_target"]))
+    rest = [x for x in timed if x is not r]
+    tail = ""
+    if rest:
+        x = rest[0]
+        ratio = float(x["time_to_target"]) / float(r["time_to_target"]) if float(r["time_to_target"]) > 0 else None
+        tail = (f"; runner-up batch {_batch(x['batch_size'], x)} ({_dur(x['time_to_target'])}"
+                + (f", {ratio:.2f}× slower" if ratio is not None else "") + ")")
+    return head + f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}; {_steps_ex_time(r)}{tail})."
+
+
+def answer_fewest_examples(arch) -> str:
+    head = "**Fewest examples to target:** "
+    b = _ans(arch, "fewest_examples")
+    r = _row(arch, b)
+    if r is None or fnum(r.get("examples_to_target")) is None:
+        return head + f"{NOT_REACHED} — no batch size reached the target."
+    fit = arch.get("tradeoff_fit") or {}
+    e_min = fnum(fit.get("e_min")) if isinstance(fit, dict) else None
+    tail = f"; the fitted minimum is E_min ≈ {_g(e_min)} examples as B → 0" if e_min else ""
+    return head + (f"batch {_batch(b, r)} ({_count(r['examples_to_target'])} examples, "
+                   f"{_count(r.get('steps_to_target'))} steps, {_dur(r.get('time_to_target'))}{tail}).")
+
+
+def answer_fewest_steps(arch) -> str:
+    head = "**Fewest steps to target:** "
+    b = _ans(arch, "fewest_steps")
+    r = _row(arch, b)
+    if r is None or fnum(r.get("steps_to_target")) is None:
+        return head + f"{NOT_REACHED} — no batch size reached the target."
+    fit = arch.get("tradeoff_fit") or {}
+    s_min = fnum(fit.get("s_min")) if isinstance(fit, dict) else None
+    tail = f"; the fitted minimum is S_min ≈ {_g(s_min)} steps as B → ∞" if s_min else ""
+    return head + (f"batch {_batch(b, r)} ({_count(r['steps_to_target'])} steps, "
+                   f"{_count(r.get('examples_to_target'))} examples, {_dur(r.get('time_to_target'))}{tail}).")
+
+
+def answer_critical(arch) -> str:
+    head = "**Critical batch size:** "
+    fit = arch.get("tradeoff_fit")
+    rows = rows_of(arch)
+    bmin = min((float(r["batch_size"]) for r in rows), default=None)
+    bmax = max((float(r["batch_size"]) for r in rows), default=None)
+    bc_raw = fnum(fit.get("b_crit")) if isinstance(fit, dict) else None
+    bc_val = fit.get("b_crit") if isinstance(fit, dict) else None
+    if not isinstance(fit, dict):
+        n_ok = sum(1 for r in rows if fnum(r.get("steps_to_target")) is not None)
+        fit_s = (f"{NOT_MEASURED} by the steps/examples trade-off fit (it needs at least 3 batch sizes that "
+                 f"reach the target; {n_ok} did)")
+    elif "error" in fit:
+        fit_s = f"{NOT_MEASURED} — the steps/examples trade-off fit failed ({fit['error']})"
+    elif bc_raw is not None and bc_raw > 0:
+        fit_s = (f"≈ {_g(bc_raw)} from the fitted steps/examples trade-off "
+                 f"(S_min = {_g(fit.get('s_min'))} steps, E_min = {_g(fit.get('e_min'))} examples, "
+                 f"B_crit = E_min/S_min; log-residual {_g(fit.get('residual'))})")
+    elif isinstance(bc_val, (int, float)) and math.isinf(bc_val) and bc_val > 0:
+        fit_s = (f"above the largest batch size swept ({_batch(bmax)}): steps kept halving with every doubling, "
+                 f"so the trade-off fit cannot resolve it")
+    elif bc_raw == 0:
+        fit_s = (f"below the smallest batch size swept ({_batch(bmin)}): steps to target did not fall with "
+                 f"batch size, so the trade-off fit cannot resolve it")
+    else:
+        fit_s = f"{NOT_MEASURED} (the fit returned no usable value)"
+    ns = arch.get("noise_scale") or {}
+    mid = b_simple_of(arch)
+    if mid is not None:
+        extra = [f"{w} ≈ {_g(ns.get(w))}" for w in ("start", "end") if fnum(ns.get(w)) is not None]
+        noise_s = (f"the gradient noise scale B_simple measured mid-training is ≈ {_g(mid)}"
+                   + (f" ({', '.join(extra)})" if extra else ""))
+    else:
+        noise_s = f"the gradient noise scale B_simple was {NOT_MEASURED}"
+    bc = b_crit_of(arch)
+    cmp_s = ""
+    if bc is not None and mid is not None:
+        cmp_s = f"; B_simple/B_crit = {mid / bc:.2g}"
+    return (head + fit_s + "; " + noise_s + cmp_s + " (McCandlish et al. 2018, arXiv:1812.06162; note "
+            "arXiv:2505.23971 finds B_simple can underestimate the critical batch size, so both are reported).")
+
+
+def answer_goodput(arch) -> str:
+    head = "**Highest goodput** (throughput × statistical efficiency, Pollux — Qiao et al. 2021): "
+    b = _ans(arch, "max_goodput")
+    r = _row(arch, b)
+    if r is None or fnum(r.get("goodput")) is None:
+        return head + f"{NOT_MEASURED} (it needs the throughput and the gradient noise scale)."
+    return head + (f"batch {_batch(b, r)} ({_rate(r.get('throughput'))} × efficiency "
+                   f"{_g(r.get('statistical_efficiency'))} = {_rate(r.get('goodput'))}).")
+
+
+def answer_reasonable(arch) -> str:
+    _, _, factor = _thresholds()
+    head = "**Smallest reasonable batch size:** "
+    definition = (f"(definition: the smallest batch size that reaches the target within {factor:g}× "
+                  f"the best measured wall-clock time to target)")
+    b = _ans(arch, "smallest_reasonable")
+    r = _row(arch, b)
+    fast = _row(arch, _ans(arch, "fastest_wall_time"))
+    if r is None or fnum(r.get("time_to_target")) is None:
+        return head + f"{NOT_MEASURED} — no batch size reached the target with a measured time {definition}."
+    best = fnum(fast.get("time_to_target")) if fast else None
+    ratio = float(r["time_to_target"]) / best if best else None
+    ctx = (f"; the fastest, batch {_batch(fast['batch_size'], fast)}, took {_dur(best)}" if best is not None else "")
+    return head + (f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}"
+                   + (f", {ratio:.2f}× the fastest" if ratio is not None else "") + f"{ctx}) {definition}.")
+
+
+def answer_regimes(arch) -> str:
+    perfect, no_benefit, _ = _thresholds()
+    head = "**Regimes:** "
+    bc = b_crit_of(arch)
+    rows = rows_of(arch)
+    if bc is None:
+        return head + ("not determined — they need a finite critical batch size from the trade-off fit "
+                       f"(perfect scaling up to B_crit/{1 / perfect:g}, no benefit from {no_benefit:g}·B_crit).")
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.get("regime") or "unknown", []).append(_batch(r["batch_size"]))
+
+    def measured(name):
+        bs = groups.get(name)
+        if not bs:
+            return "no batch size swept"
+        return "batch " + bs[0] if len(bs) == 1 else f"batches {bs[0]}–{bs[-1]}"
+
+    lo, hi = perfect * bc, no_benefit * bc
+    return head + (f"perfect scaling up to B ≈ {_g(lo)} (= B_crit/{1 / perfect:g}; measured: {measured('perfect scaling')}), "
+                   f"diminishing returns between ≈ {_g(lo)} and ≈ {_g(hi)} ({measured('diminishing returns')}), "
+                   f"no benefit from B ≈ {_g(hi)} (= {no_benefit:g}·B_crit; {measured('no benefit')}) — "
+                   f"the three regimes of Shallue et al. 2018 (arXiv:1811.03600), placed by the fitted B_crit ≈ {_g(bc)}.")
+
+
+def answer_small_batch(arch, small=SMALL_BATCH) -> str:
+    _, _, factor = _thresholds()
+    head = f"**Is a batch size below {small} ever reasonable here?** "
+    rows = rows_of(arch)
+    below = [r for r in rows if float(r["batch_size"]) < small]
+    if not rows:
+        return head + f"Cannot tell: {NOT_MEASURED} (no batch sizes in the analysis)."
+    if not below:
+        return head + f"Not tested: the smallest batch size swept is {_batch(rows[0]['batch_size'])}."
+    fast = _row(arch, _ans(arch, "fastest_wall_time"))
+    best = fnum(fast.get("time_to_target")) if fast else None
+    if best is None:
+        return head + f"Cannot tell: no batch size reached the target with a measured time ({NOT_REACHED})."
+
+    def describe(r):
+        t = fnum(r.get("time_to_target"))
+        if t is None:
+            return f"batch {_batch(r['batch_size'], r)}: {NOT_REACHED}"
+        return f"batch {_batch(r['batch_size'], r)}: {_dur(t)} ({t / best:.2f}× the fastest)" if best > 0 else \
+            f"batch {_batch(r['batch_size'], r)}: {_dur(t)}"
+
+    sr = fnum(_ans(arch, "smallest_reasonable"))
+    details = "; ".join(describe(r) for r in below)
+    fast_s = f"the fastest is batch {_batch(fast['batch_size'], fast)} at {_dur(best)}"
+    if sr is not None and sr < small:
+        ok = [r for r in below if fnum(r.get("time_to_target")) is not None
+              and float(r["time_to_target"]) <= factor * best]
+        return head + (f"Yes: batch {_batch(sr)} reaches the target within {factor:g}× the fastest time "
+                       f"({fast_s}); {len(ok)} of the {len(below)} batch sizes below {small} {'does' if len(ok) == 1 else 'do'} "
+                       f"({details}).")
+    return head + (f"No: none of the {len(below)} batch sizes below {small} reaches the target within "
+                   f"{factor:g}× the fastest time ({fast_s}; {details}).")
+
+
+def answer_generalisation(arch, acc) -> str:
+    head = "**Generalisation:** "
+    vkey, gkey = ("final_val_accuracy", "gen_gap_accuracy") if acc else ("final_val_loss", "gen_gap_loss")
+    fmt = _pct if acc else (lambda v: _g(v))
+    rows = rows_of(arch)
+    pts = [(float(r["batch_size"]), fnum(r.get(vkey)), r) for r in rows if fnum(r.get(vkey)) is not None]
+    if not pts:
+        return head + f"final validation {'accuracy' if acc else 'loss'} {NOT_MEASURED}."
+    best = (max if acc else min)(pts, key=lambda p: p[1])
+    worst = (min if acc else max)(pts, key=lambda p: p[1])
+    metric = "accuracy" if acc else "loss"
+    parts = [f"best final validation {metric} {fmt(best[1])} at batch {_batch(best[0], best[2])}; "
+             f"worst {fmt(worst[1])} at batch {_batch(worst[0], worst[2])}"]
+    rho = _spearman([p[0] for p in pts], [p[1] for p in pts])
+    if rho is not None:
+        better = rho > 0 if acc else rho < 0
+        trend = ("no clear trend with batch size" if abs(rho) < 0.3 else
+                 f"it tends to get {'better' if better else 'worse'} as the batch grows")
+        parts.append(f"{trend} (rank correlation with batch size {rho:+.2f})")
+    gaps = [(float(r["batch_size"]), fnum(r.get(gkey))) for r in rows if fnum(r.get(gkey)) is not None]
+    if gaps:
+        gap_name = "train − validation accuracy" if acc else "validation − train loss"
+        gfmt = (lambda v: f"{100 * v:.1f} points") if acc else (lambda v: _g(v))
+        lo, hi = min(gaps, key=lambda p: p[1]), max(gaps, key=lambda p: p[1])
+        s = (f"generalisation gap ({gap_name}) from {gfmt(lo[1])} (batch {_batch(lo[0])}) "
+             f"to {gfmt(hi[1])} (batch {_batch(hi[0])})")
+        rho_g = _spearman([p[0] for p in gaps], [p[1] for p in gaps])
+        if rho_g is not None:
+            s += (", with no clear trend in batch size" if abs(rho_g) < 0.3 else
+                  f", {'growing' if rho_g > 0 else 'shrinking'} with batch size (rank correlation {rho_g:+.2f})")
+        parts.append(s)
+    return head + "; ".join(parts) + (". For context: with the learning rate tuned per batch size, Shallue "
+                                      "et al. 2018 (arXiv:1811.03600) found no evidence that large batches "
+                                      "generalise worse; Keskar et al. 2017 (arXiv:1609.04836) link large "
+                                      "batches to sharp minimisers, and Masters & Luschi 2018 "
+                                      "(arXiv:1804.07612) found the best test performance at batch sizes 2–32.")
+
+
+def batch_table(arch, acc):
+    headers = ["batch", "best lr", "reached", "steps", "examples", "time to target",
+               "final val " + ("acc" if acc else "loss"), "gen gap", "throughput", "memory", "regime"]
+    body = []
+    for r in rows_of(arch):
+        frac = fnum(r.get("reached_fraction"))
+        seeds = r.get("seeds")
+        reached = NOT_MEASURED if frac is None else (
+            f"{round(frac * seeds)}/{seeds}" if isinstance(seeds, int) and seeds > 0 else f"{100 * frac:.0f}%")
+        if acc:
+            val, gap = _pct(r.get("final_val_accuracy")), r.get("gen_gap_accuracy")
+            gap = NOT_MEASURED if fnum(gap) is None else f"{100 * float(gap):+.1f} pts"
+        else:
+            val, gap = _g(r.get("final_val_loss")), r.get("gen_gap_loss")
+            gap = NOT_MEASURED if fnum(gap) is None else f"{float(gap):+.3g}"
+        body.append([_batch(r["batch_size"], r), _lr(r.get("best_lr")), reached,
+                     _count(r.get("steps_to_target")), _count(r.get("examples_to_target")),
+                     _dur(r.get("time_to_target")), val, gap, _rate(r.get("throughput")),
+                     _mib(r.get("memory_bytes")), r.get("regime") or "unknown"])
+    return headers, body
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec: dict | None = None,
+                 plots=None) -> list:
+    """The report as a list of blocks ``(kind, ...)``: ``("h1"|"h2"|"h3"|"p", text)``,
+    ``("ul", [items])``, ``("table", headers, rows)``, ``("img", src, caption)``,
+    ``("pre", text)``.  Text may hold ``**bold**``."""
+    analysis = analysis if isinstance(analysis, dict) else {}
+    archs = architectures(analysis)
+    acc = uses_accuracy(archs)
+    n_trials, n_failed = analysis.get("n_trials"), analysis.get("n_failed")
+    blocks = [("h1", title)]
+    intro = (f"{_count(n_trials, NOT_MEASURED)} trials, {_count(n_failed, NOT_MEASURED)} failed; "
+             f"{len(archs)} architecture{'s' if len(archs) != 1 else ''}.")
+    if archs:
+        intro += (" For each batch size the learning rate is the one that reached the target in the fewest "
+                  "steps (median over seeds); a batch size counts as reaching the target when most of its "
+                  "seeds did. \"Not reached\" means it did not; \"not measured\" means the value was not recorded.")
+    blocks.append(("p", intro))
+    if not archs:
+        blocks.append(("p", "**No successful trials: there is nothing to analyse.** "
+                            "See the failures in the appendix."))
+    for arch in archs:
+        if len(archs) > 1:
+            blocks.append(("h2", f"Architecture {arch_label(arch)}"))
+        else:
+            blocks.append(("h2", f"Answers ({arch_label(arch)}, target {target_words(arch)})"))
+        blocks.append(("ul", [answer_fastest(arch), answer_fewest_examples(arch), answer_fewest_steps(arch),
+                              answer_critical(arch), answer_reasonable(arch), answer_regimes(arch),
+                              answer_small_batch(arch), answer_goodput(arch),
+                              answer_generalisation(arch, acc)]))
+        blocks.append(("h3", "Per batch size"))
+        h, b = batch_table(arch, acc)
+        if b:
+            blocks.append(("table", h, b))
+        else:
+            blocks.append(("p", f"No batch sizes: {NOT_MEASURED}."))
+    blocks.append(("h2", "Figures"))
+    plots = plots if plots is not None else [(name, None) for name in PLOT_FILES]
+    for name, placeholder in plots:
+        cap = _PLOT_CAPTIONS.get(name, name)
+        if placeholder:
+            cap += f" ({placeholder})"
+        blocks.append(("img", name, cap))
+    blocks.append(("h2", "Appendix"))
+    blocks.append(("h3", "Failures"))
+    failures = [f for f in (analysis.get("failures") or []) if isinstance(f, dict)]
+    if not n_failed and not failures:
+        blocks.append(("p", "No trial failed."))
+    else:
+        blocks.append(("p", f"{_count(n_failed if n_failed is not None else len(failures), NOT_MEASURED)} of "
+                            f"{_count(n_trials, NOT_MEASURED)} trials failed; the first "
+                            f"{min(5, len(failures))} errors:"))
+        if failures:
+            blocks.append(("ul", [f"`{f.get('trial', '?')}`: {f.get('error') or 'no error recorded'}"
+                                  for f in failures[:5]]))
+    blocks.append(("h3", "Study specification"))
+    if spec is None:
+        blocks.append(("p", "Not given."))
+    else:
+        try:
+            text = json.dumps(spec, indent=2, sort_keys=True, default=str)
+        except (TypeError, ValueError):
+            text = repr(spec)
+        blocks.append(("pre", text))
+    return blocks
+
+
+# --------------------------------------------------------------------------- renderers
+
+
+def _md_cell(s) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks) -> str:
+    """The blocks as Markdown."""
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + blk[1])
+        elif kind == "p":
+            out.append(blk[1])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in blk[1]))
+        elif kind == "table":
+            headers, rows = blk[1], blk[2]
+            lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
+                     "|" + "|".join("---" for _ in headers) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+        elif kind == "img":
+            out.append(f"![{blk[2]}]({blk[1]})\n\n*{blk[2]}*")
+        elif kind == "pre":
+            out.append("```json\n" + blk[1] + "\n```")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.5; }
+h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; }
+h2 { border-bottom: 1px solid #eee; padding-bottom: .2em; margin-top: 2em; }
+li { margin-bottom: .5em; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th { background: #f3f3f3; }
+td:first-child, th:first-child, td:last-child { text-align: left; }
+tr:nth-child(even) td { background: #fafafa; }
+figure { margin: 1.5em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; }
+pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+code { background: #f6f8fa; padding: 0 .2em; }
+"""
+
+
+def _inline_html(text) -> str:
+    s = html.escape(str(text), quote=False)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    return s
+
+
+def render_html(blocks, title: str = "minigd batch-size study") -> str:
+    """The blocks as a self-contained HTML page (inline CSS, figures by relative path)."""
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{_inline_html(blk[1])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline_html(blk[1])}</p>")
+        elif kind == "ul":
+            out.append("<ul>\n" + "\n".join(f"<li>{_inline_html(i)}</li>" for i in blk[1]) + "\n</ul>")
+        elif kind == "table":
+            headers, rows = blk[1], blk[2]
+            t = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+                 + "</tr></thead>", "<tbody>"]
+            t += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+            t += ["</tbody>", "</table>"]
+            out.append("\n".join(t))
+        elif kind == "img":
+            src, cap = html.escape(blk[1]), _inline_html(blk[2])
+            out.append(f'<figure><img src="{src}" alt="{html.escape(blk[2])}">'
+                       f"<figcaption>{cap}</figcaption></figure>")
+        elif kind == "pre":
+            out.append(f"<pre>{html.escape(blk[1])}</pre>")
+    out += ["</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size study",
+                 spec: dict | None = None) -> list[str]:
+    """Write the figures, ``summary.md`` and ``summary.html`` of a study into ``out_dir``.
+
+    Parameters
+    ----------
+    analysis : dict
+        The output of :func:`minigd.study.analysis.analyze`. Any value may be missing or
+        ``None``; figures without data become placeholders ("not enough data: ...").
+    out_dir : str or os.PathLike
+        The directory to write into (created if missing).
+    title : str, keyword-only
+        The report's title.
+    spec : dict, optional, keyword-only
+        The study specification, shown in the appendix as JSON.
+
+    Returns
+    -------
+    list of str
+        The paths written: the six PNG figures, then ``summary.md`` and ``summary.html``.
+        Every file is written atomically (temporary file, then :func:`os.replace`).
+
+    Raises
+    ------
+    ImportError
+        matplotlib is not installed (``pip install 'minigd[study]'``).
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    plots = make_plots(analysis if isinstance(analysis, dict) else {}, out_dir)
+    blocks = build_blocks(analysis, title=title, spec=spec, plots=[(p.name, p.placeholder) for p in plots])
+    md = atomic_write_text(os.path.join(out_dir, "summary.md"), render_markdown(blocks))
+    page = atomic_write_text(os.path.join(out_dir, "summary.html"), render_html(blocks, title))
+    return [p.path for p in plots] + [md, page]

@@ -1,0 +1,254 @@
+"""The study report: every figure and summary file is written, the figures are real images,
+and the summary states the analysis' answers with the right numbers -- also when most of
+the data are missing."""
+from __future__ import annotations
+
+import math
+import re
+import struct
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from minigd.report import PLOT_FILES, make_plots, write_report  # noqa: E402
+from minigd.study.analysis import analyze  # noqa: E402
+from minigd.study.config import TrialConfig  # noqa: E402
+
+S_MIN, B_CRIT = 100.0, 48.0          # the synthetic steps/examples trade-off
+OVERHEAD_S, PER_EXAMPLE_S = 1e-3, 2e-5  # synthetic step time = overhead + per-example cost
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+LRS = [0.01, 0.1]
+EXPECTED = list(PLOT_FILES) + ["summary.md", "summary.html"]
+
+
+def _result(B, lr, seed, total_steps=None):
+    """A fake run_trial result on the exact trade-off curve (lr 0.1 is best: fewer steps)."""
+    steps = round(S_MIN * (1 + B_CRIT / B) * (1.0 if lr == 0.1 else 1.5))
+    step_time = OVERHEAD_S + PER_EXAMPLE_S * B
+    total = total_steps or 2 ** math.ceil(math.log2(2 * steps))  # its half is a probe step
+    noise = []
+    s = 0
+    while True:
+        noise.append({"step": s, "examples": s * B, "noise_scale": 20 + 80 * s / total,
+                      "trace_cov": 1.0, "grad_norm_sq": 1.0})
+        if s >= total:
+            break
+        s = min(total, max(1, 2 * s))
+    acc = 0.97 - 0.002 * math.log2(B)
+    return {
+        "status": "ok", "reached": True, "diverged": False,
+        "steps_to_target": steps, "examples_to_target": steps * B, "time_to_target": steps * step_time,
+        "steps": total, "examples": total * B, "train_time": total * step_time,
+        "us_per_step": step_time * 1e6, "throughput": B / step_time,
+        "workspace_bytes": 4096 * B, "memory_bytes": 100_000 + 4096 * B,
+        "final_train_loss": 0.05, "final_val_loss": 0.1 + 0.01 * math.log2(B),
+        "final_train_accuracy": acc + 0.01 + 0.001 * math.log2(B), "final_val_accuracy": acc,
+        "gen_gap_loss": 0.05 + 0.01 * math.log2(B), "gen_gap_accuracy": 0.01 + 0.001 * math.log2(B),
+        "noise": noise, "batch_size": B,
+    }
+
+
+def _rows(sizes=(64, 64, 10), n_failed=2):
+    rows = []
+    for B in BATCHES:
+        for lr in LRS:
+            for seed in (0, 1):
+                cfg = TrialConfig(sizes=sizes, batch_size=B, lr=lr, seed=seed, target=0.95)
+                rows.append((cfg, _result(B, lr, seed)))
+    for i in range(n_failed):
+        cfg = TrialConfig(sizes=sizes, batch_size=1024, lr=1.0, seed=i)
+        rows.append((cfg, {"status": "failed", "error": f"DivergenceError: loss is nan (trial {i})"}))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    return analyze(_rows())
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(33)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def _check_png(path, *, rich=True):
+    import matplotlib.image as mpimg
+
+    w, h = _png_size(path)
+    assert w > 100 and h > 100
+    img = mpimg.imread(path)
+    assert img.shape[0] == h and img.shape[1] == w
+    rgb = img[..., :3].reshape(-1, 3)
+    assert np.ptp(rgb, axis=0).max() > 0.1, f"{path}: a single flat colour"
+    if rich:
+        import os
+
+        assert os.path.getsize(path) > 5 * 1024, f"{path}: suspiciously small"
+        # a real figure has many distinct colours (lines, markers, shading, text antialiasing)
+        q = (rgb * 255).astype(np.uint32)
+        assert len(np.unique(q[:, 0] << 16 | q[:, 1] << 8 | q[:, 2])) > 20
+
+
+def test_synthetic_analysis_has_known_answers(analysis):
+    arch = analysis["architectures"][0]
+    ans = arch["answers"]
+    assert arch["tradeoff_fit"]["b_crit"] == pytest.approx(B_CRIT, rel=2e-2)
+    assert ans["fastest_wall_time"] == 64
+    assert ans["smallest_reasonable"] == 16
+    assert ans["fewest_examples"] == 1
+    assert ans["fewest_steps"] == 512
+    assert ans["critical_batch_size_noise"] == pytest.approx(60, rel=0.05)
+
+
+def test_report_writes_every_file_with_real_figures(analysis, tmp_path):
+    spec = {"batch_sizes": BATCHES, "lrs": LRS, "seeds": 2}
+    paths = write_report(analysis, tmp_path / "report", title="Synthetic study", spec=spec)
+    out = tmp_path / "report"
+    assert sorted(paths) == sorted(str(out / name) for name in EXPECTED)
+    for name in EXPECTED:
+        assert (out / name).is_file(), name
+    for name in PLOT_FILES:
+        _check_png(out / name)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    page = (out / "summary.html").read_text(encoding="utf-8")
+    arch = analysis["architectures"][0]
+    rows = {r["batch_size"]: r for r in arch["per_batch"]}
+    t64 = rows[64]["time_to_target"]
+    assert "not enough data" not in md  # no placeholder figure
+    assert "# Synthetic study" in md
+    assert f"Fastest to 95% validation accuracy in wall-clock time:** batch 64 ({t64:.3g} s" in md
+    assert "Fewest examples to target:** batch 1 (" + f"{int(rows[1]['examples_to_target']):,}" + " examples" in md
+    assert f"Fewest steps to target:** batch 512 ({int(rows[512]['steps_to_target']):,} steps" in md
+    assert "Critical batch size:** ≈ 48 from the fitted steps/examples trade-off" in md
+    assert "S_min = 100 steps" in md and "E_min = 4,800 examples" in md
+    m = re.search(r"B_simple measured mid-training is ≈ ([0-9.]+)", md)
+    assert m and float(m.group(1)) == pytest.approx(arch["noise_scale"]["middle"], rel=0.01)
+    assert "arXiv:2505.23971" in md and "arXiv:1812.06162" in md
+    assert "Smallest reasonable batch size:** batch 16 (" + f"{rows[16]['time_to_target']:.3g} s" in md
+    assert "within 2× the best measured wall-clock time" in md
+    assert "Regimes:** perfect scaling up to B ≈ 16" in md
+    assert "diminishing returns between ≈ 16 and ≈ 144" in md and "no benefit from B ≈ 144" in md
+    assert "Is a batch size below 32 ever reasonable here?** Yes: batch 16" in md
+    assert "Generalisation:** best final validation accuracy 97.0% at batch 1" in md
+    assert "Highest goodput" in md
+    # the per-batch table: one row per batch size, with its regime
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + len(BATCHES)
+    assert table[0].startswith("| batch | best lr |")
+    row64 = next(ln for ln in table if ln.startswith("| 64 |"))
+    assert "| 0.1 |" in row64 and "diminishing returns" in row64 and f"{int(rows[64]['steps_to_target']):,}" in row64
+    assert next(ln for ln in table if ln.startswith("| 512 |")).rstrip(" |").endswith("no benefit")
+    # appendix: failures and the spec
+    assert "2 of 42 trials failed" in md
+    assert "DivergenceError: loss is nan (trial 0)" in md
+    assert '"seeds": 2' in md
+    # same content in the HTML, images by relative path
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    for name in PLOT_FILES:
+        assert f'<img src="{name}"' in page and f"]({name})" in md
+    assert "batch 64" in page and "≈ 48" in page and "DivergenceError" in page
+
+
+def test_several_architectures_one_series_each(tmp_path):
+    rows = _rows(sizes=(64, 64, 10)) + _rows(sizes=(64, 128, 10), n_failed=0)
+    analysis = analyze(rows)
+    assert len(analysis["architectures"]) == 2
+    paths = write_report(analysis, tmp_path)
+    assert len(paths) == len(EXPECTED)
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "not enough data" not in md  # no placeholder figure
+    assert "## Architecture 64-64-10 relu sgd" in md and "## Architecture 64-128-10 relu sgd" in md
+    _check_png(tmp_path / "steps_examples.png")
+
+
+def _sparse_analysis():
+    """Mostly None: nothing reached the target, nothing measured, a failed fit."""
+    keys = ["best_lr", "reached_fraction", "steps_to_target", "examples_to_target", "time_to_target",
+            "final_val_accuracy", "final_val_loss", "final_train_loss", "gen_gap_accuracy", "gen_gap_loss",
+            "throughput", "us_per_step", "memory_bytes", "workspace_bytes", "noise_scale_start",
+            "noise_scale_middle", "noise_scale_end", "regime", "statistical_efficiency", "goodput"]
+    per_batch = [dict({k: None for k in keys}, batch_size=b, full_batch=False, lrs_tried=[],
+                      noise_curves=[None, []], lr_results={}) for b in (8, 32, 128)]
+    per_batch[1]["final_val_loss"] = float("nan")
+    per_batch[2]["throughput"] = float("inf")
+    arch = {"sizes": [64, 10], "activation": "relu", "optimizer": "sgd", "target_metric": "val_accuracy",
+            "target": 0.95, "per_batch": per_batch, "tradeoff_fit": {"error": "fewer than 3 points"},
+            "noise_scale": {"start": None, "middle": None, "end": None},
+            "answers": {k: None for k in ("fastest_wall_time", "fewest_examples", "fewest_steps", "max_goodput",
+                                          "critical_batch_size_fit", "critical_batch_size_noise",
+                                          "smallest_reasonable", "smallest_reaching_target",
+                                          "best_final_validation")}}
+    empty_arch = {"per_batch": [], "tradeoff_fit": None, "answers": None, "noise_scale": None}
+    return {"n_trials": 5, "n_failed": 2, "failures": [{"trial": "B=8", "error": None}, {}],
+            "architectures": [arch, empty_arch]}
+
+
+@pytest.mark.parametrize("analysis_in", [
+    _sparse_analysis(),
+    {},
+    {"n_trials": 0, "n_failed": 0, "failures": [], "architectures": []},
+    # a fit that cannot resolve B_crit (perfect scaling everywhere): b_crit = inf, s_min = 0
+    {"n_trials": 3, "n_failed": 0, "failures": [], "architectures": [{
+        "sizes": [4, 2], "target_metric": "val_loss", "target": 0.1,
+        "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf"), "residual": 0.0},
+        "per_batch": [{"batch_size": b, "steps_to_target": 300 / b, "examples_to_target": 300,
+                       "time_to_target": 1.0 / b, "final_val_loss": 0.09, "regime": "unknown"} for b in (1, 2, 4)],
+        "answers": {"fastest_wall_time": 4, "smallest_reasonable": 2}}]},
+], ids=["mostly-none", "empty-dict", "no-architectures", "unresolved-fit"])
+def test_missing_data_still_writes_every_file(analysis_in, tmp_path):
+    paths = write_report(analysis_in, tmp_path)
+    assert sorted(paths) == sorted(str(tmp_path / n) for n in EXPECTED)
+    for name in PLOT_FILES:
+        _check_png(tmp_path / name, rich=False)
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert (tmp_path / "summary.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert "Appendix" in md
+
+
+def test_mostly_none_summary_is_honest(tmp_path):
+    results = make_plots(_sparse_analysis(), tmp_path)
+    by_name = {r.name: r.placeholder for r in results}
+    assert by_name["steps_examples.png"].startswith("not enough data:")
+    assert by_name["noise_scale.png"].startswith("not enough data:")
+    write_report(_sparse_analysis(), tmp_path, spec=None)
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "Fastest to 95% validation accuracy in wall-clock time:** not reached" in md
+    assert "Critical batch size:** not measured — the steps/examples trade-off fit failed (fewer than 3 points)" in md
+    assert "B_simple was not measured" in md
+    assert "Regimes:** not determined" in md
+    assert "Is a batch size below 32 ever reasonable here?** Cannot tell" in md
+    assert "2 of 5 trials failed" in md
+    assert "not enough data:" in md  # the placeholder figures are named as such
+    table_row = next(ln for ln in md.splitlines() if ln.startswith("| 8 |"))
+    assert "not reached" in table_row and "not measured" in table_row
+
+
+def test_unresolved_fit_wording(tmp_path):
+    analysis_in = {"architectures": [{
+        "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf"), "residual": 0.0},
+        "per_batch": [{"batch_size": b, "steps_to_target": 300 / b} for b in (1, 2, 4)]}]}
+    write_report(analysis_in, tmp_path)
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "above the largest batch size swept (4)" in md
+
+
+def test_missing_matplotlib_message(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"pip install 'minigd\[study\]'"):
+        write_report({}, tmp_path)
