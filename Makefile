@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(BIN)/python bench/crossover.py
 	$(BIN)/python bench/step.py
+	$(BIN)/python bench/gradstats.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
