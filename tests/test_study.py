@@ -143,7 +143,7 @@ def test_dask_local_cluster_matches_local_executor():
     configs = tiny_configs(seeds=(0,))
     serial = {c.key: r for c, r in SerialExecutor().run(run_trial, configs)}
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
         from minigd.study import DaskExecutor
         got = {c.key: r for c, r in DaskExecutor(client).run(run_trial, configs)}
     assert set(got) == set(serial)
