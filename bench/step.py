@@ -45,12 +45,10 @@ def _thread_env(threads: int) -> dict:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from minigd._io import atomic_write_text
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------ child side

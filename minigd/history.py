@@ -4,9 +4,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from minigd._io import atomic_path
 
 STEP_COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples", "time")
 
@@ -120,17 +121,11 @@ class History:
             for k in r:
                 if k not in keys:
                     keys.append(k)
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".csv")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=keys, restval="")
                 w.writeheader()
                 for r in recs:
                     w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+                f.flush()
+                os.fsync(f.fileno())

@@ -37,8 +37,9 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
     if report:
         from minigd.report import write_report
         files = write_report(analysis, os.path.join(out_dir, "report"), spec=spec.to_dict())
-        with open(os.path.join(out_dir, "report", "analysis.json"), "w") as f:
-            json.dump(analysis, f, indent=1, default=str)
+        from minigd._io import atomic_write_text
+        atomic_write_text(os.path.join(out_dir, "report", "analysis.json"),
+                          json.dumps(analysis, indent=1, default=str))
     return {"counts": counts, "analysis": analysis, "report": files, "results": path}
 
 
