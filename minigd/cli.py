@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-lr", type=float, default=0.02, help="learning rate at --base-batch-size")
     g.add_argument("--base-batch-size", type=int, default=32)
     g.add_argument("--lr-grid", type=_csv(float), default=(0.5, 1.0, 2.0), help="multipliers tried by --lr-policy tuned")
-    g.add_argument("--seeds", type=_csv(int), default=(0, 1))
+    g.add_argument("--seeds", type=_csv(int), default=(0, 1, 2))
     g.add_argument("--widths", type=_csv(int), default=(64,), help="hidden widths (1 allowed)")
     g.add_argument("--depths", type=_csv(int), default=(1,), help="numbers of hidden layers (0 = linear model)")
     g.add_argument("--activation", default="relu")

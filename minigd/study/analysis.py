@@ -14,7 +14,10 @@ arXiv:1811.03600).  From those points:
 * goodput(B) = measured throughput(B) x statistical efficiency E(B) =
   (B_simple + B0)/(B_simple + B) (Pollux, Qiao et al. 2021, arXiv:2008.12260), B0 the
   smallest batch size swept; the batch size maximising it;
-* the batch sizes with the least measured wall time and the fewest examples to target;
+* the batch sizes with the least wall time and the fewest examples to target (a trial's
+  time to target is its steps to target times its median step time: every step at one
+  batch size does the same work, and the median drops interference from other processes;
+  the raw measured sum is stored as ``time_to_target_measured``);
 * the *smallest reasonable* batch size: the smallest one that reaches the target within
   twice the best measured time to target;
 * generalisation: final validation metric and train/validation gap per batch size.

@@ -45,7 +45,7 @@ class SweepSpec:
     base_lr: float = 0.02
     base_batch_size: int = 32
     lr_grid: tuple = (0.5, 1.0, 2.0)
-    seeds: tuple = (0, 1)
+    seeds: tuple = (0, 1, 2)
     widths: tuple = (64,)
     depths: tuple = (1,)
     activation: str = "relu"
