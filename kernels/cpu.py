@@ -338,19 +338,32 @@ def forward_loops(X, idx, B, params, ws, lay):
     _forward_loops(B, params, ws, lay, lay[R_MISC, 3])
 
 
-@jit
-def _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss):
+@jit(inline="always")
+def _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, want_row_loss):
+    """Loss and output deltas of the forward pass just run; returns the mean loss.
+
+    The scratch block receives the per-example losses when ``want_row_loss`` (and not
+    ``want_sqn``), and is zeroed for the backward's per-example norms when ``want_sqn``.
+    """
     L = lay[R_MISC, 3]
-    _gather(X, idx, B, ws, lay)
-    _forward_loops(B, params, ws, lay, L)
     rows = _scratch(ws, lay, B)
     total = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
                        yi, yf, idx, B, 1.0 / B, rows[:B if (want_row_loss and not want_sqn) else 0])
     if want_sqn:
         for r in range(B):
             rows[r] = 0
-    _backward_loops(B, params, grad, ws, lay, L, rows[:B if want_sqn else 0], float(B) * float(B))
     return total / B
+
+
+@jit
+def _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss):
+    L = lay[R_MISC, 3]
+    _gather(X, idx, B, ws, lay)
+    _forward_loops(B, params, ws, lay, L)
+    loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, want_row_loss)
+    _backward_loops(B, params, grad, ws, lay, L, _scratch(ws, lay, B)[:B if want_sqn else 0],
+                    float(B) * float(B))
+    return loss
 
 
 @jit
@@ -394,11 +407,7 @@ def _bias_act(B, params, ws, lay, l):
 def loss_rows(yi, yf, idx, B, ws, lay, loss_code, want_row_loss):
     """Output-layer loss and deltas; returns the mean loss (per-example losses to the
     scratch block when ``want_row_loss``)."""
-    L = lay[R_MISC, 3]
-    rows = _scratch(ws, lay, B)
-    total = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
-                       yi, yf, idx, B, 1.0 / B, rows[:B if want_row_loss else 0])
-    return total / B
+    return _output_loss(yi, yf, idx, B, ws, lay, loss_code, _FALSE[0], want_row_loss)
 
 
 @jit
@@ -460,12 +469,8 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
     L = lay[R_MISC, 3]
     _gather(X, idx, B, ws, lay)
     _forward_blas(B, params, ws, lay, L)
+    loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, want_row_loss)
     rows = _scratch(ws, lay, B)
-    total = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
-                       yi, yf, idx, B, 1.0 / B, rows[:B if (want_row_loss and not want_sqn) else 0])
-    if want_sqn:
-        for r in range(B):
-            rows[r] = 0
     scale = float(B) * float(B)
     for l in range(L - 1, -1, -1):
         A = _input(ws, lay, l, B)
@@ -478,7 +483,7 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
             np.dot(D, _W(params, lay, l).T, _blk(ws, lay, R_D, l - 1, B))
             _act_backward(lay[R_ACT, l - 1], _flat(ws, lay, R_Z, l - 1, B),
                           _flat(ws, lay, R_A, l - 1, B), _flat(ws, lay, R_D, l - 1, B))
-    return total / B
+    return loss
 
 
 @jit
@@ -716,15 +721,11 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
     L = lay[R_MISC, 3]
     _gather(X, idx, B, ws, lay)
     _forward_loops(B, params, ws, lay, L)
-    rows = _scratch(ws, lay, B)
-    loss = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
-                      yi, yf, idx, B, 1.0 / B, rows[:0]) / B
+    loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, _FALSE[0])
     if not math.isfinite(loss):
         return loss, 0, math.nan
-    if want_sqn:
-        for r in range(B):
-            rows[r] = 0
-    _backward_loops(B, params, grad, ws, lay, L, rows[:B if want_sqn else 0], float(B) * float(B))
+    _backward_loops(B, params, grad, ws, lay, L, _scratch(ws, lay, B)[:B if want_sqn else 0],
+                    float(B) * float(B))
     check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
     return loss, _apply_if_finite(params, grad, check), gsq
 
