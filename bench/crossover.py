@@ -9,12 +9,17 @@ wins.  ``CpuBackend.default_blas_min_batch`` encodes the result.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 
 import numpy as np
 
 import minigd as mg
+from minigd._io import atomic_write_text
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 WIDTHS = (32, 64, 128, 256, 512)
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -56,5 +61,23 @@ def main(quick: bool = False) -> list:
     return out
 
 
+def write(rows: list, out_dir: str = RESULTS) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    env = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    lines = ["# Loops vs BLAS crossover (bench/crossover.py)", "",
+             f"One `train_step`, float32, ReLU, softmax-CE, SGD; threads {env}; medians of 7 interleaved "
+             "rounds. `blas` = the compiled BLAS step (numba np.dot via SciPy); `py-blas` = BLAS driven "
+             "from Python (no SciPy).", "",
+             "| sizes | batch | loops µs | blas µs | py-blas µs |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {'-'.join(map(str, r['sizes']))} | {r['batch']} | {r['loops']:.1f} | "
+                     f"{r['blas']:.1f} | {r['py-blas']:.1f} |")
+    atomic_write_text(os.path.join(out_dir, "crossover.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(out_dir, "crossover.json"), json.dumps({"threads": env, "rows": rows}, indent=1))
+
+
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    quick = "--quick" in sys.argv
+    rows = main(quick=quick)
+    if not quick:
+        write(rows)
