@@ -190,26 +190,29 @@ def _sparse_analysis():
             "architectures": [arch, empty_arch]}
 
 
-@pytest.mark.parametrize("analysis_in", [
-    _sparse_analysis(),
-    {},
-    {"n_trials": 0, "n_failed": 0, "failures": [], "architectures": []},
+_UNRESOLVED = {"n_trials": 3, "n_failed": 0, "failures": [], "architectures": [{
+    "sizes": [4, 2], "target_metric": "val_loss", "target": 0.1,
     # a fit that cannot resolve B_crit (perfect scaling everywhere): b_crit = inf, s_min = 0
-    {"n_trials": 3, "n_failed": 0, "failures": [], "architectures": [{
-        "sizes": [4, 2], "target_metric": "val_loss", "target": 0.1,
-        "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf"), "residual": 0.0},
-        "per_batch": [{"batch_size": b, "steps_to_target": 300 / b, "examples_to_target": 300,
-                       "time_to_target": 1.0 / b, "final_val_loss": 0.09, "regime": "unknown"} for b in (1, 2, 4)],
-        "answers": {"fastest_wall_time": 4, "smallest_reasonable": 2}}]},
+    "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf"), "residual": 0.0},
+    "per_batch": [{"batch_size": b, "steps_to_target": 300 / b, "examples_to_target": 300,
+                   "time_to_target": 1.0 / b, "final_val_loss": 0.09, "regime": "unknown"} for b in (1, 2, 4)],
+    "answers": {"fastest_wall_time": 4, "smallest_reasonable": 2}}]}
+
+
+@pytest.mark.parametrize("analysis_in, expected", [
+    (_sparse_analysis(), "Critical batch size:** not measured"),
+    ({}, "No successful trials"),
+    ({"n_trials": 0, "n_failed": 0, "failures": [], "architectures": []}, "No successful trials"),
+    (_UNRESOLVED, "Critical batch size:** above the largest batch size swept (4)"),
 ], ids=["mostly-none", "empty-dict", "no-architectures", "unresolved-fit"])
-def test_missing_data_still_writes_every_file(analysis_in, tmp_path):
+def test_missing_data_still_writes_every_file(analysis_in, expected, tmp_path):
     paths = write_report(analysis_in, tmp_path)
     assert sorted(paths) == sorted(str(tmp_path / n) for n in EXPECTED)
     for name in PLOT_FILES:
         _check_png(tmp_path / name, rich=False)
     md = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert (tmp_path / "summary.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    assert "Appendix" in md
+    assert "Appendix" in md and expected in md
 
 
 def test_mostly_none_summary_is_honest(tmp_path):
@@ -228,15 +231,6 @@ def test_mostly_none_summary_is_honest(tmp_path):
     assert "not enough data:" in md  # the placeholder figures are named as such
     table_row = next(ln for ln in md.splitlines() if ln.startswith("| 8 |"))
     assert "not reached" in table_row and "not measured" in table_row
-
-
-def test_unresolved_fit_wording(tmp_path):
-    analysis_in = {"architectures": [{
-        "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf"), "residual": 0.0},
-        "per_batch": [{"batch_size": b, "steps_to_target": 300 / b} for b in (1, 2, 4)]}]}
-    write_report(analysis_in, tmp_path)
-    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
-    assert "above the largest batch size swept (4)" in md
 
 
 def test_missing_matplotlib_message(monkeypatch, tmp_path):

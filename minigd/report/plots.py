@@ -12,12 +12,12 @@ series (one colour) per architecture.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import secrets
 import warnings
 from dataclasses import dataclass
+
+from minigd._io import atomic_path, atomic_write_text  # noqa: F401  (re-exported)
 
 #: file names of the figures, in the order they are drawn
 PLOT_FILES = (
@@ -69,33 +69,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    # a fresh name, not mkstemp: the file gets the usual umask permissions, not 0600
-    tmp = os.path.join(d, f".{base}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> str:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    return os.fspath(path)
 
 
 def _save(fig, path, description: str = ""):
@@ -231,11 +204,26 @@ def _batch_range(archs, extra=()):
 
 def _log_y(ax):
     """A log y axis with plain-text tick labels (mathtext labels are slow to lay out)."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter
+    from matplotlib.ticker import FuncFormatter
 
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+    def minor(v, _p):
+        # label 2 and 5 (and 3 on short axes) x 10^k only when the axis spans few decades
+        lo, hi = ax.get_ylim()
+        if not (lo > 0 and hi > 0):
+            return ""
+        decades = abs(math.log10(hi / lo))
+        mant = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
+        keep = {2.0, 5.0} if decades < 1.6 else set()
+        if decades < 1.2:
+            keep.add(3.0)
+        if decades < 0.8:
+            keep |= {3.0, 4.0, 6.0, 8.0}
+        return f"{v:g}" if mant in keep else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _in_range(v, lo, hi):
@@ -256,7 +244,7 @@ def _legend(ax, **kw):
         ax.legend(fontsize=8, **kw)
 
 
-def _shade_regimes(ax, b_crit, lo, hi, label=True):
+def _shade_regimes(ax, b_crit, lo, hi, label=True, prefix=""):
     perfect, no_benefit, _ = _thresholds()
     if b_crit is None or lo is None:
         return
@@ -267,7 +255,7 @@ def _shade_regimes(ax, b_crit, lo, hi, label=True):
         a, b = max(a, lo), min(b, hi)
         if b > a:
             ax.axvspan(a, b, color=_REGIME_COLOURS[name], alpha=0.12, lw=0,
-                       label=f"regime: {name}" if label else None)
+                       label=f"{prefix}regime: {name}" if label else None)
 
 
 def _arch_prefix(archs, arch):
@@ -280,15 +268,18 @@ def _suptitle(fig, text, archs):
     fig.suptitle(text, fontsize=11)
 
 
-def _target_words(arch) -> str:
-    metric, target = arch.get("target_metric"), fnum(arch.get("target"))
-    if metric is None or target is None:
+def target_words(arch) -> str:
+    """The target in words: "95% validation accuracy", "validation loss ≤ 0.1"."""
+    metric, t = arch.get("target_metric"), fnum(arch.get("target"))
+    if metric is None or t is None:
         return "the target"
-    if "accuracy" in str(metric):
-        return f"{target * 100:.4g}% {'validation' if 'val' in str(metric) else 'training'} accuracy"
-    if "loss" in str(metric):
-        return f"{'validation' if 'val' in str(metric) else 'training'} loss {target:.4g}"
-    return f"{metric} = {target:.4g}"
+    m = str(metric)
+    split = "validation" if m.startswith("val") else "training" if m.startswith("train") else ""
+    if "accuracy" in m:
+        return " ".join(w for w in (f"{100 * t:.4g}%", split, "accuracy") if w)
+    if "loss" in m:
+        return " ".join(w for w in (split, f"loss ≤ {t:.4g}") if w)
+    return f"{m} = {t:.4g}"
 
 
 # --------------------------------------------------------------------------- figures
@@ -336,7 +327,7 @@ def plot_steps_examples(analysis, path) -> None:
         bc, bs = b_crit_of(arch), b_simple_of(arch)
         if not shaded and bc is not None:
             for ax in (ax_s, ax_e):
-                _shade_regimes(ax, bc, lo, hi, label=ax is ax_s)
+                _shade_regimes(ax, bc, lo, hi, label=ax is ax_s, prefix=pre)
             shaded = True
         fit = arch.get("tradeoff_fit") if isinstance(arch.get("tradeoff_fit"), dict) else {}
         s_min, e_min = _pos(fit.get("s_min")), _pos(fit.get("e_min"))
@@ -367,9 +358,9 @@ def plot_steps_examples(analysis, path) -> None:
         ax.set_ylabel(what)
     ax_s.set_title("steps to target")
     ax_e.set_title("examples to target")
-    _legend(ax_s, loc="upper right")
-    _legend(ax_e, loc="upper left")
-    target = _target_words(archs[0]) if archs else "target"
+    _legend(ax_s, loc="best")
+    _legend(ax_e, loc="best")
+    target = target_words(archs[0]) if archs else "target"
     _suptitle(fig, f"Steps and examples to {target} vs batch size (McCandlish et al. 2018 trade-off)", archs)
     fig.tight_layout()
     _save(fig, path, "steps and examples to target vs batch size")
@@ -406,7 +397,7 @@ def plot_time_to_target(analysis, path) -> None:
     _log_y(ax)
     ax.set_ylabel("wall-clock time to target (s)")
     _legend(ax, loc="best")
-    target = _target_words(archs[0]) if archs else "target"
+    target = target_words(archs[0]) if archs else "target"
     _suptitle(fig, f"Wall-clock time to {target} vs batch size", archs)
     fig.tight_layout()
     _save(fig, path, "time to target vs batch size")
@@ -432,7 +423,7 @@ def plot_generalization(analysis, path) -> None:
         t, metric = fnum(arch.get("target")), str(arch.get("target_metric") or "")
         if t is not None and (("accuracy" in metric) == acc) and "val" in metric:
             ax_v.axhline(100 * t if acc else t, color=colour, ls="--", lw=0.9, alpha=0.7,
-                         label=f"{pre}target ({_target_words(arch)})")
+                         label=f"{pre}target ({target_words(arch)})")
         xs, ys = _series_any(arch, gkey)
         if xs:
             ax_g.plot(xs, [100 * y for y in ys] if acc else ys, "s-", color=colour, ms=5,
@@ -441,10 +432,9 @@ def plot_generalization(analysis, path) -> None:
         _log2_batch_axis(ax, lo, hi)
     ax_g.axhline(0, color="black", lw=0.6)
     ax_v.set_ylabel("final validation accuracy (%)" if acc else "final validation loss")
-    ax_g.set_ylabel("generalisation gap, train − val accuracy (percentage points)" if acc
-                    else "generalisation gap, val − train loss")
+    ax_g.set_ylabel("train − val accuracy (percentage points)" if acc else "val − train loss")
     ax_v.set_title("final validation " + ("accuracy" if acc else "loss") + " (best LR per batch size)")
-    ax_g.set_title("generalisation gap")
+    ax_g.set_title("generalisation gap (final)")
     _legend(ax_v, loc="best")
     _legend(ax_g, loc="best")
     _suptitle(fig, "Generalisation vs batch size", archs)

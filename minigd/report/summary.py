@@ -29,6 +29,7 @@ from .plots import (
     fnum,
     make_plots,
     rows_of,
+    target_words,
     uses_accuracy,
 )
 
@@ -51,6 +52,16 @@ _PLOT_CAPTIONS = {
     "throughput_memory.png": "Throughput and goodput (throughput × statistical efficiency) vs batch size; "
                              "memory in MiB.",
     "noise_scale.png": "The gradient noise scale B_simple over training, for several batch sizes.",
+}
+
+
+_PLOT_ALT = {
+    "steps_examples.png": "steps and examples to target vs batch size",
+    "time_to_target.png": "time to target vs batch size",
+    "generalization.png": "generalisation vs batch size",
+    "best_lr.png": "best learning rate vs batch size",
+    "throughput_memory.png": "throughput, goodput and memory vs batch size",
+    "noise_scale.png": "gradient noise scale over training",
 }
 
 
@@ -80,7 +91,9 @@ def _dur(x, missing=NOT_REACHED) -> str:
     v = fnum(x)
     if v is None:
         return missing
-    if v < 0.01:
+    if v < 1e-3:
+        return f"{v * 1e6:.3g} µs"
+    if v < 0.1:
         return f"{v * 1e3:.3g} ms"
     if v < 120:
         return f"{v:.3g} s"
@@ -119,20 +132,6 @@ def _batch(b, row=None) -> str:
     if row is not None and row.get("full_batch"):
         return f"{s} (full batch)"
     return s
-
-
-def target_words(arch) -> str:
-    """The target in words: "95% validation accuracy", "validation loss ≤ 0.1"."""
-    metric, t = arch.get("target_metric"), fnum(arch.get("target"))
-    if metric is None or t is None:
-        return "the target"
-    m = str(metric)
-    split = "validation" if m.startswith("val") else "training" if m.startswith("train") else ""
-    if "accuracy" in m:
-        return f"{100 * t:.4g}% {split} accuracy".replace("  ", " ")
-    if "loss" in m:
-        return f"{split} loss ≤ {t:.4g}".strip()
-    return f"{m} = {t:.4g}"
 
 
 def _row(arch, b):
@@ -408,7 +407,7 @@ def batch_table(arch, acc):
 def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec: dict | None = None,
                  plots=None) -> list:
     """The report as a list of blocks ``(kind, ...)``: ``("h1"|"h2"|"h3"|"p", text)``,
-    ``("ul", [items])``, ``("table", headers, rows)``, ``("img", src, caption)``,
+    ``("ul", [items])``, ``("table", headers, rows)``, ``("img", src, caption, alt)``,
     ``("pre", text)``.  Text may hold ``**bold**``."""
     analysis = analysis if isinstance(analysis, dict) else {}
     archs = architectures(analysis)
@@ -446,7 +445,7 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
         cap = _PLOT_CAPTIONS.get(name, name)
         if placeholder:
             cap += f" ({placeholder})"
-        blocks.append(("img", name, cap))
+        blocks.append(("img", name, cap, _PLOT_ALT.get(name, name)))
     blocks.append(("h2", "Appendix"))
     blocks.append(("h3", "Failures"))
     failures = [f for f in (analysis.get("failures") or []) if isinstance(f, dict)]
@@ -496,7 +495,7 @@ def render_markdown(blocks) -> str:
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
         elif kind == "img":
-            out.append(f"![{blk[2]}]({blk[1]})\n\n*{blk[2]}*")
+            out.append(f"![{blk[3] if len(blk) > 3 else blk[1]}]({blk[1]})\n\n*{blk[2]}*")
         elif kind == "pre":
             out.append("```json\n" + blk[1] + "\n```")
     return "\n\n".join(out) + "\n"
@@ -549,7 +548,8 @@ def render_html(blocks, title: str = "minigd batch-size study") -> str:
             out.append("\n".join(t))
         elif kind == "img":
             src, cap = html.escape(blk[1]), _inline_html(blk[2])
-            out.append(f'<figure><img src="{src}" alt="{html.escape(blk[2])}">'
+            alt = html.escape(blk[3] if len(blk) > 3 else blk[1])
+            out.append(f'<figure><img src="{src}" alt="{alt}">'
                        f"<figcaption>{cap}</figcaption></figure>")
         elif kind == "pre":
             out.append(f"<pre>{html.escape(blk[1])}</pre>")
