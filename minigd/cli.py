@@ -94,6 +94,17 @@ def _csv(kind):
     return parse
 
 
+def _pairs(text):
+    out = []
+    for tok in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            e, f = tok.split(":")
+            out.append((int(e), float(f)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected EPOCH:FACTOR pairs like 10:2,20:4, got {text!r}")
+    return tuple(out)
+
+
 def _data_spec(args):
     from minigd.study import DataSpec
 
@@ -149,6 +160,7 @@ def cmd_study(args) -> int:
                      base_batch_size=args.base_batch_size, lr_grid=args.lr_grid, seeds=args.seeds,
                      widths=args.widths, depths=args.depths, activation=args.activation,
                      optimizer=args.optimizer, momentum=args.momentum, warmup_steps=args.warmup_steps,
+                     bs_growth=args.bs_growth,
                      max_epochs=args.max_epochs, target_metric=args.target_metric, target=args.target,
                      backend=args.backend)
     t0 = time.perf_counter()
@@ -224,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    g.add_argument("--bs-growth", type=_pairs, default=(),
+                   help="batch-size schedule instead of LR decay (Smith et al. 2018): EPOCH:FACTOR,... "
+                        "e.g. 10:2,20:4 doubles each trial's batch at epoch 10 and quadruples it at 20")
     g.add_argument("--max-epochs", type=int, default=50, help="budget per trial (large batches get >= 200 steps)")
     g.add_argument("--target-metric", default="val_accuracy", choices=["val_accuracy", "val_loss"])
     g.add_argument("--target", type=float, default=0.95, help="target value of --target-metric")

@@ -234,3 +234,14 @@ def test_random_and_bayes_search_store_every_trial(tmp_path):
         if res["best"] is not None:
             cfg, r = res["best"]
             assert r["reached"] and r["steps_to_target"] == min(v for _, v in res["trials"] if v is not None)
+
+
+def test_batch_size_growth_schedule_is_applied():
+    """--bs-growth: each trial's batch grows at the given epochs (capped at the full batch)."""
+    configs = tiny_configs(seeds=(0,), batch_sizes=(4, 128), bs_growth=((2, 4.0),), max_epochs=3,
+                           target=1.01)
+    assert [c.bs_schedule for c in configs] == [((2, 16),), ((2, 240),)]
+    res = run_trial(configs[0])
+    assert res["status"] == "ok"
+    assert res["examples"] == 240 * 3          # three full epochs, whatever the batch size
+    assert res["steps"] == 60 + 60 + 15        # 240/4 twice, then 240/16

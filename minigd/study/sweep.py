@@ -37,6 +37,9 @@ class SweepSpec:
         from the scaling rule (Goyal et al. 2017 / Hoffer et al. 2017); "fixed" -- base_lr
         everywhere.
     widths, depths : hidden layer width(s) and count(s) to sweep (a width of 1 is allowed).
+    bs_growth : ((epoch, factor), ...) -- a batch-size schedule instead of learning-rate
+        decay (Smith et al. 2018): every trial multiplies its batch size by ``factor`` from
+        ``epoch`` on (capped at the full batch); the trial is keyed by its initial size.
     """
 
     data: DataSpec = field(default_factory=DataSpec)
@@ -52,7 +55,7 @@ class SweepSpec:
     optimizer: str = "sgd"
     momentum: float = 0.9
     warmup_steps: int = 0
-    bs_schedule: tuple = ()
+    bs_growth: tuple = ()      # ((epoch, factor), ...): grow each trial's batch at these epochs
     max_epochs: int = 50
     min_steps: int = 200
     target_metric: str = "val_accuracy"
@@ -75,6 +78,9 @@ class SweepSpec:
                 check_int("batch_sizes", b, low=1)
         check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         check_int("max_epochs", self.max_epochs, low=1)
+        for e, f in self.bs_growth:
+            check_int("bs_growth epoch", e, low=1)
+            check_float("bs_growth factor", f, low=1)
 
     def lrs_for(self, B: int) -> list:
         if self.lr_policy == "fixed":
@@ -107,7 +113,8 @@ class SweepSpec:
                                 optimizer=self.optimizer, lr=float(lr), momentum=self.momentum,
                                 lr_policy=self.lr_policy, base_batch_size=self.base_batch_size,
                                 base_lr=self.base_lr, warmup_steps=self.warmup_steps,
-                                bs_schedule=tuple(self.bs_schedule), seed=int(seed),
+                                bs_schedule=tuple((int(e), min(n_train, int(round(B * f))))
+                                                  for e, f in self.bs_growth), seed=int(seed),
                                 max_epochs=self.max_epochs, min_steps=self.min_steps,
                                 target_metric=self.target_metric, target=self.target))
         return out
