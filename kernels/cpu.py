@@ -122,10 +122,13 @@ def _scratch(ws, lay, B):
 def _act_forward(code, z, a):
     """a = f(z), elementwise over equal-length 1-D views."""
     n = z.shape[0]
-    if code == RELU:
+    if code == RELU:      # max(z, 0) as np.maximum: relu(-inf) = 0, relu(NaN) = NaN
         for k in range(n):
             v = z[k]
-            a[k] = v if v > 0 else v * 0
+            if v > 0 or v != v:
+                a[k] = v
+            else:
+                a[k] = 0
     elif code == IDENTITY:
         for k in range(n):
             a[k] = z[k]
@@ -327,7 +330,19 @@ def _sqnorm_rows(A, D, B, sqn, scale):
         dsq = d[0] * 0
         for j in range(d.shape[0]):
             dsq += d[j] * d[j]
-        sqn[r] += (1.0 + float(asq)) * float(dsq) * scale
+        if not (math.isfinite(asq) and math.isfinite(dsq)):   # rare: redo in float64
+            asq = _sumsq64(a)
+            dsq = _sumsq64(d)
+        sqn[r] += (1.0 + np.float64(asq)) * np.float64(dsq) * scale
+
+
+@jit(inline="always")
+def _sumsq64(v):
+    s = 0.0
+    for i in range(v.shape[0]):
+        x = np.float64(v[i])
+        s += x * x
+    return s
 
 
 @jit
@@ -362,7 +377,7 @@ def _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
     _forward_loops(B, params, ws, lay, L)
     loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, want_row_loss)
     _backward_loops(B, params, grad, ws, lay, L, _scratch(ws, lay, B)[:B if want_sqn else 0],
-                    float(B) * float(B))
+                    np.float64(B) * np.float64(B))
     return loss
 
 
@@ -471,7 +486,7 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
     _forward_blas(B, params, ws, lay, L)
     loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, want_row_loss)
     rows = _scratch(ws, lay, B)
-    scale = float(B) * float(B)
+    scale = np.float64(B) * np.float64(B)
     for l in range(L - 1, -1, -1):
         A = _input(ws, lay, l, B)
         D = _blk(ws, lay, R_D, l, B)
@@ -561,7 +576,8 @@ def _clip_factor(grad, hp, k):
     """hp[k, 3] = min(1, max_norm / |grad|) in the model dtype; returns |grad|^2."""
     sq = 0.0
     for p in range(grad.shape[0]):
-        sq += grad[p] * grad[p]
+        g = np.float64(grad[p])     # float64 (numba's float() keeps float32): g*g overflows from |g| ~ 2e19
+        sq += g * g
     nrm = math.sqrt(sq)
     hp[k, 3] = hp[k, 0] / nrm if nrm > hp[k, 0] else 1.0
     return sq
@@ -570,8 +586,8 @@ def _clip_factor(grad, hp, k):
 @jit(inline="always")
 def _adam_scalars(hp, k, t):
     """Bias corrections and 1 - beta, cast to the model dtype, into hp[k, 3:7]."""
-    hp[k, 3] = 1.0 - float(hp[k, 0]) ** t
-    hp[k, 4] = 1.0 - float(hp[k, 1]) ** t
+    hp[k, 3] = 1.0 - np.float64(hp[k, 0]) ** t
+    hp[k, 4] = 1.0 - np.float64(hp[k, 1]) ** t
     hp[k, 5] = 1 - hp[k, 0]
     hp[k, 6] = 1 - hp[k, 1]
 
@@ -614,7 +630,7 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
                 g0 = gg[p]
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
-                vp = vp if abs(vp) > fl else zero
+                vp = vp if abs(vp) > fl else vp * 0   # (NaN stays NaN)
                 s1[p] = vp
                 u = nlr * ((g + m * vp) + wd2 * pp[p])
                 gg[p] = u
@@ -624,7 +640,7 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
                 g0 = gg[p]
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
-                vp = vp if abs(vp) > fl else zero
+                vp = vp if abs(vp) > fl else vp * 0   # (NaN stays NaN)
                 s1[p] = vp
                 u = nlr * (vp + wd2 * pp[p])
                 gg[p] = u
@@ -638,8 +654,8 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
             g = g0 + wd1 * pp[p]
             a = b1 * s1[p] + ob1 * g
             sv = b2 * s2[p] + ob2 * g * g
-            a = a if abs(a) > fl else zero
-            sv = sv if sv > fl else zero
+            a = a if abs(a) > fl else a * 0
+            sv = sv if sv > fl else sv * 0
             s1[p] = a
             s2[p] = sv
             u = nlr * ((a / c1) / (np.sqrt(sv / c2) + eps) + wd2 * pp[p])
@@ -725,15 +741,22 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
     if not math.isfinite(loss):
         return loss, 0, math.nan
     _backward_loops(B, params, grad, ws, lay, L, _scratch(ws, lay, B)[:B if want_sqn else 0],
-                    float(B) * float(B))
+                    np.float64(B) * np.float64(B))
     check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
     return loss, _apply_if_finite(params, grad, check), gsq
 
 
 @jit
 def grad_sqnorm(grad):
-    """|grad|^2, accumulated in the model dtype (vectorised partial sums), as a float."""
+    """|grad|^2 as a float: accumulated in the model dtype (vectorised partial sums), and
+    again in float64 in the rare case that overflows."""
     s = grad[0] * 0
     for p in range(grad.shape[0]):
         s += grad[p] * grad[p]
-    return float(s)
+    if math.isfinite(s) or not np.isfinite(grad).all():
+        return np.float64(s)
+    s64 = 0.0
+    for p in range(grad.shape[0]):
+        g = np.float64(grad[p])
+        s64 += g * g
+    return s64

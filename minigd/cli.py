@@ -128,6 +128,8 @@ def _print_answers(analysis, report_dir) -> None:
         show("critical batch size (steps/examples fit)", "critical_batch_size_fit")
         show("gradient noise scale B_simple (mid-run)", "critical_batch_size_noise")
         show("best final validation", "best_final_validation")
+        for w in arch.get("warnings", []):
+            print(f"  note: {w}")
     if analysis["n_failed"]:
         print(f"\n{analysis['n_failed']} trial(s) failed; see the report's appendix.")
     if report_dir:
@@ -187,6 +189,13 @@ def cmd_report(args) -> int:
     with ResultStore(path) as store:
         rows = store.rows()
         spec = store.meta("spec")
+    if spec:   # only the trials of the study recorded in the file (not an earlier one, nor searches)
+        from minigd.study import SweepSpec
+        from minigd.study.trial import load_data
+        sw = SweepSpec.from_dict(spec)
+        ds = load_data(sw.data, sw.dtype)
+        keys = {c.key for c in sw.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)}
+        rows = [(c, r) for c, r in rows if c.key in keys]
     if not rows:
         raise SystemExit(f"minigd report: {path} holds no trials yet")
     analysis = analyze(rows)
@@ -228,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Shallue et al. 2018); linear/sqrt: scaling rule from --base-batch-size; fixed: --base-lr")
     g.add_argument("--base-lr", type=float, default=0.02, help="learning rate at --base-batch-size")
     g.add_argument("--base-batch-size", type=int, default=32)
-    g.add_argument("--lr-grid", type=_csv(float), default=(0.5, 1.0, 2.0), help="multipliers tried by --lr-policy tuned")
+    g.add_argument("--lr-grid", type=_csv(float), default=(0.25, 0.5, 1.0, 2.0, 4.0),
+                   help="multipliers of the sqrt-rule rate tried by --lr-policy tuned")
     g.add_argument("--seeds", type=_csv(int), default=(0, 1, 2))
     g.add_argument("--widths", type=_csv(int), default=(64,), help="hidden widths (1 allowed)")
     g.add_argument("--depths", type=_csv(int), default=(1,), help="numbers of hidden layers (0 = linear model)")

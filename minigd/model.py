@@ -1,9 +1,10 @@
 """The MLP model: layer sizes, activations, a loss, and one flat parameter vector."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from minigd import nn
 from minigd._validation import (check_choice, check_dtype, check_int, check_seed, check_X, check_y)
@@ -37,6 +38,9 @@ class MLP:
     seed : int or numpy.random.Generator
     backend : str
         ``cpu`` (Numba, default), ``numpy`` (the reference) or ``gpu``.
+    batch_norm, ghost_batch_size, dropout
+        Reserved by the API (batch norm, ghost batch norm, dropout); not implemented yet:
+        only the "off" values ``False``, ``None``, ``0.0`` are accepted.
 
     Attributes
     ----------
@@ -54,8 +58,18 @@ class MLP:
     (2,)
     """
 
-    def __init__(self, sizes: Sequence[int], activation="relu", loss: str = "cross_entropy",
-                 dtype="float32", init: str = "he_uniform", seed=0, backend: str = "cpu"):
+    def __init__(self, sizes: Sequence[int], activation: str | Sequence[str] = "relu",
+                 loss: str = "cross_entropy", dtype: DTypeLike = "float32", init: str = "he_uniform",
+                 seed: int | np.random.Generator | None = 0, backend: str = "cpu",
+                 batch_norm: bool = False, ghost_batch_size: int | None = None,
+                 dropout: float = 0.0) -> None:
+        # API.md's batch norm / ghost batch norm / dropout are not built yet (issue 5): the
+        # "off" values are accepted, anything else is a clear error rather than ignored.
+        if batch_norm is not False or ghost_batch_size is not None or dropout != 0.0:
+            raise NotImplementedError(
+                f"batch_norm={batch_norm!r}, ghost_batch_size={ghost_batch_size!r}, dropout={dropout!r}: "
+                f"batch normalisation, ghost batch norm and dropout are not implemented in this "
+                f"version of minigd (only batch_norm=False, ghost_batch_size=None, dropout=0.0)")
         if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) < 2:
             raise ValueError(f"sizes: expected a sequence of at least 2 layer sizes (input, ..., output), "
                              f"got {sizes!r}")
@@ -154,10 +168,11 @@ class MLP:
                 f"dtype={str(self.dtype)!r}, backend={self.backend!r}, n_params={self.n_params})")
 
     # -- validation ------------------------------------------------------------------------
-    def check_X(self, X, name="X"):
+    def check_X(self, X: Any, name: str = "X") -> np.ndarray:
         return check_X(X, self.n_in, self.dtype, name)
 
-    def check_Xy(self, X, y, xname="X", yname="y"):
+    def check_Xy(self, X: Any, y: Any, xname: str = "X",
+                 yname: str = "y") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         X = self.check_X(X, xname)
         yi, yf = check_y(y, X.shape[0], self.loss_code, self.n_out, self.dtype, yname)
         return X, yi, yf
@@ -168,7 +183,7 @@ class MLP:
         for s in range(0, n, EVAL_CHUNK):
             yield s, idx[s:s + EVAL_CHUNK]
 
-    def forward(self, X, training: bool = False) -> np.ndarray:
+    def forward(self, X: np.ndarray, training: bool = False) -> np.ndarray:
         """Outputs before the loss's link, (n, n_out): logits for the classification losses.
 
         ``training`` selects batch/ghost statistics and dropout once those layers exist;
@@ -181,7 +196,7 @@ class MLP:
             out[s:s + len(idx)] = self.backend_impl.forward(self.params, X, idx, len(idx))
         return out
 
-    def predict_proba(self, X) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities: softmax (cross_entropy; (n, n_out)) or sigmoid
         (binary_cross_entropy; (n, n_out))."""
         if not self.is_classifier:
@@ -195,7 +210,7 @@ class MLP:
             p = 1.0 / (1.0 + np.exp(-z))
         return p.astype(self.dtype)
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X: np.ndarray) -> np.ndarray:
         """Labels (cross_entropy: argmax, (n,); binary_cross_entropy: z > 0, (n, n_out) int)
         or outputs (mse: (n, n_out), or (n,) for one output)."""
         z = self.forward(X)
@@ -222,17 +237,17 @@ class MLP:
             total += loss * B
         return total / n, (grad.astype(self.dtype) if want_grad else None)
 
-    def loss(self, X, y) -> float:
+    def loss(self, X: np.ndarray, y: np.ndarray) -> float:
         """Mean per-example loss over (X, y) (evaluation mode)."""
         X, yi, yf = self.check_Xy(X, y)
         return self._loss_grad_chunked(X, yi, yf, want_grad=False)[0]
 
-    def loss_and_grad(self, X, y):
+    def loss_and_grad(self, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(mean loss, gradient of the mean loss as a flat (P,) array), training mode."""
         X, yi, yf = self.check_Xy(X, y)
         return self._loss_grad_chunked(X, yi, yf, want_grad=True)
 
-    def evaluate(self, X, y) -> dict:
+    def evaluate(self, X: np.ndarray, y: np.ndarray) -> dict:
         """{'loss': mean loss, 'accuracy': ...} (accuracy for classification losses only)."""
         X, yi, yf = self.check_Xy(X, y)
         out = {"loss": self._loss_grad_chunked(X, yi, yf, want_grad=False)[0]}
@@ -242,7 +257,7 @@ class MLP:
             out["accuracy"] = float(np.mean(self.predict(X) == (yf > 0.5)))
         return out
 
-    def score(self, X, y) -> float:
+    def score(self, X: np.ndarray, y: np.ndarray) -> float:
         """Accuracy (classification) or negative mean loss (regression)."""
         r = self.evaluate(X, y)
         return r.get("accuracy", -r["loss"])

@@ -246,3 +246,47 @@ def test_evaluation_in_chunks(path, dtype):
     assert_close(m.loss(X, y), loss, EVAL_TOL[dtype], "chunked loss")
     assert np.array_equal(m.forward(X), np.vstack([m.forward(X[a]), m.forward(X[b])]))
     assert np.array_equal(m.predict(X), np.concatenate([m.predict(X[a]), m.predict(X[b])]))
+
+
+# ----------------------------------------------------------------------------- edge values
+import minigd as _mg  # noqa: E402
+
+
+@pytest.mark.parametrize("opt", [lambda: _mg.SGD(lr=0.1), lambda: _mg.SGD(lr=0.1, momentum=0.9),
+                                  lambda: _mg.Adam(lr=0.1), lambda: _mg.AdamW(lr=0.1)],
+                         ids=["sgd", "momentum", "adam", "adamw"])
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_nan_gradient_is_never_applied(backend, opt):
+    """A NaN in the gradient must reject the step on every backend (the subnormal flush of
+    the optimizer state must not turn NaN into 0)."""
+    m = _mg.MLP([3, 2], dtype="float32", backend=backend)
+    p0 = m.params.copy()
+    st = opt().init(m.params)
+    g = np.array([np.nan, 1, 1, 0, 0, 0, 0, 0], np.float32)
+    applied, _ = m.backend_impl.opt_apply(m.params, g, st, 0.1, 1)
+    assert not applied
+    assert np.array_equal(m.params, p0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_clip_by_global_norm_survives_float32_overflow_of_the_square(backend):
+    m = _mg.MLP([3, 1], dtype="float32", backend=backend, loss="mse")
+    m.params[...] = 0
+    st = _mg.SGD(lr=1.0, clip_norm=1.0).init(m.params)
+    g = np.array([1e20, 0, 0, 0], np.float32)        # |g|^2 = 1e40 overflows float32
+    applied, _ = m.backend_impl.opt_apply(m.params, g, st, 1.0, 1)
+    assert applied
+    np.testing.assert_allclose(m.params, [-1, 0, 0, 0], rtol=1e-6)
+
+
+def test_relu_of_minus_infinity_is_zero_on_every_path():
+    X = np.array([[-np.inf, 1.0]], np.float64)
+    outs = []
+    for path in ("numpy", "loops", "blas"):
+        m = _mg.MLP([2, 2, 1], loss="mse", dtype="float64", backend="numpy" if path == "numpy" else "cpu", seed=0)
+        m.weights[0][...] = [[1.0, 0.0], [0.0, 1.0]]
+        if path != "numpy":
+            m.backend_impl.blas_min_batch = 10**9 if path == "loops" else 1
+        outs.append(m.backend_impl.forward(m.params, X, np.arange(1), 1).copy())
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])

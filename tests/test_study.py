@@ -245,3 +245,52 @@ def test_batch_size_growth_schedule_is_applied():
     assert res["status"] == "ok"
     assert res["examples"] == 240 * 3          # three full epochs, whatever the batch size
     assert res["steps"] == 60 + 60 + 15        # 240/4 twice, then 240/16
+
+
+def _always_dies_on_first(x):
+    if x == 0:
+        os._exit(1)
+    return {"status": "ok", "x": x, "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "numba_threads": os.environ.get("NUMBA_NUM_THREADS")}
+
+
+def test_one_crashing_trial_does_not_fail_the_others():
+    """A trial that always kills its worker is recorded as failed after its attempts; the
+    trials queued behind it are not charged and all succeed."""
+    got = dict(LocalExecutor(2).run(_always_dies_on_first, list(range(6))))
+    assert got[0]["status"] == "failed" and "died" in got[0]["error"]
+    assert all(got[i]["status"] == "ok" for i in range(1, 6))
+
+
+def test_local_workers_are_pinned_to_one_thread():
+    got = dict(LocalExecutor(2).run(_always_dies_on_first, [1, 2, 3]))
+    assert {r["threads"] for r in got.values()} == {"1"}
+    assert {r["numba_threads"] for r in got.values()} == {"1"}
+
+
+def test_regression_study_needs_a_loss_target(tmp_path):
+    spec = tiny_spec(data=DataSpec(name="linear_regression", params=(("n", 200),)), batch_sizes=(8,))
+    with pytest.raises(ValueError, match="target_metric"):
+        run_study(spec, tmp_path, workers=1, report=False)
+    spec = tiny_spec(data=DataSpec(name="linear_regression", params=(("n", 200),)), batch_sizes=(8,),
+                     seeds=(0,), target_metric="val_loss", target=0.05)
+    out = run_study(spec, tmp_path / "ok", workers=1, report=False)
+    assert out["counts"]["failed"] == 0
+    (arch,) = out["analysis"]["architectures"]
+    assert arch["target_metric"] == "val_loss"
+
+
+def test_report_uses_only_the_trials_of_the_recorded_study(tmp_path):
+    from minigd.cli import main
+
+    pytest.importorskip("matplotlib")
+    common = ["study", "--data", "digits", "--seeds", "0", "--lr-grid", "1", "--max-epochs", "2",
+              "--workers", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(common + ["--batch-sizes", "64", "--target", "0.5"]) == 0
+    assert main(common + ["--batch-sizes", "128", "--target", "0.6"]) == 0
+    with ResultStore(tmp_path / "results.sqlite") as s:
+        assert len(s) == 2
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    import json
+    a = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    assert [r["batch_size"] for r in a["architectures"][0]["per_batch"]] == [128]

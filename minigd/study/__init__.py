@@ -24,6 +24,9 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
 
     os.makedirs(out_dir, exist_ok=True)
     ds = load_data(spec.data, spec.dtype)
+    if ds.task != "classification" and "accuracy" in spec.target_metric:
+        raise ValueError(f"target_metric: expected 'val_loss' with a loss target for the regression "
+                         f"dataset {spec.data.name!r}, got {spec.target_metric!r}")
     configs = spec.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)
     path = os.path.join(out_dir, "results.sqlite")
     with ResultStore(path) as store:

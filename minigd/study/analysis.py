@@ -129,6 +129,7 @@ def _analyze_arch(key, items) -> dict:
             "noise_scale_middle": _median([_noise_at(r, "middle") for r in trials]),
             "noise_scale_end": _median([_noise_at(r, "end") for r in trials]),
             "lr_results": {str(lr): {"median_steps": (m if math.isfinite(m) else None)} for m, _, lr in scored},
+            "best_lr_at_grid_edge": len(lrs) > 1 and best_lr in (min(lrs), max(lrs)),
             "noise_curves": [r.get("noise") for r in trials][:4],
         }
         per_b.append(row)
@@ -169,7 +170,13 @@ def _analyze_arch(key, items) -> dict:
     best_val = max(per_b, key=lambda r: r["final_val_accuracy"] if r["final_val_accuracy"] is not None
                    else -(r["final_val_loss"] or 0)) if per_b else None
     pick = lambda r: None if r is None else r["batch_size"]
+    warnings = []
+    edge = [r["batch_size"] for r in per_b if r["best_lr_at_grid_edge"] and r["steps_to_target"] is not None]
+    if edge:
+        warnings.append(f"the best learning rate is at the edge of the grid tried for batch sizes {edge}: "
+                        f"their steps to target may be overstated; widen --lr-grid")
     return {
+        "warnings": warnings,
         "sizes": list(sizes), "activation": activation, "optimizer": optimizer,
         "target_metric": target[0] if target else None, "target": target[1] if target else None,
         "n_trials": len(items),

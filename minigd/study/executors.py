@@ -19,9 +19,8 @@ ONE_THREAD_ENV = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NU
 MAX_ATTEMPTS = 2
 
 
-def _died(item, exc) -> dict:
-    return {"status": "failed", "error": f"worker process died ({type(exc).__name__}: {exc}); "
-                                         f"tried {MAX_ATTEMPTS} times"}
+def _died(item, why) -> dict:
+    return {"status": "failed", "error": f"{why}; tried {MAX_ATTEMPTS} times"}
 
 
 class SerialExecutor:
@@ -56,6 +55,11 @@ class LocalExecutor:
     ----------
     n_workers : int, optional
         Default: the number of CPUs available to this process.
+
+    A worker that dies (a crash, the OOM killer, ``kill -9``) breaks the pool; the pool is
+    rebuilt and the unfinished trials run again.  Only the trials that had *started* when
+    it broke are charged an attempt (workers report each start through a queue), so one
+    bad trial cannot use up the attempts of the trials queued behind it.
     """
 
     name = "local"
@@ -67,34 +71,63 @@ class LocalExecutor:
             raise ValueError(f"n_workers: expected a positive int, got {n_workers!r}")
         self.n_workers = n_workers
 
-    def _pool(self):
-        with _env(ONE_THREAD_ENV):   # spawned workers inherit it before importing numpy
-            return cf.ProcessPoolExecutor(self.n_workers, mp_context=multiprocessing.get_context("spawn"))
-
     def run(self, fn, items):
         items = list(items)
         attempts = {i: 0 for i in range(len(items))}
         todo = list(range(len(items)))
-        while todo:
-            pool = self._pool()
-            futures = {}
-            try:
-                for i in todo:
-                    attempts[i] += 1
-                    futures[pool.submit(fn, items[i])] = i
-                todo = []
-                for fut in cf.as_completed(futures):
-                    i = futures[fut]
-                    try:
-                        res = fut.result()
-                    except cf.process.BrokenProcessPool as exc:
-                        if attempts[i] < MAX_ATTEMPTS:
-                            todo.append(i)
+        ctx = multiprocessing.get_context("spawn")
+        # workers are spawned lazily (at submit): keep the one-thread environment in place
+        # for the whole run, so every worker inherits it before it imports numpy
+        with _env(ONE_THREAD_ENV):
+            while todo:
+                started = ctx.SimpleQueue()   # put() writes synchronously: it survives os._exit
+                pool = cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx,
+                                              initializer=_set_started_queue, initargs=(started,))
+                futures = {pool.submit(_announce_and_run, fn, i, items[i]): i for i in todo}
+                todo, broken = [], []
+                try:
+                    for fut in cf.as_completed(futures):
+                        i = futures[fut]
+                        try:
+                            res = fut.result()
+                        except cf.process.BrokenProcessPool:
+                            broken.append(i)
                             continue
-                        res = _died(items[i], exc)
-                    yield items[i], res
-            finally:
-                pool.shutdown(wait=False, cancel_futures=True)
+                        yield items[i], res
+                finally:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                if broken:
+                    ran = _drain(started) & set(broken)
+                    for i in broken:
+                        if i in ran or not ran:   # nothing reported: charge all, never loop forever
+                            attempts[i] += 1
+                        if attempts[i] >= MAX_ATTEMPTS:
+                            yield items[i], _died(items[i], "the worker process died while running it")
+                        else:
+                            todo.append(i)
+
+
+_STARTED = None
+
+
+def _set_started_queue(q):
+    global _STARTED
+    _STARTED = q
+
+
+def _announce_and_run(fn, i, item):
+    _STARTED.put(i)
+    return fn(item)
+
+
+def _drain(q) -> set:
+    out = set()
+    try:
+        while not q.empty():
+            out.add(q.get())
+    except (OSError, EOFError):   # a pipe broken with the pool
+        pass
+    return out
 
 
 class DaskExecutor:
@@ -130,8 +163,8 @@ class DaskExecutor:
                 i = futures[fut]
                 try:
                     res = fut.result()
-                except Exception as exc:  # KilledWorker and friends
-                    res = _died(items[i], exc)
+                except Exception as exc:  # KilledWorker, or the task failing on the worker
+                    res = _died(items[i], f"the trial failed on the Dask cluster ({type(exc).__name__}: {exc})")
                 yield items[i], res
         finally:
             for fut in futures:

@@ -8,6 +8,7 @@ keys already stored and runs only the missing trials.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -25,6 +26,17 @@ CREATE TABLE IF NOT EXISTS trials (
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+def _finite_json(x):
+    """Non-finite floats become None: the stored JSON stays standard (no NaN/Infinity)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_json(v) for v in x]
+    return x
 
 
 class ResultStore:
@@ -45,7 +57,7 @@ class ResultStore:
         try:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA synchronous=FULL")   # a committed trial survives power loss
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"results: expected a minigd SQLite results file, got {self.path!r} ({exc})") from exc
@@ -63,6 +75,7 @@ class ResultStore:
     def put(self, cfg: TrialConfig, result: dict) -> None:
         """Record one trial (replacing an earlier row for the same key), atomically."""
         status = result.get("status", "failed")
+        result = _finite_json(result)
         self._db.execute(
             "INSERT OR REPLACE INTO trials (key, config, status, result, error, finished) VALUES (?,?,?,?,?,?)",
             (cfg.key, json.dumps(cfg.to_dict(), sort_keys=True), status, json.dumps(result),

@@ -47,7 +47,7 @@ class SweepSpec:
     lr_policy: str = "tuned"
     base_lr: float = 0.02
     base_batch_size: int = 32
-    lr_grid: tuple = (0.5, 1.0, 2.0)
+    lr_grid: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
     seeds: tuple = (0, 1, 2)
     widths: tuple = (64,)
     depths: tuple = (1,)
@@ -81,6 +81,14 @@ class SweepSpec:
         for e, f in self.bs_growth:
             check_int("bs_growth epoch", e, low=1)
             check_float("bs_growth factor", f, low=1)
+        for f in self.lr_grid:
+            check_float("lr_grid", f, low=0, low_open=True)
+        # validated: now plain ints/floats (numpy scalars would change keys and break JSON)
+        norm = lambda xs, f: tuple(x if x == "full" else f(x) for x in xs)
+        for name, f in (("batch_sizes", int), ("seeds", int), ("widths", int), ("depths", int),
+                        ("lr_grid", float)):
+            object.__setattr__(self, name, norm(getattr(self, name), f))
+        object.__setattr__(self, "bs_growth", tuple((int(e), float(g)) for e, g in self.bs_growth))
 
     def lrs_for(self, B: int) -> list:
         if self.lr_policy == "fixed":
@@ -121,6 +129,18 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepSpec":
+        """Inverse of :meth:`to_dict` (JSON turns tuples into lists)."""
+        d = dict(d)
+        data = dict(d.pop("data"))
+        data["params"] = tuple(tuple(p) for p in data.get("params", ()))
+        tup = lambda v: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        for k in ("batch_sizes", "lr_grid", "seeds", "widths", "depths", "bs_growth"):
+            if k in d:
+                d[k] = tup(d[k])
+        return cls(data=DataSpec(**data), **d)
 
 
 def _progress(total: int, enabled: bool):

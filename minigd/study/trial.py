@@ -101,7 +101,10 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     spe = -(-n // B)
     eval_every = max(1, min(MAX_EVAL_INTERVAL, spe // max(1, cfg.evals_per_epoch)))
     epochs = max(cfg.max_epochs, math.ceil(cfg.min_steps / spe))
-    target_metric = cfg.target_metric if ds.task == "classification" or "loss" in cfg.target_metric else "val_loss"
+    target_metric = cfg.target_metric
+    if ds.task != "classification" and "accuracy" in target_metric:
+        raise ValueError(f"target_metric: expected 'val_loss' (with a loss target) for the regression "
+                         f"dataset {cfg.data.name!r}, got {target_metric!r}")
 
     noise = [{"step": 0, "examples": 0, **_noise(model, Xs, ys)}]
     next_noise = [1]
@@ -135,9 +138,18 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     # step is the machine's cost of a step without interference (a context switch or another
     # process on a shared machine); time to target and throughput are derived from it, and
     # the raw measured sums are kept next to them.
+    # Steps of different sizes (the last partial batch of an epoch, a batch-size schedule)
+    # get the median of their own size.
     step_s = np.diff(hist.column("time"), prepend=0.0) if steps else np.zeros(0)
-    med_step = float(np.median(step_s)) if steps else None
+    sizes_run = hist.column("batch_size") if steps else np.zeros(0, np.int64)
+    robust = np.zeros(len(step_s))
+    for b in np.unique(sizes_run):
+        sel = sizes_run == b
+        robust[sel] = np.median(step_s[sel])
+    med_step = float(np.median(step_s[sizes_run == B])) if np.any(sizes_run == B) else (
+        float(np.median(step_s)) if steps else None)
     reached_steps = hist.steps_to_target
+    robust_total = float(robust.sum())
     curve = [{k: ev.get(k) for k in ("step", "examples", "time", "val_loss", "val_accuracy")}
              for ev in hist.evals]
     # memory a training step at this batch size needs: its workspace (activations, deltas)
@@ -151,18 +163,19 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         "diverged": diverged,
         "steps_to_target": reached_steps,
         "examples_to_target": hist.examples_to_target,
-        "time_to_target": reached_steps * med_step if hist.reached else None,
+        "time_to_target": float(robust[:reached_steps].sum()) if hist.reached else None,
         "time_to_target_measured": hist.time_to_target,
         "steps": steps, "examples": examples, "epochs": examples / n,
         "train_time": train_time,
         "us_per_step": med_step * 1e6 if steps else None,
         "us_per_step_mean": train_time / steps * 1e6 if steps else None,
-        "throughput": B / med_step if med_step else None,
+        "throughput": examples / robust_total if robust_total > 0 else None,
         "workspace_bytes": ws_bytes,
         "memory_bytes": ws_bytes + state_bytes,
         "final_train_loss": train["loss"], "final_val_loss": val["loss"],
         "final_train_accuracy": train.get("accuracy"), "final_val_accuracy": val.get("accuracy"),
-        "best_val_accuracy": max((ev.get("val_accuracy", -1) for ev in hist.evals), default=None),
+        "best_val_accuracy": max((ev["val_accuracy"] for ev in hist.evals if "val_accuracy" in ev), default=None),
+        "target_metric": target_metric, "target": cfg.target,
         "gen_gap_loss": val["loss"] - train["loss"],
         "gen_gap_accuracy": (train["accuracy"] - val["accuracy"]) if "accuracy" in train else None,
         "batch_size": B, "n_train": n, "n_params": model.n_params,
