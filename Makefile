@@ -29,6 +29,7 @@ bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(BIN)/python bench/crossover.py
 	$(BIN)/python bench/step.py
 	$(BIN)/python bench/gradstats.py
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -53,11 +53,11 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
 
 
 def check_dtype(name: str, value: Any) -> np.dtype:
-    try:
-        dt = np.dtype(value)
+    try:   # (np.dtype(None) is float64: None is refused, not read as a default)
+        dt = None if value is None else np.dtype(value)
     except TypeError:
         dt = None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if dt is None or dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"{name}: expected 'float32' or 'float64', got {_got(value)}")
     return dt
 
@@ -67,6 +67,7 @@ def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
     writeable: a read-only array is copied)."""
     if not isinstance(X, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {_got(X)}")
+    _refuse_masked(name, X)
     if X.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (n_examples, {n_in}), got {_got(X)}")
     if X.shape[0] == 0:
@@ -80,6 +81,15 @@ def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
         bad = int(np.count_nonzero(~np.isfinite(X)))
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
     return _kernel_ready(X)
+
+
+def _refuse_masked(name: str, a: np.ndarray) -> None:
+    """A masked array's finiteness check skips masked entries, but the kernels would read
+    them (NaN included): refuse it rather than silently ignore the mask."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain numpy.ndarray, got a masked array "
+                        f"(the mask would be ignored); fill or drop the masked entries first, "
+                        f"e.g. {name}.filled(0)")
 
 
 def _kernel_ready(a: np.ndarray) -> np.ndarray:
@@ -99,6 +109,7 @@ def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: s
     """
     if not isinstance(y, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {_got(y)}")
+    _refuse_masked(name, y)
     if loss_code == nn.CROSS_ENTROPY:
         if y.ndim != 1 or y.shape[0] != n:
             raise ValueError(f"{name}: expected integer class labels of shape ({n},), got {_got(y)}")

@@ -1,6 +1,8 @@
 """Exceptions raised by minigd."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -23,7 +25,8 @@ class DivergenceError(FloatingPointError):
         What was recorded before the divergence.
     """
 
-    def __init__(self, step: int, loss: float, params: np.ndarray, history=None, reason: str = ""):
+    def __init__(self, step: int, loss: float, params: np.ndarray, history: Any = None,
+                 reason: str = "") -> None:
         self.step = int(step)
         self.loss = float(loss)
         self.params = params
@@ -38,7 +41,7 @@ class DivergenceError(FloatingPointError):
 class BackendUnavailable(RuntimeError):
     """A backend was requested that cannot run here; ``reason`` says why."""
 
-    def __init__(self, name: str, reason: str):
+    def __init__(self, name: str, reason: str) -> None:
         self.name = name
         self.reason = reason
         super().__init__(f"backend {name!r} is not available: {reason}")

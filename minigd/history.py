@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +34,13 @@ class History:
     steps_to_target, examples_to_target, time_to_target : int, int, float or None
         When the target was first met (at an evaluation point).
     stop_reason : str
+    opt_state : minigd.optim.OptState or None
+        The optimizer state at the end of :func:`minigd.fit` (momentum, Adam moments and
+        the update count ``t``); pass it to ``fit(..., opt_state=...)`` to continue training
+        with the same optimizer state.
     """
 
-    def __init__(self, capacity: int = 1024):
+    def __init__(self, capacity: int = 1024) -> None:
         self._cols = {c: np.zeros(max(capacity, 16), np.float64) for c in STEP_COLUMNS}
         self.n_steps = 0
         self.epochs: list[dict] = []
@@ -48,7 +53,9 @@ class History:
         self.stop_reason = ""
         self.config: dict = {}
         #: the gradient-noise tracker of ``fit(track_noise=k)`` (None when tracking was off)
-        self.noise_tracker = None
+        self.noise_tracker: Any = None
+        #: the optimizer state at the end of fit (None before)
+        self.opt_state: Any = None
 
     # -- recording (hot path: keep it cheap) -------------------------------------------------
     def _grow(self):
@@ -57,7 +64,8 @@ class History:
             b[:len(a)] = a
             self._cols[c] = b
 
-    def record_step(self, step, epoch, loss, lr, batch_size, examples, t):
+    def record_step(self, step: int, epoch: int, loss: float, lr: float, batch_size: int,
+                    examples: int, t: float) -> None:
         i = self.n_steps
         if i == len(self._cols["step"]):
             self._grow()
@@ -73,10 +81,22 @@ class History:
 
     # -- reading --------------------------------------------------------------------------
     def column(self, name: str) -> np.ndarray:
+        """One step column (a copy): int64 for step/epoch/batch_size/examples, else float64."""
         if name not in self._cols:
             raise KeyError(f"name: expected one of {list(STEP_COLUMNS)}, got {name!r}")
         a = self._cols[name][:self.n_steps].copy()
         return a if name in ("loss", "lr", "time") else a.astype(np.int64)
+
+    def row(self, i: int) -> dict:
+        """Step ``i``'s columns as a dict (``i = -1``: the last step), without copying the
+        columns (cheap enough for a per-step callback)."""
+        n = self.n_steps
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
+            raise IndexError(f"i: expected a step index in [{-n}, {n}), got {i!r}")
+        i = int(i) % n
+        c = self._cols
+        return {k: (c[k][i].item() if k in ("loss", "lr", "time") else int(c[k][i]))
+                for k in STEP_COLUMNS}
 
     @property
     def noise(self) -> list:
@@ -106,14 +126,31 @@ class History:
             return dict(self.evals[-1])
         return self.records[-1] if self.n_steps else {}
 
-    def __len__(self):
+    def to_frame(self) -> Any:
+        """:attr:`records` as a :class:`pandas.DataFrame`, one row per step (columns
+        :data:`STEP_COLUMNS`, then the noise and evaluation fields, NaN where a step has
+        none).  Needs pandas (``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("History.to_frame() needs pandas, which is not installed: "
+                              "pip install pandas (or use History.records / History.to_csv)") from exc
+        recs = self.records
+        keys = list(STEP_COLUMNS)
+        for r in recs:
+            for k in r:
+                if k not in keys:
+                    keys.append(k)
+        return pd.DataFrame.from_records(recs, columns=keys)
+
+    def __len__(self) -> int:
         return self.n_steps
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"History(steps={self.n_steps}, epochs={len(self.epochs)}, evals={len(self.evals)}, "
                 f"reached={self.reached}, stop_reason={self.stop_reason!r})")
 
-    def to_csv(self, path) -> None:
+    def to_csv(self, path: str | os.PathLike) -> None:
         """Write :attr:`records` as CSV, atomically (temp file + rename)."""
         recs = self.records
         keys = list(STEP_COLUMNS)

@@ -160,6 +160,15 @@ class MLP:
         m.params[...] = self.params
         return m
 
+    def __getstate__(self) -> dict:
+        # weights/biases are views into params: rebuild them on unpickling instead of
+        # letting pickle copy them into independent arrays
+        return {"config": self.config(), "params": self.params.copy()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state["config"], seed=0)
+        self.params[...] = state["params"]
+
     def copy(self) -> "MLP":
         return self.to(self.backend)
 

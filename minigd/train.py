@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
+import zlib
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -16,9 +19,9 @@ from minigd._validation import _got, check_choice, check_int, check_seed
 from minigd.errors import DivergenceError
 from minigd.gradstats.tracking import NoiseTracker, gsnr_summary
 from minigd.history import History
-from minigd.model import EVAL_CHUNK
+from minigd.model import EVAL_CHUNK, MLP
 from minigd.optim.aliases import SGD
-from minigd.optim.base import Optimizer
+from minigd.optim.base import Optimizer, OptState
 from minigd.optim.schedules import BatchSizeSchedule
 
 SAMPLERS = ("shuffle", "replacement", "sequential")
@@ -75,15 +78,15 @@ def _met(target, ev):
 
 def _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler):
     """Validate the tracking options; a NoiseTracker, or None when tracking is off."""
+    if isinstance(noise_beta, bool) or not isinstance(noise_beta, numbers.Real) \
+            or not 0.0 <= float(noise_beta) < 1.0:
+        raise ValueError(f"noise_beta: expected a number in [0, 1), got {_got(noise_beta)}")
     if track_noise is None:
         if track_gsnr is not None:
             raise ValueError(f"track_gsnr: needs track_noise (the GSNR summary is added to the "
                              f"tracked records), got track_gsnr={track_gsnr!r} and track_noise=None")
         return None
     k = check_int("track_noise", track_noise, low=1)
-    if isinstance(noise_beta, bool) or not isinstance(noise_beta, numbers.Real) \
-            or not 0.0 <= float(noise_beta) < 1.0:
-        raise ValueError(f"noise_beta: expected a number in [0, 1), got {_got(noise_beta)}")
     if track_gsnr is not None:
         g = check_int("track_gsnr", track_gsnr, low=1)
         if g % k:
@@ -95,16 +98,188 @@ def _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler):
     return NoiseTracker(n, replacement=(sampler == "replacement"), beta=float(noise_beta))
 
 
+# ============================================================================ checkpointing
+def _check_checkpointing(checkpoint, checkpoint_every, resume):
+    """(path or None, every (0 = only at the end), resume source: None, a path or a Checkpoint)."""
+    from minigd.checkpoint import Checkpoint, _check_path
+
+    path = None
+    if checkpoint is not None:
+        path = _check_path(checkpoint, "checkpoint")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ValueError(f"checkpoint: the directory {os.path.dirname(path)!r} does not exist")
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint: {path!r} is a directory, expected a file path")
+    every = 0
+    if checkpoint_every is not None:
+        every = check_int("checkpoint_every", checkpoint_every, low=1)
+        if path is None:
+            raise ValueError(f"checkpoint_every: needs checkpoint=<file path>, got "
+                             f"checkpoint_every={every} and checkpoint=None")
+    src = None
+    if resume is None or resume is False:
+        pass
+    elif resume is True:
+        if path is None:
+            raise ValueError("resume: resume=True continues from checkpoint=<file path>, "
+                             "but checkpoint is None")
+        src = path if os.path.exists(path) else None     # nothing written yet: a fresh start
+    elif isinstance(resume, Checkpoint):
+        src = resume
+    elif isinstance(resume, (str, os.PathLike)):
+        src = _check_path(resume, "resume")
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"resume: no checkpoint file at {src!r}")
+    else:
+        raise TypeError(f"resume: expected True, a checkpoint file path or a minigd Checkpoint, "
+                        f"got {_got(resume)}")
+    return path, every, src
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).data.cast("B")) if a.size else 0
+
+
+def _write_checkpoint(path, model, opt_state, rng, order, draws, hist, fit_info, *, step, seen, t1,
+                      train_time, epoch, k, ep_loss, ep_count, lr, n_evals, n_epochs, reached,
+                      finished, stop_reason):
+    """The loop state right after step ``step - 1`` (k-th of epoch ``epoch``) and its hooks."""
+    from minigd.checkpoint import save_checkpoint
+
+    sampler = {"order": order}
+    if draws is not None:
+        sampler["draws"] = draws
+    info = {"step": step, "examples": seen, "train_time": train_time, "epoch": epoch, "k": k,
+            "ep_loss": ep_loss, "ep_count": ep_count, "lr": lr, "n_evals": n_evals,
+            "n_epochs": n_epochs, "reached": list(reached), "finished": finished,
+            "stop_reason": stop_reason, "t1": t1, "fit": fit_info}
+    save_checkpoint(path, model, opt_state, rng=rng, sampler=sampler, history=hist, step_info=info)
+
+
+def _restore(ck, model, optimizer, fit_info, n, target):
+    """Check that checkpoint ``ck`` continues this fit call; returns the restored pieces."""
+    from minigd.checkpoint import load_checkpoint
+
+    if isinstance(ck, str):
+        ck = load_checkpoint(ck)
+    name = f"resume: {ck.path or 'the checkpoint'}"
+    info = ck.step_info
+    if not isinstance(info.get("fit"), dict) or ck.history is None or ck.opt_state is None \
+            or ck.rng_state is None or "order" not in ck.sampler:
+        raise ValueError(f"{name} was not written by fit (no training-loop state); "
+                         f"load it with load_checkpoint and continue by hand")
+    mine = model.config()
+    theirs = ck.model.config()
+    for key in ("sizes", "activation", "loss", "dtype"):
+        if mine[key] != theirs[key]:
+            raise ValueError(f"{name} holds a model with {key}={theirs[key]!r}, this model has "
+                             f"{key}={mine[key]!r}")
+    saved = info["fit"]
+    for key, val in fit_info.items():
+        if saved.get(key) != val:
+            what = "the training data differ" if key in ("x_crc", "y_crc") else \
+                f"{key}={saved.get(key)!r} there, {val!r} here"
+            raise ValueError(f"{name} continues a different training run: {what}")
+    if tuple(ck.opt_state.primitives) != tuple(optimizer.primitives):
+        raise ValueError(f"{name} was written with another optimizer chain "
+                         f"({[p.name for p in ck.opt_state.primitives]} / hyper-parameters), "
+                         f"this call has {optimizer!r}")
+    order = ck.sampler["order"]
+    if order.shape != (n,) or order.dtype != np.int64:
+        raise ValueError(f"{name}: the saved permutation has shape {order.shape}, expected ({n},)")
+    draws = ck.sampler.get("draws")
+    if fit_info["sampler"] == "replacement" and (draws is None or draws.dtype != np.int64 or draws.ndim != 1):
+        raise ValueError(f"{name}: the i.i.d. draws of the current epoch are missing")
+    hist = ck.history
+    n_evals, n_epochs = int(info["n_evals"]), int(info["n_epochs"])
+    del hist.evals[n_evals:]
+    del hist.epochs[n_epochs:]
+    if hist.target == target:
+        hist.reached, hist.steps_to_target, hist.examples_to_target, hist.time_to_target = info["reached"]
+    else:    # another target: judged from the resume point on
+        hist.reached = None if target is None else False
+        hist.steps_to_target = hist.examples_to_target = hist.time_to_target = None
+    hist.target = target
+    hist.stop_reason = ""
+    return ck, hist
+
+
+def _budget_stop(hist, step, seen, train_time, steps, examples, max_time):
+    if hist.reached:
+        return "target"
+    if steps is not None and step >= steps:
+        return "steps"
+    if examples is not None and seen >= examples:
+        return "examples"
+    if max_time is not None and train_time >= max_time:
+        return "max_time"
+    return ""
+
+
+class _ProgressBar:
+    """``fit(progress=True)``: a tqdm bar over steps (a callback; nothing runs when off)."""
+
+    def __init__(self, total, initial):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError("progress: progress=True needs tqdm, which is not installed: "
+                              "pip install tqdm") from exc
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+        self.every = max(1, (total or 1000) // 200)
+
+    def on_step(self, model, step, loss):
+        self.bar.update(1)
+        if step % self.every == 0:
+            self.bar.set_postfix_str(f"loss={loss:.4g}", refresh=False)
+
+    def on_eval(self, model, rec):
+        shown = {k: v for k, v in rec.items() if k.startswith(("val_", "train_"))}
+        if shown:
+            self.bar.set_postfix_str(" ".join(f"{k}={v:.4g}" for k, v in shown.items()), refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def _progress_total(steps, epochs, examples, bs, n, drop_last):
+    totals = []
+    if steps is not None:
+        totals.append(steps)
+    if epochs is not None and epochs <= 100_000:
+        totals.append(sum(steps_per_epoch(n, bs.at_epoch(e), drop_last) for e in range(epochs)))
+    if examples is not None and not bs.milestones:
+        totals.append(-(-examples // bs.initial))
+    return min(totals) if totals else None
+
+
+def _check_callbacks(callbacks):
+    if callbacks is None or isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise TypeError(f"callbacks: expected a sequence of callback objects, got {_got(callbacks)}")
+    callbacks = list(callbacks)
+    hooks = ("on_step", "on_eval", "on_fit_start", "on_fit_end")
+    for i, c in enumerate(callbacks):
+        if not any(callable(getattr(c, h, None)) for h in hooks):
+            raise TypeError(f"callbacks[{i}]: expected an object with one of the methods "
+                            f"{list(hooks)}, got {_got(c)}")
+    return callbacks
+
+
 def steps_per_epoch(n: int, B: int, drop_last: bool) -> int:
     """Number of steps in one epoch of n examples at batch size B."""
     return n // B if drop_last else -(-n // B)
 
 
-def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, target=None,
+def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
+        batch_size: int | str | BatchSizeSchedule = 32, epochs: int | None = None,
+        steps: int | None = None, examples: int | None = None, target: dict | None = None,
         optimizer: Optimizer | None = None, sampler: str = "shuffle", drop_last: bool = False,
-        validation=None, eval_every=None, eval_train: bool = False, seed=0,
-        max_time: float | None = None, callbacks=(), track_noise: int | None = None,
-        noise_beta: float = 0.99, track_gsnr: int | None = None) -> History:
+        validation: tuple | None = None, eval_every: int | None = None, eval_train: bool = False,
+        seed: int | np.random.Generator | None = 0, max_time: float | None = None,
+        callbacks: Iterable[Any] = (), track_noise: int | None = None, noise_beta: float = 0.99,
+        track_gsnr: int | None = None, opt_state: OptState | None = None,
+        checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+        resume: Any = None, progress: bool = False) -> History:
     """Train ``model`` in place on (X, y) with mini-batch gradient descent.
 
     Parameters
@@ -147,8 +322,11 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
     max_time : float, optional
         Stop after this many seconds of training.
     callbacks : sequence
-        Objects with ``on_step(model, step, loss)`` (called after each step) and/or
-        ``on_eval(model, record)``; a truthy return from either stops training.
+        Objects with ``on_step(model, step, loss)`` (called after each step; ``step`` is
+        the number of steps done) and/or ``on_eval(model, record)``; a truthy return from
+        either stops training.  Optional ``on_fit_start(model, history)`` is called once
+        before the first step with the History being filled, ``on_fit_end(model,
+        history)`` once when fit returns or raises (e.g. :class:`minigd.logging.TensorBoardLogger`).
     track_noise : int, optional
         Record gradient-noise statistics every ``track_noise`` steps (1 = every step) into
         :attr:`History.noise` (also merged into ``records``): the batch gradient's squared
@@ -169,6 +347,38 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
         per-parameter variance pass over the batch (about 2-4 plain steps), so keep it
         rare; not counted in ``time``.
 
+    opt_state : OptState, optional
+        Continue from this optimizer state (``hist.opt_state`` of an earlier call, or
+        ``load_checkpoint(...).opt_state``) instead of a fresh one: its momentum / Adam
+        moments are updated in place and its update count ``t`` continues (Adam's bias
+        correction sees the total number of updates).  Must come from the same chain.
+        Step numbers, budgets and learning-rate schedules count this call's steps.
+    checkpoint : str or os.PathLike, optional
+        Write the training state to this file (:func:`minigd.save_checkpoint`, atomic):
+        every ``checkpoint_every`` steps and once more when training ends (not after a
+        :class:`DivergenceError`: the last periodic checkpoint stays).
+    checkpoint_every : int, optional
+        Steps between checkpoints (default: only the final one).
+    resume : True, str, os.PathLike or Checkpoint, optional
+        Continue a run from a checkpoint written by ``fit(checkpoint=...)``: ``True``
+        resumes from ``checkpoint`` if that file exists (else starts afresh), a path or a
+        loaded :class:`~minigd.checkpoint.Checkpoint` resumes from it.  Restored: the
+        parameters (into ``model``), the optimizer state and update count, the sampler's
+        random generator, the current epoch's permutation (or i.i.d. draws) and the
+        position in it, the step / example / epoch counters, the training time, the
+        History (columns, evaluations, epoch records, target status, noise tracker).  The
+        call must describe the same run (same model architecture, data, batch size,
+        sampler, ``drop_last``, optimizer chain and noise tracking; ``ValueError``
+        otherwise); budgets, ``target``, ``validation``, ``eval_every``, ``max_time`` and
+        callbacks are this call's (``seed`` is ignored).  Budgets count from the start of
+        the original run, so the result -- parameters and history, except the
+        wall-clock ``time`` fields -- is bitwise that of the uninterrupted run (same
+        backend and thread count).  Not restored: callbacks' own state (a callback that
+        stopped the original run does not stop the resumed one), and a learning-rate
+        schedule is the one passed to this call.
+    progress : bool
+        Show a tqdm progress bar (needs tqdm); off by default.
+
     Returns
     -------
     History
@@ -179,6 +389,8 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
         When a step's loss or updated parameters are non-finite; the update is not
         applied and the error carries the last finite parameters.
     """
+    if not isinstance(model, MLP):
+        raise TypeError(f"model: expected a minigd.MLP, got {_got(model)}")
     X, yi, yf = model.check_Xy(X, y)
     n = X.shape[0]
     bs = _check_batch_size(batch_size, n)
@@ -196,7 +408,8 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
         raise TypeError(f"drop_last: expected a bool, got {_got(drop_last)}")
     if eval_every is not None:
         eval_every = check_int("eval_every", eval_every, low=1)
-    if max_time is not None and not (isinstance(max_time, numbers.Real) and max_time > 0):
+    if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, numbers.Real)
+                                 or not max_time > 0):
         raise ValueError(f"max_time: expected a positive number of seconds, got {max_time!r}")
     Xv = yvi = yvf = None
     if validation is not None:
@@ -213,6 +426,33 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
     tracker = _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler)
     if tracker is not None:
         from minigd.kernels.cpu_stats import sum64   # numba: imported only when tracking
+    callbacks = _check_callbacks(callbacks)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress: expected a bool, got {_got(progress)}")
+    ck_path, ck_every, resume_src = _check_checkpointing(checkpoint, checkpoint_every, resume)
+    if opt_state is not None:
+        if resume_src is not None:
+            raise ValueError("opt_state: resume restores the optimizer state from the checkpoint; "
+                             "pass opt_state or resume, not both")
+        if not isinstance(opt_state, OptState):
+            raise TypeError(f"opt_state: expected a minigd OptState (hist.opt_state, "
+                            f"optimizer.init(params)), got {_got(opt_state)}")
+        if tuple(opt_state.primitives) != tuple(optimizer.primitives):
+            raise ValueError(f"opt_state: was made for another optimizer chain "
+                             f"({[p.name for p in opt_state.primitives]}), expected one for {optimizer!r}")
+        need = sum(p.slots for p in optimizer.primitives) * model.n_params
+        if opt_state.state.shape != (need,) or opt_state.state.dtype != model.dtype:
+            raise ValueError(f"opt_state: expected state buffers of shape ({need},) and dtype "
+                             f"{model.dtype} for this model, got {_got(opt_state.state)}")
+        if isinstance(opt_state.t, bool) or not isinstance(opt_state.t, numbers.Integral) or opt_state.t < 0:
+            raise ValueError(f"opt_state: expected a non-negative update count t, got {opt_state.t!r}")
+    try:
+        lr_const = optimizer.lr_at(0)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"optimizer: the learning rate (schedule) must give a number, at step 0 "
+                        f"it gave an error: {exc}") from exc
+    if not (math.isfinite(lr_const) and lr_const >= 0):
+        raise ValueError(f"optimizer: expected a finite, non-negative learning rate, got {lr_const!r} at step 0")
 
     impl = model.backend_impl
     # evaluations run forward passes of up to EVAL_CHUNK rows on the same workspace:
@@ -220,29 +460,68 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
     n_eval = max(len(Xv) if validation is not None else 0, n if eval_train else 0)
     impl.reserve(max(bs.max_batch, min(n_eval, EVAL_CHUNK)))
     params, grad = model.params, model._grad
-    opt_state = optimizer.init(params)
     lr_fn = optimizer.lr if callable(optimizer.lr) else None
-    lr_const = optimizer.lr_at(0)
     order = np.arange(n, dtype=np.int64)
     seq = np.arange(n, dtype=np.int64)
-
-    first_B = bs.at_epoch(0)
-    cap = steps or (epochs * steps_per_epoch(n, first_B, drop_last) if epochs else 1024)
-    hist = History(capacity=min(cap, 1 << 20))
-    hist.target = target
-    hist.noise_tracker = tracker
-    hist.config = dict(batch_size=batch_size if not isinstance(batch_size, BatchSizeSchedule) else repr(batch_size),
-                       sampler=sampler, drop_last=drop_last, optimizer=repr(optimizer), n=n,
-                       backend=model.backend)
-    callbacks = list(callbacks)
-    on_step = [c.on_step for c in callbacks if hasattr(c, "on_step")]
-    on_eval = [c.on_eval for c in callbacks if hasattr(c, "on_eval")]
+    config = dict(batch_size=batch_size if not isinstance(batch_size, BatchSizeSchedule) else repr(batch_size),
+                  sampler=sampler, drop_last=drop_last, optimizer=repr(optimizer), n=n,
+                  backend=model.backend)
+    fit_info = None
+    if ck_path is not None or resume_src is not None:
+        fit_info = {"n": n, "x_crc": _crc(X), "y_crc": _crc(yi) ^ _crc(yf),
+                    "batch_size": config["batch_size"] if isinstance(config["batch_size"], str)
+                    else int(config["batch_size"]), "sampler": sampler, "drop_last": drop_last,
+                    "track_noise": track_noise if tracker is None else int(track_noise),
+                    "noise_beta": None if tracker is None else float(noise_beta),
+                    "track_gsnr": None if track_gsnr is None else int(track_gsnr)}
 
     step = 0
     seen = 0
     train_time = 0.0
     epoch = 0
     stop = ""
+    pending = None       # the position within an epoch to resume at
+    draws = None         # sampler="replacement": this epoch's i.i.d. draws
+    t1 = 1               # the optimizer update count of step 0 (train_step's t = step + t1)
+    close = (0, (None, None, None, None))   # (evals, target status) when the last epoch closed
+    if resume_src is not None:
+        ck, hist = _restore(resume_src, model, optimizer, fit_info, n, target)
+        info = ck.step_info
+        params[...] = ck.model.params
+        opt_state = ck.opt_state
+        t1 = int(info.get("t1", 1))
+        rng = ck.rng()
+        order[...] = ck.sampler["order"]
+        step, seen, train_time = int(info["step"]), int(info["examples"]), float(info["train_time"])
+        epoch, k = int(info["epoch"]), int(info["k"])
+        draws = ck.sampler.get("draws")
+        src = draws if sampler == "replacement" else order
+        pending = (src, k + 1, float(info["ep_loss"]), int(info["ep_count"]), k, float(info["lr"]))
+        stop = _budget_stop(hist, step, seen, train_time, steps, examples, max_time)
+        if tracker is not None:
+            tracker = hist.noise_tracker
+        del ck
+    else:
+        if opt_state is None:
+            opt_state = optimizer.init(params)
+        else:
+            t1 = int(opt_state.t) + 1
+        first_B = bs.at_epoch(0)
+        cap = steps or (epochs * steps_per_epoch(n, first_B, drop_last) if epochs else 1024)
+        hist = History(capacity=min(cap, 1 << 20))
+        hist.target = target
+        hist.noise_tracker = tracker
+        if target is not None:
+            hist.reached = False
+    hist.config = config
+    hist.opt_state = opt_state
+    on_step = [c.on_step for c in callbacks if hasattr(c, "on_step")]
+    on_eval = [c.on_eval for c in callbacks if hasattr(c, "on_eval")]
+    bar = None
+    if progress:
+        bar = _ProgressBar(_progress_total(steps, epochs, examples, bs, n, drop_last), step)
+        on_step.append(bar.on_step)
+        on_eval.append(bar.on_eval)
 
     def evaluate(ep):
         rec = {"step": step, "epoch": ep, "examples": seen, "time": train_time}
@@ -258,80 +537,119 @@ def fit(model, X, y, *, batch_size=32, epochs=None, steps=None, examples=None, t
             hist.steps_to_target, hist.examples_to_target, hist.time_to_target = step, seen, train_time
         return any(bool(f(model, rec)) for f in on_eval)
 
-    if target is not None:
-        hist.reached = False
-    while not stop:
-        B = bs.at_epoch(epoch)
-        full = B == n and sampler != "replacement"
-        if full or sampler == "sequential":
-            src = seq
-        elif sampler == "shuffle":
-            rng.shuffle(order)
-            src = order
-        else:
-            src = rng.integers(0, n, size=steps_per_epoch(n, B, drop_last) * B, dtype=np.int64)
-        n_steps = steps_per_epoch(n, B, drop_last)
-        ep_loss = 0.0
-        ep_count = 0
-        for k in range(n_steps):
-            s0 = k * B
-            b = min(B, len(src) - s0) if sampler != "replacement" else B
-            idx = src[s0:s0 + b]
-            # float(): a schedule may return an int or a numpy scalar; the kernels are
-            # compiled for a float64 learning rate only
-            lr = float(lr_fn(step)) if lr_fn is not None else lr_const
-            t0 = time.perf_counter()
-            if tracker is None:
-                loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + 1)
-                train_time += time.perf_counter() - t0
+    try:
+        for c in callbacks:
+            if hasattr(c, "on_fit_start"):
+                c.on_fit_start(model, hist)
+        while True:
+            B = bs.at_epoch(epoch)
+            full = B == n and sampler != "replacement"
+            n_steps = steps_per_epoch(n, B, drop_last)
+            if pending is None:
+                if stop:
+                    break
+                if full or sampler == "sequential":
+                    src = seq
+                elif sampler == "shuffle":
+                    rng.shuffle(order)
+                    src = order
+                else:
+                    src = draws = rng.integers(0, n, size=n_steps * B, dtype=np.int64)
+                k0 = 0
+                ep_loss = 0.0
+                ep_count = 0
             else:
-                track = step % track_noise == 0
-                if track and track_gsnr is not None and step % track_gsnr == 0 and b >= 2:
-                    tracker.add_extra(step, gsnr_summary(model, X, yi, yf, idx))
-                    t0 = time.perf_counter()      # the GSNR pass is not training time
-                loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + 1,
-                                                track)
-                train_time += time.perf_counter() - t0
-                if track and ok:
-                    tracker.update(step, b, sum64(impl.last_sqnorms(b)), gsq)
-            if not ok:
-                hist.stop_reason = "diverged"
-                raise DivergenceError(step, loss, params.copy(), hist,
-                                      "non-finite loss" if not math.isfinite(loss) else
-                                      "the update would make parameters non-finite")
-            opt_state.t = step + 1
-            seen += b
-            hist.record_step(step, epoch, loss, lr, b, seen, train_time)
-            ep_loss += loss * b
-            ep_count += b
-            step += 1
-            if on_step and any(bool(f(model, step, loss)) for f in on_step):
-                stop = "callback"
-            if eval_every is not None and step % eval_every == 0:
-                if evaluate(epoch + (k + 1) / n_steps):
+                src, k0, ep_loss, ep_count, k, lr = pending
+                pending = None
+                if full or sampler == "sequential":
+                    src = seq
+                if stop:
+                    k0 = n_steps
+            for k in range(k0, n_steps):
+                s0 = k * B
+                b = min(B, len(src) - s0) if sampler != "replacement" else B
+                idx = src[s0:s0 + b]
+                # float(): a schedule may return an int or a numpy scalar; the kernels are
+                # compiled for a float64 learning rate only
+                lr = float(lr_fn(step)) if lr_fn is not None else lr_const
+                t0 = time.perf_counter()
+                if tracker is None:
+                    loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1)
+                    train_time += time.perf_counter() - t0
+                else:
+                    track = step % track_noise == 0
+                    if track and track_gsnr is not None and step % track_gsnr == 0 and b >= 2:
+                        tracker.add_extra(step, gsnr_summary(model, X, yi, yf, idx))
+                        t0 = time.perf_counter()      # the GSNR pass is not training time
+                    loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1,
+                                                    track)
+                    train_time += time.perf_counter() - t0
+                    if track and ok:
+                        tracker.update(step, b, sum64(impl.last_sqnorms(b)), gsq)
+                if not ok:
+                    hist.stop_reason = "diverged"
+                    raise DivergenceError(step, loss, params.copy(), hist,
+                                          "non-finite loss" if not math.isfinite(loss) else
+                                          "the update would make parameters non-finite")
+                opt_state.t = step + t1
+                seen += b
+                hist.record_step(step, epoch, loss, lr, b, seen, train_time)
+                ep_loss += loss * b
+                ep_count += b
+                step += 1
+                if on_step and any(bool(f(model, step, loss)) for f in on_step):
                     stop = "callback"
-            if hist.reached:
-                stop = "target"
-            elif steps is not None and step >= steps:
-                stop = "steps"
-            elif examples is not None and seen >= examples:
-                stop = "examples"
-            elif max_time is not None and train_time >= max_time:
-                stop = "max_time"
-            if stop:
-                break
-        hist.epochs.append({"epoch": epoch, "loss": ep_loss / max(ep_count, 1), "batch_size": B,
-                            "steps": step, "examples": seen, "time": train_time,
-                            "lr": lr, "complete": not stop or k == n_steps - 1})
-        epoch += 1
-        if not stop and epochs is not None and epoch >= epochs:
-            stop = "epochs"
-        if eval_every is None and not stop:
-            if evaluate(epoch):
-                stop = "callback"
-            if hist.reached:
-                stop = "target"
-    if not hist.evals or hist.evals[-1]["step"] != step:
-        evaluate(hist.epochs[-1]["epoch"] + 1 if hist.epochs else 0)
-    hist.stop_reason = stop
+                if eval_every is not None and step % eval_every == 0:
+                    if evaluate(epoch + (k + 1) / n_steps):
+                        stop = "callback"
+                if hist.reached:
+                    stop = "target"
+                elif steps is not None and step >= steps:
+                    stop = "steps"
+                elif examples is not None and seen >= examples:
+                    stop = "examples"
+                elif max_time is not None and train_time >= max_time:
+                    stop = "max_time"
+                if stop:
+                    break
+                if ck_every and step % ck_every == 0:
+                    _write_checkpoint(ck_path, model, opt_state, rng, order, draws, hist,
+                                      fit_info, step=step, seen=seen, train_time=train_time,
+                                      epoch=epoch, k=k, ep_loss=ep_loss, ep_count=ep_count, lr=lr,
+                                      n_evals=len(hist.evals), n_epochs=len(hist.epochs),
+                                      reached=(hist.reached, hist.steps_to_target,
+                                               hist.examples_to_target, hist.time_to_target),
+                                      finished=False, stop_reason="", t1=t1)
+            if ck_path is not None:
+                close = (len(hist.evals), (hist.reached, hist.steps_to_target,
+                                           hist.examples_to_target, hist.time_to_target))
+            hist.epochs.append({"epoch": epoch, "loss": ep_loss / max(ep_count, 1), "batch_size": B,
+                                "steps": step, "examples": seen, "time": train_time,
+                                "lr": lr, "complete": not stop or k == n_steps - 1})
+            epoch += 1
+            if not stop and epochs is not None and epoch >= epochs:
+                stop = "epochs"
+            if eval_every is None and not stop:
+                if evaluate(epoch):
+                    stop = "callback"
+                if hist.reached:
+                    stop = "target"
+        if not hist.evals or hist.evals[-1]["step"] != step:
+            evaluate(hist.epochs[-1]["epoch"] + 1 if hist.epochs else 0)
+        hist.stop_reason = stop
+        if ck_path is not None:
+            # the state right after the last step's hooks (what a periodic checkpoint there
+            # would hold), with the full history: resuming it redoes the epoch close-out and
+            # the final evaluation, or goes on training under a larger budget
+            _write_checkpoint(ck_path, model, opt_state, rng, order, draws, hist, fit_info,
+                              step=step, seen=seen, train_time=train_time, epoch=epoch - 1, k=k,
+                              ep_loss=ep_loss, ep_count=ep_count, lr=lr, n_evals=close[0],
+                              n_epochs=len(hist.epochs) - 1, reached=close[1], finished=True,
+                              stop_reason=stop, t1=t1)
+    finally:
+        if bar is not None:
+            bar.close()
+        for c in callbacks:
+            if hasattr(c, "on_fit_end"):
+                c.on_fit_end(model, hist)
     return hist

@@ -82,3 +82,17 @@ def test_model_init_is_seeded_and_dtype_independent(path):
     g1 = make_model([4, 6, 3], path, dtype="float64", seed=np.random.default_rng(9))
     g2 = make_model([4, 6, 3], path, dtype="float64", seed=np.random.default_rng(9))
     assert np.array_equal(g1.params, g2.params)
+
+
+def test_pickle_and_deepcopy_keep_the_weight_views():
+    import copy
+    import pickle
+
+    import minigd as mg
+
+    m = mg.MLP([3, 4, 2], seed=1)
+    for m2 in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert np.array_equal(m2.params, m.params)
+        m2.params[:] = 0
+        assert m2.weights[0].sum() == 0 and m2.biases[1].sum() == 0
+        assert m.params.any()          # the original is untouched

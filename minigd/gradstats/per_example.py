@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from minigd._validation import check_int
-from minigd.model import EVAL_CHUNK
+from minigd.model import EVAL_CHUNK, MLP
 
 from .moments import GradMoments, MomentAccumulator
 
@@ -44,7 +44,8 @@ def _chunks(n: int, size: int):
         yield s, idx[s:s + size]
 
 
-def per_example_grads(model, X, y, *, out=None) -> np.ndarray:
+def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """Per-example gradients as an (n, P) array.
 
     Row *i* is the gradient of example *i*'s own loss with respect to the flat parameter
@@ -94,7 +95,8 @@ def per_example_grads(model, X, y, *, out=None) -> np.ndarray:
     return out
 
 
-def per_example_grad_norms(model, X, y, *, squared: bool = False) -> np.ndarray:
+def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
+                           squared: bool = False) -> np.ndarray:
     """Euclidean norms of the per-example gradients, (n,), without forming them.
 
     Fused into the backward pass (Goodfellow 2015): per dense layer,
@@ -129,7 +131,8 @@ def per_example_grad_norms(model, X, y, *, squared: bool = False) -> np.ndarray:
     return out if squared else np.sqrt(out, out=out)
 
 
-def grad_moments(model, X, y, *, chunk_size: int = EVAL_CHUNK) -> GradMoments:
+def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *,
+                 chunk_size: int = EVAL_CHUNK) -> GradMoments:
     """Mean and variance (``ddof=1``) of the per-example gradients over a data set, streamed.
 
     The data are processed ``chunk_size`` rows at a time.  Each chunk is reduced exactly

@@ -180,6 +180,28 @@ class NoiseTracker:
                 rec.update(extra)
         return out
 
+    # -- checkpointing (minigd.checkpoint) -----------------------------------------------------
+    def get_state(self) -> dict:
+        """Everything needed to continue exactly where this tracker is (JSON-able scalars
+        plus the raw per-step sums as a float64 (m, 4) array ``raw``)."""
+        raw = np.asarray(self._raw, dtype=np.float64).reshape(len(self._raw), 4)
+        return {"n": self.n, "replacement": self.replacement, "beta": self.beta, "t": self._t,
+                "ema_g2": self._ema_g2, "ema_tr": self._ema_tr, "pow": self._pow,
+                "extra": [[s, dict(v)] for s, v in sorted(self._extra.items())], "raw": raw}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "NoiseTracker":
+        """The inverse of :meth:`get_state` (bitwise: the moving averages continue exactly)."""
+        tr = cls(int(state["n"]), bool(state["replacement"]), float(state["beta"]))
+        tr._raw = [(int(r[0]), int(r[1]), float(r[2]), float(r[3]))
+                   for r in np.asarray(state["raw"], dtype=np.float64).reshape(-1, 4)]
+        tr._extra = {int(s): dict(v) for s, v in state["extra"]}
+        tr._t = int(state["t"])
+        tr._ema_g2 = float(state["ema_g2"])
+        tr._ema_tr = float(state["ema_tr"])
+        tr._pow = float(state["pow"])
+        return tr
+
     def __repr__(self) -> str:
         return (f"NoiseTracker(n={self.n}, replacement={self.replacement}, beta={self.beta}, "
                 f"records={len(self)}, noise_scale={self.noise_scale:.6g})")

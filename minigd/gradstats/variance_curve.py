@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from minigd._validation import check_int, check_seed
-from minigd.model import EVAL_CHUNK
+from minigd.model import EVAL_CHUNK, MLP
 
 from .noise_scale import minibatch_variance_prediction
 from .per_example import _check_model, accumulate_moments
@@ -151,8 +152,9 @@ def _batch_grad(impl, params, X, yi, yf, idx, grad, out64):
     return out64
 
 
-def variance_vs_batch_size(model, X, y, batch_sizes, *, n_samples: int = 100,
-                           replacement: bool = False, seed=0,
+def variance_vs_batch_size(model: MLP, X: np.ndarray, y: np.ndarray, batch_sizes: Sequence[int], *,
+                           n_samples: int = 100, replacement: bool = False,
+                           seed: int | np.random.Generator | None = 0,
                            chunk_size: int = EVAL_CHUNK) -> BatchVarianceCurve:
     """Measure :math:`E|g_B - G|^2` and :math:`\\cos(g_B, G)` for several batch sizes and
     compare with the sampling prediction (see the module doc).

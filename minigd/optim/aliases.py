@@ -1,6 +1,8 @@
 """The named optimizers, built as chains of primitives."""
 from __future__ import annotations
 
+from typing import Callable
+
 from minigd._validation import check_float
 
 from .base import Optimizer
@@ -32,7 +34,7 @@ def _check_bool(name, value):
     return value
 
 
-def SGD(lr=0.1, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+def SGD(lr: float | Callable[[int], float] = 0.1, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False, clip_norm: float | None = None) -> Optimizer:
     r"""Stochastic gradient descent, optionally with momentum and weight decay.
 
@@ -81,7 +83,8 @@ def SGD(lr=0.1, momentum: float = 0.0, nesterov: bool = False, weight_decay: flo
                                                    clip_norm=clip_norm))
 
 
-def Adam(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+def Adam(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+         eps: float = 1e-8, weight_decay: float = 0.0,
          clip_norm: float | None = None) -> Optimizer:
     r"""Adam (Kingma & Ba 2015) with L2-coupled weight decay (as ``torch.optim.Adam``).
 
@@ -101,7 +104,8 @@ def Adam(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0
                                                     weight_decay=wd, clip_norm=clip_norm))
 
 
-def AdamW(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+def AdamW(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-8, weight_decay: float = 0.01,
           clip_norm: float | None = None) -> Optimizer:
     r"""AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101): decoupled weight decay,
     :math:`\theta \leftarrow \theta - \eta\,(\hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta)`,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from minigd._validation import check_choice, check_float, check_int
 
@@ -130,7 +131,7 @@ class BatchSizeSchedule:
     initial: int
     milestones: tuple = ()   # ((epoch, batch_size), ...) sorted by epoch
 
-    def __init__(self, initial: int, milestones=None):
+    def __init__(self, initial: int, milestones: dict | Sequence | None = None) -> None:
         object.__setattr__(self, "initial", check_int("initial", initial, low=1))
         items = sorted((milestones or {}).items()) if isinstance(milestones, dict) else sorted(milestones or ())
         for e, b in items:

@@ -1,0 +1,523 @@
+"""Checkpoints: a model, its optimizer state, the sampler's random state and position, and
+the training history, in ONE file, written atomically.
+
+Format (version :data:`FORMAT_VERSION`)
+---------------------------------------
+An uncompressed ``.npz``-compatible zip archive (``numpy.load`` opens it; nothing in it needs
+pickle) holding
+
+* ``meta.json``: UTF-8 JSON with ``format = "minigd.checkpoint"``, ``format_version``, the
+  minigd version that wrote it, the model's configuration, the optimizer chain (primitive
+  names, codes, hyper-parameters) and its update count ``t``, the numpy ``bit_generator``
+  state, the history's records and scalars, the caller's ``step_info``, and a table of
+  every array entry with its shape and dtype;
+* one ``<name>.npy`` entry per array: ``params``, ``opt.state`` / ``opt.hp`` / ...,
+  ``sampler.<name>`` (the current epoch's permutation, or its i.i.d. draws),
+  ``history.<column>`` (the per-step columns) and ``noise.raw`` (the gradient-noise
+  tracker's per-step sums).
+
+Every entry carries the zip CRC-32, checked on reading; array headers are checked against
+the table before any data is read, so a corrupt or truncated file is a :class:`ValueError`
+naming the file and what is wrong, never a crash, a huge allocation or silently wrong
+numbers.  A file of a newer ``format_version`` is refused the same way.
+
+Atomicity: the archive is written to a temporary file in the target's directory
+(``.<name>.<pid>.<random>.tmp``), flushed and ``fsync``-ed, then renamed over the target with
+:func:`os.replace` (atomic on POSIX and Windows) and the directory is ``fsync``-ed.  A crash
+or ``SIGKILL`` at any moment leaves either the previous checkpoint or the new one, whole;
+at worst a stale ``.tmp`` file, which is safe to delete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from minigd._io import atomic_path
+from minigd._validation import _got
+from minigd.history import STEP_COLUMNS, History
+from minigd.model import MLP
+from minigd.optim.base import OptState, Optimizer, Primitive, fusion_plan
+
+__all__ = ["save_checkpoint", "load_checkpoint", "Checkpoint", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "minigd.checkpoint"
+#: the version this minigd writes; it reads this one and older ones
+FORMAT_VERSION = 1
+#: numpy bit generators a checkpoint may name (their states are plain ints and arrays)
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+#: array dtypes a checkpoint may hold (no object arrays: nothing is ever unpickled)
+_DTYPES = ("<f4", "<f8", "<i8")
+_META = "meta.json"
+#: the largest meta.json accepted (a corrupt directory entry must not make us read gigabytes)
+_MAX_META_BYTES = 1 << 30
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` read.
+
+    Attributes
+    ----------
+    path : str or None
+        The file it came from.
+    model : MLP
+        A new model with the saved configuration and parameters.
+    opt_state : OptState or None
+        The optimizer's state buffers (momentum, Adam moments) and update count ``t``;
+        ``opt_state.primitives`` is the saved chain.
+    rng_state : dict or None
+        ``numpy.random.Generator.bit_generator.state`` at save time; :meth:`rng` rebuilds
+        the generator.
+    sampler : dict of str -> ndarray
+        The sampler arrays that were saved (``fit`` saves ``order``, the current epoch's
+        permutation, and, for ``sampler="replacement"``, ``draws``).
+    history : History or None
+        The training history as it was at save time (including its gradient-noise tracker).
+    step_info : dict
+        The caller's counters (``fit`` saves ``step``, ``examples``, ``epoch``, ``train_time``,
+        the position within the epoch and its configuration under ``"fit"``).
+    meta : dict
+        The whole decoded ``meta.json``.
+    """
+
+    path: str | None
+    model: MLP
+    opt_state: OptState | None = None
+    rng_state: dict | None = None
+    sampler: dict = field(default_factory=dict)
+    history: History | None = None
+    step_info: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta.get("format_version", FORMAT_VERSION))
+
+    def rng(self) -> np.random.Generator | None:
+        """A new Generator in the saved state (None if none was saved)."""
+        return None if self.rng_state is None else _generator_from_state(self.rng_state)
+
+    def __repr__(self) -> str:
+        info = {k: self.step_info[k] for k in ("step", "examples", "epoch") if k in self.step_info}
+        return (f"Checkpoint(path={self.path!r}, model={self.model!r}, "
+                f"opt_state={'yes' if self.opt_state is not None else None}, "
+                f"history={self.history!r}, {info})")
+
+
+# ============================================================================ JSON helpers
+def _to_json(o: Any) -> Any:
+    """``default=`` hook: numpy scalars and small arrays; anything else is an error."""
+    if isinstance(o, np.bool_):
+        return bool(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
+    raise TypeError(f"expected JSON-serialisable values (numbers, strings, lists, dicts, numpy "
+                    f"scalars or arrays), got {_got(o)}")
+
+
+def _from_json(d: dict) -> Any:
+    if "__ndarray__" in d and "dtype" in d and len(d) == 2:
+        dt = np.dtype(d["dtype"])
+        if dt.kind not in "biuf":
+            raise ValueError(f"unexpected array dtype {dt} in meta.json")
+        return np.asarray(d["__ndarray__"], dtype=dt)
+    return d
+
+
+def _dumps(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, default=_to_json, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what}: {exc}") from None
+
+
+# ============================================================================ RNG
+def _generator_from_state(state: dict) -> np.random.Generator:
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name not in BIT_GENERATORS:
+        raise ValueError(f"rng state: expected a numpy bit generator among {list(BIT_GENERATORS)}, "
+                         f"got {name!r}")
+    bg = getattr(np.random, name)()
+    bg.state = state
+    return np.random.Generator(bg)
+
+
+# ============================================================================ history
+def _history_parts(hist: History, arrays: dict) -> dict:
+    n = hist.n_steps
+    for c in STEP_COLUMNS:
+        arrays[f"history.{c}"] = hist._cols[c][:n]
+    meta = {"n_steps": n, "capacity": len(hist._cols["step"]), "epochs": hist.epochs,
+            "evals": hist.evals, "target": hist.target, "reached": hist.reached,
+            "steps_to_target": hist.steps_to_target, "examples_to_target": hist.examples_to_target,
+            "time_to_target": hist.time_to_target, "stop_reason": hist.stop_reason,
+            "config": hist.config, "noise": None}
+    tr = hist.noise_tracker
+    if tr is not None:
+        st = tr.get_state()
+        arrays["noise.raw"] = st.pop("raw")
+        meta["noise"] = st
+    return meta
+
+
+def _history_from_parts(meta: dict, arrays: dict) -> History:
+    n = int(meta["n_steps"])
+    hist = History(capacity=max(int(meta.get("capacity", n)), n, 16))
+    for c in STEP_COLUMNS:
+        col = arrays[f"history.{c}"]
+        if col.shape != (n,):
+            raise ValueError(f"history column {c!r} has shape {col.shape}, expected ({n},)")
+        hist._cols[c][:n] = col
+    hist.n_steps = n
+    hist.epochs = [dict(e) for e in meta["epochs"]]
+    hist.evals = [dict(e) for e in meta["evals"]]
+    hist.target = meta["target"]
+    hist.reached = meta["reached"]
+    hist.steps_to_target = meta["steps_to_target"]
+    hist.examples_to_target = meta["examples_to_target"]
+    hist.time_to_target = meta["time_to_target"]
+    hist.stop_reason = meta["stop_reason"]
+    hist.config = dict(meta["config"])
+    if meta.get("noise") is not None:
+        from minigd.gradstats.tracking import NoiseTracker
+
+        st = dict(meta["noise"])
+        st["raw"] = arrays["noise.raw"]
+        hist.noise_tracker = NoiseTracker.from_state(st)
+    return hist
+
+
+# ============================================================================ save
+def _check_path(path: Any, name: str = "path") -> str:
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a file path (str or os.PathLike), got {_got(path)}")
+    p = os.fspath(path)
+    if not isinstance(p, str) or not p or "\x00" in p:
+        raise ValueError(f"{name}: expected a non-empty file path, got {p!r}")
+    return os.path.abspath(p)
+
+
+def save_checkpoint(path: str | os.PathLike, model: MLP, opt_state: OptState | None = None, *,
+                    rng: np.random.Generator | None = None, sampler: dict | None = None,
+                    history: History | None = None, step_info: dict | None = None) -> str:
+    """Write a checkpoint to ``path`` atomically; returns the absolute path written.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write (any name; ``.npz`` is conventional).  Its directory must exist.
+        An existing file is replaced only once the new one is complete and on disk.
+    model : MLP
+        Saved: its configuration (sizes, activations, loss, dtype, init, backend) and
+        parameters.
+    opt_state : OptState, optional
+        Saved: the chain's primitives, its state buffers and the update count ``t``.
+    rng : numpy.random.Generator, optional
+        Saved: ``rng.bit_generator.state`` (PCG64, PCG64DXSM, MT19937, Philox or SFC64).
+    sampler : dict of str -> 1-D int64 or float array, optional
+        Sampler arrays, e.g. the current epoch's permutation.
+    history : History, optional
+        Saved: the step columns, epoch and evaluation records, target status, config and
+        the gradient-noise tracker's state.
+    step_info : dict, optional
+        JSON-serialisable counters and settings (numbers, strings, lists, dicts; numpy
+        scalars and small arrays are converted).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, minigd as mg
+    >>> model = mg.MLP([4, 3], seed=0)
+    >>> p = mg.save_checkpoint(os.path.join(tempfile.mkdtemp(), "ck.npz"), model,
+    ...                        step_info={"step": 0})
+    >>> bool(np.array_equal(mg.load_checkpoint(p).model.params, model.params))
+    True
+    """
+    path = _check_path(path)
+    d = os.path.dirname(path)
+    if not os.path.isdir(d):
+        raise ValueError(f"path: the directory {d!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a directory, expected a file path")
+    if not isinstance(model, MLP):
+        raise TypeError(f"model: expected a minigd.MLP, got {_got(model)}")
+    arrays: dict = {"params": model.params}
+    meta: dict = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "created_unix": time.time(), "model": model.config()}
+    try:
+        from minigd import __version__
+        meta["minigd_version"] = __version__
+    except ImportError:  # pragma: no cover - during package import
+        meta["minigd_version"] = None
+
+    if opt_state is not None:
+        if not isinstance(opt_state, OptState):
+            raise TypeError(f"opt_state: expected a minigd OptState (optimizer.init(params)), "
+                            f"got {_got(opt_state)}")
+        need = sum(p.slots for p in opt_state.primitives) * model.n_params
+        if opt_state.state.shape != (need,) or opt_state.state.dtype != model.dtype:
+            raise ValueError(f"opt_state: expected state buffers of shape ({need},) and dtype "
+                             f"{model.dtype} for this model, got {_got(opt_state.state)}")
+        meta["opt"] = {"t": int(opt_state.t),
+                       "primitives": [{"name": p.name, "code": int(p.code),
+                                       "hp": [float(h) for h in p.hp], "slots": int(p.slots)}
+                                      for p in opt_state.primitives]}
+        for k in ("codes", "hp", "soff", "state"):
+            arrays[f"opt.{k}"] = getattr(opt_state, k)
+    else:
+        meta["opt"] = None
+
+    if rng is not None:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng: expected a numpy.random.Generator, got {_got(rng)}")
+        state = rng.bit_generator.state
+        if state.get("bit_generator") not in BIT_GENERATORS:
+            raise ValueError(f"rng: expected one of the bit generators {list(BIT_GENERATORS)}, "
+                             f"got {state.get('bit_generator')!r}")
+        meta["rng"] = state
+    else:
+        meta["rng"] = None
+
+    sampler = {} if sampler is None else sampler
+    if not isinstance(sampler, dict):
+        raise TypeError(f"sampler: expected a dict of name -> 1-D array, got {_got(sampler)}")
+    for k, a in sampler.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ValueError(f"sampler: expected identifier keys, got {k!r}")
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.str not in _DTYPES:
+            raise TypeError(f"sampler[{k!r}]: expected a 1-D int64/float32/float64 array, got {_got(a)}")
+        arrays[f"sampler.{k}"] = a
+    meta["sampler"] = sorted(sampler)
+
+    if history is not None:
+        if not isinstance(history, History):
+            raise TypeError(f"history: expected a minigd.History, got {_got(history)}")
+        meta["history"] = _history_parts(history, arrays)
+    else:
+        meta["history"] = None
+
+    step_info = {} if step_info is None else step_info
+    if not isinstance(step_info, dict) or not all(isinstance(k, str) for k in step_info):
+        raise TypeError(f"step_info: expected a dict with str keys, got {_got(step_info)}")
+    meta["step_info"] = step_info
+
+    arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
+    for k, a in arrays.items():
+        if a.dtype.str not in _DTYPES:   # pragma: no cover - internal arrays are typed above
+            raise TypeError(f"{k}: unsupported dtype {a.dtype}")
+    meta["arrays"] = {k: [list(a.shape), a.dtype.str] for k, a in arrays.items()}
+    blob = _dumps(meta, "step_info/history").encode("utf-8")
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.writestr(_META, blob)
+            for k, a in arrays.items():
+                with zf.open(f"{k}.npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array(m, a, allow_pickle=False)
+
+    _atomic_write(path, write)
+    return path
+
+
+def _atomic_write(path: str, write) -> None:
+    """temp file in the same directory + fsync + os.replace (:func:`minigd._io.atomic_path`),
+    then fsync the directory so that the rename itself is durable."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    if hasattr(os, "O_DIRECTORY"):       # POSIX
+        try:
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # pragma: no cover - exotic file systems
+            return
+        try:
+            os.fsync(dfd)
+        except OSError:  # pragma: no cover
+            pass
+        finally:
+            os.close(dfd)
+
+
+# ============================================================================ load
+class _Corrupt(Exception):
+    pass
+
+
+def _read_array(zf: zipfile.ZipFile, key: str, shape, dtype: str, file_len: int) -> np.ndarray:
+    name = f"{key}.npy"
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise _Corrupt(f"the entry {name!r} is missing") from None
+    if dtype not in _DTYPES or not isinstance(shape, list) \
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise _Corrupt(f"the table lists {key!r} with an invalid shape/dtype {shape!r} {dtype!r}")
+    shape = tuple(shape)
+    dt = np.dtype(dtype)
+    nbytes = dt.itemsize * math.prod(shape)
+    # never read (or allocate) more than the file can hold, whatever a corrupt table says
+    if nbytes > min(info.file_size, file_len):
+        raise _Corrupt(f"entry {name!r} is {info.file_size} bytes, too small for an array of "
+                       f"shape {shape} and dtype {dt}")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            hshape, fortran, hdt = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            hshape, fortran, hdt = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise _Corrupt(f"entry {name!r} has an unsupported .npy version {version}")
+        if tuple(hshape) != shape or hdt != dt or fortran:
+            raise _Corrupt(f"entry {name!r} holds shape {tuple(hshape)} dtype {hdt}, the table "
+                           f"says shape {shape} dtype {dt}")
+        data = f.read(nbytes)
+        if len(data) != nbytes or f.read(1):
+            raise _Corrupt(f"entry {name!r} has {len(data)} data bytes, expected {nbytes}")
+    return np.frombuffer(data, dtype=dt).reshape(shape).copy()
+
+
+def _check_meta(meta: Any) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _Corrupt(f"meta.json does not describe a {FORMAT!r} file")
+    v = meta.get("format_version")
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise _Corrupt(f"invalid format_version {v!r}")
+    for k in ("model", "arrays"):
+        if not isinstance(meta.get(k), dict):
+            raise _Corrupt(f"meta.json has no {k!r} table")
+
+
+def load_checkpoint(path: str | os.PathLike, *, backend: str | None = None) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (or by ``fit(checkpoint=...)``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    backend : str, optional
+        Build the model on this backend instead of the saved one.
+
+    Returns
+    -------
+    Checkpoint
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is not a minigd checkpoint, is corrupt or truncated (the message names
+        the file and what is wrong), or was written in a newer format version.
+    """
+    path = _check_path(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a directory, expected a checkpoint file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: no checkpoint file at {path!r}")
+    where = f"checkpoint {path!r}"
+    with open(path, "rb") as fh:           # OSErrors of opening (permissions, ...) propagate
+        file_len = os.fstat(fh.fileno()).st_size
+        try:
+            return _parse(fh, path, file_len, where, backend)
+        except ValueError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise ValueError(f"{where}: corrupt or not a minigd checkpoint ({exc})") from exc
+        except _Corrupt as exc:
+            raise ValueError(f"{where}: corrupt or not a minigd checkpoint: {exc}") from None
+        except MemoryError:
+            raise
+        except Exception as exc:   # anything a damaged archive can make zipfile/numpy/json raise
+            raise ValueError(f"{where}: corrupt or truncated file ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse(fh, path: str, file_len: int, where: str, backend: str | None) -> Checkpoint:
+    with zipfile.ZipFile(fh, "r") as zf:
+        try:
+            info = zf.getinfo(_META)
+        except KeyError:
+            raise _Corrupt(f"not a minigd checkpoint (no {_META} entry)") from None
+        if info.file_size > min(_MAX_META_BYTES, file_len):
+            raise _Corrupt(f"{_META} claims {info.file_size} bytes")
+        meta = json.loads(zf.read(info).decode("utf-8"), object_hook=_from_json)
+        _check_meta(meta)
+        if meta["format_version"] > FORMAT_VERSION:
+            raise ValueError(f"{where}: written in checkpoint format version "
+                             f"{meta['format_version']} (by minigd {meta.get('minigd_version')}); "
+                             f"this minigd reads versions <= {FORMAT_VERSION}: upgrade minigd")
+        arrays = {k: _read_array(zf, k, v[0], v[1], file_len) if isinstance(v, list) and len(v) == 2
+                  else _bad_entry(k) for k, v in meta["arrays"].items()}
+    return _assemble(path, meta, arrays, backend)
+
+
+def _bad_entry(k):
+    raise _Corrupt(f"the table entry for {k!r} is malformed")
+
+
+def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Checkpoint:
+    cfg = dict(meta["model"])
+    if backend is not None:
+        cfg["backend"] = backend
+    params = arrays.get("params")
+    sizes = cfg.get("sizes")
+    if params is None or not isinstance(sizes, list) or len(sizes) < 2 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+        raise _Corrupt(f"the saved model configuration is invalid (sizes={sizes!r})")
+    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    if params.shape != (n_params,):     # checked before building: never allocate for a bad table
+        raise _Corrupt(f"params has shape {params.shape}, the saved sizes {sizes} need ({n_params},)")
+    try:
+        model = MLP(**cfg, seed=0)
+    except (TypeError, ValueError) as exc:
+        raise _Corrupt(f"the saved model configuration is invalid: {exc}") from None
+    if params.shape != model.params.shape or params.dtype != model.dtype:
+        raise _Corrupt(f"params has shape {getattr(params, 'shape', None)} dtype "
+                       f"{getattr(params, 'dtype', None)}, the model needs "
+                       f"({model.n_params},) {model.dtype}")
+    model.params[...] = params
+
+    opt_state = None
+    if meta.get("opt") is not None:
+        om = meta["opt"]
+        prims = tuple(Primitive(str(p["name"]), int(p["code"]), tuple(float(h) for h in p["hp"]),
+                                int(p["slots"])) for p in om["primitives"])
+        ref = Optimizer(prims).init(model.params)
+        for k in ("codes", "hp", "soff", "state"):
+            a = arrays.get(f"opt.{k}")
+            want = getattr(ref, k)
+            if a is None or a.shape != want.shape or a.dtype != want.dtype:
+                raise _Corrupt(f"opt.{k} has shape {getattr(a, 'shape', None)}, the optimizer "
+                               f"chain needs {want.shape} {want.dtype}")
+        if not np.array_equal(arrays["opt.codes"], ref.codes) \
+                or not np.array_equal(arrays["opt.soff"], ref.soff):
+            raise _Corrupt("opt.codes/opt.soff do not match the saved primitives")
+        opt_state = OptState(prims, arrays["opt.codes"], arrays["opt.hp"], arrays["opt.soff"],
+                             arrays["opt.state"], fusion_plan(arrays["opt.codes"]), int(om["t"]))
+
+    rng_state = meta.get("rng")
+    if rng_state is not None:
+        try:
+            _generator_from_state(rng_state)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _Corrupt(f"invalid random generator state ({exc})") from None
+    sampler = {k: arrays[f"sampler.{k}"] for k in meta.get("sampler", [])}
+    history = _history_from_parts(meta["history"], arrays) if meta.get("history") is not None else None
+    return Checkpoint(path=path, model=model, opt_state=opt_state, rng_state=rng_state,
+                      sampler=sampler, history=history, step_info=dict(meta.get("step_info") or {}),
+                      meta=meta)

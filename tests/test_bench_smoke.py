@@ -1,0 +1,149 @@
+"""Smoke tests of the benchmark scripts in bench/: each one's quick mode (tiny sizes, one
+round) runs to the end and writes its results, so that the benchmark code cannot rot.
+
+The scripts run as subprocesses (they pin thread counts through the environment before
+numpy is imported, and must not add compiled signatures to this process), all started at
+once by one fixture so that the whole module takes a few seconds of wall time.  Optional
+peers (PyTorch, BackPACK) may be missing: the benchmarks then report them as missing, and
+so do these tests expect.  When PyTorch is installed, ``peers.py`` runs a second time with
+``torch`` made unimportable, so that both paths stay covered.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+TIMEOUT_S = 300
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = "1"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every quick benchmark at once; {name: (outdir, Popen)}."""
+    base = tmp_path_factory.mktemp("bench")
+    jobs = {
+        "step": ["step.py", "--quick", "--threads", "1", "--no-compile"],
+        "gradstats": ["gradstats.py", "--quick"],
+        "crossover": ["crossover.py", "--quick"],
+        "peers": ["peers.py", "--quick", "--threads", "1"],
+    }
+    envs = {}
+    if HAVE_TORCH:
+        # a package named torch that fails to import, first on the path: torch is "missing"
+        shadow = base / "no-torch"
+        (shadow / "torch").mkdir(parents=True)
+        (shadow / "torch" / "__init__.py").write_text("raise ImportError('hidden by the smoke test')\n")
+        jobs["peers-no-torch"] = ["peers.py", "--quick", "--threads", "1", "--sections", "step,stats"]
+        pp = os.environ.get("PYTHONPATH")
+        envs["peers-no-torch"] = {"PYTHONPATH": str(shadow) + (os.pathsep + pp if pp else "")}
+    procs = {}
+    for name, (script, *args) in jobs.items():
+        out = base / name
+        out.mkdir()
+        if name != "crossover":           # gradstats --quick writes nothing, but the flag must parse
+            args += ["--out", str(out)]
+        procs[name] = (out, subprocess.Popen([sys.executable, str(BENCH / script), *args], cwd=str(ROOT),
+                                             env=_env(**envs.get(name, {})), stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True))
+    yield procs
+    for _, p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _finish(runs, name):
+    out, p = runs[name]
+    try:
+        stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        stdout, stderr = p.communicate()
+        pytest.fail(f"bench {name} --quick did not finish in {TIMEOUT_S} s\n{stderr[-3000:]}")
+    assert p.returncode == 0, f"bench {name} --quick failed ({p.returncode}):\n{stderr[-4000:]}"
+    return out, stdout, stderr
+
+
+def test_step_quick(runs):
+    out, stdout, _ = _finish(runs, "step")
+    assert "Training-step benchmark" in stdout
+    data = json.loads((out / "step.json").read_text())
+    rows = data["runs"][0]["rows"]
+    assert {r["batch"] for r in rows} == {1, 8}
+    assert all(r["cpu_us"] > 0 and r["numpy_us"] > 0 for r in rows)
+    assert (out / "step.md").read_text().startswith("# Training-step benchmark")
+
+
+def test_gradstats_quick(runs):
+    _, stdout, _ = _finish(runs, "gradstats")
+    assert "Gradient-statistics benchmark" in stdout
+    assert "| 4-3-2 | 8 |" in stdout
+
+
+def test_crossover_quick(runs):
+    _, stdout, _ = _finish(runs, "crossover")
+    assert "loops µs" in stdout
+    assert len(stdout.strip().splitlines()) == 3          # header + batch sizes 1 and 4
+
+
+def _peers_result(out):
+    data = json.loads((out / "peers.json").read_text())
+    md = (out / "peers.md").read_text()
+    png = (out / "peers.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert md.startswith("# minigd against its peers")
+    return data, md
+
+
+def test_peers_quick(runs):
+    out, stdout, _ = _finish(runs, "peers")
+    data, md = _peers_result(out)
+    assert "## Targets (issue 7)" in stdout
+    run = data["runs"][0]
+    assert run["threads"] == 1
+    assert run["pinned"]["numba"] == 1
+    assert [r["batch"] for r in run["step"]] == [1, 8]
+    assert all(r["minigd_us"] > 0 and r["numpy_us"] > 0 for r in run["step"])
+    assert run["gemm"] and run["gemm"][0]["gemm_chain_gflops"] > 0
+    assert data["stats"] and data["stats"][0]["minigd_norms_x"] > 0
+    e2e = run["e2e"][0]
+    if "skipped" not in e2e:
+        assert e2e["minigd_reached"] == "1/1"
+    torch_status = data["peers"]["torch"]
+    if HAVE_TORCH:
+        assert torch_status.startswith("torch ")
+        assert all(r["torch_us"] > 0 for r in run["step"])
+        assert "torchfunc_norms_x" in data["stats"][0]
+        assert "torch_over_minigd" in e2e
+    else:
+        assert torch_status.startswith("missing")
+        assert all("torch_us" not in r for r in run["step"])
+        assert "| missing |" in md
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: test_peers_quick covers the missing path")
+def test_peers_quick_without_torch(runs):
+    out, _, _ = _finish(runs, "peers-no-torch")
+    data, md = _peers_result(out)
+    assert data["peers"]["torch"].startswith("missing (ImportError")
+    assert data["peers"]["backpack"].startswith(("missing", "skipped"))
+    assert all("torch_us" not in r and r["minigd_us"] > 0 for r in data["runs"][0]["step"])
+    assert "torchfunc_norms_x" not in data["stats"][0]
+    assert "PyTorch: missing" in md
+    assert "| missing |" in md

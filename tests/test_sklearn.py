@@ -1,0 +1,217 @@
+"""The scikit-learn estimators: the estimator checks, the ecosystem (Pipeline,
+GridSearchCV, cross_val_score, pickle) and minigd's own options (batch size, LR scaling,
+noise tracking, partial_fit)."""
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from sklearn.base import clone  # noqa: E402
+from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import MinMaxScaler, StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+import minigd as mg  # noqa: E402
+from minigd.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+
+#: float32 arithmetic: BLAS rounds a row's dot products differently depending on the
+#: number of rows in the call and the row's position (GEMM blocking), so predictions on a
+#: subset or a permutation of X differ from those on X at float32 resolution (~1e-7
+#: relative) -- above these two checks' rtol=1e-7.  The float64 instances pass them.
+FLOAT32_EXPECTED = {
+    "check_methods_subset_invariance":
+        "float32 GEMM rounding depends on the batch shape (~1e-7 relative); passes in float64",
+    "check_methods_sample_order_invariance":
+        "float32 GEMM rounding depends on the row's position in the batch; passes in float64",
+}
+
+
+def _expected_failed(est):
+    return FLOAT32_EXPECTED if np.dtype(est.dtype) == np.float32 else {}
+
+
+@parametrize_with_checks([MLPClassifier(), MLPClassifier(dtype="float64", optimizer="sgd", learning_rate=0.01),
+                          MLPRegressor(), MLPRegressor(dtype="float64", activation="tanh")],
+                         expected_failed_checks=_expected_failed)
+def test_sklearn_estimator_checks(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)     # batch_size clipped on tiny data sets
+        check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return X[:600], y[:600]
+
+
+def test_pipeline_cross_val_score_and_grid_search(digits):
+    X, y = digits
+    pipe = make_pipeline(MinMaxScaler(), MLPClassifier((32,), epochs=8, learning_rate=0.01, random_state=0))
+    scores = cross_val_score(pipe, X, y, cv=3)
+    assert scores.shape == (3,) and scores.min() > 0.8
+    grid = GridSearchCV(pipe, {"mlpclassifier__batch_size": [16, "full"],
+                               "mlpclassifier__lr_policy": ["constant", "sqrt"]}, cv=2)
+    grid.fit(X, y)
+    assert set(grid.best_params_) == {"mlpclassifier__batch_size", "mlpclassifier__lr_policy"}
+    assert grid.best_estimator_.score(X, y) > 0.8
+    assert grid.cv_results_["mean_test_score"].shape == (4,)
+
+
+def test_classifier_labels_probabilities_and_fitted_state(digits):
+    X, y = digits
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    clf = MLPClassifier((32,), epochs=10, learning_rate=0.01, random_state=0)
+    clf.fit(X / 16.0, names[y])
+    assert clf.classes_.tolist() == sorted(names.tolist())
+    P = clf.predict_proba(X / 16.0)
+    assert P.dtype == np.float64 and P.shape == (len(X), 10)
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=1e-12)
+    assert np.array_equal(clf.predict(X / 16.0), clf.classes_[P.argmax(axis=1)])
+    np.testing.assert_allclose(clf.predict_log_proba(X / 16.0), np.log(P), atol=1e-10)
+    assert clf.score(X / 16.0, names[y]) > 0.9
+    assert clf.n_features_in_ == 64 and clf.n_iter_ == 10 and len(clf.loss_curve_) == 10
+    assert clf.t_ == 10 * len(X) and clf.batch_size_ == 32 and clf.noise_scale_ is None
+    assert isinstance(clf.model_, mg.MLP) and clf.model_.sizes == (64, 32, 10)
+    assert isinstance(clf.history_, mg.History) and clf.history_.n_steps == 10 * 19
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0]
+
+
+def test_input_conversion_is_explicit(digits):
+    X, y = digits
+    clf = MLPClassifier((8,), epochs=2, random_state=0)
+    clf.fit(X.tolist(), y.tolist())                            # lists, int pixels
+    assert clf.model_.dtype == np.float32
+    p1 = clf.predict_proba(X.astype(np.int32))
+    p2 = clf.predict_proba(X.astype(np.float64))
+    assert np.array_equal(p1, p2)
+    with pytest.raises(ValueError, match=r"^X: 1 values overflow float32"):
+        clf.predict(np.where(np.arange(X.size).reshape(X.shape) == 7, 1e300, X))
+    clf64 = MLPClassifier((8,), epochs=2, random_state=0, dtype="float64").fit(X, y)
+    assert clf64.model_.dtype == np.float64 and clf64.predict(X[:3] * 1e300).shape == (3,)
+    with pytest.raises(ValueError, match=r"X has 3 features, but MLPClassifier is expecting 64"):
+        clf.predict(X[:, :3])
+
+
+def test_regressor_single_and_multi_output():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 4))
+    Y = np.stack([X @ [1.0, -1.0, 0.5, 0.0], np.sin(X[:, 0])], axis=1)
+    reg = MLPRegressor((32,), epochs=40, random_state=0).fit(X, Y[:, 0])
+    assert reg.predict(X).shape == (300,) and reg.predict(X).dtype == np.float64
+    assert reg.score(X, Y[:, 0]) > 0.9 and reg.n_outputs_ == 1
+    reg2 = make_pipeline(StandardScaler(), MLPRegressor((32,), epochs=40, random_state=0)).fit(X, Y)
+    assert reg2.predict(X).shape == (300, 2) and reg2.score(X, Y) > 0.8
+
+
+def test_batch_size_and_learning_rate_scaling(digits):
+    X, y = digits
+    X = X / 16.0
+    for policy, expect in (("constant", 0.01), ("linear", 0.01 * 128 / 32), ("sqrt", 0.01 * 2.0)):
+        clf = MLPClassifier((8,), optimizer="sgd", learning_rate=0.01, lr_policy=policy,
+                            base_batch_size=32, batch_size=128, epochs=1, random_state=0).fit(X, y)
+        assert clf.batch_size_ == 128 and clf.learning_rate_ == pytest.approx(expect)
+        assert np.all(clf.history_.column("lr") == clf.learning_rate_)
+    clf = MLPClassifier((8,), batch_size="full", epochs=3, random_state=0).fit(X, y)
+    assert clf.batch_size_ == len(X) and clf.history_.n_steps == 3
+    with pytest.warns(UserWarning, match=r"batch_size=5000 is larger than the number of samples \(600\)"):
+        clf = MLPClassifier((8,), batch_size=5000, epochs=1, random_state=0).fit(X, y)
+    assert clf.batch_size_ == 600
+
+
+def test_noise_tracking(digits):
+    X, y = digits
+    clf = MLPClassifier((16,), batch_size=64, epochs=3, track_noise=1, random_state=0).fit(X / 16.0, y)
+    assert np.isfinite(clf.noise_scale_) and clf.noise_scale_ > 0
+    assert clf.noise_scale_ == clf.history_.noise_tracker.noise_scale
+    assert len(clf.history_.noise) == clf.history_.n_steps
+    with pytest.raises(ValueError, match=r"^track_noise: needs batches of at least 2"):
+        MLPClassifier((4,), batch_size=1, epochs=1, track_noise=True).fit(X[:20] / 16.0, y[:20])
+
+
+def test_partial_fit_continues_model_and_optimizer(digits):
+    X, y = digits
+    X = X / 16.0
+    clf = MLPClassifier((32,), random_state=0)
+    with pytest.raises(ValueError, match=r"classes must be passed on the first call"):
+        clf.partial_fit(X[:100], y[:100])
+    losses = []
+    for epoch in range(4):
+        for s in range(0, len(X), 150):
+            clf.partial_fit(X[s:s + 150], y[s:s + 150], classes=np.arange(10))
+        losses.append(clf.model_.loss(X.astype(np.float32), y))
+    assert losses[-1] < losses[0]
+    assert clf.n_iter_ == 16 and len(clf.loss_curve_) == 16 and clf.t_ == 4 * len(X)
+    assert clf.history_.opt_state.t == 4 * 4 * 5          # 150 rows / 32 -> 5 steps per call
+    with pytest.raises(ValueError, match=r"^y: expected labels among classes_"):
+        clf.partial_fit(X[:10], np.full(10, 11))
+    reg = MLPRegressor((8,), random_state=0)
+    for _ in range(3):
+        reg.partial_fit(X[:200], y[:200].astype(float))
+    assert reg.n_iter_ == 3
+    with pytest.raises(ValueError, match=r"^y: expected 1 output column"):
+        reg.partial_fit(X[:10], np.zeros((10, 2)))
+
+
+def test_pickle_clone_and_params(digits):
+    X, y = digits
+    clf = MLPClassifier((8,), epochs=2, random_state=0, track_noise=5).fit(X, y)
+    back = pickle.loads(pickle.dumps(clf))
+    assert np.array_equal(back.predict_proba(X), clf.predict_proba(X))
+    assert all(np.shares_memory(w, back.model_.params) for w in back.model_.weights)
+    back.partial_fit(X, y)                                      # training goes on after unpickling
+    assert back.n_iter_ == 3
+    c = clone(clf)
+    assert c.get_params() == clf.get_params() and not hasattr(c, "model_")
+    c.set_params(hidden_layer_sizes=(4, 4), activation="tanh")
+    assert c.fit(X, y).model_.sizes == (64, 4, 4, 10)
+    assert sorted(clf.get_params()) == sorted([
+        "hidden_layer_sizes", "activation", "optimizer", "learning_rate", "lr_policy", "base_batch_size",
+        "momentum", "weight_decay", "batch_size", "epochs", "sampler", "init", "backend", "dtype",
+        "random_state", "track_noise", "noise_beta", "verbose"])
+
+
+def test_random_state_makes_fits_reproducible(digits):
+    X, y = digits
+    a = MLPClassifier((8,), epochs=2, random_state=3).fit(X, y)
+    b = MLPClassifier((8,), epochs=2, random_state=3).fit(X, y)
+    c = MLPClassifier((8,), epochs=2, random_state=4).fit(X, y)
+    assert np.array_equal(a.model_.params, b.model_.params)
+    assert not np.array_equal(a.model_.params, c.model_.params)
+
+
+@pytest.mark.parametrize("params, exc, match", [
+    (dict(hidden_layer_sizes=(8, 0)), ValueError, r"^hidden_layer_sizes\[1\]: expected an integer >= 1"),
+    (dict(hidden_layer_sizes="8"), TypeError, r"^hidden_layer_sizes: expected an int or a sequence"),
+    (dict(activation="swish"), ValueError, r"^activation: expected one of"),
+    (dict(optimizer="lbfgs"), ValueError, r"^optimizer: expected one of \['sgd', 'adam'\]"),
+    (dict(learning_rate=0.0), ValueError, r"^learning_rate: expected a number > 0"),
+    (dict(learning_rate="fast"), TypeError, r"^learning_rate: expected a real number"),
+    (dict(lr_policy="cubic"), ValueError, r"^lr_policy: expected one of"),
+    (dict(momentum=1.0), ValueError, r"^momentum: expected a number < 1"),
+    (dict(batch_size=0), ValueError, r"^batch_size: expected an integer >= 1"),
+    (dict(batch_size="half"), ValueError, r"^batch_size: expected a positive int, 'auto' or 'full'"),
+    (dict(batch_size=2.5), TypeError, r"^batch_size: expected an integer"),
+    (dict(epochs=0), ValueError, r"^epochs: expected an integer >= 1"),
+    (dict(dtype="float16"), ValueError, r"^dtype: expected 'float32' or 'float64'"),
+    (dict(backend="tpu"), ValueError, r"^backend: expected one of"),
+    (dict(sampler="random"), ValueError, r"^sampler: expected one of"),
+    (dict(track_noise=0), ValueError, r"^track_noise: expected an integer >= 1"),
+    (dict(random_state=-1), ValueError, r"^random_state: expected None, an int"),
+    (dict(verbose="yes"), TypeError, r"^verbose: expected a bool"),
+])
+@pytest.mark.parametrize("Est", [MLPClassifier, MLPRegressor])
+def test_bad_hyper_parameters_fail_in_fit_naming_the_parameter(Est, params, exc, match):
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.arange(20) % 2
+    est = Est(**params)                                        # __init__ never validates
+    with pytest.raises(exc, match=match):
+        est.fit(X, y)
