@@ -42,12 +42,13 @@ class CpuBackend(Backend):
 
     @staticmethod
     def default_blas_min_batch(sizes, compiled_blas: bool = HAVE_SCIPY) -> int:
-        """Measured crossover (bench/crossover.py, 1 thread): loops win below it, BLAS at
-        and above.  Compiled BLAS ties the loops at batch 1 and wins from batch 2 at every
-        width measured (32-512); Python-driven BLAS pays ~40 µs of call overhead per step,
-        which only wider layers or larger batches repay."""
+        """Measured crossover (bench/crossover.py, 1 thread; bench/results/crossover.md):
+        loops win below it, BLAS at and above.  Compiled BLAS wins from batch 2 at every
+        width measured (32-512) and already at batch 1 from width 128 (by 2-9%; the loops
+        win at batch 1 only for narrow layers); Python-driven BLAS pays ~25-40 µs of call
+        overhead per step, which only wider layers or larger batches repay."""
         if compiled_blas:
-            return 2
+            return 1 if max(sizes) >= 96 else 2
         width = max(sizes)
         return 2 if width >= 512 else 4 if width >= 256 else 8 if width >= 128 else 24 if width >= 64 else 48
 
