@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Shallue et al. 2018); linear/sqrt: scaling rule from --base-batch-size; fixed: --base-lr")
     g.add_argument("--base-lr", type=float, default=0.02, help="learning rate at --base-batch-size")
     g.add_argument("--base-batch-size", type=int, default=32)
-    g.add_argument("--lr-grid", type=_csv(float), default=(0.25, 0.5, 1.0, 2.0, 4.0),
+    g.add_argument("--lr-grid", type=_csv(float), default=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
                    help="multipliers of the sqrt-rule rate tried by --lr-policy tuned")
     g.add_argument("--seeds", type=_csv(int), default=(0, 1, 2))
     g.add_argument("--widths", type=_csv(int), default=(64,), help="hidden widths (1 allowed)")

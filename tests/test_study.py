@@ -294,3 +294,13 @@ def test_report_uses_only_the_trials_of_the_recorded_study(tmp_path):
     import json
     a = json.loads((tmp_path / "report" / "analysis.json").read_text())
     assert [r["batch_size"] for r in a["architectures"][0]["per_batch"]] == [128]
+
+
+def test_a_diverging_trial_is_an_outcome_not_a_failure():
+    """Too large a learning rate: the run diverges (or its gradients overflow); the trial is
+    still recorded as ok, not reached, with the noise measurements it could make."""
+    cfg = dataclasses.replace(tiny_configs(seeds=(0,), batch_sizes=(4,))[0], lr=1e4, momentum=0.9)
+    res = run_trial(cfg)
+    assert res["status"] == "ok", res.get("error")
+    assert res["reached"] is False
+    assert all(np.isfinite(p["noise_scale"]) for p in res["noise"])

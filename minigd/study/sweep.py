@@ -47,7 +47,7 @@ class SweepSpec:
     lr_policy: str = "tuned"
     base_lr: float = 0.02
     base_batch_size: int = 32
-    lr_grid: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
+    lr_grid: tuple = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     seeds: tuple = (0, 1, 2)
     widths: tuple = (64,)
     depths: tuple = (1,)

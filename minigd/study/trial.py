@@ -29,13 +29,22 @@ def load_data(spec: DataSpec, dtype: str):
                         seed=spec.seed, dtype=dtype, **spec.kwargs())
 
 
-def _noise(model, Xs, ys) -> dict:
-    """Exact gradient moments on a fixed subset: B_simple = tr(Sigma)/|G|^2."""
+def _noise(model, Xs, ys) -> dict | None:
+    """Exact gradient moments on a fixed subset: B_simple = tr(Sigma)/|G|^2; None when the
+    gradients are not finite there (a run on its way to diverging)."""
     from minigd import grad_moments
 
-    m = grad_moments(model, Xs, ys)
+    try:
+        m = grad_moments(model, Xs, ys)
+    except (ValueError, FloatingPointError):
+        return None
     return {"noise_scale": float(m.noise_scale), "trace_cov": float(m.trace_cov),
             "grad_norm_sq": float(m.grad_norm_sq)}
+
+
+def _noise_record(step, examples, model, Xs, ys) -> list:
+    n = _noise(model, Xs, ys)
+    return [] if n is None else [{"step": step, "examples": examples, **n}]
 
 
 def _optimizer(cfg: TrialConfig):
@@ -106,13 +115,13 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         raise ValueError(f"target_metric: expected 'val_loss' (with a loss target) for the regression "
                          f"dataset {cfg.data.name!r}, got {target_metric!r}")
 
-    noise = [{"step": 0, "examples": 0, **_noise(model, Xs, ys)}]
+    noise = _noise_record(0, 0, model, Xs, ys)
     next_noise = [1]
 
     class NoiseProbe:
         def on_eval(self, m, rec):
             if rec["step"] >= next_noise[0]:
-                noise.append({"step": rec["step"], "examples": rec["examples"], **_noise(m, Xs, ys)})
+                noise.extend(_noise_record(rec["step"], rec["examples"], m, Xs, ys))
                 next_noise[0] = 2 * rec["step"]
             return False
 
@@ -127,8 +136,8 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         hist = err.history
         model.params[...] = err.params
     if not noise or noise[-1]["step"] != hist.n_steps:
-        noise.append({"step": hist.n_steps, "examples": int(hist.column("examples")[-1]) if hist.n_steps else 0,
-                      **_noise(model, Xs, ys)})
+        noise.extend(_noise_record(hist.n_steps, int(hist.column("examples")[-1]) if hist.n_steps else 0,
+                                   model, Xs, ys))
     train = model.evaluate(Xtr, ytr)
     val = model.evaluate(Xva, yva)
     steps = hist.n_steps
