@@ -13,6 +13,18 @@ from minigd._io import atomic_path
 STEP_COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples", "time")
 
 
+def _columns(recs) -> list:
+    """STEP_COLUMNS, then every other key of the records in order of appearance."""
+    keys = list(STEP_COLUMNS)
+    seen = set(keys)
+    for r in recs:
+        for k in r:
+            if k not in seen:
+                seen.add(k)
+                keys.append(k)
+    return keys
+
+
 class History:
     """What :func:`minigd.fit` recorded.
 
@@ -136,12 +148,7 @@ class History:
             raise ImportError("History.to_frame() needs pandas, which is not installed: "
                               "pip install pandas (or use History.records / History.to_csv)") from exc
         recs = self.records
-        keys = list(STEP_COLUMNS)
-        for r in recs:
-            for k in r:
-                if k not in keys:
-                    keys.append(k)
-        return pd.DataFrame.from_records(recs, columns=keys)
+        return pd.DataFrame.from_records(recs, columns=_columns(recs))
 
     def __len__(self) -> int:
         return self.n_steps
@@ -153,11 +160,7 @@ class History:
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write :attr:`records` as CSV, atomically (temp file + rename)."""
         recs = self.records
-        keys = list(STEP_COLUMNS)
-        for r in recs:
-            for k in r:
-                if k not in keys:
-                    keys.append(k)
+        keys = _columns(recs)
         with atomic_path(path) as tmp:
             with open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=keys, restval="")
