@@ -5,6 +5,7 @@ Usage::
     python bench/peers.py              # everything; writes bench/results/peers.{md,json,png}
     python bench/peers.py --quick      # tiny sizes, one round (the smoke test uses this)
     python bench/peers.py --threads 1 --sections step,gemm --rounds 5
+    python bench/peers.py --render bench/results/peers.json   # rebuild peers.md/.png only
 
 Optional peers (each one missing is reported as missing, never faked)::
 
@@ -872,6 +873,16 @@ def machine() -> dict:
     except Exception:  # pragma: no cover
         pass
     try:
+        root = os.path.dirname(HERE)
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "minigd", "kernels"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            info["minigd_commit"] = head.stdout.strip() + (" (+ uncommitted changes in minigd/kernels)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
         import scipy
         info["scipy"] = scipy.__version__
         blas = scipy.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
@@ -950,7 +961,7 @@ def to_markdown(result: dict) -> str:
     L = ["# minigd against its peers (bench/peers.py)", "",
          f"Machine: {mi.get('cpu')} ({mi.get('logical_cpus')} logical CPUs; {mi.get('simd')}); {mi.get('platform')}; "
          f"Python {mi.get('python')}.", "",
-         f"- minigd: numba {mi.get('numba')}; numpy {mi.get('numpy')} ({mi.get('numpy_blas')}); "
+         f"- minigd{(' ' + mi['minigd_commit']) if mi.get('minigd_commit') else ''}: numba {mi.get('numba')}; numpy {mi.get('numpy')} ({mi.get('numpy_blas')}); "
          f"scipy {mi.get('scipy')} ({mi.get('scipy_blas', '-')}; the BLAS minigd's compiled step calls)",
          f"- PyTorch: {ti.get('version') or 'missing'}" + (f" ({_torch_build_summary(ti.get('config', ''))})" if ti.get('version') else ""),
          "- peers: " + "; ".join(f"{k}: {v}" for k, v in result["peers"].items()),
@@ -1150,7 +1161,8 @@ def plot(result: dict, path: str) -> None:
                                            ("torch_gflops", "PyTorch step", "C3"))):
             a.bar([x + (i - 1.5) * width for x in xs], [g.get(key, float("nan")) for _, g in rowsg], width,
                   color=c, label=lab)
-        a.set_xticks(list(xs), [f"{g['model']}\nB={g['batch']}, {t}T" for t, g in rowsg], fontsize=6)
+        a.set_xticks(list(xs), [f"{g['model']}\nB={g['batch']}, {t}T" for t, g in rowsg], fontsize=6,
+                     rotation=35, ha="right")
         a.set(ylabel="GFLOP/s (GEMM FLOPs of one step)", title="GEMM throughput at large batches")
         _legend(a, fontsize=7)
     else:
@@ -1163,6 +1175,15 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     _atomic_write(path, buf.getvalue())
+
+
+def _plot_if_possible(result: dict, path: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _log("matplotlib is not installed: no peers.png (pip install matplotlib)")
+        return
+    plot(result, path)
 
 
 def main(argv=None) -> dict:
@@ -1182,12 +1203,24 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=5, help="end-to-end runs per batch size")
     p.add_argument("--out", default=None,
                    help="directory for peers.md/.json/.png (default bench/results, or nothing with --quick; '' = don't write)")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only rebuild peers.md / peers.png (in --out, default the JSON's folder) from a saved peers.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         _child(args)
         return {}
+    if args.render:
+        with open(args.render) as f:
+            result = json.load(f)
+        out_dir = args.out if args.out is not None else os.path.dirname(os.path.abspath(args.render))
+        md = to_markdown(result)
+        print(md)
+        if out_dir:
+            _atomic_write(os.path.join(out_dir, "peers.md"), md)
+            _plot_if_possible(result, os.path.join(out_dir, "peers.png"))
+        return result
     t_start = time.perf_counter()
     sections = [s for s in args.sections.split(",") if s]
     bad = set(sections) - set(SECTIONS)
@@ -1238,7 +1271,7 @@ def main(argv=None) -> dict:
         args.out = out_dir
         _atomic_write(os.path.join(args.out, "peers.json"), json.dumps(result, indent=1))
         _atomic_write(os.path.join(args.out, "peers.md"), md)
-        plot(result, os.path.join(args.out, "peers.png"))
+        _plot_if_possible(result, os.path.join(args.out, "peers.png"))
     return result
 
 
