@@ -61,6 +61,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from _common import cpu_model, synthetic_data  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
@@ -135,8 +137,7 @@ def measure(models, batches, rounds: int, target_s: float) -> list:
     rows = []
     for sizes in models:
         n = max(2 * max(batches), 1024)
-        X = rng.standard_normal((n, sizes[0])).astype(np.float32)
-        y = rng.integers(0, sizes[-1], n).astype(np.int64)
+        X, y = synthetic_data(rng, sizes, n)
         for B in batches:
             fns, blas, P = _runners(sizes, B, X, y)
             reps = {}
@@ -165,15 +166,8 @@ def measure(models, batches, rounds: int, target_s: float) -> list:
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(),
-            "threads": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+            "threads": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+            "cpu": cpu_model()}
     import numba
     info["numpy"] = np.__version__
     info["numba"] = numba.__version__

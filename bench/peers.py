@@ -89,6 +89,8 @@ import sys
 import tempfile
 import time
 
+from _common import cpu_model, synthetic_data
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
@@ -396,8 +398,7 @@ def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, thre
     rows, gemm_rows = [], []
     for sizes in models:
         n = max(batches) * 2
-        X = rng.standard_normal((n, sizes[0])).astype(np.float32)
-        y = rng.integers(0, sizes[-1], n).astype(np.int64)
+        X, y = synthetic_data(rng, sizes, n)
         yf = np.empty((0, sizes[-1]), np.float32)
         for B in batches:
             idx = rng.permutation(n)[:B].astype(np.int64)
@@ -535,8 +536,7 @@ def measure_stats(models, batches, peers, rounds, target_s, gap_s) -> list:
     rows = []
     for sizes in models:
         n = max(2 * max(batches), 1024)
-        X = rng.standard_normal((n, sizes[0])).astype(np.float32)
-        y = rng.integers(0, sizes[-1], n).astype(np.int64)
+        X, y = synthetic_data(rng, sizes, n)
         for B in batches:
             idx = np.random.default_rng(1).permutation(n)[:B].astype(np.int64)
             runners = {}
@@ -850,14 +850,10 @@ def _run_child(kind: str, config: dict, peers: str, threads: int) -> dict:
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": platform.processor() or "?", "logical_cpus": os.cpu_count()}
+            "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
     try:
         with open("/proc/cpuinfo") as f:
             txt = f.read()
-        for line in txt.splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
         flags = next((ln for ln in txt.splitlines() if ln.startswith("flags")), "")
         info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
                                 if f" {f}" in flags)

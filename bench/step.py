@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from _common import cpu_model, synthetic_data
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
@@ -61,8 +63,7 @@ def _measure(models, batches, backends, target_s: float, rounds: int) -> list:
     rows = []
     for sizes in models:
         n = max(batches) * 2
-        X = rng.standard_normal((n, sizes[0])).astype(np.float32)
-        y = rng.integers(0, sizes[-1], n).astype(np.int64)
+        X, y = synthetic_data(rng, sizes, n)
         yf = np.empty((0, sizes[-1]), np.float32)
         for B in batches:
             idx = rng.permutation(n)[:B].astype(np.int64)
@@ -153,15 +154,7 @@ def compile_times(env: dict) -> dict:
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": platform.processor()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+            "cpu": cpu_model()}
     try:
         import numba
         import numpy as np
