@@ -411,7 +411,6 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, numbers.Real)
                                  or not max_time > 0):
         raise ValueError(f"max_time: expected a positive number of seconds, got {max_time!r}")
-    Xv = yvi = yvf = None
     if validation is not None:
         if not (isinstance(validation, (tuple, list)) and len(validation) == 2):
             raise TypeError(f"validation: expected a pair (X_val, y_val), got {_got(validation)}")
