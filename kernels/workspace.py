@@ -16,9 +16,13 @@ class ParamLayout:
     """Offsets and shapes of W_l, b_l in the flat parameter vector (W0, b0, W1, b1, ...).
 
     W_l has shape (sizes[l], sizes[l+1]), row-major; b_l has shape (sizes[l+1],).
+    With ``batch_norm`` the batch-norm scale and shift of every hidden layer follow the
+    last bias: gamma_0, beta_0, gamma_1, beta_1, ... (each (sizes[l+1],)), so the
+    weights and biases keep the offsets of the plain model.
     """
 
     sizes: tuple
+    batch_norm: bool = False
 
     @property
     def n_layers(self) -> int:
@@ -33,8 +37,45 @@ class ParamLayout:
         return tuple(self._offsets()[1])
 
     @property
-    def n_params(self) -> int:
+    def n_dense(self) -> int:
+        """Number of weights and biases (the offset of the batch-norm block)."""
         return int(sum(a * b + b for a, b in zip(self.sizes[:-1], self.sizes[1:])))
+
+    @property
+    def hidden(self) -> tuple:
+        """Widths of the hidden layers."""
+        return tuple(self.sizes[1:-1])
+
+    @property
+    def n_params(self) -> int:
+        return self.n_dense + (2 * sum(self.hidden) if self.batch_norm else 0)
+
+    @property
+    def n_running(self) -> int:
+        """Length of the running-statistics vector (mean and variance per hidden unit)."""
+        return 2 * sum(self.hidden) if self.batch_norm else 0
+
+    def bn_views(self, params: np.ndarray):
+        """(gammas, betas): lists of views into ``params``, one per hidden layer (empty
+        arrays without batch norm, so kernels keep one signature)."""
+        return self._pairs(params, self.n_dense, self.batch_norm)
+
+    def running_views(self, running: np.ndarray):
+        """(means, variances): views into the running-statistics vector (mean_0, var_0,
+        mean_1, var_1, ...)."""
+        return self._pairs(running, 0, self.batch_norm)
+
+    def _pairs(self, vec, off, on):
+        first, second = [], []
+        for n in self.hidden:
+            if not on:
+                first.append(vec[:0])
+                second.append(vec[:0])
+                continue
+            first.append(vec[off:off + n])
+            second.append(vec[off + n:off + 2 * n])
+            off += 2 * n
+        return first, second
 
     def _offsets(self):
         wo, bo, off = [], [], 0

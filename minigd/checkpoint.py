@@ -43,6 +43,7 @@ import numpy as np
 from minigd._io import atomic_path
 from minigd._validation import _got
 from minigd.history import STEP_COLUMNS, History
+from minigd.kernels.workspace import ParamLayout
 from minigd.model import MLP
 from minigd.optim.base import OptState, Optimizer, Primitive, fusion_plan
 
@@ -257,6 +258,8 @@ def save_checkpoint(path: str | os.PathLike, model: MLP, opt_state: OptState | N
     if not isinstance(model, MLP):
         raise TypeError(f"model: expected a minigd.MLP, got {_got(model)}")
     arrays: dict = {"params": model.params}
+    if model.running.size:         # batch norm's running statistics
+        arrays["running"] = model.running
     meta: dict = {"format": FORMAT, "format_version": FORMAT_VERSION,
                   "created_unix": time.time(), "model": model.config()}
     try:
@@ -479,7 +482,7 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
     if params is None or not isinstance(sizes, list) or len(sizes) < 2 \
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
         raise _Corrupt(f"the saved model configuration is invalid (sizes={sizes!r})")
-    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    n_params = ParamLayout(tuple(sizes), batch_norm=cfg.get("batch_norm", False) not in (False, None)).n_params
     if params.shape != (n_params,):     # checked before building: never allocate for a bad table
         raise _Corrupt(f"params has shape {params.shape}, the saved sizes {sizes} need ({n_params},)")
     try:
@@ -491,6 +494,13 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
                        f"{getattr(params, 'dtype', None)}, the model needs "
                        f"({model.n_params},) {model.dtype}")
     model.params[...] = params
+    running = arrays.get("running")
+    if model.running.size:
+        if running is None or running.shape != model.running.shape or running.dtype != model.dtype:
+            raise _Corrupt(f"the batch-norm running statistics are missing or have the wrong shape "
+                           f"(got {getattr(running, 'shape', None)}, expected {model.running.shape} "
+                           f"{model.dtype})")
+        model.running[...] = running
 
     opt_state = None
     if meta.get("opt") is not None:

@@ -1,6 +1,7 @@
 """The MLP model: layer sizes, activations, a loss, and one flat parameter vector."""
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -9,6 +10,7 @@ from numpy.typing import DTypeLike
 from minigd import nn
 from minigd._validation import (check_choice, check_dtype, check_int, check_seed, check_X, check_y)
 from minigd.backends import get_backend_class
+from minigd.backends.base import BN_AFTER, BN_BEFORE, BN_NONE, NormSpec
 from minigd.kernels.workspace import ParamLayout
 
 #: rows per chunk when evaluating on more examples than one batch
@@ -38,9 +40,22 @@ class MLP:
     seed : int or numpy.random.Generator
     backend : str
         ``cpu`` (Numba, default), ``numpy`` (the reference) or ``gpu``.
-    batch_norm, ghost_batch_size, dropout
-        Reserved by the API (batch norm, ghost batch norm, dropout); not implemented yet:
-        only the "off" values ``False``, ``None``, ``0.0`` are accepted.
+    batch_norm : bool or str
+        ``True`` (or ``"before"``): batch norm after each hidden linear layer, before its
+        activation; ``"after"``: after the activation.  Learnable scale (``bn_scales``,
+        init 1) and shift (``bn_shifts``, init 0) as PyTorch's BatchNorm1d: eps 1e-5,
+        normalised with the biased batch variance; running statistics (``running_mean``,
+        ``running_var``) for evaluation mode, updated by ``fit`` once per step with
+        momentum 0.1 from the whole batch's mean and unbiased variance.
+    ghost_batch_size : int, optional
+        Ghost batch norm (Hoffer et al. 2017): in training mode each batch is normalised
+        in consecutive chunks of this many rows (the last may be smaller); None: the
+        whole batch.  A ghost batch of 1 row has zero variance and is an error.
+    dropout : float
+        Inverted dropout on the hidden activations (after batch norm) in training mode:
+        each unit is zeroed with this probability and kept units are scaled by
+        1 / (1 - dropout).  Masks come from the seeded generator (``fit``'s seed in
+        training; the model's own seed for ``loss_and_grad`` / ``forward(training=True)``).
 
     Attributes
     ----------
@@ -63,13 +78,6 @@ class MLP:
                  seed: int | np.random.Generator | None = 0, backend: str = "cpu",
                  batch_norm: bool = False, ghost_batch_size: int | None = None,
                  dropout: float = 0.0) -> None:
-        # API.md's batch norm / ghost batch norm / dropout are not built yet (issue 5): the
-        # "off" values are accepted, anything else is a clear error rather than ignored.
-        if batch_norm is not False or ghost_batch_size is not None or dropout != 0.0:
-            raise NotImplementedError(
-                f"batch_norm={batch_norm!r}, ghost_batch_size={ghost_batch_size!r}, dropout={dropout!r}: "
-                f"batch normalisation, ghost batch norm and dropout are not implemented in this "
-                f"version of minigd (only batch_norm=False, ghost_batch_size=None, dropout=0.0)")
         if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) < 2:
             raise ValueError(f"sizes: expected a sequence of at least 2 layer sizes (input, ..., output), "
                              f"got {sizes!r}")
@@ -91,17 +99,25 @@ class MLP:
         self.loss_name = check_choice("loss", loss, nn.LOSSES)
         self.dtype = check_dtype("dtype", dtype)
         self.init = check_choice("init", init, nn.INITS)
-        self.layout = ParamLayout(sizes)
+        self.norm = _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden)
+        self.layout = ParamLayout(sizes, batch_norm=bool(self.norm.bn))
         cls = get_backend_class(backend) if isinstance(backend, str) else None
         if cls is None:
             raise ValueError(f"backend: expected a backend name, got {backend!r}")
         self._backend_name = backend
         self.params = np.zeros(self.layout.n_params, dtype=self.dtype)
         self.weights, self.biases = self.layout.views(self.params)
+        self.bn_scales, self.bn_shifts = self.layout.bn_views(self.params)
+        #: running mean and variance of every batch-normalised layer, (mean_0, var_0, ...)
+        self.running = np.zeros(self.layout.n_running, dtype=self.dtype)
+        self.running_mean, self.running_var = self.layout.running_views(self.running)
         rng = check_seed("seed", seed)
         self._init_params(rng)
+        #: the generator of the dropout masks of loss_and_grad / forward(training=True)
+        self.rng = np.random.default_rng(rng.integers(2 ** 63)) if self.norm.dropout > 0 else None
         self.backend_impl = cls(self.layout, [nn.ACTIVATIONS[a] for a in self.activations],
-                                nn.LOSSES[self.loss_name], self.dtype)
+                                nn.LOSSES[self.loss_name], self.dtype, self.norm)
+        self.backend_impl.running = self.running
         self._grad = np.zeros_like(self.params)
 
     # -- structure -------------------------------------------------------------------------
@@ -146,35 +162,57 @@ class MLP:
             else:
                 W[...] = rng.normal(0.0, np.sqrt(var), size=W.shape)
             b[...] = 0
+        for g in self.bn_scales:
+            g[...] = 1
+        for v in self.running_var:
+            v[...] = 1
+
+    @property
+    def batch_norm(self):
+        return {BN_NONE: False, BN_BEFORE: True, BN_AFTER: "after"}[self.norm.bn]
 
     def config(self) -> dict:
         """The constructor arguments (without seed): enough to rebuild the architecture."""
-        return dict(sizes=list(self.sizes), activation=list(self.activations), loss=self.loss_name,
-                    dtype=str(self.dtype), init=self.init, backend=self.backend)
+        cfg = dict(sizes=list(self.sizes), activation=list(self.activations), loss=self.loss_name,
+                   dtype=str(self.dtype), init=self.init, backend=self.backend)
+        if self.norm.bn or self.norm.dropout > 0:    # plain models keep their old configuration
+            cfg.update(batch_norm=self.batch_norm, ghost_batch_size=self.norm.ghost,
+                       dropout=self.norm.dropout)
+        return cfg
 
     def to(self, backend: str) -> "MLP":
-        """A copy of this model (same parameters) on another backend."""
+        """A copy of this model (same parameters and running statistics) on another backend."""
         cfg = self.config()
         cfg["backend"] = backend
         m = MLP(**cfg, seed=0)
         m.params[...] = self.params
+        m.running[...] = self.running
+        if self.rng is not None:
+            m.rng.bit_generator.state = self.rng.bit_generator.state
         return m
 
     def __getstate__(self) -> dict:
         # weights/biases are views into params: rebuild them on unpickling instead of
         # letting pickle copy them into independent arrays
-        return {"config": self.config(), "params": self.params.copy()}
+        return {"config": self.config(), "params": self.params.copy(), "running": self.running.copy()}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state["config"], seed=0)
         self.params[...] = state["params"]
+        if "running" in state:
+            self.running[...] = state["running"]
 
     def copy(self) -> "MLP":
         return self.to(self.backend)
 
     def __repr__(self):
+        extra = ""
+        if self.norm.bn:
+            extra += f", batch_norm={self.batch_norm!r}, ghost_batch_size={self.norm.ghost!r}"
+        if self.norm.dropout > 0:
+            extra += f", dropout={self.norm.dropout!r}"
         return (f"MLP({list(self.sizes)}, activation={list(self.activations)}, loss={self.loss_name!r}, "
-                f"dtype={str(self.dtype)!r}, backend={self.backend!r}, n_params={self.n_params})")
+                f"dtype={str(self.dtype)!r}, backend={self.backend!r}{extra}, n_params={self.n_params})")
 
     # -- validation ------------------------------------------------------------------------
     def check_X(self, X: Any, name: str = "X") -> np.ndarray:
@@ -195,15 +233,31 @@ class MLP:
     def forward(self, X: np.ndarray, training: bool = False) -> np.ndarray:
         """Outputs before the loss's link, (n, n_out): logits for the classification losses.
 
-        ``training`` selects batch/ghost statistics and dropout once those layers exist;
-        for the plain MLP both modes compute the same function.
+        Evaluation mode by default (running statistics, no dropout).  ``training=True``
+        normalises X as one batch (in ghost batches) and draws dropout masks from
+        ``model.rng``; it does not update the running statistics.  For a model without
+        batch norm and dropout both modes compute the same function.
         """
+        if not isinstance(training, bool):
+            raise TypeError(f"training: expected a bool, got {type(training).__name__} {training!r}")
         X = self.check_X(X)
         n = X.shape[0]
         out = np.empty((n, self.n_out), dtype=self.dtype)
+        if training and (self.norm.bn or self.norm.dropout > 0):
+            idx = np.arange(n, dtype=np.int64)
+            self._prepare_training(n, "X")
+            out[...] = self.backend_impl.forward(self.params, X, idx, n, training=True)
+            return out
         for s, idx in self._chunks(n):
             out[s:s + len(idx)] = self.backend_impl.forward(self.params, X, idx, len(idx))
         return out
+
+    def _prepare_training(self, B: int, name: str) -> None:
+        """Before a training-mode pass over B rows: check the ghost batches, draw masks."""
+        self.norm.check_batch(B, name)
+        self.backend_impl.reserve(B)
+        if self.rng is not None:
+            self.backend_impl.draw_dropout(self.rng, B)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities: softmax (cross_entropy; (n, n_out)) or sigmoid
@@ -233,9 +287,12 @@ class MLP:
         n = X.shape[0]
         total = 0.0
         grad = np.zeros(self.n_params, np.float64) if want_grad else None
-        for s, idx in self._chunks(n):
+        # batch norm normalises the whole batch together: no chunks in training mode
+        chunks = [(0, np.arange(n, dtype=np.int64))] if (want_grad and self.norm.bn) else self._chunks(n)
+        for s, idx in chunks:
             B = len(idx)
             if want_grad:
+                self._prepare_training(B, "X")
                 loss, _ = self.backend_impl.loss_grad(self.params, self._grad, X, yi, yf, idx, B)
                 if n <= EVAL_CHUNK:
                     return loss, self._grad.copy()
@@ -252,7 +309,9 @@ class MLP:
         return self._loss_grad_chunked(X, yi, yf, want_grad=False)[0]
 
     def loss_and_grad(self, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """(mean loss, gradient of the mean loss as a flat (P,) array), training mode."""
+        """(mean loss, gradient of the mean loss as a flat (P,) array), training mode:
+        X is one batch (normalised in ghost batches with batch norm; fresh dropout masks
+        from ``model.rng``).  Running statistics are not updated."""
         X, yi, yf = self.check_Xy(X, y)
         return self._loss_grad_chunked(X, yi, yf, want_grad=True)
 
@@ -270,3 +329,30 @@ class MLP:
         """Accuracy (classification) or negative mean loss (regression)."""
         r = self.evaluate(X, y)
         return r.get("accuracy", -r["loss"])
+
+
+def _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden: int) -> NormSpec:
+    codes = {False: BN_NONE, True: BN_BEFORE, "before": BN_BEFORE, "after": BN_AFTER}
+    if not isinstance(batch_norm, (bool, str)) or batch_norm not in codes:
+        raise ValueError(f"batch_norm: expected False, True, 'before' or 'after', got {batch_norm!r}")
+    bn = codes[batch_norm]
+    if bn and n_hidden == 0:
+        raise ValueError(f"batch_norm: normalises hidden layers, and a model of depth 0 has none "
+                         f"(batch_norm={batch_norm!r})")
+    ghost = None
+    if ghost_batch_size is not None:
+        if not bn:
+            raise ValueError(f"ghost_batch_size: needs batch_norm (ghost batches are batch-norm "
+                             f"statistics), got ghost_batch_size={ghost_batch_size!r} with "
+                             f"batch_norm={batch_norm!r}")
+        ghost = check_int("ghost_batch_size", ghost_batch_size, low=1)
+        if ghost == 1:
+            raise ValueError("ghost_batch_size: expected an int >= 2, got 1 (a ghost batch of 1 row "
+                             "has zero variance, so batch norm would divide by sqrt(eps))")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+            or not (0.0 <= float(dropout) < 1.0):
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if dropout > 0 and n_hidden == 0:
+        raise ValueError(f"dropout: applies to hidden activations, and a model of depth 0 has "
+                         f"none (dropout={dropout!r})")
+    return NormSpec(bn=bn, ghost=ghost, dropout=float(dropout))

@@ -246,7 +246,8 @@ class _BaseMLP(BaseEstimator):
         state = dict(state)
         m = state.get("model_")
         if isinstance(m, MLP):
-            state["model_"] = {"__minigd_mlp__": m.config(), "params": m.params.copy()}
+            state["model_"] = {"__minigd_mlp__": m.config(), "params": m.params.copy(),
+                               "running": m.running.copy()}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -255,6 +256,8 @@ class _BaseMLP(BaseEstimator):
         if isinstance(m, dict) and "__minigd_mlp__" in m:
             model = MLP(**m["__minigd_mlp__"], seed=0)
             model.params[...] = m["params"]
+            if "running" in m:
+                model.running[...] = m["running"]
             state["model_"] = model
         if hasattr(super(), "__setstate__"):
             super().__setstate__(state)

@@ -53,6 +53,24 @@ def _check_batch_size(batch_size, n):
     return BatchSizeSchedule(B)
 
 
+def _check_norm_batches(model, bs, n, sampler, drop_last, track_noise):
+    """Batch norm in training mode needs >= 2 rows in every ghost batch: check every batch
+    this run will take before the first step, not when a partial last batch comes."""
+    if not model.norm.bn:
+        return
+    if track_noise is not None:
+        raise ValueError(f"track_noise: the tracked noise statistics need per-example gradients, "
+                         f"which are not defined for a model with batch_norm (got "
+                         f"track_noise={track_noise!r})")
+    for B in sorted({bs.initial} | {b for _, b in bs.milestones}):
+        sizes = {B}
+        if not drop_last and sampler != "replacement" and n % B:
+            sizes.add(n % B)
+        for b in sorted(sizes):
+            what = "batch_size" if b == B else f"batch_size (the last batch of an epoch holds {n} % {B} = {b} rows; drop_last=True drops it)"
+            model.norm.check_batch(b, what)
+
+
 def _check_target(target):
     if target is None:
         return None
@@ -170,10 +188,10 @@ def _restore(ck, model, optimizer, fit_info, n, target):
                          f"load it with load_checkpoint and continue by hand")
     mine = model.config()
     theirs = ck.model.config()
-    for key in ("sizes", "activation", "loss", "dtype"):
-        if mine[key] != theirs[key]:
-            raise ValueError(f"{name} holds a model with {key}={theirs[key]!r}, this model has "
-                             f"{key}={mine[key]!r}")
+    for key in ("sizes", "activation", "loss", "dtype", "batch_norm", "ghost_batch_size", "dropout"):
+        if mine.get(key) != theirs.get(key):
+            raise ValueError(f"{name} holds a model with {key}={theirs.get(key)!r}, this model has "
+                             f"{key}={mine.get(key)!r}")
     saved = info["fit"]
     for key, val in fit_info.items():
         if saved.get(key) != val:
@@ -422,6 +440,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         raise ValueError(f"target: accuracy needs a classification loss, the model's loss is {model.loss_name!r}")
     eval_train = bool(eval_train) or bool(target and any(k.startswith("train_") for k in target))
     rng = check_seed("seed", seed)
+    _check_norm_batches(model, bs, n, sampler, drop_last, track_noise)
     tracker = _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler)
     if tracker is not None:
         from minigd.kernels.cpu_stats import sum64   # numba: imported only when tracking
@@ -459,6 +478,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     n_eval = max(len(Xv) if validation is not None else 0, n if eval_train else 0)
     impl.reserve(max(bs.max_batch, min(n_eval, EVAL_CHUNK)))
     params, grad = model.params, model._grad
+    bn, dropout = bool(model.norm.bn), model.norm.dropout > 0
     lr_fn = optimizer.lr if callable(optimizer.lr) else None
     order = np.arange(n, dtype=np.int64)
     seq = np.arange(n, dtype=np.int64)
@@ -573,13 +593,19 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                 lr = float(lr_fn(step)) if lr_fn is not None else lr_const
                 t0 = time.perf_counter()
                 if tracker is None:
+                    if dropout:     # the step's masks, from the sampler's generator
+                        impl.draw_dropout(rng, b)
                     loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1)
+                    if bn and ok:   # once per step, from this batch's statistics
+                        impl.update_running(b)
                     train_time += time.perf_counter() - t0
                 else:
                     track = step % track_noise == 0
                     if track and track_gsnr is not None and step % track_gsnr == 0 and b >= 2:
                         tracker.add_extra(step, gsnr_summary(model, X, yi, yf, idx))
                         t0 = time.perf_counter()      # the GSNR pass is not training time
+                    if dropout:
+                        impl.draw_dropout(rng, b)
                     loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1,
                                                     track)
                     train_time += time.perf_counter() - t0

@@ -46,31 +46,137 @@ Per-example gradient statistics (:mod:`minigd.gradstats`):
     the (B,) per-example squared gradient norms left by the last
     ``train_step(..., want_sqn=True)`` (a workspace view).
 
+Batch norm and dropout (``norm``, a :class:`NormSpec`; None for the plain MLP):
+
+``forward(params, X, idx, B, training=False)``
+    ``training=True`` normalises with the batch's (ghost) statistics and applies the
+    current dropout masks; evaluation mode uses ``self.running`` and no dropout.
+``loss_grad`` / ``train_step`` / ``per_example_*``
+    are always training mode.  The dropout masks of a batch are drawn explicitly, by
+    ``draw_dropout(rng, B)``, before the call: the same masks then serve any number of
+    calls (a finite-difference check, a statistic and the step itself).
+``update_running(B)``
+    folds the (whole-batch) statistics of the last training-mode pass into ``running``
+    with the momentum (once per optimizer step, by ``fit``).
+
+Per-example quantities are not defined with batch norm (it couples the examples of a
+ghost batch): the backends raise :class:`ValueError` for them (see
+:func:`check_per_example`).  With dropout alone they are: example r's gradient is taken
+with its own mask row.
+
 All arrays are C-contiguous, of the model dtype (labels int64); ``idx`` is int64.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from minigd.kernels.workspace import ParamLayout, Workspace
 
 
+#: batch-norm placement codes (kernels branch on these, never on names)
+BN_NONE, BN_BEFORE, BN_AFTER = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Batch norm and dropout of the hidden layers (see :class:`minigd.MLP`).
+
+    ``bn``: BN_NONE, BN_BEFORE (normalise z_l before the activation) or BN_AFTER
+    (normalise the activation); ``ghost``: rows per ghost batch in training mode (None:
+    the whole batch); ``dropout``: drop probability of hidden activations.  ``eps`` and
+    ``momentum`` follow PyTorch's BatchNorm1d.
+    """
+
+    bn: int = BN_NONE
+    ghost: int | None = None
+    dropout: float = 0.0
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+    def ghost_size(self, B: int) -> int:
+        """Rows per ghost batch for a training batch of B rows."""
+        return B if self.ghost is None else min(self.ghost, B)
+
+    def check_batch(self, B: int, name: str = "batch_size") -> None:
+        """Batch norm in training mode needs >= 2 rows in every ghost batch."""
+        if not self.bn:
+            return
+        g = self.ghost_size(B)
+        if B == 1:
+            raise ValueError(f"{name}: batch norm in training mode needs batches of at least 2 "
+                             f"rows (a batch of 1 has zero variance), got a batch of 1")
+        if B % g == 1:
+            raise ValueError(f"ghost_batch_size: a batch of {B} rows in ghost batches of {g} leaves "
+                             f"a last ghost batch of 1 row, whose variance is zero in training "
+                             f"mode; choose batch and ghost sizes with B % ghost_batch_size != 1")
+
+
+def check_per_example(norm: "NormSpec | None", what: str) -> None:
+    """Per-example gradients are not defined through batch norm: say so, never return a
+    number that means something else."""
+    if norm is not None and norm.bn:
+        raise ValueError(f"{what}: per-example gradients are not defined for a model with "
+                         f"batch_norm (batch norm couples the examples of a (ghost) batch, so "
+                         f"no example has a gradient of its own); use a model without "
+                         f"batch_norm, or mini-batch gradients (model.loss_and_grad)")
+
+
 class Backend:
     name = "?"
 
-    def __init__(self, layout: ParamLayout, act_codes, loss_code: int, dtype):
+    def __init__(self, layout: ParamLayout, act_codes, loss_code: int, dtype,
+                 norm: NormSpec | None = None):
         self.layout = layout
         self.act_codes = tuple(int(a) for a in act_codes)
         self.loss_code = int(loss_code)
         self.dtype = np.dtype(dtype)
         self.ws: Workspace | None = None
+        self.norm = norm if (norm is not None and (norm.bn or norm.dropout > 0)) else None
+        #: running mean/variance (mean_0, var_0, mean_1, ...), owned by the model
+        self.running = np.zeros(layout.n_running, self.dtype)
+        self.masks: list = []       # per hidden layer: (capacity, n_l) inverted-dropout masks
+        self._unif: list = []       # per hidden layer: (capacity, n_l) float64 uniforms
+        self._keep: list = []       # per hidden layer: (capacity, n_l) bool
+
+    @property
+    def dropout(self) -> float:
+        return 0.0 if self.norm is None else self.norm.dropout
 
     # -- workspace -------------------------------------------------------------------------
     def reserve(self, capacity: int) -> Workspace:
         """Make sure the workspace holds at least ``capacity`` rows."""
         if self.ws is None or self.ws.capacity < capacity:
             self.ws = Workspace(self.layout, self.act_codes, int(capacity), self.dtype)
+            self._reserve_norm(int(capacity))
         return self.ws
+
+    def _reserve_norm(self, capacity: int) -> None:
+        """Per-row buffers of batch norm / dropout (backends add their own)."""
+        if self.dropout > 0:
+            hid = self.layout.hidden
+            self.masks = [np.ones((capacity, n), self.dtype) for n in hid]
+            self._unif = [np.zeros((capacity, n), np.float64) for n in hid]
+            self._keep = [np.zeros((capacity, n), np.bool_) for n in hid]
+
+    def draw_dropout(self, rng: np.random.Generator, B: int) -> None:
+        """Draw the inverted-dropout masks of the next B rows from ``rng``: per hidden
+        layer in order, B * n_l uniforms (float64, row-major); a unit is kept when its
+        uniform is >= p, and kept units are scaled by 1 / (1 - p).  No allocation; the
+        same generator state gives the same masks on every backend."""
+        p = self.dropout
+        if p <= 0:
+            return
+        self.reserve(B)
+        scale = 1.0 / (1.0 - p)
+        for m, u, k in zip(self.masks, self._unif, self._keep):
+            rng.random(out=u[:B])
+            np.greater_equal(u[:B], p, out=k[:B])
+            np.multiply(k[:B], scale, out=m[:B], dtype=m.dtype)
+
+    def update_running(self, B: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     @property
     def workspace_bytes(self) -> int:

@@ -14,6 +14,11 @@ Per batch it picks one of two regimes (both follow the kernel contract in
   out)`` to BLAS through SciPy's bindings); without it, Python drives ``np.matmul(out=...)``
   between compiled epilogues (about 20 calls per step: fine at large batches).
 
+A model with batch norm or dropout always takes the Python-driven BLAS path in training
+mode, with the compiled epilogues of ``kernels/cpu_norm.py`` finishing each hidden layer
+(bias, ghost-batch statistics, normalisation, activation, dropout); evaluation of a
+dropout-only model takes the fast paths above (dropout is off there).
+
 The crossover is a batch size that depends on the widest layer; it was measured with
 ``bench/crossover.py`` (see bench/results) and can be overridden per backend instance
 (``model.backend_impl.blas_min_batch = ...``).
@@ -24,8 +29,9 @@ import importlib.util
 
 import numpy as np
 
-from minigd.backends.base import Backend
+from minigd.backends.base import BN_AFTER, BN_BEFORE, Backend, check_per_example
 from minigd.kernels import cpu as K
+from minigd.kernels import cpu_norm as KN
 from minigd.kernels import cpu_stats as KS
 
 #: numba's np.dot inside compiled code needs SciPy's BLAS bindings
@@ -35,8 +41,8 @@ HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, layout, act_codes, loss_code, dtype):
-        super().__init__(layout, act_codes, loss_code, dtype)
+    def __init__(self, layout, act_codes, loss_code, dtype, norm=None):
+        super().__init__(layout, act_codes, loss_code, dtype, norm)
         self.compiled_blas = HAVE_SCIPY
         self.blas_min_batch = self.default_blas_min_batch(layout.sizes, self.compiled_blas)
 
@@ -56,9 +62,11 @@ class CpuBackend(Backend):
         return B >= self.blas_min_batch
 
     # -- contract ------------------------------------------------------------------------
-    def forward(self, params, X, idx, B):
+    def forward(self, params, X, idx, B, training=False):
         ws = self.reserve(B)
-        if not self.use_blas(B):
+        if self.norm is not None and (training or self.norm.bn):
+            self._forward_py(params, X, idx, B, ws, training)
+        elif not self.use_blas(B):
             K.forward_loops(X, idx, B, params, ws.buf, ws.lay)
         elif self.compiled_blas:
             K.forward_blas(X, idx, B, params, ws.buf, ws.lay)
@@ -74,7 +82,11 @@ class CpuBackend(Backend):
 
     def loss_grad(self, params, grad, X, yi, yf, idx, B, want_sqn=False, want_row_loss=False):
         ws = self.reserve(B)
-        if not self.use_blas(B):
+        if self.norm is not None:
+            if want_sqn:
+                check_per_example(self.norm, "per-example gradient norms")
+            loss = self._loss_grad_py(params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss)
+        elif not self.use_blas(B):
             loss = K.loss_grad_loops(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
                                      self.loss_code, want_sqn, want_row_loss)
         elif self.compiled_blas:
@@ -92,9 +104,9 @@ class CpuBackend(Backend):
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
         ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
-        if not self.use_blas(B):
+        if self.norm is None and not self.use_blas(B):
             step = K.train_step_loops
-        elif self.compiled_blas:
+        elif self.norm is None and self.compiled_blas:
             step = K.train_step_blas
         else:
             return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
@@ -103,20 +115,40 @@ class CpuBackend(Backend):
                              opt_state.state, opt_state.plan, lr, t)
         return loss, bool(ok), gsq
 
-    # -- BLAS path driven from Python (no SciPy) ----------------------------------------------
-    def _forward_py(self, params, X, idx, B, ws):
+    # -- BLAS path driven from Python (no SciPy; batch norm and dropout) ------------------------
+    def _forward_py(self, params, X, idx, B, ws, training=False):
         x0, zs, as_, _, _ = ws.views(B)
         Ws = self._weight_views(params)
         K.gather_rows(X, idx, B, ws.buf, ws.lay)
         a = x0
         L = self.layout.n_layers
+        norm = self.norm
+        if norm is not None:
+            if training:
+                norm.check_batch(B)
+            nb = self._norm_views(params, B)
+            g = norm.ghost_size(B) if training else B
+            has_mask = int(training and norm.dropout > 0)
         for l in range(L):
             np.matmul(a, Ws[l], out=zs[l])
-            K.bias_act_forward(B, params, ws.buf, ws.lay, l)
+            if norm is None or l == L - 1:
+                K.bias_act_forward(B, params, ws.buf, ws.lay, l)
+            else:
+                b, gam, bet, rm, rv, mask, pre, act, xh, st, acc = nb[l]
+                h = as_[l]
+                if norm.bn == BN_AFTER:   # v = BN(a) is not needed by the backward pass:
+                    pre = h               # written into h (and masked there in place)
+                elif not has_mask:        # the last value is written straight into h
+                    act = h
+                KN.hidden_forward(b, gam, bet, rm, rv, mask, zs[l], pre, act, xh, h, st, acc,
+                                  B, g, self.act_codes[l], norm.bn, int(training), has_mask,
+                                  norm.eps)
             a = as_[l]
+        if norm is not None:
+            self._params_fwd = params
 
     def _loss_grad_py(self, params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss):
-        self._forward_py(params, X, idx, B, ws)
+        self._forward_py(params, X, idx, B, ws, self.norm is not None)
         x0, zs, as_, ds, _ = ws.views(B)
         loss = K.loss_rows(yi, yf, idx, B, ws.buf, ws.lay, self.loss_code,
                            want_row_loss and not want_sqn)
@@ -132,8 +164,75 @@ class CpuBackend(Backend):
                 K.sqnorm_accumulate(B, ws.buf, ws.lay, l, scale, l == L - 1)
             if l > 0:
                 np.matmul(ds[l], Ws[l].T, out=ds[l - 1])
-                K.act_backward(B, ws.buf, ws.lay, l - 1)
+                if self.norm is None:
+                    K.act_backward(B, ws.buf, ws.lay, l - 1)
+                else:
+                    self._hidden_backward(l - 1, B, ws, grad)
         return loss
+
+    # -- batch norm and dropout (kernels/cpu_norm.py) -------------------------------------------
+    def _reserve_norm(self, capacity):
+        super()._reserve_norm(capacity)
+        norm = self.norm
+        if norm is None:
+            return
+        hid = self.layout.hidden
+        n_ghosts = -(-capacity // norm.ghost) if (norm.bn and norm.ghost) else 1
+        alloc = lambda n, on: np.zeros((capacity if on else 0, n), self.dtype)  # noqa: E731
+        self._nbuf = [dict(pre=alloc(n, norm.bn == BN_BEFORE), act=alloc(n, True),
+                           xh=alloc(n, norm.bn), stats=np.zeros((3, n_ghosts, n)),
+                           acc=np.zeros((2, n))) for n in hid]
+        self._nviews = {}
+
+    def _norm_views(self, params, B):
+        """Per hidden layer the argument views of the cpu_norm kernels for B rows."""
+        key = (B, params.ctypes.data)
+        v = self._nviews.get(key)
+        if v is None:
+            _, bs = self.layout.views(params)
+            gam, bet = self.layout.bn_views(params)
+            rm, rv = self.layout.running_views(self.running)
+            v = []
+            for l, nb in enumerate(self._nbuf):
+                mask = self.masks[l][:B] if self.masks else nb["act"][:0]
+                act = nb["act"][:B]
+                pre = nb["pre"][:B] if self.norm.bn == BN_BEFORE else act
+                xh = nb["xh"][:B] if self.norm.bn else act
+                v.append((bs[l], gam[l], bet[l], rm[l], rv[l], mask, pre, act, xh, nb["stats"],
+                          nb["acc"]))
+            if len(self._nviews) > 8:
+                self._nviews.clear()
+            self._nviews[key] = v
+        return v
+
+    def _hidden_backward(self, l, B, ws, grad):
+        """ds[l] = dLoss/dh_l -> dLoss/dz_l, and dgamma_l, dbeta_l into ``grad``."""
+        _, zs, as_, ds, _ = ws.views(B)
+        norm = self.norm
+        _, gam, _, _, _, mask, pre, act, xh, st, acc = self._norm_views(self._params_fwd, B)[l]
+        has_mask = int(norm.dropout > 0)
+        if not has_mask and norm.bn == BN_BEFORE:   # as in _forward_py: a_l was written to h
+            act = as_[l]
+        ggam, gbet = self._bn_grad_views(grad)
+        KN.hidden_backward(mask, zs[l], pre, act, xh, gam, st, ds[l], ggam[l], gbet[l], acc, B,
+                           norm.ghost_size(B), self.act_codes[l], norm.bn, has_mask)
+
+    def _bn_grad_views(self, vec):
+        key = vec.ctypes.data
+        c = getattr(self, "_gv", None)
+        if c is None or c[0] != key:
+            c = self._gv = (key, self.layout.bn_views(vec))
+        return c[1]
+
+    def update_running(self, B):
+        """Fold the whole-batch statistics of the last training pass into ``running``."""
+        norm = self.norm
+        if norm is None or not norm.bn:
+            return
+        g = norm.ghost_size(B)
+        rm, rv = self.layout.running_views(self.running)
+        for l, nb in enumerate(self._nbuf):
+            KN.running_update(nb["stats"], B, g, norm.momentum, rm[l], rv[l])
 
     def _weight_views(self, vec):
         # cached per buffer identity: params/grad are long-lived flat vectors
@@ -165,17 +264,20 @@ class CpuBackend(Backend):
     def per_example_terms(self, params, X, yi, yf, idx, B, grad=None):
         """[(A_l, Dper_l)]: the layer inputs (workspace views) and per-example deltas
         (B times the workspace's mean-loss deltas, new arrays) of one loss_grad call."""
+        check_per_example(self.norm, "per-example gradients")
         g = self._stats_scratch(B)[0] if grad is None else grad
         self.loss_grad(params, g, X, yi, yf, idx, B)
         x0, _, as_, ds, _ = self.ws.views(B)
         return [(x0 if l == 0 else as_[l - 1], ds[l] * B) for l in range(self.layout.n_layers)]
 
     def per_example_grads(self, params, X, yi, yf, idx, B, out):
+        check_per_example(self.norm, "per-example gradients")
         g, _, _, tmp, _ = self._stats_scratch(B)
         self.loss_grad(params, g, X, yi, yf, idx, B)
         KS.per_example_fill(B, self.ws.buf, self.ws.lay, out, tmp)
 
     def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2):
+        check_per_example(self.norm, "gradient moments")
         _, tr, dsc, mus, acc = self._stats_scratch(B)
         self.loss_grad(params, grad, X, yi, yf, idx, B)
         KS.moments_update(B, grad, self.ws.buf, self.ws.lay, n_old, mean, m2, tr, dsc, mus, acc)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from minigd._validation import check_int
+from minigd.backends.base import check_per_example
 from minigd.model import EVAL_CHUNK, MLP
 
 from .moments import GradMoments, MomentAccumulator
@@ -33,9 +34,18 @@ __all__ = ["per_example_grads", "per_example_grad_norms", "grad_moments", "accum
 _GENERIC_BLOCK_ENTRIES = 1 << 22
 
 
-def _check_model(model):
+def _check_model(model, what: str | None = None):
     if not (hasattr(model, "backend_impl") and hasattr(model, "check_Xy")):
         raise TypeError(f"model: expected a minigd.MLP, got {type(model).__name__}")
+    if what is not None:
+        check_per_example(model.norm, what)
+
+
+def _training_pass(model, B: int) -> None:
+    """Gradients are taken in training mode: with dropout, each chunk gets fresh masks
+    from ``model.rng`` (so the statistics include the dropout noise SGD sees)."""
+    if model.rng is not None:
+        model.backend_impl.draw_dropout(model.rng, B)
 
 
 def _chunks(n: int, size: int):
@@ -78,7 +88,7 @@ def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *,
     >>> bool(np.allclose(G.mean(axis=0), m.loss_and_grad(X, y)[1]))
     True
     """
-    _check_model(model)
+    _check_model(model, "per_example_grads")
     X, yi, yf = model.check_Xy(X, y)
     n, P = X.shape[0], model.n_params
     if out is None:
@@ -91,6 +101,7 @@ def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *,
                          f"and dtype {model.dtype}, got {got}")
     impl = model.backend_impl
     for s, idx in _chunks(n, EVAL_CHUNK):
+        _training_pass(model, len(idx))
         impl.per_example_grads(model.params, X, yi, yf, idx, len(idx), out[s:])
     return out
 
@@ -116,7 +127,7 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     -------
     ndarray (n,), the model's dtype (gradient units; squared with ``squared=True``)
     """
-    _check_model(model)
+    _check_model(model, "per_example_grad_norms")
     X, yi, yf = model.check_Xy(X, y)
     if not isinstance(squared, (bool, np.bool_)):
         raise TypeError(f"squared: expected a bool, got {type(squared).__name__} {squared!r}")
@@ -125,6 +136,7 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     grad = np.empty(model.n_params, dtype=model.dtype)
     out = np.empty(n, dtype=model.dtype)
     for s, idx in _chunks(n, EVAL_CHUNK):
+        _training_pass(model, len(idx))
         _, rows = impl.loss_grad(model.params, grad, X, yi, yf, idx, len(idx), want_sqn=True)
         out[s:s + len(idx)] = rows
     np.maximum(out, 0, out=out)
@@ -175,7 +187,7 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *,
     >>> bool(m.noise_scale > 0)
     True
     """
-    _check_model(model)
+    _check_model(model, "grad_moments")
     X, yi, yf = model.check_Xy(X, y)
     chunk_size = check_int("chunk_size", chunk_size, low=1)
     n = X.shape[0]
@@ -201,6 +213,7 @@ def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
         for s in range(0, n, chunk_size):
             rows = idx[s:s + chunk_size]
             B = len(rows)
+            _training_pass(model, B)
             acc._fold(B, lambda n_old, mean, m2: impl.moments_update(
                 params, grad, X, yi, yf, rows, B, n_old, mean, m2))
     else:
@@ -209,6 +222,7 @@ def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
         for s in range(0, n, block):
             rows = idx[s:s + block]
             B = len(rows)
+            _training_pass(model, B)
             impl.per_example_grads(params, X, yi, yf, rows, B, G)
             acc.update(G[:B])
     return acc

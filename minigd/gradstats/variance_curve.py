@@ -36,7 +36,7 @@ from minigd._validation import check_int, check_seed
 from minigd.model import EVAL_CHUNK, MLP
 
 from .noise_scale import minibatch_variance_prediction
-from .per_example import _check_model, accumulate_moments
+from .per_example import _check_model, _training_pass, accumulate_moments
 
 __all__ = ["BatchVarianceCurve", "variance_vs_batch_size"]
 
@@ -137,16 +137,20 @@ def _batch_sizes(batch_sizes, n, replacement):
     return arr.astype(np.int64)
 
 
-def _batch_grad(impl, params, X, yi, yf, idx, grad, out64):
-    """out64 = gradient of the mean loss over rows idx (float64), chunked by EVAL_CHUNK."""
+def _batch_grad(model, params, X, yi, yf, idx, grad, out64):
+    """out64 = gradient of the mean loss over rows idx (float64), chunked by EVAL_CHUNK
+    (training mode: fresh dropout masks per chunk)."""
+    impl = model.backend_impl
     B = len(idx)
     if B <= EVAL_CHUNK:
+        _training_pass(model, B)
         impl.loss_grad(params, grad, X, yi, yf, idx, B)
         out64[...] = grad
         return out64
     out64[...] = 0
     for s in range(0, B, EVAL_CHUNK):
         rows = idx[s:s + EVAL_CHUNK]
+        _training_pass(model, len(rows))
         impl.loss_grad(params, grad, X, yi, yf, rows, len(rows))
         out64 += grad.astype(np.float64) * (len(rows) / B)
     return out64
@@ -197,7 +201,7 @@ def variance_vs_batch_size(model: MLP, X: np.ndarray, y: np.ndarray, batch_sizes
     >>> bool(abs(curve.ratio[0] - 1) < 0.3)            # 1/B law at B = 4
     True
     """
-    _check_model(model)
+    _check_model(model, "variance_vs_batch_size")
     X, yi, yf = model.check_Xy(X, y)
     N = X.shape[0]
     if N < 2:
@@ -230,7 +234,7 @@ def variance_vs_batch_size(model: MLP, X: np.ndarray, y: np.ndarray, batch_sizes
         impl.reserve(min(B, EVAL_CHUNK))
         for s in range(n_samples):
             idx = rng.choice(N, size=B, replace=replacement).astype(np.int64, copy=False)
-            _batch_grad(impl, params, X, yi, yf, idx, grad, gB)
+            _batch_grad(model, params, X, yi, yf, idx, grad, gB)
             np.subtract(gB, G, out=diff)
             e[s] = diff @ diff
             nb = float(np.sqrt(gB @ gB))
