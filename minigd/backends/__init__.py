@@ -9,11 +9,51 @@ BACKENDS = ("cpu", "numpy", "gpu")
 
 
 def _gpu_reason() -> str | None:
+    """None when the gpu backend can run here, else the reason it cannot.
+
+    Probes without raising: CuPy importable, ``cupy.is_available()`` (a CUDA driver, a
+    device, and a driver recent enough for CuPy's CUDA runtime), and, when that says no,
+    which of those is missing.
+    """
     try:
-        import cupy  # noqa: F401
+        import cupy
     except Exception as exc:  # ImportError or a broken install
         return f"CuPy is not installed ({type(exc).__name__}: {exc}); install minigd[gpu]"
-    return "the CuPy GPU backend is not implemented yet in this version of minigd"
+    try:
+        if cupy.is_available():
+            return None
+    except Exception as exc:  # pragma: no cover - is_available does not raise in CuPy >= 9
+        return f"CuPy cannot use a GPU here ({type(exc).__name__}: {exc})"
+    return _gpu_detail(cupy)
+
+
+def _gpu_detail(cupy) -> str:
+    """Why ``cupy.is_available()`` is False: no driver, a driver too old, or no device."""
+    rt = cupy.cuda.runtime
+    try:
+        driver = int(rt.driverGetVersion())
+    except Exception:
+        driver = 0
+    try:
+        runtime = int(rt.runtimeGetVersion())
+    except Exception:  # pragma: no cover
+        runtime = 0
+
+    def ver(v):
+        return f"{v // 1000}.{(v % 1000) // 10}"
+
+    if driver == 0:
+        return "no NVIDIA GPU driver found (cupy.is_available() is False): this machine has no usable GPU"
+    if runtime and driver < runtime:
+        return (f"the NVIDIA driver is too old: it supports CUDA {ver(driver)}, CuPy was built for "
+                f"CUDA {ver(runtime)}; update the driver or install a CuPy for an older CUDA")
+    try:
+        n = int(rt.getDeviceCount())
+    except Exception as exc:
+        return f"CUDA reports no usable device ({type(exc).__name__}: {exc})"
+    if n == 0:
+        return "no CUDA device found (the driver is installed but sees no GPU)"
+    return "cupy.is_available() is False (CuPy cannot use the GPU here)"
 
 
 def available_backends() -> dict:
@@ -29,7 +69,11 @@ def get_backend_class(name: str):
         from .numpy_ref import NumpyBackend
         return NumpyBackend
     if name == "gpu":
-        raise BackendUnavailable("gpu", _gpu_reason())
+        reason = _gpu_reason()
+        if reason is not None:
+            raise BackendUnavailable("gpu", reason)
+        from .gpu import GpuBackend
+        return GpuBackend
     raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
 
 

@@ -1,0 +1,588 @@
+"""The ``"gpu"`` backend: CuPy arrays, cuBLAS and the CUDA kernels of ``kernels/gpu_*.cu``.
+
+**Status: written and compile-checked, never run on a GPU.**  Every CUDA source compiles
+with NVRTC for sm_80 and sm_90 in the test suite (tests/test_gpu_sources.py), and the
+host-side code below that does not need a device is tested; the parity tests against the
+NumPy reference (tests/test_gpu_backend.py) skip where there is no GPU, which so far has
+been everywhere this code was developed.  Treat results from it as unverified until those
+tests have passed on hardware.
+
+Design
+------
+Parameters, gradient, optimizer state, workspace and training data live on the device as
+CuPy arrays.  A training step is a fixed sequence of kernel launches on one stream:
+gather -> per layer GEMM + bias/activation epilogue -> fused loss forward/backward
+(softmax cross-entropy, MSE or BCE-with-logits, one warp per row) -> deterministic loss
+sum -> per layer weight-gradient GEMM, bias gradient, optional per-example squared norms,
+delta GEMM with the activation-backward epilogue -> optimizer (one fused pass for the
+usual chains, or one pass per primitive) -> "apply if finite" -> step end.  Nothing in
+the sequence allocates or synchronises with the host; what changes from step to step
+(batch indices, learning rate, update count) is read by the kernels from device memory
+(see the step control block in ``kernels/gpu_common.cuh``), so the sequence can be
+captured once in a CUDA graph and replayed.
+
+Two GEMM flavours:
+
+* ``"cublas"``: ``cupy.matmul(out=...)`` into workspace views, then the epilogue kernels.
+  Used for batches above ``graph_max_batch``.
+* ``"tiled"``: the 16x16 tiled GEMM of ``gpu_dense.cu`` with the bias + activation (or
+  activation-backward) epilogue fused in.  CuPy refuses cuBLAS calls during stream
+  capture, so the CUDA-graph path (batches up to ``graph_max_batch``, where a step is
+  launch-bound) uses these.
+
+The model hands the backend NumPy arrays (``model.params`` is a host array the user may
+read and write at any time), so each ``train_step`` uploads the parameters and optimizer
+state, runs the step (a graph replay for small batches), and downloads parameters, state
+and the step's (loss, applied, |g|^2) record: one host synchronisation per step, at its
+end.  The training data are uploaded once per ``fit`` (cached by array identity from the
+``reserve`` call that ``fit`` makes before its first step).  :meth:`GpuBackend.run_steps`
+is the device-resident loop the issue asks for: many steps with parameters and state
+kept on the device and the losses read back every ``read_every`` steps.
+
+Not done: the fully fused narrow-MLP kernel (activations in shared memory across layers),
+batch norm and dropout in this backend (their kernels exist in ``gpu_norm.cu`` and
+compile, but are not wired: such a model raises NotImplementedError), and any tuning of
+``graph_max_batch`` (no GPU was available to measure the crossover).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minigd.backends.base import Backend
+from minigd.errors import BackendUnavailable
+from minigd.kernels import gpu_sources as S
+from minigd.kernels.workspace import Workspace
+
+OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
+#: mgd_opt_primitive op for each optimizer code (0: multiply by hp[k, 3])
+_PRIM_OP = {OP_CLIP: 0, OP_DECAY: 1, OP_TRACE: 2, OP_ADAM: 3, OP_SCALE_LR: 0, OP_SCALE: 5}
+
+#: per (device id, dtype): {kernel name: cupy RawKernel}
+_KERNEL_CACHE: dict = {}
+
+
+def _cupy():
+    """Import CuPy and check that it can use a device; BackendUnavailable otherwise."""
+    from minigd.backends import _gpu_reason
+
+    reason = _gpu_reason()
+    if reason is not None:
+        raise BackendUnavailable("gpu", reason)
+    import cupy
+
+    return cupy
+
+
+class _Kernels:
+    """The kernels of every source for one dtype, by op name without the suffix
+    (``k.gemm`` is ``mgd_gemm_f32`` for a float32 model; dtype-free kernels keep their
+    name without the ``mgd_`` prefix: ``k.sum_rows``, ``k.step_end``)."""
+
+    def __init__(self, cp, dtype):
+        sfx = S.suffix(dtype)
+        key = (cp.cuda.runtime.getDevice(), sfx)
+        table = _KERNEL_CACHE.get(key)
+        if table is None:
+            table = {}
+            for src in S.SOURCES:
+                mod = S.load_module(src)
+                for name in S.kernel_names(src):
+                    if name.endswith("_f32") or name.endswith("_f64"):
+                        if not name.endswith(sfx):
+                            continue
+                        op = name[4:-4]
+                    else:
+                        op = name[4:]
+                    table[op] = mod.get_function(name)
+            _KERNEL_CACHE[key] = table
+        self.__dict__.update(table)
+
+
+class GpuBackend(Backend):
+    """CuPy / CUDA implementation of the backend contract (see :mod:`minigd.backends.base`).
+
+    Attributes
+    ----------
+    graph_max_batch : int
+        Batches up to this size run as a captured CUDA graph with the tiled GEMMs; larger
+        ones through cuBLAS without a graph.  Default 64 (a guess: not measured yet).
+    use_graphs : bool
+        False runs the small-batch path without capturing it (same kernels, launched one
+        by one); for debugging.
+    """
+
+    name = "gpu"
+
+    def __init__(self, layout, act_codes, loss_code, dtype, norm=None):
+        if norm is not None and (getattr(norm, "bn", 0) or getattr(norm, "dropout", 0.0) > 0):
+            what = "batch_norm" if getattr(norm, "bn", 0) else "dropout"
+            raise NotImplementedError(
+                f"{what}: batch norm, ghost batch norm and dropout are not wired into the gpu "
+                f"backend yet (their CUDA kernels exist in kernels/gpu_norm.cu); use "
+                f"backend='cpu' or 'numpy' for such a model")
+        super().__init__(layout, act_codes, loss_code, dtype)
+        self.cp = cp = _cupy()
+        self.k = _Kernels(cp, self.dtype)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.graph_max_batch = 64
+        self.use_graphs = True
+        P = layout.n_params
+        self.d_params = cp.zeros(P, self.dtype)
+        self.d_grad = cp.zeros(P, self.dtype)
+        self._d_dummy = cp.zeros(1, self.dtype)
+        self._d_dummy_i = cp.zeros(1, np.int64)
+        self._pW, self._pb = layout.views(self.d_params)
+        self._gW, self._gb = layout.views(self.d_grad)
+        self._data = None          # (key, dX, dyi, dyf): training data on the device
+        self._graphs = {}          # (B, want_sqn, opt key, generation) -> cupy Graph
+        self._gen = 0              # bumped whenever a buffer a graph points at is replaced
+        self._opt = None           # (key, device hp, device state)
+        self._steps_cap = 0
+        self._G = None             # (B, P) per-example gradients (stats)
+
+    # -- buffers ------------------------------------------------------------------------------
+    def reserve(self, capacity: int) -> Workspace:
+        """Device workspace for ``capacity`` rows.  Also forgets the cached device copy of
+        the training data: ``fit`` calls this once before its first step, so every ``fit``
+        uploads its data once (in-place changes to X between fits are seen)."""
+        self._data = None
+        return self._ensure(capacity)
+
+    def _ensure(self, capacity: int) -> Workspace:
+        cp = self.cp
+        if self.ws is None or self.ws.capacity < capacity:
+            capacity = int(capacity)
+            with self.stream:
+                self.ws = Workspace(self.layout, self.act_codes, capacity, self.dtype, xp=cp)
+                self._rowloss = cp.zeros(capacity, np.float64)
+                self._sqn = cp.zeros(capacity, np.float64)
+                self._arange = cp.arange(capacity, dtype=np.int64)
+                self._partial = cp.zeros(S.REDUCE_BLOCKS, np.float64)
+                self._res = cp.zeros(8, np.float64)
+                self._st = cp.zeros(4, np.int32)
+            self._ensure_steps(max(1, self._steps_cap), capacity)
+            self._gen += 1
+            self._graphs.clear()
+        return self.ws
+
+    def _ensure_steps(self, n_steps: int, capacity: int | None = None) -> None:
+        """Step tables: batch indices (n_steps * capacity), schedule (n_steps, 2), records (n_steps, 3)."""
+        cap = self.ws.capacity if capacity is None else capacity
+        if n_steps > self._steps_cap or getattr(self, "_idx", None) is None or self._idx.size < n_steps * cap:
+            cp = self.cp
+            n_steps = max(n_steps, self._steps_cap)
+            with self.stream:
+                self._idx = cp.zeros(n_steps * cap, np.int64)
+                self._sched = cp.zeros((n_steps, 2), np.float64)
+                self._rec = cp.zeros((n_steps, 3), np.float64)
+            self._steps_cap = n_steps
+            self._gen += 1
+            self._graphs.clear()
+
+    def _device_data(self, X, yi, yf):
+        """The device copy of (X, yi, yf), uploaded on first use after ``reserve``."""
+        key = tuple((id(a), a.__array_interface__["data"][0], a.shape, a.dtype.str) for a in (X, yi, yf))
+        if self._data is None or self._data[0] != key:
+            cp = self.cp
+            with self.stream:
+                dX = cp.asarray(X)
+                dyi = cp.asarray(yi) if yi.size else self._d_dummy_i
+                dyf = cp.asarray(yf) if yf.size else self._d_dummy
+            self._data = (key, dX, dyi, dyf)
+            self._gen += 1
+            self._graphs.clear()
+        return self._data[1:]
+
+    def _device_opt(self, opt_state):
+        """Device copies of the optimizer's hyper-parameter table and state (re-created
+        when another OptState object comes in)."""
+        key = (id(opt_state), opt_state.state.shape, tuple(int(c) for c in opt_state.codes))
+        if self._opt is None or self._opt[0] != key:
+            cp = self.cp
+            with self.stream:
+                hp = cp.asarray(opt_state.hp)
+                st = cp.zeros(max(opt_state.state.size, 1), self.dtype)
+            self._opt = (key, hp, st)
+            self._gen += 1
+            self._graphs.clear()
+        return self._opt[1], self._opt[2]
+
+    def _upload_opt(self, opt_state):
+        hp, st = self._device_opt(opt_state)
+        hp.set(opt_state.hp, stream=self.stream)
+        if opt_state.state.size:
+            st[:opt_state.state.size].set(opt_state.state, stream=self.stream)
+        return hp, st
+
+    def _download_opt(self, opt_state):
+        hp, st = self._opt[1], self._opt[2]
+        if opt_state.state.size:
+            st[:opt_state.state.size].get(stream=self.stream, out=opt_state.state)
+        hp.get(stream=self.stream, out=opt_state.hp)
+
+    # -- launching ----------------------------------------------------------------------------
+    def _launch(self, kern, grid, block, args):
+        kern(grid, block, args, stream=self.stream)
+
+    def _elementwise_grid(self, n):
+        return S.grid_1d(n), (S.THREADS,)
+
+    def _layer_views(self, B):
+        x0, zs, as_, ds, _ = self.ws.views(B)
+        return x0, zs, as_, ds
+
+    def _enqueue_forward(self, B, gemm):
+        cp = self.cp
+        x0, zs, as_, _ = self._layer_views(B)
+        L = self.layout.n_layers
+        for l in range(L):
+            A = x0 if l == 0 else as_[l - 1]
+            W, b = self._pW[l], self._pb[l]
+            fi, fo = W.shape
+            act = self.act_codes[l] if l < L - 1 else -1
+            aout = as_[l] if l < L - 1 else zs[l]
+            if gemm == "cublas":
+                with self.stream:
+                    cp.matmul(A, W, out=zs[l])
+                self._launch(self.k.bias_act_forward, *self._elementwise_grid(B * fo),
+                             (zs[l], b, aout, np.int32(B), np.int32(fo), np.int32(act)))
+            else:
+                grid, block = S.grid_gemm(B, fo)
+                self._launch(self.k.gemm, grid, block,
+                             (A, W, zs[l], np.int32(B), np.int32(fo), np.int32(fi), np.int32(0), np.int32(0),
+                              np.int32(1), b, aout, self._d_dummy, self._d_dummy, np.int32(act)))
+
+    def _enqueue_loss(self, B, dyi, dyf, idx, st, res, slot, train):
+        """Loss kernel + deterministic mean: to rec[c, slot] (st given) or res[slot]."""
+        _, zs, _, ds = self._layer_views(B)
+        n = self.layout.sizes[-1]
+        self._launch(self.k.loss_fwd_bwd, S.grid_rows(B), (S.THREADS,),
+                     (zs[-1], ds[-1], dyi, dyf, idx, st, np.int32(B), np.int32(n), np.int32(self.loss_code),
+                      np.float64(1.0 / B), self._rowloss))
+        self._launch(self.k.sum_rows, (1,), (S.THREADS,),
+                     (self._rowloss, np.int32(B), np.float64(1.0 / B), res, st, np.int32(slot), np.int32(train)))
+
+    def _enqueue_backward(self, B, gemm, want_sqn):
+        cp = self.cp
+        x0, zs, as_, ds = self._layer_views(B)
+        L = self.layout.n_layers
+        for l in range(L - 1, -1, -1):
+            A = x0 if l == 0 else as_[l - 1]
+            D = ds[l]
+            fi, fo = self._pW[l].shape
+            if gemm == "cublas":
+                with self.stream:
+                    cp.matmul(A.T, D, out=self._gW[l])
+            else:
+                grid, block = S.grid_gemm(fi, fo)
+                self._launch(self.k.gemm, grid, block,
+                             (A, D, self._gW[l], np.int32(fi), np.int32(fo), np.int32(B), np.int32(1), np.int32(0),
+                              np.int32(0), self._d_dummy, self._d_dummy, self._d_dummy, self._d_dummy, np.int32(-1)))
+            grid, block = S.grid_bias_grad(fo)
+            self._launch(self.k.bias_grad, grid, block, (D, np.int32(B), np.int32(fo), self._gb[l]))
+            if want_sqn:
+                self._launch(self.k.sqnorm_accumulate, S.grid_rows(B), (S.THREADS,),
+                             (A, D, np.int32(B), np.int32(fi), np.int32(fo), np.float64(float(B) * float(B)),
+                              np.int32(l == L - 1), self._sqn))
+            if l > 0:
+                act = self.act_codes[l - 1]
+                if gemm == "cublas":
+                    with self.stream:
+                        cp.matmul(D, self._pW[l].T, out=ds[l - 1])
+                    self._launch(self.k.act_backward, *self._elementwise_grid(B * fi),
+                                 (zs[l - 1], as_[l - 1], ds[l - 1], np.int64(B * fi), np.int32(act)))
+                else:
+                    grid, block = S.grid_gemm(B, fi)
+                    self._launch(self.k.gemm, grid, block,
+                                 (D, self._pW[l], ds[l - 1], np.int32(B), np.int32(fi), np.int32(fo), np.int32(0),
+                                  np.int32(1), np.int32(2), self._d_dummy, self._d_dummy, zs[l - 1], as_[l - 1],
+                                  np.int32(act)))
+
+    def _enqueue_sumsq(self, vec, hp, k, rec, st):
+        """|vec|^2 in two deterministic stages; clip factor into hp[k, 3] (k >= 0) and/or
+        |vec|^2 into rec[c, 2] (rec given)."""
+        P = vec.shape[0]
+        nb = S.reduce_blocks(P)
+        self._launch(self.k.sumsq_partial, (nb,), (S.THREADS,), (vec, np.int64(P), self._partial))
+        self._launch(self.k.clip_factor, (1,), (S.THREADS,),
+                     (self._partial, np.int32(nb), hp, np.int32(k), rec if rec is not None else np.uint64(0), st))
+
+    def _enqueue_opt(self, opt_state, hp, dstate, st):
+        """The optimizer chain and the conditional update (see gpu_optim.cu)."""
+        k = self.k
+        P = self.layout.n_params
+        codes = [int(c) for c in opt_state.codes]
+        plan = [int(v) for v in opt_state.plan]
+        nrows = int(opt_state.hp.shape[0])
+        soff = [int(s) for s in opt_state.soff]
+        grid = self._elementwise_grid(P)
+        sched = self._sched
+        dummy = self._d_dummy
+
+        def slots(i):
+            if codes[i] == OP_TRACE:
+                return dstate[soff[i]:soff[i] + P], dummy
+            if codes[i] == OP_ADAM:
+                return dstate[soff[i]:soff[i] + P], dstate[soff[i] + P:soff[i] + 2 * P]
+            return dummy, dummy
+
+        if plan[0]:
+            i_mid = plan[3]
+            mid = codes[i_mid] if i_mid >= 0 else -1
+            i_adam = i_mid if mid == OP_ADAM else -1
+            self._launch(k.opt_prepare, (1,), (1,), (hp, np.int32(plan[5]), np.int32(i_adam), sched, st))
+            if plan[1] >= 0:
+                self._enqueue_sumsq_clip(hp, plan[1], st)
+            s1, s2 = slots(i_mid) if i_mid >= 0 else (dummy, dummy)
+            self._launch(k.opt_fused, *grid,
+                         (self.d_params, self.d_grad, s1, s2, np.int64(P), hp, np.int32(nrows), np.int32(plan[1]),
+                          np.int32(plan[2]), np.int32(i_mid), np.int32(mid), np.int32(plan[4]), np.int32(plan[5]), st))
+        else:
+            self._launch(k.opt_prepare, (1,), (1,), (hp, np.int32(-1), np.int32(-1), sched, st))
+            for i, c in enumerate(codes):
+                if c == OP_CLIP:
+                    self._enqueue_sumsq_clip(hp, i, st)
+                elif c == OP_ADAM:
+                    self._launch(k.opt_prepare, (1,), (1,), (hp, np.int32(-1), np.int32(i), sched, st))
+                elif c == OP_SCALE_LR:
+                    self._launch(k.opt_prepare, (1,), (1,), (hp, np.int32(i), np.int32(-1), sched, st))
+                s1, s2 = slots(i)
+                self._launch(k.opt_primitive, *grid,
+                             (self.d_params, self.d_grad, s1, s2, np.int64(P), hp, np.int32(nrows), np.int32(i),
+                              np.int32(_PRIM_OP[c]), st))
+            self._launch(k.check_finite, *grid, (self.d_params, self.d_grad, np.int64(P), st))
+        self._launch(k.apply_update, *grid, (self.d_params, self.d_grad, np.int64(P), st))
+
+    def _enqueue_sumsq_clip(self, hp, i, st):
+        P = self.layout.n_params
+        nb = S.reduce_blocks(P)
+        self._launch(self.k.sumsq_partial, (nb,), (S.THREADS,), (self.d_grad, np.int64(P), self._partial))
+        self._launch(self.k.clip_factor, (1,), (S.THREADS,),
+                     (self._partial, np.int32(nb), hp, np.int32(i), np.uint64(0), st))   # rec: null
+
+    def _enqueue_step(self, B, want_sqn, opt_state, hp, dstate, gemm):
+        """One whole training step of the batch at row c of the index table."""
+        dX, dyi, dyf = self._data[1:]
+        n0 = self.layout.sizes[0]
+        x0 = self._layer_views(B)[0]
+        st = self._st
+        self._launch(self.k.gather, *self._elementwise_grid(B * n0),
+                     (dX, self._idx, st, np.int32(B), np.int32(n0), x0))
+        self._enqueue_forward(B, gemm)
+        self._enqueue_loss(B, dyi, dyf, self._idx, st, self._rec, 0, 1)
+        self._enqueue_backward(B, gemm, want_sqn)
+        if want_sqn:
+            self._enqueue_sumsq(self.d_grad, hp, -1, self._rec, st)
+        self._enqueue_opt(opt_state, hp, dstate, st)
+        self._launch(self.k.step_end, (1,), (1,), (st, self._rec))
+
+    def _step_runner(self, B, want_sqn, opt_state, hp, dstate):
+        """A callable that enqueues one step: a graph replay (B <= graph_max_batch) or the
+        cuBLAS sequence."""
+        if B > self.graph_max_batch:
+            return lambda: self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "cublas")
+        if not self.use_graphs:
+            return lambda: self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled")
+        key = (B, bool(want_sqn), self._opt[0], self._gen)
+        g = self._graphs.get(key)
+        if g is None:
+            self.stream.synchronize()
+            self.stream.begin_capture()
+            try:
+                self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled")
+            finally:
+                g = self.stream.end_capture()
+            if len(self._graphs) > 16:
+                self._graphs.clear()
+            self._graphs[key] = g
+        return lambda: g.launch(self.stream)
+
+    # -- contract: training ---------------------------------------------------------------------
+    def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
+        res = self.run_steps(params, X, yi, yf, idx, B, 1, opt_state, [lr], t, want_sqn=want_sqn,
+                             grad=grad)
+        loss, ok, gsq = res["loss"][0], bool(res["applied"][0]), res["grad_norm_sq"][0]
+        return float(loss), ok, float(gsq) if want_sqn or not np.isfinite(loss) else 0.0
+
+    def run_steps(self, params, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn=False,
+                  read_every=None, grad=None):
+        """``n_steps`` training steps of batch size B on the device, rows
+        ``idx[s * B:(s + 1) * B]`` for step s, learning rates ``lrs[s]`` and update counts
+        ``t0 + s``; parameters and optimizer state stay on the device between steps and are
+        written back to ``params`` / ``opt_state.state`` at the end.  The step records are
+        read back every ``read_every`` steps (default: only at the end), and the loop stops
+        at the first rejected step (non-finite loss or update), as ``fit`` does.
+
+        Returns a dict of (n_done,) arrays ``loss``, ``applied``, ``grad_norm_sq`` (0 unless
+        ``want_sqn``) for the steps run; with ``want_sqn`` the last step's per-example
+        squared norms are available from :meth:`last_sqnorms`.
+        """
+        cp = self.cp
+        n_steps = int(n_steps)
+        if n_steps < 1:
+            raise ValueError(f"n_steps: expected at least 1, got {n_steps}")
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        if idx.shape[0] < n_steps * B:
+            raise ValueError(f"idx: expected at least n_steps * B = {n_steps * B} row indices, got {idx.shape[0]}")
+        lrs = np.asarray(lrs, np.float64)
+        if lrs.shape != (n_steps,):
+            raise ValueError(f"lrs: expected {n_steps} learning rates, got shape {lrs.shape}")
+        self._ensure(B)
+        self._ensure_steps(n_steps)
+        self._device_data(X, yi, yf)
+        hp, dstate = self._upload_opt(opt_state)
+        s = self.stream
+        self.d_params.set(params, stream=s)
+        sched = np.empty((n_steps, 2), np.float64)
+        sched[:, 0] = lrs
+        sched[:, 1] = t0 + np.arange(n_steps)
+        self._sched[:n_steps].set(sched, stream=s)
+        self._idx[:n_steps * B].set(idx[:n_steps * B], stream=s)
+        self._st.set(np.zeros(4, np.int32), stream=s)
+        with s:
+            self._rec[:n_steps].fill(0)
+        step = self._step_runner(B, want_sqn, opt_state, hp, dstate)
+        every = n_steps if not read_every else max(1, int(read_every))
+        rec = np.zeros((n_steps, 3), np.float64)
+        done = 0
+        while done < n_steps:
+            upto = min(n_steps, done + every)
+            for _ in range(done, upto):
+                step()
+            self._rec[done:upto].get(stream=s, out=rec[done:upto])   # the one host sync
+            bad = np.flatnonzero(rec[done:upto, 1] == 0)
+            if bad.size:
+                upto = done + int(bad[0]) + 1
+                done = upto
+                break
+            done = upto
+        self.d_params.get(stream=s, out=params)
+        if grad is not None:
+            self.d_grad.get(stream=s, out=grad)
+        self._download_opt(opt_state)
+        s.synchronize()
+        return {"loss": rec[:done, 0].copy(), "applied": rec[:done, 1] != 0, "grad_norm_sq": rec[:done, 2].copy()}
+
+    def opt_apply(self, params, grad, opt_state, lr, t):
+        self._ensure(1)
+        self._ensure_steps(1)
+        hp, dstate = self._upload_opt(opt_state)
+        s = self.stream
+        self.d_params.set(params, stream=s)
+        self.d_grad.set(grad, stream=s)
+        self._sched[:1].set(np.array([[lr, t]], np.float64), stream=s)
+        self._st.set(np.zeros(4, np.int32), stream=s)
+        self._enqueue_sumsq(self.d_grad, hp, -1, self._rec, self._st)
+        self._enqueue_opt(opt_state, hp, dstate, self._st)
+        self._launch(self.k.step_end, (1,), (1,), (self._st, self._rec))
+        rec = self._rec[:1].get(stream=s)
+        self.d_params.get(stream=s, out=params)
+        self.d_grad.get(stream=s, out=grad)
+        self._download_opt(opt_state)
+        s.synchronize()
+        return bool(rec[0, 1] != 0), float(rec[0, 2])
+
+    # -- contract: evaluation and gradients (no graph; the batch is gathered on the host) ------
+    def _stage_batch(self, params, X, yi, yf, idx, B):
+        """Upload params and rows idx[:B] (gathered on the host, so no stale device copy
+        of X is ever read here); returns (dyi, dyf, identity indices)."""
+        self._ensure(B)
+        s = self.stream
+        rows = np.asarray(idx[:B], np.int64)
+        self.d_params.set(params, stream=s)
+        self.ws.x0(B).set(np.ascontiguousarray(X[rows]), stream=s)
+        cp = self.cp
+        with s:
+            dyi = cp.asarray(yi[rows]) if yi.size else self._d_dummy_i
+            dyf = cp.asarray(np.ascontiguousarray(yf[rows])) if yf.size else self._d_dummy
+        return dyi, dyf, self._arange
+
+    def _gemm_kind(self, B):
+        return "tiled" if B <= self.graph_max_batch else "cublas"
+
+    def forward(self, params, X, idx, B):
+        self._stage_batch(params, X, np.empty(0, np.int64), np.empty(0, self.dtype), idx, B)
+        self._enqueue_forward(B, self._gemm_kind(B))
+        out = self.ws.views(B)[1][-1].get(stream=self.stream)
+        return out
+
+    def losses(self, params, X, yi, yf, idx, B):
+        dyi, dyf, ar = self._stage_batch(params, X, yi, yf, idx, B)
+        self._enqueue_forward(B, self._gemm_kind(B))
+        self._enqueue_loss(B, dyi, dyf, ar, np.uint64(0), self._res, 0, 0)
+        return self._rowloss[:B].get(stream=self.stream)
+
+    def _device_loss_grad(self, params, X, yi, yf, idx, B, want_sqn):
+        dyi, dyf, ar = self._stage_batch(params, X, yi, yf, idx, B)
+        gemm = self._gemm_kind(B)
+        self._enqueue_forward(B, gemm)
+        self._enqueue_loss(B, dyi, dyf, ar, np.uint64(0), self._res, 0, 0)
+        self._enqueue_backward(B, gemm, want_sqn)
+
+    def loss_grad(self, params, grad, X, yi, yf, idx, B, want_sqn=False, want_row_loss=False):
+        self._device_loss_grad(params, X, yi, yf, idx, B, want_sqn)
+        s = self.stream
+        self.d_grad.get(stream=s, out=grad)
+        loss = float(self._res[:1].get(stream=s)[0])
+        rows = None
+        if want_sqn:
+            rows = self._sqn[:B].get(stream=s)
+        elif want_row_loss:
+            rows = self._rowloss[:B].get(stream=s)
+        return loss, rows
+
+    def last_sqnorms(self, B):
+        """(B,) float64 per-example squared gradient norms of the last
+        ``train_step(want_sqn=True)`` (a host copy)."""
+        return self._sqn[:B].get(stream=self.stream)
+
+    # -- per-example gradient statistics ----------------------------------------------------------
+    def per_example_terms(self, params, X, yi, yf, idx, B, grad=None):
+        self._device_loss_grad(params, X, yi, yf, idx, B, False)
+        s = self.stream
+        if grad is not None:
+            self.d_grad.get(stream=s, out=grad)
+        x0, _, as_, ds = self._layer_views(B)
+        terms = []
+        for l in range(self.layout.n_layers):
+            A = (x0 if l == 0 else as_[l - 1]).get(stream=s)
+            D = ds[l].get(stream=s) * self.dtype.type(B)
+            terms.append((A, D))
+        return terms
+
+    def per_example_grads(self, params, X, yi, yf, idx, B, out):
+        self._device_loss_grad(params, X, yi, yf, idx, B, False)
+        P = self.layout.n_params
+        if self._G is None or self._G.shape[0] < B:
+            self._G = self.cp.zeros((B, P), self.dtype)
+        G = self._G[:B]
+        self._enqueue_layers(self.k.per_example_fill, B, lambda A, D, fi, fo, wo, bo: (
+            A, D, np.int32(B), np.int32(fi), np.int32(fo), np.int64(wo), np.int64(bo), np.int64(P), G),
+            total=lambda fi, fo: B * (fi * fo + fo))
+        G.get(stream=self.stream, out=out[:B])
+
+    def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2):
+        cp = self.cp
+        self._device_loss_grad(params, X, yi, yf, idx, B, False)
+        s = self.stream
+        with s:
+            dmean = cp.asarray(mean)
+            dm2 = cp.asarray(m2)
+        n_new = n_old + B
+        w, c = B / n_new, n_old * B / n_new
+        self._enqueue_layers(self.k.moments_update, B, lambda A, D, fi, fo, wo, bo: (
+            A, D, self.d_grad, np.int32(B), np.int32(fi), np.int32(fo), np.int64(wo), np.int64(bo),
+            np.int64(n_old), np.float64(w), np.float64(c), dmean, dm2),
+            total=lambda fi, fo: fi * fo + fo)
+        dmean.get(stream=s, out=mean)
+        dm2.get(stream=s, out=m2)
+        self.d_grad.get(stream=s, out=grad)
+        s.synchronize()
+
+    def _enqueue_layers(self, kern, B, args, total):
+        x0, _, as_, ds = self._layer_views(B)
+        wo, bo = self.layout._offsets()
+        for l in range(self.layout.n_layers):
+            fi, fo = self.layout.sizes[l], self.layout.sizes[l + 1]
+            A = x0 if l == 0 else as_[l - 1]
+            self._launch(kern, *self._elementwise_grid(total(fi, fo)), args(A, ds[l], fi, fo, wo[l], bo[l]))
