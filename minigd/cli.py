@@ -76,6 +76,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _bn_arg(text):
+    choices = {"none": False, "before": True, "after": "after"}
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"expected one of {list(choices)}, got {text!r}")
+    return choices[text]
+
+
+def _ghost_list(text):
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip().lower()
+        if not tok:
+            continue
+        if tok == "none":
+            out.append(None)
+            continue
+        try:
+            out.append(int(tok))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated ints or 'none', got {text!r}")
+    return tuple(out)
+
+
 def _csv(kind):
     def parse(text):
         out = []
@@ -117,7 +140,8 @@ def _print_answers(analysis, report_dir) -> None:
     for arch in analysis["architectures"]:
         a = arch["answers"]
         tgt = f"{arch['target_metric']} {'>=' if 'accuracy' in (arch['target_metric'] or '') else '<='} {arch['target']}"
-        print(f"\nMLP {arch['sizes']} ({arch['activation']}, {arch['optimizer']}), target {tgt}:")
+        norm = f", {arch['norm']}" if arch.get("norm") else ""
+        print(f"\nMLP {arch['sizes']} ({arch['activation']}, {arch['optimizer']}{norm}), target {tgt}:")
         def show(label, key, unit=""):
             v = a.get(key)
             print(f"  {label:<44} {('%.4g' % v if isinstance(v, float) else v) if v is not None else 'not measured'}{unit}")
@@ -164,7 +188,8 @@ def cmd_study(args) -> int:
                      optimizer=args.optimizer, momentum=args.momentum, warmup_steps=args.warmup_steps,
                      bs_growth=args.bs_growth,
                      max_epochs=args.max_epochs, target_metric=args.target_metric, target=args.target,
-                     backend=args.backend)
+                     backend=args.backend, batch_norm=args.batch_norm,
+                     ghost_batch_sizes=args.ghost_batch_sizes, dropout=args.dropout)
     t0 = time.perf_counter()
     print(f"minigd study: {args.data}, results in {args.out}/results.sqlite "
           f"(re-running resumes: only missing trials run)")
@@ -253,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-metric", default="val_accuracy", choices=["val_accuracy", "val_loss"])
     g.add_argument("--target", type=float, default=0.95, help="target value of --target-metric")
     g.add_argument("--backend", default="cpu")
+    g.add_argument("--batch-norm", type=_bn_arg, default=False, metavar="{none,before,after}",
+                   help="batch norm on the hidden layers, before or after the activation (default none)")
+    g.add_argument("--ghost-batch-sizes", type=_ghost_list, default=(),
+                   help="ghost batch sizes to sweep next to the batch size, e.g. 4,8,16,none "
+                        "(none = the whole batch; needs --batch-norm)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the hidden activations")
     g = st.add_argument_group("search (instead of the grid sweep)")
     g.add_argument("--search", choices=["random", "bayes"], default=None,
                    help="random or Bayesian (Optuna) search over batch size, lr, momentum, widths, depths")

@@ -304,3 +304,56 @@ def test_a_diverging_trial_is_an_outcome_not_a_failure():
     assert res["status"] == "ok", res.get("error")
     assert res["reached"] is False
     assert all(np.isfinite(p["noise_scale"]) for p in res["noise"])
+
+
+# --------------------------------------------------------------------------- ghost batch norm sweeps
+def test_default_trial_keys_are_unchanged_by_the_batch_norm_fields():
+    # the key of a plain trial is the digest it had before batch norm existed: stored
+    # results of earlier studies are still recognised on resume
+    assert TrialConfig().key == "52a32ac99c80f182a72084c4"
+    assert dataclasses.replace(TrialConfig(), batch_norm=True).key != TrialConfig().key
+    assert dataclasses.replace(TrialConfig(), dropout=0.1).key != TrialConfig().key
+
+
+def test_ghost_sweep_trials_dedupe_skip_and_drop_last():
+    # n = 241: B = 2 and B = 8 leave a last batch of 1 -> dropped; at B = 32 the last batch
+    # (17 rows) is fine whole but leaves a ghost of 1 in ghosts of 4 or 16 -> dropped there;
+    # ghost >= B is the whole batch (not repeated); B = 1 is left out with a warning, and so
+    # is 'full' with ghost 4 or 16 (241 % 4 == 241 % 16 == 1)
+    spec = tiny_spec(batch_norm=True, ghost_batch_sizes=(4, 16, None), batch_sizes=(1, 2, 8, 32, "full"),
+                     seeds=(0,))
+    with pytest.warns(UserWarning, match=r"\(1, None\).*\(241, 16\).*\(241, 4\)"):
+        cfgs = spec.trials(241, 6, 3)
+    got = sorted((c.batch_size, c.ghost_batch_size or 0, c.drop_last) for c in cfgs)
+    assert got == [(2, 0, True), (8, 0, True), (8, 4, True), (32, 0, False), (32, 4, True), (32, 16, True),
+                   (241, 0, False)]
+    assert all(c.batch_norm is True and c.norm_label.startswith("BN") for c in cfgs)
+    with pytest.raises(ValueError, match="ghost_batch_sizes: needs batch_norm"):
+        tiny_spec(ghost_batch_sizes=(4,))
+    with pytest.raises(ValueError, match="ghost_batch_size"):
+        tiny_spec(batch_norm=True, ghost_batch_sizes=(1,))
+    with pytest.raises(ValueError, match="dropout"):
+        tiny_spec(dropout=1.0)
+    # the spec survives its JSON round trip (the store keeps it for `minigd report`)
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_ghost_sweep_runs_and_the_analysis_compares_the_variants(tmp_path):
+    spec = tiny_spec(batch_norm=True, ghost_batch_sizes=(4, None), batch_sizes=(8, 32), seeds=(0,),
+                     dropout=0.1)
+    with ResultStore(str(tmp_path / "r.sqlite")) as store:
+        run_sweep(spec.trials(240, 6, 3), store, executor=SerialExecutor(), progress=False)
+        rows = store.rows()
+    assert len(rows) == 4 and all(r["status"] == "ok" for _, r in rows), [r.get("error") for _, r in rows]
+    # batch norm has no per-example gradients: the noise scale is honestly absent
+    assert all(r["noise"] == [] for _, r in rows)
+    a = analyze(rows)
+    assert sorted(x["norm"] for x in a["architectures"]) == ["BN ghost 4, dropout 0.1", "BN, dropout 0.1"]
+    (comp,) = a["norm_comparisons"]
+    assert [r["batch_size"] for r in comp["rows"]] == [8, 32]
+    for row in comp["rows"]:
+        for v in comp["variants"]:
+            assert 0 <= row[v]["final_val_accuracy"] <= 1
+    from minigd.report.summary import build_blocks, render_markdown
+    md = render_markdown(build_blocks(a))
+    assert "Batch norm, ghost batch size and dropout" in md and "BN ghost 4, dropout 0.1" in md

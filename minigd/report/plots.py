@@ -114,6 +114,8 @@ def arch_label(arch) -> str:
     sizes = arch.get("sizes") or []
     parts = ["-".join(str(s) for s in sizes) if sizes else "?"]
     parts += [str(arch[k]) for k in ("activation", "optimizer") if arch.get(k)]
+    if arch.get("norm"):
+        parts.append(f"({arch['norm']})")
     return " ".join(parts)
 
 

@@ -401,6 +401,31 @@ def batch_table(arch, acc):
     return headers, body
 
 
+def norm_comparison_blocks(comp, acc) -> list:
+    """Batch norm / ghost batch size / dropout variants of one model, side by side."""
+    if not isinstance(comp, dict) or not comp.get("rows"):
+        return []
+    variants = list(comp.get("variants") or [])
+    what = "final validation accuracy" if acc else "final validation loss"
+    head = [("h2", f"Batch norm, ghost batch size and dropout ({comp.get('base', '?')})"),
+            ("p", f"The {what} (median over seeds, at each variant's best learning rate) and the steps "
+                  f"to target, per batch size; a ghost batch size at or above the batch size is "
+                  f"ordinary batch norm, so such cells are not repeated. Whatever it shows is "
+                  f"reported as measured.")]
+    body = []
+    for row in comp["rows"]:
+        cells = [_batch(row.get("batch_size"))]
+        for v in variants:
+            r = row.get(v)
+            if not isinstance(r, dict):
+                cells.append("—")
+                continue
+            val = _pct(r.get("final_val_accuracy")) if acc else _g(r.get("final_val_loss"))
+            cells.append(f"{val} ({_count(r.get('steps_to_target'))} steps)")
+        body.append(cells)
+    return head + [("table", ["batch"] + variants, body)]
+
+
 # --------------------------------------------------------------------------- blocks
 
 
@@ -439,6 +464,8 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
             blocks.append(("table", h, b))
         else:
             blocks.append(("p", f"No batch sizes: {NOT_MEASURED}."))
+    for comp in analysis.get("norm_comparisons") or []:
+        blocks += norm_comparison_blocks(comp, acc)
     blocks.append(("h2", "Figures"))
     plots = plots if plots is not None else [(name, None) for name in PLOT_FILES]
     for name, placeholder in plots:

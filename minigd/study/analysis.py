@@ -80,14 +80,39 @@ def analyze(rows) -> dict:
         if res.get("status") != "ok":
             failures.append({"trial": cfg.label, "error": res.get("error")})
             continue
-        groups[(tuple(cfg.sizes), cfg.activation, cfg.optimizer)].append((cfg, res))
+        groups[(tuple(cfg.sizes), cfg.activation, cfg.optimizer, cfg.norm_label)].append((cfg, res))
     archs = [_analyze_arch(k, v) for k, v in sorted(groups.items(), key=lambda kv: kv[0])]
     return {"n_trials": len(rows), "n_failed": len(failures), "failures": failures[:50],
-            "architectures": archs}
+            "architectures": archs, "norm_comparisons": norm_comparisons(archs)}
+
+
+def norm_comparisons(archs) -> list:
+    """Models that differ only in batch norm / ghost batch size / dropout, side by side
+    per batch size: ``[{"base": label, "variants": [norm labels], "rows": [{"batch_size",
+    "<variant>": {"final_val_accuracy", "final_val_loss", "steps_to_target"}}]}]``."""
+    by_base = defaultdict(list)
+    for a in archs:
+        by_base[(tuple(a["sizes"]), a["activation"], a["optimizer"])].append(a)
+    out = []
+    for (sizes, act, opt), group in sorted(by_base.items()):
+        if len(group) < 2:
+            continue
+        variants = [a.get("norm") or "plain" for a in group]
+        batches = sorted({r["batch_size"] for a in group for r in a["per_batch"]})
+        rows = []
+        for B in batches:
+            row = {"batch_size": B}
+            for name, a in zip(variants, group):
+                r = next((r for r in a["per_batch"] if r["batch_size"] == B), None)
+                row[name] = None if r is None else {k: r.get(k) for k in (
+                    "final_val_accuracy", "final_val_loss", "steps_to_target", "seeds")}
+            rows.append(row)
+        out.append({"base": f"{'-'.join(map(str, sizes))} {act} {opt}", "variants": variants, "rows": rows})
+    return out
 
 
 def _analyze_arch(key, items) -> dict:
-    sizes, activation, optimizer = key
+    sizes, activation, optimizer, norm = key
     by_b = defaultdict(lambda: defaultdict(list))
     target = None
     for cfg, res in items:
@@ -177,7 +202,7 @@ def _analyze_arch(key, items) -> dict:
                         f"their steps to target may be overstated; widen --lr-grid")
     return {
         "warnings": warnings,
-        "sizes": list(sizes), "activation": activation, "optimizer": optimizer,
+        "sizes": list(sizes), "activation": activation, "optimizer": optimizer, "norm": norm,
         "target_metric": target[0] if target else None, "target": target[1] if target else None,
         "n_trials": len(items),
         "per_batch": per_b,

@@ -67,6 +67,10 @@ class TrialConfig:
     evals_per_epoch: int = 4          # resolution of steps-to-target (at least every 8 steps)
     noise_subset: int = 512           # examples used to measure the gradient noise scale
     search_id: str = ""               # which search produced it ("" = grid sweep)
+    batch_norm: object = False        # False | True (before the activation) | "after"
+    ghost_batch_size: object = None   # int: ghost batch norm; None: the whole batch
+    dropout: float = 0.0
+    drop_last: bool = False           # batch-norm trials drop a last batch that would leave a ghost of 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,10 +87,34 @@ class TrialConfig:
 
     @property
     def key(self) -> str:
-        blob = json.dumps({"v": SCHEMA_VERSION, **self.to_dict()}, sort_keys=True, default=str)
+        d = self.to_dict()
+        for k, v in _LATER_DEFAULTS.items():   # fields added later: at their default they
+            if d.get(k) == v:                  # leave the key (and stored results) unchanged
+                d.pop(k)
+        blob = json.dumps({"v": SCHEMA_VERSION, **d}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    @property
+    def norm_label(self) -> str:
+        """``""`` for the plain MLP, else e.g. ``"BN ghost 8, dropout 0.1"``."""
+        return norm_label(self.batch_norm, self.ghost_batch_size, self.dropout)
 
     @property
     def label(self) -> str:
         b = "full" if self.full_batch else str(self.batch_size)
-        return f"B={b} lr={self.lr:.4g} seed={self.seed} sizes={'-'.join(map(str, self.sizes))}"
+        extra = f" {self.norm_label}" if self.norm_label else ""
+        return f"B={b} lr={self.lr:.4g} seed={self.seed} sizes={'-'.join(map(str, self.sizes))}{extra}"
+
+
+#: TrialConfig fields added after SCHEMA_VERSION 1 and their defaults
+_LATER_DEFAULTS = {"batch_norm": False, "ghost_batch_size": None, "dropout": 0.0, "drop_last": False}
+
+
+def norm_label(batch_norm, ghost_batch_size, dropout) -> str:
+    parts = []
+    if batch_norm not in (False, None):
+        bn = "BN" if batch_norm is True or batch_norm == "before" else "BN after act"
+        parts.append(bn + (f" ghost {ghost_batch_size}" if ghost_batch_size else ""))
+    if dropout:
+        parts.append(f"dropout {dropout:g}")
+    return ", ".join(parts)

@@ -5,9 +5,11 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from minigd._validation import check_choice, check_float, check_int
+from minigd.backends.base import NormSpec
 
 from .config import DataSpec, TrialConfig
 from .executors import make_executor
@@ -40,6 +42,13 @@ class SweepSpec:
     bs_growth : ((epoch, factor), ...) -- a batch-size schedule instead of learning-rate
         decay (Smith et al. 2018): every trial multiplies its batch size by ``factor`` from
         ``epoch`` on (capped at the full batch); the trial is keyed by its initial size.
+    batch_norm, ghost_batch_sizes, dropout : the models' batch norm (False, True =
+        before the activation, "after"), the ghost batch sizes to sweep next to the batch
+        size (Hoffer et al. 2017; None or a size >= B means the whole batch, so each batch
+        size runs each distinct ghost size once), and dropout.  Batch norm needs >= 2 rows
+        per ghost batch: batch size 1 and pairs with B % ghost == 1 are left out (with a
+        warning), and a trial whose last partial batch would leave a ghost batch of 1
+        drops it (``drop_last``).
     """
 
     data: DataSpec = field(default_factory=DataSpec)
@@ -62,8 +71,23 @@ class SweepSpec:
     target: float = 0.95
     dtype: str = "float32"
     backend: str = "cpu"
+    batch_norm: object = False
+    ghost_batch_sizes: tuple = ()
+    dropout: float = 0.0
 
     def __post_init__(self):
+        if not isinstance(self.batch_norm, (bool, str)) or self.batch_norm not in (False, True, "before", "after"):
+            raise ValueError(f"batch_norm: expected False, True, 'before' or 'after', got {self.batch_norm!r}")
+        ghosts = tuple(None if g in (None, 0, "none", "None") else check_int("ghost_batch_sizes", g, low=2)
+                       for g in self.ghost_batch_sizes)
+        if any(g is not None for g in ghosts) and self.batch_norm is False:
+            raise ValueError(f"ghost_batch_sizes: needs batch_norm, got ghost_batch_sizes="
+                             f"{self.ghost_batch_sizes!r} with batch_norm=False")
+        object.__setattr__(self, "ghost_batch_sizes", ghosts)
+        check_float("dropout", self.dropout, low=0)
+        if not self.dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
         check_choice("lr_policy", self.lr_policy, LR_POLICIES)
         check_float("base_lr", self.base_lr, low=0, low_open=True)
         check_int("base_batch_size", self.base_batch_size, low=1)
@@ -104,6 +128,7 @@ class SweepSpec:
         """Every TrialConfig of the sweep for a dataset with n_train training examples."""
         sizes_b = self.batch_sizes or default_batch_sizes(n_train)
         out = []
+        skipped = set()
         for depth in self.depths:
             for width in self.widths:
                 sizes = (n_in,) + (width,) * depth + (n_out,)
@@ -113,18 +138,49 @@ class SweepSpec:
                     if B > n_train:
                         raise ValueError(f"batch_sizes: expected sizes <= the number of training examples "
                                          f"({n_train}), got {B}")
-                    for lr in self.lrs_for(B):
-                        for seed in self.seeds:
-                            out.append(TrialConfig(
-                                data=self.data, sizes=sizes, activation=self.activation, dtype=self.dtype,
-                                backend=self.backend, batch_size=B, full_batch=full,
-                                optimizer=self.optimizer, lr=float(lr), momentum=self.momentum,
-                                lr_policy=self.lr_policy, base_batch_size=self.base_batch_size,
-                                base_lr=self.base_lr, warmup_steps=self.warmup_steps,
-                                bs_schedule=tuple((int(e), min(n_train, int(round(B * f))))
-                                                  for e, f in self.bs_growth), seed=int(seed),
-                                max_epochs=self.max_epochs, min_steps=self.min_steps,
-                                target_metric=self.target_metric, target=self.target))
+                    for ghost, drop_last in self._ghosts_for(B, n_train, skipped):
+                        for lr in self.lrs_for(B):
+                            for seed in self.seeds:
+                                out.append(TrialConfig(
+                                    batch_norm=self.batch_norm, ghost_batch_size=ghost, dropout=self.dropout,
+                                    drop_last=drop_last,
+                                    data=self.data, sizes=sizes, activation=self.activation, dtype=self.dtype,
+                                    backend=self.backend, batch_size=B, full_batch=full,
+                                    optimizer=self.optimizer, lr=float(lr), momentum=self.momentum,
+                                    lr_policy=self.lr_policy, base_batch_size=self.base_batch_size,
+                                    base_lr=self.base_lr, warmup_steps=self.warmup_steps,
+                                    bs_schedule=tuple((int(e), min(n_train, int(round(B * f))))
+                                                      for e, f in self.bs_growth), seed=int(seed),
+                                    max_epochs=self.max_epochs, min_steps=self.min_steps,
+                                    target_metric=self.target_metric, target=self.target))
+        if skipped:
+            warnings.warn(f"batch_norm: left out (batch size, ghost batch size) pairs whose ghost "
+                          f"batches would hold 1 row (zero variance): {sorted(skipped, key=str)}",
+                          stacklevel=2)
+        return out
+
+    def _ghosts_for(self, B: int, n_train: int, skipped: set) -> list:
+        """[(ghost_batch_size, drop_last)] of the trials at batch size B."""
+        if self.batch_norm is False:
+            return [(None, False)]
+        out = []
+        for g in self.ghost_batch_sizes or (None,):
+            g = None if (g is None or g >= B) else g     # a ghost >= B is the whole batch
+            spec = NormSpec(bn=1, ghost=g)
+            try:
+                spec.check_batch(B)
+            except ValueError:
+                skipped.add((B, g))
+                continue
+            last = n_train % B
+            drop_last = False
+            if last:
+                try:
+                    spec.check_batch(last)
+                except ValueError:
+                    drop_last = True
+            if (g, drop_last) not in out:
+                out.append((g, drop_last))
         return out
 
     def to_dict(self) -> dict:
@@ -137,7 +193,7 @@ class SweepSpec:
         data = dict(d.pop("data"))
         data["params"] = tuple(tuple(p) for p in data.get("params", ()))
         tup = lambda v: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-        for k in ("batch_sizes", "lr_grid", "seeds", "widths", "depths", "bs_growth"):
+        for k in ("batch_sizes", "lr_grid", "seeds", "widths", "depths", "bs_growth", "ghost_batch_sizes"):
             if k in d:
                 d[k] = tup(d[k])
         return cls(data=DataSpec(**data), **d)

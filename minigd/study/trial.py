@@ -98,7 +98,8 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         raise ValueError(f"batch_size: expected at most the number of training examples ({n}), got {B}")
     sizes = (Xtr.shape[1],) + tuple(cfg.sizes[1:-1]) + (ds.n_out,)
     model = mg.MLP(list(sizes), activation=cfg.activation, loss=ds.loss, dtype=cfg.dtype,
-                   init=cfg.init, seed=cfg.seed, backend=cfg.backend)
+                   init=cfg.init, seed=cfg.seed, backend=cfg.backend, batch_norm=cfg.batch_norm,
+                   ghost_batch_size=cfg.ghost_batch_size, dropout=cfg.dropout)
     rng = np.random.default_rng(cfg.seed + 7919)
     sub = rng.choice(n, size=min(cfg.noise_subset, n), replace=False)
     Xs, ys = Xtr[sub], ytr[sub]
@@ -128,7 +129,7 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     diverged = False
     try:
         hist = mg.fit(model, Xtr, ytr, batch_size=bs, epochs=epochs, optimizer=_optimizer(cfg),
-                      sampler=cfg.sampler, validation=(Xva, yva), eval_every=eval_every,
+                      sampler=cfg.sampler, drop_last=cfg.drop_last, validation=(Xva, yva), eval_every=eval_every,
                       eval_train=False, target={target_metric: cfg.target}, seed=cfg.seed,
                       callbacks=[NoiseProbe()])
     except mg.DivergenceError as err:
