@@ -1,0 +1,166 @@
+"""GPU backend parity with the NumPy reference (needs a CUDA GPU; skips with the reason
+``minigd.available_backends()`` gives otherwise).
+
+Same case tables and tolerances as tests/test_backend_parity.py, on the three regimes of
+the gpu backend, each pinned through its instance attributes:
+
+* ``gpu-graph``: the small-batch path, captured once as a CUDA graph and replayed
+  (tiled GEMMs with fused epilogues; ``graph_max_batch`` above every batch);
+* ``gpu-tiled``: the same kernels launched one by one (``use_graphs = False``);
+* ``gpu-cublas``: cupy.matmul (cuBLAS) + epilogue kernels (``graph_max_batch = 0``).
+
+Not yet run on hardware: no session that worked on this code had a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minigd as mg
+from minigd.backends import available_backends
+from test_backend_parity import EVAL_TOL, MODEL_CASES, TRAIN_CASES, TRAIN_TOL, _TRAIN_DEFAULTS, assert_close
+
+_REASON = available_backends()["gpu"]
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"no usable GPU: {_REASON}")
+
+GPU_PATHS = ("gpu-graph", "gpu-tiled", "gpu-cublas")
+DTYPES = ("float64", "float32")
+
+
+def on_gpu(ref: mg.MLP, path: str) -> mg.MLP:
+    """A gpu copy of the reference model, pinned to one regime."""
+    m = ref.to("gpu")
+    impl = m.backend_impl
+    if path == "gpu-graph":
+        impl.graph_max_batch, impl.use_graphs = 10**9, True
+    elif path == "gpu-tiled":
+        impl.graph_max_batch, impl.use_graphs = 10**9, False
+    elif path == "gpu-cublas":
+        impl.graph_max_batch = 0
+    else:  # pragma: no cover
+        raise ValueError(path)
+    return m
+
+
+@pytest.fixture(params=GPU_PATHS)
+def path(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request):
+    return request.param
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c.id for c in MODEL_CASES])
+def test_forward_loss_grad(case, path, dtype):
+    ref, X, y = case.build("numpy", dtype)
+    gpu = on_gpu(ref, path)
+    tol = EVAL_TOL[dtype]
+    out = gpu.forward(X)
+    assert out.dtype == np.dtype(dtype) and out.shape == (case.n, case.sizes[-1])
+    assert_close(out, ref.forward(X), tol, "forward")
+    assert_close(gpu.loss(X, y), ref.loss(X, y), tol, "loss")
+    loss, g = gpu.loss_and_grad(X, y)
+    loss_r, g_r = ref.loss_and_grad(X, y)
+    assert g.dtype == np.dtype(dtype)
+    assert_close(loss, loss_r, tol, "loss_and_grad loss")
+    assert_close(g, g_r, tol, "grad")
+    loss2, g2 = gpu.loss_and_grad(X, y)
+    assert loss2 == loss and np.array_equal(g2, g), "not deterministic / stale buffers"
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c.id for c in MODEL_CASES])
+def test_per_example_statistics(case, path, dtype):
+    if case.n < 2:
+        pytest.skip("moments need two examples")
+    ref, X, y = case.build("numpy", dtype)
+    gpu = on_gpu(ref, path)
+    tol = EVAL_TOL[dtype]
+    G, G_r = mg.per_example_grads(gpu, X, y), mg.per_example_grads(ref, X, y)
+    assert_close(G, G_r, tol, "per-example grads")
+    assert_close(mg.per_example_grad_norms(gpu, X, y), mg.per_example_grad_norms(ref, X, y), tol, "norms")
+    m, m_r = mg.grad_moments(gpu, X, y, chunk_size=4), mg.grad_moments(ref, X, y)
+    assert m.n == m_r.n
+    assert_close(m.mean, m_r.mean, tol, "moments mean")
+    assert_close(m.var, m_r.var, 10 * tol, "moments var")
+
+
+@pytest.mark.parametrize("tc", TRAIN_CASES, ids=[t.id for t in TRAIN_CASES])
+def test_training_run(tc, path, dtype):
+    kw = {**_TRAIN_DEFAULTS, **tc.fit}
+    ref, X, y = tc.model.build("numpy", dtype)
+    gpu = on_gpu(ref, path)
+    Xv, yv = X[:7], y[:7]
+    h_ref = mg.fit(ref, X, y, validation=(Xv, yv), **kw)
+    h_gpu = mg.fit(gpu, X, y, validation=(Xv, yv), **kw)
+    tol = TRAIN_TOL[dtype]
+    assert h_gpu.n_steps == h_ref.n_steps > 0
+    assert_close(h_gpu.column("loss"), h_ref.column("loss"), tol, "per-step loss")
+    assert_close(gpu.params, ref.params, tol, "final params")
+
+
+def test_noise_tracking_in_fit(path):
+    ref, X, y = MODEL_CASES[3].build("numpy", "float64")
+    X = np.tile(X, (4, 1))
+    y = np.tile(y, 4)
+    gpu = on_gpu(ref, path)
+    kw = dict(batch_size=6, epochs=2, seed=3, track_noise=2)
+    h_r, h_g = mg.fit(ref, X, y, **kw), mg.fit(gpu, X, y, **kw)
+    assert_close(gpu.params, ref.params, 1e-10, "params")
+    assert_close(h_g.noise_tracker.trace_cov, h_r.noise_tracker.trace_cov, 1e-8, "tr(Sigma)")
+
+
+@pytest.mark.parametrize("backend_path", GPU_PATHS)
+def test_nan_gradient_is_never_applied(backend_path):
+    for opt in (mg.SGD(lr=0.1), mg.SGD(lr=0.1, momentum=0.9), mg.Adam(lr=0.1), mg.AdamW(lr=0.1)):
+        m = on_gpu(mg.MLP([3, 2], dtype="float32", backend="numpy"), backend_path)
+        p0 = m.params.copy()
+        st = opt.init(m.params)
+        g = np.array([np.nan, 1, 1, 0, 0, 0, 0, 0], np.float32)
+        applied, _ = m.backend_impl.opt_apply(m.params, g, st, 0.1, 1)
+        assert not applied
+        assert np.array_equal(m.params, p0)
+
+
+def test_divergence_stops_fit_at_the_same_step_with_the_last_finite_params():
+    ref, X, y = TRAIN_CASES[0].model.build("numpy", "float32")
+    gpu = on_gpu(ref, "gpu-graph")
+    kw = dict(batch_size=5, epochs=50, optimizer=mg.SGD(lr=1e30), seed=0)
+    errs = []
+    for m in (ref, gpu):
+        with pytest.raises(mg.DivergenceError) as ei:
+            mg.fit(m, X, y, **kw)
+        errs.append(ei.value)
+    assert errs[0].step == errs[1].step
+    assert_close(errs[1].params, errs[0].params, 1e-3, "last finite params")
+
+
+def test_run_steps_equals_repeated_train_steps(dtype):
+    ref, X, y = TRAIN_CASES[1].model.build("numpy", dtype)      # momentum
+    a, b = on_gpu(ref, "gpu-graph"), on_gpu(ref, "gpu-graph")
+    opt = mg.SGD(lr=0.05, momentum=0.9)
+    X, yi, yf = a.check_Xy(X, y)
+    rng = np.random.default_rng(0)
+    B, n = 4, 12
+    idx = rng.integers(0, X.shape[0], size=B * n).astype(np.int64)
+    lrs = np.linspace(0.05, 0.01, n)
+    sa, sb = opt.init(a.params), opt.init(b.params)
+    res = a.backend_impl.run_steps(a.params, X, yi, yf, idx, B, n, sa, lrs, 1, read_every=5)
+    losses = [b.backend_impl.train_step(b.params, b._grad, X, yi, yf, idx[s * B:(s + 1) * B], B, sb,
+                                        float(lrs[s]), s + 1)[0] for s in range(n)]
+    assert res["applied"].all() and len(res["loss"]) == n
+    np.testing.assert_array_equal(res["loss"], losses)
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(sa.state, sb.state)
+
+
+def test_host_param_writes_between_steps_are_seen():
+    """model.params stays the source of truth: writing it between fits is not lost."""
+    ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
+    gpu = on_gpu(ref, "gpu-graph")
+    mg.fit(gpu, X, y, batch_size=5, steps=3)
+    gpu.params[...] = ref.params
+    mg.fit(ref, X, y, batch_size=5, steps=3)
+    mg.fit(gpu, X, y, batch_size=5, steps=3)
+    assert_close(gpu.params, ref.params, 1e-10, "params")
