@@ -42,6 +42,7 @@ def runs(tmp_path_factory):
         "gradstats": ["gradstats.py", "--quick"],
         "crossover": ["crossover.py", "--quick"],
         "peers": ["peers.py", "--quick", "--threads", "1"],
+        "ghost_bn": ["ghost_bn.py", "--quick"],
     }
     envs = {}
     if HAVE_TORCH:
@@ -147,3 +148,16 @@ def test_peers_quick_without_torch(runs):
     assert "torchfunc_norms_x" not in data["stats"][0]
     assert "PyTorch: missing" in md
     assert "| missing |" in md
+
+
+def test_ghost_bn_quick_writes_accuracy_and_cost(runs):
+    out, stdout, _ = _finish(runs, "ghost_bn")
+    res = json.loads((out / "ghost_bn.json").read_text())
+    names = [r["variant"] for r in res["accuracy"]]
+    assert names[:2] == ["plain", "BN"] and "BN ghost 8" in names and "dropout 0.1" in names
+    for r in res["accuracy"]:
+        assert 0 <= r["test_mean"] <= 1 and len(r["test"]) == 1
+    cost = {r["variant"]: r for r in res["cost"]}
+    assert cost["plain"]["vs_plain"] == 1.0 and cost["BN ghost 8"]["us_per_step"] > 0
+    assert "BN ghost 32" not in cost          # a ghost >= the batch is not a variant of its own
+    assert "| BN ghost 8 |" in (out / "ghost_bn.md").read_text()
