@@ -222,7 +222,9 @@ class GpuBackend(Backend):
 
     # -- launching ----------------------------------------------------------------------------
     def _launch(self, kern, grid, block, args):
-        kern(grid, block, args, stream=self.stream)
+        # RawKernel launches on the current stream (it takes no stream argument)
+        with self.stream:
+            kern(grid, block, args)
 
     def _elementwise_grid(self, n):
         return S.grid_1d(n), (S.THREADS,)
@@ -387,11 +389,12 @@ class GpuBackend(Backend):
         g = self._graphs.get(key)
         if g is None:
             self.stream.synchronize()
-            self.stream.begin_capture()
-            try:
-                self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled")
-            finally:
-                g = self.stream.end_capture()
+            with self.stream:
+                self.stream.begin_capture()
+                try:
+                    self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled")
+                finally:
+                    g = self.stream.end_capture()
             if len(self._graphs) > 16:
                 self._graphs.clear()
             self._graphs[key] = g
