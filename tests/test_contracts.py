@@ -2,13 +2,16 @@
 
 * every Numba kernel is compiled for exactly the two model dtypes: after the whole suite
   (this module runs last, see conftest.py) and after exercising every entry point in both
-  dtypes itself, no dispatcher has more than two signatures;
+  dtypes itself (batch norm and dropout included), no dispatcher has more than two
+  signatures;
 * a training step allocates no data: over 1,000 fit steps the traced memory does not grow
-  and never peaks above its level at the start by more than a small slack;
+  and never peaks above its level at the start by more than a small slack (also for a
+  model with batch norm in ghost batches and dropout);
 * fit reserves the workspace once, before the first step, and never re-allocates it.
 """
 from __future__ import annotations
 
+import gc
 import re
 import tracemalloc
 
@@ -28,6 +31,11 @@ def _kernel_modules():
     try:
         from minigd.kernels import cpu_stats
         mods.append(cpu_stats)
+    except ImportError:  # pragma: no cover - optional module
+        pass
+    try:
+        from minigd.kernels import cpu_norm
+        mods.append(cpu_norm)
     except ImportError:  # pragma: no cover - optional module
         pass
     return mods
@@ -75,6 +83,21 @@ def _exercise_everything(dtype):
             st = mg.SGD(lr=0.1).init(m.params)
             g = np.ones_like(m.params)
             m.backend_impl.opt_apply(m.params, g, st, 0.1, 1)
+    # batch norm (both placements, ghost batches) and dropout: the kernels of cpu_norm.py
+    X = rng.normal(size=(12, 3)).astype(dtype)
+    y = rng.integers(0, 2, size=12).astype(np.int64)
+    X_ro = X.copy()
+    X_ro.setflags(write=False)
+    for kw in (dict(batch_norm=True), dict(batch_norm="after", ghost_batch_size=3, dropout=0.2),
+               dict(dropout=0.3), dict(batch_norm=True, ghost_batch_size=4, dropout=0.1)):
+        for path in CPU_PATHS:
+            m = force_path(mg.MLP([3, 4, 5, 2], activation="tanh", dtype=dtype, backend="cpu", **kw), path)
+            for XX in (X, X_ro, np.asfortranarray(X)):
+                m.forward(XX)
+                m.forward(XX, training=True)
+                m.loss(XX, y)
+                m.loss_and_grad(XX, y)
+            mg.fit(m, X_ro, y, batch_size=6, steps=3, optimizer=mg.Adam(lr=1e-3), validation=(X_ro, y))
 
 
 def _modulo_literals(dispatcher):
@@ -134,18 +157,32 @@ def test_no_kernel_is_compiled_for_literal_arguments():
 
 
 # ============================================================================ no allocation
-def _alloc_run(path, dtype, B, steps=1200, warm=200):
+def _fill_tuple_free_lists():
+    """Fill CPython's per-size tuple free lists (2000 tuples of each small size).
+
+    A call with ~20 arguments into a numba dispatcher (the cpu_norm kernels) leaves one
+    freed 20-tuple on its free list per call until the list holds 2000 (400 kB): memory
+    tracemalloc counts, bounded, and given back by a full collection.  Whether the list is
+    full at the start mark would depend on when the last full collection ran; collecting
+    and then filling it makes the measurement independent of that."""
+    gc.collect()
+    junk = [tuple(range(i, i + size)) for size in range(1, 21) for i in range(2000)]
+    del junk
+
+
+def _alloc_run(path, dtype, B, steps=1200, warm=200, **model_kw):
     """Traced memory around steps [warm, steps) of one fit: (growth, peak above start)."""
     rng = np.random.default_rng(1)
     n = 4096
     X = rng.normal(size=(n, 32)).astype(dtype)
     y = rng.integers(0, 10, size=n).astype(np.int64)
-    m = force_path(mg.MLP([32, 128, 10], activation="tanh", dtype=dtype, backend="cpu"), path)
+    m = force_path(mg.MLP([32, 128, 10], activation="tanh", dtype=dtype, backend="cpu", **model_kw), path)
     marks = {}
 
     class Probe:
         def on_step(self, model, step, loss):
             if step == warm:
+                _fill_tuple_free_lists()
                 tracemalloc.reset_peak()
                 marks["start"] = tracemalloc.get_traced_memory()[0]
             elif step == steps:
@@ -167,6 +204,23 @@ def test_no_data_allocation_across_1000_steps(path, B):
     finally:
         tracemalloc.stop()
     assert p_bytes > 24_000, "model too small to detect a parameter-sized temporary"
+    assert growth < 16_000, f"traced memory grew by {growth} bytes over 1000 steps"
+    assert peak < 24_000, f"traced memory peaked {peak} bytes above its level at step 200"
+
+
+@pytest.mark.parametrize("model_kw", [dict(batch_norm=True, ghost_batch_size=8, dropout=0.1),
+                                      dict(batch_norm="after", dropout=0.2), dict(dropout=0.5)],
+                         ids=["bn-before-ghost8-dropout", "bn-after-dropout", "dropout"])
+def test_no_data_allocation_with_batch_norm_and_dropout(model_kw):
+    """The same slack as above, for the Python-driven norm path: masks drawn into the
+    preallocated buffers, the cpu_norm epilogues, the running-statistics update; a (32, 128)
+    mask or statistics temporary per step (32 kB) exceeds it."""
+    tracemalloc.start()
+    try:
+        growth, peak, p_bytes = _alloc_run("cpu", "float64", 32, **model_kw)
+    finally:
+        tracemalloc.stop()
+    assert p_bytes > 24_000
     assert growth < 16_000, f"traced memory grew by {growth} bytes over 1000 steps"
     assert peak < 24_000, f"traced memory peaked {peak} bytes above its level at step 200"
 
@@ -199,8 +253,9 @@ class _CountingWorkspace(backend_base.Workspace):
         _CountingWorkspace.made.append(self.capacity)
 
 
+@pytest.mark.parametrize("norm", [{}, dict(batch_norm="after", dropout=0.2)], ids=["plain", "bn-dropout"])
 @pytest.mark.parametrize("path", CPU_PATHS + ("numpy",))
-def test_workspace_reserved_once_per_fit(monkeypatch, path):
+def test_workspace_reserved_once_per_fit(monkeypatch, path, norm):
     monkeypatch.setattr(backend_base, "Workspace", _CountingWorkspace)
     _CountingWorkspace.made = []
     rng = np.random.default_rng(2)
@@ -209,7 +264,7 @@ def test_workspace_reserved_once_per_fit(monkeypatch, path):
     Xv = rng.normal(size=(30, 3))        # more rows than any training batch
     yv = rng.integers(0, 2, size=30).astype(np.int64)
     backend = "numpy" if path == "numpy" else "cpu"
-    m = mg.MLP([3, 5, 2], dtype="float64", backend=backend, seed=0)
+    m = mg.MLP([3, 5, 2], dtype="float64", backend=backend, seed=0, **norm)
     if path != "numpy":
         force_path(m, path)
     seen = set()
