@@ -67,8 +67,8 @@ def _check_norm_batches(model, bs, n, sampler, drop_last, track_noise):
         if not drop_last and sampler != "replacement" and n % B:
             sizes.add(n % B)
         for b in sorted(sizes):
-            what = "batch_size" if b == B else f"batch_size (the last batch of an epoch holds {n} % {B} = {b} rows; drop_last=True drops it)"
-            model.norm.check_batch(b, what)
+            hint = "" if b == B else f" (the last batch of an epoch holds {n} % {B} = {b} rows; drop_last=True drops it)"
+            model.norm.check_batch(b, "batch_size" + hint, hint)
 
 
 def _check_target(target):
@@ -507,6 +507,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         ck, hist = _restore(resume_src, model, optimizer, fit_info, n, target)
         info = ck.step_info
         params[...] = ck.model.params
+        model.running[...] = ck.model.running     # batch norm's running statistics
         opt_state = ck.opt_state
         t1 = int(info.get("t1", 1))
         rng = ck.rng()

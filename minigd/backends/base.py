@@ -99,8 +99,9 @@ class NormSpec:
         """Rows per ghost batch for a training batch of B rows."""
         return B if self.ghost is None else min(self.ghost, B)
 
-    def check_batch(self, B: int, name: str = "batch_size") -> None:
-        """Batch norm in training mode needs >= 2 rows in every ghost batch."""
+    def check_batch(self, B: int, name: str = "batch_size", hint: str = "") -> None:
+        """Batch norm in training mode needs >= 2 rows in every ghost batch.  ``hint``
+        (e.g. where the batch comes from) ends the ghost-batch message."""
         if not self.bn:
             return
         g = self.ghost_size(B)
@@ -110,7 +111,7 @@ class NormSpec:
         if B % g == 1:
             raise ValueError(f"ghost_batch_size: a batch of {B} rows in ghost batches of {g} leaves "
                              f"a last ghost batch of 1 row, whose variance is zero in training "
-                             f"mode; choose batch and ghost sizes with B % ghost_batch_size != 1")
+                             f"mode; choose batch and ghost sizes with B % ghost_batch_size != 1{hint}")
 
 
 def check_per_example(norm: "NormSpec | None", what: str) -> None:
@@ -173,7 +174,10 @@ class Backend:
         for m, u, k in zip(self.masks, self._unif, self._keep):
             rng.random(out=u[:B])
             np.greater_equal(u[:B], p, out=k[:B])
-            np.multiply(k[:B], scale, out=m[:B], dtype=m.dtype)
+            # cast, then scale in place: a mixed bool x float ufunc call would allocate
+            # a casting buffer (up to 64 kB) on every draw
+            np.copyto(m[:B], k[:B])
+            np.multiply(m[:B], scale, out=m[:B])
 
     def update_running(self, B: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
