@@ -87,3 +87,12 @@ def architectures(draw, max_depth=3, widths=(1, 2, 3, 5)):
     else:
         act = [draw(st.sampled_from(ACTIVATIONS)) for _ in range(depth)]
     return dict(sizes=[n_in, *hidden, n_out], activation=act, loss=loss)
+
+
+def assert_close(actual, desired, tol, what=""):
+    """|actual - desired| <= tol * max(1, max|desired|), elementwise."""
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape, what
+    scale = max(1.0, float(np.max(np.abs(desired))) if desired.size else 1.0)
+    np.testing.assert_allclose(actual, desired, rtol=0, atol=tol * scale, err_msg=what)

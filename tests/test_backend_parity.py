@@ -21,20 +21,11 @@ import numpy as np
 import pytest
 
 import minigd as mg
-from strategies import CPU_PATHS, make_model, make_targets
+from strategies import CPU_PATHS, assert_close, make_model, make_targets
 
 EVAL_TOL = {"float64": 1e-10, "float32": 2e-5}
 TRAIN_TOL = {"float64": 1e-10, "float32": 1e-3}
 DTYPES = ("float64", "float32")
-
-
-def assert_close(actual, desired, tol, what=""):
-    """|actual - desired| <= tol * max(1, max|desired|), elementwise."""
-    actual = np.asarray(actual, np.float64)
-    desired = np.asarray(desired, np.float64)
-    assert actual.shape == desired.shape, what
-    scale = max(1.0, float(np.max(np.abs(desired))) if desired.size else 1.0)
-    np.testing.assert_allclose(actual, desired, rtol=0, atol=tol * scale, err_msg=what)
 
 
 # ============================================================================ the case tables

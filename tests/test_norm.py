@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 import minigd as mg
 from minigd import nn
 from minigd.checkpoint import load_checkpoint, save_checkpoint
-from strategies import CPU_PATHS, LOSSES, force_path, make_targets
+from strategies import CPU_PATHS, LOSSES, assert_close, force_path, make_targets
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -184,15 +184,6 @@ def assert_fd(model, X, y, mask_seed=0):
     loss2, g2 = b.loss_grad()
     assert loss2 == loss and np.array_equal(g2, g)
     return g
-
-
-def assert_close(actual, desired, tol, what=""):
-    """|actual - desired| <= tol * max(1, max|desired|), elementwise (as test_backend_parity)."""
-    actual = np.asarray(actual, np.float64)
-    desired = np.asarray(desired, np.float64)
-    assert actual.shape == desired.shape, what
-    scale = max(1.0, float(np.max(np.abs(desired))) if desired.size else 1.0)
-    np.testing.assert_allclose(actual, desired, rtol=0, atol=tol * scale, err_msg=what)
 
 
 # ============================================================================ finite differences
