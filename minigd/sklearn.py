@@ -40,7 +40,7 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, v
 from minigd import nn
 from minigd._validation import _got, check_dtype, check_float, check_int
 from minigd.history import History
-from minigd.model import MLP
+from minigd.model import MLP, _check_norm
 from minigd.optim.aliases import SGD, Adam
 from minigd.optim.schedules import scale_lr
 from minigd.train import fit as _mg_fit
@@ -89,7 +89,9 @@ class _BaseMLP(BaseEstimator):
                  batch_size: int | str = "auto", epochs: int = 20, sampler: str = "shuffle",
                  init: str = "he_uniform", backend: str = "cpu", dtype: str = "float32",
                  random_state: Any = None, track_noise: int | bool | None = None,
-                 noise_beta: float = 0.99, verbose: bool = False) -> None:
+                 noise_beta: float = 0.99, batch_norm: bool | str = False,
+                 ghost_batch_size: int | None = None, dropout: float = 0.0,
+                 verbose: bool = False) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.optimizer = optimizer
@@ -107,6 +109,9 @@ class _BaseMLP(BaseEstimator):
         self.random_state = random_state
         self.track_noise = track_noise
         self.noise_beta = noise_beta
+        self.batch_norm = batch_norm
+        self.ghost_batch_size = ghost_batch_size
+        self.dropout = dropout
         self.verbose = verbose
 
     # -- hyper-parameters (validated at fit time, as scikit-learn does) -------------------------
@@ -139,6 +144,7 @@ class _BaseMLP(BaseEstimator):
         check_dtype("dtype", self.dtype)
         if self.track_noise is not None and self.track_noise is not False and self.track_noise is not True:
             check_int("track_noise", self.track_noise, low=1)
+        _check_norm(self.batch_norm, self.ghost_batch_size, self.dropout, len(self._hidden()))
         if not isinstance(self.verbose, (bool, np.bool_)):
             raise TypeError(f"verbose: expected a bool, got {_got(self.verbose)}")
         rs = self.random_state
@@ -211,13 +217,22 @@ class _BaseMLP(BaseEstimator):
 
     def _new_model(self, n_in: int, n_out: int, seed) -> MLP:
         return MLP([n_in, *self._hidden(), n_out], activation=self.activation, loss=self._loss,
-                   dtype=self._dtype(), init=self.init, seed=seed, backend=self.backend)
+                   dtype=self._dtype(), init=self.init, seed=seed, backend=self.backend,
+                   batch_norm=self.batch_norm, ghost_batch_size=self.ghost_batch_size,
+                   dropout=self.dropout)
 
     def _train(self, X, y, *, epochs: int, first: bool, quiet: bool = False) -> None:
         B, lr, opt = self._optimizer(X.shape[0], quiet)
         track = self._track()
+        # batch norm needs >= 2 rows per ghost batch: drop a last partial batch that has fewer
+        drop_last = False
+        if self.model_.norm.bn and X.shape[0] % B:
+            try:
+                self.model_.norm.check_batch(X.shape[0] % B)
+            except ValueError:
+                drop_last = True
         hist = _mg_fit(self.model_, X, y, batch_size=B, epochs=epochs, optimizer=opt,
-                       sampler=self.sampler, seed=self._rng, track_noise=track,
+                       sampler=self.sampler, seed=self._rng, track_noise=track, drop_last=drop_last,
                        noise_beta=self.noise_beta if track else 0.99,
                        opt_state=None if first else self._opt_state, progress=bool(self.verbose))
         self._opt_state = hist.opt_state
@@ -311,6 +326,12 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         needs batches of >= 2): ``noise_scale_`` and ``history_.noise``.
     noise_beta : float in [0, 1), default 0.99
         Smoothing of the tracked estimates.
+    batch_norm : {False, True, "before", "after"}, default False
+    ghost_batch_size : int or None, default None
+    dropout : float in [0, 1), default 0.0
+        Batch norm (ghost batch norm) and dropout of the hidden layers, as for
+        :class:`minigd.MLP`.  With batch norm a last partial batch that would leave a
+        ghost batch of 1 row is dropped each epoch.
     verbose : bool, default False
         Show a progress bar (needs tqdm).
 

@@ -207,6 +207,10 @@ def test_random_state_makes_fits_reproducible(digits):
     (dict(track_noise=0), ValueError, r"^track_noise: expected an integer >= 1"),
     (dict(random_state=-1), ValueError, r"^random_state: expected None, an int"),
     (dict(verbose="yes"), TypeError, r"^verbose: expected a bool"),
+    (dict(batch_norm="sometimes"), ValueError, r"^batch_norm: expected False, True, 'before' or 'after'"),
+    (dict(ghost_batch_size=4), ValueError, r"^ghost_batch_size: needs batch_norm"),
+    (dict(batch_norm=True, ghost_batch_size=1), ValueError, r"^ghost_batch_size: expected an int >= 2"),
+    (dict(dropout=1.0), ValueError, r"^dropout: expected a probability in \[0, 1\)"),
 ])
 @pytest.mark.parametrize("Est", [MLPClassifier, MLPRegressor])
 def test_bad_hyper_parameters_fail_in_fit_naming_the_parameter(Est, params, exc, match):
@@ -215,3 +219,26 @@ def test_bad_hyper_parameters_fail_in_fit_naming_the_parameter(Est, params, exc,
     est = Est(**params)                                        # __init__ never validates
     with pytest.raises(exc, match=match):
         est.fit(X, y)
+
+
+def test_batch_norm_and_dropout_estimators(digits):
+    X, y = digits
+    X = X[:401]
+    y = y[:401]
+    kw = dict(optimizer="sgd", learning_rate=0.1, epochs=3, random_state=0)
+    # 401 = 4 * 100 + 1: the last batch of 1 row has no variance -> dropped every epoch
+    bn = MLPClassifier((32,), batch_norm=True, batch_size=100, **kw).fit(X, y)
+    assert bn.history_.n_steps == 3 * 4 and bn.model_.batch_norm is True
+    assert not np.array_equal(bn.model_.running_var[0], np.ones(32, np.float32))   # updated by fit
+    # ghost batches of 8 with batch 100 (last ghost of 4 rows) and dropout: all 5 batches kept
+    gh = MLPClassifier((32,), batch_norm=True, ghost_batch_size=8, dropout=0.2, batch_size=100, **kw)
+    gh.fit(X, y)
+    assert gh.history_.n_steps == 3 * 4           # the 1-row last batch is still dropped
+    assert gh.model_.norm.ghost == 8 and gh.model_.norm.dropout == 0.2
+    p = gh.predict_proba(X)
+    assert np.allclose(p.sum(1), 1, atol=1e-5)
+    # evaluation is deterministic (running statistics, no dropout) and survives pickling
+    g2 = pickle.loads(pickle.dumps(gh))
+    assert np.array_equal(g2.model_.running, gh.model_.running)
+    assert np.array_equal(g2.predict_proba(X), p) and np.array_equal(gh.predict_proba(X), p)
+    assert clone(gh).get_params()["ghost_batch_size"] == 8
