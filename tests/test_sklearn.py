@@ -176,7 +176,8 @@ def test_pickle_clone_and_params(digits):
     assert sorted(clf.get_params()) == sorted([
         "hidden_layer_sizes", "activation", "optimizer", "learning_rate", "lr_policy", "base_batch_size",
         "momentum", "weight_decay", "batch_size", "epochs", "sampler", "init", "backend", "dtype",
-        "random_state", "track_noise", "noise_beta", "verbose"])
+        "random_state", "track_noise", "noise_beta", "batch_norm", "ghost_batch_size", "dropout",
+        "verbose"])
 
 
 def test_random_state_makes_fits_reproducible(digits):
