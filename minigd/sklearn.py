@@ -225,12 +225,7 @@ class _BaseMLP(BaseEstimator):
         B, lr, opt = self._optimizer(X.shape[0], quiet)
         track = self._track()
         # batch norm needs >= 2 rows per ghost batch: drop a last partial batch that has fewer
-        drop_last = False
-        if self.model_.norm.bn and X.shape[0] % B:
-            try:
-                self.model_.norm.check_batch(X.shape[0] % B)
-            except ValueError:
-                drop_last = True
+        drop_last = self.model_.norm.drops_last(X.shape[0], B)
         hist = _mg_fit(self.model_, X, y, batch_size=B, epochs=epochs, optimizer=opt,
                        sampler=self.sampler, seed=self._rng, track_noise=track, drop_last=drop_last,
                        noise_beta=self.noise_beta if track else 0.99,

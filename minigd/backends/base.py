@@ -113,6 +113,16 @@ class NormSpec:
                              f"a last ghost batch of 1 row, whose variance is zero in training "
                              f"mode; choose batch and ghost sizes with B % ghost_batch_size != 1{hint}")
 
+    def has_one_row_ghost(self, B: int) -> bool:
+        """Whether a training batch of B rows would hold a ghost batch of 1 row (what
+        :meth:`check_batch` refuses)."""
+        return bool(self.bn) and B % self.ghost_size(B) == 1 if B > 1 else bool(self.bn)
+
+    def drops_last(self, n: int, B: int) -> bool:
+        """Whether an epoch of n rows in batches of B must drop its partial last batch
+        (``n % B`` rows) because that batch would hold a ghost batch of 1 row."""
+        return n % B > 0 and self.has_one_row_ghost(n % B)
+
 
 def check_per_example(norm: "NormSpec | None", what: str) -> None:
     """Per-example gradients are not defined through batch norm: say so, never return a

@@ -144,8 +144,6 @@ class CpuBackend(Backend):
                                   B, g, self.act_codes[l], norm.bn, int(training), has_mask,
                                   norm.eps)
             a = as_[l]
-        if norm is not None:
-            self._params_fwd = params
 
     def _loss_grad_py(self, params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss):
         self._forward_py(params, X, idx, B, ws, self.norm is not None)
@@ -167,7 +165,7 @@ class CpuBackend(Backend):
                 if self.norm is None:
                     K.act_backward(B, ws.buf, ws.lay, l - 1)
                 else:
-                    self._hidden_backward(l - 1, B, ws, grad)
+                    self._hidden_backward(l - 1, B, ws, params, grad)
         return loss
 
     # -- batch norm and dropout (kernels/cpu_norm.py) -------------------------------------------
@@ -205,11 +203,11 @@ class CpuBackend(Backend):
             self._nviews[key] = v
         return v
 
-    def _hidden_backward(self, l, B, ws, grad):
+    def _hidden_backward(self, l, B, ws, params, grad):
         """ds[l] = dLoss/dh_l -> dLoss/dz_l, and dgamma_l, dbeta_l into ``grad``."""
         _, zs, as_, ds, _ = ws.views(B)
         norm = self.norm
-        _, gam, _, _, _, mask, pre, act, xh, st, acc = self._norm_views(self._params_fwd, B)[l]
+        _, gam, _, _, _, mask, pre, act, xh, st, acc = self._norm_views(params, B)[l]
         has_mask = int(norm.dropout > 0)
         if not has_mask and norm.bn == BN_BEFORE:   # as in _forward_py: a_l was written to h
             act = as_[l]

@@ -172,13 +172,7 @@ class SweepSpec:
             except ValueError:
                 skipped.add((B, g))
                 continue
-            last = n_train % B
-            drop_last = False
-            if last:
-                try:
-                    spec.check_batch(last)
-                except ValueError:
-                    drop_last = True
+            drop_last = spec.drops_last(n_train, B)
             if (g, drop_last) not in out:
                 out.append((g, drop_last))
         return out
