@@ -184,9 +184,9 @@ class CpuBackend(Backend):
 
     def _norm_views(self, params, B):
         """Per hidden layer the argument views of the cpu_norm kernels for B rows."""
-        key = (B, params.ctypes.data)
-        v = self._nviews.get(key)
-        if v is None:
+        key = (B, id(params))          # the entry keeps params alive: its id stays its own
+        e = self._nviews.get(key)
+        if e is None:
             _, bs = self.layout.views(params)
             gam, bet = self.layout.bn_views(params)
             rm, rv = self.layout.running_views(self.running)
@@ -200,8 +200,8 @@ class CpuBackend(Backend):
                           nb["acc"]))
             if len(self._nviews) > 8:
                 self._nviews.clear()
-            self._nviews[key] = v
-        return v
+            e = self._nviews[key] = (v, params)
+        return e[0]
 
     def _hidden_backward(self, l, B, ws, params, grad):
         """ds[l] = dLoss/dh_l -> dLoss/dz_l, and dgamma_l, dbeta_l into ``grad``."""
@@ -216,10 +216,9 @@ class CpuBackend(Backend):
                            norm.ghost_size(B), self.act_codes[l], norm.bn, has_mask)
 
     def _bn_grad_views(self, vec):
-        key = vec.ctypes.data
         c = getattr(self, "_gv", None)
-        if c is None or c[0] != key:
-            c = self._gv = (key, self.layout.bn_views(vec))
+        if c is None or c[0] is not vec:
+            c = self._gv = (vec, self.layout.bn_views(vec))
         return c[1]
 
     def update_running(self, B):
@@ -233,8 +232,10 @@ class CpuBackend(Backend):
             KN.running_update(nb["stats"], B, g, norm.momentum, rm[l], rv[l])
 
     def _weight_views(self, vec):
-        # cached per buffer identity: params/grad are long-lived flat vectors
-        key = (id(vec), vec.ctypes.data)
+        # cached per array object: params/grad are long-lived flat vectors.  The entry keeps
+        # vec alive, so its id cannot be reused while cached.  (Not vec.ctypes.data: each
+        # .ctypes builds objects that only the cyclic gc frees, a per-step allocation.)
+        key = id(vec)
         cache = getattr(self, "_wv", None)
         if cache is None:
             cache = self._wv = {}
