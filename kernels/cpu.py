@@ -305,7 +305,7 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
             Dp = _blk(ws, lay, R_D, l - 1, B)
             for i in range(fi):
                 for r in range(B):
-                    acc = D[r, 0] * 0
+                    acc = D[r, 0] * np.float32(0)   # model dtype (a bare 0 promotes)
                     for j in range(fo):
                         acc += D[r, j] * W[i, j]
                     Dp[r, i] = acc
@@ -323,17 +323,21 @@ def _sqnorm_rows(A, D, B, sqn, scale):
     """
     for r in range(B):
         a = A[r]
-        asq = a[0] * 0
+        asq = a[0] * np.float32(0)   # the model dtype: a bare 0 would promote to float64
         for i in range(a.shape[0]):
             asq += a[i] * a[i]
         d = D[r]
-        dsq = d[0] * 0
+        dsq = d[0] * np.float32(0)
         for j in range(d.shape[0]):
             dsq += d[j] * d[j]
-        if not (math.isfinite(asq) and math.isfinite(dsq)):   # rare: redo in float64
-            asq = _sumsq64(a)
-            dsq = _sumsq64(d)
-        sqn[r] += (1.0 + np.float64(asq)) * np.float64(dsq) * scale
+        # separate float64 names: assigning _sumsq64's float64 to asq/dsq would retype
+        # the accumulators above as float64 and un-vectorise them (4x slower, measured)
+        a64 = np.float64(asq)
+        d64 = np.float64(dsq)
+        if not (math.isfinite(a64) and math.isfinite(d64)):   # rare: redo in float64
+            a64 = _sumsq64(a)
+            d64 = _sumsq64(d)
+        sqn[r] += (1.0 + a64) * d64 * scale
 
 
 @jit(inline="always")
@@ -518,6 +522,7 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
     """Run each primitive of the chain as its own pass over ``grad`` (any chain)."""
     P = params.shape[0]
     fl = hp[hp.shape[0] - 1, 5]
+    zero = hp[hp.shape[0] - 1, 7]   # 0 in the model dtype (see _opt_fused_slice)
     for k in range(codes.shape[0]):
         c = codes[k]
         so = soff[k]
@@ -536,13 +541,13 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
             if hp[k, 1] != 0:  # Nesterov
                 for p in range(P):
                     vp = m * v[p] + grad[p]
-                    vp = vp if abs(vp) > fl else vp * 0
+                    vp = vp if abs(vp) > fl else vp * zero
                     v[p] = vp
                     grad[p] = grad[p] + m * vp
             else:
                 for p in range(P):
                     vp = m * v[p] + grad[p]
-                    vp = vp if abs(vp) > fl else vp * 0
+                    vp = vp if abs(vp) > fl else vp * zero
                     v[p] = vp
                     grad[p] = vp
         elif c == OP_ADAM:
@@ -555,8 +560,8 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
                 g = grad[p]
                 a = b1 * m1[p] + ob1 * g
                 s = b2 * m2[p] + ob2 * g * g
-                a = a if abs(a) > fl else a * 0
-                s = s if s > fl else s * 0
+                a = a if abs(a) > fl else a * zero
+                s = s if s > fl else s * zero
                 m1[p] = a
                 m2[p] = s
                 grad[p] = (a / c1) / (np.sqrt(s / c2) + eps)
@@ -610,9 +615,14 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
 
     ``plan`` (int64, from minigd.optim.fusion_plan) = [fused?, i_clip, i_decay_before,
     i_trace_or_adam, i_decay_after, i_lr]: row indices into codes/hp (-1 absent); the
-    step's scalars were cast by :func:`_opt_consts`.  Returns the float64 sum of
-    params + update, which is finite iff every new parameter is.  (No other reduction or
-    run-time branch in these loops: either one stops LLVM from vectorising them.)
+    step's scalars were cast by :func:`_opt_consts`.  Returns the sum of (params + update) * 0
+    in the model dtype: 0 if every new parameter is finite, else NaN (x * 0 is NaN for
+    inf and NaN; fastmath leaves out nnan/ninf, so it is not folded away), and it cannot
+    overflow.  Every value in these loops stays in the model dtype: a float64 accumulator
+    or a ``* 0`` (an int64 literal, which promotes float32 to float64) mixes vector widths
+    and LLVM then leaves the loop scalar -- 3.3x slower for SGD + momentum in float32,
+    measured.  (No other reduction or run-time branch in these loops: either one stops
+    LLVM from vectorising them.)
     """
     n = gg.shape[0]
     zero = hp[hp.shape[0] - 1, 7]   # spare row: 0 in column 7
@@ -622,7 +632,7 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
     nlr = hp[i_lr, 3] if i_lr >= 0 else hp[hp.shape[0] - 1, 6]   # spare row: 1 in column 6
     mid = codes[i_mid] if i_mid >= 0 else -1
     fl = hp[hp.shape[0] - 1, 5]      # FLUSH in the model dtype (a float64 compare costs 40%)
-    check = 0.0
+    check = zero
     if mid == OP_TRACE:
         m = hp[i_mid, 0]
         if hp[i_mid, 1] != 0:
@@ -630,21 +640,21 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
                 g0 = gg[p]
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
-                vp = vp if abs(vp) > fl else vp * 0   # (NaN stays NaN)
+                vp = vp if abs(vp) > fl else vp * zero   # (NaN stays NaN)
                 s1[p] = vp
                 u = nlr * ((g + m * vp) + wd2 * pp[p])
                 gg[p] = u
-                check += pp[p] + u
+                check += (pp[p] + u) * zero
         else:
             for p in range(n):
                 g0 = gg[p]
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
-                vp = vp if abs(vp) > fl else vp * 0   # (NaN stays NaN)
+                vp = vp if abs(vp) > fl else vp * zero   # (NaN stays NaN)
                 s1[p] = vp
                 u = nlr * (vp + wd2 * pp[p])
                 gg[p] = u
-                check += pp[p] + u
+                check += (pp[p] + u) * zero
     elif mid == OP_ADAM:
         k = i_mid
         b1, b2, eps = hp[k, 0], hp[k, 1], hp[k, 2]
@@ -654,19 +664,19 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
             g = g0 + wd1 * pp[p]
             a = b1 * s1[p] + ob1 * g
             sv = b2 * s2[p] + ob2 * g * g
-            a = a if abs(a) > fl else a * 0
-            sv = sv if sv > fl else sv * 0
+            a = a if abs(a) > fl else a * zero
+            sv = sv if sv > fl else sv * zero
             s1[p] = a
             s2[p] = sv
             u = nlr * ((a / c1) / (np.sqrt(sv / c2) + eps) + wd2 * pp[p])
             gg[p] = u
-            check += pp[p] + u
+            check += (pp[p] + u) * zero
     else:
         for p in range(n):
             g0 = gg[p]
             u = nlr * ((g0 + wd1 * pp[p]) + wd2 * pp[p])
             gg[p] = u
-            check += pp[p] + u
+            check += (pp[p] + u) * zero
     return check
 
 
@@ -687,15 +697,17 @@ def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
         check = _opt_fused_slice(params, grad, state[so:so + P], state[so + P:so + 2 * P], hp, codes, plan)
         return check, gsq
     _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t)
-    check = 0.0
+    zero = hp[hp.shape[0] - 1, 7]
+    check = zero
     for p in range(P):
-        check += params[p] + grad[p]
+        check += (params[p] + grad[p]) * zero    # 0, or NaN if a new parameter is not finite
     return check, gsq
 
 
 @jit(inline="always")
 def _apply_if_finite(params, grad, check):
-    """params += grad unless ``check`` (their float64 sum) is non-finite; returns 1/0."""
+    """params += grad unless ``check`` (0, or NaN when some params + grad is not finite)
+    is non-finite; returns 1/0."""
     if not math.isfinite(check):
         return 0
     for p in range(params.shape[0]):
@@ -750,7 +762,7 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
 def grad_sqnorm(grad):
     """|grad|^2 as a float: accumulated in the model dtype (vectorised partial sums), and
     again in float64 in the rare case that overflows."""
-    s = grad[0] * 0
+    s = grad[0] * np.float32(0)      # the model dtype (a bare 0 would promote to float64)
     for p in range(grad.shape[0]):
         s += grad[p] * grad[p]
     if math.isfinite(s) or not np.isfinite(grad).all():
