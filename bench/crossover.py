@@ -22,18 +22,19 @@ from minigd._io import atomic_write_text
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 WIDTHS = (32, 64, 128, 256, 512)
+#: besides [64, w, w, 10]: the 784-input bench MLP and one wide single hidden layer
+EXTRA = ([784, 256, 256, 10], [784, 1024, 10])
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def main(quick: bool = False) -> list:
-    widths = (8,) if quick else WIDTHS
+    shapes = [[64, 8, 8, 10]] if quick else [[64, w, w, 10] for w in WIDTHS] + [list(s) for s in EXTRA]
     batches = (1, 4) if quick else BATCHES
     rng = np.random.default_rng(0)
     out = []
     print(f"{'sizes':>18} {'B':>4} {'loops µs':>9} {'blas µs':>8} {'py-blas µs':>10}")
-    for w in widths:
-        sizes = [64, w, w, 10]
-        X = rng.standard_normal((256, 64)).astype(np.float32)
+    for sizes in shapes:
+        X = rng.standard_normal((256, sizes[0])).astype(np.float32)
         y = rng.integers(0, 10, 256)
         yf = np.empty((0, 10), np.float32)
         m = mg.MLP(sizes, seed=0)
@@ -47,7 +48,8 @@ def main(quick: bool = False) -> list:
             for k, (mb, cb) in modes.items():
                 impl.blas_min_batch, impl.compiled_blas = mb, cb
                 impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
-            reps = 1 if quick else 200
+            # about 40 ms of work per mode and round (200 reps for small models)
+            reps = 1 if quick else max(10, min(200, int(4e7 / (m.n_params * max(B, 4)))))
             for _ in range(1 if quick else 7):
                 for k, (mb, cb) in modes.items():
                     impl.blas_min_batch, impl.compiled_blas = mb, cb

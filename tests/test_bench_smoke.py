@@ -161,3 +161,17 @@ def test_ghost_bn_quick_writes_accuracy_and_cost(runs):
     assert cost["plain"]["vs_plain"] == 1.0 and cost["BN ghost 8"]["us_per_step"] > 0
     assert "BN ghost 32" not in cost          # a ghost >= the batch is not a variant of its own
     assert "| BN ghost 8 |" in (out / "ghost_bn.md").read_text()
+
+
+def test_cpu_crossover_default_follows_the_recorded_measurement():
+    """``CpuBackend.default_blas_min_batch`` encodes bench/results/crossover.json: at every
+    measured (shape, batch) the default path is at most 20% slower than the faster of loops
+    and compiled BLAS (ties within noise go either way; a wrong rule costs 1.5x or more)."""
+    from minigd.backends.cpu import CpuBackend
+
+    rows = json.loads((BENCH / "results" / "crossover.json").read_text())["rows"]
+    assert {tuple(r["sizes"]) for r in rows} >= {(64, 128, 128, 10), (784, 256, 256, 10), (64, 512, 512, 10)}
+    for r in rows:
+        mb = CpuBackend.default_blas_min_batch(tuple(r["sizes"]), compiled_blas=True)
+        chosen = r["blas"] if r["batch"] >= mb else r["loops"]
+        assert chosen <= 1.2 * min(r["blas"], r["loops"]), r

@@ -49,12 +49,15 @@ class CpuBackend(Backend):
     @staticmethod
     def default_blas_min_batch(sizes, compiled_blas: bool = HAVE_SCIPY) -> int:
         """Measured crossover (bench/crossover.py, 1 thread; bench/results/crossover.md):
-        loops win below it, BLAS at and above.  Compiled BLAS wins from batch 2 at every
-        width measured (32-512) and already at batch 1 from width 128 (by 2-9%; the loops
-        win at batch 1 only for narrow layers); Python-driven BLAS pays ~25-40 µs of call
-        overhead per step, which only wider layers or larger batches repay."""
+        loops win below it, BLAS at and above.  The loops win at batch 1 at every shape
+        measured (by 2-15%); compiled BLAS wins from batch 2 while the hidden layers are
+        narrower than 512, but OpenBLAS's GEMMs with a few rows and a wide (>= 512) layer
+        are slow (64-512-512-10: 490 µs at batch 4 against 321 µs of loops; 784-1024-10:
+        1500 against 1256), so there the loops keep batches below 8 (at 8 the two tie).  Python-driven BLAS pays ~25-40 µs of call overhead
+        per step, which only wider layers or larger batches repay."""
+        width = max(sizes[1:-1], default=max(sizes))
         if compiled_blas:
-            return 1 if max(sizes) >= 96 else 2
+            return 8 if width >= 512 else 2
         width = max(sizes)
         return 2 if width >= 512 else 4 if width >= 256 else 8 if width >= 128 else 24 if width >= 64 else 48
 
