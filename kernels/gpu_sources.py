@@ -158,9 +158,11 @@ def nvrtc_version() -> tuple:
     return tuple(nvrtc.getVersion())
 
 
-def load_module(name: str):
+def load_module(name: str, cp=None):
     """``cupy.RawModule`` of source ``name`` for the current device (compiled by NVRTC and
-    cached on disk by CuPy)."""
-    import cupy
+    cached on disk by CuPy); ``cp`` is the CuPy module to use (default: cupy itself; the
+    backend passes :mod:`minigd.backends.gpu_emu` to run on the CPU emulator)."""
+    if cp is None:
+        import cupy as cp
 
-    return cupy.RawModule(code=source(name), options=NVRTC_OPTIONS, name_expressions=None)
+    return cp.RawModule(code=source(name), options=NVRTC_OPTIONS, name_expressions=None)

@@ -1,5 +1,10 @@
-"""GPU backend parity with the NumPy reference (needs a CUDA GPU; skips with the reason
-``minigd.available_backends()`` gives otherwise).
+"""GPU backend parity with the NumPy reference, on two devices:
+
+* ``emu``: the CPU emulator (minigd/backends/gpu_emu.py), which runs the same CUDA kernel
+  text and the same host code with every CUDA thread a fiber -- so these tests run on every
+  machine with a C++ compiler, CI included;
+* ``cuda``: a real GPU through CuPy (skips with the reason ``available_backends()`` gives
+  where there is none).
 
 Same case tables and tolerances as tests/test_backend_parity.py, on the three regimes of
 the gpu backend, each pinned through its instance attributes:
@@ -9,7 +14,7 @@ the gpu backend, each pinned through its instance attributes:
 * ``gpu-tiled``: the same kernels launched one by one (``use_graphs = False``);
 * ``gpu-cublas``: cupy.matmul (cuBLAS) + epilogue kernels (``graph_max_batch = 0``).
 
-Not yet run on hardware: no session that worked on this code had a GPU.
+The ``cuda`` half has not run on hardware yet: no session that worked on this code had a GPU.
 """
 from __future__ import annotations
 
@@ -17,19 +22,27 @@ import numpy as np
 import pytest
 
 import minigd as mg
-from minigd.backends import available_backends
+from minigd.backends import available_backends, gpu_emu
 from test_backend_parity import EVAL_TOL, MODEL_CASES, TRAIN_CASES, TRAIN_TOL, _TRAIN_DEFAULTS, assert_close
 
-_REASON = available_backends()["gpu"]
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"no usable GPU: {_REASON}")
+with gpu_emu.emulated(False):
+    _CUDA_REASON = available_backends()["gpu"]
+_EMU_REASON = gpu_emu.reason()
 
-GPU_PATHS = ("gpu-graph", "gpu-tiled", "gpu-cublas")
+REGIMES = ("gpu-graph", "gpu-tiled", "gpu-cublas")
+GPU_PATHS = tuple(f"{dev}:{r}" for dev in ("emu", "cuda") for r in REGIMES)
 DTYPES = ("float64", "float32")
 
 
 def on_gpu(ref: mg.MLP, path: str) -> mg.MLP:
-    """A gpu copy of the reference model, pinned to one regime."""
-    m = ref.to("gpu")
+    """A gpu copy of the reference model on device ``emu`` or ``cuda``, pinned to one regime."""
+    dev, path = path.split(":")
+    if dev == "cuda" and _CUDA_REASON is not None:
+        pytest.skip(f"no usable GPU: {_CUDA_REASON}")
+    if dev == "emu" and _EMU_REASON is not None:
+        pytest.skip(f"no GPU emulator: {_EMU_REASON}")
+    with gpu_emu.emulated(dev == "emu"):
+        m = ref.to("gpu")
     impl = m.backend_impl
     if path == "gpu-graph":
         impl.graph_max_batch, impl.use_graphs = 10**9, True
@@ -123,22 +136,29 @@ def test_nan_gradient_is_never_applied(backend_path):
         assert np.array_equal(m.params, p0)
 
 
-def test_divergence_stops_fit_at_the_same_step_with_the_last_finite_params():
-    ref, X, y = TRAIN_CASES[0].model.build("numpy", "float32")
-    gpu = on_gpu(ref, "gpu-graph")
-    kw = dict(batch_size=5, epochs=50, optimizer=mg.SGD(lr=1e30), seed=0)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the numpy reference overflows loudly
+@pytest.mark.parametrize("batch_size", [4, "full"])
+def test_divergence_stops_fit_at_the_same_step_with_the_last_finite_params(path, dtype, batch_size):
+    """As tests/test_validation.py's divergence test: an MSE regression that overflows."""
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(20, 3)).astype(dtype), rng.normal(size=20).astype(dtype)
+    ref = mg.MLP([3, 4, 1], activation="tanh", loss="mse", dtype=dtype, seed=0, backend="numpy")
+    gpu = on_gpu(ref, path)
+    kw = dict(batch_size=batch_size, epochs=10_000, optimizer=mg.SGD(lr=50.0, momentum=0.9), seed=1)
     errs = []
     for m in (ref, gpu):
         with pytest.raises(mg.DivergenceError) as ei:
             mg.fit(m, X, y, **kw)
         errs.append(ei.value)
-    assert errs[0].step == errs[1].step
+    assert errs[0].step == errs[1].step > 0
+    assert np.isfinite(errs[1].params).all() and np.array_equal(gpu.params, errs[1].params)
     assert_close(errs[1].params, errs[0].params, 1e-3, "last finite params")
 
 
-def test_run_steps_equals_repeated_train_steps(dtype):
+@pytest.mark.parametrize("dev", ["emu", "cuda"])
+def test_run_steps_equals_repeated_train_steps(dtype, dev):
     ref, X, y = TRAIN_CASES[1].model.build("numpy", dtype)      # momentum
-    a, b = on_gpu(ref, "gpu-graph"), on_gpu(ref, "gpu-graph")
+    a, b = on_gpu(ref, f"{dev}:gpu-graph"), on_gpu(ref, f"{dev}:gpu-graph")
     opt = mg.SGD(lr=0.05, momentum=0.9)
     X, yi, yf = a.check_Xy(X, y)
     rng = np.random.default_rng(0)
@@ -155,10 +175,11 @@ def test_run_steps_equals_repeated_train_steps(dtype):
     np.testing.assert_array_equal(sa.state, sb.state)
 
 
-def test_host_param_writes_between_steps_are_seen():
+@pytest.mark.parametrize("dev", ["emu", "cuda"])
+def test_host_param_writes_between_steps_are_seen(dev):
     """model.params stays the source of truth: writing it between fits is not lost."""
     ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
-    gpu = on_gpu(ref, "gpu-graph")
+    gpu = on_gpu(ref, f"{dev}:gpu-graph")
     mg.fit(gpu, X, y, batch_size=5, steps=3)
     gpu.params[...] = ref.params
     mg.fit(ref, X, y, batch_size=5, steps=3)

@@ -13,8 +13,14 @@ def _gpu_reason() -> str | None:
 
     Probes without raising: CuPy importable, ``cupy.is_available()`` (a CUDA driver, a
     device, and a driver recent enough for CuPy's CUDA runtime), and, when that says no,
-    which of those is missing.
+    which of those is missing.  With the GPU emulator switched on (MINIGD_GPU_EMULATE=1,
+    see :mod:`minigd.backends.gpu_emu`), whether the emulator can run instead.
     """
+    from . import gpu_emu
+
+    if gpu_emu.enabled():
+        why = gpu_emu.reason()
+        return None if why is None else f"MINIGD_GPU_EMULATE is set but {why}"
     try:
         import cupy
     except Exception as exc:  # ImportError or a broken install

@@ -62,10 +62,14 @@ _KERNEL_CACHE: dict = {}
 
 
 def _cupy():
-    """Import CuPy and check that it can use a device; BackendUnavailable otherwise."""
-    from minigd.backends import _gpu_reason
+    """Import CuPy and check that it can use a device; BackendUnavailable otherwise.  With
+    the GPU emulator switched on (:func:`minigd.backends.gpu_emu.enabled`), the emulator
+    module instead, which stands in for CuPy and runs the same kernels on the CPU."""
+    from minigd.backends import _gpu_reason, gpu_emu
 
     reason = _gpu_reason()
+    if reason is None and gpu_emu.enabled():
+        return gpu_emu
     if reason is not None:
         raise BackendUnavailable("gpu", reason)
     import cupy
@@ -80,12 +84,12 @@ class _Kernels:
 
     def __init__(self, cp, dtype):
         sfx = S.suffix(dtype)
-        key = (cp.cuda.runtime.getDevice(), sfx)
+        key = (cp.__name__, cp.cuda.runtime.getDevice(), sfx)
         table = _KERNEL_CACHE.get(key)
         if table is None:
             table = {}
             for src in S.SOURCES:
-                mod = S.load_module(src)
+                mod = S.load_module(src, cp)
                 for name in S.kernel_names(src):
                     if name.endswith("_f32") or name.endswith("_f64"):
                         if not name.endswith(sfx):

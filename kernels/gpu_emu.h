@@ -1,0 +1,279 @@
+// minigd GPU emulator: runs the CUDA kernels of kernels/gpu_*.cu on the CPU.
+//
+// Host-only (compiled with the system C++ compiler by minigd/backends/gpu_emu.py, never by
+// NVRTC).  The emulator compiles a CUDA source as C++ after this header, which maps the
+// CUDA execution model onto cooperative fibers (ucontext):
+//
+//   * blocks run one after another; the threads of a block are fibers scheduled round-robin,
+//     each running until it finishes or reaches a barrier;
+//   * __syncthreads() releases the block when every thread of it waits there; if some thread
+//     of the block has already returned, that is an error (CUDA leaves it undefined), and so
+//     is a deadlock (a warp in a shuffle while the rest of the block waits in __syncthreads);
+//   * __shfl_xor_sync exchanges values within a warp of 32 consecutive threads, which must all
+//     be present (full mask, block size a multiple of 32) and all reach the shuffle;
+//   * __shared__ variables are function statics: one copy, shared by the threads of the block
+//     that runs (blocks never overlap), filled with 0xff bytes (NaN) at the start of each block;
+//   * atomics are plain read-modify-writes (fibers never preempt each other).
+//
+// Because a fiber runs until its next barrier, a read of shared memory that another thread
+// writes without a barrier in between sees the old value -- missing __syncthreads show up as
+// wrong results.  What this does NOT model: concurrent blocks (inter-block races), memory
+// ordering, warp-synchronous code without a shuffle, FMA contraction and the device's
+// floating-point library (results agree with the GPU's to rounding), out-of-bounds accesses
+// (they touch host memory: keep the emulated problems small and the kernels bounds-checked).
+#pragma once
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct mgd_emu_dim3 {
+    unsigned x, y, z;
+};
+static mgd_emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace mgd_emu {
+
+enum { RUNNABLE = 0, AT_SYNCTHREADS = 1, AT_SHUFFLE = 2, EXITED = 3 };
+static const int MAX_THREADS = 1024;
+static const size_t STACK_BYTES = 128 * 1024;
+
+struct Fiber {
+    ucontext_t ctx;
+    int state;
+    unsigned tx, ty, tz;
+};
+
+static ucontext_t g_sched;
+static Fiber g_fibers[MAX_THREADS];
+static char* g_stacks[MAX_THREADS];
+static int g_cur = -1;
+static void (*g_call)(void**) = nullptr;
+static void** g_args = nullptr;
+static unsigned long long g_slots[MAX_THREADS];   // one shuffle slot per thread
+static char g_error[1024];
+static unsigned long long g_block_serial = 0;       // bumped for every block run
+
+// Shared memory is uninitialised when a block starts; the emulator fills each __shared__
+// array with 0xff bytes (NaN for floating point, -1 for integers) the first time a thread
+// of a new block reaches its declaration, so a read before any write is visible.  The
+// Python side inserts MGD_EMU_POISON(name) after every __shared__ array declaration.
+#define MGD_EMU_POISON(name)                                                    \
+    do {                                                                        \
+        static unsigned long long mgd_emu_serial_ = 0;                          \
+        if (mgd_emu_serial_ != mgd_emu::g_block_serial) {                       \
+            memset((void*)&(name), 0xff, sizeof(name));                         \
+            mgd_emu_serial_ = mgd_emu::g_block_serial;                          \
+        }                                                                       \
+    } while (0)
+
+static void fail(const char* msg) {
+    if (!g_error[0]) snprintf(g_error, sizeof g_error, "%s", msg);
+}
+
+static void fiber_main() {
+    g_call(g_args);
+    g_fibers[g_cur].state = EXITED;
+    // returning switches to uc_link (the scheduler)
+}
+
+static void wait_at(int where) {
+    g_fibers[g_cur].state = where;
+    swapcontext(&g_fibers[g_cur].ctx, &g_sched);
+}
+
+static inline int linear_tid() { return g_cur; }
+
+// One block: every thread a fiber, round-robin until all exited.  Returns 0 or -1 (g_error).
+static int run_block(unsigned bx, unsigned by, unsigned bz) {
+    const int n = (int)(bx * by * bz);
+    ++g_block_serial;
+    for (int t = 0; t < n; ++t) {
+        Fiber& f = g_fibers[t];
+        if (!g_stacks[t]) {
+            g_stacks[t] = (char*)malloc(STACK_BYTES);
+            if (!g_stacks[t]) { fail("out of memory for fiber stacks"); return -1; }
+        }
+        f.state = RUNNABLE;
+        f.tx = t % bx;
+        f.ty = (t / bx) % by;
+        f.tz = t / (bx * by);
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = g_stacks[t];
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = &g_sched;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    for (;;) {
+        bool ran = false;
+        for (int t = 0; t < n; ++t) {
+            if (g_fibers[t].state != RUNNABLE) continue;
+            g_cur = t;
+            threadIdx = {g_fibers[t].tx, g_fibers[t].ty, g_fibers[t].tz};
+            swapcontext(&g_sched, &g_fibers[t].ctx);
+            ran = true;
+            if (g_error[0]) return -1;
+        }
+        int exited = 0, at_sync = 0;
+        for (int t = 0; t < n; ++t) {
+            exited += g_fibers[t].state == EXITED;
+            at_sync += g_fibers[t].state == AT_SYNCTHREADS;
+        }
+        if (exited == n) return 0;
+        bool released = false;
+        for (int w = 0; w * 32 < n; ++w) {   // warps whose every lane waits in a shuffle
+            int at_shfl = 0, gone = 0;
+            for (int t = w * 32; t < w * 32 + 32; ++t) {
+                at_shfl += g_fibers[t].state == AT_SHUFFLE;
+                gone += g_fibers[t].state == EXITED;
+            }
+            if (at_shfl == 32) {
+                for (int t = w * 32; t < w * 32 + 32; ++t) g_fibers[t].state = RUNNABLE;
+                released = true;
+            } else if (at_shfl > 0 && at_shfl + gone == 32) {
+                fail("__shfl_xor_sync with the full mask reached while other lanes of the warp had exited");
+                return -1;
+            }
+        }
+        if (at_sync > 0 && at_sync + exited == n) {
+            if (exited) {
+                fail("__syncthreads reached by some threads of a block after others had exited");
+                return -1;
+            }
+            for (int t = 0; t < n; ++t) g_fibers[t].state = RUNNABLE;
+            released = true;
+        }
+        if (!released && !ran) {
+            snprintf(g_error, sizeof g_error,
+                     "deadlock: %d threads wait in __syncthreads, %d exited, the rest wait in a warp "
+                     "shuffle that not all lanes reach", at_sync, exited);
+            return -1;
+        }
+    }
+}
+
+}  // namespace mgd_emu
+
+// ---------------------------------------------------------------- the CUDA intrinsics used
+static inline void __syncthreads() { mgd_emu::wait_at(mgd_emu::AT_SYNCTHREADS); }
+
+template <typename T>
+static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffle of a type wider than 8 bytes");
+    if (mask != 0xffffffffu) mgd_emu::fail("__shfl_xor_sync: only the full mask is emulated");
+    if (blockDim.x * blockDim.y * blockDim.z % 32 != 0)
+        mgd_emu::fail("__shfl_xor_sync in a block whose size is not a multiple of 32 (partial warp)");
+    const int me = mgd_emu::linear_tid();
+    memcpy(&mgd_emu::g_slots[me], &v, sizeof(T));
+    mgd_emu::wait_at(mgd_emu::AT_SHUFFLE);                  // every lane has written
+    const int src = (me & ~31) | ((me & 31) ^ (lane_mask & 31));
+    T r;
+    memcpy(&r, &mgd_emu::g_slots[src], sizeof(T));
+    mgd_emu::wait_at(mgd_emu::AT_SHUFFLE);                  // every lane has read
+    return r;
+}
+
+static inline int atomicOr(int* a, int v) {
+    const int old = *a;
+    *a = old | v;
+    return old;
+}
+
+// ---------------------------------------------------------------- kernel entries
+// MGD_EMU_ENTRY(k) exports `mgd_emu_entry_<k>`, a description of kernel k that the Python
+// side reads with ctypes: how to call it from an array of argument pointers (CUDA's launch
+// convention), and each parameter's kind and size, checked against every launch.
+namespace mgd_emu {
+
+struct Entry {
+    void (*call)(void**);
+    int nargs;
+    char kinds[32];   // 'p' pointer, 'i' integer, 'f' floating point
+    int sizes[32];    // bytes of the value (of the pointee for pointers)
+    char pointee[32]; // for pointers: 'i' or 'f'
+};
+
+template <typename A>
+static void describe(Entry& e, int i) {
+    typedef typename std::remove_cv<A>::type U;
+    if (std::is_pointer<U>::value) {
+        typedef typename std::remove_cv<typename std::remove_pointer<U>::type>::type P;
+        e.kinds[i] = 'p';
+        e.sizes[i] = (int)sizeof(typename std::conditional<std::is_void<P>::value, char, P>::type);
+        e.pointee[i] = std::is_floating_point<P>::value ? 'f' : 'i';
+    } else {
+        e.kinds[i] = std::is_floating_point<U>::value ? 'f' : 'i';
+        e.sizes[i] = (int)sizeof(U);
+        e.pointee[i] = 0;
+    }
+}
+
+template <typename F, F f, typename... A, size_t... I>
+static void invoke(void** args, std::index_sequence<I...>) {
+    f(*static_cast<typename std::remove_reference<A>::type*>(args[I])...);
+}
+
+template <typename F, F f, typename... A>
+static void call_with(void** args) {
+    invoke<F, f, A...>(args, std::index_sequence_for<A...>{});
+}
+
+template <typename F, F f, typename... A>
+static Entry make_entry(void (*)(A...)) {
+    Entry e;
+    memset(&e, 0, sizeof e);
+    e.call = &call_with<F, f, A...>;
+    e.nargs = (int)sizeof...(A);
+    int i = 0;
+    (void)std::initializer_list<int>{(describe<A>(e, i++), 0)...};
+    return e;
+}
+
+}  // namespace mgd_emu
+
+#define MGD_EMU_ENTRY(k)                                                                      \
+    extern "C" const mgd_emu::Entry* mgd_emu_entry_##k() {                                    \
+        static const mgd_emu::Entry e = mgd_emu::make_entry<decltype(&k), &k>(&k);            \
+        return &e;                                                                            \
+    }
+
+// Run kernel `e` over grid (gx, gy, gz) of blocks (bx, by, bz).  Returns 0, or -1 with the
+// reason in `err` (a deadlock, a barrier misuse, a bad launch configuration).
+extern "C" int mgd_emu_launch(const mgd_emu::Entry* e, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                              unsigned by, unsigned bz, void** args, char* err, int errlen) {
+    using namespace mgd_emu;
+    g_error[0] = 0;
+    const unsigned long long nt = (unsigned long long)bx * by * bz;
+    if (nt == 0 || nt > (unsigned long long)MAX_THREADS || gx == 0 || gy == 0 || gz == 0) {
+        snprintf(err, errlen, "invalid launch configuration: grid (%u, %u, %u), block (%u, %u, %u) "
+                 "(CUDA allows 1 to 1024 threads per block and a non-empty grid)", gx, gy, gz, bx, by, bz);
+        return -1;
+    }
+    g_call = e->call;
+    g_args = args;
+    gridDim = {gx, gy, gz};
+    blockDim = {bx, by, bz};
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                blockIdx = {x, y, z};
+                if (run_block(bx, by, bz) != 0) {
+                    snprintf(err, errlen, "block (%u, %u, %u): %s", x, y, z, g_error);
+                    return -1;
+                }
+            }
+    return 0;
+}

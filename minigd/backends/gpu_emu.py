@@ -1,0 +1,409 @@
+"""A CPU emulator of the slice of CuPy the ``"gpu"`` backend uses, running the backend's
+own CUDA kernels (``kernels/gpu_*.cu``) compiled as C++ for the host.
+
+Why: most machines that develop and test minigd have no GPU.  Compiling the sources with
+NVRTC proves they are valid CUDA; it does not prove they compute the right thing.  The
+emulator runs the very same kernel text, launch by launch, with the backend's host code
+unchanged, so the parity tests of ``tests/test_gpu_backend.py`` (forward, gradients,
+per-example norms, moments, training runs, CUDA-graph replay) run everywhere a C++
+compiler does.  It is a correctness tool: slow (every CUDA thread is a fiber), and it
+does not replace a run on hardware (see the limits in ``kernels/gpu_emu.h``).
+
+Use::
+
+    MINIGD_GPU_EMULATE=1 python -c "import minigd as mg; mg.MLP([4, 3], backend='gpu')"
+
+or, in code, ``with minigd.backends.gpu_emu.emulated(): model = mg.MLP(..., backend="gpu")``
+(the backend keeps the emulator it was created with).
+
+What is emulated, and checked more strictly than CuPy does:
+
+* ``ndarray``: a NumPy array ("device memory") with CuPy's ``get(stream=, out=)`` and
+  ``set(arr, stream=)``; ``set`` requires the same shape and dtype.
+* ``RawModule(code=...)``: the code is compiled by the host compiler after
+  ``kernels/gpu_emu.h`` (cached on disk by content); ``get_function(name)`` gives a kernel
+  that, when called as ``kernel(grid, block, args)``, checks every argument against the
+  kernel's parameter list -- count, pointer or value, the value's size (an ``np.int32``
+  where the kernel takes a ``long long`` is an error, not silent garbage), and the dtype of
+  an array against the pointee type -- and then runs it.
+* ``cuda.Stream``: work runs synchronously.  ``begin_capture`` / ``end_capture`` record the
+  kernel launches into a graph that ``launch`` replays with the captured arguments, as a
+  CUDA graph does; while capturing, ``matmul`` raises NotImplementedError (CuPy refuses
+  cuBLAS calls during stream capture) and host copies (``get``, ``set``, ``fill``) raise,
+  as the CUDA runtime refuses them.
+* ``matmul(a, b, out=)``: NumPy's (cuBLAS is not emulated, only its contract).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from minigd.kernels import gpu_sources as S
+
+ENV = "MINIGD_GPU_EMULATE"
+_HEADER = Path(S.__file__).resolve().parent / "gpu_emu.h"   # shipped with the CUDA sources
+_CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
+_KERNEL = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
+_SHARED = re.compile(r"(__shared__\s+[\w:<>]+\s+(\w+)\s*(?:\[[^\]]+\]\s*)+;)")
+_lock = threading.RLock()
+_forced = threading.local()
+
+
+# ============================================================================ switching it on
+def enabled() -> bool:
+    """True when the gpu backend should run on the emulator: inside :func:`emulated`, or
+    with the environment variable MINIGD_GPU_EMULATE=1."""
+    if getattr(_forced, "on", None) is not None:
+        return bool(_forced.on)
+    val = os.environ.get(ENV, "")
+    if val in ("", "0"):
+        return False
+    if val == "1":
+        return True
+    raise ValueError(f"{ENV}: expected '1' (emulate the GPU on the CPU) or '0'/unset, got {val!r}")
+
+
+@contextlib.contextmanager
+def emulated(on: bool = True):
+    """Within this block, ``backend="gpu"`` models are created on the emulator (``on``) or
+    on a real device (``on=False``, whatever MINIGD_GPU_EMULATE says)."""
+    prev = getattr(_forced, "on", None)
+    _forced.on = on
+    try:
+        yield
+    finally:
+        _forced.on = prev
+
+
+def compiler() -> str | None:
+    """The C++ compiler the emulator uses: $CXX, else c++, g++ or clang++ on PATH."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def reason() -> str | None:
+    """None when the emulator can run here, else why not."""
+    if os.name != "posix":
+        return f"the GPU emulator needs a POSIX system (ucontext fibers); this is {os.name!r}"
+    if compiler() is None:
+        return "the GPU emulator needs a C++ compiler: none found ($CXX, c++, g++, clang++)"
+    return None
+
+
+# ============================================================================ building
+def _cache_dir() -> Path:
+    """$MINIGD_CACHE_DIR/gpu_emu, else ~/.cache/minigd/gpu_emu; a private temporary
+    directory when neither is writable."""
+    base = os.environ.get("MINIGD_CACHE_DIR")
+    root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minigd"
+    d = root / "gpu_emu"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return d
+    except OSError:
+        global _TMP
+        if _TMP is None:
+            _TMP = Path(tempfile.mkdtemp(prefix="minigd-gpu-emu-"))
+        return _TMP
+
+
+_TMP: Path | None = None
+_LIBS: dict = {}
+
+
+def _run(cmd, what):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"GPU emulator: {what} failed ({' '.join(map(str, cmd[:2]))} ...):\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def build(code: str):
+    """(ctypes library, kernel names) for a CUDA source text; compiled once per content."""
+    why = reason()
+    if why is not None:
+        raise RuntimeError(why)
+    header = _HEADER.read_text(encoding="utf-8")
+    cxx = compiler()
+    key = hashlib.sha256("\0".join((code, header, cxx, *_CXX_FLAGS)).encode()).hexdigest()[:24]
+    with _lock:
+        if key in _LIBS:
+            return _LIBS[key]
+        d = _cache_dir()
+        so, names_file = d / f"{key}.so", d / f"{key}.names"
+        if not (so.exists() and names_file.exists()):
+            with tempfile.TemporaryDirectory(dir=d) as tmp:
+                cpp = Path(tmp) / "unit.cpp"
+                code = _SHARED.sub(r"\1 MGD_EMU_POISON(\2);", code)   # uninitialised shared memory is NaN
+                cpp.write_text(f'#include "{_HEADER.name}"\n{code}\n', encoding="utf-8")
+                pre = _run([cxx, "-E", "-std=c++17", f"-I{_HEADER.parent}", str(cpp)], "preprocessing")
+                names = sorted(set(_KERNEL.findall(pre)))
+                if not names:
+                    raise RuntimeError("GPU emulator: the code defines no extern \"C\" kernel")
+                cpp.write_text(f'#include "{_HEADER.name}"\n{code}\n' +
+                               "".join(f"MGD_EMU_ENTRY({n})\n" for n in names), encoding="utf-8")
+                out = Path(tmp) / "unit.so"
+                _run([cxx, *_CXX_FLAGS, f"-I{_HEADER.parent}", "-o", str(out), str(cpp)], "compiling")
+                (Path(tmp) / "names").write_text("\n".join(names), encoding="utf-8")
+                os.replace(out, so)                    # atomic: a crash never leaves half a library
+                os.replace(Path(tmp) / "names", names_file)
+        lib = ctypes.CDLL(str(so))
+        lib.mgd_emu_launch.restype = ctypes.c_int
+        lib.mgd_emu_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + \
+            [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
+        names = tuple(names_file.read_text(encoding="utf-8").split())
+        _LIBS[key] = (lib, names)
+        return _LIBS[key]
+
+
+class _Entry(ctypes.Structure):
+    _fields_ = [("call", ctypes.c_void_p), ("nargs", ctypes.c_int), ("kinds", ctypes.c_ubyte * 32),
+                ("sizes", ctypes.c_int * 32), ("pointee", ctypes.c_ubyte * 32)]
+
+
+# ============================================================================ device memory
+class _State:
+    capturing = None   # the list a stream capture records launches into
+
+
+def _refuse_during_capture(what: str) -> None:
+    if _State.capturing is not None:
+        raise RuntimeError(f"{what} while a stream is being captured: the CUDA runtime refuses "
+                           f"host copies and synchronisation inside a graph capture")
+
+
+class ndarray(np.ndarray):
+    """Device memory: a NumPy array with CuPy's host-transfer methods."""
+
+    def get(self, stream=None, out=None):
+        _refuse_during_capture("ndarray.get")
+        if out is None:
+            return np.array(self, copy=True).view(np.ndarray)
+        if not isinstance(out, np.ndarray) or isinstance(out, ndarray):
+            raise TypeError("ndarray.get: out must be a host numpy.ndarray")
+        if out.shape != self.shape or out.dtype != self.dtype:
+            raise ValueError(f"ndarray.get: out has shape {out.shape} and dtype {out.dtype}, the array "
+                             f"{self.shape} and {self.dtype}")
+        out[...] = self
+        return out
+
+    def set(self, arr, stream=None):
+        _refuse_during_capture("ndarray.set")
+        arr = np.asarray(arr)
+        if arr.shape != self.shape:
+            raise ValueError(f"ndarray.set: shape mismatch, array {self.shape}, host {arr.shape}")
+        if arr.dtype != self.dtype:
+            raise TypeError(f"ndarray.set: dtype mismatch, array {self.dtype}, host {arr.dtype}")
+        np.copyto(self.view(np.ndarray), arr)
+
+    def fill(self, value):
+        _refuse_during_capture("ndarray.fill")
+        super().fill(value)
+
+
+def zeros(shape, dtype=float):
+    return np.zeros(shape, dtype).view(ndarray)
+
+
+def empty(shape, dtype=float):
+    return np.empty(shape, dtype).view(ndarray)
+
+
+def arange(*args, dtype=None):
+    return np.arange(*args, dtype=dtype).view(ndarray)
+
+
+def asarray(a, dtype=None):
+    """A device copy of a host array (as cupy.asarray: host data are copied, never shared)."""
+    if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    return np.array(a, dtype=dtype, copy=True, order="C").view(ndarray)
+
+
+def matmul(a, b, out=None):
+    if _State.capturing is not None:
+        raise NotImplementedError("cuBLAS is not supported during stream capture (as in CuPy)")
+    for name, x in (("a", a), ("b", b), ("out", out)):
+        if x is not None and not isinstance(x, ndarray):
+            raise TypeError(f"matmul: {name} is a host array ({type(x).__name__}), not device memory")
+    res = np.matmul(a.view(np.ndarray), b.view(np.ndarray),
+                    out=None if out is None else out.view(np.ndarray))
+    return out if out is not None else res.view(ndarray)
+
+
+def is_available() -> bool:
+    return reason() is None
+
+
+# ============================================================================ kernels
+_PACK = {("i", 4): (np.int32, ctypes.c_int32), ("i", 8): (np.int64, ctypes.c_int64),
+         ("f", 4): (np.float32, ctypes.c_float), ("f", 8): (np.float64, ctypes.c_double)}
+
+
+class RawKernel:
+    """One kernel of a :class:`RawModule`; ``kernel(grid, block, args)`` as in CuPy."""
+
+    def __init__(self, lib, name):
+        self.name = name
+        fn = getattr(lib, f"mgd_emu_entry_{name}")
+        fn.restype = ctypes.POINTER(_Entry)
+        self._entry_ptr = fn()
+        e = self._entry_ptr.contents
+        #: [(kind 'p'/'i'/'f', size in bytes (of the pointee for 'p'), pointee 'i'/'f' or '')]
+        self.params = [(chr(e.kinds[i]), int(e.sizes[i]), chr(e.pointee[i]) if e.pointee[i] else "")
+                       for i in range(e.nargs)]
+        self._lib = lib
+
+    def _pack(self, args):
+        if not isinstance(args, tuple):
+            raise TypeError(f"{self.name}: args must be a tuple, got {type(args).__name__}")
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name}: takes {len(self.params)} arguments, got {len(args)}")
+        keep, ptrs = [], (ctypes.c_void_p * max(1, len(args)))()
+        for i, (a, (kind, size, pointee)) in enumerate(zip(args, self.params)):
+            where = f"{self.name} argument {i}"
+            if kind == "p":
+                if isinstance(a, np.ndarray):
+                    if not isinstance(a, ndarray):
+                        raise TypeError(f"{where}: a host numpy array passed where the kernel takes device memory")
+                    if not a.flags.c_contiguous:
+                        raise ValueError(f"{where}: a non-contiguous view {a.shape} strides {a.strides}")
+                    want = _PACK[(pointee, size)][0]
+                    if a.dtype != np.dtype(want):
+                        raise TypeError(f"{where}: the kernel takes {np.dtype(want)}*, the array is {a.dtype}")
+                    v = ctypes.c_void_p(a.__array_interface__["data"][0])
+                    keep.append(a)
+                elif isinstance(a, np.uint64):   # an address: 0 is the null pointer
+                    v = ctypes.c_void_p(int(a))
+                else:
+                    raise TypeError(f"{where}: the kernel takes a pointer, got {type(a).__name__}")
+            else:
+                if not isinstance(a, np.generic) or isinstance(a, np.bool_):
+                    raise TypeError(f"{where}: pass a sized numpy scalar (np.int32, np.int64, np.float64), "
+                                    f"got {type(a).__name__} (its C type is ambiguous)")
+                want_np, want_c = _PACK[(kind, size)]
+                if a.dtype != np.dtype(want_np):
+                    raise TypeError(f"{where}: the kernel takes a {np.dtype(want_np)} value, got {a.dtype}")
+                v = want_c(a.item())
+            keep.append(v)
+            ptrs[i] = ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
+        return keep, ptrs
+
+    def _run(self, grid, block, packed):
+        keep, ptrs = packed
+        err = ctypes.create_string_buffer(1024)
+        rc = self._lib.mgd_emu_launch(ctypes.cast(self._entry_ptr, ctypes.c_void_p), *grid, *block, ptrs, err,
+                                      len(err))
+        if rc != 0:
+            raise RuntimeError(f"{self.name}: {err.value.decode(errors='replace')}")
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        grid3 = tuple(int(g) for g in tuple(grid) + (1,) * (3 - len(grid)))
+        block3 = tuple(int(b) for b in tuple(block) + (1,) * (3 - len(block)))
+        packed = self._pack(args)
+        if _State.capturing is not None:
+            _State.capturing.append((self, grid3, block3, packed))
+        else:
+            self._run(grid3, block3, packed)
+
+
+class RawModule:
+    """``cupy.RawModule(code=...)``: the code compiled for the host."""
+
+    def __init__(self, code=None, options=(), name_expressions=None, **kwargs):
+        if code is None:
+            raise ValueError("RawModule: the emulator compiles source code (code=...)")
+        self._lib, self.names = build(code)
+        self._kernels = {}
+
+    def get_function(self, name):
+        if name not in self.names:
+            raise KeyError(f"RawModule.get_function: no kernel {name!r} (the module has {list(self.names)})")
+        if name not in self._kernels:
+            self._kernels[name] = RawKernel(self._lib, name)
+        return self._kernels[name]
+
+
+# ============================================================================ streams and graphs
+class Graph:
+    """Captured kernel launches, replayed in order with their captured arguments."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def launch(self, stream=None):
+        _refuse_during_capture("Graph.launch")
+        for kern, grid, block, packed in self.launches:
+            kern._run(grid, block, packed)
+
+
+class Stream:
+    def __init__(self, non_blocking=False, null=False, ptds=False):
+        self._capture = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        _refuse_during_capture("Stream.synchronize")
+
+    def begin_capture(self, mode=None):
+        if _State.capturing is not None:
+            raise RuntimeError("begin_capture: a stream capture is already under way")
+        self._capture = []
+        _State.capturing = self._capture
+
+    def is_capturing(self):
+        return self._capture is not None and _State.capturing is self._capture
+
+    def end_capture(self):
+        if not self.is_capturing():
+            raise RuntimeError("end_capture: this stream is not capturing")
+        g = Graph(self._capture)
+        self._capture = None
+        _State.capturing = None
+        return g
+
+
+class _Runtime:
+    @staticmethod
+    def getDevice():
+        return 0
+
+    @staticmethod
+    def getDeviceCount():
+        return 1
+
+
+class _Cuda:
+    Stream = Stream
+    runtime = _Runtime()
+
+    class graph:
+        Graph = Graph
+
+
+cuda = _Cuda()
+__version__ = "emulated"

@@ -1,0 +1,210 @@
+"""The CPU emulator of the GPU backend (minigd/backends/gpu_emu.py, kernels/gpu_emu.h).
+
+The emulator is what lets tests/test_gpu_backend.py run the CUDA kernels without a GPU,
+so it must itself be right: the CUDA execution model it claims (barriers, warp shuffles,
+shared memory per block, grid/block indices), the misuses it reports, the argument checks
+CuPy does not do, and the graph-capture rules of CuPy and the CUDA runtime.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minigd.backends import available_backends, gpu_emu as E
+
+pytestmark = pytest.mark.skipif(E.reason() is not None, reason=f"no GPU emulator: {E.reason()}")
+
+CODE = r'''
+extern "C" __global__ void ids(int* out) {
+    const int t = (blockIdx.y * gridDim.x + blockIdx.x) * (blockDim.x * blockDim.y)
+                  + threadIdx.y * blockDim.x + threadIdx.x;
+    out[4 * t + 0] = threadIdx.x; out[4 * t + 1] = threadIdx.y;
+    out[4 * t + 2] = blockIdx.x;  out[4 * t + 3] = blockIdx.y;
+}
+// reverse a block's values through shared memory; `sync` = 0 leaves out the barrier
+extern "C" __global__ void reverse(const double* x, double* y, int sync) {
+    __shared__ double sh[256];
+    sh[threadIdx.x] = x[threadIdx.x];
+    if (sync) __syncthreads();
+    y[threadIdx.x] = sh[blockDim.x - 1 - threadIdx.x];
+}
+extern "C" __global__ void warp_sum(const float* x, float* y) {
+    float v = x[threadIdx.x];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    y[threadIdx.x] = v;
+}
+extern "C" __global__ void divergent_sync(int* out) {
+    if (threadIdx.x < 16) __syncthreads();
+    out[threadIdx.x] = 1;
+}
+extern "C" __global__ void early_exit_sync(int* out) {
+    if (threadIdx.x == 3) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+extern "C" __global__ void typed(long long n, double a, const double* x, double* y) {
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) y[i] = a * x[i];
+}
+extern "C" __global__ void flag(int* f) { if (threadIdx.x % 7 == 3) atomicOr(f, 1 << (threadIdx.x % 5)); }
+extern "C" __global__ void bump(const int* st, double* out) { out[st[0]] += 1.0; }
+'''
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return E.RawModule(code=CODE)
+
+
+def test_grid_and_block_indices(mod):
+    out = E.zeros(4 * 2 * 3 * 4 * 2, np.int32)
+    mod.get_function("ids")((2, 3), (4, 2), (out,))
+    got = out.get().reshape(-1, 4)
+    want = [(tx, ty, bx, by) for by in range(3) for bx in range(2) for ty in range(2) for tx in range(4)]
+    assert [tuple(r) for r in got] == want
+
+
+def test_a_missing_barrier_shows_as_a_wrong_result(mod):
+    x = E.asarray(np.arange(64, dtype=np.float64))
+    y = E.zeros(64, np.float64)
+    k = mod.get_function("reverse")
+    k((1,), (64,), (x, y, np.int32(1)))
+    assert np.array_equal(y.get(), np.arange(64)[::-1])
+    y.fill(-1)
+    k((1,), (64,), (x, y, np.int32(0)))
+    # each fiber runs to its next barrier (here: to the end), so thread t reads sh[63 - t]
+    # before thread 63 - t wrote it when t < 32: uninitialised shared memory, which is NaN
+    got = y.get()
+    assert np.isnan(got[:32]).all() and np.array_equal(got[32:], np.arange(32)[::-1])
+
+
+def test_warp_shuffle_sums_within_each_warp(mod):
+    x = np.random.default_rng(0).normal(size=96).astype(np.float32)
+    y = E.zeros(96, np.float32)
+    mod.get_function("warp_sum")((1,), (96,), (E.asarray(x), y))
+    want = np.repeat(x.reshape(3, 32).sum(axis=1, dtype=np.float64), 32)
+    np.testing.assert_allclose(y.get(), want, rtol=1e-5)
+
+
+def test_a_partial_warp_shuffle_is_an_error(mod):
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        mod.get_function("warp_sum")((1,), (48,), (E.zeros(48, np.float32), E.zeros(48, np.float32)))
+
+
+def test_divergent_barriers_are_reported(mod):
+    with pytest.raises(RuntimeError, match=r"block \(0, 0, 0\).*__syncthreads"):
+        mod.get_function("divergent_sync")((1,), (32,), (E.zeros(32, np.int32),))
+    with pytest.raises(RuntimeError, match="after others had exited"):
+        mod.get_function("early_exit_sync")((1,), (32,), (E.zeros(32, np.int32),))
+
+
+def test_launch_configuration_is_checked(mod):
+    with pytest.raises(RuntimeError, match="1 to 1024 threads"):
+        mod.get_function("ids")((1,), (2048,), (E.zeros(8, np.int32),))
+    with pytest.raises(RuntimeError, match="non-empty grid"):
+        mod.get_function("ids")((0,), (1,), (E.zeros(8, np.int32),))
+
+
+def test_arguments_are_checked_against_the_kernel_signature(mod):
+    k = mod.get_function("typed")
+    x, y = E.asarray(np.arange(5.0)), E.zeros(5, np.float64)
+    k((1,), (4,), (np.int64(5), np.float64(2.0), x, y))
+    assert np.array_equal(y.get(), 2 * np.arange(5.0))
+    bad = [
+        ((np.int32(5), np.float64(2.0), x, y), "takes a int64 value, got int32"),
+        ((5, np.float64(2.0), x, y), "sized numpy scalar"),
+        ((np.int64(5), np.float32(2.0), x, y), "takes a float64 value, got float32"),
+        ((np.int64(5), np.float64(2.0), E.zeros(5, np.float32), y), r"takes float64\*, the array is float32"),
+        ((np.int64(5), np.float64(2.0), np.arange(5.0), y), "host numpy array"),
+        ((np.int64(5), np.float64(2.0), x), "takes 4 arguments, got 3"),
+        ((np.int64(5), np.float64(2.0), E.zeros((5, 2))[:, 0], y), "non-contiguous"),
+    ]
+    for args, msg in bad:
+        with pytest.raises((TypeError, ValueError), match=msg):
+            k((1,), (4,), args)
+    k((1,), (4,), (np.int64(0), np.float64(2.0), x, np.uint64(0)))   # np.uint64(0): a null pointer
+
+
+def test_atomics(mod):
+    f = E.zeros(1, np.int32)
+    mod.get_function("flag")((1,), (64,), (f,))
+    want = 0
+    for t in range(64):
+        if t % 7 == 3:
+            want |= 1 << (t % 5)
+    assert int(f.get()[0]) == want
+
+
+def test_graph_capture_records_and_replays_with_the_captured_arguments(mod):
+    st, out = E.zeros(1, np.int32), E.zeros(4, np.float64)
+    k = mod.get_function("bump")
+    s = E.cuda.Stream(non_blocking=True)
+    s.begin_capture()
+    k((1,), (1,), (st, out))
+    k((1,), (1,), (st, out))
+    with pytest.raises(NotImplementedError, match="cuBLAS"):
+        E.matmul(E.zeros((2, 2)), E.zeros((2, 2)), out=E.zeros((2, 2)))
+    for call in (lambda: out.get(), lambda: out.set(np.zeros(4)), lambda: out.fill(0), s.synchronize):
+        with pytest.raises(RuntimeError, match="captured"):
+            call()
+    g = s.end_capture()
+    assert np.array_equal(out.get(), np.zeros(4))       # capture does not run anything
+    g.launch(s)
+    st.set(np.array([2], np.int32))                     # device data the graph reads, not its arguments
+    g.launch(s)
+    assert np.array_equal(out.get(), [2, 0, 2, 0])
+    with pytest.raises(RuntimeError, match="not capturing"):
+        s.end_capture()
+
+
+def test_device_memory_transfers_are_strict():
+    a = E.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        a.set(np.zeros(6, np.float32))
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        a.set(np.zeros((2, 3)))
+    host = np.arange(6, dtype=np.float32).reshape(2, 3)
+    d = E.asarray(host)
+    host[0, 0] = 99                                     # a device copy, not a view
+    assert d.get()[0, 0] == 0 and type(d.get()) is np.ndarray
+    out = np.empty((2, 3), np.float32)
+    assert d.get(out=out) is out and out[1, 2] == 5
+    with pytest.raises(TypeError, match="host array"):
+        E.matmul(host, d.T, out=E.zeros((2, 2), np.float32))
+
+
+def test_builds_are_cached_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIGD_CACHE_DIR", str(tmp_path))
+    code = 'extern "C" __global__ void one(int* x) { x[0] = 1; }'
+    lib, names = E.build(code)
+    assert names == ("one",)
+    files = sorted(p.name for p in (tmp_path / "gpu_emu").iterdir())
+    assert len(files) == 2 and files[0].endswith(".names") and files[1].endswith(".so")
+    assert E.build(code)[0] is lib
+    with pytest.raises(RuntimeError, match="compiling failed|preprocessing failed"):
+        E.build('extern "C" __global__ void broken(int* x) { x[0] = ; }')
+    with pytest.raises(KeyError, match="no kernel 'two'"):
+        E.RawModule(code=code).get_function("two")
+
+
+def test_switching_the_emulator_on_and_off(monkeypatch):
+    monkeypatch.setenv(E.ENV, "1")
+    assert E.enabled() and available_backends()["gpu"] is None
+    with E.emulated(False):
+        assert not E.enabled()
+    monkeypatch.setenv(E.ENV, "yes")
+    with pytest.raises(ValueError, match="MINIGD_GPU_EMULATE: expected '1'"):
+        E.enabled()
+    monkeypatch.setenv(E.ENV, "1")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert "C++ compiler" in E.reason()
+    assert "MINIGD_GPU_EMULATE is set but" in available_backends()["gpu"]
+
+
+def test_the_gpu_backend_runs_on_the_emulator():
+    import minigd as mg
+
+    with E.emulated():
+        m = mg.MLP([4, 8, 3], seed=0, dtype="float64", backend="gpu")
+    assert m.backend_impl.cp is E
+    X = np.random.default_rng(1).normal(size=(10, 4))
+    np.testing.assert_allclose(m.forward(X), m.to("numpy").forward(X), rtol=1e-12, atol=1e-12)
