@@ -7,6 +7,9 @@ Usage::
 
 Without a usable GPU it prints why (``minigd.available_backends()["gpu"]``) and exits
 with status 0, writing nothing.  **It has not been run on a GPU yet** (see README.md).
+With ``MINIGD_GPU_EMULATE=1`` it runs on the CPU emulator of the GPU backend: a smoke test
+of this script and of the paths it times, whose numbers are emulator times, not GPU
+timings (the output says so, and it refuses to write them into bench/results).
 
 Models 64-128-128-10 and 784-256-256-10, ReLU, softmax cross-entropy, float32,
 ``SGD(lr=1e-3)``; batches gathered by index from a larger X inside the step, as
@@ -18,6 +21,9 @@ Models 64-128-128-10 and 784-256-256-10, ReLU, softmax cross-entropy, float32,
 * ``gpu resident``: ``backend.run_steps``: parameters and state stay on the device, the
   losses are read back every ``--read-every`` steps (default 100): the device's own cost.
 * ``cpu``: ``backend.train_step`` of the cpu backend (numba / BLAS), this machine's threads.
+* ``resident graph`` / ``resident cublas``: ``run_steps`` pinned to one regime
+  (``graph_max_batch`` above every batch, or 0), to find the crossover that
+  ``graph_max_batch`` should be.
 * ``torch cuda``: a PyTorch ``nn.Sequential`` with ``torch.optim.SGD`` on the device, the
   data on the device, the loss kept on the device (``.item()`` only at the end of a block).
 """
@@ -36,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
 BATCHES = (1, 2, 8, 32, 128, 512, 2048, 8192)
+GRAPH_MAX_MEASURED = 2048   # the tiled-GEMM graph regime is timed up to this batch size
 
 
 def _block_time(fn, min_time):
@@ -82,6 +89,21 @@ def contenders(sizes, B, n, read_every):
                                read_every=read_every)
 
             out["gpu resident"] = resident
+            # the two regimes side by side, to set graph_max_batch from the crossover
+            for name, gmb in (("graph", 10**9), ("cublas", 0)):
+                if name == "graph" and B > GRAPH_MAX_MEASURED:
+                    continue
+                mm = mg.MLP(sizes, backend="gpu", seed=0)
+                mm.backend_impl.graph_max_batch = gmb
+                mm.backend_impl.reserve(B)
+                sm = opt.init(mm.params)
+
+                def regime(reps, impl=mm.backend_impl, m=mm, Xc=Xc, yi=yi, yf=yf, st=sm, idx=idx):
+                    k = max(1, reps)
+                    impl.run_steps(m.params, Xc, yi, yf, np.resize(idx, k * B), B, k, st, np.full(k, 1e-3), 1,
+                                   read_every=read_every)
+
+                out[f"resident {name}"] = regime
     torch_fn = _torch_contender(sizes, X, y, B)
     if torch_fn is not None:
         out["torch cuda"] = torch_fn
@@ -154,6 +176,12 @@ def measure(quick, rounds, read_every):
 
 
 def device_info():
+    from minigd.backends import gpu_emu
+
+    if gpu_emu.enabled():
+        return {"gpu": "EMULATED on the CPU (minigd.backends.gpu_emu): these are emulator times, "
+                       "NOT GPU timings", "cuda_runtime": "-", "driver": "-", "cupy": "-",
+                "cpu": cpu_model(), "python": platform.python_version()}
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
@@ -167,13 +195,17 @@ def write(rows, info, outdir):
     from minigd._io import atomic_write_text
 
     os.makedirs(outdir, exist_ok=True)
-    cols = [c for c in ("gpu step", "gpu resident", "cpu step", "torch cuda") if c in rows[0]]
+    names = ("gpu step", "gpu resident", "resident graph", "resident cublas", "cpu step", "torch cuda")
+    cols = [c for c in names if any(c in r for r in rows)]
     lines = ["# GPU training step (µs per step, median of interleaved rounds)", "",
              f"GPU: {info['gpu']}; CUDA runtime {info['cuda_runtime']}, driver {info['driver']}, "
              f"CuPy {info['cupy']}; CPU: {info['cpu']}.", "",
              "| model | batch | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
+        lines.append(f"| {r['model']} | {r['batch']} | " +
+                     " | ".join(f"{r[c]:.1f}" if c in r else "-" for c in cols) + " |")
+    lines += ["", "`resident graph` / `resident cublas`: `run_steps` with every batch on the CUDA-graph "
+              "path (tiled GEMMs) or on cuBLAS; where they cross is the `graph_max_batch` to set."]
     atomic_write_text(os.path.join(outdir, "gpu.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(outdir, "gpu.json"), json.dumps({"info": info, "rows": rows}, indent=1))
 
@@ -188,10 +220,16 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(HERE))
     from minigd.backends import available_backends
 
+    from minigd.backends import gpu_emu
+
     reason = available_backends()["gpu"]
     if reason is not None:
         print(f"bench/gpu.py: no usable GPU here, nothing measured: {reason}")
         return 0
+    if gpu_emu.enabled() and os.path.abspath(args.out) == os.path.abspath(RESULTS):
+        print("bench/gpu.py: MINIGD_GPU_EMULATE is set: emulator times are not GPU timings and are not "
+              "written into bench/results; pass --out DIR for a smoke run", file=sys.stderr)
+        return 2
     rounds = args.rounds or (1 if args.quick else 5)
     rows = measure(args.quick, rounds, args.read_every)
     write(rows, device_info(), args.out)

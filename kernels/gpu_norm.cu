@@ -123,17 +123,20 @@ __device__ void bn_running_body(const T* __restrict__ X, int B, int n, double mo
     }
 }
 
-// Inverted dropout.  mask[e] = (U[e] >= p) / (1 - p) from the host's float64 uniforms U,
-// then A[e] *= mask[e] (training forward).   U (total,) double read
-//   mask (total,) written   A (total,) read+written
+// Inverted dropout.  mask[e] = (U[e] >= p) / (1 - p) from the host's float64 uniforms U
+// (those of Backend.draw_dropout, so the masks are bitwise the host's), then
+// Out[e] = A[e] * mask[e] (training forward).  Out may be A itself (in place; batch norm
+// after the activation) or a separate buffer (the backward pass needs the unmasked
+// activation for tanh / sigmoid), hence no __restrict__ on A and Out.
+//   U (total,) double read   mask (total,) written   A (total,) read   Out (total,) written
 template <typename T>
-__device__ void dropout_fwd_body(const double* __restrict__ U, T* __restrict__ mask, T* __restrict__ A,
+__device__ void dropout_fwd_body(const double* __restrict__ U, T* __restrict__ mask, const T* A, T* Out,
                                  mgd_i64 total, double p) {
     const T keep = (T)(1.0 / (1.0 - p));
     for (mgd_i64 e = mgd_gtid(); e < total; e += mgd_gstride()) {
         const T m = U[e] >= p ? keep : T(0);
         mask[e] = m;
-        A[e] = A[e] * m;
+        Out[e] = A[e] * m;
     }
 }
 
@@ -168,8 +171,8 @@ __device__ void dropout_bwd_body(const T* __restrict__ mask, T* __restrict__ D, 
         bn_running_body<T>(X, B, n, momentum, rmean, rvar);                                          \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(MGD_THREADS)                                        \
-    mgd_dropout_forward_##S(const double* U, T* mask, T* A, mgd_i64 total, double p) {               \
-        dropout_fwd_body<T>(U, mask, A, total, p);                                                   \
+    mgd_dropout_forward_##S(const double* U, T* mask, const T* A, T* Out, mgd_i64 total, double p) { \
+        dropout_fwd_body<T>(U, mask, A, Out, total, p);                                              \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(MGD_THREADS)                                        \
     mgd_dropout_backward_##S(const T* mask, T* D, mgd_i64 total) { dropout_bwd_body<T>(mask, D, total); }

@@ -27,7 +27,7 @@ SOURCES = ("gpu_dense.cu", "gpu_loss.cu", "gpu_optim.cu", "gpu_stats.cu", "gpu_n
 ARCHS = ("sm_80", "sm_90")
 #: NVRTC options used on the device and in the compile test (no fast math: NaN and inf
 #: must propagate, divergence detection depends on them)
-NVRTC_OPTIONS = ("--std=c++14",)
+NVRTC_OPTIONS = ("--std=c++17",)   # the default of NVRTC 12 and 13; the emulator compiles as C++17 too
 
 THREADS = 256            # threads per block of the 1-D kernels (MGD_THREADS)
 ROWS_PER_BLOCK = THREADS // 32   # warp-per-row kernels: one warp per example

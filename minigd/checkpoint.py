@@ -42,6 +42,7 @@ import numpy as np
 
 from minigd._io import atomic_path
 from minigd._validation import _got
+from minigd.errors import BackendUnavailable
 from minigd.history import STEP_COLUMNS, History
 from minigd.kernels.workspace import ParamLayout
 from minigd.model import MLP
@@ -444,7 +445,7 @@ def load_checkpoint(path: str | os.PathLike, *, backend: str | None = None) -> C
             raise ValueError(f"{where}: corrupt or not a minigd checkpoint ({exc})") from exc
         except _Corrupt as exc:
             raise ValueError(f"{where}: corrupt or not a minigd checkpoint: {exc}") from None
-        except MemoryError:
+        except (MemoryError, BackendUnavailable):
             raise
         except Exception as exc:   # anything a damaged archive can make zipfile/numpy/json raise
             raise ValueError(f"{where}: corrupt or truncated file ({type(exc).__name__}: {exc})") from exc
@@ -487,6 +488,10 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
         raise _Corrupt(f"params has shape {params.shape}, the saved sizes {sizes} need ({n_params},)")
     try:
         model = MLP(**cfg, seed=0)
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(exc.name, f"{exc.reason}; the checkpoint {path!r} was saved from that "
+                                 f"backend: load it on another with load_checkpoint(path, backend='cpu') "
+                                 f"(or fit(..., resume=) a model on that backend)") from None
     except (TypeError, ValueError) as exc:
         raise _Corrupt(f"the saved model configuration is invalid: {exc}") from None
     if params.shape != model.params.shape or params.dtype != model.dtype:

@@ -179,7 +179,9 @@ def _restore(ck, model, optimizer, fit_info, n, target):
     from minigd.checkpoint import load_checkpoint
 
     if isinstance(ck, str):
-        ck = load_checkpoint(ck)
+        # only the saved arrays are used: build the saved model on the reference backend,
+        # which runs everywhere (a checkpoint from a GPU machine resumes on any backend)
+        ck = load_checkpoint(ck, backend="numpy")
     name = f"resume: {ck.path or 'the checkpoint'}"
     info = ck.step_info
     if not isinstance(info.get("fit"), dict) or ck.history is None or ck.opt_state is None \
@@ -281,6 +283,30 @@ def _check_callbacks(callbacks):
             raise TypeError(f"callbacks[{i}]: expected an object with one of the methods "
                             f"{list(hooks)}, got {_got(c)}")
     return callbacks
+
+
+def _chunk_steps(read_every, B, b, full_left, step, seen, steps, examples, eval_every, ck_every) -> int:
+    """How many steps ``fit`` hands to the backend's device-resident loop (``run_steps``)
+    at once: 1 (one ``train_step``) unless the backend has such a loop (``read_every`` > 0,
+    the gpu backend) and this step is a full batch; else as many full batches as remain in
+    the epoch, up to ``read_every`` and never past the next step at which ``fit`` must look
+    at the model on the host: an evaluation, a checkpoint, or the steps / examples budget.
+    So histories, evaluations, targets and checkpoints are those of the per-step loop; only
+    ``max_time`` is checked once per chunk (it may overrun by up to a chunk).  Chunks end
+    with the epoch (full-batch training therefore syncs once per step, as it evaluates at
+    every epoch end by default anyway)."""
+    if read_every <= 1 or b != B or full_left < 2:
+        return 1
+    m = min(full_left, read_every)
+    if steps is not None:
+        m = min(m, steps - step)
+    if examples is not None:
+        m = min(m, -(-(examples - seen) // B))
+    if eval_every is not None:
+        m = min(m, eval_every - step % eval_every)
+    if ck_every:
+        m = min(m, ck_every - step % ck_every)
+    return max(m, 1)
 
 
 def steps_per_epoch(n: int, B: int, drop_last: bool) -> int:
@@ -537,6 +563,11 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     hist.opt_state = opt_state
     on_step = [c.on_step for c in callbacks if hasattr(c, "on_step")]
     on_eval = [c.on_eval for c in callbacks if hasattr(c, "on_eval")]
+    # steps in device-resident chunks (gpu backend): not when the host must act at every
+    # step -- per-step callbacks, noise tracking, dropout masks, running-statistics updates
+    device_loop = int(getattr(impl, "read_every", 0) or 0)
+    if on_step or tracker is not None or dropout or bn:
+        device_loop = 0
     bar = None
     if progress:
         bar = _ProgressBar(_progress_total(steps, epochs, examples, bs, n, drop_last), step)
@@ -585,46 +616,81 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                     src = seq
                 if stop:
                     k0 = n_steps
-            for k in range(k0, n_steps):
+            kk = k0
+            while kk < n_steps:
+                k = kk
                 s0 = k * B
                 b = min(B, len(src) - s0) if sampler != "replacement" else B
-                idx = src[s0:s0 + b]
-                # float(): a schedule may return an int or a numpy scalar; the kernels are
-                # compiled for a float64 learning rate only
-                lr = float(lr_fn(step)) if lr_fn is not None else lr_const
-                t0 = time.perf_counter()
-                if tracker is None:
-                    if dropout:     # the step's masks, from the sampler's generator
-                        impl.draw_dropout(rng, b)
-                    loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1)
-                    if bn and ok:   # once per step, from this batch's statistics
-                        impl.update_running(b)
-                    train_time += time.perf_counter() - t0
+                m = _chunk_steps(device_loop, B, b, min(n_steps - k, (len(src) - s0) // B), step, seen, steps,
+                                 examples, eval_every, ck_every)
+                if m > 1:
+                    # many steps on the device, read back once (see _chunk_steps)
+                    lrs = ([float(lr_fn(step + j)) for j in range(m)] if lr_fn is not None else [lr_const] * m)
+                    t0 = time.perf_counter()
+                    res = impl.run_steps(params, X, yi, yf, src[s0:s0 + m * B], B, m, opt_state, lrs, step + t1)
+                    dt = time.perf_counter() - t0
+                    t_start = train_time
+                    done = len(res["loss"])
+                    for j in range(done):
+                        loss, lr = float(res["loss"][j]), lrs[j]
+                        if not res["applied"][j]:
+                            train_time = t_start + dt
+                            opt_state.t = step - 1 + t1
+                            hist.stop_reason = "diverged"
+                            raise DivergenceError(step, loss, params.copy(), hist,
+                                                  "non-finite loss" if not math.isfinite(loss) else
+                                                  "the update would make parameters non-finite")
+                        seen += B
+                        # per-step times inside a chunk are interpolated (one clock read per chunk)
+                        train_time = t_start + dt * (j + 1) / m
+                        hist.record_step(step, epoch, loss, lr, B, seen, train_time)
+                        ep_loss += loss * B
+                        ep_count += B
+                        step += 1
+                        if bar is not None:
+                            bar.on_step(model, step, loss)
+                    opt_state.t = step - 1 + t1
+                    k = kk + done - 1
+                    kk += done
                 else:
-                    track = step % track_noise == 0
-                    if track and track_gsnr is not None and step % track_gsnr == 0 and b >= 2:
-                        tracker.add_extra(step, gsnr_summary(model, X, yi, yf, idx))
-                        t0 = time.perf_counter()      # the GSNR pass is not training time
-                    if dropout:
-                        impl.draw_dropout(rng, b)
-                    loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1,
-                                                    track)
-                    train_time += time.perf_counter() - t0
-                    if track and ok:
-                        tracker.update(step, b, sum64(impl.last_sqnorms(b)), gsq)
-                if not ok:
-                    hist.stop_reason = "diverged"
-                    raise DivergenceError(step, loss, params.copy(), hist,
-                                          "non-finite loss" if not math.isfinite(loss) else
-                                          "the update would make parameters non-finite")
-                opt_state.t = step + t1
-                seen += b
-                hist.record_step(step, epoch, loss, lr, b, seen, train_time)
-                ep_loss += loss * b
-                ep_count += b
-                step += 1
-                if on_step and any(bool(f(model, step, loss)) for f in on_step):
-                    stop = "callback"
+                    kk += 1
+                    idx = src[s0:s0 + b]
+                    # float(): a schedule may return an int or a numpy scalar; the kernels are
+                    # compiled for a float64 learning rate only
+                    lr = float(lr_fn(step)) if lr_fn is not None else lr_const
+                    t0 = time.perf_counter()
+                    if tracker is None:
+                        if dropout:     # the step's masks, from the sampler's generator
+                            impl.draw_dropout(rng, b)
+                        loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1)
+                        if bn and ok:   # once per step, from this batch's statistics
+                            impl.update_running(b)
+                        train_time += time.perf_counter() - t0
+                    else:
+                        track = step % track_noise == 0
+                        if track and track_gsnr is not None and step % track_gsnr == 0 and b >= 2:
+                            tracker.add_extra(step, gsnr_summary(model, X, yi, yf, idx))
+                            t0 = time.perf_counter()      # the GSNR pass is not training time
+                        if dropout:
+                            impl.draw_dropout(rng, b)
+                        loss, ok, gsq = impl.train_step(params, grad, X, yi, yf, idx, b, opt_state, lr, step + t1,
+                                                        track)
+                        train_time += time.perf_counter() - t0
+                        if track and ok:
+                            tracker.update(step, b, sum64(impl.last_sqnorms(b)), gsq)
+                    if not ok:
+                        hist.stop_reason = "diverged"
+                        raise DivergenceError(step, loss, params.copy(), hist,
+                                              "non-finite loss" if not math.isfinite(loss) else
+                                              "the update would make parameters non-finite")
+                    opt_state.t = step + t1
+                    seen += b
+                    hist.record_step(step, epoch, loss, lr, b, seen, train_time)
+                    ep_loss += loss * b
+                    ep_count += b
+                    step += 1
+                    if on_step and any(bool(f(model, step, loss)) for f in on_step):
+                        stop = "callback"
                 if eval_every is not None and step % eval_every == 0:
                     if evaluate(epoch + (k + 1) / n_steps):
                         stop = "callback"

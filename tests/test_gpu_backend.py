@@ -185,3 +185,119 @@ def test_host_param_writes_between_steps_are_seen(dev):
     mg.fit(ref, X, y, batch_size=5, steps=3)
     mg.fit(gpu, X, y, batch_size=5, steps=3)
     assert_close(gpu.params, ref.params, 1e-10, "params")
+
+
+# ============================================================================ fit's device-resident loop
+_CHUNK_FITS = [
+    dict(batch_size=4, epochs=3),                                          # 5 full steps an epoch
+    dict(batch_size=6, epochs=2, eval_every=3),                            # a partial last batch
+    dict(batch_size=3, steps=11, optimizer=mg.SGD(lr=mg.optim.cosine(0.2, 11), momentum=0.9)),
+    dict(batch_size=5, examples=37, sampler="replacement", optimizer=mg.Adam(lr=0.01)),
+    dict(batch_size=mg.BatchSizeSchedule(2, {1: 7}), epochs=2, sampler="sequential"),
+    dict(batch_size="full", epochs=9, optimizer=mg.SGD(lr=0.5, clip_norm=0.1)),
+]
+
+
+@pytest.mark.parametrize("kw", _CHUNK_FITS, ids=range(len(_CHUNK_FITS)))
+def test_fit_in_device_chunks_equals_fit_step_by_step(kw):
+    """``fit`` hands runs of full batches to run_steps (read back once per chunk): the
+    history, evaluations and parameters are bit for bit those of one train_step per step."""
+    ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
+    X, y = np.concatenate([X, X[:3]]), np.concatenate([y, y[:3]])
+    runs = []
+    for read_every in (1, 4, 64):
+        m = on_gpu(ref, "emu:gpu-graph")
+        m.backend_impl.read_every = read_every
+        calls = []
+        real = m.backend_impl.run_steps
+        m.backend_impl.run_steps = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
+        h = mg.fit(m, X, y, validation=(X[:5], y[:5]), seed=2, **kw)
+        runs.append((h, m.params.copy(), calls))
+    (h1, p1, c1), (h4, p4, c4), (h64, p64, c64) = runs
+    assert all(n == 1 for n in c1)                       # read_every=1: one step per call
+    if kw["batch_size"] == "full":                       # one step an epoch: chunks end with epochs
+        assert set(c4) == set(c64) == {1}
+    else:                                                # (train_step is run_steps of 1 step)
+        assert 2 <= max(c4) <= 4 and max(c64) >= max(c4)
+    for h, p in ((h4, p4), (h64, p64)):
+        assert h.n_steps == h1.n_steps and h.stop_reason == h1.stop_reason
+        for col in ("step", "epoch", "loss", "lr", "batch_size", "examples"):
+            np.testing.assert_array_equal(h.column(col), h1.column(col), err_msg=col)
+        assert [{k: v for k, v in e.items() if k != "time"} for e in h.evals] == \
+            [{k: v for k, v in e.items() if k != "time"} for e in h1.evals]
+        assert np.array_equal(p, p1)
+        assert np.all(np.diff(h.column("time")) >= 0)
+
+
+def test_fit_chunks_stop_at_evaluations_checkpoints_and_budgets(tmp_path):
+    ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
+    m = on_gpu(ref, "emu:gpu-graph")
+    calls = []
+    real = m.backend_impl.run_steps
+    m.backend_impl.run_steps = lambda *a, **k: calls.append((a[6], a[9])) or real(*a, **k)
+    # eval every 3, checkpoint every 5, 20 steps (and epochs end with a partial batch)
+    mg.fit(m, X, y, batch_size=2, steps=20, eval_every=3, checkpoint=tmp_path / "ck.npz", checkpoint_every=5)
+    starts = [t - 1 for _, t in calls]                   # t = step + 1 of the chunk's first step
+    ends = [s + n for (n, _), s in zip(calls, starts)]
+    assert max(n for n, _ in calls) >= 2
+    for e in (3, 5, 6, 9, 10, 12, 15, 18, 20):           # no chunk runs across an eval/checkpoint/budget
+        assert not any(s < e < end for s, end in zip(starts, ends)), e
+    # and a resumed run continues identically
+    again = on_gpu(ref, "emu:gpu-graph")
+    h_full = mg.fit(again, X, y, batch_size=2, steps=20, eval_every=3)
+    part = on_gpu(ref, "emu:gpu-graph")
+    mg.fit(part, X, y, batch_size=2, steps=10, eval_every=3, checkpoint=tmp_path / "p.npz", checkpoint_every=5)
+    h_res = mg.fit(part, X, y, batch_size=2, steps=20, eval_every=3, checkpoint=tmp_path / "p.npz",
+                   checkpoint_every=5, resume=True)
+    np.testing.assert_array_equal(h_res.column("loss"), h_full.column("loss"))
+    assert np.array_equal(part.params, again.params)
+
+
+def test_fit_steps_one_at_a_time_when_the_host_must_see_every_step():
+    ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
+
+    class Spy:
+        def __init__(self):
+            self.n = 0
+
+        def on_step(self, model, step, loss):
+            self.n += 1
+
+    for extra in (dict(callbacks=[Spy()]), dict(track_noise=2)):
+        m = on_gpu(ref, "emu:gpu-graph")
+        calls = []
+        real = m.backend_impl.run_steps
+        m.backend_impl.run_steps = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
+        h = mg.fit(m, X, y, batch_size=4, epochs=2, **extra)
+        assert set(calls) == {1} and len(calls) == h.n_steps
+
+
+@pytest.mark.parametrize("regime", ["gpu-graph", "gpu-cublas"])
+def test_device_loop_allocates_nothing_and_reads_back_every_k_steps(regime):
+    """The issue's habits, counted on the emulated device: a warm run_steps allocates no
+    device memory, and copies to the host once per ``read_every`` steps plus the final
+    parameters / optimizer state -- independent of the number of steps."""
+    ref, X, y = TRAIN_CASES[1].model.build("numpy", "float32")     # SGD + momentum
+    m = on_gpu(ref, f"emu:{regime}")
+    impl = m.backend_impl
+    X, yi, yf = m.check_Xy(X, y)
+    opt = mg.SGD(lr=0.05, momentum=0.9)
+    st = opt.init(m.params)
+    B = 4
+    idx = np.random.default_rng(0).integers(0, X.shape[0], size=40 * B).astype(np.int64)
+    impl.run_steps(m.params, X, yi, yf, idx, B, 40, st, np.full(40, 0.05), 1, read_every=10)  # warm-up
+    counted = {}
+    for n, k in ((40, 10), (40, 40), (20, 5)):
+        gpu_emu.counts.clear()
+        res = impl.run_steps(m.params, X, yi, yf, idx, B, n, st, np.full(n, 0.05), 1, read_every=k)
+        c = dict(gpu_emu.counts)
+        assert res["applied"].all() and len(res["loss"]) == n
+        assert c.get("alloc", 0) == 0, c
+        counted[(n, k)] = c
+        if regime == "gpu-graph":
+            assert c["graph_launch"] == n and c.get("matmul", 0) == 0
+        else:
+            assert c["matmul"] == n * 5 and c.get("graph_launch", 0) == 0   # 2 layers: 2 fwd + 3 bwd GEMMs
+    fixed = counted[(40, 40)]["get"] - 1          # parameters, optimizer state, hp: once per call
+    assert counted[(40, 10)]["get"] == fixed + 4 and counted[(20, 5)]["get"] == fixed + 4
+    assert counted[(40, 10)]["set"] == counted[(40, 40)]["set"]                # uploads once per call

@@ -208,3 +208,23 @@ def test_the_gpu_backend_runs_on_the_emulator():
     assert m.backend_impl.cp is E
     X = np.random.default_rng(1).normal(size=(10, 4))
     np.testing.assert_allclose(m.forward(X), m.to("numpy").forward(X), rtol=1e-12, atol=1e-12)
+
+
+def test_a_gpu_checkpoint_loads_elsewhere_with_a_clear_error_or_backend(tmp_path):
+    import minigd as mg
+
+    X = np.random.default_rng(0).normal(size=(12, 3))
+    y = np.arange(12) % 2
+    with E.emulated():
+        m = mg.MLP([3, 4, 2], seed=0, dtype="float64", backend="gpu")
+    mg.fit(m, X, y, batch_size=4, epochs=1, checkpoint=tmp_path / "g.npz")
+    with E.emulated(False):
+        if available_backends()["gpu"] is not None:       # no real GPU here
+            with pytest.raises(mg.BackendUnavailable, match=r"backend='cpu'"):
+                mg.load_checkpoint(tmp_path / "g.npz")
+        ck = mg.load_checkpoint(tmp_path / "g.npz", backend="cpu")
+        assert np.array_equal(ck.model.params, m.params)
+        # and the run resumes on the cpu backend
+        c = mg.MLP([3, 4, 2], seed=0, dtype="float64", backend="cpu")
+        h = mg.fit(c, X, y, batch_size=4, epochs=2, checkpoint=tmp_path / "g.npz", resume=True)
+        assert h.n_steps == 6

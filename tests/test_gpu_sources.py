@@ -241,11 +241,13 @@ def test_every_launch_matches_a_kernel_signature():
         assert kinds == params[op], (f"gpu.py line {line}: mgd_{op} takes {params[op]}, "
                                      f"the launch passes {kinds}")
         used.add(op)
-    # every training-path kernel is used by the backend (the norm kernels are not wired yet)
+    # every training-path kernel is used by the backend, batch norm's and dropout's included
     for op in ("gather", "gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_fwd_bwd",
                "sum_rows", "sqnorm_accumulate", "sumsq_partial", "clip_factor", "opt_prepare",
                "opt_fused", "opt_primitive", "check_finite", "apply_update", "step_end",
-               "per_example_fill", "moments_update"):
+               "per_example_fill", "moments_update", "bn_train_forward", "bn_train_backward",
+               "bn_param_grad", "bn_eval_forward", "bn_running_update", "dropout_forward",
+               "dropout_backward"):
         assert op in used, op
 
 
@@ -301,21 +303,3 @@ def test_gpu_without_a_gpu_is_a_clear_error():
         mg.MLP([3, 2], backend="gpu")
     with pytest.raises(mg.BackendUnavailable, match="backend 'gpu' is not available"):
         get_backend_class("gpu")
-
-
-def test_gpu_backend_refuses_batch_norm_and_dropout_by_name():
-    """Checked before any device is touched, so this runs everywhere."""
-    from dataclasses import dataclass
-
-    from minigd.backends.gpu import GpuBackend
-    from minigd.kernels.workspace import ParamLayout
-
-    @dataclass
-    class Norm:           # the shape of issue 5's NormSpec
-        bn: int = 0
-        dropout: float = 0.0
-
-    with pytest.raises(NotImplementedError, match="^batch_norm: "):
-        GpuBackend(ParamLayout((3, 4, 2)), [1], 0, "float32", norm=Norm(bn=1))
-    with pytest.raises(NotImplementedError, match="^dropout: "):
-        GpuBackend(ParamLayout((3, 4, 2)), [1], 0, "float32", norm=Norm(dropout=0.5))

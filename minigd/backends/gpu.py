@@ -39,16 +39,34 @@ end.  The training data are uploaded once per ``fit`` (cached by array identity 
 is the device-resident loop the issue asks for: many steps with parameters and state
 kept on the device and the losses read back every ``read_every`` steps.
 
+Batch norm (before / after the activation, ghost batches) and dropout (``gpu_norm.cu``)
+are wired into every regime (graph, tiled, cuBLAS) and both dtypes: a hidden layer of
+such a model runs linear (+ activation) -> per ghost batch statistics / normalisation ->
+(activation) -> dropout, and the backward pass the reverse, with dgamma / dbeta written
+into the gradient vector (after the last bias, as ``ParamLayout`` puts them).  Dropout
+masks are drawn on the host by ``draw_dropout`` (the same uniforms as every backend, so
+the same masks for the same generator state); each training pass uploads those uniforms,
+before its kernels and outside any graph capture, into a fixed device buffer from which
+``mgd_dropout_forward`` makes the masks inside the (captured) step.  The running
+statistics stay the model's host array (``self.running``): an evaluation uploads them,
+and ``update_running(B)`` (called by ``fit`` once per step) uploads them, folds in the
+whole-batch mean and unbiased variance of the last training pass's BN inputs (kept on
+the device; evaluations do not overwrite them) and downloads them.  Per-example
+statistics raise for batch norm (:func:`~minigd.backends.base.check_per_example`) and are
+exact with dropout alone (each row with its own mask row).  :meth:`GpuBackend.run_steps`
+takes one step at a time for such a model (each step needs new masks and a running
+update from the host; ``fit`` already steps one at a time there).
+
 Not done: the fully fused narrow-MLP kernel (activations in shared memory across layers),
-batch norm and dropout in this backend (their kernels exist in ``gpu_norm.cu`` and
-compile, but are not wired: such a model raises NotImplementedError), and any tuning of
-``graph_max_batch`` (no GPU was available to measure the crossover).
+a device-resident multi-step loop for batch norm / dropout models (masks drawn and running
+statistics updated on the device), and any tuning of ``graph_max_batch`` (no GPU was
+available to measure the crossover).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from minigd.backends.base import Backend
+from minigd.backends.base import BN_AFTER, BN_BEFORE, Backend, check_per_example
 from minigd.errors import BackendUnavailable
 from minigd.kernels import gpu_sources as S
 from minigd.kernels.workspace import Workspace
@@ -113,23 +131,23 @@ class GpuBackend(Backend):
     use_graphs : bool
         False runs the small-batch path without capturing it (same kernels, launched one
         by one); for debugging.
+    read_every : int
+        ``fit`` hands up to this many consecutive full-batch steps to :meth:`run_steps`
+        (parameters, optimizer state and losses stay on the device; one host
+        synchronisation per chunk), cutting chunks at evaluations, checkpoints and budgets
+        (see ``minigd.train._chunk_steps``).  1 makes ``fit`` synchronise at every step.
     """
 
     name = "gpu"
 
     def __init__(self, layout, act_codes, loss_code, dtype, norm=None):
-        if norm is not None and (getattr(norm, "bn", 0) or getattr(norm, "dropout", 0.0) > 0):
-            what = "batch_norm" if getattr(norm, "bn", 0) else "dropout"
-            raise NotImplementedError(
-                f"{what}: batch norm, ghost batch norm and dropout are not wired into the gpu "
-                f"backend yet (their CUDA kernels exist in kernels/gpu_norm.cu); use "
-                f"backend='cpu' or 'numpy' for such a model")
-        super().__init__(layout, act_codes, loss_code, dtype)
+        super().__init__(layout, act_codes, loss_code, dtype, norm)
         self.cp = cp = _cupy()
         self.k = _Kernels(cp, self.dtype)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graph_max_batch = 64
         self.use_graphs = True
+        self.read_every = 64
         P = layout.n_params
         self.d_params = cp.zeros(P, self.dtype)
         self.d_grad = cp.zeros(P, self.dtype)
@@ -164,6 +182,7 @@ class GpuBackend(Backend):
                 self._partial = cp.zeros(S.REDUCE_BLOCKS, np.float64)
                 self._res = cp.zeros(8, np.float64)
                 self._st = cp.zeros(4, np.int32)
+                self._reserve_norm(capacity)
             self._ensure_steps(max(1, self._steps_cap), capacity)
             self._gen += 1
             self._graphs.clear()
@@ -237,12 +256,18 @@ class GpuBackend(Backend):
         x0, zs, as_, ds, _ = self.ws.views(B)
         return x0, zs, as_, ds
 
-    def _enqueue_forward(self, B, gemm):
+    def _enqueue_forward(self, B, gemm, training=False):
+        """Forward of the staged batch; ``training`` matters only with batch norm / dropout
+        (ghost-batch statistics and the uploaded dropout masks instead of the running
+        statistics and no dropout)."""
         cp = self.cp
         x0, zs, as_, _ = self._layer_views(B)
         L = self.layout.n_layers
         for l in range(L):
             A = x0 if l == 0 else as_[l - 1]
+            if self.norm is not None and l < L - 1:
+                self._enqueue_hidden_norm(l, A, B, gemm, training)
+                continue
             W, b = self._pW[l], self._pb[l]
             fi, fo = W.shape
             act = self.act_codes[l] if l < L - 1 else -1
@@ -290,7 +315,9 @@ class GpuBackend(Backend):
                 self._launch(self.k.sqnorm_accumulate, S.grid_rows(B), (S.THREADS,),
                              (A, D, np.int32(B), np.int32(fi), np.int32(fo), np.float64(float(B) * float(B)),
                               np.int32(l == L - 1), self._sqn))
-            if l > 0:
+            if l > 0 and self.norm is not None:
+                self._enqueue_hidden_norm_backward(l - 1, D, B, gemm)
+            elif l > 0:
                 act = self.act_codes[l - 1]
                 if gemm == "cublas":
                     with self.stream:
@@ -374,7 +401,7 @@ class GpuBackend(Backend):
         st = self._st
         self._launch(self.k.gather, *self._elementwise_grid(B * n0),
                      (dX, self._idx, st, np.int32(B), np.int32(n0), x0))
-        self._enqueue_forward(B, gemm)
+        self._enqueue_forward(B, gemm, training=True)
         self._enqueue_loss(B, dyi, dyf, self._idx, st, self._rec, 0, 1)
         self._enqueue_backward(B, gemm, want_sqn)
         if want_sqn:
@@ -403,6 +430,229 @@ class GpuBackend(Backend):
                 self._graphs.clear()
             self._graphs[key] = g
         return lambda: g.launch(self.stream)
+
+    # -- batch norm and dropout (kernels/gpu_norm.cu) -------------------------------------------
+    def _reserve_norm(self, capacity: int) -> None:
+        """Host mask buffers (Backend's) and the device buffers of batch norm / dropout for
+        ``capacity`` rows; called by :meth:`_ensure` with every new workspace (which drops
+        the cached graphs, so no graph points at a freed buffer).  Per hidden layer (each
+        ``capacity`` rows of the layer's width, or empty when unused): ``xh`` batch norm's
+        xhat (training; the BN input's scratch in evaluation), ``inv`` 1/sqrt(var + eps) per
+        ghost batch, ``pre`` the BN output of batch norm before the activation, ``act`` the
+        unmasked activation (the BN input of batch norm after it; what the activation's
+        backward reads under dropout), ``mask`` / ``unif`` the dropout masks and the host's
+        uniforms they are made from.  Shared: ``dt`` (the backward's dLoss/da before batch
+        norm), a zero bias (the activation of a normalised z is bias_act_forward with it)
+        and the running statistics' device copy."""
+        super()._reserve_norm(capacity)
+        norm = self.norm
+        if norm is None:
+            return
+        cp = self.cp
+        hid = self.layout.hidden
+        bn, drop = norm.bn, norm.dropout > 0
+        n_ghosts = -(-capacity // norm.ghost) if (bn and norm.ghost) else 1
+
+        def rows(n, on, dtype=self.dtype):
+            return cp.zeros(capacity * n if on else 0, dtype)
+
+        self._nd = [dict(xh=rows(n, bn), inv=cp.zeros(n_ghosts * n if bn else 0, self.dtype),
+                         pre=rows(n, bn == BN_BEFORE), act=rows(n, bn == BN_AFTER or drop),
+                         mask=rows(n, drop), unif=rows(n, drop, np.float64)) for n in hid]
+        self._d_dt = cp.zeros(capacity * max(hid) if bn else 0, self.dtype)
+        self._d_zero = cp.zeros(max(hid), self.dtype)
+        self._d_running = cp.zeros(max(self.layout.n_running, 1), self.dtype)
+        self._d_rm, self._d_rv = self.layout.running_views(self._d_running)
+        self._nviews = {}
+
+    def _norm_views(self, l: int, B: int) -> dict:
+        """(B, n_l) views of hidden layer l's norm buffers for a batch of B rows, with the
+        ghost size ``g`` and the number of ghost batches ``nch`` (cached: no allocation in
+        a step)."""
+        v = self._nviews.get((l, B))
+        if v is None:
+            n = self.layout.hidden[l]
+            d = self._nd[l]
+            g = self.norm.ghost_size(B)
+            nch = -(-B // g)
+
+            def rows(a, width=n):
+                return a[:B * width].reshape(B, width) if a.size else self._d_dummy
+
+            v = {name: rows(d[name]) for name in ("xh", "pre", "act", "mask", "unif")}
+            v["inv"] = d["inv"][:nch * n] if d["inv"].size else self._d_dummy
+            v["dt"] = rows(self._d_dt)
+            v["g"], v["nch"] = g, nch
+            if len(self._nviews) > 64:
+                self._nviews.clear()
+            self._nviews[(l, B)] = v
+        return v
+
+    def _bn_dev(self):
+        """(gammas, betas, dgammas, dbetas): per hidden layer, views of the device parameter
+        and gradient vectors."""
+        c = getattr(self, "_bn_dev_views", None)
+        if c is None or c[0] is not self.d_params or c[1] is not self.d_grad:
+            c = self._bn_dev_views = (self.d_params, self.d_grad, *self.layout.bn_views(self.d_params),
+                                      *self.layout.bn_views(self.d_grad))
+        return c[2:]
+
+    def draw_dropout(self, rng: np.random.Generator, B: int) -> None:
+        """The masks of the next B rows, drawn as :meth:`Backend.draw_dropout` draws them
+        (the same uniforms from ``rng``, so the same masks as on every backend), but without
+        ``reserve`` (which would forget the device copy of the training data).  The
+        uniforms are uploaded by the next training pass before its kernels run (never
+        inside a captured step: the graph reads the fixed device buffer ``unif``), and
+        ``mgd_dropout_forward`` turns them into the masks there."""
+        p = self.dropout
+        if p <= 0:
+            return
+        self._ensure(B)
+        scale = 1.0 / (1.0 - p)
+        for m, u, k in zip(self.masks, self._unif, self._keep):
+            rng.random(out=u[:B])
+            np.greater_equal(u[:B], p, out=k[:B])
+            np.copyto(m[:B], k[:B])
+            np.multiply(m[:B], scale, out=m[:B])
+
+    def _stage_norm(self, B: int, training: bool) -> None:
+        """Host -> device before a pass (outside any capture): in training the ghost-batch
+        check and the dropout uniforms of rows [0, B); in evaluation with batch norm the
+        running statistics (``self.running``, the model's array, is the source of truth)."""
+        norm = self.norm
+        if norm is None:
+            return
+        s = self.stream
+        if training:
+            norm.check_batch(B)
+            if norm.dropout > 0:
+                for l, u in enumerate(self._unif):
+                    self._norm_views(l, B)["unif"].set(u[:B], stream=s)
+        elif norm.bn:
+            self._d_running[:self.running.size].set(self.running, stream=s)
+
+    def _check_norm_steps(self, B: int, n_steps: int, want_sqn: bool) -> None:
+        if want_sqn:
+            check_per_example(self.norm, "per-example gradient norms")
+        if n_steps > 1:
+            raise NotImplementedError(
+                f"run_steps: {n_steps} steps in one call for a model with batch norm or dropout: "
+                f"every step needs its own dropout masks (draw_dropout) and running-statistics "
+                f"update (update_running) from the host; call train_step once per step (as fit does)")
+        self.norm.check_batch(B)
+
+    def _enqueue_hidden_norm(self, l, A, B, gemm, training):
+        """Forward of hidden layer l of a model with batch norm and/or dropout:
+        before: z -> BN -> f -> [dropout]; after: z -> f -> BN -> [dropout]; dropout alone:
+        z -> f -> dropout (as numpy_ref's ``_forward_all``).  Training keeps what the
+        backward pass and :meth:`update_running` read: z in zs[l] (BN before: the BN input),
+        the unmasked f in ``act`` (BN after: the BN input), xhat and inv.  Evaluation uses
+        the running statistics, no dropout, and writes the BN input into the ``xh`` scratch,
+        so an evaluation between a training step and ``update_running`` does not clobber
+        the statistics' source."""
+        cp, k, norm = self.cp, self.k, self.norm
+        _, zs, as_, _ = self._layer_views(B)
+        W, b = self._pW[l], self._pb[l]
+        fi, fo = W.shape
+        act = self.act_codes[l]
+        v = self._norm_views(l, B)
+        gams, bets = self._bn_dev()[:2]
+        bn = norm.bn
+        drop = training and norm.dropout > 0
+        if bn == BN_BEFORE:      # linear only
+            z, lin_act, lin_out = (zs[l] if training else v["xh"]), -1, self._d_dummy
+        elif bn == BN_AFTER:     # linear + activation: the BN input
+            z, lin_act, lin_out = zs[l], act, (v["act"] if training else v["xh"])
+        else:                    # dropout alone
+            z, lin_act, lin_out = zs[l], act, (v["act"] if drop else as_[l])
+        if gemm == "cublas":
+            with self.stream:
+                cp.matmul(A, W, out=z)
+            self._launch(k.bias_act_forward, *self._elementwise_grid(B * fo),
+                         (z, b, lin_out, np.int32(B), np.int32(fo), np.int32(lin_act)))
+        else:
+            grid, block = S.grid_gemm(B, fo)
+            self._launch(k.gemm, grid, block,
+                         (A, W, z, np.int32(B), np.int32(fo), np.int32(fi), np.int32(0), np.int32(0),
+                          np.int32(1), b, lin_out, self._d_dummy, self._d_dummy, np.int32(lin_act)))
+        out = lin_out
+        if bn:
+            x = z if bn == BN_BEFORE else lin_out
+            out = v["pre"] if bn == BN_BEFORE else as_[l]
+            if training:
+                self._launch(k.bn_train_forward, *self._elementwise_grid(v["nch"] * fo),
+                             (x, out, v["xh"], v["inv"], gams[l], bets[l], np.int32(B), np.int32(fo),
+                              np.int32(v["g"]), np.float64(norm.eps)))
+            else:
+                self._launch(k.bn_eval_forward, *self._elementwise_grid(B * fo),
+                             (x, out, self._d_rm[l], self._d_rv[l], gams[l], bets[l], np.int32(B),
+                              np.int32(fo), np.float64(norm.eps)))
+            if bn == BN_BEFORE:  # f of the normalised z (a zero bias; pre + 0 is pre)
+                out = v["act"] if drop else as_[l]
+                self._launch(k.bias_act_forward, *self._elementwise_grid(B * fo),
+                             (v["pre"], self._d_zero[:fo], out, np.int32(B), np.int32(fo), np.int32(act)))
+        if drop:                 # as_[l] = out * mask, the mask made from the uploaded uniforms
+            self._launch(k.dropout_forward, *self._elementwise_grid(B * fo),
+                         (v["unif"], v["mask"], out, as_[l], np.int64(B * fo), np.float64(norm.dropout)))
+
+    def _enqueue_hidden_norm_backward(self, h, D, B, gemm):
+        """ds[h] = dLoss/dz_h from D = dLoss/dz_{h+1}: through W_{h+1}, then the reverse of
+        :meth:`_enqueue_hidden_norm` (training mode: the mask, the activation and batch norm
+        per ghost batch, in numpy_ref's ``_hidden_backward`` order); dgamma_h and dbeta_h of
+        the mean loss into the gradient (D carries 1/B already)."""
+        cp, k, norm = self.cp, self.k, self.norm
+        _, zs, as_, ds = self._layer_views(B)
+        W = self._pW[h + 1]
+        fi, fo = W.shape
+        act = self.act_codes[h]
+        v = self._norm_views(h, B)
+        bn, drop = norm.bn, norm.dropout > 0
+        n = B * fi
+        grid = self._elementwise_grid(n)
+        # G = dLoss/d(layer h's output) = D W^T: into ds[h], or into the scratch when batch
+        # norm's backward writes ds[h] from it
+        G = v["dt"] if bn else ds[h]
+        if gemm == "cublas":
+            with self.stream:
+                cp.matmul(D, W.T, out=G)
+        else:
+            grid2, block2 = S.grid_gemm(B, fi)
+            self._launch(k.gemm, grid2, block2,
+                         (D, W, G, np.int32(B), np.int32(fi), np.int32(fo), np.int32(0), np.int32(1),
+                          np.int32(0), self._d_dummy, self._d_dummy, self._d_dummy, self._d_dummy, np.int32(-1)))
+        if drop:
+            self._launch(k.dropout_backward, *grid, (v["mask"], G, np.int64(n)))
+        if bn == BN_BEFORE:      # through f (of the BN output) first
+            self._launch(k.act_backward, *grid,
+                         (v["pre"], v["act"] if drop else as_[h], G, np.int64(n), np.int32(act)))
+        if bn:
+            gams, _, ggams, gbets = self._bn_dev()
+            self._launch(k.bn_param_grad, *self._elementwise_grid(fi),
+                         (G, v["xh"], np.int32(B), np.int32(fi), ggams[h], gbets[h]))
+            self._launch(k.bn_train_backward, *self._elementwise_grid(v["nch"] * fi),
+                         (G, v["xh"], v["inv"], gams[h], ds[h], np.int32(B), np.int32(fi), np.int32(v["g"])))
+        if bn != BN_BEFORE:      # through f of z (unmasked f(z) in ``act``)
+            self._launch(k.act_backward, *grid, (zs[h], v["act"], ds[h], np.int64(n), np.int32(act)))
+
+    def update_running(self, B: int) -> None:
+        """Fold the whole-batch mean and unbiased variance of the last training pass's
+        batch-norm inputs (still on the device: z_l before the activation, f(z_l) after it)
+        into ``running`` with the momentum: ``running`` (the model's host array) is
+        uploaded, updated by ``mgd_bn_running_update`` and downloaded."""
+        norm = self.norm
+        if norm is None or not norm.bn:
+            return
+        if self.ws is None or self.ws.capacity < B:
+            raise RuntimeError(f"update_running: no training pass of {B} rows to take the statistics from")
+        s = self.stream
+        zs = self._layer_views(B)[1]
+        self._d_running[:self.running.size].set(self.running, stream=s)
+        for l, n in enumerate(self.layout.hidden):
+            x = zs[l] if norm.bn == BN_BEFORE else self._norm_views(l, B)["act"]
+            self._launch(self.k.bn_running_update, *self._elementwise_grid(n),
+                         (x, np.int32(B), np.int32(n), np.float64(norm.momentum), self._d_rm[l], self._d_rv[l]))
+        self._d_running[:self.running.size].get(stream=s, out=self.running)
+        s.synchronize()
 
     # -- contract: training ---------------------------------------------------------------------
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
@@ -434,7 +684,10 @@ class GpuBackend(Backend):
         lrs = np.asarray(lrs, np.float64)
         if lrs.shape != (n_steps,):
             raise ValueError(f"lrs: expected {n_steps} learning rates, got shape {lrs.shape}")
+        if self.norm is not None:
+            self._check_norm_steps(B, n_steps, want_sqn)
         self._ensure(B)
+        self._stage_norm(B, training=True)
         self._ensure_steps(n_steps)
         self._device_data(X, yi, yf)
         hp, dstate = self._upload_opt(opt_state)
@@ -507,26 +760,32 @@ class GpuBackend(Backend):
     def _gemm_kind(self, B):
         return "tiled" if B <= self.graph_max_batch else "cublas"
 
-    def forward(self, params, X, idx, B):
+    def forward(self, params, X, idx, B, training=False):
+        training = bool(training) and self.norm is not None
         self._stage_batch(params, X, np.empty(0, np.int64), np.empty(0, self.dtype), idx, B)
-        self._enqueue_forward(B, self._gemm_kind(B))
+        self._stage_norm(B, training)
+        self._enqueue_forward(B, self._gemm_kind(B), training)
         out = self.ws.views(B)[1][-1].get(stream=self.stream)
         return out
 
     def losses(self, params, X, yi, yf, idx, B):
         dyi, dyf, ar = self._stage_batch(params, X, yi, yf, idx, B)
+        self._stage_norm(B, False)
         self._enqueue_forward(B, self._gemm_kind(B))
         self._enqueue_loss(B, dyi, dyf, ar, np.uint64(0), self._res, 0, 0)
         return self._rowloss[:B].get(stream=self.stream)
 
     def _device_loss_grad(self, params, X, yi, yf, idx, B, want_sqn):
         dyi, dyf, ar = self._stage_batch(params, X, yi, yf, idx, B)
+        self._stage_norm(B, True)
         gemm = self._gemm_kind(B)
-        self._enqueue_forward(B, gemm)
+        self._enqueue_forward(B, gemm, training=True)
         self._enqueue_loss(B, dyi, dyf, ar, np.uint64(0), self._res, 0, 0)
         self._enqueue_backward(B, gemm, want_sqn)
 
     def loss_grad(self, params, grad, X, yi, yf, idx, B, want_sqn=False, want_row_loss=False):
+        if want_sqn:
+            check_per_example(self.norm, "per-example gradient norms")
         self._device_loss_grad(params, X, yi, yf, idx, B, want_sqn)
         s = self.stream
         self.d_grad.get(stream=s, out=grad)
@@ -545,6 +804,7 @@ class GpuBackend(Backend):
 
     # -- per-example gradient statistics ----------------------------------------------------------
     def per_example_terms(self, params, X, yi, yf, idx, B, grad=None):
+        check_per_example(self.norm, "per-example gradients")
         self._device_loss_grad(params, X, yi, yf, idx, B, False)
         s = self.stream
         if grad is not None:
@@ -558,6 +818,7 @@ class GpuBackend(Backend):
         return terms
 
     def per_example_grads(self, params, X, yi, yf, idx, B, out):
+        check_per_example(self.norm, "per-example gradients")
         self._device_loss_grad(params, X, yi, yf, idx, B, False)
         P = self.layout.n_params
         if self._G is None or self._G.shape[0] < B:
@@ -569,6 +830,7 @@ class GpuBackend(Backend):
         G.get(stream=self.stream, out=out[:B])
 
     def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2):
+        check_per_example(self.norm, "gradient moments")
         cp = self.cp
         self._device_loss_grad(params, X, yi, yf, idx, B, False)
         s = self.stream

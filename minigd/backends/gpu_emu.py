@@ -35,6 +35,7 @@ What is emulated, and checked more strictly than CuPy does:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -185,6 +186,13 @@ class _State:
     capturing = None   # the list a stream capture records launches into
 
 
+#: what the emulated device has been asked to do, for tests of the backend's habits (no
+#: allocation inside a step, one read-back per k steps): "alloc" (new device arrays),
+#: "get" (device -> host copies), "set" (host -> device copies), "launch" (kernels run),
+#: "graph_launch", "matmul", "sync".  Reset it with ``counts.clear()``.
+counts: collections.Counter = collections.Counter()
+
+
 def _refuse_during_capture(what: str) -> None:
     if _State.capturing is not None:
         raise RuntimeError(f"{what} while a stream is being captured: the CUDA runtime refuses "
@@ -196,6 +204,7 @@ class ndarray(np.ndarray):
 
     def get(self, stream=None, out=None):
         _refuse_during_capture("ndarray.get")
+        counts["get"] += 1
         if out is None:
             return np.array(self, copy=True).view(np.ndarray)
         if not isinstance(out, np.ndarray) or isinstance(out, ndarray):
@@ -208,6 +217,7 @@ class ndarray(np.ndarray):
 
     def set(self, arr, stream=None):
         _refuse_during_capture("ndarray.set")
+        counts["set"] += 1
         arr = np.asarray(arr)
         if arr.shape != self.shape:
             raise ValueError(f"ndarray.set: shape mismatch, array {self.shape}, host {arr.shape}")
@@ -221,14 +231,17 @@ class ndarray(np.ndarray):
 
 
 def zeros(shape, dtype=float):
+    counts["alloc"] += 1
     return np.zeros(shape, dtype).view(ndarray)
 
 
 def empty(shape, dtype=float):
+    counts["alloc"] += 1
     return np.empty(shape, dtype).view(ndarray)
 
 
 def arange(*args, dtype=None):
+    counts["alloc"] += 1
     return np.arange(*args, dtype=dtype).view(ndarray)
 
 
@@ -236,6 +249,8 @@ def asarray(a, dtype=None):
     """A device copy of a host array (as cupy.asarray: host data are copied, never shared)."""
     if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
+    counts["alloc"] += 1
+    counts["set"] += 1
     return np.array(a, dtype=dtype, copy=True, order="C").view(ndarray)
 
 
@@ -245,6 +260,9 @@ def matmul(a, b, out=None):
     for name, x in (("a", a), ("b", b), ("out", out)):
         if x is not None and not isinstance(x, ndarray):
             raise TypeError(f"matmul: {name} is a host array ({type(x).__name__}), not device memory")
+    counts["matmul"] += 1
+    if out is None:
+        counts["alloc"] += 1
     res = np.matmul(a.view(np.ndarray), b.view(np.ndarray),
                     out=None if out is None else out.view(np.ndarray))
     return out if out is not None else res.view(ndarray)
@@ -310,6 +328,7 @@ class RawKernel:
 
     def _run(self, grid, block, packed):
         keep, ptrs = packed
+        counts["launch"] += 1
         err = ctypes.create_string_buffer(1024)
         rc = self._lib.mgd_emu_launch(ctypes.cast(self._entry_ptr, ctypes.c_void_p), *grid, *block, ptrs, err,
                                       len(err))
@@ -352,6 +371,7 @@ class Graph:
 
     def launch(self, stream=None):
         _refuse_during_capture("Graph.launch")
+        counts["graph_launch"] += 1
         for kern, grid, block, packed in self.launches:
             kern._run(grid, block, packed)
 
@@ -368,6 +388,7 @@ class Stream:
 
     def synchronize(self):
         _refuse_during_capture("Stream.synchronize")
+        counts["sync"] += 1
 
     def begin_capture(self, mode=None):
         if _State.capturing is not None:
