@@ -163,6 +163,11 @@ class Backend:
             self._reserve_norm(int(capacity))
         return self.ws
 
+    def _grow(self, capacity: int) -> None:
+        """Room for ``capacity`` rows before drawing masks into it (``reserve``; a backend
+        whose ``reserve`` does more than that overrides this)."""
+        self.reserve(capacity)
+
     def _reserve_norm(self, capacity: int) -> None:
         """Per-row buffers of batch norm / dropout (backends add their own)."""
         if self.dropout > 0:
@@ -179,7 +184,7 @@ class Backend:
         p = self.dropout
         if p <= 0:
             return
-        self.reserve(B)
+        self._grow(B)
         scale = 1.0 / (1.0 - p)
         for m, u, k in zip(self.masks, self._unif, self._keep):
             rng.random(out=u[:B])

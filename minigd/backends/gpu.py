@@ -1,11 +1,14 @@
 """The ``"gpu"`` backend: CuPy arrays, cuBLAS and the CUDA kernels of ``kernels/gpu_*.cu``.
 
-**Status: written and compile-checked, never run on a GPU.**  Every CUDA source compiles
-with NVRTC for sm_80 and sm_90 in the test suite (tests/test_gpu_sources.py), and the
-host-side code below that does not need a device is tested; the parity tests against the
-NumPy reference (tests/test_gpu_backend.py) skip where there is no GPU, which so far has
-been everywhere this code was developed.  Treat results from it as unverified until those
-tests have passed on hardware.
+**Status: verified on the CPU emulator, never run on a GPU.**  Every CUDA source compiles
+with NVRTC for sm_80 and sm_90 in the test suite (tests/test_gpu_sources.py).  The parity
+tests against the NumPy reference (tests/test_gpu_backend.py, tests/test_gpu_norm.py) run
+this module's host code and the very kernel text on :mod:`minigd.backends.gpu_emu`, a CPU
+emulator of the CuPy API and of the CUDA execution model, in CI, and pass; on a real device
+they skip where there is none, which so far has been everywhere this code was developed.
+What the emulator cannot show (speed, inter-block races, memory ordering, out-of-bounds
+accesses, the device math library) is unverified until those tests pass on hardware:
+``bash bench/gpu_session.sh`` there runs them and the benchmark in one go.
 
 Design
 ------
@@ -36,8 +39,12 @@ state, runs the step (a graph replay for small batches), and downloads parameter
 and the step's (loss, applied, |g|^2) record: one host synchronisation per step, at its
 end.  The training data are uploaded once per ``fit`` (cached by array identity from the
 ``reserve`` call that ``fit`` makes before its first step).  :meth:`GpuBackend.run_steps`
-is the device-resident loop the issue asks for: many steps with parameters and state
-kept on the device and the losses read back every ``read_every`` steps.
+is the device-resident loop: many steps with parameters and state kept on the device and
+the losses read back every ``read_every`` steps.  ``fit`` uses it for runs of up to
+``read_every`` full batches between the points where it must look at the model
+(evaluations, checkpoints, budgets; see ``minigd.train._chunk_steps``), and steps one at
+a time when the host acts at every step (per-step callbacks, noise tracking, dropout
+masks, batch norm's running statistics).
 
 Batch norm (before / after the activation, ghost batches) and dropout (``gpu_norm.cu``)
 are wired into every regime (graph, tiled, cuBLAS) and both dtypes: a hidden layer of
@@ -497,23 +504,14 @@ class GpuBackend(Backend):
                                       *self.layout.bn_views(self.d_grad))
         return c[2:]
 
-    def draw_dropout(self, rng: np.random.Generator, B: int) -> None:
-        """The masks of the next B rows, drawn as :meth:`Backend.draw_dropout` draws them
-        (the same uniforms from ``rng``, so the same masks as on every backend), but without
-        ``reserve`` (which would forget the device copy of the training data).  The
-        uniforms are uploaded by the next training pass before its kernels run (never
-        inside a captured step: the graph reads the fixed device buffer ``unif``), and
-        ``mgd_dropout_forward`` turns them into the masks there."""
-        p = self.dropout
-        if p <= 0:
-            return
-        self._ensure(B)
-        scale = 1.0 / (1.0 - p)
-        for m, u, k in zip(self.masks, self._unif, self._keep):
-            rng.random(out=u[:B])
-            np.greater_equal(u[:B], p, out=k[:B])
-            np.copyto(m[:B], k[:B])
-            np.multiply(m[:B], scale, out=m[:B])
+    def _grow(self, capacity: int) -> None:
+        """``draw_dropout``'s room for the masks: :meth:`_ensure`, not ``reserve`` (which
+        would forget the device copy of the training data).  The host draws the uniforms
+        as every backend does (the same masks for the same generator state); the next
+        training pass uploads them before its kernels run (never inside a captured step:
+        the graph reads the fixed device buffer ``unif``), and ``mgd_dropout_forward`` turns
+        them into the masks there."""
+        self._ensure(capacity)
 
     def _stage_norm(self, B: int, training: bool) -> None:
         """Host -> device before a pass (outside any capture): in training the ghost-batch
