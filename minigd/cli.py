@@ -233,8 +233,14 @@ def cmd_report(args) -> int:
 def cmd_backends(args) -> int:
     import minigd as mg
 
+    from minigd.backends import gpu_emu
+
     for name, reason in mg.available_backends().items():
-        print(f"{name:6s} {'available' if reason is None else 'unavailable: ' + reason}")
+        line = f"{name:6s} {'available' if reason is None else 'unavailable: ' + reason}"
+        if name == "gpu" and reason is None and gpu_emu.enabled():
+            line += (f" -- EMULATED on the CPU ({gpu_emu.ENV}=1): the CUDA kernels run as C++ fibers, "
+                     f"for correctness checks only, far slower than any real backend")
+        print(line)
     return 0
 
 
@@ -312,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--width", type=int, default=64, help="hidden width (default 64)")
     d.add_argument("--depth", type=int, default=1, help="number of hidden layers (default 1)")
     d.add_argument("--target", type=float, default=0.95, help="target validation accuracy (default 0.95)")
-    d.add_argument("--backend", default="cpu", help="cpu (default) or numpy")
+    d.add_argument("--backend", default="cpu", help="cpu (default), numpy or gpu")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("backends", help="list the compute backends and why one is unavailable")

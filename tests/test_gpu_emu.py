@@ -228,3 +228,16 @@ def test_a_gpu_checkpoint_loads_elsewhere_with_a_clear_error_or_backend(tmp_path
         c = mg.MLP([3, 4, 2], seed=0, dtype="float64", backend="cpu")
         h = mg.fit(c, X, y, batch_size=4, epochs=2, checkpoint=tmp_path / "g.npz", resume=True)
         assert h.n_steps == 6
+
+
+def test_minigd_backends_says_when_the_gpu_is_emulated(monkeypatch, capsys):
+    from minigd.cli import main
+
+    monkeypatch.setenv(E.ENV, "1")
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "gpu    available -- EMULATED on the CPU (MINIGD_GPU_EMULATE=1)" in out
+    monkeypatch.setenv(E.ENV, "0")
+    assert main(["backends"]) == 0
+    gpu_line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gpu")][0]
+    assert "EMULATED" not in gpu_line
