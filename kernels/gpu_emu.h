@@ -60,6 +60,7 @@ struct Fiber {
 static ucontext_t g_sched;
 static Fiber g_fibers[MAX_THREADS];
 static char* g_stacks[MAX_THREADS];
+static bool g_ctx_ready[MAX_THREADS];
 static int g_cur = -1;
 static void (*g_call)(void**) = nullptr;
 static void** g_args = nullptr;
@@ -111,7 +112,10 @@ static int run_block(unsigned bx, unsigned by, unsigned bz) {
         f.tx = t % bx;
         f.ty = (t / bx) % by;
         f.tz = t / (bx * by);
-        getcontext(&f.ctx);
+        if (!g_ctx_ready[t]) {   // getcontext costs a system call: once per fiber slot
+            getcontext(&f.ctx);
+            g_ctx_ready[t] = true;
+        }
         f.ctx.uc_stack.ss_sp = g_stacks[t];
         f.ctx.uc_stack.ss_size = STACK_BYTES;
         f.ctx.uc_link = &g_sched;
