@@ -16,8 +16,10 @@
 //   * atomics are plain read-modify-writes (fibers never preempt each other).
 //
 // Because a fiber runs until its next barrier, a read of shared memory that another thread
-// writes without a barrier in between sees the old value -- missing __syncthreads show up as
-// wrong results.  What this does NOT model: concurrent blocks (inter-block races), memory
+// writes without a barrier in between sees the old value -- NaN, as shared memory is
+// poisoned at each block start -- in one of the two scheduling orders the emulator uses
+// (ascending thread ids in even blocks, descending in odd ones; a single-block kernel gets
+// both orders over successive launches): missing __syncthreads show up as wrong results.  What this does NOT model: concurrent blocks (inter-block races), memory
 // ordering, warp-synchronous code without a shuffle, FMA contraction and the device's
 // floating-point library (results agree with the GPU's to rounding), out-of-bounds accesses
 // (they touch host memory: keep the emulated problems small and the kernels bounds-checked).
@@ -121,9 +123,15 @@ static int run_block(unsigned bx, unsigned by, unsigned bz) {
         f.ctx.uc_link = &g_sched;
         makecontext(&f.ctx, fiber_main, 0);
     }
+    // Odd-numbered blocks schedule their threads in descending order: a missing barrier
+    // between a write by one thread and a read by another shows as a stale (NaN) read in
+    // one of the two orders, whichever thread writes.  Single-block kernels alternate
+    // between launches (the serial counts every block run).
+    const bool down = (g_block_serial & 1) != 0;
     for (;;) {
         bool ran = false;
-        for (int t = 0; t < n; ++t) {
+        for (int i = 0; i < n; ++i) {
+            const int t = down ? n - 1 - i : i;
             if (g_fibers[t].state != RUNNABLE) continue;
             g_cur = t;
             threadIdx = {g_fibers[t].tx, g_fibers[t].ty, g_fibers[t].tz};
@@ -205,9 +213,9 @@ namespace mgd_emu {
 struct Entry {
     void (*call)(void**);
     int nargs;
-    char kinds[32];   // 'p' pointer, 'i' integer, 'f' floating point
+    char kinds[32];   // 'p' pointer, 'i' signed / 'u' unsigned integer, 'f' floating point
     int sizes[32];    // bytes of the value (of the pointee for pointers)
-    char pointee[32]; // for pointers: 'i' or 'f'
+    char pointee[32]; // for pointers: 'i', 'u' or 'f'
 };
 
 template <typename A>
@@ -217,9 +225,9 @@ static void describe(Entry& e, int i) {
         typedef typename std::remove_cv<typename std::remove_pointer<U>::type>::type P;
         e.kinds[i] = 'p';
         e.sizes[i] = (int)sizeof(typename std::conditional<std::is_void<P>::value, char, P>::type);
-        e.pointee[i] = std::is_floating_point<P>::value ? 'f' : 'i';
+        e.pointee[i] = std::is_floating_point<P>::value ? 'f' : std::is_unsigned<P>::value ? 'u' : 'i';
     } else {
-        e.kinds[i] = std::is_floating_point<U>::value ? 'f' : 'i';
+        e.kinds[i] = std::is_floating_point<U>::value ? 'f' : std::is_unsigned<U>::value ? 'u' : 'i';
         e.sizes[i] = (int)sizeof(U);
         e.pointee[i] = 0;
     }
@@ -261,9 +269,11 @@ extern "C" int mgd_emu_launch(const mgd_emu::Entry* e, unsigned gx, unsigned gy,
     using namespace mgd_emu;
     g_error[0] = 0;
     const unsigned long long nt = (unsigned long long)bx * by * bz;
-    if (nt == 0 || nt > (unsigned long long)MAX_THREADS || gx == 0 || gy == 0 || gz == 0) {
+    if (nt == 0 || nt > (unsigned long long)MAX_THREADS || gx == 0 || gy == 0 || gz == 0 || gx > 2147483647u ||
+        gy > 65535u || gz > 65535u || bz > 64u) {
         snprintf(err, errlen, "invalid launch configuration: grid (%u, %u, %u), block (%u, %u, %u) "
-                 "(CUDA allows 1 to 1024 threads per block and a non-empty grid)", gx, gy, gz, bx, by, bz);
+                 "(CUDA allows 1 to 1024 threads per block, block z <= 64, and a non-empty grid with "
+                 "x < 2^31, y and z <= 65535)", gx, gy, gz, bx, by, bz);
         return -1;
     }
     g_call = e->call;

@@ -489,9 +489,11 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
     try:
         model = MLP(**cfg, seed=0)
     except BackendUnavailable as exc:
-        raise BackendUnavailable(exc.name, f"{exc.reason}; the checkpoint {path!r} was saved from that "
-                                 f"backend: load it on another with load_checkpoint(path, backend='cpu') "
-                                 f"(or fit(..., resume=) a model on that backend)") from None
+        how = ("the checkpoint was saved from that backend; load it on another with "
+               "load_checkpoint(path, backend='cpu')" if backend is None else
+               "ask for another backend with load_checkpoint(path, backend=...)")
+        raise BackendUnavailable(exc.name, f"{exc.reason}; {how} (fit(..., resume=path) continues it on a "
+                                 f"model of any backend)") from None
     except (TypeError, ValueError) as exc:
         raise _Corrupt(f"the saved model configuration is invalid: {exc}") from None
     if params.shape != model.params.shape or params.dtype != model.dtype:

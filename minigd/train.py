@@ -364,7 +364,10 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         Seeds the sampler.  Same seed, same backend, same thread count: bitwise-identical
         results.
     max_time : float, optional
-        Stop after this many seconds of training.
+        Stop after this many seconds of training (checked after every step; on a backend
+        that runs steps in device-resident chunks -- gpu -- after every chunk, so it may
+        overrun by up to ``read_every`` steps, and the per-step times inside a chunk in
+        the history are interpolated).
     callbacks : sequence
         Objects with ``on_step(model, step, loss)`` (called after each step; ``step`` is
         the number of steps done) and/or ``on_eval(model, record)``; a truthy return from

@@ -28,6 +28,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The suite picks the GPU emulator explicitly where it wants it (gpu_emu.emulated(), or the
+# variable in a subprocess's environment); an exported MINIGD_GPU_EMULATE=1 must not turn
+# every "no GPU here" expectation around.
+os.environ.pop("MINIGD_GPU_EMULATE", None)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "run_last: run after every other test (contract checks)")

@@ -47,6 +47,22 @@ extern "C" __global__ void typed(long long n, double a, const double* x, double*
 }
 extern "C" __global__ void flag(int* f) { if (threadIdx.x % 7 == 3) atomicOr(f, 1 << (threadIdx.x % 5)); }
 extern "C" __global__ void bump(const int* st, double* out) { out[st[0]] += 1.0; }
+extern "C" __global__ void broadcast(double* y) {   // missing barrier after thread 0's write
+    __shared__ double v;
+    if (threadIdx.x == 0) v = 42.0;
+    y[threadIdx.x] = v;
+}
+template <typename T> __device__ void forms(double* y) {
+    __shared__ T scalar;
+    static __shared__ unsigned int multi_word[2];
+    __shared__ T a[2][3], b[4];
+    y[0] = (double)scalar; y[1] = (double)(int)multi_word[1]; y[2] = (double)a[1][2]; y[3] = (double)b[3];
+    y[4] = y[1] == -1.0 ? y[0] : 0.0;   // 0xff bytes: unsigned -1 is 4294967295
+}
+extern "C" __global__ void shared_forms(double* y) { forms<double>(y); }
+extern "C" __global__ void unsigned_args(unsigned int n, const unsigned char* x, unsigned long long* y) {
+    for (unsigned int i = 0; i < n; ++i) y[i] = x[i] + 1ull;
+}
 '''
 
 
@@ -63,18 +79,45 @@ def test_grid_and_block_indices(mod):
     assert [tuple(r) for r in got] == want
 
 
+def test_a_missing_barrier_shows_whichever_thread_writes(mod):
+    """Thread 0 writes, the others read (the common bug): seen in the descending order,
+    which every other block run uses."""
+    k = mod.get_function("broadcast")
+    results = []
+    for _ in range(2):
+        y = E.zeros(32, np.float64)
+        k((1,), (32,), (y,))
+        results.append(y.get())
+    assert any(np.isnan(r[1:]).all() for r in results) and any((r == 42).all() for r in results)
+
+
+def test_every_form_of_shared_declaration_starts_as_nan(mod):
+    y = E.zeros(5, np.float64)
+    mod.get_function("shared_forms")((1,), (1,), (y,))
+    got = y.get()
+    assert np.isnan(got[[0, 2, 3, 4]]).all() and got[1] == -1   # 0xff bytes; the unsigned one as int
+    with pytest.raises(RuntimeError, match="extern __shared__"):
+        E.build('extern "C" __global__ void d(float* x) { extern __shared__ float buf[]; x[0] = buf[0]; }')
+
+
 def test_a_missing_barrier_shows_as_a_wrong_result(mod):
     x = E.asarray(np.arange(64, dtype=np.float64))
     y = E.zeros(64, np.float64)
     k = mod.get_function("reverse")
     k((1,), (64,), (x, y, np.int32(1)))
     assert np.array_equal(y.get(), np.arange(64)[::-1])
-    y.fill(-1)
-    k((1,), (64,), (x, y, np.int32(0)))
-    # each fiber runs to its next barrier (here: to the end), so thread t reads sh[63 - t]
-    # before thread 63 - t wrote it when t < 32: uninitialised shared memory, which is NaN
-    got = y.get()
-    assert np.isnan(got[:32]).all() and np.array_equal(got[32:], np.arange(32)[::-1])
+    # each fiber runs to its next barrier (here: to the end): in ascending order thread t < 32
+    # reads sh[63 - t] before thread 63 - t wrote it, in descending order thread t >= 32
+    # does -- uninitialised shared memory, which is NaN.  Two launches see both orders.
+    halves = set()
+    for _ in range(2):
+        y.fill(-1)
+        k((1,), (64,), (x, y, np.int32(0)))
+        got = y.get()
+        bad = np.isnan(got)
+        assert bad.sum() == 32 and np.array_equal(got[~bad], np.arange(64)[::-1][~bad])
+        halves.add(bool(bad[0]))
+    assert halves == {True, False}
 
 
 def test_warp_shuffle_sums_within_each_warp(mod):
@@ -102,6 +145,8 @@ def test_launch_configuration_is_checked(mod):
         mod.get_function("ids")((1,), (2048,), (E.zeros(8, np.int32),))
     with pytest.raises(RuntimeError, match="non-empty grid"):
         mod.get_function("ids")((0,), (1,), (E.zeros(8, np.int32),))
+    with pytest.raises(RuntimeError, match="y and z <= 65535"):
+        mod.get_function("ids")((1, 70000), (1,), (E.zeros(8, np.int32),))
 
 
 def test_arguments_are_checked_against_the_kernel_signature(mod):
@@ -124,6 +169,18 @@ def test_arguments_are_checked_against_the_kernel_signature(mod):
     k((1,), (4,), (np.int64(0), np.float64(2.0), x, np.uint64(0)))   # np.uint64(0): a null pointer
 
 
+def test_unsigned_and_byte_arguments(mod):
+    k = mod.get_function("unsigned_args")
+    x = E.asarray(np.array([1, 2, 255], np.uint8))
+    y = E.zeros(3, np.uint64)
+    k((1,), (1,), (np.uint32(3), x, y))
+    assert y.get().tolist() == [2, 3, 256]
+    with pytest.raises(TypeError, match="takes a uint32 value, got int32"):
+        k((1,), (1,), (np.int32(3), x, y))
+    with pytest.raises(TypeError, match=r"takes uint8\*, the array is int8"):
+        k((1,), (1,), (np.uint32(3), E.zeros(3, np.int8), y))
+
+
 def test_atomics(mod):
     f = E.zeros(1, np.int32)
     mod.get_function("flag")((1,), (64,), (f,))
@@ -136,17 +193,20 @@ def test_atomics(mod):
 
 def test_graph_capture_records_and_replays_with_the_captured_arguments(mod):
     st, out = E.zeros(1, np.int32), E.zeros(4, np.float64)
+    mm = [E.zeros((2, 2)) for _ in range(3)]
     k = mod.get_function("bump")
     s = E.cuda.Stream(non_blocking=True)
-    s.begin_capture()
-    k((1,), (1,), (st, out))
-    k((1,), (1,), (st, out))
-    with pytest.raises(NotImplementedError, match="cuBLAS"):
-        E.matmul(E.zeros((2, 2)), E.zeros((2, 2)), out=E.zeros((2, 2)))
-    for call in (lambda: out.get(), lambda: out.set(np.zeros(4)), lambda: out.fill(0), s.synchronize):
-        with pytest.raises(RuntimeError, match="captured"):
-            call()
-    g = s.end_capture()
+    with s:
+        s.begin_capture()
+        k((1,), (1,), (st, out))
+        k((1,), (1,), (st, out))
+        with pytest.raises(NotImplementedError, match="cuBLAS"):
+            E.matmul(mm[0], mm[1], out=mm[2])
+        for call in (lambda: out.get(), lambda: out.set(np.zeros(4)), s.synchronize,
+                     lambda: E.zeros(3), lambda: E.asarray(np.zeros(3))):
+            with pytest.raises(RuntimeError, match="captured"):
+                call()
+        g = s.end_capture()
     assert np.array_equal(out.get(), np.zeros(4))       # capture does not run anything
     g.launch(s)
     st.set(np.array([2], np.int32))                     # device data the graph reads, not its arguments
@@ -154,6 +214,60 @@ def test_graph_capture_records_and_replays_with_the_captured_arguments(mod):
     assert np.array_equal(out.get(), [2, 0, 2, 0])
     with pytest.raises(RuntimeError, match="not capturing"):
         s.end_capture()
+
+
+def test_only_the_capturing_stream_records_and_memsets_are_captured(mod):
+    st, out = E.zeros(1, np.int32), E.zeros(4, np.float64)
+    k = mod.get_function("bump")
+    s, t = E.cuda.Stream(non_blocking=True), E.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        with t:
+            k((1,), (1,), (st, out))                    # stream t: runs now
+        out.fill(5.0)                                   # stream s: a captured memset
+        k((1,), (1,), (st, out))
+        g = s.end_capture()
+    assert np.array_equal(out.get(), [1, 0, 0, 0])
+    g.launch()
+    assert np.array_equal(out.get(), [6, 5, 5, 5])
+
+
+def test_replaying_a_graph_whose_memory_was_freed_is_an_error(mod):
+    st, out = E.zeros(1, np.int32), E.zeros(4, np.float64)
+    s = E.cuda.Stream()
+    with s:
+        s.begin_capture()
+        mod.get_function("bump")((1,), (1,), (st, out[1:]))    # a view: its allocation counts
+        g = s.end_capture()
+    g.launch()
+    del out
+    with pytest.raises(RuntimeError, match="freed since the capture"):
+        g.launch()
+
+
+def test_launches_from_several_threads_take_turns(mod):
+    import threading
+
+    x = E.asarray(np.arange(64, dtype=np.float64))
+    outs = [E.zeros(64, np.float64) for _ in range(4)]
+    k = mod.get_function("reverse")
+    errors = []
+
+    def work(y):
+        try:
+            for _ in range(30):
+                k((1,), (64,), (x, y, np.int32(1)))
+        except Exception as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(y,)) for y in outs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for y in outs:
+        assert np.array_equal(y.get(), np.arange(64)[::-1])
 
 
 def test_device_memory_transfers_are_strict():
@@ -170,6 +284,14 @@ def test_device_memory_transfers_are_strict():
     assert d.get(out=out) is out and out[1, 2] == 5
     with pytest.raises(TypeError, match="host array"):
         E.matmul(host, d.T, out=E.zeros((2, 2), np.float32))
+    with pytest.raises(TypeError, match="expected a host numpy.ndarray"):
+        a.set([[0, 0, 0], [0, 0, 0]])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        E.zeros((3, 3), np.float32)[:, :2].set(np.zeros((3, 2), np.float32))
+    with pytest.raises(TypeError):                      # no implicit NumPy on device memory
+        d + 1
+    with pytest.raises(TypeError, match="device arrays are not host arrays"):
+        np.sum(d)
 
 
 def test_builds_are_cached_by_content(tmp_path, monkeypatch):
@@ -241,3 +363,21 @@ def test_minigd_backends_says_when_the_gpu_is_emulated(monkeypatch, capsys):
     assert main(["backends"]) == 0
     gpu_line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("gpu")][0]
     assert "EMULATED" not in gpu_line
+
+
+def test_a_malformed_switch_is_reported_not_raised_by_the_probe(monkeypatch):
+    monkeypatch.setenv(E.ENV, "yes")
+    assert "MINIGD_GPU_EMULATE: expected '1'" in available_backends()["gpu"]
+
+
+def test_loading_on_an_unavailable_backend_says_how_to_choose_another(tmp_path):
+    import minigd as mg
+
+    m = mg.MLP([3, 2], seed=0)
+    mg.save_checkpoint(tmp_path / "c.npz", m)
+    with E.emulated(False):
+        if available_backends()["gpu"] is None:
+            pytest.skip("a GPU is available here")
+        with pytest.raises(mg.BackendUnavailable, match=r"ask for another backend") as ei:
+            mg.load_checkpoint(tmp_path / "c.npz", backend="gpu")
+    assert "saved from" not in str(ei.value)

@@ -18,7 +18,11 @@ def _gpu_reason() -> str | None:
     """
     from . import gpu_emu
 
-    if gpu_emu.enabled():
+    try:
+        emulate = gpu_emu.enabled()
+    except ValueError as exc:       # a malformed MINIGD_GPU_EMULATE
+        return str(exc)
+    if emulate:
         why = gpu_emu.reason()
         return None if why is None else f"MINIGD_GPU_EMULATE is set but {why}"
     try:

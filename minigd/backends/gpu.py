@@ -820,7 +820,8 @@ class GpuBackend(Backend):
         self._device_loss_grad(params, X, yi, yf, idx, B, False)
         P = self.layout.n_params
         if self._G is None or self._G.shape[0] < B:
-            self._G = self.cp.zeros((B, P), self.dtype)
+            with self.stream:   # zeros is a memset: on our stream, ordered before the fill kernel
+                self._G = self.cp.zeros((B, P), self.dtype)
         G = self._G[:B]
         self._enqueue_layers(self.k.per_example_fill, B, lambda A, D, fi, fo, wo, bo: (
             A, D, np.int32(B), np.int32(fi), np.int32(fo), np.int64(wo), np.int64(bo), np.int64(P), G),

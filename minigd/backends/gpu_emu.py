@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,8 @@ ENV = "MINIGD_GPU_EMULATE"
 _HEADER = Path(S.__file__).resolve().parent / "gpu_emu.h"   # shipped with the CUDA sources
 _CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
 _KERNEL = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
-_SHARED = re.compile(r"(__shared__\s+[\w:<>]+\s+(\w+)\s*(?:\[[^\]]+\]\s*)+;)")
-_lock = threading.RLock()
+_SHARED = re.compile(r"\b(static\s+|extern\s+)?__shared__\b([^;]*);")
+_lock = threading.RLock()         # builds, and launches: the fiber scheduler is one per library
 _forced = threading.local()
 
 
@@ -138,14 +139,51 @@ def _run(cmd, what):
     return proc.stdout
 
 
+def _declarators(decl: str) -> list:
+    """Names declared by the text after ``__shared__`` (``T a[4][4], b``: a and b)."""
+    parts, depth, cur = [], 0, ""
+    for ch in decl:
+        depth += ch in "<[(" and 1 or 0
+        depth -= ch in ">])" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    names = []
+    for part in parts:
+        m = re.search(r"(\w+)\s*(?:\[[^\]]*\]\s*)*$", part.strip())
+        if not m:
+            raise RuntimeError(f"GPU emulator: cannot parse the __shared__ declaration {decl.strip()!r}")
+        names.append(m.group(1))
+    return names
+
+
+def _poison_shared(code: str) -> str:
+    """Insert MGD_EMU_POISON(name) after every __shared__ declaration (shared memory starts
+    as NaN in each block); ``static __shared__`` is CUDA's spelling of the same thing."""
+    def sub(m):
+        spec, decl = m.group(1) or "", m.group(2)
+        if spec.strip() == "extern":
+            raise RuntimeError("GPU emulator: dynamic shared memory (extern __shared__) is not emulated")
+        if "=" in decl:
+            raise RuntimeError(f"GPU emulator: a __shared__ variable cannot have an initializer: {decl.strip()!r}")
+        return f"__shared__{decl};" + "".join(f" MGD_EMU_POISON({n});" for n in _declarators(decl))
+
+    return _SHARED.sub(sub, code)
+
+
 def build(code: str):
-    """(ctypes library, kernel names) for a CUDA source text; compiled once per content."""
+    """(ctypes library, kernel names) for a CUDA source text; compiled once per content
+    (the cache key is the exact text compiled, header included)."""
     why = reason()
     if why is not None:
         raise RuntimeError(why)
-    header = _HEADER.read_text(encoding="utf-8")
     cxx = compiler()
-    key = hashlib.sha256("\0".join((code, header, cxx, *_CXX_FLAGS)).encode()).hexdigest()[:24]
+    body = f'#include "{_HEADER.name}"\n{_poison_shared(code)}\n'
+    header = _HEADER.read_text(encoding="utf-8")
+    key = hashlib.sha256("\0".join((body, header, cxx, *_CXX_FLAGS)).encode()).hexdigest()[:24]
     with _lock:
         if key in _LIBS:
             return _LIBS[key]
@@ -154,14 +192,12 @@ def build(code: str):
         if not (so.exists() and names_file.exists()):
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 cpp = Path(tmp) / "unit.cpp"
-                code = _SHARED.sub(r"\1 MGD_EMU_POISON(\2);", code)   # uninitialised shared memory is NaN
-                cpp.write_text(f'#include "{_HEADER.name}"\n{code}\n', encoding="utf-8")
+                cpp.write_text(body, encoding="utf-8")
                 pre = _run([cxx, "-E", "-std=c++17", f"-I{_HEADER.parent}", str(cpp)], "preprocessing")
                 names = sorted(set(_KERNEL.findall(pre)))
                 if not names:
                     raise RuntimeError("GPU emulator: the code defines no extern \"C\" kernel")
-                cpp.write_text(f'#include "{_HEADER.name}"\n{code}\n' +
-                               "".join(f"MGD_EMU_ENTRY({n})\n" for n in names), encoding="utf-8")
+                cpp.write_text(body + "".join(f"MGD_EMU_ENTRY({n})\n" for n in names), encoding="utf-8")
                 out = Path(tmp) / "unit.so"
                 _run([cxx, *_CXX_FLAGS, f"-I{_HEADER.parent}", "-o", str(out), str(cpp)], "compiling")
                 (Path(tmp) / "names").write_text("\n".join(names), encoding="utf-8")
@@ -181,9 +217,19 @@ class _Entry(ctypes.Structure):
                 ("sizes", ctypes.c_int * 32), ("pointee", ctypes.c_ubyte * 32)]
 
 
-# ============================================================================ device memory
-class _State:
-    capturing = None   # the list a stream capture records launches into
+# ============================================================================ streams (state)
+_tls = threading.local()   # per thread: the stack of current streams (``with stream:``)
+
+
+def _current_stream():
+    """The stream work is enqueued on (None: the null stream), as CuPy's current stream."""
+    st = getattr(_tls, "streams", None)
+    return st[-1] if st else None
+
+
+def _capturing_here():
+    """The stream this thread is capturing, or None."""
+    return getattr(_tls, "capturing", None)
 
 
 #: what the emulated device has been asked to do, for tests of the backend's habits (no
@@ -194,31 +240,50 @@ counts: collections.Counter = collections.Counter()
 
 
 def _refuse_during_capture(what: str) -> None:
-    if _State.capturing is not None:
+    if _capturing_here() is not None:
         raise RuntimeError(f"{what} while a stream is being captured: the CUDA runtime refuses "
-                           f"host copies and synchronisation inside a graph capture")
+                           f"host copies, allocations and synchronisation inside a graph capture")
 
 
+def _root(a: np.ndarray) -> np.ndarray:
+    """The allocation a device view belongs to."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+# ============================================================================ device memory
 class ndarray(np.ndarray):
-    """Device memory: a NumPy array with CuPy's host-transfer methods."""
+    """Device memory: a NumPy array with CuPy's host-transfer methods.  Like CuPy's, it does
+    not turn into a host array implicitly: NumPy ufuncs and functions on it raise TypeError
+    (use ``get()``); the backend must never compute on device memory with NumPy."""
+
+    __array_ufunc__ = None
+
+    def __array_function__(self, func, types, args, kwargs):
+        raise TypeError(f"numpy.{func.__name__} on emulated device memory: device arrays are not "
+                        f"host arrays (as with CuPy); copy with .get() first")
 
     def get(self, stream=None, out=None):
         _refuse_during_capture("ndarray.get")
         counts["get"] += 1
         if out is None:
-            return np.array(self, copy=True).view(np.ndarray)
+            return np.array(self.view(np.ndarray), copy=True)
         if not isinstance(out, np.ndarray) or isinstance(out, ndarray):
             raise TypeError("ndarray.get: out must be a host numpy.ndarray")
         if out.shape != self.shape or out.dtype != self.dtype:
             raise ValueError(f"ndarray.get: out has shape {out.shape} and dtype {out.dtype}, the array "
                              f"{self.shape} and {self.dtype}")
-        out[...] = self
+        out[...] = self.view(np.ndarray)
         return out
 
     def set(self, arr, stream=None):
         _refuse_during_capture("ndarray.set")
         counts["set"] += 1
-        arr = np.asarray(arr)
+        if not isinstance(arr, np.ndarray) or isinstance(arr, ndarray):
+            raise TypeError(f"ndarray.set: expected a host numpy.ndarray, got {type(arr).__name__}")
+        if not self.flags.c_contiguous:
+            raise RuntimeError("ndarray.set: the target must be a contiguous device array (as in CuPy)")
         if arr.shape != self.shape:
             raise ValueError(f"ndarray.set: shape mismatch, array {self.shape}, host {arr.shape}")
         if arr.dtype != self.dtype:
@@ -226,46 +291,54 @@ class ndarray(np.ndarray):
         np.copyto(self.view(np.ndarray), arr)
 
     def fill(self, value):
-        _refuse_during_capture("ndarray.fill")
-        super().fill(value)
+        """A memset on the current stream: recorded when that stream is capturing."""
+        s = _current_stream()
+        host = self.view(np.ndarray)
+        if s is not None and s.is_capturing():
+            s._record(lambda: host.fill(value), [weakref.ref(_root(self))], "fill")
+        else:
+            host.fill(value)
+
+
+def _alloc(a: np.ndarray) -> ndarray:
+    _refuse_during_capture("allocating device memory")
+    counts["alloc"] += 1
+    return a.view(ndarray)
 
 
 def zeros(shape, dtype=float):
-    counts["alloc"] += 1
-    return np.zeros(shape, dtype).view(ndarray)
+    return _alloc(np.zeros(shape, dtype))
 
 
 def empty(shape, dtype=float):
-    counts["alloc"] += 1
-    return np.empty(shape, dtype).view(ndarray)
+    return _alloc(np.empty(shape, dtype))
 
 
 def arange(*args, dtype=None):
-    counts["alloc"] += 1
-    return np.arange(*args, dtype=dtype).view(ndarray)
+    return _alloc(np.arange(*args, dtype=dtype))
 
 
 def asarray(a, dtype=None):
     """A device copy of a host array (as cupy.asarray: host data are copied, never shared)."""
     if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
-    counts["alloc"] += 1
     counts["set"] += 1
-    return np.array(a, dtype=dtype, copy=True, order="C").view(ndarray)
+    src = a.view(np.ndarray) if isinstance(a, ndarray) else a
+    return _alloc(np.array(src, dtype=dtype, copy=True, order="C"))
 
 
 def matmul(a, b, out=None):
-    if _State.capturing is not None:
+    s = _current_stream()
+    if s is not None and s.is_capturing():
         raise NotImplementedError("cuBLAS is not supported during stream capture (as in CuPy)")
     for name, x in (("a", a), ("b", b), ("out", out)):
         if x is not None and not isinstance(x, ndarray):
             raise TypeError(f"matmul: {name} is a host array ({type(x).__name__}), not device memory")
     counts["matmul"] += 1
     if out is None:
-        counts["alloc"] += 1
-    res = np.matmul(a.view(np.ndarray), b.view(np.ndarray),
-                    out=None if out is None else out.view(np.ndarray))
-    return out if out is not None else res.view(ndarray)
+        return _alloc(np.matmul(a.view(np.ndarray), b.view(np.ndarray)))
+    np.matmul(a.view(np.ndarray), b.view(np.ndarray), out=out.view(np.ndarray))
+    return out
 
 
 def is_available() -> bool:
@@ -273,7 +346,10 @@ def is_available() -> bool:
 
 
 # ============================================================================ kernels
-_PACK = {("i", 4): (np.int32, ctypes.c_int32), ("i", 8): (np.int64, ctypes.c_int64),
+_PACK = {("i", 1): (np.int8, ctypes.c_int8), ("u", 1): (np.uint8, ctypes.c_uint8),
+         ("i", 2): (np.int16, ctypes.c_int16), ("u", 2): (np.uint16, ctypes.c_uint16),
+         ("i", 4): (np.int32, ctypes.c_int32), ("u", 4): (np.uint32, ctypes.c_uint32),
+         ("i", 8): (np.int64, ctypes.c_int64), ("u", 8): (np.uint64, ctypes.c_uint64),
          ("f", 4): (np.float32, ctypes.c_float), ("f", 8): (np.float64, ctypes.c_double)}
 
 
@@ -286,17 +362,27 @@ class RawKernel:
         fn.restype = ctypes.POINTER(_Entry)
         self._entry_ptr = fn()
         e = self._entry_ptr.contents
-        #: [(kind 'p'/'i'/'f', size in bytes (of the pointee for 'p'), pointee 'i'/'f' or '')]
+        #: [(kind 'p'/'i'/'u'/'f', size in bytes (of the pointee for 'p'), pointee 'i'/'u'/'f' or '')]
         self.params = [(chr(e.kinds[i]), int(e.sizes[i]), chr(e.pointee[i]) if e.pointee[i] else "")
                        for i in range(e.nargs)]
         self._lib = lib
 
+    def _type(self, where, kind, size):
+        t = _PACK.get((kind, size))
+        if t is None:
+            what = {"i": "signed integer", "u": "unsigned integer", "f": "floating-point"}.get(kind, kind)
+            raise TypeError(f"{where}: the emulator does not pass a {size}-byte {what} (struct or "
+                            f"unusual parameter types are not emulated)")
+        return t
+
     def _pack(self, args):
+        """(ctypes values to keep alive, the argument pointer array, weakrefs to the
+        allocations the pointers point into)."""
         if not isinstance(args, tuple):
             raise TypeError(f"{self.name}: args must be a tuple, got {type(args).__name__}")
         if len(args) != len(self.params):
             raise TypeError(f"{self.name}: takes {len(self.params)} arguments, got {len(args)}")
-        keep, ptrs = [], (ctypes.c_void_p * max(1, len(args)))()
+        keep, roots, ptrs = [], [], (ctypes.c_void_p * max(1, len(args)))()
         for i, (a, (kind, size, pointee)) in enumerate(zip(args, self.params)):
             where = f"{self.name} argument {i}"
             if kind == "p":
@@ -305,11 +391,11 @@ class RawKernel:
                         raise TypeError(f"{where}: a host numpy array passed where the kernel takes device memory")
                     if not a.flags.c_contiguous:
                         raise ValueError(f"{where}: a non-contiguous view {a.shape} strides {a.strides}")
-                    want = _PACK[(pointee, size)][0]
+                    want = self._type(where, pointee, size)[0]
                     if a.dtype != np.dtype(want):
                         raise TypeError(f"{where}: the kernel takes {np.dtype(want)}*, the array is {a.dtype}")
                     v = ctypes.c_void_p(a.__array_interface__["data"][0])
-                    keep.append(a)
+                    roots.append(weakref.ref(_root(a)))
                 elif isinstance(a, np.uint64):   # an address: 0 is the null pointer
                     v = ctypes.c_void_p(int(a))
                 else:
@@ -318,29 +404,33 @@ class RawKernel:
                 if not isinstance(a, np.generic) or isinstance(a, np.bool_):
                     raise TypeError(f"{where}: pass a sized numpy scalar (np.int32, np.int64, np.float64), "
                                     f"got {type(a).__name__} (its C type is ambiguous)")
-                want_np, want_c = _PACK[(kind, size)]
+                want_np, want_c = self._type(where, kind, size)
                 if a.dtype != np.dtype(want_np):
                     raise TypeError(f"{where}: the kernel takes a {np.dtype(want_np)} value, got {a.dtype}")
                 v = want_c(a.item())
             keep.append(v)
             ptrs[i] = ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
-        return keep, ptrs
+        return (keep, ptrs), roots
 
     def _run(self, grid, block, packed):
         keep, ptrs = packed
-        counts["launch"] += 1
         err = ctypes.create_string_buffer(1024)
-        rc = self._lib.mgd_emu_launch(ctypes.cast(self._entry_ptr, ctypes.c_void_p), *grid, *block, ptrs, err,
-                                      len(err))
+        with _lock:   # one fiber scheduler per library: launches from several threads take turns
+            counts["launch"] += 1
+            rc = self._lib.mgd_emu_launch(ctypes.cast(self._entry_ptr, ctypes.c_void_p), *grid, *block, ptrs,
+                                          err, len(err))
         if rc != 0:
             raise RuntimeError(f"{self.name}: {err.value.decode(errors='replace')}")
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        if shared_mem:
+            raise NotImplementedError("dynamic shared memory is not emulated")
         grid3 = tuple(int(g) for g in tuple(grid) + (1,) * (3 - len(grid)))
         block3 = tuple(int(b) for b in tuple(block) + (1,) * (3 - len(block)))
-        packed = self._pack(args)
-        if _State.capturing is not None:
-            _State.capturing.append((self, grid3, block3, packed))
+        packed, roots = self._pack(args)
+        s = _current_stream()
+        if s is not None and s.is_capturing():
+            s._record(lambda: self._run(grid3, block3, packed), roots, self.name)
         else:
             self._run(grid3, block3, packed)
 
@@ -364,47 +454,62 @@ class RawModule:
 
 # ============================================================================ streams and graphs
 class Graph:
-    """Captured kernel launches, replayed in order with their captured arguments."""
+    """Captured work (kernel launches, memsets), replayed in order with the captured
+    arguments.  Holds only weak references to the memory it points into: replaying after
+    an allocation it uses was freed is an error (on a GPU, a write into freed memory)."""
 
-    def __init__(self, launches):
-        self.launches = launches
+    def __init__(self, nodes):
+        self.nodes = nodes
 
     def launch(self, stream=None):
         _refuse_during_capture("Graph.launch")
         counts["graph_launch"] += 1
-        for kern, grid, block, packed in self.launches:
-            kern._run(grid, block, packed)
+        for run, roots, what in self.nodes:
+            if any(r() is None for r in roots):
+                raise RuntimeError(f"Graph.launch: {what} points into device memory freed since the capture "
+                                   f"(replaying would write into freed memory on a GPU)")
+        for run, _, _ in self.nodes:
+            run()
 
 
 class Stream:
+    """A stream: work runs at once (synchronously), except while it is capturing."""
+
     def __init__(self, non_blocking=False, null=False, ptds=False):
         self._capture = None
 
     def __enter__(self):
+        if not hasattr(_tls, "streams"):
+            _tls.streams = []
+        _tls.streams.append(self)
         return self
 
     def __exit__(self, *exc):
+        _tls.streams.pop()
         return False
 
     def synchronize(self):
         _refuse_during_capture("Stream.synchronize")
         counts["sync"] += 1
 
+    def _record(self, run, roots, what):
+        self._capture.append((run, roots, what))
+
     def begin_capture(self, mode=None):
-        if _State.capturing is not None:
-            raise RuntimeError("begin_capture: a stream capture is already under way")
+        if _capturing_here() is not None:
+            raise RuntimeError("begin_capture: a stream capture is already under way in this thread")
         self._capture = []
-        _State.capturing = self._capture
+        _tls.capturing = self
 
     def is_capturing(self):
-        return self._capture is not None and _State.capturing is self._capture
+        return self._capture is not None
 
     def end_capture(self):
         if not self.is_capturing():
             raise RuntimeError("end_capture: this stream is not capturing")
         g = Graph(self._capture)
         self._capture = None
-        _State.capturing = None
+        _tls.capturing = None
         return g
 
 
