@@ -10,7 +10,9 @@
 #   1. the device and what minigd.available_backends() says;
 #   2. the GPU test suite: NVRTC compile checks, parity with the NumPy reference on real
 #      CUDA (the same tests pass on the CPU emulator in CI), batch norm / dropout, bench smoke;
-#   3. bench/gpu.py: µs per step for the two bench MLPs at batch 1..8192, gpu vs cpu vs
+#   3. compute-sanitizer (memcheck, then racecheck) over a few parity cases: out-of-bounds
+#      accesses and shared-memory races, which the CPU emulator cannot see;
+#   4. bench/gpu.py: µs per step for the two bench MLPs at batch 1..8192, gpu vs cpu vs
 #      PyTorch CUDA, and the graph/cuBLAS crossover that graph_max_batch should be.
 # It goes on after a failing step (the later ones still say something) and exits non-zero
 # if any failed.  Copy $OUT/gpu.md into bench/results/ and the figures into the issue note.
@@ -29,6 +31,19 @@ $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/inst
 $PY -m pytest -q -rs -p no:cacheprovider tests/test_gpu_sources.py tests/test_gpu_backend.py \
     tests/test_gpu_norm.py tests/test_gpu_bench.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# a few cases through every kernel (graph + cuBLAS regimes, BN + dropout), under the sanitizer
+SAN_CASES='cuda: and float32 and not tiled and (relu-ce or tanh-mse-2hidden or (test_forward_loss_and_gradient and (bn-before-dropout or bn-after-ghost4-dropout)))'
+if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+            $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu_backend.py tests/test_gpu_norm.py \
+            -k "$SAN_CASES" 2>&1 | tee "$OUT/sanitizer_$tool.log" | tail -15
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+else
+    echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer_memcheck.log"
+fi
 
 $PY bench/gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
