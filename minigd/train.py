@@ -293,8 +293,9 @@ def _chunk_steps(read_every, B, b, full_left, step, seen, steps, examples, eval_
     at the model on the host: an evaluation, a checkpoint, or the steps / examples budget.
     So histories, evaluations, targets and checkpoints are those of the per-step loop; only
     ``max_time`` is checked once per chunk (it may overrun by up to a chunk).  Chunks end
-    with the epoch (full-batch training therefore syncs once per step, as it evaluates at
-    every epoch end by default anyway)."""
+    with the epoch, except in full-batch training (one step an epoch) with ``eval_every``
+    set, where ``fit`` calls this with the epochs left as ``full_left``: without
+    ``eval_every`` it evaluates at every epoch end, so steps one at a time."""
     if read_every <= 1 or b != B or full_left < 2:
         return 1
     m = min(full_left, read_every)
@@ -626,16 +627,31 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                 b = min(B, len(src) - s0) if sampler != "replacement" else B
                 m = _chunk_steps(device_loop, B, b, min(n_steps - k, (len(src) - s0) // B), step, seen, steps,
                                  examples, eval_every, ck_every)
+                # full-batch gradient descent: one step an epoch, so a chunk spans epochs (as long
+                # as nothing happens at their ends: evaluations every eval_every steps, not every
+                # epoch, and the batch size schedule stays at the full batch)
+                cross = m == 1 and full and n_steps == 1 and eval_every is not None and device_loop > 1
+                if cross:
+                    m = _chunk_steps(device_loop, B, b, device_loop if epochs is None else epochs - epoch, step,
+                                     seen, steps, examples, eval_every, ck_every)
+                    m = next((j for j in range(1, m) if bs.at_epoch(epoch + j) != B), m)
                 if m > 1:
                     # many steps on the device, read back once (see _chunk_steps)
                     lrs = ([float(lr_fn(step + j)) for j in range(m)] if lr_fn is not None else [lr_const] * m)
                     t0 = time.perf_counter()
-                    res = impl.run_steps(params, X, yi, yf, src[s0:s0 + m * B], B, m, opt_state, lrs, step + t1)
+                    chunk_idx = np.tile(src[:B], m) if cross else src[s0:s0 + m * B]
+                    res = impl.run_steps(params, X, yi, yf, chunk_idx, B, m, opt_state, lrs, step + t1)
                     dt = time.perf_counter() - t0
                     t_start = train_time
                     done = len(res["loss"])
                     for j in range(done):
                         loss, lr = float(res["loss"][j]), lrs[j]
+                        if cross and j > 0:     # step j opens the next epoch: close the last one
+                            hist.epochs.append({"epoch": epoch, "loss": ep_loss / ep_count, "batch_size": B,
+                                                "steps": step, "examples": seen, "time": train_time,
+                                                "lr": lrs[j - 1], "complete": True})
+                            epoch += 1
+                            ep_loss, ep_count = 0.0, 0
                         if not res["applied"][j]:
                             train_time = t_start + dt
                             opt_state.t = step - 1 + t1
@@ -653,8 +669,8 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                         if bar is not None:
                             bar.on_step(model, step, loss)
                     opt_state.t = step - 1 + t1
-                    k = kk + done - 1
-                    kk += done
+                    k = 0 if cross else kk + done - 1
+                    kk = 1 if cross else kk + done
                 else:
                     kk += 1
                     idx = src[s0:s0 + b]

@@ -195,11 +195,14 @@ _CHUNK_FITS = [
     dict(batch_size=5, examples=37, sampler="replacement", optimizer=mg.Adam(lr=0.01)),
     dict(batch_size=mg.BatchSizeSchedule(2, {1: 7}), epochs=2, sampler="sequential"),
     dict(batch_size="full", epochs=9, optimizer=mg.SGD(lr=0.5, clip_norm=0.1)),
+    dict(batch_size="full", epochs=11, eval_every=4, optimizer=mg.SGD(lr=0.5, momentum=0.9)),
+    dict(batch_size="full", steps=10, eval_every=3, checkpoint_every=4, progress=True),
+    dict(batch_size=mg.BatchSizeSchedule(13, {2: 26}), epochs=12, eval_every=5, drop_last=True),
 ]
 
 
 @pytest.mark.parametrize("kw", _CHUNK_FITS, ids=range(len(_CHUNK_FITS)))
-def test_fit_in_device_chunks_equals_fit_step_by_step(kw):
+def test_fit_in_device_chunks_equals_fit_step_by_step(kw, tmp_path):
     """``fit`` hands runs of full batches to run_steps (read back once per chunk): the
     history, evaluations and parameters are bit for bit those of one train_step per step."""
     ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
@@ -211,11 +214,14 @@ def test_fit_in_device_chunks_equals_fit_step_by_step(kw):
         calls = []
         real = m.backend_impl.run_steps
         m.backend_impl.run_steps = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
-        h = mg.fit(m, X, y, validation=(X[:5], y[:5]), seed=2, **kw)
+        fkw = dict(kw)
+        if "checkpoint_every" in fkw:
+            fkw["checkpoint"] = tmp_path / f"ck{read_every}.npz"
+        h = mg.fit(m, X, y, validation=(X[:5], y[:5]), seed=2, **fkw)
         runs.append((h, m.params.copy(), calls))
     (h1, p1, c1), (h4, p4, c4), (h64, p64, c64) = runs
     assert all(n == 1 for n in c1)                       # read_every=1: one step per call
-    if kw["batch_size"] == "full":                       # one step an epoch: chunks end with epochs
+    if kw["batch_size"] == "full" and "eval_every" not in kw:   # evaluates at every epoch end
         assert set(c4) == set(c64) == {1}
     else:                                                # (train_step is run_steps of 1 step)
         assert 2 <= max(c4) <= 4 and max(c64) >= max(c4)
@@ -223,8 +229,9 @@ def test_fit_in_device_chunks_equals_fit_step_by_step(kw):
         assert h.n_steps == h1.n_steps and h.stop_reason == h1.stop_reason
         for col in ("step", "epoch", "loss", "lr", "batch_size", "examples"):
             np.testing.assert_array_equal(h.column(col), h1.column(col), err_msg=col)
-        assert [{k: v for k, v in e.items() if k != "time"} for e in h.evals] == \
-            [{k: v for k, v in e.items() if k != "time"} for e in h1.evals]
+        for a, b in ((h.evals, h1.evals), (h.epochs, h1.epochs)):
+            assert [{k: v for k, v in e.items() if k != "time"} for e in a] == \
+                [{k: v for k, v in e.items() if k != "time"} for e in b]
         assert np.array_equal(p, p1)
         assert np.all(np.diff(h.column("time")) >= 0)
 
