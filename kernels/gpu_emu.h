@@ -19,10 +19,13 @@
 // writes without a barrier in between sees the old value -- NaN, as shared memory is
 // poisoned at each block start -- in one of the two scheduling orders the emulator uses
 // (ascending thread ids in even blocks, descending in odd ones; a single-block kernel gets
-// both orders over successive launches): missing __syncthreads show up as wrong results.  What this does NOT model: concurrent blocks (inter-block races), memory
-// ordering, warp-synchronous code without a shuffle, FMA contraction and the device's
-// floating-point library (results agree with the GPU's to rounding), out-of-bounds accesses
-// (they touch host memory: keep the emulated problems small and the kernels bounds-checked).
+// both orders over successive launches): missing __syncthreads show up as wrong results.
+// Out-of-bounds accesses touch host memory: built with MINIGD_GPU_EMU_SANITIZE=1 (and run
+// with libasan preloaded) every access past the end of a device allocation is reported by
+// AddressSanitizer; one inside an allocation but outside the view passed (the workspace is
+// one buffer) is not.  What this does NOT model: concurrent blocks (inter-block races),
+// memory ordering, warp-synchronous code without a shuffle, FMA contraction and the
+// device's floating-point library (results agree with the GPU's to rounding).
 #pragma once
 
 #include <math.h>

@@ -7,6 +7,8 @@ CuPy does not do, and the graph-capture rules of CuPy and the CUDA runtime.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -381,3 +383,57 @@ def test_loading_on_an_unavailable_backend_says_how_to_choose_another(tmp_path):
         with pytest.raises(mg.BackendUnavailable, match=r"ask for another backend") as ei:
             mg.load_checkpoint(tmp_path / "c.npz", backend="gpu")
     assert "saved from" not in str(ei.value)
+
+
+# ============================================================================ AddressSanitizer
+def _libasan():
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    path = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def _asan_env(tmp_path):
+    return dict(os.environ, MINIGD_GPU_EMU_SANITIZE="1", LD_PRELOAD=_libasan(), MINIGD_CACHE_DIR=str(tmp_path),
+                ASAN_OPTIONS="detect_leaks=0", NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+@pytest.mark.skipif(_libasan() is None, reason="no libasan (gcc's AddressSanitizer runtime) here")
+def test_an_out_of_bounds_write_is_caught_under_address_sanitizer(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from minigd.backends import gpu_emu as E\n"
+        "m = E.RawModule(code='extern \"C\" __global__ void w(double* x, long long n) { x[n] = 1.0; }')\n"
+        "x = E.zeros(300, np.float64)\n"
+        "m.get_function('w')((1,), (1,), (x, np.int64(300)))\n"
+        "print('not caught')\n")
+    p = subprocess.run([sys.executable, "-c", script], env=_asan_env(tmp_path), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "not caught" not in p.stdout
+    assert "heap-buffer-overflow" in p.stderr and "0 bytes to the right of 2400-byte region" in p.stderr
+
+
+@pytest.mark.skipif(_libasan() is None, reason="no libasan (gcc's AddressSanitizer runtime) here")
+def test_the_gpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """Parity cases through every kernel (all regimes, CE/MSE/BCE, clipping, the unfused
+    optimizer chain, batch norm with ghost batches and dropout), with every kernel compiled
+    with AddressSanitizer: an access past any device allocation would abort the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    sel = ("emu: and float32 and (relu-ce or tanh-mse-2hidden or gelu-bce or sgd-clip or "
+           "generic-chain or test_forward_loss_and_gradient)")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", sel],
+                       env=_asan_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tests.parent)
+    assert p.returncode == 0 and "AddressSanitizer" not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
+    assert " passed" in p.stdout and "failed" not in p.stdout

@@ -6,8 +6,10 @@ tests against the NumPy reference (tests/test_gpu_backend.py, tests/test_gpu_nor
 this module's host code and the very kernel text on :mod:`minigd.backends.gpu_emu`, a CPU
 emulator of the CuPy API and of the CUDA execution model, in CI, and pass; on a real device
 they skip where there is none, which so far has been everywhere this code was developed.
-What the emulator cannot show (speed, inter-block races, memory ordering, out-of-bounds
-accesses, the device math library) is unverified until those tests pass on hardware:
+The suite also runs a selection of them with the kernels built with AddressSanitizer
+(accesses past any device allocation).  What the emulator cannot show (speed, inter-block
+races, memory ordering, out-of-bounds accesses inside one allocation, the device math
+library) is unverified until those tests pass on hardware:
 ``bash bench/gpu_session.sh`` there runs them and the benchmark in one go.
 
 Design

@@ -55,6 +55,9 @@ from minigd.kernels import gpu_sources as S
 ENV = "MINIGD_GPU_EMULATE"
 _HEADER = Path(S.__file__).resolve().parent / "gpu_emu.h"   # shipped with the CUDA sources
 _CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
+#: MINIGD_GPU_EMU_SANITIZE=1 builds the kernels with AddressSanitizer (run Python with
+#: libasan preloaded): an access past the end of a device allocation aborts with a report
+_ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
 _KERNEL = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
 _SHARED = re.compile(r"\b(static\s+|extern\s+)?__shared__\b([^;]*);")
 _lock = threading.RLock()         # builds, and launches: the fiber scheduler is one per library
@@ -181,9 +184,10 @@ def build(code: str):
     if why is not None:
         raise RuntimeError(why)
     cxx = compiler()
+    flags = _CXX_FLAGS + (_ASAN_FLAGS if os.environ.get("MINIGD_GPU_EMU_SANITIZE") == "1" else ())
     body = f'#include "{_HEADER.name}"\n{_poison_shared(code)}\n'
     header = _HEADER.read_text(encoding="utf-8")
-    key = hashlib.sha256("\0".join((body, header, cxx, *_CXX_FLAGS)).encode()).hexdigest()[:24]
+    key = hashlib.sha256("\0".join((body, header, cxx, *flags)).encode()).hexdigest()[:24]
     with _lock:
         if key in _LIBS:
             return _LIBS[key]
@@ -199,7 +203,7 @@ def build(code: str):
                     raise RuntimeError("GPU emulator: the code defines no extern \"C\" kernel")
                 cpp.write_text(body + "".join(f"MGD_EMU_ENTRY({n})\n" for n in names), encoding="utf-8")
                 out = Path(tmp) / "unit.so"
-                _run([cxx, *_CXX_FLAGS, f"-I{_HEADER.parent}", "-o", str(out), str(cpp)], "compiling")
+                _run([cxx, *flags, f"-I{_HEADER.parent}", "-o", str(out), str(cpp)], "compiling")
                 (Path(tmp) / "names").write_text("\n".join(names), encoding="utf-8")
                 os.replace(out, so)                    # atomic: a crash never leaves half a library
                 os.replace(Path(tmp) / "names", names_file)
