@@ -105,9 +105,12 @@ __device__ void bn_eval_fwd_body(const T* __restrict__ X, T* __restrict__ Y, con
 // Running statistics from the whole batch (B >= 2): rmean = (1 - m) rmean + m mean,
 // rvar = (1 - m) rvar + m var_unbiased (PyTorch's BatchNorm1d).  One thread per column.
 //   X (B, n) read   rmean, rvar (n,) read+written
+// With the step control block `st` (a captured training step), nothing is updated when the
+// step was rejected (st[1] or st[2], as mgd_apply_update); st null: always.
 template <typename T>
 __device__ void bn_running_body(const T* __restrict__ X, int B, int n, double momentum,
-                                T* __restrict__ rmean, T* __restrict__ rvar) {
+                                T* __restrict__ rmean, T* __restrict__ rvar, const int* __restrict__ st) {
+    if (st && (st[1] || st[2])) return;
     for (mgd_i64 j = mgd_gtid(); j < n; j += mgd_gstride()) {
         double mu = 0.0;
         for (int r = 0; r < B; ++r) mu += (double)X[(mgd_i64)r * n + j];
@@ -128,11 +131,13 @@ __device__ void bn_running_body(const T* __restrict__ X, int B, int n, double mo
 // Out[e] = A[e] * mask[e] (training forward).  Out may be A itself (in place; batch norm
 // after the activation) or a separate buffer (the backward pass needs the unmasked
 // activation for tanh / sigmoid), hence no __restrict__ on A and Out.
-//   U (total,) double read   mask (total,) written   A (total,) read   Out (total,) written
+//   U (total,) double read (st given: U + st[0] * ustride, step c's row of a table)
+//   mask (total,) written   A (total,) read   Out (total,) written
 template <typename T>
 __device__ void dropout_fwd_body(const double* __restrict__ U, T* __restrict__ mask, const T* A, T* Out,
-                                 mgd_i64 total, double p) {
+                                 mgd_i64 total, double p, const int* __restrict__ st, mgd_i64 ustride) {
     const T keep = (T)(1.0 / (1.0 - p));
+    if (st) U += (mgd_i64)st[0] * ustride;   // a captured step: its own row of the uniforms table
     for (mgd_i64 e = mgd_gtid(); e < total; e += mgd_gstride()) {
         const T m = U[e] >= p ? keep : T(0);
         mask[e] = m;
@@ -167,12 +172,14 @@ __device__ void dropout_bwd_body(const T* __restrict__ mask, T* __restrict__ D, 
         bn_eval_fwd_body<T>(X, Y, rmean, rvar, gamma, beta, B, n, eps);                              \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(MGD_THREADS)                                        \
-    mgd_bn_running_update_##S(const T* X, int B, int n, double momentum, T* rmean, T* rvar) {        \
-        bn_running_body<T>(X, B, n, momentum, rmean, rvar);                                          \
+    mgd_bn_running_update_##S(const T* X, int B, int n, double momentum, T* rmean, T* rvar,          \
+                              const int* st) {                                                       \
+        bn_running_body<T>(X, B, n, momentum, rmean, rvar, st);                                      \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(MGD_THREADS)                                        \
-    mgd_dropout_forward_##S(const double* U, T* mask, const T* A, T* Out, mgd_i64 total, double p) { \
-        dropout_fwd_body<T>(U, mask, A, Out, total, p);                                              \
+    mgd_dropout_forward_##S(const double* U, T* mask, const T* A, T* Out, mgd_i64 total, double p,   \
+                            const int* st, mgd_i64 ustride) {                                        \
+        dropout_fwd_body<T>(U, mask, A, Out, total, p, st, ustride);                                 \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(MGD_THREADS)                                        \
     mgd_dropout_backward_##S(const T* mask, T* D, mgd_i64 total) { dropout_bwd_body<T>(mask, D, total); }

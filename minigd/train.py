@@ -295,7 +295,9 @@ def _chunk_steps(read_every, B, b, full_left, step, seen, steps, examples, eval_
     ``max_time`` is checked once per chunk (it may overrun by up to a chunk).  Chunks end
     with the epoch, except in full-batch training (one step an epoch) with ``eval_every``
     set, where ``fit`` calls this with the epochs left as ``full_left``: without
-    ``eval_every`` it evaluates at every epoch end, so steps one at a time."""
+    ``eval_every`` it evaluates at every epoch end, so steps one at a time.  A chunk of a
+    dropout model draws all its masks up front: if it stops early (divergence), a generator
+    passed as ``seed`` has advanced past the failing step, not to it."""
     if read_every <= 1 or b != B or full_left < 2:
         return 1
     m = min(full_left, read_every)
@@ -567,10 +569,12 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     hist.opt_state = opt_state
     on_step = [c.on_step for c in callbacks if hasattr(c, "on_step")]
     on_eval = [c.on_eval for c in callbacks if hasattr(c, "on_eval")]
-    # steps in device-resident chunks (gpu backend): not when the host must act at every
-    # step -- per-step callbacks, noise tracking, dropout masks, running-statistics updates
+    # steps in device-resident chunks (gpu backend; single steps too, through the same
+    # run_steps): not when the host must act at every step -- per-step callbacks, noise
+    # tracking.  Dropout masks are drawn for the whole chunk from the same generator in the
+    # per-step order, and batch norm's running statistics are updated on the device.
     device_loop = int(getattr(impl, "read_every", 0) or 0)
-    if on_step or tracker is not None or dropout or bn:
+    if on_step or tracker is not None:
         device_loop = 0
     bar = None
     if progress:
@@ -635,19 +639,20 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                     m = _chunk_steps(device_loop, B, b, device_loop if epochs is None else epochs - epoch, step,
                                      seen, steps, examples, eval_every, ck_every)
                     m = next((j for j in range(1, m) if bs.at_epoch(epoch + j) != B), m)
-                if m > 1:
-                    # many steps on the device, read back once (see _chunk_steps)
+                if device_loop:
+                    # m steps on the device, read back once (see _chunk_steps); b == B when m > 1
                     lrs = ([float(lr_fn(step + j)) for j in range(m)] if lr_fn is not None else [lr_const] * m)
                     t0 = time.perf_counter()
-                    chunk_idx = np.tile(src[:B], m) if cross else src[s0:s0 + m * B]
-                    res = impl.run_steps(params, X, yi, yf, chunk_idx, B, m, opt_state, lrs, step + t1)
+                    chunk_idx = np.tile(src[:b], m) if cross else src[s0:s0 + m * b]
+                    res = impl.run_steps(params, X, yi, yf, chunk_idx, b, m, opt_state, lrs, step + t1,
+                                         dropout_rng=rng if dropout else None, update_running=bn)
                     dt = time.perf_counter() - t0
                     t_start = train_time
                     done = len(res["loss"])
                     for j in range(done):
                         loss, lr = float(res["loss"][j]), lrs[j]
                         if cross and j > 0:     # step j opens the next epoch: close the last one
-                            hist.epochs.append({"epoch": epoch, "loss": ep_loss / ep_count, "batch_size": B,
+                            hist.epochs.append({"epoch": epoch, "loss": ep_loss / ep_count, "batch_size": b,
                                                 "steps": step, "examples": seen, "time": train_time,
                                                 "lr": lrs[j - 1], "complete": True})
                             epoch += 1
@@ -659,12 +664,12 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                             raise DivergenceError(step, loss, params.copy(), hist,
                                                   "non-finite loss" if not math.isfinite(loss) else
                                                   "the update would make parameters non-finite")
-                        seen += B
+                        seen += b
                         # per-step times inside a chunk are interpolated (one clock read per chunk)
                         train_time = t_start + dt * (j + 1) / m
-                        hist.record_step(step, epoch, loss, lr, B, seen, train_time)
-                        ep_loss += loss * B
-                        ep_count += B
+                        hist.record_step(step, epoch, loss, lr, b, seen, train_time)
+                        ep_loss += loss * b
+                        ep_count += b
                         step += 1
                         if bar is not None:
                             bar.on_step(model, step, loss)

@@ -218,18 +218,42 @@ def test_update_running_uses_the_last_training_pass_after_an_evaluation(bn):
     assert_close(gpu.running, ref.running, 1e-12, "running statistics")
 
 
-def test_run_steps_takes_one_step_at_a_time_with_norm():
-    ref, gpu = pair(dict(batch_norm=True, dropout=0.2), EMU_GRAPH)
-    X, y = data(12, 5, "cross_entropy", 3)
-    X, yi, yf = gpu.check_Xy(X, y)
-    opt = mg.SGD(lr=0.1)
-    st = opt.init(gpu.params)
-    impl = gpu.backend_impl
-    with pytest.raises(NotImplementedError, match=r"^run_steps: 2 steps .*draw_dropout.*update_running"):
-        impl.run_steps(gpu.params, X, yi, yf, np.arange(12, dtype=np.int64), 6, 2, st, [0.1, 0.1], 1)
-    impl.draw_dropout(np.random.default_rng(0), 6)
-    res = impl.run_steps(gpu.params, X, yi, yf, np.arange(6, dtype=np.int64), 6, 1, st, [0.1], 1)
+@pytest.mark.parametrize("regime", ["gpu-graph", "gpu-cublas"])
+@pytest.mark.parametrize("cfg", [dict(batch_norm=True, dropout=0.2), dict(batch_norm="after", ghost_batch_size=4),
+                                 dict(dropout=0.3)], ids=["bn-dropout", "bn-after-ghost4", "dropout"])
+def test_run_steps_with_norm_equals_the_per_step_loop(cfg, regime):
+    """run_steps(n, dropout_rng=, update_running=True) -- masks drawn up front in the
+    per-step order, running statistics updated on the device -- is bit for bit n times
+    draw_dropout + train_step + update_running, as fit ran them before."""
+    ref, a = pair(cfg, f"emu:{regime}")
+    b = on_gpu(ref, f"emu:{regime}")
+    X, y = data(24, 5, "cross_entropy", 3)
+    X, yi, yf = a.check_Xy(X, y)
+    opt = mg.SGD(lr=0.1, momentum=0.9)
+    sa, sb = opt.init(a.params), opt.init(b.params)
+    idx = np.random.default_rng(1).integers(0, 24, size=5 * 6).astype(np.int64)
+    lrs = np.linspace(0.1, 0.05, 5)
+    impl = a.backend_impl
+    if impl.dropout:
+        with pytest.raises(ValueError, match=r"^dropout_rng: 2 steps of a model with dropout"):
+            impl.run_steps(a.params, X, yi, yf, idx, 6, 2, sa, lrs[:2], 1, update_running=True)
+    if impl.norm.bn:
+        with pytest.raises(ValueError, match=r"^update_running: 2 steps of a model with batch norm"):
+            impl.run_steps(a.params, X, yi, yf, idx, 6, 2, sa, lrs[:2], 1, dropout_rng=np.random.default_rng(0))
+    res = impl.run_steps(a.params, X, yi, yf, idx, 6, 5, sa, lrs, 1, dropout_rng=np.random.default_rng(7),
+                         update_running=True)
+    rng = np.random.default_rng(7)
+    losses = []
+    for c in range(5):
+        b.backend_impl.draw_dropout(rng, 6)
+        loss, ok, _ = b.backend_impl.train_step(b.params, b._grad, X, yi, yf, idx[c * 6:(c + 1) * 6], 6, sb,
+                                                float(lrs[c]), c + 1)
+        b.backend_impl.update_running(6)
+        losses.append(loss)
     assert res["applied"].all()
+    np.testing.assert_array_equal(res["loss"], losses)
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.running, b.running)
 
 
 @pytest.mark.parametrize("regime", ["gpu-graph", "gpu-cublas"])
@@ -378,3 +402,30 @@ def test_running_statistics_are_the_models_array():
     ref.running[...] = gpu.running
     assert_close(gpu.forward(X), ref.forward(X), 1e-12)
     assert not np.allclose(gpu.forward(X), out)
+
+
+@pytest.mark.parametrize("cfg", [dict(batch_norm="before", ghost_batch_size=3, dropout=0.25),
+                                 dict(batch_norm="after")], ids=["bn-ghost3-dropout", "bn-after"])
+def test_fit_in_device_chunks_with_norm_equals_fit_step_by_step(cfg):
+    """fit hands batch-norm / dropout models to the device loop too: the same masks (drawn
+    up front in the per-step order), the same running statistics, bit for bit."""
+    ref, _ = pair(cfg, EMU_GRAPH)
+    X, y = data(26, 5, "cross_entropy", 3)
+    runs = []
+    for read_every in (1, 64):
+        m = on_gpu(ref, EMU_GRAPH)
+        m.backend_impl.read_every = read_every
+        h = mg.fit(m, X, y, batch_size=8, epochs=3, eval_every=5, validation=(X[:6], y[:6]), seed=4,
+                   optimizer=mg.SGD(lr=0.05, momentum=0.9))
+        runs.append((h, m))
+    (h1, m1), (h2, m2) = runs
+    np.testing.assert_array_equal(h2.column("loss"), h1.column("loss"))
+    np.testing.assert_array_equal(m2.params, m1.params)
+    np.testing.assert_array_equal(m2.running, m1.running)
+    assert [e["val_loss"] for e in h2.evals] == [e["val_loss"] for e in h1.evals]
+    # and against the cpu backend, which draws the same masks
+    c = ref.to("cpu")
+    hc = mg.fit(c, X, y, batch_size=8, epochs=3, eval_every=5, validation=(X[:6], y[:6]), seed=4,
+                optimizer=mg.SGD(lr=0.05, momentum=0.9))
+    assert_close(h2.column("loss"), hc.column("loss"), TRAIN_TOL[str(c.dtype)], "losses vs cpu")
+    assert_close(m2.running, c.running, TRAIN_TOL[str(c.dtype)], "running statistics vs cpu")

@@ -44,32 +44,31 @@ end.  The training data are uploaded once per ``fit`` (cached by array identity 
 is the device-resident loop: many steps with parameters and state kept on the device and
 the losses read back every ``read_every`` steps.  ``fit`` uses it for runs of up to
 ``read_every`` full batches between the points where it must look at the model
-(evaluations, checkpoints, budgets; see ``minigd.train._chunk_steps``), and steps one at
-a time when the host acts at every step (per-step callbacks, noise tracking, dropout
-masks, batch norm's running statistics).
+(evaluations, checkpoints, budgets; see ``minigd.train._chunk_steps``), and single steps
+through it too; it steps through ``train_step`` one at a time only when the host acts at
+every step (per-step callbacks, noise tracking).
 
 Batch norm (before / after the activation, ghost batches) and dropout (``gpu_norm.cu``)
 are wired into every regime (graph, tiled, cuBLAS) and both dtypes: a hidden layer of
 such a model runs linear (+ activation) -> per ghost batch statistics / normalisation ->
 (activation) -> dropout, and the backward pass the reverse, with dgamma / dbeta written
 into the gradient vector (after the last bias, as ``ParamLayout`` puts them).  Dropout
-masks are drawn on the host by ``draw_dropout`` (the same uniforms as every backend, so
-the same masks for the same generator state); each training pass uploads those uniforms,
-before its kernels and outside any graph capture, into a fixed device buffer from which
-``mgd_dropout_forward`` makes the masks inside the (captured) step.  The running
-statistics stay the model's host array (``self.running``): an evaluation uploads them,
-and ``update_running(B)`` (called by ``fit`` once per step) uploads them, folds in the
-whole-batch mean and unbiased variance of the last training pass's BN inputs (kept on
-the device; evaluations do not overwrite them) and downloads them.  Per-example
-statistics raise for batch norm (:func:`~minigd.backends.base.check_per_example`) and are
-exact with dropout alone (each row with its own mask row).  :meth:`GpuBackend.run_steps`
-takes one step at a time for such a model (each step needs new masks and a running
-update from the host; ``fit`` already steps one at a time there).
+masks come from the host's uniforms (the same as every backend draws, so the same masks
+for the same generator state): ``run_steps(dropout_rng=)`` draws those of all its steps
+up front in the per-step order and uploads them, outside any graph capture, into a step
+table; ``mgd_dropout_forward`` in step c reads row c (the step counter in device memory)
+and makes the masks there.  A single pass outside a step (``loss_and_grad``, statistics)
+uploads the uniforms of the last ``draw_dropout``.  The running statistics are the
+model's host array (``self.running``): an evaluation uploads them; ``run_steps(
+update_running=True)`` uploads them once, folds in every applied step's whole-batch mean
+and unbiased variance on the device (``mgd_bn_running_update`` skips a rejected step) and
+downloads them at the end; ``update_running(B)`` does the same for the last training
+pass alone.  Per-example statistics raise for batch norm
+(:func:`~minigd.backends.base.check_per_example`) and are exact with dropout alone (each
+row with its own mask row).
 
 Not done: the fully fused narrow-MLP kernel (activations in shared memory across layers),
-a device-resident multi-step loop for batch norm / dropout models (masks drawn and running
-statistics updated on the device), and any tuning of ``graph_max_batch`` (no GPU was
-available to measure the crossover).
+and any tuning of ``graph_max_batch`` (no GPU was available to measure the crossover).
 """
 from __future__ import annotations
 
@@ -207,6 +206,10 @@ class GpuBackend(Backend):
                 self._idx = cp.zeros(n_steps * cap, np.int64)
                 self._sched = cp.zeros((n_steps, 2), np.float64)
                 self._rec = cp.zeros((n_steps, 3), np.float64)
+                if self.dropout > 0:   # per hidden layer, step c's B * n uniforms at c * B * n
+                    self._unif_tab = [cp.zeros(n_steps * cap * n, np.float64) for n in self.layout.hidden]
+            if self.dropout > 0:
+                self._unif_host = [np.zeros(n_steps * cap * n, np.float64) for n in self.layout.hidden]
             self._steps_cap = n_steps
             self._gen += 1
             self._graphs.clear()
@@ -265,17 +268,18 @@ class GpuBackend(Backend):
         x0, zs, as_, ds, _ = self.ws.views(B)
         return x0, zs, as_, ds
 
-    def _enqueue_forward(self, B, gemm, training=False):
+    def _enqueue_forward(self, B, gemm, training=False, step=False):
         """Forward of the staged batch; ``training`` matters only with batch norm / dropout
         (ghost-batch statistics and the uploaded dropout masks instead of the running
-        statistics and no dropout)."""
+        statistics and no dropout); ``step``: inside a training step, whose dropout
+        uniforms are row st[0] of the step table."""
         cp = self.cp
         x0, zs, as_, _ = self._layer_views(B)
         L = self.layout.n_layers
         for l in range(L):
             A = x0 if l == 0 else as_[l - 1]
             if self.norm is not None and l < L - 1:
-                self._enqueue_hidden_norm(l, A, B, gemm, training)
+                self._enqueue_hidden_norm(l, A, B, gemm, training, step)
                 continue
             W, b = self._pW[l], self._pb[l]
             fi, fo = W.shape
@@ -402,37 +406,40 @@ class GpuBackend(Backend):
         self._launch(self.k.clip_factor, (1,), (S.THREADS,),
                      (self._partial, np.int32(nb), hp, np.int32(i), np.uint64(0), st))   # rec: null
 
-    def _enqueue_step(self, B, want_sqn, opt_state, hp, dstate, gemm):
-        """One whole training step of the batch at row c of the index table."""
+    def _enqueue_step(self, B, want_sqn, opt_state, hp, dstate, gemm, running=False):
+        """One whole training step of the batch at row c of the index table (``running``:
+        and batch norm's running statistics, if the step is applied)."""
         dX, dyi, dyf = self._data[1:]
         n0 = self.layout.sizes[0]
         x0 = self._layer_views(B)[0]
         st = self._st
         self._launch(self.k.gather, *self._elementwise_grid(B * n0),
                      (dX, self._idx, st, np.int32(B), np.int32(n0), x0))
-        self._enqueue_forward(B, gemm, training=True)
+        self._enqueue_forward(B, gemm, training=True, step=True)
         self._enqueue_loss(B, dyi, dyf, self._idx, st, self._rec, 0, 1)
         self._enqueue_backward(B, gemm, want_sqn)
         if want_sqn:
             self._enqueue_sumsq(self.d_grad, hp, -1, self._rec, st)
         self._enqueue_opt(opt_state, hp, dstate, st)
+        if running:
+            self._enqueue_running(B, st)
         self._launch(self.k.step_end, (1,), (1,), (st, self._rec))
 
-    def _step_runner(self, B, want_sqn, opt_state, hp, dstate):
+    def _step_runner(self, B, want_sqn, opt_state, hp, dstate, running=False):
         """A callable that enqueues one step: a graph replay (B <= graph_max_batch) or the
         cuBLAS sequence."""
         if B > self.graph_max_batch:
-            return lambda: self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "cublas")
+            return lambda: self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "cublas", running)
         if not self.use_graphs:
-            return lambda: self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled")
-        key = (B, bool(want_sqn), self._opt[0], self._gen)
+            return lambda: self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled", running)
+        key = (B, bool(want_sqn), bool(running), self._opt[0], self._gen)
         g = self._graphs.get(key)
         if g is None:
             self.stream.synchronize()
             with self.stream:
                 self.stream.begin_capture()
                 try:
-                    self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled")
+                    self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled", running)
                 finally:
                     g = self.stream.end_capture()
             if len(self._graphs) > 16:
@@ -531,17 +538,45 @@ class GpuBackend(Backend):
         elif norm.bn:
             self._d_running[:self.running.size].set(self.running, stream=s)
 
-    def _check_norm_steps(self, B: int, n_steps: int, want_sqn: bool) -> None:
+    def _check_norm_steps(self, B: int, n_steps: int, want_sqn: bool, dropout_rng, update_running) -> None:
         if want_sqn:
             check_per_example(self.norm, "per-example gradient norms")
-        if n_steps > 1:
-            raise NotImplementedError(
-                f"run_steps: {n_steps} steps in one call for a model with batch norm or dropout: "
-                f"every step needs its own dropout masks (draw_dropout) and running-statistics "
-                f"update (update_running) from the host; call train_step once per step (as fit does)")
+        if n_steps > 1 and self.dropout > 0 and dropout_rng is None:
+            raise ValueError(f"dropout_rng: {n_steps} steps of a model with dropout need the generator to "
+                             f"draw each step's masks from (fit passes its own), got None")
+        if n_steps > 1 and self.norm.bn and not update_running:
+            raise ValueError(f"update_running: {n_steps} steps of a model with batch norm must update the "
+                             f"running statistics on the device (update_running=True, as fit does)")
         self.norm.check_batch(B)
 
-    def _enqueue_hidden_norm(self, l, A, B, gemm, training):
+    def _upload_uniforms(self, B: int, n_steps: int, rng) -> None:
+        """Dropout uniforms of steps 0..n_steps-1 into the device table the step reads:
+        drawn from ``rng`` step by step and layer by layer, the order of ``draw_dropout``
+        once per step (so the masks are those of the per-step loop), or, with no ``rng``
+        (one step), the ones the last ``draw_dropout`` drew."""
+        for l, n in enumerate(self.layout.hidden):
+            host = self._unif_host[l]
+            if rng is None:
+                host[:B * n] = self._unif[l][:B].ravel()
+        if rng is not None:
+            for c in range(n_steps):
+                for l, n in enumerate(self.layout.hidden):
+                    rng.random(out=self._unif_host[l][c * B * n:(c + 1) * B * n])
+        for l, n in enumerate(self.layout.hidden):
+            self._unif_tab[l][:n_steps * B * n].set(self._unif_host[l][:n_steps * B * n], stream=self.stream)
+
+    def _enqueue_running(self, B: int, st) -> None:
+        """Batch norm's running statistics from the last training pass into the device copy
+        (``st``: only if that step is applied; np.uint64(0): always)."""
+        norm = self.norm
+        zs = self._layer_views(B)[1]
+        for l, n in enumerate(self.layout.hidden):
+            x = zs[l] if norm.bn == BN_BEFORE else self._norm_views(l, B)["act"]
+            self._launch(self.k.bn_running_update, *self._elementwise_grid(n),
+                         (x, np.int32(B), np.int32(n), np.float64(norm.momentum), self._d_rm[l], self._d_rv[l],
+                          st))
+
+    def _enqueue_hidden_norm(self, l, A, B, gemm, training, step=False):
         """Forward of hidden layer l of a model with batch norm and/or dropout:
         before: z -> BN -> f -> [dropout]; after: z -> f -> BN -> [dropout]; dropout alone:
         z -> f -> dropout (as numpy_ref's ``_forward_all``).  Training keeps what the
@@ -593,7 +628,9 @@ class GpuBackend(Backend):
                              (v["pre"], self._d_zero[:fo], out, np.int32(B), np.int32(fo), np.int32(act)))
         if drop:                 # as_[l] = out * mask, the mask made from the uploaded uniforms
             self._launch(k.dropout_forward, *self._elementwise_grid(B * fo),
-                         (v["unif"], v["mask"], out, as_[l], np.int64(B * fo), np.float64(norm.dropout)))
+                         (self._unif_tab[l] if step else v["unif"], v["mask"], out, as_[l], np.int64(B * fo),
+                          np.float64(norm.dropout), self._st if step else np.uint64(0),
+                          np.int64(B * fo if step else 0)))
 
     def _enqueue_hidden_norm_backward(self, h, D, B, gemm):
         """ds[h] = dLoss/dz_h from D = dLoss/dz_{h+1}: through W_{h+1}, then the reverse of
@@ -645,12 +682,8 @@ class GpuBackend(Backend):
         if self.ws is None or self.ws.capacity < B:
             raise RuntimeError(f"update_running: no training pass of {B} rows to take the statistics from")
         s = self.stream
-        zs = self._layer_views(B)[1]
         self._d_running[:self.running.size].set(self.running, stream=s)
-        for l, n in enumerate(self.layout.hidden):
-            x = zs[l] if norm.bn == BN_BEFORE else self._norm_views(l, B)["act"]
-            self._launch(self.k.bn_running_update, *self._elementwise_grid(n),
-                         (x, np.int32(B), np.int32(n), np.float64(norm.momentum), self._d_rm[l], self._d_rv[l]))
+        self._enqueue_running(B, np.uint64(0))
         self._d_running[:self.running.size].get(stream=s, out=self.running)
         s.synchronize()
 
@@ -662,13 +695,20 @@ class GpuBackend(Backend):
         return float(loss), ok, float(gsq) if want_sqn or not np.isfinite(loss) else 0.0
 
     def run_steps(self, params, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn=False,
-                  read_every=None, grad=None):
+                  read_every=None, grad=None, dropout_rng=None, update_running=False):
         """``n_steps`` training steps of batch size B on the device, rows
         ``idx[s * B:(s + 1) * B]`` for step s, learning rates ``lrs[s]`` and update counts
         ``t0 + s``; parameters and optimizer state stay on the device between steps and are
         written back to ``params`` / ``opt_state.state`` at the end.  The step records are
         read back every ``read_every`` steps (default: only at the end), and the loop stops
         at the first rejected step (non-finite loss or update), as ``fit`` does.
+
+        Batch norm and dropout: with ``dropout_rng`` each step's masks are drawn from it up
+        front (the order ``draw_dropout`` once per step would use; without it, one step uses
+        the last ``draw_dropout``'s), and ``update_running=True`` folds each applied step's
+        batch statistics into ``running`` on the device, downloaded at the end -- what
+        ``fit`` does per step with ``draw_dropout`` and ``update_running(B)``.  Several steps
+        of such a model need both.
 
         Returns a dict of (n_done,) arrays ``loss``, ``applied``, ``grad_norm_sq`` (0 unless
         ``want_sqn``) for the steps run; with ``want_sqn`` the last step's per-example
@@ -684,11 +724,15 @@ class GpuBackend(Backend):
         lrs = np.asarray(lrs, np.float64)
         if lrs.shape != (n_steps,):
             raise ValueError(f"lrs: expected {n_steps} learning rates, got shape {lrs.shape}")
+        running = bool(update_running) and self.norm is not None and bool(self.norm.bn)
         if self.norm is not None:
-            self._check_norm_steps(B, n_steps, want_sqn)
+            self._check_norm_steps(B, n_steps, want_sqn, dropout_rng, running)
         self._ensure(B)
-        self._stage_norm(B, training=True)
         self._ensure_steps(n_steps)
+        if self.dropout > 0:
+            self._upload_uniforms(B, n_steps, dropout_rng)
+        if running:
+            self._d_running[:self.running.size].set(self.running, stream=self.stream)
         self._device_data(X, yi, yf)
         hp, dstate = self._upload_opt(opt_state)
         s = self.stream
@@ -701,7 +745,7 @@ class GpuBackend(Backend):
         self._st.set(np.zeros(4, np.int32), stream=s)
         with s:
             self._rec[:n_steps].fill(0)
-        step = self._step_runner(B, want_sqn, opt_state, hp, dstate)
+        step = self._step_runner(B, want_sqn, opt_state, hp, dstate, running)
         every = n_steps if not read_every else max(1, int(read_every))
         rec = np.zeros((n_steps, 3), np.float64)
         done = 0
@@ -719,6 +763,8 @@ class GpuBackend(Backend):
         self.d_params.get(stream=s, out=params)
         if grad is not None:
             self.d_grad.get(stream=s, out=grad)
+        if running:
+            self._d_running[:self.running.size].get(stream=s, out=self.running)
         self._download_opt(opt_state)
         s.synchronize()
         return {"loss": rec[:done, 0].copy(), "applied": rec[:done, 1] != 0, "grad_norm_sq": rec[:done, 2].copy()}
