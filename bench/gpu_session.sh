@@ -32,8 +32,9 @@ $PY -m pytest -q -rs -p no:cacheprovider tests/test_gpu_sources.py tests/test_gp
     tests/test_gpu_norm.py tests/test_gpu_bench.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-# a few cases through every kernel (graph + cuBLAS regimes, BN + dropout), under the sanitizer
-SAN_CASES='cuda: and float32 and not tiled and (relu-ce or tanh-mse-2hidden or (test_forward_loss_and_gradient and (bn-before-dropout or bn-after-ghost4-dropout)))'
+# cases through every kernel (graph + cuBLAS regimes, training steps, BN + dropout, the device
+# loop's step tables and running statistics), under the sanitizer
+SAN_CASES='cuda: and ((float32 and not tiled and (relu-ce or tanh-mse-2hidden or sgd-clip or adam-clip or generic-chain or bn-before-dropout or bn-after-ghost4-dropout)) or ((run_steps_with_norm or fit_in_device_chunks_with_norm) and graph))'
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \

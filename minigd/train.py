@@ -287,17 +287,19 @@ def _check_callbacks(callbacks):
 
 def _chunk_steps(read_every, B, b, full_left, step, seen, steps, examples, eval_every, ck_every) -> int:
     """How many steps ``fit`` hands to the backend's device-resident loop (``run_steps``)
-    at once: 1 (one ``train_step``) unless the backend has such a loop (``read_every`` > 0,
-    the gpu backend) and this step is a full batch; else as many full batches as remain in
+    at once: 1 unless the backend has such a loop (``read_every`` > 0, the gpu backend)
+    and this step is a full batch; else as many full batches as remain in
     the epoch, up to ``read_every`` and never past the next step at which ``fit`` must look
     at the model on the host: an evaluation, a checkpoint, or the steps / examples budget.
     So histories, evaluations, targets and checkpoints are those of the per-step loop; only
     ``max_time`` is checked once per chunk (it may overrun by up to a chunk).  Chunks end
     with the epoch, except in full-batch training (one step an epoch) with ``eval_every``
     set, where ``fit`` calls this with the epochs left as ``full_left``: without
-    ``eval_every`` it evaluates at every epoch end, so steps one at a time.  A chunk of a
-    dropout model draws all its masks up front: if it stops early (divergence), a generator
-    passed as ``seed`` has advanced past the failing step, not to it."""
+    ``eval_every`` it evaluates at every epoch end, so steps one at a time.  ``fit`` also
+    caps a dropout model's chunks by the backend's ``max_run_steps`` (device memory for the
+    masks).  A chunk of a dropout model draws all its masks up front: if it stops early
+    (divergence), a generator passed as ``seed`` has advanced past the whole chunk's masks,
+    not just the failing step's (see ``fit``'s ``seed``)."""
     if read_every <= 1 or b != B or full_left < 2:
         return 1
     m = min(full_left, read_every)
@@ -364,8 +366,11 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         Also evaluate on the whole training set at each evaluation (implied by a train_*
         target).
     seed : int or numpy.random.Generator
-        Seeds the sampler.  Same seed, same backend, same thread count: bitwise-identical
-        results.
+        Seeds the sampler (and dropout's masks).  Same seed, same backend, same thread
+        count: bitwise-identical results.  A Generator passed here is advanced in place; on
+        the gpu backend a dropout model draws the masks of a device-resident run of steps
+        up front, so after a ``DivergenceError`` it may stand further on than on the other
+        backends (the run's results are the same).
     max_time : float, optional
         Stop after this many seconds of training (checked after every step; on a backend
         that runs steps in device-resident chunks -- gpu -- after every chunk, so it may
@@ -639,6 +644,9 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                     m = _chunk_steps(device_loop, B, b, device_loop if epochs is None else epochs - epoch, step,
                                      seen, steps, examples, eval_every, ck_every)
                     m = next((j for j in range(1, m) if bs.at_epoch(epoch + j) != B), m)
+                if m > 1:
+                    limit = getattr(impl, "max_run_steps", None)   # device memory of dropout masks
+                    m = min(m, limit(b)) if limit is not None else m
                 if device_loop:
                     # m steps on the device, read back once (see _chunk_steps); b == B when m > 1
                     lrs = ([float(lr_fn(step + j)) for j in range(m)] if lr_fn is not None else [lr_const] * m)

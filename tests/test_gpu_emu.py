@@ -422,16 +422,18 @@ def test_an_out_of_bounds_write_is_caught_under_address_sanitizer(tmp_path):
 
 @pytest.mark.skipif(_libasan() is None, reason="no libasan (gcc's AddressSanitizer runtime) here")
 def test_the_gpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
-    """Parity cases through every kernel (all regimes, CE/MSE/BCE, clipping, the unfused
-    optimizer chain, batch norm with ghost batches and dropout), with every kernel compiled
-    with AddressSanitizer: an access past any device allocation would abort the run."""
+    """Parity cases through every kernel (all regimes, CE/MSE/BCE, training steps with
+    clipping and the unfused optimizer chain, batch norm with ghost batches and dropout,
+    the step tables of the device loop, the running statistics), with every kernel
+    compiled with AddressSanitizer: an access past any device allocation would abort."""
     import subprocess
     import sys
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    sel = ("emu: and float32 and (relu-ce or tanh-mse-2hidden or gelu-bce or sgd-clip or "
-           "generic-chain or test_forward_loss_and_gradient)")
+    sel = ("emu: and ((float32 and (relu-ce or tanh-mse-2hidden or gelu-bce or sgd-clip or generic-chain or "
+           "test_forward_loss_and_gradient)) or run_steps_with_norm or fit_in_device_chunks_with_norm or "
+           "update_running)")
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", sel],
                        env=_asan_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tests.parent)

@@ -19,7 +19,11 @@ What is checked:
 * per-example statistics refused with batch norm (every public function and every backend
   entry point, with the same messages as the other backends) and exact with dropout alone
   (each row with its own mask row);
-* errors: a ghost batch of one row, run_steps of several steps with batch norm / dropout;
+* the device loop: run_steps(dropout_rng=, update_running=True) and fit's chunked runs
+  are bit for bit the per-step loop (draw_dropout + train_step + update_running); the
+  dropout table is sized by the run, not the workspace;
+* errors: a ghost batch of one row, run_steps of several steps without dropout_rng /
+  update_running;
 * the running statistics are the model's array (pickling, ``to()``).
 
 Tolerances: tests/test_norm.py's (float64 1e-10; float32 1e-4 per evaluation, 2e-3 for a fit).
@@ -218,15 +222,15 @@ def test_update_running_uses_the_last_training_pass_after_an_evaluation(bn):
     assert_close(gpu.running, ref.running, 1e-12, "running statistics")
 
 
-@pytest.mark.parametrize("regime", ["gpu-graph", "gpu-cublas"])
+@pytest.mark.parametrize("regime", [f"{d}:{r}" for d in ("emu", "cuda") for r in ("gpu-graph", "gpu-cublas")])
 @pytest.mark.parametrize("cfg", [dict(batch_norm=True, dropout=0.2), dict(batch_norm="after", ghost_batch_size=4),
                                  dict(dropout=0.3)], ids=["bn-dropout", "bn-after-ghost4", "dropout"])
 def test_run_steps_with_norm_equals_the_per_step_loop(cfg, regime):
     """run_steps(n, dropout_rng=, update_running=True) -- masks drawn up front in the
     per-step order, running statistics updated on the device -- is bit for bit n times
     draw_dropout + train_step + update_running, as fit ran them before."""
-    ref, a = pair(cfg, f"emu:{regime}")
-    b = on_gpu(ref, f"emu:{regime}")
+    ref, a = pair(cfg, regime)
+    b = on_gpu(ref, regime)
     X, y = data(24, 5, "cross_entropy", 3)
     X, yi, yf = a.check_Xy(X, y)
     opt = mg.SGD(lr=0.1, momentum=0.9)
@@ -254,6 +258,11 @@ def test_run_steps_with_norm_equals_the_per_step_loop(cfg, regime):
     np.testing.assert_array_equal(res["loss"], losses)
     np.testing.assert_array_equal(a.params, b.params)
     np.testing.assert_array_equal(a.running, b.running)
+    if impl.dropout:   # the host masks are the last step's afterwards, as after the per-step loop
+        for ma, mb in zip(impl.masks, b.backend_impl.masks):
+            np.testing.assert_array_equal(ma[:6], mb[:6])
+        # the step table holds this run's rows, not the workspace's capacity
+        assert impl._unif_tab[0].size == 5 * 6 * impl.layout.hidden[0]
 
 
 @pytest.mark.parametrize("regime", ["gpu-graph", "gpu-cublas"])
@@ -404,28 +413,46 @@ def test_running_statistics_are_the_models_array():
     assert not np.allclose(gpu.forward(X), out)
 
 
+class _EveryStep:
+    """A no-op per-step callback: it makes fit step through train_step + draw_dropout +
+    update_running one at a time (the host must see every step), the reference path."""
+
+    def on_step(self, model, step, loss):
+        return False
+
+
+@pytest.mark.parametrize("dev", ["emu", "cuda"], ids=["emu:gpu-graph", "cuda:gpu-graph"])
 @pytest.mark.parametrize("cfg", [dict(batch_norm="before", ghost_batch_size=3, dropout=0.25),
                                  dict(batch_norm="after")], ids=["bn-ghost3-dropout", "bn-after"])
-def test_fit_in_device_chunks_with_norm_equals_fit_step_by_step(cfg):
+def test_fit_in_device_chunks_with_norm_equals_fit_step_by_step(cfg, dev):
     """fit hands batch-norm / dropout models to the device loop too: the same masks (drawn
-    up front in the per-step order), the same running statistics, bit for bit."""
-    ref, _ = pair(cfg, EMU_GRAPH)
+    up front in the per-step order), the same running statistics, bit for bit; chunks of a
+    dropout model are capped by the mask table's memory budget."""
+    ref, _ = pair(cfg, f"{dev}:gpu-graph")
     X, y = data(26, 5, "cross_entropy", 3)
+    kw = dict(batch_size=8, epochs=3, eval_every=5, validation=(X[:6], y[:6]), seed=4,
+              optimizer=mg.SGD(lr=0.05, momentum=0.9))
     runs = []
-    for read_every in (1, 64):
-        m = on_gpu(ref, EMU_GRAPH)
-        m.backend_impl.read_every = read_every
-        h = mg.fit(m, X, y, batch_size=8, epochs=3, eval_every=5, validation=(X[:6], y[:6]), seed=4,
-                   optimizer=mg.SGD(lr=0.05, momentum=0.9))
-        runs.append((h, m))
-    (h1, m1), (h2, m2) = runs
-    np.testing.assert_array_equal(h2.column("loss"), h1.column("loss"))
-    np.testing.assert_array_equal(m2.params, m1.params)
-    np.testing.assert_array_equal(m2.running, m1.running)
-    assert [e["val_loss"] for e in h2.evals] == [e["val_loss"] for e in h1.evals]
+    for callbacks, budget in (([_EveryStep()], None), ([], None), ([], 8 * 8 * 14 * 2)):
+        m = on_gpu(ref, f"{dev}:gpu-graph")
+        calls = []
+        real = m.backend_impl.run_steps
+        m.backend_impl.run_steps = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
+        if budget is not None:
+            m.backend_impl.dropout_table_bytes = budget         # room for 2 steps of 8 rows
+        h = mg.fit(m, X, y, callbacks=callbacks, **kw)
+        runs.append((h, m, calls))
+    (h1, m1, c1), (h2, m2, c2), (h3, m3, c3) = runs
+    assert set(c1) == {1} and max(c2) >= 3
+    if m2.backend_impl.dropout:
+        assert max(c3) == 2
+    for h, m in ((h2, m2), (h3, m3)):
+        np.testing.assert_array_equal(h.column("loss"), h1.column("loss"))
+        np.testing.assert_array_equal(m.params, m1.params)
+        np.testing.assert_array_equal(m.running, m1.running)
+        assert [e["val_loss"] for e in h.evals] == [e["val_loss"] for e in h1.evals]
     # and against the cpu backend, which draws the same masks
     c = ref.to("cpu")
-    hc = mg.fit(c, X, y, batch_size=8, epochs=3, eval_every=5, validation=(X[:6], y[:6]), seed=4,
-                optimizer=mg.SGD(lr=0.05, momentum=0.9))
+    hc = mg.fit(c, X, y, **kw)
     assert_close(h2.column("loss"), hc.column("loss"), TRAIN_TOL[str(c.dtype)], "losses vs cpu")
     assert_close(m2.running, c.running, TRAIN_TOL[str(c.dtype)], "running statistics vs cpu")

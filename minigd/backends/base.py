@@ -57,7 +57,8 @@ Batch norm and dropout (``norm``, a :class:`NormSpec`; None for the plain MLP):
     calls (a finite-difference check, a statistic and the step itself).
 ``update_running(B)``
     folds the (whole-batch) statistics of the last training-mode pass into ``running``
-    with the momentum (once per optimizer step, by ``fit``).
+    with the momentum (once per optimizer step, by ``fit``; the gpu backend's
+    ``run_steps(update_running=True)`` does it inside each step instead).
 
 Per-example quantities are not defined with batch norm (it couples the examples of a
 ghost batch): the backends raise :class:`ValueError` for them (see

@@ -206,10 +206,6 @@ class GpuBackend(Backend):
                 self._idx = cp.zeros(n_steps * cap, np.int64)
                 self._sched = cp.zeros((n_steps, 2), np.float64)
                 self._rec = cp.zeros((n_steps, 3), np.float64)
-                if self.dropout > 0:   # per hidden layer, step c's B * n uniforms at c * B * n
-                    self._unif_tab = [cp.zeros(n_steps * cap * n, np.float64) for n in self.layout.hidden]
-            if self.dropout > 0:
-                self._unif_host = [np.zeros(n_steps * cap * n, np.float64) for n in self.layout.hidden]
             self._steps_cap = n_steps
             self._gen += 1
             self._graphs.clear()
@@ -517,9 +513,9 @@ class GpuBackend(Backend):
         """``draw_dropout``'s room for the masks: :meth:`_ensure`, not ``reserve`` (which
         would forget the device copy of the training data).  The host draws the uniforms
         as every backend does (the same masks for the same generator state); the next
-        training pass uploads them before its kernels run (never inside a captured step:
-        the graph reads the fixed device buffer ``unif``), and ``mgd_dropout_forward`` turns
-        them into the masks there."""
+        training pass uploads them before its kernels run, never inside a captured step
+        (a step reads its row of the table ``_unif_tab``, a pass outside a step the buffer
+        ``unif``), and ``mgd_dropout_forward`` turns them into the masks there."""
         self._ensure(capacity)
 
     def _stage_norm(self, B: int, training: bool) -> None:
@@ -549,20 +545,50 @@ class GpuBackend(Backend):
                              f"running statistics on the device (update_running=True, as fit does)")
         self.norm.check_batch(B)
 
+    #: device memory the dropout uniforms of one run may take (``fit`` shortens its runs of
+    #: a dropout model to fit: :meth:`max_run_steps`)
+    dropout_table_bytes = 64 << 20
+
+    def max_run_steps(self, B: int) -> int:
+        """The most steps of batch size B one :meth:`run_steps` call should take: every
+        step of a dropout model needs B * (sum of hidden widths) float64 uniforms on the
+        device, kept under ``dropout_table_bytes``."""
+        if self.dropout <= 0:
+            return 1 << 30
+        return max(1, self.dropout_table_bytes // (8 * B * sum(self.layout.hidden)))
+
     def _upload_uniforms(self, B: int, n_steps: int, rng) -> None:
-        """Dropout uniforms of steps 0..n_steps-1 into the device table the step reads:
-        drawn from ``rng`` step by step and layer by layer, the order of ``draw_dropout``
-        once per step (so the masks are those of the per-step loop), or, with no ``rng``
-        (one step), the ones the last ``draw_dropout`` drew."""
-        for l, n in enumerate(self.layout.hidden):
-            host = self._unif_host[l]
-            if rng is None:
-                host[:B * n] = self._unif[l][:B].ravel()
-        if rng is not None:
+        """Dropout uniforms of steps 0..n_steps-1 into the device table the step reads (row c
+        at c * B * n, grown to n_steps * B * n when short: a new table invalidates the
+        captured graphs): drawn from ``rng`` step by step and layer by layer, the order of
+        ``draw_dropout`` once per step (so the masks are those of the per-step loop), or,
+        with no ``rng`` (one step), the ones the last ``draw_dropout`` drew.  Afterwards
+        the host masks hold the last step's, as after the per-step loop."""
+        hid = self.layout.hidden
+        need = n_steps * B
+        if getattr(self, "_unif_rows", 0) < need:
+            with self.stream:
+                self._unif_tab = [self.cp.zeros(need * n, np.float64) for n in hid]
+            self._unif_host = [np.zeros(need * n, np.float64) for n in hid]
+            self._unif_rows = need
+            self._gen += 1
+            self._graphs.clear()
+        if rng is None:
+            for l, n in enumerate(hid):
+                self._unif_host[l][:B * n] = self._unif[l][:B].ravel()
+        else:
             for c in range(n_steps):
-                for l, n in enumerate(self.layout.hidden):
+                for l, n in enumerate(hid):
                     rng.random(out=self._unif_host[l][c * B * n:(c + 1) * B * n])
-        for l, n in enumerate(self.layout.hidden):
+            self._grow(B)
+            p = self.dropout
+            for l, n in enumerate(hid):   # the host state of draw_dropout after the last step
+                last = self._unif_host[l][(n_steps - 1) * B * n:n_steps * B * n].reshape(B, n)
+                np.copyto(self._unif[l][:B], last)
+                np.greater_equal(last, p, out=self._keep[l][:B])
+                np.copyto(self.masks[l][:B], self._keep[l][:B])
+                np.multiply(self.masks[l][:B], 1.0 / (1.0 - p), out=self.masks[l][:B])
+        for l, n in enumerate(hid):
             self._unif_tab[l][:n_steps * B * n].set(self._unif_host[l][:n_steps * B * n], stream=self.stream)
 
     def _enqueue_running(self, B: int, st) -> None:
