@@ -649,7 +649,18 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                     m = min(m, limit(b)) if limit is not None else m
                 if device_loop:
                     # m steps on the device, read back once (see _chunk_steps); b == B when m > 1
-                    lrs = ([float(lr_fn(step + j)) for j in range(m)] if lr_fn is not None else [lr_const] * m)
+                    if lr_fn is None:
+                        lrs = [lr_const] * m
+                    else:   # a schedule that raises at step s + j: run the j steps before it first
+                        lrs = []
+                        for j in range(m):
+                            try:
+                                lrs.append(float(lr_fn(step + j)))
+                            except Exception:
+                                if j == 0:
+                                    raise
+                                break
+                        m = len(lrs)
                     t0 = time.perf_counter()
                     chunk_idx = np.tile(src[:b], m) if cross else src[s0:s0 + m * b]
                     res = impl.run_steps(params, X, yi, yf, chunk_idx, b, m, opt_state, lrs, step + t1,

@@ -308,3 +308,22 @@ def test_device_loop_allocates_nothing_and_reads_back_every_k_steps(regime):
     fixed = counted[(40, 40)]["get"] - 1          # parameters, optimizer state, hp: once per call
     assert counted[(40, 10)]["get"] == fixed + 4 and counted[(20, 5)]["get"] == fixed + 4
     assert counted[(40, 10)]["set"] == counted[(40, 40)]["set"]                # uploads once per call
+
+
+def test_a_schedule_that_raises_mid_chunk_stops_where_the_per_step_loop_stops():
+    ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
+
+    def lr(step):
+        if step == 7:
+            raise ArithmeticError("schedule undefined at step 7")
+        return 0.1
+
+    models = []
+    for m in (on_gpu(ref, "emu:gpu-graph"), ref.to("cpu")):
+        with pytest.raises(ArithmeticError, match="step 7"):
+            mg.fit(m, X, y, batch_size=2, epochs=3, optimizer=mg.SGD(lr=lr))
+        models.append(m)
+    done = ref.to("cpu")
+    mg.fit(done, X, y, batch_size=2, steps=7, optimizer=mg.SGD(lr=0.1))
+    assert_close(models[0].params, done.params, 1e-12, "gpu params after 7 steps")
+    assert_close(models[1].params, done.params, 1e-12, "cpu params after 7 steps")
