@@ -285,6 +285,15 @@ def _check_callbacks(callbacks):
     return callbacks
 
 
+def _diverged(step, loss, params, hist) -> DivergenceError:
+    """The error for a rejected step (its update was not applied), with a copy of the last
+    finite parameters; marks the history as stopped by divergence."""
+    hist.stop_reason = "diverged"
+    return DivergenceError(step, loss, params.copy(), hist,
+                           "non-finite loss" if not math.isfinite(loss) else
+                           "the update would make parameters non-finite")
+
+
 def _chunk_steps(read_every, B, b, full_left, step, seen, steps, examples, eval_every, ck_every) -> int:
     """How many steps ``fit`` hands to the backend's device-resident loop (``run_steps``)
     at once: 1 unless the backend has such a loop (``read_every`` > 0, the gpu backend)
@@ -679,10 +688,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                         if not res["applied"][j]:
                             train_time = t_start + dt
                             opt_state.t = step - 1 + t1
-                            hist.stop_reason = "diverged"
-                            raise DivergenceError(step, loss, params.copy(), hist,
-                                                  "non-finite loss" if not math.isfinite(loss) else
-                                                  "the update would make parameters non-finite")
+                            raise _diverged(step, loss, params, hist)
                         seen += b
                         # per-step times inside a chunk are interpolated (one clock read per chunk)
                         train_time = t_start + dt * (j + 1) / m
@@ -722,10 +728,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                         if track and ok:
                             tracker.update(step, b, sum64(impl.last_sqnorms(b)), gsq)
                     if not ok:
-                        hist.stop_reason = "diverged"
-                        raise DivergenceError(step, loss, params.copy(), hist,
-                                              "non-finite loss" if not math.isfinite(loss) else
-                                              "the update would make parameters non-finite")
+                        raise _diverged(step, loss, params, hist)
                     opt_state.t = step + t1
                     seen += b
                     hist.record_step(step, epoch, loss, lr, b, seen, train_time)

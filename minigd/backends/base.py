@@ -186,9 +186,16 @@ class Backend:
         if p <= 0:
             return
         self._grow(B)
+        for u in self._unif:
+            rng.random(out=u[:B])
+        self._masks_from_uniforms(B)
+
+    def _masks_from_uniforms(self, B: int) -> None:
+        """``masks[l][:B]`` from the uniforms ``_unif[l][:B]``: kept (scaled by 1 / (1 - p))
+        where the uniform is >= p.  No allocation."""
+        p = self.dropout
         scale = 1.0 / (1.0 - p)
         for m, u, k in zip(self.masks, self._unif, self._keep):
-            rng.random(out=u[:B])
             np.greater_equal(u[:B], p, out=k[:B])
             # cast, then scale in place: a mixed bool x float ufunc call would allocate
             # a casting buffer (up to 64 kB) on every draw

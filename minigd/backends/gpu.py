@@ -581,13 +581,9 @@ class GpuBackend(Backend):
                 for l, n in enumerate(hid):
                     rng.random(out=self._unif_host[l][c * B * n:(c + 1) * B * n])
             self._grow(B)
-            p = self.dropout
             for l, n in enumerate(hid):   # the host state of draw_dropout after the last step
-                last = self._unif_host[l][(n_steps - 1) * B * n:n_steps * B * n].reshape(B, n)
-                np.copyto(self._unif[l][:B], last)
-                np.greater_equal(last, p, out=self._keep[l][:B])
-                np.copyto(self.masks[l][:B], self._keep[l][:B])
-                np.multiply(self.masks[l][:B], 1.0 / (1.0 - p), out=self.masks[l][:B])
+                np.copyto(self._unif[l][:B], self._unif_host[l][(n_steps - 1) * B * n:n_steps * B * n].reshape(B, n))
+            self._masks_from_uniforms(B)
         for l, n in enumerate(hid):
             self._unif_tab[l][:n_steps * B * n].set(self._unif_host[l][:n_steps * B * n], stream=self.stream)
 
