@@ -246,3 +246,45 @@ def test_missing_matplotlib_message(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install 'minigd\[study\]'"):
         write_report({}, tmp_path)
+
+
+# -- the "Generalisation" answer ----------------------------------------------------------------
+
+
+def test_rank_correlation_uses_average_ranks_for_ties():
+    from scipy.stats import spearmanr
+
+    from minigd.report.summary import _spearman
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        x, y = rng.integers(0, 4, 9), rng.integers(0, 3, 9)
+        want = spearmanr(x, y).statistic
+        got = _spearman(x, y)
+        assert (got is None and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
+    # identical values at every batch size: undefined, not +1.00 (ties broken by position were)
+    assert _spearman([1, 8, 64, 1437], [0.955, 0.955, 0.955, 0.955]) is None
+    assert _spearman([1, 8, 64, 1437], [0.9, 0.9, 0.9, 0.95]) == pytest.approx(0.7745966692)
+
+
+def test_generalisation_with_identical_accuracies_reports_no_trend():
+    from minigd.report.summary import answer_generalisation
+
+    rows = []
+    for B in (1, 8, 64, 1437):
+        for seed in (0, 1):
+            res = dict(_result(B, 0.1, seed), final_val_accuracy=0.9554317548746518,
+                       final_train_accuracy=0.97, gen_gap_accuracy=0.97 - 0.9554317548746518)
+            rows.append((TrialConfig(batch_size=B, lr=0.1, seed=seed, target=0.95), res))
+    text = answer_generalisation(analyze(rows)["architectures"][0], True)
+    assert "95.5% at every batch size: no trend" in text
+    assert "rank correlation" not in text and "+1.00" not in text and "tends to get" not in text
+    assert "at each trial's stopping point" in text   # says what it measures
+
+
+def test_generalisation_answer_says_values_are_at_the_stopping_point(analysis, tmp_path):
+    write_report(analysis, tmp_path)
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    para = next(ln for ln in md.splitlines() if "**Generalisation:**" in ln)
+    assert "Spearman rank correlation with batch size -1.00" in para   # accuracy falls with log2(B)
+    assert "stopping point" in para and "not how well each batch size generalises" in para

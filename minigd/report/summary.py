@@ -45,8 +45,9 @@ _PLOT_CAPTIONS = {
                           "and B_simple (noise scale mid-training, dotted); regimes shaded.",
     "time_to_target.png": "Wall-clock time to target vs batch size; the fastest (star) and the smallest "
                           "reasonable batch size (ring) marked.",
-    "generalization.png": "Final validation metric and generalisation gap vs batch size (best learning "
-                          "rate per batch size).",
+    "generalization.png": "Validation metric and generalisation gap at each trial's stopping point (the "
+                          "target, or the budget) vs batch size (best learning rate per batch size); "
+                          "trials stop at the target, so these compare stopping points, not equal budgets.",
     "best_lr.png": "Best learning rate vs batch size, with linear and square-root scaling lines through "
                    "the smallest batch size; grey ticks are the learning rates tried.",
     "throughput_memory.png": "Throughput and goodput (throughput × statistical efficiency) vs batch size; "
@@ -144,15 +145,36 @@ def _row(arch, b):
     return None
 
 
+def _average_ranks(values):
+    """Ranks 1..n of ``values``, ties sharing the mean of the ranks they span (the ranks
+    Spearman's coefficient is defined on; ``scipy.stats.rankdata(method="average")``)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    order = np.argsort(v, kind="mergesort")
+    ranks = np.empty(len(v), dtype=float)
+    sv = v[order]
+    i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and sv[j + 1] == sv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
 def _spearman(xs, ys):
+    """Spearman's rank correlation with average ranks for ties, or None where it is
+    undefined: fewer than 3 points, or either series constant (e.g. the same validation
+    accuracy at every batch size -- no trend to report)."""
     import numpy as np
 
     if len(xs) < 3:
         return None
-    rx = np.argsort(np.argsort(xs)).astype(float)
-    ry = np.argsort(np.argsort(ys)).astype(float)
+    rx, ry = _average_ranks(xs), _average_ranks(ys)
     if rx.std() == 0 or ry.std() == 0:
-        return 0.0
+        return None
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
@@ -352,31 +374,45 @@ def answer_generalisation(arch, acc) -> str:
     best = (max if acc else min)(pts, key=lambda p: p[1])
     worst = (min if acc else max)(pts, key=lambda p: p[1])
     metric = "accuracy" if acc else "loss"
-    parts = [f"best final validation {metric} {fmt(best[1])} at batch {_batch(best[0], best[2])}; "
-             f"worst {fmt(worst[1])} at batch {_batch(worst[0], worst[2])}"]
-    rho = _spearman([p[0] for p in pts], [p[1] for p in pts])
-    if rho is not None:
-        better = rho > 0 if acc else rho < 0
-        trend = ("no clear trend with batch size" if abs(rho) < 0.3 else
-                 f"it tends to get {'better' if better else 'worse'} as the batch grows")
-        parts.append(f"{trend} (rank correlation with batch size {rho:+.2f})")
+    if best[1] == worst[1]:
+        parts = [f"final validation {metric} {fmt(best[1])} at every batch size: no trend with batch size"]
+    else:
+        parts = [f"best final validation {metric} {fmt(best[1])} at batch {_batch(best[0], best[2])}; "
+                 f"worst {fmt(worst[1])} at batch {_batch(worst[0], worst[2])}"]
+        rho = _spearman([p[0] for p in pts], [p[1] for p in pts])
+        if rho is None:
+            parts.append("too few batch sizes to speak of a trend")
+        else:
+            better = rho > 0 if acc else rho < 0
+            trend = ("no clear trend with batch size" if abs(rho) < 0.3 else
+                     f"it tends to get {'better' if better else 'worse'} as the batch grows")
+            parts.append(f"{trend} (Spearman rank correlation with batch size {rho:+.2f})")
     gaps = [(float(r["batch_size"]), fnum(r.get(gkey))) for r in rows if fnum(r.get(gkey)) is not None]
     if gaps:
         gap_name = "train − validation accuracy" if acc else "validation − train loss"
         gfmt = (lambda v: f"{100 * v:.1f} points") if acc else (lambda v: _g(v))
         lo, hi = min(gaps, key=lambda p: p[1]), max(gaps, key=lambda p: p[1])
-        s = (f"generalisation gap ({gap_name}) from {gfmt(lo[1])} (batch {_batch(lo[0])}) "
-             f"to {gfmt(hi[1])} (batch {_batch(hi[0])})")
-        rho_g = _spearman([p[0] for p in gaps], [p[1] for p in gaps])
-        if rho_g is not None:
-            s += (", with no clear trend in batch size" if abs(rho_g) < 0.3 else
-                  f", {'growing' if rho_g > 0 else 'shrinking'} with batch size (rank correlation {rho_g:+.2f})")
+        if lo[1] == hi[1]:
+            s = f"generalisation gap ({gap_name}) {gfmt(lo[1])} at every batch size"
+        else:
+            s = (f"generalisation gap ({gap_name}) from {gfmt(lo[1])} (batch {_batch(lo[0])}) "
+                 f"to {gfmt(hi[1])} (batch {_batch(hi[0])})")
+            rho_g = _spearman([p[0] for p in gaps], [p[1] for p in gaps])
+            if rho_g is not None:
+                s += (", with no clear trend in batch size" if abs(rho_g) < 0.3 else
+                      f", {'growing' if rho_g > 0 else 'shrinking'} with batch size (rank correlation {rho_g:+.2f})")
         parts.append(s)
-    return head + "; ".join(parts) + (". For context: with the learning rate tuned per batch size, Shallue "
-                                      "et al. 2018 (arXiv:1811.03600) found no evidence that large batches "
-                                      "generalise worse; Keskar et al. 2017 (arXiv:1609.04836) link large "
-                                      "batches to sharp minimisers, and Masters & Luschi 2018 "
-                                      "(arXiv:1804.07612) found the best test performance at batch sizes 2–32.")
+    caveat = (f" What this measures: a trial stops as soon as it reaches the target, so these are the "
+              f"validation {metric} and the gap at each trial's stopping point (median over seeds, best "
+              f"learning rate), which for trials that reached the target sit near the target by "
+              f"construction. They compare stopping points, not how well each batch size generalises "
+              f"after the same training budget; this study does not measure that.")
+    return head + "; ".join(parts) + "." + caveat + (
+        " For context: with the learning rate tuned per batch size, Shallue "
+        "et al. 2018 (arXiv:1811.03600) found no evidence that large batches "
+        "generalise worse; Keskar et al. 2017 (arXiv:1609.04836) link large "
+        "batches to sharp minimisers, and Masters & Luschi 2018 "
+        "(arXiv:1804.07612) found the best test performance at batch sizes 2–32.")
 
 
 def batch_table(arch, acc):
