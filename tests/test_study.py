@@ -268,6 +268,42 @@ def test_local_workers_are_pinned_to_one_thread():
     assert {r["numba_threads"] for r in got.values()} == {"1"}
 
 
+def _thread_counts(_):
+    from minigd.study.executors import thread_counts
+
+    return {"status": "ok", **thread_counts()}
+
+
+def test_in_process_trials_use_the_threads_of_the_pool_workers():
+    """--workers 1 ran trials with the process's default BLAS/Numba threads while the pool's
+    workers are pinned to one, so the two modes timed different things."""
+    pytest.importorskip("threadpoolctl")
+    import numba
+
+    from minigd.study.executors import thread_counts
+
+    before = thread_counts()
+    serial = [r for _, r in SerialExecutor().run(_thread_counts, [0, 1])]
+    pooled = [r for _, r in LocalExecutor(2).run(_thread_counts, [0, 1])]
+    assert {(r["blas_threads"], r["numba_threads"]) for r in serial} == {(1, 1)}
+    assert {(r["blas_threads"], r["numba_threads"]) for r in pooled} == {(1, 1)}
+    assert thread_counts() == before and numba.get_num_threads() == before["numba_threads"]   # restored
+
+
+def test_trials_record_their_thread_counts_and_mixed_counts_are_flagged():
+    cfg = tiny_configs(seeds=(0,))[0]
+    (_, res), = SerialExecutor().run(run_trial, [cfg])
+    assert res["status"] == "ok", res.get("traceback")
+    assert res["numba_threads"] == 1
+    if res["blas_threads"] is not None:
+        assert res["blas_threads"] == 1
+    rows = [(c, dict(res, batch_size=c.batch_size)) for c in tiny_configs(seeds=(0,))]
+    assert not any("thread" in w for w in analyze(rows)["architectures"][0]["warnings"])
+    mixed = rows[:-1] + [(rows[-1][0], dict(rows[-1][1], blas_threads=2, numba_threads=2))]
+    warn = [w for w in analyze(mixed)["architectures"][0]["warnings"] if "thread" in w]
+    assert len(warn) == 1 and "BLAS 2 / Numba 2" in warn[0] and "BLAS 1 / Numba 1" in warn[0]
+
+
 def test_regression_study_needs_a_loss_target(tmp_path):
     spec = tiny_spec(data=DataSpec(name="linear_regression", params=(("n", 200),)), batch_sizes=(8,))
     with pytest.raises(ValueError, match="target_metric"):

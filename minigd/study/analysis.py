@@ -111,6 +111,25 @@ def norm_comparisons(archs) -> list:
     return out
 
 
+def _thread_label(res) -> str:
+    if "blas_threads" not in res and "numba_threads" not in res:
+        return "not recorded"
+    return f"BLAS {res.get('blas_threads') or '?'} / Numba {res.get('numba_threads') or '?'}"
+
+
+def _thread_mix(items):
+    """A warning when the trials' timings were taken with different thread counts (a study
+    resumed under another executor, or one that predates the record), else None."""
+    counts = defaultdict(int)
+    for _, res in items:
+        counts[_thread_label(res)] += 1
+    if len(counts) < 2:
+        return None
+    parts = ", ".join(f"{n} with {label}" for label, n in sorted(counts.items()))
+    return (f"timings were taken with different thread counts ({parts} threads): wall times and "
+            f"throughputs are not comparable across them; re-run the study into a fresh --out")
+
+
 def _analyze_arch(key, items) -> dict:
     sizes, activation, optimizer, norm = key
     by_b = defaultdict(lambda: defaultdict(list))
@@ -200,6 +219,9 @@ def _analyze_arch(key, items) -> dict:
     if edge:
         warnings.append(f"the best learning rate is at the edge of the grid tried for batch sizes {edge}: "
                         f"their steps to target may be overstated; widen --lr-grid")
+    threads = _thread_mix(items)
+    if threads:
+        warnings.append(threads)
     return {
         "warnings": warnings,
         "sizes": list(sizes), "activation": activation, "optimizer": optimizer, "norm": norm,

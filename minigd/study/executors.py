@@ -23,15 +23,64 @@ def _died(item, why) -> dict:
     return {"status": "failed", "error": f"{why}; tried {MAX_ATTEMPTS} times"}
 
 
+def thread_counts() -> dict:
+    """The threads this process computes with now: ``{"blas_threads", "numba_threads"}``
+    (``blas_threads`` is None when threadpoolctl is not installed or no BLAS is loaded).
+    Every trial records it next to its timings."""
+    out = {"blas_threads": None, "numba_threads": None}
+    try:
+        import numba
+        out["numba_threads"] = int(numba.get_num_threads())
+    except Exception:  # pragma: no cover - numba is a core dependency
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover - depends on the install (scikit-learn brings it)
+        return out
+    blas = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
+    if blas:
+        out["blas_threads"] = max(blas)
+    return out
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Compute with one thread in *this* process, as the pool workers do (they get
+    :data:`ONE_THREAD_ENV` before numpy loads): BLAS through threadpoolctl, Numba through
+    ``numba.set_num_threads``; restored on exit.  Without threadpoolctl the BLAS threads
+    cannot be changed once numpy is loaded; a warning says so (the trials record the count)."""
+    import warnings
+
+    limiter = contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+        limiter = threadpool_limits(limits=1)
+    except ImportError:  # pragma: no cover - depends on the install
+        warnings.warn("--workers 1: threadpoolctl is not installed, so BLAS threads are not pinned to one "
+                      "as in the worker pool; timings may differ from the pool's "
+                      "(pip install threadpoolctl)", RuntimeWarning, stacklevel=3)
+    import numba
+    old_numba = numba.get_num_threads()
+    with _env(ONE_THREAD_ENV), limiter:
+        numba.set_num_threads(1)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(old_numba)
+
+
 class SerialExecutor:
-    """Run trials one after another in this process (debugging, tiny sweeps)."""
+    """Run trials one after another in this process (debugging, tiny sweeps), pinned to
+    one thread like the pool workers (:func:`one_thread`), so timings match the pool's."""
 
     name = "serial"
     n_workers = 1
 
     def run(self, fn, items):
         for item in items:
-            yield item, fn(item)
+            with one_thread():
+                res = fn(item)
+            yield item, res
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import traceback
 import numpy as np
 
 from .config import DataSpec, TrialConfig
+from .executors import thread_counts
 
 #: steps-to-target resolution: evaluate at least every this many steps
 MAX_EVAL_INTERVAL = 32
@@ -191,6 +192,8 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         "batch_size": B, "n_train": n, "n_params": model.n_params,
         "noise": noise, "curve": curve[-400:],
         "host": platform.node(), "pid": os.getpid(),
+        # the threads the timings were taken with (pool workers and --workers 1: 1 and 1)
+        **thread_counts(),
         "wall_time": time.perf_counter() - t_wall,
     }
     for k, v in list(res.items()):
