@@ -71,6 +71,17 @@ def _check_norm_batches(model, bs, n, sampler, drop_last, track_noise):
             model.norm.check_batch(b, "batch_size" + hint, hint)
 
 
+def _run_batch_sizes(bs, n, sampler, drop_last) -> list:
+    """Every batch size a run can step with: the schedule's sizes and, unless dropped,
+    the partial last batch of an epoch (``n % B`` rows)."""
+    sizes = set()
+    for B in {bs.initial} | {b for _, b in bs.milestones}:
+        sizes.add(B)
+        if not drop_last and sampler != "replacement" and n % B:
+            sizes.add(n % B)
+    return sorted(sizes)
+
+
 def _check_target(target):
     if target is None:
         return None
@@ -352,6 +363,11 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         :class:`~minigd.optim.BatchSizeSchedule` grows it at given epochs.
     epochs, steps, examples : int, optional
         Budgets; training stops at the first one reached.  With none given, ``epochs=10``.
+        The training ``time`` of the history (and ``time_to_target``, ``max_time``,
+        a checkpoint's ``train_time``) counts the steps only: evaluation, noise-tracking
+        bookkeeping and the compilation of the kernels are left out (``fit`` compiles, or
+        loads from numba's cache, the kernels its batch sizes need in an untimed warm-up
+        that leaves the model, optimizer state and generators as they were).
     target : dict, optional
         ``{"val_accuracy": 0.95}``, ``{"val_loss": 0.1}``, ``{"train_loss": ...}`` or
         ``{"train_accuracy": ...}`` (all keys must be met).  Checked at every evaluation;
@@ -610,6 +626,11 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
             hist.steps_to_target, hist.examples_to_target, hist.time_to_target = step, seen, train_time
         return any(bool(f(model, rec)) for f in on_eval)
 
+    # compile (or load from numba's cache) the kernels the steps will run, before the clock
+    # starts: else the first step of the first fit in a process (per dtype and regime) would
+    # charge up to seconds of compilation to the training time (time, time_to_target)
+    impl.warm_up(params, grad, X, yi, yf, _run_batch_sizes(bs, n, sampler, drop_last), opt_state,
+                 want_sqn=tracker is not None)
     try:
         for c in callbacks:
             if hasattr(c, "on_fit_start"):

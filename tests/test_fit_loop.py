@@ -284,3 +284,96 @@ def test_history_columns(tiny):
     with pytest.raises(KeyError, match="name: expected one of"):
         hist.column("accuracy")
     assert "History(steps=3" in repr(hist)
+
+
+# ============================================================================ JIT warm-up
+_NO_COMPILE_IN_TIMED_STEPS = r"""
+import sys, time, types
+import numpy as np
+import minigd as mg
+import minigd.train as train
+from minigd.kernels import cpu, cpu_norm, cpu_stats
+
+def compiled():
+    # every numba dispatcher's compiled (or cache-loaded) specialisations
+    return sum(len(f.overloads) for mod in (cpu, cpu_norm, cpu_stats) for f in vars(mod).values()
+               if hasattr(f, "overloads"))
+
+reads = []
+clock = types.SimpleNamespace(perf_counter=lambda: reads.append(compiled()) or time.perf_counter())
+train.time = clock          # fit's only clock: each timed stretch is a pair of reads
+rng = np.random.default_rng(0)
+for dtype, kw, fit_kw in [
+        ("float32", {}, dict(batch_size=1)),                                  # loops
+        ("float32", {}, dict(batch_size=16)),                                 # BLAS, partial batch
+        ("float64", {"dropout": 0.2}, dict(batch_size=8, track_noise=2)),     # Python-driven path
+        ("float32", {"batch_norm": True}, dict(batch_size=16, optimizer=mg.Adam())),
+]:
+    X = rng.normal(size=(50, 4)).astype(dtype)
+    y = np.arange(50) % 3
+    m = mg.MLP([4, 8, 3], dtype=dtype, seed=0, **kw)
+    del reads[:]
+    mg.fit(m, X, y, epochs=2, validation=(X, y), **fit_kw)
+    assert len(reads) % 2 == 0 and reads, reads
+    inside = [(reads[i], reads[i + 1]) for i in range(0, len(reads), 2) if reads[i] != reads[i + 1]]
+    assert not inside, (dtype, kw, fit_kw, "kernels compiled inside timed steps", inside[:3])
+print("ok")
+"""
+
+
+def test_first_fit_does_not_time_jit_compilation():
+    """In a fresh process no numba kernel is compiled (or loaded from the cache) between the
+    two clock reads around a step: fit compiles the run's kernels before its clock starts."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _NO_COMPILE_IN_TIMED_STEPS], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
+
+
+def test_warm_up_covers_every_batch_size_of_the_run(monkeypatch):
+    from minigd.backends.cpu import CpuBackend
+
+    seen = []
+    real = CpuBackend.warm_up
+
+    def spy(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False):
+        seen.append((list(batch_sizes), want_sqn))
+        return real(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn)
+
+    monkeypatch.setattr(CpuBackend, "warm_up", spy)
+    X = np.random.default_rng(0).normal(size=(50, 3))
+    y = np.arange(50) % 2
+    sched = mg.optim.BatchSizeSchedule(8, {2: 20})
+    mg.fit(ce(), X, y, batch_size=sched, epochs=3)
+    mg.fit(ce(), X, y, batch_size=8, epochs=1, drop_last=True, track_noise=1)
+    mg.fit(ce(), X, y, batch_size=8, epochs=1, sampler="replacement")
+    # 50 % 8 = 2 and 50 % 20 = 10 rows in the partial last batches
+    assert seen == [([2, 8, 10, 20], False), ([8], True), ([8], False)]
+
+
+@pytest.mark.parametrize("kw, fit_kw", [
+    ({}, dict(batch_size=1, optimizer=mg.SGD(lr=0.1, momentum=0.9))),
+    ({}, dict(batch_size=7, optimizer=mg.Adam(lr=0.01), track_noise=2)),
+    ({"batch_norm": True, "dropout": 0.3}, dict(batch_size=8, optimizer=mg.AdamW(lr=0.01))),
+], ids=["loops-momentum", "blas-adam-noise", "bn-dropout-adamw"])
+def test_warm_up_changes_nothing(monkeypatch, kw, fit_kw):
+    """The untimed warm-up leaves the parameters, optimizer state, running statistics and
+    random streams alone: the run is bitwise the one without it."""
+    from minigd.backends.cpu import CpuBackend
+
+    X = np.random.default_rng(3).normal(size=(30, 3))
+    y = np.arange(30) % 2
+
+    def run():
+        m = mg.MLP([3, 6, 2], dtype="float64", seed=1, **kw)
+        h = mg.fit(m, X, y, epochs=3, seed=5, **fit_kw)
+        return m, h
+
+    m1, h1 = run()
+    monkeypatch.setattr(CpuBackend, "warm_up", lambda self, *a, **k: None)
+    m2, h2 = run()
+    assert np.array_equal(m1.params, m2.params) and np.array_equal(m1.running, m2.running)
+    assert np.array_equal(h1.column("loss"), h2.column("loss"))
+    assert np.array_equal(h1.opt_state.state, h2.opt_state.state) and h1.opt_state.t == h2.opt_state.t

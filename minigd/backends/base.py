@@ -241,6 +241,14 @@ class Backend:
         """(B,) per-example squared gradient norms of the last ``train_step(want_sqn=True)``."""
         return self.ws.scratch(B)
 
+    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False) -> None:
+        """Make the first timed ``train_step`` of a run as fast as the others: compile (or
+        load from a compile cache) whatever the steps of batch sizes ``batch_sizes`` on these
+        arrays will run.  Leaves ``params``, ``opt_state`` and ``running`` as they were
+        (``grad`` and the workspace are scratch); draws no random numbers.  Nothing to do
+        for a backend without compiled code (the NumPy reference); ``fit`` calls it before
+        its clock starts."""
+
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
         loss, rows = self.loss_grad(params, grad, X, yi, yf, idx, B, want_sqn=want_sqn)
         if want_sqn:   # leave them where the contract says (compiled backends already do)

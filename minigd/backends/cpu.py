@@ -118,6 +118,39 @@ class CpuBackend(Backend):
                              opt_state.state, opt_state.plan, lr, t)
         return loss, bool(ok), gsq
 
+    def _regime(self, B: int) -> str:
+        """Which compiled code a training step of B rows runs (see the module doc)."""
+        if self.norm is not None:
+            return "python"
+        if not self.use_blas(B):
+            return "loops"
+        return "blas" if self.compiled_blas else "python"
+
+    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False):
+        """One untimed step per regime (loops / compiled BLAS / Python-driven) among
+        ``batch_sizes``, on rows 0..b-1 of X and the run's own arrays (so numba compiles,
+        or loads from its cache, exactly the specialisations the run will call), then
+        ``params``, the optimizer buffers and ``running`` are put back bitwise.  The
+        dropout masks are not redrawn (``fit`` draws each step's before the step)."""
+        reps = {}
+        for b in sorted({int(b) for b in batch_sizes}):
+            reps.setdefault(self._regime(b), b)
+        if not reps:
+            return
+        idx = np.arange(max(reps.values()), dtype=np.int64)
+        saved = (params.copy(), opt_state.state.copy(), opt_state.hp.copy(), self.running.copy())
+        try:
+            for b in reps.values():
+                self.train_step(params, grad, X, yi, yf, idx[:b], b, opt_state, 0.0, int(opt_state.t) + 1,
+                                want_sqn)
+                if self.norm is not None and self.norm.bn:
+                    self.update_running(b)
+        finally:
+            params[...] = saved[0]
+            opt_state.state[...] = saved[1]
+            opt_state.hp[...] = saved[2]
+            self.running[...] = saved[3]
+
     # -- BLAS path driven from Python (no SciPy; batch norm and dropout) ------------------------
     def _forward_py(self, params, X, idx, B, ws, training=False):
         x0, zs, as_, _, _ = ws.views(B)
