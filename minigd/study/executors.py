@@ -131,7 +131,7 @@ class LocalExecutor:
             while todo:
                 started = ctx.SimpleQueue()   # put() writes synchronously: it survives os._exit
                 pool = cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx,
-                                              initializer=_set_started_queue, initargs=(started,))
+                                              initializer=_init_worker, initargs=(started, os.getpid()))
                 futures = {pool.submit(_announce_and_run, fn, i, items[i]): i for i in todo}
                 todo, broken = [], []
                 try:
@@ -157,11 +157,42 @@ class LocalExecutor:
 
 
 _STARTED = None
+#: seconds between a worker's checks that the study process is still alive
+PARENT_POLL_S = 0.5
 
 
-def _set_started_queue(q):
+def _init_worker(q, parent_pid: int):
     global _STARTED
     _STARTED = q
+    _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker when the process that started it dies.
+
+    A parent killed with SIGKILL (or crashing) cannot shut its pool down: its workers would
+    wait for work, or block writing a result into a pipe nobody reads, forever.  A daemon
+    thread checks every :data:`PARENT_POLL_S` seconds whether the worker has been
+    re-parented (``os.getppid()`` changed, as POSIX does when a parent dies; Windows keeps
+    the dead parent's id, so there the check never fires) and then calls ``os._exit`` from
+    its own thread, so a main thread stuck in a trial or a blocking write does not hold it
+    up.  The check runs twice a second and costs microseconds, far below what a trial's
+    median step timing can see.
+    """
+    import threading
+
+    def alive() -> bool:
+        return os.getppid() == parent_pid
+
+    def watch():
+        import time
+        while alive():
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    if not alive():    # the parent died before this worker got going
+        os._exit(1)
+    threading.Thread(target=watch, name="minigd-parent-watch", daemon=True).start()
 
 
 def _announce_and_run(fn, i, item):
