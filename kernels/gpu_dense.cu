@@ -73,7 +73,8 @@ __device__ void bias_grad_body(const T* __restrict__ D, int B, int n, T* __restr
 //   1: C = acc + bias[j]; Aout = f(C) if act>=0 (forward: z_l, a_l)
 //   2: C = acc * f'(Zp, Ap)                     (backward: D_{l-1} = (D_l W_l^T) * f'(z_{l-1}))
 //   bias (N,) read (epi 1)   Aout (M, N) written (epi 1, act >= 0)   Zp, Ap (M, N) read (epi 2)
-// Block (16, 16); grid (ceil(N / 16), ceil(M / 16)).
+// Block (16, 16); grid (ceil(M / 16), ceil(N / 16)): rows on grid.x, which allows 2^31 - 1 blocks
+// (grid.y allows 65535: rows there would cap a batch at about a million rows).
 template <typename T>
 __device__ void gemm_body(const T* __restrict__ A, const T* __restrict__ Bm, T* __restrict__ C,
                           int M, int N, int K, int transA, int transB, int epi,
@@ -82,7 +83,7 @@ __device__ void gemm_body(const T* __restrict__ A, const T* __restrict__ Bm, T* 
     __shared__ T As[MGD_TILE][MGD_TILE + 1];   // As[i][k]
     __shared__ T Bs[MGD_TILE][MGD_TILE + 1];   // Bs[k][j]
     const int tx = threadIdx.x, ty = threadIdx.y;
-    const int i0 = blockIdx.y * MGD_TILE, j0 = blockIdx.x * MGD_TILE;
+    const int i0 = blockIdx.x * MGD_TILE, j0 = blockIdx.y * MGD_TILE;
     const int row = i0 + ty, col = j0 + tx;
     T acc = T(0);
     for (int k0 = 0; k0 < K; k0 += MGD_TILE) {

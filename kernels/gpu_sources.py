@@ -28,6 +28,10 @@ ARCHS = ("sm_80", "sm_90")
 #: NVRTC options used on the device and in the compile test (no fast math: NaN and inf
 #: must propagate, divergence detection depends on them)
 NVRTC_OPTIONS = ("--std=c++17",)   # the default of NVRTC 12 and 13; the emulator compiles as C++17 too
+#: what cupy.RawModule appends to every compile (cupy/cuda/compiler.py): float32 subnormals
+#: are flushed to zero on the device (float64 keeps them); the compile check builds with it,
+#: so it checks the binary that runs
+CUPY_ADDED_OPTIONS = ("-ftz=true",)
 
 THREADS = 256            # threads per block of the 1-D kernels (MGD_THREADS)
 ROWS_PER_BLOCK = THREADS // 32   # warp-per-row kernels: one warp per example
@@ -108,10 +112,15 @@ def grid_rows(B: int) -> tuple:
 
 
 def grid_gemm(M: int, N: int) -> tuple:
-    """(grid, block) of mgd_gemm_* for an (M, N) output."""
+    """(grid, block) of mgd_gemm_* for an (M, N) output: row tiles on grid.x (up to
+    2^31 - 1 blocks), column tiles on grid.y (up to 65535, so N <= 1,048,560)."""
     if M < 1 or N < 1:
         raise ValueError(f"M, N: expected a non-empty output, got ({M}, {N})")
-    return (-(-int(N) // TILE), -(-int(M) // TILE)), (TILE, TILE)
+    gm, gn = -(-int(M) // TILE), -(-int(N) // TILE)
+    if gn > 65535 or gm > 2**31 - 1:
+        raise ValueError(f"M, N: an ({M}, {N}) output needs a grid of ({gm}, {gn}) tiles; CUDA allows "
+                         f"(2^31 - 1, 65535)")
+    return (gm, gn), (TILE, TILE)
 
 
 def grid_bias_grad(n: int) -> tuple:
@@ -142,7 +151,7 @@ def nvrtc_compile(name: str, arch: str = "sm_90") -> bytes:
     prog = nvrtc.createProgram(source(name), name, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *NVRTC_OPTIONS])
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *NVRTC_OPTIONS, *CUPY_ADDED_OPTIONS])
         except nvrtc.NVRTCError as exc:
             log = nvrtc.getProgramLog(prog)
             raise RuntimeError(f"NVRTC failed to compile {name} for {arch}: {exc}\n{log}") from None

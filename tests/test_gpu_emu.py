@@ -385,7 +385,121 @@ def test_loading_on_an_unavailable_backend_says_how_to_choose_another(tmp_path):
     assert "saved from" not in str(ei.value)
 
 
+# ============================================================================ devices, order, capture errors
+def test_streams_kernels_and_memory_belong_to_a_device(mod):
+    """As CuPy: entering a stream of another device raises.  Device memory is used with its
+    own device current, or it is an error (on a GPU, another device's pointer); kernels
+    are not tied to a device (CuPy loads a module once per device)."""
+    with E.cuda.Device(1):
+        s1 = E.cuda.Stream(non_blocking=True)
+        x1 = E.zeros(256, np.float64)
+        assert E.cuda.runtime.getDevice() == 1 and E.cuda.Device().id == 1
+    assert E.cuda.runtime.getDevice() == 0
+    with pytest.raises(RuntimeError, match=r"stream is created on \(1\) does not match with the current device \(0\)"):
+        with s1:
+            pass
+    y = E.zeros(256, np.float64)
+    with pytest.raises(RuntimeError, match="memory of device 1 used while device 0"):
+        mod.get_function("reverse")((1,), (256,), (x1, y, np.int32(1)))
+    with E.cuda.Device(1):
+        y1 = E.zeros(256, np.float64)
+        mod.get_function("reverse")((1,), (256,), (x1, y1, np.int32(1)))
+        with pytest.raises(RuntimeError, match="memory of device 0"):
+            E.matmul(x1.reshape(16, 16), y.reshape(16, 16))
+    with pytest.raises(RuntimeError, match="invalid device ordinal 2"):
+        E.cuda.Device(2)
+
+
+def test_a_gpu_model_keeps_to_its_device_whatever_is_current():
+    """A model made on device 0 works while device 1 is current, and one made on device
+    1 works from device 0 (every public method makes the model's device current)."""
+    import minigd as mg
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    ref = mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="numpy")
+    h_ref = mg.fit(ref, X, y, batch_size=8, epochs=2, optimizer=mg.SGD(0.1, momentum=0.9), seed=0)
+    with E.emulated():
+        m0 = mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="gpu")
+        with E.cuda.Device(1):
+            m1 = mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="gpu")
+            h0 = mg.fit(m0, X, y, batch_size=8, epochs=2, optimizer=mg.SGD(0.1, momentum=0.9), seed=0)
+        h1 = mg.fit(m1, X, y, batch_size=8, epochs=2, optimizer=mg.SGD(0.1, momentum=0.9), seed=0)
+    assert m0.backend_impl.device.id == 0 and m1.backend_impl.device.id == 1
+    for m, h in ((m0, h0), (m1, h1)):
+        np.testing.assert_allclose(m.params, ref.params, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(h.column("loss"), h_ref.column("loss"), rtol=1e-10)
+
+
+def test_asarray_keeps_fortran_order_as_cupy_does_and_the_backend_uploads_c_order():
+    """cupy.asarray keeps a Fortran-ordered host array Fortran-ordered, and a raw kernel sees
+    only its data pointer: the backend must upload training data in C order."""
+    import minigd as mg
+
+    F = np.asfortranarray(np.arange(12.0).reshape(3, 4))
+    assert E.asarray(F).flags.f_contiguous and not E.asarray(F).flags.c_contiguous
+    assert E.ascontiguousarray(F).flags.c_contiguous
+    np.testing.assert_array_equal(E.ascontiguousarray(F).get(), F)
+    rng = np.random.default_rng(3)
+    X, yf = rng.normal(size=(32, 5)), rng.normal(size=(32, 2))
+    idx = rng.integers(0, 32, size=4 * 8)
+    out = []
+    for order in ("C", "F"):
+        with E.emulated():
+            m = mg.MLP([5, 6, 2], loss="mse", seed=0, dtype="float64", backend="gpu")
+        b = m.backend_impl
+        opt = mg.SGD(0.05).init(m.params)
+        p = m.params.copy()
+        b.reserve(8)
+        b.run_steps(p, np.asarray(X, order=order), np.zeros(0, np.int64), np.asarray(yf, order=order), idx, 8, 4,
+                    opt, np.full(4, 0.05), 1)
+        out.append(p)
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_the_step_tables_are_sized_by_the_run_not_the_workspace():
+    """A whole-dataset pass (training-mode forward of a batch-norm model, say) grows the
+    workspace; the step index table stays n_steps x B (it was n_steps x capacity)."""
+    import minigd as mg
+
+    with E.emulated():
+        m = mg.MLP([3, 4, 2], seed=0, dtype="float64", backend="gpu")
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(3000, 3)), rng.integers(0, 2, 3000)
+    m.backend_impl.reserve(3000)         # as one pass over 3000 rows does
+    assert m.backend_impl.ws.capacity >= 3000
+    mg.fit(m, X[:64], y[:64], batch_size=8, epochs=1)
+    assert m.backend_impl._idx.size <= m.backend_impl.read_every * 8
+
+
+def test_an_error_inside_a_graph_capture_is_reported_not_the_broken_capture(monkeypatch):
+    import minigd as mg
+
+    with E.emulated():
+        m = mg.MLP([3, 4, 2], seed=0, dtype="float64", backend="gpu")
+    b = m.backend_impl
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(b, "_enqueue_step", broken)
+    monkeypatch.setattr(E.Stream, "end_capture", lambda self, _orig=E.Stream.end_capture: (
+        _orig(self), (_ for _ in ()).throw(RuntimeError("cudaErrorStreamCaptureInvalidated")))[1])
+    X, y = np.zeros((8, 3)), np.zeros(8, np.int64)
+    with pytest.raises(ZeroDivisionError, match="planted"):
+        mg.fit(m, X, y, batch_size=4, epochs=1)
+    assert E._capturing_here() is None      # the capture was ended
+
+
 # ============================================================================ AddressSanitizer
+#: parity cases that launch every kernel (all regimes, CE/MSE/BCE, training steps with
+#: clipping and the unfused optimizer chain, batch norm with ghost batches and dropout, the
+#: step tables of the device loop, the running statistics), run under each sanitizer
+SANITIZER_CASES = ("emu: and ((float32 and (relu-ce or tanh-mse-2hidden or gelu-bce or sgd-clip or generic-chain or "
+                   "test_forward_loss_and_gradient)) or run_steps_with_norm or fit_in_device_chunks_with_norm or "
+                   "update_running)")
+
+
 def _libasan():
     import shutil
     import subprocess
@@ -431,11 +545,91 @@ def test_the_gpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    sel = ("emu: and ((float32 and (relu-ce or tanh-mse-2hidden or gelu-bce or sgd-clip or generic-chain or "
-           "test_forward_loss_and_gradient)) or run_steps_with_norm or fit_in_device_chunks_with_norm or "
-           "update_running)")
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", sel],
+                        str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", SANITIZER_CASES],
                        env=_asan_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tests.parent)
     assert p.returncode == 0 and "AddressSanitizer" not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
+    assert " passed" in p.stdout and "failed" not in p.stdout
+
+
+# ============================================================================ ThreadSanitizer
+def _libtsan():
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    path = subprocess.run([cc, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def _tsan_env(tmp_path):
+    return dict(os.environ, MINIGD_GPU_EMU_SANITIZE="thread", LD_PRELOAD=_libtsan(), MINIGD_CACHE_DIR=str(tmp_path),
+                TSAN_OPTIONS="exitcode=66", NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+
+RACES = r'''
+extern "C" __global__ void inter_block(double* x) { if (threadIdx.x == 0) x[0] += 1.0; }   // every block
+extern "C" __global__ void intra_block(double* y) {        // thread 1 reads thread 0's write, no barrier
+    __shared__ double v;
+    if (threadIdx.x == 0) v = 1.0;
+    if (threadIdx.x == 1) y[0] = v;
+}
+extern "C" __global__ void clean(const double* x, double* y, int* f) {
+    __shared__ double sh[64];
+    sh[threadIdx.x] = x[blockIdx.x * 64 + threadIdx.x];
+    __syncthreads();
+    y[blockIdx.x * 64 + threadIdx.x] = sh[63 - threadIdx.x];
+    __syncthreads();
+    sh[threadIdx.x] = 2.0;                                  // after the barrier: no race with the reads
+    atomicOr(f, 1 << (threadIdx.x % 5));                    // atomics from every block: no race
+}
+'''
+
+
+@pytest.mark.skipif(_libtsan() is None, reason="no libtsan (gcc's ThreadSanitizer runtime) here")
+@pytest.mark.parametrize("kernel, grid, race", [("inter_block", 2, True), ("intra_block", 1, True),
+                                                ("clean", 4, False)])
+def test_thread_sanitizer_reports_races_between_blocks_and_within_one(tmp_path, kernel, grid, race):
+    """Under MINIGD_GPU_EMU_SANITIZE=thread the threads of a launch are concurrent for TSan,
+    ordered only by __syncthreads, atomics and launches: two blocks updating one address is
+    a data race (which no scheduling order of the plain emulator shows), and so is a read of
+    another thread's shared write without a barrier; the same kernel run twice (launches
+    are ordered) and barriers and atomics are not."""
+    import subprocess
+    import sys
+
+    args = {"inter_block": "(x,)", "intra_block": "(y,)", "clean": "(x, y, f)"}[kernel]
+    script = ("import numpy as np\n"
+              "from minigd.backends import gpu_emu as E\n"
+              f"m = E.RawModule(code={RACES!r})\n"
+              "x = E.zeros(256, np.float64); y = E.zeros(256, np.float64); f = E.zeros(1, np.int32)\n"
+              f"for _ in range(2): m.get_function({kernel!r})(({grid},), (64,), {args})\n"
+              "print('ran')\n")
+    p = subprocess.run([sys.executable, "-c", script], env=_tsan_env(tmp_path), capture_output=True, text=True,
+                       timeout=300)
+    assert "ran" in p.stdout, p.stderr[-3000:]
+    if race:
+        assert p.returncode == 66 and "WARNING: ThreadSanitizer: data race" in p.stderr, p.stderr[-3000:]
+        assert f"#0 {kernel} " in p.stderr
+    else:
+        assert p.returncode == 0 and "ThreadSanitizer" not in p.stderr, p.stderr[-3000:]
+
+
+@pytest.mark.skipif(_libtsan() is None, reason="no libtsan (gcc's ThreadSanitizer runtime) here")
+def test_the_gpu_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
+    """The parity cases of the AddressSanitizer test (every kernel), with every kernel built
+    with ThreadSanitizer: no two threads of a launch -- in one block without a barrier
+    between them, or in two blocks -- touch one address, one of them writing, without
+    atomics (the emulator's blind spot: it runs blocks one after another)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", SANITIZER_CASES],
+                       env=_tsan_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tests.parent)
+    assert p.returncode == 0 and "ThreadSanitizer" not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
     assert " passed" in p.stdout and "failed" not in p.stdout

@@ -68,7 +68,7 @@ def test_source_compiles_with_nvrtc_and_exports_its_kernels(src, arch):
     prog = nvrtc.createProgram(S.source(src), src, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *S.NVRTC_OPTIONS])
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *S.NVRTC_OPTIONS, *S.CUPY_ADDED_OPTIONS])
         except nvrtc.NVRTCError as exc:
             pytest.fail(f"{src} does not compile for {arch}: {exc}\n{nvrtc.getProgramLog(prog)}")
         log = nvrtc.getProgramLog(prog).strip()
@@ -258,7 +258,10 @@ def test_launch_geometry():
     assert S.grid_rows(1) == (1,) and S.grid_rows(8) == (1,) and S.grid_rows(9) == (2,)
     grid, block = S.grid_gemm(1, 10)
     assert grid == (1, 1) and block == (16, 16)
-    assert S.grid_gemm(33, 17) == ((2, 3), (16, 16))
+    assert S.grid_gemm(33, 17) == ((3, 2), (16, 16))       # rows on grid.x
+    assert S.grid_gemm(2_000_000, 10)[0] == (125_000, 1)   # > 65535 row tiles: fine on grid.x
+    with pytest.raises(ValueError, match="65535"):
+        S.grid_gemm(10, 16 * 65535 + 1)
     assert S.grid_bias_grad(33) == ((2,), (32, 8))
     assert S.reduce_blocks(1) == 1 and S.reduce_blocks(10**8) == S.REDUCE_BLOCKS
     for bad in (lambda: S.grid_1d(-1), lambda: S.grid_rows(0), lambda: S.grid_gemm(0, 3),

@@ -7,10 +7,17 @@ this module's host code and the very kernel text on :mod:`minigd.backends.gpu_em
 emulator of the CuPy API and of the CUDA execution model, in CI, and pass; on a real device
 they skip where there is none, which so far has been everywhere this code was developed.
 The suite also runs a selection of them with the kernels built with AddressSanitizer
-(accesses past any device allocation).  What the emulator cannot show (speed, inter-block
-races, memory ordering, out-of-bounds accesses inside one allocation, the device math
-library) is unverified until those tests pass on hardware:
+(accesses past any device allocation) and with ThreadSanitizer (data races between the
+threads of a launch, between blocks included).  What the emulator cannot show (speed,
+memory ordering beyond barriers and atomics, out-of-bounds accesses inside one
+allocation, the device math library) is unverified until those tests pass on hardware:
 ``bash bench/gpu_session.sh`` there runs them and the benchmark in one go.
+
+A model's memory, kernels and stream live on the device that was current when it was
+made (``backend_impl.device``); every method of the kernel contract makes that device
+current, so a model keeps working while user code has another device current.  CuPy
+compiles every kernel with ``-ftz=true``: float32 subnormals (below about 1.2e-38) are
+flushed to zero on the device, where the cpu backend keeps them (float64 is unaffected).
 
 Design
 ------
@@ -71,6 +78,8 @@ Not done: the fully fused narrow-MLP kernel (activations in shared memory across
 and any tuning of ``graph_max_batch`` (no GPU was available to measure the crossover).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -151,18 +160,26 @@ class GpuBackend(Backend):
     def __init__(self, layout, act_codes, loss_code, dtype, norm=None):
         super().__init__(layout, act_codes, loss_code, dtype, norm)
         self.cp = cp = _cupy()
+        #: the device this model's memory, kernels and stream live on (the one current when
+        #: it was made); every public method runs with it current, whatever is current then
+        self.device = cp.cuda.Device()
+        with self.device:
+            self._init_device(layout.n_params)
+
+    def _init_device(self, P: int) -> None:
+        cp = self.cp
         self.k = _Kernels(cp, self.dtype)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.graph_max_batch = 64
         self.use_graphs = True
         self.read_every = 64
-        P = layout.n_params
-        self.d_params = cp.zeros(P, self.dtype)
-        self.d_grad = cp.zeros(P, self.dtype)
-        self._d_dummy = cp.zeros(1, self.dtype)
-        self._d_dummy_i = cp.zeros(1, np.int64)
-        self._pW, self._pb = layout.views(self.d_params)
-        self._gW, self._gb = layout.views(self.d_grad)
+        with self.stream:   # zeros is a memset on the current stream: ours, which does not wait for the null stream
+            self.d_params = cp.zeros(P, self.dtype)
+            self.d_grad = cp.zeros(P, self.dtype)
+            self._d_dummy = cp.zeros(1, self.dtype)
+            self._d_dummy_i = cp.zeros(1, np.int64)
+        self._pW, self._pb = self.layout.views(self.d_params)
+        self._gW, self._gb = self.layout.views(self.d_grad)
         self._data = None          # (key, dX, dyi, dyf): training data on the device
         self._graphs = {}          # (B, want_sqn, opt key, generation) -> cupy Graph
         self._gen = 0              # bumped whenever a buffer a graph points at is replaced
@@ -191,19 +208,21 @@ class GpuBackend(Backend):
                 self._res = cp.zeros(8, np.float64)
                 self._st = cp.zeros(4, np.int32)
                 self._reserve_norm(capacity)
-            self._ensure_steps(max(1, self._steps_cap), capacity)
             self._gen += 1
             self._graphs.clear()
         return self.ws
 
-    def _ensure_steps(self, n_steps: int, capacity: int | None = None) -> None:
-        """Step tables: batch indices (n_steps * capacity), schedule (n_steps, 2), records (n_steps, 3)."""
-        cap = self.ws.capacity if capacity is None else capacity
-        if n_steps > self._steps_cap or getattr(self, "_idx", None) is None or self._idx.size < n_steps * cap:
+    def _ensure_steps(self, n_steps: int, rows: int = 1) -> None:
+        """Step tables for a run of ``n_steps`` steps of ``rows`` rows each: batch indices
+        (n_steps * rows), schedule (n_steps, 2), records (n_steps, 3).  Sized by the runs
+        (never by the workspace, which a whole-dataset pass makes large)."""
+        have = getattr(self, "_idx", None)
+        if n_steps > self._steps_cap or have is None or have.size < n_steps * rows:
             cp = self.cp
+            size = max(n_steps * rows, have.size if have is not None else 0)
             n_steps = max(n_steps, self._steps_cap)
             with self.stream:
-                self._idx = cp.zeros(n_steps * cap, np.int64)
+                self._idx = cp.zeros(size, np.int64)
                 self._sched = cp.zeros((n_steps, 2), np.float64)
                 self._rec = cp.zeros((n_steps, 3), np.float64)
             self._steps_cap = n_steps
@@ -215,10 +234,10 @@ class GpuBackend(Backend):
         key = tuple((id(a), a.__array_interface__["data"][0], a.shape, a.dtype.str) for a in (X, yi, yf))
         if self._data is None or self._data[0] != key:
             cp = self.cp
-            with self.stream:
-                dX = cp.asarray(X)
-                dyi = cp.asarray(yi) if yi.size else self._d_dummy_i
-                dyf = cp.asarray(yf) if yf.size else self._d_dummy
+            with self.stream:   # C order: a raw kernel sees only the data pointer (cupy.asarray keeps F order)
+                dX = cp.ascontiguousarray(X)
+                dyi = cp.ascontiguousarray(yi) if yi.size else self._d_dummy_i
+                dyf = cp.ascontiguousarray(yf) if yf.size else self._d_dummy
             self._data = (key, dX, dyi, dyf)
             self._gen += 1
             self._graphs.clear()
@@ -436,8 +455,13 @@ class GpuBackend(Backend):
                 self.stream.begin_capture()
                 try:
                     self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled", running)
-                finally:
-                    g = self.stream.end_capture()
+                except BaseException:
+                    try:   # end the capture, but report what broke it, not the invalidated capture
+                        self.stream.end_capture()
+                    except Exception:
+                        pass
+                    raise
+                g = self.stream.end_capture()
             if len(self._graphs) > 16:
                 self._graphs.clear()
             self._graphs[key] = g
@@ -750,7 +774,7 @@ class GpuBackend(Backend):
         if self.norm is not None:
             self._check_norm_steps(B, n_steps, want_sqn, dropout_rng, running)
         self._ensure(B)
-        self._ensure_steps(n_steps)
+        self._ensure_steps(n_steps, B)
         if self.dropout > 0:
             self._upload_uniforms(B, n_steps, dropout_rng)
         if running:
@@ -924,3 +948,21 @@ class GpuBackend(Backend):
             fi, fo = self.layout.sizes[l], self.layout.sizes[l + 1]
             A = x0 if l == 0 else as_[l - 1]
             self._launch(kern, *self._elementwise_grid(total(fi, fo)), args(A, ds[l], fi, fo, wo[l], bo[l]))
+
+
+def _on_device(fn):
+    @functools.wraps(fn)
+    def on_device(self, *args, **kwargs):
+        with self.device:
+            return fn(self, *args, **kwargs)
+    return on_device
+
+
+# The kernel contract, run with the model's device current: CuPy launches kernels, makes
+# copies and checks streams against the *current* device, and a model's memory, kernels and
+# stream are on the device that was current when it was made.
+for _name in ("reserve", "draw_dropout", "update_running", "max_run_steps", "train_step", "run_steps",
+              "opt_apply", "forward", "losses", "loss_grad", "last_sqnorms", "per_example_terms",
+              "per_example_grads", "moments_update"):
+    setattr(GpuBackend, _name, _on_device(getattr(GpuBackend, _name)))
+del _name

@@ -32,6 +32,16 @@ What is emulated, and checked more strictly than CuPy does:
   cuBLAS calls during stream capture) and host copies (``get``, ``set``, ``fill``) raise,
   as the CUDA runtime refuses them.
 * ``matmul(a, b, out=)``: NumPy's (cuBLAS is not emulated, only its contract).
+* ``asarray`` keeps a Fortran-ordered host array Fortran-ordered (CuPy's default order
+  'K'); a raw kernel refuses it here, where CuPy would pass the pointer and read the wrong
+  elements.  ``ascontiguousarray`` gives C order.
+* ``cuda.Device``: two devices.  Device memory remembers the device it was made on and
+  may only be used with that device current; a stream is entered only with its device
+  current (CuPy's check), so a model used while another device is current is caught.
+
+Sanitizers (``MINIGD_GPU_EMU_SANITIZE``, with the runtime preloaded): ``address`` reports
+accesses past a device allocation; ``thread`` reports data races between the threads of a
+launch, between blocks included (see ``kernels/gpu_emu.h``).
 """
 from __future__ import annotations
 
@@ -55,9 +65,30 @@ from minigd.kernels import gpu_sources as S
 ENV = "MINIGD_GPU_EMULATE"
 _HEADER = Path(S.__file__).resolve().parent / "gpu_emu.h"   # shipped with the CUDA sources
 _CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
-#: MINIGD_GPU_EMU_SANITIZE=1 builds the kernels with AddressSanitizer (run Python with
-#: libasan preloaded): an access past the end of a device allocation aborts with a report
-_ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
+#: MINIGD_GPU_EMU_SANITIZE=address (or 1) builds the kernels with AddressSanitizer (run
+#: Python with libasan preloaded): an access past the end of a device allocation aborts with
+#: a report.  MINIGD_GPU_EMU_SANITIZE=thread builds them with ThreadSanitizer (libtsan
+#: preloaded): the threads of a launch become concurrent TSan fibers, ordered only by
+#: __syncthreads, atomics and launch boundaries, so a race between blocks is reported.
+SANITIZE_ENV = "MINIGD_GPU_EMU_SANITIZE"
+_SANITIZERS = {
+    "address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g"),
+    "thread": ("-fsanitize=thread", "-DMGD_EMU_TSAN", "-g"),
+}
+
+
+def sanitizer() -> str | None:
+    """The sanitizer the kernels are built with: None, "address" or "thread" (from
+    MINIGD_GPU_EMU_SANITIZE)."""
+    val = os.environ.get(SANITIZE_ENV, "")
+    if val in ("", "0"):
+        return None
+    if val == "1":
+        return "address"
+    if val in _SANITIZERS:
+        return val
+    raise ValueError(f"{SANITIZE_ENV}: expected 'address' (or '1'), 'thread', or '0'/unset, got {val!r}")
+
 _KERNEL = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
 _SHARED = re.compile(r"\b(static\s+|extern\s+)?__shared__\b([^;]*);")
 _lock = threading.RLock()         # builds, and launches: the fiber scheduler is one per library
@@ -163,16 +194,21 @@ def _declarators(decl: str) -> list:
     return names
 
 
-def _poison_shared(code: str) -> str:
-    """Insert MGD_EMU_POISON(name) after every __shared__ declaration (shared memory starts
-    as NaN in each block); ``static __shared__`` is CUDA's spelling of the same thing."""
+def _place_shared(code: str) -> str:
+    """Rewrite every ``__shared__ T a[n], b;`` as a local struct of those members placed by
+    ``mgd_emu::shared<S>()`` (per block, filled with NaN at its start; see gpu_emu.h) and
+    references ``a``, ``b`` to them; ``static __shared__`` is CUDA's spelling of the same."""
+    serial = iter(range(1 << 30))
+
     def sub(m):
         spec, decl = m.group(1) or "", m.group(2)
         if spec.strip() == "extern":
             raise RuntimeError("GPU emulator: dynamic shared memory (extern __shared__) is not emulated")
         if "=" in decl:
             raise RuntimeError(f"GPU emulator: a __shared__ variable cannot have an initializer: {decl.strip()!r}")
-        return f"__shared__{decl};" + "".join(f" MGD_EMU_POISON({n});" for n in _declarators(decl))
+        k = next(serial)
+        return (f"struct mgd_emu_sh_{k} {{{decl};}}; auto& mgd_emu_shr_{k} = mgd_emu::shared<mgd_emu_sh_{k}>();"
+                + "".join(f" auto& {n} = mgd_emu_shr_{k}.{n};" for n in _declarators(decl)))
 
     return _SHARED.sub(sub, code)
 
@@ -184,8 +220,9 @@ def build(code: str):
     if why is not None:
         raise RuntimeError(why)
     cxx = compiler()
-    flags = _CXX_FLAGS + (_ASAN_FLAGS if os.environ.get("MINIGD_GPU_EMU_SANITIZE") == "1" else ())
-    body = f'#include "{_HEADER.name}"\n{_poison_shared(code)}\n'
+    san = sanitizer()
+    flags = _CXX_FLAGS + (_SANITIZERS[san] if san else ())
+    body = f'#include "{_HEADER.name}"\n{_place_shared(code)}\n'
     header = _HEADER.read_text(encoding="utf-8")
     key = hashlib.sha256("\0".join((body, header, cxx, *flags)).encode()).hexdigest()[:24]
     with _lock:
@@ -263,6 +300,10 @@ class ndarray(np.ndarray):
     (use ``get()``); the backend must never compute on device memory with NumPy."""
 
     __array_ufunc__ = None
+    device_id = 0     # the device the allocation was made on (views inherit it)
+
+    def __array_finalize__(self, obj):
+        self.device_id = getattr(obj, "device_id", _current_device())
 
     def __array_function__(self, func, types, args, kwargs):
         raise TypeError(f"numpy.{func.__name__} on emulated device memory: device arrays are not "
@@ -307,7 +348,9 @@ class ndarray(np.ndarray):
 def _alloc(a: np.ndarray) -> ndarray:
     _refuse_during_capture("allocating device memory")
     counts["alloc"] += 1
-    return a.view(ndarray)
+    d = a.view(ndarray)
+    d.device_id = _current_device()
+    return d
 
 
 def zeros(shape, dtype=float):
@@ -322,13 +365,26 @@ def arange(*args, dtype=None):
     return _alloc(np.arange(*args, dtype=dtype))
 
 
-def asarray(a, dtype=None):
-    """A device copy of a host array (as cupy.asarray: host data are copied, never shared)."""
-    if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+def asarray(a, dtype=None, order=None):
+    """A device copy of a host array (as cupy.asarray: host data are copied, never shared).
+    As CuPy's, the default order ('K') keeps a Fortran-ordered array Fortran-ordered -- and
+    a raw kernel, which sees only the data pointer, must not be given one (the launch
+    check refuses it here; CuPy would pass it and the kernel would read the wrong
+    elements): use :func:`ascontiguousarray`."""
+    if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype) and order in (None, "K", "A"):
         return a
     counts["set"] += 1
-    src = a.view(np.ndarray) if isinstance(a, ndarray) else a
-    return _alloc(np.array(src, dtype=dtype, copy=True, order="C"))
+    src = a.view(np.ndarray) if isinstance(a, ndarray) else np.asanyarray(a)
+    if order in (None, "K", "A"):
+        order = "F" if src.flags.f_contiguous and not src.flags.c_contiguous else "C"
+    return _alloc(np.array(src, dtype=dtype, copy=True, order=order))
+
+
+def ascontiguousarray(a, dtype=None):
+    """A C-ordered device copy (or ``a`` itself when it already is one)."""
+    if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    return asarray(a, dtype=dtype, order="C")
 
 
 def matmul(a, b, out=None):
@@ -338,6 +394,8 @@ def matmul(a, b, out=None):
     for name, x in (("a", a), ("b", b), ("out", out)):
         if x is not None and not isinstance(x, ndarray):
             raise TypeError(f"matmul: {name} is a host array ({type(x).__name__}), not device memory")
+        if x is not None:
+            _check_device(f"matmul: {name}", x)
     counts["matmul"] += 1
     if out is None:
         return _alloc(np.matmul(a.view(np.ndarray), b.view(np.ndarray)))
@@ -395,6 +453,7 @@ class RawKernel:
                         raise TypeError(f"{where}: a host numpy array passed where the kernel takes device memory")
                     if not a.flags.c_contiguous:
                         raise ValueError(f"{where}: a non-contiguous view {a.shape} strides {a.strides}")
+                    _check_device(where, a)
                     want = self._type(where, pointee, size)[0]
                     if a.dtype != np.dtype(want):
                         raise TypeError(f"{where}: the kernel takes {np.dtype(want)}*, the array is {a.dtype}")
@@ -481,8 +540,12 @@ class Stream:
 
     def __init__(self, non_blocking=False, null=False, ptds=False):
         self._capture = None
+        self.device_id = _current_device()
 
     def __enter__(self):
+        if self.device_id != _current_device():   # CuPy's check_stream_device_match
+            raise RuntimeError(f"The device that the stream is created on ({self.device_id}) does not match "
+                               f"with the current device ({_current_device()})")
         if not hasattr(_tls, "streams"):
             _tls.streams = []
         _tls.streams.append(self)
@@ -517,18 +580,70 @@ class Stream:
         return g
 
 
+#: the emulator has two devices, so that code which switches devices (or a model used
+#: while another device is current) is exercised
+N_DEVICES = 2
+
+
+def _current_device() -> int:
+    st = getattr(_tls, "devices", None)
+    return st[-1] if st else 0
+
+
+def _check_device(where, a) -> None:
+    if a.device_id != _current_device():
+        raise RuntimeError(f"{where}: memory of device {a.device_id} used while device {_current_device()} "
+                           f"is current")
+
+
+class Device:
+    """``cupy.cuda.Device(id)``: a context manager that makes the device current (in this
+    thread); ``Device()`` is the current one."""
+
+    def __init__(self, device=None):
+        d = _current_device() if device is None else int(device)
+        if not 0 <= d < N_DEVICES:
+            raise RuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {d} (the emulator has "
+                               f"{N_DEVICES} devices)")
+        self.id = d
+
+    def __enter__(self):
+        if not hasattr(_tls, "devices"):
+            _tls.devices = []
+        _tls.devices.append(self.id)
+        return self
+
+    def __exit__(self, *exc):
+        _tls.devices.pop()
+        return False
+
+    def synchronize(self):
+        _refuse_during_capture("Device.synchronize")
+        counts["sync"] += 1
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"<CUDA Device {self.id}>"
+
+
 class _Runtime:
     @staticmethod
     def getDevice():
-        return 0
+        return _current_device()
 
     @staticmethod
     def getDeviceCount():
-        return 1
+        return N_DEVICES
 
 
 class _Cuda:
     Stream = Stream
+    Device = Device
     runtime = _Runtime()
 
     class graph:
