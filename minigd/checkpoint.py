@@ -145,6 +145,87 @@ def _dumps(obj: Any, what: str) -> str:
         raise TypeError(f"{what}: {exc}") from None
 
 
+# ============================================================================ optimizer records
+def _lr_record(lr: Any) -> Any:
+    """A JSON value that identifies a learning rate, or None when it cannot be compared:
+    a float for a number (or ``constant(x)``), ``{"schedule": name, field: ...}`` for
+    minigd's schedule objects (frozen dataclasses of numbers), None for any other callable
+    (code: it is taken as given)."""
+    import dataclasses
+    import numbers
+
+    from minigd.optim import schedules
+
+    if isinstance(lr, numbers.Integral) and not isinstance(lr, bool):
+        return int(lr)
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        return float(lr)
+    if isinstance(lr, schedules.Constant):
+        return float(lr.lr)
+    if dataclasses.is_dataclass(lr) and type(lr).__module__ == schedules.__name__:
+        rec = {"schedule": type(lr).__name__}
+        for f in dataclasses.fields(lr):
+            v = getattr(lr, f.name)
+            if isinstance(v, tuple) and all(isinstance(x, numbers.Real) for x in v):
+                rec[f.name] = [_lr_record(x) for x in v]
+                continue
+            v = _lr_record(v)
+            if v is None:
+                return None
+            rec[f.name] = v
+        return rec
+    return None
+
+
+def _lr_text(rec: Any) -> str:
+    """A :func:`_lr_record` as the schedule's repr (``Cosine(lr=0.1, total_steps=10, ...)``)."""
+    if isinstance(rec, dict):
+        fields = ", ".join(f"{k}={_lr_text(v)}" for k, v in rec.items() if k != "schedule")
+        return f"{rec.get('schedule')}({fields})"
+    if isinstance(rec, list):
+        return f"({', '.join(_lr_text(v) for v in rec)}{',' if len(rec) == 1 else ''})"
+    return repr(rec)
+
+
+def optimizer_record(optimizer: Optimizer) -> dict:
+    """What ``fit`` writes into a checkpoint to check that a resume continues with the same
+    optimizer: its name, its JSON-able settings (``SGD``'s momentum, ``Adam``'s betas, ...)
+    and the learning rate (see :func:`_lr_record`); JSON-normalised (tuples become lists)."""
+    config = {}
+    for k, v in optimizer.config.items():
+        if k == "lr":
+            continue
+        try:
+            config[k] = json.loads(json.dumps(v))
+        except (TypeError, ValueError):
+            continue
+    return json.loads(json.dumps({"name": optimizer.name, "config": config, "lr": _lr_record(optimizer.lr)}))
+
+
+def optimizer_difference(saved: dict | None, given: Optimizer, saved_chain) -> list:
+    """What differs between the optimizer a checkpoint was written with (its
+    :func:`optimizer_record`, None for an older checkpoint, and its chain of primitives)
+    and ``given``: strings ``"<name>: saved <value>, given <value>"``; empty when the same."""
+    from minigd.optim.base import chain_difference
+
+    out = []
+    if saved is not None:
+        mine = optimizer_record(given)
+        if saved.get("name") != mine["name"]:
+            out.append(f"optimizer: saved {saved.get('name')}, given {mine['name']}")
+        else:
+            theirs = saved.get("config") or {}
+            for k in sorted(set(theirs) | set(mine["config"])):
+                if theirs.get(k) != mine["config"].get(k):
+                    out.append(f"{k}: saved {theirs.get(k)!r}, given {mine['config'].get(k)!r}")
+        a, b = saved.get("lr"), mine["lr"]
+        if a is not None and b is not None and a != b:
+            out.append(f"lr: saved {_lr_text(a)}, given {_lr_text(b)}")
+    if not out:     # also what tells an older checkpoint's chain apart
+        out = chain_difference(saved_chain, given.primitives)
+    return out
+
+
 # ============================================================================ RNG
 def _generator_from_state(state: dict) -> np.random.Generator:
     name = state.get("bit_generator") if isinstance(state, dict) else None

@@ -21,7 +21,7 @@ from minigd.gradstats.tracking import NoiseTracker, gsnr_summary
 from minigd.history import History
 from minigd.model import EVAL_CHUNK, MLP
 from minigd.optim.aliases import SGD
-from minigd.optim.base import Optimizer, OptState
+from minigd.optim.base import Optimizer, OptState, chain_difference
 from minigd.optim.schedules import BatchSizeSchedule
 
 SAMPLERS = ("shuffle", "replacement", "sequential")
@@ -187,7 +187,7 @@ def _write_checkpoint(path, model, opt_state, rng, order, draws, hist, fit_info,
 
 def _restore(ck, model, optimizer, fit_info, n, target):
     """Check that checkpoint ``ck`` continues this fit call; returns the restored pieces."""
-    from minigd.checkpoint import load_checkpoint
+    from minigd.checkpoint import load_checkpoint, optimizer_difference
 
     if isinstance(ck, str):
         # only the saved arrays are used: build the saved model on the reference backend,
@@ -207,14 +207,16 @@ def _restore(ck, model, optimizer, fit_info, n, target):
                              f"{key}={mine.get(key)!r}")
     saved = info["fit"]
     for key, val in fit_info.items():
-        if saved.get(key) != val:
+        if key != "optimizer" and saved.get(key) != val:
             what = "the training data differ" if key in ("x_crc", "y_crc") else \
                 f"{key}={saved.get(key)!r} there, {val!r} here"
             raise ValueError(f"{name} continues a different training run: {what}")
-    if tuple(ck.opt_state.primitives) != tuple(optimizer.primitives):
-        raise ValueError(f"{name} was written with another optimizer chain "
-                         f"({[p.name for p in ck.opt_state.primitives]} / hyper-parameters), "
-                         f"this call has {optimizer!r}")
+    # the chain and its hyper-parameters, and the learning rate where it can be compared
+    # (a number or a minigd schedule object; checkpoints of older versions: the chain only)
+    diff = optimizer_difference(saved.get("optimizer"), optimizer, ck.opt_state.primitives)
+    if diff:
+        raise ValueError(f"{name} was written with another optimizer chain or hyper-parameters: "
+                         f"{'; '.join(diff)} (this call has {optimizer!r})")
     order = ck.sampler["order"]
     if order.shape != (n,) or order.dtype != np.int64:
         raise ValueError(f"{name}: the saved permutation has shape {order.shape}, expected ({n},)")
@@ -448,9 +450,11 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         position in it, the step / example / epoch counters, the training time, the
         History (columns, evaluations, epoch records, target status, noise tracker).  The
         call must describe the same run (same model architecture, data, batch size,
-        sampler, ``drop_last``, optimizer chain and noise tracking; ``ValueError``
-        otherwise); budgets, ``target``, ``validation``, ``eval_every``, ``max_time`` and
-        callbacks are this call's (``seed`` is ignored).  Budgets count from the start of
+        sampler, ``drop_last``, optimizer chain, hyper-parameters and learning rate, and
+        noise tracking; ``ValueError`` otherwise, naming what differs with its saved and
+        given values -- a learning rate is compared when it is a number or a minigd
+        schedule object, one written as a function is taken as given); budgets,
+        ``target``, ``validation``, ``eval_every``, ``max_time`` and callbacks are this call's (``seed`` is ignored).  Budgets count from the start of
         the original run, so the result -- parameters and history, except the
         wall-clock ``time`` fields -- is bitwise that of the uninterrupted run (same
         backend and thread count).  Not restored: callbacks' own state (a callback that
@@ -519,7 +523,8 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                             f"optimizer.init(params)), got {_got(opt_state)}")
         if tuple(opt_state.primitives) != tuple(optimizer.primitives):
             raise ValueError(f"opt_state: was made for another optimizer chain "
-                             f"({[p.name for p in opt_state.primitives]}), expected one for {optimizer!r}")
+                             f"({'; '.join(chain_difference(opt_state.primitives, optimizer.primitives))}), "
+                             f"expected one for {optimizer!r}")
         need = sum(p.slots for p in optimizer.primitives) * model.n_params
         if opt_state.state.shape != (need,) or opt_state.state.dtype != model.dtype:
             raise ValueError(f"opt_state: expected state buffers of shape ({need},) and dtype "
@@ -549,12 +554,14 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                   backend=model.backend)
     fit_info = None
     if ck_path is not None or resume_src is not None:
+        from minigd.checkpoint import optimizer_record
         fit_info = {"n": n, "x_crc": _crc(X), "y_crc": _crc(yi) ^ _crc(yf),
                     "batch_size": config["batch_size"] if isinstance(config["batch_size"], str)
                     else int(config["batch_size"]), "sampler": sampler, "drop_last": drop_last,
                     "track_noise": track_noise if tracker is None else int(track_noise),
                     "noise_beta": None if tracker is None else float(noise_beta),
-                    "track_gsnr": None if track_gsnr is None else int(track_gsnr)}
+                    "track_gsnr": None if track_gsnr is None else int(track_gsnr),
+                    "optimizer": optimizer_record(optimizer)}
 
     step = 0
     seen = 0

@@ -172,6 +172,51 @@ def test_resume_refuses_a_different_run(data, tmp_path, change, match):
         run(data, resume=path, **change)
 
 
+@pytest.mark.parametrize("first, then, match", [
+    (mg.SGD(lr=0.1, momentum=0.9), mg.SGD(lr=0.5, momentum=0.9), r"lr: saved 0\.1, given 0\.5"),
+    (mg.Adam(lr=0.01), mg.Adam(lr=0.1), r"lr: saved 0\.01, given 0\.1"),
+    (mg.SGD(lr=0.1), mg.SGD(lr=mg.optim.cosine(0.1, 10)), r"lr: saved 0\.1, given Cosine\(lr=0\.1, total_steps=10"),
+    (mg.SGD(lr=mg.optim.cosine(0.1, 10)), mg.SGD(lr=mg.optim.cosine(0.1, 20)), r"lr: saved Cosine\(lr=0\.1, total_steps=10, .*given Cosine\(lr=0\.1, total_steps=20"),
+    (mg.SGD(lr=0.1, momentum=0.9), mg.SGD(lr=0.1, momentum=0.5), r"momentum: saved 0\.9, given 0\.5"),
+    (mg.Adam(lr=0.01), mg.Adam(lr=0.01, betas=(0.8, 0.999)), r"betas: saved \[0\.9, 0\.999\], given \[0\.8, 0\.999\]"),
+    (mg.SGD(lr=0.1, weight_decay=1e-3), mg.SGD(lr=0.1, weight_decay=1e-2), r"weight_decay: saved 0\.001, given 0\.01"),
+    (mg.SGD(lr=0.1), mg.Adam(lr=0.1), r"optimizer: saved SGD, given Adam"),
+    (mg.optim.chain(mg.optim.trace(0.9), mg.optim.scale_by_lr(), lr=0.1),
+     mg.optim.chain(mg.optim.trace(0.8), mg.optim.scale_by_lr(), lr=0.1), r"trace momentum: saved 0\.9, given 0\.8"),
+], ids=["sgd-lr", "adam-lr", "lr-to-schedule", "schedule", "momentum", "betas", "weight-decay", "sgd-to-adam",
+        "chain"])
+def test_resume_refuses_other_hyper_parameters_and_names_them(data, tmp_path, first, then, match):
+    """A resumed run must use the saved optimizer: a different constant learning rate (or
+    minigd schedule, or any hyper-parameter) is a ValueError that names it, with the saved
+    and the given value -- not a history that silently mixes two runs."""
+    path = tmp_path / "ck.npz"
+    run(data, steps=5, epochs=None, checkpoint=path, optimizer=first)
+    with pytest.raises(ValueError, match=r"^resume: .*another optimizer chain or hyper-parameters: " + match):
+        run(data, steps=10, epochs=None, resume=path, optimizer=then)
+    run(data, steps=10, epochs=None, resume=path, optimizer=first)      # the same one resumes
+
+
+def test_resume_takes_a_schedule_written_as_code_as_given(data, tmp_path):
+    """A learning rate given as the user's own function cannot be compared: it is taken as
+    given (documented); the rest of the optimizer is still checked."""
+    path = tmp_path / "ck.npz"
+    run(data, steps=5, epochs=None, checkpoint=path, optimizer=mg.SGD(lr=lambda s: 0.1, momentum=0.9))
+    run(data, steps=10, epochs=None, resume=path, optimizer=mg.SGD(lr=lambda s: 0.1, momentum=0.9))
+    with pytest.raises(ValueError, match=r"momentum: saved 0\.9, given 0\.5"):
+        run(data, steps=10, epochs=None, resume=path, optimizer=mg.SGD(lr=lambda s: 0.1, momentum=0.5))
+
+
+def test_resume_of_a_checkpoint_without_an_optimizer_record_checks_the_chain(data, tmp_path):
+    """Checkpoints written before the optimizer record: the chain's hyper-parameters are
+    still compared, by primitive."""
+    path = tmp_path / "ck.npz"
+    run(data, steps=5, epochs=None, checkpoint=path, optimizer=mg.SGD(lr=0.1, momentum=0.9))
+    ck = load_checkpoint(path)
+    del ck.step_info["fit"]["optimizer"]
+    with pytest.raises(ValueError, match=r"trace momentum: saved 0\.9, given 0\.5"):
+        run(data, steps=10, epochs=None, resume=ck, optimizer=mg.SGD(lr=0.1, momentum=0.5))
+
+
 def test_checkpointing_arguments_are_checked(data, tmp_path):
     X, y = data
     m = mg.MLP([5, 3], dtype="float64")

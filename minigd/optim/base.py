@@ -21,6 +21,9 @@ OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
 #: optimizer state (momentum, Adam moments) below this magnitude is flushed to 0 by the
 #: compiled backends, to keep the arithmetic out of (100x slower) subnormal numbers
 FLUSH = 1e-30
+#: the meaning of each primitive's hyper-parameters, by op code (for messages)
+HP_NAMES = {OP_CLIP: ("max_norm",), OP_DECAY: ("weight_decay",), OP_TRACE: ("momentum", "nesterov"),
+            OP_ADAM: ("b1", "b2", "eps"), OP_SCALE_LR: (), OP_SCALE: ("factor",)}
 _HP_COLS = 8  # columns 0..2 hyper-parameters, 3.. scratch for in-kernel dtype casts
 
 
@@ -199,6 +202,30 @@ def chain(*primitives: Primitive, lr: float | Callable[[int], float] = 0.0) -> O
         if not isinstance(p, Primitive):
             raise TypeError(f"chain: expected minigd.optim primitives, got {type(p).__name__}")
     return Optimizer(tuple(primitives), lr, "chain", {"primitives": [p.name for p in primitives]})
+
+
+def chain_difference(saved: Sequence[Primitive], given: Sequence[Primitive]) -> list:
+    """How chain ``given`` differs from chain ``saved``: a list of strings such as
+    ``"trace momentum: saved 0.9, given 0.5"`` (empty when they are the same)."""
+    saved, given = tuple(saved), tuple(given)
+    if [p.name for p in saved] != [p.name for p in given]:
+        return [f"primitives: saved {[p.name for p in saved]}, given {[p.name for p in given]}"]
+    out = []
+    for a, b in zip(saved, given):
+        if a == b:
+            continue
+        names = HP_NAMES.get(a.code, ())
+        for j in range(max(len(a.hp), len(b.hp))):
+            va = a.hp[j] if j < len(a.hp) else None
+            vb = b.hp[j] if j < len(b.hp) else None
+            if va != vb:
+                what = names[j] if j < len(names) else f"hp[{j}]"
+                if what == "nesterov":
+                    va, vb = bool(va), bool(vb)
+                out.append(f"{a.name} {what}: saved {va!r}, given {vb!r}")
+        if (a.code, a.slots) != (b.code, b.slots) and not out:
+            out.append(f"{a.name}: saved {a!r}, given {b!r}")
+    return out
 
 
 def as_sequence(x) -> Sequence:
