@@ -107,12 +107,10 @@ class CpuBackend(Backend):
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
         ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
-        if self.norm is None and not self.use_blas(B):
-            step = K.train_step_loops
-        elif self.norm is None and self.compiled_blas:
-            step = K.train_step_blas
-        else:
+        regime = self._regime(B)
+        if regime == "python":
             return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
+        step = K.train_step_loops if regime == "loops" else K.train_step_blas
         loss, ok, gsq = step(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code,
                              want_sqn, opt_state.codes, opt_state.hp, opt_state.soff,
                              opt_state.state, opt_state.plan, lr, t)
@@ -129,27 +127,38 @@ class CpuBackend(Backend):
     def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False):
         """One untimed step per regime (loops / compiled BLAS / Python-driven) among
         ``batch_sizes``, on rows 0..b-1 of X and the run's own arrays (so numba compiles,
-        or loads from its cache, exactly the specialisations the run will call), then
-        ``params``, the optimizer buffers and ``running`` are put back bitwise.  The
-        dropout masks are not redrawn (``fit`` draws each step's before the step)."""
+        or loads from its cache, exactly the specialisations the run will call), through
+        the kernels themselves (not ``train_step`` / ``update_running``, whose calls stay
+        one per step of the run); then ``params`` and the optimizer buffers are put back
+        bitwise.  ``running`` is not touched (its kernel runs on copies); the dropout masks
+        are not redrawn (``fit`` draws each step's before the step)."""
         reps = {}
         for b in sorted({int(b) for b in batch_sizes}):
             reps.setdefault(self._regime(b), b)
         if not reps:
             return
         idx = np.arange(max(reps.values()), dtype=np.int64)
-        saved = (params.copy(), opt_state.state.copy(), opt_state.hp.copy(), self.running.copy())
+        ws = self.reserve(len(idx))
+        t = int(opt_state.t) + 1
+        opt = (opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan)
+        saved = (params.copy(), opt_state.state.copy(), opt_state.hp.copy())
         try:
-            for b in reps.values():
-                self.train_step(params, grad, X, yi, yf, idx[:b], b, opt_state, 0.0, int(opt_state.t) + 1,
-                                want_sqn)
+            for regime, b in reps.items():
+                if regime != "python":
+                    step = K.train_step_loops if regime == "loops" else K.train_step_blas
+                    step(X, yi, yf, idx[:b], b, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn,
+                         *opt, 0.0, t)
+                    continue
+                self._loss_grad_py(params, grad, X, yi, yf, idx[:b], b, ws, want_sqn, False)
+                K.opt_apply(params, grad, *opt, 0.0, t)
                 if self.norm is not None and self.norm.bn:
-                    self.update_running(b)
+                    rm, rv = self.layout.running_views(self.running)
+                    KN.running_update(self._nbuf[0]["stats"], b, self.norm.ghost_size(b), self.norm.momentum,
+                                      rm[0].copy(), rv[0].copy())
         finally:
             params[...] = saved[0]
             opt_state.state[...] = saved[1]
             opt_state.hp[...] = saved[2]
-            self.running[...] = saved[3]
 
     # -- BLAS path driven from Python (no SciPy; batch norm and dropout) ------------------------
     def _forward_py(self, params, X, idx, B, ws, training=False):
