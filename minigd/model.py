@@ -8,7 +8,8 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from minigd import nn
-from minigd._validation import (check_choice, check_dtype, check_int, check_seed, check_X, check_y)
+from minigd._validation import (_got, check_choice, check_dtype, check_int, check_seed, check_X,
+                                check_y)
 from minigd.backends import get_backend_class
 from minigd.backends.base import BN_AFTER, BN_BEFORE, BN_NONE, NormSpec
 from minigd.kernels.workspace import ParamLayout
@@ -61,7 +62,9 @@ class MLP:
     ----------
     params : ndarray (P,)
         The flat parameter vector, order W0 (row-major, (fan_in, fan_out)), b0, W1, b1, ...
-        Writable; ``weights[i]`` and ``biases[i]`` are views into it.
+        Writable; ``weights[i]`` and ``biases[i]`` are views into it.  Assigning
+        ``model.params = a`` copies ``a`` into it (the views stay valid) after checking that
+        ``a`` is a finite array of shape (P,) and the model's dtype.
 
     Examples
     --------
@@ -105,9 +108,9 @@ class MLP:
         if cls is None:
             raise ValueError(f"backend: expected a backend name, got {backend!r}")
         self._backend_name = backend
-        self.params = np.zeros(self.layout.n_params, dtype=self.dtype)
-        self.weights, self.biases = self.layout.views(self.params)
-        self.bn_scales, self.bn_shifts = self.layout.bn_views(self.params)
+        self._params = np.zeros(self.layout.n_params, dtype=self.dtype)
+        self.weights, self.biases = self.layout.views(self._params)
+        self.bn_scales, self.bn_shifts = self.layout.bn_views(self._params)
         #: running mean and variance of every batch-normalised layer, (mean_0, var_0, ...)
         self.running = np.zeros(self.layout.n_running, dtype=self.dtype)
         self.running_mean, self.running_var = self.layout.running_views(self.running)
@@ -118,9 +121,36 @@ class MLP:
         self.backend_impl = cls(self.layout, [nn.ACTIVATIONS[a] for a in self.activations],
                                 nn.LOSSES[self.loss_name], self.dtype, self.norm)
         self.backend_impl.running = self.running
-        self._grad = np.zeros_like(self.params)
+        self._grad = np.zeros_like(self._params)
 
     # -- structure -------------------------------------------------------------------------
+    @property
+    def params(self) -> np.ndarray:
+        """The flat parameter vector (P,): W0 (row-major), b0, W1, b1, ... (writable in
+        place; ``weights``, ``biases``, ``bn_scales`` and ``bn_shifts`` are views into it)."""
+        return self._params
+
+    @params.setter
+    def params(self, value: np.ndarray) -> None:
+        """``model.params = a`` copies ``a`` into the existing vector (so the views and
+        anything holding ``model.params`` stay valid).  ``a`` must be a finite ndarray of
+        shape (P,) and the model's dtype: nothing is coerced."""
+        if value is self._params:        # model.params += ... (already written in place)
+            return
+        P = self.n_params
+        if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
+            raise TypeError(f"params: expected a numpy.ndarray of shape ({P},) and dtype "
+                            f"{self.dtype}, got {_got(value)}")
+        if value.shape != (P,):
+            raise ValueError(f"params: expected shape ({P},) (the model's n_params), got {_got(value)}")
+        if value.dtype != self.dtype:
+            raise TypeError(f"params: expected dtype {self.dtype} (the model's dtype), got {_got(value)}; "
+                            f"convert explicitly, e.g. value.astype(np.{self.dtype})")
+        if not np.isfinite(value).all():
+            bad = int(np.count_nonzero(~np.isfinite(value)))
+            raise ValueError(f"params: expected finite values, got {bad} NaN/inf entries")
+        self._params[...] = value
+
     @property
     def sizes(self) -> tuple:
         return self.layout.sizes

@@ -76,6 +76,41 @@ def test_numpy_dtypes_accepted_and_unavailable_backend_explains():
         ce_model().to("tpu")
 
 
+@pytest.mark.parametrize("path", ["numpy", "cpu"])
+def test_params_assignment_copies_into_the_vector_and_keeps_the_views(path):
+    """``model.params = a`` writes into the existing flat vector: weights/biases (views)
+    and a reference held earlier see the new values, and training uses them."""
+    m = make_model([3, 4, 2], path, dtype="float64", seed=0)
+    held, w0 = m.params, m.weights[0]
+    new = np.arange(m.n_params, dtype=np.float64) / 100
+    m.params = new
+    assert m.params is held and np.array_equal(held, new)
+    assert np.array_equal(w0, new[:12].reshape(3, 4)) and np.array_equal(m.biases[1], new[-2:])
+    new[0] = 99.0                                   # a copy, not an alias of the argument
+    assert m.params[0] == 0.0
+    m.params += 1.0                                 # in place, then the setter: a no-op
+    assert m.params is held and m.weights[0][0, 1] == pytest.approx(1.01)
+    ref = mg.MLP([3, 4, 2], dtype="float64", backend="numpy", seed=0)
+    ref.params[...] = m.params
+    assert np.allclose(m.forward(X64), ref.forward(X64))
+
+
+@pytest.mark.parametrize("value, exc, match", [
+    (np.zeros(5), ValueError, r"^params: expected shape \(26,\) \(the model's n_params\), got array of shape \(5,\)"),
+    (np.zeros((26, 1)), ValueError, r"^params: expected shape \(26,\).*got array of shape \(26, 1\)"),
+    (np.zeros(26, np.float32), TypeError, r"^params: expected dtype float64 \(the model's dtype\), got array of shape \(26,\) and dtype float32"),
+    ([0.0] * 26, TypeError, r"^params: expected a numpy.ndarray of shape \(26,\) and dtype float64, got list"),
+    (_with(np.zeros(26), 3, np.nan), ValueError, r"^params: expected finite values, got 1 NaN/inf"),
+    (np.ma.masked_array(np.zeros(26)), TypeError, r"^params: expected a numpy.ndarray"),
+], ids=["length", "2-D", "float32", "list", "nan", "masked"])
+def test_bad_params_assignment(value, exc, match):
+    m = ce_model()
+    before = m.params.copy()
+    with pytest.raises(exc, match=match):
+        m.params = value
+    assert np.array_equal(m.params, before)
+
+
 # ============================================================================ X and y
 def _eval_calls(model):
     """Every public entry point that takes (X, y)."""
