@@ -326,3 +326,43 @@ def test_fusion_plan(opt, fused):
     """[fused?, i_clip, i_decay_before, i_trace_or_adam, i_decay_after, i_lr]."""
     st = opt.init(np.zeros(3))
     assert st.plan.tolist() == fused
+
+
+# ============================================================================ custom chains
+O = mg.optim
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: O.chain(), r"^chain: expected exactly one scale_by_lr\(\) .*got 0 in \[\]"),
+    (lambda: O.chain(O.trace(0.9), lr=0.1), r"^chain: expected exactly one scale_by_lr\(\) \(it applies -lr: "
+                                            r"without it .*gradient ascent with lr ignored.*got 0 in \['trace'\]"),
+    (lambda: O.chain(O.scale_by_lr(), O.trace(0.9), O.scale_by_lr(), lr=0.1), r"^chain: .*got 2 in"),
+    (lambda: O.chain(O.scale_by_lr(), O.add_decayed_weights(0.1), lr=0.1),
+     r"^chain: add_decayed_weights after scale_by_lr would add \+weight_decay \* params"),
+    (lambda: O.chain(O.scale_by_lr(), O.scale_by_adam(), lr=0.1), r"^chain: scale_by_adam after scale_by_lr .*lr would have no effect"),
+    (lambda: O.chain(O.scale_by_lr(), lr=-0.1), r"^lr: expected a number >= 0"),
+], ids=["empty", "no-scale_by_lr", "two-scale_by_lr", "decay-after-lr", "adam-after-lr", "negative-lr"])
+def test_chain_refuses_chains_that_would_not_descend(make, match):
+    """A chain without scale_by_lr added the raw gradient (ascent) and ignored lr=;
+    such chains are refused when built, with the reason."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("backend", OPT_BACKENDS)
+@pytest.mark.parametrize("opt", [
+    O.chain(O.trace(0.9), O.scale_by_lr(), lr=0.05),
+    O.chain(O.scale_by_lr(), O.trace(0.9), lr=0.05),                 # momentum on steps (Sutskever)
+    O.chain(O.scale(0.5), O.scale_by_lr(), O.clip_by_global_norm(0.1), lr=0.1),   # capped step length
+    O.chain(O.scale_by_lr(), lr=mg.optim.cosine(0.1, 20)),
+], ids=["trace-lr", "lr-trace", "lr-then-clip", "schedule"])
+def test_valid_custom_chains_descend_and_use_lr(backend, opt):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    y = (X[:, 0] > 0).astype(np.int64)
+    m = mg.MLP([3, 4, 2], dtype="float64", backend=backend, seed=0)
+    loss0 = m.loss(X, y)
+    h = mg.fit(m, X, y, batch_size="full", steps=20, optimizer=opt)
+    assert h.column("loss")[-1] < loss0
+    assert h.column("lr")[0] == opt.lr_at(0)
+    assert "lr=" in repr(opt)

@@ -2,8 +2,9 @@
 
 An optimizer is a sequence of primitives, each mapping the incoming direction ``u``
 (initially the gradient of the mean batch loss) to a new one, possibly with its own state
-of P-sized slots (optax's design, with flat arrays instead of pytrees).  The last
-primitive usually scales by ``-lr``; the result is added to the parameters.
+of P-sized slots (optax's design, with flat arrays instead of pytrees).  Exactly one
+primitive, ``scale_by_lr``, scales by ``-lr`` (:func:`chain` refuses chains without it);
+the result is added to the parameters.
 
 Every primitive has a readable NumPy update (the reference, used by the ``numpy`` backend)
 and an integer code that the compiled backends interpret in one fused call
@@ -192,16 +193,52 @@ def fusion_plan(codes) -> np.ndarray:
 def chain(*primitives: Primitive, lr: float | Callable[[int], float] = 0.0) -> Optimizer:
     """Compose primitives (applied left to right) into an optimizer.
 
+    The chain maps the gradient to the update that is *added* to the parameters, so it
+    must hold exactly one :func:`~minigd.optim.scale_by_lr` (``u <- -lr(t) u``): it
+    supplies both the descent sign and the learning rate ``lr``.  A chain without one
+    (the empty chain included) would add the raw gradient -- gradient ascent, with ``lr``
+    ignored -- and two of them would multiply by ``lr**2`` with a positive sign, so both
+    are a ``ValueError``.  After ``scale_by_lr`` the primitives act on the step itself:
+    ``scale``, ``clip_by_global_norm`` (a cap on the step length) and ``trace``
+    (momentum on steps, Sutskever's form) are allowed; ``add_decayed_weights`` (it
+    would add ``+wd * params``: weight growth) and ``scale_by_adam`` (it would normalise
+    ``lr`` away) are refused.
+
+    Parameters
+    ----------
+    *primitives : Primitive
+        Applied left to right.
+    lr : float >= 0 or callable step -> float
+        The learning rate (or schedule, :mod:`minigd.optim.schedules`) read by
+        ``scale_by_lr``.
+
     Examples
     --------
     >>> import minigd as mg
     >>> opt = mg.optim.chain(mg.optim.clip_by_global_norm(1.0), mg.optim.trace(0.9),
     ...                      mg.optim.scale_by_lr(), lr=0.05)
     """
+    from minigd._validation import check_float
+
     for p in primitives:
         if not isinstance(p, Primitive):
             raise TypeError(f"chain: expected minigd.optim primitives, got {type(p).__name__}")
-    return Optimizer(tuple(primitives), lr, "chain", {"primitives": [p.name for p in primitives]})
+    names = [p.name for p in primitives]
+    at = [k for k, p in enumerate(primitives) if p.code == OP_SCALE_LR]
+    if len(at) != 1:
+        raise ValueError(f"chain: expected exactly one scale_by_lr() (it applies -lr: without it the "
+                         f"gradient is added to the parameters, gradient ascent with lr ignored; "
+                         f"with two the step is +lr**2 times the gradient), got {len(at)} in {names}; "
+                         f"e.g. chain(..., mg.optim.scale_by_lr(), lr=0.1)")
+    for p in primitives[at[0] + 1:]:
+        if p.code in (OP_DECAY, OP_ADAM):
+            why = ("would add +weight_decay * params to the step (weights grow)" if p.code == OP_DECAY
+                   else "would normalise the step, so lr would have no effect")
+            raise ValueError(f"chain: {p.name} after scale_by_lr {why}; put it before scale_by_lr, "
+                             f"got {names}")
+    if not callable(lr):
+        lr = check_float("lr", lr, low=0)
+    return Optimizer(tuple(primitives), lr, "chain", {"primitives": names, "lr": lr})
 
 
 def chain_difference(saved: Sequence[Primitive], given: Sequence[Primitive]) -> list:
