@@ -500,20 +500,33 @@ SANITIZER_CASES = ("emu: and ((float32 and (relu-ce or tanh-mse-2hidden or gelu-
                    "update_running)")
 
 
-def _libasan():
+def _runtime(lib):
+    """The path of gcc's sanitizer runtime ``lib`` (libasan.so, libtsan.so), or None."""
     import shutil
     import subprocess
 
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         return None
-    path = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    path = subprocess.run([cc, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
+def _sanitizer_env(tmp_path, which):
+    """The environment of a subprocess whose emulated kernels are built with sanitizer
+    ``which`` ("address", "thread"), its runtime preloaded, and a private build cache."""
+    lib, opts = {"address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0"}),
+                 "thread": ("libtsan.so", {"TSAN_OPTIONS": "exitcode=66"})}[which]
+    return dict(os.environ, MINIGD_GPU_EMU_SANITIZE=which, LD_PRELOAD=_runtime(lib), MINIGD_CACHE_DIR=str(tmp_path),
+                NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **opts)
+
+
+def _libasan():
+    return _runtime("libasan.so")
+
+
 def _asan_env(tmp_path):
-    return dict(os.environ, MINIGD_GPU_EMU_SANITIZE="1", LD_PRELOAD=_libasan(), MINIGD_CACHE_DIR=str(tmp_path),
-                ASAN_OPTIONS="detect_leaks=0", NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return _sanitizer_env(tmp_path, "address")
 
 
 @pytest.mark.skipif(_libasan() is None, reason="no libasan (gcc's AddressSanitizer runtime) here")
@@ -534,39 +547,13 @@ def test_an_out_of_bounds_write_is_caught_under_address_sanitizer(tmp_path):
     assert "heap-buffer-overflow" in p.stderr and "0 bytes to the right of 2400-byte region" in p.stderr
 
 
-@pytest.mark.skipif(_libasan() is None, reason="no libasan (gcc's AddressSanitizer runtime) here")
-def test_the_gpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
-    """Parity cases through every kernel (all regimes, CE/MSE/BCE, training steps with
-    clipping and the unfused optimizer chain, batch norm with ghost batches and dropout,
-    the step tables of the device loop, the running statistics), with every kernel
-    compiled with AddressSanitizer: an access past any device allocation would abort."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parent
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", SANITIZER_CASES],
-                       env=_asan_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tests.parent)
-    assert p.returncode == 0 and "AddressSanitizer" not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
-    assert " passed" in p.stdout and "failed" not in p.stdout
-
-
 # ============================================================================ ThreadSanitizer
 def _libtsan():
-    import shutil
-    import subprocess
-
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        return None
-    path = subprocess.run([cc, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
-    return path if os.path.isabs(path) and os.path.exists(path) else None
+    return _runtime("libtsan.so")
 
 
 def _tsan_env(tmp_path):
-    return dict(os.environ, MINIGD_GPU_EMU_SANITIZE="thread", LD_PRELOAD=_libtsan(), MINIGD_CACHE_DIR=str(tmp_path),
-                TSAN_OPTIONS="exitcode=66", NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return _sanitizer_env(tmp_path, "thread")
 
 
 RACES = r'''
@@ -617,19 +604,23 @@ def test_thread_sanitizer_reports_races_between_blocks_and_within_one(tmp_path, 
         assert p.returncode == 0 and "ThreadSanitizer" not in p.stderr, p.stderr[-3000:]
 
 
-@pytest.mark.skipif(_libtsan() is None, reason="no libtsan (gcc's ThreadSanitizer runtime) here")
-def test_the_gpu_kernels_have_no_data_races_under_thread_sanitizer(tmp_path):
-    """The parity cases of the AddressSanitizer test (every kernel), with every kernel built
-    with ThreadSanitizer: no two threads of a launch -- in one block without a barrier
-    between them, or in two blocks -- touch one address, one of them writing, without
-    atomics (the emulator's blind spot: it runs blocks one after another)."""
+@pytest.mark.parametrize("which, name", [("address", "AddressSanitizer"), ("thread", "ThreadSanitizer")])
+def test_the_gpu_kernels_pass_the_parity_cases_under_each_sanitizer(tmp_path, which, name):
+    """The parity cases of SANITIZER_CASES (every kernel), with every kernel built with the
+    sanitizer.  AddressSanitizer: no access past any device allocation.  ThreadSanitizer: no
+    two threads of a launch -- in one block without a barrier between them, or in two
+    blocks -- touch one address, one of them writing, without atomics (the emulator's blind
+    spot otherwise: it runs blocks one after another)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    if _runtime({"address": "libasan.so", "thread": "libtsan.so"}[which]) is None:
+        pytest.skip(f"no {name} runtime (gcc's) here")
     tests = Path(__file__).resolve().parent
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", SANITIZER_CASES],
-                       env=_tsan_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tests.parent)
-    assert p.returncode == 0 and "ThreadSanitizer" not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
+                       env=_sanitizer_env(tmp_path, which), capture_output=True, text=True, timeout=600,
+                       cwd=tests.parent)
+    assert p.returncode == 0 and name not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
     assert " passed" in p.stdout and "failed" not in p.stdout
