@@ -160,6 +160,109 @@ def _print_answers(analysis, report_dir) -> None:
         print(f"\nReport: {os.path.join(report_dir, 'summary.md')} (and summary.html, *.png)")
 
 
+def _check_study_args(args, parser) -> None:
+    """Validate every ``minigd study`` flag before any trial runs: a usage error naming the
+    flag, what it expects and what it got (``parser.error``, exit status 2).  Resolves the
+    defaults that depend on the data (``--target-metric``, ``--target``) in ``args``."""
+    import math
+
+    def bad(flag, expected, got):
+        parser.error(f"argument {flag}: expected {expected}, got {got}")
+
+    def ints(flag, values, low, what):
+        if not values:
+            bad(flag, f"a comma-separated list of {what}", "an empty list")
+        for v in values:
+            if v != "full" and v < low:
+                bad(flag, what, v)
+
+    def real(flag, v, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
+        ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (
+            hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            bad(flag, what, repr(v))
+
+    real("--val-fraction", args.val_fraction, 0, 1, True, True, "a fraction in (0, 1)")
+    if args.data_seed < 0:
+        bad("--data-seed", "an integer >= 0", args.data_seed)
+    ints("--seeds", args.seeds, 0, "integers >= 0")
+    ints("--widths", args.widths, 1, "hidden widths >= 1")
+    ints("--depths", args.depths, 0, "numbers of hidden layers >= 0")
+    ints("--batch-sizes", args.batch_sizes or (1,), 1, "batch sizes >= 1 or 'full'")   # () = the default
+    real("--base-lr", args.base_lr, 0, None, True, what="a learning rate > 0")
+    if args.base_batch_size < 1:
+        bad("--base-batch-size", "an integer >= 1", args.base_batch_size)
+    if not args.lr_grid:
+        bad("--lr-grid", "at least one multiplier", "an empty list")
+    for f in args.lr_grid:
+        real("--lr-grid", f, 0, None, True, what="learning-rate multipliers > 0")
+    from minigd.nn import ACTIVATIONS
+    if args.activation not in ACTIVATIONS:
+        bad("--activation", f"one of {', '.join(ACTIVATIONS)}", repr(args.activation))
+    real("--momentum", args.momentum, 0, 1, False, True, "a number in [0, 1)")
+    if args.warmup_steps < 0:
+        bad("--warmup-steps", "a number of steps >= 0", args.warmup_steps)
+    for e, f in args.bs_growth:
+        if e < 1:
+            bad("--bs-growth", "EPOCH:FACTOR pairs with EPOCH >= 1", f"{e}:{f:g}")
+        if not (math.isfinite(f) and f >= 1):
+            bad("--bs-growth", "EPOCH:FACTOR pairs with FACTOR >= 1 (the batch grows)", f"{e}:{f:g}")
+    if args.max_epochs < 1:
+        bad("--max-epochs", "an integer >= 1", args.max_epochs)
+    real("--dropout", args.dropout, 0, 1, False, True, "a probability in [0, 1)")
+    for g in args.ghost_batch_sizes:
+        if g is not None and g < 2:
+            bad("--ghost-batch-sizes", "ghost batch sizes >= 2 or 'none'", g)
+    if any(g is not None for g in args.ghost_batch_sizes) and args.batch_norm is False:
+        bad("--ghost-batch-sizes", "--batch-norm before or after with ghost batch sizes",
+            f"--ghost-batch-sizes {','.join(str(g).lower() for g in args.ghost_batch_sizes)} without --batch-norm")
+    if args.workers is not None and args.workers < 1:
+        bad("--workers", "a number of worker processes >= 1", args.workers)
+    if args.n_trials < 1:
+        bad("--n-trials", "an integer >= 1", args.n_trials)
+    if args.seed < 0:
+        bad("--seed", "an integer >= 0", args.seed)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        bad("--out", "a directory (or a path to create one)", f"the file {args.out!r}")
+    import minigd as mg
+    backends = mg.available_backends()
+    if args.backend not in backends:
+        bad("--backend", f"one of {', '.join(backends)}", repr(args.backend))
+    if backends[args.backend] is not None:
+        bad("--backend", "a backend that runs here (see `minigd backends`)",
+            f"{args.backend!r}, which is not available: {backends[args.backend]}")
+    # the data: it must load, and the target must suit its task
+    from minigd.data import DATASETS
+    from minigd.study.trial import load_data
+    data_expected = f"{', '.join(sorted(DATASETS))} or a readable .npz/.csv/IDX file"
+    if args.data not in DATASETS and not os.path.exists(args.data):
+        bad("--data", data_expected, f"{args.data!r} (no such data set or file)")
+    try:
+        ds = load_data(_data_spec(args), "float32")
+    except Exception as exc:  # any reason the data cannot be loaded is the --data flag's problem
+        why = str(exc).removeprefix("name_or_path: ")
+        bad("--data", data_expected, f"{args.data!r} ({type(exc).__name__}: {why})")
+    regression = ds.task != "classification"
+    if args.target_metric is None:
+        args.target_metric = "val_loss" if regression else "val_accuracy"
+    if regression and "accuracy" in args.target_metric:
+        bad("--target-metric", f"val_loss for the regression data {args.data!r}", args.target_metric)
+    if args.target is None:
+        if "accuracy" not in args.target_metric:
+            bad("--target", f"a validation-loss target for --target-metric {args.target_metric} "
+                            f"(e.g. --target 0.01; no default fits every data set)", "none")
+        args.target = 0.95
+    if "accuracy" in args.target_metric:
+        real("--target", args.target, 0, 1, True, False, f"an accuracy in (0, 1] for {args.target_metric}")
+    else:
+        real("--target", args.target, 0, None, True, what=f"a loss > 0 for {args.target_metric}")
+    n = len(ds.X_train)
+    too_big = [b for b in args.batch_sizes if b != "full" and b > n]
+    if too_big:
+        bad("--batch-sizes", f"batch sizes <= the {n} training examples of {args.data!r} (or 'full')",
+            ",".join(map(str, too_big)))
+
+
 def cmd_study(args) -> int:
     from minigd.study import SearchSpace, SweepSpec, TrialConfig, run_study, search
 
@@ -281,8 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-size schedule instead of LR decay (Smith et al. 2018): EPOCH:FACTOR,... "
                         "e.g. 10:2,20:4 doubles each trial's batch at epoch 10 and quadruples it at 20")
     g.add_argument("--max-epochs", type=int, default=50, help="budget per trial (large batches get >= 200 steps)")
-    g.add_argument("--target-metric", default="val_accuracy", choices=["val_accuracy", "val_loss"])
-    g.add_argument("--target", type=float, default=0.95, help="target value of --target-metric")
+    g.add_argument("--target-metric", default=None, choices=["val_accuracy", "val_loss"],
+                   help="default: val_accuracy for classification data, val_loss for regression data")
+    g.add_argument("--target", type=float, default=None,
+                   help="target value of --target-metric (default: 0.95 for val_accuracy; "
+                        "a val_loss target must be given)")
     g.add_argument("--backend", default="cpu")
     g.add_argument("--batch-norm", type=_bn_arg, default=False, metavar="{none,before,after}",
                    help="batch norm on the hidden layers, before or after the activation (default none)")
@@ -303,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) to run trials on a cluster")
     g.add_argument("--retry-failed", action="store_true", help="re-run trials stored as failed")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    st.set_defaults(func=cmd_study)
+    st.set_defaults(func=cmd_study, check=_check_study_args, subparser=st)
     rp = sub.add_parser("report", help="write the report (plots + summary) of a study's results",
                         description="Analyse a study's results file and write the report.")
     rp.add_argument("results", help="OUT/results.sqlite or the study directory OUT")
@@ -327,8 +433,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "check", None) is not None:
+        args.check(args, args.subparser)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.command != "study":
+            print(f"\nminigd {args.command}: interrupted", file=sys.stderr)
+            return 130
+        path = os.path.join(args.out, "results.sqlite")
+        stored = ""
+        try:
+            from minigd.study import ResultStore
+            if os.path.isfile(path):
+                with ResultStore(path) as store:
+                    stored = f"{len(store)} finished trial(s) "
+        except Exception:  # the message must not fail: it is all the user sees
+            pass
+        print(f"\nminigd study: interrupted; {stored or 'the finished trials '}kept in {path}; "
+              f"re-run the same command to resume (only the missing trials run)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import contextlib
 import multiprocessing
 import os
+import signal
 
 #: environment that pins a worker to one thread (set before numpy/numba load in the worker)
 ONE_THREAD_ENV = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
@@ -143,6 +144,11 @@ class LocalExecutor:
                             broken.append(i)
                             continue
                         yield items[i], res
+                except BaseException:
+                    # Ctrl-C, or the caller stopped iterating: nobody wants the running
+                    # trials' results, so end the workers now rather than wait for them
+                    _terminate_workers(pool)
+                    raise
                 finally:
                     pool.shutdown(wait=False, cancel_futures=True)
                 if broken:
@@ -164,7 +170,16 @@ PARENT_POLL_S = 0.5
 def _init_worker(q, parent_pid: int):
     global _STARTED
     _STARTED = q
+    # Ctrl-C reaches the whole process group: the study process handles it (and ends the
+    # workers); a worker printing its own KeyboardInterrupt traceback would only be noise
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent_pid)
+
+
+def _terminate_workers(pool) -> None:
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            p.terminate()
 
 
 def _exit_with_parent(parent_pid: int) -> None:
