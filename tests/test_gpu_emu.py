@@ -431,6 +431,32 @@ def test_a_gpu_model_keeps_to_its_device_whatever_is_current():
         np.testing.assert_allclose(h.column("loss"), h_ref.column("loss"), rtol=1e-10)
 
 
+def test_no_work_of_the_gpu_backend_reaches_the_null_stream():
+    """Every launch, memset, matmul and copy of the backend goes to the model's own
+    (non-blocking) stream: work on the legacy null stream would not be ordered with it.
+    Covers creation, fits in the three regimes (graph capture, tiled, cuBLAS), batch norm
+    with dropout, evaluation and the gradient statistics."""
+    import minigd as mg
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(96, 5)), rng.integers(0, 3, 96)
+    E.counts.clear()
+    with E.emulated():
+        for graphs, gmax, kw in ((True, 64, {}), (False, 64, {}), (True, 8, {}),
+                                 (True, 64, dict(batch_norm=True, ghost_batch_size=4, dropout=0.2))):
+            m = mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="gpu", **kw)
+            m.backend_impl.use_graphs, m.backend_impl.graph_max_batch = graphs, gmax
+            mg.fit(m, X, y, batch_size=16, epochs=2, optimizer=mg.SGD(0.05, momentum=0.9), seed=0,
+                   validation=(X[:32], y[:32]), eval_every=3)
+            m.evaluate(X, y)
+            m.loss_and_grad(X[:16], y[:16])
+            if not kw:
+                mg.per_example_grad_norms(m, X[:16], y[:16])
+                mg.grad_moments(m, X, y, chunk_size=32)
+    assert E.counts["launch"] > 100 and E.counts["graph_launch"] > 0 and E.counts["matmul"] > 0
+    assert E.counts["null_stream"] == 0
+
+
 def test_asarray_keeps_fortran_order_as_cupy_does_and_the_backend_uploads_c_order():
     """cupy.asarray keeps a Fortran-ordered host array Fortran-ordered, and a raw kernel sees
     only its data pointer: the backend must upload training data in C order."""

@@ -272,9 +272,9 @@ class GpuBackend(Backend):
 
     # -- launching ----------------------------------------------------------------------------
     def _launch(self, kern, grid, block, args):
-        # RawKernel launches on the current stream (it takes no stream argument)
-        with self.stream:
-            kern(grid, block, args)
+        # RawKernel launches on the current stream (it takes no stream argument): ours,
+        # made current by the public method that got here (see _on_device)
+        kern(grid, block, args)
 
     def _elementwise_grid(self, n):
         return S.grid_1d(n), (S.THREADS,)
@@ -301,8 +301,7 @@ class GpuBackend(Backend):
             act = self.act_codes[l] if l < L - 1 else -1
             aout = as_[l] if l < L - 1 else zs[l]
             if gemm == "cublas":
-                with self.stream:
-                    cp.matmul(A, W, out=zs[l])
+                cp.matmul(A, W, out=zs[l])
                 self._launch(self.k.bias_act_forward, *self._elementwise_grid(B * fo),
                              (zs[l], b, aout, np.int32(B), np.int32(fo), np.int32(act)))
             else:
@@ -330,8 +329,7 @@ class GpuBackend(Backend):
             D = ds[l]
             fi, fo = self._pW[l].shape
             if gemm == "cublas":
-                with self.stream:
-                    cp.matmul(A.T, D, out=self._gW[l])
+                cp.matmul(A.T, D, out=self._gW[l])
             else:
                 grid, block = S.grid_gemm(fi, fo)
                 self._launch(self.k.gemm, grid, block,
@@ -348,8 +346,7 @@ class GpuBackend(Backend):
             elif l > 0:
                 act = self.act_codes[l - 1]
                 if gemm == "cublas":
-                    with self.stream:
-                        cp.matmul(D, self._pW[l].T, out=ds[l - 1])
+                    cp.matmul(D, self._pW[l].T, out=ds[l - 1])
                     self._launch(self.k.act_backward, *self._elementwise_grid(B * fi),
                                  (zs[l - 1], as_[l - 1], ds[l - 1], np.int64(B * fi), np.int32(act)))
                 else:
@@ -647,8 +644,7 @@ class GpuBackend(Backend):
         else:                    # dropout alone
             z, lin_act, lin_out = zs[l], act, (v["act"] if drop else as_[l])
         if gemm == "cublas":
-            with self.stream:
-                cp.matmul(A, W, out=z)
+            cp.matmul(A, W, out=z)
             self._launch(k.bias_act_forward, *self._elementwise_grid(B * fo),
                          (z, b, lin_out, np.int32(B), np.int32(fo), np.int32(lin_act)))
         else:
@@ -696,8 +692,7 @@ class GpuBackend(Backend):
         # norm's backward writes ds[h] from it
         G = v["dt"] if bn else ds[h]
         if gemm == "cublas":
-            with self.stream:
-                cp.matmul(D, W.T, out=G)
+            cp.matmul(D, W.T, out=G)
         else:
             grid2, block2 = S.grid_gemm(B, fi)
             self._launch(k.gemm, grid2, block2,
@@ -953,14 +948,17 @@ class GpuBackend(Backend):
 def _on_device(fn):
     @functools.wraps(fn)
     def on_device(self, *args, **kwargs):
-        with self.device:
+        with self.device, self.stream:
             return fn(self, *args, **kwargs)
     return on_device
 
 
-# The kernel contract, run with the model's device current: CuPy launches kernels, makes
-# copies and checks streams against the *current* device, and a model's memory, kernels and
-# stream are on the device that was current when it was made.
+# The kernel contract, run with the model's device and stream current: CuPy launches
+# kernels, makes copies and checks streams against the *current* device, and a model's
+# memory, kernels and stream are on the device that was current when it was made.  Entering
+# the stream once per call, not once per launch, saves the Python of a context switch on
+# each of the dozens of launches of a step (tests/test_gpu_emu.py checks that no work of
+# the backend reaches the null stream).
 for _name in ("reserve", "draw_dropout", "update_running", "max_run_steps", "train_step", "run_steps",
               "opt_apply", "forward", "losses", "loss_grad", "last_sqnorms", "per_example_terms",
               "per_example_grads", "moments_update"):

@@ -276,8 +276,15 @@ def _capturing_here():
 #: what the emulated device has been asked to do, for tests of the backend's habits (no
 #: allocation inside a step, one read-back per k steps): "alloc" (new device arrays),
 #: "get" (device -> host copies), "set" (host -> device copies), "launch" (kernels run),
-#: "graph_launch", "matmul", "sync".  Reset it with ``counts.clear()``.
+#: "graph_launch", "matmul", "sync"; and "null_stream": work (a launch, memset, matmul or
+#: copy) enqueued with no stream current and none given -- on CuPy, the legacy null
+#: stream, which a non-blocking stream does not wait for.  Reset it with ``counts.clear()``.
 counts: collections.Counter = collections.Counter()
+
+
+def _note_stream(stream=None) -> None:
+    if stream is None and _current_stream() is None:
+        counts["null_stream"] += 1
 
 
 def _refuse_during_capture(what: str) -> None:
@@ -312,6 +319,7 @@ class ndarray(np.ndarray):
     def get(self, stream=None, out=None):
         _refuse_during_capture("ndarray.get")
         counts["get"] += 1
+        _note_stream(stream)
         if out is None:
             return np.array(self.view(np.ndarray), copy=True)
         if not isinstance(out, np.ndarray) or isinstance(out, ndarray):
@@ -325,6 +333,7 @@ class ndarray(np.ndarray):
     def set(self, arr, stream=None):
         _refuse_during_capture("ndarray.set")
         counts["set"] += 1
+        _note_stream(stream)
         if not isinstance(arr, np.ndarray) or isinstance(arr, ndarray):
             raise TypeError(f"ndarray.set: expected a host numpy.ndarray, got {type(arr).__name__}")
         if not self.flags.c_contiguous:
@@ -338,6 +347,7 @@ class ndarray(np.ndarray):
     def fill(self, value):
         """A memset on the current stream: recorded when that stream is capturing."""
         s = _current_stream()
+        _note_stream()
         host = self.view(np.ndarray)
         if s is not None and s.is_capturing():
             s._record(lambda: host.fill(value), [weakref.ref(_root(self))], "fill")
@@ -354,6 +364,7 @@ def _alloc(a: np.ndarray) -> ndarray:
 
 
 def zeros(shape, dtype=float):
+    _note_stream()     # a memset, on the current stream
     return _alloc(np.zeros(shape, dtype))
 
 
@@ -362,6 +373,7 @@ def empty(shape, dtype=float):
 
 
 def arange(*args, dtype=None):
+    _note_stream()     # a kernel, on the current stream
     return _alloc(np.arange(*args, dtype=dtype))
 
 
@@ -374,6 +386,7 @@ def asarray(a, dtype=None, order=None):
     if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype) and order in (None, "K", "A"):
         return a
     counts["set"] += 1
+    _note_stream()
     src = a.view(np.ndarray) if isinstance(a, ndarray) else np.asanyarray(a)
     if order in (None, "K", "A"):
         order = "F" if src.flags.f_contiguous and not src.flags.c_contiguous else "C"
@@ -397,6 +410,7 @@ def matmul(a, b, out=None):
         if x is not None:
             _check_device(f"matmul: {name}", x)
     counts["matmul"] += 1
+    _note_stream()
     if out is None:
         return _alloc(np.matmul(a.view(np.ndarray), b.view(np.ndarray)))
     np.matmul(a.view(np.ndarray), b.view(np.ndarray), out=out.view(np.ndarray))
@@ -491,6 +505,7 @@ class RawKernel:
         grid3 = tuple(int(g) for g in tuple(grid) + (1,) * (3 - len(grid)))
         block3 = tuple(int(b) for b in tuple(block) + (1,) * (3 - len(block)))
         packed, roots = self._pack(args)
+        _note_stream(stream)
         s = _current_stream()
         if s is not None and s.is_capturing():
             s._record(lambda: self._run(grid3, block3, packed), roots, self.name)
