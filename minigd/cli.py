@@ -274,9 +274,11 @@ def cmd_study(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         space = SearchSpace(width_min=min(args.widths), width_max=max(args.widths),
                             depth_min=min(args.depths), depth_max=max(args.depths))
-        res = search(space, args.n_trials, os.path.join(args.out, "results.sqlite"), method=args.search,
-                     objective=args.objective, base=base, seed=args.seed, workers=args.workers,
-                     scheduler=args.scheduler)
+        from minigd.study.store import study_lock
+        with study_lock(args.out):
+            res = search(space, args.n_trials, os.path.join(args.out, "results.sqlite"), method=args.search,
+                         objective=args.objective, base=base, seed=args.seed, workers=args.workers,
+                         scheduler=args.scheduler)
         if res["best"] is None:
             print(f"no trial reached the target ({args.objective} is inf for all {args.n_trials})")
             return 1
@@ -439,6 +441,12 @@ def main(argv=None) -> int:
         args.check(args, args.subparser)
     try:
         return args.func(args)
+    except Exception as exc:
+        from minigd.study.store import StudyLocked
+        if isinstance(exc, StudyLocked):
+            print(f"minigd {args.command}: error: --out: {exc}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         if args.command != "study":
             print(f"\nminigd {args.command}: interrupted", file=sys.stderr)

@@ -450,3 +450,25 @@ def test_pool_workers_exit_when_the_study_process_is_killed(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_second_study_on_the_same_directory_is_refused(tmp_path, capsys):
+    """Two studies on one --out each ran every trial; the second is now refused up front."""
+    from minigd.cli import main
+    from minigd.study import StudyLocked
+    from minigd.study.store import study_lock
+
+    spec = tiny_spec(batch_sizes=(32,), seeds=(0,))
+    out = tmp_path / "s"
+    out.mkdir()
+    with study_lock(out):          # a study running (flock: another open file conflicts)
+        with pytest.raises(StudyLocked, match=f"another study is already running in .*process {os.getpid()}"):
+            run_study(spec, out, workers=1, report=False)
+        assert not (out / "results.sqlite").exists()
+        rc = main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0",
+                   "--lr-grid", "1", "--max-epochs", "1", "--target", "0.5", "--workers", "1", "--quiet",
+                   "--out", str(out)])
+        assert rc == 1
+        err = capsys.readouterr().err
+        assert err.startswith("minigd study: error: --out: another study is already running") and "Traceback" not in err
+    assert run_study(spec, out, workers=1, report=False)["counts"]["ran"] == 1   # released

@@ -8,7 +8,7 @@ from .analysis import analyze, regime
 from .config import DataSpec, TrialConfig
 from .executors import DaskExecutor, LocalExecutor, SerialExecutor, make_executor
 from .search import SearchSpace, search
-from .store import ResultStore
+from .store import ResultStore, StudyLocked, study_lock
 from .sweep import SweepSpec, default_batch_sizes, run_sweep
 from .trial import run_trial
 
@@ -16,7 +16,10 @@ from .trial import run_trial
 def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progress=False,
               retry_failed=False, report=True) -> dict:
     """Run (or resume) the sweep ``spec`` into ``out_dir/results.sqlite``, analyse it and
-    write the report to ``out_dir/report``.  Returns {"counts", "analysis", "report"}."""
+    write the report to ``out_dir/report``.  Returns {"counts", "analysis", "report"}.
+
+    The sweep holds an exclusive lock on ``out_dir`` (:func:`~minigd.study.store.study_lock`):
+    a second study started on the same directory meanwhile raises :class:`StudyLocked`."""
     import json
     import os
 
@@ -29,7 +32,7 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
                          f"dataset {spec.data.name!r}, got {spec.target_metric!r}")
     configs = spec.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)
     path = os.path.join(out_dir, "results.sqlite")
-    with ResultStore(path) as store:
+    with study_lock(out_dir), ResultStore(path) as store:
         store.set_meta("spec", spec.to_dict())
         counts = run_sweep(configs, store, workers=workers, scheduler=scheduler, progress=progress,
                            retry_failed=retry_failed)
@@ -47,5 +50,5 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
 
 
 __all__ = ["analyze", "regime", "DataSpec", "TrialConfig", "DaskExecutor", "LocalExecutor",
-           "SerialExecutor", "make_executor", "SearchSpace", "search", "ResultStore", "SweepSpec",
+           "SerialExecutor", "make_executor", "SearchSpace", "search", "ResultStore", "StudyLocked", "SweepSpec",
            "default_batch_sizes", "run_sweep", "run_trial", "run_study"]

@@ -7,6 +7,7 @@ keys already stored and runs only the missing trials.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,3 +103,49 @@ class ResultStore:
 
     def __len__(self):
         return self._db.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+
+
+#: the lock file a running study holds in its output directory
+LOCK_NAME = ".minigd-study.lock"
+
+
+class StudyLocked(RuntimeError):
+    """Another study is running on the same output directory."""
+
+
+@contextlib.contextmanager
+def study_lock(out_dir):
+    """Hold an exclusive lock on the output directory ``out_dir`` for the duration.
+
+    Two studies on one directory would each run every trial (each reads the stored keys
+    before the other has written any): the second one raises :class:`StudyLocked` at once,
+    naming the directory and the process that holds it.  The lock is ``fcntl.flock`` on
+    ``out_dir/.minigd-study.lock``: the operating system releases it when the holder exits,
+    however it exits (SIGKILL included), so a stale lock file never blocks a re-run.
+    Where ``fcntl`` does not exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = os.path.join(os.fspath(out_dir), LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise StudyLocked(f"another study is already running in {os.fspath(out_dir)!r} "
+                              f"(process {holder} holds {path}); wait for it to finish or use "
+                              f"another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
