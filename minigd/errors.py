@@ -45,3 +45,8 @@ class BackendUnavailable(RuntimeError):
         self.name = name
         self.reason = reason
         super().__init__(f"backend {name!r} is not available: {reason}")
+
+
+class DegenerateModelWarning(UserWarning):
+    """A model that is valid but cannot learn anything, e.g. ``cross_entropy`` with one
+    output unit (its softmax is always 1, so the loss and the gradient are always 0)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -12,6 +13,7 @@ from minigd._validation import (_got, check_choice, check_dtype, check_int, chec
                                 check_y)
 from minigd.backends import get_backend_class
 from minigd.backends.base import BN_AFTER, BN_BEFORE, BN_NONE, NormSpec
+from minigd.errors import DegenerateModelWarning
 from minigd.kernels.workspace import ParamLayout
 
 #: rows per chunk when evaluating on more examples than one batch
@@ -31,7 +33,9 @@ class MLP:
         ``sigmoid``, ``gelu`` (exact, erf form), ``identity``; or one per hidden layer.
         The output layer is always linear: the loss holds the link.
     loss : str
-        ``cross_entropy`` (integer labels), ``mse`` or ``binary_cross_entropy`` (logits).
+        ``cross_entropy`` (integer labels; with 1 output the loss is identically 0, which
+        :class:`~minigd.errors.DegenerateModelWarning` says), ``mse`` or
+        ``binary_cross_entropy`` (logits; one output is binary classification).
         The batch loss is the **mean** of per-example losses (see :mod:`minigd.nn`).
     dtype : "float32" or "float64"
     init : str
@@ -100,6 +104,13 @@ class MLP:
             check_choice("activation", a, nn.ACTIVATIONS)
         self.activations = tuple(acts)
         self.loss_name = check_choice("loss", loss, nn.LOSSES)
+        if self.loss_name == "cross_entropy" and sizes[-1] < 2:
+            # a valid (if degenerate) model -- "any width >= 1" -- so a warning, not an error
+            warnings.warn(f"loss: 'cross_entropy' with 1 output unit (sizes[-1]=1): the softmax of one "
+                          f"logit is always 1, so the loss and its gradient are always 0 and training "
+                          f"does nothing; for two classes use 2 outputs, or loss='binary_cross_entropy' "
+                          f"with 1 output (a sigmoid on the logit, labels in {{0, 1}})",
+                          DegenerateModelWarning, stacklevel=2)
         self.dtype = check_dtype("dtype", dtype)
         self.init = check_choice("init", init, nn.INITS)
         self.norm = _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden)
@@ -254,6 +265,20 @@ class MLP:
         yi, yf = check_y(y, X.shape[0], self.loss_code, self.n_out, self.dtype, yname)
         return X, yi, yf
 
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` (naming ``params``) when the parameters -- or batch norm's
+        running statistics -- hold NaN or inf: outputs, losses and gradients computed from
+        them would be NaN, and ``argmax`` would turn that into a plausible-looking label.
+        Called by every evaluation and gradient entry point and by ``fit``; O(P), no
+        P-sized temporary unless something is wrong."""
+        for vec, name in ((self._params, "params"), (self.running, "running")):
+            if vec.size and not np.isfinite(vec.sum()) and not np.isfinite(vec).all():
+                bad = int(np.count_nonzero(~np.isfinite(vec)))
+                what = "parameters" if name == "params" else "batch-norm running statistics"
+                raise ValueError(f"{name}: expected finite {what}, got {bad} NaN/inf entries in "
+                                 f"model.{name} (a diverged or overwritten model); its outputs "
+                                 f"would be NaN: re-initialise or load finite values first")
+
     # -- evaluation ------------------------------------------------------------------------
     def _chunks(self, n):
         idx = np.arange(n, dtype=np.int64)
@@ -271,6 +296,7 @@ class MLP:
         if not isinstance(training, bool):
             raise TypeError(f"training: expected a bool, got {type(training).__name__} {training!r}")
         X = self.check_X(X)
+        self.check_finite()
         n = X.shape[0]
         out = np.empty((n, self.n_out), dtype=self.dtype)
         if training and (self.norm.bn or self.norm.dropout > 0):
@@ -314,6 +340,7 @@ class MLP:
         return z[:, 0] if self.n_out == 1 else z
 
     def _loss_grad_chunked(self, X, yi, yf, want_grad: bool):
+        self.check_finite()
         n = X.shape[0]
         total = 0.0
         grad = np.zeros(self.n_params, np.float64) if want_grad else None

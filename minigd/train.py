@@ -514,6 +514,8 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     if not isinstance(progress, bool):
         raise TypeError(f"progress: expected a bool, got {_got(progress)}")
     ck_path, ck_every, resume_src = _check_checkpointing(checkpoint, checkpoint_every, resume)
+    if resume_src is None:      # (resuming overwrites them)
+        model.check_finite()
     if opt_state is not None:
         if resume_src is not None:
             raise ValueError("opt_state: resume restores the optimizer state from the checkpoint; "

@@ -31,7 +31,7 @@ def apply_steps(backend, dtype, opt, grads, params=P0):
     """Run ``opt`` through the backend's opt_apply on the given gradients.
 
     Returns (params, |last raw gradient|^2, opt_state)."""
-    impl = mg.MLP([2, 1], dtype=dtype, backend=backend).backend_impl   # P = 3, like P0
+    impl = mg.MLP([2, 1], loss="mse", dtype=dtype, backend=backend).backend_impl   # P = 3, like P0
     p = np.array(params, dtype)
     st = opt.init(p)
     gsq = None
@@ -149,7 +149,7 @@ def test_adam_three_steps_against_formula(backend, dtype, wd, decoupled):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", OPT_BACKENDS)
 def test_non_finite_update_is_not_applied(backend):
-    impl = mg.MLP([2, 1], dtype="float64", backend=backend).backend_impl
+    impl = mg.MLP([2, 1], loss="mse", dtype="float64", backend=backend).backend_impl
     p = np.array([1e308, 0.0, 1.0])
     before = p.copy()
     opt = mg.SGD(lr=1.0)
@@ -284,7 +284,7 @@ def test_optimizer_converges(opt_bowl, opt_rosen, backend, problem):
     """Within 1e-3 of the minimiser (weight decay moves it by <= 1e-4 * |x*| / h_min)."""
     grad_fn, x0, x_star, steps = PROBLEMS[problem]
     opt = opt_bowl if problem == "bowl" else opt_rosen
-    impl = mg.MLP([1, 1], dtype="float64", backend=backend).backend_impl
+    impl = mg.MLP([1, 1], loss="mse", dtype="float64", backend=backend).backend_impl
     x = np.array(x0)
     g = np.zeros(2)
     st = opt.init(x)

@@ -2,6 +2,8 @@
 the last finite parameters."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -66,12 +68,12 @@ def test_bad_model_arguments(kwargs, exc, match):
 
 
 def test_numpy_dtypes_accepted_and_unavailable_backend_explains():
-    assert mg.MLP([2, 1], dtype=np.float64, backend="numpy").dtype == np.float64
-    assert mg.MLP([2, 1], dtype=np.dtype("float32"), backend="numpy").dtype == np.float32
+    assert mg.MLP([2, 2], dtype=np.float64, backend="numpy").dtype == np.float64
+    assert mg.MLP([2, 2], dtype=np.dtype("float32"), backend="numpy").dtype == np.float32
     reason = mg.available_backends()["gpu"]
     assert reason
     with pytest.raises(mg.BackendUnavailable, match=r"backend 'gpu' is not available"):
-        mg.MLP([2, 1], backend="gpu")
+        mg.MLP([2, 2], backend="gpu")
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
         ce_model().to("tpu")
 
@@ -109,6 +111,43 @@ def test_bad_params_assignment(value, exc, match):
     with pytest.raises(exc, match=match):
         m.params = value
     assert np.array_equal(m.params, before)
+
+
+def test_cross_entropy_with_one_output_warns_that_it_cannot_learn():
+    """One softmax output: the loss and gradient are identically 0 (a valid but degenerate
+    model -- any width >= 1 is allowed); a DegenerateModelWarning says so and what to use."""
+    with pytest.warns(mg.errors.DegenerateModelWarning,
+                      match=r"^loss: 'cross_entropy' with 1 output unit .*always 0.*"
+                            r"loss='binary_cross_entropy' with 1 output"):
+        m = mg.MLP([3, 4, 1], dtype="float64", backend="numpy")
+    loss, g = m.loss_and_grad(X64, np.zeros(10, np.int64))
+    assert loss == 0.0 and not g.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mg.MLP([3, 4, 1], loss="binary_cross_entropy", backend="numpy")
+        mg.MLP([3, 4, 1], loss="mse", backend="numpy")
+        mg.MLP([3, 4, 2], backend="numpy")
+
+
+@pytest.mark.parametrize("path", ["numpy", "cpu"])
+@pytest.mark.parametrize("where", ["params", "running"])
+def test_non_finite_parameters_are_refused_by_evaluation_and_training(path, where):
+    """NaN parameters used to pass: predict gave class 0 (argmax of NaN), evaluate a NaN
+    loss with an accuracy, fit a DivergenceError at step 0 about 'last finite' parameters."""
+    m = make_model([3, 4, 2], path, dtype="float64", seed=0, batch_norm=where == "running")
+    getattr(m, where)[1] = np.nan
+    match = (r"^params: expected finite parameters, got 1 NaN/inf entries in model.params" if where == "params"
+             else r"^running: expected finite batch-norm running statistics, got 1 NaN/inf")
+    for call in (lambda: m.predict(X64), lambda: m.predict_proba(X64), lambda: m.forward(X64),
+                 lambda: m.evaluate(X64, Y_LAB), lambda: m.loss(X64, Y_LAB), lambda: m.score(X64, Y_LAB),
+                 lambda: m.loss_and_grad(X64, Y_LAB), lambda: mg.fit(m, X64, Y_LAB, batch_size=5, steps=1)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    if where == "params":
+        for call in (lambda: mg.grad_moments(m, X64, Y_LAB), lambda: mg.per_example_grads(m, X64, Y_LAB),
+                     lambda: mg.per_example_grad_norms(m, X64, Y_LAB)):
+            with pytest.raises(ValueError, match=match):
+                call()
 
 
 # ============================================================================ X and y

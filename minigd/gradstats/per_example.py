@@ -39,6 +39,7 @@ def _check_model(model, what: str | None = None):
         raise TypeError(f"model: expected a minigd.MLP, got {type(model).__name__}")
     if what is not None:
         check_per_example(model.norm, what)
+    model.check_finite()
 
 
 def _training_pass(model, B: int) -> None:
