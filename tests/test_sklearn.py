@@ -45,6 +45,20 @@ def test_sklearn_estimator_checks(estimator, check):
         check(estimator)
 
 
+@pytest.mark.parametrize("hidden", [(), (5,)])
+def test_small_regressors_pass_the_training_check_with_a_larger_budget(hidden):
+    """README: with the default budget (20 epochs of Adam at 1e-3) a linear or 5-unit
+    regressor underfits check_regressors_train's data (R^2 <= 0.5, as scikit-learn's own
+    MLPRegressor((5,)) does); a 10x learning rate is enough (the check seeds random_state=0)."""
+    from sklearn.utils.estimator_checks import check_regressors_train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(AssertionError):
+            check_regressors_train("MLPRegressor", MLPRegressor(hidden_layer_sizes=hidden))
+        check_regressors_train("MLPRegressor", MLPRegressor(hidden_layer_sizes=hidden, learning_rate=0.01))
+
+
 @pytest.fixture(scope="module")
 def digits():
     from sklearn.datasets import load_digits
