@@ -62,7 +62,9 @@ def one_thread():
                       "(pip install threadpoolctl)", RuntimeWarning, stacklevel=3)
     import numba
     old_numba = numba.get_num_threads()
-    with _env(ONE_THREAD_ENV), limiter:
+    # not ONE_THREAD_ENV: Numba re-reads NUMBA_NUM_THREADS when it compiles and refuses a
+    # value other than the thread pool it already launched
+    with limiter:
         numba.set_num_threads(1)
         try:
             yield
