@@ -17,6 +17,9 @@ def atomic_path(path):
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
+    if not os.path.isdir(d):   # else open() names the temporary file, not the user's path
+        raise FileNotFoundError(f"path: expected a file in an existing directory, got {path!r} "
+                                f"(no directory {d!r})")
     # a fresh name, not mkstemp: the file gets the usual umask permissions, not 0600
     tmp = os.path.join(d, f".{base}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:

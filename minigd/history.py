@@ -28,6 +28,11 @@ def _columns(recs) -> list:
 class History:
     """What :func:`minigd.fit` recorded.
 
+    Step numbering: ``records[i]["step"] == i`` is the 0-based *index* of a step, while
+    ``evals[j]["step"]`` (and ``steps_to_target``) is the *number of steps done* when the
+    evaluation was taken, so an evaluation with ``"step": k`` is merged into ``records[k - 1]``
+    (the step it follows).  ``examples`` counts examples seen after the step in both.
+
     Per step (columns, numpy arrays via :meth:`column`): ``step`` (0-based), ``epoch``,
     ``loss`` (mean loss of the step's batch, before the update), ``lr``, ``batch_size``,
     ``examples`` (examples seen after the step), ``time`` (seconds of training after the
@@ -93,15 +98,38 @@ class History:
 
     # -- reading --------------------------------------------------------------------------
     def column(self, name: str) -> np.ndarray:
-        """One step column (a copy): int64 for step/epoch/batch_size/examples, else float64."""
-        if name not in self._cols:
-            raise KeyError(f"name: expected one of {list(STEP_COLUMNS)}, got {name!r}")
-        a = self._cols[name][:self.n_steps].copy()
-        return a if name in ("loss", "lr", "time") else a.astype(np.int64)
+        """One column of :attr:`records` (a copy), one entry per step: int64 for
+        step/epoch/batch_size/examples, float64 for the other step columns.  A field merged
+        into the records (an evaluation metric such as ``val_loss``, a noise statistic such
+        as ``noise_scale``) is float64 with NaN at the steps that do not have it."""
+        if name in self._cols:
+            a = self._cols[name][:self.n_steps].copy()
+            return a if name in ("loss", "lr", "time") else a.astype(np.int64)
+        out = np.full(self.n_steps, np.nan)
+        found = False
+        for i, v in self._merged(name):
+            found = True
+            out[i] = np.nan if v is None else float(v)
+        if not found:
+            known = _columns(self.records)
+            raise KeyError(f"name: expected one of {known}, got {name!r}")
+        return out
+
+    def _merged(self, name: str):
+        """(record index, value) of a merged field, as :attr:`records` merges them."""
+        for nr in self.noise:
+            s = nr["step"]
+            if name in nr and 0 <= s < self.n_steps:
+                yield s, nr[name]
+        for ev in self.evals:
+            s = ev["step"] - 1
+            if name in ev and 0 <= s < self.n_steps:
+                yield s, ev[name]
 
     def row(self, i: int) -> dict:
-        """Step ``i``'s columns as a dict (``i = -1``: the last step), without copying the
-        columns (cheap enough for a per-step callback)."""
+        """Step ``i``'s :data:`STEP_COLUMNS` as a dict (``i = -1``: the last step), without
+        copying the columns (cheap enough for a per-step callback).  Only the step columns:
+        ``records[i]`` also has the evaluation and noise fields merged into that step."""
         n = self.n_steps
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
             raise IndexError(f"i: expected a step index in [{-n}, {n}), got {i!r}")

@@ -191,3 +191,29 @@ def test_fit_start_and_end_hooks_run_even_when_fit_raises(data):
     with pytest.raises(KeyboardInterrupt):
         train(data, callbacks=[Hooks()])
     assert calls == [("start", 0), ("end", 3)]
+
+
+def test_history_column_returns_merged_fields(data):
+    """column() raised KeyError for the fields records merge in (val_loss, noise_scale)."""
+    _, hist = train(data, eval_every=2, track_noise=1)
+    recs = hist.records
+    for name in ("val_loss", "val_accuracy", "noise_scale"):
+        col = hist.column(name)
+        assert col.dtype == np.float64 and len(col) == hist.n_steps
+        want = [r.get(name, np.nan) for r in recs]
+        assert np.array_equal(col, np.asarray(want, dtype=float), equal_nan=True), name
+    # an evaluation with "step": k (steps done) is merged into records[k - 1] (0-based)
+    for ev in hist.evals:
+        assert hist.column("val_loss")[ev["step"] - 1] == ev["val_loss"]
+        assert recs[ev["step"] - 1]["step"] == ev["step"] - 1
+    with pytest.raises(KeyError, match=r"^\"name: expected one of \['step'.*'val_loss'.*got 'nosuch'"):
+        hist.column("nosuch")
+
+
+def test_history_to_csv_into_a_missing_folder_names_the_path(data, tmp_path):
+    _, hist = train(data)
+    target = tmp_path / "missing" / "h.csv"
+    with pytest.raises(FileNotFoundError, match="h.csv") as exc:
+        hist.to_csv(target)
+    assert str(target) in str(exc.value) and ".tmp" not in str(exc.value)
+    assert not (tmp_path / "missing").exists()
