@@ -91,6 +91,7 @@ struct Fiber {
     int state;
     unsigned tx, ty, tz;
     void* tsan;        // its TSan fiber (MGD_EMU_TSAN)
+    char* stack;       // its stack (MGD_EMU_TSAN: the TSan fiber's own; else the slot's)
     unsigned phase;    // barriers passed, mod 2 (which of the block's two sync objects)
 };
 
@@ -193,9 +194,12 @@ static inline int linear_tid() { return g_cur; }
 // releases to the launch object when it ends, which the host acquires after the launch.
 // TSan has room for about 8000 fibers: a launch of more threads than the pool holds reuses
 // the fibers of its earlier blocks (and says so once), so only blocks that close together
-// are compared.
+// are compared.  Each pooled fiber has its own stack: a stack shared by the same thread
+// slot of two blocks would make their locals look like one address touched by two
+// unordered threads.
 static const int TSAN_POOL = 6144;
 static void* g_tsan_pool[TSAN_POOL];
+static char* g_tsan_stacks[TSAN_POOL];
 static int g_tsan_npool = 0;      // fibers created so far
 static int g_tsan_next = 0;       // the next fiber this launch takes
 static bool g_tsan_told = false;
@@ -210,8 +214,15 @@ MGD_EMU_NOTSAN static void block_begin_tsan(int n, unsigned bx, unsigned by) {
         g_tsan_next = 0;
     }
     for (int t = 0; t < n; ++t, ++g_tsan_next) {
-        if (g_tsan_next == g_tsan_npool) g_tsan_pool[g_tsan_npool++] = __tsan_create_fiber(0);
+        if (g_tsan_next == g_tsan_npool) {
+            __tsan_ignore_thread_begin();
+            g_tsan_stacks[g_tsan_npool] = (char*)malloc(STACK_BYTES);
+            __tsan_ignore_thread_end();
+            if (!g_tsan_stacks[g_tsan_npool]) { fail("out of memory for fiber stacks"); return; }
+            g_tsan_pool[g_tsan_npool++] = __tsan_create_fiber(0);
+        }
         g_fibers[t].tsan = g_tsan_pool[g_tsan_next];
+        g_fibers[t].stack = g_tsan_stacks[g_tsan_next];
         char name[96];
         snprintf(name, sizeof name, "block (%u, %u, %u) thread (%u, %u, %u)", blockIdx.x, blockIdx.y,
                  blockIdx.z, t % bx, (t / bx) % by, t / (bx * by));
@@ -241,7 +252,7 @@ MGD_EMU_NOTSAN static int run_block(unsigned bx, unsigned by, unsigned bz) {
 #ifdef MGD_EMU_TSAN
     const int n = (int)(bx * by * bz);
     block_begin_tsan(n, bx, by);
-    const int rc = run_block_fibers(bx, by, bz);
+    const int rc = g_error[0] ? -1 : run_block_fibers(bx, by, bz);
     block_end_tsan();
     return rc;
 #else
@@ -253,10 +264,13 @@ MGD_EMU_NOTSAN static int run_block_fibers(unsigned bx, unsigned by, unsigned bz
     const int n = (int)(bx * by * bz);
     for (int t = 0; t < n; ++t) {
         Fiber& f = g_fibers[t];
+#ifndef MGD_EMU_TSAN
         if (!g_stacks[t]) {
             g_stacks[t] = (char*)malloc(STACK_BYTES);
             if (!g_stacks[t]) { fail("out of memory for fiber stacks"); return -1; }
         }
+        f.stack = g_stacks[t];
+#endif
         f.state = RUNNABLE;
         f.phase = 0;
         f.tx = t % bx;
@@ -266,7 +280,7 @@ MGD_EMU_NOTSAN static int run_block_fibers(unsigned bx, unsigned by, unsigned bz
             getcontext(&f.ctx);
             g_ctx_ready[t] = true;
         }
-        f.ctx.uc_stack.ss_sp = g_stacks[t];
+        f.ctx.uc_stack.ss_sp = f.stack;
         f.ctx.uc_stack.ss_size = STACK_BYTES;
         f.ctx.uc_link = &g_sched;
         makecontext(&f.ctx, fiber_main, 0);

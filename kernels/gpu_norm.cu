@@ -9,7 +9,31 @@
 // over the whole batch.  Evaluation mode uses the running mean / variance.
 #include "gpu_common.cuh"
 
-// Training forward.  One thread per (ghost batch c, column j), j fastest (coalesced rows).
+// The reductions over rows (a column's mean, variance, sum of dy, of dy xhat) run on blocks
+// of (32, 8) threads: threadIdx.x picks one of 32 consecutive columns (coalesced reads of a
+// row), threadIdx.y one of 8 stripes of rows (r0 + y, r0 + y + 8, ...), and stripe_sum
+// combines the stripes' partial sums in a fixed order, so results are deterministic.  Grid
+// (ceil(n / 32), ghost batches) -- grid-striding over ghost batches past 65535.  A thread
+// per column looping over every row would leave a large batch to a handful of threads.
+#define MGD_STRIPES 8
+
+// Every thread passes its stripe's partial sums v[0..K-1] for its column and gets back the
+// column's totals, added in stripe order (the same bits in every stripe).  Every thread of
+// the block must call it: it has barriers.
+template <int K>
+__device__ void stripe_sum(double (&v)[K]) {
+    __shared__ double part[K][MGD_STRIPES][33];
+    for (int k = 0; k < K; ++k) part[k][threadIdx.y][threadIdx.x] = v[k];
+    __syncthreads();
+    for (int k = 0; k < K; ++k) {
+        double t = 0.0;
+        for (int y = 0; y < MGD_STRIPES; ++y) t += part[k][y][threadIdx.x];
+        v[k] = t;
+    }
+    __syncthreads();   // part is reused by the next call
+}
+
+// Training forward, per ghost batch c and column j (see the file comment).
 //   X (B, n) read   Y, Xhat (B, n) written   Inv (ceil(B / g), n) written
 //   gamma, beta (n,) read
 template <typename T>
@@ -17,26 +41,30 @@ __device__ void bn_train_fwd_body(const T* __restrict__ X, T* __restrict__ Y, T*
                                   T* __restrict__ Inv, const T* __restrict__ gamma,
                                   const T* __restrict__ beta, int B, int n, int g, double eps) {
     const int nchunks = (B + g - 1) / g;
-    const mgd_i64 total = (mgd_i64)nchunks * n;
-    for (mgd_i64 e = mgd_gtid(); e < total; e += mgd_gstride()) {
-        const int c = (int)(e / n), j = (int)(e - (mgd_i64)c * n);
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    const bool col = j < n;
+    for (int c = blockIdx.y; c < nchunks; c += gridDim.y) {   // uniform over the block
         const int r0 = c * g, r1 = (r0 + g < B) ? r0 + g : B;
         const double cnt = (double)(r1 - r0);
-        double mu = 0.0;
-        for (int r = r0; r < r1; ++r) mu += (double)X[(mgd_i64)r * n + j];
-        mu /= cnt;
-        double var = 0.0;
-        for (int r = r0; r < r1; ++r) {
-            const double dv = (double)X[(mgd_i64)r * n + j] - mu;
-            var += dv * dv;
-        }
-        var /= cnt;
-        const double inv = 1.0 / sqrt(var + eps);
-        Inv[e] = (T)inv;
+        double mu[1] = {0.0};
+        if (col)
+            for (int r = r0 + threadIdx.y; r < r1; r += MGD_STRIPES) mu[0] += (double)X[(mgd_i64)r * n + j];
+        stripe_sum<1>(mu);
+        const double m = mu[0] / cnt;
+        double var[1] = {0.0};
+        if (col)
+            for (int r = r0 + threadIdx.y; r < r1; r += MGD_STRIPES) {
+                const double dv = (double)X[(mgd_i64)r * n + j] - m;
+                var[0] += dv * dv;
+            }
+        stripe_sum<1>(var);
+        if (!col) continue;
+        const double inv = 1.0 / sqrt(var[0] / cnt + eps);
+        if (threadIdx.y == 0) Inv[(mgd_i64)c * n + j] = (T)inv;
         const double ga = (double)gamma[j], be = (double)beta[j];
-        for (int r = r0; r < r1; ++r) {
+        for (int r = r0 + threadIdx.y; r < r1; r += MGD_STRIPES) {
             const mgd_i64 o = (mgd_i64)r * n + j;
-            const double xh = ((double)X[o] - mu) * inv;
+            const double xh = ((double)X[o] - m) * inv;
             Xhat[o] = (T)xh;
             Y[o] = (T)(ga * xh + be);
         }
@@ -50,21 +78,23 @@ __device__ void bn_train_bwd_body(const T* __restrict__ dY, const T* __restrict_
                                   const T* __restrict__ Inv, const T* __restrict__ gamma,
                                   T* __restrict__ dX, int B, int n, int g) {
     const int nchunks = (B + g - 1) / g;
-    const mgd_i64 total = (mgd_i64)nchunks * n;
-    for (mgd_i64 e = mgd_gtid(); e < total; e += mgd_gstride()) {
-        const int c = (int)(e / n), j = (int)(e - (mgd_i64)c * n);
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    const bool col = j < n;
+    for (int c = blockIdx.y; c < nchunks; c += gridDim.y) {
         const int r0 = c * g, r1 = (r0 + g < B) ? r0 + g : B;
         const double cnt = (double)(r1 - r0);
-        double mdy = 0.0, mdyx = 0.0;
-        for (int r = r0; r < r1; ++r) {
-            const mgd_i64 o = (mgd_i64)r * n + j;
-            mdy += (double)dY[o];
-            mdyx += (double)dY[o] * (double)Xhat[o];
-        }
-        mdy /= cnt;
-        mdyx /= cnt;
-        const double k = (double)gamma[j] * (double)Inv[e];
-        for (int r = r0; r < r1; ++r) {
+        double s[2] = {0.0, 0.0};   // sum dy, sum dy xhat
+        if (col)
+            for (int r = r0 + threadIdx.y; r < r1; r += MGD_STRIPES) {
+                const mgd_i64 o = (mgd_i64)r * n + j;
+                s[0] += (double)dY[o];
+                s[1] += (double)dY[o] * (double)Xhat[o];
+            }
+        stripe_sum<2>(s);
+        if (!col) continue;
+        const double mdy = s[0] / cnt, mdyx = s[1] / cnt;
+        const double k = (double)gamma[j] * (double)Inv[(mgd_i64)c * n + j];
+        for (int r = r0 + threadIdx.y; r < r1; r += MGD_STRIPES) {
             const mgd_i64 o = (mgd_i64)r * n + j;
             dX[o] = (T)(k * ((double)dY[o] - mdy - (double)Xhat[o] * mdyx));
         }
@@ -72,19 +102,24 @@ __device__ void bn_train_bwd_body(const T* __restrict__ dY, const T* __restrict_
 }
 
 // dgamma[j] = sum_r dY[r, j] Xhat[r, j];  dbeta[j] = sum_r dY[r, j]  (whole batch).
+// Grid (ceil(n / 32)), block (32, 8).
 //   dY, Xhat (B, n) read   dgamma, dbeta (n,) written (views into the gradient vector)
 template <typename T>
 __device__ void bn_param_grad_body(const T* __restrict__ dY, const T* __restrict__ Xhat, int B, int n,
                                    T* __restrict__ dgamma, T* __restrict__ dbeta) {
-    for (mgd_i64 j = mgd_gtid(); j < n; j += mgd_gstride()) {
-        double sg = 0.0, sb = 0.0;
-        for (int r = 0; r < B; ++r) {
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    const bool col = j < n;
+    double s[2] = {0.0, 0.0};
+    if (col)
+        for (int r = threadIdx.y; r < B; r += MGD_STRIPES) {
             const mgd_i64 o = (mgd_i64)r * n + j;
-            sg += (double)dY[o] * (double)Xhat[o];
-            sb += (double)dY[o];
+            s[0] += (double)dY[o] * (double)Xhat[o];
+            s[1] += (double)dY[o];
         }
-        dgamma[j] = (T)sg;
-        dbeta[j] = (T)sb;
+    stripe_sum<2>(s);
+    if (col && threadIdx.y == 0) {
+        dgamma[j] = (T)s[0];
+        dbeta[j] = (T)s[1];
     }
 }
 
@@ -103,25 +138,32 @@ __device__ void bn_eval_fwd_body(const T* __restrict__ X, T* __restrict__ Y, con
 }
 
 // Running statistics from the whole batch (B >= 2): rmean = (1 - m) rmean + m mean,
-// rvar = (1 - m) rvar + m var_unbiased (PyTorch's BatchNorm1d).  One thread per column.
+// rvar = (1 - m) rvar + m var_unbiased (PyTorch's BatchNorm1d).  Grid (ceil(n / 32)),
+// block (32, 8).
 //   X (B, n) read   rmean, rvar (n,) read+written
 // With the step control block `st` (a captured training step), nothing is updated when the
 // step was rejected (st[1] or st[2], as mgd_apply_update); st null: always.
 template <typename T>
 __device__ void bn_running_body(const T* __restrict__ X, int B, int n, double momentum,
                                 T* __restrict__ rmean, T* __restrict__ rvar, const int* __restrict__ st) {
-    if (st && (st[1] || st[2])) return;
-    for (mgd_i64 j = mgd_gtid(); j < n; j += mgd_gstride()) {
-        double mu = 0.0;
-        for (int r = 0; r < B; ++r) mu += (double)X[(mgd_i64)r * n + j];
-        mu /= (double)B;
-        double ss = 0.0;
-        for (int r = 0; r < B; ++r) {
-            const double dv = (double)X[(mgd_i64)r * n + j] - mu;
-            ss += dv * dv;
+    if (st && (st[1] || st[2])) return;   // uniform over the grid
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    const bool col = j < n;
+    double mu[1] = {0.0};
+    if (col)
+        for (int r = threadIdx.y; r < B; r += MGD_STRIPES) mu[0] += (double)X[(mgd_i64)r * n + j];
+    stripe_sum<1>(mu);
+    const double m = mu[0] / (double)B;
+    double ss[1] = {0.0};
+    if (col)
+        for (int r = threadIdx.y; r < B; r += MGD_STRIPES) {
+            const double dv = (double)X[(mgd_i64)r * n + j] - m;
+            ss[0] += dv * dv;
         }
-        const double var = ss / (double)(B - 1);
-        rmean[j] = (T)((1.0 - momentum) * (double)rmean[j] + momentum * mu);
+    stripe_sum<1>(ss);
+    if (col && threadIdx.y == 0) {
+        const double var = ss[0] / (double)(B - 1);
+        rmean[j] = (T)((1.0 - momentum) * (double)rmean[j] + momentum * m);
         rvar[j] = (T)((1.0 - momentum) * (double)rvar[j] + momentum * var);
     }
 }

@@ -130,6 +130,14 @@ def grid_bias_grad(n: int) -> tuple:
     return (-(-int(n) // 32),), (32, 8)
 
 
+def grid_columns(n: int, chunks: int = 1) -> tuple:
+    """(grid, block) of the column-reduction kernels of gpu_norm.cu (batch norm): 32 columns
+    x 8 row stripes per block, one grid row per ghost batch (grid-striding past 65535)."""
+    if n < 1 or chunks < 1:
+        raise ValueError(f"n, chunks: expected at least one column and one ghost batch, got ({n}, {chunks})")
+    return (-(-int(n) // 32), min(int(chunks), 65535)), (32, 8)
+
+
 def reduce_blocks(n: int) -> int:
     """Stage-1 blocks of a |x|^2 reduction over n elements (fixed for a given n)."""
     return max(1, min(REDUCE_BLOCKS, -(-int(n) // THREADS)))

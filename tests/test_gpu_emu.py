@@ -589,14 +589,18 @@ extern "C" __global__ void intra_block(double* y) {        // thread 1 reads thr
     if (threadIdx.x == 0) v = 1.0;
     if (threadIdx.x == 1) y[0] = v;
 }
+__attribute__((noinline)) __device__ void bump(double (&v)[1], double x) { v[0] += x; }   // a local, by reference
 extern "C" __global__ void clean(const double* x, double* y, int* f) {
     __shared__ double sh[64];
+    double local[1] = {0.0};                                // on the thread's stack, in every block
+    bump(local, x[threadIdx.x]);
     sh[threadIdx.x] = x[blockIdx.x * 64 + threadIdx.x];
     __syncthreads();
     y[blockIdx.x * 64 + threadIdx.x] = sh[63 - threadIdx.x];
     __syncthreads();
     sh[threadIdx.x] = 2.0;                                  // after the barrier: no race with the reads
     atomicOr(f, 1 << (threadIdx.x % 5));                    // atomics from every block: no race
+    if (local[0] != x[threadIdx.x]) y[0] = -1.0;
 }
 '''
 
@@ -609,7 +613,8 @@ def test_thread_sanitizer_reports_races_between_blocks_and_within_one(tmp_path, 
     ordered only by __syncthreads, atomics and launches: two blocks updating one address is
     a data race (which no scheduling order of the plain emulator shows), and so is a read of
     another thread's shared write without a barrier; the same kernel run twice (launches
-    are ordered) and barriers and atomics are not."""
+    are ordered), barriers, atomics and the locals of threads that take turns on a stack
+    are not."""
     import subprocess
     import sys
 
@@ -644,9 +649,40 @@ def test_the_gpu_kernels_pass_the_parity_cases_under_each_sanitizer(tmp_path, wh
     if _runtime({"address": "libasan.so", "thread": "libtsan.so"}[which]) is None:
         pytest.skip(f"no {name} runtime (gcc's) here")
     tests = Path(__file__).resolve().parent
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider",   # -s: reports
                         str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", SANITIZER_CASES],
                        env=_sanitizer_env(tmp_path, which), capture_output=True, text=True, timeout=600,
                        cwd=tests.parent)
     assert p.returncode == 0 and name not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
     assert " passed" in p.stdout and "failed" not in p.stdout
+
+
+# ============================================================================ column reductions
+def test_batch_norm_kernels_stride_over_ghost_batches_past_the_grid():
+    """The batch-norm reductions run on (32 columns x 8 row stripes) blocks, one grid row per
+    ghost batch, grid-striding when there are more ghost batches than grid rows (over 65535
+    on a GPU): a grid of 2 rows over 5 ghost batches (the last one short) and a partial
+    column block give the NumPy statistics, and the running update the unbiased variance."""
+    from minigd.kernels import gpu_sources as S
+
+    m = E.RawModule(code=S.source("gpu_norm.cu"))
+    rng = np.random.default_rng(0)
+    B, n, g, eps = 9, 40, 2, 1e-5
+    X = rng.normal(size=(B, n)) * 3 + 1
+    gamma, beta = rng.normal(size=n), rng.normal(size=n)
+    dX, dY, dXh, dInv = (E.asarray(X), E.zeros((B, n), np.float64), E.zeros((B, n), np.float64),
+                         E.zeros((5, n), np.float64))
+    grid, block = S.grid_columns(n, 5)
+    assert grid == (2, 5) and block == (32, 8)
+    m.get_function("mgd_bn_train_forward_f64")((2, 2), block, (dX, dY, dXh, dInv, E.asarray(gamma), E.asarray(beta),
+                                                                np.int32(B), np.int32(n), np.int32(g), np.float64(eps)))
+    want = np.empty_like(X)
+    for c in range(5):
+        x = X[c * g:(c + 1) * g]
+        want[c * g:(c + 1) * g] = gamma * (x - x.mean(0)) / np.sqrt(x.var(0) + eps) + beta
+    np.testing.assert_allclose(dY.get(), want, rtol=1e-12, atol=1e-12)
+    rm, rv = E.zeros(n, np.float64), E.asarray(np.ones(n))
+    m.get_function("mgd_bn_running_update_f64")(*S.grid_columns(n), (dX, np.int32(B), np.int32(n), np.float64(0.1),
+                                                                     rm, rv, np.uint64(0)))
+    np.testing.assert_allclose(rm.get(), 0.1 * X.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(rv.get(), 0.9 + 0.1 * X.var(0, ddof=1), rtol=1e-12)

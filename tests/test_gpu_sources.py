@@ -263,9 +263,10 @@ def test_launch_geometry():
     with pytest.raises(ValueError, match="65535"):
         S.grid_gemm(10, 16 * 65535 + 1)
     assert S.grid_bias_grad(33) == ((2,), (32, 8))
+    assert S.grid_columns(33) == ((2, 1), (32, 8)) and S.grid_columns(64, 10**6) == ((2, 65535), (32, 8))
     assert S.reduce_blocks(1) == 1 and S.reduce_blocks(10**8) == S.REDUCE_BLOCKS
     for bad in (lambda: S.grid_1d(-1), lambda: S.grid_rows(0), lambda: S.grid_gemm(0, 3),
-                lambda: S.grid_bias_grad(0)):
+                lambda: S.grid_bias_grad(0), lambda: S.grid_columns(0), lambda: S.grid_columns(3, 0)):
         with pytest.raises(ValueError):
             bad()
     assert S.THREADS % 32 == 0 and S.ROWS_PER_BLOCK * 32 == S.THREADS

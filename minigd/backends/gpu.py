@@ -615,7 +615,7 @@ class GpuBackend(Backend):
         zs = self._layer_views(B)[1]
         for l, n in enumerate(self.layout.hidden):
             x = zs[l] if norm.bn == BN_BEFORE else self._norm_views(l, B)["act"]
-            self._launch(self.k.bn_running_update, *self._elementwise_grid(n),
+            self._launch(self.k.bn_running_update, *S.grid_columns(n),
                          (x, np.int32(B), np.int32(n), np.float64(norm.momentum), self._d_rm[l], self._d_rv[l],
                           st))
 
@@ -657,7 +657,7 @@ class GpuBackend(Backend):
             x = z if bn == BN_BEFORE else lin_out
             out = v["pre"] if bn == BN_BEFORE else as_[l]
             if training:
-                self._launch(k.bn_train_forward, *self._elementwise_grid(v["nch"] * fo),
+                self._launch(k.bn_train_forward, *S.grid_columns(fo, v["nch"]),
                              (x, out, v["xh"], v["inv"], gams[l], bets[l], np.int32(B), np.int32(fo),
                               np.int32(v["g"]), np.float64(norm.eps)))
             else:
@@ -705,9 +705,9 @@ class GpuBackend(Backend):
                          (v["pre"], v["act"] if drop else as_[h], G, np.int64(n), np.int32(act)))
         if bn:
             gams, _, ggams, gbets = self._bn_dev()
-            self._launch(k.bn_param_grad, *self._elementwise_grid(fi),
+            self._launch(k.bn_param_grad, *S.grid_columns(fi),
                          (G, v["xh"], np.int32(B), np.int32(fi), ggams[h], gbets[h]))
-            self._launch(k.bn_train_backward, *self._elementwise_grid(v["nch"] * fi),
+            self._launch(k.bn_train_backward, *S.grid_columns(fi, v["nch"]),
                          (G, v["xh"], v["inv"], gams[h], ds[h], np.int32(B), np.int32(fi), np.int32(v["g"])))
         if bn != BN_BEFORE:      # through f of z (unmasked f(z) in ``act``)
             self._launch(k.act_backward, *grid, (zs[h], v["act"], ds[h], np.int64(n), np.int32(act)))
