@@ -76,6 +76,11 @@ row with its own mask row).
 
 Not done: the fully fused narrow-MLP kernel (activations in shared memory across layers),
 and any tuning of ``graph_max_batch`` (no GPU was available to measure the crossover).
+Likely costs on hardware that are analysed, not measured: the column reductions
+(``mgd_bias_grad``, the batch-norm statistics) split rows over 8 stripes of one block per 32
+columns, not over blocks, so a narrow layer at a large batch runs on few SMs; ``train_step``
+copies through pageable host memory and reads back synchronously; the cuBLAS regime costs
+the Python of one CuPy call per launch, as it cannot be captured in a graph.
 """
 from __future__ import annotations
 
