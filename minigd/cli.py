@@ -153,7 +153,7 @@ def _print_answers(analysis, report_dir) -> None:
         show("smallest reasonable batch size", "smallest_reasonable")
         show("critical batch size (steps/examples fit)", "critical_batch_size_fit")
         show("gradient noise scale B_simple (mid-run)", "critical_batch_size_noise")
-        show("best final validation", "best_final_validation")
+        show("best final validation (batch size)", "best_final_validation")
         for w in arch.get("warnings", []):
             print(f"  note: {w}")
     if analysis["n_failed"]:

@@ -194,7 +194,7 @@ class SweepSpec:
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled:
+    if not enabled or total == 0:    # nothing to run (a resumed, finished study): no empty bar
         return None
     try:
         from tqdm import tqdm
