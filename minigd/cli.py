@@ -227,11 +227,15 @@ def _check_study_args(args, parser) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         bad("--out", "a directory (or a path to create one)", f"the file {args.out!r}")
     import minigd as mg
+    # with --scheduler the trials run on the cluster's workers: the backend need only run
+    # there (their GPUs).  The data must load here too: the study reads its shape to lay
+    # out the trials
+    remote = args.scheduler is not None
     backends = mg.available_backends()
     if args.backend not in backends:
         bad("--backend", f"one of {', '.join(backends)}", repr(args.backend))
-    if backends[args.backend] is not None:
-        bad("--backend", "a backend that runs here (see `minigd backends`)",
+    if backends[args.backend] is not None and not remote:
+        bad("--backend", "a backend that runs here (see `minigd backends`; with --scheduler, on the workers)",
             f"{args.backend!r}, which is not available: {backends[args.backend]}")
     # the data: it must load, and the target must suit its task
     from minigd.data import DATASETS

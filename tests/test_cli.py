@@ -68,6 +68,25 @@ def test_unavailable_backend_says_why(tmp_path, capsys, monkeypatch):
     assert "argument --backend" in line and "'gpu', which is not available: no GPU here" in line
 
 
+def test_a_cluster_study_may_ask_for_a_backend_this_machine_lacks(tmp_path, monkeypatch):
+    """With --scheduler the trials run on the workers: `--backend gpu` from a machine
+    without one is not refused here (the workers say whether they have it)."""
+    import minigd as mg
+    from minigd import study
+
+    monkeypatch.setattr(mg, "available_backends", lambda: {"cpu": None, "numpy": None, "gpu": "no GPU here"})
+    seen = {}
+
+    def fake_run_study(spec, out, **kw):
+        seen.update(backend=spec.backend, scheduler=kw.get("scheduler"))
+        raise KeyboardInterrupt          # stop before anything runs (exit 130)
+
+    monkeypatch.setattr(study, "run_study", fake_run_study)
+    rc = main(["study", "--backend", "gpu", "--scheduler", "tcp://127.0.0.1:1", "--batch-sizes", "8",
+               "--seeds", "0", "--out", str(tmp_path / "s"), "--quiet"])
+    assert rc == 130 and seen == {"backend": "gpu", "scheduler": "tcp://127.0.0.1:1"}
+
+
 def test_regression_data_picks_the_loss_metric(tmp_path, capsys):
     """The README's `--data linear_regression` failed on the default accuracy metric."""
     out = tmp_path / "s"
