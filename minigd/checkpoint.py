@@ -209,20 +209,23 @@ def optimizer_difference(saved: dict | None, given: Optimizer, saved_chain) -> l
     from minigd.optim.base import chain_difference
 
     out = []
+    chain = chain_difference(saved_chain, given.primitives)
     if saved is not None:
         mine = optimizer_record(given)
-        if saved.get("name") != mine["name"]:
-            out.append(f"optimizer: saved {saved.get('name')}, given {mine['name']}")
-        else:
+        if saved.get("name") == mine["name"]:
             theirs = saved.get("config") or {}
             for k in sorted(set(theirs) | set(mine["config"])):
                 if theirs.get(k) != mine["config"].get(k):
                     out.append(f"{k}: saved {theirs.get(k)!r}, given {mine['config'].get(k)!r}")
+        elif chain:     # another name for the same chain (SGD(momentum=0.9) = chain(trace, scale_by_lr)) is the same
+            out.append(f"optimizer: saved {saved.get('name')}, given {mine['name']}")
         a, b = saved.get("lr"), mine["lr"]
         if a is not None and b is not None and a != b:
-            out.append(f"lr: saved {_lr_text(a)}, given {_lr_text(b)}")
+            out.append(f"lr: saved {_lr_text(a)}, given {_lr_text(b)} (to go on with another learning rate, "
+                       f"start a new run from the checkpoint: fit(model, ..., opt_state=load_checkpoint(path)"
+                       f".opt_state) with the checkpoint's model)")
     if not out:     # also what tells an older checkpoint's chain apart
-        out = chain_difference(saved_chain, given.primitives)
+        out = chain
     return out
 
 

@@ -196,6 +196,31 @@ def test_resume_refuses_other_hyper_parameters_and_names_them(data, tmp_path, fi
     run(data, steps=10, epochs=None, resume=path, optimizer=first)      # the same one resumes
 
 
+def test_resume_takes_the_same_optimizer_under_another_name(data, tmp_path):
+    """SGD(lr, momentum) is the chain trace(momentum) -> scale_by_lr: a checkpoint written
+    with one resumes with the other (the chain is what runs); bitwise the same run."""
+    path = tmp_path / "ck.npz"
+    run(data, steps=5, epochs=None, checkpoint=path,
+        optimizer=mg.optim.chain(mg.optim.trace(0.9), mg.optim.scale_by_lr(), lr=0.1))
+    m, h = run(data, steps=10, epochs=None, resume=path, optimizer=mg.SGD(lr=0.1, momentum=0.9))
+    m_ref, h_ref = run(data, steps=10, epochs=None, optimizer=mg.SGD(lr=0.1, momentum=0.9))
+    np.testing.assert_array_equal(h.column("loss"), h_ref.column("loss"))
+    np.testing.assert_array_equal(m.params, m_ref.params)
+
+
+def test_another_learning_rate_goes_on_from_a_checkpoint_as_the_error_says(data, tmp_path):
+    """The lr error says how to go on deliberately with another learning rate: a new run
+    from the checkpoint's model and optimizer state."""
+    X, y = data
+    path = tmp_path / "ck.npz"
+    run(data, steps=5, epochs=None, checkpoint=path, optimizer=mg.SGD(lr=0.1, momentum=0.9))
+    with pytest.raises(ValueError, match=r"opt_state=load_checkpoint\(path\)\.opt_state"):
+        run(data, steps=10, epochs=None, resume=path, optimizer=mg.SGD(lr=0.05, momentum=0.9))
+    ck = load_checkpoint(path)
+    h = mg.fit(ck.model, X, y, steps=3, epochs=None, optimizer=mg.SGD(lr=0.05, momentum=0.9), opt_state=ck.opt_state)
+    assert h.n_steps == 3 and np.all(np.isfinite(h.column("loss")))
+
+
 def test_resume_takes_a_schedule_written_as_code_as_given(data, tmp_path):
     """A learning rate given as the user's own function cannot be compared: it is taken as
     given (documented); the rest of the optimizer is still checked."""
