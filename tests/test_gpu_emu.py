@@ -686,3 +686,26 @@ def test_batch_norm_kernels_stride_over_ghost_batches_past_the_grid():
                                                                      rm, rv, np.uint64(0)))
     np.testing.assert_allclose(rm.get(), 0.1 * X.mean(0), rtol=1e-12)
     np.testing.assert_allclose(rv.get(), 0.9 + 0.1 * X.var(0, ddof=1), rtol=1e-12)
+
+
+def test_fit_uploads_the_training_data_before_its_clock_starts(monkeypatch):
+    """The gpu backend's warm-up uploads the data: the first timed step finds it there."""
+    import minigd as mg
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    with E.emulated():
+        m = mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="gpu")
+    b = m.backend_impl
+    uploads_in_steps = []
+    run_steps = type(b).run_steps
+
+    def counting(self, *a, **k):
+        before = self._data
+        out = run_steps(self, *a, **k)
+        uploads_in_steps.append(self._data is not before)
+        return out
+
+    monkeypatch.setattr(type(b), "run_steps", counting)
+    mg.fit(m, X, y, batch_size=8, epochs=2)
+    assert uploads_in_steps and not any(uploads_in_steps)
