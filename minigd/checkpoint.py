@@ -571,7 +571,7 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
     if params.shape != (n_params,):     # checked before building: never allocate for a bad table
         raise _Corrupt(f"params has shape {params.shape}, the saved sizes {sizes} need ({n_params},)")
     try:
-        model = MLP(**cfg, seed=0)
+        model = MLP._from_config(cfg)
     except BackendUnavailable as exc:
         how = ("the checkpoint was saved from that backend; load it on another with "
                "load_checkpoint(path, backend='cpu')" if backend is None else

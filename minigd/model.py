@@ -221,11 +221,19 @@ class MLP:
                        dropout=self.norm.dropout)
         return cfg
 
+    @classmethod
+    def _from_config(cls, cfg: dict) -> "MLP":
+        """The model of a saved ``config()`` (copies, pickles, checkpoints): built without
+        repeating the construction-time DegenerateModelWarning the original already gave."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateModelWarning)
+            return cls(**cfg, seed=0)
+
     def to(self, backend: str) -> "MLP":
         """A copy of this model (same parameters and running statistics) on another backend."""
         cfg = self.config()
         cfg["backend"] = backend
-        m = MLP(**cfg, seed=0)
+        m = MLP._from_config(cfg)
         m.params[...] = self.params
         m.running[...] = self.running
         if self.rng is not None:
@@ -238,7 +246,9 @@ class MLP:
         return {"config": self.config(), "params": self.params.copy(), "running": self.running.copy()}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(**state["config"], seed=0)
+        with warnings.catch_warnings():   # as _from_config
+            warnings.simplefilter("ignore", DegenerateModelWarning)
+            self.__init__(**state["config"], seed=0)
         self.params[...] = state["params"]
         if "running" in state:
             self.running[...] = state["running"]

@@ -264,7 +264,7 @@ class _BaseMLP(BaseEstimator):
         state = dict(state)
         m = state.get("model_")
         if isinstance(m, dict) and "__minigd_mlp__" in m:
-            model = MLP(**m["__minigd_mlp__"], seed=0)
+            model = MLP._from_config(m["__minigd_mlp__"])
             model.params[...] = m["params"]
             if "running" in m:
                 model.running[...] = m["running"]

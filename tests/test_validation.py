@@ -127,6 +127,10 @@ def test_cross_entropy_with_one_output_warns_that_it_cannot_learn():
         mg.MLP([3, 4, 1], loss="binary_cross_entropy", backend="numpy")
         mg.MLP([3, 4, 1], loss="mse", backend="numpy")
         mg.MLP([3, 4, 2], backend="numpy")
+        # said once, when the model is made: not again by copies, pickles or checkpoints
+        import pickle
+        m.copy(), m.to("cpu"), pickle.loads(pickle.dumps(m))
+    assert mg.DegenerateModelWarning is mg.errors.DegenerateModelWarning
 
 
 @pytest.mark.parametrize("path", ["numpy", "cpu"])
