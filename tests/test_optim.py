@@ -318,8 +318,8 @@ def test_kernel_codes_match_python_tables():
     (mg.SGD(lr=0.1, momentum=0.9, weight_decay=0.1, clip_norm=1.0), [1, 0, 1, 2, -1, 3]),
     (mg.SGD(lr=0.1, momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True), [1, -1, -1, 0, 1, 2]),
     (mg.AdamW(lr=0.1, weight_decay=0.1), [1, -1, -1, 0, 1, 2]),
-    (mg.optim.chain(mg.optim.scale(0.5), mg.optim.scale_by_lr()), [0, -1, -1, -1, -1, -1]),
-    (mg.optim.chain(mg.optim.trace(0.9), mg.optim.clip_by_global_norm(1.0), mg.optim.scale_by_lr()),
+    (mg.optim.chain(mg.optim.scale(0.5), mg.optim.scale_by_lr(), lr=0.1), [0, -1, -1, -1, -1, -1]),
+    (mg.optim.chain(mg.optim.trace(0.9), mg.optim.clip_by_global_norm(1.0), mg.optim.scale_by_lr(), lr=0.1),
      [0, -1, -1, -1, -1, -1]),
 ], ids=["sgd", "clip-l2-momentum", "decoupled", "adamw", "scale-unfused", "clip-after-trace-unfused"])
 def test_fusion_plan(opt, fused):
@@ -333,7 +333,7 @@ O = mg.optim
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: O.chain(), r"^chain: expected exactly one scale_by_lr\(\) .*got 0 in \[\]"),
+    (lambda: O.chain(lr=0.1), r"^chain: expected exactly one scale_by_lr\(\) .*got 0 in \[\]"),
     (lambda: O.chain(O.trace(0.9), lr=0.1), r"^chain: expected exactly one scale_by_lr\(\) \(it applies -lr: "
                                             r"without it .*gradient ascent with lr ignored.*got 0 in \['trace'\]"),
     (lambda: O.chain(O.scale_by_lr(), O.trace(0.9), O.scale_by_lr(), lr=0.1), r"^chain: .*got 2 in"),
@@ -366,3 +366,10 @@ def test_valid_custom_chains_descend_and_use_lr(backend, opt):
     assert h.column("loss")[-1] < loss0
     assert h.column("lr")[0] == opt.lr_at(0)
     assert "lr=" in repr(opt)
+
+
+def test_a_chain_needs_its_learning_rate():
+    """chain(..., scale_by_lr()) without lr= used to default to 0: a chain that trained
+    nothing, silently.  lr is required."""
+    with pytest.raises(TypeError, match="lr"):
+        mg.optim.chain(mg.optim.trace(0.9), mg.optim.scale_by_lr())

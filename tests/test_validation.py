@@ -383,7 +383,7 @@ def test_fit_validates_before_touching_the_model():
                  id="AdamW(betas=(0.9, 1.5))"),
     pytest.param(lambda: mg.AdamW(weight_decay=float("inf")), ValueError, r"^weight_decay: expected a finite number",
                  id="AdamW(weight_decay=float('inf'))"),
-    pytest.param(lambda: mg.optim.chain("sgd"), TypeError, r"^chain: expected minigd.optim primitives",
+    pytest.param(lambda: mg.optim.chain("sgd", lr=0.1), TypeError, r"^chain: expected minigd.optim primitives",
                  id="chain('sgd')"),
     pytest.param(lambda: mg.optim.trace(0.9, nesterov=1), TypeError, r"^nesterov: expected a bool",
                  id="trace(0.9, nesterov=1)"),

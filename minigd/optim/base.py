@@ -190,7 +190,7 @@ def fusion_plan(codes) -> np.ndarray:
     return np.array(plan, dtype=np.int64)
 
 
-def chain(*primitives: Primitive, lr: float | Callable[[int], float] = 0.0) -> Optimizer:
+def chain(*primitives: Primitive, lr: float | Callable[[int], float]) -> Optimizer:
     """Compose primitives (applied left to right) into an optimizer.
 
     The chain maps the gradient to the update that is *added* to the parameters, so it
@@ -210,7 +210,8 @@ def chain(*primitives: Primitive, lr: float | Callable[[int], float] = 0.0) -> O
         Applied left to right.
     lr : float >= 0 or callable step -> float
         The learning rate (or schedule, :mod:`minigd.optim.schedules`) read by
-        ``scale_by_lr``.
+        ``scale_by_lr``; required (a default of 0 would make a chain that silently
+        trains nothing).
 
     Examples
     --------
