@@ -472,3 +472,22 @@ def test_a_second_study_on_the_same_directory_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("minigd study: error: --out: another study is already running") and "Traceback" not in err
     assert run_study(spec, out, workers=1, report=False)["counts"]["ran"] == 1   # released
+
+
+def test_a_directory_that_cannot_be_locked_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    """A file system without locks (some network mounts) must not stop a study: it runs,
+    and a warning says it is unlocked."""
+    import fcntl
+
+    from minigd.study.store import study_lock
+
+    def no_locks(fd, op):
+        if op & fcntl.LOCK_EX:
+            raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(RuntimeWarning, match=r"cannot lock .*No locks available.*running without the lock"):
+        with study_lock(tmp_path):
+            ran.append(1)
+    assert ran == [1]

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 import sqlite3
 import time
 
@@ -139,6 +140,12 @@ def study_lock(out_dir):
             raise StudyLocked(f"another study is already running in {os.fspath(out_dir)!r} "
                               f"(process {holder} holds {path}); wait for it to finish or use "
                               f"another output directory") from None
+        except OSError as exc:   # a file system without locks (some network mounts): run unlocked
+            warnings.warn(f"study_lock: cannot lock {path} ({exc}); running without the lock, so do "
+                          f"not start a second study on {os.fspath(out_dir)!r} meanwhile", RuntimeWarning,
+                          stacklevel=3)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
