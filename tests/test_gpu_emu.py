@@ -662,7 +662,8 @@ def test_batch_norm_kernels_stride_over_ghost_batches_past_the_grid():
     """The batch-norm reductions run on (32 columns x 8 row stripes) blocks, one grid row per
     ghost batch, grid-striding when there are more ghost batches than grid rows (over 65535
     on a GPU): a grid of 2 rows over 5 ghost batches (the last one short) and a partial
-    column block give the NumPy statistics, and the running update the unbiased variance."""
+    column block give the NumPy statistics and gradients (forward, backward, dgamma /
+    dbeta), and the running update the unbiased variance."""
     from minigd.kernels import gpu_sources as S
 
     m = E.RawModule(code=S.source("gpu_norm.cu"))
@@ -681,6 +682,21 @@ def test_batch_norm_kernels_stride_over_ghost_batches_past_the_grid():
         x = X[c * g:(c + 1) * g]
         want[c * g:(c + 1) * g] = gamma * (x - x.mean(0)) / np.sqrt(x.var(0) + eps) + beta
     np.testing.assert_allclose(dY.get(), want, rtol=1e-12, atol=1e-12)
+    # backward per ghost batch, and dgamma / dbeta over the whole batch
+    G = rng.normal(size=(B, n))
+    dDX, dg, db = E.zeros((B, n), np.float64), E.zeros(n, np.float64), E.zeros(n, np.float64)
+    m.get_function("mgd_bn_train_backward_f64")((2, 2), block, (E.asarray(G), dXh, dInv, E.asarray(gamma), dDX,
+                                                                 np.int32(B), np.int32(n), np.int32(g)))
+    m.get_function("mgd_bn_param_grad_f64")(*S.grid_columns(n), (E.asarray(G), dXh, np.int32(B), np.int32(n), dg, db))
+    want_dx = np.empty_like(X)
+    xh = dXh.get()
+    for c in range(5):
+        r = slice(c * g, (c + 1) * g)
+        inv = 1 / np.sqrt(X[r].var(0) + eps)
+        want_dx[r] = gamma * inv * (G[r] - G[r].mean(0) - xh[r] * (G[r] * xh[r]).mean(0))
+    np.testing.assert_allclose(dDX.get(), want_dx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dg.get(), (G * xh).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(db.get(), G.sum(0), rtol=1e-12)
     rm, rv = E.zeros(n, np.float64), E.asarray(np.ones(n))
     m.get_function("mgd_bn_running_update_f64")(*S.grid_columns(n), (dX, np.int32(B), np.int32(n), np.float64(0.1),
                                                                      rm, rv, np.uint64(0)))
