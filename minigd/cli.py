@@ -444,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "check", None) is not None:
-        args.check(args, args.subparser)
     try:
+        if getattr(args, "check", None) is not None:   # loads the data: Ctrl-C may land here too
+            args.check(args, args.subparser)
         return args.func(args)
     except Exception as exc:
         from minigd.study.store import StudyLocked

@@ -159,3 +159,18 @@ def test_ctrl_c_ends_the_pool_workers_quietly(tmp_path):
             proc.kill()
     assert proc.returncode == 130 and out.strip() == "interrupted"
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_ctrl_c_while_the_flags_are_checked_is_one_line_too(tmp_path, capsys, monkeypatch):
+    """The up-front check loads the data (seconds for a large file): Ctrl-C there gave a
+    traceback."""
+    from minigd.study import trial
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trial, "load_data", interrupted)
+    rc = main(["study", "--batch-sizes", "8", "--seeds", "0", "--out", str(tmp_path / "s"), "--quiet"])
+    assert rc == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.startswith("minigd study: interrupted")
