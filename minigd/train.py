@@ -370,8 +370,8 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         bookkeeping and the compilation of the kernels are left out (on the cpu backend
         ``fit`` compiles, or loads from numba's cache, the kernels its batch sizes need in
         an untimed warm-up that leaves the model, optimizer state and generators as they
-        were; the gpu backend compiles when the model is made and uploads the data before
-        the clock starts, but its first chunk per batch size includes a CUDA-graph capture).
+        were; the gpu backend compiles when the model is made and, before the clock starts,
+        uploads the data and captures the CUDA graph of a step of each small batch size).
     target : dict, optional
         ``{"val_accuracy": 0.95}``, ``{"val_loss": 0.1}``, ``{"train_loss": ...}`` or
         ``{"train_accuracy": ...}`` (all keys must be met).  Checked at every evaluation;

@@ -7,6 +7,7 @@ CuPy does not do, and the graph-capture rules of CuPy and the CUDA runtime.
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
@@ -725,3 +726,47 @@ def test_fit_uploads_the_training_data_before_its_clock_starts(monkeypatch):
     monkeypatch.setattr(type(b), "run_steps", counting)
     mg.fit(m, X, y, batch_size=8, epochs=2)
     assert uploads_in_steps and not any(uploads_in_steps)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(batch_norm=True, ghost_batch_size=4, dropout=0.2)], ids=["plain", "bn-dropout"])
+def test_fit_captures_its_graphs_before_its_clock_starts(monkeypatch, kw):
+    """fit's warm-up captures the CUDA graph of a step of each batch size (the full one
+    and the partial last one): no timed run_steps captures, allocates or uploads, and the
+    result is bitwise that of a fit without the warm-up."""
+    import minigd as mg
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(44, 5)), rng.integers(0, 3, 44)
+
+    def model():
+        with E.emulated():
+            return mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="gpu", **kw)
+
+    def go(m):
+        return mg.fit(m, X, y, batch_size=8, epochs=3, optimizer=mg.SGD(0.05, momentum=0.9), seed=0,
+                      validation=(X[:16], y[:16]), eval_every=4)
+
+    ref = model()
+    monkeypatch.setattr(type(ref.backend_impl), "warm_up", lambda self, *a, **k: None)
+    h_ref = go(ref)
+    monkeypatch.undo()
+    m = model()
+    b = m.backend_impl
+    in_steps = collections.Counter()
+    run_steps = type(b).run_steps
+
+    def counting(self, *a, **k):
+        before = (E.counts["capture"], E.counts["alloc"], self._data)
+        out = run_steps(self, *a, **k)
+        in_steps["capture"] += E.counts["capture"] - before[0]
+        in_steps["alloc"] += E.counts["alloc"] - before[1]
+        in_steps["upload"] += self._data is not before[2]
+        return out
+
+    monkeypatch.setattr(type(b), "run_steps", counting)
+    E.counts.clear()
+    h = go(m)
+    assert E.counts["capture"] == 2          # batch 8 and the last batch of 4, in the warm-up
+    assert in_steps == collections.Counter() or not any(in_steps.values())
+    np.testing.assert_array_equal(m.params, ref.params)
+    np.testing.assert_array_equal(h.column("loss"), h_ref.column("loss"))

@@ -591,14 +591,7 @@ class GpuBackend(Backend):
         with no ``rng`` (one step), the ones the last ``draw_dropout`` drew.  Afterwards
         the host masks hold the last step's, as after the per-step loop."""
         hid = self.layout.hidden
-        need = n_steps * B
-        if getattr(self, "_unif_rows", 0) < need:
-            with self.stream:
-                self._unif_tab = [self.cp.zeros(need * n, np.float64) for n in hid]
-            self._unif_host = [np.zeros(need * n, np.float64) for n in hid]
-            self._unif_rows = need
-            self._gen += 1
-            self._graphs.clear()
+        self._ensure_uniforms(n_steps * B)
         if rng is None:
             for l, n in enumerate(hid):
                 self._unif_host[l][:B * n] = self._unif[l][:B].ravel()
@@ -612,6 +605,18 @@ class GpuBackend(Backend):
             self._masks_from_uniforms(B)
         for l, n in enumerate(hid):
             self._unif_tab[l][:n_steps * B * n].set(self._unif_host[l][:n_steps * B * n], stream=self.stream)
+
+    def _ensure_uniforms(self, rows: int) -> None:
+        """The dropout uniforms table (device and host) for ``rows`` rows of every hidden
+        layer; a new table invalidates the captured graphs."""
+        if getattr(self, "_unif_rows", 0) < rows:
+            hid = self.layout.hidden
+            with self.stream:
+                self._unif_tab = [self.cp.zeros(rows * n, np.float64) for n in hid]
+            self._unif_host = [np.zeros(rows * n, np.float64) for n in hid]
+            self._unif_rows = rows
+            self._gen += 1
+            self._graphs.clear()
 
     def _enqueue_running(self, B: int, st) -> None:
         """Batch norm's running statistics from the last training pass into the device copy
@@ -735,11 +740,26 @@ class GpuBackend(Backend):
 
     # -- contract: training ---------------------------------------------------------------------
     def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False):
-        """Before ``fit``'s clock starts: upload the training data (the kernels were
-        compiled when the model was made).  The CUDA-graph capture of the first step of each
-        batch size still falls in the first timed chunk (one capture, not measured here:
-        no GPU was available)."""
+        """Before ``fit``'s clock starts (the kernels were compiled when the model was made):
+        upload the training data and the optimizer's device buffers, size the step tables
+        (and a dropout model's uniforms table) for runs of up to ``read_every`` steps of the
+        largest batch, and capture the CUDA graph of a step of every batch size the graph
+        regime takes -- so no timed step allocates, uploads the data or captures.  A capture
+        records and runs nothing: ``params``, ``opt_state`` and ``running`` are untouched."""
+        sizes = sorted({int(b) for b in batch_sizes})
+        if not sizes:
+            return
+        self._ensure(sizes[-1])
         self._device_data(X, yi, yf)
+        steps = max(1, int(self.read_every or 1))
+        self._ensure_steps(steps, sizes[-1])
+        if self.dropout > 0:
+            self._ensure_uniforms(max(min(steps, self.max_run_steps(b)) * b for b in sizes))
+        hp, dstate = self._device_opt(opt_state)
+        running = self.norm is not None and bool(self.norm.bn)
+        for b in sizes:
+            if b <= self.graph_max_batch and self.use_graphs:
+                self._step_runner(b, want_sqn, opt_state, hp, dstate, running)
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
         res = self.run_steps(params, X, yi, yf, idx, B, 1, opt_state, [lr], t, want_sqn=want_sqn,

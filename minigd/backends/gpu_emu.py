@@ -276,7 +276,7 @@ def _capturing_here():
 #: what the emulated device has been asked to do, for tests of the backend's habits (no
 #: allocation inside a step, one read-back per k steps): "alloc" (new device arrays),
 #: "get" (device -> host copies), "set" (host -> device copies), "launch" (kernels run),
-#: "graph_launch", "matmul", "sync"; and "null_stream": work (a launch, memset, matmul or
+#: "graph_launch", "matmul", "sync", "capture" (stream captures begun); and "null_stream": work (a launch, memset, matmul or
 #: copy) enqueued with no stream current and none given -- on CuPy, the legacy null
 #: stream, which a non-blocking stream does not wait for.  Reset it with ``counts.clear()``.
 counts: collections.Counter = collections.Counter()
@@ -582,6 +582,7 @@ class Stream:
             raise RuntimeError("begin_capture: a stream capture is already under way in this thread")
         self._capture = []
         _tls.capturing = self
+        counts["capture"] += 1
 
     def is_capturing(self):
         return self._capture is not None
