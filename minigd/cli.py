@@ -34,8 +34,6 @@ def _digits(seed: int):
 
 
 def cmd_demo(args) -> int:
-    import numpy as np
-
     import minigd as mg
 
     from minigd.kernels import warmup

@@ -106,10 +106,10 @@ class MLP:
         self.loss_name = check_choice("loss", loss, nn.LOSSES)
         if self.loss_name == "cross_entropy" and sizes[-1] < 2:
             # a valid (if degenerate) model -- "any width >= 1" -- so a warning, not an error
-            warnings.warn(f"loss: 'cross_entropy' with 1 output unit (sizes[-1]=1): the softmax of one "
-                          f"logit is always 1, so the loss and its gradient are always 0 and training "
-                          f"does nothing; for two classes use 2 outputs, or loss='binary_cross_entropy' "
-                          f"with 1 output (a sigmoid on the logit, labels in {{0, 1}})",
+            warnings.warn("loss: 'cross_entropy' with 1 output unit (sizes[-1]=1): the softmax of one "
+                          "logit is always 1, so the loss and its gradient are always 0 and training "
+                          "does nothing; for two classes use 2 outputs, or loss='binary_cross_entropy' "
+                          "with 1 output (a sigmoid on the logit, labels in {0, 1})",
                           DegenerateModelWarning, stacklevel=2)
         self.dtype = check_dtype("dtype", dtype)
         self.init = check_choice("init", init, nn.INITS)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from minigd.cli import main
+
+import _hanging_pool
 
 pytest.importorskip("sklearn")   # the default data set is scikit-learn's digits
 
@@ -116,42 +116,16 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
     assert "interrupted; 1 finished trial(s) kept in" in err and "re-run the same command to resume" in err
 
 
-_SIGINT_SCRIPT = r'''
-import os, sys, time
-sys.path.insert(0, {root!r})
-
-def hang(i):
-    with open(os.path.join({d!r}, f"worker-{{os.getpid()}}"), "w"):
-        pass
-    time.sleep(120)
-    return {{"status": "ok"}}
-
-if __name__ == "__main__":
-    from minigd.study.executors import LocalExecutor
-    try:
-        for _ in LocalExecutor(2).run(hang, [0, 1]):
-            pass
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
-        sys.exit(130)
-'''
-
-
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX process groups")
 def test_ctrl_c_ends_the_pool_workers_quietly(tmp_path):
     """Ctrl-C (SIGINT to the whole process group): the study process ends its workers at
     once instead of waiting for their trials, and the workers print no tracebacks."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "parent.py"
-    script.write_text(_SIGINT_SCRIPT.format(root=root, d=str(tmp_path)))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _ = _hanging_pool.start(
+        tmp_path, "    try:\n        run_pool()\n    except KeyboardInterrupt:\n"
+                  "        print('interrupted', flush=True)\n        sys.exit(130)\n",
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("worker-*"))) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "the workers never started"
-            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=20)   # the trials sleep 120 s: not waited for
     finally:

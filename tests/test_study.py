@@ -395,23 +395,6 @@ def test_ghost_sweep_runs_and_the_analysis_compares_the_variants(tmp_path):
     assert "Batch norm, ghost batch size and dropout" in md and "BN ghost 4, dropout 0.1" in md
 
 
-_ORPHAN_SCRIPT = r'''
-import os, sys, time
-sys.path.insert(0, {root!r})
-
-def hang(i):
-    with open(os.path.join({d!r}, f"worker-{{os.getpid()}}"), "w"):
-        pass
-    time.sleep(120)
-    return {{"status": "ok"}}
-
-if __name__ == "__main__":
-    from minigd.study.executors import LocalExecutor
-    for _ in LocalExecutor(2).run(hang, [0, 1]):
-        pass
-'''
-
-
 def _alive(pid) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -424,20 +407,12 @@ def _alive(pid) -> bool:
 def test_pool_workers_exit_when_the_study_process_is_killed(tmp_path):
     """SIGKILL of the parent used to leave its pool workers hung for good."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "parent.py"
-    script.write_text(_ORPHAN_SCRIPT.format(root=root, d=str(tmp_path)))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    import _hanging_pool
+
+    proc, pids = _hanging_pool.start(tmp_path, "    run_pool()\n")
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("worker-*"))) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "the workers never started"
-            time.sleep(0.05)
-        pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 10

@@ -787,7 +787,6 @@ class GpuBackend(Backend):
         ``want_sqn``) for the steps run; with ``want_sqn`` the last step's per-example
         squared norms are available from :meth:`last_sqnorms`.
         """
-        cp = self.cp
         n_steps = int(n_steps)
         if n_steps < 1:
             raise ValueError(f"n_steps: expected at least 1, got {n_steps}")

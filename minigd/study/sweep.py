@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 import warnings
