@@ -259,12 +259,22 @@ class _Entry(ctypes.Structure):
 
 
 # ============================================================================ streams (state)
-_tls = threading.local()   # per thread: the stack of current streams (``with stream:``)
+_tls = threading.local()   # per thread: the stacks of current streams and devices, the capturing stream
+
+
+def _stack(name: str) -> list:
+    """This thread's stack ``name`` ("streams", "devices"): what ``with stream:`` /
+    ``with Device(i):`` made current, innermost last."""
+    st = getattr(_tls, name, None)
+    if st is None:
+        st = []
+        setattr(_tls, name, st)
+    return st
 
 
 def _current_stream():
     """The stream work is enqueued on (None: the null stream), as CuPy's current stream."""
-    st = getattr(_tls, "streams", None)
+    st = _stack("streams")
     return st[-1] if st else None
 
 
@@ -561,13 +571,11 @@ class Stream:
         if self.device_id != _current_device():   # CuPy's check_stream_device_match
             raise RuntimeError(f"The device that the stream is created on ({self.device_id}) does not match "
                                f"with the current device ({_current_device()})")
-        if not hasattr(_tls, "streams"):
-            _tls.streams = []
-        _tls.streams.append(self)
+        _stack("streams").append(self)
         return self
 
     def __exit__(self, *exc):
-        _tls.streams.pop()
+        _stack("streams").pop()
         return False
 
     def synchronize(self):
@@ -602,7 +610,7 @@ N_DEVICES = 2
 
 
 def _current_device() -> int:
-    st = getattr(_tls, "devices", None)
+    st = _stack("devices")
     return st[-1] if st else 0
 
 
@@ -624,13 +632,11 @@ class Device:
         self.id = d
 
     def __enter__(self):
-        if not hasattr(_tls, "devices"):
-            _tls.devices = []
-        _tls.devices.append(self.id)
+        _stack("devices").append(self.id)
         return self
 
     def __exit__(self, *exc):
-        _tls.devices.pop()
+        _stack("devices").pop()
         return False
 
     def synchronize(self):
