@@ -11,8 +11,11 @@ Conventions (held throughout :mod:`minigd.gradstats`):
 """
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,7 +26,8 @@ __all__ = ["GradMoments", "MomentAccumulator"]
 
 @dataclass(frozen=True, eq=False, repr=False)
 class GradMoments:
-    """Mean and variance of per-example gradients over *n* examples.
+    """Mean and variance of per-example gradients over *n* examples, optionally as a sample
+    of a larger population of *N* examples.
 
     Usually produced by :meth:`MomentAccumulator.finalize` (or ``minigd.grad_moments``).
     The arrays are stored as read-only copies.
@@ -39,6 +43,14 @@ class GradMoments:
         Per-parameter variance of the per-example gradients with ``ddof=1``,
         :math:`\\hat\\sigma_j^2 = \\frac1{n-1}\\sum_i (g_{ij} - \\bar g_j)^2`, in squared gradient
         units. Non-negative.
+    population : int or None, default None
+        N, the number of examples the *n* rows were drawn from, uniformly without
+        replacement (``N >= n``). ``None`` (or ``N == n``): the rows *are* the population
+        and every statistic is exact.
+    grad_norm_sq_se, trace_cov_se, noise_scale_se : float, default 0.0
+        Standard errors of :attr:`grad_norm_sq`, :attr:`trace_cov` and :attr:`noise_scale`
+        as estimates of the population's values (``>= 0``, or ``nan``/``inf``, see
+        :func:`minigd.grad_moments`); must be 0 when ``population`` is None or ``n``.
 
     Attributes
     ----------
@@ -46,8 +58,11 @@ class GradMoments:
         P.
     trace_cov : float
         :math:`\\mathrm{tr}(\\hat\\Sigma)` = ``var.sum()``.
+    mean_norm_sq : float
+        :math:`|\\bar g|^2` = ``(mean ** 2).sum()``, always the raw squared norm of the mean.
     grad_norm_sq : float
-        :math:`|\\bar g|^2` = ``(mean ** 2).sum()``.
+        :math:`|G|^2`: :attr:`mean_norm_sq` when the rows are the population, else the
+        unbiased :math:`|\\bar g|^2 - (1/n - 1/N)\\,\\mathrm{tr}(\\hat\\Sigma)`.
     noise_scale : float
         :math:`B_\\mathrm{simple}` = ``trace_cov / grad_norm_sq`` (examples).
     gsnr : ndarray of shape (P,)
@@ -62,12 +77,31 @@ class GradMoments:
     Zero denominators follow one rule everywhere: a positive quantity over zero is ``inf``,
     zero over zero is ``nan`` — except :attr:`gsnr`, see there.
 
+    **A subset is not the population.** For *n* rows drawn uniformly without replacement
+    from *N* examples with full-data gradient :math:`G` and per-example covariance
+    :math:`\\Sigma` (``ddof=1`` over the *N*),
+
+    .. math::
+        E\\,|\\bar g|^2 = |G|^2 + \\Big(\\frac1n - \\frac1N\\Big)\\mathrm{tr}(\\Sigma),
+        \\qquad E\\,\\mathrm{tr}(\\hat\\Sigma) = \\mathrm{tr}(\\Sigma),
+
+    so with ``population=N`` :attr:`grad_norm_sq` is the unbiased
+    :math:`|\\bar g|^2 - (1/n - 1/N)\\,\\mathrm{tr}(\\hat\\Sigma)`, while the raw
+    :attr:`mean_norm_sq` overestimates :math:`|G|^2` and a noise scale taken from it is
+    biased low (it can never much exceed *n*). The corrected :math:`|G|^2` estimate can be
+    negative on a draw: then the signal is not resolved at this *n* (the noise of the mean,
+    :math:`\\mathrm{tr}(\\Sigma)/n`, swamps it) and :attr:`noise_scale` is ``inf`` (``nan``
+    if also :math:`\\mathrm{tr}(\\hat\\Sigma) = 0`), meaning "larger than this sample can
+    tell" — draw more rows. :attr:`noise_scale` is a ratio of unbiased estimates, not itself
+    unbiased. :attr:`diversity`, :attr:`gsnr` and :attr:`mean_gsnr` always describe the
+    *n* rows themselves.
+
     Equality (``==``) is identity; compare fields with :func:`numpy.array_equal` instead.
 
     References
     ----------
     .. [1] S. McCandlish, J. Kaplan, D. Amodei et al., "An Empirical Model of Large-Batch
-       Training", arXiv:1812.06162, 2018.
+       Training", arXiv:1812.06162, 2018 (App. A.1: the unbiased :math:`|G|^2` estimate).
     .. [2] D. Yin, A. Pananjady, M. Lam et al., "Gradient Diversity: a Key Ingredient for
        Scalable Distributed Learning", AISTATS 2018, arXiv:1706.05699.
     .. [3] J. Liu, G. Jiang, Y. Bai et al., "Understanding Why Neural Networks Generalize Well
@@ -91,9 +125,31 @@ class GradMoments:
     """(P,) mean per-example gradient (= the full-data gradient), float."""
     var: np.ndarray
     """(P,) variance of the per-example gradients over examples, ddof=1, squared gradient units."""
+    population: int | None = None
+    """N, the number of examples the rows were drawn from without replacement (None: the rows
+    are the population)."""
+    grad_norm_sq_se: float = 0.0
+    """Standard error of :attr:`grad_norm_sq` (squared gradient units); 0 when exact."""
+    trace_cov_se: float = 0.0
+    """Standard error of :attr:`trace_cov` (squared gradient units); 0 when exact."""
+    noise_scale_se: float = 0.0
+    """Standard error of :attr:`noise_scale` (examples); 0 when exact."""
 
     def __post_init__(self) -> None:
         n = check_int("n", self.n, low=2)
+        population = check_population(self.population, n)
+        ses = {}
+        for name in ("grad_norm_sq_se", "trace_cov_se", "noise_scale_se"):
+            v = getattr(self, name)
+            if isinstance(v, np.ndarray) and v.ndim == 0:
+                v = v[()]
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or v < 0:
+                raise ValueError(f"{name}: expected a number >= 0 (or nan/inf), got {got(v)}")
+            v = float(v)
+            if (population is None or population == n) and v != 0.0:
+                raise ValueError(f"{name}: expected 0.0 when the rows are the population "
+                                 f"(population={population}, n={n}), got {v!r}")
+            ses[name] = v
         mean = np.array(self.mean, copy=True)
         var = np.array(self.var, copy=True)
         for name, a in (("mean", mean), ("var", var)):
@@ -120,19 +176,31 @@ class GradMoments:
         object.__setattr__(self, "n", n)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "var", var)
+        object.__setattr__(self, "population", population)
+        for name, v in ses.items():
+            object.__setattr__(self, name, v)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_grads(cls, G: Any, *, dtype: Any = np.float64) -> "GradMoments":
+    def from_grads(cls, G: Any, *, dtype: Any = np.float64,
+                   population: int | None = None) -> "GradMoments":
         """Moments of an explicit (n, P) matrix of per-example gradients (row i = :math:`g_i`).
 
-        Equivalent to ``MomentAccumulator(P, dtype).update(G).finalize()``.
+        Equivalent to ``MomentAccumulator(P, dtype).update(G).finalize()``. With
+        ``population=N`` the rows are a sample without replacement of *n* out of *N*
+        examples, and the result carries the corrected :math:`|G|^2` and standard errors
+        exactly as :func:`minigd.grad_moments` computes them (same groups, same formulas).
         """
         G = np.asarray(G)
         if G.ndim != 2:
             raise ValueError(f"G: expected a 2-D array of per-example gradients (n, P), "
                              f"got {got(G)}")
-        return MomentAccumulator(G.shape[1], dtype=dtype).update(G).finalize()
+        if population is None:
+            return MomentAccumulator(G.shape[1], dtype=dtype).update(G).finalize()
+        acc = MomentAccumulator(G.shape[1], dtype=dtype)
+        if G.shape[0] < 2:                           # the same error finalize() gives
+            return acc.update(G).finalize()
+        return sample_moments(G.shape[0], acc, population, lambda idx, a: a.update(G[idx]))
 
     # ------------------------------------------------------------------ derived statistics
     @property
@@ -147,10 +215,25 @@ class GradMoments:
         return float(np.sum(self.var, dtype=np.float64))
 
     @property
-    def grad_norm_sq(self) -> float:
-        """:math:`|\\bar g|^2 = \\sum_j \\bar g_j^2`, the squared norm of the mean gradient."""
+    def mean_norm_sq(self) -> float:
+        """:math:`|\\bar g|^2 = \\sum_j \\bar g_j^2`, the raw squared norm of the mean gradient
+        of the *n* rows, whatever :attr:`population` is."""
         m = self.mean.astype(np.float64, copy=False)
         return float(np.dot(m, m))
+
+    @property
+    def grad_norm_sq(self) -> float:
+        """:math:`|G|^2`, the squared norm of the population's gradient: :attr:`mean_norm_sq`
+        when the rows are the population (``population`` None or ``n``), else the unbiased
+
+        .. math:: |\\bar g|^2 - \\Big(\\frac1n - \\frac1N\\Big)\\mathrm{tr}(\\hat\\Sigma)
+
+        (McCandlish et al. 2018, App. A.1, for sampling without replacement), which may be
+        negative on a draw (the signal is not resolved at this *n*)."""
+        N = self.population
+        if N is None or N == self.n:
+            return self.mean_norm_sq
+        return self.mean_norm_sq - _fpc_coef(self.n, N) * self.trace_cov
 
     @property
     def noise_scale(self) -> float:
@@ -162,11 +245,17 @@ class GradMoments:
         ``inf`` when :math:`|\\bar g|^2 = 0 < \\mathrm{tr}(\\hat\\Sigma)`; ``nan`` when both are 0
         (every per-example gradient is zero).
 
-        Note that :math:`|\\bar g|^2` of a finite sample overestimates :math:`|G|^2` by
-        :math:`\\mathrm{tr}(\\Sigma)/n` in expectation; over a whole dataset (where
-        :math:`\\bar g` *is* the full-data gradient) there is nothing to correct.
+        Note that :math:`|\\bar g|^2` of a sample of *n* out of *N* overestimates
+        :math:`|G|^2` by :math:`(1/n - 1/N)\\,\\mathrm{tr}(\\Sigma)` in expectation; over a
+        whole dataset (where :math:`\\bar g` *is* the full-data gradient) there is nothing
+        to correct. With ``population=N`` the denominator is the corrected
+        :attr:`grad_norm_sq`; where that estimate is :math:`\\le 0` (signal not resolved
+        at this *n*) the result is ``inf``, or ``nan`` when the trace is 0 too.
         """
-        return float(safe_ratio(self.trace_cov, self.grad_norm_sq))
+        N = self.population
+        if N is None or N == self.n:
+            return float(safe_ratio(self.trace_cov, self.grad_norm_sq))
+        return _ratio(self.trace_cov, self.grad_norm_sq)
 
     @property
     def gsnr(self) -> np.ndarray:
@@ -210,15 +299,17 @@ class GradMoments:
         :math:`\\bar g = 0` but some :math:`g_i \\ne 0`; ``nan`` when every :math:`g_i = 0`.
         """
         n = float(self.n)
-        g2 = self.grad_norm_sq
+        g2 = self.mean_norm_sq
         num = (n - 1.0) * self.trace_cov + n * g2
         return float(safe_ratio(num, n * n * g2))
 
     def to_dict(self) -> dict:
         """The scalar statistics as a plain ``dict`` (``int``/``float`` values): ``n``,
         ``n_params``, ``trace_cov``, ``grad_norm_sq``, ``noise_scale``, ``mean_gsnr`` and
-        ``diversity``."""
-        return {
+        ``diversity``; when :attr:`population` is set, also ``population``,
+        ``mean_norm_sq``, ``grad_norm_sq_se``, ``trace_cov_se`` and ``noise_scale_se``
+        (left out when it is None, so that result keeps its historical keys)."""
+        d = {
             "n": self.n,
             "n_params": self.n_params,
             "trace_cov": self.trace_cov,
@@ -227,11 +318,23 @@ class GradMoments:
             "mean_gsnr": self.mean_gsnr,
             "diversity": self.diversity,
         }
+        if self.population is not None:
+            d.update(population=self.population, mean_norm_sq=self.mean_norm_sq,
+                     grad_norm_sq_se=self.grad_norm_sq_se, trace_cov_se=self.trace_cov_se,
+                     noise_scale_se=self.noise_scale_se)
+        return d
 
     def __repr__(self) -> str:
-        return (f"GradMoments(n={self.n}, n_params={self.n_params}, "
-                f"trace_cov={self.trace_cov:.6g}, grad_norm_sq={self.grad_norm_sq:.6g}, "
-                f"noise_scale={self.noise_scale:.6g})")
+        if self.population is None:
+            return (f"GradMoments(n={self.n}, n_params={self.n_params}, "
+                    f"trace_cov={self.trace_cov:.6g}, grad_norm_sq={self.grad_norm_sq:.6g}, "
+                    f"noise_scale={self.noise_scale:.6g})")
+        return (f"GradMoments(n={self.n}, population={self.population}, "
+                f"n_params={self.n_params}, "
+                f"trace_cov={self.trace_cov:.6g} +- {self.trace_cov_se:.2g}, "
+                f"grad_norm_sq={self.grad_norm_sq:.6g} +- {self.grad_norm_sq_se:.2g}, "
+                f"mean_norm_sq={self.mean_norm_sq:.6g}, "
+                f"noise_scale={self.noise_scale:.6g} +- {self.noise_scale_se:.2g})")
 
 
 class MomentAccumulator:
@@ -457,12 +560,201 @@ class MomentAccumulator:
             If fewer than 2 examples were accumulated (the ``ddof=1`` variance needs
             ``n >= 2``).
         """
+        return self._finalize()
+
+    def _finalize(self, **extra) -> GradMoments:
+        """:meth:`finalize` with extra :class:`GradMoments` fields (``population``, SEs)."""
         if self._n < 2:
             raise ValueError(f"n: expected at least 2 accumulated examples for the ddof=1 "
                              f"variance, got n={self._n}")
         var = self._m2 / (self._n - 1)
         return GradMoments(n=self._n, mean=self._mean.astype(self._dtype),
-                           var=var.astype(self._dtype))
+                           var=var.astype(self._dtype), **extra)
 
     def __repr__(self) -> str:
         return f"MomentAccumulator(P={self._P}, dtype={self._dtype.name}, n={self._n})"
+
+
+# ====================================================================== sampling a population
+#: the jackknife uses at most this many groups ...
+JACKKNIFE_MAX_GROUPS = 20
+#: ... and keeps at most this many bytes of group mean vectors (G * P * 8)
+JACKKNIFE_MAX_BYTES = 64 * 2**20
+#: seed of the fixed permutation that assigns rows to jackknife groups (results are
+#: deterministic functions of the rows, their order and the model)
+JACKKNIFE_SEED = 0x6A6B
+
+
+def check_population(population: Any, n: int) -> int | None:
+    """``population`` as an int ``>= n``, or None; else ValueError naming it."""
+    if population is None:
+        return None
+    if (isinstance(population, (bool, np.bool_))
+            or not isinstance(population, numbers.Integral) or population < n):
+        raise ValueError(f"population: expected None or an integer >= n={n} (the number of "
+                         f"examples the {n} rows were drawn from without replacement), "
+                         f"got {got(population)}")
+    return int(population)
+
+
+def _fpc_coef(n: int, N: int) -> float:
+    """:math:`1/n - 1/N`, without the cancellation of the difference."""
+    return (N - n) / (float(n) * float(N))
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` for a possibly negative unbiased denominator: ``inf`` when
+    ``den <= 0 < num``, ``nan`` when both are ``<= 0`` (the safe_ratio rule, extended to a
+    negative estimate of a non-negative quantity)."""
+    if den > 0:
+        return num / den
+    return math.inf if num > 0 else math.nan
+
+
+def jackknife_groups(n: int, P: int) -> list:
+    """Row indices (each sorted) of the delete-a-group jackknife groups for *n* rows and
+    *P* parameters: ``G = min(20, n // 2)`` groups, lowered so that ``G * P * 8`` bytes stay
+    within 64 MiB but never below 2, rows assigned by a fixed-seed permutation; sizes
+    differ by at most one. Empty for ``n < 4`` (no group could be left out with 2 rows
+    left)."""
+    G = min(JACKKNIFE_MAX_GROUPS, n // 2, max(2, JACKKNIFE_MAX_BYTES // (8 * P)))
+    return list(_groups(n, G)) if G >= 2 else []
+
+
+@functools.lru_cache(maxsize=16)
+def _groups(n: int, G: int) -> tuple:
+    perm = np.random.default_rng(JACKKNIFE_SEED).permutation(n)
+    out = tuple(np.sort(g) for g in np.array_split(perm, G))
+    for g in out:
+        g.setflags(write=False)
+    return out
+
+
+def jackknife_se(N: int, n: int, mean: np.ndarray, tr_m2: float, counts: np.ndarray,
+                 means: np.ndarray, tr_m2s: np.ndarray) -> tuple:
+    """Delete-a-group jackknife standard errors of the corrected :math:`|G|^2`,
+    :math:`\\mathrm{tr}(\\hat\\Sigma)` and their ratio, with the finite-population factor.
+
+    Parameters
+    ----------
+    N, n : int
+        Population size and sample size, ``N > n >= 4``.
+    mean : ndarray (P,) float64
+        Mean of the *n* per-example gradients.
+    tr_m2 : float
+        :math:`\\sum_i |g_i - \\bar g|^2` over the *n* rows.
+    counts : ndarray (G,) int
+        Rows per group (sum *n*).
+    means : ndarray (G, P) float64
+        Each group's mean gradient.
+    tr_m2s : ndarray (G,) float64
+        Each group's :math:`\\sum_{i\\in j} |g_i - \\bar g_j|^2`.
+
+    Returns
+    -------
+    grad_norm_sq_se, trace_cov_se, noise_scale_se : float
+
+    Notes
+    -----
+    Leaving group *j* (:math:`k_j` rows) out leaves :math:`n_r = n - k_j` rows with mean and
+    :math:`M_2` given exactly by Chan's rule run backwards, with :math:`d_j = \\bar g - \\bar g_j`:
+
+    .. math::
+        \\bar g_{(j)} = \\bar g + \\frac{k_j}{n_r} d_j, \\qquad
+        M_{2,(j)} = M_2 - M_{2,j} - \\frac{n_r k_j}{n}|\\bar g_{(j)} - \\bar g_j|^2
+                 = M_2 - M_{2,j} - \\frac{n k_j}{n_r}|d_j|^2,
+
+    from which each replicate :math:`\\theta_{(j)}` is the statistic of those rows. The
+    variance is the delete-:math:`m_j` jackknife for unequal groups (Busing et al. 1999),
+    which for equal groups is :math:`\\frac{G-1}{G}\\sum_j(\\theta_{(j)} - \\bar\\theta)^2`:
+    with :math:`h_j = n/k_j`, pseudo-values :math:`\\tau_j = h_j\\theta - (h_j - 1)\\theta_{(j)}`
+    and :math:`\\theta_J = G\\theta - \\sum_j (1 - k_j/n)\\theta_{(j)}`,
+
+    .. math:: v = \\frac1G \\sum_j \\frac{(\\tau_j - \\theta_J)^2}{h_j - 1},
+
+    multiplied by the finite-population factor :math:`1 - n/N` (the jackknife estimates the
+    variance of i.i.d. sampling; without replacement it shrinks by that factor to first
+    order, and to 0 at :math:`n = N`).
+
+    The noise-scale SE is ``nan`` when the noise scale itself is not finite, and ``inf``
+    when it is but some replicate's :math:`|G|^2` estimate is :math:`\\le 0` (the ratio is
+    not resolved at this *n*).
+
+    References
+    ----------
+    .. [1] F. M. T. A. Busing, E. Meijer, R. van der Leeden, "Delete-m Jackknife for
+       Unequal m", Statistics and Computing 9, 1999.
+    .. [2] W. G. Cochran, "Sampling Techniques", 3rd ed., Wiley, 1977 (finite-population
+       correction).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    G = counts.shape[0]
+    tr = tr_m2 / (n - 1)
+    g2 = float(np.dot(mean, mean)) - _fpc_coef(n, N) * tr
+    theta = np.array([g2, tr, _ratio(tr, g2)])
+    n_r = n - counts
+    w = (counts / n_r)[:, None]
+    d = np.subtract(mean, means)                       # (G, P): d_j = mean - mean_j
+    dd = np.einsum("ij,ij->i", d, d)
+    d *= w
+    d += mean                                          # now the leave-one-out means
+    m2_r = np.maximum(tr_m2 - np.asarray(tr_m2s, dtype=np.float64) - n * counts / n_r * dd, 0.0)
+    tr_r = m2_r / (n_r - 1.0)
+    g2_r = np.einsum("ij,ij->i", d, d) - (N - n_r) / (n_r * N) * tr_r
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b_r = np.where(g2_r > 0, tr_r / g2_r, np.where(tr_r > 0, math.inf, math.nan))
+    reps = np.stack([g2_r, tr_r, b_r], axis=1)
+    h = n / counts
+    fpc = 1.0 - n / N
+    se = []
+    for q in range(3):
+        if not np.isfinite(theta[q]):
+            se.append(math.nan)
+            continue
+        if not np.isfinite(reps[:, q]).all():
+            se.append(math.inf)
+            continue
+        tau = h * theta[q] - (h - 1.0) * reps[:, q]
+        theta_j = G * theta[q] - float(np.sum((1.0 - counts / n) * reps[:, q]))
+        v = float(np.mean((tau - theta_j) ** 2 / (h - 1.0)))
+        se.append(math.sqrt(v * fpc))
+    return tuple(se)
+
+
+def sample_moments(n: int, acc: "MomentAccumulator", population: Any,
+                   fold: Callable[[np.ndarray, "MomentAccumulator"], Any]) -> GradMoments:
+    """The :class:`GradMoments` of *n* rows drawn without replacement from ``population``.
+
+    ``fold(idx, a)`` must add the per-example gradients of rows ``idx`` (sorted int64
+    indices into the *n*) to accumulator ``a``; ``acc`` is a fresh accumulator (it fixes P
+    and the output dtype). With ``population == n`` the rows are folded in order, once, and
+    the result is that of ``population=None`` with the field set. Otherwise each jackknife
+    group (:func:`jackknife_groups`) is folded into a scratch accumulator, summarised by its
+    count, mean and trace of :math:`M_2`, and merged into ``acc`` by Chan's rule; memory is
+    O(G * P) floats for the group means.
+    """
+    N = check_population(population, n)
+    if N is None:
+        raise ValueError("population: expected an integer, got None")
+    if N == n:
+        fold(np.arange(n, dtype=np.int64), acc)
+        return acc._finalize(population=N)
+    P = acc.P
+    groups = jackknife_groups(n, P)
+    if not groups:                         # n < 4: no jackknife
+        fold(np.arange(n, dtype=np.int64), acc)
+        return acc._finalize(population=N, grad_norm_sq_se=math.nan,
+                             trace_cov_se=math.nan, noise_scale_se=math.nan)
+    counts = np.empty(len(groups), dtype=np.int64)
+    means = np.empty((len(groups), P), dtype=np.float64)
+    tr_m2s = np.empty(len(groups), dtype=np.float64)
+    part = MomentAccumulator(P)
+    for j, idx in enumerate(groups):
+        fold(idx, part.reset())
+        counts[j] = part._n
+        means[j] = part._mean
+        tr_m2s[j] = float(np.sum(part._m2))
+        acc.merge(part)
+    se = jackknife_se(N, n, acc._mean, float(np.sum(acc._m2)), counts, means, tr_m2s)
+    return acc._finalize(population=N, grad_norm_sq_se=se[0], trace_cov_se=se[1],
+                         noise_scale_se=se[2])

@@ -6,6 +6,10 @@ a batch of :math:`B` i.i.d. examples
 
 .. math:: E\\,|G_B|^2 = |G|^2 + \\mathrm{tr}(\\Sigma)/B.
 
+Batches drawn without replacement from N examples (``population=N`` where offered) have
+:math:`E|G_B|^2 = |G|^2 + (1/B - 1/N)\\,\\mathrm{tr}(\\Sigma)`, :math:`\\Sigma` with ``ddof=1``
+over the N.
+
 Everything here is pure numpy. Functions taking numbers broadcast over arrays and return a
 Python ``float`` when every input is a scalar, else an ``ndarray``. Bad arguments raise
 :class:`ValueError` naming the argument, what was expected and what was got.
@@ -24,6 +28,7 @@ References
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,21 +53,27 @@ __all__ = [
 
 
 # ====================================================================== two-batch estimator
-def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: Any, b_big: Any):
+def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: Any, b_big: Any, *,
+                        population: Any = None):
     """Unbiased estimates of :math:`|G|^2` and :math:`\\mathrm{tr}(\\Sigma)` from two batch
     gradients taken at the same parameters (McCandlish et al. 2018, App. A.1).
 
     .. math::
         |\\mathcal G|^2 = \\frac{B_\\mathrm{big}|G_\\mathrm{big}|^2
                           - B_\\mathrm{small}|G_\\mathrm{small}|^2}
-                          {B_\\mathrm{big} - B_\\mathrm{small}}, \\qquad
+                          {B_\\mathrm{big} - B_\\mathrm{small}}
+                          \\;\\Big[+ \\frac{\\mathcal S}{N}\\Big], \\qquad
         \\mathcal S = \\frac{|G_\\mathrm{small}|^2 - |G_\\mathrm{big}|^2}
                           {1/B_\\mathrm{small} - 1/B_\\mathrm{big}}.
 
-    Each is unbiased given :math:`E|G_B|^2 = |G|^2 + \\mathrm{tr}(\\Sigma)/B`; either can be
-    negative on a single draw. Their ratio is **not** an unbiased estimate of
-    :math:`B_\\mathrm{simple}`; average numerator and denominator separately first
-    (:class:`TwoBatchNoiseScale`).
+    Each is unbiased given :math:`E|G_B|^2 = |G|^2 + \\mathrm{tr}(\\Sigma)/B` (batches of
+    i.i.d. examples, e.g. drawn with replacement); either can be negative on a single draw.
+    With ``population=N`` each batch is drawn uniformly without replacement from N
+    examples, :math:`E|G_B|^2 = |G|^2 + (1/B - 1/N)\\,\\mathrm{tr}(\\Sigma)` with
+    :math:`\\Sigma` the ``ddof=1`` covariance over the N, and the bracketed term
+    :math:`+\\mathcal S/N` keeps :math:`|\\mathcal G|^2` unbiased (:math:`\\mathcal S` is
+    unchanged). Their ratio is **not** an unbiased estimate of :math:`B_\\mathrm{simple}`;
+    average numerator and denominator separately first (:class:`TwoBatchNoiseScale`).
 
     Parameters
     ----------
@@ -73,11 +84,20 @@ def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: Any, b_bi
         The batch sizes, ``0 < b_small < b_big`` (examples). With ``b_small = 1`` and
         ``sq_norm_small`` the mean of per-example squared norms this is
         :func:`per_example_estimates`.
+    population : float or array_like or None, default None
+        N, the number of examples both batches are drawn from without replacement
+        (``N >= b_big``; broadcast with the other arguments). None: i.i.d. batches (or an
+        infinite population).
 
     Returns
     -------
     grad_norm_sq, trace_cov : float or ndarray
         Estimates of :math:`|G|^2` and :math:`\\mathrm{tr}(\\Sigma)` (squared gradient units).
+
+    References
+    ----------
+    .. [1] S. McCandlish, J. Kaplan, D. Amodei et al., "An Empirical Model of Large-Batch
+       Training", arXiv:1812.06162, 2018, Appendix A.1.
     """
     s = check_array("sq_norm_small", sq_norm_small, low=0.0)
     b = check_array("sq_norm_big", sq_norm_big, low=0.0)
@@ -86,8 +106,15 @@ def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: Any, b_bi
     if np.any(bs >= bb):
         raise ValueError(f"b_big: expected a batch size > b_small, got b_small={b_small!r}, "
                          f"b_big={b_big!r}")
+    if population is not None:
+        N = check_array("population", population, low=0.0, low_open=True)
+        if np.any(N < bb):
+            raise ValueError(f"population: expected a number of examples >= b_big, got "
+                             f"population={population!r}, b_big={b_big!r}")
     g2 = (bb * b - bs * s) / (bb - bs)
     tr = (s - b) / (1.0 / bs - 1.0 / bb)
+    if population is not None:
+        g2 = g2 + tr / N
     return as_result(g2), as_result(tr)
 
 
@@ -141,6 +168,13 @@ class TwoBatchNoiseScale:
     beta : float, default 0.99
         EMA decay, ``0 <= beta < 1``; ``beta = 0`` keeps only the latest estimate.
         The effective window is about ``1 / (1 - beta)`` updates.
+    population : int or None, default None
+        N, the number of examples each batch is drawn from uniformly without replacement
+        (e.g. the training set, for a shuffling sampler), ``N >= b_big``; the estimates then
+        use :math:`E|G_B|^2 = |G|^2 + (1/B - 1/N)\\,\\mathrm{tr}(\\Sigma)`, so the
+        :math:`|G|^2` estimate gains :math:`+\\mathrm{tr}(\\Sigma)/N` (see
+        :func:`two_batch_estimates`) and both stay unbiased for the N examples' full-data
+        :math:`|G|^2` and ``ddof=1`` :math:`\\mathrm{tr}(\\Sigma)`. None: i.i.d. batches.
 
     Attributes
     ----------
@@ -190,13 +224,21 @@ class TwoBatchNoiseScale:
     100.0
     """
 
-    def __init__(self, b_small: int, b_big: int, beta: float = 0.99) -> None:
+    def __init__(self, b_small: int, b_big: int, beta: float = 0.99, *,
+                 population: int | None = None) -> None:
         self._b_small = check_int("b_small", b_small, low=1)
         self._b_big = check_int("b_big", b_big, low=1)
         if self._b_big <= self._b_small:
             raise ValueError(f"b_big: expected an integer > b_small={self._b_small}, "
                              f"got {self._b_big}")
         self._beta = check_scalar("beta", beta, low=0.0, high=1.0, high_open=True)
+        if population is not None:
+            if (isinstance(population, (bool, np.bool_)) or not isinstance(
+                    population, numbers.Integral) or population < self._b_big):
+                raise ValueError(f"population: expected None or an integer >= "
+                                 f"b_big={self._b_big}, got {got(population)}")
+            population = int(population)
+        self._population = population
         self.reset()
 
     # ------------------------------------------------------------------ configuration
@@ -214,6 +256,12 @@ class TwoBatchNoiseScale:
     def beta(self) -> float:
         """The EMA decay."""
         return self._beta
+
+    @property
+    def population(self) -> int | None:
+        """N, the number of examples the batches are drawn from without replacement, or
+        None (i.i.d. batches)."""
+        return self._population
 
     # ------------------------------------------------------------------ state
     def reset(self) -> "TwoBatchNoiseScale":
@@ -275,6 +323,8 @@ class TwoBatchNoiseScale:
         bs, bb = float(self._b_small), float(self._b_big)
         g2 = (bb * b - bs * s) / (bb - bs)
         tr = (s - b) / (1.0 / bs - 1.0 / bb)
+        if self._population is not None:
+            g2 += tr / self._population
         return g2, tr
 
     def update(self, sq_norm_small: float, sq_norm_big: float) -> "TwoBatchNoiseScale":
@@ -301,15 +351,18 @@ class TwoBatchNoiseScale:
         return self
 
     def to_dict(self) -> dict:
-        """``b_small``, ``b_big``, ``beta``, ``n_updates``, ``grad_norm_sq``, ``trace_cov``,
-        ``noise_scale`` as a plain ``dict``."""
+        """``b_small``, ``b_big``, ``beta``, ``population`` (None or N), ``n_updates``,
+        ``grad_norm_sq``, ``trace_cov``, ``noise_scale`` as a plain ``dict``."""
         return {"b_small": self._b_small, "b_big": self._b_big, "beta": self._beta,
+                "population": self._population,
                 "n_updates": self._t, "grad_norm_sq": self.grad_norm_sq,
                 "trace_cov": self.trace_cov, "noise_scale": self.noise_scale}
 
     def __repr__(self) -> str:
+        pop = "" if self._population is None else f"population={self._population}, "
         return (f"TwoBatchNoiseScale(b_small={self._b_small}, b_big={self._b_big}, "
-                f"beta={self._beta}, n_updates={self._t}, noise_scale={self.noise_scale:.6g})")
+                f"beta={self._beta}, {pop}n_updates={self._t}, "
+                f"noise_scale={self.noise_scale:.6g})")
 
 
 # ====================================================================== derived quantities

@@ -26,7 +26,7 @@ from minigd._validation import check_int
 from minigd.backends.base import check_per_example
 from minigd.model import EVAL_CHUNK, MLP
 
-from .moments import GradMoments, MomentAccumulator
+from .moments import GradMoments, MomentAccumulator, check_population, sample_moments
 
 __all__ = ["per_example_grads", "per_example_grad_norms", "grad_moments", "accumulate_moments"]
 
@@ -144,9 +144,10 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     return out if squared else np.sqrt(out, out=out)
 
 
-def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *,
+def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | None = None,
                  chunk_size: int = EVAL_CHUNK) -> GradMoments:
-    """Mean and variance (``ddof=1``) of the per-example gradients over a data set, streamed.
+    """Mean and variance (``ddof=1``) of the per-example gradients over a data set, streamed;
+    optionally with the noise scale of a larger population estimated from these rows.
 
     The data are processed ``chunk_size`` rows at a time.  Each chunk is reduced exactly
     -- its mean is the chunk's batch gradient, its
@@ -161,6 +162,14 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *,
     ----------
     model : minigd.MLP
     X, y : as for :func:`per_example_grads`; at least 2 examples
+    population : int or None, default None
+        None: the *n* rows **are** the population (e.g. the whole training set) and every
+        statistic is exact.  An integer ``N >= n``: the rows are a simple random sample,
+        drawn uniformly without replacement, of *n* out of *N* examples (e.g. a random
+        subset of a training set of *N*); then ``grad_norm_sq`` is corrected to be unbiased
+        for the population's :math:`|G|^2`, ``noise_scale`` uses it, and standard errors
+        are attached (see Notes).  ``N == n`` gives the ``None`` result with zero SEs.
+        Any other value (below *n*, not an integer, a bool) raises ValueError.
     chunk_size : int, default ``minigd.model.EVAL_CHUNK`` (2048)
         Rows per backend call.  Only speed, memory and rounding depend on it.
 
@@ -169,13 +178,46 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *,
     GradMoments
         ``n``, ``mean`` (the full-data gradient; (P,) float64), ``var`` ((P,) float64,
         ``ddof=1``), and the derived ``trace_cov``, ``grad_norm_sq``, ``noise_scale``
-        (:math:`B_\\mathrm{simple}`), ``gsnr``, ``mean_gsnr``, ``diversity``.
+        (:math:`B_\\mathrm{simple}`), ``gsnr``, ``mean_gsnr``, ``diversity``.  Also
+        ``population`` (N or None), ``mean_norm_sq`` (the raw :math:`|\\bar g|^2` of the
+        rows) and the standard errors ``grad_norm_sq_se``, ``trace_cov_se``,
+        ``noise_scale_se`` (0.0 when exact: ``population`` None or *n*).
 
     Notes
     -----
     Accuracy: the result equals a float64 two-pass mean / variance of
     :func:`per_example_grads` up to rounding in the model's dtype (the chunk's :math:`M_2`
     is accumulated in the model's dtype, chunks are combined in float64).
+
+    **A subset is not the population** (McCandlish et al. 2018, App. A.1).  For *n* rows
+    drawn without replacement from *N*,
+    :math:`E|\\bar g|^2 = |G|^2 + (1/n - 1/N)\\,\\mathrm{tr}(\\Sigma)` (``ddof=1`` over the
+    population) while :math:`\\mathrm{tr}(\\hat\\Sigma)` is unbiased, so with
+    ``population=N``
+
+    .. math::
+        \\widehat{|G|^2} = |\\bar g|^2 - \\Big(\\frac1n - \\frac1N\\Big)
+        \\mathrm{tr}(\\hat\\Sigma), \\qquad
+        \\hat B_\\mathrm{simple} = \\mathrm{tr}(\\hat\\Sigma) / \\widehat{|G|^2}.
+
+    The uncorrected :math:`\\mathrm{tr}(\\hat\\Sigma)/|\\bar g|^2` is biased low and can never
+    much exceed *n*.  :math:`\\widehat{|G|^2}` is unbiased but can be negative on a draw:
+    the noise of the sample mean then swamps the signal (it is not resolved at this *n*),
+    and ``noise_scale`` is ``inf`` (``nan`` if the trace is 0 too); use more rows.  The
+    ratio is not itself unbiased; measure on the full data when that is affordable, and
+    otherwise redraw the subset per measurement and carry the standard error.
+
+    Standard errors: a delete-a-group jackknife over ``G = min(20, n // 2)`` groups, rows
+    assigned to groups by a fixed-seed permutation (deterministic results), its variance
+    multiplied by the finite-population factor :math:`1 - n/N`.  Each group is streamed
+    separately and kept as its count, its mean gradient ((P,) float64) and the trace of
+    its :math:`M_2`; leaving one group out follows exactly from Chan's combination rule
+    (:func:`minigd.gradstats.moments.jackknife_se`).  Memory: ``G * P * 8`` bytes, with G
+    lowered (not below 2) to keep that within 64 MiB, so models above about 4 million
+    parameters use 2 groups and a proportionally larger buffer; with fewer than 4 rows
+    the SEs are ``nan``.  Backend calls carry one group (about ``n / G`` rows) at a time.
+    ``noise_scale_se`` is ``nan`` when ``noise_scale`` is not finite, ``inf`` when some
+    leave-one-group-out :math:`|G|^2` estimate is :math:`\\le 0`.
 
     Examples
     --------
@@ -187,6 +229,12 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *,
     (1000, (195,))
     >>> bool(m.noise_scale > 0)
     True
+
+    The same statistics of a training set of 10000 examples, estimated from these 1000:
+
+    >>> s = mg.grad_moments(mg.MLP([8, 16, 3], seed=0), X, y, population=10_000)
+    >>> s.grad_norm_sq < s.mean_norm_sq, s.grad_norm_sq_se > 0
+    (True, True)
     """
     _check_model(model, "grad_moments")
     X, yi, yf = model.check_Xy(X, y)
@@ -194,7 +242,13 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *,
     n = X.shape[0]
     if n < 2:
         raise ValueError(f"X: expected at least 2 examples for the ddof=1 variance, got {n}")
-    return accumulate_moments(model, X, yi, yf, np.arange(n, dtype=np.int64), chunk_size).finalize()
+    if population is None:
+        return accumulate_moments(model, X, yi, yf, np.arange(n, dtype=np.int64),
+                                  chunk_size).finalize()
+    population = check_population(population, n)
+    return sample_moments(n, MomentAccumulator(model.n_params), population,
+                          lambda idx, acc: accumulate_moments(model, X, yi, yf, idx,
+                                                              chunk_size, acc))
 
 
 def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
