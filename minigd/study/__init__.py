@@ -14,17 +14,36 @@ from .trial import run_trial
 
 
 def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progress=False,
-              retry_failed=False, report=True) -> dict:
+              retry_failed=False, report=True, log=None) -> dict:
     """Run (or resume) the sweep ``spec`` into ``out_dir/results.sqlite``, analyse it and
-    write the report to ``out_dir/report``.  Returns {"counts", "analysis", "report"}.
+    write the report to ``out_dir/report``.  Returns {"counts", "analysis", "report",
+    "results", "probe"}.
 
-    The sweep holds an exclusive lock on ``out_dir`` (:func:`~minigd.study.store.study_lock`):
-    a second study started on the same directory meanwhile raises :class:`StudyLocked`."""
+    The phases, each resumable (finished trials are stored one by one):
+
+    1. the kernels are compiled (or loaded from Numba's cache) here, once, before any
+       worker starts;
+    2. the grid of ``spec`` runs (locally, or on Dask with ``scheduler``);
+    3. with ``lr_policy="tuned"``, a batch size whose best learning rate lies at an edge of
+       the rates tried gets the next factor of 2 past that edge (every seed), up to
+       ``spec.lr_extend`` times (:func:`lr_extensions`);
+    4. the throughput probe times one step per batch size with nothing else running
+       (:mod:`minigd.study.probe`; stored, and re-used when the study is resumed on the same
+       host);
+    5. the analysis (with its bootstrap seeded by ``spec.seed``) and the report.
+
+    ``log``: an optional callable taking one line of text (what is happening, for a console).
+    The study holds an exclusive lock on ``out_dir`` (:func:`~minigd.study.store.study_lock`)
+    from the first trial to the last file of the report: a second study started on the same
+    directory meanwhile raises :class:`StudyLocked`."""
     import json
     import os
+    import time
 
+    from .executors import make_executor
     from .trial import load_data
 
+    say = log or (lambda line: None)
     os.makedirs(out_dir, exist_ok=True)
     ds = load_data(spec.data, spec.dtype)
     if ds.task != "classification" and "accuracy" in spec.target_metric:
@@ -34,21 +53,109 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
     path = os.path.join(out_dir, "results.sqlite")
     with study_lock(out_dir), ResultStore(path) as store:
         store.set_meta("spec", spec.to_dict())
-        counts = run_sweep(configs, store, workers=workers, scheduler=scheduler, progress=progress,
-                           retry_failed=retry_failed)
-        keys = {c.key for c in configs}
+        ex = make_executor(workers, scheduler)
+        stored = store.keys("ok") if retry_failed else store.keys()
+        if spec.backend == "cpu" and scheduler is None and any(c.key not in stored for c in configs):
+            from minigd.kernels import warmup
+            say("compiling kernels (first run only; cached after) ...")
+            t0 = time.perf_counter()
+            warmup((spec.dtype,))
+            say(f"kernels ready in {time.perf_counter() - t0:.1f} s")
+        counts = run_sweep(configs, store, executor=ex, progress=progress, retry_failed=retry_failed)
+        study = list(configs)
+        for round_ in range(spec.lr_extend if spec.lr_policy == "tuned" else 0):
+            keys = {c.key for c in study}
+            extra = lr_extensions(spec, [(c, r) for c, r in store.rows() if c.key in keys])
+            if not extra:
+                break
+            say(f"learning-rate grid extended past its edge for {len({(c.sizes, c.batch_size) for c in extra})} "
+                f"batch size(s): {len(extra)} more trials")
+            more = run_sweep(extra, store, executor=ex if len(extra) > 8 else make_executor(1, scheduler),
+                             progress=progress, retry_failed=retry_failed)
+            for k in ("total", "skipped", "ran", "failed"):
+                counts[k] += more[k]
+            study += extra
+        keys = {c.key for c in study}
+        store.set_meta("study_keys", sorted(keys))
         rows = [(c, r) for c, r in store.rows() if c.key in keys]
-    analysis = analyze(rows)
-    files = []
-    if report:
-        from minigd.report import write_report
-        files = write_report(analysis, os.path.join(out_dir, "report"), spec=spec.to_dict())
-        from minigd._io import atomic_write_text
-        atomic_write_text(os.path.join(out_dir, "report", "analysis.json"),
-                          json.dumps(analysis, indent=1, default=str))
-    return {"counts": counts, "analysis": analysis, "report": files, "results": path}
+        probe = measured_probe(store, [c for c, r in rows if r.get("status") == "ok"], ex, spec.seed, say)
+        analysis = analyze(rows, probe=probe, seed=spec.seed)
+        files = []
+        if report:
+            from minigd._io import atomic_write_text
+            from minigd.report import write_report
+            files = write_report(analysis, os.path.join(out_dir, "report"), spec=spec.to_dict())
+            atomic_write_text(os.path.join(out_dir, "report", "analysis.json"),
+                              json.dumps(analysis, indent=1, default=str))
+    return {"counts": counts, "analysis": analysis, "report": files, "results": path, "probe": probe}
+
+
+def lr_extensions(spec: SweepSpec, rows) -> list:
+    """The trials that extend the learning-rate grid past its edge: for every architecture
+    and batch size whose best learning rate (fewest median steps to the target, which it
+    reached) is the largest (smallest) rate tried, the rate twice (half) that, for every
+    seed -- unless that would go more than ``spec.lr_extend`` factors of 2 past the grid.
+    Deterministic in the stored results, so a resumed study extends the same way."""
+    import dataclasses
+    import math
+    from collections import defaultdict
+
+    from minigd.optim.schedules import scale_lr
+
+    from .analysis import best_lrs
+
+    groups = defaultdict(list)
+    for cfg, res in rows:
+        if res.get("status") == "ok":
+            groups[(tuple(cfg.sizes), cfg.activation, cfg.optimizer, cfg.norm_label)].append((cfg, res))
+    lo_f, hi_f = min(spec.lr_grid), max(spec.lr_grid)
+    cap = 2.0 ** spec.lr_extend * (1 + 1e-9)
+    out = []
+    for items in groups.values():
+        for B, info in sorted(best_lrs(items).items()):
+            edge = info.get("at_edge")
+            if edge not in ("low", "high"):
+                continue
+            tmpl = next(c for c, _ in items if c.batch_size == B and c.lr == info["best_lr"])
+            lr = info["best_lr"] * (2.0 if edge == "high" else 0.5)
+            f = lr / scale_lr(spec.base_lr, B, spec.base_batch_size, "sqrt")
+            if not (math.isfinite(lr) and lo_f / cap <= f <= hi_f * cap):
+                continue
+            for seed in spec.trial_seeds():
+                out.append(dataclasses.replace(tmpl, lr=float(lr), seed=int(seed)))
+    return out
+
+
+def measured_probe(store, configs, executor, seed: int, say=lambda line: None) -> list:
+    """The throughput probe's entries for ``configs``: re-used from ``store`` when it holds
+    an entry for every step cost they need, measured on this host; else measured now (on
+    the Dask cluster when ``executor`` is one, else in this process) and stored."""
+    import platform
+
+    from .probe import probe, probe_jobs, probe_key
+
+    jobs = probe_jobs(configs)
+    need = {probe_key(c) for c in jobs}
+    old = store.meta("throughput_probe") or []
+    have = {e.get("key"): e for e in old if isinstance(e, dict)}
+    if need and all(k in have for k in need) and (
+            executor.name == "dask" or all(have[k].get("host") == platform.node() for k in need)):
+        return [have[k] for k in sorted(need)]
+    if not jobs:
+        return []
+    say(f"timing one training step at each of {len(jobs)} batch size(s) (throughput probe, one thread, "
+        f"nothing else running) ...")
+    if executor.name == "dask":
+        import functools
+        entries = next(iter(executor.run(functools.partial(probe, seed=seed), [jobs])))[1]
+        if isinstance(entries, dict):     # the cluster failed it
+            raise RuntimeError(f"throughput probe: failed on the Dask cluster: {entries.get('error')}")
+    else:
+        entries = probe(jobs, seed=seed)
+    store.set_meta("throughput_probe", entries)
+    return entries
 
 
 __all__ = ["analyze", "regime", "DataSpec", "TrialConfig", "DaskExecutor", "LocalExecutor",
            "SerialExecutor", "make_executor", "SearchSpace", "search", "ResultStore", "StudyLocked", "SweepSpec",
-           "default_batch_sizes", "run_sweep", "run_trial", "run_study"]
+           "default_batch_sizes", "run_sweep", "run_trial", "run_study", "lr_extensions", "measured_probe"]

@@ -11,8 +11,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-#: bump when the meaning of a stored result changes; it is part of every trial key
-SCHEMA_VERSION = 1
+#: bump when the meaning of a stored result changes; it is part of every trial key.
+#: 2: steps to target evaluated on a geometric schedule and interpolated; the noise scale
+#: measured on the whole training set (a biased fixed 512-row subset before)
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,11 @@ class TrialConfig:
     min_steps: int = 200              # large batches get at least this many steps of budget
     target_metric: str = "val_accuracy"
     target: float = 0.95
-    evals_per_epoch: int = 4          # resolution of steps-to-target (at least every 8 steps)
-    noise_subset: int = 512           # examples used to measure the gradient noise scale
+    eval_rel_step: float = 0.02       # resolution of steps to target: evaluate whenever the step
+    #   count has grown by this fraction since the last evaluation (every step for the first 50)
+    noise_full_limit: int = 200_000   # training sets up to this size: the noise scale is measured
+    #   exactly on all of it; above, on a fresh random subset per measurement, bias-corrected
+    noise_subset: int = 32_768        # rows of that subset (for larger training sets only)
     search_id: str = ""               # which search produced it ("" = grid sweep)
     batch_norm: object = False        # False | True (before the activation) | "after"
     ghost_batch_size: object = None   # int: ghost batch norm; None: the whole batch
@@ -78,6 +83,8 @@ class TrialConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrialConfig":
         d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}   # fields of an older schema (their keys differ anyway)
         data = d.pop("data", {}) or {}
         data = dict(data)
         data["params"] = tuple(tuple(p) for p in data.get("params", ()))

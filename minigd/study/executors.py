@@ -53,6 +53,10 @@ def one_thread():
     import warnings
 
     limiter = contextlib.nullcontext()
+    # numba's compiled np.dot calls SciPy's own OpenBLAS: load it before the limit is applied,
+    # or it arrives later (at the first compiled GEMM) with its default thread count
+    with contextlib.suppress(ImportError):
+        import scipy.linalg  # noqa: F401
     try:
         from threadpoolctl import threadpool_limits
         limiter = threadpool_limits(limits=1)

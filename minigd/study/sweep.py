@@ -34,9 +34,15 @@ class SweepSpec:
     batch_sizes : ints, and/or "full"; default powers of two up to the full batch.
     lr_policy : "tuned" -- every batch size tries ``lr_grid`` multiples of the square-root
         rule's rate (base_lr * sqrt(B / base_batch_size)) and the analysis keeps the best
-        (the protocol of Shallue et al. 2018); "linear" / "sqrt" -- one rate per batch size
+        (the protocol of Shallue et al. 2018); where the best is at an edge of the rates
+        tried, :func:`minigd.study.run_study` tries the next factor of 2 past it, up to
+        ``lr_extend`` times; "linear" / "sqrt" -- one rate per batch size
         from the scaling rule (Goyal et al. 2017 / Hoffer et al. 2017); "fixed" -- base_lr
         everywhere.
+    seed, n_seeds, seeds : ``seed`` is the master seed of the study: unless ``seeds`` lists
+        the trial seeds explicitly, ``n_seeds`` of them are derived from it
+        (:meth:`trial_seeds`); each trial seed drives its model's initialisation and its
+        data order, and the analysis's bootstrap is seeded with ``seed``.
     widths, depths : hidden layer width(s) and count(s) to sweep (a width of 1 is allowed).
     bs_growth : ((epoch, factor), ...) -- a batch-size schedule instead of learning-rate
         decay (Smith et al. 2018): every trial multiplies its batch size by ``factor`` from
@@ -55,8 +61,12 @@ class SweepSpec:
     lr_policy: str = "tuned"
     base_lr: float = 0.02
     base_batch_size: int = 32
-    lr_grid: tuple = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-    seeds: tuple = (0, 1, 2)
+    lr_grid: tuple = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    seeds: tuple = ()          # () = n_seeds seeds derived from the master seed
+    seed: int = 0              # the master seed: trial seeds (model init, data order), bootstrap
+    n_seeds: int = 5
+    lr_extend: int = 3         # "tuned": a best LR at the grid's edge extends the grid by factors
+    #   of 2 past that edge, up to this many times (a best LR still at an edge: "LR not tuned")
     widths: tuple = (64,)
     depths: tuple = (1,)
     activation: str = "relu"
@@ -96,6 +106,9 @@ class SweepSpec:
             check_int("depths", d, low=0)
         for s in self.seeds:
             check_int("seeds", s, low=0)
+        check_int("seed", self.seed, low=0)
+        check_int("n_seeds", self.n_seeds, low=1)
+        check_int("lr_extend", self.lr_extend, low=0)
         for b in self.batch_sizes:
             if b != "full":
                 check_int("batch_sizes", b, low=1)
@@ -111,6 +124,18 @@ class SweepSpec:
         for name, f in (("batch_sizes", int), ("seeds", int), ("widths", int), ("depths", int),
                         ("lr_grid", float)):
             object.__setattr__(self, name, norm(getattr(self, name), f))
+        for name in ("seed", "n_seeds", "lr_extend"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    def trial_seeds(self) -> tuple:
+        """The trial seeds: ``seeds`` when given, else ``n_seeds`` seeds derived from the
+        master ``seed`` (numpy's SeedSequence: the same master seed always gives the same
+        seeds, and different master seeds give unrelated ones)."""
+        if self.seeds:
+            return self.seeds
+        import numpy as np
+        state = np.random.SeedSequence(self.seed).generate_state(self.n_seeds, np.uint32)
+        return tuple(int(x) >> 1 for x in state)     # < 2**31: any int API takes them
         object.__setattr__(self, "bs_growth", tuple((int(e), float(g)) for e, g in self.bs_growth))
 
     def lrs_for(self, B: int) -> list:
@@ -139,7 +164,7 @@ class SweepSpec:
                                          f"({n_train}), got {B}")
                     for ghost, drop_last in self._ghosts_for(B, n_train, skipped):
                         for lr in self.lrs_for(B):
-                            for seed in self.seeds:
+                            for seed in self.trial_seeds():
                                 out.append(TrialConfig(
                                     batch_norm=self.batch_norm, ghost_batch_size=ghost, dropout=self.dropout,
                                     drop_last=drop_last,
@@ -199,7 +224,9 @@ def _progress(total: int, enabled: bool):
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - the study extra brings tqdm
         return None
-    return tqdm(total=total, unit="trial", dynamic_ncols=True, file=sys.stderr)
+    # smoothing=0: the rate (and so the ETA) is the average over the trials finished so far,
+    # not an extrapolation of the latest few
+    return tqdm(total=total, unit="trial", dynamic_ncols=True, file=sys.stderr, smoothing=0)
 
 
 def run_sweep(configs, results, *, executor=None, workers=None, scheduler=None,

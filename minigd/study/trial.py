@@ -17,8 +17,10 @@ import numpy as np
 from .config import DataSpec, TrialConfig
 from .executors import thread_counts
 
-#: steps-to-target resolution: evaluate at least every this many steps
-MAX_EVAL_INTERVAL = 32
+#: evaluations stop being every step after this many steps (see TrialConfig.eval_rel_step)
+DENSE_EVAL_STEPS = 50
+#: memory for the parameter snapshots a trial keeps to measure the noise scale mid-run
+SNAPSHOT_BYTES = 64 << 20
 
 
 @functools.lru_cache(maxsize=8)
@@ -30,22 +32,117 @@ def load_data(spec: DataSpec, dtype: str):
                         seed=spec.seed, dtype=dtype, **spec.kwargs())
 
 
-def _noise(model, Xs, ys) -> dict | None:
-    """Exact gradient moments on a fixed subset: B_simple = tr(Sigma)/|G|^2; None when the
-    gradients are not finite there (a run on its way to diverging)."""
+def next_eval_step(step: int, rel: float) -> int:
+    """The step count of the evaluation after the one at ``step`` steps: every step for the
+    first :data:`DENSE_EVAL_STEPS`, then whenever the count has grown by ``rel`` (so the step
+    at which a target is first met is bracketed to within ``rel`` of itself)."""
+    if step < DENSE_EVAL_STEPS:
+        return step + 1
+    return step + max(1, int(step * rel))
+
+
+def measure_noise(model, X, y, rng, cfg: TrialConfig) -> dict | None:
+    """B_simple = tr(Sigma)/|G|^2 at the model's parameters, over the training set ``X, y``.
+
+    Up to ``cfg.noise_full_limit`` rows: exact, over every training example (nothing to
+    correct; standard errors 0).  Above: on a fresh random subset of ``cfg.noise_subset``
+    rows drawn without replacement, with the finite-population correction
+    |G|^2 ~ |g_bar|^2 - (1/n - 1/N) tr(Sigma_hat) and its standard errors
+    (``grad_moments(..., population=N)``).  None when the gradients are not finite (a run on
+    its way to diverging)."""
     from minigd import grad_moments
 
+    N = len(X)
     try:
-        m = grad_moments(model, Xs, ys)
+        if N <= cfg.noise_full_limit:
+            m = grad_moments(model, X, y)
+        else:
+            idx = np.sort(rng.choice(N, size=min(cfg.noise_subset, N), replace=False))
+            m = grad_moments(model, X[idx], y[idx], population=N)
     except (ValueError, FloatingPointError):
         return None
-    return {"noise_scale": float(m.noise_scale), "trace_cov": float(m.trace_cov),
-            "grad_norm_sq": float(m.grad_norm_sq)}
+    out = {"noise_scale": float(m.noise_scale), "trace_cov": float(m.trace_cov),
+           "grad_norm_sq": float(m.grad_norm_sq), "n_rows": int(m.n), "population": N}
+    for k in ("noise_scale_se", "grad_norm_sq_se", "trace_cov_se"):
+        out[k] = float(getattr(m, k, 0.0))
+    return out
 
 
-def _noise_record(step, examples, model, Xs, ys) -> list:
-    n = _noise(model, Xs, ys)
-    return [] if n is None else [{"step": step, "examples": examples, **n}]
+def _evaluate(model, X, y) -> dict | None:
+    """``model.evaluate``, or None when its forward pass overflows (parameters grown past
+    the dtype's range: a run that has diverged without a non-finite step)."""
+    try:
+        return model.evaluate(X, y)
+    except (ValueError, FloatingPointError):
+        return None
+
+
+class _Evaluator:
+    """fit callback of a trial: evaluates the validation metric on the geometric schedule of
+    :func:`next_eval_step`, stops at the target, and keeps parameter snapshots at the
+    evaluations for the noise-scale measurements after training."""
+
+    def __init__(self, Xva, yva, metric: str, target: float, rel: float, snap_cap: int):
+        self.Xva, self.yva = Xva, yva
+        self.key = metric.removeprefix("val_")
+        self.higher = "accuracy" in metric
+        self.target, self.rel = target, rel
+        self.next = 1
+        self.curve: list = []           # {"step", "examples", "time", "val_loss", "val_accuracy"}
+        self.snaps: list = []           # (step, examples, params copy), thinned to snap_cap
+        self.snap_cap = snap_cap
+        self.reached_at = None          # index into curve
+        self.overflowed = False
+        self.hist = None
+
+    def on_fit_start(self, model, hist):
+        self.hist = hist
+
+    def met(self, v) -> bool:
+        return v >= self.target if self.higher else v <= self.target
+
+    def on_step(self, model, step, loss):
+        if step < self.next:
+            return False
+        self.next = next_eval_step(step, self.rel)
+        row = self.hist.row(step - 1)
+        ev = _evaluate(model, self.Xva, self.yva)
+        if ev is None:
+            self.overflowed = True
+            return True
+        rec = {"step": step, "examples": int(row["examples"]), "time": float(row["time"])}
+        rec.update({f"val_{k}": float(v) for k, v in ev.items()})
+        self.curve.append(rec)
+        self.snaps.append((step, rec["examples"], model.params.copy()))
+        if len(self.snaps) > self.snap_cap:     # halve the resolution, keep the span
+            self.snaps = self.snaps[::2]
+        if self.met(ev[self.key]):
+            self.reached_at = len(self.curve) - 1
+            return True
+        return False
+
+    def interpolated(self):
+        """(steps, examples) to target interpolated linearly in the metric between the last
+        evaluation that missed the target and the first that met it, and the bracket's
+        width relative to its end; (None, None, None) when never met."""
+        if self.reached_at is None:
+            return None, None, None
+        k = self.reached_at
+        hi = self.curve[k]
+        if k == 0:
+            lo = {"step": 0, "examples": 0, f"val_{self.key}": None}
+        else:
+            lo = self.curve[k - 1]
+        m1, m0 = hi[f"val_{self.key}"], lo[f"val_{self.key}"]
+        frac = 1.0
+        if m0 is not None and m1 != m0:
+            frac = min(1.0, max(0.0, (self.target - m0) / (m1 - m0)))
+        steps = lo["step"] + frac * (hi["step"] - lo["step"])
+        examples = lo["examples"] + frac * (hi["examples"] - lo["examples"])
+        return steps, examples, (hi["step"] - lo["step"]) / hi["step"]
+
+    def snapshot_near(self, step: float):
+        return min(self.snaps, key=lambda s: abs(s[0] - step)) if self.snaps else None
 
 
 def _optimizer(cfg: TrialConfig):
@@ -101,48 +198,63 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     model = mg.MLP(list(sizes), activation=cfg.activation, loss=ds.loss, dtype=cfg.dtype,
                    init=cfg.init, seed=cfg.seed, backend=cfg.backend, batch_norm=cfg.batch_norm,
                    ghost_batch_size=cfg.ghost_batch_size, dropout=cfg.dropout)
-    rng = np.random.default_rng(cfg.seed + 7919)
-    sub = rng.choice(n, size=min(cfg.noise_subset, n), replace=False)
-    Xs, ys = Xtr[sub], ytr[sub]
+    rng = np.random.default_rng(cfg.seed + 7919)     # the noise subsets (large training sets only)
 
     if cfg.bs_schedule:
         bs = mg.BatchSizeSchedule(B, {int(e): int(b) for e, b in cfg.bs_schedule})
     else:
         bs = B
     spe = -(-n // B)
-    eval_every = max(1, min(MAX_EVAL_INTERVAL, spe // max(1, cfg.evals_per_epoch)))
     epochs = max(cfg.max_epochs, math.ceil(cfg.min_steps / spe))
     target_metric = cfg.target_metric
     if ds.task != "classification" and "accuracy" in target_metric:
         raise ValueError(f"target_metric: expected 'val_loss' (with a loss target) for the regression "
                          f"dataset {cfg.data.name!r}, got {target_metric!r}")
 
-    noise = _noise_record(0, 0, model, Xs, ys)
-    next_noise = [1]
+    noise = []
 
-    class NoiseProbe:
-        def on_eval(self, m, rec):
-            if rec["step"] >= next_noise[0]:
-                noise.extend(_noise_record(rec["step"], rec["examples"], m, Xs, ys))
-                next_noise[0] = 2 * rec["step"]
-            return False
+    def noise_at(where, step, examples):
+        r = measure_noise(model, Xtr, ytr, rng, cfg)
+        if r is not None:
+            noise.append({"step": step, "examples": examples, "where": where, **r})
 
+    noise_at("start", 0, 0)
+    snap_cap = max(32, SNAPSHOT_BYTES // max(1, model.params.nbytes))
+    ev = _Evaluator(Xva, yva, target_metric, cfg.target, cfg.eval_rel_step, snap_cap)
     diverged = False
     try:
         hist = mg.fit(model, Xtr, ytr, batch_size=bs, epochs=epochs, optimizer=_optimizer(cfg),
-                      sampler=cfg.sampler, drop_last=cfg.drop_last, validation=(Xva, yva), eval_every=eval_every,
-                      eval_train=False, target={target_metric: cfg.target}, seed=cfg.seed,
-                      callbacks=[NoiseProbe()])
+                      sampler=cfg.sampler, drop_last=cfg.drop_last, seed=cfg.seed, callbacks=[ev])
     except mg.DivergenceError as err:
         diverged = True
         hist = err.history
         model.params[...] = err.params
-    if not noise or noise[-1]["step"] != hist.n_steps:
-        noise.extend(_noise_record(hist.n_steps, int(hist.column("examples")[-1]) if hist.n_steps else 0,
-                                   model, Xs, ys))
-    train = model.evaluate(Xtr, ytr)
-    val = model.evaluate(Xva, yva)
+    diverged = diverged or ev.overflowed
     steps = hist.n_steps
+    reached = ev.reached_at is not None
+    final_step = ev.curve[ev.reached_at]["step"] if reached else steps
+    final_examples = int(hist.row(final_step - 1)["examples"]) if final_step else 0
+    # the noise scale along the run, at the parameters of the evaluation nearest each point:
+    # the middle of training (half the steps to the target, or of the whole run) and a few
+    # more for the curve; then at the target (the current parameters), or the end
+    end_params = model.params.copy()
+    for where, frac in (("mid", 0.5), ("curve", 0.125), ("curve", 0.25), ("curve", 0.75)):
+        snap = ev.snapshot_near(frac * final_step)
+        if snap is None or snap[0] >= final_step or any(p["step"] == snap[0] for p in noise):
+            continue
+        model.params[...] = snap[2]
+        noise_at(where, snap[0], snap[1])
+    model.params[...] = end_params
+    noise_at("target" if reached else "end", final_step, final_examples)
+    if not any(p["where"] == "mid" for p in noise):     # a run too short to have one apart from the ends
+        mids = [p for p in noise if p["where"] != "start"] or noise
+        if mids:
+            noise.append({**min(mids, key=lambda p: abs(p["step"] - final_step / 2)), "where": "mid"})
+    noise.sort(key=lambda p: (p["step"], p["where"] != "start"))
+    s_interp, e_interp, bracket = ev.interpolated()
+    nan = {"loss": math.nan, **({"accuracy": math.nan} if ds.task == "classification" else {})}
+    train = _evaluate(model, Xtr, ytr) or nan
+    val = _evaluate(model, Xva, yva) or nan
     train_time = float(hist.column("time")[-1]) if steps else 0.0
     examples = int(hist.column("examples")[-1]) if steps else 0
     # Per-step durations.  Every step at one batch size does the same work, so the median
@@ -159,10 +271,9 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         robust[sel] = np.median(step_s[sel])
     med_step = float(np.median(step_s[sizes_run == B])) if np.any(sizes_run == B) else (
         float(np.median(step_s)) if steps else None)
-    reached_steps = hist.steps_to_target
+    reached_steps = final_step if reached else None
     robust_total = float(robust.sum())
-    curve = [{k: ev.get(k) for k in ("step", "examples", "time", "val_loss", "val_accuracy")}
-             for ev in hist.evals]
+    curve = ev.curve
     # memory a training step at this batch size needs: its workspace (activations, deltas)
     # + parameters + gradient + optimizer state (momentum / Adam moments)
     from minigd.kernels.workspace import Workspace
@@ -170,12 +281,20 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     state_bytes = 2 * model.params.nbytes + _optimizer(cfg).init(model.params).state.nbytes
     res = {
         "status": "ok",
-        "reached": bool(hist.reached),
+        "reached": reached,
         "diverged": diverged,
+        # the first evaluation that met the target (evaluations every step for the first 50,
+        # then whenever the step count grew by eval_rel_step) ...
         "steps_to_target": reached_steps,
-        "examples_to_target": hist.examples_to_target,
-        "time_to_target": float(robust[:reached_steps].sum()) if hist.reached else None,
-        "time_to_target_measured": hist.time_to_target,
+        "examples_to_target": final_examples if reached else None,
+        # ... and interpolated in the metric between it and the evaluation before it
+        "steps_to_target_interp": s_interp,
+        "examples_to_target_interp": e_interp,
+        "eval_bracket": bracket,
+        "n_evals": len(ev.curve),
+        # in-trial timings (the study's wall time to target comes from its throughput probe)
+        "time_to_target": float(robust[:reached_steps].sum()) if reached else None,
+        "time_to_target_measured": float(hist.row(reached_steps - 1)["time"]) if reached else None,
         "steps": steps, "examples": examples, "epochs": examples / n,
         "train_time": train_time,
         "us_per_step": med_step * 1e6 if steps else None,
@@ -185,18 +304,27 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         "memory_bytes": ws_bytes + state_bytes,
         "final_train_loss": train["loss"], "final_val_loss": val["loss"],
         "final_train_accuracy": train.get("accuracy"), "final_val_accuracy": val.get("accuracy"),
-        "best_val_accuracy": max((ev["val_accuracy"] for ev in hist.evals if "val_accuracy" in ev), default=None),
+        "best_val_accuracy": max((e["val_accuracy"] for e in ev.curve if "val_accuracy" in e), default=None),
         "target_metric": target_metric, "target": cfg.target,
         "gen_gap_loss": val["loss"] - train["loss"],
         "gen_gap_accuracy": (train["accuracy"] - val["accuracy"]) if "accuracy" in train else None,
         "batch_size": B, "n_train": n, "n_params": model.n_params,
-        "noise": noise, "curve": curve[-400:],
+        "noise": noise, "curve": _thin(curve, 400),
         "host": platform.node(), "pid": os.getpid(),
         # the threads the timings were taken with (pool workers and --workers 1: 1 and 1)
         **thread_counts(),
         "wall_time": time.perf_counter() - t_wall,
     }
+    res["epochs_budget"] = epochs
     for k, v in list(res.items()):
         if isinstance(v, float) and not math.isfinite(v):
             res[k] = None
     return res
+
+
+def _thin(curve: list, cap: int) -> list:
+    """At most ``cap`` points of an evaluation curve, evenly by index, the last one kept."""
+    if len(curve) <= cap:
+        return curve
+    idx = np.unique(np.linspace(0, len(curve) - 1, cap).round().astype(int))
+    return [curve[i] for i in idx]
