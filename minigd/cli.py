@@ -137,27 +137,55 @@ def _data_spec(args):
 
 
 def _print_answers(analysis, report_dir) -> None:
+    """Print each architecture's headline numbers with their 90% bootstrap intervals and win
+    rates, then the report's path, and end with the recommendation paragraph."""
+    from minigd.study.analysis import fmt_duration, fmt_interval
+
+    def count(v):
+        return "not measured" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
+
+    def batch(v):
+        return "not measured" if v is None else str(int(v)) if float(v).is_integer() else f"{v:g}"
+
     for arch in analysis["architectures"]:
-        a = arch["answers"]
+        a = arch.get("answers") or {}
+        h = arch.get("headline") or {}
         tgt = f"{arch['target_metric']} {'>=' if 'accuracy' in (arch['target_metric'] or '') else '<='} {arch['target']}"
         norm = f", {arch['norm']}" if arch.get("norm") else ""
         print(f"\nMLP {arch['sizes']} ({arch['activation']}, {arch['optimizer']}{norm}), target {tgt}:")
-        def show(label, key, unit=""):
-            v = a.get(key)
-            print(f"  {label:<44} {('%.4g' % v if isinstance(v, float) else v) if v is not None else 'not measured'}{unit}")
-        show("fastest batch size (wall time to target)", "fastest_wall_time")
-        show("fewest examples to target", "fewest_examples")
-        show("highest goodput (throughput x efficiency)", "max_goodput")
-        show("smallest reasonable batch size", "smallest_reasonable")
-        show("critical batch size (steps/examples fit)", "critical_batch_size_fit")
+
+        def show(label, key, extra=None, fmt=count, tail=""):
+            d = h.get(key) if isinstance(h.get(key), dict) else {"value": a.get(key)}
+            s = fmt_interval(d, fmt) if d.get("value") is not None else "not measured"
+            if d.get("value") is not None and d.get("wins") is not None:
+                s += f", wins {100 * d['wins']:.0f}% of resamples"
+            if extra and isinstance(h.get(extra[0]), dict) and h[extra[0]].get("value") is not None:
+                s += f"; {fmt_interval(h[extra[0]], extra[1])}{extra[2]}"
+            print(f"  {label:<44} {s}{tail}")
+
+        show("fastest batch size (wall time to target)", "fastest_wall_time", fmt=batch, extra=("time_to_target", fmt_duration, ""))
+        show("fewest examples to target", "fewest_examples", fmt=batch, extra=("examples_to_target", count, " examples"))
+        show("fewest steps to target", "fewest_steps", fmt=batch, extra=("steps_to_target", count, " steps"))
+        show("highest goodput (throughput x efficiency)", "max_goodput", fmt=batch)
+        show("smallest reasonable batch size", "smallest_reasonable", fmt=batch)
+        tuning = arch.get("b_crit_tuning")
+        show("critical batch size (steps/examples fit)", "critical_batch_size_fit",
+             tail=f" ({tuning})" if tuning and tuning != "tuned" and a.get("critical_batch_size_fit") is not None else "")
         show("gradient noise scale B_simple (mid-run)", "critical_batch_size_noise")
-        show("best final validation (batch size)", "best_final_validation")
+        show("gradient noise scale B_simple (at target)", "noise_scale_target")
+        show("best final validation (batch size)", "best_final_validation", fmt=batch)
+        n = (arch.get("bootstrap") or {}).get("resamples")
+        if n:
+            print(f"  [lo, hi]: 90% bootstrap interval over {n:,} resamples of the seeds and timings")
         for w in arch.get("warnings", []):
             print(f"  note: {w}")
     if analysis["n_failed"]:
         print(f"\n{analysis['n_failed']} trial(s) failed; see the report's appendix.")
     if report_dir:
-        print(f"\nReport: {os.path.join(report_dir, 'summary.md')} (and summary.html, *.png)")
+        print(f"\nReport: {os.path.join(report_dir, 'summary.md')} (and summary.html, summary.json, *.png)")
+    rec = analysis.get("recommendation") or {}
+    if rec.get("text"):
+        print(f"\nRecommendation: {rec['text']}")
 
 
 def _check_study_args(args, parser) -> None:

@@ -1,4 +1,6 @@
-"""Reports of a batch-size study: figures (PNG), ``summary.md`` and ``summary.html``.
+"""Reports of a batch-size study: figures (PNG), ``summary.md``, ``summary.html`` and
+``summary.json`` (the recommendation and every headline number as ``{"value", "lo", "hi",
+"wins"}``; see the README, "What the study answers: summary.json").
 
 >>> from minigd.study.analysis import analyze            # doctest: +SKIP
 >>> from minigd.report import write_report               # doctest: +SKIP
@@ -8,7 +10,7 @@ Needs matplotlib (``pip install 'minigd[study]'``); it is imported only when a r
 drawn, with the Agg backend.
 """
 from .plots import PLOT_FILES, PlotResult, make_plots
-from .summary import build_blocks, render_html, render_markdown, write_report
+from .summary import HEADLINE_KEYS, build_blocks, render_html, render_markdown, summary_json, write_report
 
 __all__ = ["write_report", "make_plots", "PlotResult", "PLOT_FILES", "build_blocks",
-           "render_markdown", "render_html"]
+           "render_markdown", "render_html", "summary_json", "HEADLINE_KEYS"]

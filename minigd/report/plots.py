@@ -8,7 +8,10 @@ the error, so a report is always complete.  Files are written atomically (a temp
 in the same directory, then :func:`os.replace`), so a reader never sees half a PNG.
 
 Conventions: batch size on a log2 axis; with several architectures in the analysis, one
-series (one colour) per architecture.
+series (one colour) per architecture.  Error bars are the analysis's 90% bootstrap
+intervals.  A batch size that did not reach the target is drawn apart (a hollow triangle
+along the top of the axes, its own legend entry); one whose best learning rate was at the
+edge of those tried ("LR not tuned", left out of the trade-off fit) as a hollow square.
 """
 from __future__ import annotations
 
@@ -125,6 +128,50 @@ def b_crit_of(arch):
     if not isinstance(fit, dict) or "error" in fit:
         return None
     return _pos(fit.get("b_crit"))
+
+
+def b_crit_label(arch) -> str:
+    """"B_crit (fit)", or "B_crit (fit, untuned (sqrt rule))" where the learning rate was a rule."""
+    t = arch.get("b_crit_tuning")
+    return "B_crit (fit)" if not t or t == "tuned" else f"B_crit (fit, {t})"
+
+
+def _not_reached(arch):
+    """Batch sizes that did not reach the target (median over seeds at their best rate)."""
+    return [float(r["batch_size"]) for r in rows_of(arch) if r.get("reached") is False]
+
+
+def _err(arch, key, xs):
+    """Asymmetric error bars (2, n) for the points ``xs`` from the rows' ``intervals[key]``,
+    or None without intervals."""
+    import numpy as np
+
+    by_b = {float(r["batch_size"]): r for r in rows_of(arch)}
+    lo, hi, any_iv = [], [], False
+    for x in xs:
+        r = by_b.get(x) or {}
+        iv = (r.get("intervals") or {}).get(key) if isinstance(r.get("intervals"), dict) else None
+        v = _pos(r.get(key))
+        a = _pos(iv.get("lo")) if isinstance(iv, dict) else None
+        b = _pos(iv.get("hi")) if isinstance(iv, dict) else None
+        if v is None or a is None or b is None:
+            lo.append(0.0)
+            hi.append(0.0)
+            continue
+        any_iv = True
+        lo.append(max(0.0, v - a))
+        hi.append(max(0.0, b - v))
+    return np.array([lo, hi]) if any_iv else None
+
+
+def _mark_apart(ax, arch, colour, pre, ys_all):
+    """Batch sizes that did not reach the target, as hollow triangles along the top."""
+    nr = _not_reached(arch)
+    if not nr or not ys_all:
+        return
+    top = max(ys_all) * 1.6
+    ax.plot(nr, [top] * len(nr), "^", ms=8, mfc="none", mec=colour, mew=1.5, ls="none",
+            label=f"{pre}did not reach the target")
 
 
 def b_simple_of(arch):
@@ -339,7 +386,18 @@ def plot_steps_examples(analysis, path) -> None:
         ):
             xs, ys = _series(arch, key)
             if xs:
-                ax.plot(xs, ys, "o", color=colour, ms=6, label=f"{pre}measured (median over seeds)")
+                edge = {float(r["batch_size"]) for r in rows_of(arch) if r.get("lr_edge")}
+                pts_in = [(x, y) for x, y in zip(xs, ys) if x not in edge]
+                pts_out = [(x, y) for x, y in zip(xs, ys) if x in edge]
+                if pts_in:
+                    px, py = zip(*pts_in)
+                    ax.errorbar(px, py, yerr=_err(arch, key, px), fmt="o", color=colour, ms=6, capsize=2,
+                                elinewidth=1, label=f"{pre}measured (median over seeds, 90% interval)")
+                if pts_out:
+                    px, py = zip(*pts_out)
+                    ax.errorbar(px, py, yerr=_err(arch, key, px), fmt="s", color=colour, mfc="none", ms=7,
+                                capsize=2, elinewidth=1, label=f"{pre}LR not tuned (best at the edge; out of the fit)")
+                _mark_apart(ax, arch, colour, pre, ys)
                 for r in rows_of(arch):
                     v = _pos(r.get(key))
                     if r.get("full_batch") and v is not None:
@@ -350,7 +408,12 @@ def plot_steps_examples(analysis, path) -> None:
                 ax.plot(grid, curve(grid), "-", color=colour, lw=1.5, alpha=0.85, label=f"{pre}fit {name}")
                 ax.axhline(fmin, color=colour, ls=(0, (1, 3)), lw=0.8, alpha=0.7)
             if _in_range(bc, lo, hi):
-                ax.axvline(bc, color=colour, ls="--", lw=1.2, label=f"{pre}B_crit (fit) ≈ {_fmt_g(bc)}")
+                ax.axvline(bc, color=colour, ls="--", lw=1.2, label=f"{pre}{b_crit_label(arch)} ≈ {_fmt_g(bc)}")
+                iv = (arch.get("headline") or {}).get("critical_batch_size_fit") or {}
+                a, b = _pos(iv.get("lo")), _pos(iv.get("hi"))
+                if a is not None and b is not None and b > a:
+                    ax.axvspan(max(a, lo), min(b, hi), color=colour, alpha=0.08, lw=0,
+                               label=f"{pre}B_crit 90% interval" if ax is ax_s else None)
             if _in_range(bs, lo, hi):
                 ax.axvline(bs, color=colour, ls=":", lw=1.6,
                            label=f"{pre}B_simple (noise scale, mid-training) ≈ {_fmt_g(bs)}")
@@ -383,13 +446,23 @@ def plot_time_to_target(analysis, path) -> None:
         xs, ys = _series(arch, "time_to_target")
         if not xs:
             continue
-        ax.plot(xs, ys, "o-", color=colour, ms=5, lw=1.2, label=f"{pre}measured (median over seeds)")
+        ax.errorbar(xs, ys, yerr=_err(arch, "time_to_target", xs), fmt="o-", color=colour, ms=5, lw=1.2,
+                    capsize=2, elinewidth=1, label=f"{pre}steps to target × step time (90% interval)")
+        in_trial = [(x, y) for x, y in zip(xs, ys) if next((r.get("timing") for r in rows_of(arch)
+                                                           if float(r["batch_size"]) == x), None) == "in-trial"]
+        if in_trial and len(in_trial) < len(xs):
+            px, py = zip(*in_trial)
+            ax.plot(px, py, "D", ms=8, mfc="none", mec=colour, mew=1.2, ls="none",
+                    label=f"{pre}step time from the trials (no probe)")
+        _mark_apart(ax, arch, colour, pre, ys)
         by_b = dict(zip(xs, ys))
         ans = arch.get("answers") or {}
         fb, rb = _pos(ans.get("fastest_wall_time")), _pos(ans.get("smallest_reasonable"))
+        wins = ((arch.get("headline") or {}).get("fastest_wall_time") or {}).get("wins")
         if fb in by_b:
             ax.plot([fb], [by_b[fb]], "*", color=colour, ms=18, mec="black",
-                    label=f"{pre}fastest: B = {_fmt_g(fb)} ({by_b[fb]:.3g} s)")
+                    label=f"{pre}fastest: B = {_fmt_g(fb)} ({by_b[fb]:.3g} s"
+                          + (f"; wins {100 * wins:.0f}% of resamples)" if isinstance(wins, (int, float)) else ")"))
             ax.axhline(factor * by_b[fb], color=colour, ls="--", lw=0.9, alpha=0.7,
                        label=f"{pre}{factor:g} × fastest time (the 'reasonable' bound)")
         if rb in by_b:
@@ -473,6 +546,11 @@ def plot_best_lr(analysis, path) -> None:
             continue
         ys_all += ys
         ax.plot(xs, ys, "o-", color=colour, ms=6, lw=1.4, label=f"{pre}best learning rate (fewest steps)")
+        edge = [(float(r["batch_size"]), _pos(r.get("best_lr"))) for r in rows_of(arch) if r.get("lr_edge")]
+        edge = [(x, y) for x, y in edge if y is not None]
+        if edge:
+            ax.plot(*zip(*edge), "s", ms=11, mfc="none", mec="red", mew=1.5, ls="none",
+                    label=f"{pre}LR not tuned (best at the edge of those tried)")
         b0, lr0 = xs[0], ys[0]
         ax.plot(grid, lr0 * grid / b0, "--", color=colour, lw=1, alpha=0.8, label=f"{pre}linear scaling ∝ B")
         ax.plot(grid, lr0 * np.sqrt(grid / b0), ":", color=colour, lw=1.4, alpha=0.9, label=f"{pre}sqrt scaling ∝ √B")
@@ -587,7 +665,8 @@ def plot_noise_scale(analysis, path, max_curves: int = 6) -> None:
             ax.plot(xs, ys, "o-", color=colour, ms=3.5, lw=1.3, label=f"B = {_fmt_g(b)}")
         bc = b_crit_of(arch)
         if bc is not None:
-            ax.axhline(bc, color="black", ls="--", lw=1, label=f"B_crit (trade-off fit) ≈ {_fmt_g(bc)}")
+            ax.axhline(bc, color="black", ls="--", lw=1,
+                       label=f"{b_crit_label(arch).replace('(fit', '(trade-off fit')} ≈ {_fmt_g(bc)}")
         bs = b_simple_of(arch)
         if bs is not None:
             ax.axhline(bs, color="0.4", ls=":", lw=1.3, label=f"median B_simple mid-training ≈ {_fmt_g(bs)}")

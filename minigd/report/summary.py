@@ -1,9 +1,13 @@
-"""The written report of a batch-size study: ``summary.md`` and ``summary.html`` plus figures.
+"""The written report of a batch-size study: ``summary.md``, ``summary.html`` and
+``summary.json`` plus figures.
 
 :func:`write_report` turns the output of :func:`minigd.study.analysis.analyze` into plain
-answers with the numbers behind them (fastest batch size, fewest examples, critical batch
-size, smallest reasonable batch size, regimes, generalisation), a per-batch-size table,
-the figures of :mod:`minigd.report.plots` and an appendix (failed trials, the study spec).
+answers with the numbers behind them: it begins with the recommendation (the batch size to
+use, and why), then the answers (fastest batch size, fewest examples, critical batch size,
+smallest reasonable batch size, regimes, generalisation) with their bootstrap intervals
+("12 ms [10 ms, 15 ms]": the 90% interval) and win rates, a per-batch-size table, the
+figures of :mod:`minigd.report.plots` and an appendix (failed trials, the study spec).
+``summary.json`` (:func:`summary_json`) holds the same answers for programs.
 Missing values are reported as "not reached" (a target no batch size met) or "not
 measured"; nothing in the analysis is required to be present.
 
@@ -33,7 +37,7 @@ from .plots import (
     uses_accuracy,
 )
 
-__all__ = ["write_report", "build_blocks", "render_markdown", "render_html"]
+__all__ = ["write_report", "build_blocks", "render_markdown", "render_html", "summary_json", "HEADLINE_KEYS"]
 
 NOT_REACHED = "not reached"
 NOT_MEASURED = "not measured"
@@ -178,6 +182,66 @@ def _spearman(xs, ys):
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+# --------------------------------------------------------------------------- intervals
+
+
+def _hl(arch, key):
+    """The headline number ``key`` of an architecture: ``{"value", "lo", "hi", "wins"}``, or None."""
+    d = (arch.get("headline") or {}).get(key) if isinstance(arch.get("headline"), dict) else None
+    return d if isinstance(d, dict) else None
+
+
+def _gi(x, missing=NOT_MEASURED) -> str:
+    """Like :func:`_g`, with an infinite value as "∞" (an interval unbounded above)."""
+    try:
+        if x is not None and math.isinf(float(x)):
+            return "∞" if float(x) > 0 else "-∞"
+    except (TypeError, ValueError):
+        pass
+    return _g(x, missing)
+
+
+def _iv(d, fmt=_gi) -> str:
+    """" [lo, hi]" of an interval dict (the bootstrap's 90% interval); "" without one or
+    when it has no spread."""
+    if not isinstance(d, dict) or d.get("lo") is None or d.get("hi") is None:
+        return ""
+    if d["lo"] == d["hi"] == d.get("value") or (fnum(d["lo"]) is None and fnum(d["hi"]) is None):
+        return ""
+    return f" [{fmt(d['lo'])}, {fmt(d['hi'])}]"
+
+
+def _with_iv(d, fmt=_gi, missing=NOT_MEASURED) -> str:
+    """"value [lo, hi]" of an interval dict."""
+    if not isinstance(d, dict) or d.get("value") is None:
+        return missing
+    return fmt(d["value"]) + _iv(d, fmt)
+
+
+def _resamples(arch):
+    b = arch.get("bootstrap") if isinstance(arch.get("bootstrap"), dict) else {}
+    n = b.get("resamples")
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _wins(arch, d, what) -> str:
+    """"; fastest in 87% of 4,000 bootstrap resamples (90% interval: batch 32–64)" or ""."""
+    n = _resamples(arch)
+    if not isinstance(d, dict) or d.get("wins") is None or n is None:
+        return ""
+    s = f"; {what} in {100 * d['wins']:.0f}% of {n:,} bootstrap resamples"
+    if d.get("lo") is not None and d.get("hi") is not None and d["lo"] != d["hi"]:
+        s += f" (90% interval: batch {_batch(d['lo'])}–{_batch(d['hi'])})"
+    return s
+
+
+def _rec_text(rec) -> str:
+    if isinstance(rec, dict) and rec.get("text"):
+        return "**Recommendation:** " + str(rec["text"])
+    return ("**Recommendation:** none — this analysis carries no recommendation (it needs at least one batch size "
+            "that reached the target with a measured step time).")
+
+
 # --------------------------------------------------------------------------- answers
 
 
@@ -206,7 +270,11 @@ def answer_fastest(arch) -> str:
         ratio = float(x["time_to_target"]) / float(r["time_to_target"]) if float(r["time_to_target"]) > 0 else None
         tail = (f"; runner-up batch {_batch(x['batch_size'], x)} ({_dur(x['time_to_target'])}"
                 + (f", {ratio:.2f}× slower" if ratio is not None else "") + ")")
-    return head + f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}; {_steps_ex_time(r)}{tail})."
+    t_iv = _iv(_hl(arch, "time_to_target"), _dur)
+    wins = _wins(arch, _hl(arch, "fastest_wall_time"), "fastest")
+    timing = "" if r.get("timing") != "in-trial" else "; step time from the trials themselves (no probe)"
+    return head + (f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}{t_iv}{wins}; {_steps_ex_time(r)}"
+                   f"{timing}{tail}).")
 
 
 def answer_fewest_examples(arch) -> str:
@@ -218,7 +286,9 @@ def answer_fewest_examples(arch) -> str:
     fit = arch.get("tradeoff_fit") or {}
     e_min = fnum(fit.get("e_min")) if isinstance(fit, dict) else None
     tail = f"; the fitted minimum is E_min ≈ {_g(e_min)} examples as B → 0" if e_min else ""
-    return head + (f"batch {_batch(b, r)} ({_count(r['examples_to_target'])} examples, "
+    e_iv = _iv(_hl(arch, "examples_to_target"), _count)
+    wins = _wins(arch, _hl(arch, "fewest_examples"), "fewest")
+    return head + (f"batch {_batch(b, r)} ({_count(r['examples_to_target'])} examples{e_iv}{wins}, "
                    f"{_count(r.get('steps_to_target'))} steps, {_dur(r.get('time_to_target'))}{tail}).")
 
 
@@ -231,7 +301,9 @@ def answer_fewest_steps(arch) -> str:
     fit = arch.get("tradeoff_fit") or {}
     s_min = fnum(fit.get("s_min")) if isinstance(fit, dict) else None
     tail = f"; the fitted minimum is S_min ≈ {_g(s_min)} steps as B → ∞" if s_min else ""
-    return head + (f"batch {_batch(b, r)} ({_count(r['steps_to_target'])} steps, "
+    s_iv = _iv(_hl(arch, "steps_to_target"), _count)
+    wins = _wins(arch, _hl(arch, "fewest_steps"), "fewest")
+    return head + (f"batch {_batch(b, r)} ({_count(r['steps_to_target'])} steps{s_iv}{wins}, "
                    f"{_count(r.get('examples_to_target'))} examples, {_dur(r.get('time_to_target'))}{tail}).")
 
 
@@ -250,8 +322,10 @@ def answer_critical(arch) -> str:
     elif "error" in fit:
         fit_s = f"{NOT_MEASURED} — the steps/examples trade-off fit failed ({fit['error']})"
     elif bc_raw is not None and bc_raw > 0:
+        bc_iv = _iv(_hl(arch, "critical_batch_size_fit"))
         fit_s = (f"≈ {_g(bc_raw)} from the fitted steps/examples trade-off "
-                 f"(S_min = {_g(fit.get('s_min'))} steps, E_min = {_g(fit.get('e_min'))} examples, "
+                 f"({'90% bootstrap interval' + bc_iv + '; ' if bc_iv else ''}"
+                 f"S_min = {_g(fit.get('s_min'))} steps, E_min = {_g(fit.get('e_min'))} examples, "
                  f"B_crit = E_min/S_min; log-residual {_g(fit.get('residual'))})")
     elif isinstance(bc_val, (int, float)) and math.isinf(bc_val) and bc_val > 0:
         fit_s = (f"above the largest batch size swept ({_batch(bmax)}): steps kept halving with every doubling, "
@@ -261,12 +335,24 @@ def answer_critical(arch) -> str:
                  f"batch size, so the trade-off fit cannot resolve it")
     else:
         fit_s = f"{NOT_MEASURED} (the fit returned no usable value)"
+    tuning = arch.get("b_crit_tuning")
+    if isinstance(fit, dict) and "error" not in fit and tuning and tuning != "tuned":
+        fit_s += (f" — **{tuning}**: the learning rate was not tuned per batch size, as the trade-off "
+                  f"assumes, so this B_crit is that of the rule, not of the model")
+    out_of_fit = [_batch(r["batch_size"]) for r in rows if r.get("lr_edge") and r.get("reached", True)]
+    if out_of_fit:
+        fit_s += (f"; batch{'es' if len(out_of_fit) > 1 else ''} {', '.join(out_of_fit)} left out of the fit "
+                  f"(LR not tuned: best learning rate at the edge of those tried)")
     ns = arch.get("noise_scale") or {}
     mid = b_simple_of(arch)
     if mid is not None:
         extra = [f"{w} ≈ {_g(ns.get(w))}" for w in ("start", "end") if fnum(ns.get(w)) is not None]
-        noise_s = (f"the gradient noise scale B_simple measured mid-training is ≈ {_g(mid)}"
+        mid_iv = _iv(_hl(arch, "critical_batch_size_noise"))
+        noise_s = (f"the gradient noise scale B_simple measured mid-training is ≈ {_g(mid)}{mid_iv}"
                    + (f" ({', '.join(extra)})" if extra else ""))
+        tgt = _hl(arch, "noise_scale_target")
+        if tgt is not None and tgt.get("value") is not None:
+            noise_s += f", at the target ≈ {_with_iv(tgt)}"
     else:
         noise_s = f"the gradient noise scale B_simple was {NOT_MEASURED}"
     bc = b_crit_of(arch)
@@ -283,8 +369,11 @@ def answer_goodput(arch) -> str:
     r = _row(arch, b)
     if r is None or fnum(r.get("goodput")) is None:
         return head + f"{NOT_MEASURED} (it needs the throughput and the gradient noise scale)."
+    wins = _wins(arch, _hl(arch, "max_goodput"), "highest")
+    src = {"probe": "; throughput from the throughput probe", "in-trial": "; throughput from the trials' own "
+           "step times (no probe)"}.get(r.get("timing"), "")
     return head + (f"batch {_batch(b, r)} ({_rate(r.get('throughput'))} × efficiency "
-                   f"{_g(r.get('statistical_efficiency'))} = {_rate(r.get('goodput'))}).")
+                   f"{_g(r.get('statistical_efficiency'))} = {_rate(r.get('goodput'))}{wins}{src}).")
 
 
 def answer_reasonable(arch) -> str:
@@ -300,8 +389,10 @@ def answer_reasonable(arch) -> str:
     best = fnum(fast.get("time_to_target")) if fast else None
     ratio = float(r["time_to_target"]) / best if best else None
     ctx = (f"; the fastest, batch {_batch(fast['batch_size'], fast)}, took {_dur(best)}" if best is not None else "")
-    return head + (f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}"
-                   + (f", {ratio:.2f}× the fastest" if ratio is not None else "") + f"{ctx}) {definition}.")
+    wins = _wins(arch, _hl(arch, "smallest_reasonable"), "the smallest reasonable")
+    t_iv = _iv((r.get("intervals") or {}).get("time_to_target") if isinstance(r.get("intervals"), dict) else None, _dur)
+    return head + (f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}{t_iv}"
+                   + (f", {ratio:.2f}× the fastest" if ratio is not None else "") + f"{ctx}{wins}) {definition}.")
 
 
 def answer_regimes(arch) -> str:
@@ -314,7 +405,8 @@ def answer_regimes(arch) -> str:
                        f"(perfect scaling up to B_crit/{1 / perfect:g}, no benefit from {no_benefit:g}·B_crit).")
     groups = {}
     for r in rows:
-        groups.setdefault(r.get("regime") or "unknown", []).append(_batch(r["batch_size"]))
+        name = "did not reach the target" if r.get("reached") is False else (r.get("regime") or "unknown")
+        groups.setdefault(name, []).append(_batch(r["batch_size"]))
 
     def measured(name):
         bs = groups.get(name)
@@ -326,7 +418,11 @@ def answer_regimes(arch) -> str:
     return head + (f"perfect scaling up to B ≈ {_g(lo)} (= B_crit/{1 / perfect:g}; measured: {measured('perfect scaling')}), "
                    f"diminishing returns between ≈ {_g(lo)} and ≈ {_g(hi)} ({measured('diminishing returns')}), "
                    f"no benefit from B ≈ {_g(hi)} (= {no_benefit:g}·B_crit; {measured('no benefit')}) — "
-                   f"the three regimes of Shallue et al. 2018 (arXiv:1811.03600), placed by the fitted B_crit ≈ {_g(bc)}.")
+                   f"the three regimes of Shallue et al. 2018 (arXiv:1811.03600), placed by the fitted B_crit ≈ {_g(bc)}"
+                   + (f"; {'batches' if len(groups['did not reach the target']) > 1 else 'batch'} "
+                      f"{', '.join(groups['did not reach the target'])} did not reach the target and "
+                      f"{'have' if len(groups['did not reach the target']) > 1 else 'has'} no regime"
+                      if groups.get("did not reach the target") else "") + ".")
 
 
 def answer_small_batch(arch, small=SMALL_BATCH) -> str:
@@ -416,10 +512,21 @@ def answer_generalisation(arch, acc) -> str:
 
 
 def batch_table(arch, acc):
-    headers = ["batch", "best lr", "reached", "steps", "examples", "time to target",
-               "final val " + ("acc" if acc else "loss"), "gen gap", "throughput", "memory", "regime"]
+    """One row per batch size: intervals in brackets (the bootstrap's 90% interval), win
+    rates as percentages of the resamples ("best lr wins": how often the same learning rate
+    was best; "fastest in": how often this batch size was the fastest)."""
+    headers = ["batch", "best lr", "best lr wins", "reached", "steps", "examples", "time to target", "fastest in",
+               "timing", "final val " + ("acc" if acc else "loss"), "gen gap", "throughput", "memory", "regime"]
     body = []
     for r in rows_of(arch):
+        iv = r.get("intervals") if isinstance(r.get("intervals"), dict) else {}
+        lr_iv = iv.get("best_lr") if isinstance(iv.get("best_lr"), dict) else {}
+        lr_wins = NOT_MEASURED if lr_iv.get("wins") is None else f"{100 * lr_iv['wins']:.0f}%"
+        best_lr = _lr(r.get("best_lr"))
+        if r.get("lr_edge"):
+            best_lr += f" (LR not tuned: {r['lr_edge']} edge)"
+        fastest = NOT_MEASURED if fnum(r.get("p_fastest")) is None else f"{100 * r['p_fastest']:.0f}%"
+        regime_s = ("did not reach the target" if r.get("reached") is False else r.get("regime") or "unknown")
         frac = fnum(r.get("reached_fraction"))
         seeds = r.get("seeds")
         reached = NOT_MEASURED if frac is None else (
@@ -430,10 +537,12 @@ def batch_table(arch, acc):
         else:
             val, gap = _g(r.get("final_val_loss")), r.get("gen_gap_loss")
             gap = NOT_MEASURED if fnum(gap) is None else f"{float(gap):+.3g}"
-        body.append([_batch(r["batch_size"], r), _lr(r.get("best_lr")), reached,
-                     _count(r.get("steps_to_target")), _count(r.get("examples_to_target")),
-                     _dur(r.get("time_to_target")), val, gap, _rate(r.get("throughput")),
-                     _mib(r.get("memory_bytes")), r.get("regime") or "unknown"])
+        body.append([_batch(r["batch_size"], r), best_lr, lr_wins, reached,
+                     _count(r.get("steps_to_target")) + _iv(iv.get("steps_to_target"), _count),
+                     _count(r.get("examples_to_target")) + _iv(iv.get("examples_to_target"), _count),
+                     _dur(r.get("time_to_target")) + _iv(iv.get("time_to_target"), _dur), fastest,
+                     r.get("timing") or NOT_MEASURED, val, gap, _rate(r.get("throughput")),
+                     _mib(r.get("memory_bytes")), regime_s])
     return headers, body
 
 
@@ -475,6 +584,9 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
     acc = uses_accuracy(archs)
     n_trials, n_failed = analysis.get("n_trials"), analysis.get("n_failed")
     blocks = [("h1", title)]
+    top = analysis.get("recommendation")
+    if archs or top:
+        blocks.append(("p", _rec_text(top)))
     intro = (f"{_count(n_trials, NOT_MEASURED)} trials, {_count(n_failed, NOT_MEASURED)} failed; "
              f"{len(archs)} architecture{'s' if len(archs) != 1 else ''}.")
     if archs:
@@ -490,6 +602,15 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
             blocks.append(("h2", f"Architecture {arch_label(arch)}"))
         else:
             blocks.append(("h2", f"Answers ({arch_label(arch)}, target {target_words(arch)})"))
+        if len(archs) > 1:
+            blocks.append(("p", _rec_text(arch.get("recommendation"))))
+        n = _resamples(arch)
+        if n:
+            blocks.append(("p", f"Numbers in brackets are 90% bootstrap intervals ({n:,} resamples of the seeds "
+                                f"within each batch size and learning rate, and of the timing rounds, re-running "
+                                f"the whole selection); percentages are how often a choice won across them."))
+        for w in arch.get("warnings") or []:
+            blocks.append(("p", f"Note: {w}."))
         blocks.append(("ul", [answer_fastest(arch), answer_fewest_examples(arch), answer_fewest_steps(arch),
                               answer_critical(arch), answer_reasonable(arch), answer_regimes(arch),
                               answer_small_batch(arch), answer_goodput(arch),
@@ -620,9 +741,129 @@ def render_html(blocks, title: str = "minigd batch-size study") -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------- summary.json
+
+#: the headline numbers of every architecture in summary.json, each {"value", "lo", "hi", "wins"}
+HEADLINE_KEYS = ("fastest_wall_time", "time_to_target", "fewest_examples", "examples_to_target", "fewest_steps",
+                 "steps_to_target", "critical_batch_size_fit", "s_min", "e_min", "critical_batch_size_noise",
+                 "noise_scale_target", "max_goodput", "smallest_reasonable")
+_RECOMMENDATION_KEYS = ("batch_size", "lo", "hi", "wins", "time_to_target", "fewest_examples",
+                        "examples_to_target", "critical_batch_size", "critical_batch_size_tuning",
+                        "noise_scale_target", "smallest_reasonable", "resolvable", "edge", "architecture", "text")
+SUMMARY_SCHEMA = 1
+
+
+def _plain(x):
+    """``x`` with numpy scalars as Python numbers and every non-finite float as None; a dict
+    that held an infinite value lists those keys under ``"unbounded"``."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        out, unbounded = {}, []
+        for k, v in x.items():
+            if isinstance(v, (float, np.floating)) and math.isinf(float(v)):
+                unbounded.append(str(k))
+            out[str(k)] = _plain(v)
+        if unbounded:
+            out["unbounded"] = unbounded
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if x is None or isinstance(x, str):
+        return x
+    return str(x)
+
+
+def _interval_of(d, fallback=None):
+    if isinstance(d, dict):
+        return {k: d.get(k) for k in ("value", "lo", "hi", "wins")}
+    return {"value": fallback, "lo": None, "hi": None, "wins": None}
+
+
+def _headline_of(arch) -> dict:
+    h = arch.get("headline") if isinstance(arch.get("headline"), dict) else {}
+    ans = arch.get("answers") if isinstance(arch.get("answers"), dict) else {}
+    return {k: _interval_of(h.get(k), ans.get(k)) for k in HEADLINE_KEYS}
+
+
+def _recommendation_of(rec) -> dict:
+    rec = rec if isinstance(rec, dict) else {}
+    out = {}
+    for k in _RECOMMENDATION_KEYS:
+        v = rec.get(k)
+        if k in ("time_to_target", "examples_to_target"):
+            v = {kk: (v or {}).get(kk) for kk in ("value", "lo", "hi")}
+        elif k in ("fewest_examples", "critical_batch_size", "noise_scale_target", "smallest_reasonable"):
+            v = _interval_of(v)
+        elif k == "resolvable":
+            v = bool(v)
+        elif k == "edge":
+            v = list(v or [])
+        elif k == "text" and not v:
+            v = _rec_text(None).replace("**Recommendation:** ", "")
+        out[k] = v
+    return out
+
+
+def summary_json(analysis: dict) -> dict:
+    """The machine-readable answer of a study (what ``summary.json`` holds; see the README,
+    "What the study answers: summary.json"): the recommendation, every architecture's
+    headline numbers as ``{"value", "lo", "hi", "wins"}``, and per batch size its best
+    learning rate, steps/examples/time to target with intervals and flags.  Non-finite
+    numbers become ``null`` (a dict that held an infinite one lists its keys under
+    ``"unbounded"``), so the file is strict JSON."""
+    analysis = analysis if isinstance(analysis, dict) else {}
+    archs = architectures(analysis)
+    entries = []
+    for a in archs:
+        per_b = []
+        for r in rows_of(a):
+            iv = r.get("intervals") if isinstance(r.get("intervals"), dict) else {}
+            per_b.append({
+                "batch_size": r.get("batch_size"), "full_batch": bool(r.get("full_batch")),
+                "reached": r.get("reached"), "status": r.get("status"),
+                "lr_tuned": r.get("lr_tuned"), "lr_edge": r.get("lr_edge"), "lrs_tried": r.get("lrs_tried"),
+                "in_fit": r.get("in_fit"), "timing": r.get("timing"), "regime": r.get("regime"),
+                "best_lr": _interval_of(iv.get("best_lr"), r.get("best_lr")),
+                **{k: _interval_of(iv.get(k), r.get(k)) for k in ("steps_to_target", "examples_to_target",
+                                                                   "time_to_target", "step_time_s")},
+                "fastest_wins": r.get("p_fastest"), "reached_wins": r.get("p_reached"),
+                "throughput": r.get("throughput"), "goodput": r.get("goodput"),
+                "memory_bytes": r.get("memory_bytes"),
+            })
+        fit = a.get("tradeoff_fit") if isinstance(a.get("tradeoff_fit"), dict) else None
+        entries.append({
+            "architecture": arch_label(a), "sizes": a.get("sizes"), "activation": a.get("activation"),
+            "optimizer": a.get("optimizer"), "norm": a.get("norm"), "target_metric": a.get("target_metric"),
+            "target": a.get("target"), "b_crit_tuning": a.get("b_crit_tuning"),
+            "headline": _headline_of(a), "recommendation": _recommendation_of(a.get("recommendation")),
+            "tradeoff_fit": fit, "per_batch": per_b, "warnings": list(a.get("warnings") or []),
+        })
+    rec = _recommendation_of(analysis.get("recommendation"))
+    top = next((e for e in entries if rec.get("architecture") and e["recommendation"].get("architecture")
+                == rec.get("architecture")), entries[0] if entries else None)
+    out = {
+        "schema": SUMMARY_SCHEMA,
+        "recommendation": rec,
+        "headline": top["headline"] if top else {k: _interval_of(None) for k in HEADLINE_KEYS},
+        "architectures": entries,
+        "questions": analysis.get("questions") if isinstance(analysis.get("questions"), dict) else {},
+        "bootstrap": analysis.get("bootstrap") if isinstance(analysis.get("bootstrap"), dict) else None,
+        "n_trials": analysis.get("n_trials"), "n_failed": analysis.get("n_failed"),
+    }
+    return _plain(out)
+
+
 def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size study",
                  spec: dict | None = None) -> list[str]:
-    """Write the figures, ``summary.md`` and ``summary.html`` of a study into ``out_dir``.
+    """Write the figures, ``summary.md``, ``summary.html`` and ``summary.json`` of a study
+    into ``out_dir``.
 
     Parameters
     ----------
@@ -639,8 +880,10 @@ def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size stu
     Returns
     -------
     list of str
-        The paths written: the six PNG figures, then ``summary.md`` and ``summary.html``.
-        Every file is written atomically (temporary file, then :func:`os.replace`).
+        The paths written: the six PNG figures, then ``summary.md``, ``summary.html`` and
+        ``summary.json`` (:func:`summary_json`; written first, so it exists even when the
+        figures cannot be drawn).  Every file is written atomically (temporary file, then
+        :func:`os.replace`).
 
     Raises
     ------
@@ -649,8 +892,10 @@ def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size stu
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    js = atomic_write_text(os.path.join(out_dir, "summary.json"),
+                           json.dumps(summary_json(analysis), indent=1, allow_nan=False) + "\n")
     plots = make_plots(analysis if isinstance(analysis, dict) else {}, out_dir)
     blocks = build_blocks(analysis, title=title, spec=spec, plots=[(p.name, p.placeholder) for p in plots])
     md = atomic_write_text(os.path.join(out_dir, "summary.md"), render_markdown(blocks))
     page = atomic_write_text(os.path.join(out_dir, "summary.html"), render_html(blocks, title))
-    return [p.path for p in plots] + [md, page]
+    return [p.path for p in plots] + [md, page, js]
