@@ -213,7 +213,12 @@ def _check_study_args(args, parser) -> None:
     real("--val-fraction", args.val_fraction, 0, 1, True, True, "a fraction in (0, 1)")
     if args.data_seed < 0:
         bad("--data-seed", "an integer >= 0", args.data_seed)
-    ints("--seeds", args.seeds, 0, "integers >= 0")
+    if args.seeds is not None:
+        ints("--seeds", args.seeds, 0, "integers >= 0")
+    if args.n_seeds < 1:
+        bad("--n-seeds", "an integer >= 1", args.n_seeds)
+    if args.lr_extend < 0:
+        bad("--lr-extend", "an integer >= 0", args.lr_extend)
     ints("--widths", args.widths, 1, "hidden widths >= 1")
     ints("--depths", args.depths, 0, "numbers of hidden layers >= 0")
     ints("--batch-sizes", args.batch_sizes or (1,), 1, "batch sizes >= 1 or 'full'")   # () = the default
@@ -295,6 +300,31 @@ def _check_study_args(args, parser) -> None:
             ",".join(map(str, too_big)))
 
 
+def _compile_kernels() -> None:
+    """Compile (or load from Numba's on-disk cache) the CPU kernels here, once, before any
+    worker starts, saying so: the first run on a machine spends seconds compiling."""
+    from minigd.kernels import warmup
+
+    print("compiling kernels (first run only; cached after) ...", end=" ", flush=True)
+    t0 = time.perf_counter()
+    warmup(("float32",))
+    print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _objective_text(objective: str, r: dict) -> str:
+    v = r.get(objective)
+    if v is None:
+        return f"{objective}: not measured"
+    if objective == "time_to_target":
+        return (f"wall time to target {v * 1e3:.3g} ms (in-trial timing: the median step x the steps to "
+                f"target, {r.get('steps_to_target')} steps)")
+    if objective == "steps_to_target":
+        return f"{v:,} steps to target ({r.get('examples_to_target'):,} examples)"
+    if objective == "examples_to_target":
+        return f"{v:,} examples to target ({r.get('steps_to_target'):,} steps)"
+    return f"final validation loss {v:.4g}"
+
+
 def cmd_study(args) -> int:
     from minigd.study import SearchSpace, SweepSpec, TrialConfig, run_study, search
 
@@ -307,20 +337,34 @@ def cmd_study(args) -> int:
         space = SearchSpace(width_min=min(args.widths), width_max=max(args.widths),
                             depth_min=min(args.depths), depth_max=max(args.depths))
         from minigd.study.store import study_lock
+        from minigd.study.sweep import _progress
         with study_lock(args.out):
-            res = search(space, args.n_trials, os.path.join(args.out, "results.sqlite"), method=args.search,
-                         objective=args.objective, base=base, seed=args.seed, workers=args.workers,
-                         scheduler=args.scheduler)
+            if args.backend == "cpu" and args.scheduler is None:
+                _compile_kernels()
+            print(f"minigd study: {args.search} search, {args.n_trials} trials minimising {args.objective}, "
+                  f"results in {args.out}/results.sqlite")
+            bar = _progress(args.n_trials, not args.quiet)
+            try:
+                res = search(space, args.n_trials, os.path.join(args.out, "results.sqlite"), method=args.search,
+                             objective=args.objective, base=base, seed=args.seed, workers=args.workers,
+                             scheduler=args.scheduler, progress=(lambda c, r: bar.update(1)) if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
         if res["best"] is None:
             print(f"no trial reached the target ({args.objective} is inf for all {args.n_trials})")
             return 1
         cfg, r = res["best"]
-        print(f"best of {args.n_trials} ({args.search} search, minimising {args.objective}): "
-              f"batch {cfg['batch_size']}, lr {cfg['lr']:.4g}, momentum {cfg['momentum']:.3g}, "
-              f"sizes {cfg['sizes']} -> {args.objective} = {r.get(args.objective)}")
+        done = sum(v is not None for _, v in res["trials"])
+        print(f"best of {args.n_trials} ({args.search} search; {done} reached the target):\n"
+              f"  batch size {cfg['batch_size']}{' (full batch)' if cfg.get('full_batch') else ''}, "
+              f"learning rate {cfg['lr']:.4g}, momentum {cfg['momentum']:.3g}, "
+              f"hidden layers {list(cfg['sizes'][1:-1]) or 'none'}\n"
+              f"  {_objective_text(args.objective, r)}")
         return 0
     spec = SweepSpec(data=data, batch_sizes=args.batch_sizes, lr_policy=args.lr_policy, base_lr=args.base_lr,
-                     base_batch_size=args.base_batch_size, lr_grid=args.lr_grid, seeds=args.seeds,
+                     base_batch_size=args.base_batch_size, lr_grid=args.lr_grid, seeds=args.seeds or (),
+                     seed=args.seed, n_seeds=args.n_seeds, lr_extend=args.lr_extend,
                      widths=args.widths, depths=args.depths, activation=args.activation,
                      optimizer=args.optimizer, momentum=args.momentum, warmup_steps=args.warmup_steps,
                      bs_growth=args.bs_growth,
@@ -331,7 +375,7 @@ def cmd_study(args) -> int:
     print(f"minigd study: {args.data}, results in {args.out}/results.sqlite "
           f"(re-running resumes: only missing trials run)")
     out = run_study(spec, args.out, workers=args.workers, scheduler=args.scheduler,
-                    progress=not args.quiet, retry_failed=args.retry_failed)
+                    progress=not args.quiet, retry_failed=args.retry_failed, log=lambda line: print(line, flush=True))
     c = out["counts"]
     print(f"{c['total']} trials: {c['skipped']} already stored, {c['ran']} ran ({c['failed']} failed) "
           f"on the {c['executor']} executor in {time.perf_counter() - t0:.1f} s")
@@ -351,16 +395,23 @@ def cmd_report(args) -> int:
     with ResultStore(path) as store:
         rows = store.rows()
         spec = store.meta("spec")
+        study_keys = store.meta("study_keys")
+        probe = store.meta("throughput_probe")
+    seed = 0
     if spec:   # only the trials of the study recorded in the file (not an earlier one, nor searches)
         from minigd.study import SweepSpec
-        from minigd.study.trial import load_data
         sw = SweepSpec.from_dict(spec)
-        ds = load_data(sw.data, sw.dtype)
-        keys = {c.key for c in sw.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)}
+        seed = sw.seed
+        if isinstance(study_keys, list):    # the grid and its learning-rate extensions
+            keys = set(map(str, study_keys))
+        else:
+            from minigd.study.trial import load_data
+            ds = load_data(sw.data, sw.dtype)
+            keys = {c.key for c in sw.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)}
         rows = [(c, r) for c, r in rows if c.key in keys]
     if not rows:
         raise SystemExit(f"minigd report: {path} holds no trials yet")
-    analysis = analyze(rows)
+    analysis = analyze(rows, probe=probe if isinstance(probe, list) else None, seed=seed)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "report")
     write_report(analysis, out, spec=spec)
     _print_answers(analysis, out)
@@ -391,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure steps, examples and wall time to a target validation metric, throughput, "
                     "memory and the gradient noise scale, then fit the steps/examples trade-off and say "
                     "which batch size to use. With no options: a sensible sweep on scikit-learn's digits "
-                    "(252 trials, well under a minute on 2 cores). Results go to OUT/results.sqlite, one row per trial: an "
+                    "(12 batch sizes x 7 learning rates x 5 seeds, about a minute on 2 cores). Results go to OUT/results.sqlite, one row per trial: an "
                     "interrupted study resumes where it stopped. The report (plots + summary) goes to OUT/report.")
     g = st.add_argument_group("data")
     g.add_argument("--data", default="digits", help="digits | teacher_student | linear_regression | a .npz/.csv/IDX file")
@@ -406,9 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Shallue et al. 2018); linear/sqrt: scaling rule from --base-batch-size; fixed: --base-lr")
     g.add_argument("--base-lr", type=float, default=0.02, help="learning rate at --base-batch-size")
     g.add_argument("--base-batch-size", type=int, default=32)
-    g.add_argument("--lr-grid", type=_csv(float), default=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    g.add_argument("--lr-grid", type=_csv(float), default=(0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
                    help="multipliers of the sqrt-rule rate tried by --lr-policy tuned")
-    g.add_argument("--seeds", type=_csv(int), default=(0, 1, 2))
+    g.add_argument("--seeds", type=_csv(int), default=None,
+                   help="explicit trial seeds (default: --n-seeds seeds derived from --seed)")
+    g.add_argument("--n-seeds", type=int, default=5, help="trial seeds per (batch size, learning rate)")
+    g.add_argument("--lr-extend", type=int, default=3,
+                   help="--lr-policy tuned: where the best learning rate is at an edge of the grid, try "
+                        "the next factor of 2 past it, up to this many times")
     g.add_argument("--widths", type=_csv(int), default=(64,), help="hidden widths (1 allowed)")
     g.add_argument("--depths", type=_csv(int), default=(1,), help="numbers of hidden layers (0 = linear model)")
     g.add_argument("--activation", default="relu")
@@ -437,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-trials", type=int, default=30)
     g.add_argument("--objective", default="time_to_target",
                    choices=["time_to_target", "steps_to_target", "examples_to_target", "val_loss"])
-    g.add_argument("--seed", type=int, default=0, help="seed of the search")
+    g.add_argument("--seed", type=int, default=0,
+                   help="master seed of the study, grid or search: trial seeds (model initialisation, data "
+                        "order), the search's draws and the bootstrap of the intervals derive from it")
     g = st.add_argument_group("execution")
     g.add_argument("--out", default="minigd-study", help="output directory")
     g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per CPU; 1 = in-process)")

@@ -204,3 +204,27 @@ def test_study_lock_is_held_until_the_report_is_written(tmp_path, monkeypatch):
     spec = SweepSpec(batch_sizes=(256,), lr_grid=(1.0,), n_seeds=1, widths=(8,), max_epochs=2, lr_extend=0)
     run_study(spec, tmp_path, workers=1)
     assert seen
+
+
+@pytest.mark.parametrize("argv, flag", [(["--n-seeds", "0"], "--n-seeds"), (["--lr-extend", "-1"], "--lr-extend"),
+                                        (["--seed", "-2"], "--seed")])
+def test_cli_refuses_bad_seed_and_extension_flags(argv, flag, capsys, tmp_path):
+    from minigd.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--out", str(tmp_path / "s"), *argv])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_cli_search_prints_progress_and_the_best_configuration_by_name(capsys, tmp_path):
+    from minigd.cli import main
+
+    rc = main(["study", "--search", "random", "--n-trials", "2", "--workers", "1", "--max-epochs", "3",
+               "--target", "0.8", "--out", str(tmp_path / "s")])
+    out = capsys.readouterr()
+    assert rc in (0, 1)
+    assert "compiling kernels" in out.out
+    if rc == 0:
+        assert "batch size" in out.out and "learning rate" in out.out and "hidden layers" in out.out
+    assert "2/2" in out.err          # the bar: trials done / total
