@@ -12,7 +12,7 @@ in optional dependencies): :mod:`minigd.sklearn` (``MLPClassifier``, ``MLPRegres
 from . import gradstats, optim
 from .backends import available_backends
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .errors import BackendUnavailable, DegenerateModelWarning, DivergenceError
+from .errors import BackendUnavailable, CheckpointError, DegenerateModelWarning, DivergenceError
 from .gradstats import (BatchVarianceCurve, GradMoments, TwoBatchNoiseScale, grad_moments,
                         per_example_grad_norms, per_example_grads, variance_vs_batch_size)
 from .history import History
@@ -23,7 +23,7 @@ from .train import fit
 __version__ = "0.1.0"
 
 __all__ = ["MLP", "fit", "SGD", "Adam", "AdamW", "BatchSizeSchedule", "scale_lr", "History",
-           "DivergenceError", "DegenerateModelWarning", "BackendUnavailable", "available_backends", "optim",
+           "DivergenceError", "CheckpointError", "DegenerateModelWarning", "BackendUnavailable", "available_backends", "optim",
            "per_example_grads", "per_example_grad_norms", "grad_moments", "GradMoments",
            "TwoBatchNoiseScale", "variance_vs_batch_size", "BatchVarianceCurve", "gradstats",
            "save_checkpoint", "load_checkpoint", "Checkpoint"]

@@ -39,3 +39,123 @@ def atomic_write_text(path, text: str) -> str:
             f.flush()
             os.fsync(f.fileno())
     return os.fspath(path)
+
+
+# ============================================================================ reading hostile paths
+def _file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words."""
+    import stat
+
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def open_regular(path, what: str, error: type = ValueError):
+    """Open ``path`` for binary reading only if it is a regular file; returns
+    ``(file object, size in bytes)``.
+
+    ``/dev/zero``, a FIFO, a directory, a socket or a device is refused with ``error``
+    (``"<what>: expected a regular file, got '<path>' which is a FIFO (named pipe)"``)
+    before anything is read: it is checked with :func:`os.stat` before opening (opening
+    some devices has side effects) and again with :func:`os.fstat` on what was opened
+    (the path may have been swapped in between).  The open itself never blocks: it uses
+    ``O_NONBLOCK`` (a FIFO without a writer would otherwise hang ``open``).  A missing
+    file is :class:`FileNotFoundError`; other ``OSError`` (permissions) propagate.
+    """
+    import stat
+
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: expected an existing file, got {path!r} (no such file)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what}: expected a regular file, got {path!r} which is {_file_kind(st.st_mode)}")
+    flags = os.O_RDONLY
+    for name in ("O_NONBLOCK", "O_NOCTTY", "O_CLOEXEC", "O_BINARY"):
+        flags |= getattr(os, name, 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{what}: expected a regular file, got {path!r} which is {_file_kind(st.st_mode)}")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return f, st.st_size
+
+
+def read_regular(path, what: str, limit: int, error: type = ValueError) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`), refused with
+    ``error`` when it holds more than ``limit`` bytes (checked before reading, and while
+    reading: a file that grows is read no further than ``limit + 1`` bytes)."""
+    f, size = open_regular(path, what, error)
+    with f:
+        if size > limit:
+            raise error(f"{what}: expected a file of at most {limit} bytes, got {os.fspath(path)!r} "
+                        f"of {size} bytes")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{what}: expected a file of at most {limit} bytes, got {os.fspath(path)!r}, "
+                    f"which grew past that while being read")
+    return data
+
+
+class GzipError(ValueError):
+    """Damaged gzip data (:func:`gunzip_capped`); the message says what, without a path."""
+
+
+class GzipLimitError(GzipError):
+    """gzip data that decompresses to more than the cap (a decompression bomb?)."""
+
+
+def gunzip_capped(data: bytes, limit: int) -> bytes:
+    """Decompress gzip ``data`` (one member or several, concatenated; trailing NUL padding
+    allowed) into at most ``limit`` bytes.  A gzip bomb raises :class:`GzipLimitError` as
+    soon as the output passes ``limit``, without ever holding more than that (plus one
+    64 KiB input chunk); a truncated or damaged stream (CRC or length mismatch included:
+    zlib checks the gzip trailer) raises :class:`GzipError`.  Callers add the path."""
+    import zlib
+
+    chunk = 1 << 16
+    mv = memoryview(data)
+    n = len(data)
+    pos = 0
+    parts = []
+    total = 0
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            while not d.eof:
+                if d.unconsumed_tail:
+                    inp = d.unconsumed_tail
+                elif pos < n:
+                    inp = mv[pos:pos + chunk]
+                    pos += len(inp)
+                else:
+                    inp = b""
+                buf = d.decompress(inp, limit - total + 1)
+                total += len(buf)
+                if total > limit:
+                    raise GzipLimitError(f"it decompresses to more than {limit} bytes (refused there: "
+                                         f"a decompression bomb?)")
+                parts.append(buf)
+                if not buf and not len(inp):
+                    break
+        except zlib.error as exc:
+            raise GzipError(f"damaged gzip data ({exc})") from None
+        if not d.eof:
+            raise GzipError("truncated gzip data (the stream ends early)")
+        pos -= len(d.unused_data)
+        if pos >= n:
+            break
+        if data[pos:pos + 2] != b"\x1f\x8b":
+            if data.count(b"\0", pos) == n - pos:     # NUL padding after the last member
+                break
+            raise GzipError(f"{n - pos} trailing bytes after the gzip data that are not a gzip member")
+    return b"".join(parts)

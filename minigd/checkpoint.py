@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from minigd._io import atomic_path
+from minigd._io import atomic_path, open_regular
 from minigd._validation import _got
-from minigd.errors import BackendUnavailable
+from minigd.errors import BackendUnavailable, CheckpointError
 from minigd.history import STEP_COLUMNS, History
 from minigd.kernels.workspace import ParamLayout
 from minigd.model import MLP
-from minigd.optim.base import OptState, Optimizer, Primitive, fusion_plan
+from minigd.optim.base import OP_ADAM, OptState, Optimizer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "Checkpoint", "FORMAT", "FORMAT_VERSION"]
 
@@ -259,30 +259,122 @@ def _history_parts(hist: History, arrays: dict) -> dict:
 
 
 def _history_from_parts(meta: dict, arrays: dict) -> History:
-    n = int(meta["n_steps"])
-    hist = History(capacity=max(int(meta.get("capacity", n)), n, 16))
+    """The saved History, every field checked before anything is allocated for it (a
+    crafted ``capacity`` or ``n_steps`` must not make us allocate; the step columns were
+    already read, so their length is bounded by the file's)."""
+    _need(isinstance(meta, dict), "the history table is not a JSON object")
+    n = _int_field(meta, "n_steps", "history")
     for c in STEP_COLUMNS:
-        col = arrays[f"history.{c}"]
-        if col.shape != (n,):
-            raise ValueError(f"history column {c!r} has shape {col.shape}, expected ({n},)")
-        hist._cols[c][:n] = col
+        col = arrays.get(f"history.{c}")
+        if col is None or col.shape != (n,) or col.dtype != np.float64:
+            raise _Corrupt(f"history column {c!r} has shape {getattr(col, 'shape', None)} dtype "
+                           f"{getattr(col, 'dtype', None)}, expected ({n},) float64")
+        _need(np.isfinite(col).all(), f"history column {c!r} holds NaN/inf entries")
+    cap = meta.get("capacity", n)
+    _need(_is_int(cap) and cap >= 0, f"history capacity {cap!r} is not a non-negative integer")
+    # the capacity only pre-sizes the columns (they grow by doubling): never more than the
+    # saved steps or fit's own cap of 2**20, whatever the file says
+    hist = History(capacity=max(n, min(int(cap), 1 << 20), 16))
+    for c in STEP_COLUMNS:
+        hist._cols[c][:n] = arrays[f"history.{c}"]
     hist.n_steps = n
-    hist.epochs = [dict(e) for e in meta["epochs"]]
-    hist.evals = [dict(e) for e in meta["evals"]]
-    hist.target = meta["target"]
-    hist.reached = meta["reached"]
-    hist.steps_to_target = meta["steps_to_target"]
-    hist.examples_to_target = meta["examples_to_target"]
-    hist.time_to_target = meta["time_to_target"]
+    hist.epochs = _records(meta.get("epochs"), "history epochs", ("epoch",))
+    hist.evals = _records(meta.get("evals"), "history evaluations", ("step",))
+    for e in hist.evals:
+        _need(_is_int(e["step"]) and 0 <= e["step"] <= _MAX_COUNT,
+              f"history evaluation step {e['step']!r} is not a non-negative integer")
+    target = meta.get("target")
+    _need(target is None or (isinstance(target, dict) and all(isinstance(k, str) and _is_num(v)
+                                                              for k, v in target.items())),
+          f"history target {target!r} is not a dict of metric -> number")
+    hist.target = target
+    _need(meta.get("reached") in (None, True, False), f"history 'reached' is {meta.get('reached')!r}")
+    hist.reached = meta.get("reached")
+    for k in ("steps_to_target", "examples_to_target"):
+        v = meta.get(k)
+        _need(v is None or (_is_int(v) and 0 <= v <= _MAX_COUNT), f"history {k!r} is {v!r}")
+    v = meta.get("time_to_target")
+    _need(v is None or (_is_num(v) and math.isfinite(v) and v >= 0), f"history 'time_to_target' is {v!r}")
+    hist.steps_to_target = meta.get("steps_to_target")
+    hist.examples_to_target = meta.get("examples_to_target")
+    hist.time_to_target = meta.get("time_to_target")
+    _need(isinstance(meta.get("stop_reason"), str), f"history stop_reason {meta.get('stop_reason')!r} is not a string")
     hist.stop_reason = meta["stop_reason"]
+    _need(isinstance(meta.get("config"), dict), "history config is not a JSON object")
     hist.config = dict(meta["config"])
     if meta.get("noise") is not None:
-        from minigd.gradstats.tracking import NoiseTracker
-
-        st = dict(meta["noise"])
-        st["raw"] = arrays["noise.raw"]
-        hist.noise_tracker = NoiseTracker.from_state(st)
+        hist.noise_tracker = _tracker_from_parts(meta["noise"], arrays.get("noise.raw"))
     return hist
+
+
+def _tracker_from_parts(st: Any, raw: Any):
+    from minigd.gradstats.tracking import NoiseTracker
+
+    _need(isinstance(st, dict), "the noise tracker's state is not a JSON object")
+    n = _int_field(st, "n", "noise tracker", low=1)
+    _int_field(st, "t", "noise tracker")
+    _need(st.get("replacement") in (True, False), f"noise tracker 'replacement' is {st.get('replacement')!r}")
+    beta = st.get("beta")
+    _need(_is_num(beta) and 0 <= beta < 1, f"noise tracker beta {beta!r} is not in [0, 1)")
+    for k in ("ema_g2", "ema_tr", "pow"):
+        _need(_is_num(st.get(k)), f"noise tracker {k!r} is {st.get(k)!r}, expected a number")
+    _need(isinstance(raw, np.ndarray) and raw.ndim == 2 and raw.shape[1] == 4 and raw.dtype == np.float64,
+          f"noise.raw has shape {getattr(raw, 'shape', None)}, expected (m, 4) float64")
+    _need(bool(np.isfinite(raw[:, :2]).all()) and bool((raw[:, :2] >= 0).all())
+          and bool((raw[:, :2] == np.round(raw[:, :2])).all()) and bool((raw[:, :2] <= _MAX_COUNT).all())
+          and bool((raw[:, 1] <= n).all()),
+          "noise.raw holds step numbers or batch sizes that are not non-negative integers")
+    extra = st.get("extra")
+    _need(isinstance(extra, list) and all(
+        isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0 and isinstance(e[1], dict)
+        and all(isinstance(k, str) and (v is None or _is_num(v)) for k, v in e[1].items()) for e in extra),
+        "the noise tracker's extra records are malformed")
+    st = dict(st)
+    st["raw"] = raw
+    return NoiseTracker.from_state(st)
+
+
+# ============================================================================ checks of what was read
+#: the largest step / example / epoch count a checkpoint may hold (float64 columns stay exact)
+_MAX_COUNT = 1 << 53
+
+
+def _need(cond: Any, msg: str) -> None:
+    if not cond:
+        raise _Corrupt(msg)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int_field(d: dict, key: str, where: str, low: int = 0, high: int = _MAX_COUNT) -> int:
+    v = d.get(key)
+    if not _is_int(v) or not low <= v <= high:
+        raise _Corrupt(f"{where} {key!r} is {v!r}, expected an integer in [{low}, {high}]")
+    return int(v)
+
+
+def _records(lst: Any, what: str, keys: tuple) -> list:
+    """A list of flat records (str keys; numbers, bools, None or strings as values) that
+    all have ``keys``."""
+    _need(isinstance(lst, list), f"{what} are not a list")
+    out = []
+    for r in lst:
+        _need(isinstance(r, dict) and all(isinstance(k, str) for k in r) and all(k in r for k in keys)
+              and all(v is None or isinstance(v, (numbers.Real, str)) for v in r.values()),
+              f"{what} hold a malformed record ({str(r)[:80]})")
+        out.append(dict(r))
+    return out
+
+
+def _check_finite_array(a: np.ndarray, name: str) -> None:
+    if a.size and not np.isfinite(a).all():
+        raise _Corrupt(f"{name} holds {int(np.count_nonzero(~np.isfinite(a)))} NaN/inf entries")
 
 
 # ============================================================================ save
@@ -509,30 +601,45 @@ def load_checkpoint(path: str | os.PathLike, *, backend: str | None = None) -> C
     ------
     FileNotFoundError
         No file at ``path``.
-    ValueError
-        The file is not a minigd checkpoint, is corrupt or truncated (the message names
-        the file and what is wrong), or was written in a newer format version.
+    CheckpointError
+        (a :class:`ValueError`) The path is not a regular file (a directory, a FIFO,
+        ``/dev/zero``, a socket or a device: refused before anything is read, without
+        blocking), or the file is not a minigd checkpoint, is corrupt, truncated or
+        crafted, or was written in a newer format version; the message names the file
+        and what is wrong.  Everything read is checked before it is used: array headers
+        and sizes against the table and the file's own length (no allocation larger than
+        the file), the model configuration and parameters (finite), the optimizer chain
+        (every primitive rebuilt from its name and checked against its saved code,
+        hyper-parameters, slots and table rows; finite state; a non-negative update
+        count), the random generator state, and every history field (types, ranges,
+        column lengths; the saved capacity is capped).  What only a training run can
+        check -- the sampler's permutation and draws against the data, the counters
+        against each other -- ``fit(resume=...)`` checks before its first step.
     """
     path = _check_path(path)
     if os.path.isdir(path):
-        raise ValueError(f"path: {path!r} is a directory, expected a checkpoint file")
+        raise CheckpointError(f"path: {path!r} is a directory, expected a checkpoint file", path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no checkpoint file at {path!r}")
     where = f"checkpoint {path!r}"
-    with open(path, "rb") as fh:           # OSErrors of opening (permissions, ...) propagate
-        file_len = os.fstat(fh.fileno()).st_size
+    # only a regular file, opened without blocking (a FIFO, /dev/zero, a socket: refused)
+    fh, file_len = open_regular(path, "path", CheckpointError)   # (OSErrors: permissions, ...)
+    with fh:
         try:
             return _parse(fh, path, file_len, where, backend)
+        except CheckpointError:
+            raise
         except ValueError as exc:
             if str(exc).startswith(where):
-                raise
-            raise ValueError(f"{where}: corrupt or not a minigd checkpoint ({exc})") from exc
+                raise CheckpointError(str(exc), path) from exc
+            raise CheckpointError(f"{where}: corrupt or not a minigd checkpoint ({exc})", path) from exc
         except _Corrupt as exc:
-            raise ValueError(f"{where}: corrupt or not a minigd checkpoint: {exc}") from None
+            raise CheckpointError(f"{where}: corrupt or not a minigd checkpoint: {exc}", path) from None
         except (MemoryError, BackendUnavailable):
             raise
         except Exception as exc:   # anything a damaged archive can make zipfile/numpy/json raise
-            raise ValueError(f"{where}: corrupt or truncated file ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(f"{where}: corrupt or truncated file ({type(exc).__name__}: {exc})",
+                                  path) from exc
 
 
 def _parse(fh, path: str, file_len: int, where: str, backend: str | None) -> Checkpoint:
@@ -552,6 +659,69 @@ def _parse(fh, path: str, file_len: int, where: str, backend: str | None) -> Che
         arrays = {k: _read_array(zf, k, v[0], v[1], file_len) if isinstance(v, list) and len(v) == 2
                   else _bad_entry(k) for k, v in meta["arrays"].items()}
     return _assemble(path, meta, arrays, backend)
+
+
+def _opt_state_from_parts(om: Any, arrays: dict, model: MLP) -> OptState:
+    """The saved optimizer state, rebuilt: every primitive is made again by its own
+    constructor from its saved hyper-parameters (which checks their ranges) and must match
+    what was saved (code, hyper-parameters, slots); the op codes, offsets and
+    hyper-parameter rows of the arrays must match that rebuilt chain, the state must be
+    finite and the update count a non-negative integer.  The kernels read the rebuilt
+    tables (the scratch columns of ``opt.hp`` are kept, finite: the kernels write them
+    before reading them)."""
+    from minigd.optim import transforms
+
+    _need(isinstance(om, dict) and isinstance(om.get("primitives"), list), "the optimizer table is malformed")
+    t = _int_field(om, "t", "optimizer update count")
+    makers = {"clip_by_global_norm": (transforms.clip_by_global_norm, 1),
+              "add_decayed_weights": (transforms.add_decayed_weights, 1),
+              "trace": (lambda m, nest: transforms.trace(m, {0.0: False, 1.0: True}[nest]), 2),
+              "scale_by_adam": (transforms.scale_by_adam, 3), "scale_by_lr": (transforms.scale_by_lr, 0),
+              "scale": (transforms.scale, 1)}
+    prims = []
+    for i, p in enumerate(om["primitives"]):
+        _need(isinstance(p, dict) and p.get("name") in makers and isinstance(p.get("hp"), list)
+              and all(_is_num(h) for h in p["hp"]) and _is_int(p.get("code")) and _is_int(p.get("slots")),
+              f"optimizer primitive {i} ({str(p)[:80]}) is not one minigd knows")
+        make, n_hp = makers[p["name"]]
+        _need(len(p["hp"]) == n_hp, f"optimizer primitive {i} ({p['name']}) has {len(p['hp'])} "
+                                    f"hyper-parameters, expected {n_hp}")
+        try:
+            prim = make(*p["hp"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _Corrupt(f"optimizer primitive {i} ({p['name']}) has invalid hyper-parameters "
+                           f"{p['hp']}: {exc}") from None
+        _need(prim.code == p["code"] and prim.slots == p["slots"] and prim.hp == tuple(float(h) for h in p["hp"]),
+              f"optimizer primitive {i} ({p['name']}) has code {p['code']!r} / slots {p['slots']!r}, "
+              f"expected {prim.code} / {prim.slots}")
+        prims.append(prim)
+    ref = Optimizer(tuple(prims)).init(model.params)     # sized by the (checked) model: bounded
+    for k in ("codes", "hp", "soff", "state"):
+        a = arrays.get(f"opt.{k}")
+        want = getattr(ref, k)
+        if a is None or a.shape != want.shape or a.dtype != want.dtype:
+            raise _Corrupt(f"opt.{k} has shape {getattr(a, 'shape', None)}, the optimizer "
+                           f"chain needs {want.shape} {want.dtype}")
+    T = len(prims)
+    if not np.array_equal(arrays["opt.codes"], ref.codes) \
+            or not np.array_equal(arrays["opt.soff"], ref.soff):
+        raise _Corrupt("opt.codes/opt.soff do not match the saved primitives")
+    # columns 0..2: the hyper-parameters; the spare last row: constants (3.. of the other
+    # rows is scratch the kernels write before reading)
+    hp = arrays["opt.hp"]
+    if not np.array_equal(hp[:T, :3], ref.hp[:T, :3]) or not np.array_equal(hp[T, 5:], ref.hp[T, 5:]):
+        raise _Corrupt("opt.hp does not match the saved primitives' hyper-parameters")
+    _check_finite_array(hp, "opt.hp")
+    _check_finite_array(arrays["opt.state"], "opt.state")
+    for k, p in enumerate(prims):      # Adam's second moment is a sum of squares
+        if p.code == OP_ADAM:
+            P = model.n_params
+            v = arrays["opt.state"][int(ref.soff[k]) + P:int(ref.soff[k]) + 2 * P]
+            _need(bool((v >= 0).all()), "opt.state holds a negative Adam second moment")
+    ref.hp[...] = hp          # (the scratch columns too: a round trip is exact)
+    ref.state[...] = arrays["opt.state"]
+    ref.t = t
+    return ref
 
 
 def _bad_entry(k):
@@ -584,6 +754,7 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
         raise _Corrupt(f"params has shape {getattr(params, 'shape', None)} dtype "
                        f"{getattr(params, 'dtype', None)}, the model needs "
                        f"({model.n_params},) {model.dtype}")
+    _check_finite_array(params, "params")
     model.params[...] = params
     running = arrays.get("running")
     if model.running.size:
@@ -591,25 +762,14 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
             raise _Corrupt(f"the batch-norm running statistics are missing or have the wrong shape "
                            f"(got {getattr(running, 'shape', None)}, expected {model.running.shape} "
                            f"{model.dtype})")
+        _check_finite_array(running, "running")
+        _need(all(bool((v >= 0).all()) for v in model.layout.running_views(running)[1]),
+              "running holds a negative running variance")
         model.running[...] = running
 
     opt_state = None
     if meta.get("opt") is not None:
-        om = meta["opt"]
-        prims = tuple(Primitive(str(p["name"]), int(p["code"]), tuple(float(h) for h in p["hp"]),
-                                int(p["slots"])) for p in om["primitives"])
-        ref = Optimizer(prims).init(model.params)
-        for k in ("codes", "hp", "soff", "state"):
-            a = arrays.get(f"opt.{k}")
-            want = getattr(ref, k)
-            if a is None or a.shape != want.shape or a.dtype != want.dtype:
-                raise _Corrupt(f"opt.{k} has shape {getattr(a, 'shape', None)}, the optimizer "
-                               f"chain needs {want.shape} {want.dtype}")
-        if not np.array_equal(arrays["opt.codes"], ref.codes) \
-                or not np.array_equal(arrays["opt.soff"], ref.soff):
-            raise _Corrupt("opt.codes/opt.soff do not match the saved primitives")
-        opt_state = OptState(prims, arrays["opt.codes"], arrays["opt.hp"], arrays["opt.soff"],
-                             arrays["opt.state"], fusion_plan(arrays["opt.codes"]), int(om["t"]))
+        opt_state = _opt_state_from_parts(meta["opt"], arrays, model)
 
     rng_state = meta.get("rng")
     if rng_state is not None:
@@ -617,7 +777,15 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
             _generator_from_state(rng_state)
         except (TypeError, ValueError, KeyError) as exc:
             raise _Corrupt(f"invalid random generator state ({exc})") from None
-    sampler = {k: arrays[f"sampler.{k}"] for k in meta.get("sampler", [])}
+    names = meta.get("sampler", [])
+    _need(isinstance(names, list) and all(isinstance(k, str) and k.isidentifier() for k in names),
+          f"the sampler table {str(names)[:80]} is not a list of names")
+    sampler = {}
+    for k in names:
+        a = arrays.get(f"sampler.{k}")
+        _need(isinstance(a, np.ndarray) and a.ndim == 1, f"the sampler entry {k!r} is missing or not 1-D")
+        sampler[k] = a
+    _need(isinstance(meta.get("step_info", {}), dict), "step_info is not a JSON object")
     history = _history_from_parts(meta["history"], arrays) if meta.get("history") is not None else None
     return Checkpoint(path=path, model=model, opt_state=opt_state, rng_state=rng_state,
                       sampler=sampler, history=history, step_info=dict(meta.get("step_info") or {}),

@@ -23,19 +23,49 @@ class DivergenceError(FloatingPointError):
         A copy of the last finite flat parameter vector.
     history : minigd.History or None
         What was recorded before the divergence.
+    cause : {"learning_rate", "data"}
+        ``"data"`` when the first step of the run already failed -- the loss of the first
+        batch was non-finite with the (finite) starting parameters, before any update: the
+        inputs or targets overflow the forward pass, no learning rate is to blame;
+        ``"learning_rate"`` otherwise (the parameters grew step by step until something
+        overflowed).
     """
 
     def __init__(self, step: int, loss: float, params: np.ndarray, history: Any = None,
-                 reason: str = "") -> None:
+                 reason: str = "", cause: str = "learning_rate") -> None:
         self.step = int(step)
         self.loss = float(loss)
         self.params = params
         self.history = history
+        self.cause = cause
+        if cause == "data":
+            advice = ("The data are the cause, not the learning rate: the first batch already overflows "
+                      "with the starting parameters; rescale X (e.g. standardize it), check y, or use "
+                      "float64.")
+        else:
+            advice = "Try a smaller learning rate or gradient clipping (clip_norm=...)."
         msg = (f"training diverged at step {self.step}: {reason or 'non-finite value'} "
                f"(batch loss {self.loss!r}); the update was not applied, "
-               f"DivergenceError.params holds the last finite parameters. "
-               f"Try a smaller learning rate or gradient clipping (clip_norm=...).")
+               f"DivergenceError.params holds the last finite parameters. {advice}")
         super().__init__(msg)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file (or a :class:`~minigd.checkpoint.Checkpoint` handed to
+    ``fit(resume=...)``) that cannot be used: not a regular file, corrupt, truncated,
+    crafted, inconsistent with itself or with the data it claims to continue.  The
+    message names the file and what is wrong; nothing from such a file reaches a kernel.
+    A subclass of :class:`ValueError` (what older versions raised).
+
+    Attributes
+    ----------
+    path : str or None
+        The file.
+    """
+
+    def __init__(self, message: str, path: "str | None" = None) -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class BackendUnavailable(RuntimeError):

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from minigd._validation import _got, check_choice, check_int, check_seed
-from minigd.errors import DivergenceError
+from minigd.errors import CheckpointError, DivergenceError
 from minigd.gradstats.tracking import NoiseTracker, gsnr_summary
 from minigd.history import History
 from minigd.model import EVAL_CHUNK, MLP
@@ -91,6 +91,12 @@ def _check_target(target):
         check_choice("target metric", k, TARGET_METRICS)
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"target[{k!r}]: expected a finite number, got {v!r}")
+        # an unreachable target would train to the end of the budget and report "not reached"
+        if k.endswith("accuracy") and not 0.0 <= v <= 1.0:
+            raise ValueError(f"target[{k!r}]: expected an accuracy in [0, 1] (a reachable target), got {v!r}")
+        if k.endswith("loss") and v < 0:
+            raise ValueError(f"target[{k!r}]: expected a loss >= 0 (every minigd loss is non-negative, "
+                             f"so a negative target is unreachable), got {v!r}")
     return {k: float(v) for k, v in target.items()}
 
 
@@ -139,6 +145,7 @@ def _check_checkpointing(checkpoint, checkpoint_every, resume):
             raise ValueError(f"checkpoint: the directory {os.path.dirname(path)!r} does not exist")
         if os.path.isdir(path):
             raise ValueError(f"checkpoint: {path!r} is a directory, expected a file path")
+        _refuse_special("checkpoint", path)
     every = 0
     if checkpoint_every is not None:
         every = check_int("checkpoint_every", checkpoint_every, low=1)
@@ -159,10 +166,27 @@ def _check_checkpointing(checkpoint, checkpoint_every, resume):
         src = _check_path(resume, "resume")
         if not os.path.exists(src):
             raise FileNotFoundError(f"resume: no checkpoint file at {src!r}")
+        _refuse_special("resume", src)
     else:
         raise TypeError(f"resume: expected True, a checkpoint file path or a minigd Checkpoint, "
                         f"got {_got(resume)}")
     return path, every, src
+
+
+def _refuse_special(name: str, path: str) -> None:
+    """An existing ``path`` that is not a regular file (a FIFO, ``/dev/zero``, a directory,
+    a socket, a device) is refused before training starts: reading it would block or never
+    end, and writing a checkpoint over it would fail only at the end."""
+    import stat
+
+    from minigd._io import _file_kind
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{name}: expected a regular file, got {path!r} which is {_file_kind(mode)}", path)
 
 
 def _crc(a: np.ndarray) -> int:
@@ -185,7 +209,7 @@ def _write_checkpoint(path, model, opt_state, rng, order, draws, hist, fit_info,
     save_checkpoint(path, model, opt_state, rng=rng, sampler=sampler, history=hist, step_info=info)
 
 
-def _restore(ck, model, optimizer, fit_info, n, target):
+def _restore(ck, model, optimizer, fit_info, n, target, bs):
     """Check that checkpoint ``ck`` continues this fit call; returns the restored pieces."""
     from minigd.checkpoint import load_checkpoint, optimizer_difference
 
@@ -195,6 +219,9 @@ def _restore(ck, model, optimizer, fit_info, n, target):
         ck = load_checkpoint(ck, backend="numpy")
     name = f"resume: {ck.path or 'the checkpoint'}"
     info = ck.step_info
+    if not isinstance(info, dict) or not isinstance(ck.sampler, dict) or not isinstance(ck.model, MLP):
+        raise CheckpointError(f"{_ck_where(ck)}: cannot resume from it: step_info, sampler or model "
+                              f"is of the wrong type", ck.path)
     if not isinstance(info.get("fit"), dict) or ck.history is None or ck.opt_state is None \
             or ck.rng_state is None or "order" not in ck.sampler:
         raise ValueError(f"{name} was not written by fit (no training-loop state); "
@@ -213,16 +240,18 @@ def _restore(ck, model, optimizer, fit_info, n, target):
             raise ValueError(f"{name} continues a different training run: {what}")
     # the chain and its hyper-parameters, and the learning rate where it can be compared
     # (a number or a minigd schedule object; checkpoints of older versions: the chain only)
+    rec = saved.get("optimizer")
+    if rec is not None and not (isinstance(rec, dict) and isinstance(rec.get("config", {}), dict)):
+        raise CheckpointError(f"{_ck_where(ck)}: cannot resume from it: its optimizer record "
+                              f"{str(rec)[:80]} is malformed", ck.path)
+    if not isinstance(ck.opt_state, OptState):
+        raise CheckpointError(f"{_ck_where(ck)}: cannot resume from it: its opt_state is "
+                              f"{type(ck.opt_state).__name__}, not a minigd OptState", ck.path)
     diff = optimizer_difference(saved.get("optimizer"), optimizer, ck.opt_state.primitives)
     if diff:
         raise ValueError(f"{name} was written with another optimizer chain or hyper-parameters: "
                          f"{'; '.join(diff)} (this call has {optimizer!r})")
-    order = ck.sampler["order"]
-    if order.shape != (n,) or order.dtype != np.int64:
-        raise ValueError(f"{name}: the saved permutation has shape {order.shape}, expected ({n},)")
-    draws = ck.sampler.get("draws")
-    if fit_info["sampler"] == "replacement" and (draws is None or draws.dtype != np.int64 or draws.ndim != 1):
-        raise ValueError(f"{name}: the i.i.d. draws of the current epoch are missing")
+    _check_loop_state(ck, model, optimizer, n, bs, fit_info["sampler"], fit_info["drop_last"])
     hist = ck.history
     n_evals, n_epochs = int(info["n_evals"]), int(info["n_epochs"])
     del hist.evals[n_evals:]
@@ -235,6 +264,111 @@ def _restore(ck, model, optimizer, fit_info, n, target):
     hist.target = target
     hist.stop_reason = ""
     return ck, hist
+
+
+def _ck_where(ck) -> str:
+    return f"checkpoint {ck.path!r}" if isinstance(getattr(ck, "path", None), str) else "checkpoint (in memory)"
+
+
+def _check_loop_state(ck, model, optimizer, n, bs, sampler, drop_last) -> None:
+    """Everything ``fit(resume=...)`` takes from checkpoint ``ck`` beyond what
+    :func:`~minigd.checkpoint.load_checkpoint` checks on its own (and again that, for a
+    Checkpoint object built or edited by hand), against this run: the sampler's
+    permutation is one of ``range(n)`` and its i.i.d. draws lie in ``[0, n)`` with one
+    epoch's length, the counters are integers in range and agree with each other and with
+    the history, the parameters and optimizer state are finite and fit this model and
+    optimizer.  A :class:`~minigd.errors.CheckpointError` names what is wrong: nothing
+    from the file reaches a kernel unchecked (an index out of range would read outside X)."""
+    from minigd.checkpoint import _MAX_COUNT
+
+    where = _ck_where(ck)
+
+    def need(cond, what):
+        if not cond:
+            raise CheckpointError(f"{where}: cannot resume from it: {what}", ck.path)
+
+    def is_int(v, low=0, high=_MAX_COUNT):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= high
+
+    def is_num(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    info, hist, st = dict(ck.step_info), ck.history, ck.opt_state
+    info.setdefault("t1", 1)      # (older checkpoints: the run started from a fresh optimizer)
+    need(isinstance(hist, History), f"its history is {type(hist).__name__}, not a minigd History")
+    # the model's parameters and running statistics (shapes were compared by configuration)
+    for vec, what in ((ck.model.params, "params"), (ck.model.running, "running")):
+        need(isinstance(vec, np.ndarray) and vec.dtype == model.dtype and vec.shape == getattr(model, what).shape,
+             f"{what} has {_got(vec)}, expected {getattr(model, what).shape} {model.dtype}")
+        need(np.isfinite(vec).all(), f"{what} holds NaN/inf entries")
+    # the optimizer state: against this call's optimizer (its chain was compared already)
+    need(isinstance(st, OptState), f"its opt_state is {type(st).__name__}, not a minigd OptState")
+    ref = optimizer.init(model.params)
+    T = len(ref.primitives)
+    for k in ("codes", "hp", "soff", "state"):
+        a, want = getattr(st, k), getattr(ref, k)
+        need(isinstance(a, np.ndarray) and a.shape == want.shape and a.dtype == want.dtype,
+             f"opt_state.{k} has {_got(a)}, the optimizer needs shape {want.shape} dtype {want.dtype}")
+    need(np.array_equal(st.codes, ref.codes) and np.array_equal(st.soff, ref.soff)
+         and np.array_equal(st.hp[:T, :3], ref.hp[:T, :3]) and np.array_equal(st.hp[T, 5:], ref.hp[T, 5:])
+         and isinstance(st.plan, np.ndarray) and np.array_equal(st.plan, ref.plan),
+         "opt_state's op codes, offsets or hyper-parameters do not match the optimizer")
+    need(np.isfinite(st.hp).all() and np.isfinite(st.state).all(), "opt_state holds NaN/inf entries")
+    # the counters
+    keys = ("step", "examples", "epoch", "k", "ep_count", "n_evals", "n_epochs", "t1")
+    for key in keys:
+        need(is_int(info.get(key), low=-1 if key == "k" else 1 if key == "t1" else 0),
+             f"step_info[{key!r}] is {info.get(key)!r}, expected an integer in range")
+    step, seen, epoch, k = info["step"], info["examples"], info["epoch"], info["k"]
+    for key in ("ep_loss", "lr", "train_time"):
+        need(is_num(info.get(key)), f"step_info[{key!r}] is {info.get(key)!r}, expected a finite number")
+    need(info["train_time"] >= 0 and info["lr"] >= 0, "a negative training time or learning rate")
+    need(info.get("finished") in (True, False) and isinstance(info.get("stop_reason"), str),
+         "step_info['finished'] / ['stop_reason'] are malformed")
+    r = info.get("reached")
+    need(isinstance(r, list) and len(r) == 4 and r[0] in (None, True, False)
+         and all(v is None or is_int(v) for v in r[1:3]) and (r[3] is None or is_num(r[3])),
+         f"step_info['reached'] is {str(r)[:80]}, expected [reached, steps, examples, time]")
+    need(st.t == step + info["t1"] - 1 and is_int(st.t),
+         f"the optimizer's update count t={st.t!r} does not follow from step={step} and t1={info['t1']}")
+    need(hist.n_steps == step, f"the history has {hist.n_steps} steps, step_info says {step}")
+    need(info["n_evals"] <= len(hist.evals) and info["n_epochs"] <= len(hist.epochs),
+         "step_info counts more evaluations or epochs than the history holds")
+    need(epoch <= step, f"epoch {epoch} after only {step} steps")
+    B = bs.at_epoch(epoch)
+    n_steps = steps_per_epoch(n, B, drop_last)
+    need(k < n_steps, f"position k={k} in an epoch of {n_steps} steps")
+    if step:
+        ep_col = hist._cols["epoch"][:step]
+        in_epoch = step - int(np.flatnonzero(ep_col != epoch)[-1]) - 1 if (ep_col != epoch).any() else step
+        need(ep_col[-1] == epoch and hist._cols["examples"][step - 1] == seen,
+             f"epoch {epoch} / examples {seen} disagree with the history's last step")
+        need(in_epoch == k + 1 and info["ep_count"] == int(hist._cols["batch_size"][step - in_epoch:step].sum()),
+             f"position k={k} / ep_count={info['ep_count']} disagree with the history's steps in epoch {epoch}")
+    else:
+        need(seen == 0 and k == -1 and info["ep_count"] == 0, "counters of a run without steps are not zero")
+    # the sampler: what indexes the rows of X in every step
+    order = ck.sampler["order"]
+    need(isinstance(order, np.ndarray) and order.shape == (n,) and order.dtype == np.int64,
+         f"the saved permutation is {_got(order)}, expected shape ({n},) int64")
+    need(n and order.min() >= 0 and order.max() < n and bool((np.bincount(order, minlength=n) == 1).all()),
+         f"the saved order is not a permutation of range({n})")
+    if sampler == "replacement":
+        draws = ck.sampler.get("draws")
+        need(isinstance(draws, np.ndarray) and draws.ndim == 1 and draws.dtype == np.int64,
+             f"the i.i.d. draws of the current epoch are missing or malformed ({_got(draws)})")
+        need(draws.shape == (n_steps * B,), f"the i.i.d. draws hold {draws.shape[0]} indices, an epoch of "
+                                            f"{n_steps} steps of {B} needs {n_steps * B}")
+        need(draws.min() >= 0 and draws.max() < n, f"the i.i.d. draws hold indices outside [0, {n})")
+    tr = hist.noise_tracker
+    if tr is not None:
+        need(getattr(tr, "n", None) == n and getattr(tr, "replacement", None) == (sampler == "replacement"),
+             "its noise tracker was made for other data or another sampler")
+    try:
+        ck.rng()
+    except Exception as exc:
+        raise CheckpointError(f"{where}: cannot resume from it: invalid random generator state ({exc})",
+                              ck.path) from None
 
 
 def _budget_stop(hist, step, seen, train_time, steps, examples, max_time):
@@ -298,13 +432,42 @@ def _check_callbacks(callbacks):
     return callbacks
 
 
-def _diverged(step, loss, params, hist) -> DivergenceError:
+_INF = math.inf
+
+
+def _lr_at(lr_fn, step: int) -> float:
+    """The learning rate of ``step`` from the schedule ``lr_fn``, checked at every step (a
+    schedule may go wrong late: negative -- gradient ascent --, non-finite, or not a number
+    at all): a ``float`` >= 0; else an error naming ``lr``.  A plain float costs two
+    comparisons (this runs once per step)."""
+    try:
+        v = lr_fn(step)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"lr: the learning-rate schedule raised at step {step}: {exc}") from exc
+    if type(v) is not float:
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (
+                isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iuf")):
+            raise TypeError(f"lr: expected the learning rate (schedule) to give a real number, got "
+                            f"{_got(v)} at step {step}")
+        v = float(v)
+    if not 0.0 <= v < _INF:
+        raise ValueError(f"lr: expected a finite, non-negative learning rate, got {v!r} at step {step}"
+                         f"{' (a negative rate is gradient ascent)' if v < 0 else ''}")
+    return v
+
+
+def _diverged(step, loss, params, hist, first: bool = False) -> DivergenceError:
     """The error for a rejected step (its update was not applied), with a copy of the last
-    finite parameters; marks the history as stopped by divergence."""
+    finite parameters; marks the history as stopped by divergence.  ``first``: the step is
+    the first of a fresh run, so a non-finite loss comes from the data (or the starting
+    parameters), not from the learning rate (``DivergenceError.cause``)."""
     hist.stop_reason = "diverged"
+    data = first and not math.isfinite(loss)
     return DivergenceError(step, loss, params.copy(), hist,
+                           "non-finite loss of the first batch, before any update" if data else
                            "non-finite loss" if not math.isfinite(loss) else
-                           "the update would make parameters non-finite")
+                           "the update would make parameters non-finite",
+                           cause="data" if data else "learning_rate")
 
 
 def _chunk_steps(read_every, B, b, full_left, step, seen, steps, examples, eval_every, ck_every) -> int:
@@ -473,7 +636,22 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     ------
     DivergenceError
         When a step's loss or updated parameters are non-finite; the update is not
-        applied and the error carries the last finite parameters.
+        applied and the error carries the last finite parameters.  Its ``cause`` is
+        ``"data"`` when the first step of a fresh run already fails (the inputs overflow
+        with the starting parameters), else ``"learning_rate"``.
+    CheckpointError
+        (a ValueError) ``checkpoint`` or ``resume`` names something that is not a regular
+        file (a FIFO, ``/dev/zero``, a socket, a device: refused at once), or the
+        checkpoint to resume is damaged, crafted or inconsistent: everything it holds is
+        checked before the first step (the sampler's permutation of ``range(n)`` and its
+        draws in ``[0, n)``, the position and counters against each other and the history,
+        finite parameters and optimizer state of this model's and optimizer's shapes).
+    ValueError, TypeError
+        Arguments out of range or of the wrong type, naming the argument: e.g. ``lr``
+        when the learning rate (schedule) gives a negative, non-finite or non-numeric
+        value at any step (checked every step, before the step runs), ``eval_train``
+        not a bool, a ``target`` that cannot be reached (an accuracy outside [0, 1], a
+        negative loss), inputs beyond :func:`minigd._validation.max_input`.
     """
     if not isinstance(model, MLP):
         raise TypeError(f"model: expected a minigd.MLP, got {_got(model)}")
@@ -506,6 +684,8 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         raise ValueError(f"target: {list(target)} needs validation=(X_val, y_val)")
     if target and any(k.endswith("accuracy") for k in target) and not model.is_classifier:
         raise ValueError(f"target: accuracy needs a classification loss, the model's loss is {model.loss_name!r}")
+    if not isinstance(eval_train, (bool, np.bool_)):      # 'no' would be truthy
+        raise TypeError(f"eval_train: expected a bool, got {_got(eval_train)}")
     eval_train = bool(eval_train) or bool(target and any(k.startswith("train_") for k in target))
     rng = check_seed("seed", seed)
     _check_norm_batches(model, bs, n, sampler, drop_last, track_noise)
@@ -535,13 +715,8 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                              f"{model.dtype} for this model, got {_got(opt_state.state)}")
         if isinstance(opt_state.t, bool) or not isinstance(opt_state.t, numbers.Integral) or opt_state.t < 0:
             raise ValueError(f"opt_state: expected a non-negative update count t, got {opt_state.t!r}")
-    try:
-        lr_const = optimizer.lr_at(0)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"optimizer: the learning rate (schedule) must give a number, at step 0 "
-                        f"it gave an error: {exc}") from exc
-    if not (math.isfinite(lr_const) and lr_const >= 0):
-        raise ValueError(f"optimizer: expected a finite, non-negative learning rate, got {lr_const!r} at step 0")
+    lr_fn = optimizer.lr if callable(optimizer.lr) else None
+    lr_const = _lr_at(lr_fn if lr_fn is not None else (lambda step: optimizer.lr), 0)
 
     impl = model.backend_impl
     # evaluations run forward passes of up to EVAL_CHUNK rows on the same workspace:
@@ -550,7 +725,6 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     impl.reserve(max(bs.max_batch, min(n_eval, EVAL_CHUNK)))
     params, grad = model.params, model._grad
     bn, dropout = bool(model.norm.bn), model.norm.dropout > 0
-    lr_fn = optimizer.lr if callable(optimizer.lr) else None
     order = np.arange(n, dtype=np.int64)
     seq = np.arange(n, dtype=np.int64)
     config = dict(batch_size=batch_size if not isinstance(batch_size, BatchSizeSchedule) else repr(batch_size),
@@ -577,7 +751,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     t1 = 1               # the optimizer update count of step 0 (train_step's t = step + t1)
     close = (0, (None, None, None, None))   # (evals, target status) when the last epoch closed
     if resume_src is not None:
-        ck, hist = _restore(resume_src, model, optimizer, fit_info, n, target)
+        ck, hist = _restore(resume_src, model, optimizer, fit_info, n, target, bs)
         info = ck.step_info
         params[...] = ck.model.params
         model.running[...] = ck.model.running     # batch norm's running statistics
@@ -608,6 +782,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
             hist.reached = False
     hist.config = config
     hist.opt_state = opt_state
+    fresh_start = 0 if resume_src is None else -1     # a step whose failure is the data's (DivergenceError.cause)
     on_step = [c.on_step for c in callbacks if hasattr(c, "on_step")]
     on_eval = [c.on_eval for c in callbacks if hasattr(c, "on_eval")]
     # steps in device-resident chunks (gpu backend; single steps too, through the same
@@ -696,7 +871,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                         lrs = []
                         for j in range(m):
                             try:
-                                lrs.append(float(lr_fn(step + j)))
+                                lrs.append(_lr_at(lr_fn, step + j))
                             except Exception:
                                 if j == 0:
                                     raise
@@ -720,7 +895,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                         if not res["applied"][j]:
                             train_time = t_start + dt
                             opt_state.t = step - 1 + t1
-                            raise _diverged(step, loss, params, hist)
+                            raise _diverged(step, loss, params, hist, step == fresh_start)
                         seen += b
                         # per-step times inside a chunk are interpolated (one clock read per chunk)
                         train_time = t_start + dt * (j + 1) / m
@@ -738,7 +913,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                     idx = src[s0:s0 + b]
                     # float(): a schedule may return an int or a numpy scalar; the kernels are
                     # compiled for a float64 learning rate only
-                    lr = float(lr_fn(step)) if lr_fn is not None else lr_const
+                    lr = _lr_at(lr_fn, step) if lr_fn is not None else lr_const
                     t0 = time.perf_counter()
                     if tracker is None:
                         if dropout:     # the step's masks, from the sampler's generator
@@ -760,7 +935,7 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
                         if track and ok:
                             tracker.update(step, b, sum64(impl.last_sqnorms(b)), gsq)
                     if not ok:
-                        raise _diverged(step, loss, params, hist)
+                        raise _diverged(step, loss, params, hist, step == fresh_start)
                     opt_state.t = step + t1
                     seen += b
                     hist.record_step(step, epoch, loss, lr, b, seen, train_time)

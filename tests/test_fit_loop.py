@@ -215,8 +215,9 @@ def test_validation_accuracy_target_and_unreachable_target(blobs):
                   validation=(X, y), target={"val_accuracy": 0.9})
     assert hist.reached is True and hist.evals[-1]["val_accuracy"] >= 0.9
     assert ce_blobs.score(X, y) >= 0.9
+    # a target not reached within the budget (a loss of exactly 0; a negative one is refused up front)
     hist = mg.fit(make_model([4, 3], "cpu", dtype="float64"), X, y, batch_size=10, epochs=3,
-                  target={"train_loss": -1.0})
+                  target={"train_loss": 0.0})
     assert hist.reached is False and hist.stop_reason == "epochs"
     assert hist.steps_to_target is None and hist.examples_to_target is None
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from minigd._validation import check_choice, check_float, check_int
+from minigd._validation import _got, check_choice, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,9 @@ def constant(lr):
 
 
 def step_decay(lr, boundaries, factor=0.1):
+    if isinstance(boundaries, (str, bytes, dict)) or not hasattr(boundaries, "__iter__"):
+        raise TypeError(f"boundaries: expected a sequence of step numbers (e.g. [100, 200]), "
+                        f"got {_got(boundaries)}")
     b = tuple(check_int("boundaries", x, low=0) for x in boundaries)
     if list(b) != sorted(b):
         raise ValueError(f"boundaries: expected increasing steps, got {b}")
@@ -133,10 +136,23 @@ class BatchSizeSchedule:
 
     def __init__(self, initial: int, milestones: dict | Sequence | None = None) -> None:
         object.__setattr__(self, "initial", check_int("initial", initial, low=1))
-        items = sorted((milestones or {}).items()) if isinstance(milestones, dict) else sorted(milestones or ())
+        expect = "a dict {epoch: batch_size} or a sequence of (epoch, batch_size) pairs"
+        if milestones is None:
+            milestones = {}
+        if isinstance(milestones, dict):
+            items = list(milestones.items())
+        elif isinstance(milestones, (str, bytes)) or not hasattr(milestones, "__iter__"):
+            raise TypeError(f"milestones: expected {expect}, got {_got(milestones)}")
+        else:
+            items = list(milestones)
+            for i, it in enumerate(items):
+                if isinstance(it, (str, bytes)) or not hasattr(it, "__len__") or len(it) != 2:
+                    raise TypeError(f"milestones[{i}]: expected an (epoch, batch_size) pair, got {_got(it)}")
+            items = [tuple(it) for it in items]
         for e, b in items:
             check_int("milestones epoch", e, low=0)
             check_int("milestones batch size", b, low=1)
+        items = sorted(items)
         object.__setattr__(self, "milestones", tuple((int(e), int(b)) for e, b in items))
 
     def at_epoch(self, epoch: int) -> int:
