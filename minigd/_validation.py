@@ -62,9 +62,47 @@ def check_dtype(name: str, value: Any) -> np.dtype:
     return dt
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (``os.sysconf``); 1 TiB where it cannot be
+    read.  Used to refuse absurd sizes with a clear error before allocating them."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):   # pragma: no cover - not POSIX
+        return 1 << 40
+
+
+def max_input(dtype: np.dtype) -> float:
+    """The largest input magnitude minigd accepts for ``dtype``: ``sqrt(finfo(dtype).max)``,
+    about 1.8e19 for float32 and 1.3e154 for float64.  Squares of such values (in the
+    losses, the per-example gradient norms, batch norm's variance) would overflow the
+    dtype, and the forward pass of anything larger overflows for any weights of order one:
+    the result would be NaN/inf, an ``argmax`` of NaN a plausible-looking label."""
+    return float(np.sqrt(np.finfo(dtype).max))
+
+
+def _check_magnitude(name: str, a: np.ndarray) -> None:
+    """Finite, and every |entry| <= :func:`max_input` (one min and one max pass, no
+    temporary; the slow counting only when something is wrong)."""
+    lo, hi = a.min(), a.max()          # NaN propagates into both
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
+    bound = max_input(a.dtype)
+    if max(-float(lo), float(hi)) > bound:
+        big = float(lo) if -float(lo) > float(hi) else float(hi)
+        n_big = int(np.count_nonzero(np.abs(a) > bound))
+        raise ValueError(f"{name}: expected entries of magnitude at most {bound:.3g} (the square root of "
+                         f"{a.dtype}'s largest value: beyond it the forward pass, the loss and the gradient "
+                         f"norms overflow to inf/NaN), got {n_big} larger entries, e.g. {big:.6g}; rescale "
+                         f"{name} (standardize it){' or use float64' if a.dtype == np.float32 else ''}")
+
+
 def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
-    """A finite 2-D array of the model's dtype with ``n_in`` columns (made C-contiguous and
-    writeable: a read-only array is copied)."""
+    """A finite 2-D array of the model's dtype with ``n_in`` columns and entries of
+    magnitude at most :func:`max_input` (made C-contiguous and writeable: a read-only
+    array is copied)."""
     if not isinstance(X, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {_got(X)}")
     _refuse_masked(name, X)
@@ -77,9 +115,7 @@ def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
     if X.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the model's dtype), got {_got(X)}; "
                         f"convert explicitly, e.g. {name}.astype(np.{dtype})")
-    if not np.isfinite(X).all():
-        bad = int(np.count_nonzero(~np.isfinite(X)))
-        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
+    _check_magnitude(name, X)
     return _kernel_ready(X)
 
 
@@ -129,6 +165,7 @@ def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: s
                         f"convert explicitly, e.g. {name}.astype(np.{dtype})")
     if not np.isfinite(y).all():
         raise ValueError(f"{name}: expected finite values, got NaN/inf entries")
+    _check_magnitude(name, y)
     if loss_code == nn.BINARY_CROSS_ENTROPY and (y.min() < 0 or y.max() > 1):
         raise ValueError(f"{name}: expected targets in [0, 1] for 'binary_cross_entropy', "
                          f"got values in [{y.min()}, {y.max()}]")

@@ -1,6 +1,7 @@
 """The MLP model: layer sizes, activations, a loss, and one flat parameter vector."""
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any, Sequence
@@ -10,7 +11,7 @@ from numpy.typing import DTypeLike
 
 from minigd import nn
 from minigd._validation import (_got, check_choice, check_dtype, check_int, check_seed, check_X,
-                                check_y)
+                                check_y, memory_bytes)
 from minigd.backends import get_backend_class
 from minigd.backends.base import BN_AFTER, BN_BEFORE, BN_NONE, NormSpec
 from minigd.errors import DegenerateModelWarning
@@ -115,6 +116,7 @@ class MLP:
         self.init = check_choice("init", init, nn.INITS)
         self.norm = _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden)
         self.layout = ParamLayout(sizes, batch_norm=bool(self.norm.bn))
+        _check_model_memory(sizes, self.layout.n_params, self.dtype)
         cls = get_backend_class(backend) if isinstance(backend, str) else None
         if cls is None:
             raise ValueError(f"backend: expected a backend name, got {backend!r}")
@@ -313,9 +315,13 @@ class MLP:
             idx = np.arange(n, dtype=np.int64)
             self._prepare_training(n, "X")
             out[...] = self.backend_impl.forward(self.params, X, idx, n, training=True)
-            return out
-        for s, idx in self._chunks(n):
-            out[s:s + len(idx)] = self.backend_impl.forward(self.params, X, idx, len(idx))
+        else:
+            for s, idx in self._chunks(n):
+                out[s:s + len(idx)] = self.backend_impl.forward(self.params, X, idx, len(idx))
+        # finite X and parameters can still overflow (huge inputs times large weights): never
+        # hand back NaN/inf outputs (predict would argmax them into plausible labels)
+        if not np.isfinite(out.sum(dtype=np.float64)) and not np.isfinite(out).all():
+            raise _overflow_error("X", X, self.params, "the outputs")
         return out
 
     def _prepare_training(self, B: int, name: str) -> None:
@@ -361,12 +367,16 @@ class MLP:
             if want_grad:
                 self._prepare_training(B, "X")
                 loss, _ = self.backend_impl.loss_grad(self.params, self._grad, X, yi, yf, idx, B)
+                if not (math.isfinite(loss) and np.isfinite(self._grad.sum(dtype=np.float64))):
+                    raise _overflow_error("X", X, self.params, "the loss or its gradient")
                 if n <= EVAL_CHUNK:
                     return loss, self._grad.copy()
                 grad += self._grad * (B / n)
             else:
                 rows = self.backend_impl.losses(self.params, X, yi, yf, idx, B)
                 loss = float(np.sum(rows, dtype=np.float64)) / B
+            if not math.isfinite(loss):
+                raise _overflow_error("X", X, self.params, "the losses")
             total += loss * B
         return total / n, (grad.astype(self.dtype) if want_grad else None)
 
@@ -396,6 +406,31 @@ class MLP:
         """Accuracy (classification) or negative mean loss (regression)."""
         r = self.evaluate(X, y)
         return r.get("accuracy", -r["loss"])
+
+
+def _check_model_memory(sizes, P: int, dtype: np.dtype) -> None:
+    """Refuse, before allocating anything, a model whose parameters and gradient alone
+    (``2 * P * itemsize`` bytes) exceed this machine's physical memory: an absurd width
+    (``MLP([10, 10**9, 10])``) is a ValueError naming ``sizes``, not a MemoryError."""
+    need = 2 * P * dtype.itemsize
+    have = memory_bytes()
+    if need > have:
+        raise ValueError(f"sizes: {list(sizes)} make a model of {P:,} parameters, which need "
+                         f"{need / 2**30:,.1f} GiB for the parameters and their gradient in {dtype}, "
+                         f"more than this machine's {have / 2**30:,.1f} GiB of memory; expected "
+                         f"smaller layer sizes")
+
+
+def _overflow_error(name: str, X: np.ndarray, params: np.ndarray, what: str) -> ValueError:
+    """The error for a forward pass that overflowed although X and the parameters are
+    finite (and X within :func:`~minigd._validation.max_input`): the product of the input
+    magnitudes and the weights exceeds the dtype's range."""
+    xmax = float(np.max(np.abs(X))) if X.size else 0.0
+    wmax = float(np.max(np.abs(params))) if params.size else 0.0
+    return ValueError(f"{name}: the forward pass overflowed {X.dtype} ({what} are inf/NaN) although {name} "
+                      f"and the parameters are finite: inputs up to {xmax:.3g} times weights up to "
+                      f"{wmax:.3g} exceed the dtype's range; rescale {name} (standardize it)"
+                      f"{' or use float64' if X.dtype == np.float32 else ''}, or check the parameters")
 
 
 def _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden: int) -> NormSpec:

@@ -125,6 +125,20 @@ class NormSpec:
         return n % B > 0 and self.has_one_row_ghost(n % B)
 
 
+def _check_workspace_memory(layout: ParamLayout, capacity: int, dtype) -> None:
+    """A ValueError naming the layer sizes, not a MemoryError, when the per-batch buffers
+    for ``capacity`` rows would exceed this machine's physical memory (checked before
+    allocating; only when the workspace grows)."""
+    from minigd._validation import memory_bytes
+
+    need = Workspace.nbytes_for(layout, capacity, dtype)
+    have = memory_bytes()
+    if need > have:
+        raise ValueError(f"sizes: a batch of {capacity} rows through layers {list(layout.sizes)} needs "
+                         f"{need / 2**30:,.1f} GiB of activations and deltas, more than this machine's "
+                         f"{have / 2**30:,.1f} GiB of memory; expected a smaller batch or narrower layers")
+
+
 def check_per_example(norm: "NormSpec | None", what: str) -> None:
     """Per-example gradients are not defined through batch norm: say so, never return a
     number that means something else."""
@@ -160,6 +174,7 @@ class Backend:
     def reserve(self, capacity: int) -> Workspace:
         """Make sure the workspace holds at least ``capacity`` rows."""
         if self.ws is None or self.ws.capacity < capacity:
+            _check_workspace_memory(self.layout, int(capacity), self.dtype)
             self.ws = Workspace(self.layout, self.act_codes, int(capacity), self.dtype)
             self._reserve_norm(int(capacity))
         return self.ws

@@ -127,6 +127,22 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     Returns
     -------
     ndarray (n,), the model's dtype (gradient units; squared with ``squared=True``)
+
+    Raises
+    ------
+    ValueError
+        A per-example gradient (``squared=True``: its squared norm) that does not fit the
+        model's dtype, or a backward pass that overflowed, naming ``X``.
+
+    Notes
+    -----
+    The fused kernels square before they sum, so a squared norm beyond the dtype's range
+    (float32: norms above about 1.8e19; float64: 1.3e154) overflows although the norm
+    itself fits.  Such rows -- any non-finite result -- are computed again, only then,
+    from the layer inputs and deltas in float64, each row scaled by its largest entry
+    before squaring (:math:`|v| = m\\,|v/m|`, :math:`m = \\max_j |v_j|`), and the layers
+    combined with ``hypot``: exact up to rounding wherever the true norm fits the
+    dtype, at no cost to the normal path.
     """
     _check_model(model, "per_example_grad_norms")
     X, yi, yf = model.check_Xy(X, y)
@@ -136,12 +152,47 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     impl = model.backend_impl
     grad = np.empty(model.n_params, dtype=model.dtype)
     out = np.empty(n, dtype=model.dtype)
+    redone = {}        # row -> its norm (float64), for the rows whose squares overflowed
+
+    def row_norms(M):  # Euclidean norms of M's rows in float64, scaled before squaring
+        M = np.abs(np.asarray(M, dtype=np.float64))
+        m = M.max(axis=1) if M.shape[1] else np.zeros(M.shape[0])
+        return m * np.sqrt(((M / np.where(m > 0, m, 1.0)[:, None]) ** 2).sum(axis=1))
+
     for s, idx in _chunks(n, EVAL_CHUNK):
-        _training_pass(model, len(idx))
-        _, rows = impl.loss_grad(model.params, grad, X, yi, yf, idx, len(idx), want_sqn=True)
-        out[s:s + len(idx)] = rows
+        B = len(idx)
+        _training_pass(model, B)
+        with np.errstate(over="ignore", invalid="ignore"):    # an overflow is handled below
+            _, rows = impl.loss_grad(model.params, grad, X, yi, yf, idx, B, want_sqn=True)
+            out[s:s + B] = rows
+        bad = np.flatnonzero(~np.isfinite(out[s:s + B]))
+        if bad.size:       # the same rows and dropout masks, as factors (B, n_l) per layer
+            layers = []
+            for A, D in impl.per_example_terms(model.params, X, yi, yf, idx, B):
+                layers.append(np.hypot(row_norms(A), 1.0) * row_norms(D))
+            norms = row_norms(np.stack(layers, axis=1))
+            if not np.isfinite(norms[bad]).all():
+                from minigd.model import _overflow_error
+                raise _overflow_error("X", X, model.params, "per-example gradients")
+            redone.update(zip((s + bad).tolist(), norms[bad].tolist()))
+            out[s + bad] = 0
     np.maximum(out, 0, out=out)
-    return out if squared else np.sqrt(out, out=out)
+    if not squared:
+        np.sqrt(out, out=out)
+    if redone:
+        rows = np.fromiter(redone, np.int64, len(redone))
+        vals = np.fromiter(redone.values(), np.float64, len(redone))
+        if squared:
+            with np.errstate(over="ignore"):
+                vals = vals * vals
+        big = vals > np.finfo(model.dtype).max
+        if big.any():
+            raise ValueError(f"X: the per-example gradient {'squared ' if squared else ''}norm of row "
+                             f"{int(rows[big][0])} is {float(vals[big][0]):.6g}, beyond {model.dtype}'s range"
+                             f"{'; squared=False gives the norms' if squared else ''}; rescale X"
+                             f"{' or use float64' if model.dtype == np.float32 else ''}")
+        out[rows] = vals
+    return out
 
 
 def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | None = None,
