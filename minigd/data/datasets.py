@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import gzip
 import hashlib
 import inspect
 import io
@@ -35,12 +34,14 @@ import numbers
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from minigd._io import GzipError, GzipLimitError, gunzip_capped, read_regular
 from minigd._validation import _got, check_choice, check_dtype, check_float, check_int
 
 __all__ = ["Dataset", "load_dataset", "from_arrays", "DATASETS", "TASKS", "RawData", "read_idx",
@@ -486,20 +487,44 @@ _IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2
 _IDX_NAME = re.compile(r"idx\d+-ubyte(\.gz)?$|\.idx\d*(\.gz)?$", re.IGNORECASE)
 
 
+#: the largest data file read, in bytes, and the most a compressed one (a ``.gz`` file, a
+#: deflated ``.npz`` entry) may decompress to; a module attribute, so it can be raised
+MAX_DATA_BYTES = 1 << 31
+#: a compressed file may decompress to at most this many times its own size (above
+#: :data:`EXPANSION_FLOOR`): real data compresses far less (MNIST: ~5x), a bomb of zeros ~1000x
+MAX_EXPANSION = 256
+#: below this many decompressed bytes the expansion ratio is not checked
+EXPANSION_FLOOR = 64 << 20
+
+
+def _decompressed_limit(n_compressed: int) -> int:
+    return min(MAX_DATA_BYTES, max(EXPANSION_FLOOR, MAX_EXPANSION * n_compressed))
+
+
 def _read_bytes(path: Path, arg: str) -> bytes:
-    """The file's bytes, gunzipped when they start with the gzip magic."""
+    """The file's bytes, gunzipped when they start with the gzip magic.
+
+    Only a regular file is opened (``/dev/zero``, a FIFO, a socket, a device or a
+    directory is a ValueError at once, without blocking); at most :data:`MAX_DATA_BYTES`
+    are read, and gzip data is decompressed with a cap (:func:`_decompressed_limit`):
+    a decompression bomb is refused, not expanded."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, arg, MAX_DATA_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(f"{arg}: expected an existing file, got {str(path)!r} (no such file)") from None
     except OSError as exc:
         raise ValueError(f"{arg}: expected a readable file, got {str(path)!r} ({exc.strerror or exc})") from exc
     if data[:2] == b"\x1f\x8b":
+        limit = _decompressed_limit(len(data))
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            data = gunzip_capped(data, limit)
+        except GzipLimitError as exc:
+            raise ValueError(f"{arg}: expected a gzip file that decompresses to at most {limit} bytes "
+                             f"({MAX_EXPANSION} times its {len(data)} bytes, at least {EXPANSION_FLOOR}, "
+                             f"at most MAX_DATA_BYTES={MAX_DATA_BYTES}), got {str(path)!r}: {exc}") from None
+        except GzipError as exc:
             raise ValueError(f"{arg}: expected a valid gzip file, got {str(path)!r} which could not be "
-                             f"decompressed ({exc})") from exc
+                             f"decompressed ({exc})") from None
     return data
 
 
@@ -549,6 +574,8 @@ def read_idx(path, *, arg: str = "path") -> np.ndarray:
                          f"got {len(data)}")
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dt = _IDX_DTYPES[code]
+    if 0 in dims:
+        raise ValueError(f"{where}: expected an IDX file holding at least one value, got dimensions {dims}")
     need = math.prod(dims) * dt.itemsize
     have = len(data) - head
     if have < need:
@@ -646,15 +673,7 @@ def _load_npz(*, n: int | None, seed: int, path: Path, task: str | None = None) 
     if data[:4] != b"PK\x03\x04" and data[:4] != b"PK\x05\x06":
         raise ValueError(f"name_or_path: expected a valid .npz archive (a zip file), got {str(path)!r} "
                          f"which starts with bytes {data[:4].hex(' ') or '(empty file)'}")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as exc:
-        raise ValueError(f"name_or_path ({str(path)!r}): expected a .npz of numeric arrays, "
-                         f"got an entry that needs pickle ({exc})") from exc
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError...
-        raise ValueError(f"name_or_path: expected a valid .npz archive, got {str(path)!r} "
-                         f"which could not be read ({type(exc).__name__}: {exc})") from exc
+    arrays = _read_npz(data, path)
     missing = [k for k in ("X", "y") if k not in arrays]
     if missing:
         raise ValueError(f"name_or_path ({str(path)!r}): expected arrays 'X' and 'y' in the .npz, "
@@ -672,6 +691,73 @@ def _load_npz(*, n: int | None, seed: int, path: Path, task: str | None = None) 
     if Xv is not None and Xv.ndim > 2:
         Xv = Xv.reshape(Xv.shape[0], -1)
     return RawData(X, y, task, info, X_val=Xv, y_val=yv)
+
+
+class _NpzEntryError(ValueError):
+    pass
+
+
+def _read_npz(data: bytes, path: Path) -> dict:
+    """The ``.npy`` entries of a ``.npz`` archive held in ``data``, read without trusting
+    it: the entries' declared sizes together may not exceed :func:`_decompressed_limit`
+    (a deflated entry is never expanded past its declared size: zipfile stops there),
+    every array header is checked against its entry's size before anything is allocated
+    (a header claiming 10**12 elements is refused, not allocated), and object arrays
+    (pickle) are refused.  Entries not named ``*.npy`` are ignored."""
+    where = f"name_or_path ({str(path)!r})"
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError...
+        raise ValueError(f"name_or_path: expected a valid .npz archive, got {str(path)!r} "
+                         f"which could not be read ({type(exc).__name__}: {exc})") from exc
+    budget = _decompressed_limit(len(data))
+    total = sum(i.file_size for i in infos)
+    if total > budget:
+        raise ValueError(f"{where}: expected a .npz whose entries hold at most {budget} bytes "
+                         f"({MAX_EXPANSION} times the file's {len(data)} bytes, at least {EXPANSION_FLOOR}, "
+                         f"at most MAX_DATA_BYTES={MAX_DATA_BYTES}), got entries of {total} bytes")
+    arrays = {}
+    with zf:
+        for info in infos:
+            name = info.filename
+            if not name.endswith(".npy") or info.is_dir():
+                continue
+            try:
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise _NpzEntryError(f"an unsupported .npy format version {version}")
+                    if dt.hasobject:
+                        raise ValueError(f"{where}: expected a .npz of numeric arrays, got an entry that "
+                                         f"needs pickle ({name!r}: an object array, dtype {dt})")
+                    if dt.itemsize == 0:
+                        raise _NpzEntryError(f"a dtype of zero size ({dt})")
+                    nbytes = dt.itemsize * math.prod(shape)
+                    if nbytes > info.file_size:
+                        raise _NpzEntryError(f"a header claiming shape {shape} of {dt} ({nbytes} bytes), "
+                                             f"more than the entry's {info.file_size} bytes")
+                    buf = f.read(nbytes)
+                    if len(buf) != nbytes:
+                        raise _NpzEntryError(f"{len(buf)} bytes of data, its header needs {nbytes}")
+                arr = np.frombuffer(buf, dtype=dt, count=math.prod(shape))
+                arrays[name[:-4]] = arr.reshape(shape, order="F" if fortran else "C").copy()
+            except _NpzEntryError as exc:
+                raise ValueError(f"{where}: expected a .npz of numeric arrays, got entry {name!r} with "
+                                 f"{exc}") from None
+            except ValueError as exc:
+                if str(exc).startswith(where):
+                    raise
+                raise ValueError(f"name_or_path: expected a valid .npz archive, got {str(path)!r} whose "
+                                 f"entry {name!r} could not be read ({exc})") from exc
+            except Exception as exc:  # a damaged entry: CRC, deflate stream, header syntax, ...
+                raise ValueError(f"name_or_path: expected a valid .npz archive, got {str(path)!r} whose "
+                                 f"entry {name!r} could not be read ({type(exc).__name__}: {exc})") from exc
+    return arrays
 
 
 def _parse_float(s: str) -> float | None:
@@ -720,10 +806,14 @@ def _load_csv(*, n: int | None, seed: int, path: Path, label_column=-1, header=N
                          f"which is not text ({exc.reason} at byte {exc.start})") from exc
     where = f"name_or_path ({path.name!r})"
     def records():   # (line number, stripped fields) of the rows that hold data or a header
-        for lineno, fields in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1):
-            if not fields or all(not f.strip() for f in fields) or fields[0].lstrip().startswith("#"):
-                continue
-            yield lineno, [f.strip() for f in fields]
+        try:
+            for lineno, fields in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1):
+                if not fields or all(not f.strip() for f in fields) or fields[0].lstrip().startswith("#"):
+                    continue
+                yield lineno, [f.strip() for f in fields]
+        except csv.Error as exc:     # a field past csv's size limit, a stray quote, ...
+            raise ValueError(f"{where}: expected a well-formed .csv, got a line the csv reader refuses "
+                             f"({exc})") from None
 
     first = next(records(), None)
     if first is None:
@@ -959,20 +1049,56 @@ def _build(name: str, raw: RawData, *, val_fraction: float, standardize: bool, s
     Xt = Xt.astype(np.float64)
     Xv = Xv.astype(np.float64)
     if standardize:
-        mean = Xt.mean(axis=0)
-        sd = Xt.std(axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = Xt.mean(axis=0)
+            sd = Xt.std(axis=0)
+        colmax = np.abs(Xt).max(axis=0)
+        colmax = np.where(colmax > 0, colmax, 1.0)
+        if not (np.isfinite(mean).all() and np.isfinite(sd).all()):
+            # entries near float64's limit: the sums overflow; the same statistics, scaled
+            mean = (Xt / colmax).mean(axis=0) * colmax
+            sd = (Xt / colmax).std(axis=0) * colmax
         const = sd <= std_floor
         scale = np.where(const, 1.0, sd)
-        Xt = (Xt - mean) / scale
-        Xv = (Xv - mean) / scale
+        Xt = _standardized(Xt, mean, scale, colmax, "X")
+        Xv = _standardized(Xv, mean, scale, colmax, "X_val" if provided else "X")
         info.update(mean=mean, scale=scale, std_floor=std_floor, n_constant_features=int(const.sum()))
         if "w_star" in info:   # the true linear map in the returned coordinates
             info["w_star_effective"] = info["w_star"] * scale
             info["b_star_effective"] = float(info["b_star"] + mean @ info["w_star"])
     if task == "regression":
-        yt, yv = yt.astype(dtype), yv.astype(dtype)
+        yt, yv = _cast("y", yt, dtype, standardize), _cast("y", yv, dtype, standardize)
     info["load_args"] = load_args
-    return Dataset(Xt.astype(dtype), yt, Xv.astype(dtype), yv, task, n_classes, name, info)
+    return Dataset(_cast("X", Xt, dtype, standardize), yt, _cast("X", Xv, dtype, standardize), yv, task,
+                   n_classes, name, info)
+
+
+def _standardized(A: np.ndarray, mean: np.ndarray, scale: np.ndarray, colmax: np.ndarray,
+                  name: str) -> np.ndarray:
+    """``(A - mean) / scale``, computed on ``A / colmax`` where the plain form overflows
+    (entries near float64's limit); a ValueError naming ``name`` if even that does not fit."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        Z = (A - mean) / scale
+        if not np.isfinite(Z).all():
+            Z = (A / colmax - mean / colmax) * (colmax / scale)
+    if not np.isfinite(Z).all():
+        raise ValueError(f"{name}: expected values that can be standardized in float64, got entries up to "
+                         f"{float(np.nanmax(np.abs(A))):.6g} whose standardized values overflow")
+    return Z
+
+
+def _cast(name: str, a: np.ndarray, dtype: np.dtype, standardized: bool) -> np.ndarray:
+    """``a.astype(dtype)``, refusing values beyond the dtype's range (float32: 3.4e38),
+    which the cast would turn into inf."""
+    with np.errstate(over="ignore"):
+        out = a.astype(dtype)
+    if out.size and not np.isfinite(out).all():
+        big = float(np.max(np.abs(a)))
+        raise ValueError(f"{name}: expected values that fit {dtype} (magnitude at most "
+                         f"{float(np.finfo(dtype).max):.3g}), got entries up to {big:.6g}; "
+                         f"{'' if standardized or name == 'y' else 'standardize=True or '}dtype='float64' "
+                         f"keeps them")
+    return out
 
 
 def _common_args(val_fraction, standardize, std_floor, seed, dtype, n):
