@@ -421,13 +421,18 @@ def _check_model_memory(sizes, P: int, dtype: np.dtype) -> None:
                          f"smaller layer sizes")
 
 
+class _ForwardOverflow(ValueError):
+    """A forward pass that overflowed with finite inputs and parameters (a ValueError
+    naming X; ``fit`` turns one in its evaluations into a DivergenceError)."""
+
+
 def _overflow_error(name: str, X: np.ndarray, params: np.ndarray, what: str) -> ValueError:
     """The error for a forward pass that overflowed although X and the parameters are
     finite (and X within :func:`~minigd._validation.max_input`): the product of the input
     magnitudes and the weights exceeds the dtype's range."""
     xmax = float(np.max(np.abs(X))) if X.size else 0.0
     wmax = float(np.max(np.abs(params))) if params.size else 0.0
-    return ValueError(f"{name}: the forward pass overflowed {X.dtype} ({what} are inf/NaN) although {name} "
+    return _ForwardOverflow(f"{name}: the forward pass overflowed {X.dtype} ({what} are inf/NaN) although {name} "
                       f"and the parameters are finite: inputs up to {xmax:.3g} times weights up to "
                       f"{wmax:.3g} exceed the dtype's range; rescale {name} (standardize it)"
                       f"{' or use float64' if X.dtype == np.float32 else ''}, or check the parameters")

@@ -19,7 +19,7 @@ from minigd._validation import _got, check_choice, check_int, check_seed
 from minigd.errors import CheckpointError, DivergenceError
 from minigd.gradstats.tracking import NoiseTracker, gsnr_summary
 from minigd.history import History
-from minigd.model import EVAL_CHUNK, MLP
+from minigd.model import EVAL_CHUNK, MLP, _ForwardOverflow
 from minigd.optim.aliases import SGD
 from minigd.optim.base import Optimizer, OptState, chain_difference
 from minigd.optim.schedules import BatchSizeSchedule
@@ -233,6 +233,9 @@ def _restore(ck, model, optimizer, fit_info, n, target, bs):
             raise ValueError(f"{name} holds a model with {key}={theirs.get(key)!r}, this model has "
                              f"{key}={mine.get(key)!r}")
     saved = info["fit"]
+    if not _plain_json(saved):      # (an array or a nested oddity would make == ambiguous)
+        raise CheckpointError(f"{_ck_where(ck)}: cannot resume from it: its record of the run "
+                              f"(step_info['fit']) holds values that are not plain JSON", ck.path)
     for key, val in fit_info.items():
         if key != "optimizer" and saved.get(key) != val:
             what = "the training data differ" if key in ("x_crc", "y_crc") else \
@@ -264,6 +267,19 @@ def _restore(ck, model, optimizer, fit_info, n, target, bs):
     hist.target = target
     hist.stop_reason = ""
     return ck, hist
+
+
+def _plain_json(v, depth: int = 0) -> bool:
+    """Only JSON's own types (str keys), not too deep: what ``fit`` writes as its run record."""
+    if depth > 20:
+        return False
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_plain_json(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain_json(x, depth + 1) for k, x in v.items())
+    return False
 
 
 def _ck_where(ck) -> str:
@@ -800,12 +816,17 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
 
     def evaluate(ep):
         rec = {"step": step, "epoch": ep, "examples": seen, "time": train_time}
-        if validation is not None:
-            r = model.evaluate(Xv, validation[1])
-            rec.update({f"val_{k}": v for k, v in r.items()})
-        if eval_train:
-            r = model.evaluate(X, y)
-            rec.update({f"train_{k}": v for k, v in r.items()})
+        try:
+            if validation is not None:
+                r = model.evaluate(Xv, validation[1])
+                rec.update({f"val_{k}": v for k, v in r.items()})
+            if eval_train:
+                r = model.evaluate(X, y)
+                rec.update({f"train_{k}": v for k, v in r.items()})
+        except _ForwardOverflow as exc:   # X was checked: the parameters grew too large
+            hist.stop_reason = "diverged"
+            raise DivergenceError(step, math.nan, params.copy(), hist,
+                                  f"the parameters are finite but an evaluation overflowed ({exc})") from exc
         hist.evals.append(rec)
         if target is not None and hist.reached is not True and _met(target, rec):
             hist.reached = True

@@ -305,6 +305,15 @@ def test_a_deflated_npz_bomb_is_refused(tmp_path):
         load_dataset(q)
 
 
+def test_crafted_bool_labels_in_an_npz_are_read_as_bools(tmp_path):
+    """A bool entry whose bytes are 1 and 2 (both True) was one class to np.unique but two
+    to np.searchsorted: labels out of range (found by the fuzz suite)."""
+    p = tmp_path / "b.npz"
+    np.savez(p, X=np.zeros((4, 2)), y=np.array([1, 2, 1, 2], np.uint8).view(np.bool_))
+    ds = load_dataset(p, val_fraction=0.5)
+    assert ds.n_classes == 1 and (ds.y_train == 0).all() and (ds.y_val == 0).all()
+
+
 def test_huge_values_in_a_data_file_never_become_inf_or_nan(tmp_path):
     p = tmp_path / "big.csv"
     p.write_text("a,b,label\n1.7e308,1,0\n-1.7e308,2,1\n1e308,3,0\n-1e308,4,1\n5,5,0\n")
@@ -352,6 +361,20 @@ def test_an_overflowing_forward_pass_is_an_error_naming_X(backend):
                                                  r"not the learning rate") as info:
         mg.fit(m, X, y, batch_size=5, steps=3)
     assert info.value.cause == "data" and info.value.step == 0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_an_evaluation_that_overflows_in_fit_is_a_divergence_error(data, saved, tmp_path):
+    """Finite but huge parameters (here from a checkpoint) overflow the validation pass:
+    fit says so as a DivergenceError, not as a ValueError blaming X."""
+    with np.load(saved["shuffle"]) as z:
+        params = z["params"] * 1e300
+    bad = _rewrite(saved["shuffle"], tmp_path / "huge.npz", arrays={"params": params})
+    X, y = data
+    with pytest.raises(mg.DivergenceError, match=r"an evaluation overflowed") as info:
+        mg.fit(_model(), X, y, batch_size=4, steps=7, optimizer=mg.SGD(lr=0.1, momentum=0.9), resume=bad,
+               validation=(X, y))
+    assert info.value.cause == "learning_rate" and np.isfinite(info.value.params).all()
 
 
 def test_a_late_divergence_blames_the_learning_rate():

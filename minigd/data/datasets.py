@@ -649,7 +649,7 @@ def _load_idx(*, n: int | None, seed: int, path: Path, labels=None, part: str = 
                          f"in {labels_path.name!r}")
     info = {"source": "IDX files", "path": str(images_path.resolve()),
             "labels_path": str(labels_path.resolve()), "image_shape": list(X.shape[1:])}
-    X2 = X.reshape(X.shape[0], -1)
+    X2 = X.reshape(X.shape[0], math.prod(X.shape[1:]))
     return RawData(X2, y, _task_from_dtype(y, task), info)
 
 
@@ -686,10 +686,10 @@ def _load_npz(*, n: int | None, seed: int, path: Path, task: str | None = None) 
     info = {"source": "npz file", "path": str(path.resolve())}
     if X.ndim > 2:
         info["example_shape"] = list(X.shape[1:])
-        X = X.reshape(X.shape[0], -1)
+        X = X.reshape(X.shape[0], math.prod(X.shape[1:]))
     Xv, yv = arrays.get("X_val"), arrays.get("y_val")
     if Xv is not None and Xv.ndim > 2:
-        Xv = Xv.reshape(Xv.shape[0], -1)
+        Xv = Xv.reshape(Xv.shape[0], math.prod(Xv.shape[1:]))
     return RawData(X, y, task, info, X_val=Xv, y_val=yv)
 
 
@@ -745,6 +745,8 @@ def _read_npz(data: bytes, path: Path) -> dict:
                     if len(buf) != nbytes:
                         raise _NpzEntryError(f"{len(buf)} bytes of data, its header needs {nbytes}")
                 arr = np.frombuffer(buf, dtype=dt, count=math.prod(shape))
+                if dt.kind == "b":       # a crafted byte other than 0/1 is True to some numpy calls only
+                    arr = arr.view(np.uint8) != 0
                 arrays[name[:-4]] = arr.reshape(shape, order="F" if fortran else "C").copy()
             except _NpzEntryError as exc:
                 raise ValueError(f"{where}: expected a .npz of numeric arrays, got entry {name!r} with "
