@@ -228,3 +228,14 @@ def test_cli_search_prints_progress_and_the_best_configuration_by_name(capsys, t
     if rc == 0:
         assert "batch size" in out.out and "learning rate" in out.out and "hidden layers" in out.out
     assert "2/2" in out.err          # the bar: trials done / total
+
+
+def test_a_one_step_run_has_no_mid_point():
+    """Reached at the first evaluation: there are no parameters between the ends, so no
+    "mid" point (the analysis leaves the trial out of the mid-run median rather than take its
+    target value for it)."""
+    res = run_trial(_cfg(target=0.01))
+    assert res["status"] == "ok" and res["steps_to_target"] == 1
+    assert [p["where"] for p in res["noise"]] == ["start", "target"]
+    from minigd.study.analysis import _noise_at
+    assert _noise_at(res, "mid") is None and _noise_at(res, "target") is not None

@@ -164,7 +164,8 @@ def _noise_at(res, where):
     """B_simple at ``where`` ("start" | "mid" | "target" | "end") of a trial, or None.
 
     Points tagged with ``"where"`` are used as tagged; "target" falls back to the last point
-    (a trial that did not reach the target); rows stored before points were tagged use the
+    (a trial that did not reach the target); a tagged trial without "mid" (a run of one
+    step has no middle) has none; rows stored before points were tagged use the
     first point ("start"), the last ("end", "target") and the one nearest half the run
     ("mid")."""
     pts = [p for p in (res.get("noise") or []) if isinstance(p, dict)]
@@ -174,6 +175,8 @@ def _noise_at(res, where):
     tagged = [p for p in pts if p.get("where") == where]
     if tagged:
         p = tagged[-1]
+    elif where == "mid" and any("where" in q for q in pts):
+        return None      # a run too short to have a middle (one step): not its target point
     elif where == "start":
         p = pts[0]
     elif where in ("end", "target"):
@@ -229,18 +232,27 @@ class _Cells:
         self.Bs = sorted(by_b)
         self.by_b = by_b
         self.lrs = [sorted(by_b[B]) for B in self.Bs]
-        self.cells = []          # [b][l] -> dict of arrays over seeds
+        # The seeds are shared by every cell (a seed fixes the initialisation and the data
+        # order at every batch size and rate), so a resample draws seeds once and every cell
+        # takes its trials of those seeds: resampling each cell on its own would let the
+        # best-rate selection pick a lucky draw per cell and bias the selected steps low.
+        # Arrays are aligned on the study's seeds (NaN where a cell lacks one); a cell
+        # holding the same seed twice (a merged study) keeps the first in key order.
+        self.seeds = sorted({int(cfg.seed) for cfg, _ in items})
+        pos = {sd: i for i, sd in enumerate(self.seeds)}
+        self.cells = []          # [b][l] -> dict of arrays over the study's seeds
         for B, lrs in zip(self.Bs, self.lrs):
             row = []
             for lr in lrs:
-                trials = [r for _, r in by_b[B][lr]]
-                row.append({
-                    "steps": np.array([_steps(r) for r in trials]),
-                    "examples": np.array([_examples(r, B) for r in trials]),
-                    "acc": np.array([_num(r.get("final_val_accuracy")) for r in trials]),
-                    "mid": np.array([_num(_noise_at(r, "mid")) for r in trials]),
-                    "target": np.array([_num(_noise_at(r, "target")) for r in trials]),
-                })
+                cell = {f: np.full(len(self.seeds), np.nan) for f in self.FIELDS}
+                for cfg, r in sorted(by_b[B][lr], key=lambda cr: cr[0].key, reverse=True):
+                    i = pos[int(cfg.seed)]
+                    cell["steps"][i] = _steps(r)
+                    cell["examples"][i] = _examples(r, B)
+                    cell["acc"][i] = _num(r.get("final_val_accuracy"))
+                    cell["mid"][i] = _num(_noise_at(r, "mid"))
+                    cell["target"][i] = _num(_noise_at(r, "target"))
+                row.append(cell)
             self.cells.append(row)
         # step times per B: the probe's rounds, else the trials' own
         self.timing, self.t_samples, self.t_lo, self.t_hi = [], [], [], []
@@ -275,20 +287,23 @@ class _Cells:
     def medians(self, rng=None, R=1):
         """Per-cell medians, arrays of shape (R, nB, L) (padding: steps inf, acc -inf, NaN),
         and the step time per B, (R, nB): from all the data (``rng=None``) or from ``R``
-        resamples, the seeds drawn with replacement within each cell."""
+        resamples, the study's seeds drawn with replacement once per resample and shared
+        by every cell (see ``__init__``); a seed a cell lacks is left out of its median."""
         out = {"steps": np.full((R, self.nB, self.L), np.inf), "examples": np.full((R, self.nB, self.L), np.nan),
                "acc": np.full((R, self.nB, self.L), -np.inf), "mid": np.full((R, self.nB, self.L), np.nan),
                "target": np.full((R, self.nB, self.L), np.nan)}
+        n = len(self.seeds)
+        idx = None if rng is None else rng.integers(0, n, size=(R, n))
         for b, row in enumerate(self.cells):
             for l, cell in enumerate(row):
-                n = cell["steps"].shape[0]
-                idx = None if rng is None else rng.integers(0, n, size=(R, n))
                 for f in self.FIELDS:
                     a = cell[f]
                     sample = np.broadcast_to(a, (R, n)) if idx is None else a[idx]
                     m = _nanmed(sample, axis=1)
                     if f == "acc":
                         m = np.where(np.isnan(m), 0.0, m)   # unmeasured accuracy: no tie-break preference
+                    elif f == "steps":
+                        m = np.where(np.isnan(m), np.inf, m)   # no trial of the drawn seeds: not reached
                     out[f][:, b, l] = m
         T = np.empty((R, self.nB))
         for b, s in enumerate(self.t_samples):
@@ -554,7 +569,9 @@ def analyze(rows, *, probe=None, seed=0, n_boot=N_BOOT) -> dict:
     ``{"value", "lo", "hi", "wins"}``) and ``recommendation`` (see the module docstring
     and the README's "What the study answers: summary.json").
     """
-    rows = list(rows)
+    # in key order: the store returns rows in the order trials finished, which differs
+    # between two runs of the same study, and the answer must not
+    rows = sorted(rows, key=lambda cr: cr[0].key)
     n_boot = int(n_boot)
     if n_boot < 0:
         raise ValueError(f"n_boot: expected an integer >= 0, got {n_boot}")

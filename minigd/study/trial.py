@@ -246,10 +246,8 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         noise_at(where, snap[0], snap[1])
     model.params[...] = end_params
     noise_at("target" if reached else "end", final_step, final_examples)
-    if not any(p["where"] == "mid" for p in noise):     # a run too short to have one apart from the ends
-        mids = [p for p in noise if p["where"] != "start"] or noise
-        if mids:
-            noise.append({**min(mids, key=lambda p: abs(p["step"] - final_step / 2)), "where": "mid"})
+    # (a run of one step has no parameters between its ends: no "mid" point -- the analysis
+    # leaves it out of the mid-run median rather than take the target's value for it)
     noise.sort(key=lambda p: (p["step"], p["where"] != "start"))
     s_interp, e_interp, bracket = ev.interpolated()
     nan = {"loss": math.nan, **({"accuracy": math.nan} if ds.task == "classification" else {})}
