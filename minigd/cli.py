@@ -117,6 +117,23 @@ def _csv(kind):
     return parse
 
 
+def _key_value(text):
+    """KEY=VALUE with VALUE an int, a float or else a string (``noise=2.0``, ``n=5000``)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like noise=2.0, got {text!r}")
+    for kind in (int, float):
+        try:
+            v = kind(value)
+        except ValueError:
+            continue
+        if kind is float and v != v:   # nan
+            break
+        return key, v
+    return key, value.strip()
+
+
 def _pairs(text):
     out = []
     for tok in filter(None, (t.strip() for t in text.split(","))):
@@ -131,7 +148,9 @@ def _pairs(text):
 def _data_spec(args):
     from minigd.study import DataSpec
 
-    params = (("std_floor", 1.0),) if args.data == "digits" else ()
+    params = dict((("std_floor", 1.0),) if args.data == "digits" else ())
+    params.update(dict(args.data_param or ()))
+    params = tuple(sorted(params.items()))
     return DataSpec(name=args.data, val_fraction=args.val_fraction, standardize=not args.no_standardize,
                     seed=args.data_seed, params=params)
 
@@ -449,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation")
     g.add_argument("--no-standardize", action="store_true", help="do not standardise features")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation split")
+    g.add_argument("--data-param", type=_key_value, action="append", default=None, metavar="KEY=VALUE",
+                   help="a parameter of the data set's loader, repeatable: e.g. --data linear_regression "
+                        "--data-param noise=2.0 --data-param n=5000 (see minigd.data)")
     g = st.add_argument_group("sweep")
     g.add_argument("--batch-sizes", type=_csv(int), default="auto",
                    help="e.g. 1,8,64,full; auto: powers of two up to the full batch")

@@ -239,3 +239,19 @@ def test_a_one_step_run_has_no_mid_point():
     assert [p["where"] for p in res["noise"]] == ["start", "target"]
     from minigd.study.analysis import _noise_at
     assert _noise_at(res, "mid") is None and _noise_at(res, "target") is not None
+
+
+def test_cli_data_param_reaches_the_loader(capsys, tmp_path):
+    from minigd.cli import _data_spec, build_parser, main
+
+    args = build_parser().parse_args(["study", "--data", "linear_regression", "--data-param", "noise=2.0",
+                                      "--data-param", "n_in=4"])
+    spec = _data_spec(args)
+    assert spec.kwargs() == {"noise": 2.0, "n_in": 4}
+    assert load_data(spec, "float32").X_train.shape[1] == 4
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--data", "linear_regression", "--data-param", "bogus=1", "--target", "1",
+              "--out", str(tmp_path / "s")])
+    assert e.value.code == 2 and "bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "--data-param", "novalue"])
