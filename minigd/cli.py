@@ -270,6 +270,13 @@ def _check_study_args(args, parser) -> None:
             f"--ghost-batch-sizes {','.join(str(g).lower() for g in args.ghost_batch_sizes)} without --batch-norm")
     if args.workers is not None and args.workers < 1:
         bad("--workers", "a number of worker processes >= 1", args.workers)
+    from minigd.study.questions import parse_questions
+    try:
+        args.questions = parse_questions(args.questions)
+    except ValueError as exc:
+        bad("--questions", str(exc).split("expected ", 1)[1].split(", got")[0], repr(args.questions))
+    if args.questions and args.search:
+        bad("--questions", "no --search (the questions run next to the grid study)", "--search " + args.search)
     if args.n_trials < 1:
         bad("--n-trials", "an integer >= 1", args.n_trials)
     if args.seed < 0:
@@ -394,7 +401,8 @@ def cmd_study(args) -> int:
     print(f"minigd study: {args.data}, results in {args.out}/results.sqlite "
           f"(re-running resumes: only missing trials run)")
     out = run_study(spec, args.out, workers=args.workers, scheduler=args.scheduler,
-                    progress=not args.quiet, retry_failed=args.retry_failed, log=lambda line: print(line, flush=True))
+                    progress=not args.quiet, retry_failed=args.retry_failed, log=lambda line: print(line, flush=True),
+                    questions=args.questions)
     c = out["counts"]
     print(f"{c['total']} trials: {c['skipped']} already stored, {c['ran']} ran ({c['failed']} failed) "
           f"on the {c['executor']} executor in {time.perf_counter() - t0:.1f} s")
@@ -431,6 +439,17 @@ def cmd_report(args) -> int:
     if not rows:
         raise SystemExit(f"minigd report: {path} holds no trials yet")
     analysis = analyze(rows, probe=probe if isinstance(probe, list) else None, seed=seed)
+    if spec:
+        with ResultStore(path) as store:
+            qkeys = store.meta("question_keys")
+            if isinstance(qkeys, dict) and qkeys:
+                from minigd.study.questions import QUESTIONS, QuestionContext, answer_questions
+                from minigd.study.trial import load_data
+                ctx = QuestionContext(spec=sw, ds=load_data(sw.data, sw.dtype), main_rows=rows,
+                                      main_analysis=analysis, main_probe=probe if isinstance(probe, list) else [],
+                                      store=store, executor=None, report_dir=args.out or os.path.join(
+                                          os.path.dirname(os.path.abspath(path)), "report"))
+                analysis["questions"] = answer_questions(ctx, [q for q in QUESTIONS if q in qkeys])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "report")
     write_report(analysis, out, spec=spec)
     _print_answers(analysis, out)
@@ -509,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ghost batch sizes to sweep next to the batch size, e.g. 4,8,16,none "
                         "(none = the whole batch; needs --batch-norm)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the hidden activations")
+    g.add_argument("--questions", default=None, metavar="all|NAME,...",
+                   help="also answer these questions, each with its own experiment: all, or a comma list of "
+                        "smallest_batch, sgd_batch_one, width_one, powers_of_two, lr_scaling, grow_vs_decay, "
+                        "generalisation, search_strategies")
     g = st.add_argument_group("search (instead of the grid sweep)")
     g.add_argument("--search", choices=["random", "bayes"], default=None,
                    help="random or Bayesian (Optuna) search over batch size, lr, momentum, widths, depths")

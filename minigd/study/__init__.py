@@ -14,7 +14,7 @@ from .trial import run_trial
 
 
 def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progress=False,
-              retry_failed=False, report=True, log=None) -> dict:
+              retry_failed=False, report=True, log=None, questions=()) -> dict:
     """Run (or resume) the sweep ``spec`` into ``out_dir/results.sqlite``, analyse it and
     write the report to ``out_dir/report``.  Returns {"counts", "analysis", "report",
     "results", "probe"}.
@@ -30,7 +30,10 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
     4. the throughput probe times one step per batch size with nothing else running
        (:mod:`minigd.study.probe`; stored, and re-used when the study is resumed on the same
        host);
-    5. the analysis (with its bootstrap seeded by ``spec.seed``) and the report.
+    5. the analysis (with its bootstrap seeded by ``spec.seed``);
+    6. the arms of ``questions`` (names of :data:`minigd.study.questions.QUESTIONS`; their
+       trials stored next to the grid's), answered into ``analysis["questions"]``;
+    7. the report.
 
     ``log``: an optional callable taking one line of text (what is happening, for a console).
     The study holds an exclusive lock on ``out_dir`` (:func:`~minigd.study.store.study_lock`)
@@ -80,6 +83,12 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
         rows = [(c, r) for c, r in store.rows() if c.key in keys]
         probe = measured_probe(store, [c for c, r in rows if r.get("status") == "ok"], ex, spec.seed, say)
         analysis = analyze(rows, probe=probe, seed=spec.seed)
+        if questions:
+            from .questions import QuestionContext, answer_questions
+            ctx = QuestionContext(spec=spec, ds=ds, main_rows=rows, main_analysis=analysis, main_probe=probe,
+                                  store=store, executor=ex, report_dir=os.path.join(out_dir, "report"),
+                                  log=say, progress=progress)
+            analysis["questions"] = answer_questions(ctx, questions)
         files = []
         if report:
             from minigd._io import atomic_write_text

@@ -76,6 +76,10 @@ class TrialConfig:
     ghost_batch_size: object = None   # int: ghost batch norm; None: the whole batch
     dropout: float = 0.0
     drop_last: bool = False           # batch-norm trials drop a last batch that would leave a ghost of 1
+    lr_decay: tuple = ()              # ((epoch, factor), ...): step learning-rate decay, the rate
+    #   multiplied by factor at each epoch given (the arm opposite bs_schedule); () = constant
+    stop_at_target: bool = True       # False: train the whole budget (equal-budget comparisons),
+    #   still recording when the target was first met
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,6 +94,7 @@ class TrialConfig:
         data["params"] = tuple(tuple(p) for p in data.get("params", ()))
         d["sizes"] = tuple(d["sizes"])
         d["bs_schedule"] = tuple(tuple(p) for p in d.get("bs_schedule", ()))
+        d["lr_decay"] = tuple(tuple(p) for p in d.get("lr_decay", ()))
         return cls(data=DataSpec(**data), **d)
 
     @property
@@ -114,7 +119,8 @@ class TrialConfig:
 
 
 #: TrialConfig fields added after SCHEMA_VERSION 1 and their defaults
-_LATER_DEFAULTS = {"batch_norm": False, "ghost_batch_size": None, "dropout": 0.0, "drop_last": False}
+_LATER_DEFAULTS = {"batch_norm": False, "ghost_batch_size": None, "dropout": 0.0, "drop_last": False,
+                   "lr_decay": (), "stop_at_target": True}
 
 
 def norm_label(batch_norm, ghost_batch_size, dropout) -> str:

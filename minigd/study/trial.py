@@ -82,11 +82,11 @@ class _Evaluator:
     :func:`next_eval_step`, stops at the target, and keeps parameter snapshots at the
     evaluations for the noise-scale measurements after training."""
 
-    def __init__(self, Xva, yva, metric: str, target: float, rel: float, snap_cap: int):
+    def __init__(self, Xva, yva, metric: str, target: float, rel: float, snap_cap: int, stop: bool = True):
         self.Xva, self.yva = Xva, yva
         self.key = metric.removeprefix("val_")
         self.higher = "accuracy" in metric
-        self.target, self.rel = target, rel
+        self.target, self.rel, self.stop = target, rel, stop
         self.next = 1
         self.curve: list = []           # {"step", "examples", "time", "val_loss", "val_accuracy"}
         self.snaps: list = []           # (step, examples, params copy), thinned to snap_cap
@@ -116,9 +116,9 @@ class _Evaluator:
         self.snaps.append((step, rec["examples"], model.params.copy()))
         if len(self.snaps) > self.snap_cap:     # halve the resolution, keep the span
             self.snaps = self.snaps[::2]
-        if self.met(ev[self.key]):
+        if self.reached_at is None and self.met(ev[self.key]):
             self.reached_at = len(self.curve) - 1
-            return True
+            return self.stop
         return False
 
     def interpolated(self):
@@ -145,10 +145,17 @@ class _Evaluator:
         return min(self.snaps, key=lambda s: abs(s[0] - step)) if self.snaps else None
 
 
-def _optimizer(cfg: TrialConfig):
+def _optimizer(cfg: TrialConfig, steps_per_epoch: int = 1):
+    """The trial's optimizer; ``lr_decay`` epochs become step boundaries at
+    ``steps_per_epoch`` steps an epoch (the batch size is constant in a decay arm)."""
     import minigd as mg
 
     lr = cfg.lr
+    if cfg.lr_decay:
+        factors = {float(f) for _, f in cfg.lr_decay}
+        if len(factors) != 1:
+            raise ValueError(f"lr_decay: expected one factor at every epoch, got {cfg.lr_decay!r}")
+        lr = mg.optim.step_decay(lr, [int(e) * steps_per_epoch for e, _ in cfg.lr_decay], factor=factors.pop())
     if cfg.warmup_steps:
         lr = mg.optim.warmup(lr, cfg.warmup_steps)
     if cfg.optimizer == "adam":
@@ -220,10 +227,10 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
 
     noise_at("start", 0, 0)
     snap_cap = max(32, SNAPSHOT_BYTES // max(1, model.params.nbytes))
-    ev = _Evaluator(Xva, yva, target_metric, cfg.target, cfg.eval_rel_step, snap_cap)
+    ev = _Evaluator(Xva, yva, target_metric, cfg.target, cfg.eval_rel_step, snap_cap, cfg.stop_at_target)
     diverged = False
     try:
-        hist = mg.fit(model, Xtr, ytr, batch_size=bs, epochs=epochs, optimizer=_optimizer(cfg),
+        hist = mg.fit(model, Xtr, ytr, batch_size=bs, epochs=epochs, optimizer=_optimizer(cfg, spe),
                       sampler=cfg.sampler, drop_last=cfg.drop_last, seed=cfg.seed, callbacks=[ev])
     except mg.DivergenceError as err:
         diverged = True
