@@ -74,17 +74,19 @@ def memory_bytes() -> int:
 
 
 def max_input(dtype: np.dtype) -> float:
-    """The largest input magnitude minigd accepts for ``dtype``: ``sqrt(finfo(dtype).max)``,
-    about 1.8e19 for float32 and 1.3e154 for float64.  Squares of such values (in the
-    losses, the per-example gradient norms, batch norm's variance) would overflow the
-    dtype, and the forward pass of anything larger overflows for any weights of order one:
-    the result would be NaN/inf, an ``argmax`` of NaN a plausible-looking label."""
+    """The largest input magnitude ``fit`` accepts for ``dtype``: ``sqrt(finfo(dtype).max)``,
+    about 1.8e19 for float32 and 1.3e154 for float64.  Squares of larger values (in the
+    losses, the gradient norms, batch norm's variance) overflow the dtype, and a gradient
+    step on such inputs makes weights of their size, whose next forward pass overflows."""
     return float(np.sqrt(np.finfo(dtype).max))
 
 
-def _check_magnitude(name: str, a: np.ndarray) -> None:
-    """Finite, and every |entry| <= :func:`max_input` (one min and one max pass, no
-    temporary; the slow counting only when something is wrong)."""
+def check_magnitude(name: str, a: np.ndarray) -> None:
+    """Every |entry| <= :func:`max_input` (and finite): what ``fit`` asks of its inputs and
+    float targets, up front -- training on larger values diverges at once (and with a
+    learning rate to blame in the message), or overflows the squared gradient norms.
+    One min and one max pass, no temporary; the slow counting only when something is
+    wrong."""
     lo, hi = a.min(), a.max()          # NaN propagates into both
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = int(np.count_nonzero(~np.isfinite(a)))
@@ -100,9 +102,10 @@ def _check_magnitude(name: str, a: np.ndarray) -> None:
 
 
 def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
-    """A finite 2-D array of the model's dtype with ``n_in`` columns and entries of
-    magnitude at most :func:`max_input` (made C-contiguous and writeable: a read-only
-    array is copied)."""
+    """A finite 2-D array of the model's dtype with ``n_in`` columns (made C-contiguous and
+    writeable: a read-only array is copied).  Magnitudes are not bounded here: evaluation
+    detects a forward pass that overflows (:class:`minigd.MLP`), and ``fit`` bounds its
+    inputs with :func:`check_magnitude`."""
     if not isinstance(X, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {_got(X)}")
     _refuse_masked(name, X)
@@ -115,7 +118,9 @@ def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
     if X.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the model's dtype), got {_got(X)}; "
                         f"convert explicitly, e.g. {name}.astype(np.{dtype})")
-    _check_magnitude(name, X)
+    if not np.isfinite(X).all():
+        bad = int(np.count_nonzero(~np.isfinite(X)))
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
     return _kernel_ready(X)
 
 
@@ -165,7 +170,6 @@ def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: s
                         f"convert explicitly, e.g. {name}.astype(np.{dtype})")
     if not np.isfinite(y).all():
         raise ValueError(f"{name}: expected finite values, got NaN/inf entries")
-    _check_magnitude(name, y)
     if loss_code == nn.BINARY_CROSS_ENTROPY and (y.min() < 0 or y.max() > 1):
         raise ValueError(f"{name}: expected targets in [0, 1] for 'binary_cross_entropy', "
                          f"got values in [{y.min()}, {y.max()}]")

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from minigd._validation import _got, check_choice, check_int, check_seed
+from minigd._validation import _got, check_choice, check_int, check_magnitude, check_seed
 from minigd.errors import CheckpointError, DivergenceError
 from minigd.gradstats.tracking import NoiseTracker, gsnr_summary
 from minigd.history import History
@@ -667,11 +667,15 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         when the learning rate (schedule) gives a negative, non-finite or non-numeric
         value at any step (checked every step, before the step runs), ``eval_train``
         not a bool, a ``target`` that cannot be reached (an accuracy outside [0, 1], a
-        negative loss), inputs beyond :func:`minigd._validation.max_input`.
+        negative loss), inputs or float targets beyond
+        :func:`minigd._validation.max_input` (``sqrt(finfo(dtype).max)``).
     """
     if not isinstance(model, MLP):
         raise TypeError(f"model: expected a minigd.MLP, got {_got(model)}")
     X, yi, yf = model.check_Xy(X, y)
+    check_magnitude("X", X)
+    if yf.size:
+        check_magnitude("y", yf)
     n = X.shape[0]
     bs = _check_batch_size(batch_size, n)
     if epochs is None and steps is None and examples is None:
@@ -695,7 +699,10 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         if not (isinstance(validation, (tuple, list)) and len(validation) == 2):
             raise TypeError(f"validation: expected a pair (X_val, y_val), got {_got(validation)}")
         Xv, yv = validation
-        model.check_Xy(Xv, yv, "validation X", "validation y")
+        _, _, yvf = model.check_Xy(Xv, yv, "validation X", "validation y")
+        check_magnitude("validation X", Xv)
+        if yvf.size:
+            check_magnitude("validation y", yvf)
     if target and any(k.startswith("val_") for k in target) and validation is None:
         raise ValueError(f"target: {list(target)} needs validation=(X_val, y_val)")
     if target and any(k.endswith("accuracy") for k in target) and not model.is_classifier:

@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import re
 import threading
 import time
 import zipfile
@@ -224,6 +225,8 @@ def test_a_fifo_is_refused_at_once_never_read(data, tmp_path):
     os.mkfifo(csv_fifo)
     idx_fifo = tmp_path / "train-images-idx3-ubyte"
     os.mkfifo(idx_fifo)
+    lab_images = tmp_path / "imgs-idx3-ubyte"
+    lab_images.write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1, 5, 6]))
     calls = [
         (lambda: load_checkpoint(ck), mg.CheckpointError, r"^path: expected a regular file, got '.*ck\.npz' "
                                                           r"which is a FIFO"),
@@ -233,6 +236,7 @@ def test_a_fifo_is_refused_at_once_never_read(data, tmp_path):
          r"^checkpoint: expected a regular file, .* FIFO"),
         (lambda: load_dataset(csv_fifo), ValueError, r"^name_or_path: expected a regular file, .* FIFO"),
         (lambda: read_idx(idx_fifo), ValueError, r"^path: expected a regular file, .* FIFO"),
+        (lambda: load_dataset(lab_images, labels=ck), ValueError, r"^labels: expected a regular file, .* FIFO"),
     ]
     for fifo in (ck, csv_fifo, idx_fifo):
         _unblock_later(str(fifo))
@@ -325,6 +329,7 @@ def test_huge_values_in_a_data_file_never_become_inf_or_nan(tmp_path):
 
 
 # ============================================================================ extreme finite inputs
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the NumPy reference's own overflow warnings
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @pytest.mark.parametrize("dtype, big", [("float32", 3.4e38), ("float64", 1.7e308)])
 def test_extreme_finite_inputs_are_refused_not_nan(backend, dtype, big):
@@ -332,18 +337,31 @@ def test_extreme_finite_inputs_are_refused_not_nan(backend, dtype, big):
     X = np.full((6, 4), big, dtype)
     X[::2] *= -1
     y = np.array([0, 1, 2, 0, 1, 2])
+    # evaluation: the overflow is detected (values that do not overflow are evaluated as usual)
     for call in (lambda: m.forward(X), lambda: m.predict(X), lambda: m.predict_proba(X), lambda: m.loss(X, y),
-                 lambda: m.evaluate(X, y), lambda: m.loss_and_grad(X, y),
-                 lambda: mg.fit(m, X, y, batch_size=3, steps=2)):
-        with pytest.raises(ValueError, match=r"^X: expected entries of magnitude at most .*square root of "):
+                 lambda: m.evaluate(X, y), lambda: m.loss_and_grad(X, y)):
+        with pytest.raises(ValueError, match=rf"^X: the forward pass overflowed {dtype} .* inputs up to "):
             call()
+    # training: refused up front, against the dtype's bound
+    with pytest.raises(ValueError, match=r"^X: expected entries of magnitude at most .*square root of "):
+        mg.fit(m, X, y, batch_size=3, steps=2)
     Xv = np.zeros((2, 4), dtype)
     Xv[0, 0] = -big
     with pytest.raises(ValueError, match=r"^validation X: expected entries of magnitude"):
         mg.fit(m, np.zeros((6, 4), dtype), y, batch_size=3, steps=2, validation=(Xv, y[:2]))
     mse = mg.MLP([4, 2], loss="mse", dtype=dtype, backend=backend)
     with pytest.raises(ValueError, match=r"^y: expected entries of magnitude"):
-        mse.loss(np.zeros((6, 4), dtype), np.full((6, 2), big, dtype))
+        mg.fit(mse, np.zeros((6, 4), dtype), np.full((6, 2), big, dtype), batch_size=3, steps=2)
+    try:      # the NumPy reference sums float32 losses in float64, where this one fits
+        assert np.isfinite(mse.loss(np.zeros((6, 4), dtype), np.full((6, 2), big, dtype)))
+    except ValueError as exc:
+        assert re.match(r"^X: the forward pass overflowed .* \(the losses are inf/NaN\)", str(exc)), exc
+
+
+def test_large_inputs_that_do_not_overflow_are_still_evaluated():
+    m = mg.MLP([4, 8, 3], dtype="float64", seed=0)
+    X = np.random.default_rng(0).normal(size=(5, 4)) * 1e300      # outputs ~1e300: they fit float64
+    assert m.predict(X).shape == (5,) and np.isfinite(m.forward(X)).all()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the NumPy reference's own overflow warnings

@@ -633,7 +633,7 @@ def _load_idx(*, n: int | None, seed: int, path: Path, labels=None, part: str = 
                                  f"{path.name!r} (no sibling with the standard name found), got None")
         elif isinstance(labels, (str, os.PathLike)):
             labels_path = Path(labels)
-            if not labels_path.is_file():
+            if not labels_path.exists():     # (a FIFO or device: read_idx refuses it, naming what it is)
                 raise FileNotFoundError(f"labels: expected an existing IDX labels file, got {str(labels)!r} "
                                         f"(no such file)")
         else:
