@@ -255,3 +255,18 @@ def test_cli_data_param_reaches_the_loader(capsys, tmp_path):
     assert e.value.code == 2 and "bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["study", "--data-param", "novalue"])
+
+
+def test_a_run_past_the_target_measures_the_target_point_at_the_target():
+    """stop_at_target=False: the "target" point holds the parameters of the step that met the
+    target (as an independent re-run stopped there), the "end" point those of the last step."""
+    cfg = _cfg(stop_at_target=False, max_epochs=4, min_steps=0)
+    res = run_trial(cfg)
+    assert res["status"] == "ok" and res["reached"] and res["steps"] > res["steps_to_target"]
+    pts = {p["where"]: p for p in res["noise"]}
+    assert pts["target"]["step"] == res["steps_to_target"] and pts["end"]["step"] == res["steps"]
+    ds = load_data(cfg.data, cfg.dtype)
+    for where in ("target", "end"):
+        _, model = _params_after(cfg, pts[where]["step"])
+        assert pts[where]["noise_scale"] == pytest.approx(mg.grad_moments(model, ds.X_train, ds.y_train).noise_scale,
+                                                          rel=1e-6)

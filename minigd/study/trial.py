@@ -251,8 +251,16 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
             continue
         model.params[...] = snap[2]
         noise_at(where, snap[0], snap[1])
-    model.params[...] = end_params
-    noise_at("target" if reached else "end", final_step, final_examples)
+    if reached and steps > final_step:    # stop_at_target=False: trained on past the target
+        snap = ev.snapshot_near(final_step)
+        if snap is not None and snap[0] == final_step:
+            model.params[...] = snap[2]
+            noise_at("target", final_step, final_examples)
+        model.params[...] = end_params
+        noise_at("end", steps, int(hist.row(steps - 1)["examples"]))
+    else:
+        model.params[...] = end_params
+        noise_at("target" if reached else "end", final_step, final_examples)
     # (a run of one step has no parameters between its ends: no "mid" point -- the analysis
     # leaves it out of the mid-run median rather than take the target's value for it)
     noise.sort(key=lambda p: (p["step"], p["where"] != "start"))
