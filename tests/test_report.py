@@ -288,3 +288,175 @@ def test_generalisation_answer_says_values_are_at_the_stopping_point(analysis, t
     para = next(ln for ln in md.splitlines() if "**Generalisation:**" in ln)
     assert "Spearman rank correlation with batch size -1.00" in para   # accuracy falls with log2(B)
     assert "stopping point" in para and "not how well each batch size generalises" in para
+
+
+# -- "Your questions, answered" -----------------------------------------------------------------
+
+
+def _question_answers():
+    """Answers as the arms of minigd.study.questions write them: one with a figure that the
+    report draws, one whose figure is missing, one not answered -- given out of order."""
+    return {
+        "sgd_batch_one": {
+            "name": "sgd_batch_one", "question": 'Does "SGD" mean batch size 1?',
+            "answer": "No: SGD is the update rule. Here batch 1 takes 6.6x the fastest mini-batch's time.",
+            "value": 0.0227, "lo": 0.0168, "hi": 0.0309, "unit": "s (batch 1's wall time to the target)",
+            "conditions": "MLP 64-64-10 on digits; target val_accuracy >= 0.95; one thread",
+            "plot": "q_sgd_batch_one_missing.png", "details": {}},
+        "width_one": {
+            "name": "width_one", "question": "Should a search space allow a hidden layer of width 1?",
+            "answer": "Not answered: too few trials reached the target", "value": None, "lo": None,
+            "hi": None, "unit": None, "conditions": "", "plot": None, "details": {}},
+        "smallest_batch": {
+            "name": "smallest_batch",
+            "question": "Is a batch size below 32 ever reasonable? What is the smallest reasonable batch size?",
+            "answer": "A batch size below 32 is reasonable here: batch 16 reaches the target within 2x.",
+            "value": 16, "lo": 8, "hi": 32, "wins": 0.87, "unit": "examples per batch",
+            "conditions": "MLP 64-64-10 on digits; tolerance 2x", "plot": "time_to_target.png",
+            "details": {}},
+    }
+
+
+def _section(text, start, end):
+    i = text.index(start)
+    j = text.index(end, i)
+    return text[i:j]
+
+
+def test_questions_section_in_markdown_and_html(analysis, tmp_path):
+    write_report(dict(analysis, questions=_question_answers()), tmp_path, title="Q")
+    md = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    page = (tmp_path / "summary.html").read_text(encoding="utf-8")
+    # right after the answers (and before the figures), in the order of QUESTIONS
+    assert md.index("**Recommendation:**") < md.index("## Answers") < md.index("## Your questions, answered") \
+        < md.index("## Figures")
+    sec = _section(md, "## Your questions, answered", "## Figures")
+    heads = [ln for ln in sec.splitlines() if ln.startswith("### ")]
+    assert heads == ["### Is a batch size below 32 ever reasonable? What is the smallest reasonable batch size?",
+                     '### Does "SGD" mean batch size 1?',
+                     "### Should a search space allow a hidden layer of width 1?"]
+    # each answered question: its sentence, its number with the interval and unit, win rate, conditions
+    assert "batch 16 reaches the target within 2x" in sec
+    assert "16 [8, 32] examples per batch; won in 87% of bootstrap resamples" in sec
+    assert "0.0227 [0.0168, 0.0309] s (batch 1's wall time to the target)" in sec
+    assert "<sub>Conditions: MLP 64-64-10 on digits; tolerance 2x</sub>" in sec
+    assert "Not answered: too few trials reached the target" in sec
+    # the figure that exists is shown, the missing one is not
+    assert "](time_to_target.png)" in sec and "q_sgd_batch_one_missing.png" not in md
+    hsec = _section(page, '<section id="your-questions">', "</section>")
+    assert "<h2>Your questions, answered</h2>" in hsec
+    assert re.findall(r"<h3>(.*?)</h3>", hsec) == [h[4:] for h in heads]
+    assert "16 [8, 32] examples per batch; won in 87% of bootstrap resamples" in hsec
+    assert "0.0227 [0.0168, 0.0309]" in hsec
+    assert '<p class="small"><small>Conditions: MLP 64-64-10 on digits; tolerance 2x</small></p>' in hsec
+    imgs = re.findall(r"<img [^>]*>", hsec)
+    assert len(imgs) == 1 and 'src="time_to_target.png"' in imgs[0]
+    assert re.search(r'alt="figure for the question: Is a batch size below 32[^"]*"', imgs[0])
+    assert "max-width:100%" in imgs[0]
+    assert "q_sgd_batch_one_missing.png" not in page
+    # an unanswered question shows no headline number
+    width_one = hsec[hsec.index("hidden layer of width 1"):]
+    assert "Headline number" not in width_one and "Not answered: too few trials" in width_one
+
+
+def _pages(analysis, report_dir):
+    """summary.md and summary.html of ``analysis`` without drawing the figures."""
+    from minigd.report.summary import build_blocks, render_html, render_markdown
+
+    blocks = build_blocks(analysis, report_dir=report_dir)
+    return render_markdown(blocks), render_html(blocks)
+
+
+def test_no_questions_no_section(analysis, tmp_path):
+    for questions in (None, {}, {"smallest_batch": "not a dict"}):
+        md, page = _pages(dict(analysis, questions=questions), tmp_path)
+        assert "Your questions, answered" not in md
+        assert '<section id="your-questions"' not in page
+
+
+def test_questions_section_escapes_html(analysis, tmp_path):
+    evil = "<script>alert(1)</script> & <img src=x onerror=alert(2)>"
+    q = {"smallest_batch": {"name": "smallest_batch", "question": f"Q {evil}?", "answer": f"A {evil}.",
+                            "value": 1, "lo": 0, "hi": 2, "unit": f"u {evil}", "conditions": f"C {evil}",
+                            "plot": "../secret.png", "details": {}},
+         "sgd_batch_one": {"name": "sgd_batch_one", "question": "Q2", "answer": "A2", "value": 1, "lo": 1,
+                           "hi": 1, "unit": "s", "conditions": "", "plot": '"><script>x</script>.png',
+                           "details": {}}}
+    (tmp_path / "secret.png").write_bytes(b"not in the report directory")
+    out = tmp_path / "report"
+    out.mkdir()
+    md, page = _pages(dict(analysis, questions=q), out)
+    hsec = _section(page, '<section id="your-questions">', "</section>")
+    assert "<script" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;img src=x onerror=alert(2)&gt;" in hsec
+    assert hsec.count("&lt;script&gt;alert(1)") == 4            # question, answer, unit, conditions
+    assert "<img" not in hsec                                      # neither plot names a file here
+    assert "<sub>Conditions: C &lt;script>alert(1)&lt;/script> &amp; &lt;img" in md
+
+
+def test_question_plot_must_exist_in_the_report_directory(tmp_path):
+    from minigd.report.summary import question_blocks
+
+    (tmp_path / "q_width_one.png").write_bytes(b"png")
+    base = {"question": "Q", "answer": "A", "value": 1.5, "lo": 1.0, "hi": 2.0, "unit": "x", "conditions": "c"}
+    flat = lambda blocks: [b for s in blocks for b in s[2]]  # noqa: E731
+    imgs = lambda q, d: [b for b in flat(question_blocks({"width_one": q}, d)) if b[0] == "img"]  # noqa: E731
+    assert [b[1] for b in imgs(dict(base, plot="q_width_one.png"), tmp_path)] == ["q_width_one.png"]
+    assert imgs(dict(base, plot="q_width_one.png"), None) == []            # nowhere to look
+    assert imgs(dict(base, plot="nope.png"), tmp_path) == []
+    assert imgs(dict(base, plot=None), tmp_path) == []
+    assert imgs(dict(base, plot=str(tmp_path / "q_width_one.png")), tmp_path) == []  # a path, not a name
+    assert question_blocks({}, tmp_path) == [] and question_blocks(None, tmp_path) == []
+
+
+def test_question_headline_formats():
+    from minigd.report.summary import question_headline
+
+    assert question_headline({"value": 16, "lo": 8, "hi": 32, "unit": "examples", "wins": 0.5}) == \
+        "16 [8, 32] examples; won in 50% of bootstrap resamples"
+    assert question_headline({"value": 0.4213, "lo": None, "hi": None, "unit": "%"}) == "0.421 %"
+    assert question_headline({"value": 1234.5, "lo": 1000, "hi": float("inf"), "unit": None}) == \
+        "1,234 [1,000, ∞]"
+    assert question_headline({"value": None, "lo": 1, "hi": 2}) == ""
+
+
+# -- the figures: legends outside the data, axes labelled, log axes say so ------------------------
+
+
+def test_figures_keep_legends_off_the_data_and_label_their_axes(analysis, tmp_path, monkeypatch):
+    """Every figure of a full report is checked as drawn (before it is saved): no legend
+    overlaps any axes' data area, every axis has a label with its unit in brackets, and an
+    axis on a log scale says so in its label."""
+    from minigd.report import plots
+
+    figs = {}
+    real_save = plots._save
+
+    def keep(fig, path, description=""):
+        real_save(fig, path, description)      # lays the figure out as written, then measure it
+        axes = [ax for ax in fig.axes if ax.axison]
+        legends = [lg for lg in fig.legends] + [ax.get_legend() for ax in axes if ax.get_legend()]
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        r = FigureCanvasAgg(fig).get_renderer()  # (_save closed the figure: its own canvas is gone)
+        figs[path.rsplit("/", 1)[-1]] = [
+            (ax.get_xlabel(), ax.get_xscale(), ax.get_ylabel(), ax.get_yscale(),
+             [lg.get_window_extent(r).overlaps(ax.get_window_extent(r)) for lg in legends],
+             [lg.get_window_extent(r).x1 <= fig.bbox.x1 + 1 and lg.get_window_extent(r).x0 >= -1
+              for lg in legends]) for ax in axes]
+
+    monkeypatch.setattr(plots, "_save", keep)
+    rows = _rows(sizes=(64, 64, 10)) + _rows(sizes=(64, 128, 10), n_failed=0)
+    for name, a in (("one", analysis), ("two", analyze(rows))):
+        figs.clear()
+        make_plots(a, tmp_path)
+        assert sorted(figs) == sorted(PLOT_FILES), name
+        for fname, axes in figs.items():
+            assert axes, fname
+            for xl, xs, yl, ys, overlaps, inside in axes:
+                where = f"{name}/{fname}: {xl!r} / {yl!r}"
+                assert not any(overlaps), f"{where}: a legend covers the data area"
+                assert all(inside), f"{where}: a legend is cut off by the figure's edge"
+                for label, scale in ((xl, xs), (yl, ys)):
+                    assert label and "(" in label, f"{where}: an axis without a label and unit"
+                    assert (scale == "log") == ("log" in label), f"{where}: {label!r} on a {scale} axis"

@@ -287,10 +287,35 @@ def _fmt_g(v):
     return f"{v:.3g}"
 
 
-def _legend(ax, **kw):
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(fontsize=8, **kw)
+def _subplots(nrows=1, ncols=1, **kw):
+    """``plt.subplots`` with the constrained layout, which makes room for the legends that
+    :func:`_fig_legend` and :func:`_side_legend` put outside the axes."""
+    return _pyplot().subplots(nrows, ncols, layout="constrained", **kw)
+
+
+def _fig_legend(fig, axes, max_cols=3):
+    """One legend for the figure, below every axes (outside them: it never covers the data),
+    with each label once (panels that draw the same series share an entry)."""
+    handles, labels, seen = [], [], set()
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in seen:
+                seen.add(lab)
+                handles.append(h)
+                labels.append(lab)
+    if not handles:
+        return None
+    # as many columns as fit the figure's width (about 6 px per character at font size 8)
+    width_px = fig.get_figwidth() * fig.dpi
+    per_col = 6 * max(len(lab) for lab in labels) + 60
+    ncol = max(1, min(max_cols, len(labels), int(width_px // per_col)))
+    return fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
+
+
+def _side_legend(ax, **kw):
+    """The axes' legend to the right of it, outside the data area."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **kw)
 
 
 def _shade_regimes(ax, b_crit, lo, hi, label=True, prefix=""):
@@ -362,10 +387,9 @@ def plot_steps_examples(analysis, path) -> None:
     archs = architectures(analysis)
     if not any(_series(a, "steps_to_target")[0] for a in archs):
         raise NotEnoughData("no batch size reached the target, so there are no steps or examples to plot")
-    plt = _pyplot()
     extra = [v for a in archs for v in (b_crit_of(a), b_simple_of(a))]
     lo, hi = _batch_range(archs, extra)
-    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax_s, ax_e) = _subplots(1, 2, figsize=(12, 5.6))
     colours = _colours(len(archs))
     shaded = False
     import numpy as np
@@ -417,17 +441,16 @@ def plot_steps_examples(analysis, path) -> None:
             if _in_range(bs, lo, hi):
                 ax.axvline(bs, color=colour, ls=":", lw=1.6,
                            label=f"{pre}B_simple (noise scale, mid-training) ≈ {_fmt_g(bs)}")
-    for ax, what in ((ax_s, "steps to target (optimizer steps)"), (ax_e, "examples to target (training examples)")):
+    for ax, what in ((ax_s, "steps to target (optimizer steps, log scale)"),
+                     (ax_e, "examples to target (training examples, log scale)")):
         _log2_batch_axis(ax, lo, hi)
         _log_y(ax)
         ax.set_ylabel(what)
     ax_s.set_title("steps to target")
     ax_e.set_title("examples to target")
-    _legend(ax_s, loc="best")
-    _legend(ax_e, loc="best")
+    _fig_legend(fig, (ax_s, ax_e))
     target = target_words(archs[0]) if archs else "target"
     _suptitle(fig, f"Steps and examples to {target} vs batch size (McCandlish et al. 2018 trade-off)", archs)
-    fig.tight_layout()
     _save(fig, path, "steps and examples to target vs batch size")
 
 
@@ -438,9 +461,8 @@ def plot_time_to_target(analysis, path) -> None:
     if not any(_series(a, "time_to_target")[0] for a in archs):
         raise NotEnoughData("no batch size reached the target, so there is no time to target to plot")
     _, _, factor = _thresholds()
-    plt = _pyplot()
     lo, hi = _batch_range(archs)
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    fig, ax = _subplots(figsize=(8, 5.8))
     for colour, arch in zip(_colours(len(archs)), archs):
         pre = _arch_prefix(archs, arch)
         xs, ys = _series(arch, "time_to_target")
@@ -470,11 +492,10 @@ def plot_time_to_target(analysis, path) -> None:
                     label=f"{pre}smallest reasonable: B = {_fmt_g(rb)} ({by_b[rb]:.3g} s)")
     _log2_batch_axis(ax, lo, hi)
     _log_y(ax)
-    ax.set_ylabel("wall-clock time to target (s)")
-    _legend(ax, loc="best")
+    ax.set_ylabel("wall-clock time to target (s, log scale)")
+    _fig_legend(fig, (ax,), max_cols=2)
     target = target_words(archs[0]) if archs else "target"
     _suptitle(fig, f"Wall-clock time to {target} vs batch size", archs)
-    fig.tight_layout()
     _save(fig, path, "time to target vs batch size")
 
 
@@ -486,9 +507,8 @@ def plot_generalization(analysis, path) -> None:
     vkey, gkey = ("final_val_accuracy", "gen_gap_accuracy") if acc else ("final_val_loss", "gen_gap_loss")
     if not any(_series_any(a, vkey)[0] or _series_any(a, gkey)[0] for a in archs):
         raise NotEnoughData("no final validation metric or generalisation gap was measured")
-    plt = _pyplot()
     lo, hi = _batch_range(archs)
-    fig, (ax_v, ax_g) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax_v, ax_g) = _subplots(1, 2, figsize=(12, 5.4))
     for colour, arch in zip(_colours(len(archs)), archs):
         pre = _arch_prefix(archs, arch)
         xs, ys = _series_any(arch, vkey)
@@ -502,18 +522,17 @@ def plot_generalization(analysis, path) -> None:
         xs, ys = _series_any(arch, gkey)
         if xs:
             ax_g.plot(xs, [100 * y for y in ys] if acc else ys, "s-", color=colour, ms=5,
-                      label=f"{pre}{'train − validation accuracy' if acc else 'validation − train loss'}")
+                      label=f"{pre}generalisation gap: "
+                            f"{'train − validation accuracy' if acc else 'validation − train loss'}")
     for ax in (ax_v, ax_g):
         _log2_batch_axis(ax, lo, hi)
     ax_g.axhline(0, color="black", lw=0.6)
-    ax_v.set_ylabel("final validation accuracy (%)" if acc else "final validation loss")
-    ax_g.set_ylabel("train − val accuracy (percentage points)" if acc else "val − train loss")
+    ax_v.set_ylabel("final validation accuracy (%)" if acc else "final validation loss (mean per example)")
+    ax_g.set_ylabel("train − val accuracy (percentage points)" if acc else "val − train loss (mean per example)")
     ax_v.set_title("validation " + ("accuracy" if acc else "loss") + " at the stopping point (best LR per batch size)")
     ax_g.set_title("generalisation gap at the stopping point")
-    _legend(ax_v, loc="best")
-    _legend(ax_g, loc="best")
+    _fig_legend(fig, (ax_v, ax_g))
     _suptitle(fig, "Generalisation vs batch size", archs)
-    fig.tight_layout()
     _save(fig, path, "generalisation vs batch size")
 
 
@@ -526,9 +545,8 @@ def plot_best_lr(analysis, path) -> None:
         raise NotEnoughData("no best learning rate was recorded")
     import numpy as np
 
-    plt = _pyplot()
     lo, hi = _batch_range(archs)
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    fig, ax = _subplots(figsize=(8, 5.8))
     grid = np.geomspace(lo, hi, 100)
     tried_label = True
     ys_all = []
@@ -559,9 +577,8 @@ def plot_best_lr(analysis, path) -> None:
     if ys_all:
         ax.set_ylim(min(ys_all) / 3, max(ys_all) * 3)
     ax.set_ylabel("learning rate (log scale)")
-    _legend(ax, loc="best")
+    _fig_legend(fig, (ax,), max_cols=2)
     _suptitle(fig, "Best learning rate vs batch size (reference lines through the smallest batch)", archs)
-    fig.tight_layout()
     _save(fig, path, "best learning rate vs batch size")
 
 
@@ -572,9 +589,8 @@ def plot_throughput_memory(analysis, path) -> None:
     has_mem = any(_series(a, "memory_bytes")[0] or _series(a, "workspace_bytes")[0] for a in archs)
     if not (has_tp or has_mem):
         raise NotEnoughData("neither throughput nor memory was measured")
-    plt = _pyplot()
     lo, hi = _batch_range(archs)
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax_t, ax_m) = _subplots(1, 2, figsize=(12, 5.6))
     for colour, arch in zip(_colours(len(archs)), archs):
         pre = _arch_prefix(archs, arch)
         xs, ys = _series(arch, "throughput")
@@ -592,13 +608,15 @@ def plot_throughput_memory(analysis, path) -> None:
         xs, ys = _series(arch, "memory_bytes")
         if xs:
             ax_m.plot(xs, [y / 2**20 for y in ys], "o-", color=colour, ms=5,
-                      label=f"{pre}total (workspace + params, grads, optimizer state)")
+                      label=f"{pre}memory: total (workspace + params, grads, optimizer state)")
         xs, ys = _series(arch, "workspace_bytes")
         if xs:
-            ax_m.plot(xs, [y / 2**20 for y in ys], "^:", color=colour, ms=5, alpha=0.85, label=f"{pre}workspace")
+            ax_m.plot(xs, [y / 2**20 for y in ys], "^:", color=colour, ms=5, alpha=0.85, label=f"{pre}memory: workspace")
+    log_y = {}
     for ax in (ax_t, ax_m):
         _log2_batch_axis(ax, lo, hi)
-        if ax.lines:
+        log_y[ax] = bool(ax.lines)
+        if log_y[ax]:
             _log_y(ax)
     if not has_tp:
         ax_t.text(0.5, 0.5, "not enough data: throughput not measured", ha="center", va="center",
@@ -606,14 +624,12 @@ def plot_throughput_memory(analysis, path) -> None:
     if not has_mem:
         ax_m.text(0.5, 0.5, "not enough data: memory not measured", ha="center", va="center",
                   transform=ax_m.transAxes)
-    ax_t.set_ylabel("samples per second (training examples/s)")
-    ax_m.set_ylabel("memory (MiB)")
+    ax_t.set_ylabel("samples per second (training examples/s" + (", log scale)" if log_y[ax_t] else ")"))
+    ax_m.set_ylabel("memory (MiB" + (", log scale)" if log_y[ax_m] else ")"))
     ax_t.set_title("throughput and goodput (Pollux)")
     ax_m.set_title("memory")
-    _legend(ax_t, loc="best")
-    _legend(ax_m, loc="best")
+    _fig_legend(fig, (ax_t, ax_m))
     _suptitle(fig, "Hardware efficiency vs batch size", archs)
-    fig.tight_layout()
     _save(fig, path, "throughput, goodput and memory vs batch size")
 
 
@@ -655,7 +671,7 @@ def plot_noise_scale(analysis, path, max_curves: int = 6) -> None:
     plt = _pyplot()
     per_arch = per_arch[:4]
     n = len(per_arch)
-    fig, axes = plt.subplots(n, 1, figsize=(9, 4.6 * n), squeeze=False)
+    fig, axes = _subplots(n, 1, figsize=(10, 4.6 * n), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for ax, (arch, have) in zip(axes[:, 0], per_arch):
         chosen = _pick_spread(have, max_curves)
@@ -673,13 +689,12 @@ def plot_noise_scale(analysis, path, max_curves: int = 6) -> None:
         ax.set_xscale("log")
         _log_y(ax)
         ax.set_xlabel("training examples seen (log scale)")
-        ax.set_ylabel("B_simple = tr(Σ)/|G|² (examples)")
+        ax.set_ylabel("B_simple = tr(Σ)/|G|² (examples, log scale)")
         ax.grid(True, which="major", alpha=0.3)
         if n > 1:
             ax.set_title(arch_label(arch), fontsize=10)
-        _legend(ax, loc="best", title="batch size")
+        _side_legend(ax, title="batch size")
     _suptitle(fig, "Gradient noise scale B_simple over training (McCandlish et al. 2018)", archs if n == 1 else [])
-    fig.tight_layout()
     _save(fig, path, "gradient noise scale over training")
 
 
@@ -708,7 +723,7 @@ def make_plots(analysis: dict, out_dir) -> list[PlotResult]:
         reason = None
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # tight_layout / log-axis chatter
+                warnings.simplefilter("ignore", UserWarning)  # layout / log-axis chatter
                 fn(analysis, path)
         except NotEnoughData as exc:
             reason = f"not enough data: {exc}"

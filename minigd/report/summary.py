@@ -6,13 +6,16 @@ answers with the numbers behind them: it begins with the recommendation (the bat
 use, and why), then the answers (fastest batch size, fewest examples, critical batch size,
 smallest reasonable batch size, regimes, generalisation) with their bootstrap intervals
 ("12 ms [10 ms, 15 ms]": the 90% interval) and win rates, a per-batch-size table, the
-figures of :mod:`minigd.report.plots` and an appendix (failed trials, the study spec).
+section "Your questions, answered" where the study ran question arms (``--questions``;
+:func:`question_blocks`), the figures of :mod:`minigd.report.plots` and an appendix
+(failed trials, the study spec).
 ``summary.json`` (:func:`summary_json`) holds the same answers for programs.
 Missing values are reported as "not reached" (a target no batch size met) or "not
 measured"; nothing in the analysis is required to be present.
 
 The Markdown and HTML files carry the same content, built from one list of blocks; the HTML
-is self-contained (inline CSS) and refers to the figures by relative path.
+is self-contained (inline CSS), refers to the figures by relative path, escapes every text
+and never scrolls sideways (``tests/test_report_browser.py`` checks it in Chromium).
 """
 from __future__ import annotations
 
@@ -571,14 +574,94 @@ def norm_comparison_blocks(comp, acc) -> list:
     return head + [("table", ["batch"] + variants, body)]
 
 
+# --------------------------------------------------------------------------- your questions
+
+QUESTIONS_TITLE = "Your questions, answered"
+QUESTIONS_ID = "your-questions"
+
+
+def _q_number(x) -> str:
+    v = fnum(x)
+    if v is None:
+        return _gi(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+    return _g(v)
+
+
+def question_headline(q) -> str:
+    """"value [lo, hi] unit; won in 87% of bootstrap resamples" of a question's answer
+    (its headline number with the 90% interval), or "" where it has no value."""
+    if not isinstance(q, dict) or q.get("value") is None:
+        return ""
+    s = _q_number(q["value"])
+    if q.get("lo") is not None and q.get("hi") is not None:
+        s += f" [{_q_number(q['lo'])}, {_q_number(q['hi'])}]"
+    if q.get("unit"):
+        s += f" {q['unit']}"
+    w = fnum(q.get("wins"))
+    if w is not None:
+        s += f"; won in {100 * w:.0f}% of bootstrap resamples"
+    return s
+
+
+def _q_plot(q, report_dir):
+    """The answer's figure as a file name in ``report_dir``, or None where it names no file
+    there (only a plain file name counts: nothing outside the report directory is shown)."""
+    plot = q.get("plot")
+    if not report_dir or not isinstance(plot, str) or not plot or os.path.basename(plot) != plot \
+            or plot in (".", ".."):
+        return None
+    return plot if os.path.isfile(os.path.join(os.fspath(report_dir), plot)) else None
+
+
+def question_blocks(questions, report_dir=None) -> list:
+    """The section "Your questions, answered": for each answer of ``questions`` (``{name:
+    answer}`` of :func:`minigd.study.questions.answer_questions`), in the order of
+    :data:`minigd.study.questions.QUESTIONS` (unknown names after, as given), the question
+    as a heading, the answer, the headline number with its 90% interval (and win rate),
+    the conditions in a smaller line and the figure -- where its ``plot`` names a file that
+    exists in ``report_dir``.  An unanswered question shows its "Not answered: ..." sentence.
+    ``[]`` when there are no answers."""
+    if not isinstance(questions, dict):
+        return []
+    try:
+        from minigd.study.questions import QUESTIONS
+    except ImportError:  # pragma: no cover - the study package ships with minigd
+        QUESTIONS = ()
+    names = [n for n in QUESTIONS if n in questions] + [n for n in questions if n not in QUESTIONS]
+    inner = []
+    for name in names:
+        q = questions[name]
+        if not isinstance(q, dict):
+            continue
+        inner.append(("h3", str(q.get("question") or name)))
+        text = str(q.get("answer") or "").strip()
+        if q.get("value") is None and not text:
+            text = "Not answered: no answer was recorded."
+        inner.append(("p", text))
+        head = question_headline(q)
+        if head:
+            inner.append(("p", f"**Headline number** (90% interval in brackets): {head}."))
+        if q.get("conditions"):
+            inner.append(("small", f"Conditions: {q['conditions']}"))
+        plot = _q_plot(q, report_dir)
+        if plot:
+            cap = _PLOT_CAPTIONS.get(plot, f"The figure behind this answer ({plot}).")
+            inner.append(("img", plot, cap, f"figure for the question: {q.get('question') or name}"))
+    if not inner:
+        return []
+    return [("section", QUESTIONS_ID, [("h2", QUESTIONS_TITLE)] + inner)]
+
+
 # --------------------------------------------------------------------------- blocks
 
 
 def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec: dict | None = None,
-                 plots=None) -> list:
-    """The report as a list of blocks ``(kind, ...)``: ``("h1"|"h2"|"h3"|"p", text)``,
+                 plots=None, report_dir=None) -> list:
+    """The report as a list of blocks ``(kind, ...)``: ``("h1"|"h2"|"h3"|"p"|"small", text)``,
     ``("ul", [items])``, ``("table", headers, rows)``, ``("img", src, caption, alt)``,
-    ``("pre", text)``.  Text may hold ``**bold**``."""
+    ``("pre", text)``, ``("section", id, [blocks])``.  Text may hold ``**bold**``.
+    ``report_dir`` is where the figures are: an answer of ``analysis["questions"]`` shows
+    its figure only where the file exists there."""
     analysis = analysis if isinstance(analysis, dict) else {}
     archs = architectures(analysis)
     acc = uses_accuracy(archs)
@@ -621,6 +704,7 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
             blocks.append(("table", h, b))
         else:
             blocks.append(("p", f"No batch sizes: {NOT_MEASURED}."))
+    blocks += question_blocks(analysis.get("questions"), report_dir)
     for comp in analysis.get("norm_comparisons") or []:
         blocks += norm_comparison_blocks(comp, acc)
     blocks.append(("h2", "Figures"))
@@ -661,15 +745,26 @@ def _md_cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
+def _md_small(text) -> str:
+    """A smaller line in Markdown: ``<sub>`` (rendered smaller where Markdown allows HTML),
+    its text escaped for HTML (``&`` and ``<``: enough in element content, and ``>=`` stays
+    readable in the raw file)."""
+    return "<sub>" + str(text).replace("&", "&amp;").replace("<", "&lt;").replace("\n", " ") + "</sub>"
+
+
 def render_markdown(blocks) -> str:
-    """The blocks as Markdown."""
+    """The blocks as Markdown (a ``section`` is its blocks in order)."""
     out = []
     for blk in blocks:
         kind = blk[0]
-        if kind in ("h1", "h2", "h3"):
+        if kind == "section":
+            out.append(render_markdown(blk[2]).rstrip("\n"))
+        elif kind in ("h1", "h2", "h3"):
             out.append("#" * int(kind[1]) + " " + blk[1])
         elif kind == "p":
             out.append(blk[1])
+        elif kind == "small":
+            out.append(_md_small(blk[1]))
         elif kind == "ul":
             out.append("\n".join(f"- {item}" for item in blk[1]))
         elif kind == "table":
@@ -679,7 +774,8 @@ def render_markdown(blocks) -> str:
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
         elif kind == "img":
-            out.append(f"![{blk[3] if len(blk) > 3 else blk[1]}]({blk[1]})\n\n*{blk[2]}*")
+            alt = re.sub(r"([\[\]\\])", r"\\\1", str(blk[3] if len(blk) > 3 else blk[1]))
+            out.append(f"![{alt}]({blk[1]})\n\n*{blk[2]}*")
         elif kind == "pre":
             out.append("```json\n" + blk[1] + "\n```")
     return "\n\n".join(out) + "\n"
@@ -688,17 +784,22 @@ def render_markdown(blocks) -> str:
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px;
        margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.5; }
+h1, h2, h3, p, li, figcaption, small { overflow-wrap: anywhere; }
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; }
 h2 { border-bottom: 1px solid #eee; padding-bottom: .2em; margin-top: 2em; }
 li { margin-bottom: .5em; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
+.table-wrap { max-width: 100%; overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 th { background: #f3f3f3; }
 td:first-child, th:first-child, td:last-child { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1.5em 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
+img { max-width: 100%; height: auto; }
+figure img { border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; }
+section#your-questions h3 { margin-top: 1.6em; }
+p.small { font-size: 0.85em; color: #555; margin-top: -.4em; }
 pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 code { background: #f6f8fa; padding: 0 .2em; }
 """
@@ -711,32 +812,45 @@ def _inline_html(text) -> str:
     return s
 
 
+def _html_block(blk) -> str:
+    kind = blk[0]
+    if kind == "section":
+        return (f'<section id="{html.escape(str(blk[1]))}">\n'
+                + "\n".join(_html_block(b) for b in blk[2]) + "\n</section>")
+    if kind in ("h1", "h2", "h3"):
+        return f"<{kind}>{_inline_html(blk[1])}</{kind}>"
+    if kind == "p":
+        return f"<p>{_inline_html(blk[1])}</p>"
+    if kind == "small":
+        return f'<p class="small"><small>{_inline_html(blk[1])}</small></p>'
+    if kind == "ul":
+        return "<ul>\n" + "\n".join(f"<li>{_inline_html(i)}</li>" for i in blk[1]) + "\n</ul>"
+    if kind == "table":
+        # in a box that scrolls by itself: a wide table never makes the page scroll sideways
+        headers, rows = blk[1], blk[2]
+        t = ['<div class="table-wrap">', "<table>", "<thead><tr>"
+             + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr></thead>", "<tbody>"]
+        t += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+        t += ["</tbody>", "</table>", "</div>"]
+        return "\n".join(t)
+    if kind == "img":
+        src, cap = html.escape(blk[1]), _inline_html(blk[2])
+        alt = html.escape(blk[3] if len(blk) > 3 else blk[1])
+        return (f'<figure><img src="{src}" alt="{alt}" style="max-width:100%;height:auto">'
+                f"<figcaption>{cap}</figcaption></figure>")
+    if kind == "pre":
+        return f"<pre>{html.escape(blk[1])}</pre>"
+    return ""
+
+
 def render_html(blocks, title: str = "minigd batch-size study") -> str:
-    """The blocks as a self-contained HTML page (inline CSS, figures by relative path)."""
+    """The blocks as a self-contained HTML page (inline CSS, figures by relative path).  Every
+    text is escaped; nothing is wider than the window (figures scale down, wide tables
+    scroll in their own box, long words wrap)."""
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
-    for blk in blocks:
-        kind = blk[0]
-        if kind in ("h1", "h2", "h3"):
-            out.append(f"<{kind}>{_inline_html(blk[1])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline_html(blk[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>\n" + "\n".join(f"<li>{_inline_html(i)}</li>" for i in blk[1]) + "\n</ul>")
-        elif kind == "table":
-            headers, rows = blk[1], blk[2]
-            t = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-                 + "</tr></thead>", "<tbody>"]
-            t += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
-            t += ["</tbody>", "</table>"]
-            out.append("\n".join(t))
-        elif kind == "img":
-            src, cap = html.escape(blk[1]), _inline_html(blk[2])
-            alt = html.escape(blk[3] if len(blk) > 3 else blk[1])
-            out.append(f'<figure><img src="{src}" alt="{alt}">'
-                       f"<figcaption>{cap}</figcaption></figure>")
-        elif kind == "pre":
-            out.append(f"<pre>{html.escape(blk[1])}</pre>")
+    out += [h for h in (_html_block(b) for b in blocks) if h]
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
 
@@ -895,7 +1009,8 @@ def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size stu
     js = atomic_write_text(os.path.join(out_dir, "summary.json"),
                            json.dumps(summary_json(analysis), indent=1, allow_nan=False) + "\n")
     plots = make_plots(analysis if isinstance(analysis, dict) else {}, out_dir)
-    blocks = build_blocks(analysis, title=title, spec=spec, plots=[(p.name, p.placeholder) for p in plots])
+    blocks = build_blocks(analysis, title=title, spec=spec, plots=[(p.name, p.placeholder) for p in plots],
+                          report_dir=out_dir)
     md = atomic_write_text(os.path.join(out_dir, "summary.md"), render_markdown(blocks))
     page = atomic_write_text(os.path.join(out_dir, "summary.html"), render_html(blocks, title))
     return [p.path for p in plots] + [md, page, js]
