@@ -47,11 +47,13 @@ def answer(ctx, rows) -> dict:
            f"{label_b(fastest.get('value'), n)})" if below32 else
            f"every batch size below 32 takes more than {REASONABLE_TIME_FACTOR:g}x the fastest time "
            f"({fmt_num(best_t, 's')} at batch {label_b(fastest.get('value'), n)})")
+    span = (f"batch {sr['value']} in at least 90% of bootstrap resamples" if sr.get("lo") == sr.get("hi")
+            else f"90% interval: batch {sr.get('lo')} to {sr.get('hi')}")
     edge = (" It is the smallest batch size swept: a smaller one may be reasonable too."
             if sr["value"] == smallest_swept else "")
     text = (f"A batch size below 32 {verdict}: {why}. The smallest reasonable batch size (time to the target "
-            f"within {REASONABLE_TIME_FACTOR:g}x the least) is {sr['value']} [90% interval {sr.get('lo')}–"
-            f"{sr.get('hi')}], the smallest in {100 * (sr.get('wins') or 0):.0f}% of bootstrap resamples; "
+            f"within {REASONABLE_TIME_FACTOR:g}x the least) is {sr['value']} ({span}), the smallest in "
+            f"{100 * (sr.get('wins') or 0):.0f}% of bootstrap resamples; "
             f"by examples to the target (within {EXAMPLES_TOLERANCE:g}x the fewest, {fmt_num(fewest)}) it is "
             f"{small_ex}.{edge}")
     return {"name": NAME, "question": QUESTION, "answer": text, "value": sr["value"], "lo": sr.get("lo"),
