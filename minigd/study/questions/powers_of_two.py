@@ -1,16 +1,23 @@
 """Must batch sizes be powers of two?
 
-Answered with the throughput probe (:mod:`minigd.study.probe`: the whole training step as
-``fit`` pays it, one thread, nothing else running, rounds interleaved across batch sizes
-in a fresh random order each round) at every batch size B from P - 3 to P + 3 around each
-power of two P = 8, 16, 32, ... with P + 3 <= the training-set size (the largest Ps are
-dropped, and the rounds chosen, to fit :data:`PROBE_BUDGET_S`).
+Answered with the throughput probe (:func:`minigd.study.probe.probe`: the whole training
+step as ``fit`` pays it, one thread, rounds interleaved across batch sizes in a fresh random
+order each round) at every batch size B from P - 3 to P + 3 around each power of two
+P = 8, 16, 32, ..., :data:`P_MAX` with P + 3 <= the training-set size (the largest Ps are
+dropped, and the rounds chosen, to fit :data:`PROBE_BUDGET_S`).  Its entries are stored in
+the meta entry ``probe:powers_of_two`` (re-used on a resumed study on the same host, and by
+``minigd report``).
 
-**Step time.**  Per batch size, the :data:`QUANTILE` quantile of the probe's rounds (the
-fastest tenth), not their median: on a shared machine other processes only ever add time
-to a round, and they add more to a long round than to a short one -- the probe sizes each
-batch size's round from a short pilot, so under load two neighbours' rounds can differ
-tenfold in length and their medians by 2x for nothing but the contention.
+**Short rounds, fastest tenth.**  The probe runs here with rounds of :data:`ROUND_S`
+(~2 ms, not the study's 20 ms), many of them, and the step time of a batch size is the
+:data:`QUANTILE` quantile of its rounds (the fastest tenth), not their median.  Other
+processes only ever add time to a round, and on a loaded machine they interrupt nearly
+every round longer than a scheduler time slice.  The probe sizes each round from a short
+pilot, so a disturbed pilot gives one batch size rounds ten times shorter than its
+neighbours', which escape the interruptions: with 20 ms rounds under a load of ~8 on 2
+cores, batch 256 (12 steps a round) timed 94 µs a step against 210-240 µs for its
+neighbours (130-160 steps a round), a spurious 55% "advantage".  Rounds of ~2 ms mostly
+fit in a time slice whatever their pilot, and their fastest tenth is the undisturbed step.
 
 **Cost per example.**  c(B) = t(B) / e(B), e(B) the examples per step of the timed rounds:
 B while a round is a part of an epoch; n/ceil(n/B) once the probe times whole epochs
@@ -48,12 +55,13 @@ HALF_WIDTH = 3
 #: the smallest and the largest power of two probed (the largest also bounded by the data)
 P_MIN, P_MAX = 8, 1024
 #: seconds the probe may take (on top of its pilot runs); rounds are chosen to fill it
-PROBE_BUDGET_S = 40.0
+PROBE_BUDGET_S = 30.0
 #: rounds per batch size: at least / at most
-MIN_ROUNDS, MAX_ROUNDS = 7, 25
-#: assumed cost of one round of one batch size beyond its ~ROUND_S of steps (fit's set-up,
-#: the interleaving), as a factor
-OVERHEAD = 1.4
+MIN_ROUNDS, MAX_ROUNDS = 15, 100
+#: seconds one round of one batch size should last (see the module docstring)
+ROUND_S = 0.002
+#: seconds a round costs beyond its steps (``fit``'s set-up and untimed warm-up step)
+FIT_OVERHEAD_S = 0.002
 N_BOOT = 2000
 #: the quantile of the probe's rounds taken as the step time (see the module docstring)
 QUANTILE = 0.1
@@ -74,11 +82,10 @@ def design(ctx):
     """``(powers, batch_sizes, rounds)``: the powers of two P probed, every batch size
     P - 3 .. P + 3 around them (sorted), and the rounds -- deterministic in the study
     (its training-set size and its stored probe)."""
-    from minigd.study.probe import ROUND_S
-
     n = ctx.n_train
     est = _step_estimate(ctx)
-    cost = lambda B: OVERHEAD * max(ROUND_S, est(B) if est else 0.0)
+    step = lambda B: est(B) if est else 0.0
+    cost = lambda B: FIT_OVERHEAD_S + step(B) + max(ROUND_S, step(B))   # set-up, untimed step, round
     powers = []
     P = P_MIN
     while P <= P_MAX and P + HALF_WIDTH <= n:
@@ -97,12 +104,35 @@ def _configs(ctx, bs):
     return [ctx.base_config(batch_size=int(B)) for B in bs]
 
 
+def probe_entries(ctx, configs, rounds) -> list:
+    """The probe's entries for ``configs`` (as :meth:`QuestionContext.probe`, with rounds of
+    :data:`ROUND_S`): stored ones when every batch size has one, taken with this round
+    length (and on this host, unless read-only); else measured now and stored."""
+    import platform
+
+    from minigd.study.probe import probe, probe_jobs, probe_key
+
+    jobs = probe_jobs(configs)
+    meta = f"probe:{NAME}"
+    old = ctx.store.meta(meta) or []
+    have = {e.get("key"): e for e in old if isinstance(e, dict) and e.get("round_target_s") == ROUND_S}
+    need = [probe_key(c) for c in jobs]
+    if all(k in have for k in need) and (ctx.readonly or all(have[k].get("host") == platform.node() for k in need)):
+        return [have[k] for k in need]
+    if ctx.readonly:
+        return [have[k] for k in need if k in have]
+    ctx.log(f"  {NAME}: timing {len(jobs)} batch sizes, {rounds} rounds of ~{ROUND_S * 1e3:g} ms each "
+            f"(throughput probe)")
+    entries = [dict(e, round_target_s=ROUND_S) for e in probe(jobs, rounds=rounds, round_s=ROUND_S, seed=ctx.seed)]
+    ctx.store.set_meta(meta, entries)
+    return entries
+
+
 def run(ctx) -> list:
-    """Time every batch size of :func:`design` (stored under ``probe:powers_of_two``, re-used
-    on a resumed study on this host and by ``minigd report``); no trials."""
+    """Time every batch size of :func:`design`; no trials."""
     powers, bs, rounds = design(ctx)
     if powers:
-        ctx.probe(_configs(ctx, bs), rounds=rounds)
+        probe_entries(ctx, _configs(ctx, bs), rounds)
     return []
 
 
@@ -146,7 +176,6 @@ def _advantages(C, E, col, powers):
 
 def answer(ctx, rows) -> dict:
     from minigd.study.analysis import _interval
-    from minigd.study.probe import ROUND_S
 
     from . import unanswered
 
@@ -155,7 +184,7 @@ def answer(ctx, rows) -> dict:
         return unanswered(NAME, f"the training set ({ctx.n_train} examples) is too small for a batch size "
                                 f"{P_MIN} + {HALF_WIDTH}")
     n = ctx.n_train
-    entries = ctx.probe(_configs(ctx, bs), rounds=rounds)
+    entries = probe_entries(ctx, _configs(ctx, bs), rounds)
     by_b, steps = {}, {}
     for e in entries:
         if isinstance(e, dict) and e.get("round_s") and not e.get("full_batch"):
@@ -229,7 +258,7 @@ def answer(ctx, rows) -> dict:
     budget = (f"throughput probe at B = P−{HALF_WIDTH}..P+{HALF_WIDTH} for P = {', '.join(map(str, ps))} "
               f"({len(measured)} batch sizes; P from {P_MIN} up to {P_MAX} within the training set, the largest "
               f"dropped to fit ~{PROBE_BUDGET_S:g} s), {rounds} rounds of ~{ROUND_S * 1e3:g} ms each, interleaved "
-              f"in random order, step time = the fastest {QUANTILE:.0%} of rounds; {N_BOOT} bootstrap resamples "
+              f"in random order, step time = the fastest {QUANTILE:.0%} of the rounds; {N_BOOT} bootstrap resamples "
               f"of the rounds")
     return {"name": NAME, "question": QUESTION, "answer": text, "value": v, "lo": lo, "hi": hi,
             "unit": "% less time per example than the neighbours' trend (median over powers of two)",
