@@ -47,6 +47,17 @@ def test_advantage_is_zero_on_a_linear_cost_and_finds_an_injected_speedup(n):
     assert math.isnan(p2._advantages(C, E, missing, powers)[0, powers.index(32)])
 
 
+def test_prediction_band_measures_the_neighbours_scatter():
+    bs = list(range(29, 36))
+    col = {B: i for i, B in enumerate(bs)}
+    E = np.array(bs, float)
+    c = (20e-6 + 0.5e-6 * E) / E
+    assert p2.prediction_band(c, E, col, 32) == pytest.approx((0, 0), abs=1e-12)
+    noisy = c * (1 + 0.01 * np.array([1, -1, 1, 0, -1, 1, -1]))     # +-1% set-up effects
+    scatter, band = p2.prediction_band(noisy, E, col, 32)
+    assert 0.005 < scatter < 0.02 and band > 2 * scatter
+
+
 def test_design_fits_the_budget_and_the_data():
     fast = types.SimpleNamespace(n_train=1438, main_probe=[{"batch_size": 1, "median_s": 1e-5},
                                                            {"batch_size": 1438, "median_s": 1e-3}])

@@ -36,9 +36,15 @@ symmetric); fitting in 1/e keeps the fixed per-step cost's curvature out of the 
 (averaging c(P - k) and c(P + k) would overstate c(P) by ~k^2/P^2 of that cost).
 
 The headline is the median advantage over the Ps, in percent, with a 90% bootstrap
-interval: each resample draws the probe's rounds with replacement (jointly for every batch
-size: one round visits every batch size once, in the same window of time) and recomputes
-every step time, trend and advantage.
+interval at two levels: each resample draws the probe's rounds with replacement (jointly
+for every batch size: one round visits every batch size once, in the same window of time),
+recomputes every step time, trend and advantage, and then draws the Ps with replacement.
+The second level is needed because each batch size's model and buffers are set up once per
+probe, which makes it a percent or two faster or slower for the whole session: two runs'
+per-P advantages differed by more than their round intervals (batch 16: +1.9% [1.6, 2.3]
+in one, -0.6% [-1.8, -0.3] in the next).  Per P, an advantage *stands out* when it exceeds
+the 90% prediction band of its neighbours' own scatter about their trend
+(:func:`prediction_band`) and its round interval excludes 0.
 """
 from __future__ import annotations
 
@@ -174,6 +180,36 @@ def _advantages(C, E, col, powers):
     return out
 
 
+#: Student's t, 95th percentile, by degrees of freedom (a 90% two-sided band)
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
+
+
+def prediction_band(c, E, col, P) -> tuple:
+    """``(scatter, band)`` as fractions of the neighbours' trend at P: the residual standard
+    deviation of the neighbours' costs per example ``c`` (nB,) around their fit, and the
+    half-width of the fit's 90% prediction band at P -- how far a batch size with nothing
+    special about it strays from its neighbours' trend (each batch size's model and buffers
+    are set up once per probe, so it is a little faster or slower for the whole session, by
+    more than the rounds' own noise shows)."""
+    nb = [B for B in range(P - HALF_WIDTH, P + HALF_WIDTH + 1) if B != P and B in col]
+    x = 1.0 / E[[col[B] for B in nb]]
+    y = c[[col[B] for B in nb]]
+    k = len(nb)
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    flat = sxx <= 1e-12 * float(x @ x)
+    slope = 0.0 if flat else float((y - y.mean()) @ xc / sxx)
+    resid = y - y.mean() - slope * xc
+    dof = k - (1 if flat else 2)
+    if dof < 1:
+        return math.nan, math.nan
+    s = math.sqrt(float(resid @ resid) / dof)
+    x0 = 1.0 / E[col[P]] - x.mean()
+    se = s * math.sqrt(1 + 1 / k + (0.0 if flat else x0 * x0 / sxx))
+    trend = y.mean() + slope * x0
+    return s / trend, _T95.get(dof, 1.7 if dof <= 30 else 1.645) * se / trend
+
+
 def answer(ctx, rows) -> dict:
     from minigd.study.analysis import _interval
 
@@ -222,8 +258,13 @@ def answer(ctx, rows) -> dict:
                           details={"planned_batch_sizes": bs, "measured_batch_sizes": measured})
     ps = [powers[j] for j in ok]
     head_pt = 100 * float(np.median(adv_pt[ok]))
+    # two levels: the rounds (jointly, above) and the powers of two themselves, whose own
+    # set-up effects the rounds cannot show (a run's per-P advantages differ from another's
+    # by more than their round intervals; resampling the Ps carries that spread)
+    A = adv_bt[:, ok]
+    pick = rng.integers(0, len(ok), size=(R, len(ok)))
     with np.errstate(invalid="ignore"):
-        head_bt = 100 * np.nanmedian(adv_bt[:, ok], axis=1)
+        head_bt = 100 * np.nanmedian(np.take_along_axis(A, pick, axis=1), axis=1)
     head = _interval(head_pt, head_bt)
     per_p = []
     for j in ok:
@@ -231,9 +272,13 @@ def answer(ctx, rows) -> dict:
         iv = _interval(100 * float(adv_pt[j]), 100 * adv_bt[:, j])
         nb = [B for B in range(P - HALF_WIDTH, P + HALF_WIDTH + 1) if B != P and B in col]
         c = float(point_C[0, col[P]])
+        scatter, band = prediction_band(point_C[0], E, col, P)
+        a = float(adv_pt[j])
         per_p.append({"power": P, "neighbours": nb, "step_time_s": float(point_T[0, col[P]]),
-                      "per_example_s": c, "neighbour_trend_per_example_s": c / (1 - float(adv_pt[j])),
-                      "advantage_pct": {k: iv[k] for k in ("value", "lo", "hi")}})
+                      "per_example_s": c, "neighbour_trend_per_example_s": c / (1 - a),
+                      "advantage_pct": {k: iv[k] for k in ("value", "lo", "hi")},
+                      "neighbour_scatter_pct": 100 * scatter, "prediction_band_pct": 100 * band,
+                      "stands_out": bool(abs(a) > band and (iv["lo"] > 0 or iv["hi"] < 0))})
     v, lo, hi = head["value"], head["lo"], head["hi"]
     if lo > 0:
         verdict = f"Powers of two are {v:.2g}% faster per example [{lo:.2g}%, {hi:.2g}%] on this machine"
@@ -242,24 +287,24 @@ def answer(ctx, rows) -> dict:
                    f"(an advantage of {v:.2g}% [{lo:.2g}%, {hi:.2g}%])")
     else:
         verdict = f"No difference: {v:.2g}% [{lo:.2g}%, {hi:.2g}%], an interval that includes 0"
-    clear = [p for p in per_p if p["advantage_pct"]["lo"] > 0 or p["advantage_pct"]["hi"] < 0]
+    out = [p for p in per_p if p["stands_out"]]
     extreme = max(per_p, key=lambda p: abs(p["advantage_pct"]["value"]))
     ex_iv = extreme["advantage_pct"]
     text = (f"{verdict}: the median over P = {', '.join(map(str, ps))} of how much less time per example "
             f"batch size P takes than the trend of its neighbours P±1..{HALF_WIDTH} (throughput probe, "
-            f"{rounds} rounds per batch size, 90% bootstrap interval over the rounds). "
+            f"{rounds} rounds per batch size; 90% bootstrap interval over the rounds and the powers of two). "
             f"The largest single effect is at P = {extreme['power']}: {ex_iv['value']:+.2g}% "
-            f"[{ex_iv['lo']:+.2g}%, {ex_iv['hi']:+.2g}%]; "
-            + (f"{len(clear)} of {len(per_p)} powers of two ({', '.join(str(p['power']) for p in clear)}) differ "
-               f"from their neighbours beyond their 90% interval" if clear else
-               "no power of two differs from its neighbours beyond its 90% interval")
+            f"[{ex_iv['lo']:+.2g}%, {ex_iv['hi']:+.2g}%] against a ±{extreme['prediction_band_pct']:.2g}% band "
+            f"within which its neighbours scatter about their trend; "
+            + (f"{len(out)} of {len(per_p)} powers of two ({', '.join(str(p['power']) for p in out)}) "
+               f"stand{'s' if len(out) == 1 else ''} out of that band" if out else f"none of the {len(per_p)} powers of two stands out of that band")
             + (f". Batch sizes {missing} were not measured." if missing else "."))
     _plot(ctx, measured, point_C[0], boot_C, E, col, per_p)
     budget = (f"throughput probe at B = P−{HALF_WIDTH}..P+{HALF_WIDTH} for P = {', '.join(map(str, ps))} "
               f"({len(measured)} batch sizes; P from {P_MIN} up to {P_MAX} within the training set, the largest "
               f"dropped to fit ~{PROBE_BUDGET_S:g} s), {rounds} rounds of ~{ROUND_S * 1e3:g} ms each, interleaved "
               f"in random order, step time = the fastest {QUANTILE:.0%} of the rounds; {N_BOOT} bootstrap resamples "
-              f"of the rounds")
+              f"of the rounds (jointly) and of the powers of two")
     return {"name": NAME, "question": QUESTION, "answer": text, "value": v, "lo": lo, "hi": hi,
             "unit": "% less time per example than the neighbours' trend (median over powers of two)",
             "conditions": ctx.conditions(budget),
@@ -315,12 +360,19 @@ def _plot(ctx, measured, C, boot_C, E, col, per_p):
     alo = np.array([p["advantage_pct"]["lo"] for p in per_p])
     ahi = np.array([p["advantage_pct"]["hi"] for p in per_p])
     ax2.axhline(0, color="0.3", lw=0.8)
+    band = np.array([p["prediction_band_pct"] for p in per_p], float)
+    ax2.bar(P, 2 * band, bottom=-band, width=P * 0.25, color="0.85", zorder=0,
+            label="neighbours' scatter about their trend (90% prediction band)")
     ax2.errorbar(P, a, yerr=[np.clip(a - alo, 0, None), np.clip(ahi - a, 0, None)], fmt="*", ms=9,
                  color="tab:red", capsize=3, label="advantage of P (90% interval)")
     ax2.set_xlabel("batch size B (examples, log scale)")
     ax2.set_ylabel("advantage of P (% less time\nper example than the trend)")
     ax2.grid(True, which="both", alpha=0.25)
-    ax2.legend(loc="best", fontsize=8)
+    top = float(np.nanmax(np.concatenate([band, ahi, [0.5]])))
+    bottom = float(np.nanmin(np.concatenate([-band, alo, [-0.5]])))
+    pad = 0.08 * (top - bottom)
+    ax2.set_ylim(bottom - pad, top + pad)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
