@@ -113,7 +113,9 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
 
         for s in setups:    # pilot: warm every regime and size the rounds
             run(s, 2)
-            per = run(s, 4)
+            # the least of three short runs: one disturbed pilot (another process on a shared
+            # machine) would make this batch size's rounds far shorter than its neighbours'
+            per = min(run(s, 4) for _ in range(3))
             m = max(1, math.ceil(round_s / max(per, 1e-7)))
             if m > s["spe"]:     # whole epochs, so an epoch's end costs what it costs a user
                 m = s["spe"] * math.ceil(m / s["spe"])
