@@ -26,18 +26,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import cpu_model  # noqa: E402
 ROOT = os.path.dirname(HERE)
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _clear_numba_cache() -> int:
@@ -76,7 +67,7 @@ def main() -> int:
     holds = [recs[0]["lo"] <= b[1] <= recs[0]["hi"], recs[1]["lo"] <= b[0] <= recs[1]["hi"]]
     bc_holds = [bcrit[0]["lo"] <= bcrit[1]["value"] <= bcrit[0]["hi"],
                 bcrit[1]["lo"] <= bcrit[0]["value"] <= bcrit[1]["hi"]]
-    res = {"machine": {"cpus": os.cpu_count(), "cpu": _cpu(), "python": platform.python_version(),
+    res = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
                        "date": time.strftime("%Y-%m-%d")},
            "seconds": {"cold": cold, "warm_seed0": warm0, "warm_seed1": warm1},
            "numba_cache_files_removed": removed,

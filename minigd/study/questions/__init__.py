@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import os
 import platform
 import traceback
@@ -206,6 +205,8 @@ def answer_questions(ctx: QuestionContext, names) -> dict:
     """Run (unless read-only) and answer every question of ``names``; returns
     ``{name: answer}`` and stores the trial keys of each arm in the meta ``question_keys``.
     An arm that fails is recorded as unanswered with its error, and the others go on."""
+    from minigd.study.store import _finite_json
+
     out = {}
     stored_keys = ctx.store.meta("question_keys") or {}
     keys = dict(stored_keys) if isinstance(stored_keys, dict) else {}
@@ -225,18 +226,8 @@ def answer_questions(ctx: QuestionContext, names) -> dict:
         except Exception as exc:  # one arm's failure must not cost the study its other answers
             ans = unanswered(name, f"the arm failed ({type(exc).__name__}: {exc})",
                              error=traceback.format_exc(limit=8))
-        out[name] = _finite(ans)
+        out[name] = _finite_json(ans)
         keys[name] = sorted(set(ctx.keys))     # also [] for an arm with no trials of its own
     if not ctx.readonly:
         ctx.store.set_meta("question_keys", keys)
     return out
-
-
-def _finite(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x

@@ -7,7 +7,7 @@ target are within :data:`EXAMPLES_TOLERANCE` x the fewest.
 """
 from __future__ import annotations
 
-from ._common import arch0, fmt_iv, fmt_num, label_b
+from ._common import arch0, fmt_num, label_b
 
 NAME = "smallest_batch"
 QUESTION = "Is a batch size below 32 ever reasonable? What is the smallest reasonable batch size?"
