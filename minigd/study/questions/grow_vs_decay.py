@@ -143,22 +143,6 @@ def _time_at(step: float, phases, step_s) -> float:
     return t
 
 
-def _steps_to_target(res) -> float:
-    if not res.get("reached"):
-        return math.inf
-    v = res.get("steps_to_target_interp")
-    v = res.get("steps_to_target") if v is None else v
-    return math.inf if v is None else float(v)
-
-
-def _examples_to_target(res) -> float:
-    if not res.get("reached"):
-        return math.inf
-    v = res.get("examples_to_target_interp")
-    v = res.get("examples_to_target") if v is None else v
-    return math.inf if v is None else float(v)
-
-
 def _num(x) -> float:
     return math.nan if x is None else float(x)
 
@@ -221,8 +205,9 @@ def answer(ctx, rows) -> dict:
 
     final = {a: np.asarray([float(r[mkey]) for r in res[a]]) for a in ARMS}
     loss = {a: np.asarray([_num(r.get("final_val_loss")) for r in res[a]]) for a in ARMS}
-    s_t = {a: np.asarray([_steps_to_target(r) for r in res[a]]) for a in ARMS}
-    e_t = {a: np.asarray([_examples_to_target(r) for r in res[a]]) for a in ARMS}
+    from minigd.study.analysis import _examples, _steps   # read a trial as the study does
+    s_t = {a: np.asarray([_steps(r) for r in res[a]]) for a in ARMS}
+    e_t = {a: np.asarray([_examples(r, math.nan) for r in res[a]]) for a in ARMS}
     scale = 100.0 if acc else 1.0
 
     def stats(idx, st):
