@@ -750,7 +750,9 @@ def sample_moments(n: int, acc: "MomentAccumulator", population: Any,
     tr_m2s = np.empty(len(groups), dtype=np.float64)
     part = MomentAccumulator(P)
     for j, idx in enumerate(groups):
-        fold(idx, part.reset())
+        # a writable copy: the cached groups are read-only, and a read-only index array is
+        # another type to Numba (each kernel would be compiled a second time for it)
+        fold(idx.copy(), part.reset())
         counts[j] = part._n
         means[j] = part._mean
         tr_m2s[j] = float(np.sum(part._m2))
