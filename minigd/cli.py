@@ -410,6 +410,20 @@ def cmd_study(args) -> int:
     return 0
 
 
+def _stored_data_shape(spec, rows):
+    """The shape of the study's data as its stored grid trials record it (a
+    :class:`~minigd.study.questions.StoredData`), or None when no trial of ``spec``'s data
+    is stored: what ``minigd report`` uses instead of loading the data."""
+    from minigd.study.questions import StoredData
+
+    for c, r in rows:
+        n = r.get("n_train")
+        if c.data == spec.data and not c.search_id and isinstance(n, (int, float)) and n >= 1:
+            return StoredData(int(n), int(c.sizes[0]), int(c.sizes[-1]),
+                              "classification" if c.loss == "cross_entropy" else "regression")
+    return None
+
+
 def cmd_report(args) -> int:
     from minigd.report import write_report
     from minigd.study import ResultStore, analyze
@@ -429,12 +443,15 @@ def cmd_report(args) -> int:
         from minigd.study import SweepSpec
         sw = SweepSpec.from_dict(spec)
         seed = sw.seed
+        # the report never loads the data (a path named inside a results file is not the
+        # user's to open): the data's shape comes from the stored trials themselves
+        shape = _stored_data_shape(sw, rows)
         if isinstance(study_keys, list):    # the grid and its learning-rate extensions
             keys = set(map(str, study_keys))
+        elif shape is not None:
+            keys = {c.key for c in sw.trials(*shape.X_train.shape, shape.n_out)}
         else:
-            from minigd.study.trial import load_data
-            ds = load_data(sw.data, sw.dtype)
-            keys = {c.key for c in sw.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)}
+            keys = set()
         rows = [(c, r) for c, r in rows if c.key in keys]
     if not rows:
         raise SystemExit(f"minigd report: {path} holds no trials yet")
@@ -442,10 +459,9 @@ def cmd_report(args) -> int:
     if spec:
         with ResultStore(path) as store:
             qkeys = store.meta("question_keys")
-            if isinstance(qkeys, dict) and qkeys:
+            if isinstance(qkeys, dict) and qkeys and shape is not None:
                 from minigd.study.questions import QUESTIONS, QuestionContext, answer_questions
-                from minigd.study.trial import load_data
-                ctx = QuestionContext(spec=sw, ds=load_data(sw.data, sw.dtype), main_rows=rows,
+                ctx = QuestionContext(spec=sw, ds=shape, main_rows=rows,
                                       main_analysis=analysis, main_probe=probe if isinstance(probe, list) else [],
                                       store=store, executor=None, report_dir=args.out or os.path.join(
                                           os.path.dirname(os.path.abspath(path)), "report"))
@@ -578,9 +594,13 @@ def main(argv=None) -> int:
             args.check(args, args.subparser)
         return args.func(args)
     except Exception as exc:
+        from minigd.errors import ResultStoreError
         from minigd.study.store import StudyLocked
         if isinstance(exc, StudyLocked):
             print(f"minigd {args.command}: error: --out: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, ResultStoreError):   # a damaged, empty or foreign results file
+            print(f"minigd {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise
     except KeyboardInterrupt:

@@ -80,3 +80,21 @@ class BackendUnavailable(RuntimeError):
 class DegenerateModelWarning(UserWarning):
     """A model that is valid but cannot learn anything, e.g. ``cross_entropy`` with one
     output unit (its softmax is always 1, so the loss and the gradient are always 0)."""
+
+
+class ResultStoreError(ValueError):
+    """A results file (``results.sqlite``) that cannot be used: not a regular file, empty,
+    not an SQLite database, a foreign database (not minigd's tables), damaged or truncated
+    (SQLite reports it malformed), or holding a meta entry that does not validate.  The
+    message names the file and what is wrong.  A subclass of :class:`ValueError` (what
+    older versions raised for a file that is not a database).
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    """
+
+    def __init__(self, message: str, path: "str | None" = None) -> None:
+        self.path = path
+        super().__init__(message)

@@ -72,6 +72,27 @@ def tag(cfg, name: str):
     return dataclasses.replace(cfg, search_id=f"q:{name}")
 
 
+class _Shape:
+    """Stands for an array of which only the shape is known."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+
+class StoredData:
+    """The shape of a study's data, read from its stored trials: what ``minigd report``
+    gives the arms as ``ctx.ds`` instead of loading the data (it never opens a data path
+    named inside a results file).  ``X_train`` has a ``shape`` and a length, no values."""
+
+    def __init__(self, n_train: int, n_in: int, n_out: int, task: str):
+        self.X_train = _Shape((n_train, n_in))
+        self.n_out = n_out
+        self.task = task
+
+
 @dataclass
 class QuestionContext:
     """What an arm sees: the study, its data and results, and the means to run more.
@@ -80,8 +101,8 @@ class QuestionContext:
     ----------
     spec : SweepSpec
         The study's specification (``spec.seed`` is the master seed).
-    ds : minigd.data.Dataset
-        The study's data.
+    ds : minigd.data.Dataset or StoredData
+        The study's data (read-only: only its shape and task, from the stored trials).
     main_rows : list of (TrialConfig, dict)
         The grid's trials (with the learning-rate extensions).
     main_analysis : dict
