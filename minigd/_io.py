@@ -41,6 +41,22 @@ def atomic_write_text(path, text: str) -> str:
     return os.fspath(path)
 
 
+def check_writable_dir(d, what: str, error: type = ValueError) -> None:
+    """Raise ``error`` naming ``what`` unless a file can be created in the existing
+    directory ``d`` (tried for real, with a temporary file removed at once: permission
+    bits say nothing for root, a read-only mount or a full disk)."""
+    d = os.fspath(d)
+    tmp = os.path.join(d, f".minigd-write-check.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise error(f"{what}: expected a directory this process can write, got {d!r} "
+                    f"({exc.strerror or exc})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
 # ============================================================================ reading hostile paths
 def _file_kind(mode: int) -> str:
     """What a non-regular ``st_mode`` is, in words."""

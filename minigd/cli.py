@@ -281,8 +281,6 @@ def _check_study_args(args, parser) -> None:
         bad("--n-trials", "an integer >= 1", args.n_trials)
     if args.seed < 0:
         bad("--seed", "an integer >= 0", args.seed)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        bad("--out", "a directory (or a path to create one)", f"the file {args.out!r}")
     import minigd as mg
     # with --scheduler the trials run on the cluster's workers: the backend need only run
     # there (their GPUs).  The data must load here too: the study reads its shape to lay
@@ -324,6 +322,84 @@ def _check_study_args(args, parser) -> None:
     if too_big:
         bad("--batch-sizes", f"batch sizes <= the {n} training examples of {args.data!r} (or 'full')",
             ",".join(map(str, too_big)))
+    _check_out_and_extras(args, bad)     # last: it creates --out (only for a study that will run)
+
+
+#: below this much free space on --out's disk, the study refuses to start
+MIN_FREE_BYTES = 20 * 2**20
+
+
+def _check_scheduler(address: str, timeout: float = 5.0) -> "str | None":
+    """None when a TCP connection to the Dask scheduler ``address`` (``tcp://host:port``,
+    ``host:port``) opens within ``timeout`` seconds, else why not."""
+    import socket
+    from urllib.parse import urlsplit
+
+    text = address if "://" in address else "tcp://" + address
+    try:
+        u = urlsplit(text)
+        host, port = u.hostname, u.port
+    except ValueError as exc:
+        return f"not an address ({exc})"
+    if u.scheme not in ("tcp", "tls") or not host or port is None:
+        return "not an address of the form tcp://host:port"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"no scheduler answers there within {timeout:g} s ({exc.strerror or exc})"
+
+
+def _check_out_and_extras(args, bad) -> None:
+    """``--out`` (non-empty, a directory that can be created and written, with free space,
+    holding no damaged results file), the optional extras the options need and the
+    scheduler: all found before the first trial, not after the last one."""
+    import importlib.util
+    import shutil
+
+    from minigd._io import check_writable_dir
+
+    if not args.out or not args.out.strip():
+        bad("--out", "an output directory", repr(args.out))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        bad("--out", "a directory (or a path to create one)", f"the file {args.out!r}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        check_writable_dir(args.out, "--out", OSError)
+    except OSError as exc:
+        why = exc.strerror or str(exc).split(", got ", 1)[-1]
+        bad("--out", "a directory that can be created and written", f"{args.out!r} ({why})")
+    free = shutil.disk_usage(args.out).free
+    if free < MIN_FREE_BYTES:
+        bad("--out", f"a directory on a disk with at least {MIN_FREE_BYTES // 2**20} MiB free",
+            f"{args.out!r} ({free // 2**10} KiB free: the disk is full)")
+    results = os.path.join(args.out, "results.sqlite")
+    if os.path.lexists(results):
+        from minigd.errors import ResultStoreError
+        from minigd.study import ResultStore
+        try:
+            ResultStore(results).close()
+        except ResultStoreError as exc:
+            bad("--out", "a directory whose results.sqlite a study can resume",
+                f"{results!r}, which {str(exc).split(' which ', 1)[-1]}")
+    extra = "pip install 'minigd[study]'"
+    need = [("matplotlib", "matplotlib", "the report's figures")]
+    if args.search == "bayes":
+        need.append(("optuna", "optuna", "--search bayes"))
+    if args.scheduler is not None:
+        need.append(("dask.distributed", "distributed", "--scheduler"))
+    for name, top, why in need:
+        if importlib.util.find_spec(top) is None:
+            flag = why if why.startswith("--") else "--out"
+            bad(flag, f"{name} installed for {why} ({extra})", f"no module named {name!r}")
+    if "search_strategies" in (args.questions or ()) and importlib.util.find_spec("optuna") is None:
+        print(f"minigd study: note: Optuna is not installed ({extra}): the search_strategies question "
+              f"will compare the grid and random search only", file=sys.stderr)
+    if args.scheduler is not None:
+        why = _check_scheduler(args.scheduler)
+        if why:
+            bad("--scheduler", "the address of a running Dask scheduler (tcp://host:port)",
+                f"{args.scheduler!r}: {why}")
 
 
 def _compile_kernels() -> None:
@@ -601,6 +677,11 @@ def main(argv=None) -> int:
             return 1
         if isinstance(exc, ResultStoreError):   # a damaged, empty or foreign results file
             print(f"minigd {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        import errno
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"minigd {args.command}: error: the disk is full ({exc}); the finished trials are kept: "
+                  f"free some space and re-run the same command to resume", file=sys.stderr)
             return 1
         raise
     except KeyboardInterrupt:

@@ -146,6 +146,10 @@ def _check_checkpointing(checkpoint, checkpoint_every, resume):
         if os.path.isdir(path):
             raise ValueError(f"checkpoint: {path!r} is a directory, expected a file path")
         _refuse_special("checkpoint", path)
+        # checkpoints are written atomically through a temporary file next to ``path``:
+        # a directory that cannot be written is found now, not after training
+        from minigd._io import check_writable_dir
+        check_writable_dir(os.path.dirname(path), "checkpoint")
     every = 0
     if checkpoint_every is not None:
         every = check_int("checkpoint_every", checkpoint_every, low=1)

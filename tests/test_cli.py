@@ -82,6 +82,7 @@ def test_a_cluster_study_may_ask_for_a_backend_this_machine_lacks(tmp_path, monk
         raise KeyboardInterrupt          # stop before anything runs (exit 130)
 
     monkeypatch.setattr(study, "run_study", fake_run_study)
+    monkeypatch.setattr("minigd.cli._check_scheduler", lambda address: None)   # no cluster here
     rc = main(["study", "--backend", "gpu", "--scheduler", "tcp://127.0.0.1:1", "--batch-sizes", "8",
                "--seeds", "0", "--out", str(tmp_path / "s"), "--quiet"])
     assert rc == 130 and seen == {"backend": "gpu", "scheduler": "tcp://127.0.0.1:1"}

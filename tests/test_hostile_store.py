@@ -199,9 +199,10 @@ def test_study_on_an_empty_results_file_does_not_restart(tmp_path, capsys):
     from minigd.cli import main
 
     (tmp_path / "results.sqlite").write_bytes(b"")
-    rc = main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0", "--workers", "1",
-               "--quiet", "--out", str(tmp_path)])
-    assert rc != 0
+    with pytest.raises(SystemExit) as ei:      # a usage error, before any trial
+        main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0", "--workers", "1",
+              "--quiet", "--out", str(tmp_path)])
+    assert ei.value.code == 2
     err = capsys.readouterr().err
     assert "results.sqlite" in err and "empty" in err
     assert (tmp_path / "results.sqlite").read_bytes() == b""
@@ -275,3 +276,182 @@ def test_report_never_opens_a_data_path_named_in_the_results_file(study, tmp_pat
         assert name not in opened
         assert "TOPSECRET" not in out.out + out.err and "root:x" not in out.out + out.err
         assert rc != 0           # no trial of that data is stored
+
+
+# ----------------------------------------------------------------------- finding 7: found first
+def _study_usage_error(argv, monkeypatch, capsys, ran=None):
+    from minigd import study as study_mod
+    from minigd.cli import main
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the study started although a flag is bad")
+
+    monkeypatch.setattr(study_mod, "run_study", must_not_run)
+    with pytest.raises(SystemExit) as ei:
+        main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0", "--workers", "1",
+              "--quiet", *argv])
+    assert ei.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("out, why", [("", "expected an output directory, got ''"),
+                                      ("/proc/minigd-study-out", "can be created and written")])
+def test_out_is_checked_before_the_work_starts(out, why, monkeypatch, capsys):
+    line = _study_usage_error(["--out", out], monkeypatch, capsys)
+    assert "argument --out" in line and why in line
+
+
+def test_out_under_a_file_or_read_only_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "f").write_text("x")
+    line = _study_usage_error(["--out", str(tmp_path / "f" / "sub")], monkeypatch, capsys)
+    assert "argument --out" in line
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    import minigd._io
+
+    def no_write(d, what, error=ValueError):
+        raise error(f"{what}: expected a directory this process can write, got {d!r} (Read-only file system)")
+
+    monkeypatch.setattr(minigd._io, "check_writable_dir", no_write)
+    line = _study_usage_error(["--out", str(ro)], monkeypatch, capsys)
+    assert "argument --out" in line and "Read-only file system" in line
+
+
+def test_full_disk_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    line = _study_usage_error(["--out", str(tmp_path / "s")], monkeypatch, capsys)
+    assert "argument --out" in line and "disk is full" in line
+
+
+def test_a_disk_full_while_writing_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from minigd import study as study_mod
+    from minigd.cli import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(study_mod, "run_study", full)
+    rc = main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0", "--workers", "1",
+               "--quiet", "--out", str(tmp_path / "s")])
+    assert rc == 1 and "the disk is full" in capsys.readouterr().err
+
+
+def test_bad_scheduler_is_a_quick_usage_error(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                     # nothing listens there
+    t0 = time.perf_counter()
+    line = _study_usage_error(["--out", str(tmp_path / "s"), "--scheduler", f"tcp://127.0.0.1:{port}"],
+                              monkeypatch, capsys)
+    assert time.perf_counter() - t0 < 20
+    assert "argument --scheduler" in line and "no scheduler answers" in line
+    line = _study_usage_error(["--out", str(tmp_path / "s"), "--scheduler", "http:/nonsense"], monkeypatch, capsys)
+    assert "argument --scheduler" in line and "tcp://host:port" in line
+
+
+@pytest.mark.parametrize("argv, module, flag", [
+    ([], "matplotlib", "--out"),
+    (["--search", "bayes"], "optuna", "--search bayes"),
+    (["--scheduler", "tcp://127.0.0.1:8786"], "distributed", "--scheduler"),
+])
+def test_missing_extras_are_named_before_the_work_starts(argv, module, flag, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    line = _study_usage_error(["--out", str(tmp_path / "s"), *argv], monkeypatch, capsys)
+    assert f"argument {flag}" in line and "pip install 'minigd[study]'" in line
+
+
+def test_a_damaged_results_file_in_out_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "results.sqlite").write_bytes(b"garbage" * 100)
+    line = _study_usage_error(["--out", str(tmp_path)], monkeypatch, capsys)
+    assert "argument --out" in line and "not an SQLite database" in line
+
+
+def test_fit_checks_the_checkpoint_directory_is_writable_before_training(tmp_path, monkeypatch):
+    import numpy as np
+
+    import minigd as mg
+    import minigd._io
+    import minigd.train
+
+    X = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    steps = []
+    orig = mg.MLP.train_step if hasattr(mg.MLP, "train_step") else None
+
+    def no_write(d, what, error=ValueError):
+        raise error(f"{what}: expected a directory this process can write, got {d!r} (Read-only file system)")
+
+    monkeypatch.setattr(minigd._io, "check_writable_dir", no_write)
+    model = mg.MLP([3, 4, 2], seed=0)
+    before = model.params.copy()
+    with pytest.raises(ValueError, match="checkpoint: expected a directory this process can write"):
+        mg.fit(model, X, y, batch_size=8, epochs=1, optimizer=mg.SGD(lr=0.1), checkpoint=tmp_path / "ck.npz")
+    assert np.array_equal(model.params, before)      # refused before any step
+    del steps, orig
+    # and for real, where the directory cannot be written (works as root too)
+    with pytest.raises(ValueError, match="checkpoint"):
+        mg.fit(mg.MLP([3, 4, 2], seed=0), X, y, batch_size=8, epochs=1, optimizer=mg.SGD(lr=0.1),
+               checkpoint="/proc/minigd-ck.npz")
+
+
+# ----------------------------------------------------------------------- finding 8: bystanders
+def _kills_its_worker_or_waits(x):
+    import time
+
+    if x == 0:
+        time.sleep(0.3)          # the bystander (1) is running by now
+        os._exit(1)
+    if x == 1:
+        time.sleep(1.0)          # still running when trial 0 kills its worker
+    return {"status": "ok", "x": x}
+
+
+def test_a_killed_worker_fails_only_its_own_trial_not_the_one_running_beside_it():
+    from minigd.study import LocalExecutor
+
+    got = dict(LocalExecutor(2).run(_kills_its_worker_or_waits, [0, 1, 2]))
+    assert got[0]["status"] == "failed" and "died" in got[0]["error"]
+    assert got[1] == {"status": "ok", "x": 1} and got[2] == {"status": "ok", "x": 2}
+
+
+# ----------------------------------------------------------------------- finding 9: cached .so
+def test_gpu_emulator_rebuilds_a_cached_library_others_could_have_written(tmp_path, monkeypatch):
+    from minigd.backends import gpu_emu as E
+
+    if E.reason() is not None:
+        pytest.skip(f"no GPU emulator: {E.reason()}")
+    monkeypatch.setenv("MINIGD_CACHE_DIR", str(tmp_path))
+    code = 'extern "C" __global__ void mgd_trust_probe(int* x) { x[0] = 7; }'
+    E.build(code)
+    so = next((tmp_path / "gpu_emu").glob("*.so"))
+    compiles = []
+    real_run = E._run
+    monkeypatch.setattr(E, "_run", lambda cmd, what: (compiles.append(what), real_run(cmd, what))[1])
+    tampered = [lambda: os.chmod(so, 0o666)]
+    if os.getuid() == 0:
+        tampered.append(lambda: os.chown(so, 65534, -1))     # owned by another user
+    for tamper in tampered:
+        tamper()
+        E._LIBS.clear()
+        compiles.clear()
+        E.build(code)
+        assert "compiling" in compiles                      # rebuilt, not loaded
+        st = os.lstat(so)
+        assert st.st_uid == os.getuid() and not st.st_mode & 0o022
+    compiles.clear()
+    E._LIBS.clear()
+    E.build(code)
+    assert compiles == []                                   # a trusted cache is re-used

@@ -150,7 +150,9 @@ def _cache_dir() -> Path:
     root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minigd"
     d = root / "gpu_emu"
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _trusted(d, dir_=True):   # another user could swap the libraries in it
+            raise PermissionError(f"{d} is not owned by this user or is writable by others")
         probe = d / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -160,6 +162,21 @@ def _cache_dir() -> Path:
         if _TMP is None:
             _TMP = Path(tempfile.mkdtemp(prefix="minigd-gpu-emu-"))
         return _TMP
+
+
+def _trusted(path: Path, dir_: bool = False) -> bool:
+    """Whether ``path`` is a regular file (a directory with ``dir_``), not a symbolic link,
+    owned by this user and writable by no one else: a cached library that is not is never
+    loaded (``ctypes.CDLL`` runs its code in this process) but rebuilt."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind = stat.S_ISDIR if dir_ else stat.S_ISREG
+    own = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return kind(st.st_mode) and own and not st.st_mode & 0o022
 
 
 _TMP: Path | None = None
@@ -230,7 +247,7 @@ def build(code: str):
             return _LIBS[key]
         d = _cache_dir()
         so, names_file = d / f"{key}.so", d / f"{key}.names"
-        if not (so.exists() and names_file.exists()):
+        if not (_trusted(so) and _trusted(names_file)):   # missing, or not ours alone: rebuild
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 cpp = Path(tmp) / "unit.cpp"
                 cpp.write_text(body, encoding="utf-8")

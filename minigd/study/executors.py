@@ -113,9 +113,12 @@ class LocalExecutor:
         Default: the number of CPUs available to this process.
 
     A worker that dies (a crash, the OOM killer, ``kill -9``) breaks the pool; the pool is
-    rebuilt and the unfinished trials run again.  Only the trials that had *started* when
-    it broke are charged an attempt (workers report each start through a queue), so one
-    bad trial cannot use up the attempts of the trials queued behind it.
+    rebuilt and the unfinished trials run again.  Only the trial whose worker died is
+    charged an attempt: workers report each start through a queue, the trials queued
+    behind are not charged, and when several trials were running at the break (the
+    culprit unknown) each of them re-runs alone in a one-worker pool first, so a trial that
+    keeps killing its worker fails by itself and never takes the trials that happened to
+    run beside it (bystanders) down with it.
     """
 
     name = "local"
@@ -131,16 +134,23 @@ class LocalExecutor:
         items = list(items)
         attempts = {i: 0 for i in range(len(items))}
         todo = list(range(len(items)))
+        suspects = []     # running when a pool broke, culprit unknown: each re-runs alone
         ctx = multiprocessing.get_context("spawn")
         # workers are spawned lazily (at submit): keep the one-thread environment in place
         # for the whole run, so every worker inherits it before it imports numpy
         with _env(ONE_THREAD_ENV):
-            while todo:
+            while todo or suspects:
+                # a suspect runs alone in a one-worker pool: if that pool breaks, it was its
+                # own trial that killed the worker, and only it is charged an attempt
+                if suspects:
+                    batch, n_workers = [suspects.pop(0)], 1
+                else:
+                    batch, todo, n_workers = todo, [], self.n_workers
                 started = ctx.SimpleQueue()   # put() writes synchronously: it survives os._exit
-                pool = cf.ProcessPoolExecutor(self.n_workers, mp_context=ctx,
+                pool = cf.ProcessPoolExecutor(n_workers, mp_context=ctx,
                                               initializer=_init_worker, initargs=(started, os.getpid()))
-                futures = {pool.submit(_announce_and_run, fn, i, items[i]): i for i in todo}
-                todo, broken = [], []
+                futures = {pool.submit(_announce_and_run, fn, i, items[i]): i for i in batch}
+                broken = []
                 try:
                     for fut in cf.as_completed(futures):
                         i = futures[fut]
@@ -157,15 +167,23 @@ class LocalExecutor:
                     raise
                 finally:
                     pool.shutdown(wait=False, cancel_futures=True)
-                if broken:
-                    ran = _drain(started) & set(broken)
-                    for i in broken:
-                        if i in ran or not ran:   # nothing reported: charge all, never loop forever
-                            attempts[i] += 1
+                if not broken:
+                    continue
+                ran = _drain(started) & set(broken)
+                if len(batch) == 1 or len(ran) == 1:
+                    culprits = ran or set(broken)    # the one trial running when its worker died
+                else:
+                    culprits = set()                 # several were running: find out which alone
+                    suspects.extend(sorted(ran or broken))
+                for i in broken:
+                    if i in culprits:
+                        attempts[i] += 1
                         if attempts[i] >= MAX_ATTEMPTS:
                             yield items[i], _died(items[i], "the worker process died while running it")
                         else:
                             todo.append(i)
+                    elif i not in suspects:
+                        todo.append(i)   # queued behind, never started: not charged
 
 
 _STARTED = None
