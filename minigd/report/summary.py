@@ -96,18 +96,10 @@ def _count(x, missing=NOT_REACHED) -> str:
 
 
 def _dur(x, missing=NOT_REACHED) -> str:
+    from minigd.study.analysis import fmt_duration   # one formatter for the analysis' text and the report's
+
     v = fnum(x)
-    if v is None:
-        return missing
-    if v < 1e-3:
-        return f"{v * 1e6:.3g} µs"
-    if v < 0.1:
-        return f"{v * 1e3:.3g} ms"
-    if v < 120:
-        return f"{v:.3g} s"
-    if v < 7200:
-        return f"{v / 60:.3g} min"
-    return f"{v / 3600:.3g} h"
+    return missing if v is None else fmt_duration(v)
 
 
 def _lr(x) -> str:
