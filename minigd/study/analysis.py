@@ -352,7 +352,6 @@ def _select(cells: _Cells, med) -> dict:
     reasonable = _first_true(timed & (time <= REASONABLE_TIME_FACTOR * best_time[:, None]), axis=1)
     noise_mid = _nanmed(mid, axis=1)
     noise_tgt = _nanmed(np.where(reached, target, np.nan), axis=1)
-    noise_tgt = np.where(np.isnan(noise_tgt) & ~reached.any(1), _nanmed(target, axis=1), noise_tgt)
     B = cells.B_arr[None]
     phi = noise_mid[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -801,9 +800,9 @@ def _recommend(arch, cells: _Cells, point, R) -> dict:
     if bc["value"] is not None:
         bc_s = f"Critical batch size B_crit ≈ {fmt_interval(bc)} from the steps/examples trade-off fit{tag}"
         failed = arch["bootstrap"].get("fit_failed_fraction")
-        if failed is not None and failed > 0.1:
-            bc_s += (f" (the fit failed in {100 * failed:.0f}% of the resamples, too few batch sizes reaching the "
-                     f"target with a tuned learning rate; the interval rests on the rest)")
+        if bc.get("unresolved"):
+            bc_s += (f" (no interval: the fit failed in {100 * failed:.0f}% of the resamples, too few batch sizes "
+                     f"reaching the target with a tuned learning rate)")
         if bc["value"] == 0 or math.isinf(bc["value"]) or bc["value"] < Bmin or bc["value"] > Bmax:
             edges.append("critical_batch_size outside the batch sizes swept")
             bc_s += f" (outside what was measured: {_bs(Bmin)}–{_bs(Bmax)})"
@@ -854,7 +853,19 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot) -> dict:
     R = n_boot
     if R > 0:
         rng = np.random.default_rng([int(seed) % 2**63, zlib.crc32(repr(key).encode())])
-        boot = _select(cells, cells.medians(rng, R))
+        bmed = cells.medians(rng, R)
+        boot = _select(cells, bmed)
+        # What using a batch size costs (its steps, examples, time to target) is read at the
+        # learning rate the point estimate chose for it: re-selecting the best rate in every
+        # resample takes a minimum over noisy medians, which sits at or below the point, so
+        # the point would be the interval's upper end (a winner's curse, not uncertainty).
+        # The selections (which batch size, which rate, B_crit) are re-run in full.
+        at_point = np.broadcast_to(point["best"][0], boot["best"].shape)[..., None]
+        st = np.take_along_axis(bmed["steps"], at_point, 2)[..., 0]
+        with np.errstate(invalid="ignore", over="ignore"):
+            boot["steps_at"] = st
+            boot["examples_at"] = np.take_along_axis(bmed["examples"], at_point, 2)[..., 0]
+            boot["time_at"] = np.where(np.isfinite(st), st * bmed["step_s"], np.inf)
         bs_min, be_min, bb = _fit_many(boot["steps"], boot["examples"], boot["fit_mask"])
         boot["s_min"], boot["e_min"], boot["b_crit"] = bs_min, be_min, bb
         fit_failed = float(np.mean(np.isnan(bb)))
@@ -874,9 +885,9 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot) -> dict:
         t_s = float(point["step_s"][0, b])
         time = float(point["time"][0, b]) if reached else None
         ivals = {}
-        for name, arr, pv in (("steps_to_target", "steps", steps if reached else None),
-                              ("examples_to_target", "examples", ex if reached else None),
-                              ("time_to_target", "time", time), ("step_time_s", "step_s", t_s)):
+        for name, arr, pv in (("steps_to_target", "steps_at", steps if reached else None),
+                              ("examples_to_target", "examples_at", ex if reached else None),
+                              ("time_to_target", "time_at", time), ("step_time_s", "step_s", t_s)):
             ivals[name] = _interval(pv, None if boot is None else boot[arr][:, b])
             ivals[name].pop("wins")
         ivals["best_lr"] = _interval(best_lr, None if boot is None else boot["best_lr"][:, b], selection=True)
@@ -971,7 +982,7 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot) -> dict:
         i = int(point[point_idx_name][0])
         if i < 0:
             return _interval(None, None)
-        return _interval(float(point[arr][0, i]), None if boot is None else boot[arr][:, i])
+        return _interval(float(point[arr][0, i]), None if boot is None else boot[arr + "_at"][:, i])
 
     def cont(pv, arr):
         return _interval(pv, None if boot is None else boot[arr])
@@ -1011,13 +1022,25 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot) -> dict:
     threads = _thread_mix(items)
     if threads:
         warnings.append(threads)
-    if fit_failed is not None and fit_failed > 0.1:
+    if fit_failed is not None and fit_failed > 1 - (INTERVAL[1] - INTERVAL[0]):
+        # more resamples without a fit than a 90% interval can leave out: the resamples that
+        # did fit are the ones that reproduce the point, so their spread would look certain
         warnings.append(f"the trade-off fit failed in {100 * fit_failed:.0f}% of bootstrap resamples (too few batch "
-                        f"sizes reached the target with a tuned learning rate): B_crit's interval rests on the rest")
+                        f"sizes reached the target with a tuned learning rate): B_crit, S_min and E_min have no "
+                        f"interval (unresolved)")
+        for k in ("critical_batch_size_fit", "s_min", "e_min"):
+            if headline[k]["value"] is not None:
+                headline[k].update(lo=None, hi=None, unresolved=True)
+    if norm and norm.startswith("BN"):
+        warnings.append("B_simple is not measured with batch norm: a per-example gradient is undefined when every "
+                        "example's output depends on the batch's statistics (goodput is not computed either)")
     label = _tuning_label(items, [len(x) for x in cells.lrs])
     if label != "tuned" and fit_ok:
         warnings.append(f"B_crit is {label}: McCandlish et al. fit it with the learning rate tuned per batch size")
-    seeds_per_cell = min((c["steps"].shape[0] for row in cells.cells for c in row), default=None)
+    # seeds a cell actually holds (its arrays are aligned on all the study's seeds, NaN where
+    # a trial is missing: failed or not run)
+    seeds_per_cell = min((int(np.count_nonzero(~np.isnan(c["steps"]))) for row in cells.cells for c in row),
+                         default=None)
 
     arch = {
         "warnings": warnings,
