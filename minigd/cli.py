@@ -530,6 +530,22 @@ def cmd_report(args) -> int:
             keys = set()
         rows = [(c, r) for c, r in rows if c.key in keys]
     if not rows:
+        import sqlite3
+
+        from minigd.study.config import SCHEMA_VERSION
+        try:    # trials stored by an older minigd: their keys (and meaning) differ
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                n_old = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error:
+            n_old = 0
+        if n_old:
+            raise SystemExit(f"minigd report: {path} holds {n_old} trial(s), none of them of this study as this "
+                             f"minigd measures it (trial schema {SCHEMA_VERSION}: results stored by an older minigd "
+                             f"measured the noise scale and steps to target differently); re-run `minigd study` "
+                             f"into a fresh --out")
         raise SystemExit(f"minigd report: {path} holds no trials yet")
     analysis = analyze(rows, probe=probe if isinstance(probe, list) else None, seed=seed)
     if spec:

@@ -270,3 +270,27 @@ def test_a_run_past_the_target_measures_the_target_point_at_the_target():
         _, model = _params_after(cfg, pts[where]["step"])
         assert pts[where]["noise_scale"] == pytest.approx(mg.grad_moments(model, ds.X_train, ds.y_train).noise_scale,
                                                           rel=1e-6)
+
+
+def test_report_on_a_store_of_other_trials_says_why(tmp_path, capsys):
+    """A results file whose trials are not this study's (e.g. stored by an older minigd, whose
+    trial keys differ) gets a reason, not "holds no trials yet"."""
+    from minigd.cli import main
+
+    spec = SweepSpec(batch_sizes=(64,), lr_grid=(1.0,), n_seeds=1, widths=(8,), max_epochs=1, lr_extend=0)
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        store.set_meta("spec", spec.to_dict())
+        store.set_meta("study_keys", ["0" * 24])
+        other = _cfg(batch_size=64, max_epochs=1)
+        store.put(other, run_trial(other))
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path)])
+    assert "holds 1 trial(s), none of them of this study" in str(e.value.code)
+
+
+def test_smallest_batch_does_not_judge_batch_sizes_it_did_not_sweep(tmp_path):
+    spec = SweepSpec(batch_sizes=(64, 256), lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(16,), max_epochs=6,
+                     target=0.9, lr_extend=0)
+    q = run_study(spec, tmp_path, workers=1, report=False, questions=("smallest_batch",))["analysis"]["questions"]
+    a = q["smallest_batch"]
+    assert "was not measured here" in a["answer"] and a["details"]["below_32_reasonable"] is None

@@ -71,8 +71,9 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
             extra = lr_extensions(spec, [(c, r) for c, r in store.rows() if c.key in keys])
             if not extra:
                 break
+            new = sum(c.key not in store.keys() for c in extra)
             say(f"learning-rate grid extended past its edge for {len({(c.sizes, c.batch_size) for c in extra})} "
-                f"batch size(s): {len(extra)} more trials")
+                f"batch size(s): {len(extra)} more trials" + (f" ({new} to run)" if new != len(extra) else ""))
             more = run_sweep(extra, store, executor=ex if len(extra) > 8 else make_executor(1, scheduler),
                              progress=progress, retry_failed=retry_failed)
             for k in ("total", "skipped", "ran", "failed"):

@@ -41,10 +41,14 @@ def answer(ctx, rows) -> dict:
                    default=None)
     below32 = [r for r in reached if r["batch_size"] < 32 and r["time_to_target"] <= REASONABLE_TIME_FACTOR * best_t]
     smallest_swept = min(r["batch_size"] for r in a["per_batch"])
-    verdict = ("is reasonable here" if below32 else "is not reasonable here")
+    swept_below32 = smallest_swept < 32
+    verdict = ("is reasonable here" if below32 else "is not reasonable here" if swept_below32 else
+               "was not measured here")
     why = (f"batch {below32[0]['batch_size']} reaches the target in {fmt_num(below32[0]['time_to_target'], 's')}, "
            f"within {REASONABLE_TIME_FACTOR:g}x the fastest ({fmt_num(best_t, 's')} at batch "
            f"{label_b(fastest.get('value'), n)})" if below32 else
+           f"no batch size below 32 was swept (the smallest is {smallest_swept}); add some to --batch-sizes"
+           if not swept_below32 else
            f"every batch size below 32 takes more than {REASONABLE_TIME_FACTOR:g}x the fastest time "
            f"({fmt_num(best_t, 's')} at batch {label_b(fastest.get('value'), n)})")
     span = (f"batch {sr['value']} in at least 90% of bootstrap resamples" if sr.get("lo") == sr.get("hi")
@@ -61,7 +65,7 @@ def answer(ctx, rows) -> dict:
             "conditions": ctx.conditions(f"time = steps to target x the probe's step time; tolerance "
                                          f"{REASONABLE_TIME_FACTOR:g}x"),
             "plot": "time_to_target.png",
-            "details": {"below_32_reasonable": bool(below32), "time_tolerance": REASONABLE_TIME_FACTOR,
+            "details": {"below_32_reasonable": bool(below32) if swept_below32 else None, "time_tolerance": REASONABLE_TIME_FACTOR,
                         "examples_tolerance": EXAMPLES_TOLERANCE, "smallest_by_examples": small_ex,
                         "fewest_examples": fewest, "least_time_s": best_t,
                         "per_batch": [{"batch_size": r["batch_size"],
