@@ -201,6 +201,12 @@ class QuestionContext:
         what = (f"MLP {sizes} ({s.activation}, {s.optimizer}, momentum {s.momentum:g}, {s.dtype}) on "
                 f"{s.data.name} ({self.n_train} training examples), target {s.target_metric} "
                 f"{'>=' if 'accuracy' in s.target_metric else '<='} {s.target:g}; {cpu}, one thread")
+        plain = [n for n, on in (("batch norm", s.batch_norm is not False), ("dropout", s.dropout > 0),
+                                 ("learning-rate warm-up", s.warmup_steps > 0)) if on]
+        if plain:   # base_config trains the plain model: say so rather than describe the grid's
+            what += f" (the arm's own trials without the study's {', '.join(plain)})"
+        if len(s.widths) > 1 or len(s.depths) > 1:
+            what += " (the first of the study's widths and depths)"
         return what + (f"; {budget}" if budget else "")
 
 
