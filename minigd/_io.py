@@ -175,3 +175,19 @@ def gunzip_capped(data: bytes, limit: int) -> bytes:
                 break
             raise GzipError(f"{n - pos} trailing bytes after the gzip data that are not a gzip member")
     return b"".join(parts)
+
+
+def read_npy_header(f, error: type = ValueError):
+    """The header of a ``.npy`` stream ``f`` (positioned at its start): ``(version, shape,
+    fortran_order, dtype)``, leaving ``f`` at the data.  Only format versions 1.0 and 2.0
+    are read (nothing reached through a pickle); any other raises ``error`` naming it."""
+    import numpy as np
+
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise error(f"an unsupported .npy format version {version}")
+    return version, shape, fortran, dt

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from minigd._io import atomic_path, open_regular
+from minigd._io import atomic_path, open_regular, read_npy_header
 from minigd._validation import _got
 from minigd.errors import BackendUnavailable, CheckpointError
 from minigd.history import STEP_COLUMNS, History
@@ -536,6 +536,10 @@ def _atomic_write(path: str, write) -> None:
 
 
 # ============================================================================ load
+class _UnsupportedNpy(Exception):
+    """An entry in a .npy format version this reader does not read."""
+
+
 class _Corrupt(Exception):
     pass
 
@@ -557,13 +561,10 @@ def _read_array(zf: zipfile.ZipFile, key: str, shape, dtype: str, file_len: int)
         raise _Corrupt(f"entry {name!r} is {info.file_size} bytes, too small for an array of "
                        f"shape {shape} and dtype {dt}")
     with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            hshape, fortran, hdt = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            hshape, fortran, hdt = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise _Corrupt(f"entry {name!r} has an unsupported .npy version {version}")
+        try:
+            _, hshape, fortran, hdt = read_npy_header(f, _UnsupportedNpy)
+        except _UnsupportedNpy as exc:
+            raise _Corrupt(f"entry {name!r} has {exc}") from None
         if tuple(hshape) != shape or hdt != dt or fortran:
             raise _Corrupt(f"entry {name!r} holds shape {tuple(hshape)} dtype {hdt}, the table "
                            f"says shape {shape} dtype {dt}")

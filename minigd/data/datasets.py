@@ -41,7 +41,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from minigd._io import GzipError, GzipLimitError, gunzip_capped, read_regular
+from minigd._io import GzipError, GzipLimitError, gunzip_capped, read_npy_header, read_regular
 from minigd._validation import _got, check_choice, check_dtype, check_float, check_int
 
 __all__ = ["Dataset", "load_dataset", "from_arrays", "DATASETS", "TASKS", "RawData", "read_idx",
@@ -725,13 +725,7 @@ def _read_npz(data: bytes, path: Path) -> dict:
                 continue
             try:
                 with zf.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
-                    else:
-                        raise _NpzEntryError(f"an unsupported .npy format version {version}")
+                    version, shape, fortran, dt = read_npy_header(f, _NpzEntryError)
                     if dt.hasobject:
                         raise ValueError(f"{where}: expected a .npz of numeric arrays, got an entry that "
                                          f"needs pickle ({name!r}: an object array, dtype {dt})")
