@@ -6,14 +6,8 @@ import platform
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (else platform.processor(), else "?")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    from minigd.study.executors import cpu_model as _model
+    return _model(default=platform.processor() or "?")
 
 
 def synthetic_data(rng, sizes, n):

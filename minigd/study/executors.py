@@ -24,6 +24,22 @@ def _died(item, why) -> dict:
     return {"status": "failed", "error": f"{why}; tried {MAX_ATTEMPTS} times"}
 
 
+def cpu_model(default: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo; elsewhere ``default``, or else what
+    :mod:`platform` knows (processor, then machine), or "this machine"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if default is not None:
+        return default
+    import platform
+    return platform.processor() or platform.machine() or "this machine"
+
+
 def thread_counts() -> dict:
     """The threads this process computes with now: ``{"blas_threads", "numba_threads"}``
     (``blas_threads`` is None when threadpoolctl is not installed or no BLAS is loaded).

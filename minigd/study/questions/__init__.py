@@ -197,7 +197,8 @@ class QuestionContext:
         """The conditions sentence: model, data, machine (and the arm's budget)."""
         s = self.spec
         sizes = "-".join(map(str, (self.ds.X_train.shape[1],) + (s.widths[0],) * s.depths[0] + (self.ds.n_out,)))
-        cpu = _cpu()
+        from minigd.study.executors import cpu_model
+        cpu = cpu_model()
         what = (f"MLP {sizes} ({s.activation}, {s.optimizer}, momentum {s.momentum:g}, {s.dtype}) on "
                 f"{s.data.name} ({self.n_train} training examples), target {s.target_metric} "
                 f"{'>=' if 'accuracy' in s.target_metric else '<='} {s.target:g}; {cpu}, one thread")
@@ -208,17 +209,6 @@ class QuestionContext:
         if len(s.widths) > 1 or len(s.depths) > 1:
             what += " (the first of the study's widths and depths)"
         return what + (f"; {budget}" if budget else "")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "this machine"
 
 
 def unanswered(name: str, why: str, **extra) -> dict:
