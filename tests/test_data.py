@@ -164,7 +164,7 @@ def test_csv_gz_tsv_comments_blank_lines(tmp_path):
 def test_csv_fast_and_exact_parsers_agree(tmp_path, blobs_xy, monkeypatch):
     """Well-formed files go through numpy's C parser; the line-by-line parser (which gives
     the exact line and column of an error) must read them identically."""
-    from minigd.data import pipeline as D
+    from minigd.data import files as D
 
     X, y = blobs_xy
     files = [write_csv(tmp_path / "h.csv", X, y, header=["a", "b", "c", "y"], fmt="{!r}"),

@@ -271,7 +271,7 @@ def _gzip_bomb(mib):
 
 
 def test_a_gzip_bomb_is_refused_without_expanding_it(tmp_path, monkeypatch):
-    from minigd.data import pipeline
+    from minigd.data import files
 
     bomb = _gzip_bomb(100)                       # ~100 KiB -> 100 MiB: > 256 x its size and > 64 MiB
     assert len(bomb) < 200_000
@@ -282,7 +282,7 @@ def test_a_gzip_bomb_is_refused_without_expanding_it(tmp_path, monkeypatch):
                                              r"decompression bomb"):
             load_dataset(p) if name.endswith("csv.gz") else read_idx(p)
     # the absolute cap holds whatever the ratio
-    monkeypatch.setattr(pipeline, "MAX_DATA_BYTES", 1 << 20)
+    monkeypatch.setattr(files, "MAX_DATA_BYTES", 1 << 20)
     p = tmp_path / "y.csv.gz"
     p.write_bytes(gzip.compress(os.urandom(2 << 20)))
     with pytest.raises(ValueError, match=r"at most 1048576 bytes"):
