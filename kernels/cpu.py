@@ -42,22 +42,19 @@ import numpy as np
 
 from ._jit import jit
 
-# activation and loss codes; must match minigd.nn (tests check)
-IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID, GELU = range(6)
-CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY = range(3)
-LEAKY_SLOPE = 0.01
-#: loss gradients and optimizer state (momentum, Adam moments) smaller in magnitude than
-#: this are flushed to 0.  A confident softmax produces probabilities far below float32's
-#: smallest normal number, and the momentum of a dead unit decays geometrically into
-#: subnormals; arithmetic on subnormals is ~100x slower on x86 (it made full-batch steps
-#: 50x and momentum steps 4x slower).  1e-30 is invisible next to any value that matters,
-#: in float32 and float64 alike.
-FLUSH = 1e-30
+# activation, loss and optimizer-primitive codes and the shared constants: the one table.
+# FLUSH: loss gradients and optimizer state (momentum, Adam moments) smaller in magnitude
+# than it are flushed to 0.  A confident softmax produces probabilities far below float32's
+# smallest normal number, and the momentum of a dead unit decays geometrically into
+# subnormals; arithmetic on subnormals is ~100x slower on x86 (it made full-batch steps 50x
+# and momentum steps 4x slower).
+from .codes import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, FLUSH, GELU, IDENTITY,  # noqa: F401
+                    LEAKY_RELU, LEAKY_SLOPE, MSE, OP_ADAM, OP_CLIP, OP_DECAY, OP_SCALE,
+                    OP_SCALE_LR, OP_TRACE, RELU, SIGMOID, TANH)
+
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
-# optimizer primitive codes; must match minigd.optim (tests check)
-OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
 
 # rows of the `lay` table
 R_SIZE, R_WOFF, R_BOFF, R_ACT, R_Z, R_A, R_D, R_MISC = range(8)

@@ -7,7 +7,8 @@ GEMM into the workspace (``z_l = h_{l-1} W_l``), then one of these kernels finis
 layer.  The NumPy reference (``minigd/backends/numpy_ref.py``) holds the readable
 definitions they are tested against.
 
-Per hidden layer l (B rows, n units), with ``bn`` the placement code:
+Per hidden layer l (B rows, n units), with ``bn`` the placement code
+(``minigd.kernels.codes``: BN_NONE = 0, BN_BEFORE = 1, BN_AFTER = 2):
 
 * ``bn = 0`` (dropout only):  a = f(z);               h = a * mask
 * ``bn = 1`` (before):        u = BN(z);  a = f(u);   h = a * mask
@@ -38,6 +39,7 @@ from __future__ import annotations
 import math
 
 from ._jit import jit
+from .codes import BN_AFTER, BN_BEFORE
 from .cpu import _act_backward, _act_forward
 
 
@@ -114,14 +116,14 @@ def hidden_forward(b, gamma, beta, rmean, rvar, mask, Z, PRE, ACT, XH, H, stats,
         z = Z[r]
         for j in range(n):
             z[j] += b[j]
-    if bn == 1:
+    if bn == BN_BEFORE:
         _bn(Z, gamma, beta, rmean, rvar, stats, acc, XH, PRE, B, g, training, eps)
         _act_forward(act, PRE.reshape(B * n), ACT.reshape(B * n))
         src = ACT
     else:
         _act_forward(act, Z.reshape(B * n), ACT.reshape(B * n))
         src = ACT
-        if bn == 2:
+        if bn == BN_AFTER:
             _bn(ACT, gamma, beta, rmean, rvar, stats, acc, XH, PRE, B, g, training, eps)
             src = PRE
     if has_mask:
@@ -181,10 +183,10 @@ def hidden_backward(mask, Z, PRE, ACT, XH, gamma, stats, D, dgamma, dbeta, acc, 
             m = mask[r]
             for j in range(n):
                 d[j] *= m[j]
-    if bn == 2:
+    if bn == BN_AFTER:
         _bn_backward(D, XH, gamma, stats[2], dgamma, dbeta, acc, B, g)
         _act_backward(act, Z.reshape(B * n), ACT.reshape(B * n), D.reshape(B * n))
-    elif bn == 1:
+    elif bn == BN_BEFORE:
         _act_backward(act, PRE.reshape(B * n), ACT.reshape(B * n), D.reshape(B * n))
         _bn_backward(D, XH, gamma, stats[2], dgamma, dbeta, acc, B, g)
     else:

@@ -13,8 +13,9 @@ from minigd import nn
 from minigd._validation import (_got, check_choice, check_dtype, check_int, check_seed, check_X,
                                 check_y, memory_bytes)
 from minigd.backends import get_backend_class
-from minigd.backends.base import BN_AFTER, BN_BEFORE, BN_NONE, NormSpec
+from minigd.backends.base import NormSpec
 from minigd.errors import DegenerateModelWarning
+from minigd.kernels.codes import BATCH_NORM, BATCH_NORM_ARG
 from minigd.kernels.workspace import ParamLayout
 
 #: rows per chunk when evaluating on more examples than one batch
@@ -212,7 +213,7 @@ class MLP:
 
     @property
     def batch_norm(self):
-        return {BN_NONE: False, BN_BEFORE: True, BN_AFTER: "after"}[self.norm.bn]
+        return BATCH_NORM_ARG[self.norm.bn]
 
     def config(self) -> dict:
         """The constructor arguments (without seed): enough to rebuild the architecture."""
@@ -439,7 +440,7 @@ def _overflow_error(name: str, X: np.ndarray, params: np.ndarray, what: str) -> 
 
 
 def _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden: int) -> NormSpec:
-    codes = {False: BN_NONE, True: BN_BEFORE, "before": BN_BEFORE, "after": BN_AFTER}
+    codes = BATCH_NORM
     if not isinstance(batch_norm, (bool, str)) or batch_norm not in codes:
         raise ValueError(f"batch_norm: expected False, True, 'before' or 'after', got {batch_norm!r}")
     bn = codes[batch_norm]

@@ -1,8 +1,10 @@
-"""Name -> integer-code tables for activations and losses, shared by every backend.
+"""Activations and losses by name, and their NumPy reference formulas.
 
 Kernels never branch on names: the Python layer validates a name once and hands the
-kernels its integer code.  The NumPy formulas below are the readable definitions that
-the reference backend uses and every other backend is tested against.
+kernels its integer code, from the one table :mod:`minigd.kernels.codes` (re-exported
+here: ``nn.ACTIVATIONS``, ``nn.LOSSES``, ``nn.RELU``, ...).  The NumPy formulas below are
+the readable definitions that the reference backend uses and every other backend is
+tested against.
 
 Conventions (per example i; a batch loss is the *mean* of per-example losses):
 
@@ -16,20 +18,9 @@ import math
 
 import numpy as np
 
-IDENTITY, RELU, LEAKY_RELU, TANH, SIGMOID, GELU = range(6)
-ACTIVATIONS = {
-    "identity": IDENTITY,
-    "relu": RELU,
-    "leaky_relu": LEAKY_RELU,
-    "tanh": TANH,
-    "sigmoid": SIGMOID,
-    "gelu": GELU,
-}
-#: negative-side slope of ``leaky_relu`` (as PyTorch's default)
-LEAKY_SLOPE = 0.01
-
-CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY = range(3)
-LOSSES = {"cross_entropy": CROSS_ENTROPY, "mse": MSE, "binary_cross_entropy": BINARY_CROSS_ENTROPY}
+# the codes and the constants the kernels share live in one table (minigd.kernels.codes)
+from minigd.kernels.codes import (ACTIVATIONS, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, GELU,  # noqa: F401
+                                  IDENTITY, LEAKY_RELU, LEAKY_SLOPE, LOSSES, MSE, RELU, SIGMOID, TANH)
 
 INITS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal")
 

@@ -18,10 +18,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
-#: optimizer state (momentum, Adam moments) below this magnitude is flushed to 0 by the
-#: compiled backends, to keep the arithmetic out of (100x slower) subnormal numbers
-FLUSH = 1e-30
+# the op codes and FLUSH (optimizer state below this magnitude is flushed to 0 by the
+# compiled backends, to keep the arithmetic out of (100x slower) subnormal numbers) live in
+# the one table of kernel codes
+from minigd.kernels.codes import FLUSH, OP_ADAM, OP_CLIP, OP_DECAY, OP_SCALE, OP_SCALE_LR, OP_TRACE  # noqa: F401
+
 #: the meaning of each primitive's hyper-parameters, by op code (for messages)
 HP_NAMES = {OP_CLIP: ("max_norm",), OP_DECAY: ("weight_decay",), OP_TRACE: ("momentum", "nesterov"),
             OP_ADAM: ("b1", "b2", "eps"), OP_SCALE_LR: (), OP_SCALE: ("factor",)}
