@@ -4,6 +4,7 @@
 ``minigd report``    (re)write the report of a study from its results file
 ``minigd demo``      train one MLP on digits at a few batch sizes and print a table
 ``minigd backends``  which compute backends run here, and why one does not
+``minigd warmup``    compile the CPU kernels now (the first run on a machine; cached after)
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _digits(seed: int):
 def cmd_demo(args) -> int:
     import minigd as mg
 
-    from minigd.kernels import warmup
+    from minigd.warmup import warmup
 
     Xtr, ytr, Xva, yva = _digits(args.seed)
     t0 = time.perf_counter()
@@ -405,7 +406,7 @@ def _check_out_and_extras(args, bad) -> None:
 def _compile_kernels() -> None:
     """Compile (or load from Numba's on-disk cache) the CPU kernels here, once, before any
     worker starts, saying so: the first run on a machine spends seconds compiling."""
-    from minigd.kernels import warmup
+    from minigd.warmup import warmup
 
     print("compiling kernels (first run only; cached after) ...", end=" ", flush=True)
     t0 = time.perf_counter()
@@ -578,6 +579,21 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def _check_warmup_args(args, parser) -> None:
+    dts = [d.strip() for d in args.dtypes.split(",")]
+    if not dts or any(d not in ("float32", "float64") for d in dts):
+        parser.error(f"--dtypes: expected a comma-separated list of float32, float64, got {args.dtypes!r}")
+    args.dtypes = dts
+
+
+def cmd_warmup(args) -> int:
+    from minigd.warmup import warmup
+
+    for dt, sec in warmup(args.dtypes).items():
+        print(f"{dt}: kernels ready in {sec:.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minigd", description="Train MLPs and measure what batch size does.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -675,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("backends", help="list the compute backends and why one is unavailable")
     b.set_defaults(func=cmd_backends)
+    w = sub.add_parser("warmup", help="compile the CPU kernels now (first run on a machine only; cached after)",
+                       description="Compile (or load from Numba's on-disk cache) every CPU kernel for the given "
+                                   "dtypes, so that nothing timed later pays for compilation.")
+    w.add_argument("--dtypes", default="float32,float64", help="comma-separated: float32, float64")
+    w.set_defaults(func=cmd_warmup, check=_check_warmup_args, subparser=w)
     return p
 
 

@@ -59,7 +59,7 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
         ex = make_executor(workers, scheduler)
         stored = store.keys("ok") if retry_failed else store.keys()
         if spec.backend == "cpu" and scheduler is None and any(c.key not in stored for c in configs):
-            from minigd.kernels import warmup
+            from minigd.warmup import warmup
             say("compiling kernels (first run only; cached after) ...")
             t0 = time.perf_counter()
             warmup((spec.dtype,))

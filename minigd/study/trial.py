@@ -186,7 +186,7 @@ def _warmup(dtype: str) -> None:
     """Compile (or load) the kernels once per worker process, so no trial's timings
     include JIT compilation."""
     if dtype not in _WARM:
-        from minigd.kernels import warmup
+        from minigd.warmup import warmup
         warmup((dtype,))
         _WARM.add(dtype)
 
