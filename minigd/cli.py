@@ -477,9 +477,11 @@ def cmd_study(args) -> int:
     t0 = time.perf_counter()
     print(f"minigd study: {args.data}, results in {args.out}/results.sqlite "
           f"(re-running resumes: only missing trials run)")
+    from minigd import report   # the study hands its analysis to the report; it does not import it
+
     out = run_study(spec, args.out, workers=args.workers, scheduler=args.scheduler,
                     progress=not args.quiet, retry_failed=args.retry_failed, log=lambda line: print(line, flush=True),
-                    questions=args.questions)
+                    questions=args.questions, report=report.write_report)
     c = out["counts"]
     print(f"{c['total']} trials: {c['skipped']} already stored, {c['ran']} ran ({c['failed']} failed) "
           f"on the {c['executor']} executor in {time.perf_counter() - t0:.1f} s")

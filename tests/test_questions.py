@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from minigd.report import write_report
 from minigd.study import ResultStore, SweepSpec, run_study
 from minigd.study.questions import QUESTIONS, parse_questions
 
@@ -23,7 +24,7 @@ def tiny_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("q")
     spec = SweepSpec(batch_sizes=(4, 32, 256), lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(16,), max_epochs=8,
                      target=0.9, lr_extend=0)
-    res = run_study(spec, out, workers=1, questions=("smallest_batch", "sgd_batch_one"))
+    res = run_study(spec, out, workers=1, questions=("smallest_batch", "sgd_batch_one"), report=write_report)
     return out, spec, res
 
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from minigd.report import write_report
 from minigd.study import ResultStore, SweepSpec, run_study
 from minigd.study.questions import grow_vs_decay as gvd
 from minigd.study.questions import search_strategies as ss
@@ -36,7 +37,7 @@ def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("gs")
     with pytest.MonkeyPatch.context() as mp:
         _small_search(mp)
-        res = run_study(tiny_spec(), out, workers=1, questions=NAMES)
+        res = run_study(tiny_spec(), out, workers=1, questions=NAMES, report=write_report)
         q = res["analysis"]["questions"]
         # the read-only re-answer from the file (with the same small constants)
         from minigd.cli import main

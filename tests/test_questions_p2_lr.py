@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 
+from minigd.report import write_report
 from minigd.study import ResultStore, SweepSpec, run_study
 from minigd.study.config import TrialConfig
 from minigd.study.questions import lr_scaling as lrs
@@ -135,7 +136,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("qp2lr")
     spec = SweepSpec(batch_sizes=(8, 32, 128), lr_grid=(1.0, 2.0, 4.0, 8.0), n_seeds=2, widths=(16,), max_epochs=4,
                      target=0.9, lr_extend=1)
-    res = run_study(spec, out, workers=1, questions=("powers_of_two", "lr_scaling"))
+    res = run_study(spec, out, workers=1, questions=("powers_of_two", "lr_scaling"), report=write_report)
     yield out, spec, res
     mp.undo()
 

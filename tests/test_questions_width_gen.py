@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from minigd.report import write_report
 from minigd.study import DataSpec, SweepSpec, run_study
 from minigd.study.config import TrialConfig
 from minigd.study.questions import generalisation, width_one
@@ -21,7 +22,7 @@ def clf_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("wg")
     spec = SweepSpec(data=DataSpec(params=(("n", 300), ("std_floor", 1.0))), batch_sizes=(8, 64),
                      lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(8,), max_epochs=3, target=0.9, lr_extend=0)
-    res = run_study(spec, out, workers=1, questions=("width_one", "generalisation"))
+    res = run_study(spec, out, workers=1, questions=("width_one", "generalisation"), report=write_report)
     from minigd.study import ResultStore
     with ResultStore(out / "results.sqlite") as store:
         qkeys = store.meta("question_keys")

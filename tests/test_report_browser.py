@@ -288,12 +288,13 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_report(tmp_path_factory):
     """The report of a small real study that answers two questions."""
+    from minigd.report import write_report
     from minigd.study import SweepSpec, run_study
 
     out = tmp_path_factory.mktemp("browser-study")
     spec = SweepSpec(batch_sizes=(8, 64), lr_grid=(0.5, 1, 2), n_seeds=2, widths=(16,), max_epochs=6,
                      target=0.9, lr_extend=0)
-    run_study(spec, out, workers=1, questions=("smallest_batch", "sgd_batch_one"))
+    run_study(spec, out, workers=1, questions=("smallest_batch", "sgd_batch_one"), report=write_report)
     return out / "report"
 
 

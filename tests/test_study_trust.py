@@ -202,7 +202,7 @@ def test_study_lock_is_held_until_the_report_is_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report_mod, "write_report", write_report)
     spec = SweepSpec(batch_sizes=(256,), lr_grid=(1.0,), n_seeds=1, widths=(8,), max_epochs=2, lr_extend=0)
-    run_study(spec, tmp_path, workers=1)
+    run_study(spec, tmp_path, workers=1, report=report_mod.write_report)
     assert seen
 
 

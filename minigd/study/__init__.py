@@ -2,7 +2,9 @@
 
 ``run_study`` is what ``minigd study`` runs: build the trials of a :class:`SweepSpec` for a
 dataset, run the missing ones (locally or on Dask) into a SQLite store, analyse them and
-write a report (plots + Markdown/HTML summary).
+hand the analysis to a report writer (``minigd study`` passes :func:`minigd.report.write_report`:
+plots + Markdown/HTML summary).  The arrow goes one way: ``minigd.report`` reads this
+package's analysis, and nothing here imports ``minigd.report``.
 """
 from .analysis import analyze, regime
 from .config import DataSpec, TrialConfig
@@ -14,10 +16,21 @@ from .trial import run_trial
 
 
 def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progress=False,
-              retry_failed=False, report=True, log=None, questions=()) -> dict:
-    """Run (or resume) the sweep ``spec`` into ``out_dir/results.sqlite``, analyse it and
-    write the report to ``out_dir/report``.  Returns {"counts", "analysis", "report",
-    "results", "probe"}.
+              retry_failed=False, report=None, log=None, questions=()) -> dict:
+    """Run (or resume) the sweep ``spec`` into ``out_dir/results.sqlite``, analyse it and,
+    given a ``report`` writer, write the report to ``out_dir/report``.  Returns {"counts",
+    "analysis", "report", "results", "probe"}.
+
+    ``report``: the writer of the report, called as ``report(analysis, report_dir,
+    spec=spec_dict)`` and returning the paths it wrote; ``analysis.json`` goes next to
+    them.  :func:`minigd.report.write_report` is the standard one (what ``minigd study``
+    passes)::
+
+        from minigd.report import write_report
+        run_study(spec, "out", report=write_report)
+
+    None (or False) writes no report.  The study does not import the report package (the
+    report reads the study's analysis, not the reverse), so the caller hands the writer in.
 
     The phases, each resumable (finished trials are stored one by one):
 
@@ -46,6 +59,11 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
     from .executors import make_executor
     from .trial import load_data
 
+    if report is False:
+        report = None
+    if report is not None and not callable(report):
+        raise TypeError(f"report: expected a report writer such as minigd.report.write_report, or "
+                        f"None or False, got {report!r}")
     say = log or (lambda line: None)
     os.makedirs(out_dir, exist_ok=True)
     ds = load_data(spec.data, spec.dtype)
@@ -91,10 +109,9 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
                                   log=say, progress=progress)
             analysis["questions"] = answer_questions(ctx, questions)
         files = []
-        if report:
+        if report is not None:
             from minigd._io import atomic_write_text
-            from minigd.report import write_report
-            files = write_report(analysis, os.path.join(out_dir, "report"), spec=spec.to_dict())
+            files = report(analysis, os.path.join(out_dir, "report"), spec=spec.to_dict())
             atomic_write_text(os.path.join(out_dir, "report", "analysis.json"),
                               json.dumps(analysis, indent=1, default=str))
     return {"counts": counts, "analysis": analysis, "report": files, "results": path, "probe": probe}

@@ -248,7 +248,7 @@ def _plot(ctx, table, ivs, gap_ivs, metric, gw):
         return None
     import os
 
-    from minigd.report.plots import _pyplot, _save
+    from minigd._plotting import pyplot as _pyplot, save_png as _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))

@@ -348,7 +348,7 @@ def _plot(ctx, d, res, metric, acc, steps_total):
     path = ctx.plot_path(NAME)
     if path is None:
         return None
-    from minigd.report.plots import _pyplot, _save
+    from minigd._plotting import pyplot as _pyplot, save_png as _save
 
     plt = _pyplot()
     key = "val_accuracy" if acc else "val_loss"

@@ -386,7 +386,7 @@ def _plot(ctx, strategies, iv, N, thr, plan_, R):
     path = ctx.plot_path(NAME)
     if path is None:
         return None
-    from minigd.report.plots import _pyplot, _save
+    from minigd._plotting import pyplot as _pyplot, save_png as _save
 
     plt = _pyplot()
     colors = {"grid": "#7f7f7f", "random": "#1f77b4", "bayes": "#d62728"}

@@ -344,7 +344,7 @@ def _plot(ctx, widths, depth, B, ivs, metric, sel):
         return None
     import os
 
-    from minigd.report.plots import _pyplot, _save
+    from minigd._plotting import pyplot as _pyplot, save_png as _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.3))
