@@ -15,12 +15,41 @@ edge of those tried ("LR not tuned", left out of the trade-off fit) as a hollow 
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
 
-from minigd._io import atomic_path, atomic_write_text  # noqa: F401  (re-exported)
+from ._fields import (
+    _batch_range,
+    _err,
+    _pos,
+    _series,
+    _series_any,
+    _thresholds,
+    arch_label,
+    architectures,
+    b_crit_label,
+    b_crit_of,
+    b_simple_of,
+    fnum,
+    rows_of,
+    target_words,
+    uses_accuracy,
+)
+from ._figure import (
+    _arch_prefix,
+    _colours,
+    _fig_legend,
+    _log2_batch_axis,
+    _log_y,
+    _mark_apart,
+    _pyplot,
+    _save,
+    _shade_regimes,
+    _side_legend,
+    _subplots,
+    _suptitle,
+)
 
 #: file names of the figures, in the order they are drawn
 PLOT_FILES = (
@@ -31,9 +60,6 @@ PLOT_FILES = (
     "throughput_memory.png",
     "noise_scale.png",
 )
-
-_DPI = 100
-_REGIME_COLOURS = {"perfect scaling": "#2ca02c", "diminishing returns": "#ffbf00", "no benefit": "#d62728"}
 
 
 class NotEnoughData(Exception):
@@ -49,230 +75,7 @@ class PlotResult:
     placeholder: str | None = None
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _thresholds():
-    """The regime thresholds of the analysis (B <= PERFECT_BELOW*B_crit, B >= NO_BENEFIT_ABOVE*B_crit)."""
-    try:
-        from minigd.study.analysis import NO_BENEFIT_ABOVE, PERFECT_BELOW, REASONABLE_TIME_FACTOR
-    except ImportError:  # pragma: no cover - the study package ships with minigd
-        return 1 / 3, 3.0, 2.0
-    return PERFECT_BELOW, NO_BENEFIT_ABOVE, REASONABLE_TIME_FACTOR
-
-
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or a clear ImportError."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError(
-            "minigd.report needs matplotlib to draw its figures: pip install 'minigd[study]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path, description: str = ""):
-    plt = _pyplot()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=_DPI, metadata={"Description": description or "minigd report"})
-    finally:
-        plt.close(fig)
-
-
-def fnum(x):
-    """``x`` as a finite float, or ``None`` (missing, NaN, infinite or not a number)."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _pos(x):
-    v = fnum(x)
-    return v if v is not None and v > 0 else None
-
-
-def architectures(analysis) -> list:
-    """The per-architecture dicts of an analysis (an empty list if it has none)."""
-    if not isinstance(analysis, dict):
-        return []
-    return [a for a in (analysis.get("architectures") or []) if isinstance(a, dict)]
-
-
-def rows_of(arch) -> list:
-    """An architecture's per-batch rows with a usable batch size, sorted by batch size."""
-    rows = [r for r in (arch.get("per_batch") or []) if isinstance(r, dict) and _pos(r.get("batch_size"))]
-    return sorted(rows, key=lambda r: float(r["batch_size"]))
-
-
-def arch_label(arch) -> str:
-    """A short name of an architecture: ``64-64-10 relu sgd``."""
-    sizes = arch.get("sizes") or []
-    parts = ["-".join(str(s) for s in sizes) if sizes else "?"]
-    parts += [str(arch[k]) for k in ("activation", "optimizer") if arch.get(k)]
-    if arch.get("norm"):
-        parts.append(f"({arch['norm']})")
-    return " ".join(parts)
-
-
-def b_crit_of(arch):
-    """The fitted critical batch size, if finite and positive, else ``None``."""
-    fit = arch.get("tradeoff_fit")
-    if not isinstance(fit, dict) or "error" in fit:
-        return None
-    return _pos(fit.get("b_crit"))
-
-
-def b_crit_label(arch) -> str:
-    """"B_crit (fit)", or "B_crit (fit, untuned (sqrt rule))" where the learning rate was a rule."""
-    t = arch.get("b_crit_tuning")
-    return "B_crit (fit)" if not t or t == "tuned" else f"B_crit (fit, {t})"
-
-
-def _not_reached(arch):
-    """Batch sizes that did not reach the target (median over seeds at their best rate)."""
-    return [float(r["batch_size"]) for r in rows_of(arch) if r.get("reached") is False]
-
-
-def _err(arch, key, xs):
-    """Asymmetric error bars (2, n) for the points ``xs`` from the rows' ``intervals[key]``,
-    or None without intervals."""
-    import numpy as np
-
-    by_b = {float(r["batch_size"]): r for r in rows_of(arch)}
-    lo, hi, any_iv = [], [], False
-    for x in xs:
-        r = by_b.get(x) or {}
-        iv = (r.get("intervals") or {}).get(key) if isinstance(r.get("intervals"), dict) else None
-        v = _pos(r.get(key))
-        a = _pos(iv.get("lo")) if isinstance(iv, dict) else None
-        b = _pos(iv.get("hi")) if isinstance(iv, dict) else None
-        if v is None or a is None or b is None:
-            lo.append(0.0)
-            hi.append(0.0)
-            continue
-        any_iv = True
-        lo.append(max(0.0, v - a))
-        hi.append(max(0.0, b - v))
-    return np.array([lo, hi]) if any_iv else None
-
-
-def _mark_apart(ax, arch, colour, pre, ys_all):
-    """Batch sizes that did not reach the target, as hollow triangles along the top."""
-    nr = _not_reached(arch)
-    if not nr or not ys_all:
-        return
-    top = max(ys_all) * 1.6
-    ax.plot(nr, [top] * len(nr), "^", ms=8, mfc="none", mec=colour, mew=1.5, ls="none",
-            label=f"{pre}did not reach the target")
-
-
-def b_simple_of(arch):
-    """The gradient noise scale B_simple measured mid-training, if positive, else ``None``."""
-    ns = arch.get("noise_scale") or {}
-    v = _pos(ns.get("middle")) if isinstance(ns, dict) else None
-    if v is None:
-        v = _pos((arch.get("answers") or {}).get("critical_batch_size_noise"))
-    return v
-
-
-def uses_accuracy(archs) -> bool:
-    """Whether the generalisation metric is accuracy (classification) rather than loss."""
-    have_acc = have_loss = False
-    for a in archs:
-        for r in rows_of(a):
-            have_acc |= fnum(r.get("final_val_accuracy")) is not None
-            have_loss |= fnum(r.get("final_val_loss")) is not None
-    return have_acc or not have_loss
-
-
-def _colours(n):
-    plt = _pyplot()
-    cmap = plt.get_cmap("tab10")
-    return [cmap(i % 10) for i in range(max(n, 1))]
-
-
-def _series(arch, key):
-    """(batch sizes, values) of a row field, dropping missing values; positive values only."""
-    xs, ys = [], []
-    for r in rows_of(arch):
-        v = _pos(r.get(key))
-        if v is not None:
-            xs.append(float(r["batch_size"]))
-            ys.append(v)
-    return xs, ys
-
-
-def _series_any(arch, key):
-    xs, ys = [], []
-    for r in rows_of(arch):
-        v = fnum(r.get(key))
-        if v is not None:
-            xs.append(float(r["batch_size"]))
-            ys.append(v)
-    return xs, ys
-
-
-def _log2_batch_axis(ax, lo=None, hi=None):
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    ax.set_xscale("log", base=2)
-    if lo is not None and hi is not None and hi > lo > 0:
-        ax.set_xlim(lo, hi)
-    ax.xaxis.set_major_locator(LogLocator(base=2, numticks=14))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-    def fmt(x, _pos):
-        if x >= 1 and abs(x - round(x)) < 1e-6 * x:
-            return f"{int(round(x))}"
-        return f"{x:.3g}"
-
-    ax.xaxis.set_major_formatter(FuncFormatter(fmt))
-    ax.set_xlabel("batch size B (examples, log2 scale)")
-    ax.grid(True, which="major", alpha=0.3)
-
-
-def _batch_range(archs, extra=()):
-    """x limits covering every batch size, and the markers in ``extra`` when near it."""
-    bs = [float(r["batch_size"]) for a in archs for r in rows_of(a)]
-    if not bs:
-        return None, None
-    lo, hi = min(bs) / 1.6, max(bs) * 1.6
-    for v in extra:
-        if v is not None and lo / 64 < v < hi * 64:
-            lo, hi = min(lo, v / 1.6), max(hi, v * 1.6)
-    return lo, hi
-
-
-def _log_y(ax):
-    """A log y axis with plain-text tick labels (mathtext labels are slow to lay out)."""
-    from matplotlib.ticker import FuncFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
-
-    def minor(v, _p):
-        # label 2 and 5 (and 3 on short axes) x 10^k only when the axis spans few decades
-        lo, hi = ax.get_ylim()
-        if not (lo > 0 and hi > 0):
-            return ""
-        decades = abs(math.log10(hi / lo))
-        mant = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
-        keep = {2.0, 5.0} if decades < 1.6 else set()
-        if decades < 1.2:
-            keep.add(3.0)
-        if decades < 0.8:
-            keep |= {3.0, 4.0, 6.0, 8.0}
-        return f"{v:g}" if mant in keep else ""
-
-    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+# --------------------------------------------------------------------------- figures
 
 
 def _in_range(v, lo, hi):
@@ -285,78 +88,6 @@ def _fmt_g(v):
     if abs(v) >= 100:
         return f"{v:,.0f}"
     return f"{v:.3g}"
-
-
-def _subplots(nrows=1, ncols=1, **kw):
-    """``plt.subplots`` with the constrained layout, which makes room for the legends that
-    :func:`_fig_legend` and :func:`_side_legend` put outside the axes."""
-    return _pyplot().subplots(nrows, ncols, layout="constrained", **kw)
-
-
-def _fig_legend(fig, axes, max_cols=3):
-    """One legend for the figure, below every axes (outside them: it never covers the data),
-    with each label once (panels that draw the same series share an entry)."""
-    handles, labels, seen = [], [], set()
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in seen:
-                seen.add(lab)
-                handles.append(h)
-                labels.append(lab)
-    if not handles:
-        return None
-    # as many columns as fit the figure's width (about 6 px per character at font size 8)
-    width_px = fig.get_figwidth() * fig.dpi
-    per_col = 6 * max(len(lab) for lab in labels) + 60
-    ncol = max(1, min(max_cols, len(labels), int(width_px // per_col)))
-    return fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
-
-
-def _side_legend(ax, **kw):
-    """The axes' legend to the right of it, outside the data area."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **kw)
-
-
-def _shade_regimes(ax, b_crit, lo, hi, label=True, prefix=""):
-    perfect, no_benefit, _ = _thresholds()
-    if b_crit is None or lo is None:
-        return
-    bands = [("perfect scaling", lo, perfect * b_crit),
-             ("diminishing returns", perfect * b_crit, no_benefit * b_crit),
-             ("no benefit", no_benefit * b_crit, hi)]
-    for name, a, b in bands:
-        a, b = max(a, lo), min(b, hi)
-        if b > a:
-            ax.axvspan(a, b, color=_REGIME_COLOURS[name], alpha=0.12, lw=0,
-                       label=f"{prefix}regime: {name}" if label else None)
-
-
-def _arch_prefix(archs, arch):
-    return f"{arch_label(arch)}: " if len(archs) > 1 else ""
-
-
-def _suptitle(fig, text, archs):
-    if len(archs) == 1:
-        text = f"{text}\n{arch_label(archs[0])}"
-    fig.suptitle(text, fontsize=11)
-
-
-def target_words(arch) -> str:
-    """The target in words: "95% validation accuracy", "validation loss ≤ 0.1"."""
-    metric, t = arch.get("target_metric"), fnum(arch.get("target"))
-    if metric is None or t is None:
-        return "the target"
-    m = str(metric)
-    split = "validation" if m.startswith("val") else "training" if m.startswith("train") else ""
-    if "accuracy" in m:
-        return " ".join(w for w in (f"{100 * t:.4g}%", split, "accuracy") if w)
-    if "loss" in m:
-        return " ".join(w for w in (split, f"loss ≤ {t:.4g}") if w)
-    return f"{m} = {t:.4g}"
-
-
-# --------------------------------------------------------------------------- figures
 
 
 def plot_placeholder(path, message: str, title: str = "") -> None:

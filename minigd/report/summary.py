@@ -25,20 +25,20 @@ import math
 import os
 import re
 
-from .plots import (
-    PLOT_FILES,
+from minigd._io import atomic_write_text
+
+from ._fields import (
     _thresholds,
     arch_label,
     architectures,
-    atomic_write_text,
     b_crit_of,
     b_simple_of,
     fnum,
-    make_plots,
     rows_of,
     target_words,
     uses_accuracy,
 )
+from .plots import PLOT_FILES, make_plots
 
 __all__ = ["write_report", "build_blocks", "render_markdown", "render_html", "summary_json", "HEADLINE_KEYS"]
 
