@@ -176,10 +176,10 @@ def measure(quick, rounds, read_every):
 
 
 def device_info():
-    from minigd.backends import gpu_emu
+    from minigd.backends import gpu_emulator
 
-    if gpu_emu.enabled():
-        return {"gpu": "EMULATED on the CPU (minigd.backends.gpu_emu): these are emulator times, "
+    if gpu_emulator() is not None:
+        return {"gpu": "EMULATED on the CPU (minigd.testing.gpu_emu): these are emulator times, "
                        "NOT GPU timings", "cuda_runtime": "-", "driver": "-", "cupy": "-",
                 "cpu": cpu_model(), "python": platform.python_version()}
     import cupy
@@ -218,15 +218,13 @@ def main(argv=None):
     ap.add_argument("--out", default=RESULTS, help="results directory")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
-    from minigd.backends import available_backends
-
-    from minigd.backends import gpu_emu
+    from minigd.backends import available_backends, gpu_emulator
 
     reason = available_backends()["gpu"]
     if reason is not None:
         print(f"bench/gpu.py: no usable GPU here, nothing measured: {reason}")
         return 0
-    if gpu_emu.enabled() and os.path.abspath(args.out) == os.path.abspath(RESULTS):
+    if gpu_emulator() is not None and os.path.abspath(args.out) == os.path.abspath(RESULTS):
         print("bench/gpu.py: MINIGD_GPU_EMULATE is set: emulator times are not GPU timings and are not "
               "written into bench/results; pass --out DIR for a smoke run", file=sys.stderr)
         return 2

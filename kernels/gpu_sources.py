@@ -178,7 +178,7 @@ def nvrtc_version() -> tuple:
 def load_module(name: str, cp=None):
     """``cupy.RawModule`` of source ``name`` for the current device (compiled by NVRTC and
     cached on disk by CuPy); ``cp`` is the CuPy module to use (default: cupy itself; the
-    backend passes :mod:`minigd.backends.gpu_emu` to run on the CPU emulator)."""
+    backend passes :mod:`minigd.testing.gpu_emu` to run on the CPU emulator)."""
     if cp is None:
         import cupy as cp
 

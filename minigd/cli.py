@@ -570,12 +570,12 @@ def cmd_report(args) -> int:
 def cmd_backends(args) -> int:
     import minigd as mg
 
-    from minigd.backends import gpu_emu
+    from minigd.backends import EMULATE_ENV, gpu_emulator
 
     for name, reason in mg.available_backends().items():
         line = f"{name:6s} {'available' if reason is None else 'unavailable: ' + reason}"
-        if name == "gpu" and reason is None and gpu_emu.enabled():
-            line += (f" -- EMULATED on the CPU ({gpu_emu.ENV}=1): the CUDA kernels run as C++ fibers, "
+        if name == "gpu" and reason is None and gpu_emulator() is not None:
+            line += (f" -- EMULATED on the CPU ({EMULATE_ENV}=1): the CUDA kernels run as C++ fibers, "
                      f"for correctness checks only, far slower than any real backend")
         print(line)
     return 0

@@ -1,6 +1,6 @@
 """GPU backend parity with the NumPy reference, on two devices:
 
-* ``emu``: the CPU emulator (minigd/backends/gpu_emu.py), which runs the same CUDA kernel
+* ``emu``: the CPU emulator (minigd/testing/gpu_emu.py), which runs the same CUDA kernel
   text and the same host code with every CUDA thread a fiber -- so these tests run on every
   machine with a C++ compiler, CI included;
 * ``cuda``: a real GPU through CuPy (skips with the reason ``available_backends()`` gives
@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import minigd as mg
-from minigd.backends import available_backends, gpu_emu
+from minigd.backends import available_backends
+from minigd.testing import gpu_emu
 from test_backend_parity import EVAL_TOL, MODEL_CASES, TRAIN_CASES, TRAIN_TOL, _TRAIN_DEFAULTS, assert_close
 
 with gpu_emu.emulated(False):

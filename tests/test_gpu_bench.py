@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from minigd.backends import available_backends, gpu_emu
+from minigd.backends import available_backends
+from minigd.testing import gpu_emu
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
 

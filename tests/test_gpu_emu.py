@@ -1,4 +1,4 @@
-"""The CPU emulator of the GPU backend (minigd/backends/gpu_emu.py, kernels/gpu_emu.h).
+"""The CPU emulator of the GPU backend (minigd/testing/gpu_emu.py, kernels/gpu_emu.h).
 
 The emulator is what lets tests/test_gpu_backend.py run the CUDA kernels without a GPU,
 so it must itself be right: the CUDA execution model it claims (barriers, warp shuffles,
@@ -13,7 +13,8 @@ import os
 import numpy as np
 import pytest
 
-from minigd.backends import available_backends, gpu_emu as E
+from minigd.backends import available_backends
+from minigd.testing import gpu_emu as E
 
 pytestmark = pytest.mark.skipif(E.reason() is not None, reason=f"no GPU emulator: {E.reason()}")
 
@@ -563,7 +564,7 @@ def test_an_out_of_bounds_write_is_caught_under_address_sanitizer(tmp_path):
 
     script = (
         "import numpy as np\n"
-        "from minigd.backends import gpu_emu as E\n"
+        "from minigd.testing import gpu_emu as E\n"
         "m = E.RawModule(code='extern \"C\" __global__ void w(double* x, long long n) { x[n] = 1.0; }')\n"
         "x = E.zeros(300, np.float64)\n"
         "m.get_function('w')((1,), (1,), (x, np.int64(300)))\n"
@@ -621,7 +622,7 @@ def test_thread_sanitizer_reports_races_between_blocks_and_within_one(tmp_path, 
 
     args = {"inter_block": "(x,)", "intra_block": "(y,)", "clean": "(x, y, f)"}[kernel]
     script = ("import numpy as np\n"
-              "from minigd.backends import gpu_emu as E\n"
+              "from minigd.testing import gpu_emu as E\n"
               f"m = E.RawModule(code={RACES!r})\n"
               "x = E.zeros(256, np.float64); y = E.zeros(256, np.float64); f = E.zeros(1, np.int32)\n"
               f"for _ in range(2): m.get_function({kernel!r})(({grid},), (64,), {args})\n"

@@ -39,7 +39,7 @@ import pytest
 
 import minigd as mg
 from minigd import nn
-from minigd.backends import gpu_emu
+from minigd.testing import gpu_emu
 from strategies import assert_close
 from test_gpu_backend import GPU_PATHS, on_gpu
 from test_norm import EVAL_TOL, NORM_CASES, PER_EXAMPLE_CALLS, TRAIN_TOL, build, data

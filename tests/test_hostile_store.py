@@ -429,7 +429,7 @@ def test_a_killed_worker_fails_only_its_own_trial_not_the_one_running_beside_it(
 
 # ----------------------------------------------------------------------- finding 9: cached .so
 def test_gpu_emulator_rebuilds_a_cached_library_others_could_have_written(tmp_path, monkeypatch):
-    from minigd.backends import gpu_emu as E
+    from minigd.testing import gpu_emu as E
 
     if E.reason() is not None:
         pytest.skip(f"no GPU emulator: {E.reason()}")

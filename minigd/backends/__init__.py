@@ -1,11 +1,35 @@
 """Backend registry: ``available_backends()`` says which backends run here and why not."""
 from __future__ import annotations
 
+import os
+import sys
+
 from minigd.errors import BackendUnavailable
 
 from .base import Backend
 
 BACKENDS = ("cpu", "numpy", "gpu")
+
+#: the environment variable that runs the gpu backend on the CPU emulator (tests, CI)
+EMULATE_ENV = "MINIGD_GPU_EMULATE"
+_EMULATOR = "minigd.testing.gpu_emu"
+
+
+def gpu_emulator():
+    """The GPU emulator module (:mod:`minigd.testing.gpu_emu`, which stands in for CuPy) when
+    the gpu backend is to run on it, else None.
+
+    The emulator is a testing tool, switched on only explicitly: with MINIGD_GPU_EMULATE=1
+    (then it is imported here), or inside its ``emulated()`` block (then the caller has
+    imported it).  Otherwise it is never imported.  Raises ValueError for a malformed
+    MINIGD_GPU_EMULATE.
+    """
+    emu = sys.modules.get(_EMULATOR)
+    if emu is None:
+        if os.environ.get(EMULATE_ENV, "") in ("", "0"):
+            return None
+        from minigd.testing import gpu_emu as emu
+    return emu if emu.enabled() else None
 
 
 def _gpu_reason() -> str | None:
@@ -13,18 +37,16 @@ def _gpu_reason() -> str | None:
 
     Probes without raising: CuPy importable, ``cupy.is_available()`` (a CUDA driver, a
     device, and a driver recent enough for CuPy's CUDA runtime), and, when that says no,
-    which of those is missing.  With the GPU emulator switched on (MINIGD_GPU_EMULATE=1,
-    see :mod:`minigd.backends.gpu_emu`), whether the emulator can run instead.
+    which of those is missing.  With the GPU emulator switched on (:func:`gpu_emulator`),
+    whether the emulator can run instead.
     """
-    from . import gpu_emu
-
     try:
-        emulate = gpu_emu.enabled()
+        emu = gpu_emulator()
     except ValueError as exc:       # a malformed MINIGD_GPU_EMULATE
         return str(exc)
-    if emulate:
-        why = gpu_emu.reason()
-        return None if why is None else f"MINIGD_GPU_EMULATE is set but {why}"
+    if emu is not None:
+        why = emu.reason()
+        return None if why is None else f"{EMULATE_ENV} is set but {why}"
     try:
         import cupy
     except Exception as exc:  # ImportError or a broken install
@@ -87,4 +109,4 @@ def get_backend_class(name: str):
     raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
 
 
-__all__ = ["Backend", "BACKENDS", "available_backends", "get_backend_class"]
+__all__ = ["Backend", "BACKENDS", "EMULATE_ENV", "available_backends", "get_backend_class", "gpu_emulator"]

@@ -3,7 +3,7 @@
 **Status: verified on the CPU emulator, never run on a GPU.**  Every CUDA source compiles
 with NVRTC for sm_80 and sm_90 in the test suite (tests/test_gpu_sources.py).  The parity
 tests against the NumPy reference (tests/test_gpu_backend.py, tests/test_gpu_norm.py) run
-this module's host code and the very kernel text on :mod:`minigd.backends.gpu_emu`, a CPU
+this module's host code and the very kernel text on :mod:`minigd.testing.gpu_emu`, a CPU
 emulator of the CuPy API and of the CUDA execution model, in CI, and pass; on a real device
 they skip where there is none, which so far has been everywhere this code was developed.
 The suite also runs a selection of them with the kernels built with AddressSanitizer
@@ -103,15 +103,16 @@ _KERNEL_CACHE: dict = {}
 
 def _cupy():
     """Import CuPy and check that it can use a device; BackendUnavailable otherwise.  With
-    the GPU emulator switched on (:func:`minigd.backends.gpu_emu.enabled`), the emulator
+    the GPU emulator switched on (:func:`minigd.backends.gpu_emulator`), the emulator
     module instead, which stands in for CuPy and runs the same kernels on the CPU."""
-    from minigd.backends import _gpu_reason, gpu_emu
+    from minigd.backends import _gpu_reason, gpu_emulator
 
     reason = _gpu_reason()
-    if reason is None and gpu_emu.enabled():
-        return gpu_emu
     if reason is not None:
         raise BackendUnavailable("gpu", reason)
+    emu = gpu_emulator()
+    if emu is not None:
+        return emu
     import cupy
 
     return cupy

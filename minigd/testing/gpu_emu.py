@@ -13,8 +13,10 @@ Use::
 
     MINIGD_GPU_EMULATE=1 python -c "import minigd as mg; mg.MLP([4, 3], backend='gpu')"
 
-or, in code, ``with minigd.backends.gpu_emu.emulated(): model = mg.MLP(..., backend="gpu")``
-(the backend keeps the emulator it was created with).
+or, in code, ``with minigd.testing.gpu_emu.emulated(): model = mg.MLP(..., backend="gpu")``
+(the backend keeps the emulator it was created with).  Nothing imports this module unless
+asked to: the backend registry (:func:`minigd.backends.gpu_emulator`) imports it only when
+MINIGD_GPU_EMULATE is set, or finds it already imported by the code that switched it on.
 
 What is emulated, and checked more strictly than CuPy does:
 
@@ -60,9 +62,10 @@ from pathlib import Path
 
 import numpy as np
 
+from minigd.backends import EMULATE_ENV
 from minigd.kernels import gpu_sources as S
 
-ENV = "MINIGD_GPU_EMULATE"
+ENV = EMULATE_ENV   # "MINIGD_GPU_EMULATE"
 _HEADER = Path(S.__file__).resolve().parent / "gpu_emu.h"   # shipped with the CUDA sources
 _CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
 #: MINIGD_GPU_EMU_SANITIZE=address (or 1) builds the kernels with AddressSanitizer (run
