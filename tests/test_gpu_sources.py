@@ -140,7 +140,10 @@ def test_kernel_names_follow_the_convention():
 
 
 def test_codes_in_the_sources_match_minigd():
+    """The CUDA sources cannot import the one table of codes (minigd.kernels.codes): their
+    #define copies must equal it, and the Python layers must use it."""
     from minigd import nn
+    from minigd.kernels import codes as C
     from minigd.optim import base as ob
 
     common = S.raw_text(S.COMMON)
@@ -148,16 +151,19 @@ def test_codes_in_the_sources_match_minigd():
     def define(name):
         return float(re.search(rf"#define {name} (\S+)", common).group(1))
 
-    for name, code in nn.ACTIVATIONS.items():
+    assert len(C.ACTIVATIONS) == 6 and len(C.LOSSES) == 3
+    for name, code in C.ACTIVATIONS.items():
         assert define(f"MGD_{name.upper()}") == code, name
-    for name, code in nn.LOSSES.items():
+    for name, code in C.LOSSES.items():
         assert define(f"MGD_{name.upper()}") == code, name
-    assert define("MGD_LEAKY_SLOPE") == nn.LEAKY_SLOPE
-    assert define("MGD_FLUSH") == ob.FLUSH
+    assert define("MGD_LEAKY_SLOPE") == C.LEAKY_SLOPE
+    assert define("MGD_FLUSH") == C.FLUSH
     assert define("MGD_HP_COLS") == ob._HP_COLS
-    from minigd.backends import gpu as G
-    assert (G.OP_CLIP, G.OP_DECAY, G.OP_TRACE, G.OP_ADAM, G.OP_SCALE_LR, G.OP_SCALE) == \
-        (ob.OP_CLIP, ob.OP_DECAY, ob.OP_TRACE, ob.OP_ADAM, ob.OP_SCALE_LR, ob.OP_SCALE)
+    assert nn.ACTIVATIONS is C.ACTIVATIONS and nn.LOSSES is C.LOSSES     # re-exported, not copied
+    assert (ob.OP_CLIP, ob.OP_DECAY, ob.OP_TRACE, ob.OP_ADAM, ob.OP_SCALE_LR, ob.OP_SCALE) == \
+        (C.OP_CLIP, C.OP_DECAY, C.OP_TRACE, C.OP_ADAM, C.OP_SCALE_LR, C.OP_SCALE)
+    from minigd.backends.gpu import _step
+    assert set(_step._PRIM_OP) == {C.OP_CLIP, C.OP_DECAY, C.OP_TRACE, C.OP_ADAM, C.OP_SCALE_LR, C.OP_SCALE}
 
 
 # ============================================================================ host code vs kernels
@@ -201,10 +207,23 @@ def _arg_kind(node) -> str:
 
 
 def _launches():
-    """(kernel op, argument kinds, line) for every launch in minigd/backends/gpu.py."""
+    """(kernel op, argument kinds, "file:line") for every launch in the modules of the
+    minigd/backends/gpu/ package."""
+    import importlib
+    import pkgutil
+
     from minigd.backends import gpu as G
 
-    tree = ast.parse(inspect.getsource(G))
+    found = []
+    for info in pkgutil.iter_modules(G.__path__):
+        mod = importlib.import_module(f"{G.__name__}.{info.name}")
+        found += _launches_in(mod)
+    return found
+
+
+def _launches_in(mod):
+    tree = ast.parse(inspect.getsource(mod))
+    where = mod.__name__.rsplit(".", 1)[-1] + ".py"
     found = []
 
     def kname(node):
@@ -220,11 +239,11 @@ def _launches():
         if node.func.attr == "_launch" and node.args and kname(node.args[0]):
             tup = node.args[-1]
             assert isinstance(tup, ast.Tuple), f"line {node.lineno}: arguments must be a literal tuple"
-            found.append((kname(node.args[0]), [_arg_kind(e) for e in tup.elts], node.lineno))
+            found.append((kname(node.args[0]), [_arg_kind(e) for e in tup.elts], f"{where}:{node.lineno}"))
         elif node.func.attr == "_enqueue_layers" and node.args and kname(node.args[0]):
             lam = node.args[2]
             assert isinstance(lam, ast.Lambda) and isinstance(lam.body, ast.Tuple)
-            found.append((kname(node.args[0]), [_arg_kind(e) for e in lam.body.elts], node.lineno))
+            found.append((kname(node.args[0]), [_arg_kind(e) for e in lam.body.elts], f"{where}:{node.lineno}"))
     return found
 
 
@@ -237,8 +256,8 @@ def test_every_launch_matches_a_kernel_signature():
     assert len(launches) >= 20
     used = set()
     for op, kinds, line in launches:
-        assert op in params, f"gpu.py line {line}: no kernel mgd_{op}[_f32|_f64] in the sources"
-        assert kinds == params[op], (f"gpu.py line {line}: mgd_{op} takes {params[op]}, "
+        assert op in params, f"minigd/backends/gpu/{line}: no kernel mgd_{op}[_f32|_f64] in the sources"
+        assert kinds == params[op], (f"minigd/backends/gpu/{line}: mgd_{op} takes {params[op]}, "
                                      f"the launch passes {kinds}")
         used.add(op)
     # every training-path kernel is used by the backend, batch norm's and dropout's included
