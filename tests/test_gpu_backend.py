@@ -177,6 +177,35 @@ def test_run_steps_equals_repeated_train_steps(dtype, dev):
 
 
 @pytest.mark.parametrize("dev", ["emu", "cuda"])
+def test_run_steps_keeps_the_base_contract(dev):
+    """What Backend.run_steps promises, on the device: ``steps_per_call`` (the gpu's
+    ``read_every``), B rows of ``idx`` as the rows of every step (full batch), a ``time``
+    per step (the call's time, spread evenly: the device does not time steps one by one),
+    and ``max_time`` honoured at the first read-back after it."""
+    ref, X, y = TRAIN_CASES[1].model.build("numpy", "float64")      # momentum
+    a, b = on_gpu(ref, f"{dev}:gpu-graph"), on_gpu(ref, f"{dev}:gpu-graph")
+    impl = a.backend_impl
+    assert impl.steps_per_call == impl.read_every == 64
+    impl.steps_per_call = 8
+    assert impl.read_every == 8 and impl.steps_per_call == 8
+    opt = mg.SGD(lr=0.05, momentum=0.9)
+    X, yi, yf = a.check_Xy(X, y)
+    B, n = X.shape[0], 5
+    rows = np.arange(B, dtype=np.int64)[::-1].copy()
+    sa, sb = opt.init(a.params), opt.init(b.params)
+    res = impl.run_steps(a.params, X, yi, yf, rows, B, n, sa, np.full(n, 0.05), 1)
+    tiled = b.backend_impl.run_steps(b.params, X, yi, yf, np.tile(rows, n), B, n, sb, np.full(n, 0.05), 1)
+    assert res["applied"].all() and len(res["loss"]) == n
+    np.testing.assert_array_equal(res["loss"], tiled["loss"])
+    np.testing.assert_array_equal(a.params, b.params)
+    t = res["time"]
+    assert t.dtype == np.float64 and t.shape == (n,) and t[0] > 0 and np.all(np.diff(t) > 0)
+    np.testing.assert_allclose(t, t[-1] * np.arange(1, n + 1) / n, rtol=1e-12)
+    cut = impl.run_steps(a.params, X, yi, yf, rows, B, n, sa, np.full(n, 0.05), 1, read_every=2, max_time=0.0)
+    assert len(cut["loss"]) == len(cut["time"]) == 2 and cut["applied"].all()
+
+
+@pytest.mark.parametrize("dev", ["emu", "cuda"])
 def test_host_param_writes_between_steps_are_seen(dev):
     """model.params stays the source of truth: writing it between fits is not lost."""
     ref, X, y = TRAIN_CASES[0].model.build("numpy", "float64")
