@@ -1,7 +1,12 @@
 """Small helpers shared by the bench scripts (imported from the scripts' own directory)."""
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+import tempfile
+import time
 
 
 def cpu_model() -> str:
@@ -17,3 +22,73 @@ def synthetic_data(rng, sizes, n):
     X = rng.standard_normal((n, sizes[0])).astype(np.float32)
     y = rng.integers(0, sizes[-1], n).astype(np.int64)
     return X, y
+
+
+#: the bench/ directory
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def thread_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in THREAD_VARS:
+        env[k] = str(threads)
+    return env
+
+
+def atomic_write(path: str, data) -> None:
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"{msg}  [+{time.perf_counter() - _T0:.0f} s]", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            txt = f.read()
+        flags = next((ln for ln in txt.splitlines() if ln.startswith("flags")), "")
+        info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+                                if f" {f}" in flags)
+    except OSError:
+        pass
+    try:
+        import numba
+        import numpy as np
+        info["numpy"] = np.__version__
+        info["numba"] = numba.__version__
+        blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        info["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        root = os.path.dirname(HERE)
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "minigd", "kernels"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            info["minigd_commit"] = head.stdout.strip() + (" (+ uncommitted changes in minigd/kernels)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import scipy
+        info["scipy"] = scipy.__version__
+        blas = scipy.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+        info["scipy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:
+        info["scipy"] = "missing (minigd's cpu backend then drives BLAS from Python)"
+    return info
