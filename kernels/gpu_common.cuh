@@ -11,7 +11,7 @@
 // codes of minigd/nn.py; every kernel exists for float (suffix _f32) and double (_f64);
 // loss values and reductions accumulate in double; deltas of the mean loss carry 1/B.
 //
-// Step control block (for the CUDA-graph-captured training step, see minigd/backends/gpu.py):
+// Step control block (for the CUDA-graph-captured training step, see minigd/backends/gpu/_step.py):
 //   int    st[4]     st[0] = step counter c (which row of `sched`/`rec`/`idx` this step uses),
 //                    st[1] = stopped (sticky: a step was rejected; later steps change nothing),
 //                    st[2] = this step's "update would be non-finite" flag, st[3] unused.
