@@ -1,65 +1,43 @@
 """Input validation: every public entry point checks its arguments here, once, up front.
 
-Errors name the argument, what was expected and what was got.  Nothing is silently
+Scalar hyper-parameters are described once in :mod:`minigd._constraints` (the table);
+the ``check_*`` helpers below are thin wrappers over its constraint objects, and this
+module adds the checks of arrays (X, y, magnitudes).  One error style: TypeError for a
+wrong type, ValueError for a wrong value, each naming the argument, what was expected and
+what was got.  Nothing is silently
 coerced: a float64 array handed to a float32 model is an error, not a copy.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterable
 
 import numpy as np
 
 from . import nn
-
-
-def _got(value: Any) -> str:
-    if isinstance(value, np.ndarray):
-        return f"array of shape {value.shape} and dtype {value.dtype}"
-    r = repr(value)
-    return f"{type(value).__name__} {r[:60]}"
+from ._constraints import PARAMS, Integer, Options, Real, _got  # noqa: F401  (_got: re-exported)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    choices = list(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {_got(value)}")
-    return value
+    """One of the strings ``choices``: TypeError for a non-string, ValueError for another
+    string (see :class:`minigd._constraints.Options`)."""
+    return Options(tuple(choices)).check(name, value)
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {_got(value)}")
-    value = int(value)
-    if low is not None and value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name}: expected an integer <= {high}, got {value}")
-    return value
+    """An integer (not bool) in ``[low, high]`` (see :class:`minigd._constraints.Integer`)."""
+    return Integer(low, high).check(name, value)
 
 
 def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {_got(value)}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name}: expected a number {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name}: expected a number {'<' if high_open else '<='} {high}, got {value}")
-    return value
+    """A finite real number (not bool) within the bounds (see
+    :class:`minigd._constraints.Real`)."""
+    return Real(low, high, low_open=low_open, high_open=high_open).check(name, value)
 
 
 def check_dtype(name: str, value: Any) -> np.dtype:
-    try:   # (np.dtype(None) is float64: None is refused, not read as a default)
-        dt = None if value is None else np.dtype(value)
-    except TypeError:
-        dt = None
-    if dt is None or dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"{name}: expected 'float32' or 'float64', got {_got(value)}")
-    return dt
+    """float32 or float64, as a numpy.dtype (``None`` is refused, not read as a default)."""
+    return PARAMS["dtype"].check(name, value)
 
 
 def memory_bytes() -> int:
@@ -177,8 +155,7 @@ def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: s
 
 
 def check_seed(name: str, seed: Any) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
-        return np.random.default_rng(seed)
-    raise TypeError(f"{name}: expected a non-negative int, None or numpy.random.Generator, got {_got(seed)}")
+    """A seed (a non-negative int, None or a Generator) as a numpy.random.Generator: a
+    Generator is returned as is (and advanced in place by its user)."""
+    seed = PARAMS["seed"].check(name, seed)
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)

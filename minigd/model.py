@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Any, Sequence
 
@@ -10,12 +9,11 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from minigd import nn
-from minigd._validation import (_got, check_choice, check_dtype, check_int, check_seed, check_X,
-                                check_y, memory_bytes)
+from minigd._constraints import PARAMS, check_norm
+from minigd._validation import _got, check_seed, check_X, check_y, memory_bytes
 from minigd.backends import get_backend_class
-from minigd.backends.base import NormSpec
 from minigd.errors import DegenerateModelWarning
-from minigd.kernels.codes import BATCH_NORM, BATCH_NORM_ARG
+from minigd.kernels.codes import BATCH_NORM_ARG
 from minigd.kernels.workspace import ParamLayout
 
 #: rows per chunk when evaluating on more examples than one batch
@@ -87,10 +85,7 @@ class MLP:
                  seed: int | np.random.Generator | None = 0, backend: str = "cpu",
                  batch_norm: bool = False, ghost_batch_size: int | None = None,
                  dropout: float = 0.0) -> None:
-        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) < 2:
-            raise ValueError(f"sizes: expected a sequence of at least 2 layer sizes (input, ..., output), "
-                             f"got {sizes!r}")
-        sizes = tuple(check_int(f"sizes[{i}]", s, low=1) for i, s in enumerate(sizes))
+        sizes = PARAMS["sizes"].check("sizes", sizes)
         n_hidden = len(sizes) - 2
         if isinstance(activation, str):
             acts = [activation] * n_hidden
@@ -103,9 +98,9 @@ class MLP:
                 raise ValueError(f"activation: expected one name per hidden layer ({n_hidden}), "
                                  f"got {len(acts)}: {acts!r}")
         for a in (acts or [activation if isinstance(activation, str) else "relu"]):
-            check_choice("activation", a, nn.ACTIVATIONS)
+            PARAMS["activation"].check("activation", a)
         self.activations = tuple(acts)
-        self.loss_name = check_choice("loss", loss, nn.LOSSES)
+        self.loss_name = PARAMS["loss"].check("loss", loss)
         if self.loss_name == "cross_entropy" and sizes[-1] < 2:
             # a valid (if degenerate) model -- "any width >= 1" -- so a warning, not an error
             warnings.warn("loss: 'cross_entropy' with 1 output unit (sizes[-1]=1): the softmax of one "
@@ -113,14 +108,12 @@ class MLP:
                           "does nothing; for two classes use 2 outputs, or loss='binary_cross_entropy' "
                           "with 1 output (a sigmoid on the logit, labels in {0, 1})",
                           DegenerateModelWarning, stacklevel=2)
-        self.dtype = check_dtype("dtype", dtype)
-        self.init = check_choice("init", init, nn.INITS)
-        self.norm = _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden)
+        self.dtype = PARAMS["dtype"].check("dtype", dtype)
+        self.init = PARAMS["init"].check("init", init)
+        self.norm = check_norm(batch_norm, ghost_batch_size, dropout, n_hidden=n_hidden)
         self.layout = ParamLayout(sizes, batch_norm=bool(self.norm.bn))
         _check_model_memory(sizes, self.layout.n_params, self.dtype)
-        cls = get_backend_class(backend) if isinstance(backend, str) else None
-        if cls is None:
-            raise ValueError(f"backend: expected a backend name, got {backend!r}")
+        cls = get_backend_class(PARAMS["backend"].check("backend", backend))
         self._backend_name = backend
         self._params = np.zeros(self.layout.n_params, dtype=self.dtype)
         self.weights, self.biases = self.layout.views(self._params)
@@ -437,30 +430,3 @@ def _overflow_error(name: str, X: np.ndarray, params: np.ndarray, what: str) -> 
                       f"and the parameters are finite: inputs up to {xmax:.3g} times weights up to "
                       f"{wmax:.3g} exceed the dtype's range; rescale {name} (standardize it)"
                       f"{' or use float64' if X.dtype == np.float32 else ''}, or check the parameters")
-
-
-def _check_norm(batch_norm, ghost_batch_size, dropout, n_hidden: int) -> NormSpec:
-    codes = BATCH_NORM
-    if not isinstance(batch_norm, (bool, str)) or batch_norm not in codes:
-        raise ValueError(f"batch_norm: expected False, True, 'before' or 'after', got {batch_norm!r}")
-    bn = codes[batch_norm]
-    if bn and n_hidden == 0:
-        raise ValueError(f"batch_norm: normalises hidden layers, and a model of depth 0 has none "
-                         f"(batch_norm={batch_norm!r})")
-    ghost = None
-    if ghost_batch_size is not None:
-        if not bn:
-            raise ValueError(f"ghost_batch_size: needs batch_norm (ghost batches are batch-norm "
-                             f"statistics), got ghost_batch_size={ghost_batch_size!r} with "
-                             f"batch_norm={batch_norm!r}")
-        ghost = check_int("ghost_batch_size", ghost_batch_size, low=1)
-        if ghost == 1:
-            raise ValueError("ghost_batch_size: expected an int >= 2, got 1 (a ghost batch of 1 row "
-                             "has zero variance, so batch norm would divide by sqrt(eps))")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
-            or not (0.0 <= float(dropout) < 1.0):
-        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-    if dropout > 0 and n_hidden == 0:
-        raise ValueError(f"dropout: applies to hidden activations, and a model of depth 0 has "
-                         f"none (dropout={dropout!r})")
-    return NormSpec(bn=bn, ghost=ghost, dropout=float(dropout))

@@ -40,7 +40,8 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, v
 from minigd import nn
 from minigd._validation import _got, check_dtype, check_float, check_int
 from minigd.history import History
-from minigd.model import MLP, _check_norm
+from minigd._constraints import check_norm
+from minigd.model import MLP
 from minigd.optim.aliases import SGD, Adam
 from minigd.optim.schedules import scale_lr
 from minigd.train import fit as _mg_fit
@@ -144,7 +145,7 @@ class _BaseMLP(BaseEstimator):
         check_dtype("dtype", self.dtype)
         if self.track_noise is not None and self.track_noise is not False and self.track_noise is not True:
             check_int("track_noise", self.track_noise, low=1)
-        _check_norm(self.batch_norm, self.ghost_batch_size, self.dropout, len(self._hidden()))
+        check_norm(self.batch_norm, self.ghost_batch_size, self.dropout, n_hidden=len(self._hidden()))
         if not isinstance(self.verbose, (bool, np.bool_)):
             raise TypeError(f"verbose: expected a bool, got {_got(self.verbose)}")
         rs = self.random_state

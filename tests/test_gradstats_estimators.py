@@ -170,11 +170,19 @@ def test_accumulator_bookkeeping():
 def test_accumulator_bad_arguments():
     with pytest.raises(ValueError, match=r"P: expected an integer >= 1, got 0"):
         MomentAccumulator(0)
-    with pytest.raises(ValueError, match=r"dtype: expected float32 or float64"):
+    with pytest.raises(TypeError, match=r"P: expected an integer, got float 3.0"):
+        MomentAccumulator(3.0)
+    with pytest.raises(ValueError, match=r"dtype: expected 'float32' or 'float64', got type"):
         MomentAccumulator(3, dtype=np.int32)
+    with pytest.raises(TypeError, match=r"dtype: expected 'float32' or 'float64'.*got NoneType None"):
+        MomentAccumulator(3, dtype=None)
     acc = MomentAccumulator(3)
     with pytest.raises(ValueError, match=r"G: expected a real array of shape \(k, 3\).*\(2, 4\)"):
         acc.update(np.zeros((2, 4)))
+    with pytest.raises(TypeError, match=r"G: expected a real array of shape \(k, 3\).*dtype <U1"):
+        acc.update(np.array([["a", "b", "c"]]))
+    with pytest.raises(TypeError, match=r"other: expected a MomentAccumulator, got dict"):
+        acc.merge({})
     with pytest.raises(ValueError, match=r"G: expected finite values, got 1 NaN/inf"):
         acc.update(np.array([[0.0, np.nan, 1.0]]))
     with pytest.raises(ValueError, match=r"chunk_m2: expected finite non-negative"):
@@ -395,13 +403,20 @@ def test_two_batch_bad_arguments():
         (dict(b_small=0, b_big=8), r"b_small: expected an integer >= 1, got 0"),
         (dict(b_small=8, b_big=8), r"b_big: expected an integer > b_small=8, got 8"),
         (dict(b_small=16, b_big=8), r"b_big: expected an integer > b_small=16, got 8"),
-        (dict(b_small=2.5, b_big=8), r"b_small: expected an integer.*got float 2.5"),
-        (dict(b_small=True, b_big=8), r"b_small: expected an integer.*got bool True"),
         (dict(b_small=1, b_big=8, beta=1.0), r"beta: expected a number < 1.0, got 1.0"),
         (dict(b_small=1, b_big=8, beta=-0.1), r"beta: expected a number >= 0.0, got -0.1"),
         (dict(b_small=1, b_big=8, beta=float("nan")), r"beta: expected a finite number, got nan"),
     ]:
         with pytest.raises(ValueError, match=pattern):
+            TwoBatchNoiseScale(**kwargs)
+    # a wrong type is a TypeError (minigd's one error style), a wrong value a ValueError
+    for kwargs, pattern in [
+        (dict(b_small=2.5, b_big=8), r"^b_small: expected an integer, got float 2.5"),
+        (dict(b_small=True, b_big=8), r"^b_small: expected an integer, got bool True"),
+        (dict(b_small=1, b_big="8"), r"^b_big: expected an integer, got str '8'"),
+        (dict(b_small=1, b_big=8, beta="0.9"), r"^beta: expected a real number, got str '0.9'"),
+    ]:
+        with pytest.raises(TypeError, match=pattern):
             TwoBatchNoiseScale(**kwargs)
     est = TwoBatchNoiseScale(np.int64(2), 8)
     assert est.b_small == 2 and type(est.b_small) is int
@@ -409,10 +424,11 @@ def test_two_batch_bad_arguments():
         ((-1.0, 1.0), r"sq_norm_small: expected a number >= 0.0, got -1.0"),
         ((1.0, float("nan")), r"sq_norm_big: expected a finite number, got nan"),
         ((float("inf"), 1.0), r"sq_norm_small: expected a finite number, got inf"),
-        (("1", 1.0), r"sq_norm_small: expected a real number, got str '1'"),
     ]:
         with pytest.raises(ValueError, match=pattern):
             est.update(*args)
+    with pytest.raises(TypeError, match=r"sq_norm_small: expected a real number, got str '1'"):
+        est.update("1", 1.0)
     assert est.n_updates == 0, "a rejected update must not count"
     with pytest.raises(ValueError, match=r"b_big: expected a batch size > b_small"):
         two_batch_estimates(1.0, 1.0, 8, 8)
@@ -516,7 +532,7 @@ def test_minibatch_variance_prediction_matches_enumeration():
         minibatch_variance_prediction(tr0, 8, n=N)
     with pytest.raises(ValueError, match=r"n: expected an integer >= 1, got 0"):
         minibatch_variance_prediction(tr0, 1, n=0)
-    with pytest.raises(ValueError, match=r"replacement: expected a bool"):
+    with pytest.raises(TypeError, match=r"replacement: expected a bool"):
         minibatch_variance_prediction(tr0, 1, n=N, replacement="yes")
 
 

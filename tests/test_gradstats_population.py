@@ -236,13 +236,16 @@ def test_population_equal_to_n_is_exact(problem):
 @pytest.mark.parametrize("bad", [63, 0, -64, 64.0, 2000.5, True, False, np.bool_(True), "2000",
                                  [2000], np.array(2000.0)])
 def test_bad_population_values_are_refused(problem, bad):
+    """An integer below n is a wrong value (ValueError); anything else -- floats, bools,
+    strings, lists, float arrays -- a wrong type (TypeError)."""
     m, X, y, _ = problem
-    with pytest.raises(ValueError, match=r"^population: expected None or an integer >= n=64"
-                                         r".*got"):
+    exc = ValueError if isinstance(bad, int) and not isinstance(bad, bool) else TypeError
+    with pytest.raises(exc, match=r"^population: expected None or an integer >= n=64"
+                                  r".*got"):
         mg.grad_moments(m, X[:64], y[:64], population=bad)
-    with pytest.raises(ValueError, match=r"^population: expected"):
+    with pytest.raises(exc, match=r"^population: expected"):
         GradMoments.from_grads(np.ones((64, 2)), population=bad)
-    with pytest.raises(ValueError, match=r"^population: expected"):
+    with pytest.raises(exc, match=r"^population: expected"):
         GradMoments(n=64, mean=np.ones(2), var=np.ones(2), population=bad)
 
 
@@ -265,8 +268,12 @@ def test_gradmoments_constructor_fields():
         GradMoments(n=4, mean=np.ones(2), var=np.ones(2), population=4, noise_scale_se=1.0)
     with pytest.raises(ValueError, match=r"trace_cov_se: expected a number >= 0"):
         GradMoments(n=4, mean=np.ones(2), var=np.ones(2), population=8, trace_cov_se=-1.0)
-    with pytest.raises(ValueError, match=r"trace_cov_se: expected a number >= 0"):
+    with pytest.raises(TypeError, match=r"trace_cov_se: expected a number >= 0.*got str '1'"):
         GradMoments(n=4, mean=np.ones(2), var=np.ones(2), population=8, trace_cov_se="1")
+    with pytest.raises(TypeError, match=r"mean: expected a 1-D real array.*got list"):
+        GradMoments(n=4, mean=["a", "b"], var=np.ones(2))
+    with pytest.raises(ValueError, match=r"var: expected a 1-D real array.*shape \(2, 1\)"):
+        GradMoments(n=4, mean=np.ones(2), var=np.ones((2, 1)))
 
 
 def test_unresolved_signal_gives_inf_noise_scale():
@@ -324,11 +331,11 @@ def test_two_batch_population_equal_to_b_big_is_allowed():
 
 
 def test_two_batch_population_validation():
-    for bad, pattern in [(7, r"population: expected None or an integer >= b_big=8, got int 7"),
-                         (0, r"population: expected .* got int 0"),
-                         (100.0, r"population: expected .* got float 100.0"),
-                         (True, r"population: expected .* got bool True")]:
-        with pytest.raises(ValueError, match=pattern):
+    for bad, exc, pattern in [(7, ValueError, r"population: expected None or an integer >= b_big=8, got 7"),
+                              (0, ValueError, r"population: expected .* got 0"),
+                              (100.0, TypeError, r"population: expected .* got float 100.0"),
+                              (True, TypeError, r"population: expected .* got bool True")]:
+        with pytest.raises(exc, match=pattern):
             TwoBatchNoiseScale(2, 8, population=bad)
     with pytest.raises(ValueError, match=r"population: expected a number of examples >= b_big"):
         two_batch_estimates(1.0, 1.0, 2, 8, population=7)

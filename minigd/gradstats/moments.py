@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from ._checks import check_int, got, safe_ratio
+from ._checks import check_int, check_param, got, safe_ratio
 
 __all__ = ["GradMoments", "MomentAccumulator"]
 
@@ -141,11 +140,7 @@ class GradMoments:
         ses = {}
         for name in ("grad_norm_sq_se", "trace_cov_se", "noise_scale_se"):
             v = getattr(self, name)
-            if isinstance(v, np.ndarray) and v.ndim == 0:
-                v = v[()]
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or v < 0:
-                raise ValueError(f"{name}: expected a number >= 0 (or nan/inf), got {got(v)}")
-            v = float(v)
+            v = check_param(name, v, "standard_error")
             if (population is None or population == n) and v != 0.0:
                 raise ValueError(f"{name}: expected 0.0 when the rows are the population "
                                  f"(population={population}, n={n}), got {v!r}")
@@ -153,8 +148,11 @@ class GradMoments:
         mean = np.array(self.mean, copy=True)
         var = np.array(self.var, copy=True)
         for name, a in (("mean", mean), ("var", var)):
-            if a.ndim != 1 or not (np.issubdtype(a.dtype, np.floating)
-                                   or np.issubdtype(a.dtype, np.integer)) or a.dtype == bool:
+            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) \
+                    or a.dtype == bool:
+                raise TypeError(f"{name}: expected a 1-D real array of shape (P,), "
+                                f"got {got(self.mean if name == 'mean' else self.var)}")
+            if a.ndim != 1:
                 raise ValueError(f"{name}: expected a 1-D real array of shape (P,), "
                                  f"got {got(self.mean if name == 'mean' else self.var)}")
         if mean.shape != var.shape:
@@ -390,13 +388,7 @@ class MomentAccumulator:
 
     def __init__(self, P: int, dtype: Any = np.float64) -> None:
         self._P = check_int("P", P, low=1)
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            dt = None
-        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise ValueError(f"dtype: expected float32 or float64, got {got(dtype)}")
-        self._dtype = dt
+        self._dtype = check_param("dtype", dtype)
         self._n = 0
         self._mean = np.zeros(self._P, dtype=np.float64)
         self._m2 = np.zeros(self._P, dtype=np.float64)
@@ -469,8 +461,11 @@ class MomentAccumulator:
         G = np.asarray(G)
         if G.ndim == 1:
             G = G[None, :]
-        if G.ndim != 2 or G.shape[1] != self._P or G.dtype == bool or not (
-                np.issubdtype(G.dtype, np.floating) or np.issubdtype(G.dtype, np.integer)):
+        if G.dtype == bool or not (np.issubdtype(G.dtype, np.floating)
+                                   or np.issubdtype(G.dtype, np.integer)):
+            raise TypeError(f"G: expected a real array of shape (k, {self._P}) "
+                            f"(or ({self._P},)), got {got(G)}")
+        if G.ndim != 2 or G.shape[1] != self._P:
             raise ValueError(f"G: expected a real array of shape (k, {self._P}) "
                              f"(or ({self._P},)), got {got(G)}")
         k = G.shape[0]
@@ -543,7 +538,7 @@ class MomentAccumulator:
         ``other`` is left unchanged. Returns ``self``.
         """
         if not isinstance(other, MomentAccumulator):
-            raise ValueError(f"other: expected a MomentAccumulator, got {got(other)}")
+            raise TypeError(f"other: expected a MomentAccumulator, got {got(other)}")
         if other._P != self._P:
             raise ValueError(f"other: expected an accumulator with P={self._P}, "
                              f"got P={other._P}")
@@ -587,14 +582,9 @@ JACKKNIFE_SEED = 0x6A6B
 
 def check_population(population: Any, n: int) -> int | None:
     """``population`` as an int ``>= n``, or None; else ValueError naming it."""
-    if population is None:
-        return None
-    if (isinstance(population, (bool, np.bool_))
-            or not isinstance(population, numbers.Integral) or population < n):
-        raise ValueError(f"population: expected None or an integer >= n={n} (the number of "
-                         f"examples the {n} rows were drawn from without replacement), "
-                         f"got {got(population)}")
-    return int(population)
+    return check_int("population", population, low=n, none=True,
+                     expected=f"None or an integer >= n={n} (the number of examples the {n} "
+                              f"rows were drawn from without replacement)")
 
 
 def _fpc_coef(n: int, N: int) -> float:
@@ -735,7 +725,7 @@ def sample_moments(n: int, acc: "MomentAccumulator", population: Any,
     """
     N = check_population(population, n)
     if N is None:
-        raise ValueError("population: expected an integer, got None")
+        raise TypeError("population: expected an integer, got None")
     if N == n:
         fold(np.arange(n, dtype=np.int64), acc)
         return acc._finalize(population=N)

@@ -28,13 +28,12 @@ References
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._checks import as_result, check_array, check_int, check_scalar, got, safe_ratio
+from ._checks import as_result, check_array, check_int, check_param, check_scalar, got, safe_ratio
 
 __all__ = [
     "TwoBatchNoiseScale",
@@ -232,13 +231,9 @@ class TwoBatchNoiseScale:
             raise ValueError(f"b_big: expected an integer > b_small={self._b_small}, "
                              f"got {self._b_big}")
         self._beta = check_scalar("beta", beta, low=0.0, high=1.0, high_open=True)
-        if population is not None:
-            if (isinstance(population, (bool, np.bool_)) or not isinstance(
-                    population, numbers.Integral) or population < self._b_big):
-                raise ValueError(f"population: expected None or an integer >= "
-                                 f"b_big={self._b_big}, got {got(population)}")
-            population = int(population)
-        self._population = population
+        self._population = check_int("population", population, low=self._b_big,
+                                     expected=f"None or an integer >= b_big={self._b_big}",
+                                     none=True)
         self.reset()
 
     # ------------------------------------------------------------------ configuration
@@ -570,11 +565,8 @@ def minibatch_variance_prediction(trace_cov: Any, batch_size: Any, n: int | None
     """
     tr = check_array("trace_cov", trace_cov, low=0.0)
     B = check_array("batch_size", batch_size, low=1.0)
-    if not isinstance(replacement, (bool, np.bool_)):
-        raise ValueError(f"replacement: expected a bool, got {got(replacement)}")
-    ddof = check_int("ddof", ddof, low=0)
-    if ddof > 1:
-        raise ValueError(f"ddof: expected 0 or 1, got {ddof}")
+    replacement = check_param("replacement", replacement)
+    ddof = check_param("ddof", ddof)
     if n is None:
         return as_result(tr / B)
     N = check_int("n", n, low=1)
@@ -756,13 +748,14 @@ def fit_tradeoff(steps: Any, examples: Any, *, method: str = "auto") -> Tradeoff
     >>> round(fit.s_min), round(fit.b_crit), round(fit.e_min)
     (1000, 256, 256000)
     """
-    if method not in ("auto", "scipy", "numpy"):
-        raise ValueError(f"method: expected one of ['auto', 'scipy', 'numpy'], got {got(method)}")
+    method = check_param("method", method, "tradeoff_method")
     S = np.asarray(steps)
     E = np.asarray(examples)
     for name, a, orig in (("steps", S, steps), ("examples", E, examples)):
-        if a.ndim != 1 or a.dtype == bool or not (np.issubdtype(a.dtype, np.floating)
-                                                   or np.issubdtype(a.dtype, np.integer)):
+        if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating)
+                                   or np.issubdtype(a.dtype, np.integer)):
+            raise TypeError(f"{name}: expected a 1-D real array, got {got(orig)}")
+        if a.ndim != 1:
             raise ValueError(f"{name}: expected a 1-D real array, got {got(orig)}")
     if S.shape != E.shape:
         raise ValueError(f"examples: expected shape {S.shape} (the shape of steps), "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minigd._validation import check_int
+from minigd._constraints import _got, check_param
 from minigd.backends.base import check_per_example
 from minigd.model import EVAL_CHUNK, MLP
 
@@ -96,10 +96,12 @@ def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *,
         out = np.empty((n, P), dtype=model.dtype)
     elif not (isinstance(out, np.ndarray) and out.shape == (n, P) and out.dtype == model.dtype
               and out.flags.c_contiguous and out.flags.writeable):
-        got = (f"array of shape {out.shape}, dtype {out.dtype}" if isinstance(out, np.ndarray)
-               else type(out).__name__)
-        raise ValueError(f"out: expected a writable C-contiguous array of shape ({n}, {P}) "
-                         f"and dtype {model.dtype}, got {got}")
+        what = f"a writable C-contiguous array of shape ({n}, {P}) and dtype {model.dtype}"
+        if not isinstance(out, np.ndarray) or out.dtype != model.dtype:      # a wrong type
+            raise TypeError(f"out: expected {what}, got {_got(out)}")
+        flags = "" if out.flags.c_contiguous and out.flags.writeable else (
+            f" ({'read-only' if not out.flags.writeable else 'not C-contiguous'})")
+        raise ValueError(f"out: expected {what}, got {_got(out)}{flags}")
     impl = model.backend_impl
     for s, idx in _chunks(n, EVAL_CHUNK):
         _training_pass(model, len(idx))
@@ -146,8 +148,7 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     """
     _check_model(model, "per_example_grad_norms")
     X, yi, yf = model.check_Xy(X, y)
-    if not isinstance(squared, (bool, np.bool_)):
-        raise TypeError(f"squared: expected a bool, got {type(squared).__name__} {squared!r}")
+    squared = check_param("squared", squared)
     n = X.shape[0]
     impl = model.backend_impl
     grad = np.empty(model.n_params, dtype=model.dtype)
@@ -289,7 +290,7 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | 
     """
     _check_model(model, "grad_moments")
     X, yi, yf = model.check_Xy(X, y)
-    chunk_size = check_int("chunk_size", chunk_size, low=1)
+    chunk_size = check_param("chunk_size", chunk_size)
     n = X.shape[0]
     if n < 2:
         raise ValueError(f"X: expected at least 2 examples for the ddof=1 variance, got {n}")

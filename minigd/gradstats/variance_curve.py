@@ -32,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from minigd._validation import check_int, check_seed
+from minigd._constraints import _got, check_param
+from minigd._validation import check_seed
 from minigd.model import EVAL_CHUNK, MLP
 
 from .noise_scale import minibatch_variance_prediction
@@ -127,8 +128,10 @@ def _batch_sizes(batch_sizes, n, replacement):
         arr = np.asarray(batch_sizes)
     except Exception:  # pragma: no cover - exotic inputs
         arr = np.asarray([], dtype=object)
-    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"batch_sizes: expected a non-empty sequence of integers, got {batch_sizes!r}")
+    if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"batch_sizes: expected a non-empty sequence of integers, got {_got(batch_sizes)}")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"batch_sizes: expected a non-empty sequence of integers, got {_got(batch_sizes)}")
     if arr.min() < 1:
         raise ValueError(f"batch_sizes: expected integers >= 1, got {int(arr.min())}")
     if not replacement and arr.max() > n:
@@ -206,12 +209,10 @@ def variance_vs_batch_size(model: MLP, X: np.ndarray, y: np.ndarray, batch_sizes
     N = X.shape[0]
     if N < 2:
         raise ValueError(f"X: expected at least 2 examples, got {N}")
-    if not isinstance(replacement, (bool, np.bool_)):
-        raise TypeError(f"replacement: expected a bool, got {type(replacement).__name__} {replacement!r}")
-    replacement = bool(replacement)
+    replacement = check_param("replacement", replacement)
     sizes = _batch_sizes(batch_sizes, N, replacement)
-    n_samples = check_int("n_samples", n_samples, low=2)
-    chunk_size = check_int("chunk_size", chunk_size, low=1)
+    n_samples = check_param("n_samples", n_samples)
+    chunk_size = check_param("chunk_size", chunk_size)
     rng = check_seed("seed", seed)
 
     mom = accumulate_moments(model, X, yi, yf, np.arange(N, dtype=np.int64), chunk_size).finalize()

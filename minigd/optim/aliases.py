@@ -3,35 +3,27 @@ from __future__ import annotations
 
 from typing import Callable
 
-from minigd._validation import check_float
+from minigd._constraints import check_param
 
 from .base import Optimizer
 from .transforms import add_decayed_weights, clip_by_global_norm, scale_by_adam, scale_by_lr, trace
 
 
 def _check_lr(lr):
-    if callable(lr):
-        return lr
-    return check_float("lr", lr, low=0)
+    return check_param("lr", lr, "lr_or_schedule")
 
 
 def _clip(clip_norm):
     if clip_norm is None:
         return []
-    return [clip_by_global_norm(check_float("clip_norm", clip_norm, low=0, low_open=True))]
+    return [clip_by_global_norm(check_param("clip_norm", clip_norm))]
 
 
 def _check_betas(betas):
     """(b1, b2), each in [0, 1); errors name ``betas``."""
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise TypeError(f"betas: expected a pair (beta1, beta2) of numbers in [0, 1), got {betas!r}")
-    return tuple(check_float(f"betas[{i}]", b, low=0, high=1, high_open=True) for i, b in enumerate(betas))
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
-    return value
+    return tuple(check_param(f"betas[{i}]", b, f"beta{i + 1}") for i, b in enumerate(betas))
 
 
 def SGD(lr: float | Callable[[int], float] = 0.1, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
@@ -63,10 +55,10 @@ def SGD(lr: float | Callable[[int], float] = 0.1, momentum: float = 0.0, nestero
     >>> opt = mg.SGD(lr=0.1, momentum=0.9, nesterov=True)
     """
     lr = _check_lr(lr)
-    momentum = check_float("momentum", momentum, low=0, high=1, high_open=True)
-    _check_bool("nesterov", nesterov)
-    _check_bool("decoupled_weight_decay", decoupled_weight_decay)
-    weight_decay = check_float("weight_decay", weight_decay, low=0)
+    momentum = check_param("momentum", momentum)
+    nesterov = check_param("nesterov", nesterov)
+    decoupled_weight_decay = check_param("decoupled_weight_decay", decoupled_weight_decay)
+    weight_decay = check_param("weight_decay", weight_decay)
     prims = _clip(clip_norm)
     if weight_decay and not decoupled_weight_decay:
         prims.append(add_decayed_weights(weight_decay))
@@ -95,7 +87,7 @@ def Adam(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] =
     """
     lr = _check_lr(lr)
     prims = _clip(clip_norm)
-    wd = check_float("weight_decay", weight_decay, low=0)
+    wd = check_param("weight_decay", weight_decay)
     if wd:
         prims.append(add_decayed_weights(wd))
     betas = _check_betas(betas)
@@ -111,7 +103,7 @@ def AdamW(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] 
     :math:`\theta \leftarrow \theta - \eta\,(\hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta)`,
     as ``torch.optim.AdamW``."""
     lr = _check_lr(lr)
-    wd = check_float("weight_decay", weight_decay, low=0)
+    wd = check_param("weight_decay", weight_decay)
     betas = _check_betas(betas)
     prims = _clip(clip_norm) + [scale_by_adam(betas[0], betas[1], eps)]
     if wd:

@@ -220,7 +220,7 @@ def chain(*primitives: Primitive, lr: float | Callable[[int], float]) -> Optimiz
     >>> opt = mg.optim.chain(mg.optim.clip_by_global_norm(1.0), mg.optim.trace(0.9),
     ...                      mg.optim.scale_by_lr(), lr=0.05)
     """
-    from minigd._validation import check_float
+    from minigd._constraints import check_param
 
     for p in primitives:
         if not isinstance(p, Primitive):
@@ -238,8 +238,7 @@ def chain(*primitives: Primitive, lr: float | Callable[[int], float]) -> Optimiz
                    else "would normalise the step, so lr would have no effect")
             raise ValueError(f"chain: {p.name} after scale_by_lr {why}; put it before scale_by_lr, "
                              f"got {names}")
-    if not callable(lr):
-        lr = check_float("lr", lr, low=0)
+    lr = check_param("lr", lr, "lr_or_schedule")
     return Optimizer(tuple(primitives), lr, "chain", {"primitives": names, "lr": lr})
 
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from minigd._validation import _got, check_choice, check_float, check_int
+from minigd._constraints import _got, check_param
 
 
 @dataclass(frozen=True)
@@ -78,34 +78,34 @@ class Warmup:
 
 
 def constant(lr):
-    return Constant(check_float("lr", lr, low=0))
+    return Constant(check_param("lr", lr))
 
 
 def step_decay(lr, boundaries, factor=0.1):
     if isinstance(boundaries, (str, bytes, dict)) or not hasattr(boundaries, "__iter__"):
         raise TypeError(f"boundaries: expected a sequence of step numbers (e.g. [100, 200]), "
                         f"got {_got(boundaries)}")
-    b = tuple(check_int("boundaries", x, low=0) for x in boundaries)
+    b = tuple(check_param("boundaries", x, "boundary") for x in boundaries)
     if list(b) != sorted(b):
         raise ValueError(f"boundaries: expected increasing steps, got {b}")
-    return StepDecay(check_float("lr", lr, low=0), b, check_float("factor", factor, low=0))
+    return StepDecay(check_param("lr", lr), b, check_param("factor", factor, "decay_factor"))
 
 
 def exponential(lr, decay_rate, decay_steps=1):
-    return Exponential(check_float("lr", lr, low=0), check_float("decay_rate", decay_rate, low=0, low_open=True),
-                       check_int("decay_steps", decay_steps, low=1))
+    return Exponential(check_param("lr", lr), check_param("decay_rate", decay_rate),
+                       check_param("decay_steps", decay_steps))
 
 
 def cosine(lr, total_steps, final_lr=0.0):
-    return Cosine(check_float("lr", lr, low=0), check_int("total_steps", total_steps, low=1),
-                  check_float("final_lr", final_lr, low=0))
+    return Cosine(check_param("lr", lr), check_param("total_steps", total_steps),
+                  check_param("final_lr", final_lr))
 
 
 def warmup(schedule, warmup_steps, start_lr=0.0):
     if not callable(schedule):
         schedule = constant(schedule)
-    return Warmup(schedule, check_int("warmup_steps", warmup_steps, low=0),
-                  check_float("start_lr", start_lr, low=0))
+    return Warmup(schedule, check_param("warmup_steps", warmup_steps),
+                  check_param("start_lr", start_lr))
 
 
 def scale_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str = "linear") -> float:
@@ -114,10 +114,10 @@ def scale_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str = 
     ``"linear"``: base_lr * B / B0 (Goyal et al. 2017); ``"sqrt"``: base_lr * sqrt(B / B0)
     (Hoffer et al. 2017); ``"none"``: base_lr.
     """
-    base_lr = check_float("base_lr", base_lr, low=0)
-    B = check_int("batch_size", batch_size, low=1)
-    B0 = check_int("base_batch_size", base_batch_size, low=1)
-    rule = check_choice("rule", rule, ("linear", "sqrt", "none"))
+    base_lr = check_param("base_lr", base_lr)
+    B = check_param("batch_size", batch_size, "base_batch_size")
+    B0 = check_param("base_batch_size", base_batch_size)
+    rule = check_param("rule", rule, "lr_rule")
     k = B / B0
     return base_lr * (k if rule == "linear" else math.sqrt(k) if rule == "sqrt" else 1.0)
 
@@ -135,7 +135,7 @@ class BatchSizeSchedule:
     milestones: tuple = ()   # ((epoch, batch_size), ...) sorted by epoch
 
     def __init__(self, initial: int, milestones: dict | Sequence | None = None) -> None:
-        object.__setattr__(self, "initial", check_int("initial", initial, low=1))
+        object.__setattr__(self, "initial", check_param("initial", initial, "base_batch_size"))
         expect = "a dict {epoch: batch_size} or a sequence of (epoch, batch_size) pairs"
         if milestones is None:
             milestones = {}
@@ -150,8 +150,8 @@ class BatchSizeSchedule:
                     raise TypeError(f"milestones[{i}]: expected an (epoch, batch_size) pair, got {_got(it)}")
             items = [tuple(it) for it in items]
         for e, b in items:
-            check_int("milestones epoch", e, low=0)
-            check_int("milestones batch size", b, low=1)
+            check_param("milestones epoch", e, "boundary")
+            check_param("milestones batch size", b, "base_batch_size")
         items = sorted(items)
         object.__setattr__(self, "milestones", tuple((int(e), int(b)) for e, b in items))
 
