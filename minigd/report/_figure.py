@@ -1,41 +1,19 @@
-"""The figure toolkit shared by the report's plots (and the study's question figures):
-matplotlib on the Agg backend, atomic PNG writes, log2 batch-size and log y axes, legends
+"""The figure toolkit of the report's plots: matplotlib on the Agg backend and atomic PNG
+writes (from :mod:`minigd._plotting`), log2 batch-size and log y axes, legends
 outside the data area, the scaling regimes shaded, titles that name the architecture.
 """
 from __future__ import annotations
 
 import math
 
-from minigd._io import atomic_path
+# the two figure primitives live below both the study and the report (the study's question
+# figures use them too); _pyplot and _save keep their names here
+from minigd._plotting import pyplot as _pyplot
+from minigd._plotting import save_png as _save  # noqa: F401
 
 from ._fields import _not_reached, _thresholds, arch_label
 
-_DPI = 100
-
-
 _REGIME_COLOURS = {"perfect scaling": "#2ca02c", "diminishing returns": "#ffbf00", "no benefit": "#d62728"}
-
-
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or a clear ImportError."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError(
-            "minigd.report needs matplotlib to draw its figures: pip install 'minigd[study]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path, description: str = ""):
-    plt = _pyplot()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=_DPI, metadata={"Description": description or "minigd report"})
-    finally:
-        plt.close(fig)
 
 
 def _colours(n):
