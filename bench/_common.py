@@ -5,7 +5,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 
@@ -31,6 +30,7 @@ THREAD_VARS = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "
 
 
 def thread_env(threads: int) -> dict:
+    """This process's environment with every thread pool pinned to ``threads`` (for a child)."""
     env = dict(os.environ)
     for k in THREAD_VARS:
         env[k] = str(threads)
@@ -38,23 +38,32 @@ def thread_env(threads: int) -> dict:
 
 
 def atomic_write(path: str, data) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """Write ``data`` (str, as UTF-8, or bytes) to ``path`` atomically, creating its directory:
+    a reader never sees half a result file (:func:`minigd._io.atomic_path`)."""
+    from minigd._io import atomic_path, atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not isinstance(data, bytes):
+        atomic_write_text(path, data)
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 _T0 = time.perf_counter()
 
 
 def log(msg: str) -> None:
+    """``msg`` on stderr, with the seconds since the script started."""
     print(f"{msg}  [+{time.perf_counter() - _T0:.0f} s]", file=sys.stderr, flush=True)
 
 
 def machine() -> dict:
+    """What the results were measured on: Python, platform, CPU (model, logical CPUs, SIMD
+    flags), numpy / numba / scipy versions and their BLAS, and minigd's git commit."""
     info = {"python": platform.python_version(), "platform": platform.platform(),
             "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
     try:

@@ -24,33 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-from _common import cpu_model, synthetic_data
+from _common import atomic_write, machine, synthetic_data, thread_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
 BATCHES = (1, 2, 8, 32, 128, 512, 2048)
 BACKENDS = ("cpu", "numpy")
-
-
-def _thread_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[k] = str(threads)
-    return env
-
-
-def _atomic_write(path: str, text: str) -> None:
-    from minigd._io import atomic_write_text
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------ child side
@@ -152,26 +137,10 @@ def compile_times(env: dict) -> dict:
     return {"cold_s": cold, "warm_s": warm}
 
 
-def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": cpu_model()}
-    try:
-        import numba
-        import numpy as np
-        info["numpy"] = np.__version__
-        info["numba"] = numba.__version__
-        cfg = np.show_config(mode="dicts")
-        blas = cfg.get("Build Dependencies", {}).get("blas", {})
-        info["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # pragma: no cover - informational only
-        pass
-    return info
-
-
 def to_markdown(result: dict) -> str:
     lines = ["# Training-step benchmark (bench/step.py)", "",
              f"Machine: {result['machine'].get('cpu')}; numpy {result['machine'].get('numpy')} "
-             f"({result['machine'].get('blas')}), numba {result['machine'].get('numba')}, "
+             f"({result['machine'].get('numpy_blas')}), numba {result['machine'].get('numba')}, "
              f"Python {result['machine'].get('python')}.", "",
              "float32, ReLU, softmax cross-entropy, SGD. `cpu`/`numpy`: one `train_step` call "
              "(gather + forward + loss + backward + update); `fit`: the whole Python training "
@@ -216,15 +185,15 @@ def main(argv=None) -> dict:
     for threads in [int(t) for t in args.threads.split(",")]:
         rows = _run_child(["--child", "measure", "--models", json.dumps(models), "--batches",
                            json.dumps(batches), "--rounds", str(rounds), "--target", str(target)],
-                          _thread_env(threads))
+                          thread_env(threads))
         result["runs"].append({"threads": threads, "rows": rows})
     if not args.no_compile and not args.quick:
-        result["compile"] = compile_times(_thread_env(1))
+        result["compile"] = compile_times(thread_env(1))
     md = to_markdown(result)
     print(md)
     if args.out:
-        _atomic_write(os.path.join(args.out, "step.json"), json.dumps(result, indent=1))
-        _atomic_write(os.path.join(args.out, "step.md"), md)
+        atomic_write(os.path.join(args.out, "step.json"), json.dumps(result, indent=1))
+        atomic_write(os.path.join(args.out, "step.md"), md)
     return result
 
 
