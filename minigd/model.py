@@ -14,7 +14,7 @@ from minigd._validation import _got, check_seed, check_X, check_y, memory_bytes
 from minigd.backends import get_backend_class
 from minigd.errors import DegenerateModelWarning
 from minigd.kernels.codes import BATCH_NORM_ARG
-from minigd.kernels.workspace import ParamLayout
+from minigd.kernels.workspace import ParamLayout, Workspace
 
 #: rows per chunk when evaluating on more examples than one batch
 EVAL_CHUNK = 2048
@@ -400,6 +400,15 @@ class MLP:
         """Accuracy (classification) or negative mean loss (regression)."""
         r = self.evaluate(X, y)
         return r.get("accuracy", -r["loss"])
+
+    def workspace_bytes(self, batch_size: int) -> int:
+        """Bytes of the per-batch buffers (activations, deltas, per-example scratch) that a
+        training step of ``batch_size`` rows uses, computed without allocating them; the
+        parameters, the gradient and the optimizer state come on top."""
+        from minigd._validation import check_int
+
+        B = check_int("batch_size", batch_size, low=1)
+        return Workspace.nbytes_for(self.layout, B, self.dtype)
 
 
 def _check_model_memory(sizes, P: int, dtype: np.dtype) -> None:

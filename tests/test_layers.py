@@ -6,7 +6,8 @@ imports the ``minigd`` package first, so a run-time check could not tell who imp
 * the compute core (``kernels/``, import name ``minigd.kernels``) imports nothing from the
   layers above it -- only the standard library, numpy, numba and ``minigd.kernels.*``;
 * the study (``minigd/study/**``) never imports the report (``minigd.report`` reads the
-  study's analysis; the study hands its analysis to a report writer it is given);
+  study's analysis; the study hands its analysis to a report writer it is given), nor the
+  kernels (it goes through the model and ``minigd.warmup``);
 * the GPU emulator (``minigd.testing``) is imported by no library module at import time;
   the backend registry imports it only when asked for (checked at run time, in a fresh
   interpreter);
@@ -110,6 +111,14 @@ def test_the_study_never_imports_the_report():
     assert bad == [], "study -> report (the report reads the study, not the reverse): " + "; ".join(bad)
 
 
+def test_the_study_reaches_the_compute_core_only_through_the_model():
+    """Warm-up, workspace sizes: the study asks minigd's public API (minigd.warmup,
+    MLP.workspace_bytes), never the kernels."""
+    bad = [f"{p.relative_to(MINIGD)}:{line} imports {mod}" for p in _sources(MINIGD / "study")
+           for mod, line, _ in _imports(p) if _under(mod, "minigd.kernels")]
+    assert bad == [], "; ".join(bad)
+
+
 def test_no_library_module_imports_the_testing_package_at_import_time():
     """minigd.testing (the GPU emulator) is a tool for tests: a library module may import it
     only inside a function, and only the backend registry does (on MINIGD_GPU_EMULATE=1)."""
@@ -177,3 +186,18 @@ def test_the_batch_norm_tables_invert_each_other():
                                                                             codes.BN_AFTER}
     for code, arg in codes.BATCH_NORM_ARG.items():
         assert codes.BATCH_NORM[arg] == code
+
+
+@pytest.mark.parametrize("sizes, dtype", [([4, 8, 3], "float32"), ([5, 2], "float64"), ([3, 7, 7, 2], "float64")])
+def test_the_model_says_what_a_step_workspace_takes(sizes, dtype):
+    """MLP.workspace_bytes (what a study trial records) is the size of the workspace the
+    backend allocates for that batch, computed without allocating it."""
+    import minigd as mg
+
+    for B in (1, 7, 64):
+        m = mg.MLP(sizes, dtype=dtype, backend="cpu")
+        assert m.workspace_bytes(B) == m.backend_impl.reserve(B).nbytes > 0
+    with pytest.raises(ValueError, match="batch_size"):
+        m.workspace_bytes(0)
+    with pytest.raises(TypeError, match="batch_size"):
+        m.workspace_bytes(2.5)

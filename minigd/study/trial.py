@@ -289,8 +289,7 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     curve = ev.curve
     # memory a training step at this batch size needs: its workspace (activations, deltas)
     # + parameters + gradient + optimizer state (momentum / Adam moments)
-    from minigd.kernels.workspace import Workspace
-    ws_bytes = Workspace.nbytes_for(model.layout, B, model.dtype)
+    ws_bytes = model.workspace_bytes(B)
     state_bytes = 2 * model.params.nbytes + _optimizer(cfg).init(model.params).state.nbytes
     res = {
         "status": "ok",
