@@ -54,29 +54,19 @@ for _k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from _common import cpu_model, synthetic_data  # noqa: E402
+import _common  # noqa: E402
+from _common import atomic_write, synthetic_data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
 BATCHES = (8, 32, 128, 512)
 OPS = ("plain", "norms", "moments", "per-example", "train", "train-sqn", "tracked")
-
-
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _runners(sizes, B, X, y):
@@ -165,13 +155,9 @@ def measure(models, batches, rounds: int, target_s: float) -> list:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(),
-            "threads": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-            "cpu": cpu_model()}
-    import numba
-    info["numpy"] = np.__version__
-    info["numba"] = numba.__version__
-    return info
+    """The shared machine description, with the thread counts this process runs on."""
+    return dict(_common.machine(),
+                threads={k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
 
 
 def to_markdown(result: dict) -> str:
@@ -211,8 +197,8 @@ def main(argv=None) -> dict:
     md = to_markdown(result)
     print(md)
     if args.out and not args.quick:
-        _atomic_write(os.path.join(args.out, "gradstats.json"), json.dumps(result, indent=1))
-        _atomic_write(os.path.join(args.out, "gradstats.md"), md)
+        atomic_write(os.path.join(args.out, "gradstats.json"), json.dumps(result, indent=1))
+        atomic_write(os.path.join(args.out, "gradstats.md"), md)
     return result
 
 
