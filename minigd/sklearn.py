@@ -9,9 +9,17 @@ the hyper-parameters, ``fit`` validates them; fitted state ends with ``_``), so 
 
 Input conversion is the estimator's job (the core :func:`minigd.fit` converts nothing):
 ``X`` goes through :func:`sklearn.utils.validation.validate_data` (lists, DataFrames, int
-and float arrays; no sparse matrices, no NaN/inf) and is then cast explicitly to the model's
-``dtype`` (values that overflow it are an error); class labels of any type are encoded as
-``0..n_classes-1`` through ``classes_``.
+and float arrays; no sparse matrices, no NaN/inf).  The model's dtype follows the input, as
+scikit-learn's own estimators do: float32 ``X`` trains a float32 model, float64 ``X`` a
+float64 one, anything else (ints, bools, lists, DataFrames of ints) is converted to float64;
+an explicit ``dtype=`` wins (``X`` and float targets are cast to it; values that overflow it
+are an error).  ``predict`` / ``partial_fit`` cast later inputs to the fitted model's dtype.
+Class labels of any type are encoded as ``0..n_classes-1`` through ``classes_``.
+
+Hyper-parameters are checked in ``fit`` (``__init__`` only stores them) against
+:data:`minigd._constraints.ESTIMATOR_PARAMS`, the estimators' entries of minigd's one
+parameter table: a wrong type is a TypeError, a wrong value a ValueError, each naming the
+parameter.
 
 Examples
 --------
@@ -26,7 +34,6 @@ Examples
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Any, Sequence
 
@@ -37,8 +44,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import _check_partial_fit_first_call, check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
-from minigd import nn
-from minigd._validation import _got, check_dtype, check_float, check_int
+from minigd._constraints import ESTIMATOR_PARAMS, _got, validate_params
 from minigd.history import History
 from minigd._constraints import check_norm
 from minigd.model import MLP
@@ -88,7 +94,7 @@ class _BaseMLP(BaseEstimator):
                  optimizer: str = "adam", learning_rate: float = 0.001, lr_policy: str = "constant",
                  base_batch_size: int = 32, momentum: float = 0.9, weight_decay: float = 0.0,
                  batch_size: int | str = "auto", epochs: int = 20, sampler: str = "shuffle",
-                 init: str = "he_uniform", backend: str = "cpu", dtype: str = "float32",
+                 init: str = "he_uniform", backend: str = "cpu", dtype: str | None = None,
                  random_state: Any = None, track_noise: int | bool | None = None,
                  noise_beta: float = 0.99, batch_norm: bool | str = False,
                  ghost_batch_size: int | None = None, dropout: float = 0.0,
@@ -116,46 +122,30 @@ class _BaseMLP(BaseEstimator):
         self.verbose = verbose
 
     # -- hyper-parameters (validated at fit time, as scikit-learn does) -------------------------
+    #: what each constructor parameter may be: minigd's parameter table
+    #: (:data:`minigd._constraints.ESTIMATOR_PARAMS`), as scikit-learn's
+    #: ``_parameter_constraints``
+    _parameter_table = ESTIMATOR_PARAMS
+
+    def _check_hyper(self) -> dict:
+        """Every hyper-parameter checked against the table (TypeError for a wrong type,
+        ValueError for a wrong value, naming it), then the rules between them (batch norm,
+        ghost batches and dropout: :func:`minigd._constraints.check_norm`).  Returns the
+        normalised values (``hidden_layer_sizes`` a tuple, ``dtype`` None or a numpy.dtype)."""
+        p = validate_params(self.get_params(deep=False), self._parameter_table)
+        check_norm(p["batch_norm"], p["ghost_batch_size"], p["dropout"],
+                   n_hidden=len(p["hidden_layer_sizes"]))
+        return p
+
     def _hidden(self) -> tuple:
-        h: Any = self.hidden_layer_sizes
-        if isinstance(h, numbers.Integral) and not isinstance(h, bool):
-            h = (h,)
-        if isinstance(h, (str, bytes)) or not hasattr(h, "__iter__"):
-            raise TypeError(f"hidden_layer_sizes: expected an int or a sequence of ints, got {_got(h)}")
-        return tuple(check_int(f"hidden_layer_sizes[{i}]", v, low=1) for i, v in enumerate(h))
+        return self._parameter_table["hidden_layer_sizes"].check("hidden_layer_sizes", self.hidden_layer_sizes)
 
-    def _check_hyper(self) -> None:
-        self._hidden()
-        if not isinstance(self.activation, str) or self.activation not in nn.ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {list(nn.ACTIVATIONS)}, got {_got(self.activation)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {_got(self.optimizer)}")
-        check_float("learning_rate", self.learning_rate, low=0, low_open=True)
-        if self.lr_policy not in LR_POLICIES:
-            raise ValueError(f"lr_policy: expected one of {list(LR_POLICIES)}, got {_got(self.lr_policy)}")
-        check_int("base_batch_size", self.base_batch_size, low=1)
-        check_float("momentum", self.momentum, low=0, high=1, high_open=True)
-        check_float("weight_decay", self.weight_decay, low=0)
-        if not (isinstance(self.batch_size, str) and self.batch_size in ("auto", "full")):
-            if isinstance(self.batch_size, str):
-                raise ValueError(f"batch_size: expected a positive int, 'auto' or 'full', "
-                                 f"got {self.batch_size!r}")
-            check_int("batch_size", self.batch_size, low=1)
-        check_int("epochs", self.epochs, low=1)
-        check_dtype("dtype", self.dtype)
-        if self.track_noise is not None and self.track_noise is not False and self.track_noise is not True:
-            check_int("track_noise", self.track_noise, low=1)
-        check_norm(self.batch_norm, self.ghost_batch_size, self.dropout, n_hidden=len(self._hidden()))
-        if not isinstance(self.verbose, (bool, np.bool_)):
-            raise TypeError(f"verbose: expected a bool, got {_got(self.verbose)}")
-        rs = self.random_state
-        if not (rs is None or isinstance(rs, (np.random.RandomState, np.random.Generator))
-                or (isinstance(rs, numbers.Integral) and not isinstance(rs, bool) and 0 <= int(rs) < 2**32)):
-            raise ValueError(f"random_state: expected None, an int in [0, 2**32), a "
-                             f"numpy.random.RandomState or Generator, got {_got(rs)}")
-
-    def _dtype(self) -> np.dtype:
-        return check_dtype("dtype", self.dtype)
+    def _fit_dtype(self, X: np.ndarray) -> np.dtype:
+        """The dtype of a new model: ``dtype`` when given, else the validated input's
+        (float32 stays float32, float64 stays float64; ``validate_data`` made every other
+        input float64)."""
+        dt = self._parameter_table["dtype"].check("dtype", self.dtype)
+        return X.dtype if dt is None else dt
 
     def _track(self):
         t = self.track_noise
@@ -171,8 +161,8 @@ class _BaseMLP(BaseEstimator):
         return np.random.default_rng(int(a)), np.random.default_rng(int(b))
 
     # -- data ---------------------------------------------------------------------------------
-    def _cast(self, a: np.ndarray, name: str) -> np.ndarray:
-        dt = self._dtype()
+    def _cast(self, a: np.ndarray, name: str, dt: np.dtype) -> np.ndarray:
+        """``a`` as a C-contiguous array of ``dt``; a value that overflows ``dt`` is an error."""
         with np.errstate(over="ignore"):
             out = np.ascontiguousarray(a, dtype=dt)
         if out.dtype != a.dtype and out.size and not np.isfinite(out).all():
@@ -183,7 +173,7 @@ class _BaseMLP(BaseEstimator):
 
     def _validate_X(self, X, reset: bool) -> np.ndarray:
         X = _named("X", validate_data, self, X, reset=reset, dtype=(np.float64, np.float32))
-        return self._cast(X, "X")
+        return self._cast(X, "X", self.model_.dtype)
 
     def _validate_Xy(self, X: Any, y: Any, reset: bool, **y_params: Any) -> tuple[np.ndarray, np.ndarray]:
         """scikit-learn's checks (``check_X_y``'s, X and y one after the other), with every
@@ -216,9 +206,9 @@ class _BaseMLP(BaseEstimator):
             opt = Adam(lr=lr, weight_decay=float(self.weight_decay))
         return B, lr, opt
 
-    def _new_model(self, n_in: int, n_out: int, seed) -> MLP:
+    def _new_model(self, n_in: int, n_out: int, seed, dtype: np.dtype) -> MLP:
         return MLP([n_in, *self._hidden(), n_out], activation=self.activation, loss=self._loss,
-                   dtype=self._dtype(), init=self.init, seed=seed, backend=self.backend,
+                   dtype=dtype, init=self.init, seed=seed, backend=self.backend,
                    batch_norm=self.batch_norm, ghost_batch_size=self.ghost_batch_size,
                    dropout=self.dropout)
 
@@ -242,9 +232,9 @@ class _BaseMLP(BaseEstimator):
         self.t_ = seen if first else self.t_ + seen
         self.noise_scale_ = hist.noise_tracker.noise_scale if hist.noise_tracker is not None else None
 
-    def _start(self, n_in: int, n_out: int) -> None:
+    def _start(self, n_in: int, n_out: int, dtype: np.dtype) -> None:
         model_seed, self._rng = self._new_rngs()
-        self.model_ = self._new_model(n_in, n_out, model_seed)
+        self.model_ = self._new_model(n_in, n_out, model_seed, dtype)
 
     def _forward(self, X) -> np.ndarray:
         check_is_fitted(self, "model_")
@@ -313,8 +303,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     sampler : {"shuffle", "replacement", "sequential"}, default "shuffle"
     init : str, default "he_uniform"
     backend : {"cpu", "numpy", "gpu"}, default "cpu"
-    dtype : {"float32", "float64"}, default "float32"
-        The model's dtype; inputs are cast to it.
+    dtype : {None, "float32", "float64"}, default None
+        The model's dtype.  None follows the training input, as scikit-learn's estimators
+        do: float32 ``X`` gives a float32 model, float64 ``X`` a float64 one, any other
+        input (ints, bools, lists) is converted to float64.  An explicit dtype wins: ``X``
+        (and a regressor's targets) are cast to it.  Later ``predict`` / ``partial_fit``
+        inputs are cast to the fitted model's dtype (``model_.dtype``).  float32 is
+        faster; float64 makes predictions independent of how rows are batched (float32
+        GEMM rounding depends on the batch's shape at ~1e-7 relative).
     random_state : None, int, numpy RandomState or Generator
         Seeds the initial weights and the sampler.
     track_noise : int, bool or None, default None
@@ -377,8 +373,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             raise ValueError(f"y: expected at least 2 classes, got 1 class ({classes[0]!r}); "
                              f"a classifier needs examples of two or more classes")
         self.classes_ = classes
-        Xa = self._cast(Xa, "X")
-        self._start(Xa.shape[1], len(classes))
+        dt = self._fit_dtype(Xa)
+        Xa = self._cast(Xa, "X", dt)
+        self._start(Xa.shape[1], len(classes), dt)
         self._train(Xa, y_enc.astype(np.int64).ravel(), epochs=int(self.epochs), first=True)
         return self
 
@@ -398,9 +395,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         if np.any(unknown):
             raise ValueError(f"y: expected labels among classes_ {self.classes_.tolist()!r}, "
                              f"got {np.unique(np.asarray(ya)[unknown]).tolist()[:10]!r}")
-        Xa = self._cast(Xa, "X")
+        dt = self._fit_dtype(Xa) if first else self.model_.dtype
+        Xa = self._cast(Xa, "X", dt)
         if first:
-            self._start(Xa.shape[1], len(self.classes_))
+            self._start(Xa.shape[1], len(self.classes_), dt)
         self._train(Xa, pos.astype(np.int64), epochs=1, first=first, quiet=True)
         return self
 
@@ -451,11 +449,11 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     _loss = "mse"
 
-    def _targets(self, y: Any) -> np.ndarray:
+    def _targets(self, y: Any, dt: np.dtype) -> np.ndarray:
         y = np.asarray(y)
         if y.dtype.kind not in "biuf":
             raise ValueError(f"y: expected numeric regression targets, got {_got(y)}")
-        Y = self._cast(y, "y")
+        Y = self._cast(y, "y", dt)
         return Y.reshape(Y.shape[0], -1)
 
     def fit(self, X: ArrayLike, y: ArrayLike) -> "MLPRegressor":
@@ -464,11 +462,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         Xa, ya = self._validate_Xy(X, y, reset=True, multi_output=True, y_numeric=True)
         if ya.ndim > 2:  # pragma: no cover - validate_data refuses these
             raise ValueError(f"y: expected (n,) or (n, n_outputs), got {_got(ya)}")
-        Y = self._targets(ya)
+        dt = self._fit_dtype(Xa)
+        Y = self._targets(ya, dt)
         self._y_1d = ya.ndim == 1
         self.n_outputs_ = Y.shape[1]
-        Xa = self._cast(Xa, "X")
-        self._start(Xa.shape[1], self.n_outputs_)
+        Xa = self._cast(Xa, "X", dt)
+        self._start(Xa.shape[1], self.n_outputs_, dt)
         self._train(Xa, Y, epochs=int(self.epochs), first=True)
         return self
 
@@ -478,16 +477,17 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         if first:
             self._check_hyper()
         Xa, ya = self._validate_Xy(X, y, reset=first, multi_output=True, y_numeric=True)
-        Y = self._targets(ya)
+        dt = self._fit_dtype(Xa) if first else self.model_.dtype
+        Y = self._targets(ya, dt)
         if first:
             self._y_1d = ya.ndim == 1
             self.n_outputs_ = Y.shape[1]
         elif Y.shape[1] != self.n_outputs_:
             raise ValueError(f"y: expected {self.n_outputs_} output column(s) as in the first "
                              f"partial_fit call, got {_got(np.asarray(ya))}")
-        Xa = self._cast(Xa, "X")
+        Xa = self._cast(Xa, "X", dt)
         if first:
-            self._start(Xa.shape[1], self.n_outputs_)
+            self._start(Xa.shape[1], self.n_outputs_, dt)
         self._train(Xa, Y, epochs=1, first=first, quiet=True)
         return self
 
