@@ -23,6 +23,24 @@ def synthetic_data(rng, sizes, n):
     return X, y
 
 
+def train_step_runner(sizes, backend, X, y, yf, idx, B):
+    """``run(k)``: k training steps as ``minigd.fit`` takes them -- ``backend.train_step`` on
+    the batch ``idx`` of ``X``, ``SGD(lr=1e-3)`` -- on a float32 ``MLP(sizes, seed=0)``.
+
+    The one minigd step that ``step.py`` and ``peers.py`` both time."""
+    import minigd as mg
+
+    m = mg.MLP(sizes, dtype="float32", backend=backend, seed=0)
+    impl = m.backend_impl
+    impl.reserve(B)
+    opt = mg.SGD(lr=1e-3).init(m.params)
+
+    def run(k, impl=impl, m=m, opt=opt):
+        for _ in range(k):
+            impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
+    return run
+
+
 #: the bench/ directory
 HERE = os.path.dirname(os.path.abspath(__file__))
 

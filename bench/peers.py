@@ -87,7 +87,7 @@ import subprocess
 import sys
 import time
 
-from _common import atomic_write, log, machine, synthetic_data, thread_env
+from _common import atomic_write, log, machine, synthetic_data, thread_env, train_step_runner
 from _peers_report import _plot_if_possible, targets, to_markdown
 from _peers_setup import (
     BATCHES,
@@ -137,15 +137,7 @@ def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, thre
             for be in ("cpu", "numpy"):
                 if be not in peers:
                     continue
-                m = mg.MLP(sizes, dtype="float32", backend=be, seed=0)
-                impl = m.backend_impl
-                impl.reserve(B)
-                opt = mg.SGD(lr=1e-3).init(m.params)
-
-                def run(k, impl=impl, m=m, opt=opt):
-                    for _ in range(k):
-                        impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
-                runners["minigd" if be == "cpu" else "numpy"] = run
+                runners["minigd" if be == "cpu" else "numpy"] = train_step_runner(sizes, be, X, y, yf, idx, B)
             if torch is not None:
                 tm = _torch_mlp(torch, mg.MLP(sizes, seed=0))
                 ce = torch.nn.CrossEntropyLoss()

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from _common import atomic_write, machine, synthetic_data, thread_env
+from _common import atomic_write, machine, synthetic_data, thread_env, train_step_runner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -54,14 +54,7 @@ def _measure(models, batches, backends, target_s: float, rounds: int) -> list:
             idx = rng.permutation(n)[:B].astype(np.int64)
             runners = {}
             for be in backends:
-                m = mg.MLP(sizes, dtype="float32", backend=be, seed=0)
-                impl = m.backend_impl
-                impl.reserve(B)
-                opt = mg.SGD(lr=1e-3).init(m.params)
-
-                def run(k, impl=impl, m=m, opt=opt):
-                    for _ in range(k):
-                        impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
+                run = train_step_runner(sizes, be, X, y, yf, idx, B)
                 run(2)   # warm-up (JIT compile, caches)
                 t0 = time.perf_counter()
                 run(3)
