@@ -69,15 +69,13 @@ All arrays are C-contiguous, of the model dtype (labels int64); ``idx`` is int64
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from minigd.kernels.codes import BN_AFTER, BN_BEFORE, BN_NONE  # noqa: F401  (placement codes; re-exported)
 from minigd.kernels.workspace import ParamLayout, Workspace
-
-
-#: batch-norm placement codes (kernels branch on these, never on names)
-BN_NONE, BN_BEFORE, BN_AFTER = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -102,17 +100,11 @@ class NormSpec:
 
     def check_batch(self, B: int, name: str = "batch_size", hint: str = "") -> None:
         """Batch norm in training mode needs >= 2 rows in every ghost batch.  ``hint``
-        (e.g. where the batch comes from) ends the ghost-batch message."""
-        if not self.bn:
-            return
-        g = self.ghost_size(B)
-        if B == 1:
-            raise ValueError(f"{name}: batch norm in training mode needs batches of at least 2 "
-                             f"rows (a batch of 1 has zero variance), got a batch of 1")
-        if B % g == 1:
-            raise ValueError(f"ghost_batch_size: a batch of {B} rows in ghost batches of {g} leaves "
-                             f"a last ghost batch of 1 row, whose variance is zero in training "
-                             f"mode; choose batch and ghost sizes with B % ghost_batch_size != 1{hint}")
+        (e.g. where the batch comes from) ends the ghost-batch message.  The rules live in
+        :func:`minigd._constraints.check_norm`."""
+        if self.bn:
+            from minigd._constraints import check_norm
+            check_norm(self, batch_sizes=(B,), name=name, hint=hint)
 
     def has_one_row_ghost(self, B: int) -> bool:
         """Whether a training batch of B rows would hold a ghost batch of 1 row (what
@@ -165,6 +157,9 @@ class Backend:
         self.masks: list = []       # per hidden layer: (capacity, n_l) inverted-dropout masks
         self._unif: list = []       # per hidden layer: (capacity, n_l) float64 uniforms
         self._keep: list = []       # per hidden layer: (capacity, n_l) bool
+        self._rec: np.ndarray | None = None         # run_steps' step records (default loop)
+        self._gscratch: np.ndarray | None = None    # run_steps' gradient buffer when none is given
+        self._sqn_acc: np.ndarray | None = None     # last_sqnorm_sum's accumulator
 
     @property
     def dropout(self) -> float:
@@ -263,6 +258,88 @@ class Backend:
         (``grad`` and the workspace are scratch); draws no random numbers.  Nothing to do
         for a backend without compiled code (the NumPy reference); ``fit`` calls it before
         its clock starts."""
+
+    # -- the multi-step loop ----------------------------------------------------------------
+    #: how many steps ``fit`` may hand to one :meth:`run_steps` call (an upper bound; fit
+    #: also ends a call wherever it must look at the model: an evaluation, a checkpoint, a
+    #: budget, a tracked step, a per-step callback).  Host backends run the default loop
+    #: below; a device backend reads its step records back once per call.
+    steps_per_call: int = 256
+
+    def max_run_steps(self, B: int) -> int:
+        """The most steps of B rows one :meth:`run_steps` call can take (device memory for a
+        dropout model's masks on the gpu backend); no limit beyond ``steps_per_call`` here."""
+        return 1 << 30
+
+    def _step_records(self, n_steps: int) -> np.ndarray:
+        """(n_steps, 4) float64 rows ``loss, applied, |g|^2, time`` reused across calls
+        (grown, never shrunk: no allocation once a run's largest call was made)."""
+        rec = self._rec
+        if rec is None or rec.shape[0] < n_steps:
+            rec = self._rec = np.zeros((max(int(n_steps), 16), 4), np.float64)
+        return rec
+
+    def run_steps(self, params, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn=False,
+                  read_every=None, grad=None, dropout_rng=None, update_running=False, max_time=None):
+        """``n_steps`` training steps of B rows: step s takes rows ``idx[s * B:(s + 1) * B]``
+        (or all of ``idx`` when it holds just B rows: full-batch steps), learning rate
+        ``lrs[s]`` and update count ``t0 + s``; it stops after the first rejected step
+        (non-finite loss or update, not applied) and, with ``max_time``, after the first
+        step that ends ``max_time`` seconds or more after the call started.
+
+        Per step, in this order: the dropout masks from ``dropout_rng`` (when given),
+        :meth:`train_step`, and with ``update_running`` batch norm's running statistics
+        (applied steps).  ``grad`` is the gradient buffer the steps write (a backend
+        scratch when None).  ``read_every`` is for device backends (how often the records
+        are read back); host backends have nothing to read back.
+
+        Returns a dict of (n_done,) arrays (views of reused buffers, valid until the next
+        call): ``loss``, ``applied`` (bool), ``grad_norm_sq`` (the raw gradient's squared
+        norm, 0 unless ``want_sqn``) and ``time`` (seconds from the call's start to the end
+        of each step).  With ``want_sqn`` the last step's per-example squared norms are left
+        for :meth:`last_sqnorms`.
+        """
+        rec = self._step_records(n_steps)
+        if grad is None:
+            grad = self._grad_scratch(params)
+        full = idx.shape[0] == B
+        running = update_running and self.norm is not None and bool(self.norm.bn)
+        step = self.train_step
+        clock = time.perf_counter
+        start = clock()
+        done = 0
+        for s in range(n_steps):
+            if dropout_rng is not None:
+                self.draw_dropout(dropout_rng, B)
+            rows = idx if full else idx[s * B:(s + 1) * B]
+            loss, ok, gsq = step(params, grad, X, yi, yf, rows, B, opt_state, lrs[s], t0 + s, want_sqn)
+            if ok and running:
+                self.update_running(B)
+            now = clock() - start
+            r = rec[s]
+            r[0], r[1], r[2], r[3] = loss, ok, gsq, now
+            done = s + 1
+            if not ok or (max_time is not None and now >= max_time):
+                break
+        return {"loss": rec[:done, 0], "applied": rec[:done, 1] != 0, "grad_norm_sq": rec[:done, 2],
+                "time": rec[:done, 3]}
+
+    def _grad_scratch(self, params) -> np.ndarray:
+        g = self._gscratch
+        if g is None or g.shape != params.shape:
+            g = self._gscratch = np.zeros_like(params)
+        return g
+
+    def last_sqnorm_sum(self, B: int) -> float:
+        """The float64 sum, accumulated in row order, of :meth:`last_sqnorms` ``(B)`` (what
+        noise tracking needs of a tracked step; a reused buffer, no allocation)."""
+        if B < 1:
+            return 0.0
+        acc = self._sqn_acc
+        if acc is None or acc.shape[0] < B:
+            acc = self._sqn_acc = np.zeros(max(B, 16), np.float64)
+        np.cumsum(self.last_sqnorms(B), dtype=np.float64, out=acc[:B])
+        return float(acc[B - 1])
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
         loss, rows = self.loss_grad(params, grad, X, yi, yf, idx, B, want_sqn=want_sqn)
