@@ -64,7 +64,7 @@ import numpy as np
 from scipy import optimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model
+from _common import atomic_write, cpu_model
 
 import minigd as mg
 from minigd.data import DATASETS, load_dataset
@@ -823,7 +823,7 @@ def write_md(res, path: Path):
                   f"Study: `{p['study']['command']}` ({p['study']['seconds']} s).", ""]
         if p.get("notes"):
             L += [f"- {x}" for x in p["notes"]] + [""]
-    path.write_text("\n".join(L) + "\n")
+    atomic_write(str(path), "\n".join(L) + "\n")
 
 
 def main():
@@ -848,7 +848,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if not (a.quick or a.only) else "_partial"
-    (out / f"replicate{suffix}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    atomic_write(str(out / f"replicate{suffix}.json"), json.dumps(res, indent=1, default=float) + "\n")
     write_md(res, out / f"replicate{suffix}.md")
     log(f"done in {res['seconds']:.0f} s: {out / f'replicate{suffix}.md'}")
     print((out / f"replicate{suffix}.md").read_text())

@@ -27,7 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import cpu_model  # noqa: E402
+from _common import atomic_write, cpu_model  # noqa: E402
 ROOT = os.path.dirname(HERE)
 
 
@@ -75,9 +75,7 @@ def main() -> int:
            "critical_batch_size_fit": {"seed0": bcrit[0], "seed1": bcrit[1]},
            "stability": {"within_factor_2": within_2x, "each_interval_holds_the_other": all(holds),
                          "b_crit_intervals_hold_each_other": all(bc_holds)}}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "study.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    atomic_write(os.path.join(HERE, "results", "study.json"), json.dumps(res, indent=1, default=str))
     fmt = lambda r: f"{r['batch_size']} [{r['lo']}, {r['hi']}], wins {100 * r['wins']:.0f}%"
     fb = lambda x: f"{x['value']:.4g} [{x['lo']:.4g}, {x['hi']:.4g}]"
     md = [
@@ -96,8 +94,7 @@ def main() -> int:
         f"recommendation: **{all(holds)}**; each B_crit interval holds the other's B_crit: **{all(bc_holds)}**.",
         "",
     ]
-    with open(os.path.join(HERE, "results", "study.md"), "w") as f:
-        f.write("\n".join(md))
+    atomic_write(os.path.join(HERE, "results", "study.md"), "\n".join(md))
     print("\n".join(md))
     return 0
 
