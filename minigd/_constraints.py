@@ -418,7 +418,7 @@ class NoneOr(Constraint):
         return self.inner.show(value)
 
     def parse(self, text):
-        return None if text.strip().lower() == "none" else self.inner.parse(text)
+        return self.inner.parse(text)
 
 
 class Sizes(Constraint):
@@ -625,6 +625,7 @@ PARAMS: dict[str, Constraint] = {
     "lr_multiplier": Real(0, low_open=True, expected="learning-rate multipliers > 0"),
     "workers": Integer(1, expected="a number of worker processes >= 1"),
     "n_trials": Integer(1),
+    "target_accuracy": Real(0, 1, low_open=True, expected="an accuracy in (0, 1]"),
 }
 
 

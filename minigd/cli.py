@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from minigd._constraints import arg_type, list_arg_type
+
 
 def _digits(seed: int):
     try:
@@ -83,39 +85,22 @@ def _bn_arg(text):
 
 
 def _ghost_list(text):
-    out = []
-    for tok in text.split(","):
-        tok = tok.strip().lower()
-        if not tok:
-            continue
-        if tok == "none":
-            out.append(None)
-            continue
-        try:
-            out.append(int(tok))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated ints or 'none', got {text!r}")
-    return tuple(out)
+    """--ghost-batch-sizes: comma-separated ghost batch sizes (the table's
+    ``ghost_batch_size``) or 'none'."""
+    one = arg_type("ghost_batch_size")
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return tuple(None if t.lower() == "none" else one(t) for t in items)
 
 
-def _csv(kind):
-    def parse(text):
-        if kind is int and text.strip() == "auto":   # --batch-sizes' default
-            return ()
-        out = []
-        for tok in text.split(","):
-            tok = tok.strip()
-            if not tok:
-                continue
-            if kind is int and tok == "full":
-                out.append("full")
-                continue
-            try:
-                out.append(kind(tok))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}")
-        return tuple(out)
-    return parse
+def _batch_sizes_list(text):
+    """--batch-sizes: comma-separated batch sizes (the table's ``batch_size``: ints >= 1 or
+    'full'); 'auto' (the default) is the empty tuple."""
+    if text.strip() == "auto":
+        return ()
+    return _BATCH_SIZES(text)
+
+
+_BATCH_SIZES = list_arg_type("batch_size", what="a comma-separated list of batch sizes >= 1 or 'full'")
 
 
 def _key_value(text):
@@ -217,60 +202,22 @@ def _check_study_args(args, parser) -> None:
     def bad(flag, expected, got):
         parser.error(f"argument {flag}: expected {expected}, got {got}")
 
-    def ints(flag, values, low, what):
-        if not values:
-            bad(flag, f"a comma-separated list of {what}", "an empty list")
-        for v in values:
-            if v != "full" and v < low:
-                bad(flag, what, v)
-
+    # each flag's own range was checked as it was parsed (argparse types built from the
+    # parameter table, minigd._constraints); here: the rules between flags and the data
     def real(flag, v, lo=None, hi=None, lo_open=False, hi_open=False, what=None):
         ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (
             hi is None or (v < hi if hi_open else v <= hi))
         if not ok:
             bad(flag, what, repr(v))
 
-    real("--val-fraction", args.val_fraction, 0, 1, True, True, "a fraction in (0, 1)")
-    if args.data_seed < 0:
-        bad("--data-seed", "an integer >= 0", args.data_seed)
-    if args.seeds is not None:
-        ints("--seeds", args.seeds, 0, "integers >= 0")
-    if args.n_seeds < 1:
-        bad("--n-seeds", "an integer >= 1", args.n_seeds)
-    if args.lr_extend < 0:
-        bad("--lr-extend", "an integer >= 0", args.lr_extend)
-    ints("--widths", args.widths, 1, "hidden widths >= 1")
-    ints("--depths", args.depths, 0, "numbers of hidden layers >= 0")
-    ints("--batch-sizes", args.batch_sizes or (1,), 1, "batch sizes >= 1 or 'full'")   # () = the default
-    real("--base-lr", args.base_lr, 0, None, True, what="a learning rate > 0")
-    if args.base_batch_size < 1:
-        bad("--base-batch-size", "an integer >= 1", args.base_batch_size)
-    if not args.lr_grid:
-        bad("--lr-grid", "at least one multiplier", "an empty list")
-    for f in args.lr_grid:
-        real("--lr-grid", f, 0, None, True, what="learning-rate multipliers > 0")
-    from minigd.nn import ACTIVATIONS
-    if args.activation not in ACTIVATIONS:
-        bad("--activation", f"one of {', '.join(ACTIVATIONS)}", repr(args.activation))
-    real("--momentum", args.momentum, 0, 1, False, True, "a number in [0, 1)")
-    if args.warmup_steps < 0:
-        bad("--warmup-steps", "a number of steps >= 0", args.warmup_steps)
     for e, f in args.bs_growth:
         if e < 1:
             bad("--bs-growth", "EPOCH:FACTOR pairs with EPOCH >= 1", f"{e}:{f:g}")
         if not (math.isfinite(f) and f >= 1):
             bad("--bs-growth", "EPOCH:FACTOR pairs with FACTOR >= 1 (the batch grows)", f"{e}:{f:g}")
-    if args.max_epochs < 1:
-        bad("--max-epochs", "an integer >= 1", args.max_epochs)
-    real("--dropout", args.dropout, 0, 1, False, True, "a probability in [0, 1)")
-    for g in args.ghost_batch_sizes:
-        if g is not None and g < 2:
-            bad("--ghost-batch-sizes", "ghost batch sizes >= 2 or 'none'", g)
     if any(g is not None for g in args.ghost_batch_sizes) and args.batch_norm is False:
         bad("--ghost-batch-sizes", "--batch-norm before or after with ghost batch sizes",
             f"--ghost-batch-sizes {','.join(str(g).lower() for g in args.ghost_batch_sizes)} without --batch-norm")
-    if args.workers is not None and args.workers < 1:
-        bad("--workers", "a number of worker processes >= 1", args.workers)
     from minigd.study.questions import parse_questions
     try:
         args.questions = parse_questions(args.questions)
@@ -278,10 +225,6 @@ def _check_study_args(args, parser) -> None:
         bad("--questions", str(exc).split("expected ", 1)[1].split(", got")[0], repr(args.questions))
     if args.questions and args.search:
         bad("--questions", "no --search (the questions run next to the grid study)", "--search " + args.search)
-    if args.n_trials < 1:
-        bad("--n-trials", "an integer >= 1", args.n_trials)
-    if args.seed < 0:
-        bad("--seed", "an integer >= 0", args.seed)
     import minigd as mg
     # with --scheduler the trials run on the cluster's workers: the backend need only run
     # there (their GPUs).  The data must load here too: the study reads its shape to lay
@@ -610,38 +553,41 @@ def build_parser() -> argparse.ArgumentParser:
                     "interrupted study resumes where it stopped. The report (plots + summary) goes to OUT/report.")
     g = st.add_argument_group("data")
     g.add_argument("--data", default="digits", help="digits | teacher_student | linear_regression | a .npz/.csv/IDX file")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction for validation")
+    g.add_argument("--val-fraction", type=arg_type("val_fraction"), default=0.2, help="held-out fraction for validation")
     g.add_argument("--no-standardize", action="store_true", help="do not standardise features")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation split")
+    g.add_argument("--data-seed", type=arg_type("seed"), default=0, help="seed of the train/validation split")
     g.add_argument("--data-param", type=_key_value, action="append", default=None, metavar="KEY=VALUE",
                    help="a parameter of the data set's loader, repeatable: e.g. --data linear_regression "
                         "--data-param noise=2.0 --data-param n=5000 (see minigd.data)")
     g = st.add_argument_group("sweep")
-    g.add_argument("--batch-sizes", type=_csv(int), default="auto",
+    g.add_argument("--batch-sizes", type=_batch_sizes_list, default="auto",
                    help="e.g. 1,8,64,full; auto: powers of two up to the full batch")
     g.add_argument("--lr-policy", default="tuned", choices=["tuned", "linear", "sqrt", "fixed"],
                    help="tuned: try --lr-grid multiples of the sqrt rule per batch size and keep the best "
                         "(Shallue et al. 2018); linear/sqrt: scaling rule from --base-batch-size; fixed: --base-lr")
-    g.add_argument("--base-lr", type=float, default=0.02, help="learning rate at --base-batch-size")
-    g.add_argument("--base-batch-size", type=int, default=32)
-    g.add_argument("--lr-grid", type=_csv(float), default=(0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    g.add_argument("--base-lr", type=arg_type("learning_rate"), default=0.02, help="learning rate at --base-batch-size")
+    g.add_argument("--base-batch-size", type=arg_type("base_batch_size"), default=32)
+    g.add_argument("--lr-grid", type=list_arg_type("lr_multiplier", what="at least one multiplier"), default=(0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
                    help="multipliers of the sqrt-rule rate tried by --lr-policy tuned")
-    g.add_argument("--seeds", type=_csv(int), default=None,
+    g.add_argument("--seeds", type=list_arg_type("seed", what="a comma-separated list of integers >= 0"),
+                   default=None,
                    help="explicit trial seeds (default: --n-seeds seeds derived from --seed)")
-    g.add_argument("--n-seeds", type=int, default=5, help="trial seeds per (batch size, learning rate)")
-    g.add_argument("--lr-extend", type=int, default=3,
+    g.add_argument("--n-seeds", type=arg_type("n_seeds"), default=5, help="trial seeds per (batch size, learning rate)")
+    g.add_argument("--lr-extend", type=arg_type("lr_extend"), default=3,
                    help="--lr-policy tuned: where the best learning rate is at an edge of the grid, try "
                         "the next factor of 2 past it, up to this many times")
-    g.add_argument("--widths", type=_csv(int), default=(64,), help="hidden widths (1 allowed)")
-    g.add_argument("--depths", type=_csv(int), default=(1,), help="numbers of hidden layers (0 = linear model)")
-    g.add_argument("--activation", default="relu")
+    g.add_argument("--widths", type=list_arg_type("width", what="a comma-separated list of hidden widths >= 1"),
+                   default=(64,), help="hidden widths (1 allowed)")
+    g.add_argument("--depths", type=list_arg_type("depth", what="a comma-separated list of numbers of hidden layers >= 0"),
+                   default=(1,), help="numbers of hidden layers (0 = linear model)")
+    g.add_argument("--activation", type=arg_type("activation"), default="relu")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    g.add_argument("--momentum", type=arg_type("momentum"), default=0.9)
+    g.add_argument("--warmup-steps", type=arg_type("warmup_steps"), default=0, help="linear learning-rate warm-up")
     g.add_argument("--bs-growth", type=_pairs, default=(),
                    help="batch-size schedule instead of LR decay (Smith et al. 2018): EPOCH:FACTOR,... "
                         "e.g. 10:2,20:4 doubles each trial's batch at epoch 10 and quadruples it at 20")
-    g.add_argument("--max-epochs", type=int, default=50, help="budget per trial (large batches get >= 200 steps)")
+    g.add_argument("--max-epochs", type=arg_type("epochs"), default=50, help="budget per trial (large batches get >= 200 steps)")
     g.add_argument("--target-metric", default=None, choices=["val_accuracy", "val_loss"],
                    help="default: val_accuracy for classification data, val_loss for regression data")
     g.add_argument("--target", type=float, default=None,
@@ -653,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ghost-batch-sizes", type=_ghost_list, default=(),
                    help="ghost batch sizes to sweep next to the batch size, e.g. 4,8,16,none "
                         "(none = the whole batch; needs --batch-norm)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the hidden activations")
+    g.add_argument("--dropout", type=arg_type("dropout"), default=0.0, help="dropout on the hidden activations")
     g.add_argument("--questions", default=None, metavar="all|NAME,...",
                    help="also answer these questions, each with its own experiment: all, or a comma list of "
                         "smallest_batch, sgd_batch_one, width_one, powers_of_two, lr_scaling, grow_vs_decay, "
@@ -661,15 +607,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = st.add_argument_group("search (instead of the grid sweep)")
     g.add_argument("--search", choices=["random", "bayes"], default=None,
                    help="random or Bayesian (Optuna) search over batch size, lr, momentum, widths, depths")
-    g.add_argument("--n-trials", type=int, default=30)
+    g.add_argument("--n-trials", type=arg_type("n_trials"), default=30)
     g.add_argument("--objective", default="time_to_target",
                    choices=["time_to_target", "steps_to_target", "examples_to_target", "val_loss"])
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=arg_type("seed"), default=0,
                    help="master seed of the study, grid or search: trial seeds (model initialisation, data "
                         "order), the search's draws and the bootstrap of the intervals derive from it")
     g = st.add_argument_group("execution")
     g.add_argument("--out", default="minigd-study", help="output directory")
-    g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per CPU; 1 = in-process)")
+    g.add_argument("--workers", type=arg_type("workers"), default=None, help="local worker processes (default: one per CPU; 1 = in-process)")
     g.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786) to run trials on a cluster")
     g.add_argument("--retry-failed", action="store_true", help="re-run trials stored as failed")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -683,13 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the same MLP on scikit-learn's bundled digits at several batch sizes "
                                    "and print steps, examples and time to a target validation accuracy.")
     d.add_argument("--batch-sizes", default="1,8,32,128,full", help="comma-separated; 'full' = full batch")
-    d.add_argument("--epochs", type=int, default=30, help="epoch budget per batch size (default 30)")
-    d.add_argument("--lr", type=float, default=0.02, help="learning rate at batch 32 (default 0.02)")
-    d.add_argument("--width", type=int, default=64, help="hidden width (default 64)")
-    d.add_argument("--depth", type=int, default=1, help="number of hidden layers (default 1)")
-    d.add_argument("--target", type=float, default=0.95, help="target validation accuracy (default 0.95)")
+    d.add_argument("--epochs", type=arg_type("epochs"), default=30, help="epoch budget per batch size (default 30)")
+    d.add_argument("--lr", type=arg_type("learning_rate"), default=0.02, help="learning rate at batch 32 (default 0.02)")
+    d.add_argument("--width", type=arg_type("width"), default=64, help="hidden width (default 64)")
+    d.add_argument("--depth", type=arg_type("depth"), default=1, help="number of hidden layers (default 1)")
+    d.add_argument("--target", type=arg_type("target_accuracy"), default=0.95, help="target validation accuracy (default 0.95)")
     d.add_argument("--backend", default="cpu", help="cpu (default), numpy or gpu")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=arg_type("seed"), default=0)
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("backends", help="list the compute backends and why one is unavailable")
     b.set_defaults(func=cmd_backends)
