@@ -118,11 +118,13 @@ def uses_accuracy(archs) -> bool:
     return have_acc or not have_loss
 
 
-def _series(arch, key):
-    """(batch sizes, values) of a row field, dropping missing values; positive values only."""
+def _series(arch, key, value=None):
+    """(batch sizes, values) of a row field, dropping missing values; positive values only
+    (``value``, default :func:`_pos`, reads one value or says ``None``)."""
+    value = _pos if value is None else value
     xs, ys = [], []
     for r in rows_of(arch):
-        v = _pos(r.get(key))
+        v = value(r.get(key))
         if v is not None:
             xs.append(float(r["batch_size"]))
             ys.append(v)
@@ -130,13 +132,8 @@ def _series(arch, key):
 
 
 def _series_any(arch, key):
-    xs, ys = [], []
-    for r in rows_of(arch):
-        v = fnum(r.get(key))
-        if v is not None:
-            xs.append(float(r["batch_size"]))
-            ys.append(v)
-    return xs, ys
+    """(batch sizes, values) of a row field, dropping missing values; any finite value."""
+    return _series(arch, key, fnum)
 
 
 def _batch_range(archs, extra=()):
