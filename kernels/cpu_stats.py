@@ -12,8 +12,10 @@ r's own loss is ``g_r = B * A[r]^T D[r]`` for the weights (an outer product) and
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ._jit import jit
-from .cpu import R_BOFF, R_D, R_MISC, R_WOFF, _b, _blk, _input, _W
+from .cpu import R_BOFF, R_D, R_MISC, R_SIZE, R_WOFF, _b, _blk, _input, _W
 
 
 #: a layer with fewer outputs than this (and more inputs) is swept transposed, so that the
@@ -236,6 +238,285 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
                 outb[j] += t * t
         o = lay[R_BOFF, l]
         _merge(gb, outb, st_mean[o:o + fo], st_m2[o:o + fo], n_old, w, c)
+
+
+# ----------------------------------------------------------------------------- guarded float64 shortcut
+#: bound on the relative error of a chunk's M2 for every weight the shortcut keeps (the
+#: guard recomputes the others exactly); the final variance inherits it (module Notes of
+#: :func:`moments_update_shortcut`)
+SHORTCUT_TAU = 1e-7
+#: a weight whose chunk sum of squares S2 is positive but below this is recomputed exactly:
+#: the error analysis assumes the squared factors and their products stay normal numbers
+SHORTCUT_TINY = 2.0 ** -800
+
+
+@jit(inline="always")
+def _gamma(n):
+    """Higham's rounding-error constant gamma_n = n u / (1 - n u), u = 2^-53."""
+    nu = n * 2.0 ** -53
+    return nu / (1.0 - nu)
+
+
+@jit
+def shortcut_delta(B, tau):
+    """The guard's safety factor delta(B) for chunks of B rows (B, tau: float64): the
+    shortcut keeps a weight's M2 = S2 - S1^2/B only where M2 >= delta * S2.  See
+    :func:`moments_update_shortcut` for the derivation."""
+    g1 = _gamma(B + 1.0)
+    g2 = _gamma(B + 5.0)
+    return 2.0 * (g2 + g1 * (2.0 + g1) + 2.0 * 2.0 ** -53) / tau
+
+
+@jit(inline="always")
+def _shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1):
+    """The float64 factors of layer l: a2 = A*A (B, fi) and x2 = X*X (B, fo), X = B * D the
+    per-example deltas; with ``need_s1`` also A and X themselves (a64, x64)."""
+    A = _input(ws, lay, l, B)
+    D = _blk(ws, lay, R_D, l, B)
+    fi = A.shape[1]
+    fo = D.shape[1]
+    Bf = np.float64(B)
+    a2v = a2[:B * fi].reshape(B, fi)
+    x2v = x2[:B * fo].reshape(B, fo)
+    if need_s1:
+        a6 = a64[:B * fi].reshape(B, fi)
+        x6 = x64[:B * fo].reshape(B, fo)
+        for r in range(B):
+            for i in range(fi):
+                v = np.float64(A[r, i])
+                a6[r, i] = v
+                a2v[r, i] = v * v
+            for j in range(fo):
+                v = np.float64(D[r, j]) * Bf
+                x6[r, j] = v
+                x2v[r, j] = v * v
+    else:
+        for r in range(B):
+            for i in range(fi):
+                v = np.float64(A[r, i])
+                a2v[r, i] = v * v
+            for j in range(fo):
+                v = np.float64(D[r, j]) * Bf
+                x2v[r, j] = v * v
+
+
+@jit(inline="always")
+def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac, need_s1, tau):
+    """Layer l after its GEMMs (S2 in s2, and S1 in s1 with ``need_s1``): guarded M2,
+    exact fallback, Chan merge of weights and bias; returns the number of fallbacks."""
+    A = _input(ws, lay, l, B)
+    D = _blk(ws, lay, R_D, l, B)
+    fi = A.shape[1]
+    fo = D.shape[1]
+    npar = fi * fo
+    Bf = np.float64(B)
+    n_new = n_old + B
+    w = B / n_new
+    c = n_old * (B / n_new)
+    delta = shortcut_delta(Bf, tau)
+    wo = lay[R_WOFF, l]
+    gW = grad[wo:wo + npar]
+    m2f = s2[:npar]
+    s1f = s1[:npar]
+    # 1. M2 = S2 - S1^2 / B where the guard keeps it, else the marker -1 (kept values are
+    #    >= delta * S2 >= 0); branch-free, so the loop vectorises
+    if need_s1:
+        for p in range(npar):
+            S2 = m2f[p]
+            S1 = s1f[p]
+            m2 = S2 - S1 * S1 / Bf
+            ok = (m2 >= delta * S2) & (S2 < np.inf) & ((S2 == 0.0) | (S2 >= SHORTCUT_TINY))
+            m2f[p] = m2 if ok else -1.0
+            s1f[p] = S1 / Bf                   # the chunk mean, float64
+    else:
+        for p in range(npar):
+            S2 = m2f[p]
+            S1 = np.float64(gW[p]) * Bf
+            m2 = S2 - S1 * S1 / Bf
+            ok = (m2 >= delta * S2) & (S2 < np.inf) & ((S2 == 0.0) | (S2 >= SHORTCUT_TINY))
+            m2f[p] = m2 if ok else -1.0
+    nbad = 0
+    for p in range(npar):
+        if m2f[p] < 0.0:
+            nbad += 1
+    # 2. the refused entries: the corrected two-pass form in float64, row by row (one
+    #    gathered input column per row, the per-example deltas transposed once)
+    if nbad:
+        xt = xT[:fo * B].reshape(fo, B)
+        for r in range(B):
+            for j in range(fo):
+                xt[j, r] = np.float64(D[r, j]) * Bf
+        col = ac[:B]
+        for i in range(fi):
+            row = m2f[i * fo:(i + 1) * fo]
+            have = False
+            for j in range(fo):
+                if row[j] < 0.0:
+                    if not have:
+                        for r in range(B):
+                            col[r] = np.float64(A[r, i])
+                        have = True
+                    if need_s1:
+                        mu = s1f[i * fo + j]
+                    else:
+                        mu = np.float64(gW[i * fo + j])
+                    xr = xt[j]
+                    s = 0.0
+                    ss = 0.0
+                    for r in range(B):
+                        t = col[r] * xr[r] - mu
+                        s += t
+                        ss += t * t
+                    m2 = ss - s * s / Bf
+                    row[j] = m2 if m2 > 0.0 else 0.0
+    if need_s1:
+        _merge(s1f, m2f, st_mean[wo:wo + npar], st_m2[wo:wo + npar], n_old, w, c)
+    else:
+        _merge(gW, m2f, st_mean[wo:wo + npar], st_m2[wo:wo + npar], n_old, w, c)
+    # 3. bias (the same with A = 1): fo numbers, always the two-pass form, in float64
+    bo = lay[R_BOFF, l]
+    gb = _b(grad, lay, l)
+    outb = s2[:fo]
+    mub = s1[:fo]
+    if need_s1:
+        for j in range(fo):
+            mub[j] = 0.0
+        for r in range(B):
+            for j in range(fo):
+                mub[j] += np.float64(D[r, j]) * Bf
+        for j in range(fo):
+            mub[j] /= Bf
+    for j in range(fo):
+        outb[j] = 0.0
+    for r in range(B):
+        d = D[r]
+        if need_s1:
+            for j in range(fo):
+                t = np.float64(d[j]) * Bf - mub[j]
+                outb[j] += t * t
+        else:
+            for j in range(fo):
+                t = d[j] * B - gb[j]
+                outb[j] += t * t
+    if need_s1:
+        _merge(mub, outb, st_mean[bo:bo + fo], st_m2[bo:bo + fo], n_old, w, c)
+    else:
+        _merge(gb, outb, st_mean[bo:bo + fo], st_m2[bo:bo + fo], n_old, w, c)
+    return nbad
+
+
+@jit
+def moments_update_shortcut(B, grad, ws, lay, n_old, st_mean, st_m2, a2, x2, a64, x64, s2, s1,
+                            xT, ac, need_s1, tau):
+    """:func:`moments_update` by the guarded float64 shortcut: each weight's chunk M2 from
+    one GEMM of squared factors where that is accurate, the exact two-pass form elsewhere.
+    Returns the number of weights that fell back to the two-pass form.
+
+    Parameters
+    ----------
+    B, grad, ws, lay, n_old, st_mean, st_m2
+        As for :func:`moments_update` (``grad`` is read; B >= 2).
+    a2, a64 : (>= B * largest fan_in,) float64, scratch (``a64`` may be empty unless
+        ``need_s1``)
+    x2, x64, xT : (>= B * largest fan_out,) float64, scratch (likewise ``x64``)
+    s2, s1 : (>= largest fan_in * fan_out,) float64, scratch
+    ac : (>= B,) float64, scratch
+    need_s1 : bool
+        False: S1 is ``B * grad`` (a float64 model: ``grad`` is accurate to float64).
+        True: S1 is computed by a second float64 GEMM and the chunk mean is S1 / B in
+        float64 (a float32 model, whose ``grad`` carries float32 rounding).
+    tau : float
+        The accuracy the guard enforces per chunk (``SHORTCUT_TAU``).
+
+    Notes
+    -----
+    Per weight and chunk, with :math:`x_r = B d_r` the per-example deltas and
+    :math:`g_r = a_r x_r`,
+
+    .. math::
+        S_2 = \\sum_r g_r^2 = (A\\circ A)^\\top (X\\circ X), \\qquad
+        S_1 = \\sum_r g_r = A^\\top X, \\qquad
+        M_2 = S_2 - S_1^2 / B = (1 - \\rho) S_2, \\quad
+        \\rho = S_1^2 / (B S_2) \\in [0, 1].
+
+    :math:`S_2` is one float64 GEMM (BLAS) of the squared factors instead of the two-pass
+    form's two fused multiply-adds per example and weight.
+
+    *Error.*  With :math:`u = 2^{-53}` and :math:`\\gamma_n = nu/(1 - nu)`: each product
+    :math:`a^2 x^2` carries at most 5 roundings (``a*a``, ``d*B``, ``x*x``, the product and
+    the float32-to-float64 conversion is exact) and a sum of B non-negative terms in any
+    order at most :math:`\\gamma_{B-1}`, so :math:`|\\hat S_2 - S_2| \\le \\gamma_{B+5} S_2`.
+    :math:`S_1` is a sum of B signed terms (``grad`` of a float64 model, in whatever order
+    BLAS or the loops used, then times B; or the second GEMM, whose products of float32
+    values are exact): :math:`|\\hat S_1 - S_1| \\le \\gamma_{B+1} \\sum_r |g_r| \\le
+    \\gamma_{B+1} \\sqrt{B S_2}` (Cauchy-Schwarz).  Hence
+    :math:`|\\hat S_1^2 - S_1^2|/B \\le \\gamma_{B+1}(2\\sqrt\\rho + \\gamma_{B+1}) S_2`, and
+    with two roundings in :math:`\\hat S_1^2/B`,
+
+    .. math::
+        |\\hat M_2 - M_2| \\le E\\,S_2, \\qquad
+        E = \\gamma_{B+5} + \\gamma_{B+1}(2 + \\gamma_{B+1}) + 2u \\approx 3Bu
+
+    (the final subtraction adds one rounding relative to :math:`M_2` itself).  The
+    relative error :math:`E S_2 / M_2 = E/(1-\\rho)` is the cancellation: it grows as the
+    squared mean approaches the mean square.  *Guard:* keep :math:`\\hat M_2` only where
+
+    .. math:: \\hat M_2 \\ge \\delta\\,\\hat S_2, \\qquad \\delta = 2E/\\tau,
+
+    i.e. recompute where :math:`\\hat S_1^2/B > (1-\\delta)\\hat S_2`.  A kept entry has
+    :math:`M_2 \\ge \\hat M_2 - E S_2 \\ge (\\delta(1 - \\gamma_{B+5}) - E) S_2 \\ge E S_2/\\tau`,
+    so its relative error is at most :math:`\\tau` (plus a rounding or two); the factor 2
+    covers :math:`(1-\\gamma)^{-1}` and the rounding of the test itself.  With
+    :math:`\\tau = 10^{-7}`: :math:`\\delta \\approx 4.3\\cdot 10^{-7}` at B = 64 and
+    :math:`1.4\\cdot 10^{-5}` at B = 2048, so entries whose per-example signal-to-noise
+    ratio :math:`\\bar g^2/\\sigma^2 = \\rho/(1-\\rho)` (roughly) exceeds about
+    :math:`2\\cdot 10^{6}` (B = 64) or :math:`7\\cdot 10^{4}` (B = 2048) fall back.  Entries
+    with :math:`0 < \\hat S_2 <` ``SHORTCUT_TINY`` (squares near underflow) or a non-finite
+    :math:`\\hat S_2` fall back too.
+
+    *Fallback:* the corrected two-pass form in float64,
+    :math:`M_2 = \\sum_r t_r^2 - (\\sum_r t_r)^2/B`, :math:`t_r = a_r x_r - \\mu` with
+    :math:`\\mu` the chunk mean, whose error is a few units of :math:`u` relative to the
+    deviations.  The bias of each layer always takes the two-pass form (B * fan_out
+    terms).
+
+    *Merge:* the chunk's (mean, M2) -- mean ``grad`` (float64 model; bitwise the mean of
+    :func:`moments_update`) or :math:`\\hat S_1/B` (float32 model, float64-accurate) -- is
+    combined with the running float64 state by Chan et al.'s rule exactly as in
+    :func:`moments_update`.  The merged M2 is a sum of non-negative chunk M2s (each within
+    :math:`\\tau`) and Chan terms that both paths compute alike, so the variance stays
+    within about :math:`\\tau` of the two-pass form's; the tests hold it to :math:`10^{-6}`
+    at signal-to-noise ratios up to :math:`10^8`.
+    """
+    L = lay[R_MISC, 3]
+    nbad = 0
+    for l in range(L):
+        fi = lay[R_SIZE, l]
+        fo = lay[R_SIZE, l + 1]
+        _shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1)
+        np.dot(a2[:B * fi].reshape(B, fi).T, x2[:B * fo].reshape(B, fo),
+               s2[:fi * fo].reshape(fi, fo))
+        if need_s1:
+            np.dot(a64[:B * fi].reshape(B, fi).T, x64[:B * fo].reshape(B, fo),
+                   s1[:fi * fo].reshape(fi, fo))
+        nbad += _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
+                                 need_s1, tau)
+    return nbad
+
+
+@jit
+def shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1):
+    """Step 1 of :func:`moments_update_shortcut` for layer l alone (the caller runs the
+    GEMMs: the path without SciPy's BLAS bindings)."""
+    _shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1)
+
+
+@jit
+def shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac, need_s1, tau):
+    """The rest of :func:`moments_update_shortcut` for layer l, after the caller's GEMMs;
+    returns the number of fallbacks."""
+    return _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
+                            need_s1, tau)
 
 
 @jit

@@ -320,8 +320,68 @@ class CpuBackend(Backend):
         self.loss_grad(params, g, X, yi, yf, idx, B)
         KS.per_example_fill(B, self.ws.buf, self.ws.lay, out, tmp)
 
-    def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2):
+    #: ``moments_update`` takes ``exact=`` (``grad_moments`` passes it through)
+    moments_shortcut = True
+    #: debug counters of the guarded shortcut: weights whose chunk M2 fell back to the exact
+    #: two-pass form in the last ``moments_update`` call, and in all calls so far
+    last_moments_fallbacks = 0
+    moments_fallbacks = 0
+
+    def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2, exact=None):
+        """Fold the batch's per-example gradients into the float64 running moments.
+
+        ``exact`` picks how each weight's chunk M2 is computed: True, the two-pass form
+        (``KS.moments_update``, bitwise the historical result); False, the guarded float64
+        shortcut (``KS.moments_update_shortcut``: one GEMM of squared factors, the
+        two-pass form where the guard finds cancellation); None, the shortcut for float64
+        models and the two-pass form for float32 ones.  On x86 SIMD a float64 FMA costs
+        two float32 ones, so for a float32 model the shortcut's GEMM costs what the
+        float32 two-pass it replaces costs (measured: bench/results/gradstats.md) while
+        a float32 model also needs S1 in float64 (a second GEMM); for a float64 model it
+        halves that work.  A batch of one row always takes the two-pass form (M2 = 0).
+        """
         check_per_example(self.norm, "gradient moments")
-        _, tr, dsc, mus, acc = self._stats_scratch(B)
+        if exact is not None and not isinstance(exact, (bool, np.bool_)):
+            raise TypeError(f"exact: expected None, True or False, got {type(exact).__name__} {exact!r}")
+        shortcut = B >= 2 and (exact is False or (exact is None and self.dtype == np.float64))
         self.loss_grad(params, grad, X, yi, yf, idx, B)
-        KS.moments_update(B, grad, self.ws.buf, self.ws.lay, n_old, mean, m2, tr, dsc, mus, acc)
+        if not shortcut:
+            _, tr, dsc, mus, acc = self._stats_scratch(B)
+            KS.moments_update(B, grad, self.ws.buf, self.ws.lay, n_old, mean, m2, tr, dsc, mus, acc)
+            self.last_moments_fallbacks = 0
+            return
+        need_s1 = bool(self.dtype == np.float32)
+        a2, x2, a64, x64, s2, s1, xT, ac = sc = self._shortcut_scratch(B, need_s1)
+        buf, lay, tau = self.ws.buf, self.ws.lay, KS.SHORTCUT_TAU
+        if self.compiled_blas:
+            nbad = KS.moments_update_shortcut(B, grad, buf, lay, n_old, mean, m2, *sc, need_s1, tau)
+        else:                                # the GEMMs from Python (no SciPy BLAS bindings)
+            nbad = 0
+            sizes = self.layout.sizes
+            for l in range(self.layout.n_layers):
+                fi, fo = sizes[l], sizes[l + 1]
+                KS.shortcut_prep(B, buf, lay, l, a2, x2, a64, x64, need_s1)
+                np.matmul(a2[:B * fi].reshape(B, fi).T, x2[:B * fo].reshape(B, fo),
+                          out=s2[:fi * fo].reshape(fi, fo))
+                if need_s1:
+                    np.matmul(a64[:B * fi].reshape(B, fi).T, x64[:B * fo].reshape(B, fo),
+                              out=s1[:fi * fo].reshape(fi, fo))
+                nbad += KS.shortcut_finish(B, grad, buf, lay, l, n_old, mean, m2, s2, s1, xT, ac,
+                                           need_s1, tau)
+        self.last_moments_fallbacks = int(nbad)
+        self.moments_fallbacks += int(nbad)
+
+    def _shortcut_scratch(self, B, need_s1):
+        """float64 scratch of the shortcut, sized once for the workspace's capacity (or B):
+        (A*A, X*X, A, X, S2, S1, X transposed, one input column); A, X and S1 are empty
+        unless ``need_s1`` (float32 models)."""
+        cap = max(int(B), self.ws.capacity)
+        s = getattr(self, "_sc", None)
+        if s is None or s[0] < cap or (need_s1 and s[1][2].shape[0] == 0):
+            sizes = self.layout.sizes
+            fi, fo = max(sizes[:-1]), max(sizes[1:])
+            big = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+            k = 1 if need_s1 else 0
+            s = self._sc = (cap, tuple(np.zeros(n, np.float64) for n in (
+                cap * fi, cap * fo, k * cap * fi, k * cap * fo, big, k * big, cap * fo, cap)))
+        return s[1]

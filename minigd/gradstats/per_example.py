@@ -197,18 +197,19 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
 
 
 def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | None = None,
-                 chunk_size: int = EVAL_CHUNK) -> GradMoments:
+                 chunk_size: int = EVAL_CHUNK, exact: bool | None = None) -> GradMoments:
     """Mean and variance (``ddof=1``) of the per-example gradients over a data set, streamed;
     optionally with the noise scale of a larger population estimated from these rows.
 
     The data are processed ``chunk_size`` rows at a time.  Each chunk is reduced exactly
     -- its mean is the chunk's batch gradient, its
     :math:`M_2 = \\sum_{i\\in b}(g_i - \\bar g_b)^2` is a two-pass sum of squared deviations
-    -- and combined with the running float64 state by Chan et al.'s rule, never as
-    :math:`E[g^2] - E[g]^2`.  Memory is O(P) plus one chunk of activations.  On the ``cpu``
-    backend a compiled kernel computes :math:`M_2` from the layer inputs and deltas
-    without materialising the chunk's per-example gradients; other backends materialise
-    them in blocks of at most 2^22 entries.
+    -- and combined with the running float64 state by Chan et al.'s rule, never as an
+    unguarded :math:`E[g^2] - E[g]^2`.  Memory is O(P) plus one chunk of activations.  On
+    the ``cpu`` backend a compiled kernel computes :math:`M_2` from the layer inputs and
+    deltas without materialising the chunk's per-example gradients (for float64 models by
+    a guarded float64 shortcut, see ``exact``); other backends materialise them in blocks
+    of at most 2^22 entries.
 
     Parameters
     ----------
@@ -224,6 +225,18 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | 
         Any other value (below *n*, not an integer, a bool) raises ValueError.
     chunk_size : int, default ``minigd.model.EVAL_CHUNK`` (2048)
         Rows per backend call.  Only speed, memory and rounding depend on it.
+    exact : bool or None, default None
+        How the ``cpu`` backend computes each chunk's :math:`M_2`.  ``True``: the
+        two-pass form for every weight (the historical result, bitwise).  ``False``: the
+        guarded float64 shortcut for every model: :math:`\\sum_i g_i^2` of a dense layer's
+        weights is one float64 GEMM of the squared layer inputs and squared deltas, and
+        :math:`M_2 = \\sum g^2 - (\\sum g)^2/k` is kept only where cancellation cannot
+        cost more than :math:`10^{-7}` relative; the other weights (a squared mean
+        within a safety factor of the mean square: per-example signal-to-noise ratios
+        above roughly :math:`10^5`) are recomputed by the two-pass form (see Notes).
+        ``None``: the shortcut for float64 models, the two-pass form for float32 ones
+        (there it would cost as much as the two-pass form, see Notes).  Other backends
+        always use the two-pass form.
 
     Returns
     -------
@@ -237,9 +250,22 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | 
 
     Notes
     -----
-    Accuracy: the result equals a float64 two-pass mean / variance of
-    :func:`per_example_grads` up to rounding in the model's dtype (the chunk's :math:`M_2`
-    is accumulated in the model's dtype, chunks are combined in float64).
+    Accuracy: with the two-pass form the result equals a float64 two-pass mean / variance
+    of :func:`per_example_grads` up to rounding in the model's dtype (the chunk's
+    :math:`M_2` is accumulated in the model's dtype, chunks are combined in float64).
+    With the shortcut every chunk's :math:`M_2` is within :math:`10^{-7}` (relative) of
+    the exact value for the factors the backward pass produced, float32 models included
+    (their sums are then formed in float64, so ``exact=False`` makes a float32 model's
+    variance *more* accurate than the two-pass form, at about the cost of a second float64
+    GEMM); the variance is held to :math:`10^{-6}` of the float64 two-pass form at
+    signal-to-noise ratios up to :math:`10^8` (tests/test_moments_shortcut.py).  The
+    guard, its safety factor :math:`\\delta(k) \\approx 6ku/\\tau` (:math:`u = 2^{-53}`,
+    :math:`\\tau = 10^{-7}`) and the error analysis are in
+    ``minigd.kernels.cpu_stats.moments_update_shortcut``; the backend counts the weights
+    that fell back (``model.backend_impl.last_moments_fallbacks`` for the last chunk,
+    ``moments_fallbacks`` in total).  Cost: on x86 a float64 multiply-add costs two
+    float32 ones, so the shortcut's one float64 GEMM halves the two-pass work of a float64
+    model and merely equals that of a float32 one (bench/results/gradstats.md).
 
     **A subset is not the population** (McCandlish et al. 2018, App. A.1).  For *n* rows
     drawn without replacement from *N*,
@@ -291,30 +317,34 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | 
     _check_model(model, "grad_moments")
     X, yi, yf = model.check_Xy(X, y)
     chunk_size = check_param("chunk_size", chunk_size)
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise TypeError(f"exact: expected None, True or False, got {type(exact).__name__} {exact!r}")
     n = X.shape[0]
     if n < 2:
         raise ValueError(f"X: expected at least 2 examples for the ddof=1 variance, got {n}")
     if population is None:
         return accumulate_moments(model, X, yi, yf, np.arange(n, dtype=np.int64),
-                                  chunk_size).finalize()
+                                  chunk_size, exact=exact).finalize()
     population = check_population(population, n)
     return sample_moments(n, MomentAccumulator(model.n_params), population,
                           lambda idx, acc: accumulate_moments(model, X, yi, yf, idx,
-                                                              chunk_size, acc))
+                                                              chunk_size, acc, exact=exact))
 
 
 def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
-                       acc: MomentAccumulator | None = None) -> MomentAccumulator:
+                       acc: MomentAccumulator | None = None, *,
+                       exact: bool | None = None) -> MomentAccumulator:
     """Fold the per-example gradients of rows ``idx`` of already validated ``(X, yi, yf)``
     (see ``model.check_Xy``) into a float64 :class:`MomentAccumulator` (a new one unless
     ``acc`` is given), ``chunk_size`` rows per backend call.  The engine of
-    :func:`grad_moments`."""
+    :func:`grad_moments` (``exact`` as there)."""
     impl = model.backend_impl
     P = model.n_params
     acc = MomentAccumulator(P) if acc is None else acc
     params = model.params
     n = len(idx)
     if hasattr(impl, "moments_update"):
+        kw = {"exact": exact} if getattr(impl, "moments_shortcut", False) else {}
         grad = np.empty(P, dtype=model.dtype)
         impl.reserve(min(chunk_size, n))
         for s in range(0, n, chunk_size):
@@ -322,7 +352,7 @@ def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
             B = len(rows)
             _training_pass(model, B)
             acc._fold(B, lambda n_old, mean, m2: impl.moments_update(
-                params, grad, X, yi, yf, rows, B, n_old, mean, m2))
+                params, grad, X, yi, yf, rows, B, n_old, mean, m2, **kw))
     else:
         block = max(1, min(chunk_size, _GENERIC_BLOCK_ENTRIES // P, n))
         G = np.empty((block, P), dtype=model.dtype)
