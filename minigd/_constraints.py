@@ -99,8 +99,8 @@ class Constraint:
 
     def parse(self, text: str) -> Any:
         """A command-line string as a value of this constraint's type (ValueError if it
-        cannot be read as one)."""
-        return text
+        cannot be read as one; by default nothing can)."""
+        raise ValueError(text)
 
     def type_phrase(self) -> str:
         return self.type_expected or self.expected
@@ -231,6 +231,13 @@ class Options(Constraint):
     def normalise(self, value):
         return bool(value) if _is_bool(value) else value
 
+    def parse(self, text):
+        t = text.strip()
+        if isinstance(self.types, type) and issubclass(self.types, str) or str in tuple(
+                self.types if isinstance(self.types, tuple) else (self.types,)):
+            return t
+        raise ValueError(text)
+
 
 class Bool(Constraint):
     """``True`` or ``False`` (``numpy.bool_`` too; a truthy 1 or ``"no"`` is refused)."""
@@ -318,6 +325,9 @@ class DType(Constraint):
 
     def normalise(self, value):
         return self._dtype(value)
+
+    def parse(self, text):
+        return text.strip()
 
 
 class InstanceOf(Constraint):
@@ -608,7 +618,6 @@ PARAMS: dict[str, Constraint] = {
     "ddof": Integer(0, 1, expected="0 or 1"),
     "P": Integer(1),
     "k": Integer(0),
-    "n_examples": Integer(1),
     "standard_error": Real(0, finite=False, nan=True, expected="a number >= 0 (or nan/inf)"),
     "tradeoff_method": Options(("auto", "scipy", "numpy")),
     # -- the estimators (names of their own) --------------------------------------------------
