@@ -10,6 +10,8 @@ import numpy as np
 
 from minigd._io import atomic_path
 
+#: per-step fields of ``fit(batch_size="adaptive")`` (the controller's values in force)
+ADAPTIVE_FIELDS = ("lr_factor", "gain", "goodput", "controller_noise_scale")
 STEP_COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples", "time")
 
 
@@ -73,6 +75,9 @@ class History:
         self.noise_tracker: Any = None
         #: the optimizer state at the end of fit (None before)
         self.opt_state: Any = None
+        #: ``fit(batch_size="adaptive")``: the controller's decisions, one dict per decision
+        #: (step, batch_size, lr_factor, gain, goodput, controller_noise_scale, reason); None otherwise
+        self.adaptive: list | None = None
 
     # -- recording (hot path: keep it cheap) -------------------------------------------------
     def _grow(self):
@@ -105,6 +110,8 @@ class History:
         if name in self._cols:
             a = self._cols[name][:self.n_steps].copy()
             return a if name in ("loss", "lr", "time") else a.astype(np.int64)
+        if name in ADAPTIVE_FIELDS and self.adaptive is not None:
+            return self._adaptive_column(name)
         out = np.full(self.n_steps, np.nan)
         found = False
         for i, v in self._merged(name):
@@ -113,6 +120,18 @@ class History:
         if not found:
             known = _columns(self.records)
             raise KeyError(f"name: expected one of {known}, got {name!r}")
+        return out
+
+    def _adaptive_column(self, name: str) -> np.ndarray:
+        """An adaptive run's controller field in force at every step: a decision after
+        ``step`` steps holds from step index ``step`` on (before the first: factor and gain
+        1, goodput and noise scale NaN)."""
+        out = np.full(self.n_steps, 1.0 if name in ("lr_factor", "gain") else np.nan)
+        for d in self.adaptive or ():
+            s = int(d["step"])
+            if 0 <= s < self.n_steps:
+                v = d.get(name)
+                out[s:] = np.nan if v is None else float(v)
         return out
 
     def _merged(self, name: str):
@@ -157,6 +176,10 @@ class History:
             s = ev["step"]
             if 0 <= s - 1 < len(recs):
                 recs[s - 1].update({k: v for k, v in ev.items() if k not in recs[s - 1]})
+        if self.adaptive is not None:
+            for name in ADAPTIVE_FIELDS:
+                for r, v in zip(recs, self._adaptive_column(name).tolist()):
+                    r[name] = v
         return recs
 
     @property

@@ -64,6 +64,7 @@ class Plan:
     ck_every: int
     fit_info: dict | None                   # the run's record a checkpoint compares on resume
     progress: bool
+    ctrl: Any = None                        # adaptive batch size: a minigd.adaptive.Controller
 
     @property
     def n(self) -> int:
@@ -211,6 +212,7 @@ class Loop:
         norm = plan.model.norm
         self.bn, self.dropout = bool(norm.bn), norm.dropout > 0
         self.fresh_start = -1 if state.resumed else 0
+        self.scratch = np.zeros_like(plan.model.params) if plan.ctrl is not None and self.bn else None
         if state.resumed:       # a budget already spent: close the epoch, evaluate, stop
             state.stop = self.budget_stop()
 
@@ -257,6 +259,8 @@ class Loop:
         else:
             info = s.step_info(hist, p.fit_info, finished=False, n_evals=len(hist.evals),
                                n_epochs=len(hist.epochs), reached=_reached(hist), epoch=s.epoch)
+        if p.ctrl is not None:
+            info["adaptive"] = p.ctrl.state()
         smp = {"order": s.sampler.order}
         if s.sampler.draws is not None:
             smp["draws"] = s.sampler.draws
@@ -275,6 +279,8 @@ class Loop:
             m = min(s.sampler.full_batches_left(B), impl.steps_per_call)
         if self.dropout:
             m = min(m, impl.max_run_steps(B))
+        if p.ctrl is not None:      # up to the next decision
+            m = min(m, p.ctrl.spec.every - s.step % p.ctrl.spec.every)
         if p.tracker is not None:   # a tracked step runs alone
             r = s.step % p.track_noise
             m = 1 if r == 0 else min(m, p.track_noise - r)
@@ -292,12 +298,13 @@ class Loop:
         """The learning rates of the next m steps; a schedule that raises at step s + j cuts
         the run to the j steps before it (the step that raises then raises on its own)."""
         p, s = self.p, self.s
+        f = 1.0 if p.ctrl is None else p.ctrl.factor     # adaptive: the rule's multiple
         if p.lr_fn is None:
-            return [p.lr_const] * m
+            return [p.lr_const * f] * m
         lrs = []
         for j in range(m):
             try:
-                lrs.append(lr_at(p.lr_fn, s.step + j))
+                lrs.append(lr_at(p.lr_fn, s.step + j) * f)
             except Exception:
                 if j == 0:
                     raise
@@ -316,8 +323,12 @@ class Loop:
         if track and p.track_gsnr is not None and s.step % p.track_gsnr == 0 and b >= 2:
             from minigd.gradstats.tracking import gsnr_summary
             p.tracker.add_extra(s.step, gsnr_summary(model, p.X, p.yi, p.yf, idx))
+        half = self._half_batch(b) if track and self.bn else 0
+        if half:    # batch norm (adaptive): the two-batch estimator's small batch, same parameters
+            impl.loss_grad(model.params, self.scratch, p.X, p.yi, p.yf, idx[:half], half)
+            small = float(np.dot(self.scratch.astype(np.float64), self.scratch.astype(np.float64)))
         res = impl.run_steps(model.params, p.X, p.yi, p.yf, idx, b, m, s.opt_state, lrs, s.step + s.t1,
-                             want_sqn=track, grad=model._grad, dropout_rng=s.rng if self.dropout else None,
+                             want_sqn=track and not self.bn, grad=model._grad, dropout_rng=s.rng if self.dropout else None,
                              update_running=self.bn,
                              max_time=None if p.max_time is None else p.max_time - s.train_time)
         t_start = s.train_time
@@ -341,8 +352,32 @@ class Loop:
             if self.on_step and any(bool(f(model, s.step, loss)) for f in self.on_step):
                 s.stop = "callback"
         s.opt_state.t = s.step - 1 + s.t1
-        if track:
+        if track and not self.bn:
             p.tracker.update(s.step - 1, b, impl.last_sqnorm_sum(b), float(res["grad_norm_sq"][0]))
+        elif half:
+            p.ctrl.observe_two_batch(s.step - 1, b, half, small, float(res["grad_norm_sq"][0]))
+
+    def _half_batch(self, b: int) -> int:
+        """Rows of the two-batch estimator's small batch for a step of b rows (0: none fits)."""
+        h = b // 2
+        return h if h >= 2 and not self.p.model.norm.has_one_row_ghost(h) else 0
+
+    def batches_left(self, B: int) -> int:
+        """Steps of B rows left in the epoch (adaptive with batch norm: a remainder that
+        would hold a one-row ghost batch is dropped, as ``drop_last`` would)."""
+        left = self.s.sampler.batches_left(B)
+        if left and self.bn and self.p.ctrl is not None and self.p.model.norm.has_one_row_ghost(
+                self.s.sampler.next_size(B)):
+            return 0
+        return left
+
+    def decide(self) -> int:
+        """An adaptive run's decision after this step: the batch size from now on."""
+        ctrl, s = self.p.ctrl, self.s
+        rec = ctrl.decide(s.step)
+        if rec is not None:
+            self.hist.adaptive = ctrl.decisions
+        return ctrl.B
 
     def close_epoch(self, B: int, complete: bool) -> None:
         s = self.s
@@ -357,28 +392,35 @@ class Loop:
         for c in p.callbacks:
             if hasattr(c, "on_fit_start"):
                 c.on_fit_start(p.model, hist)
+        ctrl = p.ctrl
         while True:
-            B = p.bs.at_epoch(s.epoch)
+            B = p.bs.at_epoch(s.epoch) if ctrl is None else ctrl.B
             n_steps = steps_per_epoch(p.n, B, p.drop_last)
             if not s.mid_epoch:
                 if s.stop:
                     break
                 s.sampler.start_epoch(B)
                 s.k, s.ep_loss, s.ep_count = -1, 0.0, 0
+                if ctrl is not None:
+                    ctrl.epoch_B = B
             s.mid_epoch = False
             full = n_steps == 1 and s.sampler.next_size(B) == p.n and p.eval_every is not None \
-                and p.sampler != "replacement" and self.impl.steps_per_call > 1
-            while not s.stop and s.sampler.batches_left(B):
+                and p.sampler != "replacement" and self.impl.steps_per_call > 1 and ctrl is None
+            while not s.stop and self.batches_left(B):
                 self.run_steps(B, full)
+                if ctrl is not None and s.step % ctrl.spec.every == 0:
+                    B = self.decide()
                 if p.eval_every is not None and s.step % p.eval_every == 0:
-                    if self.evaluate(s.epoch + (s.k + 1) / n_steps):
+                    ep = s.epoch + ((s.k + 1) / n_steps if ctrl is None else s.sampler.pos / s.sampler.src.shape[0])
+                    if self.evaluate(ep):
                         s.stop = "callback"
                 s.stop = self.budget_stop() or s.stop
                 if not s.stop and p.ck_every and s.step % p.ck_every == 0:
                     self.checkpoint(finished=False)
             if p.ck_path is not None:
                 s.close = (len(hist.evals), _reached(hist))
-            self.close_epoch(B, complete=not s.stop or s.k == n_steps - 1)
+            self.close_epoch(B, complete=not s.stop or (s.k == n_steps - 1 if ctrl is None else
+                                                         not self.batches_left(B)))
             if not s.stop and p.epochs is not None and s.epoch >= p.epochs:
                 s.stop = "epochs"
             if p.eval_every is None and not s.stop:

@@ -87,7 +87,7 @@ def _crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).data.cast("B")) if a.size else 0
 
 
-def _restore(ck, model, optimizer, fit_info, n, target, bs):
+def _restore(ck, model, optimizer, fit_info, n, target, bs, ctrl=None):
     """Check that checkpoint ``ck`` continues this fit call; returns the restored pieces."""
     from minigd.checkpoint import load_checkpoint, optimizer_difference
 
@@ -132,7 +132,10 @@ def _restore(ck, model, optimizer, fit_info, n, target, bs):
     if diff:
         raise ValueError(f"{name} was written with another optimizer chain or hyper-parameters: "
                          f"{'; '.join(diff)} (this call has {optimizer!r})")
-    _check_loop_state(ck, model, optimizer, n, bs, fit_info["sampler"], fit_info["drop_last"])
+    if ctrl is not None:    # adaptive: the controller first (it says how the epoch was laid out)
+        ctrl.restore(info.get("adaptive"), ck.history.noise_tracker, _ck_where(ck))
+    _check_loop_state(ck, model, optimizer, n, bs, fit_info["sampler"], fit_info["drop_last"],
+                      None if ctrl is None else ctrl.epoch_B)
     hist = ck.history
     n_evals, n_epochs = int(info["n_evals"]), int(info["n_epochs"])
     del hist.evals[n_evals:]
@@ -164,7 +167,7 @@ def _ck_where(ck) -> str:
     return f"checkpoint {ck.path!r}" if isinstance(getattr(ck, "path", None), str) else "checkpoint (in memory)"
 
 
-def _check_loop_state(ck, model, optimizer, n, bs, sampler, drop_last) -> None:
+def _check_loop_state(ck, model, optimizer, n, bs, sampler, drop_last, epoch_B=None) -> None:
     """Everything ``fit(resume=...)`` takes from checkpoint ``ck`` beyond what
     :func:`~minigd.checkpoint.load_checkpoint` checks on its own (and again that, for a
     Checkpoint object built or edited by hand), against this run: the sampler's
@@ -229,9 +232,13 @@ def _check_loop_state(ck, model, optimizer, n, bs, sampler, drop_last) -> None:
     need(info["n_evals"] <= len(hist.evals) and info["n_epochs"] <= len(hist.epochs),
          "step_info counts more evaluations or epochs than the history holds")
     need(epoch <= step, f"epoch {epoch} after only {step} steps")
-    B = bs.at_epoch(epoch)
+    B = bs.at_epoch(epoch) if epoch_B is None else epoch_B     # (adaptive: sizes change within an epoch)
     n_steps = steps_per_epoch(n, B, drop_last)
-    need(k < n_steps, f"position k={k} in an epoch of {n_steps} steps")
+    if epoch_B is None:
+        need(k < n_steps, f"position k={k} in an epoch of {n_steps} steps")
+    else:
+        need(info["ep_count"] <= (n_steps * B if sampler == "replacement" else n),
+             f"{info['ep_count']} rows done in an epoch of {n_steps * B if sampler == 'replacement' else n}")
     if step:
         ep_col = hist._cols["epoch"][:step]
         in_epoch = step - int(np.flatnonzero(ep_col != epoch)[-1]) - 1 if (ep_col != epoch).any() else step
@@ -285,7 +292,7 @@ def start_state(p: Plan, optimizer, opt_state: OptState | None, rng: np.random.G
         if p.target is not None:
             hist.reached = False
         return LoopState(sampler=sampler, rng=rng, opt_state=opt_state, t1=t1), hist
-    ck, hist = _restore(resume_src, model, optimizer, p.fit_info, n, p.target, p.bs)
+    ck, hist = _restore(resume_src, model, optimizer, p.fit_info, n, p.target, p.bs, p.ctrl)
     info = ck.step_info
     model.params[...] = ck.model.params
     model.running[...] = ck.model.running     # batch norm's running statistics
@@ -295,6 +302,8 @@ def start_state(p: Plan, optimizer, opt_state: OptState | None, rng: np.random.G
     sampler.restore(p.bs.at_epoch(epoch), int(info["ep_count"]), ck.sampler["order"], ck.sampler.get("draws"))
     if p.tracker is not None:
         p.tracker = hist.noise_tracker
+    if p.ctrl is not None:
+        hist.adaptive = p.ctrl.decisions or None
     state = LoopState(sampler=sampler, rng=rng, opt_state=ck.opt_state, step=int(info["step"]),
                       examples=int(info["examples"]), train_time=float(info["train_time"]), epoch=epoch, k=k,
                       ep_loss=float(info["ep_loss"]), ep_count=int(info["ep_count"]), lr=float(info["lr"]),

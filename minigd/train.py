@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from minigd.adaptive import AdaptiveBatchSize, Controller
 from minigd._validation import _got, check_choice, check_int, check_magnitude, check_seed
 from minigd.data.samplers import SAMPLERS, steps_per_epoch
 from minigd.gradstats.tracking import NoiseTracker
@@ -35,14 +36,18 @@ def _check_batch_size(batch_size, n):
                 raise ValueError(f"batch_size: expected batch sizes <= the number of examples ({n}), "
                                  f"got {B} in {batch_size!r}")
         return batch_size
+    if isinstance(batch_size, AdaptiveBatchSize):
+        return BatchSizeSchedule(batch_size.sizes(n)[0])
     if isinstance(batch_size, str):
+        if batch_size == "adaptive":
+            return BatchSizeSchedule(AdaptiveBatchSize().sizes(n)[0])
         if batch_size != "full":
-            raise ValueError(f"batch_size: expected a positive int, 'full' or a BatchSizeSchedule, "
-                             f"got {batch_size!r}")
+            raise ValueError(f"batch_size: expected a positive int, 'full', 'adaptive', a BatchSizeSchedule or "
+                             f"an AdaptiveBatchSize, got {batch_size!r}")
         return BatchSizeSchedule(n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size: expected a positive int, 'full' or a BatchSizeSchedule, "
-                        f"got {_got(batch_size)}")
+        raise TypeError(f"batch_size: expected a positive int, 'full', 'adaptive', a BatchSizeSchedule or an "
+                        f"AdaptiveBatchSize, got {_got(batch_size)}")
     B = int(batch_size)
     if B <= 0:
         raise ValueError(f"batch_size: expected a positive int, got {B}")
@@ -198,8 +203,10 @@ def _plan(model, X, y, *, batch_size, epochs, steps, examples, target, optimizer
     if not isinstance(eval_train, (bool, np.bool_)):      # 'no' would be truthy
         raise TypeError(f"eval_train: expected a bool, got {_got(eval_train)}")
     eval_train = bool(eval_train) or bool(target and any(k.startswith("train_") for k in target))
-    _check_norm_batches(model, bs, n, sampler, drop_last, track_noise)
-    tracker = _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler)
+    ctrl = _check_adaptive(model, batch_size, n, sampler, drop_last, track_noise, epochs, steps, examples)
+    if ctrl is None:
+        _check_norm_batches(model, bs, n, sampler, drop_last, track_noise)
+    tracker = _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler) if ctrl is None else ctrl.tracker
     callbacks = _check_callbacks(callbacks)
     if not isinstance(progress, bool):
         raise TypeError(f"progress: expected a bool, got {_got(progress)}")
@@ -208,9 +215,39 @@ def _plan(model, X, y, *, batch_size, epochs, steps, examples, target, optimizer
     return Plan(model=model, X=X, y=y, yi=yi, yf=yf, bs=bs, sampler=sampler, drop_last=drop_last, epochs=epochs,
                 steps=steps, examples=examples, max_time=max_time, target=target, validation=validation,
                 eval_every=eval_every, eval_train=eval_train, lr_fn=lr_fn, lr_const=lr_const, tracker=tracker,
-                track_noise=None if tracker is None else int(track_noise),
+                track_noise=None if tracker is None else ctrl.spec.track_every if ctrl else int(track_noise),
                 track_gsnr=None if track_gsnr is None else int(track_gsnr), callbacks=callbacks, ck_path=None,
-                ck_every=0, fit_info=None, progress=progress)
+                ck_every=0, fit_info=None, progress=progress, ctrl=ctrl)
+
+
+def _check_adaptive(model, batch_size, n, sampler, drop_last, track_noise, epochs, steps, examples):
+    """``batch_size="adaptive"`` or an AdaptiveBatchSize: the controller (None otherwise)."""
+    if isinstance(batch_size, str) and batch_size == "adaptive":
+        batch_size = AdaptiveBatchSize()
+    if not isinstance(batch_size, AdaptiveBatchSize):
+        return None
+    if track_noise is not None:
+        raise ValueError(f"track_noise: the adaptive batch size tracks the noise itself (every "
+                         f"{batch_size.track_every} steps, AdaptiveBatchSize(track_every=...); its records are in "
+                         f"hist.noise), got track_noise={track_noise!r}")
+    if drop_last:
+        raise ValueError("drop_last: with an adaptive batch size the last batch of an epoch holds what is left "
+                         "(whatever the sizes before it), so drop_last=True is not supported")
+    sizes = batch_size.sizes(n)
+    if sizes[0] < 2:
+        raise ValueError(f"min: the adaptive batch size measures the noise from the spread within a batch, "
+                         f"which needs at least 2 examples, got AdaptiveBatchSize(min={sizes[0]})")
+    for b in sizes:
+        model.norm.check_batch(b, f"batch_size (the adaptive candidate {b})")
+    # a budget that ends before the first decision measures nothing and decides nothing
+    every = batch_size.every
+    for name, v, most in (("steps", steps, steps), ("epochs", epochs, None if epochs is None else epochs * -(-n // sizes[0])),
+                          ("examples", examples, None if examples is None else -(-examples // sizes[0]))):
+        if v is not None and most < every:
+            raise ValueError(f"{name}: {name}={v} ends an adaptive run after at most {most} steps, before its first "
+                             f"decision at step {every} (AdaptiveBatchSize(every={every})); expected a budget of at "
+                             f"least {every} steps, or a smaller every")
+    return Controller(batch_size, sizes, n, replacement=sampler == "replacement")
 
 
 def _fit_info(p: Plan, batch_size, optimizer, noise_beta) -> dict:
@@ -220,7 +257,8 @@ def _fit_info(p: Plan, batch_size, optimizer, noise_beta) -> dict:
     from minigd.resume import _crc
 
     return {"n": p.n, "x_crc": _crc(p.X), "y_crc": _crc(p.yi) ^ _crc(p.yf),
-            "batch_size": batch_size if isinstance(batch_size, str) else
+            "batch_size": {"adaptive": p.ctrl.spec.config()} if p.ctrl is not None else
+            batch_size if isinstance(batch_size, str) else
             repr(batch_size) if isinstance(batch_size, BatchSizeSchedule) else int(batch_size),
             "sampler": p.sampler, "drop_last": p.drop_last,
             "track_noise": None if p.tracker is None else p.track_noise,
@@ -406,12 +444,16 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     # for them too, so that nothing is re-allocated once training has started
     impl = model.backend_impl
     n_eval = max(len(p.validation[0]) if p.validation is not None else 0, p.n if p.eval_train else 0)
-    impl.reserve(max(p.bs.max_batch, min(n_eval, EVAL_CHUNK)))
+    impl.reserve(max(p.bs.max_batch if p.ctrl is None else p.ctrl.sizes[-1], min(n_eval, EVAL_CHUNK)))
     # compile (or load from numba's cache) the kernels the steps will run, before the clock
     # starts: else the first step of the first fit in a process would charge up to seconds of
     # compilation to the training time (time, time_to_target)
-    impl.warm_up(model.params, model._grad, p.X, p.yi, p.yf, _run_batch_sizes(p.bs, p.n, p.sampler, p.drop_last),
-                 state.opt_state, want_sqn=p.tracker is not None)
+    sizes = _run_batch_sizes(p.bs, p.n, p.sampler, p.drop_last) if p.ctrl is None else \
+        p.ctrl.sizes + [2]     # adaptive: any remainder can end an epoch
+    impl.warm_up(model.params, model._grad, p.X, p.yi, p.yf, sizes, state.opt_state,
+                 want_sqn=p.tracker is not None and not model.norm.bn)
+    if p.ctrl is not None and not state.resumed:    # the step time of each candidate, before training
+        p.ctrl.measure(model, p.X, p.yi, p.yf, state.opt_state, p.lr_const)
     # -- loop, then finish (the progress bar and on_fit_end, also after an error)
     loop = Loop(p, state, hist)
     try:

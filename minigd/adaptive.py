@@ -1,0 +1,323 @@
+"""Adaptive batch size inside :func:`minigd.fit`: ``batch_size="adaptive"``.
+
+The controller (:class:`AdaptiveBatchSize`) picks the batch size during training from two
+measurements, as Pollux does (Qiao et al. 2021), in one process:
+
+* **the gradient noise scale** B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018),
+  tracked during training: every ``track_every`` steps the step's per-example squared
+  gradient norms (computed by the backward pass alongside the step) give unbiased
+  estimates of |G|^2 and tr(Sigma) (:class:`~minigd.gradstats.tracking.NoiseTracker`,
+  finite-population corrected), smoothed by bias-corrected moving averages.  With batch
+  norm, where no example has a gradient of its own, the tracked step instead compares the
+  squared norm of its gradient with that of its first half (the two-batch estimator,
+  McCandlish et al. Appendix A.1), at the cost of one extra half-batch gradient;
+* **the step time per batch size** on this machine: measured once before training over
+  the candidate batch sizes (interleaved rounds, on scratch copies of the parameters and
+  optimizer state: training is not touched), or given (``throughput=``).
+
+Every ``every`` steps it moves to the candidate batch size with the largest goodput
+(examples per second times statistical efficiency, :func:`~minigd.gradstats.goodput`),
+with a little hysteresis (``min_gain``), and scales the learning rate by ``lr_rule`` from
+the rate the optimizer gives for the starting (smallest) batch size:
+
+``"adascale"``
+    the AdaScale gain r = (tr(Sigma)/B0 + |G|^2) / (tr(Sigma)/B + |G|^2)
+    (Johnson et al. 2020; :func:`~minigd.gradstats.adascale_gain`), at the noise measured
+    at the change;
+``"sqrt"``
+    sqrt(B / B0);
+``"linear"``
+    B / B0 (Goyal et al. 2017).
+
+Training starts at ``min``.  The sampler continues its epoch at the new batch size, so no
+example is repeated or skipped within an epoch (the last batch of an epoch holds what is
+left).  The history records every step's batch size and learning rate (columns), the
+tracked noise records (``hist.noise``), and every decision with its noise scale, gain,
+goodput and reason (``hist.adaptive``; ``hist.column("gain")`` / ``"goodput"`` /
+``"lr_factor"`` give the value in force at every step).  A checkpoint holds the controller
+whole; a resumed run continues bitwise.
+
+Determinism: for a seed and a throughput table, a run is bitwise reproducible.  The
+default measures the table, so two runs on a busy machine can differ where two candidates'
+goodputs are within the timing noise; pass ``throughput=`` (a table, or ``"flops"`` for a
+deterministic cost model) when runs must repeat exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import time
+from typing import Any
+
+import numpy as np
+
+from minigd._validation import _got
+from minigd.history import ADAPTIVE_FIELDS  # noqa: F401  (re-exported)
+
+#: the learning-rate rules of :class:`AdaptiveBatchSize`
+LR_RULES = ("adascale", "sqrt", "linear")
+
+
+def _pos_int(name: str, v: Any, low: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {low}, got {_got(v)}")
+    if v < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+    return int(v)
+
+
+class AdaptiveBatchSize:
+    """Settings of ``fit(batch_size=AdaptiveBatchSize(...))`` (``"adaptive"`` = the defaults).
+
+    Parameters
+    ----------
+    min : int
+        Smallest batch size, and the one training starts at (the optimizer's learning rate
+        is the rate for this size).  Default 32.
+    max : int, optional
+        Largest batch size (default: the number of training examples, at most 8192).
+    every : int
+        Steps between decisions (default 20).
+    lr_rule : {"adascale", "sqrt", "linear"}
+        How the learning rate follows the batch size (module doc).
+    candidates : sequence of int, optional
+        The batch sizes considered (default: ``min``, the powers of two between, ``max``).
+    track_every : int
+        Steps between noise measurements (default 4: the per-example norms cost up to
+        ~10% of a step, so a quarter of the steps keeps the controller near 2.5%).
+    noise_beta : float
+        Decay of the noise moving averages per measurement, in [0, 1) (default 0.9).
+    min_gain : float
+        A change must raise the predicted goodput by this fraction (default 0.05).
+    throughput : None, "flops" or dict
+        None: measure the step time of each candidate before training.  "flops": a
+        deterministic cost model, step time proportional to ``overhead + B``, with the
+        overhead equal to one row's FLOPs times 64 (no clock read).  A dict ``{B: seconds
+        per step}`` for every candidate: used as given.
+    """
+
+    def __init__(self, min: int = 32, max: int | None = None, every: int = 20, lr_rule: str = "adascale",
+                 candidates: Any = None, track_every: int = 4, noise_beta: float = 0.9, min_gain: float = 0.05,
+                 throughput: Any = None) -> None:
+        self.min = _pos_int("min", min, 1)
+        self.max = None if max is None else _pos_int("max", max, 1)
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max: expected max >= min = {self.min}, got max={self.max}")
+        self.every = _pos_int("every", every, 1)
+        if not isinstance(lr_rule, str):
+            raise TypeError(f"lr_rule: expected one of {list(LR_RULES)}, got {_got(lr_rule)}")
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule: expected one of {list(LR_RULES)}, got {lr_rule!r}")
+        self.lr_rule = lr_rule
+        if candidates is not None:
+            if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
+                raise TypeError(f"candidates: expected a sequence of ints, got {_got(candidates)}")
+            candidates = sorted({_pos_int("candidates[i]", c, 1) for c in candidates})
+            if not candidates:
+                raise ValueError("candidates: expected at least one batch size, got none")
+        self.candidates = candidates
+        self.track_every = _pos_int("track_every", track_every, 1)
+        if self.track_every > self.every:
+            raise ValueError(f"track_every: expected at most every={self.every} (each decision needs a "
+                             f"measurement of the noise), got {self.track_every}")
+        for name, v, lo, hi in (("noise_beta", noise_beta, 0.0, 1.0), ("min_gain", min_gain, 0.0, math.inf)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name}: expected a number in [{lo}, {hi}), got {_got(v)}")
+            if not lo <= float(v) < hi:
+                raise ValueError(f"{name}: expected a number in [{lo}, {hi}), got {v!r}")
+        self.noise_beta, self.min_gain = float(noise_beta), float(min_gain)
+        if throughput is not None and throughput != "flops" and not isinstance(throughput, dict):
+            raise TypeError(f"throughput: expected None, 'flops' or a dict {{batch size: seconds per step}}, "
+                            f"got {_got(throughput)}")
+        if isinstance(throughput, dict):
+            for k, v in throughput.items():
+                _pos_int("throughput key", k, 1)
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < float(v) < math.inf:
+                    raise ValueError(f"throughput[{k!r}]: expected a positive, finite number of seconds, got {v!r}")
+            throughput = {int(k): float(v) for k, v in throughput.items()}
+        self.throughput = throughput
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveBatchSize(min={self.min}, max={self.max}, every={self.every}, lr_rule={self.lr_rule!r}, "
+                f"track_every={self.track_every}, noise_beta={self.noise_beta}, min_gain={self.min_gain})")
+
+    def config(self) -> dict:
+        """The settings as plain JSON (a checkpoint compares them on resume)."""
+        tp = self.throughput
+        return {"min": self.min, "max": self.max, "every": self.every, "lr_rule": self.lr_rule,
+                "candidates": self.candidates, "track_every": self.track_every, "noise_beta": self.noise_beta,
+                "min_gain": self.min_gain,
+                "throughput": {str(k): v for k, v in sorted(tp.items())} if isinstance(tp, dict) else tp}
+
+    def sizes(self, n: int) -> list:
+        """The candidate batch sizes for a training set of n rows (checked against n)."""
+        if self.min > n:
+            raise ValueError(f"batch_size: AdaptiveBatchSize(min={self.min}) needs at least {self.min} training "
+                             f"examples, got {n}")
+        hi = min(n, 8192) if self.max is None else self.max
+        if hi > n:
+            raise ValueError(f"batch_size: AdaptiveBatchSize(max={hi}) is more than the {n} training examples")
+        if self.candidates is not None:
+            bad = [c for c in self.candidates if not self.min <= c <= hi]
+            if bad:
+                raise ValueError(f"candidates: expected batch sizes in [min, max] = [{self.min}, {hi}], got {bad}")
+            return sorted(set(self.candidates) | {self.min})
+        out, b = [self.min], 1
+        while b < hi:
+            b *= 2
+            if self.min < b < hi:
+                out.append(b)
+        if hi > self.min:
+            out.append(hi)
+        if isinstance(self.throughput, dict):
+            missing = [c for c in out if c not in self.throughput]
+            if missing:
+                raise ValueError(f"throughput: expected a step time for every candidate batch size {out}, "
+                                 f"missing {missing}")
+        return out
+
+
+class Controller:
+    """The running controller of one adaptive ``fit`` (its state is checkpointed)."""
+
+    def __init__(self, spec: AdaptiveBatchSize, sizes: list, n: int, replacement: bool) -> None:
+        from minigd.gradstats.tracking import NoiseTracker
+
+        self.spec, self.sizes = spec, list(sizes)
+        self.B0 = self.sizes[0]
+        self.B = self.B0
+        self.factor = 1.0           # learning-rate multiple of the optimizer's rate
+        self.gain = 1.0
+        self.goodput = math.nan
+        self.noise = math.nan
+        self.seconds: dict = {}     # {B: seconds per step}
+        self.tracker = NoiseTracker(n, replacement=replacement, beta=spec.noise_beta)
+        self.decisions: list = []
+        self.epoch_B = self.B0      # the batch size the current epoch was laid out for
+
+    # -- throughput --------------------------------------------------------------------------
+    def measure(self, model, X, yi, yf, opt_state, lr: float) -> None:
+        """The step time of each candidate (see the module doc)."""
+        spec = self.spec
+        if isinstance(spec.throughput, dict):
+            self.seconds = {b: spec.throughput[b] for b in self.sizes}
+            return
+        if spec.throughput == "flops":
+            per_row = sum(a * b for a, b in zip(model.sizes[:-1], model.sizes[1:]))
+            self.seconds = {b: (64 + b) * per_row * 6e-10 for b in self.sizes}
+            return
+        impl = model.backend_impl
+        params = model.params.copy()
+        st = dataclasses.replace(opt_state, hp=opt_state.hp.copy(), state=opt_state.state.copy())
+        grad = np.zeros_like(params)
+        rng = np.random.default_rng(12345)     # the probe's own: training draws nothing here
+        n = X.shape[0]
+        idx = np.arange(n, dtype=np.int64)
+        best = {b: math.inf for b in self.sizes}
+        for r in range(3):
+            for b in (self.sizes if r % 2 == 0 else self.sizes[::-1]):
+                reps = max(1, min(16, int(0.004 / max(best[b], 1e-7)))) if r else 1
+                t0 = time.perf_counter()
+                impl.run_steps(params, X, yi, yf, idx[:b], b, reps, st, [0.0] * reps, 1,
+                               grad=grad, dropout_rng=rng if model.norm.dropout > 0 else None)
+                best[b] = min(best[b], (time.perf_counter() - t0) / reps)
+        self.seconds = best
+
+    # -- noise ------------------------------------------------------------------------------------
+    def observe(self, step: int, B: int, sum_sq_norms: float, batch_sq_norm: float) -> None:
+        self.tracker.update(step, B, sum_sq_norms, batch_sq_norm)
+
+    def observe_two_batch(self, step: int, B: int, b: int, small_sq_norm: float, batch_sq_norm: float) -> None:
+        """Batch norm: |g_b|^2 of the first b rows and |g_B|^2 of the whole batch at the same
+        parameters give tr(Sigma) ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B); fed to the tracker as
+        the per-example sum that gives the same estimate."""
+        tr = (small_sq_norm - batch_sq_norm) / (1.0 / b - 1.0 / B)
+        self.tracker.update(step, B, tr * (B - 1) + B * batch_sq_norm, batch_sq_norm)
+
+    # -- decisions -------------------------------------------------------------------------------
+    def _goodputs(self, phi: float) -> np.ndarray:
+        from minigd.gradstats import goodput
+
+        B = np.asarray(self.sizes, np.float64)
+        tp = B / np.asarray([self.seconds[b] for b in self.sizes])
+        return np.asarray(goodput(tp, phi, B, float(self.B0)), np.float64)
+
+    def _factor(self, B: int) -> tuple:
+        """(learning-rate factor, AdaScale gain) for batch size B at the current noise."""
+        from minigd.gradstats import adascale_gain
+
+        tr = self.tracker.trace_cov
+        g2 = self.tracker.grad_norm_sq
+        gain = 1.0
+        if math.isfinite(tr) and math.isfinite(g2) and tr >= 0 and g2 > 0:
+            gain = float(adascale_gain(tr / self.B0, g2, B / self.B0))
+        elif math.isfinite(tr) and tr > 0:      # no signal left: the gain is the scale
+            gain = B / self.B0
+        rule = self.spec.lr_rule
+        f = gain if rule == "adascale" else math.sqrt(B / self.B0) if rule == "sqrt" else B / self.B0
+        return f, gain
+
+    def decide(self, step: int) -> dict | None:
+        """The decision after ``step`` steps: a record, with the new batch size (or the old)."""
+        phi = self.tracker.noise_scale
+        if not self.tracker.n_updates or not (phi >= 0):       # nothing measured, or NaN
+            return None
+        gp = self._goodputs(phi if math.isfinite(phi) else math.inf)
+        cur = self.sizes.index(self.B)
+        best = int(np.argmax(gp))
+        new = self.B
+        reason = "keep: the current batch size has the largest goodput"
+        if best != cur:
+            if gp[best] > gp[cur] * (1.0 + self.spec.min_gain):
+                new = self.sizes[best]
+                reason = (f"{'grow' if new > self.B else 'shrink'}: goodput {gp[best]:.4g} at B={new} vs "
+                          f"{gp[cur]:.4g} at B={self.B} (noise scale {phi:.4g})")
+            else:
+                reason = f"keep: B={self.sizes[best]} is better by less than min_gain={self.spec.min_gain:g}"
+        self.B = new
+        self.factor, self.gain = self._factor(new)
+        self.goodput, self.noise = float(gp[self.sizes.index(new)]), float(phi)
+        rec = {"step": int(step), "batch_size": int(new), "lr_factor": self.factor, "gain": self.gain,
+               "goodput": self.goodput, "controller_noise_scale": self.noise, "reason": reason}
+        self.decisions.append(rec)
+        return rec
+
+    # -- checkpointing ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """JSON state (the noise tracker is the history's, checkpointed with it)."""
+        return {"B": self.B, "factor": self.factor, "gain": self.gain, "goodput": self.goodput,
+                "noise": self.noise, "epoch_B": self.epoch_B,
+                "seconds": [[b, self.seconds[b]] for b in self.sizes], "decisions": self.decisions}
+
+    def restore(self, st: Any, tracker: Any, where: str) -> None:
+        """The controller of a checkpoint's ``step_info['adaptive']`` (checked: a crafted file
+        must not set a batch size outside the candidates or a non-finite factor)."""
+        from minigd.errors import CheckpointError
+
+        def need(cond, what):
+            if not cond:
+                raise CheckpointError(f"{where}: cannot resume from it: its adaptive batch-size state {what}")
+
+        need(isinstance(st, dict), "is not a JSON object")
+        need(st.get("B") in self.sizes and st.get("epoch_B") in self.sizes,
+             f"has a batch size outside the candidates {self.sizes}")
+        for k in ("factor", "gain"):
+            v = st.get(k)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, f"has {k}={v!r}")
+        secs = st.get("seconds")
+        need(isinstance(secs, list) and [s[0] for s in secs if isinstance(s, list) and len(s) == 2] == self.sizes
+             and all(isinstance(s[1], (int, float)) and 0 < s[1] < math.inf for s in secs),
+             "has a malformed throughput table")
+        need(isinstance(st.get("decisions"), list) and all(isinstance(d, dict) for d in st["decisions"]),
+             "has malformed decision records")
+        need(tracker is not None and tracker.n == self.tracker.n and tracker.replacement == self.tracker.replacement,
+             "has no noise records for this data")
+        for k in ("goodput", "noise"):
+            need(isinstance(st.get(k), (int, float)) and not isinstance(st.get(k), bool), f"has {k}={st.get(k)!r}")
+        self.tracker = tracker
+        self.B, self.epoch_B = int(st["B"]), int(st["epoch_B"])
+        self.factor, self.gain = float(st["factor"]), float(st["gain"])
+        self.goodput, self.noise = float(st["goodput"]), float(st["noise"])
+        self.seconds = {int(b): float(s) for b, s in secs}
+        self.decisions = [dict(d) for d in st["decisions"]]
