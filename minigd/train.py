@@ -436,7 +436,8 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     if p.ck_path is not None or resume_src is not None:
         p.fit_info = _fit_info(p, batch_size, optimizer, noise_beta)
     state, hist = start_state(p, optimizer, opt_state, rng, resume_src)
-    hist.config = dict(batch_size=batch_size if not isinstance(batch_size, BatchSizeSchedule) else repr(batch_size),
+    hist.config = dict(batch_size=repr(batch_size) if isinstance(batch_size, (BatchSizeSchedule, AdaptiveBatchSize))
+                       else batch_size,
                        sampler=p.sampler, drop_last=p.drop_last, optimizer=repr(optimizer), n=p.n,
                        backend=model.backend)
     hist.opt_state = state.opt_state

@@ -1,0 +1,309 @@
+"""fit(batch_size="adaptive"): the controller, the sampler across size changes, the history,
+checkpoints, and every error naming its argument (issue 17)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import minigd as mg
+from minigd.adaptive import AdaptiveBatchSize, Controller
+from minigd.data.samplers import Sampler
+from minigd.gradstats import adascale_gain
+
+N = 240
+
+
+def _data(n=N, seed=0, classes=3, d=6):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = (X[:, 0] + 0.5 * rng.normal(size=n) > 0).astype(np.int64) + (X[:, 1] > 1)
+    return X, y % classes
+
+
+def _table(sizes, per_row=1e-6, overhead=2e-4):
+    return {b: overhead + per_row * b for b in sizes}
+
+
+def _spec(**kw):
+    kw.setdefault("min", 8)
+    kw.setdefault("max", 64)
+    kw.setdefault("every", 10)
+    kw.setdefault("track_every", 2)
+    kw.setdefault("throughput", _table([8, 16, 32, 64]))
+    return AdaptiveBatchSize(**kw)
+
+
+def _fit(spec=None, backend="cpu", dtype="float64", model_kw=None, **kw):
+    X, y = _data()
+    m = mg.MLP([6, 16, 3], seed=0, dtype=dtype, backend=backend, **(model_kw or {}))
+    kw.setdefault("steps", 60)
+    kw.setdefault("optimizer", mg.SGD(lr=0.05, momentum=0.9))
+    h = mg.fit(m, X.astype(dtype), y, batch_size=_spec() if spec is None else spec, seed=3, **kw)
+    return m, h
+
+
+# ---------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(min=64, max=32), ValueError, "max"),
+    (dict(lr_rule="cubic"), ValueError, "lr_rule"),
+    (dict(lr_rule=2), TypeError, "lr_rule"),
+    (dict(min=0), ValueError, "min"),
+    (dict(min=2.5), TypeError, "min"),
+    (dict(every=0), ValueError, "every"),
+    (dict(track_every=30, every=20), ValueError, "track_every"),
+    (dict(noise_beta=1.0), ValueError, "noise_beta"),
+    (dict(min_gain=-0.1), ValueError, "min_gain"),
+    (dict(throughput="fast"), TypeError, "throughput"),
+    (dict(throughput={8: -1.0}), ValueError, "throughput"),
+    (dict(candidates="8,16"), TypeError, "candidates"),
+])
+def test_bad_settings_name_the_argument(kw, exc, name):
+    with pytest.raises(exc, match=rf"^{name}"):
+        AdaptiveBatchSize(**kw)
+
+
+@pytest.mark.parametrize("spec, fit_kw, exc, name", [
+    (AdaptiveBatchSize(min=512), {}, ValueError, "batch_size"),          # more than the data
+    (AdaptiveBatchSize(min=8, max=4096), {}, ValueError, "batch_size"),
+    (AdaptiveBatchSize(min=1, max=8), {}, ValueError, "min"),            # no spread within one example
+    (AdaptiveBatchSize(min=8, candidates=[8, 1000]), {}, ValueError, "candidates"),
+    (AdaptiveBatchSize(min=8, max=16, throughput={8: 1e-3}), {}, ValueError, "throughput"),
+    (AdaptiveBatchSize(min=8, every=50), dict(steps=20), ValueError, "steps"),       # no decision in budget
+    (AdaptiveBatchSize(min=8, every=50), dict(steps=None, examples=100), ValueError, "examples"),
+    (AdaptiveBatchSize(min=8), dict(track_noise=1), ValueError, "track_noise"),
+    (AdaptiveBatchSize(min=8), dict(drop_last=True), ValueError, "drop_last"),
+])
+def test_bad_runs_name_the_argument(spec, fit_kw, exc, name):
+    X, y = _data()
+    m = mg.MLP([6, 8, 3], seed=0, dtype="float64")
+    kw = dict(steps=60)
+    kw.update(fit_kw)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    with pytest.raises(exc, match=rf"^{name}"):
+        mg.fit(m, X, y, batch_size=spec, **kw)
+
+
+def test_batch_size_string_that_is_not_a_mode_is_refused():
+    X, y = _data()
+    with pytest.raises(ValueError, match="^batch_size.*'adaptive'"):
+        mg.fit(mg.MLP([6, 8, 3], dtype="float64"), X, y, batch_size="adaptiv", steps=5)
+
+
+def test_batch_norm_candidates_are_checked_up_front():
+    X, y = _data()
+    m = mg.MLP([6, 8, 3], batch_norm=True, ghost_batch_size=4, seed=0, dtype="float64")
+    spec = AdaptiveBatchSize(min=8, candidates=[8, 9], throughput={8: 1e-4, 9: 1e-4}, every=10)
+    with pytest.raises(ValueError, match="ghost_batch_size"):   # 9 % 4 == 1: a one-row ghost batch
+        mg.fit(m, X, y, batch_size=spec, steps=30)
+
+
+# ---------------------------------------------------------------------------------- candidates
+def test_default_candidates_are_min_powers_of_two_and_max():
+    assert AdaptiveBatchSize(min=24, max=300).sizes(1000) == [24, 32, 64, 128, 256, 300]
+    assert AdaptiveBatchSize(min=32).sizes(1437) == [32, 64, 128, 256, 512, 1024, 1437]
+    assert AdaptiveBatchSize(min=32).sizes(100_000)[-1] == 8192
+    assert AdaptiveBatchSize(min=16, max=16).sizes(100) == [16]
+
+
+# ---------------------------------------------------------------------------------- the decisions
+def test_goodput_argmax_follows_the_throughput_model():
+    """Step time the same at every size: throughput grows with B and statistical efficiency
+    falls slower than 1/B, so goodput is largest at the largest candidate; step time
+    proportional to B (constant throughput): efficiency alone, largest at the smallest."""
+    sizes = [8, 16, 32, 64]
+    flat = _spec(throughput={b: 1e-3 for b in sizes})
+    _, h = _fit(flat)
+    assert h.adaptive and h.adaptive[0]["batch_size"] == 64
+    linear = _spec(throughput={b: 1e-5 * b for b in sizes})
+    _, h = _fit(linear)
+    assert all(d["batch_size"] == 8 for d in h.adaptive)
+
+
+def test_decision_records_and_per_step_columns():
+    m, h = _fit(eval_every=10, validation=_data(seed=1))
+    assert h.adaptive, "no decision recorded"
+    for d in h.adaptive:
+        assert set(d) >= {"step", "batch_size", "lr_factor", "gain", "goodput", "controller_noise_scale", "reason"}
+        assert d["step"] % 10 == 0 and d["reason"].split(":")[0] in ("keep", "grow", "shrink")
+    B = h.column("batch_size")
+    lr = h.column("lr")
+    f = h.column("lr_factor")
+    np.testing.assert_allclose(lr, 0.05 * f, rtol=1e-15)
+    for d, nxt in zip(h.adaptive, h.adaptive[1:] + [None]):
+        s, e = d["step"], (nxt["step"] if nxt else h.n_steps)
+        seg = B[s:e]
+        # every step takes the decided size, except the rest of an epoch (fewer rows)
+        assert np.all((seg == d["batch_size"]) | (seg < d["batch_size"]))
+        assert np.all(f[s:e] == d["lr_factor"])
+    assert np.all(f[:h.adaptive[0]["step"]] == 1.0)          # the starting size runs the optimizer's rate
+    recs = h.records
+    last = [d for d in h.adaptive if d["step"] < h.n_steps][-1]   # (one after the last step governs none)
+    assert recs[-1]["lr_factor"] == last["lr_factor"]
+    assert h.noise and all(r["step"] % 2 == 0 for r in h.noise)   # tracked every track_every steps
+
+
+@pytest.mark.parametrize("rule", ["adascale", "sqrt", "linear"])
+def test_learning_rate_rules(rule):
+    sizes = [8, 16, 32, 64]
+    _, h = _fit(_spec(lr_rule=rule, throughput={b: 1e-3 for b in sizes}))   # goes to 64
+    d = h.adaptive[0]
+    S = d["batch_size"] / 8
+    if rule == "linear":
+        assert d["lr_factor"] == S
+    elif rule == "sqrt":
+        assert d["lr_factor"] == pytest.approx(math.sqrt(S), rel=1e-15)
+    else:   # the AdaScale gain at the noise the tracker held at the decision
+        tr = h.noise_tracker
+        assert 1.0 <= d["lr_factor"] <= S
+        assert d["lr_factor"] == d["gain"]
+    assert d["gain"] >= 1.0
+
+
+def test_adascale_gain_matches_the_closed_form():
+    spec = _spec()
+    c = Controller(spec, [8, 16, 32, 64], N, replacement=False)
+    for s, (ssq, gsq) in enumerate([(30.0, 1.0), (28.0, 0.9), (35.0, 1.2)]):
+        c.observe(s, 8, ssq, gsq)
+    c.seconds = {b: 1e-3 for b in c.sizes}
+    rec = c.decide(10)
+    tr, g2 = c.tracker.trace_cov, c.tracker.grad_norm_sq
+    assert rec["gain"] == pytest.approx(float(adascale_gain(tr / 8, g2, rec["batch_size"] / 8)), rel=1e-12)
+    phi = tr / g2
+    assert rec["controller_noise_scale"] == pytest.approx(phi, rel=1e-12)
+    # with the gain r, one step at B counts as r steps at B0: r = (phi/B0 + 1) / (phi/B + 1)
+    B = rec["batch_size"]
+    assert rec["gain"] == pytest.approx((phi / 8 + 1) / (phi / B + 1), rel=1e-9)
+
+
+def test_two_batch_observation_recovers_the_noise_of_a_known_distribution():
+    """Batch norm path: |g_b|^2 and |g_B|^2 of the same step give tr(Sigma) exactly when
+    they equal their expectations |G|^2 + tr/b and |G|^2 + tr/B."""
+    c = Controller(_spec(), [8, 16], 10**9, replacement=True)
+    G2, tr = 2.0, 50.0
+    for s in range(40):
+        c.observe_two_batch(s, 16, 8, G2 + tr / 8, G2 + tr / 16)
+    assert c.tracker.trace_cov == pytest.approx(tr, rel=1e-9)
+    assert c.tracker.grad_norm_sq == pytest.approx(G2, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- the sampler
+@pytest.mark.parametrize("kind", ["shuffle", "sequential"])
+def test_sampler_hands_out_each_row_once_per_epoch_whatever_the_sizes(kind):
+    rng = np.random.default_rng(0)
+    s = Sampler(kind, 50, rng)
+    sizes = iter([8, 8, 3, 16, 5, 4, 30, 1, 7, 2, 9, 11] * 20)
+    for _ in range(4):
+        s.start_epoch(8)
+        seen = []
+        while s.batches_left(B := next(sizes)):
+            b = s.next_size(B)
+            seen.extend(s.take(b).tolist())
+        assert sorted(seen) == list(range(50))
+
+
+def test_adaptive_epochs_take_every_row_once(monkeypatch):
+    taken = []
+    real = Sampler.take
+
+    def spy(self, rows):
+        out = real(self, rows)
+        taken.append((self.pos - rows, out.copy()))
+        return out
+
+    monkeypatch.setattr(Sampler, "take", spy)
+    sizes = [8, 16, 32, 64]
+    _, h = _fit(_spec(throughput={b: 1e-3 for b in sizes}), steps=None, epochs=4)
+    rows = np.concatenate([t for _, t in taken])
+    per_epoch = np.split(rows, np.cumsum([N] * 3))
+    for ep in per_epoch:
+        assert sorted(ep.tolist()) == list(range(N))
+    assert len(set(h.column("batch_size").tolist())) > 1, "the batch size never changed"
+    assert [e["examples"] for e in h.epochs] == [N * (i + 1) for i in range(4)]
+
+
+# ---------------------------------------------------------------------------------- determinism, resume
+def test_same_seed_same_run_bitwise():
+    m1, h1 = _fit()
+    m2, h2 = _fit()
+    np.testing.assert_array_equal(m1.params, m2.params)
+    np.testing.assert_array_equal(h1.column("batch_size"), h2.column("batch_size"))
+    np.testing.assert_array_equal(h1.column("loss"), h2.column("loss"))
+    assert h1.adaptive == h2.adaptive
+
+
+@pytest.mark.parametrize("model_kw", [{}, {"dropout": 0.2}, {"batch_norm": True}, {"batch_norm": "after", "ghost_batch_size": 4}],
+                         ids=["plain", "dropout", "bn", "ghost-bn"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_resume_is_bitwise_exact(tmp_path, model_kw, opt):
+    optimizer = mg.SGD(lr=0.05, momentum=0.9) if opt == "sgd" else mg.Adam(lr=1e-3)
+    m_full, h_full = _fit(model_kw=model_kw, steps=70, optimizer=optimizer)
+    ck = str(tmp_path / "ck.npz")
+    _fit(model_kw=model_kw, steps=35, optimizer=optimizer, checkpoint=ck)
+    m_res, h_res = _fit(model_kw=model_kw, steps=70, optimizer=optimizer, checkpoint=ck, resume=True)
+    np.testing.assert_array_equal(m_res.params, m_full.params)
+    np.testing.assert_array_equal(m_res.running, m_full.running)
+    for c in ("batch_size", "loss", "lr", "examples"):
+        np.testing.assert_array_equal(h_res.column(c), h_full.column(c))
+    assert h_res.adaptive == h_full.adaptive
+    assert [r["noise_scale"] for r in h_res.noise] == [r["noise_scale"] for r in h_full.noise]
+
+
+def test_resume_refuses_a_crafted_controller_state(tmp_path):
+    ck = str(tmp_path / "ck.npz")
+    _fit(steps=30, checkpoint=ck)
+    c = mg.load_checkpoint(ck)
+    c.step_info["adaptive"]["B"] = 7          # not a candidate
+    with pytest.raises(mg.CheckpointError, match="adaptive batch-size state"):
+        _fit(steps=60, resume=c)
+
+
+def test_resume_refuses_other_adaptive_settings(tmp_path):
+    ck = str(tmp_path / "ck.npz")
+    _fit(steps=30, checkpoint=ck)
+    with pytest.raises(ValueError, match="different training run"):
+        _fit(_spec(every=5), steps=60, checkpoint=ck, resume=True)
+
+
+# ---------------------------------------------------------------------------------- every backend, optimizer
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+@pytest.mark.parametrize("opt", [mg.SGD(lr=0.05), mg.SGD(lr=0.05, momentum=0.9), mg.Adam(lr=1e-3),
+                                 mg.AdamW(lr=1e-3, weight_decay=1e-2)], ids=["sgd", "momentum", "adam", "adamw"])
+def test_every_backend_and_optimizer(backend, opt):
+    m, h = _fit(backend=backend, optimizer=opt)
+    assert h.n_steps == 60 and np.isfinite(m.params).all() and h.adaptive
+
+
+def test_backends_agree():
+    m_np, h_np = _fit(backend="numpy")
+    m_cpu, h_cpu = _fit(backend="cpu")
+    np.testing.assert_array_equal(h_np.column("batch_size"), h_cpu.column("batch_size"))
+    np.testing.assert_allclose(m_np.params, m_cpu.params, rtol=1e-9, atol=1e-12)
+
+
+def test_measured_throughput_probe_leaves_training_untouched():
+    """The default measures each candidate's step time on scratch copies: the run's
+    parameters, optimizer state and generator are those of a run with a given table, as
+    long as the decisions agree (a single candidate: they must)."""
+    spec_m = AdaptiveBatchSize(min=16, max=16, every=10, track_every=2)
+    spec_t = AdaptiveBatchSize(min=16, max=16, every=10, track_every=2, throughput={16: 1e-3})
+    m1, h1 = _fit(spec_m)
+    m2, h2 = _fit(spec_t)
+    np.testing.assert_array_equal(m1.params, m2.params)
+
+
+def test_flops_throughput_is_deterministic_and_grows_past_the_noise():
+    spec = AdaptiveBatchSize(min=8, max=128, every=10, track_every=2, throughput="flops")
+    m1, h1 = _fit(spec)
+    m2, h2 = _fit(spec)
+    np.testing.assert_array_equal(m1.params, m2.params)
+    assert h1.adaptive == h2.adaptive
+
+
+def test_sklearn_estimators_accept_adaptive():
+    sk = pytest.importorskip("minigd.sklearn")
+    X, y = _data()
+    clf = sk.MLPClassifier(hidden_layer_sizes=(8,), batch_size="adaptive", epochs=3, random_state=0)
+    clf.fit(X[:, :6], y)
+    assert clf.predict(X).shape == (N,)
