@@ -244,6 +244,10 @@ class Bool(Constraint):
 
     expected = "a bool"
 
+    def __init__(self, expected: str | None = None) -> None:
+        if expected is not None:
+            self.expected = expected
+
     def type_ok(self, value):
         return _is_bool(value)
 
@@ -544,6 +548,12 @@ def _batch_size_schedule():
     return BatchSizeSchedule
 
 
+def _adaptive_batch_size():
+    from minigd.adaptive import AdaptiveBatchSize
+
+    return AdaptiveBatchSize
+
+
 PROBABILITY = "a probability in [0, 1)"
 
 #: The table: every parameter validated in more than one place, once.  Entry points look
@@ -566,9 +576,11 @@ PARAMS: dict[str, Constraint] = {
     "dropout": Real(0, 1, high_open=True, expected=PROBABILITY),
     "seed": Seed(),
     # -- training (fit) -----------------------------------------------------------------------
-    "batch_size": AnyOf(Integer(1, expected="a positive int"), Options(("full",)),
+    "batch_size": AnyOf(Integer(1, expected="a positive int"), Options(("full", "adaptive")),
                         InstanceOf(_batch_size_schedule, "a BatchSizeSchedule"),
-                        expected="a positive int, 'full' or a BatchSizeSchedule"),
+                        InstanceOf(_adaptive_batch_size, "an AdaptiveBatchSize"),
+                        expected="a positive int, 'full', 'adaptive', a BatchSizeSchedule or an "
+                                 "AdaptiveBatchSize"),
     "epochs": NoneOr(Integer(1)),
     "steps": NoneOr(Integer(1)),
     "examples": NoneOr(Integer(1)),
@@ -615,6 +627,7 @@ PARAMS: dict[str, Constraint] = {
     "n_samples": Integer(2),
     "replacement": Bool(),
     "squared": Bool(),
+    "exact": NoneOr(Bool("None, True or False")),                        # grad_moments' M2 form (None: by dtype)
     "ddof": Integer(0, 1, expected="0 or 1"),
     "P": Integer(1),
     "k": Integer(0),
@@ -628,6 +641,8 @@ PARAMS: dict[str, Constraint] = {
     "random_state": RandomState(),
     "verbose": Bool(),
     # -- the command line (names of its own) --------------------------------------------------
+    "sweep_batch_size": AnyOf(Integer(1, expected="a positive int"), Options(("full",)),
+                              expected="a positive int or 'full'"),
     "val_fraction": Real(0, 1, low_open=True, high_open=True, expected="a fraction in (0, 1)"),
     "n_seeds": Integer(1),
     "lr_extend": Integer(0),
@@ -690,7 +705,8 @@ def check_fit_args(**kwargs: Any) -> dict:
     checkpoint_every`` (and ``n``, the number of examples, to check the batch sizes
     against it).  Returns them normalised: ints, floats, bools; ``batch_size`` as a
     :class:`~minigd.optim.schedules.BatchSizeSchedule` when ``n`` is given (``"full"`` is
-    ``n``); ``seed`` as given (an int, None or a Generator).
+    ``n``; ``"adaptive"`` / an AdaptiveBatchSize as given); ``seed`` as given (an int,
+    None or a Generator).
 
     Rules checked here: ``track_gsnr`` needs ``track_noise`` and is a multiple of it;
     with ``n``, every batch size of the run is at most ``n``.
@@ -710,8 +726,16 @@ def check_fit_args(**kwargs: Any) -> dict:
     return out
 
 
+def _is_adaptive(bs: Any) -> bool:
+    return (isinstance(bs, str) and bs == "adaptive") or isinstance(bs, _adaptive_batch_size())
+
+
 def _batch_schedule(bs: Any, n: int):
-    """A validated ``batch_size`` as a BatchSizeSchedule whose sizes are all <= n."""
+    """A validated ``batch_size`` as a BatchSizeSchedule whose sizes are all <= n (an
+    adaptive batch size -- ``"adaptive"`` or an AdaptiveBatchSize -- is returned as given:
+    its sizes are the controller's business)."""
+    if _is_adaptive(bs):
+        return bs
     BatchSizeSchedule = _batch_size_schedule()
     if isinstance(bs, BatchSizeSchedule):
         for B in [bs.initial] + [b for _, b in bs.milestones]:

@@ -100,7 +100,7 @@ def _batch_sizes_list(text):
     return _BATCH_SIZES(text)
 
 
-_BATCH_SIZES = list_arg_type("batch_size", what="a comma-separated list of batch sizes >= 1 or 'full'")
+_BATCH_SIZES = list_arg_type("sweep_batch_size", what="a comma-separated list of batch sizes >= 1 or 'full'")
 
 
 def _key_value(text):

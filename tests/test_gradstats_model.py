@@ -515,8 +515,17 @@ def test_argument_errors_name_argument_expected_and_got():
         mg.grad_moments("model", X, y)
     with pytest.raises(ValueError, match=r"batch_sizes: expected at most the number of examples \(4\)"):
         mg.variance_vs_batch_size(m, X, y, [2, 5])
-    with pytest.raises(TypeError, match="batch_sizes: expected a non-empty sequence of integers"):
+    with pytest.raises(ValueError, match="batch_sizes: expected a non-empty sequence of integers, got list"):
         mg.variance_vs_batch_size(m, X, y, [])
+    with pytest.raises(TypeError, match="batch_sizes: expected a non-empty sequence of integers, got list"):
+        mg.variance_vs_batch_size(m, X, y, [2, 2.5])
+    with pytest.raises(TypeError, match=r"out: expected a writable C-contiguous array .* got array of shape "
+                                        r"\(4, 8\) and dtype float32"):
+        mg.per_example_grads(m, X, y, out=np.zeros((4, 8), np.float32))
+    with pytest.raises(ValueError, match=r"out: expected a writable .* \(read-only\)"):
+        ro = np.zeros((4, 8))
+        ro.setflags(write=False)
+        mg.per_example_grads(m, X, y, out=ro)
     with pytest.raises(ValueError, match="n_samples: expected an integer >= 2"):
         mg.variance_vs_batch_size(m, X, y, [2], n_samples=1)
     with pytest.raises(TypeError, match="squared: expected a bool"):

@@ -581,7 +581,8 @@ JACKKNIFE_SEED = 0x6A6B
 
 
 def check_population(population: Any, n: int) -> int | None:
-    """``population`` as an int ``>= n``, or None; else ValueError naming it."""
+    """``population`` as an int ``>= n``, or None; else TypeError (not an integer) or
+    ValueError (below n) naming it."""
     return check_int("population", population, low=n, none=True,
                      expected=f"None or an integer >= n={n} (the number of examples the {n} "
                               f"rows were drawn from without replacement)")

@@ -12,7 +12,9 @@ over the N.
 
 Everything here is pure numpy. Functions taking numbers broadcast over arrays and return a
 Python ``float`` when every input is a scalar, else an ``ndarray``. Bad arguments raise
-:class:`ValueError` naming the argument, what was expected and what was got.
+:class:`TypeError` (a wrong type) or :class:`ValueError` (a wrong value) naming the
+argument, what was expected and what was got (minigd's parameter table,
+:mod:`minigd._constraints`).
 
 References
 ----------
@@ -737,6 +739,8 @@ def fit_tradeoff(steps: Any, examples: Any, *, method: str = "auto") -> Tradeoff
     ValueError
         Fewer than 3 points with finite steps and examples, fewer than 2 distinct batch
         sizes, non-positive values, mismatched shapes, or an unknown ``method``.
+    TypeError
+        ``steps`` / ``examples`` not real arrays, or ``method`` not a string.
 
     Examples
     --------

@@ -222,7 +222,7 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | 
         subset of a training set of *N*); then ``grad_norm_sq`` is corrected to be unbiased
         for the population's :math:`|G|^2`, ``noise_scale`` uses it, and standard errors
         are attached (see Notes).  ``N == n`` gives the ``None`` result with zero SEs.
-        Any other value (below *n*, not an integer, a bool) raises ValueError.
+        An integer below *n* raises ValueError, anything else (a float, a bool) TypeError.
     chunk_size : int, default ``minigd.model.EVAL_CHUNK`` (2048)
         Rows per backend call.  Only speed, memory and rounding depend on it.
     exact : bool or None, default None
@@ -317,8 +317,7 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | 
     _check_model(model, "grad_moments")
     X, yi, yf = model.check_Xy(X, y)
     chunk_size = check_param("chunk_size", chunk_size)
-    if exact is not None and not isinstance(exact, (bool, np.bool_)):
-        raise TypeError(f"exact: expected None, True or False, got {type(exact).__name__} {exact!r}")
+    exact = check_param("exact", exact)
     n = X.shape[0]
     if n < 2:
         raise ValueError(f"X: expected at least 2 examples for the ddof=1 variance, got {n}")
