@@ -278,6 +278,10 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
         resume: Any = None, progress: bool = False) -> History:
     """Train ``model`` in place on (X, y) with mini-batch gradient descent.
 
+    Plan, loop, finish: every argument is checked first (an error names the argument, what
+    was expected and what was got), then :mod:`minigd.loop` runs the steps, then the history
+    is returned.  The user guide (docs/guide/training.md) has the long form of each option.
+
     Parameters
     ----------
     model : minigd.MLP
@@ -285,110 +289,69 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     y : ndarray
         Integer labels (n,) for cross_entropy; targets (n, n_out) of the model's dtype
         otherwise ((n,) allowed for one output).
-    batch_size : int, "full" or BatchSizeSchedule
+    batch_size : int, "full", "adaptive", BatchSizeSchedule or AdaptiveBatchSize
         1 = SGD, 1 < B < n mini-batch, n or "full" = full-batch gradient descent; a
-        :class:`~minigd.optim.BatchSizeSchedule` grows it at given epochs.
+        :class:`~minigd.optim.BatchSizeSchedule` changes it at given epochs; "adaptive" (or
+        an :class:`~minigd.AdaptiveBatchSize` with its settings) lets a controller pick it
+        during training from the measured noise scale and throughput (:mod:`minigd.adaptive`).
     epochs, steps, examples : int, optional
-        Budgets; training stops at the first one reached.  With none given, ``epochs=10``.
-        The training ``time`` of the history (and ``time_to_target``, ``max_time``,
-        a checkpoint's ``train_time``) counts the steps only: evaluation, noise-tracking
-        bookkeeping and the compilation of the kernels are left out (on the cpu backend
-        ``fit`` compiles, or loads from numba's cache, the kernels its batch sizes need in
-        an untimed warm-up that leaves the model, optimizer state and generators as they
-        were; the gpu backend compiles when the model is made and, before the clock starts,
-        uploads the data and captures the CUDA graph of a step of each small batch size).
+        Budgets; training stops at the first one reached (none given: ``epochs=10``).
+        The history's ``time`` counts the steps only (not evaluation, noise-tracking
+        bookkeeping or kernel compilation, which happens in an untimed warm-up).
     target : dict, optional
-        ``{"val_accuracy": 0.95}``, ``{"val_loss": 0.1}``, ``{"train_loss": ...}`` or
-        ``{"train_accuracy": ...}`` (all keys must be met).  Checked at every evaluation;
-        training stops when reached, and the history records steps, examples and
-        training time to target.
+        ``{"val_accuracy": 0.95}``, ``{"val_loss": ...}``, ``{"train_loss": ...}`` or
+        ``{"train_accuracy": ...}`` (all must be met), checked at every evaluation; training
+        stops when reached and the history records steps, examples and time to target.
     optimizer : minigd.optim.Optimizer
-        Default ``SGD(lr=0.1)``.
+        Default ``SGD(lr=0.1)``.  Its ``lr`` may be a schedule (checked at every step).
     sampler : {"shuffle", "replacement", "sequential"}
-        "shuffle": a fresh permutation every epoch (without replacement); "replacement":
-        i.i.d. uniform draws; "sequential": rows in order.  With the full batch and
-        "shuffle"/"sequential" every step uses all rows in order (shuffling a full batch
-        changes nothing but the summation order).
+        A fresh permutation every epoch, i.i.d. draws, or rows in order
+        (:mod:`minigd.data.samplers`); a full batch takes the rows in order.
     drop_last : bool
-        Drop the last partial batch of each epoch.  Otherwise the last batch holds the
-        remaining r < B examples and its loss is their mean (so its gradient has the same
-        scale as every other step's).
+        Drop each epoch's partial last batch (else it holds the remaining rows and its loss
+        is their mean).
     validation : (X_val, y_val), optional
     eval_every : int, optional
         Evaluate every this many steps (default: at each epoch end) and at the end.
     eval_train : bool
-        Also evaluate on the whole training set at each evaluation (implied by a train_*
-        target).
+        Also evaluate on the whole training set (implied by a ``train_*`` target).
     seed : int or numpy.random.Generator
-        Seeds the sampler (and dropout's masks).  Same seed, same backend, same thread
-        count: bitwise-identical results.  A Generator passed here is advanced in place; on
-        the gpu backend a dropout model draws the masks of a device-resident run of steps
-        up front, so after a ``DivergenceError`` it may stand further on than on the other
-        backends (the run's results are the same).
+        Seeds the sampler and dropout's masks.  Same seed, backend and thread count:
+        bitwise-identical results.  A Generator is advanced in place.
     max_time : float, optional
-        Stop after this many seconds of training (checked after every step; on a backend
-        that runs steps in device-resident chunks -- gpu -- after every chunk, so it may
-        overrun by up to ``read_every`` steps, and the per-step times inside a chunk in
-        the history are interpolated).
+        Stop after this many seconds of training (checked after every step on host
+        backends, after every device run of steps on the gpu backend).
     callbacks : sequence
-        Objects with ``on_step(model, step, loss)`` (called after each step; ``step`` is
-        the number of steps done) and/or ``on_eval(model, record)``; a truthy return from
-        either stops training.  Optional ``on_fit_start(model, history)`` is called once
-        before the first step with the History being filled, ``on_fit_end(model,
-        history)`` once when fit returns or raises (e.g. :class:`minigd.logging.TensorBoardLogger`).
+        Objects with ``on_step(model, step, loss)`` and/or ``on_eval(model, record)`` (a
+        truthy return stops training), optional ``on_fit_start(model, history)`` and
+        ``on_fit_end(model, history)`` (also called when fit raises).
     track_noise : int, optional
-        Record gradient-noise statistics every ``track_noise`` steps (1 = every step) into
-        :attr:`History.noise` (also merged into ``records``): the batch gradient's squared
-        norm and unbiased estimates of |G|^2, tr(Sigma) and the noise scale B_simple
-        = tr(Sigma) / |G|^2 (McCandlish et al. 2018) from the batch's per-example gradient norms,
-        which the backward pass computes alongside the step for a few percent of its
-        cost (formulas: :mod:`minigd.gradstats.tracking`).  The live estimator is
-        ``hist.noise_tracker`` (callbacks can read ``.noise_scale``).  Needs batches of
-        at least 2 examples.  Untracked steps run exactly as without tracking; the
-        bookkeeping is not counted in ``time``.
+        Record the gradient-noise statistics (unbiased |G|^2, tr(Sigma), B_simple;
+        :mod:`minigd.gradstats.tracking`) every ``track_noise`` steps into ``hist.noise``,
+        from the per-example norms the backward pass computes alongside (batches >= 2).
     noise_beta : float
-        Decay of the bias-corrected moving averages of the tracked estimates, per tracked
-        step (0 = no smoothing; window about ``1 / (1 - noise_beta)`` tracked steps).
+        Decay per tracked step of the tracked estimates' moving averages, in [0, 1).
     track_gsnr : int, optional
         Every ``track_gsnr`` steps (a multiple of ``track_noise``) also record the
-        gradient signal-to-noise ratio of the batch (``gsnr_mean``, ``gsnr_median``) and
-        its exact ``ddof=1`` trace (``batch_trace_cov``): an extra forward/backward and a
-        per-parameter variance pass over the batch (about 2-4 plain steps), so keep it
-        rare; not counted in ``time``.
-
+        batch's gradient signal-to-noise ratio (an extra pass; not counted in ``time``).
     opt_state : OptState, optional
-        Continue from this optimizer state (``hist.opt_state`` of an earlier call, or
-        ``load_checkpoint(...).opt_state``) instead of a fresh one: its momentum / Adam
-        moments are updated in place and its update count ``t`` continues (Adam's bias
-        correction sees the total number of updates).  Must come from the same chain.
-        Step numbers, budgets and learning-rate schedules count this call's steps.
+        Continue from this optimizer state (``hist.opt_state`` of an earlier call): its
+        moments are updated in place and its update count ``t`` goes on.
     checkpoint : str or os.PathLike, optional
-        Write the training state to this file (:func:`minigd.save_checkpoint`, atomic):
-        every ``checkpoint_every`` steps and once more when training ends (not after a
-        :class:`DivergenceError`: the last periodic checkpoint stays).
+        Write the loop state (:class:`~minigd.loop.LoopState`: parameters, optimizer
+        state, sampler, generator, counters, history) to this file, atomically, every
+        ``checkpoint_every`` steps and when training ends.
     checkpoint_every : int, optional
         Steps between checkpoints (default: only the final one).
     resume : True, str, os.PathLike or Checkpoint, optional
-        Continue a run from a checkpoint written by ``fit(checkpoint=...)``: ``True``
-        resumes from ``checkpoint`` if that file exists (else starts afresh), a path or a
-        loaded :class:`~minigd.checkpoint.Checkpoint` resumes from it.  Restored: the
-        parameters (into ``model``), the optimizer state and update count, the sampler's
-        random generator, the current epoch's permutation (or i.i.d. draws) and the
-        position in it, the step / example / epoch counters, the training time, the
-        History (columns, evaluations, epoch records, target status, noise tracker).  The
-        call must describe the same run (same model architecture, data, batch size,
-        sampler, ``drop_last``, optimizer chain, hyper-parameters and learning rate, and
-        noise tracking; ``ValueError`` otherwise, naming what differs with its saved and
-        given values -- a learning rate is compared when it is a number or a minigd
-        schedule object, one written as a function is taken as given); budgets,
-        ``target``, ``validation``, ``eval_every``, ``max_time`` and callbacks are this call's (``seed`` is ignored).  Budgets count from the start of
-        the original run, so the result -- parameters and history, except the
-        wall-clock ``time`` fields -- is bitwise that of the uninterrupted run (same
-        backend and thread count).  Not restored: callbacks' own state (a callback that
-        stopped the original run does not stop the resumed one), and a learning-rate
-        schedule is the one passed to this call.
+        Continue from a checkpoint of ``fit(checkpoint=...)`` (``True``: from
+        ``checkpoint`` if it exists).  The call must describe the same run (model, data,
+        batch size, sampler, optimizer and its hyper-parameters, noise tracking; else a
+        ValueError naming what differs); budgets, target, validation, evaluation and
+        callbacks are this call's.  The result is bitwise that of the uninterrupted run
+        (same backend and thread count; wall-clock ``time`` fields aside).
     progress : bool
-        Show a tqdm progress bar (needs tqdm); off by default.
+        Show a tqdm progress bar (needs tqdm).
 
     Returns
     -------
@@ -397,24 +360,14 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     Raises
     ------
     DivergenceError
-        When a step's loss or updated parameters are non-finite; the update is not
-        applied and the error carries the last finite parameters.  Its ``cause`` is
-        ``"data"`` when the first step of a fresh run already fails (the inputs overflow
-        with the starting parameters), else ``"learning_rate"``.
+        A step's loss or update is non-finite: the update is not applied, the error
+        carries the last finite parameters; ``cause`` is ``"data"`` when the first step of
+        a fresh run fails, else ``"learning_rate"``.
     CheckpointError
-        (a ValueError) ``checkpoint`` or ``resume`` names something that is not a regular
-        file (a FIFO, ``/dev/zero``, a socket, a device: refused at once), or the
-        checkpoint to resume is damaged, crafted or inconsistent: everything it holds is
-        checked before the first step (the sampler's permutation of ``range(n)`` and its
-        draws in ``[0, n)``, the position and counters against each other and the history,
-        finite parameters and optimizer state of this model's and optimizer's shapes).
+        ``checkpoint``/``resume`` is not a regular file, or the checkpoint to resume is
+        damaged, crafted or inconsistent (everything in it is checked before the first step).
     ValueError, TypeError
-        Arguments out of range or of the wrong type, naming the argument: e.g. ``lr``
-        when the learning rate (schedule) gives a negative, non-finite or non-numeric
-        value at any step (checked every step, before the step runs), ``eval_train``
-        not a bool, a ``target`` that cannot be reached (an accuracy outside [0, 1], a
-        negative loss), inputs or float targets beyond
-        :func:`minigd._validation.max_input` (``sqrt(finfo(dtype).max)``).
+        An argument out of range or of the wrong type, naming the argument.
     """
     from minigd.resume import _check_checkpointing, start_state
 
