@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -753,7 +753,7 @@ def _batch_schedule(bs: Any, n: int):
 
 # ============================================================================ batch norm / dropout
 def check_norm(batch_norm: Any = False, ghost_batch_size: Any = None, dropout: Any = 0.0, *,
-               n_hidden: int | None = None, batch_sizes: Iterable[int] = (), n: int | None = None,
+               n_hidden: int | None = None, batch_sizes: Sequence[int] = (), n: int | None = None,
                sampler: str = "shuffle", drop_last: bool = False, name: str = "batch_size",
                hint: str = "", track_noise: Any = None):
     """Every batch-norm and dropout rule, in one place; returns the
@@ -777,12 +777,17 @@ def check_norm(batch_norm: Any = False, ghost_batch_size: Any = None, dropout: A
     drop_last=drop_last, track_noise=track_noise)``.  What a backend calls for a batch of
     B rows: ``norm.check_batch(B)`` (which is ``check_norm(norm, batch_sizes=[B])``).
     """
-    from minigd.backends.base import NormSpec
-    from minigd.kernels.codes import BATCH_NORM
-
+    NormSpec = _normspec()
     if isinstance(batch_norm, NormSpec):
         spec = batch_norm
+        if not spec.bn:
+            return spec
+        if n is None and track_noise is None and type(batch_sizes) is tuple and len(batch_sizes) == 1:
+            _check_norm_batch(spec, int(batch_sizes[0]), name, hint)
+            return spec
     else:
+        from minigd.kernels.codes import BATCH_NORM
+
         bn = BATCH_NORM[PARAMS["batch_norm"].check("batch_norm", batch_norm)]
         if bn and n_hidden == 0:
             raise ValueError(f"batch_norm: normalises hidden layers, and a model of depth 0 has none "
@@ -814,6 +819,20 @@ def check_norm(batch_norm: Any = False, ghost_batch_size: Any = None, dropout: A
                                        f"drop_last=True drops it)")
             _check_norm_batch(spec, b, name + extra, hint + extra)
     return spec
+
+
+_NORMSPEC = None
+
+
+def _normspec():
+    """minigd.backends.base.NormSpec, imported once, on first use (this module sits below
+    the backends)."""
+    global _NORMSPEC
+    if _NORMSPEC is None:
+        from minigd.backends.base import NormSpec
+
+        _NORMSPEC = NormSpec
+    return _NORMSPEC
 
 
 def _check_norm_batch(spec, B: int, name: str, hint: str) -> None:
