@@ -708,12 +708,16 @@ def check_fit_args(**kwargs: Any) -> dict:
     ``n``; ``"adaptive"`` / an AdaptiveBatchSize as given); ``seed`` as given (an int,
     None or a Generator).
 
-    Rules checked here: ``track_gsnr`` needs ``track_noise`` and is a multiple of it;
-    with ``n``, every batch size of the run is at most ``n``.
+    Rules checked here: ``track_gsnr`` needs ``track_noise`` and is a multiple of it
+    (unless the batch size is adaptive: its controller sets the tracking); with ``n``,
+    every batch size of a fixed or scheduled run is at most ``n``.  Left to ``fit``: what
+    needs the model or the data (batch norm: :func:`check_norm`; tracking needs batches of
+    >= 2; ``target``, ``validation``, ``optimizer``, ``callbacks``, ``opt_state``, the
+    checkpoint paths, the adaptive controller's own rules).
     """
     n = kwargs.pop("n", None)
     out = validate_params(kwargs, FIT_PARAMS)
-    if "track_gsnr" in out and out["track_gsnr"] is not None:
+    if out.get("track_gsnr") is not None and not _is_adaptive(out.get("batch_size")):
         k = out.get("track_noise")
         if k is None:
             raise ValueError(f"track_gsnr: needs track_noise (the GSNR summary is added to the "

@@ -178,6 +178,13 @@ def test_check_fit_args_normalises_and_checks_the_rules_between_arguments():
         check_fit_args(n=10, batch_size=mg.BatchSizeSchedule(4, {1: 20}))
     with pytest.raises(TypeError, match=r"^max_time: expected a positive number of seconds, got str"):
         check_fit_args(max_time="1s")
+    # an adaptive batch size passes through (its controller owns the sizes and the tracking)
+    ada = mg.AdaptiveBatchSize(min=2)
+    out = check_fit_args(n=10, batch_size=ada, track_gsnr=4)
+    assert out["batch_size"] is ada and out["track_gsnr"] == 4
+    assert check_fit_args(n=10, batch_size="adaptive")["batch_size"] == "adaptive"
+    with pytest.raises(TypeError, match=r"^track_gsnr: expected an integer, got float"):
+        check_fit_args(batch_size="adaptive", track_gsnr=4.0)
 
 
 # ============================================================================ the entry points
