@@ -56,6 +56,8 @@ class NoiseTracker:
     beta : float
         EMA decay per tracked step, ``0 <= beta < 1`` (0: no smoothing).
 
+    Notes
+    -----
     Records (:meth:`records`; one per tracked step, float values, squared gradient units):
 
     ``step``

@@ -561,6 +561,8 @@ def analyze(rows, *, probe=None, seed=0, n_boot=N_BOOT) -> dict:
         Bootstrap resamples (default :data:`N_BOOT`); 0 gives point estimates with
         ``lo``/``hi``/``wins`` None.
 
+    Notes
+    -----
     Returns a JSON-serialisable dict: ``{"n_trials", "n_failed", "failures",
     "architectures": [...], "norm_comparisons", "recommendation", "bootstrap"}``, one
     architecture entry per (sizes, activation, optimizer, norm) with its per-batch-size
