@@ -288,11 +288,11 @@ def test_validation_set_errors_name_it():
 @pytest.mark.parametrize("batch_size, exc, match", [
     (0, ValueError, r"^batch_size: expected a positive int, got 0"),
     (-3, ValueError, r"^batch_size: expected a positive int, got -3"),
-    (2.0, TypeError, r"^batch_size: expected a positive int, 'full' or a BatchSizeSchedule, got float"),
+    (2.0, TypeError, r"^batch_size: expected a positive int, 'full', 'adaptive', a BatchSizeSchedule or an AdaptiveBatchSize, got float"),
     (2.5, TypeError, r"^batch_size: expected a positive int"),
-    (True, TypeError, r"^batch_size: expected a positive int, 'full' or a BatchSizeSchedule, got bool"),
+    (True, TypeError, r"^batch_size: expected a positive int, 'full', 'adaptive', a BatchSizeSchedule or an AdaptiveBatchSize, got bool"),
     (None, TypeError, r"^batch_size: expected a positive int"),
-    ("auto", ValueError, r"^batch_size: expected a positive int, 'full' or a BatchSizeSchedule, got 'auto'"),
+    ("auto", ValueError, r"^batch_size: expected a positive int, 'full', 'adaptive', .*, got (str )?'auto'"),
     (11, ValueError, r"^batch_size: expected at most the number of examples \(10\), got 11; use batch_size='full'"),
     (mg.BatchSizeSchedule(4, {1: 20}), ValueError, r"^batch_size: expected batch sizes <= the number of examples \(10\), got 20"),
 ], ids=["zero", "negative", "float-int", "float", "bool", "none", "string", "larger-than-N", "schedule-larger-than-N"])
