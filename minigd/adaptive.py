@@ -90,6 +90,11 @@ class AdaptiveBatchSize:
         Decay of the noise moving averages per measurement, in [0, 1) (default 0.9).
     min_gain : float
         A change must raise the predicted goodput by this fraction (default 0.05).
+    max_step : float or None
+        The largest factor one decision may change the batch size by (default 2: one power
+        of two).  A single noisy estimate (early in training |G|^2 is often estimated <= 0,
+        an infinite noise scale) then moves the batch size one step, not to ``max``; a
+        sustained one keeps moving it.  None: straight to the goodput maximum.
     throughput : None, "flops" or dict
         None: measure the step time of each candidate before training.  "flops": a
         deterministic cost model, step time proportional to ``overhead + B``, with the
@@ -99,7 +104,7 @@ class AdaptiveBatchSize:
 
     def __init__(self, min: int = 32, max: int | None = None, every: int = 20, lr_rule: str = "adascale",
                  candidates: Any = None, track_every: int = 4, noise_beta: float = 0.9, min_gain: float = 0.05,
-                 throughput: Any = None) -> None:
+                 max_step: float | None = 2.0, throughput: Any = None) -> None:
         self.min = _pos_int("min", min, 1)
         self.max = None if max is None else _pos_int("max", max, 1)
         if self.max is not None and self.max < self.min:
@@ -127,6 +132,13 @@ class AdaptiveBatchSize:
             if not lo <= float(v) < hi:
                 raise ValueError(f"{name}: expected a number in [{lo}, {hi}), got {v!r}")
         self.noise_beta, self.min_gain = float(noise_beta), float(min_gain)
+        if max_step is not None:
+            if isinstance(max_step, bool) or not isinstance(max_step, numbers.Real):
+                raise TypeError(f"max_step: expected None or a number > 1, got {_got(max_step)}")
+            if not 1.0 < float(max_step) < math.inf:
+                raise ValueError(f"max_step: expected None or a finite number > 1, got {max_step!r}")
+            max_step = float(max_step)
+        self.max_step = max_step
         if throughput is not None and throughput != "flops" and not isinstance(throughput, dict):
             raise TypeError(f"throughput: expected None, 'flops' or a dict {{batch size: seconds per step}}, "
                             f"got {_got(throughput)}")
@@ -148,7 +160,7 @@ class AdaptiveBatchSize:
         return {"min": self.min, "max": self.max, "every": self.every, "lr_rule": self.lr_rule,
                 "candidates": self.candidates, "track_every": self.track_every, "noise_beta": self.noise_beta,
                 "min_gain": self.min_gain,
-                "throughput": {str(k): v for k, v in sorted(tp.items())} if isinstance(tp, dict) else tp}
+                "max_step": self.max_step, "throughput": {str(k): v for k, v in sorted(tp.items())} if isinstance(tp, dict) else tp}
 
     def sizes(self, n: int) -> list:
         """The candidate batch sizes for a training set of n rows (checked against n)."""
@@ -265,7 +277,12 @@ class Controller:
             return None
         gp = self._goodputs(phi if math.isfinite(phi) else math.inf)
         cur = self.sizes.index(self.B)
-        best = int(np.argmax(gp))
+        reach = gp.copy()
+        if self.spec.max_step is not None:      # one decision moves by at most max_step
+            B = np.asarray(self.sizes, np.float64)
+            far = (B > self.B * self.spec.max_step * (1 + 1e-12)) | (B * self.spec.max_step * (1 + 1e-12) < self.B)
+            reach[far] = -np.inf
+        best = int(np.argmax(reach))
         new = self.B
         reason = "keep: the current batch size has the largest goodput"
         if best != cur:

@@ -325,8 +325,8 @@ class Loop:
             p.tracker.add_extra(s.step, gsnr_summary(model, p.X, p.yi, p.yf, idx))
         half = self._half_batch(b) if track and self.bn else 0
         if half:    # batch norm (adaptive): the two-batch estimator's small batch, same parameters
-            impl.loss_grad(model.params, self.scratch, p.X, p.yi, p.yf, idx[:half], half)
-            small = float(np.dot(self.scratch.astype(np.float64), self.scratch.astype(np.float64)))
+            small = self._grad_norm_sq(idx[:half], half)
+            big = None if impl.reports_grad_norm_sq else self._grad_norm_sq(idx[:b], b)
         res = impl.run_steps(model.params, p.X, p.yi, p.yf, idx, b, m, s.opt_state, lrs, s.step + s.t1,
                              want_sqn=track and not self.bn, grad=model._grad, dropout_rng=s.rng if self.dropout else None,
                              update_running=self.bn,
@@ -355,7 +355,15 @@ class Loop:
         if track and not self.bn:
             p.tracker.update(s.step - 1, b, impl.last_sqnorm_sum(b), float(res["grad_norm_sq"][0]))
         elif half:
-            p.ctrl.observe_two_batch(s.step - 1, b, half, small, float(res["grad_norm_sq"][0]))
+            p.ctrl.observe_two_batch(s.step - 1, b, half, small, float(res["grad_norm_sq"][0]) if big is None else big)
+
+    def _grad_norm_sq(self, idx, b: int) -> float:
+        """|g|^2 of the mean loss of rows idx[:b] at the current parameters (training mode,
+        the current dropout masks), in float64; the parameters are not touched."""
+        p, impl = self.p, self.impl
+        impl.loss_grad(p.model.params, self.scratch, p.X, p.yi, p.yf, idx, b)
+        g = self.scratch.astype(np.float64, copy=False)
+        return float(np.dot(g, g))
 
     def _half_batch(self, b: int) -> int:
         """Rows of the two-batch estimator's small batch for a step of b rows (0: none fits)."""

@@ -58,6 +58,8 @@ def _fit(spec=None, backend="cpu", dtype="float64", model_kw=None, **kw):
     (dict(throughput="fast"), TypeError, "throughput"),
     (dict(throughput={8: -1.0}), ValueError, "throughput"),
     (dict(candidates="8,16"), TypeError, "candidates"),
+    (dict(max_step=1.0), ValueError, "max_step"),
+    (dict(max_step="2"), TypeError, "max_step"),
 ])
 def test_bad_settings_name_the_argument(kw, exc, name):
     with pytest.raises(exc, match=rf"^{name}"):
@@ -113,9 +115,11 @@ def test_goodput_argmax_follows_the_throughput_model():
     falls slower than 1/B, so goodput is largest at the largest candidate; step time
     proportional to B (constant throughput): efficiency alone, largest at the smallest."""
     sizes = [8, 16, 32, 64]
-    flat = _spec(throughput={b: 1e-3 for b in sizes})
+    flat = _spec(throughput={b: 1e-3 for b in sizes}, max_step=None)
     _, h = _fit(flat)
     assert h.adaptive and h.adaptive[0]["batch_size"] == 64
+    _, h = _fit(_spec(throughput={b: 1e-3 for b in sizes}))       # max_step=2: one power of two a decision
+    assert [d["batch_size"] for d in h.adaptive[:3]] == [16, 32, 64]
     linear = _spec(throughput={b: 1e-5 * b for b in sizes})
     _, h = _fit(linear)
     assert all(d["batch_size"] == 8 for d in h.adaptive)
@@ -147,7 +151,7 @@ def test_decision_records_and_per_step_columns():
 @pytest.mark.parametrize("rule", ["adascale", "sqrt", "linear"])
 def test_learning_rate_rules(rule):
     sizes = [8, 16, 32, 64]
-    _, h = _fit(_spec(lr_rule=rule, throughput={b: 1e-3 for b in sizes}))   # goes to 64
+    _, h = _fit(_spec(lr_rule=rule, throughput={b: 1e-3 for b in sizes}, max_step=None))   # goes to 64
     d = h.adaptive[0]
     S = d["batch_size"] / 8
     if rule == "linear":
@@ -307,3 +311,19 @@ def test_sklearn_estimators_accept_adaptive():
     clf = sk.MLPClassifier(hidden_layer_sizes=(8,), batch_size="adaptive", epochs=3, random_state=0)
     clf.fit(X[:, :6], y)
     assert clf.predict(X).shape == (N,)
+
+
+def test_gpu_backend_matches_cpu_under_the_emulator():
+    """The gpu backend (CUDA kernels run on the CPU by the emulator) makes the same
+    decisions: with batch norm it reads |g_B|^2 with an extra pass (its run_steps reports
+    the gradient norm only with per-example norms)."""
+    E = pytest.importorskip("minigd.testing.gpu_emu")
+    if E.reason() is not None:
+        pytest.skip(f"no GPU emulator: {E.reason()}")
+    with E.emulated():
+        for kw in ({}, {"batch_norm": True}):
+            m_c, h_c = _fit(backend="cpu", dtype="float32", model_kw=kw)
+            m_g, h_g = _fit(backend="gpu", dtype="float32", model_kw=kw)
+            np.testing.assert_array_equal(h_c.column("batch_size"), h_g.column("batch_size"))
+            np.testing.assert_allclose(h_c.column("lr"), h_g.column("lr"), rtol=1e-5)
+            np.testing.assert_allclose(m_c.params, m_g.params, rtol=1e-3, atol=1e-4)

@@ -226,6 +226,9 @@ class Backend:
     #: budget, a tracked step, a per-step callback).  Host backends run the default loop
     #: below; a device backend reads its step records back once per call.
     steps_per_call: int = 256
+    #: whether :meth:`run_steps` reports ``grad_norm_sq`` for every step, also without
+    #: ``want_sqn`` (the host backends compute it in the optimizer pass anyway)
+    reports_grad_norm_sq: bool = True
 
     def max_run_steps(self, B: int) -> int:
         """The most steps of B rows one :meth:`run_steps` call can take (device memory for a
@@ -256,7 +259,7 @@ class Backend:
 
         Returns a dict of (n_done,) arrays (views of reused buffers, valid until the next
         call): ``loss``, ``applied`` (bool), ``grad_norm_sq`` (the raw gradient's squared
-        norm, 0 unless ``want_sqn``) and ``time`` (seconds from the call's start to the end
+        norm; 0 unless ``want_sqn`` on a backend whose ``reports_grad_norm_sq`` is False) and ``time`` (seconds from the call's start to the end
         of each step).  With ``want_sqn`` the last step's per-example squared norms are left
         for :meth:`last_sqnorms`.
         """

@@ -74,6 +74,9 @@ class GpuBackend(Runner, Statistics, DeviceNorm, StepSequence, Passes, DeviceMem
     """
 
     name = "gpu"
+    #: run_steps reads back the raw gradient's squared norm only with want_sqn (a reduction
+    #: the device skips otherwise)
+    reports_grad_norm_sq = False
 
     def __init__(self, layout, act_codes, loss_code, dtype, norm=None):
         super().__init__(layout, act_codes, loss_code, dtype, norm)
