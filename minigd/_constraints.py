@@ -30,18 +30,43 @@ batch-norm / dropout rules, which all live in :func:`check_norm`.
 The command line reuses the same constraints through :func:`arg_type`, so ``minigd
 study --momentum 1.5`` says ``argument --momentum: expected a number < 1, got 1.5``.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Constraint", "Integer", "Real", "Options", "Bool", "Seed", "RandomState", "DType",
-           "InstanceOf", "Callable_", "AnyOf", "NoneOr", "Sizes", "HiddenSizes", "RealArray",
-           "PARAMS", "FIT_PARAMS", "ESTIMATOR_PARAMS", "validate", "validate_params", "check_param",
-           "check_fit_args", "check_norm", "arg_type", "list_arg_type"]
+__all__ = [
+    "Constraint",
+    "Integer",
+    "Real",
+    "Options",
+    "Bool",
+    "Seed",
+    "RandomState",
+    "DType",
+    "InstanceOf",
+    "Callable_",
+    "AnyOf",
+    "NoneOr",
+    "Sizes",
+    "HiddenSizes",
+    "RealArray",
+    "PARAMS",
+    "FIT_PARAMS",
+    "ESTIMATOR_PARAMS",
+    "validate",
+    "validate_params",
+    "check_param",
+    "check_fit_args",
+    "check_norm",
+    "arg_type",
+    "list_arg_type",
+]
 
 
 # ============================================================================ message pieces
@@ -122,8 +147,9 @@ class Integer(Constraint):
 
     type_expected = "an integer"
 
-    def __init__(self, low: int | None = None, high: int | None = None, *,
-                 expected: str | None = None, why: str = "") -> None:
+    def __init__(
+        self, low: int | None = None, high: int | None = None, *, expected: str | None = None, why: str = ""
+    ) -> None:
         self.low, self.high, self._custom, self.why = low, high, expected, why
         if expected is not None:
             self.expected = self.type_expected = expected
@@ -165,17 +191,25 @@ class Real(Constraint):
 
     type_expected = "a real number"
 
-    def __init__(self, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False, finite: bool = True,
-                 nan: bool = False, expected: str | None = None, why: str = "") -> None:
+    def __init__(
+        self,
+        low: float | None = None,
+        high: float | None = None,
+        *,
+        low_open: bool = False,
+        high_open: bool = False,
+        finite: bool = True,
+        nan: bool = False,
+        expected: str | None = None,
+        why: str = "",
+    ) -> None:
         self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
         self.finite, self.nan, self._custom, self.why = finite, nan, expected, why
         if expected is not None:
             self.expected = expected
             self.type_expected = expected
         elif low is not None and high is not None:
-            self.expected = (f"a number in {'(' if low_open else '['}{low}, "
-                             f"{high}{')' if high_open else ']'}")
+            self.expected = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         elif low is not None:
             self.expected = f"a number {'>' if low_open else '>='} {low}"
         elif high is not None:
@@ -212,8 +246,7 @@ class Real(Constraint):
 class Options(Constraint):
     """One of a fixed set of values of the given type(s) (strings by default)."""
 
-    def __init__(self, values: Iterable, types: type | tuple = str, *,
-                 expected: str | None = None) -> None:
+    def __init__(self, values: Iterable, types: type | tuple = str, *, expected: str | None = None) -> None:
         self.values = tuple(values)
         self.types = types
         self.expected = expected or f"one of {list(self.values)}"
@@ -224,8 +257,7 @@ class Options(Constraint):
     def problem(self, value):
         v = bool(value) if _is_bool(value) else value
         # isinstance against each option's type: True is not taken for 1, nor 1 for True
-        ok = any(isinstance(v, type(o)) and not (_is_bool(o) ^ _is_bool(v)) and v == o
-                 for o in self.values)
+        ok = any(isinstance(v, type(o)) and not (_is_bool(o) ^ _is_bool(v)) and v == o for o in self.values)
         return None if ok else self.expected
 
     def normalise(self, value):
@@ -233,8 +265,11 @@ class Options(Constraint):
 
     def parse(self, text):
         t = text.strip()
-        if isinstance(self.types, type) and issubclass(self.types, str) or str in tuple(
-                self.types if isinstance(self.types, tuple) else (self.types,)):
+        if (
+            isinstance(self.types, type)
+            and issubclass(self.types, str)
+            or str in tuple(self.types if isinstance(self.types, tuple) else (self.types,))
+        ):
             return t
         raise ValueError(text)
 
@@ -270,8 +305,11 @@ class Seed(Constraint):
     expected = "a non-negative int, None or numpy.random.Generator"
 
     def type_ok(self, value):
-        return value is None or isinstance(value, np.random.Generator) or (
-            not _is_bool(value) and isinstance(value, numbers.Integral))
+        return (
+            value is None
+            or isinstance(value, np.random.Generator)
+            or (not _is_bool(value) and isinstance(value, numbers.Integral))
+        )
 
     def problem(self, value):
         if isinstance(value, numbers.Integral) and value < 0:
@@ -295,8 +333,11 @@ class RandomState(Constraint):
     expected = "None, an int in [0, 2**32), a numpy.random.RandomState or Generator"
 
     def type_ok(self, value):
-        return value is None or isinstance(value, (np.random.RandomState, np.random.Generator)) or (
-            not _is_bool(value) and isinstance(value, numbers.Integral))
+        return (
+            value is None
+            or isinstance(value, (np.random.RandomState, np.random.Generator))
+            or (not _is_bool(value) and isinstance(value, numbers.Integral))
+        )
 
     def problem(self, value):
         if isinstance(value, numbers.Integral) and not 0 <= int(value) < 2**32:
@@ -405,7 +446,7 @@ class AnyOf(Constraint):
         raise ValueError(text)
 
     @property
-    def why(self):           # the deciding member's explanation travels with its rule
+    def why(self):  # the deciding member's explanation travels with its rule
         return ""
 
 
@@ -439,8 +480,12 @@ class Sizes(Constraint):
     """``MLP``'s layer sizes: a sequence of at least ``min_len`` integers >= 1 (each one
     checked, and named, as ``sizes[i]``).  Normalised to a tuple of ints."""
 
-    def __init__(self, min_len: int = 2, element: Constraint | None = None,
-                 expected: str = "a sequence of at least 2 layer sizes (input, ..., output)") -> None:
+    def __init__(
+        self,
+        min_len: int = 2,
+        element: Constraint | None = None,
+        expected: str = "a sequence of at least 2 layer sizes (input, ..., output)",
+    ) -> None:
         self.min_len = min_len
         self.element = element or Integer(1)
         self.expected = expected
@@ -448,8 +493,7 @@ class Sizes(Constraint):
     def type_ok(self, value):
         if isinstance(value, np.ndarray):
             return value.ndim == 1
-        return not isinstance(value, (str, bytes, Mapping)) and hasattr(value, "__len__") \
-            and hasattr(value, "__iter__")
+        return not isinstance(value, (str, bytes, Mapping)) and hasattr(value, "__len__") and hasattr(value, "__iter__")
 
     def problem(self, value):
         return self.expected if len(value) < self.min_len else None
@@ -482,12 +526,10 @@ class RealArray(Constraint):
 
     type_expected = "a real number or array"
 
-    def __init__(self, low: float | None = None, *, low_open: bool = False,
-                 finite: bool = True) -> None:
+    def __init__(self, low: float | None = None, *, low_open: bool = False, finite: bool = True) -> None:
         self.low, self.low_open, self.finite = low, low_open, finite
         what = "finite" if finite else "non-NaN"
-        self.expected = (f"{what} values" if low is None
-                         else f"{what} values {'>' if low_open else '>='} {low}")
+        self.expected = f"{what} values" if low is None else f"{what} values {'>' if low_open else '>='} {low}"
 
     def _array(self, value):
         try:
@@ -497,8 +539,11 @@ class RealArray(Constraint):
 
     def type_ok(self, value):
         a = self._array(value)
-        return a is not None and a.dtype != bool and (
-            np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating))
+        return (
+            a is not None
+            and a.dtype != bool
+            and (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating))
+        )
 
     def check(self, name, value):
         if not self.type_ok(value):
@@ -507,13 +552,17 @@ class RealArray(Constraint):
         bad = np.isnan(a) | (np.isinf(a) if self.finite else False)
         if np.any(bad):
             what = "finite" if self.finite else "non-NaN"
-            raise ValueError(f"{name}: expected {what} values, got {int(np.count_nonzero(bad))} "
-                             f"NaN/inf entries in {_got(value, True)}")
+            raise ValueError(
+                f"{name}: expected {what} values, got {int(np.count_nonzero(bad))} "
+                f"NaN/inf entries in {_got(value, True)}"
+            )
         if self.low is not None:
             bad = (a <= self.low) if self.low_open else (a < self.low)
             if bad.any():
-                raise ValueError(f"{name}: expected values {'>' if self.low_open else '>='} "
-                                 f"{self.low}, got {float(a[bad].ravel()[0])!r} (in {_got(value, True)})")
+                raise ValueError(
+                    f"{name}: expected values {'>' if self.low_open else '>='} "
+                    f"{self.low}, got {float(a[bad].ravel()[0])!r} (in {_got(value, True)})"
+                )
         return a
 
 
@@ -564,23 +613,27 @@ PARAMS: dict[str, Constraint] = {
     "sizes": Sizes(),
     "width": Integer(1),
     "depth": Integer(0),
-    "activation": Options(()),                       # filled from minigd.nn below
+    "activation": Options(()),  # filled from minigd.nn below
     "loss": Options(()),
     "init": Options(()),
     "dtype": DType(),
     "backend": InstanceOf(str, "a backend name (str)"),
-    "batch_norm": Options((False, True, "before", "after"), (bool, np.bool_, str),
-                          expected="False, True, 'before' or 'after'"),
-    "ghost_batch_size": NoneOr(Integer(2, why=" (a ghost batch of 1 row has zero variance, so batch "
-                                              "norm would divide by sqrt(eps))")),
+    "batch_norm": Options(
+        (False, True, "before", "after"), (bool, np.bool_, str), expected="False, True, 'before' or 'after'"
+    ),
+    "ghost_batch_size": NoneOr(
+        Integer(2, why=" (a ghost batch of 1 row has zero variance, so batch norm would divide by sqrt(eps))")
+    ),
     "dropout": Real(0, 1, high_open=True, expected=PROBABILITY),
     "seed": Seed(),
     # -- training (fit) -----------------------------------------------------------------------
-    "batch_size": AnyOf(Integer(1, expected="a positive int"), Options(("full", "adaptive")),
-                        InstanceOf(_batch_size_schedule, "a BatchSizeSchedule"),
-                        InstanceOf(_adaptive_batch_size, "an AdaptiveBatchSize"),
-                        expected="a positive int, 'full', 'adaptive', a BatchSizeSchedule or an "
-                                 "AdaptiveBatchSize"),
+    "batch_size": AnyOf(
+        Integer(1, expected="a positive int"),
+        Options(("full", "adaptive")),
+        InstanceOf(_batch_size_schedule, "a BatchSizeSchedule"),
+        InstanceOf(_adaptive_batch_size, "an AdaptiveBatchSize"),
+        expected="a positive int, 'full', 'adaptive', a BatchSizeSchedule or an AdaptiveBatchSize",
+    ),
     "epochs": NoneOr(Integer(1)),
     "steps": NoneOr(Integer(1)),
     "examples": NoneOr(Integer(1)),
@@ -596,19 +649,20 @@ PARAMS: dict[str, Constraint] = {
     "checkpoint_every": NoneOr(Integer(1)),
     # -- optimizers and schedules -------------------------------------------------------------
     "lr": Real(0),
-    "lr_or_schedule": AnyOf(Callable_(), Real(0), expected="a real number >= 0 or a schedule "
-                                                          "(a callable step -> learning rate)"),
+    "lr_or_schedule": AnyOf(
+        Callable_(), Real(0), expected="a real number >= 0 or a schedule (a callable step -> learning rate)"
+    ),
     "momentum": Real(0, 1, high_open=True),
     "weight_decay": Real(0),
     "nesterov": Bool(),
     "decoupled_weight_decay": Bool(),
     "clip_norm": NoneOr(Real(0, low_open=True)),
     "max_norm": Real(0, low_open=True),
-    "beta1": Real(0, 1, high_open=True),            # Adam's betas[0] / b1
-    "beta2": Real(0, 1, high_open=True),            # Adam's betas[1] / b2
+    "beta1": Real(0, 1, high_open=True),  # Adam's betas[0] / b1
+    "beta2": Real(0, 1, high_open=True),  # Adam's betas[1] / b2
     "eps": Real(0, low_open=True),
     "factor": Real(),
-    "decay_factor": Real(0),                        # step_decay's factor
+    "decay_factor": Real(0),  # step_decay's factor
     "decay_rate": Real(0, low_open=True),
     "decay_steps": Integer(1),
     "total_steps": Integer(1),
@@ -627,7 +681,7 @@ PARAMS: dict[str, Constraint] = {
     "n_samples": Integer(2),
     "replacement": Bool(),
     "squared": Bool(),
-    "exact": NoneOr(Bool("None, True or False")),                        # grad_moments' M2 form (None: by dtype)
+    "exact": NoneOr(Bool("None, True or False")),  # grad_moments' M2 form (None: by dtype)
     "ddof": Integer(0, 1, expected="0 or 1"),
     "P": Integer(1),
     "k": Integer(0),
@@ -641,8 +695,9 @@ PARAMS: dict[str, Constraint] = {
     "random_state": RandomState(),
     "verbose": Bool(),
     # -- the command line (names of its own) --------------------------------------------------
-    "sweep_batch_size": AnyOf(Integer(1, expected="a positive int"), Options(("full",)),
-                              expected="a positive int or 'full'"),
+    "sweep_batch_size": AnyOf(
+        Integer(1, expected="a positive int"), Options(("full",)), expected="a positive int or 'full'"
+    ),
     "val_fraction": Real(0, 1, low_open=True, high_open=True, expected="a fraction in (0, 1)"),
     "n_seeds": Integer(1),
     "lr_extend": Integer(0),
@@ -664,10 +719,26 @@ def _fill_names() -> None:
 _fill_names()
 
 #: ``fit``'s arguments, as :func:`check_fit_args` checks them.
-FIT_PARAMS: dict[str, Constraint] = {k: PARAMS[k] for k in (
-    "batch_size", "epochs", "steps", "examples", "eval_every", "sampler", "drop_last",
-    "eval_train", "progress", "max_time", "seed", "track_noise", "track_gsnr", "noise_beta",
-    "checkpoint_every")}
+FIT_PARAMS: dict[str, Constraint] = {
+    k: PARAMS[k]
+    for k in (
+        "batch_size",
+        "epochs",
+        "steps",
+        "examples",
+        "eval_every",
+        "sampler",
+        "drop_last",
+        "eval_train",
+        "progress",
+        "max_time",
+        "seed",
+        "track_noise",
+        "track_gsnr",
+        "noise_beta",
+        "checkpoint_every",
+    )
+}
 
 #: The estimators' constructor parameters (``_BaseMLP._parameter_constraints``).
 ESTIMATOR_PARAMS: dict[str, Constraint] = {
@@ -679,8 +750,7 @@ ESTIMATOR_PARAMS: dict[str, Constraint] = {
     "base_batch_size": PARAMS["base_batch_size"],
     "momentum": PARAMS["momentum"],
     "weight_decay": PARAMS["weight_decay"],
-    "batch_size": AnyOf(Integer(1), Options(("auto", "full")),
-                        expected="a positive int, 'auto' or 'full'"),
+    "batch_size": AnyOf(Integer(1), Options(("auto", "full")), expected="a positive int, 'auto' or 'full'"),
     "epochs": Integer(1),
     "sampler": PARAMS["sampler"],
     "init": PARAMS["init"],
@@ -720,11 +790,15 @@ def check_fit_args(**kwargs: Any) -> dict:
     if out.get("track_gsnr") is not None and not _is_adaptive(out.get("batch_size")):
         k = out.get("track_noise")
         if k is None:
-            raise ValueError(f"track_gsnr: needs track_noise (the GSNR summary is added to the "
-                             f"tracked records), got track_gsnr={out['track_gsnr']!r} and track_noise=None")
+            raise ValueError(
+                f"track_gsnr: needs track_noise (the GSNR summary is added to the "
+                f"tracked records), got track_gsnr={out['track_gsnr']!r} and track_noise=None"
+            )
         if out["track_gsnr"] % k:
-            raise ValueError(f"track_gsnr: expected a multiple of track_noise={k} (GSNR is "
-                             f"recorded on tracked steps), got {out['track_gsnr']}")
+            raise ValueError(
+                f"track_gsnr: expected a multiple of track_noise={k} (GSNR is "
+                f"recorded on tracked steps), got {out['track_gsnr']}"
+            )
     if n is not None and "batch_size" in out:
         out["batch_size"] = _batch_schedule(out["batch_size"], int(n))
     return out
@@ -744,22 +818,33 @@ def _batch_schedule(bs: Any, n: int):
     if isinstance(bs, BatchSizeSchedule):
         for B in [bs.initial] + [b for _, b in bs.milestones]:
             if B > n:
-                raise ValueError(f"batch_size: expected batch sizes <= the number of examples ({n}), "
-                                 f"got {B} in {bs!r}")
+                raise ValueError(f"batch_size: expected batch sizes <= the number of examples ({n}), got {B} in {bs!r}")
         return bs
     if bs == "full":
         return BatchSizeSchedule(n)
     if bs > n:
-        raise ValueError(f"batch_size: expected at most the number of examples ({n}), got {bs}; "
-                         f"use batch_size='full' for full-batch gradient descent")
+        raise ValueError(
+            f"batch_size: expected at most the number of examples ({n}), got {bs}; "
+            f"use batch_size='full' for full-batch gradient descent"
+        )
     return BatchSizeSchedule(bs)
 
 
 # ============================================================================ batch norm / dropout
-def check_norm(batch_norm: Any = False, ghost_batch_size: Any = None, dropout: Any = 0.0, *,
-               n_hidden: int | None = None, batch_sizes: Sequence[int] = (), n: int | None = None,
-               sampler: str = "shuffle", drop_last: bool = False, name: str = "batch_size",
-               hint: str = "", track_noise: Any = None):
+def check_norm(
+    batch_norm: Any = False,
+    ghost_batch_size: Any = None,
+    dropout: Any = 0.0,
+    *,
+    n_hidden: int | None = None,
+    batch_sizes: Sequence[int] = (),
+    n: int | None = None,
+    sampler: str = "shuffle",
+    drop_last: bool = False,
+    name: str = "batch_size",
+    hint: str = "",
+    track_noise: Any = None,
+):
     """Every batch-norm and dropout rule, in one place; returns the
     :class:`~minigd.backends.base.NormSpec`.
 
@@ -794,33 +879,40 @@ def check_norm(batch_norm: Any = False, ghost_batch_size: Any = None, dropout: A
 
         bn = BATCH_NORM[PARAMS["batch_norm"].check("batch_norm", batch_norm)]
         if bn and n_hidden == 0:
-            raise ValueError(f"batch_norm: normalises hidden layers, and a model of depth 0 has none "
-                             f"(batch_norm={batch_norm!r})")
+            raise ValueError(
+                f"batch_norm: normalises hidden layers, and a model of depth 0 has none (batch_norm={batch_norm!r})"
+            )
         ghost = None
         if ghost_batch_size is not None:
             if not bn:
-                raise ValueError(f"ghost_batch_size: needs batch_norm (ghost batches are batch-norm "
-                                 f"statistics), got ghost_batch_size={ghost_batch_size!r} with "
-                                 f"batch_norm={batch_norm!r}")
+                raise ValueError(
+                    f"ghost_batch_size: needs batch_norm (ghost batches are batch-norm "
+                    f"statistics), got ghost_batch_size={ghost_batch_size!r} with "
+                    f"batch_norm={batch_norm!r}"
+                )
             ghost = PARAMS["ghost_batch_size"].check("ghost_batch_size", ghost_batch_size)
         p = PARAMS["dropout"].check("dropout", dropout)
         if p > 0 and n_hidden == 0:
-            raise ValueError(f"dropout: applies to hidden activations, and a model of depth 0 has "
-                             f"none (dropout={dropout!r})")
+            raise ValueError(
+                f"dropout: applies to hidden activations, and a model of depth 0 has none (dropout={dropout!r})"
+            )
         spec = NormSpec(bn=bn, ghost=ghost, dropout=p)
     if not spec.bn:
         return spec
     if track_noise is not None:
-        raise ValueError(f"track_noise: the tracked noise statistics need per-example gradients, "
-                         f"which are not defined for a model with batch_norm (got "
-                         f"track_noise={track_noise!r})")
+        raise ValueError(
+            f"track_noise: the tracked noise statistics need per-example gradients, "
+            f"which are not defined for a model with batch_norm (got "
+            f"track_noise={track_noise!r})"
+        )
     for B in sorted(set(int(b) for b in batch_sizes)):
         sizes = {B}
         if n is not None and not drop_last and sampler != "replacement" and n % B:
             sizes.add(n % B)
         for b in sorted(sizes):
-            extra = "" if b == B else (f" (the last batch of an epoch holds {n} % {B} = {b} rows; "
-                                       f"drop_last=True drops it)")
+            extra = (
+                "" if b == B else (f" (the last batch of an epoch holds {n} % {B} = {b} rows; drop_last=True drops it)")
+            )
             _check_norm_batch(spec, b, name + extra, hint + extra)
     return spec
 
@@ -843,12 +935,16 @@ def _check_norm_batch(spec, B: int, name: str, hint: str) -> None:
     """Batch norm in training mode needs >= 2 rows in every ghost batch."""
     g = spec.ghost_size(B)
     if B == 1:
-        raise ValueError(f"{name}: batch norm in training mode needs batches of at least 2 "
-                         f"rows (a batch of 1 has zero variance), got a batch of 1")
+        raise ValueError(
+            f"{name}: batch norm in training mode needs batches of at least 2 "
+            f"rows (a batch of 1 has zero variance), got a batch of 1"
+        )
     if B % g == 1:
-        raise ValueError(f"ghost_batch_size: a batch of {B} rows in ghost batches of {g} leaves "
-                         f"a last ghost batch of 1 row, whose variance is zero in training "
-                         f"mode; choose batch and ghost sizes with B % ghost_batch_size != 1{hint}")
+        raise ValueError(
+            f"ghost_batch_size: a batch of {B} rows in ghost batches of {g} leaves "
+            f"a last ghost batch of 1 row, whose variance is zero in training "
+            f"mode; choose batch and ghost sizes with B % ghost_batch_size != 1{hint}"
+        )
 
 
 # ============================================================================ the command line
@@ -872,14 +968,15 @@ def arg_type(param: str | Constraint, table: Mapping[str, Constraint] | None = N
         try:
             return c.check("", value)
         except (ValueError, TypeError) as exc:
-            raise _flag_error(str(exc)[2:]) from None      # drop the empty "<name>: "
+            raise _flag_error(str(exc)[2:]) from None  # drop the empty "<name>: "
 
-    parse.__name__ = getattr(param, "__name__", str(param))   # argparse's "invalid <name> value"
+    parse.__name__ = getattr(param, "__name__", str(param))  # argparse's "invalid <name> value"
     return parse
 
 
-def list_arg_type(param: str | Constraint, table: Mapping[str, Constraint] | None = None,
-                  *, what: str | None = None) -> Callable[[str], tuple]:
+def list_arg_type(
+    param: str | Constraint, table: Mapping[str, Constraint] | None = None, *, what: str | None = None
+) -> Callable[[str], tuple]:
     """An argparse ``type=`` for a comma-separated list of one table entry's values
     (``--widths 32,64``): each item parsed and validated by :func:`arg_type`; an empty list
     is an error."""

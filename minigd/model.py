@@ -83,7 +83,7 @@ class MLP:
     def __init__(self, sizes: Sequence[int], activation: str | Sequence[str] = "relu",
                  loss: str = "cross_entropy", dtype: DTypeLike = "float32", init: str = "he_uniform",
                  seed: int | np.random.Generator | None = 0, backend: str = "cpu",
-                 batch_norm: bool = False, ghost_batch_size: int | None = None,
+                 batch_norm: bool | str = False, ghost_batch_size: int | None = None,
                  dropout: float = 0.0) -> None:
         sizes = PARAMS["sizes"].check("sizes", sizes)
         n_hidden = len(sizes) - 2

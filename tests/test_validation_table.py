@@ -2,6 +2,7 @@
 TypeError and a wrong value with a ValueError, both naming the argument -- and every entry
 point that takes the parameter (``fit``, ``MLP``, the estimators, the optimizers and
 schedules, gradstats, the CLI parser) says exactly what the table says (issue 18)."""
+
 from __future__ import annotations
 
 import re
@@ -11,16 +12,28 @@ import pytest
 
 import minigd as mg
 from minigd import optim
-from minigd._constraints import (ESTIMATOR_PARAMS, FIT_PARAMS, PARAMS, check_fit_args, check_norm,
-                                 validate, validate_params)
-from minigd.gradstats import (GradMoments, MomentAccumulator, TwoBatchNoiseScale, fit_tradeoff,
-                              minibatch_variance_prediction)
+from minigd._constraints import (
+    ESTIMATOR_PARAMS,
+    FIT_PARAMS,
+    PARAMS,
+    check_fit_args,
+    check_norm,
+    validate,
+    validate_params,
+)
+from minigd.gradstats import (
+    GradMoments,
+    MomentAccumulator,
+    TwoBatchNoiseScale,
+    fit_tradeoff,
+    minibatch_variance_prediction,
+)
 from minigd.optim.schedules import constant, cosine, exponential, step_decay, warmup
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(10, 3))
 Y = (X[:, 0] > 0).astype(np.int64)
-NO_RULE = object()      # an entry with no value rule (any value of the right type is fine)
+NO_RULE = object()  # an entry with no value rule (any value of the right type is fine)
 
 #: table entry -> (a good value, a value of the wrong type, a value of the right type that
 #: breaks the rule).  Every entry of PARAMS must be here (see the first test).
@@ -130,7 +143,7 @@ def test_every_entry_has_a_case_and_an_entry_point():
 def test_wrong_type_is_a_type_error_and_wrong_value_a_value_error(key):
     good, bad_type, bad_value = CASES[key]
     c = PARAMS[key]
-    validate(key, good, c)                                # accepted
+    validate(key, good, c)  # accepted
     with pytest.raises(TypeError, match=rf"^{re.escape(key)}: expected .+, got {type(bad_type).__name__}"):
         validate(key, bad_type, c)
     if bad_value is not NO_RULE:
@@ -141,7 +154,7 @@ def test_wrong_type_is_a_type_error_and_wrong_value_a_value_error(key):
 def test_values_are_normalised():
     assert type(validate("epochs", np.int64(3), PARAMS["epochs"])) is int
     assert type(validate("lr", np.float32(0.5), PARAMS["lr"])) is float
-    assert validate("lr", np.array(0.25), PARAMS["lr"]) == 0.25              # a 0-d array
+    assert validate("lr", np.array(0.25), PARAMS["lr"]) == 0.25  # a 0-d array
     assert validate("drop_last", np.bool_(True), PARAMS["drop_last"]) is True
     assert validate("dtype", np.float32, PARAMS["dtype"]) == np.dtype(np.float32)
     assert validate("sizes", np.array([3, 4]), PARAMS["sizes"]) == (3, 4)
@@ -163,11 +176,19 @@ def test_values_are_normalised():
 
 
 def test_check_fit_args_normalises_and_checks_the_rules_between_arguments():
-    out = check_fit_args(n=10, batch_size="full", epochs=np.int64(2), sampler="shuffle",
-                         drop_last=np.bool_(False), track_noise=2, track_gsnr=4, noise_beta=0.5)
+    out = check_fit_args(
+        n=10,
+        batch_size="full",
+        epochs=np.int64(2),
+        sampler="shuffle",
+        drop_last=np.bool_(False),
+        track_noise=2,
+        track_gsnr=4,
+        noise_beta=0.5,
+    )
     assert out["batch_size"] == mg.BatchSizeSchedule(10) and out["epochs"] == 2
     assert out["drop_last"] is False and out["track_gsnr"] == 4
-    assert check_fit_args(batch_size=4)["batch_size"] == 4                  # no n: as given
+    assert check_fit_args(batch_size=4)["batch_size"] == 4  # no n: as given
     with pytest.raises(ValueError, match=r"^track_gsnr: expected a multiple of track_noise=3"):
         check_fit_args(track_noise=3, track_gsnr=4)
     with pytest.raises(ValueError, match=r"^track_gsnr: needs track_noise"):
@@ -207,7 +228,7 @@ def _mlp(**kw):
 def _have_sklearn():
     try:
         import sklearn  # noqa: F401
-    except ImportError:       # pragma: no cover - sklearn is a test dependency
+    except ImportError:  # pragma: no cover - sklearn is a test dependency
         return False
     return True
 
@@ -226,7 +247,7 @@ G = RNG.normal(size=(6, 3))
 ENTRY_POINTS = [
     # -- the model ---------------------------------------------------------------------------
     ("MLP", "sizes", "sizes", lambda v: _mlp(sizes=v)),
-    ("MLP", "activation", "activation", lambda v: _mlp(activation=[v])),     # one per hidden layer
+    ("MLP", "activation", "activation", lambda v: _mlp(activation=[v])),  # one per hidden layer
     ("MLP", "loss", "loss", lambda v: _mlp(loss=v)),
     ("MLP", "init", "init", lambda v: _mlp(init=v)),
     ("MLP", "dtype", "dtype", lambda v: _mlp(dtype=v)),
@@ -262,8 +283,12 @@ ENTRY_POINTS = [
     ("add_decayed_weights", "weight_decay", "weight_decay", lambda v: optim.add_decayed_weights(v)),
     ("SGD", "nesterov", "nesterov", lambda v: mg.SGD(momentum=0.9, nesterov=v)),
     ("trace", "nesterov", "nesterov", lambda v: optim.trace(0.9, nesterov=v)),
-    ("SGD", "decoupled_weight_decay", "decoupled_weight_decay",
-     lambda v: mg.SGD(weight_decay=0.1, decoupled_weight_decay=v)),
+    (
+        "SGD",
+        "decoupled_weight_decay",
+        "decoupled_weight_decay",
+        lambda v: mg.SGD(weight_decay=0.1, decoupled_weight_decay=v),
+    ),
     ("Adam", "clip_norm", "clip_norm", lambda v: mg.Adam(clip_norm=v)),
     ("clip_by_global_norm", "max_norm", "max_norm", lambda v: optim.clip_by_global_norm(v)),
     ("Adam", "beta1", "betas[0]", lambda v: mg.Adam(betas=(v, 0.999))),
@@ -292,28 +317,59 @@ ENTRY_POINTS = [
     ("TwoBatchNoiseScale", "beta", "beta", lambda v: TwoBatchNoiseScale(1, 8, beta=v)),
     ("grad_moments", "chunk_size", "chunk_size", lambda v: mg.grad_moments(_model(), X, Y, chunk_size=v)),
     ("grad_moments", "exact", "exact", lambda v: mg.grad_moments(_model(), X, Y, exact=v)),
-    ("variance_vs_batch_size", "n_samples", "n_samples",
-     lambda v: mg.variance_vs_batch_size(_model(), X, Y, [2], n_samples=v)),
-    ("variance_vs_batch_size", "seed", "seed",
-     lambda v: mg.variance_vs_batch_size(_model(), X, Y, [2], n_samples=2, seed=v)),
-    ("variance_vs_batch_size", "replacement", "replacement",
-     lambda v: mg.variance_vs_batch_size(_model(), X, Y, [2], replacement=v)),
-    ("minibatch_variance_prediction", "replacement", "replacement",
-     lambda v: minibatch_variance_prediction(1.0, 2, n=10, replacement=v)),
+    (
+        "variance_vs_batch_size",
+        "n_samples",
+        "n_samples",
+        lambda v: mg.variance_vs_batch_size(_model(), X, Y, [2], n_samples=v),
+    ),
+    (
+        "variance_vs_batch_size",
+        "seed",
+        "seed",
+        lambda v: mg.variance_vs_batch_size(_model(), X, Y, [2], n_samples=2, seed=v),
+    ),
+    (
+        "variance_vs_batch_size",
+        "replacement",
+        "replacement",
+        lambda v: mg.variance_vs_batch_size(_model(), X, Y, [2], replacement=v),
+    ),
+    (
+        "minibatch_variance_prediction",
+        "replacement",
+        "replacement",
+        lambda v: minibatch_variance_prediction(1.0, 2, n=10, replacement=v),
+    ),
     ("minibatch_variance_prediction", "ddof", "ddof", lambda v: minibatch_variance_prediction(1.0, 2, n=10, ddof=v)),
     ("per_example_grad_norms", "squared", "squared", lambda v: mg.per_example_grad_norms(_model(), X, Y, squared=v)),
     ("MomentAccumulator", "P", "P", lambda v: MomentAccumulator(v)),
     ("MomentAccumulator", "dtype", "dtype", lambda v: MomentAccumulator(3, dtype=v)),
-    ("MomentAccumulator.update_sums", "k", "k", lambda v: MomentAccumulator(3).update_sums(v, np.zeros(3), np.zeros(3))),
+    (
+        "MomentAccumulator.update_sums",
+        "k",
+        "k",
+        lambda v: MomentAccumulator(3).update_sums(v, np.zeros(3), np.zeros(3)),
+    ),
     ("fit_tradeoff", "tradeoff_method", "method", lambda v: fit_tradeoff([100, 50, 30], [100, 200, 480], method=v)),
-    ("GradMoments", "standard_error", "trace_cov_se",
-     lambda v: GradMoments(n=4, mean=np.ones(2), var=np.ones(2), population=8, trace_cov_se=v)),
+    (
+        "GradMoments",
+        "standard_error",
+        "trace_cov_se",
+        lambda v: GradMoments(n=4, mean=np.ones(2), var=np.ones(2), population=8, trace_cov_se=v),
+    ),
 ]
 if _have_sklearn():
     #: the estimators: every constructor parameter, checked in fit against ESTIMATOR_PARAMS
     for _name in ESTIMATOR_PARAMS:
-        ENTRY_POINTS.append(("MLPClassifier", {"optimizer": "optimizer_name"}.get(_name, _name), _name,
-                             (lambda n: lambda v: _estimator(**{n: v}))(_name)))
+        ENTRY_POINTS.append(
+            (
+                "MLPClassifier",
+                {"optimizer": "optimizer_name"}.get(_name, _name),
+                _name,
+                (lambda n: lambda v: _estimator(**{n: v}))(_name),
+            )
+        )
 
 #: the estimators' entries that differ from the shared ones (dtype=None follows the input)
 ESTIMATOR_CASES = {"dtype": ("float32", 32, "float16")}
@@ -321,8 +377,12 @@ ESTIMATOR_CASES = {"dtype": ("float32", 32, "float16")}
 #: the table entries whose entry point does not go through the table yet: train.py (the
 #: lead's rewrite) still validates these inline.  strict xfail: once fit uses the table
 #: (``check_fit_args``), these pass and must be removed from this set.
-FIT_NOT_YET_ON_THE_TABLE = {("fit", "noise_beta", "type"), ("fit", "noise_beta", "value"),
-                            ("fit", "max_time", "type"), ("fit", "max_time", "value")}
+FIT_NOT_YET_ON_THE_TABLE = {
+    ("fit", "noise_beta", "type"),
+    ("fit", "noise_beta", "value"),
+    ("fit", "max_time", "type"),
+    ("fit", "max_time", "value"),
+}
 
 
 def _cases():
@@ -338,8 +398,7 @@ def _cases():
             marks = ()
             if (ep, key, kind) in FIT_NOT_YET_ON_THE_TABLE:
                 marks = pytest.mark.xfail(strict=True, reason="fit validates this inline (train.py)")
-            out.append(pytest.param(ep, key, name, call, kind, value, marks=marks,
-                                    id=f"{ep}-{name}-{kind}"))
+            out.append(pytest.param(ep, key, name, call, kind, value, marks=marks, id=f"{ep}-{name}-{kind}"))
     return out
 
 
@@ -441,8 +500,13 @@ def _accepted(c, text):
 def test_the_batch_norm_rules_are_one_function():
     """MLP, the estimators, a backend's per-batch check and fit's run check all raise
     check_norm's messages."""
-    cases = [dict(batch_norm="middle"), dict(batch_norm=True, ghost_batch_size=1),
-             dict(ghost_batch_size=4), dict(dropout=1.0), dict(dropout="0.5")]
+    cases = [
+        dict(batch_norm="middle"),
+        dict(batch_norm=True, ghost_batch_size=1),
+        dict(ghost_batch_size=4),
+        dict(dropout=1.0),
+        dict(dropout="0.5"),
+    ]
     for kw in cases:
         args = dict(batch_norm=False, ghost_batch_size=None, dropout=0.0)
         args.update(kw)
@@ -461,12 +525,18 @@ def test_the_batch_norm_rules_are_one_function():
         check_norm(False, None, 0.5, n_hidden=0)
     # the batch rules: a 1-row batch, a 1-row ghost batch, the partial last batch of a run
     spec = check_norm(True, 4, 0.0, n_hidden=1)
-    for B, msg in [(1, r"^batch_size: batch norm in training mode needs batches of at least 2"),
-                   (9, r"^ghost_batch_size: a batch of 9 rows in ghost batches of 4 leaves a last ghost batch of 1 row")]:
+    for B, msg in [
+        (1, r"^batch_size: batch norm in training mode needs batches of at least 2"),
+        (
+            9,
+            r"^ghost_batch_size: a batch of 9 rows in ghost batches of 4 leaves a last ghost "
+            r"batch of 1 row",
+        ),
+    ]:
         with pytest.raises(ValueError, match=msg):
             check_norm(spec, batch_sizes=[B])
         with pytest.raises(ValueError, match=msg):
-            spec.check_batch(B)                       # NormSpec delegates to check_norm
+            spec.check_batch(B)  # NormSpec delegates to check_norm
         m = _mlp(batch_norm=True, ghost_batch_size=4)
         with pytest.raises(ValueError, match=msg.replace("batch_size", "X") if B == 1 else msg):
             m.loss_and_grad(X[:B], Y[:B])

@@ -17,12 +17,16 @@ def got(value: Any) -> str:
     return _got(value, small_arrays=True)
 
 
-def check_int(name: str, value: Any, *, low: int | None = None, expected: str | None = None,
-              none: bool = False) -> int | None:
-    """An integer (Python or numpy, not bool) ``>= low`` (``none``: or None, returned as is);
-    ``expected`` replaces the message's "an integer >= low"."""
-    c = Integer(low, expected=expected)
-    return NoneOr(c).check(name, value) if none else c.check(name, value)
+def check_int(name: str, value: Any, *, low: int | None = None, expected: str | None = None) -> int:
+    """An integer (Python or numpy, not bool) ``>= low``; ``expected`` replaces the
+    message's "an integer >= low"."""
+    return Integer(low, expected=expected).check(name, value)
+
+
+def check_int_or_none(name: str, value: Any, *, low: int | None = None,
+                      expected: str | None = None) -> int | None:
+    """None (returned as is) or what :func:`check_int` accepts."""
+    return NoneOr(Integer(low, expected=expected)).check(name, value)
 
 
 def check_scalar(name: str, value: Any, *, low: float | None = None, low_open: bool = False,

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._checks import check_int, check_param, got, safe_ratio
+from ._checks import check_int, check_int_or_none, check_param, got, safe_ratio
 
 __all__ = ["GradMoments", "MomentAccumulator"]
 
@@ -583,7 +583,7 @@ JACKKNIFE_SEED = 0x6A6B
 def check_population(population: Any, n: int) -> int | None:
     """``population`` as an int ``>= n``, or None; else TypeError (not an integer) or
     ValueError (below n) naming it."""
-    return check_int("population", population, low=n, none=True,
+    return check_int_or_none("population", population, low=n,
                      expected=f"None or an integer >= n={n} (the number of examples the {n} "
                               f"rows were drawn from without replacement)")
 

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import as_result, check_array, check_int, check_param, check_scalar, got, safe_ratio
+from ._checks import (as_result, check_array, check_int, check_int_or_none, check_param, check_scalar, got,
+                      safe_ratio)
 
 __all__ = [
     "TwoBatchNoiseScale",
@@ -233,9 +234,8 @@ class TwoBatchNoiseScale:
             raise ValueError(f"b_big: expected an integer > b_small={self._b_small}, "
                              f"got {self._b_big}")
         self._beta = check_scalar("beta", beta, low=0.0, high=1.0, high_open=True)
-        self._population = check_int("population", population, low=self._b_big,
-                                     expected=f"None or an integer >= b_big={self._b_big}",
-                                     none=True)
+        self._population = check_int_or_none("population", population, low=self._b_big,
+                                              expected=f"None or an integer >= b_big={self._b_big}")
         self.reset()
 
     # ------------------------------------------------------------------ configuration
