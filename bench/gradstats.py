@@ -7,8 +7,9 @@ Usage::
 
 Single thread: NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS / OMP_NUM_THREADS /
 MKL_NUM_THREADS default to 1 (set before numpy is imported; pass other values in the
-environment to override).  MLPs 64-128-128-10 and 784-256-256-10, float32, ReLU, softmax
-cross-entropy, Gaussian inputs (dense: no zero inputs to skip), batch sizes 8, 32, 128, 512.
+environment to override).  MLPs 64-128-128-10 and 784-256-256-10, float32 and float64,
+ReLU, softmax cross-entropy, Gaussian inputs (dense: no zero inputs to skip), batch sizes
+8, 32, 128, 512.
 
 Operations, each on the same batch and backend (all after a warm-up call):
 
@@ -18,9 +19,17 @@ Operations, each on the same batch and backend (all after a warm-up call):
     the same with ``want_sqn=True``: per-example gradient norms fused into the backward
     pass (what ``per_example_grad_norms`` and ``fit(track_noise=k)`` use).  Target <= 1.10x.
 ``moments``
-    ``backend.moments_update``: the plain step plus the exact two-pass per-parameter M2 of
-    the batch's per-example gradients and the Chan merge into float64 running moments
-    (one chunk of ``grad_moments`` at chunk size B).  Target <= 1.5x.
+    ``backend.moments_update`` as ``grad_moments`` calls it by default (one chunk at chunk
+    size B): the plain step plus each parameter's M2 over the batch's per-example
+    gradients and the Chan merge into float64 running moments.  Target <= 1.8x (issue 20).
+    Measured side by side in the same rounds:
+``moments two-pass`` (``exact=True``)
+    the exact two-pass M2 in the model dtype, two fused multiply-adds per example and
+    weight (the kernel before issue 20; still the default for float32 models).
+``moments shortcut`` (``exact=False``)
+    the guarded float64 shortcut: one float64 GEMM of squared factors per layer, the
+    two-pass form only where the guard finds cancellation (the default for float64
+    models; float32 models also need the mean's sum in float64, a second GEMM).
 ``per-example``
     ``backend.per_example_grads`` into a preallocated (B, P) array (memory-bound: it
     writes B * P numbers).
@@ -32,14 +41,19 @@ Operations, each on the same batch and backend (all after a warm-up call):
     tracker's bookkeeping (about 1.5 us), relative to a plain ``train_step``.  Target
     <= 1.10x at B = 32..256.
 
-Why ``moments`` sits at 2-3x and not 1.5x: the exact two-pass M2 forms every deviation
-``a_ri * (B d_rj) - mean_ij`` before squaring it, i.e. two fused multiply-adds per example
-and parameter, with no reuse that BLAS could block for; the numba kernel runs at the AVX2
-FMA peak (about 19 G terms/s here), while the plain step's three GEMM-shaped products run
-in OpenBLAS at about twice that efficiency.  1.5x would need the one-GEMM shortcut
-``(A*A)^T (D*D) - B mean^2``, i.e. E[g^2] - E[g]^2, which loses every digit when
-|mean| >> std and is deliberately not used.  At small B the float64 Chan merge (one pass
-over 2P float64 state per chunk) adds to that; ``grad_moments`` uses 2048-row chunks.
+Where ``moments`` can go: the exact two-pass M2 forms every deviation
+``a_ri * (B d_rj) - mean_ij`` before squaring it, two fused multiply-adds per example and
+weight, with no reuse that BLAS could block for; the numba kernel runs near the FMA peak.
+The shortcut replaces them by one float64 GEMM, ``(A*A)^T (X*X)``, guarded against the
+cancellation of ``S2 - S1^2/B`` (see ``minigd.kernels.cpu_stats.moments_update_shortcut``).
+On x86 SIMD one float64 FMA costs two float32 ones, so for a float64 model the shortcut
+halves the M2 work, while for a float32 model the GEMM costs what the two float32 FMAs it
+replaces cost (and the float64 sum of the mean needs a second GEMM): the two-pass form
+stays the float32 default.  The floor of either is the plain step plus one float64 GEMM
+of the weight-gradient shape, about 1.75x (64-128-128-10) to 1.9x (784-256-256-10, where
+the plain step skips the first layer's input gradient) of a float32 plain step.  At small
+B the float64 Chan merge (one pass over 2P float64 state per chunk) adds to that;
+``grad_moments`` uses 2048-row chunks.
 
 Every operation of a (model, batch) pair runs in interleaved rounds; per round each ratio
 to ``plain`` (or to the plain train step) is taken, and the median over rounds is
@@ -65,25 +79,27 @@ from _common import atomic_write, synthetic_data  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
+DTYPES = ("float32", "float64")
 BATCHES = (8, 32, 128, 512)
-OPS = ("plain", "norms", "moments", "per-example", "train", "train-sqn", "tracked")
+OPS = ("plain", "norms", "moments", "moments-exact", "moments-shortcut", "per-example", "train",
+       "train-sqn", "tracked")
 
 
-def _runners(sizes, B, X, y):
+def _runners(sizes, B, X, y, dtype="float32"):
     import minigd as mg
     from minigd.gradstats.tracking import NoiseTracker
     from minigd.kernels.cpu_stats import sum64
 
-    m = mg.MLP(sizes, dtype="float32", backend="cpu", seed=0)
-    Xc, yi, yf = m.check_Xy(X, y)
+    m = mg.MLP(sizes, dtype=dtype, backend="cpu", seed=0)
+    Xc, yi, yf = m.check_Xy(X.astype(dtype), y)
     impl = m.backend_impl
     impl.reserve(B)
     idx = np.random.default_rng(1).permutation(len(X))[:B].astype(np.int64)
     P = m.n_params
-    g = np.zeros(P, np.float32)
+    g = np.zeros(P, dtype)
     mean = np.zeros(P)
     m2 = np.zeros(P)
-    out = np.empty((B, P), np.float32)
+    out = np.empty((B, P), dtype)
     opt = mg.SGD(lr=0.0, momentum=0.9).init(m.params)     # lr 0: parameters stay put
     tracker = NoiseTracker(len(X))
     params, grad = m.params, m._grad
@@ -96,6 +112,12 @@ def _runners(sizes, B, X, y):
 
     def moments():
         impl.moments_update(params, g, Xc, yi, yf, idx, B, 1000, mean, m2)
+
+    def moments_exact():
+        impl.moments_update(params, g, Xc, yi, yf, idx, B, 1000, mean, m2, exact=True)
+
+    def moments_shortcut():
+        impl.moments_update(params, g, Xc, yi, yf, idx, B, 1000, mean, m2, exact=False)
 
     def per_example():
         impl.per_example_grads(params, Xc, yi, yf, idx, B, out)
@@ -111,25 +133,32 @@ def _runners(sizes, B, X, y):
         if ok:
             tracker.update(0, B, sum64(impl.last_sqnorms(B)), gsq)
 
-    return {"plain": plain, "norms": norms, "moments": moments, "per-example": per_example,
+    return {"plain": plain, "norms": norms, "moments": moments, "moments-exact": moments_exact,
+            "moments-shortcut": moments_shortcut, "per-example": per_example,
             "train": train, "train-sqn": train_sqn, "tracked": tracked}, impl.use_blas(B), P
 
 
+#: the clock of every timing: wall time, or with ``--clock cpu`` this thread's CPU time (on
+#: a machine shared with other work the time this process spends descheduled is left out)
+_CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = _CLOCK["wall"]
+
+
 def _time(fn, k):
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(k):
         fn()
-    return (time.perf_counter() - t0) / k
+    return (_clock() - t0) / k
 
 
-def measure(models, batches, rounds: int, target_s: float) -> list:
+def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> list:
     rng = np.random.default_rng(0)
     rows = []
-    for sizes in models:
+    for dtype, sizes in [(d, s) for d in dtypes for s in models]:
         n = max(2 * max(batches), 1024)
         X, y = synthetic_data(rng, sizes, n)
         for B in batches:
-            fns, blas, P = _runners(sizes, B, X, y)
+            fns, blas, P = _runners(sizes, B, X, y, dtype)
             reps = {}
             for op, fn in fns.items():
                 fn()
@@ -141,11 +170,11 @@ def measure(models, batches, rounds: int, target_s: float) -> list:
                 for op, fn in fns.items():
                     samples[op].append(_time(fn, reps[op]))
             s = {op: np.asarray(v) for op, v in samples.items()}
-            row = {"model": "-".join(map(str, sizes)), "batch": B, "P": P,
+            row = {"model": "-".join(map(str, sizes)), "batch": B, "dtype": dtype, "P": P,
                    "path": "blas" if blas else "loops",
                    "plain_us": float(np.median(s["plain"]) * 1e6),
                    "train_us": float(np.median(s["train"]) * 1e6)}
-            for op in ("norms", "moments", "per-example"):
+            for op in ("norms", "moments", "moments-exact", "moments-shortcut", "per-example"):
                 row[f"{op}_x"] = float(np.median(s[op] / s["plain"]))
             row["train-sqn_x"] = float(np.median(s["train-sqn"] / s["train"]))
             row["tracked_x"] = float(np.median(s["tracked"] / s["train"]))
@@ -163,20 +192,28 @@ def machine() -> dict:
 def to_markdown(result: dict) -> str:
     mi = result["machine"]
     lines = ["# Gradient-statistics benchmark (bench/gradstats.py)", "",
+             *([f"Run {result['date']}, timed by {result.get('clock', 'wall')} clock"
+                + (" (this thread's CPU time: the machine was shared with other work)"
+                   if result.get("clock") == "cpu" else "") + "."] if result.get("date") else []),
              f"Machine: {mi.get('cpu')}; numpy {mi.get('numpy')}, numba {mi.get('numba')}, "
              f"Python {mi.get('python')}; threads {mi.get('threads')}.", "",
-             "cpu backend, float32, ReLU, softmax cross-entropy, Gaussian inputs. Ratios are "
+             "cpu backend, ReLU, softmax cross-entropy, Gaussian inputs. Ratios are "
              "medians over interleaved rounds of (operation time / plain step time), the "
-             "plain step being forward + backward (`loss_grad`) on the same batch; "
+             "plain step being forward + backward (`loss_grad`) on the same batch and dtype; "
              "`train_step(want_sqn)` and `tracked` (that plus the tracker's "
              "bookkeeping: `fit`'s per-step work with `track_noise=1`) are relative to a plain "
-             "`train_step` (SGD, momentum). Targets: norms <= 1.10, moments <= 1.5, "
-             "tracked <= 1.10 at B = 32..256. (Why moments is 2-3x: see the module docstring.)", "",
-             "| model | B | path | plain µs | norms | moments | per-example grads | train µs | train_step(want_sqn) | tracked step |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
+             "shortcut for float64 models, the two-pass form for float32 ones); `two-pass` "
+             "(`exact=True`, the kernel before issue 20) and `shortcut` (`exact=False`) are "
+             "measured in the same rounds. Targets: norms <= 1.10, moments <= 1.8, "
+             "tracked <= 1.10 at B = 32..256. (What bounds moments: see the module docstring.)", "",
+             "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | per-example grads | train µs | train_step(want_sqn) | tracked step |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['path']} | {r['plain_us']:.1f} | "
-                     f"{r['norms_x']:.2f}x | {r['moments_x']:.2f}x | {r['per-example_x']:.2f}x | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('dtype', 'float32')} | {r['path']} | "
+                     f"{r['plain_us']:.1f} | {r['norms_x']:.2f}x | {r['moments_x']:.2f}x | "
+                     f"{r['moments-exact_x']:.2f}x | {r['moments-shortcut_x']:.2f}x | "
+                     f"{r['per-example_x']:.2f}x | "
                      f"{r['train_us']:.1f} | {r['train-sqn_x']:.2f}x | {r['tracked_x']:.2f}x |")
     lines.append("")
     return "\n".join(lines)
@@ -187,13 +224,20 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke test)")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--target", type=float, default=0.03, help="seconds per operation per round")
+    p.add_argument("--clock", choices=sorted(_CLOCK), default="wall",
+                   help="wall time, or this thread's CPU time (on a machine shared with other work)")
     p.add_argument("--out", default=RESULTS, help="directory for gradstats.md/.json ('' = don't write)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of model dtypes")
     args = p.parse_args(argv)
+    global _clock
+    _clock = _CLOCK[args.clock]
+    dtypes = [d for d in args.dtypes.split(",") if d]
     if args.quick:
         models, batches, rounds, target = [[4, 3, 2]], [1, 8], 1, 0.001
     else:
         models, batches, rounds, target = [list(m) for m in MODELS], list(BATCHES), args.rounds, args.target
-    result = {"machine": machine(), "rows": measure(models, batches, rounds, target)}
+    result = {"date": time.strftime("%Y-%m-%d"), "clock": args.clock, "machine": machine(),
+              "rows": measure(models, batches, rounds, target, dtypes)}
     md = to_markdown(result)
     print(md)
     if args.out and not args.quick:

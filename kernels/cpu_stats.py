@@ -9,6 +9,10 @@ the workspace that a ``loss_grad`` call has just filled: for each layer l the in
 Per-example gradients are never materialised.  For a dense layer the gradient of example
 r's own loss is ``g_r = B * A[r]^T D[r]`` for the weights (an outer product) and
 ``B * D[r]`` for the bias, and the chunk mean of the ``g_r`` is the batch gradient.
+
+Moments: :func:`moments_update` reduces each chunk by the exact two-pass form in the
+model dtype; :func:`moments_update_shortcut` by one float64 GEMM of squared factors per
+layer, guarded against cancellation (the derivation is in its docstring).
 """
 from __future__ import annotations
 
@@ -301,9 +305,17 @@ def _shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1):
 
 
 @jit(inline="always")
+def _guard_ok(S2, S1, Bf, delta):
+    """(M2 = S2 - S1^2/B, whether the guard keeps it)."""
+    m2 = S2 - S1 * S1 / Bf
+    ok = (m2 >= delta * S2) & (S2 < np.inf) & ((S2 == 0.0) | (S2 >= SHORTCUT_TINY))
+    return m2, ok
+
+
+@jit(inline="always")
 def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac, need_s1, tau):
-    """Layer l after its GEMMs (S2 in s2, and S1 in s1 with ``need_s1``): guarded M2,
-    exact fallback, Chan merge of weights and bias; returns the number of fallbacks."""
+    """Layer l after its GEMMs (S2 in s2, and S1 in s1 with ``need_s1``): guarded M2 merged
+    into the state, exact fallback, bias; returns the number of fallbacks."""
     A = _input(ws, lay, l, B)
     D = _blk(ws, lay, R_D, l, B)
     fi = A.shape[1]
@@ -316,31 +328,32 @@ def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
     delta = shortcut_delta(Bf, tau)
     wo = lay[R_WOFF, l]
     gW = grad[wo:wo + npar]
-    m2f = s2[:npar]
+    s2f = s2[:npar]
     s1f = s1[:npar]
-    # 1. M2 = S2 - S1^2 / B where the guard keeps it, else the marker -1 (kept values are
-    #    >= delta * S2 >= 0); branch-free, so the loop vectorises
-    if need_s1:
+    mean = st_mean[wo:wo + npar]
+    M2 = st_m2[wo:wo + npar]
+    # 1. one branch-free pass: M2_b = S2 - S1^2/B where the guard keeps it (0 where it
+    #    refuses: those entries get their exact M2_b added in step 2), Chan-merged into the
+    #    float64 state (the rule of _merge)
+    nbad = 0
+    if n_old == 0:
         for p in range(npar):
-            S2 = m2f[p]
-            S1 = s1f[p]
-            m2 = S2 - S1 * S1 / Bf
-            ok = (m2 >= delta * S2) & (S2 < np.inf) & ((S2 == 0.0) | (S2 >= SHORTCUT_TINY))
-            m2f[p] = m2 if ok else -1.0
-            s1f[p] = S1 / Bf                   # the chunk mean, float64
+            S1 = s1f[p] if need_s1 else np.float64(gW[p]) * Bf
+            m2, ok = _guard_ok(s2f[p], S1, Bf, delta)
+            mean[p] = S1 / Bf if need_s1 else gW[p]
+            M2[p] = m2 if ok else 0.0
+            nbad += not ok
     else:
         for p in range(npar):
-            S2 = m2f[p]
-            S1 = np.float64(gW[p]) * Bf
-            m2 = S2 - S1 * S1 / Bf
-            ok = (m2 >= delta * S2) & (S2 < np.inf) & ((S2 == 0.0) | (S2 >= SHORTCUT_TINY))
-            m2f[p] = m2 if ok else -1.0
-    nbad = 0
-    for p in range(npar):
-        if m2f[p] < 0.0:
-            nbad += 1
-    # 2. the refused entries: the corrected two-pass form in float64, row by row (one
-    #    gathered input column per row, the per-example deltas transposed once)
+            S1 = s1f[p] if need_s1 else np.float64(gW[p]) * Bf
+            m2, ok = _guard_ok(s2f[p], S1, Bf, delta)
+            d = (S1 / Bf if need_s1 else gW[p]) - mean[p]
+            mean[p] += d * w
+            M2[p] += (m2 if ok else 0.0) + d * d * c
+            nbad += not ok
+    # 2. the refused entries (the same test, recomputed): the corrected two-pass form in
+    #    float64, row by row (one gathered input column per row, the per-example deltas
+    #    transposed once), added to the state's M2
     if nbad:
         xt = xT[:fo * B].reshape(fo, B)
         for r in range(B):
@@ -348,31 +361,27 @@ def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
                 xt[j, r] = np.float64(D[r, j]) * Bf
         col = ac[:B]
         for i in range(fi):
-            row = m2f[i * fo:(i + 1) * fo]
             have = False
             for j in range(fo):
-                if row[j] < 0.0:
-                    if not have:
-                        for r in range(B):
-                            col[r] = np.float64(A[r, i])
-                        have = True
-                    if need_s1:
-                        mu = s1f[i * fo + j]
-                    else:
-                        mu = np.float64(gW[i * fo + j])
-                    xr = xt[j]
-                    s = 0.0
-                    ss = 0.0
+                p = i * fo + j
+                S1 = s1f[p] if need_s1 else np.float64(gW[p]) * Bf
+                _, ok = _guard_ok(s2f[p], S1, Bf, delta)
+                if ok:
+                    continue
+                if not have:
                     for r in range(B):
-                        t = col[r] * xr[r] - mu
-                        s += t
-                        ss += t * t
-                    m2 = ss - s * s / Bf
-                    row[j] = m2 if m2 > 0.0 else 0.0
-    if need_s1:
-        _merge(s1f, m2f, st_mean[wo:wo + npar], st_m2[wo:wo + npar], n_old, w, c)
-    else:
-        _merge(gW, m2f, st_mean[wo:wo + npar], st_m2[wo:wo + npar], n_old, w, c)
+                        col[r] = np.float64(A[r, i])
+                    have = True
+                mu = S1 / Bf if need_s1 else np.float64(gW[p])
+                xr = xt[j]
+                s = 0.0
+                ss = 0.0
+                for r in range(B):
+                    t = col[r] * xr[r] - mu
+                    s += t
+                    ss += t * t
+                m2 = ss - s * s / Bf
+                M2[p] += max(m2, 0.0)
     # 3. bias (the same with A = 1): fo numbers, always the two-pass form, in float64
     bo = lay[R_BOFF, l]
     gb = _b(grad, lay, l)
@@ -443,8 +452,9 @@ def moments_update_shortcut(B, grad, ws, lay, n_old, st_mean, st_m2, a2, x2, a64
     form's two fused multiply-adds per example and weight.
 
     *Error.*  With :math:`u = 2^{-53}` and :math:`\\gamma_n = nu/(1 - nu)`: each product
-    :math:`a^2 x^2` carries at most 5 roundings (``a*a``, ``d*B``, ``x*x``, the product and
-    the float32-to-float64 conversion is exact) and a sum of B non-negative terms in any
+    :math:`a^2 x^2` carries at most 5 roundings (``a*a``, ``d*B``, ``x*x`` and the product;
+    the float32-to-float64 conversion is exact, and for a float32 model only ``x*x`` and
+    the product round) and a sum of B non-negative terms in any
     order at most :math:`\\gamma_{B-1}`, so :math:`|\\hat S_2 - S_2| \\le \\gamma_{B+5} S_2`.
     :math:`S_1` is a sum of B signed terms (``grad`` of a float64 model, in whatever order
     BLAS or the loops used, then times B; or the second GEMM, whose products of float32
@@ -482,11 +492,13 @@ def moments_update_shortcut(B, grad, ws, lay, n_old, st_mean, st_m2, a2, x2, a64
 
     *Merge:* the chunk's (mean, M2) -- mean ``grad`` (float64 model; bitwise the mean of
     :func:`moments_update`) or :math:`\\hat S_1/B` (float32 model, float64-accurate) -- is
-    combined with the running float64 state by Chan et al.'s rule exactly as in
-    :func:`moments_update`.  The merged M2 is a sum of non-negative chunk M2s (each within
-    :math:`\\tau`) and Chan terms that both paths compute alike, so the variance stays
-    within about :math:`\\tau` of the two-pass form's; the tests hold it to :math:`10^{-6}`
-    at signal-to-noise ratios up to :math:`10^8`.
+    combined with the running float64 state by Chan et al.'s rule, in the same pass as the
+    guard (one read-modify-write of the state per chunk); a refused entry is merged with
+    :math:`M_2 = 0` and its exact :math:`M_2` is added once the fallback has computed it
+    (the same sum, in another order).  The merged M2 is a sum of non-negative chunk M2s
+    (each within :math:`\\tau`) and Chan terms that both paths compute alike, so the
+    variance stays within about :math:`\\tau` of the two-pass form's; the tests hold it to
+    :math:`10^{-6}` at signal-to-noise ratios up to :math:`10^8`.
     """
     L = lay[R_MISC, 3]
     nbad = 0
