@@ -33,7 +33,10 @@ def _sq_dev(Pt, Q, M, out):
     """out[o, j] = sum_r (Pt[o, r] * Q[r, j] - M[o, j])^2 for all o, j (exact two-pass
     form: each deviation is formed before it is squared; never E[x^2] - E[x]^2).
 
-    Pt (n_o, B), Q (B, n_j), M and out (n_o, n_j), all of the model dtype.  Four rows o
+    Pt (n_o, B) is the transposed view (``.T``, F-ordered) of a C-contiguous (B, n_o)
+    block -- the layer input or the per-example deltas, read in place rather than copied
+    transposed (its entries are loaded once per 4 x 4 block, outside the vector loop);
+    Q (B, n_j), M and out (n_o, n_j) are C-contiguous; all of the model dtype.  Four rows o
     and four examples r per sweep of the vectorised j loop (one load/store of ``out``
     per 16 products): at two fused multiply-adds per term this runs near the FMA
     throughput of AVX2.  (Not inlined: compiled once, called for every layer.)
@@ -131,21 +134,6 @@ def _sq_dev(Pt, Q, M, out):
 
 
 @jit(inline="always")
-def _transpose(X, out):
-    """out[j, r] = X[r, j]; X (B, n), out (n, B); in 32 x 32 tiles (cache friendly)."""
-    B, n = X.shape
-    T = 32
-    for r0 in range(0, B, T):
-        r1 = min(r0 + T, B)
-        for j0 in range(0, n, T):
-            j1 = min(j0 + T, n)
-            for j in range(j0, j1):
-                o = out[j]
-                for r in range(r0, r1):
-                    o[r] = X[r, j]
-
-
-@jit(inline="always")
 def _merge(mu, m2b, st_mean, st_m2, n_old, w, c):
     """Chan et al.'s parallel update of the float64 running state (flat views) with a
     chunk of k examples whose mean is ``mu`` and M2 ``m2b``:  delta = mu - mean;
@@ -180,8 +168,8 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
     st_mean, st_m2 : (P,) float64, read and written
         Running mean and M2 = sum_i (g_i - mean)^2 of the per-example gradients, in the
         flat parameter order; overwritten when ``n_old == 0``.
-    tr, dsc : (>= max width * B,) model dtype, scratch (a transposed block; per-example
-        deltas)
+    tr, dsc : (>= max width * B,) model dtype, scratch (per-example deltas, for the
+        transposed and the plain sweep)
     mus, acc : (>= largest fan_in * fan_out,) model dtype, scratch
 
     Notes
@@ -206,27 +194,25 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
         npar = fi * fo
         out = acc[:npar]
         if fo < SWAP_BELOW and fi > fo:     # sweep (j, i): the inner loop runs over inputs
-            Pt = tr[:fo * B].reshape(fo, B)
-            for r in range(B):              # Pt = (B D)^T: per-example deltas, transposed
+            Xp = tr[:B * fo].reshape(B, fo)
+            for r in range(B):              # B D: the per-example deltas
                 for j in range(fo):
-                    Pt[j, r] = D[r, j] * B
+                    Xp[r, j] = D[r, j] * B
             M = mus[:npar].reshape(fo, fi)
             for i in range(fi):
                 for j in range(fo):
                     M[j, i] = gW[i, j]
-            _sq_dev(Pt, A, M, out.reshape(fo, fi))
+            _sq_dev(Xp.T, A, M, out.reshape(fo, fi))
             flat = mus[:npar]               # back to the parameter order (i, j)
             for j in range(fo):
                 for i in range(fi):
                     flat[i * fo + j] = out[j * fi + i]
         else:
-            Pt = tr[:fi * B].reshape(fi, B)
-            _transpose(A, Pt)
             Dp = dsc[:B * fo].reshape(B, fo)
             for r in range(B):
                 for j in range(fo):
                     Dp[r, j] = D[r, j] * B
-            _sq_dev(Pt, Dp, gW, out.reshape(fi, fo))
+            _sq_dev(A.T, Dp, gW, out.reshape(fi, fo))
             flat = out
         o = lay[R_WOFF, l]
         _merge(grad[o:o + npar], flat, st_mean[o:o + npar], st_m2[o:o + npar], n_old, w, c)
