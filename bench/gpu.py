@@ -6,7 +6,7 @@ Usage::
     python bench/gpu.py --quick      # tiny sizes, one round (the smoke test uses this)
 
 Without a usable GPU it prints why (``minigd.available_backends()["gpu"]``) and exits
-with status 0, writing nothing.  **It has not been run on a GPU yet** (see README.md).
+with status 0, writing nothing.  **It has not been run on a GPU yet** (see docs/guide/backends.md).
 With ``MINIGD_GPU_EMULATE=1`` it runs on the CPU emulator of the GPU backend: a smoke test
 of this script and of the paths it times, whose numbers are emulator times, not GPU
 timings (the output says so, and it refuses to write them into bench/results).

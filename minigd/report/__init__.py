@@ -1,6 +1,6 @@
 """Reports of a batch-size study: figures (PNG), ``summary.md``, ``summary.html`` and
 ``summary.json`` (the recommendation and every headline number as ``{"value", "lo", "hi",
-"wins"}``; see the README, "What the study answers: summary.json").
+"wins"}``; see docs/guide/study.md, "What the study answers: summary.json").
 
 >>> from minigd.study.analysis import analyze            # doctest: +SKIP
 >>> from minigd.report import write_report               # doctest: +SKIP

@@ -918,7 +918,7 @@ def _recommendation_of(rec) -> dict:
 
 
 def summary_json(analysis: dict) -> dict:
-    """The machine-readable answer of a study (what ``summary.json`` holds; see the README,
+    """The machine-readable answer of a study (what ``summary.json`` holds; see docs/guide/study.md,
     "What the study answers: summary.json"): the recommendation, every architecture's
     headline numbers as ``{"value", "lo", "hi", "wins"}``, and per batch size its best
     learning rate, steps/examples/time to target with intervals and flags.  Non-finite
