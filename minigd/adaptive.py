@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from minigd._validation import _got
-from minigd.history import ADAPTIVE_FIELDS  # noqa: F401  (re-exported)
+from minigd.history import ADAPTIVE_FIELDS  # noqa: F401  (re-exported: the per-step fields of a run)
 
 #: the learning-rate rules of :class:`AdaptiveBatchSize`
 LR_RULES = ("adascale", "sqrt", "linear")

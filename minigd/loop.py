@@ -340,6 +340,12 @@ class Loop:
             if not ok:
                 s.opt_state.t = s.step - 1 + s.t1
                 raise diverged(s.step, loss, model.params, hist, s.step == self.fresh_start)
+            if track:       # (a tracked step runs alone) before its hooks see it
+                if not self.bn:
+                    p.tracker.update(s.step, b, impl.last_sqnorm_sum(b), float(res["grad_norm_sq"][0]))
+                elif half:
+                    p.ctrl.observe_two_batch(s.step, b, half, small,
+                                             float(res["grad_norm_sq"][0]) if big is None else big)
             s.lr = lrs[j]
             s.examples += b
             hist.record_step(s.step, s.epoch, loss, s.lr, b, s.examples, s.train_time)
@@ -352,10 +358,6 @@ class Loop:
             if self.on_step and any(bool(f(model, s.step, loss)) for f in self.on_step):
                 s.stop = "callback"
         s.opt_state.t = s.step - 1 + s.t1
-        if track and not self.bn:
-            p.tracker.update(s.step - 1, b, impl.last_sqnorm_sum(b), float(res["grad_norm_sq"][0]))
-        elif half:
-            p.ctrl.observe_two_batch(s.step - 1, b, half, small, float(res["grad_norm_sq"][0]) if big is None else big)
 
     def _grad_norm_sq(self, idx, b: int) -> float:
         """|g|^2 of the mean loss of rows idx[:b] at the current parameters (training mode,

@@ -45,6 +45,7 @@ from sklearn.utils.multiclass import _check_partial_fit_first_call, check_classi
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
 from minigd._constraints import ESTIMATOR_PARAMS, _got, validate_params
+from minigd.adaptive import AdaptiveBatchSize
 from minigd.history import History
 from minigd._constraints import check_norm
 from minigd.model import MLP
@@ -188,7 +189,9 @@ class _BaseMLP(BaseEstimator):
 
     # -- training -------------------------------------------------------------------------------
     def _optimizer(self, n: int, quiet: bool):
-        if self.batch_size == "auto":
+        if self.batch_size == "adaptive":   # the rate is the one for the starting size
+            B = max(2, min(AUTO_BATCH_SIZE, n))
+        elif self.batch_size == "auto":
             B = min(AUTO_BATCH_SIZE, n)
         elif self.batch_size == "full":
             B = n
@@ -215,15 +218,21 @@ class _BaseMLP(BaseEstimator):
     def _train(self, X, y, *, epochs: int, first: bool, quiet: bool = False) -> None:
         B, lr, opt = self._optimizer(X.shape[0], quiet)
         track = self._track()
+        batch_size = B
+        if self.batch_size == "adaptive":
+            # the controller tracks the noise itself; one decision at least every half run
+            every = max(1, min(20, epochs * -(-X.shape[0] // B) // 2))
+            batch_size = AdaptiveBatchSize(min=B, max=X.shape[0], every=every, track_every=min(4, every))
+            track = None
         # batch norm needs >= 2 rows per ghost batch: drop a last partial batch that has fewer
-        drop_last = self.model_.norm.drops_last(X.shape[0], B)
-        hist = _mg_fit(self.model_, X, y, batch_size=B, epochs=epochs, optimizer=opt,
+        drop_last = self.model_.norm.drops_last(X.shape[0], B) and self.batch_size != "adaptive"
+        hist = _mg_fit(self.model_, X, y, batch_size=batch_size, epochs=epochs, optimizer=opt,
                        sampler=self.sampler, seed=self._rng, track_noise=track, drop_last=drop_last,
                        noise_beta=self.noise_beta if track else 0.99,
                        opt_state=None if first else self._opt_state, progress=bool(self.verbose))
         self._opt_state = hist.opt_state
         self.history_ = hist
-        self.batch_size_ = B
+        self.batch_size_ = int(hist.adaptive[-1]["batch_size"]) if hist.adaptive else B
         self.learning_rate_ = lr
         curve = [float(e["loss"]) for e in hist.epochs]
         self.loss_curve_ = curve if first else self.loss_curve_ + curve
@@ -294,10 +303,13 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         Heavy-ball momentum (``optimizer="sgd"`` only; Adam uses its own betas).
     weight_decay : float >= 0, default 0.0
         L2 penalty coupled into the gradient (as sklearn's ``alpha``, but on the mean loss).
-    batch_size : int, "auto" or "full", default "auto"
+    batch_size : int, "auto", "full" or "adaptive", default "auto"
         Examples per step: ``"auto"`` is ``min(32, n_samples)``, ``"full"`` full-batch
         gradient descent; an int larger than the number of samples is clipped to it (with
         a warning in ``fit``; silently in ``partial_fit``, which usually sees small chunks).
+        ``"adaptive"``: a controller picks it during training from the measured noise scale
+        and throughput (:class:`minigd.AdaptiveBatchSize`, starting at ``min(32, n_samples)``
+        with the learning rate for that size; ``batch_size_`` is the size it ended at).
     epochs : int, default 20
         Passes over the data in ``fit``; ``partial_fit`` runs one.
     sampler : {"shuffle", "replacement", "sequential"}, default "shuffle"

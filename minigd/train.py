@@ -16,7 +16,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from minigd.adaptive import AdaptiveBatchSize, Controller
-from minigd._validation import _got, check_choice, check_int, check_magnitude, check_seed
+from minigd._constraints import check_fit_args, check_norm
+from minigd._validation import _got, check_choice, check_magnitude, check_seed
 from minigd.data.samplers import SAMPLERS, steps_per_epoch
 from minigd.gradstats.tracking import NoiseTracker
 from minigd.history import History
@@ -30,49 +31,20 @@ __all__ = ["fit", "steps_per_epoch", "SAMPLERS", "TARGET_METRICS"]
 
 
 def _check_batch_size(batch_size, n):
-    if isinstance(batch_size, BatchSizeSchedule):
-        for B in [batch_size.initial] + [b for _, b in batch_size.milestones]:
-            if B > n:
-                raise ValueError(f"batch_size: expected batch sizes <= the number of examples ({n}), "
-                                 f"got {B} in {batch_size!r}")
-        return batch_size
+    """The run's BatchSizeSchedule (an adaptive run's: its starting size), from the
+    table-checked ``batch_size`` (:func:`minigd._constraints.check_fit_args`)."""
+    if isinstance(batch_size, str) and batch_size == "adaptive":
+        batch_size = AdaptiveBatchSize()
     if isinstance(batch_size, AdaptiveBatchSize):
         return BatchSizeSchedule(batch_size.sizes(n)[0])
-    if isinstance(batch_size, str):
-        if batch_size == "adaptive":
-            return BatchSizeSchedule(AdaptiveBatchSize().sizes(n)[0])
-        if batch_size != "full":
-            raise ValueError(f"batch_size: expected a positive int, 'full', 'adaptive', a BatchSizeSchedule or "
-                             f"an AdaptiveBatchSize, got {batch_size!r}")
-        return BatchSizeSchedule(n)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size: expected a positive int, 'full', 'adaptive', a BatchSizeSchedule or an "
-                        f"AdaptiveBatchSize, got {_got(batch_size)}")
-    B = int(batch_size)
-    if B <= 0:
-        raise ValueError(f"batch_size: expected a positive int, got {B}")
-    if B > n:
-        raise ValueError(f"batch_size: expected at most the number of examples ({n}), got {B}; "
-                         f"use batch_size='full' for full-batch gradient descent")
-    return BatchSizeSchedule(B)
+    return batch_size
 
 
 def _check_norm_batches(model, bs, n, sampler, drop_last, track_noise):
-    """Batch norm in training mode needs >= 2 rows in every ghost batch: check every batch
-    this run will take before the first step, not when a partial last batch comes."""
-    if not model.norm.bn:
-        return
-    if track_noise is not None:
-        raise ValueError(f"track_noise: the tracked noise statistics need per-example gradients, "
-                         f"which are not defined for a model with batch_norm (got "
-                         f"track_noise={track_noise!r})")
-    for B in sorted({bs.initial} | {b for _, b in bs.milestones}):
-        sizes = {B}
-        if not drop_last and sampler != "replacement" and n % B:
-            sizes.add(n % B)
-        for b in sorted(sizes):
-            hint = "" if b == B else f" (the last batch of an epoch holds {n} % {B} = {b} rows; drop_last=True drops it)"
-            model.norm.check_batch(b, "batch_size" + hint, hint)
+    """Every batch this run will take, the partial last one included, against the
+    batch-norm rules (one place: :func:`minigd._constraints.check_norm`), before the first step."""
+    check_norm(model.norm, batch_sizes=[bs.initial] + [b for _, b in bs.milestones], n=n,
+               sampler=sampler, drop_last=drop_last, track_noise=track_noise)
 
 
 def _run_batch_sizes(bs, n, sampler, drop_last) -> list:
@@ -104,26 +76,15 @@ def _check_target(target):
     return {k: float(v) for k, v in target.items()}
 
 
-def _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler):
-    """Validate the tracking options; a NoiseTracker, or None when tracking is off."""
-    if isinstance(noise_beta, bool) or not isinstance(noise_beta, numbers.Real) \
-            or not 0.0 <= float(noise_beta) < 1.0:
-        raise ValueError(f"noise_beta: expected a number in [0, 1), got {_got(noise_beta)}")
+def _make_tracker(track_noise, noise_beta, bs, n, sampler):
+    """A NoiseTracker, or None when tracking is off (the arguments were checked against the
+    table; what needs the batch sizes is checked here)."""
     if track_noise is None:
-        if track_gsnr is not None:
-            raise ValueError(f"track_gsnr: needs track_noise (the GSNR summary is added to the "
-                             f"tracked records), got track_gsnr={track_gsnr!r} and track_noise=None")
         return None
-    k = check_int("track_noise", track_noise, low=1)
-    if track_gsnr is not None:
-        g = check_int("track_gsnr", track_gsnr, low=1)
-        if g % k:
-            raise ValueError(f"track_gsnr: expected a multiple of track_noise={k} (GSNR is "
-                             f"recorded on tracked steps), got {g}")
     if bs.max_batch < 2:
         raise ValueError(f"track_noise: needs batches of at least 2 examples (the per-example "
                          f"estimators use the spread within a batch), got batch_size={bs.max_batch}")
-    return NoiseTracker(n, replacement=(sampler == "replacement"), beta=float(noise_beta))
+    return NoiseTracker(n, replacement=(sampler == "replacement"), beta=noise_beta)
 
 
 def _check_callbacks(callbacks):
@@ -182,34 +143,28 @@ def _plan(model, X, y, *, batch_size, epochs, steps, examples, target, optimizer
     if yf.size:
         check_magnitude("y", yf)
     n = X.shape[0]
-    bs = _check_batch_size(batch_size, n)
     if epochs is None and steps is None and examples is None:
         epochs = 10
-    epochs, steps, examples, eval_every = (None if v is None else check_int(name, v, low=1) for name, v in
-                                           (("epochs", epochs), ("steps", steps), ("examples", examples),
-                                            ("eval_every", eval_every)))
+    # the scalar arguments, against the one table of parameter constraints (minigd._constraints)
+    a = check_fit_args(n=n, batch_size=batch_size, epochs=epochs, steps=steps, examples=examples,
+                       eval_every=eval_every, sampler=sampler, drop_last=drop_last, eval_train=eval_train,
+                       progress=progress, max_time=max_time, track_noise=track_noise, track_gsnr=track_gsnr,
+                       noise_beta=noise_beta)
+    epochs, steps, examples, eval_every = a["epochs"], a["steps"], a["examples"], a["eval_every"]
+    sampler, drop_last, max_time, progress = a["sampler"], a["drop_last"], a["max_time"], a["progress"]
+    bs = _check_batch_size(a["batch_size"], n)
     target = _check_target(target)
-    sampler = check_choice("sampler", sampler, SAMPLERS)
-    if not isinstance(drop_last, bool):
-        raise TypeError(f"drop_last: expected a bool, got {_got(drop_last)}")
-    if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, numbers.Real)
-                                 or not max_time > 0):
-        raise ValueError(f"max_time: expected a positive number of seconds, got {max_time!r}")
     validation = _check_validation(model, validation)
     if target and any(k.startswith("val_") for k in target) and validation is None:
         raise ValueError(f"target: {list(target)} needs validation=(X_val, y_val)")
     if target and any(k.endswith("accuracy") for k in target) and not model.is_classifier:
         raise ValueError(f"target: accuracy needs a classification loss, the model's loss is {model.loss_name!r}")
-    if not isinstance(eval_train, (bool, np.bool_)):      # 'no' would be truthy
-        raise TypeError(f"eval_train: expected a bool, got {_got(eval_train)}")
-    eval_train = bool(eval_train) or bool(target and any(k.startswith("train_") for k in target))
+    eval_train = a["eval_train"] or bool(target and any(k.startswith("train_") for k in target))
     ctrl = _check_adaptive(model, batch_size, n, sampler, drop_last, track_noise, epochs, steps, examples)
     if ctrl is None:
         _check_norm_batches(model, bs, n, sampler, drop_last, track_noise)
-    tracker = _make_tracker(track_noise, noise_beta, track_gsnr, bs, n, sampler) if ctrl is None else ctrl.tracker
+    tracker = _make_tracker(a["track_noise"], a["noise_beta"], bs, n, sampler) if ctrl is None else ctrl.tracker
     callbacks = _check_callbacks(callbacks)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress: expected a bool, got {_got(progress)}")
     lr_fn = optimizer.lr if callable(optimizer.lr) else None
     lr_const = lr_at(lr_fn if lr_fn is not None else (lambda step: optimizer.lr), 0)
     return Plan(model=model, X=X, y=y, yi=yi, yf=yf, bs=bs, sampler=sampler, drop_last=drop_last, epochs=epochs,
