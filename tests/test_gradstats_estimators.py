@@ -28,7 +28,7 @@ from minigd.gradstats import (
     statistical_efficiency,
     two_batch_estimates,
 )
-from minigd.gradstats import noise_scale as ns_module
+from minigd.gradstats import tradeoff as tradeoff_module
 
 
 # ============================================================================ helpers
@@ -589,8 +589,8 @@ def test_fit_tradeoff_without_scipy(monkeypatch):
     def no_scipy(*args, **kwargs):
         raise AssertionError("scipy path used")
 
-    monkeypatch.setattr(ns_module, "_have_scipy", lambda: False)
-    monkeypatch.setattr(ns_module, "_refine_scipy", no_scipy)
+    monkeypatch.setattr(tradeoff_module, "_have_scipy", lambda: False)
+    monkeypatch.setattr(tradeoff_module, "_refine_scipy", no_scipy)
     without = fit_tradeoff(S, E)                              # "auto" falls back to numpy
     assert without.b_crit == pytest.approx(with_scipy.b_crit, rel=1e-6)
     assert without.s_min == pytest.approx(with_scipy.s_min, rel=1e-6)
