@@ -25,7 +25,7 @@ Operations, each on the same batch and backend (all after a warm-up call):
     Measured side by side in the same rounds:
 ``moments two-pass`` (``exact=True``)
     the exact two-pass M2 in the model dtype, two fused multiply-adds per example and
-    weight (the kernel before issue 20; still the default for float32 models).
+    weight (bitwise the results before issue 20; still the default for float32 models).
 ``moments shortcut`` (``exact=False``)
     the guarded float64 shortcut: one float64 GEMM of squared factors per layer, the
     two-pass form only where the guard finds cancellation (the default for float64
@@ -49,11 +49,10 @@ cancellation of ``S2 - S1^2/B`` (see ``minigd.kernels.cpu_stats.moments_update_s
 On x86 SIMD one float64 FMA costs two float32 ones, so for a float64 model the shortcut
 halves the M2 work, while for a float32 model the GEMM costs what the two float32 FMAs it
 replaces cost (and the float64 sum of the mean needs a second GEMM): the two-pass form
-stays the float32 default.  The floor of either is the plain step plus one float64 GEMM
-of the weight-gradient shape, about 1.75x (64-128-128-10) to 1.9x (784-256-256-10, where
-the plain step skips the first layer's input gradient) of a float32 plain step.  At small
-B the float64 Chan merge (one pass over 2P float64 state per chunk) adds to that;
-``grad_moments`` uses 2048-row chunks.
+stays the float32 default.  That M2 work, at the FMA peak either way, costs 0.6-0.8 of a
+float32 plain step at large B, so float32 moments stay near 1.6-1.8x.  At small B the
+float64 Chan merge (one pass over 2P float64 state per chunk) dominates; ``grad_moments``
+uses 2048-row chunks.  Before/after figures: bench/results/gradstats_issue20.md.
 
 Every operation of a (model, batch) pair runs in interleaved rounds; per round each ratio
 to ``plain`` (or to the plain train step) is taken, and the median over rounds is
@@ -204,9 +203,11 @@ def to_markdown(result: dict) -> str:
              "bookkeeping: `fit`'s per-step work with `track_noise=1`) are relative to a plain "
              "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
              "shortcut for float64 models, the two-pass form for float32 ones); `two-pass` "
-             "(`exact=True`, the kernel before issue 20) and `shortcut` (`exact=False`) are "
-             "measured in the same rounds. Targets: norms <= 1.10, moments <= 1.8, "
-             "tracked <= 1.10 at B = 32..256. (What bounds moments: see the module docstring.)", "",
+             "(`exact=True`: results bitwise those before issue 20) and `shortcut` "
+             "(`exact=False`) are measured in the same rounds. Targets: norms <= 1.10, moments "
+             "<= 1.8, tracked <= 1.10 at B = 32..256. (What bounds moments: see the module "
+             "docstring; the kernel before and after issue 20 side by side: "
+             "gradstats_issue20.md.)", "",
              "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | per-example grads | train µs | train_step(want_sqn) | tracked step |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
