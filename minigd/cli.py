@@ -416,7 +416,8 @@ def cmd_study(args) -> int:
                      bs_growth=args.bs_growth,
                      max_epochs=args.max_epochs, target_metric=args.target_metric, target=args.target,
                      backend=args.backend, batch_norm=args.batch_norm,
-                     ghost_batch_sizes=args.ghost_batch_sizes, dropout=args.dropout)
+                     ghost_batch_sizes=args.ghost_batch_sizes, dropout=args.dropout,
+                     adaptive=not args.no_adaptive)
     t0 = time.perf_counter()
     print(f"minigd study: {args.data}, results in {args.out}/results.sqlite "
           f"(re-running resumes: only missing trials run)")
@@ -600,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ghost batch sizes to sweep next to the batch size, e.g. 4,8,16,none "
                         "(none = the whole batch; needs --batch-norm)")
     g.add_argument("--dropout", type=arg_type("dropout"), default=0.0, help="dropout on the hidden activations")
+    g.add_argument("--no-adaptive", action="store_true",
+                   help="leave out the adaptive arm: fit(batch_size='adaptive') from batch 32, at every learning "
+                        "rate and seed, compared with the recommended batch size (one more row of the report)")
     g.add_argument("--questions", default=None, metavar="all|NAME,...",
                    help="also answer these questions, each with its own experiment: all, or a comma list of "
                         "smallest_batch, sgd_batch_one, width_one, powers_of_two, lr_scaling, grow_vs_decay, "

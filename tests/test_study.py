@@ -204,7 +204,7 @@ def test_cli_study_end_to_end_writes_the_report(tmp_path, capsys):
     # resuming runs nothing new
     rc = main(["study", "--data", "digits", "--batch-sizes", "16,256,full", "--seeds", "0", "--lr-grid", "1",
                "--max-epochs", "3", "--target", "0.8", "--workers", "1", "--out", str(out), "--quiet"])
-    assert "3 already stored, 0 ran" in capsys.readouterr().out
+    assert "4 already stored, 0 ran" in capsys.readouterr().out     # 3 batch sizes + the adaptive arm
     # the report command rebuilds the report from the results file
     assert main(["report", str(out), "--out", str(tmp_path / "rep2")]) == 0
     assert (tmp_path / "rep2" / "summary.md").exists()
@@ -325,7 +325,7 @@ def test_report_uses_only_the_trials_of_the_recorded_study(tmp_path):
     assert main(common + ["--batch-sizes", "64", "--target", "0.5"]) == 0
     assert main(common + ["--batch-sizes", "128", "--target", "0.6"]) == 0
     with ResultStore(tmp_path / "results.sqlite") as s:
-        assert len(s) == 2
+        assert len(s) == 4          # each study: one batch size and the adaptive arm
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     import json
     a = json.loads((tmp_path / "report" / "analysis.json").read_text())

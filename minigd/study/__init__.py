@@ -36,13 +36,14 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
 
     1. the kernels are compiled (or loaded from Numba's cache) here, once, before any
        worker starts;
-    2. the grid of ``spec`` runs (locally, or on Dask with ``scheduler``);
+    2. the grid of ``spec`` runs (locally, or on Dask with ``scheduler``), with the adaptive
+       arm beside it when ``spec.adaptive`` (:meth:`SweepSpec.adaptive_trials`);
     3. with ``lr_policy="tuned"``, a batch size whose best learning rate lies at an edge of
        the rates tried gets the next factor of 2 past that edge (every seed), up to
-       ``spec.lr_extend`` times (:func:`lr_extensions`);
+       ``spec.lr_extend`` times (:func:`lr_extensions`; the adaptive arm's rates too);
     4. the throughput probe times one step per batch size with nothing else running
        (:mod:`minigd.study.probe`; stored, and re-used when the study is resumed on the same
-       host);
+       host), and the adaptive run's steps and one-time set-up;
     5. the analysis (with its bootstrap seeded by ``spec.seed``);
     6. the arms of ``questions`` (names of :data:`minigd.study.questions.QUESTIONS`; their
        trials stored next to the grid's), answered into ``analysis["questions"]``;
@@ -71,6 +72,7 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
         raise ValueError(f"target_metric: expected 'val_loss' with a loss target for the regression "
                          f"dataset {spec.data.name!r}, got {spec.target_metric!r}")
     configs = spec.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)
+    configs += spec.adaptive_trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)
     path = os.path.join(out_dir, "results.sqlite")
     with study_lock(out_dir), ResultStore(path) as store:
         store.set_meta("spec", spec.to_dict())
@@ -91,7 +93,8 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
                 break
             new = sum(c.key not in store.keys() for c in extra)
             say(f"learning-rate grid extended past its edge for {len({(c.sizes, c.batch_size) for c in extra})} "
-                f"batch size(s): {len(extra)} more trials" + (f" ({new} to run)" if new != len(extra) else ""))
+                f"batch size(s) (or the adaptive run): {len(extra)} more trials"
+                + (f" ({new} to run)" if new != len(extra) else ""))
             more = run_sweep(extra, store, executor=ex if len(extra) > 8 else make_executor(1, scheduler),
                              progress=progress, retry_failed=retry_failed)
             for k in ("total", "skipped", "ran", "failed"):
@@ -100,9 +103,9 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
         keys = {c.key for c in study}
         store.set_meta("study_keys", sorted(keys))
         rows = [(c, r) for c, r in store.rows() if c.key in keys]
-        probe = measured_probe(store, [c for c, r in rows if r.get("status") == "ok"], ex, spec.seed, say)
+        probe = measured_probe(store, [c for c, r in rows if r.get("status") == "ok"], ex, spec.seed, say, rows=rows)
         analysis = analyze(rows, probe=probe, seed=spec.seed)
-        if questions:
+        if questions:     # (the context leaves the adaptive arm out of what the arms see)
             from .questions import QuestionContext, answer_questions
             ctx = QuestionContext(spec=spec, ds=ds, main_rows=rows, main_analysis=analysis, main_probe=probe,
                                   store=store, executor=ex, report_dir=os.path.join(out_dir, "report"),
@@ -122,6 +125,8 @@ def lr_extensions(spec: SweepSpec, rows) -> list:
     and batch size whose best learning rate (fewest median steps to the target, which it
     reached) is the largest (smallest) rate tried, the rate twice (half) that, for every
     seed -- unless that would go more than ``spec.lr_extend`` factors of 2 past the grid.
+    The adaptive arm likewise, its best rate the one with the least median in-trial wall
+    time to the target (:func:`minigd.study._adaptive.adaptive_best_lr`).
     Deterministic in the stored results, so a resumed study extends the same way."""
     import dataclasses
     import math
@@ -132,12 +137,25 @@ def lr_extensions(spec: SweepSpec, rows) -> list:
     from .analysis import best_lrs
 
     groups = defaultdict(list)
+    adaptive = defaultdict(list)
     for cfg, res in rows:
         if res.get("status") == "ok":
-            groups[(tuple(cfg.sizes), cfg.activation, cfg.optimizer, cfg.norm_label)].append((cfg, res))
+            (adaptive if cfg.is_adaptive else groups)[
+                (tuple(cfg.sizes), cfg.activation, cfg.optimizer, cfg.norm_label)].append((cfg, res))
     lo_f, hi_f = min(spec.lr_grid), max(spec.lr_grid)
     cap = 2.0 ** spec.lr_extend * (1 + 1e-9)
     out = []
+    for items in adaptive.values():     # the adaptive arm: its best rate by wall time (in-trial here)
+        from ._adaptive import adaptive_best_lr
+        info = adaptive_best_lr(items)
+        if info is None or info["at_edge"] not in ("low", "high"):
+            continue
+        tmpl = next(c for c, _ in items if c.lr == info["best_lr"])
+        lr = info["best_lr"] * (2.0 if info["at_edge"] == "high" else 0.5)
+        b0 = int(dict(tmpl.adaptive).get("min", spec.adaptive_min))
+        f = lr / scale_lr(spec.base_lr, b0, spec.base_batch_size, "sqrt")
+        if math.isfinite(lr) and lo_f / cap <= f <= hi_f * cap:
+            out += [dataclasses.replace(tmpl, lr=float(lr), seed=int(seed)) for seed in spec.trial_seeds()]
     for items in groups.values():
         for B, info in sorted(best_lrs(items).items()):
             edge = info.get("at_edge")
@@ -153,32 +171,36 @@ def lr_extensions(spec: SweepSpec, rows) -> list:
     return out
 
 
-def measured_probe(store, configs, executor, seed: int, say=lambda line: None) -> list:
+def measured_probe(store, configs, executor, seed: int, say=lambda line: None, *, rows=()) -> list:
     """The throughput probe's entries for ``configs``: re-used from ``store`` when it holds
     an entry for every step cost they need, measured on this host; else measured now (on
-    the Dask cluster when ``executor`` is one, else in this process) and stored."""
+    the Dask cluster when ``executor`` is one, else in this process) and stored.
+    ``rows``: ``(config, result)`` pairs whose adaptive trials need the adaptive entries
+    (:func:`~minigd.study.probe.adaptive_probe_jobs`)."""
     import platform
 
-    from .probe import probe, probe_jobs, probe_key
+    from .probe import adaptive_probe_jobs, adaptive_probe_key, probe, probe_jobs, probe_key
 
     jobs = probe_jobs(configs)
-    need = {probe_key(c) for c in jobs}
+    ajobs = adaptive_probe_jobs(rows)
+    need = {probe_key(c) for c in jobs} | {adaptive_probe_key(c, k) for k, c in ajobs}
     old = store.meta("throughput_probe") or []
     have = {e.get("key"): e for e in old if isinstance(e, dict)}
     if need and all(k in have for k in need) and (
             executor.name == "dask" or all(have[k].get("host") == platform.node() for k in need)):
         return [have[k] for k in sorted(need)]
-    if not jobs:
+    if not jobs and not ajobs:
         return []
     say(f"timing one training step at each of {len(jobs)} batch size(s) (throughput probe, one thread, "
-        f"nothing else running) ...")
+        f"nothing else running)" + (f", and the adaptive run's steps at {sum(k == 'step' for k, _ in ajobs)} "
+                                    f"batch size(s) and its set-up" if ajobs else "") + " ...")
     if executor.name == "dask":
         import functools
-        entries = next(iter(executor.run(functools.partial(probe, seed=seed), [jobs])))[1]
+        entries = next(iter(executor.run(functools.partial(probe, seed=seed, adaptive=ajobs), [jobs])))[1]
         if isinstance(entries, dict):     # the cluster failed it
             raise RuntimeError(f"throughput probe: failed on the Dask cluster: {entries.get('error')}")
     else:
-        entries = probe(jobs, seed=seed)
+        entries = probe(jobs, seed=seed, adaptive=ajobs)
     store.set_meta("throughput_probe", entries)
     return entries
 

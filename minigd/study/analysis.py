@@ -294,6 +294,7 @@ class _Cells:
                "target": np.full((R, self.nB, self.L), np.nan)}
         n = len(self.seeds)
         idx = None if rng is None else rng.integers(0, n, size=(R, n))
+        self.boot_idx = idx          # the adaptive arm's resamples take the same seeds
         for b, row in enumerate(self.cells):
             for l, cell in enumerate(row):
                 for f in self.FIELDS:
@@ -577,20 +578,27 @@ def analyze(rows, *, probe=None, seed=0, n_boot=N_BOOT) -> dict:
     if n_boot < 0:
         raise ValueError(f"n_boot: expected an integer >= 0, got {n_boot}")
     groups = defaultdict(list)
+    adaptive = defaultdict(list)
     failures = []
     for cfg, res in rows:
         if res.get("status") != "ok":
             failures.append({"trial": cfg.label, "error": res.get("error")})
             continue
-        groups[_arch_key_of(cfg)].append((cfg, res))
+        (adaptive if cfg.is_adaptive else groups)[_arch_key_of(cfg)].append((cfg, res))
     by_probe = defaultdict(lambda: defaultdict(list))
+    adaptive_probe = {}
     for e in probe or []:
+        if isinstance(e, dict) and e.get("adaptive") is not None:
+            if isinstance(e.get("key"), str):
+                adaptive_probe[e["key"]] = e
+            continue
         try:
             k, B = _probe_key(e)
         except (KeyError, TypeError, ValueError):
             continue
         by_probe[k][B].append(e)
-    archs = [_analyze_arch(k, v, by_probe.get(k), seed, n_boot) for k, v in sorted(groups.items(), key=lambda kv: kv[0])]
+    archs = [_analyze_arch(k, v, by_probe.get(k), seed, n_boot, adaptive.get(k, []), adaptive_probe)
+             for k, v in sorted(groups.items(), key=lambda kv: kv[0])]
     timed = [a for a in archs if a["recommendation"]["time_to_target"]["value"] is not None]
     top = min(timed, key=lambda a: a["recommendation"]["time_to_target"]["value"]) if timed else (
         archs[0] if archs else None)
@@ -602,8 +610,14 @@ def analyze(rows, *, probe=None, seed=0, n_boot=N_BOOT) -> dict:
             rec["text"] = (f"Of the {len(archs)} architectures, {_arch_words(top)} reaches the target in the least "
                            f"time. " + rec["text"])
     failed_fit = [a["bootstrap"]["fit_failed_fraction"] for a in archs if a["bootstrap"]["fit_failed_fraction"] is not None]
+    adaptive = None     # the adaptive run vs the recommended batch size, of the recommended architecture
+    if top is not None and top.get("adaptive"):
+        vs = top["adaptive"]["vs_fixed"]
+        adaptive = {**{k: vs.get(k) for k in ("value", "lo", "hi", "wins")}, "batch_size": vs.get("batch_size"),
+                    "architecture": top["recommendation"].get("architecture") or _arch_words(top)}
     return {"n_trials": len(rows), "n_failed": len(failures), "failures": failures[:50],
             "architectures": archs, "norm_comparisons": norm_comparisons(archs), "recommendation": rec,
+            "adaptive": adaptive,
             "bootstrap": {"resamples": n_boot, "seed": seed, "interval": list(INTERVAL),
                           "fit_failed_fraction": max(failed_fit) if failed_fit else None}}
 
@@ -839,7 +853,7 @@ def _recommend(arch, cells: _Cells, point, R) -> dict:
 # --------------------------------------------------------------------------- one architecture
 
 
-def _analyze_arch(key, items, probe_entries, seed, n_boot) -> dict:
+def _analyze_arch(key, items, probe_entries, seed, n_boot, adaptive_items=(), adaptive_probe=None) -> dict:
     sizes, activation, optimizer, norm = key
     cells = _Cells(items, probe_entries)
     target = None
@@ -852,6 +866,7 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot) -> dict:
 
     boot = None
     fit_failed = None
+    rng = None
     R = n_boot
     if R > 0:
         rng = np.random.default_rng([int(seed) % 2**63, zlib.crc32(repr(key).encode())])
@@ -1061,4 +1076,20 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot) -> dict:
         "bootstrap": {"resamples": R, "seed": seed, "interval": list(INTERVAL), "fit_failed_fraction": fit_failed},
     }
     arch["recommendation"] = _recommend(arch, cells, point, R)
+    arch["adaptive"] = None
+    if adaptive_items:      # the adaptive arm: one more row, out of every fit and selection
+        from ._adaptive import adaptive_text, analyze_adaptive
+        row = analyze_adaptive(adaptive_items, cells, point, boot, rng, R, rows_per_b, adaptive_probe or {})
+        arch["adaptive"] = row
+        if row is not None:
+            headline["adaptive_vs_fixed"] = {k: row["vs_fixed"].get(k) for k in ("value", "lo", "hi", "wins")}
+            if row.get("lr_edge"):
+                warnings.append(f"LR not tuned (adaptive): its best learning rate is at the {row['lr_edge']} edge of "
+                                f"the rates tried; its time to target may be overstated")
+            if row.get("timing") == "in-trial":
+                warnings.append("no throughput probe for the adaptive run: its wall time uses the trials' in-trial "
+                                "step and set-up times, measured with other trials running")
+            text = adaptive_text(row)
+            if text and arch["recommendation"].get("text"):
+                arch["recommendation"]["text"] += " " + text
     return arch

@@ -39,6 +39,12 @@ class TrialConfig:
     ``lr`` is the learning rate actually used at this batch size (whatever policy chose
     it); ``lr_policy`` records how ("tuned" over a grid, or a scaling rule from a base
     batch size) so the analysis can group trials.
+
+    ``batch_size="adaptive"``: the trial trains with ``fit(batch_size=AdaptiveBatchSize(
+    **dict(adaptive)))`` -- the controller picks the batch size as it goes (see
+    :mod:`minigd.adaptive`); ``lr`` is then the rate at its smallest (starting) batch size,
+    which the controller scales.  ``adaptive`` holds the controller's settings as sorted
+    ``(name, value)`` pairs (:data:`ADAPTIVE_SETTINGS`); ``()`` for a fixed batch size.
     """
 
     data: DataSpec = field(default_factory=DataSpec)
@@ -48,7 +54,8 @@ class TrialConfig:
     dtype: str = "float32"
     init: str = "he_uniform"
     backend: str = "cpu"
-    batch_size: int = 32              # a positive int; the full batch is stored as its size
+    batch_size: int | str = 32        # a positive int (the full batch is stored as its size), or
+    #   "adaptive" (fit's adaptive batch size, with the settings in ``adaptive``)
     full_batch: bool = False
     optimizer: str = "sgd"            # "sgd" | "adam"
     lr: float = 0.05
@@ -80,6 +87,7 @@ class TrialConfig:
     #   multiplied by factor at each epoch given (the arm opposite bs_schedule); () = constant
     stop_at_target: bool = True       # False: train the whole budget (equal-budget comparisons),
     #   still recording when the target was first met
+    adaptive: tuple = ()              # batch_size="adaptive": ((setting, value), ...) of AdaptiveBatchSize
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +103,7 @@ class TrialConfig:
         d["sizes"] = tuple(d["sizes"])
         d["bs_schedule"] = tuple(tuple(p) for p in d.get("bs_schedule", ()))
         d["lr_decay"] = tuple(tuple(p) for p in d.get("lr_decay", ()))
+        d["adaptive"] = tuple(tuple(p) for p in d.get("adaptive", ()))
         return cls(data=DataSpec(**data), **d)
 
     @property
@@ -107,6 +116,24 @@ class TrialConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     @property
+    def is_adaptive(self) -> bool:
+        """Whether the trial runs ``fit``'s adaptive batch size."""
+        return isinstance(self.batch_size, str) and self.batch_size == "adaptive"
+
+    def adaptive_spec(self):
+        """The :class:`~minigd.AdaptiveBatchSize` of an adaptive trial (its own validation
+        applies: a setting out of range raises TypeError/ValueError naming it)."""
+        from minigd.adaptive import AdaptiveBatchSize
+
+        if not self.is_adaptive:
+            raise ValueError(f"batch_size: expected 'adaptive' for an adaptive trial, got {self.batch_size!r}")
+        settings = dict(self.adaptive)
+        unknown = sorted(set(settings) - set(ADAPTIVE_SETTINGS))
+        if unknown:
+            raise ValueError(f"adaptive: expected settings among {list(ADAPTIVE_SETTINGS)}, got {unknown}")
+        return AdaptiveBatchSize(**settings)
+
+    @property
     def norm_label(self) -> str:
         """``""`` for the plain MLP, else e.g. ``"BN ghost 8, dropout 0.1"``."""
         return norm_label(self.batch_norm, self.ghost_batch_size, self.dropout)
@@ -114,13 +141,19 @@ class TrialConfig:
     @property
     def label(self) -> str:
         b = "full" if self.full_batch else str(self.batch_size)
+        if self.is_adaptive:
+            b = f"adaptive(min {dict(self.adaptive).get('min', '?')})"
         extra = f" {self.norm_label}" if self.norm_label else ""
         return f"B={b} lr={self.lr:.4g} seed={self.seed} sizes={'-'.join(map(str, self.sizes))}{extra}"
 
 
 #: TrialConfig fields added after SCHEMA_VERSION 1 and their defaults
 _LATER_DEFAULTS = {"batch_norm": False, "ghost_batch_size": None, "dropout": 0.0, "drop_last": False,
-                   "lr_decay": (), "stop_at_target": True}
+                   "lr_decay": (), "stop_at_target": True, "adaptive": ()}
+
+#: the AdaptiveBatchSize settings an adaptive trial records (the candidates and the
+#: throughput table are left to the controller: it measures them on the machine)
+ADAPTIVE_SETTINGS = ("every", "lr_rule", "max", "min", "min_gain", "noise_beta", "track_every")
 
 
 def norm_label(batch_norm, ghost_batch_size, dropout) -> str:

@@ -17,6 +17,18 @@ running:
 
 Wall time to target = steps to target x the median step time (evaluation excluded); the
 analysis carries the rounds' spread into its interval by resampling them.
+
+The adaptive arm (``batch_size="adaptive"`` trials) gets two more kinds of entry
+(:func:`adaptive_probe_jobs`), told apart by their ``"adaptive"`` field:
+
+* ``"step"``: the step of an adaptive run at one batch size B, as ``fit`` pays it with the
+  controller on (its noise tracking every ``track_every`` steps, its decisions every
+  ``every``): ``fit(batch_size=AdaptiveBatchSize(min=B, max=B, ...))`` with the trial's
+  settings, timed as above -- one entry per batch size the adaptive trials ran at;
+* ``"setup"``: the adaptive run's one-time cost, paid before its first step: the seconds
+  from calling ``fit`` with the trial's settings to its first step (the warm-up of every
+  candidate batch size and the controller's throughput measurement), minus the same for a
+  fixed-batch ``fit`` at the starting batch size (which every run pays), per round.
 """
 from __future__ import annotations
 
@@ -51,11 +63,45 @@ def probe_key(cfg: TrialConfig) -> str:
 
 def probe_jobs(configs) -> list:
     """One representative config per distinct step cost (architecture, batch size, data,
-    backend, optimizer, batch norm...), in a stable order."""
+    backend, optimizer, batch norm...), in a stable order.  Adaptive trials are left out:
+    their jobs are :func:`adaptive_probe_jobs`'."""
     seen = {}
     for c in configs:
-        seen.setdefault(probe_key(c), c)
+        if not c.is_adaptive:
+            seen.setdefault(probe_key(c), c)
     return [seen[k] for k in sorted(seen)]
+
+
+def pinned(cfg: TrialConfig, B: int) -> TrialConfig:
+    """The adaptive config ``cfg`` held at batch size B (the controller on, one candidate)."""
+    import dataclasses
+
+    settings = dict(cfg.adaptive)
+    settings.update(min=int(B), max=int(B))
+    return dataclasses.replace(cfg, adaptive=tuple(sorted(settings.items())))
+
+
+def adaptive_probe_key(cfg: TrialConfig, kind: str) -> str:
+    """The key of an adaptive entry: its kind and the step cost's key."""
+    return f"adaptive-{kind}:" + probe_key(cfg)
+
+
+def adaptive_probe_jobs(rows) -> list:
+    """``[(kind, config)]`` for the adaptive trials among ``rows`` (``(config, result)``
+    pairs): a ``"setup"`` job per distinct adaptive config (learning rate and seed aside)
+    and a ``"step"`` job (:func:`pinned`) per batch size its trials spent steps at before
+    the target (a trial that did not reach it has no time to target to cost), in a stable
+    order."""
+    jobs = {}
+    for cfg, res in rows:
+        if not cfg.is_adaptive or res.get("status") != "ok":
+            continue
+        jobs.setdefault(adaptive_probe_key(cfg, "setup"), ("setup", cfg))
+        rec = res.get("adaptive") if isinstance(res.get("adaptive"), dict) else {}
+        for b in sorted({int(b) for b, w in (rec.get("steps_by_batch") or []) if w > 0}):
+            p = pinned(cfg, b)
+            jobs.setdefault(adaptive_probe_key(p, "step"), ("step", p))
+    return [jobs[k] for k in sorted(jobs)]
 
 
 class _Clock:
@@ -69,12 +115,31 @@ class _Clock:
         self.steps = hist.n_steps
 
 
-def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int = 0) -> list:
+class _Start:
+    """fit callback: when the first step begins (fit's set-up is over); stops after
+    ``stop_after`` steps when given."""
+
+    def __init__(self, stop_after=None):
+        self.stop_after = stop_after
+
+    def on_fit_start(self, model, hist):
+        self.t0 = time.perf_counter()
+
+    def on_step(self, model, step, loss):
+        return self.stop_after is not None and step >= self.stop_after
+
+
+def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int = 0, adaptive=()) -> list:
     """Measure the step time of each config of ``configs`` (see :func:`probe_jobs`) in this
     process, pinned to one thread.  Returns one JSON-serialisable entry per config:
     ``{"key", "arch", "batch_size", "full_batch", "round_s": [seconds per step, one per
     round], "median_s", "lo_s", "hi_s", "steps_per_round", "blas_threads", "numba_threads",
-    "host"}``."""
+    "host"}``.
+
+    ``adaptive``: ``(kind, config)`` jobs of :func:`adaptive_probe_jobs`, measured in the
+    same interleaved rounds; their entries follow, with ``"adaptive": kind`` (and for
+    "setup", ``round_s`` the set-up seconds of each round and ``batch_size`` the starting
+    size)."""
     import dataclasses
     import platform
 
@@ -84,16 +149,20 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
     from .trial import _optimizer, _warmup, load_data
 
     configs = list(configs)
-    if not configs:
+    jobs = [(None, c) for c in configs] + [(k, c) for k, c in adaptive]
+    if not jobs:
         return []
     rng = np.random.default_rng(seed)
     with one_thread():
-        _warmup(configs[0].dtype)
+        _warmup(jobs[0][1].dtype)
         setups = []
-        for c in configs:
+        for kind, c in jobs:
             ds = load_data(c.data, c.dtype)
             n = len(ds.X_train)
-            B = n if c.full_batch else c.batch_size
+            spec = c.adaptive_spec() if kind is not None else None
+            B = spec.sizes(n)[0] if spec is not None else n if c.full_batch else c.batch_size
+            if kind == "step":      # the controller on, held at B: its tracking and decisions, no measuring
+                spec = mg.AdaptiveBatchSize(**{**dict(pinned(c, B).adaptive), "throughput": {B: 1.0}})
             sizes = (ds.X_train.shape[1],) + tuple(c.sizes[1:-1]) + (ds.n_out,)
             model = mg.MLP(list(sizes), activation=c.activation, loss=ds.loss, dtype=c.dtype, init=c.init,
                            seed=0, backend=c.backend, batch_norm=c.batch_norm,
@@ -101,22 +170,35 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
             # the step's work does not depend on the learning rate; a small one keeps the
             # probe's repeated runs from diverging
             opt = _optimizer(dataclasses.replace(c, lr=1e-4, warmup_steps=0))
-            setups.append({"cfg": c, "model": model, "ds": ds, "B": B, "opt": opt,
-                            "spe": -(-n // B), "m": 1, "times": []})
+            setups.append({"cfg": c, "kind": kind, "spec": spec, "model": model, "ds": ds, "B": B, "opt": opt,
+                           "spe": -(-n // B), "m": 1, "least": spec.every if spec is not None else 1,
+                           "times": []})
+
+        def fit(s, batch_size, m, callbacks):
+            c = s["cfg"]
+            return mg.fit(s["model"], s["ds"].X_train, s["ds"].y_train, batch_size=batch_size, steps=m,
+                          optimizer=s["opt"], sampler=c.sampler, drop_last=c.drop_last and s["kind"] is None,
+                          seed=int(rng.integers(2**31)), callbacks=callbacks)
 
         def run(s, m):
+            if s["kind"] == "setup":    # the adaptive set-up beyond a fixed run's (one step each)
+                t, a = time.perf_counter(), _Start(stop_after=1)
+                fit(s, s["spec"], s["spec"].every, [a])
+                t2, f = time.perf_counter(), _Start(stop_after=1)
+                fit(s, s["B"], 1, [f])
+                return max(0.0, (a.t0 - t) - (f.t0 - t2))
             clock = _Clock()
-            mg.fit(s["model"], s["ds"].X_train, s["ds"].y_train, batch_size=s["B"], steps=m, optimizer=s["opt"],
-                   sampler=s["cfg"].sampler, drop_last=s["cfg"].drop_last,
-                   seed=int(rng.integers(2**31)), callbacks=[clock])
+            fit(s, s["spec"] if s["kind"] == "step" else s["B"], max(m, s["least"]), [clock])
             return (clock.t1 - clock.t0) / max(1, clock.steps)
 
         for s in setups:    # pilot: warm every regime and size the rounds
             run(s, 2)
+            if s["kind"] == "setup":
+                continue
             # the least of three short runs: one disturbed pilot (another process on a shared
             # machine) would make this batch size's rounds far shorter than its neighbours'
             per = min(run(s, 4) for _ in range(3))
-            m = max(1, math.ceil(round_s / max(per, 1e-7)))
+            m = max(s["least"], math.ceil(round_s / max(per, 1e-7)))
             if m > s["spe"]:     # whole epochs, so an epoch's end costs what it costs a user
                 m = s["spe"] * math.ceil(m / s["spe"])
             s["m"] = m
@@ -128,8 +210,12 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
     out = []
     for s in setups:
         t = np.asarray(s["times"])
-        out.append({"key": probe_key(s["cfg"]), "arch": arch_of(s["cfg"]), "batch_size": s["B"],
-                    "full_batch": bool(s["cfg"].full_batch), "round_s": [float(x) for x in t],
-                    "median_s": float(np.median(t)), "lo_s": float(t.min()), "hi_s": float(t.max()),
-                    "steps_per_round": s["m"], "host": platform.node(), **threads})
+        e = {"key": probe_key(s["cfg"]) if s["kind"] is None else adaptive_probe_key(s["cfg"], s["kind"]),
+             "arch": arch_of(s["cfg"]), "batch_size": int(s["B"]),
+             "full_batch": bool(s["cfg"].full_batch), "round_s": [float(x) for x in t],
+             "median_s": float(np.median(t)), "lo_s": float(t.min()), "hi_s": float(t.max()),
+             "steps_per_round": s["m"] if s["kind"] != "setup" else 0, "host": platform.node(), **threads}
+        if s["kind"] is not None:
+            e["adaptive"] = s["kind"]
+        out.append(e)
     return out

@@ -264,9 +264,19 @@ def _check_row(key, cfg_text, status, res_text):
     for k, t in _CFG_TYPES.items():
         if k in d and not isinstance(d[k], t):
             raise TypeError(f"config: {k} must be a {t.__name__}")
+    adaptive = d.get("batch_size") == "adaptive"
     for k, low in _CFG_INTS.items():
+        if k == "batch_size" and adaptive:
+            continue
         if k in d and not (_is_int(d[k]) and d[k] >= low):
-            raise ValueError(f"config: {k} must be an integer >= {low}")
+            raise ValueError(f"config: {k} must be an integer >= {low}" + (" or 'adaptive'" if k == "batch_size" else ""))
+    settings = d.get("adaptive", [])
+    if not (isinstance(settings, list) and all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+            and (p[1] is None or isinstance(p[1], (str, int, float))) for p in settings)):
+        raise ValueError("config: adaptive must be a list of [setting, value] pairs")
+    if bool(settings) != adaptive:
+        raise ValueError("config: adaptive settings go with batch_size 'adaptive' (and only with it)")
     for k in _CFG_NUMS:
         if k in d and not _is_num(d[k]):
             raise ValueError(f"config: {k} must be a finite number")
@@ -284,6 +294,11 @@ def _check_row(key, cfg_text, status, res_text):
         cfg = TrialConfig.from_dict(d)
     except TypeError as exc:
         raise TypeError(f"config: not a TrialConfig ({_short(exc, 80)})") from None
+    if adaptive:
+        try:
+            cfg.adaptive_spec()          # AdaptiveBatchSize's own checks of every setting
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config: adaptive settings do not validate ({_short(exc, 80)})") from None
     if res.setdefault("status", status) not in ("ok", "failed") or res["status"] != status:
         raise ValueError("result: status must be 'ok' or 'failed' (and match its column)")
     for k in _RES_NUMS:
@@ -295,7 +310,26 @@ def _check_row(key, cfg_text, status, res_text):
     for k, t in (("noise", list), ("curve", list), ("error", str)):
         if res.get(k) is not None and not isinstance(res[k], t):
             raise TypeError(f"result: {k} must be a {t.__name__} or null")
+    if res.get("adaptive") is not None:
+        _check_adaptive_result(res["adaptive"])
     return cfg, res
+
+
+def _check_adaptive_result(a) -> None:
+    """An adaptive trial's record (:func:`minigd.study.trial.adaptive_record`): the numbers
+    the analysis turns into a wall time must be numbers."""
+    if not isinstance(a, dict):
+        raise TypeError("result: adaptive must be an object or null")
+    if not (isinstance(a.get("candidates", []), list) and all(_is_int(c) and c >= 1 for c in a.get("candidates", []))):
+        raise ValueError("result: adaptive.candidates must be a list of positive integers")
+    for k, width in (("steps_by_batch", 2), ("step_s_by_batch", 2), ("decisions", 3)):
+        v = a.get(k)
+        if v is not None and not (isinstance(v, list) and all(
+                isinstance(p, list) and len(p) == width and all(map(_is_num, p)) for p in v)):
+            raise ValueError(f"result: adaptive.{k} must be a list of {width}-number lists or null")
+    for k in ("setup_s", "final_batch_size", "max_batch_size"):
+        if a.get(k) is not None and not _is_num(a[k]):
+            raise ValueError(f"result: adaptive.{k} must be a finite number or null")
 
 
 def _check_spec(store, name, value):
@@ -330,12 +364,14 @@ def _check_probe(store, name, value):
         ok = (isinstance(e, dict) and isinstance(e.get("key"), str) and _is_int(e.get("batch_size"))
               and e["batch_size"] >= 1 and all(_is_num(e.get(k)) and e[k] >= 0 for k in ("median_s", "lo_s", "hi_s"))
               and isinstance(e.get("round_s", []), list)
-              and all(_is_num(x) and x >= 0 for x in e.get("round_s", [])))
+              and all(_is_num(x) and x >= 0 for x in e.get("round_s", []))
+              and e.get("adaptive") in (None, "step", "setup"))
         if ok:
             out.append(e)
         else:
             warnings.warn(f"results: {store.path!r}: ignoring throughput probe entry {i} of meta {name!r}: not "
-                          f"an object with a key, a batch size and finite non-negative times", RuntimeWarning,
+                          f"an object with a key, a batch size and finite non-negative times (and an adaptive "
+                          f"kind, if any, of 'step' or 'setup')", RuntimeWarning,
                           stacklevel=4)
     return out
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from minigd._validation import check_choice, check_float, check_int
 from minigd.backends.base import NormSpec
 
-from .config import DataSpec, TrialConfig
+from .config import ADAPTIVE_SETTINGS, DataSpec, TrialConfig
 from .executors import make_executor
 from .store import ResultStore
 from .trial import run_trial
@@ -54,6 +54,12 @@ class SweepSpec:
         per ghost batch: batch size 1 and pairs with B % ghost == 1 are left out (with a
         warning), and a trial whose last partial batch would leave a ghost batch of 1
         drops it (``drop_last``).
+    adaptive, adaptive_min : the adaptive arm (:meth:`adaptive_trials`): next to the fixed
+        batch sizes, ``fit(batch_size=AdaptiveBatchSize(min=adaptive_min))`` -- the
+        controller of :mod:`minigd.adaptive` with its default settings, starting at
+        ``adaptive_min`` (capped at the training set) -- for every seed and every learning
+        rate the grid tries at ``adaptive_min``.  Off by default here; ``minigd study``
+        turns it on (``--no-adaptive`` turns it off).
     """
 
     data: DataSpec = field(default_factory=DataSpec)
@@ -83,6 +89,8 @@ class SweepSpec:
     batch_norm: object = False
     ghost_batch_sizes: tuple = ()
     dropout: float = 0.0
+    adaptive: bool = False     # also run the adaptive arm (fit's batch_size="adaptive")
+    adaptive_min: int = 32     # the adaptive arm's smallest (starting) batch size
 
     def __post_init__(self):
         if not isinstance(self.batch_norm, (bool, str)) or self.batch_norm not in (False, True, "before", "after"):
@@ -113,6 +121,10 @@ class SweepSpec:
             if b != "full":
                 check_int("batch_sizes", b, low=1)
         check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        if not isinstance(self.adaptive, bool):
+            raise TypeError(f"adaptive: expected a bool, got {type(self.adaptive).__name__} {self.adaptive!r}")
+        check_int("adaptive_min", self.adaptive_min, low=2)
+        object.__setattr__(self, "adaptive_min", int(self.adaptive_min))
         check_int("max_epochs", self.max_epochs, low=1)
         for e, f in self.bs_growth:
             check_int("bs_growth epoch", e, low=1)
@@ -181,6 +193,71 @@ class SweepSpec:
             warnings.warn(f"batch_norm: left out (batch size, ghost batch size) pairs whose ghost "
                           f"batches would hold 1 row (zero variance): {sorted(skipped, key=str)}",
                           stacklevel=2)
+        return out
+
+    def adaptive_trials(self, n_train: int, n_in: int, n_out: int) -> list:
+        """The adaptive arm's TrialConfigs (``[]`` unless ``adaptive``): per architecture
+        (and ghost batch size), ``batch_size="adaptive"`` starting at ``adaptive_min``
+        (capped at ``n_train``) for every trial seed and every learning rate
+        :meth:`lrs_for` gives at that starting size.
+
+        Why every learning rate, not only the best one of the fixed arm at the starting
+        size: each fixed batch size gets the rate that is best *for it* out of this grid,
+        and the adaptive run gets the same treatment -- the same rates, the same seeds, its
+        best rate chosen by the same rule from its own results (the analysis,
+        :func:`minigd.study.analysis.analyze`).  Borrowing the fixed arm's best rate would
+        tune the adaptive run for a run it is not (a rate tuned to stay at one batch size),
+        and would need the grid's results before the arm could start; here the arm runs
+        beside the grid, with the same tuning budget as any one fixed batch size.
+
+        Batch norm: one arm per ghost batch size of the grid; a ghost size that would leave
+        a ghost batch of one row at some candidate batch size is left out (with a warning),
+        as for the grid."""
+        if not self.adaptive:
+            return []
+        from minigd.adaptive import AdaptiveBatchSize
+
+        b0 = min(self.adaptive_min, n_train)
+        if b0 < 2:
+            warnings.warn(f"adaptive: the adaptive arm needs at least 2 training examples, got {n_train}; "
+                          f"left out", stacklevel=2)
+            return []
+        spec = AdaptiveBatchSize(min=b0)
+        candidates = spec.sizes(n_train)
+        settings = tuple(sorted((k, v) for k, v in spec.config().items() if k in ADAPTIVE_SETTINGS))
+        ghosts, skipped = [], []
+        for g in (self.ghost_batch_sizes or (None,)) if self.batch_norm is not False else (None,):
+            if g is not None and g >= candidates[-1]:
+                g = None
+            if self.batch_norm is not False:
+                ns = NormSpec(bn=1, ghost=g)
+                try:
+                    for b in candidates:
+                        ns.check_batch(b)
+                except ValueError:
+                    skipped.append(g)
+                    continue
+            if g not in ghosts:
+                ghosts.append(g)
+        if skipped:
+            warnings.warn(f"adaptive: left out the adaptive arm with ghost batch sizes {skipped}: a candidate "
+                          f"batch size among {candidates} would leave a ghost batch of 1 row", stacklevel=2)
+        out = []
+        for depth in self.depths:
+            for width in self.widths:
+                sizes = (n_in,) + (width,) * depth + (n_out,)
+                for ghost in ghosts:
+                    for lr in self.lrs_for(b0):
+                        for seed in self.trial_seeds():
+                            out.append(TrialConfig(
+                                batch_norm=self.batch_norm, ghost_batch_size=ghost, dropout=self.dropout,
+                                data=self.data, sizes=sizes, activation=self.activation, dtype=self.dtype,
+                                backend=self.backend, batch_size="adaptive", adaptive=settings,
+                                optimizer=self.optimizer, lr=float(lr), momentum=self.momentum,
+                                lr_policy=self.lr_policy, base_batch_size=self.base_batch_size,
+                                base_lr=self.base_lr, warmup_steps=self.warmup_steps, seed=int(seed),
+                                max_epochs=self.max_epochs, min_steps=self.min_steps,
+                                target_metric=self.target_metric, target=self.target))
         return out
 
     def _ghosts_for(self, B: int, n_train: int, skipped: set) -> list:

@@ -97,6 +97,7 @@ class _Evaluator:
 
     def on_fit_start(self, model, hist):
         self.hist = hist
+        self.t_start = time.perf_counter()     # fit's set-up ends here (the first step is next)
 
     def met(self, v) -> bool:
         return v >= self.target if self.higher else v <= self.target
@@ -198,7 +199,9 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     ds = load_data(cfg.data, cfg.dtype)
     Xtr, ytr, Xva, yva = ds.X_train, ds.y_train, ds.X_val, ds.y_val
     n = len(Xtr)
-    B = n if cfg.full_batch else cfg.batch_size
+    adaptive = cfg.adaptive_spec() if cfg.is_adaptive else None
+    candidates = adaptive.sizes(n) if adaptive is not None else None    # checked against n
+    B = candidates[0] if adaptive is not None else n if cfg.full_batch else cfg.batch_size
     if B > n:
         raise ValueError(f"batch_size: expected at most the number of training examples ({n}), got {B}")
     sizes = (Xtr.shape[1],) + tuple(cfg.sizes[1:-1]) + (ds.n_out,)
@@ -207,12 +210,15 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
                    ghost_batch_size=cfg.ghost_batch_size, dropout=cfg.dropout)
     rng = np.random.default_rng(cfg.seed + 7919)     # the noise subsets (large training sets only)
 
-    if cfg.bs_schedule:
+    if adaptive is not None:
+        bs = adaptive
+    elif cfg.bs_schedule:
         bs = mg.BatchSizeSchedule(B, {int(e): int(b) for e, b in cfg.bs_schedule})
     else:
         bs = B
     spe = -(-n // B)
-    epochs = max(cfg.max_epochs, math.ceil(cfg.min_steps / spe))
+    # an adaptive run's budget is that of its starting size, and at least one decision
+    epochs = max(cfg.max_epochs, math.ceil(max(cfg.min_steps, adaptive.every if adaptive else 0) / spe))
     target_metric = cfg.target_metric
     if ds.task != "classification" and "accuracy" in target_metric:
         raise ValueError(f"target_metric: expected 'val_loss' (with a loss target) for the regression "
@@ -229,6 +235,7 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     snap_cap = max(32, SNAPSHOT_BYTES // max(1, model.params.nbytes))
     ev = _Evaluator(Xva, yva, target_metric, cfg.target, cfg.eval_rel_step, snap_cap, cfg.stop_at_target)
     diverged = False
+    t_call = time.perf_counter()
     try:
         hist = mg.fit(model, Xtr, ytr, batch_size=bs, epochs=epochs, optimizer=_optimizer(cfg, spe),
                       sampler=cfg.sampler, drop_last=cfg.drop_last, seed=cfg.seed, callbacks=[ev])
@@ -289,7 +296,7 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     curve = ev.curve
     # memory a training step at this batch size needs: its workspace (activations, deltas)
     # + parameters + gradient + optimizer state (momentum / Adam moments)
-    ws_bytes = model.workspace_bytes(B)
+    ws_bytes = model.workspace_bytes(B if adaptive is None else max(int(sizes_run.max()) if steps else B, B))
     state_bytes = 2 * model.params.nbytes + _optimizer(cfg).init(model.params).state.nbytes
     res = {
         "status": "ok",
@@ -328,10 +335,65 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         "wall_time": time.perf_counter() - t_wall,
     }
     res["epochs_budget"] = epochs
+    if adaptive is not None:
+        res["adaptive"] = adaptive_record(hist, candidates, s_interp if reached else None, step_s,
+                                          getattr(ev, "t_start", t_call) - t_call)
     for k, v in list(res.items()):
         if isinstance(v, float) and not math.isfinite(v):
             res[k] = None
     return res
+
+
+def batch_in_force(decisions, first: int, n_steps: int) -> np.ndarray:
+    """The controller's batch size at each of ``n_steps`` steps: ``first`` until the first
+    decision, then each decision's from the step it was taken after (a step that holds
+    fewer rows -- an epoch's last -- counts at the size in force)."""
+    out = np.full(n_steps, int(first), np.int64)
+    for d in decisions or ():
+        s = int(d["step"])
+        if 0 <= s < n_steps:
+            out[s:] = int(d["batch_size"])
+    return out
+
+
+def adaptive_record(hist, candidates, steps_to_target, step_s, setup_s) -> dict:
+    """What an adaptive trial keeps of its controller (JSON; ``result["adaptive"]``):
+
+    ``candidates``; ``decisions``: ``[step, batch size, learning-rate factor]`` of every
+    decision (thinned evenly to :data:`DECISIONS_CAP`, the last kept); ``steps_by_batch``:
+    ``[[B, steps], ...]`` the steps to the target spent at each batch size in force, the
+    last (interpolated) step counted by its fraction -- so the wall time to target is
+    ``sum(steps * step time at B)``, what the analysis computes from the throughput probe
+    (None when the target was not reached); ``step_s_by_batch``: the median in-trial step
+    time at each batch size run (the analysis's fallback without a probe); ``setup_s``: the
+    in-trial seconds from calling ``fit`` to its first step (input checks, the warm-up of
+    every candidate's kernels, and the controller's throughput measurement);
+    ``final_batch_size`` and ``max_batch_size``."""
+    decisions = list(hist.adaptive or [])
+    n = hist.n_steps
+    force = batch_in_force(decisions, candidates[0], n)
+    by_b = None
+    if steps_to_target is not None and n:
+        k = min(n, math.ceil(steps_to_target))
+        w = np.ones(k)
+        if k > steps_to_target:
+            w[-1] = steps_to_target - (k - 1)
+        by_b = [[int(b), float(w[force[:k] == b].sum())] for b in np.unique(force[:k])]
+    sizes_run = hist.column("batch_size") if n else np.zeros(0, np.int64)
+    step_s_by = [[int(b), float(np.median(step_s[sizes_run == b]))] for b in np.unique(sizes_run)
+                 if np.any(sizes_run == b)] if n else []
+    rec = [[int(d["step"]), int(d["batch_size"]), float(d["lr_factor"])] for d in decisions]
+    if len(rec) > DECISIONS_CAP:
+        idx = np.unique(np.linspace(0, len(rec) - 1, DECISIONS_CAP).round().astype(int))
+        rec = [rec[i] for i in idx]
+    return {"candidates": [int(c) for c in candidates], "decisions": rec, "steps_by_batch": by_b,
+            "step_s_by_batch": step_s_by, "setup_s": float(setup_s),
+            "final_batch_size": int(force[-1]) if n else int(candidates[0]),
+            "max_batch_size": int(force.max()) if n else int(candidates[0])}
+
+
+#: decisions an adaptive trial keeps (evenly thinned beyond)
+DECISIONS_CAP = 400
 
 
 def _thin(curve: list, cap: int) -> list:

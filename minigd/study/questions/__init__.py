@@ -104,11 +104,11 @@ class QuestionContext:
     ds : minigd.data.Dataset or StoredData
         The study's data (read-only: only its shape and task, from the stored trials).
     main_rows : list of (TrialConfig, dict)
-        The grid's trials (with the learning-rate extensions).
+        The grid's trials (with the learning-rate extensions; the adaptive arm's are left out).
     main_analysis : dict
         :func:`minigd.study.analysis.analyze` of ``main_rows`` with the probe.
     main_probe : list of dict
-        The throughput probe entries of the grid's batch sizes.
+        The throughput probe entries of the grid's batch sizes (the adaptive ones left out).
     store : ResultStore
     executor : an executor of :mod:`minigd.study.executors`, or None (read-only: ``minigd
         report`` answers from stored trials and probe entries only)
@@ -128,6 +128,13 @@ class QuestionContext:
     progress: bool = False
     name: str = ""                     # the arm being answered (set by answer_questions)
     keys: list = field(default_factory=list)   # the keys of the trials it ran or found
+
+    def __post_init__(self):
+        # the arms compare fixed batch sizes: the adaptive arm's trials and probe entries
+        # (SweepSpec.adaptive) are not theirs to see
+        self.main_rows = [(c, r) for c, r in (self.main_rows or []) if not getattr(c, "is_adaptive", False)]
+        self.main_probe = [e for e in (self.main_probe or [])
+                           if not (isinstance(e, dict) and e.get("adaptive") is not None)]
 
     @property
     def readonly(self) -> bool:
