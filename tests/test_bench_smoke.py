@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
         "crossover": ["crossover.py", "--quick"],
         "peers": ["peers.py", "--quick", "--threads", "1"],
         "ghost_bn": ["ghost_bn.py", "--quick"],
+        "adaptive": ["adaptive.py", "--quick"],
     }
     envs = {}
     if HAVE_TORCH:
@@ -161,6 +162,37 @@ def test_ghost_bn_quick_writes_accuracy_and_cost(runs):
     assert cost["plain"]["vs_plain"] == 1.0 and cost["BN ghost 8"]["us_per_step"] > 0
     assert "BN ghost 32" not in cost          # a ghost >= the batch is not a variant of its own
     assert "| BN ghost 8 |" in (out / "ghost_bn.md").read_text()
+
+
+def test_adaptive_quick_writes_the_comparison(runs):
+    out, stdout, _ = _finish(runs, "adaptive")
+    res = json.loads((out / "adaptive.json").read_text())
+    (summ,) = res["summary"]
+    assert summ["problem"] == "digits" and res["meta"]["seeds"] == [0, 1]
+    assert [f["B"] for f in summ["fixed"]] == [16, 32, 128]
+    arms = {a["arm"]: a for a in summ["adaptive"]}
+    assert set(arms) == {"adaptive adascale", "adaptive adascale, flops model"}
+    measured, flops = arms["adaptive adascale"], arms["adaptive adascale, flops model"]
+    # the measured table costs a probe of every candidate; the flops model only a formula
+    assert 0 <= flops["probe_s"] < 0.1 * measured["probe_s"]
+    for a in arms.values():
+        assert 0 <= a["reached"] <= 2 and len(a["final_B"]) == 2
+        if a["reached"] == 2:
+            assert a["time"] > 0 and 0 < a["robust"] <= a["robust+ctrl"] <= a["all-in"]
+            assert a["all-in"] >= a["robust"] + a["probe_s"] * 0.5    # medians over seeds: not additive
+            lo, hi = a["time_ci"]
+            assert lo <= a["time"] <= hi
+    # every run of every fixed cell is on record, with the learning rate it used
+    cells = res["cells"]["digits"]
+    assert {c["B"] for c in cells} == {16, 32, 128}
+    assert all(c["lr"] > 0 and len(c["runs"]) <= 2 for c in cells)
+    (ovh,) = res["overhead"]
+    assert ovh["B"] == 32 and ovh["robust_ratio"] > 0 and ovh["cpu_ratio"] > 0
+    md = (out / "adaptive.md").read_text()
+    assert md.startswith("# Adaptive batch size against every fixed batch size")
+    assert "| adaptive adascale |" in md and "## Controller overhead" in md
+    assert (out / "adaptive.png").read_bytes().startswith(b"\x89PNG")
+    assert "## Verdict" in stdout
 
 
 def test_cpu_crossover_default_follows_the_recorded_measurement():
