@@ -160,3 +160,15 @@ def target_words(arch) -> str:
     if "loss" in m:
         return " ".join(w for w in (split, f"loss ≤ {t:.4g}") if w)
     return f"{m} = {t:.4g}"
+
+
+def adaptive_of(arch):
+    """The adaptive arm's row of an architecture (``batch_size == "adaptive"``), or None."""
+    a = arch.get("adaptive") if isinstance(arch, dict) else None
+    return a if isinstance(a, dict) else None
+
+
+def adaptive_label(row) -> str:
+    """"adaptive (from B=32)"."""
+    b = fnum((row or {}).get("start_batch_size"))
+    return "adaptive" + (f" (from B={int(b)})" if b is not None else "")

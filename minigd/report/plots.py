@@ -12,6 +12,12 @@ series (one colour) per architecture.  Error bars are the analysis's 90% bootstr
 intervals.  A batch size that did not reach the target is drawn apart (a hollow triangle
 along the top of the axes, its own legend entry); one whose best learning rate was at the
 edge of those tried ("LR not tuned", left out of the trade-off fit) as a hollow square.
+
+A study with the adaptive arm (``fit(batch_size="adaptive")``, :mod:`minigd.study._adaptive`)
+shows it as one more line where it has a value: a horizontal line (and its 90% band) in
+the time-to-target figure, its noise-scale curve in the noise figure, and its own figure,
+:data:`ADAPTIVE_PLOT` (the batch size and learning-rate factor the controller chose over
+the steps, and its learning curves beside the recommended batch size's).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from ._fields import (
     _series,
     _series_any,
     _thresholds,
+    adaptive_label,
+    adaptive_of,
     arch_label,
     architectures,
     b_crit_label,
@@ -60,6 +68,8 @@ PLOT_FILES = (
     "throughput_memory.png",
     "noise_scale.png",
 )
+#: the adaptive arm's figure, drawn (after :data:`PLOT_FILES`) when the analysis has one
+ADAPTIVE_PLOT = "adaptive_batch_size.png"
 
 
 class NotEnoughData(Exception):
@@ -221,6 +231,7 @@ def plot_time_to_target(analysis, path) -> None:
         if rb in by_b:
             ax.plot([rb], [by_b[rb]], "o", ms=16, mfc="none", mec=colour, mew=2.2,
                     label=f"{pre}smallest reasonable: B = {_fmt_g(rb)} ({by_b[rb]:.3g} s)")
+        _adaptive_band(ax, arch, colour if len(archs) > 1 else "black", pre)
     _log2_batch_axis(ax, lo, hi)
     _log_y(ax)
     ax.set_ylabel("wall-clock time to target (s, log scale)")
@@ -228,6 +239,27 @@ def plot_time_to_target(analysis, path) -> None:
     target = target_words(archs[0]) if archs else "target"
     _suptitle(fig, f"Wall-clock time to {target} vs batch size", archs)
     _save(fig, path, "time to target vs batch size")
+
+
+def _adaptive_band(ax, arch, colour, pre) -> None:
+    """The adaptive run's time to target across the time-to-target figure: a dash-dot line
+    with its 90% band, and a dotted line without its one-time set-up."""
+    row = adaptive_of(arch)
+    t = _pos((row or {}).get("time_to_target"))
+    if t is None:
+        return
+    iv = (row.get("intervals") or {}).get("time_to_target") or {}
+    a, b = _pos(iv.get("lo")), _pos(iv.get("hi"))
+    vs = row.get("vs_fixed") or {}
+    r = fnum(vs.get("value"))
+    tail = f"; {r:.2f}× batch {_fmt_g(fnum(vs.get('batch_size')))}" if r is not None else ""
+    ax.axhline(t, color=colour, ls="-.", lw=1.6, label=f"{pre}{adaptive_label(row)}: {t:.3g} s{tail}")
+    if a is not None and b is not None and b > a:
+        ax.axhspan(a, b, color=colour, alpha=0.10, lw=0, label=f"{pre}adaptive: 90% interval")
+    loop = _pos(row.get("loop_time_to_target"))
+    if loop is not None and abs(loop - t) > 1e-12 * t:
+        ax.axhline(loop, color=colour, ls=(0, (1, 2)), lw=1.2,
+                   label=f"{pre}adaptive without its one-time set-up: {loop:.3g} s")
 
 
 def plot_generalization(analysis, path) -> None:
@@ -417,6 +449,10 @@ def plot_noise_scale(analysis, path, max_curves: int = 6) -> None:
         bs = b_simple_of(arch)
         if bs is not None:
             ax.axhline(bs, color="0.4", ls=":", lw=1.3, label=f"median B_simple mid-training ≈ {_fmt_g(bs)}")
+        row = adaptive_of(arch)
+        curves = [c for c in ((row or {}).get("noise_curves") or []) if _curve_points(c)[0]]
+        if curves:
+            ax.plot(*_curve_points(curves[0]), "s--", color="black", ms=3.5, lw=1.3, label=adaptive_label(row))
         ax.set_xscale("log")
         _log_y(ax)
         ax.set_xlabel("training examples seen (log scale)")
@@ -429,6 +465,113 @@ def plot_noise_scale(analysis, path, max_curves: int = 6) -> None:
     _save(fig, path, "gradient noise scale over training")
 
 
+def _trajectory(t):
+    """(steps, batch sizes, learning-rate factors) of a stored trajectory as a step
+    function from step 0 to the end of the run: the start size until the first decision."""
+    start = _pos(t.get("start"))
+    end = _pos(t.get("steps"))
+    pts = [(0.0, start, 1.0)] if start is not None else []
+    for d in t.get("decisions") or []:
+        if isinstance(d, (list, tuple)) and len(d) >= 3:
+            s, b, f = fnum(d[0]), _pos(d[1]), _pos(d[2])
+            if s is not None and b is not None and f is not None:
+                pts.append((s, b, f))
+    if not pts:
+        return [], [], []
+    if end is not None and end > pts[-1][0]:
+        pts.append((end, pts[-1][1], pts[-1][2]))
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+
+def _metric_points(curve, key):
+    xs, ys = [], []
+    for p in curve or []:
+        if isinstance(p, dict):
+            x, y = _pos(p.get("examples")), fnum(p.get(key))
+            if x is not None and y is not None:
+                xs.append(x)
+                ys.append(y)
+    return xs, ys
+
+
+def plot_adaptive(analysis, path) -> None:
+    """The adaptive run, one row of panels per architecture (at most four): the batch size
+    the controller chose over the steps and the learning-rate factor it applied (every seed
+    at the arm's best learning rate; a ring where the run reached the target), and its
+    learning curves (validation metric vs examples seen) beside those of the recommended
+    fixed batch size."""
+    import numpy as np
+
+    archs = [a for a in architectures(analysis) if adaptive_of(a) and any(
+        _trajectory(t)[0] for t in adaptive_of(a).get("trajectories") or [] if isinstance(t, dict))]
+    if not archs:
+        raise NotEnoughData("no adaptive run stored its batch-size decisions")
+    archs = archs[:4]
+    acc = uses_accuracy(architectures(analysis))
+    key = "val_accuracy" if acc else "val_loss"
+    plt = _pyplot()
+    n = len(archs)
+    fig, axes = _subplots(n, 3, figsize=(15, 4.8 * n), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for (ax_b, ax_f, ax_c), arch in zip(axes, archs):
+        row = adaptive_of(arch)
+        trajs = [t for t in row.get("trajectories") or [] if isinstance(t, dict) and _trajectory(t)[0]]
+        for i, t in enumerate(trajs):
+            colour = cmap(i / max(1, len(trajs) - 1) * 0.9)
+            xs, bs, fs = _trajectory(t)
+            lab = f"seed {t.get('seed')}"
+            ax_b.step(xs, bs, where="post", color=colour, lw=1.5, label=lab)
+            ax_f.step(xs, fs, where="post", color=colour, lw=1.5, label=lab)
+            at = fnum(t.get("reached_at"))
+            if at is not None:
+                k = max(0, int(np.searchsorted(xs, at, side="right")) - 1)
+                ax_b.plot([at], [bs[k]], "o", ms=9, mfc="none", mec=colour, mew=1.5,
+                          label="target reached" if i == 0 else None)
+        ax_b.set_yscale("log", base=2)
+        from matplotlib.ticker import FuncFormatter
+        ax_b.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+        cands = [c for c in (_pos(x) for x in row.get("candidates") or []) if c is not None]
+        if cands:
+            ax_b.set_ylim(min(cands) / 1.5, max(cands) * 1.5)
+        ax_b.set_xlabel("optimizer step (steps)")
+        ax_b.set_ylabel("batch size in force (examples, log2 scale)")
+        ax_b.set_title("batch size chosen by the controller", fontsize=10)
+        ax_f.set_xlabel("optimizer step (steps)")
+        ax_f.set_ylabel("learning rate / starting rate (factor)")
+        ax_f.set_title(f"learning-rate factor ({(row.get('settings') or {}).get('lr_rule', 'rule')})", fontsize=10)
+        for ax in (ax_b, ax_f):
+            ax.grid(True, alpha=0.3)
+        for i, c in enumerate(row.get("curves") or []):
+            xs, ys = _metric_points((c or {}).get("curve"), key)
+            if xs:
+                ax_c.plot(xs, [100 * y for y in ys] if acc else ys, "-", color="black", lw=1.3, alpha=0.8,
+                          label=f"{adaptive_label(row)}, best LR {_fmt_g(fnum(row.get('best_lr')))}" if i == 0 else None)
+        vs = row.get("vs_fixed") or {}
+        fb = fnum(vs.get("batch_size"))
+        for i, c in enumerate(row.get("fixed_curves") or []):
+            xs, ys = _metric_points((c or {}).get("curve"), key)
+            if xs:
+                ax_c.plot(xs, [100 * y for y in ys] if acc else ys, "--", color="tab:red", lw=1.2, alpha=0.8,
+                          label=f"recommended fixed batch size B = {_fmt_g(fb)}" if i == 0 else None)
+        t, metric = fnum(arch.get("target")), str(arch.get("target_metric") or "")
+        if t is not None and (("accuracy" in metric) == acc) and "val" in metric:
+            ax_c.axhline(100 * t if acc else t, color="0.4", ls=":", lw=1, label=f"target ({target_words(arch)})")
+        if ax_c.lines:
+            ax_c.set_xscale("log")
+            if not acc:
+                _log_y(ax_c)
+        ax_c.set_xlabel("training examples seen (log scale)")
+        ax_c.set_ylabel("validation accuracy (%)" if acc else "validation loss (mean per example, log scale)")
+        ax_c.set_title("learning curves (every seed)", fontsize=10)
+        ax_c.grid(True, alpha=0.3)
+        if n > 1:
+            ax_b.set_title(f"{arch_label(arch)}: batch size chosen", fontsize=10)
+        _side_legend(ax_c)
+    _fig_legend(fig, [axes[0][0]], max_cols=6)
+    _suptitle(fig, "Adaptive batch size (fit(batch_size='adaptive')): what the controller chose", archs if n == 1 else [])
+    _save(fig, path, "adaptive batch size over training")
+
+
 _PLOTTERS = {
     "steps_examples.png": (plot_steps_examples, "Steps and examples to target vs batch size"),
     "time_to_target.png": (plot_time_to_target, "Wall-clock time to target vs batch size"),
@@ -436,11 +579,24 @@ _PLOTTERS = {
     "best_lr.png": (plot_best_lr, "Best learning rate vs batch size"),
     "throughput_memory.png": (plot_throughput_memory, "Throughput, goodput and memory vs batch size"),
     "noise_scale.png": (plot_noise_scale, "Gradient noise scale over training"),
+    ADAPTIVE_PLOT: (plot_adaptive, "Adaptive batch size over training"),
 }
 
 
+def has_adaptive(analysis) -> bool:
+    """Whether the analysis holds an adaptive arm (then :data:`ADAPTIVE_PLOT` is drawn too)."""
+    return any(adaptive_of(a) for a in architectures(analysis))
+
+
+def plot_files(analysis) -> list:
+    """The figures :func:`make_plots` draws for ``analysis``: :data:`PLOT_FILES`, and
+    :data:`ADAPTIVE_PLOT` for a study with the adaptive arm."""
+    return list(PLOT_FILES) + ([ADAPTIVE_PLOT] if has_adaptive(analysis) else [])
+
+
 def make_plots(analysis: dict, out_dir) -> list[PlotResult]:
-    """Draw every figure of :data:`PLOT_FILES` into ``out_dir`` (which must exist).
+    """Draw every figure of :data:`PLOT_FILES` into ``out_dir`` (which must exist), and
+    :data:`ADAPTIVE_PLOT` where the analysis has the adaptive arm (:func:`plot_files`).
 
     A figure without data becomes a placeholder ("not enough data: ..."); a figure that
     fails for any other reason too (with a :class:`RuntimeWarning`): this never raises
@@ -448,7 +604,7 @@ def make_plots(analysis: dict, out_dir) -> list[PlotResult]:
     """
     _pyplot()  # fail early and clearly without matplotlib
     out = []
-    for name in PLOT_FILES:
+    for name in plot_files(analysis):
         fn, title = _PLOTTERS[name]
         path = os.path.join(os.fspath(out_dir), name)
         reason = None

@@ -29,6 +29,8 @@ from minigd._io import atomic_write_text
 
 from ._fields import (
     _thresholds,
+    adaptive_label,
+    adaptive_of,
     arch_label,
     architectures,
     b_crit_of,
@@ -38,7 +40,7 @@ from ._fields import (
     target_words,
     uses_accuracy,
 )
-from .plots import PLOT_FILES, make_plots
+from .plots import ADAPTIVE_PLOT, PLOT_FILES, make_plots, plot_files
 
 __all__ = ["write_report", "build_blocks", "render_markdown", "render_html", "summary_json", "HEADLINE_KEYS"]
 
@@ -59,7 +61,12 @@ _PLOT_CAPTIONS = {
                    "the smallest batch size; grey ticks are the learning rates tried.",
     "throughput_memory.png": "Throughput and goodput (throughput × statistical efficiency) vs batch size; "
                              "memory in MiB.",
-    "noise_scale.png": "The gradient noise scale B_simple over training, for several batch sizes.",
+    "noise_scale.png": "The gradient noise scale B_simple over training, for several batch sizes "
+                       "(and the adaptive run, dashed black, where the study ran it).",
+    ADAPTIVE_PLOT: "The adaptive run (fit(batch_size='adaptive')): the batch size the controller chose over the "
+                   "steps and the learning-rate factor it applied (every seed at the arm's best learning rate; "
+                   "a ring where the target was reached), and the learning curves beside those of the "
+                   "recommended fixed batch size.",
 }
 
 
@@ -70,6 +77,7 @@ _PLOT_ALT = {
     "best_lr.png": "best learning rate vs batch size",
     "throughput_memory.png": "throughput, goodput and memory vs batch size",
     "noise_scale.png": "gradient noise scale over training",
+    ADAPTIVE_PLOT: "adaptive batch size and learning-rate factor over training, and learning curves",
 }
 
 
@@ -454,6 +462,50 @@ def answer_small_batch(arch, small=SMALL_BATCH) -> str:
                    f"{factor:g}× the fastest time ({fast_s}; {details}).")
 
 
+def _ratio(x) -> str:
+    v = fnum(x)
+    if v is None:
+        return "∞" if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isinf(x) else NOT_MEASURED
+    return f"{v:.2f}×"
+
+
+def answer_adaptive(arch) -> str:
+    """The adaptive run against the recommended fixed batch size ("" without the arm)."""
+    row = adaptive_of(arch)
+    if row is None:
+        return ""
+    head = (f"**Adaptive batch size** (`fit(batch_size='adaptive')`, starting at batch "
+            f"{_batch(row.get('start_batch_size'))}, the learning rate scaled by "
+            f"{(row.get('settings') or {}).get('lr_rule', 'its rule')}): ")
+    iv = row.get("intervals") if isinstance(row.get("intervals"), dict) else {}
+    if fnum(row.get("time_to_target")) is None:
+        return head + (f"{NOT_REACHED} — it did not reach the target in most of its seeds at any learning rate "
+                       f"tried ({', '.join(_lr(x) for x in row.get('lrs_tried') or [])}).")
+    vs = row.get("vs_fixed") if isinstance(row.get("vs_fixed"), dict) else {}
+    s = (f"{_dur(row['time_to_target'])}{_iv(iv.get('time_to_target'), _dur)} to the target "
+         f"({_count(row.get('steps_to_target'))} steps, {_count(row.get('examples_to_target'))} examples, "
+         f"learning rate {_lr(row.get('best_lr'))} at the start)")
+    if vs.get("value") is not None:
+        s += (f"; that is {_ratio(vs['value'])}{_iv(vs, _ratio)} the time of the recommended batch "
+              f"{_batch(vs.get('batch_size'))}")
+        if vs.get("wins") is not None and _resamples(arch):
+            s += f", faster in {100 * vs['wins']:.0f}% of {_resamples(arch):,} bootstrap resamples"
+    setup, loop = fnum(row.get("setup_s")), row.get("vs_fixed_loop") if isinstance(row.get("vs_fixed_loop"), dict) else {}
+    if setup is not None:
+        s += (f". Of its time, {_dur(setup)} is the one-time set-up (warming every candidate batch size and "
+              f"measuring their step times) that a fixed batch size does not pay")
+        if loop.get("value") is not None:
+            s += f"; without it, {_ratio(loop['value'])}{_iv(loop, _ratio)}"
+    fb, mb = fnum(row.get("final_batch_size")), fnum(row.get("max_batch_size"))
+    if fb is not None:
+        s += (f". The controller ended at batch {_batch(fb)} (median over seeds; largest used {_batch(mb)})"
+              if mb is not None and mb != fb else f". The controller ended at batch {_batch(fb)} (median over seeds)")
+    timing = "" if row.get("timing") != "in-trial" else "; step and set-up times from the trials themselves (no probe)"
+    edge = (f"; LR not tuned: its best learning rate is at the {row['lr_edge']} edge of those tried"
+            if row.get("lr_edge") else "")
+    return head + s + timing + edge + ". It is not a batch size: it is left out of the trade-off fit and the regimes."
+
+
 def answer_generalisation(arch, acc) -> str:
     head = "**Generalisation:** "
     vkey, gkey = ("final_val_accuracy", "gen_gap_accuracy") if acc else ("final_val_loss", "gen_gap_loss")
@@ -538,7 +590,37 @@ def batch_table(arch, acc):
                      _dur(r.get("time_to_target")) + _iv(iv.get("time_to_target"), _dur), fastest,
                      r.get("timing") or NOT_MEASURED, val, gap, _rate(r.get("throughput")),
                      _mib(r.get("memory_bytes")), regime_s])
+    row = adaptive_of(arch)
+    if row is not None:     # one more row: the adaptive run (no batch size of its own)
+        body.append(_adaptive_table_row(row, acc))
     return headers, body
+
+
+def _adaptive_table_row(r, acc) -> list:
+    """The adaptive run in the per-batch-size table: its "fastest in" cell is how often it
+    beat the recommended batch size; its regime cell says it has none."""
+    iv = r.get("intervals") if isinstance(r.get("intervals"), dict) else {}
+    lr_iv = iv.get("best_lr") if isinstance(iv.get("best_lr"), dict) else {}
+    best_lr = _lr(r.get("best_lr")) + (f" (LR not tuned: {r['lr_edge']} edge)" if r.get("lr_edge") else "")
+    frac, seeds = fnum(r.get("reached_fraction")), r.get("seeds")
+    reached = NOT_MEASURED if frac is None else (
+        f"{round(frac * seeds)}/{seeds}" if isinstance(seeds, int) and seeds > 0 else f"{100 * frac:.0f}%")
+    vs = r.get("vs_fixed") if isinstance(r.get("vs_fixed"), dict) else {}
+    wins = NOT_MEASURED if fnum(vs.get("wins")) is None else \
+        f"{100 * vs['wins']:.0f}% vs batch {_batch(vs.get('batch_size'))}"
+    if acc:
+        val, gap = _pct(r.get("final_val_accuracy")), r.get("gen_gap_accuracy")
+        gap = NOT_MEASURED if fnum(gap) is None else f"{100 * float(gap):+.1f} pts"
+    else:
+        val, gap = _g(r.get("final_val_loss")), r.get("gen_gap_loss")
+        gap = NOT_MEASURED if fnum(gap) is None else f"{float(gap):+.3g}"
+    return [adaptive_label(r), best_lr,
+            NOT_MEASURED if lr_iv.get("wins") is None else f"{100 * lr_iv['wins']:.0f}%", reached,
+            _count(r.get("steps_to_target")) + _iv(iv.get("steps_to_target"), _count),
+            _count(r.get("examples_to_target")) + _iv(iv.get("examples_to_target"), _count),
+            _dur(r.get("time_to_target")) + _iv(iv.get("time_to_target"), _dur), wins,
+            r.get("timing") or NOT_MEASURED, val, gap, "varies", _mib(r.get("memory_bytes")),
+            "not a fixed batch size (out of the fit)"]
 
 
 def norm_comparison_blocks(comp, acc) -> list:
@@ -686,11 +768,11 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
                                 f"the whole selection); percentages are how often a choice won across them."))
         for w in arch.get("warnings") or []:
             blocks.append(("p", f"Note: {w}."))
-        blocks.append(("ul", [answer_fastest(arch), answer_fewest_examples(arch), answer_fewest_steps(arch),
-                              answer_critical(arch), answer_reasonable(arch), answer_regimes(arch),
-                              answer_small_batch(arch), answer_goodput(arch),
-                              answer_generalisation(arch, acc)]))
-        blocks.append(("h3", "Per batch size"))
+        blocks.append(("ul", [x for x in (answer_fastest(arch), answer_fewest_examples(arch),
+                                          answer_fewest_steps(arch), answer_critical(arch), answer_reasonable(arch),
+                                          answer_regimes(arch), answer_small_batch(arch), answer_goodput(arch),
+                                          answer_adaptive(arch), answer_generalisation(arch, acc)) if x]))
+        blocks.append(("h3", "Per batch size" + (" (and the adaptive run)" if adaptive_of(arch) else "")))
         h, b = batch_table(arch, acc)
         if b:
             blocks.append(("table", h, b))
@@ -700,7 +782,7 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
     for comp in analysis.get("norm_comparisons") or []:
         blocks += norm_comparison_blocks(comp, acc)
     blocks.append(("h2", "Figures"))
-    plots = plots if plots is not None else [(name, None) for name in PLOT_FILES]
+    plots = plots if plots is not None else [(name, None) for name in plot_files(analysis)]
     for name, placeholder in plots:
         cap = _PLOT_CAPTIONS.get(name, name)
         if placeholder:
@@ -944,12 +1026,27 @@ def summary_json(analysis: dict) -> dict:
                 "memory_bytes": r.get("memory_bytes"),
             })
         fit = a.get("tradeoff_fit") if isinstance(a.get("tradeoff_fit"), dict) else None
+        ad = adaptive_of(a)
+        if ad is not None:
+            iv = ad.get("intervals") if isinstance(ad.get("intervals"), dict) else {}
+            ad = {"batch_size": "adaptive", "start_batch_size": ad.get("start_batch_size"),
+                  "settings": ad.get("settings"), "reached": ad.get("reached"), "status": ad.get("status"),
+                  "lr_tuned": ad.get("lr_tuned"), "lr_edge": ad.get("lr_edge"), "lrs_tried": ad.get("lrs_tried"),
+                  "in_fit": False, "timing": ad.get("timing"),
+                  "best_lr": _interval_of(iv.get("best_lr"), ad.get("best_lr")),
+                  **{k: _interval_of(iv.get(k), ad.get(k)) for k in ("steps_to_target", "examples_to_target",
+                                                                      "time_to_target", "loop_time_to_target")},
+                  "setup_s": ad.get("setup_s"), "vs_fixed": _interval_of(ad.get("vs_fixed")),
+                  "vs_fixed_loop": _interval_of(ad.get("vs_fixed_loop")),
+                  "vs_batch_size": (ad.get("vs_fixed") or {}).get("batch_size"),
+                  "final_batch_size": ad.get("final_batch_size"), "max_batch_size": ad.get("max_batch_size"),
+                  "memory_bytes": ad.get("memory_bytes")}
         entries.append({
             "architecture": arch_label(a), "sizes": a.get("sizes"), "activation": a.get("activation"),
             "optimizer": a.get("optimizer"), "norm": a.get("norm"), "target_metric": a.get("target_metric"),
             "target": a.get("target"), "b_crit_tuning": a.get("b_crit_tuning"),
             "headline": _headline_of(a), "recommendation": _recommendation_of(a.get("recommendation")),
-            "tradeoff_fit": fit, "per_batch": per_b, "warnings": list(a.get("warnings") or []),
+            "tradeoff_fit": fit, "per_batch": per_b, "adaptive": ad, "warnings": list(a.get("warnings") or []),
         })
     rec = _recommendation_of(analysis.get("recommendation"))
     top = next((e for e in entries if rec.get("architecture") and e["recommendation"].get("architecture")
@@ -958,6 +1055,10 @@ def summary_json(analysis: dict) -> dict:
         "schema": SUMMARY_SCHEMA,
         "recommendation": rec,
         "headline": top["headline"] if top else {k: _interval_of(None) for k in HEADLINE_KEYS},
+        # the adaptive run's wall time to target / the recommended batch size's (the study's
+        # adaptive arm; all None without it): {"value", "lo", "hi", "wins"}, wins = the
+        # fraction of bootstrap resamples in which the adaptive run was faster
+        "adaptive": _interval_of(analysis.get("adaptive")),
         "architectures": entries,
         "questions": analysis.get("questions") if isinstance(analysis.get("questions"), dict) else {},
         "bootstrap": analysis.get("bootstrap") if isinstance(analysis.get("bootstrap"), dict) else None,
@@ -986,7 +1087,8 @@ def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size stu
     Returns
     -------
     list of str
-        The paths written: the six PNG figures, then ``summary.md``, ``summary.html`` and
+        The paths written: the six PNG figures (seven with the adaptive arm's,
+        :data:`~minigd.report.plots.ADAPTIVE_PLOT`), then ``summary.md``, ``summary.html`` and
         ``summary.json`` (:func:`summary_json`; written first, so it exists even when the
         figures cannot be drawn).  Every file is written atomically (temporary file, then
         :func:`os.replace`).
