@@ -135,6 +135,18 @@ def _timed(cls, name, key):
 
 
 _timed(Controller, "measure", "probe")
+_measure_timed = Controller.measure
+
+
+def _measure_kept(self, *a, **k):
+    """The probe, timed; its table of seconds per step is kept for the run's record."""
+    try:
+        return _measure_timed(self, *a, **k)
+    finally:
+        _SPENT["table"] = dict(self.seconds)
+
+
+Controller.measure = _measure_kept
 _timed(Controller, "decide", "ctrl")
 _timed(NoiseTracker, "update", "ctrl")
 _timed(Backend, "last_sqnorm_sum", "ctrl")
@@ -260,6 +272,18 @@ def _robust(hist, k: int, track_every: int | None) -> float:
     return float(sum(med[c] for c in cls[:k]))
 
 
+def _prime(p: Problem, B: int) -> None:
+    """A few untimed steps at batch size B on a scratch model, and one evaluation, right before a
+    timed run: every run starts with the same warm caches (else the adaptive run, whose probe
+    runs steps just before training, would start warm and the fixed runs cold -- at a few tens of
+    steps to target, as on digits, that alone moved the per-step time by a third)."""
+    d = p.data
+    m = mg.MLP([d["n_in"], *p.hidden, d["n_out"]], activation=p.activation, loss=d["loss"], seed=12345)
+    mg.fit(m, d["Xtr"], d["ytr"], batch_size=B, steps=max(2, min(20, 2048 // B)),
+           optimizer=mg.SGD(lr=0.0, momentum=MOMENTUM), seed=12345)
+    m.evaluate(*d["val"])
+
+
 def run_arm(p: Problem, arm: dict, seed: int) -> dict:
     """One training run; a record of it (time to target INF when not reached)."""
     d = p.data
@@ -270,6 +294,7 @@ def run_arm(p: Problem, arm: dict, seed: int) -> dict:
         bs = mg.AdaptiveBatchSize(min=BASE_B, lr_rule=arm["rule"], throughput=arm.get("throughput"))
     else:
         bs = arm["B"]
+    _prime(p, BASE_B if adaptive else arm["B"])
     spent0 = dict(_SPENT)
     snap = MON._snap()
     t0 = time.perf_counter()
@@ -290,6 +315,7 @@ def run_arm(p: Problem, arm: dict, seed: int) -> dict:
            "probe_s": probe, "ctrl_s": ctrl, "wall_s": wall, "stall": round(stall, 3), "n_steps": hist.n_steps,
            "last_metric": ev.last}
     if adaptive:
+        rec["throughput_table"] = {int(b): float(t) for b, t in _SPENT.get("table", {}).items()}
         rec["decisions"] = [{"step": r["step"], "batch_size": r["batch_size"], "lr_factor": r["lr_factor"],
                              "noise": r["controller_noise_scale"], "goodput": r["goodput"]}
                             for r in (hist.adaptive or [])]
@@ -488,33 +514,42 @@ def summarize(p: Problem, res: dict, seeds) -> dict:
             row[f"{metric}_vs_median_fixed"] = row[metric] / out[f"median_fixed_{base}"]
         row["final_B"] = [int(by[s]["decisions"][-1]["batch_size"]) if by[s]["decisions"] else BASE_B for s in seeds]
         row["time_by_B"] = [by[s]["time_by_B"] for s in seeds]
+        row["throughput_tables"] = [by[s]["throughput_table"] for s in seeds]
         out["adaptive"].append(row)
     return out
 
 
 # -- controller overhead -------------------------------------------------------------------------
 def overhead(p: Problem, sizes, rounds: int, steps_of) -> list:
+    """The controller's cost at a fixed B: adaptive with one candidate vs plain ``batch_size=B``,
+    with noise tracking alone (``track_noise=4``: the tracked steps and the shorter runs of steps,
+    but no decisions) in between, interleaved rounds."""
     d = p.data
     rows = []
     for B in sizes:
         steps = steps_of(B)
-        arms = {"fixed": B, "adaptive": mg.AdaptiveBatchSize(min=B, max=B, throughput={B: 1.0})}
+        arms = {"fixed": dict(batch_size=B), "tracking": dict(batch_size=B, track_noise=4, noise_beta=0.9),
+                "adaptive": dict(batch_size=mg.AdaptiveBatchSize(min=B, max=B, throughput={B: 1.0}))}
         lr = p.base_lr * math.sqrt(B / BASE_B) * 0.25
         samples = {k: [] for k in arms}
+        names = list(arms)
         for r in range(rounds + 1):                   # round 0 warms up (untimed)
-            for name in (list(arms) if r % 2 else list(arms)[::-1]):
+            for name in names[r % 3:] + names[:r % 3]:
                 model = mg.MLP([d["n_in"], *p.hidden, d["n_out"]], activation=p.activation, loss=d["loss"], seed=r)
+                ctrl0 = _SPENT["ctrl"]
                 c0, t0 = time.process_time(), time.perf_counter()
-                hist = mg.fit(model, d["Xtr"], d["ytr"], batch_size=arms[name], steps=steps,
-                              optimizer=mg.SGD(lr=lr, momentum=MOMENTUM), seed=r)
+                hist = mg.fit(model, d["Xtr"], d["ytr"], steps=steps, optimizer=mg.SGD(lr=lr, momentum=MOMENTUM),
+                              seed=r, **arms[name])
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 if r:
                     samples[name].append({"train": float(hist.column("time")[-1]), "wall": wall, "cpu": cpu,
-                                          "robust": _robust(hist, steps, 4)})
+                                          "robust": _robust(hist, steps, 4), "ctrl": _SPENT["ctrl"] - ctrl0})
         fx, ad = samples["fixed"], samples["adaptive"]
         row = {"problem": p.name, "B": B, "steps": steps, "rounds": rounds,
                "fixed_us_per_step": 1e6 * _median([s["robust"] for s in fx]) / steps,
-               "adaptive_us_per_step": 1e6 * _median([s["robust"] for s in ad]) / steps}
+               "adaptive_us_per_step": 1e6 * _median([s["robust"] for s in ad]) / steps,
+               "ctrl_us_per_step": 1e6 * _median([s["ctrl"] for s in ad]) / steps,
+               "ctrl_us_per_decision": 1e6 * _median([s["ctrl"] for s in ad]) / (steps // 20)}
         for k in ("robust", "cpu", "train", "wall"):
             ratios = [a[k] / f[k] for a, f in zip(ad, fx)]
             row[f"{k}_ratio"], row[f"{k}_ratios"] = _median(ratios), ratios
@@ -623,11 +658,17 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         a0 = next(a for a in s["adaptive"] if a["arm"] == "adaptive adascale")
         L += ["", "adascale's training time (ms, to the target or the cap) at each batch size, per seed: " +
               "; ".join(", ".join(f"{b}: {1e3 * t:.3g}" for b, t in sorted(tb.items())) for tb in a0["time_by_B"])
-              + ".", ""]
+              + ".", "",
+              "The throughput table adascale's probe measured (seed 0; µs per step, and in brackets µs per "
+              "example): " + ", ".join(f"{b}: {1e6 * t:.3g} ({1e6 * t / b:.2g})"
+                                       for b, t in sorted(a0["throughput_tables"][0].items())) + ".", ""]
     L += ["## Controller overhead", "",
           "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
           "every 4th step and decides every 20 steps, but never changes B; nothing probed) vs `batch_size=B`, "
-          "same steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio. "
+          "and `batch_size=B, track_noise=4` (the tracked steps without the decisions) between them; same "
+          "steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio. "
+          "*controller bookkeeping*: the time in `Controller.decide`, `NoiseTracker.update` and the "
+          "per-example norms' sum, outside the step clock, per step and per decision. "
           "*steps*: the steps' time, each at the median duration of its class (tracked or not) in the run "
           "(the per-example norms of the tracked steps; preemption removed); *fit CPU*: the process CPU "
           "time of the whole `fit` call (the steps, the decisions, the noise bookkeeping and the shorter "
@@ -635,15 +676,17 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
           f"history's clock and the call's wall time (disturbed by other processes). Target <= {OVERHEAD_GOAL}.",
           "",
           "| problem | B | steps | fixed µs/step | adaptive µs/step | steps ratio | fit CPU ratio | "
-          "fit CPU µs/step (fixed / adaptive) | raw train ratio | raw wall ratio | met (steps / fit CPU) |",
-          "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+          "fit CPU µs/step: fixed / tracking only / adaptive | controller bookkeeping µs/step (per decision) | "
+          "raw train ratio | raw wall ratio | met (steps / fit CPU) |",
+          "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|"]
     for r in ovh:
         ok = ["yes" if r[k] <= OVERHEAD_GOAL else "**no**" for k in ("robust_ratio", "cpu_ratio")]
         c = r["cpu_us_per_step"]
         L.append(f"| {r['problem']} | {r['B']} | {r['steps']} | {r['fixed_us_per_step']:.1f} | "
                  f"{r['adaptive_us_per_step']:.1f} | {r['robust_ratio']:.3f} | {r['cpu_ratio']:.3f} | "
-                 f"{c['fixed']:.1f} / {c['adaptive']:.1f} | {r['train_ratio']:.3f} | {r['wall_ratio']:.3f} | "
-                 f"{ok[0]} / {ok[1]} |")
+                 f"{c['fixed']:.1f} / {c['tracking']:.1f} / {c['adaptive']:.1f} | "
+                 f"{r['ctrl_us_per_step']:.1f} ({r['ctrl_us_per_decision']:.0f}) | {r['train_ratio']:.3f} | "
+                 f"{r['wall_ratio']:.3f} | {ok[0]} / {ok[1]} |")
     L += ["", "Plot: `adaptive.png` (batch size, noise scale and learning-rate factor the controller chose, "
           "one seed per problem)."]
     return "\n".join(L) + "\n"
