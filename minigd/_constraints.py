@@ -366,7 +366,8 @@ class DType(Constraint):
 
     def problem(self, value):
         dt = self._dtype(value)
-        return None if dt in (np.dtype(np.float32), np.dtype(np.float64)) else self.expected
+        # (``dt is not None`` first: numpy compares None equal to float64, np.dtype(None))
+        return None if dt is not None and dt in (np.dtype(np.float32), np.dtype(np.float64)) else self.expected
 
     def normalise(self, value):
         return self._dtype(value)

@@ -241,7 +241,8 @@ def test_allocation_probe_detects_a_per_step_temporary(monkeypatch):
         _, peak, p_bytes = _alloc_run("cpu-loops", "float64", 8, steps=260, warm=250)
     finally:
         tracemalloc.stop()
-    assert peak >= p_bytes
+    # (a few hundred bytes of the loop's own per-run objects may be live at the start mark)
+    assert peak >= 0.9 * p_bytes > 24_000
 
 
 # ============================================================================ workspace reserve
