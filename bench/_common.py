@@ -1,4 +1,5 @@
 """Small helpers shared by the bench scripts (imported from the scripts' own directory)."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import time
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (else platform.processor(), else "?")."""
     from minigd.study.executors import cpu_model as _model
+
     return _model(default=platform.processor() or "?")
 
 
@@ -38,6 +40,7 @@ def train_step_runner(sizes, backend, X, y, yf, idx, B):
     def run(k, impl=impl, m=m, opt=opt):
         for _ in range(k):
             impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
+
     return run
 
 
@@ -82,19 +85,23 @@ def log(msg: str) -> None:
 def machine() -> dict:
     """What the results were measured on: Python, platform, CPU (model, logical CPUs, SIMD
     flags), numpy / numba / scipy versions and their BLAS, and minigd's git commit."""
-    info = {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": cpu_model(), "logical_cpus": os.cpu_count()}
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             txt = f.read()
         flags = next((ln for ln in txt.splitlines() if ln.startswith("flags")), "")
-        info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-                                if f" {f}" in flags)
+        info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f" {f}" in flags)
     except OSError:
         pass
     try:
         import numba
         import numpy as np
+
         info["numpy"] = np.__version__
         info["numba"] = numba.__version__
         blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
@@ -103,16 +110,24 @@ def machine() -> dict:
         pass
     try:
         root = os.path.dirname(HERE)
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode == 0:
-            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "minigd", "kernels"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            info["minigd_commit"] = head.stdout.strip() + (" (+ uncommitted changes in minigd/kernels)" if dirty else "")
+            dirty = subprocess.run(
+                ["git", "-C", root, "status", "--porcelain", "--", "minigd", "kernels"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            info["minigd_commit"] = head.stdout.strip() + (
+                " (+ uncommitted changes in minigd/kernels)" if dirty else ""
+            )
     except (OSError, subprocess.SubprocessError):
         pass
     try:
         import scipy
+
         info["scipy"] = scipy.__version__
         blas = scipy.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
         info["scipy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()

@@ -2,13 +2,13 @@
 peer's contenders (runners ``run(k)`` that do k steps): minigd, PyTorch eager, torch.func,
 BackPACK, scikit-learn and the GEMM chains, plus the end-to-end training loops.
 """
+
 from __future__ import annotations
 
 import os
 import time
 
 from _common import THREAD_VARS
-
 
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
 
@@ -54,15 +54,19 @@ def _import_peer(name: str, wanted):
     try:
         if name == "torch":
             import torch
+
             return torch, f"torch {torch.__version__}"
         if name == "sklearn":
             import sklearn
             from sklearn.neural_network import MLPClassifier  # noqa: F401
+
             return sklearn, f"scikit-learn {sklearn.__version__}"
         if name == "backpack":
+            from importlib.metadata import version
+
             import backpack
             from backpack.extensions import BatchL2Grad, Variance  # noqa: F401
-            from importlib.metadata import version
+
             try:
                 v = version("backpack-for-pytorch")
             except Exception:  # pragma: no cover
@@ -76,12 +80,18 @@ def _import_peer(name: str, wanted):
 def _pinned(torch) -> dict:
     """What each library reports as its thread count, in this process."""
     import numba
+
     out = {"env": {k: os.environ.get(k) for k in THREAD_VARS}, "numba": numba.get_num_threads()}
     try:
         import threadpoolctl
-        out["threadpools"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads",
-                                                      "threading_layer", "architecture", "filepath")}
-                              for p in threadpoolctl.threadpool_info()]
+
+        out["threadpools"] = [
+            {
+                k: p.get(k)
+                for k in ("internal_api", "version", "num_threads", "threading_layer", "architecture", "filepath")
+            }
+            for p in threadpoolctl.threadpool_info()
+        ]
         for p in out["threadpools"]:
             p["filepath"] = os.path.basename(p["filepath"] or "")
     except Exception as e:  # pragma: no cover - informational
@@ -93,8 +103,11 @@ def _pinned(torch) -> dict:
 
 def _torch_info(torch) -> dict:
     """Version and build configuration of torch (read in a benchmark subprocess)."""
-    return {"version": torch.__version__, "config": torch.__config__.show(),
-            "parallel": torch.__config__.parallel_info()}
+    return {
+        "version": torch.__version__,
+        "config": torch.__config__.show(),
+        "parallel": torch.__config__.parallel_info(),
+    }
 
 
 def _torch_mlp(torch, m):
@@ -131,6 +144,7 @@ def _gemm_chain(np, sizes, B, rng):
                 np.matmul(acts[l].T, ds[l], out=gWs[l])
                 if l > 0:
                     np.matmul(ds[l], Ws[l].T, out=dprev[l])
+
     return run
 
 
@@ -153,6 +167,7 @@ def _gemm_chain_torch(torch, sizes, B):
                 torch.mm(acts[l].t(), ds[l], out=gWs[l])
                 if l > 0:
                     torch.mm(ds[l], Ws[l].t(), out=dprev[l])
+
     return run
 
 
@@ -161,10 +176,20 @@ def _sklearn_runner(np, sizes, B, rng):
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
+
     n_out = sizes[-1]
-    clf = MLPClassifier(hidden_layer_sizes=tuple(sizes[1:-1]), activation="relu", solver="sgd",
-                        batch_size=B, learning_rate_init=1e-3, momentum=0.0, nesterovs_momentum=False,
-                        alpha=0.0, shuffle=False, random_state=0)
+    clf = MLPClassifier(
+        hidden_layer_sizes=tuple(sizes[1:-1]),
+        activation="relu",
+        solver="sgd",
+        batch_size=B,
+        learning_rate_init=1e-3,
+        momentum=0.0,
+        nesterovs_momentum=False,
+        alpha=0.0,
+        shuffle=False,
+        random_state=0,
+    )
     data = {"X": np.empty((0, sizes[0]), np.float32), "y": np.empty(0, np.int64)}
 
     def rows(k):
@@ -172,7 +197,7 @@ def _sklearn_runner(np, sizes, B, rng):
         if len(data["X"]) < need:
             m = max(need, 2 * len(data["X"]), n_out)
             data["X"] = rng.standard_normal((m, sizes[0])).astype(np.float32)
-            data["y"] = (np.arange(m) % n_out).astype(np.int64)   # every class present
+            data["y"] = (np.arange(m) % n_out).astype(np.int64)  # every class present
         return data["X"][:need], data["y"][:need]
 
     Xi, yi = rows(max(1, -(-n_out // B)))
@@ -182,7 +207,8 @@ def _sklearn_runner(np, sizes, B, rng):
 
     def run(k):
         Xk, yk = rows(k)
-        clf.partial_fit(Xk, yk)      # one epoch over k*B rows = k steps of batch B
+        clf.partial_fit(Xk, yk)  # one epoch over k*B rows = k steps of batch B
+
     return run
 
 
@@ -230,6 +256,7 @@ def _torch_stats(torch, mg, sizes, X, y, idx, B, backpack) -> dict:
     import copy
 
     from torch.func import functional_call, grad, vmap
+
     F = torch.nn.functional
     tm = _torch_mlp(torch, mg.MLP(sizes, seed=0))
     ce = torch.nn.CrossEntropyLoss()
@@ -245,6 +272,7 @@ def _torch_stats(torch, mg, sizes, X, y, idx, B, backpack) -> dict:
 
     def loss_one(p, x, t):
         return F.cross_entropy(functional_call(tm, p, (x.unsqueeze(0),)), t.unsqueeze(0))
+
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
 
     def tf_norms(k):
@@ -266,6 +294,7 @@ def _torch_stats(torch, mg, sizes, X, y, idx, B, backpack) -> dict:
         from backpack import backpack as bp_ctx
         from backpack import extend
         from backpack.extensions import BatchL2Grad, Variance
+
         bm = extend(copy.deepcopy(tm))
         bce = extend(torch.nn.CrossEntropyLoss())
 
@@ -288,6 +317,7 @@ def _torch_stats(torch, mg, sizes, X, y, idx, B, backpack) -> dict:
                 loss = bce(bm(Xt[it]), yt[it])
                 with bp_ctx(Variance()):
                     loss.backward()
+
         out.update({"bp_plain": bp_plain, "bp_l2": bp_l2, "bp_var": bp_var})
     return out
 
@@ -295,6 +325,7 @@ def _torch_stats(torch, mg, sizes, X, y, idx, B, backpack) -> dict:
 def _digits(np):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
     d = load_digits()
     X = (d.data / 16).astype(np.float32)
     y = d.target.astype(np.int64)
@@ -311,24 +342,40 @@ def _e2e_minigd(mg, Xt, yt, Xv, yv, B, lr, every, seed, target, max_epochs) -> d
         r = evaluate(X, y)
         ev[0] += time.perf_counter() - t0
         return r
-    m.evaluate = timed_evaluate       # fit calls model.evaluate: exclude its time
+
+    m.evaluate = timed_evaluate  # fit calls model.evaluate: exclude its time
     t0 = time.perf_counter()
-    h = mg.fit(m, Xt, yt, batch_size=B, epochs=max_epochs, optimizer=mg.SGD(lr=lr, momentum=0.9),
-               validation=(Xv, yv), eval_every=every, target={"val_accuracy": target}, seed=seed)
+    h = mg.fit(
+        m,
+        Xt,
+        yt,
+        batch_size=B,
+        epochs=max_epochs,
+        optimizer=mg.SGD(lr=lr, momentum=0.9),
+        validation=(Xv, yv),
+        eval_every=every,
+        target={"val_accuracy": target},
+        seed=seed,
+    )
     wall = time.perf_counter() - t0 - ev[0]
-    return {"seed": seed, "reached": bool(h.reached), "steps": h.steps_to_target, "wall_s": wall,
-            "step_time_s": h.time_to_target}
+    return {
+        "seed": seed,
+        "reached": bool(h.reached),
+        "steps": h.steps_to_target,
+        "wall_s": wall,
+        "step_time_s": h.time_to_target,
+    }
 
 
 def _e2e_torch(torch, np, mg, Xt, yt, Xv, yv, B, lr, every, seed, target, max_epochs) -> dict:
-    tm = _torch_mlp(torch, mg.MLP(E2E_SIZES, seed=seed))       # minigd's He-uniform init
+    tm = _torch_mlp(torch, mg.MLP(E2E_SIZES, seed=seed))  # minigd's He-uniform init
     ce = torch.nn.CrossEntropyLoss()
     t0 = time.perf_counter()
     opt = torch.optim.SGD(tm.parameters(), lr=lr, momentum=0.9)
     X_, y_ = torch.from_numpy(Xt), torch.from_numpy(yt)
     Xv_, yv_ = torch.from_numpy(Xv), torch.from_numpy(yv)
     n = len(Xt)
-    rng = np.random.default_rng(seed)             # minigd's shuffle sampler, replayed
+    rng = np.random.default_rng(seed)  # minigd's shuffle sampler, replayed
     order = np.arange(n, dtype=np.int64)
     per_epoch = -(-n // B)
     step, ev, reached = 0, 0.0, False
@@ -336,7 +383,7 @@ def _e2e_torch(torch, np, mg, Xt, yt, Xv, yv, B, lr, every, seed, target, max_ep
         rng.shuffle(order)
         src = torch.from_numpy(order)
         for k in range(per_epoch):
-            idx = src[k * B:(k + 1) * B]
+            idx = src[k * B : (k + 1) * B]
             xb, yb = X_[idx], y_[idx]
             opt.zero_grad(set_to_none=True)
             loss = ce(tm(xb), yb)

@@ -2,6 +2,7 @@
 every timed block (:class:`Machine`), and named runners timed in interleaved rounds with
 medians per runner (:class:`Rounds`).  See ``bench/README.md``, "Conventions".
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ class Machine:
 
     def __init__(self, quiet=0.25, stall=0.05, max_wait=3.0, budget=90.0):
         self.quiet, self.stall, self.max_wait, self.budget = quiet, stall, max_wait, budget
-        self.retime_budget = budget       # seconds of re-timed blocks per process
+        self.retime_budget = budget  # seconds of re-timed blocks per process
         self.retime_s = 0.0
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.has_stat = os.path.exists("/proc/stat")
@@ -97,8 +98,14 @@ class Machine:
         return dt / k, bad
 
     def summary(self) -> dict:
-        return {"blocks": self.blocks, "retimed": self.retimed, "contended": self.contended,
-                "waited_s": round(self.waited, 1), "proc_stat": self.has_stat, "psi": self.has_psi}
+        return {
+            "blocks": self.blocks,
+            "retimed": self.retimed,
+            "contended": self.contended,
+            "waited_s": round(self.waited, 1),
+            "proc_stat": self.has_stat,
+            "psi": self.has_psi,
+        }
 
 
 #: one per process (see Machine)
@@ -113,10 +120,11 @@ class Rounds:
 
     def run(self) -> dict:
         import numpy as np
+
         reps = {}
         for name, fn in self.runners.items():
             fn(1)
-            fn(1)                       # warm-up: JIT, caches, first touch, lazy init
+            fn(1)  # warm-up: JIT, caches, first touch, lazy init
             t0 = time.perf_counter()
             fn(2)
             per = (time.perf_counter() - t0) / 2
@@ -125,7 +133,7 @@ class Rounds:
         samples = {n: [] for n in names}
         bad = {n: [] for n in names}
         for r in range(self.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 t, b = MACHINE.time_block(self.runners[name], reps[name], self.gap_s)
                 samples[name].append(t)
@@ -141,6 +149,7 @@ class Rounds:
     def noisy(self, rel_iqr: float = NOISY_IQR) -> list:
         """Runners whose rounds spread by more than rel_iqr (interquartile range / median)."""
         import numpy as np
+
         out = []
         for n, v in self.clean.items():
             if len(v) >= 4:

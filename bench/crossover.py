@@ -7,6 +7,7 @@ wins.  ``CpuBackend.default_blas_min_batch`` encodes the result.
 
     OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/crossover.py
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def main(quick: bool = False) -> list:
             impl.reserve(B)
             modes = {"loops": (10**9, True), "blas": (1, True), "py-blas": (1, False)}
             t = {k: [] for k in modes}
-            for k, (mb, cb) in modes.items():
+            for mb, cb in modes.values():
                 impl.blas_min_batch, impl.compiled_blas = mb, cb
                 impl.train_step(m.params, m._grad, X, y, yf, idx, B, opt, 1e-3, 1)
             # about 40 ms of work per mode and round (200 reps for small models)
@@ -66,14 +67,21 @@ def main(quick: bool = False) -> list:
 def write(rows: list, out_dir: str = RESULTS) -> None:
     os.makedirs(out_dir, exist_ok=True)
     env = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    lines = ["# Loops vs BLAS crossover (bench/crossover.py)", "",
-             f"One `train_step`, float32, ReLU, softmax-CE, SGD; threads {env}; medians of 7 interleaved "
-             "rounds. `blas` = the compiled BLAS step (numba np.dot via SciPy); `py-blas` = BLAS driven "
-             "from Python (no SciPy).", "",
-             "| sizes | batch | loops µs | blas µs | py-blas µs |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "# Loops vs BLAS crossover (bench/crossover.py)",
+        "",
+        f"One `train_step`, float32, ReLU, softmax-CE, SGD; threads {env}; medians of 7 interleaved "
+        "rounds. `blas` = the compiled BLAS step (numba np.dot via SciPy); `py-blas` = BLAS driven "
+        "from Python (no SciPy).",
+        "",
+        "| sizes | batch | loops µs | blas µs | py-blas µs |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {'-'.join(map(str, r['sizes']))} | {r['batch']} | {r['loops']:.1f} | "
-                     f"{r['blas']:.1f} | {r['py-blas']:.1f} |")
+        lines.append(
+            f"| {'-'.join(map(str, r['sizes']))} | {r['batch']} | {r['loops']:.1f} | "
+            f"{r['blas']:.1f} | {r['py-blas']:.1f} |"
+        )
     atomic_write_text(os.path.join(out_dir, "crossover.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(out_dir, "crossover.json"), json.dumps({"threads": env, "rows": rows}, indent=1))
 

@@ -27,6 +27,7 @@ Models 64-128-128-10 and 784-256-256-10, ReLU, softmax cross-entropy, float32,
 * ``torch cuda``: a PyTorch ``nn.Sequential`` with ``torch.optim.SGD`` on the device, the
   data on the device, the loss kept on the device (``.item()`` only at the end of a block).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
 BATCHES = (1, 2, 8, 32, 128, 512, 2048, 8192)
-GRAPH_MAX_MEASURED = 2048   # the tiled-GEMM graph regime is timed up to this batch size
+GRAPH_MAX_MEASURED = 2048  # the tiled-GEMM graph regime is timed up to this batch size
 
 
 def _block_time(fn, min_time):
@@ -78,15 +79,15 @@ def contenders(sizes, B, n, read_every):
         def step(reps, impl=impl, m=m, Xc=Xc, yi=yi, yf=yf, st=st, idx=idx):
             for r in range(reps):
                 s = (r % 64) * B
-                impl.train_step(m.params, m._grad, Xc, yi, yf, idx[s:s + B], B, st, 1e-3, r + 1)
+                impl.train_step(m.params, m._grad, Xc, yi, yf, idx[s : s + B], B, st, 1e-3, r + 1)
 
         out[f"{backend} step"] = step
         if backend == "gpu":
+
             def resident(reps, impl=impl, m=m, Xc=Xc, yi=yi, yf=yf, st=st, idx=idx):
                 k = max(1, reps)
                 ii = np.resize(idx, k * B)
-                impl.run_steps(m.params, Xc, yi, yf, ii, B, k, st, np.full(k, 1e-3), 1,
-                               read_every=read_every)
+                impl.run_steps(m.params, Xc, yi, yf, ii, B, k, st, np.full(k, 1e-3), 1, read_every=read_every)
 
             out["gpu resident"] = resident
             # the two regimes side by side, to set graph_max_batch from the crossover
@@ -100,8 +101,19 @@ def contenders(sizes, B, n, read_every):
 
                 def regime(reps, impl=mm.backend_impl, m=mm, Xc=Xc, yi=yi, yf=yf, st=sm, idx=idx):
                     k = max(1, reps)
-                    impl.run_steps(m.params, Xc, yi, yf, np.resize(idx, k * B), B, k, st, np.full(k, 1e-3), 1,
-                                   read_every=read_every)
+                    impl.run_steps(
+                        m.params,
+                        Xc,
+                        yi,
+                        yf,
+                        np.resize(idx, k * B),
+                        B,
+                        k,
+                        st,
+                        np.full(k, 1e-3),
+                        1,
+                        read_every=read_every,
+                    )
 
                 out[f"resident {name}"] = regime
     torch_fn = _torch_contender(sizes, X, y, B)
@@ -136,7 +148,7 @@ def _torch_contender(sizes, X, y, B):
         acc = torch.zeros((), device=dev)
         for r in range(reps):
             s = (r % 64) * B
-            ii = idx[s:s + B]
+            ii = idx[s : s + B]
             opt.zero_grad(set_to_none=True)
             loss = lossf(net(Xd[ii]), yd[ii])
             loss.backward()
@@ -160,7 +172,7 @@ def measure(quick, rounds, read_every):
             cs = contenders(sizes, B, n, read_every)
             reps = {}
             for name, fn in cs.items():
-                fn(2)   # warm up: compile, capture the graph, cuBLAS handles
+                fn(2)  # warm up: compile, capture the graph, cuBLAS handles
                 reps[name] = _block_time(fn, min_time)
             times = {name: [] for name in cs}
             for _ in range(rounds):
@@ -179,16 +191,26 @@ def device_info():
     from minigd.backends import gpu_emulator
 
     if gpu_emulator() is not None:
-        return {"gpu": "EMULATED on the CPU (minigd.testing.gpu_emu): these are emulator times, "
-                       "NOT GPU timings", "cuda_runtime": "-", "driver": "-", "cupy": "-",
-                "cpu": cpu_model(), "python": platform.python_version()}
+        return {
+            "gpu": "EMULATED on the CPU (minigd.testing.gpu_emu): these are emulator times, NOT GPU timings",
+            "cuda_runtime": "-",
+            "driver": "-",
+            "cupy": "-",
+            "cpu": cpu_model(),
+            "python": platform.python_version(),
+        }
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return {"gpu": name, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-            "driver": cupy.cuda.runtime.driverGetVersion(), "cupy": cupy.__version__,
-            "cpu": cpu_model(), "python": platform.python_version()}
+    return {
+        "gpu": name,
+        "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+        "driver": cupy.cuda.runtime.driverGetVersion(),
+        "cupy": cupy.__version__,
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+    }
 
 
 def write(rows, info, outdir):
@@ -197,15 +219,24 @@ def write(rows, info, outdir):
     os.makedirs(outdir, exist_ok=True)
     names = ("gpu step", "gpu resident", "resident graph", "resident cublas", "cpu step", "torch cuda")
     cols = [c for c in names if any(c in r for r in rows)]
-    lines = ["# GPU training step (µs per step, median of interleaved rounds)", "",
-             f"GPU: {info['gpu']}; CUDA runtime {info['cuda_runtime']}, driver {info['driver']}, "
-             f"CuPy {info['cupy']}; CPU: {info['cpu']}.", "",
-             "| model | batch | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    lines = [
+        "# GPU training step (µs per step, median of interleaved rounds)",
+        "",
+        f"GPU: {info['gpu']}; CUDA runtime {info['cuda_runtime']}, driver {info['driver']}, "
+        f"CuPy {info['cupy']}; CPU: {info['cpu']}.",
+        "",
+        "| model | batch | " + " | ".join(cols) + " |",
+        "|---|---:|" + "---:|" * len(cols),
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | " +
-                     " | ".join(f"{r[c]:.1f}" if c in r else "-" for c in cols) + " |")
-    lines += ["", "`resident graph` / `resident cublas`: `run_steps` with every batch on the CUDA-graph "
-              "path (tiled GEMMs) or on cuBLAS; where they cross is the `graph_max_batch` to set."]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | " + " | ".join(f"{r[c]:.1f}" if c in r else "-" for c in cols) + " |"
+        )
+    lines += [
+        "",
+        "`resident graph` / `resident cublas`: `run_steps` with every batch on the CUDA-graph "
+        "path (tiled GEMMs) or on cuBLAS; where they cross is the `graph_max_batch` to set.",
+    ]
     atomic_write_text(os.path.join(outdir, "gpu.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(outdir, "gpu.json"), json.dumps({"info": info, "rows": rows}, indent=1))
 
@@ -225,8 +256,11 @@ def main(argv=None):
         print(f"bench/gpu.py: no usable GPU here, nothing measured: {reason}")
         return 0
     if gpu_emulator() is not None and os.path.abspath(args.out) == os.path.abspath(RESULTS):
-        print("bench/gpu.py: MINIGD_GPU_EMULATE is set: emulator times are not GPU timings and are not "
-              "written into bench/results; pass --out DIR for a smoke run", file=sys.stderr)
+        print(
+            "bench/gpu.py: MINIGD_GPU_EMULATE is set: emulator times are not GPU timings and are not "
+            "written into bench/results; pass --out DIR for a smoke run",
+            file=sys.stderr,
+        )
         return 2
     rounds = args.rounds or (1 if args.quick else 5)
     rows = measure(args.quick, rounds, args.read_every)

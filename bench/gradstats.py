@@ -58,6 +58,7 @@ Every operation of a (model, batch) pair runs in interleaved rounds; per round e
 to ``plain`` (or to the plain train step) is taken, and the median over rounds is
 reported, so machine noise hits numerator and denominator alike.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,9 +71,8 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 import _common  # noqa: E402
+import numpy as np  # noqa: E402
 from _common import atomic_write, synthetic_data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,8 +80,7 @@ RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
 DTYPES = ("float32", "float64")
 BATCHES = (8, 32, 128, 512)
-OPS = ("plain", "norms", "moments", "moments-exact", "moments-shortcut", "per-example", "train",
-       "train-sqn", "tracked")
+OPS = ("plain", "norms", "moments", "moments-exact", "moments-shortcut", "per-example", "train", "train-sqn", "tracked")
 
 
 def _runners(sizes, B, X, y, dtype="float32"):
@@ -99,7 +98,7 @@ def _runners(sizes, B, X, y, dtype="float32"):
     mean = np.zeros(P)
     m2 = np.zeros(P)
     out = np.empty((B, P), dtype)
-    opt = mg.SGD(lr=0.0, momentum=0.9).init(m.params)     # lr 0: parameters stay put
+    opt = mg.SGD(lr=0.0, momentum=0.9).init(m.params)  # lr 0: parameters stay put
     tracker = NoiseTracker(len(X))
     params, grad = m.params, m._grad
 
@@ -132,9 +131,21 @@ def _runners(sizes, B, X, y, dtype="float32"):
         if ok:
             tracker.update(0, B, sum64(impl.last_sqnorms(B)), gsq)
 
-    return {"plain": plain, "norms": norms, "moments": moments, "moments-exact": moments_exact,
-            "moments-shortcut": moments_shortcut, "per-example": per_example,
-            "train": train, "train-sqn": train_sqn, "tracked": tracked}, impl.use_blas(B), P
+    return (
+        {
+            "plain": plain,
+            "norms": norms,
+            "moments": moments,
+            "moments-exact": moments_exact,
+            "moments-shortcut": moments_shortcut,
+            "per-example": per_example,
+            "train": train,
+            "train-sqn": train_sqn,
+            "tracked": tracked,
+        },
+        impl.use_blas(B),
+        P,
+    )
 
 
 #: the clock of every timing: wall time, or with ``--clock cpu`` this thread's CPU time (on
@@ -161,7 +172,7 @@ def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> lis
             reps = {}
             for op, fn in fns.items():
                 fn()
-                fn()   # warm-up: JIT / caches / first-touch of buffers
+                fn()  # warm-up: JIT / caches / first-touch of buffers
                 per = _time(fn, 2)
                 reps[op] = max(1, int(target_s / max(per, 1e-7)))
             samples = {op: [] for op in fns}
@@ -169,10 +180,15 @@ def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> lis
                 for op, fn in fns.items():
                     samples[op].append(_time(fn, reps[op]))
             s = {op: np.asarray(v) for op, v in samples.items()}
-            row = {"model": "-".join(map(str, sizes)), "batch": B, "dtype": dtype, "P": P,
-                   "path": "blas" if blas else "loops",
-                   "plain_us": float(np.median(s["plain"]) * 1e6),
-                   "train_us": float(np.median(s["train"]) * 1e6)}
+            row = {
+                "model": "-".join(map(str, sizes)),
+                "batch": B,
+                "dtype": dtype,
+                "P": P,
+                "path": "blas" if blas else "loops",
+                "plain_us": float(np.median(s["plain"]) * 1e6),
+                "train_us": float(np.median(s["train"]) * 1e6),
+            }
             for op in ("norms", "moments", "moments-exact", "moments-shortcut", "per-example"):
                 row[f"{op}_x"] = float(np.median(s[op] / s["plain"]))
             row["train-sqn_x"] = float(np.median(s["train-sqn"] / s["train"]))
@@ -184,38 +200,56 @@ def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> lis
 
 def machine() -> dict:
     """The shared machine description, with the thread counts this process runs on."""
-    return dict(_common.machine(),
-                threads={k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    return dict(
+        _common.machine(), threads={k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    )
 
 
 def to_markdown(result: dict) -> str:
     mi = result["machine"]
-    lines = ["# Gradient-statistics benchmark (bench/gradstats.py)", "",
-             *([f"Run {result['date']}, timed by {result.get('clock', 'wall')} clock"
-                + (" (this thread's CPU time: the machine was shared with other work)"
-                   if result.get("clock") == "cpu" else "") + "."] if result.get("date") else []),
-             f"Machine: {mi.get('cpu')}; numpy {mi.get('numpy')}, numba {mi.get('numba')}, "
-             f"Python {mi.get('python')}; threads {mi.get('threads')}.", "",
-             "cpu backend, ReLU, softmax cross-entropy, Gaussian inputs. Ratios are "
-             "medians over interleaved rounds of (operation time / plain step time), the "
-             "plain step being forward + backward (`loss_grad`) on the same batch and dtype; "
-             "`train_step(want_sqn)` and `tracked` (that plus the tracker's "
-             "bookkeeping: `fit`'s per-step work with `track_noise=1`) are relative to a plain "
-             "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
-             "shortcut for float64 models, the two-pass form for float32 ones); `two-pass` "
-             "(`exact=True`: results bitwise those before issue 20) and `shortcut` "
-             "(`exact=False`) are measured in the same rounds. Targets: norms <= 1.10, moments "
-             "<= 1.8, tracked <= 1.10 at B = 32..256. (What bounds moments: see the module "
-             "docstring; the kernel before and after issue 20 side by side: "
-             "gradstats_issue20.md.)", "",
-             "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | per-example grads | train µs | train_step(want_sqn) | tracked step |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Gradient-statistics benchmark (bench/gradstats.py)",
+        "",
+        *(
+            [
+                f"Run {result['date']}, timed by {result.get('clock', 'wall')} clock"
+                + (
+                    " (this thread's CPU time: the machine was shared with other work)"
+                    if result.get("clock") == "cpu"
+                    else ""
+                )
+                + "."
+            ]
+            if result.get("date")
+            else []
+        ),
+        f"Machine: {mi.get('cpu')}; numpy {mi.get('numpy')}, numba {mi.get('numba')}, "
+        f"Python {mi.get('python')}; threads {mi.get('threads')}.",
+        "",
+        "cpu backend, ReLU, softmax cross-entropy, Gaussian inputs. Ratios are "
+        "medians over interleaved rounds of (operation time / plain step time), the "
+        "plain step being forward + backward (`loss_grad`) on the same batch and dtype; "
+        "`train_step(want_sqn)` and `tracked` (that plus the tracker's "
+        "bookkeeping: `fit`'s per-step work with `track_noise=1`) are relative to a plain "
+        "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
+        "shortcut for float64 models, the two-pass form for float32 ones); `two-pass` "
+        "(`exact=True`: results bitwise those before issue 20) and `shortcut` "
+        "(`exact=False`) are measured in the same rounds. Targets: norms <= 1.10, moments "
+        "<= 1.8, tracked <= 1.10 at B = 32..256. (What bounds moments: see the module "
+        "docstring; the kernel before and after issue 20 side by side: "
+        "gradstats_issue20.md.)",
+        "",
+        "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | per-example grads | train µs | train_step(want_sqn) | tracked step |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r.get('dtype', 'float32')} | {r['path']} | "
-                     f"{r['plain_us']:.1f} | {r['norms_x']:.2f}x | {r['moments_x']:.2f}x | "
-                     f"{r['moments-exact_x']:.2f}x | {r['moments-shortcut_x']:.2f}x | "
-                     f"{r['per-example_x']:.2f}x | "
-                     f"{r['train_us']:.1f} | {r['train-sqn_x']:.2f}x | {r['tracked_x']:.2f}x |")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r.get('dtype', 'float32')} | {r['path']} | "
+            f"{r['plain_us']:.1f} | {r['norms_x']:.2f}x | {r['moments_x']:.2f}x | "
+            f"{r['moments-exact_x']:.2f}x | {r['moments-shortcut_x']:.2f}x | "
+            f"{r['per-example_x']:.2f}x | "
+            f"{r['train_us']:.1f} | {r['train-sqn_x']:.2f}x | {r['tracked_x']:.2f}x |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -225,8 +259,12 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke test)")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--target", type=float, default=0.03, help="seconds per operation per round")
-    p.add_argument("--clock", choices=sorted(_CLOCK), default="wall",
-                   help="wall time, or this thread's CPU time (on a machine shared with other work)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(_CLOCK),
+        default="wall",
+        help="wall time, or this thread's CPU time (on a machine shared with other work)",
+    )
     p.add_argument("--out", default=RESULTS, help="directory for gradstats.md/.json ('' = don't write)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of model dtypes")
     args = p.parse_args(argv)
@@ -237,8 +275,12 @@ def main(argv=None) -> dict:
         models, batches, rounds, target = [[4, 3, 2]], [1, 8], 1, 0.001
     else:
         models, batches, rounds, target = [list(m) for m in MODELS], list(BATCHES), args.rounds, args.target
-    result = {"date": time.strftime("%Y-%m-%d"), "clock": args.clock, "machine": machine(),
-              "rows": measure(models, batches, rounds, target, dtypes)}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "clock": args.clock,
+        "machine": machine(),
+        "rows": measure(models, batches, rounds, target, dtypes),
+    }
     md = to_markdown(result)
     print(md)
     if args.out and not args.quick:

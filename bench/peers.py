@@ -78,6 +78,7 @@ its wall time, re-times it (at most twice), and takes the medians over uncontend
 when at least 3 exist.  The counts are printed per thread count; cells whose rounds still
 spread by more than 25% are marked †, and every round's time is in peers.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,6 +125,7 @@ def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, thre
     import numpy as np
 
     import minigd as mg
+
     torch, sklearn = peers.get("torch"), peers.get("sklearn")
     rng = np.random.default_rng(0)
     rows, gemm_rows = [], []
@@ -151,6 +153,7 @@ def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, thre
                         loss = ce(tm(xb), yb)
                         loss.backward()
                         topt.step()
+
                 runners["torch"] = trun
             if sklearn is not None:
                 runners["sklearn"] = _sklearn_runner(np, sizes, B, rng)
@@ -175,12 +178,20 @@ def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, thre
                     if k in med:
                         row[f"{k}_over_minigd"] = med[k] / med["minigd"]
             rows.append(row)
-            log(f"[peers {threads}T] step {row['model']} B={B}: " +
-                 ", ".join(f"{k} {v * 1e6:.1f}us" for k, v in med.items()))
+            log(
+                f"[peers {threads}T] step {row['model']} B={B}: "
+                + ", ".join(f"{k} {v * 1e6:.1f}us" for k, v in med.items())
+            )
             if "gemm" in med:
                 F = step_flops(sizes, B)
-                g = {"model": _name(sizes), "batch": B, "threads": threads, "flops": F,
-                     "gemm_chain_us": med["gemm"] * 1e6, "gemm_chain_gflops": F / med["gemm"] / 1e9}
+                g = {
+                    "model": _name(sizes),
+                    "batch": B,
+                    "threads": threads,
+                    "flops": F,
+                    "gemm_chain_us": med["gemm"] * 1e6,
+                    "gemm_chain_gflops": F / med["gemm"] / 1e9,
+                }
                 if "gemm_torch" in med:
                     g["gemm_torch_chain_us"] = med["gemm_torch"] * 1e6
                     g["gemm_torch_chain_gflops"] = F / med["gemm_torch"] / 1e9
@@ -194,6 +205,7 @@ def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, thre
 
 def measure_square_gemm(peers, rounds, target_s, gap_s, threads, n=1024) -> dict:
     import numpy as np
+
     torch = peers.get("torch")
     rng = np.random.default_rng(0)
     A = rng.standard_normal((n, n)).astype(np.float32)
@@ -203,6 +215,7 @@ def measure_square_gemm(peers, rounds, target_s, gap_s, threads, n=1024) -> dict
     def npr(k):
         for _ in range(k):
             np.matmul(A, Bm, out=C)
+
     runners = {"numpy": npr}
     if torch is not None:
         At, Bt, Ct = torch.from_numpy(A), torch.from_numpy(Bm), torch.empty(n, n)
@@ -210,12 +223,16 @@ def measure_square_gemm(peers, rounds, target_s, gap_s, threads, n=1024) -> dict
         def tr(k):
             for _ in range(k):
                 torch.mm(At, Bt, out=Ct)
+
         runners["torch"] = tr
     med = Rounds(runners, rounds, target_s, gap_s).run()
     out = {"n": n, "threads": threads}
     for k, v in med.items():
-        out[f"{k}_gflops"] = 2 * n ** 3 / v / 1e9
-    log(f"[peers {threads}T] square GEMM {n}^3: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in out.items() if k.endswith("gflops")))
+        out[f"{k}_gflops"] = 2 * n**3 / v / 1e9
+    log(
+        f"[peers {threads}T] square GEMM {n}^3: "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in out.items() if k.endswith("gflops"))
+    )
     return out
 
 
@@ -224,6 +241,7 @@ def measure_stats(models, batches, peers, rounds, target_s, gap_s) -> list:
     import numpy as np
 
     import minigd as mg
+
     torch, backpack = peers.get("torch"), peers.get("backpack")
     rng = np.random.default_rng(0)
     rows = []
@@ -244,12 +262,17 @@ def measure_stats(models, batches, peers, rounds, target_s, gap_s) -> list:
                 row[f"{k}_us"] = v * 1e6
             # ratios per round (numerator and denominator from the same round), then median
             r = timer.samples
-            pairs = {"minigd_norms": ("mg_norms", "mg_plain"), "minigd_moments": ("mg_moments", "mg_plain"),
-                     "minigd_api_norms": ("mg_api_norms", "mg_api_plain"),
-                     "minigd_api_moments": ("mg_api_moments", "mg_api_plain"),
-                     "torchfunc_norms": ("tf_norms", "t_plain"), "torchfunc_moments": ("tf_moments", "t_plain"),
-                     "backpack_norms": ("bp_l2", "t_plain"), "backpack_moments": ("bp_var", "t_plain"),
-                     "backpack_plain": ("bp_plain", "t_plain")}
+            pairs = {
+                "minigd_norms": ("mg_norms", "mg_plain"),
+                "minigd_moments": ("mg_moments", "mg_plain"),
+                "minigd_api_norms": ("mg_api_norms", "mg_api_plain"),
+                "minigd_api_moments": ("mg_api_moments", "mg_api_plain"),
+                "torchfunc_norms": ("tf_norms", "t_plain"),
+                "torchfunc_moments": ("tf_moments", "t_plain"),
+                "backpack_norms": ("bp_l2", "t_plain"),
+                "backpack_moments": ("bp_var", "t_plain"),
+                "backpack_plain": ("bp_plain", "t_plain"),
+            }
             c = timer.contended
             for name, (a, b) in pairs.items():
                 if a in r and b in r:
@@ -260,8 +283,10 @@ def measure_stats(models, batches, peers, rounds, target_s, gap_s) -> list:
             if "mg_plain" in med and "t_plain" in med:
                 row["torch_plain_over_minigd"] = med["t_plain"] / med["mg_plain"]
             rows.append(row)
-            log(f"[peers 1T] stats {row['model']} B={B}: " +
-                 ", ".join(f"{k} {v:.2f}x" for k, v in row.items() if k.endswith("_x")))
+            log(
+                f"[peers 1T] stats {row['model']} B={B}: "
+                + ", ".join(f"{k} {v:.2f}x" for k, v in row.items() if k.endswith("_x"))
+            )
     return rows
 
 
@@ -270,6 +295,7 @@ def measure_e2e(batches, seeds, peers, threads, target=E2E_TARGET, max_epochs=20
     import numpy as np
 
     import minigd as mg
+
     torch = peers.get("torch")
     if peers.get("sklearn") is None:
         return [{"skipped": "scikit-learn missing (digits data)"}]
@@ -302,8 +328,10 @@ def measure_e2e(batches, seeds, peers, threads, target=E2E_TARGET, max_epochs=20
         if both:
             row["torch_over_minigd"] = float(np.median([b["wall_s"] / a["wall_s"] for a, b in both]))
         rows.append(row)
-        log(f"[peers {threads}T] e2e B={B}: minigd {row.get('minigd_s', float('nan')):.4f}s "
-             f"({row.get('minigd_reached')}), torch {row.get('torch_s', float('nan')):.4f}s ({row.get('torch_reached')})")
+        log(
+            f"[peers {threads}T] e2e B={B}: minigd {row.get('minigd_s', float('nan')):.4f}s "
+            f"({row.get('minigd_reached')}), torch {row.get('torch_s', float('nan')):.4f}s ({row.get('torch_reached')})"
+        )
     return rows
 
 
@@ -336,23 +364,34 @@ def _child(args) -> None:
     sections = cfg["sections"]
     if "stats" in sections and threads == 1:
         import warnings
-        warnings.filterwarnings("ignore", message="Full backward hook")     # BackPACK's hooks
-        out["stats"] = measure_stats(cfg["models"], cfg["stats_batches"], peers, cfg["stats_rounds"],
-                                     cfg["target_s"], cfg["gap1_s"])
+
+        warnings.filterwarnings("ignore", message="Full backward hook")  # BackPACK's hooks
+        out["stats"] = measure_stats(
+            cfg["models"], cfg["stats_batches"], peers, cfg["stats_rounds"], cfg["target_s"], cfg["gap1_s"]
+        )
     if args.child == "main":
         if "step" in sections or "gemm" in sections:
-            gemm_min = cfg["gemm_min"] if "gemm" in sections else 10 ** 9
+            gemm_min = cfg["gemm_min"] if "gemm" in sections else 10**9
             batches = cfg["batches"] if "step" in sections else [b for b in cfg["batches"] if b >= gemm_min]
-            out["step"], out["gemm"] = measure_step(cfg["models"], batches, peers, cfg["rounds"],
-                                                    cfg["target_s"], gap, gemm_min, threads)
+            out["step"], out["gemm"] = measure_step(
+                cfg["models"], batches, peers, cfg["rounds"], cfg["target_s"], gap, gemm_min, threads
+            )
             if "step" not in sections:
                 out.pop("step")
         if "gemm" in sections:
-            out["square_gemm"] = measure_square_gemm(peers, cfg["rounds"], cfg["target_s"], gap, threads,
-                                                     n=cfg["square_n"])
+            out["square_gemm"] = measure_square_gemm(
+                peers, cfg["rounds"], cfg["target_s"], gap, threads, n=cfg["square_n"]
+            )
         if "e2e" in sections:
-            out["e2e"] = measure_e2e(cfg["e2e_batches"], cfg["e2e_seeds"], peers, threads,
-                                     target=cfg["e2e_target"], max_epochs=cfg["e2e_max_epochs"], gap_s=gap)
+            out["e2e"] = measure_e2e(
+                cfg["e2e_batches"],
+                cfg["e2e_seeds"],
+                peers,
+                threads,
+                target=cfg["e2e_target"],
+                max_epochs=cfg["e2e_max_epochs"],
+                gap_s=gap,
+            )
     out["pinned_after"] = _pinned(torch)
     if torch is not None:
         out["torch_info"] = _torch_info(torch)
@@ -362,8 +401,7 @@ def _child(args) -> None:
 
 # =========================================================================== parent side
 def _run_child(kind: str, config: dict, peers: str, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--config", json.dumps(config),
-           "--peers", peers]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--config", json.dumps(config), "--peers", peers]
     out = subprocess.run(cmd, env=thread_env(threads), stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child ({kind}, {threads} thread(s)) failed with exit code {out.returncode}")
@@ -378,17 +416,32 @@ def main(argv=None) -> dict:
     p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)} (default all)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--target", type=float, default=0.03, help="seconds per peer per round")
-    p.add_argument("--gap", type=float, default=0.2,
-                   help="seconds of pause before each timed block with > 1 thread, so that idle thread pools "
-                        "go to sleep (half of it with 1 thread); longer while other processes are busy")
-    p.add_argument("--wait-budget", type=float, default=60.0,
-                   help="seconds per subprocess it may wait for other processes to go quiet "
-                        "(and, separately, spend re-timing contended blocks)")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=0.2,
+        help="seconds of pause before each timed block with > 1 thread, so that idle thread pools "
+        "go to sleep (half of it with 1 thread); longer while other processes are busy",
+    )
+    p.add_argument(
+        "--wait-budget",
+        type=float,
+        default=60.0,
+        help="seconds per subprocess it may wait for other processes to go quiet "
+        "(and, separately, spend re-timing contended blocks)",
+    )
     p.add_argument("--seeds", type=int, default=5, help="end-to-end runs per batch size")
-    p.add_argument("--out", default=None,
-                   help="directory for peers.md/.json/.png (default bench/results, or nothing with --quick; '' = don't write)")
-    p.add_argument("--render", metavar="JSON", default=None,
-                   help="only rebuild peers.md / peers.png (in --out, default the JSON's folder) from a saved peers.json")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for peers.md/.json/.png (default bench/results, or nothing with --quick; '' = don't write)",
+    )
+    p.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="only rebuild peers.md / peers.png (in --out, default the JSON's folder) from a saved peers.json",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -414,27 +467,49 @@ def main(argv=None) -> dict:
     if bad:
         p.error(f"--peers: unknown {sorted(bad)}; choose from {PEERS}")
     if args.quick:
-        config = {"models": [[4, 3, 2]], "batches": [1, 8], "stats_batches": [8], "gemm_min": 8,
-                  "rounds": 1, "stats_rounds": 1, "target_s": 0.001, "gap_s": 0.0, "gap1_s": 0.0, "wait_budget_s": 0.0,
-                  "square_n": 64,
-                  "e2e_batches": [32], "e2e_seeds": [0], "e2e_target": 0.5, "e2e_max_epochs": 3}
+        config = {
+            "models": [[4, 3, 2]],
+            "batches": [1, 8],
+            "stats_batches": [8],
+            "gemm_min": 8,
+            "rounds": 1,
+            "stats_rounds": 1,
+            "target_s": 0.001,
+            "gap_s": 0.0,
+            "gap1_s": 0.0,
+            "wait_budget_s": 0.0,
+            "square_n": 64,
+            "e2e_batches": [32],
+            "e2e_seeds": [0],
+            "e2e_target": 0.5,
+            "e2e_max_epochs": 3,
+        }
     else:
-        config = {"models": [list(m) for m in MODELS], "batches": list(BATCHES),
-                  "stats_batches": list(STATS_BATCHES), "gemm_min": GEMM_MIN_BATCH,
-                  "rounds": args.rounds, "target_s": args.target, "gap_s": args.gap, "gap1_s": args.gap / 2,
-                  "wait_budget_s": args.wait_budget, "square_n": 1024,
-                  "stats_rounds": max(1, min(args.rounds, 5)),
-                  "e2e_batches": sorted(E2E_LR), "e2e_seeds": list(range(args.seeds)),
-                  "e2e_target": E2E_TARGET, "e2e_max_epochs": 200}
+        config = {
+            "models": [list(m) for m in MODELS],
+            "batches": list(BATCHES),
+            "stats_batches": list(STATS_BATCHES),
+            "gemm_min": GEMM_MIN_BATCH,
+            "rounds": args.rounds,
+            "target_s": args.target,
+            "gap_s": args.gap,
+            "gap1_s": args.gap / 2,
+            "wait_budget_s": args.wait_budget,
+            "square_n": 1024,
+            "stats_rounds": max(1, min(args.rounds, 5)),
+            "e2e_batches": sorted(E2E_LR),
+            "e2e_seeds": list(range(args.seeds)),
+            "e2e_target": E2E_TARGET,
+            "e2e_max_epochs": 200,
+        }
     config["sections"] = sections
-    result = {"machine": machine(), "torch": {},
-              "config": config, "runs": []}
+    result = {"machine": machine(), "torch": {}, "config": config, "runs": []}
     main_sections = [s for s in sections if s != "stats"]
     thread_counts = [int(t) for t in args.threads.split(",")]
     if main_sections:
         for threads in thread_counts:
             run = _run_child("main", config, args.peers, threads)
-            if "stats" in run:                  # per-example statistics ran in the 1-thread child
+            if "stats" in run:  # per-example statistics ran in the 1-thread child
                 result["stats"] = run.pop("stats")
             result["runs"].append(run)
     if "stats" in sections and "stats" not in result:

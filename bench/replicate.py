@@ -44,6 +44,7 @@ of timed ``minigd.fit`` calls, one thread).
 Usage: python bench/replicate.py [--work DIR] [--quick]   (about 4-6 minutes on 2 cores)
 Writes bench/results/replicate.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ import time
 from pathlib import Path
 
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[_v] = "1"      # one thread: numpy's small matmuls are much slower with contention
+    os.environ[_v] = "1"  # one thread: numpy's small matmuls are much slower with contention
 
 import numpy as np
 from scipy import optimize
@@ -70,8 +71,8 @@ import minigd as mg
 from minigd.data import DATASETS, load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-MOMENTUM = 0.9            # the study's default (--momentum 0.9)
-MAX_EPOCHS, MIN_STEPS = 50, 200   # the study's default budget: max(50 epochs, 200 steps)
+MOMENTUM = 0.9  # the study's default (--momentum 0.9)
+MAX_EPOCHS, MIN_STEPS = 50, 200  # the study's default budget: max(50 epochs, 200 steps)
 
 
 def log(*a):
@@ -94,23 +95,60 @@ def run_study(args: list, out: Path) -> dict:
     summary = json.loads((out / "report" / "summary.json").read_text())
     analysis = json.loads((out / "report" / "analysis.json").read_text())
     arch = analysis["architectures"][0]
-    per_b = [{k: r.get(k) for k in ("batch_size", "best_lr", "lr_edge", "in_fit", "reached", "steps_to_target",
-                                    "examples_to_target", "noise_scale_start", "noise_scale_middle",
-                                    "noise_scale_target", "step_time_s", "time_to_target")}
-             for r in arch["per_batch"]]
+    per_b = [
+        {
+            k: r.get(k)
+            for k in (
+                "batch_size",
+                "best_lr",
+                "lr_edge",
+                "in_fit",
+                "reached",
+                "steps_to_target",
+                "examples_to_target",
+                "noise_scale_start",
+                "noise_scale_middle",
+                "noise_scale_target",
+                "step_time_s",
+                "time_to_target",
+            )
+        }
+        for r in arch["per_batch"]
+    ]
     import sqlite3
+
     con = sqlite3.connect(out / "results.sqlite")
-    trials = [(json.loads(c), json.loads(r)) for c, r in
-              con.execute("select config, result from trials where status = 'ok'")]
+    trials = [
+        (json.loads(c), json.loads(r)) for c, r in con.execute("select config, result from trials where status = 'ok'")
+    ]
     con.close()
     seeds = sorted({c["seed"] for c, _ in trials})
     h = summary["headline"]
-    keys = ("critical_batch_size_fit", "s_min", "e_min", "critical_batch_size_noise", "noise_scale_target",
-            "fastest_wall_time", "time_to_target", "fewest_steps", "steps_to_target", "fewest_examples")
-    return {"command": "minigd " + " ".join(cmd[1:]), "seconds": round(dt, 1), "stdout_tail": p.stdout[-1500:],
-            "headline": {k: h.get(k) for k in keys}, "recommendation": summary["recommendation"]["batch_size"],
-            "tradeoff_fit": arch.get("tradeoff_fit"), "noise_scale": arch.get("noise_scale"),
-            "warnings": arch.get("warnings"), "per_batch": per_b, "seeds": seeds, "_trials": trials}
+    keys = (
+        "critical_batch_size_fit",
+        "s_min",
+        "e_min",
+        "critical_batch_size_noise",
+        "noise_scale_target",
+        "fastest_wall_time",
+        "time_to_target",
+        "fewest_steps",
+        "steps_to_target",
+        "fewest_examples",
+    )
+    return {
+        "command": "minigd " + " ".join(cmd[1:]),
+        "seconds": round(dt, 1),
+        "stdout_tail": p.stdout[-1500:],
+        "headline": {k: h.get(k) for k in keys},
+        "recommendation": summary["recommendation"]["batch_size"],
+        "tradeoff_fit": arch.get("tradeoff_fit"),
+        "noise_scale": arch.get("noise_scale"),
+        "warnings": arch.get("warnings"),
+        "per_batch": per_b,
+        "seeds": seeds,
+        "_trials": trials,
+    }
 
 
 # =========================================================================== my trade-off fit
@@ -139,8 +177,14 @@ def tradeoff_fit(B_eff, S):
             best = r
     s_min, b_crit = math.exp(best.x[0]), math.exp(best.x[1])
     at_bound = bool(best.x[1] <= lo + 1e-6 or best.x[1] >= hi - 1e-6)
-    return {"b_crit": b_crit, "s_min": s_min, "e_min": s_min * b_crit, "rms_log_residual":
-            float(np.sqrt(np.mean(best.fun ** 2))), "n_points": len(S), "at_bound": at_bound}
+    return {
+        "b_crit": b_crit,
+        "s_min": s_min,
+        "e_min": s_min * b_crit,
+        "rms_log_residual": float(np.sqrt(np.mean(best.fun**2))),
+        "n_points": len(S),
+        "at_bound": at_bound,
+    }
 
 
 def select(cells, lrs, Bs, reducer=np.median):
@@ -149,14 +193,21 @@ def select(cells, lrs, Bs, reducer=np.median):
     rows = []
     for b, B in enumerate(Bs):
         med = np.array([reducer(c["steps"]) for c in cells[b]])
-        l = int(np.argmin(med))      # first minimum: the smallest such rate
+        l = int(np.argmin(med))  # first minimum: the smallest such rate
         L = len(cells[b])
-        rows.append({"batch_size": B, "best_lr": float(lrs[b][l]), "best_index": l,
-                     "edge": ("low" if l == 0 else "high" if l == L - 1 else None) if np.isfinite(med[l]) else None,
-                     "reached": bool(np.isfinite(med[l])), "median_steps": float(med[l]),
-                     "median_examples": float(reducer(cells[b][l]["examples"])),
-                     "median_steps_interp": float(reducer(cells[b][l]["steps_interp"])),
-                     "median_examples_interp": float(reducer(cells[b][l]["examples_interp"]))})
+        rows.append(
+            {
+                "batch_size": B,
+                "best_lr": float(lrs[b][l]),
+                "best_index": l,
+                "edge": ("low" if l == 0 else "high" if l == L - 1 else None) if np.isfinite(med[l]) else None,
+                "reached": bool(np.isfinite(med[l])),
+                "median_steps": float(med[l]),
+                "median_examples": float(reducer(cells[b][l]["examples"])),
+                "median_steps_interp": float(reducer(cells[b][l]["steps_interp"])),
+                "median_examples_interp": float(reducer(cells[b][l]["examples_interp"])),
+            }
+        )
     return rows
 
 
@@ -199,8 +250,13 @@ def bootstrap_bcrit(cells, lrs, Bs, R, seed, interp=False, paired=False, point=N
     lo, hi = np.quantile(ok, [0.05, 0.95])
     if point is not None:
         lo, hi = min(lo, point), max(hi, point)
-    return {"lo": float(lo), "hi": float(hi), "resamples": R, "failed": int(np.sum(~np.isfinite(out))),
-            "point_percentile": None if point is None else float(np.mean(ok < point))}
+    return {
+        "lo": float(lo),
+        "hi": float(hi),
+        "resamples": R,
+        "failed": int(np.sum(~np.isfinite(out))),
+        "point_percentile": None if point is None else float(np.mean(ok < point)),
+    }
 
 
 def coverage(cells, lrs, Bs, seeds, reference, R=200):
@@ -209,12 +265,17 @@ def coverage(cells, lrs, Bs, seeds, reference, R=200):
     ``reference`` (the all-seed estimate) and the other subsets' estimates."""
     subs = []
     for a in range(0, len(seeds) - 4, 5):
-        sub = [[{f: c[f][a:a + 5] for f in c} for c in row] for row in cells]
+        sub = [[{f: c[f][a : a + 5] for f in c} for c in row] for row in cells]
         f = fit_rows(select(sub, lrs, Bs))
         v = f and f["b_crit"]
-        subs.append({"seeds": seeds[a:a + 5], "b_crit": v,
-                     "independent": bootstrap_bcrit(sub, lrs, Bs, R, 100 + a, point=v),
-                     "paired": bootstrap_bcrit(sub, lrs, Bs, R, 100 + a, paired=True, point=v)})
+        subs.append(
+            {
+                "seeds": seeds[a : a + 5],
+                "b_crit": v,
+                "independent": bootstrap_bcrit(sub, lrs, Bs, R, 100 + a, point=v),
+                "paired": bootstrap_bcrit(sub, lrs, Bs, R, 100 + a, paired=True, point=v),
+            }
+        )
     for i, s in enumerate(subs):
         others = [t["b_crit"] for j, t in enumerate(subs) if j != i and t["b_crit"] is not None]
         for kind in ("independent", "paired"):
@@ -235,7 +296,7 @@ def time_steps(make_model, X, y, Bs, rounds=7, target_s=0.02):
     random order, the median round."""
     rng = np.random.default_rng(12345)
     k = {}
-    for B in Bs:      # warm-up (compiles) and calibration
+    for B in Bs:  # warm-up (compiles) and calibration
         m = make_model()
         h = mg.fit(m, X, y, batch_size=B, steps=20, optimizer=mg.SGD(lr=1e-4, momentum=MOMENTUM), seed=0)
         per = float(h.column("time")[-1]) / h.n_steps
@@ -247,8 +308,15 @@ def time_steps(make_model, X, y, Bs, rounds=7, target_s=0.02):
             m = make_model()
             h = mg.fit(m, X, y, batch_size=B, steps=k[B], optimizer=mg.SGD(lr=1e-4, momentum=MOMENTUM), seed=1)
             res[B].append(float(h.column("time")[-1]) / h.n_steps)
-    return {B: {"median_s": float(np.median(v)), "min_s": float(np.min(v)), "max_s": float(np.max(v)),
-                "steps_per_round": k[B]} for B, v in res.items()}
+    return {
+        B: {
+            "median_s": float(np.median(v)),
+            "min_s": float(np.min(v)),
+            "max_s": float(np.max(v)),
+            "steps_per_round": k[B],
+        }
+        for B, v in res.items()
+    }
 
 
 def fastest(rows, timing, key="median_steps"):
@@ -269,7 +337,7 @@ def fastest(rows, timing, key="median_steps"):
 def linreg_data():
     """The noise-2.0 data set, as load_dataset makes it, and a .npz of its raw arrays for
     the study (whose split/standardisation then gives identical arrays)."""
-    ds = load_dataset("linear_regression", noise=2.0)          # float32, val 0.2, standardised, seed 0
+    ds = load_dataset("linear_regression", noise=2.0)  # float32, val 0.2, standardised, seed 0
     raw = DATASETS["linear_regression"](n=None, seed=0, noise=2.0)
     return ds, raw
 
@@ -283,11 +351,15 @@ def linreg_sweep(ds, Bs, lrs, seeds, T, record_traj=False):
     y = ds.y_train.astype(np.float64)
     Xv = np.c_[ds.X_val.astype(np.float64), np.ones(ds.n_val)]
     yv = ds.y_val.astype(np.float64)
-    A, bv, cv = Xv.T @ Xv / len(yv), Xv.T @ yv / len(yv), yv @ yv / len(yv)   # val loss quadratic form
+    A, bv, cv = Xv.T @ Xv / len(yv), Xv.T @ yv / len(yv), yv @ yv / len(yv)  # val loss quadratic form
     n = X.shape[0]
     S, L = len(seeds), len(lrs[0])
-    W0 = np.stack([np.r_[m.weights[0][:, 0], m.biases[0]].astype(np.float64)
-                   for m in (mg.MLP([ds.n_in, 1], loss="mse", seed=s) for s in seeds)])     # (S, d)
+    W0 = np.stack(
+        [
+            np.r_[m.weights[0][:, 0], m.biases[0]].astype(np.float64)
+            for m in (mg.MLP([ds.n_in, 1], loss="mse", seed=s) for s in seeds)
+        ]
+    )  # (S, d)
 
     def val_loss(W):
         return 0.5 * (((W @ A) * W).sum(-1) - 2 * W @ bv + cv)
@@ -313,10 +385,10 @@ def linreg_sweep(ds, Bs, lrs, seeds, T, record_traj=False):
                 if pos >= n:
                     perms = np.stack([r.permutation(n) for r in rngs])
                     pos = 0
-                idx = perms[:, pos:pos + B]
+                idx = perms[:, pos : pos + B]
                 pos += B
                 nb = idx.shape[1]
-                Xb, yb = X[idx], y[idx]                                   # (S, nb, d), (S, nb)
+                Xb, yb = X[idx], y[idx]  # (S, nb, d), (S, nb)
                 r = np.einsum("sbd,sld->slb", Xb, W) - yb[:, None, :]
                 g = np.einsum("slb,sbd->sld", r, Xb) / nb
                 V = MOMENTUM * V + g
@@ -339,8 +411,12 @@ def linreg_sweep(ds, Bs, lrs, seeds, T, record_traj=False):
                 prev = vl
                 if not live.any():
                     break
-        cells.append([{"steps": steps[:, l], "examples": ex[:, l], "steps_interp": st_i[:, l],
-                       "examples_interp": ex_i[:, l]} for l in range(L)])
+        cells.append(
+            [
+                {"steps": steps[:, l], "examples": ex[:, l], "steps_interp": st_i[:, l], "examples_interp": ex_i[:, l]}
+                for l in range(L)
+            ]
+        )
         if record_traj:
             trajs.append(np.stack(traj))
     return (cells, trajs) if record_traj else cells
@@ -393,7 +469,11 @@ def _summ(out, what):
     res = {"what": what, "steps_equal": f"{out['steps_equal']} of {out['steps_compared']}"}
     for w in ("target", "mid"):
         v = [x for x in out[w] if x is not None]
-        res[w] = {"n": len(v), "max_rel_diff": max(v) if v else None, "median_rel_diff": float(np.median(v)) if v else None}
+        res[w] = {
+            "n": len(v),
+            "max_rel_diff": max(v) if v else None,
+            "median_rel_diff": float(np.median(v)) if v else None,
+        }
     return res
 
 
@@ -444,14 +524,20 @@ def problem_linreg(work: Path, quick: bool, factor: float) -> dict:
             if np.isfinite(st[s]):
                 k = int(st[s])
                 tgt.append(linreg_bsimple(X, y, trajs[b][k, s, 0]))
-                mid.append(linreg_bsimple(X, y, trajs[b][k // 2, s, 0]))    # the study: nearest k/2, ties low
+                mid.append(linreg_bsimple(X, y, trajs[b][k // 2, s, 0]))  # the study: nearest k/2, ties low
         r["bsimple_init"] = float(np.median(init))
         r["bsimple_mid"] = float(np.median(mid)) if mid else None
         r["bsimple_target"] = float(np.median(tgt)) if tgt else None
         r["reached_seeds"] = int(np.isfinite(st).sum())
     # the study's own seeds at initialisation: the same point, so the same B_simple up to float32 rounding
-    init_study = float(np.median([linreg_bsimple(X, y, np.r_[m.weights[0][:, 0], m.biases[0]].astype(np.float64))
-                                  for m in (mg.MLP([ds.n_in, 1], loss="mse", seed=s) for s in study["seeds"])]))
+    init_study = float(
+        np.median(
+            [
+                linreg_bsimple(X, y, np.r_[m.weights[0][:, 0], m.biases[0]].astype(np.float64))
+                for m in (mg.MLP([ds.n_in, 1], loss="mse", seed=s) for s in study["seeds"])
+            ]
+        )
+    )
     same_pts = same_points_linreg(ds, X, y, study, T)
     # cross-check of the closed form against minigd.grad_moments at one point
     m = mg.MLP([ds.n_in, 1], loss="mse", seed=seeds[0], dtype="float64")
@@ -461,19 +547,38 @@ def problem_linreg(work: Path, quick: bool, factor: float) -> dict:
     gm = mg.grad_moments(m, X[:, :-1], y)
     check = {"numpy": linreg_bsimple(X, y, wpt), "grad_moments": float(gm.noise_scale)}
     # theory at the target: tr(Sigma) ~ sigma^2 E|x|^2 (x incl. the 1) and |G|^2 = |H (w - w_ols)|^2
-    return finish(f"linear_regression (noise 2.0, 10 features, linear model, mse), target {factor:g} x best",
-                  "val_loss", T, study, rows,
-                  cells, lrs, Bs, seeds, lambda: mg.MLP([ds.n_in, 1], loss="mse", seed=0),
-                  ds.X_train, ds.y_train, extra={
-                      "best_val_loss_train_lstsq": best_val, "val_loss_at_w_star": float(
-                          0.5 * np.mean((Xv @ w_star - yv) ** 2)), "noise_floor": 2.0,
-                      "target_rule": f"{factor:g} x the validation loss of the training least-squares solution",
-                      "data_fingerprint_equal_to_study_input": same, "b_crit_5seed_subsets": subsets, "lr_grid": [float(x) for x in lr_grid],
-                      "bsimple_crosscheck": check, "bsimple_init_on_study_seeds": init_study,
-                      "same_points": same_pts, "rerun_step_mismatches": rerun_mismatch,
-                      "notes": ["`minigd study --data linear_regression` always loads noise std 0.1 (cli._data_spec passes "
-                                "no loader parameters), so the study ran on a .npz of the noise-2.0 raw arrays: same "
-                                "split and standardisation (fingerprints checked equal)."]})
+    return finish(
+        f"linear_regression (noise 2.0, 10 features, linear model, mse), target {factor:g} x best",
+        "val_loss",
+        T,
+        study,
+        rows,
+        cells,
+        lrs,
+        Bs,
+        seeds,
+        lambda: mg.MLP([ds.n_in, 1], loss="mse", seed=0),
+        ds.X_train,
+        ds.y_train,
+        extra={
+            "best_val_loss_train_lstsq": best_val,
+            "val_loss_at_w_star": float(0.5 * np.mean((Xv @ w_star - yv) ** 2)),
+            "noise_floor": 2.0,
+            "target_rule": f"{factor:g} x the validation loss of the training least-squares solution",
+            "data_fingerprint_equal_to_study_input": same,
+            "b_crit_5seed_subsets": subsets,
+            "lr_grid": [float(x) for x in lr_grid],
+            "bsimple_crosscheck": check,
+            "bsimple_init_on_study_seeds": init_study,
+            "same_points": same_pts,
+            "rerun_step_mismatches": rerun_mismatch,
+            "notes": [
+                "`minigd study --data linear_regression` always loads noise std 0.1 (cli._data_spec passes "
+                "no loader parameters), so the study ran on a .npz of the noise-2.0 raw arrays: same "
+                "split and standardisation (fingerprints checked equal)."
+            ],
+        },
+    )
 
 
 # =========================================================================== problem 2: digits
@@ -519,8 +624,17 @@ def digits_run(ds, B, lr, seed, target, cap):
     spe = -(-n // B)
     budget = max(MAX_EPOCHS, math.ceil(MIN_STEPS / spe)) * spe
     try:
-        h = mg.fit(m, ds.X_train, ds.y_train, batch_size=B, steps=min(budget, cap),
-                   optimizer=mg.SGD(lr=lr, momentum=MOMENTUM), sampler="shuffle", seed=seed, callbacks=[cb])
+        h = mg.fit(
+            m,
+            ds.X_train,
+            ds.y_train,
+            batch_size=B,
+            steps=min(budget, cap),
+            optimizer=mg.SGD(lr=lr, momentum=MOMENTUM),
+            sampler="shuffle",
+            seed=seed,
+            callbacks=[cb],
+        )
     except mg.DivergenceError:
         return {"steps": math.inf, "examples": math.inf, "steps_interp": math.inf, "examples_interp": math.inf}
     if cb.hit is None:
@@ -528,8 +642,12 @@ def digits_run(ds, B, lr, seed, target, cap):
     k = cb.hit
     ex = int(h.row(k - 1)["examples"])
     ex_prev = int(h.row(k - 2)["examples"]) if k >= 2 else 0
-    out = {"steps": float(k), "examples": float(ex), "steps_interp": cb.interp,
-           "examples_interp": ex_prev + (cb.interp - (k - 1)) * (ex - ex_prev)}
+    out = {
+        "steps": float(k),
+        "examples": float(ex),
+        "steps_interp": cb.interp,
+        "examples_interp": ex_prev + (cb.interp - (k - 1)) * (ex - ex_prev),
+    }
     # B_simple on the whole training set: at the target, mid-run (snapshot nearest k/2), at init
     out["bs_target"] = float(mg.grad_moments(m, ds.X_train, ds.y_train).noise_scale)
     mid = min(cb.snaps, key=lambda s: abs(s[0] - 0.5 * k)) if cb.snaps else None
@@ -548,7 +666,7 @@ def problem_digits(work: Path, quick: bool) -> dict:
     target = 0.95
     study = run_study([], work / "study_digits")
     log("study done:", study["headline"]["critical_batch_size_fit"])
-    ds = load_dataset("digits", std_floor=1.0)       # the study's DataSpec for digits
+    ds = load_dataset("digits", std_floor=1.0)  # the study's DataSpec for digits
     n = ds.n_train
     Bs = [1, 4, 16, 64, 256, 1024, n]
     seeds = list(range(21, 31)) if not quick else [21, 22, 23]
@@ -570,7 +688,7 @@ def problem_digits(work: Path, quick: bool) -> dict:
 
         def do(lr, B=B, res=res, first_steps=pilot[centre]):
             nonlocal best_med
-            first = first_steps if math.isfinite(first_steps) else MAX_EPOCHS * 10 ** 6
+            first = first_steps if math.isfinite(first_steps) else MAX_EPOCHS * 10**6
             cap = max(60, int(4 * (best_med if math.isfinite(best_med) else first)))
             rr = [digits_run(ds, B, lr, s, target, cap) for s in seeds]
             res[lr] = rr
@@ -580,7 +698,7 @@ def problem_digits(work: Path, quick: bool) -> dict:
 
         for i in np.argsort(np.abs(np.arange(8) - 3.5), kind="stable"):
             do(grid[int(i)])
-        for _ in range(3):     # extend past an edge (sqrt(2) steps), as the study does (x2 steps)
+        for _ in range(3):  # extend past an edge (sqrt(2) steps), as the study does (x2 steps)
             meds = [np.median([x["steps"] for x in res[lr]]) for lr in grid]
             j = int(np.argmin(meds))
             if not math.isfinite(meds[j]) or 0 < j < len(grid) - 1:
@@ -589,11 +707,17 @@ def problem_digits(work: Path, quick: bool) -> dict:
             do(new)
             grid = sorted(grid + [new])
         lrs.append(grid)
-        cells.append([{f: np.array([x[f] for x in res[lr]]) for f in
-                       ("steps", "examples", "steps_interp", "examples_interp")} for lr in grid])
+        cells.append(
+            [
+                {f: np.array([x[f] for x in res[lr]]) for f in ("steps", "examples", "steps_interp", "examples_interp")}
+                for lr in grid
+            ]
+        )
         runs.append(res)
-        log(f"  B={B}: pilot best lr {centre:.3g}; {len(grid)} rates x {len(seeds)} seeds "
-            f"({time.perf_counter() - t0:.0f} s so far)")
+        log(
+            f"  B={B}: pilot best lr {centre:.3g}; {len(grid)} rates x {len(seeds)} seeds "
+            f"({time.perf_counter() - t0:.0f} s so far)"
+        )
     rows = select(cells, lrs, Bs)
     for b, r in enumerate(rows):
         rr = runs[b][r["best_lr"]]
@@ -612,7 +736,7 @@ def problem_digits(work: Path, quick: bool) -> dict:
         for c, r in study["_trials"]:
             if c["batch_size"] != B or c["lr"] != best[B] or not r.get("reached"):
                 continue
-            mine = digits_run(ds, B, c["lr"], c["seed"], target, 10 ** 6)
+            mine = digits_run(ds, B, c["lr"], c["seed"], target, 10**6)
             sp["steps_compared"] += 1
             sp["steps_equal"] += int(mine["steps"] == r["steps_to_target"])
             if "bs_target" in mine:
@@ -620,14 +744,36 @@ def problem_digits(work: Path, quick: bool) -> dict:
                 if mine["steps"] >= 2:
                     sp["mid"].append(_rel(mine["bs_mid"], _study_noise(r, "mid")))
     same = _summ(sp, f"B = 64, 256, {n} at the study's best rates, its seeds")
-    init_study = float(np.median([mg.grad_moments(mg.MLP([64, 64, 10], activation="relu", loss="cross_entropy",
-                                                          seed=s), ds.X_train, ds.y_train).noise_scale
-                                  for s in study["seeds"]]))
-    return finish("digits (MLP 64-64-10 relu, cross entropy)", "val_accuracy", target, study, rows, cells, lrs,
-                  Bs, seeds, lambda: mg.MLP([64, 64, 10], activation="relu", loss="cross_entropy", seed=0),
-                  ds.X_train, ds.y_train, extra={"data": "load_dataset('digits', std_floor=1.0): the study's split",
-                                                 "b_crit_5seed_subsets": subsets, "same_points": same,
-                                                 "bsimple_init_on_study_seeds": init_study})
+    init_study = float(
+        np.median(
+            [
+                mg.grad_moments(
+                    mg.MLP([64, 64, 10], activation="relu", loss="cross_entropy", seed=s), ds.X_train, ds.y_train
+                ).noise_scale
+                for s in study["seeds"]
+            ]
+        )
+    )
+    return finish(
+        "digits (MLP 64-64-10 relu, cross entropy)",
+        "val_accuracy",
+        target,
+        study,
+        rows,
+        cells,
+        lrs,
+        Bs,
+        seeds,
+        lambda: mg.MLP([64, 64, 10], activation="relu", loss="cross_entropy", seed=0),
+        ds.X_train,
+        ds.y_train,
+        extra={
+            "data": "load_dataset('digits', std_floor=1.0): the study's split",
+            "b_crit_5seed_subsets": subsets,
+            "same_points": same,
+            "bsimple_init_on_study_seeds": init_study,
+        },
+    )
 
 
 # =========================================================================== comparison
@@ -658,23 +804,44 @@ def finish(name, metric, target, study, rows, cells, lrs, Bs, seeds, make_model,
 
     mine_bs = {"init": med("bsimple_init"), "mid": med("bsimple_mid"), "target": med("bsimple_target")}
     h = study["headline"]
-    st_bs = {"init": study["noise_scale"].get("start"), "mid": h["critical_batch_size_noise"]["value"],
-             "target": h["noise_scale_target"]["value"]}
+    st_bs = {
+        "init": study["noise_scale"].get("start"),
+        "mid": h["critical_batch_size_noise"]["value"],
+        "target": h["noise_scale_target"]["value"],
+    }
     bc = h["critical_batch_size_fit"]
     fw = h["fastest_wall_time"]
     cmp = {
-        "b_crit": {"study": bc, "mine_first_step": fit and fit["b_crit"], "mine_interp": fit_i and fit_i["b_crit"],
-                   "mine_bootstrap_90": boot, "mine_bootstrap_90_paired": boot_paired,
-                   "inside_first_step": inside(fit and fit["b_crit"], bc),
-                   "inside_interp": inside(fit_i and fit_i["b_crit"], bc)},
-        "b_simple": {w: {"study": st_bs[w], "mine": mine_bs[w],
-                         "ratio_mine_over_study": (mine_bs[w] / st_bs[w]) if mine_bs[w] and st_bs[w] else None,
-                         "within_10pct": (abs(mine_bs[w] / st_bs[w] - 1) <= 0.10) if mine_bs[w] and st_bs[w]
-                         else None, "study_interval": h["critical_batch_size_noise"] if w == "mid" else
-                         h["noise_scale_target"] if w == "target" else None}
-                     for w in ("init", "mid", "target")},
-        "fastest": {"study": fw, "mine_first_step": fast, "mine_interp": fast_i,
-                    "inside": inside(fast, fw), "inside_interp": inside(fast_i, fw)},
+        "b_crit": {
+            "study": bc,
+            "mine_first_step": fit and fit["b_crit"],
+            "mine_interp": fit_i and fit_i["b_crit"],
+            "mine_bootstrap_90": boot,
+            "mine_bootstrap_90_paired": boot_paired,
+            "inside_first_step": inside(fit and fit["b_crit"], bc),
+            "inside_interp": inside(fit_i and fit_i["b_crit"], bc),
+        },
+        "b_simple": {
+            w: {
+                "study": st_bs[w],
+                "mine": mine_bs[w],
+                "ratio_mine_over_study": (mine_bs[w] / st_bs[w]) if mine_bs[w] and st_bs[w] else None,
+                "within_10pct": (abs(mine_bs[w] / st_bs[w] - 1) <= 0.10) if mine_bs[w] and st_bs[w] else None,
+                "study_interval": h["critical_batch_size_noise"]
+                if w == "mid"
+                else h["noise_scale_target"]
+                if w == "target"
+                else None,
+            }
+            for w in ("init", "mid", "target")
+        },
+        "fastest": {
+            "study": fw,
+            "mine_first_step": fast,
+            "mine_interp": fast_i,
+            "inside": inside(fast, fw),
+            "inside_interp": inside(fast_i, fw),
+        },
     }
     if extra.get("bsimple_init_on_study_seeds") is not None and st_bs["init"]:
         v = extra["bsimple_init_on_study_seeds"]
@@ -686,20 +853,30 @@ def finish(name, metric, target, study, rows, cells, lrs, Bs, seeds, make_model,
         ivs = [x[kind] for x in extra.get("b_crit_5seed_subsets", []) if x.get(kind)]
         cmp["b_crit"][f"subset_{kind}_intervals"] = [[v["lo"], v["hi"]] for v in ivs]
         cmp["b_crit"][f"subset_{kind}_hold_all_seed_value"] = sum(bool(v.get("holds_reference")) for v in ivs)
-        cmp["b_crit"][f"subset_{kind}_hold_other_subsets"] = [sum(v.get("holds_other_subsets", 0) for v in ivs),
-                                                              sum(v.get("other_subsets", 0) for v in ivs)]
+        cmp["b_crit"][f"subset_{kind}_hold_other_subsets"] = [
+            sum(v.get("holds_other_subsets", 0) for v in ivs),
+            sum(v.get("other_subsets", 0) for v in ivs),
+        ]
     # mid-run is only defined apart from the ends for runs of several steps: the median over
     # the batch sizes whose runs took >= 4 steps in both sweeps
     sp = {r["batch_size"]: r for r in study["per_batch"]}
-    both = [r for r in reached if (sp.get(r["batch_size"]) or {}).get("steps_to_target") is not None
-            and r["median_steps"] >= 4 and sp[r["batch_size"]]["steps_to_target"] >= 4]
+    both = [
+        r
+        for r in reached
+        if (sp.get(r["batch_size"]) or {}).get("steps_to_target") is not None
+        and r["median_steps"] >= 4
+        and sp[r["batch_size"]]["steps_to_target"] >= 4
+    ]
     for w, km, ks in (("mid", "bsimple_mid", "noise_scale_middle"), ("target", "bsimple_target", "noise_scale_target")):
         vm = [r[km] for r in both if r.get(km) is not None]
         vs = [sp[r["batch_size"]][ks] for r in both if sp[r["batch_size"]].get(ks) is not None]
         if vm and vs:
-            cmp["b_simple"][w]["steps_ge_4"] = {"batch_sizes": [r["batch_size"] for r in both],
-                                                "study": float(np.median(vs)), "mine": float(np.median(vm)),
-                                                "ratio": float(np.median(vm) / np.median(vs))}
+            cmp["b_simple"][w]["steps_ge_4"] = {
+                "batch_sizes": [r["batch_size"] for r in both],
+                "study": float(np.median(vs)),
+                "mine": float(np.median(vm)),
+                "ratio": float(np.median(vm) / np.median(vs)),
+            }
     for w in ("mid", "target"):
         cmp["b_simple"][w]["inside_study_interval"] = inside(mine_bs[w], cmp["b_simple"][w]["study_interval"])
     notes = list(extra.pop("notes", []))
@@ -712,23 +889,45 @@ def finish(name, metric, target, study, rows, cells, lrs, Bs, seeds, make_model,
     for key in ("critical_batch_size_fit", "noise_scale_target", "critical_batch_size_noise"):
         iv = h.get(key) or {}
         if iv.get("value") is not None and iv.get("lo") is not None and iv["value"] in (iv["lo"], iv["hi"]):
-            notes.append(f"study `{key}` = {fmt(iv['value'])} sits at an end of its own 90% interval "
-                         f"[{fmt(iv['lo'])}, {fmt(iv['hi'])}]: the point estimate lies outside the central 90% of "
-                         f"its bootstrap resamples and the interval was widened to include it")
-    eq = [r["batch_size"] for r in study["per_batch"] if r.get("noise_scale_middle") is not None
-          and r.get("noise_scale_middle") == r.get("noise_scale_target")]
+            notes.append(
+                f"study `{key}` = {fmt(iv['value'])} sits at an end of its own 90% interval "
+                f"[{fmt(iv['lo'])}, {fmt(iv['hi'])}]: the point estimate lies outside the central 90% of "
+                f"its bootstrap resamples and the interval was widened to include it"
+            )
+    eq = [
+        r["batch_size"]
+        for r in study["per_batch"]
+        if r.get("noise_scale_middle") is not None and r.get("noise_scale_middle") == r.get("noise_scale_target")
+    ]
     if eq:
-        notes.append(f"study per-batch `noise_scale_middle` == `noise_scale_target` for B = {eq} (runs reaching the "
-                     f"target in 1 step: the study's mid-run point falls back to the target point), and these enter "
-                     f"its median-over-B `critical_batch_size_noise`")
+        notes.append(
+            f"study per-batch `noise_scale_middle` == `noise_scale_target` for B = {eq} (runs reaching the "
+            f"target in 1 step: the study's mid-run point falls back to the target point), and these enter "
+            f"its median-over-B `critical_batch_size_noise`"
+        )
     not_reached = [r["batch_size"] for r in rows if not r["reached"]]
     if not_reached:
         notes.append(f"did not reach the target in my sweep (median over seeds): B = {not_reached}")
     study = {k: v for k, v in study.items() if k != "_trials"}
-    return {"problem": name, "target_metric": metric, "target": target, "seeds": seeds, "study": study,
-            "mine": {"per_batch": rows, "fit_first_step": fit, "fit_interp": fit_i, "bootstrap": boot,
-                     "timing": {str(k): v for k, v in timing.items()}, "fastest": fast,
-                     "b_simple_median_over_B": mine_bs}, "comparison": cmp, "notes": notes, **extra}
+    return {
+        "problem": name,
+        "target_metric": metric,
+        "target": target,
+        "seeds": seeds,
+        "study": study,
+        "mine": {
+            "per_batch": rows,
+            "fit_first_step": fit,
+            "fit_interp": fit_i,
+            "bootstrap": boot,
+            "timing": {str(k): v for k, v in timing.items()},
+            "fastest": fast,
+            "b_simple_median_over_B": mine_bs,
+        },
+        "comparison": cmp,
+        "notes": notes,
+        **extra,
+    }
 
 
 # =========================================================================== report
@@ -748,79 +947,112 @@ def yes(b):
 
 def write_md(res, path: Path):
     m = res["machine"]
-    L = ["# Independent check of `minigd study` (bench/replicate.py)", "",
-         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['date']}; script wall time {res['seconds']:.0f} s. "
-         "The study's numbers come from `minigd study`; mine from an independent sweep (validation metric "
-         "every step, other seeds, own lr selection, own log-space least-squares fit, own full-data "
-         "B_simple, own step timing). Steps = first step meeting the target (interpolated in brackets).", ""]
+    L = [
+        "# Independent check of `minigd study` (bench/replicate.py)",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['date']}; script wall time {res['seconds']:.0f} s. "
+        "The study's numbers come from `minigd study`; mine from an independent sweep (validation metric "
+        "every step, other seeds, own lr selection, own log-space least-squares fit, own full-data "
+        "B_simple, own step timing). Steps = first step meeting the target (interpolated in brackets).",
+        "",
+    ]
     for p in res["problems"]:
         c = p["comparison"]
         bc = c["b_crit"]
         s = bc["study"]
-        L += [f"## {p['problem']}: target {p['target_metric']} {'>=' if 'acc' in p['target_metric'] else '<='} "
-              f"{p['target']}", "",
-              "| quantity | study value [90% interval] | mine | inside / within 10%? |",
-              "|---|---|---|---|",
-              f"| B_crit (trade-off fit) | {fmt(s['value'])} [{fmt(s['lo'])}, {fmt(s['hi'])}] | "
-              f"{fmt(bc['mine_first_step'])} ({fmt(bc['mine_interp'])}); my 90%: "
-              f"[{fmt((bc['mine_bootstrap_90'] or {}).get('lo'))}, {fmt((bc['mine_bootstrap_90'] or {}).get('hi'))}]"
-              f", paired [{fmt((bc['mine_bootstrap_90_paired'] or {}).get('lo'))}, "
-              f"{fmt((bc['mine_bootstrap_90_paired'] or {}).get('hi'))}]"
-              f" | {yes(bc['inside_first_step'])} ({yes(bc['inside_interp'])}) |"]
+        L += [
+            f"## {p['problem']}: target {p['target_metric']} {'>=' if 'acc' in p['target_metric'] else '<='} "
+            f"{p['target']}",
+            "",
+            "| quantity | study value [90% interval] | mine | inside / within 10%? |",
+            "|---|---|---|---|",
+            f"| B_crit (trade-off fit) | {fmt(s['value'])} [{fmt(s['lo'])}, {fmt(s['hi'])}] | "
+            f"{fmt(bc['mine_first_step'])} ({fmt(bc['mine_interp'])}); my 90%: "
+            f"[{fmt((bc['mine_bootstrap_90'] or {}).get('lo'))}, {fmt((bc['mine_bootstrap_90'] or {}).get('hi'))}]"
+            f", paired [{fmt((bc['mine_bootstrap_90_paired'] or {}).get('lo'))}, "
+            f"{fmt((bc['mine_bootstrap_90_paired'] or {}).get('hi'))}]"
+            f" | {yes(bc['inside_first_step'])} ({yes(bc['inside_interp'])}) |",
+        ]
         if bc.get("mine_5seed_subsets"):
-            L.append(f"| B_crit of disjoint 5-seed subsets of my seeds | (as above) | "
-                     f"{', '.join(fmt(v) for v in bc['mine_5seed_subsets'])} | {bc['subsets_inside']} of "
-                     f"{len(bc['mine_5seed_subsets'])} inside |")
-            for kind, lab in (("independent", "seeds resampled per cell, as the study"),
-                              ("paired", "seeds resampled jointly over cells")):
+            L.append(
+                f"| B_crit of disjoint 5-seed subsets of my seeds | (as above) | "
+                f"{', '.join(fmt(v) for v in bc['mine_5seed_subsets'])} | {bc['subsets_inside']} of "
+                f"{len(bc['mine_5seed_subsets'])} inside |"
+            )
+            for kind, lab in (
+                ("independent", "seeds resampled per cell, as the study"),
+                ("paired", "seeds resampled jointly over cells"),
+            ):
                 ivs = bc.get(f"subset_{kind}_intervals") or []
                 if ivs:
                     h2 = bc[f"subset_{kind}_hold_other_subsets"]
-                    L.append(f"| 5-seed subsets' 90% bootstrap intervals ({lab}) | – | "
-                             f"{', '.join(f'[{fmt(a)}, {fmt(b)}]' for a, b in ivs)} | hold my all-seed value: "
-                             f"{bc[f'subset_{kind}_hold_all_seed_value']} of {len(ivs)}; the other subsets' values: "
-                             f"{h2[0]} of {h2[1]} |")
+                    L.append(
+                        f"| 5-seed subsets' 90% bootstrap intervals ({lab}) | – | "
+                        f"{', '.join(f'[{fmt(a)}, {fmt(b)}]' for a, b in ivs)} | hold my all-seed value: "
+                        f"{bc[f'subset_{kind}_hold_all_seed_value']} of {len(ivs)}; the other subsets' values: "
+                        f"{h2[0]} of {h2[1]} |"
+                    )
         for w, lab in (("init", "B_simple at init"), ("mid", "B_simple mid-run"), ("target", "B_simple at target")):
             b = c["b_simple"][w]
             iv = b["study_interval"]
             ivs = f" [{fmt(iv['lo'])}, {fmt(iv['hi'])}]" if iv else ""
-            L.append(f"| {lab} (median over B) | {fmt(b['study'])}{ivs} | {fmt(b['mine'])} "
-                     f"(x{fmt(b['ratio_mine_over_study'], 3)}) | {yes(b['within_10pct'])} |")
+            L.append(
+                f"| {lab} (median over B) | {fmt(b['study'])}{ivs} | {fmt(b['mine'])} "
+                f"(x{fmt(b['ratio_mine_over_study'], 3)}) | {yes(b['within_10pct'])} |"
+            )
             if b.get("mine_on_study_seeds") is not None:
-                L.append(f"| {lab}, the study's own seeds (same points) | {fmt(b['study'])} | "
-                         f"{fmt(b['mine_on_study_seeds'], 6)} (x{fmt(b['ratio_on_study_seeds'], 6)}) | "
-                         f"{yes(abs(b['ratio_on_study_seeds'] - 1) <= 0.1)} |")
+                L.append(
+                    f"| {lab}, the study's own seeds (same points) | {fmt(b['study'])} | "
+                    f"{fmt(b['mine_on_study_seeds'], 6)} (x{fmt(b['ratio_on_study_seeds'], 6)}) | "
+                    f"{yes(abs(b['ratio_on_study_seeds'] - 1) <= 0.1)} |"
+                )
             if b.get("steps_ge_4"):
                 q = b["steps_ge_4"]
-                L.append(f"| {lab}, median over B with >= 4 steps in both ({q['batch_sizes']}) | {fmt(q['study'])} | "
-                         f"{fmt(q['mine'])} (x{fmt(q['ratio'], 3)}) | {yes(abs(q['ratio'] - 1) <= 0.1)} |")
+                L.append(
+                    f"| {lab}, median over B with >= 4 steps in both ({q['batch_sizes']}) | {fmt(q['study'])} | "
+                    f"{fmt(q['mine'])} (x{fmt(q['ratio'], 3)}) | {yes(abs(q['ratio'] - 1) <= 0.1)} |"
+                )
         q = p.get("same_points")
         if q:
-            L.append(f"| B_simple at the study's own trials ({q['what']}; steps equal: {q['steps_equal']}) | stored "
-                     f"per trial | max rel. diff at target {fmt(q['target']['max_rel_diff'], 2)} (n={q['target']['n']}), "
-                     f"mid-run {fmt(q['mid']['max_rel_diff'], 2)} (n={q['mid']['n']}) | "
-                     f"{yes((q['target']['max_rel_diff'] or 0) <= 0.1 and (q['mid']['max_rel_diff'] or 0) <= 0.1)} |")
+            L.append(
+                f"| B_simple at the study's own trials ({q['what']}; steps equal: {q['steps_equal']}) | stored "
+                f"per trial | max rel. diff at target {fmt(q['target']['max_rel_diff'], 2)} (n={q['target']['n']}), "
+                f"mid-run {fmt(q['mid']['max_rel_diff'], 2)} (n={q['mid']['n']}) | "
+                f"{yes((q['target']['max_rel_diff'] or 0) <= 0.1 and (q['mid']['max_rel_diff'] or 0) <= 0.1)} |"
+            )
         f = c["fastest"]
-        L.append(f"| fastest batch size (steps x step time) | {f['study']['value']} [{f['study']['lo']}, "
-                 f"{f['study']['hi']}] | {f['mine_first_step']} ({f['mine_interp']}) | {yes(f['inside'])} "
-                 f"({yes(f['inside_interp'])}) |")
-        L += ["", "| B | study best lr | study steps | my best lr | my steps (interp) | my B_simple init / mid / "
-              "target | study B_simple mid / target | my step µs |", "|---|---|---|---|---|---|---|---|"]
+        L.append(
+            f"| fastest batch size (steps x step time) | {f['study']['value']} [{f['study']['lo']}, "
+            f"{f['study']['hi']}] | {f['mine_first_step']} ({f['mine_interp']}) | {yes(f['inside'])} "
+            f"({yes(f['inside_interp'])}) |"
+        )
+        L += [
+            "",
+            "| B | study best lr | study steps | my best lr | my steps (interp) | my B_simple init / mid / "
+            "target | study B_simple mid / target | my step µs |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         sp = {r["batch_size"]: r for r in p["study"]["per_batch"]}
         for r in p["mine"]["per_batch"]:
             q = sp.get(r["batch_size"], {})
             edge = f" ({r['edge']} edge)" if r["edge"] else ""
             qe = f" ({q.get('lr_edge')} edge)" if q.get("lr_edge") else ""
-            L.append(f"| {r['batch_size']} | {fmt(q.get('best_lr'))}{qe} | {fmt(q.get('steps_to_target'), 4)} | "
-                     f"{fmt(r['best_lr'])}{edge} | {fmt(r['median_steps'], 4)} ({fmt(r['median_steps_interp'], 4)}) | "
-                     f"{fmt(r.get('bsimple_init'))} / {fmt(r.get('bsimple_mid'))} / {fmt(r.get('bsimple_target'))} | "
-                     f"{fmt(q.get('noise_scale_middle'))} / {fmt(q.get('noise_scale_target'))} | "
-                     f"{fmt(r['step_time_s'] * 1e6)} |")
+            L.append(
+                f"| {r['batch_size']} | {fmt(q.get('best_lr'))}{qe} | {fmt(q.get('steps_to_target'), 4)} | "
+                f"{fmt(r['best_lr'])}{edge} | {fmt(r['median_steps'], 4)} ({fmt(r['median_steps_interp'], 4)}) | "
+                f"{fmt(r.get('bsimple_init'))} / {fmt(r.get('bsimple_mid'))} / {fmt(r.get('bsimple_target'))} | "
+                f"{fmt(q.get('noise_scale_middle'))} / {fmt(q.get('noise_scale_target'))} | "
+                f"{fmt(r['step_time_s'] * 1e6)} |"
+            )
         fi = p["mine"]["fit_first_step"] or {}
-        L += ["", f"My fit: S_min {fmt(fi.get('s_min'))}, E_min {fmt(fi.get('e_min'))}, rms log residual "
-                  f"{fmt(fi.get('rms_log_residual'))}, batch sizes {fi.get('batch_sizes')}. "
-                  f"Study fit: {json.dumps({k: round(v, 4) for k, v in (p['study']['tradeoff_fit'] or {}).items() if isinstance(v, float)})}. "
-                  f"Study: `{p['study']['command']}` ({p['study']['seconds']} s).", ""]
+        L += [
+            "",
+            f"My fit: S_min {fmt(fi.get('s_min'))}, E_min {fmt(fi.get('e_min'))}, rms log residual "
+            f"{fmt(fi.get('rms_log_residual'))}, batch sizes {fi.get('batch_sizes')}. "
+            f"Study fit: {json.dumps({k: round(v, 4) for k, v in (p['study']['tradeoff_fit'] or {}).items() if isinstance(v, float)})}. "
+            f"Study: `{p['study']['command']}` ({p['study']['seconds']} s).",
+            "",
+        ]
         if p.get("notes"):
             L += [f"- {x}" for x in p["notes"]] + [""]
     atomic_write(str(path), "\n".join(L) + "\n")
@@ -842,9 +1074,19 @@ def main():
             problems.append(problem_linreg(work, a.quick, factor))
     if a.only != "linreg":
         problems.append(problem_digits(work, a.quick))
-    res = {"machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "date": datetime.datetime.now().isoformat(
-        timespec="seconds"), "python": sys.version.split()[0], "numpy": np.__version__},
-        "seconds": time.perf_counter() - t0, "quick": a.quick, "work": str(work), "problems": problems}
+    res = {
+        "machine": {
+            "nproc": os.cpu_count(),
+            "cpu": cpu_model(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+        },
+        "seconds": time.perf_counter() - t0,
+        "quick": a.quick,
+        "work": str(work),
+        "problems": problems,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if not (a.quick or a.only) else "_partial"

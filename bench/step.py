@@ -19,6 +19,7 @@ exactly what ``minigd.fit`` calls once per step -- with ``SGD(lr=1e-3)``.  The `
 column adds the whole Python training loop (sampler, schedule, history) per step, for
 the cpu backend.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def _measure(models, batches, backends, target_s: float, rounds: int) -> list:
             runners = {}
             for be in backends:
                 run = train_step_runner(sizes, be, X, y, yf, idx, B)
-                run(2)   # warm-up (JIT compile, caches)
+                run(2)  # warm-up (JIT compile, caches)
                 t0 = time.perf_counter()
                 run(3)
                 per = (time.perf_counter() - t0) / 3
@@ -73,8 +74,11 @@ def _measure(models, batches, backends, target_s: float, rounds: int) -> list:
                 if "cpu" in runners:
                     samples["fit"].append(_fit_time(mg, mfit, X, y, B, fit_steps))
             med = {be: float(np.median(v)) for be, v in samples.items() if v}
-            row = {"model": "-".join(map(str, sizes)), "batch": B,
-                   "path": ("blas" if mg.MLP(sizes, backend="cpu").backend_impl.use_blas(B) else "loops")}
+            row = {
+                "model": "-".join(map(str, sizes)),
+                "batch": B,
+                "path": ("blas" if mg.MLP(sizes, backend="cpu").backend_impl.use_blas(B) else "loops"),
+            }
             for be, v in med.items():
                 row[f"{be}_us"] = v * 1e6
                 row[f"{be}_samples_per_s"] = B / v
@@ -96,6 +100,7 @@ def _first_step() -> float:
     import numpy as np
 
     import minigd as mg
+
     m = mg.MLP([64, 128, 128, 10], seed=0)
     X = np.zeros((8, 64), np.float32)
     mg.fit(m, X, np.zeros(8, np.int64), batch_size=8, steps=1)
@@ -114,8 +119,7 @@ def _child(args) -> None:
 
 # ------------------------------------------------------------------------------ parent side
 def _run_child(extra: list, env: dict) -> object:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *extra], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *extra], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -131,28 +135,42 @@ def compile_times(env: dict) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    lines = ["# Training-step benchmark (bench/step.py)", "",
-             f"Machine: {result['machine'].get('cpu')}; numpy {result['machine'].get('numpy')} "
-             f"({result['machine'].get('numpy_blas')}), numba {result['machine'].get('numba')}, "
-             f"Python {result['machine'].get('python')}.", "",
-             "float32, ReLU, softmax cross-entropy, SGD. `cpu`/`numpy`: one `train_step` call "
-             "(gather + forward + loss + backward + update); `fit`: the whole Python training "
-             "loop per step on the cpu backend. Medians of interleaved rounds; "
-             "`numpy/cpu` > 1 means the cpu backend is faster.", ""]
+    lines = [
+        "# Training-step benchmark (bench/step.py)",
+        "",
+        f"Machine: {result['machine'].get('cpu')}; numpy {result['machine'].get('numpy')} "
+        f"({result['machine'].get('numpy_blas')}), numba {result['machine'].get('numba')}, "
+        f"Python {result['machine'].get('python')}.",
+        "",
+        "float32, ReLU, softmax cross-entropy, SGD. `cpu`/`numpy`: one `train_step` call "
+        "(gather + forward + loss + backward + update); `fit`: the whole Python training "
+        "loop per step on the cpu backend. Medians of interleaved rounds; "
+        "`numpy/cpu` > 1 means the cpu backend is faster.",
+        "",
+    ]
     for run in result["runs"]:
-        lines += [f"## {run['threads']} thread(s)", "",
-                  "| model | batch | cpu path | cpu µs/step | numpy µs/step | fit µs/step | cpu samples/s | numpy/cpu |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {run['threads']} thread(s)",
+            "",
+            "| model | batch | cpu path | cpu µs/step | numpy µs/step | fit µs/step | cpu samples/s | numpy/cpu |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for r in run["rows"]:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['path']} | {r.get('cpu_us', float('nan')):.1f} | "
-                         f"{r.get('numpy_us', float('nan')):.1f} | {r.get('fit_us', float('nan')):.1f} | "
-                         f"{r.get('cpu_samples_per_s', float('nan')):,.0f} | {r.get('numpy_over_cpu', float('nan')):.2f} |")
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['path']} | {r.get('cpu_us', float('nan')):.1f} | "
+                f"{r.get('numpy_us', float('nan')):.1f} | {r.get('fit_us', float('nan')):.1f} | "
+                f"{r.get('cpu_samples_per_s', float('nan')):,.0f} | {r.get('numpy_over_cpu', float('nan')):.2f} |"
+            )
         lines.append("")
     c = result.get("compile")
     if c:
-        lines += ["## First call (import + first training step, fresh process)", "",
-                  f"- cold numba cache (JIT compile): {c['cold_s']:.2f} s",
-                  f"- warm numba cache: {c['warm_s']:.2f} s", ""]
+        lines += [
+            "## First call (import + first training step, fresh process)",
+            "",
+            f"- cold numba cache (JIT compile): {c['cold_s']:.2f} s",
+            f"- warm numba cache: {c['warm_s']:.2f} s",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -176,9 +194,21 @@ def main(argv=None) -> dict:
     rounds, target = (1, 0.001) if args.quick else (args.rounds, args.target)
     result = {"machine": machine(), "runs": []}
     for threads in [int(t) for t in args.threads.split(",")]:
-        rows = _run_child(["--child", "measure", "--models", json.dumps(models), "--batches",
-                           json.dumps(batches), "--rounds", str(rounds), "--target", str(target)],
-                          thread_env(threads))
+        rows = _run_child(
+            [
+                "--child",
+                "measure",
+                "--models",
+                json.dumps(models),
+                "--batches",
+                json.dumps(batches),
+                "--rounds",
+                str(rounds),
+                "--target",
+                str(target),
+            ],
+            thread_env(threads),
+        )
         result["runs"].append({"threads": threads, "rows": rows})
     if not args.no_compile and not args.quick:
         result["compile"] = compile_times(thread_env(1))

@@ -9,4 +9,5 @@ The core imports nothing from the layers above it (the model, ``fit``, the backe
 ``tests/test_layers.py`` checks that.  To compile every CPU kernel up front, use
 :func:`minigd.warmup.warmup` (or ``minigd warmup``).
 """
+
 from .workspace import ParamLayout, Workspace  # noqa: F401

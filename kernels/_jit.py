@@ -10,6 +10,7 @@
   at decoration time (numba issue #5566); we then warn once and compile without a cache
   instead of failing at import.
 """
+
 from __future__ import annotations
 
 import glob
@@ -55,8 +56,7 @@ def jit(fn=None, *, cache: bool = True, fastmath: bool = True, inline: str = "ne
     if fn is None:
         return lambda f: jit(f, cache=cache, fastmath=fastmath, inline=inline)
     global _cache_disabled_reason
-    opts = dict(fastmath=set(FASTMATH) if fastmath else False, error_model="numpy", inline=inline,
-                nogil=True)
+    opts = dict(fastmath=set(FASTMATH) if fastmath else False, error_model="numpy", inline=inline, nogil=True)
     if cache and _cache_disabled_reason is None:
         try:
             return _widen_stamp(numba.njit(cache=True, **opts)(fn))
@@ -65,7 +65,10 @@ def jit(fn=None, *, cache: bool = True, fastmath: bool = True, inline: str = "ne
             warnings.warn(
                 "minigd: numba cannot write its compile cache here "
                 f"({exc}); kernels will be compiled on every import (set NUMBA_CACHE_DIR "
-                "to a writable directory to keep them)", RuntimeWarning, stacklevel=2)
+                "to a writable directory to keep them)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return numba.njit(cache=False, **opts)(fn)
 
 

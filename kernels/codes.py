@@ -10,6 +10,7 @@ one of them equals the value here.
 
 This module imports nothing, so any layer may use it.
 """
+
 from __future__ import annotations
 
 # ----------------------------------------------------------------------------- activations
@@ -48,7 +49,29 @@ OP_CLIP, OP_DECAY, OP_TRACE, OP_ADAM, OP_SCALE_LR, OP_SCALE = range(6)
 #: subnormal numbers; 1e-30 is invisible next to any value that matters, in float32 and float64
 FLUSH = 1e-30
 
-__all__ = ["IDENTITY", "RELU", "LEAKY_RELU", "TANH", "SIGMOID", "GELU", "ACTIVATIONS", "LEAKY_SLOPE",
-           "CROSS_ENTROPY", "MSE", "BINARY_CROSS_ENTROPY", "LOSSES",
-           "BN_NONE", "BN_BEFORE", "BN_AFTER", "BATCH_NORM", "BATCH_NORM_ARG",
-           "OP_CLIP", "OP_DECAY", "OP_TRACE", "OP_ADAM", "OP_SCALE_LR", "OP_SCALE", "FLUSH"]
+__all__ = [
+    "IDENTITY",
+    "RELU",
+    "LEAKY_RELU",
+    "TANH",
+    "SIGMOID",
+    "GELU",
+    "ACTIVATIONS",
+    "LEAKY_SLOPE",
+    "CROSS_ENTROPY",
+    "MSE",
+    "BINARY_CROSS_ENTROPY",
+    "LOSSES",
+    "BN_NONE",
+    "BN_BEFORE",
+    "BN_AFTER",
+    "BATCH_NORM",
+    "BATCH_NORM_ARG",
+    "OP_CLIP",
+    "OP_DECAY",
+    "OP_TRACE",
+    "OP_ADAM",
+    "OP_SCALE_LR",
+    "OP_SCALE",
+    "FLUSH",
+]

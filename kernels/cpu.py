@@ -34,6 +34,7 @@ All kernels live in this one file on purpose: numba's on-disk cache only notices
 to the file of the cached function, so keeping callees beside their callers keeps the
 cache honest.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,9 +49,25 @@ from ._jit import jit
 # smallest normal number, and the momentum of a dead unit decays geometrically into
 # subnormals; arithmetic on subnormals is ~100x slower on x86 (it made full-batch steps 50x
 # and momentum steps 4x slower).
-from .codes import (BINARY_CROSS_ENTROPY, CROSS_ENTROPY, FLUSH, GELU, IDENTITY,  # noqa: F401
-                    LEAKY_RELU, LEAKY_SLOPE, MSE, OP_ADAM, OP_CLIP, OP_DECAY, OP_SCALE,
-                    OP_SCALE_LR, OP_TRACE, RELU, SIGMOID, TANH)
+from .codes import (  # noqa: F401
+    BINARY_CROSS_ENTROPY,
+    CROSS_ENTROPY,
+    FLUSH,
+    GELU,
+    IDENTITY,
+    LEAKY_RELU,
+    LEAKY_SLOPE,
+    MSE,
+    OP_ADAM,
+    OP_CLIP,
+    OP_DECAY,
+    OP_SCALE,
+    OP_SCALE_LR,
+    OP_TRACE,
+    RELU,
+    SIGMOID,
+    TANH,
+)
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -64,7 +81,6 @@ R_SIZE, R_WOFF, R_BOFF, R_ACT, R_Z, R_A, R_D, R_MISC = range(8)
 _FALSE = np.zeros(1, dtype=np.bool_)
 
 
-
 # ----------------------------------------------------------------------------- views
 # Kernels index 2-D views of the flat buffers, never ``buf[offset + j]``: with a plain
 # range index numba can drop its negative-index wraparound check and LLVM vectorises the
@@ -74,13 +90,13 @@ def _W(params, lay, l):
     fi = lay[R_SIZE, l]
     fo = lay[R_SIZE, l + 1]
     o = lay[R_WOFF, l]
-    return params[o:o + fi * fo].reshape(fi, fo)
+    return params[o : o + fi * fo].reshape(fi, fo)
 
 
 @jit(inline="always")
 def _b(params, lay, l):
     o = lay[R_BOFF, l]
-    return params[o:o + lay[R_SIZE, l + 1]]
+    return params[o : o + lay[R_SIZE, l + 1]]
 
 
 @jit(inline="always")
@@ -88,14 +104,14 @@ def _blk(ws, lay, row, l, B):
     """(B, n_{l+1}) view of block ``row`` (R_Z, R_A or R_D) of layer l."""
     n = lay[R_SIZE, l + 1]
     o = lay[row, l]
-    return ws[o:o + B * n].reshape(B, n)
+    return ws[o : o + B * n].reshape(B, n)
 
 
 @jit(inline="always")
 def _flat(ws, lay, row, l, B):
     n = lay[R_SIZE, l + 1]
     o = lay[row, l]
-    return ws[o:o + B * n]
+    return ws[o : o + B * n]
 
 
 @jit(inline="always")
@@ -104,14 +120,14 @@ def _input(ws, lay, l, B):
     if l == 0:
         n = lay[R_SIZE, 0]
         o = lay[R_MISC, 0]
-        return ws[o:o + B * n].reshape(B, n)
+        return ws[o : o + B * n].reshape(B, n)
     return _blk(ws, lay, R_A, l - 1, B)
 
 
 @jit(inline="always")
 def _scratch(ws, lay, B):
     o = lay[R_MISC, 1]
-    return ws[o:o + B]
+    return ws[o : o + B]
 
 
 # ----------------------------------------------------------------------------- activations
@@ -119,7 +135,7 @@ def _scratch(ws, lay, B):
 def _act_forward(code, z, a):
     """a = f(z), elementwise over equal-length 1-D views."""
     n = z.shape[0]
-    if code == RELU:      # max(z, 0) as np.maximum: relu(-inf) = 0, relu(NaN) = NaN
+    if code == RELU:  # max(z, 0) as np.maximum: relu(-inf) = 0, relu(NaN) = NaN
         for k in range(n):
             v = z[k]
             if v > 0 or v != v:
@@ -302,12 +318,16 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
             Dp = _blk(ws, lay, R_D, l - 1, B)
             for i in range(fi):
                 for r in range(B):
-                    acc = D[r, 0] * np.float32(0)   # model dtype (a bare 0 promotes)
+                    acc = D[r, 0] * np.float32(0)  # model dtype (a bare 0 promotes)
                     for j in range(fo):
                         acc += D[r, j] * W[i, j]
                     Dp[r, i] = acc
-            _act_backward(lay[R_ACT, l - 1], _flat(ws, lay, R_Z, l - 1, B),
-                          _flat(ws, lay, R_A, l - 1, B), _flat(ws, lay, R_D, l - 1, B))
+            _act_backward(
+                lay[R_ACT, l - 1],
+                _flat(ws, lay, R_Z, l - 1, B),
+                _flat(ws, lay, R_A, l - 1, B),
+                _flat(ws, lay, R_D, l - 1, B),
+            )
 
 
 @jit(inline="always")
@@ -329,7 +349,7 @@ def _sqnorm_rows(A, D, B, sqn, scale):
 @jit(inline="always")
 def _row_sqnorm(a, d, scale):
     """scale * (|a|^2 + 1) * |d|^2 with the sums in the model dtype."""
-    asq = a[0] * np.float32(0)   # the model dtype: a bare 0 would promote to float64
+    asq = a[0] * np.float32(0)  # the model dtype: a bare 0 would promote to float64
     for i in range(a.shape[0]):
         asq += a[i] * a[i]
     dsq = d[0] * np.float32(0)
@@ -378,8 +398,17 @@ def _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, want_row_loss):
     """
     L = lay[R_MISC, 3]
     rows = _scratch(ws, lay, B)
-    total = _loss_rows(loss_code, _blk(ws, lay, R_Z, L - 1, B), _blk(ws, lay, R_D, L - 1, B),
-                       yi, yf, idx, B, 1.0 / B, rows[:B if (want_row_loss and not want_sqn) else 0])
+    total = _loss_rows(
+        loss_code,
+        _blk(ws, lay, R_Z, L - 1, B),
+        _blk(ws, lay, R_D, L - 1, B),
+        yi,
+        yf,
+        idx,
+        B,
+        1.0 / B,
+        rows[: B if (want_row_loss and not want_sqn) else 0],
+    )
     if want_sqn:
         for r in range(B):
             rows[r] = 0
@@ -392,8 +421,9 @@ def _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
     _gather(X, idx, B, ws, lay)
     _forward_loops(B, params, ws, lay, L)
     loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, want_row_loss)
-    _backward_loops(B, params, grad, ws, lay, L, _scratch(ws, lay, B)[:B if want_sqn else 0],
-                    np.float64(B) * np.float64(B))
+    _backward_loops(
+        B, params, grad, ws, lay, L, _scratch(ws, lay, B)[: B if want_sqn else 0], np.float64(B) * np.float64(B)
+    )
     return loss
 
 
@@ -405,8 +435,7 @@ def loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sq
     norms land in the scratch block; with ``want_row_loss`` (and not want_sqn) the
     per-example losses do.
     """
-    return _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn,
-                            want_row_loss)
+    return _loss_grad_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss)
 
 
 # ----------------------------------------------------------------------------- BLAS path
@@ -461,8 +490,7 @@ def _bias_grad(B, grad, ws, lay, l):
 @jit
 def act_backward(B, ws, lay, l):
     """d_l *= f'(z_l) for hidden layer l (after d_l = d_{l+1} W_{l+1}^T)."""
-    _act_backward(lay[R_ACT, l], _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B),
-                  _flat(ws, lay, R_D, l, B))
+    _act_backward(lay[R_ACT, l], _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B), _flat(ws, lay, R_D, l, B))
 
 
 @jit
@@ -512,14 +540,17 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
             _sqnorm_rows(A, D, B, rows, scale)
         if l > 0:
             np.dot(D, _W(params, lay, l).T, _blk(ws, lay, R_D, l - 1, B))
-            _act_backward(lay[R_ACT, l - 1], _flat(ws, lay, R_Z, l - 1, B),
-                          _flat(ws, lay, R_A, l - 1, B), _flat(ws, lay, R_D, l - 1, B))
+            _act_backward(
+                lay[R_ACT, l - 1],
+                _flat(ws, lay, R_Z, l - 1, B),
+                _flat(ws, lay, R_A, l - 1, B),
+                _flat(ws, lay, R_D, l - 1, B),
+            )
     return loss
 
 
 @jit
-def train_step_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn,
-                    codes, hp, soff, state, plan, lr, t):
+def train_step_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan, lr, t):
     """:func:`train_step_loops` with the GEMMs in BLAS, as one compiled call."""
     loss = loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, _FALSE[0])
     if not math.isfinite(loss):
@@ -534,7 +565,7 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
     """Run each primitive of the chain as its own pass over ``grad`` (any chain)."""
     P = params.shape[0]
     fl = hp[hp.shape[0] - 1, 5]
-    zero = hp[hp.shape[0] - 1, 7]   # 0 in the model dtype (see _opt_fused_slice)
+    zero = hp[hp.shape[0] - 1, 7]  # 0 in the model dtype (see _opt_fused_slice)
     for k in range(codes.shape[0]):
         c = codes[k]
         so = soff[k]
@@ -549,7 +580,7 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
                 grad[p] += wd * params[p]
         elif c == OP_TRACE:
             m = hp[k, 0]
-            v = state[so:so + P]
+            v = state[so : so + P]
             if hp[k, 1] != 0:  # Nesterov
                 for p in range(P):
                     vp = m * v[p] + grad[p]
@@ -566,8 +597,8 @@ def _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t):
             _adam_scalars(hp, k, t)
             b1, b2, eps = hp[k, 0], hp[k, 1], hp[k, 2]
             c1, c2, ob1, ob2 = hp[k, 3], hp[k, 4], hp[k, 5], hp[k, 6]
-            m1 = state[so:so + P]
-            m2 = state[so + P:so + 2 * P]
+            m1 = state[so : so + P]
+            m2 = state[so + P : so + 2 * P]
             for p in range(P):
                 g = grad[p]
                 a = b1 * m1[p] + ob1 * g
@@ -593,7 +624,7 @@ def _clip_factor(grad, hp, k):
     """hp[k, 3] = min(1, max_norm / |grad|) in the model dtype; returns |grad|^2."""
     sq = 0.0
     for p in range(grad.shape[0]):
-        g = np.float64(grad[p])     # float64 (numba's float() keeps float32): g*g overflows from |g| ~ 2e19
+        g = np.float64(grad[p])  # float64 (numba's float() keeps float32): g*g overflows from |g| ~ 2e19
         sq += g * g
     nrm = math.sqrt(sq)
     hp[k, 3] = hp[k, 0] / nrm if nrm > hp[k, 0] else 1.0
@@ -637,13 +668,13 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
     LLVM from vectorising them.)
     """
     n = gg.shape[0]
-    zero = hp[hp.shape[0] - 1, 7]   # spare row: 0 in column 7
+    zero = hp[hp.shape[0] - 1, 7]  # spare row: 0 in column 7
     i_wd1, i_mid, i_wd2, i_lr = plan[2], plan[3], plan[4], plan[5]
     wd1 = hp[i_wd1, 0] if i_wd1 >= 0 else zero
     wd2 = hp[i_wd2, 0] if i_wd2 >= 0 else zero
-    nlr = hp[i_lr, 3] if i_lr >= 0 else hp[hp.shape[0] - 1, 6]   # spare row: 1 in column 6
+    nlr = hp[i_lr, 3] if i_lr >= 0 else hp[hp.shape[0] - 1, 6]  # spare row: 1 in column 6
     mid = codes[i_mid] if i_mid >= 0 else -1
-    fl = hp[hp.shape[0] - 1, 5]      # FLUSH in the model dtype (a float64 compare costs 40%)
+    fl = hp[hp.shape[0] - 1, 5]  # FLUSH in the model dtype (a float64 compare costs 40%)
     check = zero
     if mid == OP_TRACE:
         m = hp[i_mid, 0]
@@ -652,7 +683,7 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
                 g0 = gg[p]
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
-                vp = vp if abs(vp) > fl else vp * zero   # (NaN stays NaN)
+                vp = vp if abs(vp) > fl else vp * zero  # (NaN stays NaN)
                 s1[p] = vp
                 u = nlr * ((g + m * vp) + wd2 * pp[p])
                 gg[p] = u
@@ -662,7 +693,7 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
                 g0 = gg[p]
                 g = g0 + wd1 * pp[p]
                 vp = m * s1[p] + g
-                vp = vp if abs(vp) > fl else vp * zero   # (NaN stays NaN)
+                vp = vp if abs(vp) > fl else vp * zero  # (NaN stays NaN)
                 s1[p] = vp
                 u = nlr * (vp + wd2 * pp[p])
                 gg[p] = u
@@ -698,7 +729,7 @@ def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
     P = params.shape[0]
     gsq = grad_sqnorm(grad) if want_gsq else 0.0
     if plan[0] != 0:
-        if plan[1] >= 0:   # clip: needs the global norm first
+        if plan[1] >= 0:  # clip: needs the global norm first
             _clip_factor(grad, hp, plan[1])
             f = hp[plan[1], 3]
             if f != 1:
@@ -706,13 +737,13 @@ def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
                     grad[p] *= f
         _opt_consts(hp, codes, plan, lr, t)
         so = soff[plan[3]] if plan[3] >= 0 else 0
-        check = _opt_fused_slice(params, grad, state[so:so + P], state[so + P:so + 2 * P], hp, codes, plan)
+        check = _opt_fused_slice(params, grad, state[so : so + P], state[so + P : so + 2 * P], hp, codes, plan)
         return check, gsq
     _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t)
     zero = hp[hp.shape[0] - 1, 7]
     check = zero
     for p in range(P):
-        check += (params[p] + grad[p]) * zero    # 0, or NaN if a new parameter is not finite
+        check += (params[p] + grad[p]) * zero  # 0, or NaN if a new parameter is not finite
     return check, gsq
 
 
@@ -749,8 +780,9 @@ def opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
 
 
 @jit
-def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn,
-                     codes, hp, soff, state, plan, lr, t):
+def train_step_loops(
+    X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan, lr, t
+):
     """One whole training step by loops: gather, forward, loss, backward, optimizer update.
 
     Returns (mean batch loss, applied, |g|^2): applied is 0 when the loss or the new
@@ -764,8 +796,9 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
     loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, _FALSE[0])
     if not math.isfinite(loss):
         return loss, 0, math.nan
-    _backward_loops(B, params, grad, ws, lay, L, _scratch(ws, lay, B)[:B if want_sqn else 0],
-                    np.float64(B) * np.float64(B))
+    _backward_loops(
+        B, params, grad, ws, lay, L, _scratch(ws, lay, B)[: B if want_sqn else 0], np.float64(B) * np.float64(B)
+    )
     check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
     return loss, _apply_if_finite(params, grad, check), gsq
 
@@ -774,7 +807,7 @@ def train_step_loops(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_s
 def grad_sqnorm(grad):
     """|grad|^2 as a float: accumulated in the model dtype (vectorised partial sums), and
     again in float64 in the rare case that overflows."""
-    s = grad[0] * np.float32(0)      # the model dtype (a bare 0 would promote to float64)
+    s = grad[0] * np.float32(0)  # the model dtype (a bare 0 would promote to float64)
     for p in range(grad.shape[0]):
         s += grad[p] * grad[p]
     if math.isfinite(s) or not np.isfinite(grad).all():

@@ -34,6 +34,7 @@ The backward kernel turns the deltas of h (the mean loss's, so already carrying 
 into the deltas of z in place and writes dgamma, dbeta:
 dx = gamma * inv * (dy - mean_g(dy) - xhat * mean_g(dy * xhat)) per ghost batch g.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,8 @@ def _bn(X, gamma, beta, rmean, rvar, stats, acc, XH, Y, B, g, training, eps):
     if training:
         _bn_stats(X, B, g, eps, stats, acc)
         _bn_apply(X, gamma, beta, B, g, stats[0], stats[2], XH, Y)
-    else:   # one "ghost batch" of B rows with the running statistics (in acc: the
-        mu, inv = acc[0:1], acc[1:2]   # training statistics stay for running_update)
+    else:  # one "ghost batch" of B rows with the running statistics (in acc: the
+        mu, inv = acc[0:1], acc[1:2]  # training statistics stay for running_update)
         for j in range(X.shape[1]):
             mu[0, j] = rmean[j]
             inv[0, j] = 1.0 / math.sqrt(rvar[j] + eps)
@@ -107,8 +108,9 @@ def _bn(X, gamma, beta, rmean, rvar, stats, acc, XH, Y, B, g, training, eps):
 
 
 @jit
-def hidden_forward(b, gamma, beta, rmean, rvar, mask, Z, PRE, ACT, XH, H, stats, acc,
-                   B, g, act, bn, training, has_mask, eps):
+def hidden_forward(
+    b, gamma, beta, rmean, rvar, mask, Z, PRE, ACT, XH, H, stats, acc, B, g, act, bn, training, has_mask, eps
+):
     """Finish hidden layer l after ``Z = h_{l-1} W_l``: bias, batch norm, activation,
     dropout (see the module docstring).  ``g``: rows per ghost batch (>= 2, <= B)."""
     n = Z.shape[1]
@@ -172,8 +174,7 @@ def _bn_backward(D, XH, gamma, inv, dgamma, dbeta, acc, B, g):
 
 
 @jit
-def hidden_backward(mask, Z, PRE, ACT, XH, gamma, stats, D, dgamma, dbeta, acc, B, g, act, bn,
-                    has_mask):
+def hidden_backward(mask, Z, PRE, ACT, XH, gamma, stats, D, dgamma, dbeta, acc, B, g, act, bn, has_mask):
     """D: the deltas of hidden layer l's output h (in) -> the deltas of its linear
     output z (out), training mode; dgamma/dbeta: views into the gradient vector."""
     n = D.shape[1]

@@ -14,13 +14,13 @@ Moments: :func:`moments_update` reduces each chunk by the exact two-pass form in
 model dtype; :func:`moments_update_shortcut` by one float64 GEMM of squared factors per
 layer, guarded against cancellation (the derivation is in its docstring).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from ._jit import jit
-from .cpu import R_BOFF, R_D, R_MISC, R_SIZE, R_WOFF, _b, _blk, _input, _W
-
+from .cpu import _W, R_BOFF, R_D, R_MISC, R_SIZE, R_WOFF, _b, _blk, _input
 
 #: a layer with fewer outputs than this (and more inputs) is swept transposed, so that the
 #: vectorised inner loop runs over its inputs rather than over a handful of outputs
@@ -193,9 +193,9 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
         fi, fo = gW.shape
         npar = fi * fo
         out = acc[:npar]
-        if fo < SWAP_BELOW and fi > fo:     # sweep (j, i): the inner loop runs over inputs
-            Xp = tr[:B * fo].reshape(B, fo)
-            for r in range(B):              # B D: the per-example deltas
+        if fo < SWAP_BELOW and fi > fo:  # sweep (j, i): the inner loop runs over inputs
+            Xp = tr[: B * fo].reshape(B, fo)
+            for r in range(B):  # B D: the per-example deltas
                 for j in range(fo):
                     Xp[r, j] = D[r, j] * B
             M = mus[:npar].reshape(fo, fi)
@@ -203,19 +203,19 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
                 for j in range(fo):
                     M[j, i] = gW[i, j]
             _sq_dev(Xp.T, A, M, out.reshape(fo, fi))
-            flat = mus[:npar]               # back to the parameter order (i, j)
+            flat = mus[:npar]  # back to the parameter order (i, j)
             for j in range(fo):
                 for i in range(fi):
                     flat[i * fo + j] = out[j * fi + i]
         else:
-            Dp = dsc[:B * fo].reshape(B, fo)
+            Dp = dsc[: B * fo].reshape(B, fo)
             for r in range(B):
                 for j in range(fo):
                     Dp[r, j] = D[r, j] * B
             _sq_dev(A.T, Dp, gW, out.reshape(fi, fo))
             flat = out
         o = lay[R_WOFF, l]
-        _merge(grad[o:o + npar], flat, st_mean[o:o + npar], st_m2[o:o + npar], n_old, w, c)
+        _merge(grad[o : o + npar], flat, st_mean[o : o + npar], st_m2[o : o + npar], n_old, w, c)
         # bias: the same with A = 1
         gb = _b(grad, lay, l)
         outb = acc[:fo]
@@ -227,7 +227,7 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
                 t = d[j] * B - gb[j]
                 outb[j] += t * t
         o = lay[R_BOFF, l]
-        _merge(gb, outb, st_mean[o:o + fo], st_m2[o:o + fo], n_old, w, c)
+        _merge(gb, outb, st_mean[o : o + fo], st_m2[o : o + fo], n_old, w, c)
 
 
 # ----------------------------------------------------------------------------- guarded float64 shortcut
@@ -237,13 +237,13 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
 SHORTCUT_TAU = 1e-7
 #: a weight whose chunk sum of squares S2 is positive but below this is recomputed exactly:
 #: the error analysis assumes the squared factors and their products stay normal numbers
-SHORTCUT_TINY = 2.0 ** -800
+SHORTCUT_TINY = 2.0**-800
 
 
 @jit(inline="always")
 def _gamma(n):
     """Higham's rounding-error constant gamma_n = n u / (1 - n u), u = 2^-53."""
-    nu = n * 2.0 ** -53
+    nu = n * 2.0**-53
     return nu / (1.0 - nu)
 
 
@@ -254,7 +254,7 @@ def shortcut_delta(B, tau):
     :func:`moments_update_shortcut` for the derivation."""
     g1 = _gamma(B + 1.0)
     g2 = _gamma(B + 5.0)
-    return 2.0 * (g2 + g1 * (2.0 + g1) + 2.0 * 2.0 ** -53) / tau
+    return 2.0 * (g2 + g1 * (2.0 + g1) + 2.0 * 2.0**-53) / tau
 
 
 @jit(inline="always")
@@ -266,11 +266,11 @@ def _shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1):
     fi = A.shape[1]
     fo = D.shape[1]
     Bf = np.float64(B)
-    a2v = a2[:B * fi].reshape(B, fi)
-    x2v = x2[:B * fo].reshape(B, fo)
+    a2v = a2[: B * fi].reshape(B, fi)
+    x2v = x2[: B * fo].reshape(B, fo)
     if need_s1:
-        a6 = a64[:B * fi].reshape(B, fi)
-        x6 = x64[:B * fo].reshape(B, fo)
+        a6 = a64[: B * fi].reshape(B, fi)
+        x6 = x64[: B * fo].reshape(B, fo)
         for r in range(B):
             for i in range(fi):
                 v = np.float64(A[r, i])
@@ -313,11 +313,11 @@ def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
     c = n_old * (B / n_new)
     delta = shortcut_delta(Bf, tau)
     wo = lay[R_WOFF, l]
-    gW = grad[wo:wo + npar]
+    gW = grad[wo : wo + npar]
     s2f = s2[:npar]
     s1f = s1[:npar]
-    mean = st_mean[wo:wo + npar]
-    M2 = st_m2[wo:wo + npar]
+    mean = st_mean[wo : wo + npar]
+    M2 = st_m2[wo : wo + npar]
     # 1. one branch-free pass: M2_b = S2 - S1^2/B where the guard keeps it (0 where it
     #    refuses: those entries get their exact M2_b added in step 2), Chan-merged into the
     #    float64 state (the rule of _merge)
@@ -341,7 +341,7 @@ def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
     #    float64, row by row (one gathered input column per row, the per-example deltas
     #    transposed once), added to the state's M2
     if nbad:
-        xt = xT[:fo * B].reshape(fo, B)
+        xt = xT[: fo * B].reshape(fo, B)
         for r in range(B):
             for j in range(fo):
                 xt[j, r] = np.float64(D[r, j]) * Bf
@@ -394,15 +394,14 @@ def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
                 t = d[j] * B - gb[j]
                 outb[j] += t * t
     if need_s1:
-        _merge(mub, outb, st_mean[bo:bo + fo], st_m2[bo:bo + fo], n_old, w, c)
+        _merge(mub, outb, st_mean[bo : bo + fo], st_m2[bo : bo + fo], n_old, w, c)
     else:
-        _merge(gb, outb, st_mean[bo:bo + fo], st_m2[bo:bo + fo], n_old, w, c)
+        _merge(gb, outb, st_mean[bo : bo + fo], st_m2[bo : bo + fo], n_old, w, c)
     return nbad
 
 
 @jit
-def moments_update_shortcut(B, grad, ws, lay, n_old, st_mean, st_m2, a2, x2, a64, x64, s2, s1,
-                            xT, ac, need_s1, tau):
+def moments_update_shortcut(B, grad, ws, lay, n_old, st_mean, st_m2, a2, x2, a64, x64, s2, s1, xT, ac, need_s1, tau):
     """:func:`moments_update` by the guarded float64 shortcut: each weight's chunk M2 from
     one GEMM of squared factors where that is accurate, the exact two-pass form elsewhere.
     Returns the number of weights that fell back to the two-pass form.
@@ -492,13 +491,10 @@ def moments_update_shortcut(B, grad, ws, lay, n_old, st_mean, st_m2, a2, x2, a64
         fi = lay[R_SIZE, l]
         fo = lay[R_SIZE, l + 1]
         _shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1)
-        np.dot(a2[:B * fi].reshape(B, fi).T, x2[:B * fo].reshape(B, fo),
-               s2[:fi * fo].reshape(fi, fo))
+        np.dot(a2[: B * fi].reshape(B, fi).T, x2[: B * fo].reshape(B, fo), s2[: fi * fo].reshape(fi, fo))
         if need_s1:
-            np.dot(a64[:B * fi].reshape(B, fi).T, x64[:B * fo].reshape(B, fo),
-                   s1[:fi * fo].reshape(fi, fo))
-        nbad += _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
-                                 need_s1, tau)
+            np.dot(a64[: B * fi].reshape(B, fi).T, x64[: B * fo].reshape(B, fo), s1[: fi * fo].reshape(fi, fo))
+        nbad += _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac, need_s1, tau)
     return nbad
 
 
@@ -513,8 +509,7 @@ def shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1):
 def shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac, need_s1, tau):
     """The rest of :func:`moments_update_shortcut` for layer l, after the caller's GEMMs;
     returns the number of fallbacks."""
-    return _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
-                            need_s1, tau)
+    return _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac, need_s1, tau)
 
 
 @jit

@@ -12,6 +12,7 @@ Conventions (STYLE.md, "The kernel contract"): every kernel is ``extern "C"`` an
 include no system header (NVRTC has none), and each file pastes the common header through
 ``#include "gpu_common.cuh"``, which :func:`source` inlines.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,17 +28,17 @@ SOURCES = ("gpu_dense.cu", "gpu_loss.cu", "gpu_optim.cu", "gpu_stats.cu", "gpu_n
 ARCHS = ("sm_80", "sm_90")
 #: NVRTC options used on the device and in the compile test (no fast math: NaN and inf
 #: must propagate, divergence detection depends on them)
-NVRTC_OPTIONS = ("--std=c++17",)   # the default of NVRTC 12 and 13; the emulator compiles as C++17 too
+NVRTC_OPTIONS = ("--std=c++17",)  # the default of NVRTC 12 and 13; the emulator compiles as C++17 too
 #: what cupy.RawModule appends to every compile (cupy/cuda/compiler.py): float32 subnormals
 #: are flushed to zero on the device (float64 keeps them); the compile check builds with it,
 #: so it checks the binary that runs
 CUPY_ADDED_OPTIONS = ("-ftz=true",)
 
-THREADS = 256            # threads per block of the 1-D kernels (MGD_THREADS)
-ROWS_PER_BLOCK = THREADS // 32   # warp-per-row kernels: one warp per example
-TILE = 16                # GEMM tile (MGD_TILE)
-MAX_BLOCKS = 4096        # cap of grid-stride 1-D kernels
-REDUCE_BLOCKS = 128      # stage-1 blocks of the |g|^2 reductions (fixed: deterministic sums)
+THREADS = 256  # threads per block of the 1-D kernels (MGD_THREADS)
+ROWS_PER_BLOCK = THREADS // 32  # warp-per-row kernels: one warp per example
+TILE = 16  # GEMM tile (MGD_TILE)
+MAX_BLOCKS = 4096  # cap of grid-stride 1-D kernels
+REDUCE_BLOCKS = 128  # stage-1 blocks of the |g|^2 reductions (fixed: deterministic sums)
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
 _ANY_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*[<"]([^>"]+)[>"]', re.M)
@@ -60,12 +61,14 @@ def source(name: str) -> str:
     text = raw_text(name)
     for m in _ANY_INCLUDE.finditer(text):
         if m.group(1) != COMMON:
-            raise ValueError(f"{name}: includes {m.group(1)!r}; the CUDA sources may include only "
-                             f"{COMMON!r} (NVRTC has no standard headers)")
+            raise ValueError(
+                f"{name}: includes {m.group(1)!r}; the CUDA sources may include only "
+                f"{COMMON!r} (NVRTC has no standard headers)"
+            )
     common = raw_text(COMMON)
     if _ANY_INCLUDE.search(common):
         raise ValueError(f"{COMMON}: must not include anything")
-    return _INCLUDE.sub(lambda m: f'// ---- {COMMON} (inlined)\n{common}\n// ---- end of {COMMON}', text, count=1)
+    return _INCLUDE.sub(lambda m: f"// ---- {COMMON} (inlined)\n{common}\n// ---- end of {COMMON}", text, count=1)
 
 
 def kernel_names(name: str) -> tuple:
@@ -118,8 +121,9 @@ def grid_gemm(M: int, N: int) -> tuple:
         raise ValueError(f"M, N: expected a non-empty output, got ({M}, {N})")
     gm, gn = -(-int(M) // TILE), -(-int(N) // TILE)
     if gn > 65535 or gm > 2**31 - 1:
-        raise ValueError(f"M, N: an ({M}, {N}) output needs a grid of ({gm}, {gn}) tiles; CUDA allows "
-                         f"(2^31 - 1, 65535)")
+        raise ValueError(
+            f"M, N: an ({M}, {N}) output needs a grid of ({gm}, {gn}) tiles; CUDA allows (2^31 - 1, 65535)"
+        )
     return (gm, gn), (TILE, TILE)
 
 

@@ -4,6 +4,7 @@ Everything is computed once from (layer sizes, activation codes, capacity) and h
 the kernels as one int64 table (``lay``, see ``kernels/cpu.py``).  Nothing here depends on
 the array module, so the GPU backend uses the same layout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,8 +73,8 @@ class ParamLayout:
                 first.append(vec[:0])
                 second.append(vec[:0])
                 continue
-            first.append(vec[off:off + n])
-            second.append(vec[off + n:off + 2 * n])
+            first.append(vec[off : off + n])
+            second.append(vec[off + n : off + 2 * n])
             off += 2 * n
         return first, second
 
@@ -91,8 +92,8 @@ class ParamLayout:
         W, b = [], []
         for l, (wo, bo) in enumerate(zip(*self._offsets())):
             fi, fo = self.sizes[l], self.sizes[l + 1]
-            W.append(params[wo:wo + fi * fo].reshape(fi, fo))
-            b.append(params[bo:bo + fo])
+            W.append(params[wo : wo + fi * fo].reshape(fi, fo))
+            b.append(params[bo : bo + fo])
         return W, b
 
 
@@ -108,11 +109,11 @@ class Workspace:
         L = layout.n_layers
         sizes = layout.sizes
         lay = np.zeros((8, max(L + 1, 4)), dtype=np.int64)
-        lay[0, :L + 1] = sizes
+        lay[0, : L + 1] = sizes
         wo, bo = layout._offsets()
         lay[1, :L] = wo
         lay[2, :L] = bo
-        lay[3, :L] = list(act_codes) + [0]   # output layer: identity (the loss holds the link)
+        lay[3, :L] = list(act_codes) + [0]  # output layer: identity (the loss holds the link)
         off = 0
 
         def take(n):
@@ -155,25 +156,29 @@ class Workspace:
         """(B, width) view of block ``row`` (4=z, 5=a, 6=d) of layer l."""
         n = self.layout.sizes[l + 1]
         o = int(self.lay[row, l])
-        return self.buf[o:o + B * n].reshape(B, n)
+        return self.buf[o : o + B * n].reshape(B, n)
 
     def x0(self, B: int):
         n = self.layout.sizes[0]
         o = int(self.lay[7, 0])
-        return self.buf[o:o + B * n].reshape(B, n)
+        return self.buf[o : o + B * n].reshape(B, n)
 
     def scratch(self, B: int):
         o = int(self.lay[7, 1])
-        return self.buf[o:o + B]
+        return self.buf[o : o + B]
 
     def views(self, B: int):
         """Cached (x0, [z_l], [a_l], [d_l], scratch) views for batch size B."""
         v = self._views.get(B)
         if v is None:
             L = self.layout.n_layers
-            v = (self.x0(B), [self.block(4, l, B) for l in range(L)],
-                 [self.block(5, l, B) for l in range(L)], [self.block(6, l, B) for l in range(L)],
-                 self.scratch(B))
+            v = (
+                self.x0(B),
+                [self.block(4, l, B) for l in range(L)],
+                [self.block(5, l, B) for l in range(L)],
+                [self.block(6, l, B) for l in range(L)],
+                self.scratch(B),
+            )
             if len(self._views) > 8:
                 self._views.clear()
             self._views[B] = v

@@ -10,13 +10,21 @@ checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`.  Not imported her
 in optional dependencies): :mod:`minigd.sklearn` (``MLPClassifier``, ``MLPRegressor``) and
 :mod:`minigd.logging` (``TensorBoardLogger``).
 """
+
 from . import gradstats, optim
 from .adaptive import AdaptiveBatchSize
 from .backends import available_backends
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import BackendUnavailable, CheckpointError, DegenerateModelWarning, DivergenceError
-from .gradstats import (BatchVarianceCurve, GradMoments, TwoBatchNoiseScale, grad_moments,
-                        per_example_grad_norms, per_example_grads, variance_vs_batch_size)
+from .gradstats import (
+    BatchVarianceCurve,
+    GradMoments,
+    TwoBatchNoiseScale,
+    grad_moments,
+    per_example_grad_norms,
+    per_example_grads,
+    variance_vs_batch_size,
+)
 from .history import History
 from .model import MLP
 from .optim import SGD, Adam, AdamW, BatchSizeSchedule, scale_lr
@@ -24,8 +32,31 @@ from .train import fit
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "fit", "AdaptiveBatchSize", "SGD", "Adam", "AdamW", "BatchSizeSchedule", "scale_lr", "History",
-           "DivergenceError", "CheckpointError", "DegenerateModelWarning", "BackendUnavailable", "available_backends", "optim",
-           "per_example_grads", "per_example_grad_norms", "grad_moments", "GradMoments",
-           "TwoBatchNoiseScale", "variance_vs_batch_size", "BatchVarianceCurve", "gradstats",
-           "save_checkpoint", "load_checkpoint", "Checkpoint"]
+__all__ = [
+    "MLP",
+    "fit",
+    "AdaptiveBatchSize",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "BatchSizeSchedule",
+    "scale_lr",
+    "History",
+    "DivergenceError",
+    "CheckpointError",
+    "DegenerateModelWarning",
+    "BackendUnavailable",
+    "available_backends",
+    "optim",
+    "per_example_grads",
+    "per_example_grad_norms",
+    "grad_moments",
+    "GradMoments",
+    "TwoBatchNoiseScale",
+    "variance_vs_batch_size",
+    "BatchVarianceCurve",
+    "gradstats",
+    "save_checkpoint",
+    "load_checkpoint",
+    "Checkpoint",
+]

@@ -751,8 +751,9 @@ ESTIMATOR_PARAMS: dict[str, Constraint] = {
     "base_batch_size": PARAMS["base_batch_size"],
     "momentum": PARAMS["momentum"],
     "weight_decay": PARAMS["weight_decay"],
-    "batch_size": AnyOf(Integer(1), Options(("auto", "full", "adaptive")),
-                        expected="a positive int, 'auto', 'full' or 'adaptive'"),
+    "batch_size": AnyOf(
+        Integer(1), Options(("auto", "full", "adaptive")), expected="a positive int, 'auto', 'full' or 'adaptive'"
+    ),
     "epochs": Integer(1),
     "sampler": PARAMS["sampler"],
     "init": PARAMS["init"],

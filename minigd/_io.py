@@ -3,6 +3,7 @@
 Write to a fresh temporary name in the destination directory, flush and fsync, then
 ``os.replace`` it over the destination (atomic on POSIX and Windows).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,8 @@ def atomic_path(path):
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    if not os.path.isdir(d):   # else open() names the temporary file, not the user's path
-        raise FileNotFoundError(f"path: expected a file in an existing directory, got {path!r} "
-                                f"(no directory {d!r})")
+    if not os.path.isdir(d):  # else open() names the temporary file, not the user's path
+        raise FileNotFoundError(f"path: expected a file in an existing directory, got {path!r} (no directory {d!r})")
     # a fresh name, not mkstemp: the file gets the usual umask permissions, not 0600
     tmp = os.path.join(d, f".{base}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
@@ -50,8 +50,7 @@ def check_writable_dir(d, what: str, error: type = ValueError) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise error(f"{what}: expected a directory this process can write, got {d!r} "
-                    f"({exc.strerror or exc})") from None
+        raise error(f"{what}: expected a directory this process can write, got {d!r} ({exc.strerror or exc})") from None
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(tmp)
@@ -62,9 +61,13 @@ def _file_kind(mode: int) -> str:
     """What a non-regular ``st_mode`` is, in words."""
     import stat
 
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return what
     return "not a regular file"
@@ -113,12 +116,13 @@ def read_regular(path, what: str, limit: int, error: type = ValueError) -> bytes
     f, size = open_regular(path, what, error)
     with f:
         if size > limit:
-            raise error(f"{what}: expected a file of at most {limit} bytes, got {os.fspath(path)!r} "
-                        f"of {size} bytes")
+            raise error(f"{what}: expected a file of at most {limit} bytes, got {os.fspath(path)!r} of {size} bytes")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise error(f"{what}: expected a file of at most {limit} bytes, got {os.fspath(path)!r}, "
-                    f"which grew past that while being read")
+        raise error(
+            f"{what}: expected a file of at most {limit} bytes, got {os.fspath(path)!r}, "
+            f"which grew past that while being read"
+        )
     return data
 
 
@@ -151,15 +155,16 @@ def gunzip_capped(data: bytes, limit: int) -> bytes:
                 if d.unconsumed_tail:
                     inp = d.unconsumed_tail
                 elif pos < n:
-                    inp = mv[pos:pos + chunk]
+                    inp = mv[pos : pos + chunk]
                     pos += len(inp)
                 else:
                     inp = b""
                 buf = d.decompress(inp, limit - total + 1)
                 total += len(buf)
                 if total > limit:
-                    raise GzipLimitError(f"it decompresses to more than {limit} bytes (refused there: "
-                                         f"a decompression bomb?)")
+                    raise GzipLimitError(
+                        f"it decompresses to more than {limit} bytes (refused there: a decompression bomb?)"
+                    )
                 parts.append(buf)
                 if not buf and not len(inp):
                     break
@@ -170,8 +175,8 @@ def gunzip_capped(data: bytes, limit: int) -> bytes:
         pos -= len(d.unused_data)
         if pos >= n:
             break
-        if data[pos:pos + 2] != b"\x1f\x8b":
-            if data.count(b"\0", pos) == n - pos:     # NUL padding after the last member
+        if data[pos : pos + 2] != b"\x1f\x8b":
+            if data.count(b"\0", pos) == n - pos:  # NUL padding after the last member
                 break
             raise GzipError(f"{n - pos} trailing bytes after the gzip data that are not a gzip member")
     return b"".join(parts)

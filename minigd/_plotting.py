@@ -5,6 +5,7 @@ They sit below both users: the study's question arms (``minigd.study.questions``
 their figures with them, and so does the report (``minigd.report``), which reads the
 study's analysis -- so the study never imports the report.
 """
+
 from __future__ import annotations
 
 from minigd._io import atomic_path
@@ -18,8 +19,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError(
-            "minigd.report needs matplotlib to draw its figures: pip install 'minigd[study]'") from exc
+        raise ImportError("minigd.report needs matplotlib to draw its figures: pip install 'minigd[study]'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

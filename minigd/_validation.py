@@ -7,9 +7,11 @@ wrong type, ValueError for a wrong value, each naming the argument, what was exp
 what was got.  Nothing is silently
 coerced: a float64 array handed to a float32 model is an error, not a copy.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +30,15 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     return Integer(low, high).check(name, value)
 
 
-def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> float:
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """A finite real number (not bool) within the bounds (see
     :class:`minigd._constraints.Real`)."""
     return Real(low, high, low_open=low_open, high_open=high_open).check(name, value)
@@ -47,7 +56,7 @@ def memory_bytes() -> int:
 
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):   # pragma: no cover - not POSIX
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
         return 1 << 40
 
 
@@ -65,7 +74,7 @@ def check_magnitude(name: str, a: np.ndarray) -> None:
     learning rate to blame in the message), or overflows the squared gradient norms.
     One min and one max pass, no temporary; the slow counting only when something is
     wrong."""
-    lo, hi = a.min(), a.max()          # NaN propagates into both
+    lo, hi = a.min(), a.max()  # NaN propagates into both
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = int(np.count_nonzero(~np.isfinite(a)))
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
@@ -73,10 +82,12 @@ def check_magnitude(name: str, a: np.ndarray) -> None:
     if max(-float(lo), float(hi)) > bound:
         big = float(lo) if -float(lo) > float(hi) else float(hi)
         n_big = int(np.count_nonzero(np.abs(a) > bound))
-        raise ValueError(f"{name}: expected entries of magnitude at most {bound:.3g} (the square root of "
-                         f"{a.dtype}'s largest value: beyond it the forward pass, the loss and the gradient "
-                         f"norms overflow to inf/NaN), got {n_big} larger entries, e.g. {big:.6g}; rescale "
-                         f"{name} (standardize it){' or use float64' if a.dtype == np.float32 else ''}")
+        raise ValueError(
+            f"{name}: expected entries of magnitude at most {bound:.3g} (the square root of "
+            f"{a.dtype}'s largest value: beyond it the forward pass, the loss and the gradient "
+            f"norms overflow to inf/NaN), got {n_big} larger entries, e.g. {big:.6g}; rescale "
+            f"{name} (standardize it){' or use float64' if a.dtype == np.float32 else ''}"
+        )
 
 
 def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
@@ -94,8 +105,10 @@ def check_X(X: Any, n_in: int, dtype: np.dtype, name: str = "X") -> np.ndarray:
     if X.shape[1] != n_in:
         raise ValueError(f"{name}: expected {n_in} columns (the model's input size), got {_got(X)}")
     if X.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} (the model's dtype), got {_got(X)}; "
-                        f"convert explicitly, e.g. {name}.astype(np.{dtype})")
+        raise TypeError(
+            f"{name}: expected dtype {dtype} (the model's dtype), got {_got(X)}; "
+            f"convert explicitly, e.g. {name}.astype(np.{dtype})"
+        )
     if not np.isfinite(X).all():
         bad = int(np.count_nonzero(~np.isfinite(X)))
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
@@ -106,9 +119,11 @@ def _refuse_masked(name: str, a: np.ndarray) -> None:
     """A masked array's finiteness check skips masked entries, but the kernels would read
     them (NaN included): refuse it rather than silently ignore the mask."""
     if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name}: expected a plain numpy.ndarray, got a masked array "
-                        f"(the mask would be ignored); fill or drop the masked entries first, "
-                        f"e.g. {name}.filled(0)")
+        raise TypeError(
+            f"{name}: expected a plain numpy.ndarray, got a masked array "
+            f"(the mask would be ignored); fill or drop the masked entries first, "
+            f"e.g. {name}.filled(0)"
+        )
 
 
 def _kernel_ready(a: np.ndarray) -> np.ndarray:
@@ -135,22 +150,25 @@ def check_y(y: Any, n: int, loss_code: int, n_out: int, dtype: np.dtype, name: s
         if not np.issubdtype(y.dtype, np.integer):
             raise TypeError(f"{name}: expected integer class labels for loss 'cross_entropy', got {_got(y)}")
         if n and (y.min() < 0 or y.max() >= n_out):
-            raise ValueError(f"{name}: expected class labels in [0, {n_out}), got values in "
-                             f"[{y.min()}, {y.max()}]")
+            raise ValueError(f"{name}: expected class labels in [0, {n_out}), got values in [{y.min()}, {y.max()}]")
         return _kernel_ready(y.astype(np.int64, copy=False)), np.empty((0, n_out), dtype)
     if y.ndim == 1 and n_out == 1:
         y = y.reshape(-1, 1)
     if y.ndim != 2 or y.shape != (n, n_out):
-        raise ValueError(f"{name}: expected targets of shape ({n}, {n_out})"
-                         f"{f' or ({n},)' if n_out == 1 else ''}, got {_got(y)}")
+        raise ValueError(
+            f"{name}: expected targets of shape ({n}, {n_out}){f' or ({n},)' if n_out == 1 else ''}, got {_got(y)}"
+        )
     if y.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} (the model's dtype), got {_got(y)}; "
-                        f"convert explicitly, e.g. {name}.astype(np.{dtype})")
+        raise TypeError(
+            f"{name}: expected dtype {dtype} (the model's dtype), got {_got(y)}; "
+            f"convert explicitly, e.g. {name}.astype(np.{dtype})"
+        )
     if not np.isfinite(y).all():
         raise ValueError(f"{name}: expected finite values, got NaN/inf entries")
     if loss_code == nn.BINARY_CROSS_ENTROPY and (y.min() < 0 or y.max() > 1):
-        raise ValueError(f"{name}: expected targets in [0, 1] for 'binary_cross_entropy', "
-                         f"got values in [{y.min()}, {y.max()}]")
+        raise ValueError(
+            f"{name}: expected targets in [0, 1] for 'binary_cross_entropy', got values in [{y.min()}, {y.max()}]"
+        )
     return np.empty(0, np.int64), _kernel_ready(y)
 
 

@@ -42,6 +42,7 @@ default measures the table, so two runs on a busy machine can differ where two c
 goodputs are within the timing noise; pass ``throughput=`` (a table, or ``"flops"`` for a
 deterministic cost model) when runs must repeat exactly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,9 +103,19 @@ class AdaptiveBatchSize:
         per step}`` for every candidate: used as given.
     """
 
-    def __init__(self, min: int = 32, max: int | None = None, every: int = 20, lr_rule: str = "adascale",
-                 candidates: Any = None, track_every: int = 4, noise_beta: float = 0.9, min_gain: float = 0.05,
-                 max_step: float | None = 2.0, throughput: Any = None) -> None:
+    def __init__(
+        self,
+        min: int = 32,
+        max: int | None = None,
+        every: int = 20,
+        lr_rule: str = "adascale",
+        candidates: Any = None,
+        track_every: int = 4,
+        noise_beta: float = 0.9,
+        min_gain: float = 0.05,
+        max_step: float | None = 2.0,
+        throughput: Any = None,
+    ) -> None:
         self.min = _pos_int("min", min, 1)
         self.max = None if max is None else _pos_int("max", max, 1)
         if self.max is not None and self.max < self.min:
@@ -124,8 +135,10 @@ class AdaptiveBatchSize:
         self.candidates = candidates
         self.track_every = _pos_int("track_every", track_every, 1)
         if self.track_every > self.every:
-            raise ValueError(f"track_every: expected at most every={self.every} (each decision needs a "
-                             f"measurement of the noise), got {self.track_every}")
+            raise ValueError(
+                f"track_every: expected at most every={self.every} (each decision needs a "
+                f"measurement of the noise), got {self.track_every}"
+            )
         for name, v, lo, hi in (("noise_beta", noise_beta, 0.0, 1.0), ("min_gain", min_gain, 0.0, math.inf)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name}: expected a number in [{lo}, {hi}), got {_got(v)}")
@@ -140,8 +153,9 @@ class AdaptiveBatchSize:
             max_step = float(max_step)
         self.max_step = max_step
         if throughput is not None and throughput != "flops" and not isinstance(throughput, dict):
-            raise TypeError(f"throughput: expected None, 'flops' or a dict {{batch size: seconds per step}}, "
-                            f"got {_got(throughput)}")
+            raise TypeError(
+                f"throughput: expected None, 'flops' or a dict {{batch size: seconds per step}}, got {_got(throughput)}"
+            )
         if isinstance(throughput, dict):
             for k, v in throughput.items():
                 _pos_int("throughput key", k, 1)
@@ -151,22 +165,33 @@ class AdaptiveBatchSize:
         self.throughput = throughput
 
     def __repr__(self) -> str:
-        return (f"AdaptiveBatchSize(min={self.min}, max={self.max}, every={self.every}, lr_rule={self.lr_rule!r}, "
-                f"track_every={self.track_every}, noise_beta={self.noise_beta}, min_gain={self.min_gain})")
+        return (
+            f"AdaptiveBatchSize(min={self.min}, max={self.max}, every={self.every}, lr_rule={self.lr_rule!r}, "
+            f"track_every={self.track_every}, noise_beta={self.noise_beta}, min_gain={self.min_gain})"
+        )
 
     def config(self) -> dict:
         """The settings as plain JSON (a checkpoint compares them on resume)."""
         tp = self.throughput
-        return {"min": self.min, "max": self.max, "every": self.every, "lr_rule": self.lr_rule,
-                "candidates": self.candidates, "track_every": self.track_every, "noise_beta": self.noise_beta,
-                "min_gain": self.min_gain,
-                "max_step": self.max_step, "throughput": {str(k): v for k, v in sorted(tp.items())} if isinstance(tp, dict) else tp}
+        return {
+            "min": self.min,
+            "max": self.max,
+            "every": self.every,
+            "lr_rule": self.lr_rule,
+            "candidates": self.candidates,
+            "track_every": self.track_every,
+            "noise_beta": self.noise_beta,
+            "min_gain": self.min_gain,
+            "max_step": self.max_step,
+            "throughput": {str(k): v for k, v in sorted(tp.items())} if isinstance(tp, dict) else tp,
+        }
 
     def sizes(self, n: int) -> list:
         """The candidate batch sizes for a training set of n rows (checked against n)."""
         if self.min > n:
-            raise ValueError(f"batch_size: AdaptiveBatchSize(min={self.min}) needs at least {self.min} training "
-                             f"examples, got {n}")
+            raise ValueError(
+                f"batch_size: AdaptiveBatchSize(min={self.min}) needs at least {self.min} training examples, got {n}"
+            )
         hi = min(n, 8192) if self.max is None else self.max
         if hi > n:
             raise ValueError(f"batch_size: AdaptiveBatchSize(max={hi}) is more than the {n} training examples")
@@ -185,8 +210,9 @@ class AdaptiveBatchSize:
         if isinstance(self.throughput, dict):
             missing = [c for c in out if c not in self.throughput]
             if missing:
-                raise ValueError(f"throughput: expected a step time for every candidate batch size {out}, "
-                                 f"missing {missing}")
+                raise ValueError(
+                    f"throughput: expected a step time for every candidate batch size {out}, missing {missing}"
+                )
         return out
 
 
@@ -199,14 +225,14 @@ class Controller:
         self.spec, self.sizes = spec, list(sizes)
         self.B0 = self.sizes[0]
         self.B = self.B0
-        self.factor = 1.0           # learning-rate multiple of the optimizer's rate
+        self.factor = 1.0  # learning-rate multiple of the optimizer's rate
         self.gain = 1.0
         self.goodput = math.nan
         self.noise = math.nan
-        self.seconds: dict = {}     # {B: seconds per step}
+        self.seconds: dict = {}  # {B: seconds per step}
         self.tracker = NoiseTracker(n, replacement=replacement, beta=spec.noise_beta)
         self.decisions: list = []
-        self.epoch_B = self.B0      # the batch size the current epoch was laid out for
+        self.epoch_B = self.B0  # the batch size the current epoch was laid out for
 
     # -- throughput --------------------------------------------------------------------------
     def measure(self, model, X, yi, yf, opt_state, lr: float) -> None:
@@ -223,16 +249,28 @@ class Controller:
         params = model.params.copy()
         st = dataclasses.replace(opt_state, hp=opt_state.hp.copy(), state=opt_state.state.copy())
         grad = np.zeros_like(params)
-        rng = np.random.default_rng(12345)     # the probe's own: training draws nothing here
+        rng = np.random.default_rng(12345)  # the probe's own: training draws nothing here
         n = X.shape[0]
         idx = np.arange(n, dtype=np.int64)
         best = {b: math.inf for b in self.sizes}
         for r in range(3):
-            for b in (self.sizes if r % 2 == 0 else self.sizes[::-1]):
+            for b in self.sizes if r % 2 == 0 else self.sizes[::-1]:
                 reps = max(1, min(16, int(0.004 / max(best[b], 1e-7)))) if r else 1
                 t0 = time.perf_counter()
-                impl.run_steps(params, X, yi, yf, idx[:b], b, reps, st, [0.0] * reps, 1,
-                               grad=grad, dropout_rng=rng if model.norm.dropout > 0 else None)
+                impl.run_steps(
+                    params,
+                    X,
+                    yi,
+                    yf,
+                    idx[:b],
+                    b,
+                    reps,
+                    st,
+                    [0.0] * reps,
+                    1,
+                    grad=grad,
+                    dropout_rng=rng if model.norm.dropout > 0 else None,
+                )
                 best[b] = min(best[b], (time.perf_counter() - t0) / reps)
         self.seconds = best
 
@@ -264,7 +302,7 @@ class Controller:
         gain = 1.0
         if math.isfinite(tr) and math.isfinite(g2) and tr >= 0 and g2 > 0:
             gain = float(adascale_gain(tr / self.B0, g2, B / self.B0))
-        elif math.isfinite(tr) and tr > 0:      # no signal left: the gain is the scale
+        elif math.isfinite(tr) and tr > 0:  # no signal left: the gain is the scale
             gain = B / self.B0
         rule = self.spec.lr_rule
         f = gain if rule == "adascale" else math.sqrt(B / self.B0) if rule == "sqrt" else B / self.B0
@@ -273,12 +311,12 @@ class Controller:
     def decide(self, step: int) -> dict | None:
         """The decision after ``step`` steps: a record, with the new batch size (or the old)."""
         phi = self.tracker.noise_scale
-        if not self.tracker.n_updates or not (phi >= 0):       # nothing measured, or NaN
+        if not self.tracker.n_updates or not (phi >= 0):  # nothing measured, or NaN
             return None
         gp = self._goodputs(phi if math.isfinite(phi) else math.inf)
         cur = self.sizes.index(self.B)
         reach = gp.copy()
-        if self.spec.max_step is not None:      # one decision moves by at most max_step
+        if self.spec.max_step is not None:  # one decision moves by at most max_step
             B = np.asarray(self.sizes, np.float64)
             far = (B > self.B * self.spec.max_step * (1 + 1e-12)) | (B * self.spec.max_step * (1 + 1e-12) < self.B)
             reach[far] = -np.inf
@@ -288,24 +326,40 @@ class Controller:
         if best != cur:
             if gp[best] > gp[cur] * (1.0 + self.spec.min_gain):
                 new = self.sizes[best]
-                reason = (f"{'grow' if new > self.B else 'shrink'}: goodput {gp[best]:.4g} at B={new} vs "
-                          f"{gp[cur]:.4g} at B={self.B} (noise scale {phi:.4g})")
+                reason = (
+                    f"{'grow' if new > self.B else 'shrink'}: goodput {gp[best]:.4g} at B={new} vs "
+                    f"{gp[cur]:.4g} at B={self.B} (noise scale {phi:.4g})"
+                )
             else:
                 reason = f"keep: B={self.sizes[best]} is better by less than min_gain={self.spec.min_gain:g}"
         self.B = new
         self.factor, self.gain = self._factor(new)
         self.goodput, self.noise = float(gp[self.sizes.index(new)]), float(phi)
-        rec = {"step": int(step), "batch_size": int(new), "lr_factor": self.factor, "gain": self.gain,
-               "goodput": self.goodput, "controller_noise_scale": self.noise, "reason": reason}
+        rec = {
+            "step": int(step),
+            "batch_size": int(new),
+            "lr_factor": self.factor,
+            "gain": self.gain,
+            "goodput": self.goodput,
+            "controller_noise_scale": self.noise,
+            "reason": reason,
+        }
         self.decisions.append(rec)
         return rec
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state(self) -> dict:
         """JSON state (the noise tracker is the history's, checkpointed with it)."""
-        return {"B": self.B, "factor": self.factor, "gain": self.gain, "goodput": self.goodput,
-                "noise": self.noise, "epoch_B": self.epoch_B,
-                "seconds": [[b, self.seconds[b]] for b in self.sizes], "decisions": self.decisions}
+        return {
+            "B": self.B,
+            "factor": self.factor,
+            "gain": self.gain,
+            "goodput": self.goodput,
+            "noise": self.noise,
+            "epoch_B": self.epoch_B,
+            "seconds": [[b, self.seconds[b]] for b in self.sizes],
+            "decisions": self.decisions,
+        }
 
     def restore(self, st: Any, tracker: Any, where: str) -> None:
         """The controller of a checkpoint's ``step_info['adaptive']`` (checked: a crafted file
@@ -317,19 +371,28 @@ class Controller:
                 raise CheckpointError(f"{where}: cannot resume from it: its adaptive batch-size state {what}")
 
         need(isinstance(st, dict), "is not a JSON object")
-        need(st.get("B") in self.sizes and st.get("epoch_B") in self.sizes,
-             f"has a batch size outside the candidates {self.sizes}")
+        need(
+            st.get("B") in self.sizes and st.get("epoch_B") in self.sizes,
+            f"has a batch size outside the candidates {self.sizes}",
+        )
         for k in ("factor", "gain"):
             v = st.get(k)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, f"has {k}={v!r}")
         secs = st.get("seconds")
-        need(isinstance(secs, list) and [s[0] for s in secs if isinstance(s, list) and len(s) == 2] == self.sizes
-             and all(isinstance(s[1], (int, float)) and 0 < s[1] < math.inf for s in secs),
-             "has a malformed throughput table")
-        need(isinstance(st.get("decisions"), list) and all(isinstance(d, dict) for d in st["decisions"]),
-             "has malformed decision records")
-        need(tracker is not None and tracker.n == self.tracker.n and tracker.replacement == self.tracker.replacement,
-             "has no noise records for this data")
+        need(
+            isinstance(secs, list)
+            and [s[0] for s in secs if isinstance(s, list) and len(s) == 2] == self.sizes
+            and all(isinstance(s[1], (int, float)) and 0 < s[1] < math.inf for s in secs),
+            "has a malformed throughput table",
+        )
+        need(
+            isinstance(st.get("decisions"), list) and all(isinstance(d, dict) for d in st["decisions"]),
+            "has malformed decision records",
+        )
+        need(
+            tracker is not None and tracker.n == self.tracker.n and tracker.replacement == self.tracker.replacement,
+            "has no noise records for this data",
+        )
         for k in ("goodput", "noise"):
             need(isinstance(st.get(k), (int, float)) and not isinstance(st.get(k), bool), f"has {k}={st.get(k)!r}")
         self.tracker = tracker

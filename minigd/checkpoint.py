@@ -27,6 +27,7 @@ Atomicity: the archive is written to a temporary file in the target's directory
 or ``SIGKILL`` at any moment leaves either the previous checkpoint or the new one, whole;
 at worst a stale ``.tmp`` file, which is safe to delete.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ from minigd.errors import BackendUnavailable, CheckpointError
 from minigd.history import STEP_COLUMNS, History
 from minigd.kernels.workspace import ParamLayout
 from minigd.model import MLP
-from minigd.optim.base import OP_ADAM, OptState, Optimizer
+from minigd.optim.base import OP_ADAM, Optimizer, OptState
 
 __all__ = ["save_checkpoint", "load_checkpoint", "Checkpoint", "FORMAT", "FORMAT_VERSION"]
 
@@ -109,9 +110,11 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         info = {k: self.step_info[k] for k in ("step", "examples", "epoch") if k in self.step_info}
-        return (f"Checkpoint(path={self.path!r}, model={self.model!r}, "
-                f"opt_state={'yes' if self.opt_state is not None else None}, "
-                f"history={self.history!r}, {info})")
+        return (
+            f"Checkpoint(path={self.path!r}, model={self.model!r}, "
+            f"opt_state={'yes' if self.opt_state is not None else None}, "
+            f"history={self.history!r}, {info})"
+        )
 
 
 # ============================================================================ JSON helpers
@@ -125,8 +128,9 @@ def _to_json(o: Any) -> Any:
         return float(o)
     if isinstance(o, np.ndarray):
         return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
-    raise TypeError(f"expected JSON-serialisable values (numbers, strings, lists, dicts, numpy "
-                    f"scalars or arrays), got {_got(o)}")
+    raise TypeError(
+        f"expected JSON-serialisable values (numbers, strings, lists, dicts, numpy scalars or arrays), got {_got(o)}"
+    )
 
 
 def _from_json(d: dict) -> Any:
@@ -217,14 +221,16 @@ def optimizer_difference(saved: dict | None, given: Optimizer, saved_chain) -> l
             for k in sorted(set(theirs) | set(mine["config"])):
                 if theirs.get(k) != mine["config"].get(k):
                     out.append(f"{k}: saved {theirs.get(k)!r}, given {mine['config'].get(k)!r}")
-        elif chain:     # another name for the same chain (SGD(momentum=0.9) = chain(trace, scale_by_lr)) is the same
+        elif chain:  # another name for the same chain (SGD(momentum=0.9) = chain(trace, scale_by_lr)) is the same
             out.append(f"optimizer: saved {saved.get('name')}, given {mine['name']}")
         a, b = saved.get("lr"), mine["lr"]
         if a is not None and b is not None and a != b:
-            out.append(f"lr: saved {_lr_text(a)}, given {_lr_text(b)} (to go on with another learning rate, "
-                       f"start a new run from the checkpoint: fit(model, ..., opt_state=load_checkpoint(path)"
-                       f".opt_state) with the checkpoint's model)")
-    if not out:     # also what tells an older checkpoint's chain apart
+            out.append(
+                f"lr: saved {_lr_text(a)}, given {_lr_text(b)} (to go on with another learning rate, "
+                f"start a new run from the checkpoint: fit(model, ..., opt_state=load_checkpoint(path)"
+                f".opt_state) with the checkpoint's model)"
+            )
+    if not out:  # also what tells an older checkpoint's chain apart
         out = chain
     return out
 
@@ -233,8 +239,7 @@ def optimizer_difference(saved: dict | None, given: Optimizer, saved_chain) -> l
 def _generator_from_state(state: dict) -> np.random.Generator:
     name = state.get("bit_generator") if isinstance(state, dict) else None
     if name not in BIT_GENERATORS:
-        raise ValueError(f"rng state: expected a numpy bit generator among {list(BIT_GENERATORS)}, "
-                         f"got {name!r}")
+        raise ValueError(f"rng state: expected a numpy bit generator among {list(BIT_GENERATORS)}, got {name!r}")
     bg = getattr(np.random, name)()
     bg.state = state
     return np.random.Generator(bg)
@@ -245,11 +250,20 @@ def _history_parts(hist: History, arrays: dict) -> dict:
     n = hist.n_steps
     for c in STEP_COLUMNS:
         arrays[f"history.{c}"] = hist._cols[c][:n]
-    meta = {"n_steps": n, "capacity": len(hist._cols["step"]), "epochs": hist.epochs,
-            "evals": hist.evals, "target": hist.target, "reached": hist.reached,
-            "steps_to_target": hist.steps_to_target, "examples_to_target": hist.examples_to_target,
-            "time_to_target": hist.time_to_target, "stop_reason": hist.stop_reason,
-            "config": hist.config, "noise": None}
+    meta = {
+        "n_steps": n,
+        "capacity": len(hist._cols["step"]),
+        "epochs": hist.epochs,
+        "evals": hist.evals,
+        "target": hist.target,
+        "reached": hist.reached,
+        "steps_to_target": hist.steps_to_target,
+        "examples_to_target": hist.examples_to_target,
+        "time_to_target": hist.time_to_target,
+        "stop_reason": hist.stop_reason,
+        "config": hist.config,
+        "noise": None,
+    }
     tr = hist.noise_tracker
     if tr is not None:
         st = tr.get_state()
@@ -267,8 +281,10 @@ def _history_from_parts(meta: dict, arrays: dict) -> History:
     for c in STEP_COLUMNS:
         col = arrays.get(f"history.{c}")
         if col is None or col.shape != (n,) or col.dtype != np.float64:
-            raise _Corrupt(f"history column {c!r} has shape {getattr(col, 'shape', None)} dtype "
-                           f"{getattr(col, 'dtype', None)}, expected ({n},) float64")
+            raise _Corrupt(
+                f"history column {c!r} has shape {getattr(col, 'shape', None)} dtype "
+                f"{getattr(col, 'dtype', None)}, expected ({n},) float64"
+            )
         _need(np.isfinite(col).all(), f"history column {c!r} holds NaN/inf entries")
     cap = meta.get("capacity", n)
     _need(_is_int(cap) and cap >= 0, f"history capacity {cap!r} is not a non-negative integer")
@@ -281,12 +297,16 @@ def _history_from_parts(meta: dict, arrays: dict) -> History:
     hist.epochs = _records(meta.get("epochs"), "history epochs", ("epoch",))
     hist.evals = _records(meta.get("evals"), "history evaluations", ("step",))
     for e in hist.evals:
-        _need(_is_int(e["step"]) and 0 <= e["step"] <= _MAX_COUNT,
-              f"history evaluation step {e['step']!r} is not a non-negative integer")
+        _need(
+            _is_int(e["step"]) and 0 <= e["step"] <= _MAX_COUNT,
+            f"history evaluation step {e['step']!r} is not a non-negative integer",
+        )
     target = meta.get("target")
-    _need(target is None or (isinstance(target, dict) and all(isinstance(k, str) and _is_num(v)
-                                                              for k, v in target.items())),
-          f"history target {target!r} is not a dict of metric -> number")
+    _need(
+        target is None
+        or (isinstance(target, dict) and all(isinstance(k, str) and _is_num(v) for k, v in target.items())),
+        f"history target {target!r} is not a dict of metric -> number",
+    )
     hist.target = target
     _need(meta.get("reached") in (None, True, False), f"history 'reached' is {meta.get('reached')!r}")
     hist.reached = meta.get("reached")
@@ -318,17 +338,32 @@ def _tracker_from_parts(st: Any, raw: Any):
     _need(_is_num(beta) and 0 <= beta < 1, f"noise tracker beta {beta!r} is not in [0, 1)")
     for k in ("ema_g2", "ema_tr", "pow"):
         _need(_is_num(st.get(k)), f"noise tracker {k!r} is {st.get(k)!r}, expected a number")
-    _need(isinstance(raw, np.ndarray) and raw.ndim == 2 and raw.shape[1] == 4 and raw.dtype == np.float64,
-          f"noise.raw has shape {getattr(raw, 'shape', None)}, expected (m, 4) float64")
-    _need(bool(np.isfinite(raw[:, :2]).all()) and bool((raw[:, :2] >= 0).all())
-          and bool((raw[:, :2] == np.round(raw[:, :2])).all()) and bool((raw[:, :2] <= _MAX_COUNT).all())
-          and bool((raw[:, 1] <= n).all()),
-          "noise.raw holds step numbers or batch sizes that are not non-negative integers")
+    _need(
+        isinstance(raw, np.ndarray) and raw.ndim == 2 and raw.shape[1] == 4 and raw.dtype == np.float64,
+        f"noise.raw has shape {getattr(raw, 'shape', None)}, expected (m, 4) float64",
+    )
+    _need(
+        bool(np.isfinite(raw[:, :2]).all())
+        and bool((raw[:, :2] >= 0).all())
+        and bool((raw[:, :2] == np.round(raw[:, :2])).all())
+        and bool((raw[:, :2] <= _MAX_COUNT).all())
+        and bool((raw[:, 1] <= n).all()),
+        "noise.raw holds step numbers or batch sizes that are not non-negative integers",
+    )
     extra = st.get("extra")
-    _need(isinstance(extra, list) and all(
-        isinstance(e, list) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0 and isinstance(e[1], dict)
-        and all(isinstance(k, str) and (v is None or _is_num(v)) for k, v in e[1].items()) for e in extra),
-        "the noise tracker's extra records are malformed")
+    _need(
+        isinstance(extra, list)
+        and all(
+            isinstance(e, list)
+            and len(e) == 2
+            and _is_int(e[0])
+            and e[0] >= 0
+            and isinstance(e[1], dict)
+            and all(isinstance(k, str) and (v is None or _is_num(v)) for k, v in e[1].items())
+            for e in extra
+        ),
+        "the noise tracker's extra records are malformed",
+    )
     st = dict(st)
     st["raw"] = raw
     return NoiseTracker.from_state(st)
@@ -365,9 +400,13 @@ def _records(lst: Any, what: str, keys: tuple) -> list:
     _need(isinstance(lst, list), f"{what} are not a list")
     out = []
     for r in lst:
-        _need(isinstance(r, dict) and all(isinstance(k, str) for k in r) and all(k in r for k in keys)
-              and all(v is None or isinstance(v, (numbers.Real, str)) for v in r.values()),
-              f"{what} hold a malformed record ({str(r)[:80]})")
+        _need(
+            isinstance(r, dict)
+            and all(isinstance(k, str) for k in r)
+            and all(k in r for k in keys)
+            and all(v is None or isinstance(v, (numbers.Real, str)) for v in r.values()),
+            f"{what} hold a malformed record ({str(r)[:80]})",
+        )
         out.append(dict(r))
     return out
 
@@ -387,9 +426,16 @@ def _check_path(path: Any, name: str = "path") -> str:
     return os.path.abspath(p)
 
 
-def save_checkpoint(path: str | os.PathLike, model: MLP, opt_state: OptState | None = None, *,
-                    rng: np.random.Generator | None = None, sampler: dict | None = None,
-                    history: History | None = None, step_info: dict | None = None) -> str:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: MLP,
+    opt_state: OptState | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+    sampler: dict | None = None,
+    history: History | None = None,
+    step_info: dict | None = None,
+) -> str:
     """Write a checkpoint to ``path`` atomically; returns the absolute path written.
 
     Parameters
@@ -435,28 +481,37 @@ def save_checkpoint(path: str | os.PathLike, model: MLP, opt_state: OptState | N
     if not isinstance(model, MLP):
         raise TypeError(f"model: expected a minigd.MLP, got {_got(model)}")
     arrays: dict = {"params": model.params}
-    if model.running.size:         # batch norm's running statistics
+    if model.running.size:  # batch norm's running statistics
         arrays["running"] = model.running
-    meta: dict = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "created_unix": time.time(), "model": model.config()}
+    meta: dict = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_unix": time.time(),
+        "model": model.config(),
+    }
     try:
         from minigd import __version__
+
         meta["minigd_version"] = __version__
     except ImportError:  # pragma: no cover - during package import
         meta["minigd_version"] = None
 
     if opt_state is not None:
         if not isinstance(opt_state, OptState):
-            raise TypeError(f"opt_state: expected a minigd OptState (optimizer.init(params)), "
-                            f"got {_got(opt_state)}")
+            raise TypeError(f"opt_state: expected a minigd OptState (optimizer.init(params)), got {_got(opt_state)}")
         need = sum(p.slots for p in opt_state.primitives) * model.n_params
         if opt_state.state.shape != (need,) or opt_state.state.dtype != model.dtype:
-            raise ValueError(f"opt_state: expected state buffers of shape ({need},) and dtype "
-                             f"{model.dtype} for this model, got {_got(opt_state.state)}")
-        meta["opt"] = {"t": int(opt_state.t),
-                       "primitives": [{"name": p.name, "code": int(p.code),
-                                       "hp": [float(h) for h in p.hp], "slots": int(p.slots)}
-                                      for p in opt_state.primitives]}
+            raise ValueError(
+                f"opt_state: expected state buffers of shape ({need},) and dtype "
+                f"{model.dtype} for this model, got {_got(opt_state.state)}"
+            )
+        meta["opt"] = {
+            "t": int(opt_state.t),
+            "primitives": [
+                {"name": p.name, "code": int(p.code), "hp": [float(h) for h in p.hp], "slots": int(p.slots)}
+                for p in opt_state.primitives
+            ],
+        }
         for k in ("codes", "hp", "soff", "state"):
             arrays[f"opt.{k}"] = getattr(opt_state, k)
     else:
@@ -467,8 +522,9 @@ def save_checkpoint(path: str | os.PathLike, model: MLP, opt_state: OptState | N
             raise TypeError(f"rng: expected a numpy.random.Generator, got {_got(rng)}")
         state = rng.bit_generator.state
         if state.get("bit_generator") not in BIT_GENERATORS:
-            raise ValueError(f"rng: expected one of the bit generators {list(BIT_GENERATORS)}, "
-                             f"got {state.get('bit_generator')!r}")
+            raise ValueError(
+                f"rng: expected one of the bit generators {list(BIT_GENERATORS)}, got {state.get('bit_generator')!r}"
+            )
         meta["rng"] = state
     else:
         meta["rng"] = None
@@ -498,7 +554,7 @@ def save_checkpoint(path: str | os.PathLike, model: MLP, opt_state: OptState | N
 
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
     for k, a in arrays.items():
-        if a.dtype.str not in _DTYPES:   # pragma: no cover - internal arrays are typed above
+        if a.dtype.str not in _DTYPES:  # pragma: no cover - internal arrays are typed above
             raise TypeError(f"{k}: unsupported dtype {a.dtype}")
     meta["arrays"] = {k: [list(a.shape), a.dtype.str] for k, a in arrays.items()}
     blob = _dumps(meta, "step_info/history").encode("utf-8")
@@ -522,7 +578,7 @@ def _atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-    if hasattr(os, "O_DIRECTORY"):       # POSIX
+    if hasattr(os, "O_DIRECTORY"):  # POSIX
         try:
             dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
         except OSError:  # pragma: no cover - exotic file systems
@@ -550,24 +606,29 @@ def _read_array(zf: zipfile.ZipFile, key: str, shape, dtype: str, file_len: int)
         info = zf.getinfo(name)
     except KeyError:
         raise _Corrupt(f"the entry {name!r} is missing") from None
-    if dtype not in _DTYPES or not isinstance(shape, list) \
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+    if (
+        dtype not in _DTYPES
+        or not isinstance(shape, list)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
         raise _Corrupt(f"the table lists {key!r} with an invalid shape/dtype {shape!r} {dtype!r}")
     shape = tuple(shape)
     dt = np.dtype(dtype)
     nbytes = dt.itemsize * math.prod(shape)
     # never read (or allocate) more than the file can hold, whatever a corrupt table says
     if nbytes > min(info.file_size, file_len):
-        raise _Corrupt(f"entry {name!r} is {info.file_size} bytes, too small for an array of "
-                       f"shape {shape} and dtype {dt}")
+        raise _Corrupt(
+            f"entry {name!r} is {info.file_size} bytes, too small for an array of shape {shape} and dtype {dt}"
+        )
     with zf.open(info) as f:
         try:
             _, hshape, fortran, hdt = read_npy_header(f, _UnsupportedNpy)
         except _UnsupportedNpy as exc:
             raise _Corrupt(f"entry {name!r} has {exc}") from None
         if tuple(hshape) != shape or hdt != dt or fortran:
-            raise _Corrupt(f"entry {name!r} holds shape {tuple(hshape)} dtype {hdt}, the table "
-                           f"says shape {shape} dtype {dt}")
+            raise _Corrupt(
+                f"entry {name!r} holds shape {tuple(hshape)} dtype {hdt}, the table says shape {shape} dtype {dt}"
+            )
         data = f.read(nbytes)
         if len(data) != nbytes or f.read(1):
             raise _Corrupt(f"entry {name!r} has {len(data)} data bytes, expected {nbytes}")
@@ -624,7 +685,7 @@ def load_checkpoint(path: str | os.PathLike, *, backend: str | None = None) -> C
         raise FileNotFoundError(f"path: no checkpoint file at {path!r}")
     where = f"checkpoint {path!r}"
     # only a regular file, opened without blocking (a FIFO, /dev/zero, a socket: refused)
-    fh, file_len = open_regular(path, "path", CheckpointError)   # (OSErrors: permissions, ...)
+    fh, file_len = open_regular(path, "path", CheckpointError)  # (OSErrors: permissions, ...)
     with fh:
         try:
             return _parse(fh, path, file_len, where, backend)
@@ -638,9 +699,8 @@ def load_checkpoint(path: str | os.PathLike, *, backend: str | None = None) -> C
             raise CheckpointError(f"{where}: corrupt or not a minigd checkpoint: {exc}", path) from None
         except (MemoryError, BackendUnavailable):
             raise
-        except Exception as exc:   # anything a damaged archive can make zipfile/numpy/json raise
-            raise CheckpointError(f"{where}: corrupt or truncated file ({type(exc).__name__}: {exc})",
-                                  path) from exc
+        except Exception as exc:  # anything a damaged archive can make zipfile/numpy/json raise
+            raise CheckpointError(f"{where}: corrupt or truncated file ({type(exc).__name__}: {exc})", path) from exc
 
 
 def _parse(fh, path: str, file_len: int, where: str, backend: str | None) -> Checkpoint:
@@ -654,11 +714,15 @@ def _parse(fh, path: str, file_len: int, where: str, backend: str | None) -> Che
         meta = json.loads(zf.read(info).decode("utf-8"), object_hook=_from_json)
         _check_meta(meta)
         if meta["format_version"] > FORMAT_VERSION:
-            raise ValueError(f"{where}: written in checkpoint format version "
-                             f"{meta['format_version']} (by minigd {meta.get('minigd_version')}); "
-                             f"this minigd reads versions <= {FORMAT_VERSION}: upgrade minigd")
-        arrays = {k: _read_array(zf, k, v[0], v[1], file_len) if isinstance(v, list) and len(v) == 2
-                  else _bad_entry(k) for k, v in meta["arrays"].items()}
+            raise ValueError(
+                f"{where}: written in checkpoint format version "
+                f"{meta['format_version']} (by minigd {meta.get('minigd_version')}); "
+                f"this minigd reads versions <= {FORMAT_VERSION}: upgrade minigd"
+            )
+        arrays = {
+            k: _read_array(zf, k, v[0], v[1], file_len) if isinstance(v, list) and len(v) == 2 else _bad_entry(k)
+            for k, v in meta["arrays"].items()
+        }
     return _assemble(path, meta, arrays, backend)
 
 
@@ -674,38 +738,52 @@ def _opt_state_from_parts(om: Any, arrays: dict, model: MLP) -> OptState:
 
     _need(isinstance(om, dict) and isinstance(om.get("primitives"), list), "the optimizer table is malformed")
     t = _int_field(om, "t", "optimizer update count")
-    makers = {"clip_by_global_norm": (transforms.clip_by_global_norm, 1),
-              "add_decayed_weights": (transforms.add_decayed_weights, 1),
-              "trace": (lambda m, nest: transforms.trace(m, {0.0: False, 1.0: True}[nest]), 2),
-              "scale_by_adam": (transforms.scale_by_adam, 3), "scale_by_lr": (transforms.scale_by_lr, 0),
-              "scale": (transforms.scale, 1)}
+    makers = {
+        "clip_by_global_norm": (transforms.clip_by_global_norm, 1),
+        "add_decayed_weights": (transforms.add_decayed_weights, 1),
+        "trace": (lambda m, nest: transforms.trace(m, {0.0: False, 1.0: True}[nest]), 2),
+        "scale_by_adam": (transforms.scale_by_adam, 3),
+        "scale_by_lr": (transforms.scale_by_lr, 0),
+        "scale": (transforms.scale, 1),
+    }
     prims = []
     for i, p in enumerate(om["primitives"]):
-        _need(isinstance(p, dict) and p.get("name") in makers and isinstance(p.get("hp"), list)
-              and all(_is_num(h) for h in p["hp"]) and _is_int(p.get("code")) and _is_int(p.get("slots")),
-              f"optimizer primitive {i} ({str(p)[:80]}) is not one minigd knows")
+        _need(
+            isinstance(p, dict)
+            and p.get("name") in makers
+            and isinstance(p.get("hp"), list)
+            and all(_is_num(h) for h in p["hp"])
+            and _is_int(p.get("code"))
+            and _is_int(p.get("slots")),
+            f"optimizer primitive {i} ({str(p)[:80]}) is not one minigd knows",
+        )
         make, n_hp = makers[p["name"]]
-        _need(len(p["hp"]) == n_hp, f"optimizer primitive {i} ({p['name']}) has {len(p['hp'])} "
-                                    f"hyper-parameters, expected {n_hp}")
+        _need(
+            len(p["hp"]) == n_hp,
+            f"optimizer primitive {i} ({p['name']}) has {len(p['hp'])} hyper-parameters, expected {n_hp}",
+        )
         try:
             prim = make(*p["hp"])
         except (TypeError, ValueError, KeyError) as exc:
-            raise _Corrupt(f"optimizer primitive {i} ({p['name']}) has invalid hyper-parameters "
-                           f"{p['hp']}: {exc}") from None
-        _need(prim.code == p["code"] and prim.slots == p["slots"] and prim.hp == tuple(float(h) for h in p["hp"]),
-              f"optimizer primitive {i} ({p['name']}) has code {p['code']!r} / slots {p['slots']!r}, "
-              f"expected {prim.code} / {prim.slots}")
+            raise _Corrupt(
+                f"optimizer primitive {i} ({p['name']}) has invalid hyper-parameters {p['hp']}: {exc}"
+            ) from None
+        _need(
+            prim.code == p["code"] and prim.slots == p["slots"] and prim.hp == tuple(float(h) for h in p["hp"]),
+            f"optimizer primitive {i} ({p['name']}) has code {p['code']!r} / slots {p['slots']!r}, "
+            f"expected {prim.code} / {prim.slots}",
+        )
         prims.append(prim)
-    ref = Optimizer(tuple(prims)).init(model.params)     # sized by the (checked) model: bounded
+    ref = Optimizer(tuple(prims)).init(model.params)  # sized by the (checked) model: bounded
     for k in ("codes", "hp", "soff", "state"):
         a = arrays.get(f"opt.{k}")
         want = getattr(ref, k)
         if a is None or a.shape != want.shape or a.dtype != want.dtype:
-            raise _Corrupt(f"opt.{k} has shape {getattr(a, 'shape', None)}, the optimizer "
-                           f"chain needs {want.shape} {want.dtype}")
+            raise _Corrupt(
+                f"opt.{k} has shape {getattr(a, 'shape', None)}, the optimizer chain needs {want.shape} {want.dtype}"
+            )
     T = len(prims)
-    if not np.array_equal(arrays["opt.codes"], ref.codes) \
-            or not np.array_equal(arrays["opt.soff"], ref.soff):
+    if not np.array_equal(arrays["opt.codes"], ref.codes) or not np.array_equal(arrays["opt.soff"], ref.soff):
         raise _Corrupt("opt.codes/opt.soff do not match the saved primitives")
     # columns 0..2: the hyper-parameters; the spare last row: constants (3.. of the other
     # rows is scratch the kernels write before reading)
@@ -714,12 +792,12 @@ def _opt_state_from_parts(om: Any, arrays: dict, model: MLP) -> OptState:
         raise _Corrupt("opt.hp does not match the saved primitives' hyper-parameters")
     _check_finite_array(hp, "opt.hp")
     _check_finite_array(arrays["opt.state"], "opt.state")
-    for k, p in enumerate(prims):      # Adam's second moment is a sum of squares
+    for k, p in enumerate(prims):  # Adam's second moment is a sum of squares
         if p.code == OP_ADAM:
             P = model.n_params
-            v = arrays["opt.state"][int(ref.soff[k]) + P:int(ref.soff[k]) + 2 * P]
+            v = arrays["opt.state"][int(ref.soff[k]) + P : int(ref.soff[k]) + 2 * P]
             _need(bool((v >= 0).all()), "opt.state holds a negative Adam second moment")
-    ref.hp[...] = hp          # (the scratch columns too: a round trip is exact)
+    ref.hp[...] = hp  # (the scratch columns too: a round trip is exact)
     ref.state[...] = arrays["opt.state"]
     ref.t = t
     return ref
@@ -735,37 +813,50 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
         cfg["backend"] = backend
     params = arrays.get("params")
     sizes = cfg.get("sizes")
-    if params is None or not isinstance(sizes, list) or len(sizes) < 2 \
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+    if (
+        params is None
+        or not isinstance(sizes, list)
+        or len(sizes) < 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)
+    ):
         raise _Corrupt(f"the saved model configuration is invalid (sizes={sizes!r})")
     n_params = ParamLayout(tuple(sizes), batch_norm=cfg.get("batch_norm", False) not in (False, None)).n_params
-    if params.shape != (n_params,):     # checked before building: never allocate for a bad table
+    if params.shape != (n_params,):  # checked before building: never allocate for a bad table
         raise _Corrupt(f"params has shape {params.shape}, the saved sizes {sizes} need ({n_params},)")
     try:
         model = MLP._from_config(cfg)
     except BackendUnavailable as exc:
-        how = ("the checkpoint was saved from that backend; load it on another with "
-               "load_checkpoint(path, backend='cpu')" if backend is None else
-               "ask for another backend with load_checkpoint(path, backend=...)")
-        raise BackendUnavailable(exc.name, f"{exc.reason}; {how} (fit(..., resume=path) continues it on a "
-                                 f"model of any backend)") from None
+        how = (
+            "the checkpoint was saved from that backend; load it on another with load_checkpoint(path, backend='cpu')"
+            if backend is None
+            else "ask for another backend with load_checkpoint(path, backend=...)"
+        )
+        raise BackendUnavailable(
+            exc.name, f"{exc.reason}; {how} (fit(..., resume=path) continues it on a model of any backend)"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise _Corrupt(f"the saved model configuration is invalid: {exc}") from None
     if params.shape != model.params.shape or params.dtype != model.dtype:
-        raise _Corrupt(f"params has shape {getattr(params, 'shape', None)} dtype "
-                       f"{getattr(params, 'dtype', None)}, the model needs "
-                       f"({model.n_params},) {model.dtype}")
+        raise _Corrupt(
+            f"params has shape {getattr(params, 'shape', None)} dtype "
+            f"{getattr(params, 'dtype', None)}, the model needs "
+            f"({model.n_params},) {model.dtype}"
+        )
     _check_finite_array(params, "params")
     model.params[...] = params
     running = arrays.get("running")
     if model.running.size:
         if running is None or running.shape != model.running.shape or running.dtype != model.dtype:
-            raise _Corrupt(f"the batch-norm running statistics are missing or have the wrong shape "
-                           f"(got {getattr(running, 'shape', None)}, expected {model.running.shape} "
-                           f"{model.dtype})")
+            raise _Corrupt(
+                f"the batch-norm running statistics are missing or have the wrong shape "
+                f"(got {getattr(running, 'shape', None)}, expected {model.running.shape} "
+                f"{model.dtype})"
+            )
         _check_finite_array(running, "running")
-        _need(all(bool((v >= 0).all()) for v in model.layout.running_views(running)[1]),
-              "running holds a negative running variance")
+        _need(
+            all(bool((v >= 0).all()) for v in model.layout.running_views(running)[1]),
+            "running holds a negative running variance",
+        )
         model.running[...] = running
 
     opt_state = None
@@ -779,8 +870,10 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
         except (TypeError, ValueError, KeyError) as exc:
             raise _Corrupt(f"invalid random generator state ({exc})") from None
     names = meta.get("sampler", [])
-    _need(isinstance(names, list) and all(isinstance(k, str) and k.isidentifier() for k in names),
-          f"the sampler table {str(names)[:80]} is not a list of names")
+    _need(
+        isinstance(names, list) and all(isinstance(k, str) and k.isidentifier() for k in names),
+        f"the sampler table {str(names)[:80]} is not a list of names",
+    )
     sampler = {}
     for k in names:
         a = arrays.get(f"sampler.{k}")
@@ -788,6 +881,13 @@ def _assemble(path: str, meta: dict, arrays: dict, backend: str | None) -> Check
         sampler[k] = a
     _need(isinstance(meta.get("step_info", {}), dict), "step_info is not a JSON object")
     history = _history_from_parts(meta["history"], arrays) if meta.get("history") is not None else None
-    return Checkpoint(path=path, model=model, opt_state=opt_state, rng_state=rng_state,
-                      sampler=sampler, history=history, step_info=dict(meta.get("step_info") or {}),
-                      meta=meta)
+    return Checkpoint(
+        path=path,
+        model=model,
+        opt_state=opt_state,
+        rng_state=rng_state,
+        sampler=sampler,
+        history=history,
+        step_info=dict(meta.get("step_info") or {}),
+        meta=meta,
+    )

@@ -1,4 +1,5 @@
 """Exceptions raised by minigd."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,22 +32,33 @@ class DivergenceError(FloatingPointError):
         overflowed).
     """
 
-    def __init__(self, step: int, loss: float, params: np.ndarray, history: Any = None,
-                 reason: str = "", cause: str = "learning_rate") -> None:
+    def __init__(
+        self,
+        step: int,
+        loss: float,
+        params: np.ndarray,
+        history: Any = None,
+        reason: str = "",
+        cause: str = "learning_rate",
+    ) -> None:
         self.step = int(step)
         self.loss = float(loss)
         self.params = params
         self.history = history
         self.cause = cause
         if cause == "data":
-            advice = ("The data are the cause, not the learning rate: the first batch already overflows "
-                      "with the starting parameters; rescale X (e.g. standardize it), check y, or use "
-                      "float64.")
+            advice = (
+                "The data are the cause, not the learning rate: the first batch already overflows "
+                "with the starting parameters; rescale X (e.g. standardize it), check y, or use "
+                "float64."
+            )
         else:
             advice = "Try a smaller learning rate or gradient clipping (clip_norm=...)."
-        msg = (f"training diverged at step {self.step}: {reason or 'non-finite value'} "
-               f"(batch loss {self.loss!r}); the update was not applied, "
-               f"DivergenceError.params holds the last finite parameters. {advice}")
+        msg = (
+            f"training diverged at step {self.step}: {reason or 'non-finite value'} "
+            f"(batch loss {self.loss!r}); the update was not applied, "
+            f"DivergenceError.params holds the last finite parameters. {advice}"
+        )
         super().__init__(msg)
 
 
@@ -63,7 +75,7 @@ class CheckpointError(ValueError):
         The file.
     """
 
-    def __init__(self, message: str, path: "str | None" = None) -> None:
+    def __init__(self, message: str, path: str | None = None) -> None:
         self.path = path
         super().__init__(message)
 
@@ -95,6 +107,6 @@ class ResultStoreError(ValueError):
         The file.
     """
 
-    def __init__(self, message: str, path: "str | None" = None) -> None:
+    def __init__(self, message: str, path: str | None = None) -> None:
         self.path = path
         super().__init__(message)

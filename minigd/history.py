@@ -1,4 +1,5 @@
 """Training history: per-step columns, per-epoch and per-evaluation records."""
+
 from __future__ import annotations
 
 import csv
@@ -83,11 +84,12 @@ class History:
     def _grow(self):
         for c, a in self._cols.items():
             b = np.zeros(2 * len(a), np.float64)
-            b[:len(a)] = a
+            b[: len(a)] = a
             self._cols[c] = b
 
-    def record_step(self, step: int, epoch: int, loss: float, lr: float, batch_size: int,
-                    examples: int, t: float) -> None:
+    def record_step(
+        self, step: int, epoch: int, loss: float, lr: float, batch_size: int, examples: int, t: float
+    ) -> None:
         i = self.n_steps
         if i == len(self._cols["step"]):
             self._grow()
@@ -108,7 +110,7 @@ class History:
         into the records (an evaluation metric such as ``val_loss``, a noise statistic such
         as ``noise_scale``) is float64 with NaN at the steps that do not have it."""
         if name in self._cols:
-            a = self._cols[name][:self.n_steps].copy()
+            a = self._cols[name][: self.n_steps].copy()
             return a if name in ("loss", "lr", "time") else a.astype(np.int64)
         if name in ADAPTIVE_FIELDS and self.adaptive is not None:
             return self._adaptive_column(name)
@@ -154,8 +156,7 @@ class History:
             raise IndexError(f"i: expected a step index in [{-n}, {n}), got {i!r}")
         i = int(i) % n
         c = self._cols
-        return {k: (c[k][i].item() if k in ("loss", "lr", "time") else int(c[k][i]))
-                for k in STEP_COLUMNS}
+        return {k: (c[k][i].item() if k in ("loss", "lr", "time") else int(c[k][i])) for k in STEP_COLUMNS}
 
     @property
     def noise(self) -> list:
@@ -196,8 +197,10 @@ class History:
         try:
             import pandas as pd
         except ImportError as exc:
-            raise ImportError("History.to_frame() needs pandas, which is not installed: "
-                              "pip install pandas (or use History.records / History.to_csv)") from exc
+            raise ImportError(
+                "History.to_frame() needs pandas, which is not installed: "
+                "pip install pandas (or use History.records / History.to_csv)"
+            ) from exc
         recs = self.records
         return pd.DataFrame.from_records(recs, columns=_columns(recs))
 
@@ -205,8 +208,10 @@ class History:
         return self.n_steps
 
     def __repr__(self) -> str:
-        return (f"History(steps={self.n_steps}, epochs={len(self.epochs)}, evals={len(self.evals)}, "
-                f"reached={self.reached}, stop_reason={self.stop_reason!r})")
+        return (
+            f"History(steps={self.n_steps}, epochs={len(self.epochs)}, evals={len(self.evals)}, "
+            f"reached={self.reached}, stop_reason={self.stop_reason!r})"
+        )
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write :attr:`records` as CSV, atomically (temp file + rename)."""

@@ -9,6 +9,7 @@ minigd[tensorboard]``) or, failing that, ``torch.utils.tensorboard`` (needs the
 For tables, :class:`minigd.History` has ``records``, ``to_csv(path)`` and ``to_frame()``
 (pandas).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,16 +32,19 @@ def make_summary_writer(logdir: str | os.PathLike) -> Any:
     errors = []
     try:
         from tensorboardX import SummaryWriter
+
         return SummaryWriter(logdir=os.fspath(logdir))
     except ImportError as exc:
         errors.append(f"tensorboardX: {exc}")
     try:
         from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(log_dir=os.fspath(logdir))
     except ImportError as exc:
         errors.append(f"torch.utils.tensorboard: {exc}")
-    raise ImportError("TensorBoardLogger needs a TensorBoard event writer and none is "
-                      f"installed ({'; '.join(errors)}): {EXTRA_HINT}")
+    raise ImportError(
+        f"TensorBoardLogger needs a TensorBoard event writer and none is installed ({'; '.join(errors)}): {EXTRA_HINT}"
+    )
 
 
 class TensorBoardLogger:
@@ -79,8 +83,7 @@ class TensorBoardLogger:
     ...     mg.fit(model, X, y, batch_size=32, track_noise=10, callbacks=[tb])
     """
 
-    def __init__(self, logdir: str | os.PathLike | None = None, *, every: int = 1,
-                 writer: Any = None) -> None:
+    def __init__(self, logdir: str | os.PathLike | None = None, *, every: int = 1, writer: Any = None) -> None:
         self.every = check_int("every", every, low=1)
         if writer is None:
             if logdir is None or isinstance(logdir, bool) or not isinstance(logdir, (str, os.PathLike)):
@@ -114,8 +117,11 @@ class TensorBoardLogger:
         tr = h.noise_tracker
         if tr is not None and len(tr) != self._n_noise:
             self._n_noise = len(tr)
-            for tag, v in (("noise/noise_scale", tr.noise_scale), ("noise/grad_norm_sq", tr.grad_norm_sq),
-                           ("noise/trace_cov", tr.trace_cov)):
+            for tag, v in (
+                ("noise/noise_scale", tr.noise_scale),
+                ("noise/grad_norm_sq", tr.grad_norm_sq),
+                ("noise/trace_cov", tr.trace_cov),
+            ):
                 if math.isfinite(v):
                     self.writer.add_scalar(tag, float(v), s)
         return None
@@ -142,7 +148,7 @@ class TensorBoardLogger:
         if callable(c):
             c()
 
-    def __enter__(self) -> "TensorBoardLogger":
+    def __enter__(self) -> TensorBoardLogger:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,12 +13,14 @@ point: per-step callbacks, evaluation, the stopping rules, a checkpoint.
 the sampler, the generator, the optimizer state, the history cursor -- and is what a
 checkpoint saves and restores whole (:mod:`minigd.resume`).
 """
+
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -40,10 +42,10 @@ class Plan:
 
     model: Any
     X: np.ndarray
-    y: Any                                  # as given (evaluations take it)
+    y: Any  # as given (evaluations take it)
     yi: np.ndarray
     yf: np.ndarray
-    bs: Any                                 # BatchSizeSchedule
+    bs: Any  # BatchSizeSchedule
     sampler: str
     drop_last: bool
     epochs: int | None
@@ -54,17 +56,17 @@ class Plan:
     validation: tuple | None
     eval_every: int | None
     eval_train: bool
-    lr_fn: Callable | None                  # a schedule (None: the constant lr_const)
+    lr_fn: Callable | None  # a schedule (None: the constant lr_const)
     lr_const: float
-    tracker: Any                            # NoiseTracker or None
+    tracker: Any  # NoiseTracker or None
     track_noise: int | None
     track_gsnr: int | None
     callbacks: list
     ck_path: str | None
     ck_every: int
-    fit_info: dict | None                   # the run's record a checkpoint compares on resume
+    fit_info: dict | None  # the run's record a checkpoint compares on resume
     progress: bool
-    ctrl: Any = None                        # adaptive batch size: a minigd.adaptive.Controller
+    ctrl: Any = None  # adaptive batch size: a minigd.adaptive.Controller
 
     @property
     def n(self) -> int:
@@ -98,17 +100,30 @@ class LoopState:
     t1: int = 1
     stop: str = ""
     resumed: bool = False
-    mid_epoch: bool = False                 # continuing an epoch (a resume) rather than opening one
+    mid_epoch: bool = False  # continuing an epoch (a resume) rather than opening one
     close: tuple = field(default=(0, (None, None, None, None)))
 
-    def step_info(self, hist: History, fit_info: dict, *, finished: bool, n_evals: int, n_epochs: int,
-                  reached: tuple, epoch: int) -> dict:
+    def step_info(
+        self, hist: History, fit_info: dict, *, finished: bool, n_evals: int, n_epochs: int, reached: tuple, epoch: int
+    ) -> dict:
         """The checkpoint's ``step_info`` (format of minigd's checkpoints)."""
-        return {"step": self.step, "examples": self.examples, "train_time": self.train_time,
-                "epoch": epoch, "k": self.k, "ep_loss": self.ep_loss, "ep_count": self.ep_count,
-                "lr": self.lr, "n_evals": n_evals, "n_epochs": n_epochs, "reached": list(reached),
-                "finished": finished, "stop_reason": self.stop if finished else "", "t1": self.t1,
-                "fit": fit_info}
+        return {
+            "step": self.step,
+            "examples": self.examples,
+            "train_time": self.train_time,
+            "epoch": epoch,
+            "k": self.k,
+            "ep_loss": self.ep_loss,
+            "ep_count": self.ep_count,
+            "lr": self.lr,
+            "n_evals": n_evals,
+            "n_epochs": n_epochs,
+            "reached": list(reached),
+            "finished": finished,
+            "stop_reason": self.stop if finished else "",
+            "t1": self.t1,
+            "fit": fit_info,
+        }
 
 
 def _reached(hist: History) -> tuple:
@@ -124,14 +139,18 @@ def lr_at(lr_fn, step: int) -> float:
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"lr: the learning-rate schedule raised at step {step}: {exc}") from exc
     if type(v) is not float:
-        if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (
-                isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iuf")):
-            raise TypeError(f"lr: expected the learning rate (schedule) to give a real number, got "
-                            f"{_got(v)} at step {step}")
+        if isinstance(v, bool) or not (
+            isinstance(v, numbers.Real) or (isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iuf")
+        ):
+            raise TypeError(
+                f"lr: expected the learning rate (schedule) to give a real number, got {_got(v)} at step {step}"
+            )
         v = float(v)
     if not 0.0 <= v < _INF:
-        raise ValueError(f"lr: expected a finite, non-negative learning rate, got {v!r} at step {step}"
-                         f"{' (a negative rate is gradient ascent)' if v < 0 else ''}")
+        raise ValueError(
+            f"lr: expected a finite, non-negative learning rate, got {v!r} at step {step}"
+            f"{' (a negative rate is gradient ascent)' if v < 0 else ''}"
+        )
     return v
 
 
@@ -154,11 +173,18 @@ def diverged(step, loss, params, hist, first: bool = False) -> DivergenceError:
     parameters), not from the learning rate (``DivergenceError.cause``)."""
     hist.stop_reason = "diverged"
     data = first and not math.isfinite(loss)
-    return DivergenceError(step, loss, params.copy(), hist,
-                           "non-finite loss of the first batch, before any update" if data else
-                           "non-finite loss" if not math.isfinite(loss) else
-                           "the update would make parameters non-finite",
-                           cause="data" if data else "learning_rate")
+    return DivergenceError(
+        step,
+        loss,
+        params.copy(),
+        hist,
+        "non-finite loss of the first batch, before any update"
+        if data
+        else "non-finite loss"
+        if not math.isfinite(loss)
+        else "the update would make parameters non-finite",
+        cause="data" if data else "learning_rate",
+    )
 
 
 class _ProgressBar:
@@ -168,8 +194,7 @@ class _ProgressBar:
         try:
             from tqdm.auto import tqdm
         except ImportError as exc:
-            raise ImportError("progress: progress=True needs tqdm, which is not installed: "
-                              "pip install tqdm") from exc
+            raise ImportError("progress: progress=True needs tqdm, which is not installed: pip install tqdm") from exc
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
         self.every = max(1, (total or 1000) // 200)
 
@@ -213,7 +238,7 @@ class Loop:
         self.bn, self.dropout = bool(norm.bn), norm.dropout > 0
         self.fresh_start = -1 if state.resumed else 0
         self.scratch = np.zeros_like(plan.model.params) if plan.ctrl is not None and self.bn else None
-        if state.resumed:       # a budget already spent: close the epoch, evaluate, stop
+        if state.resumed:  # a budget already spent: close the epoch, evaluate, stop
             state.stop = self.budget_stop()
 
     # -- evaluation and stopping ------------------------------------------------------------
@@ -226,10 +251,15 @@ class Loop:
                 rec.update({f"val_{k}": v for k, v in model.evaluate(*p.validation).items()})
             if p.eval_train:
                 rec.update({f"train_{k}": v for k, v in model.evaluate(p.X, p.y).items()})
-        except _ForwardOverflow as exc:   # X was checked: the parameters grew too large
+        except _ForwardOverflow as exc:  # X was checked: the parameters grew too large
             hist.stop_reason = "diverged"
-            raise DivergenceError(s.step, math.nan, model.params.copy(), hist,
-                                  f"the parameters are finite but an evaluation overflowed ({exc})") from exc
+            raise DivergenceError(
+                s.step,
+                math.nan,
+                model.params.copy(),
+                hist,
+                f"the parameters are finite but an evaluation overflowed ({exc})",
+            ) from exc
         hist.evals.append(rec)
         if p.target is not None and hist.reached is not True and met(p.target, rec):
             hist.reached = True
@@ -252,13 +282,27 @@ class Loop:
         from minigd.checkpoint import save_checkpoint
 
         p, s, hist = self.p, self.s, self.hist
-        if finished:    # right after the last step's hooks, with the full history: resuming it
+        if finished:  # right after the last step's hooks, with the full history: resuming it
             # redoes the epoch close-out and the final evaluation, or trains on under a larger budget
-            info = s.step_info(hist, p.fit_info, finished=True, n_evals=s.close[0], n_epochs=len(hist.epochs) - 1,
-                               reached=s.close[1], epoch=s.epoch - 1)
+            info = s.step_info(
+                hist,
+                p.fit_info,
+                finished=True,
+                n_evals=s.close[0],
+                n_epochs=len(hist.epochs) - 1,
+                reached=s.close[1],
+                epoch=s.epoch - 1,
+            )
         else:
-            info = s.step_info(hist, p.fit_info, finished=False, n_evals=len(hist.evals),
-                               n_epochs=len(hist.epochs), reached=_reached(hist), epoch=s.epoch)
+            info = s.step_info(
+                hist,
+                p.fit_info,
+                finished=False,
+                n_evals=len(hist.evals),
+                n_epochs=len(hist.epochs),
+                reached=_reached(hist),
+                epoch=s.epoch,
+            )
         if p.ctrl is not None:
             info["adaptive"] = p.ctrl.state()
         smp = {"order": s.sampler.order}
@@ -272,16 +316,16 @@ class Loop:
         p, s, impl = self.p, self.s, self.impl
         if b != B or self.on_step:
             return 1
-        if cross:       # full-batch epochs, one step each, none evaluated at its end
+        if cross:  # full-batch epochs, one step each, none evaluated at its end
             m = impl.steps_per_call if p.epochs is None else min(impl.steps_per_call, p.epochs - s.epoch)
             m = next((j for j in range(1, m) if p.bs.at_epoch(s.epoch + j) != B), m)
         else:
             m = min(s.sampler.full_batches_left(B), impl.steps_per_call)
         if self.dropout:
             m = min(m, impl.max_run_steps(B))
-        if p.ctrl is not None:      # up to the next decision
+        if p.ctrl is not None:  # up to the next decision
             m = min(m, p.ctrl.spec.every - s.step % p.ctrl.spec.every)
-        if p.tracker is not None:   # a tracked step runs alone
+        if p.tracker is not None:  # a tracked step runs alone
             r = s.step % p.track_noise
             m = 1 if r == 0 else min(m, p.track_noise - r)
         if p.steps is not None:
@@ -298,7 +342,7 @@ class Loop:
         """The learning rates of the next m steps; a schedule that raises at step s + j cuts
         the run to the j steps before it (the step that raises then raises on its own)."""
         p, s = self.p, self.s
-        f = 1.0 if p.ctrl is None else p.ctrl.factor     # adaptive: the rule's multiple
+        f = 1.0 if p.ctrl is None else p.ctrl.factor  # adaptive: the rule's multiple
         if p.lr_fn is None:
             return [p.lr_const * f] * m
         lrs = []
@@ -322,30 +366,45 @@ class Loop:
         idx = s.sampler.take(b) if cross else s.sampler.take(m * b)
         if track and p.track_gsnr is not None and s.step % p.track_gsnr == 0 and b >= 2:
             from minigd.gradstats.tracking import gsnr_summary
+
             p.tracker.add_extra(s.step, gsnr_summary(model, p.X, p.yi, p.yf, idx))
         half = self._half_batch(b) if track and self.bn else 0
-        if half:    # batch norm (adaptive): the two-batch estimator's small batch, same parameters
+        if half:  # batch norm (adaptive): the two-batch estimator's small batch, same parameters
             small = self._grad_norm_sq(idx[:half], half)
             big = None if impl.reports_grad_norm_sq else self._grad_norm_sq(idx[:b], b)
-        res = impl.run_steps(model.params, p.X, p.yi, p.yf, idx, b, m, s.opt_state, lrs, s.step + s.t1,
-                             want_sqn=track and not self.bn, grad=model._grad, dropout_rng=s.rng if self.dropout else None,
-                             update_running=self.bn,
-                             max_time=None if p.max_time is None else p.max_time - s.train_time)
+        res = impl.run_steps(
+            model.params,
+            p.X,
+            p.yi,
+            p.yf,
+            idx,
+            b,
+            m,
+            s.opt_state,
+            lrs,
+            s.step + s.t1,
+            want_sqn=track and not self.bn,
+            grad=model._grad,
+            dropout_rng=s.rng if self.dropout else None,
+            update_running=self.bn,
+            max_time=None if p.max_time is None else p.max_time - s.train_time,
+        )
         t_start = s.train_time
         for j, (loss, ok, t) in enumerate(zip(res["loss"].tolist(), res["applied"].tolist(), res["time"].tolist())):
-            if cross and j:     # step j opens the next full-batch epoch: close the last one
+            if cross and j:  # step j opens the next full-batch epoch: close the last one
                 self.close_epoch(b, complete=True)
                 s.k, s.ep_loss, s.ep_count = -1, 0.0, 0
             s.train_time = t_start + t
             if not ok:
                 s.opt_state.t = s.step - 1 + s.t1
                 raise diverged(s.step, loss, model.params, hist, s.step == self.fresh_start)
-            if track:       # (a tracked step runs alone) before its hooks see it
+            if track:  # (a tracked step runs alone) before its hooks see it
                 if not self.bn:
                     p.tracker.update(s.step, b, impl.last_sqnorm_sum(b), float(res["grad_norm_sq"][0]))
                 elif half:
-                    p.ctrl.observe_two_batch(s.step, b, half, small,
-                                             float(res["grad_norm_sq"][0]) if big is None else big)
+                    p.ctrl.observe_two_batch(
+                        s.step, b, half, small, float(res["grad_norm_sq"][0]) if big is None else big
+                    )
             s.lr = lrs[j]
             s.examples += b
             hist.record_step(s.step, s.epoch, loss, s.lr, b, s.examples, s.train_time)
@@ -376,8 +435,12 @@ class Loop:
         """Steps of B rows left in the epoch (adaptive with batch norm: a remainder that
         would hold a one-row ghost batch is dropped, as ``drop_last`` would)."""
         left = self.s.sampler.batches_left(B)
-        if left and self.bn and self.p.ctrl is not None and self.p.model.norm.has_one_row_ghost(
-                self.s.sampler.next_size(B)):
+        if (
+            left
+            and self.bn
+            and self.p.ctrl is not None
+            and self.p.model.norm.has_one_row_ghost(self.s.sampler.next_size(B))
+        ):
             return 0
         return left
 
@@ -391,9 +454,18 @@ class Loop:
 
     def close_epoch(self, B: int, complete: bool) -> None:
         s = self.s
-        self.hist.epochs.append({"epoch": s.epoch, "loss": s.ep_loss / max(s.ep_count, 1), "batch_size": B,
-                                 "steps": s.step, "examples": s.examples, "time": s.train_time,
-                                 "lr": s.lr, "complete": complete})
+        self.hist.epochs.append(
+            {
+                "epoch": s.epoch,
+                "loss": s.ep_loss / max(s.ep_count, 1),
+                "batch_size": B,
+                "steps": s.step,
+                "examples": s.examples,
+                "time": s.train_time,
+                "lr": s.lr,
+                "complete": complete,
+            }
+        )
         s.epoch += 1
 
     # -- the loop -----------------------------------------------------------------------------
@@ -414,8 +486,14 @@ class Loop:
                 if ctrl is not None:
                     ctrl.epoch_B = B
             s.mid_epoch = False
-            full = n_steps == 1 and s.sampler.next_size(B) == p.n and p.eval_every is not None \
-                and p.sampler != "replacement" and self.impl.steps_per_call > 1 and ctrl is None
+            full = (
+                n_steps == 1
+                and s.sampler.next_size(B) == p.n
+                and p.eval_every is not None
+                and p.sampler != "replacement"
+                and self.impl.steps_per_call > 1
+                and ctrl is None
+            )
             while not s.stop and self.batches_left(B):
                 self.run_steps(B, full)
                 if ctrl is not None and s.step % ctrl.spec.every == 0:
@@ -429,8 +507,9 @@ class Loop:
                     self.checkpoint(finished=False)
             if p.ck_path is not None:
                 s.close = (len(hist.evals), _reached(hist))
-            self.close_epoch(B, complete=not s.stop or (s.k == n_steps - 1 if ctrl is None else
-                                                         not self.batches_left(B)))
+            self.close_epoch(
+                B, complete=not s.stop or (s.k == n_steps - 1 if ctrl is None else not self.batches_left(B))
+            )
             if not s.stop and p.epochs is not None and s.epoch >= p.epochs:
                 s.stop = "epochs"
             if p.eval_every is None and not s.stop:

@@ -1,9 +1,11 @@
 """The MLP model: layer sizes, activations, a loss, and one flat parameter vector."""
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -80,34 +82,48 @@ class MLP:
     (2,)
     """
 
-    def __init__(self, sizes: Sequence[int], activation: str | Sequence[str] = "relu",
-                 loss: str = "cross_entropy", dtype: DTypeLike = "float32", init: str = "he_uniform",
-                 seed: int | np.random.Generator | None = 0, backend: str = "cpu",
-                 batch_norm: bool | str = False, ghost_batch_size: int | None = None,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str | Sequence[str] = "relu",
+        loss: str = "cross_entropy",
+        dtype: DTypeLike = "float32",
+        init: str = "he_uniform",
+        seed: int | np.random.Generator | None = 0,
+        backend: str = "cpu",
+        batch_norm: bool | str = False,
+        ghost_batch_size: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         sizes = PARAMS["sizes"].check("sizes", sizes)
         n_hidden = len(sizes) - 2
         if isinstance(activation, str):
             acts = [activation] * n_hidden
         elif not isinstance(activation, (list, tuple)):
-            raise TypeError(f"activation: expected a name or a list of names (one per hidden layer), "
-                            f"got {type(activation).__name__} {activation!r}")
+            raise TypeError(
+                f"activation: expected a name or a list of names (one per hidden layer), "
+                f"got {type(activation).__name__} {activation!r}"
+            )
         else:
             acts = list(activation)
             if len(acts) != n_hidden:
-                raise ValueError(f"activation: expected one name per hidden layer ({n_hidden}), "
-                                 f"got {len(acts)}: {acts!r}")
-        for a in (acts or [activation if isinstance(activation, str) else "relu"]):
+                raise ValueError(
+                    f"activation: expected one name per hidden layer ({n_hidden}), got {len(acts)}: {acts!r}"
+                )
+        for a in acts or [activation if isinstance(activation, str) else "relu"]:
             PARAMS["activation"].check("activation", a)
         self.activations = tuple(acts)
         self.loss_name = PARAMS["loss"].check("loss", loss)
         if self.loss_name == "cross_entropy" and sizes[-1] < 2:
             # a valid (if degenerate) model -- "any width >= 1" -- so a warning, not an error
-            warnings.warn("loss: 'cross_entropy' with 1 output unit (sizes[-1]=1): the softmax of one "
-                          "logit is always 1, so the loss and its gradient are always 0 and training "
-                          "does nothing; for two classes use 2 outputs, or loss='binary_cross_entropy' "
-                          "with 1 output (a sigmoid on the logit, labels in {0, 1})",
-                          DegenerateModelWarning, stacklevel=2)
+            warnings.warn(
+                "loss: 'cross_entropy' with 1 output unit (sizes[-1]=1): the softmax of one "
+                "logit is always 1, so the loss and its gradient are always 0 and training "
+                "does nothing; for two classes use 2 outputs, or loss='binary_cross_entropy' "
+                "with 1 output (a sigmoid on the logit, labels in {0, 1})",
+                DegenerateModelWarning,
+                stacklevel=2,
+            )
         self.dtype = PARAMS["dtype"].check("dtype", dtype)
         self.init = PARAMS["init"].check("init", init)
         self.norm = check_norm(batch_norm, ghost_batch_size, dropout, n_hidden=n_hidden)
@@ -124,9 +140,10 @@ class MLP:
         rng = check_seed("seed", seed)
         self._init_params(rng)
         #: the generator of the dropout masks of loss_and_grad / forward(training=True)
-        self.rng = np.random.default_rng(rng.integers(2 ** 63)) if self.norm.dropout > 0 else None
-        self.backend_impl = cls(self.layout, [nn.ACTIVATIONS[a] for a in self.activations],
-                                nn.LOSSES[self.loss_name], self.dtype, self.norm)
+        self.rng = np.random.default_rng(rng.integers(2**63)) if self.norm.dropout > 0 else None
+        self.backend_impl = cls(
+            self.layout, [nn.ACTIVATIONS[a] for a in self.activations], nn.LOSSES[self.loss_name], self.dtype, self.norm
+        )
         self.backend_impl.running = self.running
         self._grad = np.zeros_like(self._params)
 
@@ -142,17 +159,20 @@ class MLP:
         """``model.params = a`` copies ``a`` into the existing vector (so the views and
         anything holding ``model.params`` stay valid).  ``a`` must be a finite ndarray of
         shape (P,) and the model's dtype: nothing is coerced."""
-        if value is self._params:        # model.params += ... (already written in place)
+        if value is self._params:  # model.params += ... (already written in place)
             return
         P = self.n_params
         if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
-            raise TypeError(f"params: expected a numpy.ndarray of shape ({P},) and dtype "
-                            f"{self.dtype}, got {_got(value)}")
+            raise TypeError(
+                f"params: expected a numpy.ndarray of shape ({P},) and dtype {self.dtype}, got {_got(value)}"
+            )
         if value.shape != (P,):
             raise ValueError(f"params: expected shape ({P},) (the model's n_params), got {_got(value)}")
         if value.dtype != self.dtype:
-            raise TypeError(f"params: expected dtype {self.dtype} (the model's dtype), got {_got(value)}; "
-                            f"convert explicitly, e.g. value.astype(np.{self.dtype})")
+            raise TypeError(
+                f"params: expected dtype {self.dtype} (the model's dtype), got {_got(value)}; "
+                f"convert explicitly, e.g. value.astype(np.{self.dtype})"
+            )
         if not np.isfinite(value).all():
             bad = int(np.count_nonzero(~np.isfinite(value)))
             raise ValueError(f"params: expected finite values, got {bad} NaN/inf entries")
@@ -210,22 +230,27 @@ class MLP:
 
     def config(self) -> dict:
         """The constructor arguments (without seed): enough to rebuild the architecture."""
-        cfg = dict(sizes=list(self.sizes), activation=list(self.activations), loss=self.loss_name,
-                   dtype=str(self.dtype), init=self.init, backend=self.backend)
-        if self.norm.bn or self.norm.dropout > 0:    # plain models keep their old configuration
-            cfg.update(batch_norm=self.batch_norm, ghost_batch_size=self.norm.ghost,
-                       dropout=self.norm.dropout)
+        cfg = dict(
+            sizes=list(self.sizes),
+            activation=list(self.activations),
+            loss=self.loss_name,
+            dtype=str(self.dtype),
+            init=self.init,
+            backend=self.backend,
+        )
+        if self.norm.bn or self.norm.dropout > 0:  # plain models keep their old configuration
+            cfg.update(batch_norm=self.batch_norm, ghost_batch_size=self.norm.ghost, dropout=self.norm.dropout)
         return cfg
 
     @classmethod
-    def _from_config(cls, cfg: dict) -> "MLP":
+    def _from_config(cls, cfg: dict) -> MLP:
         """The model of a saved ``config()`` (copies, pickles, checkpoints): built without
         repeating the construction-time DegenerateModelWarning the original already gave."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DegenerateModelWarning)
             return cls(**cfg, seed=0)
 
-    def to(self, backend: str) -> "MLP":
+    def to(self, backend: str) -> MLP:
         """A copy of this model (same parameters and running statistics) on another backend."""
         cfg = self.config()
         cfg["backend"] = backend
@@ -242,14 +267,14 @@ class MLP:
         return {"config": self.config(), "params": self.params.copy(), "running": self.running.copy()}
 
     def __setstate__(self, state: dict) -> None:
-        with warnings.catch_warnings():   # as _from_config
+        with warnings.catch_warnings():  # as _from_config
             warnings.simplefilter("ignore", DegenerateModelWarning)
             self.__init__(**state["config"], seed=0)
         self.params[...] = state["params"]
         if "running" in state:
             self.running[...] = state["running"]
 
-    def copy(self) -> "MLP":
+    def copy(self) -> MLP:
         return self.to(self.backend)
 
     def __repr__(self):
@@ -258,15 +283,16 @@ class MLP:
             extra += f", batch_norm={self.batch_norm!r}, ghost_batch_size={self.norm.ghost!r}"
         if self.norm.dropout > 0:
             extra += f", dropout={self.norm.dropout!r}"
-        return (f"MLP({list(self.sizes)}, activation={list(self.activations)}, loss={self.loss_name!r}, "
-                f"dtype={str(self.dtype)!r}, backend={self.backend!r}{extra}, n_params={self.n_params})")
+        return (
+            f"MLP({list(self.sizes)}, activation={list(self.activations)}, loss={self.loss_name!r}, "
+            f"dtype={str(self.dtype)!r}, backend={self.backend!r}{extra}, n_params={self.n_params})"
+        )
 
     # -- validation ------------------------------------------------------------------------
     def check_X(self, X: Any, name: str = "X") -> np.ndarray:
         return check_X(X, self.n_in, self.dtype, name)
 
-    def check_Xy(self, X: Any, y: Any, xname: str = "X",
-                 yname: str = "y") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def check_Xy(self, X: Any, y: Any, xname: str = "X", yname: str = "y") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         X = self.check_X(X, xname)
         yi, yf = check_y(y, X.shape[0], self.loss_code, self.n_out, self.dtype, yname)
         return X, yi, yf
@@ -281,15 +307,17 @@ class MLP:
             if vec.size and not np.isfinite(vec.sum()) and not np.isfinite(vec).all():
                 bad = int(np.count_nonzero(~np.isfinite(vec)))
                 what = "parameters" if name == "params" else "batch-norm running statistics"
-                raise ValueError(f"{name}: expected finite {what}, got {bad} NaN/inf entries in "
-                                 f"model.{name} (a diverged or overwritten model); its outputs "
-                                 f"would be NaN: re-initialise or load finite values first")
+                raise ValueError(
+                    f"{name}: expected finite {what}, got {bad} NaN/inf entries in "
+                    f"model.{name} (a diverged or overwritten model); its outputs "
+                    f"would be NaN: re-initialise or load finite values first"
+                )
 
     # -- evaluation ------------------------------------------------------------------------
     def _chunks(self, n):
         idx = np.arange(n, dtype=np.int64)
         for s in range(0, n, EVAL_CHUNK):
-            yield s, idx[s:s + EVAL_CHUNK]
+            yield s, idx[s : s + EVAL_CHUNK]
 
     def forward(self, X: np.ndarray, training: bool = False) -> np.ndarray:
         """Outputs before the loss's link, (n, n_out): logits for the classification losses.
@@ -311,7 +339,7 @@ class MLP:
             out[...] = self.backend_impl.forward(self.params, X, idx, n, training=True)
         else:
             for s, idx in self._chunks(n):
-                out[s:s + len(idx)] = self.backend_impl.forward(self.params, X, idx, len(idx))
+                out[s : s + len(idx)] = self.backend_impl.forward(self.params, X, idx, len(idx))
         # finite X and parameters can still overflow (huge inputs times large weights): never
         # hand back NaN/inf outputs (predict would argmax them into plausible labels)
         if not np.isfinite(out.sum(dtype=np.float64)) and not np.isfinite(out).all():
@@ -356,7 +384,7 @@ class MLP:
         grad = np.zeros(self.n_params, np.float64) if want_grad else None
         # batch norm normalises the whole batch together: no chunks in training mode
         chunks = [(0, np.arange(n, dtype=np.int64))] if (want_grad and self.norm.bn) else self._chunks(n)
-        for s, idx in chunks:
+        for _s, idx in chunks:
             B = len(idx)
             if want_grad:
                 self._prepare_training(B, "X")
@@ -418,10 +446,12 @@ def _check_model_memory(sizes, P: int, dtype: np.dtype) -> None:
     need = 2 * P * dtype.itemsize
     have = memory_bytes()
     if need > have:
-        raise ValueError(f"sizes: {list(sizes)} make a model of {P:,} parameters, which need "
-                         f"{need / 2**30:,.1f} GiB for the parameters and their gradient in {dtype}, "
-                         f"more than this machine's {have / 2**30:,.1f} GiB of memory; expected "
-                         f"smaller layer sizes")
+        raise ValueError(
+            f"sizes: {list(sizes)} make a model of {P:,} parameters, which need "
+            f"{need / 2**30:,.1f} GiB for the parameters and their gradient in {dtype}, "
+            f"more than this machine's {have / 2**30:,.1f} GiB of memory; expected "
+            f"smaller layer sizes"
+        )
 
 
 class _ForwardOverflow(ValueError):
@@ -435,7 +465,9 @@ def _overflow_error(name: str, X: np.ndarray, params: np.ndarray, what: str) -> 
     magnitudes and the weights exceeds the dtype's range."""
     xmax = float(np.max(np.abs(X))) if X.size else 0.0
     wmax = float(np.max(np.abs(params))) if params.size else 0.0
-    return _ForwardOverflow(f"{name}: the forward pass overflowed {X.dtype} ({what} are inf/NaN) although {name} "
-                      f"and the parameters are finite: inputs up to {xmax:.3g} times weights up to "
-                      f"{wmax:.3g} exceed the dtype's range; rescale {name} (standardize it)"
-                      f"{' or use float64' if X.dtype == np.float32 else ''}, or check the parameters")
+    return _ForwardOverflow(
+        f"{name}: the forward pass overflowed {X.dtype} ({what} are inf/NaN) although {name} "
+        f"and the parameters are finite: inputs up to {xmax:.3g} times weights up to "
+        f"{wmax:.3g} exceed the dtype's range; rescale {name} (standardize it)"
+        f"{' or use float64' if X.dtype == np.float32 else ''}, or check the parameters"
+    )

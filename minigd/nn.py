@@ -12,6 +12,7 @@ Conventions (per example i; a batch loss is the *mean* of per-example losses):
 * ``mse``: ``1/2 * sum_k (z_ik - y_ik)**2``.
 * ``binary_cross_entropy``: ``sum_k softplus(z_ik) - y_ik * z_ik`` (logits in, targets in [0, 1]).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,20 @@ import math
 import numpy as np
 
 # the codes and the constants the kernels share live in one table (minigd.kernels.codes)
-from minigd.kernels.codes import (ACTIVATIONS, BINARY_CROSS_ENTROPY, CROSS_ENTROPY, GELU,  # noqa: F401
-                                  IDENTITY, LEAKY_RELU, LEAKY_SLOPE, LOSSES, MSE, RELU, SIGMOID, TANH)
+from minigd.kernels.codes import (  # noqa: F401
+    ACTIVATIONS,
+    BINARY_CROSS_ENTROPY,
+    CROSS_ENTROPY,
+    GELU,
+    IDENTITY,
+    LEAKY_RELU,
+    LEAKY_SLOPE,
+    LOSSES,
+    MSE,
+    RELU,
+    SIGMOID,
+    TANH,
+)
 
 INITS = ("he_uniform", "he_normal", "glorot_uniform", "glorot_normal")
 

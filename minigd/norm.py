@@ -3,6 +3,7 @@
 It sits below both the model and the backends (it imports only the kernel codes), so a
 backend reads the model's normalisation without reaching up into the model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class NormSpec:
         :func:`minigd._constraints.check_norm`."""
         if self.bn:
             from minigd._constraints import check_norm
+
             check_norm(self, batch_sizes=(B,), name=name, hint=hint)
 
     def has_one_row_ghost(self, B: int) -> bool:

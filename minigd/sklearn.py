@@ -32,10 +32,12 @@ Examples
 >>> clf = make_pipeline(MinMaxScaler(), MLPClassifier((64,), epochs=5, random_state=0))
 >>> scores = cross_val_score(clf, X, y, cv=3)
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -44,10 +46,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import _check_partial_fit_first_call, check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, validate_data
 
-from minigd._constraints import ESTIMATOR_PARAMS, _got, validate_params
+from minigd._constraints import ESTIMATOR_PARAMS, _got, check_norm, validate_params
 from minigd.adaptive import AdaptiveBatchSize
 from minigd.history import History
-from minigd._constraints import check_norm
 from minigd.model import MLP
 from minigd.optim.aliases import SGD, Adam
 from minigd.optim.schedules import scale_lr
@@ -68,6 +69,7 @@ def _named(name: str, fn, *args, **kwargs):
         except Exception:
             new = (ValueError if isinstance(exc, ValueError) else TypeError)(msg)
         raise new from exc
+
 
 OPTIMIZERS = ("sgd", "adam")
 LR_POLICIES = {"constant": "none", "linear": "linear", "sqrt": "sqrt"}
@@ -91,15 +93,31 @@ class _BaseMLP(BaseEstimator):
     _opt_state: Any
     _rng: np.random.Generator
 
-    def __init__(self, hidden_layer_sizes: int | Sequence[int] = (100,), activation: str = "relu", *,
-                 optimizer: str = "adam", learning_rate: float = 0.001, lr_policy: str = "constant",
-                 base_batch_size: int = 32, momentum: float = 0.9, weight_decay: float = 0.0,
-                 batch_size: int | str = "auto", epochs: int = 20, sampler: str = "shuffle",
-                 init: str = "he_uniform", backend: str = "cpu", dtype: str | None = None,
-                 random_state: Any = None, track_noise: int | bool | None = None,
-                 noise_beta: float = 0.99, batch_norm: bool | str = False,
-                 ghost_batch_size: int | None = None, dropout: float = 0.0,
-                 verbose: bool = False) -> None:
+    def __init__(
+        self,
+        hidden_layer_sizes: int | Sequence[int] = (100,),
+        activation: str = "relu",
+        *,
+        optimizer: str = "adam",
+        learning_rate: float = 0.001,
+        lr_policy: str = "constant",
+        base_batch_size: int = 32,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batch_size: int | str = "auto",
+        epochs: int = 20,
+        sampler: str = "shuffle",
+        init: str = "he_uniform",
+        backend: str = "cpu",
+        dtype: str | None = None,
+        random_state: Any = None,
+        track_noise: int | bool | None = None,
+        noise_beta: float = 0.99,
+        batch_norm: bool | str = False,
+        ghost_batch_size: int | None = None,
+        dropout: float = 0.0,
+        verbose: bool = False,
+    ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.optimizer = optimizer
@@ -134,8 +152,7 @@ class _BaseMLP(BaseEstimator):
         ghost batches and dropout: :func:`minigd._constraints.check_norm`).  Returns the
         normalised values (``hidden_layer_sizes`` a tuple, ``dtype`` None or a numpy.dtype)."""
         p = validate_params(self.get_params(deep=False), self._parameter_table)
-        check_norm(p["batch_norm"], p["ghost_batch_size"], p["dropout"],
-                   n_hidden=len(p["hidden_layer_sizes"]))
+        check_norm(p["batch_norm"], p["ghost_batch_size"], p["dropout"], n_hidden=len(p["hidden_layer_sizes"]))
         return p
 
     def _hidden(self) -> tuple:
@@ -168,8 +185,10 @@ class _BaseMLP(BaseEstimator):
             out = np.ascontiguousarray(a, dtype=dt)
         if out.dtype != a.dtype and out.size and not np.isfinite(out).all():
             bad = int(np.count_nonzero(~np.isfinite(out)))
-            raise ValueError(f"{name}: {bad} values overflow {dt} (largest {np.finfo(dt).max:.3g}); "
-                             f"scale the data or use dtype='float64'")
+            raise ValueError(
+                f"{name}: {bad} values overflow {dt} (largest {np.finfo(dt).max:.3g}); "
+                f"scale the data or use dtype='float64'"
+            )
         return out
 
     def _validate_X(self, X, reset: bool) -> np.ndarray:
@@ -180,8 +199,9 @@ class _BaseMLP(BaseEstimator):
         """scikit-learn's checks (``check_X_y``'s, X and y one after the other), with every
         error prefixed by the argument it is about."""
         if y is None:
-            raise ValueError(f"y: This {type(self).__name__} estimator requires y to be passed, "
-                             f"but the target y is None.")
+            raise ValueError(
+                f"y: This {type(self).__name__} estimator requires y to be passed, but the target y is None."
+            )
         X = _named("X", validate_data, self, X, reset=reset, dtype=(np.float64, np.float32))
         y = _named("y", validate_data, self, "no_validation", y, **y_params)
         _named("X, y", check_consistent_length, X, y)
@@ -189,7 +209,7 @@ class _BaseMLP(BaseEstimator):
 
     # -- training -------------------------------------------------------------------------------
     def _optimizer(self, n: int, quiet: bool):
-        if self.batch_size == "adaptive":   # the rate is the one for the starting size
+        if self.batch_size == "adaptive":  # the rate is the one for the starting size
             B = max(2, min(AUTO_BATCH_SIZE, n))
         elif self.batch_size == "auto":
             B = min(AUTO_BATCH_SIZE, n)
@@ -199,8 +219,12 @@ class _BaseMLP(BaseEstimator):
             B = int(self.batch_size)
         if B > n:
             if not quiet:
-                warnings.warn(f"batch_size={B} is larger than the number of samples ({n}); "
-                              f"using {n} (full-batch gradient descent)", UserWarning, stacklevel=4)
+                warnings.warn(
+                    f"batch_size={B} is larger than the number of samples ({n}); "
+                    f"using {n} (full-batch gradient descent)",
+                    UserWarning,
+                    stacklevel=4,
+                )
             B = n
         lr = scale_lr(float(self.learning_rate), B, int(self.base_batch_size), LR_POLICIES[self.lr_policy])
         if self.optimizer == "sgd":
@@ -210,10 +234,18 @@ class _BaseMLP(BaseEstimator):
         return B, lr, opt
 
     def _new_model(self, n_in: int, n_out: int, seed, dtype: np.dtype) -> MLP:
-        return MLP([n_in, *self._hidden(), n_out], activation=self.activation, loss=self._loss,
-                   dtype=dtype, init=self.init, seed=seed, backend=self.backend,
-                   batch_norm=self.batch_norm, ghost_batch_size=self.ghost_batch_size,
-                   dropout=self.dropout)
+        return MLP(
+            [n_in, *self._hidden(), n_out],
+            activation=self.activation,
+            loss=self._loss,
+            dtype=dtype,
+            init=self.init,
+            seed=seed,
+            backend=self.backend,
+            batch_norm=self.batch_norm,
+            ghost_batch_size=self.ghost_batch_size,
+            dropout=self.dropout,
+        )
 
     def _train(self, X, y, *, epochs: int, first: bool, quiet: bool = False) -> None:
         B, lr, opt = self._optimizer(X.shape[0], quiet)
@@ -226,10 +258,21 @@ class _BaseMLP(BaseEstimator):
             track = None
         # batch norm needs >= 2 rows per ghost batch: drop a last partial batch that has fewer
         drop_last = self.model_.norm.drops_last(X.shape[0], B) and self.batch_size != "adaptive"
-        hist = _mg_fit(self.model_, X, y, batch_size=batch_size, epochs=epochs, optimizer=opt,
-                       sampler=self.sampler, seed=self._rng, track_noise=track, drop_last=drop_last,
-                       noise_beta=self.noise_beta if track else 0.99,
-                       opt_state=None if first else self._opt_state, progress=bool(self.verbose))
+        hist = _mg_fit(
+            self.model_,
+            X,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            optimizer=opt,
+            sampler=self.sampler,
+            seed=self._rng,
+            track_noise=track,
+            drop_last=drop_last,
+            noise_beta=self.noise_beta if track else 0.99,
+            opt_state=None if first else self._opt_state,
+            progress=bool(self.verbose),
+        )
         self._opt_state = hist.opt_state
         self.history_ = hist
         self.batch_size_ = int(hist.adaptive[-1]["batch_size"]) if hist.adaptive else B
@@ -256,8 +299,7 @@ class _BaseMLP(BaseEstimator):
         state = dict(state)
         m = state.get("model_")
         if isinstance(m, MLP):
-            state["model_"] = {"__minigd_mlp__": m.config(), "params": m.params.copy(),
-                               "running": m.running.copy()}
+            state["model_"] = {"__minigd_mlp__": m.config(), "params": m.params.copy(), "running": m.running.copy()}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -375,15 +417,17 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     _loss = "cross_entropy"
 
-    def fit(self, X: ArrayLike, y: ArrayLike) -> "MLPClassifier":
+    def fit(self, X: ArrayLike, y: ArrayLike) -> MLPClassifier:
         """Train a new network on (X, y) for ``epochs`` epochs."""
         self._check_hyper()
         Xa, ya = self._validate_Xy(X, y, reset=True)
         _named("y", check_classification_targets, ya)
         classes, y_enc = np.unique(ya, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(f"y: expected at least 2 classes, got 1 class ({classes[0]!r}); "
-                             f"a classifier needs examples of two or more classes")
+            raise ValueError(
+                f"y: expected at least 2 classes, got 1 class ({classes[0]!r}); "
+                f"a classifier needs examples of two or more classes"
+            )
         self.classes_ = classes
         dt = self._fit_dtype(Xa)
         Xa = self._cast(Xa, "X", dt)
@@ -391,7 +435,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self._train(Xa, y_enc.astype(np.int64).ravel(), epochs=int(self.epochs), first=True)
         return self
 
-    def partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> "MLPClassifier":
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, classes: ArrayLike | None = None) -> MLPClassifier:
         """One epoch over (X, y), continuing the network and optimizer state of earlier
         calls.  ``classes`` (every label that will ever occur) is required on the first call."""
         first = _check_partial_fit_first_call(self, classes)
@@ -405,8 +449,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         pos = np.clip(pos, 0, len(self.classes_) - 1)
         unknown = self.classes_[pos] != ya
         if np.any(unknown):
-            raise ValueError(f"y: expected labels among classes_ {self.classes_.tolist()!r}, "
-                             f"got {np.unique(np.asarray(ya)[unknown]).tolist()[:10]!r}")
+            raise ValueError(
+                f"y: expected labels among classes_ {self.classes_.tolist()!r}, "
+                f"got {np.unique(np.asarray(ya)[unknown]).tolist()[:10]!r}"
+            )
         dt = self._fit_dtype(Xa) if first else self.model_.dtype
         Xa = self._cast(Xa, "X", dt)
         if first:
@@ -468,7 +514,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         Y = self._cast(y, "y", dt)
         return Y.reshape(Y.shape[0], -1)
 
-    def fit(self, X: ArrayLike, y: ArrayLike) -> "MLPRegressor":
+    def fit(self, X: ArrayLike, y: ArrayLike) -> MLPRegressor:
         """Train a new network on (X, y) for ``epochs`` epochs."""
         self._check_hyper()
         Xa, ya = self._validate_Xy(X, y, reset=True, multi_output=True, y_numeric=True)
@@ -483,7 +529,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self._train(Xa, Y, epochs=int(self.epochs), first=True)
         return self
 
-    def partial_fit(self, X: ArrayLike, y: ArrayLike) -> "MLPRegressor":
+    def partial_fit(self, X: ArrayLike, y: ArrayLike) -> MLPRegressor:
         """One epoch over (X, y), continuing the network and optimizer state of earlier calls."""
         first = not hasattr(self, "model_")
         if first:
@@ -495,8 +541,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             self._y_1d = ya.ndim == 1
             self.n_outputs_ = Y.shape[1]
         elif Y.shape[1] != self.n_outputs_:
-            raise ValueError(f"y: expected {self.n_outputs_} output column(s) as in the first "
-                             f"partial_fit call, got {_got(np.asarray(ya))}")
+            raise ValueError(
+                f"y: expected {self.n_outputs_} output column(s) as in the first "
+                f"partial_fit call, got {_got(np.asarray(ya))}"
+            )
         Xa = self._cast(Xa, "X", dt)
         if first:
             self._start(Xa.shape[1], self.n_outputs_, dt)

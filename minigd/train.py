@@ -6,18 +6,20 @@
 the one training loop of :mod:`minigd.loop`, which hands the backend runs of steps
 (``Backend.run_steps``) that write into preallocated buffers.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from minigd.adaptive import AdaptiveBatchSize, Controller
 from minigd._constraints import check_fit_args, check_norm
 from minigd._validation import _got, check_choice, check_magnitude, check_seed
+from minigd.adaptive import AdaptiveBatchSize, Controller
 from minigd.data.samplers import SAMPLERS, steps_per_epoch
 from minigd.gradstats.tracking import NoiseTracker
 from minigd.history import History
@@ -43,8 +45,14 @@ def _check_batch_size(batch_size, n):
 def _check_norm_batches(model, bs, n, sampler, drop_last, track_noise):
     """Every batch this run will take, the partial last one included, against the
     batch-norm rules (one place: :func:`minigd._constraints.check_norm`), before the first step."""
-    check_norm(model.norm, batch_sizes=[bs.initial] + [b for _, b in bs.milestones], n=n,
-               sampler=sampler, drop_last=drop_last, track_noise=track_noise)
+    check_norm(
+        model.norm,
+        batch_sizes=[bs.initial] + [b for _, b in bs.milestones],
+        n=n,
+        sampler=sampler,
+        drop_last=drop_last,
+        track_noise=track_noise,
+    )
 
 
 def _run_batch_sizes(bs, n, sampler, drop_last) -> list:
@@ -71,8 +79,10 @@ def _check_target(target):
         if k.endswith("accuracy") and not 0.0 <= v <= 1.0:
             raise ValueError(f"target[{k!r}]: expected an accuracy in [0, 1] (a reachable target), got {v!r}")
         if k.endswith("loss") and v < 0:
-            raise ValueError(f"target[{k!r}]: expected a loss >= 0 (every minigd loss is non-negative, "
-                             f"so a negative target is unreachable), got {v!r}")
+            raise ValueError(
+                f"target[{k!r}]: expected a loss >= 0 (every minigd loss is non-negative, "
+                f"so a negative target is unreachable), got {v!r}"
+            )
     return {k: float(v) for k, v in target.items()}
 
 
@@ -82,8 +92,10 @@ def _make_tracker(track_noise, noise_beta, bs, n, sampler):
     if track_noise is None:
         return None
     if bs.max_batch < 2:
-        raise ValueError(f"track_noise: needs batches of at least 2 examples (the per-example "
-                         f"estimators use the spread within a batch), got batch_size={bs.max_batch}")
+        raise ValueError(
+            f"track_noise: needs batches of at least 2 examples (the per-example "
+            f"estimators use the spread within a batch), got batch_size={bs.max_batch}"
+        )
     return NoiseTracker(n, replacement=(sampler == "replacement"), beta=noise_beta)
 
 
@@ -94,8 +106,7 @@ def _check_callbacks(callbacks):
     hooks = ("on_step", "on_eval", "on_fit_start", "on_fit_end")
     for i, c in enumerate(callbacks):
         if not any(callable(getattr(c, h, None)) for h in hooks):
-            raise TypeError(f"callbacks[{i}]: expected an object with one of the methods "
-                            f"{list(hooks)}, got {_got(c)}")
+            raise TypeError(f"callbacks[{i}]: expected an object with one of the methods {list(hooks)}, got {_got(c)}")
     return callbacks
 
 
@@ -103,19 +114,25 @@ def _check_opt_state(opt_state, optimizer, model, resuming: bool):
     if opt_state is None:
         return None
     if resuming:
-        raise ValueError("opt_state: resume restores the optimizer state from the checkpoint; "
-                         "pass opt_state or resume, not both")
+        raise ValueError(
+            "opt_state: resume restores the optimizer state from the checkpoint; pass opt_state or resume, not both"
+        )
     if not isinstance(opt_state, OptState):
-        raise TypeError(f"opt_state: expected a minigd OptState (hist.opt_state, "
-                        f"optimizer.init(params)), got {_got(opt_state)}")
+        raise TypeError(
+            f"opt_state: expected a minigd OptState (hist.opt_state, optimizer.init(params)), got {_got(opt_state)}"
+        )
     if tuple(opt_state.primitives) != tuple(optimizer.primitives):
-        raise ValueError(f"opt_state: was made for another optimizer chain "
-                         f"({'; '.join(chain_difference(opt_state.primitives, optimizer.primitives))}), "
-                         f"expected one for {optimizer!r}")
+        raise ValueError(
+            f"opt_state: was made for another optimizer chain "
+            f"({'; '.join(chain_difference(opt_state.primitives, optimizer.primitives))}), "
+            f"expected one for {optimizer!r}"
+        )
     need = sum(p.slots for p in optimizer.primitives) * model.n_params
     if opt_state.state.shape != (need,) or opt_state.state.dtype != model.dtype:
-        raise ValueError(f"opt_state: expected state buffers of shape ({need},) and dtype "
-                         f"{model.dtype} for this model, got {_got(opt_state.state)}")
+        raise ValueError(
+            f"opt_state: expected state buffers of shape ({need},) and dtype "
+            f"{model.dtype} for this model, got {_got(opt_state.state)}"
+        )
     if isinstance(opt_state.t, bool) or not isinstance(opt_state.t, numbers.Integral) or opt_state.t < 0:
         raise ValueError(f"opt_state: expected a non-negative update count t, got {opt_state.t!r}")
     return opt_state
@@ -134,9 +151,29 @@ def _check_validation(model, validation):
     return Xv, yv
 
 
-def _plan(model, X, y, *, batch_size, epochs, steps, examples, target, optimizer, sampler, drop_last,
-          validation, eval_every, eval_train, max_time, callbacks, track_noise, noise_beta, track_gsnr,
-          progress) -> Plan:
+def _plan(
+    model,
+    X,
+    y,
+    *,
+    batch_size,
+    epochs,
+    steps,
+    examples,
+    target,
+    optimizer,
+    sampler,
+    drop_last,
+    validation,
+    eval_every,
+    eval_train,
+    max_time,
+    callbacks,
+    track_noise,
+    noise_beta,
+    track_gsnr,
+    progress,
+) -> Plan:
     """Check ``fit``'s arguments (each error names its argument) into a :class:`Plan`."""
     X, yi, yf = model.check_Xy(X, y)
     check_magnitude("X", X)
@@ -146,10 +183,22 @@ def _plan(model, X, y, *, batch_size, epochs, steps, examples, target, optimizer
     if epochs is None and steps is None and examples is None:
         epochs = 10
     # the scalar arguments, against the one table of parameter constraints (minigd._constraints)
-    a = check_fit_args(n=n, batch_size=batch_size, epochs=epochs, steps=steps, examples=examples,
-                       eval_every=eval_every, sampler=sampler, drop_last=drop_last, eval_train=eval_train,
-                       progress=progress, max_time=max_time, track_noise=track_noise, track_gsnr=track_gsnr,
-                       noise_beta=noise_beta)
+    a = check_fit_args(
+        n=n,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps=steps,
+        examples=examples,
+        eval_every=eval_every,
+        sampler=sampler,
+        drop_last=drop_last,
+        eval_train=eval_train,
+        progress=progress,
+        max_time=max_time,
+        track_noise=track_noise,
+        track_gsnr=track_gsnr,
+        noise_beta=noise_beta,
+    )
     epochs, steps, examples, eval_every = a["epochs"], a["steps"], a["examples"], a["eval_every"]
     sampler, drop_last, max_time, progress = a["sampler"], a["drop_last"], a["max_time"], a["progress"]
     bs = _check_batch_size(a["batch_size"], n)
@@ -167,12 +216,35 @@ def _plan(model, X, y, *, batch_size, epochs, steps, examples, target, optimizer
     callbacks = _check_callbacks(callbacks)
     lr_fn = optimizer.lr if callable(optimizer.lr) else None
     lr_const = lr_at(lr_fn if lr_fn is not None else (lambda step: optimizer.lr), 0)
-    return Plan(model=model, X=X, y=y, yi=yi, yf=yf, bs=bs, sampler=sampler, drop_last=drop_last, epochs=epochs,
-                steps=steps, examples=examples, max_time=max_time, target=target, validation=validation,
-                eval_every=eval_every, eval_train=eval_train, lr_fn=lr_fn, lr_const=lr_const, tracker=tracker,
-                track_noise=None if tracker is None else ctrl.spec.track_every if ctrl else int(track_noise),
-                track_gsnr=None if track_gsnr is None else int(track_gsnr), callbacks=callbacks, ck_path=None,
-                ck_every=0, fit_info=None, progress=progress, ctrl=ctrl)
+    return Plan(
+        model=model,
+        X=X,
+        y=y,
+        yi=yi,
+        yf=yf,
+        bs=bs,
+        sampler=sampler,
+        drop_last=drop_last,
+        epochs=epochs,
+        steps=steps,
+        examples=examples,
+        max_time=max_time,
+        target=target,
+        validation=validation,
+        eval_every=eval_every,
+        eval_train=eval_train,
+        lr_fn=lr_fn,
+        lr_const=lr_const,
+        tracker=tracker,
+        track_noise=None if tracker is None else ctrl.spec.track_every if ctrl else int(track_noise),
+        track_gsnr=None if track_gsnr is None else int(track_gsnr),
+        callbacks=callbacks,
+        ck_path=None,
+        ck_every=0,
+        fit_info=None,
+        progress=progress,
+        ctrl=ctrl,
+    )
 
 
 def _check_adaptive(model, batch_size, n, sampler, drop_last, track_noise, epochs, steps, examples):
@@ -182,26 +254,37 @@ def _check_adaptive(model, batch_size, n, sampler, drop_last, track_noise, epoch
     if not isinstance(batch_size, AdaptiveBatchSize):
         return None
     if track_noise is not None:
-        raise ValueError(f"track_noise: the adaptive batch size tracks the noise itself (every "
-                         f"{batch_size.track_every} steps, AdaptiveBatchSize(track_every=...); its records are in "
-                         f"hist.noise), got track_noise={track_noise!r}")
+        raise ValueError(
+            f"track_noise: the adaptive batch size tracks the noise itself (every "
+            f"{batch_size.track_every} steps, AdaptiveBatchSize(track_every=...); its records are in "
+            f"hist.noise), got track_noise={track_noise!r}"
+        )
     if drop_last:
-        raise ValueError("drop_last: with an adaptive batch size the last batch of an epoch holds what is left "
-                         "(whatever the sizes before it), so drop_last=True is not supported")
+        raise ValueError(
+            "drop_last: with an adaptive batch size the last batch of an epoch holds what is left "
+            "(whatever the sizes before it), so drop_last=True is not supported"
+        )
     sizes = batch_size.sizes(n)
     if sizes[0] < 2:
-        raise ValueError(f"min: the adaptive batch size measures the noise from the spread within a batch, "
-                         f"which needs at least 2 examples, got AdaptiveBatchSize(min={sizes[0]})")
+        raise ValueError(
+            f"min: the adaptive batch size measures the noise from the spread within a batch, "
+            f"which needs at least 2 examples, got AdaptiveBatchSize(min={sizes[0]})"
+        )
     for b in sizes:
         model.norm.check_batch(b, f"batch_size (the adaptive candidate {b})")
     # a budget that ends before the first decision measures nothing and decides nothing
     every = batch_size.every
-    for name, v, most in (("steps", steps, steps), ("epochs", epochs, None if epochs is None else epochs * -(-n // sizes[0])),
-                          ("examples", examples, None if examples is None else -(-examples // sizes[0]))):
+    for name, v, most in (
+        ("steps", steps, steps),
+        ("epochs", epochs, None if epochs is None else epochs * -(-n // sizes[0])),
+        ("examples", examples, None if examples is None else -(-examples // sizes[0])),
+    ):
         if v is not None and most < every:
-            raise ValueError(f"{name}: {name}={v} ends an adaptive run after at most {most} steps, before its first "
-                             f"decision at step {every} (AdaptiveBatchSize(every={every})); expected a budget of at "
-                             f"least {every} steps, or a smaller every")
+            raise ValueError(
+                f"{name}: {name}={v} ends an adaptive run after at most {most} steps, before its first "
+                f"decision at step {every} (AdaptiveBatchSize(every={every})); expected a budget of at "
+                f"least {every} steps, or a smaller every"
+            )
     return Controller(batch_size, sizes, n, replacement=sampler == "replacement")
 
 
@@ -211,26 +294,54 @@ def _fit_info(p: Plan, batch_size, optimizer, noise_beta) -> dict:
     from minigd.checkpoint import optimizer_record
     from minigd.resume import _crc
 
-    return {"n": p.n, "x_crc": _crc(p.X), "y_crc": _crc(p.yi) ^ _crc(p.yf),
-            "batch_size": {"adaptive": p.ctrl.spec.config()} if p.ctrl is not None else
-            batch_size if isinstance(batch_size, str) else
-            repr(batch_size) if isinstance(batch_size, BatchSizeSchedule) else int(batch_size),
-            "sampler": p.sampler, "drop_last": p.drop_last,
-            "track_noise": None if p.tracker is None else p.track_noise,
-            "noise_beta": None if p.tracker is None else float(noise_beta),
-            "track_gsnr": p.track_gsnr, "optimizer": optimizer_record(optimizer)}
+    return {
+        "n": p.n,
+        "x_crc": _crc(p.X),
+        "y_crc": _crc(p.yi) ^ _crc(p.yf),
+        "batch_size": {"adaptive": p.ctrl.spec.config()}
+        if p.ctrl is not None
+        else batch_size
+        if isinstance(batch_size, str)
+        else repr(batch_size)
+        if isinstance(batch_size, BatchSizeSchedule)
+        else int(batch_size),
+        "sampler": p.sampler,
+        "drop_last": p.drop_last,
+        "track_noise": None if p.tracker is None else p.track_noise,
+        "noise_beta": None if p.tracker is None else float(noise_beta),
+        "track_gsnr": p.track_gsnr,
+        "optimizer": optimizer_record(optimizer),
+    }
 
 
-def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
-        batch_size: int | str | BatchSizeSchedule = 32, epochs: int | None = None,
-        steps: int | None = None, examples: int | None = None, target: dict | None = None,
-        optimizer: Optimizer | None = None, sampler: str = "shuffle", drop_last: bool = False,
-        validation: tuple | None = None, eval_every: int | None = None, eval_train: bool = False,
-        seed: int | np.random.Generator | None = 0, max_time: float | None = None,
-        callbacks: Iterable[Any] = (), track_noise: int | None = None, noise_beta: float = 0.99,
-        track_gsnr: int | None = None, opt_state: OptState | None = None,
-        checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-        resume: Any = None, progress: bool = False) -> History:
+def fit(
+    model: MLP,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int | str | BatchSizeSchedule = 32,
+    epochs: int | None = None,
+    steps: int | None = None,
+    examples: int | None = None,
+    target: dict | None = None,
+    optimizer: Optimizer | None = None,
+    sampler: str = "shuffle",
+    drop_last: bool = False,
+    validation: tuple | None = None,
+    eval_every: int | None = None,
+    eval_train: bool = False,
+    seed: int | np.random.Generator | None = 0,
+    max_time: float | None = None,
+    callbacks: Iterable[Any] = (),
+    track_noise: int | None = None,
+    noise_beta: float = 0.99,
+    track_gsnr: int | None = None,
+    opt_state: OptState | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: Any = None,
+    progress: bool = False,
+) -> History:
     """Train ``model`` in place on (X, y) with mini-batch gradient descent.
 
     Plan, loop, finish: every argument is checked first (an error names the argument, what
@@ -332,22 +443,44 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer: expected a minigd optimizer (mg.SGD, mg.Adam, ...), got {_got(optimizer)}")
     # -- plan: every argument checked before anything runs
-    p = _plan(model, X, y, batch_size=batch_size, epochs=epochs, steps=steps, examples=examples, target=target,
-              optimizer=optimizer, sampler=sampler, drop_last=drop_last, validation=validation,
-              eval_every=eval_every, eval_train=eval_train, max_time=max_time, callbacks=callbacks,
-              track_noise=track_noise, noise_beta=noise_beta, track_gsnr=track_gsnr, progress=progress)
+    p = _plan(
+        model,
+        X,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps=steps,
+        examples=examples,
+        target=target,
+        optimizer=optimizer,
+        sampler=sampler,
+        drop_last=drop_last,
+        validation=validation,
+        eval_every=eval_every,
+        eval_train=eval_train,
+        max_time=max_time,
+        callbacks=callbacks,
+        track_noise=track_noise,
+        noise_beta=noise_beta,
+        track_gsnr=track_gsnr,
+        progress=progress,
+    )
     rng = check_seed("seed", seed)
     p.ck_path, p.ck_every, resume_src = _check_checkpointing(checkpoint, checkpoint_every, resume)
-    if resume_src is None:      # (resuming overwrites them)
+    if resume_src is None:  # (resuming overwrites them)
         model.check_finite()
     opt_state = _check_opt_state(opt_state, optimizer, model, resume_src is not None)
     if p.ck_path is not None or resume_src is not None:
         p.fit_info = _fit_info(p, batch_size, optimizer, noise_beta)
     state, hist = start_state(p, optimizer, opt_state, rng, resume_src)
-    hist.config = dict(batch_size=repr(batch_size) if isinstance(batch_size, (BatchSizeSchedule, AdaptiveBatchSize))
-                       else batch_size,
-                       sampler=p.sampler, drop_last=p.drop_last, optimizer=repr(optimizer), n=p.n,
-                       backend=model.backend)
+    hist.config = dict(
+        batch_size=repr(batch_size) if isinstance(batch_size, (BatchSizeSchedule, AdaptiveBatchSize)) else batch_size,
+        sampler=p.sampler,
+        drop_last=p.drop_last,
+        optimizer=repr(optimizer),
+        n=p.n,
+        backend=model.backend,
+    )
     hist.opt_state = state.opt_state
     # evaluations run forward passes of up to EVAL_CHUNK rows on the same workspace: reserve
     # for them too, so that nothing is re-allocated once training has started
@@ -357,11 +490,20 @@ def fit(model: MLP, X: np.ndarray, y: np.ndarray, *,
     # compile (or load from numba's cache) the kernels the steps will run, before the clock
     # starts: else the first step of the first fit in a process would charge up to seconds of
     # compilation to the training time (time, time_to_target)
-    sizes = _run_batch_sizes(p.bs, p.n, p.sampler, p.drop_last) if p.ctrl is None else \
-        p.ctrl.sizes + [2]     # adaptive: any remainder can end an epoch
-    impl.warm_up(model.params, model._grad, p.X, p.yi, p.yf, sizes, state.opt_state,
-                 want_sqn=p.tracker is not None and not model.norm.bn)
-    if p.ctrl is not None and not state.resumed:    # the step time of each candidate, before training
+    sizes = (
+        _run_batch_sizes(p.bs, p.n, p.sampler, p.drop_last) if p.ctrl is None else p.ctrl.sizes + [2]
+    )  # adaptive: any remainder can end an epoch
+    impl.warm_up(
+        model.params,
+        model._grad,
+        p.X,
+        p.yi,
+        p.yf,
+        sizes,
+        state.opt_state,
+        want_sqn=p.tracker is not None and not model.norm.bn,
+    )
+    if p.ctrl is not None and not state.resumed:  # the step time of each candidate, before training
         p.ctrl.measure(model, p.X, p.yi, p.yf, state.opt_state, p.lr_const)
     # -- loop, then finish (the progress bar and on_fit_end, also after an error)
     loop = Loop(p, state, hist)

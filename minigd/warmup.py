@@ -11,10 +11,11 @@ API, as a first model and ``fit`` would.  From the shell::
 
 (It lives here, above the kernels: the compute core never imports the model or ``fit``.)
 """
+
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 #: the dtypes every kernel is compiled for
 DTYPES = ("float32", "float64")
@@ -59,7 +60,7 @@ def warmup(dtypes: Iterable[str] = DTYPES) -> dict:
         for loss in ("cross_entropy", "mse"):
             X = np.ones((4, 3), dt)
             y = np.zeros(4, np.int64) if loss == "cross_entropy" else np.zeros((4, 2), dt)
-            for blas_min_batch in (1, 10**9):   # force each path once (the active BLAS flavour)
+            for blas_min_batch in (1, 10**9):  # force each path once (the active BLAS flavour)
                 m = MLP([3, 2, 2], loss=loss, dtype=dt, backend="cpu", seed=0)
                 m.backend_impl.blas_min_batch = blas_min_batch
                 m.loss_and_grad(X, y)

@@ -1,6 +1,7 @@
 """A study-like parent process whose two pool workers hang in a trial, for the tests of
 what happens to workers when their parent is interrupted (tests/test_cli.py) or killed
 (tests/test_study.py)."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import time
 
-_SCRIPT = r'''
+_SCRIPT = r"""
 import os, sys, time
 sys.path.insert(0, {root!r})
 
@@ -25,7 +26,7 @@ def run_pool():
 
 if __name__ == "__main__":
 {main}
-'''
+"""
 
 
 def start(tmp_path, main: str, **popen_kw):

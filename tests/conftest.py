@@ -10,6 +10,7 @@ Hypothesis profiles (select with the environment variable ``HYPOTHESIS_PROFILE``
 Tests marked ``@pytest.mark.run_last`` are moved to the end of the run (the kernel
 signature-count contract inspects what the rest of the suite compiled).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,19 @@ import os
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
-
 from strategies import BACKEND_PATHS
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 settings.register_profile(
-    "dev", max_examples=300, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
+    "dev", max_examples=300, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The suite picks the GPU emulator explicitly where it wants it (gpu_emu.emulated(), or the

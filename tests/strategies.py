@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: backend paths, model/data builders, hypothesis
 strategies for architectures.  (Imported as a plain module: pytest puts tests/ on sys.path.)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,8 @@ from hypothesis import strategies as st
 import minigd as mg
 from minigd import nn
 
-ACTIVATIONS = tuple(nn.ACTIVATIONS)          # relu, leaky_relu, tanh, sigmoid, gelu, identity
-LOSSES = tuple(nn.LOSSES)                    # cross_entropy, mse, binary_cross_entropy
+ACTIVATIONS = tuple(nn.ACTIVATIONS)  # relu, leaky_relu, tanh, sigmoid, gelu, identity
+LOSSES = tuple(nn.LOSSES)  # cross_entropy, mse, binary_cross_entropy
 
 #: every core test runs on these.  The cpu backend has three regimes, pinned through its
 #: instance attributes: "cpu-loops" (hand-written loops; ``blas_min_batch = 10**9``),

@@ -1,5 +1,6 @@
 """fit(batch_size="adaptive"): the controller, the sampler across size changes, the history,
 checkpoints, and every error naming its argument (issue 17)."""
+
 from __future__ import annotations
 
 import math
@@ -45,38 +46,44 @@ def _fit(spec=None, backend="cpu", dtype="float64", model_kw=None, **kw):
 
 
 # ---------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("kw, exc, name", [
-    (dict(min=64, max=32), ValueError, "max"),
-    (dict(lr_rule="cubic"), ValueError, "lr_rule"),
-    (dict(lr_rule=2), TypeError, "lr_rule"),
-    (dict(min=0), ValueError, "min"),
-    (dict(min=2.5), TypeError, "min"),
-    (dict(every=0), ValueError, "every"),
-    (dict(track_every=30, every=20), ValueError, "track_every"),
-    (dict(noise_beta=1.0), ValueError, "noise_beta"),
-    (dict(min_gain=-0.1), ValueError, "min_gain"),
-    (dict(throughput="fast"), TypeError, "throughput"),
-    (dict(throughput={8: -1.0}), ValueError, "throughput"),
-    (dict(candidates="8,16"), TypeError, "candidates"),
-    (dict(max_step=1.0), ValueError, "max_step"),
-    (dict(max_step="2"), TypeError, "max_step"),
-])
+@pytest.mark.parametrize(
+    "kw, exc, name",
+    [
+        (dict(min=64, max=32), ValueError, "max"),
+        (dict(lr_rule="cubic"), ValueError, "lr_rule"),
+        (dict(lr_rule=2), TypeError, "lr_rule"),
+        (dict(min=0), ValueError, "min"),
+        (dict(min=2.5), TypeError, "min"),
+        (dict(every=0), ValueError, "every"),
+        (dict(track_every=30, every=20), ValueError, "track_every"),
+        (dict(noise_beta=1.0), ValueError, "noise_beta"),
+        (dict(min_gain=-0.1), ValueError, "min_gain"),
+        (dict(throughput="fast"), TypeError, "throughput"),
+        (dict(throughput={8: -1.0}), ValueError, "throughput"),
+        (dict(candidates="8,16"), TypeError, "candidates"),
+        (dict(max_step=1.0), ValueError, "max_step"),
+        (dict(max_step="2"), TypeError, "max_step"),
+    ],
+)
 def test_bad_settings_name_the_argument(kw, exc, name):
     with pytest.raises(exc, match=rf"^{name}"):
         AdaptiveBatchSize(**kw)
 
 
-@pytest.mark.parametrize("spec, fit_kw, exc, name", [
-    (AdaptiveBatchSize(min=512), {}, ValueError, "batch_size"),          # more than the data
-    (AdaptiveBatchSize(min=8, max=4096), {}, ValueError, "batch_size"),
-    (AdaptiveBatchSize(min=1, max=8), {}, ValueError, "min"),            # no spread within one example
-    (AdaptiveBatchSize(min=8, candidates=[8, 1000]), {}, ValueError, "candidates"),
-    (AdaptiveBatchSize(min=8, max=16, throughput={8: 1e-3}), {}, ValueError, "throughput"),
-    (AdaptiveBatchSize(min=8, every=50), dict(steps=20), ValueError, "steps"),       # no decision in budget
-    (AdaptiveBatchSize(min=8, every=50), dict(steps=None, examples=100), ValueError, "examples"),
-    (AdaptiveBatchSize(min=8), dict(track_noise=1), ValueError, "track_noise"),
-    (AdaptiveBatchSize(min=8), dict(drop_last=True), ValueError, "drop_last"),
-])
+@pytest.mark.parametrize(
+    "spec, fit_kw, exc, name",
+    [
+        (AdaptiveBatchSize(min=512), {}, ValueError, "batch_size"),  # more than the data
+        (AdaptiveBatchSize(min=8, max=4096), {}, ValueError, "batch_size"),
+        (AdaptiveBatchSize(min=1, max=8), {}, ValueError, "min"),  # no spread within one example
+        (AdaptiveBatchSize(min=8, candidates=[8, 1000]), {}, ValueError, "candidates"),
+        (AdaptiveBatchSize(min=8, max=16, throughput={8: 1e-3}), {}, ValueError, "throughput"),
+        (AdaptiveBatchSize(min=8, every=50), dict(steps=20), ValueError, "steps"),  # no decision in budget
+        (AdaptiveBatchSize(min=8, every=50), dict(steps=None, examples=100), ValueError, "examples"),
+        (AdaptiveBatchSize(min=8), dict(track_noise=1), ValueError, "track_noise"),
+        (AdaptiveBatchSize(min=8), dict(drop_last=True), ValueError, "drop_last"),
+    ],
+)
 def test_bad_runs_name_the_argument(spec, fit_kw, exc, name):
     X, y = _data()
     m = mg.MLP([6, 8, 3], seed=0, dtype="float64")
@@ -97,7 +104,7 @@ def test_batch_norm_candidates_are_checked_up_front():
     X, y = _data()
     m = mg.MLP([6, 8, 3], batch_norm=True, ghost_batch_size=4, seed=0, dtype="float64")
     spec = AdaptiveBatchSize(min=8, candidates=[8, 9], throughput={8: 1e-4, 9: 1e-4}, every=10)
-    with pytest.raises(ValueError, match="ghost_batch_size"):   # 9 % 4 == 1: a one-row ghost batch
+    with pytest.raises(ValueError, match="ghost_batch_size"):  # 9 % 4 == 1: a one-row ghost batch
         mg.fit(m, X, y, batch_size=spec, steps=30)
 
 
@@ -118,7 +125,7 @@ def test_goodput_argmax_follows_the_throughput_model():
     flat = _spec(throughput={b: 1e-3 for b in sizes}, max_step=None)
     _, h = _fit(flat)
     assert h.adaptive and h.adaptive[0]["batch_size"] == 64
-    _, h = _fit(_spec(throughput={b: 1e-3 for b in sizes}))       # max_step=2: one power of two a decision
+    _, h = _fit(_spec(throughput={b: 1e-3 for b in sizes}))  # max_step=2: one power of two a decision
     assert [d["batch_size"] for d in h.adaptive[:3]] == [16, 32, 64]
     linear = _spec(throughput={b: 1e-5 * b for b in sizes})
     _, h = _fit(linear)
@@ -141,25 +148,24 @@ def test_decision_records_and_per_step_columns():
         # every step takes the decided size, except the rest of an epoch (fewer rows)
         assert np.all((seg == d["batch_size"]) | (seg < d["batch_size"]))
         assert np.all(f[s:e] == d["lr_factor"])
-    assert np.all(f[:h.adaptive[0]["step"]] == 1.0)          # the starting size runs the optimizer's rate
+    assert np.all(f[: h.adaptive[0]["step"]] == 1.0)  # the starting size runs the optimizer's rate
     recs = h.records
-    last = [d for d in h.adaptive if d["step"] < h.n_steps][-1]   # (one after the last step governs none)
+    last = [d for d in h.adaptive if d["step"] < h.n_steps][-1]  # (one after the last step governs none)
     assert recs[-1]["lr_factor"] == last["lr_factor"]
-    assert h.noise and all(r["step"] % 2 == 0 for r in h.noise)   # tracked every track_every steps
+    assert h.noise and all(r["step"] % 2 == 0 for r in h.noise)  # tracked every track_every steps
 
 
 @pytest.mark.parametrize("rule", ["adascale", "sqrt", "linear"])
 def test_learning_rate_rules(rule):
     sizes = [8, 16, 32, 64]
-    _, h = _fit(_spec(lr_rule=rule, throughput={b: 1e-3 for b in sizes}, max_step=None))   # goes to 64
+    _, h = _fit(_spec(lr_rule=rule, throughput={b: 1e-3 for b in sizes}, max_step=None))  # goes to 64
     d = h.adaptive[0]
     S = d["batch_size"] / 8
     if rule == "linear":
         assert d["lr_factor"] == S
     elif rule == "sqrt":
         assert d["lr_factor"] == pytest.approx(math.sqrt(S), rel=1e-15)
-    else:   # the AdaScale gain at the noise the tracker held at the decision
-        tr = h.noise_tracker
+    else:  # the AdaScale gain at the noise the tracker held at the decision
         assert 1.0 <= d["lr_factor"] <= S
         assert d["lr_factor"] == d["gain"]
     assert d["gain"] >= 1.0
@@ -237,8 +243,11 @@ def test_same_seed_same_run_bitwise():
     assert h1.adaptive == h2.adaptive
 
 
-@pytest.mark.parametrize("model_kw", [{}, {"dropout": 0.2}, {"batch_norm": True}, {"batch_norm": "after", "ghost_batch_size": 4}],
-                         ids=["plain", "dropout", "bn", "ghost-bn"])
+@pytest.mark.parametrize(
+    "model_kw",
+    [{}, {"dropout": 0.2}, {"batch_norm": True}, {"batch_norm": "after", "ghost_batch_size": 4}],
+    ids=["plain", "dropout", "bn", "ghost-bn"],
+)
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_resume_is_bitwise_exact(tmp_path, model_kw, opt):
     optimizer = mg.SGD(lr=0.05, momentum=0.9) if opt == "sgd" else mg.Adam(lr=1e-3)
@@ -258,7 +267,7 @@ def test_resume_refuses_a_crafted_controller_state(tmp_path):
     ck = str(tmp_path / "ck.npz")
     _fit(steps=30, checkpoint=ck)
     c = mg.load_checkpoint(ck)
-    c.step_info["adaptive"]["B"] = 7          # not a candidate
+    c.step_info["adaptive"]["B"] = 7  # not a candidate
     with pytest.raises(mg.CheckpointError, match="adaptive batch-size state"):
         _fit(steps=60, resume=c)
 
@@ -272,8 +281,11 @@ def test_resume_refuses_other_adaptive_settings(tmp_path):
 
 # ---------------------------------------------------------------------------------- every backend, optimizer
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
-@pytest.mark.parametrize("opt", [mg.SGD(lr=0.05), mg.SGD(lr=0.05, momentum=0.9), mg.Adam(lr=1e-3),
-                                 mg.AdamW(lr=1e-3, weight_decay=1e-2)], ids=["sgd", "momentum", "adam", "adamw"])
+@pytest.mark.parametrize(
+    "opt",
+    [mg.SGD(lr=0.05), mg.SGD(lr=0.05, momentum=0.9), mg.Adam(lr=1e-3), mg.AdamW(lr=1e-3, weight_decay=1e-2)],
+    ids=["sgd", "momentum", "adam", "adamw"],
+)
 def test_every_backend_and_optimizer(backend, opt):
     m, h = _fit(backend=backend, optimizer=opt)
     assert h.n_steps == 60 and np.isfinite(m.params).all() and h.adaptive

@@ -1,6 +1,7 @@
 """The study's answer and how sure it is: bootstrap intervals and win rates on every headline
 number, honest labels (not reached, LR not tuned, untuned B_crit), the throughput probe with
 its in-trial fallback, the recommendation, and summary.json."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ from minigd.study.analysis import DID_NOT_REACH, _fit_many, analyze, best_lrs
 from minigd.study.config import TrialConfig
 
 S_MIN, B_CRIT = 100.0, 48.0
-LR_FACTOR = {0.05: 1.4, 0.1: 1.0, 0.2: 1.3}     # 0.1 best, inside the rates tried
+LR_FACTOR = {0.05: 1.4, 0.1: 1.0, 0.2: 1.3}  # 0.1 best, inside the rates tried
 SIZES = (64, 64, 10)
 ARCH = {"sizes": list(SIZES), "activation": "relu", "optimizer": "sgd", "norm": ""}
 
@@ -28,26 +29,34 @@ def trial(B, lr, seed, *, rng, sd=0.05, reached=True, factor=None, new=True, t=N
     """A fake run_trial result near the trade-off curve, with per-seed noise."""
     S = S_MIN * (1 + B_CRIT / B) * (factor if factor is not None else LR_FACTOR[lr]) * math.exp(rng.normal(0, sd))
     t = step_time(B) if t is None else t
-    res = {"status": "ok", "reached": reached, "steps_to_target": math.ceil(S) if reached else None,
-           "examples_to_target": math.ceil(S) * B if reached else None,
-           "time_to_target": math.ceil(S) * t if reached else None,
-           "us_per_step": t * 1e6 * math.exp(rng.normal(0, 0.02)), "throughput": B / t,
-           "final_val_accuracy": 0.95, "memory_bytes": 1000 + B}
+    res = {
+        "status": "ok",
+        "reached": reached,
+        "steps_to_target": math.ceil(S) if reached else None,
+        "examples_to_target": math.ceil(S) * B if reached else None,
+        "time_to_target": math.ceil(S) * t if reached else None,
+        "us_per_step": t * 1e6 * math.exp(rng.normal(0, 0.02)),
+        "throughput": B / t,
+        "final_val_accuracy": 0.95,
+        "memory_bytes": 1000 + B,
+    }
     if new:
         res["steps_to_target_interp"] = S if reached else None
         res["examples_to_target_interp"] = S * B if reached else None
-        res["noise"] = [{"step": 0, "examples": 0, "noise_scale": 20.0, "where": "start"},
-                        {"step": S / 2, "examples": S / 2 * B, "noise_scale": 40.0, "where": "mid"},
-                        {"step": S, "examples": S * B, "noise_scale": 55.0 + rng.normal(0, 1), "where": "target"},
-                        {"step": 2 * S, "examples": 2 * S * B, "noise_scale": 90.0, "where": "end"}]
-    else:   # stored before tagged points: positional fallback (mid = nearest half the run)
-        res["noise"] = [{"step": s, "examples": s * B, "noise_scale": ns}
-                        for s, ns in ((0, 20.0), (50, 40.0), (100, 90.0))]
+        res["noise"] = [
+            {"step": 0, "examples": 0, "noise_scale": 20.0, "where": "start"},
+            {"step": S / 2, "examples": S / 2 * B, "noise_scale": 40.0, "where": "mid"},
+            {"step": S, "examples": S * B, "noise_scale": 55.0 + rng.normal(0, 1), "where": "target"},
+            {"step": 2 * S, "examples": 2 * S * B, "noise_scale": 90.0, "where": "end"},
+        ]
+    else:  # stored before tagged points: positional fallback (mid = nearest half the run)
+        res["noise"] = [
+            {"step": s, "examples": s * B, "noise_scale": ns} for s, ns in ((0, 20.0), (50, 40.0), (100, 90.0))
+        ]
     return res
 
 
-def study(Bs, *, seeds=5, lrs=(0.05, 0.1, 0.2), seed=0, sd=0.05, policy="tuned", override=None, new=True,
-          sizes=SIZES):
+def study(Bs, *, seeds=5, lrs=(0.05, 0.1, 0.2), seed=0, sd=0.05, policy="tuned", override=None, new=True, sizes=SIZES):
     """(cfg, res) rows; ``override(B, lr) -> dict of trial() kwargs`` changes chosen cells."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -65,9 +74,20 @@ def probe_for(Bs, *, spread=0.01, seed=1, t=step_time, arch=ARCH):
     out = []
     for B in Bs:
         rounds = [t(B) * math.exp(rng.normal(0, spread)) for _ in range(7)]
-        out.append({"arch": dict(arch), "batch_size": B, "full_batch": False, "round_s": rounds,
-                    "median_s": float(np.median(rounds)), "lo_s": min(rounds), "hi_s": max(rounds),
-                    "steps_per_round": 50, "blas_threads": 1, "numba_threads": 1})
+        out.append(
+            {
+                "arch": dict(arch),
+                "batch_size": B,
+                "full_batch": False,
+                "round_s": rounds,
+                "median_s": float(np.median(rounds)),
+                "lo_s": min(rounds),
+                "hi_s": max(rounds),
+                "steps_per_round": 50,
+                "blas_threads": 1,
+                "numba_threads": 1,
+            }
+        )
     return out
 
 
@@ -84,6 +104,7 @@ def intervals(a):
         elif isinstance(x, list):
             for v in x:
                 walk(v)
+
     walk(a)
     return out
 
@@ -112,7 +133,7 @@ def test_a_clearly_fastest_batch_size_wins_nearly_every_resample():
 
 
 def test_two_batch_sizes_within_noise_share_the_wins_and_the_interval_spans_both():
-    Bs = [8, 32, 64, 512]       # time(32) ~ 0.41 s, time(64) ~ 0.40 s: within the seeds' noise
+    Bs = [8, 32, 64, 512]  # time(32) ~ 0.41 s, time(64) ~ 0.40 s: within the seeds' noise
     a = analyze(study(Bs, sd=0.15), probe=probe_for(Bs), seed=0, n_boot=1000)
     fast = a["architectures"][0]["headline"]["fastest_wall_time"]
     assert fast["value"] in (32, 64)
@@ -129,8 +150,8 @@ def test_bootstrap_is_deterministic_for_a_seed_and_changes_with_it():
     assert json.dumps(a0) == json.dumps(analyze(rows, probe=probe, seed=0, n_boot=300))
     a1 = analyze(rows, probe=probe, seed=1, n_boot=300)
     h0, h1 = a0["architectures"][0]["headline"], a1["architectures"][0]["headline"]
-    assert h0["fastest_wall_time"]["value"] == h1["fastest_wall_time"]["value"]      # the point estimate
-    assert h0 != h1                                                                    # the resamples
+    assert h0["fastest_wall_time"]["value"] == h1["fastest_wall_time"]["value"]  # the point estimate
+    assert h0 != h1  # the resamples
     assert h0["fastest_wall_time"]["wins"] != h1["fastest_wall_time"]["wins"]
 
 
@@ -145,7 +166,7 @@ def test_every_interval_contains_its_point_estimate():
             assert 0 <= d["wins"] <= 1
     h = a["architectures"][0]["headline"]
     assert h["critical_batch_size_fit"]["wins"] is None and h["time_to_target"]["wins"] is None
-    assert h["critical_batch_size_fit"]["lo"] < h["critical_batch_size_fit"]["hi"]   # a real spread
+    assert h["critical_batch_size_fit"]["lo"] < h["critical_batch_size_fit"]["hi"]  # a real spread
     assert h["critical_batch_size_fit"]["lo"] < B_CRIT < h["critical_batch_size_fit"]["hi"]
 
 
@@ -166,9 +187,12 @@ def test_a_batch_size_that_did_not_reach_the_target_has_no_regime_and_is_out_of_
     Bs = [1, 4, 16, 64, 256, 1024]
     # B = 1: only 2 of 5 seeds reach at any rate -> the median does not
     rows = study(Bs, override=lambda B, lr: {"reached": False} if B == 1 else None)
-    rows = [(c, dict(r, reached=True, steps_to_target=r["steps_to_target"] or 9999,
-                     steps_to_target_interp=9999.0)) if c.batch_size == 1 and c.seed < 2 else (c, r)
-            for c, r in rows]
+    rows = [
+        (c, dict(r, reached=True, steps_to_target=r["steps_to_target"] or 9999, steps_to_target_interp=9999.0))
+        if c.batch_size == 1 and c.seed < 2
+        else (c, r)
+        for c, r in rows
+    ]
     a = analyze(rows, probe=probe_for(Bs), n_boot=200)
     arch = a["architectures"][0]
     r1 = arch["per_batch"][0]
@@ -176,7 +200,7 @@ def test_a_batch_size_that_did_not_reach_the_target_has_no_regime_and_is_out_of_
     assert r1["regime"] is None and r1["in_fit"] is False and r1["steps_to_target"] is None
     assert r1["time_to_target"] is None and r1["lr_edge"] is None
     assert all(r["regime"] not in (None, "unknown") for r in arch["per_batch"][1:])
-    assert arch["answers"]["fewest_examples"] == 4           # not 1: it did not reach the target
+    assert arch["answers"]["fewest_examples"] == 4  # not 1: it did not reach the target
     assert any(DID_NOT_REACH in w and "[1]" in w for w in arch["warnings"])
     ok = [r for r in arch["per_batch"] if r["in_fit"]]
     want = fit_tradeoff([r["steps_to_target"] for r in ok], [r["examples_to_target"] for r in ok])
@@ -194,7 +218,7 @@ def test_a_best_lr_at_the_edge_is_flagged_and_left_out_of_the_fit():
     edge = by_b[256]
     assert edge["best_lr"] == 0.2 and edge["lr_edge"] == "high" and edge["lr_tuned"] is False
     assert edge["in_fit"] is False and edge["reached"] is True
-    assert edge["regime"] is not None          # it reached the target: it has a regime
+    assert edge["regime"] is not None  # it reached the target: it has a regime
     assert all(by_b[B]["lr_tuned"] is True and by_b[B]["in_fit"] for B in Bs if B != 256)
     ok = [by_b[B] for B in Bs if B != 256]
     want = fit_tradeoff([r["steps_to_target"] for r in ok], [r["examples_to_target"] for r in ok])
@@ -206,10 +230,12 @@ def test_a_best_lr_at_the_edge_is_flagged_and_left_out_of_the_fit():
 def test_best_lrs_helper():
     rows = study([8, 32], lrs=(0.05, 0.1, 0.2))
     # B = 8: the smallest rate is best -> low edge; B = 32: 0.1 inside
-    rows = [(c, dict(r, steps_to_target_interp=1.0, steps_to_target=1)) if (c.batch_size, c.lr) == (8, 0.05)
-            else (c, r) for c, r in rows]
+    rows = [
+        (c, dict(r, steps_to_target_interp=1.0, steps_to_target=1)) if (c.batch_size, c.lr) == (8, 0.05) else (c, r)
+        for c, r in rows
+    ]
     failed = (dataclasses.replace(rows[0][0], lr=0.01), {"status": "failed", "error": "boom"})
-    got = best_lrs(rows + [failed])           # a failed trial is not a rate tried
+    got = best_lrs(rows + [failed])  # a failed trial is not a rate tried
     assert got[8] == {"best_lr": 0.05, "lrs_tried": [0.05, 0.1, 0.2], "at_edge": "low", "reached": True}
     assert got[32] == {"best_lr": 0.1, "lrs_tried": [0.05, 0.1, 0.2], "at_edge": None, "reached": True}
     # not reaching at any rate: no edge (there is nothing to extend toward)
@@ -223,8 +249,9 @@ def test_best_lrs_helper():
     assert {r["batch_size"]: r["best_lr"] for r in a["per_batch"]} == {B: v["best_lr"] for B, v in got.items()}
 
 
-@pytest.mark.parametrize("policy, label", [("linear", "untuned (linear rule)"), ("sqrt", "untuned (sqrt rule)"),
-                                           ("tuned", "tuned")])
+@pytest.mark.parametrize(
+    "policy, label", [("linear", "untuned (linear rule)"), ("sqrt", "untuned (sqrt rule)"), ("tuned", "tuned")]
+)
 def test_b_crit_of_a_scaling_rule_is_labelled_untuned(policy, label, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from minigd.cli import _print_answers
@@ -249,7 +276,8 @@ def test_b_crit_of_a_scaling_rule_is_labelled_untuned(policy, label, tmp_path, c
     else:
         assert label in md and label in html_ and label in a["recommendation"]["text"] and label in out
         from minigd.report.plots import b_crit_label
-        assert b_crit_label(arch) == f"B_crit (fit, {label})"     # the plots' legend
+
+        assert b_crit_label(arch) == f"B_crit (fit, {label})"  # the plots' legend
 
 
 # --------------------------------------------------------------------------- timing: probe and fallback
@@ -257,8 +285,8 @@ def test_b_crit_of_a_scaling_rule_is_labelled_untuned(policy, label, tmp_path, c
 
 def test_probe_timing_and_in_trial_fallback():
     Bs = [8, 32, 128, 512]
-    slow = lambda B: 3 * step_time(B)            # the probe sees a different machine than the trials
-    probe = probe_for([8, 32, 128], t=slow)      # nothing for B = 512
+    slow = lambda B: 3 * step_time(B)  # the probe sees a different machine than the trials
+    probe = probe_for([8, 32, 128], t=slow)  # nothing for B = 512
     a = analyze(study(Bs), probe=probe, n_boot=100)
     arch = a["architectures"][0]
     by_b = {r["batch_size"]: r for r in arch["per_batch"]}
@@ -294,7 +322,7 @@ def test_unresolvable_when_every_time_is_within_the_probes_spread():
 
 
 def test_an_answer_at_the_edge_of_what_was_measured_says_so():
-    Bs = [32, 128, 512]            # time falls toward 32: the fastest is the smallest swept
+    Bs = [32, 128, 512]  # time falls toward 32: the fastest is the smallest swept
     a = analyze(study(Bs), probe=probe_for(Bs, t=lambda B: 1e-4 * B), n_boot=100)
     rec = a["recommendation"]
     assert rec["batch_size"] == 32
@@ -306,8 +334,9 @@ def test_failed_fits_in_resamples_count_toward_nothing_and_are_reported():
     Bs = [4, 16, 64, 256]
     # B = 4, 16, 64 reach in only 3 of 5 seeds: a resample loses each with probability ~0.32,
     # and two of them leave too few points to fit (~24% of resamples)
-    rows = [(c, dict(r, reached=False)) if c.batch_size in (4, 16, 64) and c.seed >= 3 else (c, r)
-            for c, r in study(Bs)]
+    rows = [
+        (c, dict(r, reached=False)) if c.batch_size in (4, 16, 64) and c.seed >= 3 else (c, r) for c, r in study(Bs)
+    ]
     a = analyze(rows, probe=probe_for(Bs), n_boot=400)
     arch = a["architectures"][0]
     frac = arch["bootstrap"]["fit_failed_fraction"]
@@ -318,8 +347,9 @@ def test_failed_fits_in_resamples_count_toward_nothing_and_are_reported():
     for k in ("critical_batch_size_fit", "s_min", "e_min"):
         bc = arch["headline"][k]
         assert bc["value"] is not None and bc["lo"] is None and bc["hi"] is None and bc["unresolved"]
-    assert any(f"fit failed in {100 * frac:.0f}% of bootstrap resamples" in w and "unresolved" in w
-               for w in arch["warnings"])
+    assert any(
+        f"fit failed in {100 * frac:.0f}% of bootstrap resamples" in w and "unresolved" in w for w in arch["warnings"]
+    )
     # with every seed reaching, no resample fails and B_crit has its interval
     a = analyze(study(Bs), probe=probe_for(Bs), n_boot=400)
     arch = a["architectures"][0]
@@ -333,8 +363,7 @@ def test_cost_intervals_are_read_at_the_chosen_learning_rate():
     estimate chose: with three rates of equal noisy cost, re-selecting the minimum in every
     resample would put most resamples below the point (the point at the interval's top)."""
     Bs = [8, 32, 128, 512]
-    rows = study(Bs, lrs=(0.05, 0.1, 0.2), sd=0.3,
-                 override=lambda B, lr: {"factor": 1.0})      # every rate equally good
+    rows = study(Bs, lrs=(0.05, 0.1, 0.2), sd=0.3, override=lambda B, lr: {"factor": 1.0})  # every rate equally good
     a = analyze(rows, probe=probe_for(Bs), seed=1, n_boot=1000)
     for r in a["architectures"][0]["per_batch"]:
         iv = r["intervals"]["steps_to_target"]
@@ -348,8 +377,8 @@ def test_interpolated_steps_and_tagged_noise_points_are_used():
     Bs = [8, 32, 128, 512]
     a = analyze(study(Bs), n_boot=0)["architectures"][0]
     r = a["per_batch"][1]
-    assert r["steps_to_target"] != int(r["steps_to_target"])     # the interpolated (float) count
-    assert r["noise_scale_middle"] == 40.0                        # the "mid" point, not the positional
+    assert r["steps_to_target"] != int(r["steps_to_target"])  # the interpolated (float) count
+    assert r["noise_scale_middle"] == 40.0  # the "mid" point, not the positional
     assert r["noise_scale_target"] == pytest.approx(55.0, abs=3)  # the "target" point, not the last (90)
     assert a["headline"]["noise_scale_target"]["value"] == pytest.approx(55.0, abs=2)
     assert a["answers"]["critical_batch_size_noise"] == 40.0
@@ -367,9 +396,9 @@ def test_old_rows_without_interp_where_or_probe_still_analyse(tmp_path):
     arch = a["architectures"][0]
     assert {r["timing"] for r in arch["per_batch"]} == {"in-trial"}
     r = arch["per_batch"][2]
-    assert r["steps_to_target"] == int(r["steps_to_target"])     # the evaluation's step count
-    assert r["noise_scale_middle"] == 40.0                        # positional: nearest half of 100 steps
-    assert r["noise_scale_target"] == 90.0                        # no target point: the last one
+    assert r["steps_to_target"] == int(r["steps_to_target"])  # the evaluation's step count
+    assert r["noise_scale_middle"] == 40.0  # positional: nearest half of 100 steps
+    assert r["noise_scale_target"] == 90.0  # no target point: the last one
     assert arch["tradeoff_fit"]["b_crit"] == pytest.approx(B_CRIT, rel=0.2)
     assert a["recommendation"]["batch_size"] == arch["answers"]["fastest_wall_time"] is not None
     write_report(a, tmp_path)
@@ -413,10 +442,10 @@ def test_the_resamples_fit_agrees_with_fit_tradeoff():
         M.append(rng.random(B.size) < 0.7)
     S, E, M = map(np.array, (S, E, M))
     M[0] = False
-    M[0, :2] = True                                  # 2 points: the fit fails
+    M[0, :2] = True  # 2 points: the fit fails
     M[1] = False
     M[1, [3, 3]] = True
-    for E_ in (E, E * np.exp(rng.normal(0, 1e-3, E.shape))):   # same batch sizes everywhere, or not
+    for E_ in (E, E * np.exp(rng.normal(0, 1e-3, E.shape))):  # same batch sizes everywhere, or not
         s_min, e_min, b_crit = _fit_many(S, E_, M)
         assert np.isnan(b_crit[:2]).all()
         limits = 0
@@ -451,11 +480,22 @@ def test_summary_json_is_written_with_the_documented_keys(tmp_path):
 
     def no_constants(c):
         raise ValueError(f"not strict JSON: {c}")
+
     js = json.loads(text, parse_constant=no_constants)
     assert js["schema"] == 1
     rec = js["recommendation"]
-    for k in ("batch_size", "lo", "hi", "wins", "time_to_target", "fewest_examples", "critical_batch_size",
-              "smallest_reasonable", "resolvable", "text"):
+    for k in (
+        "batch_size",
+        "lo",
+        "hi",
+        "wins",
+        "time_to_target",
+        "fewest_examples",
+        "critical_batch_size",
+        "smallest_reasonable",
+        "resolvable",
+        "text",
+    ):
         assert k in rec, k
     assert rec["batch_size"] == a["recommendation"]["batch_size"] and rec["text"] == a["recommendation"]["text"]
     assert set(rec["time_to_target"]) == {"value", "lo", "hi"}
@@ -487,11 +527,13 @@ def test_summary_json_is_written_with_the_documented_keys(tmp_path):
 def test_summary_json_of_an_unresolved_fit_is_strict_json(tmp_path):
     from minigd.report.summary import summary_json
 
-    arch = {"sizes": [4, 2], "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf")},
-            "answers": {"critical_batch_size_fit": float("inf")},
-            "headline": {"critical_batch_size_fit": {"value": float("inf"), "lo": 40.0, "hi": float("inf"),
-                                                     "wins": None}},
-            "per_batch": [{"batch_size": 4, "steps_to_target": float("nan")}]}
+    arch = {
+        "sizes": [4, 2],
+        "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf")},
+        "answers": {"critical_batch_size_fit": float("inf")},
+        "headline": {"critical_batch_size_fit": {"value": float("inf"), "lo": 40.0, "hi": float("inf"), "wins": None}},
+        "per_batch": [{"batch_size": 4, "steps_to_target": float("nan")}],
+    }
     js = summary_json({"architectures": [arch]})
     text = json.dumps(js, allow_nan=False)
     bc = json.loads(text)["architectures"][0]["headline"]["critical_batch_size_fit"]

@@ -13,15 +13,16 @@ Tolerances (relative to the magnitude of the reference, see :func:`assert_close`
   fan-ins of at most ~10), 1e-3 for whole training runs of <= 40 steps (rounding
   differences compound through the updates; a real bug is off by O(1)).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from strategies import CPU_PATHS, assert_close, make_model, make_targets
 
 import minigd as mg
-from strategies import CPU_PATHS, assert_close, make_model, make_targets
 
 EVAL_TOL = {"float64": 1e-10, "float32": 2e-5}
 TRAIN_TOL = {"float64": 1e-10, "float32": 1e-3}
@@ -40,8 +41,7 @@ class Case:
     n: int = 9
 
     def build(self, path, dtype, seed=0):
-        m = make_model(list(self.sizes), path, activation=self.activation, loss=self.loss,
-                       dtype=dtype, seed=seed)
+        m = make_model(list(self.sizes), path, activation=self.activation, loss=self.loss, dtype=dtype, seed=seed)
         rng = np.random.default_rng(100 + seed)
         m.params[...] += (0.1 * rng.normal(size=m.n_params)).astype(dtype)  # non-zero biases
         X = rng.normal(size=(self.n, self.sizes[0])).astype(dtype)
@@ -84,19 +84,34 @@ TRAIN_CASES = [
     TrainCase("sgd-momentum", _MLP_CE, dict(optimizer=mg.SGD(lr=0.05, momentum=0.9))),
     TrainCase("sgd-nesterov", _MLP_CE, dict(optimizer=mg.SGD(lr=0.05, momentum=0.9, nesterov=True))),
     TrainCase("sgd-l2-weight-decay", _MLP_CE, dict(optimizer=mg.SGD(lr=0.1, momentum=0.5, weight_decay=0.01))),
-    TrainCase("sgd-decoupled-weight-decay", _MLP_CE,
-              dict(optimizer=mg.SGD(lr=0.1, momentum=0.5, weight_decay=0.01, decoupled_weight_decay=True))),
+    TrainCase(
+        "sgd-decoupled-weight-decay",
+        _MLP_CE,
+        dict(optimizer=mg.SGD(lr=0.1, momentum=0.5, weight_decay=0.01, decoupled_weight_decay=True)),
+    ),
     TrainCase("sgd-clip-norm", _MLP_MSE, dict(optimizer=mg.SGD(lr=0.2, clip_norm=0.1))),
     TrainCase("adam", _MLP_CE, dict(optimizer=mg.Adam(lr=0.01))),
     TrainCase("adam-l2", _MLP_MSE, dict(optimizer=mg.Adam(lr=0.01, weight_decay=0.01))),
     TrainCase("adamw", _MLP_BCE, dict(optimizer=mg.AdamW(lr=0.01, weight_decay=0.1))),
     TrainCase("adam-clip-norm", _MLP_CE, dict(optimizer=mg.Adam(lr=0.01, clip_norm=0.05))),
-    TrainCase("generic-chain-unfused", _MLP_MSE,
-              dict(optimizer=mg.optim.chain(mg.optim.scale(0.5), mg.optim.trace(0.9),
-                                            mg.optim.clip_by_global_norm(0.5), mg.optim.scale_by_lr(),
-                                            lr=0.1))),
-    TrainCase("lr-schedule-warmup-cosine", _MLP_CE,
-              dict(optimizer=mg.SGD(lr=mg.optim.warmup(mg.optim.cosine(0.2, 30), 5), momentum=0.9))),
+    TrainCase(
+        "generic-chain-unfused",
+        _MLP_MSE,
+        dict(
+            optimizer=mg.optim.chain(
+                mg.optim.scale(0.5),
+                mg.optim.trace(0.9),
+                mg.optim.clip_by_global_norm(0.5),
+                mg.optim.scale_by_lr(),
+                lr=0.1,
+            )
+        ),
+    ),
+    TrainCase(
+        "lr-schedule-warmup-cosine",
+        _MLP_CE,
+        dict(optimizer=mg.SGD(lr=mg.optim.warmup(mg.optim.cosine(0.2, 30), 5), momentum=0.9)),
+    ),
     TrainCase("sampler-replacement", _MLP_CE, dict(sampler="replacement")),
     TrainCase("sampler-sequential", _MLP_CE, dict(sampler="sequential")),
     TrainCase("drop-last", _MLP_CE, dict(drop_last=True)),
@@ -243,9 +258,16 @@ def test_evaluation_in_chunks(path, dtype):
 import minigd as _mg  # noqa: E402
 
 
-@pytest.mark.parametrize("opt", [lambda: _mg.SGD(lr=0.1), lambda: _mg.SGD(lr=0.1, momentum=0.9),
-                                  lambda: _mg.Adam(lr=0.1), lambda: _mg.AdamW(lr=0.1)],
-                         ids=["sgd", "momentum", "adam", "adamw"])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        lambda: _mg.SGD(lr=0.1),
+        lambda: _mg.SGD(lr=0.1, momentum=0.9),
+        lambda: _mg.Adam(lr=0.1),
+        lambda: _mg.AdamW(lr=0.1),
+    ],
+    ids=["sgd", "momentum", "adam", "adamw"],
+)
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
 def test_nan_gradient_is_never_applied(backend, opt):
     """A NaN in the gradient must reject the step on every backend (the subnormal flush of
@@ -264,7 +286,7 @@ def test_clip_by_global_norm_survives_float32_overflow_of_the_square(backend):
     m = _mg.MLP([3, 1], dtype="float32", backend=backend, loss="mse")
     m.params[...] = 0
     st = _mg.SGD(lr=1.0, clip_norm=1.0).init(m.params)
-    g = np.array([1e20, 0, 0, 0], np.float32)        # |g|^2 = 1e40 overflows float32
+    g = np.array([1e20, 0, 0, 0], np.float32)  # |g|^2 = 1e40 overflows float32
     applied, _ = m.backend_impl.opt_apply(m.params, g, st, 1.0, 1)
     assert applied
     np.testing.assert_allclose(m.params, [-1, 0, 0, 0], rtol=1e-6)

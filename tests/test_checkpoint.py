@@ -1,5 +1,6 @@
 """Checkpoints: one atomic file, a clear error for anything unreadable, and resuming a fit
 gives bitwise the run that was never interrupted."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 import minigd as mg
 from minigd.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
-COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples")   # "time" is wall time
+COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples")  # "time" is wall time
 SAMPLERS = ("shuffle", "replacement", "sequential")
 
 
@@ -36,8 +37,12 @@ def assert_same_run(a, b):
     assert _strip(ha.evals) == _strip(hb.evals)
     assert _strip(ha.epochs) == _strip(hb.epochs)
     assert ha.noise == hb.noise
-    assert (ha.reached, ha.steps_to_target, ha.examples_to_target, ha.stop_reason) == \
-        (hb.reached, hb.steps_to_target, hb.examples_to_target, hb.stop_reason)
+    assert (ha.reached, ha.steps_to_target, ha.examples_to_target, ha.stop_reason) == (
+        hb.reached,
+        hb.steps_to_target,
+        hb.examples_to_target,
+        hb.stop_reason,
+    )
     assert ha.opt_state.t == hb.opt_state.t
     assert np.array_equal(ha.opt_state.state, hb.opt_state.state)
 
@@ -57,13 +62,33 @@ class CrashAt:
             raise Crash
 
 
-def run(data, *, dtype="float64", sampler="shuffle", optimizer=None, batch_size=6, epochs=4,
-        backend="cpu", eval_every=4, **kw):
+def run(
+    data,
+    *,
+    dtype="float64",
+    sampler="shuffle",
+    optimizer=None,
+    batch_size=6,
+    epochs=4,
+    backend="cpu",
+    eval_every=4,
+    **kw,
+):
     X, y = data
     model = mg.MLP([5, 7, 3], activation="tanh", dtype=dtype, seed=0, backend=backend)
-    hist = mg.fit(model, X.astype(dtype), y, batch_size=batch_size, epochs=epochs, sampler=sampler,
-                  optimizer=optimizer or mg.Adam(lr=0.01), validation=(X[:9].astype(dtype), y[:9]),
-                  eval_every=eval_every, seed=3, **kw)
+    hist = mg.fit(
+        model,
+        X.astype(dtype),
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        sampler=sampler,
+        optimizer=optimizer or mg.Adam(lr=0.01),
+        validation=(X[:9].astype(dtype), y[:9]),
+        eval_every=eval_every,
+        seed=3,
+        **kw,
+    )
     return model, hist
 
 
@@ -79,7 +104,7 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(data, tmp_path, s
     with pytest.raises(Crash):
         run(data, checkpoint=path, checkpoint_every=every, callbacks=[CrashAt(11)], **kw)
     ck = load_checkpoint(path)
-    assert ck.step_info["step"] == 10 and not ck.step_info["finished"]   # the crash hit step 11
+    assert ck.step_info["step"] == 10 and not ck.step_info["finished"]  # the crash hit step 11
     assert_same_run(ref, run(data, checkpoint=path, resume=True, **kw))
     # the final checkpoint resumed with the same budgets reproduces the same history
     ck = load_checkpoint(path)
@@ -87,8 +112,9 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(data, tmp_path, s
     assert_same_run(ref, run(data, resume=path, **kw))
 
 
-@pytest.mark.parametrize("case", ["float32-sgd-momentum", "batch-schedule-drop-last", "full-batch",
-                                  "replacement-b1", "target"])
+@pytest.mark.parametrize(
+    "case", ["float32-sgd-momentum", "batch-schedule-drop-last", "full-batch", "replacement-b1", "target"]
+)
 def test_resume_other_configurations(data, tmp_path, case):
     kw = {}
     if case == "float32-sgd-momentum":
@@ -153,14 +179,17 @@ def test_opt_state_continues_across_fit_calls(data):
         mg.fit(two, X, y, steps=1, optimizer=mg.SGD(lr=0.1), opt_state=ha.opt_state)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(batch_size=5), r"batch_size=6 there, 5 here"),
-    (dict(sampler="sequential"), r"sampler='shuffle' there, 'sequential' here"),
-    (dict(optimizer=mg.Adam(lr=0.01, betas=(0.8, 0.999))), r"another optimizer chain"),
-    (dict(track_noise=2), r"track_noise=None there, 2 here"),
-    (dict(data="other"), r"the training data differ"),
-    (dict(dtype="float32"), r"dtype='float64', this model has dtype='float32'"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(batch_size=5), r"batch_size=6 there, 5 here"),
+        (dict(sampler="sequential"), r"sampler='shuffle' there, 'sequential' here"),
+        (dict(optimizer=mg.Adam(lr=0.01, betas=(0.8, 0.999))), r"another optimizer chain"),
+        (dict(track_noise=2), r"track_noise=None there, 2 here"),
+        (dict(data="other"), r"the training data differ"),
+        (dict(dtype="float32"), r"dtype='float64', this model has dtype='float32'"),
+    ],
+)
 def test_resume_refuses_a_different_run(data, tmp_path, change, match):
     path = tmp_path / "ck.npz"
     run(data, steps=5, epochs=None, checkpoint=path)
@@ -172,19 +201,47 @@ def test_resume_refuses_a_different_run(data, tmp_path, change, match):
         run(data, resume=path, **change)
 
 
-@pytest.mark.parametrize("first, then, match", [
-    (mg.SGD(lr=0.1, momentum=0.9), mg.SGD(lr=0.5, momentum=0.9), r"lr: saved 0\.1, given 0\.5"),
-    (mg.Adam(lr=0.01), mg.Adam(lr=0.1), r"lr: saved 0\.01, given 0\.1"),
-    (mg.SGD(lr=0.1), mg.SGD(lr=mg.optim.cosine(0.1, 10)), r"lr: saved 0\.1, given Cosine\(lr=0\.1, total_steps=10"),
-    (mg.SGD(lr=mg.optim.cosine(0.1, 10)), mg.SGD(lr=mg.optim.cosine(0.1, 20)), r"lr: saved Cosine\(lr=0\.1, total_steps=10, .*given Cosine\(lr=0\.1, total_steps=20"),
-    (mg.SGD(lr=0.1, momentum=0.9), mg.SGD(lr=0.1, momentum=0.5), r"momentum: saved 0\.9, given 0\.5"),
-    (mg.Adam(lr=0.01), mg.Adam(lr=0.01, betas=(0.8, 0.999)), r"betas: saved \[0\.9, 0\.999\], given \[0\.8, 0\.999\]"),
-    (mg.SGD(lr=0.1, weight_decay=1e-3), mg.SGD(lr=0.1, weight_decay=1e-2), r"weight_decay: saved 0\.001, given 0\.01"),
-    (mg.SGD(lr=0.1), mg.Adam(lr=0.1), r"optimizer: saved SGD, given Adam"),
-    (mg.optim.chain(mg.optim.trace(0.9), mg.optim.scale_by_lr(), lr=0.1),
-     mg.optim.chain(mg.optim.trace(0.8), mg.optim.scale_by_lr(), lr=0.1), r"trace momentum: saved 0\.9, given 0\.8"),
-], ids=["sgd-lr", "adam-lr", "lr-to-schedule", "schedule", "momentum", "betas", "weight-decay", "sgd-to-adam",
-        "chain"])
+@pytest.mark.parametrize(
+    "first, then, match",
+    [
+        (mg.SGD(lr=0.1, momentum=0.9), mg.SGD(lr=0.5, momentum=0.9), r"lr: saved 0\.1, given 0\.5"),
+        (mg.Adam(lr=0.01), mg.Adam(lr=0.1), r"lr: saved 0\.01, given 0\.1"),
+        (mg.SGD(lr=0.1), mg.SGD(lr=mg.optim.cosine(0.1, 10)), r"lr: saved 0\.1, given Cosine\(lr=0\.1, total_steps=10"),
+        (
+            mg.SGD(lr=mg.optim.cosine(0.1, 10)),
+            mg.SGD(lr=mg.optim.cosine(0.1, 20)),
+            r"lr: saved Cosine\(lr=0\.1, total_steps=10, .*given Cosine\(lr=0\.1, total_steps=20",
+        ),
+        (mg.SGD(lr=0.1, momentum=0.9), mg.SGD(lr=0.1, momentum=0.5), r"momentum: saved 0\.9, given 0\.5"),
+        (
+            mg.Adam(lr=0.01),
+            mg.Adam(lr=0.01, betas=(0.8, 0.999)),
+            r"betas: saved \[0\.9, 0\.999\], given \[0\.8, 0\.999\]",
+        ),
+        (
+            mg.SGD(lr=0.1, weight_decay=1e-3),
+            mg.SGD(lr=0.1, weight_decay=1e-2),
+            r"weight_decay: saved 0\.001, given 0\.01",
+        ),
+        (mg.SGD(lr=0.1), mg.Adam(lr=0.1), r"optimizer: saved SGD, given Adam"),
+        (
+            mg.optim.chain(mg.optim.trace(0.9), mg.optim.scale_by_lr(), lr=0.1),
+            mg.optim.chain(mg.optim.trace(0.8), mg.optim.scale_by_lr(), lr=0.1),
+            r"trace momentum: saved 0\.9, given 0\.8",
+        ),
+    ],
+    ids=[
+        "sgd-lr",
+        "adam-lr",
+        "lr-to-schedule",
+        "schedule",
+        "momentum",
+        "betas",
+        "weight-decay",
+        "sgd-to-adam",
+        "chain",
+    ],
+)
 def test_resume_refuses_other_hyper_parameters_and_names_them(data, tmp_path, first, then, match):
     """A resumed run must use the saved optimizer: a different constant learning rate (or
     minigd schedule, or any hyper-parameter) is a ValueError that names it, with the saved
@@ -193,15 +250,20 @@ def test_resume_refuses_other_hyper_parameters_and_names_them(data, tmp_path, fi
     run(data, steps=5, epochs=None, checkpoint=path, optimizer=first)
     with pytest.raises(ValueError, match=r"^resume: .*another optimizer chain or hyper-parameters: " + match):
         run(data, steps=10, epochs=None, resume=path, optimizer=then)
-    run(data, steps=10, epochs=None, resume=path, optimizer=first)      # the same one resumes
+    run(data, steps=10, epochs=None, resume=path, optimizer=first)  # the same one resumes
 
 
 def test_resume_takes_the_same_optimizer_under_another_name(data, tmp_path):
     """SGD(lr, momentum) is the chain trace(momentum) -> scale_by_lr: a checkpoint written
     with one resumes with the other (the chain is what runs); bitwise the same run."""
     path = tmp_path / "ck.npz"
-    run(data, steps=5, epochs=None, checkpoint=path,
-        optimizer=mg.optim.chain(mg.optim.trace(0.9), mg.optim.scale_by_lr(), lr=0.1))
+    run(
+        data,
+        steps=5,
+        epochs=None,
+        checkpoint=path,
+        optimizer=mg.optim.chain(mg.optim.trace(0.9), mg.optim.scale_by_lr(), lr=0.1),
+    )
     m, h = run(data, steps=10, epochs=None, resume=path, optimizer=mg.SGD(lr=0.1, momentum=0.9))
     m_ref, h_ref = run(data, steps=10, epochs=None, optimizer=mg.SGD(lr=0.1, momentum=0.9))
     np.testing.assert_array_equal(h.column("loss"), h_ref.column("loss"))
@@ -274,15 +336,30 @@ def test_checkpointing_arguments_are_checked(data, tmp_path):
 def _full_checkpoint(tmp_path, data):
     X, y = data
     model = mg.MLP([5, 7, 3], dtype="float64", seed=0)
-    hist = mg.fit(model, X, y, batch_size=8, epochs=2, optimizer=mg.SGD(lr=0.1, momentum=0.9),
-                  validation=(X, y), track_noise=2, target={"val_loss": 0.01})
+    hist = mg.fit(
+        model,
+        X,
+        y,
+        batch_size=8,
+        epochs=2,
+        optimizer=mg.SGD(lr=0.1, momentum=0.9),
+        validation=(X, y),
+        track_noise=2,
+        target={"val_loss": 0.01},
+    )
     rng = np.random.default_rng(7)
     rng.random(3)
     path = tmp_path / "full.npz"
-    info = {"step": np.int64(12), "lr": np.float32(0.5), "note": "hi", "arr": np.arange(3),
-            "nested": {"a": [1, 2.5, None], "nan": float("nan")}}
-    out = save_checkpoint(path, model, hist.opt_state, rng=rng, sampler={"order": np.arange(5)},
-                          history=hist, step_info=info)
+    info = {
+        "step": np.int64(12),
+        "lr": np.float32(0.5),
+        "note": "hi",
+        "arr": np.arange(3),
+        "nested": {"a": [1, 2.5, None], "nan": float("nan")},
+    }
+    out = save_checkpoint(
+        path, model, hist.opt_state, rng=rng, sampler={"order": np.arange(5)}, history=hist, step_info=info
+    )
     return out, model, hist, rng
 
 
@@ -297,15 +374,14 @@ def test_round_trip_restores_everything(tmp_path, data):
     assert o.t == p.t and o.primitives == p.primitives
     for k in ("codes", "hp", "soff", "state", "plan"):
         assert np.array_equal(getattr(o, k), getattr(p, k)), k
-    assert np.array_equal(ck.rng().random(5), rng.random(5))       # the stream continues
+    assert np.array_equal(ck.rng().random(5), rng.random(5))  # the stream continues
     assert np.array_equal(ck.sampler["order"], np.arange(5))
     h = ck.history
     for c in COLUMNS + ("time",):
         assert np.array_equal(h.column(c), hist.column(c))
     assert h.evals == hist.evals and h.epochs == hist.epochs and h.noise == hist.noise
     assert h.records == hist.records
-    assert (h.target, h.reached, h.stop_reason, h.config) == \
-        (hist.target, hist.reached, hist.stop_reason, hist.config)
+    assert (h.target, h.reached, h.stop_reason, h.config) == (hist.target, hist.reached, hist.stop_reason, hist.config)
     assert h.noise_tracker.noise_scale == hist.noise_tracker.noise_scale
     info = ck.step_info
     assert info["step"] == 12 and info["lr"] == 0.5 and info["arr"].tolist() == [0, 1, 2]
@@ -334,7 +410,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, data, mo
         save_checkpoint(path, model, hist.opt_state, history=hist)
     monkeypatch.undo()
     assert open(path, "rb").read() == before
-    assert sorted(os.listdir(tmp_path)) == ["full.npz"]            # no temp file left behind
+    assert sorted(os.listdir(tmp_path)) == ["full.npz"]  # no temp file left behind
     with pytest.raises(TypeError, match=r"^step_info/history: expected JSON-serialisable"):
         save_checkpoint(path, model, step_info={"x": object()})
     assert open(path, "rb").read() == before
@@ -355,7 +431,7 @@ def test_corrupt_truncated_and_foreign_files_are_clear_errors(tmp_path, data):
         offsets = [(i.header_offset, i.file_size) for i in zf.infolist()]
     for off, size in offsets:
         b = bytearray(blob)
-        b[off + 30 + 40 + size // 2] ^= 0x5A          # inside the entry, past its local header
+        b[off + 30 + 40 + size // 2] ^= 0x5A  # inside the entry, past its local header
         bad.write_bytes(bytes(b))
         with pytest.raises(ValueError, match=rf"^checkpoint '.*{name}': corrupt"):
             load_checkpoint(bad)
@@ -383,18 +459,23 @@ def _rewrite_meta(src, dst, edit):
             zout.writestr(info.filename, data)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m.update(format_version=FORMAT_VERSION + 1),
-     rf"written in checkpoint format version {FORMAT_VERSION + 1} .* this minigd reads versions <= "
-     rf"{FORMAT_VERSION}: upgrade minigd"),
-    (lambda m: m.update(format="something.else"), r"does not describe a 'minigd.checkpoint' file"),
-    (lambda m: m["arrays"].update(params=[[10**12], "<f8"]), r"too small for an array of shape"),
-    (lambda m: m["arrays"].update(params=[[3], "|O"]), r"invalid shape/dtype"),
-    (lambda m: m["model"].update(sizes=[5, 7, 4]), r"params has shape"),
-    (lambda m: m["model"].update(loss="hinge"), r"the saved model configuration is invalid"),
-    (lambda m: m.update(rng={"bit_generator": "os.system", "state": {}}), r"invalid random generator"),
-    (lambda m: m["history"].update(n_steps=10**9), r"history column"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda m: m.update(format_version=FORMAT_VERSION + 1),
+            rf"written in checkpoint format version {FORMAT_VERSION + 1} .* this minigd reads versions <= "
+            rf"{FORMAT_VERSION}: upgrade minigd",
+        ),
+        (lambda m: m.update(format="something.else"), r"does not describe a 'minigd.checkpoint' file"),
+        (lambda m: m["arrays"].update(params=[[10**12], "<f8"]), r"too small for an array of shape"),
+        (lambda m: m["arrays"].update(params=[[3], "|O"]), r"invalid shape/dtype"),
+        (lambda m: m["model"].update(sizes=[5, 7, 4]), r"params has shape"),
+        (lambda m: m["model"].update(loss="hinge"), r"the saved model configuration is invalid"),
+        (lambda m: m.update(rng={"bit_generator": "os.system", "state": {}}), r"invalid random generator"),
+        (lambda m: m["history"].update(n_steps=10**9), r"history column"),
+    ],
+)
 def test_inconsistent_metadata_is_a_clear_error(tmp_path, data, edit, match):
     path, *_ = _full_checkpoint(tmp_path, data)
     bad = tmp_path / "edited.npz"
@@ -403,17 +484,20 @@ def test_inconsistent_metadata_is_a_clear_error(tmp_path, data, edit, match):
         load_checkpoint(bad)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(path=3), TypeError, r"^path: expected a file path"),
-    (dict(path=""), ValueError, r"^path: expected a non-empty file path"),
-    (dict(model="m"), TypeError, r"^model: expected a minigd.MLP"),
-    (dict(opt_state=3), TypeError, r"^opt_state: expected a minigd OptState"),
-    (dict(rng=np.random.RandomState(0)), TypeError, r"^rng: expected a numpy.random.Generator"),
-    (dict(sampler=[1]), TypeError, r"^sampler: expected a dict"),
-    (dict(sampler={"o": np.zeros((2, 2), np.int64)}), TypeError, r"^sampler\['o'\]: expected a 1-D"),
-    (dict(history={}), TypeError, r"^history: expected a minigd.History"),
-    (dict(step_info=[1]), TypeError, r"^step_info: expected a dict with str keys"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(path=3), TypeError, r"^path: expected a file path"),
+        (dict(path=""), ValueError, r"^path: expected a non-empty file path"),
+        (dict(model="m"), TypeError, r"^model: expected a minigd.MLP"),
+        (dict(opt_state=3), TypeError, r"^opt_state: expected a minigd OptState"),
+        (dict(rng=np.random.RandomState(0)), TypeError, r"^rng: expected a numpy.random.Generator"),
+        (dict(sampler=[1]), TypeError, r"^sampler: expected a dict"),
+        (dict(sampler={"o": np.zeros((2, 2), np.int64)}), TypeError, r"^sampler\['o'\]: expected a 1-D"),
+        (dict(history={}), TypeError, r"^history: expected a minigd.History"),
+        (dict(step_info=[1]), TypeError, r"^step_info: expected a dict with str keys"),
+    ],
+)
 def test_bad_save_arguments(tmp_path, kwargs, exc, match):
     model = mg.MLP([3, 2], dtype="float64")
     kw = dict(path=tmp_path / "x.npz", model=model)

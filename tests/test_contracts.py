@@ -9,6 +9,7 @@
   model with batch norm in ghost batches and dropout);
 * fit reserves the workspace once, before the first step, and never re-allocates it.
 """
+
 from __future__ import annotations
 
 import gc
@@ -17,11 +18,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from strategies import CPU_PATHS, force_path, make_targets
 
 import minigd as mg
 import minigd.backends.base as backend_base
 from minigd.kernels import cpu as K
-from strategies import CPU_PATHS, force_path, make_targets
 
 pytestmark = pytest.mark.run_last
 
@@ -30,11 +31,13 @@ def _kernel_modules():
     mods = [K]
     try:
         from minigd.kernels import cpu_stats
+
         mods.append(cpu_stats)
     except ImportError:  # pragma: no cover - optional module
         pass
     try:
         from minigd.kernels import cpu_norm
+
         mods.append(cpu_norm)
     except ImportError:  # pragma: no cover - optional module
         pass
@@ -56,10 +59,14 @@ def _exercise_everything(dtype):
     """Every public path into the cpu kernels, in one dtype: each regime, each loss, every
     optimizer chain, schedules returning ints, read-only and Fortran-ordered inputs."""
     rng = np.random.default_rng(0)
-    optimizers = [mg.SGD(lr=0.01), mg.SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3),
-                  mg.SGD(lr=lambda step: 1 if step < 2 else 0.01),   # an int learning rate
-                  mg.Adam(lr=1e-3, clip_norm=1.0), mg.AdamW(lr=1e-3),
-                  mg.optim.chain(mg.optim.scale(0.5), mg.optim.trace(0.5), mg.optim.scale_by_lr(), lr=0.01)]
+    optimizers = [
+        mg.SGD(lr=0.01),
+        mg.SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        mg.SGD(lr=lambda step: 1 if step < 2 else 0.01),  # an int learning rate
+        mg.Adam(lr=1e-3, clip_norm=1.0),
+        mg.AdamW(lr=1e-3),
+        mg.optim.chain(mg.optim.scale(0.5), mg.optim.trace(0.5), mg.optim.scale_by_lr(), lr=0.01),
+    ]
     for loss in ("cross_entropy", "mse", "binary_cross_entropy"):
         X = rng.normal(size=(12, 3)).astype(dtype)
         y = make_targets(loss, 12, 2, rng, dtype)
@@ -88,8 +95,12 @@ def _exercise_everything(dtype):
     y = rng.integers(0, 2, size=12).astype(np.int64)
     X_ro = X.copy()
     X_ro.setflags(write=False)
-    for kw in (dict(batch_norm=True), dict(batch_norm="after", ghost_batch_size=3, dropout=0.2),
-               dict(dropout=0.3), dict(batch_norm=True, ghost_batch_size=4, dropout=0.1)):
+    for kw in (
+        dict(batch_norm=True),
+        dict(batch_norm="after", ghost_batch_size=3, dropout=0.2),
+        dict(dropout=0.3),
+        dict(batch_norm=True, ghost_batch_size=4, dropout=0.1),
+    ):
         for path in CPU_PATHS:
             m = force_path(mg.MLP([3, 4, 5, 2], activation="tanh", dtype=dtype, backend="cpu", **kw), path)
             for XX in (X, X_ro, np.asfortranarray(X)):
@@ -126,13 +137,23 @@ def exercised():
 def test_every_kernel_has_at_most_one_signature_per_dtype(exercised):
     """Array types (dtype, layout, read-only flag) and scalar types (a float lr, an int
     step) never vary: at most one signature per model dtype for every kernel."""
-    too_many = {name: sorted(_modulo_literals(d)) for name, d in exercised.items()
-                if len(_modulo_literals(d)) > 2}
+    too_many = {name: sorted(_modulo_literals(d)) for name, d in exercised.items() if len(_modulo_literals(d)) > 2}
     assert not too_many, f"kernels compiled more than once per dtype (silent recompiles): {too_many}"
     # the entry points exercised above were compiled for both dtypes, once each
-    for name in ("train_step_loops", "train_step_blas", "opt_apply", "forward_loops", "forward_blas",
-                 "loss_grad_loops", "loss_grad_blas", "loss_rows", "bias_act_forward", "act_backward",
-                 "bias_grad", "gather_rows"):
+    for name in (
+        "train_step_loops",
+        "train_step_blas",
+        "opt_apply",
+        "forward_loops",
+        "forward_blas",
+        "loss_grad_loops",
+        "loss_grad_blas",
+        "loss_rows",
+        "bias_act_forward",
+        "act_backward",
+        "bias_grad",
+        "gather_rows",
+    ):
         full = f"{K.__name__}.{name}"
         if full in exercised:
             assert len(_modulo_literals(exercised[full])) == 2, (name, exercised[full].signatures)
@@ -148,8 +169,26 @@ def test_no_kernel_is_compiled_for_literal_arguments():
     st = mg.SGD(lr=0.1, momentum=0.9).init(m.params)
     X = np.zeros((4, 3))
     yi, yf, idx = np.zeros(4, np.int64), np.empty((0, 2)), np.arange(4, dtype=np.int64)
-    numba.njit(K.train_step_blas.py_func)(X, yi, yf, idx, 4, m.params, m._grad, ws.buf, ws.lay, 0, False,
-                                          st.codes, st.hp, st.soff, st.state, st.plan, 0.1, 1)
+    numba.njit(K.train_step_blas.py_func)(
+        X,
+        yi,
+        yf,
+        idx,
+        4,
+        m.params,
+        m._grad,
+        ws.buf,
+        ws.lay,
+        0,
+        False,
+        st.codes,
+        st.hp,
+        st.soff,
+        st.state,
+        st.plan,
+        0.1,
+        1,
+    )
     numba.njit(K.opt_apply.py_func)(m.params, m._grad, st.codes, st.hp, st.soff, st.state, st.plan, 0.1, 1)
     literal = {name: [str(s) for s in d.signatures if "Literal[" in str(s)] for name, d in _dispatchers().items()}
     literal = {k: v for k, v in literal.items() if v}
@@ -208,9 +247,11 @@ def test_no_data_allocation_across_1000_steps(path, B):
     assert peak < 24_000, f"traced memory peaked {peak} bytes above its level at step 200"
 
 
-@pytest.mark.parametrize("model_kw", [dict(batch_norm=True, ghost_batch_size=8, dropout=0.1),
-                                      dict(batch_norm="after", dropout=0.2), dict(dropout=0.5)],
-                         ids=["bn-before-ghost8-dropout", "bn-after-dropout", "dropout"])
+@pytest.mark.parametrize(
+    "model_kw",
+    [dict(batch_norm=True, ghost_batch_size=8, dropout=0.1), dict(batch_norm="after", dropout=0.2), dict(dropout=0.5)],
+    ids=["bn-before-ghost8-dropout", "bn-after-dropout", "dropout"],
+)
 def test_no_data_allocation_with_batch_norm_and_dropout(model_kw):
     """The same slack as above, for the Python-driven norm path: masks drawn into the
     preallocated buffers, the cpu_norm epilogues, the running-statistics update; a (32, 128)
@@ -232,7 +273,7 @@ def test_allocation_probe_detects_a_per_step_temporary(monkeypatch):
     real = CpuBackend.train_step
 
     def leaky(self, params, *a, **k):
-        _ = params * 2.0           # a parameter-sized temporary, freed at once
+        _ = params * 2.0  # a parameter-sized temporary, freed at once
         return real(self, params, *a, **k)
 
     monkeypatch.setattr(CpuBackend, "train_step", leaky)
@@ -262,7 +303,7 @@ def test_workspace_reserved_once_per_fit(monkeypatch, path, norm):
     rng = np.random.default_rng(2)
     X = rng.normal(size=(40, 3))
     y = rng.integers(0, 2, size=40).astype(np.int64)
-    Xv = rng.normal(size=(30, 3))        # more rows than any training batch
+    Xv = rng.normal(size=(30, 3))  # more rows than any training batch
     yv = rng.integers(0, 2, size=30).astype(np.int64)
     backend = "numpy" if path == "numpy" else "cpu"
     m = mg.MLP([3, 5, 2], dtype="float64", backend=backend, seed=0, **norm)
@@ -277,9 +318,8 @@ def test_workspace_reserved_once_per_fit(monkeypatch, path, norm):
         def on_eval(self, model, rec):
             seen.add(id(model.backend_impl.ws))
 
-    sched = mg.BatchSizeSchedule(2, {1: 4, 2: 8})       # grows at epochs 1 and 2
-    mg.fit(m, X, y, batch_size=sched, epochs=3, validation=(Xv, yv), eval_every=3, eval_train=True,
-           callbacks=[Watch()])
+    sched = mg.BatchSizeSchedule(2, {1: 4, 2: 8})  # grows at epochs 1 and 2
+    mg.fit(m, X, y, batch_size=sched, epochs=3, validation=(Xv, yv), eval_every=3, eval_train=True, callbacks=[Watch()])
     assert len(_CountingWorkspace.made) == 1, f"workspaces allocated during fit: {_CountingWorkspace.made}"
     assert len(seen) == 1
     # a second fit that needs no more rows re-uses it

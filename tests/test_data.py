@@ -1,5 +1,6 @@
 """minigd.data: every loader on small generated files, the split/standardize pipeline,
 the synthetic sources' known parameters, and every malformed input."""
+
 from __future__ import annotations
 
 import gzip
@@ -14,13 +15,18 @@ import pytest
 import minigd as mg
 from minigd.data import DATASETS, Dataset, from_arrays, load_dataset, read_idx, teacher_forward
 
-
 # ------------------------------------------------------------------------------------------
 # file writers
 # ------------------------------------------------------------------------------------------
 
-IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-             np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+IDX_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -39,7 +45,7 @@ def mnist_like(n=60, seed=0, k=3):
     rng = np.random.default_rng(seed)
     y = np.arange(n, dtype=np.uint8) % k
     X = rng.integers(0, 256, size=(n, 4, 5)).astype(np.uint8)
-    X[:, 0, 0] = 0          # a constant pixel, as MNIST's borders
+    X[:, 0, 0] = 0  # a constant pixel, as MNIST's borders
     return X, y
 
 
@@ -67,6 +73,7 @@ def blobs_xy():
 # loaders
 # ------------------------------------------------------------------------------------------
 
+
 def test_npz_classification_remaps_labels(tmp_path, blobs_xy):
     X, y = blobs_xy
     p = tmp_path / "blobs.npz"
@@ -92,7 +99,7 @@ def test_npz_classification_remaps_labels(tmp_path, blobs_xy):
 
 def test_npz_provided_validation_and_regression(tmp_path):
     rng = np.random.default_rng(1)
-    X, Xv = rng.normal(size=(30, 2, 2)), rng.normal(size=(7, 2, 2))      # 3-D: flattened
+    X, Xv = rng.normal(size=(30, 2, 2)), rng.normal(size=(7, 2, 2))  # 3-D: flattened
     y, yv = rng.normal(size=(30, 2)), rng.normal(size=(7, 2))
     p = tmp_path / "reg.npz"
     np.savez(p, X=X, y=y, X_val=Xv, y_val=yv)
@@ -100,7 +107,7 @@ def test_npz_provided_validation_and_regression(tmp_path):
     assert ds.task == "regression" and ds.loss == "mse" and ds.n_classes is None
     assert ds.n_in == 4 and ds.n_out == 2 and ds.info["split"] == "provided"
     assert ds.info["example_shape"] == [2, 2]
-    np.testing.assert_array_equal(ds.X_train, X.reshape(30, 4))      # no split, no shuffle
+    np.testing.assert_array_equal(ds.X_train, X.reshape(30, 4))  # no split, no shuffle
     np.testing.assert_array_equal(ds.X_val, Xv.reshape(7, 4))
     assert ds.y_train.dtype == np.float64
     # n subsamples the training set only when validation is provided
@@ -147,7 +154,7 @@ def test_csv_label_column_and_regression(tmp_path, blobs_xy):
     q = write_csv(tmp_path / "reg.csv", X[:, :2], X[:, 2], fmt="{!r}")
     ds = load_dataset(q)
     assert ds.task == "regression" and ds.y_train.dtype == np.float32 and ds.y_train.shape == (72,)
-    r = write_csv(tmp_path / "int.csv", X[:, :2], y.astype(float), fmt="{!r}")    # "2.0", "5.0"
+    r = write_csv(tmp_path / "int.csv", X[:, :2], y.astype(float), fmt="{!r}")  # "2.0", "5.0"
     assert load_dataset(r).task == "classification"
     assert load_dataset(r, task="regression").task == "regression"
 
@@ -167,8 +174,10 @@ def test_csv_fast_and_exact_parsers_agree(tmp_path, blobs_xy, monkeypatch):
     from minigd.data import files as D
 
     X, y = blobs_xy
-    files = [write_csv(tmp_path / "h.csv", X, y, header=["a", "b", "c", "y"], fmt="{!r}"),
-             write_csv(tmp_path / "n.csv", X, y, fmt="{!r}")]
+    files = [
+        write_csv(tmp_path / "h.csv", X, y, header=["a", "b", "c", "y"], fmt="{!r}"),
+        write_csv(tmp_path / "n.csv", X, y, fmt="{!r}"),
+    ]
     (tmp_path / "c.csv").write_text("# comment\n\nx,y\n 1.5 , 2\n-3e2,4\n5,6\n7,8\n9,10\n")
     files.append(tmp_path / "c.csv")
     fast = [load_dataset(f, dtype="float64") for f in files]
@@ -209,8 +218,13 @@ def test_idx_directory_t10k_and_other_dtypes(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", y)
     ds = load_dataset(tmp_path, part="t10k", standardize=False)
     assert ds.info["n"] == 20
-    for arr in (np.arange(6, dtype=np.int16).reshape(2, 3) - 3, np.linspace(0, 1, 4).astype(np.float32),
-                np.array([1.5, -2.0]), np.array([[-1, 2]], np.int32), np.array([-3, 4], np.int8)):
+    for arr in (
+        np.arange(6, dtype=np.int16).reshape(2, 3) - 3,
+        np.linspace(0, 1, 4).astype(np.float32),
+        np.array([1.5, -2.0]),
+        np.array([[-1, 2]], np.int32),
+        np.array([-3, 4], np.int8),
+    ):
         got = read_idx(write_idx(tmp_path / "a.idx", arr))
         assert got.dtype == arr.dtype and got.dtype.isnative
         np.testing.assert_array_equal(got, arr)
@@ -220,13 +234,19 @@ def test_idx_directory_t10k_and_other_dtypes(tmp_path):
 # the pipeline: determinism, stratification, standardization, subsampling
 # ------------------------------------------------------------------------------------------
 
+
 def arrays_equal(a: Dataset, b: Dataset) -> bool:
     return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("X_train", "y_train", "X_val", "y_val"))
 
 
-@pytest.mark.parametrize("name,params", [("teacher_student", {"n": 150, "n_classes": 3}),
-                                         ("teacher_student", {"n": 150, "task": "regression", "n_out": 2}),
-                                         ("linear_regression", {"n": 150})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("teacher_student", {"n": 150, "n_classes": 3}),
+        ("teacher_student", {"n": 150, "task": "regression", "n_out": 2}),
+        ("linear_regression", {"n": 150}),
+    ],
+)
 def test_determinism_under_seed(name, params):
     a = load_dataset(name, seed=7, **params)
     b = load_dataset(name, seed=7, **params)
@@ -236,7 +256,7 @@ def test_determinism_under_seed(name, params):
     # data_seed fixes the data while seed moves the split: same set of examples overall
     d1 = load_dataset(name, seed=1, data_seed=5, standardize=False, **params)
     d2 = load_dataset(name, seed=2, data_seed=5, standardize=False, **params)
-    rows = lambda d: np.sort(np.concatenate([d.X_train, d.X_val])[:, 0])   # noqa: E731
+    rows = lambda d: np.sort(np.concatenate([d.X_train, d.X_val])[:, 0])  # noqa: E731
     np.testing.assert_array_equal(rows(d1), rows(d2))
     assert not np.array_equal(d1.X_train, d2.X_train)
 
@@ -253,16 +273,16 @@ def test_determinism_files_and_digits(tmp_path, blobs_xy):
 def test_split_is_stratified(blobs_xy, val_fraction, seed):
     X, y = blobs_xy
     y = y.copy()
-    y[:3] = 9                                    # a tiny class of 3 examples too
+    y[:3] = 9  # a tiny class of 3 examples too
     ds = from_arrays(X, y, val_fraction=val_fraction, seed=seed)
     counts = np.bincount(np.searchsorted([2, 5, 7, 9], y))
     n_val = int(np.floor(90 * val_fraction + 0.5))
     assert ds.n_val == n_val and ds.n_train == 90 - n_val
     val_counts = np.bincount(ds.y_val, minlength=4)
-    assert np.all(np.abs(val_counts - counts * n_val / 90) < 1)          # within one example
+    assert np.all(np.abs(val_counts - counts * n_val / 90) < 1)  # within one example
     assert np.all(np.abs(val_counts - counts * val_fraction) <= 1)
     np.testing.assert_array_equal(val_counts + np.bincount(ds.y_train, minlength=4), counts)
-    assert not np.all(np.diff(ds.y_train) >= 0)                           # shuffled, not grouped
+    assert not np.all(np.diff(ds.y_train) >= 0)  # shuffled, not grouped
 
 
 def test_subsample_is_stratified_and_bounded(blobs_xy):
@@ -278,8 +298,13 @@ def test_subsample_is_stratified_and_bounded(blobs_xy):
 def test_standardization_uses_train_statistics_only(tmp_path):
     rng = np.random.default_rng(3)
     n = 50
-    X = np.column_stack([np.arange(n, dtype=float),                   # a row id
-                         rng.normal(3.0, 5.0, n), np.full(n, 7.0)])    # and a constant column
+    X = np.column_stack(
+        [
+            np.arange(n, dtype=float),  # a row id
+            rng.normal(3.0, 5.0, n),
+            np.full(n, 7.0),
+        ]
+    )  # and a constant column
     y = rng.integers(0, 2, n)
     p = tmp_path / "s.npz"
     np.savez(p, X=X, y=y)
@@ -305,7 +330,7 @@ def test_standardization_uses_train_statistics_only(tmp_path):
     np.testing.assert_array_equal(ds2.X_train, ds.X_train)
     np.testing.assert_array_equal(ds2.info["mean"], mean)
     assert np.all(ds2.X_val[:, 1] > ds.X_val[:, 1] + 50)
-    assert np.all(ds2.X_val[:, 2] == 1000.0)                                # centred, not scaled
+    assert np.all(ds2.X_val[:, 2] == 1000.0)  # centred, not scaled
 
 
 def test_no_standardize_keeps_raw_values_cast_to_dtype(blobs_xy):
@@ -320,34 +345,44 @@ def test_no_standardize_keeps_raw_values_cast_to_dtype(blobs_xy):
 # synthetic sources
 # ------------------------------------------------------------------------------------------
 
+
 def test_teacher_student_classification_known_teacher():
-    ds = load_dataset("teacher_student", n=300, n_in=6, teacher_width=[8, 5], n_classes=4,
-                      activation="relu", dtype="float64", seed=2)
+    ds = load_dataset(
+        "teacher_student", n=300, n_in=6, teacher_width=[8, 5], n_classes=4, activation="relu", dtype="float64", seed=2
+    )
     assert (ds.n_train, ds.n_val, ds.n_in, ds.n_out) == (240, 60, 6, 4)
     assert ds.n_classes == 4 and ds.info["teacher_sizes"] == [6, 8, 5, 4]
     assert ds.info["noise_std"] == 0.0 and ds.info["classes"] == [0, 1, 2, 3]
     raw = ds.X_train * ds.info["scale"] + ds.info["mean"]
     logits = teacher_forward(raw, ds.info["teacher_weights"], ds.info["teacher_biases"], "relu")
-    np.testing.assert_array_equal(np.argmax(logits, axis=1), ds.y_train)     # noise 0: exact labels
+    np.testing.assert_array_equal(np.argmax(logits, axis=1), ds.y_train)  # noise 0: exact labels
     # the teacher depends on the seed and the sizes, not on n
-    big = load_dataset("teacher_student", n=500, n_in=6, teacher_width=[8, 5], n_classes=4,
-                       activation="relu", seed=2)
+    big = load_dataset("teacher_student", n=500, n_in=6, teacher_width=[8, 5], n_classes=4, activation="relu", seed=2)
     for a, b in zip(big.info["teacher_weights"], ds.info["teacher_weights"]):
         np.testing.assert_array_equal(a, b)
     # label noise flips some argmaxes, not most
-    noisy = load_dataset("teacher_student", n=300, n_in=6, teacher_width=[8, 5], n_classes=4,
-                         activation="relu", dtype="float64", seed=2, noise=0.05)
+    noisy = load_dataset(
+        "teacher_student",
+        n=300,
+        n_in=6,
+        teacher_width=[8, 5],
+        n_classes=4,
+        activation="relu",
+        dtype="float64",
+        seed=2,
+        noise=0.05,
+    )
     raw = noisy.X_train * noisy.info["scale"] + noisy.info["mean"]
-    clean = np.argmax(teacher_forward(raw, noisy.info["teacher_weights"], noisy.info["teacher_biases"],
-                                      "relu"), axis=1)
+    clean = np.argmax(teacher_forward(raw, noisy.info["teacher_weights"], noisy.info["teacher_biases"], "relu"), axis=1)
     agree = np.mean(clean == noisy.y_train)
     assert 0.6 < agree < 1.0
 
 
 def test_teacher_student_regression_noise_level():
     sigma = 0.3
-    ds = load_dataset("teacher_student", n=4000, task="regression", n_out=2, teacher_width=16,
-                      noise=sigma, dtype="float64", seed=0)
+    ds = load_dataset(
+        "teacher_student", n=4000, task="regression", n_out=2, teacher_width=16, noise=sigma, dtype="float64", seed=0
+    )
     assert ds.task == "regression" and ds.n_out == 2 and ds.y_train.shape == (3200, 2)
     raw = ds.X_train * ds.info["scale"] + ds.info["mean"]
     resid = ds.y_train - teacher_forward(raw, ds.info["teacher_weights"], ds.info["teacher_biases"], "tanh")
@@ -405,6 +440,7 @@ def test_digits_without_sklearn(monkeypatch):
 # the Dataset object
 # ------------------------------------------------------------------------------------------
 
+
 def test_dataset_helpers_and_model_fit():
     ds = load_dataset("teacher_student", n=120, n_in=4, n_classes=3, dtype="float64", seed=0)
     spec = ds.spec()
@@ -451,10 +487,14 @@ def test_dataset_constructor_checks():
 # bad inputs
 # ------------------------------------------------------------------------------------------
 
+
 def test_unknown_names_and_extensions(tmp_path):
-    with pytest.raises(ValueError, match=r"name_or_path: expected a data set name, one of "
-                                         r"\['digits', 'linear_regression', 'teacher_student'\].*"
-                                         r"got 'digitz'; did you mean 'digits'\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"name_or_path: expected a data set name, one of "
+        r"\['digits', 'linear_regression', 'teacher_student'\].*"
+        r"got 'digitz'; did you mean 'digits'\?",
+    ):
         load_dataset("digitz")
     with pytest.raises(FileNotFoundError, match=r"name_or_path: .* got '.*nope\.npz' \(no such file\)"):
         load_dataset(tmp_path / "nope.npz")
@@ -462,8 +502,11 @@ def test_unknown_names_and_extensions(tmp_path):
         load_dataset("missing/data.csv")
     p = tmp_path / "data.parquet"
     p.write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match=r"name_or_path: expected a file ending in \.npz, \.csv.*"
-                                         r"got 'data\.parquet'"):
+    with pytest.raises(
+        ValueError,
+        match=r"name_or_path: expected a file ending in \.npz, \.csv.*"
+        r"got 'data\.parquet'",
+    ):
         load_dataset(p)
     with pytest.raises(TypeError, match=r"name_or_path: expected a data set name \(str\) or a path.*got int"):
         load_dataset(3)
@@ -488,8 +531,11 @@ def test_bad_common_arguments(blobs_xy):
         load_dataset("linear_regression", standardize="yes")
     with pytest.raises(ValueError, match=r"n: expected an integer >= 1, got 0"):
         load_dataset("linear_regression", n=0)
-    with pytest.raises(TypeError, match=r"params: expected keyword arguments among .*'noise'.* "
-                                        r"got unknown \['n_clases'\]"):
+    with pytest.raises(
+        TypeError,
+        match=r"params: expected keyword arguments among .*'noise'.* "
+        r"got unknown \['n_clases'\]",
+    ):
         load_dataset("linear_regression", n_clases=3)
     with pytest.raises(TypeError, match=r"params: .* for data set 'digits', got unknown \['labels'\]"):
         load_dataset("digits", labels="x")
@@ -505,8 +551,11 @@ def test_bad_common_arguments(blobs_xy):
 
 def test_too_few_examples_for_split():
     X = np.zeros((2, 1))
-    with pytest.raises(ValueError, match=r"n: expected enough examples for a train/validation split with "
-                                         r"val_fraction=0.2 .* got 2 examples \(0 would go to validation\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"n: expected enough examples for a train/validation split with "
+        r"val_fraction=0.2 .* got 2 examples \(0 would go to validation\)",
+    ):
         from_arrays(X, np.array([0, 1]))
     with pytest.raises(ValueError, match=r"got 2 examples \(2 would go to validation\)"):
         from_arrays(X, np.array([0, 1]), val_fraction=0.9)
@@ -523,8 +572,11 @@ def test_nan_inf_and_label_errors(tmp_path):
     bad[3, 1] = np.nan
     p = tmp_path / "nan.npz"
     np.savez(p, X=bad, y=y)
-    with pytest.raises(ValueError, match=r"X: expected finite values, got 1 NaN/inf entries "
-                                         r"\(the first at row 3, column 1: nan\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"X: expected finite values, got 1 NaN/inf entries "
+        r"\(the first at row 3, column 1: nan\)",
+    ):
         load_dataset(p)
     np.savez(p, X=X, y=np.where(y == 1, np.inf, 0.5))
     with pytest.raises(ValueError, match=r"y: expected finite values, got NaN/inf in 5 rows"):
@@ -534,8 +586,11 @@ def test_nan_inf_and_label_errors(tmp_path):
     with pytest.raises(ValueError, match=r"X: expected finite values"):
         load_dataset(q)
     np.savez(p, X=X, y=X[:, 0])
-    with pytest.raises(ValueError, match=r"y: expected integer-valued class labels for task "
-                                         r"'classification', got non-integer values"):
+    with pytest.raises(
+        ValueError,
+        match=r"y: expected integer-valued class labels for task "
+        r"'classification', got non-integer values",
+    ):
         load_dataset(p, task="classification")
     np.savez(p, X=X, y=np.array(list("ababababab")))
     with pytest.raises(TypeError, match=r"y: expected real numeric labels/targets, got array .* dtype <U1"):
@@ -548,8 +603,11 @@ def test_npz_malformed(tmp_path):
     X = np.zeros((10, 2))
     p = tmp_path / "m.npz"
     np.savez(p, X=X)
-    with pytest.raises(ValueError, match=r"expected arrays 'X' and 'y' in the \.npz, got \['X'\] "
-                                         r"\(missing \['y'\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected arrays 'X' and 'y' in the \.npz, got \['X'\] "
+        r"\(missing \['y'\]\)",
+    ):
         load_dataset(p)
     np.savez(p, features=X, y=np.zeros(10))
     with pytest.raises(ValueError, match=r"missing \['X'\]"):
@@ -564,20 +622,29 @@ def test_npz_malformed(tmp_path):
     with pytest.raises(ValueError, match=r"X_val: expected 2 features \(as X\)"):
         load_dataset(p)
     np.savez(p, X=np.zeros(10), y=np.zeros(10, int))
-    with pytest.raises(ValueError, match=r"X: expected a 2-D array \(n_examples, n_features\), "
-                                         r"got array of shape \(10,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"X: expected a 2-D array \(n_examples, n_features\), "
+        r"got array of shape \(10,\)",
+    ):
         load_dataset(p)
     np.savez(p, X=X, y=np.array([None] * 10, dtype=object))
     with pytest.raises(ValueError, match=r"expected a \.npz of numeric arrays, got an entry that needs pickle"):
         load_dataset(p)
     p.write_bytes(b"this is not a zip archive")
-    with pytest.raises(ValueError, match=r"name_or_path: expected a valid \.npz archive \(a zip file\), "
-                                         r"got .* which starts with bytes 74 68 69 73"):
+    with pytest.raises(
+        ValueError,
+        match=r"name_or_path: expected a valid \.npz archive \(a zip file\), "
+        r"got .* which starts with bytes 74 68 69 73",
+    ):
         load_dataset(p)
     np.savez(p, X=X, y=np.zeros(10, int))
-    p.write_bytes(p.read_bytes()[:60])          # a zip cut short
-    with pytest.raises(ValueError, match=r"name_or_path: expected a valid \.npz archive, got .* "
-                                         r"could not be read"):
+    p.write_bytes(p.read_bytes()[:60])  # a zip cut short
+    with pytest.raises(
+        ValueError,
+        match=r"name_or_path: expected a valid \.npz archive, got .* "
+        r"could not be read",
+    ):
         load_dataset(p)
 
 
@@ -587,14 +654,20 @@ def test_csv_malformed(tmp_path):
     with pytest.raises(ValueError, match=r"expected numeric entries, got 'x' on line 3, column 2"):
         load_dataset(p)
     p.write_text("1,x,0\n3,4,1\n")
-    with pytest.raises(ValueError, match=r"header: could not tell whether line 1 of 'bad\.csv' is a header "
-                                         r"\(it mixes numbers and text such as 'x'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"header: could not tell whether line 1 of 'bad\.csv' is a header "
+        r"\(it mixes numbers and text such as 'x'\)",
+    ):
         load_dataset(p)
     with pytest.raises(ValueError, match=r"got 'x' on line 1, column 2"):
         load_dataset(p, header=False)
     p.write_text("1,2,0\n3,4\n5,6,1\n")
-    with pytest.raises(ValueError, match=r"ragged rows: expected 3 fields per row \(as the first row\), "
-                                         r"got 2 on line 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"ragged rows: expected 3 fields per row \(as the first row\), "
+        r"got 2 on line 2",
+    ):
         load_dataset(p)
     p.write_text("a,b,y\n1,2,0\n3,4,5,1\n")
     with pytest.raises(ValueError, match=r"ragged rows: expected 3 fields .*as the header.* got 4 on line 3"):
@@ -629,14 +702,19 @@ def test_idx_malformed(tmp_path):
     lp = write_idx(tmp_path / "train-labels-idx1-ubyte", y)
     good = idx_bytes(X)
     ip.write_bytes(b"\x01\x02" + good[2:])
-    with pytest.raises(ValueError, match=r"expected an IDX file starting with magic 0x00 0x00 .* got bytes 01 02 08 03"):
+    with pytest.raises(
+        ValueError, match=r"expected an IDX file starting with magic 0x00 0x00 .* got bytes 01 02 08 03"
+    ):
         load_dataset(ip)
     ip.write_bytes(good[:2] + b"\x07" + good[3:])
     with pytest.raises(ValueError, match=r"expected an IDX type code in .* got 0x7 \(bad magic\)"):
         load_dataset(ip)
     ip.write_bytes(good[:-5])
-    with pytest.raises(ValueError, match=r"truncated IDX data: expected 240 bytes for shape \(12, 4, 5\) "
-                                         r"of uint8, got 235"):
+    with pytest.raises(
+        ValueError,
+        match=r"truncated IDX data: expected 240 bytes for shape \(12, 4, 5\) "
+        r"of uint8, got 235",
+    ):
         load_dataset(ip)
     ip.write_bytes(gzip.compress(good[:10]))
     with pytest.raises(ValueError, match=r"truncated IDX header: expected 16 bytes for 3 dimensions, got 10"):

@@ -1,14 +1,15 @@
 """Bitwise determinism: same seed, same backend -> identical parameters and history."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import minigd as mg
 from strategies import BACKEND_PATHS, make_model
 
+import minigd as mg
+
 SAMPLERS = ("shuffle", "replacement", "sequential")
-COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples")   # "time" is wall time
+COLUMNS = ("step", "epoch", "loss", "lr", "batch_size", "examples")  # "time" is wall time
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +20,21 @@ def data():
     return X, y
 
 
-def run(path, data, *, model_seed=0, fit_seed=0, sampler="shuffle", dtype="float64",
-        batch_size=6):
+def run(path, data, *, model_seed=0, fit_seed=0, sampler="shuffle", dtype="float64", batch_size=6):
     X, y = data
     model = make_model([5, 7, 3], path, activation="tanh", dtype=dtype, seed=model_seed)
-    hist = mg.fit(model, X.astype(dtype), y, batch_size=batch_size, epochs=3, sampler=sampler,
-                  optimizer=mg.Adam(lr=0.01), validation=(X[:9].astype(dtype), y[:9]),
-                  seed=fit_seed, eval_every=4)
+    hist = mg.fit(
+        model,
+        X.astype(dtype),
+        y,
+        batch_size=batch_size,
+        epochs=3,
+        sampler=sampler,
+        optimizer=mg.Adam(lr=0.01),
+        validation=(X[:9].astype(dtype), y[:9]),
+        seed=fit_seed,
+        eval_every=4,
+    )
     return model, hist
 
 
@@ -43,8 +52,7 @@ def assert_same_run(a, b):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("path", BACKEND_PATHS)
 def test_same_seed_is_bitwise_identical(data, path, sampler, dtype):
-    assert_same_run(run(path, data, sampler=sampler, dtype=dtype),
-                    run(path, data, sampler=sampler, dtype=dtype))
+    assert_same_run(run(path, data, sampler=sampler, dtype=dtype), run(path, data, sampler=sampler, dtype=dtype))
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -95,4 +103,4 @@ def test_pickle_and_deepcopy_keep_the_weight_views():
         assert np.array_equal(m2.params, m.params)
         m2.params[:] = 0
         assert m2.weights[0].sum() == 0 and m2.biases[1].sum() == 0
-        assert m.params.any()          # the original is untouched
+        assert m.params.any()  # the original is untouched

@@ -1,5 +1,6 @@
 """The training loop: learning-rate schedules and scaling rules, batch-size schedules,
 drop_last and the partial last batch, budgets, target stopping, and the History it returns."""
+
 from __future__ import annotations
 
 import csv
@@ -8,11 +9,11 @@ import os
 
 import numpy as np
 import pytest
+from strategies import BACKEND_PATHS, make_model
 
 import minigd as mg
 from minigd.history import STEP_COLUMNS
 from minigd.optim import constant, cosine, exponential, step_decay, warmup
-from strategies import BACKEND_PATHS, make_model
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +30,24 @@ def ce(path="cpu", dtype="float64", seed=0):
 
 
 # ============================================================================ LR schedules
-@pytest.mark.parametrize("sched, expected", [
-    (constant(0.1), {0: 0.1, 1: 0.1, 1000: 0.1}),
-    # lr * factor ** (number of boundaries <= step)
-    (step_decay(1.0, [2, 5], factor=0.5), {0: 1.0, 1: 1.0, 2: 0.5, 4: 0.5, 5: 0.25, 100: 0.25}),
-    # lr * rate ** (step / decay_steps)
-    (exponential(1.0, 0.5, decay_steps=2), {0: 1.0, 1: math.sqrt(0.5), 2: 0.5, 4: 0.25}),
-    # final + (lr - final) (1 + cos(pi min(step, T) / T)) / 2
-    (cosine(1.0, 4), {0: 1.0, 1: (1 + math.cos(math.pi / 4)) / 2, 2: 0.5, 4: 0.0, 9: 0.0}),
-    (cosine(1.0, 4, final_lr=0.2), {0: 1.0, 2: 0.6, 4: 0.2, 50: 0.2}),
-    # linear from start_lr over warmup_steps: start + (target - start) (step + 1) / (W + 1)
-    (warmup(constant(1.0), 3), {0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0, 10: 1.0}),
-    (warmup(0.4, 1, start_lr=0.2), {0: 0.3, 1: 0.4, 2: 0.4}),
-    (warmup(step_decay(1.0, [4]), 2), {0: 1 / 3, 1: 2 / 3, 2: 1.0, 4: 0.1}),
-], ids=["constant", "step_decay", "exponential", "cosine", "cosine-final", "warmup", "warmup-float", "warmup-step"])
+@pytest.mark.parametrize(
+    "sched, expected",
+    [
+        (constant(0.1), {0: 0.1, 1: 0.1, 1000: 0.1}),
+        # lr * factor ** (number of boundaries <= step)
+        (step_decay(1.0, [2, 5], factor=0.5), {0: 1.0, 1: 1.0, 2: 0.5, 4: 0.5, 5: 0.25, 100: 0.25}),
+        # lr * rate ** (step / decay_steps)
+        (exponential(1.0, 0.5, decay_steps=2), {0: 1.0, 1: math.sqrt(0.5), 2: 0.5, 4: 0.25}),
+        # final + (lr - final) (1 + cos(pi min(step, T) / T)) / 2
+        (cosine(1.0, 4), {0: 1.0, 1: (1 + math.cos(math.pi / 4)) / 2, 2: 0.5, 4: 0.0, 9: 0.0}),
+        (cosine(1.0, 4, final_lr=0.2), {0: 1.0, 2: 0.6, 4: 0.2, 50: 0.2}),
+        # linear from start_lr over warmup_steps: start + (target - start) (step + 1) / (W + 1)
+        (warmup(constant(1.0), 3), {0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0, 10: 1.0}),
+        (warmup(0.4, 1, start_lr=0.2), {0: 0.3, 1: 0.4, 2: 0.4}),
+        (warmup(step_decay(1.0, [4]), 2), {0: 1 / 3, 1: 2 / 3, 2: 1.0, 4: 0.1}),
+    ],
+    ids=["constant", "step_decay", "exponential", "cosine", "cosine-final", "warmup", "warmup-float", "warmup-step"],
+)
 def test_schedule_values(sched, expected):
     for step, lr in expected.items():
         assert sched(step) == pytest.approx(lr, rel=1e-15, abs=1e-15), step
@@ -55,29 +60,48 @@ def test_schedules_are_comparable_values():
     assert "Cosine" in repr(cosine(0.1, 100))
 
 
-@pytest.mark.parametrize("make, exc, match", [
-    (lambda: constant(-1.0), ValueError, r"^lr: expected a number >= 0"),
-    (lambda: step_decay(0.1, [5, 2]), ValueError, r"^boundaries: expected increasing steps"),
-    (lambda: step_decay(0.1, [-1]), ValueError, r"^boundaries: expected an integer >= 0"),
-    (lambda: exponential(0.1, 0.0), ValueError, r"^decay_rate: expected a number > 0"),
-    (lambda: exponential(0.1, 0.5, decay_steps=0), ValueError, r"^decay_steps: expected an integer >= 1"),
-    (lambda: cosine(0.1, 0), ValueError, r"^total_steps: expected an integer >= 1"),
-    (lambda: warmup(0.1, -1), ValueError, r"^warmup_steps: expected an integer >= 0"),
-    (lambda: mg.scale_lr(0.1, 0, 32), ValueError, r"^batch_size: expected an integer >= 1"),
-    (lambda: mg.scale_lr(0.1, 64, 32, rule="cubic"), ValueError, r"^rule: expected one of \['linear', 'sqrt', 'none'\]"),
-    (lambda: mg.BatchSizeSchedule(0), ValueError, r"^initial: expected an integer >= 1"),
-    (lambda: mg.BatchSizeSchedule(4, {2: 0}), ValueError, r"^milestones batch size: expected an integer >= 1"),
-], ids=["constant", "step-order", "step-negative", "exp-rate", "exp-steps", "cosine", "warmup", "scale-B",
-        "scale-rule", "bss-initial", "bss-milestone"])
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: constant(-1.0), ValueError, r"^lr: expected a number >= 0"),
+        (lambda: step_decay(0.1, [5, 2]), ValueError, r"^boundaries: expected increasing steps"),
+        (lambda: step_decay(0.1, [-1]), ValueError, r"^boundaries: expected an integer >= 0"),
+        (lambda: exponential(0.1, 0.0), ValueError, r"^decay_rate: expected a number > 0"),
+        (lambda: exponential(0.1, 0.5, decay_steps=0), ValueError, r"^decay_steps: expected an integer >= 1"),
+        (lambda: cosine(0.1, 0), ValueError, r"^total_steps: expected an integer >= 1"),
+        (lambda: warmup(0.1, -1), ValueError, r"^warmup_steps: expected an integer >= 0"),
+        (lambda: mg.scale_lr(0.1, 0, 32), ValueError, r"^batch_size: expected an integer >= 1"),
+        (
+            lambda: mg.scale_lr(0.1, 64, 32, rule="cubic"),
+            ValueError,
+            r"^rule: expected one of \['linear', 'sqrt', 'none'\]",
+        ),
+        (lambda: mg.BatchSizeSchedule(0), ValueError, r"^initial: expected an integer >= 1"),
+        (lambda: mg.BatchSizeSchedule(4, {2: 0}), ValueError, r"^milestones batch size: expected an integer >= 1"),
+    ],
+    ids=[
+        "constant",
+        "step-order",
+        "step-negative",
+        "exp-rate",
+        "exp-steps",
+        "cosine",
+        "warmup",
+        "scale-B",
+        "scale-rule",
+        "bss-initial",
+        "bss-milestone",
+    ],
+)
 def test_bad_schedule_arguments(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
 
 
 def test_scale_lr_rules():
-    assert mg.scale_lr(0.1, 256, 32) == pytest.approx(0.8)                 # linear: 0.1 * 256 / 32
-    assert mg.scale_lr(0.1, 8, 32, "linear") == pytest.approx(0.025)       # and down: 0.1 * 8 / 32
-    assert mg.scale_lr(0.1, 128, 32, "sqrt") == pytest.approx(0.2)         # sqrt: 0.1 * sqrt(4)
+    assert mg.scale_lr(0.1, 256, 32) == pytest.approx(0.8)  # linear: 0.1 * 256 / 32
+    assert mg.scale_lr(0.1, 8, 32, "linear") == pytest.approx(0.025)  # and down: 0.1 * 8 / 32
+    assert mg.scale_lr(0.1, 128, 32, "sqrt") == pytest.approx(0.2)  # sqrt: 0.1 * sqrt(4)
     assert mg.scale_lr(0.1, 128, 32, "none") == 0.1
     assert mg.scale_lr(0.1, 32, 32, "sqrt") == 0.1
 
@@ -97,7 +121,7 @@ def test_fit_reads_the_schedule_at_every_step(tiny, path):
 
 # ============================================================================ batch-size schedules
 def test_batch_size_schedule_object():
-    s = mg.BatchSizeSchedule(4, {4: 16, 2: 8})       # milestones sorted by epoch
+    s = mg.BatchSizeSchedule(4, {4: 16, 2: 8})  # milestones sorted by epoch
     assert s.milestones == ((2, 8), (4, 16))
     assert [s.at_epoch(e) for e in range(6)] == [4, 4, 8, 8, 16, 16]
     assert s.max_batch == 16
@@ -125,7 +149,7 @@ def test_batch_size_schedule_in_fit(path):
 def test_drop_last_batch_sizes(tiny, sampler, drop_last):
     X, y = tiny
     hist = mg.fit(ce(), X, y, batch_size=4, epochs=2, sampler=sampler, drop_last=drop_last)
-    if sampler == "replacement":       # i.i.d. draws: always full batches; steps/epoch as without
+    if sampler == "replacement":  # i.i.d. draws: always full batches; steps/epoch as without
         per_epoch = [4, 4] if drop_last else [4, 4, 4]
     else:
         per_epoch = [4, 4] if drop_last else [4, 4, 2]
@@ -146,9 +170,9 @@ def test_partial_last_batch_is_the_mean_over_its_own_examples(path):
     p = m.params.copy()
     losses = []
     for rows in (slice(0, 4), slice(4, 8), slice(8, 10)):
-        d = X[rows] @ p[:3] + p[3] - y[rows]              # residuals of this batch
-        losses.append(np.mean(0.5 * d ** 2))               # mean over its examples
-        g = np.r_[X[rows].T @ d / len(d), d.mean()]        # mean gradient over its examples
+        d = X[rows] @ p[:3] + p[3] - y[rows]  # residuals of this batch
+        losses.append(np.mean(0.5 * d**2))  # mean over its examples
+        g = np.r_[X[rows].T @ d / len(d), d.mean()]  # mean gradient over its examples
         p = p - 0.1 * g
     hist = mg.fit(m, X, y, batch_size=4, epochs=1, sampler="sequential", optimizer=mg.SGD(lr=0.1))
     assert hist.column("batch_size").tolist() == [4, 4, 2]
@@ -159,14 +183,18 @@ def test_partial_last_batch_is_the_mean_over_its_own_examples(path):
 
 
 # ============================================================================ budgets and stopping
-@pytest.mark.parametrize("kw, n_steps, reason", [
-    (dict(steps=7), 7, "steps"),
-    (dict(epochs=2), 6, "epochs"),                   # ceil(10 / 4) = 3 steps per epoch
-    (dict(examples=25), 8, "examples"),              # 4, 8, 10, 14, 18, 20, 24, 28 >= 25
-    (dict(epochs=5, steps=4), 4, "steps"),           # the first budget reached wins
-    (dict(epochs=1, examples=1000), 3, "epochs"),
-    (dict(), 30, "epochs"),                          # no budget: 10 epochs
-], ids=["steps", "epochs", "examples", "steps-first", "epochs-first", "default-10-epochs"])
+@pytest.mark.parametrize(
+    "kw, n_steps, reason",
+    [
+        (dict(steps=7), 7, "steps"),
+        (dict(epochs=2), 6, "epochs"),  # ceil(10 / 4) = 3 steps per epoch
+        (dict(examples=25), 8, "examples"),  # 4, 8, 10, 14, 18, 20, 24, 28 >= 25
+        (dict(epochs=5, steps=4), 4, "steps"),  # the first budget reached wins
+        (dict(epochs=1, examples=1000), 3, "epochs"),
+        (dict(), 30, "epochs"),  # no budget: 10 epochs
+    ],
+    ids=["steps", "epochs", "examples", "steps-first", "epochs-first", "default-10-epochs"],
+)
 def test_budgets(tiny, kw, n_steps, reason):
     X, y = tiny
     hist = mg.fit(ce(), X, y, batch_size=4, **kw)
@@ -197,8 +225,7 @@ def test_callback_can_stop(tiny):
 def test_target_stopping(blobs, path):
     X, y = blobs
     m = make_model([4, 3], path, dtype="float64", seed=0)
-    hist = mg.fit(m, X, y, batch_size=10, epochs=50, optimizer=mg.SGD(lr=0.1),
-                  target={"train_loss": 0.3}, eval_every=1)
+    hist = mg.fit(m, X, y, batch_size=10, epochs=50, optimizer=mg.SGD(lr=0.1), target={"train_loss": 0.3}, eval_every=1)
     assert hist.reached is True and hist.stop_reason == "target"
     losses = [e["train_loss"] for e in hist.evals]
     first = next(i for i, v in enumerate(losses) if v <= 0.3)
@@ -211,13 +238,19 @@ def test_target_stopping(blobs, path):
 
 def test_validation_accuracy_target_and_unreachable_target(blobs):
     X, y = blobs
-    hist = mg.fit(ce_blobs := make_model([4, 3], "cpu", dtype="float64"), X, y, batch_size=10, epochs=30,
-                  validation=(X, y), target={"val_accuracy": 0.9})
+    hist = mg.fit(
+        ce_blobs := make_model([4, 3], "cpu", dtype="float64"),
+        X,
+        y,
+        batch_size=10,
+        epochs=30,
+        validation=(X, y),
+        target={"val_accuracy": 0.9},
+    )
     assert hist.reached is True and hist.evals[-1]["val_accuracy"] >= 0.9
     assert ce_blobs.score(X, y) >= 0.9
     # a target not reached within the budget (a loss of exactly 0; a negative one is refused up front)
-    hist = mg.fit(make_model([4, 3], "cpu", dtype="float64"), X, y, batch_size=10, epochs=3,
-                  target={"train_loss": 0.0})
+    hist = mg.fit(make_model([4, 3], "cpu", dtype="float64"), X, y, batch_size=10, epochs=3, target={"train_loss": 0.0})
     assert hist.reached is False and hist.stop_reason == "epochs"
     assert hist.steps_to_target is None and hist.examples_to_target is None
 
@@ -229,7 +262,7 @@ def test_history_records_and_csv(tiny, tmp_path):
     recs = hist.records
     assert len(recs) == hist.n_steps == 6
     for i, r in enumerate(recs):
-        assert list(r)[:len(STEP_COLUMNS)] == list(STEP_COLUMNS)
+        assert list(r)[: len(STEP_COLUMNS)] == list(STEP_COLUMNS)
         assert r["step"] == i and isinstance(r["step"], int) and isinstance(r["batch_size"], int)
         assert isinstance(r["loss"], float) and isinstance(r["lr"], float)
     # evaluations (after steps 2, 4, 6) are merged into the record of the step they follow
@@ -248,12 +281,12 @@ def test_history_records_and_csv(tiny, tmp_path):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(recs)
-    assert list(rows[0])[:len(STEP_COLUMNS)] == list(STEP_COLUMNS) and "val_loss" in rows[0]
+    assert list(rows[0])[: len(STEP_COLUMNS)] == list(STEP_COLUMNS) and "val_loss" in rows[0]
     for row, r in zip(rows, recs):
         assert int(row["step"]) == r["step"] and int(row["batch_size"]) == r["batch_size"]
-        assert float(row["loss"]) == r["loss"]          # repr round-trips floats exactly
+        assert float(row["loss"]) == r["loss"]  # repr round-trips floats exactly
         assert (row["val_loss"] == "") == ("val_loss" not in r)
-    assert [p.name for p in tmp_path.iterdir()] == ["hist.csv"]     # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["hist.csv"]  # no temporary left behind
 
 
 def test_to_csv_is_atomic(tiny, tmp_path, monkeypatch):
@@ -335,8 +368,7 @@ def test_first_fit_does_not_time_jit_compilation():
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-c", _NO_COMPILE_IN_TIMED_STEPS], capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", _NO_COMPILE_IN_TIMED_STEPS], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
 
 
@@ -361,11 +393,15 @@ def test_warm_up_covers_every_batch_size_of_the_run(monkeypatch):
     assert seen == [([2, 8, 10, 20], False), ([8], True), ([8], False)]
 
 
-@pytest.mark.parametrize("kw, fit_kw", [
-    ({}, dict(batch_size=1, optimizer=mg.SGD(lr=0.1, momentum=0.9))),
-    ({}, dict(batch_size=7, optimizer=mg.Adam(lr=0.01), track_noise=2)),
-    ({"batch_norm": True, "dropout": 0.3}, dict(batch_size=8, optimizer=mg.AdamW(lr=0.01))),
-], ids=["loops-momentum", "blas-adam-noise", "bn-dropout-adamw"])
+@pytest.mark.parametrize(
+    "kw, fit_kw",
+    [
+        ({}, dict(batch_size=1, optimizer=mg.SGD(lr=0.1, momentum=0.9))),
+        ({}, dict(batch_size=7, optimizer=mg.Adam(lr=0.01), track_noise=2)),
+        ({"batch_norm": True, "dropout": 0.3}, dict(batch_size=8, optimizer=mg.AdamW(lr=0.01))),
+    ],
+    ids=["loops-momentum", "blas-adam-noise", "bn-dropout-adamw"],
+)
 def test_warm_up_changes_nothing(monkeypatch, kw, fit_kw):
     """The untimed warm-up leaves the parameters, optimizer state, running statistics and
     random streams alone: the run is bitwise the one without it."""

@@ -21,6 +21,7 @@ What counts as the documented error:
   ``X``, ``y``, ...); when it loads, every array is finite and labels lie in
   ``0..n_classes-1``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,14 @@ from minigd.checkpoint import load_checkpoint
 from minigd.data import load_dataset, read_idx
 
 N_EXAMPLES = int(os.environ.get("MINIGD_FUZZ_EXAMPLES", "30"))
-FUZZ = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=N_EXAMPLES <= 30, database=None,
-                print_blob=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=N_EXAMPLES,
+    deadline=None,
+    derandomize=N_EXAMPLES <= 30,
+    database=None,
+    print_blob=True,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @contextlib.contextmanager
@@ -76,15 +83,24 @@ _Y = (_X[:, 0] > 0).astype(np.int64) + (_X[:, 1] > 0.7)
 
 #: the runs whose checkpoints are crafted: fit arguments (the resume repeats them)
 RUNS = {
-    "sgd": dict(model=dict(sizes=[4, 5, 3], dtype="float64"),
-                fit=dict(batch_size=4, optimizer=lambda: mg.SGD(lr=0.1, momentum=0.9), sampler="shuffle",
-                         validation=True, target={"val_loss": 0.05})),
-    "adam": dict(model=dict(sizes=[4, 6, 3], dtype="float32"),
-                 fit=dict(batch_size=5, optimizer=lambda: mg.Adam(lr=0.01), sampler="replacement",
-                          track_noise=2)),
-    "bn": dict(model=dict(sizes=[4, 6, 3], dtype="float64", batch_norm=True),
-               fit=dict(batch_size=6, optimizer=lambda: mg.AdamW(lr=0.01), sampler="sequential",
-                        drop_last=True)),
+    "sgd": dict(
+        model=dict(sizes=[4, 5, 3], dtype="float64"),
+        fit=dict(
+            batch_size=4,
+            optimizer=lambda: mg.SGD(lr=0.1, momentum=0.9),
+            sampler="shuffle",
+            validation=True,
+            target={"val_loss": 0.05},
+        ),
+    ),
+    "adam": dict(
+        model=dict(sizes=[4, 6, 3], dtype="float32"),
+        fit=dict(batch_size=5, optimizer=lambda: mg.Adam(lr=0.01), sampler="replacement", track_noise=2),
+    ),
+    "bn": dict(
+        model=dict(sizes=[4, 6, 3], dtype="float64", batch_norm=True),
+        fit=dict(batch_size=6, optimizer=lambda: mg.AdamW(lr=0.01), sampler="sequential", drop_last=True),
+    ),
 }
 
 
@@ -109,8 +125,16 @@ def _base(name) -> bytes:
     if name not in _BASES:
         X, y = _data(name)
         p = os.path.join(_TMP, f"base-{name}.npz")
-        mg.fit(mg.MLP(**RUNS[name]["model"], seed=0), X, y, steps=5, checkpoint=p, checkpoint_every=5,
-               seed=2, **_fit_args(name, X, y))
+        mg.fit(
+            mg.MLP(**RUNS[name]["model"], seed=0),
+            X,
+            y,
+            steps=5,
+            checkpoint=p,
+            checkpoint_every=5,
+            seed=2,
+            **_fit_args(name, X, y),
+        )
         with open(p, "rb") as f:
             _BASES[name] = f.read()
     return _BASES[name]
@@ -119,8 +143,11 @@ def _base(name) -> bytes:
 def _split(blob):
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         meta = json.loads(z.read("meta.json"))
-        arrays = {i.filename[:-4]: np.lib.format.read_array(io.BytesIO(z.read(i)))
-                  for i in z.infolist() if i.filename.endswith(".npy")}
+        arrays = {
+            i.filename[:-4]: np.lib.format.read_array(io.BytesIO(z.read(i)))
+            for i in z.infolist()
+            if i.filename.endswith(".npy")
+        }
     return meta, arrays
 
 
@@ -138,14 +165,59 @@ def _join(meta, arrays, *, fix_table=True) -> bytes:
 
 
 HOSTILE = st.one_of(
-    st.sampled_from([0, 1, -1, 2, 3, 5, 7, 23, -23, 2**31 - 1, 2**31, 2**53, 2**63 - 1, 2**63, -2**63, 10**12,
-                     10**30, 0.5, -0.5, 1e-300, 1e308, -1e308, math.nan, math.inf, -math.inf, True, False, None,
-                     "", "x", "order", "NaN", [], {}, [0, 0, 0, 0], [None] * 4, {"a": 1}, [[1, 2], [3]],
-                     {"__ndarray__": [1, 2], "dtype": "O"}, {"__ndarray__": [[1], [2, 3]], "dtype": "f8"},
-                     {"__ndarray__": 5, "dtype": "(1000000000,)f8"}, {"__ndarray__": [1], "dtype": "V8"},
-                     {"__ndarray__": [1.5], "dtype": "<f8"}, {"__ndarray__": [], "dtype": "i8"}]),
-    st.integers(-10**20, 10**20), st.floats(), st.text(max_size=6),
-    st.lists(st.integers(-3, 40), max_size=6))
+    st.sampled_from(
+        [
+            0,
+            1,
+            -1,
+            2,
+            3,
+            5,
+            7,
+            23,
+            -23,
+            2**31 - 1,
+            2**31,
+            2**53,
+            2**63 - 1,
+            2**63,
+            -(2**63),
+            10**12,
+            10**30,
+            0.5,
+            -0.5,
+            1e-300,
+            1e308,
+            -1e308,
+            math.nan,
+            math.inf,
+            -math.inf,
+            True,
+            False,
+            None,
+            "",
+            "x",
+            "order",
+            "NaN",
+            [],
+            {},
+            [0, 0, 0, 0],
+            [None] * 4,
+            {"a": 1},
+            [[1, 2], [3]],
+            {"__ndarray__": [1, 2], "dtype": "O"},
+            {"__ndarray__": [[1], [2, 3]], "dtype": "f8"},
+            {"__ndarray__": 5, "dtype": "(1000000000,)f8"},
+            {"__ndarray__": [1], "dtype": "V8"},
+            {"__ndarray__": [1.5], "dtype": "<f8"},
+            {"__ndarray__": [], "dtype": "i8"},
+        ]
+    ),
+    st.integers(-(10**20), 10**20),
+    st.floats(),
+    st.text(max_size=6),
+    st.lists(st.integers(-3, 40), max_size=6),
+)
 
 
 def _paths(tree, prefix=()):
@@ -183,7 +255,7 @@ def _crafted_array(draw, a):
                 with np.errstate(over="ignore", invalid="ignore"):
                     b.flat[i] = v
             else:
-                b.flat[i] = draw(st.sampled_from([-1, 2**62, -2**62, n]))
+                b.flat[i] = draw(st.sampled_from([-1, 2**62, -(2**62), n]))
         return b
     if how == "shape":
         k = draw(st.integers(0, 2 * n + 2))
@@ -196,7 +268,7 @@ def _crafted_array(draw, a):
         return a[:0]
     if how == "permute":
         return np.random.default_rng(draw(st.integers(0, 2**32 - 1))).permutation(a.ravel()).reshape(a.shape)
-    b = a.copy()                               # dup: one value repeated
+    b = a.copy()  # dup: one value repeated
     if b.size > 1:
         b.flat[1] = b.flat[0]
     return b
@@ -219,9 +291,9 @@ def crafted_checkpoints(draw):
             elif op == "insert":
                 b[i:i] = draw(st.binary(min_size=1, max_size=16))
             elif op == "delete":
-                del b[i:i + draw(st.integers(1, 64))]
+                del b[i : i + draw(st.integers(1, 64))]
             elif op == "zero":
-                b[i:i + 8] = bytes(len(b[i:i + 8]))
+                b[i : i + 8] = bytes(len(b[i : i + 8]))
         return name, bytes(b)
     meta, arrays = _split(blob)
     if kind in ("meta", "both"):
@@ -305,7 +377,7 @@ def test_crafted_checkpoints_that_differ_only_in_the_loop_state(name, seed):
         elif what == "draws" and "sampler.draws" in arrays:
             d = arrays["sampler.draws"].copy()
             d[rng.integers(d.size)] = v
-            arrays["sampler.draws"] = d if rng.random() < 0.7 else d[:rng.integers(d.size)]
+            arrays["sampler.draws"] = d if rng.random() < 0.7 else d[: rng.integers(d.size)]
         elif what == "t":
             meta["opt"]["t"] = v
         elif what == "n_steps":
@@ -329,11 +401,39 @@ def test_crafted_checkpoints_that_differ_only_in_the_loop_state(name, seed):
 
 
 # ============================================================================ data files
-_DATA_MSG = re.compile(r"^(name_or_path|labels|header|label_column|delimiter|task|part|n|X|y|X_val|y_val|path)"
-                       r"(\[[^\]]*\])?( \([^)]*\))?: \S")
+_DATA_MSG = re.compile(
+    r"^(name_or_path|labels|header|label_column|delimiter|task|part|n|X|y|X_val|y_val|path)"
+    r"(\[[^\]]*\])?( \([^)]*\))?: \S"
+)
 
-TOKENS = ["0", "1", "-1", "2", "3.5", "1e308", "-1.7e308", "1e400", "-1e400", "nan", "inf", "-inf", "abc", "",
-          " ", '"', '"1,5"', "#", "\x00", "0x10", "1_000", "\u0661", "1e-320", "9" * 400, "label", "\ufeff1"]
+TOKENS = [
+    "0",
+    "1",
+    "-1",
+    "2",
+    "3.5",
+    "1e308",
+    "-1.7e308",
+    "1e400",
+    "-1e400",
+    "nan",
+    "inf",
+    "-inf",
+    "abc",
+    "",
+    " ",
+    '"',
+    '"1,5"',
+    "#",
+    "\x00",
+    "0x10",
+    "1_000",
+    "\u0661",
+    "1e-320",
+    "9" * 400,
+    "label",
+    "\ufeff1",
+]
 
 
 EXTREME = [0.0, 1.0, -1.0, 0.5, 3.0, 1e308, -1.7e308, 1e-320, 3.5e38, -3.5e38, 1e20, 2.0**63, 1e154]
@@ -366,15 +466,28 @@ def csv_texts(draw):
         lines.append(",".join(draw(st.sampled_from(["a", "b", "label", "1", ""])) for _ in range(width)))
     for _ in range(rows):
         w = width if draw(st.integers(0, 9)) else draw(st.integers(0, 7))
-        fields = [draw(st.one_of(st.sampled_from(TOKENS), st.floats().map(repr),
-                                 st.integers(-10**30, 10**30).map(str))) for _ in range(w)]
+        fields = [
+            draw(st.one_of(st.sampled_from(TOKENS), st.floats().map(repr), st.integers(-(10**30), 10**30).map(str)))
+            for _ in range(w)
+        ]
         lines.append(",".join(fields))
     eol = draw(st.sampled_from(["\n", "\r\n", "\r"]))
     return eol.join(lines) + (eol if draw(st.booleans()) else "")
 
 
-_DTYPES = [np.float32, np.float64, np.int8, np.int64, np.uint64, np.bool_, np.complex64, "S3", "U2", np.float16,
-           [("a", "f8"), ("b", "i4")]]
+_DTYPES = [
+    np.float32,
+    np.float64,
+    np.int8,
+    np.int64,
+    np.uint64,
+    np.bool_,
+    np.complex64,
+    "S3",
+    "U2",
+    np.float16,
+    [("a", "f8"), ("b", "i4")],
+]
 
 
 @st.composite
@@ -401,13 +514,22 @@ def npz_dicts(draw):
     for key in draw(st.lists(st.sampled_from(["X", "y", "X_val", "y_val", "junk"]), max_size=5, unique=True)):
         dt = np.dtype(draw(st.sampled_from(_DTYPES)))
         rank = draw(st.integers(0, 3))
-        shape = tuple([n if draw(st.integers(0, 4)) else draw(st.integers(0, 9))] +
-                      [draw(st.integers(0, 4)) for _ in range(rank - 1)]) if rank else ()
+        shape = (
+            tuple(
+                [n if draw(st.integers(0, 4)) else draw(st.integers(0, 9))]
+                + [draw(st.integers(0, 4)) for _ in range(rank - 1)]
+            )
+            if rank
+            else ()
+        )
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
         raw = rng.integers(0, 256, size=int(np.prod(shape)) * dt.itemsize, dtype=np.uint8).tobytes()
         with np.errstate(over="ignore"):
-            a = np.frombuffer(raw, dtype=dt).reshape(shape).copy() if dt.kind not in "fc" else \
-                rng.choice([0.0, 1.0, -2.0, 3.0, np.nan, np.inf, 1e300, -1e38, 7e37], size=shape).astype(dt)
+            a = (
+                np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+                if dt.kind not in "fc"
+                else rng.choice([0.0, 1.0, -2.0, 3.0, np.nan, np.inf, 1e300, -1e38, 7e37], size=shape).astype(dt)
+            )
         out[key] = a
     return out
 
@@ -448,7 +570,7 @@ def data_files(draw):
     if kind.endswith(".gz"):
         blob = gzip.compress(blob)
         name += ".gz"
-    if draw(st.integers(0, 4)) == 0 and blob:        # then damage it
+    if draw(st.integers(0, 4)) == 0 and blob:  # then damage it
         b = bytearray(blob)
         i = draw(st.integers(0, len(b) - 1))
         op = draw(st.sampled_from(["flip", "truncate"]))
@@ -458,7 +580,7 @@ def data_files(draw):
             del b[i:]
         blob = bytes(b)
     labels = draw(idx_files()) if name.startswith("train-images") else None
-    if kind.startswith("idx") and draw(st.booleans()):      # a consistent pair (then maybe damaged above)
+    if kind.startswith("idx") and draw(st.booleans()):  # a consistent pair (then maybe damaged above)
         n, r, c = draw(st.integers(2, 9)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
         body = draw(st.binary(min_size=n * r * c, max_size=n * r * c))
         blob = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, r, c)) + body

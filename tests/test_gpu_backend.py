@@ -16,15 +16,16 @@ the gpu backend, each pinned through its instance attributes:
 
 The ``cuda`` half has not run on hardware yet: no session that worked on this code had a GPU.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_backend_parity import _TRAIN_DEFAULTS, EVAL_TOL, MODEL_CASES, TRAIN_CASES, TRAIN_TOL, assert_close
 
 import minigd as mg
 from minigd.backends import available_backends
 from minigd.testing import gpu_emu
-from test_backend_parity import EVAL_TOL, MODEL_CASES, TRAIN_CASES, TRAIN_TOL, _TRAIN_DEFAULTS, assert_close
 
 with gpu_emu.emulated(False):
     _CUDA_REASON = available_backends()["gpu"]
@@ -137,7 +138,7 @@ def test_nan_gradient_is_never_applied(backend_path):
         assert np.array_equal(m.params, p0)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the numpy reference overflows loudly
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the numpy reference overflows loudly
 @pytest.mark.parametrize("batch_size", [4, "full"])
 def test_divergence_stops_fit_at_the_same_step_with_the_last_finite_params(path, dtype, batch_size):
     """As tests/test_validation.py's divergence test: an MSE regression that overflows."""
@@ -158,7 +159,7 @@ def test_divergence_stops_fit_at_the_same_step_with_the_last_finite_params(path,
 
 @pytest.mark.parametrize("dev", ["emu", "cuda"])
 def test_run_steps_equals_repeated_train_steps(dtype, dev):
-    ref, X, y = TRAIN_CASES[1].model.build("numpy", dtype)      # momentum
+    ref, X, y = TRAIN_CASES[1].model.build("numpy", dtype)  # momentum
     a, b = on_gpu(ref, f"{dev}:gpu-graph"), on_gpu(ref, f"{dev}:gpu-graph")
     opt = mg.SGD(lr=0.05, momentum=0.9)
     X, yi, yf = a.check_Xy(X, y)
@@ -168,8 +169,12 @@ def test_run_steps_equals_repeated_train_steps(dtype, dev):
     lrs = np.linspace(0.05, 0.01, n)
     sa, sb = opt.init(a.params), opt.init(b.params)
     res = a.backend_impl.run_steps(a.params, X, yi, yf, idx, B, n, sa, lrs, 1, read_every=5)
-    losses = [b.backend_impl.train_step(b.params, b._grad, X, yi, yf, idx[s * B:(s + 1) * B], B, sb,
-                                        float(lrs[s]), s + 1)[0] for s in range(n)]
+    losses = [
+        b.backend_impl.train_step(b.params, b._grad, X, yi, yf, idx[s * B : (s + 1) * B], B, sb, float(lrs[s]), s + 1)[
+            0
+        ]
+        for s in range(n)
+    ]
     assert res["applied"].all() and len(res["loss"]) == n
     np.testing.assert_array_equal(res["loss"], losses)
     np.testing.assert_array_equal(a.params, b.params)
@@ -182,7 +187,7 @@ def test_run_steps_keeps_the_base_contract(dev):
     ``read_every``), B rows of ``idx`` as the rows of every step (full batch), a ``time``
     per step (the call's time, spread evenly: the device does not time steps one by one),
     and ``max_time`` honoured at the first read-back after it."""
-    ref, X, y = TRAIN_CASES[1].model.build("numpy", "float64")      # momentum
+    ref, X, y = TRAIN_CASES[1].model.build("numpy", "float64")  # momentum
     a, b = on_gpu(ref, f"{dev}:gpu-graph"), on_gpu(ref, f"{dev}:gpu-graph")
     impl = a.backend_impl
     assert impl.steps_per_call == impl.read_every == 64
@@ -219,8 +224,8 @@ def test_host_param_writes_between_steps_are_seen(dev):
 
 # ============================================================================ fit's device-resident loop
 _CHUNK_FITS = [
-    dict(batch_size=4, epochs=3),                                          # 5 full steps an epoch
-    dict(batch_size=6, epochs=2, eval_every=3),                            # a partial last batch
+    dict(batch_size=4, epochs=3),  # 5 full steps an epoch
+    dict(batch_size=6, epochs=2, eval_every=3),  # a partial last batch
     dict(batch_size=3, steps=11, optimizer=mg.SGD(lr=mg.optim.cosine(0.2, 11), momentum=0.9)),
     dict(batch_size=5, examples=37, sampler="replacement", optimizer=mg.Adam(lr=0.01)),
     dict(batch_size=mg.BatchSizeSchedule(2, {1: 7}), epochs=2, sampler="sequential"),
@@ -250,18 +255,19 @@ def test_fit_in_device_chunks_equals_fit_step_by_step(kw, tmp_path):
         h = mg.fit(m, X, y, validation=(X[:5], y[:5]), seed=2, **fkw)
         runs.append((h, m.params.copy(), calls))
     (h1, p1, c1), (h4, p4, c4), (h64, p64, c64) = runs
-    assert all(n == 1 for n in c1)                       # read_every=1: one step per call
-    if kw["batch_size"] == "full" and "eval_every" not in kw:   # evaluates at every epoch end
+    assert all(n == 1 for n in c1)  # read_every=1: one step per call
+    if kw["batch_size"] == "full" and "eval_every" not in kw:  # evaluates at every epoch end
         assert set(c4) == set(c64) == {1}
-    else:                                                # (train_step is run_steps of 1 step)
+    else:  # (train_step is run_steps of 1 step)
         assert 2 <= max(c4) <= 4 and max(c64) >= max(c4)
     for h, p in ((h4, p4), (h64, p64)):
         assert h.n_steps == h1.n_steps and h.stop_reason == h1.stop_reason
         for col in ("step", "epoch", "loss", "lr", "batch_size", "examples"):
             np.testing.assert_array_equal(h.column(col), h1.column(col), err_msg=col)
         for a, b in ((h.evals, h1.evals), (h.epochs, h1.epochs)):
-            assert [{k: v for k, v in e.items() if k != "time"} for e in a] == \
-                [{k: v for k, v in e.items() if k != "time"} for e in b]
+            assert [{k: v for k, v in e.items() if k != "time"} for e in a] == [
+                {k: v for k, v in e.items() if k != "time"} for e in b
+            ]
         assert np.array_equal(p, p1)
         assert np.all(np.diff(h.column("time")) >= 0)
 
@@ -274,18 +280,19 @@ def test_fit_chunks_stop_at_evaluations_checkpoints_and_budgets(tmp_path):
     m.backend_impl.run_steps = lambda *a, **k: calls.append((a[6], a[9])) or real(*a, **k)
     # eval every 3, checkpoint every 5, 20 steps (and epochs end with a partial batch)
     mg.fit(m, X, y, batch_size=2, steps=20, eval_every=3, checkpoint=tmp_path / "ck.npz", checkpoint_every=5)
-    starts = [t - 1 for _, t in calls]                   # t = step + 1 of the chunk's first step
+    starts = [t - 1 for _, t in calls]  # t = step + 1 of the chunk's first step
     ends = [s + n for (n, _), s in zip(calls, starts)]
     assert max(n for n, _ in calls) >= 2
-    for e in (3, 5, 6, 9, 10, 12, 15, 18, 20):           # no chunk runs across an eval/checkpoint/budget
+    for e in (3, 5, 6, 9, 10, 12, 15, 18, 20):  # no chunk runs across an eval/checkpoint/budget
         assert not any(s < e < end for s, end in zip(starts, ends)), e
     # and a resumed run continues identically
     again = on_gpu(ref, "emu:gpu-graph")
     h_full = mg.fit(again, X, y, batch_size=2, steps=20, eval_every=3)
     part = on_gpu(ref, "emu:gpu-graph")
     mg.fit(part, X, y, batch_size=2, steps=10, eval_every=3, checkpoint=tmp_path / "p.npz", checkpoint_every=5)
-    h_res = mg.fit(part, X, y, batch_size=2, steps=20, eval_every=3, checkpoint=tmp_path / "p.npz",
-                   checkpoint_every=5, resume=True)
+    h_res = mg.fit(
+        part, X, y, batch_size=2, steps=20, eval_every=3, checkpoint=tmp_path / "p.npz", checkpoint_every=5, resume=True
+    )
     np.testing.assert_array_equal(h_res.column("loss"), h_full.column("loss"))
     assert np.array_equal(part.params, again.params)
 
@@ -314,7 +321,7 @@ def test_device_loop_allocates_nothing_and_reads_back_every_k_steps(regime):
     """The issue's habits, counted on the emulated device: a warm run_steps allocates no
     device memory, and copies to the host once per ``read_every`` steps plus the final
     parameters / optimizer state -- independent of the number of steps."""
-    ref, X, y = TRAIN_CASES[1].model.build("numpy", "float32")     # SGD + momentum
+    ref, X, y = TRAIN_CASES[1].model.build("numpy", "float32")  # SGD + momentum
     m = on_gpu(ref, f"emu:{regime}")
     impl = m.backend_impl
     X, yi, yf = m.check_Xy(X, y)
@@ -334,10 +341,10 @@ def test_device_loop_allocates_nothing_and_reads_back_every_k_steps(regime):
         if regime == "gpu-graph":
             assert c["graph_launch"] == n and c.get("matmul", 0) == 0
         else:
-            assert c["matmul"] == n * 5 and c.get("graph_launch", 0) == 0   # 2 layers: 2 fwd + 3 bwd GEMMs
-    fixed = counted[(40, 40)]["get"] - 1          # parameters, optimizer state, hp: once per call
+            assert c["matmul"] == n * 5 and c.get("graph_launch", 0) == 0  # 2 layers: 2 fwd + 3 bwd GEMMs
+    fixed = counted[(40, 40)]["get"] - 1  # parameters, optimizer state, hp: once per call
     assert counted[(40, 10)]["get"] == fixed + 4 and counted[(20, 5)]["get"] == fixed + 4
-    assert counted[(40, 10)]["set"] == counted[(40, 40)]["set"]                # uploads once per call
+    assert counted[(40, 10)]["set"] == counted[(40, 40)]["set"]  # uploads once per call
 
 
 def test_a_schedule_that_raises_mid_chunk_stops_where_the_per_step_loop_stops():

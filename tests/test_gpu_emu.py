@@ -5,6 +5,7 @@ so it must itself be right: the CUDA execution model it claims (barriers, warp s
 shared memory per block, grid/block indices), the misuses it reports, the argument checks
 CuPy does not do, and the graph-capture rules of CuPy and the CUDA runtime.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,7 +19,7 @@ from minigd.testing import gpu_emu as E
 
 pytestmark = pytest.mark.skipif(E.reason() is not None, reason=f"no GPU emulator: {E.reason()}")
 
-CODE = r'''
+CODE = r"""
 extern "C" __global__ void ids(int* out) {
     const int t = (blockIdx.y * gridDim.x + blockIdx.x) * (blockDim.x * blockDim.y)
                   + threadIdx.y * blockDim.x + threadIdx.x;
@@ -67,7 +68,7 @@ extern "C" __global__ void shared_forms(double* y) { forms<double>(y); }
 extern "C" __global__ void unsigned_args(unsigned int n, const unsigned char* x, unsigned long long* y) {
     for (unsigned int i = 0; i < n; ++i) y[i] = x[i] + 1ull;
 }
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_every_form_of_shared_declaration_starts_as_nan(mod):
     y = E.zeros(5, np.float64)
     mod.get_function("shared_forms")((1,), (1,), (y,))
     got = y.get()
-    assert np.isnan(got[[0, 2, 3, 4]]).all() and got[1] == -1   # 0xff bytes; the unsigned one as int
+    assert np.isnan(got[[0, 2, 3, 4]]).all() and got[1] == -1  # 0xff bytes; the unsigned one as int
     with pytest.raises(RuntimeError, match="extern __shared__"):
         E.build('extern "C" __global__ void d(float* x) { extern __shared__ float buf[]; x[0] = buf[0]; }')
 
@@ -170,7 +171,7 @@ def test_arguments_are_checked_against_the_kernel_signature(mod):
     for args, msg in bad:
         with pytest.raises((TypeError, ValueError), match=msg):
             k((1,), (4,), args)
-    k((1,), (4,), (np.int64(0), np.float64(2.0), x, np.uint64(0)))   # np.uint64(0): a null pointer
+    k((1,), (4,), (np.int64(0), np.float64(2.0), x, np.uint64(0)))  # np.uint64(0): a null pointer
 
 
 def test_unsigned_and_byte_arguments(mod):
@@ -206,14 +207,19 @@ def test_graph_capture_records_and_replays_with_the_captured_arguments(mod):
         k((1,), (1,), (st, out))
         with pytest.raises(NotImplementedError, match="cuBLAS"):
             E.matmul(mm[0], mm[1], out=mm[2])
-        for call in (lambda: out.get(), lambda: out.set(np.zeros(4)), s.synchronize,
-                     lambda: E.zeros(3), lambda: E.asarray(np.zeros(3))):
+        for call in (
+            lambda: out.get(),
+            lambda: out.set(np.zeros(4)),
+            s.synchronize,
+            lambda: E.zeros(3),
+            lambda: E.asarray(np.zeros(3)),
+        ):
             with pytest.raises(RuntimeError, match="captured"):
                 call()
         g = s.end_capture()
-    assert np.array_equal(out.get(), np.zeros(4))       # capture does not run anything
+    assert np.array_equal(out.get(), np.zeros(4))  # capture does not run anything
     g.launch(s)
-    st.set(np.array([2], np.int32))                     # device data the graph reads, not its arguments
+    st.set(np.array([2], np.int32))  # device data the graph reads, not its arguments
     g.launch(s)
     assert np.array_equal(out.get(), [2, 0, 2, 0])
     with pytest.raises(RuntimeError, match="not capturing"):
@@ -227,8 +233,8 @@ def test_only_the_capturing_stream_records_and_memsets_are_captured(mod):
     with s:
         s.begin_capture()
         with t:
-            k((1,), (1,), (st, out))                    # stream t: runs now
-        out.fill(5.0)                                   # stream s: a captured memset
+            k((1,), (1,), (st, out))  # stream t: runs now
+        out.fill(5.0)  # stream s: a captured memset
         k((1,), (1,), (st, out))
         g = s.end_capture()
     assert np.array_equal(out.get(), [1, 0, 0, 0])
@@ -241,7 +247,7 @@ def test_replaying_a_graph_whose_memory_was_freed_is_an_error(mod):
     s = E.cuda.Stream()
     with s:
         s.begin_capture()
-        mod.get_function("bump")((1,), (1,), (st, out[1:]))    # a view: its allocation counts
+        mod.get_function("bump")((1,), (1,), (st, out[1:]))  # a view: its allocation counts
         g = s.end_capture()
     g.launch()
     del out
@@ -261,7 +267,7 @@ def test_launches_from_several_threads_take_turns(mod):
         try:
             for _ in range(30):
                 k((1,), (64,), (x, y, np.int32(1)))
-        except Exception as exc:   # pragma: no cover - reported below
+        except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(y,)) for y in outs]
@@ -282,7 +288,7 @@ def test_device_memory_transfers_are_strict():
         a.set(np.zeros((2, 3)))
     host = np.arange(6, dtype=np.float32).reshape(2, 3)
     d = E.asarray(host)
-    host[0, 0] = 99                                     # a device copy, not a view
+    host[0, 0] = 99  # a device copy, not a view
     assert d.get()[0, 0] == 0 and type(d.get()) is np.ndarray
     out = np.empty((2, 3), np.float32)
     assert d.get(out=out) is out and out[1, 2] == 5
@@ -292,7 +298,7 @@ def test_device_memory_transfers_are_strict():
         a.set([[0, 0, 0], [0, 0, 0]])
     with pytest.raises(RuntimeError, match="contiguous"):
         E.zeros((3, 3), np.float32)[:, :2].set(np.zeros((3, 2), np.float32))
-    with pytest.raises(TypeError):                      # no implicit NumPy on device memory
+    with pytest.raises(TypeError):  # no implicit NumPy on device memory
         d + 1
     with pytest.raises(TypeError, match="device arrays are not host arrays"):
         np.sum(d)
@@ -345,7 +351,7 @@ def test_a_gpu_checkpoint_loads_elsewhere_with_a_clear_error_or_backend(tmp_path
         m = mg.MLP([3, 4, 2], seed=0, dtype="float64", backend="gpu")
     mg.fit(m, X, y, batch_size=4, epochs=1, checkpoint=tmp_path / "g.npz")
     with E.emulated(False):
-        if available_backends()["gpu"] is not None:       # no real GPU here
+        if available_backends()["gpu"] is not None:  # no real GPU here
             with pytest.raises(mg.BackendUnavailable, match=r"backend='cpu'"):
                 mg.load_checkpoint(tmp_path / "g.npz")
         ck = mg.load_checkpoint(tmp_path / "g.npz", backend="cpu")
@@ -444,12 +450,25 @@ def test_no_work_of_the_gpu_backend_reaches_the_null_stream():
     X, y = rng.normal(size=(96, 5)), rng.integers(0, 3, 96)
     E.counts.clear()
     with E.emulated():
-        for graphs, gmax, kw in ((True, 64, {}), (False, 64, {}), (True, 8, {}),
-                                 (True, 64, dict(batch_norm=True, ghost_batch_size=4, dropout=0.2))):
+        for graphs, gmax, kw in (
+            (True, 64, {}),
+            (False, 64, {}),
+            (True, 8, {}),
+            (True, 64, dict(batch_norm=True, ghost_batch_size=4, dropout=0.2)),
+        ):
             m = mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="gpu", **kw)
             m.backend_impl.use_graphs, m.backend_impl.graph_max_batch = graphs, gmax
-            mg.fit(m, X, y, batch_size=16, epochs=2, optimizer=mg.SGD(0.05, momentum=0.9), seed=0,
-                   validation=(X[:32], y[:32]), eval_every=3)
+            mg.fit(
+                m,
+                X,
+                y,
+                batch_size=16,
+                epochs=2,
+                optimizer=mg.SGD(0.05, momentum=0.9),
+                seed=0,
+                validation=(X[:32], y[:32]),
+                eval_every=3,
+            )
             m.evaluate(X, y)
             m.loss_and_grad(X[:16], y[:16])
             if not kw:
@@ -479,8 +498,18 @@ def test_asarray_keeps_fortran_order_as_cupy_does_and_the_backend_uploads_c_orde
         opt = mg.SGD(0.05).init(m.params)
         p = m.params.copy()
         b.reserve(8)
-        b.run_steps(p, np.asarray(X, order=order), np.zeros(0, np.int64), np.asarray(yf, order=order), idx, 8, 4,
-                    opt, np.full(4, 0.05), 1)
+        b.run_steps(
+            p,
+            np.asarray(X, order=order),
+            np.zeros(0, np.int64),
+            np.asarray(yf, order=order),
+            idx,
+            8,
+            4,
+            opt,
+            np.full(4, 0.05),
+            1,
+        )
         out.append(p)
     np.testing.assert_array_equal(out[0], out[1])
 
@@ -494,7 +523,7 @@ def test_the_step_tables_are_sized_by_the_run_not_the_workspace():
         m = mg.MLP([3, 4, 2], seed=0, dtype="float64", backend="gpu")
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(3000, 3)), rng.integers(0, 2, 3000)
-    m.backend_impl.reserve(3000)         # as one pass over 3000 rows does
+    m.backend_impl.reserve(3000)  # as one pass over 3000 rows does
     assert m.backend_impl.ws.capacity >= 3000
     mg.fit(m, X[:64], y[:64], batch_size=8, epochs=1)
     assert m.backend_impl._idx.size <= m.backend_impl.read_every * 8
@@ -511,21 +540,29 @@ def test_an_error_inside_a_graph_capture_is_reported_not_the_broken_capture(monk
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr(b, "_enqueue_step", broken)
-    monkeypatch.setattr(E.Stream, "end_capture", lambda self, _orig=E.Stream.end_capture: (
-        _orig(self), (_ for _ in ()).throw(RuntimeError("cudaErrorStreamCaptureInvalidated")))[1])
+    monkeypatch.setattr(
+        E.Stream,
+        "end_capture",
+        lambda self, _orig=E.Stream.end_capture: (
+            _orig(self),
+            (_ for _ in ()).throw(RuntimeError("cudaErrorStreamCaptureInvalidated")),
+        )[1],
+    )
     X, y = np.zeros((8, 3)), np.zeros(8, np.int64)
     with pytest.raises(ZeroDivisionError, match="planted"):
         mg.fit(m, X, y, batch_size=4, epochs=1)
-    assert E._capturing_here() is None      # the capture was ended
+    assert E._capturing_here() is None  # the capture was ended
 
 
 # ============================================================================ AddressSanitizer
 #: parity cases that launch every kernel (all regimes, CE/MSE/BCE, training steps with
 #: clipping and the unfused optimizer chain, batch norm with ghost batches and dropout, the
 #: step tables of the device loop, the running statistics), run under each sanitizer
-SANITIZER_CASES = ("emu: and ((float32 and (relu-ce or tanh-mse-2hidden or gelu-bce or sgd-clip or generic-chain or "
-                   "test_forward_loss_and_gradient)) or run_steps_with_norm or fit_in_device_chunks_with_norm or "
-                   "update_running)")
+SANITIZER_CASES = (
+    "emu: and ((float32 and (relu-ce or tanh-mse-2hidden or gelu-bce or sgd-clip or generic-chain or "
+    "test_forward_loss_and_gradient)) or run_steps_with_norm or fit_in_device_chunks_with_norm or "
+    "update_running)"
+)
 
 
 def _runtime(lib):
@@ -543,10 +580,19 @@ def _runtime(lib):
 def _sanitizer_env(tmp_path, which):
     """The environment of a subprocess whose emulated kernels are built with sanitizer
     ``which`` ("address", "thread"), its runtime preloaded, and a private build cache."""
-    lib, opts = {"address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0"}),
-                 "thread": ("libtsan.so", {"TSAN_OPTIONS": "exitcode=66"})}[which]
-    return dict(os.environ, MINIGD_GPU_EMU_SANITIZE=which, LD_PRELOAD=_runtime(lib), MINIGD_CACHE_DIR=str(tmp_path),
-                NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **opts)
+    lib, opts = {
+        "address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0"}),
+        "thread": ("libtsan.so", {"TSAN_OPTIONS": "exitcode=66"}),
+    }[which]
+    return dict(
+        os.environ,
+        MINIGD_GPU_EMU_SANITIZE=which,
+        LD_PRELOAD=_runtime(lib),
+        MINIGD_CACHE_DIR=str(tmp_path),
+        NUMBA_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        **opts,
+    )
 
 
 def _libasan():
@@ -568,9 +614,11 @@ def test_an_out_of_bounds_write_is_caught_under_address_sanitizer(tmp_path):
         "m = E.RawModule(code='extern \"C\" __global__ void w(double* x, long long n) { x[n] = 1.0; }')\n"
         "x = E.zeros(300, np.float64)\n"
         "m.get_function('w')((1,), (1,), (x, np.int64(300)))\n"
-        "print('not caught')\n")
-    p = subprocess.run([sys.executable, "-c", script], env=_asan_env(tmp_path), capture_output=True, text=True,
-                       timeout=300)
+        "print('not caught')\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script], env=_asan_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert p.returncode != 0 and "not caught" not in p.stdout
     assert "heap-buffer-overflow" in p.stderr and "0 bytes to the right of 2400-byte region" in p.stderr
 
@@ -584,7 +632,7 @@ def _tsan_env(tmp_path):
     return _sanitizer_env(tmp_path, "thread")
 
 
-RACES = r'''
+RACES = r"""
 extern "C" __global__ void inter_block(double* x) { if (threadIdx.x == 0) x[0] += 1.0; }   // every block
 extern "C" __global__ void intra_block(double* y) {        // thread 1 reads thread 0's write, no barrier
     __shared__ double v;
@@ -604,12 +652,13 @@ extern "C" __global__ void clean(const double* x, double* y, int* f) {
     atomicOr(f, 1 << (threadIdx.x % 5));                    // atomics from every block: no race
     if (local[0] != x[threadIdx.x]) y[0] = -1.0;
 }
-'''
+"""
 
 
 @pytest.mark.skipif(_libtsan() is None, reason="no libtsan (gcc's ThreadSanitizer runtime) here")
-@pytest.mark.parametrize("kernel, grid, race", [("inter_block", 2, True), ("intra_block", 1, True),
-                                                ("clean", 4, False)])
+@pytest.mark.parametrize(
+    "kernel, grid, race", [("inter_block", 2, True), ("intra_block", 1, True), ("clean", 4, False)]
+)
 def test_thread_sanitizer_reports_races_between_blocks_and_within_one(tmp_path, kernel, grid, race):
     """Under MINIGD_GPU_EMU_SANITIZE=thread the threads of a launch are concurrent for TSan,
     ordered only by __syncthreads, atomics and launches: two blocks updating one address is
@@ -621,14 +670,17 @@ def test_thread_sanitizer_reports_races_between_blocks_and_within_one(tmp_path, 
     import sys
 
     args = {"inter_block": "(x,)", "intra_block": "(y,)", "clean": "(x, y, f)"}[kernel]
-    script = ("import numpy as np\n"
-              "from minigd.testing import gpu_emu as E\n"
-              f"m = E.RawModule(code={RACES!r})\n"
-              "x = E.zeros(256, np.float64); y = E.zeros(256, np.float64); f = E.zeros(1, np.int32)\n"
-              f"for _ in range(2): m.get_function({kernel!r})(({grid},), (64,), {args})\n"
-              "print('ran')\n")
-    p = subprocess.run([sys.executable, "-c", script], env=_tsan_env(tmp_path), capture_output=True, text=True,
-                       timeout=300)
+    script = (
+        "import numpy as np\n"
+        "from minigd.testing import gpu_emu as E\n"
+        f"m = E.RawModule(code={RACES!r})\n"
+        "x = E.zeros(256, np.float64); y = E.zeros(256, np.float64); f = E.zeros(1, np.int32)\n"
+        f"for _ in range(2): m.get_function({kernel!r})(({grid},), (64,), {args})\n"
+        "print('ran')\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script], env=_tsan_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert "ran" in p.stdout, p.stderr[-3000:]
     if race:
         assert p.returncode == 66 and "WARNING: ThreadSanitizer: data race" in p.stderr, p.stderr[-3000:]
@@ -651,10 +703,27 @@ def test_the_gpu_kernels_pass_the_parity_cases_under_each_sanitizer(tmp_path, wh
     if _runtime({"address": "libasan.so", "thread": "libtsan.so"}[which]) is None:
         pytest.skip(f"no {name} runtime (gcc's) here")
     tests = Path(__file__).resolve().parent
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider",   # -s: reports
-                        str(tests / "test_gpu_backend.py"), str(tests / "test_gpu_norm.py"), "-k", SANITIZER_CASES],
-                       env=_sanitizer_env(tmp_path, which), capture_output=True, text=True, timeout=600,
-                       cwd=tests.parent)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-x",
+            "-p",
+            "no:cacheprovider",  # -s: reports
+            str(tests / "test_gpu_backend.py"),
+            str(tests / "test_gpu_norm.py"),
+            "-k",
+            SANITIZER_CASES,
+        ],
+        env=_sanitizer_env(tmp_path, which),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tests.parent,
+    )
     assert p.returncode == 0 and name not in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
     assert " passed" in p.stdout and "failed" not in p.stdout
 
@@ -673,22 +742,30 @@ def test_batch_norm_kernels_stride_over_ghost_batches_past_the_grid():
     B, n, g, eps = 9, 40, 2, 1e-5
     X = rng.normal(size=(B, n)) * 3 + 1
     gamma, beta = rng.normal(size=n), rng.normal(size=n)
-    dX, dY, dXh, dInv = (E.asarray(X), E.zeros((B, n), np.float64), E.zeros((B, n), np.float64),
-                         E.zeros((5, n), np.float64))
+    dX, dY, dXh, dInv = (
+        E.asarray(X),
+        E.zeros((B, n), np.float64),
+        E.zeros((B, n), np.float64),
+        E.zeros((5, n), np.float64),
+    )
     grid, block = S.grid_columns(n, 5)
     assert grid == (2, 5) and block == (32, 8)
-    m.get_function("mgd_bn_train_forward_f64")((2, 2), block, (dX, dY, dXh, dInv, E.asarray(gamma), E.asarray(beta),
-                                                                np.int32(B), np.int32(n), np.int32(g), np.float64(eps)))
+    m.get_function("mgd_bn_train_forward_f64")(
+        (2, 2),
+        block,
+        (dX, dY, dXh, dInv, E.asarray(gamma), E.asarray(beta), np.int32(B), np.int32(n), np.int32(g), np.float64(eps)),
+    )
     want = np.empty_like(X)
     for c in range(5):
-        x = X[c * g:(c + 1) * g]
-        want[c * g:(c + 1) * g] = gamma * (x - x.mean(0)) / np.sqrt(x.var(0) + eps) + beta
+        x = X[c * g : (c + 1) * g]
+        want[c * g : (c + 1) * g] = gamma * (x - x.mean(0)) / np.sqrt(x.var(0) + eps) + beta
     np.testing.assert_allclose(dY.get(), want, rtol=1e-12, atol=1e-12)
     # backward per ghost batch, and dgamma / dbeta over the whole batch
     G = rng.normal(size=(B, n))
     dDX, dg, db = E.zeros((B, n), np.float64), E.zeros(n, np.float64), E.zeros(n, np.float64)
-    m.get_function("mgd_bn_train_backward_f64")((2, 2), block, (E.asarray(G), dXh, dInv, E.asarray(gamma), dDX,
-                                                                 np.int32(B), np.int32(n), np.int32(g)))
+    m.get_function("mgd_bn_train_backward_f64")(
+        (2, 2), block, (E.asarray(G), dXh, dInv, E.asarray(gamma), dDX, np.int32(B), np.int32(n), np.int32(g))
+    )
     m.get_function("mgd_bn_param_grad_f64")(*S.grid_columns(n), (E.asarray(G), dXh, np.int32(B), np.int32(n), dg, db))
     want_dx = np.empty_like(X)
     xh = dXh.get()
@@ -700,8 +777,9 @@ def test_batch_norm_kernels_stride_over_ghost_batches_past_the_grid():
     np.testing.assert_allclose(dg.get(), (G * xh).sum(0), rtol=1e-12)
     np.testing.assert_allclose(db.get(), G.sum(0), rtol=1e-12)
     rm, rv = E.zeros(n, np.float64), E.asarray(np.ones(n))
-    m.get_function("mgd_bn_running_update_f64")(*S.grid_columns(n), (dX, np.int32(B), np.int32(n), np.float64(0.1),
-                                                                     rm, rv, np.uint64(0)))
+    m.get_function("mgd_bn_running_update_f64")(
+        *S.grid_columns(n), (dX, np.int32(B), np.int32(n), np.float64(0.1), rm, rv, np.uint64(0))
+    )
     np.testing.assert_allclose(rm.get(), 0.1 * X.mean(0), rtol=1e-12)
     np.testing.assert_allclose(rv.get(), 0.9 + 0.1 * X.var(0, ddof=1), rtol=1e-12)
 
@@ -729,7 +807,9 @@ def test_fit_uploads_the_training_data_before_its_clock_starts(monkeypatch):
     assert uploads_in_steps and not any(uploads_in_steps)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(batch_norm=True, ghost_batch_size=4, dropout=0.2)], ids=["plain", "bn-dropout"])
+@pytest.mark.parametrize(
+    "kw", [{}, dict(batch_norm=True, ghost_batch_size=4, dropout=0.2)], ids=["plain", "bn-dropout"]
+)
 def test_fit_captures_its_graphs_before_its_clock_starts(monkeypatch, kw):
     """fit's warm-up captures the CUDA graph of a step of each batch size (the full one
     and the partial last one): no timed run_steps captures, allocates or uploads, and the
@@ -744,8 +824,17 @@ def test_fit_captures_its_graphs_before_its_clock_starts(monkeypatch, kw):
             return mg.MLP([5, 8, 3], seed=0, dtype="float64", backend="gpu", **kw)
 
     def go(m):
-        return mg.fit(m, X, y, batch_size=8, epochs=3, optimizer=mg.SGD(0.05, momentum=0.9), seed=0,
-                      validation=(X[:16], y[:16]), eval_every=4)
+        return mg.fit(
+            m,
+            X,
+            y,
+            batch_size=8,
+            epochs=3,
+            optimizer=mg.SGD(0.05, momentum=0.9),
+            seed=0,
+            validation=(X[:16], y[:16]),
+            eval_every=4,
+        )
 
     ref = model()
     monkeypatch.setattr(type(ref.backend_impl), "warm_up", lambda self, *a, **k: None)
@@ -767,7 +856,7 @@ def test_fit_captures_its_graphs_before_its_clock_starts(monkeypatch, kw):
     monkeypatch.setattr(type(b), "run_steps", counting)
     E.counts.clear()
     h = go(m)
-    assert E.counts["capture"] == 2          # batch 8 and the last batch of 4, in the warm-up
+    assert E.counts["capture"] == 2  # batch 8 and the last batch of 4, in the warm-up
     assert in_steps == collections.Counter() or not any(in_steps.values())
     np.testing.assert_array_equal(m.params, ref.params)
     np.testing.assert_array_equal(h.column("loss"), h_ref.column("loss"))

@@ -30,19 +30,20 @@ Tolerances: tests/test_norm.py's (float64 1e-10; float32 1e-4 per evaluation, 2e
 Kept small (widths <= 8, batches <= 18, <= 6 steps): the emulator runs every CUDA thread as
 a fiber.
 """
+
 from __future__ import annotations
 
 import pickle
 
 import numpy as np
 import pytest
+from strategies import assert_close
+from test_gpu_backend import GPU_PATHS, on_gpu
+from test_norm import EVAL_TOL, NORM_CASES, PER_EXAMPLE_CALLS, TRAIN_TOL, build, data
 
 import minigd as mg
 from minigd import nn
 from minigd.testing import gpu_emu
-from strategies import assert_close
-from test_gpu_backend import GPU_PATHS, on_gpu
-from test_norm import EVAL_TOL, NORM_CASES, PER_EXAMPLE_CALLS, TRAIN_TOL, build, data
 
 DTYPES = ("float64", "float32")
 SIZES = [5, 8, 6, 3]
@@ -146,7 +147,7 @@ def test_masks_are_numpys_on_the_host_and_on_the_device(bn, dtype):
     X, y = data(B, 5, "cross_entropy", 3, seed=1, dtype=dtype)
     Xc, yi, yf = gpu.check_Xy(X, y)
     impl.loss_grad(gpu.params, np.zeros(gpu.n_params, gpu.dtype), Xc, yi, yf, np.arange(B, dtype=np.int64), B)
-    for l, host in enumerate(impl.masks):   # made on the device from the uploaded uniforms
+    for l, host in enumerate(impl.masks):  # made on the device from the uploaded uniforms
         dev = impl._norm_views(l, B)["mask"].get()
         assert np.array_equal(dev, host[:B]), l
         assert (dev == 0).any() and (dev != 0).any()
@@ -175,8 +176,9 @@ def test_short_fit(case, dtype, regime):
     gpu = on_gpu(ref, f"emu:{regime}")
     X, y = data(18, 5, "cross_entropy", 3, seed=9, dtype=dtype)
     Xv, yv = data(6, 5, "cross_entropy", 3, seed=10, dtype=dtype)
-    fit = dict(batch_size=7, steps=6, optimizer=mg.SGD(lr=0.05, momentum=0.9), seed=1,
-               validation=(Xv, yv), eval_every=2)
+    fit = dict(
+        batch_size=7, steps=6, optimizer=mg.SGD(lr=0.05, momentum=0.9), seed=1, validation=(Xv, yv), eval_every=2
+    )
     h_ref, h_gpu = mg.fit(ref, X, y, **fit), mg.fit(gpu, X, y, **fit)
     tol = TRAIN_TOL[dtype]
     assert h_gpu.n_steps == h_ref.n_steps == 6
@@ -186,7 +188,7 @@ def test_short_fit(case, dtype, regime):
     assert_close(gpu.running, ref.running, tol, "running statistics")
     if ref.norm.bn:
         assert not np.array_equal(gpu.running_var[0], np.ones_like(gpu.running_var[0]))
-    if regime == "gpu-graph":   # one captured step per batch size (7 and 4), replayed
+    if regime == "gpu-graph":  # one captured step per batch size (7 and 4), replayed
         assert len(gpu.backend_impl._graphs) == 2
 
 
@@ -194,14 +196,15 @@ def test_short_fit(case, dtype, regime):
 def test_fit_running_statistics_closed_form_for_a_constant_batch(regime):
     """As tests/test_norm.py: full batch, lr = 0, k steps: running_mean = (1 - 0.9^k) mu,
     running_var = 0.9^k + (1 - 0.9^k) var_unbiased of the BN input (ghosts of 5 in 18)."""
-    ref = build([3, 5, 2], "numpy", activation="gelu", loss="mse", batch_norm="after",
-                ghost_batch_size=5, dropout=0.3, seed=1)
+    ref = build(
+        [3, 5, 2], "numpy", activation="gelu", loss="mse", batch_norm="after", ghost_batch_size=5, dropout=0.3, seed=1
+    )
     gpu = on_gpu(ref, f"emu:{regime}")
     X, y = data(18, 3, "mse", 2, seed=7)
     x = np.asarray(nn.activation(nn.ACTIVATIONS["gelu"], X @ ref.weights[0] + ref.biases[0]))
     k = 5
     mg.fit(gpu, X, y, batch_size="full", steps=k, optimizer=mg.SGD(lr=0.0))
-    f = 1 - 0.9 ** k
+    f = 1 - 0.9**k
     assert_close(gpu.running_mean[0], f * x.mean(axis=0), 1e-12)
     assert_close(gpu.running_var[0], (1 - f) + f * x.var(axis=0, ddof=1), 1e-12)
 
@@ -217,14 +220,17 @@ def test_update_running_uses_the_last_training_pass_after_an_evaluation(bn):
         impl.reserve(10)
         impl.draw_dropout(np.random.default_rng(1), 10)
         impl.loss_grad(m.params, np.zeros(m.n_params, m.dtype), Xc, yi, yf, np.arange(10, dtype=np.int64), 10)
-        m.forward(X2)        # evaluation in between: another batch through the same buffers
+        m.forward(X2)  # evaluation in between: another batch through the same buffers
         impl.update_running(10)
     assert_close(gpu.running, ref.running, 1e-12, "running statistics")
 
 
 @pytest.mark.parametrize("regime", [f"{d}:{r}" for d in ("emu", "cuda") for r in ("gpu-graph", "gpu-cublas")])
-@pytest.mark.parametrize("cfg", [dict(batch_norm=True, dropout=0.2), dict(batch_norm="after", ghost_batch_size=4),
-                                 dict(dropout=0.3)], ids=["bn-dropout", "bn-after-ghost4", "dropout"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(batch_norm=True, dropout=0.2), dict(batch_norm="after", ghost_batch_size=4), dict(dropout=0.3)],
+    ids=["bn-dropout", "bn-after-ghost4", "dropout"],
+)
 def test_run_steps_with_norm_equals_the_per_step_loop(cfg, regime):
     """run_steps(n, dropout_rng=, update_running=True) -- masks drawn up front in the
     per-step order, running statistics updated on the device -- is bit for bit n times
@@ -244,21 +250,23 @@ def test_run_steps_with_norm_equals_the_per_step_loop(cfg, regime):
     if impl.norm.bn:
         with pytest.raises(ValueError, match=r"^update_running: 2 steps of a model with batch norm"):
             impl.run_steps(a.params, X, yi, yf, idx, 6, 2, sa, lrs[:2], 1, dropout_rng=np.random.default_rng(0))
-    res = impl.run_steps(a.params, X, yi, yf, idx, 6, 5, sa, lrs, 1, dropout_rng=np.random.default_rng(7),
-                         update_running=True)
+    res = impl.run_steps(
+        a.params, X, yi, yf, idx, 6, 5, sa, lrs, 1, dropout_rng=np.random.default_rng(7), update_running=True
+    )
     rng = np.random.default_rng(7)
     losses = []
     for c in range(5):
         b.backend_impl.draw_dropout(rng, 6)
-        loss, ok, _ = b.backend_impl.train_step(b.params, b._grad, X, yi, yf, idx[c * 6:(c + 1) * 6], 6, sb,
-                                                float(lrs[c]), c + 1)
+        loss, ok, _ = b.backend_impl.train_step(
+            b.params, b._grad, X, yi, yf, idx[c * 6 : (c + 1) * 6], 6, sb, float(lrs[c]), c + 1
+        )
         b.backend_impl.update_running(6)
         losses.append(loss)
     assert res["applied"].all()
     np.testing.assert_array_equal(res["loss"], losses)
     np.testing.assert_array_equal(a.params, b.params)
     np.testing.assert_array_equal(a.running, b.running)
-    if impl.dropout:   # the host masks are the last step's afterwards, as after the per-step loop
+    if impl.dropout:  # the host masks are the last step's afterwards, as after the per-step loop
         for ma, mb in zip(impl.masks, b.backend_impl.masks):
             np.testing.assert_array_equal(ma[:6], mb[:6])
         # the step table holds this run's rows, not the workspace's capacity
@@ -271,7 +279,7 @@ def test_a_warm_step_with_norm_allocates_no_device_memory(regime):
     (which captures the graph) no device allocation; the graph regime replays one graph per
     step (its capture refuses host copies, so the masks went in before it)."""
     counts = getattr(gpu_emu, "counts", None)
-    if counts is None:   # pragma: no cover - an emulator without operation counts
+    if counts is None:  # pragma: no cover - an emulator without operation counts
         pytest.skip("this emulator does not count device operations")
     _, gpu = pair(dict(batch_norm="after", ghost_batch_size=4, dropout=0.3), f"emu:{regime}")
     X, y = data(12, 5, "cross_entropy", 3)
@@ -283,8 +291,9 @@ def test_a_warm_step_with_norm_allocates_no_device_memory(regime):
 
     def step(t):
         impl.draw_dropout(rng, 6)
-        _, ok, _ = impl.train_step(gpu.params, grad, X, yi, yf, np.arange(6, dtype=np.int64) + 6 * (t % 2),
-                                   6, st, 0.05, t)
+        _, ok, _ = impl.train_step(
+            gpu.params, grad, X, yi, yf, np.arange(6, dtype=np.int64) + 6 * (t % 2), 6, st, 0.05, t
+        )
         impl.update_running(6)
         assert ok
 
@@ -308,12 +317,22 @@ def test_training_mode_refuses_a_ghost_of_one_row():
         gpu.forward(X[:1], training=True)
     Xc, yi, yf = gpu.check_Xy(X, y)
     impl = gpu.backend_impl
-    with pytest.raises(ValueError, match=r"^ghost_batch_size"):   # the backend checks too
+    with pytest.raises(ValueError, match=r"^ghost_batch_size"):  # the backend checks too
         impl.loss_grad(gpu.params, np.zeros(gpu.n_params), Xc, yi, yf, np.arange(9, dtype=np.int64), 9)
     opt = mg.SGD(lr=0.1)
     with pytest.raises(ValueError, match=r"^ghost_batch_size"):
-        impl.train_step(gpu.params, np.zeros(gpu.n_params), Xc, yi, yf, np.arange(9, dtype=np.int64), 9,
-                        opt.init(gpu.params), 0.1, 1)
+        impl.train_step(
+            gpu.params,
+            np.zeros(gpu.n_params),
+            Xc,
+            yi,
+            yf,
+            np.arange(9, dtype=np.int64),
+            9,
+            opt.init(gpu.params),
+            0.1,
+            1,
+        )
     assert gpu.forward(X[:1]).shape == (1, 3)
 
 
@@ -354,8 +373,9 @@ def test_per_example_statistics_with_dropout(regime, dtype):
     """Same generator state: per_example_grads, their norms and the moments as numpy's;
     row r's gradient is the gradient of the one-row batch [r] under row r's mask (its
     uniforms put in row 0)."""
-    ref, gpu = pair(dict(dropout=0.4), f"emu:{regime}", dtype, seed=3, sizes=[4, 6, 5, 3],
-                    activation="tanh", loss="mse")
+    ref, gpu = pair(
+        dict(dropout=0.4), f"emu:{regime}", dtype, seed=3, sizes=[4, 6, 5, 3], activation="tanh", loss="mse"
+    )
     X, y = data(9, 4, "mse", 3, seed=4, dtype=dtype)
     tol = EVAL_TOL[dtype]
     for fn in ("per_example_grads", "per_example_grad_norms"):
@@ -422,16 +442,20 @@ class _EveryStep:
 
 
 @pytest.mark.parametrize("dev", ["emu", "cuda"], ids=["emu:gpu-graph", "cuda:gpu-graph"])
-@pytest.mark.parametrize("cfg", [dict(batch_norm="before", ghost_batch_size=3, dropout=0.25),
-                                 dict(batch_norm="after")], ids=["bn-ghost3-dropout", "bn-after"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(batch_norm="before", ghost_batch_size=3, dropout=0.25), dict(batch_norm="after")],
+    ids=["bn-ghost3-dropout", "bn-after"],
+)
 def test_fit_in_device_chunks_with_norm_equals_fit_step_by_step(cfg, dev):
     """fit hands batch-norm / dropout models to the device loop too: the same masks (drawn
     up front in the per-step order), the same running statistics, bit for bit; chunks of a
     dropout model are capped by the mask table's memory budget."""
     ref, _ = pair(cfg, f"{dev}:gpu-graph")
     X, y = data(26, 5, "cross_entropy", 3)
-    kw = dict(batch_size=8, epochs=3, eval_every=5, validation=(X[:6], y[:6]), seed=4,
-              optimizer=mg.SGD(lr=0.05, momentum=0.9))
+    kw = dict(
+        batch_size=8, epochs=3, eval_every=5, validation=(X[:6], y[:6]), seed=4, optimizer=mg.SGD(lr=0.05, momentum=0.9)
+    )
     runs = []
     for callbacks, budget in (([_EveryStep()], None), ([], None), ([], 8 * 8 * 14 * 2)):
         m = on_gpu(ref, f"{dev}:gpu-graph")
@@ -439,7 +463,7 @@ def test_fit_in_device_chunks_with_norm_equals_fit_step_by_step(cfg, dev):
         real = m.backend_impl.run_steps
         m.backend_impl.run_steps = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
         if budget is not None:
-            m.backend_impl.dropout_table_bytes = budget         # room for 2 steps of 8 rows
+            m.backend_impl.dropout_table_bytes = budget  # room for 2 steps of 8 rows
         h = mg.fit(m, X, y, callbacks=callbacks, **kw)
         runs.append((h, m, calls))
     (h1, m1, c1), (h2, m2, c2), (h3, m3, c3) = runs

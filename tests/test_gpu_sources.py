@@ -11,6 +11,7 @@
   the kernel declares (read from the sources and from the backend's code).
 * Launch geometry, the availability probe and the errors asked for without a GPU.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,32 +30,35 @@ from minigd.kernels import gpu_sources as S
 def _nvrtc_or_skip():
     try:
         S.nvrtc_version()
-    except Exception as exc:   # no CuPy, or CuPy without an NVRTC library
-        pytest.skip(f"NVRTC is not available here ({type(exc).__name__}: {exc}); "
-                    f"install minigd[gpu-verify] (cupy-cuda12x + nvidia-cuda-nvrtc-cu12) to compile the CUDA sources")
+    except Exception as exc:  # no CuPy, or CuPy without an NVRTC library
+        pytest.skip(
+            f"NVRTC is not available here ({type(exc).__name__}: {exc}); "
+            f"install minigd[gpu-verify] (cupy-cuda12x + nvidia-cuda-nvrtc-cu12) to compile the CUDA sources"
+        )
 
 
 def elf_function_symbols(blob: bytes) -> set:
     """Names of the STT_FUNC symbols in an ELF64 little-endian object (a cubin)."""
     assert blob[:4] == b"\x7fELF" and blob[4] == 2 and blob[5] == 1, "not an ELF64 LE object"
-    shoff, = struct.unpack_from("<Q", blob, 0x28)
+    (shoff,) = struct.unpack_from("<Q", blob, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", blob, 0x3A)
     sections = []
     for i in range(shnum):
         o = shoff + i * shentsize
-        _name, stype, _flags, _addr, offset, size, link, _info, _align, entsize = \
-            struct.unpack_from("<IIQQQQIIQQ", blob, o)
+        _name, stype, _flags, _addr, offset, size, link, _info, _align, entsize = struct.unpack_from(
+            "<IIQQQQIIQQ", blob, o
+        )
         sections.append((stype, offset, size, link, entsize))
     names = set()
     for stype, offset, size, link, entsize in sections:
-        if stype != 2:   # SHT_SYMTAB
+        if stype != 2:  # SHT_SYMTAB
             continue
         stroff = sections[link][1]
         for k in range(size // entsize):
             st_name, st_info = struct.unpack_from("<IB", blob, offset + k * entsize)
-            if st_info & 0xF == 2:   # STT_FUNC
+            if st_info & 0xF == 2:  # STT_FUNC
                 end = blob.index(b"\0", stroff + st_name)
-                names.add(blob[stroff + st_name:end].decode())
+                names.add(blob[stroff + st_name : end].decode())
     return names
 
 
@@ -103,7 +107,7 @@ def test_sources_are_self_contained():
         assert inc.findall(S.raw_text(src)) == [S.COMMON], src
         text = S.source(src)
         assert inc.findall(text) == [], src
-        assert "extern \"C\"" in text and "__global__" in text
+        assert 'extern "C"' in text and "__global__" in text
 
 
 def test_source_rejects_unknown_names_and_foreign_includes(tmp_path, monkeypatch):
@@ -121,20 +125,38 @@ def test_kernel_names_follow_the_convention():
     allk = S.all_kernel_names()
     assert set(allk) == set(S.SOURCES)
     seen = set()
-    for src, names in allk.items():
+    for _src, names in allk.items():
         for n in names:
             assert re.fullmatch(r"mgd_[a-z0-9_]+", n), n
             assert n not in seen, f"{n} exported twice"
             seen.add(n)
         typed = {n[:-4] for n in names if n.endswith(("_f32", "_f64"))}
-        for op in typed:   # both dtypes, always
+        for op in typed:  # both dtypes, always
             assert op + "_f32" in names and op + "_f64" in names, op
     # the kernels the issue asks for
-    for op in ("gather", "gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_fwd_bwd",
-               "sqnorm_accumulate", "sumsq_partial", "opt_fused", "opt_primitive", "clip_factor",
-               "apply_update", "per_example_fill", "moments_update", "bn_train_forward",
-               "bn_train_backward", "bn_param_grad", "bn_eval_forward", "bn_running_update",
-               "dropout_forward", "dropout_backward"):
+    for op in (
+        "gather",
+        "gemm",
+        "bias_act_forward",
+        "act_backward",
+        "bias_grad",
+        "loss_fwd_bwd",
+        "sqnorm_accumulate",
+        "sumsq_partial",
+        "opt_fused",
+        "opt_primitive",
+        "clip_factor",
+        "apply_update",
+        "per_example_fill",
+        "moments_update",
+        "bn_train_forward",
+        "bn_train_backward",
+        "bn_param_grad",
+        "bn_eval_forward",
+        "bn_running_update",
+        "dropout_forward",
+        "dropout_backward",
+    ):
         assert f"mgd_{op}_f32" in seen and f"mgd_{op}_f64" in seen, op
     assert {"mgd_sum_rows", "mgd_step_end"} <= seen
 
@@ -159,10 +181,17 @@ def test_codes_in_the_sources_match_minigd():
     assert define("MGD_LEAKY_SLOPE") == C.LEAKY_SLOPE
     assert define("MGD_FLUSH") == C.FLUSH
     assert define("MGD_HP_COLS") == ob._HP_COLS
-    assert nn.ACTIVATIONS is C.ACTIVATIONS and nn.LOSSES is C.LOSSES     # re-exported, not copied
-    assert (ob.OP_CLIP, ob.OP_DECAY, ob.OP_TRACE, ob.OP_ADAM, ob.OP_SCALE_LR, ob.OP_SCALE) == \
-        (C.OP_CLIP, C.OP_DECAY, C.OP_TRACE, C.OP_ADAM, C.OP_SCALE_LR, C.OP_SCALE)
+    assert nn.ACTIVATIONS is C.ACTIVATIONS and nn.LOSSES is C.LOSSES  # re-exported, not copied
+    assert (ob.OP_CLIP, ob.OP_DECAY, ob.OP_TRACE, ob.OP_ADAM, ob.OP_SCALE_LR, ob.OP_SCALE) == (
+        C.OP_CLIP,
+        C.OP_DECAY,
+        C.OP_TRACE,
+        C.OP_ADAM,
+        C.OP_SCALE_LR,
+        C.OP_SCALE,
+    )
     from minigd.backends.gpu import _step
+
     assert set(_step._PRIM_OP) == {C.OP_CLIP, C.OP_DECAY, C.OP_TRACE, C.OP_ADAM, C.OP_SCALE_LR, C.OP_SCALE}
 
 
@@ -194,8 +223,12 @@ def _kernel_params() -> dict:
 def _arg_kind(node) -> str:
     """The kind of a launch argument: np.int32(...) int, np.int64(...) i64, np.float64(...)
     double, np.uint64(0) a null pointer, anything else an array (a pointer)."""
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-            isinstance(node.func.value, ast.Name) and node.func.value.id == "np":
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "np"
+    ):
         return {"int32": "int", "int64": "i64", "float64": "double", "uint64": "ptr"}[node.func.attr]
     if isinstance(node, ast.IfExp):
         kinds = {_arg_kind(node.body), _arg_kind(node.orelse)}
@@ -257,16 +290,38 @@ def test_every_launch_matches_a_kernel_signature():
     used = set()
     for op, kinds, line in launches:
         assert op in params, f"minigd/backends/gpu/{line}: no kernel mgd_{op}[_f32|_f64] in the sources"
-        assert kinds == params[op], (f"minigd/backends/gpu/{line}: mgd_{op} takes {params[op]}, "
-                                     f"the launch passes {kinds}")
+        assert kinds == params[op], (
+            f"minigd/backends/gpu/{line}: mgd_{op} takes {params[op]}, the launch passes {kinds}"
+        )
         used.add(op)
     # every training-path kernel is used by the backend, batch norm's and dropout's included
-    for op in ("gather", "gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_fwd_bwd",
-               "sum_rows", "sqnorm_accumulate", "sumsq_partial", "clip_factor", "opt_prepare",
-               "opt_fused", "opt_primitive", "check_finite", "apply_update", "step_end",
-               "per_example_fill", "moments_update", "bn_train_forward", "bn_train_backward",
-               "bn_param_grad", "bn_eval_forward", "bn_running_update", "dropout_forward",
-               "dropout_backward"):
+    for op in (
+        "gather",
+        "gemm",
+        "bias_act_forward",
+        "act_backward",
+        "bias_grad",
+        "loss_fwd_bwd",
+        "sum_rows",
+        "sqnorm_accumulate",
+        "sumsq_partial",
+        "clip_factor",
+        "opt_prepare",
+        "opt_fused",
+        "opt_primitive",
+        "check_finite",
+        "apply_update",
+        "step_end",
+        "per_example_fill",
+        "moments_update",
+        "bn_train_forward",
+        "bn_train_backward",
+        "bn_param_grad",
+        "bn_eval_forward",
+        "bn_running_update",
+        "dropout_forward",
+        "dropout_backward",
+    ):
         assert op in used, op
 
 
@@ -277,15 +332,21 @@ def test_launch_geometry():
     assert S.grid_rows(1) == (1,) and S.grid_rows(8) == (1,) and S.grid_rows(9) == (2,)
     grid, block = S.grid_gemm(1, 10)
     assert grid == (1, 1) and block == (16, 16)
-    assert S.grid_gemm(33, 17) == ((3, 2), (16, 16))       # rows on grid.x
-    assert S.grid_gemm(2_000_000, 10)[0] == (125_000, 1)   # > 65535 row tiles: fine on grid.x
+    assert S.grid_gemm(33, 17) == ((3, 2), (16, 16))  # rows on grid.x
+    assert S.grid_gemm(2_000_000, 10)[0] == (125_000, 1)  # > 65535 row tiles: fine on grid.x
     with pytest.raises(ValueError, match="65535"):
         S.grid_gemm(10, 16 * 65535 + 1)
     assert S.grid_bias_grad(33) == ((2,), (32, 8))
     assert S.grid_columns(33) == ((2, 1), (32, 8)) and S.grid_columns(64, 10**6) == ((2, 65535), (32, 8))
     assert S.reduce_blocks(1) == 1 and S.reduce_blocks(10**8) == S.REDUCE_BLOCKS
-    for bad in (lambda: S.grid_1d(-1), lambda: S.grid_rows(0), lambda: S.grid_gemm(0, 3),
-                lambda: S.grid_bias_grad(0), lambda: S.grid_columns(0), lambda: S.grid_columns(3, 0)):
+    for bad in (
+        lambda: S.grid_1d(-1),
+        lambda: S.grid_rows(0),
+        lambda: S.grid_gemm(0, 3),
+        lambda: S.grid_bias_grad(0),
+        lambda: S.grid_columns(0),
+        lambda: S.grid_columns(3, 0),
+    ):
         with pytest.raises(ValueError):
             bad()
     assert S.THREADS % 32 == 0 and S.ROWS_PER_BLOCK * 32 == S.THREADS

@@ -12,13 +12,13 @@ computes a loss of 1e-4 as a difference of O(10) numbers) / 1e-6 ~ 1e-9.  So the
 |g - g_fd| <= 1e-6 |g| + 1e-8 (Euclidean norms): orders of margin, while any real mistake
 (a wrong derivative, a missing 1/B, a transposed weight) is off by O(|g|).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
 from strategies import BACKEND_PATHS, architectures, hidden_preacts, make_model, make_targets
 
 H = 1e-6
@@ -61,7 +61,8 @@ def assert_gradcheck(model, X, y):
     g_fd = fd_grad(model, X, y)
     assert grads_agree(g, g_fd), (
         f"relative error {rel_err(g, g_fd):.3g} (absolute {np.linalg.norm(g - g_fd):.3g}) between "
-        f"analytic and finite-difference gradients\nanalytic {g}\nnumeric  {g_fd}")
+        f"analytic and finite-difference gradients\nanalytic {g}\nnumeric  {g_fd}"
+    )
 
 
 def _kink_free(model, X):
@@ -75,8 +76,9 @@ def _kink_free(model, X):
 @given(arch=architectures(), n=st.sampled_from([1, 3, 5, 7, 11]), seed=st.integers(0, 2**31 - 1))
 def test_gradient_matches_finite_differences(path, arch, n, seed):
     rng = np.random.default_rng(seed)
-    model = make_model(arch["sizes"], path, activation=arch["activation"], loss=arch["loss"],
-                       dtype="float64", seed=seed)
+    model = make_model(
+        arch["sizes"], path, activation=arch["activation"], loss=arch["loss"], dtype="float64", seed=seed
+    )
     # random biases too (init sets them to 0), so that no unit sits exactly at a kink
     model.params[...] += 0.3 * rng.normal(size=model.n_params)
     X = rng.normal(size=(n, model.n_in))
@@ -113,4 +115,4 @@ def test_gradcheck_detects_a_wrong_gradient():
     g_bad = g.copy()
     g_bad[k] *= 1 + 1e-3
     assert not grads_agree(g_bad, g_fd)
-    assert not grads_agree(g / 5, g_fd)          # e.g. a mean over 5 examples taken twice
+    assert not grads_agree(g / 5, g_fd)  # e.g. a mean over 5 examples taken twice

@@ -2,6 +2,7 @@
 
 Statistical tests use fixed seeds; each states its tolerance and why it is safe.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -58,7 +59,7 @@ def grad_data(draw, max_n=60, max_p=10):
     log_ratio = draw(st.integers(0, 8 if dtype == np.float64 else 4))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    offset = spread * 10.0 ** log_ratio * rng.choice([-1.0, 1.0], size=P)
+    offset = spread * 10.0**log_ratio * rng.choice([-1.0, 1.0], size=P)
     G = (offset + spread * rng.standard_normal((n, P))).astype(dtype)
     splits = draw(st.lists(st.integers(0, n), max_size=8))
     return G, splits
@@ -114,16 +115,20 @@ def test_merge_update_sums_and_rows_agree(data, more):
 def test_huge_offset_where_naive_formula_fails():
     rng = np.random.default_rng(1)
     n, P = 1000, 5
-    G = 1e8 + rng.standard_normal((n, P))           # true variance ~ 1
+    G = 1e8 + rng.standard_normal((n, P))  # true variance ~ 1
     mean_ref, var_ref = two_pass(G)
-    naive = (G**2).mean(axis=0) - G.mean(axis=0) ** 2   # E[g^2] - E[g]^2, then ddof=1
+    naive = (G**2).mean(axis=0) - G.mean(axis=0) ** 2  # E[g^2] - E[g]^2, then ddof=1
     naive *= n / (n - 1)
     assert np.max(np.abs(naive / var_ref - 1)) > 0.5, "the data should defeat the naive formula"
     m = stream(G, [1, 2, 3, 500, 777]).finalize()
     np.testing.assert_allclose(m.var, var_ref, rtol=1e-7)
     # and the exact variance (numbers near 1e8 are exact multiples of 2^-26 in float64)
-    exact = np.array([float(np.sum((G[:, j] - np.mean(G[:, j], dtype=np.longdouble)) ** 2,
-                                   dtype=np.longdouble) / (n - 1)) for j in range(P)])
+    exact = np.array(
+        [
+            float(np.sum((G[:, j] - np.mean(G[:, j], dtype=np.longdouble)) ** 2, dtype=np.longdouble) / (n - 1))
+            for j in range(P)
+        ]
+    )
     np.testing.assert_allclose(m.var, exact, rtol=1e-7)
 
 
@@ -144,7 +149,7 @@ def test_accumulator_bookkeeping():
     G = rng.standard_normal((10, 4))
     acc = MomentAccumulator(4)
     assert acc.n == 0 and acc.P == 4 and acc.n_params == 4
-    acc.update(G[:0])                                 # empty chunk: no-op
+    acc.update(G[:0])  # empty chunk: no-op
     acc.update_sums(0, np.full(4, 7.0), np.zeros(4))  # k = 0: no-op
     assert acc.n == 0
     acc.update(G[:1])
@@ -153,7 +158,7 @@ def test_accumulator_bookkeeping():
     acc.update(G[1:])
     m1 = acc.finalize()
     c = acc.copy()
-    acc.update(G)                                    # finalize does not consume the state
+    acc.update(G)  # finalize does not consume the state
     assert c.n == 10 and acc.n == 20
     np.testing.assert_array_equal(c.finalize().var, m1.var)
     acc.reset()
@@ -209,9 +214,15 @@ def test_gradmoments_scalars_worked_example():
     # sum |g_i|^2 = 1 + 13 = 14, |g_1 + g_2|^2 = 16 + 4 = 20
     assert m.diversity == pytest.approx(14 / 20)
     d = m.to_dict()
-    assert d == {"n": 2, "n_params": 2, "trace_cov": 4.0, "grad_norm_sq": 5.0,
-                 "noise_scale": pytest.approx(0.8), "mean_gsnr": pytest.approx(1.25),
-                 "diversity": pytest.approx(0.7)}
+    assert d == {
+        "n": 2,
+        "n_params": 2,
+        "trace_cov": 4.0,
+        "grad_norm_sq": 5.0,
+        "noise_scale": pytest.approx(0.8),
+        "mean_gsnr": pytest.approx(1.25),
+        "diversity": pytest.approx(0.7),
+    }
     assert all(type(v) in (int, float) for v in d.values())
 
 
@@ -240,7 +251,7 @@ def test_zero_denominator_conventions():
     assert m.gsnr[1] == math.inf
     assert m.gsnr[2] == 0.0
     assert not np.isnan(m.gsnr).any()
-    assert m.mean_gsnr == pytest.approx(4.0)          # only parameters with var > 0
+    assert m.mean_gsnr == pytest.approx(4.0)  # only parameters with var > 0
     # zero mean gradient, non-zero noise: noise scale and diversity are inf
     z = GradMoments.from_grads(np.array([[1.0, -2.0], [-1.0, 2.0]]))
     assert z.grad_norm_sq == 0.0 and z.noise_scale == math.inf and z.diversity == math.inf
@@ -256,11 +267,11 @@ def test_gradmoments_is_frozen_and_validated():
     with pytest.raises(AttributeError):
         m.n = 3
     with pytest.raises(ValueError):
-        m.mean[0] = 7.0                                 # read-only array
+        m.mean[0] = 7.0  # read-only array
     src = np.array([1.0, 2.0])
     m2 = GradMoments(n=5, mean=src, var=np.ones(2))
     src[0] = 99.0
-    assert m2.mean[0] == 1.0                            # stored as a copy
+    assert m2.mean[0] == 1.0  # stored as a copy
     with pytest.raises(ValueError, match=r"n: expected an integer >= 2, got 1"):
         GradMoments(n=1, mean=np.zeros(2), var=np.zeros(2))
     with pytest.raises(ValueError, match=r"var: expected shape \(2,\)"):
@@ -311,9 +322,9 @@ def test_per_example_estimates_unbiased_and_match_b_small_1():
     rng = np.random.default_rng(11)
     P, B, M = 6, 16, 20000
     G = np.array([0.3, -0.1, 0.0, 0.2, 0.05, -0.4])
-    L = rng.normal(size=(P, P)) / math.sqrt(P)          # full (non-diagonal) covariance
+    L = rng.normal(size=(P, P)) / math.sqrt(P)  # full (non-diagonal) covariance
     Sigma = L @ L.T
-    g = G + rng.standard_normal((M, B, P)) @ L.T         # M batches of B per-example grads
+    g = G + rng.standard_normal((M, B, P)) @ L.T  # M batches of B per-example grads
     q = np.einsum("mbp,mbp->mb", g, g)
     gbar = g.mean(axis=1)
     qbar = np.einsum("mp,mp->m", gbar, gbar)
@@ -340,14 +351,13 @@ def test_smoothing_is_bias_corrected_ema():
         assert math.isnan(est.grad_norm_sq) and math.isnan(est.trace_cov)
         for t in range(30):
             est.update(s[t], b[t])
-            w = beta ** np.arange(t, -1, -1.0)            # weights beta^(t-s), normalised
+            w = beta ** np.arange(t, -1, -1.0)  # weights beta^(t-s), normalised
             w /= w.sum()
             assert est.grad_norm_sq == pytest.approx(w @ raw_g2[: t + 1], rel=1e-10)
             assert est.trace_cov == pytest.approx(w @ raw_tr[: t + 1], rel=1e-10)
             if est.grad_norm_sq > 0:
-                assert est.noise_scale == pytest.approx(est.trace_cov / est.grad_norm_sq,
-                                                        rel=1e-12)
-            else:                                       # smoothed |G|^2 <= 0: no finite ratio
+                assert est.noise_scale == pytest.approx(est.trace_cov / est.grad_norm_sq, rel=1e-12)
+            else:  # smoothed |G|^2 <= 0: no finite ratio
                 if est.trace_cov > 0:
                     assert est.noise_scale == math.inf
                 else:
@@ -359,7 +369,7 @@ def test_smoothing_is_bias_corrected_ema():
         est.reset()
         assert est.n_updates == 0 and math.isnan(est.noise_scale)
     first = TwoBatchNoiseScale(4, 32, beta=0.99).update(s[0], b[0])
-    assert first.grad_norm_sq == pytest.approx(raw_g2[0], rel=1e-12)   # no shrink towards 0
+    assert first.grad_norm_sq == pytest.approx(raw_g2[0], rel=1e-12)  # no shrink towards 0
 
 
 def test_two_batch_recovers_noise_scale_and_ratio_of_emas_beats_ema_of_ratios():
@@ -448,11 +458,11 @@ def test_norm_test_is_noise_scale_over_batch():
 
 
 def test_adascale_gain():
-    assert adascale_gain(3.0, 1.0, 3) == pytest.approx(2.0)        # the paper's example scale
+    assert adascale_gain(3.0, 1.0, 3) == pytest.approx(2.0)  # the paper's example scale
     assert isinstance(adascale_gain(3.0, 1.0, 3), float)
     S = np.array([1.0, 2.0, 8.0, 64.0])
-    np.testing.assert_allclose(adascale_gain(0.0, 1.0, S), 1.0)     # no noise: no gain
-    np.testing.assert_allclose(adascale_gain(1.0, 0.0, S), S)       # pure noise: linear gain
+    np.testing.assert_allclose(adascale_gain(0.0, 1.0, S), 1.0)  # no noise: no gain
+    np.testing.assert_allclose(adascale_gain(1.0, 0.0, S), S)  # pure noise: linear gain
     r = adascale_gain(2.0, 0.5, S)
     assert np.all((r >= 1) & (r <= S)) and r[0] == pytest.approx(1.0)
     assert np.all(np.diff(r) > 0)
@@ -464,7 +474,7 @@ def test_pollux_statistical_efficiency_and_goodput():
     M = np.array([10, 100, 1000])
     np.testing.assert_allclose(statistical_efficiency(100.0, M, 10), [1.0, 110 / 200, 110 / 1100])
     assert statistical_efficiency(50.0, 32, 32) == 1.0
-    assert statistical_efficiency(math.inf, 4096, 32) == 1.0       # pure noise: no loss
+    assert statistical_efficiency(math.inf, 4096, 32) == 1.0  # pure noise: no loss
     assert statistical_efficiency(0.0, 64, 32) == pytest.approx(0.5)
     e = statistical_efficiency(300.0, np.arange(1, 2000), 1)
     assert np.all(np.diff(e) < 0) and np.all(e <= 1)
@@ -486,7 +496,7 @@ def test_predicted_steps_and_examples_lie_on_the_tradeoff_curve():
     e_min = s_min * b_noise
     S = predicted_steps(B, s_min, b_noise)
     E = predicted_examples(B, e_min, b_noise)
-    np.testing.assert_allclose(E, S * B)                            # E = S B
+    np.testing.assert_allclose(E, S * B)  # E = S B
     np.testing.assert_allclose((S / s_min - 1) * (E / e_min - 1), 1.0)
     assert predicted_steps(256, s_min, b_noise) == pytest.approx(2 * s_min)
     assert predicted_examples(256, e_min, b_noise) == pytest.approx(2 * e_min)
@@ -501,8 +511,7 @@ def exact_minibatch_variance(G, B, replacement):
     """E|mean of a batch - mean of all|^2 by enumerating every batch."""
     N = G.shape[0]
     full = G.mean(axis=0)
-    idx = (itertools.product(range(N), repeat=B) if replacement
-           else itertools.combinations(range(N), B))
+    idx = itertools.product(range(N), repeat=B) if replacement else itertools.combinations(range(N), B)
     devs = [np.sum((G[list(i)].mean(axis=0) - full) ** 2) for i in idx]
     return float(np.mean(devs))
 
@@ -515,19 +524,15 @@ def test_minibatch_variance_prediction_matches_enumeration():
     tr1 = G.var(axis=0, ddof=1).sum()
     for B in range(1, N + 1):
         exact = exact_minibatch_variance(G, B, replacement=False)
-        assert minibatch_variance_prediction(tr0, B, n=N) == pytest.approx(exact, rel=1e-10,
-                                                                           abs=1e-13)
-        assert minibatch_variance_prediction(tr1, B, n=N, ddof=1) == pytest.approx(
-            exact, rel=1e-10, abs=1e-13)
+        assert minibatch_variance_prediction(tr0, B, n=N) == pytest.approx(exact, rel=1e-10, abs=1e-13)
+        assert minibatch_variance_prediction(tr1, B, n=N, ddof=1) == pytest.approx(exact, rel=1e-10, abs=1e-13)
     for B in (1, 2, 3):
         exact = exact_minibatch_variance(G, B, replacement=True)
-        assert minibatch_variance_prediction(tr0, B, n=N, replacement=True) == pytest.approx(
-            exact, rel=1e-10)
-    assert minibatch_variance_prediction(tr0, N, n=N) == 0.0        # full batch: no noise
+        assert minibatch_variance_prediction(tr0, B, n=N, replacement=True) == pytest.approx(exact, rel=1e-10)
+    assert minibatch_variance_prediction(tr0, N, n=N) == 0.0  # full batch: no noise
     assert minibatch_variance_prediction(tr0, N, n=N, replacement=True) > 0
-    assert minibatch_variance_prediction(6.0, 3) == pytest.approx(2.0)   # infinite population
-    np.testing.assert_allclose(minibatch_variance_prediction(6.0, np.array([1, 2, 3])),
-                               [6, 3, 2])
+    assert minibatch_variance_prediction(6.0, 3) == pytest.approx(2.0)  # infinite population
+    np.testing.assert_allclose(minibatch_variance_prediction(6.0, np.array([1, 2, 3])), [6, 3, 2])
     with pytest.raises(ValueError, match=r"batch_size: expected at most n=7"):
         minibatch_variance_prediction(tr0, 8, n=N)
     with pytest.raises(ValueError, match=r"n: expected an integer >= 1, got 0"):
@@ -537,7 +542,7 @@ def test_minibatch_variance_prediction_matches_enumeration():
 
 
 # ============================================================================ tradeoff fit
-BATCHES = 2.0 ** np.arange(0, 13)            # 1 ... 4096
+BATCHES = 2.0 ** np.arange(0, 13)  # 1 ... 4096
 S_MIN, B_CRIT = 1000.0, 256.0
 
 
@@ -574,7 +579,7 @@ def test_fit_tradeoff_with_noise_and_both_paths_agree():
         for a in ("s_min", "e_min", "b_crit", "residual"):
             assert getattr(fn, a) == pytest.approx(getattr(fs, a), rel=1e-6), (seed, a)
         rel.append((fs.s_min / S_MIN - 1, fs.b_crit / B_CRIT - 1, fs.e_min / (S_MIN * B_CRIT) - 1))
-        assert 0.02 < fs.residual < 0.08                      # ~ the 5 % noise
+        assert 0.02 < fs.residual < 0.08  # ~ the 5 % noise
     rel = np.array(rel)
     # 13 points with 5 % log-normal noise: per-seed errors stay within 20 % (observed max ~12 %
     # over 200 seeds); averaged over 20 seeds the bias is within 3 %
@@ -591,7 +596,7 @@ def test_fit_tradeoff_without_scipy(monkeypatch):
 
     monkeypatch.setattr(tradeoff_module, "_have_scipy", lambda: False)
     monkeypatch.setattr(tradeoff_module, "_refine_scipy", no_scipy)
-    without = fit_tradeoff(S, E)                              # "auto" falls back to numpy
+    without = fit_tradeoff(S, E)  # "auto" falls back to numpy
     assert without.b_crit == pytest.approx(with_scipy.b_crit, rel=1e-6)
     assert without.s_min == pytest.approx(with_scipy.s_min, rel=1e-6)
     with pytest.raises(ValueError, match=r"method: expected 'numpy' or 'auto'"):
@@ -611,15 +616,15 @@ def test_fit_tradeoff_drops_unreached_points_and_validates():
     with pytest.raises(ValueError, match=r"examples: expected shape \(3,\)"):
         fit_tradeoff([1.0, 2.0, 3.0], [1.0, 2.0])
     with pytest.raises(ValueError, match=r"at least 2 distinct batch sizes"):
-        fit_tradeoff([10.0, 20.0, 30.0], [80.0, 160.0, 240.0])       # B = 8 throughout
+        fit_tradeoff([10.0, 20.0, 30.0], [80.0, 160.0, 240.0])  # B = 8 throughout
     with pytest.raises(ValueError, match=r"method: expected one of"):
         fit_tradeoff(S, E, method="bfgs")
 
 
 def test_fit_tradeoff_limits():
     B = np.array([1.0, 4.0, 16.0, 64.0])
-    flat = fit_tradeoff(np.full(4, 100.0), 100.0 * B)               # no speed-up at all
+    flat = fit_tradeoff(np.full(4, 100.0), 100.0 * B)  # no speed-up at all
     assert flat.b_crit == 0.0 and flat.e_min == 0.0 and flat.s_min == pytest.approx(100.0)
-    perfect = fit_tradeoff(6400.0 / B, np.full(4, 6400.0))          # perfect scaling
+    perfect = fit_tradeoff(6400.0 / B, np.full(4, 6400.0))  # perfect scaling
     assert perfect.b_crit == math.inf and perfect.s_min == 0.0
     assert perfect.e_min == pytest.approx(6400.0)

@@ -8,6 +8,7 @@ fixed seeds; each states its tolerance (a z-score bound of 4 or 5: a false failu
 probability < 1e-4 per comparison, while every bias they guard against is many standard
 errors large at the sizes used).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,13 +60,12 @@ def cases(draw, max_n=9):
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, n_in))
     y = targets(loss, n, n_out, rng)
-    return dict(sizes=[n_in, *hidden, n_out], activation=act, loss=loss, dtype="float64",
-                seed=seed), X, y
+    return dict(sizes=[n_in, *hidden, n_out], activation=act, loss=loss, dtype="float64", seed=seed), X, y
 
 
 def oracle_per_example(m, X, y):
     """Row i = loss_and_grad on example i alone: the definition."""
-    return np.stack([m.loss_and_grad(X[i:i + 1], y[i:i + 1])[1] for i in range(len(X))])
+    return np.stack([m.loss_and_grad(X[i : i + 1], y[i : i + 1])[1] for i in range(len(X))])
 
 
 def two_pass(G):
@@ -95,18 +95,18 @@ def test_fused_norms_equal_norms_of_explicit_per_example_grads(case, path):
     m = make(path=path, **cfg)
     norms = mg.per_example_grad_norms(m, X, y)
     G = oracle_per_example(m, X, y)
-    ref = np.sqrt((G ** 2).sum(axis=1))
+    ref = np.sqrt((G**2).sum(axis=1))
     assert norms.shape == (len(X),)
     np.testing.assert_allclose(norms, ref, rtol=1e-10, atol=1e-12 * (ref.max() + 1e-300))
     sq = mg.per_example_grad_norms(m, X, y, squared=True)
-    np.testing.assert_allclose(sq, ref ** 2, rtol=1e-10, atol=1e-12 * (ref.max() ** 2 + 1e-300))
+    np.testing.assert_allclose(sq, ref**2, rtol=1e-10, atol=1e-12 * (ref.max() ** 2 + 1e-300))
 
 
 def test_per_example_grads_into_out_and_in_float32():
     rng = np.random.default_rng(3)
     X = rng.normal(size=(20, 5)).astype(np.float32)
     y = rng.integers(0, 3, 20)
-    for path in ("numpy", "cpu-blas"):    # (float32 on one cpu path: each path is a JIT compile)
+    for path in ("numpy", "cpu-blas"):  # (float32 on one cpu path: each path is a JIT compile)
         m = make([5, 7, 3], path=path, dtype="float32", activation="tanh", seed=1)
         out = np.full((20, m.n_params), np.nan, np.float32)
         G = mg.per_example_grads(m, X, y, out=out)
@@ -141,6 +141,7 @@ def test_backend_per_example_terms_agree():
 
 def test_per_example_grads_chunks_beyond_eval_chunk(monkeypatch):
     import minigd.gradstats.per_example as pe
+
     monkeypatch.setattr(pe, "EVAL_CHUNK", 7)
     rng = np.random.default_rng(0)
     X = rng.normal(size=(23, 4))
@@ -159,7 +160,7 @@ def assert_moments_equal(mom, G, rtol_var=1e-9):
     scale = np.abs(G).max() + 1e-300
     assert mom.n == len(G)
     np.testing.assert_allclose(mom.mean, mean, rtol=0, atol=1e-13 * scale)
-    np.testing.assert_allclose(mom.var, var, rtol=rtol_var, atol=1e-24 * scale ** 2)
+    np.testing.assert_allclose(mom.var, var, rtol=rtol_var, atol=1e-24 * scale**2)
 
 
 @settings(deadline=None, max_examples=25)
@@ -203,8 +204,8 @@ def test_moments_survive_a_large_common_offset():
         mean, var = two_pass(G)
         assert 0.5e-10 < var[-1] < 2e-10 and abs(mean[-1] - 100) < 1e-3
         np.testing.assert_allclose(mom.var, var, rtol=1e-6)
-        naive = ((G ** 2).mean(0) - G.mean(0) ** 2) * 400 / 399
-        assert abs(naive[-1] - var[-1]) > 1e-3 * var[-1]        # the trap is real
+        naive = ((G**2).mean(0) - G.mean(0) ** 2) * 400 / 399
+        assert abs(naive[-1] - var[-1]) > 1e-3 * var[-1]  # the trap is real
 
 
 def test_moments_float32_within_stated_tolerance():
@@ -231,7 +232,7 @@ def test_grad_moments_and_norms_never_form_the_per_example_matrix():
     y = rng.integers(0, 10, n)
     for path in ("cpu-blas", "cpu-loops"):
         m = make(sizes, path=path, dtype="float64")
-        mg.grad_moments(m, X, y)                 # warm-up: JIT, workspace, scratch
+        mg.grad_moments(m, X, y)  # warm-up: JIT, workspace, scratch
         mg.per_example_grad_norms(m, X, y)
         full = n * m.n_params * 8
         tracemalloc.start()
@@ -261,20 +262,20 @@ def test_linear_regression_moments_match_the_analytic_gradient_distribution():
     delta = np.array([0.3, -0.2, 0.1, 0.4])
     beta = -0.25
     G_true = np.append(delta, beta)
-    var_true = np.append(delta @ delta + delta ** 2 + beta ** 2 + s ** 2, delta @ delta + s ** 2)
-    tr_true = (d + 2) * (delta @ delta) + d * beta ** 2 + (d + 1) * s ** 2
+    var_true = np.append(delta @ delta + delta**2 + beta**2 + s**2, delta @ delta + s**2)
+    tr_true = (d + 2) * (delta @ delta) + d * beta**2 + (d + 1) * s**2
     assert math.isclose(var_true.sum(), tr_true)
     for path in PATHS:
         m = make([d, 1], path=path, loss="mse", dtype="float64")
         m.params[...] = np.append(w_star + delta, b_star + beta)
         mom = mg.grad_moments(m, X, y, chunk_size=1000)
-        Gx = mg.per_example_grads(m, X[:20000], y[:20000])     # for the standard errors
+        Gx = mg.per_example_grads(m, X[:20000], y[:20000])  # for the standard errors
         se_mean = np.sqrt(Gx.var(0) / N)
         assert np.all(np.abs(mom.mean - G_true) < 5 * se_mean), (mom.mean, G_true)
         dev = Gx - Gx.mean(0)
-        se_var = np.sqrt(((dev ** 2 - Gx.var(0)) ** 2).mean(0) / N)
+        se_var = np.sqrt(((dev**2 - Gx.var(0)) ** 2).mean(0) / N)
         assert np.all(np.abs(mom.var - var_true) < 5 * se_var), (mom.var, var_true)
-        q = (dev ** 2).sum(1)
+        q = (dev**2).sum(1)
         se_tr = np.sqrt(q.var() / N)
         assert abs(mom.trace_cov - tr_true) < 5 * se_tr
         assert abs(mom.noise_scale - tr_true / (G_true @ G_true)) < 0.05 * tr_true / (G_true @ G_true)
@@ -289,7 +290,7 @@ def test_two_batch_and_per_example_estimators_are_unbiased_against_exact_moments
     X = rng.normal(size=(N, 6))
     y = rng.integers(0, 3, N)
     m = make([6, 8, 3], path="cpu-blas", activation="tanh", dtype="float64", seed=4)
-    m.params *= 3.0     # sharper logits: a noise scale of order 10, not 1e4
+    m.params *= 3.0  # sharper logits: a noise scale of order 10, not 1e4
     mom = mg.grad_moments(m, X, y)
     g2_true = mom.grad_norm_sq
     tr_true = mom.trace_cov * (N - 1) / N
@@ -321,23 +322,23 @@ def test_variance_vs_batch_size_follows_the_sampling_formula(replacement):
     sizes = [1, 6, 60, 200, N]
     c = mg.variance_vs_batch_size(m, X, y, sizes, n_samples=300, replacement=replacement, seed=0)
     G = mg.per_example_grads(m, X, y)
-    tr_pop = ((G - G.mean(0)) ** 2).sum() / N                   # ddof=0, by hand
+    tr_pop = ((G - G.mean(0)) ** 2).sum() / N  # ddof=0, by hand
     B = np.array(sizes, float)
     np.testing.assert_allclose(c.predicted_with_replacement, tr_pop / B, rtol=1e-10)
-    np.testing.assert_allclose(c.predicted_without_replacement, tr_pop / B * (N - B) / (N - 1),
-                               rtol=1e-10, atol=1e-18)
-    np.testing.assert_allclose(c.predicted, c.predicted_with_replacement if replacement
-                               else c.predicted_without_replacement)
+    np.testing.assert_allclose(c.predicted_without_replacement, tr_pop / B * (N - B) / (N - 1), rtol=1e-10, atol=1e-18)
+    np.testing.assert_allclose(
+        c.predicted, c.predicted_with_replacement if replacement else c.predicted_without_replacement
+    )
     np.testing.assert_allclose(c.trace_cov, tr_pop * N / (N - 1), rtol=1e-10)
     noisy = c.predicted > 0
     assert np.all(np.abs(c.z[noisy]) < 4), c
     if not replacement:
-        assert c.variance[-1] < 1e-20 and abs(c.cosine[-1] - 1) < 1e-12   # B = N: no noise
+        assert c.variance[-1] < 1e-20 and abs(c.cosine[-1] - 1) < 1e-12  # B = N: no noise
         # at B = 200 of 240 the finite-population factor is 0.17: the with-replacement law
         # (1/B) would be many standard errors off
         j = sizes.index(200)
         assert abs(c.variance[j] - c.predicted_with_replacement[j]) > 10 * c.variance_se[j]
-    assert np.all(np.diff(c.cosine) > 0)          # bigger batches point closer to G
+    assert np.all(np.diff(c.cosine) > 0)  # bigger batches point closer to G
     recs = c.to_records()
     assert [r["batch_size"] for r in recs] == sizes and "ratio" in recs[0]
     assert "B_simple" in str(c)
@@ -391,7 +392,7 @@ def test_tracking_records_every_k_steps_and_merges_into_records():
     assert all(math.isfinite(r["noise_scale"]) for r in h.noise)
     gs = [r for r in h.noise if "gsnr_mean" in r]
     assert [r["step"] for r in gs] == [0, 6, 12, 18]
-    for r in gs:   # the exact batch trace equals the per-example-norm estimate
+    for r in gs:  # the exact batch trace equals the per-example-norm estimate
         assert r["gsnr_mean"] > 0 and r["gsnr_median"] >= 0
         assert math.isclose(r["batch_trace_cov"], r["trace_cov_est"], rel_tol=1e-9)
     recs = h.records
@@ -433,8 +434,18 @@ def test_tracked_estimates_are_unbiased_for_the_training_set(sampler):
     m = make([5, 8, 3], "cpu", activation="tanh", dtype="float64", seed=0)
     m.params *= 2.0
     mom = mg.grad_moments(m, X, y)
-    h = mg.fit(m, X, y, batch_size=B, steps=600, optimizer=mg.SGD(lr=0.0), sampler=sampler,
-               track_noise=1, noise_beta=0.999, seed=0)
+    h = mg.fit(
+        m,
+        X,
+        y,
+        batch_size=B,
+        steps=600,
+        optimizer=mg.SGD(lr=0.0),
+        sampler=sampler,
+        track_noise=1,
+        noise_beta=0.999,
+        seed=0,
+    )
     tr = h.noise_tracker.column("trace_cov_est")
     g2 = h.noise_tracker.column("grad_norm_sq_est")
     K = len(tr)
@@ -519,8 +530,11 @@ def test_argument_errors_name_argument_expected_and_got():
         mg.variance_vs_batch_size(m, X, y, [])
     with pytest.raises(TypeError, match="batch_sizes: expected a non-empty sequence of integers, got list"):
         mg.variance_vs_batch_size(m, X, y, [2, 2.5])
-    with pytest.raises(TypeError, match=r"out: expected a writable C-contiguous array .* got array of shape "
-                                        r"\(4, 8\) and dtype float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"out: expected a writable C-contiguous array .* got array of shape "
+        r"\(4, 8\) and dtype float32",
+    ):
         mg.per_example_grads(m, X, y, out=np.zeros((4, 8), np.float32))
     with pytest.raises(ValueError, match=r"out: expected a writable .* \(read-only\)"):
         ro = np.zeros((4, 8))

@@ -10,6 +10,7 @@ biases the tests guard against are about 10 or more standard errors large at the
 used; a standard-error calibration ratio (SD across draws / mean reported SE) must lie in a
 stated band.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,7 @@ def draw_subsets(problem, n, K, seed):
     for k in range(K):
         idx = rng.choice(N_POP, n, replace=False)
         s = mg.grad_moments(m, X[idx], y[idx], population=N_POP)
-        out[k] = (s.grad_norm_sq, s.mean_norm_sq, s.trace_cov,
-                  s.grad_norm_sq_se, s.trace_cov_se, s.noise_scale_se)
+        out[k] = (s.grad_norm_sq, s.mean_norm_sq, s.trace_cov, s.grad_norm_sq_se, s.trace_cov_se, s.noise_scale_se)
     return out
 
 
@@ -69,17 +69,20 @@ def test_corrected_grad_norm_sq_is_unbiased_and_the_raw_one_is_not(problem):
     g2, tr = full.grad_norm_sq, full.trace_cov
     assert abs(mean[0] - g2) < 3 * se[0], (mean[0], g2, se[0])
     assert abs(mean[1] - g2) > 3 * se[1], (mean[1], g2, se[1])
-    assert mean[1] > g2                                    # and biased upwards
+    assert mean[1] > g2  # and biased upwards
     assert abs(mean[2] - tr) < 3 * se[2], (mean[2], tr, se[2])  # the trace needs no correction
     # the expected bias of the raw estimate is the correction term itself
     assert abs((mean[1] - mean[0]) - (1 / 64 - 1 / N_POP) * tr) < 0.05 * (1 / 64) * tr
 
 
-@pytest.mark.parametrize("n, band", [
-    (64, (0.7, 1.4)),
-    # at n = N/2 the finite-population factor is 1/2: without it the ratio would be ~0.72
-    (1000, (0.85, 1.2)),
-])
+@pytest.mark.parametrize(
+    "n, band",
+    [
+        (64, (0.7, 1.4)),
+        # at n = N/2 the finite-population factor is 1/2: without it the ratio would be ~0.72
+        (1000, (0.85, 1.2)),
+    ],
+)
 def test_reported_standard_errors_are_calibrated(problem, n, band):
     """The spread of the estimates across subsets matches the mean reported SE: ratio
     SD(estimate) / mean(SE) within ``band`` (measured at n = 64: 1.05 for |G|^2, 1.01 for
@@ -143,23 +146,28 @@ def test_jackknife_matches_brute_force_and_grad_moments_matches_from_grads(probl
     Xs, ys = X[idx], y[idx]
     Gm = mg.per_example_grads(m, Xs, ys)
     theta, se = brute_force_jackknife(Gm, N_POP)
-    for s in (mg.grad_moments(m, Xs, ys, population=N_POP),
-              mg.grad_moments(m, Xs, ys, population=N_POP, chunk_size=3),
-              GradMoments.from_grads(Gm, population=N_POP)):
+    for s in (
+        mg.grad_moments(m, Xs, ys, population=N_POP),
+        mg.grad_moments(m, Xs, ys, population=N_POP, chunk_size=3),
+        GradMoments.from_grads(Gm, population=N_POP),
+    ):
         assert s.population == N_POP and s.n == n
-        np.testing.assert_allclose([s.grad_norm_sq, s.trace_cov, s.noise_scale], theta,
-                                   rtol=1e-9)
-        np.testing.assert_allclose([s.grad_norm_sq_se, s.trace_cov_se, s.noise_scale_se], se,
-                                   rtol=1e-7)
+        np.testing.assert_allclose([s.grad_norm_sq, s.trace_cov, s.noise_scale], theta, rtol=1e-9)
+        np.testing.assert_allclose([s.grad_norm_sq_se, s.trace_cov_se, s.noise_scale_se], se, rtol=1e-7)
         np.testing.assert_allclose(s.mean, Gm.mean(axis=0), rtol=1e-10, atol=1e-15)
         np.testing.assert_allclose(s.var, Gm.var(axis=0, ddof=1), rtol=1e-9, atol=1e-15)
         assert s.mean_norm_sq == pytest.approx(Gm.mean(0) @ Gm.mean(0), rel=1e-12)
 
 
 def test_jackknife_groups_are_a_fixed_balanced_partition():
-    for n, P, G in [(4, 10, 2), (5, 10, 2), (41, 10, 20), (1437, 4810, 20),
-                    (1000, 500_000, 16),        # 16 * 500000 * 8 bytes < 64 MiB < 17 * ...
-                    (1000, 10**8, 2)]:          # never below 2 groups
+    for n, P, G in [
+        (4, 10, 2),
+        (5, 10, 2),
+        (41, 10, 20),
+        (1437, 4810, 20),
+        (1000, 500_000, 16),  # 16 * 500000 * 8 bytes < 64 MiB < 17 * ...
+        (1000, 10**8, 2),
+    ]:  # never below 2 groups
         groups = jackknife_groups(n, P)
         assert len(groups) == G
         sizes = [len(g) for g in groups]
@@ -199,16 +207,22 @@ def test_population_none_is_the_historical_path_bitwise(dtype):
     m = mg.MLP([5, 7, 3], dtype=dtype, seed=2)
     X_, yi, yf = m.check_Xy(X, y)
     ref = accumulate_moments(m, X_, yi, yf, np.arange(300), 64).finalize()
-    for got in (mg.grad_moments(m, X, y, chunk_size=64),
-                mg.grad_moments(m, X, y, population=None, chunk_size=64)):
+    for got in (mg.grad_moments(m, X, y, chunk_size=64), mg.grad_moments(m, X, y, population=None, chunk_size=64)):
         assert got.population is None
         assert np.array_equal(got.mean, ref.mean) and np.array_equal(got.var, ref.var)
         mean64 = got.mean.astype(np.float64)
         assert got.grad_norm_sq == got.mean_norm_sq == float(np.dot(mean64, mean64))
         assert got.noise_scale == got.trace_cov / got.grad_norm_sq
         assert (got.grad_norm_sq_se, got.trace_cov_se, got.noise_scale_se) == (0.0, 0.0, 0.0)
-        assert list(got.to_dict()) == ["n", "n_params", "trace_cov", "grad_norm_sq",
-                                       "noise_scale", "mean_gsnr", "diversity"]
+        assert list(got.to_dict()) == [
+            "n",
+            "n_params",
+            "trace_cov",
+            "grad_norm_sq",
+            "noise_scale",
+            "mean_gsnr",
+            "diversity",
+        ]
         assert "population" not in repr(got)
 
 
@@ -233,15 +247,19 @@ def test_population_equal_to_n_is_exact(problem):
     assert "population=201" in repr(t) and "noise_scale_se" in t.to_dict()
 
 
-@pytest.mark.parametrize("bad", [63, 0, -64, 64.0, 2000.5, True, False, np.bool_(True), "2000",
-                                 [2000], np.array(2000.0)])
+@pytest.mark.parametrize(
+    "bad", [63, 0, -64, 64.0, 2000.5, True, False, np.bool_(True), "2000", [2000], np.array(2000.0)]
+)
 def test_bad_population_values_are_refused(problem, bad):
     """An integer below n is a wrong value (ValueError); anything else -- floats, bools,
     strings, lists, float arrays -- a wrong type (TypeError)."""
     m, X, y, _ = problem
     exc = ValueError if isinstance(bad, int) and not isinstance(bad, bool) else TypeError
-    with pytest.raises(exc, match=r"^population: expected None or an integer >= n=64"
-                                  r".*got"):
+    with pytest.raises(
+        exc,
+        match=r"^population: expected None or an integer >= n=64"
+        r".*got",
+    ):
         mg.grad_moments(m, X[:64], y[:64], population=bad)
     with pytest.raises(exc, match=r"^population: expected"):
         GradMoments.from_grads(np.ones((64, 2)), population=bad)
@@ -257,8 +275,9 @@ def test_gradmoments_constructor_fields():
     assert acc.finalize().population is None
     # worked example: n = 4 of N = 8, mean (1, 1), var (1, 1): |g|^2 = 2, tr = 2,
     # |G|^2 = 2 - (1/4 - 1/8) * 2 = 1.75, B = 2 / 1.75
-    s = GradMoments(n=4, mean=np.ones(2), var=np.ones(2), population=8,
-                    grad_norm_sq_se=0.1, trace_cov_se=0.2, noise_scale_se=0.3)
+    s = GradMoments(
+        n=4, mean=np.ones(2), var=np.ones(2), population=8, grad_norm_sq_se=0.1, trace_cov_se=0.2, noise_scale_se=0.3
+    )
     assert s.grad_norm_sq == 1.75 and s.mean_norm_sq == 2.0
     assert s.noise_scale == pytest.approx(2 / 1.75)
     assert s.diversity == pytest.approx(((4 - 1) * 2 + 4 * 2) / (16 * 2))  # of the rows
@@ -310,7 +329,7 @@ def test_two_batch_estimates_with_population_are_unbiased_without_replacement():
     assert abs(mean[1] - tr_true) < 3 * se[1], (mean[1], tr_true, se[1])
     iid = np.array(two_batch_estimates(S, B, bs, bb))
     assert abs(iid[0].mean() - g2_true) > 10 * se[0]
-    np.testing.assert_array_equal(iid[1], est[1])            # the trace is unchanged
+    np.testing.assert_array_equal(iid[1], est[1])  # the trace is unchanged
     np.testing.assert_allclose(est[0] - iid[0], est[1] / N, rtol=0, atol=1e-14)  # |G|^2 ~ 1
     # the streaming class makes the same per-update estimate
     tb = TwoBatchNoiseScale(bs, bb, beta=0.0, population=N)
@@ -326,15 +345,16 @@ def test_two_batch_population_equal_to_b_big_is_allowed():
     # the big batch is then the whole population: noise-free, E|G_big|^2 = |G|^2
     g2, tr = two_batch_estimates(3.0 + 1.0 * (1 / 2 - 1 / 8), 3.0, 2, 8, population=8)
     assert g2 == pytest.approx(3.0) and tr == pytest.approx(1.0)
-    assert TwoBatchNoiseScale(2, 8, population=8).estimate(3.0 + 0.375, 3.0) == \
-        pytest.approx((3.0, 1.0))
+    assert TwoBatchNoiseScale(2, 8, population=8).estimate(3.0 + 0.375, 3.0) == pytest.approx((3.0, 1.0))
 
 
 def test_two_batch_population_validation():
-    for bad, exc, pattern in [(7, ValueError, r"population: expected None or an integer >= b_big=8, got 7"),
-                              (0, ValueError, r"population: expected .* got 0"),
-                              (100.0, TypeError, r"population: expected .* got float 100.0"),
-                              (True, TypeError, r"population: expected .* got bool True")]:
+    for bad, exc, pattern in [
+        (7, ValueError, r"population: expected None or an integer >= b_big=8, got 7"),
+        (0, ValueError, r"population: expected .* got 0"),
+        (100.0, TypeError, r"population: expected .* got float 100.0"),
+        (True, TypeError, r"population: expected .* got bool True"),
+    ]:
         with pytest.raises(exc, match=pattern):
             TwoBatchNoiseScale(2, 8, population=bad)
     with pytest.raises(ValueError, match=r"population: expected a number of examples >= b_big"):

@@ -1,6 +1,7 @@
 """Issue 19, findings 3, 4, 7, 8, 9: a damaged, empty, foreign or crafted results store, the
 report never reading a data path named inside a results file, problems found before the
 work starts, a killed pool worker, and the GPU emulator's cached library."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,20 @@ TINY_DATA = DataSpec(name="teacher_student", params=(("n", 300), ("n_classes", 3
 
 
 def _spec(**kw):
-    base = dict(data=TINY_DATA, batch_sizes=(32, "full"), lr_policy="sqrt", base_lr=0.05, base_batch_size=32,
-                seeds=(0,), widths=(8,), depths=(1,), max_epochs=3, min_steps=10, target_metric="val_accuracy",
-                target=0.6)
+    base = dict(
+        data=TINY_DATA,
+        batch_sizes=(32, "full"),
+        lr_policy="sqrt",
+        base_lr=0.05,
+        base_batch_size=32,
+        seeds=(0,),
+        widths=(8,),
+        depths=(1,),
+        max_epochs=3,
+        min_steps=10,
+        target_metric="val_accuracy",
+        target=0.6,
+    )
     base.update(kw)
     return SweepSpec(**base)
 
@@ -34,7 +46,7 @@ def study(tmp_path_factory):
 def _copy(study, tmp_path) -> str:
     con = sqlite3.connect(os.path.join(study, "results.sqlite"))
     dst = str(tmp_path / "results.sqlite")
-    con.execute(f"VACUUM INTO '{dst}'")     # one self-contained file (no WAL beside it)
+    con.execute(f"VACUUM INTO '{dst}'")  # one self-contained file (no WAL beside it)
     con.close()
     return dst
 
@@ -49,7 +61,7 @@ def test_empty_file_is_refused_not_turned_into_a_fresh_store(tmp_path):
     p.write_bytes(b"")
     with pytest.raises(ResultStoreError, match=r"results\.sqlite.*empty \(0 bytes\)"):
         ResultStore(p)
-    assert p.read_bytes() == b""        # nothing written into it
+    assert p.read_bytes() == b""  # nothing written into it
 
 
 def test_a_path_that_does_not_exist_is_still_created(tmp_path):
@@ -58,10 +70,13 @@ def test_a_path_that_does_not_exist_is_still_created(tmp_path):
         assert len(s) == 1 and s.keys() == {_cfg().key}
 
 
-@pytest.mark.parametrize("content, why", [
-    (b"hello, not a database\n" * 10, "not an SQLite database"),
-    (b"SQLite format 3\x00" + b"\x00" * 20, "truncated"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"hello, not a database\n" * 10, "not an SQLite database"),
+        (b"SQLite format 3\x00" + b"\x00" * 20, "truncated"),
+    ],
+)
 def test_non_sqlite_files_are_refused(tmp_path, content, why):
     p = tmp_path / "results.sqlite"
     p.write_bytes(content)
@@ -120,8 +135,7 @@ def test_garbage_rows_are_skipped_with_a_warning_naming_their_key(study, tmp_pat
     rows = [
         ("k-json", "{not json", "ok", "{}"),
         ("k-result", json.dumps(_cfg().to_dict()), "ok", "[1, 2"),
-        ("k-notcfg", json.dumps({"frobnicate": 2, "data": {"name": "digits"}}), "ok",
-         json.dumps({"status": "ok"})),
+        ("k-notcfg", json.dumps({"frobnicate": 2, "data": {"name": "digits"}}), "ok", json.dumps({"status": "ok"})),
         ("k-types", json.dumps({**_cfg().to_dict(), "batch_size": "32"}), "ok", json.dumps({"status": "ok"})),
         ("k-sizes", json.dumps({**_cfg().to_dict(), "sizes": [6, -1, 3]}), "ok", json.dumps({"status": "ok"})),
         ("k-lr", json.dumps({**_cfg().to_dict(), "lr": "fast"}), "ok", json.dumps({"status": "ok"})),
@@ -130,10 +144,14 @@ def test_garbage_rows_are_skipped_with_a_warning_naming_their_key(study, tmp_pat
         ("k-array", json.dumps([1, 2]), "ok", json.dumps({"status": "ok"})),
     ]
     for key, cfg, status, res in rows:
-        con.execute("INSERT INTO trials (key, config, status, result, error, finished) VALUES (?,?,?,?,NULL,?)",
-                    (key, cfg, status, res, 1e12))
-    con.execute("INSERT INTO trials (key, config, status, result, error, finished) VALUES (?,?,?,?,NULL,?)",
-                ("k-blob", b"\x00\x01", "ok", b"\x02", 1e12))
+        con.execute(
+            "INSERT INTO trials (key, config, status, result, error, finished) VALUES (?,?,?,?,NULL,?)",
+            (key, cfg, status, res, 1e12),
+        )
+    con.execute(
+        "INSERT INTO trials (key, config, status, result, error, finished) VALUES (?,?,?,?,NULL,?)",
+        ("k-blob", b"\x00\x01", "ok", b"\x02", 1e12),
+    )
     con.commit()
     con.close()
     with ResultStore(p) as s:
@@ -152,8 +170,7 @@ def test_crafted_meta_entries_are_validated(study, tmp_path):
     con = sqlite3.connect(p)
     spec = json.loads(con.execute("SELECT value FROM meta WHERE name='spec'").fetchone()[0])
     cases = {
-        "spec": [json.dumps({**spec, "max_epochs": -5}), json.dumps({**spec, "bogus": 1}), json.dumps([1]),
-                 "{garbage"],
+        "spec": [json.dumps({**spec, "max_epochs": -5}), json.dumps({**spec, "bogus": 1}), json.dumps([1]), "{garbage"],
         "study_keys": [json.dumps("abc"), json.dumps([1, 2])],
         "question_keys": [json.dumps(["x"]), json.dumps({"smallest_batch": [3]})],
         "throughput_probe": [json.dumps({"a": 1})],
@@ -170,8 +187,15 @@ def test_crafted_meta_entries_are_validated(study, tmp_path):
     # a probe entry with non-finite or negative times is dropped with a warning, the rest kept
     with ResultStore(p) as s:
         good = {"key": "k", "batch_size": 8, "median_s": 1e-4, "lo_s": 1e-4, "hi_s": 2e-4, "round_s": [1e-4]}
-        s._sql("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", ("probe:powers_of_two", json.dumps(
-            [good, {**good, "median_s": -1.0}, {**good, "lo_s": 1e999}, {**good, "round_s": [None]}, "x"])))
+        s._sql(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+            (
+                "probe:powers_of_two",
+                json.dumps(
+                    [good, {**good, "median_s": -1.0}, {**good, "lo_s": 1e999}, {**good, "round_s": [None]}, "x"]
+                ),
+            ),
+        )
         with pytest.warns(RuntimeWarning, match="ignoring throughput probe entry"):
             assert s.meta("probe:powers_of_two") == [good]
 
@@ -184,7 +208,7 @@ def test_report_on_damaged_or_empty_store_is_a_cli_error(study, tmp_path, capsys
     assert main(["report", str(p)]) == 1
     err = capsys.readouterr().err
     assert "minigd report: error:" in err and "results.sqlite" in err and "empty" in err
-    assert p.read_bytes() == b""                       # no tables written into it
+    assert p.read_bytes() == b""  # no tables written into it
     q = _copy(study, tmp_path / "..")
     con = sqlite3.connect(q)
     con.execute("UPDATE meta SET value = '{garbage' WHERE name = 'spec'")
@@ -199,9 +223,23 @@ def test_study_on_an_empty_results_file_does_not_restart(tmp_path, capsys):
     from minigd.cli import main
 
     (tmp_path / "results.sqlite").write_bytes(b"")
-    with pytest.raises(SystemExit) as ei:      # a usage error, before any trial
-        main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0", "--workers", "1",
-              "--quiet", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as ei:  # a usage error, before any trial
+        main(
+            [
+                "study",
+                "--data",
+                "teacher_student",
+                "--batch-sizes",
+                "32",
+                "--seeds",
+                "0",
+                "--workers",
+                "1",
+                "--quiet",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert ei.value.code == 2
     err = capsys.readouterr().err
     assert "results.sqlite" in err and "empty" in err
@@ -243,8 +281,9 @@ def test_report_needs_no_data_even_without_study_keys(study, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("secret_first_field", ["TOPSECRET-token-42", "root:x:0:0:root:/root:/bin/bash"])
-def test_report_never_opens_a_data_path_named_in_the_results_file(study, tmp_path, monkeypatch, capsys,
-                                                                  secret_first_field):
+def test_report_never_opens_a_data_path_named_in_the_results_file(
+    study, tmp_path, monkeypatch, capsys, secret_first_field
+):
     from minigd.cli import main
 
     secret = tmp_path / "secret.csv"
@@ -268,14 +307,14 @@ def test_report_never_opens_a_data_path_named_in_the_results_file(study, tmp_pat
         monkeypatch.setattr("builtins.open", spy)
         try:
             rc = main(["report", p, "--out", str(tmp_path / "rep")])
-        except SystemExit as exc:     # no trial of that data is stored: nothing to report
+        except SystemExit as exc:  # no trial of that data is stored: nothing to report
             rc = exc.code
         finally:
             monkeypatch.setattr("builtins.open", real_open)
         out = capsys.readouterr()
         assert name not in opened
         assert "TOPSECRET" not in out.out + out.err and "root:x" not in out.out + out.err
-        assert rc != 0           # no trial of that data is stored
+        assert rc != 0  # no trial of that data is stored
 
 
 # ----------------------------------------------------------------------- finding 7: found first
@@ -288,14 +327,28 @@ def _study_usage_error(argv, monkeypatch, capsys, ran=None):
 
     monkeypatch.setattr(study_mod, "run_study", must_not_run)
     with pytest.raises(SystemExit) as ei:
-        main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0", "--workers", "1",
-              "--quiet", *argv])
+        main(
+            [
+                "study",
+                "--data",
+                "teacher_student",
+                "--batch-sizes",
+                "32",
+                "--seeds",
+                "0",
+                "--workers",
+                "1",
+                "--quiet",
+                *argv,
+            ]
+        )
     assert ei.value.code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("out, why", [("", "expected an output directory, got ''"),
-                                      ("/proc/minigd-study-out", "can be created and written")])
+@pytest.mark.parametrize(
+    "out, why", [("", "expected an output directory, got ''"), ("/proc/minigd-study-out", "can be created and written")]
+)
 def test_out_is_checked_before_the_work_starts(out, why, monkeypatch, capsys):
     line = _study_usage_error(["--out", out], monkeypatch, capsys)
     assert "argument --out" in line and why in line
@@ -337,8 +390,22 @@ def test_a_disk_full_while_writing_is_one_clear_line(tmp_path, monkeypatch, caps
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(study_mod, "run_study", full)
-    rc = main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0", "--workers", "1",
-               "--quiet", "--out", str(tmp_path / "s")])
+    rc = main(
+        [
+            "study",
+            "--data",
+            "teacher_student",
+            "--batch-sizes",
+            "32",
+            "--seeds",
+            "0",
+            "--workers",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     assert rc == 1 and "the disk is full" in capsys.readouterr().err
 
 
@@ -349,21 +416,25 @@ def test_bad_scheduler_is_a_quick_usage_error(tmp_path, monkeypatch, capsys):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-    s.close()                     # nothing listens there
+    s.close()  # nothing listens there
     t0 = time.perf_counter()
-    line = _study_usage_error(["--out", str(tmp_path / "s"), "--scheduler", f"tcp://127.0.0.1:{port}"],
-                              monkeypatch, capsys)
+    line = _study_usage_error(
+        ["--out", str(tmp_path / "s"), "--scheduler", f"tcp://127.0.0.1:{port}"], monkeypatch, capsys
+    )
     assert time.perf_counter() - t0 < 20
     assert "argument --scheduler" in line and "no scheduler answers" in line
     line = _study_usage_error(["--out", str(tmp_path / "s"), "--scheduler", "http:/nonsense"], monkeypatch, capsys)
     assert "argument --scheduler" in line and "tcp://host:port" in line
 
 
-@pytest.mark.parametrize("argv, module, flag", [
-    ([], "matplotlib", "--out"),
-    (["--search", "bayes"], "optuna", "--search bayes"),
-    (["--scheduler", "tcp://127.0.0.1:8786"], "distributed", "--scheduler"),
-])
+@pytest.mark.parametrize(
+    "argv, module, flag",
+    [
+        ([], "matplotlib", "--out"),
+        (["--search", "bayes"], "optuna", "--search bayes"),
+        (["--scheduler", "tcp://127.0.0.1:8786"], "distributed", "--scheduler"),
+    ],
+)
 def test_missing_extras_are_named_before_the_work_starts(argv, module, flag, tmp_path, monkeypatch, capsys):
     import importlib.util
 
@@ -399,12 +470,19 @@ def test_fit_checks_the_checkpoint_directory_is_writable_before_training(tmp_pat
     before = model.params.copy()
     with pytest.raises(ValueError, match="checkpoint: expected a directory this process can write"):
         mg.fit(model, X, y, batch_size=8, epochs=1, optimizer=mg.SGD(lr=0.1), checkpoint=tmp_path / "ck.npz")
-    assert np.array_equal(model.params, before)      # refused before any step
+    assert np.array_equal(model.params, before)  # refused before any step
     del steps, orig
     # and for real, where the directory cannot be written (works as root too)
     with pytest.raises(ValueError, match="checkpoint"):
-        mg.fit(mg.MLP([3, 4, 2], seed=0), X, y, batch_size=8, epochs=1, optimizer=mg.SGD(lr=0.1),
-               checkpoint="/proc/minigd-ck.npz")
+        mg.fit(
+            mg.MLP([3, 4, 2], seed=0),
+            X,
+            y,
+            batch_size=8,
+            epochs=1,
+            optimizer=mg.SGD(lr=0.1),
+            checkpoint="/proc/minigd-ck.npz",
+        )
 
 
 # ----------------------------------------------------------------------- finding 8: bystanders
@@ -412,10 +490,10 @@ def _kills_its_worker_or_waits(x):
     import time
 
     if x == 0:
-        time.sleep(0.3)          # the bystander (1) is running by now
+        time.sleep(0.3)  # the bystander (1) is running by now
         os._exit(1)
     if x == 1:
-        time.sleep(1.0)          # still running when trial 0 kills its worker
+        time.sleep(1.0)  # still running when trial 0 kills its worker
     return {"status": "ok", "x": x}
 
 
@@ -442,16 +520,16 @@ def test_gpu_emulator_rebuilds_a_cached_library_others_could_have_written(tmp_pa
     monkeypatch.setattr(E, "_run", lambda cmd, what: (compiles.append(what), real_run(cmd, what))[1])
     tampered = [lambda: os.chmod(so, 0o666)]
     if os.getuid() == 0:
-        tampered.append(lambda: os.chown(so, 65534, -1))     # owned by another user
+        tampered.append(lambda: os.chown(so, 65534, -1))  # owned by another user
     for tamper in tampered:
         tamper()
         E._LIBS.clear()
         compiles.clear()
         E.build(code)
-        assert "compiling" in compiles                      # rebuilt, not loaded
+        assert "compiling" in compiles  # rebuilt, not loaded
         st = os.lstat(so)
         assert st.st_uid == os.getuid() and not st.st_mode & 0o022
     compiles.clear()
     E._LIBS.clear()
     E.build(code)
-    assert compiles == []                                   # a trusted cache is re-used
+    assert compiles == []  # a trusted cache is re-used

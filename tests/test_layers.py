@@ -13,6 +13,7 @@ imports the ``minigd`` package first, so a run-time check could not tell who imp
   interpreter);
 * the integer codes the kernels branch on are defined once, in ``kernels/codes.py``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -57,14 +58,18 @@ def _imports(path: Path) -> list:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module
             out.append((mod, node.lineno, level0))
-            out += [(f"{mod}.{a.name}", node.lineno, level0) for a in node.names]   # from pkg import module
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+            out += [(f"{mod}.{a.name}", node.lineno, level0) for a in node.names]  # from pkg import module
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             f = node.func
             fname = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
             if fname in ("import_module", "__import__"):
@@ -85,37 +90,51 @@ def test_the_walk_sees_relative_lazy_and_dynamic_imports(tmp_path, monkeypatch):
     pkg = tmp_path / "minigd" / "study"
     pkg.mkdir(parents=True)
     f = pkg / "probe_layers.py"
-    f.write_text("import os\nfrom .. import report\n\n\ndef g():\n    from ..report.plots import x\n"
-                 "    import importlib\n    importlib.import_module('minigd.report')\n")
+    f.write_text(
+        "import os\nfrom .. import report\n\n\ndef g():\n    from ..report.plots import x\n"
+        "    import importlib\n    importlib.import_module('minigd.report')\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "MINIGD", tmp_path / "minigd")
     found = [(m, top) for m, _, top in _imports(f)]
-    assert ("minigd.report", True) in found                     # from .. import report
-    assert ("minigd.report.plots", False) in found              # from ..report.plots import x
-    assert [m for m, top in found if m == "minigd.report" and not top] == ["minigd.report"]   # import_module
+    assert ("minigd.report", True) in found  # from .. import report
+    assert ("minigd.report.plots", False) in found  # from ..report.plots import x
+    assert [m for m, top in found if m == "minigd.report" and not top] == ["minigd.report"]  # import_module
     assert ("os", True) in found
 
 
 def test_kernels_import_nothing_from_the_layers_above():
     files = _sources(KERNELS)
     assert {"codes.py", "cpu.py", "workspace.py", "gpu_sources.py", "__init__.py"} <= {p.name for p in files}
-    bad = [f"{p.name}:{line} imports {mod}" for p in files for mod, line, _ in _imports(p)
-           if _under(mod, "minigd") and not _under(mod, "minigd.kernels")]
+    bad = [
+        f"{p.name}:{line} imports {mod}"
+        for p in files
+        for mod, line, _ in _imports(p)
+        if _under(mod, "minigd") and not _under(mod, "minigd.kernels")
+    ]
     assert bad == [], "the compute core reaches up: " + "; ".join(bad)
 
 
 def test_the_study_never_imports_the_report():
     files = _sources(MINIGD / "study")
     assert len(files) > 10
-    bad = [f"{p.relative_to(MINIGD)}:{line} imports {mod}" for p in files for mod, line, _ in _imports(p)
-           if _under(mod, "minigd.report")]
+    bad = [
+        f"{p.relative_to(MINIGD)}:{line} imports {mod}"
+        for p in files
+        for mod, line, _ in _imports(p)
+        if _under(mod, "minigd.report")
+    ]
     assert bad == [], "study -> report (the report reads the study, not the reverse): " + "; ".join(bad)
 
 
 def test_the_study_reaches_the_compute_core_only_through_the_model():
     """Warm-up, workspace sizes: the study asks minigd's public API (minigd.warmup,
     MLP.workspace_bytes), never the kernels."""
-    bad = [f"{p.relative_to(MINIGD)}:{line} imports {mod}" for p in _sources(MINIGD / "study")
-           for mod, line, _ in _imports(p) if _under(mod, "minigd.kernels")]
+    bad = [
+        f"{p.relative_to(MINIGD)}:{line} imports {mod}"
+        for p in _sources(MINIGD / "study")
+        for mod, line, _ in _imports(p)
+        if _under(mod, "minigd.kernels")
+    ]
     assert bad == [], "; ".join(bad)
 
 
@@ -137,16 +156,23 @@ def test_no_library_module_imports_the_testing_package_at_import_time():
 def test_the_emulator_is_not_loaded_unless_asked_for():
     """A fresh interpreter: making a model, listing the backends (the registry probes the
     gpu) and `minigd backends` leave minigd.testing unimported; MINIGD_GPU_EMULATE=1 loads it."""
-    code = ("import sys, minigd as mg\n"
-            "from minigd.cli import main\n"
-            "mg.MLP([3, 2]); mg.available_backends(); main(['backends'])\n"
-            "print('LOADED' if 'minigd.testing.gpu_emu' in sys.modules else 'NOT LOADED')\n")
+    code = (
+        "import sys, minigd as mg\n"
+        "from minigd.cli import main\n"
+        "mg.MLP([3, 2]); mg.available_backends(); main(['backends'])\n"
+        "print('LOADED' if 'minigd.testing.gpu_emu' in sys.modules else 'NOT LOADED')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "MINIGD_GPU_EMULATE"}
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert off.returncode == 0, off.stderr
     assert off.stdout.splitlines()[-1] == "NOT LOADED"
-    on = subprocess.run([sys.executable, "-c", code], env={**env, "MINIGD_GPU_EMULATE": "1"},
-                        capture_output=True, text=True, timeout=300)
+    on = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "MINIGD_GPU_EMULATE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert on.returncode == 0, on.stderr
     assert on.stdout.splitlines()[-1] == "LOADED" and "EMULATED" in on.stdout
 
@@ -155,8 +181,9 @@ def _assigned_names(path: Path) -> set:
     """Names bound by module-level assignments in ``path`` (tuple unpacking included)."""
     names = set()
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        targets = node.targets if isinstance(node, ast.Assign) else \
-            [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         for t in targets:
             for n in ast.walk(t):
                 if isinstance(n, ast.Name):
@@ -170,9 +197,11 @@ def test_the_codes_are_defined_once():
     shared = set(codes.__all__)
     assert {"RELU", "CROSS_ENTROPY", "BN_AFTER", "OP_ADAM", "ACTIVATIONS", "LOSSES", "BATCH_NORM"} <= shared
     assert shared <= _assigned_names(KERNELS / "codes.py")
-    copies = {f"{p.relative_to(p.parents[1])}: {sorted(shared & _assigned_names(p))}"
-              for p in _sources(MINIGD) + _sources(KERNELS)
-              if p.name != "codes.py" and shared & _assigned_names(p)}
+    copies = {
+        f"{p.relative_to(p.parents[1])}: {sorted(shared & _assigned_names(p))}"
+        for p in _sources(MINIGD) + _sources(KERNELS)
+        if p.name != "codes.py" and shared & _assigned_names(p)
+    }
     assert copies == set(), f"copies of the code table: {sorted(copies)}"
 
 
@@ -182,8 +211,9 @@ def test_the_code_tables_are_one_to_one(name, table):
 
 
 def test_the_batch_norm_tables_invert_each_other():
-    assert set(codes.BATCH_NORM_ARG) == set(codes.BATCH_NORM.values()) == {codes.BN_NONE, codes.BN_BEFORE,
-                                                                            codes.BN_AFTER}
+    assert (
+        set(codes.BATCH_NORM_ARG) == set(codes.BATCH_NORM.values()) == {codes.BN_NONE, codes.BN_BEFORE, codes.BN_AFTER}
+    )
     for code, arg in codes.BATCH_NORM_ARG.items():
         assert codes.BATCH_NORM[arg] == code
 

@@ -1,6 +1,7 @@
 """Logging and progress: History.to_frame / row, the TensorBoard logger (with a stand-in
 writer always, with a real event writer when one is installed), fit's progress bar and the
 on_fit_start / on_fit_end callback hooks."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -85,6 +86,7 @@ def _have_writer():
         return True
     try:
         import torch.utils.tensorboard  # noqa: F401
+
         return True
     except Exception:
         return False

@@ -11,6 +11,7 @@ weight's per-example gradients) 1 .. 1e8 are built by giving the factors a large
 mean.  Tolerance: relative error of the variance <= 1e-6 everywhere (the issue's bound;
 the guard enforces 1e-7 per chunk).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,10 +40,10 @@ def _blocks(impl, B):
         if l == 0:
             o = int(lay[R_MISC, 0])
         else:
-            o = int(lay[5, l - 1])              # R_A of layer l-1
-        ins.append(buf[o:o + B * fi].reshape(B, fi))
+            o = int(lay[5, l - 1])  # R_A of layer l-1
+        ins.append(buf[o : o + B * fi].reshape(B, fi))
         od = int(lay[R_D, l])
-        ds.append(buf[od:od + B * fo].reshape(B, fo))
+        ds.append(buf[od : od + B * fo].reshape(B, fo))
     return ins, ds
 
 
@@ -58,7 +59,7 @@ def crafted(sizes, dtype, B, snr, seed=0):
     Xc, yi, yf = m.check_Xy(X, y)
     g = np.zeros(m.n_params, m.dtype)
     impl.loss_grad(m.params, g, Xc, yi, yf, np.arange(B, dtype=np.int64), B)
-    s = 1.0 / np.sqrt(2.0 * snr)              # g = a x with a ~ x ~ 1 + s N(0, 1): SNR ~ 1/(2 s^2)
+    s = 1.0 / np.sqrt(2.0 * snr)  # g = a x with a ~ x ~ 1 + s N(0, 1): SNR ~ 1/(2 s^2)
     ins, ds = _blocks(impl, B)
     grads = []
     for A, D in zip(ins, ds):
@@ -66,7 +67,7 @@ def crafted(sizes, dtype, B, snr, seed=0):
         sd = rng.choice([-1.0, 1.0], size=D.shape[1]) * rng.uniform(0.5, 2.0, D.shape[1])
         A[...] = (sa * (1.0 + s * rng.normal(size=A.shape))).astype(dtype)
         D[...] = (sd * (1.0 + s * rng.normal(size=D.shape)) / B).astype(dtype)
-        grads.append((A.T @ D, D.sum(axis=0)))    # model dtype, BLAS: as loss_grad forms it
+        grads.append((A.T @ D, D.sum(axis=0)))  # model dtype, BLAS: as loss_grad forms it
     wb, bb = m.backend_impl.layout.views(g)
     for l, (gw, gb) in enumerate(grads):
         wb[l][...] = gw
@@ -105,8 +106,7 @@ def run_kernel(impl, g, B, n_old=0, mean=None, m2=None, tau=KS.SHORTCUT_TAU):
     m2 = np.zeros(P) if m2 is None else m2
     need_s1 = bool(impl.dtype == np.float32)
     sc = impl._shortcut_scratch(B, need_s1)
-    nbad = KS.moments_update_shortcut(B, g, impl.ws.buf, impl.ws.lay, n_old, mean, m2, *sc,
-                                      need_s1, tau)
+    nbad = KS.moments_update_shortcut(B, g, impl.ws.buf, impl.ws.lay, n_old, mean, m2, *sc, need_s1, tau)
     return nbad, mean, m2
 
 
@@ -120,7 +120,7 @@ def rel_err(got, ref):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("snr", SNRS)
 def test_shortcut_variance_within_1e6_at_every_snr_and_falls_back_at_high_snr(dtype, snr):
-    sizes, B = [7, 40, 3], 512      # 1/delta(512) ~ 3e5: SNR 1e4 well below, 1e6 well above
+    sizes, B = [7, 40, 3], 512  # 1/delta(512) ~ 3e5: SNR 1e4 well below, 1e6 well above
     _, impl, g = crafted(sizes, dtype, B, snr)
     nbad, mean, m2 = run_kernel(impl, g, B)
     om, om2 = oracle(impl, B)
@@ -135,9 +135,9 @@ def test_shortcut_variance_within_1e6_at_every_snr_and_falls_back_at_high_snr(dt
         # the squared mean is within delta of the mean square: every weight falls back
         assert snr > 2.0 / delta
         assert nbad == n_weights
-    if dtype == "float64":      # the merged mean is the batch gradient itself
+    if dtype == "float64":  # the merged mean is the batch gradient itself
         assert np.array_equal(mean, g)
-    else:                       # float32: S1 / B formed in float64
+    else:  # float32: S1 / B formed in float64
         assert np.max(np.abs(mean - om.astype(np.float64))) <= 1e-12 * float(np.max(np.abs(om)))
 
 
@@ -164,7 +164,7 @@ def test_mixed_snr_falls_back_only_where_needed(dtype):
     _, impl, g = crafted([6, 5], dtype, B, 1.0, seed=3)
     rng = np.random.default_rng(4)
     (A,), (D,) = _blocks(impl, B)
-    noise = [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]          # per input column: SNR ~ 1/(2 s^2)
+    noise = [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]  # per input column: SNR ~ 1/(2 s^2)
     A[...] = (1.0 + np.array(noise) * rng.normal(size=A.shape)).astype(dtype)
     D[...] = ((1.0 + 1e-6 * rng.normal(size=D.shape)) / B).astype(dtype)
     wb, bb = impl.layout.views(g)
@@ -178,12 +178,17 @@ def test_mixed_snr_falls_back_only_where_needed(dtype):
     kappa = S2 / om2[:30].reshape(6, 5).astype(np.float64)
     delta = KS.shortcut_delta(float(B), KS.SHORTCUT_TAU)
     assert np.all(kappa[:2] < 0.5 / delta) and np.all(kappa[-2:] > 2.0 / delta)
-    assert 10 <= nbad <= 20           # the last two (or three) input rows, 5 outputs each
+    assert 10 <= nbad <= 20  # the last two (or three) input rows, 5 outputs each
 
 
 @settings(deadline=None, max_examples=30)
-@given(st.lists(st.integers(1, 37), min_size=2, max_size=4), st.integers(2, 70),
-       st.sampled_from(SNRS), st.sampled_from(DTYPES), st.integers(0, 2**16))
+@given(
+    st.lists(st.integers(1, 37), min_size=2, max_size=4),
+    st.integers(2, 70),
+    st.sampled_from(SNRS),
+    st.sampled_from(DTYPES),
+    st.integers(0, 2**16),
+)
 def test_shortcut_property_any_shape_batch_and_snr(sizes, B, snr, dtype, seed):
     """Any shapes, batch sizes (2 rows included: their sample SNR can be anything) and
     SNRs: the variance within 1e-6, and the guard refuses every weight whose exact ratio
@@ -194,7 +199,7 @@ def test_shortcut_property_any_shape_batch_and_snr(sizes, B, snr, dtype, seed):
     assert rel_err(m2, om2) <= 1e-6
     delta = KS.shortcut_delta(float(B), KS.SHORTCUT_TAU)
     with np.errstate(divide="ignore"):
-        kappa = (os2[weight] / om2[weight]).astype(np.float64)      # inf where M2 = 0
+        kappa = (os2[weight] / om2[weight]).astype(np.float64)  # inf where M2 = 0
     assert np.count_nonzero(kappa > 2.0 / delta) <= nbad <= np.count_nonzero(kappa > 0.5 / delta)
 
 
@@ -227,8 +232,8 @@ def test_chan_merge_across_chunks_at_high_snr(dtype):
 
 
 def test_delta_follows_the_documented_formula():
-    u = 2.0 ** -53
-    gam = lambda n: n * u / (1 - n * u)   # noqa: E731
+    u = 2.0**-53
+    gam = lambda n: n * u / (1 - n * u)  # noqa: E731
     for B in (2, 64, 2048):
         E = gam(B + 5) + gam(B + 1) * (2 + gam(B + 1)) + 2 * u
         assert KS.shortcut_delta(float(B), 1e-7) == pytest.approx(2 * E / 1e-7, rel=1e-12)
@@ -245,7 +250,7 @@ def _offset_regression(dtype, snr, n=256, seed=0):
     X = (1.0 + s * rng.normal(size=(n, 4))).astype(dtype)
     y = (1.0 + s * rng.normal(size=(n, 2))).astype(dtype)
     m = mg.MLP([4, 2], loss="mse", dtype=dtype, seed=0)
-    m.params[...] = 0.0                      # predictions 0: residuals -y
+    m.params[...] = 0.0  # predictions 0: residuals -y
     return m, X, y
 
 
@@ -257,7 +262,7 @@ def test_grad_moments_shortcut_against_the_two_pass_form(dtype, snr):
     impl = m.backend_impl
     short = mg.grad_moments(m, X, y, chunk_size=n, exact=False)
     nbad = impl.last_moments_fallbacks
-    _, om2 = oracle(impl, n)                # the workspace holds this single chunk
+    _, om2 = oracle(impl, n)  # the workspace holds this single chunk
     assert rel_err(short.var, om2 / (n - 1)) <= 1e-6
     exact = mg.grad_moments(m, X, y, chunk_size=n, exact=True)
     assert impl.last_moments_fallbacks == 0
@@ -266,7 +271,7 @@ def test_grad_moments_shortcut_against_the_two_pass_form(dtype, snr):
         assert rel_err(short.var, exact.var) <= 1e-6
         assert np.array_equal(short.mean, exact.mean)
     if snr >= 1e6:
-        assert nbad == 8                     # every weight fell back (the biases always two-pass)
+        assert nbad == 8  # every weight fell back (the biases always two-pass)
     elif snr <= 1e4:
         assert nbad == 0
 
@@ -281,7 +286,7 @@ def test_default_is_the_shortcut_for_float64_and_the_two_pass_for_float32(dtype)
     e = mg.grad_moments(m, X, y, chunk_size=100, exact=True)
     f = mg.grad_moments(m, X, y, chunk_size=100, exact=False)
     if dtype == "float64":
-        assert used > 0                          # the shortcut ran (and fell back)
+        assert used > 0  # the shortcut ran (and fell back)
         assert np.array_equal(d.var, f.var) and np.array_equal(d.mean, f.mean)
     else:
         assert used == 0
@@ -331,8 +336,7 @@ def test_population_and_jackknife_with_the_shortcut():
     s = mg.grad_moments(m, X, y, population=2400, exact=False)
     assert np.array_equal(s.mean, e.mean)
     assert rel_err(s.var, e.var) <= 1e-6
-    for f in ("grad_norm_sq", "trace_cov", "noise_scale", "grad_norm_sq_se", "trace_cov_se",
-              "noise_scale_se"):
+    for f in ("grad_norm_sq", "trace_cov", "noise_scale", "grad_norm_sq_se", "trace_cov_se", "noise_scale_se"):
         assert getattr(s, f) == pytest.approx(getattr(e, f), rel=1e-9), f
 
 
@@ -357,7 +361,7 @@ def test_scratch_is_allocated_once_per_capacity():
     mg.grad_moments(m, X, y, chunk_size=100)
     sc = m.backend_impl._sc
     mg.grad_moments(m, X, y, chunk_size=100)
-    mg.grad_moments(m, X, y, chunk_size=60)          # smaller chunks reuse it
+    mg.grad_moments(m, X, y, chunk_size=60)  # smaller chunks reuse it
     assert m.backend_impl._sc is sc
 
 

@@ -25,6 +25,7 @@ What is checked, against independent oracles wherever one exists:
 
 Tolerances are stated where they are used.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -33,15 +34,15 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from strategies import CPU_PATHS, LOSSES, assert_close, force_path, make_targets
 
 import minigd as mg
 from minigd import nn
 from minigd.checkpoint import load_checkpoint, save_checkpoint
-from strategies import CPU_PATHS, LOSSES, assert_close, force_path, make_targets
 
 EPS = 1e-5
 MOMENTUM = 0.1
-SMOOTH = ("tanh", "sigmoid", "gelu", "identity")   # no kinks: finite differences stay valid
+SMOOTH = ("tanh", "sigmoid", "gelu", "identity")  # no kinks: finite differences stay valid
 
 # finite differences: as tests/test_gradcheck.py (h = 1e-6, float64), with one more order of
 # magnitude of rtol because batch norm's 1/sqrt(var + eps) raises the curvature (the data are
@@ -97,9 +98,9 @@ def hand_forward(model, X, training=False, masks=None, ghost="model"):
         out = np.empty_like(x)
         step = B if g is None else g
         for s in range(0, B, step):
-            c = x[s:s + step]
-            mu, var = c.mean(axis=0), c.var(axis=0)          # biased variance
-            out[s:s + step] = gam * (c - mu) / np.sqrt(var + EPS) + bet
+            c = x[s : s + step]
+            mu, var = c.mean(axis=0), c.var(axis=0)  # biased variance
+            out[s : s + step] = gam * (c - mu) / np.sqrt(var + EPS) + bet
         return out
 
     for l, (W, b) in enumerate(zip(model.weights, model.biases)):
@@ -137,8 +138,7 @@ class Batch:
         self.scratch = np.zeros(model.n_params, model.dtype)
 
     def loss(self):
-        return self.impl.loss_grad(self.model.params, self.scratch, self.X, self.yi, self.yf,
-                                   self.idx, self.B)[0]
+        return self.impl.loss_grad(self.model.params, self.scratch, self.X, self.yi, self.yf, self.idx, self.B)[0]
 
     def loss_grad(self):
         g = np.zeros(self.model.n_params, self.model.dtype)
@@ -170,7 +170,7 @@ def _well_conditioned(model, X):
     _, ins = hand_forward(model, X, training=True)
     B = X.shape[0]
     g = model.norm.ghost_size(B)
-    return all(x[s:s + g].var(axis=0).min() >= MIN_GHOST_VAR for x in ins for s in range(0, B, g))
+    return all(x[s : s + g].var(axis=0).min() >= MIN_GHOST_VAR for x in ins for s in range(0, B, g))
 
 
 def assert_fd(model, X, y, mask_seed=0):
@@ -194,16 +194,18 @@ def norm_cases(draw):
     hidden = [draw(st.sampled_from((1, 2, 3, 5))) for _ in range(depth)]
     n_out = draw(st.integers(1, 3))
     loss = draw(st.sampled_from(LOSSES))
-    act = draw(st.sampled_from(SMOOTH)) if draw(st.booleans()) else \
-        [draw(st.sampled_from(SMOOTH)) for _ in range(depth)]
+    act = (
+        draw(st.sampled_from(SMOOTH)) if draw(st.booleans()) else [draw(st.sampled_from(SMOOTH)) for _ in range(depth)]
+    )
     bn = draw(st.sampled_from([False, True, "before", "after"]))
     dropout = draw(st.sampled_from([0.0, 0.2, 0.5]))
     if not bn and dropout == 0:
         dropout = 0.3
     B = draw(st.sampled_from([2, 4, 6, 9, 13, 37]))
     ghost = draw(st.sampled_from([None, 2, 3, 5, 8, 64])) if bn else None
-    return dict(sizes=[n_in, *hidden, n_out], activation=act, loss=loss, batch_norm=bn,
-                ghost_batch_size=ghost, dropout=dropout), B
+    return dict(
+        sizes=[n_in, *hidden, n_out], activation=act, loss=loss, batch_norm=bn, ghost_batch_size=ghost, dropout=dropout
+    ), B
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
@@ -226,8 +228,16 @@ def test_bn_gradient_grid(backend, bn, ghost, dropout):
     """B = 37: ghosts of 5 (last 2 rows) and 8 (last 5 rows), one ghost of the whole batch,
     a ghost larger than the batch, and ghost=None; two hidden layers of different widths."""
     loss = "cross_entropy" if bn == "before" else "mse"
-    model = build([3, 6, 5, 2], backend, activation=["tanh", "gelu"], loss=loss, batch_norm=bn,
-                  ghost_batch_size=ghost, dropout=dropout, seed=4)
+    model = build(
+        [3, 6, 5, 2],
+        backend,
+        activation=["tanh", "gelu"],
+        loss=loss,
+        batch_norm=bn,
+        ghost_batch_size=ghost,
+        dropout=dropout,
+        seed=4,
+    )
     X, y = data(37, 3, loss, 2, seed=13)
     assert _well_conditioned(model, X), "fixed data must keep ghost variances away from 0"
     g = assert_fd(model, X, y)
@@ -296,15 +306,14 @@ def test_ghost_batches_are_normalised_separately(backend, bn, ghost):
     row-weighted mean of the chunks' gradients.  Also against the hand-written forward."""
     B = 37
     X, y = data(B, 4, "cross_entropy", 3, seed=6)
-    m = build([4, 6, 5, 3], backend, activation=["sigmoid", "tanh"], batch_norm=bn,
-              ghost_batch_size=ghost, seed=8)
+    m = build([4, 6, 5, 3], backend, activation=["sigmoid", "tanh"], batch_norm=bn, ghost_batch_size=ghost, seed=8)
     out = m.forward(X, training=True)
     hand, _ = hand_forward(m, X, training=True)
     assert_close(out, hand, 1e-12, "hand-written ghost forward")
     loss, grad = m.loss_and_grad(X, y)
     parts, gsum, lsum = [], np.zeros(m.n_params), 0.0
     for s in range(0, B, ghost):
-        Xc, yc = X[s:s + ghost], y[s:s + ghost]
+        Xc, yc = X[s : s + ghost], y[s : s + ghost]
         parts.append(m.forward(Xc, training=True))
         lc, gc = m.loss_and_grad(Xc, yc)
         gsum += gc * len(yc) / B
@@ -329,7 +338,7 @@ def test_running_statistics_start_at_zero_mean_unit_variance(backend, bn):
     assert m.n_params == mg.MLP([3, 4, 5, 2], seed=0).n_params + 2 * (4 + 5)
     # the dense block keeps the plain model's offsets (and the same initial values)
     plain = mg.MLP([3, 4, 5, 2], backend=backend, seed=0)
-    assert np.array_equal(m.params[:plain.n_params], plain.params)
+    assert np.array_equal(m.params[: plain.n_params], plain.params)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
@@ -337,8 +346,16 @@ def test_running_statistics_start_at_zero_mean_unit_variance(backend, bn):
 @pytest.mark.parametrize("bn", ["before", "after"])
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_evaluation_uses_the_running_statistics(backend, dtype, bn, dropout):
-    m = build([4, 6, 5, 3], backend, dtype=dtype, activation=["tanh", "relu"], batch_norm=bn,
-              ghost_batch_size=4, dropout=dropout, seed=2)
+    m = build(
+        [4, 6, 5, 3],
+        backend,
+        dtype=dtype,
+        activation=["tanh", "relu"],
+        batch_norm=bn,
+        ghost_batch_size=4,
+        dropout=dropout,
+        seed=2,
+    )
     rng = np.random.default_rng(9)
     for mu, var in zip(m.running_mean, m.running_var):
         mu[...] = rng.normal(size=mu.shape)
@@ -359,14 +376,12 @@ def test_evaluation_uses_the_running_statistics(backend, dtype, bn, dropout):
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
 def test_loss_and_grad_and_training_forward_leave_running_statistics_alone(backend, monkeypatch):
-    m = build([4, 6, 3], backend, activation="tanh", batch_norm=True, ghost_batch_size=4,
-              dropout=0.3, seed=0)
+    m = build([4, 6, 3], backend, activation="tanh", batch_norm=True, ghost_batch_size=4, dropout=0.3, seed=0)
     X, y = data(16, 4, "cross_entropy", 3)
     before = m.running.copy()
     calls = []
     real = type(m.backend_impl).update_running
-    monkeypatch.setattr(type(m.backend_impl), "update_running",
-                        lambda self, B: (calls.append(B), real(self, B))[1])
+    monkeypatch.setattr(type(m.backend_impl), "update_running", lambda self, B: (calls.append(B), real(self, B))[1])
     m.loss_and_grad(X, y)
     m.forward(X, training=True)
     m.loss(X, y)
@@ -394,7 +409,7 @@ def test_fit_running_statistics_follow_the_momentum_recursion(backend, bn, ghost
     run_var = [np.ones(k) for k in (6, 5)]
     for _ in range(2):
         for s in range(0, n, Bs):
-            Xb, yb = X[s:s + Bs], y[s:s + Bs]
+            Xb, yb = X[s : s + Bs], y[s : s + Bs]
             _, ins = hand_forward(ref, Xb, training=True)
             for l, x in enumerate(ins):
                 run_mean[l] = (1 - MOMENTUM) * run_mean[l] + MOMENTUM * x.mean(axis=0)
@@ -412,8 +427,16 @@ def test_running_statistics_closed_form_for_a_constant_batch(backend, ghost):
     """Full batch, lr = 0: the same statistics k times, so running_mean = (1 - 0.9^k) mu and
     running_var = 0.9^k + (1 - 0.9^k) var_unbiased -- whatever the ghost size."""
     X, y = data(22, 3, "mse", 2, seed=7)
-    m = build([3, 5, 2], backend, activation="gelu", loss="mse", batch_norm="after",
-              ghost_batch_size=ghost, dropout=0.3, seed=1)
+    m = build(
+        [3, 5, 2],
+        backend,
+        activation="gelu",
+        loss="mse",
+        batch_norm="after",
+        ghost_batch_size=ghost,
+        dropout=0.3,
+        seed=1,
+    )
     _, (x,) = hand_forward(m, X, training=True)
     k = 7
     mg.fit(m, X, y, batch_size="full", steps=k, optimizer=mg.SGD(lr=0.0))
@@ -439,15 +462,21 @@ def test_matches_pytorch_batchnorm1d(bn):
         lin1.bias.copy_(torch.from_numpy(b1.copy()))
         norm.weight.copy_(torch.from_numpy(m.bn_scales[0].copy()))
         norm.bias.copy_(torch.from_numpy(m.bn_shifts[0].copy()))
-    layers = [lin0, norm, torch.nn.Tanh(), lin1] if bn == "before" else \
-        [lin0, torch.nn.Tanh(), norm, lin1]
+    layers = [lin0, norm, torch.nn.Tanh(), lin1] if bn == "before" else [lin0, torch.nn.Tanh(), norm, lin1]
     net = torch.nn.Sequential(*layers).train()
     out_t = net(torch.from_numpy(X))
     loss_t = torch.nn.functional.cross_entropy(out_t, torch.from_numpy(y))
     loss_t.backward()
-    g_t = np.concatenate([lin0.weight.grad.numpy().T.ravel(), lin0.bias.grad.numpy(),
-                          lin1.weight.grad.numpy().T.ravel(), lin1.bias.grad.numpy(),
-                          norm.weight.grad.numpy(), norm.bias.grad.numpy()])
+    g_t = np.concatenate(
+        [
+            lin0.weight.grad.numpy().T.ravel(),
+            lin0.bias.grad.numpy(),
+            lin1.weight.grad.numpy().T.ravel(),
+            lin1.bias.grad.numpy(),
+            norm.weight.grad.numpy(),
+            norm.bias.grad.numpy(),
+        ]
+    )
     for backend in ("numpy", "cpu"):
         mb = m.to(backend)
         assert_close(mb.forward(X, training=True), out_t.detach().numpy(), 1e-12, backend)
@@ -484,8 +513,7 @@ def test_masks_are_inverted_and_drawn_from_the_documented_uniforms(backend, dtyp
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @pytest.mark.parametrize("bn", [False, "before", "after"])
 def test_training_forward_applies_the_masks_after_batch_norm(backend, bn):
-    m = build([4, 6, 5, 3], backend, activation=["tanh", "sigmoid"], batch_norm=bn,
-              dropout=0.4, seed=3)
+    m = build([4, 6, 5, 3], backend, activation=["tanh", "sigmoid"], batch_norm=bn, dropout=0.4, seed=3)
     X, _ = data(12, 4, "mse", 3, seed=2)
     out = m.forward(X, training=True)
     masks = current_masks(m, 12)
@@ -517,8 +545,7 @@ def test_dropped_fraction_is_p():
 @pytest.mark.parametrize("bn", [False, "after"])
 def test_dropout_is_off_in_evaluation_mode(backend, bn):
     m = build([4, 6, 5, 3], backend, activation="tanh", batch_norm=bn, dropout=0.5, seed=1)
-    plain = mg.MLP([4, 6, 5, 3], backend=backend, activation="tanh", batch_norm=bn, seed=7,
-                   dtype="float64")
+    plain = mg.MLP([4, 6, 5, 3], backend=backend, activation="tanh", batch_norm=bn, seed=7, dtype="float64")
     plain.params[...] = m.params
     plain.running[...] = m.running
     X, y = data(10, 4, "cross_entropy", 3, seed=3)
@@ -549,8 +576,16 @@ def test_fits_with_dropout_are_deterministic_under_a_seed(backend, bn):
     X, y = data(40, 4, "cross_entropy", 3, seed=8)
 
     def run(seed):
-        m = mg.MLP([4, 8, 3], backend=backend, activation="relu", batch_norm=bn,
-                   ghost_batch_size=4 if bn else None, dropout=0.3, dtype="float64", seed=0)
+        m = mg.MLP(
+            [4, 8, 3],
+            backend=backend,
+            activation="relu",
+            batch_norm=bn,
+            ghost_batch_size=4 if bn else None,
+            dropout=0.3,
+            dtype="float64",
+            seed=0,
+        )
         h = mg.fit(m, X, y, batch_size=8, epochs=3, optimizer=mg.Adam(lr=0.01), seed=seed)
         return m, h
 
@@ -616,8 +651,17 @@ def test_parity_short_fits(case, dtype):
         # layer has a gradient of exactly 0 in exact arithmetic (BN removes the mean), and
         # Adam's g / sqrt(v) would turn the two backends' different rounding noise there
         # into full-size, different steps
-        h = mg.fit(m, X, y, batch_size=10, steps=20, optimizer=mg.SGD(lr=0.05, momentum=0.9),
-                   seed=1, validation=(Xv, yv), eval_every=5)
+        h = mg.fit(
+            m,
+            X,
+            y,
+            batch_size=10,
+            steps=20,
+            optimizer=mg.SGD(lr=0.05, momentum=0.9),
+            seed=1,
+            validation=(Xv, yv),
+            eval_every=5,
+        )
         runs.append((m, h))
     (mn, hn), (mc, hc) = runs
     tol = TRAIN_TOL[dtype]
@@ -628,30 +672,38 @@ def test_parity_short_fits(case, dtype):
 
 
 # ============================================================================ errors
-@pytest.mark.parametrize("kw, match", [
-    (dict(batch_norm=True, ghost_batch_size=1), r"^ghost_batch_size: .*>= 2"),
-    (dict(batch_norm=True, ghost_batch_size=0), r"^ghost_batch_size"),
-    (dict(batch_norm=False, ghost_batch_size=4), r"^ghost_batch_size: needs batch_norm"),
-    (dict(ghost_batch_size=8), r"^ghost_batch_size: needs batch_norm"),
-    (dict(batch_norm="middle"), r"^batch_norm: expected False, True, 'before' or 'after'"),
-    (dict(batch_norm=1), r"^batch_norm"),
-    (dict(batch_norm=None), r"^batch_norm"),
-    (dict(batch_norm="Before"), r"^batch_norm"),
-    (dict(dropout=1.0), r"^dropout: expected a probability in \[0, 1\)"),
-    (dict(dropout=-0.1), r"^dropout"),
-    (dict(dropout=1.5), r"^dropout"),
-    (dict(dropout=float("nan")), r"^dropout"),
-    (dict(dropout=True), r"^dropout"),
-    (dict(dropout="0.5"), r"^dropout"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(batch_norm=True, ghost_batch_size=1), r"^ghost_batch_size: .*>= 2"),
+        (dict(batch_norm=True, ghost_batch_size=0), r"^ghost_batch_size"),
+        (dict(batch_norm=False, ghost_batch_size=4), r"^ghost_batch_size: needs batch_norm"),
+        (dict(ghost_batch_size=8), r"^ghost_batch_size: needs batch_norm"),
+        (dict(batch_norm="middle"), r"^batch_norm: expected False, True, 'before' or 'after'"),
+        (dict(batch_norm=1), r"^batch_norm"),
+        (dict(batch_norm=None), r"^batch_norm"),
+        (dict(batch_norm="Before"), r"^batch_norm"),
+        (dict(dropout=1.0), r"^dropout: expected a probability in \[0, 1\)"),
+        (dict(dropout=-0.1), r"^dropout"),
+        (dict(dropout=1.5), r"^dropout"),
+        (dict(dropout=float("nan")), r"^dropout"),
+        (dict(dropout=True), r"^dropout"),
+        (dict(dropout="0.5"), r"^dropout"),
+    ],
+)
 def test_constructor_errors(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         mg.MLP([3, 4, 2], **kw)
 
 
-@pytest.mark.parametrize("kw, match", [(dict(batch_norm=True), r"^batch_norm: .*depth 0"),
-                                       (dict(batch_norm="after"), r"^batch_norm: .*depth 0"),
-                                       (dict(dropout=0.5), r"^dropout: .*depth 0")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(batch_norm=True), r"^batch_norm: .*depth 0"),
+        (dict(batch_norm="after"), r"^batch_norm: .*depth 0"),
+        (dict(dropout=0.5), r"^dropout: .*depth 0"),
+    ],
+)
 def test_depth_0_has_no_hidden_layer_to_normalise(kw, match):
     with pytest.raises(ValueError, match=match):
         mg.MLP([3, 2], **kw)
@@ -671,15 +723,18 @@ class NoStep:
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
-@pytest.mark.parametrize("n, fit_kw, model_kw, match", [
-    (20, dict(batch_size=1), {}, r"^batch_size: batch norm .* at least 2 rows"),
-    (37, dict(batch_size=6), {}, r"drop_last"),                  # 37 = 6 * 6 + 1
-    (37, dict(batch_size=mg.BatchSizeSchedule(4, {1: 6})), {}, r"drop_last"),
-    (36, dict(batch_size=9), dict(ghost_batch_size=4), r"^ghost_batch_size: .*9 rows .*ghost batches of 4"),
-    (36, dict(batch_size=mg.BatchSizeSchedule(4, {2: 9})), dict(ghost_batch_size=4), r"^ghost_batch_size"),
-    # 42 = 3 * 12 + 6: the last batch's ghosts are 5 + 1 rows
-    (42, dict(batch_size=12), dict(ghost_batch_size=5), r"^ghost_batch_size: (?s:.*)6 rows(?s:.*)drop_last"),
-])
+@pytest.mark.parametrize(
+    "n, fit_kw, model_kw, match",
+    [
+        (20, dict(batch_size=1), {}, r"^batch_size: batch norm .* at least 2 rows"),
+        (37, dict(batch_size=6), {}, r"drop_last"),  # 37 = 6 * 6 + 1
+        (37, dict(batch_size=mg.BatchSizeSchedule(4, {1: 6})), {}, r"drop_last"),
+        (36, dict(batch_size=9), dict(ghost_batch_size=4), r"^ghost_batch_size: .*9 rows .*ghost batches of 4"),
+        (36, dict(batch_size=mg.BatchSizeSchedule(4, {2: 9})), dict(ghost_batch_size=4), r"^ghost_batch_size"),
+        # 42 = 3 * 12 + 6: the last batch's ghosts are 5 + 1 rows
+        (42, dict(batch_size=12), dict(ghost_batch_size=5), r"^ghost_batch_size: (?s:.*)6 rows(?s:.*)drop_last"),
+    ],
+)
 def test_fit_refuses_a_ghost_of_one_row_before_the_first_step(backend, n, fit_kw, model_kw, match):
     X, y = data(n, 3, "cross_entropy", 2)
     m = mg.MLP([3, 4, 2], backend=backend, batch_norm=True, dtype="float64", **model_kw)
@@ -790,7 +845,7 @@ def test_per_example_gradients_with_dropout_use_each_rows_mask(backend, sizes):
     impl.loss_grad(m.params, g, X, yi, yf, idx, B)
     assert_close(G.mean(axis=0), g, 1e-12, "mean of per-example gradients")
     _, sqn = impl.loss_grad(m.params, np.zeros(P), X, yi, yf, idx, B, want_sqn=True)
-    assert_close(sqn, (G ** 2).sum(axis=1), 1e-10, "squared norms")
+    assert_close(sqn, (G**2).sum(axis=1), 1e-10, "squared norms")
     for r in (0, 4, 8):
         for l, mk in enumerate(masks):
             impl.masks[l][0] = mk[r]
@@ -818,8 +873,14 @@ def test_checkpoint_pickle_and_to_keep_running_statistics(backend, tmp_path):
     assert not np.allclose(m.running_var[0], 1) and not np.allclose(m.running_mean[1], 0)
     out = m.forward(X)
     path = save_checkpoint(tmp_path / "m.npz", m)
-    for other in (load_checkpoint(path).model, load_checkpoint(path, backend="numpy").model,
-                  pickle.loads(pickle.dumps(m)), m.to("numpy"), m.to("cpu"), m.copy()):
+    for other in (
+        load_checkpoint(path).model,
+        load_checkpoint(path, backend="numpy").model,
+        pickle.loads(pickle.dumps(m)),
+        m.to("numpy"),
+        m.to("cpu"),
+        m.copy(),
+    ):
         assert other.config()["batch_norm"] == "after"
         assert other.norm == m.norm
         assert np.array_equal(other.params, m.params)
@@ -846,11 +907,20 @@ def test_resume_with_bn_and_dropout_is_bitwise_the_uninterrupted_run(backend, tm
                 raise Crash
 
     def run(**kw):
-        m = mg.MLP([4, 6, 3], backend=backend, activation="tanh", dtype="float64", seed=0,
-                   batch_norm=True, ghost_batch_size=4, dropout=0.3)
+        m = mg.MLP(
+            [4, 6, 3],
+            backend=backend,
+            activation="tanh",
+            dtype="float64",
+            seed=0,
+            batch_norm=True,
+            ghost_batch_size=4,
+            dropout=0.3,
+        )
         # 40 = 6 * 6 + 4: batches of 6 (ghosts 4 + 2) and a last one of 4
-        h = mg.fit(m, X, y, batch_size=6, epochs=4, optimizer=mg.Adam(lr=0.01), seed=3,
-                   validation=(Xv, yv), eval_every=4, **kw)
+        h = mg.fit(
+            m, X, y, batch_size=6, epochs=4, optimizer=mg.Adam(lr=0.01), seed=3, validation=(Xv, yv), eval_every=4, **kw
+        )
         return m, h
 
     ref, href = run()
@@ -872,10 +942,12 @@ def test_resume_refuses_another_norm_configuration(tmp_path):
     path = tmp_path / "ck.npz"
     m = mg.MLP([4, 6, 3], batch_norm=True, dropout=0.3, seed=0, dtype="float64")
     mg.fit(m, X, y, batch_size=8, epochs=1, checkpoint=path)
-    for kw, key in ((dict(batch_norm="after", dropout=0.3), "batch_norm"),
-                    (dict(batch_norm=True, dropout=0.2), "dropout"),
-                    (dict(batch_norm=True, ghost_batch_size=4, dropout=0.3), "ghost_batch_size"),
-                    (dict(dropout=0.3), "batch_norm")):
+    for kw, key in (
+        (dict(batch_norm="after", dropout=0.3), "batch_norm"),
+        (dict(batch_norm=True, dropout=0.2), "dropout"),
+        (dict(batch_norm=True, ghost_batch_size=4, dropout=0.3), "ghost_batch_size"),
+        (dict(dropout=0.3), "batch_norm"),
+    ):
         other = mg.MLP([4, 6, 3], seed=0, dtype="float64", **kw)
         with pytest.raises(ValueError, match=rf"^resume: .*{key}="):
             mg.fit(other, X, y, batch_size=8, epochs=2, resume=path)

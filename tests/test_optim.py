@@ -8,30 +8,31 @@ exactly representable in float32 and float64, so both backends must reproduce th
 value is computed by an independent float64 formula and compared to 1e-14 (float64) or
 1e-5 (float32: a few ulps per operation over three steps) relative.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from strategies import BACKEND_PATHS, make_model
 
 import minigd as mg
 from minigd import nn
 from minigd.kernels import cpu as K
 from minigd.optim import base as optim_base
-from strategies import BACKEND_PATHS, make_model
 
 OPT_BACKENDS = ("numpy", "cpu")
 DTYPES = ("float64", "float32")
 
-P0 = [1.0, -2.0, 0.5]      # parameters before the first step
-G1 = [1.0, -2.0, 4.0]      # gradient at step 1 (|G1|^2 = 1 + 4 + 16 = 21)
-G2 = [2.0, 0.0, -4.0]      # gradient at step 2 (|G2|^2 = 4 + 0 + 16 = 20)
+P0 = [1.0, -2.0, 0.5]  # parameters before the first step
+G1 = [1.0, -2.0, 4.0]  # gradient at step 1 (|G1|^2 = 1 + 4 + 16 = 21)
+G2 = [2.0, 0.0, -4.0]  # gradient at step 2 (|G2|^2 = 4 + 0 + 16 = 20)
 
 
 def apply_steps(backend, dtype, opt, grads, params=P0):
     """Run ``opt`` through the backend's opt_apply on the given gradients.
 
     Returns (params, |last raw gradient|^2, opt_state)."""
-    impl = mg.MLP([2, 1], loss="mse", dtype=dtype, backend=backend).backend_impl   # P = 3, like P0
+    impl = mg.MLP([2, 1], loss="mse", dtype=dtype, backend=backend).backend_impl  # P = 3, like P0
     p = np.array(params, dtype)
     st = opt.init(p)
     gsq = None
@@ -61,14 +62,19 @@ EXACT = [
     #   step 1: g = [1.5, -3, 4.25] = v;  p1 = [0.25, -0.5, -1.625]
     #   step 2: g = G2 + 0.5 p1 = [2.125, -0.25, -4.8125];  v = 0.5 [1.5, -3, 4.25] + g = [2.875, -1.75, -2.6875]
     #           p = p1 - 0.5 v = [0.25 - 1.4375, -0.5 + 0.875, -1.625 + 1.34375]
-    pytest.param(mg.SGD(lr=0.5, momentum=0.5, weight_decay=0.5), [G1, G2], [-1.1875, 0.375, -0.28125],
-                 id="momentum-l2"),
+    pytest.param(
+        mg.SGD(lr=0.5, momentum=0.5, weight_decay=0.5), [G1, G2], [-1.1875, 0.375, -0.28125], id="momentum-l2"
+    ),
     # decoupled decay after momentum (u = v + wd p), wd = m = lr = 0.5:
     #   step 1: v = G1;  u = [1, -2, 4] + 0.5 P0 = [1.5, -3, 4.25];  p1 = [0.25, -0.5, -1.625]
     #   step 2: v = [2.5, -1, -2];  u = v + 0.5 p1 = [2.625, -1.25, -2.8125]
     #           p = p1 - 0.5 u = [0.25 - 1.3125, -0.5 + 0.625, -1.625 + 1.40625]
-    pytest.param(mg.SGD(lr=0.5, momentum=0.5, weight_decay=0.5, decoupled_weight_decay=True), [G1, G2],
-                 [-1.0625, 0.125, -0.21875], id="momentum-decoupled-decay"),
+    pytest.param(
+        mg.SGD(lr=0.5, momentum=0.5, weight_decay=0.5, decoupled_weight_decay=True),
+        [G1, G2],
+        [-1.0625, 0.125, -0.21875],
+        id="momentum-decoupled-decay",
+    ),
     # global-norm clipping: |[3, 0, -4]| = 5 > 2.5, so g -> g * 2.5 / 5 = [1.5, 0, -2]
     #   p = P0 - 0.5 [1.5, 0, -2] = [0.25, -2, 1.5]
     pytest.param(mg.SGD(lr=0.5, clip_norm=2.5), [[3.0, 0.0, -4.0]], [0.25, -2.0, 1.5], id="clip-active"),
@@ -79,18 +85,27 @@ EXACT = [
     #   m_hat = m / (1 - 0.5) = g;  v_hat = v / (1 - 0.75) = g^2;  sqrt(v_hat) = |g| = [0.75, 1.75, 3.75]
     #   u = g / (|g| + 0.25) = [0.75 / 1, -1.75 / 2, 3.75 / 4] = [0.75, -0.875, 0.9375]
     #   p = P0 - 0.5 u = [1 - 0.375, -2 + 0.4375, 0.5 - 0.46875]
-    pytest.param(mg.Adam(lr=0.5, betas=(0.5, 0.75), eps=0.25), [[0.75, -1.75, 3.75]],
-                 [0.625, -1.5625, 0.03125], id="adam"),
+    pytest.param(
+        mg.Adam(lr=0.5, betas=(0.5, 0.75), eps=0.25), [[0.75, -1.75, 3.75]], [0.625, -1.5625, 0.03125], id="adam"
+    ),
     # AdamW, same Adam direction u = [0.75, -0.875, 0.9375], decoupled wd = 0.5:
     #   u + 0.5 P0 = [1.25, -1.875, 1.1875];  p = P0 - 0.5 (u + 0.5 P0) = [0.375, -1.0625, -0.09375]
-    pytest.param(mg.AdamW(lr=0.5, betas=(0.5, 0.75), eps=0.25, weight_decay=0.5), [[0.75, -1.75, 3.75]],
-                 [0.375, -1.0625, -0.09375], id="adamw"),
+    pytest.param(
+        mg.AdamW(lr=0.5, betas=(0.5, 0.75), eps=0.25, weight_decay=0.5),
+        [[0.75, -1.75, 3.75]],
+        [0.375, -1.0625, -0.09375],
+        id="adamw",
+    ),
     # a generic (unfused) chain: scale(0.5), then momentum 0.5, then -lr = -0.5:
     #   step 1: u = 0.5 G1 = [0.5, -1, 2] = v;  p1 = P0 - 0.5 v = [0.75, -1.5, -0.5]
     #   step 2: u = 0.5 G2 = [1, 0, -2];  v = 0.5 [0.5, -1, 2] + u = [1.25, -0.5, -1]
     #           p = p1 - 0.5 v = [0.75 - 0.625, -1.5 + 0.25, -0.5 + 0.5]
-    pytest.param(mg.optim.chain(mg.optim.scale(0.5), mg.optim.trace(0.5), mg.optim.scale_by_lr(), lr=0.5),
-                 [G1, G2], [0.125, -1.25, 0.0], id="generic-chain"),
+    pytest.param(
+        mg.optim.chain(mg.optim.scale(0.5), mg.optim.trace(0.5), mg.optim.scale_by_lr(), lr=0.5),
+        [G1, G2],
+        [0.125, -1.25, 0.0],
+        id="generic-chain",
+    ),
 ]
 
 
@@ -128,15 +143,14 @@ def _adam_reference(p, grads_fn, steps, lr, b1, b2, eps, wd=0.0, decoupled=False
         g = np.asarray(grads_fn(p, t - 1), np.float64) + (0.0 if decoupled else wd * p)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        u = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        u = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
         p = p - lr * (u + (wd * p if decoupled else 0.0))
     return p
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", OPT_BACKENDS)
-@pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.1, False), (0.1, True)],
-                         ids=["adam", "adam-l2", "adamw"])
+@pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.1, False), (0.1, True)], ids=["adam", "adam-l2", "adamw"])
 def test_adam_three_steps_against_formula(backend, dtype, wd, decoupled):
     grads = [G1, G2, [-0.3, 0.7, 0.1]]
     kw = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
@@ -153,7 +167,7 @@ def test_non_finite_update_is_not_applied(backend):
     p = np.array([1e308, 0.0, 1.0])
     before = p.copy()
     opt = mg.SGD(lr=1.0)
-    applied, _ = impl.opt_apply(p, np.array([-1e308, 1.0, 1.0]), opt.init(p), 1.0, 1)   # 1e308 + 1e308 = inf
+    applied, _ = impl.opt_apply(p, np.array([-1e308, 1.0, 1.0]), opt.init(p), 1.0, 1)  # 1e308 + 1e308 = inf
     assert not applied
     assert np.array_equal(p, before)
 
@@ -205,12 +219,13 @@ def test_one_sgd_step_through_fit_by_hand():
 FIT_OPTIMIZERS = [
     pytest.param(mg.SGD(lr=0.1), dict(lr=0.1), id="sgd"),
     pytest.param(mg.SGD(lr=0.1, momentum=0.9), dict(lr=0.1, momentum=0.9), id="momentum"),
-    pytest.param(mg.SGD(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.1, momentum=0.9, nesterov=True),
-                 id="nesterov"),
-    pytest.param(mg.SGD(lr=0.1, momentum=0.5, weight_decay=0.1), dict(lr=0.1, momentum=0.5, wd=0.1),
-                 id="momentum-l2"),
-    pytest.param(mg.SGD(lr=0.1, momentum=0.5, weight_decay=0.1, decoupled_weight_decay=True),
-                 dict(lr=0.1, momentum=0.5, wd=0.1, decoupled=True), id="momentum-decoupled-decay"),
+    pytest.param(mg.SGD(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.1, momentum=0.9, nesterov=True), id="nesterov"),
+    pytest.param(mg.SGD(lr=0.1, momentum=0.5, weight_decay=0.1), dict(lr=0.1, momentum=0.5, wd=0.1), id="momentum-l2"),
+    pytest.param(
+        mg.SGD(lr=0.1, momentum=0.5, weight_decay=0.1, decoupled_weight_decay=True),
+        dict(lr=0.1, momentum=0.5, wd=0.1, decoupled=True),
+        id="momentum-decoupled-decay",
+    ),
     pytest.param(mg.SGD(lr=0.1, clip_norm=0.5), dict(lr=0.1, clip=0.5), id="clip"),
     pytest.param(mg.Adam(lr=0.1), "adam", id="adam"),
     pytest.param(mg.Adam(lr=0.1, weight_decay=0.1), "adam-l2", id="adam-l2"),
@@ -229,7 +244,7 @@ def test_optimizers_through_fit_match_reference(path, opt, ref):
     m = make_model([2, 1], path, loss="mse", dtype="float64")
     m.params[...] = p0
     mg.fit(m, X, y, batch_size=1, steps=4, optimizer=opt, sampler="sequential")
-    grads = lambda p, t: _lin_grad(p, X[t], y[t])   # noqa: E731
+    grads = lambda p, t: _lin_grad(p, X[t], y[t])  # noqa: E731
     if isinstance(ref, dict):
         expected = _sgd_reference(p0, grads, 4, **ref)
     else:
@@ -243,11 +258,11 @@ _H = np.array([1.0, 10.0])
 _C = np.array([1.0, -2.0])
 
 
-def _bowl(x, g):          # f = 1/2 sum h (x - c)^2, minimum at c
+def _bowl(x, g):  # f = 1/2 sum h (x - c)^2, minimum at c
     g[:] = _H * (x - _C)
 
 
-def _rosenbrock(x, g):    # f = (1 - a)^2 + 10 (b - a^2)^2, minimum at (1, 1); a curved valley
+def _rosenbrock(x, g):  # f = (1 - a)^2 + 10 (b - a^2)^2, minimum at (1, 1); a curved valley
     a, b = x
     g[0] = -2 * (1 - a) - 40 * a * (b - a * a)
     g[1] = 20 * (b - a * a)
@@ -264,12 +279,15 @@ PROBLEMS = {
 CONVERGENCE = [
     pytest.param(mg.SGD(lr=0.1), mg.SGD(lr=0.01), id="sgd"),
     pytest.param(mg.SGD(lr=0.02, momentum=0.9), mg.SGD(lr=0.003, momentum=0.9), id="momentum"),
-    pytest.param(mg.SGD(lr=0.02, momentum=0.9, nesterov=True), mg.SGD(lr=0.003, momentum=0.9, nesterov=True),
-                 id="nesterov"),
+    pytest.param(
+        mg.SGD(lr=0.02, momentum=0.9, nesterov=True), mg.SGD(lr=0.003, momentum=0.9, nesterov=True), id="nesterov"
+    ),
     pytest.param(mg.SGD(lr=0.1, weight_decay=1e-4), mg.SGD(lr=0.01, weight_decay=1e-4), id="sgd-l2"),
-    pytest.param(mg.SGD(lr=0.02, momentum=0.9, weight_decay=1e-4, decoupled_weight_decay=True),
-                 mg.SGD(lr=0.003, momentum=0.9, weight_decay=1e-4, decoupled_weight_decay=True),
-                 id="momentum-decoupled-decay"),
+    pytest.param(
+        mg.SGD(lr=0.02, momentum=0.9, weight_decay=1e-4, decoupled_weight_decay=True),
+        mg.SGD(lr=0.003, momentum=0.9, weight_decay=1e-4, decoupled_weight_decay=True),
+        id="momentum-decoupled-decay",
+    ),
     pytest.param(mg.SGD(lr=0.1, clip_norm=1.0), mg.SGD(lr=0.01, clip_norm=1.0), id="sgd-clip"),
     pytest.param(mg.Adam(lr=0.05), mg.Adam(lr=0.02), id="adam"),
     pytest.param(mg.AdamW(lr=0.05, weight_decay=1e-4), mg.AdamW(lr=0.02, weight_decay=1e-4), id="adamw"),
@@ -297,8 +315,13 @@ def test_optimizer_converges(opt_bowl, opt_rosen, backend, problem):
 # ============================================================================ shared codes
 def test_kernel_codes_match_python_tables():
     assert (K.OP_CLIP, K.OP_DECAY, K.OP_TRACE, K.OP_ADAM, K.OP_SCALE_LR, K.OP_SCALE) == (
-        optim_base.OP_CLIP, optim_base.OP_DECAY, optim_base.OP_TRACE, optim_base.OP_ADAM,
-        optim_base.OP_SCALE_LR, optim_base.OP_SCALE)
+        optim_base.OP_CLIP,
+        optim_base.OP_DECAY,
+        optim_base.OP_TRACE,
+        optim_base.OP_ADAM,
+        optim_base.OP_SCALE_LR,
+        optim_base.OP_SCALE,
+    )
     for name, code in nn.ACTIVATIONS.items():
         assert getattr(K, name.upper()) == code, name
     for name, code in nn.LOSSES.items():
@@ -313,15 +336,21 @@ def test_kernel_codes_match_python_tables():
     assert mg.optim.scale(2.0).code == K.OP_SCALE
 
 
-@pytest.mark.parametrize("opt, fused", [
-    (mg.SGD(lr=0.1), [1, -1, -1, -1, -1, 0]),
-    (mg.SGD(lr=0.1, momentum=0.9, weight_decay=0.1, clip_norm=1.0), [1, 0, 1, 2, -1, 3]),
-    (mg.SGD(lr=0.1, momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True), [1, -1, -1, 0, 1, 2]),
-    (mg.AdamW(lr=0.1, weight_decay=0.1), [1, -1, -1, 0, 1, 2]),
-    (mg.optim.chain(mg.optim.scale(0.5), mg.optim.scale_by_lr(), lr=0.1), [0, -1, -1, -1, -1, -1]),
-    (mg.optim.chain(mg.optim.trace(0.9), mg.optim.clip_by_global_norm(1.0), mg.optim.scale_by_lr(), lr=0.1),
-     [0, -1, -1, -1, -1, -1]),
-], ids=["sgd", "clip-l2-momentum", "decoupled", "adamw", "scale-unfused", "clip-after-trace-unfused"])
+@pytest.mark.parametrize(
+    "opt, fused",
+    [
+        (mg.SGD(lr=0.1), [1, -1, -1, -1, -1, 0]),
+        (mg.SGD(lr=0.1, momentum=0.9, weight_decay=0.1, clip_norm=1.0), [1, 0, 1, 2, -1, 3]),
+        (mg.SGD(lr=0.1, momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True), [1, -1, -1, 0, 1, 2]),
+        (mg.AdamW(lr=0.1, weight_decay=0.1), [1, -1, -1, 0, 1, 2]),
+        (mg.optim.chain(mg.optim.scale(0.5), mg.optim.scale_by_lr(), lr=0.1), [0, -1, -1, -1, -1, -1]),
+        (
+            mg.optim.chain(mg.optim.trace(0.9), mg.optim.clip_by_global_norm(1.0), mg.optim.scale_by_lr(), lr=0.1),
+            [0, -1, -1, -1, -1, -1],
+        ),
+    ],
+    ids=["sgd", "clip-l2-momentum", "decoupled", "adamw", "scale-unfused", "clip-after-trace-unfused"],
+)
 def test_fusion_plan(opt, fused):
     """[fused?, i_clip, i_decay_before, i_trace_or_adam, i_decay_after, i_lr]."""
     st = opt.init(np.zeros(3))
@@ -332,16 +361,28 @@ def test_fusion_plan(opt, fused):
 O = mg.optim
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: O.chain(lr=0.1), r"^chain: expected exactly one scale_by_lr\(\) .*got 0 in \[\]"),
-    (lambda: O.chain(O.trace(0.9), lr=0.1), r"^chain: expected exactly one scale_by_lr\(\) \(it applies -lr: "
-                                            r"without it .*gradient ascent with lr ignored.*got 0 in \['trace'\]"),
-    (lambda: O.chain(O.scale_by_lr(), O.trace(0.9), O.scale_by_lr(), lr=0.1), r"^chain: .*got 2 in"),
-    (lambda: O.chain(O.scale_by_lr(), O.add_decayed_weights(0.1), lr=0.1),
-     r"^chain: add_decayed_weights after scale_by_lr would add \+weight_decay \* params"),
-    (lambda: O.chain(O.scale_by_lr(), O.scale_by_adam(), lr=0.1), r"^chain: scale_by_adam after scale_by_lr .*lr would have no effect"),
-    (lambda: O.chain(O.scale_by_lr(), lr=-0.1), r"^lr: expected a number >= 0"),
-], ids=["empty", "no-scale_by_lr", "two-scale_by_lr", "decay-after-lr", "adam-after-lr", "negative-lr"])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: O.chain(lr=0.1), r"^chain: expected exactly one scale_by_lr\(\) .*got 0 in \[\]"),
+        (
+            lambda: O.chain(O.trace(0.9), lr=0.1),
+            r"^chain: expected exactly one scale_by_lr\(\) \(it applies -lr: "
+            r"without it .*gradient ascent with lr ignored.*got 0 in \['trace'\]",
+        ),
+        (lambda: O.chain(O.scale_by_lr(), O.trace(0.9), O.scale_by_lr(), lr=0.1), r"^chain: .*got 2 in"),
+        (
+            lambda: O.chain(O.scale_by_lr(), O.add_decayed_weights(0.1), lr=0.1),
+            r"^chain: add_decayed_weights after scale_by_lr would add \+weight_decay \* params",
+        ),
+        (
+            lambda: O.chain(O.scale_by_lr(), O.scale_by_adam(), lr=0.1),
+            r"^chain: scale_by_adam after scale_by_lr .*lr would have no effect",
+        ),
+        (lambda: O.chain(O.scale_by_lr(), lr=-0.1), r"^lr: expected a number >= 0"),
+    ],
+    ids=["empty", "no-scale_by_lr", "two-scale_by_lr", "decay-after-lr", "adam-after-lr", "negative-lr"],
+)
 def test_chain_refuses_chains_that_would_not_descend(make, match):
     """A chain without scale_by_lr added the raw gradient (ascent) and ignored lr=;
     such chains are refused when built, with the reason."""
@@ -350,12 +391,16 @@ def test_chain_refuses_chains_that_would_not_descend(make, match):
 
 
 @pytest.mark.parametrize("backend", OPT_BACKENDS)
-@pytest.mark.parametrize("opt", [
-    O.chain(O.trace(0.9), O.scale_by_lr(), lr=0.05),
-    O.chain(O.scale_by_lr(), O.trace(0.9), lr=0.05),                 # momentum on steps (Sutskever)
-    O.chain(O.scale(0.5), O.scale_by_lr(), O.clip_by_global_norm(0.1), lr=0.1),   # capped step length
-    O.chain(O.scale_by_lr(), lr=mg.optim.cosine(0.1, 20)),
-], ids=["trace-lr", "lr-trace", "lr-then-clip", "schedule"])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        O.chain(O.trace(0.9), O.scale_by_lr(), lr=0.05),
+        O.chain(O.scale_by_lr(), O.trace(0.9), lr=0.05),  # momentum on steps (Sutskever)
+        O.chain(O.scale(0.5), O.scale_by_lr(), O.clip_by_global_norm(0.1), lr=0.1),  # capped step length
+        O.chain(O.scale_by_lr(), lr=mg.optim.cosine(0.1, 20)),
+    ],
+    ids=["trace-lr", "lr-trace", "lr-then-clip", "schedule"],
+)
 def test_valid_custom_chains_descend_and_use_lr(backend, opt):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 3))

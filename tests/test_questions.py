@@ -1,4 +1,5 @@
 """`minigd study --questions`: the framework and the arms' mechanics on tiny budgets."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ def test_parse_questions():
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("q")
-    spec = SweepSpec(batch_sizes=(4, 32, 256), lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(16,), max_epochs=8,
-                     target=0.9, lr_extend=0)
+    spec = SweepSpec(
+        batch_sizes=(4, 32, 256),
+        lr_grid=(0.5, 1.0, 2.0),
+        n_seeds=2,
+        widths=(16,),
+        max_epochs=8,
+        target=0.9,
+        lr_extend=0,
+    )
     res = run_study(spec, out, workers=1, questions=("smallest_batch", "sgd_batch_one"), report=write_report)
     return out, spec, res
 
@@ -41,6 +49,7 @@ def test_analysis_only_questions_are_answered_and_reproduced_by_report(tiny_stud
     with ResultStore(out / "results.sqlite") as store:
         assert set(store.meta("question_keys")) == {"smallest_batch", "sgd_batch_one"}
     from minigd.cli import main
+
     assert main(["report", str(out), "--out", str(out / "again")]) == 0
     with open(out / "again" / "summary.json") as f:
         assert json.load(f)["questions"] == json.loads(json.dumps(q))
@@ -48,6 +57,7 @@ def test_analysis_only_questions_are_answered_and_reproduced_by_report(tiny_stud
 
 def test_cli_refuses_unknown_questions(tmp_path, capsys):
     from minigd.cli import main
+
     with pytest.raises(SystemExit) as e:
         main(["study", "--questions", "nosuch", "--out", str(tmp_path / "s")])
     assert e.value.code == 2 and "--questions" in capsys.readouterr().err

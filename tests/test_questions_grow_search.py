@@ -1,4 +1,5 @@
 """The grow_vs_decay and search_strategies arms of `minigd study --questions` on tiny budgets."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,14 @@ from minigd.study import ResultStore, SweepSpec, run_study
 from minigd.study.questions import grow_vs_decay as gvd
 from minigd.study.questions import search_strategies as ss
 
-N_TRAIN = 1438          # digits, 20% held out
+N_TRAIN = 1438  # digits, 20% held out
 NAMES = ("grow_vs_decay", "search_strategies")
 
 
 def tiny_spec():
-    return SweepSpec(batch_sizes=(8, 64), lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(16,), max_epochs=4,
-                     target=0.9, lr_extend=0)
+    return SweepSpec(
+        batch_sizes=(8, 64), lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(16,), max_epochs=4, target=0.9, lr_extend=0
+    )
 
 
 def _small_search(mp):
@@ -41,6 +43,7 @@ def study(tmp_path_factory):
         q = res["analysis"]["questions"]
         # the read-only re-answer from the file (with the same small constants)
         from minigd.cli import main
+
         assert main(["report", str(out), "--out", str(out / "again")]) == 0
     return out, q
 
@@ -65,7 +68,7 @@ def test_answers_have_the_documented_keys_and_report_reproduces_them(study):
     with ResultStore(out / "results.sqlite") as store:
         keys = store.meta("question_keys")
     assert len(keys["grow_vs_decay"]) == 3 * gvd.N_SEEDS
-    assert len(keys["search_strategies"]) == 3 * 2 * 4      # 3 strategies x 2 repeats x 4 trials
+    assert len(keys["search_strategies"]) == 3 * 2 * 4  # 3 strategies x 2 repeats x 4 trials
 
 
 def test_growth_grows_the_batch_at_the_milestones_and_keeps_the_example_budget(study):
@@ -84,7 +87,7 @@ def test_growth_grows_the_batch_at_the_milestones_and_keeps_the_example_budget(s
     # the whole budget in every arm: 4 epochs of 1438 examples
     assert {r["examples"] for v in arms.values() for _, r in v} == {4 * N_TRAIN}
     assert steps["constant"] == steps["decay"] == {4 * 180}
-    assert steps["growth"] == {2 * 180 + 36 + 8}                 # ceil(1438/8), /40, /200 per epoch
+    assert steps["growth"] == {2 * 180 + 36 + 8}  # ceil(1438/8), /40, /200 per epoch
     assert d["arms"]["growth"]["steps"] == 404 and d["steps_saved"] == 720 - 404
     # the batch really is 40 between the milestones: 40 examples a step from step 360 on
     for _, r in arms["growth"]:
@@ -141,7 +144,7 @@ def test_search_strategies_curves_and_grid(study):
             assert all(c.seed == rep["trial_seed"] and not c.stop_at_target and c.max_epochs == 4 for c in cs)
     assert lattices[0] == lattices[1] and len(lattices[0]) == 4
     sp = plan["space"]
-    for B, lr, w in lattices[0]:
+    for B, lr, _w in lattices[0]:
         assert sp["batch_min"] <= B <= sp["batch_max"] and sp["lr_min"] <= lr <= sp["lr_max"]
 
 
@@ -151,7 +154,7 @@ def test_search_without_optuna_answers_grid_vs_random(study, tmp_path, monkeypat
     dst.mkdir()
     shutil.copy(out / "results.sqlite", dst / "results.sqlite")
     _small_search(monkeypatch)
-    monkeypatch.setitem(sys.modules, "optuna", None)     # import optuna -> ImportError
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
     res = run_study(tiny_spec(), dst, workers=1, questions=("search_strategies",), report=False)
     a = res["analysis"]["questions"]["search_strategies"]
     assert a["value"] is not None, a["answer"]
@@ -161,6 +164,7 @@ def test_search_without_optuna_answers_grid_vs_random(study, tmp_path, monkeypat
 
 def test_lattice_has_the_budget_and_adapts_to_a_narrow_space():
     from minigd.study.search import SearchSpace
+
     sp = SearchSpace(batch_min=8, batch_max=512, lr_min=1e-3, lr_max=1.0, width_min=4, width_max=128)
     pts = ss.lattice(sp)
     assert len(pts) == ss.N_TRIALS == 24 and len(set(pts)) == 24

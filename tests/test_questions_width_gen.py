@@ -1,4 +1,5 @@
 """The width_one and generalisation arms of `minigd study --questions` on tiny budgets."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,19 @@ KEYS = {"name", "question", "answer", "value", "lo", "hi", "unit", "conditions",
 @pytest.fixture(scope="module")
 def clf_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("wg")
-    spec = SweepSpec(data=DataSpec(params=(("n", 300), ("std_floor", 1.0))), batch_sizes=(8, 64),
-                     lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(8,), max_epochs=3, target=0.9, lr_extend=0)
+    spec = SweepSpec(
+        data=DataSpec(params=(("n", 300), ("std_floor", 1.0))),
+        batch_sizes=(8, 64),
+        lr_grid=(0.5, 1.0, 2.0),
+        n_seeds=2,
+        widths=(8,),
+        max_epochs=3,
+        target=0.9,
+        lr_extend=0,
+    )
     res = run_study(spec, out, workers=1, questions=("width_one", "generalisation"), report=write_report)
     from minigd.study import ResultStore
+
     with ResultStore(out / "results.sqlite") as store:
         qkeys = store.meta("question_keys")
         rows = {name: [(c, r) for c, r in store.rows() if c.key in set(qkeys[name])] for name in qkeys}
@@ -44,7 +54,7 @@ def test_width_one_trains_every_width_for_the_same_budget(clf_study):
     n = 240
     widths = {0 if len(c.sizes) == 2 else c.sizes[1] for c, _ in wr}
     assert widths == {0, 1, 2, 4, 8}
-    assert all(len(c.sizes) in (2, 3) for c, _ in wr)                 # depth 0 and the study's depth 1
+    assert all(len(c.sizes) in (2, 3) for c, _ in wr)  # depth 0 and the study's depth 1
     assert len({c.batch_size for c, _ in wr}) == 1
     assert len(wr) == 5 * len(width_one.LR_FACTORS) * 2
     for c, r in wr:
@@ -89,7 +99,7 @@ def test_generalisation_sweeps_batch_sizes_at_equal_epochs(clf_study):
             assert c.batch_norm is True
             assert c.ghost_batch_size == (16 if c.batch_size > 16 else None)
         per_epoch = n // c.batch_size if c.drop_last else math.ceil(n / c.batch_size)
-        assert r["steps"] == 3 * per_epoch                         # the whole epoch budget
+        assert r["steps"] == 3 * per_epoch  # the whole epoch budget
     assert variants == {v: {8, 32, 128, 240} for v in generalisation.VARIANTS}
     full = [c for c, _ in gr if c.batch_size == n]
     assert full and all(c.full_batch for c in full)
@@ -107,8 +117,11 @@ def test_generalisation_answer(clf_study):
     for ref in ("1609.04836", "1804.07612", "1705.08741", "1811.03600"):
         assert ref in a["answer"]
     assert "Ghost batch norm" in a["answer"] and "dropout 0.1" in a["answer"]
-    assert a["answer"].split(":")[0] in ("Yes, here", "No, here the opposite",
-                                         "Not measurably here (the interval includes no difference)")
+    assert a["answer"].split(":")[0] in (
+        "Yes, here",
+        "No, here the opposite",
+        "Not measurably here (the interval includes no difference)",
+    )
     d = a["details"]
     assert d["large_batch_worse"] == (a["hi"] < 0) and d["large_batch_better"] == (a["lo"] > 0)
     for r in d["per_batch"]:
@@ -122,6 +135,7 @@ def test_generalisation_answer(clf_study):
 def test_report_reanswers_both_from_the_file(clf_study):
     out, res = clf_study.out, clf_study.res
     from minigd.cli import main
+
     assert main(["report", str(out), "--out", str(out / "again")]) == 0
     with open(out / "again" / "summary.json") as f:
         again = json.load(f)["questions"]
@@ -131,9 +145,18 @@ def test_report_reanswers_both_from_the_file(clf_study):
 
 
 def test_both_arms_answer_a_regression_study(tmp_path):
-    spec = SweepSpec(data=DataSpec(name="linear_regression", params=(("n", 200),)), batch_sizes=(8, 32),
-                     lr_grid=(1.0,), n_seeds=2, widths=(2,), max_epochs=2, target_metric="val_loss", target=0.5,
-                     base_lr=0.01, lr_extend=0)
+    spec = SweepSpec(
+        data=DataSpec(name="linear_regression", params=(("n", 200),)),
+        batch_sizes=(8, 32),
+        lr_grid=(1.0,),
+        n_seeds=2,
+        widths=(2,),
+        max_epochs=2,
+        target_metric="val_loss",
+        target=0.5,
+        base_lr=0.01,
+        lr_extend=0,
+    )
     res = run_study(spec, tmp_path, workers=1, questions=("width_one", "generalisation"), report=False)
     q = res["analysis"]["questions"]
     w, g = q["width_one"], q["generalisation"]
@@ -150,12 +173,15 @@ def _cfg(group, lr, seed):
 def test_tuned_bootstrap_reselects_the_rate_and_resamples_seeds_jointly():
     # group 1: rate 0.1 best on seeds 0 and 1, rate 0.2 best on seed 2 -> median picks 0.1
     acc = {(1, 0.1): [0.9, 0.8, 0.1], (1, 0.2): [0.5, 0.5, 0.95], (2, 0.1): [0.7, 0.7, 0.7]}
-    rows = [(_cfg(g, lr, s), {"status": "ok", "final_val_accuracy": v, "final_val_loss": 1 - v})
-            for (g, lr), vs in acc.items() for s, v in enumerate(vs)]
-    rows.append((_cfg(2, 0.2, 0), {"status": "ok", "diverged": True, "final_val_accuracy": 0.99,
-                                   "final_val_loss": 0.0}))          # a diverged trial is never picked
-    sel = tuned_bootstrap(rows, lambda c: c.sizes[1], (0, 1, 2), metric="accuracy", higher=True, seed=3,
-                          n_boot=500)
+    rows = [
+        (_cfg(g, lr, s), {"status": "ok", "final_val_accuracy": v, "final_val_loss": 1 - v})
+        for (g, lr), vs in acc.items()
+        for s, v in enumerate(vs)
+    ]
+    rows.append(
+        (_cfg(2, 0.2, 0), {"status": "ok", "diverged": True, "final_val_accuracy": 0.99, "final_val_loss": 0.0})
+    )  # a diverged trial is never picked
+    sel = tuned_bootstrap(rows, lambda c: c.sizes[1], (0, 1, 2), metric="accuracy", higher=True, seed=3, n_boot=500)
     assert sel[1]["value"] == pytest.approx(0.8) and sel[1]["best_lr"] == 0.1
     assert sel[2]["value"] == pytest.approx(0.7) and sel[2]["best_lr"] == 0.1
     # a resample of seed 2 only: rate 0.2 is re-selected and gives 0.95
@@ -163,9 +189,8 @@ def test_tuned_bootstrap_reselects_the_rate_and_resamples_seeds_jointly():
     assert set(np.round(sel[1]["best_lr_samples"], 6)) == {0.1, 0.2}
     # group 2 is constant: every resample gives 0.7 (rate 0.2's only trial diverged)
     assert np.all(sel[2]["samples"] == pytest.approx(0.7))
-    again = tuned_bootstrap(rows, lambda c: c.sizes[1], (0, 1, 2), metric="accuracy", higher=True, seed=3,
-                            n_boot=500)
-    assert np.array_equal(again[1]["samples"], sel[1]["samples"])      # deterministic in the seed
+    again = tuned_bootstrap(rows, lambda c: c.sizes[1], (0, 1, 2), metric="accuracy", higher=True, seed=3, n_boot=500)
+    assert np.array_equal(again[1]["samples"], sel[1]["samples"])  # deterministic in the seed
     # a loss: lower is better, reported as -loss internally
     lo = tuned_bootstrap(rows, lambda c: c.sizes[1], (0, 1, 2), metric="loss", higher=False, seed=3, n_boot=10)
     assert lo[1]["value"] == pytest.approx(-0.2)

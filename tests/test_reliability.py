@@ -13,6 +13,7 @@ training process in the middle of writing a checkpoint, and a long run that must
 * A long run of tiny steps holds its memory flat (tracemalloc windows spread over the run,
   and the resident set size).
 """
+
 from __future__ import annotations
 
 import gc
@@ -41,13 +42,14 @@ FUZZ_SCALE = float(os.environ.get("MINIGD_FUZZ_SCALE", "1"))
 def fuzz(n: int) -> int:
     return max(1, int(n * FUZZ_SCALE))
 
+
 N, N_IN, N_OUT = 8, 3, 2
 
 
 @pytest.fixture(autouse=True)
 def no_hang():
     """Fail (rather than hang) a test that runs for more than 300 s."""
-    if not hasattr(signal, "SIGALRM"):   # pragma: no cover - Windows
+    if not hasattr(signal, "SIGALRM"):  # pragma: no cover - Windows
         yield
         return
 
@@ -70,8 +72,9 @@ def expect_error(fn, name):
         fn()
     except ERRORS as exc:
         msg = str(exc)
-        assert msg.startswith(f"{name}:") or f"{name}:" in msg.split("\n")[0], \
+        assert msg.startswith(f"{name}:") or f"{name}:" in msg.split("\n")[0], (
             f"error does not name {name!r}: {type(exc).__name__}: {msg[:300]}"
+        )
         return exc
     raise AssertionError(f"no error for a malformed {name!r}")
 
@@ -89,8 +92,12 @@ def model(kind: str) -> mg.MLP:
     return MODELS[kind]
 
 
-MODEL_KINDS = ["cross_entropy-float32-cpu", "mse-float64-cpu", "binary_cross_entropy-float32-cpu",
-               "cross_entropy-float64-numpy"]
+MODEL_KINDS = [
+    "cross_entropy-float32-cpu",
+    "mse-float64-cpu",
+    "binary_cross_entropy-float32-cpu",
+    "cross_entropy-float64-numpy",
+]
 
 
 def good_X(m, n=N):
@@ -109,12 +116,12 @@ def good_y(m, n=N):
 @st.composite
 def bad_X(draw, m):
     """Something that is not a finite (n >= 1, N_IN) array of the model's dtype."""
-    kind = draw(st.sampled_from(["not-array", "ndim", "columns", "dtype", "nonfinite", "empty",
-                                 "no-columns", "masked"]))
+    kind = draw(
+        st.sampled_from(["not-array", "ndim", "columns", "dtype", "nonfinite", "empty", "no-columns", "masked"])
+    )
     n = draw(st.integers(1, 12))
     if kind == "not-array":
-        return draw(st.sampled_from([None, 3, 2.5, "X", b"x", [[0.0] * N_IN] * 2, {"a": 1},
-                                     (1, 2, 3), object()]))
+        return draw(st.sampled_from([None, 3, 2.5, "X", b"x", [[0.0] * N_IN] * 2, {"a": 1}, (1, 2, 3), object()]))
     if kind == "ndim":
         shape = draw(st.sampled_from([(), (n,), (n, N_IN, 1), (1, n, N_IN)]))
         return np.zeros(shape, dtype=m.dtype)
@@ -122,9 +129,24 @@ def bad_X(draw, m):
         cols = draw(st.integers(0, 8).filter(lambda c: c != N_IN))
         return np.zeros((n, cols), dtype=m.dtype)
     if kind == "dtype":
-        other = [d for d in ("float16", "float32", "float64", "int32", "int64", "uint8", "bool",
-                             "complex64", "complex128", "object", "U3", "datetime64[s]")
-                 if np.dtype(d) != m.dtype]
+        other = [
+            d
+            for d in (
+                "float16",
+                "float32",
+                "float64",
+                "int32",
+                "int64",
+                "uint8",
+                "bool",
+                "complex64",
+                "complex128",
+                "object",
+                "U3",
+                "datetime64[s]",
+            )
+            if np.dtype(d) != m.dtype
+        ]
         return np.zeros((n, N_IN), dtype=draw(st.sampled_from(other)))
     if kind == "nonfinite":
         X = np.zeros((n, N_IN), dtype=m.dtype)
@@ -152,12 +174,11 @@ def bad_y(draw, m, n=N):
         return np.zeros((n, N_OUT, 2) if not ce else (n, 2), dtype=np.int64 if ce else m.dtype)
     if kind == "dtype":
         if ce:
-            return np.zeros(n, dtype=draw(st.sampled_from(["float32", "float64", "bool", "U1", "object",
-                                                           "complex64"])))
+            return np.zeros(n, dtype=draw(st.sampled_from(["float32", "float64", "bool", "U1", "object", "complex64"])))
         other = [d for d in ("float16", "float32", "float64", "int64", "bool", "object") if np.dtype(d) != m.dtype]
         return np.zeros((n, N_OUT), dtype=draw(st.sampled_from(other)))
     if kind == "nonfinite":
-        if ce:   # NaN is not an integer label: a float array
+        if ce:  # NaN is not an integer label: a float array
             return np.full(n, np.nan)
         y = good_y(m, n)
         y.flat[draw(st.integers(0, y.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
@@ -171,7 +192,7 @@ def bad_y(draw, m, n=N):
             y = good_y(m, n)
             y.flat[draw(st.integers(0, y.size - 1))] = draw(st.sampled_from([-0.5, 1.5, 7.0]))
             return y
-        return np.zeros((n, N_OUT + 1), dtype=m.dtype)     # mse: wrong number of outputs
+        return np.zeros((n, N_OUT + 1), dtype=m.dtype)  # mse: wrong number of outputs
     return np.ma.masked_invalid(np.full(n if ce else (n, N_OUT), np.nan))
 
 
@@ -190,15 +211,13 @@ XY_CALLS = {
     "per_example_grad_norms": lambda m, X, y: mg.per_example_grad_norms(m, X, y),
     "grad_moments": lambda m, X, y: mg.grad_moments(m, X, y),
     "fit": lambda m, X, y: mg.fit(m.copy(), X, y, batch_size=2, steps=2),
-    "fit(validation)": lambda m, X, y: mg.fit(m.copy(), good_X(m), good_y(m), batch_size=2, steps=2,
-                                              validation=(X, y)),
+    "fit(validation)": lambda m, X, y: mg.fit(m.copy(), good_X(m), good_y(m), batch_size=2, steps=2, validation=(X, y)),
 }
 
 
 # ============================================================================ fuzzing the core
 @settings(max_examples=fuzz(60), suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), kind=st.sampled_from(MODEL_KINDS),
-       call=st.sampled_from(sorted(X_CALLS) + sorted(XY_CALLS)))
+@given(data=st.data(), kind=st.sampled_from(MODEL_KINDS), call=st.sampled_from(sorted(X_CALLS) + sorted(XY_CALLS)))
 def test_malformed_X_is_a_clear_error(data, kind, call):
     m = model(kind)
     X = data.draw(bad_X(m), label="X")
@@ -224,21 +243,44 @@ class _NoHooks:
 def _bad_fit_arguments():
     big = st.integers(N + 1, 2**70)
     return st.one_of(
-        st.tuples(st.just("batch_size"), st.one_of(
-            st.integers(-(2**63), 0), big, big.filter(lambda v: v < 2**63).map(np.int64),
-            st.sampled_from([1.5, 2.0, True, False, "half", "", None, [2], np.float64(2.0),
-                             np.int64(0), np.int64(N + 1), mg.BatchSizeSchedule(2, {1: 10**9})]))),
-        st.tuples(st.sampled_from(["epochs", "steps", "examples", "eval_every", "track_noise",
-                                   "checkpoint_every"]),
-                  st.one_of(st.integers(-(2**40), 0), st.sampled_from([1.5, True, "3", [1], np.float32(2)]))),
+        st.tuples(
+            st.just("batch_size"),
+            st.one_of(
+                st.integers(-(2**63), 0),
+                big,
+                big.filter(lambda v: v < 2**63).map(np.int64),
+                st.sampled_from(
+                    [
+                        1.5,
+                        2.0,
+                        True,
+                        False,
+                        "half",
+                        "",
+                        None,
+                        [2],
+                        np.float64(2.0),
+                        np.int64(0),
+                        np.int64(N + 1),
+                        mg.BatchSizeSchedule(2, {1: 10**9}),
+                    ]
+                ),
+            ),
+        ),
+        st.tuples(
+            st.sampled_from(["epochs", "steps", "examples", "eval_every", "track_noise", "checkpoint_every"]),
+            st.one_of(st.integers(-(2**40), 0), st.sampled_from([1.5, True, "3", [1], np.float32(2)])),
+        ),
         st.tuples(st.just("sampler"), st.sampled_from(["random", "", None, 1, "SHUFFLE"])),
         st.tuples(st.just("optimizer"), st.sampled_from(["sgd", 0.1, object(), mg.optim.trace(0.9)])),
         st.tuples(st.just("max_time"), st.sampled_from([0, -1.0, float("nan"), "1", True])),
         st.tuples(st.just("seed"), st.sampled_from([-1, 1.5, "seed", [1], np.random.RandomState(0)])),
         st.tuples(st.just("noise_beta"), st.sampled_from([1.0, -0.1, float("nan"), "0.9", None])),
         st.tuples(st.just("callbacks"), st.sampled_from([None, 3, "cb", [_NoHooks()], [None]])),
-        st.tuples(st.just("target"), st.sampled_from([{"val_acc": 0.9}, {"train_loss": float("nan")},
-                                                      {}, "0.9", {"train_loss": "low"}])),
+        st.tuples(
+            st.just("target"),
+            st.sampled_from([{"val_acc": 0.9}, {"train_loss": float("nan")}, {}, "0.9", {"train_loss": "low"}]),
+        ),
         st.tuples(st.just("validation"), st.sampled_from([1, (1,), [None, None, None], "X"])),
         st.tuples(st.just("drop_last"), st.sampled_from([1, "yes", None])),
         st.tuples(st.just("progress"), st.sampled_from([1, "yes", None])),
@@ -284,19 +326,20 @@ def test_malformed_model_arguments_are_clear_errors(data):
             expect = f"sizes[{i}]"
             value = good
         else:
-            value = data.draw(st.sampled_from([[3], [], 3, "34", None, {3: 4}] if kind == "short"
-                                              else [object(), 2.5]))
+            value = data.draw(st.sampled_from([[3], [], 3, "34", None, {3: 4}] if kind == "short" else [object(), 2.5]))
             expect = "sizes"
         expect_error(lambda: mg.MLP(value), expect)
         return
-    value = data.draw({
-        "activation": st.sampled_from(["relu2", "", 3, None, ["relu", "swish"], ["relu"] * 3]),
-        "loss": st.sampled_from(["hinge", "", None, 1, "CrossEntropy"]),
-        "dtype": st.sampled_from(["float16", "int32", np.int64, "complex64", None, "x", 3, "float128"]),
-        "init": st.sampled_from(["xavier", None, 0, ""]),
-        "seed": st.sampled_from([-1, 1.5, "0", [0], np.random.RandomState(0)]),
-        "backend": st.sampled_from(["tpu", "", None, 3, "CPU"]),
-    }[name])
+    value = data.draw(
+        {
+            "activation": st.sampled_from(["relu2", "", 3, None, ["relu", "swish"], ["relu"] * 3]),
+            "loss": st.sampled_from(["hinge", "", None, 1, "CrossEntropy"]),
+            "dtype": st.sampled_from(["float16", "int32", np.int64, "complex64", None, "x", 3, "float128"]),
+            "init": st.sampled_from(["xavier", None, 0, ""]),
+            "seed": st.sampled_from([-1, 1.5, "0", [0], np.random.RandomState(0)]),
+            "backend": st.sampled_from(["tpu", "", None, 3, "CPU"]),
+        }[name]
+    )
     expect_error(lambda: mg.MLP([N_IN, 4, 4, N_OUT], **{name: value}), name)
 
 
@@ -308,14 +351,23 @@ def test_malformed_gradstats_arguments_are_clear_errors(data, kind):
     P = m.n_params
     case = data.draw(st.sampled_from(["model", "out", "squared", "chunk_size"]))
     if case == "model":
-        fn = data.draw(st.sampled_from([mg.per_example_grads, mg.per_example_grad_norms, mg.grad_moments,
-                                        mg.fit]))
+        fn = data.draw(st.sampled_from([mg.per_example_grads, mg.per_example_grad_norms, mg.grad_moments, mg.fit]))
         bad = data.draw(st.sampled_from([None, "mlp", 3, np.zeros(3), object()]))
         expect_error(lambda: fn(bad, X, y), "model")
     elif case == "out":
-        out = data.draw(st.sampled_from([
-            np.zeros((N, P + 1), m.dtype), np.zeros((N - 1, P), m.dtype), np.zeros((N, P), np.float16),
-            np.zeros((N, P), m.dtype)[:, ::-1], np.zeros(N * P, m.dtype), "out", 3]))
+        out = data.draw(
+            st.sampled_from(
+                [
+                    np.zeros((N, P + 1), m.dtype),
+                    np.zeros((N - 1, P), m.dtype),
+                    np.zeros((N, P), np.float16),
+                    np.zeros((N, P), m.dtype)[:, ::-1],
+                    np.zeros(N * P, m.dtype),
+                    "out",
+                    3,
+                ]
+            )
+        )
         ro = np.zeros((N, P), m.dtype)
         ro.setflags(write=False)
         out = data.draw(st.sampled_from([out, ro]))
@@ -358,8 +410,11 @@ def bad_Xy_for_estimators(draw):
     y = np.arange(n) % 2
     which = draw(st.sampled_from(["X", "y"]))
     if which == "X":
-        kind = draw(st.sampled_from(["nan", "inf", "str", "1d", "3d", "empty", "complex", "sparse", "none",
-                                     "ragged", "overflow32"]))
+        kind = draw(
+            st.sampled_from(
+                ["nan", "inf", "str", "1d", "3d", "empty", "complex", "sparse", "none", "ragged", "overflow32"]
+            )
+        )
         if kind in ("nan", "inf"):
             X[draw(st.integers(0, n - 1)), draw(st.integers(0, 2))] = np.nan if kind == "nan" else -np.inf
         elif kind == "str":
@@ -375,6 +430,7 @@ def bad_Xy_for_estimators(draw):
             X = X + 1j
         elif kind == "sparse":
             import scipy.sparse as sp
+
             X = sp.csr_matrix(X)
         elif kind == "none":
             X = None
@@ -393,15 +449,18 @@ def bad_Xy_for_estimators(draw):
     elif kind == "none":
         y = None
     elif kind == "length":
-        return X, y[:-1], "X, y"            # inconsistent numbers of samples
+        return X, y[:-1], "X, y"  # inconsistent numbers of samples
     else:
         y = y[:, None, None]
     return X, y, "y"
 
 
 @settings(max_examples=fuzz(50), deadline=None)
-@given(case=bad_Xy_for_estimators(), cls=st.sampled_from(["MLPClassifier", "MLPRegressor"]),
-       method=st.sampled_from(["fit", "partial_fit"]))
+@given(
+    case=bad_Xy_for_estimators(),
+    cls=st.sampled_from(["MLPClassifier", "MLPRegressor"]),
+    method=st.sampled_from(["fit", "partial_fit"]),
+)
 def test_estimators_refuse_malformed_data_naming_the_argument(case, cls, method):
     pytest.importorskip("sklearn")
     import minigd.sklearn as msk
@@ -409,9 +468,9 @@ def test_estimators_refuse_malformed_data_naming_the_argument(case, cls, method)
     X, y, name = case
     est = getattr(msk, cls)(hidden_layer_sizes=(3,), epochs=1)
     if method == "partial_fit" and cls == "MLPClassifier":
-        fn = lambda: est.partial_fit(X, y, classes=np.array([0, 1]))   # noqa: E731
+        fn = lambda: est.partial_fit(X, y, classes=np.array([0, 1]))  # noqa: E731
     else:
-        fn = lambda: getattr(est, method)(X, y)   # noqa: E731
+        fn = lambda: getattr(est, method)(X, y)  # noqa: E731
     expect_error(fn, name)
 
 
@@ -431,8 +490,8 @@ def test_estimator_predict_misuse():
         expect_error(lambda: est.predict(np.full((2, 3), np.nan)), "X")
         expect_error(lambda: est.predict([]), "X")
     clf = MLPClassifier((3,), epochs=1)
-    expect_error(lambda: clf.fit(X, np.linspace(0, 1, 20)), "y")        # continuous labels
-    expect_error(lambda: clf.fit(X, np.zeros(20)), "y")                  # one class
+    expect_error(lambda: clf.fit(X, np.linspace(0, 1, 20)), "y")  # continuous labels
+    expect_error(lambda: clf.fit(X, np.zeros(20)), "y")  # one class
     expect_error(lambda: MLPRegressor((3,), epochs=1).fit(X, np.array(["a"] * 20)), "y")
 
 
@@ -443,8 +502,9 @@ def saved_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ck") / "good.npz")
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(20, N_IN)), rng.integers(0, N_OUT, 20)
-    mg.fit(m, X, y, batch_size=4, epochs=2, optimizer=mg.Adam(lr=0.01), track_noise=1, checkpoint=path,
-           validation=(X, y))
+    mg.fit(
+        m, X, y, batch_size=4, epochs=2, optimizer=mg.Adam(lr=0.01), track_noise=1, checkpoint=path, validation=(X, y)
+    )
     blob = open(path, "rb").read()
     return path, blob, load_checkpoint(path)
 
@@ -467,7 +527,7 @@ def test_damaged_checkpoints_load_exactly_or_raise_value_error(saved_checkpoint,
             b[data.draw(st.integers(0, len(b) - 1))] ^= data.draw(st.integers(1, 255))
     elif op == "overwrite":
         k = data.draw(st.integers(1, 64))
-        b[pos:pos + k] = data.draw(st.binary(min_size=k, max_size=k))
+        b[pos : pos + k] = data.draw(st.binary(min_size=k, max_size=k))
     else:
         b[pos:pos] = data.draw(st.binary(min_size=1, max_size=32))
     path = tmp_path / "damaged.npz"
@@ -490,16 +550,26 @@ def test_damaged_checkpoints_load_exactly_or_raise_value_error(saved_checkpoint,
 def test_malformed_checkpoint_arguments_are_clear_errors(data):
     m = model("cross_entropy-float64-numpy")
     name = data.draw(st.sampled_from(["path", "model", "opt_state", "rng", "sampler", "history", "step_info"]))
-    bad = data.draw({
-        "path": st.sampled_from([None, 3, b"x.npz", "", ["x"], 1.5]),
-        "model": st.sampled_from([None, "m", 3, mg.SGD(lr=0.1)]),
-        "opt_state": st.sampled_from(["s", 3, mg.SGD(lr=0.1)]),
-        "rng": st.sampled_from([0, "rng", np.random.RandomState(0)]),
-        "sampler": st.sampled_from([3, [np.arange(3)], {"order": [1, 2]}, {"o": np.zeros((2, 2))},
-                                    {1: np.arange(3)}, {"order": np.zeros(3, np.int8)}]),
-        "history": st.sampled_from([{}, 3, "h"]),
-        "step_info": st.sampled_from([3, [1], {1: 2}, {"x": object()}, {"x": {1, 2}}]),
-    }[name])
+    bad = data.draw(
+        {
+            "path": st.sampled_from([None, 3, b"x.npz", "", ["x"], 1.5]),
+            "model": st.sampled_from([None, "m", 3, mg.SGD(lr=0.1)]),
+            "opt_state": st.sampled_from(["s", 3, mg.SGD(lr=0.1)]),
+            "rng": st.sampled_from([0, "rng", np.random.RandomState(0)]),
+            "sampler": st.sampled_from(
+                [
+                    3,
+                    [np.arange(3)],
+                    {"order": [1, 2]},
+                    {"o": np.zeros((2, 2))},
+                    {1: np.arange(3)},
+                    {"order": np.zeros(3, np.int8)},
+                ]
+            ),
+            "history": st.sampled_from([{}, 3, "h"]),
+            "step_info": st.sampled_from([3, [1], {1: 2}, {"x": object()}, {"x": {1, 2}}]),
+        }[name]
+    )
     kw = dict(path="/tmp/never-written-minigd.npz", model=m)
     kw[name] = bad
     expect = name
@@ -536,8 +606,20 @@ def _child_fit(steps, **kw):
     X = rng.normal(size=(48, 4)).astype(np.float32)
     y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
     model = mg.MLP([4, 8, 2], seed=0)
-    hist = mg.fit(model, X, y, batch_size=5, steps=steps, optimizer=mg.SGD(lr=0.05, momentum=0.9),
-                  sampler="shuffle", track_noise=3, validation=(X[:10], y[:10]), eval_every=7, seed=1, **kw)
+    hist = mg.fit(
+        model,
+        X,
+        y,
+        batch_size=5,
+        steps=steps,
+        optimizer=mg.SGD(lr=0.05, momentum=0.9),
+        sampler="shuffle",
+        track_noise=3,
+        validation=(X[:10], y[:10]),
+        eval_every=7,
+        seed=1,
+        **kw,
+    )
     return model, hist
 
 
@@ -554,10 +636,14 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint_that_resumes(t
     env = dict(os.environ, PYTHONHASHSEED="0")
     last_step, leftovers = -1, 0
     for round_ in range(3):
-        proc = subprocess.Popen([sys.executable, str(script), str(path), "10000000"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(path), "10000000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         try:
-            deadline = time.monotonic() + 180     # a cold numba cache compiles first
+            deadline = time.monotonic() + 180  # a cold numba cache compiles first
             while not path.exists() or (round_ and load_checkpoint(path).step_info["step"] <= last_step):
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "the child never wrote a checkpoint"
@@ -570,7 +656,7 @@ def test_sigkill_while_checkpointing_leaves_a_loadable_checkpoint_that_resumes(t
             proc.stderr.close()
         assert proc.returncode == -signal.SIGKILL
         leftovers += len([f for f in os.listdir(tmp_path) if f.endswith(".tmp")])
-        ck = load_checkpoint(path)                        # never corrupt, whenever the kill came
+        ck = load_checkpoint(path)  # never corrupt, whenever the kill came
         info = ck.step_info
         assert not info["finished"] and info["step"] > last_step
         assert ck.history.n_steps == info["step"] == ck.opt_state.t
@@ -596,7 +682,7 @@ def _rss_bytes():
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):   # pragma: no cover - not Linux
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - not Linux
         return None
 
 
@@ -611,7 +697,7 @@ def test_long_run_of_tiny_steps_does_not_grow_memory():
     n = LONG_STEPS + 1000
     X = rng.normal(size=(n, 2)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
-    mg.fit(mg.MLP([2, 2, 2], seed=0), X[:64], y[:64], batch_size=1, steps=200)   # warm up
+    mg.fit(mg.MLP([2, 2, 2], seed=0), X[:64], y[:64], batch_size=1, steps=200)  # warm up
     window, n_windows = 500, 8
     period = LONG_STEPS // n_windows
     retained, rss = [], {}
@@ -633,8 +719,17 @@ def test_long_run_of_tiny_steps_does_not_grow_memory():
                 rss[step] = _rss_bytes()
 
     t0 = time.perf_counter()
-    hist = mg.fit(mg.MLP([2, 2, 2], seed=0), X, y, batch_size=1, steps=LONG_STEPS, sampler="sequential",
-                  optimizer=mg.SGD(lr=0.01, momentum=0.9), eval_every=10**9, callbacks=[Windows()])
+    hist = mg.fit(
+        mg.MLP([2, 2, 2], seed=0),
+        X,
+        y,
+        batch_size=1,
+        steps=LONG_STEPS,
+        sampler="sequential",
+        optimizer=mg.SGD(lr=0.01, momentum=0.9),
+        eval_every=10**9,
+        callbacks=[Windows()],
+    )
     elapsed = time.perf_counter() - t0
     assert hist.n_steps == LONG_STEPS and np.isfinite(hist.column("loss")).all()
     assert len(retained) == n_windows
@@ -646,6 +741,7 @@ def test_long_run_of_tiny_steps_does_not_grow_memory():
         # itself; anything beyond it would be a leak
         grown = rss[LONG_STEPS - 1] - rss[period // 4]
         history = 56 * (LONG_STEPS - 1 - period // 4)
-        assert grown < history + 4 * 2**20, \
+        assert grown < history + 4 * 2**20, (
             f"resident memory grew by {grown} bytes over the run, {history} of them history"
+        )
     print(f"{LONG_STEPS} steps in {elapsed:.1f} s; bytes retained per traced window: {retained}")

@@ -1,4 +1,5 @@
 """Backend registry: ``available_backends()`` says which backends run here and why not."""
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ def _gpu_reason() -> str | None:
     """
     try:
         emu = gpu_emulator()
-    except ValueError as exc:       # a malformed MINIGD_GPU_EMULATE
+    except ValueError as exc:  # a malformed MINIGD_GPU_EMULATE
         return str(exc)
     if emu is not None:
         why = emu.reason()
@@ -77,8 +78,10 @@ def _gpu_detail(cupy) -> str:
     if driver == 0:
         return "no NVIDIA GPU driver found (cupy.is_available() is False): this machine has no usable GPU"
     if runtime and driver < runtime:
-        return (f"the NVIDIA driver is too old: it supports CUDA {ver(driver)}, CuPy was built for "
-                f"CUDA {ver(runtime)}; update the driver or install a CuPy for an older CUDA")
+        return (
+            f"the NVIDIA driver is too old: it supports CUDA {ver(driver)}, CuPy was built for "
+            f"CUDA {ver(runtime)}; update the driver or install a CuPy for an older CUDA"
+        )
     try:
         n = int(rt.getDeviceCount())
     except Exception as exc:
@@ -96,15 +99,18 @@ def available_backends() -> dict:
 def get_backend_class(name: str):
     if name == "cpu":
         from .cpu import CpuBackend
+
         return CpuBackend
     if name == "numpy":
         from .numpy_ref import NumpyBackend
+
         return NumpyBackend
     if name == "gpu":
         reason = _gpu_reason()
         if reason is not None:
             raise BackendUnavailable("gpu", reason)
         from .gpu import GpuBackend
+
         return GpuBackend
     raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {name!r}")
 

@@ -67,6 +67,7 @@ with its own mask row.
 
 All arrays are C-contiguous, of the model dtype (labels int64); ``idx`` is int64.
 """
+
 from __future__ import annotations
 
 import time
@@ -87,26 +88,29 @@ def _check_workspace_memory(layout: ParamLayout, capacity: int, dtype) -> None:
     need = Workspace.nbytes_for(layout, capacity, dtype)
     have = memory_bytes()
     if need > have:
-        raise ValueError(f"sizes: a batch of {capacity} rows through layers {list(layout.sizes)} needs "
-                         f"{need / 2**30:,.1f} GiB of activations and deltas, more than this machine's "
-                         f"{have / 2**30:,.1f} GiB of memory; expected a smaller batch or narrower layers")
+        raise ValueError(
+            f"sizes: a batch of {capacity} rows through layers {list(layout.sizes)} needs "
+            f"{need / 2**30:,.1f} GiB of activations and deltas, more than this machine's "
+            f"{have / 2**30:,.1f} GiB of memory; expected a smaller batch or narrower layers"
+        )
 
 
-def check_per_example(norm: "NormSpec | None", what: str) -> None:
+def check_per_example(norm: NormSpec | None, what: str) -> None:
     """Per-example gradients are not defined through batch norm: say so, never return a
     number that means something else."""
     if norm is not None and norm.bn:
-        raise ValueError(f"{what}: per-example gradients are not defined for a model with "
-                         f"batch_norm (batch norm couples the examples of a (ghost) batch, so "
-                         f"no example has a gradient of its own); use a model without "
-                         f"batch_norm, or mini-batch gradients (model.loss_and_grad)")
+        raise ValueError(
+            f"{what}: per-example gradients are not defined for a model with "
+            f"batch_norm (batch norm couples the examples of a (ghost) batch, so "
+            f"no example has a gradient of its own); use a model without "
+            f"batch_norm, or mini-batch gradients (model.loss_and_grad)"
+        )
 
 
 class Backend:
     name = "?"
 
-    def __init__(self, layout: ParamLayout, act_codes, loss_code: int, dtype,
-                 norm: NormSpec | None = None):
+    def __init__(self, layout: ParamLayout, act_codes, loss_code: int, dtype, norm: NormSpec | None = None):
         self.layout = layout
         self.act_codes = tuple(int(a) for a in act_codes)
         self.loss_code = int(loss_code)
@@ -115,12 +119,12 @@ class Backend:
         self.norm = norm if (norm is not None and (norm.bn or norm.dropout > 0)) else None
         #: running mean/variance (mean_0, var_0, mean_1, ...), owned by the model
         self.running = np.zeros(layout.n_running, self.dtype)
-        self.masks: list = []       # per hidden layer: (capacity, n_l) inverted-dropout masks
-        self._unif: list = []       # per hidden layer: (capacity, n_l) float64 uniforms
-        self._keep: list = []       # per hidden layer: (capacity, n_l) bool
-        self._rec: np.ndarray | None = None         # run_steps' step records (default loop)
-        self._gscratch: np.ndarray | None = None    # run_steps' gradient buffer when none is given
-        self._sqn_acc: np.ndarray | None = None     # last_sqnorm_sum's accumulator
+        self.masks: list = []  # per hidden layer: (capacity, n_l) inverted-dropout masks
+        self._unif: list = []  # per hidden layer: (capacity, n_l) float64 uniforms
+        self._keep: list = []  # per hidden layer: (capacity, n_l) bool
+        self._rec: np.ndarray | None = None  # run_steps' step records (default loop)
+        self._gscratch: np.ndarray | None = None  # run_steps' gradient buffer when none is given
+        self._sqn_acc: np.ndarray | None = None  # last_sqnorm_sum's accumulator
 
     @property
     def dropout(self) -> float:
@@ -203,10 +207,10 @@ class Backend:
         wo, bo = self.layout._offsets()
         for l, (A, D) in enumerate(terms):
             fi, fo = A.shape[1], D.shape[1]
-            blk = out[:B, wo[l]:wo[l] + fi * fo]
-            blk.shape = (B, fi, fo)            # a view (raises rather than copy)
+            blk = out[:B, wo[l] : wo[l] + fi * fo]
+            blk.shape = (B, fi, fo)  # a view (raises rather than copy)
             np.multiply(A[:, :, None], D[:, None, :], out=blk)
-            out[:B, bo[l]:bo[l] + fo] = D
+            out[:B, bo[l] : bo[l] + fo] = D
 
     def last_sqnorms(self, B):
         """(B,) per-example squared gradient norms of the last ``train_step(want_sqn=True)``."""
@@ -243,8 +247,25 @@ class Backend:
             rec = self._rec = np.zeros((max(int(n_steps), 16), 4), np.float64)
         return rec
 
-    def run_steps(self, params, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn=False,
-                  read_every=None, grad=None, dropout_rng=None, update_running=False, max_time=None):
+    def run_steps(
+        self,
+        params,
+        X,
+        yi,
+        yf,
+        idx,
+        B,
+        n_steps,
+        opt_state,
+        lrs,
+        t0,
+        want_sqn=False,
+        read_every=None,
+        grad=None,
+        dropout_rng=None,
+        update_running=False,
+        max_time=None,
+    ):
         """``n_steps`` training steps of B rows: step s takes rows ``idx[s * B:(s + 1) * B]``
         (or all of ``idx`` when it holds just B rows: full-batch steps), learning rate
         ``lrs[s]`` and update count ``t0 + s``; it stops after the first rejected step
@@ -275,7 +296,7 @@ class Backend:
         for s in range(n_steps):
             if dropout_rng is not None:
                 self.draw_dropout(dropout_rng, B)
-            rows = idx if full else idx[s * B:(s + 1) * B]
+            rows = idx if full else idx[s * B : (s + 1) * B]
             loss, ok, gsq = step(params, grad, X, yi, yf, rows, B, opt_state, lrs[s], t0 + s, want_sqn)
             if ok and running:
                 self.update_running(B)
@@ -285,8 +306,12 @@ class Backend:
             done = s + 1
             if not ok or (max_time is not None and now >= max_time):
                 break
-        return {"loss": rec[:done, 0], "applied": rec[:done, 1] != 0, "grad_norm_sq": rec[:done, 2],
-                "time": rec[:done, 3]}
+        return {
+            "loss": rec[:done, 0],
+            "applied": rec[:done, 1] != 0,
+            "grad_norm_sq": rec[:done, 2],
+            "time": rec[:done, 3],
+        }
 
     def _grad_scratch(self, params) -> np.ndarray:
         g = self._gscratch
@@ -307,7 +332,7 @@ class Backend:
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
         loss, rows = self.loss_grad(params, grad, X, yi, yf, idx, B, want_sqn=want_sqn)
-        if want_sqn:   # leave them where the contract says (compiled backends already do)
+        if want_sqn:  # leave them where the contract says (compiled backends already do)
             scr = self.reserve(B).scratch(B)
             if rows is not None and rows.base is not self.ws.buf:
                 scr[...] = rows

@@ -23,6 +23,7 @@ The crossover is a batch size that depends on the widest layer; it was measured 
 ``bench/crossover.py`` (see bench/results) and can be overridden per backend instance
 (``model.backend_impl.blas_min_batch = ...``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -90,19 +91,22 @@ class CpuBackend(Backend):
                 check_per_example(self.norm, "per-example gradient norms")
             loss = self._loss_grad_py(params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss)
         elif not self.use_blas(B):
-            loss = K.loss_grad_loops(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
-                                     self.loss_code, want_sqn, want_row_loss)
+            loss = K.loss_grad_loops(
+                X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn, want_row_loss
+            )
         elif self.compiled_blas:
-            loss = K.loss_grad_blas(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay,
-                                    self.loss_code, want_sqn, want_row_loss)
+            loss = K.loss_grad_blas(
+                X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn, want_row_loss
+            )
         else:
             loss = self._loss_grad_py(params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss)
         rows = ws.scratch(B) if (want_sqn or want_row_loss) else None
         return loss, rows
 
     def opt_apply(self, params, grad, opt_state, lr, t):
-        ok, gsq = K.opt_apply(params, grad, opt_state.codes, opt_state.hp, opt_state.soff,
-                              opt_state.state, opt_state.plan, lr, t)
+        ok, gsq = K.opt_apply(
+            params, grad, opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan, lr, t
+        )
         return bool(ok), gsq
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
@@ -111,9 +115,26 @@ class CpuBackend(Backend):
         if regime == "python":
             return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
         step = K.train_step_loops if regime == "loops" else K.train_step_blas
-        loss, ok, gsq = step(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code,
-                             want_sqn, opt_state.codes, opt_state.hp, opt_state.soff,
-                             opt_state.state, opt_state.plan, lr, t)
+        loss, ok, gsq = step(
+            X,
+            yi,
+            yf,
+            idx,
+            B,
+            params,
+            grad,
+            ws.buf,
+            ws.lay,
+            self.loss_code,
+            want_sqn,
+            opt_state.codes,
+            opt_state.hp,
+            opt_state.soff,
+            opt_state.state,
+            opt_state.plan,
+            lr,
+            t,
+        )
         return loss, bool(ok), gsq
 
     def _regime(self, B: int) -> str:
@@ -146,15 +167,20 @@ class CpuBackend(Backend):
             for regime, b in reps.items():
                 if regime != "python":
                     step = K.train_step_loops if regime == "loops" else K.train_step_blas
-                    step(X, yi, yf, idx[:b], b, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn,
-                         *opt, 0.0, t)
+                    step(X, yi, yf, idx[:b], b, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn, *opt, 0.0, t)
                     continue
                 self._loss_grad_py(params, grad, X, yi, yf, idx[:b], b, ws, want_sqn, False)
                 K.opt_apply(params, grad, *opt, 0.0, t)
                 if self.norm is not None and self.norm.bn:
                     rm, rv = self.layout.running_views(self.running)
-                    KN.running_update(self._nbuf[0]["stats"], b, self.norm.ghost_size(b), self.norm.momentum,
-                                      rm[0].copy(), rv[0].copy())
+                    KN.running_update(
+                        self._nbuf[0]["stats"],
+                        b,
+                        self.norm.ghost_size(b),
+                        self.norm.momentum,
+                        rm[0].copy(),
+                        rv[0].copy(),
+                    )
         finally:
             params[...] = saved[0]
             opt_state.state[...] = saved[1]
@@ -181,20 +207,38 @@ class CpuBackend(Backend):
             else:
                 b, gam, bet, rm, rv, mask, pre, act, xh, st, acc = nb[l]
                 h = as_[l]
-                if norm.bn == BN_AFTER:   # v = BN(a) is not needed by the backward pass:
-                    pre = h               # written into h (and masked there in place)
-                elif not has_mask:        # the last value is written straight into h
+                if norm.bn == BN_AFTER:  # v = BN(a) is not needed by the backward pass:
+                    pre = h  # written into h (and masked there in place)
+                elif not has_mask:  # the last value is written straight into h
                     act = h
-                KN.hidden_forward(b, gam, bet, rm, rv, mask, zs[l], pre, act, xh, h, st, acc,
-                                  B, g, self.act_codes[l], norm.bn, int(training), has_mask,
-                                  norm.eps)
+                KN.hidden_forward(
+                    b,
+                    gam,
+                    bet,
+                    rm,
+                    rv,
+                    mask,
+                    zs[l],
+                    pre,
+                    act,
+                    xh,
+                    h,
+                    st,
+                    acc,
+                    B,
+                    g,
+                    self.act_codes[l],
+                    norm.bn,
+                    int(training),
+                    has_mask,
+                    norm.eps,
+                )
             a = as_[l]
 
     def _loss_grad_py(self, params, grad, X, yi, yf, idx, B, ws, want_sqn, want_row_loss):
         self._forward_py(params, X, idx, B, ws, self.norm is not None)
         x0, zs, as_, ds, _ = ws.views(B)
-        loss = K.loss_rows(yi, yf, idx, B, ws.buf, ws.lay, self.loss_code,
-                           want_row_loss and not want_sqn)
+        loss = K.loss_rows(yi, yf, idx, B, ws.buf, ws.lay, self.loss_code, want_row_loss and not want_sqn)
         Ws = self._weight_views(params)
         gWs = self._weight_views(grad)
         L = self.layout.n_layers
@@ -222,14 +266,21 @@ class CpuBackend(Backend):
         hid = self.layout.hidden
         n_ghosts = -(-capacity // norm.ghost) if (norm.bn and norm.ghost) else 1
         alloc = lambda n, on: np.zeros((capacity if on else 0, n), self.dtype)  # noqa: E731
-        self._nbuf = [dict(pre=alloc(n, norm.bn == BN_BEFORE), act=alloc(n, True),
-                           xh=alloc(n, norm.bn), stats=np.zeros((3, n_ghosts, n)),
-                           acc=np.zeros((2, n))) for n in hid]
+        self._nbuf = [
+            dict(
+                pre=alloc(n, norm.bn == BN_BEFORE),
+                act=alloc(n, True),
+                xh=alloc(n, norm.bn),
+                stats=np.zeros((3, n_ghosts, n)),
+                acc=np.zeros((2, n)),
+            )
+            for n in hid
+        ]
         self._nviews = {}
 
     def _norm_views(self, params, B):
         """Per hidden layer the argument views of the cpu_norm kernels for B rows."""
-        key = (B, id(params))          # the entry keeps params alive: its id stays its own
+        key = (B, id(params))  # the entry keeps params alive: its id stays its own
         e = self._nviews.get(key)
         if e is None:
             _, bs = self.layout.views(params)
@@ -241,8 +292,7 @@ class CpuBackend(Backend):
                 act = nb["act"][:B]
                 pre = nb["pre"][:B] if self.norm.bn == BN_BEFORE else act
                 xh = nb["xh"][:B] if self.norm.bn else act
-                v.append((bs[l], gam[l], bet[l], rm[l], rv[l], mask, pre, act, xh, nb["stats"],
-                          nb["acc"]))
+                v.append((bs[l], gam[l], bet[l], rm[l], rv[l], mask, pre, act, xh, nb["stats"], nb["acc"]))
             if len(self._nviews) > 8:
                 self._nviews.clear()
             e = self._nviews[key] = (v, params)
@@ -254,11 +304,27 @@ class CpuBackend(Backend):
         norm = self.norm
         _, gam, _, _, _, mask, pre, act, xh, st, acc = self._norm_views(params, B)[l]
         has_mask = int(norm.dropout > 0)
-        if not has_mask and norm.bn == BN_BEFORE:   # as in _forward_py: a_l was written to h
+        if not has_mask and norm.bn == BN_BEFORE:  # as in _forward_py: a_l was written to h
             act = as_[l]
         ggam, gbet = self._bn_grad_views(grad)
-        KN.hidden_backward(mask, zs[l], pre, act, xh, gam, st, ds[l], ggam[l], gbet[l], acc, B,
-                           norm.ghost_size(B), self.act_codes[l], norm.bn, has_mask)
+        KN.hidden_backward(
+            mask,
+            zs[l],
+            pre,
+            act,
+            xh,
+            gam,
+            st,
+            ds[l],
+            ggam[l],
+            gbet[l],
+            acc,
+            B,
+            norm.ghost_size(B),
+            self.act_codes[l],
+            norm.bn,
+            has_mask,
+        )
 
     def _bn_grad_views(self, vec):
         c = getattr(self, "_gv", None)
@@ -300,9 +366,13 @@ class CpuBackend(Backend):
         if s is None or s[1].shape[0] < max(sizes) * B:
             big = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
             wb = max(sizes) * max(B, 1)
-            s = self._st = (np.zeros(self.layout.n_params, self.dtype), np.zeros(wb, self.dtype),
-                            np.zeros(wb, self.dtype), np.zeros(big, self.dtype),
-                            np.zeros(big, self.dtype))
+            s = self._st = (
+                np.zeros(self.layout.n_params, self.dtype),
+                np.zeros(wb, self.dtype),
+                np.zeros(wb, self.dtype),
+                np.zeros(big, self.dtype),
+                np.zeros(big, self.dtype),
+            )
         return s
 
     def per_example_terms(self, params, X, yi, yf, idx, B, grad=None):
@@ -355,19 +425,18 @@ class CpuBackend(Backend):
         buf, lay, tau = self.ws.buf, self.ws.lay, KS.SHORTCUT_TAU
         if self.compiled_blas:
             nbad = KS.moments_update_shortcut(B, grad, buf, lay, n_old, mean, m2, *sc, need_s1, tau)
-        else:                                # the GEMMs from Python (no SciPy BLAS bindings)
+        else:  # the GEMMs from Python (no SciPy BLAS bindings)
             nbad = 0
             sizes = self.layout.sizes
             for l in range(self.layout.n_layers):
                 fi, fo = sizes[l], sizes[l + 1]
                 KS.shortcut_prep(B, buf, lay, l, a2, x2, a64, x64, need_s1)
-                np.matmul(a2[:B * fi].reshape(B, fi).T, x2[:B * fo].reshape(B, fo),
-                          out=s2[:fi * fo].reshape(fi, fo))
+                np.matmul(a2[: B * fi].reshape(B, fi).T, x2[: B * fo].reshape(B, fo), out=s2[: fi * fo].reshape(fi, fo))
                 if need_s1:
-                    np.matmul(a64[:B * fi].reshape(B, fi).T, x64[:B * fo].reshape(B, fo),
-                              out=s1[:fi * fo].reshape(fi, fo))
-                nbad += KS.shortcut_finish(B, grad, buf, lay, l, n_old, mean, m2, s2, s1, xT, ac,
-                                           need_s1, tau)
+                    np.matmul(
+                        a64[: B * fi].reshape(B, fi).T, x64[: B * fo].reshape(B, fo), out=s1[: fi * fo].reshape(fi, fo)
+                    )
+                nbad += KS.shortcut_finish(B, grad, buf, lay, l, n_old, mean, m2, s2, s1, xT, ac, need_s1, tau)
         self.last_moments_fallbacks = int(nbad)
         self.moments_fallbacks += int(nbad)
 
@@ -382,6 +451,11 @@ class CpuBackend(Backend):
             fi, fo = max(sizes[:-1]), max(sizes[1:])
             big = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
             k = 1 if need_s1 else 0
-            s = self._sc = (cap, tuple(np.zeros(n, np.float64) for n in (
-                cap * fi, cap * fo, k * cap * fi, k * cap * fo, big, k * big, cap * fo, cap)))
+            s = self._sc = (
+                cap,
+                tuple(
+                    np.zeros(n, np.float64)
+                    for n in (cap * fi, cap * fo, k * cap * fi, k * cap * fo, big, k * big, cap * fo, cap)
+                ),
+            )
         return s[1]

@@ -6,6 +6,7 @@ with the loss being the *mean* of per-example losses.  It follows the same contr
 compiled backends (results written into caller-owned buffers), and computes its
 intermediates with ordinary numpy expressions.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,7 @@ class NumpyBackend(Backend):
         eps = self.norm.eps
         x64 = x.astype(np.float64)
         xhat = np.empty_like(x64)
-        inv = np.empty_like(x64)           # 1/sqrt(var + eps), broadcast per row
+        inv = np.empty_like(x64)  # 1/sqrt(var + eps), broadcast per row
         stats = []
         if ghosts is None:
             means, vars_ = self.layout.running_views(self.running)
@@ -102,7 +103,7 @@ class NumpyBackend(Backend):
                 mask = self.masks[l][:B]
                 a = a * mask
             cache.append((z, a, (pre, out, bn, mask)))
-        if training:   # the ghost statistics of each hidden layer, for update_running
+        if training:  # the ghost statistics of each hidden layer, for update_running
             self._last_stats = [c[2][2][3] for c in cache[:-1] if c[2][2] is not None]
         return inp, cache
 
@@ -148,8 +149,7 @@ class NumpyBackend(Backend):
     def losses(self, params, X, yi, yf, idx, B):
         rows = idx[:B]
         z_out = self.forward(params, X, idx, B)
-        return nn.per_example_loss(self.loss_code, z_out, yi[rows] if yi.size else yi,
-                                   yf[rows] if yf.size else yf)
+        return nn.per_example_loss(self.loss_code, z_out, yi[rows] if yi.size else yi, yf[rows] if yf.size else yf)
 
     def _backward(self, params, grad, X, yi, yf, idx, B, visit=None):
         """Forward (training mode) and backward of rows idx[:B]: writes the mean-loss
@@ -167,13 +167,13 @@ class NumpyBackend(Backend):
         params_W = self.layout.views(params)[0]
         for l in range(self.layout.n_layers - 1, -1, -1):
             a_prev = inp if l == 0 else cache[l - 1][1]
-            Ws[l][...] = a_prev.T @ delta / B          # dW_l = a_{l-1}^T delta_l (mean)
-            bs[l][...] = delta.sum(axis=0) / B         # db_l
+            Ws[l][...] = a_prev.T @ delta / B  # dW_l = a_{l-1}^T delta_l (mean)
+            bs[l][...] = delta.sum(axis=0) / B  # db_l
             if visit is not None:
                 visit(l, a_prev, delta)
             if l > 0:
                 delta = self._hidden_backward(l - 1, delta @ params_W[l].T, cache[l - 1], params, grad)
-        if self.norm is not None and self.norm.bn:     # dgamma, dbeta of the mean loss
+        if self.norm is not None and self.norm.bn:  # dgamma, dbeta of the mean loss
             ggam, gbet = self.layout.bn_views(grad)
             for l in range(len(ggam)):
                 ggam[l][...] /= B
@@ -183,9 +183,8 @@ class NumpyBackend(Backend):
     def loss_grad(self, params, grad, X, yi, yf, idx, B, want_sqn=False, want_row_loss=False):
         sqn = np.zeros(B, np.float64)
 
-        def visit(l, a_prev, delta):   # |a_r|^2 |delta_r|^2 + |delta_r|^2 (outer product)
-            sqn[...] += ((a_prev.astype(np.float64) ** 2).sum(1) + 1) * \
-                (delta.astype(np.float64) ** 2).sum(1)
+        def visit(l, a_prev, delta):  # |a_r|^2 |delta_r|^2 + |delta_r|^2 (outer product)
+            sqn[...] += ((a_prev.astype(np.float64) ** 2).sum(1) + 1) * (delta.astype(np.float64) ** 2).sum(1)
 
         if want_sqn:
             check_per_example(self.norm, "per-example gradient norms")

@@ -6,6 +6,7 @@ source of :mod:`minigd.data.sources`, a file reader of :mod:`minigd.data.files`)
 the pipeline.  :func:`_rng` gives every purpose (subsample, split, teacher, inputs, noise)
 its own stream of one seed, so the streams are listed here, together, once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +31,7 @@ _TASK_LOSS = {"classification": "cross_entropy", "regression": "mse"}
 # ------------------------------------------------------------------------------------------
 # the Dataset container
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -100,33 +102,32 @@ class Dataset:
             if X.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
                 raise TypeError(f"{nm}: expected dtype float32 or float64, got {_got(X)}")
         if Xv.dtype != Xt.dtype or Xv.shape[1] != Xt.shape[1]:
-            raise ValueError(f"X_val: expected {Xt.shape[1]} columns of dtype {Xt.dtype} (as X_train), "
-                             f"got {_got(Xv)}")
+            raise ValueError(f"X_val: expected {Xt.shape[1]} columns of dtype {Xt.dtype} (as X_train), got {_got(Xv)}")
         for nm, X, y in (("y_train", Xt, self.y_train), ("y_val", Xv, self.y_val)):
             if y.ndim not in (1, 2) or y.shape[0] != X.shape[0]:
                 raise ValueError(f"{nm}: expected {X.shape[0]} rows (as X_{nm[2:]}), got {_got(y)}")
         if self.task == "classification":
             k = self.n_classes
             if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-                raise ValueError(f"n_classes: expected an integer >= 1 for task 'classification', "
-                                 f"got {_got(k)}")
+                raise ValueError(f"n_classes: expected an integer >= 1 for task 'classification', got {_got(k)}")
             for nm, y in (("y_train", self.y_train), ("y_val", self.y_val)):
                 if y.ndim != 1 or y.dtype != np.int64:
                     raise TypeError(f"{nm}: expected int64 class labels of shape (n,), got {_got(y)}")
                 if y.size and (y.min() < 0 or y.max() >= k):
-                    raise ValueError(f"{nm}: expected class labels in [0, {k}), "
-                                     f"got values in [{y.min()}, {y.max()}]")
+                    raise ValueError(f"{nm}: expected class labels in [0, {k}), got values in [{y.min()}, {y.max()}]")
         else:
             if self.n_classes is not None:
                 raise ValueError(f"n_classes: expected None for task 'regression', got {_got(self.n_classes)}")
             yt, yv = self.y_train, self.y_val
             for nm, y in (("y_train", yt), ("y_val", yv)):
                 if y.dtype != Xt.dtype:
-                    raise TypeError(f"{nm}: expected regression targets of dtype {Xt.dtype} (as X_train), "
-                                    f"got {_got(y)}")
+                    raise TypeError(
+                        f"{nm}: expected regression targets of dtype {Xt.dtype} (as X_train), got {_got(y)}"
+                    )
             if yt.shape[1:] != yv.shape[1:]:
-                raise ValueError(f"y_val: expected targets with trailing shape {yt.shape[1:]} (as y_train), "
-                                 f"got {_got(yv)}")
+                raise ValueError(
+                    f"y_val: expected targets with trailing shape {yt.shape[1:]} (as y_train), got {_got(yv)}"
+                )
 
     # -- derived sizes ----------------------------------------------------------------------
     @property
@@ -202,24 +203,39 @@ class Dataset:
             ``n_train``, ``n_val``, ``dtype``, ``fingerprint`` and ``info``.
         """
         return {
-            "name": self.name, "task": self.task, "loss": self.loss,
-            "n_classes": self.n_classes, "n_in": self.n_in, "n_out": self.n_out,
-            "n_train": self.n_train, "n_val": self.n_val, "dtype": str(self.dtype),
-            "fingerprint": self.fingerprint(), "info": _jsonable(self.info),
+            "name": self.name,
+            "task": self.task,
+            "loss": self.loss,
+            "n_classes": self.n_classes,
+            "n_in": self.n_in,
+            "n_out": self.n_out,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "dtype": str(self.dtype),
+            "fingerprint": self.fingerprint(),
+            "info": _jsonable(self.info),
         }
 
     def describe(self) -> str:
         """A few human-readable lines: what the data is, its sizes and how it was prepared."""
         i = self.info
-        what = (f"classification, {self.n_classes} classes" if self.task == "classification"
-                else f"regression, {self.n_out} target{'s' if self.n_out != 1 else ''}")
-        lines = [f"{self.name}: {what}, {self.n_in} features; "
-                 f"{self.n_train} train / {self.n_val} validation examples ({self.dtype})"]
+        what = (
+            f"classification, {self.n_classes} classes"
+            if self.task == "classification"
+            else f"regression, {self.n_out} target{'s' if self.n_out != 1 else ''}"
+        )
+        lines = [
+            f"{self.name}: {what}, {self.n_in} features; "
+            f"{self.n_train} train / {self.n_val} validation examples ({self.dtype})"
+        ]
         src = i.get("source")
         if src:
             lines.append(f"  source: {src}" + (f" ({i['path']})" if "path" in i else ""))
-        prep = [f"split: {i['split']}" + (f", seed {i['seed']}" if i.get("split") != "provided" else "")
-                ] if "split" in i else []
+        prep = (
+            [f"split: {i['split']}" + (f", seed {i['seed']}" if i.get("split") != "provided" else "")]
+            if "split" in i
+            else []
+        )
         if "standardized" in i:
             prep.append("standardized with training statistics" if i["standardized"] else "not standardized")
         if i.get("noise_std") is not None:
@@ -232,9 +248,11 @@ class Dataset:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"Dataset(name={self.name!r}, task={self.task!r}, n_classes={self.n_classes}, "
-                f"X_train={self.X_train.shape} {self.X_train.dtype}, X_val={self.X_val.shape}, "
-                f"loss={self.loss!r})")
+        return (
+            f"Dataset(name={self.name!r}, task={self.task!r}, n_classes={self.n_classes}, "
+            f"X_train={self.X_train.shape} {self.X_train.dtype}, X_val={self.X_val.shape}, "
+            f"loss={self.loss!r})"
+        )
 
 
 def _jsonable(v: Any) -> Any:
@@ -254,6 +272,7 @@ def _jsonable(v: Any) -> Any:
 # ------------------------------------------------------------------------------------------
 # what a loader hands to the pipeline
 # ------------------------------------------------------------------------------------------
+
 
 class RawData(NamedTuple):
     """What a loader returns: raw arrays before labels, split, scaling and cast.

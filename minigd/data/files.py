@@ -7,6 +7,7 @@ before anything is allocated and pickles are refused, and every malformed file i
 ValueError naming the argument, what was expected and what was found.  Each loader returns
 a :class:`~minigd.data.dataset.RawData` for the pipeline (:mod:`minigd.data.pipeline`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,14 @@ from .dataset import TASKS, RawData
 __all__ = ["read_idx", "MAX_DATA_BYTES", "MAX_EXPANSION", "EXPANSION_FLOOR"]
 
 
-_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 _IDX_NAME = re.compile(r"idx\d+-ubyte(\.gz)?$|\.idx\d*(\.gz)?$", re.IGNORECASE)
 
 
@@ -66,12 +73,15 @@ def _read_bytes(path: Path, arg: str) -> bytes:
         try:
             data = gunzip_capped(data, limit)
         except GzipLimitError as exc:
-            raise ValueError(f"{arg}: expected a gzip file that decompresses to at most {limit} bytes "
-                             f"({MAX_EXPANSION} times its {len(data)} bytes, at least {EXPANSION_FLOOR}, "
-                             f"at most MAX_DATA_BYTES={MAX_DATA_BYTES}), got {str(path)!r}: {exc}") from None
+            raise ValueError(
+                f"{arg}: expected a gzip file that decompresses to at most {limit} bytes "
+                f"({MAX_EXPANSION} times its {len(data)} bytes, at least {EXPANSION_FLOOR}, "
+                f"at most MAX_DATA_BYTES={MAX_DATA_BYTES}), got {str(path)!r}: {exc}"
+            ) from None
         except GzipError as exc:
-            raise ValueError(f"{arg}: expected a valid gzip file, got {str(path)!r} which could not be "
-                             f"decompressed ({exc})") from None
+            raise ValueError(
+                f"{arg}: expected a valid gzip file, got {str(path)!r} which could not be decompressed ({exc})"
+            ) from None
     return data
 
 
@@ -107,18 +117,20 @@ def read_idx(path, *, arg: str = "path") -> np.ndarray:
     data = _read_bytes(path, arg)
     where = f"{arg} ({str(path)!r})"
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{where}: expected an IDX file starting with magic 0x00 0x00 <type> <ndims>, "
-                         f"got bytes {data[:4].hex(' ') or '(empty file)'}")
+        raise ValueError(
+            f"{where}: expected an IDX file starting with magic 0x00 0x00 <type> <ndims>, "
+            f"got bytes {data[:4].hex(' ') or '(empty file)'}"
+        )
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
-        raise ValueError(f"{where}: expected an IDX type code in "
-                         f"{[hex(c) for c in _IDX_DTYPES]}, got {hex(code)} (bad magic)")
+        raise ValueError(
+            f"{where}: expected an IDX type code in {[hex(c) for c in _IDX_DTYPES]}, got {hex(code)} (bad magic)"
+        )
     if ndim == 0:
         raise ValueError(f"{where}: expected at least 1 dimension in the IDX header, got 0 (bad magic)")
     head = 4 + 4 * ndim
     if len(data) < head:
-        raise ValueError(f"{where}: truncated IDX header: expected {head} bytes for {ndim} dimensions, "
-                         f"got {len(data)}")
+        raise ValueError(f"{where}: truncated IDX header: expected {head} bytes for {ndim} dimensions, got {len(data)}")
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     dt = _IDX_DTYPES[code]
     if 0 in dims:
@@ -126,11 +138,14 @@ def read_idx(path, *, arg: str = "path") -> np.ndarray:
     need = math.prod(dims) * dt.itemsize
     have = len(data) - head
     if have < need:
-        raise ValueError(f"{where}: truncated IDX data: expected {need} bytes for shape {dims} of "
-                         f"{dt.newbyteorder('=')}, got {have}")
+        raise ValueError(
+            f"{where}: truncated IDX data: expected {need} bytes for shape {dims} of {dt.newbyteorder('=')}, got {have}"
+        )
     if have > need:
-        raise ValueError(f"{where}: expected exactly {need} bytes of IDX data for shape {dims}, "
-                         f"got {have} ({have - need} trailing bytes)")
+        raise ValueError(
+            f"{where}: expected exactly {need} bytes of IDX data for shape {dims}, "
+            f"got {have} ({have - need} trailing bytes)"
+        )
     return np.frombuffer(data, dt, count=math.prod(dims), offset=head).reshape(dims).astype(dt.newbyteorder("="))
 
 
@@ -140,8 +155,9 @@ def _idx_candidates(directory: Path, part: str, kind: str) -> list[Path]:
     return [directory / (nm + gz) for nm in names for gz in ("", ".gz")]
 
 
-def _load_idx(*, n: int | None, seed: int, path: Path, labels=None, part: str = "train",
-              task: str | None = None) -> RawData:
+def _load_idx(
+    *, n: int | None, seed: int, path: Path, labels=None, part: str = "train", task: str | None = None
+) -> RawData:
     """MNIST-style IDX files: an images file and a labels file.
 
     ``path`` is the images file (``labels=`` the labels file; when omitted, the sibling
@@ -153,49 +169,66 @@ def _load_idx(*, n: int | None, seed: int, path: Path, labels=None, part: str = 
     otherwise.
     """
     if not isinstance(part, str) or not re.fullmatch(r"[A-Za-z0-9_.]+", part):
-        raise ValueError(f"part: expected the prefix of the standard IDX names, e.g. 'train' or 't10k', "
-                         f"got {_got(part)}")
+        raise ValueError(
+            f"part: expected the prefix of the standard IDX names, e.g. 'train' or 't10k', got {_got(part)}"
+        )
     if path.is_dir():
         found = {}
         for kind in ("images", "labels"):
             cands = _idx_candidates(path, part, kind)
             hit = next((c for c in cands if c.is_file()), None)
             if hit is None:
-                raise FileNotFoundError(f"name_or_path: expected a directory with the standard IDX {kind} file, "
-                                        f"one of {[c.name for c in cands]}, got {str(path)!r} without any")
+                raise FileNotFoundError(
+                    f"name_or_path: expected a directory with the standard IDX {kind} file, "
+                    f"one of {[c.name for c in cands]}, got {str(path)!r} without any"
+                )
             found[kind] = hit
         if labels is not None:
-            raise ValueError(f"labels: expected None when name_or_path is a directory "
-                             f"(the labels file is {found['labels'].name}), got {_got(labels)}")
+            raise ValueError(
+                f"labels: expected None when name_or_path is a directory "
+                f"(the labels file is {found['labels'].name}), got {_got(labels)}"
+            )
         images_path, labels_path = found["images"], found["labels"]
     else:
         images_path = path
         if labels is None:
             sib = re.sub(r"images([-.])idx3", r"labels\1idx1", path.name)
-            cands = [] if sib == path.name else [path.with_name(sib), path.with_name(sib + ".gz"),
-                                                 path.with_name(sib.removesuffix(".gz"))]
+            cands = (
+                []
+                if sib == path.name
+                else [path.with_name(sib), path.with_name(sib + ".gz"), path.with_name(sib.removesuffix(".gz"))]
+            )
             labels_path = next((c for c in cands if c.is_file()), None)
             if labels_path is None:
-                raise ValueError(f"labels: expected the path of the IDX labels file for images "
-                                 f"{path.name!r} (no sibling with the standard name found), got None")
+                raise ValueError(
+                    f"labels: expected the path of the IDX labels file for images "
+                    f"{path.name!r} (no sibling with the standard name found), got None"
+                )
         elif isinstance(labels, (str, os.PathLike)):
             labels_path = Path(labels)
-            if not labels_path.exists():     # (a FIFO or device: read_idx refuses it, naming what it is)
-                raise FileNotFoundError(f"labels: expected an existing IDX labels file, got {str(labels)!r} "
-                                        f"(no such file)")
+            if not labels_path.exists():  # (a FIFO or device: read_idx refuses it, naming what it is)
+                raise FileNotFoundError(
+                    f"labels: expected an existing IDX labels file, got {str(labels)!r} (no such file)"
+                )
         else:
-            raise TypeError(f"labels: expected a path (str or os.PathLike) to an IDX labels file, "
-                            f"got {_got(labels)}")
+            raise TypeError(f"labels: expected a path (str or os.PathLike) to an IDX labels file, got {_got(labels)}")
     X = read_idx(images_path, arg="name_or_path")
     y = read_idx(labels_path, arg="labels")
     if X.ndim < 2:
-        raise ValueError(f"name_or_path: expected an IDX images file with >= 2 dimensions (n, ...), got "
-                         f"shape {X.shape} in {images_path.name!r} -- is it the labels file?")
+        raise ValueError(
+            f"name_or_path: expected an IDX images file with >= 2 dimensions (n, ...), got "
+            f"shape {X.shape} in {images_path.name!r} -- is it the labels file?"
+        )
     if y.ndim != 1:
-        raise ValueError(f"labels: expected a 1-dimensional IDX labels file, got shape {y.shape} "
-                         f"in {labels_path.name!r}")
-    info = {"source": "IDX files", "path": str(images_path.resolve()),
-            "labels_path": str(labels_path.resolve()), "image_shape": list(X.shape[1:])}
+        raise ValueError(
+            f"labels: expected a 1-dimensional IDX labels file, got shape {y.shape} in {labels_path.name!r}"
+        )
+    info = {
+        "source": "IDX files",
+        "path": str(images_path.resolve()),
+        "labels_path": str(labels_path.resolve()),
+        "image_shape": list(X.shape[1:]),
+    }
     X2 = X.reshape(X.shape[0], math.prod(X.shape[1:]))
     return RawData(X2, y, _task_from_dtype(y, task), info)
 
@@ -218,16 +251,22 @@ def _load_npz(*, n: int | None, seed: int, path: Path, task: str | None = None) 
     """
     data = _read_bytes(path, "name_or_path")
     if data[:4] != b"PK\x03\x04" and data[:4] != b"PK\x05\x06":
-        raise ValueError(f"name_or_path: expected a valid .npz archive (a zip file), got {str(path)!r} "
-                         f"which starts with bytes {data[:4].hex(' ') or '(empty file)'}")
+        raise ValueError(
+            f"name_or_path: expected a valid .npz archive (a zip file), got {str(path)!r} "
+            f"which starts with bytes {data[:4].hex(' ') or '(empty file)'}"
+        )
     arrays = _read_npz(data, path)
     missing = [k for k in ("X", "y") if k not in arrays]
     if missing:
-        raise ValueError(f"name_or_path ({str(path)!r}): expected arrays 'X' and 'y' in the .npz, "
-                         f"got {sorted(arrays)} (missing {missing})")
+        raise ValueError(
+            f"name_or_path ({str(path)!r}): expected arrays 'X' and 'y' in the .npz, "
+            f"got {sorted(arrays)} (missing {missing})"
+        )
     if ("X_val" in arrays) != ("y_val" in arrays):
-        raise ValueError(f"name_or_path ({str(path)!r}): expected both 'X_val' and 'y_val' or neither, "
-                         f"got only {'X_val' if 'X_val' in arrays else 'y_val'}")
+        raise ValueError(
+            f"name_or_path ({str(path)!r}): expected both 'X_val' and 'y_val' or neither, "
+            f"got only {'X_val' if 'X_val' in arrays else 'y_val'}"
+        )
     X, y = arrays["X"], arrays["y"]
     task = _task_from_dtype(y, task)
     info = {"source": "npz file", "path": str(path.resolve())}
@@ -256,14 +295,18 @@ def _read_npz(data: bytes, path: Path) -> dict:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
     except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError...
-        raise ValueError(f"name_or_path: expected a valid .npz archive, got {str(path)!r} "
-                         f"which could not be read ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"name_or_path: expected a valid .npz archive, got {str(path)!r} "
+            f"which could not be read ({type(exc).__name__}: {exc})"
+        ) from exc
     budget = _decompressed_limit(len(data))
     total = sum(i.file_size for i in infos)
     if total > budget:
-        raise ValueError(f"{where}: expected a .npz whose entries hold at most {budget} bytes "
-                         f"({MAX_EXPANSION} times the file's {len(data)} bytes, at least {EXPANSION_FLOOR}, "
-                         f"at most MAX_DATA_BYTES={MAX_DATA_BYTES}), got entries of {total} bytes")
+        raise ValueError(
+            f"{where}: expected a .npz whose entries hold at most {budget} bytes "
+            f"({MAX_EXPANSION} times the file's {len(data)} bytes, at least {EXPANSION_FLOOR}, "
+            f"at most MAX_DATA_BYTES={MAX_DATA_BYTES}), got entries of {total} bytes"
+        )
     arrays = {}
     with zf:
         for info in infos:
@@ -274,32 +317,39 @@ def _read_npz(data: bytes, path: Path) -> dict:
                 with zf.open(info) as f:
                     version, shape, fortran, dt = read_npy_header(f, _NpzEntryError)
                     if dt.hasobject:
-                        raise ValueError(f"{where}: expected a .npz of numeric arrays, got an entry that "
-                                         f"needs pickle ({name!r}: an object array, dtype {dt})")
+                        raise ValueError(
+                            f"{where}: expected a .npz of numeric arrays, got an entry that "
+                            f"needs pickle ({name!r}: an object array, dtype {dt})"
+                        )
                     if dt.itemsize == 0:
                         raise _NpzEntryError(f"a dtype of zero size ({dt})")
                     nbytes = dt.itemsize * math.prod(shape)
                     if nbytes > info.file_size:
-                        raise _NpzEntryError(f"a header claiming shape {shape} of {dt} ({nbytes} bytes), "
-                                             f"more than the entry's {info.file_size} bytes")
+                        raise _NpzEntryError(
+                            f"a header claiming shape {shape} of {dt} ({nbytes} bytes), "
+                            f"more than the entry's {info.file_size} bytes"
+                        )
                     buf = f.read(nbytes)
                     if len(buf) != nbytes:
                         raise _NpzEntryError(f"{len(buf)} bytes of data, its header needs {nbytes}")
                 arr = np.frombuffer(buf, dtype=dt, count=math.prod(shape))
-                if dt.kind == "b":       # a crafted byte other than 0/1 is True to some numpy calls only
+                if dt.kind == "b":  # a crafted byte other than 0/1 is True to some numpy calls only
                     arr = arr.view(np.uint8) != 0
                 arrays[name[:-4]] = arr.reshape(shape, order="F" if fortran else "C").copy()
             except _NpzEntryError as exc:
-                raise ValueError(f"{where}: expected a .npz of numeric arrays, got entry {name!r} with "
-                                 f"{exc}") from None
+                raise ValueError(f"{where}: expected a .npz of numeric arrays, got entry {name!r} with {exc}") from None
             except ValueError as exc:
                 if str(exc).startswith(where):
                     raise
-                raise ValueError(f"name_or_path: expected a valid .npz archive, got {str(path)!r} whose "
-                                 f"entry {name!r} could not be read ({exc})") from exc
+                raise ValueError(
+                    f"name_or_path: expected a valid .npz archive, got {str(path)!r} whose "
+                    f"entry {name!r} could not be read ({exc})"
+                ) from exc
             except Exception as exc:  # a damaged entry: CRC, deflate stream, header syntax, ...
-                raise ValueError(f"name_or_path: expected a valid .npz archive, got {str(path)!r} whose "
-                                 f"entry {name!r} could not be read ({type(exc).__name__}: {exc})") from exc
+                raise ValueError(
+                    f"name_or_path: expected a valid .npz archive, got {str(path)!r} whose "
+                    f"entry {name!r} could not be read ({type(exc).__name__}: {exc})"
+                ) from exc
     return arrays
 
 
@@ -314,9 +364,10 @@ def _csv_fast(text: str, delimiter: str, skip: int, width: int | None) -> np.nda
     """numpy's C parser for a well-formed file; ``None`` sends the caller to the exact slow path."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")          # "input contained no data" and the like
-            values = np.loadtxt(io.StringIO(text), dtype=np.float64, delimiter=delimiter, comments="#",
-                                skiprows=skip, ndmin=2)
+            warnings.simplefilter("error")  # "input contained no data" and the like
+            values = np.loadtxt(
+                io.StringIO(text), dtype=np.float64, delimiter=delimiter, comments="#", skiprows=skip, ndmin=2
+            )
     except (ValueError, Warning):
         return None
     if values.shape[0] == 0 or (width is not None and values.shape[1] != width):
@@ -324,8 +375,16 @@ def _csv_fast(text: str, delimiter: str, skip: int, width: int | None) -> np.nda
     return values
 
 
-def _load_csv(*, n: int | None, seed: int, path: Path, label_column=-1, header=None,
-              delimiter: str | None = None, task: str | None = None) -> RawData:
+def _load_csv(
+    *,
+    n: int | None,
+    seed: int,
+    path: Path,
+    label_column=-1,
+    header=None,
+    delimiter: str | None = None,
+    task: str | None = None,
+) -> RawData:
     """A numeric ``.csv`` (or ``.tsv``; ``.gz`` compressed too): one example per row.
 
     ``header``: ``None`` (detect: the first row is a header when none of its fields is a
@@ -345,18 +404,22 @@ def _load_csv(*, n: int | None, seed: int, path: Path, label_column=-1, header=N
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"name_or_path: expected a UTF-8 text .csv file, got {str(path)!r} "
-                         f"which is not text ({exc.reason} at byte {exc.start})") from exc
+        raise ValueError(
+            f"name_or_path: expected a UTF-8 text .csv file, got {str(path)!r} "
+            f"which is not text ({exc.reason} at byte {exc.start})"
+        ) from exc
     where = f"name_or_path ({path.name!r})"
-    def records():   # (line number, stripped fields) of the rows that hold data or a header
+
+    def records():  # (line number, stripped fields) of the rows that hold data or a header
         try:
             for lineno, fields in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1):
                 if not fields or all(not f.strip() for f in fields) or fields[0].lstrip().startswith("#"):
                     continue
                 yield lineno, [f.strip() for f in fields]
-        except csv.Error as exc:     # a field past csv's size limit, a stray quote, ...
-            raise ValueError(f"{where}: expected a well-formed .csv, got a line the csv reader refuses "
-                             f"({exc})") from None
+        except csv.Error as exc:  # a field past csv's size limit, a stray quote, ...
+            raise ValueError(
+                f"{where}: expected a well-formed .csv, got a line the csv reader refuses ({exc})"
+            ) from None
 
     first = next(records(), None)
     if first is None:
@@ -365,29 +428,33 @@ def _load_csv(*, n: int | None, seed: int, path: Path, label_column=-1, header=N
     if header is None:
         text_fields = [f for f in first_fields if _parse_float(f) is None]
         if text_fields and len(text_fields) < len(first_fields):
-            raise ValueError(f"header: could not tell whether line {first_line} of {path.name!r} is a header "
-                             f"(it mixes numbers and text such as {text_fields[0]!r}); expected "
-                             f"header=True or header=False, got None (detect)")
+            raise ValueError(
+                f"header: could not tell whether line {first_line} of {path.name!r} is a header "
+                f"(it mixes numbers and text such as {text_fields[0]!r}); expected "
+                f"header=True or header=False, got None (detect)"
+            )
         header = bool(text_fields)
     names = first_fields if header else None
-    values = _csv_fast(text, delimiter, skip=first_line if header else 0,
-                       width=len(names) if names is not None else None)
-    if values is None:   # the slow path: exact line and column of whatever is wrong
-        rows = list(records())[1 if header else 0:]
+    values = _csv_fast(
+        text, delimiter, skip=first_line if header else 0, width=len(names) if names is not None else None
+    )
+    if values is None:  # the slow path: exact line and column of whatever is wrong
+        rows = list(records())[1 if header else 0 :]
         if not rows:
             raise ValueError(f"{where}: expected data rows after the header, got only the header")
         width = len(names) if names is not None else len(rows[0][1])
         values = np.empty((len(rows), width), np.float64)
         for r, (lineno, fields) in enumerate(rows):
             if len(fields) != width:
-                raise ValueError(f"{where}: ragged rows: expected {width} fields per row "
-                                 f"({'as the header' if names is not None else 'as the first row'}), "
-                                 f"got {len(fields)} on line {lineno}")
+                raise ValueError(
+                    f"{where}: ragged rows: expected {width} fields per row "
+                    f"({'as the header' if names is not None else 'as the first row'}), "
+                    f"got {len(fields)} on line {lineno}"
+                )
             for c, f in enumerate(fields):
                 v = _parse_float(f)
                 if v is None:
-                    raise ValueError(f"{where}: expected numeric entries, got {f!r} on line {lineno}, "
-                                     f"column {c + 1}")
+                    raise ValueError(f"{where}: expected numeric entries, got {f!r} on line {lineno}, column {c + 1}")
                 values[r, c] = v
     width = values.shape[1]
     if width < 2:
@@ -395,16 +462,16 @@ def _load_csv(*, n: int | None, seed: int, path: Path, label_column=-1, header=N
     # the label column
     if isinstance(label_column, str):
         if names is None:
-            raise ValueError(f"label_column: expected a column index (the .csv has no header), "
-                             f"got the name {label_column!r}")
+            raise ValueError(
+                f"label_column: expected a column index (the .csv has no header), got the name {label_column!r}"
+            )
         if label_column not in names:
             raise ValueError(f"label_column: expected one of the header's names {names}, got {label_column!r}")
         j = names.index(label_column)
     elif isinstance(label_column, numbers.Integral) and not isinstance(label_column, bool):
         j = int(label_column)
         if not -width <= j < width:
-            raise ValueError(f"label_column: expected an index in [{-width}, {width}) for {width} columns, "
-                             f"got {j}")
+            raise ValueError(f"label_column: expected an index in [{-width}, {width}) for {width} columns, got {j}")
         j %= width
     else:
         raise TypeError(f"label_column: expected an int index or a header name, got {_got(label_column)}")
@@ -415,8 +482,12 @@ def _load_csv(*, n: int | None, seed: int, path: Path, label_column=-1, header=N
         task = "classification" if fin.all() and np.array_equal(y, np.round(y)) else "regression"
     else:
         task = check_choice("task", task, TASKS)
-    info = {"source": "csv file", "path": str(path.resolve()), "header": bool(names is not None),
-            "label_column": j if names is None else names[j]}
+    info = {
+        "source": "csv file",
+        "path": str(path.resolve()),
+        "header": bool(names is not None),
+        "label_column": j if names is None else names[j],
+    }
     if names is not None:
         info["feature_names"] = [nm for i, nm in enumerate(names) if i != j]
     return RawData(X, y, task, info)

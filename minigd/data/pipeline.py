@@ -22,14 +22,16 @@ The result is a frozen :class:`Dataset` whose ``info`` dict records the provenan
 (source, sizes, seeds, noise level, standardization statistics, label mapping), so a run
 can say exactly what it was trained on.
 """
+
 from __future__ import annotations
 
 import difflib
 import inspect
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,13 +51,16 @@ DEFAULT_STD_FLOOR = 1e-8
 # the pipeline
 # ------------------------------------------------------------------------------------------
 
+
 def _check_params(loader: Callable, params: dict, what: str) -> None:
-    allowed = [p.name for p in inspect.signature(loader).parameters.values()
-               if p.kind == p.KEYWORD_ONLY and p.name not in ("n", "seed", "path")]
+    allowed = [
+        p.name
+        for p in inspect.signature(loader).parameters.values()
+        if p.kind == p.KEYWORD_ONLY and p.name not in ("n", "seed", "path")
+    ]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise TypeError(f"params: expected keyword arguments among {allowed} for {what}, "
-                        f"got unknown {unknown}")
+        raise TypeError(f"params: expected keyword arguments among {allowed} for {what}, got unknown {unknown}")
 
 
 def _check_X(name: str, X: Any) -> np.ndarray:
@@ -70,8 +75,10 @@ def _check_X(name: str, X: Any) -> np.ndarray:
     bad = ~np.isfinite(X) if X.dtype.kind == "f" else None
     if bad is not None and bad.any():
         r, c = np.argwhere(bad)[0]
-        raise ValueError(f"{name}: expected finite values, got {int(bad.sum())} NaN/inf entries "
-                         f"(the first at row {r}, column {c}: {X[r, c]})")
+        raise ValueError(
+            f"{name}: expected finite values, got {int(bad.sum())} NaN/inf entries "
+            f"(the first at row {r}, column {c}: {X[r, c]})"
+        )
     return X
 
 
@@ -84,8 +91,7 @@ def _check_y(name: str, y: Any, n: int, Xname: str) -> np.ndarray:
         raise ValueError(f"{name}: expected {n} rows (as {Xname}), shape ({n},) or ({n}, k), got {_got(y)}")
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         bad = np.flatnonzero(~np.isfinite(y.reshape(n, -1)).all(axis=1))
-        raise ValueError(f"{name}: expected finite values, got NaN/inf in {bad.size} rows "
-                         f"(the first at row {bad[0]})")
+        raise ValueError(f"{name}: expected finite values, got NaN/inf in {bad.size} rows (the first at row {bad[0]})")
     return y
 
 
@@ -94,8 +100,10 @@ def _labels(name: str, y: np.ndarray) -> None:
         raise ValueError(f"{name}: expected class labels of shape (n,) for task 'classification', got {_got(y)}")
     if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
         bad = y[y != np.round(y)][0]
-        raise ValueError(f"{name}: expected integer-valued class labels for task 'classification', "
-                         f"got non-integer values such as {bad!r}; pass task='regression' for real targets")
+        raise ValueError(
+            f"{name}: expected integer-valued class labels for task 'classification', "
+            f"got non-integer values such as {bad!r}; pass task='regression' for real targets"
+        )
 
 
 def _allocate(counts: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
@@ -130,14 +138,24 @@ def _choose(y: np.ndarray | None, n: int, k: int, rng: np.random.Generator) -> t
     for c in range(len(classes)):
         members = np.flatnonzero(inv == c)
         members = members[rng.permutation(members.size)]
-        chosen.append(members[:share[c]])
-        rest.append(members[share[c]:])
+        chosen.append(members[: share[c]])
+        rest.append(members[share[c] :])
     chosen, rest = np.concatenate(chosen), np.concatenate(rest)
     return chosen[rng.permutation(chosen.size)], rest[rng.permutation(rest.size)]
 
 
-def _build(name: str, raw: RawData, *, val_fraction: float, standardize: bool, std_floor: float,
-           seed: int, dtype: np.dtype, n: int | None, load_args: dict) -> Dataset:
+def _build(
+    name: str,
+    raw: RawData,
+    *,
+    val_fraction: float,
+    standardize: bool,
+    std_floor: float,
+    seed: int,
+    dtype: np.dtype,
+    n: int | None,
+    load_args: dict,
+) -> Dataset:
     X = _check_X("X", raw.X)
     y = _check_y("y", raw.y, X.shape[0], "X")
     provided = raw.X_val is not None
@@ -155,7 +173,7 @@ def _build(name: str, raw: RawData, *, val_fraction: float, standardize: bool, s
         _labels("y", y)
         if provided:
             _labels("y_val", yv)
-        if n_classes is None:   # remap the observed labels to 0..K-1 in sorted order
+        if n_classes is None:  # remap the observed labels to 0..K-1 in sorted order
             classes = np.unique(np.concatenate([y, yv]) if provided else y)
             y = np.searchsorted(classes, y).astype(np.int64)
             if provided:
@@ -169,8 +187,10 @@ def _build(name: str, raw: RawData, *, val_fraction: float, standardize: bool, s
     n_avail = X.shape[0]
     if n is not None and not raw.generated:
         if n > n_avail:
-            raise ValueError(f"n: expected at most the {n_avail} {'training ' if provided else ''}examples "
-                             f"available in {name!r}, got {n}")
+            raise ValueError(
+                f"n: expected at most the {n_avail} {'training ' if provided else ''}examples "
+                f"available in {name!r}, got {n}"
+            )
         if n < n_avail:
             idx, _ = _choose(strat, n_avail, n, _rng(seed, _STREAM_SUBSAMPLE))
             X, y = X[idx], y[idx]
@@ -182,14 +202,22 @@ def _build(name: str, raw: RawData, *, val_fraction: float, standardize: bool, s
     else:
         n_val = int(math.floor(N * val_fraction + 0.5))
         if n_val < 1 or N - n_val < 1:
-            raise ValueError(f"n: expected enough examples for a train/validation split with "
-                             f"val_fraction={val_fraction} (at least one on each side), got {N} examples "
-                             f"({n_val} would go to validation)")
+            raise ValueError(
+                f"n: expected enough examples for a train/validation split with "
+                f"val_fraction={val_fraction} (at least one on each side), got {N} examples "
+                f"({n_val} would go to validation)"
+            )
         va, tr = _choose(strat, N, n_val, _rng(seed, _STREAM_SPLIT))
         Xt, yt, Xv, yv = X[tr], y[tr], X[va], y[va]
         info.update(split="stratified" if strat is not None else "random", val_fraction=val_fraction)
-    info.update(n=int(Xt.shape[0] + Xv.shape[0]), n_available=int(n_avail), n_features=int(X.shape[1]),
-                seed=seed, standardized=bool(standardize), dtype=str(dtype))
+    info.update(
+        n=int(Xt.shape[0] + Xv.shape[0]),
+        n_available=int(n_avail),
+        n_features=int(X.shape[1]),
+        seed=seed,
+        standardized=bool(standardize),
+        dtype=str(dtype),
+    )
     Xt = Xt.astype(np.float64)
     Xv = Xv.astype(np.float64)
     if standardize:
@@ -207,18 +235,18 @@ def _build(name: str, raw: RawData, *, val_fraction: float, standardize: bool, s
         Xt = _standardized(Xt, mean, scale, colmax, "X")
         Xv = _standardized(Xv, mean, scale, colmax, "X_val" if provided else "X")
         info.update(mean=mean, scale=scale, std_floor=std_floor, n_constant_features=int(const.sum()))
-        if "w_star" in info:   # the true linear map in the returned coordinates
+        if "w_star" in info:  # the true linear map in the returned coordinates
             info["w_star_effective"] = info["w_star"] * scale
             info["b_star_effective"] = float(info["b_star"] + mean @ info["w_star"])
     if task == "regression":
         yt, yv = _cast("y", yt, dtype, standardize), _cast("y", yv, dtype, standardize)
     info["load_args"] = load_args
-    return Dataset(_cast("X", Xt, dtype, standardize), yt, _cast("X", Xv, dtype, standardize), yv, task,
-                   n_classes, name, info)
+    return Dataset(
+        _cast("X", Xt, dtype, standardize), yt, _cast("X", Xv, dtype, standardize), yv, task, n_classes, name, info
+    )
 
 
-def _standardized(A: np.ndarray, mean: np.ndarray, scale: np.ndarray, colmax: np.ndarray,
-                  name: str) -> np.ndarray:
+def _standardized(A: np.ndarray, mean: np.ndarray, scale: np.ndarray, colmax: np.ndarray, name: str) -> np.ndarray:
     """``(A - mean) / scale``, computed on ``A / colmax`` where the plain form overflows
     (entries near float64's limit); a ValueError naming ``name`` if even that does not fit."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -226,8 +254,10 @@ def _standardized(A: np.ndarray, mean: np.ndarray, scale: np.ndarray, colmax: np
         if not np.isfinite(Z).all():
             Z = (A / colmax - mean / colmax) * (colmax / scale)
     if not np.isfinite(Z).all():
-        raise ValueError(f"{name}: expected values that can be standardized in float64, got entries up to "
-                         f"{float(np.nanmax(np.abs(A))):.6g} whose standardized values overflow")
+        raise ValueError(
+            f"{name}: expected values that can be standardized in float64, got entries up to "
+            f"{float(np.nanmax(np.abs(A))):.6g} whose standardized values overflow"
+        )
     return Z
 
 
@@ -238,10 +268,12 @@ def _cast(name: str, a: np.ndarray, dtype: np.dtype, standardized: bool) -> np.n
         out = a.astype(dtype)
     if out.size and not np.isfinite(out).all():
         big = float(np.max(np.abs(a)))
-        raise ValueError(f"{name}: expected values that fit {dtype} (magnitude at most "
-                         f"{float(np.finfo(dtype).max):.3g}), got entries up to {big:.6g}; "
-                         f"{'' if standardized or name == 'y' else 'standardize=True or '}dtype='float64' "
-                         f"keeps them")
+        raise ValueError(
+            f"{name}: expected values that fit {dtype} (magnitude at most "
+            f"{float(np.finfo(dtype).max):.3g}), got entries up to {big:.6g}; "
+            f"{'' if standardized or name == 'y' else 'standardize=True or '}dtype='float64' "
+            f"keeps them"
+        )
     return out
 
 
@@ -257,9 +289,17 @@ def _common_args(val_fraction, standardize, std_floor, seed, dtype, n):
     return vf, bool(standardize), floor, seed, dt, n
 
 
-def load_dataset(name_or_path, *, val_fraction: float = 0.2, standardize: bool = True, seed: int = 0,
-                 dtype="float32", n: int | None = None, std_floor: float = DEFAULT_STD_FLOOR,
-                 **params) -> Dataset:
+def load_dataset(
+    name_or_path,
+    *,
+    val_fraction: float = 0.2,
+    standardize: bool = True,
+    seed: int = 0,
+    dtype="float32",
+    n: int | None = None,
+    std_floor: float = DEFAULT_STD_FLOOR,
+    **params,
+) -> Dataset:
     """Load a named data set or a data file, split it, standardize it, cast it.
 
     Parameters
@@ -359,35 +399,71 @@ def load_dataset(name_or_path, *, val_fraction: float = 0.2, standardize: bool =
         path = Path(name_or_path)
         kind = _file_kind(path) if path.exists() else None
         if not path.exists():
-            looks_like_path = (not isinstance(name_or_path, str) or os.sep in name_or_path
-                               or "/" in name_or_path or path.suffix != "")
+            looks_like_path = (
+                not isinstance(name_or_path, str) or os.sep in name_or_path or "/" in name_or_path or path.suffix != ""
+            )
             if looks_like_path:
-                raise FileNotFoundError(f"name_or_path: expected a data set name {sorted(DATASETS)} or an "
-                                        f"existing file, got {str(name_or_path)!r} (no such file)")
+                raise FileNotFoundError(
+                    f"name_or_path: expected a data set name {sorted(DATASETS)} or an "
+                    f"existing file, got {str(name_or_path)!r} (no such file)"
+                )
             close = difflib.get_close_matches(str(name_or_path), DATASETS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"name_or_path: expected a data set name, one of {sorted(DATASETS)}, or a path "
-                             f"to a .npz/.csv/IDX file, got {str(name_or_path)!r}{hint}")
+            raise ValueError(
+                f"name_or_path: expected a data set name, one of {sorted(DATASETS)}, or a path "
+                f"to a .npz/.csv/IDX file, got {str(name_or_path)!r}{hint}"
+            )
         if kind is None:
-            raise ValueError(f"name_or_path: expected a file ending in .npz, .csv, .tsv (optionally .gz) or an "
-                             f"IDX file (*-idx3-ubyte[.gz]) or a directory of IDX files, got {path.name!r}")
+            raise ValueError(
+                f"name_or_path: expected a file ending in .npz, .csv, .tsv (optionally .gz) or an "
+                f"IDX file (*-idx3-ubyte[.gz]) or a directory of IDX files, got {path.name!r}"
+            )
         loader = _FILE_LOADERS[kind]
         _check_params(loader, params, f"a {kind} file")
         raw = loader(n=n, seed=seed, path=path, **params)
         display = path.name
     else:
-        raise TypeError(f"name_or_path: expected a data set name (str) or a path (str or os.PathLike), "
-                        f"got {_got(name_or_path)}")
-    load_args = {"name_or_path": str(name_or_path), "val_fraction": vf, "standardize": standardize,
-                 "seed": seed, "dtype": str(dt), "n": n, "std_floor": floor,
-                 "params": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in params.items()}}
-    return _build(display, raw, val_fraction=vf, standardize=standardize, std_floor=floor, seed=seed,
-                  dtype=dt, n=n, load_args=load_args)
+        raise TypeError(
+            f"name_or_path: expected a data set name (str) or a path (str or os.PathLike), got {_got(name_or_path)}"
+        )
+    load_args = {
+        "name_or_path": str(name_or_path),
+        "val_fraction": vf,
+        "standardize": standardize,
+        "seed": seed,
+        "dtype": str(dt),
+        "n": n,
+        "std_floor": floor,
+        "params": {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in params.items()},
+    }
+    return _build(
+        display,
+        raw,
+        val_fraction=vf,
+        standardize=standardize,
+        std_floor=floor,
+        seed=seed,
+        dtype=dt,
+        n=n,
+        load_args=load_args,
+    )
 
 
-def from_arrays(X, y, *, task: str | None = None, X_val=None, y_val=None, name: str = "arrays",
-                val_fraction: float = 0.2, standardize: bool = True, seed: int = 0, dtype="float32",
-                n: int | None = None, std_floor: float = DEFAULT_STD_FLOOR) -> Dataset:
+def from_arrays(
+    X,
+    y,
+    *,
+    task: str | None = None,
+    X_val=None,
+    y_val=None,
+    name: str = "arrays",
+    val_fraction: float = 0.2,
+    standardize: bool = True,
+    seed: int = 0,
+    dtype="float32",
+    n: int | None = None,
+    std_floor: float = DEFAULT_STD_FLOOR,
+) -> Dataset:
     """Run in-memory arrays through the same label / split / standardize / cast pipeline.
 
     Parameters
@@ -418,15 +494,32 @@ def from_arrays(X, y, *, task: str | None = None, X_val=None, y_val=None, name: 
     """
     vf, standardize, floor, seed, dt, n = _common_args(val_fraction, standardize, std_floor, seed, dtype, n)
     if (X_val is None) != (y_val is None):
-        raise ValueError(f"X_val, y_val: expected both or neither, got only "
-                         f"{'X_val' if X_val is not None else 'y_val'}")
+        raise ValueError(
+            f"X_val, y_val: expected both or neither, got only {'X_val' if X_val is not None else 'y_val'}"
+        )
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {_got(name)}")
     _check_X("X", X)
     _check_y("y", y, X.shape[0], "X")
     raw = RawData(X, y, _task_from_dtype(y, task), {"source": "arrays"}, X_val=X_val, y_val=y_val)
-    load_args = {"name_or_path": None, "val_fraction": vf, "standardize": standardize, "seed": seed,
-                 "dtype": str(dt), "n": n, "std_floor": floor, "params": {}}
-    return _build(name, raw, val_fraction=vf, standardize=standardize, std_floor=floor, seed=seed,
-                  dtype=dt, n=n, load_args=load_args)
-
+    load_args = {
+        "name_or_path": None,
+        "val_fraction": vf,
+        "standardize": standardize,
+        "seed": seed,
+        "dtype": str(dt),
+        "n": n,
+        "std_floor": floor,
+        "params": {},
+    }
+    return _build(
+        name,
+        raw,
+        val_fraction=vf,
+        standardize=standardize,
+        std_floor=floor,
+        seed=seed,
+        dtype=dt,
+        n=n,
+        load_args=load_args,
+    )

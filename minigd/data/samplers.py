@@ -26,6 +26,7 @@ the rows of the epoch done, ``LoopState.ep_count``).  Drawing: ``numpy.random.Ge
 shuffle`` of the permutation in place, ``Generator.integers(0, n, size, int64)`` for the
 draws, so the same generator gives the same batches on every backend.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,9 +58,9 @@ class Sampler:
         if kind not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {kind!r}")
         self.kind, self.n, self.rng, self.drop_last = kind, int(n), rng, bool(drop_last)
-        self.order = np.arange(self.n, dtype=np.int64)     # "shuffle": permuted in place each epoch
+        self.order = np.arange(self.n, dtype=np.int64)  # "shuffle": permuted in place each epoch
         self._seq = np.arange(self.n, dtype=np.int64)
-        self.draws: np.ndarray | None = None               # "replacement": this epoch's draws
+        self.draws: np.ndarray | None = None  # "replacement": this epoch's draws
         self.src = self._seq
         self.pos = 0
 
@@ -106,4 +107,4 @@ class Sampler:
         """The next ``rows`` indices of the epoch (a view; the caller takes whole batches)."""
         p = self.pos
         self.pos = p + rows
-        return self.src[p:p + rows]
+        return self.src[p : p + rows]

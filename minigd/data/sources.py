@@ -5,11 +5,13 @@ A loader is called as ``loader(n=..., seed=..., **params)`` and returns a
 :class:`~minigd.data.dataset.RawData`; :func:`minigd.data.load_dataset` runs it through the
 pipeline.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,11 +30,17 @@ def _load_digits(*, n: int | None, seed: int) -> RawData:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise ImportError("name_or_path: the 'digits' data set needs scikit-learn (its bundled copy), "
-                          "which is not installed: pip install 'minigd[sklearn]'") from exc
+        raise ImportError(
+            "name_or_path: the 'digits' data set needs scikit-learn (its bundled copy), "
+            "which is not installed: pip install 'minigd[sklearn]'"
+        ) from exc
     d = load_digits()
-    return RawData(np.asarray(d.data, np.float64), np.asarray(d.target, np.int64), "classification",
-                   {"source": "scikit-learn load_digits (UCI optical handwritten digits, 8x8, values 0..16)"})
+    return RawData(
+        np.asarray(d.data, np.float64),
+        np.asarray(d.target, np.int64),
+        "classification",
+        {"source": "scikit-learn load_digits (UCI optical handwritten digits, 8x8, values 0..16)"},
+    )
 
 
 def _activation_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -84,10 +92,19 @@ def _widths(name: str, value: Any) -> list[int]:
     raise TypeError(f"{name}: expected an int or a list of ints (hidden widths), got {_got(value)}")
 
 
-def _load_teacher_student(*, n: int | None, seed: int, n_in: int = 10, teacher_width=32,
-                          n_classes: int = 2, task: str = "classification", n_out: int = 1,
-                          activation: str = "tanh", noise: float = 0.0,
-                          data_seed: int | None = None) -> RawData:
+def _load_teacher_student(
+    *,
+    n: int | None,
+    seed: int,
+    n_in: int = 10,
+    teacher_width=32,
+    n_classes: int = 2,
+    task: str = "classification",
+    n_out: int = 1,
+    activation: str = "tanh",
+    noise: float = 0.0,
+    data_seed: int | None = None,
+) -> RawData:
     """Synthetic: a random teacher MLP labels Gaussian inputs (default n = 1000).
 
     Inputs ``x ~ N(0, I_n_in)``.  The teacher has hidden widths ``teacher_width`` (an int
@@ -107,13 +124,16 @@ def _load_teacher_student(*, n: int | None, seed: int, n_in: int = 10, teacher_w
     if task == "classification":
         k = check_int("n_classes", n_classes, low=2)
         if n_out != 1:
-            raise ValueError(f"n_out: expected 1 (unused) for task 'classification' -- set n_classes "
-                             f"instead, got {_got(n_out)}")
+            raise ValueError(
+                f"n_out: expected 1 (unused) for task 'classification' -- set n_classes instead, got {_got(n_out)}"
+            )
     else:
         k = check_int("n_out", n_out, low=1)
         if n_classes != 2:
-            raise ValueError(f"n_classes: expected the default (unused) for task 'regression' -- set "
-                             f"n_out instead, got {_got(n_classes)}")
+            raise ValueError(
+                f"n_classes: expected the default (unused) for task 'regression' -- set "
+                f"n_out instead, got {_got(n_classes)}"
+            )
     dseed = seed if data_seed is None else _check_seed("data_seed", data_seed)
     sizes = [n_in, *widths, k]
     rt = _rng(dseed, _STREAM_TEACHER)
@@ -130,14 +150,21 @@ def _load_teacher_student(*, n: int | None, seed: int, n_in: int = 10, teacher_w
         y = np.argmax(out, axis=1).astype(np.int64)
     else:
         y = out[:, 0] if k == 1 else out
-    info = {"source": "synthetic teacher-student (random teacher MLP, Gaussian inputs)",
-            "teacher_sizes": sizes, "activation": activation, "noise_std": noise,
-            "data_seed": dseed, "teacher_weights": weights, "teacher_biases": biases}
+    info = {
+        "source": "synthetic teacher-student (random teacher MLP, Gaussian inputs)",
+        "teacher_sizes": sizes,
+        "activation": activation,
+        "noise_std": noise,
+        "data_seed": dseed,
+        "teacher_weights": weights,
+        "teacher_biases": biases,
+    }
     return RawData(X, y, task, info, n_classes=k if task == "classification" else None, generated=True)
 
 
-def _load_linear_regression(*, n: int | None, seed: int, n_in: int = 10, noise: float = 0.1,
-                            data_seed: int | None = None) -> RawData:
+def _load_linear_regression(
+    *, n: int | None, seed: int, n_in: int = 10, noise: float = 0.1, data_seed: int | None = None
+) -> RawData:
     """Synthetic: ``y = X w* + b* + noise`` with Gaussian ``X`` (default n = 1000).
 
     ``x ~ N(0, I_n_in)``, ``w* ~ N(0, 1/n_in)`` (so ``Var(x . w*) ~ 1``), ``b* ~ N(0, 1)``,
@@ -157,8 +184,13 @@ def _load_linear_regression(*, n: int | None, seed: int, n_in: int = 10, noise: 
     y = X @ w + b
     if noise > 0:
         y = y + noise * _rng(dseed, _STREAM_NOISE).normal(size=n)
-    info = {"source": "synthetic linear regression (Gaussian inputs, Gaussian noise)",
-            "w_star": w, "b_star": b, "noise_std": noise, "data_seed": dseed}
+    info = {
+        "source": "synthetic linear regression (Gaussian inputs, Gaussian noise)",
+        "w_star": w,
+        "b_star": b,
+        "noise_std": noise,
+        "data_seed": dseed,
+    }
     return RawData(X, y, "regression", info, generated=True)
 
 

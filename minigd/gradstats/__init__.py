@@ -11,6 +11,7 @@ model: :mod:`.per_example` (``per_example_grads``, ``per_example_grad_norms``,
 Conventions: the batch loss is the mean of per-example losses, so the batch gradient is the
 mean of the per-example gradients :math:`g_i`; variances over examples use ``ddof=1``.
 """
+
 from .batch_rules import adascale_gain, goodput, norm_test, statistical_efficiency
 from .moments import GradMoments, MomentAccumulator
 from .noise_scale import (

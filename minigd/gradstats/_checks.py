@@ -3,6 +3,7 @@
 is a :class:`TypeError`, a wrong value a :class:`ValueError`, each in the form
 ``"<name>: expected <what>, got <value>"``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,22 +24,29 @@ def check_int(name: str, value: Any, *, low: int | None = None, expected: str | 
     return Integer(low, expected=expected).check(name, value)
 
 
-def check_int_or_none(name: str, value: Any, *, low: int | None = None,
-                      expected: str | None = None) -> int | None:
+def check_int_or_none(name: str, value: Any, *, low: int | None = None, expected: str | None = None) -> int | None:
     """None (returned as is) or what :func:`check_int` accepts."""
     return NoneOr(Integer(low, expected=expected)).check(name, value)
 
 
-def check_scalar(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
-                 high: float | None = None, high_open: bool = False,
-                 allow_inf: bool = False) -> float:
+def check_scalar(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> float:
     """A real number (not bool; a 0-d array too), finite unless ``allow_inf``, within the
     given bounds."""
     return Real(low, high, low_open=low_open, high_open=high_open, finite=not allow_inf).check(name, value)
 
 
-def check_array(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
-                allow_inf: bool = False) -> np.ndarray:
+def check_array(
+    name: str, value: Any, *, low: float | None = None, low_open: bool = False, allow_inf: bool = False
+) -> np.ndarray:
     """A real array-like (any shape) as float64, non-NaN, finite unless ``allow_inf``, ``>= low``
     (``> low`` with ``low_open``)."""
     return RealArray(low, low_open=low_open, finite=not allow_inf).check(name, value)

@@ -16,6 +16,7 @@ References
 .. [Qia21] A. Qiao, S. K. Choe, S. J. Subramanya et al., "Pollux: Co-adaptive Cluster
    Scheduling for Goodput-Optimized Deep Learning", OSDI 2021, arXiv:2008.12260.
 """
+
 from __future__ import annotations
 
 from typing import Any

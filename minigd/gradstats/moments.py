@@ -9,12 +9,14 @@ Conventions (held throughout :mod:`minigd.gradstats`):
 * Moments are streamed with Welford/Chan updates in float64 and O(P) memory, never as
   :math:`E[g^2] - E[g]^2`, which cancels catastrophically when :math:`|E[g]| \\gg` std.
 """
+
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -142,33 +144,36 @@ class GradMoments:
             v = getattr(self, name)
             v = check_param(name, v, "standard_error")
             if (population is None or population == n) and v != 0.0:
-                raise ValueError(f"{name}: expected 0.0 when the rows are the population "
-                                 f"(population={population}, n={n}), got {v!r}")
+                raise ValueError(
+                    f"{name}: expected 0.0 when the rows are the population (population={population}, n={n}), got {v!r}"
+                )
             ses[name] = v
         mean = np.array(self.mean, copy=True)
         var = np.array(self.var, copy=True)
         for name, a in (("mean", mean), ("var", var)):
-            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) \
-                    or a.dtype == bool:
-                raise TypeError(f"{name}: expected a 1-D real array of shape (P,), "
-                                f"got {got(self.mean if name == 'mean' else self.var)}")
+            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or a.dtype == bool:
+                raise TypeError(
+                    f"{name}: expected a 1-D real array of shape (P,), "
+                    f"got {got(self.mean if name == 'mean' else self.var)}"
+                )
             if a.ndim != 1:
-                raise ValueError(f"{name}: expected a 1-D real array of shape (P,), "
-                                 f"got {got(self.mean if name == 'mean' else self.var)}")
+                raise ValueError(
+                    f"{name}: expected a 1-D real array of shape (P,), "
+                    f"got {got(self.mean if name == 'mean' else self.var)}"
+                )
         if mean.shape != var.shape:
-            raise ValueError(f"var: expected shape {mean.shape} (the shape of mean), "
-                             f"got shape {var.shape}")
+            raise ValueError(f"var: expected shape {mean.shape} (the shape of mean), got shape {var.shape}")
         if not np.issubdtype(mean.dtype, np.floating):
             mean = mean.astype(np.float64)
         if not np.issubdtype(var.dtype, np.floating):
             var = var.astype(np.float64)
         if not np.isfinite(mean).all():
-            raise ValueError(f"mean: expected finite values, got "
-                             f"{int(np.count_nonzero(~np.isfinite(mean)))} NaN/inf entries")
+            raise ValueError(
+                f"mean: expected finite values, got {int(np.count_nonzero(~np.isfinite(mean)))} NaN/inf entries"
+            )
         if not np.isfinite(var).all() or (var < 0).any():
             bad = int(np.count_nonzero(~(np.isfinite(var) & (var >= 0))))
-            raise ValueError(f"var: expected finite non-negative values, got {bad} "
-                             f"negative/NaN/inf entries")
+            raise ValueError(f"var: expected finite non-negative values, got {bad} negative/NaN/inf entries")
         mean.setflags(write=False)
         var.setflags(write=False)
         object.__setattr__(self, "n", n)
@@ -180,8 +185,7 @@ class GradMoments:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_grads(cls, G: Any, *, dtype: Any = np.float64,
-                   population: int | None = None) -> "GradMoments":
+    def from_grads(cls, G: Any, *, dtype: Any = np.float64, population: int | None = None) -> GradMoments:
         """Moments of an explicit (n, P) matrix of per-example gradients (row i = :math:`g_i`).
 
         Equivalent to ``MomentAccumulator(P, dtype).update(G).finalize()``. With
@@ -191,12 +195,11 @@ class GradMoments:
         """
         G = np.asarray(G)
         if G.ndim != 2:
-            raise ValueError(f"G: expected a 2-D array of per-example gradients (n, P), "
-                             f"got {got(G)}")
+            raise ValueError(f"G: expected a 2-D array of per-example gradients (n, P), got {got(G)}")
         if population is None:
             return MomentAccumulator(G.shape[1], dtype=dtype).update(G).finalize()
         acc = MomentAccumulator(G.shape[1], dtype=dtype)
-        if G.shape[0] < 2:                           # the same error finalize() gives
+        if G.shape[0] < 2:  # the same error finalize() gives
             return acc.update(G).finalize()
         return sample_moments(G.shape[0], acc, population, lambda idx, a: a.update(G[idx]))
 
@@ -317,22 +320,30 @@ class GradMoments:
             "diversity": self.diversity,
         }
         if self.population is not None:
-            d.update(population=self.population, mean_norm_sq=self.mean_norm_sq,
-                     grad_norm_sq_se=self.grad_norm_sq_se, trace_cov_se=self.trace_cov_se,
-                     noise_scale_se=self.noise_scale_se)
+            d.update(
+                population=self.population,
+                mean_norm_sq=self.mean_norm_sq,
+                grad_norm_sq_se=self.grad_norm_sq_se,
+                trace_cov_se=self.trace_cov_se,
+                noise_scale_se=self.noise_scale_se,
+            )
         return d
 
     def __repr__(self) -> str:
         if self.population is None:
-            return (f"GradMoments(n={self.n}, n_params={self.n_params}, "
-                    f"trace_cov={self.trace_cov:.6g}, grad_norm_sq={self.grad_norm_sq:.6g}, "
-                    f"noise_scale={self.noise_scale:.6g})")
-        return (f"GradMoments(n={self.n}, population={self.population}, "
-                f"n_params={self.n_params}, "
-                f"trace_cov={self.trace_cov:.6g} +- {self.trace_cov_se:.2g}, "
-                f"grad_norm_sq={self.grad_norm_sq:.6g} +- {self.grad_norm_sq_se:.2g}, "
-                f"mean_norm_sq={self.mean_norm_sq:.6g}, "
-                f"noise_scale={self.noise_scale:.6g} +- {self.noise_scale_se:.2g})")
+            return (
+                f"GradMoments(n={self.n}, n_params={self.n_params}, "
+                f"trace_cov={self.trace_cov:.6g}, grad_norm_sq={self.grad_norm_sq:.6g}, "
+                f"noise_scale={self.noise_scale:.6g})"
+            )
+        return (
+            f"GradMoments(n={self.n}, population={self.population}, "
+            f"n_params={self.n_params}, "
+            f"trace_cov={self.trace_cov:.6g} +- {self.trace_cov_se:.2g}, "
+            f"grad_norm_sq={self.grad_norm_sq:.6g} +- {self.grad_norm_sq_se:.2g}, "
+            f"mean_norm_sq={self.mean_norm_sq:.6g}, "
+            f"noise_scale={self.noise_scale:.6g} +- {self.noise_scale_se:.2g})"
+        )
 
 
 class MomentAccumulator:
@@ -411,7 +422,7 @@ class MomentAccumulator:
         """Number of examples accumulated so far."""
         return self._n
 
-    def copy(self) -> "MomentAccumulator":
+    def copy(self) -> MomentAccumulator:
         """An independent copy of this accumulator."""
         other = MomentAccumulator(self._P, self._dtype)
         other._n = self._n
@@ -419,7 +430,7 @@ class MomentAccumulator:
         other._m2[:] = self._m2
         return other
 
-    def reset(self) -> "MomentAccumulator":
+    def reset(self) -> MomentAccumulator:
         """Forget everything accumulated; returns ``self``."""
         self._n = 0
         self._mean[:] = 0.0
@@ -445,7 +456,7 @@ class MomentAccumulator:
         self._m2 += delta
         self._n = n_new
 
-    def update(self, G: Any) -> "MomentAccumulator":
+    def update(self, G: Any) -> MomentAccumulator:
         """Add a chunk of per-example gradients.
 
         Parameters
@@ -461,24 +472,20 @@ class MomentAccumulator:
         G = np.asarray(G)
         if G.ndim == 1:
             G = G[None, :]
-        if G.dtype == bool or not (np.issubdtype(G.dtype, np.floating)
-                                   or np.issubdtype(G.dtype, np.integer)):
-            raise TypeError(f"G: expected a real array of shape (k, {self._P}) "
-                            f"(or ({self._P},)), got {got(G)}")
+        if G.dtype == bool or not (np.issubdtype(G.dtype, np.floating) or np.issubdtype(G.dtype, np.integer)):
+            raise TypeError(f"G: expected a real array of shape (k, {self._P}) (or ({self._P},)), got {got(G)}")
         if G.ndim != 2 or G.shape[1] != self._P:
-            raise ValueError(f"G: expected a real array of shape (k, {self._P}) "
-                             f"(or ({self._P},)), got {got(G)}")
+            raise ValueError(f"G: expected a real array of shape (k, {self._P}) (or ({self._P},)), got {got(G)}")
         k = G.shape[0]
         if k == 0:
             return self
         # one float64 working copy of the chunk; corrected two-pass mean and M2
         d = np.array(G, dtype=np.float64, order="C", copy=True)
         if not np.isfinite(d).all():
-            raise ValueError(f"G: expected finite values, got "
-                             f"{int(np.count_nonzero(~np.isfinite(d)))} NaN/inf entries")
+            raise ValueError(f"G: expected finite values, got {int(np.count_nonzero(~np.isfinite(d)))} NaN/inf entries")
         mean_b = d.mean(axis=0)
         d -= mean_b
-        s = d.sum(axis=0)                        # ~0; corrects the rounding of mean_b
+        s = d.sum(axis=0)  # ~0; corrects the rounding of mean_b
         m2_b = np.einsum("ij,ij->j", d, d)
         m2_b -= s * s / k
         np.maximum(m2_b, 0.0, out=m2_b)
@@ -486,7 +493,7 @@ class MomentAccumulator:
         self._combine(k, mean_b, m2_b)
         return self
 
-    def update_sums(self, k: int, chunk_mean: Any, chunk_m2: Any) -> "MomentAccumulator":
+    def update_sums(self, k: int, chunk_mean: Any, chunk_m2: Any) -> MomentAccumulator:
         """Add a chunk summarised by the caller.
 
         Parameters
@@ -514,16 +521,18 @@ class MomentAccumulator:
         if k == 0:
             return self
         if not np.isfinite(mean_b).all():
-            raise ValueError("chunk_mean: expected finite values, got "
-                             f"{int(np.count_nonzero(~np.isfinite(mean_b)))} NaN/inf entries")
+            raise ValueError(
+                f"chunk_mean: expected finite values, got {int(np.count_nonzero(~np.isfinite(mean_b)))} NaN/inf entries"
+            )
         if not (np.isfinite(m2_b) & (m2_b >= 0)).all():
             bad = m2_b[~(np.isfinite(m2_b) & (m2_b >= 0))]
-            raise ValueError(f"chunk_m2: expected finite non-negative values, got "
-                             f"{bad.size} bad entries (first {float(bad[0])!r})")
+            raise ValueError(
+                f"chunk_m2: expected finite non-negative values, got {bad.size} bad entries (first {float(bad[0])!r})"
+            )
         self._combine(k, mean_b, m2_b)
         return self
 
-    def _fold(self, k: int, fold) -> "MomentAccumulator":
+    def _fold(self, k: int, fold) -> MomentAccumulator:
         """Add k examples through ``fold(n_old, mean, m2)``, which updates the float64 state
         arrays in place by Chan's rule (used by compiled backends that never materialise
         the per-example gradients, see ``minigd.grad_moments``)."""
@@ -532,7 +541,7 @@ class MomentAccumulator:
             self._n += int(k)
         return self
 
-    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
+    def merge(self, other: MomentAccumulator) -> MomentAccumulator:
         """Fold in another accumulator's state (from disjoint data), in place.
 
         ``other`` is left unchanged. Returns ``self``.
@@ -540,8 +549,7 @@ class MomentAccumulator:
         if not isinstance(other, MomentAccumulator):
             raise TypeError(f"other: expected a MomentAccumulator, got {got(other)}")
         if other._P != self._P:
-            raise ValueError(f"other: expected an accumulator with P={self._P}, "
-                             f"got P={other._P}")
+            raise ValueError(f"other: expected an accumulator with P={self._P}, got P={other._P}")
         self._combine(other._n, other._mean.copy(), other._m2)
         return self
 
@@ -560,11 +568,9 @@ class MomentAccumulator:
     def _finalize(self, **extra) -> GradMoments:
         """:meth:`finalize` with extra :class:`GradMoments` fields (``population``, SEs)."""
         if self._n < 2:
-            raise ValueError(f"n: expected at least 2 accumulated examples for the ddof=1 "
-                             f"variance, got n={self._n}")
+            raise ValueError(f"n: expected at least 2 accumulated examples for the ddof=1 variance, got n={self._n}")
         var = self._m2 / (self._n - 1)
-        return GradMoments(n=self._n, mean=self._mean.astype(self._dtype),
-                           var=var.astype(self._dtype), **extra)
+        return GradMoments(n=self._n, mean=self._mean.astype(self._dtype), var=var.astype(self._dtype), **extra)
 
     def __repr__(self) -> str:
         return f"MomentAccumulator(P={self._P}, dtype={self._dtype.name}, n={self._n})"
@@ -583,9 +589,13 @@ JACKKNIFE_SEED = 0x6A6B
 def check_population(population: Any, n: int) -> int | None:
     """``population`` as an int ``>= n``, or None; else TypeError (not an integer) or
     ValueError (below n) naming it."""
-    return check_int_or_none("population", population, low=n,
-                     expected=f"None or an integer >= n={n} (the number of examples the {n} "
-                              f"rows were drawn from without replacement)")
+    return check_int_or_none(
+        "population",
+        population,
+        low=n,
+        expected=f"None or an integer >= n={n} (the number of examples the {n} "
+        f"rows were drawn from without replacement)",
+    )
 
 
 def _fpc_coef(n: int, N: int) -> float:
@@ -621,8 +631,9 @@ def _groups(n: int, G: int) -> tuple:
     return out
 
 
-def jackknife_se(N: int, n: int, mean: np.ndarray, tr_m2: float, counts: np.ndarray,
-                 means: np.ndarray, tr_m2s: np.ndarray) -> tuple:
+def jackknife_se(
+    N: int, n: int, mean: np.ndarray, tr_m2: float, counts: np.ndarray, means: np.ndarray, tr_m2s: np.ndarray
+) -> tuple:
     """Delete-a-group jackknife standard errors of the corrected :math:`|G|^2`,
     :math:`\\mathrm{tr}(\\hat\\Sigma)` and their ratio, with the finite-population factor.
 
@@ -685,10 +696,10 @@ def jackknife_se(N: int, n: int, mean: np.ndarray, tr_m2: float, counts: np.ndar
     theta = np.array([g2, tr, _ratio(tr, g2)])
     n_r = n - counts
     w = (counts / n_r)[:, None]
-    d = np.subtract(mean, means)                       # (G, P): d_j = mean - mean_j
+    d = np.subtract(mean, means)  # (G, P): d_j = mean - mean_j
     dd = np.einsum("ij,ij->i", d, d)
     d *= w
-    d += mean                                          # now the leave-one-out means
+    d += mean  # now the leave-one-out means
     m2_r = np.maximum(tr_m2 - np.asarray(tr_m2s, dtype=np.float64) - n * counts / n_r * dd, 0.0)
     tr_r = m2_r / (n_r - 1.0)
     g2_r = np.einsum("ij,ij->i", d, d) - (N - n_r) / (n_r * N) * tr_r
@@ -712,8 +723,9 @@ def jackknife_se(N: int, n: int, mean: np.ndarray, tr_m2: float, counts: np.ndar
     return tuple(se)
 
 
-def sample_moments(n: int, acc: "MomentAccumulator", population: Any,
-                   fold: Callable[[np.ndarray, "MomentAccumulator"], Any]) -> GradMoments:
+def sample_moments(
+    n: int, acc: MomentAccumulator, population: Any, fold: Callable[[np.ndarray, MomentAccumulator], Any]
+) -> GradMoments:
     """The :class:`GradMoments` of *n* rows drawn without replacement from ``population``.
 
     ``fold(idx, a)`` must add the per-example gradients of rows ``idx`` (sorted int64
@@ -732,10 +744,9 @@ def sample_moments(n: int, acc: "MomentAccumulator", population: Any,
         return acc._finalize(population=N)
     P = acc.P
     groups = jackknife_groups(n, P)
-    if not groups:                         # n < 4: no jackknife
+    if not groups:  # n < 4: no jackknife
         fold(np.arange(n, dtype=np.int64), acc)
-        return acc._finalize(population=N, grad_norm_sq_se=math.nan,
-                             trace_cov_se=math.nan, noise_scale_se=math.nan)
+        return acc._finalize(population=N, grad_norm_sq_se=math.nan, trace_cov_se=math.nan, noise_scale_se=math.nan)
     counts = np.empty(len(groups), dtype=np.int64)
     means = np.empty((len(groups), P), dtype=np.float64)
     tr_m2s = np.empty(len(groups), dtype=np.float64)
@@ -749,5 +760,4 @@ def sample_moments(n: int, acc: "MomentAccumulator", population: Any,
         tr_m2s[j] = float(np.sum(part._m2))
         acc.merge(part)
     se = jackknife_se(N, n, acc._mean, float(np.sum(acc._m2)), counts, means, tr_m2s)
-    return acc._finalize(population=N, grad_norm_sq_se=se[0], trace_cov_se=se[1],
-                         noise_scale_se=se[2])
+    return acc._finalize(population=N, grad_norm_sq_se=se[0], trace_cov_se=se[1], noise_scale_se=se[2])

@@ -25,6 +25,7 @@ References
 .. [McC18] S. McCandlish, J. Kaplan, D. Amodei and the OpenAI Dota team, "An Empirical Model
    of Large-Batch Training", arXiv:1812.06162, 2018.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,13 +35,11 @@ import numpy as np
 
 from ._checks import as_result, check_array, check_int, check_int_or_none, check_param, check_scalar, got
 
-__all__ = ["TwoBatchNoiseScale", "two_batch_estimates", "per_example_estimates",
-           "minibatch_variance_prediction"]
+__all__ = ["TwoBatchNoiseScale", "two_batch_estimates", "per_example_estimates", "minibatch_variance_prediction"]
 
 
 # ====================================================================== two-batch estimator
-def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: Any, b_big: Any, *,
-                        population: Any = None):
+def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: Any, b_big: Any, *, population: Any = None):
     """Unbiased estimates of :math:`|G|^2` and :math:`\\mathrm{tr}(\\Sigma)` from two batch
     gradients taken at the same parameters (McCandlish et al. 2018, App. A.1).
 
@@ -90,13 +89,13 @@ def two_batch_estimates(sq_norm_small: Any, sq_norm_big: Any, b_small: Any, b_bi
     bs = check_array("b_small", b_small, low=0.0, low_open=True)
     bb = check_array("b_big", b_big, low=0.0, low_open=True)
     if np.any(bs >= bb):
-        raise ValueError(f"b_big: expected a batch size > b_small, got b_small={b_small!r}, "
-                         f"b_big={b_big!r}")
+        raise ValueError(f"b_big: expected a batch size > b_small, got b_small={b_small!r}, b_big={b_big!r}")
     if population is not None:
         N = check_array("population", population, low=0.0, low_open=True)
         if np.any(N < bb):
-            raise ValueError(f"population: expected a number of examples >= b_big, got "
-                             f"population={population!r}, b_big={b_big!r}")
+            raise ValueError(
+                f"population: expected a number of examples >= b_big, got population={population!r}, b_big={b_big!r}"
+            )
     g2 = (bb * b - bs * s) / (bb - bs)
     tr = (s - b) / (1.0 / bs - 1.0 / bb)
     if population is not None:
@@ -127,8 +126,7 @@ def per_example_estimates(sq_norms: Any, sq_norm_mean: Any):
     """
     q = check_array("sq_norms", sq_norms, low=0.0)
     if q.ndim != 1 or q.shape[0] < 2:
-        raise ValueError(f"sq_norms: expected a 1-D array of at least 2 per-example squared "
-                         f"norms, got {got(sq_norms)}")
+        raise ValueError(f"sq_norms: expected a 1-D array of at least 2 per-example squared norms, got {got(sq_norms)}")
     g = check_scalar("sq_norm_mean", sq_norm_mean, low=0.0)
     B = q.shape[0]
     tr = (float(np.sum(q)) - B * g) / (B - 1)
@@ -210,16 +208,15 @@ class TwoBatchNoiseScale:
     100.0
     """
 
-    def __init__(self, b_small: int, b_big: int, beta: float = 0.99, *,
-                 population: int | None = None) -> None:
+    def __init__(self, b_small: int, b_big: int, beta: float = 0.99, *, population: int | None = None) -> None:
         self._b_small = check_int("b_small", b_small, low=1)
         self._b_big = check_int("b_big", b_big, low=1)
         if self._b_big <= self._b_small:
-            raise ValueError(f"b_big: expected an integer > b_small={self._b_small}, "
-                             f"got {self._b_big}")
+            raise ValueError(f"b_big: expected an integer > b_small={self._b_small}, got {self._b_big}")
         self._beta = check_scalar("beta", beta, low=0.0, high=1.0, high_open=True)
-        self._population = check_int_or_none("population", population, low=self._b_big,
-                                              expected=f"None or an integer >= b_big={self._b_big}")
+        self._population = check_int_or_none(
+            "population", population, low=self._b_big, expected=f"None or an integer >= b_big={self._b_big}"
+        )
         self.reset()
 
     # ------------------------------------------------------------------ configuration
@@ -245,7 +242,7 @@ class TwoBatchNoiseScale:
         return self._population
 
     # ------------------------------------------------------------------ state
-    def reset(self) -> "TwoBatchNoiseScale":
+    def reset(self) -> TwoBatchNoiseScale:
         """Forget all updates; returns ``self``."""
         self._t = 0
         self._ema_g2 = 0.0
@@ -263,7 +260,7 @@ class TwoBatchNoiseScale:
             return math.nan
         if self._beta == 0.0:
             return 1.0
-        return -math.expm1(self._t * math.log(self._beta))      # 1 - beta**t, accurately
+        return -math.expm1(self._t * math.log(self._beta))  # 1 - beta**t, accurately
 
     @property
     def grad_norm_sq(self) -> float:
@@ -308,7 +305,7 @@ class TwoBatchNoiseScale:
             g2 += tr / self._population
         return g2, tr
 
-    def update(self, sq_norm_small: float, sq_norm_big: float) -> "TwoBatchNoiseScale":
+    def update(self, sq_norm_small: float, sq_norm_big: float) -> TwoBatchNoiseScale:
         """Add one measurement.
 
         Parameters
@@ -334,21 +331,30 @@ class TwoBatchNoiseScale:
     def to_dict(self) -> dict:
         """``b_small``, ``b_big``, ``beta``, ``population`` (None or N), ``n_updates``,
         ``grad_norm_sq``, ``trace_cov``, ``noise_scale`` as a plain ``dict``."""
-        return {"b_small": self._b_small, "b_big": self._b_big, "beta": self._beta,
-                "population": self._population,
-                "n_updates": self._t, "grad_norm_sq": self.grad_norm_sq,
-                "trace_cov": self.trace_cov, "noise_scale": self.noise_scale}
+        return {
+            "b_small": self._b_small,
+            "b_big": self._b_big,
+            "beta": self._beta,
+            "population": self._population,
+            "n_updates": self._t,
+            "grad_norm_sq": self.grad_norm_sq,
+            "trace_cov": self.trace_cov,
+            "noise_scale": self.noise_scale,
+        }
 
     def __repr__(self) -> str:
         pop = "" if self._population is None else f"population={self._population}, "
-        return (f"TwoBatchNoiseScale(b_small={self._b_small}, b_big={self._b_big}, "
-                f"beta={self._beta}, {pop}n_updates={self._t}, "
-                f"noise_scale={self.noise_scale:.6g})")
+        return (
+            f"TwoBatchNoiseScale(b_small={self._b_small}, b_big={self._b_big}, "
+            f"beta={self._beta}, {pop}n_updates={self._t}, "
+            f"noise_scale={self.noise_scale:.6g})"
+        )
 
 
 # ====================================================================== mini-batch variance
-def minibatch_variance_prediction(trace_cov: Any, batch_size: Any, n: int | None = None,
-                                  replacement: bool = False, *, ddof: int = 0):
+def minibatch_variance_prediction(
+    trace_cov: Any, batch_size: Any, n: int | None = None, replacement: bool = False, *, ddof: int = 0
+):
     """Predicted total variance :math:`E|\\bar g_B - G|^2` of a mini-batch mean gradient.
 
     .. math::
@@ -396,8 +402,8 @@ def minibatch_variance_prediction(trace_cov: Any, batch_size: Any, n: int | None
     if replacement:
         return as_result(tr / B)
     if np.any(B > N):
-        raise ValueError(f"batch_size: expected at most n={N} when sampling without "
-                         f"replacement, got {float(np.max(B))!r}")
+        raise ValueError(
+            f"batch_size: expected at most n={N} when sampling without replacement, got {float(np.max(B))!r}"
+        )
     fpc = (N - B) / (N - 1) if N > 1 else np.zeros_like(B)
     return as_result(tr / B * fpc)
-

@@ -18,6 +18,7 @@ References
 .. [Cha79] T. F. Chan, G. H. Golub, R. J. LeVeque, "Updating Formulae and a Pairwise
    Algorithm for Computing Sample Variances", STAN-CS-79-773, 1979.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,11 +53,10 @@ def _training_pass(model, B: int) -> None:
 def _chunks(n: int, size: int):
     idx = np.arange(n, dtype=np.int64)
     for s in range(0, n, size):
-        yield s, idx[s:s + size]
+        yield s, idx[s : s + size]
 
 
-def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *,
-                      out: np.ndarray | None = None) -> np.ndarray:
+def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """Per-example gradients as an (n, P) array.
 
     Row *i* is the gradient of example *i*'s own loss with respect to the flat parameter
@@ -94,13 +94,21 @@ def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *,
     n, P = X.shape[0], model.n_params
     if out is None:
         out = np.empty((n, P), dtype=model.dtype)
-    elif not (isinstance(out, np.ndarray) and out.shape == (n, P) and out.dtype == model.dtype
-              and out.flags.c_contiguous and out.flags.writeable):
+    elif not (
+        isinstance(out, np.ndarray)
+        and out.shape == (n, P)
+        and out.dtype == model.dtype
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
         what = f"a writable C-contiguous array of shape ({n}, {P}) and dtype {model.dtype}"
-        if not isinstance(out, np.ndarray) or out.dtype != model.dtype:      # a wrong type
+        if not isinstance(out, np.ndarray) or out.dtype != model.dtype:  # a wrong type
             raise TypeError(f"out: expected {what}, got {_got(out)}")
-        flags = "" if out.flags.c_contiguous and out.flags.writeable else (
-            f" ({'read-only' if not out.flags.writeable else 'not C-contiguous'})")
+        flags = (
+            ""
+            if out.flags.c_contiguous and out.flags.writeable
+            else (f" ({'read-only' if not out.flags.writeable else 'not C-contiguous'})")
+        )
         raise ValueError(f"out: expected {what}, got {_got(out)}{flags}")
     impl = model.backend_impl
     for s, idx in _chunks(n, EVAL_CHUNK):
@@ -109,8 +117,7 @@ def per_example_grads(model: MLP, X: np.ndarray, y: np.ndarray, *,
     return out
 
 
-def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
-                           squared: bool = False) -> np.ndarray:
+def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *, squared: bool = False) -> np.ndarray:
     """Euclidean norms of the per-example gradients, (n,), without forming them.
 
     Fused into the backward pass (Goodfellow 2015): per dense layer,
@@ -153,7 +160,7 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     impl = model.backend_impl
     grad = np.empty(model.n_params, dtype=model.dtype)
     out = np.empty(n, dtype=model.dtype)
-    redone = {}        # row -> its norm (float64), for the rows whose squares overflowed
+    redone = {}  # row -> its norm (float64), for the rows whose squares overflowed
 
     def row_norms(M):  # Euclidean norms of M's rows in float64, scaled before squaring
         M = np.abs(np.asarray(M, dtype=np.float64))
@@ -163,17 +170,18 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
     for s, idx in _chunks(n, EVAL_CHUNK):
         B = len(idx)
         _training_pass(model, B)
-        with np.errstate(over="ignore", invalid="ignore"):    # an overflow is handled below
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
             _, rows = impl.loss_grad(model.params, grad, X, yi, yf, idx, B, want_sqn=True)
-            out[s:s + B] = rows
-        bad = np.flatnonzero(~np.isfinite(out[s:s + B]))
-        if bad.size:       # the same rows and dropout masks, as factors (B, n_l) per layer
+            out[s : s + B] = rows
+        bad = np.flatnonzero(~np.isfinite(out[s : s + B]))
+        if bad.size:  # the same rows and dropout masks, as factors (B, n_l) per layer
             layers = []
             for A, D in impl.per_example_terms(model.params, X, yi, yf, idx, B):
                 layers.append(np.hypot(row_norms(A), 1.0) * row_norms(D))
             norms = row_norms(np.stack(layers, axis=1))
             if not np.isfinite(norms[bad]).all():
                 from minigd.model import _overflow_error
+
                 raise _overflow_error("X", X, model.params, "per-example gradients")
             redone.update(zip((s + bad).tolist(), norms[bad].tolist()))
             out[s + bad] = 0
@@ -188,16 +196,25 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *,
                 vals = vals * vals
         big = vals > np.finfo(model.dtype).max
         if big.any():
-            raise ValueError(f"X: the per-example gradient {'squared ' if squared else ''}norm of row "
-                             f"{int(rows[big][0])} is {float(vals[big][0]):.6g}, beyond {model.dtype}'s range"
-                             f"{'; squared=False gives the norms' if squared else ''}; rescale X"
-                             f"{' or use float64' if model.dtype == np.float32 else ''}")
+            raise ValueError(
+                f"X: the per-example gradient {'squared ' if squared else ''}norm of row "
+                f"{int(rows[big][0])} is {float(vals[big][0]):.6g}, beyond {model.dtype}'s range"
+                f"{'; squared=False gives the norms' if squared else ''}; rescale X"
+                f"{' or use float64' if model.dtype == np.float32 else ''}"
+            )
         out[rows] = vals
     return out
 
 
-def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | None = None,
-                 chunk_size: int = EVAL_CHUNK, exact: bool | None = None) -> GradMoments:
+def grad_moments(
+    model: MLP,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    population: int | None = None,
+    chunk_size: int = EVAL_CHUNK,
+    exact: bool | None = None,
+) -> GradMoments:
     """Mean and variance (``ddof=1``) of the per-example gradients over a data set, streamed;
     optionally with the noise scale of a larger population estimated from these rows.
 
@@ -322,17 +339,27 @@ def grad_moments(model: MLP, X: np.ndarray, y: np.ndarray, *, population: int | 
     if n < 2:
         raise ValueError(f"X: expected at least 2 examples for the ddof=1 variance, got {n}")
     if population is None:
-        return accumulate_moments(model, X, yi, yf, np.arange(n, dtype=np.int64),
-                                  chunk_size, exact=exact).finalize()
+        return accumulate_moments(model, X, yi, yf, np.arange(n, dtype=np.int64), chunk_size, exact=exact).finalize()
     population = check_population(population, n)
-    return sample_moments(n, MomentAccumulator(model.n_params), population,
-                          lambda idx, acc: accumulate_moments(model, X, yi, yf, idx,
-                                                              chunk_size, acc, exact=exact))
+    return sample_moments(
+        n,
+        MomentAccumulator(model.n_params),
+        population,
+        lambda idx, acc: accumulate_moments(model, X, yi, yf, idx, chunk_size, acc, exact=exact),
+    )
 
 
-def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
-                       acc: MomentAccumulator | None = None, *,
-                       exact: bool | None = None) -> MomentAccumulator:
+def accumulate_moments(
+    model,
+    X,
+    yi,
+    yf,
+    idx,
+    chunk_size: int = EVAL_CHUNK,
+    acc: MomentAccumulator | None = None,
+    *,
+    exact: bool | None = None,
+) -> MomentAccumulator:
     """Fold the per-example gradients of rows ``idx`` of already validated ``(X, yi, yf)``
     (see ``model.check_Xy``) into a float64 :class:`MomentAccumulator` (a new one unless
     ``acc`` is given), ``chunk_size`` rows per backend call.  The engine of
@@ -347,16 +374,20 @@ def accumulate_moments(model, X, yi, yf, idx, chunk_size: int = EVAL_CHUNK,
         grad = np.empty(P, dtype=model.dtype)
         impl.reserve(min(chunk_size, n))
         for s in range(0, n, chunk_size):
-            rows = idx[s:s + chunk_size]
+            rows = idx[s : s + chunk_size]
             B = len(rows)
             _training_pass(model, B)
-            acc._fold(B, lambda n_old, mean, m2: impl.moments_update(
-                params, grad, X, yi, yf, rows, B, n_old, mean, m2, **kw))
+            acc._fold(
+                B,
+                lambda n_old, mean, m2, rows=rows, B=B: impl.moments_update(
+                    params, grad, X, yi, yf, rows, B, n_old, mean, m2, **kw
+                ),
+            )
     else:
         block = max(1, min(chunk_size, _GENERIC_BLOCK_ENTRIES // P, n))
         G = np.empty((block, P), dtype=model.dtype)
         for s in range(0, n, block):
-            rows = idx[s:s + block]
+            rows = idx[s : s + block]
             B = len(rows)
             _training_pass(model, B)
             impl.per_example_grads(params, X, yi, yf, rows, B, G)

@@ -28,6 +28,7 @@ recent window (about ``1 / (1 - beta)`` tracked steps), not one point.
 The per-step cost is a few scalar operations plus one reduction over the B squared norms;
 the norms themselves cost a few percent of the backward pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,16 @@ import numpy as np
 __all__ = ["NoiseTracker", "NOISE_FIELDS", "GSNR_FIELDS", "gsnr_summary"]
 
 #: keys of every tracked record (see :class:`NoiseTracker`)
-NOISE_FIELDS = ("step", "batch_size", "batch_grad_norm_sq", "grad_norm_sq_est", "trace_cov_est",
-                "grad_norm_sq", "trace_cov", "noise_scale")
+NOISE_FIELDS = (
+    "step",
+    "batch_size",
+    "batch_grad_norm_sq",
+    "grad_norm_sq_est",
+    "trace_cov_est",
+    "grad_norm_sq",
+    "trace_cov",
+    "noise_scale",
+)
 #: extra keys of the records at ``track_gsnr`` steps
 GSNR_FIELDS = ("gsnr_mean", "gsnr_median", "batch_trace_cov")
 
@@ -88,12 +97,12 @@ class NoiseTracker:
         self.n = int(n)
         self.replacement = bool(replacement)
         self.beta = float(beta)
-        self._raw: list = []      # (step, B, sum_i |g_i|^2, |g_B|^2) per tracked step
+        self._raw: list = []  # (step, B, sum_i |g_i|^2, |g_B|^2) per tracked step
         self._extra: dict = {}
         self._t = 0
         self._ema_g2 = 0.0
         self._ema_tr = 0.0
-        self._pow = 1.0           # beta ** t
+        self._pow = 1.0  # beta ** t
 
     def _estimates(self, B: int, sum_sq_norms: float, batch_sq_norm: float):
         """This step's unbiased (|G|^2, tr Sigma) estimates (NaN for B < 2)."""
@@ -166,10 +175,18 @@ class NoiseTracker:
         for step, B, s, g in self._raw:
             replay.update(step, B, s, g)
             g2, tr = self._estimates(B, s, g)
-            out.append({"step": int(step), "batch_size": int(B), "batch_grad_norm_sq": float(g),
-                        "grad_norm_sq_est": g2, "trace_cov_est": tr,
-                        "grad_norm_sq": replay.grad_norm_sq, "trace_cov": replay.trace_cov,
-                        "noise_scale": replay.noise_scale})
+            out.append(
+                {
+                    "step": int(step),
+                    "batch_size": int(B),
+                    "batch_grad_norm_sq": float(g),
+                    "grad_norm_sq_est": g2,
+                    "trace_cov_est": tr,
+                    "grad_norm_sq": replay.grad_norm_sq,
+                    "trace_cov": replay.trace_cov,
+                    "noise_scale": replay.noise_scale,
+                }
+            )
         return out
 
     def records(self) -> list:
@@ -187,16 +204,26 @@ class NoiseTracker:
         """Everything needed to continue exactly where this tracker is (JSON-able scalars
         plus the raw per-step sums as a float64 (m, 4) array ``raw``)."""
         raw = np.asarray(self._raw, dtype=np.float64).reshape(len(self._raw), 4)
-        return {"n": self.n, "replacement": self.replacement, "beta": self.beta, "t": self._t,
-                "ema_g2": self._ema_g2, "ema_tr": self._ema_tr, "pow": self._pow,
-                "extra": [[s, dict(v)] for s, v in sorted(self._extra.items())], "raw": raw}
+        return {
+            "n": self.n,
+            "replacement": self.replacement,
+            "beta": self.beta,
+            "t": self._t,
+            "ema_g2": self._ema_g2,
+            "ema_tr": self._ema_tr,
+            "pow": self._pow,
+            "extra": [[s, dict(v)] for s, v in sorted(self._extra.items())],
+            "raw": raw,
+        }
 
     @classmethod
-    def from_state(cls, state: dict) -> "NoiseTracker":
+    def from_state(cls, state: dict) -> NoiseTracker:
         """The inverse of :meth:`get_state` (bitwise: the moving averages continue exactly)."""
         tr = cls(int(state["n"]), bool(state["replacement"]), float(state["beta"]))
-        tr._raw = [(int(r[0]), int(r[1]), float(r[2]), float(r[3]))
-                   for r in np.asarray(state["raw"], dtype=np.float64).reshape(-1, 4)]
+        tr._raw = [
+            (int(r[0]), int(r[1]), float(r[2]), float(r[3]))
+            for r in np.asarray(state["raw"], dtype=np.float64).reshape(-1, 4)
+        ]
         tr._extra = {int(s): dict(v) for s, v in state["extra"]}
         tr._t = int(state["t"])
         tr._ema_g2 = float(state["ema_g2"])
@@ -205,8 +232,10 @@ class NoiseTracker:
         return tr
 
     def __repr__(self) -> str:
-        return (f"NoiseTracker(n={self.n}, replacement={self.replacement}, beta={self.beta}, "
-                f"records={len(self)}, noise_scale={self.noise_scale:.6g})")
+        return (
+            f"NoiseTracker(n={self.n}, replacement={self.replacement}, beta={self.beta}, "
+            f"records={len(self)}, noise_scale={self.noise_scale:.6g})"
+        )
 
 
 def gsnr_summary(model, X, yi, yf, idx) -> dict:
@@ -219,6 +248,8 @@ def gsnr_summary(model, X, yi, yf, idx) -> dict:
     v = m.var
     keep = v > 0
     r = m.mean[keep] ** 2 / v[keep]
-    return {"gsnr_mean": float(r.mean()) if r.size else math.nan,
-            "gsnr_median": float(np.median(r)) if r.size else math.nan,
-            "batch_trace_cov": m.trace_cov}
+    return {
+        "gsnr_mean": float(r.mean()) if r.size else math.nan,
+        "gsnr_median": float(np.median(r)) if r.size else math.nan,
+        "batch_trace_cov": m.trace_cov,
+    }

@@ -14,6 +14,7 @@ References
 .. [McC18] S. McCandlish, J. Kaplan, D. Amodei and the OpenAI Dota team, "An Empirical Model
    of Large-Batch Training", arXiv:1812.06162, 2018.
 """
+
 from __future__ import annotations
 
 import math
@@ -129,9 +130,8 @@ def _residuals(x: np.ndarray, logS: np.ndarray, logB: np.ndarray) -> np.ndarray:
 def _jacobian(x: np.ndarray, logS: np.ndarray, logB: np.ndarray) -> np.ndarray:
     J = np.empty((logS.shape[0], 2))
     J[:, 0] = -1.0
-    z = x[1] - logB                           # d/dv log(1 + e^z) = sigmoid(z)
-    J[:, 1] = -np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))),
-                        np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
+    z = x[1] - logB  # d/dv log(1 + e^z) = sigmoid(z)
+    J[:, 1] = -np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
     return J
 
 
@@ -170,8 +170,9 @@ def _refine_numpy(x0: np.ndarray, logS: np.ndarray, logB: np.ndarray) -> np.ndar
 def _refine_scipy(x0: np.ndarray, logS: np.ndarray, logB: np.ndarray) -> np.ndarray:
     from scipy.optimize import least_squares
 
-    res = least_squares(_residuals, x0, jac=_jacobian, args=(logS, logB), method="lm",
-                        xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000)
+    res = least_squares(
+        _residuals, x0, jac=_jacobian, args=(logS, logB), method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000
+    )
     return np.asarray(res.x, dtype=np.float64)
 
 
@@ -183,7 +184,7 @@ def _have_scipy() -> bool:
     return True
 
 
-_GRID_MARGIN = 15.0      # the grid of log b_crit extends e^15 beyond the measured batch sizes
+_GRID_MARGIN = 15.0  # the grid of log b_crit extends e^15 beyond the measured batch sizes
 _GRID_POINTS = 1501
 
 
@@ -246,14 +247,12 @@ def fit_tradeoff(steps: Any, examples: Any, *, method: str = "auto") -> Tradeoff
     S = np.asarray(steps)
     E = np.asarray(examples)
     for name, a, orig in (("steps", S, steps), ("examples", E, examples)):
-        if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating)
-                                   or np.issubdtype(a.dtype, np.integer)):
+        if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
             raise TypeError(f"{name}: expected a 1-D real array, got {got(orig)}")
         if a.ndim != 1:
             raise ValueError(f"{name}: expected a 1-D real array, got {got(orig)}")
     if S.shape != E.shape:
-        raise ValueError(f"examples: expected shape {S.shape} (the shape of steps), "
-                         f"got shape {E.shape}")
+        raise ValueError(f"examples: expected shape {S.shape} (the shape of steps), got shape {E.shape}")
     S = S.astype(np.float64)
     E = E.astype(np.float64)
     ok = np.isfinite(S) & np.isfinite(E)
@@ -262,32 +261,31 @@ def fit_tradeoff(steps: Any, examples: Any, *, method: str = "auto") -> Tradeoff
             raise ValueError(f"{name}: expected positive values, got {float(a[ok][a[ok] <= 0][0])!r}")
     S, E = S[ok], E[ok]
     if S.shape[0] < 3:
-        raise ValueError(f"steps: expected at least 3 points with finite steps and examples "
-                         f"(target reached), got {S.shape[0]}")
+        raise ValueError(
+            f"steps: expected at least 3 points with finite steps and examples (target reached), got {S.shape[0]}"
+        )
     logS = np.log(S)
     logB = np.log(E) - logS
     if np.ptp(logB) <= 1e-12 * max(1.0, float(np.max(np.abs(logB)))):
-        raise ValueError(f"examples: expected at least 2 distinct batch sizes examples/steps, "
-                         f"got only {float(np.exp(logB[0]))!r}")
+        raise ValueError(
+            f"examples: expected at least 2 distinct batch sizes examples/steps, got only {float(np.exp(logB[0]))!r}"
+        )
     use_scipy = (method == "scipy") or (method == "auto" and _have_scipy())
     if method == "scipy" and not _have_scipy():
-        raise ValueError("method: expected 'numpy' or 'auto' (scipy is not importable), "
-                         "got 'scipy'")
+        raise ValueError("method: expected 'numpy' or 'auto' (scipy is not importable), got 'scipy'")
 
     # 1) grid over v = log b_crit, u = log s_min profiled out
     grid = np.linspace(logB.min() - _GRID_MARGIN, logB.max() + _GRID_MARGIN, _GRID_POINTS)
     costs = np.array([_profile(v, logS, logB)[1] for v in grid])
     i = int(np.argmin(costs))
-    if i == 0:                                  # limit b_crit -> 0: S constant
+    if i == 0:  # limit b_crit -> 0: S constant
         u = float(np.mean(logS))
         r = logS - u
-        return TradeoffFit(s_min=math.exp(u), e_min=0.0, b_crit=0.0,
-                           residual=math.sqrt(float(r @ r) / r.shape[0]))
-    if i == grid.shape[0] - 1:                  # limit b_crit -> inf: S = E_min / B
+        return TradeoffFit(s_min=math.exp(u), e_min=0.0, b_crit=0.0, residual=math.sqrt(float(r @ r) / r.shape[0]))
+    if i == grid.shape[0] - 1:  # limit b_crit -> inf: S = E_min / B
         w = float(np.mean(logS + logB))
         r = logS + logB - w
-        return TradeoffFit(s_min=0.0, e_min=math.exp(w), b_crit=math.inf,
-                           residual=math.sqrt(float(r @ r) / r.shape[0]))
+        return TradeoffFit(s_min=0.0, e_min=math.exp(w), b_crit=math.inf, residual=math.sqrt(float(r @ r) / r.shape[0]))
     x0 = np.array([_profile(grid[i], logS, logB)[0], grid[i]])
 
     # 2) refine (u, v) jointly
@@ -295,5 +293,4 @@ def fit_tradeoff(steps: Any, examples: Any, *, method: str = "auto") -> Tradeoff
     r = _residuals(x, logS, logB)
     s_min = math.exp(x[0])
     b_crit = math.exp(x[1])
-    return TradeoffFit(s_min=s_min, e_min=s_min * b_crit, b_crit=b_crit,
-                       residual=math.sqrt(float(r @ r) / r.shape[0]))
+    return TradeoffFit(s_min=s_min, e_min=s_min * b_crit, b_crit=b_crit, residual=math.sqrt(float(r @ r) / r.shape[0]))

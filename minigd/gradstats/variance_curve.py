@@ -24,11 +24,12 @@ References
 .. [McC18] S. McCandlish, J. Kaplan, D. Amodei et al., "An Empirical Model of Large-Batch
    Training", arXiv:1812.06162, 2018.
 """
+
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -97,8 +98,15 @@ class BatchVarianceCurve:
 
     def to_records(self) -> list:
         """One dict per batch size (for ``pandas.DataFrame`` or a CSV)."""
-        keys = ("variance", "variance_se", "cosine", "cosine_se", "predicted",
-                "predicted_with_replacement", "predicted_without_replacement")
+        keys = (
+            "variance",
+            "variance_se",
+            "cosine",
+            "cosine_se",
+            "predicted",
+            "predicted_with_replacement",
+            "predicted_without_replacement",
+        )
         out = []
         ratio = self.ratio
         for k, B in enumerate(self.batch_sizes):
@@ -109,15 +117,19 @@ class BatchVarianceCurve:
         return out
 
     def __str__(self) -> str:
-        head = (f"{'B':>7} {'E|g_B-G|^2':>12} {'+-se':>10} {'predicted':>12} {'ratio':>7} "
-                f"{'cos(g_B,G)':>10}")
-        lines = [f"mini-batch gradient variance, N={self.n}, "
-                 f"{'with' if self.replacement else 'without'} replacement, "
-                 f"{self.n_samples} batches per size; |G|^2={self.grad_norm_sq:.4g}, "
-                 f"tr(Sigma)={self.trace_cov:.4g}, B_simple={self.noise_scale:.4g}", head]
+        head = f"{'B':>7} {'E|g_B-G|^2':>12} {'+-se':>10} {'predicted':>12} {'ratio':>7} {'cos(g_B,G)':>10}"
+        lines = [
+            f"mini-batch gradient variance, N={self.n}, "
+            f"{'with' if self.replacement else 'without'} replacement, "
+            f"{self.n_samples} batches per size; |G|^2={self.grad_norm_sq:.4g}, "
+            f"tr(Sigma)={self.trace_cov:.4g}, B_simple={self.noise_scale:.4g}",
+            head,
+        ]
         for r in self.to_records():
-            lines.append(f"{r['batch_size']:>7} {r['variance']:>12.4g} {r['variance_se']:>10.2g} "
-                         f"{r['predicted']:>12.4g} {r['ratio']:>7.3f} {r['cosine']:>10.3f}")
+            lines.append(
+                f"{r['batch_size']:>7} {r['variance']:>12.4g} {r['variance_se']:>10.2g} "
+                f"{r['predicted']:>12.4g} {r['ratio']:>7.3f} {r['cosine']:>10.3f}"
+            )
         return "\n".join(lines)
 
 
@@ -135,8 +147,10 @@ def _batch_sizes(batch_sizes, n, replacement):
     if arr.min() < 1:
         raise ValueError(f"batch_sizes: expected integers >= 1, got {int(arr.min())}")
     if not replacement and arr.max() > n:
-        raise ValueError(f"batch_sizes: expected at most the number of examples ({n}) when "
-                         f"sampling without replacement, got {int(arr.max())}")
+        raise ValueError(
+            f"batch_sizes: expected at most the number of examples ({n}) when "
+            f"sampling without replacement, got {int(arr.max())}"
+        )
     return arr.astype(np.int64)
 
 
@@ -152,17 +166,24 @@ def _batch_grad(model, params, X, yi, yf, idx, grad, out64):
         return out64
     out64[...] = 0
     for s in range(0, B, EVAL_CHUNK):
-        rows = idx[s:s + EVAL_CHUNK]
+        rows = idx[s : s + EVAL_CHUNK]
         _training_pass(model, len(rows))
         impl.loss_grad(params, grad, X, yi, yf, rows, len(rows))
         out64 += grad.astype(np.float64) * (len(rows) / B)
     return out64
 
 
-def variance_vs_batch_size(model: MLP, X: np.ndarray, y: np.ndarray, batch_sizes: Sequence[int], *,
-                           n_samples: int = 100, replacement: bool = False,
-                           seed: int | np.random.Generator | None = 0,
-                           chunk_size: int = EVAL_CHUNK) -> BatchVarianceCurve:
+def variance_vs_batch_size(
+    model: MLP,
+    X: np.ndarray,
+    y: np.ndarray,
+    batch_sizes: Sequence[int],
+    *,
+    n_samples: int = 100,
+    replacement: bool = False,
+    seed: int | np.random.Generator | None = 0,
+    chunk_size: int = EVAL_CHUNK,
+) -> BatchVarianceCurve:
     """Measure :math:`E|g_B - G|^2` and :math:`\\cos(g_B, G)` for several batch sizes and
     compare with the sampling prediction (see the module doc).
 
@@ -244,19 +265,30 @@ def variance_vs_batch_size(model: MLP, X: np.ndarray, y: np.ndarray, batch_sizes
         var_se[j] = e.std(ddof=1) / np.sqrt(n_samples)
         cos[j] = c.mean()
         cos_se[j] = c.std(ddof=1) / np.sqrt(n_samples)
-    pw = np.atleast_1d(minibatch_variance_prediction(mom.trace_cov, sizes, n=N, replacement=True,
-                                                     ddof=1)).astype(np.float64)
+    pw = np.atleast_1d(minibatch_variance_prediction(mom.trace_cov, sizes, n=N, replacement=True, ddof=1)).astype(
+        np.float64
+    )
     if sizes.max() <= N:
-        pwo = np.atleast_1d(minibatch_variance_prediction(mom.trace_cov, sizes, n=N,
-                                                          replacement=False, ddof=1)).astype(np.float64)
-    else:   # with replacement, B may exceed N: no without-replacement prediction there
+        pwo = np.atleast_1d(minibatch_variance_prediction(mom.trace_cov, sizes, n=N, replacement=False, ddof=1)).astype(
+            np.float64
+        )
+    else:  # with replacement, B may exceed N: no without-replacement prediction there
         ok = sizes <= N
         pwo = np.full(k, np.nan)
         if ok.any():
-            pwo[ok] = minibatch_variance_prediction(mom.trace_cov, sizes[ok], n=N,
-                                                    replacement=False, ddof=1)
+            pwo[ok] = minibatch_variance_prediction(mom.trace_cov, sizes[ok], n=N, replacement=False, ddof=1)
     return BatchVarianceCurve(
-        batch_sizes=sizes, variance=var, variance_se=var_se, cosine=cos, cosine_se=cos_se,
-        predicted=pw if replacement else pwo, predicted_with_replacement=pw,
-        predicted_without_replacement=pwo, n=N, n_samples=n_samples, replacement=replacement,
-        grad_norm_sq=mom.grad_norm_sq, trace_cov=mom.trace_cov)
+        batch_sizes=sizes,
+        variance=var,
+        variance_se=var_se,
+        cosine=cos,
+        cosine_se=cos_se,
+        predicted=pw if replacement else pwo,
+        predicted_with_replacement=pw,
+        predicted_without_replacement=pwo,
+        n=N,
+        n_samples=n_samples,
+        replacement=replacement,
+        grad_norm_sq=mom.grad_norm_sq,
+        trace_cov=mom.trace_cov,
+    )

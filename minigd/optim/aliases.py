@@ -1,7 +1,8 @@
 """The named optimizers, built as chains of primitives."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from minigd._constraints import check_param
 
@@ -26,8 +27,14 @@ def _check_betas(betas):
     return tuple(check_param(f"betas[{i}]", b, f"beta{i + 1}") for i, b in enumerate(betas))
 
 
-def SGD(lr: float | Callable[[int], float] = 0.1, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False, clip_norm: float | None = None) -> Optimizer:
+def SGD(
+    lr: float | Callable[[int], float] = 0.1,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    clip_norm: float | None = None,
+) -> Optimizer:
     r"""Stochastic gradient descent, optionally with momentum and weight decay.
 
     .. math::
@@ -69,15 +76,28 @@ def SGD(lr: float | Callable[[int], float] = 0.1, momentum: float = 0.0, nestero
     if weight_decay and decoupled_weight_decay:
         prims.append(add_decayed_weights(weight_decay))
     prims.append(scale_by_lr())
-    return Optimizer(tuple(prims), lr, "SGD", dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                                   weight_decay=weight_decay,
-                                                   decoupled_weight_decay=decoupled_weight_decay,
-                                                   clip_norm=clip_norm))
+    return Optimizer(
+        tuple(prims),
+        lr,
+        "SGD",
+        dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            clip_norm=clip_norm,
+        ),
+    )
 
 
-def Adam(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-         eps: float = 1e-8, weight_decay: float = 0.0,
-         clip_norm: float | None = None) -> Optimizer:
+def Adam(
+    lr: float | Callable[[int], float] = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+) -> Optimizer:
     r"""Adam (Kingma & Ba 2015) with L2-coupled weight decay (as ``torch.optim.Adam``).
 
     .. math::
@@ -92,13 +112,18 @@ def Adam(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] =
         prims.append(add_decayed_weights(wd))
     betas = _check_betas(betas)
     prims += [scale_by_adam(betas[0], betas[1], eps), scale_by_lr()]
-    return Optimizer(tuple(prims), lr, "Adam", dict(lr=lr, betas=tuple(betas), eps=eps,
-                                                    weight_decay=wd, clip_norm=clip_norm))
+    return Optimizer(
+        tuple(prims), lr, "Adam", dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, clip_norm=clip_norm)
+    )
 
 
-def AdamW(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-          eps: float = 1e-8, weight_decay: float = 0.01,
-          clip_norm: float | None = None) -> Optimizer:
+def AdamW(
+    lr: float | Callable[[int], float] = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    clip_norm: float | None = None,
+) -> Optimizer:
     r"""AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101): decoupled weight decay,
     :math:`\theta \leftarrow \theta - \eta\,(\hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta)`,
     as ``torch.optim.AdamW``."""
@@ -109,5 +134,6 @@ def AdamW(lr: float | Callable[[int], float] = 1e-3, betas: tuple[float, float] 
     if wd:
         prims.append(add_decayed_weights(wd))
     prims.append(scale_by_lr())
-    return Optimizer(tuple(prims), lr, "AdamW", dict(lr=lr, betas=tuple(betas), eps=eps,
-                                                     weight_decay=wd, clip_norm=clip_norm))
+    return Optimizer(
+        tuple(prims), lr, "AdamW", dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=wd, clip_norm=clip_norm)
+    )

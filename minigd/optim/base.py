@@ -11,10 +11,11 @@ and an integer code that the compiled backends interpret in one fused call
 (``kernels/cpu.py::_opt_apply``).  Both read the same ``OptState`` buffers, so the two
 implementations are checked against each other.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,8 +25,14 @@ import numpy as np
 from minigd.kernels.codes import FLUSH, OP_ADAM, OP_CLIP, OP_DECAY, OP_SCALE, OP_SCALE_LR, OP_TRACE  # noqa: F401
 
 #: the meaning of each primitive's hyper-parameters, by op code (for messages)
-HP_NAMES = {OP_CLIP: ("max_norm",), OP_DECAY: ("weight_decay",), OP_TRACE: ("momentum", "nesterov"),
-            OP_ADAM: ("b1", "b2", "eps"), OP_SCALE_LR: (), OP_SCALE: ("factor",)}
+HP_NAMES = {
+    OP_CLIP: ("max_norm",),
+    OP_DECAY: ("weight_decay",),
+    OP_TRACE: ("momentum", "nesterov"),
+    OP_ADAM: ("b1", "b2", "eps"),
+    OP_SCALE_LR: (),
+    OP_SCALE: ("factor",),
+}
 _HP_COLS = 8  # columns 0..2 hyper-parameters, 3.. scratch for in-kernel dtype casts
 
 
@@ -56,13 +63,13 @@ class Primitive:
         hyper-parameter table (model dtype), so arithmetic happens in the model dtype.
         """
         P = u.shape[0]
-        if self.code == OP_CLIP:           # u *= min(1, max_norm / |u|)
+        if self.code == OP_CLIP:  # u *= min(1, max_norm / |u|)
             norm = np.sqrt(np.sum(u.astype(np.float64) ** 2))
             if norm > hp_row[0]:
                 u *= u.dtype.type(hp_row[0] / norm)
-        elif self.code == OP_DECAY:        # u += wd * params
+        elif self.code == OP_DECAY:  # u += wd * params
             u += hp_row[0] * params
-        elif self.code == OP_TRACE:        # v = m v + u ; u = v  (Nesterov: u + m v)
+        elif self.code == OP_TRACE:  # v = m v + u ; u = v  (Nesterov: u + m v)
             m, v = hp_row[0], state[:P]
             v *= m
             v += u
@@ -70,16 +77,16 @@ class Primitive:
                 u += m * v
             else:
                 u[...] = v
-        elif self.code == OP_ADAM:         # Kingma & Ba 2015, bias-corrected moments
+        elif self.code == OP_ADAM:  # Kingma & Ba 2015, bias-corrected moments
             b1, b2, eps = hp_row[0], hp_row[1], hp_row[2]
-            m1, m2 = state[:P], state[P:2 * P]
+            m1, m2 = state[:P], state[P : 2 * P]
             ob1, ob2 = u.dtype.type(1 - b1), u.dtype.type(1 - b2)
             m1[...] = b1 * m1 + ob1 * u
             m2[...] = b2 * m2 + ob2 * u * u
             c1 = u.dtype.type(1.0 - float(b1) ** t)
             c2 = u.dtype.type(1.0 - float(b2) ** t)
             u[...] = (m1 / c1) / (np.sqrt(m2 / c2) + eps)
-        elif self.code == OP_SCALE_LR:     # u *= -lr
+        elif self.code == OP_SCALE_LR:  # u *= -lr
             u *= u.dtype.type(-lr)
         elif self.code == OP_SCALE:
             u *= hp_row[0]
@@ -113,7 +120,7 @@ class OptState:
         P = params.shape[0]
         for k, prim in enumerate(self.primitives):
             so = int(self.soff[k])
-            prim.update_numpy(grad, params, self.state[so:so + prim.slots * P], self.hp[k], lr, t)
+            prim.update_numpy(grad, params, self.state[so : so + prim.slots * P], self.hp[k], lr, t)
         new = params + grad
         if not np.isfinite(new.astype(np.float64).sum()):
             return False, gsq
@@ -143,17 +150,18 @@ class Optimizer:
         dt = params.dtype
         T = len(self.primitives)
         codes = np.array([p.code for p in self.primitives], dtype=np.int64)
-        hp = np.zeros((T + 1, _HP_COLS), dtype=dt)   # spare last row: typed constants
-        hp[T, 5] = FLUSH                              # (column 5: the subnormal flush threshold,
-        hp[T, 6] = 1                                  #  column 6: one, column 7: zero)
+        hp = np.zeros((T + 1, _HP_COLS), dtype=dt)  # spare last row: typed constants
+        hp[T, 5] = FLUSH  # (column 5: the subnormal flush threshold,
+        hp[T, 6] = 1  #  column 6: one, column 7: zero)
         soff = np.zeros(T, dtype=np.int64)
         off = 0
         for k, p in enumerate(self.primitives):
-            hp[k, :len(p.hp)] = p.hp
+            hp[k, : len(p.hp)] = p.hp
             soff[k] = off
             off += p.slots * P
-        return OptState(tuple(self.primitives), codes, np.ascontiguousarray(hp), soff,
-                        np.zeros(off, dtype=dt), fusion_plan(codes))
+        return OptState(
+            tuple(self.primitives), codes, np.ascontiguousarray(hp), soff, np.zeros(off, dtype=dt), fusion_plan(codes)
+        )
 
     def __repr__(self):
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
@@ -228,16 +236,20 @@ def chain(*primitives: Primitive, lr: float | Callable[[int], float]) -> Optimiz
     names = [p.name for p in primitives]
     at = [k for k, p in enumerate(primitives) if p.code == OP_SCALE_LR]
     if len(at) != 1:
-        raise ValueError(f"chain: expected exactly one scale_by_lr() (it applies -lr: without it the "
-                         f"gradient is added to the parameters, gradient ascent with lr ignored; "
-                         f"with two the step is +lr**2 times the gradient), got {len(at)} in {names}; "
-                         f"e.g. chain(..., mg.optim.scale_by_lr(), lr=0.1)")
-    for p in primitives[at[0] + 1:]:
+        raise ValueError(
+            f"chain: expected exactly one scale_by_lr() (it applies -lr: without it the "
+            f"gradient is added to the parameters, gradient ascent with lr ignored; "
+            f"with two the step is +lr**2 times the gradient), got {len(at)} in {names}; "
+            f"e.g. chain(..., mg.optim.scale_by_lr(), lr=0.1)"
+        )
+    for p in primitives[at[0] + 1 :]:
         if p.code in (OP_DECAY, OP_ADAM):
-            why = ("would add +weight_decay * params to the step (weights grow)" if p.code == OP_DECAY
-                   else "would normalise the step, so lr would have no effect")
-            raise ValueError(f"chain: {p.name} after scale_by_lr {why}; put it before scale_by_lr, "
-                             f"got {names}")
+            why = (
+                "would add +weight_decay * params to the step (weights grow)"
+                if p.code == OP_DECAY
+                else "would normalise the step, so lr would have no effect"
+            )
+            raise ValueError(f"chain: {p.name} after scale_by_lr {why}; put it before scale_by_lr, got {names}")
     lr = check_param("lr", lr, "lr_or_schedule")
     return Optimizer(tuple(primitives), lr, "chain", {"primitives": names, "lr": lr})
 

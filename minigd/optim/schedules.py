@@ -5,12 +5,13 @@ A learning-rate schedule is any callable ``step -> lr`` (step counts from 0); th
 here are small frozen dataclasses so that they print, compare and pickle (sweeps key their
 trials by configuration).
 """
+
 from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from minigd._constraints import _got, check_param
 
@@ -83,8 +84,7 @@ def constant(lr):
 
 def step_decay(lr, boundaries, factor=0.1):
     if isinstance(boundaries, (str, bytes, dict)) or not hasattr(boundaries, "__iter__"):
-        raise TypeError(f"boundaries: expected a sequence of step numbers (e.g. [100, 200]), "
-                        f"got {_got(boundaries)}")
+        raise TypeError(f"boundaries: expected a sequence of step numbers (e.g. [100, 200]), got {_got(boundaries)}")
     b = tuple(check_param("boundaries", x, "boundary") for x in boundaries)
     if list(b) != sorted(b):
         raise ValueError(f"boundaries: expected increasing steps, got {b}")
@@ -92,20 +92,19 @@ def step_decay(lr, boundaries, factor=0.1):
 
 
 def exponential(lr, decay_rate, decay_steps=1):
-    return Exponential(check_param("lr", lr), check_param("decay_rate", decay_rate),
-                       check_param("decay_steps", decay_steps))
+    return Exponential(
+        check_param("lr", lr), check_param("decay_rate", decay_rate), check_param("decay_steps", decay_steps)
+    )
 
 
 def cosine(lr, total_steps, final_lr=0.0):
-    return Cosine(check_param("lr", lr), check_param("total_steps", total_steps),
-                  check_param("final_lr", final_lr))
+    return Cosine(check_param("lr", lr), check_param("total_steps", total_steps), check_param("final_lr", final_lr))
 
 
 def warmup(schedule, warmup_steps, start_lr=0.0):
     if not callable(schedule):
         schedule = constant(schedule)
-    return Warmup(schedule, check_param("warmup_steps", warmup_steps),
-                  check_param("start_lr", start_lr))
+    return Warmup(schedule, check_param("warmup_steps", warmup_steps), check_param("start_lr", start_lr))
 
 
 def scale_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str = "linear") -> float:
@@ -132,7 +131,7 @@ class BatchSizeSchedule:
     """
 
     initial: int
-    milestones: tuple = ()   # ((epoch, batch_size), ...) sorted by epoch
+    milestones: tuple = ()  # ((epoch, batch_size), ...) sorted by epoch
 
     def __init__(self, initial: int, milestones: dict | Sequence | None = None) -> None:
         object.__setattr__(self, "initial", check_param("initial", initial, "base_batch_size"))

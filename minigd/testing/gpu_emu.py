@@ -45,6 +45,7 @@ Sanitizers (``MINIGD_GPU_EMU_SANITIZE``, with the runtime preloaded): ``address`
 accesses past a device allocation; ``thread`` reports data races between the threads of a
 launch, between blocks included (see ``kernels/gpu_emu.h``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -65,8 +66,8 @@ import numpy as np
 from minigd.backends import EMULATE_ENV
 from minigd.kernels import gpu_sources as S
 
-ENV = EMULATE_ENV   # "MINIGD_GPU_EMULATE"
-_HEADER = Path(S.__file__).resolve().parent / "gpu_emu.h"   # shipped with the CUDA sources
+ENV = EMULATE_ENV  # "MINIGD_GPU_EMULATE"
+_HEADER = Path(S.__file__).resolve().parent / "gpu_emu.h"  # shipped with the CUDA sources
 _CXX_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fno-fast-math", "-w")
 #: MINIGD_GPU_EMU_SANITIZE=address (or 1) builds the kernels with AddressSanitizer (run
 #: Python with libasan preloaded): an access past the end of a device allocation aborts with
@@ -92,9 +93,10 @@ def sanitizer() -> str | None:
         return val
     raise ValueError(f"{SANITIZE_ENV}: expected 'address' (or '1'), 'thread', or '0'/unset, got {val!r}")
 
+
 _KERNEL = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
 _SHARED = re.compile(r"\b(static\s+|extern\s+)?__shared__\b([^;]*);")
-_lock = threading.RLock()         # builds, and launches: the fiber scheduler is one per library
+_lock = threading.RLock()  # builds, and launches: the fiber scheduler is one per library
 _forced = threading.local()
 
 
@@ -154,7 +156,7 @@ def _cache_dir() -> Path:
     d = root / "gpu_emu"
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _trusted(d, dir_=True):   # another user could swap the libraries in it
+        if not _trusted(d, dir_=True):  # another user could swap the libraries in it
             raise PermissionError(f"{d} is not owned by this user or is writable by others")
         probe = d / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
@@ -227,8 +229,10 @@ def _place_shared(code: str) -> str:
         if "=" in decl:
             raise RuntimeError(f"GPU emulator: a __shared__ variable cannot have an initializer: {decl.strip()!r}")
         k = next(serial)
-        return (f"struct mgd_emu_sh_{k} {{{decl};}}; auto& mgd_emu_shr_{k} = mgd_emu::shared<mgd_emu_sh_{k}>();"
-                + "".join(f" auto& {n} = mgd_emu_shr_{k}.{n};" for n in _declarators(decl)))
+        return (
+            f"struct mgd_emu_sh_{k} {{{decl};}}; auto& mgd_emu_shr_{k} = mgd_emu::shared<mgd_emu_sh_{k}>();"
+            + "".join(f" auto& {n} = mgd_emu_shr_{k}.{n};" for n in _declarators(decl))
+        )
 
     return _SHARED.sub(sub, code)
 
@@ -250,36 +254,42 @@ def build(code: str):
             return _LIBS[key]
         d = _cache_dir()
         so, names_file = d / f"{key}.so", d / f"{key}.names"
-        if not (_trusted(so) and _trusted(names_file)):   # missing, or not ours alone: rebuild
+        if not (_trusted(so) and _trusted(names_file)):  # missing, or not ours alone: rebuild
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 cpp = Path(tmp) / "unit.cpp"
                 cpp.write_text(body, encoding="utf-8")
                 pre = _run([cxx, "-E", "-std=c++17", f"-I{_HEADER.parent}", str(cpp)], "preprocessing")
                 names = sorted(set(_KERNEL.findall(pre)))
                 if not names:
-                    raise RuntimeError("GPU emulator: the code defines no extern \"C\" kernel")
+                    raise RuntimeError('GPU emulator: the code defines no extern "C" kernel')
                 cpp.write_text(body + "".join(f"MGD_EMU_ENTRY({n})\n" for n in names), encoding="utf-8")
                 out = Path(tmp) / "unit.so"
                 _run([cxx, *flags, f"-I{_HEADER.parent}", "-o", str(out), str(cpp)], "compiling")
                 (Path(tmp) / "names").write_text("\n".join(names), encoding="utf-8")
-                os.replace(out, so)                    # atomic: a crash never leaves half a library
+                os.replace(out, so)  # atomic: a crash never leaves half a library
                 os.replace(Path(tmp) / "names", names_file)
         lib = ctypes.CDLL(str(so))
         lib.mgd_emu_launch.restype = ctypes.c_int
-        lib.mgd_emu_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + \
-            [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
+        lib.mgd_emu_launch.argtypes = (
+            [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
+        )
         names = tuple(names_file.read_text(encoding="utf-8").split())
         _LIBS[key] = (lib, names)
         return _LIBS[key]
 
 
 class _Entry(ctypes.Structure):
-    _fields_ = [("call", ctypes.c_void_p), ("nargs", ctypes.c_int), ("kinds", ctypes.c_ubyte * 32),
-                ("sizes", ctypes.c_int * 32), ("pointee", ctypes.c_ubyte * 32)]
+    _fields_ = [
+        ("call", ctypes.c_void_p),
+        ("nargs", ctypes.c_int),
+        ("kinds", ctypes.c_ubyte * 32),
+        ("sizes", ctypes.c_int * 32),
+        ("pointee", ctypes.c_ubyte * 32),
+    ]
 
 
 # ============================================================================ streams (state)
-_tls = threading.local()   # per thread: the stacks of current streams and devices, the capturing stream
+_tls = threading.local()  # per thread: the stacks of current streams and devices, the capturing stream
 
 
 def _stack(name: str) -> list:
@@ -319,8 +329,10 @@ def _note_stream(stream=None) -> None:
 
 def _refuse_during_capture(what: str) -> None:
     if _capturing_here() is not None:
-        raise RuntimeError(f"{what} while a stream is being captured: the CUDA runtime refuses "
-                           f"host copies, allocations and synchronisation inside a graph capture")
+        raise RuntimeError(
+            f"{what} while a stream is being captured: the CUDA runtime refuses "
+            f"host copies, allocations and synchronisation inside a graph capture"
+        )
 
 
 def _root(a: np.ndarray) -> np.ndarray:
@@ -337,14 +349,16 @@ class ndarray(np.ndarray):
     (use ``get()``); the backend must never compute on device memory with NumPy."""
 
     __array_ufunc__ = None
-    device_id = 0     # the device the allocation was made on (views inherit it)
+    device_id = 0  # the device the allocation was made on (views inherit it)
 
     def __array_finalize__(self, obj):
         self.device_id = getattr(obj, "device_id", _current_device())
 
     def __array_function__(self, func, types, args, kwargs):
-        raise TypeError(f"numpy.{func.__name__} on emulated device memory: device arrays are not "
-                        f"host arrays (as with CuPy); copy with .get() first")
+        raise TypeError(
+            f"numpy.{func.__name__} on emulated device memory: device arrays are not "
+            f"host arrays (as with CuPy); copy with .get() first"
+        )
 
     def get(self, stream=None, out=None):
         _refuse_during_capture("ndarray.get")
@@ -355,8 +369,9 @@ class ndarray(np.ndarray):
         if not isinstance(out, np.ndarray) or isinstance(out, ndarray):
             raise TypeError("ndarray.get: out must be a host numpy.ndarray")
         if out.shape != self.shape or out.dtype != self.dtype:
-            raise ValueError(f"ndarray.get: out has shape {out.shape} and dtype {out.dtype}, the array "
-                             f"{self.shape} and {self.dtype}")
+            raise ValueError(
+                f"ndarray.get: out has shape {out.shape} and dtype {out.dtype}, the array {self.shape} and {self.dtype}"
+            )
         out[...] = self.view(np.ndarray)
         return out
 
@@ -394,7 +409,7 @@ def _alloc(a: np.ndarray) -> ndarray:
 
 
 def zeros(shape, dtype=float):
-    _note_stream()     # a memset, on the current stream
+    _note_stream()  # a memset, on the current stream
     return _alloc(np.zeros(shape, dtype))
 
 
@@ -403,7 +418,7 @@ def empty(shape, dtype=float):
 
 
 def arange(*args, dtype=None):
-    _note_stream()     # a kernel, on the current stream
+    _note_stream()  # a kernel, on the current stream
     return _alloc(np.arange(*args, dtype=dtype))
 
 
@@ -452,11 +467,18 @@ def is_available() -> bool:
 
 
 # ============================================================================ kernels
-_PACK = {("i", 1): (np.int8, ctypes.c_int8), ("u", 1): (np.uint8, ctypes.c_uint8),
-         ("i", 2): (np.int16, ctypes.c_int16), ("u", 2): (np.uint16, ctypes.c_uint16),
-         ("i", 4): (np.int32, ctypes.c_int32), ("u", 4): (np.uint32, ctypes.c_uint32),
-         ("i", 8): (np.int64, ctypes.c_int64), ("u", 8): (np.uint64, ctypes.c_uint64),
-         ("f", 4): (np.float32, ctypes.c_float), ("f", 8): (np.float64, ctypes.c_double)}
+_PACK = {
+    ("i", 1): (np.int8, ctypes.c_int8),
+    ("u", 1): (np.uint8, ctypes.c_uint8),
+    ("i", 2): (np.int16, ctypes.c_int16),
+    ("u", 2): (np.uint16, ctypes.c_uint16),
+    ("i", 4): (np.int32, ctypes.c_int32),
+    ("u", 4): (np.uint32, ctypes.c_uint32),
+    ("i", 8): (np.int64, ctypes.c_int64),
+    ("u", 8): (np.uint64, ctypes.c_uint64),
+    ("f", 4): (np.float32, ctypes.c_float),
+    ("f", 8): (np.float64, ctypes.c_double),
+}
 
 
 class RawKernel:
@@ -469,16 +491,19 @@ class RawKernel:
         self._entry_ptr = fn()
         e = self._entry_ptr.contents
         #: [(kind 'p'/'i'/'u'/'f', size in bytes (of the pointee for 'p'), pointee 'i'/'u'/'f' or '')]
-        self.params = [(chr(e.kinds[i]), int(e.sizes[i]), chr(e.pointee[i]) if e.pointee[i] else "")
-                       for i in range(e.nargs)]
+        self.params = [
+            (chr(e.kinds[i]), int(e.sizes[i]), chr(e.pointee[i]) if e.pointee[i] else "") for i in range(e.nargs)
+        ]
         self._lib = lib
 
     def _type(self, where, kind, size):
         t = _PACK.get((kind, size))
         if t is None:
             what = {"i": "signed integer", "u": "unsigned integer", "f": "floating-point"}.get(kind, kind)
-            raise TypeError(f"{where}: the emulator does not pass a {size}-byte {what} (struct or "
-                            f"unusual parameter types are not emulated)")
+            raise TypeError(
+                f"{where}: the emulator does not pass a {size}-byte {what} (struct or "
+                f"unusual parameter types are not emulated)"
+            )
         return t
 
     def _pack(self, args):
@@ -503,14 +528,16 @@ class RawKernel:
                         raise TypeError(f"{where}: the kernel takes {np.dtype(want)}*, the array is {a.dtype}")
                     v = ctypes.c_void_p(a.__array_interface__["data"][0])
                     roots.append(weakref.ref(_root(a)))
-                elif isinstance(a, np.uint64):   # an address: 0 is the null pointer
+                elif isinstance(a, np.uint64):  # an address: 0 is the null pointer
                     v = ctypes.c_void_p(int(a))
                 else:
                     raise TypeError(f"{where}: the kernel takes a pointer, got {type(a).__name__}")
             else:
                 if not isinstance(a, np.generic) or isinstance(a, np.bool_):
-                    raise TypeError(f"{where}: pass a sized numpy scalar (np.int32, np.int64, np.float64), "
-                                    f"got {type(a).__name__} (its C type is ambiguous)")
+                    raise TypeError(
+                        f"{where}: pass a sized numpy scalar (np.int32, np.int64, np.float64), "
+                        f"got {type(a).__name__} (its C type is ambiguous)"
+                    )
                 want_np, want_c = self._type(where, kind, size)
                 if a.dtype != np.dtype(want_np):
                     raise TypeError(f"{where}: the kernel takes a {np.dtype(want_np)} value, got {a.dtype}")
@@ -522,10 +549,11 @@ class RawKernel:
     def _run(self, grid, block, packed):
         keep, ptrs = packed
         err = ctypes.create_string_buffer(1024)
-        with _lock:   # one fiber scheduler per library: launches from several threads take turns
+        with _lock:  # one fiber scheduler per library: launches from several threads take turns
             counts["launch"] += 1
-            rc = self._lib.mgd_emu_launch(ctypes.cast(self._entry_ptr, ctypes.c_void_p), *grid, *block, ptrs,
-                                          err, len(err))
+            rc = self._lib.mgd_emu_launch(
+                ctypes.cast(self._entry_ptr, ctypes.c_void_p), *grid, *block, ptrs, err, len(err)
+            )
         if rc != 0:
             raise RuntimeError(f"{self.name}: {err.value.decode(errors='replace')}")
 
@@ -572,10 +600,12 @@ class Graph:
     def launch(self, stream=None):
         _refuse_during_capture("Graph.launch")
         counts["graph_launch"] += 1
-        for run, roots, what in self.nodes:
+        for _fn, roots, what in self.nodes:
             if any(r() is None for r in roots):
-                raise RuntimeError(f"Graph.launch: {what} points into device memory freed since the capture "
-                                   f"(replaying would write into freed memory on a GPU)")
+                raise RuntimeError(
+                    f"Graph.launch: {what} points into device memory freed since the capture "
+                    f"(replaying would write into freed memory on a GPU)"
+                )
         for run, _, _ in self.nodes:
             run()
 
@@ -588,9 +618,11 @@ class Stream:
         self.device_id = _current_device()
 
     def __enter__(self):
-        if self.device_id != _current_device():   # CuPy's check_stream_device_match
-            raise RuntimeError(f"The device that the stream is created on ({self.device_id}) does not match "
-                               f"with the current device ({_current_device()})")
+        if self.device_id != _current_device():  # CuPy's check_stream_device_match
+            raise RuntimeError(
+                f"The device that the stream is created on ({self.device_id}) does not match "
+                f"with the current device ({_current_device()})"
+            )
         _stack("streams").append(self)
         return self
 
@@ -636,8 +668,7 @@ def _current_device() -> int:
 
 def _check_device(where, a) -> None:
     if a.device_id != _current_device():
-        raise RuntimeError(f"{where}: memory of device {a.device_id} used while device {_current_device()} "
-                           f"is current")
+        raise RuntimeError(f"{where}: memory of device {a.device_id} used while device {_current_device()} is current")
 
 
 class Device:
@@ -647,8 +678,9 @@ class Device:
     def __init__(self, device=None):
         d = _current_device() if device is None else int(device)
         if not 0 <= d < N_DEVICES:
-            raise RuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {d} (the emulator has "
-                               f"{N_DEVICES} devices)")
+            raise RuntimeError(
+                f"cudaErrorInvalidDevice: invalid device ordinal {d} (the emulator has {N_DEVICES} devices)"
+            )
         self.id = d
 
     def __enter__(self):

@@ -38,6 +38,7 @@ columns, not over blocks, so a narrow layer at a large batch runs on few SMs; ``
 copies through pageable host memory and reads back synchronously; the cuBLAS regime costs
 the Python of one CuPy call per launch, as it cannot be captured in a graph.
 """
+
 from __future__ import annotations
 
 import functools
@@ -102,6 +103,7 @@ def _on_device(fn):
     def on_device(self, *args, **kwargs):
         with self.device, self.stream:
             return fn(self, *args, **kwargs)
+
     return on_device
 
 
@@ -111,9 +113,23 @@ def _on_device(fn):
 # the stream once per call, not once per launch, saves the Python of a context switch on
 # each of the dozens of launches of a step (tests/test_gpu_emu.py checks that no work of
 # the backend reaches the null stream).
-for _name in ("reserve", "warm_up", "draw_dropout", "update_running", "max_run_steps", "train_step", "run_steps",
-              "opt_apply", "forward", "losses", "loss_grad", "last_sqnorms", "per_example_terms",
-              "per_example_grads", "moments_update"):
+for _name in (
+    "reserve",
+    "warm_up",
+    "draw_dropout",
+    "update_running",
+    "max_run_steps",
+    "train_step",
+    "run_steps",
+    "opt_apply",
+    "forward",
+    "losses",
+    "loss_grad",
+    "last_sqnorms",
+    "per_example_terms",
+    "per_example_grads",
+    "moments_update",
+):
     setattr(GpuBackend, _name, _on_device(getattr(GpuBackend, _name)))
 del _name
 

@@ -8,6 +8,7 @@ are uploaded once per ``fit`` (cached by array identity from the ``reserve`` cal
 ``fit`` makes before its first step); a pass outside a step (evaluation, statistics)
 gathers its rows on the host and uploads them (:meth:`DeviceMemory._stage_batch`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -72,19 +73,19 @@ class DeviceMemory:
         self.graph_max_batch = 64
         self.use_graphs = True
         self.read_every = 64
-        with self.stream:   # zeros is a memset on the current stream: ours, which does not wait for the null stream
+        with self.stream:  # zeros is a memset on the current stream: ours, which does not wait for the null stream
             self.d_params = cp.zeros(P, self.dtype)
             self.d_grad = cp.zeros(P, self.dtype)
             self._d_dummy = cp.zeros(1, self.dtype)
             self._d_dummy_i = cp.zeros(1, np.int64)
         self._pW, self._pb = self.layout.views(self.d_params)
         self._gW, self._gb = self.layout.views(self.d_grad)
-        self._data = None          # (key, dX, dyi, dyf): training data on the device
-        self._graphs = {}          # (B, want_sqn, opt key, generation) -> cupy Graph
-        self._gen = 0              # bumped whenever a buffer a graph points at is replaced
-        self._opt = None           # (key, device hp, device state)
+        self._data = None  # (key, dX, dyi, dyf): training data on the device
+        self._graphs = {}  # (B, want_sqn, opt key, generation) -> cupy Graph
+        self._gen = 0  # bumped whenever a buffer a graph points at is replaced
+        self._opt = None  # (key, device hp, device state)
         self._steps_cap = 0
-        self._G = None             # (B, P) per-example gradients (stats)
+        self._G = None  # (B, P) per-example gradients (stats)
 
     def reserve(self, capacity: int) -> Workspace:
         """Device workspace for ``capacity`` rows.  Also forgets the cached device copy of
@@ -132,7 +133,7 @@ class DeviceMemory:
         key = tuple((id(a), a.__array_interface__["data"][0], a.shape, a.dtype.str) for a in (X, yi, yf))
         if self._data is None or self._data[0] != key:
             cp = self.cp
-            with self.stream:   # C order: a raw kernel sees only the data pointer (cupy.asarray keeps F order)
+            with self.stream:  # C order: a raw kernel sees only the data pointer (cupy.asarray keeps F order)
                 dX = cp.ascontiguousarray(X)
                 dyi = cp.ascontiguousarray(yi) if yi.size else self._d_dummy_i
                 dyf = cp.ascontiguousarray(yf) if yf.size else self._d_dummy
@@ -159,13 +160,13 @@ class DeviceMemory:
         hp, st = self._device_opt(opt_state)
         hp.set(opt_state.hp, stream=self.stream)
         if opt_state.state.size:
-            st[:opt_state.state.size].set(opt_state.state, stream=self.stream)
+            st[: opt_state.state.size].set(opt_state.state, stream=self.stream)
         return hp, st
 
     def _download_opt(self, opt_state):
         hp, st = self._opt[1], self._opt[2]
         if opt_state.state.size:
-            st[:opt_state.state.size].get(stream=self.stream, out=opt_state.state)
+            st[: opt_state.state.size].get(stream=self.stream, out=opt_state.state)
         hp.get(stream=self.stream, out=opt_state.hp)
 
     # -- launching ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ last training pass alone.  Per-example statistics raise for batch norm
 (:func:`~minigd.backends.base.check_per_example`) and are exact with dropout alone (each row
 with its own mask row).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,9 +58,17 @@ class DeviceNorm:
         def rows(n, on, dtype=self.dtype):
             return cp.zeros(capacity * n if on else 0, dtype)
 
-        self._nd = [dict(xh=rows(n, bn), inv=cp.zeros(n_ghosts * n if bn else 0, self.dtype),
-                         pre=rows(n, bn == BN_BEFORE), act=rows(n, bn == BN_AFTER or drop),
-                         mask=rows(n, drop), unif=rows(n, drop, np.float64)) for n in hid]
+        self._nd = [
+            dict(
+                xh=rows(n, bn),
+                inv=cp.zeros(n_ghosts * n if bn else 0, self.dtype),
+                pre=rows(n, bn == BN_BEFORE),
+                act=rows(n, bn == BN_AFTER or drop),
+                mask=rows(n, drop),
+                unif=rows(n, drop, np.float64),
+            )
+            for n in hid
+        ]
         self._d_dt = cp.zeros(capacity * max(hid) if bn else 0, self.dtype)
         self._d_zero = cp.zeros(max(hid), self.dtype)
         self._d_running = cp.zeros(max(self.layout.n_running, 1), self.dtype)
@@ -78,10 +87,10 @@ class DeviceNorm:
             nch = -(-B // g)
 
             def rows(a, width=n):
-                return a[:B * width].reshape(B, width) if a.size else self._d_dummy
+                return a[: B * width].reshape(B, width) if a.size else self._d_dummy
 
             v = {name: rows(d[name]) for name in ("xh", "pre", "act", "mask", "unif")}
-            v["inv"] = d["inv"][:nch * n] if d["inv"].size else self._d_dummy
+            v["inv"] = d["inv"][: nch * n] if d["inv"].size else self._d_dummy
             v["dt"] = rows(self._d_dt)
             v["g"], v["nch"] = g, nch
             if len(self._nviews) > 64:
@@ -94,8 +103,12 @@ class DeviceNorm:
         and gradient vectors."""
         c = getattr(self, "_bn_dev_views", None)
         if c is None or c[0] is not self.d_params or c[1] is not self.d_grad:
-            c = self._bn_dev_views = (self.d_params, self.d_grad, *self.layout.bn_views(self.d_params),
-                                      *self.layout.bn_views(self.d_grad))
+            c = self._bn_dev_views = (
+                self.d_params,
+                self.d_grad,
+                *self.layout.bn_views(self.d_params),
+                *self.layout.bn_views(self.d_grad),
+            )
         return c[2:]
 
     def _grow(self, capacity: int) -> None:
@@ -121,17 +134,21 @@ class DeviceNorm:
                 for l, u in enumerate(self._unif):
                     self._norm_views(l, B)["unif"].set(u[:B], stream=s)
         elif norm.bn:
-            self._d_running[:self.running.size].set(self.running, stream=s)
+            self._d_running[: self.running.size].set(self.running, stream=s)
 
     def _check_norm_steps(self, B: int, n_steps: int, want_sqn: bool, dropout_rng, update_running) -> None:
         if want_sqn:
             check_per_example(self.norm, "per-example gradient norms")
         if n_steps > 1 and self.dropout > 0 and dropout_rng is None:
-            raise ValueError(f"dropout_rng: {n_steps} steps of a model with dropout need the generator to "
-                             f"draw each step's masks from (fit passes its own), got None")
+            raise ValueError(
+                f"dropout_rng: {n_steps} steps of a model with dropout need the generator to "
+                f"draw each step's masks from (fit passes its own), got None"
+            )
         if n_steps > 1 and self.norm.bn and not update_running:
-            raise ValueError(f"update_running: {n_steps} steps of a model with batch norm must update the "
-                             f"running statistics on the device (update_running=True, as fit does)")
+            raise ValueError(
+                f"update_running: {n_steps} steps of a model with batch norm must update the "
+                f"running statistics on the device (update_running=True, as fit does)"
+            )
         self.norm.check_batch(B)
 
     #: device memory the dropout uniforms of one run may take (``fit`` shortens its runs of
@@ -157,17 +174,17 @@ class DeviceNorm:
         self._ensure_uniforms(n_steps * B)
         if rng is None:
             for l, n in enumerate(hid):
-                self._unif_host[l][:B * n] = self._unif[l][:B].ravel()
+                self._unif_host[l][: B * n] = self._unif[l][:B].ravel()
         else:
             for c in range(n_steps):
                 for l, n in enumerate(hid):
-                    rng.random(out=self._unif_host[l][c * B * n:(c + 1) * B * n])
+                    rng.random(out=self._unif_host[l][c * B * n : (c + 1) * B * n])
             self._grow(B)
-            for l, n in enumerate(hid):   # the host state of draw_dropout after the last step
-                np.copyto(self._unif[l][:B], self._unif_host[l][(n_steps - 1) * B * n:n_steps * B * n].reshape(B, n))
+            for l, n in enumerate(hid):  # the host state of draw_dropout after the last step
+                np.copyto(self._unif[l][:B], self._unif_host[l][(n_steps - 1) * B * n : n_steps * B * n].reshape(B, n))
             self._masks_from_uniforms(B)
         for l, n in enumerate(hid):
-            self._unif_tab[l][:n_steps * B * n].set(self._unif_host[l][:n_steps * B * n], stream=self.stream)
+            self._unif_tab[l][: n_steps * B * n].set(self._unif_host[l][: n_steps * B * n], stream=self.stream)
 
     def _ensure_uniforms(self, rows: int) -> None:
         """The dropout uniforms table (device and host) for ``rows`` rows of every hidden
@@ -188,9 +205,11 @@ class DeviceNorm:
         zs = self._layer_views(B)[1]
         for l, n in enumerate(self.layout.hidden):
             x = zs[l] if norm.bn == BN_BEFORE else self._norm_views(l, B)["act"]
-            self._launch(self.k.bn_running_update, *S.grid_columns(n),
-                         (x, np.int32(B), np.int32(n), np.float64(norm.momentum), self._d_rm[l], self._d_rv[l],
-                          st))
+            self._launch(
+                self.k.bn_running_update,
+                *S.grid_columns(n),
+                (x, np.int32(B), np.int32(n), np.float64(norm.momentum), self._d_rm[l], self._d_rv[l], st),
+            )
 
     def _enqueue_hidden_norm(self, l, A, B, gemm, training, step=False):
         """Forward of hidden layer l of a model with batch norm and/or dropout:
@@ -210,42 +229,101 @@ class DeviceNorm:
         gams, bets = self._bn_dev()[:2]
         bn = norm.bn
         drop = training and norm.dropout > 0
-        if bn == BN_BEFORE:      # linear only
+        if bn == BN_BEFORE:  # linear only
             z, lin_act, lin_out = (zs[l] if training else v["xh"]), -1, self._d_dummy
-        elif bn == BN_AFTER:     # linear + activation: the BN input
+        elif bn == BN_AFTER:  # linear + activation: the BN input
             z, lin_act, lin_out = zs[l], act, (v["act"] if training else v["xh"])
-        else:                    # dropout alone
+        else:  # dropout alone
             z, lin_act, lin_out = zs[l], act, (v["act"] if drop else as_[l])
         if gemm == "cublas":
             cp.matmul(A, W, out=z)
-            self._launch(k.bias_act_forward, *self._elementwise_grid(B * fo),
-                         (z, b, lin_out, np.int32(B), np.int32(fo), np.int32(lin_act)))
+            self._launch(
+                k.bias_act_forward,
+                *self._elementwise_grid(B * fo),
+                (z, b, lin_out, np.int32(B), np.int32(fo), np.int32(lin_act)),
+            )
         else:
             grid, block = S.grid_gemm(B, fo)
-            self._launch(k.gemm, grid, block,
-                         (A, W, z, np.int32(B), np.int32(fo), np.int32(fi), np.int32(0), np.int32(0),
-                          np.int32(1), b, lin_out, self._d_dummy, self._d_dummy, np.int32(lin_act)))
+            self._launch(
+                k.gemm,
+                grid,
+                block,
+                (
+                    A,
+                    W,
+                    z,
+                    np.int32(B),
+                    np.int32(fo),
+                    np.int32(fi),
+                    np.int32(0),
+                    np.int32(0),
+                    np.int32(1),
+                    b,
+                    lin_out,
+                    self._d_dummy,
+                    self._d_dummy,
+                    np.int32(lin_act),
+                ),
+            )
         out = lin_out
         if bn:
             x = z if bn == BN_BEFORE else lin_out
             out = v["pre"] if bn == BN_BEFORE else as_[l]
             if training:
-                self._launch(k.bn_train_forward, *S.grid_columns(fo, v["nch"]),
-                             (x, out, v["xh"], v["inv"], gams[l], bets[l], np.int32(B), np.int32(fo),
-                              np.int32(v["g"]), np.float64(norm.eps)))
+                self._launch(
+                    k.bn_train_forward,
+                    *S.grid_columns(fo, v["nch"]),
+                    (
+                        x,
+                        out,
+                        v["xh"],
+                        v["inv"],
+                        gams[l],
+                        bets[l],
+                        np.int32(B),
+                        np.int32(fo),
+                        np.int32(v["g"]),
+                        np.float64(norm.eps),
+                    ),
+                )
             else:
-                self._launch(k.bn_eval_forward, *self._elementwise_grid(B * fo),
-                             (x, out, self._d_rm[l], self._d_rv[l], gams[l], bets[l], np.int32(B),
-                              np.int32(fo), np.float64(norm.eps)))
+                self._launch(
+                    k.bn_eval_forward,
+                    *self._elementwise_grid(B * fo),
+                    (
+                        x,
+                        out,
+                        self._d_rm[l],
+                        self._d_rv[l],
+                        gams[l],
+                        bets[l],
+                        np.int32(B),
+                        np.int32(fo),
+                        np.float64(norm.eps),
+                    ),
+                )
             if bn == BN_BEFORE:  # f of the normalised z (a zero bias; pre + 0 is pre)
                 out = v["act"] if drop else as_[l]
-                self._launch(k.bias_act_forward, *self._elementwise_grid(B * fo),
-                             (v["pre"], self._d_zero[:fo], out, np.int32(B), np.int32(fo), np.int32(act)))
-        if drop:                 # as_[l] = out * mask, the mask made from the uploaded uniforms
-            self._launch(k.dropout_forward, *self._elementwise_grid(B * fo),
-                         (self._unif_tab[l] if step else v["unif"], v["mask"], out, as_[l], np.int64(B * fo),
-                          np.float64(norm.dropout), self._st if step else np.uint64(0),
-                          np.int64(B * fo if step else 0)))
+                self._launch(
+                    k.bias_act_forward,
+                    *self._elementwise_grid(B * fo),
+                    (v["pre"], self._d_zero[:fo], out, np.int32(B), np.int32(fo), np.int32(act)),
+                )
+        if drop:  # as_[l] = out * mask, the mask made from the uploaded uniforms
+            self._launch(
+                k.dropout_forward,
+                *self._elementwise_grid(B * fo),
+                (
+                    self._unif_tab[l] if step else v["unif"],
+                    v["mask"],
+                    out,
+                    as_[l],
+                    np.int64(B * fo),
+                    np.float64(norm.dropout),
+                    self._st if step else np.uint64(0),
+                    np.int64(B * fo if step else 0),
+                ),
+            )
 
     def _enqueue_hidden_norm_backward(self, h, D, B, gemm):
         """ds[h] = dLoss/dz_h from D = dLoss/dz_{h+1}: through W_{h+1}, then the reverse of
@@ -268,21 +346,42 @@ class DeviceNorm:
             cp.matmul(D, W.T, out=G)
         else:
             grid2, block2 = S.grid_gemm(B, fi)
-            self._launch(k.gemm, grid2, block2,
-                         (D, W, G, np.int32(B), np.int32(fi), np.int32(fo), np.int32(0), np.int32(1),
-                          np.int32(0), self._d_dummy, self._d_dummy, self._d_dummy, self._d_dummy, np.int32(-1)))
+            self._launch(
+                k.gemm,
+                grid2,
+                block2,
+                (
+                    D,
+                    W,
+                    G,
+                    np.int32(B),
+                    np.int32(fi),
+                    np.int32(fo),
+                    np.int32(0),
+                    np.int32(1),
+                    np.int32(0),
+                    self._d_dummy,
+                    self._d_dummy,
+                    self._d_dummy,
+                    self._d_dummy,
+                    np.int32(-1),
+                ),
+            )
         if drop:
             self._launch(k.dropout_backward, *grid, (v["mask"], G, np.int64(n)))
-        if bn == BN_BEFORE:      # through f (of the BN output) first
-            self._launch(k.act_backward, *grid,
-                         (v["pre"], v["act"] if drop else as_[h], G, np.int64(n), np.int32(act)))
+        if bn == BN_BEFORE:  # through f (of the BN output) first
+            self._launch(k.act_backward, *grid, (v["pre"], v["act"] if drop else as_[h], G, np.int64(n), np.int32(act)))
         if bn:
             gams, _, ggams, gbets = self._bn_dev()
-            self._launch(k.bn_param_grad, *S.grid_columns(fi),
-                         (G, v["xh"], np.int32(B), np.int32(fi), ggams[h], gbets[h]))
-            self._launch(k.bn_train_backward, *S.grid_columns(fi, v["nch"]),
-                         (G, v["xh"], v["inv"], gams[h], ds[h], np.int32(B), np.int32(fi), np.int32(v["g"])))
-        if bn != BN_BEFORE:      # through f of z (unmasked f(z) in ``act``)
+            self._launch(
+                k.bn_param_grad, *S.grid_columns(fi), (G, v["xh"], np.int32(B), np.int32(fi), ggams[h], gbets[h])
+            )
+            self._launch(
+                k.bn_train_backward,
+                *S.grid_columns(fi, v["nch"]),
+                (G, v["xh"], v["inv"], gams[h], ds[h], np.int32(B), np.int32(fi), np.int32(v["g"])),
+            )
+        if bn != BN_BEFORE:  # through f of z (unmasked f(z) in ``act``)
             self._launch(k.act_backward, *grid, (zs[h], v["act"], ds[h], np.int64(n), np.int32(act)))
 
     def update_running(self, B: int) -> None:
@@ -296,7 +395,7 @@ class DeviceNorm:
         if self.ws is None or self.ws.capacity < B:
             raise RuntimeError(f"update_running: no training pass of {B} rows to take the statistics from")
         s = self.stream
-        self._d_running[:self.running.size].set(self.running, stream=s)
+        self._d_running[: self.running.size].set(self.running, stream=s)
         self._enqueue_running(B, np.uint64(0))
-        self._d_running[:self.running.size].get(stream=s, out=self.running)
+        self._d_running[: self.running.size].get(stream=s, out=self.running)
         s.synchronize()

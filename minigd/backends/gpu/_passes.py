@@ -16,6 +16,7 @@ Two GEMM flavours (``gemm``):
   capture, so the CUDA-graph path (batches up to ``graph_max_batch``, where a step is
   launch-bound) uses these.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,23 +46,63 @@ class Passes:
             aout = as_[l] if l < L - 1 else zs[l]
             if gemm == "cublas":
                 cp.matmul(A, W, out=zs[l])
-                self._launch(self.k.bias_act_forward, *self._elementwise_grid(B * fo),
-                             (zs[l], b, aout, np.int32(B), np.int32(fo), np.int32(act)))
+                self._launch(
+                    self.k.bias_act_forward,
+                    *self._elementwise_grid(B * fo),
+                    (zs[l], b, aout, np.int32(B), np.int32(fo), np.int32(act)),
+                )
             else:
                 grid, block = S.grid_gemm(B, fo)
-                self._launch(self.k.gemm, grid, block,
-                             (A, W, zs[l], np.int32(B), np.int32(fo), np.int32(fi), np.int32(0), np.int32(0),
-                              np.int32(1), b, aout, self._d_dummy, self._d_dummy, np.int32(act)))
+                self._launch(
+                    self.k.gemm,
+                    grid,
+                    block,
+                    (
+                        A,
+                        W,
+                        zs[l],
+                        np.int32(B),
+                        np.int32(fo),
+                        np.int32(fi),
+                        np.int32(0),
+                        np.int32(0),
+                        np.int32(1),
+                        b,
+                        aout,
+                        self._d_dummy,
+                        self._d_dummy,
+                        np.int32(act),
+                    ),
+                )
 
     def _enqueue_loss(self, B, dyi, dyf, idx, st, res, slot, train):
         """Loss kernel + deterministic mean: to rec[c, slot] (st given) or res[slot]."""
         _, zs, _, ds = self._layer_views(B)
         n = self.layout.sizes[-1]
-        self._launch(self.k.loss_fwd_bwd, S.grid_rows(B), (S.THREADS,),
-                     (zs[-1], ds[-1], dyi, dyf, idx, st, np.int32(B), np.int32(n), np.int32(self.loss_code),
-                      np.float64(1.0 / B), self._rowloss))
-        self._launch(self.k.sum_rows, (1,), (S.THREADS,),
-                     (self._rowloss, np.int32(B), np.float64(1.0 / B), res, st, np.int32(slot), np.int32(train)))
+        self._launch(
+            self.k.loss_fwd_bwd,
+            S.grid_rows(B),
+            (S.THREADS,),
+            (
+                zs[-1],
+                ds[-1],
+                dyi,
+                dyf,
+                idx,
+                st,
+                np.int32(B),
+                np.int32(n),
+                np.int32(self.loss_code),
+                np.float64(1.0 / B),
+                self._rowloss,
+            ),
+        )
+        self._launch(
+            self.k.sum_rows,
+            (1,),
+            (S.THREADS,),
+            (self._rowloss, np.int32(B), np.float64(1.0 / B), res, st, np.int32(slot), np.int32(train)),
+        )
 
     def _enqueue_backward(self, B, gemm, want_sqn):
         cp = self.cp
@@ -75,29 +116,79 @@ class Passes:
                 cp.matmul(A.T, D, out=self._gW[l])
             else:
                 grid, block = S.grid_gemm(fi, fo)
-                self._launch(self.k.gemm, grid, block,
-                             (A, D, self._gW[l], np.int32(fi), np.int32(fo), np.int32(B), np.int32(1), np.int32(0),
-                              np.int32(0), self._d_dummy, self._d_dummy, self._d_dummy, self._d_dummy, np.int32(-1)))
+                self._launch(
+                    self.k.gemm,
+                    grid,
+                    block,
+                    (
+                        A,
+                        D,
+                        self._gW[l],
+                        np.int32(fi),
+                        np.int32(fo),
+                        np.int32(B),
+                        np.int32(1),
+                        np.int32(0),
+                        np.int32(0),
+                        self._d_dummy,
+                        self._d_dummy,
+                        self._d_dummy,
+                        self._d_dummy,
+                        np.int32(-1),
+                    ),
+                )
             grid, block = S.grid_bias_grad(fo)
             self._launch(self.k.bias_grad, grid, block, (D, np.int32(B), np.int32(fo), self._gb[l]))
             if want_sqn:
-                self._launch(self.k.sqnorm_accumulate, S.grid_rows(B), (S.THREADS,),
-                             (A, D, np.int32(B), np.int32(fi), np.int32(fo), np.float64(float(B) * float(B)),
-                              np.int32(l == L - 1), self._sqn))
+                self._launch(
+                    self.k.sqnorm_accumulate,
+                    S.grid_rows(B),
+                    (S.THREADS,),
+                    (
+                        A,
+                        D,
+                        np.int32(B),
+                        np.int32(fi),
+                        np.int32(fo),
+                        np.float64(float(B) * float(B)),
+                        np.int32(l == L - 1),
+                        self._sqn,
+                    ),
+                )
             if l > 0 and self.norm is not None:
                 self._enqueue_hidden_norm_backward(l - 1, D, B, gemm)
             elif l > 0:
                 act = self.act_codes[l - 1]
                 if gemm == "cublas":
                     cp.matmul(D, self._pW[l].T, out=ds[l - 1])
-                    self._launch(self.k.act_backward, *self._elementwise_grid(B * fi),
-                                 (zs[l - 1], as_[l - 1], ds[l - 1], np.int64(B * fi), np.int32(act)))
+                    self._launch(
+                        self.k.act_backward,
+                        *self._elementwise_grid(B * fi),
+                        (zs[l - 1], as_[l - 1], ds[l - 1], np.int64(B * fi), np.int32(act)),
+                    )
                 else:
                     grid, block = S.grid_gemm(B, fi)
-                    self._launch(self.k.gemm, grid, block,
-                                 (D, self._pW[l], ds[l - 1], np.int32(B), np.int32(fi), np.int32(fo), np.int32(0),
-                                  np.int32(1), np.int32(2), self._d_dummy, self._d_dummy, zs[l - 1], as_[l - 1],
-                                  np.int32(act)))
+                    self._launch(
+                        self.k.gemm,
+                        grid,
+                        block,
+                        (
+                            D,
+                            self._pW[l],
+                            ds[l - 1],
+                            np.int32(B),
+                            np.int32(fi),
+                            np.int32(fo),
+                            np.int32(0),
+                            np.int32(1),
+                            np.int32(2),
+                            self._d_dummy,
+                            self._d_dummy,
+                            zs[l - 1],
+                            as_[l - 1],
+                            np.int32(act),
+                        ),
+                    )
 
     def _enqueue_layers(self, kern, B, args, total):
         x0, _, as_, ds = self._layer_views(B)

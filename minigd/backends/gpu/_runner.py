@@ -10,6 +10,7 @@ once, at the end); ``fit`` hands it up to ``steps_per_call`` (= ``read_every``, 
 batches at a time, cutting runs where it must look at the model (evaluations, checkpoints,
 budgets, tracked steps).
 """
+
 from __future__ import annotations
 
 import time
@@ -43,13 +44,29 @@ class Runner:
                 self._step_runner(b, want_sqn, opt_state, hp, dstate, running)
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
-        res = self.run_steps(params, X, yi, yf, idx, B, 1, opt_state, [lr], t, want_sqn=want_sqn,
-                             grad=grad)
+        res = self.run_steps(params, X, yi, yf, idx, B, 1, opt_state, [lr], t, want_sqn=want_sqn, grad=grad)
         loss, ok, gsq = res["loss"][0], bool(res["applied"][0]), res["grad_norm_sq"][0]
         return float(loss), ok, float(gsq) if want_sqn or not np.isfinite(loss) else 0.0
 
-    def run_steps(self, params, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn=False,
-                  read_every=None, grad=None, dropout_rng=None, update_running=False, max_time=None):
+    def run_steps(
+        self,
+        params,
+        X,
+        yi,
+        yf,
+        idx,
+        B,
+        n_steps,
+        opt_state,
+        lrs,
+        t0,
+        want_sqn=False,
+        read_every=None,
+        grad=None,
+        dropout_rng=None,
+        update_running=False,
+        max_time=None,
+    ):
         """``n_steps`` training steps of batch size B on the device, rows
         ``idx[s * B:(s + 1) * B]`` for step s (or all of ``idx`` when it holds just B rows:
         full-batch steps), learning rates ``lrs[s]`` and update counts ``t0 + s``;
@@ -79,7 +96,7 @@ class Runner:
         if n_steps < 1:
             raise ValueError(f"n_steps: expected at least 1, got {n_steps}")
         idx = np.ascontiguousarray(idx, dtype=np.int64)
-        if idx.shape[0] == B and n_steps > 1:   # full-batch steps: the same rows at every step
+        if idx.shape[0] == B and n_steps > 1:  # full-batch steps: the same rows at every step
             idx = np.tile(idx, n_steps)
         if idx.shape[0] < n_steps * B:
             raise ValueError(f"idx: expected at least n_steps * B = {n_steps * B} row indices, got {idx.shape[0]}")
@@ -94,7 +111,7 @@ class Runner:
         if self.dropout > 0:
             self._upload_uniforms(B, n_steps, dropout_rng)
         if running:
-            self._d_running[:self.running.size].set(self.running, stream=self.stream)
+            self._d_running[: self.running.size].set(self.running, stream=self.stream)
         self._device_data(X, yi, yf)
         hp, dstate = self._upload_opt(opt_state)
         s = self.stream
@@ -103,7 +120,7 @@ class Runner:
         sched[:, 0] = lrs
         sched[:, 1] = t0 + np.arange(n_steps)
         self._sched[:n_steps].set(sched, stream=s)
-        self._idx[:n_steps * B].set(idx[:n_steps * B], stream=s)
+        self._idx[: n_steps * B].set(idx[: n_steps * B], stream=s)
         self._st.set(np.zeros(4, np.int32), stream=s)
         with s:
             self._rec[:n_steps].fill(0)
@@ -115,7 +132,7 @@ class Runner:
             upto = min(n_steps, done + every)
             for _ in range(done, upto):
                 step()
-            self._rec[done:upto].get(stream=s, out=rec[done:upto])   # the one host sync
+            self._rec[done:upto].get(stream=s, out=rec[done:upto])  # the one host sync
             bad = np.flatnonzero(rec[done:upto, 1] == 0)
             if bad.size:
                 upto = done + int(bad[0]) + 1
@@ -128,12 +145,16 @@ class Runner:
         if grad is not None:
             self.d_grad.get(stream=s, out=grad)
         if running:
-            self._d_running[:self.running.size].get(stream=s, out=self.running)
+            self._d_running[: self.running.size].get(stream=s, out=self.running)
         self._download_opt(opt_state)
         s.synchronize()
         elapsed = time.perf_counter() - start
-        return {"loss": rec[:done, 0].copy(), "applied": rec[:done, 1] != 0, "grad_norm_sq": rec[:done, 2].copy(),
-                "time": elapsed * np.arange(1, done + 1, dtype=np.float64) / done}
+        return {
+            "loss": rec[:done, 0].copy(),
+            "applied": rec[:done, 1] != 0,
+            "grad_norm_sq": rec[:done, 2].copy(),
+            "time": elapsed * np.arange(1, done + 1, dtype=np.float64) / done,
+        }
 
     def opt_apply(self, params, grad, opt_state, lr, t):
         self._ensure(1)

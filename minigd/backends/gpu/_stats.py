@@ -3,6 +3,7 @@
 No graph here: each call gathers its batch on the host (:meth:`DeviceMemory._stage_batch`),
 runs the passes of :mod:`._passes` and reads the result back.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -75,12 +76,25 @@ class Statistics:
         self._device_loss_grad(params, X, yi, yf, idx, B, False)
         P = self.layout.n_params
         if self._G is None or self._G.shape[0] < B:
-            with self.stream:   # zeros is a memset: on our stream, ordered before the fill kernel
+            with self.stream:  # zeros is a memset: on our stream, ordered before the fill kernel
                 self._G = self.cp.zeros((B, P), self.dtype)
         G = self._G[:B]
-        self._enqueue_layers(self.k.per_example_fill, B, lambda A, D, fi, fo, wo, bo: (
-            A, D, np.int32(B), np.int32(fi), np.int32(fo), np.int64(wo), np.int64(bo), np.int64(P), G),
-            total=lambda fi, fo: B * (fi * fo + fo))
+        self._enqueue_layers(
+            self.k.per_example_fill,
+            B,
+            lambda A, D, fi, fo, wo, bo: (
+                A,
+                D,
+                np.int32(B),
+                np.int32(fi),
+                np.int32(fo),
+                np.int64(wo),
+                np.int64(bo),
+                np.int64(P),
+                G,
+            ),
+            total=lambda fi, fo: B * (fi * fo + fo),
+        )
         G.get(stream=self.stream, out=out[:B])
 
     def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2):
@@ -93,10 +107,26 @@ class Statistics:
             dm2 = cp.asarray(m2)
         n_new = n_old + B
         w, c = B / n_new, n_old * B / n_new
-        self._enqueue_layers(self.k.moments_update, B, lambda A, D, fi, fo, wo, bo: (
-            A, D, self.d_grad, np.int32(B), np.int32(fi), np.int32(fo), np.int64(wo), np.int64(bo),
-            np.int64(n_old), np.float64(w), np.float64(c), dmean, dm2),
-            total=lambda fi, fo: fi * fo + fo)
+        self._enqueue_layers(
+            self.k.moments_update,
+            B,
+            lambda A, D, fi, fo, wo, bo: (
+                A,
+                D,
+                self.d_grad,
+                np.int32(B),
+                np.int32(fi),
+                np.int32(fo),
+                np.int64(wo),
+                np.int64(bo),
+                np.int64(n_old),
+                np.float64(w),
+                np.float64(c),
+                dmean,
+                dm2,
+            ),
+            total=lambda fi, fo: fi * fo + fo,
+        )
         dmean.get(stream=s, out=mean)
         dm2.get(stream=s, out=m2)
         self.d_grad.get(stream=s, out=grad)

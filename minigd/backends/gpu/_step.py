@@ -8,6 +8,7 @@ kernels from device memory (the step control block in ``kernels/gpu_common.cuh``
 sequence is captured once in a CUDA graph and replayed for batches up to
 ``graph_max_batch``; larger ones run the cuBLAS sequence without a graph.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,12 @@ class StepSequence:
         P = vec.shape[0]
         nb = S.reduce_blocks(P)
         self._launch(self.k.sumsq_partial, (nb,), (S.THREADS,), (vec, np.int64(P), self._partial))
-        self._launch(self.k.clip_factor, (1,), (S.THREADS,),
-                     (self._partial, np.int32(nb), hp, np.int32(k), rec if rec is not None else np.uint64(0), st))
+        self._launch(
+            self.k.clip_factor,
+            (1,),
+            (S.THREADS,),
+            (self._partial, np.int32(nb), hp, np.int32(k), rec if rec is not None else np.uint64(0), st),
+        )
 
     def _enqueue_opt(self, opt_state, hp, dstate, st):
         """The optimizer chain and the conditional update (see gpu_optim.cu)."""
@@ -45,9 +50,9 @@ class StepSequence:
 
         def slots(i):
             if codes[i] == OP_TRACE:
-                return dstate[soff[i]:soff[i] + P], dummy
+                return dstate[soff[i] : soff[i] + P], dummy
             if codes[i] == OP_ADAM:
-                return dstate[soff[i]:soff[i] + P], dstate[soff[i] + P:soff[i] + 2 * P]
+                return dstate[soff[i] : soff[i] + P], dstate[soff[i] + P : soff[i] + 2 * P]
             return dummy, dummy
 
         if plan[0]:
@@ -58,9 +63,26 @@ class StepSequence:
             if plan[1] >= 0:
                 self._enqueue_sumsq_clip(hp, plan[1], st)
             s1, s2 = slots(i_mid) if i_mid >= 0 else (dummy, dummy)
-            self._launch(k.opt_fused, *grid,
-                         (self.d_params, self.d_grad, s1, s2, np.int64(P), hp, np.int32(nrows), np.int32(plan[1]),
-                          np.int32(plan[2]), np.int32(i_mid), np.int32(mid), np.int32(plan[4]), np.int32(plan[5]), st))
+            self._launch(
+                k.opt_fused,
+                *grid,
+                (
+                    self.d_params,
+                    self.d_grad,
+                    s1,
+                    s2,
+                    np.int64(P),
+                    hp,
+                    np.int32(nrows),
+                    np.int32(plan[1]),
+                    np.int32(plan[2]),
+                    np.int32(i_mid),
+                    np.int32(mid),
+                    np.int32(plan[4]),
+                    np.int32(plan[5]),
+                    st,
+                ),
+            )
         else:
             self._launch(k.opt_prepare, (1,), (1,), (hp, np.int32(-1), np.int32(-1), sched, st))
             for i, c in enumerate(codes):
@@ -71,9 +93,22 @@ class StepSequence:
                 elif c == OP_SCALE_LR:
                     self._launch(k.opt_prepare, (1,), (1,), (hp, np.int32(i), np.int32(-1), sched, st))
                 s1, s2 = slots(i)
-                self._launch(k.opt_primitive, *grid,
-                             (self.d_params, self.d_grad, s1, s2, np.int64(P), hp, np.int32(nrows), np.int32(i),
-                              np.int32(_PRIM_OP[c]), st))
+                self._launch(
+                    k.opt_primitive,
+                    *grid,
+                    (
+                        self.d_params,
+                        self.d_grad,
+                        s1,
+                        s2,
+                        np.int64(P),
+                        hp,
+                        np.int32(nrows),
+                        np.int32(i),
+                        np.int32(_PRIM_OP[c]),
+                        st,
+                    ),
+                )
             self._launch(k.check_finite, *grid, (self.d_params, self.d_grad, np.int64(P), st))
         self._launch(k.apply_update, *grid, (self.d_params, self.d_grad, np.int64(P), st))
 
@@ -81,8 +116,9 @@ class StepSequence:
         P = self.layout.n_params
         nb = S.reduce_blocks(P)
         self._launch(self.k.sumsq_partial, (nb,), (S.THREADS,), (self.d_grad, np.int64(P), self._partial))
-        self._launch(self.k.clip_factor, (1,), (S.THREADS,),
-                     (self._partial, np.int32(nb), hp, np.int32(i), np.uint64(0), st))   # rec: null
+        self._launch(
+            self.k.clip_factor, (1,), (S.THREADS,), (self._partial, np.int32(nb), hp, np.int32(i), np.uint64(0), st)
+        )  # rec: null
 
     def _enqueue_step(self, B, want_sqn, opt_state, hp, dstate, gemm, running=False):
         """One whole training step of the batch at row c of the index table (``running``:
@@ -91,8 +127,7 @@ class StepSequence:
         n0 = self.layout.sizes[0]
         x0 = self._layer_views(B)[0]
         st = self._st
-        self._launch(self.k.gather, *self._elementwise_grid(B * n0),
-                     (dX, self._idx, st, np.int32(B), np.int32(n0), x0))
+        self._launch(self.k.gather, *self._elementwise_grid(B * n0), (dX, self._idx, st, np.int32(B), np.int32(n0), x0))
         self._enqueue_forward(B, gemm, training=True, step=True)
         self._enqueue_loss(B, dyi, dyf, self._idx, st, self._rec, 0, 1)
         self._enqueue_backward(B, gemm, want_sqn)
@@ -119,7 +154,7 @@ class StepSequence:
                 try:
                     self._enqueue_step(B, want_sqn, opt_state, hp, dstate, "tiled", running)
                 except BaseException:
-                    try:   # end the capture, but report what broke it, not the invalidated capture
+                    try:  # end the capture, but report what broke it, not the invalidated capture
                         self.stream.end_capture()
                     except Exception:
                         pass
