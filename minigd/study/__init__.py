@@ -136,8 +136,8 @@ def lr_extensions(spec: SweepSpec, rows) -> list:
 
     from .analysis import best_lrs
 
-    groups = defaultdict(list)
-    adaptive = defaultdict(list)
+    groups: defaultdict[tuple, list[tuple[TrialConfig, dict]]] = defaultdict(list)
+    adaptive: defaultdict[tuple, list[tuple[TrialConfig, dict]]] = defaultdict(list)
     for cfg, res in rows:
         if res.get("status") == "ok":
             (adaptive if cfg.is_adaptive else groups)[
