@@ -480,8 +480,11 @@ def summarize(p: Problem, res: dict, seeds) -> dict:
                       "reached": sum(r["reached"] for r in recs), "factors_tried": fs,
                       "edge": b[1] < INF and b[0] in (fs[0], fs[-1]),
                       "steps": _median([by[s]["steps"] or INF for s in seeds]),
+                      "examples": _median([by[s]["examples"] or INF for s in seeds]),
                       "per_seed_time": [by[s]["time"] for s in seeds],
-                      "per_seed_robust": [by[s]["robust"] for s in seeds]})
+                      "per_seed_robust": [by[s]["robust"] for s in seeds],
+                      "us_per_step": 1e6 * _median([by[s]["robust"] / by[s]["steps"] for s in seeds
+                                                    if by[s]["reached"]])})
     out = {"problem": p.name, "describe": p.describe, "n_train": p.data["n_train"],
            "target": {p.metric: p.target}, "floor": p.floor,
            "run_cap_s": p.run_cap, "cap_s": p.cap_s,
@@ -628,7 +631,7 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         L += [f"## {s['problem']}", "", s["describe"] + f". Adaptive: `AdaptiveBatchSize(min=32)` (candidates "
               f"32 ... {min(8192, s['n_train'])}), learning rate {s['lr_B32']:.4g} (the tuned rate of B=32). "
               f"Run cap {1e3 * s['run_cap_s']:.0f} ms of training.", "",
-              "| arm | reached | steps | last B per seed | raw ms [90%] | raw ratio [90%] | robust ms | "
+              "| arm | reached | steps / examples | last B per seed | raw ms [90%] | raw ratio [90%] | robust ms | "
               "robust ratio [90%] | ctrl ms | probe ms | robust+ctrl ratio | all-in ratio | wins raw / robust | "
               "vs median fixed raw / robust |",
               "|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -637,7 +640,7 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
               f"| median of the fixed B | | | | {_ms(s['median_fixed_time'])} | | "
               f"{_ms(s['median_fixed_robust'])} | | | | | | | |"]
         for a in s["adaptive"]:
-            L.append(f"| {a['arm']} | {a['reached']}/{n} | {_n(a['steps'])} | {a['final_B']} | "
+            L.append(f"| {a['arm']} | {a['reached']}/{n} | {_n(a['steps'])} / {_n(a['examples'])} | {a['final_B']} | "
                      f"{_ms(a['time'])} {_ci([1e3 * x for x in a['time_ci']])} | "
                      f"{_fmt(a.get('time_ratio', INF))} {_ci(a.get('time_ratio_ci', (INF, INF)))} | "
                      f"{_ms(a['robust'])} | "
@@ -647,21 +650,24 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
                      f"{a.get('time_wins', 0)} / {a.get('robust_wins', 0)} | "
                      f"{_fmt(a.get('time_vs_median_fixed', INF))} / {_fmt(a.get('robust_vs_median_fixed', INF))} |")
         L += ["", "Fixed batch sizes (rate = base x sqrt(B/32) x factor; † best rate at an edge of the factors tried):",
-              "", "| B | factor | rate | reached | steps | raw ms | robust ms |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "", "| B | factor | rate | reached | steps | examples | raw ms | robust ms |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for f in s["fixed"]:
             if f["factor"] is None:
-                L.append(f"| {f['B']} | - | - | 0/{n} | - | not reached | not reached |")
+                L.append(f"| {f['B']} | - | - | 0/{n} | - | - | not reached | not reached |")
                 continue
             L.append(f"| {f['B']} | {f['factor']:g}{' †' if f['edge'] else ''} | {f['lr']:.3g} | {f['reached']}/{n} | "
-                     f"{_n(f['steps'])} | {_ms(f['time'])} | {_ms(f['robust'])} |")
+                     f"{_n(f['steps'])} | {_n(f['examples'])} | {_ms(f['time'])} | {_ms(f['robust'])} |")
         a0 = next(a for a in s["adaptive"] if a["arm"] == "adaptive adascale")
         L += ["", "adascale's training time (ms, to the target or the cap) at each batch size, per seed: " +
               "; ".join(", ".join(f"{b}: {1e3 * t:.3g}" for b, t in sorted(tb.items())) for tb in a0["time_by_B"])
               + ".", "",
               "The throughput table adascale's probe measured (seed 0; µs per step, and in brackets µs per "
               "example): " + ", ".join(f"{b}: {1e6 * t:.3g} ({1e6 * t / b:.2g})"
-                                       for b, t in sorted(a0["throughput_tables"][0].items())) + ".", ""]
+                                       for b, t in sorted(a0["throughput_tables"][0].items())) + ". "
+              "The steps of the fixed runs at their tuned rate (robust, median over seeds; µs per step, and "
+              "per example): " + ", ".join(f"{f['B']}: {f['us_per_step']:.3g} ({f['us_per_step'] / f['B']:.2g})"
+                                          for f in s["fixed"] if f.get("us_per_step", INF) < INF) + ".", ""]
     L += ["## Controller overhead", "",
           "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
           "every 4th step and decides every 20 steps, but never changes B; nothing probed) vs `batch_size=B`, "
