@@ -36,6 +36,7 @@ import numbers
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +168,7 @@ def _lr_record(lr: Any) -> Any:
     if isinstance(lr, schedules.Constant):
         return float(lr.lr)
     if dataclasses.is_dataclass(lr) and type(lr).__module__ == schedules.__name__:
-        rec = {"schedule": type(lr).__name__}
+        rec: dict[str, Any] = {"schedule": type(lr).__name__}
         for f in dataclasses.fields(lr):
             v = getattr(lr, f.name)
             if isinstance(v, tuple) and all(isinstance(x, numbers.Real) for x in v):
@@ -388,7 +389,7 @@ def _is_num(v: Any) -> bool:
 
 
 def _int_field(d: dict, key: str, where: str, low: int = 0, high: int = _MAX_COUNT) -> int:
-    v = d.get(key)
+    v: Any = d.get(key)  # a value read from the JSON table
     if not _is_int(v) or not low <= v <= high:
         raise _Corrupt(f"{where} {key!r} is {v!r}, expected an integer in [{low}, {high}]")
     return int(v)
@@ -738,7 +739,7 @@ def _opt_state_from_parts(om: Any, arrays: dict, model: MLP) -> OptState:
 
     _need(isinstance(om, dict) and isinstance(om.get("primitives"), list), "the optimizer table is malformed")
     t = _int_field(om, "t", "optimizer update count")
-    makers = {
+    makers: dict[str, tuple[Callable[..., Any], int]] = {
         "clip_by_global_norm": (transforms.clip_by_global_norm, 1),
         "add_decayed_weights": (transforms.add_decayed_weights, 1),
         "trace": (lambda m, nest: transforms.trace(m, {0.0: False, 1.0: True}[nest]), 2),
@@ -792,10 +793,10 @@ def _opt_state_from_parts(om: Any, arrays: dict, model: MLP) -> OptState:
         raise _Corrupt("opt.hp does not match the saved primitives' hyper-parameters")
     _check_finite_array(hp, "opt.hp")
     _check_finite_array(arrays["opt.state"], "opt.state")
-    for k, p in enumerate(prims):  # Adam's second moment is a sum of squares
+    for i, p in enumerate(prims):  # Adam's second moment is a sum of squares
         if p.code == OP_ADAM:
             P = model.n_params
-            v = arrays["opt.state"][int(ref.soff[k]) + P : int(ref.soff[k]) + 2 * P]
+            v = arrays["opt.state"][int(ref.soff[i]) + P : int(ref.soff[i]) + 2 * P]
             _need(bool((v >= 0).all()), "opt.state holds a negative Adam second moment")
     ref.hp[...] = hp  # (the scratch columns too: a round trip is exact)
     ref.state[...] = arrays["opt.state"]

@@ -258,6 +258,7 @@ class MLP:
         m.params[...] = self.params
         m.running[...] = self.running
         if self.rng is not None:
+            assert m.rng is not None  # same configuration, same dropout: it has a generator too
             m.rng.bit_generator.state = self.rng.bit_generator.state
         return m
 
@@ -269,7 +270,7 @@ class MLP:
     def __setstate__(self, state: dict) -> None:
         with warnings.catch_warnings():  # as _from_config
             warnings.simplefilter("ignore", DegenerateModelWarning)
-            self.__init__(**state["config"], seed=0)
+            self.__init__(**state["config"], seed=0)  # type: ignore[misc]  # unpickling: rebuild in place
         self.params[...] = state["params"]
         if "running" in state:
             self.running[...] = state["running"]
@@ -400,7 +401,7 @@ class MLP:
             if not math.isfinite(loss):
                 raise _overflow_error("X", X, self.params, "the losses")
             total += loss * B
-        return total / n, (grad.astype(self.dtype) if want_grad else None)
+        return total / n, (grad.astype(self.dtype) if grad is not None else None)  # (None iff not want_grad)
 
     def loss(self, X: np.ndarray, y: np.ndarray) -> float:
         """Mean per-example loss over (X, y) (evaluation mode)."""

@@ -144,6 +144,7 @@ class Dataset:
     def n_out(self) -> int:
         """The model's output width: ``n_classes``, or the number of regression targets."""
         if self.task == "classification":
+            assert self.n_classes is not None  # __post_init__: an integer >= 1 for classification
             return int(self.n_classes)
         return 1 if self.y_train.ndim == 1 else int(self.y_train.shape[1])
 
@@ -243,6 +244,7 @@ class Dataset:
         if prep:
             lines.append("  " + "; ".join(prep))
         if self.task == "classification" and self.n_train:
+            assert self.n_classes is not None  # __post_init__: an integer >= 1 for classification
             counts = np.bincount(self.y_train, minlength=self.n_classes)
             lines.append(f"  training examples per class: min {counts.min()}, max {counts.max()}")
         return "\n".join(lines)

@@ -30,7 +30,7 @@ from .dataset import TASKS, RawData
 __all__ = ["read_idx", "MAX_DATA_BYTES", "MAX_EXPANSION", "EXPANSION_FLOOR"]
 
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -172,6 +172,7 @@ def _load_idx(
         raise ValueError(
             f"part: expected the prefix of the standard IDX names, e.g. 'train' or 't10k', got {_got(part)}"
         )
+    labels_path: Path | None  # a Path once every branch below is through
     if path.is_dir():
         found = {}
         for kind in ("images", "labels"):
@@ -269,7 +270,7 @@ def _load_npz(*, n: int | None, seed: int, path: Path, task: str | None = None) 
         )
     X, y = arrays["X"], arrays["y"]
     task = _task_from_dtype(y, task)
-    info = {"source": "npz file", "path": str(path.resolve())}
+    info: dict[str, object] = {"source": "npz file", "path": str(path.resolve())}
     if X.ndim > 2:
         info["example_shape"] = list(X.shape[1:])
         X = X.reshape(X.shape[0], math.prod(X.shape[1:]))

@@ -134,13 +134,14 @@ def _choose(y: np.ndarray | None, n: int, k: int, rng: np.random.Generator) -> t
     classes, inv = np.unique(y, return_inverse=True)
     counts = np.bincount(inv, minlength=len(classes))
     share = _allocate(counts, k, rng)
-    chosen, rest = [], []
+    chosen_parts: list[np.ndarray] = []
+    rest_parts: list[np.ndarray] = []
     for c in range(len(classes)):
         members = np.flatnonzero(inv == c)
         members = members[rng.permutation(members.size)]
-        chosen.append(members[: share[c]])
-        rest.append(members[share[c] :])
-    chosen, rest = np.concatenate(chosen), np.concatenate(rest)
+        chosen_parts.append(members[: share[c]])
+        rest_parts.append(members[share[c] :])
+    chosen, rest = np.concatenate(chosen_parts), np.concatenate(rest_parts)
     return chosen[rng.permutation(chosen.size)], rest[rng.permutation(rest.size)]
 
 

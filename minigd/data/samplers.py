@@ -85,7 +85,13 @@ class Sampler:
         ``order`` / ``draws``, checked by the caller), drawing nothing."""
         self.order[...] = order
         self.draws = draws
-        self.src = self._seq if self._in_order(B) else self.order if self.kind == "shuffle" else draws
+        if self._in_order(B):
+            self.src = self._seq
+        elif self.kind == "shuffle":
+            self.src = self.order
+        else:
+            assert draws is not None  # "replacement": the caller checked the saved draws
+            self.src = draws
         self.pos = int(pos)
 
     def batches_left(self, B: int) -> int:

@@ -44,13 +44,14 @@ def _load_digits(*, n: int | None, seed: int) -> RawData:
 
 
 def _activation_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    return {
+    fns: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "identity": lambda z: z,
         "relu": lambda z: np.maximum(z, 0.0),
         "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
         "tanh": np.tanh,
         "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
-    }[name]
+    }
+    return fns[name]
 
 
 _TEACHER_ACTIVATIONS = ("tanh", "relu", "leaky_relu", "sigmoid", "identity")

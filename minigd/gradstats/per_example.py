@@ -160,7 +160,7 @@ def per_example_grad_norms(model: MLP, X: np.ndarray, y: np.ndarray, *, squared:
     impl = model.backend_impl
     grad = np.empty(model.n_params, dtype=model.dtype)
     out = np.empty(n, dtype=model.dtype)
-    redone = {}  # row -> its norm (float64), for the rows whose squares overflowed
+    redone: dict[int, float] = {}  # row -> its norm (float64), for the rows whose squares overflowed
 
     def row_norms(M):  # Euclidean norms of M's rows in float64, scaled before squaring
         M = np.abs(np.asarray(M, dtype=np.float64))

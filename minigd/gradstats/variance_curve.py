@@ -110,7 +110,7 @@ class BatchVarianceCurve:
         out = []
         ratio = self.ratio
         for k, B in enumerate(self.batch_sizes):
-            rec = {"batch_size": int(B)}
+            rec: dict[str, int | float] = {"batch_size": int(B)}
             rec.update({f: float(getattr(self, f)[k]) for f in keys})
             rec["ratio"] = float(ratio[k])
             out.append(rec)

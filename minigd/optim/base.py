@@ -110,7 +110,7 @@ class OptState:
     hp: np.ndarray
     soff: np.ndarray
     state: np.ndarray
-    plan: np.ndarray = None
+    plan: np.ndarray | None = None
     t: int = 0
 
     def apply_numpy(self, params, grad, lr, t):
@@ -138,7 +138,7 @@ class Optimizer:
     """
 
     primitives: tuple
-    lr: object = 0.0
+    lr: Callable[[int], float] | float = 0.0
     name: str = "chain"
     config: dict = field(default_factory=dict, compare=False)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from minigd._constraints import _got, check_param
@@ -66,7 +66,7 @@ class Warmup:
     """Linear warm-up from ``start_lr`` to ``schedule(step)`` over ``warmup_steps`` steps
     (Goyal et al. 2017, arXiv:1706.02677), then ``schedule`` itself."""
 
-    schedule: object
+    schedule: Callable[[int], float] | float
     warmup_steps: int
     start_lr: float = 0.0
 
