@@ -32,7 +32,12 @@ those points:
   the smallest batch size swept; the batch size maximising it;
 * the batch sizes with the least wall time, the fewest examples and the fewest steps to
   target, and the *smallest reasonable* batch size: the smallest one that reaches the target
-  within REASONABLE_TIME_FACTOR x the least time.
+  within REASONABLE_TIME_FACTOR x the least time;
+* the adaptive arm (``batch_size="adaptive"`` trials, :mod:`minigd.study._adaptive`): one
+  more row, ``arch["adaptive"]``, out of the fit and of every selection among batch sizes,
+  and its time to target against the recommended batch size's as a ratio with an interval
+  and a win rate (``headline["adaptive_vs_fixed"]``; the recommended architecture's in the
+  result's top-level ``"adaptive"``).
 
 **Uncertainty.**  Every headline number is a selection over noisy trials, so each comes
 with a bootstrap interval: ``n_boot`` resamples (numpy Generator seeded from ``seed`` and
@@ -555,7 +560,9 @@ def analyze(rows, *, probe=None, seed=0, n_boot=N_BOOT) -> dict:
         "batch_size", "full_batch", "round_s": [seconds per step, one per round],
         "median_s", "lo_s", "hi_s", "steps_per_round", "blas_threads", "numba_threads"}``,
         matched to an architecture by (sizes, activation, optimizer, norm label) and to B.
-        Batch sizes without an entry fall back to the trials' in-trial step times.
+        Batch sizes without an entry fall back to the trials' in-trial step times.  Entries
+        with an ``"adaptive"`` kind ("step", "setup") time the adaptive arm, matched by key
+        (:func:`minigd.study.probe.adaptive_probe_jobs`).
     seed : int, keyword-only
         Seeds the bootstrap (pass the study's master seed); the result is deterministic.
     n_boot : int, keyword-only
@@ -565,7 +572,7 @@ def analyze(rows, *, probe=None, seed=0, n_boot=N_BOOT) -> dict:
     Notes
     -----
     Returns a JSON-serialisable dict: ``{"n_trials", "n_failed", "failures",
-    "architectures": [...], "norm_comparisons", "recommendation", "bootstrap"}``, one
+    "architectures": [...], "norm_comparisons", "recommendation", "adaptive", "bootstrap"}``, one
     architecture entry per (sizes, activation, optimizer, norm) with its per-batch-size
     rows, ``answers`` (point values), ``headline`` (every headline number as
     ``{"value", "lo", "hi", "wins"}``) and ``recommendation`` (see the module docstring
