@@ -746,8 +746,11 @@ def plot(summ: list, res: dict, path: str, seed) -> bool:
 
 
 def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    """JSON-safe, floats to 6 significant digits (timings are not better than that)."""
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+        return float(f"{x:.6g}")
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -790,7 +793,7 @@ def main(argv=None) -> int:
             "machine": machine(), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
             "stalled_share": float(np.mean([r["stall"] > 0.05 for r in runs])) if runs else 0.0,
-            "monitor": MON.summary(), "n_runs": len(runs)}
+            "n_runs": len(runs)}
     meta["verdict"] = verdict(summ)
     meta["wall_s"] = time.perf_counter() - t_start
     md = render_md(summ, ovh, meta)
@@ -800,7 +803,7 @@ def main(argv=None) -> int:
     adaptive_runs = {name: {k: a for k, a in res[name]["adaptive"].items()} for name in res}
     data = {"meta": meta, "summary": summ, "overhead": ovh, "cells": cells, "adaptive_runs": adaptive_runs}
     os.makedirs(args.out, exist_ok=True)
-    atomic_write(os.path.join(args.out, "adaptive.json"), json.dumps(_jsonable(data), indent=1) + "\n")
+    atomic_write(os.path.join(args.out, "adaptive.json"), json.dumps(_jsonable(data), separators=(",", ":")) + "\n")
     atomic_write(os.path.join(args.out, "adaptive.md"), md)
     plot(summ, res, os.path.join(args.out, "adaptive.png"), seeds[0])
     print(md)
