@@ -230,6 +230,7 @@ class Controller:
         self.goodput = math.nan
         self.noise = math.nan
         self.seconds: dict = {}  # {B: seconds per step}
+        self._observed: dict = {}  # {B: real runs folded into seconds[B]}
         self.tracker = NoiseTracker(n, replacement=replacement, beta=spec.noise_beta)
         self.decisions: list = []
         self.epoch_B = self.B0  # the batch size the current epoch was laid out for
@@ -250,29 +251,27 @@ class Controller:
         st = dataclasses.replace(opt_state, hp=opt_state.hp.copy(), state=opt_state.state.copy())
         grad = np.zeros_like(params)
         rng = np.random.default_rng(12345)  # the probe's own: training draws nothing here
-        n = X.shape[0]
-        idx = np.arange(n, dtype=np.int64)
+        # random rows, as training gathers them (contiguous rows would be cache-hot)
+        idx = rng.permutation(X.shape[0])[: self.sizes[-1]].astype(np.int64)
+        drop = rng if model.norm.dropout > 0 else None
         best = {b: math.inf for b in self.sizes}
-        for r in range(3):
+        for r in range(3):  # round 0 warms each size's buffers; the best of rounds 1-2 counts
             for b in self.sizes if r % 2 == 0 else self.sizes[::-1]:
-                reps = max(1, min(16, int(0.004 / max(best[b], 1e-7)))) if r else 1
                 t0 = time.perf_counter()
-                impl.run_steps(
-                    params,
-                    X,
-                    yi,
-                    yf,
-                    idx[:b],
-                    b,
-                    reps,
-                    st,
-                    [0.0] * reps,
-                    1,
-                    grad=grad,
-                    dropout_rng=rng if model.norm.dropout > 0 else None,
-                )
-                best[b] = min(best[b], (time.perf_counter() - t0) / reps)
+                impl.run_steps(params, X, yi, yf, idx[:b], b, 1, st, [0.0], 1, grad=grad, dropout_rng=drop)
+                if r:
+                    best[b] = min(best[b], time.perf_counter() - t0)
         self.seconds = best
+        self._observed = {b: 0 for b in self.sizes}
+
+    def observe_time(self, B: int, seconds_per_step: float) -> None:
+        """Refine the measured step time of B from the real steps (a moving average; the
+        first real observation replaces the probe's).  Not with a given table or "flops"."""
+        if self.spec.throughput is not None or B not in self.seconds or not seconds_per_step > 0:
+            return
+        k = self._observed.get(B, 0)
+        self.seconds[B] = seconds_per_step if k == 0 else 0.7 * self.seconds[B] + 0.3 * seconds_per_step
+        self._observed[B] = k + 1
 
     # -- noise ------------------------------------------------------------------------------------
     def observe(self, step: int, B: int, sum_sq_norms: float, batch_sq_norm: float) -> None:
@@ -287,21 +286,23 @@ class Controller:
 
     # -- decisions -------------------------------------------------------------------------------
     def _goodputs(self, phi: float) -> np.ndarray:
-        from minigd.gradstats import goodput
-
+        """Goodput of every candidate: examples per second times the statistical efficiency
+        (phi + B0) / (phi + B) (:func:`minigd.gradstats.goodput`, without its argument
+        checks: this runs at every decision)."""
         B = np.asarray(self.sizes, np.float64)
         tp = B / np.asarray([self.seconds[b] for b in self.sizes])
-        return np.asarray(goodput(tp, phi, B, float(self.B0)), np.float64)
+        eff = np.ones_like(B) if math.isinf(phi) else (phi + self.B0) / (phi + B)
+        return tp * eff
 
     def _factor(self, B: int) -> tuple:
         """(learning-rate factor, AdaScale gain) for batch size B at the current noise."""
-        from minigd.gradstats import adascale_gain
-
         tr = self.tracker.trace_cov
         g2 = self.tracker.grad_norm_sq
         gain = 1.0
         if math.isfinite(tr) and math.isfinite(g2) and tr >= 0 and g2 > 0:
-            gain = float(adascale_gain(tr / self.B0, g2, B / self.B0))
+            # AdaScale's r = (sigma^2 + mu^2) / (sigma^2 / S + mu^2), sigma^2 = tr / B0, S = B / B0
+            # (minigd.gradstats.adascale_gain, without its argument checks)
+            gain = (tr / self.B0 + g2) / (tr / B + g2)
         elif math.isfinite(tr) and tr > 0:  # no signal left: the gain is the scale
             gain = B / self.B0
         rule = self.spec.lr_rule

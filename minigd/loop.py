@@ -238,6 +238,11 @@ class Loop:
         self.bn, self.dropout = bool(norm.bn), norm.dropout > 0
         self.fresh_start = -1 if state.resumed else 0
         self.scratch = np.zeros_like(plan.model.params) if plan.ctrl is not None and self.bn else None
+        #: noise tracking inside the backend's runs (host backends; not with batch norm's
+        #: two-batch estimate or GSNR, which need a pass before the tracked step)
+        self.in_run = (
+            plan.tracker is not None and self.impl.tracks_within_run and not self.bn and plan.track_gsnr is None
+        )
         if state.resumed:  # a budget already spent: close the epoch, evaluate, stop
             state.stop = self.budget_stop()
 
@@ -325,7 +330,7 @@ class Loop:
             m = min(m, impl.max_run_steps(B))
         if p.ctrl is not None:  # up to the next decision
             m = min(m, p.ctrl.spec.every - s.step % p.ctrl.spec.every)
-        if p.tracker is not None:  # a tracked step runs alone
+        if p.tracker is not None and not self.in_run:  # a tracked step runs alone
             r = s.step % p.track_noise
             m = 1 if r == 0 else min(m, p.track_noise - r)
         if p.steps is not None:
@@ -362,7 +367,11 @@ class Loop:
         cross = full_epochs and s.k == -1
         lrs = self._lrs(self._chunk(B, b, cross))
         m = len(lrs)
-        track = p.tracker is not None and s.step % p.track_noise == 0
+        k = p.track_noise
+        in_run = None  # host backends: tracked steps inside the run, (first, every)
+        if self.in_run and (-s.step) % k < m:
+            in_run = ((-s.step) % k, k)
+        track = p.tracker is not None and not self.in_run and s.step % k == 0
         idx = s.sampler.take(b) if cross else s.sampler.take(m * b)
         if track and p.track_gsnr is not None and s.step % p.track_gsnr == 0 and b >= 2:
             from minigd.gradstats.tracking import gsnr_summary
@@ -388,7 +397,9 @@ class Loop:
             dropout_rng=s.rng if self.dropout else None,
             update_running=self.bn,
             max_time=None if p.max_time is None else p.max_time - s.train_time,
+            track=in_run,
         )
+        sqn = res["sqn_sum"].tolist() if in_run is not None else None
         t_start = s.train_time
         for j, (loss, ok, t) in enumerate(zip(res["loss"].tolist(), res["applied"].tolist(), res["time"].tolist())):
             if cross and j:  # step j opens the next full-batch epoch: close the last one
@@ -398,7 +409,9 @@ class Loop:
             if not ok:
                 s.opt_state.t = s.step - 1 + s.t1
                 raise diverged(s.step, loss, model.params, hist, s.step == self.fresh_start)
-            if track:  # (a tracked step runs alone) before its hooks see it
+            if sqn is not None and sqn[j] == sqn[j]:  # tracked inside the run (NaN: untracked)
+                p.tracker.update(s.step, b, sqn[j], float(res["grad_norm_sq"][j]))
+            elif track:  # (a tracked step runs alone) before its hooks see it
                 if not self.bn:
                     p.tracker.update(s.step, b, impl.last_sqnorm_sum(b), float(res["grad_norm_sq"][0]))
                 elif half:
@@ -417,6 +430,8 @@ class Loop:
             if self.on_step and any(bool(f(model, s.step, loss)) for f in self.on_step):
                 s.stop = "callback"
         s.opt_state.t = s.step - 1 + s.t1
+        if p.ctrl is not None and b == B and res["time"].size:  # the real step time of B
+            p.ctrl.observe_time(B, float(res["time"][-1]) / res["time"].size)
 
     def _grad_norm_sq(self, idx, b: int) -> float:
         """|g|^2 of the mean loss of rows idx[:b] at the current parameters (training mode,

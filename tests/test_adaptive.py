@@ -339,3 +339,51 @@ def test_gpu_backend_matches_cpu_under_the_emulator():
             np.testing.assert_array_equal(h_c.column("batch_size"), h_g.column("batch_size"))
             np.testing.assert_allclose(h_c.column("lr"), h_g.column("lr"), rtol=1e-5)
             np.testing.assert_allclose(m_c.params, m_g.params, rtol=1e-3, atol=1e-4)
+
+
+def test_private_goodput_and_gain_match_the_public_functions():
+    from minigd.gradstats import goodput
+
+    c = Controller(_spec(), [8, 16, 32, 64], N, replacement=False)
+    c.seconds = {8: 1e-4, 16: 1.5e-4, 32: 2.2e-4, 64: 4e-4}
+    B = np.asarray(c.sizes, np.float64)
+    for phi in (0.0, 3.0, 50.0, 1e6, math.inf):
+        want = np.asarray(goodput(B / np.asarray([c.seconds[b] for b in c.sizes]), phi, B, 8.0))
+        np.testing.assert_allclose(c._goodputs(phi), want, rtol=1e-12)
+
+
+def test_measured_step_times_are_refined_from_the_real_steps():
+    X, y = _data()
+    m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
+    spec = AdaptiveBatchSize(min=8, max=64, every=10, track_every=2)
+    seen = {}
+    real = Controller.observe_time
+
+    def spy(self, B, sec):
+        seen.setdefault(B, []).append(sec)
+        return real(self, B, sec)
+
+    Controller.observe_time = spy
+    try:
+        mg.fit(m, X, y, batch_size=spec, steps=40, seed=3)
+    finally:
+        Controller.observe_time = real
+    assert 8 in seen and all(v > 0 for v in seen[8])
+
+
+def test_tracked_steps_inside_runs_match_tracked_steps_alone():
+    """Host backends track inside the backend's runs: the noise records are bitwise those
+    of a run that ends at every tracked step (forced with a per-step callback)."""
+    X, y = _data()
+
+    class Every:
+        def on_step(self, model, step, loss):
+            return False
+
+    out = []
+    for cb in ([], [Every()]):
+        m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
+        h = mg.fit(m, X, y, batch_size=16, steps=50, track_noise=3, seed=1, callbacks=cb)
+        out.append((m.params.copy(), h.noise))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    assert out[0][1] == out[1][1]

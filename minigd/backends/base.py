@@ -233,6 +233,9 @@ class Backend:
     #: whether :meth:`run_steps` reports ``grad_norm_sq`` for every step, also without
     #: ``want_sqn`` (the host backends compute it in the optimizer pass anyway)
     reports_grad_norm_sq: bool = True
+    #: whether :meth:`run_steps` takes ``track=(first, every)``: per-example norms on some
+    #: steps of a run (else the loop ends a run at each tracked step)
+    tracks_within_run: bool = True
 
     def max_run_steps(self, B: int) -> int:
         """The most steps of B rows one :meth:`run_steps` call can take (device memory for a
@@ -240,11 +243,11 @@ class Backend:
         return 1 << 30
 
     def _step_records(self, n_steps: int) -> np.ndarray:
-        """(n_steps, 4) float64 rows ``loss, applied, |g|^2, time`` reused across calls
+        """(n_steps, 5) float64 rows ``loss, applied, |g|^2, time, sqn_sum`` reused across calls
         (grown, never shrunk: no allocation once a run's largest call was made)."""
         rec = self._rec
         if rec is None or rec.shape[0] < n_steps:
-            rec = self._rec = np.zeros((max(int(n_steps), 16), 4), np.float64)
+            rec = self._rec = np.zeros((max(int(n_steps), 16), 5), np.float64)
         return rec
 
     def run_steps(
@@ -265,6 +268,7 @@ class Backend:
         dropout_rng=None,
         update_running=False,
         max_time=None,
+        track=None,
     ):
         """``n_steps`` training steps of B rows: step s takes rows ``idx[s * B:(s + 1) * B]``
         (or all of ``idx`` when it holds just B rows: full-batch steps), learning rate
@@ -280,9 +284,15 @@ class Backend:
 
         Returns a dict of (n_done,) arrays (views of reused buffers, valid until the next
         call): ``loss``, ``applied`` (bool), ``grad_norm_sq`` (the raw gradient's squared
-        norm; 0 unless ``want_sqn`` on a backend whose ``reports_grad_norm_sq`` is False) and ``time`` (seconds from the call's start to the end
-        of each step).  With ``want_sqn`` the last step's per-example squared norms are left
-        for :meth:`last_sqnorms`.
+        norm; 0 unless ``want_sqn`` on a backend whose ``reports_grad_norm_sq`` is False) and
+        ``time`` (seconds from the call's start to the end of each step).  With ``want_sqn``
+        the last step's per-example squared norms are left for :meth:`last_sqnorms`.
+
+        ``track=(first, every)`` (backends whose ``tracks_within_run`` is True): steps
+        ``first, first + every, ...`` of the run compute their per-example squared norms,
+        and the result has ``sqn_sum``, their float64 row-order sum (:meth:`last_sqnorm_sum`;
+        NaN at the untracked steps) -- noise tracking without ending the run at each tracked
+        step.
         """
         rec = self._step_records(n_steps)
         if grad is None:
@@ -291,18 +301,21 @@ class Backend:
         running = update_running and self.norm is not None and bool(self.norm.bn)
         step = self.train_step
         clock = time.perf_counter
+        first, every = (n_steps, 1) if track is None else track
         start = clock()
         done = 0
         for s in range(n_steps):
             if dropout_rng is not None:
                 self.draw_dropout(dropout_rng, B)
             rows = idx if full else idx[s * B : (s + 1) * B]
-            loss, ok, gsq = step(params, grad, X, yi, yf, rows, B, opt_state, lrs[s], t0 + s, want_sqn)
+            tracked = s >= first and (s - first) % every == 0
+            loss, ok, gsq = step(params, grad, X, yi, yf, rows, B, opt_state, lrs[s], t0 + s, want_sqn or tracked)
             if ok and running:
                 self.update_running(B)
             now = clock() - start
             r = rec[s]
             r[0], r[1], r[2], r[3] = loss, ok, gsq, now
+            r[4] = self.last_sqnorm_sum(B) if tracked and ok else np.nan
             done = s + 1
             if not ok or (max_time is not None and now >= max_time):
                 break
@@ -311,6 +324,7 @@ class Backend:
             "applied": rec[:done, 1] != 0,
             "grad_norm_sq": rec[:done, 2],
             "time": rec[:done, 3],
+            "sqn_sum": rec[:done, 4],
         }
 
     def _grad_scratch(self, params) -> np.ndarray:

@@ -78,6 +78,8 @@ class GpuBackend(Runner, Statistics, DeviceNorm, StepSequence, Passes, DeviceMem
     #: run_steps reads back the raw gradient's squared norm only with want_sqn (a reduction
     #: the device skips otherwise)
     reports_grad_norm_sq = False
+    #: per-example norms apply to a whole device run (want_sqn): fit ends a run at each tracked step
+    tracks_within_run = False
 
     def __init__(self, layout, act_codes, loss_code, dtype, norm=None):
         super().__init__(layout, act_codes, loss_code, dtype, norm)

@@ -66,6 +66,7 @@ class Runner:
         dropout_rng=None,
         update_running=False,
         max_time=None,
+        track=None,
     ):
         """``n_steps`` training steps of batch size B on the device, rows
         ``idx[s * B:(s + 1) * B]`` for step s (or all of ``idx`` when it holds just B rows:
@@ -91,6 +92,11 @@ class Runner:
         steps one by one, so step j gets ``elapsed * (j + 1) / n_done`` of the whole call's
         ``elapsed`` (uploads and read-backs included).
         """
+        if track is not None:
+            raise ValueError(
+                "track: the gpu backend computes per-example norms for a whole run (want_sqn); "
+                "its tracks_within_run is False, so fit ends a run at each tracked step"
+            )
         start = time.perf_counter()
         n_steps = int(n_steps)
         if n_steps < 1:
