@@ -69,6 +69,7 @@ One thread: ``NUMBA_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``
 pressure stall (/proc/pressure/cpu) during it; the report gives the share of runs during
 which other processes stalled this one for more than 5% of the time.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,22 +97,24 @@ from minigd.gradstats.tracking import NoiseTracker  # noqa: E402
 
 DATE = "2026-12-06"
 RULES = ("adascale", "sqrt", "linear")
-GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)      # the study's lr_grid (SweepSpec)
-BASE_B = 32                                         # the study's base_batch_size; adaptive min
+GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the study's lr_grid (SweepSpec)
+BASE_B = 32  # the study's base_batch_size; adaptive min
 MOMENTUM = 0.9
-DENSE = 50                                          # evaluate every step up to here ...
-REL = 0.02                                          # ... then every 2% more steps
+DENSE = 50  # evaluate every step up to here ...
+REL = 0.02  # ... then every 2% more steps
 GOAL, BAR = 1.10, 1.25
 OVERHEAD_GOAL = 1.05
 INF = math.inf
 #: the adaptive run's time to target, as (the fixed runs' metric it is compared with, what is added)
-METRICS = {"time": ("time", ()),                     # the history's clock (hist.time_to_target)
-           "robust": ("robust", ()),                 # each step at its class's median duration
-           "robust+ctrl": ("robust", ("ctrl_s",)),   # + decisions and noise bookkeeping (off the clock)
-           "all-in": ("robust", ("ctrl_s", "probe_s"))}  # + the one-off throughput probe
-MAX_STEPS = 300_000                                 # (the history preallocates this many rows)
-CAP_X = 8                                           # run cap: this many times the tuned B=32 median,
-MIN_CAP = 0.05                                      # ... but at least this many seconds
+METRICS = {
+    "time": ("time", ()),  # the history's clock (hist.time_to_target)
+    "robust": ("robust", ()),  # each step at its class's median duration
+    "robust+ctrl": ("robust", ("ctrl_s",)),  # + decisions and noise bookkeeping (off the clock)
+    "all-in": ("robust", ("ctrl_s", "probe_s")),
+}  # + the one-off throughput probe
+MAX_STEPS = 300_000  # (the history preallocates this many rows)
+CAP_X = 8  # run cap: this many times the tuned B=32 median,
+MIN_CAP = 0.05  # ... but at least this many seconds
 MON = Machine()
 
 # -- the controller's work outside the step clock, timed (the wrappers only read the clock) -------
@@ -130,6 +133,7 @@ def _timed(cls, name, key):
             return fn(self, *a, **k)
         finally:
             _SPENT[key] += time.perf_counter() - t0
+
     wrapper.__wrapped__ = fn
     setattr(cls, name, wrapper)
 
@@ -158,16 +162,16 @@ class Problem:
     name: str
     hidden: tuple
     activation: str
-    base_lr: float                  # the square-root rule's rate at B = 32 (grid centre)
-    cap_s: float                    # training-time budget of one run (max_time)
-    wall_s: float                   # wall-clock budget of one run (evaluations included)
-    sizes: tuple = ()               # fixed batch sizes (filled from the data)
+    base_lr: float  # the square-root rule's rate at B = 32 (grid centre)
+    cap_s: float  # training-time budget of one run (max_time)
+    wall_s: float  # wall-clock budget of one run (evaluations included)
+    sizes: tuple = ()  # fixed batch sizes (filled from the data)
     data: dict = field(default_factory=dict)
     metric: str = "val_loss"
     target: float = 0.0
     floor: float | None = None
     describe: str = ""
-    run_cap: float = 0.0            # the cap in force (cap_s, then 8x the tuned B=32 median)
+    run_cap: float = 0.0  # the cap in force (cap_s, then 8x the tuned B=32 median)
 
 
 def load_problem(name: str, quick: bool = False) -> Problem:
@@ -175,34 +179,68 @@ def load_problem(name: str, quick: bool = False) -> Problem:
 
     if name == "digits":
         ds = load_dataset("digits", std_floor=1.0)
-        p = Problem(name, (64,), "relu", 0.02, cap_s=0.5, wall_s=4.0, metric="val_accuracy", target=0.95,
-                    describe="scikit-learn digits (1438 train / 359 val), MLP 64-64-10 ReLU, "
-                             "target val_accuracy >= 0.95")
+        p = Problem(
+            name,
+            (64,),
+            "relu",
+            0.02,
+            cap_s=0.5,
+            wall_s=4.0,
+            metric="val_accuracy",
+            target=0.95,
+            describe="scikit-learn digits (1438 train / 359 val), MLP 64-64-10 ReLU, target val_accuracy >= 0.95",
+        )
     elif name == "least_squares":
         sigma, n_in = 0.3, 1024
         ds = load_dataset("linear_regression", n=21000, val_fraction=1000 / 21000, n_in=n_in, noise=sigma)
         w, b = ds.info["w_star_effective"], ds.info["b_star_effective"]
         floor = 0.5 * float(np.mean((ds.X_val.astype(np.float64) @ w + b - ds.y_val) ** 2))
-        p = Problem(name, (), "relu", 0.0005, cap_s=1.0, wall_s=5.0, target=1.1 * floor, floor=floor,
-                    describe=f"linear_regression n_in={n_in}, noise sigma={sigma} (20000 train / 1000 val), "
-                             f"linear model, mse; noise floor (val loss of the true map) {floor:.4g} "
-                             f"(sigma^2/2 = {sigma ** 2 / 2:.4g}); target val_loss <= 1.1x floor")
+        p = Problem(
+            name,
+            (),
+            "relu",
+            0.0005,
+            cap_s=1.0,
+            wall_s=5.0,
+            target=1.1 * floor,
+            floor=floor,
+            describe=f"linear_regression n_in={n_in}, noise sigma={sigma} (20000 train / 1000 val), "
+            f"linear model, mse; noise floor (val loss of the true map) {floor:.4g} "
+            f"(sigma^2/2 = {sigma**2 / 2:.4g}); target val_loss <= 1.1x floor",
+        )
     elif name == "teacher_student":
         sigma = 0.1
-        ds = load_dataset("teacher_student", n=21000, val_fraction=1000 / 21000, n_in=32, teacher_width=64,
-                          task="regression", activation="tanh", noise=sigma)
+        ds = load_dataset(
+            "teacher_student",
+            n=21000,
+            val_fraction=1000 / 21000,
+            n_in=32,
+            teacher_width=64,
+            task="regression",
+            activation="tanh",
+            noise=sigma,
+        )
         from minigd.data import teacher_forward
 
         info = ds.info
         Xraw = ds.X_val.astype(np.float64) * info["scale"] + info["mean"]
         out = teacher_forward(Xraw, info["teacher_weights"], info["teacher_biases"], info["activation"])[:, 0]
         floor = 0.5 * float(np.mean((out - ds.y_val) ** 2))
-        const = 0.5 * float(np.var(ds.y_val.astype(np.float64)))      # the best constant predictor's loss
-        p = Problem(name, (128,), "relu", 0.02, cap_s=1.0, wall_s=5.0, target=0.1 * const, floor=floor,
-                    describe=f"teacher_student regression: teacher 32-64-1 tanh + noise sigma={sigma} "
-                             f"(20000 train / 1000 val), student 32-128-1 ReLU, mse; target val_loss <= "
-                             f"{0.1 * const:.4g} (R^2 >= 0.9: a tenth of the best constant's loss; "
-                             f"{0.1 * const / floor:.2f}x the noise floor {floor:.4g}, the teacher's val loss)")
+        const = 0.5 * float(np.var(ds.y_val.astype(np.float64)))  # the best constant predictor's loss
+        p = Problem(
+            name,
+            (128,),
+            "relu",
+            0.02,
+            cap_s=1.0,
+            wall_s=5.0,
+            target=0.1 * const,
+            floor=floor,
+            describe=f"teacher_student regression: teacher 32-64-1 tanh + noise sigma={sigma} "
+            f"(20000 train / 1000 val), student 32-128-1 ReLU, mse; target val_loss <= "
+            f"{0.1 * const:.4g} (R^2 >= 0.9: a tenth of the best constant's loss; "
+            f"{0.1 * const / floor:.2f}x the noise floor {floor:.4g}, the teacher's val loss)",
+        )
     else:
         raise ValueError(f"problems: expected names from {list(PROBLEMS)}, got {name!r}")
     n = ds.n_train
@@ -217,8 +255,15 @@ def load_problem(name: str, quick: bool = False) -> Problem:
         p.cap_s, p.wall_s = min(p.cap_s, 0.3), min(p.wall_s, 2.0)
     p.sizes = tuple(sizes)
     p.run_cap = p.cap_s
-    p.data = {"Xtr": ds.X_train, "ytr": ds.y_train, "val": (ds.X_val, ds.y_val), "loss": ds.loss,
-              "n_in": ds.n_in, "n_out": ds.n_out, "n_train": n}
+    p.data = {
+        "Xtr": ds.X_train,
+        "ytr": ds.y_train,
+        "val": (ds.X_val, ds.y_val),
+        "loss": ds.loss,
+        "n_in": ds.n_in,
+        "n_out": ds.n_out,
+        "n_train": n,
+    }
     return p
 
 
@@ -249,7 +294,7 @@ class _Eval:
         self.next = step + 1 if step < DENSE else step + max(1, int(step * REL))
         try:
             v = model.evaluate(self.Xva, self.yva)[self.key]
-        except Exception:           # the parameters overflowed: diverged
+        except Exception:  # the parameters overflowed: diverged
             self.overflow = True
             return True
         self.last = float(v)
@@ -279,8 +324,15 @@ def _prime(p: Problem, B: int) -> None:
     steps to target, as on digits, that alone moved the per-step time by a third)."""
     d = p.data
     m = mg.MLP([d["n_in"], *p.hidden, d["n_out"]], activation=p.activation, loss=d["loss"], seed=12345)
-    mg.fit(m, d["Xtr"], d["ytr"], batch_size=B, steps=max(2, min(20, 2048 // B)),
-           optimizer=mg.SGD(lr=0.0, momentum=MOMENTUM), seed=12345)
+    mg.fit(
+        m,
+        d["Xtr"],
+        d["ytr"],
+        batch_size=B,
+        steps=max(2, min(20, 2048 // B)),
+        optimizer=mg.SGD(lr=0.0, momentum=MOMENTUM),
+        seed=12345,
+    )
     m.evaluate(*d["val"])
 
 
@@ -300,29 +352,56 @@ def run_arm(p: Problem, arm: dict, seed: int) -> dict:
     t0 = time.perf_counter()
     diverged = False
     try:
-        hist = mg.fit(model, d["Xtr"], d["ytr"], batch_size=bs, steps=MAX_STEPS, max_time=p.run_cap,
-                      optimizer=mg.SGD(lr=arm["lr"], momentum=MOMENTUM), seed=seed, callbacks=[ev])
+        hist = mg.fit(
+            model,
+            d["Xtr"],
+            d["ytr"],
+            batch_size=bs,
+            steps=MAX_STEPS,
+            max_time=p.run_cap,
+            optimizer=mg.SGD(lr=arm["lr"], momentum=MOMENTUM),
+            seed=seed,
+            callbacks=[ev],
+        )
     except mg.DivergenceError as err:
         hist, diverged = err.history, True
     wall = time.perf_counter() - t0
     stall = MON.stalled(snap, MON._snap())
     probe, ctrl = (_SPENT[k] - spent0[k] for k in ("probe", "ctrl"))
     k = ev.reached
-    rec = {"seed": seed, "reached": k is not None, "diverged": diverged or ev.overflow, "walled": ev.walled,
-           "steps": k, "examples": int(hist.column("examples")[k - 1]) if k else None,
-           "time": float(hist.column("time")[k - 1]) if k else INF,
-           "robust": _robust(hist, k, 4 if adaptive else None) if k else INF,
-           "probe_s": probe, "ctrl_s": ctrl, "wall_s": wall, "stall": round(stall, 3), "n_steps": hist.n_steps,
-           "last_metric": ev.last}
+    rec = {
+        "seed": seed,
+        "reached": k is not None,
+        "diverged": diverged or ev.overflow,
+        "walled": ev.walled,
+        "steps": k,
+        "examples": int(hist.column("examples")[k - 1]) if k else None,
+        "time": float(hist.column("time")[k - 1]) if k else INF,
+        "robust": _robust(hist, k, 4 if adaptive else None) if k else INF,
+        "probe_s": probe,
+        "ctrl_s": ctrl,
+        "wall_s": wall,
+        "stall": round(stall, 3),
+        "n_steps": hist.n_steps,
+        "last_metric": ev.last,
+    }
     if adaptive:
         rec["throughput_table"] = {int(b): float(t) for b, t in _SPENT.get("table", {}).items()}
-        rec["decisions"] = [{"step": r["step"], "batch_size": r["batch_size"], "lr_factor": r["lr_factor"],
-                             "noise": r["controller_noise_scale"], "goodput": r["goodput"]}
-                            for r in (hist.adaptive or [])]
+        rec["decisions"] = [
+            {
+                "step": r["step"],
+                "batch_size": r["batch_size"],
+                "lr_factor": r["lr_factor"],
+                "noise": r["controller_noise_scale"],
+                "goodput": r["goodput"],
+            }
+            for r in (hist.adaptive or [])
+        ]
         n = k or hist.n_steps
         sizes = hist.column("batch_size")[:n]
-        rec["time_by_B"] = {int(b): float(np.sum(np.diff(hist.column("time"), prepend=0.0)[:n][sizes == b]))
-                            for b in np.unique(sizes)}
+        rec["time_by_B"] = {
+            int(b): float(np.sum(np.diff(hist.column("time"), prepend=0.0)[:n][sizes == b])) for b in np.unique(sizes)
+        }
     return rec
 
 
@@ -392,8 +471,9 @@ class Sweep:
 def run_rounds(p: Problem, sweep: Sweep, adaptive: dict, seeds, rng, label: str) -> None:
     """Every seed: the live fixed cells and the adaptive arms, in a shuffled order."""
     for seed in seeds:
-        jobs = [("fixed", c) for c in sweep.live(seed)] + \
-               [("adaptive", name) for name, a in adaptive.items() if all(r["seed"] != seed for r in a["runs"])]
+        jobs = [("fixed", c) for c in sweep.live(seed)] + [
+            ("adaptive", name) for name, a in adaptive.items() if all(r["seed"] != seed for r in a["runs"])
+        ]
         order = rng.permutation(len(jobs))
         t0 = time.perf_counter()
         for i in order:
@@ -423,8 +503,10 @@ def run_problem(p: Problem, seeds, quick: bool, rng) -> dict:
     b32 = sweep.best(BASE_B)
     if b32 is not None and b32[2] < INF:
         p.run_cap = min(p.cap_s, max(MIN_CAP, CAP_X * b32[2]))
-        log(f"{p.name}: B={BASE_B} tuned (factor {b32[0]:g}, {1e3 * b32[2]:.1f} ms); run cap now "
-            f"{1e3 * p.run_cap:.0f} ms of training")
+        log(
+            f"{p.name}: B={BASE_B} tuned (factor {b32[0]:g}, {1e3 * b32[2]:.1f} ms); run cap now "
+            f"{1e3 * p.run_cap:.0f} ms of training"
+        )
     lr0 = sweep.lr(BASE_B, b32[0]) if b32 is not None and b32[1] < INF else sweep.lr(BASE_B, 1.0)
     arms = {f"adaptive {r}": {"kind": "adaptive", "rule": r, "lr": lr0} for r in RULES}
     arms["adaptive adascale, flops model"] = {"kind": "adaptive", "rule": "adascale", "lr": lr0, "throughput": "flops"}
@@ -459,7 +541,7 @@ def _boot(vals_a, vals_b=None, n=2000, seed=0):
         b = np.asarray(vals_b, float)
         with np.errstate(invalid="ignore", divide="ignore"):
             ma = ma / np.median(b[idx], axis=1)
-    ma = np.where(np.isnan(ma), INF, ma)         # inf / inf: neither reached
+    ma = np.where(np.isnan(ma), INF, ma)  # inf / inf: neither reached
     q = [float(np.quantile(ma, x, method="inverted_cdf")) for x in (0.05, 0.95)]
     return q[0], q[1]
 
@@ -471,24 +553,50 @@ def summarize(p: Problem, res: dict, seeds) -> dict:
         b = sweep.best(B)
         fs = sorted(c[1] for c in sweep.cells if c[0] == B)
         if b is None:
-            fixed.append({"B": B, "factor": None, "lr": None, "robust": INF, "time": INF, "reached": 0,
-                          "factors_tried": fs, "edge": False})
+            fixed.append(
+                {
+                    "B": B,
+                    "factor": None,
+                    "lr": None,
+                    "robust": INF,
+                    "time": INF,
+                    "reached": 0,
+                    "factors_tried": fs,
+                    "edge": False,
+                }
+            )
             continue
         recs = sweep.cells[(B, b[0])]
         by = {r["seed"]: r for r in recs}
-        fixed.append({"B": B, "factor": b[0], "lr": sweep.lr(B, b[0]), "robust": b[1], "time": b[2],
-                      "reached": sum(r["reached"] for r in recs), "factors_tried": fs,
-                      "edge": b[1] < INF and b[0] in (fs[0], fs[-1]),
-                      "steps": _median([by[s]["steps"] or INF for s in seeds]),
-                      "examples": _median([by[s]["examples"] or INF for s in seeds]),
-                      "per_seed_time": [by[s]["time"] for s in seeds],
-                      "per_seed_robust": [by[s]["robust"] for s in seeds],
-                      "us_per_step": 1e6 * _median([by[s]["robust"] / by[s]["steps"] for s in seeds
-                                                    if by[s]["reached"]])})
-    out = {"problem": p.name, "describe": p.describe, "n_train": p.data["n_train"],
-           "target": {p.metric: p.target}, "floor": p.floor,
-           "run_cap_s": p.run_cap, "cap_s": p.cap_s,
-           "lr_B32": res["lr0"], "fixed": fixed, "adaptive": []}
+        fixed.append(
+            {
+                "B": B,
+                "factor": b[0],
+                "lr": sweep.lr(B, b[0]),
+                "robust": b[1],
+                "time": b[2],
+                "reached": sum(r["reached"] for r in recs),
+                "factors_tried": fs,
+                "edge": b[1] < INF and b[0] in (fs[0], fs[-1]),
+                "steps": _median([by[s]["steps"] or INF for s in seeds]),
+                "examples": _median([by[s]["examples"] or INF for s in seeds]),
+                "per_seed_time": [by[s]["time"] for s in seeds],
+                "per_seed_robust": [by[s]["robust"] for s in seeds],
+                "us_per_step": 1e6 * _median([by[s]["robust"] / by[s]["steps"] for s in seeds if by[s]["reached"]]),
+            }
+        )
+    out = {
+        "problem": p.name,
+        "describe": p.describe,
+        "n_train": p.data["n_train"],
+        "target": {p.metric: p.target},
+        "floor": p.floor,
+        "run_cap_s": p.run_cap,
+        "cap_s": p.cap_s,
+        "lr_B32": res["lr0"],
+        "fixed": fixed,
+        "adaptive": [],
+    }
     for metric in ("time", "robust"):
         live = [f for f in fixed if f[metric] < INF]
         best = min(live, key=lambda f: f[metric]) if live else None
@@ -496,11 +604,15 @@ def summarize(p: Problem, res: dict, seeds) -> dict:
         out[f"median_fixed_{metric}"] = _median([f[metric] for f in fixed])
     for name, a in adaptive.items():
         by = {r["seed"]: r for r in a["runs"]}
-        row = {"arm": name, "rule": a["arm"]["rule"], "throughput": a["arm"].get("throughput") or "measured",
-               "reached": sum(by[s]["reached"] for s in seeds),
-               "probe_s": _median([by[s]["probe_s"] for s in seeds]),
-               "steps": _median([by[s]["steps"] or INF for s in seeds]),
-               "examples": _median([by[s]["examples"] or INF for s in seeds])}
+        row = {
+            "arm": name,
+            "rule": a["arm"]["rule"],
+            "throughput": a["arm"].get("throughput") or "measured",
+            "reached": sum(by[s]["reached"] for s in seeds),
+            "probe_s": _median([by[s]["probe_s"] for s in seeds]),
+            "steps": _median([by[s]["steps"] or INF for s in seeds]),
+            "examples": _median([by[s]["examples"] or INF for s in seeds]),
+        }
         row["ctrl_s"] = _median([by[s]["ctrl_s"] for s in seeds])
         for metric, (base, extra) in METRICS.items():
             v = [by[s][base] + sum(by[s][e] for e in extra) for s in seeds]
@@ -531,28 +643,50 @@ def overhead(p: Problem, sizes, rounds: int, steps_of) -> list:
     rows = []
     for B in sizes:
         steps = steps_of(B)
-        arms = {"fixed": dict(batch_size=B), "tracking": dict(batch_size=B, track_noise=4, noise_beta=0.9),
-                "adaptive": dict(batch_size=mg.AdaptiveBatchSize(min=B, max=B, throughput={B: 1.0}))}
+        arms = {
+            "fixed": dict(batch_size=B),
+            "tracking": dict(batch_size=B, track_noise=4, noise_beta=0.9),
+            "adaptive": dict(batch_size=mg.AdaptiveBatchSize(min=B, max=B, throughput={B: 1.0})),
+        }
         lr = p.base_lr * math.sqrt(B / BASE_B) * 0.25
         samples = {k: [] for k in arms}
         names = list(arms)
-        for r in range(rounds + 1):                   # round 0 warms up (untimed)
-            for name in names[r % 3:] + names[:r % 3]:
+        for r in range(rounds + 1):  # round 0 warms up (untimed)
+            for name in names[r % 3 :] + names[: r % 3]:
                 model = mg.MLP([d["n_in"], *p.hidden, d["n_out"]], activation=p.activation, loss=d["loss"], seed=r)
                 ctrl0 = _SPENT["ctrl"]
                 c0, t0 = time.process_time(), time.perf_counter()
-                hist = mg.fit(model, d["Xtr"], d["ytr"], steps=steps, optimizer=mg.SGD(lr=lr, momentum=MOMENTUM),
-                              seed=r, **arms[name])
+                hist = mg.fit(
+                    model,
+                    d["Xtr"],
+                    d["ytr"],
+                    steps=steps,
+                    optimizer=mg.SGD(lr=lr, momentum=MOMENTUM),
+                    seed=r,
+                    **arms[name],
+                )
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 if r:
-                    samples[name].append({"train": float(hist.column("time")[-1]), "wall": wall, "cpu": cpu,
-                                          "robust": _robust(hist, steps, 4), "ctrl": _SPENT["ctrl"] - ctrl0})
+                    samples[name].append(
+                        {
+                            "train": float(hist.column("time")[-1]),
+                            "wall": wall,
+                            "cpu": cpu,
+                            "robust": _robust(hist, steps, 4),
+                            "ctrl": _SPENT["ctrl"] - ctrl0,
+                        }
+                    )
         fx, ad = samples["fixed"], samples["adaptive"]
-        row = {"problem": p.name, "B": B, "steps": steps, "rounds": rounds,
-               "fixed_us_per_step": 1e6 * _median([s["robust"] for s in fx]) / steps,
-               "adaptive_us_per_step": 1e6 * _median([s["robust"] for s in ad]) / steps,
-               "ctrl_us_per_step": 1e6 * _median([s["ctrl"] for s in ad]) / steps,
-               "ctrl_us_per_decision": 1e6 * _median([s["ctrl"] for s in ad]) / (steps // 20)}
+        row = {
+            "problem": p.name,
+            "B": B,
+            "steps": steps,
+            "rounds": rounds,
+            "fixed_us_per_step": 1e6 * _median([s["robust"] for s in fx]) / steps,
+            "adaptive_us_per_step": 1e6 * _median([s["robust"] for s in ad]) / steps,
+            "ctrl_us_per_step": 1e6 * _median([s["ctrl"] for s in ad]) / steps,
+            "ctrl_us_per_decision": 1e6 * _median([s["ctrl"] for s in ad]) / (steps // 20),
+        }
         for k in ("robust", "cpu", "train", "wall"):
             ratios = [a[k] / f[k] for a, f in zip(ad, fx)]
             row[f"{k}_ratio"], row[f"{k}_ratios"] = _median(ratios), ratios
@@ -584,131 +718,187 @@ def verdict(summ: list) -> dict:
         rows = [next(a for a in s["adaptive"] if a["arm"] == "adaptive adascale") for s in summ]
         ratios = [r.get(f"{metric}_ratio", INF) for r in rows]
         vs_med = [r.get(f"{metric}_vs_median_fixed", INF) for r in rows]
-        out[metric] = {"ratios": ratios, "vs_median_fixed": vs_med,
-                       "goal": all(x <= GOAL for x in ratios) and all(v < 1 for v in vs_med),
-                       "bar": all(x <= BAR for x in ratios)}
+        out[metric] = {
+            "ratios": ratios,
+            "vs_median_fixed": vs_med,
+            "goal": all(x <= GOAL for x in ratios) and all(v < 1 for v in vs_med),
+            "bar": all(x <= BAR for x in ratios),
+        }
     return out
 
 
-_METRIC_WORDS = {"time": "raw (the history's clock: `hist.time_to_target`)",
-                 "robust": "robust (each step at its class's median duration)",
-                 "robust+ctrl": "robust + the controller's decisions and noise bookkeeping (off the step clock)",
-                 "all-in": "robust + decisions and bookkeeping + the one-off throughput probe"}
+_METRIC_WORDS = {
+    "time": "raw (the history's clock: `hist.time_to_target`)",
+    "robust": "robust (each step at its class's median duration)",
+    "robust+ctrl": "robust + the controller's decisions and noise bookkeeping (off the step clock)",
+    "all-in": "robust + decisions and bookkeeping + the one-off throughput probe",
+}
 
 
 def render_md(summ: list, ovh: list, meta: dict) -> str:
     mc = meta["machine"]
-    L = ["# Adaptive batch size against every fixed batch size (issue 17)", "",
-         f"Date {DATE}. `python bench/adaptive.py{' ' + meta['args'] if meta['args'] else ''}`, "
-         f"{meta['wall_s']:.0f} s. Machine: {mc.get('cpu', '?')}, {mc.get('logical_cpus', '?')} logical CPUs, "
-         f"one thread (NUMBA/OPENBLAS/OMP/MKL_NUM_THREADS=1), Python {mc.get('python')}, numpy "
-         f"{mc.get('numpy')}, numba {mc.get('numba')}, minigd {mc.get('minigd_commit', '?')}. Seeds "
-         f"{meta['seeds']}. Load average before / after: {meta['load_before']} / {meta['load_after']}; "
-         f"{meta['stalled_share']:.0%} of the runs had some runnable task waiting for a CPU more than 5% of "
-         f"their wall time (/proc/pressure/cpu): the machine was shared, and the raw times are disturbed.", "",
-         "Times: ms of training to the first evaluation meeting the target (evaluations every step for 50 "
-         "steps, then every 2% more steps, the same for every arm; evaluation and compilation excluded), "
-         "median over seeds. *raw*: the history's clock (`hist.time_to_target`: the steps only); *robust*: "
-         "each step at the median duration of its class in the run (its batch size, and for adaptive "
-         "whether the noise was tracked on it), which removes preemption by other processes; *ctrl*: the "
-         "adaptive run's decisions and noise bookkeeping, which run outside the step clock; *probe*: its "
-         "one-off throughput probe before training, also outside. *all-in* = robust + ctrl + probe. "
-         "Ratio = adaptive / best fixed B (raw to raw, the others to robust), with a paired bootstrap 90% "
-         "interval over seeds; wins = seeds in which adaptive beat the best fixed B. "
-         f"Goal: ratio <= {GOAL} on every problem and faster than the median fixed B; bar: <= {BAR}.", ""]
+    L = [
+        "# Adaptive batch size against every fixed batch size (issue 17)",
+        "",
+        f"Date {DATE}. `python bench/adaptive.py{' ' + meta['args'] if meta['args'] else ''}`, "
+        f"{meta['wall_s']:.0f} s. Machine: {mc.get('cpu', '?')}, {mc.get('logical_cpus', '?')} logical CPUs, "
+        f"one thread (NUMBA/OPENBLAS/OMP/MKL_NUM_THREADS=1), Python {mc.get('python')}, numpy "
+        f"{mc.get('numpy')}, numba {mc.get('numba')}, minigd {mc.get('minigd_commit', '?')}. Seeds "
+        f"{meta['seeds']}. Load average before / after: {meta['load_before']} / {meta['load_after']}; "
+        f"{meta['stalled_share']:.0%} of the runs had some runnable task waiting for a CPU more than 5% of "
+        f"their wall time (/proc/pressure/cpu): the machine was shared, and the raw times are disturbed.",
+        "",
+        "Times: ms of training to the first evaluation meeting the target (evaluations every step for 50 "
+        "steps, then every 2% more steps, the same for every arm; evaluation and compilation excluded), "
+        "median over seeds. *raw*: the history's clock (`hist.time_to_target`: the steps only); *robust*: "
+        "each step at the median duration of its class in the run (its batch size, and for adaptive "
+        "whether the noise was tracked on it), which removes preemption by other processes; *ctrl*: the "
+        "adaptive run's decisions and noise bookkeeping, which run outside the step clock; *probe*: its "
+        "one-off throughput probe before training, also outside. *all-in* = robust + ctrl + probe. "
+        "Ratio = adaptive / best fixed B (raw to raw, the others to robust), with a paired bootstrap 90% "
+        "interval over seeds; wins = seeds in which adaptive beat the best fixed B. "
+        f"Goal: ratio <= {GOAL} on every problem and faster than the median fixed B; bar: <= {BAR}.",
+        "",
+    ]
     v = meta["verdict"]
-    L += ["## Verdict (`lr_rule=\"adascale\"`, the default, measured throughput)", "",
-          "| time to target | ratio to the best fixed B (" + ", ".join(s["problem"] for s in summ) +
-          ") | vs the median fixed B | goal | bar |", "|---|---|---|---|---|"]
+    L += [
+        '## Verdict (`lr_rule="adascale"`, the default, measured throughput)',
+        "",
+        "| time to target | ratio to the best fixed B ("
+        + ", ".join(s["problem"] for s in summ)
+        + ") | vs the median fixed B | goal | bar |",
+        "|---|---|---|---|---|",
+    ]
     for m, r in v.items():
-        L.append(f"| {_METRIC_WORDS[m]} | {', '.join(_fmt(x) + 'x' for x in r['ratios'])} | "
-                 f"{', '.join(_fmt(x) + 'x' for x in r['vs_median_fixed'])} | "
-                 f"{'met' if r['goal'] else '**not met**'} | {'met' if r['bar'] else '**not met**'} |")
+        L.append(
+            f"| {_METRIC_WORDS[m]} | {', '.join(_fmt(x) + 'x' for x in r['ratios'])} | "
+            f"{', '.join(_fmt(x) + 'x' for x in r['vs_median_fixed'])} | "
+            f"{'met' if r['goal'] else '**not met**'} | {'met' if r['bar'] else '**not met**'} |"
+        )
     L.append("")
     n = len(meta["seeds"])
     for s in summ:
         bt, br = s["best_time"], s["best_robust"]
-        L += [f"## {s['problem']}", "", s["describe"] + f". Adaptive: `AdaptiveBatchSize(min=32)` (candidates "
-              f"32 ... {min(8192, s['n_train'])}), learning rate {s['lr_B32']:.4g} (the tuned rate of B=32). "
-              f"Run cap {1e3 * s['run_cap_s']:.0f} ms of training.", "",
-              "| arm | reached | steps / examples | last B per seed | raw ms [90%] | raw ratio [90%] | robust ms | "
-              "robust ratio [90%] | ctrl ms | probe ms | robust+ctrl ratio | all-in ratio | wins raw / robust | "
-              "vs median fixed raw / robust |",
-              "|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
-              f"| best fixed B (raw: B={bt['B'] if bt else '-'}, robust: B={br['B'] if br else '-'}) | | | | "
-              f"{_ms(bt['value']) if bt else '-'} | 1 | {_ms(br['value']) if br else '-'} | 1 | | | | | | |",
-              f"| median of the fixed B | | | | {_ms(s['median_fixed_time'])} | | "
-              f"{_ms(s['median_fixed_robust'])} | | | | | | | |"]
+        L += [
+            f"## {s['problem']}",
+            "",
+            s["describe"] + f". Adaptive: `AdaptiveBatchSize(min=32)` (candidates "
+            f"32 ... {min(8192, s['n_train'])}), learning rate {s['lr_B32']:.4g} (the tuned rate of B=32). "
+            f"Run cap {1e3 * s['run_cap_s']:.0f} ms of training.",
+            "",
+            "| arm | reached | steps / examples | last B per seed | raw ms [90%] | raw ratio [90%] | robust ms | "
+            "robust ratio [90%] | ctrl ms | probe ms | robust+ctrl ratio | all-in ratio | wins raw / robust | "
+            "vs median fixed raw / robust |",
+            "|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
+            f"| best fixed B (raw: B={bt['B'] if bt else '-'}, robust: B={br['B'] if br else '-'}) | | | | "
+            f"{_ms(bt['value']) if bt else '-'} | 1 | {_ms(br['value']) if br else '-'} | 1 | | | | | | |",
+            f"| median of the fixed B | | | | {_ms(s['median_fixed_time'])} | | "
+            f"{_ms(s['median_fixed_robust'])} | | | | | | | |",
+        ]
         for a in s["adaptive"]:
-            L.append(f"| {a['arm']} | {a['reached']}/{n} | {_n(a['steps'])} / {_n(a['examples'])} | {a['final_B']} | "
-                     f"{_ms(a['time'])} {_ci([1e3 * x for x in a['time_ci']])} | "
-                     f"{_fmt(a.get('time_ratio', INF))} {_ci(a.get('time_ratio_ci', (INF, INF)))} | "
-                     f"{_ms(a['robust'])} | "
-                     f"{_fmt(a.get('robust_ratio', INF))} {_ci(a.get('robust_ratio_ci', (INF, INF)))} | "
-                     f"{1e3 * a['ctrl_s']:.3g} | {1e3 * a['probe_s']:.3g} | "
-                     f"{_fmt(a.get('robust+ctrl_ratio', INF))} | {_fmt(a.get('all-in_ratio', INF))} | "
-                     f"{a.get('time_wins', 0)} / {a.get('robust_wins', 0)} | "
-                     f"{_fmt(a.get('time_vs_median_fixed', INF))} / {_fmt(a.get('robust_vs_median_fixed', INF))} |")
-        L += ["", "Fixed batch sizes (rate = base x sqrt(B/32) x factor; † best rate at an edge of the factors tried):",
-              "", "| B | factor | rate | reached | steps | examples | raw ms | robust ms |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            L.append(
+                f"| {a['arm']} | {a['reached']}/{n} | {_n(a['steps'])} / {_n(a['examples'])} | {a['final_B']} | "
+                f"{_ms(a['time'])} {_ci([1e3 * x for x in a['time_ci']])} | "
+                f"{_fmt(a.get('time_ratio', INF))} {_ci(a.get('time_ratio_ci', (INF, INF)))} | "
+                f"{_ms(a['robust'])} | "
+                f"{_fmt(a.get('robust_ratio', INF))} {_ci(a.get('robust_ratio_ci', (INF, INF)))} | "
+                f"{1e3 * a['ctrl_s']:.3g} | {1e3 * a['probe_s']:.3g} | "
+                f"{_fmt(a.get('robust+ctrl_ratio', INF))} | {_fmt(a.get('all-in_ratio', INF))} | "
+                f"{a.get('time_wins', 0)} / {a.get('robust_wins', 0)} | "
+                f"{_fmt(a.get('time_vs_median_fixed', INF))} / {_fmt(a.get('robust_vs_median_fixed', INF))} |"
+            )
+        L += [
+            "",
+            "Fixed batch sizes (rate = base x sqrt(B/32) x factor; † best rate at an edge of the factors tried):",
+            "",
+            "| B | factor | rate | reached | steps | examples | raw ms | robust ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for f in s["fixed"]:
             if f["factor"] is None:
                 L.append(f"| {f['B']} | - | - | 0/{n} | - | - | not reached | not reached |")
                 continue
-            L.append(f"| {f['B']} | {f['factor']:g}{' †' if f['edge'] else ''} | {f['lr']:.3g} | {f['reached']}/{n} | "
-                     f"{_n(f['steps'])} | {_n(f['examples'])} | {_ms(f['time'])} | {_ms(f['robust'])} |")
+            L.append(
+                f"| {f['B']} | {f['factor']:g}{' †' if f['edge'] else ''} | {f['lr']:.3g} | {f['reached']}/{n} | "
+                f"{_n(f['steps'])} | {_n(f['examples'])} | {_ms(f['time'])} | {_ms(f['robust'])} |"
+            )
         a0 = next(a for a in s["adaptive"] if a["arm"] == "adaptive adascale")
-        L += ["", "adascale's training time (ms, to the target or the cap) at each batch size, per seed: " +
-              "; ".join(", ".join(f"{b}: {1e3 * t:.3g}" for b, t in sorted(tb.items())) for tb in a0["time_by_B"])
-              + ".", "",
-              "The throughput table adascale's probe measured (seed 0; µs per step, and in brackets µs per "
-              "example): " + ", ".join(f"{b}: {1e6 * t:.3g} ({1e6 * t / b:.2g})"
-                                       for b, t in sorted(a0["throughput_tables"][0].items())) + ". "
-              "The steps of the fixed runs at their tuned rate (robust, median over seeds; µs per step, and "
-              "per example): " + ", ".join(f"{f['B']}: {f['us_per_step']:.3g} ({f['us_per_step'] / f['B']:.2g})"
-                                          for f in s["fixed"] if f.get("us_per_step", INF) < INF) + ".", ""]
-    L += ["## Controller overhead", "",
-          "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
-          "every 4th step and decides every 20 steps, but never changes B; nothing probed) vs `batch_size=B`, "
-          "and `batch_size=B, track_noise=4` (the tracked steps without the decisions) between them; same "
-          "steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio. "
-          "*controller bookkeeping*: the time in `Controller.decide`, `NoiseTracker.update` and the "
-          "per-example norms' sum, outside the step clock, per step and per decision. "
-          "*steps*: the steps' time, each at the median duration of its class (tracked or not) in the run "
-          "(the per-example norms of the tracked steps; preemption removed); *fit CPU*: the process CPU "
-          "time of the whole `fit` call (the steps, the decisions, the noise bookkeeping and the shorter "
-          "runs of steps the loop hands the backend between tracked steps); *raw train* / *raw wall*: the "
-          f"history's clock and the call's wall time (disturbed by other processes). Target <= {OVERHEAD_GOAL}.",
-          "",
-          "| problem | B | steps | fixed µs/step | adaptive µs/step | steps ratio | fit CPU ratio | "
-          "fit CPU µs/step: fixed / tracking only / adaptive | controller bookkeeping µs/step (per decision) | "
-          "raw train ratio | raw wall ratio | met (steps / fit CPU) |",
-          "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|"]
+        L += [
+            "",
+            "adascale's training time (ms, to the target or the cap) at each batch size, per seed: "
+            + "; ".join(", ".join(f"{b}: {1e3 * t:.3g}" for b, t in sorted(tb.items())) for tb in a0["time_by_B"])
+            + ".",
+            "",
+            "The throughput table adascale's probe measured (seed 0; µs per step, and in brackets µs per "
+            "example): "
+            + ", ".join(
+                f"{b}: {1e6 * t:.3g} ({1e6 * t / b:.2g})" for b, t in sorted(a0["throughput_tables"][0].items())
+            )
+            + ". "
+            "The steps of the fixed runs at their tuned rate (robust, median over seeds; µs per step, and "
+            "per example): "
+            + ", ".join(
+                f"{f['B']}: {f['us_per_step']:.3g} ({f['us_per_step'] / f['B']:.2g})"
+                for f in s["fixed"]
+                if f.get("us_per_step", INF) < INF
+            )
+            + ".",
+            "",
+        ]
+    L += [
+        "## Controller overhead",
+        "",
+        "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
+        "every 4th step and decides every 20 steps, but never changes B; nothing probed) vs `batch_size=B`, "
+        "and `batch_size=B, track_noise=4` (the tracked steps without the decisions) between them; same "
+        "steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio. "
+        "*controller bookkeeping*: the time in `Controller.decide`, `NoiseTracker.update` and the "
+        "per-example norms' sum, outside the step clock, per step and per decision. "
+        "*steps*: the steps' time, each at the median duration of its class (tracked or not) in the run "
+        "(the per-example norms of the tracked steps; preemption removed); *fit CPU*: the process CPU "
+        "time of the whole `fit` call (the steps, the decisions, the noise bookkeeping and the shorter "
+        "runs of steps the loop hands the backend between tracked steps); *raw train* / *raw wall*: the "
+        f"history's clock and the call's wall time (disturbed by other processes). Target <= {OVERHEAD_GOAL}.",
+        "",
+        "| problem | B | steps | fixed µs/step | adaptive µs/step | steps ratio | fit CPU ratio | "
+        "fit CPU µs/step: fixed / tracking only / adaptive | controller bookkeeping µs/step (per decision) | "
+        "raw train ratio | raw wall ratio | met (steps / fit CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|",
+    ]
     for r in ovh:
         ok = ["yes" if r[k] <= OVERHEAD_GOAL else "**no**" for k in ("robust_ratio", "cpu_ratio")]
         c = r["cpu_us_per_step"]
-        L.append(f"| {r['problem']} | {r['B']} | {r['steps']} | {r['fixed_us_per_step']:.1f} | "
-                 f"{r['adaptive_us_per_step']:.1f} | {r['robust_ratio']:.3f} | {r['cpu_ratio']:.3f} | "
-                 f"{c['fixed']:.1f} / {c['tracking']:.1f} / {c['adaptive']:.1f} | "
-                 f"{r['ctrl_us_per_step']:.1f} ({r['ctrl_us_per_decision']:.0f}) | {r['train_ratio']:.3f} | "
-                 f"{r['wall_ratio']:.3f} | {ok[0]} / {ok[1]} |")
-    L += ["", "Plot: `adaptive.png` (batch size, noise scale and learning-rate factor the controller chose, "
-          "one seed per problem)."]
+        L.append(
+            f"| {r['problem']} | {r['B']} | {r['steps']} | {r['fixed_us_per_step']:.1f} | "
+            f"{r['adaptive_us_per_step']:.1f} | {r['robust_ratio']:.3f} | {r['cpu_ratio']:.3f} | "
+            f"{c['fixed']:.1f} / {c['tracking']:.1f} / {c['adaptive']:.1f} | "
+            f"{r['ctrl_us_per_step']:.1f} ({r['ctrl_us_per_decision']:.0f}) | {r['train_ratio']:.3f} | "
+            f"{r['wall_ratio']:.3f} | {ok[0]} / {ok[1]} |"
+        )
+    L += [
+        "",
+        "Plot: `adaptive.png` (batch size, noise scale and learning-rate factor the controller chose, "
+        "one seed per problem).",
+    ]
     return "\n".join(L) + "\n"
 
 
 def plot(summ: list, res: dict, path: str, seed) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
         return False
     fig, axes = plt.subplots(2, len(summ), figsize=(5.2 * len(summ), 7), squeeze=False)
-    colors = {"adaptive adascale": "C0", "adaptive sqrt": "C1", "adaptive linear": "C2",
-              "adaptive adascale, flops model": "C3"}
+    colors = {
+        "adaptive adascale": "C0",
+        "adaptive sqrt": "C1",
+        "adaptive linear": "C2",
+        "adaptive adascale, flops model": "C3",
+    }
     for j, s in enumerate(summ):
         ax, ax2 = axes[0, j], axes[1, j]
         for name, a in res[s["problem"]]["adaptive"].items():
@@ -722,8 +912,16 @@ def plot(summ: list, res: dict, path: str, seed) -> bool:
             ax.step(steps, Bs + Bs[-1:], where="post", color=colors.get(name), label=name.replace("adaptive ", ""))
             ax2.step(steps, fs + fs[-1:], where="post", color=colors.get(name))
             if name == "adaptive adascale" and r["decisions"]:
-                ax.plot([d["step"] for d in r["decisions"]], [d["noise"] for d in r["decisions"]], ":",
-                        marker=".", ms=4, color="C0", alpha=0.6, label="noise scale at each decision (adascale)")
+                ax.plot(
+                    [d["step"] for d in r["decisions"]],
+                    [d["noise"] for d in r["decisions"]],
+                    ":",
+                    marker=".",
+                    ms=4,
+                    color="C0",
+                    alpha=0.6,
+                    label="noise scale at each decision (adascale)",
+                )
         bt = s["best_robust"]
         if bt:
             ax.axhline(bt["B"], color="k", ls="--", lw=0.8, label=f"best fixed B={bt['B']}")
@@ -738,6 +936,7 @@ def plot(summ: list, res: dict, path: str, seed) -> bool:
         ax.legend(fontsize=7)
     fig.tight_layout()
     import io
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -776,6 +975,7 @@ def main(argv=None) -> int:
     rounds = args.overhead_rounds or (2 if args.quick else 7)
     load_before = os.getloadavg()
     from minigd.warmup import warmup
+
     warmup(("float32",))
     rng = np.random.default_rng(20261206)
     res, summ, ovh = {}, [], []
@@ -787,19 +987,35 @@ def main(argv=None) -> int:
         sizes = [32] if args.quick else [32, 128, 512]
         ovh += overhead(p, sizes, rounds, lambda B: 200 if args.quick else max(400, 200_000 // B))
         log(f"{name}: done")
-    runs = [r for name in res for c in res[name]["sweep"].cells.values() for r in c] + \
-           [r for name in res for a in res[name]["adaptive"].values() for r in a["runs"]]
-    meta = {"date": DATE, "args": " ".join(argv if argv is not None else sys.argv[1:]), "seeds": seeds,
-            "machine": machine(), "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()],
-            "stalled_share": float(np.mean([r["stall"] > 0.05 for r in runs])) if runs else 0.0,
-            "n_runs": len(runs)}
+    runs = [r for name in res for c in res[name]["sweep"].cells.values() for r in c] + [
+        r for name in res for a in res[name]["adaptive"].values() for r in a["runs"]
+    ]
+    meta = {
+        "date": DATE,
+        "args": " ".join(argv if argv is not None else sys.argv[1:]),
+        "seeds": seeds,
+        "machine": machine(),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "stalled_share": float(np.mean([r["stall"] > 0.05 for r in runs])) if runs else 0.0,
+        "n_runs": len(runs),
+    }
     meta["verdict"] = verdict(summ)
     meta["wall_s"] = time.perf_counter() - t_start
     md = render_md(summ, ovh, meta)
-    cells = {name: [{"B": c[0], "factor": c[1], "lr": res[name]["sweep"].lr(*c),
-                     "dropped": c in res[name]["sweep"].dropped, "runs": recs}
-                    for c, recs in sorted(res[name]["sweep"].cells.items())] for name in res}
+    cells = {
+        name: [
+            {
+                "B": c[0],
+                "factor": c[1],
+                "lr": res[name]["sweep"].lr(*c),
+                "dropped": c in res[name]["sweep"].dropped,
+                "runs": recs,
+            }
+            for c, recs in sorted(res[name]["sweep"].cells.items())
+        ]
+        for name in res
+    }
     adaptive_runs = {name: {k: a for k, a in res[name]["adaptive"].items()} for name in res}
     data = {"meta": meta, "summary": summ, "overhead": ovh, "cells": cells, "adaptive_runs": adaptive_runs}
     os.makedirs(args.out, exist_ok=True)

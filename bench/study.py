@@ -13,6 +13,7 @@ other, and each run's interval holding the other's point estimate.
 
 Writes bench/results/study.md and bench/results/study.json.  ~3 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import glob
@@ -28,13 +29,18 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _common import atomic_write, cpu_model  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 
 
 def _clear_numba_cache() -> int:
     import minigd.kernels as k
-    files = [p for ext in ("nbi", "nbc") for p in glob.glob(os.path.join(os.path.dirname(k.__file__),
-                                                                            "**", f"*.{ext}"), recursive=True)]
+
+    files = [
+        p
+        for ext in ("nbi", "nbc")
+        for p in glob.glob(os.path.join(os.path.dirname(k.__file__), "**", f"*.{ext}"), recursive=True)
+    ]
     for p in files:
         os.remove(p)
     return len(files)
@@ -42,8 +48,9 @@ def _clear_numba_cache() -> int:
 
 def _run(out: str, *args: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "minigd", "study", "--out", out, "--quiet", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "minigd", "study", "--out", out, "--quiet", *args], check=True, stdout=subprocess.DEVNULL
+    )
     return time.perf_counter() - t0
 
 
@@ -65,16 +72,27 @@ def main() -> int:
     b = [r["batch_size"] for r in recs]
     within_2x = max(b) <= 2 * min(b)
     holds = [recs[0]["lo"] <= b[1] <= recs[0]["hi"], recs[1]["lo"] <= b[0] <= recs[1]["hi"]]
-    bc_holds = [bcrit[0]["lo"] <= bcrit[1]["value"] <= bcrit[0]["hi"],
-                bcrit[1]["lo"] <= bcrit[0]["value"] <= bcrit[1]["hi"]]
-    res = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
-                       "date": time.strftime("%Y-%m-%d")},
-           "seconds": {"cold": cold, "warm_seed0": warm0, "warm_seed1": warm1},
-           "numba_cache_files_removed": removed,
-           "recommendation": {"seed0": recs[0], "seed1": recs[1]},
-           "critical_batch_size_fit": {"seed0": bcrit[0], "seed1": bcrit[1]},
-           "stability": {"within_factor_2": within_2x, "each_interval_holds_the_other": all(holds),
-                         "b_crit_intervals_hold_each_other": all(bc_holds)}}
+    bc_holds = [
+        bcrit[0]["lo"] <= bcrit[1]["value"] <= bcrit[0]["hi"],
+        bcrit[1]["lo"] <= bcrit[0]["value"] <= bcrit[1]["hi"],
+    ]
+    res = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "seconds": {"cold": cold, "warm_seed0": warm0, "warm_seed1": warm1},
+        "numba_cache_files_removed": removed,
+        "recommendation": {"seed0": recs[0], "seed1": recs[1]},
+        "critical_batch_size_fit": {"seed0": bcrit[0], "seed1": bcrit[1]},
+        "stability": {
+            "within_factor_2": within_2x,
+            "each_interval_holds_the_other": all(holds),
+            "b_crit_intervals_hold_each_other": all(bc_holds),
+        },
+    }
     atomic_write(os.path.join(HERE, "results", "study.json"), json.dumps(res, indent=1, default=str))
     fmt = lambda r: f"{r['batch_size']} [{r['lo']}, {r['hi']}], wins {100 * r['wins']:.0f}%"
     fb = lambda x: f"{x['value']:.4g} [{x['lo']:.4g}, {x['hi']:.4g}]"

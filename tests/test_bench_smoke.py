@@ -8,6 +8,7 @@ peers (PyTorch, BackPACK) may be missing: the benchmarks then report them as mis
 so do these tests expect.  When PyTorch is installed, ``peers.py`` runs a second time with
 ``torch`` made unimportable, so that both paths stay covered.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -58,11 +59,19 @@ def runs(tmp_path_factory):
     for name, (script, *args) in jobs.items():
         out = base / name
         out.mkdir()
-        if name != "crossover":           # gradstats --quick writes nothing, but the flag must parse
+        if name != "crossover":  # gradstats --quick writes nothing, but the flag must parse
             args += ["--out", str(out)]
-        procs[name] = (out, subprocess.Popen([sys.executable, str(BENCH / script), *args], cwd=str(ROOT),
-                                             env=_env(**envs.get(name, {})), stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True))
+        procs[name] = (
+            out,
+            subprocess.Popen(
+                [sys.executable, str(BENCH / script), *args],
+                cwd=str(ROOT),
+                env=_env(**envs.get(name, {})),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     yield procs
     for _, p in procs.values():
         if p.poll() is None:
@@ -101,7 +110,7 @@ def test_gradstats_quick(runs):
 def test_crossover_quick(runs):
     _, stdout, _ = _finish(runs, "crossover")
     assert "loops µs" in stdout
-    assert len(stdout.strip().splitlines()) == 3          # header + batch sizes 1 and 4
+    assert len(stdout.strip().splitlines()) == 3  # header + batch sizes 1 and 4
 
 
 def _peers_result(out):
@@ -160,7 +169,7 @@ def test_ghost_bn_quick_writes_accuracy_and_cost(runs):
         assert 0 <= r["test_mean"] <= 1 and len(r["test"]) == 1
     cost = {r["variant"]: r for r in res["cost"]}
     assert cost["plain"]["vs_plain"] == 1.0 and cost["BN ghost 8"]["us_per_step"] > 0
-    assert "BN ghost 32" not in cost          # a ghost >= the batch is not a variant of its own
+    assert "BN ghost 32" not in cost  # a ghost >= the batch is not a variant of its own
     assert "| BN ghost 8 |" in (out / "ghost_bn.md").read_text()
 
 
@@ -179,7 +188,7 @@ def test_adaptive_quick_writes_the_comparison(runs):
         assert 0 <= a["reached"] <= 2 and len(a["final_B"]) == 2
         if a["reached"] == 2:
             assert a["time"] > 0 and 0 < a["robust"] <= a["robust+ctrl"] <= a["all-in"]
-            assert a["all-in"] >= a["robust"] + a["probe_s"] * 0.5    # medians over seeds: not additive
+            assert a["all-in"] >= a["robust"] + a["probe_s"] * 0.5  # medians over seeds: not additive
             lo, hi = a["time_ci"]
             assert lo <= a["time"] <= hi
     # every run of every fixed cell is on record, with the learning rate it used

@@ -1,19 +1,19 @@
 """``minigd study`` on the command line: every flag is checked before any trial runs (a usage
 error naming the flag, what it expects and what it got), and Ctrl-C ends with one line and
 exit status 130."""
+
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 
+import _hanging_pool
 import pytest
 
 from minigd.cli import main
 
-import _hanging_pool
-
-pytest.importorskip("sklearn")   # the default data set is scikit-learn's digits
+pytest.importorskip("sklearn")  # the default data set is scikit-learn's digits
 
 # flag(s) -> what the message must hold (the flag, and the value that was given)
 BAD_FLAGS = [
@@ -55,7 +55,7 @@ def test_bad_study_flags_are_usage_errors_before_any_trial(flags, flag, got, tmp
     line = err.strip().splitlines()[-1]
     assert line.startswith("minigd study: error: argument " + flag + ": expected"), err
     assert got in line and "Traceback" not in err
-    assert not out.exists()          # nothing ran, nothing was stored
+    assert not out.exists()  # nothing ran, nothing was stored
 
 
 def test_unavailable_backend_says_why(tmp_path, capsys, monkeypatch):
@@ -79,24 +79,57 @@ def test_a_cluster_study_may_ask_for_a_backend_this_machine_lacks(tmp_path, monk
 
     def fake_run_study(spec, out, **kw):
         seen.update(backend=spec.backend, scheduler=kw.get("scheduler"))
-        raise KeyboardInterrupt          # stop before anything runs (exit 130)
+        raise KeyboardInterrupt  # stop before anything runs (exit 130)
 
     monkeypatch.setattr(study, "run_study", fake_run_study)
-    monkeypatch.setattr("minigd.cli._check_scheduler", lambda address: None)   # no cluster here
-    rc = main(["study", "--backend", "gpu", "--scheduler", "tcp://127.0.0.1:1", "--batch-sizes", "8",
-               "--seeds", "0", "--out", str(tmp_path / "s"), "--quiet"])
+    monkeypatch.setattr("minigd.cli._check_scheduler", lambda address: None)  # no cluster here
+    rc = main(
+        [
+            "study",
+            "--backend",
+            "gpu",
+            "--scheduler",
+            "tcp://127.0.0.1:1",
+            "--batch-sizes",
+            "8",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path / "s"),
+            "--quiet",
+        ]
+    )
     assert rc == 130 and seen == {"backend": "gpu", "scheduler": "tcp://127.0.0.1:1"}
 
 
 def test_regression_data_picks_the_loss_metric(tmp_path, capsys):
     """The README's `--data linear_regression` failed on the default accuracy metric."""
     out = tmp_path / "s"
-    rc = main(["study", "--data", "linear_regression", "--target", "0.05", "--batch-sizes", "32,full",
-               "--seeds", "0", "--lr-grid", "1", "--max-epochs", "2", "--workers", "1", "--quiet",
-               "--out", str(out)])
+    rc = main(
+        [
+            "study",
+            "--data",
+            "linear_regression",
+            "--target",
+            "0.05",
+            "--batch-sizes",
+            "32,full",
+            "--seeds",
+            "0",
+            "--lr-grid",
+            "1",
+            "--max-epochs",
+            "2",
+            "--workers",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
-    assert "2 ran (0 failed)" in text and "target val_loss <= 0.05" in text
+    assert "3 ran (0 failed)" in text and "target val_loss <= 0.05" in text  # 2 batch sizes + the adaptive arm
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
@@ -122,13 +155,18 @@ def test_ctrl_c_ends_the_pool_workers_quietly(tmp_path):
     """Ctrl-C (SIGINT to the whole process group): the study process ends its workers at
     once instead of waiting for their trials, and the workers print no tracebacks."""
     proc, _ = _hanging_pool.start(
-        tmp_path, "    try:\n        run_pool()\n    except KeyboardInterrupt:\n"
-                  "        print('interrupted', flush=True)\n        sys.exit(130)\n",
-        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        tmp_path,
+        "    try:\n        run_pool()\n    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n        sys.exit(130)\n",
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=20)   # the trials sleep 120 s: not waited for
+        out, err = proc.communicate(timeout=20)  # the trials sleep 120 s: not waited for
     finally:
         if proc.poll() is None:
             proc.kill()

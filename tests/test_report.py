@@ -1,6 +1,7 @@
 """The study report: every figure and summary file is written, the figures are real images,
 and the summary states the analysis' answers with the right numbers -- also when most of
 the data are missing."""
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,10 @@ from minigd.report import PLOT_FILES, make_plots, write_report  # noqa: E402
 from minigd.study.analysis import analyze  # noqa: E402
 from minigd.study.config import TrialConfig  # noqa: E402
 
-S_MIN, B_CRIT = 100.0, 48.0          # the synthetic steps/examples trade-off
+S_MIN, B_CRIT = 100.0, 48.0  # the synthetic steps/examples trade-off
 OVERHEAD_S, PER_EXAMPLE_S = 1e-3, 2e-5  # synthetic step time = overhead + per-example cost
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
-LRS = [0.01, 0.1, 1.0]              # 0.1 is best, inside the rates tried (a tuned learning rate)
+LRS = [0.01, 0.1, 1.0]  # 0.1 is best, inside the rates tried (a tuned learning rate)
 EXPECTED = list(PLOT_FILES) + ["summary.md", "summary.html", "summary.json"]
 
 
@@ -31,22 +32,35 @@ def _result(B, lr, seed, total_steps=None):
     noise = []
     s = 0
     while True:
-        noise.append({"step": s, "examples": s * B, "noise_scale": 20 + 80 * s / total,
-                      "trace_cov": 1.0, "grad_norm_sq": 1.0})
+        noise.append(
+            {"step": s, "examples": s * B, "noise_scale": 20 + 80 * s / total, "trace_cov": 1.0, "grad_norm_sq": 1.0}
+        )
         if s >= total:
             break
         s = min(total, max(1, 2 * s))
     acc = 0.97 - 0.002 * math.log2(B)
     return {
-        "status": "ok", "reached": True, "diverged": False,
-        "steps_to_target": steps, "examples_to_target": steps * B, "time_to_target": steps * step_time,
-        "steps": total, "examples": total * B, "train_time": total * step_time,
-        "us_per_step": step_time * 1e6, "throughput": B / step_time,
-        "workspace_bytes": 4096 * B, "memory_bytes": 100_000 + 4096 * B,
-        "final_train_loss": 0.05, "final_val_loss": 0.1 + 0.01 * math.log2(B),
-        "final_train_accuracy": acc + 0.01 + 0.001 * math.log2(B), "final_val_accuracy": acc,
-        "gen_gap_loss": 0.05 + 0.01 * math.log2(B), "gen_gap_accuracy": 0.01 + 0.001 * math.log2(B),
-        "noise": noise, "batch_size": B,
+        "status": "ok",
+        "reached": True,
+        "diverged": False,
+        "steps_to_target": steps,
+        "examples_to_target": steps * B,
+        "time_to_target": steps * step_time,
+        "steps": total,
+        "examples": total * B,
+        "train_time": total * step_time,
+        "us_per_step": step_time * 1e6,
+        "throughput": B / step_time,
+        "workspace_bytes": 4096 * B,
+        "memory_bytes": 100_000 + 4096 * B,
+        "final_train_loss": 0.05,
+        "final_val_loss": 0.1 + 0.01 * math.log2(B),
+        "final_train_accuracy": acc + 0.01 + 0.001 * math.log2(B),
+        "final_val_accuracy": acc,
+        "gen_gap_loss": 0.05 + 0.01 * math.log2(B),
+        "gen_gap_accuracy": 0.01 + 0.001 * math.log2(B),
+        "noise": noise,
+        "batch_size": B,
     }
 
 
@@ -170,41 +184,112 @@ def test_several_architectures_one_series_each(tmp_path):
 
 def _sparse_analysis():
     """Mostly None: nothing reached the target, nothing measured, a failed fit."""
-    keys = ["best_lr", "reached_fraction", "steps_to_target", "examples_to_target", "time_to_target",
-            "final_val_accuracy", "final_val_loss", "final_train_loss", "gen_gap_accuracy", "gen_gap_loss",
-            "throughput", "us_per_step", "memory_bytes", "workspace_bytes", "noise_scale_start",
-            "noise_scale_middle", "noise_scale_end", "regime", "statistical_efficiency", "goodput"]
-    per_batch = [dict({k: None for k in keys}, batch_size=b, full_batch=False, lrs_tried=[],
-                      noise_curves=[None, []], lr_results={}) for b in (8, 32, 128)]
+    keys = [
+        "best_lr",
+        "reached_fraction",
+        "steps_to_target",
+        "examples_to_target",
+        "time_to_target",
+        "final_val_accuracy",
+        "final_val_loss",
+        "final_train_loss",
+        "gen_gap_accuracy",
+        "gen_gap_loss",
+        "throughput",
+        "us_per_step",
+        "memory_bytes",
+        "workspace_bytes",
+        "noise_scale_start",
+        "noise_scale_middle",
+        "noise_scale_end",
+        "regime",
+        "statistical_efficiency",
+        "goodput",
+    ]
+    per_batch = [
+        dict(
+            {k: None for k in keys},
+            batch_size=b,
+            full_batch=False,
+            lrs_tried=[],
+            noise_curves=[None, []],
+            lr_results={},
+        )
+        for b in (8, 32, 128)
+    ]
     per_batch[1]["final_val_loss"] = float("nan")
     per_batch[2]["throughput"] = float("inf")
-    arch = {"sizes": [64, 10], "activation": "relu", "optimizer": "sgd", "target_metric": "val_accuracy",
-            "target": 0.95, "per_batch": per_batch, "tradeoff_fit": {"error": "fewer than 3 points"},
-            "noise_scale": {"start": None, "middle": None, "end": None},
-            "answers": {k: None for k in ("fastest_wall_time", "fewest_examples", "fewest_steps", "max_goodput",
-                                          "critical_batch_size_fit", "critical_batch_size_noise",
-                                          "smallest_reasonable", "smallest_reaching_target",
-                                          "best_final_validation")}}
+    arch = {
+        "sizes": [64, 10],
+        "activation": "relu",
+        "optimizer": "sgd",
+        "target_metric": "val_accuracy",
+        "target": 0.95,
+        "per_batch": per_batch,
+        "tradeoff_fit": {"error": "fewer than 3 points"},
+        "noise_scale": {"start": None, "middle": None, "end": None},
+        "answers": {
+            k: None
+            for k in (
+                "fastest_wall_time",
+                "fewest_examples",
+                "fewest_steps",
+                "max_goodput",
+                "critical_batch_size_fit",
+                "critical_batch_size_noise",
+                "smallest_reasonable",
+                "smallest_reaching_target",
+                "best_final_validation",
+            )
+        },
+    }
     empty_arch = {"per_batch": [], "tradeoff_fit": None, "answers": None, "noise_scale": None}
-    return {"n_trials": 5, "n_failed": 2, "failures": [{"trial": "B=8", "error": None}, {}],
-            "architectures": [arch, empty_arch]}
+    return {
+        "n_trials": 5,
+        "n_failed": 2,
+        "failures": [{"trial": "B=8", "error": None}, {}],
+        "architectures": [arch, empty_arch],
+    }
 
 
-_UNRESOLVED = {"n_trials": 3, "n_failed": 0, "failures": [], "architectures": [{
-    "sizes": [4, 2], "target_metric": "val_loss", "target": 0.1,
-    # a fit that cannot resolve B_crit (perfect scaling everywhere): b_crit = inf, s_min = 0
-    "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf"), "residual": 0.0},
-    "per_batch": [{"batch_size": b, "steps_to_target": 300 / b, "examples_to_target": 300,
-                   "time_to_target": 1.0 / b, "final_val_loss": 0.09, "regime": "unknown"} for b in (1, 2, 4)],
-    "answers": {"fastest_wall_time": 4, "smallest_reasonable": 2}}]}
+_UNRESOLVED = {
+    "n_trials": 3,
+    "n_failed": 0,
+    "failures": [],
+    "architectures": [
+        {
+            "sizes": [4, 2],
+            "target_metric": "val_loss",
+            "target": 0.1,
+            # a fit that cannot resolve B_crit (perfect scaling everywhere): b_crit = inf, s_min = 0
+            "tradeoff_fit": {"s_min": 0.0, "e_min": 300.0, "b_crit": float("inf"), "residual": 0.0},
+            "per_batch": [
+                {
+                    "batch_size": b,
+                    "steps_to_target": 300 / b,
+                    "examples_to_target": 300,
+                    "time_to_target": 1.0 / b,
+                    "final_val_loss": 0.09,
+                    "regime": "unknown",
+                }
+                for b in (1, 2, 4)
+            ],
+            "answers": {"fastest_wall_time": 4, "smallest_reasonable": 2},
+        }
+    ],
+}
 
 
-@pytest.mark.parametrize("analysis_in, expected", [
-    (_sparse_analysis(), "Critical batch size:** not measured"),
-    ({}, "No successful trials"),
-    ({"n_trials": 0, "n_failed": 0, "failures": [], "architectures": []}, "No successful trials"),
-    (_UNRESOLVED, "Critical batch size:** above the largest batch size swept (4)"),
-], ids=["mostly-none", "empty-dict", "no-architectures", "unresolved-fit"])
+@pytest.mark.parametrize(
+    "analysis_in, expected",
+    [
+        (_sparse_analysis(), "Critical batch size:** not measured"),
+        ({}, "No successful trials"),
+        ({"n_trials": 0, "n_failed": 0, "failures": [], "architectures": []}, "No successful trials"),
+        (_UNRESOLVED, "Critical batch size:** above the largest batch size swept (4)"),
+    ],
+    ids=["mostly-none", "empty-dict", "no-architectures", "unresolved-fit"],
+)
 def test_missing_data_still_writes_every_file(analysis_in, expected, tmp_path):
     paths = write_report(analysis_in, tmp_path)
     assert sorted(paths) == sorted(str(tmp_path / n) for n in EXPECTED)
@@ -273,20 +358,24 @@ def test_generalisation_with_identical_accuracies_reports_no_trend():
     rows = []
     for B in (1, 8, 64, 1437):
         for seed in (0, 1):
-            res = dict(_result(B, 0.1, seed), final_val_accuracy=0.9554317548746518,
-                       final_train_accuracy=0.97, gen_gap_accuracy=0.97 - 0.9554317548746518)
+            res = dict(
+                _result(B, 0.1, seed),
+                final_val_accuracy=0.9554317548746518,
+                final_train_accuracy=0.97,
+                gen_gap_accuracy=0.97 - 0.9554317548746518,
+            )
             rows.append((TrialConfig(batch_size=B, lr=0.1, seed=seed, target=0.95), res))
     text = answer_generalisation(analyze(rows)["architectures"][0], True)
     assert "95.5% at every batch size: no trend" in text
     assert "rank correlation" not in text and "+1.00" not in text and "tends to get" not in text
-    assert "at each trial's stopping point" in text   # says what it measures
+    assert "at each trial's stopping point" in text  # says what it measures
 
 
 def test_generalisation_answer_says_values_are_at_the_stopping_point(analysis, tmp_path):
     write_report(analysis, tmp_path)
     md = (tmp_path / "summary.md").read_text(encoding="utf-8")
     para = next(ln for ln in md.splitlines() if "**Generalisation:**" in ln)
-    assert "Spearman rank correlation with batch size -1.00" in para   # accuracy falls with log2(B)
+    assert "Spearman rank correlation with batch size -1.00" in para  # accuracy falls with log2(B)
     assert "stopping point" in para and "not how well each batch size generalises" in para
 
 
@@ -298,22 +387,42 @@ def _question_answers():
     report draws, one whose figure is missing, one not answered -- given out of order."""
     return {
         "sgd_batch_one": {
-            "name": "sgd_batch_one", "question": 'Does "SGD" mean batch size 1?',
+            "name": "sgd_batch_one",
+            "question": 'Does "SGD" mean batch size 1?',
             "answer": "No: SGD is the update rule. Here batch 1 takes 6.6x the fastest mini-batch's time.",
-            "value": 0.0227, "lo": 0.0168, "hi": 0.0309, "unit": "s (batch 1's wall time to the target)",
+            "value": 0.0227,
+            "lo": 0.0168,
+            "hi": 0.0309,
+            "unit": "s (batch 1's wall time to the target)",
             "conditions": "MLP 64-64-10 on digits; target val_accuracy >= 0.95; one thread",
-            "plot": "q_sgd_batch_one_missing.png", "details": {}},
+            "plot": "q_sgd_batch_one_missing.png",
+            "details": {},
+        },
         "width_one": {
-            "name": "width_one", "question": "Should a search space allow a hidden layer of width 1?",
-            "answer": "Not answered: too few trials reached the target", "value": None, "lo": None,
-            "hi": None, "unit": None, "conditions": "", "plot": None, "details": {}},
+            "name": "width_one",
+            "question": "Should a search space allow a hidden layer of width 1?",
+            "answer": "Not answered: too few trials reached the target",
+            "value": None,
+            "lo": None,
+            "hi": None,
+            "unit": None,
+            "conditions": "",
+            "plot": None,
+            "details": {},
+        },
         "smallest_batch": {
             "name": "smallest_batch",
             "question": "Is a batch size below 32 ever reasonable? What is the smallest reasonable batch size?",
             "answer": "A batch size below 32 is reasonable here: batch 16 reaches the target within 2x.",
-            "value": 16, "lo": 8, "hi": 32, "wins": 0.87, "unit": "examples per batch",
-            "conditions": "MLP 64-64-10 on digits; tolerance 2x", "plot": "time_to_target.png",
-            "details": {}},
+            "value": 16,
+            "lo": 8,
+            "hi": 32,
+            "wins": 0.87,
+            "unit": "examples per batch",
+            "conditions": "MLP 64-64-10 on digits; tolerance 2x",
+            "plot": "time_to_target.png",
+            "details": {},
+        },
     }
 
 
@@ -328,13 +437,19 @@ def test_questions_section_in_markdown_and_html(analysis, tmp_path):
     md = (tmp_path / "summary.md").read_text(encoding="utf-8")
     page = (tmp_path / "summary.html").read_text(encoding="utf-8")
     # right after the answers (and before the figures), in the order of QUESTIONS
-    assert md.index("**Recommendation:**") < md.index("## Answers") < md.index("## Your questions, answered") \
+    assert (
+        md.index("**Recommendation:**")
+        < md.index("## Answers")
+        < md.index("## Your questions, answered")
         < md.index("## Figures")
+    )
     sec = _section(md, "## Your questions, answered", "## Figures")
     heads = [ln for ln in sec.splitlines() if ln.startswith("### ")]
-    assert heads == ["### Is a batch size below 32 ever reasonable? What is the smallest reasonable batch size?",
-                     '### Does "SGD" mean batch size 1?',
-                     "### Should a search space allow a hidden layer of width 1?"]
+    assert heads == [
+        "### Is a batch size below 32 ever reasonable? What is the smallest reasonable batch size?",
+        '### Does "SGD" mean batch size 1?',
+        "### Should a search space allow a hidden layer of width 1?",
+    ]
     # each answered question: its sentence, its number with the interval and unit, win rate, conditions
     assert "batch 16 reaches the target within 2x" in sec
     assert "16 [8, 32] examples per batch; won in 87% of bootstrap resamples" in sec
@@ -355,7 +470,7 @@ def test_questions_section_in_markdown_and_html(analysis, tmp_path):
     assert "max-width:100%" in imgs[0]
     assert "q_sgd_batch_one_missing.png" not in page
     # an unanswered question shows no headline number
-    width_one = hsec[hsec.index("hidden layer of width 1"):]
+    width_one = hsec[hsec.index("hidden layer of width 1") :]
     assert "Headline number" not in width_one and "Not answered: too few trials" in width_one
 
 
@@ -376,12 +491,32 @@ def test_no_questions_no_section(analysis, tmp_path):
 
 def test_questions_section_escapes_html(analysis, tmp_path):
     evil = "<script>alert(1)</script> & <img src=x onerror=alert(2)>"
-    q = {"smallest_batch": {"name": "smallest_batch", "question": f"Q {evil}?", "answer": f"A {evil}.",
-                            "value": 1, "lo": 0, "hi": 2, "unit": f"u {evil}", "conditions": f"C {evil}",
-                            "plot": "../secret.png", "details": {}},
-         "sgd_batch_one": {"name": "sgd_batch_one", "question": "Q2", "answer": "A2", "value": 1, "lo": 1,
-                           "hi": 1, "unit": "s", "conditions": "", "plot": '"><script>x</script>.png',
-                           "details": {}}}
+    q = {
+        "smallest_batch": {
+            "name": "smallest_batch",
+            "question": f"Q {evil}?",
+            "answer": f"A {evil}.",
+            "value": 1,
+            "lo": 0,
+            "hi": 2,
+            "unit": f"u {evil}",
+            "conditions": f"C {evil}",
+            "plot": "../secret.png",
+            "details": {},
+        },
+        "sgd_batch_one": {
+            "name": "sgd_batch_one",
+            "question": "Q2",
+            "answer": "A2",
+            "value": 1,
+            "lo": 1,
+            "hi": 1,
+            "unit": "s",
+            "conditions": "",
+            "plot": '"><script>x</script>.png',
+            "details": {},
+        },
+    }
     (tmp_path / "secret.png").write_bytes(b"not in the report directory")
     out = tmp_path / "report"
     out.mkdir()
@@ -389,8 +524,8 @@ def test_questions_section_escapes_html(analysis, tmp_path):
     hsec = _section(page, '<section id="your-questions">', "</section>")
     assert "<script" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;img src=x onerror=alert(2)&gt;" in hsec
-    assert hsec.count("&lt;script&gt;alert(1)") == 4            # question, answer, unit, conditions
-    assert "<img" not in hsec                                      # neither plot names a file here
+    assert hsec.count("&lt;script&gt;alert(1)") == 4  # question, answer, unit, conditions
+    assert "<img" not in hsec  # neither plot names a file here
     assert "<sub>Conditions: C &lt;script>alert(1)&lt;/script> &amp; &lt;img" in md
 
 
@@ -402,7 +537,7 @@ def test_question_plot_must_exist_in_the_report_directory(tmp_path):
     flat = lambda blocks: [b for s in blocks for b in s[2]]  # noqa: E731
     imgs = lambda q, d: [b for b in flat(question_blocks({"width_one": q}, d)) if b[0] == "img"]  # noqa: E731
     assert [b[1] for b in imgs(dict(base, plot="q_width_one.png"), tmp_path)] == ["q_width_one.png"]
-    assert imgs(dict(base, plot="q_width_one.png"), None) == []            # nowhere to look
+    assert imgs(dict(base, plot="q_width_one.png"), None) == []  # nowhere to look
     assert imgs(dict(base, plot="nope.png"), tmp_path) == []
     assert imgs(dict(base, plot=None), tmp_path) == []
     assert imgs(dict(base, plot=str(tmp_path / "q_width_one.png")), tmp_path) == []  # a path, not a name
@@ -412,11 +547,12 @@ def test_question_plot_must_exist_in_the_report_directory(tmp_path):
 def test_question_headline_formats():
     from minigd.report.summary import question_headline
 
-    assert question_headline({"value": 16, "lo": 8, "hi": 32, "unit": "examples", "wins": 0.5}) == \
-        "16 [8, 32] examples; won in 50% of bootstrap resamples"
+    assert (
+        question_headline({"value": 16, "lo": 8, "hi": 32, "unit": "examples", "wins": 0.5})
+        == "16 [8, 32] examples; won in 50% of bootstrap resamples"
+    )
     assert question_headline({"value": 0.4213, "lo": None, "hi": None, "unit": "%"}) == "0.421 %"
-    assert question_headline({"value": 1234.5, "lo": 1000, "hi": float("inf"), "unit": None}) == \
-        "1,234 [1,000, ∞]"
+    assert question_headline({"value": 1234.5, "lo": 1000, "hi": float("inf"), "unit": None}) == "1,234 [1,000, ∞]"
     assert question_headline({"value": None, "lo": 1, "hi": 2}) == ""
 
 
@@ -433,17 +569,23 @@ def test_figures_keep_legends_off_the_data_and_label_their_axes(analysis, tmp_pa
     real_save = plots._save
 
     def keep(fig, path, description=""):
-        real_save(fig, path, description)      # lays the figure out as written, then measure it
+        real_save(fig, path, description)  # lays the figure out as written, then measure it
         axes = [ax for ax in fig.axes if ax.axison]
         legends = [lg for lg in fig.legends] + [ax.get_legend() for ax in axes if ax.get_legend()]
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         r = FigureCanvasAgg(fig).get_renderer()  # (_save closed the figure: its own canvas is gone)
         figs[path.rsplit("/", 1)[-1]] = [
-            (ax.get_xlabel(), ax.get_xscale(), ax.get_ylabel(), ax.get_yscale(),
-             [lg.get_window_extent(r).overlaps(ax.get_window_extent(r)) for lg in legends],
-             [lg.get_window_extent(r).x1 <= fig.bbox.x1 + 1 and lg.get_window_extent(r).x0 >= -1
-              for lg in legends]) for ax in axes]
+            (
+                ax.get_xlabel(),
+                ax.get_xscale(),
+                ax.get_ylabel(),
+                ax.get_yscale(),
+                [lg.get_window_extent(r).overlaps(ax.get_window_extent(r)) for lg in legends],
+                [lg.get_window_extent(r).x1 <= fig.bbox.x1 + 1 and lg.get_window_extent(r).x0 >= -1 for lg in legends],
+            )
+            for ax in axes
+        ]
 
     monkeypatch.setattr(plots, "_save", keep)
     rows = _rows(sizes=(64, 64, 10)) + _rows(sizes=(64, 128, 10), n_failed=0)

@@ -23,6 +23,7 @@ Which browser: ``$MINIGD_CHROMIUM`` if set, else the first of ``chromium``,
 ``chromium-browser``, ``google-chrome``, ``google-chrome-stable`` on ``PATH``
 (Debian/Ubuntu: ``apt-get install chromium``).  Without one the tests skip, saying so.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -73,18 +74,39 @@ class CDP:
         w4 = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD_CLOEXEC, 10)
         for fd in (to_browser_r, from_browser_w):
             os.close(fd)
-        args = [exe, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-                "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                "--disable-dev-shm-usage", "--disable-background-networking", "--mute-audio",
-                "--hide-scrollbars", f"--user-data-dir={profile_dir}", "about:blank"]
+        args = [
+            exe,
+            "--headless",
+            "--remote-debugging-pipe",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--mute-audio",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile_dir}",
+            "about:blank",
+        ]
         log = os.open(os.path.join(profile_dir, "chromium-stderr.log"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC)
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
             # posix_spawn's file actions place the pipe ends at 3 and 4 (dup2 leaves the copies
             # inheritable); no shell, no preexec_fn
-            self.pid = os.posix_spawn(exe, args, os.environ, file_actions=[
-                (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2),
-                (os.POSIX_SPAWN_DUP2, r3, 3), (os.POSIX_SPAWN_DUP2, w4, 4)])
+            self.pid = os.posix_spawn(
+                exe,
+                args,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, null, 0),
+                    (os.POSIX_SPAWN_DUP2, log, 1),
+                    (os.POSIX_SPAWN_DUP2, log, 2),
+                    (os.POSIX_SPAWN_DUP2, r3, 3),
+                    (os.POSIX_SPAWN_DUP2, w4, 4),
+                ],
+            )
         finally:
             for fd in (r3, w4, log, null):
                 os.close(fd)
@@ -204,8 +226,12 @@ def _errors(events, session):
             continue
         m, p = ev.get("method"), ev.get("params", {})
         if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            out.append("console." + p["type"] + ": " + " ".join(str(a.get("value", a.get("description", "")))
-                                                              for a in p.get("args", [])))
+            out.append(
+                "console."
+                + p["type"]
+                + ": "
+                + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            )
         elif m == "Runtime.exceptionThrown":
             d = p.get("exceptionDetails", {})
             out.append("exception: " + str((d.get("exception") or {}).get("description") or d.get("text")))
@@ -225,14 +251,16 @@ def open_page(cdp: CDP, path: Path, width: int, height: int = 900) -> dict:
     try:
         for method in ("Page.enable", "Runtime.enable", "Log.enable", "Network.enable"):
             cdp.call(method, session=sid)
-        cdp.call("Emulation.setDeviceMetricsOverride",
-                 {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, sid)
+        cdp.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            sid,
+        )
         since = len(cdp.events)
         nav = cdp.call("Page.navigate", {"url": path.resolve().as_uri()}, sid)
         assert not nav.get("errorText"), nav
         cdp.wait_event("Page.loadEventFired", sid, since)
-        res = cdp.call("Runtime.evaluate", {"expression": _MEASURE, "awaitPromise": True,
-                                            "returnByValue": True}, sid)
+        res = cdp.call("Runtime.evaluate", {"expression": _MEASURE, "awaitPromise": True, "returnByValue": True}, sid)
         if "exceptionDetails" in res:
             raise CDPError(f"measuring the page failed: {res['exceptionDetails']}")
         out = res["result"]["value"]
@@ -271,8 +299,11 @@ def problems(m: dict) -> list:
 def browser(tmp_path_factory):
     exe = find_chromium()
     if exe is None:
-        pytest.skip("no Chromium installed (looked for $MINIGD_CHROMIUM, " + ", ".join(BROWSERS)
-                    + " on PATH; Debian/Ubuntu: apt-get install chromium)")
+        pytest.skip(
+            "no Chromium installed (looked for $MINIGD_CHROMIUM, "
+            + ", ".join(BROWSERS)
+            + " on PATH; Debian/Ubuntu: apt-get install chromium)"
+        )
     profile = tmp_path_factory.mktemp("chromium-profile")
     try:
         cdp = CDP(exe, str(profile))
@@ -292,8 +323,9 @@ def real_report(tmp_path_factory):
     from minigd.study import SweepSpec, run_study
 
     out = tmp_path_factory.mktemp("browser-study")
-    spec = SweepSpec(batch_sizes=(8, 64), lr_grid=(0.5, 1, 2), n_seeds=2, widths=(16,), max_epochs=6,
-                     target=0.9, lr_extend=0)
+    spec = SweepSpec(
+        batch_sizes=(8, 64), lr_grid=(0.5, 1, 2), n_seeds=2, widths=(16,), max_epochs=6, target=0.9, lr_extend=0
+    )
     run_study(spec, out, workers=1, questions=("smallest_batch", "sgd_batch_one"), report=write_report)
     return out / "report"
 
@@ -320,7 +352,9 @@ def test_the_checks_see_what_they_look_for(browser, tmp_path):
     exception and an element wider than the window -- each must be reported."""
     import base64
 
-    png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    )
     (tmp_path / "ok.png").write_bytes(png)
     (tmp_path / "bad.html").write_text(
         "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
@@ -328,7 +362,9 @@ def test_the_checks_see_what_they_look_for(browser, tmp_path):
         "<section id='your-questions'><h2>Your questions, answered</h2><h3>Q?</h3>"
         "<div style='width:3000px'>too wide</div></section>"
         "<img src='ok.png' alt='fine'><img src='missing.png' alt='missing'>"
-        "<script>console.error('boom'); null.x;</script></body></html>", encoding="utf-8")
+        "<script>console.error('boom'); null.x;</script></body></html>",
+        encoding="utf-8",
+    )
     found = "\n".join(problems(open_page(browser, tmp_path / "bad.html", 800)))
     assert "scrolls sideways" in found
     assert "'missing.png' did not load" in found and "'ok.png'" not in found

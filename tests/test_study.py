@@ -1,4 +1,5 @@
 """The batch-size study: trials, the resumable store, executors (local pool, Dask), the CLI."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,16 +9,37 @@ import sqlite3
 import numpy as np
 import pytest
 
-from minigd.study import (DataSpec, LocalExecutor, ResultStore, SerialExecutor, SweepSpec, TrialConfig,
-                          analyze, run_study, run_sweep, run_trial)
+from minigd.study import (
+    DataSpec,
+    LocalExecutor,
+    ResultStore,
+    SerialExecutor,
+    SweepSpec,
+    TrialConfig,
+    analyze,
+    run_study,
+    run_sweep,
+    run_trial,
+)
 
 TINY_DATA = DataSpec(name="teacher_student", params=(("n", 300), ("n_classes", 3), ("n_in", 6)), seed=0)
 
 
 def tiny_spec(**kw):
-    base = dict(data=TINY_DATA, batch_sizes=(4, 32, "full"), lr_policy="sqrt", base_lr=0.05,
-                base_batch_size=32, seeds=(0, 1), widths=(8,), depths=(1,), max_epochs=4, min_steps=20,
-                target_metric="val_accuracy", target=0.6)
+    base = dict(
+        data=TINY_DATA,
+        batch_sizes=(4, 32, "full"),
+        lr_policy="sqrt",
+        base_lr=0.05,
+        base_batch_size=32,
+        seeds=(0, 1),
+        widths=(8,),
+        depths=(1,),
+        max_epochs=4,
+        min_steps=20,
+        target_metric="val_accuracy",
+        target=0.6,
+    )
     base.update(kw)
     return SweepSpec(**base)
 
@@ -26,8 +48,16 @@ def tiny_configs(**kw):
     return tiny_spec(**kw).trials(240, 6, 3)
 
 
-DETERMINISTIC = ("reached", "steps_to_target", "examples_to_target", "steps", "examples",
-                 "final_train_loss", "final_val_loss", "final_val_accuracy")
+DETERMINISTIC = (
+    "reached",
+    "steps_to_target",
+    "examples_to_target",
+    "steps",
+    "examples",
+    "final_train_loss",
+    "final_val_loss",
+    "final_val_accuracy",
+)
 
 
 def test_trial_result_fields_and_determinism():
@@ -96,12 +126,12 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_sweep(configs, path, executor=Interrupting(2))
     with ResultStore(path) as s:
-        assert len(s) == 2          # the finished trials were committed before the interrupt
+        assert len(s) == 2  # the finished trials were committed before the interrupt
         first = s.keys()
     ran = []
     counts = run_sweep(configs, path, executor=SerialExecutor(), log=lambda c, r: ran.append(c.key))
     assert counts["skipped"] == 2 and counts["ran"] == len(configs) - 2
-    assert not set(ran) & first     # only the missing ones ran
+    assert not set(ran) & first  # only the missing ones ran
     with ResultStore(path) as s:
         assert s.keys() == {c.key for c in configs}
     # one row per trial, even after a third run
@@ -142,9 +172,12 @@ def test_dask_local_cluster_matches_local_executor():
     distributed = pytest.importorskip("dask.distributed")
     configs = tiny_configs(seeds=(0,))
     serial = {c.key: r for c, r in SerialExecutor().run(run_trial, configs)}
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        distributed.Client(cluster) as client,
+    ):
         from minigd.study import DaskExecutor
+
         got = {c.key: r for c, r in DaskExecutor(client).run(run_trial, configs)}
     assert set(got) == set(serial)
     for k in serial:
@@ -169,19 +202,32 @@ def test_analysis_picks_best_lr_and_fits_tradeoff():
     s_min, b_crit = 40.0, 64.0
     rows = []
     for B in (1, 4, 16, 64, 256, 1024):
-        for lr, slow in ((0.05, 1.3), (0.1, 1.0), (0.2, 1.5)):   # 0.1 best, inside the rates tried
+        for lr, slow in ((0.05, 1.3), (0.1, 1.0), (0.2, 1.5)):  # 0.1 best, inside the rates tried
             S = s_min * (1 + b_crit / B) * slow
             cfg = TrialConfig(data=TINY_DATA, batch_size=B, lr=lr, seed=0)
-            rows.append((cfg, {"status": "ok", "reached": True, "steps_to_target": S, "examples_to_target": S * B,
-                               "time_to_target": S * (1e-4 + 1e-6 * B), "final_val_accuracy": 0.9,
-                               "throughput": B / (1e-4 + 1e-6 * B),
-                               "noise": [{"step": 0, "noise_scale": 60.0}, {"step": 10, "noise_scale": 60.0}]}))
+            rows.append(
+                (
+                    cfg,
+                    {
+                        "status": "ok",
+                        "reached": True,
+                        "steps_to_target": S,
+                        "examples_to_target": S * B,
+                        "time_to_target": S * (1e-4 + 1e-6 * B),
+                        "final_val_accuracy": 0.9,
+                        "throughput": B / (1e-4 + 1e-6 * B),
+                        "noise": [{"step": 0, "noise_scale": 60.0}, {"step": 10, "noise_scale": 60.0}],
+                    },
+                )
+            )
     a = analyze(rows)["architectures"][0]
     assert [r["best_lr"] for r in a["per_batch"]] == [0.1] * 6
     assert a["tradeoff_fit"]["b_crit"] == pytest.approx(b_crit, rel=1e-3)
     assert a["tradeoff_fit"]["s_min"] == pytest.approx(s_min, rel=1e-3)
     assert a["answers"]["fewest_examples"] == 1 and a["answers"]["fewest_steps"] == 1024
-    assert [r["regime"] for r in a["per_batch"]] == ["perfect scaling"] * 3 + ["diminishing returns"] * 1 + ["no benefit"] * 2
+    assert [r["regime"] for r in a["per_batch"]] == ["perfect scaling"] * 3 + ["diminishing returns"] * 1 + [
+        "no benefit"
+    ] * 2
 
 
 def test_cli_study_end_to_end_writes_the_report(tmp_path, capsys):
@@ -189,22 +235,70 @@ def test_cli_study_end_to_end_writes_the_report(tmp_path, capsys):
     from minigd.cli import main
 
     out = tmp_path / "study"
-    rc = main(["study", "--data", "digits", "--batch-sizes", "16,256,full", "--seeds", "0", "--lr-grid", "1",
-               "--max-epochs", "3", "--target", "0.8", "--workers", "1", "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "study",
+            "--data",
+            "digits",
+            "--batch-sizes",
+            "16,256,full",
+            "--seeds",
+            "0",
+            "--lr-grid",
+            "1",
+            "--max-epochs",
+            "3",
+            "--target",
+            "0.8",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "Report:" in text and "fastest batch size" in text
     rep = out / "report"
-    for name in ("summary.md", "summary.html", "steps_examples.png", "time_to_target.png",
-                 "generalization.png", "best_lr.png", "throughput_memory.png", "noise_scale.png"):
+    for name in (
+        "summary.md",
+        "summary.html",
+        "steps_examples.png",
+        "time_to_target.png",
+        "generalization.png",
+        "best_lr.png",
+        "throughput_memory.png",
+        "noise_scale.png",
+    ):
         f = rep / name
         assert f.exists() and f.stat().st_size > 1000, name
         if name.endswith(".png"):
             assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resuming runs nothing new
-    rc = main(["study", "--data", "digits", "--batch-sizes", "16,256,full", "--seeds", "0", "--lr-grid", "1",
-               "--max-epochs", "3", "--target", "0.8", "--workers", "1", "--out", str(out), "--quiet"])
-    assert "4 already stored, 0 ran" in capsys.readouterr().out     # 3 batch sizes + the adaptive arm
+    rc = main(
+        [
+            "study",
+            "--data",
+            "digits",
+            "--batch-sizes",
+            "16,256,full",
+            "--seeds",
+            "0",
+            "--lr-grid",
+            "1",
+            "--max-epochs",
+            "3",
+            "--target",
+            "0.8",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert "4 already stored, 0 ran" in capsys.readouterr().out  # 3 batch sizes + the adaptive arm
     # the report command rebuilds the report from the results file
     assert main(["report", str(out), "--out", str(tmp_path / "rep2")]) == 0
     assert (tmp_path / "rep2" / "summary.md").exists()
@@ -222,15 +316,15 @@ def test_random_and_bayes_search_store_every_trial(tmp_path):
     from minigd.study import SearchSpace, search
 
     base = TrialConfig(data=TINY_DATA, sizes=(6, 8, 3), max_epochs=2, min_steps=10, target=0.5)
-    space = SearchSpace(batch_min=4, batch_max=64, lr_min=0.01, lr_max=0.3, width_min=2, width_max=8,
-                        depth_min=0, depth_max=1)
+    space = SearchSpace(
+        batch_min=4, batch_max=64, lr_min=0.01, lr_max=0.3, width_min=2, width_max=8, depth_min=0, depth_max=1
+    )
     for method in ("random", "bayes"):
         path = tmp_path / f"{method}.sqlite"
-        res = search(space, 4, path, method=method, base=base, workers=1, seed=1,
-                     objective="steps_to_target")
+        res = search(space, 4, path, method=method, base=base, workers=1, seed=1, objective="steps_to_target")
         assert len(res["trials"]) == 4
         with ResultStore(path) as s:
-            assert 1 <= len(s) <= 4      # identical draws share one row
+            assert 1 <= len(s) <= 4  # identical draws share one row
         if res["best"] is not None:
             cfg, r = res["best"]
             assert r["reached"] and r["steps_to_target"] == min(v for _, v in res["trials"] if v is not None)
@@ -238,20 +332,23 @@ def test_random_and_bayes_search_store_every_trial(tmp_path):
 
 def test_batch_size_growth_schedule_is_applied():
     """--bs-growth: each trial's batch grows at the given epochs (capped at the full batch)."""
-    configs = tiny_configs(seeds=(0,), batch_sizes=(4, 128), bs_growth=((2, 4.0),), max_epochs=3,
-                           target=1.01)
+    configs = tiny_configs(seeds=(0,), batch_sizes=(4, 128), bs_growth=((2, 4.0),), max_epochs=3, target=1.01)
     assert [c.bs_schedule for c in configs] == [((2, 16),), ((2, 240),)]
     res = run_trial(configs[0])
     assert res["status"] == "ok"
-    assert res["examples"] == 240 * 3          # three full epochs, whatever the batch size
-    assert res["steps"] == 60 + 60 + 15        # 240/4 twice, then 240/16
+    assert res["examples"] == 240 * 3  # three full epochs, whatever the batch size
+    assert res["steps"] == 60 + 60 + 15  # 240/4 twice, then 240/16
 
 
 def _always_dies_on_first(x):
     if x == 0:
         os._exit(1)
-    return {"status": "ok", "x": x, "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-            "numba_threads": os.environ.get("NUMBA_NUM_THREADS")}
+    return {
+        "status": "ok",
+        "x": x,
+        "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "numba_threads": os.environ.get("NUMBA_NUM_THREADS"),
+    }
 
 
 def test_one_crashing_trial_does_not_fail_the_others():
@@ -287,12 +384,12 @@ def test_in_process_trials_use_the_threads_of_the_pool_workers():
     pooled = [r for _, r in LocalExecutor(2).run(_thread_counts, [0, 1])]
     assert {(r["blas_threads"], r["numba_threads"]) for r in serial} == {(1, 1)}
     assert {(r["blas_threads"], r["numba_threads"]) for r in pooled} == {(1, 1)}
-    assert thread_counts() == before and numba.get_num_threads() == before["numba_threads"]   # restored
+    assert thread_counts() == before and numba.get_num_threads() == before["numba_threads"]  # restored
 
 
 def test_trials_record_their_thread_counts_and_mixed_counts_are_flagged():
     cfg = tiny_configs(seeds=(0,))[0]
-    (_, res), = SerialExecutor().run(run_trial, [cfg])
+    ((_, res),) = SerialExecutor().run(run_trial, [cfg])
     assert res["status"] == "ok", res.get("traceback")
     assert res["numba_threads"] == 1
     if res["blas_threads"] is not None:
@@ -308,8 +405,13 @@ def test_regression_study_needs_a_loss_target(tmp_path):
     spec = tiny_spec(data=DataSpec(name="linear_regression", params=(("n", 200),)), batch_sizes=(8,))
     with pytest.raises(ValueError, match="target_metric"):
         run_study(spec, tmp_path, workers=1, report=False)
-    spec = tiny_spec(data=DataSpec(name="linear_regression", params=(("n", 200),)), batch_sizes=(8,),
-                     seeds=(0,), target_metric="val_loss", target=0.05)
+    spec = tiny_spec(
+        data=DataSpec(name="linear_regression", params=(("n", 200),)),
+        batch_sizes=(8,),
+        seeds=(0,),
+        target_metric="val_loss",
+        target=0.05,
+    )
     out = run_study(spec, tmp_path / "ok", workers=1, report=False)
     assert out["counts"]["failed"] == 0
     (arch,) = out["analysis"]["architectures"]
@@ -320,14 +422,29 @@ def test_report_uses_only_the_trials_of_the_recorded_study(tmp_path):
     from minigd.cli import main
 
     pytest.importorskip("matplotlib")
-    common = ["study", "--data", "digits", "--seeds", "0", "--lr-grid", "1", "--max-epochs", "2",
-              "--workers", "1", "--out", str(tmp_path), "--quiet"]
+    common = [
+        "study",
+        "--data",
+        "digits",
+        "--seeds",
+        "0",
+        "--lr-grid",
+        "1",
+        "--max-epochs",
+        "2",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert main(common + ["--batch-sizes", "64", "--target", "0.5"]) == 0
     assert main(common + ["--batch-sizes", "128", "--target", "0.6"]) == 0
     with ResultStore(tmp_path / "results.sqlite") as s:
-        assert len(s) == 4          # each study: one batch size and the adaptive arm
+        assert len(s) == 4  # each study: one batch size and the adaptive arm
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     import json
+
     a = json.loads((tmp_path / "report" / "analysis.json").read_text())
     assert [r["batch_size"] for r in a["architectures"][0]["per_batch"]] == [128]
 
@@ -358,13 +475,19 @@ def test_ghost_sweep_trials_dedupe_skip_and_drop_last():
     # (17 rows) is fine whole but leaves a ghost of 1 in ghosts of 4 or 16 -> dropped there;
     # ghost >= B is the whole batch (not repeated); B = 1 is left out with a warning, and so
     # is 'full' with ghost 4 or 16 (241 % 4 == 241 % 16 == 1)
-    spec = tiny_spec(batch_norm=True, ghost_batch_sizes=(4, 16, None), batch_sizes=(1, 2, 8, 32, "full"),
-                     seeds=(0,))
+    spec = tiny_spec(batch_norm=True, ghost_batch_sizes=(4, 16, None), batch_sizes=(1, 2, 8, 32, "full"), seeds=(0,))
     with pytest.warns(UserWarning, match=r"\(1, None\).*\(241, 16\).*\(241, 4\)"):
         cfgs = spec.trials(241, 6, 3)
     got = sorted((c.batch_size, c.ghost_batch_size or 0, c.drop_last) for c in cfgs)
-    assert got == [(2, 0, True), (8, 0, True), (8, 4, True), (32, 0, False), (32, 4, True), (32, 16, True),
-                   (241, 0, False)]
+    assert got == [
+        (2, 0, True),
+        (8, 0, True),
+        (8, 4, True),
+        (32, 0, False),
+        (32, 4, True),
+        (32, 16, True),
+        (241, 0, False),
+    ]
     assert all(c.batch_norm is True and c.norm_label.startswith("BN") for c in cfgs)
     with pytest.raises(ValueError, match="ghost_batch_sizes: needs batch_norm"):
         tiny_spec(ghost_batch_sizes=(4,))
@@ -377,8 +500,7 @@ def test_ghost_sweep_trials_dedupe_skip_and_drop_last():
 
 
 def test_ghost_sweep_runs_and_the_analysis_compares_the_variants(tmp_path):
-    spec = tiny_spec(batch_norm=True, ghost_batch_sizes=(4, None), batch_sizes=(8, 32), seeds=(0,),
-                     dropout=0.1)
+    spec = tiny_spec(batch_norm=True, ghost_batch_sizes=(4, None), batch_sizes=(8, 32), seeds=(0,), dropout=0.1)
     with ResultStore(str(tmp_path / "r.sqlite")) as store:
         run_sweep(spec.trials(240, 6, 3), store, executor=SerialExecutor(), progress=False)
         rows = store.rows()
@@ -393,6 +515,7 @@ def test_ghost_sweep_runs_and_the_analysis_compares_the_variants(tmp_path):
         for v in comp["variants"]:
             assert 0 <= row[v]["final_val_accuracy"] <= 1
     from minigd.report.summary import build_blocks, render_markdown
+
     md = render_markdown(build_blocks(a))
     assert "Batch norm, ghost batch size and dropout" in md and "BN ghost 4, dropout 0.1" in md
 
@@ -400,7 +523,7 @@ def test_ghost_sweep_runs_and_the_analysis_compares_the_variants(tmp_path):
 def _alive(pid) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie has exited
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
 
@@ -421,7 +544,7 @@ def test_pool_workers_exit_when_the_study_process_is_killed(tmp_path):
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         left = [p for p in pids if _alive(p)]
-        for p in left:   # never leave them behind, even when the test fails
+        for p in left:  # never leave them behind, even when the test fails
             os.kill(p, signal.SIGKILL)
         assert not left, f"workers {left} outlived their killed parent"
     finally:
@@ -438,17 +561,36 @@ def test_a_second_study_on_the_same_directory_is_refused(tmp_path, capsys):
     spec = tiny_spec(batch_sizes=(32,), seeds=(0,))
     out = tmp_path / "s"
     out.mkdir()
-    with study_lock(out):          # a study running (flock: another open file conflicts)
+    with study_lock(out):  # a study running (flock: another open file conflicts)
         with pytest.raises(StudyLocked, match=f"another study is already running in .*process {os.getpid()}"):
             run_study(spec, out, workers=1, report=False)
         assert not (out / "results.sqlite").exists()
-        rc = main(["study", "--data", "teacher_student", "--batch-sizes", "32", "--seeds", "0",
-                   "--lr-grid", "1", "--max-epochs", "1", "--target", "0.5", "--workers", "1", "--quiet",
-                   "--out", str(out)])
+        rc = main(
+            [
+                "study",
+                "--data",
+                "teacher_student",
+                "--batch-sizes",
+                "32",
+                "--seeds",
+                "0",
+                "--lr-grid",
+                "1",
+                "--max-epochs",
+                "1",
+                "--target",
+                "0.5",
+                "--workers",
+                "1",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
         assert rc == 1
         err = capsys.readouterr().err
         assert err.startswith("minigd study: error: --out: another study is already running") and "Traceback" not in err
-    assert run_study(spec, out, workers=1, report=False)["counts"]["ran"] == 1   # released
+    assert run_study(spec, out, workers=1, report=False)["counts"]["ran"] == 1  # released
 
 
 def test_a_directory_that_cannot_be_locked_runs_unlocked_with_a_warning(tmp_path, monkeypatch):

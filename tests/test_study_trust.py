@@ -3,6 +3,7 @@ the throughput probe, the master seed, the learning-rate grid's extension, the l
 
 Each test compares with an independent computation (a deterministic re-run of fit, an
 explicit grad_moments) rather than with stored numbers."""
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,15 @@ def _params_after(cfg: TrialConfig, steps: int):
     ds = load_data(cfg.data, cfg.dtype)
     model = mg.MLP([64, 32, 10], seed=cfg.seed, dtype=cfg.dtype)
     if steps:
-        mg.fit(model, ds.X_train, ds.y_train, batch_size=cfg.batch_size, steps=steps,
-               optimizer=mg.SGD(lr=cfg.lr, momentum=cfg.momentum), seed=cfg.seed)
+        mg.fit(
+            model,
+            ds.X_train,
+            ds.y_train,
+            batch_size=cfg.batch_size,
+            steps=steps,
+            optimizer=mg.SGD(lr=cfg.lr, momentum=cfg.momentum),
+            seed=cfg.seed,
+        )
     return ds, model
 
 
@@ -107,7 +115,7 @@ def test_large_training_set_uses_a_fresh_corrected_subset_per_measurement():
 def test_probe_entries(tmp_path):
     cfgs = [_cfg(batch_size=B, seed=s) for B in (4, 64) for s in (0, 1)]
     jobs = probe_jobs(cfgs)
-    assert len(jobs) == 2                    # the seed and the learning rate do not change a step's cost
+    assert len(jobs) == 2  # the seed and the learning rate do not change a step's cost
     out = probe(jobs, rounds=3, round_s=0.003, seed=1)
     assert [e["batch_size"] for e in out] == sorted(e["batch_size"] for e in out) or len(out) == 2
     for e in out:
@@ -134,16 +142,20 @@ def test_master_seed_derives_the_trial_seeds():
 
 
 def _fake(cfg, steps):
-    return cfg, {"status": "ok", "reached": steps is not None, "steps_to_target": steps,
-                 "examples_to_target": None if steps is None else steps * cfg.batch_size,
-                 "final_val_accuracy": 0.9}
+    return cfg, {
+        "status": "ok",
+        "reached": steps is not None,
+        "steps_to_target": steps,
+        "examples_to_target": None if steps is None else steps * cfg.batch_size,
+        "final_val_accuracy": 0.9,
+    }
 
 
 def test_lr_extensions_past_the_high_edge_and_the_cap():
     spec = SweepSpec(lr_grid=(0.5, 1.0, 2.0), n_seeds=2, batch_sizes=(8,), lr_extend=1)
     cfgs = spec.trials(100, 4, 3)
     lrs = sorted({c.lr for c in cfgs})
-    steps = {lrs[0]: 90, lrs[1]: 60, lrs[2]: 30}           # the largest rate is the best
+    steps = {lrs[0]: 90, lrs[1]: 60, lrs[2]: 30}  # the largest rate is the best
     ext = lr_extensions(spec, [_fake(c, steps[c.lr]) for c in cfgs])
     assert {c.lr for c in ext} == {2 * lrs[2]}
     assert {c.seed for c in ext} == set(spec.trial_seeds())
@@ -169,15 +181,23 @@ def test_lr_extensions_past_the_low_edge():
 def test_run_study_extends_probes_and_resumes(tmp_path):
     """A tiny study whose grid puts the best rate at its top edge: the grid is extended,
     the probe is stored, and a resumed study re-uses both (nothing re-runs or re-times)."""
-    spec = SweepSpec(batch_sizes=(64, 256), lr_grid=(0.0625, 0.125), n_seeds=2, seed=5, widths=(16,),
-                     max_epochs=6, target=0.9, lr_extend=1)
+    spec = SweepSpec(
+        batch_sizes=(64, 256),
+        lr_grid=(0.0625, 0.125),
+        n_seeds=2,
+        seed=5,
+        widths=(16,),
+        max_epochs=6,
+        target=0.9,
+        lr_extend=1,
+    )
     out = run_study(spec, tmp_path, workers=1, report=False)
     with ResultStore(tmp_path / "results.sqlite") as store:
         keys = store.meta("study_keys")
         entries = store.meta("throughput_probe")
         rows = store.rows()
     grid = {c.key for c in spec.trials(1438, 64, 10)}
-    assert grid < set(keys)                       # extension trials were added
+    assert grid < set(keys)  # extension trials were added
     assert {r[0].seed for r in rows} == set(spec.trial_seeds())
     assert sorted(e["batch_size"] for e in entries) == [64, 256]
     assert out["counts"]["ran"] == len(keys)
@@ -206,8 +226,10 @@ def test_study_lock_is_held_until_the_report_is_written(tmp_path, monkeypatch):
     assert seen
 
 
-@pytest.mark.parametrize("argv, flag", [(["--n-seeds", "0"], "--n-seeds"), (["--lr-extend", "-1"], "--lr-extend"),
-                                        (["--seed", "-2"], "--seed")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [(["--n-seeds", "0"], "--n-seeds"), (["--lr-extend", "-1"], "--lr-extend"), (["--seed", "-2"], "--seed")],
+)
 def test_cli_refuses_bad_seed_and_extension_flags(argv, flag, capsys, tmp_path):
     from minigd.cli import main
 
@@ -220,14 +242,29 @@ def test_cli_refuses_bad_seed_and_extension_flags(argv, flag, capsys, tmp_path):
 def test_cli_search_prints_progress_and_the_best_configuration_by_name(capsys, tmp_path):
     from minigd.cli import main
 
-    rc = main(["study", "--search", "random", "--n-trials", "2", "--workers", "1", "--max-epochs", "3",
-               "--target", "0.8", "--out", str(tmp_path / "s")])
+    rc = main(
+        [
+            "study",
+            "--search",
+            "random",
+            "--n-trials",
+            "2",
+            "--workers",
+            "1",
+            "--max-epochs",
+            "3",
+            "--target",
+            "0.8",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     out = capsys.readouterr()
     assert rc in (0, 1)
     assert "compiling kernels" in out.out
     if rc == 0:
         assert "batch size" in out.out and "learning rate" in out.out and "hidden layers" in out.out
-    assert "2/2" in out.err          # the bar: trials done / total
+    assert "2/2" in out.err  # the bar: trials done / total
 
 
 def test_a_one_step_run_has_no_mid_point():
@@ -238,20 +275,33 @@ def test_a_one_step_run_has_no_mid_point():
     assert res["status"] == "ok" and res["steps_to_target"] == 1
     assert [p["where"] for p in res["noise"]] == ["start", "target"]
     from minigd.study.analysis import _noise_at
+
     assert _noise_at(res, "mid") is None and _noise_at(res, "target") is not None
 
 
 def test_cli_data_param_reaches_the_loader(capsys, tmp_path):
     from minigd.cli import _data_spec, build_parser, main
 
-    args = build_parser().parse_args(["study", "--data", "linear_regression", "--data-param", "noise=2.0",
-                                      "--data-param", "n_in=4"])
+    args = build_parser().parse_args(
+        ["study", "--data", "linear_regression", "--data-param", "noise=2.0", "--data-param", "n_in=4"]
+    )
     spec = _data_spec(args)
     assert spec.kwargs() == {"noise": 2.0, "n_in": 4}
     assert load_data(spec, "float32").X_train.shape[1] == 4
     with pytest.raises(SystemExit) as e:
-        main(["study", "--data", "linear_regression", "--data-param", "bogus=1", "--target", "1",
-              "--out", str(tmp_path / "s")])
+        main(
+            [
+                "study",
+                "--data",
+                "linear_regression",
+                "--data-param",
+                "bogus=1",
+                "--target",
+                "1",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
     assert e.value.code == 2 and "bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["study", "--data-param", "novalue"])
@@ -268,8 +318,9 @@ def test_a_run_past_the_target_measures_the_target_point_at_the_target():
     ds = load_data(cfg.data, cfg.dtype)
     for where in ("target", "end"):
         _, model = _params_after(cfg, pts[where]["step"])
-        assert pts[where]["noise_scale"] == pytest.approx(mg.grad_moments(model, ds.X_train, ds.y_train).noise_scale,
-                                                          rel=1e-6)
+        assert pts[where]["noise_scale"] == pytest.approx(
+            mg.grad_moments(model, ds.X_train, ds.y_train).noise_scale, rel=1e-6
+        )
 
 
 def test_report_on_a_store_of_other_trials_says_why(tmp_path, capsys):
@@ -289,8 +340,9 @@ def test_report_on_a_store_of_other_trials_says_why(tmp_path, capsys):
 
 
 def test_smallest_batch_does_not_judge_batch_sizes_it_did_not_sweep(tmp_path):
-    spec = SweepSpec(batch_sizes=(64, 256), lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(16,), max_epochs=6,
-                     target=0.9, lr_extend=0)
+    spec = SweepSpec(
+        batch_sizes=(64, 256), lr_grid=(0.5, 1.0, 2.0), n_seeds=2, widths=(16,), max_epochs=6, target=0.9, lr_extend=0
+    )
     q = run_study(spec, tmp_path, workers=1, report=False, questions=("smallest_batch",))["analysis"]["questions"]
     a = q["smallest_batch"]
     assert "was not measured here" in a["answer"] and a["details"]["below_32_reasonable"] is None

@@ -9,8 +9,19 @@
 Needs matplotlib (``pip install 'minigd[study]'``); it is imported only when a report is
 drawn, with the Agg backend.
 """
+
 from .plots import ADAPTIVE_PLOT, PLOT_FILES, PlotResult, make_plots
 from .summary import HEADLINE_KEYS, build_blocks, render_html, render_markdown, summary_json, write_report
 
-__all__ = ["write_report", "make_plots", "PlotResult", "PLOT_FILES", "ADAPTIVE_PLOT", "build_blocks",
-           "render_markdown", "render_html", "summary_json", "HEADLINE_KEYS"]
+__all__ = [
+    "write_report",
+    "make_plots",
+    "PlotResult",
+    "PLOT_FILES",
+    "ADAPTIVE_PLOT",
+    "build_blocks",
+    "render_markdown",
+    "render_html",
+    "summary_json",
+    "HEADLINE_KEYS",
+]

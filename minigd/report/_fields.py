@@ -4,6 +4,7 @@ both take from it, each tolerant of missing data (``None``, ``NaN``, absent keys
 
 No matplotlib here (the figure toolkit is :mod:`minigd.report._figure`).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,7 @@ def b_crit_of(arch):
 
 
 def b_crit_label(arch) -> str:
-    """"B_crit (fit)", or "B_crit (fit, untuned (sqrt rule))" where the learning rate was a rule."""
+    """ "B_crit (fit)", or "B_crit (fit, untuned (sqrt rule))" where the learning rate was a rule."""
     t = arch.get("b_crit_tuning")
     return "B_crit (fit)" if not t or t == "tuned" else f"B_crit (fit, {t})"
 
@@ -169,6 +170,6 @@ def adaptive_of(arch):
 
 
 def adaptive_label(row) -> str:
-    """"adaptive (from B=32)"."""
+    """ "adaptive (from B=32)"."""
     b = fnum((row or {}).get("start_batch_size"))
     return "adaptive" + (f" (from B={int(b)})" if b is not None else "")

@@ -2,6 +2,7 @@
 writes (from :mod:`minigd._plotting`), log2 batch-size and log y axes, legends
 outside the data area, the scaling regimes shaded, titles that name the architecture.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,17 @@ def _mark_apart(ax, arch, colour, pre, ys_all):
     if not nr or not ys_all:
         return
     top = max(ys_all) * 1.6
-    ax.plot(nr, [top] * len(nr), "^", ms=8, mfc="none", mec=colour, mew=1.5, ls="none",
-            label=f"{pre}did not reach the target")
+    ax.plot(
+        nr,
+        [top] * len(nr),
+        "^",
+        ms=8,
+        mfc="none",
+        mec=colour,
+        mew=1.5,
+        ls="none",
+        label=f"{pre}did not reach the target",
+    )
 
 
 def _log2_batch_axis(ax, lo=None, hi=None):
@@ -110,14 +120,17 @@ def _shade_regimes(ax, b_crit, lo, hi, label=True, prefix=""):
     perfect, no_benefit, _ = _thresholds()
     if b_crit is None or lo is None:
         return
-    bands = [("perfect scaling", lo, perfect * b_crit),
-             ("diminishing returns", perfect * b_crit, no_benefit * b_crit),
-             ("no benefit", no_benefit * b_crit, hi)]
+    bands = [
+        ("perfect scaling", lo, perfect * b_crit),
+        ("diminishing returns", perfect * b_crit, no_benefit * b_crit),
+        ("no benefit", no_benefit * b_crit, hi),
+    ]
     for name, a, b in bands:
         a, b = max(a, lo), min(b, hi)
         if b > a:
-            ax.axvspan(a, b, color=_REGIME_COLOURS[name], alpha=0.12, lw=0,
-                       label=f"{prefix}regime: {name}" if label else None)
+            ax.axvspan(
+                a, b, color=_REGIME_COLOURS[name], alpha=0.12, lw=0, label=f"{prefix}regime: {name}" if label else None
+            )
 
 
 def _arch_prefix(archs, arch):

@@ -19,6 +19,7 @@ the time-to-target figure, its noise-scale curve in the noise figure, and its ow
 :data:`ADAPTIVE_PLOT` (the batch size and learning-rate factor the controller chose over
 the steps, and its learning curves beside the recommended batch size's).
 """
+
 from __future__ import annotations
 
 import os
@@ -107,8 +108,16 @@ def plot_placeholder(path, message: str, title: str = "") -> None:
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=11)
-    ax.text(0.5, 0.5, "\n".join(_wrap(message, 70)), ha="center", va="center", fontsize=10,
-            transform=ax.transAxes, bbox={"boxstyle": "round", "facecolor": "#f3f3f3", "edgecolor": "#999999"})
+    ax.text(
+        0.5,
+        0.5,
+        "\n".join(_wrap(message, 70)),
+        ha="center",
+        va="center",
+        fontsize=10,
+        transform=ax.transAxes,
+        bbox={"boxstyle": "round", "facecolor": "#f3f3f3", "edgecolor": "#999999"},
+    )
     _save(fig, path, f"placeholder: {message}")
 
 
@@ -156,18 +165,43 @@ def plot_steps_examples(analysis, path) -> None:
                 pts_out = [(x, y) for x, y in zip(xs, ys) if x in edge]
                 if pts_in:
                     px, py = zip(*pts_in)
-                    ax.errorbar(px, py, yerr=_err(arch, key, px), fmt="o", color=colour, ms=6, capsize=2,
-                                elinewidth=1, label=f"{pre}measured (median over seeds, 90% interval)")
+                    ax.errorbar(
+                        px,
+                        py,
+                        yerr=_err(arch, key, px),
+                        fmt="o",
+                        color=colour,
+                        ms=6,
+                        capsize=2,
+                        elinewidth=1,
+                        label=f"{pre}measured (median over seeds, 90% interval)",
+                    )
                 if pts_out:
                     px, py = zip(*pts_out)
-                    ax.errorbar(px, py, yerr=_err(arch, key, px), fmt="s", color=colour, mfc="none", ms=7,
-                                capsize=2, elinewidth=1, label=f"{pre}LR not tuned (best at the edge; out of the fit)")
+                    ax.errorbar(
+                        px,
+                        py,
+                        yerr=_err(arch, key, px),
+                        fmt="s",
+                        color=colour,
+                        mfc="none",
+                        ms=7,
+                        capsize=2,
+                        elinewidth=1,
+                        label=f"{pre}LR not tuned (best at the edge; out of the fit)",
+                    )
                 _mark_apart(ax, arch, colour, pre, ys)
                 for r in rows_of(arch):
                     v = _pos(r.get(key))
                     if r.get("full_batch") and v is not None:
-                        ax.annotate("full", (float(r["batch_size"]), v), textcoords="offset points",
-                                    xytext=(4, 4), fontsize=7, color=colour)
+                        ax.annotate(
+                            "full",
+                            (float(r["batch_size"]), v),
+                            textcoords="offset points",
+                            xytext=(4, 4),
+                            fontsize=7,
+                            color=colour,
+                        )
             if bc is not None and fmin is not None:
                 name = "S_min(1 + B_crit/B)" if ax is ax_s else "E_min(1 + B/B_crit)"
                 ax.plot(grid, curve(grid), "-", color=colour, lw=1.5, alpha=0.85, label=f"{pre}fit {name}")
@@ -177,13 +211,22 @@ def plot_steps_examples(analysis, path) -> None:
                 iv = (arch.get("headline") or {}).get("critical_batch_size_fit") or {}
                 a, b = _pos(iv.get("lo")), _pos(iv.get("hi"))
                 if a is not None and b is not None and b > a:
-                    ax.axvspan(max(a, lo), min(b, hi), color=colour, alpha=0.08, lw=0,
-                               label=f"{pre}B_crit 90% interval" if ax is ax_s else None)
+                    ax.axvspan(
+                        max(a, lo),
+                        min(b, hi),
+                        color=colour,
+                        alpha=0.08,
+                        lw=0,
+                        label=f"{pre}B_crit 90% interval" if ax is ax_s else None,
+                    )
             if _in_range(bs, lo, hi):
-                ax.axvline(bs, color=colour, ls=":", lw=1.6,
-                           label=f"{pre}B_simple (noise scale, mid-training) ≈ {_fmt_g(bs)}")
-    for ax, what in ((ax_s, "steps to target (optimizer steps, log scale)"),
-                     (ax_e, "examples to target (training examples, log scale)")):
+                ax.axvline(
+                    bs, color=colour, ls=":", lw=1.6, label=f"{pre}B_simple (noise scale, mid-training) ≈ {_fmt_g(bs)}"
+                )
+    for ax, what in (
+        (ax_s, "steps to target (optimizer steps, log scale)"),
+        (ax_e, "examples to target (training examples, log scale)"),
+    ):
         _log2_batch_axis(ax, lo, hi)
         _log_y(ax)
         ax.set_ylabel(what)
@@ -209,28 +252,71 @@ def plot_time_to_target(analysis, path) -> None:
         xs, ys = _series(arch, "time_to_target")
         if not xs:
             continue
-        ax.errorbar(xs, ys, yerr=_err(arch, "time_to_target", xs), fmt="o-", color=colour, ms=5, lw=1.2,
-                    capsize=2, elinewidth=1, label=f"{pre}steps to target × step time (90% interval)")
-        in_trial = [(x, y) for x, y in zip(xs, ys) if next((r.get("timing") for r in rows_of(arch)
-                                                           if float(r["batch_size"]) == x), None) == "in-trial"]
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=_err(arch, "time_to_target", xs),
+            fmt="o-",
+            color=colour,
+            ms=5,
+            lw=1.2,
+            capsize=2,
+            elinewidth=1,
+            label=f"{pre}steps to target × step time (90% interval)",
+        )
+        in_trial = [
+            (x, y)
+            for x, y in zip(xs, ys)
+            if next((r.get("timing") for r in rows_of(arch) if float(r["batch_size"]) == x), None) == "in-trial"
+        ]
         if in_trial and len(in_trial) < len(xs):
             px, py = zip(*in_trial)
-            ax.plot(px, py, "D", ms=8, mfc="none", mec=colour, mew=1.2, ls="none",
-                    label=f"{pre}step time from the trials (no probe)")
+            ax.plot(
+                px,
+                py,
+                "D",
+                ms=8,
+                mfc="none",
+                mec=colour,
+                mew=1.2,
+                ls="none",
+                label=f"{pre}step time from the trials (no probe)",
+            )
         _mark_apart(ax, arch, colour, pre, ys)
         by_b = dict(zip(xs, ys))
         ans = arch.get("answers") or {}
         fb, rb = _pos(ans.get("fastest_wall_time")), _pos(ans.get("smallest_reasonable"))
         wins = ((arch.get("headline") or {}).get("fastest_wall_time") or {}).get("wins")
         if fb in by_b:
-            ax.plot([fb], [by_b[fb]], "*", color=colour, ms=18, mec="black",
-                    label=f"{pre}fastest: B = {_fmt_g(fb)} ({by_b[fb]:.3g} s"
-                          + (f"; wins {100 * wins:.0f}% of resamples)" if isinstance(wins, (int, float)) else ")"))
-            ax.axhline(factor * by_b[fb], color=colour, ls="--", lw=0.9, alpha=0.7,
-                       label=f"{pre}{factor:g} × fastest time (the 'reasonable' bound)")
+            ax.plot(
+                [fb],
+                [by_b[fb]],
+                "*",
+                color=colour,
+                ms=18,
+                mec="black",
+                label=f"{pre}fastest: B = {_fmt_g(fb)} ({by_b[fb]:.3g} s"
+                + (f"; wins {100 * wins:.0f}% of resamples)" if isinstance(wins, (int, float)) else ")"),
+            )
+            ax.axhline(
+                factor * by_b[fb],
+                color=colour,
+                ls="--",
+                lw=0.9,
+                alpha=0.7,
+                label=f"{pre}{factor:g} × fastest time (the 'reasonable' bound)",
+            )
         if rb in by_b:
-            ax.plot([rb], [by_b[rb]], "o", ms=16, mfc="none", mec=colour, mew=2.2,
-                    label=f"{pre}smallest reasonable: B = {_fmt_g(rb)} ({by_b[rb]:.3g} s)")
+            ax.plot(
+                [rb],
+                [by_b[rb]],
+                "o",
+                ms=16,
+                mfc="none",
+                mec=colour,
+                mew=2.2,
+                label=f"{pre}smallest reasonable: B = {_fmt_g(rb)} ({by_b[rb]:.3g} s)",
+            )
         _adaptive_band(ax, arch, colour if len(archs) > 1 else "black", pre)
     _log2_batch_axis(ax, lo, hi)
     _log_y(ax)
@@ -258,8 +344,9 @@ def _adaptive_band(ax, arch, colour, pre) -> None:
         ax.axhspan(a, b, color=colour, alpha=0.10, lw=0, label=f"{pre}adaptive: 90% interval")
     loop = _pos(row.get("loop_time_to_target"))
     if loop is not None and abs(loop - t) > 1e-12 * t:
-        ax.axhline(loop, color=colour, ls=(0, (1, 2)), lw=1.2,
-                   label=f"{pre}adaptive without its one-time set-up: {loop:.3g} s")
+        ax.axhline(
+            loop, color=colour, ls=(0, (1, 2)), lw=1.2, label=f"{pre}adaptive without its one-time set-up: {loop:.3g} s"
+        )
 
 
 def plot_generalization(analysis, path) -> None:
@@ -276,17 +363,34 @@ def plot_generalization(analysis, path) -> None:
         pre = _arch_prefix(archs, arch)
         xs, ys = _series_any(arch, vkey)
         if xs:
-            ax_v.plot(xs, [100 * y for y in ys] if acc else ys, "o-", color=colour, ms=5,
-                      label=f"{pre}final validation {'accuracy' if acc else 'loss'}")
+            ax_v.plot(
+                xs,
+                [100 * y for y in ys] if acc else ys,
+                "o-",
+                color=colour,
+                ms=5,
+                label=f"{pre}final validation {'accuracy' if acc else 'loss'}",
+            )
         t, metric = fnum(arch.get("target")), str(arch.get("target_metric") or "")
         if t is not None and (("accuracy" in metric) == acc) and "val" in metric:
-            ax_v.axhline(100 * t if acc else t, color=colour, ls="--", lw=0.9, alpha=0.7,
-                         label=f"{pre}target ({target_words(arch)})")
+            ax_v.axhline(
+                100 * t if acc else t,
+                color=colour,
+                ls="--",
+                lw=0.9,
+                alpha=0.7,
+                label=f"{pre}target ({target_words(arch)})",
+            )
         xs, ys = _series_any(arch, gkey)
         if xs:
-            ax_g.plot(xs, [100 * y for y in ys] if acc else ys, "s-", color=colour, ms=5,
-                      label=f"{pre}generalisation gap: "
-                            f"{'train − validation accuracy' if acc else 'validation − train loss'}")
+            ax_g.plot(
+                xs,
+                [100 * y for y in ys] if acc else ys,
+                "s-",
+                color=colour,
+                ms=5,
+                label=f"{pre}generalisation gap: {'train − validation accuracy' if acc else 'validation − train loss'}",
+            )
     for ax in (ax_v, ax_g):
         _log2_batch_axis(ax, lo, hi)
     ax_g.axhline(0, color="black", lw=0.6)
@@ -318,8 +422,15 @@ def plot_best_lr(analysis, path) -> None:
         for r in rows_of(arch):
             tried = [v for v in (_pos(x) for x in (r.get("lrs_tried") or [])) if v is not None]
             if tried:
-                ax.plot([float(r["batch_size"])] * len(tried), tried, "_", color="0.6", ms=10, mew=1.2,
-                        label="learning rates tried" if tried_label else None)
+                ax.plot(
+                    [float(r["batch_size"])] * len(tried),
+                    tried,
+                    "_",
+                    color="0.6",
+                    ms=10,
+                    mew=1.2,
+                    label="learning rates tried" if tried_label else None,
+                )
                 tried_label = False
                 ys_all += tried
         xs, ys = _series(arch, "best_lr")
@@ -330,8 +441,16 @@ def plot_best_lr(analysis, path) -> None:
         edge = [(float(r["batch_size"]), _pos(r.get("best_lr"))) for r in rows_of(arch) if r.get("lr_edge")]
         edge = [(x, y) for x, y in edge if y is not None]
         if edge:
-            ax.plot(*zip(*edge), "s", ms=11, mfc="none", mec="red", mew=1.5, ls="none",
-                    label=f"{pre}LR not tuned (best at the edge of those tried)")
+            ax.plot(
+                *zip(*edge),
+                "s",
+                ms=11,
+                mfc="none",
+                mec="red",
+                mew=1.5,
+                ls="none",
+                label=f"{pre}LR not tuned (best at the edge of those tried)",
+            )
         b0, lr0 = xs[0], ys[0]
         ax.plot(grid, lr0 * grid / b0, "--", color=colour, lw=1, alpha=0.8, label=f"{pre}linear scaling ∝ B")
         ax.plot(grid, lr0 * np.sqrt(grid / b0), ":", color=colour, lw=1.4, alpha=0.9, label=f"{pre}sqrt scaling ∝ √B")
@@ -361,20 +480,42 @@ def plot_throughput_memory(analysis, path) -> None:
             ax_t.plot(xs, ys, "o-", color=colour, ms=5, label=f"{pre}throughput")
         xs, ys = _series(arch, "goodput")
         if xs:
-            ax_t.plot(xs, ys, "s--", color=colour, ms=5, alpha=0.85,
-                      label=f"{pre}goodput = throughput × statistical efficiency")
+            ax_t.plot(
+                xs,
+                ys,
+                "s--",
+                color=colour,
+                ms=5,
+                alpha=0.85,
+                label=f"{pre}goodput = throughput × statistical efficiency",
+            )
             best = _pos((arch.get("answers") or {}).get("max_goodput"))
             by_b = dict(zip(xs, ys))
             if best in by_b:
-                ax_t.plot([best], [by_b[best]], "*", color=colour, ms=16, mec="black",
-                          label=f"{pre}max goodput: B = {_fmt_g(best)}")
+                ax_t.plot(
+                    [best],
+                    [by_b[best]],
+                    "*",
+                    color=colour,
+                    ms=16,
+                    mec="black",
+                    label=f"{pre}max goodput: B = {_fmt_g(best)}",
+                )
         xs, ys = _series(arch, "memory_bytes")
         if xs:
-            ax_m.plot(xs, [y / 2**20 for y in ys], "o-", color=colour, ms=5,
-                      label=f"{pre}memory: total (workspace + params, grads, optimizer state)")
+            ax_m.plot(
+                xs,
+                [y / 2**20 for y in ys],
+                "o-",
+                color=colour,
+                ms=5,
+                label=f"{pre}memory: total (workspace + params, grads, optimizer state)",
+            )
         xs, ys = _series(arch, "workspace_bytes")
         if xs:
-            ax_m.plot(xs, [y / 2**20 for y in ys], "^:", color=colour, ms=5, alpha=0.85, label=f"{pre}memory: workspace")
+            ax_m.plot(
+                xs, [y / 2**20 for y in ys], "^:", color=colour, ms=5, alpha=0.85, label=f"{pre}memory: workspace"
+            )
     log_y = {}
     for ax in (ax_t, ax_m):
         _log2_batch_axis(ax, lo, hi)
@@ -382,11 +523,11 @@ def plot_throughput_memory(analysis, path) -> None:
         if log_y[ax]:
             _log_y(ax)
     if not has_tp:
-        ax_t.text(0.5, 0.5, "not enough data: throughput not measured", ha="center", va="center",
-                  transform=ax_t.transAxes)
+        ax_t.text(
+            0.5, 0.5, "not enough data: throughput not measured", ha="center", va="center", transform=ax_t.transAxes
+        )
     if not has_mem:
-        ax_m.text(0.5, 0.5, "not enough data: memory not measured", ha="center", va="center",
-                  transform=ax_m.transAxes)
+        ax_m.text(0.5, 0.5, "not enough data: memory not measured", ha="center", va="center", transform=ax_m.transAxes)
     ax_t.set_ylabel("samples per second (training examples/s" + (", log scale)" if log_y[ax_t] else ")"))
     ax_m.set_ylabel("memory (MiB" + (", log scale)" if log_y[ax_m] else ")"))
     ax_t.set_title("throughput and goodput (Pollux)")
@@ -444,8 +585,13 @@ def plot_noise_scale(analysis, path, max_curves: int = 6) -> None:
             ax.plot(xs, ys, "o-", color=colour, ms=3.5, lw=1.3, label=f"B = {_fmt_g(b)}")
         bc = b_crit_of(arch)
         if bc is not None:
-            ax.axhline(bc, color="black", ls="--", lw=1,
-                       label=f"{b_crit_label(arch).replace('(fit', '(trade-off fit')} ≈ {_fmt_g(bc)}")
+            ax.axhline(
+                bc,
+                color="black",
+                ls="--",
+                lw=1,
+                label=f"{b_crit_label(arch).replace('(fit', '(trade-off fit')} ≈ {_fmt_g(bc)}",
+            )
         bs = b_simple_of(arch)
         if bs is not None:
             ax.axhline(bs, color="0.4", ls=":", lw=1.3, label=f"median B_simple mid-training ≈ {_fmt_g(bs)}")
@@ -502,8 +648,12 @@ def plot_adaptive(analysis, path) -> None:
     fixed batch size."""
     import numpy as np
 
-    archs = [a for a in architectures(analysis) if adaptive_of(a) and any(
-        _trajectory(t)[0] for t in adaptive_of(a).get("trajectories") or [] if isinstance(t, dict))]
+    archs = [
+        a
+        for a in architectures(analysis)
+        if adaptive_of(a)
+        and any(_trajectory(t)[0] for t in adaptive_of(a).get("trajectories") or [] if isinstance(t, dict))
+    ]
     if not archs:
         raise NotEnoughData("no adaptive run stored its batch-size decisions")
     archs = archs[:4]
@@ -525,10 +675,19 @@ def plot_adaptive(analysis, path) -> None:
             at = fnum(t.get("reached_at"))
             if at is not None:
                 k = max(0, int(np.searchsorted(xs, at, side="right")) - 1)
-                ax_b.plot([at], [bs[k]], "o", ms=9, mfc="none", mec=colour, mew=1.5,
-                          label="target reached" if i == 0 else None)
+                ax_b.plot(
+                    [at],
+                    [bs[k]],
+                    "o",
+                    ms=9,
+                    mfc="none",
+                    mec=colour,
+                    mew=1.5,
+                    label="target reached" if i == 0 else None,
+                )
         ax_b.set_yscale("log", base=2)
         from matplotlib.ticker import FuncFormatter
+
         ax_b.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
         cands = [c for c in (_pos(x) for x in row.get("candidates") or []) if c is not None]
         if cands:
@@ -544,15 +703,29 @@ def plot_adaptive(analysis, path) -> None:
         for i, c in enumerate(row.get("curves") or []):
             xs, ys = _metric_points((c or {}).get("curve"), key)
             if xs:
-                ax_c.plot(xs, [100 * y for y in ys] if acc else ys, "-", color="black", lw=1.3, alpha=0.8,
-                          label=f"{adaptive_label(row)}, best LR {_fmt_g(fnum(row.get('best_lr')))}" if i == 0 else None)
+                ax_c.plot(
+                    xs,
+                    [100 * y for y in ys] if acc else ys,
+                    "-",
+                    color="black",
+                    lw=1.3,
+                    alpha=0.8,
+                    label=f"{adaptive_label(row)}, best LR {_fmt_g(fnum(row.get('best_lr')))}" if i == 0 else None,
+                )
         vs = row.get("vs_fixed") or {}
         fb = fnum(vs.get("batch_size"))
         for i, c in enumerate(row.get("fixed_curves") or []):
             xs, ys = _metric_points((c or {}).get("curve"), key)
             if xs:
-                ax_c.plot(xs, [100 * y for y in ys] if acc else ys, "--", color="tab:red", lw=1.2, alpha=0.8,
-                          label=f"recommended fixed batch size B = {_fmt_g(fb)}" if i == 0 else None)
+                ax_c.plot(
+                    xs,
+                    [100 * y for y in ys] if acc else ys,
+                    "--",
+                    color="tab:red",
+                    lw=1.2,
+                    alpha=0.8,
+                    label=f"recommended fixed batch size B = {_fmt_g(fb)}" if i == 0 else None,
+                )
         t, metric = fnum(arch.get("target")), str(arch.get("target_metric") or "")
         if t is not None and (("accuracy" in metric) == acc) and "val" in metric:
             ax_c.axhline(100 * t if acc else t, color="0.4", ls=":", lw=1, label=f"target ({target_words(arch)})")
@@ -568,7 +741,9 @@ def plot_adaptive(analysis, path) -> None:
             ax_b.set_title(f"{arch_label(arch)}: batch size chosen", fontsize=10)
         _side_legend(ax_c)
     _fig_legend(fig, [axes[0][0]], max_cols=6)
-    _suptitle(fig, "Adaptive batch size (fit(batch_size='adaptive')): what the controller chose", archs if n == 1 else [])
+    _suptitle(
+        fig, "Adaptive batch size (fit(batch_size='adaptive')): what the controller chose", archs if n == 1 else []
+    )
     _save(fig, path, "adaptive batch size over training")
 
 

@@ -17,6 +17,7 @@ The Markdown and HTML files carry the same content, built from one list of block
 is self-contained (inline CSS), refers to the figures by relative path, escapes every text
 and never scrolls sideways (``tests/test_report_browser.py`` checks it in Chromium).
 """
+
 from __future__ import annotations
 
 import html
@@ -40,7 +41,7 @@ from ._fields import (
     target_words,
     uses_accuracy,
 )
-from .plots import ADAPTIVE_PLOT, PLOT_FILES, make_plots, plot_files
+from .plots import ADAPTIVE_PLOT, make_plots, plot_files
 
 __all__ = ["write_report", "build_blocks", "render_markdown", "render_html", "summary_json", "HEADLINE_KEYS"]
 
@@ -50,23 +51,23 @@ SMALL_BATCH = 32
 
 _PLOT_CAPTIONS = {
     "steps_examples.png": "Steps and examples to target vs batch size: measured points, the fitted "
-                          "trade-off S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit), B_crit (fit, dashed) "
-                          "and B_simple (noise scale mid-training, dotted); regimes shaded.",
+    "trade-off S = S_min(1 + B_crit/B), E = E_min(1 + B/B_crit), B_crit (fit, dashed) "
+    "and B_simple (noise scale mid-training, dotted); regimes shaded.",
     "time_to_target.png": "Wall-clock time to target vs batch size; the fastest (star) and the smallest "
-                          "reasonable batch size (ring) marked.",
+    "reasonable batch size (ring) marked.",
     "generalization.png": "Validation metric and generalisation gap at each trial's stopping point (the "
-                          "target, or the budget) vs batch size (best learning rate per batch size); "
-                          "trials stop at the target, so these compare stopping points, not equal budgets.",
+    "target, or the budget) vs batch size (best learning rate per batch size); "
+    "trials stop at the target, so these compare stopping points, not equal budgets.",
     "best_lr.png": "Best learning rate vs batch size, with linear and square-root scaling lines through "
-                   "the smallest batch size; grey ticks are the learning rates tried.",
+    "the smallest batch size; grey ticks are the learning rates tried.",
     "throughput_memory.png": "Throughput and goodput (throughput × statistical efficiency) vs batch size; "
-                             "memory in MiB.",
+    "memory in MiB.",
     "noise_scale.png": "The gradient noise scale B_simple over training, for several batch sizes "
-                       "(and the adaptive run, dashed black, where the study ran it).",
+    "(and the adaptive run, dashed black, where the study ran it).",
     ADAPTIVE_PLOT: "The adaptive run (fit(batch_size='adaptive')): the batch size the controller chose over the "
-                   "steps and the learning-rate factor it applied (every seed at the arm's best learning rate; "
-                   "a ring where the target was reached), and the learning curves beside those of the "
-                   "recommended fixed batch size.",
+    "steps and the learning-rate factor it applied (every seed at the arm's best learning rate; "
+    "a ring where the target was reached), and the learning curves beside those of the "
+    "recommended fixed batch size.",
 }
 
 
@@ -104,7 +105,7 @@ def _count(x, missing=NOT_REACHED) -> str:
 
 
 def _dur(x, missing=NOT_REACHED) -> str:
-    from minigd.study.analysis import fmt_duration   # one formatter for the analysis' text and the report's
+    from minigd.study.analysis import fmt_duration  # one formatter for the analysis' text and the report's
 
     v = fnum(x)
     return missing if v is None else fmt_duration(v)
@@ -166,7 +167,7 @@ def _average_ranks(values):
         j = i
         while j + 1 < len(v) and sv[j + 1] == sv[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
 
@@ -205,7 +206,7 @@ def _gi(x, missing=NOT_MEASURED) -> str:
 
 
 def _iv(d, fmt=_gi) -> str:
-    """" [lo, hi]" of an interval dict (the bootstrap's 90% interval); "" without one or
+    """ " [lo, hi]" of an interval dict (the bootstrap's 90% interval); "" without one or
     when it has no spread."""
     if not isinstance(d, dict) or d.get("lo") is None or d.get("hi") is None:
         return ""
@@ -215,7 +216,7 @@ def _iv(d, fmt=_gi) -> str:
 
 
 def _with_iv(d, fmt=_gi, missing=NOT_MEASURED) -> str:
-    """"value [lo, hi]" of an interval dict."""
+    """ "value [lo, hi]" of an interval dict."""
     if not isinstance(d, dict) or d.get("value") is None:
         return missing
     return fmt(d["value"]) + _iv(d, fmt)
@@ -228,7 +229,7 @@ def _resamples(arch):
 
 
 def _wins(arch, d, what) -> str:
-    """"; fastest in 87% of 4,000 bootstrap resamples (90% interval: batch 32–64)" or ""."""
+    """ "; fastest in 87% of 4,000 bootstrap resamples (90% interval: batch 32–64)" or ""."""
     n = _resamples(arch)
     if not isinstance(d, dict) or d.get("wins") is None or n is None:
         return ""
@@ -241,8 +242,10 @@ def _wins(arch, d, what) -> str:
 def _rec_text(rec) -> str:
     if isinstance(rec, dict) and rec.get("text"):
         return "**Recommendation:** " + str(rec["text"])
-    return ("**Recommendation:** none — this analysis carries no recommendation (it needs at least one batch size "
-            "that reached the target with a measured step time).")
+    return (
+        "**Recommendation:** none — this analysis carries no recommendation (it needs at least one batch size "
+        "that reached the target with a measured step time)."
+    )
 
 
 # --------------------------------------------------------------------------- answers
@@ -253,8 +256,10 @@ def _ans(arch, key):
 
 
 def _steps_ex_time(r) -> str:
-    return (f"{_count(r.get('steps_to_target'))} steps, {_count(r.get('examples_to_target'))} examples, "
-            f"learning rate {_lr(r.get('best_lr'))}")
+    return (
+        f"{_count(r.get('steps_to_target'))} steps, {_count(r.get('examples_to_target'))} examples, "
+        f"learning rate {_lr(r.get('best_lr'))}"
+    )
 
 
 def answer_fastest(arch) -> str:
@@ -264,20 +269,26 @@ def answer_fastest(arch) -> str:
     r = _row(arch, b)
     if r is None or fnum(r.get("time_to_target")) is None:
         return head + f"{NOT_REACHED} — no batch size reached the target in most of its seeds with a measured time."
-    timed = sorted((x for x in rows_of(arch) if fnum(x.get("time_to_target")) is not None),
-                   key=lambda x: float(x["time_to_target"]))
+    timed = sorted(
+        (x for x in rows_of(arch) if fnum(x.get("time_to_target")) is not None),
+        key=lambda x: float(x["time_to_target"]),
+    )
     rest = [x for x in timed if x is not r]
     tail = ""
     if rest:
         x = rest[0]
         ratio = float(x["time_to_target"]) / float(r["time_to_target"]) if float(r["time_to_target"]) > 0 else None
-        tail = (f"; runner-up batch {_batch(x['batch_size'], x)} ({_dur(x['time_to_target'])}"
-                + (f", {ratio:.2f}× slower" if ratio is not None else "") + ")")
+        tail = (
+            f"; runner-up batch {_batch(x['batch_size'], x)} ({_dur(x['time_to_target'])}"
+            + (f", {ratio:.2f}× slower" if ratio is not None else "")
+            + ")"
+        )
     t_iv = _iv(_hl(arch, "time_to_target"), _dur)
     wins = _wins(arch, _hl(arch, "fastest_wall_time"), "fastest")
     timing = "" if r.get("timing") != "in-trial" else "; step time from the trials themselves (no probe)"
-    return head + (f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}{t_iv}{wins}; {_steps_ex_time(r)}"
-                   f"{timing}{tail}).")
+    return head + (
+        f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}{t_iv}{wins}; {_steps_ex_time(r)}{timing}{tail})."
+    )
 
 
 def answer_fewest_examples(arch) -> str:
@@ -291,8 +302,10 @@ def answer_fewest_examples(arch) -> str:
     tail = f"; the fitted minimum is E_min ≈ {_g(e_min)} examples as B → 0" if e_min else ""
     e_iv = _iv(_hl(arch, "examples_to_target"), _count)
     wins = _wins(arch, _hl(arch, "fewest_examples"), "fewest")
-    return head + (f"batch {_batch(b, r)} ({_count(r['examples_to_target'])} examples{e_iv}{wins}, "
-                   f"{_count(r.get('steps_to_target'))} steps, {_dur(r.get('time_to_target'))}{tail}).")
+    return head + (
+        f"batch {_batch(b, r)} ({_count(r['examples_to_target'])} examples{e_iv}{wins}, "
+        f"{_count(r.get('steps_to_target'))} steps, {_dur(r.get('time_to_target'))}{tail})."
+    )
 
 
 def answer_fewest_steps(arch) -> str:
@@ -306,8 +319,10 @@ def answer_fewest_steps(arch) -> str:
     tail = f"; the fitted minimum is S_min ≈ {_g(s_min)} steps as B → ∞" if s_min else ""
     s_iv = _iv(_hl(arch, "steps_to_target"), _count)
     wins = _wins(arch, _hl(arch, "fewest_steps"), "fewest")
-    return head + (f"batch {_batch(b, r)} ({_count(r['steps_to_target'])} steps{s_iv}{wins}, "
-                   f"{_count(r.get('examples_to_target'))} examples, {_dur(r.get('time_to_target'))}{tail}).")
+    return head + (
+        f"batch {_batch(b, r)} ({_count(r['steps_to_target'])} steps{s_iv}{wins}, "
+        f"{_count(r.get('examples_to_target'))} examples, {_dur(r.get('time_to_target'))}{tail})."
+    )
 
 
 def answer_critical(arch) -> str:
@@ -320,39 +335,52 @@ def answer_critical(arch) -> str:
     bc_val = fit.get("b_crit") if isinstance(fit, dict) else None
     if not isinstance(fit, dict):
         n_ok = sum(1 for r in rows if fnum(r.get("steps_to_target")) is not None)
-        fit_s = (f"{NOT_MEASURED} by the steps/examples trade-off fit (it needs at least 3 batch sizes that "
-                 f"reach the target; {n_ok} did)")
+        fit_s = (
+            f"{NOT_MEASURED} by the steps/examples trade-off fit (it needs at least 3 batch sizes that "
+            f"reach the target; {n_ok} did)"
+        )
     elif "error" in fit:
         fit_s = f"{NOT_MEASURED} — the steps/examples trade-off fit failed ({fit['error']})"
     elif bc_raw is not None and bc_raw > 0:
         bc_iv = _iv(_hl(arch, "critical_batch_size_fit"))
-        fit_s = (f"≈ {_g(bc_raw)} from the fitted steps/examples trade-off "
-                 f"({'90% bootstrap interval' + bc_iv + '; ' if bc_iv else ''}"
-                 f"S_min = {_g(fit.get('s_min'))} steps, E_min = {_g(fit.get('e_min'))} examples, "
-                 f"B_crit = E_min/S_min; log-residual {_g(fit.get('residual'))})")
+        fit_s = (
+            f"≈ {_g(bc_raw)} from the fitted steps/examples trade-off "
+            f"({'90% bootstrap interval' + bc_iv + '; ' if bc_iv else ''}"
+            f"S_min = {_g(fit.get('s_min'))} steps, E_min = {_g(fit.get('e_min'))} examples, "
+            f"B_crit = E_min/S_min; log-residual {_g(fit.get('residual'))})"
+        )
     elif isinstance(bc_val, (int, float)) and math.isinf(bc_val) and bc_val > 0:
-        fit_s = (f"above the largest batch size swept ({_batch(bmax)}): steps kept halving with every doubling, "
-                 f"so the trade-off fit cannot resolve it")
+        fit_s = (
+            f"above the largest batch size swept ({_batch(bmax)}): steps kept halving with every doubling, "
+            f"so the trade-off fit cannot resolve it"
+        )
     elif bc_raw == 0:
-        fit_s = (f"below the smallest batch size swept ({_batch(bmin)}): steps to target did not fall with "
-                 f"batch size, so the trade-off fit cannot resolve it")
+        fit_s = (
+            f"below the smallest batch size swept ({_batch(bmin)}): steps to target did not fall with "
+            f"batch size, so the trade-off fit cannot resolve it"
+        )
     else:
         fit_s = f"{NOT_MEASURED} (the fit returned no usable value)"
     tuning = arch.get("b_crit_tuning")
     if isinstance(fit, dict) and "error" not in fit and tuning and tuning != "tuned":
-        fit_s += (f" — **{tuning}**: the learning rate was not tuned per batch size, as the trade-off "
-                  f"assumes, so this B_crit is that of the rule, not of the model")
+        fit_s += (
+            f" — **{tuning}**: the learning rate was not tuned per batch size, as the trade-off "
+            f"assumes, so this B_crit is that of the rule, not of the model"
+        )
     out_of_fit = [_batch(r["batch_size"]) for r in rows if r.get("lr_edge") and r.get("reached", True)]
     if out_of_fit:
-        fit_s += (f"; batch{'es' if len(out_of_fit) > 1 else ''} {', '.join(out_of_fit)} left out of the fit "
-                  f"(LR not tuned: best learning rate at the edge of those tried)")
+        fit_s += (
+            f"; batch{'es' if len(out_of_fit) > 1 else ''} {', '.join(out_of_fit)} left out of the fit "
+            f"(LR not tuned: best learning rate at the edge of those tried)"
+        )
     ns = arch.get("noise_scale") or {}
     mid = b_simple_of(arch)
     if mid is not None:
         extra = [f"{w} ≈ {_g(ns.get(w))}" for w in ("start", "end") if fnum(ns.get(w)) is not None]
         mid_iv = _iv(_hl(arch, "critical_batch_size_noise"))
-        noise_s = (f"the gradient noise scale B_simple measured mid-training is ≈ {_g(mid)}{mid_iv}"
-                   + (f" ({', '.join(extra)})" if extra else ""))
+        noise_s = f"the gradient noise scale B_simple measured mid-training is ≈ {_g(mid)}{mid_iv}" + (
+            f" ({', '.join(extra)})" if extra else ""
+        )
         tgt = _hl(arch, "noise_scale_target")
         if tgt is not None and tgt.get("value") is not None:
             noise_s += f", at the target ≈ {_with_iv(tgt)}"
@@ -362,8 +390,10 @@ def answer_critical(arch) -> str:
     cmp_s = ""
     if bc is not None and mid is not None:
         cmp_s = f"; B_simple/B_crit = {mid / bc:.2g}"
-    return (head + fit_s + "; " + noise_s + cmp_s + " (McCandlish et al. 2018, arXiv:1812.06162; note "
-            "arXiv:2505.23971 finds B_simple can underestimate the critical batch size, so both are reported).")
+    return (
+        head + fit_s + "; " + noise_s + cmp_s + " (McCandlish et al. 2018, arXiv:1812.06162; note "
+        "arXiv:2505.23971 finds B_simple can underestimate the critical batch size, so both are reported)."
+    )
 
 
 def answer_goodput(arch) -> str:
@@ -373,17 +403,23 @@ def answer_goodput(arch) -> str:
     if r is None or fnum(r.get("goodput")) is None:
         return head + f"{NOT_MEASURED} (it needs the throughput and the gradient noise scale)."
     wins = _wins(arch, _hl(arch, "max_goodput"), "highest")
-    src = {"probe": "; throughput from the throughput probe", "in-trial": "; throughput from the trials' own "
-           "step times (no probe)"}.get(r.get("timing"), "")
-    return head + (f"batch {_batch(b, r)} ({_rate(r.get('throughput'))} × efficiency "
-                   f"{_g(r.get('statistical_efficiency'))} = {_rate(r.get('goodput'))}{wins}{src}).")
+    src = {
+        "probe": "; throughput from the throughput probe",
+        "in-trial": "; throughput from the trials' own step times (no probe)",
+    }.get(r.get("timing"), "")
+    return head + (
+        f"batch {_batch(b, r)} ({_rate(r.get('throughput'))} × efficiency "
+        f"{_g(r.get('statistical_efficiency'))} = {_rate(r.get('goodput'))}{wins}{src})."
+    )
 
 
 def answer_reasonable(arch) -> str:
     _, _, factor = _thresholds()
     head = "**Smallest reasonable batch size:** "
-    definition = (f"(definition: the smallest batch size that reaches the target within {factor:g}× "
-                  f"the best measured wall-clock time to target)")
+    definition = (
+        f"(definition: the smallest batch size that reaches the target within {factor:g}× "
+        f"the best measured wall-clock time to target)"
+    )
     b = _ans(arch, "smallest_reasonable")
     r = _row(arch, b)
     fast = _row(arch, _ans(arch, "fastest_wall_time"))
@@ -391,11 +427,14 @@ def answer_reasonable(arch) -> str:
         return head + f"{NOT_MEASURED} — no batch size reached the target with a measured time {definition}."
     best = fnum(fast.get("time_to_target")) if fast else None
     ratio = float(r["time_to_target"]) / best if best else None
-    ctx = (f"; the fastest, batch {_batch(fast['batch_size'], fast)}, took {_dur(best)}" if best is not None else "")
+    ctx = f"; the fastest, batch {_batch(fast['batch_size'], fast)}, took {_dur(best)}" if best is not None else ""
     wins = _wins(arch, _hl(arch, "smallest_reasonable"), "the smallest reasonable")
     t_iv = _iv((r.get("intervals") or {}).get("time_to_target") if isinstance(r.get("intervals"), dict) else None, _dur)
-    return head + (f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}{t_iv}"
-                   + (f", {ratio:.2f}× the fastest" if ratio is not None else "") + f"{ctx}{wins}) {definition}.")
+    return head + (
+        f"batch {_batch(b, r)} ({_dur(r['time_to_target'])}{t_iv}"
+        + (f", {ratio:.2f}× the fastest" if ratio is not None else "")
+        + f"{ctx}{wins}) {definition}."
+    )
 
 
 def answer_regimes(arch) -> str:
@@ -404,8 +443,10 @@ def answer_regimes(arch) -> str:
     bc = b_crit_of(arch)
     rows = rows_of(arch)
     if bc is None:
-        return head + ("not determined — they need a finite critical batch size from the trade-off fit "
-                       f"(perfect scaling up to B_crit/{1 / perfect:g}, no benefit from {no_benefit:g}·B_crit).")
+        return head + (
+            "not determined — they need a finite critical batch size from the trade-off fit "
+            f"(perfect scaling up to B_crit/{1 / perfect:g}, no benefit from {no_benefit:g}·B_crit)."
+        )
     groups = {}
     for r in rows:
         name = "did not reach the target" if r.get("reached") is False else (r.get("regime") or "unknown")
@@ -418,14 +459,20 @@ def answer_regimes(arch) -> str:
         return "batch " + bs[0] if len(bs) == 1 else f"batches {bs[0]}–{bs[-1]}"
 
     lo, hi = perfect * bc, no_benefit * bc
-    return head + (f"perfect scaling up to B ≈ {_g(lo)} (= B_crit/{1 / perfect:g}; measured: {measured('perfect scaling')}), "
-                   f"diminishing returns between ≈ {_g(lo)} and ≈ {_g(hi)} ({measured('diminishing returns')}), "
-                   f"no benefit from B ≈ {_g(hi)} (= {no_benefit:g}·B_crit; {measured('no benefit')}) — "
-                   f"the three regimes of Shallue et al. 2018 (arXiv:1811.03600), placed by the fitted B_crit ≈ {_g(bc)}"
-                   + (f"; {'batches' if len(groups['did not reach the target']) > 1 else 'batch'} "
-                      f"{', '.join(groups['did not reach the target'])} did not reach the target and "
-                      f"{'have' if len(groups['did not reach the target']) > 1 else 'has'} no regime"
-                      if groups.get("did not reach the target") else "") + ".")
+    return head + (
+        f"perfect scaling up to B ≈ {_g(lo)} (= B_crit/{1 / perfect:g}; measured: {measured('perfect scaling')}), "
+        f"diminishing returns between ≈ {_g(lo)} and ≈ {_g(hi)} ({measured('diminishing returns')}), "
+        f"no benefit from B ≈ {_g(hi)} (= {no_benefit:g}·B_crit; {measured('no benefit')}) — "
+        f"the three regimes of Shallue et al. 2018 (arXiv:1811.03600), placed by the fitted B_crit ≈ {_g(bc)}"
+        + (
+            f"; {'batches' if len(groups['did not reach the target']) > 1 else 'batch'} "
+            f"{', '.join(groups['did not reach the target'])} did not reach the target and "
+            f"{'have' if len(groups['did not reach the target']) > 1 else 'has'} no regime"
+            if groups.get("did not reach the target")
+            else ""
+        )
+        + "."
+    )
 
 
 def answer_small_batch(arch, small=SMALL_BATCH) -> str:
@@ -446,20 +493,30 @@ def answer_small_batch(arch, small=SMALL_BATCH) -> str:
         t = fnum(r.get("time_to_target"))
         if t is None:
             return f"batch {_batch(r['batch_size'], r)}: {NOT_REACHED}"
-        return f"batch {_batch(r['batch_size'], r)}: {_dur(t)} ({t / best:.2f}× the fastest)" if best > 0 else \
-            f"batch {_batch(r['batch_size'], r)}: {_dur(t)}"
+        return (
+            f"batch {_batch(r['batch_size'], r)}: {_dur(t)} ({t / best:.2f}× the fastest)"
+            if best > 0
+            else f"batch {_batch(r['batch_size'], r)}: {_dur(t)}"
+        )
 
     sr = fnum(_ans(arch, "smallest_reasonable"))
     details = "; ".join(describe(r) for r in below)
     fast_s = f"the fastest is batch {_batch(fast['batch_size'], fast)} at {_dur(best)}"
     if sr is not None and sr < small:
-        ok = [r for r in below if fnum(r.get("time_to_target")) is not None
-              and float(r["time_to_target"]) <= factor * best]
-        return head + (f"Yes: batch {_batch(sr)} reaches the target within {factor:g}× the fastest time "
-                       f"({fast_s}); {len(ok)} of the {len(below)} batch sizes below {small} {'does' if len(ok) == 1 else 'do'} "
-                       f"({details}).")
-    return head + (f"No: none of the {len(below)} batch sizes below {small} reaches the target within "
-                   f"{factor:g}× the fastest time ({fast_s}; {details}).")
+        ok = [
+            r
+            for r in below
+            if fnum(r.get("time_to_target")) is not None and float(r["time_to_target"]) <= factor * best
+        ]
+        return head + (
+            f"Yes: batch {_batch(sr)} reaches the target within {factor:g}× the fastest time "
+            f"({fast_s}); {len(ok)} of the {len(below)} batch sizes below {small} {'does' if len(ok) == 1 else 'do'} "
+            f"({details})."
+        )
+    return head + (
+        f"No: none of the {len(below)} batch sizes below {small} reaches the target within "
+        f"{factor:g}× the fastest time ({fast_s}; {details})."
+    )
 
 
 def _ratio(x) -> str:
@@ -474,35 +531,54 @@ def answer_adaptive(arch) -> str:
     row = adaptive_of(arch)
     if row is None:
         return ""
-    head = (f"**Adaptive batch size** (`fit(batch_size='adaptive')`, starting at batch "
-            f"{_batch(row.get('start_batch_size'))}, the learning rate scaled by "
-            f"{(row.get('settings') or {}).get('lr_rule', 'its rule')}): ")
+    head = (
+        f"**Adaptive batch size** (`fit(batch_size='adaptive')`, starting at batch "
+        f"{_batch(row.get('start_batch_size'))}, the learning rate scaled by "
+        f"{(row.get('settings') or {}).get('lr_rule', 'its rule')}): "
+    )
     iv = row.get("intervals") if isinstance(row.get("intervals"), dict) else {}
     if fnum(row.get("time_to_target")) is None:
-        return head + (f"{NOT_REACHED} — it did not reach the target in most of its seeds at any learning rate "
-                       f"tried ({', '.join(_lr(x) for x in row.get('lrs_tried') or [])}).")
+        return head + (
+            f"{NOT_REACHED} — it did not reach the target in most of its seeds at any learning rate "
+            f"tried ({', '.join(_lr(x) for x in row.get('lrs_tried') or [])})."
+        )
     vs = row.get("vs_fixed") if isinstance(row.get("vs_fixed"), dict) else {}
-    s = (f"{_dur(row['time_to_target'])}{_iv(iv.get('time_to_target'), _dur)} to the target "
-         f"({_count(row.get('steps_to_target'))} steps, {_count(row.get('examples_to_target'))} examples, "
-         f"learning rate {_lr(row.get('best_lr'))} at the start)")
+    s = (
+        f"{_dur(row['time_to_target'])}{_iv(iv.get('time_to_target'), _dur)} to the target "
+        f"({_count(row.get('steps_to_target'))} steps, {_count(row.get('examples_to_target'))} examples, "
+        f"learning rate {_lr(row.get('best_lr'))} at the start)"
+    )
     if vs.get("value") is not None:
-        s += (f"; that is {_ratio(vs['value'])}{_iv(vs, _ratio)} the time of the recommended batch "
-              f"{_batch(vs.get('batch_size'))}")
+        s += (
+            f"; that is {_ratio(vs['value'])}{_iv(vs, _ratio)} the time of the recommended batch "
+            f"{_batch(vs.get('batch_size'))}"
+        )
         if vs.get("wins") is not None and _resamples(arch):
             s += f", faster in {100 * vs['wins']:.0f}% of {_resamples(arch):,} bootstrap resamples"
-    setup, loop = fnum(row.get("setup_s")), row.get("vs_fixed_loop") if isinstance(row.get("vs_fixed_loop"), dict) else {}
+    setup, loop = (
+        fnum(row.get("setup_s")),
+        row.get("vs_fixed_loop") if isinstance(row.get("vs_fixed_loop"), dict) else {},
+    )
     if setup is not None:
-        s += (f". Of its time, {_dur(setup)} is the one-time set-up (warming every candidate batch size and "
-              f"measuring their step times) that a fixed batch size does not pay")
+        s += (
+            f". Of its time, {_dur(setup)} is the one-time set-up (warming every candidate batch size and "
+            f"measuring their step times) that a fixed batch size does not pay"
+        )
         if loop.get("value") is not None:
             s += f"; without it, {_ratio(loop['value'])}{_iv(loop, _ratio)}"
     fb, mb = fnum(row.get("final_batch_size")), fnum(row.get("max_batch_size"))
     if fb is not None:
-        s += (f". The controller ended at batch {_batch(fb)} (median over seeds; largest used {_batch(mb)})"
-              if mb is not None and mb != fb else f". The controller ended at batch {_batch(fb)} (median over seeds)")
+        s += (
+            f". The controller ended at batch {_batch(fb)} (median over seeds; largest used {_batch(mb)})"
+            if mb is not None and mb != fb
+            else f". The controller ended at batch {_batch(fb)} (median over seeds)"
+        )
     timing = "" if row.get("timing") != "in-trial" else "; step and set-up times from the trials themselves (no probe)"
-    edge = (f"; LR not tuned: its best learning rate is at the {row['lr_edge']} edge of those tried"
-            if row.get("lr_edge") else "")
+    edge = (
+        f"; LR not tuned: its best learning rate is at the {row['lr_edge']} edge of those tried"
+        if row.get("lr_edge")
+        else ""
+    )
     return head + s + timing + edge + ". It is not a batch size: it is left out of the trade-off fit and the regimes."
 
 
@@ -520,15 +596,20 @@ def answer_generalisation(arch, acc) -> str:
     if best[1] == worst[1]:
         parts = [f"final validation {metric} {fmt(best[1])} at every batch size: no trend with batch size"]
     else:
-        parts = [f"best final validation {metric} {fmt(best[1])} at batch {_batch(best[0], best[2])}; "
-                 f"worst {fmt(worst[1])} at batch {_batch(worst[0], worst[2])}"]
+        parts = [
+            f"best final validation {metric} {fmt(best[1])} at batch {_batch(best[0], best[2])}; "
+            f"worst {fmt(worst[1])} at batch {_batch(worst[0], worst[2])}"
+        ]
         rho = _spearman([p[0] for p in pts], [p[1] for p in pts])
         if rho is None:
             parts.append("too few batch sizes to speak of a trend")
         else:
             better = rho > 0 if acc else rho < 0
-            trend = ("no clear trend with batch size" if abs(rho) < 0.3 else
-                     f"it tends to get {'better' if better else 'worse'} as the batch grows")
+            trend = (
+                "no clear trend with batch size"
+                if abs(rho) < 0.3
+                else f"it tends to get {'better' if better else 'worse'} as the batch grows"
+            )
             parts.append(f"{trend} (Spearman rank correlation with batch size {rho:+.2f})")
     gaps = [(float(r["batch_size"]), fnum(r.get(gkey))) for r in rows if fnum(r.get(gkey)) is not None]
     if gaps:
@@ -538,32 +619,60 @@ def answer_generalisation(arch, acc) -> str:
         if lo[1] == hi[1]:
             s = f"generalisation gap ({gap_name}) {gfmt(lo[1])} at every batch size"
         else:
-            s = (f"generalisation gap ({gap_name}) from {gfmt(lo[1])} (batch {_batch(lo[0])}) "
-                 f"to {gfmt(hi[1])} (batch {_batch(hi[0])})")
+            s = (
+                f"generalisation gap ({gap_name}) from {gfmt(lo[1])} (batch {_batch(lo[0])}) "
+                f"to {gfmt(hi[1])} (batch {_batch(hi[0])})"
+            )
             rho_g = _spearman([p[0] for p in gaps], [p[1] for p in gaps])
             if rho_g is not None:
-                s += (", with no clear trend in batch size" if abs(rho_g) < 0.3 else
-                      f", {'growing' if rho_g > 0 else 'shrinking'} with batch size (rank correlation {rho_g:+.2f})")
+                s += (
+                    ", with no clear trend in batch size"
+                    if abs(rho_g) < 0.3
+                    else f", {'growing' if rho_g > 0 else 'shrinking'} with batch size (rank correlation {rho_g:+.2f})"
+                )
         parts.append(s)
-    caveat = (f" What this measures: a trial stops as soon as it reaches the target, so these are the "
-              f"validation {metric} and the gap at each trial's stopping point (median over seeds, best "
-              f"learning rate), which for trials that reached the target sit near the target by "
-              f"construction. They compare stopping points, not how well each batch size generalises "
-              f"after the same training budget; this study does not measure that.")
-    return head + "; ".join(parts) + "." + caveat + (
-        " For context: with the learning rate tuned per batch size, Shallue "
-        "et al. 2018 (arXiv:1811.03600) found no evidence that large batches "
-        "generalise worse; Keskar et al. 2017 (arXiv:1609.04836) link large "
-        "batches to sharp minimisers, and Masters & Luschi 2018 "
-        "(arXiv:1804.07612) found the best test performance at batch sizes 2–32.")
+    caveat = (
+        f" What this measures: a trial stops as soon as it reaches the target, so these are the "
+        f"validation {metric} and the gap at each trial's stopping point (median over seeds, best "
+        f"learning rate), which for trials that reached the target sit near the target by "
+        f"construction. They compare stopping points, not how well each batch size generalises "
+        f"after the same training budget; this study does not measure that."
+    )
+    return (
+        head
+        + "; ".join(parts)
+        + "."
+        + caveat
+        + (
+            " For context: with the learning rate tuned per batch size, Shallue "
+            "et al. 2018 (arXiv:1811.03600) found no evidence that large batches "
+            "generalise worse; Keskar et al. 2017 (arXiv:1609.04836) link large "
+            "batches to sharp minimisers, and Masters & Luschi 2018 "
+            "(arXiv:1804.07612) found the best test performance at batch sizes 2–32."
+        )
+    )
 
 
 def batch_table(arch, acc):
     """One row per batch size: intervals in brackets (the bootstrap's 90% interval), win
     rates as percentages of the resamples ("best lr wins": how often the same learning rate
     was best; "fastest in": how often this batch size was the fastest)."""
-    headers = ["batch", "best lr", "best lr wins", "reached", "steps", "examples", "time to target", "fastest in",
-               "timing", "final val " + ("acc" if acc else "loss"), "gen gap", "throughput", "memory", "regime"]
+    headers = [
+        "batch",
+        "best lr",
+        "best lr wins",
+        "reached",
+        "steps",
+        "examples",
+        "time to target",
+        "fastest in",
+        "timing",
+        "final val " + ("acc" if acc else "loss"),
+        "gen gap",
+        "throughput",
+        "memory",
+        "regime",
+    ]
     body = []
     for r in rows_of(arch):
         iv = r.get("intervals") if isinstance(r.get("intervals"), dict) else {}
@@ -573,25 +682,40 @@ def batch_table(arch, acc):
         if r.get("lr_edge"):
             best_lr += f" (LR not tuned: {r['lr_edge']} edge)"
         fastest = NOT_MEASURED if fnum(r.get("p_fastest")) is None else f"{100 * r['p_fastest']:.0f}%"
-        regime_s = ("did not reach the target" if r.get("reached") is False else r.get("regime") or "unknown")
+        regime_s = "did not reach the target" if r.get("reached") is False else r.get("regime") or "unknown"
         frac = fnum(r.get("reached_fraction"))
         seeds = r.get("seeds")
-        reached = NOT_MEASURED if frac is None else (
-            f"{round(frac * seeds)}/{seeds}" if isinstance(seeds, int) and seeds > 0 else f"{100 * frac:.0f}%")
+        reached = (
+            NOT_MEASURED
+            if frac is None
+            else (f"{round(frac * seeds)}/{seeds}" if isinstance(seeds, int) and seeds > 0 else f"{100 * frac:.0f}%")
+        )
         if acc:
             val, gap = _pct(r.get("final_val_accuracy")), r.get("gen_gap_accuracy")
             gap = NOT_MEASURED if fnum(gap) is None else f"{100 * float(gap):+.1f} pts"
         else:
             val, gap = _g(r.get("final_val_loss")), r.get("gen_gap_loss")
             gap = NOT_MEASURED if fnum(gap) is None else f"{float(gap):+.3g}"
-        body.append([_batch(r["batch_size"], r), best_lr, lr_wins, reached,
-                     _count(r.get("steps_to_target")) + _iv(iv.get("steps_to_target"), _count),
-                     _count(r.get("examples_to_target")) + _iv(iv.get("examples_to_target"), _count),
-                     _dur(r.get("time_to_target")) + _iv(iv.get("time_to_target"), _dur), fastest,
-                     r.get("timing") or NOT_MEASURED, val, gap, _rate(r.get("throughput")),
-                     _mib(r.get("memory_bytes")), regime_s])
+        body.append(
+            [
+                _batch(r["batch_size"], r),
+                best_lr,
+                lr_wins,
+                reached,
+                _count(r.get("steps_to_target")) + _iv(iv.get("steps_to_target"), _count),
+                _count(r.get("examples_to_target")) + _iv(iv.get("examples_to_target"), _count),
+                _dur(r.get("time_to_target")) + _iv(iv.get("time_to_target"), _dur),
+                fastest,
+                r.get("timing") or NOT_MEASURED,
+                val,
+                gap,
+                _rate(r.get("throughput")),
+                _mib(r.get("memory_bytes")),
+                regime_s,
+            ]
+        )
     row = adaptive_of(arch)
-    if row is not None:     # one more row: the adaptive run (no batch size of its own)
+    if row is not None:  # one more row: the adaptive run (no batch size of its own)
         body.append(_adaptive_table_row(row, acc))
     return headers, body
 
@@ -603,24 +727,39 @@ def _adaptive_table_row(r, acc) -> list:
     lr_iv = iv.get("best_lr") if isinstance(iv.get("best_lr"), dict) else {}
     best_lr = _lr(r.get("best_lr")) + (f" (LR not tuned: {r['lr_edge']} edge)" if r.get("lr_edge") else "")
     frac, seeds = fnum(r.get("reached_fraction")), r.get("seeds")
-    reached = NOT_MEASURED if frac is None else (
-        f"{round(frac * seeds)}/{seeds}" if isinstance(seeds, int) and seeds > 0 else f"{100 * frac:.0f}%")
+    reached = (
+        NOT_MEASURED
+        if frac is None
+        else (f"{round(frac * seeds)}/{seeds}" if isinstance(seeds, int) and seeds > 0 else f"{100 * frac:.0f}%")
+    )
     vs = r.get("vs_fixed") if isinstance(r.get("vs_fixed"), dict) else {}
-    wins = NOT_MEASURED if fnum(vs.get("wins")) is None else \
-        f"{100 * vs['wins']:.0f}% vs batch {_batch(vs.get('batch_size'))}"
+    wins = (
+        NOT_MEASURED
+        if fnum(vs.get("wins")) is None
+        else f"{100 * vs['wins']:.0f}% vs batch {_batch(vs.get('batch_size'))}"
+    )
     if acc:
         val, gap = _pct(r.get("final_val_accuracy")), r.get("gen_gap_accuracy")
         gap = NOT_MEASURED if fnum(gap) is None else f"{100 * float(gap):+.1f} pts"
     else:
         val, gap = _g(r.get("final_val_loss")), r.get("gen_gap_loss")
         gap = NOT_MEASURED if fnum(gap) is None else f"{float(gap):+.3g}"
-    return [adaptive_label(r), best_lr,
-            NOT_MEASURED if lr_iv.get("wins") is None else f"{100 * lr_iv['wins']:.0f}%", reached,
-            _count(r.get("steps_to_target")) + _iv(iv.get("steps_to_target"), _count),
-            _count(r.get("examples_to_target")) + _iv(iv.get("examples_to_target"), _count),
-            _dur(r.get("time_to_target")) + _iv(iv.get("time_to_target"), _dur), wins,
-            r.get("timing") or NOT_MEASURED, val, gap, "varies", _mib(r.get("memory_bytes")),
-            "not a fixed batch size (out of the fit)"]
+    return [
+        adaptive_label(r),
+        best_lr,
+        NOT_MEASURED if lr_iv.get("wins") is None else f"{100 * lr_iv['wins']:.0f}%",
+        reached,
+        _count(r.get("steps_to_target")) + _iv(iv.get("steps_to_target"), _count),
+        _count(r.get("examples_to_target")) + _iv(iv.get("examples_to_target"), _count),
+        _dur(r.get("time_to_target")) + _iv(iv.get("time_to_target"), _dur),
+        wins,
+        r.get("timing") or NOT_MEASURED,
+        val,
+        gap,
+        "varies",
+        _mib(r.get("memory_bytes")),
+        "not a fixed batch size (out of the fit)",
+    ]
 
 
 def norm_comparison_blocks(comp, acc) -> list:
@@ -629,11 +768,16 @@ def norm_comparison_blocks(comp, acc) -> list:
         return []
     variants = list(comp.get("variants") or [])
     what = "final validation accuracy" if acc else "final validation loss"
-    head = [("h2", f"Batch norm, ghost batch size and dropout ({comp.get('base', '?')})"),
-            ("p", f"The {what} (median over seeds, at each variant's best learning rate) and the steps "
-                  f"to target, per batch size; a ghost batch size at or above the batch size is "
-                  f"ordinary batch norm, so such cells are not repeated. Whatever it shows is "
-                  f"reported as measured.")]
+    head = [
+        ("h2", f"Batch norm, ghost batch size and dropout ({comp.get('base', '?')})"),
+        (
+            "p",
+            f"The {what} (median over seeds, at each variant's best learning rate) and the steps "
+            f"to target, per batch size; a ghost batch size at or above the batch size is "
+            f"ordinary batch norm, so such cells are not repeated. Whatever it shows is "
+            f"reported as measured.",
+        ),
+    ]
     body = []
     for row in comp["rows"]:
         cells = [_batch(row.get("batch_size"))]
@@ -662,7 +806,7 @@ def _q_number(x) -> str:
 
 
 def question_headline(q) -> str:
-    """"value [lo, hi] unit; won in 87% of bootstrap resamples" of a question's answer
+    """ "value [lo, hi] unit; won in 87% of bootstrap resamples" of a question's answer
     (its headline number with the 90% interval), or "" where it has no value."""
     if not isinstance(q, dict) or q.get("value") is None:
         return ""
@@ -681,8 +825,7 @@ def _q_plot(q, report_dir):
     """The answer's figure as a file name in ``report_dir``, or None where it names no file
     there (only a plain file name counts: nothing outside the report directory is shown)."""
     plot = q.get("plot")
-    if not report_dir or not isinstance(plot, str) or not plot or os.path.basename(plot) != plot \
-            or plot in (".", ".."):
+    if not report_dir or not isinstance(plot, str) or not plot or os.path.basename(plot) != plot or plot in (".", ".."):
         return None
     return plot if os.path.isfile(os.path.join(os.fspath(report_dir), plot)) else None
 
@@ -729,8 +872,9 @@ def question_blocks(questions, report_dir=None) -> list:
 # --------------------------------------------------------------------------- blocks
 
 
-def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec: dict | None = None,
-                 plots=None, report_dir=None) -> list:
+def build_blocks(
+    analysis: dict, *, title: str = "minigd batch-size study", spec: dict | None = None, plots=None, report_dir=None
+) -> list:
     """The report as a list of blocks ``(kind, ...)``: ``("h1"|"h2"|"h3"|"p"|"small", text)``,
     ``("ul", [items])``, ``("table", headers, rows)``, ``("img", src, caption, alt)``,
     ``("pre", text)``, ``("section", id, [blocks])``.  Text may hold ``**bold**``.
@@ -744,16 +888,19 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
     top = analysis.get("recommendation")
     if archs or top:
         blocks.append(("p", _rec_text(top)))
-    intro = (f"{_count(n_trials, NOT_MEASURED)} trials, {_count(n_failed, NOT_MEASURED)} failed; "
-             f"{len(archs)} architecture{'s' if len(archs) != 1 else ''}.")
+    intro = (
+        f"{_count(n_trials, NOT_MEASURED)} trials, {_count(n_failed, NOT_MEASURED)} failed; "
+        f"{len(archs)} architecture{'s' if len(archs) != 1 else ''}."
+    )
     if archs:
-        intro += (" For each batch size the learning rate is the one that reached the target in the fewest "
-                  "steps (median over seeds); a batch size counts as reaching the target when most of its "
-                  "seeds did. \"Not reached\" means it did not; \"not measured\" means the value was not recorded.")
+        intro += (
+            " For each batch size the learning rate is the one that reached the target in the fewest "
+            "steps (median over seeds); a batch size counts as reaching the target when most of its "
+            'seeds did. "Not reached" means it did not; "not measured" means the value was not recorded.'
+        )
     blocks.append(("p", intro))
     if not archs:
-        blocks.append(("p", "**No successful trials: there is nothing to analyse.** "
-                            "See the failures in the appendix."))
+        blocks.append(("p", "**No successful trials: there is nothing to analyse.** See the failures in the appendix."))
     for arch in archs:
         if len(archs) > 1:
             blocks.append(("h2", f"Architecture {arch_label(arch)}"))
@@ -763,15 +910,37 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
             blocks.append(("p", _rec_text(arch.get("recommendation"))))
         n = _resamples(arch)
         if n:
-            blocks.append(("p", f"Numbers in brackets are 90% bootstrap intervals ({n:,} resamples of the seeds "
-                                f"within each batch size and learning rate, and of the timing rounds, re-running "
-                                f"the whole selection); percentages are how often a choice won across them."))
+            blocks.append(
+                (
+                    "p",
+                    f"Numbers in brackets are 90% bootstrap intervals ({n:,} resamples of the seeds "
+                    f"within each batch size and learning rate, and of the timing rounds, re-running "
+                    f"the whole selection); percentages are how often a choice won across them.",
+                )
+            )
         for w in arch.get("warnings") or []:
             blocks.append(("p", f"Note: {w}."))
-        blocks.append(("ul", [x for x in (answer_fastest(arch), answer_fewest_examples(arch),
-                                          answer_fewest_steps(arch), answer_critical(arch), answer_reasonable(arch),
-                                          answer_regimes(arch), answer_small_batch(arch), answer_goodput(arch),
-                                          answer_adaptive(arch), answer_generalisation(arch, acc)) if x]))
+        blocks.append(
+            (
+                "ul",
+                [
+                    x
+                    for x in (
+                        answer_fastest(arch),
+                        answer_fewest_examples(arch),
+                        answer_fewest_steps(arch),
+                        answer_critical(arch),
+                        answer_reasonable(arch),
+                        answer_regimes(arch),
+                        answer_small_batch(arch),
+                        answer_goodput(arch),
+                        answer_adaptive(arch),
+                        answer_generalisation(arch, acc),
+                    )
+                    if x
+                ],
+            )
+        )
         blocks.append(("h3", "Per batch size" + (" (and the adaptive run)" if adaptive_of(arch) else "")))
         h, b = batch_table(arch, acc)
         if b:
@@ -794,12 +963,18 @@ def build_blocks(analysis: dict, *, title: str = "minigd batch-size study", spec
     if not n_failed and not failures:
         blocks.append(("p", "No trial failed."))
     else:
-        blocks.append(("p", f"{_count(n_failed if n_failed is not None else len(failures), NOT_MEASURED)} of "
-                            f"{_count(n_trials, NOT_MEASURED)} trials failed; the first "
-                            f"{min(5, len(failures))} errors:"))
+        blocks.append(
+            (
+                "p",
+                f"{_count(n_failed if n_failed is not None else len(failures), NOT_MEASURED)} of "
+                f"{_count(n_trials, NOT_MEASURED)} trials failed; the first "
+                f"{min(5, len(failures))} errors:",
+            )
+        )
         if failures:
-            blocks.append(("ul", [f"`{f.get('trial', '?')}`: {f.get('error') or 'no error recorded'}"
-                                  for f in failures[:5]]))
+            blocks.append(
+                ("ul", [f"`{f.get('trial', '?')}`: {f.get('error') or 'no error recorded'}" for f in failures[:5]])
+            )
     blocks.append(("h3", "Study specification"))
     if spec is None:
         blocks.append(("p", "Not given."))
@@ -843,8 +1018,10 @@ def render_markdown(blocks) -> str:
             out.append("\n".join(f"- {item}" for item in blk[1]))
         elif kind == "table":
             headers, rows = blk[1], blk[2]
-            lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
-                     "|" + "|".join("---" for _ in headers) + "|"]
+            lines = [
+                "| " + " | ".join(_md_cell(h) for h in headers) + " |",
+                "|" + "|".join("---" for _ in headers) + "|",
+            ]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
         elif kind == "img":
@@ -889,8 +1066,9 @@ def _inline_html(text) -> str:
 def _html_block(blk) -> str:
     kind = blk[0]
     if kind == "section":
-        return (f'<section id="{html.escape(str(blk[1]))}">\n'
-                + "\n".join(_html_block(b) for b in blk[2]) + "\n</section>")
+        return (
+            f'<section id="{html.escape(str(blk[1]))}">\n' + "\n".join(_html_block(b) for b in blk[2]) + "\n</section>"
+        )
     if kind in ("h1", "h2", "h3"):
         return f"<{kind}>{_inline_html(blk[1])}</{kind}>"
     if kind == "p":
@@ -902,16 +1080,22 @@ def _html_block(blk) -> str:
     if kind == "table":
         # in a box that scrolls by itself: a wide table never makes the page scroll sideways
         headers, rows = blk[1], blk[2]
-        t = ['<div class="table-wrap">', "<table>", "<thead><tr>"
-             + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr></thead>", "<tbody>"]
+        t = [
+            '<div class="table-wrap">',
+            "<table>",
+            "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr></thead>",
+            "<tbody>",
+        ]
         t += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows]
         t += ["</tbody>", "</table>", "</div>"]
         return "\n".join(t)
     if kind == "img":
         src, cap = html.escape(blk[1]), _inline_html(blk[2])
         alt = html.escape(blk[3] if len(blk) > 3 else blk[1])
-        return (f'<figure><img src="{src}" alt="{alt}" style="max-width:100%;height:auto">'
-                f"<figcaption>{cap}</figcaption></figure>")
+        return (
+            f'<figure><img src="{src}" alt="{alt}" style="max-width:100%;height:auto">'
+            f"<figcaption>{cap}</figcaption></figure>"
+        )
     if kind == "pre":
         return f"<pre>{html.escape(blk[1])}</pre>"
     return ""
@@ -921,9 +1105,17 @@ def render_html(blocks, title: str = "minigd batch-size study") -> str:
     """The blocks as a self-contained HTML page (inline CSS, figures by relative path).  Every
     text is escaped; nothing is wider than the window (figures scale down, wide tables
     scroll in their own box, long words wrap)."""
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+    ]
     out += [h for h in (_html_block(b) for b in blocks) if h]
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
@@ -932,12 +1124,38 @@ def render_html(blocks, title: str = "minigd batch-size study") -> str:
 # --------------------------------------------------------------------------- summary.json
 
 #: the headline numbers of every architecture in summary.json, each {"value", "lo", "hi", "wins"}
-HEADLINE_KEYS = ("fastest_wall_time", "time_to_target", "fewest_examples", "examples_to_target", "fewest_steps",
-                 "steps_to_target", "critical_batch_size_fit", "s_min", "e_min", "critical_batch_size_noise",
-                 "noise_scale_target", "max_goodput", "smallest_reasonable")
-_RECOMMENDATION_KEYS = ("batch_size", "lo", "hi", "wins", "time_to_target", "fewest_examples",
-                        "examples_to_target", "critical_batch_size", "critical_batch_size_tuning",
-                        "noise_scale_target", "smallest_reasonable", "resolvable", "edge", "architecture", "text")
+HEADLINE_KEYS = (
+    "fastest_wall_time",
+    "time_to_target",
+    "fewest_examples",
+    "examples_to_target",
+    "fewest_steps",
+    "steps_to_target",
+    "critical_batch_size_fit",
+    "s_min",
+    "e_min",
+    "critical_batch_size_noise",
+    "noise_scale_target",
+    "max_goodput",
+    "smallest_reasonable",
+)
+_RECOMMENDATION_KEYS = (
+    "batch_size",
+    "lo",
+    "hi",
+    "wins",
+    "time_to_target",
+    "fewest_examples",
+    "examples_to_target",
+    "critical_batch_size",
+    "critical_batch_size_tuning",
+    "noise_scale_target",
+    "smallest_reasonable",
+    "resolvable",
+    "edge",
+    "architecture",
+    "text",
+)
 SUMMARY_SCHEMA = 1
 
 
@@ -1013,44 +1231,85 @@ def summary_json(analysis: dict) -> dict:
         per_b = []
         for r in rows_of(a):
             iv = r.get("intervals") if isinstance(r.get("intervals"), dict) else {}
-            per_b.append({
-                "batch_size": r.get("batch_size"), "full_batch": bool(r.get("full_batch")),
-                "reached": r.get("reached"), "status": r.get("status"),
-                "lr_tuned": r.get("lr_tuned"), "lr_edge": r.get("lr_edge"), "lrs_tried": r.get("lrs_tried"),
-                "in_fit": r.get("in_fit"), "timing": r.get("timing"), "regime": r.get("regime"),
-                "best_lr": _interval_of(iv.get("best_lr"), r.get("best_lr")),
-                **{k: _interval_of(iv.get(k), r.get(k)) for k in ("steps_to_target", "examples_to_target",
-                                                                   "time_to_target", "step_time_s")},
-                "fastest_wins": r.get("p_fastest"), "reached_wins": r.get("p_reached"),
-                "throughput": r.get("throughput"), "goodput": r.get("goodput"),
-                "memory_bytes": r.get("memory_bytes"),
-            })
+            per_b.append(
+                {
+                    "batch_size": r.get("batch_size"),
+                    "full_batch": bool(r.get("full_batch")),
+                    "reached": r.get("reached"),
+                    "status": r.get("status"),
+                    "lr_tuned": r.get("lr_tuned"),
+                    "lr_edge": r.get("lr_edge"),
+                    "lrs_tried": r.get("lrs_tried"),
+                    "in_fit": r.get("in_fit"),
+                    "timing": r.get("timing"),
+                    "regime": r.get("regime"),
+                    "best_lr": _interval_of(iv.get("best_lr"), r.get("best_lr")),
+                    **{
+                        k: _interval_of(iv.get(k), r.get(k))
+                        for k in ("steps_to_target", "examples_to_target", "time_to_target", "step_time_s")
+                    },
+                    "fastest_wins": r.get("p_fastest"),
+                    "reached_wins": r.get("p_reached"),
+                    "throughput": r.get("throughput"),
+                    "goodput": r.get("goodput"),
+                    "memory_bytes": r.get("memory_bytes"),
+                }
+            )
         fit = a.get("tradeoff_fit") if isinstance(a.get("tradeoff_fit"), dict) else None
         ad = adaptive_of(a)
         if ad is not None:
             iv = ad.get("intervals") if isinstance(ad.get("intervals"), dict) else {}
-            ad = {"batch_size": "adaptive", "start_batch_size": ad.get("start_batch_size"),
-                  "settings": ad.get("settings"), "reached": ad.get("reached"), "status": ad.get("status"),
-                  "lr_tuned": ad.get("lr_tuned"), "lr_edge": ad.get("lr_edge"), "lrs_tried": ad.get("lrs_tried"),
-                  "in_fit": False, "timing": ad.get("timing"),
-                  "best_lr": _interval_of(iv.get("best_lr"), ad.get("best_lr")),
-                  **{k: _interval_of(iv.get(k), ad.get(k)) for k in ("steps_to_target", "examples_to_target",
-                                                                      "time_to_target", "loop_time_to_target")},
-                  "setup_s": ad.get("setup_s"), "vs_fixed": _interval_of(ad.get("vs_fixed")),
-                  "vs_fixed_loop": _interval_of(ad.get("vs_fixed_loop")),
-                  "vs_batch_size": (ad.get("vs_fixed") or {}).get("batch_size"),
-                  "final_batch_size": ad.get("final_batch_size"), "max_batch_size": ad.get("max_batch_size"),
-                  "memory_bytes": ad.get("memory_bytes")}
-        entries.append({
-            "architecture": arch_label(a), "sizes": a.get("sizes"), "activation": a.get("activation"),
-            "optimizer": a.get("optimizer"), "norm": a.get("norm"), "target_metric": a.get("target_metric"),
-            "target": a.get("target"), "b_crit_tuning": a.get("b_crit_tuning"),
-            "headline": _headline_of(a), "recommendation": _recommendation_of(a.get("recommendation")),
-            "tradeoff_fit": fit, "per_batch": per_b, "adaptive": ad, "warnings": list(a.get("warnings") or []),
-        })
+            ad = {
+                "batch_size": "adaptive",
+                "start_batch_size": ad.get("start_batch_size"),
+                "settings": ad.get("settings"),
+                "reached": ad.get("reached"),
+                "status": ad.get("status"),
+                "lr_tuned": ad.get("lr_tuned"),
+                "lr_edge": ad.get("lr_edge"),
+                "lrs_tried": ad.get("lrs_tried"),
+                "in_fit": False,
+                "timing": ad.get("timing"),
+                "best_lr": _interval_of(iv.get("best_lr"), ad.get("best_lr")),
+                **{
+                    k: _interval_of(iv.get(k), ad.get(k))
+                    for k in ("steps_to_target", "examples_to_target", "time_to_target", "loop_time_to_target")
+                },
+                "setup_s": ad.get("setup_s"),
+                "vs_fixed": _interval_of(ad.get("vs_fixed")),
+                "vs_fixed_loop": _interval_of(ad.get("vs_fixed_loop")),
+                "vs_batch_size": (ad.get("vs_fixed") or {}).get("batch_size"),
+                "final_batch_size": ad.get("final_batch_size"),
+                "max_batch_size": ad.get("max_batch_size"),
+                "memory_bytes": ad.get("memory_bytes"),
+            }
+        entries.append(
+            {
+                "architecture": arch_label(a),
+                "sizes": a.get("sizes"),
+                "activation": a.get("activation"),
+                "optimizer": a.get("optimizer"),
+                "norm": a.get("norm"),
+                "target_metric": a.get("target_metric"),
+                "target": a.get("target"),
+                "b_crit_tuning": a.get("b_crit_tuning"),
+                "headline": _headline_of(a),
+                "recommendation": _recommendation_of(a.get("recommendation")),
+                "tradeoff_fit": fit,
+                "per_batch": per_b,
+                "adaptive": ad,
+                "warnings": list(a.get("warnings") or []),
+            }
+        )
     rec = _recommendation_of(analysis.get("recommendation"))
-    top = next((e for e in entries if rec.get("architecture") and e["recommendation"].get("architecture")
-                == rec.get("architecture")), entries[0] if entries else None)
+    top = next(
+        (
+            e
+            for e in entries
+            if rec.get("architecture") and e["recommendation"].get("architecture") == rec.get("architecture")
+        ),
+        entries[0] if entries else None,
+    )
     out = {
         "schema": SUMMARY_SCHEMA,
         "recommendation": rec,
@@ -1062,13 +1321,15 @@ def summary_json(analysis: dict) -> dict:
         "architectures": entries,
         "questions": analysis.get("questions") if isinstance(analysis.get("questions"), dict) else {},
         "bootstrap": analysis.get("bootstrap") if isinstance(analysis.get("bootstrap"), dict) else None,
-        "n_trials": analysis.get("n_trials"), "n_failed": analysis.get("n_failed"),
+        "n_trials": analysis.get("n_trials"),
+        "n_failed": analysis.get("n_failed"),
     }
     return _plain(out)
 
 
-def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size study",
-                 spec: dict | None = None) -> list[str]:
+def write_report(
+    analysis: dict, out_dir, *, title: str = "minigd batch-size study", spec: dict | None = None
+) -> list[str]:
     """Write the figures, ``summary.md``, ``summary.html`` and ``summary.json`` of a study
     into ``out_dir``.
 
@@ -1100,11 +1361,13 @@ def write_report(analysis: dict, out_dir, *, title: str = "minigd batch-size stu
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    js = atomic_write_text(os.path.join(out_dir, "summary.json"),
-                           json.dumps(summary_json(analysis), indent=1, allow_nan=False) + "\n")
+    js = atomic_write_text(
+        os.path.join(out_dir, "summary.json"), json.dumps(summary_json(analysis), indent=1, allow_nan=False) + "\n"
+    )
     plots = make_plots(analysis if isinstance(analysis, dict) else {}, out_dir)
-    blocks = build_blocks(analysis, title=title, spec=spec, plots=[(p.name, p.placeholder) for p in plots],
-                          report_dir=out_dir)
+    blocks = build_blocks(
+        analysis, title=title, spec=spec, plots=[(p.name, p.placeholder) for p in plots], report_dir=out_dir
+    )
     md = atomic_write_text(os.path.join(out_dir, "summary.md"), render_markdown(blocks))
     page = atomic_write_text(os.path.join(out_dir, "summary.html"), render_html(blocks, title))
     return [p.path for p in plots] + [md, page, js]

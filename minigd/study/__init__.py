@@ -6,6 +6,7 @@ hand the analysis to a report writer (``minigd study`` passes :func:`minigd.repo
 plots + Markdown/HTML summary).  The arrow goes one way: ``minigd.report`` reads this
 package's analysis, and nothing here imports ``minigd.report``.
 """
+
 from .analysis import analyze, regime
 from .config import DataSpec, TrialConfig
 from .executors import DaskExecutor, LocalExecutor, SerialExecutor, make_executor
@@ -15,8 +16,18 @@ from .sweep import SweepSpec, default_batch_sizes, run_sweep
 from .trial import run_trial
 
 
-def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progress=False,
-              retry_failed=False, report=None, log=None, questions=()) -> dict:
+def run_study(
+    spec: SweepSpec,
+    out_dir,
+    *,
+    workers=None,
+    scheduler=None,
+    progress=False,
+    retry_failed=False,
+    report=None,
+    log=None,
+    questions=(),
+) -> dict:
     """Run (or resume) the sweep ``spec`` into ``out_dir/results.sqlite``, analyse it and,
     given a ``report`` writer, write the report to ``out_dir/report``.  Returns {"counts",
     "analysis", "report", "results", "probe"}.
@@ -63,14 +74,17 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
     if report is False:
         report = None
     if report is not None and not callable(report):
-        raise TypeError(f"report: expected a report writer such as minigd.report.write_report, or "
-                        f"None or False, got {report!r}")
+        raise TypeError(
+            f"report: expected a report writer such as minigd.report.write_report, or None or False, got {report!r}"
+        )
     say = log or (lambda line: None)
     os.makedirs(out_dir, exist_ok=True)
     ds = load_data(spec.data, spec.dtype)
     if ds.task != "classification" and "accuracy" in spec.target_metric:
-        raise ValueError(f"target_metric: expected 'val_loss' with a loss target for the regression "
-                         f"dataset {spec.data.name!r}, got {spec.target_metric!r}")
+        raise ValueError(
+            f"target_metric: expected 'val_loss' with a loss target for the regression "
+            f"dataset {spec.data.name!r}, got {spec.target_metric!r}"
+        )
     configs = spec.trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)
     configs += spec.adaptive_trials(len(ds.X_train), ds.X_train.shape[1], ds.n_out)
     path = os.path.join(out_dir, "results.sqlite")
@@ -80,23 +94,31 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
         stored = store.keys("ok") if retry_failed else store.keys()
         if spec.backend == "cpu" and scheduler is None and any(c.key not in stored for c in configs):
             from minigd.warmup import warmup
+
             say("compiling kernels (first run only; cached after) ...")
             t0 = time.perf_counter()
             warmup((spec.dtype,))
             say(f"kernels ready in {time.perf_counter() - t0:.1f} s")
         counts = run_sweep(configs, store, executor=ex, progress=progress, retry_failed=retry_failed)
         study = list(configs)
-        for round_ in range(spec.lr_extend if spec.lr_policy == "tuned" else 0):
+        for _round in range(spec.lr_extend if spec.lr_policy == "tuned" else 0):
             keys = {c.key for c in study}
             extra = lr_extensions(spec, [(c, r) for c, r in store.rows() if c.key in keys])
             if not extra:
                 break
             new = sum(c.key not in store.keys() for c in extra)
-            say(f"learning-rate grid extended past its edge for {len({(c.sizes, c.batch_size) for c in extra})} "
+            say(
+                f"learning-rate grid extended past its edge for {len({(c.sizes, c.batch_size) for c in extra})} "
                 f"batch size(s) (or the adaptive run): {len(extra)} more trials"
-                + (f" ({new} to run)" if new != len(extra) else ""))
-            more = run_sweep(extra, store, executor=ex if len(extra) > 8 else make_executor(1, scheduler),
-                             progress=progress, retry_failed=retry_failed)
+                + (f" ({new} to run)" if new != len(extra) else "")
+            )
+            more = run_sweep(
+                extra,
+                store,
+                executor=ex if len(extra) > 8 else make_executor(1, scheduler),
+                progress=progress,
+                retry_failed=retry_failed,
+            )
             for k in ("total", "skipped", "ran", "failed"):
                 counts[k] += more[k]
             study += extra
@@ -105,18 +127,30 @@ def run_study(spec: SweepSpec, out_dir, *, workers=None, scheduler=None, progres
         rows = [(c, r) for c, r in store.rows() if c.key in keys]
         probe = measured_probe(store, [c for c, r in rows if r.get("status") == "ok"], ex, spec.seed, say, rows=rows)
         analysis = analyze(rows, probe=probe, seed=spec.seed)
-        if questions:     # (the context leaves the adaptive arm out of what the arms see)
+        if questions:  # (the context leaves the adaptive arm out of what the arms see)
             from .questions import QuestionContext, answer_questions
-            ctx = QuestionContext(spec=spec, ds=ds, main_rows=rows, main_analysis=analysis, main_probe=probe,
-                                  store=store, executor=ex, report_dir=os.path.join(out_dir, "report"),
-                                  log=say, progress=progress)
+
+            ctx = QuestionContext(
+                spec=spec,
+                ds=ds,
+                main_rows=rows,
+                main_analysis=analysis,
+                main_probe=probe,
+                store=store,
+                executor=ex,
+                report_dir=os.path.join(out_dir, "report"),
+                log=say,
+                progress=progress,
+            )
             analysis["questions"] = answer_questions(ctx, questions)
         files = []
         if report is not None:
             from minigd._io import atomic_write_text
+
             files = report(analysis, os.path.join(out_dir, "report"), spec=spec.to_dict())
-            atomic_write_text(os.path.join(out_dir, "report", "analysis.json"),
-                              json.dumps(analysis, indent=1, default=str))
+            atomic_write_text(
+                os.path.join(out_dir, "report", "analysis.json"), json.dumps(analysis, indent=1, default=str)
+            )
     return {"counts": counts, "analysis": analysis, "report": files, "results": path, "probe": probe}
 
 
@@ -141,12 +175,14 @@ def lr_extensions(spec: SweepSpec, rows) -> list:
     for cfg, res in rows:
         if res.get("status") == "ok":
             (adaptive if cfg.is_adaptive else groups)[
-                (tuple(cfg.sizes), cfg.activation, cfg.optimizer, cfg.norm_label)].append((cfg, res))
+                (tuple(cfg.sizes), cfg.activation, cfg.optimizer, cfg.norm_label)
+            ].append((cfg, res))
     lo_f, hi_f = min(spec.lr_grid), max(spec.lr_grid)
-    cap = 2.0 ** spec.lr_extend * (1 + 1e-9)
+    cap = 2.0**spec.lr_extend * (1 + 1e-9)
     out = []
-    for items in adaptive.values():     # the adaptive arm: its best rate by wall time (in-trial here)
+    for items in adaptive.values():  # the adaptive arm: its best rate by wall time (in-trial here)
         from ._adaptive import adaptive_best_lr
+
         info = adaptive_best_lr(items)
         if info is None or info["at_edge"] not in ("low", "high"):
             continue
@@ -186,18 +222,29 @@ def measured_probe(store, configs, executor, seed: int, say=lambda line: None, *
     need = {probe_key(c) for c in jobs} | {adaptive_probe_key(c, k) for k, c in ajobs}
     old = store.meta("throughput_probe") or []
     have = {e.get("key"): e for e in old if isinstance(e, dict)}
-    if need and all(k in have for k in need) and (
-            executor.name == "dask" or all(have[k].get("host") == platform.node() for k in need)):
+    if (
+        need
+        and all(k in have for k in need)
+        and (executor.name == "dask" or all(have[k].get("host") == platform.node() for k in need))
+    ):
         return [have[k] for k in sorted(need)]
     if not jobs and not ajobs:
         return []
-    say(f"timing one training step at each of {len(jobs)} batch size(s) (throughput probe, one thread, "
-        f"nothing else running)" + (f", and the adaptive run's steps at {sum(k == 'step' for k, _ in ajobs)} "
-                                    f"batch size(s) and its set-up" if ajobs else "") + " ...")
+    say(
+        f"timing one training step at each of {len(jobs)} batch size(s) (throughput probe, one thread, "
+        f"nothing else running)"
+        + (
+            f", and the adaptive run's steps at {sum(k == 'step' for k, _ in ajobs)} batch size(s) and its set-up"
+            if ajobs
+            else ""
+        )
+        + " ..."
+    )
     if executor.name == "dask":
         import functools
+
         entries = next(iter(executor.run(functools.partial(probe, seed=seed, adaptive=ajobs), [jobs])))[1]
-        if isinstance(entries, dict):     # the cluster failed it
+        if isinstance(entries, dict):  # the cluster failed it
             raise RuntimeError(f"throughput probe: failed on the Dask cluster: {entries.get('error')}")
     else:
         entries = probe(jobs, seed=seed, adaptive=ajobs)
@@ -205,6 +252,24 @@ def measured_probe(store, configs, executor, seed: int, say=lambda line: None, *
     return entries
 
 
-__all__ = ["analyze", "regime", "DataSpec", "TrialConfig", "DaskExecutor", "LocalExecutor",
-           "SerialExecutor", "make_executor", "SearchSpace", "search", "ResultStore", "StudyLocked", "SweepSpec",
-           "default_batch_sizes", "run_sweep", "run_trial", "run_study", "lr_extensions", "measured_probe"]
+__all__ = [
+    "analyze",
+    "regime",
+    "DataSpec",
+    "TrialConfig",
+    "DaskExecutor",
+    "LocalExecutor",
+    "SerialExecutor",
+    "make_executor",
+    "SearchSpace",
+    "search",
+    "ResultStore",
+    "StudyLocked",
+    "SweepSpec",
+    "default_batch_sizes",
+    "run_sweep",
+    "run_trial",
+    "run_study",
+    "lr_extensions",
+    "measured_probe",
+]

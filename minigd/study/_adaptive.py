@@ -34,6 +34,7 @@ numbers, per architecture:
 The adaptive run is not a batch size: it is left out of the trade-off fit, the regimes,
 and every selection among batch sizes.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,6 +59,7 @@ def _num(x) -> float:
 
 def _nanmed(a, axis=-1):
     from .analysis import _nanmed as med
+
     return med(a, axis=axis)
 
 
@@ -115,6 +117,7 @@ class AdaptiveCells:
         self.setup_own = np.full((L, n), np.nan)
         self.trial = [[None] * n for _ in range(L)]
         from .analysis import _examples, _reached, _steps
+
         for l, lr in enumerate(self.lrs):
             for cfg, res in sorted(by_lr[lr], key=lambda cr: cr[0].key, reverse=True):
                 i = pos.get(int(cfg.seed))
@@ -144,8 +147,12 @@ class AdaptiveCells:
                 rounds = [float(e["median_s"])]
             if not rounds:
                 self.timing = "in-trial"
-                own = [s for _, res in items for bb, s in _pairs(_record(res).get("step_s_by_batch"))
-                       if int(bb) == b and s > 0]
+                own = [
+                    s
+                    for _, res in items
+                    for bb, s in _pairs(_record(res).get("step_s_by_batch"))
+                    if int(bb) == b and s > 0
+                ]
                 rounds = own or [math.nan]
             self.t_samples.append(np.asarray(rounds, np.float64))
         e = probe_by_key.get(adaptive_probe_key(rep, "setup")) if rep is not None else None
@@ -166,7 +173,7 @@ class AdaptiveCells:
         out = {k: np.full((R, max(L, 1)), np.nan) for k in ("time", "loop", "steps", "examples", "acc")}
         for l in range(L):
             with np.errstate(invalid="ignore", over="ignore"):
-                loop = np.einsum("ic,rc->ri", self.W[l], T)                       # (R, n) per seed
+                loop = np.einsum("ic,rc->ri", self.W[l], T)  # (R, n) per seed
                 loop = np.where(self.reached[l][None], loop, np.inf)
                 loop = np.where(self.present[l][None], loop, np.nan)
                 tot = loop + setup[:, None]
@@ -178,7 +185,7 @@ class AdaptiveCells:
                 sample = np.broadcast_to(a, (R, n)) if idx is None else a[idx]
                 out[name][:, l] = _nanmed(sample, axis=1)
         for name in ("time", "loop", "steps"):
-            out[name] = np.where(np.isnan(out[name]), np.inf, out[name])   # no trial of the drawn seeds
+            out[name] = np.where(np.isnan(out[name]), np.inf, out[name])  # no trial of the drawn seeds
         out["acc"] = np.where(np.isnan(out["acc"]), 0.0, out["acc"])
         return out
 
@@ -242,10 +249,13 @@ def analyze_adaptive(items, cells, point, boot, rng, R, fixed_rows, probe_by_key
         d.pop("wins")
         return d
 
-    ivals = {"steps_to_target": iv("steps", float(pm["steps"][0, best]) if reached else None),
-             "examples_to_target": iv("examples", float(pm["examples"][0, best]) if reached else None),
-             "time_to_target": iv("time", time), "loop_time_to_target": iv("loop", loop),
-             "best_lr": _interval(lr, None if bm is None else np.asarray(ac.lrs)[bsel], selection=True)}
+    ivals = {
+        "steps_to_target": iv("steps", float(pm["steps"][0, best]) if reached else None),
+        "examples_to_target": iv("examples", float(pm["examples"][0, best]) if reached else None),
+        "time_to_target": iv("time", time),
+        "loop_time_to_target": iv("loop", loop),
+        "best_lr": _interval(lr, None if bm is None else np.asarray(ac.lrs)[bsel], selection=True),
+    }
 
     def ratio(arr, value):
         if fixed_B is None or value is None or not fixed_t:
@@ -270,10 +280,13 @@ def analyze_adaptive(items, cells, point, boot, rng, R, fixed_rows, probe_by_key
     t_b = T0[0]
     row = {
         "batch_size": "adaptive",
-        "start_batch_size": min((int(c) for r in all_res for c in (_record(r).get("candidates") or [])[:1]),
-                                default=None),
-        "candidates": next((list(_record(r).get("candidates")) for r in all_res
-                            if isinstance(_record(r).get("candidates"), list)), None),
+        "start_batch_size": min(
+            (int(c) for r in all_res for c in (_record(r).get("candidates") or [])[:1]), default=None
+        ),
+        "candidates": next(
+            (list(_record(r).get("candidates")) for r in all_res if isinstance(_record(r).get("candidates"), list)),
+            None,
+        ),
         "settings": {k: v for k, v in items[0][0].adaptive},
         "best_lr": lr,
         "lrs_tried": list(ac.lrs),
@@ -290,11 +303,15 @@ def analyze_adaptive(items, cells, point, boot, rng, R, fixed_rows, probe_by_key
         "time_to_target": time if time is not None and math.isfinite(time) else None,
         "loop_time_to_target": loop if loop is not None and math.isfinite(loop) else None,
         "setup_s": _opt(S0[0]),
-        "time_to_target_in_trial": _median([r.get("time_to_target") for r in res_at if _reached(r)]) if reached else None,
+        "time_to_target_in_trial": _median([r.get("time_to_target") for r in res_at if _reached(r)])
+        if reached
+        else None,
         "timing": ac.timing,
         "step_time_by_batch": {str(b): _opt(t) for b, t in zip(ac.Bs, t_b)},
-        "steps_by_batch": {str(b): _opt(float(np.median(ac.W[best][ac.present[best], j])))
-                           if ac.present[best].any() else None for j, b in enumerate(ac.Bs)},
+        "steps_by_batch": {
+            str(b): _opt(float(np.median(ac.W[best][ac.present[best], j]))) if ac.present[best].any() else None
+            for j, b in enumerate(ac.Bs)
+        },
         "final_batch_size": _median(finals),
         "max_batch_size": _median(maxes),
         "final_val_accuracy": _median([r.get("final_val_accuracy") for r in res_at]),
@@ -307,27 +324,37 @@ def analyze_adaptive(items, cells, point, boot, rng, R, fixed_rows, probe_by_key
         "noise_scale_start": _median([_noise_at(r, "start") for r in res_at]),
         "noise_scale_middle": _median([_noise_at(r, "mid") for r in res_at]),
         "noise_scale_target": _median([_noise_at(r, "target") for r in res_at]),
-        "lr_results": {str(x): {"median_time_s": _opt(pm["time"][0, l]) if np.isfinite(pm["time"][0, l]) else None,
-                                "reached_fraction": float(np.mean(ac.reached[l][ac.present[l]]))
-                                if ac.present[l].any() else 0.0}
-                       for l, x in enumerate(ac.lrs)},
+        "lr_results": {
+            str(x): {
+                "median_time_s": _opt(pm["time"][0, l]) if np.isfinite(pm["time"][0, l]) else None,
+                "reached_fraction": float(np.mean(ac.reached[l][ac.present[l]])) if ac.present[l].any() else 0.0,
+            }
+            for l, x in enumerate(ac.lrs)
+        },
         "p_reached": None if bm is None else float(np.mean(np.isfinite(bm["steps"][:, best]))),
         "intervals": ivals,
         "vs_fixed": dict(vs, batch_size=fixed_B, fixed_time_to_target=fixed_t),
         "vs_fixed_loop": dict(vs_loop, batch_size=fixed_B),
         "noise_curves": [r.get("noise") for r in res_at][:4],
-        "trajectories": [{"seed": int(c.seed), "start": int((_record(r).get("candidates") or [0])[0]),
-                          "decisions": _record(r).get("decisions") or [],
-                          "steps": r.get("steps"), "reached_at": r.get("steps_to_target_interp")}
-                         for c, r in trials[:TRAJECTORY_SEEDS]],
+        "trajectories": [
+            {
+                "seed": int(c.seed),
+                "start": int((_record(r).get("candidates") or [0])[0]),
+                "decisions": _record(r).get("decisions") or [],
+                "steps": r.get("steps"),
+                "reached_at": r.get("steps_to_target_interp"),
+            }
+            for c, r in trials[:TRAJECTORY_SEEDS]
+        ],
         "curves": [{"seed": int(c.seed), "curve": _thin(r.get("curve"))} for c, r in trials[:TRAJECTORY_SEEDS]],
     }
-    if fixed_B is not None:     # the learning curves of the recommended fixed batch size, for the figure
+    if fixed_B is not None:  # the learning curves of the recommended fixed batch size, for the figure
         fr = next((x for x in fixed_rows if x["batch_size"] == fixed_B), None)
         lrs_b = cells.by_b.get(fixed_B, {})
         fixed_trials = sorted(lrs_b.get(fr["best_lr"], []) if fr else [], key=lambda cr: cr[0].seed)
-        row["fixed_curves"] = [{"seed": int(c.seed), "curve": _thin(r.get("curve"))}
-                               for c, r in fixed_trials[:TRAJECTORY_SEEDS]]
+        row["fixed_curves"] = [
+            {"seed": int(c.seed), "curve": _thin(r.get("curve"))} for c, r in fixed_trials[:TRAJECTORY_SEEDS]
+        ]
     return row
 
 
@@ -347,13 +374,16 @@ def adaptive_text(row) -> str:
     if vs.get("value") is None:
         return f"{head} reached the target in {t}."
     r = fmt_interval(vs, lambda x: "not measured" if x is None else "unbounded" if math.isinf(x) else f"{x:.2f}×")
-    s = (f"{head} reached it in {t}, {r} the time of batch {_bs(vs.get('batch_size'))}"
-         + (f", faster in {_pct(vs.get('wins'))} of resamples" if vs.get("wins") is not None else ""))
+    s = f"{head} reached it in {t}, {r} the time of batch {_bs(vs.get('batch_size'))}" + (
+        f", faster in {_pct(vs.get('wins'))} of resamples" if vs.get("wins") is not None else ""
+    )
     setup = row.get("setup_s")
     loop = row.get("vs_fixed_loop") or {}
     if setup is not None and loop.get("value") is not None:
-        s += (f" (of which {fmt_duration(setup)} is its one-time set-up, the throughput measurement and "
-              f"warm-up; without it {loop['value']:.2f}×)")
+        s += (
+            f" (of which {fmt_duration(setup)} is its one-time set-up, the throughput measurement and "
+            f"warm-up; without it {loop['value']:.2f}×)"
+        )
     return s + "."
 
 

@@ -59,6 +59,7 @@ per resample costs ~15 ms.
 :func:`analyze` is pure (no I/O); its result is JSON-serialisable (``json.dumps``; an
 unresolved B_crit may be ``inf``).
 """
+
 from __future__ import annotations
 
 import math
@@ -80,9 +81,9 @@ N_BOOT = 4000
 INTERVAL = (0.05, 0.95)
 DID_NOT_REACH = "did not reach the target"
 
-_FIT_GRID_MARGIN = 15.0   # as minigd.gradstats.fit_tradeoff: the grid of log b_crit extends
-_FIT_GRID_POINTS = 1501   # e^15 beyond the measured batch sizes, 1501 points
-_FIT_CHUNK = 1000         # resamples fitted at once
+_FIT_GRID_MARGIN = 15.0  # as minigd.gradstats.fit_tradeoff: the grid of log b_crit extends
+_FIT_GRID_POINTS = 1501  # e^15 beyond the measured batch sizes, 1501 points
+_FIT_CHUNK = 1000  # resamples fitted at once
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -114,13 +115,13 @@ def _opt(x):
 def _nanmed(a, axis=-1):
     """Median along ``axis`` ignoring NaN (``inf`` counts); NaN where a slice is all NaN.
     Much faster than ``numpy.nanmedian`` on many short rows."""
-    a = np.sort(np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1), axis=-1)   # NaN sort last
+    a = np.sort(np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1), axis=-1)  # NaN sort last
     c = (~np.isnan(a)).sum(axis=-1)
     lo = np.clip((c - 1) // 2, 0, None)[..., None]
     hi = np.clip(c // 2, 0, a.shape[-1] - 1)[..., None]
     x, y = np.take_along_axis(a, lo, -1)[..., 0], np.take_along_axis(a, hi, -1)[..., 0]
     with np.errstate(invalid="ignore"):
-        m = np.where(x == y, x, 0.5 * (x + y))   # inf + inf stays inf
+        m = np.where(x == y, x, 0.5 * (x + y))  # inf + inf stays inf
     return np.where(c > 0, m, np.nan)
 
 
@@ -181,7 +182,7 @@ def _noise_at(res, where):
     if tagged:
         p = tagged[-1]
     elif where == "mid" and any("where" in q for q in pts):
-        return None      # a run too short to have a middle (one step): not its target point
+        return None  # a run too short to have a middle (one step): not its target point
     elif where == "start":
         p = pts[0]
     elif where in ("end", "target"):
@@ -191,8 +192,9 @@ def _noise_at(res, where):
         if math.isnan(half):
             p = pts[len(pts) // 2]
         else:
-            p = min(pts, key=lambda q: abs(_num(q.get("step")) - half) if not math.isnan(_num(q.get("step")))
-                    else math.inf)
+            p = min(
+                pts, key=lambda q: abs(_num(q.get("step")) - half) if not math.isnan(_num(q.get("step"))) else math.inf
+            )
     v = _num(p.get("noise_scale"))
     return None if math.isnan(v) else v
 
@@ -220,8 +222,15 @@ def _arch_key_of(cfg):
 
 def _probe_key(entry):
     arch = entry.get("arch") or {}
-    return ((tuple(int(s) for s in arch.get("sizes") or ()), arch.get("activation"), arch.get("optimizer"),
-             arch.get("norm") or ""), int(entry["batch_size"]))
+    return (
+        (
+            tuple(int(s) for s in arch.get("sizes") or ()),
+            arch.get("activation"),
+            arch.get("optimizer"),
+            arch.get("norm") or "",
+        ),
+        int(entry["batch_size"]),
+    )
 
 
 class _Cells:
@@ -245,7 +254,7 @@ class _Cells:
         # holding the same seed twice (a merged study) keeps the first in key order.
         self.seeds = sorted({int(cfg.seed) for cfg, _ in items})
         pos = {sd: i for i, sd in enumerate(self.seeds)}
-        self.cells = []          # [b][l] -> dict of arrays over the study's seeds
+        self.cells = []  # [b][l] -> dict of arrays over the study's seeds
         for B, lrs in zip(self.Bs, self.lrs):
             row = []
             for lr in lrs:
@@ -285,7 +294,7 @@ class _Cells:
         self.L = max((len(x) for x in self.lrs), default=1)
         self.lr_arr = np.full((self.nB, self.L), np.nan)
         for b, lrs in enumerate(self.lrs):
-            self.lr_arr[b, :len(lrs)] = lrs
+            self.lr_arr[b, : len(lrs)] = lrs
         self.nlr = np.array([len(x) for x in self.lrs])
         self.B_arr = np.array(self.Bs, dtype=np.float64)
 
@@ -294,12 +303,16 @@ class _Cells:
         and the step time per B, (R, nB): from all the data (``rng=None``) or from ``R``
         resamples, the study's seeds drawn with replacement once per resample and shared
         by every cell (see ``__init__``); a seed a cell lacks is left out of its median."""
-        out = {"steps": np.full((R, self.nB, self.L), np.inf), "examples": np.full((R, self.nB, self.L), np.nan),
-               "acc": np.full((R, self.nB, self.L), -np.inf), "mid": np.full((R, self.nB, self.L), np.nan),
-               "target": np.full((R, self.nB, self.L), np.nan)}
+        out = {
+            "steps": np.full((R, self.nB, self.L), np.inf),
+            "examples": np.full((R, self.nB, self.L), np.nan),
+            "acc": np.full((R, self.nB, self.L), -np.inf),
+            "mid": np.full((R, self.nB, self.L), np.nan),
+            "target": np.full((R, self.nB, self.L), np.nan),
+        }
         n = len(self.seeds)
         idx = None if rng is None else rng.integers(0, n, size=(R, n))
-        self.boot_idx = idx          # the adaptive arm's resamples take the same seeds
+        self.boot_idx = idx  # the adaptive arm's resamples take the same seeds
         for b, row in enumerate(self.cells):
             for l, cell in enumerate(row):
                 for f in self.FIELDS:
@@ -307,9 +320,9 @@ class _Cells:
                     sample = np.broadcast_to(a, (R, n)) if idx is None else a[idx]
                     m = _nanmed(sample, axis=1)
                     if f == "acc":
-                        m = np.where(np.isnan(m), 0.0, m)   # unmeasured accuracy: no tie-break preference
+                        m = np.where(np.isnan(m), 0.0, m)  # unmeasured accuracy: no tie-break preference
                     elif f == "steps":
-                        m = np.where(np.isnan(m), np.inf, m)   # no trial of the drawn seeds: not reached
+                        m = np.where(np.isnan(m), np.inf, m)  # no trial of the drawn seeds: not reached
                     out[f][:, b, l] = m
         T = np.empty((R, self.nB))
         for b, s in enumerate(self.t_samples):
@@ -338,7 +351,7 @@ def _select(cells: _Cells, med) -> dict:
     cand = (S == smin) & valid
     acc = np.where(cand, A, -np.inf)
     cand &= acc == acc.max(axis=2, keepdims=True)
-    best = np.argmax(cand, axis=2)                                       # (R, nB): first = smallest lr
+    best = np.argmax(cand, axis=2)  # (R, nB): first = smallest lr
     take = lambda X: np.take_along_axis(X, best[..., None], axis=2)[..., 0]
     steps, examples, mid, target = take(S), take(med["examples"]), take(med["mid"]), take(med["target"])
     best_lr = np.take_along_axis(np.broadcast_to(cells.lr_arr, (R,) + cells.lr_arr.shape), best[..., None], 2)[..., 0]
@@ -347,7 +360,7 @@ def _select(cells: _Cells, med) -> dict:
     edge = np.where(reached & (nlr > 1), np.where(best == 0, 1, np.where(best == nlr - 1, 2, 0)), 0)
     T = med["step_s"]
     with np.errstate(invalid="ignore", over="ignore"):
-        time = np.where(reached, steps * T, np.inf)                     # NaN: no step time known
+        time = np.where(reached, steps * T, np.inf)  # NaN: no step time known
     timed = reached & np.isfinite(time)
     big = lambda X, ok: np.where(ok, X, np.inf)
     fastest = np.where(timed.any(1), np.argmin(big(time, timed), axis=1), -1)
@@ -368,11 +381,30 @@ def _select(cells: _Cells, med) -> dict:
     has_gp = np.isfinite(goodput)
     max_gp = np.where(has_gp.any(1), np.argmax(np.where(has_gp, goodput, -np.inf), axis=1), -1)
     fit_mask = reached & (edge == 0) & (steps > 0) & np.isfinite(examples) & (examples > 0)
-    return {"best": best, "best_lr": best_lr, "steps": steps, "examples": examples, "mid": mid, "target": target,
-            "reached": reached, "edge": edge, "time": time, "step_s": T, "throughput": throughput,
-            "efficiency": eff, "goodput": goodput, "fastest": fastest, "fewest_examples": fewest_ex,
-            "fewest_steps": fewest_steps, "best_time": best_time, "smallest_reasonable": reasonable,
-            "noise_mid": noise_mid, "noise_target": noise_tgt, "max_goodput": max_gp, "fit_mask": fit_mask}
+    return {
+        "best": best,
+        "best_lr": best_lr,
+        "steps": steps,
+        "examples": examples,
+        "mid": mid,
+        "target": target,
+        "reached": reached,
+        "edge": edge,
+        "time": time,
+        "step_s": T,
+        "throughput": throughput,
+        "efficiency": eff,
+        "goodput": goodput,
+        "fastest": fastest,
+        "fewest_examples": fewest_ex,
+        "fewest_steps": fewest_steps,
+        "best_time": best_time,
+        "smallest_reasonable": reasonable,
+        "noise_mid": noise_mid,
+        "noise_target": noise_tgt,
+        "max_goodput": max_gp,
+        "fit_mask": fit_mask,
+    }
 
 
 # --------------------------------------------------------------------------- the trade-off fit, vectorised
@@ -385,9 +417,11 @@ def _fit_many(S, E, mask):
     ln S_min), same grid of ln B_crit and the same limits (b_crit 0 or inf at the grid's
     edge); the grid's best point is refined by golden-section search on the profiled cost."""
     R, k = S.shape
-    if R > _FIT_CHUNK:   # bounded memory: the grid costs are (rows, 1501)
-        parts = [_fit_many(S[a:a + _FIT_CHUNK], E[a:a + _FIT_CHUNK], mask[a:a + _FIT_CHUNK])
-                 for a in range(0, R, _FIT_CHUNK)]
+    if R > _FIT_CHUNK:  # bounded memory: the grid costs are (rows, 1501)
+        parts = [
+            _fit_many(S[a : a + _FIT_CHUNK], E[a : a + _FIT_CHUNK], mask[a : a + _FIT_CHUNK])
+            for a in range(0, R, _FIT_CHUNK)
+        ]
         return tuple(np.concatenate(p) for p in zip(*parts))
     s_min, e_min, b_crit = (np.full(R, np.nan) for _ in range(3))
     with np.errstate(all="ignore"):
@@ -408,7 +442,7 @@ def _fit_many(S, E, mask):
     lo_r, hi_r = bmin[rows] - _FIT_GRID_MARGIN, bmax[rows] + _FIT_GRID_MARGIN
     M = m.astype(np.float64)
     s = np.where(m, logS, 0.0)
-    s = np.where(m, s - (s * M).sum(1, keepdims=True) / n[:, None], 0.0)     # centred (u absorbs it)
+    s = np.where(m, s - (s * M).sum(1, keepdims=True) / n[:, None], 0.0)  # centred (u absorbs it)
     col_ref = _nanmed(np.where(m, lb, np.nan), axis=0)
     constant = bool(np.all(np.abs(np.where(m, lb - col_ref[None], 0.0)) <= 1e-12 * scale[rows, None]))
     G = _FIT_GRID_POINTS
@@ -417,10 +451,10 @@ def _fit_many(S, E, mask):
         # the costs of every row at every grid point are three matrix products
         col = np.where(np.isnan(col_ref), 0.0, col_ref)
         grid = np.linspace(float(lo_r.min()), float(hi_r.max()), G)
-        h = np.logaddexp(0.0, grid[:, None] - col[None, :])                  # (G, k)
-        h = h - h.mean(axis=1, keepdims=True)                                # per-g shift: u absorbs it
-        sd = (s * M).sum(1)[:, None] - M @ h.T                               # sum_j m (s - h)
-        cost = (s * s * M).sum(1)[:, None] - 2 * (s * M) @ h.T + M @ (h * h).T - sd ** 2 / n[:, None]
+        h = np.logaddexp(0.0, grid[:, None] - col[None, :])  # (G, k)
+        h = h - h.mean(axis=1, keepdims=True)  # per-g shift: u absorbs it
+        sd = (s * M).sum(1)[:, None] - M @ h.T  # sum_j m (s - h)
+        cost = (s * s * M).sum(1)[:, None] - 2 * (s * M) @ h.T + M @ (h * h).T - sd**2 / n[:, None]
         tol = 1e-9 * (grid[1] - grid[0])
         inside = (grid[None] >= lo_r[:, None] - tol) & (grid[None] <= hi_r[:, None] + tol)
         cost = np.where(inside, cost, np.inf)
@@ -435,8 +469,8 @@ def _fit_many(S, E, mask):
         chunk = max(1, int(2_000_000 // (G * k)))
         for a in range(0, rows.size, chunk):
             sl = slice(a, a + chunk)
-            v = lo_r[sl, None] + (hi_r - lo_r)[sl, None] * t[None]                  # (r, G)
-            hh = np.logaddexp(0.0, v[:, :, None] - lbz[sl, None, :])               # (r, G, k)
+            v = lo_r[sl, None] + (hi_r - lo_r)[sl, None] * t[None]  # (r, G)
+            hh = np.logaddexp(0.0, v[:, :, None] - lbz[sl, None, :])  # (r, G, k)
             d = (s[sl, None, :] - hh) * M[sl, None, :]
             mu = d.sum(2, keepdims=True) / n[sl, None, None]
             r_ = (d - mu) * M[sl, None, :]
@@ -484,8 +518,10 @@ def _fit_point(steps, examples, mask):
     S = [float(x) for x, ok in zip(steps, mask) if ok]
     E = [float(x) for x, ok in zip(examples, mask) if ok]
     if len(S) < 3:
-        return {"error": f"it needs at least 3 batch sizes that reached the target with a tuned learning rate "
-                         f"(best rate not at the edge of those tried); {len(S)} did"}
+        return {
+            "error": f"it needs at least 3 batch sizes that reached the target with a tuned learning rate "
+            f"(best rate not at the edge of those tried); {len(S)} did"
+        }
     try:
         f = fit_tradeoff(S, E)
     except ValueError as exc:
@@ -510,7 +546,7 @@ def _interval(value, samples, *, selection=False, as_int=False):
     (NaN: no value in that resample -- it counts as a loss for a selection, and toward no
     percentile)."""
     value = _opt(value)
-    conv = (lambda x: None if x is None else (int(round(x)) if as_int and math.isfinite(x) else x))
+    conv = lambda x: None if x is None else (int(round(x)) if as_int and math.isfinite(x) else x)
     if samples is None:
         return {"value": conv(value), "lo": None, "hi": None, "wins": None}
     samples = np.asarray(samples, dtype=np.float64)
@@ -544,8 +580,12 @@ def best_lrs(items) -> dict:
     out = {}
     for b, B in enumerate(cells.Bs):
         e = int(sel["edge"][0, b])
-        out[B] = {"best_lr": float(sel["best_lr"][0, b]), "lrs_tried": list(cells.lrs[b]),
-                  "at_edge": {0: None, 1: "low", 2: "high"}[e], "reached": bool(sel["reached"][0, b])}
+        out[B] = {
+            "best_lr": float(sel["best_lr"][0, b]),
+            "lrs_tried": list(cells.lrs[b]),
+            "at_edge": {0: None, 1: "low", 2: "high"}[e],
+            "reached": bool(sel["reached"][0, b]),
+        }
     return out
 
 
@@ -604,29 +644,51 @@ def analyze(rows, *, probe=None, seed=0, n_boot=N_BOOT) -> dict:
         except (KeyError, TypeError, ValueError):
             continue
         by_probe[k][B].append(e)
-    archs = [_analyze_arch(k, v, by_probe.get(k), seed, n_boot, adaptive.get(k, []), adaptive_probe)
-             for k, v in sorted(groups.items(), key=lambda kv: kv[0])]
+    archs = [
+        _analyze_arch(k, v, by_probe.get(k), seed, n_boot, adaptive.get(k, []), adaptive_probe)
+        for k, v in sorted(groups.items(), key=lambda kv: kv[0])
+    ]
     timed = [a for a in archs if a["recommendation"]["time_to_target"]["value"] is not None]
-    top = min(timed, key=lambda a: a["recommendation"]["time_to_target"]["value"]) if timed else (
-        archs[0] if archs else None)
+    top = (
+        min(timed, key=lambda a: a["recommendation"]["time_to_target"]["value"])
+        if timed
+        else (archs[0] if archs else None)
+    )
     if top is None:
         rec = _empty_recommendation("No successful trials: there is nothing to recommend.")
     else:
         rec = dict(top["recommendation"])
         if len(archs) > 1:
-            rec["text"] = (f"Of the {len(archs)} architectures, {_arch_words(top)} reaches the target in the least "
-                           f"time. " + rec["text"])
-    failed_fit = [a["bootstrap"]["fit_failed_fraction"] for a in archs if a["bootstrap"]["fit_failed_fraction"] is not None]
-    adaptive = None     # the adaptive run vs the recommended batch size, of the recommended architecture
+            rec["text"] = (
+                f"Of the {len(archs)} architectures, {_arch_words(top)} reaches the target in the least "
+                f"time. " + rec["text"]
+            )
+    failed_fit = [
+        a["bootstrap"]["fit_failed_fraction"] for a in archs if a["bootstrap"]["fit_failed_fraction"] is not None
+    ]
+    adaptive = None  # the adaptive run vs the recommended batch size, of the recommended architecture
     if top is not None and top.get("adaptive"):
         vs = top["adaptive"]["vs_fixed"]
-        adaptive = {**{k: vs.get(k) for k in ("value", "lo", "hi", "wins")}, "batch_size": vs.get("batch_size"),
-                    "architecture": top["recommendation"].get("architecture") or _arch_words(top)}
-    return {"n_trials": len(rows), "n_failed": len(failures), "failures": failures[:50],
-            "architectures": archs, "norm_comparisons": norm_comparisons(archs), "recommendation": rec,
-            "adaptive": adaptive,
-            "bootstrap": {"resamples": n_boot, "seed": seed, "interval": list(INTERVAL),
-                          "fit_failed_fraction": max(failed_fit) if failed_fit else None}}
+        adaptive = {
+            **{k: vs.get(k) for k in ("value", "lo", "hi", "wins")},
+            "batch_size": vs.get("batch_size"),
+            "architecture": top["recommendation"].get("architecture") or _arch_words(top),
+        }
+    return {
+        "n_trials": len(rows),
+        "n_failed": len(failures),
+        "failures": failures[:50],
+        "architectures": archs,
+        "norm_comparisons": norm_comparisons(archs),
+        "recommendation": rec,
+        "adaptive": adaptive,
+        "bootstrap": {
+            "resamples": n_boot,
+            "seed": seed,
+            "interval": list(INTERVAL),
+            "fit_failed_fraction": max(failed_fit) if failed_fit else None,
+        },
+    }
 
 
 def norm_comparisons(archs) -> list:
@@ -647,8 +709,11 @@ def norm_comparisons(archs) -> list:
             row = {"batch_size": B}
             for name, a in zip(variants, group):
                 r = next((r for r in a["per_batch"] if r["batch_size"] == B), None)
-                row[name] = None if r is None else {k: r.get(k) for k in (
-                    "final_val_accuracy", "final_val_loss", "steps_to_target", "seeds")}
+                row[name] = (
+                    None
+                    if r is None
+                    else {k: r.get(k) for k in ("final_val_accuracy", "final_val_loss", "steps_to_target", "seeds")}
+                )
             rows.append(row)
         out.append({"base": f"{'-'.join(map(str, sizes))} {act} {opt}", "variants": variants, "rows": rows})
     return out
@@ -669,12 +734,14 @@ def _thread_mix(items):
     if len(counts) < 2:
         return None
     parts = ", ".join(f"{n} with {label}" for label, n in sorted(counts.items()))
-    return (f"timings were taken with different thread counts ({parts} threads): wall times and "
-            f"throughputs are not comparable across them; re-run the study into a fresh --out")
+    return (
+        f"timings were taken with different thread counts ({parts} threads): wall times and "
+        f"throughputs are not comparable across them; re-run the study into a fresh --out"
+    )
 
 
 def _tuning_label(items, lrs_per_b) -> str:
-    """"tuned", or how B_crit's learning rates were set when they were not tuned."""
+    """ "tuned", or how B_crit's learning rates were set when they were not tuned."""
     policies = {getattr(c, "lr_policy", "tuned") or "tuned" for c, _ in items}
     if len(policies) > 1:
         return "untuned (mixed learning-rate policies: " + ", ".join(sorted(policies)) + ")"
@@ -759,10 +826,23 @@ def _target_words(metric, t) -> str:
 
 def _empty_recommendation(text) -> dict:
     none = {"value": None, "lo": None, "hi": None, "wins": None}
-    return {"batch_size": None, "lo": None, "hi": None, "wins": None, "time_to_target": dict(none),
-            "fewest_examples": dict(none), "examples_to_target": dict(none), "critical_batch_size": dict(none),
-            "critical_batch_size_tuning": None, "noise_scale_target": dict(none), "smallest_reasonable": dict(none),
-            "resolvable": False, "edge": [], "architecture": None, "text": text}
+    return {
+        "batch_size": None,
+        "lo": None,
+        "hi": None,
+        "wins": None,
+        "time_to_target": dict(none),
+        "fewest_examples": dict(none),
+        "examples_to_target": dict(none),
+        "critical_batch_size": dict(none),
+        "critical_batch_size_tuning": None,
+        "noise_scale_target": dict(none),
+        "smallest_reasonable": dict(none),
+        "resolvable": False,
+        "edge": [],
+        "architecture": None,
+        "text": text,
+    }
 
 
 def _recommend(arch, cells: _Cells, point, R) -> dict:
@@ -773,10 +853,15 @@ def _recommend(arch, cells: _Cells, point, R) -> dict:
     fast = h["fastest_wall_time"]
     if fast["value"] is None:
         reached_any = any(r["reached"] for r in arch["per_batch"])
-        why = ("no batch size had a measured step time" if reached_any else
-               "no batch size reached the target in most of its seeds at any learning rate tried")
-        rec = _empty_recommendation(f"No recommendation for {aw}: {why} ({tw}). Lower the target, train longer "
-                                    f"(--max-epochs) or widen the learning rates tried.")
+        why = (
+            "no batch size had a measured step time"
+            if reached_any
+            else "no batch size reached the target in most of its seeds at any learning rate tried"
+        )
+        rec = _empty_recommendation(
+            f"No recommendation for {aw}: {why} ({tw}). Lower the target, train longer "
+            f"(--max-epochs) or widen the learning rates tried."
+        )
         rec["architecture"] = aw
         return rec
     B = fast["value"]
@@ -794,29 +879,42 @@ def _recommend(arch, cells: _Cells, point, R) -> dict:
     if not boot:
         why_wins = ""
     elif fast["lo"] == fast["hi"]:
-        why_wins = (f"; fastest in {_pct(fast['wins'])} of {R:,} bootstrap resamples (the fastest is batch "
-                    f"{_bs(fast['lo'])} in at least 90% of them)")
+        why_wins = (
+            f"; fastest in {_pct(fast['wins'])} of {R:,} bootstrap resamples (the fastest is batch "
+            f"{_bs(fast['lo'])} in at least 90% of them)"
+        )
     else:
-        why_wins = (f"; fastest in {_pct(fast['wins'])} of {R:,} bootstrap resamples (in 90% of them the fastest "
-                    f"lies between batch {_bs(fast['lo'])} and {_bs(fast['hi'])})")
-    parts.append(f"Use batch size {_bs(B)} for {aw} on this machine: it reaches {tw} fastest, in "
-                 f"{fmt_interval(h['time_to_target'], fmt_duration)}{why_wins}.")
+        why_wins = (
+            f"; fastest in {_pct(fast['wins'])} of {R:,} bootstrap resamples (in 90% of them the fastest "
+            f"lies between batch {_bs(fast['lo'])} and {_bs(fast['hi'])})"
+        )
+    parts.append(
+        f"Use batch size {_bs(B)} for {aw} on this machine: it reaches {tw} fastest, in "
+        f"{fmt_interval(h['time_to_target'], fmt_duration)}{why_wins}."
+    )
     if len(cells.Bs) > 1 and B in (Bmin, Bmax):
         side = "smallest" if B == Bmin else "largest"
         edges.append(f"fastest_wall_time at the {side} batch size swept")
-        parts.append(f"It is the {side} batch size swept, so the fastest may lie outside what was measured "
-                     f"(extend --batch-sizes {'down' if side == 'smallest' else 'up'}).")
+        parts.append(
+            f"It is the {side} batch size swept, so the fastest may lie outside what was measured "
+            f"(extend --batch-sizes {'down' if side == 'smallest' else 'up'})."
+        )
     if len(reached) == 1:
         parts.append("It is the only batch size that reached the target.")
     elif not resolvable:
         which = "both batch sizes" if len(reached) == 2 else f"all {len(reached)} batch sizes"
-        parts.append(f"But the wall times to the target of {which} that reached it lie within "
-                     f"the timing's own spread ({fmt_duration(max(lo_t))} to {fmt_duration(min(hi_t))} fits every "
-                     f"one of them): this machine cannot resolve which is fastest, so any of them will do as well.")
+        parts.append(
+            f"But the wall times to the target of {which} that reached it lie within "
+            f"the timing's own spread ({fmt_duration(max(lo_t))} to {fmt_duration(min(hi_t))} fits every "
+            f"one of them): this machine cannot resolve which is fastest, so any of them will do as well."
+        )
     fe, ex = h["fewest_examples"], h["examples_to_target"]
     if fe["value"] is not None:
-        parts.append(f"Fewest examples to the target: batch {_bs(fe['value'])} ({fmt_interval(ex)} examples"
-                     + (f"; fewest in {_pct(fe['wins'])} of resamples" if boot else "") + ").")
+        parts.append(
+            f"Fewest examples to the target: batch {_bs(fe['value'])} ({fmt_interval(ex)} examples"
+            + (f"; fewest in {_pct(fe['wins'])} of resamples" if boot else "")
+            + ")."
+        )
     bc, label = h["critical_batch_size_fit"], arch["b_crit_tuning"]
     bs_t = h["noise_scale_target"]
     tag = "" if label == "tuned" else f", {label}"
@@ -824,37 +922,58 @@ def _recommend(arch, cells: _Cells, point, R) -> dict:
         bc_s = f"Critical batch size B_crit ≈ {fmt_interval(bc)} from the steps/examples trade-off fit{tag}"
         failed = arch["bootstrap"].get("fit_failed_fraction")
         if bc.get("unresolved"):
-            bc_s += (f" (no interval: the fit failed in {100 * failed:.0f}% of the resamples, too few batch sizes "
-                     f"reaching the target with a tuned learning rate)")
+            bc_s += (
+                f" (no interval: the fit failed in {100 * failed:.0f}% of the resamples, too few batch sizes "
+                f"reaching the target with a tuned learning rate)"
+            )
         if bc["value"] == 0 or math.isinf(bc["value"]) or bc["value"] < Bmin or bc["value"] > Bmax:
             edges.append("critical_batch_size outside the batch sizes swept")
             bc_s += f" (outside what was measured: {_bs(Bmin)}–{_bs(Bmax)})"
     else:
         fit = arch.get("tradeoff_fit") or {}
         bc_s = f"Critical batch size B_crit: not measured ({fit.get('error', 'no fit')})"
-    parts.append(bc_s + f"; the gradient noise scale B_simple at the target is ≈ {fmt_interval(bs_t)} "
-                 f"(McCandlish et al. 2018; B_simple can underestimate B_crit, arXiv:2505.23971, so both are given).")
+    parts.append(
+        bc_s + f"; the gradient noise scale B_simple at the target is ≈ {fmt_interval(bs_t)} "
+        f"(McCandlish et al. 2018; B_simple can underestimate B_crit, arXiv:2505.23971, so both are given)."
+    )
     sr = h["smallest_reasonable"]
     if sr["value"] is not None:
-        s = (f"Smallest reasonable batch size (within {REASONABLE_TIME_FACTOR:g}× the least time): "
-             f"{_bs(sr['value'])}" + (f" [{_bs(sr['lo'])}, {_bs(sr['hi'])}], in {_pct(sr['wins'])} of resamples"
-                                       if boot else ""))
+        s = (
+            f"Smallest reasonable batch size (within {REASONABLE_TIME_FACTOR:g}× the least time): "
+            f"{_bs(sr['value'])}"
+            + (f" [{_bs(sr['lo'])}, {_bs(sr['hi'])}], in {_pct(sr['wins'])} of resamples" if boot else "")
+        )
         if len(cells.Bs) > 1 and sr["value"] == Bmin:
             edges.append("smallest_reasonable at the smallest batch size swept")
             s += " — the smallest swept: a smaller one may be reasonable too, outside what was measured"
         parts.append(s + ".")
     if arch["per_batch"][b]["timing"] == "in-trial":
-        parts.append("Its step time comes from the trials themselves (no throughput probe for it), timed with "
-                     "other trials running.")
+        parts.append(
+            "Its step time comes from the trials themselves (no throughput probe for it), timed with "
+            "other trials running."
+        )
     if R > 0 and arch["seeds_per_cell"] is not None and arch["seeds_per_cell"] < 2:
-        parts.append("With one seed per learning rate the intervals show only the timing's spread, not the "
-                     "seeds': run more --seeds.")
-    return {"batch_size": fast["value"], "lo": fast["lo"], "hi": fast["hi"], "wins": fast["wins"],
-            "time_to_target": {k: h["time_to_target"][k] for k in ("value", "lo", "hi")},
-            "fewest_examples": dict(fe), "examples_to_target": {k: ex[k] for k in ("value", "lo", "hi")},
-            "critical_batch_size": dict(bc), "critical_batch_size_tuning": label,
-            "noise_scale_target": dict(bs_t), "smallest_reasonable": dict(sr),
-            "resolvable": bool(resolvable), "edge": edges, "architecture": aw, "text": " ".join(parts)}
+        parts.append(
+            "With one seed per learning rate the intervals show only the timing's spread, not the "
+            "seeds': run more --seeds."
+        )
+    return {
+        "batch_size": fast["value"],
+        "lo": fast["lo"],
+        "hi": fast["hi"],
+        "wins": fast["wins"],
+        "time_to_target": {k: h["time_to_target"][k] for k in ("value", "lo", "hi")},
+        "fewest_examples": dict(fe),
+        "examples_to_target": {k: ex[k] for k in ("value", "lo", "hi")},
+        "critical_batch_size": dict(bc),
+        "critical_batch_size_tuning": label,
+        "noise_scale_target": dict(bs_t),
+        "smallest_reasonable": dict(sr),
+        "resolvable": bool(resolvable),
+        "edge": edges,
+        "architecture": aw,
+        "text": " ".join(parts),
+    }
 
 
 # --------------------------------------------------------------------------- one architecture
@@ -909,17 +1028,22 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot, adaptive_items=(), ad
         t_s = float(point["step_s"][0, b])
         time = float(point["time"][0, b]) if reached else None
         ivals = {}
-        for name, arr, pv in (("steps_to_target", "steps_at", steps if reached else None),
-                              ("examples_to_target", "examples_at", ex if reached else None),
-                              ("time_to_target", "time_at", time), ("step_time_s", "step_s", t_s)):
+        for name, arr, pv in (
+            ("steps_to_target", "steps_at", steps if reached else None),
+            ("examples_to_target", "examples_at", ex if reached else None),
+            ("time_to_target", "time_at", time),
+            ("step_time_s", "step_s", t_s),
+        ):
             ivals[name] = _interval(pv, None if boot is None else boot[arr][:, b])
             ivals[name].pop("wins")
         ivals["best_lr"] = _interval(best_lr, None if boot is None else boot["best_lr"][:, b], selection=True)
         lr_results = {}
         for l, lr in enumerate(cells.lrs[b]):
             mst = float(np.median(cells.cells[b][l]["steps"]))
-            lr_results[str(lr)] = {"median_steps": mst if math.isfinite(mst) else None,
-                                   "reached_fraction": float(np.mean(np.isfinite(cells.cells[b][l]["steps"])))}
+            lr_results[str(lr)] = {
+                "median_steps": mst if math.isfinite(mst) else None,
+                "reached_fraction": float(np.mean(np.isfinite(cells.cells[b][l]["steps"]))),
+            }
         row = {
             "batch_size": B,
             "full_batch": any(c.full_batch for c, _ in lrs[best_lr]),
@@ -935,7 +1059,9 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot, adaptive_items=(), ad
             "steps_to_target": steps if reached else None,
             "examples_to_target": ex if reached else None,
             "time_to_target": time if time is not None and math.isfinite(time) else None,
-            "time_to_target_in_trial": _median([r.get("time_to_target") for r in trials if _reached(r)]) if reached else None,
+            "time_to_target_in_trial": _median([r.get("time_to_target") for r in trials if _reached(r)])
+            if reached
+            else None,
             "timing": cells.timing[b],
             "step_time_s": _opt(t_s),
             "step_time_lo_s": _opt(cells.t_lo[b]),
@@ -981,8 +1107,16 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot, adaptive_items=(), ad
         return None if i < 0 else cells.Bs[i]
 
     ok = [r for r in rows_per_b if r["reached"]]
-    best_val = max(rows_per_b, key=lambda r: r["final_val_accuracy"] if r["final_val_accuracy"] is not None
-                   else -(r["final_val_loss"] or 0)) if rows_per_b else None
+    best_val = (
+        max(
+            rows_per_b,
+            key=lambda r: (
+                r["final_val_accuracy"] if r["final_val_accuracy"] is not None else -(r["final_val_loss"] or 0)
+            ),
+        )
+        if rows_per_b
+        else None
+    )
     answers = {
         "fastest_wall_time": pick("fastest"),
         "fewest_examples": pick("fewest_examples"),
@@ -997,8 +1131,12 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot, adaptive_items=(), ad
     }
 
     def sel(name):
-        return _interval(answers[{"fastest": "fastest_wall_time"}.get(name, name)],
-                         None if boot is None else sel_B(boot[name]), selection=True, as_int=True)
+        return _interval(
+            answers[{"fastest": "fastest_wall_time"}.get(name, name)],
+            None if boot is None else sel_B(boot[name]),
+            selection=True,
+            as_int=True,
+        )
 
     def at(point_idx_name, arr):
         """``arr`` at the batch size the point estimate selected (e.g. the time to target of
@@ -1033,13 +1171,17 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot, adaptive_items=(), ad
     warnings = []
     edge = [r["batch_size"] for r in rows_per_b if r["lr_edge"]]
     if edge:
-        warnings.append(f"LR not tuned: the best learning rate is at the edge of the rates tried for batch sizes "
-                        f"{edge}: they are left out of the trade-off fit and their steps to target may be "
-                        f"overstated; widen --lr-grid")
+        warnings.append(
+            f"LR not tuned: the best learning rate is at the edge of the rates tried for batch sizes "
+            f"{edge}: they are left out of the trade-off fit and their steps to target may be "
+            f"overstated; widen --lr-grid"
+        )
     missing = [r["batch_size"] for r in rows_per_b if r["reached"] and r["timing"] == "in-trial"]
     if missing:
-        warnings.append(f"no throughput probe for batch sizes {missing}: their wall times use the trials' in-trial "
-                        f"step times (timing: in-trial), measured with other trials running")
+        warnings.append(
+            f"no throughput probe for batch sizes {missing}: their wall times use the trials' in-trial "
+            f"step times (timing: in-trial), measured with other trials running"
+        )
     not_reached = [r["batch_size"] for r in rows_per_b if not r["reached"]]
     if not_reached:
         warnings.append(f"batch sizes {not_reached} {DID_NOT_REACH} (median over seeds at their best learning rate)")
@@ -1049,53 +1191,71 @@ def _analyze_arch(key, items, probe_entries, seed, n_boot, adaptive_items=(), ad
     if fit_failed is not None and fit_failed > 1 - (INTERVAL[1] - INTERVAL[0]):
         # more resamples without a fit than a 90% interval can leave out: the resamples that
         # did fit are the ones that reproduce the point, so their spread would look certain
-        warnings.append(f"the trade-off fit failed in {100 * fit_failed:.0f}% of bootstrap resamples (too few batch "
-                        f"sizes reached the target with a tuned learning rate): B_crit, S_min and E_min have no "
-                        f"interval (unresolved)")
+        warnings.append(
+            f"the trade-off fit failed in {100 * fit_failed:.0f}% of bootstrap resamples (too few batch "
+            f"sizes reached the target with a tuned learning rate): B_crit, S_min and E_min have no "
+            f"interval (unresolved)"
+        )
         for k in ("critical_batch_size_fit", "s_min", "e_min"):
             if headline[k]["value"] is not None:
                 headline[k].update(lo=None, hi=None, unresolved=True)
     if norm and norm.startswith("BN"):
-        warnings.append("B_simple is not measured with batch norm: a per-example gradient is undefined when every "
-                        "example's output depends on the batch's statistics (goodput is not computed either)")
+        warnings.append(
+            "B_simple is not measured with batch norm: a per-example gradient is undefined when every "
+            "example's output depends on the batch's statistics (goodput is not computed either)"
+        )
     label = _tuning_label(items, [len(x) for x in cells.lrs])
     if label != "tuned" and fit_ok:
         warnings.append(f"B_crit is {label}: McCandlish et al. fit it with the learning rate tuned per batch size")
     # seeds a cell actually holds (its arrays are aligned on all the study's seeds, NaN where
     # a trial is missing: failed or not run)
-    seeds_per_cell = min((int(np.count_nonzero(~np.isnan(c["steps"]))) for row in cells.cells for c in row),
-                         default=None)
+    seeds_per_cell = min(
+        (int(np.count_nonzero(~np.isnan(c["steps"]))) for row in cells.cells for c in row), default=None
+    )
 
     arch = {
         "warnings": warnings,
-        "sizes": list(sizes), "activation": activation, "optimizer": optimizer, "norm": norm,
-        "target_metric": target[0] if target else None, "target": target[1] if target else None,
+        "sizes": list(sizes),
+        "activation": activation,
+        "optimizer": optimizer,
+        "norm": norm,
+        "target_metric": target[0] if target else None,
+        "target": target[1] if target else None,
         "n_trials": len(items),
         "lr_policy": sorted({getattr(c, "lr_policy", "tuned") or "tuned" for c, _ in items}),
         "b_crit_tuning": label,
         "seeds_per_cell": seeds_per_cell,
         "per_batch": rows_per_b,
         "tradeoff_fit": fit,
-        "noise_scale": {"start": _median([r["noise_scale_start"] for r in rows_per_b]), "middle": noise_mid,
-                        "target": noise_tgt, "end": _median([r["noise_scale_end"] for r in rows_per_b])},
+        "noise_scale": {
+            "start": _median([r["noise_scale_start"] for r in rows_per_b]),
+            "middle": noise_mid,
+            "target": noise_tgt,
+            "end": _median([r["noise_scale_end"] for r in rows_per_b]),
+        },
         "answers": answers,
         "headline": headline,
         "bootstrap": {"resamples": R, "seed": seed, "interval": list(INTERVAL), "fit_failed_fraction": fit_failed},
     }
     arch["recommendation"] = _recommend(arch, cells, point, R)
     arch["adaptive"] = None
-    if adaptive_items:      # the adaptive arm: one more row, out of every fit and selection
+    if adaptive_items:  # the adaptive arm: one more row, out of every fit and selection
         from ._adaptive import adaptive_text, analyze_adaptive
+
         row = analyze_adaptive(adaptive_items, cells, point, boot, rng, R, rows_per_b, adaptive_probe or {})
         arch["adaptive"] = row
         if row is not None:
             headline["adaptive_vs_fixed"] = {k: row["vs_fixed"].get(k) for k in ("value", "lo", "hi", "wins")}
             if row.get("lr_edge"):
-                warnings.append(f"LR not tuned (adaptive): its best learning rate is at the {row['lr_edge']} edge of "
-                                f"the rates tried; its time to target may be overstated")
+                warnings.append(
+                    f"LR not tuned (adaptive): its best learning rate is at the {row['lr_edge']} edge of "
+                    f"the rates tried; its time to target may be overstated"
+                )
             if row.get("timing") == "in-trial":
-                warnings.append("no throughput probe for the adaptive run: its wall time uses the trials' in-trial "
-                                "step and set-up times, measured with other trials running")
+                warnings.append(
+                    "no throughput probe for the adaptive run: its wall time uses the trials' in-trial "
+                    "step and set-up times, measured with other trials running"
+                )
             text = adaptive_text(row)
             if text and arch["recommendation"].get("text"):
                 arch["recommendation"]["text"] += " " + text

@@ -4,6 +4,7 @@ A trial is fully described by a :class:`TrialConfig` (frozen, JSON-serialisable)
 ``key`` is a digest of that JSON: the results store has one row per key, so a resumed
 sweep recognises finished trials whatever order they are generated in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ class DataSpec:
     val_fraction: float = 0.2
     standardize: bool = True
     seed: int = 0
-    params: tuple = (("std_floor", 1.0),)   # sorted (key, value) pairs passed to the loader;
+    params: tuple = (("std_floor", 1.0),)  # sorted (key, value) pairs passed to the loader;
     #   digits pixels are 0..16: features with std <= 1 are only centred (not blown up)
 
     def kwargs(self) -> dict:
@@ -54,49 +55,49 @@ class TrialConfig:
     dtype: str = "float32"
     init: str = "he_uniform"
     backend: str = "cpu"
-    batch_size: int | str = 32        # a positive int (the full batch is stored as its size), or
+    batch_size: int | str = 32  # a positive int (the full batch is stored as its size), or
     #   "adaptive" (fit's adaptive batch size, with the settings in ``adaptive``)
     full_batch: bool = False
-    optimizer: str = "sgd"            # "sgd" | "adam"
+    optimizer: str = "sgd"  # "sgd" | "adam"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    lr_policy: str = "tuned"          # "tuned" | "linear" | "sqrt" | "fixed"
+    lr_policy: str = "tuned"  # "tuned" | "linear" | "sqrt" | "fixed"
     base_batch_size: int = 32
     base_lr: float = 0.05
     warmup_steps: int = 0
-    bs_schedule: tuple = ()           # ((epoch, batch_size), ...) instead of LR decay; () = off
+    bs_schedule: tuple = ()  # ((epoch, batch_size), ...) instead of LR decay; () = off
     sampler: str = "shuffle"
     seed: int = 0
     max_epochs: int = 50
-    min_steps: int = 200              # large batches get at least this many steps of budget
+    min_steps: int = 200  # large batches get at least this many steps of budget
     target_metric: str = "val_accuracy"
     target: float = 0.95
-    eval_rel_step: float = 0.02       # resolution of steps to target: evaluate whenever the step
+    eval_rel_step: float = 0.02  # resolution of steps to target: evaluate whenever the step
     #   count has grown by this fraction since the last evaluation (every step for the first 50)
-    noise_full_limit: int = 200_000   # training sets up to this size: the noise scale is measured
+    noise_full_limit: int = 200_000  # training sets up to this size: the noise scale is measured
     #   exactly on all of it; above, on a fresh random subset per measurement, bias-corrected
-    noise_subset: int = 32_768        # rows of that subset (for larger training sets only)
-    search_id: str = ""               # which search produced it ("" = grid sweep)
-    batch_norm: object = False        # False | True (before the activation) | "after"
-    ghost_batch_size: object = None   # int: ghost batch norm; None: the whole batch
+    noise_subset: int = 32_768  # rows of that subset (for larger training sets only)
+    search_id: str = ""  # which search produced it ("" = grid sweep)
+    batch_norm: object = False  # False | True (before the activation) | "after"
+    ghost_batch_size: object = None  # int: ghost batch norm; None: the whole batch
     dropout: float = 0.0
-    drop_last: bool = False           # batch-norm trials drop a last batch that would leave a ghost of 1
-    lr_decay: tuple = ()              # ((epoch, factor), ...): step learning-rate decay, the rate
+    drop_last: bool = False  # batch-norm trials drop a last batch that would leave a ghost of 1
+    lr_decay: tuple = ()  # ((epoch, factor), ...): step learning-rate decay, the rate
     #   multiplied by factor at each epoch given (the arm opposite bs_schedule); () = constant
-    stop_at_target: bool = True       # False: train the whole budget (equal-budget comparisons),
+    stop_at_target: bool = True  # False: train the whole budget (equal-budget comparisons),
     #   still recording when the target was first met
-    adaptive: tuple = ()              # batch_size="adaptive": ((setting, value), ...) of AdaptiveBatchSize
+    adaptive: tuple = ()  # batch_size="adaptive": ((setting, value), ...) of AdaptiveBatchSize
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrialConfig":
+    def from_dict(cls, d: dict) -> TrialConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}   # fields of an older schema (their keys differ anyway)
+        d = {k: v for k, v in d.items() if k in known}  # fields of an older schema (their keys differ anyway)
         data = d.pop("data", {}) or {}
         data = dict(data)
         data["params"] = tuple(tuple(p) for p in data.get("params", ()))
@@ -109,8 +110,8 @@ class TrialConfig:
     @property
     def key(self) -> str:
         d = self.to_dict()
-        for k, v in _LATER_DEFAULTS.items():   # fields added later: at their default they
-            if d.get(k) == v:                  # leave the key (and stored results) unchanged
+        for k, v in _LATER_DEFAULTS.items():  # fields added later: at their default they
+            if d.get(k) == v:  # leave the key (and stored results) unchanged
                 d.pop(k)
         blob = json.dumps({"v": SCHEMA_VERSION, **d}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -148,8 +149,15 @@ class TrialConfig:
 
 
 #: TrialConfig fields added after SCHEMA_VERSION 1 and their defaults
-_LATER_DEFAULTS = {"batch_norm": False, "ghost_batch_size": None, "dropout": 0.0, "drop_last": False,
-                   "lr_decay": (), "stop_at_target": True, "adaptive": ()}
+_LATER_DEFAULTS = {
+    "batch_norm": False,
+    "ghost_batch_size": None,
+    "dropout": 0.0,
+    "drop_last": False,
+    "lr_decay": (),
+    "stop_at_target": True,
+    "adaptive": (),
+}
 
 #: the AdaptiveBatchSize settings an adaptive trial records (the candidates and the
 #: throughput table are left to the controller: it measures them on the machine)

@@ -6,6 +6,7 @@ in completion order; the sweep records each result as it arrives.  ``fn`` must n
 its workers: a worker that dies is replaced and its trial retried once, then recorded as
 failed.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -15,8 +16,7 @@ import os
 import signal
 
 #: environment that pins a worker to one thread (set before numpy/numba load in the worker)
-ONE_THREAD_ENV = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                  "MKL_NUM_THREADS": "1"}
+ONE_THREAD_ENV = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MAX_ATTEMPTS = 2
 
 
@@ -37,6 +37,7 @@ def cpu_model(default: str | None = None) -> str:
     if default is not None:
         return default
     import platform
+
     return platform.processor() or platform.machine() or "this machine"
 
 
@@ -47,6 +48,7 @@ def thread_counts() -> dict:
     out = {"blas_threads": None, "numba_threads": None}
     try:
         import numba
+
         out["numba_threads"] = int(numba.get_num_threads())
     except Exception:  # pragma: no cover - numba is a core dependency
         pass
@@ -75,12 +77,18 @@ def one_thread():
         import scipy.linalg  # noqa: F401
     try:
         from threadpoolctl import threadpool_limits
+
         limiter = threadpool_limits(limits=1)
     except ImportError:  # pragma: no cover - depends on the install
-        warnings.warn("--workers 1: threadpoolctl is not installed, so BLAS threads are not pinned to one "
-                      "as in the worker pool; timings may differ from the pool's "
-                      "(pip install threadpoolctl)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "--workers 1: threadpoolctl is not installed, so BLAS threads are not pinned to one "
+            "as in the worker pool; timings may differ from the pool's "
+            "(pip install threadpoolctl)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     import numba
+
     old_numba = numba.get_num_threads()
     # not ONE_THREAD_ENV: Numba re-reads NUMBA_NUM_THREADS when it compiles and refuses a
     # value other than the thread pool it already launched
@@ -150,7 +158,7 @@ class LocalExecutor:
         items = list(items)
         attempts = {i: 0 for i in range(len(items))}
         todo = list(range(len(items)))
-        suspects = []     # running when a pool broke, culprit unknown: each re-runs alone
+        suspects = []  # running when a pool broke, culprit unknown: each re-runs alone
         ctx = multiprocessing.get_context("spawn")
         # workers are spawned lazily (at submit): keep the one-thread environment in place
         # for the whole run, so every worker inherits it before it imports numpy
@@ -162,9 +170,10 @@ class LocalExecutor:
                     batch, n_workers = [suspects.pop(0)], 1
                 else:
                     batch, todo, n_workers = todo, [], self.n_workers
-                started = ctx.SimpleQueue()   # put() writes synchronously: it survives os._exit
-                pool = cf.ProcessPoolExecutor(n_workers, mp_context=ctx,
-                                              initializer=_init_worker, initargs=(started, os.getpid()))
+                started = ctx.SimpleQueue()  # put() writes synchronously: it survives os._exit
+                pool = cf.ProcessPoolExecutor(
+                    n_workers, mp_context=ctx, initializer=_init_worker, initargs=(started, os.getpid())
+                )
                 futures = {pool.submit(_announce_and_run, fn, i, items[i]): i for i in batch}
                 broken = []
                 try:
@@ -187,9 +196,9 @@ class LocalExecutor:
                     continue
                 ran = _drain(started) & set(broken)
                 if len(batch) == 1 or len(ran) == 1:
-                    culprits = ran or set(broken)    # the one trial running when its worker died
+                    culprits = ran or set(broken)  # the one trial running when its worker died
                 else:
-                    culprits = set()                 # several were running: find out which alone
+                    culprits = set()  # several were running: find out which alone
                     suspects.extend(sorted(ran or broken))
                 for i in broken:
                     if i in culprits:
@@ -199,7 +208,7 @@ class LocalExecutor:
                         else:
                             todo.append(i)
                     elif i not in suspects:
-                        todo.append(i)   # queued behind, never started: not charged
+                        todo.append(i)  # queued behind, never started: not charged
 
 
 _STARTED = None
@@ -241,11 +250,12 @@ def _exit_with_parent(parent_pid: int) -> None:
 
     def watch():
         import time
+
         while alive():
             time.sleep(PARENT_POLL_S)
         os._exit(1)
 
-    if not alive():    # the parent died before this worker got going
+    if not alive():  # the parent died before this worker got going
         os._exit(1)
     threading.Thread(target=watch, name="minigd-parent-watch", daemon=True).start()
 
@@ -260,7 +270,7 @@ def _drain(q) -> set:
     try:
         while not q.empty():
             out.add(q.get())
-    except (OSError, EOFError):   # a pipe broken with the pool
+    except (OSError, EOFError):  # a pipe broken with the pool
         pass
     return out
 

@@ -30,6 +30,7 @@ The adaptive arm (``batch_size="adaptive"`` trials) gets two more kinds of entry
   candidate batch size and the controller's throughput measurement), minus the same for a
   fixed-batch ``fit`` at the starting batch size (which every run pays), per round.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,7 @@ ROUNDS = 7
 
 def arch_of(cfg: TrialConfig) -> dict:
     """The architecture key the analysis groups trials by (and matches probe entries with)."""
-    return {"sizes": list(cfg.sizes), "activation": cfg.activation, "optimizer": cfg.optimizer,
-            "norm": cfg.norm_label}
+    return {"sizes": list(cfg.sizes), "activation": cfg.activation, "optimizer": cfg.optimizer, "norm": cfg.norm_label}
 
 
 def probe_key(cfg: TrialConfig) -> str:
@@ -56,8 +56,18 @@ def probe_key(cfg: TrialConfig) -> str:
     import dataclasses
     import json
 
-    d = dataclasses.replace(cfg, lr=0.0, base_lr=0.0, seed=0, search_id="", lr_policy="",
-                            warmup_steps=0, max_epochs=0, min_steps=0, target=0.0).to_dict()
+    d = dataclasses.replace(
+        cfg,
+        lr=0.0,
+        base_lr=0.0,
+        seed=0,
+        search_id="",
+        lr_policy="",
+        warmup_steps=0,
+        max_epochs=0,
+        min_steps=0,
+        target=0.0,
+    ).to_dict()
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -161,27 +171,57 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
             n = len(ds.X_train)
             spec = c.adaptive_spec() if kind is not None else None
             B = spec.sizes(n)[0] if spec is not None else n if c.full_batch else c.batch_size
-            if kind == "step":      # the controller on, held at B: its tracking and decisions, no measuring
+            if kind == "step":  # the controller on, held at B: its tracking and decisions, no measuring
                 spec = mg.AdaptiveBatchSize(**{**dict(pinned(c, B).adaptive), "throughput": {B: 1.0}})
             sizes = (ds.X_train.shape[1],) + tuple(c.sizes[1:-1]) + (ds.n_out,)
-            model = mg.MLP(list(sizes), activation=c.activation, loss=ds.loss, dtype=c.dtype, init=c.init,
-                           seed=0, backend=c.backend, batch_norm=c.batch_norm,
-                           ghost_batch_size=c.ghost_batch_size, dropout=c.dropout)
+            model = mg.MLP(
+                list(sizes),
+                activation=c.activation,
+                loss=ds.loss,
+                dtype=c.dtype,
+                init=c.init,
+                seed=0,
+                backend=c.backend,
+                batch_norm=c.batch_norm,
+                ghost_batch_size=c.ghost_batch_size,
+                dropout=c.dropout,
+            )
             # the step's work does not depend on the learning rate; a small one keeps the
             # probe's repeated runs from diverging
             opt = _optimizer(dataclasses.replace(c, lr=1e-4, warmup_steps=0))
-            setups.append({"cfg": c, "kind": kind, "spec": spec, "model": model, "ds": ds, "B": B, "opt": opt,
-                           "spe": -(-n // B), "m": 1, "least": spec.every if spec is not None else 1,
-                           "times": []})
+            setups.append(
+                {
+                    "cfg": c,
+                    "kind": kind,
+                    "spec": spec,
+                    "model": model,
+                    "ds": ds,
+                    "B": B,
+                    "opt": opt,
+                    "spe": -(-n // B),
+                    "m": 1,
+                    "least": spec.every if spec is not None else 1,
+                    "times": [],
+                }
+            )
 
         def fit(s, batch_size, m, callbacks):
             c = s["cfg"]
-            return mg.fit(s["model"], s["ds"].X_train, s["ds"].y_train, batch_size=batch_size, steps=m,
-                          optimizer=s["opt"], sampler=c.sampler, drop_last=c.drop_last and s["kind"] is None,
-                          seed=int(rng.integers(2**31)), callbacks=callbacks)
+            return mg.fit(
+                s["model"],
+                s["ds"].X_train,
+                s["ds"].y_train,
+                batch_size=batch_size,
+                steps=m,
+                optimizer=s["opt"],
+                sampler=c.sampler,
+                drop_last=c.drop_last and s["kind"] is None,
+                seed=int(rng.integers(2**31)),
+                callbacks=callbacks,
+            )
 
         def run(s, m):
-            if s["kind"] == "setup":    # the adaptive set-up beyond a fixed run's (one step each)
+            if s["kind"] == "setup":  # the adaptive set-up beyond a fixed run's (one step each)
                 t, a = time.perf_counter(), _Start(stop_after=1)
                 fit(s, s["spec"], s["spec"].every, [a])
                 t2, f = time.perf_counter(), _Start(stop_after=1)
@@ -191,7 +231,7 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
             fit(s, s["spec"] if s["kind"] == "step" else s["B"], max(m, s["least"]), [clock])
             return (clock.t1 - clock.t0) / max(1, clock.steps)
 
-        for s in setups:    # pilot: warm every regime and size the rounds
+        for s in setups:  # pilot: warm every regime and size the rounds
             run(s, 2)
             if s["kind"] == "setup":
                 continue
@@ -199,7 +239,7 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
             # machine) would make this batch size's rounds far shorter than its neighbours'
             per = min(run(s, 4) for _ in range(3))
             m = max(s["least"], math.ceil(round_s / max(per, 1e-7)))
-            if m > s["spe"]:     # whole epochs, so an epoch's end costs what it costs a user
+            if m > s["spe"]:  # whole epochs, so an epoch's end costs what it costs a user
                 m = s["spe"] * math.ceil(m / s["spe"])
             s["m"] = m
         for _ in range(rounds):
@@ -210,11 +250,19 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
     out = []
     for s in setups:
         t = np.asarray(s["times"])
-        e = {"key": probe_key(s["cfg"]) if s["kind"] is None else adaptive_probe_key(s["cfg"], s["kind"]),
-             "arch": arch_of(s["cfg"]), "batch_size": int(s["B"]),
-             "full_batch": bool(s["cfg"].full_batch), "round_s": [float(x) for x in t],
-             "median_s": float(np.median(t)), "lo_s": float(t.min()), "hi_s": float(t.max()),
-             "steps_per_round": s["m"] if s["kind"] != "setup" else 0, "host": platform.node(), **threads}
+        e = {
+            "key": probe_key(s["cfg"]) if s["kind"] is None else adaptive_probe_key(s["cfg"], s["kind"]),
+            "arch": arch_of(s["cfg"]),
+            "batch_size": int(s["B"]),
+            "full_batch": bool(s["cfg"].full_batch),
+            "round_s": [float(x) for x in t],
+            "median_s": float(np.median(t)),
+            "lo_s": float(t.min()),
+            "hi_s": float(t.max()),
+            "steps_per_round": s["m"] if s["kind"] != "setup" else 0,
+            "host": platform.node(),
+            **threads,
+        }
         if s["kind"] is not None:
             e["adaptive"] = s["kind"]
         out.append(e)

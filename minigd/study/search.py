@@ -5,6 +5,7 @@ The objective is minimised: ``time_to_target`` (default), ``steps_to_target``,
 ``examples_to_target`` or ``val_loss``; a trial that does not reach the target scores
 ``inf`` for the *_to_target objectives (Optuna is told it failed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,17 +52,46 @@ def _objective(res: dict, objective: str) -> float:
     return float(res[objective])
 
 
-def _config(base: TrialConfig, n_train: int, n_in: int, n_out: int, B: int, lr: float, mom: float,
-            width: int, depth: int, search_id: str) -> TrialConfig:
+def _config(
+    base: TrialConfig,
+    n_train: int,
+    n_in: int,
+    n_out: int,
+    B: int,
+    lr: float,
+    mom: float,
+    width: int,
+    depth: int,
+    search_id: str,
+) -> TrialConfig:
     B = min(B, n_train)
-    return dataclasses.replace(base, sizes=(n_in,) + (width,) * depth + (n_out,), batch_size=B,
-                               full_batch=B == n_train, lr=float(lr), momentum=float(mom),
-                               lr_policy="fixed", base_lr=float(lr), search_id=search_id)
+    return dataclasses.replace(
+        base,
+        sizes=(n_in,) + (width,) * depth + (n_out,),
+        batch_size=B,
+        full_batch=B == n_train,
+        lr=float(lr),
+        momentum=float(mom),
+        lr_policy="fixed",
+        base_lr=float(lr),
+        search_id=search_id,
+    )
 
 
-def search(space: SearchSpace, n_trials: int, results, *, method: str = "random",
-           objective: str = "time_to_target", base: TrialConfig | None = None, seed: int = 0,
-           workers=None, scheduler=None, executor=None, progress=None) -> dict:
+def search(
+    space: SearchSpace,
+    n_trials: int,
+    results,
+    *,
+    method: str = "random",
+    objective: str = "time_to_target",
+    base: TrialConfig | None = None,
+    seed: int = 0,
+    workers=None,
+    scheduler=None,
+    executor=None,
+    progress=None,
+) -> dict:
     """Search ``n_trials`` configurations; every trial is stored in ``results`` (resumable:
     re-running the same search with the same seed re-uses stored trials).
 
@@ -72,6 +102,7 @@ def search(space: SearchSpace, n_trials: int, results, *, method: str = "random"
     n_trials = check_int("n_trials", n_trials, low=1)
     base = base or TrialConfig(data=DataSpec())
     from .trial import load_data
+
     ds = load_data(base.data, base.dtype)
     n_train, n_in, n_out = len(ds.X_train), ds.X_train.shape[1], ds.n_out
     store = results if isinstance(results, ResultStore) else ResultStore(results)
@@ -136,6 +167,8 @@ def search(space: SearchSpace, n_trials: int, results, *, method: str = "random"
     if store is not results:
         store.close()
     best = min(scored, key=lambda x: x[2])
-    return {"best": (best[0].to_dict(), best[1]) if math.isfinite(best[2]) else None,
-            "objective": objective,
-            "trials": [(c.to_dict(), v if math.isfinite(v) else None) for c, _, v in scored]}
+    return {
+        "best": (best[0].to_dict(), best[1]) if math.isfinite(best[2]) else None,
+        "objective": objective,
+        "trials": [(c.to_dict(), v if math.isfinite(v) else None) for c, _, v in scored],
+    }

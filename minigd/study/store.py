@@ -5,15 +5,16 @@ an interrupted sweep (Ctrl-C, a killed worker, a crashed machine) loses at most 
 that were still running; SQLite's journal makes each commit atomic.  Resuming reads the
 keys already stored and runs only the missing trials.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import math
 import os
-import warnings
 import sqlite3
 import time
+import warnings
 
 from minigd.errors import ResultStoreError
 
@@ -61,7 +62,7 @@ class ResultStore:
             d = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"results: expected a path in an existing directory, got {self.path!r}")
-            if os.path.lexists(self.path):     # an existing file must be a minigd results file
+            if os.path.lexists(self.path):  # an existing file must be a minigd results file
                 self._check_file()
         try:
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -69,7 +70,7 @@ class ResultStore:
             raise self._error(f"cannot be opened ({exc})") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")   # a committed trial survives power loss
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed trial survives power loss
             if not memory:
                 self._check_schema()
             self._db.executescript(_SCHEMA)
@@ -82,8 +83,9 @@ class ResultStore:
 
     # -- validating what is on disk ------------------------------------------------------------
     def _error(self, what: str) -> ResultStoreError:
-        return ResultStoreError(f"results: expected a minigd results file (SQLite), got {self.path!r}, "
-                                f"which {what}", self.path)
+        return ResultStoreError(
+            f"results: expected a minigd results file (SQLite), got {self.path!r}, which {what}", self.path
+        )
 
     @staticmethod
     def _why(exc) -> str:
@@ -110,8 +112,12 @@ class ResultStore:
 
     def _check_schema(self) -> None:
         """An empty database becomes a store; one with tables must have minigd's."""
-        tables = {r[0] for r in self._db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").fetchall()}
+        tables = {
+            r[0]
+            for r in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+        }
         if not tables:
             return
         for t, cols in _COLUMNS.items():
@@ -119,8 +125,9 @@ class ResultStore:
                 raise self._error(f"is a foreign database: no {t!r} table (it has {', '.join(sorted(tables))})")
             have = {r[1] for r in self._db.execute(f"PRAGMA table_info({t})").fetchall()}
             if not cols <= have:
-                raise self._error(f"is a foreign database: its {t!r} table lacks the column(s) "
-                                  f"{', '.join(sorted(cols - have))}")
+                raise self._error(
+                    f"is a foreign database: its {t!r} table lacks the column(s) {', '.join(sorted(cols - have))}"
+                )
 
     def _sql(self, query: str, args=()) -> list:
         """Run ``query``; any SQLite error (a file damaged after it was opened, a full disk)
@@ -146,8 +153,15 @@ class ResultStore:
         result = _finite_json(result)
         self._sql(
             "INSERT OR REPLACE INTO trials (key, config, status, result, error, finished) VALUES (?,?,?,?,?,?)",
-            (cfg.key, json.dumps(cfg.to_dict(), sort_keys=True), status, json.dumps(result),
-             result.get("error"), time.time()))
+            (
+                cfg.key,
+                json.dumps(cfg.to_dict(), sort_keys=True),
+                status,
+                json.dumps(result),
+                result.get("error"),
+                time.time(),
+            ),
+        )
 
     def set_meta(self, name: str, value) -> None:
         self._sql("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, json.dumps(value)))
@@ -187,9 +201,12 @@ class ResultStore:
             except (TypeError, ValueError, KeyError, RecursionError) as exc:
                 if key not in self._warned:
                     self._warned.add(key)
-                    warnings.warn(f"results: {self.path!r}: skipping the damaged trial row {str(key)[:40]!r} "
-                                  f"({_short(exc)}); a resumed study runs that trial again", RuntimeWarning,
-                                  stacklevel=3)
+                    warnings.warn(
+                        f"results: {self.path!r}: skipping the damaged trial row {str(key)[:40]!r} "
+                        f"({_short(exc)}); a resumed study runs that trial again",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
         return out
 
     def keys(self, status: str | None = None) -> set:
@@ -232,18 +249,49 @@ def _is_num(v) -> bool:
 
 
 #: TrialConfig fields and the type each must have in a stored row
-_CFG_TYPES = {"activation": str, "loss": str, "dtype": str, "init": str, "backend": str, "optimizer": str,
-              "lr_policy": str, "sampler": str, "target_metric": str, "search_id": str,
-              "full_batch": bool, "nesterov": bool, "drop_last": bool, "stop_at_target": bool}
-_CFG_INTS = {"batch_size": 1, "base_batch_size": 1, "warmup_steps": 0, "seed": 0, "max_epochs": 1,
-             "min_steps": 0}
+_CFG_TYPES = {
+    "activation": str,
+    "loss": str,
+    "dtype": str,
+    "init": str,
+    "backend": str,
+    "optimizer": str,
+    "lr_policy": str,
+    "sampler": str,
+    "target_metric": str,
+    "search_id": str,
+    "full_batch": bool,
+    "nesterov": bool,
+    "drop_last": bool,
+    "stop_at_target": bool,
+}
+_CFG_INTS = {"batch_size": 1, "base_batch_size": 1, "warmup_steps": 0, "seed": 0, "max_epochs": 1, "min_steps": 0}
 _CFG_NUMS = ("lr", "momentum", "weight_decay", "base_lr", "target", "dropout", "eval_rel_step")
 #: result fields that are numbers (or null) when present
-_RES_NUMS = ("steps_to_target", "examples_to_target", "time_to_target", "steps", "examples", "epochs",
-             "train_time", "us_per_step", "throughput", "memory_bytes", "workspace_bytes", "final_val_loss",
-             "final_val_accuracy", "final_train_loss", "final_train_accuracy", "gen_gap_loss",
-             "gen_gap_accuracy", "batch_size", "n_train", "steps_to_target_interp",
-             "examples_to_target_interp", "n_params")
+_RES_NUMS = (
+    "steps_to_target",
+    "examples_to_target",
+    "time_to_target",
+    "steps",
+    "examples",
+    "epochs",
+    "train_time",
+    "us_per_step",
+    "throughput",
+    "memory_bytes",
+    "workspace_bytes",
+    "final_val_loss",
+    "final_val_accuracy",
+    "final_train_loss",
+    "final_train_accuracy",
+    "gen_gap_loss",
+    "gen_gap_accuracy",
+    "batch_size",
+    "n_train",
+    "steps_to_target_interp",
+    "examples_to_target_interp",
+    "n_params",
+)
 
 
 def _check_row(key, cfg_text, status, res_text):
@@ -269,11 +317,20 @@ def _check_row(key, cfg_text, status, res_text):
         if k == "batch_size" and adaptive:
             continue
         if k in d and not (_is_int(d[k]) and d[k] >= low):
-            raise ValueError(f"config: {k} must be an integer >= {low}" + (" or 'adaptive'" if k == "batch_size" else ""))
+            raise ValueError(
+                f"config: {k} must be an integer >= {low}" + (" or 'adaptive'" if k == "batch_size" else "")
+            )
     settings = d.get("adaptive", [])
-    if not (isinstance(settings, list) and all(
-            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
-            and (p[1] is None or isinstance(p[1], (str, int, float))) for p in settings)):
+    if not (
+        isinstance(settings, list)
+        and all(
+            isinstance(p, list)
+            and len(p) == 2
+            and isinstance(p[0], str)
+            and (p[1] is None or isinstance(p[1], (str, int, float)))
+            for p in settings
+        )
+    ):
         raise ValueError("config: adaptive must be a list of [setting, value] pairs")
     if bool(settings) != adaptive:
         raise ValueError("config: adaptive settings go with batch_size 'adaptive' (and only with it)")
@@ -281,14 +338,16 @@ def _check_row(key, cfg_text, status, res_text):
         if k in d and not _is_num(d[k]):
             raise ValueError(f"config: {k} must be a finite number")
     data = d.get("data", {})
-    if not (isinstance(data, dict) and isinstance(data.get("name", ""), str)
-            and isinstance(data.get("params", []), list) and all(
-                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in data.get("params", []))):
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("name", ""), str)
+        and isinstance(data.get("params", []), list)
+        and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in data.get("params", []))
+    ):
         raise TypeError("config: data must be an object with a name and [key, value] params")
     for k in ("bs_schedule", "lr_decay"):
         v = d.get(k, [])
-        if not (isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and all(map(_is_num, p))
-                                            for p in v)):
+        if not (isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and all(map(_is_num, p)) for p in v)):
             raise ValueError(f"config: {k} must be a list of [number, number] pairs")
     try:
         cfg = TrialConfig.from_dict(d)
@@ -296,7 +355,7 @@ def _check_row(key, cfg_text, status, res_text):
         raise TypeError(f"config: not a TrialConfig ({_short(exc, 80)})") from None
     if adaptive:
         try:
-            cfg.adaptive_spec()          # AdaptiveBatchSize's own checks of every setting
+            cfg.adaptive_spec()  # AdaptiveBatchSize's own checks of every setting
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config: adaptive settings do not validate ({_short(exc, 80)})") from None
     if res.setdefault("status", status) not in ("ok", "failed") or res["status"] != status:
@@ -324,8 +383,9 @@ def _check_adaptive_result(a) -> None:
         raise ValueError("result: adaptive.candidates must be a list of positive integers")
     for k, width in (("steps_by_batch", 2), ("step_s_by_batch", 2), ("decisions", 3)):
         v = a.get(k)
-        if v is not None and not (isinstance(v, list) and all(
-                isinstance(p, list) and len(p) == width and all(map(_is_num, p)) for p in v)):
+        if v is not None and not (
+            isinstance(v, list) and all(isinstance(p, list) and len(p) == width and all(map(_is_num, p)) for p in v)
+        ):
             raise ValueError(f"result: adaptive.{k} must be a list of {width}-number lists or null")
     for k in ("setup_s", "final_batch_size", "max_batch_size"):
         if a.get(k) is not None and not _is_num(a[k]):
@@ -337,7 +397,7 @@ def _check_spec(store, name, value):
 
     if not isinstance(value, dict) or not isinstance(value.get("data"), dict):
         raise TypeError("a sweep specification must be an object with a data object")
-    SweepSpec.from_dict(value)       # SweepSpec's own validation (raises on nonsense)
+    SweepSpec.from_dict(value)  # SweepSpec's own validation (raises on nonsense)
     return value
 
 
@@ -348,8 +408,12 @@ def _check_str_list(store, name, value):
 
 
 def _check_question_keys(store, name, value):
-    if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, list)
-                                            and all(isinstance(x, str) for x in v) for k, v in value.items())):
+    if not (
+        isinstance(value, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v) for k, v in value.items()
+        )
+    ):
         raise TypeError("expected an object of question name -> list of trial keys")
     return value
 
@@ -361,23 +425,35 @@ def _check_probe(store, name, value):
         raise TypeError("expected a list of throughput probe entries")
     out = []
     for i, e in enumerate(value):
-        ok = (isinstance(e, dict) and isinstance(e.get("key"), str) and _is_int(e.get("batch_size"))
-              and e["batch_size"] >= 1 and all(_is_num(e.get(k)) and e[k] >= 0 for k in ("median_s", "lo_s", "hi_s"))
-              and isinstance(e.get("round_s", []), list)
-              and all(_is_num(x) and x >= 0 for x in e.get("round_s", []))
-              and e.get("adaptive") in (None, "step", "setup"))
+        ok = (
+            isinstance(e, dict)
+            and isinstance(e.get("key"), str)
+            and _is_int(e.get("batch_size"))
+            and e["batch_size"] >= 1
+            and all(_is_num(e.get(k)) and e[k] >= 0 for k in ("median_s", "lo_s", "hi_s"))
+            and isinstance(e.get("round_s", []), list)
+            and all(_is_num(x) and x >= 0 for x in e.get("round_s", []))
+            and e.get("adaptive") in (None, "step", "setup")
+        )
         if ok:
             out.append(e)
         else:
-            warnings.warn(f"results: {store.path!r}: ignoring throughput probe entry {i} of meta {name!r}: not "
-                          f"an object with a key, a batch size and finite non-negative times (and an adaptive "
-                          f"kind, if any, of 'step' or 'setup')", RuntimeWarning,
-                          stacklevel=4)
+            warnings.warn(
+                f"results: {store.path!r}: ignoring throughput probe entry {i} of meta {name!r}: not "
+                f"an object with a key, a batch size and finite non-negative times (and an adaptive "
+                f"kind, if any, of 'step' or 'setup')",
+                RuntimeWarning,
+                stacklevel=4,
+            )
     return out
 
 
-_META_CHECKS = {"spec": _check_spec, "study_keys": _check_str_list, "question_keys": _check_question_keys,
-                "throughput_probe": _check_probe}
+_META_CHECKS = {
+    "spec": _check_spec,
+    "study_keys": _check_str_list,
+    "question_keys": _check_question_keys,
+    "throughput_probe": _check_probe,
+}
 
 
 #: the lock file a running study holds in its output directory
@@ -411,13 +487,18 @@ def study_lock(out_dir):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise StudyLocked(f"another study is already running in {os.fspath(out_dir)!r} "
-                              f"(process {holder} holds {path}); wait for it to finish or use "
-                              f"another output directory") from None
-        except OSError as exc:   # a file system without locks (some network mounts): run unlocked
-            warnings.warn(f"study_lock: cannot lock {path} ({exc}); running without the lock, so do "
-                          f"not start a second study on {os.fspath(out_dir)!r} meanwhile", RuntimeWarning,
-                          stacklevel=3)
+            raise StudyLocked(
+                f"another study is already running in {os.fspath(out_dir)!r} "
+                f"(process {holder} holds {path}); wait for it to finish or use "
+                f"another output directory"
+            ) from None
+        except OSError as exc:  # a file system without locks (some network mounts): run unlocked
+            warnings.warn(
+                f"study_lock: cannot lock {path} ({exc}); running without the lock, so do "
+                f"not start a second study on {os.fspath(out_dir)!r} meanwhile",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             yield
             return
         os.ftruncate(fd, 0)

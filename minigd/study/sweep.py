@@ -1,4 +1,5 @@
 """Batch-size sweeps: a specification, its trials, and running them resumably."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,10 +69,10 @@ class SweepSpec:
     base_lr: float = 0.02
     base_batch_size: int = 32
     lr_grid: tuple = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-    seeds: tuple = ()          # () = n_seeds seeds derived from the master seed
-    seed: int = 0              # the master seed: trial seeds (model init, data order), bootstrap
+    seeds: tuple = ()  # () = n_seeds seeds derived from the master seed
+    seed: int = 0  # the master seed: trial seeds (model init, data order), bootstrap
     n_seeds: int = 5
-    lr_extend: int = 3         # "tuned": a best LR at the grid's edge extends the grid by factors
+    lr_extend: int = 3  # "tuned": a best LR at the grid's edge extends the grid by factors
     #   of 2 past that edge, up to this many times (a best LR still at an edge: "LR not tuned")
     widths: tuple = (64,)
     depths: tuple = (1,)
@@ -79,7 +80,7 @@ class SweepSpec:
     optimizer: str = "sgd"
     momentum: float = 0.9
     warmup_steps: int = 0
-    bs_growth: tuple = ()      # ((epoch, factor), ...): grow each trial's batch at these epochs
+    bs_growth: tuple = ()  # ((epoch, factor), ...): grow each trial's batch at these epochs
     max_epochs: int = 50
     min_steps: int = 200
     target_metric: str = "val_accuracy"
@@ -89,17 +90,21 @@ class SweepSpec:
     batch_norm: object = False
     ghost_batch_sizes: tuple = ()
     dropout: float = 0.0
-    adaptive: bool = False     # also run the adaptive arm (fit's batch_size="adaptive")
-    adaptive_min: int = 32     # the adaptive arm's smallest (starting) batch size
+    adaptive: bool = False  # also run the adaptive arm (fit's batch_size="adaptive")
+    adaptive_min: int = 32  # the adaptive arm's smallest (starting) batch size
 
     def __post_init__(self):
         if not isinstance(self.batch_norm, (bool, str)) or self.batch_norm not in (False, True, "before", "after"):
             raise ValueError(f"batch_norm: expected False, True, 'before' or 'after', got {self.batch_norm!r}")
-        ghosts = tuple(None if g in (None, 0, "none", "None") else check_int("ghost_batch_sizes", g, low=2)
-                       for g in self.ghost_batch_sizes)
+        ghosts = tuple(
+            None if g in (None, 0, "none", "None") else check_int("ghost_batch_sizes", g, low=2)
+            for g in self.ghost_batch_sizes
+        )
         if any(g is not None for g in ghosts) and self.batch_norm is False:
-            raise ValueError(f"ghost_batch_sizes: needs batch_norm, got ghost_batch_sizes="
-                             f"{self.ghost_batch_sizes!r} with batch_norm=False")
+            raise ValueError(
+                f"ghost_batch_sizes: needs batch_norm, got ghost_batch_sizes="
+                f"{self.ghost_batch_sizes!r} with batch_norm=False"
+            )
         object.__setattr__(self, "ghost_batch_sizes", ghosts)
         check_float("dropout", self.dropout, low=0)
         if not self.dropout < 1:
@@ -133,8 +138,7 @@ class SweepSpec:
             check_float("lr_grid", f, low=0, low_open=True)
         # validated: now plain ints/floats (numpy scalars would change keys and break JSON)
         norm = lambda xs, f: tuple(x if x == "full" else f(x) for x in xs)
-        for name, f in (("batch_sizes", int), ("seeds", int), ("widths", int), ("depths", int),
-                        ("lr_grid", float)):
+        for name, f in (("batch_sizes", int), ("seeds", int), ("widths", int), ("depths", int), ("lr_grid", float)):
             object.__setattr__(self, name, norm(getattr(self, name), f))
         for name in ("seed", "n_seeds", "lr_extend"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -146,8 +150,9 @@ class SweepSpec:
         if self.seeds:
             return self.seeds
         import numpy as np
+
         state = np.random.SeedSequence(self.seed).generate_state(self.n_seeds, np.uint32)
-        return tuple(int(x) >> 1 for x in state)     # < 2**31: any int API takes them
+        return tuple(int(x) >> 1 for x in state)  # < 2**31: any int API takes them
         object.__setattr__(self, "bs_growth", tuple((int(e), float(g)) for e, g in self.bs_growth))
 
     def lrs_for(self, B: int) -> list:
@@ -155,6 +160,7 @@ class SweepSpec:
             return [self.base_lr]
         rule = "sqrt" if self.lr_policy in ("tuned", "sqrt") else "linear"
         from minigd.optim.schedules import scale_lr
+
         center = scale_lr(self.base_lr, B, self.base_batch_size, rule)
         if self.lr_policy != "tuned":
             return [center]
@@ -172,27 +178,48 @@ class SweepSpec:
                     full = b == "full" or b == n_train
                     B = n_train if full else int(b)
                     if B > n_train:
-                        raise ValueError(f"batch_sizes: expected sizes <= the number of training examples "
-                                         f"({n_train}), got {B}")
+                        raise ValueError(
+                            f"batch_sizes: expected sizes <= the number of training examples ({n_train}), got {B}"
+                        )
                     for ghost, drop_last in self._ghosts_for(B, n_train, skipped):
                         for lr in self.lrs_for(B):
                             for seed in self.trial_seeds():
-                                out.append(TrialConfig(
-                                    batch_norm=self.batch_norm, ghost_batch_size=ghost, dropout=self.dropout,
-                                    drop_last=drop_last,
-                                    data=self.data, sizes=sizes, activation=self.activation, dtype=self.dtype,
-                                    backend=self.backend, batch_size=B, full_batch=full,
-                                    optimizer=self.optimizer, lr=float(lr), momentum=self.momentum,
-                                    lr_policy=self.lr_policy, base_batch_size=self.base_batch_size,
-                                    base_lr=self.base_lr, warmup_steps=self.warmup_steps,
-                                    bs_schedule=tuple((int(e), min(n_train, int(round(B * f))))
-                                                      for e, f in self.bs_growth), seed=int(seed),
-                                    max_epochs=self.max_epochs, min_steps=self.min_steps,
-                                    target_metric=self.target_metric, target=self.target))
+                                out.append(
+                                    TrialConfig(
+                                        batch_norm=self.batch_norm,
+                                        ghost_batch_size=ghost,
+                                        dropout=self.dropout,
+                                        drop_last=drop_last,
+                                        data=self.data,
+                                        sizes=sizes,
+                                        activation=self.activation,
+                                        dtype=self.dtype,
+                                        backend=self.backend,
+                                        batch_size=B,
+                                        full_batch=full,
+                                        optimizer=self.optimizer,
+                                        lr=float(lr),
+                                        momentum=self.momentum,
+                                        lr_policy=self.lr_policy,
+                                        base_batch_size=self.base_batch_size,
+                                        base_lr=self.base_lr,
+                                        warmup_steps=self.warmup_steps,
+                                        bs_schedule=tuple(
+                                            (int(e), min(n_train, int(round(B * f)))) for e, f in self.bs_growth
+                                        ),
+                                        seed=int(seed),
+                                        max_epochs=self.max_epochs,
+                                        min_steps=self.min_steps,
+                                        target_metric=self.target_metric,
+                                        target=self.target,
+                                    )
+                                )
         if skipped:
-            warnings.warn(f"batch_norm: left out (batch size, ghost batch size) pairs whose ghost "
-                          f"batches would hold 1 row (zero variance): {sorted(skipped, key=str)}",
-                          stacklevel=2)
+            warnings.warn(
+                f"batch_norm: left out (batch size, ghost batch size) pairs whose ghost "
+                f"batches would hold 1 row (zero variance): {sorted(skipped, key=str)}",
+                stacklevel=2,
+            )
         return out
 
     def adaptive_trials(self, n_train: int, n_in: int, n_out: int) -> list:
@@ -219,8 +246,9 @@ class SweepSpec:
 
         b0 = min(self.adaptive_min, n_train)
         if b0 < 2:
-            warnings.warn(f"adaptive: the adaptive arm needs at least 2 training examples, got {n_train}; "
-                          f"left out", stacklevel=2)
+            warnings.warn(
+                f"adaptive: the adaptive arm needs at least 2 training examples, got {n_train}; left out", stacklevel=2
+            )
             return []
         spec = AdaptiveBatchSize(min=b0)
         candidates = spec.sizes(n_train)
@@ -240,8 +268,11 @@ class SweepSpec:
             if g not in ghosts:
                 ghosts.append(g)
         if skipped:
-            warnings.warn(f"adaptive: left out the adaptive arm with ghost batch sizes {skipped}: a candidate "
-                          f"batch size among {candidates} would leave a ghost batch of 1 row", stacklevel=2)
+            warnings.warn(
+                f"adaptive: left out the adaptive arm with ghost batch sizes {skipped}: a candidate "
+                f"batch size among {candidates} would leave a ghost batch of 1 row",
+                stacklevel=2,
+            )
         out = []
         for depth in self.depths:
             for width in self.widths:
@@ -249,15 +280,32 @@ class SweepSpec:
                 for ghost in ghosts:
                     for lr in self.lrs_for(b0):
                         for seed in self.trial_seeds():
-                            out.append(TrialConfig(
-                                batch_norm=self.batch_norm, ghost_batch_size=ghost, dropout=self.dropout,
-                                data=self.data, sizes=sizes, activation=self.activation, dtype=self.dtype,
-                                backend=self.backend, batch_size="adaptive", adaptive=settings,
-                                optimizer=self.optimizer, lr=float(lr), momentum=self.momentum,
-                                lr_policy=self.lr_policy, base_batch_size=self.base_batch_size,
-                                base_lr=self.base_lr, warmup_steps=self.warmup_steps, seed=int(seed),
-                                max_epochs=self.max_epochs, min_steps=self.min_steps,
-                                target_metric=self.target_metric, target=self.target))
+                            out.append(
+                                TrialConfig(
+                                    batch_norm=self.batch_norm,
+                                    ghost_batch_size=ghost,
+                                    dropout=self.dropout,
+                                    data=self.data,
+                                    sizes=sizes,
+                                    activation=self.activation,
+                                    dtype=self.dtype,
+                                    backend=self.backend,
+                                    batch_size="adaptive",
+                                    adaptive=settings,
+                                    optimizer=self.optimizer,
+                                    lr=float(lr),
+                                    momentum=self.momentum,
+                                    lr_policy=self.lr_policy,
+                                    base_batch_size=self.base_batch_size,
+                                    base_lr=self.base_lr,
+                                    warmup_steps=self.warmup_steps,
+                                    seed=int(seed),
+                                    max_epochs=self.max_epochs,
+                                    min_steps=self.min_steps,
+                                    target_metric=self.target_metric,
+                                    target=self.target,
+                                )
+                            )
         return out
 
     def _ghosts_for(self, B: int, n_train: int, skipped: set) -> list:
@@ -266,7 +314,7 @@ class SweepSpec:
             return [(None, False)]
         out = []
         for g in self.ghost_batch_sizes or (None,):
-            g = None if (g is None or g >= B) else g     # a ghost >= B is the whole batch
+            g = None if (g is None or g >= B) else g  # a ghost >= B is the whole batch
             spec = NormSpec(bn=1, ghost=g)
             try:
                 spec.check_batch(B)
@@ -282,7 +330,7 @@ class SweepSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SweepSpec":
+    def from_dict(cls, d: dict) -> SweepSpec:
         """Inverse of :meth:`to_dict` (JSON turns tuples into lists)."""
         d = dict(d)
         data = dict(d.pop("data"))
@@ -295,7 +343,7 @@ class SweepSpec:
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled or total == 0:    # nothing to run (a resumed, finished study): no empty bar
+    if not enabled or total == 0:  # nothing to run (a resumed, finished study): no empty bar
         return None
     try:
         from tqdm import tqdm
@@ -306,8 +354,17 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="trial", dynamic_ncols=True, file=sys.stderr, smoothing=0)
 
 
-def run_sweep(configs, results, *, executor=None, workers=None, scheduler=None,
-              retry_failed: bool = False, progress: bool = False, log=None) -> dict:
+def run_sweep(
+    configs,
+    results,
+    *,
+    executor=None,
+    workers=None,
+    scheduler=None,
+    retry_failed: bool = False,
+    progress: bool = False,
+    log=None,
+) -> dict:
     """Run every trial of ``configs`` not already in the store ``results``.
 
     Parameters
@@ -337,8 +394,7 @@ def run_sweep(configs, results, *, executor=None, workers=None, scheduler=None,
             seen.add(c.key)
     ex = executor or make_executor(workers, scheduler)
     bar = _progress(len(todo), progress)
-    counts = {"total": len(configs), "skipped": len(configs) - len(todo), "ran": 0, "failed": 0,
-              "executor": ex.name}
+    counts = {"total": len(configs), "skipped": len(configs) - len(todo), "ran": 0, "failed": 0, "executor": ex.name}
     t0 = time.time()
     try:
         for cfg, res in ex.run(run_trial, todo):

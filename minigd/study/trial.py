@@ -3,6 +3,7 @@
 ``run_trial`` is a pure function of its :class:`~minigd.study.config.TrialConfig` (and the
 machine it runs on, for the timings): executors ship configs to workers and results back.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,14 @@ def load_data(spec: DataSpec, dtype: str):
     """The dataset of a spec (cached per process: a worker loads it once)."""
     from minigd.data import load_dataset
 
-    return load_dataset(spec.name, val_fraction=spec.val_fraction, standardize=spec.standardize,
-                        seed=spec.seed, dtype=dtype, **spec.kwargs())
+    return load_dataset(
+        spec.name,
+        val_fraction=spec.val_fraction,
+        standardize=spec.standardize,
+        seed=spec.seed,
+        dtype=dtype,
+        **spec.kwargs(),
+    )
 
 
 def next_eval_step(step: int, rel: float) -> int:
@@ -61,8 +68,13 @@ def measure_noise(model, X, y, rng, cfg: TrialConfig) -> dict | None:
             m = grad_moments(model, X[idx], y[idx], population=N)
     except (ValueError, FloatingPointError):
         return None
-    out = {"noise_scale": float(m.noise_scale), "trace_cov": float(m.trace_cov),
-           "grad_norm_sq": float(m.grad_norm_sq), "n_rows": int(m.n), "population": N}
+    out = {
+        "noise_scale": float(m.noise_scale),
+        "trace_cov": float(m.trace_cov),
+        "grad_norm_sq": float(m.grad_norm_sq),
+        "n_rows": int(m.n),
+        "population": N,
+    }
     for k in ("noise_scale_se", "grad_norm_sq_se", "trace_cov_se"):
         out[k] = float(getattr(m, k, 0.0))
     return out
@@ -88,16 +100,16 @@ class _Evaluator:
         self.higher = "accuracy" in metric
         self.target, self.rel, self.stop = target, rel, stop
         self.next = 1
-        self.curve: list = []           # {"step", "examples", "time", "val_loss", "val_accuracy"}
-        self.snaps: list = []           # (step, examples, params copy), thinned to snap_cap
+        self.curve: list = []  # {"step", "examples", "time", "val_loss", "val_accuracy"}
+        self.snaps: list = []  # (step, examples, params copy), thinned to snap_cap
         self.snap_cap = snap_cap
-        self.reached_at = None          # index into curve
+        self.reached_at = None  # index into curve
         self.overflowed = False
         self.hist = None
 
     def on_fit_start(self, model, hist):
         self.hist = hist
-        self.t_start = time.perf_counter()     # fit's set-up ends here (the first step is next)
+        self.t_start = time.perf_counter()  # fit's set-up ends here (the first step is next)
 
     def met(self, v) -> bool:
         return v >= self.target if self.higher else v <= self.target
@@ -115,7 +127,7 @@ class _Evaluator:
         rec.update({f"val_{k}": float(v) for k, v in ev.items()})
         self.curve.append(rec)
         self.snaps.append((step, rec["examples"], model.params.copy()))
-        if len(self.snaps) > self.snap_cap:     # halve the resolution, keep the span
+        if len(self.snaps) > self.snap_cap:  # halve the resolution, keep the span
             self.snaps = self.snaps[::2]
         if self.reached_at is None and self.met(ev[self.key]):
             self.reached_at = len(self.curve) - 1
@@ -161,8 +173,9 @@ def _optimizer(cfg: TrialConfig, steps_per_epoch: int = 1):
         lr = mg.optim.warmup(lr, cfg.warmup_steps)
     if cfg.optimizer == "adam":
         return mg.Adam(lr=lr, weight_decay=cfg.weight_decay)
-    return mg.SGD(lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                  weight_decay=cfg.weight_decay)
+    return mg.SGD(
+        lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay
+    )
 
 
 def run_trial(cfg: TrialConfig) -> dict:
@@ -176,8 +189,12 @@ def run_trial(cfg: TrialConfig) -> dict:
     try:
         return _run(cfg, t_wall)
     except Exception as exc:  # recorded, the sweep goes on
-        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=20), "wall_time": time.perf_counter() - t_wall}
+        return {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(limit=20),
+            "wall_time": time.perf_counter() - t_wall,
+        }
 
 
 _WARM: set = set()
@@ -188,6 +205,7 @@ def _warmup(dtype: str) -> None:
     include JIT compilation."""
     if dtype not in _WARM:
         from minigd.warmup import warmup
+
         warmup((dtype,))
         _WARM.add(dtype)
 
@@ -200,15 +218,24 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     Xtr, ytr, Xva, yva = ds.X_train, ds.y_train, ds.X_val, ds.y_val
     n = len(Xtr)
     adaptive = cfg.adaptive_spec() if cfg.is_adaptive else None
-    candidates = adaptive.sizes(n) if adaptive is not None else None    # checked against n
+    candidates = adaptive.sizes(n) if adaptive is not None else None  # checked against n
     B = candidates[0] if adaptive is not None else n if cfg.full_batch else cfg.batch_size
     if B > n:
         raise ValueError(f"batch_size: expected at most the number of training examples ({n}), got {B}")
     sizes = (Xtr.shape[1],) + tuple(cfg.sizes[1:-1]) + (ds.n_out,)
-    model = mg.MLP(list(sizes), activation=cfg.activation, loss=ds.loss, dtype=cfg.dtype,
-                   init=cfg.init, seed=cfg.seed, backend=cfg.backend, batch_norm=cfg.batch_norm,
-                   ghost_batch_size=cfg.ghost_batch_size, dropout=cfg.dropout)
-    rng = np.random.default_rng(cfg.seed + 7919)     # the noise subsets (large training sets only)
+    model = mg.MLP(
+        list(sizes),
+        activation=cfg.activation,
+        loss=ds.loss,
+        dtype=cfg.dtype,
+        init=cfg.init,
+        seed=cfg.seed,
+        backend=cfg.backend,
+        batch_norm=cfg.batch_norm,
+        ghost_batch_size=cfg.ghost_batch_size,
+        dropout=cfg.dropout,
+    )
+    rng = np.random.default_rng(cfg.seed + 7919)  # the noise subsets (large training sets only)
 
     if adaptive is not None:
         bs = adaptive
@@ -221,8 +248,10 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     epochs = max(cfg.max_epochs, math.ceil(max(cfg.min_steps, adaptive.every if adaptive else 0) / spe))
     target_metric = cfg.target_metric
     if ds.task != "classification" and "accuracy" in target_metric:
-        raise ValueError(f"target_metric: expected 'val_loss' (with a loss target) for the regression "
-                         f"dataset {cfg.data.name!r}, got {target_metric!r}")
+        raise ValueError(
+            f"target_metric: expected 'val_loss' (with a loss target) for the regression "
+            f"dataset {cfg.data.name!r}, got {target_metric!r}"
+        )
 
     noise = []
 
@@ -237,8 +266,18 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     diverged = False
     t_call = time.perf_counter()
     try:
-        hist = mg.fit(model, Xtr, ytr, batch_size=bs, epochs=epochs, optimizer=_optimizer(cfg, spe),
-                      sampler=cfg.sampler, drop_last=cfg.drop_last, seed=cfg.seed, callbacks=[ev])
+        hist = mg.fit(
+            model,
+            Xtr,
+            ytr,
+            batch_size=bs,
+            epochs=epochs,
+            optimizer=_optimizer(cfg, spe),
+            sampler=cfg.sampler,
+            drop_last=cfg.drop_last,
+            seed=cfg.seed,
+            callbacks=[ev],
+        )
     except mg.DivergenceError as err:
         diverged = True
         hist = err.history
@@ -258,7 +297,7 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
             continue
         model.params[...] = snap[2]
         noise_at(where, snap[0], snap[1])
-    if reached and steps > final_step:    # stop_at_target=False: trained on past the target
+    if reached and steps > final_step:  # stop_at_target=False: trained on past the target
         snap = ev.snapshot_near(final_step)
         if snap is not None and snap[0] == final_step:
             model.params[...] = snap[2]
@@ -289,8 +328,11 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
     for b in np.unique(sizes_run):
         sel = sizes_run == b
         robust[sel] = np.median(step_s[sel])
-    med_step = float(np.median(step_s[sizes_run == B])) if np.any(sizes_run == B) else (
-        float(np.median(step_s)) if steps else None)
+    med_step = (
+        float(np.median(step_s[sizes_run == B]))
+        if np.any(sizes_run == B)
+        else (float(np.median(step_s)) if steps else None)
+    )
     reached_steps = final_step if reached else None
     robust_total = float(robust.sum())
     curve = ev.curve
@@ -314,30 +356,40 @@ def _run(cfg: TrialConfig, t_wall: float) -> dict:
         # in-trial timings (the study's wall time to target comes from its throughput probe)
         "time_to_target": float(robust[:reached_steps].sum()) if reached else None,
         "time_to_target_measured": float(hist.row(reached_steps - 1)["time"]) if reached else None,
-        "steps": steps, "examples": examples, "epochs": examples / n,
+        "steps": steps,
+        "examples": examples,
+        "epochs": examples / n,
         "train_time": train_time,
         "us_per_step": med_step * 1e6 if steps else None,
         "us_per_step_mean": train_time / steps * 1e6 if steps else None,
         "throughput": examples / robust_total if robust_total > 0 else None,
         "workspace_bytes": ws_bytes,
         "memory_bytes": ws_bytes + state_bytes,
-        "final_train_loss": train["loss"], "final_val_loss": val["loss"],
-        "final_train_accuracy": train.get("accuracy"), "final_val_accuracy": val.get("accuracy"),
+        "final_train_loss": train["loss"],
+        "final_val_loss": val["loss"],
+        "final_train_accuracy": train.get("accuracy"),
+        "final_val_accuracy": val.get("accuracy"),
         "best_val_accuracy": max((e["val_accuracy"] for e in ev.curve if "val_accuracy" in e), default=None),
-        "target_metric": target_metric, "target": cfg.target,
+        "target_metric": target_metric,
+        "target": cfg.target,
         "gen_gap_loss": val["loss"] - train["loss"],
         "gen_gap_accuracy": (train["accuracy"] - val["accuracy"]) if "accuracy" in train else None,
-        "batch_size": B, "n_train": n, "n_params": model.n_params,
-        "noise": noise, "curve": _thin(curve, 400),
-        "host": platform.node(), "pid": os.getpid(),
+        "batch_size": B,
+        "n_train": n,
+        "n_params": model.n_params,
+        "noise": noise,
+        "curve": _thin(curve, 400),
+        "host": platform.node(),
+        "pid": os.getpid(),
         # the threads the timings were taken with (pool workers and --workers 1: 1 and 1)
         **thread_counts(),
         "wall_time": time.perf_counter() - t_wall,
     }
     res["epochs_budget"] = epochs
     if adaptive is not None:
-        res["adaptive"] = adaptive_record(hist, candidates, s_interp if reached else None, step_s,
-                                          getattr(ev, "t_start", t_call) - t_call)
+        res["adaptive"] = adaptive_record(
+            hist, candidates, s_interp if reached else None, step_s, getattr(ev, "t_start", t_call) - t_call
+        )
     for k, v in list(res.items()):
         if isinstance(v, float) and not math.isfinite(v):
             res[k] = None
@@ -380,16 +432,24 @@ def adaptive_record(hist, candidates, steps_to_target, step_s, setup_s) -> dict:
             w[-1] = steps_to_target - (k - 1)
         by_b = [[int(b), float(w[force[:k] == b].sum())] for b in np.unique(force[:k])]
     sizes_run = hist.column("batch_size") if n else np.zeros(0, np.int64)
-    step_s_by = [[int(b), float(np.median(step_s[sizes_run == b]))] for b in np.unique(sizes_run)
-                 if np.any(sizes_run == b)] if n else []
+    step_s_by = (
+        [[int(b), float(np.median(step_s[sizes_run == b]))] for b in np.unique(sizes_run) if np.any(sizes_run == b)]
+        if n
+        else []
+    )
     rec = [[int(d["step"]), int(d["batch_size"]), float(d["lr_factor"])] for d in decisions]
     if len(rec) > DECISIONS_CAP:
         idx = np.unique(np.linspace(0, len(rec) - 1, DECISIONS_CAP).round().astype(int))
         rec = [rec[i] for i in idx]
-    return {"candidates": [int(c) for c in candidates], "decisions": rec, "steps_by_batch": by_b,
-            "step_s_by_batch": step_s_by, "setup_s": float(setup_s),
-            "final_batch_size": int(force[-1]) if n else int(candidates[0]),
-            "max_batch_size": int(force.max()) if n else int(candidates[0])}
+    return {
+        "candidates": [int(c) for c in candidates],
+        "decisions": rec,
+        "steps_by_batch": by_b,
+        "step_s_by_batch": step_s_by,
+        "setup_s": float(setup_s),
+        "final_batch_size": int(force[-1]) if n else int(candidates[0]),
+        "max_batch_size": int(force.max()) if n else int(candidates[0]),
+    }
 
 
 #: decisions an adaptive trial keeps (evenly thinned beyond)

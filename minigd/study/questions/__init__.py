@@ -34,6 +34,7 @@ Every arm's trials are tagged ``search_id = "q:<name>"`` and stored in the study
 ``results.sqlite`` like the grid's (resumable, Dask-capable); their keys are stored in the
 meta entry ``question_keys`` so ``minigd report`` re-answers from the file alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,11 +42,20 @@ import importlib
 import os
 import platform
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-QUESTIONS = ("smallest_batch", "sgd_batch_one", "width_one", "powers_of_two", "lr_scaling",
-             "grow_vs_decay", "generalisation", "search_strategies")
+QUESTIONS = (
+    "smallest_batch",
+    "sgd_batch_one",
+    "width_one",
+    "powers_of_two",
+    "lr_scaling",
+    "grow_vs_decay",
+    "generalisation",
+    "search_strategies",
+)
 
 
 def parse_questions(text) -> tuple:
@@ -126,15 +136,16 @@ class QuestionContext:
     report_dir: str | None = None
     log: Callable[[str], None] = field(default=lambda line: None)
     progress: bool = False
-    name: str = ""                     # the arm being answered (set by answer_questions)
-    keys: list = field(default_factory=list)   # the keys of the trials it ran or found
+    name: str = ""  # the arm being answered (set by answer_questions)
+    keys: list = field(default_factory=list)  # the keys of the trials it ran or found
 
     def __post_init__(self):
         # the arms compare fixed batch sizes: the adaptive arm's trials and probe entries
         # (SweepSpec.adaptive) are not theirs to see
         self.main_rows = [(c, r) for c, r in (self.main_rows or []) if not getattr(c, "is_adaptive", False)]
-        self.main_probe = [e for e in (self.main_probe or [])
-                           if not (isinstance(e, dict) and e.get("adaptive") is not None)]
+        self.main_probe = [
+            e for e in (self.main_probe or []) if not (isinstance(e, dict) and e.get("adaptive") is not None)
+        ]
 
     @property
     def readonly(self) -> bool:
@@ -151,20 +162,35 @@ class QuestionContext:
     def base_config(self, **changes):
         """A trial like the grid's (data, model, optimizer, budget, target), with changes."""
         from minigd.study.config import TrialConfig
+
         n_in, n_out = self.ds.X_train.shape[1], self.ds.n_out
         s = self.spec
-        base = TrialConfig(data=s.data, sizes=(n_in,) + (s.widths[0],) * s.depths[0] + (n_out,),
-                           activation=s.activation, dtype=s.dtype, backend=s.backend, batch_size=32,
-                           optimizer=s.optimizer, lr=s.base_lr, momentum=s.momentum, lr_policy="tuned",
-                           base_batch_size=s.base_batch_size, base_lr=s.base_lr, seed=0,
-                           max_epochs=s.max_epochs, min_steps=s.min_steps, target_metric=s.target_metric,
-                           target=s.target)
+        base = TrialConfig(
+            data=s.data,
+            sizes=(n_in,) + (s.widths[0],) * s.depths[0] + (n_out,),
+            activation=s.activation,
+            dtype=s.dtype,
+            backend=s.backend,
+            batch_size=32,
+            optimizer=s.optimizer,
+            lr=s.base_lr,
+            momentum=s.momentum,
+            lr_policy="tuned",
+            base_batch_size=s.base_batch_size,
+            base_lr=s.base_lr,
+            seed=0,
+            max_epochs=s.max_epochs,
+            min_steps=s.min_steps,
+            target_metric=s.target_metric,
+            target=s.target,
+        )
         return dataclasses.replace(base, **changes)
 
     def run_trials(self, configs) -> list:
         """Run (or find in the store) ``configs``, tagged as this arm's; returns their
         (config, result) pairs in the order given.  Read-only: stored ones only."""
         from minigd.study.sweep import run_sweep
+
         configs = [c if c.search_id.startswith("q:") else tag(c, self.name) for c in configs]
         if not self.readonly:
             todo = [c for c in configs if c.key not in self.store.keys()]
@@ -179,13 +205,15 @@ class QuestionContext:
         """Throughput probe entries for ``configs`` (see :mod:`minigd.study.probe`), stored
         under this arm and re-used on a resumed study or by ``minigd report``."""
         from minigd.study.probe import ROUNDS, probe, probe_jobs, probe_key
+
         jobs = probe_jobs(configs)
         meta = f"probe:{self.name}"
         old = self.store.meta(meta) or []
         have = {e.get("key"): e for e in old if isinstance(e, dict)}
         need = [probe_key(c) for c in jobs]
-        if all(k in have for k in need) and (self.readonly or all(
-                have[k].get("host") == platform.node() for k in need)):
+        if all(k in have for k in need) and (
+            self.readonly or all(have[k].get("host") == platform.node() for k in need)
+        ):
             return [have[k] for k in need]
         if self.readonly:
             return [have[k] for k in need if k in have]
@@ -205,13 +233,23 @@ class QuestionContext:
         s = self.spec
         sizes = "-".join(map(str, (self.ds.X_train.shape[1],) + (s.widths[0],) * s.depths[0] + (self.ds.n_out,)))
         from minigd.study.executors import cpu_model
+
         cpu = cpu_model()
-        what = (f"MLP {sizes} ({s.activation}, {s.optimizer}, momentum {s.momentum:g}, {s.dtype}) on "
-                f"{s.data.name} ({self.n_train} training examples), target {s.target_metric} "
-                f"{'>=' if 'accuracy' in s.target_metric else '<='} {s.target:g}; {cpu}, one thread")
-        plain = [n for n, on in (("batch norm", s.batch_norm is not False), ("dropout", s.dropout > 0),
-                                 ("learning-rate warm-up", s.warmup_steps > 0)) if on]
-        if plain:   # base_config trains the plain model: say so rather than describe the grid's
+        what = (
+            f"MLP {sizes} ({s.activation}, {s.optimizer}, momentum {s.momentum:g}, {s.dtype}) on "
+            f"{s.data.name} ({self.n_train} training examples), target {s.target_metric} "
+            f"{'>=' if 'accuracy' in s.target_metric else '<='} {s.target:g}; {cpu}, one thread"
+        )
+        plain = [
+            n
+            for n, on in (
+                ("batch norm", s.batch_norm is not False),
+                ("dropout", s.dropout > 0),
+                ("learning-rate warm-up", s.warmup_steps > 0),
+            )
+            if on
+        ]
+        if plain:  # base_config trains the plain model: say so rather than describe the grid's
             what += f" (the arm's own trials without the study's {', '.join(plain)})"
         if len(s.widths) > 1 or len(s.depths) > 1:
             what += " (the first of the study's widths and depths)"
@@ -221,8 +259,19 @@ class QuestionContext:
 def unanswered(name: str, why: str, **extra) -> dict:
     """The answer of an arm that could not answer, saying why."""
     mod_q = getattr(arm(name), "QUESTION", name)
-    return {"name": name, "question": mod_q, "answer": f"Not answered: {why}", "value": None, "lo": None,
-            "hi": None, "unit": None, "conditions": "", "plot": None, "details": {}, **extra}
+    return {
+        "name": name,
+        "question": mod_q,
+        "answer": f"Not answered: {why}",
+        "value": None,
+        "lo": None,
+        "hi": None,
+        "unit": None,
+        "conditions": "",
+        "plot": None,
+        "details": {},
+        **extra,
+    }
 
 
 def answer_questions(ctx: QuestionContext, names) -> dict:
@@ -248,10 +297,9 @@ def answer_questions(ctx: QuestionContext, names) -> dict:
             ans.setdefault("name", name)
             ans.setdefault("question", mod.QUESTION)
         except Exception as exc:  # one arm's failure must not cost the study its other answers
-            ans = unanswered(name, f"the arm failed ({type(exc).__name__}: {exc})",
-                             error=traceback.format_exc(limit=8))
+            ans = unanswered(name, f"the arm failed ({type(exc).__name__}: {exc})", error=traceback.format_exc(limit=8))
         out[name] = _finite_json(ans)
-        keys[name] = sorted(set(ctx.keys))     # also [] for an arm with no trials of its own
+        keys[name] = sorted(set(ctx.keys))  # also [] for an arm with no trials of its own
     if not ctx.readonly:
         ctx.store.set_meta("question_keys", keys)
     return out

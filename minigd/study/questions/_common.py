@@ -1,4 +1,5 @@
 """Helpers the arms share: reading the main analysis, formatting numbers with intervals."""
+
 from __future__ import annotations
 
 import math

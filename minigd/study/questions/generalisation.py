@@ -24,6 +24,7 @@ too few updates ("train longer") and close it with ghost batch norm; Shallue et 
 (arXiv:1811.03600) find no evidence that large batches generalise worse once the learning
 rate (and the budget) are tuned per batch size.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,24 +41,28 @@ from .width_one import (
 )
 
 NAME = "generalisation"
-QUESTION = ("Do large batches generalise worse at the same number of epochs? Does ghost batch norm close "
-            "the gap?")
+QUESTION = "Do large batches generalise worse at the same number of epochs? Does ghost batch norm close the gap?"
 #: multiples of the centre learning rate tried per batch size, per model: the centre (the main
 #: study's best rate for steps to its target) is on the high side for the final metric of a
 #: run without decay, and batch norm takes larger rates than the plain model
-LR_FACTORS = {"plain": (0.125, 0.25, 0.5, 1.0, 2.0), "ghost BN": (0.25, 0.5, 1.0, 2.0, 4.0),
-              "dropout": (0.125, 0.25, 0.5, 1.0, 2.0)}
-SMALLEST = 8                # the smallest batch size (Masters & Luschi's 2-32)
-GROWTH = 4                  # batch sizes SMALLEST * GROWTH**k below the training-set size, then full
-GHOST = 16                  # rows per ghost batch
+LR_FACTORS = {
+    "plain": (0.125, 0.25, 0.5, 1.0, 2.0),
+    "ghost BN": (0.25, 0.5, 1.0, 2.0, 4.0),
+    "dropout": (0.125, 0.25, 0.5, 1.0, 2.0),
+}
+SMALLEST = 8  # the smallest batch size (Masters & Luschi's 2-32)
+GROWTH = 4  # batch sizes SMALLEST * GROWTH**k below the training-set size, then full
+GHOST = 16  # rows per ghost batch
 DROPOUT = 0.1
 N_SEEDS = 3
 VARIANTS = ("plain", "ghost BN", "dropout")
-LITERATURE = ("Keskar et al. 2017 (arXiv:1609.04836) tie large batches to sharp minima that generalise worse; "
-              "Masters & Luschi 2018 (arXiv:1804.07612) find the best results at batch 2-32; Hoffer et al. 2017 "
-              "(arXiv:1705.08741) trace the gap to too few updates and close it with ghost batch norm and "
-              "longer training; Shallue et al. 2018 (arXiv:1811.03600) find no evidence of a gap once "
-              "the learning rate and budget are tuned per batch size")
+LITERATURE = (
+    "Keskar et al. 2017 (arXiv:1609.04836) tie large batches to sharp minima that generalise worse; "
+    "Masters & Luschi 2018 (arXiv:1804.07612) find the best results at batch 2-32; Hoffer et al. 2017 "
+    "(arXiv:1705.08741) trace the gap to too few updates and close it with ghost batch norm and "
+    "longer training; Shallue et al. 2018 (arXiv:1811.03600) find no evidence of a gap once "
+    "the learning rate and budget are tuned per batch size"
+)
 
 
 def batch_sizes(n: int) -> list:
@@ -97,8 +102,18 @@ def plan(ctx) -> list:
             lr0 = center_lr(ctx, B)
             for f in LR_FACTORS[variant]:
                 for sd in arm_seeds(ctx):
-                    out.append(ctx.base_config(batch_size=B, full_batch=B == n, lr=float(lr0 * f), seed=int(sd),
-                                               max_epochs=epochs(ctx), min_steps=0, stop_at_target=False, **kw))
+                    out.append(
+                        ctx.base_config(
+                            batch_size=B,
+                            full_batch=B == n,
+                            lr=float(lr0 * f),
+                            seed=int(sd),
+                            max_epochs=epochs(ctx),
+                            min_steps=0,
+                            stop_at_target=False,
+                            **kw,
+                        )
+                    )
     return out
 
 
@@ -118,8 +133,16 @@ def answer(ctx, rows) -> dict:
     ok = [(c, r) for c, r in rows if r.get("status") == "ok"]
     if not ok:
         return unanswered(NAME, "none of the equal-epoch trials succeeded")
-    sel = tuned_bootstrap(ok, lambda c: (_variant_of(c), int(c.batch_size)), seeds, metric=metric, higher=higher,
-                          extras=(gap_field, "steps"), seed=ctx.seed, salt=NAME)
+    sel = tuned_bootstrap(
+        ok,
+        lambda c: (_variant_of(c), int(c.batch_size)),
+        seeds,
+        metric=metric,
+        higher=higher,
+        extras=(gap_field, "steps"),
+        seed=ctx.seed,
+        salt=NAME,
+    )
     scale = 100.0 if metric == "accuracy" else -1.0
     gscale = 100.0 if metric == "accuracy" else 1.0
     table = {}
@@ -139,15 +162,20 @@ def answer(ctx, rows) -> dict:
             return None
         s, l = min(ok_b), max(ok_b)
         val, samp = t[l]["value"] - t[s]["value"], t[l]["samples"] - t[s]["samples"]
-        return {"small": s, "large": l, "value": val, "samples": samp,
-                "iv": interval(val, samp, abs(scale))}
+        return {"small": s, "large": l, "value": val, "samples": samp, "iv": interval(val, samp, abs(scale))}
 
     gaps = {v: gap(v) for v in VARIANTS}
     g0 = gaps["plain"]
     iv0 = g0["iv"]
-    display = lambda iv: iv if metric == "accuracy" else {   # a loss: large - small in loss, > 0 worse
-        "value": None if iv["value"] is None else -iv["value"], "lo": None if iv["hi"] is None else -iv["hi"],
-        "hi": None if iv["lo"] is None else -iv["lo"]}
+    display = lambda iv: (
+        iv
+        if metric == "accuracy"
+        else {  # a loss: large - small in loss, > 0 worse
+            "value": None if iv["value"] is None else -iv["value"],
+            "lo": None if iv["hi"] is None else -iv["hi"],
+            "hi": None if iv["lo"] is None else -iv["lo"],
+        }
+    )
     head = display(iv0)
     worse = iv0["hi"] is not None and iv0["hi"] < 0
     better = iv0["lo"] is not None and iv0["lo"] > 0
@@ -164,17 +192,30 @@ def answer(ctx, rows) -> dict:
     lb = lambda B: f"{B} (full batch)" if B == n else str(B)
     gw = "train − validation accuracy" if metric == "accuracy" else "validation − train loss"
     what = "validation accuracy" if metric == "accuracy" else "validation loss"
-    fmt_gap = lambda d: ("not measured" if d["value"] is None else
-                         (f"{d['value']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}] points" if metric == "accuracy"
-                          else f"{d['value']:.3g} [{d['lo']:.3g}, {d['hi']:.3g}]"))
-    yes = ("Yes, here" if worse else "No, here the opposite" if better else
-           "Not measurably here (the interval includes no difference)")
-    verdict = (f"{yes}: at {epochs(ctx)} epochs, with the learning rate tuned per batch size, batch {lb(b_large)} "
-               f"ends at {fmt_metric(ivs[('plain', b_large)], metric)} {what} against "
-               f"{fmt_metric(ivs[('plain', b_small)], metric)} at batch {b_small}, a difference of {signed(iv0)} "
-               f"({steps.get(b_large, 0):,.0f} steps against {steps.get(b_small, 0):,.0f}); the generalisation "
-               f"gap ({gw}) is {fmt_gap(gap_ivs[('plain', b_large)])} against "
-               f"{fmt_gap(gap_ivs[('plain', b_small)])}")
+    fmt_gap = lambda d: (
+        "not measured"
+        if d["value"] is None
+        else (
+            f"{d['value']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}] points"
+            if metric == "accuracy"
+            else f"{d['value']:.3g} [{d['lo']:.3g}, {d['hi']:.3g}]"
+        )
+    )
+    yes = (
+        "Yes, here"
+        if worse
+        else "No, here the opposite"
+        if better
+        else "Not measurably here (the interval includes no difference)"
+    )
+    verdict = (
+        f"{yes}: at {epochs(ctx)} epochs, with the learning rate tuned per batch size, batch {lb(b_large)} "
+        f"ends at {fmt_metric(ivs[('plain', b_large)], metric)} {what} against "
+        f"{fmt_metric(ivs[('plain', b_small)], metric)} at batch {b_small}, a difference of {signed(iv0)} "
+        f"({steps.get(b_large, 0):,.0f} steps against {steps.get(b_small, 0):,.0f}); the generalisation "
+        f"gap ({gw}) is {fmt_gap(gap_ivs[('plain', b_large)])} against "
+        f"{fmt_gap(gap_ivs[('plain', b_small)])}"
+    )
 
     def closes(v):
         """How variant v's own (largest - smallest) difference compares with the plain model's."""
@@ -192,50 +233,101 @@ def answer(ctx, rows) -> dict:
         else:
             word = "does not close the gap"
         big = ivs.get((v, g["large"]), {})
-        return ({"difference": display(g["iv"]), "largest": big, "smallest": ivs.get((v, g["small"])),
-                 "change_vs_plain": display(change), "verdict": word},
-                (f"{name} {word}: with it batch {lb(g['large'])} ends at {fmt_metric(big, metric)}, "
-                 f"{signed(g['iv'])} from its batch {g['small']}"))
+        return (
+            {
+                "difference": display(g["iv"]),
+                "largest": big,
+                "smallest": ivs.get((v, g["small"])),
+                "change_vs_plain": display(change),
+                "verdict": word,
+            },
+            (
+                f"{name} {word}: with it batch {lb(g['large'])} ends at {fmt_metric(big, metric)}, "
+                f"{signed(g['iv'])} from its batch {g['small']}"
+            ),
+        )
 
     bn, bn_text = closes("ghost BN")
     do, do_text = closes("dropout")
-    text = (verdict + ". " + bn_text[0].upper() + bn_text[1:] + "; " + do_text + ". Compare: " + LITERATURE + ".")
+    text = verdict + ". " + bn_text[0].upper() + bn_text[1:] + "; " + do_text + ". Compare: " + LITERATURE + "."
     if GHOST >= b_large:
         text += f" (Every batch here is at most {GHOST} rows, so ghost batch norm is plain batch norm.)"
-    head_edges = [f"batch {B} ({table['plain'][B]['best_lr']:.3g}, the "
-                  f"{'smallest' if table['plain'][B]['lr_edge'] == 'low' else 'largest'} tried)"
-                  for B in (b_small, b_large) if table["plain"][B]["lr_edge"]]
+    head_edges = [
+        f"batch {B} ({table['plain'][B]['best_lr']:.3g}, the "
+        f"{'smallest' if table['plain'][B]['lr_edge'] == 'low' else 'largest'} tried)"
+        for B in (b_small, b_large)
+        if table["plain"][B]["lr_edge"]
+    ]
     if head_edges:
-        text += (" Note: the plain model's best learning rate lies at the edge of the rates tried at "
-                 + " and ".join(head_edges) + ", so that batch size may do a little better outside them.")
+        text += (
+            " Note: the plain model's best learning rate lies at the edge of the rates tried at "
+            + " and ".join(head_edges)
+            + ", so that batch size may do a little better outside them."
+        )
     plot = _plot(ctx, table, ivs, gap_ivs, metric, gw)
     per_batch = []
     for v in VARIANTS:
         for B in sorted(table.get(v, {})):
             e = table[v][B]
-            per_batch.append({"variant": v, "batch_size": B, "metric": ivs[(v, B)], "gen_gap": gap_ivs[(v, B)],
-                              "steps": e["steps"], "best_lr": e["best_lr"], "lrs_tried": e["lrs"],
-                              "lr_edge": e["lr_edge"]})
-    budget = (f"batch sizes {', '.join(lb(B) for B in batch_sizes(n))}; {epochs(ctx)} epochs per trial (no "
-              f"early stop); learning rate tuned per batch size and model over "
-              f"{_factors('plain')} (ghost batch norm: {_factors('ghost BN')}) x the main study's best rate at that "
-              f"batch size; "
-              f"{len(seeds)} seeds; ghost batch norm: batch norm before the activation over ghost batches of "
-              f"{GHOST}; dropout {DROPOUT:g}; final validation metric at the best rate (median over seeds), 90% "
-              f"bootstrap intervals over seeds ({N_BOOT} resamples, best rate re-selected in each)")
-    edges = [f"{r['variant']} at batch {r['batch_size']}: best learning rate at the "
-             f"{'smallest' if r['lr_edge'] == 'low' else 'largest'} tried" for r in per_batch if r["lr_edge"]]
-    return {"name": NAME, "question": QUESTION, "answer": text, **head,
-            "unit": ("percentage points of validation accuracy (largest − smallest batch, plain model)"
-                     if metric == "accuracy" else "validation loss (largest − smallest batch, plain model)"),
-            "conditions": ctx.conditions(budget), "plot": plot,
-            "details": {"metric": f"final_val_{metric}", "gen_gap": gap_field, "epochs": epochs(ctx),
-                        "batch_sizes": batch_sizes(n), "smallest": b_small, "largest": b_large,
-                        "large_batch_worse": bool(worse), "large_batch_better": bool(better),
-                        "ghost_batch_size": GHOST, "dropout": DROPOUT, "seeds": list(seeds),
-                        "lr_factors": {v: list(f) for v, f in LR_FACTORS.items()},
-                        "ghost_bn": bn, "dropout_model": do,
-                        "lr_at_grid_edge": edges, "literature": LITERATURE, "per_batch": per_batch}}
+            per_batch.append(
+                {
+                    "variant": v,
+                    "batch_size": B,
+                    "metric": ivs[(v, B)],
+                    "gen_gap": gap_ivs[(v, B)],
+                    "steps": e["steps"],
+                    "best_lr": e["best_lr"],
+                    "lrs_tried": e["lrs"],
+                    "lr_edge": e["lr_edge"],
+                }
+            )
+    budget = (
+        f"batch sizes {', '.join(lb(B) for B in batch_sizes(n))}; {epochs(ctx)} epochs per trial (no "
+        f"early stop); learning rate tuned per batch size and model over "
+        f"{_factors('plain')} (ghost batch norm: {_factors('ghost BN')}) x the main study's best rate at that "
+        f"batch size; "
+        f"{len(seeds)} seeds; ghost batch norm: batch norm before the activation over ghost batches of "
+        f"{GHOST}; dropout {DROPOUT:g}; final validation metric at the best rate (median over seeds), 90% "
+        f"bootstrap intervals over seeds ({N_BOOT} resamples, best rate re-selected in each)"
+    )
+    edges = [
+        f"{r['variant']} at batch {r['batch_size']}: best learning rate at the "
+        f"{'smallest' if r['lr_edge'] == 'low' else 'largest'} tried"
+        for r in per_batch
+        if r["lr_edge"]
+    ]
+    return {
+        "name": NAME,
+        "question": QUESTION,
+        "answer": text,
+        **head,
+        "unit": (
+            "percentage points of validation accuracy (largest − smallest batch, plain model)"
+            if metric == "accuracy"
+            else "validation loss (largest − smallest batch, plain model)"
+        ),
+        "conditions": ctx.conditions(budget),
+        "plot": plot,
+        "details": {
+            "metric": f"final_val_{metric}",
+            "gen_gap": gap_field,
+            "epochs": epochs(ctx),
+            "batch_sizes": batch_sizes(n),
+            "smallest": b_small,
+            "largest": b_large,
+            "large_batch_worse": bool(worse),
+            "large_batch_better": bool(better),
+            "ghost_batch_size": GHOST,
+            "dropout": DROPOUT,
+            "seeds": list(seeds),
+            "lr_factors": {v: list(f) for v, f in LR_FACTORS.items()},
+            "ghost_bn": bn,
+            "dropout_model": do,
+            "lr_at_grid_edge": edges,
+            "literature": LITERATURE,
+            "per_batch": per_batch,
+        },
+    }
 
 
 def _factors(v) -> str:
@@ -248,17 +340,19 @@ def _plot(ctx, table, ivs, gap_ivs, metric, gw):
         return None
     import os
 
-    from minigd._plotting import pyplot as _pyplot, save_png as _save
+    from minigd._plotting import pyplot as _pyplot
+    from minigd._plotting import save_png as _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     colours = {"plain": "#1f77b4", "ghost BN": "#ff7f0e", "dropout": "#2ca02c"}
     labels = {"plain": "plain MLP", "ghost BN": f"ghost batch norm ({GHOST} rows)", "dropout": f"dropout {DROPOUT:g}"}
-    shift = {"plain": 1.0, "ghost BN": 1.06, "dropout": 0.94}     # side by side, not on top of each other
+    shift = {"plain": 1.0, "ghost BN": 1.06, "dropout": 0.94}  # side by side, not on top of each other
     allB = sorted({B for t in table.values() for B in t})
-    for ax, d, ylabel in ((axes[0], ivs, "final validation accuracy (%)" if metric == "accuracy"
-                           else "final validation loss"),
-                          (axes[1], gap_ivs, f"{gw}{' (points)' if metric == 'accuracy' else ''}")):
+    for ax, d, ylabel in (
+        (axes[0], ivs, "final validation accuracy (%)" if metric == "accuracy" else "final validation loss"),
+        (axes[1], gap_ivs, f"{gw}{' (points)' if metric == 'accuracy' else ''}"),
+    ):
         for v in VARIANTS:
             Bs = [B for B in sorted(table.get(v, {})) if d[(v, B)]["value"] is not None]
             if not Bs:
@@ -266,8 +360,9 @@ def _plot(ctx, table, ivs, gap_ivs, metric, gw):
             y = [d[(v, B)]["value"] for B in Bs]
             lo = [y_ - (d[(v, B)]["lo"] if d[(v, B)]["lo"] is not None else y_) for y_, B in zip(y, Bs)]
             hi = [(d[(v, B)]["hi"] if d[(v, B)]["hi"] is not None else y_) - y_ for y_, B in zip(y, Bs)]
-            ax.errorbar([B * shift[v] for B in Bs], y, yerr=[lo, hi], fmt="o-", capsize=3, color=colours[v],
-                        label=labels[v])
+            ax.errorbar(
+                [B * shift[v] for B in Bs], y, yerr=[lo, hi], fmt="o-", capsize=3, color=colours[v], label=labels[v]
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(allB)
         ax.set_xticklabels([f"{B}\n(full)" if B == ctx.n_train else str(B) for B in allB])

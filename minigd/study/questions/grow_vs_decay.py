@@ -34,6 +34,7 @@ race the other workers, are kept in ``details``).  90% intervals: 5th/95th perce
 of :data:`N_BOOT` bootstrap resamples of the seeds (jointly across the arms, so the
 difference is paired) and of the probe's rounds, seeded from the master seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,12 +47,13 @@ import numpy as np
 from ._common import arch0, fmt_num
 
 NAME = "grow_vs_decay"
-QUESTION = ("Is it better to increase the batch size than to decay the learning rate "
-            "(Smith et al. 2018, arXiv:1711.00489)?")
-FACTOR = 5              # k: the learning rate / 5, or the batch x 5, at each milestone (Smith et al.)
+QUESTION = (
+    "Is it better to increase the batch size than to decay the learning rate (Smith et al. 2018, arXiv:1711.00489)?"
+)
+FACTOR = 5  # k: the learning rate / 5, or the batch x 5, at each milestone (Smith et al.)
 PREFERRED_B = 32
-BUDGET_X = 8            # the budget: this many times the epochs B0 needed to reach the target
-MIN_EPOCHS = 4          # two milestones inside the budget need at least 4 epochs
+BUDGET_X = 8  # the budget: this many times the epochs B0 needed to reach the target
+MIN_EPOCHS = 4  # two milestones inside the budget need at least 4 epochs
 N_SEEDS = 5
 N_BOOT = 4000
 ARMS = ("constant", "decay", "growth")
@@ -75,7 +77,7 @@ def _start(ctx):
     row = rows.get(B0)
     if row is not None:
         return B0, float(row["best_lr"]), row
-    lrs = ctx.spec.lrs_for(B0)      # not in the study: the centre of its grid at B0
+    lrs = ctx.spec.lrs_for(B0)  # not in the study: the centre of its grid at B0
     return B0, float(lrs[len(lrs) // 2]), None
 
 
@@ -104,16 +106,27 @@ def design(ctx) -> dict:
     n = ctx.n_train
     sizes = [B0, min(n, B0 * FACTOR), min(n, B0 * FACTOR * FACTOR)]
     seeds = tuple(ctx.spec.trial_seeds()[:N_SEEDS])
-    if len(seeds) < N_SEEDS:    # the study ran fewer seeds: derive the rest from the master seed
+    if len(seeds) < N_SEEDS:  # the study ran fewer seeds: derive the rest from the master seed
         extra = np.random.SeedSequence([ctx.seed, zlib.crc32(NAME.encode())]).generate_state(N_SEEDS, np.uint32)
-        seeds = seeds + tuple(int(x) >> 1 for x in extra if int(x) >> 1 not in seeds)[:N_SEEDS - len(seeds)]
-    base = ctx.base_config(batch_size=B0, full_batch=B0 == n, lr=lr, max_epochs=E, min_steps=0,
-                           stop_at_target=False, search_id=f"q:{NAME}")
-    arms = {"constant": base,
-            "decay": dataclasses.replace(base, lr_decay=((e1, 1.0 / FACTOR), (e2, 1.0 / FACTOR))),
-            "growth": dataclasses.replace(base, bs_schedule=((e1, sizes[1]), (e2, sizes[2])))}
-    return {"B0": B0, "lr": lr, "row": row, "epochs": E, "milestones": (e1, e2), "sizes": sizes,
-            "seeds": seeds, "arms": arms}
+        seeds = seeds + tuple(int(x) >> 1 for x in extra if int(x) >> 1 not in seeds)[: N_SEEDS - len(seeds)]
+    base = ctx.base_config(
+        batch_size=B0, full_batch=B0 == n, lr=lr, max_epochs=E, min_steps=0, stop_at_target=False, search_id=f"q:{NAME}"
+    )
+    arms = {
+        "constant": base,
+        "decay": dataclasses.replace(base, lr_decay=((e1, 1.0 / FACTOR), (e2, 1.0 / FACTOR))),
+        "growth": dataclasses.replace(base, bs_schedule=((e1, sizes[1]), (e2, sizes[2]))),
+    }
+    return {
+        "B0": B0,
+        "lr": lr,
+        "row": row,
+        "epochs": E,
+        "milestones": (e1, e2),
+        "sizes": sizes,
+        "seeds": seeds,
+        "arms": arms,
+    }
 
 
 def plan(ctx) -> list:
@@ -168,31 +181,45 @@ def answer(ctx, rows) -> dict:
     acc = "accuracy" in metric
     mkey = "final_val_accuracy" if acc else "final_val_loss"
     by_key = {c.key: r for c, r in rows}
-    seeds = [s for s in d["seeds"]
-             if all((by_key.get(dataclasses.replace(d["arms"][a], seed=int(s)).key) or {}).get("status") == "ok"
-                    and (by_key.get(dataclasses.replace(d["arms"][a], seed=int(s)).key) or {}).get(mkey) is not None
-                    for a in ARMS)]
+    seeds = [
+        s
+        for s in d["seeds"]
+        if all(
+            (by_key.get(dataclasses.replace(d["arms"][a], seed=int(s)).key) or {}).get("status") == "ok"
+            and (by_key.get(dataclasses.replace(d["arms"][a], seed=int(s)).key) or {}).get(mkey) is not None
+            for a in ARMS
+        )
+    ]
     if len(seeds) < 2:
-        return unanswered(NAME, f"fewer than 2 seeds have all three arms finished (have {len(seeds)} of "
-                                f"{len(d['seeds'])})")
+        return unanswered(
+            NAME, f"fewer than 2 seeds have all three arms finished (have {len(seeds)} of {len(d['seeds'])})"
+        )
     res = {a: [by_key[dataclasses.replace(d["arms"][a], seed=int(s)).key] for s in seeds] for a in ARMS}
     S = len(seeds)
 
-    phases = {"constant": [(B0, E * -(-n // B0))], "decay": [(B0, E * -(-n // B0))],
-              "growth": phase_steps(n, d["sizes"], E, (e1, e2))}
+    phases = {
+        "constant": [(B0, E * -(-n // B0))],
+        "decay": [(B0, E * -(-n // B0))],
+        "growth": phase_steps(n, d["sizes"], E, (e1, e2)),
+    }
     steps_total = {a: sum(k_ for _, k_ in phases[a]) for a in ARMS}
     measured_steps = {a: sorted({int(r["steps"]) for r in res[a]}) for a in ARMS}
     examples_total = {a: sorted({int(r["examples"]) for r in res[a]}) for a in ARMS}
-    growth_happened = measured_steps["growth"] == [steps_total["growth"]] and \
-        steps_total["growth"] < steps_total["constant"]
+    growth_happened = (
+        measured_steps["growth"] == [steps_total["growth"]] and steps_total["growth"] < steps_total["constant"]
+    )
     equal_examples = len({x for a in ARMS for x in examples_total[a]}) == 1
     if not growth_happened:
-        return unanswered(NAME, f"the batch did not grow: the growth arm took {measured_steps['growth']} steps, "
-                                f"the schedule says {steps_total['growth']} (constant: {steps_total['constant']})")
+        return unanswered(
+            NAME,
+            f"the batch did not grow: the growth arm took {measured_steps['growth']} steps, "
+            f"the schedule says {steps_total['growth']} (constant: {steps_total['constant']})",
+        )
 
     # step times per batch size from the throughput probe (in-trial medians where it has none)
-    probe_cfgs = [dataclasses.replace(d["arms"]["constant"], batch_size=B, full_batch=B == n) for B in
-                  sorted(set(d["sizes"]))]
+    probe_cfgs = [
+        dataclasses.replace(d["arms"]["constant"], batch_size=B, full_batch=B == n) for B in sorted(set(d["sizes"]))
+    ]
     entries = ctx.probe(probe_cfgs)
     rounds = {int(e["batch_size"]): np.asarray(e["round_s"], float) for e in entries if e.get("round_s")}
     timing = "throughput probe"
@@ -205,7 +232,8 @@ def answer(ctx, rows) -> dict:
 
     final = {a: np.asarray([float(r[mkey]) for r in res[a]]) for a in ARMS}
     loss = {a: np.asarray([_num(r.get("final_val_loss")) for r in res[a]]) for a in ARMS}
-    from minigd.study.analysis import _examples, _steps   # read a trial as the study does
+    from minigd.study.analysis import _examples, _steps  # read a trial as the study does
+
     s_t = {a: np.asarray([_steps(r) for r in res[a]]) for a in ARMS}
     e_t = {a: np.asarray([_examples(r, math.nan) for r in res[a]]) for a in ARMS}
     scale = 100.0 if acc else 1.0
@@ -238,17 +266,22 @@ def answer(ctx, rows) -> dict:
 
     per_arm = {}
     for a in ARMS:
-        per_arm[a] = {"final_" + metric: iv[(a, "final")], "final_val_loss": iv[(a, "loss")],
-                      "steps_to_target": iv[(a, "steps_to_target")],
-                      "examples_to_target": iv[(a, "examples_to_target")],
-                      "time_to_target_s": iv[(a, "time_to_target")],
-                      "reached_fraction": float(np.mean(np.isfinite(s_t[a]))),
-                      "steps": steps_total[a], "steps_measured": measured_steps[a],
-                      "examples": examples_total[a], "time_total_s": iv[(a, "time_total")],
-                      "in_trial_train_time_s": float(np.median([_num(r.get("train_time")) for r in res[a]])),
-                      "phases": [{"batch_size": B, "steps": s} for B, s in phases[a]],
-                      "per_seed_final": [float(x) for x in final[a]],
-                      "per_seed_steps_to_target": [None if not math.isfinite(x) else float(x) for x in s_t[a]]}
+        per_arm[a] = {
+            "final_" + metric: iv[(a, "final")],
+            "final_val_loss": iv[(a, "loss")],
+            "steps_to_target": iv[(a, "steps_to_target")],
+            "examples_to_target": iv[(a, "examples_to_target")],
+            "time_to_target_s": iv[(a, "time_to_target")],
+            "reached_fraction": float(np.mean(np.isfinite(s_t[a]))),
+            "steps": steps_total[a],
+            "steps_measured": measured_steps[a],
+            "examples": examples_total[a],
+            "time_total_s": iv[(a, "time_total")],
+            "in_trial_train_time_s": float(np.median([_num(r.get("train_time")) for r in res[a]])),
+            "phases": [{"batch_size": B, "steps": s} for B, s in phases[a]],
+            "per_seed_final": [float(x) for x in final[a]],
+            "per_seed_steps_to_target": [None if not math.isfinite(x) else float(x) for x in s_t[a]],
+        }
 
     saved = steps_total["decay"] - steps_total["growth"]
     pct = 100.0 * saved / steps_total["decay"]
@@ -265,66 +298,103 @@ def answer(ctx, rows) -> dict:
     diff = iv["diff"]
     same = diff["lo"] is not None and diff["lo"] <= 0 <= diff["hi"]
     better = (diff["value"] > 0) == acc
-    verdict = ("the same within its interval" if same else ("better" if better else "worse"))
-    text = (f"Growing the batch {k}x at epochs {e1} and {e2} ({sched}) instead of dividing the learning rate "
-            f"by {k} there reached a final {what} of {m(iv[('growth', 'final')])} vs {m(iv[('decay', 'final')])} "
-            f"(difference {m(diff, fd)}: {verdict}")
+    verdict = "the same within its interval" if same else ("better" if better else "worse")
+    text = (
+        f"Growing the batch {k}x at epochs {e1} and {e2} ({sched}) instead of dividing the learning rate "
+        f"by {k} there reached a final {what} of {m(iv[('growth', 'final')])} vs {m(iv[('decay', 'final')])} "
+        f"(difference {m(diff, fd)}: {verdict}"
+    )
     if acc:
         f3 = lambda x: f"{x:+.2g}"
-        text += (f"; validation loss {iv[('growth', 'loss')]['value']:.3f} vs {iv[('decay', 'loss')]['value']:.3f}, "
-                 f"difference {m(iv['diff_loss'], f3)}")
-    text += (f") in {saved:,} fewer steps ({-pct:.0f}%: {steps_total['growth']:,} vs {steps_total['decay']:,}, "
-             f"set by the schedule) at the same {E * n:,} examples ({E} epochs from batch {B0}, LR {d['lr']:.3g})")
+        text += (
+            f"; validation loss {iv[('growth', 'loss')]['value']:.3f} vs {iv[('decay', 'loss')]['value']:.3f}, "
+            f"difference {m(iv['diff_loss'], f3)}"
+        )
+    text += (
+        f") in {saved:,} fewer steps ({-pct:.0f}%: {steps_total['growth']:,} vs {steps_total['decay']:,}, "
+        f"set by the schedule) at the same {E * n:,} examples ({E} epochs from batch {B0}, LR {d['lr']:.3g})"
+    )
     t_g, t_d, ts = iv[("growth", "time_total")], iv[("decay", "time_total")], iv["time_saving"]
     if t_g["value"] is not None and t_d["value"] is not None:
         pc = lambda x: f"{100 * x:.0f}%"
-        text += (f" and {m(ts, pc)} less step time ({fmt_num(t_g['value'], 's')} vs "
-                 f"{fmt_num(t_d['value'], 's')})")
+        text += f" and {m(ts, pc)} less step time ({fmt_num(t_g['value'], 's')} vs {fmt_num(t_d['value'], 's')})"
     text += f"; a constant learning rate ended at {m(iv[('constant', 'final')])}."
     st_g, st_d = iv[("growth", "steps_to_target")], iv[("decay", "steps_to_target")]
     tgt = f"{metric} {'>=' if acc else '<='} {ctx.spec.target:g}"
     first_ms_step = e1 * -(-n // B0)
     if st_g["value"] is not None and st_d["value"] is not None:
         if max(st_g["value"], st_d["value"]) <= first_ms_step:
-            text += (f" Every arm reached {tgt} before the first milestone (median step {fmt_num(st_d['value'])} "
-                     f"[{fmt_num(st_d['lo'])}, {fmt_num(st_d['hi'])}]): the schedules change only what comes after.")
+            text += (
+                f" Every arm reached {tgt} before the first milestone (median step {fmt_num(st_d['value'])} "
+                f"[{fmt_num(st_d['lo'])}, {fmt_num(st_d['hi'])}]): the schedules change only what comes after."
+            )
         else:
-            text += (f" To {tgt}: growth {fmt_num(st_g['value'])} [{fmt_num(st_g['lo'])}, {fmt_num(st_g['hi'])}] "
-                     f"steps, decay {fmt_num(st_d['value'])} [{fmt_num(st_d['lo'])}, {fmt_num(st_d['hi'])}].")
+            text += (
+                f" To {tgt}: growth {fmt_num(st_g['value'])} [{fmt_num(st_g['lo'])}, {fmt_num(st_g['hi'])}] "
+                f"steps, decay {fmt_num(st_d['value'])} [{fmt_num(st_d['lo'])}, {fmt_num(st_d['hi'])}]."
+            )
     else:
         text += f" Growth or decay did not reach {tgt} in most seeds."
     notes = []
     if capped:
-        notes.append(f"the second growth step is capped at the training-set size ({n}), so the batch grows "
-                     f"{d['sizes'][-1] / B0:.3g}x in all, not {k * k}x")
+        notes.append(
+            f"the second growth step is capped at the training-set size ({n}), so the batch grows "
+            f"{d['sizes'][-1] / B0:.3g}x in all, not {k * k}x"
+        )
     if d["row"] is None:
-        notes.append(f"batch {B0} was not in the study, so its learning rate is the centre of the study's grid, "
-                     f"not a tuned one")
+        notes.append(
+            f"batch {B0} was not in the study, so its learning rate is the centre of the study's grid, not a tuned one"
+        )
     elif d["row"].get("lr_edge"):
-        notes.append(f"batch {B0}'s best learning rate lies at the {d['row']['lr_edge']} edge of the rates the "
-                     f"study tried")
+        notes.append(
+            f"batch {B0}'s best learning rate lies at the {d['row']['lr_edge']} edge of the rates the study tried"
+        )
     if notes:
         text += " Note: " + "; ".join(notes) + "."
 
     plot = _plot(ctx, d, res, metric, acc, steps_total)
-    budget = (f"{E} epochs ({E * n:,} examples) from batch {B0} at LR {d['lr']:.3g} (its best in the study), "
-              f"milestones at epochs {e1} and {e2}, factor {k}; {S} seeds; final metric = mean over seeds, "
-              f"to-target = median; wall time = steps x the probe's step time per batch size")
-    return {"name": NAME, "question": QUESTION, "answer": text,
-            "value": diff["value"], "lo": diff["lo"], "hi": diff["hi"],
-            "unit": ("percentage points of final validation accuracy (growth - decay)" if acc
-                     else "final validation loss (growth - decay)"),
-            "conditions": ctx.conditions(budget), "plot": plot,
-            "details": {"start_batch_size": B0, "lr": d["lr"], "factor": k, "epochs": E,
-                        "milestones": [e1, e2], "batch_sizes": d["sizes"], "capped": capped,
-                        "seeds": [int(s) for s in seeds], "metric": metric, "timing": timing,
-                        "step_time_s": {str(B): v for B, v in sorted(step_s.items())},
-                        "growth_happened": growth_happened, "equal_examples": equal_examples,
-                        "steps_saved": saved, "steps_saved_pct": pct,
-                        "difference_growth_minus_decay": diff,
-                        "difference_growth_minus_constant": iv["diff_const"],
-                        "val_loss_difference_growth_minus_decay": iv["diff_loss"],
-                        "time_saving_fraction": iv["time_saving"], "arms": per_arm}}
+    budget = (
+        f"{E} epochs ({E * n:,} examples) from batch {B0} at LR {d['lr']:.3g} (its best in the study), "
+        f"milestones at epochs {e1} and {e2}, factor {k}; {S} seeds; final metric = mean over seeds, "
+        f"to-target = median; wall time = steps x the probe's step time per batch size"
+    )
+    return {
+        "name": NAME,
+        "question": QUESTION,
+        "answer": text,
+        "value": diff["value"],
+        "lo": diff["lo"],
+        "hi": diff["hi"],
+        "unit": (
+            "percentage points of final validation accuracy (growth - decay)"
+            if acc
+            else "final validation loss (growth - decay)"
+        ),
+        "conditions": ctx.conditions(budget),
+        "plot": plot,
+        "details": {
+            "start_batch_size": B0,
+            "lr": d["lr"],
+            "factor": k,
+            "epochs": E,
+            "milestones": [e1, e2],
+            "batch_sizes": d["sizes"],
+            "capped": capped,
+            "seeds": [int(s) for s in seeds],
+            "metric": metric,
+            "timing": timing,
+            "step_time_s": {str(B): v for B, v in sorted(step_s.items())},
+            "growth_happened": growth_happened,
+            "equal_examples": equal_examples,
+            "steps_saved": saved,
+            "steps_saved_pct": pct,
+            "difference_growth_minus_decay": diff,
+            "difference_growth_minus_constant": iv["diff_const"],
+            "val_loss_difference_growth_minus_decay": iv["diff_loss"],
+            "time_saving_fraction": iv["time_saving"],
+            "arms": per_arm,
+        },
+    }
 
 
 # --------------------------------------------------------------------------- the figure
@@ -348,16 +418,19 @@ def _plot(ctx, d, res, metric, acc, steps_total):
     path = ctx.plot_path(NAME)
     if path is None:
         return None
-    from minigd._plotting import pyplot as _pyplot, save_png as _save
+    from minigd._plotting import pyplot as _pyplot
+    from minigd._plotting import save_png as _save
 
     plt = _pyplot()
     key = "val_accuracy" if acc else "val_loss"
     n = ctx.n_train
     e1, e2 = d["milestones"]
     colors = {"constant": "#7f7f7f", "decay": "#1f77b4", "growth": "#d62728"}
-    labels = {"constant": f"constant (B={d['B0']}, LR {d['lr']:.3g})",
-              "decay": f"LR / {FACTOR} at epochs {e1}, {e2}",
-              "growth": f"batch x {FACTOR} at epochs {e1}, {e2} ({' -> '.join(map(str, d['sizes']))})"}
+    labels = {
+        "constant": f"constant (B={d['B0']}, LR {d['lr']:.3g})",
+        "decay": f"LR / {FACTOR} at epochs {e1}, {e2}",
+        "growth": f"batch x {FACTOR} at epochs {e1}, {e2} ({' -> '.join(map(str, d['sizes']))})",
+    }
     # decay and growth often lie on top of each other: decay wide and pale under growth
     styles = {"constant": (1.2, "-", 0.9), "decay": (3.2, "-", 0.45), "growth": (1.3, "-", 1.0)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
@@ -365,7 +438,7 @@ def _plot(ctx, d, res, metric, acc, steps_total):
         steps, ex, y = _mean_curve(res[a], key)
         if not len(steps):
             continue
-        if steps[-1] < steps_total[a]:     # the last evaluation is a little before the end: add the end
+        if steps[-1] < steps_total[a]:  # the last evaluation is a little before the end: add the end
             steps = np.append(steps, steps_total[a])
             ex = np.append(ex, d["epochs"] * n)
             y = np.append(y, np.mean([r["final_" + key] for r in res[a]]))

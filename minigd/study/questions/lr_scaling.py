@@ -28,6 +28,7 @@ target with a best rate not at an edge), and alpha is refitted; the set of batch
 apart, so a best rate is known only to a factor of 2: one grid step at either end of the
 range moves alpha by ``resolution`` (reported).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ import numpy as np
 from ._common import arch0, fmt_num
 
 NAME = "lr_scaling"
-QUESTION = ("When I change the batch size, should the learning rate scale linearly or with the square root?")
+QUESTION = "When I change the batch size, should the learning rate scale linearly or with the square root?"
 #: the sub-sweep's batch sizes (those below the training-set size)
 OTHER_BATCH_SIZES = (4, 8, 16, 32, 64, 128, 256)
 #: Adam's centre learning rate at batch 32 (scaled by sqrt(B/32) per batch size): a typical
@@ -77,8 +78,16 @@ def _grid_trials(ctx) -> list:
         centre = scale_lr(lr0, B, b0, "sqrt")
         for f in LR_FACTORS:
             for s in seeds:
-                out.append(ctx.base_config(batch_size=B, optimizer=opt, lr=float(centre * f), base_lr=float(lr0),
-                                           base_batch_size=int(b0), seed=int(s)))
+                out.append(
+                    ctx.base_config(
+                        batch_size=B,
+                        optimizer=opt,
+                        lr=float(centre * f),
+                        base_lr=float(lr0),
+                        base_batch_size=int(b0),
+                        seed=int(s),
+                    )
+                )
     return out
 
 
@@ -90,7 +99,7 @@ def _extensions(rows, grid) -> list:
     lo = {c.batch_size: min(g.lr for g in grid if g.batch_size == c.batch_size) for c in grid}
     hi = {c.batch_size: max(g.lr for g in grid if g.batch_size == c.batch_size) for c in grid}
     seeds = sorted({c.seed for c in grid})
-    cap = 2.0 ** EXTEND * (1 + 1e-9)
+    cap = 2.0**EXTEND * (1 + 1e-9)
     out = []
     for B, info in sorted(best_lrs(sorted(rows, key=lambda cr: cr[0].key)).items()):
         edge = info.get("at_edge")
@@ -159,14 +168,19 @@ def fit_alpha(items, per_batch, b_crit, seed, label) -> dict:
         below = [B for B in tuned if finite and B < b_crit]
     if len(below) >= 3:
         use = below
-        scope = (f"below B_crit ≈ {fmt_num(b_crit)}" if finite else "every tuned batch size (B_crit unbounded)")
+        scope = f"below B_crit ≈ {fmt_num(b_crit)}" if finite else "every tuned batch size (B_crit unbounded)"
     elif len(tuned) >= 2:
         use = tuned
-        scope = ("every tuned batch size: no B_crit was fitted" if b_crit is None else
-                 f"every tuned batch size: fewer than 3 lie below B_crit ≈ {fmt_num(b_crit)}")
+        scope = (
+            "every tuned batch size: no B_crit was fitted"
+            if b_crit is None
+            else f"every tuned batch size: fewer than 3 lie below B_crit ≈ {fmt_num(b_crit)}"
+        )
     else:
-        return {"error": f"{len(tuned)} batch size(s) reached the target with a tuned learning rate (2 needed)",
-                "tuned_batch_sizes": tuned}
+        return {
+            "error": f"{len(tuned)} batch size(s) reached the target with a tuned learning rate (2 needed)",
+            "tuned_batch_sizes": tuned,
+        }
     keep = set(use)
     sub = sorted([(c, r) for c, r in items if int(c.batch_size) in keep], key=lambda cr: cr[0].key)
     cells = _Cells(sub)
@@ -181,26 +195,39 @@ def fit_alpha(items, per_batch, b_crit, seed, label) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         a_bt = _slopes(x, np.log(bt["best_lr"]), mask)
     iv = _interval(alpha_pt, a_bt)
-    return {"alpha": {k: iv[k] for k in ("value", "lo", "hi")}, "log_lr0": log_lr0,
-            "batch_sizes": [int(B) for B in cells.Bs], "best_lrs": [float(v) for v in pt["best_lr"][0]],
-            "tuned_batch_sizes": tuned, "scope": scope, "b_crit": b_crit if finite or b_crit is None else None,
-            "resolution": resolution(cells.Bs), "seeds": len(cells.seeds),
-            "fit_failed_fraction": float(np.mean(np.isnan(a_bt)))}
+    return {
+        "alpha": {k: iv[k] for k in ("value", "lo", "hi")},
+        "log_lr0": log_lr0,
+        "batch_sizes": [int(B) for B in cells.Bs],
+        "best_lrs": [float(v) for v in pt["best_lr"][0]],
+        "tuned_batch_sizes": tuned,
+        "scope": scope,
+        "b_crit": b_crit if finite or b_crit is None else None,
+        "resolution": resolution(cells.Bs),
+        "seeds": len(cells.seeds),
+        "fit_failed_fraction": float(np.mean(np.isnan(a_bt))),
+    }
 
 
 def verdict(iv) -> str:
-    eps = 1e-9                       # a slope of exactly 1 comes out of the fit as 0.9999999999999999
+    eps = 1e-9  # a slope of exactly 1 comes out of the fit as 0.9999999999999999
     lo, hi = iv["lo"] - eps, iv["hi"] + eps
     lin, sq = lo <= 1.0 <= hi, lo <= 0.5 <= hi
     if lin and sq:
-        return ("consistent with both the square-root rule (α = ½, Hoffer et al. 2017) and the linear rule "
-                "(α = 1, Goyal et al. 2017): neither is excluded")
+        return (
+            "consistent with both the square-root rule (α = ½, Hoffer et al. 2017) and the linear rule "
+            "(α = 1, Goyal et al. 2017): neither is excluded"
+        )
     if lin:
-        return ("consistent with the linear rule (α = 1, Goyal et al. 2017), and the square-root rule "
-                "(α = ½, Hoffer et al. 2017) is excluded")
+        return (
+            "consistent with the linear rule (α = 1, Goyal et al. 2017), and the square-root rule "
+            "(α = ½, Hoffer et al. 2017) is excluded"
+        )
     if sq:
-        return ("consistent with the square-root rule (α = ½, Hoffer et al. 2017), and the linear rule "
-                "(α = 1, Goyal et al. 2017) is excluded")
+        return (
+            "consistent with the square-root rule (α = ½, Hoffer et al. 2017), and the linear rule "
+            "(α = 1, Goyal et al. 2017) is excluded"
+        )
     if lo > 1.0:
         return "steeper than the linear rule (α = 1): both rules are excluded"
     if hi < 0.5:
@@ -210,6 +237,7 @@ def verdict(iv) -> str:
 
 def _arch_items(rows, key):
     from minigd.study.analysis import _arch_key_of
+
     return [(c, r) for c, r in rows if r.get("status") == "ok" and _arch_key_of(c) == key]
 
 
@@ -224,16 +252,24 @@ def answer(ctx, rows) -> dict:
     if a is None:
         fits[main_opt] = {"error": "the batch-size study has no successful trials"}
     elif a.get("b_crit_tuning") != "tuned":
-        fits[main_opt] = {"error": f"the study's learning rates were not tuned per batch size ({a.get('b_crit_tuning')})"}
+        fits[main_opt] = {
+            "error": f"the study's learning rates were not tuned per batch size ({a.get('b_crit_tuning')})"
+        }
     else:
         key = (tuple(a["sizes"]), a["activation"], a["optimizer"], a.get("norm") or "")
         bc = (a.get("headline") or {}).get("critical_batch_size_fit") or {}
-        fits[main_opt] = fit_alpha(_arch_items(ctx.main_rows, key), a["per_batch"], bc.get("value"), ctx.seed,
-                                   main_opt)
+        fits[main_opt] = fit_alpha(_arch_items(ctx.main_rows, key), a["per_batch"], bc.get("value"), ctx.seed, main_opt)
         fits[main_opt]["b_crit_interval"] = {k: bc.get(k) for k in ("value", "lo", "hi")}
-        fits[main_opt]["per_batch"] = [{"batch_size": r["batch_size"], "best_lr": r["best_lr"],
-                                        "best_lr_interval": (r.get("intervals") or {}).get("best_lr"),
-                                        "reached": r["reached"], "lr_tuned": r["lr_tuned"]} for r in a["per_batch"]]
+        fits[main_opt]["per_batch"] = [
+            {
+                "batch_size": r["batch_size"],
+                "best_lr": r["best_lr"],
+                "best_lr_interval": (r.get("intervals") or {}).get("best_lr"),
+                "reached": r["reached"],
+                "lr_tuned": r["lr_tuned"],
+            }
+            for r in a["per_batch"]
+        ]
     ok_rows = [(c, r) for c, r in rows if r.get("status") == "ok"]
     if not ok_rows:
         fits[other] = {"error": "the sub-sweep has no successful trials"}
@@ -243,21 +279,32 @@ def answer(ctx, rows) -> dict:
         own = obc.get("value")
         src = "its own trade-off fit"
         if own is None:
-            own = ((((a or {}).get("headline") or {}).get("critical_batch_size_fit") or {}).get("value"))
+            own = (((a or {}).get("headline") or {}).get("critical_batch_size_fit") or {}).get("value")
             src = "the study's (its own trade-off fit failed)"
         key = (tuple(oa["sizes"]), oa["activation"], oa["optimizer"], oa.get("norm") or "")
         fits[other] = fit_alpha(_arch_items(ok_rows, key), oa["per_batch"], own, ctx.seed, other)
         fits[other]["b_crit_source"] = src
-        fits[other]["b_crit_interval"] = {k: obc.get(k) for k in ("value", "lo", "hi")} if obc.get("value") \
-            is not None else None
-        fits[other]["per_batch"] = [{"batch_size": r["batch_size"], "best_lr": r["best_lr"],
-                                     "best_lr_interval": (r.get("intervals") or {}).get("best_lr"),
-                                     "lrs_tried": r["lrs_tried"], "reached": r["reached"],
-                                     "lr_tuned": r["lr_tuned"]} for r in oa["per_batch"]]
+        fits[other]["b_crit_interval"] = (
+            {k: obc.get(k) for k in ("value", "lo", "hi")} if obc.get("value") is not None else None
+        )
+        fits[other]["per_batch"] = [
+            {
+                "batch_size": r["batch_size"],
+                "best_lr": r["best_lr"],
+                "best_lr_interval": (r.get("intervals") or {}).get("best_lr"),
+                "lrs_tried": r["lrs_tried"],
+                "reached": r["reached"],
+                "lr_tuned": r["lr_tuned"],
+            }
+            for r in oa["per_batch"]
+        ]
     good = [o for o in (main_opt, other) if "alpha" in fits[o]]
     if not good:
-        return unanswered(NAME, "; ".join(f"{_opt_words(ctx, o)}: {fits[o]['error']}" for o in (main_opt, other)),
-                          details={"fits": fits})
+        return unanswered(
+            NAME,
+            "; ".join(f"{_opt_words(ctx, o)}: {fits[o]['error']}" for o in (main_opt, other)),
+            details={"fits": fits},
+        )
 
     def sentence(o):
         f = fits[o]
@@ -268,30 +315,46 @@ def answer(ctx, rows) -> dict:
         edge = ""
         if f["fit_failed_fraction"] > 0.1:
             edge = f"; the fit failed in {100 * f['fit_failed_fraction']:.0f}% of the resamples"
-        return (f"For {_opt_words(ctx, o)} the best learning rate grows as "
-                f"B^{iv['value']:.2f} [{iv['lo']:.2f}, {iv['hi']:.2f}] over B = {Bs[0]}–{Bs[-1]} "
-                f"({len(Bs)} batch sizes, {f['scope']}{'' if o == main_opt else ', ' + f.get('b_crit_source', '')}"
-                f"{edge}): {verdict(iv)}")
+        return (
+            f"For {_opt_words(ctx, o)} the best learning rate grows as "
+            f"B^{iv['value']:.2f} [{iv['lo']:.2f}, {iv['hi']:.2f}] over B = {Bs[0]}–{Bs[-1]} "
+            f"({len(Bs)} batch sizes, {f['scope']}{'' if o == main_opt else ', ' + f.get('b_crit_source', '')}"
+            f"{edge}): {verdict(iv)}"
+        )
 
     order = [main_opt, other]
     res = " and ".join(f"{fits[o]['resolution']:.2f} for {_opt_words(ctx, o)}" for o in order if "alpha" in fits[o])
-    text = (sentence(order[0]) + ". " + sentence(order[1]) + f". The learning rates tried are factors of 2 apart, so α's resolution is limited: one grid step at "
-              f"an end of the range moves it by {res}; intervals are 90% bootstrap intervals over the seeds.")
+    text = (
+        sentence(order[0])
+        + ". "
+        + sentence(order[1])
+        + f". The learning rates tried are factors of 2 apart, so α's resolution is limited: one grid step at "
+        f"an end of the range moves it by {res}; intervals are 90% bootstrap intervals over the seeds."
+    )
     head_o = main_opt if "alpha" in fits[main_opt] else other
     h = fits[head_o]["alpha"]
     _plot(ctx, fits, order)
-    other_desc = (f"{_opt_words(ctx, other)} sub-sweep: B in {[B for B in OTHER_BATCH_SIZES if B < ctx.n_train]}, "
-                  f"learning rates {', '.join(f'{f:g}' for f in LR_FACTORS)} x "
-                  + (f"{ADAM_LR:g}·sqrt(B/32)" if other == "adam" else
-                     f"{ctx.spec.base_lr:g}·sqrt(B/{ctx.spec.base_batch_size})")
-                  + f" (extended past an edge up to {EXTEND} factors of 2), {N_SEEDS} seeds, stopping at the target")
-    return {"name": NAME, "question": QUESTION, "answer": text, "value": h["value"], "lo": h["lo"], "hi": h["hi"],
-            "unit": f"exponent α of best LR ∝ B^α ({_opt_words(ctx, head_o)})",
-            "conditions": ctx.conditions(f"{_opt_words(ctx, main_opt)}: the study's tuned learning rates; "
-                                         f"{other_desc}; {N_BOOT} bootstrap resamples of the seeds"),
-            "plot": f"q_{NAME}.png" if ctx.report_dir else None,
-            "details": {"fits": fits, "rules": {"linear": 1.0, "square_root": 0.5},
-                        "headline_optimizer": head_o}}
+    other_desc = (
+        f"{_opt_words(ctx, other)} sub-sweep: B in {[B for B in OTHER_BATCH_SIZES if B < ctx.n_train]}, "
+        f"learning rates {', '.join(f'{f:g}' for f in LR_FACTORS)} x "
+        + (f"{ADAM_LR:g}·sqrt(B/32)" if other == "adam" else f"{ctx.spec.base_lr:g}·sqrt(B/{ctx.spec.base_batch_size})")
+        + f" (extended past an edge up to {EXTEND} factors of 2), {N_SEEDS} seeds, stopping at the target"
+    )
+    return {
+        "name": NAME,
+        "question": QUESTION,
+        "answer": text,
+        "value": h["value"],
+        "lo": h["lo"],
+        "hi": h["hi"],
+        "unit": f"exponent α of best LR ∝ B^α ({_opt_words(ctx, head_o)})",
+        "conditions": ctx.conditions(
+            f"{_opt_words(ctx, main_opt)}: the study's tuned learning rates; "
+            f"{other_desc}; {N_BOOT} bootstrap resamples of the seeds"
+        ),
+        "plot": f"q_{NAME}.png" if ctx.report_dir else None,
+        "details": {"fits": fits, "rules": {"linear": 1.0, "square_root": 0.5}, "headline_optimizer": head_o},
+    }
 
 
 def _plot(ctx, fits, order):
@@ -299,6 +362,7 @@ def _plot(ctx, fits, order):
     if not path:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -320,29 +384,65 @@ def _plot(ctx, fits, order):
         inn = np.array([b in used for b in B])
         err = np.array([np.clip(lr - lo, 0, None), np.clip(hi - lr, 0, None)])
         name = _opt_words(ctx, o)
-        ax.errorbar(B[inn], lr[inn], yerr=err[:, inn], fmt="o", color=c, capsize=2, ms=6,
-                    label=f"{name}: best LR (in the fit; 90% interval)")
+        ax.errorbar(
+            B[inn],
+            lr[inn],
+            yerr=err[:, inn],
+            fmt="o",
+            color=c,
+            capsize=2,
+            ms=6,
+            label=f"{name}: best LR (in the fit; 90% interval)",
+        )
         if (~inn).any():
-            ax.errorbar(B[~inn], lr[~inn], yerr=err[:, ~inn], fmt="o", mfc="none", color=c, capsize=2, ms=6,
-                        label=f"{name}: not in the fit (B ≥ B_crit or LR not tuned)")
+            ax.errorbar(
+                B[~inn],
+                lr[~inn],
+                yerr=err[:, ~inn],
+                fmt="o",
+                mfc="none",
+                color=c,
+                capsize=2,
+                ms=6,
+                label=f"{name}: not in the fit (B ≥ B_crit or LR not tuned)",
+            )
         if "alpha" in f:
             Bs = np.array(f["batch_sizes"], float)
             xs = np.geomspace(Bs.min(), Bs.max(), 50)
             al = f["alpha"]
-            ax.plot(xs, np.exp(f["log_lr0"]) * xs ** al["value"], "-", color=c, lw=2,
-                    label=f"{name}: fit α = {al['value']:.2f} [{al['lo']:.2f}, {al['hi']:.2f}]")
+            ax.plot(
+                xs,
+                np.exp(f["log_lr0"]) * xs ** al["value"],
+                "-",
+                color=c,
+                lw=2,
+                label=f"{name}: fit α = {al['value']:.2f} [{al['lo']:.2f}, {al['hi']:.2f}]",
+            )
             xm = float(np.exp(np.log(Bs).mean()))
             ym = float(np.exp(f["log_lr0"]) * xm ** al["value"])
             for slope, style, lab in ((1.0, "--", "linear rule (α = 1)"), (0.5, ":", "square-root rule (α = ½)")):
-                ax.plot(xs, ym * (xs / xm) ** slope, style, color="0.35", lw=1.1,
-                        label=None if ref_done else f"{lab}, through each fit's centre")
+                ax.plot(
+                    xs,
+                    ym * (xs / xm) ** slope,
+                    style,
+                    color="0.35",
+                    lw=1.1,
+                    label=None if ref_done else f"{lab}, through each fit's centre",
+                )
             ref_done = True
         bc = f.get("b_crit")
         if bc is not None and math.isfinite(bc) and bc > 0:
             ax.axvline(bc, color=c, lw=0.9, alpha=0.6, ls="-.")
-            ax.annotate(f"{_opt_words(ctx, o)}: B_crit ≈ {fmt_num(bc)}", (bc, 0.02 if o == order[0] else 0.98),
-                        xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color=c, ha="right",
-                        va="bottom" if o == order[0] else "top")
+            ax.annotate(
+                f"{_opt_words(ctx, o)}: B_crit ≈ {fmt_num(bc)}",
+                (bc, 0.02 if o == order[0] else 0.98),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                fontsize=7,
+                color=c,
+                ha="right",
+                va="bottom" if o == order[0] else "top",
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size B (examples, log scale)")

@@ -46,13 +46,13 @@ in one, -0.6% [-1.8, -0.3] in the next).  Per P, an advantage *stands out* when 
 the 90% prediction band of its neighbours' own scatter about their trend
 (:func:`prediction_band`) and its round interval excludes 0.
 """
+
 from __future__ import annotations
 
 import math
 import zlib
 
 import numpy as np
-
 
 NAME = "powers_of_two"
 QUESTION = "Must batch sizes be powers of two?"
@@ -76,8 +76,11 @@ QUANTILE = 0.1
 def _step_estimate(ctx):
     """B -> a rough step time (s) from the main study's probe (linear in B between its
     batch sizes), for budgeting only; None without a probe."""
-    pts = sorted((int(e["batch_size"]), float(e["median_s"])) for e in (ctx.main_probe or [])
-                 if isinstance(e, dict) and e.get("median_s"))
+    pts = sorted(
+        (int(e["batch_size"]), float(e["median_s"]))
+        for e in (ctx.main_probe or [])
+        if isinstance(e, dict) and e.get("median_s")
+    )
     if not pts:
         return None
     xs, ys = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
@@ -91,13 +94,13 @@ def design(ctx):
     n = ctx.n_train
     est = _step_estimate(ctx)
     step = lambda B: est(B) if est else 0.0
-    cost = lambda B: FIT_OVERHEAD_S + step(B) + max(ROUND_S, step(B))   # set-up, untimed step, round
+    cost = lambda B: FIT_OVERHEAD_S + step(B) + max(ROUND_S, step(B))  # set-up, untimed step, round
     powers = []
     P = P_MIN
     while P <= P_MAX and P + HALF_WIDTH <= n:
         per_round = sum(cost(B) for Q in powers + [P] for B in range(Q - HALF_WIDTH, Q + HALF_WIDTH + 1))
         if powers and per_round * MIN_ROUNDS > PROBE_BUDGET_S:
-            break                          # the largest Ps are dropped to fit the budget
+            break  # the largest Ps are dropped to fit the budget
         powers.append(P)
         P *= 2
     bs = sorted({B for Q in powers for B in range(Q - HALF_WIDTH, Q + HALF_WIDTH + 1)})
@@ -127,8 +130,9 @@ def probe_entries(ctx, configs, rounds) -> list:
         return [have[k] for k in need]
     if ctx.readonly:
         return [have[k] for k in need if k in have]
-    ctx.log(f"  {NAME}: timing {len(jobs)} batch sizes, {rounds} rounds of ~{ROUND_S * 1e3:g} ms each "
-            f"(throughput probe)")
+    ctx.log(
+        f"  {NAME}: timing {len(jobs)} batch sizes, {rounds} rounds of ~{ROUND_S * 1e3:g} ms each (throughput probe)"
+    )
     entries = [dict(e, round_target_s=ROUND_S) for e in probe(jobs, rounds=rounds, round_s=ROUND_S, seed=ctx.seed)]
     ctx.store.set_meta(meta, entries)
     return entries
@@ -168,9 +172,9 @@ def _advantages(C, E, col, powers):
         if P not in col or not any(B < P for B in nb) or not any(B > P for B in nb):
             continue
         x = 1.0 / E[[col[B] for B in nb]]
-        y = C[:, [col[B] for B in nb]]                                 # (R, k)
+        y = C[:, [col[B] for B in nb]]  # (R, k)
         xc = x - x.mean()
-        if xc @ xc <= 1e-12 * (x @ x):      # whole epochs of the same step count: the same work
+        if xc @ xc <= 1e-12 * (x @ x):  # whole epochs of the same step count: the same work
             slope = np.zeros(C.shape[0])
         else:
             slope = (y - y.mean(1, keepdims=True)) @ xc / (xc @ xc)
@@ -217,8 +221,9 @@ def answer(ctx, rows) -> dict:
 
     powers, bs, rounds = design(ctx)
     if not powers:
-        return unanswered(NAME, f"the training set ({ctx.n_train} examples) is too small for a batch size "
-                                f"{P_MIN} + {HALF_WIDTH}")
+        return unanswered(
+            NAME, f"the training set ({ctx.n_train} examples) is too small for a batch size {P_MIN} + {HALF_WIDTH}"
+        )
     n = ctx.n_train
     entries = probe_entries(ctx, _configs(ctx, bs), rounds)
     by_b, steps = {}, {}
@@ -229,9 +234,12 @@ def answer(ctx, rows) -> dict:
     measured = sorted(by_b)
     missing = [B for B in bs if B not in by_b]
     if len(measured) < 3:
-        return unanswered(NAME, "the throughput probe has no stored timings for these batch sizes "
-                                "(run the study with --questions powers_of_two)",
-                          details={"planned_batch_sizes": bs, "measured_batch_sizes": measured})
+        return unanswered(
+            NAME,
+            "the throughput probe has no stored timings for these batch sizes "
+            "(run the study with --questions powers_of_two)",
+            details={"planned_batch_sizes": bs, "measured_batch_sizes": measured},
+        )
     col = {B: i for i, B in enumerate(measured)}
     E = np.array([examples_per_step(B, n, steps[B]) for B in measured])
     ks = {len(v) for v in by_b.values()}
@@ -240,12 +248,12 @@ def answer(ctx, rows) -> dict:
     R = N_BOOT
     boot_T = np.empty((R, len(measured)))
     joint = len(ks) == 1
-    if joint:                               # one probe call: resample whole rounds jointly
+    if joint:  # one probe call: resample whole rounds jointly
         k = ks.pop()
         idx = rng.integers(0, k, size=(R, k))
         for B, i in col.items():
             boot_T[:, i] = _low_quantile(by_b[B][idx], axis=1)
-    else:                                   # entries of different calls: per batch size
+    else:  # entries of different calls: per batch size
         for B, i in col.items():
             v = by_b[B]
             boot_T[:, i] = _low_quantile(v[rng.integers(0, len(v), size=(R, len(v)))], axis=1)
@@ -254,8 +262,11 @@ def answer(ctx, rows) -> dict:
     adv_bt = _advantages(boot_C, E, col, powers)
     ok = [j for j in range(len(powers)) if math.isfinite(adv_pt[j])]
     if not ok:
-        return unanswered(NAME, "no power of two was measured with neighbours on both sides",
-                          details={"planned_batch_sizes": bs, "measured_batch_sizes": measured})
+        return unanswered(
+            NAME,
+            "no power of two was measured with neighbours on both sides",
+            details={"planned_batch_sizes": bs, "measured_batch_sizes": measured},
+        )
     ps = [powers[j] for j in ok]
     head_pt = 100 * float(np.median(adv_pt[ok]))
     # two levels: the rounds (jointly, above) and the powers of two themselves, whose own
@@ -274,51 +285,90 @@ def answer(ctx, rows) -> dict:
         c = float(point_C[0, col[P]])
         scatter, band = prediction_band(point_C[0], E, col, P)
         a = float(adv_pt[j])
-        per_p.append({"power": P, "neighbours": nb, "step_time_s": float(point_T[0, col[P]]),
-                      "per_example_s": c, "neighbour_trend_per_example_s": c / (1 - a),
-                      "advantage_pct": {k: iv[k] for k in ("value", "lo", "hi")},
-                      "neighbour_scatter_pct": 100 * scatter, "prediction_band_pct": 100 * band,
-                      "stands_out": bool(abs(a) > band and (iv["lo"] > 0 or iv["hi"] < 0))})
+        per_p.append(
+            {
+                "power": P,
+                "neighbours": nb,
+                "step_time_s": float(point_T[0, col[P]]),
+                "per_example_s": c,
+                "neighbour_trend_per_example_s": c / (1 - a),
+                "advantage_pct": {k: iv[k] for k in ("value", "lo", "hi")},
+                "neighbour_scatter_pct": 100 * scatter,
+                "prediction_band_pct": 100 * band,
+                "stands_out": bool(abs(a) > band and (iv["lo"] > 0 or iv["hi"] < 0)),
+            }
+        )
     v, lo, hi = head["value"], head["lo"], head["hi"]
     if lo > 0:
         verdict = f"Powers of two are {v:.2g}% faster per example [{lo:.2g}%, {hi:.2g}%] on this machine"
     elif hi < 0:
-        verdict = (f"Powers of two are {-v:.2g}% slower per example [{-hi:.2g}%, {-lo:.2g}%] on this machine "
-                   f"(an advantage of {v:.2g}% [{lo:.2g}%, {hi:.2g}%])")
+        verdict = (
+            f"Powers of two are {-v:.2g}% slower per example [{-hi:.2g}%, {-lo:.2g}%] on this machine "
+            f"(an advantage of {v:.2g}% [{lo:.2g}%, {hi:.2g}%])"
+        )
     else:
         verdict = f"No difference: {v:.2g}% [{lo:.2g}%, {hi:.2g}%], an interval that includes 0"
     out = [p for p in per_p if p["stands_out"]]
     extreme = max(per_p, key=lambda p: abs(p["advantage_pct"]["value"]))
     ex_iv = extreme["advantage_pct"]
-    text = (f"{verdict}: the median over P = {', '.join(map(str, ps))} of how much less time per example "
-            f"batch size P takes than the trend of its neighbours P±1..{HALF_WIDTH} (throughput probe, "
-            f"{rounds} rounds per batch size; 90% bootstrap interval over the rounds and the powers of two). "
-            f"The largest single effect is at P = {extreme['power']}: {ex_iv['value']:+.2g}% "
-            f"[{ex_iv['lo']:+.2g}%, {ex_iv['hi']:+.2g}%] against a ±{extreme['prediction_band_pct']:.2g}% band "
-            f"within which its neighbours scatter about their trend; "
-            + (f"{len(out)} of {len(per_p)} powers of two ({', '.join(str(p['power']) for p in out)}) "
-               f"stand{'s' if len(out) == 1 else ''} out of that band" if out else f"none of the {len(per_p)} powers of two stands out of that band")
-            + (f". Batch sizes {missing} were not measured." if missing else "."))
+    text = (
+        f"{verdict}: the median over P = {', '.join(map(str, ps))} of how much less time per example "
+        f"batch size P takes than the trend of its neighbours P±1..{HALF_WIDTH} (throughput probe, "
+        f"{rounds} rounds per batch size; 90% bootstrap interval over the rounds and the powers of two). "
+        f"The largest single effect is at P = {extreme['power']}: {ex_iv['value']:+.2g}% "
+        f"[{ex_iv['lo']:+.2g}%, {ex_iv['hi']:+.2g}%] against a ±{extreme['prediction_band_pct']:.2g}% band "
+        f"within which its neighbours scatter about their trend; "
+        + (
+            f"{len(out)} of {len(per_p)} powers of two ({', '.join(str(p['power']) for p in out)}) "
+            f"stand{'s' if len(out) == 1 else ''} out of that band"
+            if out
+            else f"none of the {len(per_p)} powers of two stands out of that band"
+        )
+        + (f". Batch sizes {missing} were not measured." if missing else ".")
+    )
     _plot(ctx, measured, point_C[0], boot_C, E, col, per_p)
-    budget = (f"throughput probe at B = P−{HALF_WIDTH}..P+{HALF_WIDTH} for P = {', '.join(map(str, ps))} "
-              f"({len(measured)} batch sizes; P from {P_MIN} up to {P_MAX} within the training set, the largest "
-              f"dropped to fit ~{PROBE_BUDGET_S:g} s), {rounds} rounds of ~{ROUND_S * 1e3:g} ms each, interleaved "
-              f"in random order, step time = the fastest {QUANTILE:.0%} of the rounds; {N_BOOT} bootstrap resamples "
-              f"of the rounds (jointly) and of the powers of two")
-    return {"name": NAME, "question": QUESTION, "answer": text, "value": v, "lo": lo, "hi": hi,
-            "unit": "% less time per example than the neighbours' trend (median over powers of two)",
-            "conditions": ctx.conditions(budget),
-            "plot": f"q_{NAME}.png" if ctx.report_dir else None,
-            "details": {"powers": ps, "planned_batch_sizes": bs, "measured_batch_sizes": measured,
-                        "missing_batch_sizes": missing, "all_measured": not missing,
-                        "rounds": rounds, "rounds_resampled_jointly": joint, "step_time_quantile": QUANTILE,
-                        "definition": "advantage = 1 - c(P)/c_hat(P), c = step time / examples per step, c_hat "
-                                      "the least-squares fit c = alpha + beta/e through P±1..3 at e(P)",
-                        "per_power": per_p,
-                        "per_batch": [{"batch_size": B, "step_time_s": float(point_T[0, col[B]]),
-                                       "examples_per_step": float(E[col[B]]),
-                                       "per_example_s": float(point_C[0, col[B]]), "steps_per_round": steps[B],
-                                       "rounds_s": [float(x) for x in by_b[B]]} for B in measured]}}
+    budget = (
+        f"throughput probe at B = P−{HALF_WIDTH}..P+{HALF_WIDTH} for P = {', '.join(map(str, ps))} "
+        f"({len(measured)} batch sizes; P from {P_MIN} up to {P_MAX} within the training set, the largest "
+        f"dropped to fit ~{PROBE_BUDGET_S:g} s), {rounds} rounds of ~{ROUND_S * 1e3:g} ms each, interleaved "
+        f"in random order, step time = the fastest {QUANTILE:.0%} of the rounds; {N_BOOT} bootstrap resamples "
+        f"of the rounds (jointly) and of the powers of two"
+    )
+    return {
+        "name": NAME,
+        "question": QUESTION,
+        "answer": text,
+        "value": v,
+        "lo": lo,
+        "hi": hi,
+        "unit": "% less time per example than the neighbours' trend (median over powers of two)",
+        "conditions": ctx.conditions(budget),
+        "plot": f"q_{NAME}.png" if ctx.report_dir else None,
+        "details": {
+            "powers": ps,
+            "planned_batch_sizes": bs,
+            "measured_batch_sizes": measured,
+            "missing_batch_sizes": missing,
+            "all_measured": not missing,
+            "rounds": rounds,
+            "rounds_resampled_jointly": joint,
+            "step_time_quantile": QUANTILE,
+            "definition": "advantage = 1 - c(P)/c_hat(P), c = step time / examples per step, c_hat "
+            "the least-squares fit c = alpha + beta/e through P±1..3 at e(P)",
+            "per_power": per_p,
+            "per_batch": [
+                {
+                    "batch_size": B,
+                    "step_time_s": float(point_T[0, col[B]]),
+                    "examples_per_step": float(E[col[B]]),
+                    "per_example_s": float(point_C[0, col[B]]),
+                    "steps_per_round": steps[B],
+                    "rounds_s": [float(x) for x in by_b[B]],
+                }
+                for B in measured
+            ],
+        },
+    }
 
 
 def _plot(ctx, measured, C, boot_C, E, col, per_p):
@@ -326,6 +376,7 @@ def _plot(ctx, measured, C, boot_C, E, col, per_p):
     if not path:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -337,18 +388,44 @@ def _plot(ctx, measured, C, boot_C, E, col, per_p):
     err = np.array([np.clip(us - lo, 0, None), np.clip(hi - us, 0, None)])
     pw = np.array([b in {p["power"] for p in per_p} for b in measured])
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    ax.errorbar(B[~pw], us[~pw], yerr=err[:, ~pw], fmt="o", ms=3.5, color="0.45", ecolor="0.7", capsize=1.5,
-                label="other batch sizes (90% interval)")
-    ax.errorbar(B[pw], us[pw], yerr=err[:, pw], fmt="*", ms=10, color="tab:red", ecolor="tab:red", capsize=2,
-                label="powers of two", zorder=3)
+    ax.errorbar(
+        B[~pw],
+        us[~pw],
+        yerr=err[:, ~pw],
+        fmt="o",
+        ms=3.5,
+        color="0.45",
+        ecolor="0.7",
+        capsize=1.5,
+        label="other batch sizes (90% interval)",
+    )
+    ax.errorbar(
+        B[pw],
+        us[pw],
+        yerr=err[:, pw],
+        fmt="*",
+        ms=10,
+        color="tab:red",
+        ecolor="tab:red",
+        capsize=2,
+        label="powers of two",
+        zorder=3,
+    )
     for i, p in enumerate(per_p):
         nb = p["neighbours"]
         x = 1.0 / E[[col[b] for b in nb]]
         yv = C[[col[b] for b in nb]]
-        beta, alpha = (np.polyfit(x, yv, 1) if np.ptp(x) > 1e-9 * x.max() else (0.0, float(np.mean(yv))))
+        beta, alpha = np.polyfit(x, yv, 1) if np.ptp(x) > 1e-9 * x.max() else (0.0, float(np.mean(yv)))
         xs = np.linspace(min(nb), max(nb), 20)
-        ax.plot(xs, (alpha + beta / xs) * 1e6, "-", color="tab:blue", lw=1.2, alpha=0.8,
-                label="trend of the neighbours P±1..3" if i == 0 else None)
+        ax.plot(
+            xs,
+            (alpha + beta / xs) * 1e6,
+            "-",
+            color="tab:blue",
+            lw=1.2,
+            alpha=0.8,
+            label="trend of the neighbours P±1..3" if i == 0 else None,
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_ylabel("step time per example (µs, log scale)")
@@ -361,10 +438,25 @@ def _plot(ctx, measured, C, boot_C, E, col, per_p):
     ahi = np.array([p["advantage_pct"]["hi"] for p in per_p])
     ax2.axhline(0, color="0.3", lw=0.8)
     band = np.array([p["prediction_band_pct"] for p in per_p], float)
-    ax2.bar(P, 2 * band, bottom=-band, width=P * 0.25, color="0.85", zorder=0,
-            label="neighbours' scatter about their trend (90% prediction band)")
-    ax2.errorbar(P, a, yerr=[np.clip(a - alo, 0, None), np.clip(ahi - a, 0, None)], fmt="*", ms=9,
-                 color="tab:red", capsize=3, label="advantage of P (90% interval)")
+    ax2.bar(
+        P,
+        2 * band,
+        bottom=-band,
+        width=P * 0.25,
+        color="0.85",
+        zorder=0,
+        label="neighbours' scatter about their trend (90% prediction band)",
+    )
+    ax2.errorbar(
+        P,
+        a,
+        yerr=[np.clip(a - alo, 0, None), np.clip(ahi - a, 0, None)],
+        fmt="*",
+        ms=9,
+        color="tab:red",
+        capsize=3,
+        label="advantage of P (90% interval)",
+    )
     ax2.set_xlabel("batch size B (examples, log scale)")
     ax2.set_ylabel("advantage of P (% less time\nper example than the trend)")
     ax2.grid(True, which="both", alpha=0.25)

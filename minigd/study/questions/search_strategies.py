@@ -35,6 +35,7 @@ The grid's trials are tagged ``q:search_strategies:grid``; the searches' are tag
 order of every repeat's trials is kept in the study store's meta entry
 :data:`META` so ``minigd report`` rebuilds the curves from the file alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,18 +45,17 @@ import zlib
 
 import numpy as np
 
-
 NAME = "search_strategies"
 QUESTION = "Grid, random or Bayesian search: which finds a good batch size / learning rate with fewer trials?"
 STRATEGIES = ("grid", "random", "bayes")
-LATTICE = (4, 3, 2)             # the grid: learning rates x batch sizes x widths ...
-LATTICE_ONE_WIDTH = (6, 4)      # ... or learning rates x batch sizes when the width is fixed
-N_TRIALS = 24                   # every strategy's budget: the grid's size
+LATTICE = (4, 3, 2)  # the grid: learning rates x batch sizes x widths ...
+LATTICE_ONE_WIDTH = (6, 4)  # ... or learning rates x batch sizes when the width is fixed
+N_TRIALS = 24  # every strategy's budget: the grid's size
 N_REPEATS = 5
 EPOCHS = 5
-TOLERANCE = 0.25        # "a good configuration": final validation loss within 25% of the best found
+TOLERANCE = 0.25  # "a good configuration": final validation loss within 25% of the best found
 TOLERANCES = (0.1, 0.25, 0.5)
-EVAL_REL_STEP = 0.25    # only the final loss counts: evaluate sparsely along the way (cheaper trials)
+EVAL_REL_STEP = 0.25  # only the final loss counts: evaluate sparsely along the way (cheaper trials)
 BATCH_RANGE = (8, 512)
 WIDTH_RANGE = (4, 128)
 N_BOOT = 4000
@@ -83,14 +83,28 @@ def space(ctx):
         lr_lo, lr_hi = lr_lo / 8, lr_hi * 8
     depth = int(s.depths[0])
     wmin, wmax = WIDTH_RANGE if depth > 0 else (_pow2_floor(s.widths[0]),) * 2
-    return SearchSpace(batch_min=bmin, batch_max=bmax, lr_min=lr_lo, lr_max=lr_hi, momentum_min=s.momentum,
-                       momentum_max=s.momentum, width_min=wmin, width_max=wmax, depth_min=depth, depth_max=depth)
+    return SearchSpace(
+        batch_min=bmin,
+        batch_max=bmax,
+        lr_min=lr_lo,
+        lr_max=lr_hi,
+        momentum_min=s.momentum,
+        momentum_max=s.momentum,
+        width_min=wmin,
+        width_max=wmax,
+        depth_min=depth,
+        depth_max=depth,
+    )
 
 
 def base(ctx):
     """The trial every strategy varies: the study's model and data, :data:`EPOCHS` epochs."""
-    return ctx.base_config(max_epochs=min(EPOCHS, max(1, int(ctx.spec.max_epochs))), min_steps=0,
-                           stop_at_target=False, eval_rel_step=EVAL_REL_STEP)
+    return ctx.base_config(
+        max_epochs=min(EPOCHS, max(1, int(ctx.spec.max_epochs))),
+        min_steps=0,
+        stop_at_target=False,
+        eval_rel_step=EVAL_REL_STEP,
+    )
 
 
 def repeats(ctx) -> list:
@@ -133,8 +147,10 @@ def grid_configs(ctx, sp, b, search_seed: int, trial_seed: int) -> list:
 
     n, n_in, n_out = ctx.n_train, ctx.ds.X_train.shape[1], ctx.ds.n_out
     b = dataclasses.replace(b, seed=int(trial_seed))
-    cfgs = [_config(b, n, n_in, n_out, B, lr, sp.momentum_min, w, sp.depth_min, f"q:{NAME}:grid")
-            for B, lr, w in lattice(sp)]
+    cfgs = [
+        _config(b, n, n_in, n_out, B, lr, sp.momentum_min, w, sp.depth_min, f"q:{NAME}:grid")
+        for B, lr, w in lattice(sp)
+    ]
     order = np.random.default_rng(search_seed).permutation(len(cfgs))
     return [cfgs[i] for i in order[:N_TRIALS]]
 
@@ -166,8 +182,15 @@ def run(ctx) -> list:
         import optuna  # noqa: F401
     except ImportError:
         bayes_note = "Optuna is not installed (pip install 'minigd[study]'): Bayesian search was not run"
-    out = {"objective": "val_loss", "epochs": b.max_epochs, "n_trials": N_TRIALS, "tolerance": TOLERANCE,
-           "space": dataclasses.asdict(sp), "bayes_note": bayes_note, "repeats": []}
+    out = {
+        "objective": "val_loss",
+        "epochs": b.max_epochs,
+        "n_trials": N_TRIALS,
+        "tolerance": TOLERANCE,
+        "space": dataclasses.asdict(sp),
+        "bayes_note": bayes_note,
+        "repeats": [],
+    }
     stored = {}
     for c, r in ctx.store.rows():
         stored.setdefault(c.search_id, []).append((c, r))
@@ -197,12 +220,20 @@ def _search(ctx, sp, b, method, search_seed, trial_seed, ex, stored) -> list:
     from minigd.study.search import search
     from minigd.study.store import ResultStore
 
-    sid = f"{method}-{search_seed}"          # how search() tags its trials
+    sid = f"{method}-{search_seed}"  # how search() tags its trials
     with ResultStore(":memory:") as mem:
         for c, r in stored.get(sid, ()):
             mem.put(c, r)
-        res = search(sp, N_TRIALS, mem, method=method, objective="val_loss",
-                     base=dataclasses.replace(b, seed=int(trial_seed)), seed=search_seed, executor=ex)
+        res = search(
+            sp,
+            N_TRIALS,
+            mem,
+            method=method,
+            objective="val_loss",
+            base=dataclasses.replace(b, seed=int(trial_seed)),
+            seed=search_seed,
+            executor=ex,
+        )
         have = {c.key for c, _ in stored.get(sid, ())}
         for c, r in mem.rows():
             if c.key not in have:
@@ -252,11 +283,17 @@ def answer(ctx, rows) -> dict:
         return unanswered(NAME, "no search trials are recorded in this study's file")
     by_key = {c.key: (c, r) for c, r in rows}
     strategies = [s for s in STRATEGIES if all(rep.get(s) for rep in plan_["repeats"])]
-    reps = [rep for rep in plan_["repeats"]
-            if all(len(rep[s]) == plan_["n_trials"] and all(k in by_key for k in rep[s]) for s in strategies)]
+    reps = [
+        rep
+        for rep in plan_["repeats"]
+        if all(len(rep[s]) == plan_["n_trials"] and all(k in by_key for k in rep[s]) for s in strategies)
+    ]
     if len(reps) < 2 or len(strategies) < 2:
-        return unanswered(NAME, f"fewer than 2 complete repeats of 2 strategies are stored "
-                                f"({len(reps)} repeats of {', '.join(strategies) or 'none'})")
+        return unanswered(
+            NAME,
+            f"fewer than 2 complete repeats of 2 strategies are stored "
+            f"({len(reps)} repeats of {', '.join(strategies) or 'none'})",
+        )
     N, R = int(plan_["n_trials"]), len(reps)
     vals = {s: np.array([[_objective(by_key[k][1]) for k in rep[s]] for rep in reps]) for s in strategies}
     bsf = {s: np.minimum.accumulate(v, axis=1) for s, v in vals.items()}
@@ -272,13 +309,14 @@ def answer(ctx, rows) -> dict:
         for s in strategies:
             for tol in TOLERANCES:
                 out[(s, "trials", tol)] = np.mean(to[tol][s][idx], axis=-1)
-            curve = np.median(bsf[s][idx], axis=-2)          # (..., N)
+            curve = np.median(bsf[s][idx], axis=-2)  # (..., N)
             out[(s, "best_at_N")] = curve[..., -1]
             for t in range(N):
                 out[(s, "curve", t)] = curve[..., t]
         # the winner: fewest mean trials to the tolerance, ties broken by the best loss at N
-        key = np.stack([out[(s, "trials", TOLERANCE)] * 1e9 + np.minimum(out[(s, "best_at_N")], 1e5)
-                        for s in strategies], axis=-1)
+        key = np.stack(
+            [out[(s, "trials", TOLERANCE)] * 1e9 + np.minimum(out[(s, "best_at_N")], 1e5) for s in strategies], axis=-1
+        )
         out["winner"] = np.asarray([STRATEGIES.index(s) for s in strategies])[np.argmin(key, axis=-1)]
         return out
 
@@ -303,66 +341,102 @@ def answer(ctx, rows) -> dict:
     never = [s for s in strategies if reached[s] == 0]
     others = sorted((s for s in strategies if s != winner), key=lambda s: point[(s, "trials", TOLERANCE)])
     cmp_ = " and ".join(f"{LABELS[s]} {tr(s)}" + (f" (never within {N})" if s in never else "") for s in others)
-    best_c, best_r = min(((by_key[k][0], by_key[k][1]) for rep in reps for s in strategies for k in rep[s]),
-                         key=lambda cr: _objective(cr[1]))
+    best_c, best_r = min(
+        ((by_key[k][0], by_key[k][1]) for rep in reps for s in strategies for k in rep[s]),
+        key=lambda cr: _objective(cr[1]),
+    )
     acc = best_r.get("final_val_accuracy")
     width = best_c.sizes[1] if len(best_c.sizes) > 2 else None
-    best_txt = (f"batch {best_c.batch_size}, LR {best_c.lr:.3g}"
-                + (f", width {width}" if width is not None else "") + f": validation loss {best:.3g}"
-                + (f", accuracy {100 * acc:.1f}%" if acc is not None else ""))
+    best_txt = (
+        f"batch {best_c.batch_size}, LR {best_c.lr:.3g}"
+        + (f", width {width}" if width is not None else "")
+        + f": validation loss {best:.3g}"
+        + (f", accuracy {100 * acc:.1f}%" if acc is not None else "")
+    )
     early = max(1, N // 3)
 
     def at(t):
         return ", ".join(f"{s} {m3(iv[(s, 'curve', t - 1)])}" for s in strategies)
 
-    text = (f"{LABELS[winner][0].upper() + LABELS[winner][1:]} finds a good configuration (final validation loss "
-            f"within {100 * TOLERANCE:.0f}% of the best any search found: <= {thr[TOLERANCE]:.3g}) in the fewest "
-            f"trials: {tr(winner)} on average over {R} repeats (fewest in {100 * wins:.0f}% of bootstrap resamples), "
-            f"vs {cmp_}. Median best loss after {early} trial{'s' if early > 1 else ''}: {at(early)}; after {N}: "
-            f"{at(N)}. "
-            f"Best overall: {best_txt}.")
+    text = (
+        f"{LABELS[winner][0].upper() + LABELS[winner][1:]} finds a good configuration (final validation loss "
+        f"within {100 * TOLERANCE:.0f}% of the best any search found: <= {thr[TOLERANCE]:.3g}) in the fewest "
+        f"trials: {tr(winner)} on average over {R} repeats (fewest in {100 * wins:.0f}% of bootstrap resamples), "
+        f"vs {cmp_}. Median best loss after {early} trial{'s' if early > 1 else ''}: {at(early)}; after {N}: "
+        f"{at(N)}. "
+        f"Best overall: {best_txt}."
+    )
     notes = []
     if plan_.get("bayes_note"):
         notes.append(plan_["bayes_note"])
     else:
         notes.append("Optuna's TPE draws its first 10 trials at random, so it can only pull ahead after them")
     if any(reached[s] < 1 for s in strategies):
-        notes.append(f"a repeat that never got within the tolerance counts as {N + 1} trials (averages near "
-                     f"{N + 1} are lower bounds)")
+        notes.append(
+            f"a repeat that never got within the tolerance counts as {N + 1} trials (averages near "
+            f"{N + 1} are lower bounds)"
+        )
     if "grid" in strategies:
         notes.append(f"the grid runs in a random order per repeat and is complete only at {N} trials")
     sp_ = plan_.get("space") or {}
     edge = _edges(best_c, sp_)
     if edge:
-        notes.append(f"the best configuration lies at the edge of the space searched ({edge}): a better one may "
-                     f"lie beyond")
+        notes.append(
+            f"the best configuration lies at the edge of the space searched ({edge}): a better one may lie beyond"
+        )
     text += (" Note: " + "; ".join(notes) + ".") if notes else ""
 
     sp = plan_.get("space") or {}
     plot = _plot(ctx, strategies, iv, N, thr[TOLERANCE], plan_, R)
-    budget = (f"{N} trials per strategy, {R} repeats (search and trial seeds derived from the master seed); "
-              f"objective: final validation loss after {plan_.get('epochs')} epochs; space: batch "
-              f"{sp.get('batch_min')}-{sp.get('batch_max')} (powers of two), LR {sp.get('lr_min', 0):.3g}-"
-              f"{sp.get('lr_max', 0):.3g} (log), width {sp.get('width_min')}-{sp.get('width_max')} (powers of two)")
+    budget = (
+        f"{N} trials per strategy, {R} repeats (search and trial seeds derived from the master seed); "
+        f"objective: final validation loss after {plan_.get('epochs')} epochs; space: batch "
+        f"{sp.get('batch_min')}-{sp.get('batch_max')} (powers of two), LR {sp.get('lr_min', 0):.3g}-"
+        f"{sp.get('lr_max', 0):.3g} (log), width {sp.get('width_min')}-{sp.get('width_max')} (powers of two)"
+    )
     w = iv[(winner, "trials", TOLERANCE)]
-    return {"name": NAME, "question": QUESTION, "answer": text,
-            "value": w["value"], "lo": w["lo"], "hi": w["hi"], "wins": wins,
-            "unit": f"trials ({LABELS[winner]}, mean over repeats, to within {100 * TOLERANCE:.0f}% of the best "
-                    f"validation loss)",
-            "conditions": ctx.conditions(budget), "plot": plot,
-            "details": {"winner": winner, "win_rates": win_rates, "best_val_loss": best,
-                        "best_config": {"batch_size": best_c.batch_size, "lr": best_c.lr,
-                                        "sizes": list(best_c.sizes), "val_accuracy": acc},
-                        "threshold": {str(t): v for t, v in thr.items()}, "tolerance": TOLERANCE,
-                        "n_trials": N, "repeats": R, "epochs": plan_.get("epochs"), "space": sp,
-                        "bayes_note": plan_.get("bayes_note"),
-                        "strategies": {s: {
-                            "trials_to_tolerance": {str(t): iv[(s, "trials", t)] for t in TOLERANCES},
-                            "reached_fraction": reached[s],
-                            "best_after_all_trials": iv[(s, "best_at_N")],
-                            "best_so_far_median": [iv[(s, "curve", t)] for t in range(N)],
-                            "per_repeat_trials_to_tolerance": [float(x) for x in to[TOLERANCE][s]],
-                            "per_repeat_best": [float(x) for x in bsf[s][:, -1]]} for s in strategies}}}
+    return {
+        "name": NAME,
+        "question": QUESTION,
+        "answer": text,
+        "value": w["value"],
+        "lo": w["lo"],
+        "hi": w["hi"],
+        "wins": wins,
+        "unit": f"trials ({LABELS[winner]}, mean over repeats, to within {100 * TOLERANCE:.0f}% of the best "
+        f"validation loss)",
+        "conditions": ctx.conditions(budget),
+        "plot": plot,
+        "details": {
+            "winner": winner,
+            "win_rates": win_rates,
+            "best_val_loss": best,
+            "best_config": {
+                "batch_size": best_c.batch_size,
+                "lr": best_c.lr,
+                "sizes": list(best_c.sizes),
+                "val_accuracy": acc,
+            },
+            "threshold": {str(t): v for t, v in thr.items()},
+            "tolerance": TOLERANCE,
+            "n_trials": N,
+            "repeats": R,
+            "epochs": plan_.get("epochs"),
+            "space": sp,
+            "bayes_note": plan_.get("bayes_note"),
+            "strategies": {
+                s: {
+                    "trials_to_tolerance": {str(t): iv[(s, "trials", t)] for t in TOLERANCES},
+                    "reached_fraction": reached[s],
+                    "best_after_all_trials": iv[(s, "best_at_N")],
+                    "best_so_far_median": [iv[(s, "curve", t)] for t in range(N)],
+                    "per_repeat_trials_to_tolerance": [float(x) for x in to[TOLERANCE][s]],
+                    "per_repeat_best": [float(x) for x in bsf[s][:, -1]],
+                }
+                for s in strategies
+            },
+        },
+    }
 
 
 def _edges(cfg, sp) -> str:
@@ -386,7 +460,8 @@ def _plot(ctx, strategies, iv, N, thr, plan_, R):
     path = ctx.plot_path(NAME)
     if path is None:
         return None
-    from minigd._plotting import pyplot as _pyplot, save_png as _save
+    from minigd._plotting import pyplot as _pyplot
+    from minigd._plotting import save_png as _save
 
     plt = _pyplot()
     colors = {"grid": "#7f7f7f", "random": "#1f77b4", "bayes": "#d62728"}
@@ -397,7 +472,7 @@ def _plot(ctx, strategies, iv, N, thr, plan_, R):
         y = np.array([np.nan if d["value"] is None else d["value"] for d in c])
         lo = np.array([np.nan if d["lo"] is None else d["lo"] for d in c])
         hi = np.array([np.nan if d["hi"] is None else d["hi"] for d in c])
-        off = (k - (len(strategies) - 1) / 2) * 0.08     # keep overlapping curves apart
+        off = (k - (len(strategies) - 1) / 2) * 0.08  # keep overlapping curves apart
         ax.plot(x + off, y, "o-", color=colors[s], ms=3.5, lw=1.6, label=LABELS[s])
         ax.fill_between(x + off, lo, hi, color=colors[s], alpha=0.13, lw=0)
     ax.axhline(thr, color="k", ls="--", lw=0.9, label=f"within {100 * TOLERANCE:.0f}% of the best found")
@@ -405,12 +480,14 @@ def _plot(ctx, strategies, iv, N, thr, plan_, R):
     ax.set_xticks(x)
     ax.set_xlabel("trials used (per strategy)")
     ax.set_ylabel("best final validation loss so far (log scale)")
-    ax.set_title(f"Search strategies: median over {R} repeats (bands: 90% intervals), "
-                 f"{plan_.get('epochs')} epochs per trial", fontsize=10)
+    ax.set_title(
+        f"Search strategies: median over {R} repeats (bands: 90% intervals), {plan_.get('epochs')} epochs per trial",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, which="both")
     vals = [d["value"] for s in strategies for t in range(N) for d in [iv[(s, "curve", t)]] if d["value"] is not None]
     los = [d["lo"] for s in strategies for t in range(N) for d in [iv[(s, "curve", t)]] if d["lo"] is not None]
-    if vals:    # diverged first trials make the early bands huge: scale to the medians
+    if vals:  # diverged first trials make the early bands huge: scale to the medians
         ax.set_ylim(min([thr] + los) / 1.15, max(max(vals), thr) * 1.6)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

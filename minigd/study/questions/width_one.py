@@ -20,6 +20,7 @@ A ReLU layer of width 1 is a one-unit bottleneck: every class score is an affine
 of one number that is 0 for about half the inputs, so on a multi-class problem it cannot
 do better than ordering the classes along one direction.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ LR_FACTORS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
 EPOCHS = 20
 N_SEEDS = 3
 N_BOOT = 4000
-LINEAR = 0                  # the "width" of the model with no hidden layer
+LINEAR = 0  # the "width" of the model with no hidden layer
 
 
 # --------------------------------------------------------------------------- shared with generalisation
@@ -59,9 +60,10 @@ def center_lr(ctx, B: int) -> float:
     the square-root rule from its best rate at the nearest swept B (Hoffer et al. 2017);
     with no main analysis, the study's own rule (``spec.lrs_for``'s centre)."""
     archs = (ctx.main_analysis or {}).get("architectures") or []
-    sizes = list(ctx.base_config().sizes)       # the study's first model, plain, if it has several
-    arch = next((a for a in archs if list(a.get("sizes") or []) == sizes and not a.get("norm")),
-                archs[0] if archs else None)
+    sizes = list(ctx.base_config().sizes)  # the study's first model, plain, if it has several
+    arch = next(
+        (a for a in archs if list(a.get("sizes") or []) == sizes and not a.get("norm")), archs[0] if archs else None
+    )
     rows = [r for r in (arch or {}).get("per_batch", []) if r.get("best_lr")]
     if not rows:
         s = ctx.spec
@@ -93,8 +95,9 @@ def _tiebreak(res) -> float:
     return -float(v) if v is not None and math.isfinite(float(v)) else -math.inf
 
 
-def tuned_bootstrap(rows, group_of, seeds, *, metric: str, higher: bool, extras=(), seed: int = 0,
-                    n_boot: int = N_BOOT, salt: str = "") -> dict:
+def tuned_bootstrap(
+    rows, group_of, seeds, *, metric: str, higher: bool, extras=(), seed: int = 0, n_boot: int = N_BOOT, salt: str = ""
+) -> dict:
     """The best-rate final validation metric of each group of trials, with bootstrap samples.
 
     Parameters
@@ -123,8 +126,10 @@ def tuned_bootstrap(rows, group_of, seeds, *, metric: str, higher: bool, extras=
         g = group_of(cfg)
         if g is None or int(cfg.seed) not in pos:
             continue
-        cell = cells.setdefault(g, {}).setdefault(float(cfg.lr), {
-            "score": np.full(S, np.nan), "tie": np.full(S, np.nan), **{e: np.full(S, np.nan) for e in extras}})
+        cell = cells.setdefault(g, {}).setdefault(
+            float(cfg.lr),
+            {"score": np.full(S, np.nan), "tie": np.full(S, np.nan), **{e: np.full(S, np.nan) for e in extras}},
+        )
         i = pos[int(cfg.seed)]
         cell["score"][i] = _score(res, metric, higher)
         cell["tie"][i] = _tiebreak(res)
@@ -133,16 +138,16 @@ def tuned_bootstrap(rows, group_of, seeds, *, metric: str, higher: bool, extras=
             cell[e][i] = np.nan if v is None else float(v)
     rng = np.random.default_rng([int(seed) % 2**63, zlib.crc32(salt.encode())])
     idx = rng.integers(0, S, size=(n_boot, S)) if n_boot > 0 and S > 0 else np.zeros((0, S), int)
-    all_idx = np.vstack([np.arange(S)[None], idx])        # row 0: all the data
+    all_idx = np.vstack([np.arange(S)[None], idx])  # row 0: all the data
     out = {}
     for g, by_lr in cells.items():
         lrs = sorted(by_lr)
-        arrs = {k: np.stack([by_lr[lr][k] for lr in lrs]) for k in ("score", "tie", *extras)}   # (L, S)
+        arrs = {k: np.stack([by_lr[lr][k] for lr in lrs]) for k in ("score", "tie", *extras)}  # (L, S)
         med = {}
         for k, a in arrs.items():
-            sample = a[:, all_idx]                         # (L, 1 + R, S)
+            sample = a[:, all_idx]  # (L, 1 + R, S)
             with np.errstate(invalid="ignore"):
-                m = _nanmedian(sample)                     # (L, 1 + R)
+                m = _nanmedian(sample)  # (L, 1 + R)
             med[k] = m
         sc = np.where(np.isnan(med["score"]), -np.inf, med["score"])
         tb = np.where(np.isnan(med["tie"]), -np.inf, med["tie"])
@@ -150,12 +155,18 @@ def tuned_bootstrap(rows, group_of, seeds, *, metric: str, higher: bool, extras=
         cand = sc == best_sc
         tb_c = np.where(cand, tb, -np.inf)
         cand &= tb_c == tb_c.max(axis=0)
-        best = np.argmax(cand, axis=0)                     # first: the smallest rate
+        best = np.argmax(cand, axis=0)  # first: the smallest rate
         lr_arr = np.array(lrs)
-        e = {"value": float(best_sc[0]), "samples": best_sc[1:], "best_lr": float(lr_arr[best[0]]),
-             "best_lr_samples": lr_arr[best[1:]], "lrs": lrs,
-             "lr_edge": (None if len(lrs) < 2 else "low" if best[0] == 0 else
-                         "high" if best[0] == len(lrs) - 1 else None)}
+        e = {
+            "value": float(best_sc[0]),
+            "samples": best_sc[1:],
+            "best_lr": float(lr_arr[best[0]]),
+            "best_lr_samples": lr_arr[best[1:]],
+            "lrs": lrs,
+            "lr_edge": (
+                None if len(lrs) < 2 else "low" if best[0] == 0 else "high" if best[0] == len(lrs) - 1 else None
+            ),
+        }
         for k in extras:
             v = med[k][best, np.arange(best.size)]
             e[k], e[k + "_samples"] = float(v[0]), v[1:]
@@ -165,7 +176,7 @@ def tuned_bootstrap(rows, group_of, seeds, *, metric: str, higher: bool, extras=
 
 def _nanmedian(a):
     """Median over the last axis ignoring NaN (-inf counts); NaN where all are NaN."""
-    a = np.sort(a, axis=-1)                                # NaN sort last
+    a = np.sort(a, axis=-1)  # NaN sort last
     c = (~np.isnan(a)).sum(axis=-1)
     lo = np.clip((c - 1) // 2, 0, None)[..., None]
     hi = np.clip(c // 2, 0, a.shape[-1] - 1)[..., None]
@@ -239,9 +250,18 @@ def plan(ctx) -> list:
         sizes = (n_in, n_out) if w == LINEAR else (n_in,) + (w,) * depth + (n_out,)
         for f in LR_FACTORS:
             for sd in arm_seeds(ctx):
-                out.append(ctx.base_config(sizes=sizes, batch_size=B, full_batch=B == ctx.n_train,
-                                           lr=float(lr0 * f), seed=int(sd), max_epochs=epochs(ctx), min_steps=0,
-                                           stop_at_target=False))
+                out.append(
+                    ctx.base_config(
+                        sizes=sizes,
+                        batch_size=B,
+                        full_batch=B == ctx.n_train,
+                        lr=float(lr0 * f),
+                        seed=int(sd),
+                        max_epochs=epochs(ctx),
+                        min_steps=0,
+                        stop_at_target=False,
+                    )
+                )
     return out
 
 
@@ -264,14 +284,14 @@ def answer(ctx, rows) -> dict:
     others = [g for g in sel if g != 1 and math.isfinite(sel[g]["value"])]
     if not others:
         return unanswered(NAME, "no model other than width 1 finished with a finite validation metric")
-    scale = 100.0 if metric == "accuracy" else -1.0       # accuracy in percent; a loss back from -loss
+    scale = 100.0 if metric == "accuracy" else -1.0  # accuracy in percent; a loss back from -loss
     ivs = {g: interval(sel[g]["value"], sel[g]["samples"], scale) for g in sel}
     best = max(others, key=lambda g: (sel[g]["value"], -g))
     # width 1 against the best of the others, paired over the resampled seeds
     best_other_samples = np.max(np.stack([sel[g]["samples"] for g in others]), axis=0)
     diff_samples = sel[1]["samples"] - best_other_samples
     diff_value = sel[1]["value"] - sel[best]["value"]
-    diff = interval(diff_value, diff_samples, abs(scale))      # oriented: > 0 means width 1 is better
+    diff = interval(diff_value, diff_samples, abs(scale))  # oriented: > 0 means width 1 is better
     wins = float(np.mean(diff_samples >= 0)) if diff_samples.size else None
     if diff_value >= 0:
         verdict = "wins here"
@@ -292,50 +312,93 @@ def answer(ctx, rows) -> dict:
                 break
     name = lambda g: "the linear model with no hidden layer" if g == LINEAR else f"width {g}"
     what = "validation accuracy" if metric == "accuracy" else "validation loss"
-    lin = (f" and {fmt_metric(ivs[LINEAR], metric)} for the linear model with no hidden layer"
-           if LINEAR in ivs and best != LINEAR else "")
+    lin = (
+        f" and {fmt_metric(ivs[LINEAR], metric)} for the linear model with no hidden layer"
+        if LINEAR in ivs and best != LINEAR
+        else ""
+    )
     unit = "%" if metric == "accuracy" else ""
-    dtext = (f"{diff['value']:+.1f} [{diff['lo']:+.1f}, {diff['hi']:+.1f}] percentage points" if metric == "accuracy"
-             else f"{-diff['value']:+.3g} [{-diff['hi']:+.3g}, {-diff['lo']:+.3g}] in validation loss")
+    dtext = (
+        f"{diff['value']:+.1f} [{diff['lo']:+.1f}, {diff['hi']:+.1f}] percentage points"
+        if metric == "accuracy"
+        else f"{-diff['value']:+.3g} [{-diff['hi']:+.3g}, {-diff['lo']:+.3g}] in validation loss"
+    )
     edges = []
     if best == widths[-1] and best != 1:
-        edges.append(f"the best model is the widest swept ({best}): a wider one may do better still, outside "
-                     f"what was measured")
+        edges.append(
+            f"the best model is the widest swept ({best}): a wider one may do better still, outside what was measured"
+        )
     if sel[1]["lr_edge"]:
-        edges.append(f"width 1's best learning rate ({sel[1]['best_lr']:.3g}) is the "
-                     f"{'smallest' if sel[1]['lr_edge'] == 'low' else 'largest'} tried, so it may do a little "
-                     f"better at a rate outside the grid")
-    text = (f"Width 1 reaches {fmt_metric(ivs[1], metric)} {what} against {fmt_metric(ivs[best], metric)} for "
-            f"{name(best)}{lin}, a difference of {dtext} from the best (at least as good in "
-            f"{100 * (wins or 0):.0f}% of bootstrap resamples): it {verdict}, so {advice}."
-            + ("" if narrowest is None else
-               " No narrower hidden layer comes within the interval of the best." if narrowest == best else
-               f" The narrowest hidden layer within the interval of the best is width {narrowest}.")
-            + ("" if not edges else " Note: " + "; ".join(edges) + "."))
+        edges.append(
+            f"width 1's best learning rate ({sel[1]['best_lr']:.3g}) is the "
+            f"{'smallest' if sel[1]['lr_edge'] == 'low' else 'largest'} tried, so it may do a little "
+            f"better at a rate outside the grid"
+        )
+    text = (
+        f"Width 1 reaches {fmt_metric(ivs[1], metric)} {what} against {fmt_metric(ivs[best], metric)} for "
+        f"{name(best)}{lin}, a difference of {dtext} from the best (at least as good in "
+        f"{100 * (wins or 0):.0f}% of bootstrap resamples): it {verdict}, so {advice}."
+        + (
+            ""
+            if narrowest is None
+            else " No narrower hidden layer comes within the interval of the best."
+            if narrowest == best
+            else f" The narrowest hidden layer within the interval of the best is width {narrowest}."
+        )
+        + ("" if not edges else " Note: " + "; ".join(edges) + ".")
+    )
     det_rows = []
     for g in [LINEAR] + widths:
         if g not in sel:
             continue
         e = sel[g]
-        det_rows.append({"width": g, "depth": 0 if g == LINEAR else depth, "metric": ivs[g],
-                         "best_lr": e["best_lr"], "lrs_tried": e["lrs"], "lr_edge": e["lr_edge"],
-                         "best_lr_wins": float(np.mean(e["best_lr_samples"] == e["best_lr"]))
-                         if e["best_lr_samples"].size else None})
+        det_rows.append(
+            {
+                "width": g,
+                "depth": 0 if g == LINEAR else depth,
+                "metric": ivs[g],
+                "best_lr": e["best_lr"],
+                "lrs_tried": e["lrs"],
+                "lr_edge": e["lr_edge"],
+                "best_lr_wins": float(np.mean(e["best_lr_samples"] == e["best_lr"]))
+                if e["best_lr_samples"].size
+                else None,
+            }
+        )
     plot = _plot(ctx, widths, depth, B, ivs, metric, sel)
-    budget = (f"hidden widths {', '.join(map(str, widths))} at depth {depth}, and depth 0; batch {B}; "
-              f"{epochs(ctx)} epochs per trial (no early stop); learning rate tuned per width over "
-              f"{', '.join(f'{f:g}' for f in LR_FACTORS)} x {center_lr(ctx, B):.3g}; {len(seeds)} seeds; final "
-              f"{what} at the best rate (median over seeds), 90% bootstrap intervals over seeds "
-              f"({N_BOOT} resamples, best rate re-selected in each)")
-    return {"name": NAME, "question": QUESTION, "answer": text,
-            **{k: ivs[1][k] for k in ("value", "lo", "hi")}, "wins": wins,
-            "unit": "% validation accuracy (width 1)" if metric == "accuracy" else "validation loss (width 1)",
-            "conditions": ctx.conditions(budget), "plot": plot,
-            "details": {"metric": f"final_val_{metric}", "batch_size": B, "depth": depth, "epochs": epochs(ctx),
-                        "seeds": list(seeds), "lr_factors": list(LR_FACTORS), "center_lr": center_lr(ctx, B),
-                        "best": best, "width_one_minus_best": diff, "width_one_wins": wins,
-                        "narrowest_within_interval_of_best": narrowest, "edges": edges, "unit": unit or what,
-                        "per_width": det_rows}}
+    budget = (
+        f"hidden widths {', '.join(map(str, widths))} at depth {depth}, and depth 0; batch {B}; "
+        f"{epochs(ctx)} epochs per trial (no early stop); learning rate tuned per width over "
+        f"{', '.join(f'{f:g}' for f in LR_FACTORS)} x {center_lr(ctx, B):.3g}; {len(seeds)} seeds; final "
+        f"{what} at the best rate (median over seeds), 90% bootstrap intervals over seeds "
+        f"({N_BOOT} resamples, best rate re-selected in each)"
+    )
+    return {
+        "name": NAME,
+        "question": QUESTION,
+        "answer": text,
+        **{k: ivs[1][k] for k in ("value", "lo", "hi")},
+        "wins": wins,
+        "unit": "% validation accuracy (width 1)" if metric == "accuracy" else "validation loss (width 1)",
+        "conditions": ctx.conditions(budget),
+        "plot": plot,
+        "details": {
+            "metric": f"final_val_{metric}",
+            "batch_size": B,
+            "depth": depth,
+            "epochs": epochs(ctx),
+            "seeds": list(seeds),
+            "lr_factors": list(LR_FACTORS),
+            "center_lr": center_lr(ctx, B),
+            "best": best,
+            "width_one_minus_best": diff,
+            "width_one_wins": wins,
+            "narrowest_within_interval_of_best": narrowest,
+            "edges": edges,
+            "unit": unit or what,
+            "per_width": det_rows,
+        },
+    }
 
 
 def _plot(ctx, widths, depth, B, ivs, metric, sel):
@@ -344,7 +407,8 @@ def _plot(ctx, widths, depth, B, ivs, metric, sel):
         return None
     import os
 
-    from minigd._plotting import pyplot as _pyplot, save_png as _save
+    from minigd._plotting import pyplot as _pyplot
+    from minigd._plotting import save_png as _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.3))
@@ -352,8 +416,15 @@ def _plot(ctx, widths, depth, B, ivs, metric, sel):
     y = [ivs[w]["value"] for w in xs]
     lo = [ivs[w]["value"] - (ivs[w]["lo"] if ivs[w]["lo"] is not None else ivs[w]["value"]) for w in xs]
     hi = [(ivs[w]["hi"] if ivs[w]["hi"] is not None else ivs[w]["value"]) - ivs[w]["value"] for w in xs]
-    ax.errorbar(xs, y, yerr=[lo, hi], fmt="o-", color="#1f77b4", capsize=3,
-                label=f"{depth} hidden layer{'s' if depth > 1 else ''} of this width (90% interval)")
+    ax.errorbar(
+        xs,
+        y,
+        yerr=[lo, hi],
+        fmt="o-",
+        color="#1f77b4",
+        capsize=3,
+        label=f"{depth} hidden layer{'s' if depth > 1 else ''} of this width (90% interval)",
+    )
     if 1 in ivs and ivs[1]["value"] is not None:
         ax.plot([1], [ivs[1]["value"]], "o", ms=11, mfc="none", color="#d62728", label="width 1")
     if LINEAR in ivs and ivs[LINEAR]["value"] is not None:
