@@ -700,32 +700,30 @@ def plot_adaptive(analysis, path) -> None:
         ax_f.set_title(f"learning-rate factor ({(row.get('settings') or {}).get('lr_rule', 'rule')})", fontsize=10)
         for ax in (ax_b, ax_f):
             ax.grid(True, alpha=0.3)
-        for i, c in enumerate(row.get("curves") or []):
-            xs, ys = _metric_points((c or {}).get("curve"), key)
-            if xs:
-                ax_c.plot(
-                    xs,
-                    [100 * y for y in ys] if acc else ys,
-                    "-",
-                    color="black",
-                    lw=1.3,
-                    alpha=0.8,
-                    label=f"{adaptive_label(row)}, best LR {_fmt_g(fnum(row.get('best_lr')))}" if i == 0 else None,
-                )
         vs = row.get("vs_fixed") or {}
         fb = fnum(vs.get("batch_size"))
-        for i, c in enumerate(row.get("fixed_curves") or []):
-            xs, ys = _metric_points((c or {}).get("curve"), key)
-            if xs:
-                ax_c.plot(
-                    xs,
-                    [100 * y for y in ys] if acc else ys,
-                    "--",
-                    color="tab:red",
-                    lw=1.2,
-                    alpha=0.8,
-                    label=f"recommended fixed batch size B = {_fmt_g(fb)}" if i == 0 else None,
-                )
+        for curves, style, color, lw, label in (
+            (
+                row.get("curves"),
+                "-",
+                "black",
+                1.3,
+                f"{adaptive_label(row)}, best LR {_fmt_g(fnum(row.get('best_lr')))}",
+            ),
+            (row.get("fixed_curves"), "--", "tab:red", 1.2, f"recommended fixed batch size B = {_fmt_g(fb)}"),
+        ):
+            for i, c in enumerate(curves or []):
+                xs, ys = _metric_points((c or {}).get("curve"), key)
+                if xs:
+                    ax_c.plot(
+                        xs,
+                        [100 * y for y in ys] if acc else ys,
+                        style,
+                        color=color,
+                        lw=lw,
+                        alpha=0.8,
+                        label=label if i == 0 else None,
+                    )
         t, metric = fnum(arch.get("target")), str(arch.get("target_metric") or "")
         if t is not None and (("accuracy" in metric) == acc) and "val" in metric:
             ax_c.axhline(100 * t if acc else t, color="0.4", ls=":", lw=1, label=f"target ({target_words(arch)})")

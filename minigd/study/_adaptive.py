@@ -42,25 +42,12 @@ from collections import defaultdict
 
 import numpy as np
 
+from .analysis import _nanmed, _num  # (analysis imports this module only inside a function)
+
 #: points of each learning curve kept in the analysis (for the report's figure)
 CURVE_POINTS = 80
 #: seeds whose decisions and learning curves the analysis keeps
 TRAJECTORY_SEEDS = 5
-
-
-def _num(x) -> float:
-    if x is None or isinstance(x, bool):
-        return math.nan
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _nanmed(a, axis=-1):
-    from .analysis import _nanmed as med
-
-    return med(a, axis=axis)
 
 
 def _record(res) -> dict:
