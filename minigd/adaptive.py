@@ -11,9 +11,11 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   norm, where no example has a gradient of its own, the tracked step instead compares the
   squared norm of its gradient with that of its first half (the two-batch estimator,
   McCandlish et al. Appendix A.1), at the cost of one extra half-batch gradient;
-* **the step time per batch size** on this machine: measured once before training over
-  the candidate batch sizes (interleaved rounds, on scratch copies of the parameters and
-  optimizer state: training is not touched), or given (``throughput=``).
+* **the step time per batch size** on this machine: measured on scratch copies of the
+  parameters and optimizer state (training is not touched), on random rows as training
+  gathers them -- before training for the starting size and the sizes one decision can
+  reach, later for a size when a decision first can reach it -- and refined from the real
+  steps at each size; or given (``throughput=``: a table, or the "flops" cost model).
 
 Every ``every`` steps it moves to the candidate batch size with the largest goodput
 (examples per second times statistical efficiency, :func:`~minigd.gradstats.goodput`),
@@ -231,13 +233,17 @@ class Controller:
         self.noise = math.nan
         self.seconds: dict = {}  # {B: seconds per step}
         self._observed: dict = {}  # {B: real runs folded into seconds[B]}
+        self._probe: dict | None = None  # what measuring a size needs (measured throughput)
         self.tracker = NoiseTracker(n, replacement=replacement, beta=spec.noise_beta)
         self.decisions: list = []
         self.epoch_B = self.B0  # the batch size the current epoch was laid out for
 
     # -- throughput --------------------------------------------------------------------------
-    def measure(self, model, X, yi, yf, opt_state, lr: float) -> None:
-        """The step time of each candidate (see the module doc)."""
+    def measure(self, model, X, yi, yf, opt_state, fresh: bool = True) -> None:
+        """The step times (see the module doc): a given table or the "flops" model whole;
+        measured, only the sizes one decision can reach from the start (with ``max_step``;
+        every candidate without it), the others when a decision first can reach them.
+        ``fresh=False`` (a resume: the checkpoint holds the table) only sets up the probe."""
         spec = self.spec
         if isinstance(spec.throughput, dict):
             self.seconds = {b: spec.throughput[b] for b in self.sizes}
@@ -246,28 +252,59 @@ class Controller:
             per_row = sum(a * b for a, b in zip(model.sizes[:-1], model.sizes[1:]))
             self.seconds = {b: (64 + b) * per_row * 6e-10 for b in self.sizes}
             return
-        impl = model.backend_impl
-        params = model.params.copy()
-        st = dataclasses.replace(opt_state, hp=opt_state.hp.copy(), state=opt_state.state.copy())
-        grad = np.zeros_like(params)
         rng = np.random.default_rng(12345)  # the probe's own: training draws nothing here
-        # random rows, as training gathers them (contiguous rows would be cache-hot)
-        idx = rng.permutation(X.shape[0])[: self.sizes[-1]].astype(np.int64)
-        drop = rng if model.norm.dropout > 0 else None
-        best = {b: math.inf for b in self.sizes}
+        self._probe = {
+            "impl": model.backend_impl,
+            "data": (X, yi, yf),
+            "params": model.params.copy(),  # scratch copies: training is not touched
+            "opt": dataclasses.replace(opt_state, hp=opt_state.hp.copy(), state=opt_state.state.copy()),
+            "grad": np.zeros_like(model.params),
+            # random rows, as training gathers them (contiguous rows would be cache-hot)
+            "idx": rng.permutation(X.shape[0])[: self.sizes[-1]].astype(np.int64),
+            "dropout": rng if model.norm.dropout > 0 else None,
+        }
+        if fresh:
+            self._probe_sizes(self._reachable(self.B))
+
+    def _reachable(self, B: int) -> list:
+        """The candidates one decision can move to from B (B included)."""
+        f = self.spec.max_step
+        return [b for b in self.sizes if f is None or B / f / (1 + 1e-12) <= b <= B * f * (1 + 1e-12)]
+
+    def _probe_sizes(self, sizes) -> None:
+        """Time one step of each of ``sizes`` not measured yet: a warm-up step, then the
+        best of two timed ones, interleaved across the sizes."""
+        todo = [b for b in sizes if b not in self.seconds]
+        if not todo or self._probe is None:
+            return
+        pr = self._probe
+        X, yi, yf = pr["data"]
+        best = {b: math.inf for b in todo}
         for r in range(3):  # round 0 warms each size's buffers; the best of rounds 1-2 counts
-            for b in self.sizes if r % 2 == 0 else self.sizes[::-1]:
+            for b in todo if r % 2 == 0 else todo[::-1]:
                 t0 = time.perf_counter()
-                impl.run_steps(params, X, yi, yf, idx[:b], b, 1, st, [0.0], 1, grad=grad, dropout_rng=drop)
+                pr["impl"].run_steps(
+                    pr["params"],
+                    X,
+                    yi,
+                    yf,
+                    pr["idx"][:b],
+                    b,
+                    1,
+                    pr["opt"],
+                    [0.0],
+                    1,
+                    grad=pr["grad"],
+                    dropout_rng=pr["dropout"],
+                )
                 if r:
                     best[b] = min(best[b], time.perf_counter() - t0)
-        self.seconds = best
-        self._observed = {b: 0 for b in self.sizes}
+        self.seconds.update(best)
 
     def observe_time(self, B: int, seconds_per_step: float) -> None:
         """Refine the measured step time of B from the real steps (a moving average; the
         first real observation replaces the probe's).  Not with a given table or "flops"."""
-        if self.spec.throughput is not None or B not in self.seconds or not seconds_per_step > 0:
+        if self.spec.throughput is not None or not seconds_per_step > 0:
             return
         k = self._observed.get(B, 0)
         self.seconds[B] = seconds_per_step if k == 0 else 0.7 * self.seconds[B] + 0.3 * seconds_per_step
@@ -290,7 +327,7 @@ class Controller:
         (phi + B0) / (phi + B) (:func:`minigd.gradstats.goodput`, without its argument
         checks: this runs at every decision)."""
         B = np.asarray(self.sizes, np.float64)
-        tp = B / np.asarray([self.seconds[b] for b in self.sizes])
+        tp = B / np.asarray([self.seconds.get(b, math.inf) for b in self.sizes])  # unmeasured: 0
         eff = np.ones_like(B) if math.isinf(phi) else (phi + self.B0) / (phi + B)
         return tp * eff
 
@@ -314,13 +351,11 @@ class Controller:
         phi = self.tracker.noise_scale
         if not self.tracker.n_updates or not (phi >= 0):  # nothing measured, or NaN
             return None
+        near = self._reachable(self.B)
+        self._probe_sizes(near)  # (measured throughput: sizes now in reach for the first time)
         gp = self._goodputs(phi if math.isfinite(phi) else math.inf)
         cur = self.sizes.index(self.B)
-        reach = gp.copy()
-        if self.spec.max_step is not None:  # one decision moves by at most max_step
-            B = np.asarray(self.sizes, np.float64)
-            far = (B > self.B * self.spec.max_step * (1 + 1e-12)) | (B * self.spec.max_step * (1 + 1e-12) < self.B)
-            reach[far] = -np.inf
+        reach = np.where(np.isin(self.sizes, near), gp, -np.inf)  # one decision moves by at most max_step
         best = int(np.argmax(reach))
         new = self.B
         reason = "keep: the current batch size has the largest goodput"
@@ -358,7 +393,8 @@ class Controller:
             "goodput": self.goodput,
             "noise": self.noise,
             "epoch_B": self.epoch_B,
-            "seconds": [[b, self.seconds[b]] for b in self.sizes],
+            "seconds": [[b, self.seconds[b]] for b in self.sizes if b in self.seconds],  # (measured so far)
+            "observed": [[b, self._observed[b]] for b in self.sizes if self._observed.get(b)],
             "decisions": self.decisions,
         }
 
@@ -379,11 +415,16 @@ class Controller:
         for k in ("factor", "gain"):
             v = st.get(k)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, f"has {k}={v!r}")
-        secs = st.get("seconds")
+        secs, obs = st.get("seconds"), st.get("observed", [])
+
+        def table(v, ok):
+            return isinstance(v, list) and all(
+                isinstance(e, list) and len(e) == 2 and e[0] in self.sizes and ok(e[1]) for e in v
+            )
+
         need(
-            isinstance(secs, list)
-            and [s[0] for s in secs if isinstance(s, list) and len(s) == 2] == self.sizes
-            and all(isinstance(s[1], (int, float)) and 0 < s[1] < math.inf for s in secs),
+            table(secs, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf)
+            and table(obs, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0),
             "has a malformed throughput table",
         )
         need(
@@ -401,4 +442,5 @@ class Controller:
         self.factor, self.gain = float(st["factor"]), float(st["gain"])
         self.goodput, self.noise = float(st["goodput"]), float(st["noise"])
         self.seconds = {int(b): float(s) for b, s in secs}
+        self._observed = {int(b): int(k) for b, k in obs}
         self.decisions = [dict(d) for d in st["decisions"]]

@@ -503,8 +503,8 @@ def fit(
         state.opt_state,
         want_sqn=p.tracker is not None and not model.norm.bn,
     )
-    if p.ctrl is not None and not state.resumed:  # the step time of each candidate, before training
-        p.ctrl.measure(model, p.X, p.yi, p.yf, state.opt_state, p.lr_const)
+    if p.ctrl is not None:  # the step times of the sizes in reach (a resume: the checkpoint's)
+        p.ctrl.measure(model, p.X, p.yi, p.yf, state.opt_state, fresh=not state.resumed)
     # -- loop, then finish (the progress bar and on_fit_end, also after an error)
     loop = Loop(p, state, hist)
     try:

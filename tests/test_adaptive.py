@@ -387,3 +387,22 @@ def test_tracked_steps_inside_runs_match_tracked_steps_alone():
         out.append((m.params.copy(), h.noise))
     np.testing.assert_array_equal(out[0][0], out[1][0])
     assert out[0][1] == out[1][1]
+
+
+def test_measured_throughput_probes_only_the_sizes_in_reach(monkeypatch):
+    """With max_step=2 the probe times the starting size and its neighbour before training,
+    and a further size only when a decision first can reach it; the largest candidates of a
+    short run are never timed."""
+    probed = []
+    real = Controller._probe_sizes
+
+    def spy(self, sizes):
+        probed.append([b for b in sizes if b not in self.seconds])
+        return real(self, sizes)
+
+    monkeypatch.setattr(Controller, "_probe_sizes", spy)
+    X, y = _data()
+    m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
+    mg.fit(m, X, y, batch_size=AdaptiveBatchSize(min=8, max=128, every=10, track_every=2), steps=20, seed=3)
+    assert probed[0] == [8, 16]
+    assert 128 not in {b for p in probed for b in p}
