@@ -218,6 +218,11 @@ class AdaptiveBatchSize:
         return out
 
 
+def _positive(x) -> bool:
+    """A positive, finite number (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
+
+
 class Controller:
     """The running controller of one adaptive ``fit`` (its state is checkpointed)."""
 
@@ -234,6 +239,8 @@ class Controller:
         self.seconds: dict = {}  # {B: seconds per step}
         self._observed: dict = {}  # {B: real runs folded into seconds[B]}
         self._probe: dict | None = None  # what measuring a size needs (measured throughput)
+        self._probed: dict = {}  # {B: the probe's seconds per step}
+        self._calib = 1.0  # real / probed step time at the size trained at last
         self.tracker = NoiseTracker(n, replacement=replacement, beta=spec.noise_beta)
         self.decisions: list = []
         self.epoch_B = self.B0  # the batch size the current epoch was laid out for
@@ -260,7 +267,7 @@ class Controller:
             "opt": dataclasses.replace(opt_state, hp=opt_state.hp.copy(), state=opt_state.state.copy()),
             "grad": np.zeros_like(model.params),
             # random rows, as training gathers them (contiguous rows would be cache-hot)
-            "idx": rng.permutation(X.shape[0])[: self.sizes[-1]].astype(np.int64),
+            "idx": rng.permutation(X.shape[0]).astype(np.int64),
             "dropout": rng if model.norm.dropout > 0 else None,
         }
         if fresh:
@@ -280,15 +287,17 @@ class Controller:
         pr = self._probe
         X, yi, yf = pr["data"]
         best = {b: math.inf for b in todo}
+        n = pr["idx"].shape[0]
         for r in range(3):  # round 0 warms each size's buffers; the best of rounds 1-2 counts
             for b in todo if r % 2 == 0 else todo[::-1]:
+                o = (r * b) % (n - b + 1)  # other rows each round: a step's rows are not cache-hot
                 t0 = time.perf_counter()
                 pr["impl"].run_steps(
                     pr["params"],
                     X,
                     yi,
                     yf,
-                    pr["idx"][:b],
+                    pr["idx"][o : o + b],
                     b,
                     1,
                     pr["opt"],
@@ -299,7 +308,8 @@ class Controller:
                 )
                 if r:
                     best[b] = min(best[b], time.perf_counter() - t0)
-        self.seconds.update(best)
+        self._probed.update(best)
+        self.seconds.update({b: t * self._calib for b, t in best.items()})
 
     def observe_time(self, B: int, seconds_per_step: float) -> None:
         """Refine the measured step time of B from the real steps (a moving average; the
@@ -309,6 +319,11 @@ class Controller:
         k = self._observed.get(B, 0)
         self.seconds[B] = seconds_per_step if k == 0 else 0.7 * self.seconds[B] + 0.3 * seconds_per_step
         self._observed[B] = k + 1
+        if B in self._probed:  # the probe's bias, measured at B, corrects the sizes only probed
+            self._calib = self.seconds[B] / self._probed[B]
+            for b, t in self._probed.items():
+                if not self._observed.get(b):
+                    self.seconds[b] = t * self._calib
 
     # -- noise ------------------------------------------------------------------------------------
     def observe(self, step: int, B: int, sum_sq_norms: float, batch_sq_norm: float) -> None:
@@ -395,6 +410,8 @@ class Controller:
             "epoch_B": self.epoch_B,
             "seconds": [[b, self.seconds[b]] for b in self.sizes if b in self.seconds],  # (measured so far)
             "observed": [[b, self._observed[b]] for b in self.sizes if self._observed.get(b)],
+            "probed": [[b, self._probed[b]] for b in self.sizes if b in self._probed],
+            "calib": self._calib,
             "decisions": self.decisions,
         }
 
@@ -415,7 +432,7 @@ class Controller:
         for k in ("factor", "gain"):
             v = st.get(k)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, f"has {k}={v!r}")
-        secs, obs = st.get("seconds"), st.get("observed", [])
+        secs, obs, probed = st.get("seconds"), st.get("observed", []), st.get("probed", [])
 
         def table(v, ok):
             return isinstance(v, list) and all(
@@ -423,7 +440,9 @@ class Controller:
             )
 
         need(
-            table(secs, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf)
+            table(secs, _positive)
+            and table(probed, _positive)
+            and _positive(st.get("calib", 1.0))
             and table(obs, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0),
             "has a malformed throughput table",
         )
@@ -443,4 +462,6 @@ class Controller:
         self.goodput, self.noise = float(st["goodput"]), float(st["noise"])
         self.seconds = {int(b): float(s) for b, s in secs}
         self._observed = {int(b): int(k) for b, k in obs}
+        self._probed = {int(b): float(t) for b, t in probed}
+        self._calib = float(st.get("calib", 1.0))
         self.decisions = [dict(d) for d in st["decisions"]]

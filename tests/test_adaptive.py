@@ -406,3 +406,17 @@ def test_measured_throughput_probes_only_the_sizes_in_reach(monkeypatch):
     mg.fit(m, X, y, batch_size=AdaptiveBatchSize(min=8, max=128, every=10, track_every=2), steps=20, seed=3)
     assert probed[0] == [8, 16]
     assert 128 not in {b for p in probed for b in p}
+
+
+def test_real_step_times_calibrate_the_sizes_only_probed():
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c._probed = {8: 1e-4, 16: 1.5e-4, 32: 2e-4}
+    c.seconds = dict(c._probed)
+    c.observe_time(8, 2e-4)  # the real steps at 8 take twice the probe's time
+    assert c.seconds[8] == 2e-4 and c.seconds[16] == pytest.approx(3e-4) and c.seconds[32] == pytest.approx(4e-4)
+    c.observe_time(16, 2.4e-4)  # 16 now has real steps of its own: kept, and the ratio moves to 1.6
+    assert c.seconds[16] == 2.4e-4 and c.seconds[8] == 2e-4 and c.seconds[32] == pytest.approx(3.2e-4)
+    st = c.state()
+    c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c2.restore(st, c.tracker, "test")
+    assert c2.seconds == c.seconds and c2._calib == c._calib and c2._observed == c._observed
