@@ -280,7 +280,7 @@ class Controller:
 
     def _probe_sizes(self, sizes) -> None:
         """Time one step of each of ``sizes`` not measured yet: a warm-up step, then the
-        best of two timed ones, interleaved across the sizes."""
+        best of five timed ones, interleaved across the sizes."""
         todo = [b for b in sizes if b not in self.seconds]
         if not todo or self._probe is None:
             return
@@ -288,7 +288,8 @@ class Controller:
         X, yi, yf = pr["data"]
         best = {b: math.inf for b in todo}
         n = pr["idx"].shape[0]
-        for r in range(3):  # round 0 warms each size's buffers; the best of rounds 1-2 counts
+        for r in range(6):  # round 0 warms each size's buffers; the best of rounds 1-5 counts (robust to
+            # a busy machine: a neighbour timed too slow once would never be tried, so never corrected)
             for b in todo if r % 2 == 0 else todo[::-1]:
                 o = (r * b) % (n - b + 1)  # other rows each round: a step's rows are not cache-hot
                 t0 = time.perf_counter()
