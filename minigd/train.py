@@ -314,6 +314,53 @@ def _fit_info(p: Plan, batch_size, optimizer, noise_beta) -> dict:
     }
 
 
+#: fit's arguments that :func:`_plan` checks (besides the model, the data and the optimizer)
+_PLAN_ARGS = (
+    "batch_size",
+    "epochs",
+    "steps",
+    "examples",
+    "target",
+    "sampler",
+    "drop_last",
+    "validation",
+    "eval_every",
+    "eval_train",
+    "max_time",
+    "callbacks",
+    "track_noise",
+    "noise_beta",
+    "track_gsnr",
+    "progress",
+)
+
+
+def _prepare(p: Plan, state, hist: History, batch_size, optimizer) -> None:
+    """What happens between the plan and the first step: the history's record of the run,
+    the workspace reserved for the largest batch and for evaluations (nothing re-allocated
+    once training has started), the kernels compiled (or loaded from numba's cache) before
+    the clock starts, and an adaptive run's step times."""
+    model = p.model
+    hist.config = dict(
+        batch_size=repr(batch_size) if isinstance(batch_size, (BatchSizeSchedule, AdaptiveBatchSize)) else batch_size,
+        sampler=p.sampler,
+        drop_last=p.drop_last,
+        optimizer=repr(optimizer),
+        n=p.n,
+        backend=model.backend,
+    )
+    hist.opt_state = state.opt_state
+    impl = model.backend_impl
+    n_eval = max(len(p.validation[0]) if p.validation is not None else 0, p.n if p.eval_train else 0)
+    impl.reserve(max(p.bs.max_batch if p.ctrl is None else p.ctrl.sizes[-1], min(n_eval, EVAL_CHUNK)))
+    # adaptive: any remainder can end an epoch, so the smallest regime too
+    sizes = _run_batch_sizes(p.bs, p.n, p.sampler, p.drop_last) if p.ctrl is None else p.ctrl.sizes + [2]
+    want_sqn = p.tracker is not None and not model.norm.bn
+    impl.warm_up(model.params, model._grad, p.X, p.yi, p.yf, sizes, state.opt_state, want_sqn=want_sqn)
+    if p.ctrl is not None:  # the step times of the sizes in reach (a resume: the checkpoint's)
+        p.ctrl.measure(model, p.X, p.yi, p.yf, state.opt_state, fresh=not state.resumed)
+
+
 def fit(
     model: MLP,
     X: np.ndarray,
@@ -437,34 +484,14 @@ def fit(
     """
     from minigd.resume import _check_checkpointing, start_state
 
+    args = dict(locals())  # (the arguments, before anything else is bound)
     if not isinstance(model, MLP):
         raise TypeError(f"model: expected a minigd.MLP, got {_got(model)}")
     optimizer = SGD(lr=0.1) if optimizer is None else optimizer
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer: expected a minigd optimizer (mg.SGD, mg.Adam, ...), got {_got(optimizer)}")
     # -- plan: every argument checked before anything runs
-    p = _plan(
-        model,
-        X,
-        y,
-        batch_size=batch_size,
-        epochs=epochs,
-        steps=steps,
-        examples=examples,
-        target=target,
-        optimizer=optimizer,
-        sampler=sampler,
-        drop_last=drop_last,
-        validation=validation,
-        eval_every=eval_every,
-        eval_train=eval_train,
-        max_time=max_time,
-        callbacks=callbacks,
-        track_noise=track_noise,
-        noise_beta=noise_beta,
-        track_gsnr=track_gsnr,
-        progress=progress,
-    )
+    p = _plan(model, X, y, optimizer=optimizer, **{k: args[k] for k in _PLAN_ARGS})
     rng = check_seed("seed", seed)
     p.ck_path, p.ck_every, resume_src = _check_checkpointing(checkpoint, checkpoint_every, resume)
     if resume_src is None:  # (resuming overwrites them)
@@ -473,38 +500,7 @@ def fit(
     if p.ck_path is not None or resume_src is not None:
         p.fit_info = _fit_info(p, batch_size, optimizer, noise_beta)
     state, hist = start_state(p, optimizer, opt_state, rng, resume_src)
-    hist.config = dict(
-        batch_size=repr(batch_size) if isinstance(batch_size, (BatchSizeSchedule, AdaptiveBatchSize)) else batch_size,
-        sampler=p.sampler,
-        drop_last=p.drop_last,
-        optimizer=repr(optimizer),
-        n=p.n,
-        backend=model.backend,
-    )
-    hist.opt_state = state.opt_state
-    # evaluations run forward passes of up to EVAL_CHUNK rows on the same workspace: reserve
-    # for them too, so that nothing is re-allocated once training has started
-    impl = model.backend_impl
-    n_eval = max(len(p.validation[0]) if p.validation is not None else 0, p.n if p.eval_train else 0)
-    impl.reserve(max(p.bs.max_batch if p.ctrl is None else p.ctrl.sizes[-1], min(n_eval, EVAL_CHUNK)))
-    # compile (or load from numba's cache) the kernels the steps will run, before the clock
-    # starts: else the first step of the first fit in a process would charge up to seconds of
-    # compilation to the training time (time, time_to_target)
-    sizes = (
-        _run_batch_sizes(p.bs, p.n, p.sampler, p.drop_last) if p.ctrl is None else p.ctrl.sizes + [2]
-    )  # adaptive: any remainder can end an epoch
-    impl.warm_up(
-        model.params,
-        model._grad,
-        p.X,
-        p.yi,
-        p.yf,
-        sizes,
-        state.opt_state,
-        want_sqn=p.tracker is not None and not model.norm.bn,
-    )
-    if p.ctrl is not None:  # the step times of the sizes in reach (a resume: the checkpoint's)
-        p.ctrl.measure(model, p.X, p.yi, p.yf, state.opt_state, fresh=not state.resumed)
+    _prepare(p, state, hist, batch_size, optimizer)
     # -- loop, then finish (the progress bar and on_fit_end, also after an error)
     loop = Loop(p, state, hist)
     try:
