@@ -240,7 +240,7 @@ class Controller:
         self._observed: dict = {}  # {B: real runs folded into seconds[B]}
         self._probe: dict | None = None  # what measuring a size needs (measured throughput)
         self._probed: dict = {}  # {B: the probe's seconds per step}
-        self._calib = 1.0  # real / probed step time at the size trained at last
+        self._calib = 0.0  # real - probed step time (seconds) at the size trained at last
         self.tracker = NoiseTracker(n, replacement=replacement, beta=spec.noise_beta)
         self.decisions: list = []
         self.epoch_B = self.B0  # the batch size the current epoch was laid out for
@@ -279,8 +279,8 @@ class Controller:
         return [b for b in self.sizes if f is None or B / f / (1 + 1e-12) <= b <= B * f * (1 + 1e-12)]
 
     def _probe_sizes(self, sizes) -> None:
-        """Time one step of each of ``sizes`` not measured yet: a warm-up step, then the
-        best of five timed ones, interleaved across the sizes."""
+        """Time one step of each of ``sizes`` not measured yet: two warm-up steps, then the
+        best of four timed ones, interleaved across the sizes."""
         todo = [b for b in sizes if b not in self.seconds]
         if not todo or self._probe is None:
             return
@@ -288,8 +288,9 @@ class Controller:
         X, yi, yf = pr["data"]
         best = {b: math.inf for b in todo}
         n = pr["idx"].shape[0]
-        for r in range(6):  # round 0 warms each size's buffers; the best of rounds 1-5 counts (robust to
-            # a busy machine: a neighbour timed too slow once would never be tried, so never corrected)
+        for r in range(6):  # rounds 0-1 warm each size (its first steps run up to 2x slow: buffers, pages);
+            # the best of rounds 2-5 counts (robust to a busy machine: a neighbour timed too slow would
+            # never be tried, so never corrected by real steps)
             for b in todo if r % 2 == 0 else todo[::-1]:
                 o = (r * b) % (n - b + 1)  # other rows each round: a step's rows are not cache-hot
                 t0 = time.perf_counter()
@@ -307,10 +308,10 @@ class Controller:
                     grad=pr["grad"],
                     dropout_rng=pr["dropout"],
                 )
-                if r:
+                if r >= 2:
                     best[b] = min(best[b], time.perf_counter() - t0)
         self._probed.update(best)
-        self.seconds.update({b: t * self._calib for b, t in best.items()})
+        self.seconds.update({b: max(t + self._calib, 0.5 * t) for b, t in best.items()})
 
     def observe_time(self, B: int, seconds_per_step: float) -> None:
         """Refine the measured step time of B from the real steps (a moving average; the
@@ -321,10 +322,12 @@ class Controller:
         self.seconds[B] = seconds_per_step if k == 0 else 0.7 * self.seconds[B] + 0.3 * seconds_per_step
         self._observed[B] = k + 1
         if B in self._probed:  # the probe's bias, measured at B, corrects the sizes only probed
-            self._calib = self.seconds[B] / self._probed[B]
+            # additive: what a real step adds to the probe's (the loop's per-step work, the
+            # noise tracking) does not grow with the batch
+            self._calib = self.seconds[B] - self._probed[B]
             for b, t in self._probed.items():
                 if not self._observed.get(b):
-                    self.seconds[b] = t * self._calib
+                    self.seconds[b] = max(t + self._calib, 0.5 * t)
 
     # -- noise ------------------------------------------------------------------------------------
     def observe(self, step: int, B: int, sum_sq_norms: float, batch_sq_norm: float) -> None:
@@ -443,7 +446,9 @@ class Controller:
         need(
             table(secs, _positive)
             and table(probed, _positive)
-            and _positive(st.get("calib", 1.0))
+            and isinstance(st.get("calib", 0.0), (int, float))
+            and not isinstance(st.get("calib", 0.0), bool)
+            and math.isfinite(st.get("calib", 0.0))
             and table(obs, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0),
             "has a malformed throughput table",
         )
@@ -464,5 +469,5 @@ class Controller:
         self.seconds = {int(b): float(s) for b, s in secs}
         self._observed = {int(b): int(k) for b, k in obs}
         self._probed = {int(b): float(t) for b, t in probed}
-        self._calib = float(st.get("calib", 1.0))
+        self._calib = float(st.get("calib", 0.0))
         self.decisions = [dict(d) for d in st["decisions"]]

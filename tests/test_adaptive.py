@@ -412,10 +412,10 @@ def test_real_step_times_calibrate_the_sizes_only_probed():
     c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
     c._probed = {8: 1e-4, 16: 1.5e-4, 32: 2e-4}
     c.seconds = dict(c._probed)
-    c.observe_time(8, 2e-4)  # the real steps at 8 take twice the probe's time
-    assert c.seconds[8] == 2e-4 and c.seconds[16] == pytest.approx(3e-4) and c.seconds[32] == pytest.approx(4e-4)
-    c.observe_time(16, 2.4e-4)  # 16 now has real steps of its own: kept, and the ratio moves to 1.6
-    assert c.seconds[16] == 2.4e-4 and c.seconds[8] == 2e-4 and c.seconds[32] == pytest.approx(3.2e-4)
+    c.observe_time(8, 2e-4)  # a real step at 8 takes 100 us more than the probe's
+    assert c.seconds[8] == 2e-4 and c.seconds[16] == pytest.approx(2.5e-4) and c.seconds[32] == pytest.approx(3e-4)
+    c.observe_time(16, 2.0e-4)  # 16 now has real steps of its own: kept; the offset moves to 50 us
+    assert c.seconds[16] == 2.0e-4 and c.seconds[8] == 2e-4 and c.seconds[32] == pytest.approx(2.5e-4)
     st = c.state()
     c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
     c2.restore(st, c.tracker, "test")
