@@ -551,11 +551,24 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
 
 @jit
 def train_step_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan, lr, t):
-    """:func:`train_step_loops` with the GEMMs in BLAS, as one compiled call."""
+    """:func:`train_step_loops` with the GEMMs in BLAS, as one compiled call (``plan[0]`` nonzero,
+    else :func:`train_step_blas_generic`)."""
     loss = loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, _FALSE[0])
     if not math.isfinite(loss):
         return loss, 0, math.nan
     check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
+    return loss, _apply_if_finite(params, grad, check), gsq
+
+
+@jit
+def train_step_blas_generic(
+    X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan, lr, t
+):
+    """:func:`train_step_blas` for an optimizer chain that does not fuse (``plan[0] == 0``)."""
+    loss = loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, _FALSE[0])
+    if not math.isfinite(loss):
+        return loss, 0, math.nan
+    check, gsq = _opt_update_generic(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
     return loss, _apply_if_finite(params, grad, check), gsq
 
 
@@ -725,7 +738,11 @@ def _opt_fused_slice(pp, gg, s1, s2, hp, codes, plan):
 
 @jit
 def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
-    """Turn ``grad`` into the update in place; returns (check, |raw gradient|^2 or 0)."""
+    """Turn ``grad`` into the update in place for a chain that fuses (``plan[0] != 0``:
+    every named optimizer); returns (check, |raw gradient|^2 or 0).  Any other chain
+    returns check = NaN (nothing applied): those run :func:`_opt_update_generic` (the
+    ``*_generic`` entry points), so that the first run of the usual optimizers never
+    compiles the generic chain (bench/results/cold_start.md)."""
     P = params.shape[0]
     gsq = grad_sqnorm(grad) if want_gsq else 0.0
     if plan[0] != 0:
@@ -739,6 +756,14 @@ def _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
         so = soff[plan[3]] if plan[3] >= 0 else 0
         check = _opt_fused_slice(params, grad, state[so : so + P], state[so + P : so + 2 * P], hp, codes, plan)
         return check, gsq
+    return math.nan, gsq
+
+
+@jit
+def _opt_update_generic(params, grad, codes, hp, soff, state, plan, lr, t, want_gsq):
+    """:func:`_opt_update` for any chain: each primitive one pass (``plan`` unused)."""
+    P = params.shape[0]
+    gsq = grad_sqnorm(grad) if want_gsq else 0.0
     _opt_chain_generic(params, grad, codes, hp, soff, state, lr, t)
     zero = hp[hp.shape[0] - 1, 7]
     check = zero
@@ -767,7 +792,8 @@ def _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
     has the model dtype, and its columns 3.. are scratch used to cast step-dependent
     scalars to that dtype.  ``t`` is the 1-based step count.  Returns (applied, |g|^2):
     applied is 0 if the update would have produced a non-finite parameter (params are
-    untouched then); |g|^2 is the squared norm of the raw gradient.
+    untouched then); |g|^2 is the squared norm of the raw gradient.  ``plan[0]`` must be
+    nonzero (see :func:`_opt_update`).
     """
     check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, not _FALSE[0])
     return _apply_if_finite(params, grad, check), gsq
@@ -775,8 +801,16 @@ def _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
 
 @jit
 def opt_apply(params, grad, codes, hp, soff, state, plan, lr, t):
-    """Compiled entry for :func:`_opt_apply` (the BLAS path and the public API)."""
+    """Compiled entry for :func:`_opt_apply` (the Python-driven path and the public API);
+    a chain that fuses (``plan[0] != 0``), else :func:`opt_apply_generic`."""
     return _opt_apply(params, grad, codes, hp, soff, state, plan, lr, t)
+
+
+@jit
+def opt_apply_generic(params, grad, codes, hp, soff, state, plan, lr, t):
+    """:func:`opt_apply` for any chain (compiled only when a run uses one)."""
+    check, gsq = _opt_update_generic(params, grad, codes, hp, soff, state, plan, lr, t, not _FALSE[0])
+    return _apply_if_finite(params, grad, check), gsq
 
 
 @jit
@@ -789,6 +823,7 @@ def train_step_loops(
     parameters were non-finite (params are then left untouched).  With ``want_sqn`` the
     per-example squared gradient norms are left in the scratch block and |g|^2 is the
     squared norm of the batch gradient (else 0; NaN when the loss was non-finite).
+    ``plan[0]`` must be nonzero (a chain that fuses), else :func:`train_step_loops_generic`.
     """
     L = lay[R_MISC, 3]
     _gather(X, idx, B, ws, lay)
@@ -800,6 +835,24 @@ def train_step_loops(
         B, params, grad, ws, lay, L, _scratch(ws, lay, B)[: B if want_sqn else 0], np.float64(B) * np.float64(B)
     )
     check, gsq = _opt_update(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
+    return loss, _apply_if_finite(params, grad, check), gsq
+
+
+@jit
+def train_step_loops_generic(
+    X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan, lr, t
+):
+    """:func:`train_step_loops` for an optimizer chain that does not fuse (``plan[0] == 0``)."""
+    L = lay[R_MISC, 3]
+    _gather(X, idx, B, ws, lay)
+    _forward_loops(B, params, ws, lay, L)
+    loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, _FALSE[0])
+    if not math.isfinite(loss):
+        return loss, 0, math.nan
+    _backward_loops(
+        B, params, grad, ws, lay, L, _scratch(ws, lay, B)[: B if want_sqn else 0], np.float64(B) * np.float64(B)
+    )
+    check, gsq = _opt_update_generic(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
     return loss, _apply_if_finite(params, grad, check), gsq
 
 

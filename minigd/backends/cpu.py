@@ -27,6 +27,9 @@ The crossover is a batch size that depends on the widest layer; it was measured 
 from __future__ import annotations
 
 import importlib.util
+import sys
+import threading
+import time
 
 import numpy as np
 
@@ -37,6 +40,53 @@ from minigd.kernels import cpu_stats as KS
 
 #: numba's np.dot inside compiled code needs SciPy's BLAS bindings
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
+
+#: the compiled training step by (loops regime?, optimizer chain fuses?): a chain that does
+#: not fuse (``fusion_plan``) runs the ``*_generic`` kernels, so that the first run of a named
+#: optimizer never compiles the generic chain (bench/results/cold_start.md)
+_STEP = {
+    (True, True): K.train_step_loops,
+    (True, False): K.train_step_loops_generic,
+    (False, True): K.train_step_blas,
+    (False, False): K.train_step_blas_generic,
+}
+
+#: a warm-up still running after this many seconds is compiling (the first run on a machine,
+#: or after the kernels changed): it says so on stderr
+NOTICE_AFTER_S = 1.0
+
+
+class _CompileNotice:
+    """``with _CompileNotice():`` prints "compiling kernels (first run only)" to stderr if the
+    body is still running after :data:`NOTICE_AFTER_S` seconds (a timer thread: numba's
+    compiler lets it run), and then how long the whole took.  Silent when the kernels load
+    from numba's cache (well under a second)."""
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._done = self._shown = False
+        self._timer = threading.Timer(NOTICE_AFTER_S, self._show)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def _show(self):
+        with self._lock:
+            if self._done:
+                return
+            self._shown = True
+        print("minigd: compiling kernels (first run only) ...", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            shown = self._shown
+        if shown:
+            dt = time.perf_counter() - self._t0
+            print(f"minigd: kernels ready in {dt:.1f} s (cached for later runs)", file=sys.stderr, flush=True)
+        return False
 
 
 class CpuBackend(Backend):
@@ -104,7 +154,8 @@ class CpuBackend(Backend):
         return loss, rows
 
     def opt_apply(self, params, grad, opt_state, lr, t):
-        ok, gsq = K.opt_apply(
+        apply = K.opt_apply if opt_state.plan[0] else K.opt_apply_generic
+        ok, gsq = apply(
             params, grad, opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan, lr, t
         )
         return bool(ok), gsq
@@ -114,8 +165,7 @@ class CpuBackend(Backend):
         regime = self._regime(B)
         if regime == "python":
             return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
-        step = K.train_step_loops if regime == "loops" else K.train_step_blas
-        loss, ok, gsq = step(
+        loss, ok, gsq = _STEP[regime == "loops", bool(opt_state.plan[0])](
             X,
             yi,
             yf,
@@ -152,7 +202,13 @@ class CpuBackend(Backend):
         the kernels themselves (not ``train_step`` / ``update_running``, whose calls stay
         one per step of the run); then ``params`` and the optimizer buffers are put back
         bitwise.  ``running`` is not touched (its kernel runs on copies); the dropout masks
-        are not redrawn (``fit`` draws each step's before the step)."""
+        are not redrawn (``fit`` draws each step's before the step).  A warm-up that takes
+        over :data:`NOTICE_AFTER_S` (numba compiling: the first run on a machine) says so on
+        stderr (:class:`_CompileNotice`)."""
+        with _CompileNotice():
+            self._warm_up(params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn)
+
+    def _warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn):
         reps = {}
         for b in sorted({int(b) for b in batch_sizes}):
             reps.setdefault(self._regime(b), b)
@@ -163,14 +219,15 @@ class CpuBackend(Backend):
         t = int(opt_state.t) + 1
         opt = (opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan)
         saved = (params.copy(), opt_state.state.copy(), opt_state.hp.copy())
+        fused = bool(opt_state.plan[0])
         try:
             for regime, b in reps.items():
                 if regime != "python":
-                    step = K.train_step_loops if regime == "loops" else K.train_step_blas
+                    step = _STEP[regime == "loops", fused]
                     step(X, yi, yf, idx[:b], b, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn, *opt, 0.0, t)
                     continue
                 self._loss_grad_py(params, grad, X, yi, yf, idx[:b], b, ws, want_sqn, False)
-                K.opt_apply(params, grad, *opt, 0.0, t)
+                (K.opt_apply if fused else K.opt_apply_generic)(params, grad, *opt, 0.0, t)
                 if self.norm is not None and self.norm.bn:
                     rm, rv = self.layout.running_views(self.running)
                     KN.running_update(
