@@ -132,3 +132,19 @@ def test_cold_first_fit_says_so_and_skips_what_it_does_not_use(tmp_path):
     assert NOTICE in cold_err and "kernels ready in" in cold_err
     assert warm["compiled"] == [] and "minigd:" not in warm_err, warm_err
     assert warm["seconds"] < cold["seconds"]
+
+
+def test_warmup_speaks_once_for_all_its_fits(monkeypatch, capsys):
+    """``minigd.warmup.warmup`` runs many fits under one notice: nested warm-ups are silent."""
+    from minigd.warmup import warmup
+
+    warmup(("float32",))
+    capsys.readouterr()
+    monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
+    for key in ((True, True), (False, True)):
+        real = cpu_backend._STEP[key]
+        monkeypatch.setitem(cpu_backend._STEP, key, lambda *a, _real=real: (time.sleep(0.15), _real(*a))[1])
+    warmup(("float32",))
+    err = capsys.readouterr().err
+    assert err.count(NOTICE) == 1 and err.count("kernels ready in") == 1, err
+    assert cpu_backend._CompileNotice._depth == 0

@@ -60,9 +60,16 @@ class _CompileNotice:
     """``with _CompileNotice():`` prints "compiling kernels (first run only)" to stderr if the
     body is still running after :data:`NOTICE_AFTER_S` seconds (a timer thread: numba's
     compiler lets it run), and then how long the whole took.  Silent when the kernels load
-    from numba's cache (well under a second)."""
+    from numba's cache (well under a second).  Nested ones are silent: the outermost speaks
+    (``minigd.warmup.warmup`` runs many fits under one notice)."""
+
+    _depth = 0
 
     def __enter__(self):
+        _CompileNotice._depth += 1
+        self._outer = _CompileNotice._depth == 1
+        if not self._outer:
+            return self
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()
         self._done = self._shown = False
@@ -79,6 +86,9 @@ class _CompileNotice:
         print("minigd: compiling kernels (first run only) ...", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
+        _CompileNotice._depth -= 1
+        if not self._outer:
+            return False
         self._timer.cancel()
         with self._lock:
             self._done = True
