@@ -330,9 +330,6 @@ class Controller:
                     self.seconds[b] = max(t + self._calib, 0.5 * t)
 
     # -- noise ------------------------------------------------------------------------------------
-    def observe(self, step: int, B: int, sum_sq_norms: float, batch_sq_norm: float) -> None:
-        self.tracker.update(step, B, sum_sq_norms, batch_sq_norm)
-
     def observe_two_batch(self, step: int, B: int, b: int, small_sq_norm: float, batch_sq_norm: float) -> None:
         """Batch norm: |g_b|^2 of the first b rows and |g_B|^2 of the whole batch at the same
         parameters give tr(Sigma) ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B); fed to the tracker as

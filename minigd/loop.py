@@ -104,7 +104,7 @@ class LoopState:
     close: tuple = field(default=(0, (None, None, None, None)))
 
     def step_info(
-        self, hist: History, fit_info: dict, *, finished: bool, n_evals: int, n_epochs: int, reached: tuple, epoch: int
+        self, fit_info: dict, *, finished: bool, n_evals: int, n_epochs: int, reached: tuple, epoch: int
     ) -> dict:
         """The checkpoint's ``step_info`` (format of minigd's checkpoints)."""
         return {
@@ -290,7 +290,6 @@ class Loop:
         if finished:  # right after the last step's hooks, with the full history: resuming it
             # redoes the epoch close-out and the final evaluation, or trains on under a larger budget
             info = s.step_info(
-                hist,
                 p.fit_info,
                 finished=True,
                 n_evals=s.close[0],
@@ -300,7 +299,6 @@ class Loop:
             )
         else:
             info = s.step_info(
-                hist,
                 p.fit_info,
                 finished=False,
                 n_evals=len(hist.evals),

@@ -32,16 +32,6 @@ from minigd.optim.schedules import BatchSizeSchedule
 __all__ = ["fit", "steps_per_epoch", "SAMPLERS", "TARGET_METRICS"]
 
 
-def _check_batch_size(batch_size, n):
-    """The run's BatchSizeSchedule (an adaptive run's: its starting size), from the
-    table-checked ``batch_size`` (:func:`minigd._constraints.check_fit_args`)."""
-    if isinstance(batch_size, str) and batch_size == "adaptive":
-        batch_size = AdaptiveBatchSize()
-    if isinstance(batch_size, AdaptiveBatchSize):
-        return BatchSizeSchedule(batch_size.sizes(n)[0])
-    return batch_size
-
-
 def _check_norm_batches(model, bs, n, sampler, drop_last, track_noise):
     """Every batch this run will take, the partial last one included, against the
     batch-norm rules (one place: :func:`minigd._constraints.check_norm`), before the first step."""
@@ -201,7 +191,8 @@ def _plan(
     )
     epochs, steps, examples, eval_every = a["epochs"], a["steps"], a["examples"], a["eval_every"]
     sampler, drop_last, max_time, progress = a["sampler"], a["drop_last"], a["max_time"], a["progress"]
-    bs = _check_batch_size(a["batch_size"], n)
+    ctrl = _check_adaptive(model, a["batch_size"], n, sampler, drop_last, track_noise, epochs, steps, examples)
+    bs = a["batch_size"] if ctrl is None else BatchSizeSchedule(ctrl.B0)  # (adaptive: its starting size)
     target = _check_target(target)
     validation = _check_validation(model, validation)
     if target and any(k.startswith("val_") for k in target) and validation is None:
@@ -209,7 +200,6 @@ def _plan(
     if target and any(k.endswith("accuracy") for k in target) and not model.is_classifier:
         raise ValueError(f"target: accuracy needs a classification loss, the model's loss is {model.loss_name!r}")
     eval_train = a["eval_train"] or bool(target and any(k.startswith("train_") for k in target))
-    ctrl = _check_adaptive(model, batch_size, n, sampler, drop_last, track_noise, epochs, steps, examples)
     if ctrl is None:
         _check_norm_batches(model, bs, n, sampler, drop_last, track_noise)
     tracker = _make_tracker(a["track_noise"], a["noise_beta"], bs, n, sampler) if ctrl is None else ctrl.tracker

@@ -175,7 +175,7 @@ def test_adascale_gain_matches_the_closed_form():
     spec = _spec()
     c = Controller(spec, [8, 16, 32, 64], N, replacement=False)
     for s, (ssq, gsq) in enumerate([(30.0, 1.0), (28.0, 0.9), (35.0, 1.2)]):
-        c.observe(s, 8, ssq, gsq)
+        c.tracker.update(s, 8, ssq, gsq)
     c.seconds = {b: 1e-3 for b in c.sizes}
     rec = c.decide(10)
     tr, g2 = c.tracker.trace_cov, c.tracker.grad_norm_sq
