@@ -416,6 +416,21 @@ class Controller:
             "decisions": self.decisions,
         }
 
+    def _decision_ok(self, d: Any) -> bool:
+        """A decision record as :meth:`decide` writes them (what ``History.column`` reads)."""
+        num = ("lr_factor", "gain", "goodput", "controller_noise_scale")
+        return (
+            isinstance(d, dict)
+            and isinstance(d.get("step"), int)
+            and not isinstance(d.get("step"), bool)
+            and 0 <= d["step"] < 1 << 53
+            and d.get("batch_size") in self.sizes
+            and all(
+                d.get(k) is None or (isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)) for k in num
+            )
+            and isinstance(d.get("reason"), str)
+        )
+
     def restore(self, st: Any, tracker: Any, where: str) -> None:
         """The controller of a checkpoint's ``step_info['adaptive']`` (checked: a crafted file
         must not set a batch size outside the candidates or a non-finite factor)."""
@@ -450,7 +465,7 @@ class Controller:
             "has a malformed throughput table",
         )
         need(
-            isinstance(st.get("decisions"), list) and all(isinstance(d, dict) for d in st["decisions"]),
+            isinstance(st.get("decisions"), list) and all(self._decision_ok(d) for d in st["decisions"]),
             "has malformed decision records",
         )
         need(

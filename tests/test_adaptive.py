@@ -272,6 +272,16 @@ def test_resume_refuses_a_crafted_controller_state(tmp_path):
         _fit(steps=60, resume=c)
 
 
+def test_resume_refuses_a_crafted_decision_record(tmp_path):
+    ck = str(tmp_path / "ck.npz")
+    _fit(steps=30, checkpoint=ck)
+    c = mg.load_checkpoint(ck)
+    assert c.step_info["adaptive"]["decisions"], "no decision to craft"
+    c.step_info["adaptive"]["decisions"][0]["step"] = "ten"
+    with pytest.raises(mg.CheckpointError, match="malformed decision records"):
+        _fit(steps=60, resume=c)
+
+
 def test_resume_refuses_other_adaptive_settings(tmp_path):
     ck = str(tmp_path / "ck.npz")
     _fit(steps=30, checkpoint=ck)
