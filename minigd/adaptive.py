@@ -244,6 +244,7 @@ class Controller:
         self.tracker = NoiseTracker(n, replacement=replacement, beta=spec.noise_beta)
         self.decisions: list = []
         self.epoch_B = self.B0  # the batch size the current epoch was laid out for
+        self._near: dict = {}  # {B: the candidates one decision can reach from B}
 
     # -- throughput --------------------------------------------------------------------------
     def measure(self, model, X, yi, yf, opt_state, fresh: bool = True) -> None:
@@ -274,9 +275,13 @@ class Controller:
             self._probe_sizes(self._reachable(self.B))
 
     def _reachable(self, B: int) -> list:
-        """The candidates one decision can move to from B (B included)."""
-        f = self.spec.max_step
-        return [b for b in self.sizes if f is None or B / f / (1 + 1e-12) <= b <= B * f * (1 + 1e-12)]
+        """The candidates one decision can move to from B (B included; cached per B)."""
+        near = self._near.get(B)
+        if near is None:
+            f = self.spec.max_step
+            near = [b for b in self.sizes if f is None or B / f / (1 + 1e-12) <= b <= B * f * (1 + 1e-12)]
+            self._near[B] = near
+        return near
 
     def _probe_sizes(self, sizes) -> None:
         """Time one step of each of ``sizes`` not measured yet: two warm-up steps, then the
@@ -338,14 +343,17 @@ class Controller:
         self.tracker.update(step, B, tr * (B - 1) + B * batch_sq_norm, batch_sq_norm)
 
     # -- decisions -------------------------------------------------------------------------------
-    def _goodputs(self, phi: float) -> np.ndarray:
+    def _goodputs(self, phi: float) -> list:
         """Goodput of every candidate: examples per second times the statistical efficiency
         (phi + B0) / (phi + B) (:func:`minigd.gradstats.goodput`, without its argument
-        checks: this runs at every decision)."""
-        B = np.asarray(self.sizes, np.float64)
-        tp = B / np.asarray([self.seconds.get(b, math.inf) for b in self.sizes])  # unmeasured: 0
-        eff = np.ones_like(B) if math.isinf(phi) else (phi + self.B0) / (phi + B)
-        return tp * eff
+        checks, in plain floats: this runs at every decision, on a dozen candidates)."""
+        B0, secs = self.B0, self.seconds
+        out = []
+        for b in self.sizes:
+            s = secs.get(b, math.inf)  # unmeasured: 0
+            eff = 1.0 if math.isinf(phi) else (phi + B0) / (phi + b)
+            out.append(b / s * eff)
+        return out
 
     def _factor(self, B: int) -> tuple:
         """(learning-rate factor, AdaScale gain) for batch size B at the current noise."""
@@ -368,25 +376,28 @@ class Controller:
         if not self.tracker.n_updates or not (phi >= 0):  # nothing measured, or NaN
             return None
         near = self._reachable(self.B)
-        self._probe_sizes(near)  # (measured throughput: sizes now in reach for the first time)
-        gp = self._goodputs(phi if math.isfinite(phi) else math.inf)
-        cur = self.sizes.index(self.B)
-        reach = np.where(np.isin(self.sizes, near), gp, -np.inf)  # one decision moves by at most max_step
-        best = int(np.argmax(reach))
-        new = self.B
+        if self._probe is not None:  # measured throughput: sizes now in reach for the first time
+            self._probe_sizes(near)
+        # goodput (examples per second times the statistical efficiency (phi + B0) / (phi + B),
+        # as _goodputs) of the sizes in reach only: one decision moves by at most max_step
+        secs, B0, inf = self.seconds, self.B0, math.isinf(phi)
+        gp = {b: b / secs.get(b, math.inf) * (1.0 if inf else (phi + B0) / (phi + b)) for b in near}
+        best = max(near, key=gp.__getitem__)  # the first of equal goodputs
+        cur = self.B
+        new = cur
         reason = "keep: the current batch size has the largest goodput"
         if best != cur:
             if gp[best] > gp[cur] * (1.0 + self.spec.min_gain):
-                new = self.sizes[best]
+                new = best
                 reason = (
-                    f"{'grow' if new > self.B else 'shrink'}: goodput {gp[best]:.4g} at B={new} vs "
-                    f"{gp[cur]:.4g} at B={self.B} (noise scale {phi:.4g})"
+                    f"{'grow' if new > cur else 'shrink'}: goodput {gp[best]:.4g} at B={new} vs "
+                    f"{gp[cur]:.4g} at B={cur} (noise scale {phi:.4g})"
                 )
             else:
-                reason = f"keep: B={self.sizes[best]} is better by less than min_gain={self.spec.min_gain:g}"
+                reason = f"keep: B={best} is better by less than min_gain={self.spec.min_gain:g}"
         self.B = new
         self.factor, self.gain = self._factor(new)
-        self.goodput, self.noise = float(gp[self.sizes.index(new)]), float(phi)
+        self.goodput, self.noise = float(gp[new]), float(phi)
         rec = {
             "step": int(step),
             "batch_size": int(new),

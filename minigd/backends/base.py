@@ -341,7 +341,9 @@ class Backend:
         acc = self._sqn_acc
         if acc is None or acc.shape[0] < B:
             acc = self._sqn_acc = np.zeros(max(B, 16), np.float64)
-        np.cumsum(self.last_sqnorms(B), dtype=np.float64, out=acc[:B])
+        # (np.add.accumulate: np.cumsum's own arithmetic without its wrapper, 3x cheaper at
+        # B = 32; it runs at every tracked step)
+        np.add.accumulate(self.last_sqnorms(B), dtype=np.float64, out=acc[:B])
         return float(acc[B - 1])
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
