@@ -9,12 +9,14 @@ The kernel contract (shared with the NumPy reference and the GPU backend)
 * Every array is C-contiguous.  ``params``/``grad`` are flat (P,) vectors in the order
   W0 (row-major, shape (fan_in, fan_out)), b0, W1, b1, ...  The workspace ``ws`` is one flat
   buffer; activations are batch-major (B, width) blocks inside it.
-* ``lay`` is an int64 (8, max(L+1, 4)) table built by :mod:`minigd.kernels.workspace`:
+* ``lay`` is an int64 (8, max(L+1, 5)) table built by :mod:`minigd.kernels.workspace`:
   row 0 the layer sizes n_0..n_L; rows 1/2 the offsets of W_l / b_l in ``params``;
   row 3 the activation code of layer l (identity for the output layer); rows 4/5/6 the
   offsets in ``ws`` of the pre-activations z_l, the activations a_l and the deltas
   d_l = dLoss/dz_l, each a (capacity, n_{l+1}) block; row 7 holds
-  [offset of the gathered-input block x0, offset of a (capacity,) scratch, capacity, L].
+  [offset of the gathered-input block x0, offset of a (capacity,) scratch, capacity, L,
+  the BLAS of the compiled GEMMs (0: SciPy's through numba's np.dot, 1: NumPy's; see
+  :func:`_mm_nn`)].
 * The batch is rows ``idx[:B]`` of ``X`` (labels ``yi`` for cross-entropy, else targets
   ``yf``); the unused one of ``yi``/``yf`` is an empty array so that each kernel has exactly
   one signature per dtype (float32, float64).
@@ -41,6 +43,7 @@ import math
 
 import numpy as np
 
+from . import _blas
 from ._jit import jit
 
 # activation, loss and optimizer-primitive codes and the shared constants: the one table.
@@ -454,13 +457,19 @@ def bias_act_forward(B, params, ws, lay, l):
 
 @jit(inline="always")
 def _bias_act(B, params, ws, lay, l):
+    # row by row: the activation reads the row the bias loop just left in L1 (one pass over
+    # z_l from memory, not two); the same arithmetic as two whole-block passes
     Z = _blk(ws, lay, R_Z, l, B)
+    A = _blk(ws, lay, R_A, l, B)
     b = _b(params, lay, l)
+    hidden = l < lay[R_MISC, 3] - 1
+    code = lay[R_ACT, l]
     for r in range(B):
-        for j in range(Z.shape[1]):
-            Z[r, j] += b[j]
-    if l < lay[R_MISC, 3] - 1:
-        _act_forward(lay[R_ACT, l], _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B))
+        z = Z[r]
+        for j in range(z.shape[0]):
+            z[j] += b[j]
+        if hidden:
+            _act_forward(code, z, A[r])
 
 
 @jit
@@ -511,7 +520,7 @@ def sqnorm_accumulate(B, ws, lay, l, scale, first):
 @jit(inline="always")
 def _forward_blas(B, params, ws, lay, L):
     for l in range(L):
-        np.dot(_input(ws, lay, l, B), _W(params, lay, l), _blk(ws, lay, R_Z, l, B))
+        _mm_nn(_input(ws, lay, l, B), _W(params, lay, l), _blk(ws, lay, R_Z, l, B), lay[R_MISC, 4])
         _bias_act(B, params, ws, lay, l)
 
 
@@ -534,18 +543,14 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
     for l in range(L - 1, -1, -1):
         A = _input(ws, lay, l, B)
         D = _blk(ws, lay, R_D, l, B)
-        np.dot(A.T, D, _W(grad, lay, l))
-        _bias_grad(B, grad, ws, lay, l)
+        _mm_tn(A, D, _W(grad, lay, l), lay[R_MISC, 4])
+        if l == L - 1:  # hidden layers' bias gradients: with their activation backward below
+            _bias_grad(B, grad, ws, lay, l)
         if want_sqn:
             _sqnorm_rows(A, D, B, rows, scale)
         if l > 0:
-            np.dot(D, _W(params, lay, l).T, _blk(ws, lay, R_D, l - 1, B))
-            _act_backward(
-                lay[R_ACT, l - 1],
-                _flat(ws, lay, R_Z, l - 1, B),
-                _flat(ws, lay, R_A, l - 1, B),
-                _flat(ws, lay, R_D, l - 1, B),
-            )
+            _mm_nt(D, _W(params, lay, l), _blk(ws, lay, R_D, l - 1, B), lay[R_MISC, 4])
+            _act_backward_bias_grad(B, grad, ws, lay, l - 1)
     return loss
 
 
@@ -870,3 +875,68 @@ def grad_sqnorm(grad):
         g = np.float64(grad[p])
         s64 += g * g
     return s64
+
+
+# ----------------------------------------------------------------------------- BLAS calls, fused epilogues
+# The compiled BLAS path's GEMMs: ``lib`` (lay[R_MISC, 4], set by the backend) picks NumPy's
+# own OpenBLAS through its CBLAS symbol (1; see kernels/_blas.py) or numba's np.dot, which
+# calls SciPy's BLAS (0).  Operands are C-contiguous (B, n) workspace blocks and (fan_in,
+# fan_out) weight views.
+@jit(inline="always")
+def _cblas(ta, tb, m, n, k, A, Bm, C):
+    """C (m, n) = op(A) @ op(Bm) by NumPy's CBLAS gemm, row-major, in C's dtype."""
+    if C.itemsize == 4:
+        _blas.sgemm(
+            _blas.ROW_MAJOR, ta, tb, m, n, k, np.float32(1), A.ctypes, A.shape[1], Bm.ctypes, Bm.shape[1],
+            np.float32(0), C.ctypes, C.shape[1],
+        )  # fmt: skip
+    else:
+        _blas.dgemm(
+            _blas.ROW_MAJOR, ta, tb, m, n, k, 1.0, A.ctypes, A.shape[1], Bm.ctypes, Bm.shape[1], 0.0, C.ctypes,
+            C.shape[1],
+        )  # fmt: skip
+
+
+@jit(inline="always")
+def _mm_nn(A, W, Z, lib):
+    """Z = A @ W (forward)."""
+    if lib == 1:
+        _cblas(_blas.NO_TRANS, _blas.NO_TRANS, Z.shape[0], Z.shape[1], A.shape[1], A, W, Z)
+    else:
+        np.dot(A, W, Z)
+
+
+@jit(inline="always")
+def _mm_tn(A, D, G, lib):
+    """G = A.T @ D (weight gradient)."""
+    if lib == 1:
+        _cblas(_blas.TRANS, _blas.NO_TRANS, G.shape[0], G.shape[1], A.shape[0], A, D, G)
+    else:
+        np.dot(A.T, D, G)
+
+
+@jit(inline="always")
+def _mm_nt(D, W, P, lib):
+    """P = D @ W.T (input gradient)."""
+    if lib == 1:
+        _cblas(_blas.NO_TRANS, _blas.TRANS, P.shape[0], P.shape[1], D.shape[1], D, W, P)
+    else:
+        np.dot(D, W.T, P)
+
+
+@jit(inline="always")
+def _act_backward_bias_grad(B, grad, ws, lay, l):
+    """d_l *= f'(z_l), then db_l = sum_r d_l[r, :], row by row in one pass over d_l (the
+    arithmetic of :func:`act_backward` then :func:`bias_grad`, in the same order)."""
+    code = lay[R_ACT, l]
+    Z = _blk(ws, lay, R_Z, l, B)
+    A = _blk(ws, lay, R_A, l, B)
+    D = _blk(ws, lay, R_D, l, B)
+    gb = _b(grad, lay, l)
+    for j in range(gb.shape[0]):
+        gb[j] = 0
+    for r in range(B):
+        d = D[r]
+        _act_backward(code, Z[r], A[r], d)
+        for j in range(gb.shape[0]):
+            gb[j] += d[j]

@@ -108,7 +108,7 @@ class Workspace:
     def __init__(self, layout: ParamLayout, act_codes, capacity: int, dtype, xp=np):
         L = layout.n_layers
         sizes = layout.sizes
-        lay = np.zeros((8, max(L + 1, 4)), dtype=np.int64)
+        lay = np.zeros((8, max(L + 1, 5)), dtype=np.int64)
         lay[0, : L + 1] = sizes
         wo, bo = layout._offsets()
         lay[1, :L] = wo
@@ -129,7 +129,9 @@ class Workspace:
             lay[5, l] = take(n) if l < L - 1 else lay[4, l]
             lay[6, l] = take(n)
         scratch = take(capacity)
-        lay[7, :4] = [x0, scratch, capacity, L]
+        # column 4: the BLAS of the compiled GEMMs (0 SciPy's through numba's np.dot, 1 NumPy's
+        # through its CBLAS symbol); the cpu backend sets it, 0 for everyone else
+        lay[7, :5] = [x0, scratch, capacity, L, 0]
         self.layout = layout
         self.capacity = int(capacity)
         self.lay = lay

@@ -10,9 +10,12 @@ Per batch it picks one of two regimes (both follow the kernel contract in
 * **BLAS** (larger batches): the GEMMs run in BLAS on views of the preallocated workspace
   (no allocation) and compiled kernels do the epilogues (bias + activation, fused softmax
   cross-entropy, activation backward, bias gradient, per-example norms, optimizer).  With
-  SciPy installed the whole step is again ONE compiled call (numba lowers ``np.dot(...,
-  out)`` to BLAS through SciPy's bindings); without it, Python drives ``np.matmul(out=...)``
-  between compiled epilogues (about 20 calls per step: fine at large batches).
+  SciPy installed the whole step is again ONE compiled call, whose GEMMs call NumPy's own
+  OpenBLAS through its CBLAS symbol (``blas="numpy"``, the default where NumPy bundles it)
+  or SciPy's through numba's ``np.dot`` (``blas="scipy"``); without SciPy, Python drives
+  ``np.matmul(out=...)`` between compiled epilogues (about 20 calls per step: fine at large
+  batches).  Which BLAS is a fixed rule measured in bench/results/gemm_peak.md (see
+  ``CpuBackend.blas``), never a timing taken at run time.
 
 A model with batch norm or dropout always takes the Python-driven BLAS path in training
 mode, with the compiled epilogues of ``kernels/cpu_norm.py`` finishing each hidden layer
@@ -34,12 +37,17 @@ import time
 import numpy as np
 
 from minigd.backends.base import BN_AFTER, BN_BEFORE, Backend, check_per_example
+from minigd.kernels import _blas
 from minigd.kernels import cpu as K
 from minigd.kernels import cpu_norm as KN
 from minigd.kernels import cpu_stats as KS
 
 #: numba's np.dot inside compiled code needs SciPy's BLAS bindings
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
+
+#: the BLAS of the compiled GEMMs (``CpuBackend.blas``) and its code in ``lay[R_MISC, 4]``
+_BLAS_CODE = {"scipy": 0, "numpy": 1}
+DEFAULT_BLAS = "numpy" if _blas.AVAILABLE else "scipy"
 
 #: the compiled training step by (loops regime?, optimizer chain fuses?): a chain that does
 #: not fuse (``fusion_plan``) runs the ``*_generic`` kernels, so that the first run of a named
@@ -106,6 +114,37 @@ class CpuBackend(Backend):
         super().__init__(layout, act_codes, loss_code, dtype, norm)
         self.compiled_blas = HAVE_SCIPY
         self.blas_min_batch = self.default_blas_min_batch(layout.sizes, self.compiled_blas)
+        self.blas = DEFAULT_BLAS
+
+    @property
+    def blas(self) -> str:
+        """Which BLAS the compiled BLAS regime's GEMMs call: ``"numpy"``, NumPy's own OpenBLAS
+        through its CBLAS symbol (``kernels/_blas.py``; the default where it is found), or
+        ``"scipy"``, SciPy's through numba's ``np.dot``.  A fixed rule, not a timing taken at
+        run time: a run's choice is the same in every process on the machine, which bitwise
+        checkpoint/resume needs (two BLAS builds may round differently).  Measured in
+        ``bench/results/gemm_peak.md``: NumPy's is as fast or faster on every GEMM of the
+        step.  The Python-driven regime (no SciPy) always calls NumPy's through np.matmul."""
+        return self._blas
+
+    @blas.setter
+    def blas(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"blas: expected 'numpy' or 'scipy', got {type(value).__name__} {value!r}")
+        if value not in _BLAS_CODE:
+            raise ValueError(f"blas: expected 'numpy' or 'scipy', got {value!r}")
+        if value == "numpy" and not _blas.AVAILABLE:
+            raise ValueError(f"blas: 'numpy' is not available here ({_blas.SOURCE}); got {value!r}")
+        self._blas = value
+        if self.ws is not None:
+            self.ws.lay[K.R_MISC, 4] = _BLAS_CODE[value]
+
+    def reserve(self, capacity: int):
+        if self.ws is not None and self.ws.capacity >= capacity:
+            return self.ws
+        ws = super().reserve(capacity)
+        ws.lay[K.R_MISC, 4] = _BLAS_CODE[self._blas]
+        return ws
 
     @staticmethod
     def default_blas_min_batch(sizes, compiled_blas: bool = HAVE_SCIPY) -> int:
