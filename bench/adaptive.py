@@ -39,11 +39,12 @@ fixed cells, every seed round in a shuffled order ("side by side in one run"; on
 tuning of B = 32, whose rate the adaptive arms need, runs first).
 
 **Time to target** is the history's training time (steps only: evaluation, the untimed
-compile warm-up and, for adaptive, the one-off throughput probe excluded, as
+compile warm-up and, for adaptive, the throughput probe excluded, as
 ``hist.time_to_target``) at the first evaluation that meets the target.  Evaluations run
 every step for the first 50 steps, then whenever the step count has grown by 2% (the study's
 geometric schedule, the same for every arm), by an ``on_step`` callback.  The probe
-(``Controller.measure``) is timed directly, by wrapping it here (timing only), and reported
+(``Controller._probe_sizes``, before training and when a size first comes in reach) is timed
+directly, by wrapping it here (timing only), and reported
 separately and as "adaptive + probe".  On a shared machine a preempted step inflates the raw
 time, so every run also gets a *robust* time: each step counted at the median duration of
 its class within the run (its batch size, and for adaptive whether it was a noise-tracked
@@ -58,7 +59,7 @@ resampled jointly), and in how many seeds it beat the best fixed B.  Goal: ratio
 every problem and faster than the median fixed B; bar: ratio <= 1.25.
 
 **Controller overhead**: ``fit`` with ``AdaptiveBatchSize(min=B, max=B, throughput={B: 1})``
-(one candidate: the controller tracks the noise every 4th step and decides every 20, but
+(one candidate: the controller tracks the noise every 8th step and decides every 20, but
 never changes B, and nothing is probed) against ``fit(batch_size=B)``, same steps, no
 evaluation, in interleaved rounds; the median over rounds of the per-round ratio, of the
 training time (the steps, tracked ones included) and of the whole ``fit`` call's wall time
@@ -95,7 +96,7 @@ from minigd.adaptive import Controller  # noqa: E402
 from minigd.backends.base import Backend  # noqa: E402
 from minigd.gradstats.tracking import NoiseTracker  # noqa: E402
 
-DATE = "2026-12-06"
+DATE = "2026-12-07"
 RULES = ("adascale", "sqrt", "linear")
 GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the study's lr_grid (SweepSpec)
 BASE_B = 32  # the study's base_batch_size; adaptive min
@@ -104,6 +105,7 @@ DENSE = 50  # evaluate every step up to here ...
 REL = 0.02  # ... then every 2% more steps
 GOAL, BAR = 1.10, 1.25
 OVERHEAD_GOAL = 1.05
+TRACK_EVERY = mg.AdaptiveBatchSize().track_every  # the default the adaptive arms run with
 INF = math.inf
 #: the adaptive run's time to target, as (the fixed runs' metric it is compared with, what is added)
 METRICS = {
@@ -111,47 +113,51 @@ METRICS = {
     "robust": ("robust", ()),  # each step at its class's median duration
     "robust+ctrl": ("robust", ("ctrl_s",)),  # + decisions and noise bookkeeping (off the clock)
     "all-in": ("robust", ("ctrl_s", "probe_s")),
-}  # + the one-off throughput probe
+}  # + the throughput probe (before training and when a size first comes in reach)
 MAX_STEPS = 300_000  # (the history preallocates this many rows)
 CAP_X = 8  # run cap: this many times the tuned B=32 median,
 MIN_CAP = 0.05  # ... but at least this many seconds
 MON = Machine()
 
 # -- the controller's work outside the step clock, timed (the wrappers only read the clock) -------
-# The history's clock times the steps only.  An adaptive run also spends, outside it, the one-off
-# throughput probe (Controller.measure), the decisions (Controller.decide, every 20 steps) and the
-# noise bookkeeping of the tracked steps (the per-example norms' sum, NoiseTracker.update).
+# The history's clock times the steps only.  An adaptive run also spends, outside it, the
+# throughput probe (Controller._probe_sizes: before training, and for each size when a decision
+# first can reach it), the decisions (Controller.decide, every 20 steps, its probing excluded) and
+# the noise bookkeeping of the tracked steps (the per-example norms' sum, NoiseTracker.update).
 _SPENT = {"probe": 0.0, "ctrl": 0.0}
 
 
-def _timed(cls, name, key):
+def _timed(cls, name, key, exclude=None):
+    """Wrap ``cls.name`` to add its time to ``_SPENT[key]``, less what ``_SPENT[exclude]``
+    gained meanwhile (a nested timed call)."""
     fn = getattr(cls, name)
 
     def wrapper(self, *a, **k):
-        t0 = time.perf_counter()
+        t0, x0 = time.perf_counter(), _SPENT.get(exclude, 0.0)
         try:
             return fn(self, *a, **k)
         finally:
-            _SPENT[key] += time.perf_counter() - t0
+            _SPENT[key] += time.perf_counter() - t0 - (_SPENT.get(exclude, 0.0) - x0)
 
     wrapper.__wrapped__ = fn
     setattr(cls, name, wrapper)
 
 
-_timed(Controller, "measure", "probe")
-_measure_timed = Controller.measure
+# the probe: before training (Controller.measure) and of the sizes a decision first reaches
+_timed(Controller, "_probe_sizes", "probe")
+_measure = Controller.measure
 
 
 def _measure_kept(self, *a, **k):
-    """The probe, timed; its table of seconds per step is kept for the run's record."""
+    """The probe before training; its table of seconds per step is kept for the run's record."""
     try:
-        return _measure_timed(self, *a, **k)
+        return _measure(self, *a, **k)
     finally:
         _SPENT["table"] = dict(self.seconds)
 
 
 Controller.measure = _measure_kept
-_timed(Controller, "decide", "ctrl")
+_timed(Controller, "decide", "ctrl", exclude="probe")
 _timed(NoiseTracker, "update", "ctrl")
 _timed(Backend, "last_sqnorm_sum", "ctrl")
 
@@ -377,7 +383,7 @@ def run_arm(p: Problem, arm: dict, seed: int) -> dict:
         "steps": k,
         "examples": int(hist.column("examples")[k - 1]) if k else None,
         "time": float(hist.column("time")[k - 1]) if k else INF,
-        "robust": _robust(hist, k, 4 if adaptive else None) if k else INF,
+        "robust": _robust(hist, k, TRACK_EVERY if adaptive else None) if k else INF,
         "probe_s": probe,
         "ctrl_s": ctrl,
         "wall_s": wall,
@@ -637,7 +643,7 @@ def summarize(p: Problem, res: dict, seeds) -> dict:
 # -- controller overhead -------------------------------------------------------------------------
 def overhead(p: Problem, sizes, rounds: int, steps_of) -> list:
     """The controller's cost at a fixed B: adaptive with one candidate vs plain ``batch_size=B``,
-    with noise tracking alone (``track_noise=4``: the tracked steps and the shorter runs of steps,
+    with noise tracking alone (``track_noise=TRACK_EVERY``: the tracked steps and the shorter runs of steps,
     but no decisions) in between, interleaved rounds."""
     d = p.data
     rows = []
@@ -645,7 +651,7 @@ def overhead(p: Problem, sizes, rounds: int, steps_of) -> list:
         steps = steps_of(B)
         arms = {
             "fixed": dict(batch_size=B),
-            "tracking": dict(batch_size=B, track_noise=4, noise_beta=0.9),
+            "tracking": dict(batch_size=B, track_noise=TRACK_EVERY, noise_beta=0.9),
             "adaptive": dict(batch_size=mg.AdaptiveBatchSize(min=B, max=B, throughput={B: 1.0})),
         }
         lr = p.base_lr * math.sqrt(B / BASE_B) * 0.25
@@ -672,7 +678,7 @@ def overhead(p: Problem, sizes, rounds: int, steps_of) -> list:
                             "train": float(hist.column("time")[-1]),
                             "wall": wall,
                             "cpu": cpu,
-                            "robust": _robust(hist, steps, 4),
+                            "robust": _robust(hist, steps, TRACK_EVERY),
                             "ctrl": _SPENT["ctrl"] - ctrl0,
                         }
                     )
@@ -731,7 +737,7 @@ _METRIC_WORDS = {
     "time": "raw (the history's clock: `hist.time_to_target`)",
     "robust": "robust (each step at its class's median duration)",
     "robust+ctrl": "robust + the controller's decisions and noise bookkeeping (off the step clock)",
-    "all-in": "robust + decisions and bookkeeping + the one-off throughput probe",
+    "all-in": "robust + decisions and bookkeeping + the throughput probe",
 }
 
 
@@ -754,7 +760,8 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         "each step at the median duration of its class in the run (its batch size, and for adaptive "
         "whether the noise was tracked on it), which removes preemption by other processes; *ctrl*: the "
         "adaptive run's decisions and noise bookkeeping, which run outside the step clock; *probe*: its "
-        "one-off throughput probe before training, also outside. *all-in* = robust + ctrl + probe. "
+        "throughput probe (before training, and of each size when a decision first can reach it), also "
+        "outside. *all-in* = robust + ctrl + probe: the wall time a user waits for the training. "
         "Ratio = adaptive / best fixed B (raw to raw, the others to robust), with a paired bootstrap 90% "
         "interval over seeds; wins = seeds in which adaptive beat the best fixed B. "
         f"Goal: ratio <= {GOAL} on every problem and faster than the median fixed B; bar: <= {BAR}.",
@@ -849,8 +856,8 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         "## Controller overhead",
         "",
         "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
-        "every 4th step and decides every 20 steps, but never changes B; nothing probed) vs `batch_size=B`, "
-        "and `batch_size=B, track_noise=4` (the tracked steps without the decisions) between them; same "
+        f"every {TRACK_EVERY}th step and decides every 20 steps, but never changes B; nothing probed) vs `batch_size=B`, "
+        f"and `batch_size=B, track_noise={TRACK_EVERY}` (the tracked steps without the decisions) between them; same "
         "steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio. "
         "*controller bookkeeping*: the time in `Controller.decide`, `NoiseTracker.update` and the "
         "per-example norms' sum, outside the step clock, per step and per decision. "

@@ -87,8 +87,9 @@ class AdaptiveBatchSize:
     candidates : sequence of int, optional
         The batch sizes considered (default: ``min``, the powers of two between, ``max``).
     track_every : int
-        Steps between noise measurements (default 4: the per-example norms cost up to
-        ~10% of a step, so a quarter of the steps keeps the controller near 2.5%).
+        Steps between noise measurements (default 8: a tracked step costs 5-25% more than
+        a plain one -- its per-example norms and their bookkeeping, the most at small
+        batches -- so an eighth of the steps keeps it near 1-3%; bench/results/adaptive.md).
     noise_beta : float
         Decay of the noise moving averages per measurement, in [0, 1) (default 0.9).
     min_gain : float
@@ -112,7 +113,7 @@ class AdaptiveBatchSize:
         every: int = 20,
         lr_rule: str = "adascale",
         candidates: Any = None,
-        track_every: int = 4,
+        track_every: int = 8,
         noise_beta: float = 0.9,
         min_gain: float = 0.05,
         max_step: float | None = 2.0,
@@ -218,6 +219,16 @@ class AdaptiveBatchSize:
         return out
 
 
+#: real runs of steps whose median gives a measured size's step time
+RECENT = 5
+
+
+def _median(xs: list) -> float:
+    v = sorted(xs)
+    h = len(v) // 2
+    return v[h] if len(v) % 2 else 0.5 * (v[h - 1] + v[h])
+
+
 def _positive(x) -> bool:
     """A positive, finite number (not a bool)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
@@ -238,6 +249,7 @@ class Controller:
         self.noise = math.nan
         self.seconds: dict = {}  # {B: seconds per step}
         self._observed: dict = {}  # {B: real runs folded into seconds[B]}
+        self._recent: dict = {}  # {B: the step times of its last RECENT real runs}
         self._probe: dict | None = None  # what measuring a size needs (measured throughput)
         self._probed: dict = {}  # {B: the probe's seconds per step}
         self._calib = 0.0  # real - probed step time (seconds) at the size trained at last
@@ -284,8 +296,8 @@ class Controller:
         return near
 
     def _probe_sizes(self, sizes) -> None:
-        """Time one step of each of ``sizes`` not measured yet: two warm-up steps, then the
-        best of four timed ones, interleaved across the sizes."""
+        """Time one step of each of ``sizes`` not measured yet: one warm-up step, then the
+        best of three timed ones, interleaved across the sizes."""
         todo = [b for b in sizes if b not in self.seconds]
         if not todo or self._probe is None:
             return
@@ -293,8 +305,8 @@ class Controller:
         X, yi, yf = pr["data"]
         best = {b: math.inf for b in todo}
         n = pr["idx"].shape[0]
-        for r in range(6):  # rounds 0-1 warm each size (its first steps run up to 2x slow: buffers, pages);
-            # the best of rounds 2-5 counts (robust to a busy machine: a neighbour timed too slow would
+        for r in range(4):  # round 0 warms each size (its first step runs up to 2x slow: buffers, pages);
+            # the best of rounds 1-3 counts (robust to a busy machine: a neighbour timed too slow would
             # never be tried, so never corrected by real steps)
             for b in todo if r % 2 == 0 else todo[::-1]:
                 o = (r * b) % (n - b + 1)  # other rows each round: a step's rows are not cache-hot
@@ -313,19 +325,23 @@ class Controller:
                     grad=pr["grad"],
                     dropout_rng=pr["dropout"],
                 )
-                if r >= 2:
+                if r >= 1:
                     best[b] = min(best[b], time.perf_counter() - t0)
         self._probed.update(best)
         self.seconds.update({b: max(t + self._calib, 0.5 * t) for b, t in best.items()})
 
     def observe_time(self, B: int, seconds_per_step: float) -> None:
-        """Refine the measured step time of B from the real steps (a moving average; the
-        first real observation replaces the probe's).  Not with a given table or "flops"."""
+        """Refine the measured step time of B from the real steps: the median of the mean
+        step time of its last :data:`RECENT` runs of steps (the first real run replaces the
+        probe's value; a median, so one run slowed by another process moves nothing).  Not
+        with a given table or "flops"."""
         if self.spec.throughput is not None or not seconds_per_step > 0:
             return
-        k = self._observed.get(B, 0)
-        self.seconds[B] = seconds_per_step if k == 0 else 0.7 * self.seconds[B] + 0.3 * seconds_per_step
-        self._observed[B] = k + 1
+        recent = self._recent.setdefault(B, [])
+        recent.append(float(seconds_per_step))
+        del recent[:-RECENT]
+        self.seconds[B] = _median(recent)
+        self._observed[B] = self._observed.get(B, 0) + 1
         if B in self._probed:  # the probe's bias, measured at B, corrects the sizes only probed
             # additive: what a real step adds to the probe's (the loop's per-step work, the
             # noise tracking) does not grow with the batch
@@ -422,6 +438,7 @@ class Controller:
             "epoch_B": self.epoch_B,
             "seconds": [[b, self.seconds[b]] for b in self.sizes if b in self.seconds],  # (measured so far)
             "observed": [[b, self._observed[b]] for b in self.sizes if self._observed.get(b)],
+            "recent": [[b, list(self._recent[b])] for b in self.sizes if self._recent.get(b)],
             "probed": [[b, self._probed[b]] for b in self.sizes if b in self._probed],
             "calib": self._calib,
             "decisions": self.decisions,
@@ -466,13 +483,18 @@ class Controller:
                 isinstance(e, list) and len(e) == 2 and e[0] in self.sizes and ok(e[1]) for e in v
             )
 
+        recent = st.get("recent")
+        if recent is None and table(secs, _positive) and table(obs, lambda x: True):
+            # a checkpoint of a version without "recent": an observed size's value is its history
+            recent = [[b, [t]] for b, t in secs if b in {e[0] for e in obs}]
         need(
             table(secs, _positive)
             and table(probed, _positive)
             and isinstance(st.get("calib", 0.0), (int, float))
             and not isinstance(st.get("calib", 0.0), bool)
             and math.isfinite(st.get("calib", 0.0))
-            and table(obs, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0),
+            and table(obs, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+            and table(recent, lambda x: isinstance(x, list) and 0 < len(x) <= RECENT and all(map(_positive, x))),
             "has a malformed throughput table",
         )
         need(
@@ -491,6 +513,7 @@ class Controller:
         self.goodput, self.noise = float(st["goodput"]), float(st["noise"])
         self.seconds = {int(b): float(s) for b, s in secs}
         self._observed = {int(b): int(k) for b, k in obs}
+        self._recent = {int(b): [float(x) for x in v] for b, v in recent}
         self._probed = {int(b): float(t) for b, t in probed}
         self._calib = float(st.get("calib", 0.0))
         self.decisions = [dict(d) for d in st["decisions"]]

@@ -254,7 +254,7 @@ class _BaseMLP(BaseEstimator):
         if self.batch_size == "adaptive":
             # the controller tracks the noise itself; one decision at least every half run
             every = max(1, min(20, epochs * -(-X.shape[0] // B) // 2))
-            batch_size = AdaptiveBatchSize(min=B, max=X.shape[0], every=every, track_every=min(4, every))
+            batch_size = AdaptiveBatchSize(min=B, max=X.shape[0], every=every, track_every=min(8, every))
             track = None
         # batch norm needs >= 2 rows per ghost batch: drop a last partial batch that has fewer
         drop_last = self.model_.norm.drops_last(X.shape[0], B) and self.batch_size != "adaptive"

@@ -3,13 +3,14 @@ checkpoints, and every error naming its argument (issue 17)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 import minigd as mg
-from minigd.adaptive import AdaptiveBatchSize, Controller
+from minigd.adaptive import RECENT, AdaptiveBatchSize, Controller
 from minigd.data.samplers import Sampler
 from minigd.gradstats import adascale_gain
 
@@ -430,3 +431,51 @@ def test_real_step_times_calibrate_the_sizes_only_probed():
     c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
     c2.restore(st, c.tracker, "test")
     assert c2.seconds == c.seconds and c2._calib == c._calib and c2._observed == c._observed
+
+
+def test_real_step_times_are_the_median_of_the_recent_runs():
+    """One run of steps slowed by another process (here 10x) moves nothing; a lasting change does."""
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    for t in (1e-4, 1.1e-4, 1e-3, 0.9e-4):  # the third run was preempted
+        c.observe_time(8, t)
+    assert c.seconds[8] == pytest.approx(1.05e-4)
+    for _ in range(RECENT):  # the machine got slower for good: only the last RECENT runs count
+        c.observe_time(8, 3e-4)
+    assert c.seconds[8] == 3e-4 and len(c._recent[8]) == RECENT
+
+
+def _observed_controller():
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c._probed = {8: 1e-4, 16: 1.5e-4}
+    c.seconds = dict(c._probed)
+    for t in (2e-4, 2.2e-4, 1.9e-4):
+        c.observe_time(8, t)
+    return c
+
+
+def test_the_recent_step_times_round_trip_a_checkpoint_and_older_checkpoints_still_load():
+    c = _observed_controller()
+    c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c2.restore(json.loads(json.dumps(c.state())), c.tracker, "test")
+    assert c2._recent == c._recent and c2.seconds == c.seconds
+    c2.observe_time(8, 5e-4)  # continues the same window
+    c.observe_time(8, 5e-4)
+    assert c2.seconds == c.seconds
+    old = c.state()
+    del old["recent"]  # written before the window existed: an observed size's value is its history
+    c3 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c3.restore(old, c.tracker, "test")
+    assert c3._recent == {8: [c.seconds[8]]} and c3.seconds == c.seconds
+
+
+@pytest.mark.parametrize(
+    "recent",
+    [[[8, []]], [[8, [1e-4] * (RECENT + 1)]], [[8, [-1.0]]], [[8, [float("nan")]]], [[7, [1e-4]]], [[8, "x"]], "x"],
+)
+def test_resume_refuses_a_crafted_step_time_window(recent):
+    c = _observed_controller()
+    st = c.state()
+    st["recent"] = recent
+    c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    with pytest.raises(mg.CheckpointError, match="malformed throughput table"):
+        c2.restore(st, c.tracker, "test")
