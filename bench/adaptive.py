@@ -59,7 +59,7 @@ resampled jointly), and in how many seeds it beat the best fixed B.  Goal: ratio
 every problem and faster than the median fixed B; bar: ratio <= 1.25.
 
 **Controller overhead**: ``fit`` with ``AdaptiveBatchSize(min=B, max=B, throughput={B: 1})``
-(one candidate: the controller tracks the noise every 8th step and decides every 20, but
+(one candidate: the controller tracks the noise every 8th step and decides every 40, but
 never changes B, and nothing is probed) against ``fit(batch_size=B)``, same steps, no
 evaluation, in interleaved rounds; the median over rounds of the per-round ratio, of the
 training time (the steps, tracked ones included) and of the whole ``fit`` call's wall time
@@ -105,7 +105,8 @@ DENSE = 50  # evaluate every step up to here ...
 REL = 0.02  # ... then every 2% more steps
 GOAL, BAR = 1.10, 1.25
 OVERHEAD_GOAL = 1.05
-TRACK_EVERY = mg.AdaptiveBatchSize().track_every  # the default the adaptive arms run with
+TRACK_EVERY = mg.AdaptiveBatchSize().track_every  # the defaults the adaptive arms run with
+EVERY = mg.AdaptiveBatchSize().every
 INF = math.inf
 #: the adaptive run's time to target, as (the fixed runs' metric it is compared with, what is added)
 METRICS = {
@@ -122,7 +123,7 @@ MON = Machine()
 # -- the controller's work outside the step clock, timed (the wrappers only read the clock) -------
 # The history's clock times the steps only.  An adaptive run also spends, outside it, the
 # throughput probe (Controller._probe_sizes: before training, and for each size when a decision
-# first can reach it), the decisions (Controller.decide, every 20 steps, its probing excluded) and
+# first can reach it), the decisions (Controller.decide, every 40 steps, its probing excluded) and
 # the noise bookkeeping of the tracked steps (the per-example norms' sum, NoiseTracker.update).
 _SPENT = {"probe": 0.0, "ctrl": 0.0}
 
@@ -691,7 +692,7 @@ def overhead(p: Problem, sizes, rounds: int, steps_of) -> list:
             "fixed_us_per_step": 1e6 * _median([s["robust"] for s in fx]) / steps,
             "adaptive_us_per_step": 1e6 * _median([s["robust"] for s in ad]) / steps,
             "ctrl_us_per_step": 1e6 * _median([s["ctrl"] for s in ad]) / steps,
-            "ctrl_us_per_decision": 1e6 * _median([s["ctrl"] for s in ad]) / (steps // 20),
+            "ctrl_us_per_decision": 1e6 * _median([s["ctrl"] for s in ad]) / (steps // EVERY),
         }
         for k in ("robust", "cpu", "train", "wall"):
             ratios = [a[k] / f[k] for a, f in zip(ad, fx)]
@@ -856,7 +857,7 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         "## Controller overhead",
         "",
         "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
-        f"every {TRACK_EVERY}th step and decides every 20 steps, but never changes B; nothing probed) vs `batch_size=B`, "
+        f"every {TRACK_EVERY}th step and decides every {EVERY} steps, but never changes B; nothing probed) vs `batch_size=B`, "
         f"and `batch_size=B, track_noise={TRACK_EVERY}` (the tracked steps without the decisions) between them; same "
         "steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio. "
         "*controller bookkeeping*: the time in `Controller.decide`, `NoiseTracker.update` and the "

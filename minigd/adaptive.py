@@ -81,7 +81,8 @@ class AdaptiveBatchSize:
     max : int, optional
         Largest batch size (default: the number of training examples, at most 8192).
     every : int
-        Steps between decisions (default 20).
+        Steps between decisions (default 40: the noise estimate it acts on averages over
+        ~80-160 steps anyway, and each decision ends the backend's run of steps).
     lr_rule : {"adascale", "sqrt", "linear"}
         How the learning rate follows the batch size (module doc).
     candidates : sequence of int, optional
@@ -110,7 +111,7 @@ class AdaptiveBatchSize:
         self,
         min: int = 32,
         max: int | None = None,
-        every: int = 20,
+        every: int = 40,
         lr_rule: str = "adascale",
         candidates: Any = None,
         track_every: int = 8,
