@@ -8,7 +8,12 @@
   changes, not when a kernel it calls from another file does; so the cache stamp of every
   minigd kernel is widened to cover all ``kernels/*.py`` sources (:func:`_sources_stamp`).  When no cache location is writable, numba refuses ``cache=True``
   at decoration time (numba issue #5566); we then warn once and compile without a cache
-  instead of failing at import.
+  instead of failing at import.  Numba itself tries the package's ``__pycache__`` first and
+  falls back to a user-wide directory (``$XDG_CACHE_HOME/numba`` or ``~/.cache/numba``)
+  when that is not writable: :func:`cache_dirs` says where the kernels went.
+* :func:`compile_count` counts numba's compilations in this process (cache misses: a kernel
+  loaded from the cache is not one), so that the "compiling kernels" notice and ``minigd
+  warmup`` say what really happened.
 """
 
 from __future__ import annotations
@@ -19,12 +24,48 @@ import os
 import warnings
 
 import numba
+from numba.core import event as _event
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
 
 _cache_disabled_reason: str | None = None
 if os.environ.get("MINIGD_NO_CACHE"):
     _cache_disabled_reason = "MINIGD_NO_CACHE is set"
+
+
+_compiles = 0
+#: the directories numba writes minigd's compiled kernels to (see :func:`cache_dirs`)
+_cache_paths: set = set()
+
+
+class _CompileCounter(_event.Listener):
+    """Counts the starts of numba's "numba:compile" events: one per dispatcher and signature
+    compiled (nested callees included); loading from the on-disk cache fires none."""
+
+    def on_start(self, event):
+        global _compiles
+        _compiles += 1
+
+    def on_end(self, event):
+        pass
+
+
+_event.register("numba:compile", _CompileCounter())
+
+
+def compile_count() -> int:
+    """How many numba compilations (any dispatcher, nested ones included) this process has
+    started so far: the difference over a block of code says whether it compiled anything
+    or only loaded from the cache."""
+    return _compiles
+
+
+def cache_dirs() -> list[str]:
+    """Where numba keeps minigd's compiled kernels (normally one directory: the package's
+    ``kernels/__pycache__``, or ``NUMBA_CACHE_DIR``, or numba's user-wide cache directory
+    when the package directory is not writable); empty when the cache is off
+    (:func:`cache_status`)."""
+    return sorted(_cache_paths)
 
 
 def _sources_stamp() -> str:
@@ -59,7 +100,11 @@ def jit(fn=None, *, cache: bool = True, fastmath: bool = True, inline: str = "ne
     opts = dict(fastmath=set(FASTMATH) if fastmath else False, error_model="numpy", inline=inline, nogil=True)
     if cache and _cache_disabled_reason is None:
         try:
-            return _widen_stamp(numba.njit(cache=True, **opts)(fn))
+            dispatcher = _widen_stamp(numba.njit(cache=True, **opts)(fn))
+            path = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
+            if path:  # numba internals: without them, no location to report
+                _cache_paths.add(path)
+            return dispatcher
         except RuntimeError as exc:  # no writable cache locator (numba#5566)
             _cache_disabled_reason = str(exc)
             warnings.warn(
