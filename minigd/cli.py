@@ -418,12 +418,9 @@ def _check_out_and_extras(args, bad) -> None:
 def _compile_kernels() -> None:
     """Compile (or load from Numba's on-disk cache) the CPU kernels here, once, before any
     worker starts, saying so: the first run on a machine spends seconds compiling."""
-    from minigd.warmup import warmup
+    from minigd.warmup import announce_warmup
 
-    print("compiling kernels (first run only; cached after) ...", end=" ", flush=True)
-    t0 = time.perf_counter()
-    warmup(("float32",))
-    print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    announce_warmup(("float32",), lambda line: print(line, flush=True))
 
 
 def _objective_text(objective: str, r: dict) -> str:
@@ -674,10 +671,17 @@ def _check_warmup_args(args, parser) -> None:
 
 
 def cmd_warmup(args) -> int:
-    from minigd.warmup import warmup
+    from minigd.kernels._jit import cache_status
+    from minigd.warmup import COVERS, announce_warmup, where
 
-    for dt, sec in warmup(args.dtypes).items():
-        print(f"{dt}: kernels ready in {sec:.2f} s")
+    say = lambda line: print(line, flush=True)
+    loc = where()  # (imports the kernels: numba has tried the cache locations)
+    if cache_status() != "enabled":  # nothing would be kept: say so and compile nothing
+        print(f"minigd warmup: nothing to do: {loc}", file=sys.stderr)
+        return 0
+    say(f"minigd warmup: the CPU kernels of {'; '.join(COVERS)}")
+    say(f"numba cache: {loc}")
+    announce_warmup(args.dtypes, say)
     return 0
 
 

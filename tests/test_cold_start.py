@@ -1,11 +1,16 @@
 """Cold start (issue 20): what the first run on a machine compiles, and what it says.
 
-* A warm-up that takes longer than ``NOTICE_AFTER_S`` says "compiling kernels (first run
-  only)" on stderr, then how long it took; a fast one (kernels loaded from numba's cache)
-  prints nothing, not even later.
+* A warm-up that compiles for longer than ``NOTICE_AFTER_S`` says "compiling kernels (first
+  run only)" on stderr, then how long it took; one that only loads from numba's cache prints
+  nothing, however long it takes, and a fast one nothing, not even later.
 * The first fit with a named optimizer never compiles the generic optimizer chain: a chain
   that does not fuse runs the ``*_generic`` kernels, compiled only when a run uses one
   (bench/results/cold_start.md measures the saving).
+* The study compiles once, in its own process, before any worker starts; no worker compiles
+  anything (an empty numba cache, every process's compilations logged).
+* ``minigd warmup`` says what it covers, where the cache is (numba's user-wide directory when
+  the package directory is not writable) and whether it compiled or loaded; with no cache
+  at all it says so and compiles nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pytest
 
 import minigd as mg
 from minigd.backends import cpu as cpu_backend
+from minigd.kernels import _jit
 from minigd.kernels import cpu as K
 from minigd.optim import add_decayed_weights, chain, clip_by_global_norm, scale_by_lr, trace
 
@@ -39,6 +45,12 @@ def _fit(batch_size=8, optimizer=None, backend="cpu", steps=3):
     return m
 
 
+def _compiling(seconds):
+    """Take ``seconds``, one real (tiny) numba compilation among them."""
+    _jit.jit(cache=False)(lambda x: x + 1)(1)
+    time.sleep(seconds)
+
+
 def test_slow_warm_up_says_it_compiles(monkeypatch, capsys):
     _fit()  # kernels compiled (or loaded) here
     ref = _fit().params.copy()
@@ -46,7 +58,7 @@ def test_slow_warm_up_says_it_compiles(monkeypatch, capsys):
     real = cpu_backend._STEP[False, True]
 
     def slow(*args):  # a kernel that compiles for 0.4 s
-        time.sleep(0.4)
+        _compiling(0.4)
         return real(*args)
 
     monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
@@ -59,6 +71,33 @@ def test_slow_warm_up_says_it_compiles(monkeypatch, capsys):
     assert lines[1].startswith("minigd: kernels ready in ") and lines[1].endswith(" s (cached for later runs)")
     assert float(lines[1].split("ready in ")[1].split(" s")[0]) >= 0.4
     np.testing.assert_array_equal(m.params, ref)  # the notice changes nothing
+
+
+def test_slow_warm_up_that_only_loads_prints_nothing(monkeypatch, capsys):
+    """Loading from numba's cache can take over a second on a busy machine (the study's
+    workers load every kernel): that is not compiling, and says nothing."""
+    _fit()
+    capsys.readouterr()
+    real = cpu_backend._STEP[False, True]
+    monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
+    monkeypatch.setitem(cpu_backend._STEP, (False, True), lambda *a: (time.sleep(0.5), real(*a))[1])
+    n0 = _jit.compile_count()
+    _fit()
+    assert _jit.compile_count() == n0
+    assert "minigd:" not in capsys.readouterr().err
+
+
+def test_a_compile_after_a_slow_load_is_announced(monkeypatch, capsys):
+    """The notice looks again after the first second: a compilation that starts late (after a
+    slow load) is still announced."""
+    _fit()
+    capsys.readouterr()
+    real = cpu_backend._STEP[False, True]
+    monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
+    monkeypatch.setitem(cpu_backend._STEP, (False, True), lambda *a: (time.sleep(0.3), _compiling(0.5), real(*a))[2])
+    _fit()
+    err = capsys.readouterr().err
+    assert err.count(NOTICE) == 1 and err.count("kernels ready in") == 1, err
 
 
 def test_fast_warm_up_prints_nothing(monkeypatch, capsys):
@@ -143,8 +182,172 @@ def test_warmup_speaks_once_for_all_its_fits(monkeypatch, capsys):
     monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
     for key in ((True, True), (False, True)):
         real = cpu_backend._STEP[key]
-        monkeypatch.setitem(cpu_backend._STEP, key, lambda *a, _real=real: (time.sleep(0.15), _real(*a))[1])
+        monkeypatch.setitem(cpu_backend._STEP, key, lambda *a, _real=real: (_compiling(0.15), _real(*a))[1])
     warmup(("float32",))
     err = capsys.readouterr().err
     assert err.count(NOTICE) == 1 and err.count("kernels ready in") == 1, err
     assert cpu_backend._CompileNotice._depth == 0
+
+
+# Logs every numba compilation (cache miss) of every Python process started with this on its
+# path, the study's workers included (they inherit the environment), one file per process.
+_HOOK = """
+import os
+if os.environ.get("MINIGD_TEST_COMPILE_LOG"):
+    import json, sys, time
+    _path = os.path.join(os.environ["MINIGD_TEST_COMPILE_LOG"], f"{os.getpid()}.jsonl")
+
+    def _log(rec):
+        with open(_path, "a") as f:
+            f.write(json.dumps(rec) + "\\n")
+
+    _log({"ev": "start", "t": time.time(), "argv": sys.argv})
+    from numba.core import event
+
+    class _Listener(event.Listener):
+        def on_start(self, ev):
+            _log({"ev": "compile", "name": ev.data["dispatcher"].py_func.__qualname__, "t": time.time()})
+
+        def on_end(self, ev):
+            _log({"ev": "compiled", "t": time.time()})
+
+    event.register("numba:compile", _Listener())
+"""
+
+_STUDY = """
+import sys
+from minigd.study import SweepSpec, run_study
+spec = SweepSpec(batch_sizes=(1, 32), lr_grid=(1.0,), n_seeds=2, max_epochs=2, min_steps=1, adaptive=True,
+                 lr_policy="fixed")
+run_study(spec, sys.argv[1], workers=2, report=None, log=print)
+"""
+
+
+def test_the_study_compiles_once_before_its_workers_start(tmp_path):
+    """An empty numba cache: the study's own process compiles the kernels (and says so)
+    before the first worker starts; no worker (the sweep's, the probe's) compiles anything:
+    everything a trial runs, the gradient moments of its noise measurement included, loads
+    from the cache.  (Slow by nature: a cold compile of the float32 kernels, ~30 s.)"""
+    hook, log = tmp_path / "hook", tmp_path / "log"
+    hook.mkdir()
+    log.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), MINIGD_TEST_COMPILE_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([str(hook)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.pop("MINIGD_NO_CACHE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _STUDY, str(tmp_path / "study")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=str(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    procs = {}
+    for f in log.glob("*.jsonl"):
+        recs = [json.loads(line) for line in f.read_text().splitlines()]
+        procs[int(f.stem)] = recs
+    study_pid = next(pid for pid, recs in procs.items() if recs[0]["argv"] == ["-c", str(tmp_path / "study")])
+    workers = {pid: recs for pid, recs in procs.items() if "--multiprocessing-fork" in recs[0]["argv"]}
+    assert len(workers) >= 2, sorted(procs)  # the pool did start its workers
+    compiled_in = {pid: [r["name"] for r in recs if r["ev"] == "compile"] for pid, recs in procs.items()}
+    assert not any(compiled_in[pid] for pid in procs if pid != study_pid), {
+        pid: names for pid, names in compiled_in.items() if pid != study_pid and names
+    }
+    assert compiled_in[study_pid], "an empty cache, yet the study compiled nothing"
+    assert {"moments_update", "train_step_blas", "train_step_loops"} <= set(compiled_in[study_pid])
+    first_worker = min(recs[0]["t"] for recs in workers.values())
+    last_compile = max(r["t"] for r in procs[study_pid] if r["ev"] == "compiled")
+    assert last_compile < first_worker
+    assert "compiling kernels (first run only" in out.stdout and "float32: compiled in" in out.stdout, out.stdout
+    assert "minigd: compiling kernels" not in out.stderr  # the workers only load: no notice
+
+
+def test_minigd_warmup_says_what_it_covers_and_where_the_cache_is(capsys):
+    from minigd.cli import main
+    from minigd.warmup import COVERS, where
+
+    assert main(["warmup", "--dtypes", "float32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(c in out[0] for c in COVERS), out
+    assert out[1] == f"numba cache: {where()}" and where() == ", ".join(_jit.cache_dirs())
+    assert _jit.cache_status() == "enabled" and len(_jit.cache_dirs()) == 1
+    assert os.path.isdir(_jit.cache_dirs()[0])
+    # the kernels of this process are compiled (or loaded) by now: nothing to compile
+    assert out[3].startswith("  float32: loaded from numba's cache in "), out
+
+
+_PROBE_KERNEL = """
+from ._jit import jit
+
+
+@jit
+def plus_one(x):
+    return x + 1
+"""
+
+_WHERE = """
+import json
+from minigd.warmup import where
+from minigd.kernels import _jit, _probe_kernel
+assert _probe_kernel.plus_one(1) == 2
+print(json.dumps({"where": where(), "dirs": _jit.cache_dirs(), "status": _jit.cache_status()}))
+"""
+
+
+def _readonly_copy(tmp_path):
+    """The package copied to tmp_path/site (kernels as minigd/kernels, as installed), with a
+    tiny cached kernel added and a *file* where the kernels' ``__pycache__`` would go: the
+    package directory cannot take numba's cache (even for root, whom permissions do not
+    stop)."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    site = tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(os.path.join(root, "minigd"), site / "minigd", ignore=ignore)
+    shutil.copytree(os.path.join(root, "kernels"), site / "minigd" / "kernels", ignore=ignore)
+    (site / "minigd" / "kernels" / "_probe_kernel.py").write_text(_PROBE_KERNEL)
+    (site / "minigd" / "kernels" / "__pycache__").write_text("not a directory")
+    return site
+
+
+def _run_where(site, xdg, *args):
+    env = dict(os.environ, PYTHONPATH=str(site), XDG_CACHE_HOME=str(xdg), PYTHONDONTWRITEBYTECODE="1")
+    for k in ("NUMBA_CACHE_DIR", "MINIGD_NO_CACHE"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-c", _WHERE] if not args else [sys.executable, "-m", "minigd", *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(site))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_unwritable_package_dir_caches_in_the_user_wide_directory(tmp_path):
+    """numba falls back to its user-wide cache directory ($XDG_CACHE_HOME/numba) when the
+    package's ``__pycache__`` cannot be made; ``where()`` (what ``minigd warmup`` prints)
+    names it, and the compiled kernel is stored there."""
+    site = _readonly_copy(tmp_path)
+    out = _run_where(site, tmp_path / "xdg")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["status"] == "enabled"
+    assert len(got["dirs"]) == 1 and got["dirs"][0].startswith(str(tmp_path / "xdg" / "numba")), got
+    assert got["where"] == got["dirs"][0]
+    assert any(f.endswith(".nbi") and f.startswith("_probe_kernel") for f in os.listdir(got["dirs"][0]))
+
+
+def test_no_writable_cache_location_warns_and_warmup_says_so(tmp_path):
+    """Nowhere to write (the package directory and the user-wide directory both refused):
+    minigd warns once, compiles in memory, and ``minigd warmup`` says there is nothing to
+    keep instead of compiling for nothing."""
+    site = _readonly_copy(tmp_path)
+    xdg = tmp_path / "xdg"
+    xdg.write_text("a file, not a directory")
+    out = _run_where(site, xdg)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["status"].startswith("disabled: ") and got["dirs"] == []
+    assert got["where"].startswith("no cache (disabled: ") and "NUMBA_CACHE_DIR" in got["where"]
+    assert out.stderr.count("numba cannot write its compile cache here") == 1, out.stderr
+    out = _run_where(site, xdg, "warmup", "--dtypes", "float32")
+    assert "minigd warmup: nothing to do: no cache (disabled: " in out.stderr
+    assert "compiled in" not in out.stdout and "loaded from" not in out.stdout

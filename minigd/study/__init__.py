@@ -66,7 +66,6 @@ def run_study(
     directory meanwhile raises :class:`StudyLocked`."""
     import json
     import os
-    import time
 
     from .executors import make_executor
     from .trial import load_data
@@ -93,12 +92,9 @@ def run_study(
         ex = make_executor(workers, scheduler)
         stored = store.keys("ok") if retry_failed else store.keys()
         if spec.backend == "cpu" and scheduler is None and any(c.key not in stored for c in configs):
-            from minigd.warmup import warmup
+            from minigd.warmup import announce_warmup
 
-            say("compiling kernels (first run only; cached after) ...")
-            t0 = time.perf_counter()
-            warmup((spec.dtype,))
-            say(f"kernels ready in {time.perf_counter() - t0:.1f} s")
+            announce_warmup((spec.dtype,), say)  # here, once: the workers load them from the cache
         counts = run_sweep(configs, store, executor=ex, progress=progress, retry_failed=retry_failed)
         study = list(configs)
         for _round in range(spec.lr_extend if spec.lr_policy == "tuned" else 0):
