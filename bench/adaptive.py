@@ -43,7 +43,7 @@ compile warm-up and, for adaptive, the throughput probe excluded, as
 ``hist.time_to_target``) at the first evaluation that meets the target.  Evaluations run
 every step for the first 50 steps, then whenever the step count has grown by 2% (the study's
 geometric schedule, the same for every arm), by an ``on_step`` callback.  The probe
-(``Controller._probe_sizes``, before training and when a size first comes in reach) is timed
+(``Controller._probe_sizes``, run by a decision for the sizes it can reach first) is timed
 directly, by wrapping it here (timing only), and reported
 separately and as "adaptive + probe".  On a shared machine a preempted step inflates the raw
 time, so every run also gets a *robust* time: each step counted at the median duration of
@@ -114,7 +114,7 @@ METRICS = {
     "robust": ("robust", ()),  # each step at its class's median duration
     "robust+ctrl": ("robust", ("ctrl_s",)),  # + decisions and noise bookkeeping (off the clock)
     "all-in": ("robust", ("ctrl_s", "probe_s")),
-}  # + the throughput probe (before training and when a size first comes in reach)
+}  # + the throughput probe (at the decisions that first reach a size)
 MAX_STEPS = 300_000  # (the history preallocates this many rows)
 CAP_X = 8  # run cap: this many times the tuned B=32 median,
 MIN_CAP = 0.05  # ... but at least this many seconds
@@ -122,8 +122,7 @@ MON = Machine()
 
 # -- the controller's work outside the step clock, timed (the wrappers only read the clock) -------
 # The history's clock times the steps only.  An adaptive run also spends, outside it, the
-# throughput probe (Controller._probe_sizes: before training, and for each size when a decision
-# first can reach it), the decisions (Controller.decide, every 40 steps, its probing excluded) and
+# throughput probe (Controller._probe_sizes: for each size when a decision first can reach it), the decisions (Controller.decide, every 40 steps, its probing excluded) and
 # the noise bookkeeping of the tracked steps (the per-example norms' sum, NoiseTracker.update).
 _SPENT = {"probe": 0.0, "ctrl": 0.0}
 
@@ -144,20 +143,21 @@ def _timed(cls, name, key, exclude=None):
     setattr(cls, name, wrapper)
 
 
-# the probe: before training (Controller.measure) and of the sizes a decision first reaches
+# the probe: of the sizes a decision can reach that have no step time yet
 _timed(Controller, "_probe_sizes", "probe")
-_measure = Controller.measure
+_probe_timed = Controller._probe_sizes
 
 
-def _measure_kept(self, *a, **k):
-    """The probe before training; its table of seconds per step is kept for the run's record."""
+def _probe_kept(self, *a, **k):
+    """The probe, timed; the controller's table of seconds per step after it is kept for the
+    run's record (the last one of the run)."""
     try:
-        return _measure(self, *a, **k)
+        return _probe_timed(self, *a, **k)
     finally:
         _SPENT["table"] = dict(self.seconds)
 
 
-Controller.measure = _measure_kept
+Controller._probe_sizes = _probe_kept
 _timed(Controller, "decide", "ctrl", exclude="probe")
 _timed(NoiseTracker, "update", "ctrl")
 _timed(Backend, "last_sqnorm_sum", "ctrl")
@@ -354,6 +354,7 @@ def run_arm(p: Problem, arm: dict, seed: int) -> dict:
     else:
         bs = arm["B"]
     _prime(p, BASE_B if adaptive else arm["B"])
+    _SPENT["table"] = {}
     spent0 = dict(_SPENT)
     snap = MON._snap()
     t0 = time.perf_counter()
@@ -761,7 +762,7 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         "each step at the median duration of its class in the run (its batch size, and for adaptive "
         "whether the noise was tracked on it), which removes preemption by other processes; *ctrl*: the "
         "adaptive run's decisions and noise bookkeeping, which run outside the step clock; *probe*: its "
-        "throughput probe (before training, and of each size when a decision first can reach it), also "
+        "throughput probe (of each size when a decision first can reach it: none before training), also "
         "outside. *all-in* = robust + ctrl + probe: the wall time a user waits for the training. "
         "Ratio = adaptive / best fixed B (raw to raw, the others to robust), with a paired bootstrap 90% "
         "interval over seeds; wins = seeds in which adaptive beat the best fixed B. "

@@ -11,11 +11,14 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   norm, where no example has a gradient of its own, the tracked step instead compares the
   squared norm of its gradient with that of its first half (the two-batch estimator,
   McCandlish et al. Appendix A.1), at the cost of one extra half-batch gradient;
-* **the step time per batch size** on this machine: measured on scratch copies of the
-  parameters and optimizer state (training is not touched), on random rows as training
-  gathers them -- before training for the starting size and the sizes one decision can
-  reach, later for a size when a decision first can reach it -- and refined from the real
-  steps at each size; or given (``throughput=``: a table, or the "flops" cost model).
+* **the step time per batch size** on this machine: the real steps' (the median of the
+  mean step time of each size's last five runs of steps), and for a size not trained at
+  yet, a probe when a decision first can reach it -- one warm-up and the best of three
+  steps on scratch copies of the parameters and optimizer state (training is not
+  touched), on random rows as training gathers them, offset by the difference between
+  real and probed times at the size trained at; nothing is timed before training, so a
+  run that ends before its first decision pays for no probe.  Or given (``throughput=``:
+  a table, or the "flops" cost model).
 
 Every ``every`` steps it moves to the candidate batch size with the largest goodput
 (examples per second times statistical efficiency, :func:`~minigd.gradstats.goodput`),
@@ -260,11 +263,12 @@ class Controller:
         self._near: dict = {}  # {B: the candidates one decision can reach from B}
 
     # -- throughput --------------------------------------------------------------------------
-    def measure(self, model, X, yi, yf, opt_state, fresh: bool = True) -> None:
-        """The step times (see the module doc): a given table or the "flops" model whole;
-        measured, only the sizes one decision can reach from the start (with ``max_step``;
-        every candidate without it), the others when a decision first can reach them.
-        ``fresh=False`` (a resume: the checkpoint holds the table) only sets up the probe."""
+    def measure(self, model, X, yi, yf, opt_state) -> None:
+        """The step times (see the module doc): a given table or the "flops" model whole.
+        Measured, nothing is timed here: this sets up the probe, which a decision runs for
+        the sizes it can reach that have no time yet (with ``max_step``, the neighbours;
+        every candidate without it) -- so a run that ends before its first decision pays
+        for no probe, and the starting size's time comes from its real steps."""
         spec = self.spec
         if isinstance(spec.throughput, dict):
             self.seconds = {b: spec.throughput[b] for b in self.sizes}
@@ -284,8 +288,6 @@ class Controller:
             "idx": rng.permutation(X.shape[0]).astype(np.int64),
             "dropout": rng if model.norm.dropout > 0 else None,
         }
-        if fresh:
-            self._probe_sizes(self._reachable(self.B))
 
     def _reachable(self, B: int) -> list:
         """The candidates one decision can move to from B (B included; cached per B)."""
@@ -297,11 +299,22 @@ class Controller:
         return near
 
     def _probe_sizes(self, sizes) -> None:
-        """Time one step of each of ``sizes`` not measured yet: one warm-up step, then the
-        best of three timed ones, interleaved across the sizes."""
-        todo = [b for b in sizes if b not in self.seconds]
-        if not todo or self._probe is None:
+        """Time one step of each of ``sizes`` not measured yet (and of the size trained at,
+        once, for the offset between the probe's times and real ones): one warm-up step,
+        then the best of three timed ones, interleaved across the sizes."""
+        if self._probe is None:
             return
+        todo = [b for b in sizes if b not in self._probed and b not in self.seconds]
+        if not todo:
+            return
+        if self.B not in self._probed and self.B in self.seconds:
+            todo.append(self.B)
+        self._probed.update(self._time_sizes(todo))
+        self._calibrate(self.B)
+
+    def _time_sizes(self, todo: list) -> dict:
+        """{b: seconds} of one probe step of each size in ``todo`` on the scratch copies:
+        one warm-up round, then the best of three, the sizes interleaved."""
         pr = self._probe
         X, yi, yf = pr["data"]
         best = {b: math.inf for b in todo}
@@ -328,8 +341,17 @@ class Controller:
                 )
                 if r >= 1:
                     best[b] = min(best[b], time.perf_counter() - t0)
-        self._probed.update(best)
-        self.seconds.update({b: max(t + self._calib, 0.5 * t) for b, t in best.items()})
+        return best
+
+    def _calibrate(self, B: int) -> None:
+        """The sizes only probed, corrected by the offset between real and probed step times
+        at B, a size trained at (additive: what a real step adds to the probe's -- the loop's
+        per-step work, the noise tracking -- does not grow with the batch)."""
+        if B in self._probed and self._observed.get(B):
+            self._calib = self.seconds[B] - self._probed[B]
+        for b, t in self._probed.items():
+            if not self._observed.get(b):
+                self.seconds[b] = max(t + self._calib, 0.5 * t)
 
     def observe_time(self, B: int, seconds_per_step: float) -> None:
         """Refine the measured step time of B from the real steps: the median of the mean
@@ -343,13 +365,8 @@ class Controller:
         del recent[:-RECENT]
         self.seconds[B] = _median(recent)
         self._observed[B] = self._observed.get(B, 0) + 1
-        if B in self._probed:  # the probe's bias, measured at B, corrects the sizes only probed
-            # additive: what a real step adds to the probe's (the loop's per-step work, the
-            # noise tracking) does not grow with the batch
-            self._calib = self.seconds[B] - self._probed[B]
-            for b, t in self._probed.items():
-                if not self._observed.get(b):
-                    self.seconds[b] = max(t + self._calib, 0.5 * t)
+        if B in self._probed:
+            self._calibrate(B)
 
     # -- noise ------------------------------------------------------------------------------------
     def observe_two_batch(self, step: int, B: int, b: int, small_sq_norm: float, batch_sq_norm: float) -> None:

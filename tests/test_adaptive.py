@@ -401,22 +401,34 @@ def test_tracked_steps_inside_runs_match_tracked_steps_alone():
 
 
 def test_measured_throughput_probes_only_the_sizes_in_reach(monkeypatch):
-    """With max_step=2 the probe times the starting size and its neighbour before training,
-    and a further size only when a decision first can reach it; the largest candidates of a
-    short run are never timed."""
+    """With max_step=2 nothing is timed before training; the first decision times the
+    starting size's neighbour (and the starting size once, for the probe's offset to its
+    real steps), and a further size only when a decision first can reach it; the largest
+    candidates of a short run are never timed, and a run that ends before its first
+    decision times nothing."""
     probed = []
-    real = Controller._probe_sizes
+    real = Controller._time_sizes
 
-    def spy(self, sizes):
-        probed.append([b for b in sizes if b not in self.seconds])
-        return real(self, sizes)
+    def spy(self, todo):
+        probed.append(sorted(todo))
+        return real(self, todo)
 
-    monkeypatch.setattr(Controller, "_probe_sizes", spy)
+    monkeypatch.setattr(Controller, "_time_sizes", spy)
     X, y = _data()
     m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
-    mg.fit(m, X, y, batch_size=AdaptiveBatchSize(min=8, max=128, every=10, track_every=2), steps=20, seed=3)
+    h = mg.fit(m, X, y, batch_size=AdaptiveBatchSize(min=8, max=128, every=10, track_every=2), steps=20, seed=3)
     assert probed[0] == [8, 16]
     assert 128 not in {b for p in probed for b in p}
+    assert h.adaptive[0]["step"] == 10  # the first probe ran at the first decision
+    probed.clear()
+
+    class StopAt5:  # a target met (here: a callback) before the first decision
+        def on_step(self, model, step, loss):
+            return step >= 5
+
+    bs = AdaptiveBatchSize(min=8, max=128, every=10, track_every=2)
+    h = mg.fit(m, X, y, batch_size=bs, steps=20, seed=3, callbacks=[StopAt5()])
+    assert h.n_steps == 5 and probed == [] and not h.adaptive
 
 
 def test_real_step_times_calibrate_the_sizes_only_probed():
