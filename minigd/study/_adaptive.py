@@ -10,8 +10,8 @@ numbers, per architecture:
   it ran at of (steps at B before the target) x (the step time of an adaptive run at B).
   Both times come from the throughput probe (:mod:`minigd.study.probe`: ``"step"`` entries,
   an adaptive run held at B with its noise tracking and decisions on; the ``"setup"``
-  entry, the seconds ``fit`` spends before the first step beyond a fixed run's -- the
-  warm-up of every candidate and the controller's throughput measurement), so they are
+  entry, the seconds ``fit`` spends up to its first decision beyond a held run's -- the
+  warm-up of every candidate and the probe of the sizes that decision reaches), so they are
   timed as the fixed batch sizes are: one thread, nothing else running.  Without probe
   entries, the trials' own timings (``timing: "in-trial"``).  A step that holds fewer rows
   (an epoch's last) is costed at the batch size in force: slightly pessimistic for the

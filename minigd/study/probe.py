@@ -25,10 +25,12 @@ The adaptive arm (``batch_size="adaptive"`` trials) gets two more kinds of entry
   controller on (its noise tracking every ``track_every`` steps, its decisions every
   ``every``): ``fit(batch_size=AdaptiveBatchSize(min=B, max=B, ...))`` with the trial's
   settings, timed as above -- one entry per batch size the adaptive trials ran at;
-* ``"setup"``: the adaptive run's one-time cost, paid before its first step: the seconds
-  from calling ``fit`` with the trial's settings to its first step (the warm-up of every
-  candidate batch size and the controller's throughput measurement), minus the same for a
-  fixed-batch ``fit`` at the starting batch size (which every run pays), per round.
+* ``"setup"``: the adaptive run's one-time cost: the wall time of ``fit`` with the trial's
+  settings up to and including its first decision (the warm-up of every candidate batch
+  size, and the probe of the sizes that decision can reach: the controller times nothing
+  before training), minus the same for a run held at the starting size (the ``"step"``
+  settings), per round.  The probes of sizes a later decision first reaches (one warm-up
+  and three steps each) are not in it: a run that grows far pays a little more.
 """
 
 from __future__ import annotations
@@ -125,20 +127,6 @@ class _Clock:
         self.steps = hist.n_steps
 
 
-class _Start:
-    """fit callback: when the first step begins (fit's set-up is over); stops after
-    ``stop_after`` steps when given."""
-
-    def __init__(self, stop_after=None):
-        self.stop_after = stop_after
-
-    def on_fit_start(self, model, hist):
-        self.t0 = time.perf_counter()
-
-    def on_step(self, model, step, loss):
-        return self.stop_after is not None and step >= self.stop_after
-
-
 def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int = 0, adaptive=()) -> list:
     """Measure the step time of each config of ``configs`` (see :func:`probe_jobs`) in this
     process, pinned to one thread.  Returns one JSON-serialisable entry per config:
@@ -171,8 +159,10 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
             n = len(ds.X_train)
             spec = c.adaptive_spec() if kind is not None else None
             B = spec.sizes(n)[0] if spec is not None else n if c.full_batch else c.batch_size
-            if kind == "step":  # the controller on, held at B: its tracking and decisions, no measuring
-                spec = mg.AdaptiveBatchSize(**{**dict(pinned(c, B).adaptive), "throughput": {B: 1.0}})
+            # the controller on, held at B: its tracking and decisions, no measuring
+            held = mg.AdaptiveBatchSize(**{**dict(pinned(c, B).adaptive), "throughput": {B: 1.0}}) if spec else None
+            if kind == "step":
+                spec = held
             sizes = (ds.X_train.shape[1],) + tuple(c.sizes[1:-1]) + (ds.n_out,)
             model = mg.MLP(
                 list(sizes),
@@ -194,6 +184,7 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
                     "cfg": c,
                     "kind": kind,
                     "spec": spec,
+                    "held": held,
                     "model": model,
                     "ds": ds,
                     "B": B,
@@ -221,12 +212,13 @@ def probe(configs, *, rounds: int = ROUNDS, round_s: float = ROUND_S, seed: int 
             )
 
         def run(s, m):
-            if s["kind"] == "setup":  # the adaptive set-up beyond a fixed run's (one step each)
-                t, a = time.perf_counter(), _Start(stop_after=1)
-                fit(s, s["spec"], s["spec"].every, [a])
-                t2, f = time.perf_counter(), _Start(stop_after=1)
-                fit(s, s["B"], 1, [f])
-                return max(0.0, (a.t0 - t) - (f.t0 - t2))
+            if s["kind"] == "setup":  # up to the first decision, beyond a run held at the starting size
+                every = s["spec"].every
+                t = time.perf_counter()
+                fit(s, s["spec"], every, [])
+                t2 = time.perf_counter()
+                fit(s, s["held"], every, [])
+                return max(0.0, (t2 - t) - (time.perf_counter() - t2))
             clock = _Clock()
             fit(s, s["spec"] if s["kind"] == "step" else s["B"], max(m, s["least"]), [clock])
             return (clock.t1 - clock.t0) / max(1, clock.steps)
