@@ -106,6 +106,9 @@ def machine() -> dict:
         info["numba"] = numba.__version__
         blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
         info["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+        from minigd.backends.cpu import DEFAULT_BLAS
+
+        info["compiled_step_blas"] = DEFAULT_BLAS  # which one minigd's compiled BLAS step calls
     except Exception:  # pragma: no cover
         pass
     try:

@@ -111,7 +111,8 @@ def to_markdown(result: dict) -> str:
         f"Python {mi.get('python')}.",
         "",
         f"- minigd{(' ' + mi['minigd_commit']) if mi.get('minigd_commit') else ''}: numba {mi.get('numba')}; numpy {mi.get('numpy')} ({mi.get('numpy_blas')}); "
-        f"scipy {mi.get('scipy')} ({mi.get('scipy_blas', '-')}; the BLAS minigd's compiled step calls)",
+        f"scipy {mi.get('scipy')} ({mi.get('scipy_blas', '-')}); the BLAS minigd's compiled step calls: "
+        f"{mi.get('compiled_step_blas', 'scipy')}'s",
         f"- PyTorch: {ti.get('version') or 'missing'}"
         + (f" ({_torch_build_summary(ti.get('config', ''))})" if ti.get("version") else ""),
         "- peers: " + "; ".join(f"{k}: {v}" for k, v in result["peers"].items()),
