@@ -346,7 +346,11 @@ def _prepare(p: Plan, state, hist: History, batch_size, optimizer) -> None:
     # adaptive: any remainder can end an epoch, so the smallest regime too
     sizes = _run_batch_sizes(p.bs, p.n, p.sampler, p.drop_last) if p.ctrl is None else p.ctrl.sizes + [2]
     want_sqn = p.tracker is not None and not model.norm.bn
-    impl.warm_up(model.params, model._grad, p.X, p.yi, p.yf, sizes, state.opt_state, want_sqn=want_sqn)
+    # the evaluations' chunks (EVAL_CHUNK rows, and the rest) compile before the clock too
+    n_val = len(p.validation[0]) if p.validation is not None else 0
+    evals = {s for m in (n_val, p.n if p.eval_train else 0) for s in (min(m, EVAL_CHUNK), m % EVAL_CHUNK)} - {0}
+    ev = {"eval_sizes": evals} if evals else {}  # (only then: a backend's older warm_up takes no eval_sizes)
+    impl.warm_up(model.params, model._grad, p.X, p.yi, p.yf, sizes, state.opt_state, want_sqn=want_sqn, **ev)
     if p.ctrl is not None:  # the step times: a table, or the probe's set-up (it runs at decisions)
         p.ctrl.measure(model, p.X, p.yi, p.yf, state.opt_state)
 

@@ -351,3 +351,41 @@ def test_no_writable_cache_location_warns_and_warmup_says_so(tmp_path):
     out = _run_where(site, xdg, "warmup", "--dtypes", "float32")
     assert "minigd warmup: nothing to do: no cache (disabled: " in out.stderr
     assert "compiled in" not in out.stdout and "loaded from" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    "n_val, expect",
+    [(0, []), (40, [40]), (2049, [1, 2048])],
+    ids=["no-validation", "one-chunk", "two-regimes"],
+)
+def test_a_run_that_evaluates_warms_its_evaluation_up_front(monkeypatch, n_val, expect):
+    """fit's warm-up (before the clock) also runs one evaluation per regime of the run's
+    evaluation chunks (EVAL_CHUNK rows and the rest), so that the first evaluation does not
+    compile mid-run; a run that does not evaluate does not; the results are unchanged."""
+    log = []
+    real_warm, real_losses = cpu_backend.CpuBackend.warm_up, cpu_backend.CpuBackend.losses
+
+    def warm_up(self, *a, **kw):
+        log.append("warm_up")
+        real_warm(self, *a, **kw)
+        log.append("end")
+
+    def losses(self, params, X, yi, yf, idx, B):
+        log.append(B)
+        return real_losses(self, params, X, yi, yf, idx, B)
+
+    X, y = _data(n=64)
+    Xv, yv = _data(n=max(n_val, 1), seed=1)
+    val = (Xv, yv) if n_val else None
+    kw = dict(batch_size=8, steps=3, optimizer=mg.SGD(lr=0.1), seed=0, validation=val)
+    ref_m = mg.MLP([5, 7, 3], seed=0)
+    ref = mg.fit(ref_m, X, y, **kw)
+    monkeypatch.setattr(cpu_backend.CpuBackend, "warm_up", warm_up)
+    monkeypatch.setattr(cpu_backend.CpuBackend, "losses", losses)
+    m = mg.MLP([5, 7, 3], seed=0)
+    assert m.backend_impl.use_blas(2048) and not m.backend_impl.use_blas(1)
+    hist = mg.fit(m, X, y, **kw)
+    assert log[0] == "warm_up" and sorted(log[1 : log.index("end")]) == expect, log
+    untimed = lambda h: [{k: v for k, v in e.items() if k != "time"} for e in h.evals]  # noqa: E731
+    assert untimed(hist) == untimed(ref)
+    np.testing.assert_array_equal(m.params, ref_m.params)

@@ -216,13 +216,14 @@ class Backend:
         """(B,) per-example squared gradient norms of the last ``train_step(want_sqn=True)``."""
         return self.ws.scratch(B)
 
-    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False) -> None:
+    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False, eval_sizes=()) -> None:
         """Make the first timed ``train_step`` of a run as fast as the others: compile (or
         load from a compile cache) whatever the steps of batch sizes ``batch_sizes`` on these
-        arrays will run.  Leaves ``params``, ``opt_state`` and ``running`` as they were
-        (``grad`` and the workspace are scratch); draws no random numbers.  Nothing to do
-        for a backend without compiled code (the NumPy reference); ``fit`` calls it before
-        its clock starts."""
+        arrays will run, and the evaluations of ``eval_sizes`` rows (``losses``, ``forward``;
+        ``fit`` passes it only when the run evaluates).  Leaves ``params``, ``opt_state`` and
+        ``running`` as they were (``grad`` and the workspace are scratch); draws no random
+        numbers.  Nothing to do for a backend without compiled code (the NumPy reference);
+        ``fit`` calls it before its clock starts."""
 
     # -- the multi-step loop ----------------------------------------------------------------
     #: how many steps ``fit`` may hand to one :meth:`run_steps` call (an upper bound; fit

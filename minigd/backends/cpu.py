@@ -252,7 +252,7 @@ class CpuBackend(Backend):
             return "loops"
         return "blas" if self.compiled_blas else "python"
 
-    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False):
+    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False, eval_sizes=()):
         """One untimed step per regime (loops / compiled BLAS / Python-driven) among
         ``batch_sizes``, on rows 0..b-1 of X and the run's own arrays (so numba compiles,
         or loads from its cache, exactly the specialisations the run will call), through
@@ -261,9 +261,16 @@ class CpuBackend(Backend):
         bitwise.  ``running`` is not touched (its kernel runs on copies); the dropout masks
         are not redrawn (``fit`` draws each step's before the step).  A warm-up that takes
         over :data:`NOTICE_AFTER_S` (numba compiling: the first run on a machine) says so on
-        stderr (:class:`_CompileNotice`)."""
+        stderr (:class:`_CompileNotice`).  ``eval_sizes``: the rows of the run's evaluation
+        chunks; one untimed evaluation (:meth:`losses`) per regime among them, so that the
+        first evaluation does not compile mid-run either."""
         with _CompileNotice():
             self._warm_up(params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn)
+            evals = {}
+            for b in sorted({int(b) for b in eval_sizes}):
+                evals.setdefault(self.use_blas(b), b)
+            for b in evals.values():  # row 0 repeated: any size the workspace holds; reads params only
+                self.losses(params, X, yi, yf, np.zeros(b, np.int64), b)
 
     def last_sqnorm_sum(self, B: int) -> float:
         """:meth:`Backend.last_sqnorm_sum` in one compiled call (the same float64 row-order

@@ -21,13 +21,14 @@ import numpy as np
 class Runner:
     """warm_up, train_step, run_steps and opt_apply."""
 
-    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False):
+    def warm_up(self, params, grad, X, yi, yf, batch_sizes, opt_state, want_sqn=False, eval_sizes=()):
         """Before ``fit``'s clock starts (the kernels were compiled when the model was made):
         upload the training data and the optimizer's device buffers, size the step tables
         (and a dropout model's uniforms table) for runs of up to ``read_every`` steps of the
         largest batch, and capture the CUDA graph of a step of every batch size the graph
         regime takes -- so no timed step allocates, uploads the data or captures.  A capture
-        records and runs nothing: ``params``, ``opt_state`` and ``running`` are untouched."""
+        records and runs nothing: ``params``, ``opt_state`` and ``running`` are untouched.
+        (``eval_sizes``: nothing to do, the evaluation kernels compiled with the model.)"""
         sizes = sorted({int(b) for b in batch_sizes})
         if not sizes:
             return
