@@ -22,8 +22,10 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
 
 Every ``every`` steps it moves to the candidate batch size with the largest goodput
 (examples per second times statistical efficiency, :func:`~minigd.gradstats.goodput`),
-with a little hysteresis (``min_gain``), and scales the learning rate by ``lr_rule`` from
-the rate the optimizer gives for the starting (smallest) batch size:
+with a little hysteresis (``min_gain``) -- or, when it would keep its size, tries once a
+size in reach known from the probe only whose goodput is within the probe's error
+(``explore``) -- and scales the learning rate by ``lr_rule`` from the rate the optimizer
+gives for the starting (smallest) batch size:
 
 ``"adascale"``
     the AdaScale gain r = (tr(Sigma)/B0 + |G|^2) / (tr(Sigma)/B + |G|^2)
@@ -103,8 +105,14 @@ class AdaptiveBatchSize:
         of two).  A single noisy estimate (early in training |G|^2 is often estimated <= 0,
         an infinite noise scale) then moves the batch size one step, not to ``max``; a
         sustained one keeps moving it.  None: straight to the goodput maximum.
+    explore : float
+        A size in reach whose step time comes from the probe only (never trained at) is
+        tried for one decision period when it would win with its probed time ``1 +
+        explore`` times shorter (default 0.3: one probe on a busy machine was measured up
+        to ~30% off, and a neighbour timed too slow would otherwise never be corrected).
+        Each size is tried so at most once; 0: never.  Only with measured throughput.
     throughput : None, "flops" or dict
-        None: measure the step time of each candidate before training.  "flops": a
+        None: measure the step times (module doc).  "flops": a
         deterministic cost model, step time proportional to ``overhead + B``, with the
         overhead equal to one row's FLOPs times 64 (no clock read).  A dict ``{B: seconds
         per step}`` for every candidate: used as given.
@@ -122,6 +130,7 @@ class AdaptiveBatchSize:
         min_gain: float = 0.05,
         max_step: float | None = 2.0,
         throughput: Any = None,
+        explore: float = 0.3,
     ) -> None:
         self.min = _pos_int("min", min, 1)
         self.max = None if max is None else _pos_int("max", max, 1)
@@ -146,12 +155,16 @@ class AdaptiveBatchSize:
                 f"track_every: expected at most every={self.every} (each decision needs a "
                 f"measurement of the noise), got {self.track_every}"
             )
-        for name, v, lo, hi in (("noise_beta", noise_beta, 0.0, 1.0), ("min_gain", min_gain, 0.0, math.inf)):
+        for name, v, lo, hi in (
+            ("noise_beta", noise_beta, 0.0, 1.0),
+            ("min_gain", min_gain, 0.0, math.inf),
+            ("explore", explore, 0.0, math.inf),
+        ):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name}: expected a number in [{lo}, {hi}), got {_got(v)}")
             if not lo <= float(v) < hi:
                 raise ValueError(f"{name}: expected a number in [{lo}, {hi}), got {v!r}")
-        self.noise_beta, self.min_gain = float(noise_beta), float(min_gain)
+        self.noise_beta, self.min_gain, self.explore = float(noise_beta), float(min_gain), float(explore)
         if max_step is not None:
             if isinstance(max_step, bool) or not isinstance(max_step, numbers.Real):
                 raise TypeError(f"max_step: expected None or a number > 1, got {_got(max_step)}")
@@ -174,7 +187,8 @@ class AdaptiveBatchSize:
     def __repr__(self) -> str:
         return (
             f"AdaptiveBatchSize(min={self.min}, max={self.max}, every={self.every}, lr_rule={self.lr_rule!r}, "
-            f"track_every={self.track_every}, noise_beta={self.noise_beta}, min_gain={self.min_gain})"
+            f"track_every={self.track_every}, noise_beta={self.noise_beta}, min_gain={self.min_gain}, "
+            f"explore={self.explore})"
         )
 
     def config(self) -> dict:
@@ -190,6 +204,7 @@ class AdaptiveBatchSize:
             "noise_beta": self.noise_beta,
             "min_gain": self.min_gain,
             "max_step": self.max_step,
+            "explore": self.explore,
             "throughput": {str(k): v for k, v in sorted(tp.items())} if isinstance(tp, dict) else tp,
         }
 
@@ -261,6 +276,7 @@ class Controller:
         self.decisions: list = []
         self.epoch_B = self.B0  # the batch size the current epoch was laid out for
         self._near: dict = {}  # {B: the candidates one decision can reach from B}
+        self.explored: list = []  # the sizes tried because of the explore rule
 
     # -- throughput --------------------------------------------------------------------------
     def measure(self, model, X, yi, yf, opt_state) -> None:
@@ -316,6 +332,8 @@ class Controller:
         """{b: seconds} of one probe step of each size in ``todo`` on the scratch copies:
         one warm-up round, then the best of three, the sizes interleaved."""
         pr = self._probe
+        if pr is None:  # a given table or "flops": nothing to time
+            return {}
         X, yi, yf = pr["data"]
         best = {b: math.inf for b in todo}
         n = pr["idx"].shape[0]
@@ -429,6 +447,9 @@ class Controller:
                 )
             else:
                 reason = f"keep: B={best} is better by less than min_gain={self.spec.min_gain:g}"
+        if new == cur and self._probe is not None and self.spec.explore > 0:
+            new, why = self._explore(near, gp, cur, phi)
+            reason = why or reason
         self.B = new
         self.factor, self.gain = self._factor(new)
         self.goodput, self.noise = float(gp[new]), float(phi)
@@ -443,6 +464,20 @@ class Controller:
         }
         self.decisions.append(rec)
         return rec
+
+    def _explore(self, near: list, gp: dict, cur: int, phi: float) -> tuple:
+        """(size, reason) of a size in reach known from the probe only that would win with its
+        probed step time ``1 + explore`` times shorter (the nearest such; once per size), else
+        (cur, None)."""
+        f, bar = 1.0 + self.spec.explore, gp[cur] * (1.0 + self.spec.min_gain)
+        for b in sorted(near, key=lambda b: (abs(math.log(b / cur)), b)):
+            if b != cur and not self._observed.get(b) and b not in self.explored and gp[b] * f > bar:
+                self.explored.append(b)
+                return b, (
+                    f"explore: B={b} is timed by the probe only; its goodput {gp[b]:.4g} vs {gp[cur]:.4g} at "
+                    f"B={cur} is within the probe's error (explore={self.spec.explore:g}; noise scale {phi:.4g})"
+                )
+        return cur, None
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -459,6 +494,7 @@ class Controller:
             "recent": [[b, list(self._recent[b])] for b in self.sizes if self._recent.get(b)],
             "probed": [[b, self._probed[b]] for b in self.sizes if b in self._probed],
             "calib": self._calib,
+            "explored": list(self.explored),
             "decisions": self.decisions,
         }
 
@@ -515,6 +551,11 @@ class Controller:
             and table(recent, lambda x: isinstance(x, list) and 0 < len(x) <= RECENT and all(map(_positive, x))),
             "has a malformed throughput table",
         )
+        explored = st.get("explored", [])
+        need(
+            isinstance(explored, list) and all(b in self.sizes for b in explored),
+            "has explored sizes outside the candidates",
+        )
         need(
             isinstance(st.get("decisions"), list) and all(self._decision_ok(d) for d in st["decisions"]),
             "has malformed decision records",
@@ -535,3 +576,4 @@ class Controller:
         self._probed = {int(b): float(t) for b, t in probed}
         self._calib = float(st.get("calib", 0.0))
         self.decisions = [dict(d) for d in st["decisions"]]
+        self.explored = [int(b) for b in explored]

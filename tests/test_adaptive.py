@@ -64,6 +64,9 @@ def _fit(spec=None, backend="cpu", dtype="float64", model_kw=None, **kw):
         (dict(candidates="8,16"), TypeError, "candidates"),
         (dict(max_step=1.0), ValueError, "max_step"),
         (dict(max_step="2"), TypeError, "max_step"),
+        (dict(explore=-0.1), ValueError, "explore"),
+        (dict(explore=True), TypeError, "explore"),
+        (dict(explore=float("inf")), ValueError, "explore"),
     ],
 )
 def test_bad_settings_name_the_argument(kw, exc, name):
@@ -490,4 +493,50 @@ def test_resume_refuses_a_crafted_step_time_window(recent):
     st["recent"] = recent
     c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
     with pytest.raises(mg.CheckpointError, match="malformed throughput table"):
+        c2.restore(st, c.tracker, "test")
+
+
+def _probed_controller(explore=0.3):
+    """At B=8 with real step times; 16 known from the probe only, 20% slower per example than
+    8 -- a probe on a busy machine (the true 16 is faster)."""
+    c = Controller(AdaptiveBatchSize(min=8, max=32, explore=explore), [8, 16, 32], N, replacement=False)
+    c._probe = {}  # (measured throughput; every size in reach is already timed below)
+    c._probed = {8: 1e-4, 16: 2.4e-4, 32: 9e-4}
+    c.seconds = dict(c._probed)
+    c.observe_time(8, 1e-4)
+    for step in range(4):  # a large noise scale: efficiency ~1 at 16
+        c.tracker.update(step, 8, 8 * 1000.0 + 8 * 1.0, 1.0)
+    return c
+
+
+def test_a_size_known_from_the_probe_only_is_tried_once_when_within_its_error():
+    c = _probed_controller()
+    rec = c.decide(40)
+    assert rec["batch_size"] == 16 and rec["reason"].startswith("explore") and c.explored == [16]
+    c.observe_time(16, 1.6e-4)  # its real steps: faster per example than 8 after all
+    rec = c.decide(80)
+    assert rec["reason"].startswith("keep") and c.B == 16  # now chosen on real times
+    c.observe_time(16, 3e-4)  # ... or not: back to 8, and 16 is not explored again
+    rec = c.decide(120)
+    assert rec["batch_size"] == 8 and rec["reason"].startswith("shrink")
+    assert c.decide(160)["batch_size"] == 8 and c.explored == [16]
+
+
+def test_explore_zero_and_given_tables_never_explore():
+    c = _probed_controller(explore=0.0)
+    assert c.decide(40)["batch_size"] == 8 and c.explored == []
+    c = _probed_controller()
+    c._probe = None  # a given table: the times are the user's, nothing to correct
+    assert c.decide(40)["batch_size"] == 8 and c.explored == []
+
+
+def test_explored_sizes_round_trip_a_checkpoint_and_crafted_ones_are_refused():
+    c = _probed_controller()
+    c.decide(40)
+    st = json.loads(json.dumps(c.state()))
+    c2 = Controller(AdaptiveBatchSize(min=8, max=32), [8, 16, 32], N, replacement=False)
+    c2.restore(st, c.tracker, "test")
+    assert c2.explored == [16]
+    st["explored"] = [12]
+    with pytest.raises(mg.CheckpointError, match="explored sizes"):
         c2.restore(st, c.tracker, "test")
