@@ -111,10 +111,192 @@ def _child(args) -> None:
     if args.child == "compile":
         print(json.dumps({"seconds": _first_step()}))
         return
+    if args.child == "floor":
+        _use_checkout(args.root)
+        print(json.dumps(_floor_child(args)))
+        return
     models = json.loads(args.models)
     batches = json.loads(args.batches)
     rows = _measure(models, batches, BACKENDS, args.target, args.rounds)
     print(json.dumps(rows))
+
+
+# ------------------------------------------------------------------------------ the B = 1 floor
+#: (name, optimizer) of the floor benchmark
+FLOOR_OPTS = (("SGD", "SGD(lr=1e-3)"), ("momentum", "SGD(lr=1e-3, momentum=0.9)"), ("Adam", "Adam(lr=1e-3)"))
+
+
+def _use_checkout(root: str) -> None:
+    """Make ``import minigd`` load from checkout ``root`` (its ``kernels/`` directory is the
+    package ``minigd.kernels``: the editable install maps it, so map it here first)."""
+    import importlib.util
+
+    sys.path.insert(0, root)
+    kdir = os.path.join(root, "kernels")
+
+    class _Kernels:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "minigd.kernels":
+                return None
+            init = os.path.join(kdir, "__init__.py")
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[kdir])
+
+    sys.meta_path.insert(0, _Kernels)
+
+
+def _bandwidth(sizes_kb=(128, 1024, 4096), target_bytes=1 << 28) -> dict:
+    """One thread streaming a float32 array in a compiled loop (minigd's fast-math policy):
+    read, write, and read + write (a[i] = a[i] * c, 8 bytes per element), GB/s, best of 5."""
+    import numpy as np
+
+    from minigd.kernels._jit import jit
+
+    @jit(cache=False)
+    def rw(a, c, reps):
+        for _ in range(reps):
+            for i in range(a.shape[0]):
+                a[i] = a[i] * c
+
+    @jit(cache=False)
+    def rd(a, reps):
+        s = a[0] * np.float32(0)
+        for _ in range(reps):
+            for i in range(a.shape[0]):
+                s += a[i]
+        return s
+
+    @jit(cache=False)
+    def wr(a, c, reps):
+        for _ in range(reps):
+            for i in range(a.shape[0]):
+                a[i] = c
+
+    out = {}
+    for kb in sizes_kb:
+        a = np.ones(kb * 256, np.float32)
+        reps = max(1, target_bytes // a.nbytes)
+        row = {}
+        for name, fn, args, per in (
+            ("read", rd, (a, reps), 4),
+            ("write", wr, (a, np.float32(1), reps), 4),
+            ("read_write", rw, (a, np.float32(1.0000001), reps), 8),
+        ):
+            fn(*args)
+            best = min(_timed(fn, args) for _ in range(5))
+            row[name] = a.size * reps * per / best / 1e9
+        out[f"{kb}KB"] = row
+    return out
+
+
+def _timed(fn, args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def step_bytes(sizes, fused: bool, itemsize: int = 4) -> int:
+    """Bytes a batch-1 SGD step streams over the parameter-sized vectors, each read or write
+    of an element counted once (as the bandwidth loop counts them).  Separate passes:
+    forward (read W), backward (write the gradient, read W_l>0 for d_prev), optimizer (read
+    gradient and W, write the update), update (read W and update, write W): 8 P + P_d
+    elements.  Fused: forward (read W), d_prev (read W_l>0), then per block, in cache
+    since d_prev read it, read W_0 rows (layer 0 has no d_prev), write W and the undo
+    record: 4 P."""
+    P = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    Pd = sum(a * b for a, b in zip(sizes[1:-1], sizes[2:]))
+    return itemsize * (4 * P if fused else 8 * P + Pd)
+
+
+def _floor_child(args) -> dict:
+    """Per model, interleaved rounds of B = 1 steps (``backend.train_step``, float32, one
+    thread) per optimizer; median and range per round set, µs."""
+    import numpy as np
+
+    import minigd as mg
+    from minigd.kernels import cpu as K
+
+    rng = np.random.default_rng(0)
+    res = {"fused": hasattr(K, "FUSE_BLOCK"), "kernels": K.__file__, "steps": {}}
+    for sizes in json.loads(args.models):
+        X, y = synthetic_data(rng, sizes, 4096)
+        yf = np.empty((0, sizes[-1]), np.float32)
+        idxs = [rng.permutation(4096)[:1].astype(np.int64) for _ in range(64)]
+        runners = {}
+        for name, expr in FLOOR_OPTS:
+            m = mg.MLP(sizes, dtype="float32", seed=0)
+            impl = m.backend_impl
+            impl.reserve(1)
+            st = eval(f"mg.{expr}").init(m.params)
+
+            def run(k, impl=impl, m=m, st=st):
+                for i in range(k):
+                    impl.train_step(m.params, m._grad, X, y, yf, idxs[i & 63], 1, st, 1e-3, 1)
+
+            run(20)
+            runners[name] = run
+        k = max(20, int(args.target / 1e-5)) if sizes[0] < 256 else max(20, int(args.target / 1e-4))
+        samples = {n: [] for n in runners}
+        for _ in range(args.rounds):
+            for n, run in runners.items():
+                t0 = time.perf_counter()
+                run(k)
+                samples[n].append((time.perf_counter() - t0) / k * 1e6)
+        res["steps"]["-".join(map(str, sizes))] = samples
+    res["bandwidth"] = _bandwidth()
+    return res
+
+
+def floor(against: str, rounds: int, procs: int, target: float, out_dir: str) -> dict:
+    """The B = 1 step of this checkout and of commit ``against``, one fresh process per
+    checkout per round, alternating; the step's bytes against the streaming bandwidth."""
+    import statistics
+
+    root = os.path.dirname(HERE)
+    base = tempfile.mkdtemp(prefix="minigd_floor_")
+    subprocess.run(
+        ["git", "-C", root, "worktree", "add", "-f", "--detach", base, against], check=True, capture_output=True
+    )
+    models = [list(m) for m in MODELS]
+    runs = {"before": [], "after": []}
+    try:
+        env = thread_env(1)
+        for r in range(procs):
+            for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                checkout = base if name == "before" else root
+                extra = ["--child", "floor", "--root", checkout, "--models", json.dumps(models)]
+                extra += ["--rounds", str(rounds), "--target", str(target)]
+                runs[name].append(_run_child(extra, env))
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", base], capture_output=True)
+    result = {"machine": machine(), "against": against, "procs": procs, "rounds": rounds, "rows": []}
+    bw = [r["bandwidth"] for rs in runs.values() for r in rs]
+    result["bandwidth_gbs"] = {kb: {k: statistics.median(b[kb][k] for b in bw) for k in bw[0][kb]} for kb in bw[0]}
+    limit = result["bandwidth_gbs"]["1024KB"]["read_write"]
+    for model in ("-".join(map(str, m)) for m in models):
+        sizes = [int(s) for s in model.split("-")]
+        for opt, _ in FLOOR_OPTS:
+            row = {"model": model, "optimizer": opt}
+            for name, rs in runs.items():
+                meds = [statistics.median(r["steps"][model][opt]) for r in rs]
+                med = statistics.median(meds)
+                row[f"{name}_us"] = med
+                row[f"{name}_range_us"] = [min(meds), max(meds)]
+                if opt == "SGD":
+                    nbytes = step_bytes(sizes, rs[0]["fused"])
+                    row[f"{name}_bytes"] = nbytes
+                    row[f"{name}_gbs"] = nbytes / med / 1e3
+                    row[f"{name}_fraction"] = nbytes / med / 1e3 / limit
+            ratios = [
+                statistics.median(b["steps"][model][opt]) / statistics.median(a["steps"][model][opt])
+                for b, a in zip(runs["before"], runs["after"])
+            ]
+            row["speedup"] = statistics.median(ratios)
+            row["speedup_range"] = [min(ratios), max(ratios)]
+            result["rows"].append(row)
+    if out_dir:
+        atomic_write(os.path.join(out_dir, "b1_floor.json"), json.dumps(result, indent=1))
+    return result
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -182,13 +364,28 @@ def main(argv=None) -> dict:
     p.add_argument("--target", type=float, default=0.02, help="seconds per backend per round")
     p.add_argument("--out", default=RESULTS, help="directory for step.md / step.json ('' = don't write)")
     p.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile timing")
+    p.add_argument(
+        "--floor",
+        metavar="COMMIT",
+        default=None,
+        help="only the B = 1 floor: this checkout against COMMIT (fresh processes, alternating), "
+        "the step's bytes against the streaming bandwidth; writes b1_floor.json",
+    )
+    p.add_argument("--procs", type=int, default=6, help="--floor: processes per checkout")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--root", default=None, help=argparse.SUPPRESS)
     p.add_argument("--models", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batches", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         _child(args)
         return {}
+    if args.floor:
+        res = floor(args.floor, args.rounds, args.procs, args.target, args.out)
+        for r in res["rows"]:
+            print(json.dumps(r))
+        print(json.dumps(res["bandwidth_gbs"]))
+        return res
     models = [[4, 3, 2]] if args.quick else [list(m) for m in MODELS]
     batches = [1, 8] if args.quick else list(BATCHES)
     rounds, target = (1, 0.001) if args.quick else (args.rounds, args.target)

@@ -42,6 +42,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba.core import types
+from numba.core.extending import intrinsic
 
 from . import _blas
 from ._jit import jit
@@ -252,6 +254,54 @@ def _gather(X, idx, B, ws, lay):
             x0[r, i] = X[row, i]
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (``llvm.fma``): the multiply-add that ``c += a * b`` compiles
+    to under ``contract``, written out so that no fast-math rewrite (``reassoc``) can
+    regroup a chain of them: a chain rounds as the same updates made one at a time."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+    sig = a(a, b, c)
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return sig, codegen
+
+
+@jit
+def _forward_rows_b1(A, W, Z):
+    """Z[0, :] += a_i W[i, :] for every i with a_i != 0 (a = A[0]), in order, four rows
+    per pass over Z: the output row is loaded and stored once per four weight rows, not
+    once per row (each pass was bound by the store of Z), and each Z[0, j] gets the
+    same multiply-adds in the same order as one row at a time (bitwise the same)."""
+    fi, fo = W.shape
+    n = 0
+    i0 = i1 = i2 = 0
+    for i in range(fi):
+        if A[0, i] != 0:  # (NaN != 0: a NaN input row is applied, as one row at a time)
+            if n == 0:
+                i0 = i
+            elif n == 1:
+                i1 = i
+            elif n == 2:
+                i2 = i
+            else:
+                v0, v1, v2, v3 = A[0, i0], A[0, i1], A[0, i2], A[0, i]
+                for j in range(fo):
+                    z = _fma(v0, W[i0, j], Z[0, j])
+                    z = _fma(v1, W[i1, j], z)
+                    z = _fma(v2, W[i2, j], z)
+                    Z[0, j] = _fma(v3, W[i, j], z)
+                n = -1
+            n += 1
+    for k in range(n):  # the last one to three rows
+        i = i0 if k == 0 else (i1 if k == 1 else i2)
+        v = A[0, i]
+        for j in range(fo):
+            Z[0, j] = _fma(v, W[i, j], Z[0, j])
+
+
 @jit(inline="always")
 def _forward_loops(B, params, ws, lay, L):
     """Forward pass of the gathered batch through all layers (hand-written loops).
@@ -268,14 +318,67 @@ def _forward_loops(B, params, ws, lay, L):
         for r in range(B):
             for j in range(fo):
                 Z[r, j] = b[j]
-        for i in range(fi):
-            for r in range(B):
-                v = A[r, i]
-                if v != 0:
-                    for j in range(fo):
-                        Z[r, j] += v * W[i, j]
+        if B == 1:
+            _forward_rows_b1(A, W, Z)
+        else:
+            for i in range(fi):
+                for r in range(B):
+                    v = A[r, i]
+                    if v != 0:
+                        for j in range(fo):
+                            Z[r, j] = _fma(v, W[i, j], Z[r, j])
         if l < L - 1:
             _act_forward(lay[R_ACT, l], _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B))
+
+
+@jit(inline="always")
+def _grad_rows(A, D, gW, i0, i1, B):
+    """dW[i, :] = sum_r a[r, i] d[r, :] for rows i0 <= i < i1 (the first row assigns: no
+    zeroing pass)."""
+    fo = gW.shape[1]
+    for i in range(i0, i1):
+        v = A[0, i]
+        for j in range(fo):
+            gW[i, j] = v * D[0, j]
+        for r in range(1, B):
+            v = A[r, i]
+            if v != 0:
+                for j in range(fo):
+                    gW[i, j] += v * D[r, j]
+
+
+@jit(inline="always")
+def _dprev_rows(D, W, Dp, i0, i1, B):
+    """d_prev[r, i] = sum_j d[r, j] W[i, j] for rows i0 <= i < i1 of W (before f'(z))."""
+    fo = W.shape[1]
+    for i in range(i0, i1):
+        for r in range(B):
+            acc = D[r, 0] * np.float32(0)  # model dtype (a bare 0 promotes)
+            for j in range(fo):
+                acc += D[r, j] * W[i, j]
+            Dp[r, i] = acc
+
+
+@jit(inline="always")
+def _bias_rows(D, gb, B):
+    """db = sum_r d[r, :]."""
+    fo = gb.shape[0]
+    for j in range(fo):
+        gb[j] = D[0, j]
+    for r in range(1, B):
+        for j in range(fo):
+            gb[j] += D[r, j]
+
+
+@jit(inline="always")
+def _act_backward_prev(ws, lay, l, B):
+    """d_{l-1} *= f'(z_{l-1})."""
+    _act_backward(
+        lay[R_ACT, l - 1],
+        _flat(ws, lay, R_Z, l - 1, B),
+        _flat(ws, lay, R_A, l - 1, B),
+        _flat(ws, lay, R_D, l - 1, B),
+    )
 
 
 @jit(inline="always")
@@ -286,51 +389,184 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
     example's squared gradient norm: a dense layer's per-example weight gradient is the
     outer product a_r^T d_r, so its squared norm is |a_r|^2 |d_r|^2, plus |d_r|^2 for the
     bias (Goodfellow 2015).  ``sqn_scale`` (= B^2) turns deltas of the mean loss back into
-    deltas of the per-example loss.
-
-    (Fusing the optimizer into this pass, row by row, was measured slower than one
-    separate pass: rows of the last layer are too short to vectorise.)
+    deltas of the per-example loss.  (A batch-1 training step may run
+    :func:`_backward_update_b1` instead, which applies the optimizer as it goes.)
     """
     want_sqn = sqn.shape[0] > 0
     for l in range(L - 1, -1, -1):
         A = _input(ws, lay, l, B)
         D = _blk(ws, lay, R_D, l, B)
         W = _W(params, lay, l)
-        gW = _W(grad, lay, l)
-        gb = _b(grad, lay, l)
-        fi, fo = W.shape
+        fi = W.shape[0]
         if want_sqn:
             _sqnorm_rows(A, D, B, sqn, sqn_scale)
-        # dW[i, :] = sum_r a[r, i] d[r, :]  (the first row assigns: no zeroing pass)
-        for i in range(fi):
-            v = A[0, i]
-            for j in range(fo):
-                gW[i, j] = v * D[0, j]
-            for r in range(1, B):
-                v = A[r, i]
-                if v != 0:
-                    for j in range(fo):
-                        gW[i, j] += v * D[r, j]
-        for j in range(fo):
-            gb[j] = D[0, j]
-        for r in range(1, B):
-            for j in range(fo):
-                gb[j] += D[r, j]
+        _grad_rows(A, D, _W(grad, lay, l), 0, fi, B)
+        _bias_rows(D, _b(grad, lay, l), B)
         if l > 0:
-            # d_prev[r, i] = (sum_j d[r, j] W[i, j]) * f'(z_prev[r, i])
-            Dp = _blk(ws, lay, R_D, l - 1, B)
-            for i in range(fi):
-                for r in range(B):
-                    acc = D[r, 0] * np.float32(0)  # model dtype (a bare 0 promotes)
-                    for j in range(fo):
-                        acc += D[r, j] * W[i, j]
-                    Dp[r, i] = acc
-            _act_backward(
-                lay[R_ACT, l - 1],
-                _flat(ws, lay, R_Z, l - 1, B),
-                _flat(ws, lay, R_A, l - 1, B),
-                _flat(ws, lay, R_D, l - 1, B),
-            )
+            _dprev_rows(D, W, _blk(ws, lay, R_D, l - 1, B), 0, fi, B)
+            _act_backward_prev(ws, lay, l, B)
+
+
+#: parameters per finiteness check of the fused batch-1 step (:func:`_fused_layer_b1`):
+#: the new values are checked while still in cache, one reduction per block (a reduction
+#: per row of 128 cost as much as the row's update)
+FUSE_BLOCK = 2048
+
+
+@jit(fastmath=False)
+def _exact_mul(a, b):
+    """a * b rounded on its own.  Compiled without fast-math flags: LLVM inlines it but
+    never contracts it into a multiply-add with its neighbours (an instruction needs the
+    ``contract`` flag for that), so a fused loop rounds as the separate passes did."""
+    return a * b
+
+
+@jit(fastmath=False)
+def _exact_add(a, b):
+    """a + b rounded on its own (see :func:`_exact_mul`)."""
+    return a + b
+
+
+@jit
+def _fused_rows(A, D, W, G, S1, i0, i1, bias, mid, nest, m, wd1, wd2, nlr, fl, zero, one):
+    """Batch 1, a chain without Adam: for weight rows i0 <= i < i1, the gradient
+    a_i * d (d for the bias rows, ``bias``), the optimizer and the update in one loop
+    over the row, in registers.
+
+    ``W``: 2-D view of the layer's parameters (updated); ``G``: its slots in ``grad``
+    (receive the old parameters: the undo record); ``S1``: its momentum slots (without a
+    trace any array of W's type, unused); the inputs in row 0 of ``A``, the deltas in
+    row 0 of ``D``; ``zero``/``one`` 0 and 1 in the model dtype (a
+    literal 1 would promote float32 to float64).  The row loop is in here, and the rows are indexed in the 2-D views:
+    numba counts references of every view it makes and of every array handed to an
+    inlined function, and once per row of 128 those atomic increments cost as much as
+    the row's arithmetic (measured).
+
+    The arithmetic is :func:`_grad_rows`' then :func:`_opt_fused_slice`'s then
+    ``params += update``, rounding for rounding: the product and the final sum go through
+    :func:`_exact_mul` / :func:`_exact_add`, which stored values used to keep out of
+    multiply-add contractions, and every other operation has a single contraction
+    candidate.  (Adam's moment updates have two, which LLVM picks differently in vector
+    and remainder code: Adam takes the blocked path.)  No reduction in these loops (the
+    caller checks whole blocks: a reduction's epilogue per row of 128 cost as much as
+    the row's update)."""
+    n = W.shape[1]
+    if mid == OP_TRACE:
+        if nest:
+            for i in range(i0, i1):
+                v = one if bias else A[0, i]
+                for j in range(n):
+                    w = W[i, j]
+                    g = _exact_mul(v, D[0, j]) + wd1 * w
+                    vp = m * S1[i, j] + g
+                    vp = vp if abs(vp) > fl else vp * zero
+                    S1[i, j] = vp
+                    new = _exact_add(w, nlr * ((g + m * vp) + wd2 * w))
+                    W[i, j] = new
+                    G[i, j] = w
+        else:
+            for i in range(i0, i1):
+                v = one if bias else A[0, i]
+                for j in range(n):
+                    w = W[i, j]
+                    g = _exact_mul(v, D[0, j]) + wd1 * w
+                    vp = m * S1[i, j] + g
+                    vp = vp if abs(vp) > fl else vp * zero
+                    S1[i, j] = vp
+                    new = _exact_add(w, nlr * (vp + wd2 * w))
+                    W[i, j] = new
+                    G[i, j] = w
+    else:
+        for i in range(i0, i1):
+            v = one if bias else A[0, i]
+            for j in range(n):
+                w = W[i, j]
+                new = _exact_add(w, nlr * ((_exact_mul(v, D[0, j]) + wd1 * w) + wd2 * w))
+                W[i, j] = new
+                G[i, j] = w
+
+
+@jit(inline="always")
+def _finite_check(v, zero):
+    """sum(v * 0) in the model dtype: 0, or NaN when some entry is not finite."""
+    check = zero
+    for p in range(v.shape[0]):
+        check += v[p] * zero
+    return check
+
+
+@jit
+def _fused_layer_b1(params, grad, s1, D, A, Dp, lay, l, hp, codes, plan):
+    """Layer l of a batch-1 step for a chain without Adam: per weight row, d_prev from its
+    old values, then :func:`_fused_row` (the row stays in L1 between the two); then the
+    bias.  The new parameters are checked per block of about FUSE_BLOCK, while in cache.
+    (The bias flag is computed, not a literal True/False: numba would compile
+    :func:`_fused_rows` once per literal.)
+    Returns the layer's finiteness check."""
+    last = hp.shape[0] - 1
+    zero = hp[last, 7]
+    fl = hp[last, 5]
+    i_wd1, i_mid, i_wd2, i_lr = plan[2], plan[3], plan[4], plan[5]
+    wd1 = hp[i_wd1, 0] if i_wd1 >= 0 else zero
+    wd2 = hp[i_wd2, 0] if i_wd2 >= 0 else zero
+    nlr = hp[i_lr, 3] if i_lr >= 0 else hp[last, 6]
+    mid = codes[i_mid] if i_mid >= 0 else -1
+    m = hp[i_mid, 0] if i_mid >= 0 else zero
+    nest = i_mid >= 0 and hp[i_mid, 1] != 0
+    src = s1 if mid == OP_TRACE else params  # (any params-sized vector without a trace)
+    W = _W(params, lay, l)
+    G = _W(grad, lay, l)
+    S1 = _W(src, lay, l)
+    fi, fo = W.shape
+    wo = lay[R_WOFF, l]
+    check = zero
+    rows = max(1, FUSE_BLOCK // fo)
+    for i0 in range(0, fi, rows):
+        i1 = min(fi, i0 + rows)
+        if l > 0:  # the rows' old values, left in L1 for their update
+            _dprev_rows(D, W, Dp, i0, i1, 1)
+        _fused_rows(A, D, W, G, S1, i0, i1, l < 0, mid, nest, m, wd1, wd2, nlr, fl, zero, hp[last, 6])
+        check += _finite_check(params[wo + i0 * fo : wo + i1 * fo], zero)
+    bo = lay[R_BOFF, l]
+    Bv = params[bo : bo + fo].reshape(1, fo)
+    Bg = grad[bo : bo + fo].reshape(1, fo)
+    Bs = src[bo : bo + fo].reshape(1, fo)
+    _fused_rows(A, D, Bv, Bg, Bs, fo - fo, fo - fo + 1, l >= 0, mid, nest, m, wd1, wd2, nlr, fl, zero, hp[last, 6])
+    return check + _finite_check(params[bo : bo + fo], zero)
+
+
+@jit
+def _backward_update_b1(B, params, grad, ws, lay, L, hp, codes, plan, s1):
+    """The backward pass of a batch-1 step with the optimizer applied as it goes (a chain
+    that fuses, without clipping or Adam; hp's step scalars cast by :func:`_opt_consts`):
+    per layer, last to first, :func:`_fused_layer_b1`, then f' into the previous deltas.
+    Each weight is read from memory once for d_prev, its gradient, the optimizer and the
+    update, instead of a pass of each over the whole vector (at batch 1 a step is memory
+    traffic over the weights: bench/results/b1_floor.md).
+
+    ``B`` is 1 (an argument, not a literal: numba would compile :func:`act_backward` for
+    ``Literal[int](1)``); ``s1`` is the momentum vector (params-sized; may be empty
+    without one).  Every
+    parameter is updated in place, ``grad`` is left holding the OLD parameters (the undo
+    record), and the finiteness check of the new parameters is returned (0, or NaN: then
+    :func:`_undo`).  Per element the arithmetic is that of :func:`_backward_loops` +
+    :func:`_opt_update` + :func:`_apply_if_finite`, so the results are bitwise theirs
+    (tests/test_fused_update.py)."""
+    check = hp[hp.shape[0] - 1, 7]  # 0 in the model dtype
+    for l in range(L - 1, -1, -1):
+        D = _blk(ws, lay, R_D, l, B)
+        Dp = _blk(ws, lay, R_D, l - 1 if l > 0 else l, B)
+        check += _fused_layer_b1(params, grad, s1, D, _input(ws, lay, l, B), Dp, lay, l, hp, codes, plan)
+        if l > 0:
+            act_backward(B, ws, lay, l - 1)
+    return check
+
+
+@jit(inline="always")
+def _undo(params, grad):
+    """Put back the parameters a rejected fused step overwrote (its undo record)."""
+    for p in range(params.shape[0]):
+        params[p] = grad[p]
 
 
 @jit(inline="always")
@@ -829,6 +1065,16 @@ def train_step_loops(
     per-example squared gradient norms are left in the scratch block and |g|^2 is the
     squared norm of the batch gradient (else 0; NaN when the loss was non-finite).
     ``plan[0]`` must be nonzero (a chain that fuses), else :func:`train_step_loops_generic`.
+
+    At batch 1, without clipping, Adam or ``want_sqn``, the optimizer runs inside the
+    backward pass (:func:`_backward_update_b1`: each weight read from memory and written
+    once) and ``grad`` is left holding the old parameters.  Other steps take separate
+    passes (and ``grad`` holds the update, as after :func:`opt_apply`): clipping needs the
+    gradient's global norm before any update, |g|^2 the whole gradient; Adam's moment
+    updates round differently in vector and remainder code (two multiply-add candidates),
+    so a row-by-row loop would not be bitwise the whole-vector pass; and at batch > 1 the
+    gradient is a sum over rows.  Both give bitwise the same parameters and optimizer
+    state (tests/test_fused_update.py).
     """
     L = lay[R_MISC, 3]
     _gather(X, idx, B, ws, lay)
@@ -836,6 +1082,14 @@ def train_step_loops(
     loss = _output_loss(yi, yf, idx, B, ws, lay, loss_code, want_sqn, _FALSE[0])
     if not math.isfinite(loss):
         return loss, 0, math.nan
+    if B == 1 and plan[1] < 0 and not want_sqn and not (plan[3] >= 0 and codes[plan[3]] == OP_ADAM):
+        _opt_consts(hp, codes, plan, lr, t)
+        so = soff[plan[3]] if plan[3] >= 0 else 0
+        check = _backward_update_b1(B, params, grad, ws, lay, L, hp, codes, plan, state[so : so + params.shape[0]])
+        if math.isfinite(check):
+            return loss, 1, 0.0
+        _undo(params, grad)
+        return loss, 0, 0.0
     _backward_loops(
         B, params, grad, ws, lay, L, _scratch(ws, lay, B)[: B if want_sqn else 0], np.float64(B) * np.float64(B)
     )
