@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import subprocess
@@ -137,3 +138,20 @@ def machine() -> dict:
     except Exception:
         info["scipy"] = "missing (minigd's cpu backend then drives BLAS from Python)"
     return info
+
+
+def use_checkout(root: str) -> None:
+    """Make ``import minigd`` load from checkout ``root`` (its ``kernels/`` directory is the
+    package ``minigd.kernels``: the editable install maps it, so map it here first)."""
+    sys.path.insert(0, root)
+    kdir = os.path.join(root, "kernels")
+
+    class _Kernels:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "minigd.kernels":
+                return None
+            init = os.path.join(kdir, "__init__.py")
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[kdir])
+
+    sys.meta_path.insert(0, _Kernels)

@@ -27,9 +27,11 @@ ROOT = os.path.dirname(HERE)
 
 CHILD = r"""
 import os, sys, time
-sys.path.insert(0, sys.argv[1])
-import numpy as np, minigd as mg
-assert mg.__file__.startswith(sys.argv[1]), mg.__file__
+sys.path.insert(0, sys.argv[2])
+from _common import use_checkout
+use_checkout(sys.argv[1])  # minigd AND its kernels from the checkout (the editable install maps kernels/)
+import numpy as np, minigd as mg, minigd.kernels.cpu as K
+assert mg.__file__.startswith(sys.argv[1]) and K.__file__.startswith(sys.argv[1]), (mg.__file__, K.__file__)
 rng = np.random.default_rng(0)
 out = {}
 for sizes in ([64, 128, 128, 10], [784, 256, 256, 10]):
@@ -68,7 +70,7 @@ def main() -> None:
             for _ in range(a.rounds):
                 for which, tree in (("base", base), ("here", ROOT)):
                     r = subprocess.run(
-                        [sys.executable, "-c", CHILD, tree], env=env, capture_output=True, text=True, check=True
+                        [sys.executable, "-c", CHILD, tree, HERE], env=env, capture_output=True, text=True, check=True
                     )
                     for k, v in ast.literal_eval(r.stdout.strip().splitlines()[-1]).items():
                         times[which].setdefault(k, []).append(v)

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from _common import atomic_write, machine, synthetic_data, thread_env, train_step_runner
+from _common import atomic_write, machine, synthetic_data, thread_env, train_step_runner, use_checkout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -112,7 +112,7 @@ def _child(args) -> None:
         print(json.dumps({"seconds": _first_step()}))
         return
     if args.child == "floor":
-        _use_checkout(args.root)
+        use_checkout(args.root)
         print(json.dumps(_floor_child(args)))
         return
     models = json.loads(args.models)
@@ -124,25 +124,6 @@ def _child(args) -> None:
 # ------------------------------------------------------------------------------ the B = 1 floor
 #: (name, optimizer) of the floor benchmark
 FLOOR_OPTS = (("SGD", "SGD(lr=1e-3)"), ("momentum", "SGD(lr=1e-3, momentum=0.9)"), ("Adam", "Adam(lr=1e-3)"))
-
-
-def _use_checkout(root: str) -> None:
-    """Make ``import minigd`` load from checkout ``root`` (its ``kernels/`` directory is the
-    package ``minigd.kernels``: the editable install maps it, so map it here first)."""
-    import importlib.util
-
-    sys.path.insert(0, root)
-    kdir = os.path.join(root, "kernels")
-
-    class _Kernels:
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name != "minigd.kernels":
-                return None
-            init = os.path.join(kdir, "__init__.py")
-            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[kdir])
-
-    sys.meta_path.insert(0, _Kernels)
 
 
 def _bandwidth(sizes_kb=(128, 1024, 4096), target_bytes=1 << 28) -> dict:
