@@ -8,7 +8,7 @@ from _common import atomic_write, log
 from _peers_setup import E2E_SIZES, E2E_TARGET, GEMM_MIN_BATCH, _name
 from _timing import NOISY_IQR
 
-#: issue 7's step targets, 1 thread: (model, batch size, PyTorch time / minigd time >= bound)
+#: the step targets (issue 7, re-set by issue 20), 1 thread: (model, batch size, PyTorch time / minigd time >= bound)
 STEP_TARGETS = (
     ("64-128-128-10", 1, 20.0),
     ("64-128-128-10", 32, 4.0),
@@ -19,7 +19,8 @@ STEP_TARGETS = (
 )
 
 
-NORMS_TARGET, MOMENTS_TARGET, GEMM_TARGET = 1.10, 1.5, 0.85
+# moments: issue 20 settled issue 7's 1.5x at 1.8x (the exact two-pass form is bounded near 1.67x)
+NORMS_TARGET, MOMENTS_TARGET, GEMM_TARGET = 1.10, 1.8, 0.85
 
 
 def targets(result: dict) -> list:
@@ -122,7 +123,7 @@ def to_markdown(result: dict) -> str:
         f"{result['elapsed_s']:.0f} s in all.",
         "",
     ]
-    L += ["## Targets (issue 7)", "", "| target | measured | met |", "|---|---|---|"]
+    L += ["## Targets (issues 7 and 20)", "", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         L.append(
             f"| {t['target']} | {t['measured'] or 'missing'} | "

@@ -451,6 +451,7 @@ def main(argv=None) -> dict:
     if args.render:
         with open(args.render) as f:
             result = json.load(f)
+        result["targets"] = targets(result)  # (the targets as they stand now, on the stored figures)
         out_dir = args.out if args.out is not None else os.path.dirname(os.path.abspath(args.render))
         md = to_markdown(result)
         print(md)
