@@ -125,7 +125,7 @@ def _peers_result(out):
 def test_peers_quick(runs):
     out, stdout, _ = _finish(runs, "peers")
     data, md = _peers_result(out)
-    assert "## Targets (issue 7)" in stdout
+    assert "## Targets (issues 7 and 20)" in stdout
     run = data["runs"][0]
     assert run["threads"] == 1
     assert run["pinned"]["numba"] == 1
