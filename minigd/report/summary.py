@@ -562,7 +562,7 @@ def answer_adaptive(arch) -> str:
     if setup is not None:
         s += (
             f". Of its time, {_dur(setup)} is the one-time set-up (warming every candidate batch size and "
-            f"measuring their step times) that a fixed batch size does not pay"
+            f"the first decision's probe of the step times in reach) that a fixed batch size does not pay"
         )
         if loop.get("value") is not None:
             s += f"; without it, {_ratio(loop['value'])}{_iv(loop, _ratio)}"

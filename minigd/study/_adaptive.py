@@ -368,8 +368,8 @@ def adaptive_text(row) -> str:
     loop = row.get("vs_fixed_loop") or {}
     if setup is not None and loop.get("value") is not None:
         s += (
-            f" (of which {fmt_duration(setup)} is its one-time set-up, the throughput measurement and "
-            f"warm-up; without it {loop['value']:.2f}×)"
+            f" (of which {fmt_duration(setup)} is its one-time set-up, the warm-up and the first "
+            f"decision's throughput probe; without it {loop['value']:.2f}×)"
         )
     return s + "."
 
