@@ -395,17 +395,16 @@ class Controller:
         self.tracker.update(step, B, tr * (B - 1) + B * batch_sq_norm, batch_sq_norm)
 
     # -- decisions -------------------------------------------------------------------------------
-    def _goodputs(self, phi: float) -> list:
-        """Goodput of every candidate: examples per second times the statistical efficiency
-        (phi + B0) / (phi + B) (:func:`minigd.gradstats.goodput`, without its argument
-        checks, in plain floats: this runs at every decision, on a dozen candidates)."""
-        B0, secs = self.B0, self.seconds
-        out = []
-        for b in self.sizes:
-            s = secs.get(b, math.inf)  # unmeasured: 0
-            eff = 1.0 if math.isinf(phi) else (phi + B0) / (phi + b)
-            out.append(b / s * eff)
-        return out
+    def _goodputs(self, phi: float, sizes: list | None = None) -> dict:
+        """{b: goodput} of ``sizes`` (default: every candidate): examples per second times the
+        statistical efficiency (phi + B0) / (phi + b) (:func:`minigd.gradstats.goodput`,
+        without its argument checks, in plain floats: this runs at every decision).  An
+        unmeasured size has goodput 0."""
+        B0, secs, inf = self.B0, self.seconds, math.isinf(phi)
+        return {
+            b: b / secs.get(b, math.inf) * (1.0 if inf else (phi + B0) / (phi + b))
+            for b in (self.sizes if sizes is None else sizes)
+        }
 
     def _factor(self, B: int) -> tuple:
         """(learning-rate factor, AdaScale gain) for batch size B at the current noise."""
@@ -430,10 +429,7 @@ class Controller:
         near = self._reachable(self.B)
         if self._probe is not None:  # measured throughput: sizes now in reach for the first time
             self._probe_sizes(near)
-        # goodput (examples per second times the statistical efficiency (phi + B0) / (phi + B),
-        # as _goodputs) of the sizes in reach only: one decision moves by at most max_step
-        secs, B0, inf = self.seconds, self.B0, math.isinf(phi)
-        gp = {b: b / secs.get(b, math.inf) * (1.0 if inf else (phi + B0) / (phi + b)) for b in near}
+        gp = self._goodputs(phi, near)  # the sizes in reach only: one decision moves by at most max_step
         best = max(near, key=gp.__getitem__)  # the first of equal goodputs
         cur = self.B
         new = cur
