@@ -649,20 +649,25 @@ def summarize(p: Problem, res: dict, seeds) -> dict:
             row[metric] = _median(v)
             row[f"{metric}_ci"] = _boot(v)
             best = out[f"best_{base}"]
-            if best is None:
-                continue
-            bf = next(f for f in fixed if f["B"] == best["B"])
-            ref = bf[f"per_seed_{base}"]
-            row[f"{metric}_ratio"] = row[metric] / best["value"]
-            row[f"{metric}_ratio_ci"] = _boot(v, ref)
-            row[f"{metric}_wins"] = sum(x < y for x, y in zip(v, ref))
-            row[f"{metric}_vs_median_fixed"] = row[metric] / out[f"median_fixed_{base}"]
+            if best is not None:
+                ref = next(f for f in fixed if f["B"] == best["B"])[f"per_seed_{base}"]
+                _compare(row, metric, v, ref, best["value"], out[f"median_fixed_{base}"])
         _held_row(row, res["held"], name, out)
         row["final_B"] = [int(by[s]["decisions"][-1]["batch_size"]) if by[s]["decisions"] else BASE_B for s in seeds]
         row["time_by_B"] = [by[s]["time_by_B"] for s in seeds]
         row["throughput_tables"] = [by[s]["throughput_table"] for s in seeds]
         out["adaptive"].append(row)
     return out
+
+
+def _compare(row: dict, key: str, v: list, ref: list, best: float, median_fixed: float) -> None:
+    """An adaptive arm's per-seed times ``v`` (median in ``row[key]``) against the best fixed
+    B's per-seed times ``ref`` (median ``best``) on the same seeds: ratio with its paired
+    bootstrap interval, wins, and the ratio to the median fixed B."""
+    row[f"{key}_ratio"] = row[key] / best
+    row[f"{key}_ratio_ci"] = _boot(v, ref)
+    row[f"{key}_wins"] = sum(x < y for x, y in zip(v, ref))
+    row[f"{key}_vs_median_fixed"] = row[key] / median_fixed
 
 
 def _held_fixed(out: dict, held: dict) -> None:
@@ -690,13 +695,8 @@ def _held_row(row: dict, held: dict, name: str, out: dict) -> None:
     for metric, (base, extra) in METRICS.items():
         v = [by[s][base] + sum(by[s][e] for e in extra) for s in hs]
         row[f"held_{metric}"] = _median(v)
-        if hb is None:
-            continue
-        ref = hb[f"per_seed_{base}"]
-        row[f"held_{metric}_ratio"] = row[f"held_{metric}"] / hb[base]
-        row[f"held_{metric}_ratio_ci"] = _boot(v, ref)
-        row[f"held_{metric}_wins"] = sum(x < y for x, y in zip(v, ref))
-        row[f"held_{metric}_vs_median_fixed"] = row[f"held_{metric}"] / out["held_median_fixed"][base]
+        if hb is not None:
+            _compare(row, f"held_{metric}", v, hb[f"per_seed_{base}"], hb[base], out["held_median_fixed"][base])
     row["held_final_B"] = [int(by[s]["decisions"][-1]["batch_size"]) if by[s]["decisions"] else BASE_B for s in hs]
 
 
