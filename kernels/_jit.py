@@ -6,7 +6,12 @@
 * ``cache=True`` writes compiled machine code next to the source (``__pycache__``) or to
   ``NUMBA_CACHE_DIR``.  Numba invalidates a cached function only when *its own* file
   changes, not when a kernel it calls from another file does; so the cache stamp of every
-  minigd kernel is widened to cover all ``kernels/*.py`` sources (:func:`_sources_stamp`).  When no cache location is writable, numba refuses ``cache=True``
+  minigd kernel is *replaced* by a digest of the contents of all ``kernels/*.py`` sources
+  (:func:`_sources_stamp`: names relative to the package, bytes, and NumPy's version), with
+  no modification time and no absolute path in it.  A cache filled in one copy of the
+  package is then valid in any other copy with the same sources: the wheel ships the one
+  its build filled (``setup.py``), and pip's copying (new mtimes, a new directory) does not
+  invalidate it.  When no cache location is writable, numba refuses ``cache=True``
   at decoration time (numba issue #5566); we then warn once and compile without a cache
   instead of failing at import.  Numba itself tries the package's ``__pycache__`` first and
   falls back to a user-wide directory (``$XDG_CACHE_HOME/numba`` or ``~/.cache/numba``)
@@ -69,26 +74,46 @@ def cache_dirs() -> list[str]:
 
 
 def _sources_stamp() -> str:
-    """A digest of every kernel source file (name, size, mtime)."""
+    """A digest of the kernel sources' contents: every ``*.py`` file under ``kernels/`` (as
+    installed: ``minigd/kernels/``), by its name relative to that directory and its bytes,
+    plus NumPy's major.minor version.
+
+    No modification time and no absolute path: pip copies the files (new mtimes, another
+    directory), and the cache the wheel's build filled must stay valid after that.  NumPy's
+    version is in because numba's cache does not key on it, and a shipped cache crosses
+    environments (numba's own version, the Python version and the CPU are in numba's keys
+    already: a mismatch of any of them is a cache miss, and the kernel compiles)."""
+    import numpy as np
+
     h = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
     for path in sorted(glob.glob(os.path.join(here, "**", "*.py"), recursive=True)):
-        st = os.stat(path)
-        h.update(f"{os.path.relpath(path, here)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+        rel = os.path.relpath(path, here).replace(os.sep, "/")
+        with open(path, "rb") as f:
+            data = f.read()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    h.update(("numpy " + ".".join(np.__version__.split(".")[:2])).encode())
+    return "minigd-sources-sha256:" + h.hexdigest()
 
 
 _STAMP = _sources_stamp()
+#: whether the stamp could be replaced (False: numba's internals changed shape, and numba's
+#: own per-file stamp is in use: a shipped cache may then not load, and kernels compile)
+stamp_replaced = False
 
 
 def _widen_stamp(dispatcher):
-    """Make the on-disk cache entry depend on all kernel sources (numba internals; if
-    they change shape we keep numba's default per-file stamp)."""
-    try:
-        cf = dispatcher._cache._cache_file
-        cf._source_stamp = (cf._source_stamp, _STAMP)
-    except AttributeError:  # pragma: no cover - depends on numba internals
-        pass
+    """Make the on-disk cache entry depend on all kernel sources' contents, and on nothing
+    path- or time-dependent: numba's per-file stamp (a hash of the function's file in recent
+    numba, its (mtime, size) in older ones) is replaced by :data:`_STAMP`.  Numba internals: if they
+    change shape, numba's default stamp stays and things just compile when it does not
+    match."""
+    global stamp_replaced
+    cf = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if cf is not None and hasattr(cf, "_source_stamp"):
+        cf._source_stamp = _STAMP
+        stamp_replaced = True
     return dispatcher
 
 

@@ -296,18 +296,23 @@ print(json.dumps({"where": where(), "dirs": _jit.cache_dirs(), "status": _jit.ca
 """
 
 
-def _readonly_copy(tmp_path):
-    """The package copied to tmp_path/site (kernels as minigd/kernels, as installed), with a
-    tiny cached kernel added and a *file* where the kernels' ``__pycache__`` would go: the
-    package directory cannot take numba's cache (even for root, whom permissions do not
-    stop)."""
+def _copy_package(site):
+    """The package copied to ``site`` as pip installs it (kernels as minigd/kernels), without
+    any ``__pycache__``."""
     import shutil
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    site = tmp_path / "site"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(os.path.join(root, "minigd"), site / "minigd", ignore=ignore)
     shutil.copytree(os.path.join(root, "kernels"), site / "minigd" / "kernels", ignore=ignore)
+    return site
+
+
+def _readonly_copy(tmp_path):
+    """The package copied to tmp_path/site, with a tiny cached kernel added and a *file*
+    where the kernels' ``__pycache__`` would go: the package directory cannot take numba's
+    cache (even for root, whom permissions do not stop)."""
+    site = _copy_package(tmp_path / "site")
     (site / "minigd" / "kernels" / "_probe_kernel.py").write_text(_PROBE_KERNEL)
     (site / "minigd" / "kernels" / "__pycache__").write_text("not a directory")
     return site
@@ -389,3 +394,56 @@ def test_a_run_that_evaluates_warms_its_evaluation_up_front(monkeypatch, n_val, 
     untimed = lambda h: [{k: v for k, v in e.items() if k != "time"} for e in h.evals]  # noqa: E731
     assert untimed(hist) == untimed(ref)
     np.testing.assert_array_equal(m.params, ref_m.params)
+
+
+_RELOCATE = """
+import json, sys
+import numpy as np
+import minigd as mg
+from minigd.kernels import _jit, cpu_stats as KS
+n0 = _jit.compile_count()
+KS.sum64(np.zeros(3))  # a small kernel in another file than the one edited below
+if sys.argv[1] == "fit":
+    X = np.ones((16, 3), np.float32)
+    mg.fit(mg.MLP([3, 4, 2], seed=0), X, np.arange(16) % 2, batch_size=8, steps=2, optimizer=mg.SGD(lr=0.1))
+print(json.dumps({"compiled": _jit.compile_count() - n0, "replaced": _jit.stamp_replaced,
+                  "dirs": _jit.cache_dirs(), "file": mg.__file__}))
+"""
+
+
+def _run_relocate(site, what, **env_extra):
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1", **env_extra)
+    for k in ("NUMBA_CACHE_DIR", "MINIGD_NO_CACHE"):
+        env.pop(k, None)
+    out = subprocess.run(
+        [sys.executable, "-c", _RELOCATE, what], env=env, capture_output=True, text=True, timeout=600, cwd=str(site)
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["file"] == str(site / "minigd" / "__init__.py") and got["replaced"], got
+    assert got["dirs"] == [str(site / "minigd" / "kernels" / "__pycache__")], got
+    return got
+
+
+def test_a_cache_filled_in_one_copy_loads_in_another(tmp_path):
+    """What the wheel relies on (setup.py fills the cache in its build directory, pip copies
+    the files elsewhere): the cache stamp is the kernel sources' contents, not their paths
+    or modification times.  A cache filled by a small fit in one copy of the package, moved
+    to a copy in another directory whose files all have other mtimes, loads there: the same
+    fit compiles nothing.  Editing a kernel source (its content) invalidates every kernel,
+    those of other files included; another CPU (numba's key: CPU name and features) is a
+    cache miss that just compiles."""
+    import shutil
+
+    a, b = _copy_package(tmp_path / "a" / "site"), _copy_package(tmp_path / "b" / "site")
+    for root, _, files in os.walk(b):
+        for f in files:
+            os.utime(os.path.join(root, f), ns=(10**18, 10**18))  # 2001: none like a's
+    assert _run_relocate(a, "fit")["compiled"] > 0  # an empty cache
+    shutil.copytree(a / "minigd" / "kernels" / "__pycache__", b / "minigd" / "kernels" / "__pycache__")
+    assert _run_relocate(b, "fit")["compiled"] == 0
+    assert _run_relocate(b, "probe", NUMBA_CPU_NAME="generic")["compiled"] == 1  # another CPU: compiles
+    assert _run_relocate(b, "probe")["compiled"] == 0
+    codes = b / "minigd" / "kernels" / "codes.py"
+    codes.write_bytes(codes.read_bytes() + b"\n# edited\n")
+    assert _run_relocate(b, "probe")["compiled"] == 1  # sum64 lives in cpu_stats.py
