@@ -522,6 +522,7 @@ def run_problem(p: Problem, seeds, quick: bool, rng) -> dict:
     lr0 = sweep.lr(BASE_B, b32[0]) if b32 is not None and b32[1] < INF else sweep.lr(BASE_B, 1.0)
     arms = {f"adaptive {r}": {"kind": "adaptive", "rule": r, "lr": lr0} for r in RULES}
     arms["adaptive adascale, flops model"] = {"kind": "adaptive", "rule": "adascale", "lr": lr0, "throughput": "flops"}
+    arms["adaptive adascale, probe"] = {"kind": "adaptive", "rule": "adascale", "lr": lr0, "throughput": "probe"}
     if quick:
         arms = {k: v for k, v in arms.items() if k in ("adaptive adascale", "adaptive adascale, flops model")}
     adaptive = {k: {"arm": a, "runs": []} for k, a in arms.items()}
@@ -1001,6 +1002,7 @@ def plot(summ: list, res: dict, path: str, seed) -> bool:
         "adaptive sqrt": "C1",
         "adaptive linear": "C2",
         "adaptive adascale, flops model": "C3",
+        "adaptive adascale, probe": "C4",
     }
     for j, s in enumerate(summ):
         ax, ax2 = axes[0, j], axes[1, j]

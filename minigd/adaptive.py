@@ -11,14 +11,18 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   norm, where no example has a gradient of its own, the tracked step instead compares the
   squared norm of its gradient with that of its first half (the two-batch estimator,
   McCandlish et al. Appendix A.1), at the cost of one extra half-batch gradient;
-* **the step time per batch size** on this machine: the real steps' (the median of the
-  mean step time of each size's last five runs of steps), and for a size not trained at
-  yet, a probe when a decision first can reach it -- one warm-up and the best of three
-  steps on scratch copies of the parameters and optimizer state (training is not
-  touched), on random rows as training gathers them, offset by the difference between
-  real and probed times at the size trained at; nothing is timed before training, so a
-  run that ends before its first decision pays for no probe.  Or given (``throughput=``:
-  a table, or the "flops" cost model).
+* **the step time per batch size** on this machine, from the real steps (the median of
+  the mean step time of each size's last five runs of steps).  A size not trained at yet
+  is predicted from the nearest size that was, by the shape of the cost model (step time
+  ~ 64 rows + B), and tried for real when it would win (or come within ``explore`` of
+  winning): its real steps then replace the prediction, and a size that proves slower is
+  left at the next decision.  Nothing is timed outside training, so the controller costs
+  no probe steps (on digits the probe cost a third of the training time to target:
+  bench/results/adaptive.md).  Or ``throughput="probe"``: a size not trained at is timed
+  when a decision first can reach it -- one warm-up and the best of three steps on scratch
+  copies of the parameters and optimizer state (training is not touched), on random rows
+  as training gathers them, offset by the difference between real and probed times at the
+  size trained at.  Or given (``throughput=``: a table, or the "flops" cost model).
 
 Every ``every`` steps it moves to the candidate batch size with the largest goodput
 (examples per second times statistical efficiency, :func:`~minigd.gradstats.goodput`),
@@ -106,16 +110,17 @@ class AdaptiveBatchSize:
         an infinite noise scale) then moves the batch size one step, not to ``max``; a
         sustained one keeps moving it.  None: straight to the goodput maximum.
     explore : float
-        A size in reach whose step time comes from the probe only (never trained at) is
-        tried for one decision period when it would win with its probed time ``1 +
-        explore`` times shorter (default 0.3: one probe on a busy machine was measured up
-        to ~30% off, and a neighbour timed too slow would otherwise never be corrected).
-        Each size is tried so at most once; 0: never.  Only with measured throughput.
-    throughput : None, "flops" or dict
-        None: measure the step times (module doc).  "flops": a
-        deterministic cost model, step time proportional to ``overhead + B``, with the
-        overhead equal to one row's FLOPs times 64 (no clock read).  A dict ``{B: seconds
-        per step}`` for every candidate: used as given.
+        A size in reach never trained at (its step time predicted, or probed) is tried for
+        one decision period when it would win with that time ``1 + explore`` times shorter
+        (default 0.3: one probe on a busy machine was measured up to ~30% off, and a
+        neighbour timed too slow would otherwise never be corrected).  Each size is tried
+        so at most once; 0: never.  Only with measured (None) or probed throughput.
+    throughput : None, "probe", "flops" or dict
+        None: the real steps' times, the sizes not trained at predicted (module doc).
+        "probe": the same, the sizes not trained at timed by a probe when first in reach.
+        "flops": a deterministic cost model, step time proportional to ``overhead + B``,
+        with the overhead equal to one row's FLOPs times 64 (no clock read).  A dict
+        ``{B: seconds per step}`` for every candidate: used as given.
     """
 
     def __init__(
@@ -172,9 +177,16 @@ class AdaptiveBatchSize:
                 raise ValueError(f"max_step: expected None or a finite number > 1, got {max_step!r}")
             max_step = float(max_step)
         self.max_step = max_step
-        if throughput is not None and throughput != "flops" and not isinstance(throughput, dict):
+        if isinstance(throughput, str):
+            if throughput not in ("flops", "probe"):
+                raise ValueError(
+                    f"throughput: expected None, 'flops', 'probe' or a dict {{batch size: seconds per step}}, "
+                    f"got {throughput!r}"
+                )
+        elif throughput is not None and not isinstance(throughput, dict):
             raise TypeError(
-                f"throughput: expected None, 'flops' or a dict {{batch size: seconds per step}}, got {_got(throughput)}"
+                f"throughput: expected None, 'flops', 'probe' or a dict {{batch size: seconds per step}}, "
+                f"got {_got(throughput)}"
             )
         if isinstance(throughput, dict):
             for k, v in throughput.items():
@@ -240,6 +252,10 @@ class AdaptiveBatchSize:
 
 #: real runs of steps whose median gives a measured size's step time
 RECENT = 5
+#: the cost model's fixed part of a step, in rows: step time ~ (FLOPS_OVERHEAD_ROWS + B)
+#: (``throughput="flops"``, and the shape that predicts a size not trained at yet from one
+#: that was, with measured throughput)
+FLOPS_OVERHEAD_ROWS = 64
 
 
 def _median(xs: list) -> float:
@@ -281,17 +297,20 @@ class Controller:
     # -- throughput --------------------------------------------------------------------------
     def measure(self, model, X, yi, yf, opt_state) -> None:
         """The step times (see the module doc): a given table or the "flops" model whole.
-        Measured, nothing is timed here: this sets up the probe, which a decision runs for
-        the sizes it can reach that have no time yet (with ``max_step``, the neighbours;
-        every candidate without it) -- so a run that ends before its first decision pays
-        for no probe, and the starting size's time comes from its real steps."""
+        Measured (None), nothing: the real steps give them.  Probed, nothing is timed here
+        either: this sets up the probe, which a decision runs for the sizes it can reach
+        that have no time yet (with ``max_step``, the neighbours; every candidate without
+        it) -- so a run that ends before its first decision pays for no probe, and the
+        starting size's time comes from its real steps."""
         spec = self.spec
         if isinstance(spec.throughput, dict):
             self.seconds = {b: spec.throughput[b] for b in self.sizes}
             return
         if spec.throughput == "flops":
             per_row = sum(a * b for a, b in zip(model.sizes[:-1], model.sizes[1:]))
-            self.seconds = {b: (64 + b) * per_row * 6e-10 for b in self.sizes}
+            self.seconds = {b: (FLOPS_OVERHEAD_ROWS + b) * per_row * 6e-10 for b in self.sizes}
+            return
+        if spec.throughput is None:  # real steps only: the sizes not trained at are predicted
             return
         rng = np.random.default_rng(12345)  # the probe's own: training draws nothing here
         self._probe = {
@@ -313,6 +332,20 @@ class Controller:
             near = [b for b in self.sizes if f is None or B / f / (1 + 1e-12) <= b <= B * f * (1 + 1e-12)]
             self._near[B] = near
         return near
+
+    def _predict(self, sizes) -> None:
+        """The step time of each of ``sizes`` not trained at yet, predicted from the trained
+        size nearest to it (in log scale; the smaller of two equally near): that size's real
+        step time scaled by the cost model's shape, ``(FLOPS_OVERHEAD_ROWS + b) /
+        (FLOPS_OVERHEAD_ROWS + m)``.  Replaced by the real steps' time once the size is
+        trained at (:meth:`observe_time`)."""
+        seen = [b for b in self.sizes if self._observed.get(b)]
+        if not seen:
+            return
+        for b in sizes:
+            if not self._observed.get(b):
+                m = min(seen, key=lambda m: (abs(math.log(b / m)), m))
+                self.seconds[b] = self.seconds[m] * (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m)
 
     def _probe_sizes(self, sizes) -> None:
         """Time one step of each of ``sizes`` not measured yet (and of the size trained at,
@@ -376,7 +409,7 @@ class Controller:
         step time of its last :data:`RECENT` runs of steps (the first real run replaces the
         probe's value; a median, so one run slowed by another process moves nothing).  Not
         with a given table or "flops"."""
-        if self.spec.throughput is not None or not seconds_per_step > 0:
+        if self.spec.throughput not in (None, "probe") or not seconds_per_step > 0:
             return
         recent = self._recent.setdefault(B, [])
         recent.append(float(seconds_per_step))
@@ -427,8 +460,10 @@ class Controller:
         if not self.tracker.n_updates or not (phi >= 0):  # nothing measured, or NaN
             return None
         near = self._reachable(self.B)
-        if self._probe is not None:  # measured throughput: sizes now in reach for the first time
+        if self._probe is not None:  # probed throughput: sizes now in reach for the first time
             self._probe_sizes(near)
+        elif self.spec.throughput is None:  # real steps: the sizes in reach not trained at, predicted
+            self._predict(near)
         gp = self._goodputs(phi, near)  # the sizes in reach only: one decision moves by at most max_step
         best = max(near, key=gp.__getitem__)  # the first of equal goodputs
         cur = self.B
@@ -443,7 +478,7 @@ class Controller:
                 )
             else:
                 reason = f"keep: B={best} is better by less than min_gain={self.spec.min_gain:g}"
-        if new == cur and self._probe is not None and self.spec.explore > 0:
+        if new == cur and self.spec.throughput in (None, "probe") and self.spec.explore > 0:
             new, why = self._explore(near, gp, cur, phi)
             reason = why or reason
         self.B = new
@@ -469,9 +504,11 @@ class Controller:
         for b in sorted(near, key=lambda b: (abs(math.log(b / cur)), b)):
             if b != cur and not self._observed.get(b) and b not in self.explored and gp[b] * f > bar:
                 self.explored.append(b)
+                how = "timed by the probe" if self._probe is not None else "predicted"
                 return b, (
-                    f"explore: B={b} is timed by the probe only; its goodput {gp[b]:.4g} vs {gp[cur]:.4g} at "
-                    f"B={cur} is within the probe's error (explore={self.spec.explore:g}; noise scale {phi:.4g})"
+                    f"explore: B={b} is not trained at yet (its step time is {how}); its goodput {gp[b]:.4g} vs "
+                    f"{gp[cur]:.4g} at B={cur} is within that time's error (explore={self.spec.explore:g}; "
+                    f"noise scale {phi:.4g})"
                 )
         return cur, None
 

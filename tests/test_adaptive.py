@@ -59,7 +59,8 @@ def _fit(spec=None, backend="cpu", dtype="float64", model_kw=None, **kw):
         (dict(track_every=30, every=20), ValueError, "track_every"),
         (dict(noise_beta=1.0), ValueError, "noise_beta"),
         (dict(min_gain=-0.1), ValueError, "min_gain"),
-        (dict(throughput="fast"), TypeError, "throughput"),
+        (dict(throughput="fast"), ValueError, "throughput"),
+        (dict(throughput=3), TypeError, "throughput"),
         (dict(throughput={8: -1.0}), ValueError, "throughput"),
         (dict(candidates="8,16"), TypeError, "candidates"),
         (dict(max_step=1.0), ValueError, "max_step"),
@@ -403,8 +404,8 @@ def test_tracked_steps_inside_runs_match_tracked_steps_alone():
     assert out[0][1] == out[1][1]
 
 
-def test_measured_throughput_probes_only_the_sizes_in_reach(monkeypatch):
-    """With max_step=2 nothing is timed before training; the first decision times the
+def test_probed_throughput_probes_only_the_sizes_in_reach(monkeypatch):
+    """throughput="probe", max_step=2: nothing is timed before training; the first decision times the
     starting size's neighbour (and the starting size once, for the probe's offset to its
     real steps), and a further size only when a decision first can reach it; the largest
     candidates of a short run are never timed, and a run that ends before its first
@@ -419,7 +420,8 @@ def test_measured_throughput_probes_only_the_sizes_in_reach(monkeypatch):
     monkeypatch.setattr(Controller, "_time_sizes", spy)
     X, y = _data()
     m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
-    h = mg.fit(m, X, y, batch_size=AdaptiveBatchSize(min=8, max=128, every=10, track_every=2), steps=20, seed=3)
+    bs = AdaptiveBatchSize(min=8, max=128, every=10, track_every=2, throughput="probe")
+    h = mg.fit(m, X, y, batch_size=bs, steps=20, seed=3)
     assert probed[0] == [8, 16]
     assert 128 not in {b for p in probed for b in p}
     assert h.adaptive[0]["step"] == 10  # the first probe ran at the first decision
@@ -429,9 +431,34 @@ def test_measured_throughput_probes_only_the_sizes_in_reach(monkeypatch):
         def on_step(self, model, step, loss):
             return step >= 5
 
-    bs = AdaptiveBatchSize(min=8, max=128, every=10, track_every=2)
     h = mg.fit(m, X, y, batch_size=bs, steps=20, seed=3, callbacks=[StopAt5()])
     assert h.n_steps == 5 and probed == [] and not h.adaptive
+
+
+def test_measured_throughput_times_only_real_steps_and_predicts_the_rest(monkeypatch):
+    """The default (throughput=None) times nothing but the real steps: a size in reach that was
+    not trained at is predicted from the nearest trained size by the cost model's shape, and
+    its real steps replace the prediction once it is trained at."""
+    from minigd.adaptive import FLOPS_OVERHEAD_ROWS as K
+
+    monkeypatch.setattr(Controller, "_time_sizes", lambda self, todo: pytest.fail("the default must not probe"))
+    X, y = _data()
+    m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
+    h = mg.fit(m, X, y, batch_size=AdaptiveBatchSize(min=8, max=128, every=10, track_every=2), steps=60, seed=3)
+    chosen = [d["batch_size"] for d in h.adaptive]
+    assert set(chosen) <= {8, 16, 32, 64, 128} and max(chosen) > 8  # it moved, on predicted and real times
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c.observe_time(8, 1e-4)
+    for step in range(4):
+        c.tracker.update(step, 8, 8 * 1.0 + 8 * 1.0, 1.0)  # a small noise scale: 8 stays best
+    c.decide(10)
+    assert c.seconds[16] == pytest.approx(1e-4 * (K + 16) / (K + 8)) and 32 not in c.seconds  # in reach only
+    assert not c._observed.get(16) and c._probed == {}
+    c.observe_time(16, 5e-4)  # trained at: its real time, whatever the prediction said
+    c.B = 16
+    c.decide(20)
+    assert c.seconds[16] == 5e-4 and c.seconds[32] == pytest.approx(5e-4 * (K + 32) / (K + 16))
+    assert c.seconds[8] == 1e-4  # (8 keeps its own real time)
 
 
 def test_real_step_times_calibrate_the_sizes_only_probed():
@@ -499,8 +526,10 @@ def test_resume_refuses_a_crafted_step_time_window(recent):
 def _probed_controller(explore=0.3):
     """At B=8 with real step times; 16 known from the probe only, 20% slower per example than
     8 -- a probe on a busy machine (the true 16 is faster)."""
-    c = Controller(AdaptiveBatchSize(min=8, max=32, explore=explore), [8, 16, 32], N, replacement=False)
-    c._probe = {}  # (measured throughput; every size in reach is already timed below)
+    c = Controller(
+        AdaptiveBatchSize(min=8, max=32, explore=explore, throughput="probe"), [8, 16, 32], N, replacement=False
+    )
+    c._probe = {}  # (probed throughput; every size in reach is already timed below)
     c._probed = {8: 1e-4, 16: 2.4e-4, 32: 9e-4}
     c.seconds = dict(c._probed)
     c.observe_time(8, 1e-4)
@@ -526,6 +555,7 @@ def test_explore_zero_and_given_tables_never_explore():
     c = _probed_controller(explore=0.0)
     assert c.decide(40)["batch_size"] == 8 and c.explored == []
     c = _probed_controller()
+    c.spec = AdaptiveBatchSize(min=8, max=32, throughput=dict(c.seconds) | {32: 9e-4})
     c._probe = None  # a given table: the times are the user's, nothing to correct
     assert c.decide(40)["batch_size"] == 8 and c.explored == []
 

@@ -561,8 +561,8 @@ def answer_adaptive(arch) -> str:
     )
     if setup is not None:
         s += (
-            f". Of its time, {_dur(setup)} is the one-time set-up (warming every candidate batch size and "
-            f"the first decision's probe of the step times in reach) that a fixed batch size does not pay"
+            f". Of its time, {_dur(setup)} is the one-time set-up (warming every candidate batch size, and "
+            f"what its first decision costs) that a fixed batch size does not pay"
         )
         if loop.get("value") is not None:
             s += f"; without it, {_ratio(loop['value'])}{_iv(loop, _ratio)}"

@@ -27,10 +27,13 @@ The adaptive arm (``batch_size="adaptive"`` trials) gets two more kinds of entry
   settings, timed as above -- one entry per batch size the adaptive trials ran at;
 * ``"setup"``: the adaptive run's one-time cost: the wall time of ``fit`` with the trial's
   settings up to and including its first decision (the warm-up of every candidate batch
-  size, and the probe of the sizes that decision can reach: the controller times nothing
-  before training), minus the same for a run held at the starting size (the ``"step"``
-  settings), per round.  The probes of sizes a later decision first reaches (one warm-up
-  and three steps each) are not in it: a run that grows far pays a little more.
+  size, and the decision itself; with ``throughput="probe"`` also the probe of the sizes
+  that decision can reach), minus the same for a run held at the starting size (the
+  ``"step"`` settings), per round.  By default the controller times nothing outside
+  training (a size it has not trained at is predicted, then tried for real), so nothing
+  later is left out; with ``throughput="probe"`` the probes of sizes a later decision
+  first reaches (one warm-up and three steps each) are, and a run that grows far pays a
+  little more.
 """
 
 from __future__ import annotations
