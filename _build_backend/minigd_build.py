@@ -59,9 +59,14 @@ def get_requires_for_build_wheel(config_settings=None):
 
 
 _PASS = """
-import sys
+import os, sys
 if sys.argv[1] == "no-scipy":  # what an install without SciPy runs: the Python-driven BLAS regime
     sys.modules["scipy"] = None
+import minigd.kernels
+here = os.path.realpath(os.getcwd()) + os.sep
+for mod in (minigd, minigd.kernels):  # not an installed minigd (an editable one, say)
+    if not os.path.realpath(mod.__file__).startswith(here):
+        sys.exit(f"imported {mod.__name__} from {mod.__file__}, not from the build directory {here}")
 from minigd.cli import main
 sys.exit(main(["warmup", "--dtypes", sys.argv[2]]))
 """

@@ -447,3 +447,129 @@ def test_a_cache_filled_in_one_copy_loads_in_another(tmp_path):
     codes = b / "minigd" / "kernels" / "codes.py"
     codes.write_bytes(codes.read_bytes() + b"\n# edited\n")
     assert _run_relocate(b, "probe")["compiled"] == 1  # sum64 lives in cpu_stats.py
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build_backend():
+    """The build backend (``_build_backend/minigd_build.py``) as a module; it needs setuptools."""
+    import importlib.util
+
+    pytest.importorskip("setuptools")
+    path = os.path.join(_ROOT, "_build_backend", "minigd_build.py")
+    spec = importlib.util.spec_from_file_location("_minigd_build_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_warmup_setting(monkeypatch):
+    """MINIGD_BUILD_WARMUP: unset -> float32; 0 (or no/off/false) -> skipped, and the wheel's
+    build does not ask for numpy/numba/SciPy; a list -> those dtypes."""
+    mb = _build_backend()
+    monkeypatch.delenv("MINIGD_BUILD_WARMUP", raising=False)
+    assert mb._dtypes() == ["float32"]
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv("MINIGD_BUILD_WARMUP", off)
+        assert mb._dtypes() == []
+    monkeypatch.setenv("MINIGD_BUILD_WARMUP", "float32, float64")
+    assert mb._dtypes() == ["float32", "float64"]
+    assert {r.split(">")[0] for r in mb.WARMUP_REQUIRES} == {"numpy", "numba", "scipy"}
+
+
+@pytest.mark.parametrize("case", ["no-package", "bad-dtype"])
+def test_a_failed_build_warmup_never_fails_the_build(tmp_path, capsys, case):
+    """The warm-up of the wheel's build (``warm_build_lib``) that cannot run -- the package is
+    not where it should be, or the warm-up itself fails -- says so and returns 0 (no cache
+    written) instead of raising: the wheel is then built without the cache."""
+    mb = _build_backend()
+    build_lib = tmp_path / "build_lib"
+    build_lib.mkdir()
+    if case == "bad-dtype":
+        _copy_package(build_lib)
+    n = mb.warm_build_lib(str(build_lib), ["float16"] if case == "bad-dtype" else ["float32"], timeout=300)
+    out = capsys.readouterr().out
+    assert n == 0
+    assert "failed (exit" in out and "building WITHOUT compiled kernels" in out, out
+    if case == "bad-dtype":
+        assert "float16" in out  # the warm-up's own error, passed on
+    assert not (build_lib / "minigd" / "kernels" / "__pycache__").exists()
+
+
+_WHEEL_FIT = """
+import json
+import numpy as np
+import minigd as mg
+from minigd.kernels import _jit
+X = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+y = np.arange(256) % 10
+n0 = _jit.compile_count()
+for B in (1, 32, 256):
+    mg.fit(mg.MLP([64, 128, 10]), X, y, batch_size=B, steps=3)
+print(json.dumps({"compiled": _jit.compile_count() - n0, "file": mg.__file__, "dirs": _jit.cache_dirs()}))
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MINIGD_TEST_WHEEL"),
+    reason="builds a wheel with its kernel warm-up (~1-2 min of compiling); set MINIGD_TEST_WHEEL=1 to run it",
+)
+def test_the_wheel_ships_the_compiled_kernels(tmp_path):
+    """``pip wheel`` of the project (here without build isolation: this environment's numba,
+    so that the shipped cache's keys match it; no network) holds numba's cache of the
+    kernels, for both BLAS regimes; unpacked elsewhere (a wheel is installed by unpacking)
+    the first fits of B = 1, 32, 256 compile nothing, with SciPy and without."""
+    import shutil
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    for name in ("minigd", "kernels", "_build_backend"):
+        shutil.copytree(os.path.join(_ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(_ROOT, name), src / name)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "MINIGD_NO_CACHE", "MINIGD_BUILD_WARMUP")
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-v",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "wh"),
+            ".",
+        ],
+        cwd=str(src),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    log = out.stdout + out.stderr  # pip passes the backend's output on (on stderr)
+    assert out.returncode == 0, log[-3000:]
+    assert "compiled kernels in the wheel" in log, log[-3000:]
+    (whl,) = (tmp_path / "wh").glob("minigd-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    cached = {n.split("/")[-1].split("-")[0] for n in names if n.startswith("minigd/kernels/__pycache__/")}
+    # the compiled BLAS regime's step (SciPy present), the loops', the Python-driven regime's epilogues (without)
+    assert {"cpu.train_step_blas", "cpu.train_step_loops", "cpu.bias_act_forward", "cpu.gather_rows"} <= cached
+    assert not [n for n in names if n.endswith(".pyc")]
+    site = tmp_path / "site"
+    zipfile.ZipFile(whl).extractall(site)
+    for hide_scipy in (False, True):
+        code = ("import sys; sys.modules['scipy'] = None\n" if hide_scipy else "") + _WHEEL_FIT
+        env["PYTHONPATH"] = str(site)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path)
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["file"] == str(site / "minigd" / "__init__.py")
+        assert got["dirs"] == [str(site / "minigd" / "kernels" / "__pycache__")]
+        assert got["compiled"] == 0, (hide_scipy, out.stderr[-2000:])
