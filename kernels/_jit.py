@@ -10,12 +10,14 @@
   (:func:`_sources_stamp`: names relative to the package, bytes, and NumPy's version), with
   no modification time and no absolute path in it.  A cache filled in one copy of the
   package is then valid in any other copy with the same sources: the wheel ships the one
-  its build filled (``setup.py``), and pip's copying (new mtimes, a new directory) does not
+  its build filled (``_build_backend/minigd_build.py``), and pip's copying (new mtimes, a new directory) does not
   invalidate it.  When no cache location is writable, numba refuses ``cache=True``
   at decoration time (numba issue #5566); we then warn once and compile without a cache
   instead of failing at import.  Numba itself tries the package's ``__pycache__`` first and
   falls back to a user-wide directory (``$XDG_CACHE_HOME/numba`` or ``~/.cache/numba``)
-  when that is not writable: :func:`cache_dirs` says where the kernels went.
+  when that is not writable: :func:`cache_dirs` says where the kernels went.  The entries a
+  wheel shipped in the package's ``__pycache__`` are then copied there first
+  (:func:`_seed_from_shipped`), so that a read-only install still loads them.
 * :func:`compile_count` counts numba's compilations in this process (cache misses: a kernel
   loaded from the cache is not one), so that the "compiling kernels" notice and ``minigd
   warmup`` say what really happened.
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import inspect
 import os
+import shutil
 import warnings
 
 import numba
@@ -117,6 +121,34 @@ def _widen_stamp(dispatcher):
     return dispatcher
 
 
+def _seed_from_shipped(dispatcher) -> None:
+    """Where numba caches in its user-wide directory (the package's ``__pycache__`` is not
+    writable: a system-wide install, a container image run as another user), copy the
+    entries the wheel shipped in ``__pycache__`` there first, unless that directory already
+    holds a valid index of the kernel: numba would otherwise never read the shipped cache
+    and compile instead.  Not done for ``NUMBA_CACHE_DIR`` (an explicit choice, e.g. for
+    an empty cache).  Best effort, numba internals: any failure leaves numba to compile."""
+    try:
+        from numba.core.caching import UserWideCacheLocator
+
+        cache = dispatcher._cache
+        if not isinstance(cache._impl.locator, UserWideCacheLocator):
+            return
+        cf = cache._cache_file
+        shipped = os.path.join(os.path.dirname(os.path.abspath(inspect.getfile(dispatcher.py_func))), "__pycache__")
+        index = cf._index_name
+        if not os.path.isfile(os.path.join(shipped, index)) or cf._load_index():
+            return  # nothing shipped, or the user-wide cache is valid already
+        base = cache._impl.filename_base + "."
+        data = [n for n in os.listdir(shipped) if n.startswith(base) and n.endswith(".nbc")]
+        for name in data + [index]:  # the index last: it names the data files
+            tmp = os.path.join(cf._cache_path, f"{name}.seed.{os.getpid()}")
+            shutil.copyfile(os.path.join(shipped, name), tmp)
+            os.replace(tmp, os.path.join(cf._cache_path, name))
+    except Exception:  # noqa: BLE001 - best effort: numba compiles as it would have
+        pass
+
+
 def jit(fn=None, *, cache: bool = True, fastmath: bool = True, inline: str = "never"):
     """``numba.njit`` with minigd's policy; use as ``@jit`` or ``@jit(cache=False)``."""
     if fn is None:
@@ -126,6 +158,7 @@ def jit(fn=None, *, cache: bool = True, fastmath: bool = True, inline: str = "ne
     if cache and _cache_disabled_reason is None:
         try:
             dispatcher = _widen_stamp(numba.njit(cache=True, **opts)(fn))
+            _seed_from_shipped(dispatcher)
             path = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
             if path:  # numba internals: without them, no location to report
                 _cache_paths.add(path)

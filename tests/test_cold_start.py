@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import pytest
+from numba.core import config as numba_config
 
 import minigd as mg
 from minigd.backends import cpu as cpu_backend
@@ -421,7 +422,8 @@ def _run_relocate(site, what, **env_extra):
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["file"] == str(site / "minigd" / "__init__.py") and got["replaced"], got
-    assert got["dirs"] == [str(site / "minigd" / "kernels" / "__pycache__")], got
+    if "NUMBA_CACHE_LOCATOR_CLASSES" not in env_extra:
+        assert got["dirs"] == [str(site / "minigd" / "kernels" / "__pycache__")], got
     return got
 
 
@@ -442,6 +444,13 @@ def test_a_cache_filled_in_one_copy_loads_in_another(tmp_path):
     assert _run_relocate(a, "fit")["compiled"] > 0  # an empty cache
     shutil.copytree(a / "minigd" / "kernels" / "__pycache__", b / "minigd" / "kernels" / "__pycache__")
     assert _run_relocate(b, "fit")["compiled"] == 0
+    if hasattr(numba_config, "CACHE_LOCATOR_CLASSES"):  # a numba that lets the locator be chosen
+        # the package directory not writable (what numba's user-wide locator is for): the
+        # shipped entries are copied to the user-wide directory, and load from there
+        xdg = tmp_path / "xdg"
+        got = _run_relocate(b, "fit", NUMBA_CACHE_LOCATOR_CLASSES="UserWideCacheLocator", XDG_CACHE_HOME=str(xdg))
+        assert got["compiled"] == 0 and len(got["dirs"]) == 1 and got["dirs"][0].startswith(str(xdg)), got
+        assert any(f.startswith("cpu.train_step_blas") for f in os.listdir(got["dirs"][0]))
     assert _run_relocate(b, "probe", NUMBA_CPU_NAME="generic")["compiled"] == 1  # another CPU: compiles
     assert _run_relocate(b, "probe")["compiled"] == 0
     codes = b / "minigd" / "kernels" / "codes.py"
