@@ -140,6 +140,9 @@ class build_py(_build_py):
         super().run()
         if self.editable_mode or self.dry_run:
             return  # pip install -e: the sources stay in the tree (make install warms them there)
+        build_lib = os.path.abspath(self.build_lib)
+        # a previous build's cache in a reused build directory: never shipped unless rebuilt now
+        shutil.rmtree(os.path.join(build_lib, "minigd", "kernels", "__pycache__"), ignore_errors=True)
         dtypes = _dtypes()
         if not dtypes:
             _say("MINIGD_BUILD_WARMUP=0: building without compiled kernels")
@@ -149,4 +152,4 @@ class build_py(_build_py):
         except Exception as exc:  # noqa: BLE001 - e.g. --no-build-isolation without numba
             _say(f"numba not importable in the build environment ({exc}): building without compiled kernels")
             return
-        warm_build_lib(os.path.abspath(self.build_lib), dtypes)
+        warm_build_lib(build_lib, dtypes)

@@ -506,6 +506,54 @@ def test_a_failed_build_warmup_never_fails_the_build(tmp_path, capsys, case):
     assert not (build_lib / "minigd" / "kernels" / "__pycache__").exists()
 
 
+def _src_copy(src):
+    """What the sdist holds, copied to ``src`` (without any cache)."""
+    import shutil
+
+    pytest.importorskip("setuptools")
+    for name in ("minigd", "kernels", "_build_backend"):
+        shutil.copytree(os.path.join(_ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(_ROOT, name), src / name)
+    return src
+
+
+def _pip_wheel(src, out_dir, env):
+    """``pip wheel`` of ``src`` without build isolation (this environment's setuptools and
+    numba; no network); returns pip's output, the backend's lines included."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(out_dir), "."],
+        cwd=str(src),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    log = out.stdout + out.stderr  # pip passes the backend's output on (on stderr)
+    assert out.returncode == 0, log[-3000:]
+    return log
+
+
+def test_a_wheel_built_without_the_warm_up_ships_no_cache(tmp_path):
+    """MINIGD_BUILD_WARMUP=0: the wheel holds no numba cache, not even one a previous build
+    left in the reused build directory (it would be valid, and compiled for this machine
+    only: a wheel meant for elsewhere must not carry it); the build backend and its build_py
+    (pyproject.toml: backend-path, cmdclass) run end to end, without compiling anything."""
+    import zipfile
+
+    src = _src_copy(tmp_path / "src")
+    stale = src / "build" / "lib" / "minigd" / "kernels" / "__pycache__"
+    stale.mkdir(parents=True)
+    (stale / "cpu.train_step_blas-1.py311.nbi").write_bytes(b"left by an earlier build")
+    env = dict(os.environ, MINIGD_BUILD_WARMUP="0")
+    log = _pip_wheel(src, tmp_path / "wh", env)
+    assert "MINIGD_BUILD_WARMUP=0: building without compiled kernels" in log, log[-3000:]
+    (whl,) = (tmp_path / "wh").glob("minigd-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    assert "minigd/kernels/cpu.py" in names and "minigd/kernels/gpu_dense.cu" in names
+    assert not [n for n in names if "__pycache__" in n], names
+
+
 _WHEEL_FIT = """
 import json
 import numpy as np
@@ -529,39 +577,12 @@ def test_the_wheel_ships_the_compiled_kernels(tmp_path):
     so that the shipped cache's keys match it; no network) holds numba's cache of the
     kernels, for both BLAS regimes; unpacked elsewhere (a wheel is installed by unpacking)
     the first fits of B = 1, 32, 256 compile nothing, with SciPy and without."""
-    import shutil
     import zipfile
 
-    pytest.importorskip("setuptools")
-    src = tmp_path / "src"
-    for name in ("minigd", "kernels", "_build_backend"):
-        shutil.copytree(os.path.join(_ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
-        shutil.copy(os.path.join(_ROOT, name), src / name)
     env = {
         k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "MINIGD_NO_CACHE", "MINIGD_BUILD_WARMUP")
     }
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-v",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path / "wh"),
-            ".",
-        ],
-        cwd=str(src),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    log = out.stdout + out.stderr  # pip passes the backend's output on (on stderr)
-    assert out.returncode == 0, log[-3000:]
+    log = _pip_wheel(_src_copy(tmp_path / "src"), tmp_path / "wh", env)
     assert "compiled kernels in the wheel" in log, log[-3000:]
     (whl,) = (tmp_path / "wh").glob("minigd-*.whl")
     names = zipfile.ZipFile(whl).namelist()
