@@ -1,7 +1,7 @@
 """minigd's build backend: setuptools', plus the CPU kernels compiled into the wheel.
 
 A plain ``pip install .`` (or of the sdist) builds a wheel and installs it; without this, the
-first ``fit`` afterwards compiled the kernels for 8-19 s (issue 20, bench/results/cold_start.md).
+first ``fit`` afterwards compiled the kernels for 10-23 s (issue 20, bench/results/cold_start.md).
 Here the wheel's build runs ``minigd warmup`` on the package it has just laid out in its
 build directory, so that numba writes its on-disk cache into
 ``build_lib/minigd/kernels/__pycache__`` and the wheel ships it (``*.nbi``, ``*.nbc``).  The

@@ -7,8 +7,8 @@ seconds compiling, later ones load.  :func:`warmup` runs, per dtype, what a firs
 ``fit`` and ``minigd study`` run (:data:`COVERS`), through the public API, under one
 "compiling kernels (first run only)" notice on stderr when it compiles for over a second.
 ``make install`` runs it (``python -m minigd warmup``), so a checkout's first ``fit`` loads
-its kernels from the cache; a plain ``pip install`` does not, and its first ``fit`` compiles
-(bench/results/cold_start.md).  Not covered, compiled the first time a run uses them: batch
+its kernels from the cache; the wheel a plain ``pip install`` builds runs it too, into the
+wheel's copy of the cache (``_build_backend/minigd_build.py``; bench/results/cold_start.md).  Not covered, compiled the first time a run uses them: batch
 norm and dropout, an optimizer chain that does not fuse (``minigd.optim.fusion_plan``), and
 the variants of the gradient moments a default call does not take.  From the shell::
 
