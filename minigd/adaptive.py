@@ -13,9 +13,10 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   McCandlish et al. Appendix A.1), at the cost of one extra half-batch gradient;
 * **the step time per batch size** on this machine, from the real steps (the median of
   the mean step time of each size's last five runs of steps).  A size not trained at yet
-  is predicted from the nearest size that was, by the shape of the cost model (step time
-  ~ 64 rows + B), and tried for real when it would win (or come within ``explore`` of
-  winning): its real steps then replace the prediction, and a size that proves slower is
+  is predicted from the nearest size that was, conservatively -- a larger size no faster
+  per example, a smaller one saving only the cost model's share of the step (step time ~
+  64 rows + B) -- and tried for real when it would win with a time ``1 + explore`` times
+  shorter: its real steps then replace the prediction, and a size that proves slower is
   left at the next decision.  Nothing is timed outside training, so the controller costs
   no probe steps (on digits the probe cost a third of the training time to target:
   bench/results/adaptive.md).  Or ``throughput="probe"``: a size not trained at is timed
@@ -335,17 +336,20 @@ class Controller:
 
     def _predict(self, sizes) -> None:
         """The step time of each of ``sizes`` not trained at yet, predicted from the trained
-        size nearest to it (in log scale; the smaller of two equally near): that size's real
-        step time scaled by the cost model's shape, ``(FLOPS_OVERHEAD_ROWS + b) /
-        (FLOPS_OVERHEAD_ROWS + m)``.  Replaced by the real steps' time once the size is
-        trained at (:meth:`observe_time`)."""
+        size m nearest to it (in log scale; the smaller of two equally near): m's real step
+        time times ``max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))`` --
+        the slower of two shapes, so that a prediction never promises a throughput gain
+        that was not measured: a larger size no faster per example than m, a smaller one
+        saving only the cost model's share of m's step.  ``explore`` then tries a size that
+        would win if it were faster than that, and its real steps replace the prediction
+        (:meth:`observe_time`)."""
         seen = [b for b in self.sizes if self._observed.get(b)]
         if not seen:
             return
         for b in sizes:
             if not self._observed.get(b):
                 m = min(seen, key=lambda m: (abs(math.log(b / m)), m))
-                self.seconds[b] = self.seconds[m] * (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m)
+                self.seconds[b] = self.seconds[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
 
     def _probe_sizes(self, sizes) -> None:
         """Time one step of each of ``sizes`` not measured yet (and of the size trained at,

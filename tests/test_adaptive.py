@@ -437,8 +437,9 @@ def test_probed_throughput_probes_only_the_sizes_in_reach(monkeypatch):
 
 def test_measured_throughput_times_only_real_steps_and_predicts_the_rest(monkeypatch):
     """The default (throughput=None) times nothing but the real steps: a size in reach that was
-    not trained at is predicted from the nearest trained size by the cost model's shape, and
-    its real steps replace the prediction once it is trained at."""
+    not trained at is predicted from the nearest trained size (no faster per example when
+    larger; saving only the cost model's share when smaller), and its real steps replace the
+    prediction once it is trained at."""
     from minigd.adaptive import FLOPS_OVERHEAD_ROWS as K
 
     monkeypatch.setattr(Controller, "_time_sizes", lambda self, todo: pytest.fail("the default must not probe"))
@@ -452,13 +453,19 @@ def test_measured_throughput_times_only_real_steps_and_predicts_the_rest(monkeyp
     for step in range(4):
         c.tracker.update(step, 8, 8 * 1.0 + 8 * 1.0, 1.0)  # a small noise scale: 8 stays best
     c.decide(10)
-    assert c.seconds[16] == pytest.approx(1e-4 * (K + 16) / (K + 8)) and 32 not in c.seconds  # in reach only
+    assert c.seconds[16] == pytest.approx(2e-4) and 32 not in c.seconds  # in reach only; no faster per example
     assert not c._observed.get(16) and c._probed == {}
     c.observe_time(16, 5e-4)  # trained at: its real time, whatever the prediction said
     c.B = 16
     c.decide(20)
-    assert c.seconds[16] == 5e-4 and c.seconds[32] == pytest.approx(5e-4 * (K + 32) / (K + 16))
+    assert c.seconds[16] == 5e-4 and c.seconds[32] == pytest.approx(1e-3)
     assert c.seconds[8] == 1e-4  # (8 keeps its own real time)
+    c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c2.B = 32
+    c2.observe_time(32, 1e-3)
+    c2.tracker = c.tracker
+    c2.decide(30)  # a smaller size saves only the cost model's share of the step
+    assert c2.seconds[16] == pytest.approx(1e-3 * (K + 16) / (K + 32)) and c2.seconds[64] == pytest.approx(2e-3)
 
 
 def test_real_step_times_calibrate_the_sizes_only_probed():
