@@ -25,7 +25,9 @@ Operations, each on the same batch and backend (all after a warm-up call):
     Measured side by side in the same rounds:
 ``moments two-pass`` (``exact=True``)
     the exact two-pass M2 in the model dtype, two fused multiply-adds per example and
-    weight (bitwise the results before issue 20; still the default for float32 models).
+    weight (bitwise the results before issue 20; the float32 default until the blocked
+    form, ``moments_update_blocked``: the same sweep with its float32 sums added into
+    float64 every 64 rows and a guard against the float32 centre's rounding).
 ``moments shortcut`` (``exact=False``)
     the guarded float64 shortcut: one float64 GEMM of squared factors per layer, the
     two-pass form only where the guard finds cancellation (the default for float64
@@ -232,7 +234,7 @@ def to_markdown(result: dict) -> str:
         "`train_step(want_sqn)` and `tracked` (that plus the tracker's "
         "bookkeeping: `fit`'s per-step work with `track_noise=1`) are relative to a plain "
         "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
-        "shortcut for float64 models, the two-pass form for float32 ones); `two-pass` "
+        "shortcut for float64 models, the blocked two-pass form for float32 ones); `two-pass` "
         "(`exact=True`: results bitwise those before issue 20) and `shortcut` "
         "(`exact=False`) are measured in the same rounds. Targets: norms <= 1.10, moments "
         "<= 1.8, tracked <= 1.10 at B = 32..256. (What bounds moments: see the module "

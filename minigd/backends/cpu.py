@@ -532,7 +532,10 @@ class CpuBackend(Backend):
         (``KS.moments_update``, bitwise the historical result); False, the guarded float64
         shortcut (``KS.moments_update_shortcut``: one GEMM of squared factors, the
         two-pass form where the guard finds cancellation); None, the shortcut for float64
-        models and the two-pass form for float32 ones.  On x86 SIMD a float64 FMA costs
+        models and for float32 ones the blocked two-pass form (``KS.moments_update_blocked``:
+        the same sweep over 64-row blocks summed in float64, the weights whose centre's
+        rounding could matter recomputed exactly; accurate to ~1e-7 where the plain float32
+        two-pass was off by up to 2e-6, and by 1e-3 at a signal-to-noise ratio of 1e8).  On x86 SIMD a float64 FMA costs
         two float32 ones, so for a float32 model the shortcut's GEMM costs what the
         float32 two-pass it replaces costs (measured: bench/results/gradstats.md) while
         a float32 model also needs S1 in float64 (a second GEMM); for a float64 model it
@@ -542,7 +545,19 @@ class CpuBackend(Backend):
         if exact is not None and not isinstance(exact, (bool, np.bool_)):
             raise TypeError(f"exact: expected None, True or False, got {type(exact).__name__} {exact!r}")
         shortcut = B >= 2 and (exact is False or (exact is None and self.dtype == np.float64))
+        blocked = B >= 2 and exact is None and self.dtype == np.float32
         self.loss_grad(params, grad, X, yi, yf, idx, B)
+        if blocked:
+            _, _, _, mus, acc = self._stats_scratch(B)
+            s64, sw64, mu64, xT, col = self._blocked_scratch(B)
+            snr_max = KS.blocked_snr_max(float(B), KS.BLOCKED_TAU)
+            buf, lay = self.ws.buf, self.ws.lay
+            nbad = KS.moments_update_blocked(
+                B, grad, buf, lay, n_old, mean, m2, mus, acc, s64, sw64, mu64, xT, col, snr_max
+            )
+            self.last_moments_fallbacks = int(nbad)
+            self.moments_fallbacks += int(nbad)
+            return
         if not shortcut:
             _, tr, dsc, mus, acc = self._stats_scratch(B)
             KS.moments_update(B, grad, self.ws.buf, self.ws.lay, n_old, mean, m2, tr, dsc, mus, acc)
@@ -567,6 +582,19 @@ class CpuBackend(Backend):
                 nbad += KS.shortcut_finish(B, grad, buf, lay, l, n_old, mean, m2, s2, s1, xT, ac, need_s1, tau)
         self.last_moments_fallbacks = int(nbad)
         self.moments_fallbacks += int(nbad)
+
+    def _blocked_scratch(self, B):
+        """float64 scratch of the blocked two-pass form, sized once for the workspace's
+        capacity (or B): (M2 sums, the transposed sweep's sums, means, per-example deltas
+        transposed, one input column)."""
+        cap = max(int(B), self.ws.capacity)
+        s = getattr(self, "_bsc", None)
+        if s is None or s[0] < cap:
+            sizes = self.layout.sizes
+            fo = max(sizes[1:])
+            big = max(max(a * b for a, b in zip(sizes[:-1], sizes[1:])), 2 * fo)
+            s = self._bsc = (cap, tuple(np.zeros(n, np.float64) for n in (big, big, big, cap * fo, cap)))
+        return s[1]
 
     def _shortcut_scratch(self, B, need_s1):
         """float64 scratch of the shortcut, sized once for the workspace's capacity (or B):

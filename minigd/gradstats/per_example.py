@@ -251,9 +251,11 @@ def grad_moments(
         cost more than :math:`10^{-7}` relative; the other weights (a squared mean
         within a safety factor of the mean square: per-example signal-to-noise ratios
         above roughly :math:`10^5`) are recomputed by the two-pass form (see Notes).
-        ``None``: the shortcut for float64 models, the two-pass form for float32 ones
-        (there it would cost as much as the two-pass form, see Notes).  Other backends
-        always use the two-pass form.
+        ``None``: the shortcut for float64 models; for float32 ones the blocked two-pass
+        form (the two-pass sweep with its float32 sums added into float64 every 64 rows,
+        and the weights whose float32 centre could cost accuracy -- per-example
+        signal-to-noise ratios above ~1e4 at chunks of 2048 rows -- recomputed exactly:
+        see Notes).  Other backends always use the two-pass form.
 
     Returns
     -------
@@ -267,15 +269,18 @@ def grad_moments(
 
     Notes
     -----
-    Accuracy: with the two-pass form the result equals a float64 two-pass mean / variance
-    of :func:`per_example_grads` up to rounding in the model's dtype (the chunk's
-    :math:`M_2` is accumulated in the model's dtype, chunks are combined in float64).  For
-    a float32 model that rounding is measurable: relative errors of the variance of
-    ~4e-7 at chunks of 64 rows, 1e-6 to 2e-6 at 512-2048 rows, and growing with the
-    signal-to-noise ratio (the deviations from a float32 centre cancel: 7e-6 at
+    Accuracy: with the two-pass form (``exact=True``) the result equals a float64
+    two-pass mean / variance of :func:`per_example_grads` up to rounding in the model's
+    dtype (the chunk's :math:`M_2` is accumulated in the model's dtype, chunks are combined
+    in float64).  For a float32 model that rounding is measurable: relative errors of the
+    variance of ~4e-7 at chunks of 64 rows, 1e-6 to 3e-6 at 512-2048 rows, and growing
+    with the signal-to-noise ratio (the deviations from a float32 centre cancel: 7e-6 at
     :math:`10^6`, 8e-4 at :math:`10^8`, 2048 rows; bench/results/gradstats_issue20.md).
-    Pass ``exact=False`` where a float32 model's variance must be accurate to
-    :math:`10^{-6}`: it forms the sums in float64, at about 2.5-3.5x a plain step.
+    The float32 default, the blocked form, is within :math:`6 \times 10^{-7}` of the
+    exact variance of the stored factors' per-example gradients at every chunk size and
+    signal-to-noise ratio tested (1 to :math:`10^{12}`, tests/test_moments_blocked.py), at
+    about the two-pass form's cost from chunks of 128 rows (bench/results/gradstats.md;
+    ``minigd.kernels.cpu_stats.moments_update_blocked`` has the error analysis).
     With the shortcut every chunk's :math:`M_2` is within :math:`10^{-7}` (relative) of
     the exact value for the factors the backward pass produced, float32 models included
     (their sums are then formed in float64, so ``exact=False`` makes a float32 model's
