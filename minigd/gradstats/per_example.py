@@ -279,7 +279,7 @@ def grad_moments(
     The float32 default, the blocked form, is within :math:`6 \times 10^{-7}` of the
     exact variance of the stored factors' per-example gradients at every chunk size and
     signal-to-noise ratio tested (1 to :math:`10^{12}`, tests/test_moments_blocked.py), at
-    about the two-pass form's cost from chunks of 128 rows (bench/results/gradstats.md;
+    1.0-1.1x the two-pass form's cost from chunks of 32 rows (bench/results/gradstats.md;
     ``minigd.kernels.cpu_stats.moments_update_blocked`` has the error analysis).
     With the shortcut every chunk's :math:`M_2` is within :math:`10^{-7}` (relative) of
     the exact value for the factors the backward pass produced, float32 models included
