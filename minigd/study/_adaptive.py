@@ -11,7 +11,8 @@ numbers, per architecture:
   Both times come from the throughput probe (:mod:`minigd.study.probe`: ``"step"`` entries,
   an adaptive run held at B with its noise tracking and decisions on; the ``"setup"``
   entry, the seconds ``fit`` spends up to its first decision beyond a held run's -- the
-  warm-up of every candidate and the probe of the sizes that decision reaches), so they are
+  warm-up of every candidate and that decision; with ``throughput="probe"`` also the probe
+  of the sizes it reaches), so they are
   timed as the fixed batch sizes are: one thread, nothing else running.  Without probe
   entries, the trials' own timings (``timing: "in-trial"``).  A step that holds fewer rows
   (an epoch's last) is costed at the batch size in force: slightly pessimistic for the
@@ -368,8 +369,8 @@ def adaptive_text(row) -> str:
     loop = row.get("vs_fixed_loop") or {}
     if setup is not None and loop.get("value") is not None:
         s += (
-            f" (of which {fmt_duration(setup)} is its one-time set-up, the warm-up and the first "
-            f"decision's throughput probe; without it {loop['value']:.2f}×)"
+            f" (of which {fmt_duration(setup)} is its one-time set-up, the warm-up and its first "
+            f"decision; without it {loop['value']:.2f}×)"
         )
     return s + "."
 
