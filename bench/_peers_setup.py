@@ -126,6 +126,27 @@ def _torch_mlp(torch, m):
     return nn.Sequential(*layers)
 
 
+def _torch_step(torch, sizes, X, y, idx):
+    """run(k): k PyTorch SGD steps (cross-entropy, lr 1e-3) of an MLP with minigd's initial
+    weights on rows idx of (X, y) -- the peer step both peers.py and gemm_peak.py time."""
+    import minigd as mg
+
+    tm = _torch_mlp(torch, mg.MLP(sizes, seed=0))
+    ce = torch.nn.CrossEntropyLoss()
+    topt = torch.optim.SGD(tm.parameters(), lr=1e-3)
+    Xt, yt, it = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(idx)
+
+    def run(k):
+        for _ in range(k):
+            xb, yb = Xt[it], yt[it]
+            topt.zero_grad(set_to_none=True)
+            loss = ce(tm(xb), yb)
+            loss.backward()
+            topt.step()
+
+    return run
+
+
 def _gemm_chain(np, sizes, B, rng):
     """run(k): k times the GEMMs of one step, on minigd's memory layout, preallocated, in numpy."""
     L = len(sizes) - 1

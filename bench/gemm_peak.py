@@ -33,7 +33,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import log, machine, synthetic_data, train_step_runner  # noqa: E402
-from _peers_setup import _gemm_chain, _torch_mlp, step_flops  # noqa: E402
+from _peers_setup import _gemm_chain, _torch_step, step_flops  # noqa: E402
 from _timing import Rounds  # noqa: E402
 
 MODELS = ((64, 128, 128, 10), (784, 256, 256, 10))
@@ -121,25 +121,6 @@ def _epilogues(sizes, X, y, yf, idx, B):
             K.opt_apply(p, g0, opt.codes, opt.hp, opt.soff, opt.state, opt.plan, 0.0, 1)
 
     return {"epi gather+bias/act+loss": fwd, "epi act bwd+bias grad": bwd, "epi update": upd}
-
-
-def _torch_step(torch, sizes, X, y, idx):
-    import minigd as mg
-
-    tm = _torch_mlp(torch, mg.MLP(sizes, seed=0))
-    ce = torch.nn.CrossEntropyLoss()
-    topt = torch.optim.SGD(tm.parameters(), lr=1e-3)
-    Xt, yt, it = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(idx)
-
-    def run(k):
-        for _ in range(k):
-            xb, yb = Xt[it], yt[it]
-            topt.zero_grad(set_to_none=True)
-            loss = ce(tm(xb), yb)
-            loss.backward()
-            topt.step()
-
-    return run
 
 
 def main(argv=None) -> dict:

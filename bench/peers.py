@@ -110,8 +110,8 @@ from _peers_setup import (
     _pinned,
     _sklearn_runner,
     _torch_info,
-    _torch_mlp,
     _torch_stats,
+    _torch_step,
     step_flops,
 )
 from _timing import MACHINE, Rounds
@@ -123,8 +123,6 @@ RESULTS = os.path.join(HERE, "results")
 # ============================================================================ child side
 def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, threads) -> tuple:
     import numpy as np
-
-    import minigd as mg
 
     torch, sklearn = peers.get("torch"), peers.get("sklearn")
     rng = np.random.default_rng(0)
@@ -141,20 +139,7 @@ def measure_step(models, batches, peers, rounds, target_s, gap_s, gemm_min, thre
                     continue
                 runners["minigd" if be == "cpu" else "numpy"] = train_step_runner(sizes, be, X, y, yf, idx, B)
             if torch is not None:
-                tm = _torch_mlp(torch, mg.MLP(sizes, seed=0))
-                ce = torch.nn.CrossEntropyLoss()
-                topt = torch.optim.SGD(tm.parameters(), lr=1e-3)
-                Xt, yt, it = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(idx)
-
-                def trun(k, tm=tm, ce=ce, topt=topt, Xt=Xt, yt=yt, it=it):
-                    for _ in range(k):
-                        xb, yb = Xt[it], yt[it]
-                        topt.zero_grad(set_to_none=True)
-                        loss = ce(tm(xb), yb)
-                        loss.backward()
-                        topt.step()
-
-                runners["torch"] = trun
+                runners["torch"] = _torch_step(torch, sizes, X, y, idx)
             if sklearn is not None:
                 runners["sklearn"] = _sklearn_runner(np, sizes, B, rng)
             if B >= gemm_min:
