@@ -173,6 +173,20 @@ def _sq_dev(Pt, Q, M, out, S, every):
 
 
 @jit(inline="always")
+def _factors(ws, lay, l, B):
+    """(A, D): layer l's input block (B, fan_in) and its deltas of the mean loss (B, fan_out),
+    views of the workspace a ``loss_grad`` call filled."""
+    return _input(ws, lay, l, B), _blk(ws, lay, R_D, l, B)
+
+
+@jit(inline="always")
+def _chan_weights(n_old, B):
+    """(w, c) of :func:`_merge` for a chunk of B examples joining n_old: k/n' and n k/n'."""
+    n_new = n_old + B
+    return B / n_new, n_old * (B / n_new)
+
+
+@jit(inline="always")
 def _merge(mu, m2b, st_mean, st_m2, n_old, w, c):
     """Chan et al.'s parallel update of the float64 running state (flat views) with a
     chunk of k examples whose mean is ``mu`` and M2 ``m2b``:  delta = mu - mean;
@@ -222,13 +236,10 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
     one pass over the float64 state.
     """
     L = lay[R_MISC, 3]
-    n_new = n_old + B
-    w = B / n_new
-    c = n_old * (B / n_new)
+    w, c = _chan_weights(n_old, B)
     no_s = np.empty((0, 0), np.float64)  # (_sq_dev's float64 target: none here)
     for l in range(L):
-        A = _input(ws, lay, l, B)
-        D = _blk(ws, lay, R_D, l, B)
+        A, D = _factors(ws, lay, l, B)
         gW = _W(grad, lay, l)
         fi, fo = gW.shape
         npar = fi * fo
@@ -364,15 +375,12 @@ def moments_update_blocked(B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s6
     (measured on 64x128 to 784x256 layers, B = 512 and 2048).
     """
     L = lay[R_MISC, 3]
-    n_new = n_old + B
-    w = B / n_new
-    c = n_old * (B / n_new)
+    w, c = _chan_weights(n_old, B)
     Bf = np.float64(B)
     nbad = 0
     no_s = np.empty((0, 0), np.float64)  # (_sq_dev's float64 target when it needs none)
     for l in range(L):
-        A = _input(ws, lay, l, B)
-        D = _blk(ws, lay, R_D, l, B)
+        A, D = _factors(ws, lay, l, B)
         gW = _W(grad, lay, l)
         fi, fo = gW.shape
         npar = fi * fo
@@ -493,8 +501,7 @@ def shortcut_delta(B, tau):
 def _shortcut_prep(B, ws, lay, l, a2, x2, a64, x64, need_s1):
     """The float64 factors of layer l: a2 = A*A (B, fi) and x2 = X*X (B, fo), X = B * D the
     per-example deltas; with ``need_s1`` also A and X themselves (a64, x64)."""
-    A = _input(ws, lay, l, B)
-    D = _blk(ws, lay, R_D, l, B)
+    A, D = _factors(ws, lay, l, B)
     fi = A.shape[1]
     fo = D.shape[1]
     Bf = np.float64(B)
@@ -534,15 +541,12 @@ def _guard_ok(S2, S1, Bf, delta):
 def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac, need_s1, tau):
     """Layer l after its GEMMs (S2 in s2, and S1 in s1 with ``need_s1``): guarded M2 merged
     into the state, exact fallback, bias; returns the number of fallbacks."""
-    A = _input(ws, lay, l, B)
-    D = _blk(ws, lay, R_D, l, B)
+    A, D = _factors(ws, lay, l, B)
     fi = A.shape[1]
     fo = D.shape[1]
     npar = fi * fo
     Bf = np.float64(B)
-    n_new = n_old + B
-    w = B / n_new
-    c = n_old * (B / n_new)
+    w, c = _chan_weights(n_old, B)
     delta = shortcut_delta(Bf, tau)
     wo = lay[R_WOFF, l]
     gW = grad[wo : wo + npar]
@@ -754,8 +758,7 @@ def per_example_fill(B, ws, lay, out, tmp):
     """
     L = lay[R_MISC, 3]
     for l in range(L):
-        A = _input(ws, lay, l, B)
-        D = _blk(ws, lay, R_D, l, B)
+        A, D = _factors(ws, lay, l, B)
         fi = A.shape[1]
         fo = D.shape[1]
         wo = lay[R_WOFF, l]
