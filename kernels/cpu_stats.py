@@ -350,8 +350,8 @@ def moments_update_blocked(B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s6
     ----------
     B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc
         As for :func:`moments_update` (B >= 2).
-    s64, sw64, mu64 : (>= largest fan_in * fan_out, and >= 2 * largest fan_out) float64,
-        scratch
+    s64, sw64 : (>= largest fan_in * fan_out, and >= 2 * largest fan_out) float64, scratch
+    mu64 : (>= largest fan_out,) float64, scratch (the biases' means)
     xT : (>= B * largest fan_out,) float64, scratch
     col : (>= B,) float64, scratch
     snr_max : float

@@ -593,7 +593,7 @@ class CpuBackend(Backend):
             sizes = self.layout.sizes
             fo = max(sizes[1:])
             big = max(max(a * b for a, b in zip(sizes[:-1], sizes[1:])), 2 * fo)
-            s = self._bsc = (cap, tuple(np.zeros(n, np.float64) for n in (big, big, big, cap * fo, cap)))
+            s = self._bsc = (cap, tuple(np.zeros(n, np.float64) for n in (big, big, fo, cap * fo, cap)))
         return s[1]
 
     def _shortcut_scratch(self, B, need_s1):
