@@ -12,7 +12,7 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   squared norm of its gradient with that of its first half (the two-batch estimator,
   McCandlish et al. Appendix A.1), at the cost of one extra half-batch gradient;
 * **the step time per batch size** on this machine, from the real steps (the median of
-  the mean step time of each size's last five runs of steps).  A size not trained at yet
+  each size's mean step time over its last five decision periods).  A size not trained at yet
   is predicted from the nearest size that was, conservatively -- a larger size no faster
   per example, a smaller one saving only the cost model's share of the step (step time ~
   64 rows + B) -- and tried for real when it would win with a time ``1 + explore`` times
@@ -251,7 +251,7 @@ class AdaptiveBatchSize:
         return out
 
 
-#: real runs of steps whose median gives a measured size's step time
+#: decision periods whose median gives a measured size's step time
 RECENT = 5
 #: the cost model's fixed part of a step, in rows: step time ~ (FLOPS_OVERHEAD_ROWS + B)
 #: (``throughput="flops"``, and the shape that predicts a size not trained at yet from one
@@ -284,8 +284,9 @@ class Controller:
         self.goodput = math.nan
         self.noise = math.nan
         self.seconds: dict = {}  # {B: seconds per step}
-        self._observed: dict = {}  # {B: real runs folded into seconds[B]}
-        self._recent: dict = {}  # {B: the step times of its last RECENT real runs}
+        self._observed: dict = {}  # {B: samples folded into seconds[B]}
+        self._recent: dict = {}  # {B: its mean step times in its last RECENT decision periods}
+        self._pend: list = [0, 0.0, 0]  # [B, seconds, steps] of the real steps since the last fold
         self._probe: dict | None = None  # what measuring a size needs (measured throughput)
         self._probed: dict = {}  # {B: the probe's seconds per step}
         self._calib = 0.0  # real - probed step time (seconds) at the size trained at last
@@ -343,13 +344,16 @@ class Controller:
         saving only the cost model's share of m's step.  ``explore`` then tries a size that
         would win if it were faster than that, and its real steps replace the prediction
         (:meth:`observe_time`)."""
-        seen = [b for b in self.sizes if self._observed.get(b)]
+        obs = self._observed
+        todo = [b for b in sizes if not obs.get(b)]
+        if not todo:
+            return
+        seen = [b for b in self.sizes if obs.get(b)]
         if not seen:
             return
-        for b in sizes:
-            if not self._observed.get(b):
-                m = min(seen, key=lambda m: (abs(math.log(b / m)), m))
-                self.seconds[b] = self.seconds[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
+        for b in todo:
+            m = min(seen, key=lambda m: (abs(math.log(b / m)), m))
+            self.seconds[b] = self.seconds[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
 
     def _probe_sizes(self, sizes) -> None:
         """Time one step of each of ``sizes`` not measured yet (and of the size trained at,
@@ -408,11 +412,30 @@ class Controller:
             if not self._observed.get(b):
                 self.seconds[b] = max(t + self._calib, 0.5 * t)
 
+    def observe_run(self, B: int, seconds: float, steps: int) -> None:
+        """A run of ``steps`` real steps of B rows took ``seconds``: added up (two additions:
+        this runs after every run of steps, at every step with a per-step callback) and
+        folded into B's step time by :meth:`observe_time` at the next decision, or when the
+        batch size changes."""
+        pend = self._pend
+        if pend[0] != B:
+            self._fold()
+            pend[0] = B
+        pend[1] += seconds
+        pend[2] += steps
+
+    def _fold(self) -> None:
+        """The real steps added up since the last fold: one sample of their size's step time."""
+        B, secs, n = self._pend
+        if n:
+            self.observe_time(int(B), float(secs) / n)
+        self._pend[:] = [0, 0.0, 0]
+
     def observe_time(self, B: int, seconds_per_step: float) -> None:
-        """Refine the measured step time of B from the real steps: the median of the mean
-        step time of its last :data:`RECENT` runs of steps (the first real run replaces the
-        probe's value; a median, so one run slowed by another process moves nothing).  Not
-        with a given table or "flops"."""
+        """Refine the measured step time of B from the real steps: the median of its last
+        :data:`RECENT` samples, each the mean step time of B over one decision period (the
+        first real sample replaces the probe's value; a median, so one period slowed by
+        another process moves nothing).  Not with a given table or "flops"."""
         if self.spec.throughput not in (None, "probe") or not seconds_per_step > 0:
             return
         recent = self._recent.setdefault(B, [])
@@ -460,6 +483,7 @@ class Controller:
 
     def decide(self, step: int) -> dict | None:
         """The decision after ``step`` steps: a record, with the new batch size (or the old)."""
+        self._fold()
         phi = self.tracker.noise_scale
         if not self.tracker.n_updates or not (phi >= 0):  # nothing measured, or NaN
             return None
@@ -531,6 +555,7 @@ class Controller:
             "recent": [[b, list(self._recent[b])] for b in self.sizes if self._recent.get(b)],
             "probed": [[b, self._probed[b]] for b in self.sizes if b in self._probed],
             "calib": self._calib,
+            "pending": list(self._pend),
             "explored": list(self.explored),
             "decisions": self.decisions,
         }
@@ -588,6 +613,19 @@ class Controller:
             and table(recent, lambda x: isinstance(x, list) and 0 < len(x) <= RECENT and all(map(_positive, x))),
             "has a malformed throughput table",
         )
+        pend = st.get("pending", [0, 0.0, 0])
+        need(
+            isinstance(pend, list)
+            and len(pend) == 3
+            and (pend[0] in self.sizes or pend[0] == 0)
+            and isinstance(pend[1], (int, float))
+            and not isinstance(pend[1], bool)
+            and 0 <= pend[1] < math.inf
+            and isinstance(pend[2], int)
+            and not isinstance(pend[2], bool)
+            and 0 <= pend[2] < 1 << 53,
+            f"has a malformed pending step time {pend!r}",
+        )
         explored = st.get("explored", [])
         need(
             isinstance(explored, list) and all(b in self.sizes for b in explored),
@@ -612,5 +650,6 @@ class Controller:
         self._recent = {int(b): [float(x) for x in v] for b, v in recent}
         self._probed = {int(b): float(t) for b, t in probed}
         self._calib = float(st.get("calib", 0.0))
+        self._pend = [int(pend[0]), float(pend[1]), int(pend[2])]
         self.decisions = [dict(d) for d in st["decisions"]]
         self.explored = [int(b) for b in explored]

@@ -429,7 +429,7 @@ class Loop:
                 s.stop = "callback"
         s.opt_state.t = s.step - 1 + s.t1
         if p.ctrl is not None and b == B and res["time"].size:  # the real step time of B
-            p.ctrl.observe_time(B, float(res["time"][-1]) / res["time"].size)
+            p.ctrl.observe_run(B, float(res["time"][-1]), res["time"].size)
 
     def _grad_norm_sq(self, idx, b: int) -> float:
         """|g|^2 of the mean loss of rows idx[:b] at the current parameters (training mode,

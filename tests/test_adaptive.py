@@ -493,6 +493,32 @@ def test_real_step_times_are_the_median_of_the_recent_runs():
     assert c.seconds[8] == 3e-4 and len(c._recent[8]) == RECENT
 
 
+def test_runs_of_steps_are_added_up_into_one_sample_per_decision_period():
+    """observe_run only adds (it runs after every run of steps: every step with a per-step
+    callback); a decision, or a change of batch size, folds the period's steps into one
+    sample, their mean step time; the sum in progress is part of the checkpointed state."""
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    for _ in range(9):
+        c.observe_run(8, 1e-4, 1)
+    c.observe_run(8, 2.1e-3, 21)  # a longer run: weighted by its steps
+    assert 8 not in c.seconds and c._recent == {}
+    st = json.loads(json.dumps(c.state()))
+    assert st["pending"] == [8, pytest.approx(3e-3), 30]
+    c.observe_run(16, 4e-4, 2)  # the size changed: 8's period is one sample
+    assert c._recent == {8: [pytest.approx(1e-4)]} and c.seconds[8] == pytest.approx(1e-4)
+    c.tracker.update(0, 16, 16 * 2.0, 1.0)
+    c.decide(40)  # a decision folds the period in progress
+    assert c.seconds[16] == pytest.approx(2e-4) and c._pend == [0, 0.0, 0]
+    c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    c2.restore(st, c.tracker, "test")  # resumed mid-period: it goes on with the same sum
+    c2.observe_run(8, 1e-3, 10)
+    c2._fold()
+    assert c2.seconds[8] == pytest.approx(1e-4)
+    for bad in ([8, -1.0, 3], [8, 1.0, 2.5], [7, 1.0, 3], [8, float("inf"), 3], "x", [8, 1.0]):
+        with pytest.raises(mg.CheckpointError, match="pending"):
+            c2.restore({**st, "pending": bad}, c.tracker, "test")
+
+
 def _observed_controller():
     c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
     c._probed = {8: 1e-4, 16: 1.5e-4}
