@@ -345,12 +345,10 @@ class Controller:
         would win if it were faster than that, and its real steps replace the prediction
         (:meth:`observe_time`)."""
         obs = self._observed
-        todo = [b for b in sizes if not obs.get(b)]
-        if not todo:
+        todo = [b for b in sizes if b not in obs]
+        if not todo or not obs:
             return
-        seen = [b for b in self.sizes if obs.get(b)]
-        if not seen:
-            return
+        seen = [b for b in self.sizes if b in obs]
         for b in todo:
             m = min(seen, key=lambda m: (abs(math.log(b / m)), m))
             self.seconds[b] = self.seconds[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
@@ -466,10 +464,9 @@ class Controller:
             for b in (self.sizes if sizes is None else sizes)
         }
 
-    def _factor(self, B: int) -> tuple:
-        """(learning-rate factor, AdaScale gain) for batch size B at the current noise."""
-        tr = self.tracker.trace_cov
-        g2 = self.tracker.grad_norm_sq
+    def _factor(self, B: int, g2: float, tr: float) -> tuple:
+        """(learning-rate factor, AdaScale gain) for batch size B at the smoothed noise
+        (|G|^2 = g2, tr(Sigma) = tr)."""
         gain = 1.0
         if math.isfinite(tr) and math.isfinite(g2) and tr >= 0 and g2 > 0:
             # AdaScale's r = (sigma^2 + mu^2) / (sigma^2 / S + mu^2), sigma^2 = tr / B0, S = B / B0
@@ -482,35 +479,49 @@ class Controller:
         return f, gain
 
     def decide(self, step: int) -> dict | None:
-        """The decision after ``step`` steps: a record, with the new batch size (or the old)."""
-        self._fold()
-        phi = self.tracker.noise_scale
-        if not self.tracker.n_updates or not (phi >= 0):  # nothing measured, or NaN
+        """The decision after ``step`` steps: a record, with the new batch size (or the old).
+
+        Written to run little Python: it runs every ``every`` steps, often right after an
+        evaluation has evicted the interpreter from the caches (~60 us then for the previous
+        version, a tenth of 40 digits steps; bench/results/adaptive.md)."""
+        if self._pend[2]:
+            self._fold()
+        g2, tr = self.tracker.smoothed()
+        # the tracker's noise_scale: NaN before the first update or when both are <= 0
+        phi = tr / g2 if g2 > 0 else math.inf if tr > 0 else math.nan
+        if not phi >= 0:  # nothing measured, NaN, or a negative estimate
             return None
-        near = self._reachable(self.B)
+        cur = self.B
+        near = self._reachable(cur)
+        spec = self.spec
         if self._probe is not None:  # probed throughput: sizes now in reach for the first time
             self._probe_sizes(near)
-        elif self.spec.throughput is None:  # real steps: the sizes in reach not trained at, predicted
+        elif spec.throughput is None:  # real steps: the sizes in reach not trained at, predicted
             self._predict(near)
-        gp = self._goodputs(phi, near)  # the sizes in reach only: one decision moves by at most max_step
-        best = max(near, key=gp.__getitem__)  # the first of equal goodputs
-        cur = self.B
+        # the goodputs of the sizes in reach only (one decision moves by at most max_step):
+        # examples per second times the statistical efficiency (phi + B0) / (phi + b)
+        # (minigd.gradstats.goodput, without its argument checks); the first of equal maxima
+        gp = self._goodputs(phi, near)
+        best, top = cur, -1.0
+        for b in near:
+            if gp[b] > top:
+                best, top = b, gp[b]
         new = cur
         reason = "keep: the current batch size has the largest goodput"
         if best != cur:
-            if gp[best] > gp[cur] * (1.0 + self.spec.min_gain):
+            if top > gp[cur] * (1.0 + spec.min_gain):
                 new = best
                 reason = (
-                    f"{'grow' if new > cur else 'shrink'}: goodput {gp[best]:.4g} at B={new} vs "
+                    f"{'grow' if new > cur else 'shrink'}: goodput {top:.4g} at B={new} vs "
                     f"{gp[cur]:.4g} at B={cur} (noise scale {phi:.4g})"
                 )
             else:
-                reason = f"keep: B={best} is better by less than min_gain={self.spec.min_gain:g}"
-        if new == cur and self.spec.throughput in (None, "probe") and self.spec.explore > 0:
+                reason = f"keep: B={best} is better by less than min_gain={spec.min_gain:g}"
+        if new == cur and spec.explore > 0 and spec.throughput in (None, "probe"):
             new, why = self._explore(near, gp, cur, phi)
             reason = why or reason
         self.B = new
-        self.factor, self.gain = self._factor(new)
+        self.factor, self.gain = self._factor(new, g2, tr)
         self.goodput, self.noise = float(gp[new]), float(phi)
         rec = {
             "step": int(step),
@@ -646,7 +657,7 @@ class Controller:
         self.factor, self.gain = float(st["factor"]), float(st["gain"])
         self.goodput, self.noise = float(st["goodput"]), float(st["noise"])
         self.seconds = {int(b): float(s) for b, s in secs}
-        self._observed = {int(b): int(k) for b, k in obs}
+        self._observed = {int(b): int(k) for b, k in obs if k}  # (a size is observed once counted)
         self._recent = {int(b): [float(x) for x in v] for b, v in recent}
         self._probed = {int(b): float(t) for b, t in probed}
         self._calib = float(st.get("calib", 0.0))

@@ -119,7 +119,14 @@ class NoiseTracker:
         """Add one step: the sum over the batch of :math:`|g_i|^2` and :math:`|\bar g|^2`."""
         self._raw.append((step, B, sum_sq_norms, batch_sq_norm))
         if B >= 2:
-            g2, tr = self._estimates(B, sum_sq_norms, batch_sq_norm)
+            # (_estimates inlined: this runs at every tracked step, often with cold caches)
+            tr = (sum_sq_norms - B * batch_sq_norm) / (B - 1)
+            if self.replacement:
+                g2 = batch_sq_norm - tr / B
+                if self.n > 1:
+                    tr = tr * self.n / (self.n - 1)
+            else:
+                g2 = batch_sq_norm - tr * (1.0 / B - 1.0 / self.n)
             beta = self.beta
             self._ema_g2 = beta * self._ema_g2 + (1.0 - beta) * g2
             self._ema_tr = beta * self._ema_tr + (1.0 - beta) * tr
@@ -134,6 +141,14 @@ class NoiseTracker:
     @property
     def n_updates(self) -> int:
         return self._t
+
+    def smoothed(self) -> tuple:
+        """(:attr:`grad_norm_sq`, :attr:`trace_cov`) in one call (NaN, NaN before the first
+        update): what the adaptive controller reads at each decision."""
+        if not self._t:
+            return math.nan, math.nan
+        c = 1.0 - self._pow
+        return self._ema_g2 / c, self._ema_tr / c
 
     @property
     def grad_norm_sq(self) -> float:
