@@ -294,6 +294,7 @@ class Controller:
         self.decisions: list = []
         self.epoch_B = self.B0  # the batch size the current epoch was laid out for
         self._near: dict = {}  # {B: the candidates one decision can reach from B}
+        self._order: dict = {}  # {B: the candidates nearest to B first (log scale; the smaller of a tie)}
         self.explored: list = []  # the sizes tried because of the explore rule
 
     # -- throughput --------------------------------------------------------------------------
@@ -335,6 +336,14 @@ class Controller:
             self._near[B] = near
         return near
 
+    def _by_distance(self, B: int) -> list:
+        """The candidates nearest to B first, in log scale, the smaller of two equally near
+        first (B itself first when it is one; cached per B)."""
+        order = self._order.get(B)
+        if order is None:
+            order = self._order[B] = sorted(self.sizes, key=lambda m: (abs(math.log(B / m)), m))
+        return order
+
     def _predict(self, sizes) -> None:
         """The step time of each of ``sizes`` not trained at yet, predicted from the trained
         size m nearest to it (in log scale; the smaller of two equally near): m's real step
@@ -348,9 +357,8 @@ class Controller:
         todo = [b for b in sizes if b not in obs]
         if not todo or not obs:
             return
-        seen = [b for b in self.sizes if b in obs]
         for b in todo:
-            m = min(seen, key=lambda m: (abs(math.log(b / m)), m))
+            m = next(m for m in self._by_distance(b) if m in obs)
             self.seconds[b] = self.seconds[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
 
     def _probe_sizes(self, sizes) -> None:
@@ -540,8 +548,8 @@ class Controller:
         probed step time ``1 + explore`` times shorter (the nearest such; once per size), else
         (cur, None)."""
         f, bar = 1.0 + self.spec.explore, gp[cur] * (1.0 + self.spec.min_gain)
-        for b in sorted(near, key=lambda b: (abs(math.log(b / cur)), b)):
-            if b != cur and not self._observed.get(b) and b not in self.explored and gp[b] * f > bar:
+        for b in self._by_distance(cur):
+            if b in gp and b != cur and b not in self._observed and b not in self.explored and gp[b] * f > bar:
                 self.explored.append(b)
                 how = "timed by the probe" if self._probe is not None else "predicted"
                 return b, (

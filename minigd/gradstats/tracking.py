@@ -103,6 +103,7 @@ class NoiseTracker:
         self._ema_g2 = 0.0
         self._ema_tr = 0.0
         self._pow = 1.0  # beta ** t
+        self._done = 0  # records folded into the moving averages
 
     def _estimates(self, B: int, sum_sq_norms: float, batch_sq_norm: float):
         """This step's unbiased (|G|^2, tr Sigma) estimates (NaN for B < 2)."""
@@ -116,22 +117,36 @@ class NoiseTracker:
 
     # -- hot path ------------------------------------------------------------------------------
     def update(self, step: int, B: int, sum_sq_norms: float, batch_sq_norm: float) -> None:
-        """Add one step: the sum over the batch of :math:`|g_i|^2` and :math:`|\bar g|^2`."""
+        """Add one step: the sum over the batch of :math:`|g_i|^2` and :math:`|\bar g|^2`.
+
+        Only records them (it runs at every tracked step, often with cold caches); the
+        moving averages fold the new records in when next read (:meth:`_sync`), in the
+        same order and arithmetic, so the values are bitwise those of an eager update."""
         self._raw.append((step, B, sum_sq_norms, batch_sq_norm))
-        if B >= 2:
-            # (_estimates inlined: this runs at every tracked step, often with cold caches)
-            tr = (sum_sq_norms - B * batch_sq_norm) / (B - 1)
+
+    def _sync(self) -> None:
+        """Fold the records added since the last read into the moving averages."""
+        raw, i = self._raw, self._done
+        if i == len(raw):
+            return
+        beta, n = self.beta, self.n
+        g2e, tre, t, pw = self._ema_g2, self._ema_tr, self._t, self._pow
+        for _, B, s, g in raw[i:]:
+            if B < 2:
+                continue
+            tr = (s - B * g) / (B - 1)  # (_estimates, inlined)
             if self.replacement:
-                g2 = batch_sq_norm - tr / B
-                if self.n > 1:
-                    tr = tr * self.n / (self.n - 1)
+                g2 = g - tr / B
+                if n > 1:
+                    tr = tr * n / (n - 1)
             else:
-                g2 = batch_sq_norm - tr * (1.0 / B - 1.0 / self.n)
-            beta = self.beta
-            self._ema_g2 = beta * self._ema_g2 + (1.0 - beta) * g2
-            self._ema_tr = beta * self._ema_tr + (1.0 - beta) * tr
-            self._t += 1
-            self._pow *= beta
+                g2 = g - tr * (1.0 / B - 1.0 / n)
+            g2e = beta * g2e + (1.0 - beta) * g2
+            tre = beta * tre + (1.0 - beta) * tr
+            t += 1
+            pw *= beta
+        self._ema_g2, self._ema_tr, self._t, self._pow = g2e, tre, t, pw
+        self._done = len(raw)
 
     def add_extra(self, step: int, values: dict) -> None:
         """Attach extra fields (e.g. the GSNR summary) to the record of ``step``."""
@@ -140,11 +155,13 @@ class NoiseTracker:
     # -- smoothed values ------------------------------------------------------------------------
     @property
     def n_updates(self) -> int:
+        self._sync()
         return self._t
 
     def smoothed(self) -> tuple:
         """(:attr:`grad_norm_sq`, :attr:`trace_cov`) in one call (NaN, NaN before the first
         update): what the adaptive controller reads at each decision."""
+        self._sync()
         if not self._t:
             return math.nan, math.nan
         c = 1.0 - self._pow
@@ -153,17 +170,20 @@ class NoiseTracker:
     @property
     def grad_norm_sq(self) -> float:
         """Smoothed, bias-corrected :math:`|G|^2` (NaN before the first update)."""
+        self._sync()
         return self._ema_g2 / (1.0 - self._pow) if self._t else math.nan
 
     @property
     def trace_cov(self) -> float:
         """Smoothed, bias-corrected :math:`\\mathrm{tr}\\Sigma` (NaN before the first update)."""
+        self._sync()
         return self._ema_tr / (1.0 - self._pow) if self._t else math.nan
 
     @property
     def noise_scale(self) -> float:
         """``trace_cov / grad_norm_sq`` (``inf`` when the smoothed :math:`|G|^2 \\le 0 <`
         trace, NaN when both are :math:`\\le 0` or before the first update)."""
+        self._sync()
         if not self._t:
             return math.nan
         g2, tr = self.grad_norm_sq, self.trace_cov
@@ -218,6 +238,7 @@ class NoiseTracker:
     def get_state(self) -> dict:
         """Everything needed to continue exactly where this tracker is (JSON-able scalars
         plus the raw per-step sums as a float64 (m, 4) array ``raw``)."""
+        self._sync()
         raw = np.asarray(self._raw, dtype=np.float64).reshape(len(self._raw), 4)
         return {
             "n": self.n,
@@ -244,6 +265,7 @@ class NoiseTracker:
         tr._ema_g2 = float(state["ema_g2"])
         tr._ema_tr = float(state["ema_tr"])
         tr._pow = float(state["pow"])
+        tr._done = len(tr._raw)  # (saved synced)
         return tr
 
     def __repr__(self) -> str:
