@@ -108,6 +108,7 @@ GOAL, BAR = 1.10, 1.25
 #: the tuning seeds; measuring the chosen ones on the same seeds would favour them: the minimum of
 #: many noisy medians is biased low, and the adaptive arm, which chooses nothing, would pay for it)
 HELD_OUT = 1000
+HELD_REPEATS = 3  # each held-out (arm, seed) run this many times; its median run counts
 OVERHEAD_GOAL = 1.05
 TRACK_EVERY = mg.AdaptiveBatchSize().track_every  # the defaults the adaptive arms run with
 EVERY = mg.AdaptiveBatchSize().every
@@ -548,16 +549,37 @@ def run_problem(p: Problem, seeds, quick: bool, rng) -> dict:
             held["fixed"][B] = {"factor": b[0], "runs": []}
     for seed in held["seeds"]:
         jobs = [("fixed", B) for B in held["fixed"]] + [("adaptive", k) for k in adaptive]
+        reps: dict = {j: [] for j in jobs}
         t0 = time.perf_counter()
-        for i in rng.permutation(len(jobs)):
-            kind, key = jobs[i]
-            if kind == "fixed":
-                h = held["fixed"][key]
-                h["runs"].append(run_arm(p, {"kind": "fixed", "B": key, "lr": sweep.lr(key, h["factor"])}, seed))
-            else:
-                held["adaptive"][key].append(run_arm(p, {"kind": "adaptive", **adaptive[key]["arm"]}, seed))
-        log(f"{p.name} held-out seed {seed}: {len(jobs)} runs in {time.perf_counter() - t0:.1f} s")
+        for _ in range(HELD_REPEATS):  # every arm once per pass, the passes in fresh orders
+            for i in rng.permutation(len(jobs)):
+                kind, key = jobs[i]
+                if kind == "fixed":
+                    h = held["fixed"][key]
+                    rec = run_arm(p, {"kind": "fixed", "B": key, "lr": sweep.lr(key, h["factor"])}, seed)
+                else:
+                    rec = run_arm(p, {"kind": "adaptive", **adaptive[key]["arm"]}, seed)
+                reps[jobs[i]].append(rec)
+        for (kind, key), recs in reps.items():
+            rec = _median_repeat(recs)
+            (held["fixed"][key]["runs"] if kind == "fixed" else held["adaptive"][key]).append(rec)
+        log(f"{p.name} held-out seed {seed}: {len(jobs)} arms x {HELD_REPEATS} in {time.perf_counter() - t0:.1f} s")
     return {"sweep": sweep, "adaptive": adaptive, "lr0": lr0, "held": held}
+
+
+def _median_repeat(recs: list) -> dict:
+    """Of one arm's repeated runs on one seed, the run whose all-in time (robust + decisions and
+    bookkeeping + probe) is the median (the lower one of an even number); the repeats' times
+    are kept with it.  A fixed run is deterministic (the same steps every time) and an
+    adaptive one nearly so: the repeats differ by the machine's timing noise, which the
+    median of a few removes for every arm alike."""
+    key = [r["robust"] + r["probe_s"] + r["ctrl_s"] for r in recs]
+    i = sorted(range(len(recs)), key=key.__getitem__)[(len(recs) - 1) // 2]
+    rec = dict(recs[i])
+    rec["repeats"] = [
+        {k: r[k] for k in ("time", "robust", "ctrl_s", "probe_s", "steps", "reached", "stall")} for r in recs
+    ]
+    return rec
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -757,6 +779,7 @@ def overhead(p: Problem, sizes, rounds: int, steps_of) -> list:
         for k in ("robust", "cpu", "train", "wall"):
             ratios = [a[k] / f[k] for a, f in zip(ad, fx)]
             row[f"{k}_ratio"], row[f"{k}_ratios"] = _median(ratios), ratios
+            row[f"{k}_ratio_ci"] = _boot(ratios)
         row["cpu_us_per_step"] = {n: 1e6 * _median([s["cpu"] for s in v]) / steps for n, v in samples.items()}
         rows.append(row)
     return rows
@@ -833,7 +856,11 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         f"(tuning seed + {HELD_OUT}), beside the adaptive arms, and the ratio is adaptive / the batch size the "
         "sweep chose, both on those seeds. On the tuning seeds themselves (the rows after) the best of many "
         "noisy medians is biased low -- it was picked for being low -- and the adaptive arm, which picks "
-        "nothing, pays for that bias.",
+        "nothing, pays for that bias. "
+        f"Each held-out (arm, seed) runs {meta.get('held_repeats', 1)} times, in interleaved passes over all "
+        "the arms of that seed, and its median run (by all-in time) counts: the steps are the same each time "
+        "(nearly so for adaptive, whose measured step times steer it), so the repeats differ by the "
+        "machine's timing noise, which the median removes for every arm alike.",
         "",
     ]
     v = meta["verdict"]
@@ -955,7 +982,7 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
         f"every {TRACK_EVERY}th step and decides every {EVERY} steps, but never changes B; nothing probed) vs `batch_size=B`, "
         f"and `batch_size=B, track_noise={TRACK_EVERY}` (the tracked steps without the decisions) between them; same "
-        "steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio. "
+        "steps, no evaluation, interleaved rounds; median over rounds of the per-round ratio, with a bootstrap 90% interval of that median. "
         "*controller bookkeeping*: the time in `Controller.decide`, `NoiseTracker.update` and the "
         "per-example norms' sum, outside the step clock, per step and per decision. "
         "*steps*: the steps' time, each at the median duration of its class (tracked or not) in the run "
@@ -964,7 +991,7 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         "runs of steps the loop hands the backend between tracked steps); *raw train* / *raw wall*: the "
         f"history's clock and the call's wall time (disturbed by other processes). Target <= {OVERHEAD_GOAL}.",
         "",
-        "| problem | B | steps | fixed µs/step | adaptive µs/step | steps ratio | fit CPU ratio | "
+        "| problem | B | steps | fixed µs/step | adaptive µs/step | steps ratio | fit CPU ratio [90%] | "
         "fit CPU µs/step: fixed / tracking only / adaptive | controller bookkeeping µs/step (per decision) | "
         "raw train ratio | raw wall ratio | met (steps / fit CPU) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|",
@@ -974,7 +1001,8 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         c = r["cpu_us_per_step"]
         L.append(
             f"| {r['problem']} | {r['B']} | {r['steps']} | {r['fixed_us_per_step']:.1f} | "
-            f"{r['adaptive_us_per_step']:.1f} | {r['robust_ratio']:.3f} | {r['cpu_ratio']:.3f} | "
+            f"{r['adaptive_us_per_step']:.1f} | {r['robust_ratio']:.3f} | {r['cpu_ratio']:.3f} "
+            f"[{r['cpu_ratio_ci'][0]:.3f}, {r['cpu_ratio_ci'][1]:.3f}] | "
             f"{c['fixed']:.1f} / {c['tracking']:.1f} / {c['adaptive']:.1f} | "
             f"{r['ctrl_us_per_step']:.1f} ({r['ctrl_us_per_decision']:.0f}) | {r['train_ratio']:.3f} | "
             f"{r['wall_ratio']:.3f} | {ok[0]} / {ok[1]} |"
@@ -1067,17 +1095,25 @@ def _jsonable(x):
 
 
 def main(argv=None) -> int:
+    global HELD_REPEATS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits, 2 seeds, sizes 16/32/128, 3 rates (smoke test)")
     ap.add_argument("--problems", default=None, help=f"comma-separated, from {','.join(PROBLEMS)}")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; --quick 2)")
-    ap.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead timing (default 7)")
+    ap.add_argument("--overhead-rounds", type=int, default=None, help="rounds of the overhead timing (default 11)")
+    ap.add_argument(
+        "--held-repeats",
+        type=int,
+        default=None,
+        help=f"runs of each held-out (arm, seed); the median one counts (default {HELD_REPEATS}; --quick 1)",
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     names = args.problems.split(",") if args.problems else (["digits"] if args.quick else list(PROBLEMS))
     seeds = list(range(args.seeds if args.seeds else 2 if args.quick else 5))
-    rounds = args.overhead_rounds or (2 if args.quick else 7)
+    rounds = args.overhead_rounds or (2 if args.quick else 11)
+    HELD_REPEATS = args.held_repeats or (1 if args.quick else HELD_REPEATS)
     load_before = os.getloadavg()
     from minigd.warmup import warmup
 
@@ -1104,6 +1140,7 @@ def main(argv=None) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "stalled_share": float(np.mean([r["stall"] > 0.05 for r in runs])) if runs else 0.0,
         "n_runs": len(runs),
+        "held_repeats": HELD_REPEATS,
     }
     meta["verdict"] = verdict(summ)
     meta["wall_s"] = time.perf_counter() - t_start
