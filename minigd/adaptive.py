@@ -353,13 +353,16 @@ class Controller:
         saving only the cost model's share of m's step.  ``explore`` then tries a size that
         would win if it were faster than that, and its real steps replace the prediction
         (:meth:`observe_time`)."""
-        obs = self._observed
-        todo = [b for b in sizes if b not in obs]
-        if not todo or not obs:
+        obs, secs = self._observed, self.seconds
+        if not obs:
             return
-        for b in todo:
-            m = next(m for m in self._by_distance(b) if m in obs)
-            self.seconds[b] = self.seconds[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
+        for b in sizes:  # (plain loops: this runs at every decision, often with cold caches)
+            if b in obs:
+                continue
+            for m in self._by_distance(b):
+                if m in obs:
+                    secs[b] = secs[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
+                    break
 
     def _probe_sizes(self, sizes) -> None:
         """Time one step of each of ``sizes`` not measured yet (and of the size trained at,
@@ -433,9 +436,9 @@ class Controller:
     def _fold(self) -> None:
         """The real steps added up since the last fold: one sample of their size's step time."""
         B, secs, n = self._pend
-        if n:
-            self.observe_time(int(B), float(secs) / n)
         self._pend[:] = [0, 0.0, 0]
+        if n:
+            self.observe_time(B, secs / n)
 
     def observe_time(self, B: int, seconds_per_step: float) -> None:
         """Refine the measured step time of B from the real steps: the median of its last
@@ -444,9 +447,12 @@ class Controller:
         another process moves nothing).  Not with a given table or "flops"."""
         if self.spec.throughput not in (None, "probe") or not seconds_per_step > 0:
             return
-        recent = self._recent.setdefault(B, [])
+        recent = self._recent.get(B)
+        if recent is None:
+            recent = self._recent[B] = []
         recent.append(float(seconds_per_step))
-        del recent[:-RECENT]
+        if len(recent) > RECENT:
+            del recent[0]
         self.seconds[B] = _median(recent)
         self._observed[B] = self._observed.get(B, 0) + 1
         if B in self._probed:
