@@ -59,7 +59,7 @@ resampled jointly), and in how many seeds it beat the best fixed B.  Goal: ratio
 every problem and faster than the median fixed B; bar: ratio <= 1.25.
 
 **Controller overhead**: ``fit`` with ``AdaptiveBatchSize(min=B, max=B, throughput={B: 1})``
-(one candidate: the controller tracks the noise every 8th step and decides every 40, but
+(one candidate: the controller tracks the noise every 8th step and decides every 64, but
 never changes B, and nothing is probed) against ``fit(batch_size=B)``, same steps, no
 evaluation, in interleaved rounds; the median over rounds of the per-round ratio, of the
 training time (the steps, tracked ones included) and of the whole ``fit`` call's wall time
@@ -127,7 +127,7 @@ MON = Machine()
 
 # -- the controller's work outside the step clock, timed (the wrappers only read the clock) -------
 # The history's clock times the steps only.  An adaptive run also spends, outside it, the
-# throughput probe (Controller._probe_sizes: for each size when a decision first can reach it), the decisions (Controller.decide, every 40 steps, its probing excluded) and
+# throughput probe (Controller._probe_sizes: for each size when a decision first can reach it), the decisions (Controller.decide, every 64 steps, its probing excluded) and
 # the noise bookkeeping of the tracked steps (the per-example norms' sum, NoiseTracker.update).
 _SPENT = {"probe": 0.0, "ctrl": 0.0}
 

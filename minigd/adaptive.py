@@ -91,8 +91,10 @@ class AdaptiveBatchSize:
     max : int, optional
         Largest batch size (default: the number of training examples, at most 8192).
     every : int
-        Steps between decisions (default 40: the noise estimate it acts on averages over
-        ~80-160 steps anyway, and each decision ends the backend's run of steps).
+        Steps between decisions (default 64: the noise estimate it acts on averages over
+        ~80-160 steps anyway, and each decision costs ~10 us of Python, ~30 right after an
+        evaluation, and ends the backend's run of steps (~7 us): at 40 that was 4-7% of a
+        15 us step on the benchmark problems, at 64 it is 2-4%; bench/results/adaptive.md).
     lr_rule : {"adascale", "sqrt", "linear"}
         How the learning rate follows the batch size (module doc).
     candidates : sequence of int, optional
@@ -128,7 +130,7 @@ class AdaptiveBatchSize:
         self,
         min: int = 32,
         max: int | None = None,
-        every: int = 40,
+        every: int = 64,
         lr_rule: str = "adascale",
         candidates: Any = None,
         track_every: int = 8,
