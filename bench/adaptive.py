@@ -569,10 +569,11 @@ def run_problem(p: Problem, seeds, quick: bool, rng) -> dict:
 
 def _median_repeat(recs: list) -> dict:
     """Of one arm's repeated runs on one seed, the run whose all-in time (robust + decisions and
-    bookkeeping + probe) is the median (the lower one of an even number); the repeats' times
-    are kept with it.  A fixed run is deterministic (the same steps every time) and an
-    adaptive one nearly so: the repeats differ by the machine's timing noise, which the
-    median of a few removes for every arm alike."""
+    bookkeeping + probe; a fixed run's is its robust time) is the median (an odd number of
+    repeats); the repeats' times are kept with it.  A fixed run takes the same steps every
+    time, so its repeats differ only by the machine's timing noise; an adaptive run's
+    measured step times steer its decisions, so its repeats can also differ in their path,
+    and the median run is its typical one."""
     key = [r["robust"] + r["probe_s"] + r["ctrl_s"] for r in recs]
     i = sorted(range(len(recs)), key=key.__getitem__)[(len(recs) - 1) // 2]
     rec = dict(recs[i])
@@ -858,9 +859,10 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
         "noisy medians is biased low -- it was picked for being low -- and the adaptive arm, which picks "
         "nothing, pays for that bias. "
         f"Each held-out (arm, seed) runs {meta.get('held_repeats', 1)} times, in interleaved passes over all "
-        "the arms of that seed, and its median run (by all-in time) counts: the steps are the same each time "
-        "(nearly so for adaptive, whose measured step times steer it), so the repeats differ by the "
-        "machine's timing noise, which the median removes for every arm alike.",
+        "the arms of that seed, and its median run by all-in time (for a fixed batch size, its robust time) "
+        "counts, with all its columns: a fixed batch size takes the same steps each time, so its repeats "
+        "differ only by the machine's timing noise; an adaptive run's measured step times steer its "
+        "decisions, so its repeats can also take different paths, and the median run is its typical one.",
         "",
     ]
     v = meta["verdict"]
@@ -1114,6 +1116,8 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds if args.seeds else 2 if args.quick else 5))
     rounds = args.overhead_rounds or (2 if args.quick else 11)
     HELD_REPEATS = args.held_repeats or (1 if args.quick else HELD_REPEATS)
+    if HELD_REPEATS % 2 == 0:
+        ap.error(f"--held-repeats: expected an odd number (the median run counts), got {HELD_REPEATS}")
     load_before = os.getloadavg()
     from minigd.warmup import warmup
 

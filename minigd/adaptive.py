@@ -267,9 +267,36 @@ def _median(xs: list) -> float:
     return v[h] if len(v) % 2 else 0.5 * (v[h - 1] + v[h])
 
 
+def _finite(x) -> bool:
+    """A finite number (not a bool) that a float holds (a crafted file's int can be too
+    large to convert)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def _positive(x) -> bool:
     """A positive, finite number (not a bool)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
+    return _finite(x) and x > 0
+
+
+def _weighted_median(ts: list, ks: list, n: int) -> float:
+    """The step-weighted median of runs' per-step times ``ts`` (``ks`` steps each, ``n`` in
+    all): the per-step time of the run holding the middle step (the lower of two).  ``ts`` is
+    sorted in place when every run is one step (a per-step callback: the common case of many
+    runs, at C speed)."""
+    if n == len(ts):
+        ts.sort()
+        return ts[(n - 1) // 2]
+    half, seen = n / 2.0, 0
+    for t, k in sorted(zip(ts, ks)):
+        seen += k
+        if seen >= half:
+            return t
+    return max(ts)
 
 
 class Controller:
@@ -288,7 +315,12 @@ class Controller:
         self.seconds: dict = {}  # {B: seconds per step}
         self._observed: dict = {}  # {B: samples folded into seconds[B]}
         self._recent: dict = {}  # {B: its mean step times in its last RECENT decision periods}
-        self._pend: list = [0, 0.0, 0]  # [B, seconds, steps] of the real steps since the last fold
+        # the real steps since the last fold: [B, seconds, steps, the least and the largest
+        # per-step time of a run], and the runs themselves [(seconds per step, steps), ...]
+        self._pend: list = [0, 0.0, 0, math.inf, 0.0]
+        self._run_t: list = []  # per-step time of each run since the last fold
+        self._run_k: list = []  # and its steps
+        self._explore_order: dict = {}  # {B: the candidates nearest to B first, for exploring}
         self._probe: dict | None = None  # what measuring a size needs (measured throughput)
         self._probed: dict = {}  # {B: the probe's seconds per step}
         self._calib = 0.0  # real - probed step time (seconds) at the size trained at last
@@ -424,23 +456,36 @@ class Controller:
                 self.seconds[b] = max(t + self._calib, 0.5 * t)
 
     def observe_run(self, B: int, seconds: float, steps: int) -> None:
-        """A run of ``steps`` real steps of B rows took ``seconds``: added up (two additions:
-        this runs after every run of steps, at every step with a per-step callback) and
-        folded into B's step time by :meth:`observe_time` at the next decision, or when the
-        batch size changes."""
+        """A run of ``steps`` real steps of B rows took ``seconds``: added up (a few additions
+        and comparisons: this runs after every run of steps, at every step with a per-step
+        callback) and folded into B's step time by :meth:`_fold` at the next decision, or
+        when the batch size changes."""
         pend = self._pend
         if pend[0] != B:
             self._fold()
             pend[0] = B
+        t = seconds / steps
         pend[1] += seconds
         pend[2] += steps
+        if t < pend[3]:
+            pend[3] = t
+        if t > pend[4]:
+            pend[4] = t
+        self._run_t.append(t)
+        self._run_k.append(steps)
 
     def _fold(self) -> None:
-        """The real steps added up since the last fold: one sample of their size's step time."""
-        B, secs, n = self._pend
-        self._pend[:] = [0, 0.0, 0]
+        """The real steps added up since the last fold: one sample of their size's step time
+        -- their mean, or, when one run was more than twice as slow per step as another (a
+        run slowed by another process, or a size's first, cold steps) and there are three
+        runs or more, the step-weighted median of the runs' per-step times, so that one
+        disturbed run moves nothing."""
+        B, secs, n, lo, hi = self._pend
+        ts, ks = self._run_t, self._run_k
+        self._pend[:] = [0, 0.0, 0, math.inf, 0.0]
+        self._run_t, self._run_k = [], []
         if n:
-            self.observe_time(B, secs / n)
+            self.observe_time(B, _weighted_median(ts, ks, n) if hi > 2.0 * lo and len(ts) >= 3 else secs / n)
 
     def observe_time(self, B: int, seconds_per_step: float) -> None:
         """Refine the measured step time of B from the real steps: the median of its last
@@ -556,7 +601,11 @@ class Controller:
         probed step time ``1 + explore`` times shorter (the nearest such; once per size), else
         (cur, None)."""
         f, bar = 1.0 + self.spec.explore, gp[cur] * (1.0 + self.spec.min_gain)
-        for b in self._by_distance(cur):
+        order = self._explore_order.get(cur)
+        if order is None:  # (this key, not _by_distance's: a geometric tie of sizes that are not
+            # powers of two rounds the other way under it)
+            order = self._explore_order[cur] = sorted(self.sizes, key=lambda b: (abs(math.log(b / cur)), b))
+        for b in order:
             if b in gp and b != cur and b not in self._observed and b not in self.explored and gp[b] * f > bar:
                 self.explored.append(b)
                 how = "timed by the probe" if self._probe is not None else "predicted"
@@ -582,7 +631,8 @@ class Controller:
             "recent": [[b, list(self._recent[b])] for b in self.sizes if self._recent.get(b)],
             "probed": [[b, self._probed[b]] for b in self.sizes if b in self._probed],
             "calib": self._calib,
-            "pending": list(self._pend),
+            "pending": list(self._pend[:3]),
+            "pending_runs": [[t, k] for t, k in zip(self._run_t, self._run_k)],
             "explored": list(self.explored),
             "decisions": self.decisions,
         }
@@ -596,9 +646,7 @@ class Controller:
             and not isinstance(d.get("step"), bool)
             and 0 <= d["step"] < 1 << 53
             and d.get("batch_size") in self.sizes
-            and all(
-                d.get(k) is None or (isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)) for k in num
-            )
+            and all(d.get(k) is None or isinstance(d.get(k), float) or _finite(d.get(k)) for k in num)
             and isinstance(d.get("reason"), str)
         )
 
@@ -618,7 +666,7 @@ class Controller:
         )
         for k in ("factor", "gain"):
             v = st.get(k)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf, f"has {k}={v!r}")
+            need(_positive(v), f"has {k}={v!r}")
         secs, obs, probed = st.get("seconds"), st.get("observed", []), st.get("probed", [])
 
         def table(v, ok):
@@ -633,25 +681,38 @@ class Controller:
         need(
             table(secs, _positive)
             and table(probed, _positive)
-            and isinstance(st.get("calib", 0.0), (int, float))
-            and not isinstance(st.get("calib", 0.0), bool)
-            and math.isfinite(st.get("calib", 0.0))
+            and _finite(st.get("calib", 0.0))
             and table(obs, lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0)
             and table(recent, lambda x: isinstance(x, list) and 0 < len(x) <= RECENT and all(map(_positive, x))),
             "has a malformed throughput table",
         )
         pend = st.get("pending", [0, 0.0, 0])
+        runs = st.get("pending_runs", [])
         need(
             isinstance(pend, list)
             and len(pend) == 3
+            and isinstance(pend[0], int)
+            and not isinstance(pend[0], bool)
             and (pend[0] in self.sizes or pend[0] == 0)
-            and isinstance(pend[1], (int, float))
-            and not isinstance(pend[1], bool)
-            and 0 <= pend[1] < math.inf
+            and _finite(pend[1])
+            and pend[1] >= 0
             and isinstance(pend[2], int)
             and not isinstance(pend[2], bool)
-            and 0 <= pend[2] < 1 << 53,
-            f"has a malformed pending step time {pend!r}",
+            and 0 <= pend[2] < 1 << 53
+            and (pend[0] == 0) == (pend[2] == 0)
+            and (pend[2] > 0 or pend[1] == 0)
+            and isinstance(runs, list)
+            and all(
+                isinstance(r, list)
+                and len(r) == 2
+                and _positive(r[0])
+                and isinstance(r[1], int)
+                and not isinstance(r[1], bool)
+                and 0 < r[1] < 1 << 53
+                for r in runs
+            )
+            and (pend[2] > 0 or not runs),
+            f"has a malformed pending step time {pend!r} (runs {str(runs)[:80]})",
         )
         explored = st.get("explored", [])
         need(
@@ -667,7 +728,8 @@ class Controller:
             "has no noise records for this data",
         )
         for k in ("goodput", "noise"):
-            need(isinstance(st.get(k), (int, float)) and not isinstance(st.get(k), bool), f"has {k}={st.get(k)!r}")
+            v = st.get(k)  # (NaN or inf are legitimate here; an int too large for a float is not)
+            need(_finite(v) or (isinstance(v, float) and not math.isfinite(v)), f"has {k}={v!r}")
         self.tracker = tracker
         self.B, self.epoch_B = int(st["B"]), int(st["epoch_B"])
         self.factor, self.gain = float(st["factor"]), float(st["gain"])
@@ -677,6 +739,9 @@ class Controller:
         self._recent = {int(b): [float(x) for x in v] for b, v in recent}
         self._probed = {int(b): float(t) for b, t in probed}
         self._calib = float(st.get("calib", 0.0))
-        self._pend = [int(pend[0]), float(pend[1]), int(pend[2])]
+        self._run_t = [float(t) for t, _ in runs]
+        self._run_k = [int(k) for _, k in runs]
+        ts = self._run_t
+        self._pend = [int(pend[0]), float(pend[1]), int(pend[2]), min(ts, default=math.inf), max(ts, default=0.0)]
         self.decisions = [dict(d) for d in st["decisions"]]
         self.explored = [int(b) for b in explored]

@@ -505,20 +505,70 @@ def test_runs_of_steps_are_added_up_into_one_sample_per_decision_period():
     c.observe_run(8, 2.1e-3, 21)  # a longer run: weighted by its steps
     assert 8 not in c.seconds and c._recent == {}
     st = json.loads(json.dumps(c.state()))
-    assert st["pending"] == [8, pytest.approx(3e-3), 30]
+    assert st["pending"] == [8, pytest.approx(3e-3), 30] and len(st["pending_runs"]) == 10
     c.observe_run(16, 4e-4, 2)  # the size changed: 8's period is one sample
     assert c._recent == {8: [pytest.approx(1e-4)]} and c.seconds[8] == pytest.approx(1e-4)
     c.tracker.update(0, 16, 16 * 2.0, 1.0)
     c.decide(40)  # a decision folds the period in progress
-    assert c.seconds[16] == pytest.approx(2e-4) and c._pend == [0, 0.0, 0]
+    assert c.seconds[16] == pytest.approx(2e-4) and c._pend[:3] == [0, 0.0, 0] and c._run_t == []
     c2 = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
     c2.restore(st, c.tracker, "test")  # resumed mid-period: it goes on with the same sum
     c2.observe_run(8, 1e-3, 10)
     c2._fold()
     assert c2.seconds[8] == pytest.approx(1e-4)
-    for bad in ([8, -1.0, 3], [8, 1.0, 2.5], [7, 1.0, 3], [8, float("inf"), 3], "x", [8, 1.0]):
-        with pytest.raises(mg.CheckpointError, match="pending"):
-            c2.restore({**st, "pending": bad}, c.tracker, "test")
+
+
+def test_one_disturbed_run_does_not_set_a_sizes_step_time():
+    """A run slowed by another process (here one step of 5 ms among 64 of 15 us, each its own
+    run as with a per-step callback) moves nothing: with a run more than twice as slow per step
+    as another, the period's sample is the step-weighted median of its runs, not their mean."""
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    for i in range(64):
+        c.observe_run(16, 5e-3 if i == 30 else 15e-6, 1)
+    c._fold()
+    assert c.seconds[16] == pytest.approx(15e-6)
+    for i in range(4):  # a run's first, cold steps twice as slow: the median of the runs again
+        c.observe_run(16, 16 * (40e-6 if i == 0 else 15e-6), 16)
+    c._fold()
+    assert c._recent[16] == [pytest.approx(15e-6)] * 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [8, -1.0, 3],
+        [8, 1.0, 2.5],
+        [7, 1.0, 3],
+        [8, float("inf"), 3],
+        [8, 10**400, 3],  # an int no float holds
+        [0, 1.0, 5],  # steps without a size
+        [8, 1.0, 0],  # a size without steps
+        [True, 1.0, 3],
+        "x",
+        [8, 1.0],
+    ],
+)
+def test_a_crafted_pending_step_time_is_refused(bad):
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    st = c.state()
+    with pytest.raises(mg.CheckpointError, match="pending"):
+        Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False).restore(
+            {**st, "pending": bad}, c.tracker, "test"
+        )
+    with pytest.raises(mg.CheckpointError, match="pending"):  # and the runs of the sum
+        Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False).restore(
+            {**st, "pending": [8, 1.0, 3], "pending_runs": [[10**400, 3]]}, c.tracker, "test"
+        )
+
+
+def test_numbers_too_large_for_a_float_in_a_checkpoint_are_refused_not_crashed_on():
+    c = Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False)
+    st = c.state()
+    for k in ("factor", "gain", "goodput", "noise", "calib"):
+        with pytest.raises(mg.CheckpointError):
+            Controller(AdaptiveBatchSize(min=8, max=64), [8, 16, 32, 64], N, replacement=False).restore(
+                {**st, k: 10**400}, c.tracker, "test"
+            )
 
 
 def _observed_controller():
@@ -643,3 +693,34 @@ def test_noise_tracker_folds_its_records_lazily_and_bitwise_as_eagerly(steps, re
         np.array_equal(np.array(list(a.values()), float), np.array(list(b.values()), float), equal_nan=True)
         for a, b in zip(eager.records(), lazy.records())
     )
+
+
+def test_exploring_takes_the_nearest_size_first_and_the_smaller_of_a_tie():
+    """Candidates 32 < 48 < 72 are a geometric tie around 48 (32 * 72 = 48^2); of two sizes
+    equally near, in the key (|log(b / cur)|, b), the one whose rounding is nearer comes first
+    -- the order this controller has always used, kept when the orders got cached."""
+    spec = AdaptiveBatchSize(min=32, candidates=[32, 48, 72], explore=10.0)
+    c = Controller(spec, spec.sizes(1000), 1000, False)
+    c.B = 48
+    for s in range(10):
+        tr = (1 - 1e-4) / (1 / 48 - 1 / 1000)
+        c.tracker.update(s, 48, 48 + 47 * tr, 1.0)
+    c.observe_time(48, 1e-3)
+    want = sorted([32, 72], key=lambda b: (abs(math.log(b / 48)), b))[0]
+    assert c.decide(64)["batch_size"] == want
+
+
+def test_a_noise_tracker_pickled_before_the_lazy_averages_still_reads():
+    import pickle
+
+    from minigd.gradstats.tracking import NoiseTracker
+
+    t = NoiseTracker(100, False, 0.9)
+    for s in range(5):
+        t.update(s, 8, 20.0 + s, 1.0)
+    want = t.noise_scale
+    st = dict(t.__dict__)
+    del st["_done"]  # what an older version pickled: every record already in the averages
+    old = NoiseTracker.__new__(NoiseTracker)
+    old.__setstate__(st)
+    assert old.noise_scale == want and pickle.loads(pickle.dumps(old)).noise_scale == want

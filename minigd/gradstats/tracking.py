@@ -105,6 +105,13 @@ class NoiseTracker:
         self._pow = 1.0  # beta ** t
         self._done = 0  # records folded into the moving averages
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling: a tracker pickled before the lazy moving averages had every record
+        folded in (``_done`` = all of them)."""
+        self.__dict__.update(state)
+        if "_done" not in state:
+            self._done = len(self._raw)
+
     def _estimates(self, B: int, sum_sq_norms: float, batch_sq_norm: float):
         """This step's unbiased (|G|^2, tr Sigma) estimates (NaN for B < 2)."""
         if B < 2:
