@@ -12,7 +12,8 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   squared norm of its gradient with that of its first half (the two-batch estimator,
   McCandlish et al. Appendix A.1), at the cost of one extra half-batch gradient;
 * **the step time per batch size** on this machine, from the real steps (the median of
-  each size's mean step time over its last five decision periods).  A size not trained at yet
+  each size's last five decision periods' samples: a period's mean step time, or the
+  median of its runs of steps when one was more than twice as slow per step as another).  A size not trained at yet
   is predicted from the nearest size that was, conservatively -- a larger size no faster
   per example, a smaller one saving only the cost model's share of the step (step time ~
   64 rows + B) -- and tried for real when it would win with a time ``1 + explore`` times
