@@ -18,7 +18,9 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   per example, a smaller one saving only the cost model's share of the step (step time ~
   64 rows + B) -- and tried for real when it would win with a time ``1 + explore`` times
   shorter: its real steps then replace the prediction, and a size that proves slower is
-  left at the next decision.  Nothing is timed outside training, so the controller costs
+  left at the next decision.  A size whose one real sample is slower than even that
+  conservative prediction from the size trained at (a period disturbed by another process,
+  or its first, cold steps) is tried once more the same way, that sample dropped.  Nothing is timed outside training, so the controller costs
   no probe steps (on digits the probe cost a third of the training time to target:
   bench/results/adaptive.md).  Or ``throughput="probe"``: a size not trained at is timed
   when a decision first can reach it -- one warm-up and the best of three steps on scratch
@@ -331,6 +333,7 @@ class Controller:
         self._near: dict = {}  # {B: the candidates one decision can reach from B}
         self._order: dict = {}  # {B: the candidates nearest to B first (log scale; the smaller of a tie)}
         self.explored: list = []  # the sizes tried because of the explore rule
+        self.retried: list = []  # the sizes tried again because their one sample was suspect
 
     # -- throughput --------------------------------------------------------------------------
     def measure(self, model, X, yi, yf, opt_state) -> None:
@@ -396,8 +399,13 @@ class Controller:
                 continue
             for m in self._by_distance(b):
                 if m in obs:
-                    secs[b] = secs[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
+                    secs[b] = self._conservative(b, m)
                     break
+
+    def _conservative(self, b: int, m: int) -> float:
+        """The step time of b predicted from m's: ``max(b / m, (FLOPS_OVERHEAD_ROWS + b) /
+        (FLOPS_OVERHEAD_ROWS + m))`` times it (see :meth:`_predict`)."""
+        return self.seconds[m] * max(b / m, (FLOPS_OVERHEAD_ROWS + b) / (FLOPS_OVERHEAD_ROWS + m))
 
     def _probe_sizes(self, sizes) -> None:
         """Time one step of each of ``sizes`` not measured yet (and of the size trained at,
@@ -615,6 +623,25 @@ class Controller:
                     f"{gp[cur]:.4g} at B={cur} is within that time's error (explore={self.spec.explore:g}; "
                     f"noise scale {phi:.4g})"
                 )
+        obs = self._observed
+        if self._probe is not None or cur not in obs:
+            return cur, None
+        for b in order:  # a size whose one real sample is slower than even the conservative
+            # prediction from B=cur: a period disturbed by another process, or its first, cold
+            # steps -- one sample would otherwise keep it out for good.  Tried once more (once per
+            # size), the suspect sample dropped, when it would win at the predicted time.
+            if b in gp and b != cur and obs.get(b) == 1 and b not in self.retried:
+                pred = self._conservative(b, cur)
+                if self.seconds[b] > pred and gp[b] * self.seconds[b] / pred * f > bar:
+                    self.retried.append(b)
+                    was = self.seconds[b]
+                    del obs[b], self._recent[b]
+                    self.seconds[b] = pred
+                    return b, (
+                        f"retry: B={b}'s only step-time sample ({was:.3g} s) is slower than the conservative "
+                        f"prediction from B={cur} ({pred:.3g} s); tried once more, that sample dropped "
+                        f"(noise scale {phi:.4g})"
+                    )
         return cur, None
 
     # -- checkpointing ---------------------------------------------------------------------------------
@@ -635,6 +662,7 @@ class Controller:
             "pending": list(self._pend[:3]),
             "pending_runs": [[t, k] for t, k in zip(self._run_t, self._run_k)],
             "explored": list(self.explored),
+            "retried": list(self.retried),
             "decisions": self.decisions,
         }
 
@@ -715,10 +743,13 @@ class Controller:
             and (pend[2] > 0 or not runs),
             f"has a malformed pending step time {pend!r} (runs {str(runs)[:80]})",
         )
-        explored = st.get("explored", [])
+        explored, retried = st.get("explored", []), st.get("retried", [])
         need(
-            isinstance(explored, list) and all(b in self.sizes for b in explored),
-            "has explored sizes outside the candidates",
+            isinstance(explored, list)
+            and all(b in self.sizes for b in explored)
+            and isinstance(retried, list)
+            and all(b in self.sizes for b in retried),
+            "has explored sizes (or retried ones) outside the candidates",
         )
         need(
             isinstance(st.get("decisions"), list) and all(self._decision_ok(d) for d in st["decisions"]),
@@ -746,3 +777,4 @@ class Controller:
         self._pend = [int(pend[0]), float(pend[1]), int(pend[2]), min(ts, default=math.inf), max(ts, default=0.0)]
         self.decisions = [dict(d) for d in st["decisions"]]
         self.explored = [int(b) for b in explored]
+        self.retried = [int(b) for b in retried]

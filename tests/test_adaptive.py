@@ -724,3 +724,33 @@ def test_a_noise_tracker_pickled_before_the_lazy_averages_still_reads():
     old = NoiseTracker.__new__(NoiseTracker)
     old.__setstate__(st)
     assert old.noise_scale == want and pickle.loads(pickle.dumps(old)).noise_scale == want
+
+
+def test_a_size_whose_one_sample_is_suspect_is_tried_once_more():
+    """B=16's only sample (a disturbed period: 3x its real time) is slower than even the
+    conservative prediction from B=8 (2x B=8's time): the controller tries it once more, with
+    that sample dropped, when it would win at the predicted time -- and only once; a size with
+    two samples, or one no slower than the prediction, is left alone."""
+    spec = AdaptiveBatchSize(min=8, max=32, explore=0.3)
+    c = Controller(spec, [8, 16, 32], N, replacement=False)
+    for s in range(10):  # a large noise scale: every size about as efficient per example
+        tr = 1e4
+        c.tracker.update(s, 8, 8 * 1.0 + 7 * tr, 1.0)
+    c.observe_time(8, 1e-4)
+    c.observe_time(16, 6e-4)  # one disturbed sample: 3x the real 2e-4
+    c.explored = [16, 32]  # (exploring untried sizes is not what this tests)
+    rec = c.decide(64)
+    assert rec["batch_size"] == 16 and rec["reason"].startswith("retry: B=16")
+    assert c.retried == [16] and 16 not in c._observed and 16 not in c._recent
+    c2 = Controller(spec, [8, 16, 32], N, replacement=False)
+    c2.restore(json.loads(json.dumps(c.state())), c.tracker, "test")
+    assert c2.retried == [16] and c2.seconds == c.seconds
+    c.observe_time(16, 6e-4)  # disturbed again: no third try
+    c.B = 8
+    assert c.decide(128)["batch_size"] == 8
+    d = Controller(spec, [8, 16, 32], N, replacement=False)
+    d.tracker = c.tracker
+    d.observe_time(8, 1e-4)
+    d.observe_time(16, 1.9e-4)  # one sample, no slower than the prediction: trusted
+    d.explored = [16, 32]
+    assert not d.decide(64)["reason"].startswith("retry") and d.retried == []
