@@ -317,6 +317,19 @@ def _refused(m, m2, Bf, snr_max):
 
 
 @jit(inline="always")
+def _m2_about(col, xr, mu, B):
+    """sum_r (col[r] xr[r] - mu)^2, corrected by the deviations' own sum (the two-pass form
+    around a float64 centre ``mu``), in float64; at least 0."""
+    s = 0.0
+    ss = 0.0
+    for r in range(B):
+        t = col[r] * xr[r] - mu
+        s += t
+        ss += t * t
+    return max(ss - s * s / np.float64(B), 0.0)
+
+
+@jit(inline="always")
 def _exact_entry(B, A, D, i, j, col, xt, have_col):
     """(mean, M2) of the per-example gradients A[r, i] * (B D[r, j]) of one weight, in
     float64 (the corrected two-pass form around the float64 mean); ``col`` holds A[:, i] in
@@ -330,13 +343,7 @@ def _exact_entry(B, A, D, i, j, col, xt, have_col):
     for r in range(B):
         s += col[r] * xr[r]
     mu = s / Bf
-    s = 0.0
-    ss = 0.0
-    for r in range(B):
-        t = col[r] * xr[r] - mu
-        s += t
-        ss += t * t
-    return mu, max(ss - s * s / Bf, 0.0)
+    return mu, _m2_about(col, xr, mu, B)
 
 
 @jit
@@ -594,16 +601,7 @@ def _shortcut_finish(B, grad, ws, lay, l, n_old, st_mean, st_m2, s2, s1, xT, ac,
                     for r in range(B):
                         col[r] = np.float64(A[r, i])
                     have = True
-                mu = S1 / Bf if need_s1 else np.float64(gW[p])
-                xr = xt[j]
-                s = 0.0
-                ss = 0.0
-                for r in range(B):
-                    t = col[r] * xr[r] - mu
-                    s += t
-                    ss += t * t
-                m2 = ss - s * s / Bf
-                M2[p] += max(m2, 0.0)
+                M2[p] += _m2_about(col, xt[j], S1 / Bf if need_s1 else np.float64(gW[p]), B)
     # 3. bias (the same with A = 1): fo numbers, always the two-pass form, in float64
     bo = lay[R_BOFF, l]
     gb = _b(grad, lay, l)
