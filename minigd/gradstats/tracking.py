@@ -136,18 +136,12 @@ class NoiseTracker:
         raw, i = self._raw, self._done
         if i == len(raw):
             return
-        beta, n = self.beta, self.n
+        beta = self.beta
         g2e, tre, t, pw = self._ema_g2, self._ema_tr, self._t, self._pow
         for _, B, s, g in raw[i:]:
             if B < 2:
                 continue
-            tr = (s - B * g) / (B - 1)  # (_estimates, inlined)
-            if self.replacement:
-                g2 = g - tr / B
-                if n > 1:
-                    tr = tr * n / (n - 1)
-            else:
-                g2 = g - tr * (1.0 / B - 1.0 / n)
+            g2, tr = self._estimates(B, s, g)
             g2e = beta * g2e + (1.0 - beta) * g2
             tre = beta * tre + (1.0 - beta) * tr
             t += 1
