@@ -42,7 +42,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba.core import types
+from llvmlite import ir
+from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
 from . import _blas
@@ -811,6 +812,107 @@ def train_step_blas_generic(
         return loss, 0, math.nan
     check, gsq = _opt_update_generic(params, grad, codes, hp, soff, state, plan, lr, t, want_sqn)
     return loss, _apply_if_finite(params, grad, check), gsq
+
+
+# ----------------------------------------------------------------------------- runs of steps
+@jit
+def sum64(rows):
+    """Sum of a 1-D array accumulated in float64 (the per-example squared norms of a
+    tracked step: one compiled call costs less than numpy's reduction at these sizes)."""
+    s = 0.0
+    for r in range(rows.shape[0]):
+        s += rows[r]
+    return s
+
+
+@intrinsic
+def _monotonic_ns(typingctx):
+    """``clock_gettime(CLOCK_MONOTONIC)`` in integer nanoseconds: the clock of Python's
+    ``time.perf_counter`` on Linux (the only platform that calls :func:`run_steps`; its
+    CLOCK_MONOTONIC is 1), through the vDSO (~20 ns).  The symbol is resolved by name when
+    the code is loaded, so a cached kernel holds no address."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ts_t = ir.LiteralStructType([i64, i64])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i32, [i32, ts_t.as_pointer()]), "clock_gettime"
+        )
+        ts = cgutils.alloca_once(builder, ts_t)
+        builder.store(ir.Constant(ts_t, [0, 0]), ts)
+        builder.call(fn, [ir.Constant(i32, 1), ts])
+        sec = builder.load(cgutils.gep_inbounds(builder, ts, 0, 0))
+        ns = builder.load(cgutils.gep_inbounds(builder, ts, 0, 1))
+        return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), ns)
+
+    return sig, codegen
+
+
+@jit(inline="always")
+def _run_record(rec, s, loss, ok, gsq, start, tracked, ws, lay, B, max_ns):
+    """Row s of a run's records (see :func:`run_steps_loops`); True when the run stops here."""
+    now = _monotonic_ns() - start
+    rec[s, 0] = loss
+    rec[s, 1] = 1.0 if ok else 0.0
+    rec[s, 2] = gsq
+    rec[s, 3] = now * 1e-9
+    rec[s, 4] = sum64(_scratch(ws, lay, B)) if tracked and ok else math.nan
+    return not ok or (max_ns >= 0 and now >= max_ns)
+
+
+@jit
+def run_steps_loops(
+    X, yi, yf, idx, B, n_steps, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan,
+    lrs, t0, first, every, max_ns, rec,
+):  # fmt: skip
+    """``n_steps`` calls of :func:`train_step_loops` in one call: what ``Backend.run_steps``
+    does in Python, step for step, without a Python call per step (at batch 1 the Python
+    loop around the step cost ~1.4 us of a ~5 us step).  ``plan[0]`` must be nonzero (a
+    chain that fuses: every named optimizer).
+
+    Step s takes rows ``idx[s * B:(s + 1) * B]`` (all of ``idx`` when it holds B rows),
+    learning rate ``lrs[s]`` and update count ``t0 + s``: the same kernel, arguments and
+    order as one call per step, so the parameters and optimizer state are bitwise those of
+    the Python loop.  Steps ``first, first + every, ...`` (and every step with
+    ``want_sqn``) compute their per-example squared norms.  Row s of ``rec`` (n_steps, 5)
+    gets the loss, applied (1/0), |g|^2, the seconds from the call's start to the step's
+    end, and at the tracked applied steps the float64 row-order sum of the per-example
+    squared norms (:func:`sum64`; NaN elsewhere).  The run stops after the first rejected
+    step and, with ``max_ns >= 0``, after the first step that ends ``max_ns`` ns or more
+    after the start.  Returns the number of steps done."""
+    start = _monotonic_ns()
+    full = idx.shape[0] == B
+    for s in range(n_steps):
+        rows = idx if full else idx[s * B : (s + 1) * B]
+        tracked = s >= first and (s - first) % every == 0
+        loss, ok, gsq = train_step_loops(
+            X, yi, yf, rows, B, params, grad, ws, lay, loss_code, want_sqn or tracked, codes, hp, soff, state, plan,
+            lrs[s], t0 + s,
+        )  # fmt: skip
+        if _run_record(rec, s, loss, ok, gsq, start, tracked, ws, lay, B, max_ns):
+            return s + 1
+    return n_steps
+
+
+@jit
+def run_steps_blas(
+    X, yi, yf, idx, B, n_steps, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan,
+    lrs, t0, first, every, max_ns, rec,
+):  # fmt: skip
+    """:func:`run_steps_loops` with :func:`train_step_blas` (the compiled BLAS regime)."""
+    start = _monotonic_ns()
+    full = idx.shape[0] == B
+    for s in range(n_steps):
+        rows = idx if full else idx[s * B : (s + 1) * B]
+        tracked = s >= first and (s - first) % every == 0
+        loss, ok, gsq = train_step_blas(
+            X, yi, yf, rows, B, params, grad, ws, lay, loss_code, want_sqn or tracked, codes, hp, soff, state, plan,
+            lrs[s], t0 + s,
+        )  # fmt: skip
+        if _run_record(rec, s, loss, ok, gsq, start, tracked, ws, lay, B, max_ns):
+            return s + 1
+    return n_steps
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -22,7 +22,18 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import jit
-from .cpu import _W, R_BOFF, R_D, R_MISC, R_SIZE, R_WOFF, _b, _blk, _input
+from .cpu import (
+    _W,
+    R_BOFF,
+    R_D,
+    R_MISC,
+    R_SIZE,
+    R_WOFF,
+    _b,
+    _blk,
+    _input,
+    sum64,  # noqa: F401  (re-exported: it lived here; the compiled run of steps calls it)
+)
 
 #: a layer with fewer outputs than this (and more inputs) is swept transposed, so that the
 #: vectorised inner loop runs over its inputs rather than over a handful of outputs
@@ -774,13 +785,3 @@ def per_example_fill(B, ws, lay, out, tmp):
                     o[base + j] = a * ds[j]
             for j in range(fo):
                 o[bo + j] = ds[j]
-
-
-@jit
-def sum64(rows):
-    """Sum of a 1-D array accumulated in float64 (the per-example squared norms of a
-    tracked step: one compiled call costs less than numpy's reduction at these sizes)."""
-    s = 0.0
-    for r in range(rows.shape[0]):
-        s += rows[r]
-    return s

@@ -103,6 +103,24 @@ class History:
         c["time"][i] = t
         self.n_steps = i + 1
 
+    def record_steps(self, step: int, epoch: int, loss, lr, batch_size: int, examples: int, t) -> None:
+        """:meth:`record_step` for the m steps ``step .. step + m - 1`` of one epoch at once
+        (``loss``, ``lr``, ``t``: length-m sequences; ``examples``: the count before the
+        first of them): the same values, one slice per column instead of a call per step."""
+        m = len(loss)
+        i = self.n_steps
+        while i + m > len(self._cols["step"]):
+            self._grow()
+        c = self._cols
+        c["step"][i : i + m] = np.arange(step, step + m)
+        c["epoch"][i : i + m] = epoch
+        c["loss"][i : i + m] = loss
+        c["lr"][i : i + m] = lr
+        c["batch_size"][i : i + m] = batch_size
+        c["examples"][i : i + m] = np.arange(1, m + 1) * batch_size + examples
+        c["time"][i : i + m] = t
+        self.n_steps = i + m
+
     # -- reading --------------------------------------------------------------------------
     def column(self, name: str) -> np.ndarray:
         """One column of :attr:`records` (a copy), one entry per step: int64 for

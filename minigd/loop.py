@@ -397,8 +397,14 @@ class Loop:
             max_time=None if p.max_time is None else p.max_time - s.train_time,
             track=in_run,
         )
-        sqn = res["sqn_sum"].tolist() if in_run is not None else None
         t_start = s.train_time
+        if not (cross or track or self.bar is not None or self.on_step) and res["applied"].all():
+            self._record_run(res, lrs, b, t_start, in_run is not None)
+            s.opt_state.t = s.step - 1 + s.t1
+            if p.ctrl is not None and b == B and res["time"].size:  # the real step time of B
+                p.ctrl.observe_run(B, float(res["time"][-1]), res["time"].size)
+            return
+        sqn = res["sqn_sum"].tolist() if in_run is not None else None
         for j, (loss, ok, t) in enumerate(zip(res["loss"].tolist(), res["applied"].tolist(), res["time"].tolist())):
             if cross and j:  # step j opens the next full-batch epoch: close the last one
                 self.close_epoch(b, complete=True)
@@ -430,6 +436,30 @@ class Loop:
         s.opt_state.t = s.step - 1 + s.t1
         if p.ctrl is not None and b == B and res["time"].size:  # the real step time of B
             p.ctrl.observe_run(B, float(res["time"][-1]), res["time"].size)
+
+    def _record_run(self, res: dict, lrs: list, b: int, t_start: float, tracked: bool) -> None:
+        """Record a run of applied steps of b rows inside one epoch, with nothing to call
+        between them (no progress bar, no per-step callback): what the per-step loop of
+        :meth:`run_steps` does, in the same order and arithmetic (the epoch's loss sum is
+        still added step by step), with the history written a column slice at a time."""
+        p, s, hist = self.p, self.s, self.hist
+        m = res["loss"].size
+        if tracked:  # the noise measurements inside the run (NaN: an untracked step)
+            sqn = res["sqn_sum"]
+            for j in np.flatnonzero(sqn == sqn).tolist():
+                p.tracker.update(s.step + j, b, float(sqn[j]), float(res["grad_norm_sq"][j]))
+        times = res["time"] + t_start
+        hist.record_steps(s.step, s.epoch, res["loss"], lrs[:m], b, s.examples, times)
+        ep = s.ep_loss
+        for loss in res["loss"].tolist():
+            ep += loss * b
+        s.ep_loss = ep
+        s.ep_count += m * b
+        s.examples += m * b
+        s.train_time = float(times[-1])
+        s.lr = lrs[m - 1]
+        s.k += m
+        s.step += m
 
     def _grad_norm_sq(self, idx, b: int) -> float:
         """|g|^2 of the mean loss of rows idx[:b] at the current parameters (training mode,

@@ -52,18 +52,26 @@ def _compiling(seconds):
     time.sleep(seconds)
 
 
+def _wrap_steps(monkeypatch, wrap, keys=((False, True),)):
+    """Replace the compiled training step of the given (loops?, fused?) regimes by
+    ``wrap(real)``: the step kernel (``_STEP``) and, where steps run in compiled runs
+    (``CpuBackend.run_steps``, a fused chain), the run kernel that calls it."""
+    for key in keys:
+        monkeypatch.setitem(cpu_backend._STEP, key, wrap(cpu_backend._STEP[key]))
+        name = "run_steps_loops" if key[0] else "run_steps_blas"
+        monkeypatch.setattr(cpu_backend.K, name, wrap(getattr(cpu_backend.K, name)))
+
+
 def test_slow_warm_up_says_it_compiles(monkeypatch, capsys):
     _fit()  # kernels compiled (or loaded) here
     ref = _fit().params.copy()
     capsys.readouterr()
-    real = cpu_backend._STEP[False, True]
 
-    def slow(*args):  # a kernel that compiles for 0.4 s
-        _compiling(0.4)
-        return real(*args)
+    def slow(real):  # a kernel that compiles for 0.4 s
+        return lambda *args: (_compiling(0.4), real(*args))[1]
 
     monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
-    monkeypatch.setitem(cpu_backend._STEP, (False, True), slow)
+    _wrap_steps(monkeypatch, slow)
     m = _fit()
     err = capsys.readouterr().err
     assert NOTICE in err
@@ -79,9 +87,8 @@ def test_slow_warm_up_that_only_loads_prints_nothing(monkeypatch, capsys):
     workers load every kernel): that is not compiling, and says nothing."""
     _fit()
     capsys.readouterr()
-    real = cpu_backend._STEP[False, True]
     monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
-    monkeypatch.setitem(cpu_backend._STEP, (False, True), lambda *a: (time.sleep(0.5), real(*a))[1])
+    _wrap_steps(monkeypatch, lambda real: lambda *a: (time.sleep(0.5), real(*a))[1])
     n0 = _jit.compile_count()
     _fit()
     assert _jit.compile_count() == n0
@@ -93,9 +100,8 @@ def test_a_compile_after_a_slow_load_is_announced(monkeypatch, capsys):
     slow load) is still announced."""
     _fit()
     capsys.readouterr()
-    real = cpu_backend._STEP[False, True]
     monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
-    monkeypatch.setitem(cpu_backend._STEP, (False, True), lambda *a: (time.sleep(0.3), _compiling(0.5), real(*a))[2])
+    _wrap_steps(monkeypatch, lambda real: lambda *a: (time.sleep(0.3), _compiling(0.5), real(*a))[2])
     _fit()
     err = capsys.readouterr().err
     assert err.count(NOTICE) == 1 and err.count("kernels ready in") == 1, err
@@ -181,9 +187,7 @@ def test_warmup_speaks_once_for_all_its_fits(monkeypatch, capsys):
     warmup(("float32",))
     capsys.readouterr()
     monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
-    for key in ((True, True), (False, True)):
-        real = cpu_backend._STEP[key]
-        monkeypatch.setitem(cpu_backend._STEP, key, lambda *a, _real=real: (_compiling(0.15), _real(*a))[1])
+    _wrap_steps(monkeypatch, lambda real: lambda *a: (_compiling(0.15), real(*a))[1], ((True, True), (False, True)))
     warmup(("float32",))
     err = capsys.readouterr().err
     assert err.count(NOTICE) == 1 and err.count("kernels ready in") == 1, err
@@ -403,7 +407,7 @@ import numpy as np
 import minigd as mg
 from minigd.kernels import _jit, cpu_stats as KS
 n0 = _jit.compile_count()
-KS.sum64(np.zeros(3))  # a small kernel in another file than the one edited below
+KS.sum64(np.zeros(3))  # a small kernel in another file (kernels/cpu.py) than the one edited below
 if sys.argv[1] == "fit":
     X = np.ones((16, 3), np.float32)
     mg.fit(mg.MLP([3, 4, 2], seed=0), X, np.arange(16) % 2, batch_size=8, steps=2, optimizer=mg.SGD(lr=0.1))
@@ -455,7 +459,7 @@ def test_a_cache_filled_in_one_copy_loads_in_another(tmp_path):
     assert _run_relocate(b, "probe")["compiled"] == 0
     codes = b / "minigd" / "kernels" / "codes.py"
     codes.write_bytes(codes.read_bytes() + b"\n# edited\n")
-    assert _run_relocate(b, "probe")["compiled"] == 1  # sum64 lives in cpu_stats.py
+    assert _run_relocate(b, "probe")["compiled"] == 1  # sum64 lives in kernels/cpu.py, not codes.py
 
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

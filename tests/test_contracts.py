@@ -270,13 +270,13 @@ def test_allocation_probe_detects_a_per_step_temporary(monkeypatch):
     """The probe itself can fail: a backend step that allocates one (P,) temporary is seen."""
     from minigd.backends.cpu import CpuBackend
 
-    real = CpuBackend.train_step
+    real = CpuBackend.run_steps
 
-    def leaky(self, params, *a, **k):
+    def leaky(self, params, *a, **k):  # (each run is one step here: the probe is a per-step callback)
         _ = params * 2.0  # a parameter-sized temporary, freed at once
         return real(self, params, *a, **k)
 
-    monkeypatch.setattr(CpuBackend, "train_step", leaky)
+    monkeypatch.setattr(CpuBackend, "run_steps", leaky)
     tracemalloc.start()
     try:
         _, peak, p_bytes = _alloc_run("cpu-loops", "float64", 8, steps=260, warm=250)

@@ -343,6 +343,31 @@ def marked(self, *a, **k):  # each run of steps is one timed stretch
     return run_steps(self, *a, **k)
 
 base.Backend.run_steps = marked
+
+# the cpu backend's compiled runs read their clock inside the kernel: a kernel compiled by
+# the call would be compiled before that clock starts, but it must not be compiled there
+# either (fit's warm-up compiles it): the count before and after each compiled run
+import minigd.backends.cpu as cpu_backend
+real_run, real_warm = cpu_backend.CpuBackend._run, cpu_backend.CpuBackend._warm_up
+warming = []
+
+def run_marked(self, *a, **k):
+    if warming:
+        return real_run(self, *a, **k)
+    reads.append([compiled()])
+    try:
+        return real_run(self, *a, **k)
+    finally:
+        reads[-1].append(compiled())
+
+def warm_marked(self, *a, **k):
+    warming.append(1)
+    try:
+        return real_warm(self, *a, **k)
+    finally:
+        warming.pop()
+
+cpu_backend.CpuBackend._run, cpu_backend.CpuBackend._warm_up = run_marked, warm_marked
 rng = np.random.default_rng(0)
 for dtype, kw, fit_kw in [
         ("float32", {}, dict(batch_size=1)),                                  # loops

@@ -320,6 +320,11 @@ class Backend:
             done = s + 1
             if not ok or (max_time is not None and now >= max_time):
                 break
+        return self._run_result(rec, done)
+
+    @staticmethod
+    def _run_result(rec: np.ndarray, done: int) -> dict:
+        """:meth:`run_steps`' result: views of the first ``done`` rows of the records."""
         return {
             "loss": rec[:done, 0],
             "applied": rec[:done, 1] != 0,

@@ -17,6 +17,11 @@ Per batch it picks one of two regimes (both follow the kernel contract in
   batches).  Which BLAS is a fixed rule measured in bench/results/gemm_peak.md (see
   ``CpuBackend.blas``), never a timing taken at run time.
 
+A run of steps (``run_steps``: what ``fit`` hands the backend) is one compiled call too
+(``kernels.cpu.run_steps_loops`` / ``run_steps_blas``) wherever a step is one compiled call
+and the optimizer chain fuses; a single ``train_step`` is a run of one step through the same
+kernel, so that a run is bitwise its steps one at a time.
+
 A model with batch norm or dropout always takes the Python-driven BLAS path in training
 mode, with the compiled epilogues of ``kernels/cpu_norm.py`` finishing each hidden layer
 (bias, ghost-batch statistics, normalisation, activation, dropout); evaluation of a
@@ -144,14 +149,24 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_notice_after_fork)
 
 
+#: whether the compiled run of steps (``CpuBackend.run_steps``) can read the step clock: its
+#: kernel calls ``clock_gettime(CLOCK_MONOTONIC)``, Python's ``perf_counter`` clock on Linux
+COMPILED_RUNS = sys.platform.startswith("linux")
+
+
 class CpuBackend(Backend):
     name = "cpu"
+    #: run steps in one compiled call where possible (False: the Python loop of
+    #: :meth:`Backend.run_steps`, bitwise the same results; for comparisons and tests)
+    compiled_runs: bool = True
 
     def __init__(self, layout, act_codes, loss_code, dtype, norm=None):
         super().__init__(layout, act_codes, loss_code, dtype, norm)
         self.compiled_blas = HAVE_SCIPY
         self.blas_min_batch = self.default_blas_min_batch(layout.sizes, self.compiled_blas)
         self.blas = DEFAULT_BLAS
+        self._lr_buf = np.zeros(256, np.float64)  # the learning rates of a compiled run
+        self._rec1 = np.zeros((1, 5), np.float64)  # the record of a single train_step
 
     @property
     def blas(self) -> str:
@@ -247,31 +262,88 @@ class CpuBackend(Backend):
         return bool(ok), gsq
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
+        run = self._compiled_run(B, opt_state)
+        if run is not None:  # a run of one step: the same machine code as a step of a longer run
+            rec, lrs = self._rec1, self._lr_buf
+            lrs[0] = lr
+            self._run(run, params, grad, X, yi, yf, idx, B, 1, opt_state, lrs, t, want_sqn, 1, 1, -1, rec)
+            return float(rec[0, 0]), bool(rec[0, 1]), float(rec[0, 2])
         ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
         regime = self._regime(B)
         if regime == "python":
             return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
         loss, ok, gsq = _STEP[regime == "loops", bool(opt_state.plan[0])](
-            X,
-            yi,
-            yf,
-            idx,
-            B,
-            params,
-            grad,
-            ws.buf,
-            ws.lay,
-            self.loss_code,
-            want_sqn,
-            opt_state.codes,
-            opt_state.hp,
-            opt_state.soff,
-            opt_state.state,
-            opt_state.plan,
-            lr,
-            t,
-        )
+            X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn, opt_state.codes,
+            opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan, lr, t,
+        )  # fmt: skip
         return loss, bool(ok), gsq
+
+    def _compiled_run(self, B: int, opt_state):
+        """The compiled run kernel for steps of B rows (None: steps are taken otherwise):
+        the loops and compiled-BLAS regimes with an optimizer chain that fuses (every named
+        optimizer; ``kernels.cpu.run_steps_loops`` / ``run_steps_blas``), where the kernel
+        can read the clock (:data:`COMPILED_RUNS`) and ``compiled_runs`` is on."""
+        if not (self.compiled_runs and COMPILED_RUNS) or not opt_state.plan[0]:
+            return None
+        regime = self._regime(B)
+        return K.run_steps_loops if regime == "loops" else K.run_steps_blas if regime == "blas" else None
+
+    def _run(
+        self, run, params, grad, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn, first, every, max_ns, rec
+    ):
+        ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
+        return run(
+            X, yi, yf, idx, B, n_steps, params, grad, ws.buf, ws.lay, self.loss_code, bool(want_sqn),
+            opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan, lrs, int(t0), first,
+            every, max_ns, rec,
+        )  # fmt: skip
+
+    def run_steps(
+        self,
+        params,
+        X,
+        yi,
+        yf,
+        idx,
+        B,
+        n_steps,
+        opt_state,
+        lrs,
+        t0,
+        want_sqn=False,
+        read_every=None,
+        grad=None,
+        dropout_rng=None,
+        update_running=False,
+        max_time=None,
+        track=None,
+    ):
+        """:meth:`Backend.run_steps` as one compiled call where a step is one compiled call
+        anyway (:meth:`_compiled_run`: no dropout masks to draw, no batch norm to update):
+        the Python loop cost ~1-1.5 us a step, a fifth of a step at batch 1.  A single
+        :meth:`train_step` is a run of one step through the same kernel, so a run of n steps
+        is bitwise n calls of it (tests/test_compiled_runs.py).  The step times come from
+        the kernel's clock, ``clock_gettime(CLOCK_MONOTONIC)``, which is Python's
+        ``time.perf_counter`` on Linux.  Anything else runs the Python loop."""
+        run = None if dropout_rng is not None else self._compiled_run(B, opt_state)
+        if run is None:
+            return super().run_steps(
+                params, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn, read_every, grad,
+                dropout_rng, update_running, max_time, track,
+            )  # fmt: skip
+        rec = self._step_records(n_steps)
+        lr = self._lr_buf
+        if lr.shape[0] < n_steps:
+            lr = self._lr_buf = np.zeros(max(int(n_steps), 256), np.float64)
+        lr[:n_steps] = lrs[:n_steps]
+        first, every = (n_steps, 1) if track is None else track
+        # the budget in ns (>= 0: a budget already spent stops after one step, as in Python)
+        max_ns = -1 if max_time is None else int(min(max(float(max_time), 0.0), 9e9) * 1e9)
+        grad = self._grad_scratch(params) if grad is None else grad
+        done = self._run(
+            run, params, grad, X, yi, yf, idx, B, n_steps, opt_state, lr, t0, want_sqn, first, every, max_ns, rec
+        )
+        return self._run_result(rec, done)
 
     def _regime(self, B: int) -> str:
         """Which compiled code a training step of B rows runs (see the module doc)."""
@@ -323,6 +395,12 @@ class CpuBackend(Backend):
         try:
             for regime, b in reps.items():
                 if regime != "python":
+                    run = self._compiled_run(b, opt_state)
+                    if run is not None:  # compiles (or loads) the run kernel, and its step kernel with it
+                        self._lr_buf[0] = 0.0
+                        self._run(run, params, grad, X, yi, yf, idx[:b], b, 1, opt_state, self._lr_buf, t, want_sqn,
+                                  1, 1, -1, self._rec1)  # fmt: skip
+                        continue
                     step = _STEP[regime == "loops", fused]
                     step(X, yi, yf, idx[:b], b, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn, *opt, 0.0, t)
                     continue
