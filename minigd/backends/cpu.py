@@ -262,16 +262,21 @@ class CpuBackend(Backend):
         return bool(ok), gsq
 
     def train_step(self, params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn=False):
-        run = self._compiled_run(B, opt_state)
-        if run is not None:  # a run of one step: the same machine code as a step of a longer run
-            rec, lrs = self._rec1, self._lr_buf
-            lrs[0] = lr
-            self._run(run, params, grad, X, yi, yf, idx, B, 1, opt_state, lrs, t, want_sqn, 1, 1, -1, rec)
-            return float(rec[0, 0]), bool(rec[0, 1]), float(rec[0, 2])
         ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
         regime = self._regime(B)
         if regime == "python":
             return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
+        plan = opt_state.plan
+        if self.compiled_runs and COMPILED_RUNS and plan[0]:
+            # a run of one step: the same machine code as each step of a longer run
+            rec, lrs = self._rec1, self._lr_buf
+            lrs[0] = lr
+            (K.run_steps_loops if regime == "loops" else K.run_steps_blas)(
+                X, yi, yf, idx, B, 1, params, grad, ws.buf, ws.lay, self.loss_code, bool(want_sqn), opt_state.codes,
+                opt_state.hp, opt_state.soff, opt_state.state, plan, lrs, int(t), 1, 1, -1, rec,
+            )  # fmt: skip
+            loss, ok, gsq = rec[0, :3].tolist()
+            return loss, ok != 0.0, gsq
         loss, ok, gsq = _STEP[regime == "loops", bool(opt_state.plan[0])](
             X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code, want_sqn, opt_state.codes,
             opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan, lr, t,
