@@ -45,6 +45,7 @@ def runs(tmp_path_factory):
         "peers": ["peers.py", "--quick", "--threads", "1"],
         "ghost_bn": ["ghost_bn.py", "--quick"],
         "adaptive": ["adaptive.py", "--quick"],
+        "fit_loop": ["fit_loop.py", "--quick"],
     }
     envs = {}
     if HAVE_TORCH:
@@ -99,6 +100,17 @@ def test_step_quick(runs):
     assert {r["batch"] for r in rows} == {1, 8}
     assert all(r["cpu_us"] > 0 and r["numpy_us"] > 0 for r in rows)
     assert (out / "step.md").read_text().startswith("# Training-step benchmark")
+
+
+def test_fit_loop_quick(runs):
+    out, stdout, _ = _finish(runs, "fit_loop")
+    assert stdout.startswith("# The fit loop's cost per step")
+    rows = json.loads((out / "fit_loop.json").read_text())["rows"]
+    assert [(r["model"], r["B"]) for r in rows] == [("64-128-128-10", 1), ("64-128-128-10", 32)]
+    for r in rows:
+        assert set(r["us_per_step"]) == {"kernel", "fit, compiled runs", "fit, Python loop"}
+        assert all(v > 0 for v in r["us_per_step"].values()) and r["python_over_compiled"] > 0
+    assert (out / "fit_loop.md").read_text().startswith("# The fit loop's cost per step")
 
 
 def test_gradstats_quick(runs):
