@@ -815,10 +815,11 @@ def train_step_blas_generic(
 
 
 # ----------------------------------------------------------------------------- runs of steps
-@jit
+@jit(fastmath=False)
 def sum64(rows):
-    """Sum of a 1-D array accumulated in float64 (the per-example squared norms of a
-    tracked step: one compiled call costs less than numpy's reduction at these sizes)."""
+    """Sum of a 1-D array accumulated in float64, in row order (no fast-math: the same
+    additions wherever LLVM compiles it, alone or inlined into a run of steps; the
+    per-example squared norms of a tracked step, a few thousand numbers at most)."""
     s = 0.0
     for r in range(rows.shape[0]):
         s += rows[r]
@@ -864,7 +865,7 @@ def _run_record(rec, s, loss, ok, gsq, start, tracked, ws, lay, B, max_ns):
 @jit
 def run_steps_loops(
     X, yi, yf, idx, B, n_steps, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan,
-    lrs, t0, first, every, max_ns, rec,
+    lrs, t0, first, every, max_ns, start, rec,
 ):  # fmt: skip
     """``n_steps`` calls of :func:`train_step_loops` in one call: what ``Backend.run_steps``
     does in Python, step for step, without a Python call per step (at batch 1 the Python
@@ -878,10 +879,14 @@ def run_steps_loops(
     ``want_sqn``) compute their per-example squared norms.  Row s of ``rec`` (n_steps, 5)
     gets the loss, applied (1/0), |g|^2, the seconds from the call's start to the step's
     end, and at the tracked applied steps the float64 row-order sum of the per-example
-    squared norms (:func:`sum64`; NaN elsewhere).  The run stops after the first rejected
-    step and, with ``max_ns >= 0``, after the first step that ends ``max_ns`` ns or more
-    after the start.  Returns the number of steps done."""
-    start = _monotonic_ns()
+    squared norms (:func:`sum64`; NaN elsewhere).  ``start``: the CLOCK_MONOTONIC reading in
+    ns that the times count from (the caller's, taken just before the call, so that the
+    call's own cost is in the first step's time as it was in the Python loop); < 0: read
+    here.  The run stops after the first rejected step and, with ``max_ns >= 0``, after the
+    first step that ends ``max_ns`` ns or more after the start.  Returns the number of steps
+    done."""
+    if start < 0:
+        start = _monotonic_ns()
     full = idx.shape[0] == B
     for s in range(n_steps):
         rows = idx if full else idx[s * B : (s + 1) * B]
@@ -898,10 +903,11 @@ def run_steps_loops(
 @jit
 def run_steps_blas(
     X, yi, yf, idx, B, n_steps, params, grad, ws, lay, loss_code, want_sqn, codes, hp, soff, state, plan,
-    lrs, t0, first, every, max_ns, rec,
+    lrs, t0, first, every, max_ns, start, rec,
 ):  # fmt: skip
     """:func:`run_steps_loops` with :func:`train_step_blas` (the compiled BLAS regime)."""
-    start = _monotonic_ns()
+    if start < 0:
+        start = _monotonic_ns()
     full = idx.shape[0] == B
     for s in range(n_steps):
         rows = idx if full else idx[s * B : (s + 1) * B]

@@ -264,7 +264,7 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
             for i in range(fi):
                 for j in range(fo):
                     M[j, i] = gW[i, j]
-            _sq_dev(Xp.T, A, M, out.reshape(fo, fi), no_s, 0)
+            _sq_dev(Xp.T, A, M, out.reshape(fo, fi), no_s, _EVERY[0])
             flat = mus[:npar]  # back to the parameter order (i, j)
             for j in range(fo):
                 for i in range(fi):
@@ -274,7 +274,7 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
             for r in range(B):
                 for j in range(fo):
                     Dp[r, j] = D[r, j] * B
-            _sq_dev(A.T, Dp, gW, out.reshape(fi, fo), no_s, 0)
+            _sq_dev(A.T, Dp, gW, out.reshape(fi, fo), no_s, _EVERY[0])
             flat = out
         o = lay[R_WOFF, l]
         _merge(grad[o : o + npar], flat, st_mean[o : o + npar], st_m2[o : o + npar], n_old, w, c)
@@ -298,6 +298,9 @@ BLOCK_ROWS = 64
 #: relative error the centre's rounding may add to a chunk's M2 where the blocked form keeps
 #: it (the guard of :func:`moments_update_blocked`)
 BLOCKED_TAU = 1e-7
+#: ``_sq_dev``'s ``every`` as array items, not literals: a constant argument would compile
+#: a specialisation of its own (Literal[int]) for each value (0: no float64 flush; BLOCK_ROWS)
+_EVERY = np.array([0, BLOCK_ROWS], dtype=np.int64)
 
 
 @jit
@@ -423,17 +426,17 @@ def moments_update_blocked(B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s6
         if swap:
             Ssw = sw64[:npar].reshape(fo, fi)
             if flush:
-                _sq_dev(D.T, A, M, out.reshape(fo, fi), Ssw, BLOCK_ROWS)
+                _sq_dev(D.T, A, M, out.reshape(fo, fi), Ssw, _EVERY[1])
             else:
-                _sq_dev(D.T, A, M, out.reshape(fo, fi), no_s, 0)
+                _sq_dev(D.T, A, M, out.reshape(fo, fi), no_s, _EVERY[0])
             for j in range(fo):
                 for i in range(fi):
                     S[i * fo + j] = Ssw[j, i] if flush else np.float64(out[j * fi + i])
             flush = True
         elif flush:
-            _sq_dev(A.T, D, M, out.reshape(fi, fo), S.reshape(fi, fo), BLOCK_ROWS)
+            _sq_dev(A.T, D, M, out.reshape(fi, fo), S.reshape(fi, fo), _EVERY[1])
         else:
-            _sq_dev(A.T, D, M, out.reshape(fi, fo), no_s, 0)
+            _sq_dev(A.T, D, M, out.reshape(fi, fo), no_s, _EVERY[0])
         # one pass: M2 = B^2 S, the guard, and Chan's merge of the weights it keeps (the rule
         # of _merge); the refused ones (the same test again) merged after their exact recompute
         o = lay[R_WOFF, l]

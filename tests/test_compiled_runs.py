@@ -188,6 +188,7 @@ def test_what_it_does_not_handle_runs_the_python_loop(monkeypatch):
     off = mg.MLP([6, 20, 3], seed=0)
     off.backend_impl.compiled_runs = False
     cases.append((off, mg.SGD(lr=0.05)))
+    cases.append((mg.MLP([6, 20, 3], batch_norm=True, seed=0), mg.SGD(lr=0.05)))  # batch norm
     for i, (m, opt) in enumerate(cases):
         st_ = opt.init(m.params)
         rng = np.random.default_rng(0) if i == 1 else None
@@ -281,3 +282,75 @@ def test_recording_a_run_at_once_is_recording_it_step_by_step(track, monkeypatch
     assert drop(ha.epochs) == drop(hb.epochs) and drop(ha.evals) == drop(hb.evals)
     if track:
         np.testing.assert_array_equal(ha.column("noise_scale"), hb.column("noise_scale"))
+
+
+def test_a_budget_that_runs_out_midway():
+    """The run stops at the first step whose time reaches the budget: every earlier step
+    ended before it."""
+    m = mg.MLP([64, 64, 10], dtype="float32", seed=0)
+    X, yi, yf = _problem([64, 64, 10], "float32", n=512)
+    impl = m.backend_impl
+    st_ = mg.SGD(lr=0.01).init(m.params)
+    idx = np.tile(np.arange(32, dtype=np.int64), 400)
+    full = np.array(impl.run_steps(m.params, X, yi, yf, idx, 32, 400, st_, [0.01] * 400, 1)["time"])
+    budget = float(full[len(full) // 2])  # about half the run
+    t = np.array(impl.run_steps(m.params, X, yi, yf, idx, 32, 400, st_, [0.01] * 400, 401, max_time=budget)["time"])
+    assert np.all(t[:-1] < budget)
+    assert t[-1] >= budget or len(t) == 400
+
+
+def test_the_times_count_from_the_callers_clock(monkeypatch):
+    """The run's clock starts in Python just before the call (``time.clock_gettime_ns(CLOCK_MONOTONIC)``,
+    which ``time.perf_counter`` reads on Linux), so the call's own cost is in the first
+    step's time; shifting that reading back by one second shows in every recorded time."""
+    m = mg.MLP([6, 20, 3], seed=0)
+    X, yi, yf = _problem([6, 20, 3], "float32")
+    impl = m.backend_impl
+    st_ = mg.SGD(lr=0.01).init(m.params)
+    idx = np.arange(8, dtype=np.int64)
+    impl.run_steps(m.params, X, yi, yf, idx, 8, 1, st_, [0.01], 1)  # warm
+    real = time.clock_gettime_ns
+    monkeypatch.setattr(C.time, "clock_gettime_ns", lambda clk: real(clk) - 1_000_000_000)
+    t = np.array(impl.run_steps(m.params, X, yi, yf, np.tile(idx, 3), 8, 3, st_, [0.01] * 3, 2)["time"])
+    assert np.all((t >= 1.0) & (t < 1.5)), t
+    monkeypatch.undo()
+    t0 = time.perf_counter()
+    t = np.array(impl.run_steps(m.params, X, yi, yf, np.tile(idx, 3), 8, 3, st_, [0.01] * 3, 5)["time"])
+    assert 0 < t[-1] <= time.perf_counter() - t0
+
+
+def test_long_runs_other_int_types_and_the_views_of_a_run():
+    """A run longer than the learning-rate buffer (256) grows it; B, t0 and the tracking
+    period given as other integer types compile nothing new; a train_step between a run and
+    reading its result leaves the run's records alone; too few learning rates are an error."""
+    from minigd.kernels import _jit
+
+    a, b, c = _both([6, 20, 3], "float32", 4, 300, "momentum", track=(0, 7))
+    _assert_same(a, b, c)
+    m = mg.MLP([6, 20, 3], seed=0)
+    X, yi, yf = _problem([6, 20, 3], "float32")
+    impl = m.backend_impl
+    st_ = mg.SGD(lr=0.01).init(m.params)
+    idx = np.arange(40, dtype=np.int64)
+    impl.run_steps(m.params, X, yi, yf, idx, 4, 10, st_, [0.01] * 10, 1, track=(0, 3))  # warm
+    n0 = _jit.compile_count()
+    res = impl.run_steps(
+        m.params,
+        X,
+        yi,
+        yf,
+        idx,
+        np.int32(4),
+        np.int16(10),
+        st_,
+        [0.01] * 10,
+        np.int32(11),
+        track=(np.int8(0), np.int64(3)),
+    )
+    assert _jit.compile_count() == n0
+    before = {k: np.array(v) for k, v in res.items()}
+    impl.train_step(m.params, m._grad, X, yi, yf, idx[:4], 4, st_, 0.01, 21, want_sqn=True)
+    for k, v in before.items():
+        np.testing.assert_array_equal(res[k], v, err_msg=k)
+    with pytest.raises(ValueError, match="lrs: expected a learning rate for each of n_steps=10 steps, got 9"):
+        impl.run_steps(m.params, X, yi, yf, idx, 4, 10, st_, [0.01] * 9, 1)

@@ -35,6 +35,7 @@ The crossover is a batch size that depends on the widest layer; it was measured 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -151,7 +152,8 @@ if hasattr(os, "register_at_fork"):
 
 #: whether the compiled run of steps (``CpuBackend.run_steps``) can read the step clock: its
 #: kernel calls ``clock_gettime(CLOCK_MONOTONIC)``, Python's ``perf_counter`` clock on Linux
-COMPILED_RUNS = sys.platform.startswith("linux")
+#: (a 64-bit Linux: the kernel reads a 64-bit ``struct timespec``)
+COMPILED_RUNS = sys.platform.startswith("linux") and sys.maxsize > 2**32 and hasattr(time, "clock_gettime_ns")
 
 
 class CpuBackend(Backend):
@@ -272,8 +274,8 @@ class CpuBackend(Backend):
             rec, lrs = self._rec1, self._lr_buf
             lrs[0] = lr
             (K.run_steps_loops if regime == "loops" else K.run_steps_blas)(
-                X, yi, yf, idx, B, 1, params, grad, ws.buf, ws.lay, self.loss_code, bool(want_sqn), opt_state.codes,
-                opt_state.hp, opt_state.soff, opt_state.state, plan, lrs, int(t), 1, 1, -1, rec,
+                X, yi, yf, idx, int(B), 1, params, grad, ws.buf, ws.lay, self.loss_code, bool(want_sqn),
+                opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, plan, lrs, int(t), 1, 1, -1, -1, rec,
             )  # fmt: skip
             loss, ok, gsq = rec[0, :3].tolist()
             return loss, ok != 0.0, gsq
@@ -297,10 +299,11 @@ class CpuBackend(Backend):
         self, run, params, grad, X, yi, yf, idx, B, n_steps, opt_state, lrs, t0, want_sqn, first, every, max_ns, rec
     ):
         ws = self.ws if (self.ws is not None and self.ws.capacity >= B) else self.reserve(B)
+        start = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the clock the kernel reads
         return run(
-            X, yi, yf, idx, B, n_steps, params, grad, ws.buf, ws.lay, self.loss_code, bool(want_sqn),
-            opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan, lrs, int(t0), first,
-            every, max_ns, rec,
+            X, yi, yf, idx, int(B), int(n_steps), params, grad, ws.buf, ws.lay, self.loss_code, bool(want_sqn),
+            opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, opt_state.plan, lrs, int(t0), int(first),
+            int(every), max_ns, start, rec,
         )  # fmt: skip
 
     def run_steps(
@@ -337,13 +340,15 @@ class CpuBackend(Backend):
                 dropout_rng, update_running, max_time, track,
             )  # fmt: skip
         rec = self._step_records(n_steps)
+        if len(lrs) < n_steps:  # (the Python loop would fail at lrs[len(lrs)])
+            raise ValueError(f"lrs: expected a learning rate for each of n_steps={n_steps} steps, got {len(lrs)}")
         lr = self._lr_buf
         if lr.shape[0] < n_steps:
             lr = self._lr_buf = np.zeros(max(int(n_steps), 256), np.float64)
         lr[:n_steps] = lrs[:n_steps]
         first, every = (n_steps, 1) if track is None else track
         # the budget in ns (>= 0: a budget already spent stops after one step, as in Python)
-        max_ns = -1 if max_time is None else int(min(max(float(max_time), 0.0), 9e9) * 1e9)
+        max_ns = -1 if max_time is None else math.ceil(min(max(float(max_time), 0.0), 9e9) * 1e9)
         grad = self._grad_scratch(params) if grad is None else grad
         done = self._run(
             run, params, grad, X, yi, yf, idx, B, n_steps, opt_state, lr, t0, want_sqn, first, every, max_ns, rec
