@@ -17,8 +17,8 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   is predicted from the nearest size that was, conservatively -- a larger size no faster
   per example, a smaller one saving only the cost model's share of the step (step time ~
   64 rows + B) -- and tried for real when it would win with a time ``1 + explore`` times
-  shorter: its real steps then replace the prediction, and a size that proves slower is
-  left at the next decision.  A size whose one real sample is slower than even that
+  shorter: its real steps then replace the prediction, and at the next decision the size
+  the trial left is the incumbent: the tried size stays only if it wins by ``min_gain``.  A size whose one real sample is slower than even that
   conservative prediction from the size trained at (a period disturbed by another process,
   or its first, cold steps) is tried once more the same way, that sample dropped.  Nothing is timed outside training, so the controller costs
   no probe steps (on digits the probe cost a third of the training time to target:
@@ -120,7 +120,9 @@ class AdaptiveBatchSize:
         one decision period when it would win with that time ``1 + explore`` times shorter
         (default 0.3: one probe on a busy machine was measured up to ~30% off, and a
         neighbour timed too slow would otherwise never be corrected).  Each size is tried
-        so at most once; 0: never.  Only with measured (None) or probed throughput.
+        so at most once; 0: never.  Only with measured (None) or probed throughput.  At
+        the decision after a trial the size it left is the incumbent: the tried size stays
+        only when its goodput beats that size's by ``min_gain``.
     throughput : None, "probe", "flops" or dict
         None: the real steps' times, the sizes not trained at predicted (module doc).
         "probe": the same, the sizes not trained at timed by a probe when first in reach.
@@ -334,6 +336,7 @@ class Controller:
         self._order: dict = {}  # {B: the candidates nearest to B first (log scale; the smaller of a tie)}
         self.explored: list = []  # the sizes tried because of the explore rule
         self.retried: list = []  # the sizes tried again because their one sample was suspect
+        self.trial_from = 0  # the size a trial (explore, retry) left, until the decision after it; 0: none
 
     # -- throughput --------------------------------------------------------------------------
     def measure(self, model, X, yi, yf, opt_state) -> None:
@@ -578,7 +581,19 @@ class Controller:
                 best, top = b, gp[b]
         new = cur
         reason = "keep: the current batch size has the largest goodput"
-        if best != cur:
+        inc, self.trial_from = self.trial_from, 0
+        if inc and inc != cur and inc in gp:
+            # the decision after a trial: the size it left is the incumbent, so the tried size
+            # stays only when it wins by min_gain (the hysteresis would otherwise favour the trial)
+            new = best if best != inc and top > gp[inc] * (1.0 + spec.min_gain) else inc
+            if new == cur:
+                reason = f"keep: the trial of B={cur} won: goodput {gp[cur]:.4g} vs {gp[inc]:.4g} at B={inc}"
+            else:
+                reason = (
+                    f"{'grow' if new > cur else 'shrink'}: the trial of B={cur} ends: goodput {gp[new]:.4g} at "
+                    f"B={new} vs {gp[cur]:.4g} at B={cur}, {gp[inc]:.4g} at B={inc} (noise scale {phi:.4g})"
+                )
+        elif best != cur:
             if top > gp[cur] * (1.0 + spec.min_gain):
                 new = best
                 reason = (
@@ -590,6 +605,8 @@ class Controller:
         if new == cur and spec.explore > 0 and spec.throughput in (None, "probe"):
             new, why = self._explore(near, gp, cur, phi)
             reason = why or reason
+            if new != cur:
+                self.trial_from = cur
         self.B = new
         self.factor, self.gain = self._factor(new, g2, tr)
         self.goodput, self.noise = float(gp[new]), float(phi)
@@ -663,6 +680,7 @@ class Controller:
             "pending_runs": [[t, k] for t, k in zip(self._run_t, self._run_k)],
             "explored": list(self.explored),
             "retried": list(self.retried),
+            "trial_from": self.trial_from,
             "decisions": self.decisions,
         }
 
@@ -751,6 +769,11 @@ class Controller:
             and all(b in self.sizes for b in retried),
             "has explored sizes (or retried ones) outside the candidates",
         )
+        trial = st.get("trial_from", 0)  # (a checkpoint of a version without trials: none)
+        need(
+            isinstance(trial, int) and not isinstance(trial, bool) and (trial == 0 or trial in self.sizes),
+            f"has a trial's size {trial!r} outside the candidates",
+        )
         need(
             isinstance(st.get("decisions"), list) and all(self._decision_ok(d) for d in st["decisions"]),
             "has malformed decision records",
@@ -778,3 +801,4 @@ class Controller:
         self.decisions = [dict(d) for d in st["decisions"]]
         self.explored = [int(b) for b in explored]
         self.retried = [int(b) for b in retried]
+        self.trial_from = int(trial)

@@ -636,6 +636,31 @@ def test_a_size_known_from_the_probe_only_is_tried_once_when_within_its_error():
     assert c.decide(160)["batch_size"] == 8 and c.explored == [16]
 
 
+def test_a_trial_keeps_its_size_only_when_it_wins_by_min_gain():
+    """After a trial (explore) the size it left is the incumbent: a tried size that turns out
+    no better than it (here the same time per example: within min_gain) is left at the next
+    decision, where before the hysteresis kept it; the trial state round-trips a checkpoint."""
+    c = _probed_controller()
+    assert c.decide(40)["batch_size"] == 16 and c.trial_from == 8
+    st = json.loads(json.dumps(c.state()))
+    assert st["trial_from"] == 8
+    c2 = Controller(AdaptiveBatchSize(min=8, max=32, explore=0.3, throughput="probe"), [8, 16, 32], N, False)
+    c2.restore(st, c.tracker, "test")
+    assert c2.trial_from == 8
+    for ctrl in (c, c2):
+        ctrl.observe_time(16, 2e-4)  # exactly 8's time per example: no gain
+        rec = ctrl.decide(80)
+        assert rec["batch_size"] == 8 and "the trial of B=16 ends" in rec["reason"], rec
+        assert ctrl.trial_from == 0
+    for bad in (12, True, "8", -1):
+        st["trial_from"] = bad
+        with pytest.raises(mg.CheckpointError, match="trial"):
+            c2.restore(st, c.tracker, "test")
+    del st["trial_from"]  # a checkpoint of an earlier version: no trial under way
+    c2.restore(st, c.tracker, "test")
+    assert c2.trial_from == 0
+
+
 def test_explore_zero_and_given_tables_never_explore():
     c = _probed_controller(explore=0.0)
     assert c.decide(40)["batch_size"] == 8 and c.explored == []

@@ -620,3 +620,19 @@ def test_the_wheel_ships_the_compiled_kernels(tmp_path):
         assert got["file"] == str(site / "minigd" / "__init__.py")
         assert got["dirs"] == [str(site / "minigd" / "kernels" / "__pycache__")]
         assert got["compiled"] == 0, (hide_scipy, out.stderr[-2000:])
+
+
+def test_the_notice_does_not_promise_a_cache_that_is_off(monkeypatch, capsys):
+    """With numba's cache off (``MINIGD_NO_CACHE``, or no writable location) the notice says
+    the kernels are not cached, instead of "cached for later runs"."""
+    from minigd.kernels import _jit as jit_mod
+
+    _fit()
+    capsys.readouterr()
+    monkeypatch.setattr(cpu_backend, "NOTICE_AFTER_S", 0.1)
+    monkeypatch.setattr(jit_mod, "_cache_disabled_reason", "MINIGD_NO_CACHE is set")
+    _wrap_steps(monkeypatch, lambda real: lambda *a: (_compiling(0.3), real(*a))[1])
+    _fit()
+    err = capsys.readouterr().err
+    assert "kernels ready in" in err and "cached for later runs" not in err, err
+    assert "not cached: numba's compile cache is disabled: MINIGD_NO_CACHE is set" in err, err

@@ -48,7 +48,7 @@ from minigd.kernels import _blas
 from minigd.kernels import cpu as K
 from minigd.kernels import cpu_norm as KN
 from minigd.kernels import cpu_stats as KS
-from minigd.kernels._jit import compile_count
+from minigd.kernels._jit import cache_status, compile_count
 
 #: numba's np.dot inside compiled code needs SciPy's BLAS bindings
 HAVE_SCIPY = importlib.util.find_spec("scipy") is not None
@@ -136,7 +136,9 @@ class _CompileNotice:
             cls._cv.notify()
         if shown:
             dt = time.perf_counter() - self._t0
-            print(f"minigd: kernels ready in {dt:.1f} s (cached for later runs)", file=sys.stderr, flush=True)
+            status = cache_status()
+            kept = "cached for later runs" if status == "enabled" else f"not cached: numba's compile cache is {status}"
+            print(f"minigd: kernels ready in {dt:.1f} s ({kept})", file=sys.stderr, flush=True)
         return False
 
 
