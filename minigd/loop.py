@@ -398,7 +398,7 @@ class Loop:
             track=in_run,
         )
         t_start = s.train_time
-        if not (cross or track or self.bar is not None or self.on_step) and res["applied"].all():
+        if not (cross or track or self.bar is not None or self.on_step) and res["loss"].size and res["applied"].all():
             self._record_run(res, lrs, b, t_start, in_run is not None)
             s.opt_state.t = s.step - 1 + s.t1
             if p.ctrl is not None and b == B and res["time"].size:  # the real step time of B
