@@ -136,64 +136,7 @@ def _scratch(ws, lay, B):
     return ws[o : o + B]
 
 
-# ----------------------------------------------------------------------------- activations
-@jit(inline="always")
-def _act_forward(code, z, a):
-    """a = f(z), elementwise over equal-length 1-D views."""
-    n = z.shape[0]
-    if code == RELU:  # max(z, 0) as np.maximum: relu(-inf) = 0, relu(NaN) = NaN
-        for k in range(n):
-            v = z[k]
-            if v > 0 or v != v:
-                a[k] = v
-            else:
-                a[k] = 0
-    elif code == IDENTITY:
-        for k in range(n):
-            a[k] = z[k]
-    elif code == LEAKY_RELU:
-        for k in range(n):
-            v = z[k]
-            a[k] = v if v > 0 else v * LEAKY_SLOPE
-    elif code == TANH:
-        for k in range(n):
-            a[k] = math.tanh(z[k])
-    elif code == SIGMOID:
-        for k in range(n):
-            a[k] = 1 / (1 + math.exp(-z[k]))
-    else:  # GELU (exact, erf form): z * Phi(z)
-        for k in range(n):
-            v = z[k]
-            a[k] = 0.5 * v * (1 + math.erf(v * _SQRT_HALF))
-
-
-@jit(inline="always")
-def _act_backward(code, z, a, d):
-    """d *= f'(z) (f' from z for relu/leaky/gelu, from a = f(z) for tanh/sigmoid)."""
-    n = z.shape[0]
-    if code == RELU:
-        for k in range(n):
-            if not z[k] > 0:
-                d[k] = 0
-    elif code == IDENTITY:
-        pass
-    elif code == LEAKY_RELU:
-        for k in range(n):
-            if not z[k] > 0:
-                d[k] *= LEAKY_SLOPE
-    elif code == TANH:
-        for k in range(n):
-            d[k] *= 1 - a[k] * a[k]
-    elif code == SIGMOID:
-        for k in range(n):
-            d[k] *= a[k] * (1 - a[k])
-    else:  # GELU: Phi(z) + z phi(z)
-        for k in range(n):
-            v = z[k]
-            d[k] *= 0.5 * (1 + math.erf(v * _SQRT_HALF)) + v * math.exp(-0.5 * v * v) * _INV_SQRT_2PI
-
-
-# ----------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------- elementary functions
 @intrinsic
 def _fma(typingctx, a, b, c):
     """a * b + c rounded once (``llvm.fma``): the multiply-add that ``c += a * b`` compiles
@@ -236,7 +179,8 @@ _EXP_C = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
 @jit(fastmath=False)
 def _exp64(x):
     """e^x of a float64, in float64 arithmetic that LLVM vectorises (``math.exp`` is a libm
-    call per element: the softmax of a 512 x 10 batch spent 43 us in it).
+    call per element: the softmax of a 512 x 10 batch spent 43 us in it, a sigmoid layer
+    of 512 x 128 units ~170 us).  Used by the softmax cross-entropy and the sigmoid.
 
     Range reduction x = n ln 2 + r (two-part ln 2, one rounding each), e^r by the Taylor
     polynomial to degree 13 in ``llvm.fma`` Horner steps, then times 2^n in two factors
@@ -272,6 +216,64 @@ def _exp64(x):
     return y if x == x else x
 
 
+# ----------------------------------------------------------------------------- activations
+@jit(inline="always")
+def _act_forward(code, z, a):
+    """a = f(z), elementwise over equal-length 1-D views."""
+    n = z.shape[0]
+    if code == RELU:  # max(z, 0) as np.maximum: relu(-inf) = 0, relu(NaN) = NaN
+        for k in range(n):
+            v = z[k]
+            if v > 0 or v != v:
+                a[k] = v
+            else:
+                a[k] = 0
+    elif code == IDENTITY:
+        for k in range(n):
+            a[k] = z[k]
+    elif code == LEAKY_RELU:
+        for k in range(n):
+            v = z[k]
+            a[k] = v if v > 0 else v * LEAKY_SLOPE
+    elif code == TANH:
+        for k in range(n):
+            a[k] = math.tanh(z[k])
+    elif code == SIGMOID:  # in float64 through the vectorised e^x, rounded once to the model dtype
+        for k in range(n):
+            a[k] = 1.0 / (1.0 + _exp64(-np.float64(z[k])))
+    else:  # GELU (exact, erf form): z * Phi(z)
+        for k in range(n):
+            v = z[k]
+            a[k] = 0.5 * v * (1 + math.erf(v * _SQRT_HALF))
+
+
+@jit(inline="always")
+def _act_backward(code, z, a, d):
+    """d *= f'(z) (f' from z for relu/leaky/gelu, from a = f(z) for tanh/sigmoid)."""
+    n = z.shape[0]
+    if code == RELU:
+        for k in range(n):
+            if not z[k] > 0:
+                d[k] = 0
+    elif code == IDENTITY:
+        pass
+    elif code == LEAKY_RELU:
+        for k in range(n):
+            if not z[k] > 0:
+                d[k] *= LEAKY_SLOPE
+    elif code == TANH:
+        for k in range(n):
+            d[k] *= 1 - a[k] * a[k]
+    elif code == SIGMOID:
+        for k in range(n):
+            d[k] *= a[k] * (1 - a[k])
+    else:  # GELU: Phi(z) + z phi(z)
+        for k in range(n):
+            v = z[k]
+            d[k] *= 0.5 * (1 + math.erf(v * _SQRT_HALF)) + v * math.exp(-0.5 * v * v) * _INV_SQRT_2PI
+
+
+# ----------------------------------------------------------------------------- losses
 @jit(inline="always")
 def _loss_rows(code, Z, D, yi, yf, idx, B, scale, row_loss, tmp):
     """Per-example losses of the logit rows Z[:B] and their gradients.
