@@ -196,21 +196,9 @@ def _exp64(x):
     n = np.float64(k)
     r = _fma(-n, _LN2_HI, xc)
     r = _fma(-n, _LN2_LO, r)
-    c = _EXP_C
-    p = c[0]
-    p = _fma(p, r, c[1])
-    p = _fma(p, r, c[2])
-    p = _fma(p, r, c[3])
-    p = _fma(p, r, c[4])
-    p = _fma(p, r, c[5])
-    p = _fma(p, r, c[6])
-    p = _fma(p, r, c[7])
-    p = _fma(p, r, c[8])
-    p = _fma(p, r, c[9])
-    p = _fma(p, r, c[10])
-    p = _fma(p, r, c[11])
-    p = _fma(p, r, c[12])
-    p = _fma(p, r, c[13])
+    p = _EXP_C[0]
+    for i in range(1, 14):  # Horner (a constant trip count: LLVM unrolls it)
+        p = _fma(p, r, _EXP_C[i])
     k1 = k >> 1
     y = p * _pow2(k1) * _pow2(k - k1)
     return y if x == x else x
