@@ -277,7 +277,8 @@ def _loss_rows(code, Z, D, yi, yf, idx, B, scale, row_loss, tmp):
     if code == CROSS_ENTROPY:
         # three passes: the shifted logits z - max, then e^(z - max) over the whole block in
         # one vector loop (_exp64; a row of 10 logits is too short to vectorise), then the
-        # row sums, losses and gradients.  Same arithmetic as e = exp(z - m) row by row.
+        # row sums, losses and gradients: the formula of e = exp(z - m) row by row, with
+        # e^x from _exp64 and the row's max kept in tmp.
         for r in range(B):
             z = Z[r]
             d = D[r]
