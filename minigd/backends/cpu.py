@@ -270,15 +270,12 @@ class CpuBackend(Backend):
         regime = self._regime(B)
         if regime == "python":
             return super().train_step(params, grad, X, yi, yf, idx, B, opt_state, lr, t, want_sqn)
-        plan = opt_state.plan
-        if self.compiled_runs and COMPILED_RUNS and plan[0]:
+        run = self._compiled_run(B, opt_state)
+        if run is not None:
             # a run of one step: the same machine code as each step of a longer run
             rec, lrs = self._rec1, self._lr_buf
             lrs[0] = lr
-            (K.run_steps_loops if regime == "loops" else K.run_steps_blas)(
-                X, yi, yf, idx, int(B), 1, params, grad, ws.buf, ws.lay, self.loss_code, bool(want_sqn),
-                opt_state.codes, opt_state.hp, opt_state.soff, opt_state.state, plan, lrs, int(t), 1, 1, -1, -1, rec,
-            )  # fmt: skip
+            self._run(run, params, grad, X, yi, yf, idx, B, 1, opt_state, lrs, t, want_sqn, 1, 1, -1, rec)
             loss, ok, gsq = rec[0, :3].tolist()
             return loss, ok != 0.0, gsq
         loss, ok, gsq = _STEP[regime == "loops", bool(opt_state.plan[0])](
