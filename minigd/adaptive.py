@@ -28,7 +28,9 @@ measurements, as Pollux does (Qiao et al. 2021), in one process:
   as training gathers them, offset by the difference between real and probed times at the
   size trained at.  Or given (``throughput=``: a table, or the "flops" cost model).
 
-Every ``every`` steps it moves to the candidate batch size with the largest goodput
+At each decision -- the first after ``every`` steps; the period doubles after each
+decision that keeps the batch size, up to ``max_every``, and falls back to ``every`` when
+the size changes -- it moves to the candidate batch size with the largest goodput
 (examples per second times statistical efficiency, :func:`~minigd.gradstats.goodput`),
 with a little hysteresis (``min_gain``) -- or, when it would keep its size, tries once a
 size in reach known from the probe only whose goodput is within the probe's error
@@ -94,10 +96,18 @@ class AdaptiveBatchSize:
     max : int, optional
         Largest batch size (default: the number of training examples, at most 8192).
     every : int
-        Steps between decisions (default 64: the noise estimate it acts on averages over
-        ~80-160 steps anyway, and each decision costs ~10 us of Python, ~30 right after an
-        evaluation, and ends the backend's run of steps (~7 us): at 40 that was 4-7% of a
-        15 us step on the benchmark problems, at 64 it is 2-4%; bench/results/adaptive.md).
+        Steps between decisions while the batch size moves (default 64: the noise estimate
+        it acts on averages over ~80-160 steps anyway).  A decision costs ~10 us of Python
+        hot and ends the backend's run of steps; with the caches cold after a run of steps
+        that streamed the data, ~100-200 us in all, 4-8% of 64 steps of 20 us
+        (bench/results/adaptive.md), hence ``max_every``.
+    max_every : int, optional
+        The longest period between decisions (default ``8 * every``).  A decision that
+        keeps the batch size doubles the period, up to ``max_every``; one that changes it,
+        starts or ends a trial, or finds no noise measured yet, sets it back to ``every``.
+        So the controller decides often while it moves and rarely while one size keeps
+        winning, and a stable run pays for a decision every 512 steps, not 64.  Set it to
+        ``every`` for a fixed period.
     lr_rule : {"adascale", "sqrt", "linear"}
         How the learning rate follows the batch size (module doc).
     candidates : sequence of int, optional
@@ -144,12 +154,16 @@ class AdaptiveBatchSize:
         max_step: float | None = 2.0,
         throughput: Any = None,
         explore: float = 0.3,
+        max_every: int | None = None,
     ) -> None:
         self.min = _pos_int("min", min, 1)
         self.max = None if max is None else _pos_int("max", max, 1)
         if self.max is not None and self.max < self.min:
             raise ValueError(f"max: expected max >= min = {self.min}, got max={self.max}")
         self.every = _pos_int("every", every, 1)
+        self.max_every = 8 * self.every if max_every is None else _pos_int("max_every", max_every, 1)
+        if self.max_every < self.every:
+            raise ValueError(f"max_every: expected max_every >= every = {self.every}, got max_every={self.max_every}")
         if not isinstance(lr_rule, str):
             raise TypeError(f"lr_rule: expected one of {list(LR_RULES)}, got {_got(lr_rule)}")
         if lr_rule not in LR_RULES:
@@ -206,7 +220,8 @@ class AdaptiveBatchSize:
 
     def __repr__(self) -> str:
         return (
-            f"AdaptiveBatchSize(min={self.min}, max={self.max}, every={self.every}, lr_rule={self.lr_rule!r}, "
+            f"AdaptiveBatchSize(min={self.min}, max={self.max}, every={self.every}, max_every={self.max_every}, "
+            f"lr_rule={self.lr_rule!r}, "
             f"track_every={self.track_every}, noise_beta={self.noise_beta}, min_gain={self.min_gain}, "
             f"explore={self.explore})"
         )
@@ -218,6 +233,7 @@ class AdaptiveBatchSize:
             "min": self.min,
             "max": self.max,
             "every": self.every,
+            "max_every": self.max_every,
             "lr_rule": self.lr_rule,
             "candidates": self.candidates,
             "track_every": self.track_every,
@@ -337,6 +353,8 @@ class Controller:
         self.explored: list = []  # the sizes tried because of the explore rule
         self.retried: list = []  # the sizes tried again because their one sample was suspect
         self.trial_from = 0  # the size a trial (explore, retry) left, until the decision after it; 0: none
+        self.period = spec.every  # steps from the last decision to the next (every ... max_every)
+        self.next_step = spec.every  # the step count after which the next decision runs
 
     # -- throughput --------------------------------------------------------------------------
     def measure(self, model, X, yi, yf, opt_state) -> None:
@@ -552,9 +570,25 @@ class Controller:
         return f, gain
 
     def decide(self, step: int) -> dict | None:
-        """The decision after ``step`` steps: a record, with the new batch size (or the old).
+        """The decision after ``step`` steps: a record, with the new batch size (or the old);
+        None when no noise is measured yet.  Sets the next decision's step: ``period`` steps
+        on, the period doubled (up to ``max_every``) when this decision kept the size and
+        was no trial's start or end, else back to ``every``."""
+        trial = self.trial_from
+        cur = self.B
+        rec = self._decide(step)
+        spec = self.spec
+        if rec is None or self.B != cur or trial or self.trial_from:
+            self.period = spec.every
+        else:
+            self.period = min(2 * self.period, spec.max_every)
+        self.next_step = int(step) + self.period
+        return rec
 
-        Written to run little Python: it runs every ``every`` steps, often right after an
+    def _decide(self, step: int) -> dict | None:
+        """:meth:`decide` but for the schedule.
+
+        Written to run little Python: it runs at every decision, often right after an
         evaluation has evicted the interpreter from the caches (~60 us then for the previous
         version, a tenth of 40 digits steps; bench/results/adaptive.md)."""
         if self._pend[2]:
@@ -681,6 +715,8 @@ class Controller:
             "explored": list(self.explored),
             "retried": list(self.retried),
             "trial_from": self.trial_from,
+            "period": self.period,
+            "next_step": self.next_step,
             "decisions": self.decisions,
         }
 
@@ -697,9 +733,10 @@ class Controller:
             and isinstance(d.get("reason"), str)
         )
 
-    def restore(self, st: Any, tracker: Any, where: str) -> None:
-        """The controller of a checkpoint's ``step_info['adaptive']`` (checked: a crafted file
-        must not set a batch size outside the candidates or a non-finite factor)."""
+    def restore(self, st: Any, tracker: Any, where: str, step: int = 0) -> None:
+        """The controller of a checkpoint's ``step_info['adaptive']`` written after ``step``
+        steps (checked: a crafted file must not set a batch size outside the candidates, a
+        non-finite factor or a decision in the past)."""
         from minigd.errors import CheckpointError
 
         def need(cond, what):
@@ -778,6 +815,21 @@ class Controller:
             isinstance(st.get("decisions"), list) and all(self._decision_ok(d) for d in st["decisions"]),
             "has malformed decision records",
         )
+        ev, mx = self.spec.every, self.spec.max_every
+        if "period" in st or "next_step" in st:
+            period, nxt = st.get("period"), st.get("next_step")
+        else:  # a checkpoint of a version with a fixed period: its next multiple of every
+            period, nxt = ev, (step // ev + 1) * ev
+        need(
+            isinstance(period, int)
+            and not isinstance(period, bool)
+            and ev <= period <= mx
+            and isinstance(nxt, int)
+            and not isinstance(nxt, bool)
+            and step < nxt <= step + period,
+            f"has a decision period {period!r} / next decision at step {nxt!r} outside every={ev} ... "
+            f"max_every={mx} after step {step}",
+        )
         need(
             tracker is not None and tracker.n == self.tracker.n and tracker.replacement == self.tracker.replacement,
             "has no noise records for this data",
@@ -802,3 +854,4 @@ class Controller:
         self.explored = [int(b) for b in explored]
         self.retried = [int(b) for b in retried]
         self.trial_from = int(trial)
+        self.period, self.next_step = int(period), int(nxt)

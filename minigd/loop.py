@@ -327,7 +327,7 @@ class Loop:
         if self.dropout:
             m = min(m, impl.max_run_steps(B))
         if p.ctrl is not None:  # up to the next decision
-            m = min(m, p.ctrl.spec.every - s.step % p.ctrl.spec.every)
+            m = min(m, p.ctrl.next_step - s.step)
         if p.tracker is not None and not self.in_run:  # a tracked step runs alone
             r = s.step % p.track_noise
             m = 1 if r == 0 else min(m, p.track_noise - r)
@@ -539,7 +539,7 @@ class Loop:
             )
             while not s.stop and self.batches_left(B):
                 self.run_steps(B, full)
-                if ctrl is not None and s.step % ctrl.spec.every == 0:
+                if ctrl is not None and s.step >= ctrl.next_step:
                     B = self.decide()
                 if p.eval_every is not None and s.step % p.eval_every == 0:
                     ep = s.epoch + ((s.k + 1) / n_steps if ctrl is None else s.sampler.pos / s.sampler.src.shape[0])

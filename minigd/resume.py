@@ -88,6 +88,15 @@ def _crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).data.cast("B")) if a.size else 0
 
 
+def _ck_step(info: dict) -> int:
+    """The checkpoint's step count where it is a plain integer in range, else 0 (which
+    :func:`_check_loop_state` then refuses on its own)."""
+    from minigd.checkpoint import _MAX_COUNT
+
+    v = info.get("step")
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= _MAX_COUNT else 0
+
+
 def _restore(ck, model, optimizer, fit_info, n, target, bs, ctrl=None):
     """Check that checkpoint ``ck`` continues this fit call; returns the restored pieces."""
     from minigd.checkpoint import load_checkpoint, optimizer_difference
@@ -154,7 +163,7 @@ def _restore(ck, model, optimizer, fit_info, n, target, bs, ctrl=None):
             f"{'; '.join(diff)} (this call has {optimizer!r})"
         )
     if ctrl is not None:  # adaptive: the controller first (it says how the epoch was laid out)
-        ctrl.restore(info.get("adaptive"), ck.history.noise_tracker, _ck_where(ck))
+        ctrl.restore(info.get("adaptive"), ck.history.noise_tracker, _ck_where(ck), _ck_step(info))
     _check_loop_state(
         ck, model, optimizer, n, bs, fit_info["sampler"], fit_info["drop_last"], None if ctrl is None else ctrl.epoch_B
     )

@@ -59,6 +59,9 @@ def _fit(spec=None, backend="cpu", dtype="float64", model_kw=None, **kw):
         (dict(min=2.5), TypeError, "min"),
         (dict(every=0), ValueError, "every"),
         (dict(track_every=30, every=20), ValueError, "track_every"),
+        (dict(every=20, max_every=10), ValueError, "max_every"),
+        (dict(max_every=0), ValueError, "max_every"),
+        (dict(max_every=64.5), TypeError, "max_every"),
         (dict(noise_beta=1.0), ValueError, "noise_beta"),
         (dict(min_gain=-0.1), ValueError, "min_gain"),
         (dict(throughput="fast"), ValueError, "throughput"),
@@ -294,6 +297,73 @@ def test_resume_refuses_other_adaptive_settings(tmp_path):
     _fit(steps=30, checkpoint=ck)
     with pytest.raises(ValueError, match="different training run"):
         _fit(_spec(every=5), steps=60, checkpoint=ck, resume=True)
+
+
+# ---------------------------------------------------------------------------------- the decision period
+def test_the_period_doubles_while_the_size_is_kept_and_resets_on_a_change():
+    """A decision that keeps the size doubles the period up to max_every; a change, the
+    start or end of a trial, or a decision with no noise measured resets it to every."""
+    one = Controller(AdaptiveBatchSize(min=8, max=8, every=10, max_every=40), [8], N, False)
+    assert one.next_step == 10
+    assert one.decide(10) is None and (one.period, one.next_step) == (10, 20)  # nothing measured yet
+    one.tracker.update(0, 8, 8 * 2.0, 1.0)
+    steps = []
+    while one.next_step <= 200:
+        steps.append(one.next_step)
+        one.decide(one.next_step)
+    assert steps == [20, 40, 80, 120, 160, 200] and one.period == 40
+    # a change: back to every (a table where the largest size always wins)
+    c = Controller(AdaptiveBatchSize(min=8, max=64, every=10, throughput={8: 1e-3, 16: 1e-3, 32: 1e-3, 64: 1e-3}),
+                   [8, 16, 32, 64], N, False)  # fmt: skip
+    c.measure(None, None, None, None, None)
+    c.tracker.update(0, 8, 8 * 100.0, 1.0)  # a large noise scale: 16 is about as efficient per example
+    c.period = 80
+    assert c.decide(10)["batch_size"] == 16 and (c.period, c.next_step) == (10, 20)
+    # and a trial: its start and the decision after it keep the base period
+    p = _probed_controller()
+    p.period = 80
+    assert p.decide(40)["batch_size"] == 16 and p.trial_from == 8 and p.period == 64
+    p.observe_time(16, 2e-4)
+    assert p.decide(104)["batch_size"] == 8 and p.period == 64  # the trial ended
+    assert p.decide(168)["batch_size"] == 8 and p.period == 128  # a plain keep: doubled
+
+
+def test_fit_decides_on_the_doubling_schedule_and_resumes_on_it(tmp_path):
+    """Through fit, with one candidate (every decision keeps it): decisions at 10, 30, 70,
+    110, ...; a checkpoint between two decisions of a long period resumes bitwise, on the
+    same schedule; max_every=every is the fixed period."""
+    X, y = _data()
+    spec = AdaptiveBatchSize(min=8, max=8, every=10, max_every=40, track_every=2, throughput={8: 1e-3})
+
+    def run(steps, **kw):
+        m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
+        h = mg.fit(m, X, y, batch_size=spec, steps=steps, optimizer=mg.SGD(lr=0.05, momentum=0.9), seed=3, **kw)
+        return m, h
+
+    m_full, h_full = run(200)
+    assert [d["step"] for d in h_full.adaptive] == [10, 30, 70, 110, 150, 190]
+    ck = str(tmp_path / "ck.npz")
+    run(90, checkpoint=ck)  # between the decisions at 70 and 110 (period 40)
+    st = mg.load_checkpoint(ck).step_info["adaptive"]
+    assert (st["period"], st["next_step"]) == (40, 110)
+    m_res, h_res = run(200, checkpoint=ck, resume=True)
+    np.testing.assert_array_equal(m_res.params, m_full.params)
+    assert h_res.adaptive == h_full.adaptive
+    for bad in ({"next_step": 90}, {"next_step": 131}, {"period": 80}, {"period": 5}, {"next_step": "110"},
+                {"period": True}):  # fmt: skip
+        c = mg.load_checkpoint(ck)
+        c.step_info["adaptive"].update(bad)
+        with pytest.raises(mg.CheckpointError, match="decision period"):
+            run(200, resume=c)
+    c = mg.load_checkpoint(ck)  # a checkpoint of a version with a fixed period: its next multiple
+    del c.step_info["adaptive"]["period"], c.step_info["adaptive"]["next_step"]
+    ctrl = Controller(spec, [8], N, False)
+    ctrl.restore(c.step_info["adaptive"], c.history.noise_tracker, "test", step=90)
+    assert (ctrl.period, ctrl.next_step) == (10, 100)
+    fixed = AdaptiveBatchSize(min=8, max=8, every=10, max_every=10, track_every=2, throughput={8: 1e-3})
+    m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
+    h = mg.fit(m, X, y, batch_size=fixed, steps=60, optimizer=mg.SGD(lr=0.05), seed=3)
+    assert [d["step"] for d in h.adaptive] == [10, 20, 30, 40, 50, 60]
 
 
 # ---------------------------------------------------------------------------------- every backend, optimizer
@@ -645,8 +715,8 @@ def test_a_trial_keeps_its_size_only_when_it_wins_by_min_gain():
     st = json.loads(json.dumps(c.state()))
     assert st["trial_from"] == 8
     c2 = Controller(AdaptiveBatchSize(min=8, max=32, explore=0.3, throughput="probe"), [8, 16, 32], N, False)
-    c2.restore(st, c.tracker, "test")
-    assert c2.trial_from == 8
+    c2.restore(st, c.tracker, "test", step=40)
+    assert c2.trial_from == 8 and (c2.period, c2.next_step) == (64, 104)  # a trial: the base period
     for ctrl in (c, c2):
         ctrl.observe_time(16, 2e-4)  # exactly 8's time per example: no gain
         rec = ctrl.decide(80)
@@ -655,9 +725,9 @@ def test_a_trial_keeps_its_size_only_when_it_wins_by_min_gain():
     for bad in (12, True, "8", -1):
         st["trial_from"] = bad
         with pytest.raises(mg.CheckpointError, match="trial"):
-            c2.restore(st, c.tracker, "test")
+            c2.restore(st, c.tracker, "test", step=40)
     del st["trial_from"]  # a checkpoint of an earlier version: no trial under way
-    c2.restore(st, c.tracker, "test")
+    c2.restore(st, c.tracker, "test", step=40)
     assert c2.trial_from == 0
 
 
@@ -675,11 +745,11 @@ def test_explored_sizes_round_trip_a_checkpoint_and_crafted_ones_are_refused():
     c.decide(40)
     st = json.loads(json.dumps(c.state()))
     c2 = Controller(AdaptiveBatchSize(min=8, max=32), [8, 16, 32], N, replacement=False)
-    c2.restore(st, c.tracker, "test")
+    c2.restore(st, c.tracker, "test", step=40)
     assert c2.explored == [16]
     st["explored"] = [12]
     with pytest.raises(mg.CheckpointError, match="explored sizes"):
-        c2.restore(st, c.tracker, "test")
+        c2.restore(st, c.tracker, "test", step=40)
 
 
 @settings(max_examples=40, deadline=None)
@@ -768,7 +838,7 @@ def test_a_size_whose_one_sample_is_suspect_is_tried_once_more():
     assert rec["batch_size"] == 16 and rec["reason"].startswith("retry: B=16")
     assert c.retried == [16] and 16 not in c._observed and 16 not in c._recent
     c2 = Controller(spec, [8, 16, 32], N, replacement=False)
-    c2.restore(json.loads(json.dumps(c.state())), c.tracker, "test")
+    c2.restore(json.loads(json.dumps(c.state())), c.tracker, "test", step=64)
     assert c2.retried == [16] and c2.seconds == c.seconds
     c.observe_time(16, 6e-4)  # disturbed again: no third try
     c.B = 8
