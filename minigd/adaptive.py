@@ -4,7 +4,8 @@ The controller (:class:`AdaptiveBatchSize`) picks the batch size during training
 measurements, as Pollux does (Qiao et al. 2021), in one process:
 
 * **the gradient noise scale** B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018),
-  tracked during training: every ``track_every`` steps the step's per-example squared
+  tracked during training: every ``track_every`` steps (more sparsely as the decision
+  period grows, the same number of measurements per period) the step's per-example squared
   gradient norms (computed by the backward pass alongside the step) give unbiased
   estimates of |G|^2 and tr(Sigma) (:class:`~minigd.gradstats.tracking.NoiseTracker`,
   finite-population corrected), smoothed by bias-corrected moving averages.  With batch
@@ -113,9 +114,13 @@ class AdaptiveBatchSize:
     candidates : sequence of int, optional
         The batch sizes considered (default: ``min``, the powers of two between, ``max``).
     track_every : int
-        Steps between noise measurements (default 8: a tracked step costs 5-25% more than
-        a plain one -- its per-example norms and their bookkeeping, the most at small
-        batches -- so an eighth of the steps keeps it near 1-3%; bench/results/adaptive.md).
+        Steps between noise measurements while the period is ``every`` (default 8: a
+        tracked step costs 5-25% more than a plain one -- its per-example norms and their
+        bookkeeping, the most at small batches -- so an eighth of the steps keeps it near
+        1-3%; bench/results/adaptive.md).  The interval grows with the decision period in
+        proportion, ``track_every * period // every`` steps from the period's first step:
+        each period gets the same number of measurements (8 by default), and a stable run
+        measures every 64 steps, not 8.
     noise_beta : float
         Decay of the noise moving averages per measurement, in [0, 1) (default 0.9).
     min_gain : float
@@ -568,6 +573,12 @@ class Controller:
         rule = self.spec.lr_rule
         f = gain if rule == "adascale" else math.sqrt(B / self.B0) if rule == "sqrt" else B / self.B0
         return f, gain
+
+    @property
+    def track_interval(self) -> int:
+        """Steps between noise measurements in the current period (from its first step,
+        ``next_step - period``): ``track_every`` scaled by ``period / every``."""
+        return max(1, self.spec.track_every * self.period // self.spec.every)
 
     def decide(self, step: int) -> dict | None:
         """The decision after ``step`` steps: a record, with the new batch size (or the old);

@@ -329,8 +329,9 @@ class Loop:
         if p.ctrl is not None:  # up to the next decision
             m = min(m, p.ctrl.next_step - s.step)
         if p.tracker is not None and not self.in_run:  # a tracked step runs alone
-            r = s.step % p.track_noise
-            m = 1 if r == 0 else min(m, p.track_noise - r)
+            k, start = self._tracking()
+            r = (s.step - start) % k
+            m = 1 if r == 0 else min(m, k - r)
         if p.steps is not None:
             m = min(m, p.steps - s.step)
         if p.examples is not None:
@@ -340,6 +341,14 @@ class Loop:
         if p.ck_every:
             m = min(m, p.ck_every - s.step % p.ck_every)
         return max(m, 1)
+
+    def _tracking(self) -> tuple:
+        """(k, start): the noise is tracked at the steps start + i k (``track_noise`` from 0;
+        adaptive: the controller's interval, from its period's first step)."""
+        ctrl = self.p.ctrl
+        if ctrl is None:
+            return self.p.track_noise or 1, 0
+        return ctrl.track_interval, ctrl.next_step - ctrl.period
 
     def _lrs(self, m: int) -> list:
         """The learning rates of the next m steps; a schedule that raises at step s + j cuts
@@ -365,11 +374,12 @@ class Loop:
         cross = full_epochs and s.k == -1
         lrs = self._lrs(self._chunk(B, b, cross))
         m = len(lrs)
-        k = p.track_noise
+        k, start = self._tracking()
+        first = (start - s.step) % k  # the run's first tracked step
         in_run = None  # host backends: tracked steps inside the run, (first, every)
-        if self.in_run and (-s.step) % k < m:
-            in_run = ((-s.step) % k, k)
-        track = p.tracker is not None and not self.in_run and s.step % k == 0
+        if self.in_run and first < m:
+            in_run = (first, k)
+        track = p.tracker is not None and not self.in_run and first == 0
         idx = s.sampler.take(b) if cross else s.sampler.take(m * b)
         if track and p.track_gsnr is not None and s.step % p.track_gsnr == 0 and b >= 2:
             from minigd.gradstats.tracking import gsnr_summary

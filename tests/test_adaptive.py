@@ -342,6 +342,10 @@ def test_fit_decides_on_the_doubling_schedule_and_resumes_on_it(tmp_path):
 
     m_full, h_full = run(200)
     assert [d["step"] for d in h_full.adaptive] == [10, 30, 70, 110, 150, 190]
+    # the noise: every track_every = 2 steps in the first period, then every 2 * period / 10
+    # steps from each period's first step (five measurements a period)
+    want = [0, 2, 4, 6, 8, 10, 14, 18, 22, 26] + list(range(30, 200, 8))
+    assert [r["step"] for r in h_full.noise] == want
     ck = str(tmp_path / "ck.npz")
     run(90, checkpoint=ck)  # between the decisions at 70 and 110 (period 40)
     st = mg.load_checkpoint(ck).step_info["adaptive"]
@@ -349,6 +353,7 @@ def test_fit_decides_on_the_doubling_schedule_and_resumes_on_it(tmp_path):
     m_res, h_res = run(200, checkpoint=ck, resume=True)
     np.testing.assert_array_equal(m_res.params, m_full.params)
     assert h_res.adaptive == h_full.adaptive
+    assert [r["step"] for r in h_res.noise] == want
     for bad in ({"next_step": 90}, {"next_step": 131}, {"period": 80}, {"period": 5}, {"next_step": "110"},
                 {"period": True}):  # fmt: skip
         c = mg.load_checkpoint(ck)
@@ -364,6 +369,18 @@ def test_fit_decides_on_the_doubling_schedule_and_resumes_on_it(tmp_path):
     m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
     h = mg.fit(m, X, y, batch_size=fixed, steps=60, optimizer=mg.SGD(lr=0.05), seed=3)
     assert [d["step"] for d in h.adaptive] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in h.noise] == list(range(0, 60, 2))
+
+
+def test_batch_norm_tracks_on_the_same_schedule():
+    """With batch norm a tracked step runs alone (the two-batch estimate needs a pass before
+    it): the same steps as inside runs."""
+    X, y = _data()
+    spec = AdaptiveBatchSize(min=8, max=8, every=10, max_every=40, track_every=2, throughput={8: 1e-3})
+    m = mg.MLP([6, 16, 3], seed=0, dtype="float64", batch_norm=True)
+    h = mg.fit(m, X, y, batch_size=spec, steps=120, optimizer=mg.SGD(lr=0.05), seed=3)
+    assert [d["step"] for d in h.adaptive] == [10, 30, 70, 110]
+    assert [r["step"] for r in h.noise] == [0, 2, 4, 6, 8, 10, 14, 18, 22, 26] + list(range(30, 120, 8))
 
 
 # ---------------------------------------------------------------------------------- every backend, optimizer
