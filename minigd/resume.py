@@ -97,6 +97,17 @@ def _ck_step(info: dict) -> int:
     return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= _MAX_COUNT else 0
 
 
+def _fixed_period(saved: dict) -> dict:
+    """The run record of a checkpoint of an adaptive run from a version whose decisions came
+    every ``every`` steps (its settings have no ``max_every``): that schedule is
+    ``max_every = every``, which this call must then ask for to resume it."""
+    bs = saved.get("batch_size")
+    cfg = bs.get("adaptive") if isinstance(bs, dict) else None
+    if isinstance(cfg, dict) and "max_every" not in cfg and "every" in cfg:
+        saved = {**saved, "batch_size": {**bs, "adaptive": {**cfg, "max_every": cfg["every"]}}}
+    return saved
+
+
 def _restore(ck, model, optimizer, fit_info, n, target, bs, ctrl=None):
     """Check that checkpoint ``ck`` continues this fit call; returns the restored pieces."""
     from minigd.checkpoint import load_checkpoint, optimizer_difference
@@ -135,6 +146,7 @@ def _restore(ck, model, optimizer, fit_info, n, target, bs, ctrl=None):
             f"(step_info['fit']) holds values that are not plain JSON",
             ck.path,
         )
+    saved = _fixed_period(saved)
     for key, val in fit_info.items():
         if key != "optimizer" and saved.get(key) != val:
             what = (

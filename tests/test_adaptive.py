@@ -372,6 +372,31 @@ def test_fit_decides_on_the_doubling_schedule_and_resumes_on_it(tmp_path):
     assert [r["step"] for r in h.noise] == list(range(0, 60, 2))
 
 
+def test_a_checkpoint_of_the_fixed_period_version_resumes_under_max_every_equal_every(tmp_path):
+    """A checkpoint written before the doubling period (no max_every in its settings, no
+    period / next_step in its state) was on the fixed period: it resumes, bitwise, under
+    max_every=every, and is refused as another run under the default."""
+    X, y = _data()
+    fixed = _spec(every=10, max_every=10)
+
+    def run(spec, steps, **kw):
+        m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
+        h = mg.fit(m, X, y, batch_size=spec, steps=steps, optimizer=mg.SGD(lr=0.05, momentum=0.9), seed=3, **kw)
+        return m, h
+
+    m_full, h_full = run(fixed, 70)
+    ck = str(tmp_path / "ck.npz")
+    run(fixed, 35, checkpoint=ck)
+    old = mg.load_checkpoint(ck)
+    del old.step_info["fit"]["batch_size"]["adaptive"]["max_every"]
+    del old.step_info["adaptive"]["period"], old.step_info["adaptive"]["next_step"]
+    m_res, h_res = run(fixed, 70, resume=old)
+    np.testing.assert_array_equal(m_res.params, m_full.params)
+    assert h_res.adaptive == h_full.adaptive
+    with pytest.raises(ValueError, match="different training run"):
+        run(_spec(every=10), 70, resume=old)
+
+
 def test_batch_norm_tracks_on_the_same_schedule():
     """With batch norm a tracked step runs alone (the two-batch estimate needs a pass before
     it): the same steps as inside runs."""
