@@ -1017,9 +1017,10 @@ def render_md(summ: list, ovh: list, meta: dict) -> str:
     L += [
         "## Controller overhead",
         "",
-        "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller tracks the noise "
-        f"every {TRACK_EVERY}th step and decides after {EVERY} steps, then on its doubling period up to "
-        f"max_every = {MAX_EVERY} (every decision keeps B), but never changes B; nothing probed) vs `batch_size=B`, "
+        "`AdaptiveBatchSize(min=B, max=B, throughput={B: 1})` (one candidate: the controller decides after "
+        f"{EVERY} steps, then on its doubling period up to max_every = {MAX_EVERY} (every decision keeps B), and "
+        f"tracks the noise every {TRACK_EVERY}th step of its first period, then {EVERY // TRACK_EVERY} times a "
+        "period; it never changes B; nothing probed) vs `batch_size=B`, "
         f"and `batch_size=B, track_noise={TRACK_EVERY}` (the tracked steps without the decisions) between them; same "
         "steps, no evaluation, interleaved rounds, without this script's timing wrappers; median over rounds of the "
         "per-round ratio, with a bootstrap 90% interval of that median. "
