@@ -119,8 +119,11 @@ class AdaptiveBatchSize:
         bookkeeping, the most at small batches -- so an eighth of the steps keeps it near
         1-3%; bench/results/adaptive.md).  The interval grows with the decision period in
         proportion, ``track_every * period // every`` steps from the period's first step:
-        each period gets the same number of measurements (8 by default), and a stable run
-        measures every 64 steps, not 8.
+        each period gets about ``every / track_every`` measurements (8 by default), and a
+        stable run measures every 64 steps, not 8 (its smoothed noise then spans ~10
+        measurements, ~640 steps; the learning-rate factor follows it at each decision).
+        With ``max_every == every`` (a fixed period) the noise is measured at the multiples
+        of ``track_every``, as before the period could grow.
     noise_beta : float
         Decay of the noise moving averages per measurement, in [0, 1) (default 0.9).
     min_gain : float
@@ -576,9 +579,17 @@ class Controller:
 
     @property
     def track_interval(self) -> int:
-        """Steps between noise measurements in the current period (from its first step,
-        ``next_step - period``): ``track_every`` scaled by ``period / every``."""
+        """Steps between noise measurements in the current period: ``track_every`` scaled
+        by ``period / every``."""
         return max(1, self.spec.track_every * self.period // self.spec.every)
+
+    @property
+    def track_start(self) -> int:
+        """The step the measurements of the current period count from: its first step
+        (``next_step - period``); 0 with a fixed period (``max_every == every``: every
+        multiple of ``track_every``, the schedule of the version before the period grew)."""
+        spec = self.spec
+        return 0 if spec.max_every == spec.every else self.next_step - self.period
 
     def decide(self, step: int) -> dict | None:
         """The decision after ``step`` steps: a record, with the new batch size (or the old);
@@ -744,10 +755,12 @@ class Controller:
             and isinstance(d.get("reason"), str)
         )
 
-    def restore(self, st: Any, tracker: Any, where: str, step: int = 0) -> None:
+    def restore(self, st: Any, tracker: Any, where: str, step: int | None = 0) -> None:
         """The controller of a checkpoint's ``step_info['adaptive']`` written after ``step``
         steps (checked: a crafted file must not set a batch size outside the candidates, a
-        non-finite factor or a decision in the past)."""
+        non-finite factor or a decision in the past; ``step`` None: the checkpoint's step
+        count is malformed, which the caller reports, so the next decision is only checked
+        to be a step count)."""
         from minigd.errors import CheckpointError
 
         def need(cond, what):
@@ -827,17 +840,18 @@ class Controller:
             "has malformed decision records",
         )
         ev, mx = self.spec.every, self.spec.max_every
+        at = 0 if step is None else step
         if "period" in st or "next_step" in st:
             period, nxt = st.get("period"), st.get("next_step")
         else:  # a checkpoint of a version with a fixed period: its next multiple of every
-            period, nxt = ev, (step // ev + 1) * ev
+            period, nxt = ev, (at // ev + 1) * ev
         need(
             isinstance(period, int)
             and not isinstance(period, bool)
             and ev <= period <= mx
             and isinstance(nxt, int)
             and not isinstance(nxt, bool)
-            and step < nxt <= step + period,
+            and (at < nxt <= at + period if step is not None else 0 < nxt < 1 << 53),
             f"has a decision period {period!r} / next decision at step {nxt!r} outside every={ev} ... "
             f"max_every={mx} after step {step}",
         )

@@ -344,11 +344,11 @@ class Loop:
 
     def _tracking(self) -> tuple:
         """(k, start): the noise is tracked at the steps start + i k (``track_noise`` from 0;
-        adaptive: the controller's interval, from its period's first step)."""
+        adaptive: the controller's interval and start, :attr:`Controller.track_interval`)."""
         ctrl = self.p.ctrl
         if ctrl is None:
             return self.p.track_noise or 1, 0
-        return ctrl.track_interval, ctrl.next_step - ctrl.period
+        return ctrl.track_interval, ctrl.track_start
 
     def _lrs(self, m: int) -> list:
         """The learning rates of the next m steps; a schedule that raises at step s + j cuts

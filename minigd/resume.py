@@ -88,13 +88,13 @@ def _crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).data.cast("B")) if a.size else 0
 
 
-def _ck_step(info: dict) -> int:
-    """The checkpoint's step count where it is a plain integer in range, else 0 (which
-    :func:`_check_loop_state` then refuses on its own)."""
+def _ck_step(info: dict) -> int | None:
+    """The checkpoint's step count where it is a plain integer in range, else None (which
+    :func:`_check_loop_state` then refuses, naming ``step_info['step']``)."""
     from minigd.checkpoint import _MAX_COUNT
 
     v = info.get("step")
-    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= _MAX_COUNT else 0
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= _MAX_COUNT else None
 
 
 def _fixed_period(saved: dict) -> dict:

@@ -252,8 +252,8 @@ class _BaseMLP(BaseEstimator):
         track = self._track()
         batch_size = B
         if self.batch_size == "adaptive":
-            # the controller tracks the noise itself; its default decision period, but one
-            # decision at least every half run
+            # the controller tracks the noise itself; its default decision period, but the
+            # first decision within the first half of the run
             every = max(1, min(AdaptiveBatchSize().every, epochs * -(-X.shape[0] // B) // 2))
             batch_size = AdaptiveBatchSize(min=B, max=X.shape[0], every=every, track_every=min(8, every))
             track = None

@@ -246,8 +246,8 @@ def _check_adaptive(model, batch_size, n, sampler, drop_last, track_noise, epoch
     if track_noise is not None:
         raise ValueError(
             f"track_noise: the adaptive batch size tracks the noise itself (every "
-            f"{batch_size.track_every} steps, AdaptiveBatchSize(track_every=...); its records are in "
-            f"hist.noise), got track_noise={track_noise!r}"
+            f"{batch_size.track_every} steps while it decides every {batch_size.every}, "
+            f"AdaptiveBatchSize(track_every=...); its records are in hist.noise), got track_noise={track_noise!r}"
         )
     if drop_last:
         raise ValueError(
@@ -441,6 +441,9 @@ def fit(
     track_gsnr : int, optional
         Every ``track_gsnr`` steps (a multiple of ``track_noise``) also record the
         batch's gradient signal-to-noise ratio (an extra pass; not counted in ``time``).
+        With the adaptive batch size, at the tracked steps that are multiples of
+        ``track_gsnr`` (its tracked steps move with its decision period, so these are
+        not evenly spaced).
     opt_state : OptState, optional
         Continue from this optimizer state (``hist.opt_state`` of an earlier call): its
         moments are updated in place and its update count ``t`` goes on.

@@ -360,9 +360,9 @@ def test_fit_decides_on_the_doubling_schedule_and_resumes_on_it(tmp_path):
         c.step_info["adaptive"].update(bad)
         with pytest.raises(mg.CheckpointError, match="decision period"):
             run(200, resume=c)
-    c = mg.load_checkpoint(ck)  # a checkpoint of a version with a fixed period: its next multiple
+    c = mg.load_checkpoint(ck)  # a state without a schedule (a fixed-period version): the next multiple
     del c.step_info["adaptive"]["period"], c.step_info["adaptive"]["next_step"]
-    ctrl = Controller(spec, [8], N, False)
+    ctrl = Controller(_spec(min=8, max=8, every=10, max_every=10, throughput={8: 1e-3}), [8], N, False)
     ctrl.restore(c.step_info["adaptive"], c.history.noise_tracker, "test", step=90)
     assert (ctrl.period, ctrl.next_step) == (10, 100)
     fixed = AdaptiveBatchSize(min=8, max=8, every=10, max_every=10, track_every=2, throughput={8: 1e-3})
@@ -395,6 +395,30 @@ def test_a_checkpoint_of_the_fixed_period_version_resumes_under_max_every_equal_
     assert h_res.adaptive == h_full.adaptive
     with pytest.raises(ValueError, match="different training run"):
         run(_spec(every=10), 70, resume=old)
+    # track_every not dividing every: the fixed period measures at the multiples of
+    # track_every, as that version did (not from each period's first step)
+    odd = _spec(every=10, max_every=10, track_every=3)
+    m_full, h_full = run(odd, 70)
+    assert [r["step"] for r in h_full.noise] == list(range(0, 70, 3))
+    run(odd, 37, checkpoint=ck)
+    old = mg.load_checkpoint(ck)
+    del old.step_info["fit"]["batch_size"]["adaptive"]["max_every"]
+    del old.step_info["adaptive"]["period"], old.step_info["adaptive"]["next_step"]
+    m_res, h_res = run(odd, 70, resume=old)
+    np.testing.assert_array_equal(m_res.params, m_full.params)
+    assert [r["step"] for r in h_res.noise] == list(range(0, 70, 3))
+
+
+def test_a_malformed_checkpoint_step_is_named_as_such(tmp_path):
+    """The controller's schedule is checked against the checkpoint's step count; a crafted
+    step count is reported as itself, not as a bad decision period."""
+    ck = str(tmp_path / "ck.npz")
+    _fit(steps=35, checkpoint=ck)
+    for bad in (-1, "35", 2**60, 35.0):
+        c = mg.load_checkpoint(ck)
+        c.step_info["step"] = bad
+        with pytest.raises(mg.CheckpointError, match=r"step_info\['step'\]"):
+            _fit(steps=70, resume=c)
 
 
 def test_batch_norm_tracks_on_the_same_schedule():

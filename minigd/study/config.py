@@ -161,7 +161,7 @@ _LATER_DEFAULTS = {
 
 #: the AdaptiveBatchSize settings an adaptive trial records (the candidates and the
 #: throughput table are left to the controller: it measures them on the machine)
-ADAPTIVE_SETTINGS = ("every", "lr_rule", "max", "min", "min_gain", "noise_beta", "track_every")
+ADAPTIVE_SETTINGS = ("every", "lr_rule", "max", "max_every", "min", "min_gain", "noise_beta", "track_every")
 
 
 def norm_label(batch_norm, ghost_batch_size, dropout) -> str:

@@ -22,8 +22,8 @@ The adaptive arm (``batch_size="adaptive"`` trials) gets two more kinds of entry
 (:func:`adaptive_probe_jobs`), told apart by their ``"adaptive"`` field:
 
 * ``"step"``: the step of an adaptive run at one batch size B, as ``fit`` pays it with the
-  controller on (its noise tracking every ``track_every`` steps, its decisions every
-  ``every``): ``fit(batch_size=AdaptiveBatchSize(min=B, max=B, ...))`` with the trial's
+  controller on (its decisions after ``every`` steps, then on its period that doubles
+  while the size is kept, and its noise tracking ``every / track_every`` times a period): ``fit(batch_size=AdaptiveBatchSize(min=B, max=B, ...))`` with the trial's
   settings, timed as above -- one entry per batch size the adaptive trials ran at;
 * ``"setup"``: the adaptive run's one-time cost: the wall time of ``fit`` with the trial's
   settings up to and including its first decision (the warm-up of every candidate batch
