@@ -379,34 +379,32 @@ def test_a_checkpoint_of_the_fixed_period_version_resumes_under_max_every_equal_
     X, y = _data()
     fixed = _spec(every=10, max_every=10)
 
+    ck = str(tmp_path / "ck.npz")
+
     def run(spec, steps, **kw):
         m = mg.MLP([6, 16, 3], seed=0, dtype="float64")
         h = mg.fit(m, X, y, batch_size=spec, steps=steps, optimizer=mg.SGD(lr=0.05, momentum=0.9), seed=3, **kw)
         return m, h
 
-    m_full, h_full = run(fixed, 70)
-    ck = str(tmp_path / "ck.npz")
-    run(fixed, 35, checkpoint=ck)
-    old = mg.load_checkpoint(ck)
-    del old.step_info["fit"]["batch_size"]["adaptive"]["max_every"]
-    del old.step_info["adaptive"]["period"], old.step_info["adaptive"]["next_step"]
-    m_res, h_res = run(fixed, 70, resume=old)
-    np.testing.assert_array_equal(m_res.params, m_full.params)
-    assert h_res.adaptive == h_full.adaptive
+    def old_checkpoint(spec, steps):
+        """A checkpoint as the fixed-period version wrote it: no max_every, no schedule."""
+        run(spec, steps, checkpoint=ck)
+        old = mg.load_checkpoint(ck)
+        del old.step_info["fit"]["batch_size"]["adaptive"]["max_every"]
+        del old.step_info["adaptive"]["period"], old.step_info["adaptive"]["next_step"]
+        return old
+
+    # track_every dividing every (2 and 10) or not (3): the fixed period measures at the
+    # multiples of track_every, as that version did (not from each period's first step)
+    for spec, at in ((fixed, 35), (_spec(every=10, max_every=10, track_every=3), 37)):
+        m_full, h_full = run(spec, 70)
+        assert [r["step"] for r in h_full.noise] == list(range(0, 70, spec.track_every))
+        old = old_checkpoint(spec, at)
+        m_res, h_res = run(spec, 70, resume=old)
+        np.testing.assert_array_equal(m_res.params, m_full.params)
+        assert h_res.adaptive == h_full.adaptive and h_res.noise == h_full.noise
     with pytest.raises(ValueError, match="different training run"):
-        run(_spec(every=10), 70, resume=old)
-    # track_every not dividing every: the fixed period measures at the multiples of
-    # track_every, as that version did (not from each period's first step)
-    odd = _spec(every=10, max_every=10, track_every=3)
-    m_full, h_full = run(odd, 70)
-    assert [r["step"] for r in h_full.noise] == list(range(0, 70, 3))
-    run(odd, 37, checkpoint=ck)
-    old = mg.load_checkpoint(ck)
-    del old.step_info["fit"]["batch_size"]["adaptive"]["max_every"]
-    del old.step_info["adaptive"]["period"], old.step_info["adaptive"]["next_step"]
-    m_res, h_res = run(odd, 70, resume=old)
-    np.testing.assert_array_equal(m_res.params, m_full.params)
-    assert [r["step"] for r in h_res.noise] == list(range(0, 70, 3))
+        run(_spec(every=10), 70, resume=old_checkpoint(fixed, 35))
 
 
 def test_a_malformed_checkpoint_step_is_named_as_such(tmp_path):
