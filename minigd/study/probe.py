@@ -23,8 +23,9 @@ The adaptive arm (``batch_size="adaptive"`` trials) gets two more kinds of entry
 
 * ``"step"``: the step of an adaptive run at one batch size B, as ``fit`` pays it with the
   controller on (its decisions after ``every`` steps, then on its period that doubles
-  while the size is kept, and its noise tracking ``every / track_every`` times a period): ``fit(batch_size=AdaptiveBatchSize(min=B, max=B, ...))`` with the trial's
-  settings, timed as above -- one entry per batch size the adaptive trials ran at;
+  while the size is kept, and its noise tracking ``every / track_every`` times a period):
+  ``fit(batch_size=AdaptiveBatchSize(min=B, max=B, ...))`` with the trial's settings,
+  timed as above -- one entry per batch size the adaptive trials ran at;
 * ``"setup"``: the adaptive run's one-time cost: the wall time of ``fit`` with the trial's
   settings up to and including its first decision (the warm-up of every candidate batch
   size, and the decision itself; with ``throughput="probe"`` also the probe of the sizes
