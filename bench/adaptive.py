@@ -133,6 +133,8 @@ MON = Machine()
 # throughput probe (Controller._probe_sizes: for each size when a decision first can reach it), the decisions (Controller.decide, its probing excluded) and
 # the noise bookkeeping of the tracked steps (the per-example norms' sum, NoiseTracker.update).
 _SPENT = {"probe": 0.0, "ctrl": 0.0}
+#: (class, method name) of every wrapped method (what :func:`_untimed` puts back for a while)
+_WRAPPED: list = []
 
 
 def _timed(cls, name, key, exclude=None):
@@ -149,6 +151,7 @@ def _timed(cls, name, key, exclude=None):
 
     wrapper.__wrapped__ = fn
     setattr(cls, name, wrapper)
+    _WRAPPED.append((cls, name))
 
 
 # the probe: of the sizes a decision can reach that have no step time yet
@@ -165,6 +168,7 @@ def _probe_kept(self, *a, **k):
         _SPENT["table"] = dict(self.seconds)
 
 
+_probe_kept.__wrapped__ = _probe_timed  # type: ignore[attr-defined]
 Controller._probe_sizes = _probe_kept
 _timed(Controller, "decide", "ctrl", exclude="probe")
 _timed(NoiseTracker, "update", "ctrl")
@@ -733,14 +737,6 @@ def _held_row(row: dict, held: dict, name: str, out: dict) -> None:
 
 
 # -- controller overhead -------------------------------------------------------------------------
-_WRAPPED = (
-    (Controller, "_probe_sizes"),
-    (Controller, "decide"),
-    (NoiseTracker, "update"),
-    (Backend, "last_sqnorm_sum"),
-)
-
-
 @contextlib.contextmanager
 def _untimed():
     """The controller's own methods for a while, not this script's timing wrappers (two clock
