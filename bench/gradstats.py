@@ -82,7 +82,18 @@ RESULTS = os.path.join(HERE, "results")
 MODELS = ([64, 128, 128, 10], [784, 256, 256, 10])
 DTYPES = ("float32", "float64")
 BATCHES = (8, 32, 128, 512)
-OPS = ("plain", "norms", "moments", "moments-exact", "moments-shortcut", "per-example", "train", "train-sqn", "tracked")
+OPS = (
+    "plain",
+    "norms",
+    "moments",
+    "moments-exact",
+    "moments-shortcut",
+    "moments-loops",
+    "per-example",
+    "train",
+    "train-sqn",
+    "tracked",
+)
 
 
 def _runners(sizes, B, X, y, dtype="float32"):
@@ -119,6 +130,15 @@ def _runners(sizes, B, X, y, dtype="float32"):
     def moments_shortcut():
         impl.moments_update(params, g, Xc, yi, yf, idx, B, 1000, mean, m2, exact=False)
 
+    tiles = impl.moments_tiles
+
+    def moments_loops():  # the default with the sweep by numba loops (``_sq_dev``), not the tiles
+        impl.moments_tiles = False
+        try:
+            impl.moments_update(params, g, Xc, yi, yf, idx, B, 1000, mean, m2)
+        finally:
+            impl.moments_tiles = tiles
+
     def per_example():
         impl.per_example_grads(params, Xc, yi, yf, idx, B, out)
 
@@ -140,6 +160,7 @@ def _runners(sizes, B, X, y, dtype="float32"):
             "moments": moments,
             "moments-exact": moments_exact,
             "moments-shortcut": moments_shortcut,
+            "moments-loops": moments_loops,
             "per-example": per_example,
             "train": train,
             "train-sqn": train_sqn,
@@ -191,7 +212,7 @@ def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> lis
                 "plain_us": float(np.median(s["plain"]) * 1e6),
                 "train_us": float(np.median(s["train"]) * 1e6),
             }
-            for op in ("norms", "moments", "moments-exact", "moments-shortcut", "per-example"):
+            for op in ("norms", "moments", "moments-exact", "moments-shortcut", "moments-loops", "per-example"):
                 row[f"{op}_x"] = float(np.median(s[op] / s["plain"]))
             row["train-sqn_x"] = float(np.median(s["train-sqn"] / s["train"]))
             row["tracked_x"] = float(np.median(s["tracked"] / s["train"]))
@@ -236,20 +257,22 @@ def to_markdown(result: dict) -> str:
         "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
         "shortcut for float64 models, the blocked two-pass form for float32 ones); `two-pass` "
         "(`exact=True`: results bitwise those before issue 20) and `shortcut` "
-        "(`exact=False`) are measured in the same rounds. Targets: norms <= 1.10, moments "
+        "(`exact=False`) are measured in the same rounds, and `moments (loops)`: the float32 "
+        "default with its sweep by numba loops (`_sq_dev`) instead of the register-blocked "
+        "tiles (`_sq_dev_tiled`, used on CPUs with AVX-512). Targets: norms <= 1.10, moments "
         "<= 1.8, tracked <= 1.10 at B = 32..256. (What bounds moments: see the module "
         "docstring; the kernel before and after issue 20 side by side: "
         "gradstats_issue20.md.)",
         "",
-        "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | per-example grads | train µs | train_step(want_sqn) | tracked step |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | moments (loops) | per-example grads | train µs | train_step(want_sqn) | tracked step |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r.get('dtype', 'float32')} | {r['path']} | "
             f"{r['plain_us']:.1f} | {r['norms_x']:.2f}x | {r['moments_x']:.2f}x | "
             f"{r['moments-exact_x']:.2f}x | {r['moments-shortcut_x']:.2f}x | "
-            f"{r['per-example_x']:.2f}x | "
+            f"{r.get('moments-loops_x', float('nan')):.2f}x | {r['per-example_x']:.2f}x | "
             f"{r['train_us']:.1f} | {r['train-sqn_x']:.2f}x | {r['tracked_x']:.2f}x |"
         )
     lines.append("")

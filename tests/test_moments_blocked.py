@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from test_moments_shortcut import _offset_regression, crafted, oracle, rel_err
 
 import minigd as mg
+from minigd.kernels import _tiles
 from minigd.kernels import cpu_stats as KS
 
 
@@ -27,7 +28,9 @@ def run_blocked(impl, g, B, n_old=0, mean=None, m2=None, snr_max=None):
     _, _, _, mus, acc = impl._stats_scratch(B)
     sc = impl._blocked_scratch(B)
     snr_max = KS.blocked_snr_max(float(B), KS.BLOCKED_TAU) if snr_max is None else snr_max
-    nbad = KS.moments_update_blocked(B, g, impl.ws.buf, impl.ws.lay, n_old, mean, m2, mus, acc, *sc, snr_max)
+    _tiles.ensure()
+    args = (B, g, impl.ws.buf, impl.ws.lay, n_old, mean, m2, mus, acc, *sc, snr_max, impl.moments_tiles)
+    nbad = KS.moments_update_blocked(*args)
     return nbad, mean, m2
 
 
