@@ -37,6 +37,7 @@ the first gradient-moments call (:func:`ensure`), not at import.
 from __future__ import annotations
 
 import os
+import threading
 
 import llvmlite.binding as llvm
 from llvmlite import ir
@@ -166,7 +167,10 @@ def _build():
     llvm.initialize_native_asmprinter()
     mod = llvm.parse_assembly(module_ir())
     mod.verify()
-    feats = llvm.get_host_cpu_features().flatten()
+    try:
+        feats = llvm.get_host_cpu_features().flatten()
+    except RuntimeError:  # llvmlite cannot read them here: the CPU name's defaults
+        feats = ""
     if host_has_avx512():
         feats += ",-prefer-256-bit"  # (a tuning flag of the Intel CPUs: it would split the tiles' zmm)
     tm = llvm.Target.from_default_triple().create_target_machine(
@@ -186,15 +190,20 @@ def _build():
 
 
 _ENGINE = None
+_LOCK = threading.Lock()
 
 
 def ensure() -> None:
-    """Build and register the tiles once per process (idempotent).  Call it before the first
-    call of a kernel that uses them: LLVM resolves their names when numba compiles or loads
-    such a kernel (``cpu_stats.moments_update_blocked`` does it itself)."""
+    """Build and register the tiles once per process (idempotent, thread-safe: a second
+    engine would re-register the names, and code already linked to the first one's
+    addresses must keep them).  Call it before the first call of a kernel that uses them:
+    LLVM resolves their names when numba compiles or loads such a kernel (the backend's
+    ``moments_update`` does)."""
     global _ENGINE
     if _ENGINE is None:
-        _ENGINE = _build()
+        with _LOCK:
+            if _ENGINE is None:
+                _ENGINE = _build()
 
 
 #: whether ``moments_update_blocked`` sweeps with the tiles (AVX-512 hosts; MINIGD_NO_TILES
