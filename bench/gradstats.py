@@ -32,6 +32,10 @@ Operations, each on the same batch and backend (all after a warm-up call):
     the guarded float64 shortcut: one float64 GEMM of squared factors per layer, the
     two-pass form only where the guard finds cancellation (the default for float64
     models; float32 models also need the mean's sum in float64, a second GEMM).
+``moments (loops)``
+    the default with the float32 sweep by numba loops (``_sq_dev``) instead of the
+    register-blocked tiles (``_sq_dev_tiled``, ``kernels/_tiles.py``) that it uses on CPUs
+    with AVX-512 at B >= 16 (for float64 models and elsewhere the same as ``moments``).
 ``per-example``
     ``backend.per_example_grads`` into a preallocated (B, P) array (memory-bound: it
     writes B * P numbers).
@@ -51,10 +55,13 @@ cancellation of ``S2 - S1^2/B`` (see ``minigd.kernels.cpu_stats.moments_update_s
 On x86 SIMD one float64 FMA costs two float32 ones, so for a float64 model the shortcut
 halves the M2 work, while for a float32 model the GEMM costs what the two float32 FMAs it
 replaces cost (and the float64 sum of the mean needs a second GEMM): the two-pass form
-stays the float32 default.  That M2 work, at the FMA peak either way, costs 0.6-0.8 of a
-float32 plain step at large B, so float32 moments stay near 1.6-1.8x.  At small B the
-float64 Chan merge (one pass over 2P float64 state per chunk) dominates; ``grad_moments``
-uses 2048-row chunks.  Before/after figures: bench/results/gradstats_issue20.md.
+stays the float32 default.  Its two FMAs per example and weight, at the rate of the step's
+own sgemm (which the tiles reach on AVX-512; the numba loops run at half of it there), cost
+2 / 2.25 of a plain step for 784-256-256-10 (whose step is 2.25 FMAs per example and
+weight) and 2 / 2.68 for 64-128-128-10, so float32 moments are bounded near 1.9x and
+1.75x plus the per-weight passes.  At small B the float64 Chan merge (one pass over 2P
+float64 state per chunk) dominates; ``grad_moments`` uses 2048-row chunks.  Before/after
+figures: bench/results/gradstats_issue20.md.
 
 Every operation of a (model, batch) pair runs in interleaved rounds; per round each ratio
 to ``plain`` (or to the plain train step) is taken, and the median over rounds is
@@ -110,7 +117,7 @@ def _runners(sizes, B, X, y, dtype="float32"):
     g = np.zeros(P, dtype)
     mean = np.zeros(P)
     m2 = np.zeros(P)
-    out = np.empty((B, P), dtype)
+    out = None  # (B, P): allocated by the per-example operation's first call only
     opt = mg.SGD(lr=0.0, momentum=0.9).init(m.params)  # lr 0: parameters stay put
     tracker = NoiseTracker(len(X))
     params, grad = m.params, m._grad
@@ -140,6 +147,9 @@ def _runners(sizes, B, X, y, dtype="float32"):
             impl.moments_tiles = tiles
 
     def per_example():
+        nonlocal out
+        if out is None:
+            out = np.empty((B, P), dtype)
         impl.per_example_grads(params, Xc, yi, yf, idx, B, out)
 
     def train():
@@ -184,7 +194,7 @@ def _time(fn, k):
     return (_clock() - t0) / k
 
 
-def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> list:
+def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES, ops=OPS) -> list:
     rng = np.random.default_rng(0)
     rows = []
     for dtype, sizes in [(d, s) for d in dtypes for s in models]:
@@ -192,6 +202,7 @@ def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> lis
         X, y = synthetic_data(rng, sizes, n)
         for B in batches:
             fns, blas, P = _runners(sizes, B, X, y, dtype)
+            fns = {op: fn for op, fn in fns.items() if op in ops or op in ("plain", "train")}
             reps = {}
             for op, fn in fns.items():
                 fn()
@@ -213,9 +224,11 @@ def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES) -> lis
                 "train_us": float(np.median(s["train"]) * 1e6),
             }
             for op in ("norms", "moments", "moments-exact", "moments-shortcut", "moments-loops", "per-example"):
-                row[f"{op}_x"] = float(np.median(s[op] / s["plain"]))
-            row["train-sqn_x"] = float(np.median(s["train-sqn"] / s["train"]))
-            row["tracked_x"] = float(np.median(s["tracked"] / s["train"]))
+                if op in s:
+                    row[f"{op}_x"] = float(np.median(s[op] / s["plain"]))
+            for op in ("train-sqn", "tracked"):
+                if op in s:
+                    row[f"{op}_x"] = float(np.median(s[op] / s["train"]))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
@@ -226,6 +239,12 @@ def machine() -> dict:
     return dict(
         _common.machine(), threads={k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     )
+
+
+def _x(row: dict, op: str) -> str:
+    """A ratio cell: ``1.23x``, or ``-`` for an operation not measured (``--ops``)."""
+    v = row.get(f"{op}_x")
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def to_markdown(result: dict) -> str:
@@ -270,10 +289,10 @@ def to_markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r.get('dtype', 'float32')} | {r['path']} | "
-            f"{r['plain_us']:.1f} | {r['norms_x']:.2f}x | {r['moments_x']:.2f}x | "
-            f"{r['moments-exact_x']:.2f}x | {r['moments-shortcut_x']:.2f}x | "
-            f"{r.get('moments-loops_x', float('nan')):.2f}x | {r['per-example_x']:.2f}x | "
-            f"{r['train_us']:.1f} | {r['train-sqn_x']:.2f}x | {r['tracked_x']:.2f}x |"
+            f"{r['plain_us']:.1f} | {_x(r, 'norms')} | {_x(r, 'moments')} | "
+            f"{_x(r, 'moments-exact')} | {_x(r, 'moments-shortcut')} | "
+            f"{_x(r, 'moments-loops')} | {_x(r, 'per-example')} | "
+            f"{r['train_us']:.1f} | {_x(r, 'train-sqn')} | {_x(r, 'tracked')} |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -292,19 +311,30 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--out", default=RESULTS, help="directory for gradstats.md/.json ('' = don't write)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of model dtypes")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma list of batch sizes")
+    p.add_argument(
+        "--ops",
+        default=",".join(OPS),
+        help=f"comma list of the operations to time (plain and train always are): {', '.join(OPS)}",
+    )
     args = p.parse_args(argv)
     global _clock
     _clock = _CLOCK[args.clock]
     dtypes = [d for d in args.dtypes.split(",") if d]
+    ops = tuple(o for o in args.ops.split(",") if o)
+    bad = sorted(set(ops) - set(OPS))
+    if bad:
+        p.error(f"--ops: expected names among {', '.join(OPS)}, got {', '.join(bad)}")
     if args.quick:
         models, batches, rounds, target = [[4, 3, 2]], [1, 8], 1, 0.001
     else:
-        models, batches, rounds, target = [list(m) for m in MODELS], list(BATCHES), args.rounds, args.target
+        batches = [int(b) for b in args.batches.split(",") if b]
+        models, rounds, target = [list(m) for m in MODELS], args.rounds, args.target
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "clock": args.clock,
         "machine": machine(),
-        "rows": measure(models, batches, rounds, target, dtypes),
+        "rows": measure(models, batches, rounds, target, dtypes, ops),
     }
     md = to_markdown(result)
     print(md)

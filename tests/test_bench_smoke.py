@@ -46,6 +46,19 @@ def runs(tmp_path_factory):
         "ghost_bn": ["ghost_bn.py", "--quick"],
         "adaptive": ["adaptive.py", "--quick"],
         "fit_loop": ["fit_loop.py", "--quick"],
+        "moments_sweep": ["moments_sweep.py", "--batches", "16,130", "--rounds", "1"],
+        "gradstats_ops": [
+            "gradstats.py",
+            "--rounds",
+            "1",
+            "--target",
+            "0.001",
+            "--batches",
+            "16",
+            "--dtypes",
+            "float32",
+        ]
+        + ["--ops", "moments,moments-loops"],
     }
     envs = {}
     if HAVE_TORCH:
@@ -60,7 +73,7 @@ def runs(tmp_path_factory):
     for name, (script, *args) in jobs.items():
         out = base / name
         out.mkdir()
-        if name != "crossover":  # gradstats --quick writes nothing, but the flag must parse
+        if name not in ("crossover", "moments_sweep"):  # gradstats --quick writes nothing, but the flag must parse
             args += ["--out", str(out)]
         procs[name] = (
             out,
@@ -117,6 +130,26 @@ def test_gradstats_quick(runs):
     _, stdout, _ = _finish(runs, "gradstats")
     assert "Gradient-statistics benchmark" in stdout
     assert "| 4-3-2 | 8 |" in stdout
+
+
+def test_gradstats_ops_times_only_those_named(runs):
+    out, stdout, _ = _finish(runs, "gradstats_ops")
+    rows = json.loads((out / "gradstats.json").read_text())["rows"]
+    assert {(r["model"], r["batch"]) for r in rows} == {("64-128-128-10", 16), ("784-256-256-10", 16)}
+    for r in rows:
+        assert r["moments_x"] > 0 and r["moments-loops_x"] > 0
+        assert "norms_x" not in r and "per-example_x" not in r
+    assert "| - |" in stdout  # the operations not timed
+
+
+def test_moments_sweep_reports_both_sweeps(runs):
+    _, stdout, _ = _finish(runs, "moments_sweep")
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("| B | n_o x n_j | loops")
+    assert len(lines) == 2 + 2 * 6  # header, rule, 2 batch sizes x 6 layer shapes
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0
 
 
 def test_crossover_quick(runs):
