@@ -279,8 +279,11 @@ def grad_moments(
     The float32 default, the blocked form, is within :math:`6 \times 10^{-7}` of the
     exact variance of the stored factors' per-example gradients at every chunk size and
     signal-to-noise ratio tested (1 to :math:`10^{12}`, tests/test_moments_blocked.py), at
-    1.0-1.1x the two-pass form's cost from chunks of 32 rows (bench/results/gradstats.md;
-    ``minigd.kernels.cpu_stats.moments_update_blocked`` has the error analysis).
+    1.0-1.1x the two-pass form's cost from chunks of 32 rows, and on CPUs with AVX-512 at
+    0.7-0.9x of it from 128 rows: there its sweep runs in register-blocked tiles
+    (``minigd.kernels._tiles``, the same arithmetic) at the GEMM's rate
+    (bench/results/gradstats.md; ``minigd.kernels.cpu_stats.moments_update_blocked`` has
+    the error analysis).
     With the shortcut every chunk's :math:`M_2` is within :math:`10^{-7}` (relative) of
     the exact value for the factors the backward pass produced, float32 models included
     (their sums are then formed in float64, so ``exact=False`` makes a float32 model's
