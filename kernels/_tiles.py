@@ -14,9 +14,10 @@ here, for the host CPU with 512-bit vectors allowed, with llvmlite (numba's own 
 and registered with LLVM under fixed names, so the numba kernels call them as external
 functions and numba's on-disk cache stays valid (as :mod:`._blas` does for NumPy's gemm).
 
-Contract of ``minigd_sqdev_{I}x{J}(P, ldp, Q, ldq, M, ldm, S, lds, nr, every, init)``
-(float32 P, Q, M; float64 S; element strides ldp, ldq, ldm, lds; int64 counts), for i < I
-and j < 16 J::
+Contract of ``minigd_sqdev_{I}x{J}(I, J, P, ldp, Q, ldq, M, ldm, S, lds, nr, every,
+init)`` (float32 P, Q, M; float64 S; element strides ldp, ldq, ldm, lds; int64 counts; the
+tile's own I and J passed again, which the compiled tiles ignore and the scalar fallback
+reads), for i < I and j < 16 J::
 
     S[i, j] = (0 if init else S[i, j]) + sum over blocks b of float64(s_b[i, j])
     s_b[i, j] = sum over rows r of block b, in order, of t * t (float32 fma)
@@ -39,10 +40,12 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import llvmlite.binding as llvm
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import carray, cfunc, types
 
 #: lanes of a tile vector (float32 in 512 bits), the largest tile (rows x vectors)
 LANES, ROWS, VECS = 16, 4, 3
@@ -65,9 +68,9 @@ def _tile(mod: ir.Module, I: int, J: int) -> None:
     W = LANES
     V, V2 = ir.VectorType(_f32, W), ir.VectorType(_f64, W // 2)
     pf, pd = _f32.as_pointer(), _f64.as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [pf, _i64, pf, _i64, pf, _i64, pd, _i64, _i64, _i64, _i64])
+    fnty = ir.FunctionType(ir.VoidType(), [_i64, _i64, pf, _i64, pf, _i64, pf, _i64, pd, _i64, _i64, _i64, _i64])
     fn = ir.Function(mod, fnty, name(I, J))
-    P, ldp, Q, ldq, Mp, ldm, S, lds, nr, every, init = fn.args
+    _, _, P, ldp, Q, ldq, Mp, ldm, S, lds, nr, every, init = fn.args  # (I, J: fixed here)
     for a in (P, Q, Mp, S):
         a.add_attribute("noalias")  # S never overlaps the inputs (the caller's buffers)
     fma = mod.globals.get(f"llvm.fma.v{W}f32") or ir.Function(mod, ir.FunctionType(V, [V, V, V]), f"llvm.fma.v{W}f32")
@@ -190,21 +193,86 @@ def _build():
     return engine
 
 
+def _fallback_tile(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init):  # pragma: no cover - compiled
+    """The tiles' contract in scalar loops (compiled as a C callback by :func:`_fallback`)."""
+    W = LANES
+    P = carray(p, ((nr - 1) * ldp + I,))
+    Q = carray(q, ((nr - 1) * ldq + J * W,))
+    M = carray(m, ((I - 1) * ldm + J * W,))
+    S = carray(s, ((I - 1) * lds + J * W,))
+    for i in range(I):
+        for j in range(J * W):
+            if init != 0:
+                S[i * lds + j] = 0.0
+            mu = M[i * ldm + j]
+            r0 = 0
+            while r0 < nr:
+                acc = np.float32(0.0)
+                for r in range(r0, min(r0 + every, nr)):
+                    t = P[r * ldp + i] * Q[r * ldq + j] - mu
+                    acc += t * t
+                S[i * lds + j] += np.float64(acc)
+                r0 += every
+
+
+def _fallback() -> int:
+    """The address of :func:`_fallback_tile` as a C callback (compiled, and cached, on the
+    first build failure only)."""
+    f32, f64, i64 = types.float32, types.float64, types.int64
+    sig = types.void(
+        i64,
+        i64,
+        types.CPointer(f32),
+        i64,
+        types.CPointer(f32),
+        i64,
+        types.CPointer(f32),
+        i64,
+        types.CPointer(f64),
+        i64,
+        i64,
+        i64,
+        i64,
+    )
+    return cfunc(sig, cache=True)(_fallback_tile).address
+
+
 _ENGINE = None
 _LOCK = threading.Lock()
+#: None before :func:`ensure`; then whether the IR tiles were built (False: the names are
+#: bound to the scalar fallback, and the kernels keep the numba loops)
+BUILT: bool | None = None
 
 
-def ensure() -> None:
+def ensure() -> bool:
     """Build and register the tiles once per process (idempotent, thread-safe: a second
     engine would re-register the names, and code already linked to the first one's
-    addresses must keep them).  Call it before the first call of a kernel that uses them:
-    LLVM resolves their names when numba compiles or loads such a kernel (the backend's
-    ``moments_update`` does)."""
-    global _ENGINE
-    if _ENGINE is None:
+    addresses must keep them); returns :data:`BUILT`.  Call it before the first call of a
+    kernel that names them -- ``cpu_stats.moments_update_blocked`` (which does) or
+    ``cpu_stats._sq_dev_tiled``: LLVM resolves the names when numba compiles or loads such
+    a kernel, and an unresolved one is a crash, not an exception.  Should the IR not build
+    (an llvmlite or platform this was not tried on), the names are bound to a scalar loop
+    with the same contract, a RuntimeWarning says so, and the kernels keep ``_sq_dev``."""
+    global _ENGINE, BUILT
+    if BUILT is None:
         with _LOCK:
-            if _ENGINE is None:
-                _ENGINE = _build()
+            if BUILT is None:
+                try:
+                    _ENGINE = _build()
+                    BUILT = True
+                except Exception as exc:  # noqa: BLE001 - any failure: the loops are correct without them
+                    warnings.warn(
+                        f"minigd: the float32 moments tiles could not be built ({type(exc).__name__}: {exc}); "
+                        "gradient moments use the numba loops",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    addr = _fallback()
+                    for i in range(1, ROWS + 1):
+                        for j in range(1, VECS + 1):
+                            llvm.add_symbol(name(i, j), addr)
+                    BUILT = False
+    return bool(BUILT)
 
 
 #: whether ``moments_update_blocked`` sweeps with the tiles (AVX-512 hosts; MINIGD_NO_TILES
@@ -212,6 +280,6 @@ def ensure() -> None:
 FAST = host_has_avx512() and not os.environ.get("MINIGD_NO_TILES")
 
 #: (pointers as integers: ``arr.ctypes.data`` plus a byte offset)
-_SIG = types.void(*(([types.uintp, types.int64] * 4) + [types.int64] * 3))
+_SIG = types.void(*([types.int64] * 2 + [types.uintp, types.int64] * 4 + [types.int64] * 3))
 #: TILE[(i, j)]: the numba external function of the i x j-vector tile
 TILE = {(i, j): types.ExternalFunction(name(i, j), _SIG) for i in range(1, ROWS + 1) for j in range(1, VECS + 1)}

@@ -206,32 +206,32 @@ def _tile(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init):
     """Call the ``I`` x ``J``-vector tile of :mod:`._tiles` (pointers as integers)."""
     if I == 4:
         if J == 3:
-            _T43(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T43(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         elif J == 2:
-            _T42(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T42(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         else:
-            _T41(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T41(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
     elif I == 3:
         if J == 3:
-            _T33(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T33(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         elif J == 2:
-            _T32(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T32(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         else:
-            _T31(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T31(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
     elif I == 2:
         if J == 3:
-            _T23(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T23(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         elif J == 2:
-            _T22(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T22(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         else:
-            _T21(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T21(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
     else:
         if J == 3:
-            _T13(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T13(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         elif J == 2:
-            _T12(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T12(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
         else:
-            _T11(p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+            _T11(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
 
 
 @jit(inline="always")
@@ -267,7 +267,15 @@ def _sq_dev_tiled(P, Q, M, S, every, qt, mt, st):
     """
     B, no = P.shape
     nj = Q.shape[1]
+    if every < 1 or TILE_PASS_ROWS % every != 0:
+        raise ValueError("_sq_dev_tiled: every must divide TILE_PASS_ROWS")
+    if not (P.flags.c_contiguous and Q.flags.c_contiguous and M.flags.c_contiguous and S.flags.c_contiguous):
+        raise ValueError("_sq_dev_tiled: P, Q, M and S must be C-contiguous")
+    if Q.shape[0] != B or M.shape != (no, nj) or S.shape != (no, nj):
+        raise ValueError("_sq_dev_tiled: shapes must be P (B, n_o), Q (B, n_j), M and S (n_o, n_j)")
     W = _tiles.LANES
+    if qt.shape[0] < 3 * W * min(B, TILE_PASS_ROWS) or mt.shape[0] < W * no or st.shape[0] < W * no:
+        raise ValueError("_sq_dev_tiled: scratch too small")
     nv = nj // W
     rem = nj - nv * W
     pp, mp, sp, qtp = P.ctypes.data, M.ctypes.data, S.ctypes.data, qt.ctypes.data

@@ -21,7 +21,7 @@ from minigd.kernels import _tiles
 from minigd.kernels import cpu_stats as KS
 
 
-def run_blocked(impl, g, B, n_old=0, mean=None, m2=None, snr_max=None):
+def run_blocked(impl, g, B, n_old=0, mean=None, m2=None, snr_max=None, tiles=None):
     P = g.shape[0]
     mean = np.zeros(P) if mean is None else mean
     m2 = np.zeros(P) if m2 is None else m2
@@ -29,7 +29,8 @@ def run_blocked(impl, g, B, n_old=0, mean=None, m2=None, snr_max=None):
     sc = impl._blocked_scratch(B)
     snr_max = KS.blocked_snr_max(float(B), KS.BLOCKED_TAU) if snr_max is None else snr_max
     _tiles.ensure()
-    args = (B, g, impl.ws.buf, impl.ws.lay, n_old, mean, m2, mus, acc, *sc, snr_max, impl.moments_tiles)
+    tiles = impl.moments_tiles if tiles is None else tiles
+    args = (B, g, impl.ws.buf, impl.ws.lay, n_old, mean, m2, mus, acc, *sc, snr_max, tiles)
     nbad = KS.moments_update_blocked(*args)
     return nbad, mean, m2
 
@@ -46,12 +47,13 @@ def _n_weights(sizes):
     return sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["loops", "tiles"])
 @pytest.mark.parametrize("B", [64, 100, 512, 2048])
 @pytest.mark.parametrize("snr", [1.0, 1e2, 1e4, 1e6, 1e8, 1e12])
-def test_variance_within_1e6_at_every_snr(B, snr):
+def test_variance_within_1e6_at_every_snr(B, snr, tiles):
     sizes = [7, 40, 3]
     _, impl, g = crafted(sizes, "float32", B, snr)
-    nbad, mean, m2 = run_blocked(impl, g, B)
+    nbad, mean, m2 = run_blocked(impl, g, B, tiles=tiles)
     om, om2 = oracle(impl, B)
     assert rel_err(m2, om2) <= 1e-6, (B, snr, rel_err(m2, om2))
     snr_max = KS.blocked_snr_max(float(B), KS.BLOCKED_TAU)
@@ -113,12 +115,13 @@ def test_mixed_snr_recomputes_only_the_high_snr_weights():
     B=st.sampled_from([2, 3, 17, 63, 64, 65, 130, 300]),
     snr=st.sampled_from([1.0, 1e3, 1e5, 1e7]),
     seed=st.integers(0, 10),
+    tiles=st.booleans(),
 )
-def test_property_any_shape_batch_and_snr(sizes, B, snr, seed):
+def test_property_any_shape_batch_and_snr(sizes, B, snr, seed, tiles):
     """Row counts around the block of 64 (one block, a remainder, several), transposed
-    sweeps (few outputs: [40, 6, 2]), any SNR."""
+    sweeps (few outputs: [40, 6, 2]), any SNR; the sweep by the loops or the tiles."""
     _, impl, g = crafted(sizes, "float32", B, snr, seed=seed)
-    _, mean, m2 = run_blocked(impl, g, B)
+    _, mean, m2 = run_blocked(impl, g, B, tiles=tiles)
     om, om2 = oracle(impl, B)
     assert rel_err(m2, om2) <= 1e-6
     np.testing.assert_allclose(mean, om.astype(np.float64), rtol=1e-5, atol=1e-7 * float(np.max(np.abs(om))))

@@ -11,6 +11,11 @@ and the documented scratch, and the moments through the backend with the tiles o
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import llvmlite.binding as llvm
 import numpy as np
 import pytest
@@ -68,9 +73,67 @@ def test_the_module_builds_and_registers_every_tile():
             assert llvm.address_of_symbol(_tiles.name(i, j))  # registered by ensure()
 
 
-def test_fast_only_with_avx512():
-    if not _tiles.host_has_avx512():
-        assert not _tiles.FAST
+def _run(code, **env):
+    """Run ``code`` in a fresh interpreter (a crash must not take pytest with it)."""
+    e = dict(os.environ, **env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=e, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_fast_follows_the_cpu_and_minigd_no_tiles():
+    assert _tiles.FAST == (_tiles.host_has_avx512() and not os.environ.get("MINIGD_NO_TILES"))
+    out = _run(
+        """
+        import minigd as mg
+        from minigd.kernels import _tiles
+        m = mg.MLP([4, 3, 2], dtype="float32")
+        print(_tiles.FAST, m.backend_impl.moments_tiles)
+        """,
+        MINIGD_NO_TILES="1",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("B,tiles", [(8, False), (15, False), (16, True), (300, True)])
+def test_the_backend_uses_the_tiles_from_tile_min_rows(monkeypatch, B, tiles):
+    seen = []
+    real = KS.moments_update_blocked
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(KS, "moments_update_blocked", spy)
+    rng = np.random.default_rng(0)
+    m = mg.MLP([6, 20, 3], dtype="float32", seed=0)
+    m.backend_impl.moments_tiles = True
+    mg.grad_moments(m, rng.standard_normal((B, 6)).astype(np.float32), rng.integers(0, 3, B), chunk_size=B)
+    assert seen == [tiles] and KS.TILE_MIN_ROWS == 16
+    m.backend_impl.moments_tiles = False
+    mg.grad_moments(m, rng.standard_normal((B, 6)).astype(np.float32), rng.integers(0, 3, B), chunk_size=B)
+    assert seen == [tiles, False]
+
+
+def test_bad_arguments_are_refused_not_looped_on():
+    """``every`` = 0 (``_sq_dev``'s "no flush") would never end a block; a transposed view
+    would be read with the wrong strides; a short scratch would be overrun."""
+    rng = np.random.default_rng(0)
+    P = rng.standard_normal((10, 5)).astype(np.float32)
+    Q = rng.standard_normal((10, 20)).astype(np.float32)
+    M = np.zeros((5, 20), np.float32)
+    S = np.zeros((5, 20))
+    for every in (0, -1, 48):
+        with pytest.raises(ValueError, match="every"):
+            KS._sq_dev_tiled(P, Q, M, S, every, *_scratch(5))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        KS._sq_dev_tiled(np.asfortranarray(P), Q, M, S, EVERY, *_scratch(5))
+    with pytest.raises(ValueError, match="shapes"):
+        KS._sq_dev_tiled(P, Q[:9], M, S, EVERY, *_scratch(5))
+    qt, mt, st_ = _scratch(5)
+    with pytest.raises(ValueError, match="scratch"):
+        KS._sq_dev_tiled(P, Q, M, S, EVERY, qt, mt[:-1], st_)
 
 
 @pytest.mark.parametrize(
@@ -163,18 +226,29 @@ def test_nan_and_inf_propagate():
     assert np.all(np.isfinite(S[rest]))
 
 
-@pytest.mark.parametrize("B", [16, 100, 512])
-def test_backend_moments_agree_with_and_without_tiles(B):
+@pytest.mark.parametrize(
+    "sizes,n,chunk",
+    [
+        ([20, 33, 17, 5], 16, 16),
+        ([20, 33, 17, 5], 300, 100),
+        ([5, 33, 17, 3], 513, 512),
+        ([100, 7, 40, 2], 250, 64),  # swapped sweeps (fan-out 2, 7 < 32 < fan-in)
+        ([70, 20, 1], 129, 129),
+        ([3, 64, 200, 10], 200, 33),
+    ],
+)
+def test_backend_moments_agree_with_and_without_tiles(sizes, n, chunk):
     """grad_moments' float32 default through the backend: the tiles and the loops give the
-    same moments to float32 partial-sum accuracy (they differ only in the order of the sums)."""
-    rng = np.random.default_rng(B)
-    X = rng.standard_normal((B, 20)).astype(np.float32)
-    y = rng.integers(0, 5, B)
+    same moments to float32 partial-sum accuracy (the same arithmetic; at most the loops'
+    contraction differs)."""
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], n) if sizes[-1] > 1 else rng.standard_normal((n, 1)).astype(np.float32)
     res = {}
     for tiles in (False, True):
-        m = mg.MLP([20, 33, 17, 5], dtype="float32", seed=1)
+        m = mg.MLP(sizes, dtype="float32", seed=1, loss="cross_entropy" if sizes[-1] > 1 else "mse")
         m.backend_impl.moments_tiles = tiles
-        res[tiles] = mg.grad_moments(m, X, y, chunk_size=B)
+        res[tiles] = mg.grad_moments(m, X, y, chunk_size=chunk)
     a, b = res[False], res[True]
     np.testing.assert_allclose(a.mean, b.mean, rtol=0, atol=0)  # the mean: the batch gradient either way
     np.testing.assert_allclose(a.var, b.var, rtol=2 * (EVERY + 3) * U, atol=0)
@@ -195,3 +269,108 @@ def test_partial_sums_are_flushed_every_block_of_rows(big_row):
     block_end = min(big_row + EVERY, B)
     expect = 2.0**24 + (B - (block_end - big_row))
     np.testing.assert_array_equal(S, np.full((no, nj), expect))
+
+
+_GUARDED = """
+import ctypes, mmap, sys
+import numpy as np
+from minigd.kernels import _tiles
+from minigd.kernels import cpu_stats as KS
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE = mmap.PAGESIZE
+keep = []
+
+
+def guarded(n, dtype, at_end):
+    # n items whose last byte touches an inaccessible page (at_end) or whose first follows one
+    dtype = np.dtype(dtype)
+    size = n * dtype.itemsize
+    pages = (size + PAGE - 1) // PAGE + 2
+    mm = mmap.mmap(-1, pages * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    guard = base + (pages - 1) * PAGE if at_end else base
+    assert libc.mprotect(guard, PAGE, 0) == 0
+    start = (pages - 1) * PAGE - size if at_end else PAGE
+    keep.append(mm)
+    a = np.frombuffer(mm, np.uint8)[start : start + size].view(dtype)
+    a[...] = np.nan if dtype.kind == "f" else 0
+    return a
+
+
+_tiles.ensure()
+W, every = _tiles.LANES, KS._EVERY[1]
+rng = np.random.default_rng(0)
+shapes = [(B, no, nj) for B in (1, 63, 64, 65, 128, 129, 257) for no in (1, 3, 5, 31, 32, 33) for nj in (1, 15, 16, 17, 47, 48, 49, 64, 97)]
+shapes += [(int(rng.integers(1, 300)), int(rng.integers(1, 70)), int(rng.integers(1, 150))) for _ in range(60)]
+worst = 0.0
+for k, (B, no, nj) in enumerate(shapes):
+    at_end = bool(k % 2)
+    P = guarded(B * no, np.float32, at_end).reshape(B, no)
+    Q = guarded(B * nj, np.float32, at_end).reshape(B, nj)
+    M = guarded(no * nj, np.float32, at_end).reshape(no, nj)
+    S = guarded(no * nj, np.float64, at_end).reshape(no, nj)
+    P[...] = rng.standard_normal((B, no))
+    Q[...] = rng.standard_normal((B, nj))
+    M[...] = P.T.astype(np.float64) @ Q / B
+    qt = guarded(3 * W * min(B, KS.TILE_PASS_ROWS), np.float32, at_end)
+    mt, st = guarded(W * no, np.float32, at_end), guarded(W * no, np.float64, at_end)
+    KS._sq_dev_tiled(P, Q, M, S, every, qt, mt, st)
+    d = P.T.astype(np.longdouble)[:, :, None] * Q.astype(np.longdouble)[None] - M.astype(np.longdouble)[:, None, :]
+    ref = (d * d).sum(axis=1)
+    worst = max(worst, float(np.max(np.abs(S - ref) / ref)))
+    keep.clear()
+print(len(shapes), worst / 2.0**-24)
+"""
+
+
+def test_no_read_or_write_beyond_any_array():
+    """Every array at its documented minimum size, against an inaccessible page after it
+    (or before it): an access out of bounds is a crash of the child process."""
+    out = _run(_GUARDED)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    n, worst_u = out.stdout.split()
+    assert int(n) > 300 and float(worst_u) <= EVERY + 3
+
+
+def test_a_failed_build_warns_and_falls_back_to_the_loops():
+    """Should the IR not build, the names are bound to a scalar loop with the tiles'
+    contract: float32 moments still work (by the loops), and a caller that asks for the
+    tiles anyway gets the right sums from the fallback."""
+    out = _run(
+        """
+        import warnings
+        import numpy as np
+        import minigd as mg
+        from minigd.kernels import _tiles
+        from minigd.kernels import cpu_stats as KS
+
+        def broken():
+            raise RuntimeError("no LLVM here")
+
+        _tiles._build = broken
+        rng = np.random.default_rng(0)
+        X, y = rng.standard_normal((300, 9)).astype(np.float32), rng.integers(0, 3, 300)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            a = mg.grad_moments(mg.MLP([9, 40, 3], dtype="float32", seed=0), X, y, chunk_size=100)
+        assert any("could not be built" in str(x.message) for x in w), [str(x.message) for x in w]
+        assert _tiles.BUILT is False
+        m = mg.MLP([9, 40, 3], dtype="float32", seed=0)
+        b = mg.grad_moments(m, X, y, chunk_size=100)
+        np.testing.assert_array_equal(a.var, b.var)
+        P = rng.standard_normal((130, 37)).astype(np.float32)
+        Q = rng.standard_normal((130, 50)).astype(np.float32)
+        M = (P.T @ Q / 130).astype(np.float32)
+        S = np.empty((37, 50))
+        W = _tiles.LANES
+        scratch = (np.empty(3 * W * 128, np.float32), np.empty(W * 37, np.float32), np.empty(W * 37))
+        KS._sq_dev_tiled(P, Q, M, S, KS._EVERY[1], *scratch)
+        d = P.T.astype(np.float64)[:, :, None] * Q[None] - M[:, None, :]
+        np.testing.assert_allclose(S, (d * d).sum(1), rtol=1e-5)
+        print("ok")
+        """
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"

@@ -642,7 +642,7 @@ class CpuBackend(Backend):
     moments_fallbacks = 0
     #: whether the float32 moments sweep with the register-blocked tiles (``KS._sq_dev_tiled``;
     #: default: on CPUs with AVX-512, where they run 1.5-1.9x the loops; chunks of at least
-    #: ``KS.TILE_MIN_ROWS`` rows) or ``KS._sq_dev``
+    #: ``KS.TILE_MIN_ROWS`` rows, where the tiles built: ``_tiles.ensure()``) or ``KS._sq_dev``
     moments_tiles = _tiles.FAST
 
     def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2, exact=None):
@@ -672,21 +672,8 @@ class CpuBackend(Backend):
             bsc = self._blocked_scratch(B)
             snr_max = KS.blocked_snr_max(float(B), KS.BLOCKED_TAU)
             buf, lay = self.ws.buf, self.ws.lay
-            _tiles.ensure()
-            nbad = KS.moments_update_blocked(
-                B,
-                grad,
-                buf,
-                lay,
-                n_old,
-                mean,
-                m2,
-                mus,
-                acc,
-                *bsc,
-                snr_max,
-                self.moments_tiles and B >= KS.TILE_MIN_ROWS,
-            )
+            tiles = bool(self.moments_tiles and B >= KS.TILE_MIN_ROWS and _tiles.ensure())
+            nbad = KS.moments_update_blocked(B, grad, buf, lay, n_old, mean, m2, mus, acc, *bsc, snr_max, tiles)
             self.last_moments_fallbacks = int(nbad)
             self.moments_fallbacks += int(nbad)
             return
