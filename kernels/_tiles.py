@@ -63,7 +63,7 @@ def _c(v: int):
     return ir.Constant(_i64, v)
 
 
-def _tile(mod: ir.Module, I: int, J: int) -> None:
+def _tile(mod: ir.Module, I: int, J: int) -> ir.Function:
     """Emit ``name(I, J)`` into ``mod`` (the contract in the module docstring)."""
     W = LANES
     V, V2 = ir.VectorType(_f32, W), ir.VectorType(_f64, W // 2)
@@ -144,15 +144,35 @@ def _tile(mod: ir.Module, I: int, J: int) -> None:
     b.cbranch(b.icmp_signed("<", rend, nr), outer, done)
     b.position_at_end(done)
     b.ret_void()
+    return fn
+
+
+#: the one name the kernels call: it dispatches on (I, J) to the tile of that size
+ENTRY = "minigd_sqdev"
 
 
 def module_ir() -> str:
-    """The IR of all tiles (1..ROWS rows x 1..VECS vectors)."""
+    """The IR of all tiles (1..ROWS rows x 1..VECS vectors) and of :data:`ENTRY`, which
+    calls the I x J one (a switch: one predictable branch per call of a few thousand
+    fmas); an (I, J) out of range does nothing."""
     mod = ir.Module("minigd_tiles")
     mod.triple = llvm.get_process_triple()
-    for i in range(1, ROWS + 1):
-        for j in range(1, VECS + 1):
-            _tile(mod, i, j)
+    tiles = {(i, j): _tile(mod, i, j) for i in range(1, ROWS + 1) for j in range(1, VECS + 1)}
+    some = next(iter(tiles.values()))
+    fn = ir.Function(mod, some.function_type, ENTRY)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    I, J = fn.args[:2]
+    key = b.add(b.mul(I, _c(VECS + 1)), J)
+    done = fn.append_basic_block("done")
+    sw = b.switch(key, done)
+    for (i, j), tile in tiles.items():
+        blk = fn.append_basic_block(f"t{i}x{j}")
+        sw.add_case(_c(i * (VECS + 1) + j), blk)
+        b.position_at_end(blk)
+        b.call(tile, fn.args)
+        b.ret_void()
+    b.position_at_end(done)
+    b.ret_void()
     return str(mod)
 
 
@@ -187,9 +207,7 @@ def _build():
         pass
     engine = llvm.create_mcjit_compiler(mod, tm)
     engine.finalize_object()
-    for i in range(1, ROWS + 1):
-        for j in range(1, VECS + 1):
-            llvm.add_symbol(name(i, j), engine.get_function_address(name(i, j)))
+    llvm.add_symbol(ENTRY, engine.get_function_address(ENTRY))
     return engine
 
 
@@ -267,10 +285,7 @@ def ensure() -> bool:
                         RuntimeWarning,
                         stacklevel=2,
                     )
-                    addr = _fallback()
-                    for i in range(1, ROWS + 1):
-                        for j in range(1, VECS + 1):
-                            llvm.add_symbol(name(i, j), addr)
+                    llvm.add_symbol(ENTRY, _fallback())
                     BUILT = False
     return bool(BUILT)
 
@@ -281,5 +296,5 @@ FAST = host_has_avx512() and not os.environ.get("MINIGD_NO_TILES")
 
 #: (pointers as integers: ``arr.ctypes.data`` plus a byte offset)
 _SIG = types.void(*([types.int64] * 2 + [types.uintp, types.int64] * 4 + [types.int64] * 3))
-#: TILE[(i, j)]: the numba external function of the i x j-vector tile
-TILE = {(i, j): types.ExternalFunction(name(i, j), _SIG) for i in range(1, ROWS + 1) for j in range(1, VECS + 1)}
+#: the numba external function of :data:`ENTRY`: ``TILE(I, J, P, ldp, ...)`` runs the I x J tile
+TILE = types.ExternalFunction(ENTRY, _SIG)

@@ -184,9 +184,7 @@ def _sq_dev(Pt, Q, M, out, S, every):
         o += 1
 
 
-_T = _tiles.TILE
-_T11, _T12, _T13, _T21, _T22, _T23 = _T[1, 1], _T[1, 2], _T[1, 3], _T[2, 1], _T[2, 2], _T[2, 3]
-_T31, _T32, _T33, _T41, _T42, _T43 = _T[3, 1], _T[3, 2], _T[3, 3], _T[4, 1], _T[4, 2], _T[4, 3]
+_TILE = _tiles.TILE
 #: rows per pass of :func:`_sq_dev_tiled` over a layer (a multiple of every ``every`` used):
 #: one 48-column block of Q over these rows (24 KB) and the lines of P it meets stay in the
 #: L1 cache while every tile row of the layer passes over them (measured on the Xeon:
@@ -203,35 +201,8 @@ PACK_ROWS = 32
 
 @jit(inline="always")
 def _tile(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init):
-    """Call the ``I`` x ``J``-vector tile of :mod:`._tiles` (pointers as integers)."""
-    if I == 4:
-        if J == 3:
-            _T43(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        elif J == 2:
-            _T42(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        else:
-            _T41(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-    elif I == 3:
-        if J == 3:
-            _T33(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        elif J == 2:
-            _T32(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        else:
-            _T31(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-    elif I == 2:
-        if J == 3:
-            _T23(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        elif J == 2:
-            _T22(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        else:
-            _T21(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-    else:
-        if J == 3:
-            _T13(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        elif J == 2:
-            _T12(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
-        else:
-            _T11(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
+    """Run the ``I`` x ``J``-vector tile of :mod:`._tiles` (pointers as integers)."""
+    _TILE(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init)
 
 
 @jit(inline="always")
@@ -495,7 +466,6 @@ def _exact_entry(B, A, D, i, j, col, xt, have_col):
     return mu, _m2_about(col, xr, mu, B)
 
 
-@jit
 def moments_update_blocked(
     B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s64, sw64, mu64, xT, col, qt, mt, st, snr_max, tiles
 ):
@@ -539,6 +509,17 @@ def moments_update_blocked(
     output block that are in the L1 cache: the sweep costs 0.96-1.08x the one without them
     (measured on 64x128 to 784x256 layers, B = 512 and 2048).
     """
+    _tiles.ensure()  # (the kernel names the tiles whether it calls them or not)
+    return _moments_update_blocked(
+        B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s64, sw64, mu64, xT, col, qt, mt, st, snr_max, tiles
+    )
+
+
+@jit
+def _moments_update_blocked(
+    B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s64, sw64, mu64, xT, col, qt, mt, st, snr_max, tiles
+):
+    """The compiled body of :func:`moments_update_blocked` (:func:`._tiles.ensure` run first)."""
     L = lay[R_MISC, 3]
     w, c = _chan_weights(n_old, B)
     Bf = np.float64(B)

@@ -261,7 +261,7 @@ def test_the_study_compiles_once_before_its_workers_start(tmp_path):
         pid: names for pid, names in compiled_in.items() if pid != study_pid and names
     }
     assert compiled_in[study_pid], "an empty cache, yet the study compiled nothing"
-    assert {"moments_update_blocked", "train_step_blas", "train_step_loops"} <= set(compiled_in[study_pid])
+    assert {"_moments_update_blocked", "train_step_blas", "train_step_loops"} <= set(compiled_in[study_pid])
     first_worker = min(recs[0]["t"] for recs in workers.values())
     last_compile = max(r["t"] for r in procs[study_pid] if r["ev"] == "compiled")
     assert last_compile < first_worker

@@ -63,14 +63,28 @@ def _ints(rng, shape, lo=-3, hi=4):
     return rng.integers(lo, hi, size=shape).astype(np.float32)
 
 
-def test_the_module_builds_and_registers_every_tile():
+def test_the_module_builds_and_registers_its_entry():
     mod = llvm.parse_assembly(_tiles.module_ir())
     mod.verify()
     names = {f.name for f in mod.functions}
-    for i in range(1, _tiles.ROWS + 1):
-        for j in range(1, _tiles.VECS + 1):
-            assert _tiles.name(i, j) in names
-            assert llvm.address_of_symbol(_tiles.name(i, j))  # registered by ensure()
+    assert {_tiles.name(i, j) for i in range(1, _tiles.ROWS + 1) for j in range(1, _tiles.VECS + 1)} <= names
+    assert _tiles.ENTRY in names
+    assert llvm.address_of_symbol(_tiles.ENTRY)  # registered by ensure()
+
+
+@pytest.mark.parametrize("I", range(1, _tiles.ROWS + 1))
+@pytest.mark.parametrize("J", range(1, _tiles.VECS + 1))
+def test_the_entry_runs_the_tile_asked_for(I, J):
+    """Each (I, J) through the entry point sweeps exactly I rows x 16 J columns of a larger
+    block (integer data: exact), and leaves the rest of S alone."""
+    rng = np.random.default_rng(10 * I + J)
+    B, no, nj = 70, 6, 64
+    P, Q, M = _ints(rng, (B, no)), _ints(rng, (B, nj)), _ints(rng, (no, nj), -5, 6)
+    S = np.full((no, nj), -1.0)
+    KS._tile(I, J, P.ctypes.data, no, Q.ctypes.data, nj, M.ctypes.data, nj, S.ctypes.data, nj, B, EVERY, 1)
+    ref = ((P.T.astype(np.int64)[:, :, None] * Q.astype(np.int64)[None] - M.astype(np.int64)[:, None, :]) ** 2).sum(1)
+    np.testing.assert_array_equal(S[:I, : W * J], ref[:I, : W * J])
+    assert np.all(S[I:] == -1.0) and np.all(S[:, W * J :] == -1.0)
 
 
 def _run(code, **env):
@@ -374,3 +388,35 @@ def test_a_failed_build_warns_and_falls_back_to_the_loops():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_a_fresh_process_needs_no_set_up_before_the_kernel():
+    """The kernel names the tiles even where it does not call them (a chunk below
+    TILE_MIN_ROWS, ``tiles=False``): the first call in a process, loaded from the cache or
+    compiled, must find them registered (an unresolved name was a segfault)."""
+    for code in (
+        """
+        import numpy as np, minigd as mg
+        m = mg.MLP([3, 2, 2], dtype="float32", seed=0)
+        v = mg.grad_moments(m, np.ones((4, 3), np.float32), np.zeros(4, np.int64)).var
+        print(bool(np.all(np.isfinite(v))))
+        """,
+        """
+        import numpy as np, minigd as mg
+        from minigd.kernels import cpu_stats as KS
+        m = mg.MLP([3, 5, 2], dtype="float32", seed=0)
+        impl = m.backend_impl
+        X, y = np.ones((6, 3), np.float32), np.zeros(6, np.int64)
+        Xc, yi, yf = m.check_Xy(X, y)
+        impl.reserve(6)
+        g, mean, m2 = np.zeros(m.n_params, np.float32), np.zeros(m.n_params), np.zeros(m.n_params)
+        impl.loss_grad(m.params, g, Xc, yi, yf, np.arange(6), 6)
+        _, _, _, mus, acc = impl._stats_scratch(6)
+        snr = KS.blocked_snr_max(6.0, KS.BLOCKED_TAU)
+        KS.moments_update_blocked(6, g, impl.ws.buf, impl.ws.lay, 0, mean, m2, mus, acc, *impl._blocked_scratch(6), snr, False)
+        print(bool(np.all(np.isfinite(m2))))
+        """,
+    ):
+        out = _run(code)
+        assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+        assert out.stdout.strip() == "True"
