@@ -11,13 +11,13 @@ centres (``-M``) and float32 sums stay in the 32 vector registers for a whole ru
 r, each row one broadcast of ``P[r, o]`` per tile row and one load of ``Q[r, j:j+16]`` per
 vector -- 2 I J fused multiply-adds for I + J loads.  They are compiled from IR built
 here, for the host CPU with 512-bit vectors allowed, with llvmlite (numba's own LLVM),
-and registered with LLVM under fixed names, so the numba kernels call them as external
-functions and numba's on-disk cache stays valid (as :mod:`._blas` does for NumPy's gemm).
+and one entry, :data:`ENTRY`, that dispatches on the tile size, is registered with LLVM
+under a fixed name, so the numba kernels call it as an external function and numba's
+on-disk cache stays valid (as :mod:`._blas` does for NumPy's gemm).
 
-Contract of ``minigd_sqdev_{I}x{J}(I, J, P, ldp, Q, ldq, M, ldm, S, lds, nr, every,
-init)`` (float32 P, Q, M; float64 S; element strides ldp, ldq, ldm, lds; int64 counts; the
-tile's own I and J passed again, which the compiled tiles ignore and the scalar fallback
-reads), for i < I and j < 16 J::
+Contract of ``minigd_sqdev(I, J, P, ldp, Q, ldq, M, ldm, S, lds, nr, every, init)``
+(1 <= I <= 4, 1 <= J <= 3; float32 P, Q, M; float64 S; element strides ldp, ldq, ldm, lds;
+int64 counts), for i < I and j < 16 J::
 
     S[i, j] = (0 if init else S[i, j]) + sum over blocks b of float64(s_b[i, j])
     s_b[i, j] = sum over rows r of block b, in order, of t * t (float32 fma)
@@ -26,12 +26,13 @@ reads), for i < I and j < 16 J::
 the blocks being ``every`` consecutive rows from row 0 (the last one shorter), nr >= 1 and
 every >= 1.  This is the arithmetic of ``_sq_dev`` (the deviation formed before it is
 squared), with its float32 partial sums at most ``every`` rows deep before they are added in
-float64 -- the error bound of ``moments_update_blocked`` holds as it is.
+float64 -- the error bound of ``moments_update_blocked`` holds as it is.  (Each tile is
+also emitted under its own name, ``minigd_sqdev_{I}x{J}``, with the same arguments.)
 
 :data:`FAST` says whether the kernels use the tiles: only on CPUs with AVX-512 (32 vector
 registers of 16 lanes; on the Xeon measured the sweep runs at 29-39 G terms/s with them,
 ~20 with ``_sq_dev``, i.e. at the FMA rate of the step's own sgemm).  Elsewhere the IR still
-compiles (the names must resolve), but the kernels keep ``_sq_dev``, which runs near the
+compiles (the name must resolve), but the kernels keep ``_sq_dev``, which runs near the
 FMA throughput of AVX2 already.  Building the module costs ~0.15 s, once per process, at
 the first gradient-moments call (:func:`ensure`), not at import.
 """
