@@ -187,8 +187,9 @@ def _sq_dev(Pt, Q, M, out, S, every):
 _TILE = _tiles.TILE
 #: rows per pass of :func:`_sq_dev_tiled` over a layer (a multiple of every ``every`` used):
 #: one 48-column block of Q over these rows (24 KB) and the lines of P it meets stay in the
-#: L1 cache while every tile row of the layer passes over them (measured on the Xeon:
-#: 35-43 G terms/s at 128 rows, 29-38 with each tile over all of 512-2048 rows)
+#: L1 cache while every tile row of the layer passes over them (measured on the Xeon, 784 x
+#: 256 and 256 x 256 at B = 512 and 2048: 32-37 G terms/s at 128 rows, 31-37 at 64, 30-36 at
+#: 256, 28-34 at 512; column blocks outermost instead: 26-37)
 TILE_PASS_ROWS = 128
 #: chunks of fewer rows are swept by ``_sq_dev`` even where the tiles are used: a tile's
 #: fixed cost (its centres loaded, its float64 sums zeroed and added) is then not repaid
@@ -227,7 +228,7 @@ def _sq_dev_tiled(P, Q, M, S, every, qt, mt, st):
     ``every`` divides :data:`TILE_PASS_ROWS`.  Rows in passes of :data:`TILE_PASS_ROWS`;
     columns in blocks of up to 3 vectors of 16 (2 + 2 where 3 + 1 would leave a one-vector
     block, whose 4 broadcasts per 8 fmas make it load-bound), each block's rows of the pass
-    first copied into the float32 panel ``qt`` (>= 48 :data:`TILE_PASS_ROWS`): with a
+    first copied into the float32 panel ``qt`` (>= 48 min(B, :data:`TILE_PASS_ROWS`)): with a
     row stride of 192 bytes, not Q's (1 KB for 256 columns, which maps the block's rows onto
     a few L1 sets: 784 x 256 ran at 28 G terms/s in place, 240 columns at 31, 256 x 256 at 34
     against 38).  The last n_j mod 16 columns are zero-padded to one vector, with their
@@ -482,15 +483,16 @@ def moments_update_blocked(
     mu64 : (>= largest fan_out,) float64, scratch (the biases' means)
     xT : (>= B * largest fan_out,) float64, scratch
     col : (>= B,) float64, scratch
-    qt, mt, st : (>= 16 B,), (>= 16 x largest layer width,) float32 and (the same) float64,
-        scratch of :func:`_sq_dev_tiled`
+    qt, mt, st : (>= 48 min(B, :data:`TILE_PASS_ROWS`),), (>= 16 x the largest layer
+        width,) float32 and (the same) float64, scratch of :func:`_sq_dev_tiled`
     snr_max : float
         :func:`blocked_snr_max` (B, :data:`BLOCKED_TAU`).
     tiles : bool
-        Sweep with the register-blocked tiles (:func:`_sq_dev_tiled`; the caller has run
-        :func:`._tiles.ensure`, whatever ``tiles`` is: the kernel names them) rather than
-        :func:`_sq_dev`: the same arithmetic, not the same order of the float32 sums
-        (:data:`._tiles.FAST` says which is faster here).
+        Sweep with the register-blocked tiles (:func:`_sq_dev_tiled`) rather than
+        :func:`_sq_dev`: the same arithmetic in the same order (the moments came out bitwise
+        the same on every case checked; only LLVM's contraction of the loops' expressions
+        could differ).  :data:`._tiles.FAST` says which is faster here; this function runs
+        :func:`._tiles.ensure` first whatever ``tiles`` is (the kernel names them).
 
     Notes
     -----
