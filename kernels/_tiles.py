@@ -187,7 +187,7 @@ def host_has_avx512() -> bool:
 
 def _build():
     """Compile :func:`module_ir` for the host CPU (512-bit vectors allowed) and register
-    every tile's address with LLVM.  Returns the engine (it owns the code: keep it alive)."""
+    :data:`ENTRY`'s address with LLVM.  Returns the engine (it owns the code: keep it alive)."""
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     mod = llvm.parse_assembly(module_ir())
@@ -235,8 +235,9 @@ def _fallback_tile(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init):  # pr
 
 
 def _fallback() -> int:
-    """The address of :func:`_fallback_tile` as a C callback (compiled, and cached, on the
-    first build failure only)."""
+    """The address of :func:`_fallback_tile` as a C callback (compiled on a build failure
+    only; not cached: numba refuses ``cache=True`` where no cache directory is writable, and
+    this path must not fail too)."""
     f32, f64, i64 = types.float32, types.float64, types.int64
     sig = types.void(
         i64,
@@ -253,24 +254,24 @@ def _fallback() -> int:
         i64,
         i64,
     )
-    return cfunc(sig, cache=True)(_fallback_tile).address
+    return cfunc(sig)(_fallback_tile).address
 
 
 _ENGINE = None
 _LOCK = threading.Lock()
-#: None before :func:`ensure`; then whether the IR tiles were built (False: the names are
+#: None before :func:`ensure`; then whether the IR tiles were built (False: the name is
 #: bound to the scalar fallback, and the kernels keep the numba loops)
 BUILT: bool | None = None
 
 
 def ensure() -> bool:
     """Build and register the tiles once per process (idempotent, thread-safe: a second
-    engine would re-register the names, and code already linked to the first one's
-    addresses must keep them); returns :data:`BUILT`.  Call it before the first call of a
-    kernel that names them -- ``cpu_stats.moments_update_blocked`` (which does) or
-    ``cpu_stats._sq_dev_tiled``: LLVM resolves the names when numba compiles or loads such
+    engine would re-register the name, and code already linked to the first one's
+    address must keep it); returns :data:`BUILT`.  Call it before the first call of a
+    kernel that names :data:`ENTRY` -- ``cpu_stats.moments_update_blocked`` (which does) or
+    ``cpu_stats._sq_dev_tiled``: LLVM resolves the name when numba compiles or loads such
     a kernel, and an unresolved one is a crash, not an exception.  Should the IR not build
-    (an llvmlite or platform this was not tried on), the names are bound to a scalar loop
+    (an llvmlite or platform this was not tried on), the name is bound to a scalar loop
     with the same contract, a RuntimeWarning says so, and the kernels keep ``_sq_dev``."""
     global _ENGINE, BUILT
     if BUILT is None:
