@@ -641,7 +641,7 @@ class CpuBackend(Backend):
     last_moments_fallbacks = 0
     moments_fallbacks = 0
     #: whether the float32 moments sweep with the register-blocked tiles (``KS._sq_dev_tiled``;
-    #: default: on CPUs with AVX-512, where they run 1.5-1.9x the loops; chunks of at least
+    #: default: on CPUs with AVX-512, where they run 1.6-2.2x the loops; chunks of at least
     #: ``KS.TILE_MIN_ROWS`` rows, where the tiles built: ``_tiles.ensure()``) or ``KS._sq_dev``
     moments_tiles = _tiles.FAST
 
