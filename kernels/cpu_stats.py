@@ -550,25 +550,22 @@ def _moments_update_blocked(
                 for j in range(fo):
                     M[i, j] = gW[i, j] / B
         flush = B > BLOCK_ROWS  # (else the model-dtype sums are at most B rows deep already)
-        if tiles:  # float64 sums always (for B <= 64: those of the one float32 block)
-            if swap:
-                Ssw = sw64[:npar].reshape(fo, fi)
-                _sq_dev_tiled(D, A, M, Ssw, _EVERY[1], qt, mt, st)
-                for j in range(fo):
-                    for i in range(fi):
-                        S[i * fo + j] = Ssw[j, i]
-            else:
-                _sq_dev_tiled(A, D, M, S.reshape(fi, fo), _EVERY[1], qt, mt, st)
-            flush = True
-        elif swap:
+        # (the tiles always leave float64 sums: for B <= 64 those of the one float32 block)
+        if swap:
             Ssw = sw64[:npar].reshape(fo, fi)
-            if flush:
+            if tiles:
+                _sq_dev_tiled(D, A, M, Ssw, _EVERY[1], qt, mt, st)
+            elif flush:
                 _sq_dev(D.T, A, M, out.reshape(fo, fi), Ssw, _EVERY[1])
             else:
                 _sq_dev(D.T, A, M, out.reshape(fo, fi), no_s, _EVERY[0])
+            in64 = tiles or flush  # (the sums are in Ssw, else in out)
             for j in range(fo):
                 for i in range(fi):
-                    S[i * fo + j] = Ssw[j, i] if flush else np.float64(out[j * fi + i])
+                    S[i * fo + j] = Ssw[j, i] if in64 else np.float64(out[j * fi + i])
+            flush = True
+        elif tiles:
+            _sq_dev_tiled(A, D, M, S.reshape(fi, fo), _EVERY[1], qt, mt, st)
             flush = True
         elif flush:
             _sq_dev(A.T, D, M, out.reshape(fi, fo), S.reshape(fi, fo), _EVERY[1])
