@@ -1386,7 +1386,6 @@ def _act_backward_bias_grad(B, grad, ws, lay, l):
     then :func:`bias_grad`, in the same order); for ReLU row by row, in one pass over d_l."""
     code = lay[R_ACT, l]
     Z = _blk(ws, lay, R_Z, l, B)
-    A = _blk(ws, lay, R_A, l, B)
     D = _blk(ws, lay, R_D, l, B)
     gb = _b(grad, lay, l)
     n = gb.shape[0]
