@@ -486,6 +486,13 @@ def _backward_loops(B, params, grad, ws, lay, L, sqn, sqn_scale):
 #: the new values are checked while still in cache, one reduction per block (a reduction
 #: per row of 128 cost as much as the row's update)
 FUSE_BLOCK = 2048
+#: a batch-1 fused step whose parameters take at most this many bytes stages every new value
+#: in ``grad`` and copies them over once all are checked; a bigger one computes them twice
+#: instead (check, then commit), so that the weights alone stay in the L2 cache: with a
+#: params-sized second array in play, 784-256-256-10 (1.08 MB of float32 weights) ran 1.25x
+#: slower on a 2 MB L2, and at 105 KB (64-128-128-10) computing twice ran 1.1x slower than
+#: staging (:func:`_backward_update_b1`, bench/results/b1_floor.md)
+STAGE_BYTES = 1 << 18
 
 
 @jit(fastmath=False)
@@ -503,81 +510,118 @@ def _exact_add(a, b):
 
 
 @jit
-def _fused_rows(A, D, W, G, S1, i0, i1, bias, mid, nest, m, wd1, wd2, nlr, fl, zero, one):
-    """Batch 1, a chain without Adam: for weight rows i0 <= i < i1, the gradient
-    a_i * d (d for the bias rows, ``bias``), the optimizer and the update in one loop
-    over the row, in registers.
+def _fused_rows(
+    A, D, W, Dp, Out, flat, S1, i0, i1, rows, bias, dprev, mid, nest, m, wd1, wd2, nlr, fl, zero, one, commit, stage
+):
+    """Batch 1, a chain without Adam: for weight rows i0 <= i < i1, in blocks of ``rows``
+    rows, the gradient a_i * d (d for the bias rows, ``bias``), the optimizer and the new
+    parameter value in one loop over the row, in registers.
 
-    ``W``: 2-D view of the layer's parameters (updated); ``G``: its slots in ``grad``
-    (receive the old parameters: the undo record); ``S1``: its momentum slots (without a
-    trace any array of W's type, unused); the inputs in row 0 of ``A``, the deltas in
-    row 0 of ``D``; ``zero``/``one`` 0 and 1 in the model dtype (a
-    literal 1 would promote float32 to float64).  The row loop is in here, and the rows are indexed in the 2-D views:
-    numba counts references of every view it makes and of every array handed to an
-    inlined function, and once per row of 128 those atomic increments cost as much as
-    the row's arithmetic (measured).
+    Called twice per step and layer (:func:`_backward_update_b1`).  First with ``commit``
+    False: per block, with ``dprev`` (never with ``commit``) first d_prev from the block's
+    rows of W (left in L1 for their update) into ``Dp``; then the new value of W[i, j]
+    into Out[i - b0, j] (b0 the block's first row; Out a block of scratch, ``flat`` the
+    same memory, 1-D) or, with ``stage``, into Out[i, j] (Out the layer's slots in
+    ``grad``, ``flat`` the same, 1-D), and the momentum slots ``S1`` updated; then the
+    block's new values checked (sum(v * 0): 0, or NaN when one is not finite); returns
+    the sum of the checks.  Then, once every new value of the step is known to be finite,
+    the caller copies the staged values into W, or calls again with ``commit`` True: the
+    new values into W itself (Out, flat, Dp unused), the momentum read back from ``S1``;
+    returns 0.  The two calls round alike (the same expressions, and the momentum stored
+    in between), so W gets exactly the values that were checked.
+
+    ``W``: 2-D view of the layer's parameters; ``S1``: its momentum slots (without a trace
+    any array of W's type, unused); the inputs in row 0 of ``A``, the deltas in row 0 of
+    ``D``; ``zero``/``one`` 0 and 1 in the model dtype (a literal 1 would promote float32
+    to float64).  The block and row loops are in here, and the rows are indexed in the
+    2-D views: numba counts references (atomic increments) of every view it makes, of
+    every array handed to an inlined function and of every array argument of a call, and
+    once per block of 2048 weights (98 blocks per step for 784-256-256-10) those cost as
+    much as ~15% of the step (measured).  Each case is its own loop (a branch in the inner
+    loop keeps LLVM from vectorising it).
 
     The arithmetic is :func:`_grad_rows`' then :func:`_opt_fused_slice`'s then
     ``params += update``, rounding for rounding: the product and the final sum go through
     :func:`_exact_mul` / :func:`_exact_add`, which stored values used to keep out of
     multiply-add contractions, and every other operation has a single contraction
     candidate.  (Adam's moment updates have two, which LLVM picks differently in vector
-    and remainder code: Adam takes the blocked path.)  No reduction in these loops (the
-    caller checks whole blocks: a reduction's epilogue per row of 128 cost as much as
-    the row's update)."""
+    and remainder code: Adam takes the blocked path.)  No reduction in the row loops (the
+    check is one flat reduction per block: a reduction's epilogue per row of 128 cost as
+    much as the row's update)."""
     n = W.shape[1]
-    if mid == OP_TRACE:
-        if nest:
-            for i in range(i0, i1):
-                v = one if bias else A[0, i]
-                for j in range(n):
-                    w = W[i, j]
-                    g = _exact_mul(v, D[0, j]) + wd1 * w
-                    vp = m * S1[i, j] + g
-                    vp = vp if abs(vp) > fl else vp * zero
-                    S1[i, j] = vp
-                    new = _exact_add(w, nlr * ((g + m * vp) + wd2 * w))
-                    W[i, j] = new
-                    G[i, j] = w
-        else:
-            for i in range(i0, i1):
-                v = one if bias else A[0, i]
-                for j in range(n):
-                    w = W[i, j]
-                    g = _exact_mul(v, D[0, j]) + wd1 * w
-                    vp = m * S1[i, j] + g
-                    vp = vp if abs(vp) > fl else vp * zero
-                    S1[i, j] = vp
-                    new = _exact_add(w, nlr * (vp + wd2 * w))
-                    W[i, j] = new
-                    G[i, j] = w
-    else:
-        for i in range(i0, i1):
-            v = one if bias else A[0, i]
-            for j in range(n):
-                w = W[i, j]
-                new = _exact_add(w, nlr * ((_exact_mul(v, D[0, j]) + wd1 * w) + wd2 * w))
-                W[i, j] = new
-                G[i, j] = w
-
-
-@jit(inline="always")
-def _finite_check(v, zero):
-    """sum(v * 0) in the model dtype: 0, or NaN when some entry is not finite."""
     check = zero
-    for p in range(v.shape[0]):
-        check += v[p] * zero
+    for b0 in range(i0, i1, rows):
+        b1 = min(i1, b0 + rows)
+        ob = i0 - i0 if stage else b0  # Out's row of W's row b0
+        if dprev:  # :func:`_dprev_rows` at B = 1, written out (an inlined call counts references)
+            for i in range(b0, b1):
+                acc = zero
+                for j in range(n):
+                    acc += D[0, j] * W[i, j]
+                Dp[0, i] = acc
+        if mid == OP_TRACE and not commit:  # the momentum updated (as the separate passes
+            if nest:  # do, whether or not the step is then applied)
+                for i in range(b0, b1):
+                    v = one if bias else A[0, i]
+                    for j in range(n):
+                        w = W[i, j]
+                        g = _exact_mul(v, D[0, j]) + wd1 * w
+                        vp = m * S1[i, j] + g
+                        vp = vp if abs(vp) > fl else vp * zero
+                        S1[i, j] = vp
+                        Out[i - ob, j] = _exact_add(w, nlr * ((g + m * vp) + wd2 * w))
+            else:
+                for i in range(b0, b1):
+                    v = one if bias else A[0, i]
+                    for j in range(n):
+                        w = W[i, j]
+                        g = _exact_mul(v, D[0, j]) + wd1 * w
+                        vp = m * S1[i, j] + g
+                        vp = vp if abs(vp) > fl else vp * zero
+                        S1[i, j] = vp
+                        Out[i - ob, j] = _exact_add(w, nlr * (vp + wd2 * w))
+        elif mid == OP_TRACE:  # commit: the momentum as the first call left it; W in place
+            if nest:  # (a loop writing through a second view of W was not vectorised: LLVM's
+                for i in range(b0, b1):  # run-time overlap check failed, as it must)
+                    v = one if bias else A[0, i]
+                    for j in range(n):
+                        w = W[i, j]
+                        g = _exact_mul(v, D[0, j]) + wd1 * w
+                        W[i, j] = _exact_add(w, nlr * ((g + m * S1[i, j]) + wd2 * w))
+            else:
+                for i in range(b0, b1):
+                    for j in range(n):
+                        w = W[i, j]
+                        W[i, j] = _exact_add(w, nlr * (S1[i, j] + wd2 * w))
+        elif commit:
+            for i in range(b0, b1):
+                v = one if bias else A[0, i]
+                for j in range(n):
+                    w = W[i, j]
+                    W[i, j] = _exact_add(w, nlr * ((_exact_mul(v, D[0, j]) + wd1 * w) + wd2 * w))
+        else:
+            for i in range(b0, b1):
+                v = one if bias else A[0, i]
+                for j in range(n):
+                    w = W[i, j]
+                    Out[i - ob, j] = _exact_add(w, nlr * ((_exact_mul(v, D[0, j]) + wd1 * w) + wd2 * w))
+        if not commit:  # (on a view: flat[base + p] compiled to gathers, for the negative-index wrap)
+            fv = flat[(b0 - ob) * n : (b1 - ob) * n]
+            for p in range(fv.shape[0]):
+                check += fv[p] * zero
     return check
 
 
 @jit
-def _fused_layer_b1(params, grad, s1, D, A, Dp, lay, l, hp, codes, plan):
-    """Layer l of a batch-1 step for a chain without Adam: per weight row, d_prev from its
-    old values, then :func:`_fused_row` (the row stays in L1 between the two); then the
-    bias.  The new parameters are checked per block of about FUSE_BLOCK, while in cache.
-    (The bias flag is computed, not a literal True/False: numba would compile
-    :func:`_fused_rows` once per literal.)
-    Returns the layer's finiteness check."""
+def _fused_layer_b1(params, grad, s1, D, A, Dp, lay, l, hp, codes, plan, commit, stage):
+    """Layer l of a batch-1 step for a chain without Adam (see :func:`_backward_update_b1`):
+    :func:`_fused_rows` over the weights, then the bias.  ``commit`` False: d_prev (for
+    l > 0) and the new values computed, in blocks of about FUSE_BLOCK weights, into a
+    scratch block at the head of ``grad`` (or, with ``stage``, into the layer's own slots
+    of ``grad``) and checked there; returns the layer's finiteness check, nothing in
+    ``params`` changed.  ``commit`` True (never with ``stage``): the new values written
+    into ``params``; returns 0.  (Flags and bounds are computed, not literals: numba would
+    compile :func:`_fused_rows` once per literal value.)"""
     last = hp.shape[0] - 1
     zero = hp[last, 7]
     fl = hp[last, 5]
@@ -588,60 +632,81 @@ def _fused_layer_b1(params, grad, s1, D, A, Dp, lay, l, hp, codes, plan):
     mid = codes[i_mid] if i_mid >= 0 else -1
     m = hp[i_mid, 0] if i_mid >= 0 else zero
     nest = i_mid >= 0 and hp[i_mid, 1] != 0
+    one = hp[last, 6]
     src = s1 if mid == OP_TRACE else params  # (any params-sized vector without a trace)
     W = _W(params, lay, l)
-    G = _W(grad, lay, l)
     S1 = _W(src, lay, l)
     fi, fo = W.shape
-    wo = lay[R_WOFF, l]
-    check = zero
-    rows = max(1, FUSE_BLOCK // fo)
-    for i0 in range(0, fi, rows):
-        i1 = min(fi, i0 + rows)
-        if l > 0:  # the rows' old values, left in L1 for their update
-            _dprev_rows(D, W, Dp, i0, i1, 1)
-        _fused_rows(A, D, W, G, S1, i0, i1, l < 0, mid, nest, m, wd1, wd2, nlr, fl, zero, hp[last, 6])
-        check += _finite_check(params[wo + i0 * fo : wo + i1 * fo], zero)
     bo = lay[R_BOFF, l]
     Bv = params[bo : bo + fo].reshape(1, fo)
-    Bg = grad[bo : bo + fo].reshape(1, fo)
     Bs = src[bo : bo + fo].reshape(1, fo)
-    _fused_rows(A, D, Bv, Bg, Bs, fo - fo, fo - fo + 1, l >= 0, mid, nest, m, wd1, wd2, nlr, fl, zero, hp[last, 6])
-    return check + _finite_check(params[bo : bo + fo], zero)
+    z0 = fo - fo
+    rows = fi if commit else min(fi, max(1, FUSE_BLOCK // fo))  # (rows * fo <= fi * fo <= len(grad))
+    if stage:
+        wo = lay[R_WOFF, l]
+        flat = grad[wo : wo + fi * fo]
+        blk = flat.reshape(fi, fo)
+        bflat = grad[bo : bo + fo]
+        bblk = bflat.reshape(1, fo)
+    else:
+        flat = grad[: rows * fo]
+        blk = flat.reshape(rows, fo)
+        bflat, bblk = flat, blk
+    check = _fused_rows(
+        A, D, W, Dp, blk, flat, S1, z0, fi, rows, l < 0, l > 0 and not commit, mid, nest, m, wd1, wd2, nlr, fl, zero,
+        one, commit, stage,
+    )  # fmt: skip
+    bias = _fused_rows(
+        A, D, Bv, Dp, bblk, bflat, Bs, z0, z0 + 1, z0 + 1, l >= 0, l < 0, mid, nest, m, wd1, wd2, nlr, fl, zero, one,
+        commit, stage,
+    )  # fmt: skip
+    return check + bias
 
 
 @jit
 def _backward_update_b1(B, params, grad, ws, lay, L, hp, codes, plan, s1):
-    """The backward pass of a batch-1 step with the optimizer applied as it goes (a chain
-    that fuses, without clipping or Adam; hp's step scalars cast by :func:`_opt_consts`):
-    per layer, last to first, :func:`_fused_layer_b1`, then f' into the previous deltas.
-    Each weight is read from memory once for d_prev, its gradient, the optimizer and the
-    update, instead of a pass of each over the whole vector (at batch 1 a step is memory
-    traffic over the weights: bench/results/b1_floor.md).
+    """The backward pass of a batch-1 step with the optimizer applied (a chain that fuses,
+    without clipping or Adam; hp's step scalars cast by :func:`_opt_consts`), in two
+    sweeps.  The first, last layer to first, is :func:`_fused_layer_b1` per layer, then f'
+    into the previous deltas: each weight row is read once for d_prev, its gradient and
+    the optimizer, the momentum is updated, and every new parameter value is computed and
+    checked, but not yet stored in ``params``: it goes to its own slot of ``grad`` (a
+    model of at most :data:`STAGE_BYTES`) or to a block of scratch (in L1) at the head of
+    ``grad``.  Only if all are finite does the second sweep write them: a copy of the
+    staged values, or (``commit``) the same values computed again.  At batch 1 a step is
+    memory traffic over the weights (bench/results/b1_floor.md), and a params-sized second
+    array (as the undo record of the old values was, before) made the working set of
+    784-256-256-10 overflow a 2 MB L2: computing twice reads W twice and writes it once,
+    1.25x faster there than a single pass with the record.
 
     ``B`` is 1 (an argument, not a literal: numba would compile :func:`act_backward` for
     ``Literal[int](1)``); ``s1`` is the momentum vector (params-sized; may be empty
-    without one).  Every
-    parameter is updated in place, ``grad`` is left holding the OLD parameters (the undo
-    record), and the finiteness check of the new parameters is returned (0, or NaN: then
-    :func:`_undo`).  Per element the arithmetic is that of :func:`_backward_loops` +
+    without one).  Returns the finiteness check of the new parameters (0: applied; NaN:
+    nothing in ``params`` changed, the momentum updated as the separate passes update it).
+    ``grad`` is scratch: the staged values, or its head (about FUSE_BLOCK numbers), the
+    rest left as it was.  Per element the arithmetic is that of :func:`_backward_loops` +
     :func:`_opt_update` + :func:`_apply_if_finite`, so the results are bitwise theirs
     (tests/test_fused_update.py)."""
     check = hp[hp.shape[0] - 1, 7]  # 0 in the model dtype
+    commit = L < 0  # (False, and below True, as values: a literal would compile twice)
+    P = params.shape[0]
+    stage = P * params.itemsize <= STAGE_BYTES
     for l in range(L - 1, -1, -1):
         D = _blk(ws, lay, R_D, l, B)
         Dp = _blk(ws, lay, R_D, l - 1 if l > 0 else l, B)
-        check += _fused_layer_b1(params, grad, s1, D, _input(ws, lay, l, B), Dp, lay, l, hp, codes, plan)
+        check += _fused_layer_b1(params, grad, s1, D, _input(ws, lay, l, B), Dp, lay, l, hp, codes, plan, commit, stage)
         if l > 0:
             act_backward(B, ws, lay, l - 1)
+    if check == check:  # (0, or NaN: some new value is not finite)
+        if stage:
+            for p in range(P):
+                params[p] = grad[p]
+        else:
+            commit = not commit
+            for l in range(L):
+                D = _blk(ws, lay, R_D, l, B)
+                _fused_layer_b1(params, grad, s1, D, _input(ws, lay, l, B), D, lay, l, hp, codes, plan, commit, stage)
     return check
-
-
-@jit(inline="always")
-def _undo(params, grad):
-    """Put back the parameters a rejected fused step overwrote (its undo record)."""
-    for p in range(params.shape[0]):
-        params[p] = grad[p]
 
 
 @jit(inline="always")
@@ -1269,8 +1334,9 @@ def train_step_loops(
     ``plan[0]`` must be nonzero (a chain that fuses), else :func:`train_step_loops_generic`.
 
     At batch 1, without clipping, Adam or ``want_sqn``, the optimizer runs inside the
-    backward pass (:func:`_backward_update_b1`: each weight read from memory and written
-    once) and ``grad`` is left holding the old parameters.  Other steps take separate
+    backward pass (:func:`_backward_update_b1`: each weight written once, after every new
+    value is known to be finite) and the contents of ``grad`` are unspecified (it is
+    scratch).  Other steps take separate
     passes (and ``grad`` holds the update, as after :func:`opt_apply`): clipping needs the
     gradient's global norm before any update, |g|^2 the whole gradient; Adam's moment
     updates round differently in vector and remainder code (two multiply-add candidates),
@@ -1288,10 +1354,7 @@ def train_step_loops(
         _opt_consts(hp, codes, plan, lr, t)
         so = soff[plan[3]] if plan[3] >= 0 else 0
         check = _backward_update_b1(B, params, grad, ws, lay, L, hp, codes, plan, state[so : so + params.shape[0]])
-        if math.isfinite(check):
-            return loss, 1, 0.0
-        _undo(params, grad)
-        return loss, 0, 0.0
+        return loss, (1 if math.isfinite(check) else 0), 0.0
     _backward_loops(
         B, params, grad, ws, lay, L, _scratch(ws, lay, B)[: B if want_sqn else 0], np.float64(B) * np.float64(B)
     )

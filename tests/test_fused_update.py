@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import minigd as mg
+from minigd.kernels import cpu as K
 
 OPTIMIZERS = {
     "sgd": lambda: mg.SGD(lr=0.05),
@@ -29,8 +30,16 @@ OPTIMIZERS = {
 }
 
 # (sizes, batch sizes that take the loops regime): the second has more parameters than one
-# finiteness-check block; the third is wide, so the loops regime also runs batches of 3
-SHAPES = (([5, 40, 33, 3], (1,)), ([30, 70, 40, 4], (1,)), ([9, 520, 4], (1, 3)))
+# finiteness-check block; the third is wide, so the loops regime also runs batches of 3; the
+# next two are tiny, with fewer parameters than one check block (its scratch must fit)
+SHAPES = (
+    ([5, 40, 33, 3], (1,)),
+    ([30, 70, 40, 4], (1,)),
+    ([9, 520, 4], (1, 3)),
+    ([1, 1, 2], (1,)),
+    ([3, 2, 12], (1,)),
+    ([200, 400, 3], (1,)),  # more than STAGE_BYTES: the new values computed twice, not staged
+)
 
 
 def _pair(sizes, dtype, make_opt, act="relu", loss="cross_entropy"):
@@ -77,25 +86,39 @@ def test_fused_step_is_bitwise_the_separate_passes(name, dtype):
                 assert not np.array_equal(params[0], init), "no step was taken"
 
 
-def test_the_fused_path_really_runs():
-    """Without per-example norms the step leaves the old parameters in ``grad`` (the undo
-    record of the fused path); with them, the update (the separate passes)."""
-    impl, X, yi, yf, params, grads, states = _pair([5, 40, 33, 3], "float32", OPTIMIZERS["momentum"])
+@pytest.mark.parametrize("sizes", [[5, 40, 33, 3], [200, 400, 3]], ids=["staged", "computed-twice"])
+def test_the_fused_path_really_runs(sizes):
+    """Without per-example norms the fused step leaves in ``grad`` either every new value
+    (a model of at most ``STAGE_BYTES``: staged there, then copied over) or, for a bigger
+    one, nothing outside its head (one check block of scratch: the new values computed
+    again to commit them, never a params-sized record); with them, ``grad`` holds the
+    update (the separate passes)."""
+    impl, X, yi, yf, params, grads, states = _pair(sizes, "float32", OPTIMIZERS["momentum"])
+    staged = params[0].nbytes <= K.STAGE_BYTES
+    assert staged == (sizes[0] == 5)
     before = [p.copy() for p in params]
+    for g in grads:
+        g[...] = 7.0
     _steps(impl, X, yi, yf, params, grads, states, 1, 1)
-    assert np.array_equal(grads[0], before[0])
+    assert not np.array_equal(params[0], before[0])
+    if staged:
+        assert np.array_equal(grads[0], params[0])
+    else:
+        head = max(a * b for a, b in zip(sizes, sizes[1:]))  # the largest layer's weights
+        head = min(head, K.FUSE_BLOCK + max(sizes))  # (a check block at most)
+        assert (grads[0][head:] == 7.0).all()
     assert np.array_equal(params[1], before[1] + grads[1])
 
 
+@pytest.mark.parametrize("sizes", [[30, 70, 40, 4], [200, 400, 3]], ids=["staged", "computed-twice"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
-def test_rejected_fused_step_leaves_params_bitwise_untouched(name, dtype):
+def test_rejected_fused_step_leaves_params_bitwise_untouched(name, dtype, sizes):
     """A non-finite new parameter in the FIRST layer -- checked last, after every later
     layer was already updated in place -- is undone exactly: params as before (their
     infinities and signed zeros included), applied = 0, as the separate passes do.  (An
     infinite weight in a row whose input is 0: the forward skips that row, so the loss
     is finite and only the update is not.)"""
-    sizes = [30, 70, 40, 4]
     impl, X, yi, yf, params, grads, states = _pair(sizes, dtype, OPTIMIZERS[name])
     X[:, 0] = 0
     for p in params:

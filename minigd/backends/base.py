@@ -22,7 +22,9 @@ called) and offers batch-level operations that write into caller-owned buffers:
     loss_grad followed by opt_apply, as one call where the backend can fuse them;
     returns ``(loss, applied, |g|^2)``.  With ``want_sqn`` the per-example squared
     gradient norms of the batch are left in ``self.ws.scratch(B)`` (read them with
-    ``last_sqnorms(B)``).
+    ``last_sqnorms(B)``).  ``grad`` is scratch: what it holds afterwards depends on the
+    path taken (the update after separate passes; staged values, or nothing past a block
+    of scratch, after the cpu backend's fused batch-1 step).
 
 Per-example gradient statistics (:mod:`minigd.gradstats`):
 
