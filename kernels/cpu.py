@@ -560,39 +560,25 @@ def _fused_rows(
                     acc += D[0, j] * W[i, j]
                 Dp[0, i] = acc
         if mid == OP_TRACE and not commit:  # the momentum updated (as the separate passes
-            if nest:  # do, whether or not the step is then applied)
-                for i in range(b0, b1):
-                    v = one if bias else A[0, i]
-                    for j in range(n):
-                        w = W[i, j]
-                        g = _exact_mul(v, D[0, j]) + wd1 * w
-                        vp = m * S1[i, j] + g
-                        vp = vp if abs(vp) > fl else vp * zero
-                        S1[i, j] = vp
-                        Out[i - ob, j] = _exact_add(w, nlr * ((g + m * vp) + wd2 * w))
-            else:
-                for i in range(b0, b1):
-                    v = one if bias else A[0, i]
-                    for j in range(n):
-                        w = W[i, j]
-                        g = _exact_mul(v, D[0, j]) + wd1 * w
-                        vp = m * S1[i, j] + g
-                        vp = vp if abs(vp) > fl else vp * zero
-                        S1[i, j] = vp
-                        Out[i - ob, j] = _exact_add(w, nlr * (vp + wd2 * w))
-        elif mid == OP_TRACE:  # commit: the momentum as the first call left it; W in place
-            if nest:  # (a loop writing through a second view of W was not vectorised: LLVM's
-                for i in range(b0, b1):  # run-time overlap check failed, as it must)
-                    v = one if bias else A[0, i]
-                    for j in range(n):
-                        w = W[i, j]
-                        g = _exact_mul(v, D[0, j]) + wd1 * w
-                        W[i, j] = _exact_add(w, nlr * ((g + m * S1[i, j]) + wd2 * w))
-            else:
-                for i in range(b0, b1):
-                    for j in range(n):
-                        w = W[i, j]
-                        W[i, j] = _exact_add(w, nlr * (S1[i, j] + wd2 * w))
+            for i in range(b0, b1):  # do, whether or not the step is then applied)
+                v = one if bias else A[0, i]
+                for j in range(n):
+                    w = W[i, j]
+                    g = _exact_mul(v, D[0, j]) + wd1 * w
+                    vp = m * S1[i, j] + g
+                    vp = vp if abs(vp) > fl else vp * zero
+                    S1[i, j] = vp
+                    step = (g + m * vp) if nest else vp  # (nest: loop-invariant; a select)
+                    Out[i - ob, j] = _exact_add(w, nlr * (step + wd2 * w))
+        elif mid == OP_TRACE:  # commit: the momentum as the first call left it; W in place (a
+            for i in range(b0, b1):  # loop writing through a second view of W was not
+                v = one if bias else A[0, i]  # vectorised: LLVM's run-time overlap check failed)
+                for j in range(n):
+                    w = W[i, j]
+                    g = _exact_mul(v, D[0, j]) + wd1 * w
+                    vp = S1[i, j]
+                    step = (g + m * vp) if nest else vp
+                    W[i, j] = _exact_add(w, nlr * (step + wd2 * w))
         elif commit:
             for i in range(b0, b1):
                 v = one if bias else A[0, i]
