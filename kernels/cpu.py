@@ -517,7 +517,7 @@ def _fused_rows(
     rows, the gradient a_i * d (d for the bias rows, ``bias``), the optimizer and the new
     parameter value in one loop over the row, in registers.
 
-    Called twice per step and layer (:func:`_backward_update_b1`).  First with ``commit``
+    Called once or twice per step and layer (:func:`_backward_update_b1`).  First with ``commit``
     False: per block, with ``dprev`` (never with ``commit``) first d_prev from the block's
     rows of W (left in L1 for their update) into ``Dp``; then the new value of W[i, j]
     into Out[i - b0, j] (b0 the block's first row; Out a block of scratch, ``flat`` the
