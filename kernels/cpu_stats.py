@@ -43,20 +43,12 @@ SWAP_BELOW = 32
 
 # ----------------------------------------------------------------------------- helpers
 @jit(inline="always")
-def _flush1(c, s, nj):
-    """s[j] += c[j] in float64, then c[j] = 0."""
-    for j in range(nj):
-        s[j] += np.float64(c[j])
-        c[j] = 0
-
-
-@jit(inline="always")
-def _flush4(c0, c1, c2, c3, S, o, nj):
-    """:func:`_flush1` of four rows into S[o], ..., S[o + 3]."""
-    _flush1(c0, S[o], nj)
-    _flush1(c1, S[o + 1], nj)
-    _flush1(c2, S[o + 2], nj)
-    _flush1(c3, S[o + 3], nj)
+def _flush_rows(out, S, o0, o1, nj):
+    """S[o, j] += out[o, j] in float64, then out[o, j] = 0, for rows o0 <= o < o1."""
+    for o in range(o0, o1):
+        for j in range(nj):
+            S[o, j] += np.float64(out[o, j])
+            out[o, j] = 0
 
 
 @jit
@@ -70,7 +62,9 @@ def _sq_dev(Pt, Q, M, out, S, every):
     Q (B, n_j), M and out (n_o, n_j) are C-contiguous; all of the model dtype.  Four rows o
     and four examples r per sweep of the vectorised j loop (one load/store of ``out``
     per 16 products): at two fused multiply-adds per term this runs near the FMA
-    throughput of AVX2.  (Not inlined: compiled once, called for every layer.)
+    throughput of AVX2.  (Not inlined: compiled once, called for every layer.)  Rows are
+    indexed in the 2-D arrays, not through row views: numba counts references (atomic
+    increments) of every view it makes, ~600 per call for 64-128-128-10 at B = 8.
 
     ``every`` > 0: ``out`` holds partial sums only, added into the float64 ``S`` (n_o, n_j)
     every ``every`` rows (a multiple of 4) and at the end, so that no sum is more than
@@ -81,23 +75,10 @@ def _sq_dev(Pt, Q, M, out, S, every):
     nj = Q.shape[1]
     o = 0
     while o + 4 <= no:
-        c0 = out[o]
-        c1 = out[o + 1]
-        c2 = out[o + 2]
-        c3 = out[o + 3]
-        m0 = M[o]
-        m1 = M[o + 1]
-        m2 = M[o + 2]
-        m3 = M[o + 3]
-        p0 = Pt[o]
-        p1 = Pt[o + 1]
-        p2 = Pt[o + 2]
-        p3 = Pt[o + 3]
-        for j in range(nj):
-            c0[j] = 0
-            c1[j] = 0
-            c2[j] = 0
-            c3[j] = 0
+        o1, o2, o3 = o + 1, o + 2, o + 3
+        for k in range(4):
+            for j in range(nj):
+                out[o + k, j] = 0
         if every > 0:
             for k in range(4):
                 for j in range(nj):
@@ -105,82 +86,71 @@ def _sq_dev(Pt, Q, M, out, S, every):
         r = 0
         while r + 4 <= B:
             if every > 0 and r > 0 and r % every == 0:
-                _flush4(c0, c1, c2, c3, S, o, nj)
-            d0 = Q[r]
-            d1 = Q[r + 1]
-            d2 = Q[r + 2]
-            d3 = Q[r + 3]
-            a00, a01, a02, a03 = p0[r], p0[r + 1], p0[r + 2], p0[r + 3]
-            a10, a11, a12, a13 = p1[r], p1[r + 1], p1[r + 2], p1[r + 3]
-            a20, a21, a22, a23 = p2[r], p2[r + 1], p2[r + 2], p2[r + 3]
-            a30, a31, a32, a33 = p3[r], p3[r + 1], p3[r + 2], p3[r + 3]
+                _flush_rows(out, S, o, o + 4, nj)
+            r1, r2, r3 = r + 1, r + 2, r + 3
+            a00, a01, a02, a03 = Pt[o, r], Pt[o, r1], Pt[o, r2], Pt[o, r3]
+            a10, a11, a12, a13 = Pt[o1, r], Pt[o1, r1], Pt[o1, r2], Pt[o1, r3]
+            a20, a21, a22, a23 = Pt[o2, r], Pt[o2, r1], Pt[o2, r2], Pt[o2, r3]
+            a30, a31, a32, a33 = Pt[o3, r], Pt[o3, r1], Pt[o3, r2], Pt[o3, r3]
             for j in range(nj):
-                x0 = d0[j]
-                x1 = d1[j]
-                x2 = d2[j]
-                x3 = d3[j]
-                u = m0[j]
+                x0 = Q[r, j]
+                x1 = Q[r1, j]
+                x2 = Q[r2, j]
+                x3 = Q[r3, j]
+                u = M[o, j]
                 t0, t1, t2, t3 = a00 * x0 - u, a01 * x1 - u, a02 * x2 - u, a03 * x3 - u
-                c0[j] = c0[j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
-                u = m1[j]
+                out[o, j] = out[o, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                u = M[o1, j]
                 t0, t1, t2, t3 = a10 * x0 - u, a11 * x1 - u, a12 * x2 - u, a13 * x3 - u
-                c1[j] = c1[j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
-                u = m2[j]
+                out[o1, j] = out[o1, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                u = M[o2, j]
                 t0, t1, t2, t3 = a20 * x0 - u, a21 * x1 - u, a22 * x2 - u, a23 * x3 - u
-                c2[j] = c2[j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
-                u = m3[j]
+                out[o2, j] = out[o2, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                u = M[o3, j]
                 t0, t1, t2, t3 = a30 * x0 - u, a31 * x1 - u, a32 * x2 - u, a33 * x3 - u
-                c3[j] = c3[j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                out[o3, j] = out[o3, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
             r += 4
         while r < B:
-            d0 = Q[r]
-            a00, a10, a20, a30 = p0[r], p1[r], p2[r], p3[r]
+            a00, a10, a20, a30 = Pt[o, r], Pt[o1, r], Pt[o2, r], Pt[o3, r]
             for j in range(nj):
-                x0 = d0[j]
-                t0 = a00 * x0 - m0[j]
-                t1 = a10 * x0 - m1[j]
-                t2 = a20 * x0 - m2[j]
-                t3 = a30 * x0 - m3[j]
-                c0[j] += t0 * t0
-                c1[j] += t1 * t1
-                c2[j] += t2 * t2
-                c3[j] += t3 * t3
+                x0 = Q[r, j]
+                t0 = a00 * x0 - M[o, j]
+                t1 = a10 * x0 - M[o1, j]
+                t2 = a20 * x0 - M[o2, j]
+                t3 = a30 * x0 - M[o3, j]
+                out[o, j] += t0 * t0
+                out[o1, j] += t1 * t1
+                out[o2, j] += t2 * t2
+                out[o3, j] += t3 * t3
             r += 1
         if every > 0:
-            _flush4(c0, c1, c2, c3, S, o, nj)
+            _flush_rows(out, S, o, o + 4, nj)
         o += 4
     while o < no:
-        c0 = out[o]
-        m0 = M[o]
-        p0 = Pt[o]
         for j in range(nj):
-            c0[j] = 0
+            out[o, j] = 0
         if every > 0:
             for j in range(nj):
                 S[o, j] = 0.0
         r = 0
         while r + 4 <= B:
             if every > 0 and r > 0 and r % every == 0:
-                _flush1(c0, S[o], nj)
-            d0 = Q[r]
-            d1 = Q[r + 1]
-            d2 = Q[r + 2]
-            d3 = Q[r + 3]
-            a00, a01, a02, a03 = p0[r], p0[r + 1], p0[r + 2], p0[r + 3]
+                _flush_rows(out, S, o, o + 1, nj)
+            r1, r2, r3 = r + 1, r + 2, r + 3
+            a00, a01, a02, a03 = Pt[o, r], Pt[o, r1], Pt[o, r2], Pt[o, r3]
             for j in range(nj):
-                u = m0[j]
-                t0, t1, t2, t3 = a00 * d0[j] - u, a01 * d1[j] - u, a02 * d2[j] - u, a03 * d3[j] - u
-                c0[j] = c0[j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                u = M[o, j]
+                t0, t1, t2, t3 = a00 * Q[r, j] - u, a01 * Q[r1, j] - u, a02 * Q[r2, j] - u, a03 * Q[r3, j] - u
+                out[o, j] = out[o, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
             r += 4
         while r < B:
-            d0 = Q[r]
-            a00 = p0[r]
+            a00 = Pt[o, r]
             for j in range(nj):
-                t0 = a00 * d0[j] - m0[j]
-                c0[j] += t0 * t0
+                t0 = a00 * Q[r, j] - M[o, j]
+                out[o, j] += t0 * t0
             r += 1
         if every > 0:
-            _flush1(c0, S[o], nj)
+            _flush_rows(out, S, o, o + 1, nj)
         o += 1
 
 
