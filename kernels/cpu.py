@@ -820,7 +820,7 @@ def bias_act_forward(B, params, ws, lay, l):
 
 @jit(inline="always")
 def _bias_act(B, params, ws, lay, l):
-    # The three cases are separate loops, chosen once: with the activation's dispatch (and
+    # The case is chosen once, outside the row loops: with the activation's dispatch (and
     # its tanh/erf/exp branches) inside the row loop, LLVM compiled every case 1.4-4.5x
     # slower, the output layer's bias add included (issue 20).  ReLU, the default, is
     # applied to each row as the bias leaves it (one pass over z_l, not two); the same
@@ -830,12 +830,8 @@ def _bias_act(B, params, ws, lay, l):
     b = _b(params, lay, l)
     n = b.shape[0]
     code = lay[R_ACT, l]
-    if l == lay[R_MISC, 3] - 1:  # output layer: the bias only
-        for r in range(B):
-            z = Z[r]
-            for j in range(n):
-                z[j] += b[j]
-    elif code == RELU:  # _act_forward's ReLU on the biased row, in the same pass
+    hidden = l < lay[R_MISC, 3] - 1
+    if hidden and code == RELU:  # _act_forward's ReLU on the biased row, in the same pass
         for r in range(B):
             z = Z[r]
             a = A[r]
@@ -846,12 +842,13 @@ def _bias_act(B, params, ws, lay, l):
                     a[j] = v
                 else:
                     a[j] = 0
-    else:  # the bias, then the activation over the whole block (one dispatch)
+    else:  # the bias, then for a hidden layer the activation over the whole block
         for r in range(B):
             z = Z[r]
             for j in range(n):
                 z[j] += b[j]
-        _act_forward(code, _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B))
+        if hidden:
+            _act_forward(code, _flat(ws, lay, R_Z, l, B), _flat(ws, lay, R_A, l, B))
 
 
 @jit
