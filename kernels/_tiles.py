@@ -1,4 +1,4 @@
-"""Register-blocked tiles of the two-pass moments sweep, written in LLVM IR.
+"""Register-blocked tiles of the moments sweeps (two-pass and one-pass), written in LLVM IR.
 
 The float32 moments sweep (``cpu_stats._sq_dev``) costs two fused multiply-adds per
 example and weight, ``S[o, j] += (P[r, o] Q[r, j] - M[o, j])^2``.  Written as numba loops,
@@ -29,11 +29,24 @@ squared), with its float32 partial sums at most ``every`` rows deep before they 
 float64 -- the error bound of ``moments_update_blocked`` holds as it is.  (Each tile is
 also emitted under its own name, ``minigd_sqdev_{I}x{J}``, with the same arguments.)
 
+The one-pass moments (``cpu_stats.moments_update_onepass``) use a second family,
+``minigd_sums(I, J, P, ldp, Q, ldq, S, lds, nr, every, init)`` (1 <= I <= 6, 1 <= J <= 4:
+:data:`SUMS_ROWS`, :data:`SUMS_VECS`; float32 P, Q; float64 S), for i < I and lanes
+l < 16 J::
+
+    S[i, l] = (0 if init else S[i, l]) + sum over blocks b of float64(s_b[i, l])
+    s_b[i, l] = sum over rows r of block b, in order, of P[r, 2 i + l % 2] Q[r, l]  (float32 fma)
+
+P's rows hold (p, p^2) pairs and Q's rows (q, q^2) pairs, so lane 2c sums p q of column c
+and lane 2c + 1 sums p^2 q^2: one fma updates both sums of 8 weights, the pair (p, p^2) is
+one 64-bit broadcast, and a 6 x 4 tile (24 accumulators) costs 6 broadcasts and 4 loads
+per row for 24 fmas, the load ratio of a GEMM micro-kernel.
+
 :data:`FAST` says whether the kernels use the tiles: only on CPUs with AVX-512 (32 vector
 registers of 16 lanes; on the Xeon measured the sweep runs at 29-39 G terms/s with them,
 ~20 with ``_sq_dev``, i.e. at the FMA rate of the step's own sgemm).  Elsewhere the IR still
 compiles (the name must resolve), but the kernels keep ``_sq_dev``, which runs near the
-FMA throughput of AVX2 already.  Building the module costs ~0.15 s, once per process, at
+FMA throughput of AVX2 already.  Building the module costs ~0.6 s (0.2 s before the one-pass tiles), once per process, at
 the first gradient-moments call (:func:`ensure`), not at import.
 """
 
@@ -57,6 +70,11 @@ def name(i: int, j: int) -> str:
     return f"minigd_sqdev_{i}x{j}"
 
 
+def sums_name(i: int, j: int) -> str:
+    """The registered symbol of the ``i`` x ``j``-vector tile of the one-pass sums."""
+    return f"minigd_sums_{i}x{j}"
+
+
 _f32, _f64, _i64, _i32 = ir.FloatType(), ir.DoubleType(), ir.IntType(64), ir.IntType(32)
 
 
@@ -64,16 +82,25 @@ def _c(v: int):
     return ir.Constant(_i64, v)
 
 
-def _tile(mod: ir.Module, I: int, J: int) -> ir.Function:
-    """Emit ``name(I, J)`` into ``mod`` (the contract in the module docstring)."""
+def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
+    """Emit ``name(I, J)`` (``kind`` "sqdev") or ``sums_name(I, J)`` ("sums") into ``mod``
+    (the contracts in the module docstring)."""
     W = LANES
     V, V2 = ir.VectorType(_f32, W), ir.VectorType(_f64, W // 2)
     pf, pd = _f32.as_pointer(), _f64.as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [_i64, _i64, pf, _i64, pf, _i64, pf, _i64, pd, _i64, _i64, _i64, _i64])
-    fn = ir.Function(mod, fnty, name(I, J))
-    _, _, P, ldp, Q, ldq, Mp, ldm, S, lds, nr, every, init = fn.args  # (I, J: fixed here)
-    for a in (P, Q, Mp, S):
-        a.add_attribute("noalias")  # S never overlaps the inputs (the caller's buffers)
+    sums = kind == "sums"
+    if sums:  # (I, J, P, ldp, Q, ldq, S, lds, nr, every, init)
+        argt = [_i64, _i64, pf, _i64, pf, _i64, pd, _i64, _i64, _i64, _i64]
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), argt), sums_name(I, J))
+        _, _, P, ldp, Q, ldq, S, lds, nr, every, init = fn.args
+        ins, outs = (P, Q), (S,)
+    else:
+        argt = [_i64, _i64, pf, _i64, pf, _i64, pf, _i64, pd, _i64, _i64, _i64, _i64]
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), argt), name(I, J))
+        _, _, P, ldp, Q, ldq, Mp, ldm, S, lds, nr, every, init = fn.args  # (I, J: fixed here)
+        ins, outs = (P, Q, Mp), (S,)
+    for a in ins + outs:
+        a.add_attribute("noalias")  # the sums never overlap the inputs (the caller's buffers)
     fma = mod.globals.get(f"llvm.fma.v{W}f32") or ir.Function(mod, ir.FunctionType(V, [V, V, V]), f"llvm.fma.v{W}f32")
 
     entry = fn.append_basic_block("entry")
@@ -96,13 +123,15 @@ def _tile(mod: ir.Module, I: int, J: int) -> ir.Function:
         return b.add(b.mul(_c(i), lds), _c(j * W + h * (W // 2)))
 
     keys = [(i, j) for i in range(I) for j in range(J)]
-    negm = {(i, j): b.fneg(load(Mp, b.add(b.mul(_c(i), ldm), _c(j * W)), V, 4)) for i, j in keys}
+    if not sums:
+        negm = {(i, j): b.fneg(load(Mp, b.add(b.mul(_c(i), ldm), _c(j * W)), V, 4)) for i, j in keys}
     zb, start = fn.append_basic_block("zero"), fn.append_basic_block("start")
     b.cbranch(b.icmp_signed("!=", init, _c(0)), zb, start)
     b.position_at_end(zb)
-    for i, j in keys:
-        for h in (0, 1):
-            store(zero2, S, s_off(i, j, h), V2, 8)
+    for T in outs:
+        for i, j in keys:
+            for h in (0, 1):
+                store(zero2, T, s_off(i, j, h), V2, 8)
     b.branch(start)
 
     outer, inner, flush, done = (fn.append_basic_block(n) for n in ("outer", "inner", "flush", "done"))
@@ -114,33 +143,56 @@ def _tile(mod: ir.Module, I: int, J: int) -> ir.Function:
     rend = b.add(r0, every)
     rend = b.select(b.icmp_signed("<", rend, nr), rend, nr)
     b.branch(inner)
-    b.position_at_end(inner)  # one row r: I broadcasts, J loads, 2 I J fmas
+    b.position_at_end(inner)  # one row r: I broadcasts, J loads, 2 I J fmas (each per input for sums)
     r = b.phi(_i64, "r")
     r.add_incoming(r0, outer)
+    tkeys = [(T, i, j) for T in range(len(outs)) for i, j in keys]
     acc = {}
-    for key in keys:
+    for key in tkeys:
         acc[key] = b.phi(V)
         acc[key].add_incoming(zero, outer)
     prow, qrow = b.mul(r, ldp), b.mul(r, ldq)
     splat0 = ir.Constant(ir.VectorType(_i32, W), [0] * W)
-    a = []
-    for i in range(I):
-        v = b.insert_element(ir.Constant(V, ir.Undefined), b.load(b.gep(P, [b.add(prow, _c(i))])), ir.Constant(_i32, 0))
-        a.append(b.shuffle_vector(v, ir.Constant(V, ir.Undefined), splat0))
-    q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
+
+    def bcast(base, i):
+        v = b.insert_element(
+            ir.Constant(V, ir.Undefined), b.load(b.gep(base, [b.add(prow, _c(i))])), ir.Constant(_i32, 0)
+        )
+        return b.shuffle_vector(v, ir.Constant(V, ir.Undefined), splat0)
+
     new = {}
-    for i, j in keys:
-        t = b.call(fma, [a[i], q[j], negm[i, j]])
-        new[i, j] = b.call(fma, [t, t, acc[i, j]])
-        acc[i, j].add_incoming(new[i, j], inner)
+    if sums:  # lanes (2k, 2k+1): (p q, p^2 q^2) of column k -- one fma for both sums
+        D8 = ir.VectorType(_f64, W // 2)
+        splat0d = ir.Constant(ir.VectorType(_i32, W // 2), [0] * (W // 2))
+        a = []
+        for i in range(I):  # the pair (p, p^2) as one 64-bit value, broadcast
+            x = b.load(b.bitcast(b.gep(P, [b.add(prow, _c(2 * i))]), _f64.as_pointer()))
+            x.align = 4
+            v = b.insert_element(ir.Constant(D8, ir.Undefined), x, ir.Constant(_i32, 0))
+            a.append(b.bitcast(b.shuffle_vector(v, ir.Constant(D8, ir.Undefined), splat0d), V))
+        q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
+        for i, j in keys:
+            new[0, i, j] = b.call(fma, [a[i], q[j], acc[0, i, j]])
+    else:
+        a = [bcast(P, i) for i in range(I)]
+        q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
+        for i, j in keys:
+            t = b.call(fma, [a[i], q[j], negm[i, j]])
+            new[0, i, j] = b.call(fma, [t, t, acc[0, i, j]])
+    for key in tkeys:
+        acc[key].add_incoming(new[key], inner)
     r1 = b.add(r, _c(1))
     r.add_incoming(r1, inner)
     b.cbranch(b.icmp_signed("<", r1, rend), inner, flush)
     b.position_at_end(flush)  # S += float64(the block's sums)
-    for i, j in keys:
+
+    def to64(T, i, j, v):
         for h in (0, 1):
-            part = b.fpext(b.shuffle_vector(new[i, j], new[i, j], halves[h]), V2)
-            store(b.fadd(load(S, s_off(i, j, h), V2, 8), part), S, s_off(i, j, h), V2, 8)
+            part = b.fpext(b.shuffle_vector(v, v, halves[h]), V2)
+            store(b.fadd(load(outs[T], s_off(i, j, h), V2, 8), part), outs[T], s_off(i, j, h), V2, 8)
+
+    for T, i, j in tkeys:
+        to64(T, i, j, new[T, i, j])
     r0.add_incoming(rend, flush)
     b.cbranch(b.icmp_signed("<", rend, nr), outer, done)
     b.position_at_end(done)
@@ -152,28 +204,41 @@ def _tile(mod: ir.Module, I: int, J: int) -> ir.Function:
 ENTRY = "minigd_sqdev"
 
 
-def module_ir() -> str:
-    """The IR of all tiles (1..ROWS rows x 1..VECS vectors) and of :data:`ENTRY`, which
-    calls the I x J one (a switch: one predictable branch per call of a few thousand
-    fmas); an (I, J) out of range does nothing."""
-    mod = ir.Module("minigd_tiles")
-    mod.triple = llvm.get_process_triple()
-    tiles = {(i, j): _tile(mod, i, j) for i in range(1, ROWS + 1) for j in range(1, VECS + 1)}
+#: the entry of the one-pass sums' tiles (``SUMS_ROWS`` x ``SUMS_VECS`` at most)
+SUMS_ENTRY = "minigd_sums"
+SUMS_ROWS, SUMS_VECS = 6, 4
+
+
+def _entry(mod: ir.Module, entry: str, tiles: dict, vecs: int) -> None:
+    """Emit ``entry``: a switch on (I, J) to the tile of that size (one predictable branch
+    per call of a few thousand fmas); an (I, J) out of range does nothing."""
     some = next(iter(tiles.values()))
-    fn = ir.Function(mod, some.function_type, ENTRY)
+    fn = ir.Function(mod, some.function_type, entry)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     I, J = fn.args[:2]
-    key = b.add(b.mul(I, _c(VECS + 1)), J)
+    key = b.add(b.mul(I, _c(vecs + 1)), J)
     done = fn.append_basic_block("done")
     sw = b.switch(key, done)
     for (i, j), tile in tiles.items():
         blk = fn.append_basic_block(f"t{i}x{j}")
-        sw.add_case(_c(i * (VECS + 1) + j), blk)
+        sw.add_case(_c(i * (vecs + 1) + j), blk)
         b.position_at_end(blk)
         b.call(tile, fn.args)
         b.ret_void()
     b.position_at_end(done)
     b.ret_void()
+
+
+def module_ir() -> str:
+    """The IR of all tiles (1..ROWS rows x 1..VECS vectors of the two-pass sweep, 1..SUMS_ROWS
+    x 1..SUMS_VECS of the one-pass sums) and of their entries :data:`ENTRY` and
+    :data:`SUMS_ENTRY`."""
+    mod = ir.Module("minigd_tiles")
+    mod.triple = llvm.get_process_triple()
+    tiles = {(i, j): _tile(mod, i, j) for i in range(1, ROWS + 1) for j in range(1, VECS + 1)}
+    _entry(mod, ENTRY, tiles, VECS)
+    sums = {(i, j): _tile(mod, i, j, "sums") for i in range(1, SUMS_ROWS + 1) for j in range(1, SUMS_VECS + 1)}
+    _entry(mod, SUMS_ENTRY, sums, SUMS_VECS)
     return str(mod)
 
 
@@ -208,7 +273,8 @@ def _build():
         pass
     engine = llvm.create_mcjit_compiler(mod, tm)
     engine.finalize_object()
-    llvm.add_symbol(ENTRY, engine.get_function_address(ENTRY))
+    for entry in (ENTRY, SUMS_ENTRY):
+        llvm.add_symbol(entry, engine.get_function_address(entry))
     return engine
 
 
@@ -234,6 +300,32 @@ def _fallback_tile(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init):  # pr
                 r0 += every
 
 
+def _fallback_sums_tile(I, J, p, ldp, q, ldq, s, lds, nr, every, init):  # pragma: no cover - compiled
+    """The one-pass sums' contract in scalar loops (compiled by :func:`_fallback_sums` on a
+    build failure only)."""
+    W = LANES
+    P = carray(p, ((nr - 1) * ldp + 2 * I,))
+    Q = carray(q, ((nr - 1) * ldq + J * W,))
+    S = carray(s, ((I - 1) * lds + J * W,))
+    for i in range(I):
+        for j in range(J * W):
+            if init != 0:
+                S[i * lds + j] = 0.0
+            k = j % 2  # (lane 2c: p q of column c; lane 2c + 1: p^2 q^2)
+            r0 = 0
+            while r0 < nr:
+                acc = np.float32(0.0)
+                for r in range(r0, min(r0 + every, nr)):
+                    acc += P[r * ldp + 2 * i + k] * Q[r * ldq + j]
+                S[i * lds + j] += np.float64(acc)
+                r0 += every
+
+
+def _fallback_sums() -> int:
+    """The address of :func:`_fallback_sums_tile` as a C callback (see :func:`_fallback`)."""
+    return cfunc(_SUMS_SIG_C)(_fallback_sums_tile).address
+
+
 def _fallback() -> int:
     """The address of :func:`_fallback_tile` as a C callback (compiled on a build failure
     only; not cached: numba refuses ``cache=True`` where no cache directory is writable, and
@@ -256,6 +348,9 @@ def _fallback() -> int:
     )
     return cfunc(sig)(_fallback_tile).address
 
+
+_f32p, _f64p = types.CPointer(types.float32), types.CPointer(types.float64)
+_SUMS_SIG_C = types.void(*([types.int64] * 2 + [_f32p, types.int64] * 2 + [_f64p] + [types.int64] * 4))
 
 _ENGINE = None
 _LOCK = threading.Lock()
@@ -288,6 +383,7 @@ def ensure() -> bool:
                         stacklevel=2,
                     )
                     llvm.add_symbol(ENTRY, _fallback())
+                    llvm.add_symbol(SUMS_ENTRY, _fallback_sums())
                     BUILT = False
     return bool(BUILT)
 
@@ -300,3 +396,6 @@ FAST = host_has_avx512() and not os.environ.get("MINIGD_NO_TILES")
 _SIG = types.void(*([types.int64] * 2 + [types.uintp, types.int64] * 4 + [types.int64] * 3))
 #: the numba external function of :data:`ENTRY`: ``TILE(I, J, P, ldp, ...)`` runs the I x J tile
 TILE = types.ExternalFunction(ENTRY, _SIG)
+_SUMS_SIG = types.void(*([types.int64] * 2 + [types.uintp, types.int64] * 3 + [types.int64] * 3))
+#: the numba external function of :data:`SUMS_ENTRY`: ``SUMS(I, J, P, P2, ldp, ...)``
+SUMS = types.ExternalFunction(SUMS_ENTRY, _SUMS_SIG)

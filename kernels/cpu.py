@@ -913,6 +913,21 @@ def forward_blas(X, idx, B, params, ws, lay):
 @jit
 def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss):
     """:func:`loss_grad_loops` with the GEMMs in BLAS: same contract, same outputs."""
+    return _loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss, True)
+
+
+@jit
+def loss_deltas_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code):
+    """:func:`loss_grad_blas` without the weight-gradient GEMMs: the workspace's activations
+    and deltas, the loss and the bias gradients in ``grad``; its weight entries are left as
+    they were (for kernels that need the layers' factors, not their products: the one-pass
+    gradient moments)."""
+    return _loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, _FALSE[0], _FALSE[0], False)
+
+
+@jit(inline="always")
+def _loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn, want_row_loss, wgrad):
+    """The body of :func:`loss_grad_blas` (``wgrad``: with the weight-gradient GEMMs)."""
     L = lay[R_MISC, 3]
     _gather(X, idx, B, ws, lay)
     _forward_blas(B, params, ws, lay, L)
@@ -922,7 +937,8 @@ def loss_grad_blas(X, yi, yf, idx, B, params, grad, ws, lay, loss_code, want_sqn
     for l in range(L - 1, -1, -1):
         A = _input(ws, lay, l, B)
         D = _blk(ws, lay, R_D, l, B)
-        _mm_tn(A, D, _W(grad, lay, l), lay[R_MISC, 4])
+        if wgrad:
+            _mm_tn(A, D, _W(grad, lay, l), lay[R_MISC, 4])
         if l == L - 1:  # hidden layers' bias gradients: with their activation backward below
             _bias_grad(B, grad, ws, lay, l)
         if want_sqn:

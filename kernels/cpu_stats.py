@@ -19,6 +19,8 @@ per layer, guarded against cancellation (the derivations are in their docstrings
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _tiles
@@ -377,7 +379,10 @@ BLOCK_ROWS = 64
 BLOCKED_TAU = 1e-7
 #: ``_sq_dev``'s ``every`` as array items, not literals: a constant argument would compile
 #: a specialisation of its own (Literal[int]) for each value (0: no float64 flush; BLOCK_ROWS)
-_EVERY = np.array([0, BLOCK_ROWS], dtype=np.int64)
+#: rows per float32 partial sum of the one-pass form (then added into float64 inside the
+#: tile; 32 rows cost its tiles 6-25% more time, measured on the Xeon)
+ONEPASS_ROWS = 64
+_EVERY = np.array([0, BLOCK_ROWS, ONEPASS_ROWS], dtype=np.int64)
 
 
 @jit
@@ -388,15 +393,14 @@ def blocked_snr_max(B, tau):
 
 
 @jit(inline="always")
-def _merge1(mean, M2, p, m, m2, n_old, w, c):
-    """:func:`_merge` of one entry p (chunk mean m, chunk M2 m2)."""
+def _chan1(mean_p, m2_p, m, m2, n_old, w, c):
+    """:func:`_merge` of one entry, as scalars: the state (mean_p, m2_p) joined by a chunk
+    whose mean is m and M2 m2 -> the new state.  (Scalars, not the arrays and an index: an
+    array passed to an inlined function costs an atomic reference count per call.)"""
     if n_old == 0:
-        mean[p] = m
-        M2[p] = m2
-    else:
-        d = m - mean[p]
-        mean[p] += d * w
-        M2[p] += m2 + d * d * c
+        return m, m2
+    d = m - mean_p
+    return mean_p + d * w, m2_p + (m2 + d * d * c)
 
 
 @jit(inline="always")
@@ -494,104 +498,536 @@ def _moments_update_blocked(
     """The compiled body of :func:`moments_update_blocked` (:func:`._tiles.ensure` run first)."""
     L = lay[R_MISC, 3]
     w, c = _chan_weights(n_old, B)
-    Bf = np.float64(B)
     nbad = 0
+    for l in range(L):
+        nbad += _blocked_weights(
+            B, l, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s64, sw64, xT, col, qt, mt, st, snr_max, tiles, w, c
+        )
+        _bias_moments(B, l, ws, lay, n_old, st_mean, st_m2, s64, mu64, w, c)
+    return nbad
+
+
+@jit
+def _blocked_weights(
+    B, l, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s64, sw64, xT, col, qt, mt, st, snr_max, tiles, w, c
+):
+    """The weights of layer ``l`` by the blocked two-pass form (:func:`moments_update_blocked`,
+    whose arguments these are; ``w, c``: :func:`_chan_weights`), centred on the layer's
+    batch gradient in ``grad``.  Returns the number of weights recomputed exactly."""
+    Bf = np.float64(B)
+    B2 = Bf * Bf
+    flush = _blocked_sums(B, l, grad, ws, lay, mus, acc, s64, sw64, qt, mt, st, tiles)
+    A, D = _factors(ws, lay, l, B)
+    fi, fo = A.shape[1], D.shape[1]
+    npar = fi * fo
+    out = acc[:npar]
+    S = s64[:npar]
+    # one pass: M2 = B^2 S, the guard, and Chan's merge of the weights it keeps (the rule
+    # of _merge); the refused ones (the same test again) merged after their exact recompute
+    o = lay[R_WOFF, l]
+    gflat = grad[o : o + npar]
+    mean = st_mean[o : o + npar]
+    M2 = st_m2[o : o + npar]
+    bad = 0
+    for p in range(npar):
+        m2 = (S[p] if flush else np.float64(out[p])) * B2
+        m = np.float64(gflat[p])
+        if _refused(m, m2, Bf, snr_max):
+            bad += 1
+        else:
+            mean[p], M2[p] = _chan1(mean[p], M2[p], m, m2, n_old, w, c)
+    if bad:
+        xt = _deltas_t(B, D, xT)
+        for i in range(fi):
+            have = False
+            for j in range(fo):
+                p = i * fo + j
+                if _refused(np.float64(gflat[p]), (S[p] if flush else np.float64(out[p])) * B2, Bf, snr_max):
+                    m, m2 = _exact_entry(B, A, D, i, j, col, xt, have)
+                    have = True
+                    mean[p], M2[p] = _chan1(mean[p], M2[p], m, m2, n_old, w, c)
+    return bad
+
+
+@jit
+def _blocked_sums(B, l, grad, ws, lay, mus, acc, s64, sw64, qt, mt, st, tiles):
+    """The sweep of :func:`_blocked_weights`: each weight's sum of squared deviations from
+    the centre grad / B (the per-example gradients / B), in ``s64`` in parameter order in
+    float64 -- or in ``acc`` in the model dtype where it returns False (B <=
+    :data:`BLOCK_ROWS` without the tiles)."""
     no_s = np.empty((0, 0), np.float64)  # (_sq_dev's float64 target when it needs none)
+    A, D = _factors(ws, lay, l, B)
+    gW = _W(grad, lay, l)
+    fi, fo = gW.shape
+    npar = fi * fo
+    out = acc[:npar]
+    S = s64[:npar]
+    swap = fo < SWAP_BELOW and fi > fo
+    # deviations of A[r, i] D[r, j] (the stored deltas of the mean loss, not B D: B D
+    # rounds in float32 unless B is a power of two, a per-example error that reaches M2
+    # at first order) from the chunk mean / B; their sums times B^2 in float64
+    if swap:  # sweep (j, i): the inner loop runs over inputs
+        M = mus[:npar].reshape(fo, fi)
+        for i in range(fi):
+            for j in range(fo):
+                M[j, i] = gW[i, j] / B
+    else:
+        M = mus[:npar].reshape(fi, fo)
+        for i in range(fi):
+            for j in range(fo):
+                M[i, j] = gW[i, j] / B
+    flush = B > BLOCK_ROWS  # (else the model-dtype sums are at most B rows deep already)
+    # (the tiles always leave float64 sums: for B <= 64 those of the one float32 block)
+    if swap:
+        Ssw = sw64[:npar].reshape(fo, fi)
+        if tiles:
+            _sq_dev_tiled(D, A, M, Ssw, _EVERY[1], qt, mt, st)
+        elif flush:
+            _sq_dev(D.T, A, M, out.reshape(fo, fi), Ssw, _EVERY[1])
+        else:
+            _sq_dev(D.T, A, M, out.reshape(fo, fi), no_s, _EVERY[0])
+        in64 = tiles or flush  # (the sums are in Ssw, else in out)
+        for j in range(fo):
+            for i in range(fi):
+                S[i * fo + j] = Ssw[j, i] if in64 else np.float64(out[j * fi + i])
+        flush = True
+    elif tiles:
+        _sq_dev_tiled(A, D, M, S.reshape(fi, fo), _EVERY[1], qt, mt, st)
+        flush = True
+    elif flush:
+        _sq_dev(A.T, D, M, out.reshape(fi, fo), S.reshape(fi, fo), _EVERY[1])
+    else:
+        _sq_dev(A.T, D, M, out.reshape(fi, fo), no_s, _EVERY[0])
+    return flush
+
+
+@jit(inline="always")
+def _deltas_t(B, D, xT):
+    """The per-example deltas B D transposed, (fan_out, B) float64, in ``xT``."""
+    fo = D.shape[1]
+    Bf = np.float64(B)
+    xt = xT[: fo * B].reshape(fo, B)
+    for r in range(B):
+        for j in range(fo):
+            xt[j, r] = np.float64(D[r, j]) * Bf
+    return xt
+
+
+@jit
+def _bias_moments(B, l, ws, lay, n_old, st_mean, st_m2, s64, mu64, w, c):
+    """Layer ``l``'s bias: the per-example deltas themselves, float64 two-pass around the
+    float64 mean, merged into the state (``s64``, ``mu64``: float64 scratch)."""
+    Bf = np.float64(B)
+    D = _blk(ws, lay, R_D, l, B)
+    fo = D.shape[1]
+    mub = mu64[:fo]
+    sb = s64[:fo]
+    for j in range(fo):
+        mub[j] = 0.0
+        sb[j] = 0.0
+    for r in range(B):
+        for j in range(fo):
+            mub[j] += np.float64(D[r, j]) * Bf
+    for j in range(fo):
+        mub[j] /= Bf
+    tb = s64[fo : 2 * fo]
+    for j in range(fo):
+        tb[j] = 0.0
+    for r in range(B):
+        for j in range(fo):
+            t = np.float64(D[r, j]) * Bf - mub[j]
+            sb[j] += t * t
+            tb[j] += t
+    for j in range(fo):
+        sb[j] = max(sb[j] - tb[j] * tb[j] / Bf, 0.0)
+    o = lay[R_BOFF, l]
+    _merge(mub, sb, st_mean[o : o + fo], st_m2[o : o + fo], n_old, w, c)
+
+
+# ----------------------------------------------------------------------------- one-pass sums (float32 default)
+#: the cpu backend takes the one-pass form for chunks of at least this many rows (below, it
+#: costs as much as the blocked two-pass form or more, and its guard refuses more weights:
+#: bench/results/gradstats_issue20.md)
+ONEPASS_MIN_ROWS = 512
+#: rows per pass of :func:`_sums_tiled` over a layer (a multiple of :data:`ONEPASS_ROWS`)
+ONEPASS_PASS_ROWS = 128
+#: the one-pass form keeps a weight's M2 where its estimated relative error is at most this
+ONEPASS_TAU = 1e-6
+#: standard deviations of a float32 partial sum's rounding error that the estimate allows for
+ONEPASS_Z = 6.0
+#: a layer with more than 1 / this of its weights refused takes the blocked two-pass form
+#: whole (its tiles cost ~1/16 of the exact per-weight recompute, measured)
+ONEPASS_LAYER_SHARE = 16
+_SUMS = _tiles.SUMS
+_U32 = 2.0**-24
+#: an absolute bound on what the squares' and products' underflow can cost per row, in the
+#: scaled units of :func:`_col_scales` (|x| < 1): each square off by at most half the
+#: smallest subnormal, 2^-150, times a factor below 1, twice (p^2 and q^2), and the same for
+#: the partial sum it joins
+_FLOOR = 2.0**-147
+
+
+@jit
+def onepass_err(B, every):
+    """The relative rounding error (a bound with :data:`ONEPASS_Z` standard deviations of
+    margin) of the one-pass form's float64 sums S1 = sum_r p q (relative to sum_r |p q|) and
+    S2 = sum_r p^2 q^2 of B rows, their float32 partial sums ``every`` rows deep: each
+    square off by at most u = 2^-24 (2u for p^2 q^2, not averaged: one row may dominate),
+    plus the additions: a partial sum of k rows of like magnitude is off by ~u k^(1/2) / 3
+    (k round-offs, each uniform within u of a partial sum that grows linearly), and the
+    ceil(B / every) partial sums' errors average in float64."""
+    k = min(B, every)
+    nb = (B + every - 1) // every
+    return _U32 * (2.0 + ONEPASS_Z * np.sqrt(np.float64(k)) / 3.0 / np.sqrt(np.float64(nb)))
+
+
+@jit(inline="always")
+def _onepass_one(s1, s2, u, p, Bf, e, tau, gflat, mean, M2, n_old, w, c):
+    """Weight p of the one-pass form's merge (sums s1, s2 unscaled by u): the batch gradient
+    into ``gflat``, and Chan's merge where :func:`_onepass_keep` keeps it (else the state
+    is left as it is); returns 1 where refused, else 0.  Selects, not branches."""
+    keep = _onepass_keep(s1, s2, Bf, e, Bf * _FLOOR * u * u, tau)
+    gflat[p] = s1
+    nm, nm2 = _chan1(mean[p], M2[p], s1, (s2 - s1 * s1 / Bf) * (Bf * Bf), n_old, w, c)
+    mean[p] = nm if keep else mean[p]
+    M2[p] = nm2 if keep else M2[p]
+    return 0 if keep else 1
+
+
+@jit(inline="always")
+def _onepass_keep(s1, s2, Bf, e, floor, tau):
+    """Whether the one-pass form keeps a weight whose unscaled sums are s1 = sum_r A D (the
+    chunk mean of its per-example gradients) and s2 = sum_r A^2 D^2, of relative error ``e``
+    (:func:`onepass_err`) and absolute error ``floor`` (s2's underflow): M2 = B^2 s2 - B s1^2
+    with kappa = B^2 s2 / M2 = t / (t - x), t = B s2, x = s1^2, has the estimated relative
+    error kappa e (1 + 2 (x / t)^(1/2)) (S2's; then S1's through s1^2 / B, with sum_r |A D|
+    <= (B s2)^(1/2)) plus 3 kappa B floor / t, and it is kept where that is at most ``tau``
+    -- multiplied out, [e (t + 2 (x t)^(1/2)) - tau (t - x)] (t - x) + 3 B floor t <= 0,
+    with t > x; or where s2 = 0 (every gradient 0: M2 = 0 exactly).  No branch and no
+    division (the loops over the weights vectorise); False where a sum is NaN or inf."""
+    t = Bf * s2
+    x = s1 * s1
+    gap = t - x
+    est = (e * (t + 2.0 * np.sqrt(x * t)) - tau * gap) * gap + 3.0 * Bf * floor * t
+    return (s2 == 0.0) | ((gap > 0.0) & (est <= 0.0) & (t < np.inf))
+
+
+@jit
+def _col_scales(X, sc, inv):
+    """Per column c of X (B, n): ``sc[c]`` = 2^-e and ``inv[c]`` = 2^e, where the column's
+    largest magnitude is f 2^e with 0.5 <= f < 1 (so that |X sc| < 1, exactly scaled); 1 and
+    1 where that magnitude is 0, inf or NaN."""
+    B, n = X.shape
+    for c in range(n):
+        sc[c] = 0.0
+    for r in range(B):  # (a select, not a branch: the loop vectorises; NaN sticks)
+        for c in range(n):
+            v = abs(np.float64(X[r, c]))
+            m = sc[c]
+            sc[c] = v if (v > m or v != v) else m
+    for c in range(n):
+        m = sc[c]
+        if m > 0.0 and m < np.inf:
+            e = math.frexp(m)[1]
+            sc[c] = math.ldexp(1.0, -e)
+            inv[c] = math.ldexp(1.0, e)
+        else:
+            sc[c] = 1.0
+            inv[c] = 1.0
+
+
+@jit
+def _sums_tiled(P, Q, S, scp, scq, every, pp, qt, st):
+    """S[o, 2 j] = sum_r p[r, o] q[r, j] and S[o, 2 j + 1] = sum_r p[r, o]^2 q[r, j]^2 in
+    float64, where p = P scp and q = Q scq column by column (powers of two: exact but for
+    underflow; |p|, |q| < 1), by the one-pass sums' tiles of :mod:`._tiles` (float32 fmas,
+    float32 partial sums ``every`` rows deep, added into float64).
+
+    P (B, n_o), Q (B, n_j) float32, all C-contiguous; S (n_o, >= 2 n_j) float64 with unit
+    column stride (its rows may be padded: a row stride of 4 KB would put a tile's rows on
+    the same few L1 sets).  First p and its squares go into ``pp`` (>= 2 B n_o float32) by
+    groups of 6 columns, each (B, 6, (p, p^2)); then for each block of up to 32 columns of q (4 vectors of 8
+    (q, q^2) pairs) and each pass of :data:`ONEPASS_PASS_ROWS` rows, the block's rows of q
+    with their squares go into the panel ``qt`` (>= 64 :data:`ONEPASS_PASS_ROWS` float32),
+    zero-padded to whole vectors, and the tiles of 6 rows o sweep it.  The sums of the last
+    n_j mod 32 columns go through ``st`` (>= 64 n_o float64).  :func:`._tiles.ensure` must
+    have run."""
+    B, no = P.shape
+    nj = Q.shape[1]
+    R = ONEPASS_PASS_ROWS
+    H, V = _tiles.SUMS_ROWS, _tiles.SUMS_VECS  # tile rows o, vectors of 8 columns j
+    if every < 1:
+        raise ValueError("_sums_tiled: every must be positive")
+    if not (P.flags.c_contiguous and Q.flags.c_contiguous and S.strides[1] == 8):
+        raise ValueError("_sums_tiled: P and Q must be C-contiguous, S's rows contiguous")
+    if Q.shape[0] != B or S.shape[0] != no or S.shape[1] < 2 * nj:
+        raise ValueError("_sums_tiled: shapes must be P (B, n_o), Q (B, n_j) and S (n_o, >= 2 n_j)")
+    if pp.shape[0] < 2 * min(B, R) * no or qt.shape[0] < 16 * V * R or st.shape[0] < 16 * V * no:
+        raise ValueError("_sums_tiled: scratch too small")
+    lds = S.strides[0] // 8
+    ppp, qtp, sp, stp = pp.ctypes.data, qt.ctypes.data, S.ctypes.data, st.ctypes.data
+    nvb = (nj + 8 * V - 1) // (8 * V)  # column blocks
+    for r0 in range(0, B, R):  # passes of R rows: their p, p^2 (R x n_o pairs) stay in the L2 cache
+        nr = min(R, B - r0)
+        init = 1 if r0 == 0 else 0
+        P2 = pp[: 2 * nr * no].reshape(nr, 2 * no)
+        for r in range(nr):
+            for o in range(no):
+                v = np.float32(np.float64(P[r0 + r, o]) * scp[o])
+                P2[r, 2 * o] = v
+                P2[r, 2 * o + 1] = v * v
+        for vb in range(nvb):
+            j0 = vb * 8 * V
+            w = min(8 * V, nj - j0)
+            J = (w + 7) // 8
+            ld = 16 * J
+            panel = qt[: nr * ld].reshape(nr, ld)
+            for r in range(nr):
+                for j in range(w):
+                    v = np.float32(np.float64(Q[r0 + r, j0 + j]) * scq[j0 + j])
+                    panel[r, 2 * j] = v
+                    panel[r, 2 * j + 1] = v * v
+                for j in range(2 * w, ld):
+                    panel[r, j] = 0
+            for o in range(0, no, H):
+                I = min(H, no - o)
+                p0 = ppp + 4 * 2 * o
+                if w == 8 * J:
+                    _SUMS(I, J, p0, 2 * no, qtp, ld, sp + 8 * (o * lds + 2 * j0), lds, nr, every, init)
+                else:
+                    _SUMS(I, J, p0, 2 * no, qtp, ld, stp + 8 * o * ld, ld, nr, every, init)
+    if nj % 8:  # the last block's sums went through st (a partial vector)
+        j0 = (nvb - 1) * 8 * V
+        w = nj - j0
+        ld = 16 * ((w + 7) // 8)
+        st2 = st[: no * ld].reshape(no, ld)
+        for o in range(no):
+            for j in range(2 * w):
+                S[o, 2 * j0 + j] = st2[o, j]
+
+
+def moments_update_onepass(
+    B,
+    grad,
+    ws,
+    lay,
+    n_old,
+    st_mean,
+    st_m2,
+    mus,
+    acc,
+    s64,
+    sw64,
+    mu64,
+    xT,
+    col,
+    qt,
+    mt,
+    st,
+    snr_max,
+    pk,
+    sc,
+    s12,
+    sts,
+    ref,
+    tau,
+):
+    """:func:`moments_update` for float32 models from the layers' inputs and deltas alone:
+    one sweep of register-blocked tiles sums, per weight, S1 = sum_r A D and S2 = sum_r A^2
+    D^2 (float32 partial sums :data:`ONEPASS_ROWS` rows deep, added into float64), and M2 =
+    B^2 S2 - B S1^2 where a guard finds that form accurate; the chunk's weight gradients are
+    never formed by a GEMM (``grad``'s weights receive S1, the batch gradient, rounded once).
+    Returns the number of weights that took another form.
+
+    Parameters
+    ----------
+    B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s64, sw64, mu64, xT, col, qt, mt, st, snr_max
+        As for :func:`moments_update_blocked` (``grad``: its bias entries as ``loss_grad``
+        writes them; its weight entries are written here), B >= 2, the tiles used.
+    pk : (>= 2 B x the largest width,) float32, scratch (:func:`_sums_tiled`)
+    sc : (>= 2 (largest fan_in + largest fan_out),) float64, scratch (the column scales)
+    s12 : (>= 2 x the largest layer's weights + 8 x its width,) float64, scratch (the sums)
+    sts : (>= 64 x the largest layer width,) float64, scratch (:func:`_sums_tiled`)
+    ref : (>= the largest layer's weights,) int64, scratch (the weights refused)
+    tau : float
+        The guard's bound on a kept weight's estimated relative error (:data:`ONEPASS_TAU`).
+
+    ``qt`` must hold >= 64 :data:`ONEPASS_PASS_ROWS` float32 here.
+
+    Notes
+    -----
+    Cost: one float32 fma lane pair per example and weight, with the weight-gradient GEMM
+    of the backward pass left out (the two-pass form's two fmas come on top of it): the
+    tiles hold (p q, p^2 q^2) pairs in adjacent lanes, so one fma updates both sums.  On the
+    Xeon, at 2048 rows, 1.54x / 1.73x a plain step for 64-128-128-10 / 784-256-256-10
+    against the blocked form's 1.65x / 1.91x; at 512 rows, the same as the blocked form.  Accuracy: with
+    kappa = B^2 S2 / M2 (1 + the per-example signal-to-noise ratio B mean^2 / M2), the
+    relative error of M2 is about kappa (e + 2 e (1 - 1/kappa)^(1/2)), e = :func:`onepass_err`
+    (S1^2 / B cancels against S2), so the form is kept where that estimate, plus the
+    underflow floor of the squares (columns are scaled by powers of two to magnitudes below
+    1 first, so that no square overflows and few underflow), is at most
+    :data:`ONEPASS_TAU`: kappa up to ~1.15 at B = 512 and ~1.5 at B = 2048 (measured errors
+    are 2-4x below the estimate).  Per-example gradients of real models rarely come near: on
+    the digits MLP 0.03% of the weights have kappa > 1.5 at B = 512 at the initial weights,
+    none after training.  A refused weight is recomputed exactly in float64 from the stored
+    factors, as the blocked form does above its guard; where more than 1 /
+    :data:`ONEPASS_LAYER_SHARE` of a layer's weights are refused, the layer takes the blocked
+    two-pass form (:func:`moments_update_blocked`, centred on S1) whole.  A NaN or inf sum is
+    refused too, so non-finite values come out as the exact forms make them.  The bias takes
+    the float64 two-pass form.
+    """
+    _tiles.ensure()
+    return _moments_update_onepass(
+        B,
+        grad,
+        ws,
+        lay,
+        n_old,
+        st_mean,
+        st_m2,
+        mus,
+        acc,
+        s64,
+        sw64,
+        mu64,
+        xT,
+        col,
+        qt,
+        mt,
+        st,
+        snr_max,
+        pk,
+        sc,
+        s12,
+        sts,
+        ref,
+        tau,
+    )
+
+
+@jit
+def _moments_update_onepass(
+    B,
+    grad,
+    ws,
+    lay,
+    n_old,
+    st_mean,
+    st_m2,
+    mus,
+    acc,
+    s64,
+    sw64,
+    mu64,
+    xT,
+    col,
+    qt,
+    mt,
+    st,
+    snr_max,
+    pk,
+    sc,
+    s12,
+    sts,
+    ref,
+    tau,
+):
+    """The compiled body of :func:`moments_update_onepass` (:func:`._tiles.ensure` run first)."""
+    L = lay[R_MISC, 3]
+    w, c = _chan_weights(n_old, B)
+    Bf = np.float64(B)
+    every = _EVERY[2]
+    e = onepass_err(B, every)
+    nbad = 0
     for l in range(L):
         A, D = _factors(ws, lay, l, B)
         gW = _W(grad, lay, l)
         fi, fo = gW.shape
         npar = fi * fo
-        out = acc[:npar]
-        S = s64[:npar]
         swap = fo < SWAP_BELOW and fi > fo
-        # deviations of A[r, i] D[r, j] (the stored deltas of the mean loss, not B D: B D
-        # rounds in float32 unless B is a power of two, a per-example error that reaches M2
-        # at first order) from the chunk mean / B; their sums times B^2 in float64
-        B2 = Bf * Bf
-        if swap:  # sweep (j, i): the inner loop runs over inputs
-            M = mus[:npar].reshape(fo, fi)
-            for i in range(fi):
-                for j in range(fo):
-                    M[j, i] = gW[i, j] / B
-        else:
-            M = mus[:npar].reshape(fi, fo)
-            for i in range(fi):
-                for j in range(fo):
-                    M[i, j] = gW[i, j] / B
-        flush = B > BLOCK_ROWS  # (else the model-dtype sums are at most B rows deep already)
-        # (the tiles always leave float64 sums: for B <= 64 those of the one float32 block)
+        no, nj = (fo, fi) if swap else (fi, fo)
+        S = s12[: no * (2 * nj + 8)].reshape(no, 2 * nj + 8)  # (rows padded by 64 bytes)
+        sca, inva = sc[:fi], sc[fi : 2 * fi]
+        scd, invd = sc[2 * fi : 2 * fi + fo], sc[2 * fi + fo : 2 * fi + 2 * fo]
+        _col_scales(A, sca, inva)
+        _col_scales(D, scd, invd)
         if swap:
-            Ssw = sw64[:npar].reshape(fo, fi)
-            if tiles:
-                _sq_dev_tiled(D, A, M, Ssw, _EVERY[1], qt, mt, st)
-            elif flush:
-                _sq_dev(D.T, A, M, out.reshape(fo, fi), Ssw, _EVERY[1])
-            else:
-                _sq_dev(D.T, A, M, out.reshape(fo, fi), no_s, _EVERY[0])
-            in64 = tiles or flush  # (the sums are in Ssw, else in out)
-            for j in range(fo):
-                for i in range(fi):
-                    S[i * fo + j] = Ssw[j, i] if in64 else np.float64(out[j * fi + i])
-            flush = True
-        elif tiles:
-            _sq_dev_tiled(A, D, M, S.reshape(fi, fo), _EVERY[1], qt, mt, st)
-            flush = True
-        elif flush:
-            _sq_dev(A.T, D, M, out.reshape(fi, fo), S.reshape(fi, fo), _EVERY[1])
+            _sums_tiled(D, A, S, scd, sca, every, pk, qt, sts)
         else:
-            _sq_dev(A.T, D, M, out.reshape(fi, fo), no_s, _EVERY[0])
-        # one pass: M2 = B^2 S, the guard, and Chan's merge of the weights it keeps (the rule
-        # of _merge); the refused ones (the same test again) merged after their exact recompute
+            _sums_tiled(A, D, S, sca, scd, every, pk, qt, sts)
+        # one pass in S's order (a, k) = (i, j), or (j, i) where swept transposed: the
+        # guard, the batch gradient into grad and Chan's merge of the weights kept; the
+        # refused ones listed, then recomputed exactly -- or, where more than 1 /
+        # ONEPASS_LAYER_SHARE of the layer's, swept by the blocked two-pass form first
         o = lay[R_WOFF, l]
         gflat = grad[o : o + npar]
         mean = st_mean[o : o + npar]
         M2 = st_m2[o : o + npar]
+        B2 = Bf * Bf
         bad = 0
-        for p in range(npar):
-            m2 = (S[p] if flush else np.float64(out[p])) * B2
-            m = np.float64(gflat[p])
-            if _refused(m, m2, Bf, snr_max):
-                bad += 1
-            else:
-                _merge1(mean, M2, p, m, m2, n_old, w, c)
+        if swap:
+            for a in range(no):
+                for k in range(nj):
+                    u = inva[k] * invd[a]
+                    bad += _onepass_one(
+                        S[a, 2 * k] * u,
+                        S[a, 2 * k + 1] * (u * u),
+                        u,
+                        k * fo + a,
+                        Bf,
+                        e,
+                        tau,
+                        gflat,
+                        mean,
+                        M2,
+                        n_old,
+                        w,
+                        c,
+                    )
+        else:  # (no branch: the loop vectorises)
+            for a in range(no):
+                ua = inva[a]
+                for k in range(nj):
+                    u = ua * invd[k]
+                    bad += _onepass_one(
+                        S[a, 2 * k] * u,
+                        S[a, 2 * k + 1] * (u * u),
+                        u,
+                        a * fo + k,
+                        Bf,
+                        e,
+                        tau,
+                        gflat,
+                        mean,
+                        M2,
+                        n_old,
+                        w,
+                        c,
+                    )
+        if bad:  # list the refused
+            nb = 0
+            for p in range(npar):
+                i, j = p // fo, p % fo
+                a, k = (j, i) if swap else (i, j)
+                u = inva[i] * invd[j]
+                if not _onepass_keep(S[a, 2 * k] * u, S[a, 2 * k + 1] * (u * u), Bf, e, Bf * _FLOOR * u * u, tau):
+                    ref[nb] = p
+                    nb += 1
         if bad:
-            xt = xT[: fo * B].reshape(fo, B)
-            for r in range(B):
-                for j in range(fo):
-                    xt[j, r] = np.float64(D[r, j]) * Bf
-            for i in range(fi):
-                have = False
-                for j in range(fo):
-                    p = i * fo + j
-                    if _refused(np.float64(gflat[p]), (S[p] if flush else np.float64(out[p])) * B2, Bf, snr_max):
-                        m, m2 = _exact_entry(B, A, D, i, j, col, xt, have)
-                        have = True
-                        _merge1(mean, M2, p, m, m2, n_old, w, c)
-            nbad += bad
-        # bias: the per-example deltas themselves, float64 two-pass around the float64 mean
-        mub = mu64[:fo]
-        sb = s64[:fo]
-        for j in range(fo):
-            mub[j] = 0.0
-            sb[j] = 0.0
-        for r in range(B):
-            for j in range(fo):
-                mub[j] += np.float64(D[r, j]) * Bf
-        for j in range(fo):
-            mub[j] /= Bf
-        tb = s64[fo : 2 * fo]
-        for j in range(fo):
-            tb[j] = 0.0
-        for r in range(B):
-            for j in range(fo):
-                t = np.float64(D[r, j]) * Bf - mub[j]
-                sb[j] += t * t
-                tb[j] += t
-        for j in range(fo):
-            sb[j] = max(sb[j] - tb[j] * tb[j] / Bf, 0.0)
-        o = lay[R_BOFF, l]
-        _merge(mub, sb, st_mean[o : o + fo], st_m2[o : o + fo], n_old, w, c)
+            xt = _deltas_t(B, D, xT)
+            swept = bad * ONEPASS_LAYER_SHARE > npar
+            if swept:  # (tiles: True, not as a literal, which would compile a specialisation of its own)
+                _blocked_sums(B, l, grad, ws, lay, mus, acc, s64, sw64, qt, mt, st, swept)
+            for q in range(bad):
+                p = ref[q]
+                i, j = p // fo, p % fo
+                m = np.float64(gflat[p])
+                m2 = s64[p] * B2 if swept else 0.0
+                if not swept or _refused(m, m2, Bf, snr_max):
+                    m, m2 = _exact_entry(B, A, D, i, j, col, xt, False)
+                mean[p], M2[p] = _chan1(mean[p], M2[p], m, m2, n_old, w, c)
+        nbad += bad
+        _bias_moments(B, l, ws, lay, n_old, st_mean, st_m2, s64, mu64, w, c)
     return nbad
 
 

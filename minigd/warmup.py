@@ -101,6 +101,9 @@ def _warm_one(dt: str) -> float:
             if loss == "cross_entropy":  # the same kernels for every loss
                 per_example_grads(m, X, y)
                 grad_moments(m, X, y)
+                # (and a chunk big enough for the float32 one-pass form, where it is used)
+                big = np.ones((512, 3), dt)
+                grad_moments(m, big, np.zeros(512, np.int64))
     return time.perf_counter() - t0
 
 

@@ -644,6 +644,10 @@ class CpuBackend(Backend):
     #: default: on CPUs with AVX-512, where they run 1.6-2.2x the loops; chunks of at least
     #: ``KS.TILE_MIN_ROWS`` rows, where the tiles built: ``_tiles.ensure()``) or ``KS._sq_dev``
     moments_tiles = _tiles.FAST
+    #: whether the float32 default is the one-pass form (``KS.moments_update_onepass``: S1 and
+    #: S2 by the tiles, no weight-gradient GEMM) for chunks of at least ``KS.ONEPASS_MIN_ROWS``
+    #: rows where the tiles are used (AVX-512), rather than the blocked two-pass form
+    moments_onepass = _tiles.FAST
 
     def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2, exact=None):
         """Fold the batch's per-example gradients into the float64 running moments.
@@ -655,7 +659,11 @@ class CpuBackend(Backend):
         models and for float32 ones the blocked two-pass form (``KS.moments_update_blocked``:
         the same sweep over 64-row blocks summed in float64, the weights whose centre's
         rounding could matter recomputed exactly; accurate to ~1e-7 where the plain float32
-        two-pass was off by up to 2e-6, and by 1e-3 at a signal-to-noise ratio of 1e8).  On x86 SIMD a float64 FMA costs
+        two-pass was off by up to 2e-6, and by 1e-3 at a signal-to-noise ratio of 1e8) -- or,
+        for chunks of at least ``KS.ONEPASS_MIN_ROWS`` rows on CPUs with AVX-512, the
+        one-pass form (``KS.moments_update_onepass``: S1 and S2 of each weight by IR tiles,
+        without the weight-gradient GEMMs, guarded against cancellation; the blocked form
+        for the weights it refuses).  On x86 SIMD a float64 FMA costs
         two float32 ones, so for a float32 model the shortcut's GEMM costs what the
         float32 two-pass it replaces costs (measured: bench/results/gradstats.md) while
         a float32 model also needs S1 in float64 (a second GEMM); for a float64 model it
@@ -666,6 +674,33 @@ class CpuBackend(Backend):
             raise TypeError(f"exact: expected None, True or False, got {type(exact).__name__} {exact!r}")
         shortcut = B >= 2 and (exact is False or (exact is None and self.dtype == np.float64))
         blocked = B >= 2 and exact is None and self.dtype == np.float32
+        if blocked and self.moments_onepass and B >= KS.ONEPASS_MIN_ROWS and _tiles.ensure():
+            if self.norm is None and self.use_blas(B) and self.compiled_blas:
+                ws = self.reserve(B)  # (the weight-gradient GEMMs are not needed)
+                K.loss_deltas_blas(X, yi, yf, idx, B, params, grad, ws.buf, ws.lay, self.loss_code)
+            else:
+                self.loss_grad(params, grad, X, yi, yf, idx, B)
+            _, _, _, mus, acc = self._stats_scratch(B)
+            bsc = self._blocked_scratch(B)
+            snr_max = KS.blocked_snr_max(float(B), KS.BLOCKED_TAU)
+            nbad = KS.moments_update_onepass(
+                B,
+                grad,
+                self.ws.buf,
+                self.ws.lay,
+                n_old,
+                mean,
+                m2,
+                mus,
+                acc,
+                *bsc,
+                snr_max,
+                *self._onepass_scratch(B),
+                KS.ONEPASS_TAU,
+            )
+            self.last_moments_fallbacks = int(nbad)
+            self.moments_fallbacks += int(nbad)
+            return
         self.loss_grad(params, grad, X, yi, yf, idx, B)
         if blocked:
             _, _, _, mus, acc = self._stats_scratch(B)
@@ -715,9 +750,28 @@ class CpuBackend(Backend):
             big = max(max(a * b for a, b in zip(sizes[:-1], sizes[1:])), 2 * fo)
             f64 = tuple(np.zeros(n, np.float64) for n in (big, big, fo, cap * fo, cap))
             W = _tiles.LANES
-            panel = 3 * W * KS.TILE_PASS_ROWS
+            panel = max(
+                3 * W * KS.TILE_PASS_ROWS, 16 * _tiles.SUMS_VECS * KS.ONEPASS_PASS_ROWS
+            )  # (and the one-pass form's)
             tiles = (np.zeros(panel, np.float32), np.zeros(W * wide, np.float32), np.zeros(W * wide, np.float64))
             s = self._bsc = (cap, f64 + tiles)
+        return s[1]
+
+    def _onepass_scratch(self, B):
+        """Scratch of the one-pass form beyond the blocked form's, sized once for the
+        workspace's capacity (or B): the packed columns (float32), the column scales, the
+        sums and the tiles' last columns (float64)."""
+        cap = max(int(B), self.ws.capacity)
+        s = getattr(self, "_osc", None)
+        if s is None or s[0] < cap:
+            sizes = self.layout.sizes
+            wide, fi, fo = max(sizes), max(sizes[:-1]), max(sizes[1:])
+            big = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+            pp = np.zeros(2 * cap * wide, np.float32)
+            f64 = tuple(
+                np.zeros(n, np.float64) for n in (2 * (fi + fo), 2 * big + 8 * wide, 16 * _tiles.SUMS_VECS * wide)
+            )
+            s = self._osc = (cap, (pp, *f64, np.zeros(big, np.int64)))
         return s[1]
 
     def _shortcut_scratch(self, B, need_s1):
