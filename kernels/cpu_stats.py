@@ -645,10 +645,10 @@ def _bias_moments(B, l, ws, lay, n_old, st_mean, st_m2, s64, mu64, w, c):
 
 
 # ----------------------------------------------------------------------------- one-pass sums (float32 default)
-#: the cpu backend takes the one-pass form for chunks of at least this many rows (below, it
-#: costs as much as the blocked two-pass form or more, and its guard refuses more weights:
-#: bench/results/gradstats_issue20.md)
-ONEPASS_MIN_ROWS = 512
+#: the cpu backend takes the one-pass form for chunks of at least this many rows (at 512 it
+#: cost as much as the blocked two-pass form, or 2-4% more for 784-256-256-10; 4-9% less
+#: from 768; below, its guard also refuses more weights: bench/results/gradstats_issue20.md)
+ONEPASS_MIN_ROWS = 768
 #: rows per pass of :func:`_sums_tiled` over a layer (a multiple of :data:`ONEPASS_ROWS`)
 ONEPASS_PASS_ROWS = 128
 #: the one-pass form keeps a weight's M2 where its estimated relative error is at most this

@@ -102,8 +102,8 @@ def _warm_one(dt: str) -> float:
                 per_example_grads(m, X, y)
                 grad_moments(m, X, y)
                 # (and a chunk big enough for the float32 one-pass form, where it is used)
-                big = np.ones((512, 3), dt)
-                grad_moments(m, big, np.zeros(512, np.int64))
+                n = 768  # (cpu_stats.ONEPASS_MIN_ROWS; not imported here: the kernels load lazily)
+                grad_moments(m, np.ones((n, 3), dt), np.zeros(n, np.int64))
     return time.perf_counter() - t0
 
 

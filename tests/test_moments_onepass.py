@@ -200,7 +200,7 @@ def test_a_few_refused_weights_are_recomputed_one_by_one():
 
 
 def test_the_batch_gradient_is_written_and_the_biases_left():
-    sizes, B = [20, 33, 5], 600
+    sizes, B = [20, 33, 5], 800
     m = mg.MLP(sizes, dtype="float32", seed=0)
     impl = m.backend_impl
     rng = np.random.default_rng(0)
@@ -275,7 +275,7 @@ def test_the_backend_takes_the_one_pass_form_from_onepass_min_rows(monkeypatch):
     m = mg.MLP([9, 40, 3], dtype="float32", seed=0)
     m.backend_impl.moments_onepass = True
     a = mg.grad_moments(m, X, y, chunk_size=1000)  # chunks of 1000 and 500 rows
-    assert seen == [1000] and KS.ONEPASS_MIN_ROWS == 512
+    assert seen == [1000] and KS.ONEPASS_MIN_ROWS == 768
     m.backend_impl.moments_onepass = False
     b = mg.grad_moments(m, X, y, chunk_size=1000)
     assert seen == [1000]
