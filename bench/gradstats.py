@@ -237,15 +237,9 @@ def measure(models, batches, rounds: int, target_s: float, dtypes=DTYPES, ops=OP
                 "plain_us": float(np.median(s["plain"]) * 1e6),
                 "train_us": float(np.median(s["train"]) * 1e6),
             }
-            for op in (
-                "norms",
-                "moments",
-                "moments-exact",
-                "moments-shortcut",
-                "moments-loops",
-                "moments-blocked",
-                "per-example",
-            ):
+            for op in OPS:  # (relative to the plain step; the step's variants below)
+                if op in ("plain", "train", "train-sqn", "tracked"):
+                    continue
                 if op in s:
                     row[f"{op}_x"] = float(np.median(s[op] / s["plain"]))
             for op in ("train-sqn", "tracked"):

@@ -395,8 +395,8 @@ def blocked_snr_max(B, tau):
 @jit(inline="always")
 def _chan1(mean_p, m2_p, m, m2, n_old, w, c):
     """:func:`_merge` of one entry, as scalars: the state (mean_p, m2_p) joined by a chunk
-    whose mean is m and M2 m2 -> the new state.  (Scalars, not the arrays and an index: an
-    array passed to an inlined function costs an atomic reference count per call.)"""
+    whose mean is m and M2 m2 -> the new state (scalars in and out: the merge loops write
+    the state themselves, with selects where they vectorise)."""
     if n_old == 0:
         return m, m2
     d = m - mean_p
@@ -682,11 +682,14 @@ def onepass_err(B, every):
 
 
 @jit(inline="always")
-def _onepass_one(s1, s2, u, p, Bf, e, tau, gflat, mean, M2, n_old, w, c):
+def _onepass_one(s1, s2, u, p, Bf, e, tau, gflat, mean, M2, flag, n_old, w, c):
     """Weight p of the one-pass form's merge (sums s1, s2 unscaled by u): the batch gradient
     into ``gflat``, and Chan's merge where :func:`_onepass_keep` keeps it (else the state
-    is left as it is); returns 1 where refused, else 0.  Selects, not branches."""
+    is left as it is); ``flag[p]`` and the result: 1 where refused, else 0 (the one record
+    of that decision: evaluated again, in other code, the guard's arithmetic could round
+    differently).  Selects, not branches."""
     keep = _onepass_keep(s1, s2, Bf, e, Bf * _FLOOR * u * u, tau)
+    flag[p] = 0 if keep else 1
     gflat[p] = s1
     nm, nm2 = _chan1(mean[p], M2[p], s1, (s2 - s1 * s1 / Bf) * (Bf * Bf), n_old, w, c)
     mean[p] = nm if keep else mean[p]
@@ -806,38 +809,15 @@ def _sums_tiled(P, Q, S, scp, scq, every, pp, qt, st):
                 S[o, 2 * j0 + j] = st2[o, j]
 
 
-def moments_update_onepass(
-    B,
-    grad,
-    ws,
-    lay,
-    n_old,
-    st_mean,
-    st_m2,
-    mus,
-    acc,
-    s64,
-    sw64,
-    mu64,
-    xT,
-    col,
-    qt,
-    mt,
-    st,
-    snr_max,
-    pk,
-    sc,
-    s12,
-    sts,
-    ref,
-    tau,
-):
+def moments_update_onepass(*args):
     """:func:`moments_update` for float32 models from the layers' inputs and deltas alone:
     one sweep of register-blocked tiles sums, per weight, S1 = sum_r A D and S2 = sum_r A^2
     D^2 (float32 partial sums :data:`ONEPASS_ROWS` rows deep, added into float64), and M2 =
     B^2 S2 - B S1^2 where a guard finds that form accurate; the chunk's weight gradients are
     never formed by a GEMM (``grad``'s weights receive S1, the batch gradient, rounded once).
     Returns the number of weights that took another form.
+
+    The arguments are positional, in the order below.
 
     Parameters
     ----------
@@ -848,7 +828,7 @@ def moments_update_onepass(
     sc : (>= 2 (largest fan_in + largest fan_out),) float64, scratch (the column scales)
     s12 : (>= 2 x the largest layer's weights + 8 x its width,) float64, scratch (the sums)
     sts : (>= 64 x the largest layer width,) float64, scratch (:func:`_sums_tiled`)
-    ref : (>= the largest layer's weights,) int64, scratch (the weights refused)
+    ref : (>= the largest layer's weights,) uint8, scratch (which weights were refused)
     tau : float
         The guard's bound on a kept weight's estimated relative error (:data:`ONEPASS_TAU`).
 
@@ -877,32 +857,7 @@ def moments_update_onepass(
     the float64 two-pass form.
     """
     _tiles.ensure()
-    return _moments_update_onepass(
-        B,
-        grad,
-        ws,
-        lay,
-        n_old,
-        st_mean,
-        st_m2,
-        mus,
-        acc,
-        s64,
-        sw64,
-        mu64,
-        xT,
-        col,
-        qt,
-        mt,
-        st,
-        snr_max,
-        pk,
-        sc,
-        s12,
-        sts,
-        ref,
-        tau,
-    )
+    return _moments_update_onepass(*args)
 
 
 @jit
@@ -963,6 +918,7 @@ def _moments_update_onepass(
         gflat = grad[o : o + npar]
         mean = st_mean[o : o + npar]
         M2 = st_m2[o : o + npar]
+        flag = ref[:npar]
         B2 = Bf * Bf
         bad = 0
         if swap:
@@ -980,6 +936,7 @@ def _moments_update_onepass(
                         gflat,
                         mean,
                         M2,
+                        flag,
                         n_old,
                         w,
                         c,
@@ -1000,26 +957,19 @@ def _moments_update_onepass(
                         gflat,
                         mean,
                         M2,
+                        flag,
                         n_old,
                         w,
                         c,
                     )
-        if bad:  # list the refused
-            nb = 0
-            for p in range(npar):
-                i, j = p // fo, p % fo
-                a, k = (j, i) if swap else (i, j)
-                u = inva[i] * invd[j]
-                if not _onepass_keep(S[a, 2 * k] * u, S[a, 2 * k + 1] * (u * u), Bf, e, Bf * _FLOOR * u * u, tau):
-                    ref[nb] = p
-                    nb += 1
         if bad:
             xt = _deltas_t(B, D, xT)
             swept = bad * ONEPASS_LAYER_SHARE > npar
             if swept:  # (tiles: True, not as a literal, which would compile a specialisation of its own)
                 _blocked_sums(B, l, grad, ws, lay, mus, acc, s64, sw64, qt, mt, st, swept)
-            for q in range(bad):
-                p = ref[q]
+            for p in range(npar):
+                if flag[p] == 0:
+                    continue
                 i, j = p // fo, p % fo
                 m = np.float64(gflat[p])
                 m2 = s64[p] * B2 if swept else 0.0

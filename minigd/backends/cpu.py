@@ -771,7 +771,7 @@ class CpuBackend(Backend):
             f64 = tuple(
                 np.zeros(n, np.float64) for n in (2 * (fi + fo), 2 * big + 8 * wide, 16 * _tiles.SUMS_VECS * wide)
             )
-            s = self._osc = (cap, (pp, *f64, np.zeros(big, np.int64)))
+            s = self._osc = (cap, (pp, *f64, np.zeros(big, np.uint8)))
         return s[1]
 
     def _shortcut_scratch(self, B, need_s1):
