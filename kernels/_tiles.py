@@ -46,8 +46,8 @@ per row for 24 fmas, the load ratio of a GEMM micro-kernel.
 registers of 16 lanes; on the Xeon measured the sweep runs at 29-39 G terms/s with them,
 ~20 with ``_sq_dev``, i.e. at the FMA rate of the step's own sgemm).  Elsewhere the IR still
 compiles (the name must resolve), but the kernels keep ``_sq_dev``, which runs near the
-FMA throughput of AVX2 already.  Building the module costs ~0.6 s (0.2 s before the one-pass tiles), once per process, at
-the first gradient-moments call (:func:`ensure`), not at import.
+FMA throughput of AVX2 already.  Building the module costs ~0.6 s (0.2 s without the one-pass tiles), once per
+process, at the first gradient-moments call (:func:`ensure`), not at import.
 """
 
 from __future__ import annotations
@@ -93,14 +93,14 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
         argt = [_i64, _i64, pf, _i64, pf, _i64, pd, _i64, _i64, _i64, _i64]
         fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), argt), sums_name(I, J))
         _, _, P, ldp, Q, ldq, S, lds, nr, every, init = fn.args
-        ins, outs = (P, Q), (S,)
+        ptrs = (P, Q, S)
     else:
         argt = [_i64, _i64, pf, _i64, pf, _i64, pf, _i64, pd, _i64, _i64, _i64, _i64]
         fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), argt), name(I, J))
         _, _, P, ldp, Q, ldq, Mp, ldm, S, lds, nr, every, init = fn.args  # (I, J: fixed here)
-        ins, outs = (P, Q, Mp), (S,)
-    for a in ins + outs:
-        a.add_attribute("noalias")  # the sums never overlap the inputs (the caller's buffers)
+        ptrs = (P, Q, Mp, S)
+    for a in ptrs:
+        a.add_attribute("noalias")  # S never overlaps the inputs (the caller's buffers)
     fma = mod.globals.get(f"llvm.fma.v{W}f32") or ir.Function(mod, ir.FunctionType(V, [V, V, V]), f"llvm.fma.v{W}f32")
 
     entry = fn.append_basic_block("entry")
@@ -128,10 +128,9 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
     zb, start = fn.append_basic_block("zero"), fn.append_basic_block("start")
     b.cbranch(b.icmp_signed("!=", init, _c(0)), zb, start)
     b.position_at_end(zb)
-    for T in outs:
-        for i, j in keys:
-            for h in (0, 1):
-                store(zero2, T, s_off(i, j, h), V2, 8)
+    for i, j in keys:
+        for h in (0, 1):
+            store(zero2, S, s_off(i, j, h), V2, 8)
     b.branch(start)
 
     outer, inner, flush, done = (fn.append_basic_block(n) for n in ("outer", "inner", "flush", "done"))
@@ -143,12 +142,11 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
     rend = b.add(r0, every)
     rend = b.select(b.icmp_signed("<", rend, nr), rend, nr)
     b.branch(inner)
-    b.position_at_end(inner)  # one row r: I broadcasts, J loads, 2 I J fmas (each per input for sums)
+    b.position_at_end(inner)  # one row r: I broadcasts, J loads, 2 I J fmas (I J for sums)
     r = b.phi(_i64, "r")
     r.add_incoming(r0, outer)
-    tkeys = [(T, i, j) for T in range(len(outs)) for i, j in keys]
     acc = {}
-    for key in tkeys:
+    for key in keys:
         acc[key] = b.phi(V)
         acc[key].add_incoming(zero, outer)
     prow, qrow = b.mul(r, ldp), b.mul(r, ldq)
@@ -172,27 +170,24 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
             a.append(b.bitcast(b.shuffle_vector(v, ir.Constant(D8, ir.Undefined), splat0d), V))
         q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
         for i, j in keys:
-            new[0, i, j] = b.call(fma, [a[i], q[j], acc[0, i, j]])
+            new[i, j] = b.call(fma, [a[i], q[j], acc[i, j]])
     else:
         a = [bcast(P, i) for i in range(I)]
         q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
         for i, j in keys:
             t = b.call(fma, [a[i], q[j], negm[i, j]])
-            new[0, i, j] = b.call(fma, [t, t, acc[0, i, j]])
-    for key in tkeys:
+            new[i, j] = b.call(fma, [t, t, acc[i, j]])
+    for key in keys:
         acc[key].add_incoming(new[key], inner)
     r1 = b.add(r, _c(1))
     r.add_incoming(r1, inner)
     b.cbranch(b.icmp_signed("<", r1, rend), inner, flush)
     b.position_at_end(flush)  # S += float64(the block's sums)
-
-    def to64(T, i, j, v):
+    for i, j in keys:
+        v = new[i, j]
         for h in (0, 1):
             part = b.fpext(b.shuffle_vector(v, v, halves[h]), V2)
-            store(b.fadd(load(outs[T], s_off(i, j, h), V2, 8), part), outs[T], s_off(i, j, h), V2, 8)
-
-    for T, i, j in tkeys:
-        to64(T, i, j, new[T, i, j])
+            store(b.fadd(load(S, s_off(i, j, h), V2, 8), part), S, s_off(i, j, h), V2, 8)
     r0.add_incoming(rend, flush)
     b.cbranch(b.icmp_signed("<", rend, nr), outer, done)
     b.position_at_end(done)

@@ -941,7 +941,8 @@ def _moments_update_onepass(
                         w,
                         c,
                     )
-        else:  # (no branch: the loop vectorises)
+        else:  # (the same as above in the plain order, kept apart: one loop for both, with the
+            # order chosen inside, measured 5-10% slower chunks -- this one vectorises)
             for a in range(no):
                 ua = inva[a]
                 for k in range(nj):
