@@ -759,15 +759,15 @@ class CpuBackend(Backend):
 
     def _onepass_scratch(self, B):
         """Scratch of the one-pass form beyond the blocked form's, sized once for the
-        workspace's capacity (or B): the packed columns (float32), the column scales, the
-        sums and the tiles' last columns (float64)."""
+        workspace's capacity (or B): one pass's (p, p^2) rows (float32), the column scales,
+        the sums and the tiles' last columns (float64), the refused weights' flags."""
         cap = max(int(B), self.ws.capacity)
         s = getattr(self, "_osc", None)
         if s is None or s[0] < cap:
             sizes = self.layout.sizes
             wide, fi, fo = max(sizes), max(sizes[:-1]), max(sizes[1:])
             big = max(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-            pp = np.zeros(2 * cap * wide, np.float32)
+            pp = np.zeros(2 * min(cap, KS.ONEPASS_PASS_ROWS) * wide, np.float32)
             f64 = tuple(
                 np.zeros(n, np.float64) for n in (2 * (fi + fo), 2 * big + 8 * wide, 16 * _tiles.SUMS_VECS * wide)
             )
