@@ -656,7 +656,8 @@ ONEPASS_TAU = 1e-6
 #: standard deviations of a float32 partial sum's rounding error that the estimate allows for
 ONEPASS_Z = 6.0
 #: a layer with more than 1 / this of its weights refused takes the blocked two-pass form
-#: whole (its tiles cost ~1/16 of the exact per-weight recompute, measured)
+#: whole (its tiles cost ~1/16 of the exact per-weight recompute: an estimate from the
+#: two loops' rates, not measured as a threshold)
 ONEPASS_LAYER_SHARE = 16
 _SUMS = _tiles.SUMS
 _U32 = 2.0**-24
@@ -748,11 +749,12 @@ def _sums_tiled(P, Q, S, scp, scq, every, pp, qt, st):
 
     P (B, n_o), Q (B, n_j) float32, all C-contiguous; S (n_o, >= 2 n_j) float64 with unit
     column stride (its rows may be padded: a row stride of 4 KB would put a tile's rows on
-    the same few L1 sets).  First p and its squares go into ``pp`` (>= 2 B n_o float32) by
-    groups of 6 columns, each (B, 6, (p, p^2)); then for each block of up to 32 columns of q (4 vectors of 8
-    (q, q^2) pairs) and each pass of :data:`ONEPASS_PASS_ROWS` rows, the block's rows of q
-    with their squares go into the panel ``qt`` (>= 64 :data:`ONEPASS_PASS_ROWS` float32),
-    zero-padded to whole vectors, and the tiles of 6 rows o sweep it.  The sums of the last
+    the same few L1 sets).  Rows go in passes of :data:`ONEPASS_PASS_ROWS`: per pass, p and
+    its squares go into ``pp`` (>= 2 min(B, :data:`ONEPASS_PASS_ROWS`) n_o float32) as
+    (rows, n_o, (p, p^2)), where they stay in the L2 cache; then for each block of up to 32
+    columns of q (4 vectors of 8 (q, q^2) pairs) the pass's rows of q with their squares go
+    into the panel ``qt`` (>= 64 :data:`ONEPASS_PASS_ROWS` float32), zero-padded to whole
+    vectors, and the tiles of 6 rows o sweep it.  The sums of the last
     n_j mod 32 columns go through ``st`` (>= 64 n_o float64).  :func:`._tiles.ensure` must
     have run."""
     B, no = P.shape
@@ -824,7 +826,8 @@ def moments_update_onepass(*args):
     B, grad, ws, lay, n_old, st_mean, st_m2, mus, acc, s64, sw64, mu64, xT, col, qt, mt, st, snr_max
         As for :func:`moments_update_blocked` (``grad``: its bias entries as ``loss_grad``
         writes them; its weight entries are written here), B >= 2, the tiles used.
-    pk : (>= 2 B x the largest width,) float32, scratch (:func:`_sums_tiled`)
+    pk : (>= 2 min(B, :data:`ONEPASS_PASS_ROWS`) x the largest width,) float32, scratch
+        (:func:`_sums_tiled`'s ``pp``)
     sc : (>= 2 (largest fan_in + largest fan_out),) float64, scratch (the column scales)
     s12 : (>= 2 x the largest layer's weights + 8 x its width,) float64, scratch (the sums)
     sts : (>= 64 x the largest layer width,) float64, scratch (:func:`_sums_tiled`)
