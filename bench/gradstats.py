@@ -25,16 +25,16 @@ Operations, each on the same batch and backend (all after a warm-up call):
     Measured side by side in the same rounds:
 ``moments two-pass`` (``exact=True``)
     the exact two-pass M2 in the model dtype, two fused multiply-adds per example and
-    weight (bitwise the results before issue 20; the float32 default until the blocked
-    form, ``moments_update_blocked``: the same sweep with its float32 sums added into
-    float64 every 64 rows and a guard against the float32 centre's rounding).
+    weight (the float32 default until the blocked form, ``moments_update_blocked``: the
+    same sweep with its float32 sums, in groups of rows, added into float64 every 32 rows
+    and a guard against the float32 centre's rounding).
 ``moments shortcut`` (``exact=False``)
     the guarded float64 shortcut: one float64 GEMM of squared factors per layer, the
     two-pass form only where the guard finds cancellation (the default for float64
     models; float32 models also need the mean's sum in float64, a second GEMM).
 ``moments (blocked)``
     the float32 default without the one-pass form (``moments_update_onepass``, which it
-    takes for chunks of at least 768 rows on CPUs with AVX-512): the blocked two-pass form.
+    takes for chunks of at least 512 rows on CPUs with AVX-512): the blocked two-pass form.
 ``moments (loops)``
     the default with the float32 sweep by numba loops (``_sq_dev``) instead of the
     register-blocked tiles (``_sq_dev_tiled``, ``kernels/_tiles.py``) that it uses on CPUs
@@ -152,7 +152,7 @@ def _runners(sizes, B, X, y, dtype="float32"):
 
     onepass = impl.moments_onepass
 
-    def moments_blocked():  # the float32 default without the one-pass form (chunks >= 768 rows)
+    def moments_blocked():  # the float32 default without the one-pass form (chunks >= 512 rows)
         impl.moments_onepass = False
         try:
             impl.moments_update(params, g, Xc, yi, yf, idx, B, 1000, mean, m2)
@@ -290,9 +290,9 @@ def to_markdown(result: dict) -> str:
         "`train_step(want_sqn)` and `tracked` (that plus the tracker's "
         "bookkeeping: `fit`'s per-step work with `track_noise=1`) are relative to a plain "
         "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
-        "shortcut for float64 models; for float32 ones the one-pass form from 768 rows on CPUs "
+        "shortcut for float64 models; for float32 ones the one-pass form from 512 rows on CPUs "
         "with AVX-512, else the blocked two-pass form, timed alone as `moments (blocked)`); `two-pass` "
-        "(`exact=True`: results bitwise those before issue 20) and `shortcut` "
+        "(`exact=True`: the plain two-pass form) and `shortcut` "
         "(`exact=False`) are measured in the same rounds, and `moments (loops)`: the float32 "
         "default with its sweep by numba loops (`_sq_dev`) instead of the register-blocked "
         "tiles (`_sq_dev_tiled`, used on CPUs with AVX-512). Targets: norms <= 1.10, moments "

@@ -36,6 +36,9 @@ import numba
 from numba.core import event as _event
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
+#: :data:`FASTMATH` without ``reassoc``: for loops whose float sums must keep the order they
+#: are written in (a grouping that bounds a rounding error; reassociation may undo it)
+FASTMATH_ORDERED = FASTMATH - {"reassoc"}
 
 _cache_disabled_reason: str | None = None
 if os.environ.get("MINIGD_NO_CACHE"):
@@ -149,12 +152,15 @@ def _seed_from_shipped(dispatcher) -> None:
         pass
 
 
-def jit(fn=None, *, cache: bool = True, fastmath: bool = True, inline: str = "never"):
-    """``numba.njit`` with minigd's policy; use as ``@jit`` or ``@jit(cache=False)``."""
+def jit(fn=None, *, cache: bool = True, fastmath: bool | frozenset = True, inline: str = "never"):
+    """``numba.njit`` with minigd's policy; use as ``@jit`` or ``@jit(cache=False)``
+    (``fastmath``: True for :data:`FASTMATH`, a set of LLVM flags such as
+    :data:`FASTMATH_ORDERED`, or False for none)."""
     if fn is None:
         return lambda f: jit(f, cache=cache, fastmath=fastmath, inline=inline)
     global _cache_disabled_reason
-    opts = dict(fastmath=set(FASTMATH) if fastmath else False, error_model="numpy", inline=inline, nogil=True)
+    flags = set(FASTMATH) if fastmath is True else (set(fastmath) if fastmath else False)
+    opts = dict(fastmath=flags, error_model="numpy", inline=inline, nogil=True)
     if cache and _cache_disabled_reason is None:
         try:
             dispatcher = _widen_stamp(numba.njit(cache=True, **opts)(fn))

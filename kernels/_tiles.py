@@ -20,14 +20,22 @@ Contract of ``minigd_sqdev(I, J, P, ldp, Q, ldq, M, ldm, S, lds, nr, every, init
 int64 counts), for i < I and j < 16 J::
 
     S[i, j] = (0 if init else S[i, j]) + sum over blocks b of float64(s_b[i, j])
-    s_b[i, j] = sum over rows r of block b, in order, of t * t (float32 fma)
+    s_b[i, j] = sum over groups g of block b, in order, of s_g[i, j]   (float32)
+    s_g[i, j] = sum over rows r of group g, in order, of t * t (float32 fma, from 0)
     t = fma(P[r, i], Q[r, j], -M[i, j])                 (float32, one rounding)
 
-the blocks being ``every`` consecutive rows from row 0 (the last one shorter), nr >= 1 and
-every >= 1.  This is the arithmetic of ``_sq_dev`` (the deviation formed before it is
-squared), with its float32 partial sums at most ``every`` rows deep before they are added in
-float64 -- the error bound of ``moments_update_blocked`` holds as it is.  (Each tile is
-also emitted under its own name, ``minigd_sqdev_{I}x{J}``, with the same arguments.)
+the blocks being ``every`` consecutive rows from row 0 (the last one shorter), and the groups
+:data:`GROUP_ROWS` consecutive rows from a block's first (the last one shorter); nr >= 1
+and every >= 1.  This is the arithmetic of ``_sq_dev`` (the deviation formed before it is
+squared; there, groups of 4 rows), with its float32 partial sums at most ``every`` rows deep
+before they are added in float64.  The groups bound what one large row can cost the rows
+after it: a float32 sum that a large term dominates rounds every small addend after it
+alike (the zero products of a sparse ReLU layer each add the same (-M)^2), so the error of
+a sequential k-term sum grows like k u, not sqrt(k) u; in groups of g inside blocks of k
+rows it is at most (g + k / g) u with the deviation's rounding (12 u for 8 and 32: the bound
+of ``moments_update_blocked``).  A whole group is unrolled, so the groups cost no more than
+the plain sequential sum (measured on the Xeon).  (Each tile is also emitted under its own
+name, ``minigd_sqdev_{I}x{J}``, with the same arguments.)
 
 The one-pass moments (``cpu_stats.moments_update_onepass``) use a second family,
 ``minigd_sums(I, J, P, ldp, Q, ldq, S, lds, nr, every, init)`` (1 <= I <= 6, 1 <= J <= 4:
@@ -63,6 +71,9 @@ from numba import carray, cfunc, types
 
 #: lanes of a tile vector (float32 in 512 bits), the largest tile (rows x vectors)
 LANES, ROWS, VECS = 16, 4, 3
+#: rows per float32 group sum of the two-pass tiles (each group summed from 0, then added to
+#: its block's float32 sum: the error bound in the module docstring)
+GROUP_ROWS = 8
 
 
 def name(i: int, j: int) -> str:
@@ -133,58 +144,102 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
             store(zero2, S, s_off(i, j, h), V2, 8)
     b.branch(start)
 
-    outer, inner, flush, done = (fn.append_basic_block(n) for n in ("outer", "inner", "flush", "done"))
+    splat0 = ir.Constant(ir.VectorType(_i32, W), [0] * W)
+    D8 = ir.VectorType(_f64, W // 2)
+    splat0d = ir.Constant(ir.VectorType(_i32, W // 2), [0] * (W // 2))
+
+    def row(r, acc):  # one row r at the builder: I broadcasts, J loads, 2 I J fmas (I J for sums)
+        prow, qrow = b.mul(r, ldp), b.mul(r, ldq)
+        q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
+        new = {}
+        if sums:  # lanes (2k, 2k+1): (p q, p^2 q^2) of column k -- one fma for both sums
+            for i in range(I):  # the pair (p, p^2) as one 64-bit value, broadcast
+                x = b.load(b.bitcast(b.gep(P, [b.add(prow, _c(2 * i))]), _f64.as_pointer()))
+                x.align = 4
+                v = b.insert_element(ir.Constant(D8, ir.Undefined), x, ir.Constant(_i32, 0))
+                a = b.bitcast(b.shuffle_vector(v, ir.Constant(D8, ir.Undefined), splat0d), V)
+                for j in range(J):
+                    new[i, j] = b.call(fma, [a, q[j], acc[i, j]])
+        else:
+            for i in range(I):
+                v = b.load(b.gep(P, [b.add(prow, _c(i))]))
+                v = b.insert_element(ir.Constant(V, ir.Undefined), v, ir.Constant(_i32, 0))
+                a = b.shuffle_vector(v, ir.Constant(V, ir.Undefined), splat0)
+                for j in range(J):
+                    t = b.call(fma, [a, q[j], negm[i, j]])
+                    new[i, j] = b.call(fma, [t, t, acc[i, j]])
+        return new
+
+    def loop(lo, hi, pred):  # rows [lo, hi) (hi > lo) in a loop from block pred; returns (exit block, sums)
+        body = fn.append_basic_block("rows")
+        b.branch(body)
+        b.position_at_end(body)
+        r = b.phi(_i64, "r")
+        r.add_incoming(lo, pred)
+        acc = {}
+        for key in keys:
+            acc[key] = b.phi(V)
+            acc[key].add_incoming(zero, pred)
+        new = row(r, acc)
+        for key in keys:
+            acc[key].add_incoming(new[key], body)
+        r1 = b.add(r, _c(1))
+        r.add_incoming(r1, body)
+        after = fn.append_basic_block("rows_done")
+        b.cbranch(b.icmp_signed("<", r1, hi), body, after)
+        b.position_at_end(after)
+        return after, new
+
+    flush, done = fn.append_basic_block("flush"), fn.append_basic_block("done")
     b.position_at_end(start)
+    outer = fn.append_basic_block("outer")
     b.branch(outer)
     b.position_at_end(outer)  # a block of rows [r0, rend)
     r0 = b.phi(_i64, "r0")
     r0.add_incoming(_c(0), start)
     rend = b.add(r0, every)
     rend = b.select(b.icmp_signed("<", rend, nr), rend, nr)
-    b.branch(inner)
-    b.position_at_end(inner)  # one row r: I broadcasts, J loads, 2 I J fmas (I J for sums)
-    r = b.phi(_i64, "r")
-    r.add_incoming(r0, outer)
-    acc = {}
-    for key in keys:
-        acc[key] = b.phi(V)
-        acc[key].add_incoming(zero, outer)
-    prow, qrow = b.mul(r, ldp), b.mul(r, ldq)
-    splat0 = ir.Constant(ir.VectorType(_i32, W), [0] * W)
-
-    def bcast(base, i):
-        v = b.insert_element(
-            ir.Constant(V, ir.Undefined), b.load(b.gep(base, [b.add(prow, _c(i))])), ir.Constant(_i32, 0)
-        )
-        return b.shuffle_vector(v, ir.Constant(V, ir.Undefined), splat0)
-
-    new = {}
-    if sums:  # lanes (2k, 2k+1): (p q, p^2 q^2) of column k -- one fma for both sums
-        D8 = ir.VectorType(_f64, W // 2)
-        splat0d = ir.Constant(ir.VectorType(_i32, W // 2), [0] * (W // 2))
-        a = []
-        for i in range(I):  # the pair (p, p^2) as one 64-bit value, broadcast
-            x = b.load(b.bitcast(b.gep(P, [b.add(prow, _c(2 * i))]), _f64.as_pointer()))
-            x.align = 4
-            v = b.insert_element(ir.Constant(D8, ir.Undefined), x, ir.Constant(_i32, 0))
-            a.append(b.bitcast(b.shuffle_vector(v, ir.Constant(D8, ir.Undefined), splat0d), V))
-        q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
-        for i, j in keys:
-            new[i, j] = b.call(fma, [a[i], q[j], acc[i, j]])
-    else:
-        a = [bcast(P, i) for i in range(I)]
-        q = [load(Q, b.add(qrow, _c(j * W)), V, 4) for j in range(J)]
-        for i, j in keys:
-            t = b.call(fma, [a[i], q[j], negm[i, j]])
-            new[i, j] = b.call(fma, [t, t, acc[i, j]])
-    for key in keys:
-        acc[key].add_incoming(new[key], inner)
-    r1 = b.add(r, _c(1))
-    r.add_incoming(r1, inner)
-    b.cbranch(b.icmp_signed("<", r1, rend), inner, flush)
+    if sums:  # the block's rows, summed in order
+        last, tot = loop(r0, rend, outer)
+        b.branch(flush)
+    else:  # groups of GROUP_ROWS rows [g0, gend), each summed afresh, then added to the block's sums
+        group = fn.append_basic_block("group")
+        b.branch(group)
+        b.position_at_end(group)
+        g0 = b.phi(_i64, "g0")
+        g0.add_incoming(r0, outer)
+        blk = {}
+        for key in keys:
+            blk[key] = b.phi(V)
+            blk[key].add_incoming(zero, outer)
+        gend = b.add(g0, _c(GROUP_ROWS))
+        whole = b.icmp_signed("<=", gend, rend)
+        gend = b.select(whole, gend, rend)
+        full, part = fn.append_basic_block("full"), fn.append_basic_block("part")
+        b.cbranch(whole, full, part)
+        b.position_at_end(full)  # a whole group, unrolled
+        acc = {key: zero for key in keys}
+        for k in range(GROUP_ROWS):
+            acc = row(b.add(g0, _c(k)), acc)
+        gdone = fn.append_basic_block("gdone")
+        b.branch(gdone)
+        b.position_at_end(part)  # the block's last rows (fewer than a group)
+        plast, pnew = loop(g0, gend, part)
+        b.branch(gdone)
+        b.position_at_end(gdone)  # the block's sums += the group's
+        grp = {}
+        for key in keys:
+            grp[key] = b.phi(V)
+            grp[key].add_incoming(acc[key], full)
+            grp[key].add_incoming(pnew[key], plast)
+        tot = {key: b.fadd(blk[key], grp[key]) for key in keys}
+        for key in keys:
+            blk[key].add_incoming(tot[key], gdone)
+        g0.add_incoming(gend, gdone)
+        b.cbranch(b.icmp_signed("<", gend, rend), group, flush)
     b.position_at_end(flush)  # S += float64(the block's sums)
     for i, j in keys:
-        v = new[i, j]
+        v = tot[i, j]
         for h in (0, 1):
             part = b.fpext(b.shuffle_vector(v, v, halves[h]), V2)
             store(b.fadd(load(S, s_off(i, j, h), V2, 8), part), S, s_off(i, j, h), V2, 8)
@@ -288,9 +343,13 @@ def _fallback_tile(I, J, p, ldp, q, ldq, m, ldm, s, lds, nr, every, init):  # pr
             r0 = 0
             while r0 < nr:
                 acc = np.float32(0.0)
-                for r in range(r0, min(r0 + every, nr)):
-                    t = P[r * ldp + i] * Q[r * ldq + j] - mu
-                    acc += t * t
+                rend = min(r0 + every, nr)
+                for g0 in range(r0, rend, GROUP_ROWS):
+                    grp = np.float32(0.0)
+                    for r in range(g0, min(g0 + GROUP_ROWS, rend)):
+                        t = P[r * ldp + i] * Q[r * ldq + j] - mu
+                        grp += t * t
+                    acc += grp
                 S[i * lds + j] += np.float64(acc)
                 r0 += every
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from . import _tiles
-from ._jit import jit
+from ._jit import FASTMATH_ORDERED, jit
 from .cpu import (
     _W,
     R_BOFF,
@@ -53,7 +53,7 @@ def _flush_rows(out, S, o0, o1, nj):
             out[o, j] = 0
 
 
-@jit
+@jit(fastmath=FASTMATH_ORDERED)
 def _sq_dev(Pt, Q, M, out, S, every):
     """out[o, j] = sum_r (Pt[o, r] * Q[r, j] - M[o, j])^2 for all o, j (exact two-pass
     form: each deviation is formed before it is squared; never E[x^2] - E[x]^2).
@@ -67,6 +67,11 @@ def _sq_dev(Pt, Q, M, out, S, every):
     throughput of AVX2.  (Not inlined: compiled once, called for every layer.)  Rows are
     indexed in the 2-D arrays, not through row views: numba counts references (atomic
     increments) of every view it makes, ~600 per call for 64-128-128-10 at B = 8.
+
+    The four rows r of a sweep are summed first (from the first one), then added to ``out``:
+    groups of 4 rows, as the tiles of :mod:`._tiles` group 8 (why: their module docstring).
+    Compiled without ``reassoc`` (:data:`._jit.FASTMATH_ORDERED`), which would let LLVM undo
+    the grouping; the j loop has no reduction and vectorises without it.
 
     ``every`` > 0: ``out`` holds partial sums only, added into the float64 ``S`` (n_o, n_j)
     every ``every`` rows (a multiple of 4) and at the end, so that no sum is more than
@@ -101,16 +106,16 @@ def _sq_dev(Pt, Q, M, out, S, every):
                 x3 = Q[r3, j]
                 u = M[o, j]
                 t0, t1, t2, t3 = a00 * x0 - u, a01 * x1 - u, a02 * x2 - u, a03 * x3 - u
-                out[o, j] = out[o, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                out[o, j] = out[o, j] + (t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3)
                 u = M[o1, j]
                 t0, t1, t2, t3 = a10 * x0 - u, a11 * x1 - u, a12 * x2 - u, a13 * x3 - u
-                out[o1, j] = out[o1, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                out[o1, j] = out[o1, j] + (t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3)
                 u = M[o2, j]
                 t0, t1, t2, t3 = a20 * x0 - u, a21 * x1 - u, a22 * x2 - u, a23 * x3 - u
-                out[o2, j] = out[o2, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                out[o2, j] = out[o2, j] + (t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3)
                 u = M[o3, j]
                 t0, t1, t2, t3 = a30 * x0 - u, a31 * x1 - u, a32 * x2 - u, a33 * x3 - u
-                out[o3, j] = out[o3, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                out[o3, j] = out[o3, j] + (t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3)
             r += 4
         while r < B:
             a00, a10, a20, a30 = Pt[o, r], Pt[o1, r], Pt[o2, r], Pt[o3, r]
@@ -143,7 +148,7 @@ def _sq_dev(Pt, Q, M, out, S, every):
             for j in range(nj):
                 u = M[o, j]
                 t0, t1, t2, t3 = a00 * Q[r, j] - u, a01 * Q[r1, j] - u, a02 * Q[r2, j] - u, a03 * Q[r3, j] - u
-                out[o, j] = out[o, j] + t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3
+                out[o, j] = out[o, j] + (t0 * t0 + t1 * t1 + t2 * t2 + t3 * t3)
             r += 4
         while r < B:
             a00 = Pt[o, r]
@@ -372,8 +377,16 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
 
 
 # ----------------------------------------------------------------------------- blocked two-pass (float32 default)
-#: rows per float32 partial sum of the blocked two-pass form (then added into float64)
-BLOCK_ROWS = 64
+#: rows per float32 partial sum of the blocked two-pass form (then added into float64); each
+#: is summed in groups of ``_tiles.GROUP_ROWS`` = 8 rows (the tiles) or 4 (``_sq_dev``)
+BLOCK_ROWS = 32
+#: the blocked form's float32 sums are within this many u = 2^-24 (relative, first order) of
+#: the exact sums of squared deviations, for any data: the deviation's rounding (2 u on its
+#: square), g - 1 additions in a group of g rows, BLOCK_ROWS / g - 1 of the groups' sums
+#: (g = 8 or 4: 12 either way).  64-row blocks summed row after row allowed 65 u -- reached
+#: on sparse ReLU layers, whose zero products each add the same (-mean)^2 after one large
+#: row and round alike (3.0-3.5e-6 on the digits: bench/results/gradstats_issue20.md)
+BLOCKED_ULPS = 12
 #: relative error the centre's rounding may add to a chunk's M2 where the blocked form keeps
 #: it (the guard of :func:`moments_update_blocked`)
 BLOCKED_TAU = 1e-7
@@ -463,9 +476,9 @@ def moments_update_blocked(
         :func:`blocked_snr_max` (B, :data:`BLOCKED_TAU`).
     tiles : bool
         Sweep with the register-blocked tiles (:func:`_sq_dev_tiled`) rather than
-        :func:`_sq_dev`: the same arithmetic in the same order (the moments came out bitwise
-        the same on every case checked; only LLVM's contraction of the loops' expressions
-        could differ).  :data:`._tiles.FAST` says which is faster here; this function runs
+        :func:`_sq_dev`: the same arithmetic, but for the grouping of the rows inside a block
+        (8 rows, against the loops' 4: the same bound, :data:`BLOCKED_ULPS`, not bitwise the
+        same sums).  :data:`._tiles.FAST` says which is faster here; this function runs
         :func:`._tiles.ensure` first whatever ``tiles`` is (the kernel names them).
 
     Notes
@@ -474,7 +487,10 @@ def moments_update_blocked(
     the squared deviations summed in float32 over all B rows (an error growing with B:
     2.3e-6 at B = 2048), and the centre -- the float32 batch gradient m', off the true chunk
     mean m by e -- which adds B e^2 to M2 = sum_r (g_r - m)^2.  Here each block's sum is at
-    most 64 rows deep before it is added in float64, and the centre error, typically
+    most :data:`BLOCK_ROWS` = 32 rows deep, summed in groups of 8 (4 by the loops), before it
+    is added in float64: within :data:`BLOCKED_ULPS` = 12 u (7.2e-7) of the exact sum of
+    squared deviations for any data, sparse layers included (where 64 rows summed one after
+    another lost up to 3.5e-6); and the centre error, typically
     sqrt(B) u |m| (u = 2^-24) for a BLAS sum of B rows, adds a relative B u^2 SNR with SNR =
     m^2 / (M2 / B): so a weight whose estimated SNR, B m'^2 / S, exceeds ``snr_max`` (at
     which that share is ``BLOCKED_TAU`` = 1e-7; SNR 1.4e4 at B = 2048, 8.9e5 at B = 32) --
@@ -483,7 +499,9 @@ def moments_update_blocked(
     high-SNR chunk is exact, at O(B) per such weight.  The bias (fo numbers per layer) takes
     the float64 two-pass form.  The float64 additions run inside the sweep, on rows of the
     output block that are in the L1 cache: the sweep costs 0.96-1.08x the one without them
-    (measured on 64x128 to 784x256 layers, B = 512 and 2048).
+    (measured on 64x128 to 784x256 layers, B = 512 and 2048, with 64-row blocks; 32-row
+    blocks in groups cost the tiles' sweep 6-13% more).  So a kept weight's M2 is within 12 u + ``BLOCKED_TAU``
+    (8.2e-7, first order) of the exact value.
     """
     _tiles.ensure()  # (the kernel names the tiles whether it calls them or not)
     return _moments_update_blocked(
@@ -646,9 +664,10 @@ def _bias_moments(B, l, ws, lay, n_old, st_mean, st_m2, s64, mu64, w, c):
 
 # ----------------------------------------------------------------------------- one-pass sums (float32 default)
 #: the cpu backend takes the one-pass form for chunks of at least this many rows (at 512 it
-#: cost as much as the blocked two-pass form, or 2-4% more for 784-256-256-10; 4-9% less
-#: from 768; below, its guard also refuses more weights: bench/results/gradstats_issue20.md)
-ONEPASS_MIN_ROWS = 768
+#: costs 4-10% less than the blocked two-pass form since that form's sums go in groups of
+#: rows, and 4-9% less from 768; at 256 it costs more, and its guard refuses more weights:
+#: bench/results/gradstats_issue20.md)
+ONEPASS_MIN_ROWS = 512
 #: rows per pass of :func:`_sums_tiled` over a layer (a multiple of :data:`ONEPASS_ROWS`)
 ONEPASS_PASS_ROWS = 128
 #: the one-pass form keeps a weight's M2 where its estimated relative error is at most this

@@ -102,7 +102,7 @@ def _warm_one(dt: str) -> float:
                 per_example_grads(m, X, y)
                 grad_moments(m, X, y)
                 # (and a chunk big enough for the float32 one-pass form, where it is used)
-                n = 768  # (cpu_stats.ONEPASS_MIN_ROWS; not imported here: the kernels load lazily)
+                n = 512  # (cpu_stats.ONEPASS_MIN_ROWS; not imported here: the kernels load lazily)
                 grad_moments(m, np.ones((n, 3), dt), np.zeros(n, np.int64))
     return time.perf_counter() - t0
 

@@ -274,8 +274,8 @@ def test_the_backend_takes_the_one_pass_form_from_onepass_min_rows(monkeypatch):
     X, y = rng.standard_normal((1500, 9)).astype(np.float32), rng.integers(0, 3, 1500)
     m = mg.MLP([9, 40, 3], dtype="float32", seed=0)
     m.backend_impl.moments_onepass = True
-    a = mg.grad_moments(m, X, y, chunk_size=1000)  # chunks of 1000 and 500 rows
-    assert seen == [1000] and KS.ONEPASS_MIN_ROWS == 768
+    a = mg.grad_moments(m, X, y, chunk_size=1000)  # chunks of 1000 and 500 rows (500 < 512)
+    assert seen == [1000] and KS.ONEPASS_MIN_ROWS == 512
     m.backend_impl.moments_onepass = False
     b = mg.grad_moments(m, X, y, chunk_size=1000)
     assert seen == [1000]
@@ -324,9 +324,9 @@ def test_a_failed_build_binds_the_sums_to_the_scalar_fallback():
 def test_sparse_relu_layers_of_a_real_model_within_1e6(sizes, B):
     """The digits with ReLU layers: most products A D of a weight are exactly 0 (zero pixels,
     inactive units).  The one-pass form adds those zeros exactly and stays within 1e-6 of the
-    oracle; the blocked two-pass form, whose zero rows each add the same (-mean)^2 to a float32
-    sum that one large row dominates, rounds them alike and was off by ~3e-6 on these very
-    chunks (bench/results/gradstats_issue20.md: a known defect of the form below 768 rows)."""
+    oracle (the blocked two-pass form, whose zero rows each add the same (-mean)^2 to a float32
+    sum that one large row may dominate, needs its groups of rows for that: the same test in
+    tests/test_moments_blocked.py)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()

@@ -653,12 +653,12 @@ class CpuBackend(Backend):
         """Fold the batch's per-example gradients into the float64 running moments.
 
         ``exact`` picks how each weight's chunk M2 is computed: True, the two-pass form
-        (``KS.moments_update``, bitwise the historical result); False, the guarded float64
+        (``KS.moments_update``, float32 sums over the whole chunk); False, the guarded float64
         shortcut (``KS.moments_update_shortcut``: one GEMM of squared factors, the
         two-pass form where the guard finds cancellation); None, the shortcut for float64
         models and for float32 ones the blocked two-pass form (``KS.moments_update_blocked``:
-        the same sweep over 64-row blocks summed in float64, the weights whose centre's
-        rounding could matter recomputed exactly; accurate to ~1e-7 where the plain float32
+        the same sweep over 32-row blocks, in groups of rows, summed in float64, the weights
+        whose centre's rounding could matter recomputed exactly; within 6e-7 where the plain float32
         two-pass was off by up to 2e-6, and by 1e-3 at a signal-to-noise ratio of 1e8) -- or,
         for chunks of at least ``KS.ONEPASS_MIN_ROWS`` rows on CPUs with AVX-512, the
         one-pass form (``KS.moments_update_onepass``: S1 and S2 of each weight by IR tiles,
