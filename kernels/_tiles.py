@@ -170,16 +170,20 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
                     new[i, j] = b.call(fma, [t, t, acc[i, j]])
         return new
 
+    def phis(*incoming):  # a vector phi per tile vector, from (a vector or a dict of them, block) pairs
+        out = {key: b.phi(V) for key in keys}
+        for val, blk in incoming:
+            for key in keys:
+                out[key].add_incoming(val[key] if isinstance(val, dict) else val, blk)
+        return out
+
     def loop(lo, hi, pred):  # rows [lo, hi) (hi > lo) in a loop from block pred; returns (exit block, sums)
         body = fn.append_basic_block("rows")
         b.branch(body)
         b.position_at_end(body)
         r = b.phi(_i64, "r")
         r.add_incoming(lo, pred)
-        acc = {}
-        for key in keys:
-            acc[key] = b.phi(V)
-            acc[key].add_incoming(zero, pred)
+        acc = phis((zero, pred))
         new = row(r, acc)
         for key in keys:
             acc[key].add_incoming(new[key], body)
@@ -200,7 +204,7 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
     rend = b.add(r0, every)
     rend = b.select(b.icmp_signed("<", rend, nr), rend, nr)
     if sums:  # the block's rows, summed in order
-        last, tot = loop(r0, rend, outer)
+        _, tot = loop(r0, rend, outer)
         b.branch(flush)
     else:  # groups of GROUP_ROWS rows [g0, gend), each summed afresh, then added to the block's sums
         group = fn.append_basic_block("group")
@@ -208,10 +212,7 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
         b.position_at_end(group)
         g0 = b.phi(_i64, "g0")
         g0.add_incoming(r0, outer)
-        blk = {}
-        for key in keys:
-            blk[key] = b.phi(V)
-            blk[key].add_incoming(zero, outer)
+        blk = phis((zero, outer))
         gend = b.add(g0, _c(GROUP_ROWS))
         whole = b.icmp_signed("<=", gend, rend)
         gend = b.select(whole, gend, rend)
@@ -227,11 +228,7 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
         plast, pnew = loop(g0, gend, part)
         b.branch(gdone)
         b.position_at_end(gdone)  # the block's sums += the group's
-        grp = {}
-        for key in keys:
-            grp[key] = b.phi(V)
-            grp[key].add_incoming(acc[key], full)
-            grp[key].add_incoming(pnew[key], plast)
+        grp = phis((acc, full), (pnew, plast))
         tot = {key: b.fadd(blk[key], grp[key]) for key in keys}
         for key in keys:
             blk[key].add_incoming(tot[key], gdone)

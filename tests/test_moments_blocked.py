@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_moments_shortcut import _offset_regression, crafted, oracle, rel_err
+from test_moments_shortcut import _offset_regression, crafted, digits_chunk, oracle, rel_err
 
 import minigd as mg
 from minigd.kernels import _tiles
@@ -196,16 +196,7 @@ def test_sparse_relu_layers_of_a_real_model_within_1e6(sizes, B, tiles):
     after row over 64-row blocks those additions rounded alike: 3.0-3.4e-6 off on these
     chunks.  In groups of 8 (4 by the loops) inside 32-row blocks: within 1e-6 (measured
     3-6e-7)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    X, y = (d.data[:B] / 16).astype(np.float32), d.target[:B]
-    m = mg.MLP(sizes, seed=0)
-    impl = m.backend_impl
-    Xc, yi, yf = m.check_Xy(X, y)
-    impl.reserve(B)
-    g = np.zeros(m.n_params, np.float32)
-    impl.loss_grad(m.params, g, Xc, yi, yf, np.arange(B, dtype=np.int64), B)
+    _, impl, g = digits_chunk(sizes, B)
     _, om2 = oracle(impl, B)
     _, _, m2 = run_blocked(impl, g, B, tiles=tiles)
     assert rel_err(m2, om2) <= 1e-6

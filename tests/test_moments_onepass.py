@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_moments_shortcut import _blocks, crafted, oracle, oracle_full, rel_err
+from test_moments_shortcut import _blocks, crafted, digits_chunk, oracle, oracle_full, rel_err
 from test_moments_tiles import _run
 
 import minigd as mg
@@ -327,16 +327,7 @@ def test_sparse_relu_layers_of_a_real_model_within_1e6(sizes, B):
     oracle (the blocked two-pass form, whose zero rows each add the same (-mean)^2 to a float32
     sum that one large row may dominate, needs its groups of rows for that: the same test in
     tests/test_moments_blocked.py)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    X, y = (d.data[:B] / 16).astype(np.float32), d.target[:B]
-    m = mg.MLP(sizes, seed=0)
-    impl = m.backend_impl
-    Xc, yi, yf = m.check_Xy(X, y)
-    impl.reserve(B)
-    g = np.zeros(m.n_params, np.float32)
-    impl.loss_grad(m.params, g, Xc, yi, yf, np.arange(B, dtype=np.int64), B)
+    m, impl, g = digits_chunk(sizes, B)
     _, om2 = oracle(impl, B)
     nbad, _, m2 = run_onepass(impl, g, B)
     assert rel_err(m2, om2) <= 1e-6

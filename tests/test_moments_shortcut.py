@@ -47,6 +47,23 @@ def _blocks(impl, B):
     return ins, ds
 
 
+def digits_chunk(sizes, B):
+    """(model, backend, batch gradient) of a float32 ReLU MLP after ``loss_grad`` on the
+    first B rows of scikit-learn's digits: sparse layers (zero pixels, inactive units), whose
+    factors the workspace then holds."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X, y = (d.data[:B] / 16).astype(np.float32), d.target[:B]
+    m = mg.MLP(sizes, seed=0)
+    impl = m.backend_impl
+    Xc, yi, yf = m.check_Xy(X, y)
+    impl.reserve(B)
+    g = np.zeros(m.n_params, np.float32)
+    impl.loss_grad(m.params, g, Xc, yi, yf, np.arange(B, dtype=np.int64), B)
+    return m, impl, g
+
+
 def crafted(sizes, dtype, B, snr, seed=0):
     """A backend whose workspace holds factors with per-example SNR ~ ``snr`` for every
     weight (inputs 1 + s*xi with random signs, deltas m + s*eta), and the batch gradient
