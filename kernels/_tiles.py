@@ -177,12 +177,16 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
                 out[key].add_incoming(val[key] if isinstance(val, dict) else val, blk)
         return out
 
+    def enter(name, first, pred):  # branch from block pred to a new block: (it, its counter's phi from first)
+        blk = fn.append_basic_block(name)
+        b.branch(blk)
+        b.position_at_end(blk)
+        i = b.phi(_i64, name)
+        i.add_incoming(first, pred)
+        return blk, i
+
     def loop(lo, hi, pred):  # rows [lo, hi) (hi > lo) in a loop from block pred; returns (exit block, sums)
-        body = fn.append_basic_block("rows")
-        b.branch(body)
-        b.position_at_end(body)
-        r = b.phi(_i64, "r")
-        r.add_incoming(lo, pred)
+        body, r = enter("r", lo, pred)
         acc = phis((zero, pred))
         new = row(r, acc)
         for key in keys:
@@ -196,22 +200,14 @@ def _tile(mod: ir.Module, I: int, J: int, kind: str = "sqdev") -> ir.Function:
 
     flush, done = fn.append_basic_block("flush"), fn.append_basic_block("done")
     b.position_at_end(start)
-    outer = fn.append_basic_block("outer")
-    b.branch(outer)
-    b.position_at_end(outer)  # a block of rows [r0, rend)
-    r0 = b.phi(_i64, "r0")
-    r0.add_incoming(_c(0), start)
+    outer, r0 = enter("r0", _c(0), start)  # a block of rows [r0, rend)
     rend = b.add(r0, every)
     rend = b.select(b.icmp_signed("<", rend, nr), rend, nr)
     if sums:  # the block's rows, summed in order
         _, tot = loop(r0, rend, outer)
         b.branch(flush)
     else:  # groups of GROUP_ROWS rows [g0, gend), each summed afresh, then added to the block's sums
-        group = fn.append_basic_block("group")
-        b.branch(group)
-        b.position_at_end(group)
-        g0 = b.phi(_i64, "g0")
-        g0.add_incoming(r0, outer)
+        group, g0 = enter("g0", r0, outer)
         blk = phis((zero, outer))
         gend = b.add(g0, _c(GROUP_ROWS))
         whole = b.icmp_signed("<=", gend, rend)

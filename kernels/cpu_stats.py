@@ -390,11 +390,12 @@ BLOCKED_ULPS = 12
 #: relative error the centre's rounding may add to a chunk's M2 where the blocked form keeps
 #: it (the guard of :func:`moments_update_blocked`)
 BLOCKED_TAU = 1e-7
-#: ``_sq_dev``'s ``every`` as array items, not literals: a constant argument would compile
-#: a specialisation of its own (Literal[int]) for each value (0: no float64 flush; BLOCK_ROWS)
 #: rows per float32 partial sum of the one-pass form (then added into float64 inside the
 #: tile; 32 rows cost its tiles 6-25% more time, measured on the Xeon)
 ONEPASS_ROWS = 64
+#: the sweeps' ``every`` as array items, not literals: a constant argument would compile a
+#: specialisation of its own (Literal[int]) for each value (0: no float64 flush; BLOCK_ROWS;
+#: ONEPASS_ROWS)
 _EVERY = np.array([0, BLOCK_ROWS, ONEPASS_ROWS], dtype=np.int64)
 
 
