@@ -32,7 +32,7 @@ before they are added in float64.  The groups bound what one large row can cost 
 after it: a float32 sum that a large term dominates rounds every small addend after it
 alike (the zero products of a sparse ReLU layer each add the same (-M)^2), so the error of
 a sequential k-term sum grows like k u, not sqrt(k) u; in groups of g inside blocks of k
-rows it is at most (g + k / g) u with the deviation's rounding (12 u for 8 and 32: the bound
+rows it is at most (g + k / g + 1) u with the deviation's rounding (13 u for 8 and 32: the bound
 of ``moments_update_blocked``).  A whole group is unrolled, so the groups cost no more than
 the plain sequential sum (measured on the Xeon).  (Each tile is also emitted under its own
 name, ``minigd_sqdev_{I}x{J}``, with the same arguments.)

@@ -381,15 +381,27 @@ def moments_update(B, grad, ws, lay, n_old, st_mean, st_m2, tr, dsc, mus, acc):
 #: is summed in groups of ``_tiles.GROUP_ROWS`` = 8 rows (the tiles) or 4 (``_sq_dev``)
 BLOCK_ROWS = 32
 #: the blocked form's float32 sums are within this many u = 2^-24 (relative, first order) of
-#: the exact sums of squared deviations, for any data: the deviation's rounding (2 u on its
-#: square), g - 1 additions in a group of g rows, BLOCK_ROWS / g - 1 of the groups' sums
-#: (g = 8 or 4: 12 either way).  64-row blocks summed row after row allowed 65 u -- reached
+#: the exact sums of squared deviations, for any data whose squares are normal floats (see
+#: :data:`BLOCKED_FLOOR_TAU` for the others): the deviation's rounding (2 u on its square),
+#: g roundings in a group of g rows (its first square's own, then g - 1 additions),
+#: BLOCK_ROWS / g - 1 additions of the groups' sums (g = 8 or 4: 13 either way).  64-row blocks summed row after row allowed 65 u -- reached
 #: on sparse ReLU layers, whose zero products each add the same (-mean)^2 after one large
 #: row and round alike (3.0-3.5e-6 on the digits: bench/results/gradstats_issue20.md)
-BLOCKED_ULPS = 12
+BLOCKED_ULPS = 13
 #: relative error the centre's rounding may add to a chunk's M2 where the blocked form keeps
 #: it (the guard of :func:`moments_update_blocked`)
 BLOCKED_TAU = 1e-7
+#: relative error the underflow of the float32 sums may add to a chunk's M2 where the blocked
+#: form keeps it.  A float32 result below 2^-126 (a subnormal) is off by up to 2^-150
+#: absolute, whatever its size, so the relative bound above fails for tiny deviations (a
+#: saturated softmax's deltas of 1e-20 lost 5e-3 of M2).  Per row that is at most 2^-149
+#: (the square's fma and its group's sum; the deviation's own absolute error adds 2^-150
+#: |2 t|, negligible where t is subnormal), so M2 = B^2 S (S: the sums, in the stored deltas'
+#: units) is off by at most B^3 2^-149; the guard refuses a weight where that exceeds this
+#: share of M2 (per-example standard deviations below ~1e-15 at 512 rows) and it is
+#: recomputed exactly in float64.  S = 0 with a zero mean is kept as 0: every product then
+#: rounded to 0 in float32, so the exact M2 is below B^3 2^-300.
+BLOCKED_FLOOR_TAU = 1e-8
 #: rows per float32 partial sum of the one-pass form (then added into float64 inside the
 #: tile; 32 rows cost its tiles 6-25% more time, measured on the Xeon)
 ONEPASS_ROWS = 64
@@ -421,8 +433,10 @@ def _chan1(mean_p, m2_p, m, m2, n_old, w, c):
 def _refused(m, m2, Bf, snr_max):
     """Whether the blocked form's guard refuses a weight whose chunk mean is m and M2 m2:
     its estimated signal-to-noise ratio B m^2 / m2 exceeds ``snr_max`` (m2 = 0 with m != 0
-    included; False for NaN, which then propagates)."""
-    return Bf * m * m > snr_max * m2
+    included), or m2 > 0 is so small that the sums' underflow could cost more than
+    :data:`BLOCKED_FLOOR_TAU` of it (False for NaN, which then propagates)."""
+    tiny = (m2 > 0.0) & (m2 * BLOCKED_FLOOR_TAU < Bf * Bf * Bf * 2.0**-149)
+    return (Bf * m * m > snr_max * m2) | tiny
 
 
 @jit(inline="always")
@@ -489,7 +503,7 @@ def moments_update_blocked(
     2.3e-6 at B = 2048), and the centre -- the float32 batch gradient m', off the true chunk
     mean m by e -- which adds B e^2 to M2 = sum_r (g_r - m)^2.  Here each block's sum is at
     most :data:`BLOCK_ROWS` = 32 rows deep, summed in groups of 8 (4 by the loops), before it
-    is added in float64: within :data:`BLOCKED_ULPS` = 12 u (7.2e-7) of the exact sum of
+    is added in float64: within :data:`BLOCKED_ULPS` = 13 u (7.7e-7) of the exact sum of
     squared deviations for any data, sparse layers included (where 64 rows summed one after
     another lost up to 3.5e-6); and the centre error, typically
     sqrt(B) u |m| (u = 2^-24) for a BLAS sum of B rows, adds a relative B u^2 SNR with SNR =
@@ -501,8 +515,13 @@ def moments_update_blocked(
     the float64 two-pass form.  The float64 additions run inside the sweep, on rows of the
     output block that are in the L1 cache: the sweep costs 0.96-1.08x the one without them
     (measured on 64x128 to 784x256 layers, B = 512 and 2048, with 64-row blocks; 32-row
-    blocks in groups cost the tiles' sweep 6-13% more).  So a kept weight's M2 is within 12 u + ``BLOCKED_TAU``
-    (8.2e-7, first order) of the exact value.
+    blocks in groups cost the tiles' sweep 6-13% more).  Where the squares are subnormal
+    floats that relative bound fails (each is off by up to 2^-150 absolute), so the guard
+    also refuses a weight whose M2 is small enough for that to cost more than
+    :data:`BLOCKED_FLOOR_TAU` of it (per-example gradients' standard deviations below ~1e-15,
+    e.g. the output weights of a class a saturated softmax all but rules out).  So a kept
+    weight's M2 is within 13 u + ``BLOCKED_TAU`` + ``BLOCKED_FLOOR_TAU`` (8.9e-7, first
+    order) of the exact value.
     """
     _tiles.ensure()  # (the kernel names the tiles whether it calls them or not)
     return _moments_update_blocked(
@@ -727,13 +746,14 @@ def _onepass_keep(s1, s2, Bf, e, floor, tau):
     error kappa e (1 + 2 (x / t)^(1/2)) (S2's; then S1's through s1^2 / B, with sum_r |A D|
     <= (B s2)^(1/2)) plus 3 kappa B floor / t, and it is kept where that is at most ``tau``
     -- multiplied out, [e (t + 2 (x t)^(1/2)) - tau (t - x)] (t - x) + 3 B floor t <= 0,
-    with t > x; or where s2 = 0 (every gradient 0: M2 = 0 exactly).  No branch and no
+    with t > x; or where s1 = s2 = 0 (every product rounded to 0: s2 = 0 alone, with s1 != 0,
+    means the squares underflowed, and M2 = -B s1^2 < 0 would be kept).  No branch and no
     division (the loops over the weights vectorise); False where a sum is NaN or inf."""
     t = Bf * s2
     x = s1 * s1
     gap = t - x
     est = (e * (t + 2.0 * np.sqrt(x * t)) - tau * gap) * gap + 3.0 * Bf * floor * t
-    return (s2 == 0.0) | ((gap > 0.0) & (est <= 0.0) & (t < np.inf))
+    return ((s2 == 0.0) & (s1 == 0.0)) | ((gap > 0.0) & (est <= 0.0) & (t < np.inf))
 
 
 @jit
@@ -870,7 +890,14 @@ def moments_update_onepass(*args):
     underflow floor of the squares (columns are scaled by powers of two to magnitudes below
     1 first, so that no square overflows and few underflow), is at most
     :data:`ONEPASS_TAU`: kappa up to ~1.15 at B = 512 and ~1.5 at B = 2048 (measured errors
-    are 2-4x below the estimate).  Per-example gradients of real models rarely come near: on
+    are 2-4x below the estimate).  That estimate is statistical -- it takes the roundings
+    of a partial sum as independent -- not a bound: where the same addend repeats after a
+    large one (duplicated rows), each rounds alike and S2 is off by up to ~u per row of a
+    block (50 u measured, a chunk's M2 3e-6 off with the guard keeping it).  A rigorous
+    bound (rows in groups, as the blocked form sums them: 13 u at 32-row blocks) would
+    refuse 5-45% of the weights of the models tried, and the refused ones cost more than
+    the blocked form; so the backend takes this form only where ``moments_onepass`` opts
+    in.  Per-example gradients of real models rarely come near: on
     the digits MLP 0.03% of the weights have kappa > 1.5 at B = 512 at the initial weights,
     none after training.  A refused weight is recomputed exactly in float64 from the stored
     factors, as the blocked form does above its guard; where more than 1 /

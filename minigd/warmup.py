@@ -101,9 +101,6 @@ def _warm_one(dt: str) -> float:
             if loss == "cross_entropy":  # the same kernels for every loss
                 per_example_grads(m, X, y)
                 grad_moments(m, X, y)
-                # (and a chunk big enough for the float32 one-pass form, where it is used)
-                n = 512  # (cpu_stats.ONEPASS_MIN_ROWS; not imported here: the kernels load lazily)
-                grad_moments(m, np.ones((n, 3), dt), np.zeros(n, np.int64))
     return time.perf_counter() - t0
 
 

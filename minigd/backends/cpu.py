@@ -644,10 +644,14 @@ class CpuBackend(Backend):
     #: default: on CPUs with AVX-512, where they run 1.6-2.2x the loops; chunks of at least
     #: ``KS.TILE_MIN_ROWS`` rows, where the tiles built: ``_tiles.ensure()``) or ``KS._sq_dev``
     moments_tiles = _tiles.FAST
-    #: whether the float32 default is the one-pass form (``KS.moments_update_onepass``: S1 and
-    #: S2 by the tiles, no weight-gradient GEMM) for chunks of at least ``KS.ONEPASS_MIN_ROWS``
-    #: rows where the tiles are used (AVX-512), rather than the blocked two-pass form
-    moments_onepass = _tiles.FAST
+    #: opt in to the one-pass form (``KS.moments_update_onepass``: S1 and S2 by the tiles, no
+    #: weight-gradient GEMM) for float32 chunks of at least ``KS.ONEPASS_MIN_ROWS`` rows where
+    #: the tiles built, instead of the blocked two-pass form.  Off by default: its guard bounds
+    #: the rounding of S2 statistically (independent roundings), and data whose rows repeat
+    #: break that -- duplicated rows after one large row put M2 3e-6 off, 50 u of S2 (the
+    #: kernel's Notes); the blocked form's bound holds for any data.  ~5-10% faster where it
+    #: applies (bench/results/gradstats_issue20.md)
+    moments_onepass = False
 
     def moments_update(self, params, grad, X, yi, yf, idx, B, n_old, mean, m2, exact=None):
         """Fold the batch's per-example gradients into the float64 running moments.
@@ -658,12 +662,13 @@ class CpuBackend(Backend):
         two-pass form where the guard finds cancellation); None, the shortcut for float64
         models and for float32 ones the blocked two-pass form (``KS.moments_update_blocked``:
         the same sweep over 32-row blocks, in groups of rows, summed in float64, the weights
-        whose centre's rounding could matter recomputed exactly; within 6e-7 where the plain float32
-        two-pass was off by up to 2e-6, and by 1e-3 at a signal-to-noise ratio of 1e8) -- or,
-        for chunks of at least ``KS.ONEPASS_MIN_ROWS`` rows on CPUs with AVX-512, the
-        one-pass form (``KS.moments_update_onepass``: S1 and S2 of each weight by IR tiles,
-        without the weight-gradient GEMMs, guarded against cancellation; the blocked form
-        for the weights it refuses).  On x86 SIMD a float64 FMA costs
+        whose centre's rounding or the squares' underflow could matter recomputed exactly;
+        within 6e-7 where the plain float32 two-pass was off by up to 2e-6, and by 1e-3 at a
+        signal-to-noise ratio of 1e8) -- or, where ``moments_onepass`` opts in, for chunks of
+        at least ``KS.ONEPASS_MIN_ROWS`` rows, the one-pass form (``KS.moments_update_onepass``:
+        S1 and S2 of each weight by IR tiles, without the weight-gradient GEMMs, guarded
+        against cancellation by a statistical rounding bound; the blocked form for the
+        weights it refuses).  On x86 SIMD a float64 FMA costs
         two float32 ones, so for a float32 model the shortcut's GEMM costs what the
         float32 two-pass it replaces costs (measured: bench/results/gradstats.md) while
         a float32 model also needs S1 in float64 (a second GEMM); for a float64 model it
