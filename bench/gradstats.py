@@ -32,9 +32,11 @@ Operations, each on the same batch and backend (all after a warm-up call):
     the guarded float64 shortcut: one float64 GEMM of squared factors per layer, the
     two-pass form only where the guard finds cancellation (the default for float64
     models; float32 models also need the mean's sum in float64, a second GEMM).
-``moments (blocked)``
-    the float32 default without the one-pass form (``moments_update_onepass``, which it
-    takes for chunks of at least 512 rows on CPUs with AVX-512): the blocked two-pass form.
+``moments (one-pass)``
+    the opt-in one-pass form (``moments_update_onepass``; the backend's ``moments_onepass``)
+    for float32 chunks of at least 512 rows where the tiles built (elsewhere the same as
+    ``moments``): faster, but its rounding bound is statistical and duplicated rows break
+    it, so the default is the blocked two-pass form at every chunk size.
 ``moments (loops)``
     the default with the float32 sweep by numba loops (``_sq_dev``) instead of the
     register-blocked tiles (``_sq_dev_tiled``, ``kernels/_tiles.py``) that it uses on CPUs
@@ -99,7 +101,7 @@ OPS = (
     "moments-exact",
     "moments-shortcut",
     "moments-loops",
-    "moments-blocked",
+    "moments-onepass",
     "per-example",
     "train",
     "train-sqn",
@@ -152,8 +154,8 @@ def _runners(sizes, B, X, y, dtype="float32"):
 
     onepass = impl.moments_onepass
 
-    def moments_blocked():  # the float32 default without the one-pass form (chunks >= 512 rows)
-        impl.moments_onepass = False
+    def moments_onepass():  # the opt-in one-pass form (float32 chunks >= 512 rows)
+        impl.moments_onepass = True
         try:
             impl.moments_update(params, g, Xc, yi, yf, idx, B, 1000, mean, m2)
         finally:
@@ -184,7 +186,7 @@ def _runners(sizes, B, X, y, dtype="float32"):
             "moments-exact": moments_exact,
             "moments-shortcut": moments_shortcut,
             "moments-loops": moments_loops,
-            "moments-blocked": moments_blocked,
+            "moments-onepass": moments_onepass,
             "per-example": per_example,
             "train": train,
             "train-sqn": train_sqn,
@@ -290,8 +292,8 @@ def to_markdown(result: dict) -> str:
         "`train_step(want_sqn)` and `tracked` (that plus the tracker's "
         "bookkeeping: `fit`'s per-step work with `track_noise=1`) are relative to a plain "
         "`train_step` (SGD, momentum). `moments` is `grad_moments`' default (the float64 "
-        "shortcut for float64 models; for float32 ones the one-pass form from 512 rows on CPUs "
-        "with AVX-512, else the blocked two-pass form, timed alone as `moments (blocked)`); `two-pass` "
+        "shortcut for float64 models; for float32 ones the blocked two-pass form; the opt-in "
+        "one-pass form, from 512 rows where the tiles built, is timed as `moments (one-pass)`); `two-pass` "
         "(`exact=True`: the plain two-pass form) and `shortcut` "
         "(`exact=False`) are measured in the same rounds, and `moments (loops)`: the float32 "
         "default with its sweep by numba loops (`_sq_dev`) instead of the register-blocked "
@@ -300,7 +302,7 @@ def to_markdown(result: dict) -> str:
         "docstring; the kernel before and after issue 20 side by side: "
         "gradstats_issue20.md.)",
         "",
-        "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | moments (loops) | moments (blocked) | per-example grads | train µs | train_step(want_sqn) | tracked step |",
+        "| model | B | dtype | path | plain µs | norms | moments | moments two-pass | moments shortcut | moments (loops) | moments (one-pass) | per-example grads | train µs | train_step(want_sqn) | tracked step |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
@@ -308,7 +310,7 @@ def to_markdown(result: dict) -> str:
             f"| {r['model']} | {r['batch']} | {r.get('dtype', 'float32')} | {r['path']} | "
             f"{r['plain_us']:.1f} | {_x(r, 'norms')} | {_x(r, 'moments')} | "
             f"{_x(r, 'moments-exact')} | {_x(r, 'moments-shortcut')} | "
-            f"{_x(r, 'moments-loops')} | {_x(r, 'moments-blocked')} | {_x(r, 'per-example')} | "
+            f"{_x(r, 'moments-loops')} | {_x(r, 'moments-onepass')} | {_x(r, 'per-example')} | "
             f"{r['train_us']:.1f} | {_x(r, 'train-sqn')} | {_x(r, 'tracked')} |"
         )
     lines.append("")

@@ -434,9 +434,11 @@ def _refused(m, m2, Bf, snr_max):
     """Whether the blocked form's guard refuses a weight whose chunk mean is m and M2 m2:
     its estimated signal-to-noise ratio B m^2 / m2 exceeds ``snr_max`` (m2 = 0 with m != 0
     included), or m2 > 0 is so small that the sums' underflow could cost more than
-    :data:`BLOCKED_FLOOR_TAU` of it (False for NaN, which then propagates)."""
+    :data:`BLOCKED_FLOOR_TAU` of it, or m2 is +inf (float32 squares that overflowed: the
+    float64 recompute is finite up to gradients of ~1e150) -- False for NaN, which then
+    propagates."""
     tiny = (m2 > 0.0) & (m2 * BLOCKED_FLOOR_TAU < Bf * Bf * Bf * 2.0**-149)
-    return (Bf * m * m > snr_max * m2) | tiny
+    return (Bf * m * m > snr_max * m2) | tiny | (m2 == np.inf)
 
 
 @jit(inline="always")

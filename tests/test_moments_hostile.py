@@ -189,3 +189,20 @@ def test_the_one_pass_form_misses_the_bound_on_duplicated_rows():
     X, y = _duplicated(512, 3.0, 0)
     m2, om2 = _one_chunk(X, y, 0, onepass=True)
     assert rel_err(m2, om2) > 1e-6
+
+
+# ============================================================================ overflow
+@pytest.mark.parametrize("scale", [1e25, 1e35])
+def test_squares_that_overflow_float32_are_recomputed_in_float64(scale):
+    """Inputs of ~1e25 (finite float32): the per-example gradients' squares overflow float32
+    in the blocked sweep (+inf), and the guard refuses them; the float64 recompute gives the
+    variance the float64 shortcut gives.  ``grad_moments`` used to raise on the inf."""
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((300, 6)) * scale).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    a = mg.grad_moments(mg.MLP([6, 8, 3], dtype="float32", seed=0), X, y, chunk_size=128)
+    b = mg.grad_moments(mg.MLP([6, 8, 3], dtype="float32", seed=0), X, y, chunk_size=128, exact=False)
+    assert np.isfinite(a.var).all() and a.var.max() > 1e40
+    np.testing.assert_allclose(a.var, b.var, rtol=2e-6, atol=0)
+    with pytest.raises(ValueError, match="exact: True .* overflowed"):
+        mg.grad_moments(mg.MLP([6, 8, 3], dtype="float32", seed=0), X, y, chunk_size=128, exact=True)

@@ -244,7 +244,7 @@ def grad_moments(
         Rows per backend call.  Only speed, memory and rounding depend on it.
     exact : bool or None, default None
         How the ``cpu`` backend computes each chunk's :math:`M_2`.  ``True``: the
-        two-pass form for every weight (the historical result, bitwise).  ``False``: the
+        two-pass form for every weight, its sums in the model dtype.  ``False``: the
         guarded float64 shortcut for every model: :math:`\\sum_i g_i^2` of a dense layer's
         weights is one float64 GEMM of the squared layer inputs and squared deltas, and
         :math:`M_2 = \\sum g^2 - (\\sum g)^2/k` is kept only where cancellation cannot
@@ -252,10 +252,11 @@ def grad_moments(
         within a safety factor of the mean square: per-example signal-to-noise ratios
         above roughly :math:`10^5`) are recomputed by the two-pass form (see Notes).
         ``None``: the shortcut for float64 models; for float32 ones the blocked two-pass
-        form (the two-pass sweep with its float32 sums added into float64 every 64 rows,
-        and the weights whose float32 centre could cost accuracy -- per-example
-        signal-to-noise ratios above ~1e4 at chunks of 2048 rows -- recomputed exactly:
-        see Notes).  Other backends always use the two-pass form.
+        form (the two-pass sweep with its float32 sums formed in groups of rows and added
+        into float64 every 32 rows, and the weights whose float32 centre could cost
+        accuracy -- per-example signal-to-noise ratios above ~1e4 at chunks of 2048 rows --
+        or whose squares could underflow -- per-example standard deviations below ~1e-15 --
+        recomputed exactly: see Notes).  Other backends always use the two-pass form.
 
     Returns
     -------
@@ -276,9 +277,12 @@ def grad_moments(
     variance of ~4e-7 at chunks of 64 rows, 1e-6 to 3e-6 at 512-2048 rows, and growing
     with the signal-to-noise ratio (the deviations from a float32 centre cancel: 7e-6 at
     :math:`10^6`, 8e-4 at :math:`10^8`, 2048 rows; bench/results/gradstats_issue20.md).
-    The float32 default, the blocked form, is within :math:`6 \times 10^{-7}` of the
+    The float32 default, the blocked form, is within :math:`6 \\times 10^{-7}` of the
     exact variance of the stored factors' per-example gradients at every chunk size and
-    signal-to-noise ratio tested (1 to :math:`10^{12}`, tests/test_moments_blocked.py), at
+    signal-to-noise ratio tested (1 to :math:`10^{12}`, tests/test_moments_blocked.py;
+    its bound, :math:`8.9 \\times 10^{-7}`, holds for any data: sparse layers, repeated
+    rows, tiny gradients whose squares would be subnormal floats --
+    tests/test_moments_hostile.py), at
     1.0-1.1x the two-pass form's cost from chunks of 32 rows, and on CPUs with AVX-512 at
     0.7-0.9x of it from 128 rows: there its sweep runs in register-blocked tiles
     (``minigd.kernels._tiles``, the same arithmetic) at the GEMM's rate
@@ -406,4 +410,11 @@ def accumulate_moments(
             _training_pass(model, B)
             impl.per_example_grads(params, X, yi, yf, rows, B, G)
             acc.update(G[:B])
+    if exact is True and not np.isfinite(acc._m2).all() and np.isfinite(params).all():
+        k = int(np.count_nonzero(~np.isfinite(acc._m2)))
+        raise ValueError(
+            f"exact: True sums each chunk's squared deviations in the model dtype ({model.dtype.name}), and for "
+            f"{k} parameters they overflowed it (per-example gradients too large for its squares); "
+            "use exact=None (the default) or exact=False, whose sums reach float64"
+        )
     return acc
