@@ -684,11 +684,11 @@ def _bias_moments(B, l, ws, lay, n_old, st_mean, st_m2, s64, mu64, w, c):
     _merge(mub, sb, st_mean[o : o + fo], st_m2[o : o + fo], n_old, w, c)
 
 
-# ----------------------------------------------------------------------------- one-pass sums (float32 default)
-#: the cpu backend takes the one-pass form for chunks of at least this many rows (at 512 it
-#: costs 4-10% less than the blocked two-pass form since that form's sums go in groups of
-#: rows, and 4-9% less from 768; at 256 it costs more, and its guard refuses more weights:
-#: bench/results/gradstats_issue20.md)
+# ----------------------------------------------------------------------------- one-pass sums (float32, opt-in)
+#: where ``moments_onepass`` opts in, the cpu backend takes the one-pass form for chunks of at
+#: least this many rows (at 512 it costs 4-10% less than the blocked two-pass form since that
+#: form's sums go in groups of rows, and 4-9% less from 768; at 256 it costs more, and its
+#: guard refuses more weights: bench/results/gradstats_issue20.md)
 ONEPASS_MIN_ROWS = 512
 #: rows per pass of :func:`_sums_tiled` over a layer (a multiple of :data:`ONEPASS_ROWS`)
 ONEPASS_PASS_ROWS = 128

@@ -649,7 +649,7 @@ class CpuBackend(Backend):
     #: the tiles built, instead of the blocked two-pass form.  Off by default: its guard bounds
     #: the rounding of S2 statistically (independent roundings), and data whose rows repeat
     #: break that -- duplicated rows after one large row put M2 3e-6 off, 50 u of S2 (the
-    #: kernel's Notes); the blocked form's bound holds for any data.  ~5-10% faster where it
+    #: kernel's Notes); the blocked form's bound holds for any data.  7-14% less time where it
     #: applies (bench/results/gradstats_issue20.md)
     moments_onepass = False
 
