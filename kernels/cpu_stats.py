@@ -384,9 +384,10 @@ BLOCK_ROWS = 32
 #: the exact sums of squared deviations, for any data whose squares are normal floats (see
 #: :data:`BLOCKED_FLOOR_TAU` for the others): the deviation's rounding (2 u on its square),
 #: g roundings in a group of g rows (its first square's own, then g - 1 additions),
-#: BLOCK_ROWS / g - 1 additions of the groups' sums (g = 8 or 4: 13 either way).  64-row blocks summed row after row allowed 65 u -- reached
-#: on sparse ReLU layers, whose zero products each add the same (-mean)^2 after one large
-#: row and round alike (3.0-3.5e-6 on the digits: bench/results/gradstats_issue20.md)
+#: BLOCK_ROWS / g - 1 additions of the groups' sums (g = 8 or 4: 13 either way).  64-row
+#: blocks summed row after row allowed 65 u -- reached on sparse ReLU layers, whose zero
+#: products each add the same (-mean)^2 after one large row and round alike (3.0-3.5e-6 on
+#: the digits: bench/results/gradstats_issue20.md)
 BLOCKED_ULPS = 13
 #: relative error the centre's rounding may add to a chunk's M2 where the blocked form keeps
 #: it (the guard of :func:`moments_update_blocked`)

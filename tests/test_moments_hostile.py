@@ -28,9 +28,9 @@ def _built():
     _tiles.ensure()
 
 
-def _regrad(impl, g):
-    """The batch gradient of the factors the workspace now holds (float32, as loss_grad forms it)."""
-    B = impl.ws.capacity
+def _regrad(impl, g, B):
+    """The batch gradient of the B rows of factors the workspace now holds (float32, as
+    loss_grad forms it)."""
     wb, bb = impl.layout.views(g)
     for l, (A, D) in enumerate(zip(*_blocks(impl, B))):
         wb[l][...] = A.T @ D
@@ -54,7 +54,7 @@ def test_tiny_deltas_within_1e6(k, B, tiles):
     _, impl, g = crafted(sizes, "float32", B, 1.0)
     for D in _blocks(impl, B)[1]:
         D *= np.float32(2.0**-k)
-    _regrad(impl, g)
+    _regrad(impl, g, B)
     nbad, _, m2 = run_blocked(impl, g, B, tiles=tiles)
     _, om2 = oracle(impl, B)
     assert rel_err(m2, om2) <= 1e-6, (k, B, rel_err(m2, om2))
@@ -72,7 +72,7 @@ def test_the_floor_is_what_catches_the_subnormal_squares():
     _, impl, g = crafted([7, 40, 3], "float32", B, 1.0)
     for D in _blocks(impl, B)[1]:
         D *= np.float32(2.0**-60)
-    _regrad(impl, g)
+    _regrad(impl, g, B)
     nbad, _, m2 = run_blocked(impl, g, B, snr_max=np.inf)
     _, om2 = oracle(impl, B)
     assert nbad == _n_weights([7, 40, 3]) and rel_err(m2, om2) <= 1e-6
@@ -91,7 +91,7 @@ def test_dead_units_are_kept_as_zero_not_recomputed():
     _, impl, g = crafted([7, 40, 3], "float32", B, 1.0)
     A = _blocks(impl, B)[0][1]
     A[:, :5] = 0.0  # layer 1: units 0..4 dead
-    _regrad(impl, g)
+    _regrad(impl, g, B)
     nbad, _, m2 = run_blocked(impl, g, B)
     _, om2 = oracle(impl, B)
     assert nbad == 0 and rel_err(m2, om2) <= 1e-6
@@ -111,7 +111,7 @@ def _underflowing(B, seed=0):
     D[...] = (2.0**-41 * (1 + 0.3 * rng.random(D.shape))).astype(np.float32)
     A[0], D[0] = 1.0, 2.0**-83
     A[1], D[1] = 2.0**-83, 1.0
-    _regrad(impl, g)
+    _regrad(impl, g, B)
     return sizes, impl, g
 
 
